@@ -1,0 +1,421 @@
+//! `llm.quantized_tensor` and the quantization formats it can hold.
+//!
+//! The GGUF block formats are stored exactly as llama.cpp lays them out, one block after
+//! another along the last (contiguous) dim:
+//!
+//! | format | elements per block | bytes per block | block layout |
+//! |---|---|---|---|
+//! | `q8_0` | 32 | 34 | f16 scale, 32 x i8 |
+//! | `q4_0` | 32 | 18 | f16 scale, 16 bytes of 4-bit values (offset 8) |
+//! | `q4_1` | 32 | 20 | f16 scale, f16 min, 16 bytes of 4-bit values |
+//! | `q4_k` | 256 | 144 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit values |
+//! | `q6_k` | 256 | 210 | 128 bytes low 4 bits, 64 bytes high 2 bits, 16 x i8 scales, f16 d |
+//! | `q2_k` | 256 | 84 | 16 bytes of 4-bit scales/mins, 64 bytes of 2-bit values, f16 d, f16 dmin |
+//!
+//! `nf4` is the 4-bit NormalFloat format (QLoRA): blocks of `block_size` values along the last
+//! dim, each with one absmax scale of dtype `scale`. The affine formats `int2`, `int4` and `int8`
+//! quantize groups of `group_size` consecutive values along `axis`, symmetric (scale only) or
+//! asymmetric (scale and zero point), with scales stored as `scale`.
+
+use pliron::{
+    common_traits::Verify,
+    context::Context,
+    derive::pliron_type,
+    location::Location,
+    parsable::{IntoParseResult, Parsable, ParseResult, StateStream, StreamLocation},
+    printable::{self, Printable},
+    result::Result,
+    r#type::{Type, TypedHandle},
+    verify_err_noloc,
+};
+
+use crate::{
+    dtype::DType,
+    params::{self, ParamValue},
+    syntax::{self, Dim, PResult},
+};
+
+/// An exact storage format of quantized values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// GGUF Q8_0.
+    Q8_0,
+    /// GGUF Q4_0.
+    Q4_0,
+    /// GGUF Q4_1.
+    Q4_1,
+    /// GGUF Q4_K.
+    Q4K,
+    /// GGUF Q6_K.
+    Q6K,
+    /// GGUF Q2_K.
+    Q2K,
+    /// 4-bit NormalFloat with one absmax scale per block.
+    Nf4 {
+        /// Values per block (even).
+        block_size: u64,
+        /// Storage type of the scales (a float type).
+        scale: DType,
+    },
+    /// Affine integer quantization with `bits` in {2, 4, 8}.
+    Affine {
+        /// Bits per value: 2, 4 or 8.
+        bits: u8,
+        /// Values per group.
+        group_size: u64,
+        /// Scale only (`true`) or scale and zero point (`false`).
+        symmetric: bool,
+        /// The dim along which groups run.
+        axis: u64,
+        /// Storage type of scales (and zero points).
+        scale: DType,
+    },
+}
+
+impl QuantFormat {
+    /// The format's name as written in the text (`q4_k`, `nf4`, `int4`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q4_1 => "q4_1",
+            QuantFormat::Q4K => "q4_k",
+            QuantFormat::Q6K => "q6_k",
+            QuantFormat::Q2K => "q2_k",
+            QuantFormat::Nf4 { .. } => "nf4",
+            QuantFormat::Affine { bits: 2, .. } => "int2",
+            QuantFormat::Affine { bits: 4, .. } => "int4",
+            QuantFormat::Affine { .. } => "int8",
+        }
+    }
+
+    /// Number of consecutive values that share one block or group.
+    pub fn block_elems(&self) -> u64 {
+        match self {
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => 32,
+            QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => 256,
+            QuantFormat::Nf4 { block_size, .. } => *block_size,
+            QuantFormat::Affine { group_size, .. } => *group_size,
+        }
+    }
+
+    /// Bytes of one GGUF block, for the GGUF formats.
+    pub fn gguf_block_bytes(&self) -> Option<u64> {
+        match self {
+            QuantFormat::Q8_0 => Some(34),
+            QuantFormat::Q4_0 => Some(18),
+            QuantFormat::Q4_1 => Some(20),
+            QuantFormat::Q4K => Some(144),
+            QuantFormat::Q6K => Some(210),
+            QuantFormat::Q2K => Some(84),
+            _ => None,
+        }
+    }
+
+    /// The dim of a rank-`rank` tensor along which blocks or groups run.
+    pub fn block_axis(&self, rank: usize) -> u64 {
+        match self {
+            QuantFormat::Affine { axis, .. } => *axis,
+            _ => rank.saturating_sub(1) as u64,
+        }
+    }
+
+    /// Checks the format's own parameters.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            QuantFormat::Nf4 { block_size, scale } => {
+                if *block_size == 0 || block_size % 2 != 0 {
+                    return Err(format!(
+                        "nf4 block_size must be even and positive, found {block_size}"
+                    ));
+                }
+                if !scale.is_float() {
+                    return Err(format!("nf4 scale must be a float type, found {scale}"));
+                }
+            }
+            QuantFormat::Affine {
+                bits,
+                group_size,
+                scale,
+                ..
+            } => {
+                let per_byte = 8 / u64::from(*bits);
+                if *group_size == 0 || group_size % per_byte != 0 {
+                    return Err(format!(
+                        "{} group_size must be a positive multiple of {per_byte}, found {group_size}",
+                        self.name()
+                    ));
+                }
+                if !scale.is_float() {
+                    return Err(format!(
+                        "{} scale must be a float type, found {scale}",
+                        self.name()
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Checks that this format can quantize a tensor of shape `shape`.
+    pub fn validate_shape(&self, shape: &[Dim]) -> std::result::Result<(), String> {
+        if shape.is_empty() {
+            return Err("a quantized tensor must have rank at least 1".into());
+        }
+        let axis = self.block_axis(shape.len());
+        let Some(dim) = shape.get(axis as usize) else {
+            return Err(format!(
+                "{} axis {axis} is out of range for rank {}",
+                self.name(),
+                shape.len()
+            ));
+        };
+        let block = self.block_elems();
+        match dim {
+            Some(n) if n % block != 0 => Err(format!(
+                "{} groups {block} values along dim {axis}, but that dim is {n}, not a multiple of {block}",
+                self.name()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Parses a format name and, for `nf4` and `intN`, its parameter block.
+    pub fn parse_text(s: &mut StateStream) -> PResult<QuantFormat> {
+        let (name, loc) = syntax::ident(s, "a quantization format")?;
+        Self::parse_after_name(s, name, loc)
+    }
+
+    /// Parses the rest of a format whose name (at `loc`) was already read.
+    pub(crate) fn parse_after_name(
+        s: &mut StateStream,
+        name: String,
+        loc: Location,
+    ) -> PResult<QuantFormat> {
+        let format = match name.as_str() {
+            "q8_0" => QuantFormat::Q8_0,
+            "q4_0" => QuantFormat::Q4_0,
+            "q4_1" => QuantFormat::Q4_1,
+            "q4_k" => QuantFormat::Q4K,
+            "q6_k" => QuantFormat::Q6K,
+            "q2_k" => QuantFormat::Q2K,
+            "nf4" | "int2" | "int4" | "int8" => {
+                let params = params::parse_param_block(s)?;
+                let fields = FormatFields {
+                    name: &name,
+                    params: &params,
+                    loc: &loc,
+                };
+                if name == "nf4" {
+                    fields.only(&["block_size", "scale"])?;
+                    QuantFormat::Nf4 {
+                        block_size: fields.size("block_size", Some(64))?,
+                        scale: fields.dtype("scale", DType::F32)?,
+                    }
+                } else {
+                    fields.only(&["group_size", "symmetric", "axis", "scale"])?;
+                    QuantFormat::Affine {
+                        bits: name[3..].parse().unwrap_or(8),
+                        group_size: fields.size("group_size", None)?,
+                        symmetric: fields.boolean("symmetric", true)?,
+                        axis: fields.size("axis", None)?,
+                        scale: fields.dtype("scale", DType::F16)?,
+                    }
+                }
+            }
+            _ => {
+                return syntax::error_at(
+                    loc,
+                    format!(
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, nf4, int2, int4 or int8)"
+                    ),
+                );
+            }
+        };
+        if let Err(msg) = format.validate() {
+            return syntax::error_at(loc, msg);
+        }
+        Ok(format)
+    }
+}
+
+impl std::fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantFormat::Nf4 { block_size, scale } => {
+                write!(f, "nf4 {{block_size = {block_size}, scale = {scale}}}")
+            }
+            QuantFormat::Affine {
+                group_size,
+                symmetric,
+                axis,
+                scale,
+                ..
+            } => write!(
+                f,
+                "{} {{group_size = {group_size}, symmetric = {symmetric}, axis = {axis}, scale = {scale}}}",
+                self.name()
+            ),
+            _ => f.write_str(self.name()),
+        }
+    }
+}
+
+/// Reads the `{...}` fields of a parameterised format with defaults and located errors.
+struct FormatFields<'p> {
+    name: &'p str,
+    params: &'p [params::ParsedParam],
+    loc: &'p Location,
+}
+
+impl FormatFields<'_> {
+    fn only(&self, allowed: &[&str]) -> PResult<()> {
+        for (key, _, loc) in self.params {
+            if !allowed.contains(&key.as_str()) {
+                return syntax::error_at(
+                    loc.clone(),
+                    format!(
+                        "{} has no field `{key}` (fields: {})",
+                        self.name,
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<(&ParamValue, &Location)> {
+        self.params
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, v, l)| (v, l))
+    }
+
+    fn size(&self, key: &str, default: Option<u64>) -> PResult<u64> {
+        match (self.get(key), default) {
+            (Some((ParamValue::Int(v), _)), _) if *v >= 0 => Ok(*v as u64),
+            (Some((v, loc)), _) => syntax::error_at(
+                loc.clone(),
+                format!(
+                    "{} field `{key}` expects a non-negative integer, found `{v}`",
+                    self.name
+                ),
+            ),
+            (None, Some(d)) => Ok(d),
+            (None, None) => syntax::error_at(
+                self.loc.clone(),
+                format!("{} needs the field `{key}`", self.name),
+            ),
+        }
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> PResult<bool> {
+        match self.get(key) {
+            Some((ParamValue::Bool(b), _)) => Ok(*b),
+            Some((v, loc)) => syntax::error_at(
+                loc.clone(),
+                format!(
+                    "{} field `{key}` expects true or false, found `{v}`",
+                    self.name
+                ),
+            ),
+            None => Ok(default),
+        }
+    }
+
+    fn dtype(&self, key: &str, default: DType) -> PResult<DType> {
+        match self.get(key) {
+            Some((ParamValue::Word(w), loc)) => match DType::from_name(w) {
+                Some(d) => Ok(d),
+                None => syntax::error_at(loc.clone(), format!("unknown element type `{w}`")),
+            },
+            Some((v, loc)) => syntax::error_at(
+                loc.clone(),
+                format!(
+                    "{} field `{key}` expects an element type, found `{v}`",
+                    self.name
+                ),
+            ),
+            None => Ok(default),
+        }
+    }
+}
+
+/// A tensor of logical shape `shape` stored in quantization format `format`:
+/// `llm.quantized_tensor <4096x4096, q4_k>`.
+#[pliron_type(name = "llm.quantized_tensor")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuantizedTensorType {
+    shape: Vec<Dim>,
+    format: QuantFormat,
+}
+
+impl QuantizedTensorType {
+    /// Gets (creating if needed) the uniqued type. Call [`QuantizedTensorType::validate`] or
+    /// verify the IR to check it.
+    pub fn get(ctx: &Context, shape: Vec<Dim>, format: QuantFormat) -> TypedHandle<Self> {
+        Type::instantiate(QuantizedTensorType { shape, format }, ctx)
+    }
+
+    /// The logical shape.
+    pub fn shape(&self) -> &[Dim] {
+        &self.shape
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> &QuantFormat {
+        &self.format
+    }
+
+    /// Checks the format and that the shape is divisible into its blocks.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.format.validate()?;
+        self.format.validate_shape(&self.shape)
+    }
+}
+
+impl Verify for QuantizedTensorType {
+    fn verify(&self, _: &Context) -> Result<()> {
+        self.validate()
+            .or_else(|msg| verify_err_noloc!("llm.quantized_tensor: {msg}"))
+    }
+}
+
+impl Printable for QuantizedTensorType {
+    fn fmt(
+        &self,
+        _: &Context,
+        _: &printable::State,
+        f: &mut core::fmt::Formatter<'_>,
+    ) -> core::fmt::Result {
+        write!(f, "<{}, {}>", syntax::print_dims(&self.shape), self.format)
+    }
+}
+
+impl Parsable for QuantizedTensorType {
+    type Arg = ();
+    type Parsed = TypedHandle<Self>;
+
+    fn parse<'a>(s: &mut StateStream<'a>, _: ()) -> ParseResult<'a, Self::Parsed> {
+        let parsed = (|| {
+            syntax::expect(s, '<', "to open a quantized tensor type")?;
+            syntax::skip_ws(s);
+            let loc = s.loc();
+            let (shape, _) = syntax::shape(s, false)?;
+            syntax::expect(s, ',', "after the shape of a quantized tensor")?;
+            let format = QuantFormat::parse_text(s)?;
+            syntax::expect(s, '>', "to close a quantized tensor type")?;
+            let ty = QuantizedTensorType { shape, format };
+            if let Err(msg) = ty.validate() {
+                return syntax::error_at(loc, format!("llm.quantized_tensor: {msg}"));
+            }
+            Ok(ty)
+        })();
+        match parsed {
+            Ok(ty) => Ok(Type::instantiate(ty, s.state.ctx)).into_parse_result(),
+            Err(e) => Err(e),
+        }
+    }
+}
