@@ -130,6 +130,27 @@ pub trait LlmOp: Op {
     fn check(c: &OpCheck) -> Result<()>;
 }
 
+/// A registered `llm` op: its name and signature.
+#[derive(Debug, Clone, Copy)]
+pub struct OpDescriptor {
+    /// The op's name (`llm.matmul`).
+    pub name: &'static str,
+    /// The op's signature.
+    pub signature: Signature,
+}
+
+/// Every op declared with [`llm_op!`](crate::llm_op), collected at link time.
+#[allow(unsafe_code, reason = "linkme declares the slice with #[link_section]; no unsafe code is written")]
+#[linkme::distributed_slice]
+pub static LLM_OPS: [OpDescriptor];
+
+/// The registered `llm` ops, sorted by name.
+pub fn registered_ops() -> Vec<OpDescriptor> {
+    let mut ops: Vec<OpDescriptor> = LLM_OPS.iter().copied().collect();
+    ops.sort_by_key(|op| op.name);
+    ops
+}
+
 /// Declares an `llm` op: the struct, its registration with pliron, its signature, and its
 /// printer, parser and verifier.
 #[macro_export]
@@ -146,6 +167,15 @@ macro_rules! llm_op {
         $(#[$doc])*
         #[::pliron::derive::pliron_op(name = $text, interfaces = [$($iface),*])]
         pub struct $name;
+
+        const _: () = {
+            #[allow(unsafe_code, reason = "linkme places the entry with #[link_section]; no unsafe code is written")]
+            #[::linkme::distributed_slice($crate::ops::LLM_OPS)]
+            static REGISTER: $crate::ops::OpDescriptor = $crate::ops::OpDescriptor {
+                name: $text,
+                signature: <$name as $crate::ops::LlmOp>::SIGNATURE,
+            };
+        };
 
         impl $crate::ops::LlmOp for $name {
             const SIGNATURE: $crate::ops::Signature = $crate::ops::Signature {
