@@ -101,8 +101,8 @@ fn check_cache_is_dead_after(c: &OpCheck) -> Result<()> {
         if !same_block || comes_after(c, user, c.op) {
             let name = Operation::get_opid(user, c.ctx);
             return c.err(format!(
-                "the cache {} it updates is used afterwards by {name}; a cache value is consumed by llm.append_kv and must not be used after it (use the returned cache)",
-                cache.unique_name(c.ctx)
+                "{} is used afterwards by {name}; llm.append_kv consumes the cache it updates, so later ops must use the returned cache",
+                c.operand_desc(0)
             ));
         }
     }
