@@ -43,11 +43,17 @@ fn main() {
 fn root_of(path: &Path) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let filetests = manifest.join("tests/filetests");
-    if path.starts_with(&filetests) { filetests } else { manifest.to_path_buf() }
+    if path.starts_with(&filetests) {
+        filetests
+    } else {
+        manifest.to_path_buf()
+    }
 }
 
 fn collect_plir(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -89,7 +95,8 @@ fn split_cases(source: &str) -> Vec<Case> {
                 .filter_map(|l| {
                     let rest = l.trim().strip_prefix("//")?.trim();
                     let (kind, pattern) = rest.split_once(':')?;
-                    kind.starts_with("CHECK").then(|| (kind.to_string(), pattern.trim().to_string()))
+                    kind.starts_with("CHECK")
+                        .then(|| (kind.to_string(), pattern.trim().to_string()))
                 })
                 .collect();
             Case { text, checks }
@@ -98,8 +105,13 @@ fn split_cases(source: &str) -> Vec<Case> {
 }
 
 fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
-    let source = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace('\\', "/");
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let rel = path
+        .strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/");
     let must_fail = rel.starts_with("invalid/");
     let run_lines: Vec<&str> = source
         .lines()
@@ -110,23 +122,29 @@ fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
     }
     let cases = split_cases(&source);
     for (index, run_line) in run_lines.iter().enumerate() {
-        let args = OptArgs::from_run_line(run_line).map_err(|e| format!("{rel}: bad RUN line: {e}"))?;
+        let args =
+            OptArgs::from_run_line(run_line).map_err(|e| format!("{rel}: bad RUN line: {e}"))?;
         let mut outputs = Vec::new();
         for (n, case) in cases.iter().enumerate() {
             let output = match (pipeline::run(&args, &case.text), must_fail) {
                 (Ok(out), false) => {
                     if args.emit == Emit::Ir {
-                        check_fixed_point(&args, &out).map_err(|e| format!("{rel} case {n}: {e}"))?;
+                        check_fixed_point(&args, &out)
+                            .map_err(|e| format!("{rel} case {n}: {e}"))?;
                     }
                     out
                 }
                 (Err(d), true) => format!("{}\n", d.render(&rel)),
                 (Ok(out), true) => {
-                    return Err(format!("{rel} case {n}: expected an error, but it succeeded:\n{out}").into());
+                    return Err(format!(
+                        "{rel} case {n}: expected an error, but it succeeded:\n{out}"
+                    )
+                    .into());
                 }
                 (Err(d), false) => return Err(format!("{rel} case {n}: {}", d.render(&rel)).into()),
             };
-            apply_checks(&case.checks, &output).map_err(|e| format!("{rel} case {n}, RUN:{run_line}: {e}"))?;
+            apply_checks(&case.checks, &output)
+                .map_err(|e| format!("{rel} case {n}, RUN:{run_line}: {e}"))?;
             outputs.push(output);
         }
         let joined = outputs.join(&format!("{CASE_SEPARATOR}\n"));
@@ -141,7 +159,8 @@ fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
 }
 
 fn check_fixed_point(args: &OptArgs, printed: &str) -> Result<(), String> {
-    let reprinted = pipeline::run(args, printed).map_err(|d| format!("printed IR does not parse: {}", d.render("<printed>")))?;
+    let reprinted = pipeline::run(args, printed)
+        .map_err(|d| format!("printed IR does not parse: {}", d.render("<printed>")))?;
     if reprinted != printed {
         return Err(format!(
             "print -> parse -> print is not a fixed point:\n--- first\n{printed}\n--- second\n{reprinted}"
@@ -155,22 +174,34 @@ fn apply_checks(checks: &[(String, String)], output: &str) -> Result<(), String>
     let lines: Vec<&str> = output.lines().collect();
     let mut next_line = 0usize;
     let mut pending_not: Vec<&str> = Vec::new();
-    let find_from = |from: usize, pattern: &str| (from..lines.len()).find(|&i| lines[i].contains(pattern));
+    let find_from =
+        |from: usize, pattern: &str| (from..lines.len()).find(|&i| lines[i].contains(pattern));
     for (kind, pattern) in checks {
         match kind.as_str() {
             "CHECK" | "CHECK-LABEL" => {
                 let Some(found) = find_from(next_line, pattern) else {
-                    return Err(format!("{kind}: `{pattern}` not found after line {next_line}"));
+                    return Err(format!(
+                        "{kind}: `{pattern}` not found after line {next_line}"
+                    ));
                 };
-                if let Some(bad) = pending_not.iter().find(|p| lines[next_line..found].iter().any(|l| l.contains(*p))) {
+                if let Some(bad) = pending_not
+                    .iter()
+                    .find(|p| lines[next_line..found].iter().any(|l| l.contains(*p)))
+                {
                     return Err(format!("CHECK-NOT: `{bad}` found before `{pattern}`"));
                 }
                 pending_not.clear();
                 next_line = found + 1;
             }
             "CHECK-NEXT" => {
-                if !lines.get(next_line).is_some_and(|l| l.contains(pattern.as_str())) {
-                    return Err(format!("CHECK-NEXT: `{pattern}` is not on line {}", next_line + 1));
+                if !lines
+                    .get(next_line)
+                    .is_some_and(|l| l.contains(pattern.as_str()))
+                {
+                    return Err(format!(
+                        "CHECK-NEXT: `{pattern}` is not on line {}",
+                        next_line + 1
+                    ));
                 }
                 next_line += 1;
             }
@@ -178,7 +209,11 @@ fn apply_checks(checks: &[(String, String)], output: &str) -> Result<(), String>
             other => return Err(format!("unknown directive `{other}`")),
         }
     }
-    if let Some(bad) = pending_not.iter().find(|p| lines[next_line.min(lines.len())..].iter().any(|l| l.contains(*p))) {
+    if let Some(bad) = pending_not.iter().find(|p| {
+        lines[next_line.min(lines.len())..]
+            .iter()
+            .any(|l| l.contains(*p))
+    }) {
         return Err(format!("CHECK-NOT: `{bad}` found"));
     }
     Ok(())
@@ -186,7 +221,10 @@ fn apply_checks(checks: &[(String, String)], output: &str) -> Result<(), String>
 
 fn snapshot(path: &Path, suffix: &str, output: &str, run_line: &str) -> Result<(), Failed> {
     let dir = path.parent().unwrap_or(Path::new(".")).join("snapshots");
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut settings = insta::Settings::clone_current();
     settings.set_snapshot_path(dir);
     settings.set_prepend_module_to_snapshot(false);

@@ -145,6 +145,41 @@ pub fn blank_comments(text: &str) -> String {
     out
 }
 
+/// Rejects non-ASCII characters outside string literals.
+///
+/// Identifiers are ASCII; pliron's identifier parser accepts any Unicode letter and then
+/// panics when it builds the identifier, so such input must not reach it.
+fn check_ascii(text: &str) -> Result<(), Diagnostic> {
+    let (mut line, mut column) = (1u32, 1u32);
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' || c == '\n' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if !c.is_ascii() {
+            return Err(Diagnostic {
+                line,
+                column,
+                message: format!("unexpected non-ASCII character `{c}` outside a string literal"),
+            });
+        }
+        if c == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Parses and verifies a `builtin.module` from `text` (comments allowed).
 pub fn parse_module(ctx: &mut Context, text: &str) -> Result<ModuleOp, Diagnostic> {
     let text = blank_comments(text);
@@ -155,17 +190,38 @@ pub fn parse_module(ctx: &mut Context, text: &str) -> Result<ModuleOp, Diagnosti
             message: "empty input: expected a builtin.module".into(),
         });
     }
-    let op = parse_from_str(Operation::top_level_parser(), ctx, &text)
-        .map_err(|e| Diagnostic::from_pliron(&e))?;
-    let Some(module) = Operation::get_op::<ModuleOp>(op, ctx) else {
-        let (line, column) = match op.deref(ctx).loc() {
-            Location::SrcPos { pos, .. } => (pos.line as u32, pos.column as u32),
-            _ => (1, 1),
+    check_ascii(&text)?;
+    // pliron's parser opens the first value scope inside the top-level op's region, so a
+    // top-level op with operands would panic there: require `builtin.module` up front.
+    let start = text.len() - text.trim_start().len();
+    let first: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.'))
+        .collect();
+    if first != "builtin.module" {
+        let (line, column) = position_of_end(&text[..start]);
+        let found = if first.is_empty() {
+            text[start..]
+                .chars()
+                .next()
+                .map(|c| format!("`{c}`"))
+                .unwrap_or_default()
+        } else {
+            format!("`{first}`")
         };
-        let found = Operation::get_opid(op, ctx);
         return Err(Diagnostic {
             line,
             column,
+            message: format!("expected a top-level builtin.module, found {found}"),
+        });
+    }
+    let op = parse_from_str(Operation::top_level_parser(), ctx, &text)
+        .map_err(|e| Diagnostic::from_pliron(&e))?;
+    let Some(module) = Operation::get_op::<ModuleOp>(op, ctx) else {
+        let found = Operation::get_opid(op, ctx);
+        return Err(Diagnostic {
+            line: 1,
+            column: 1,
             message: format!("the top-level op must be builtin.module, found {found}"),
         });
     };

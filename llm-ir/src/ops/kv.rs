@@ -9,10 +9,7 @@
 //! without changing meaning, and it lets passes reorder ops freely as long as they follow the
 //! SSA edges. The verifier of `llm.append_kv` enforces the rule.
 
-use pliron::{
-    common_traits::Named, context::Ptr, linked_list::LinkedList, operation::Operation,
-    result::Result,
-};
+use pliron::{context::Ptr, linked_list::LinkedList, operation::Operation, result::Result};
 
 use crate::{
     llm_op,

@@ -140,7 +140,10 @@ pub struct OpDescriptor {
 }
 
 /// Every op declared with [`llm_op!`](crate::llm_op), collected at link time.
-#[allow(unsafe_code, reason = "linkme declares the slice with #[link_section]; no unsafe code is written")]
+#[allow(
+    unsafe_code,
+    reason = "linkme declares the slice with #[link_section]; no unsafe code is written"
+)]
 #[linkme::distributed_slice]
 pub static LLM_OPS: [OpDescriptor];
 
