@@ -7,8 +7,9 @@
 //! unrelated edits and never reaches a fixed point (parsing `x_v3` gives the name `x_v3`,
 //! printed `x_v3_v9`). [`print_module`] instead names every value and block in order of first
 //! appearance: a value keeps the name it was given (`x`) unless that name looks generated
-//! (`v12`) or is taken, and otherwise becomes `v0`, `v1`, ...; blocks become `bb0`, `bb1`, ...
-//! unless they carry a label. So print -> parse -> print is a byte-for-byte fixed point.
+//! (`v12`), in which case it becomes `v0`, `v1`, ...; blocks keep their label or become `bb0`,
+//! `bb1`, .... Names are unique across the module: a taken name gets a suffix (`x_1`, `x_2`).
+//! So print -> parse -> print is a byte-for-byte fixed point.
 //!
 //! # Comments
 //!

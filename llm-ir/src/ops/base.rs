@@ -93,8 +93,23 @@ llm_op! {
                 values.len()
             ));
         }
-        if !t.dtype().is_float() && values.iter().any(|v| matches!(v, ParamValue::Float(_))) {
-            return c.err(format!("parameter `value` must hold integers for element type {}", t.dtype()));
+        if !t.dtype().is_float() {
+            let (min, max) = match t.dtype() {
+                crate::dtype::DType::I8 => (i64::from(i8::MIN), i64::from(i8::MAX)),
+                crate::dtype::DType::I32 => (i64::from(i32::MIN), i64::from(i32::MAX)),
+                _ => (i64::MIN, i64::MAX),
+            };
+            for v in &values {
+                match v {
+                    ParamValue::Int(i) if (min..=max).contains(i) => {}
+                    ParamValue::Int(i) => {
+                        return c.err(format!("parameter `value` holds {i}, out of range for element type {}", t.dtype()));
+                    }
+                    _ => {
+                        return c.err(format!("parameter `value` must hold integers for element type {}", t.dtype()));
+                    }
+                }
+            }
         }
         Ok(())
     },

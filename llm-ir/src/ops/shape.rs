@@ -182,13 +182,13 @@ fn check_concat(c: &OpCheck) -> Result<()> {
         let t = c.tensor(i)?;
         c.same_dtype(&c.operand_desc(i), t.dtype(), first.dtype())?;
         c.rank(&c.operand_desc(i), t.shape(), first.rank())?;
-        for d in 0..first.rank() {
+        for (d, (total, &dim)) in want.iter_mut().zip(t.shape()).enumerate() {
             if d == axis {
-                want[d] = want[d].zip(t.shape()[d]).map(|(a, b)| a + b);
+                *total = total.zip(dim).map(|(a, b)| a + b);
             } else {
                 c.dim(
-                    &format!("dim {d} of {} #{i}", "operand"),
-                    t.shape()[d],
+                    &format!("dim {d} of {}", c.operand_desc(i)),
+                    dim,
                     first.shape()[d],
                 )?;
             }

@@ -26,6 +26,13 @@ fn same_global(
     if t.mesh() != want.mesh() {
         return c.err(format!("{what} must be on the same mesh as the input"));
     }
+    if !t.partial().is_empty() && t.reduction() != want.reduction() {
+        return c.err(format!(
+            "{what} must keep the input's partial reduction `{}`, found `{}`",
+            want.reduction().name(),
+            t.reduction().name()
+        ));
+    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use pliron::{
     printable::{self, Printable},
     result::Result,
     r#type::{Type, TypedHandle},
-    verify_err_noloc,
+    verify_error_noloc,
 };
 
 use crate::{
@@ -184,7 +184,7 @@ impl PagedKvCacheType {
                     ));
                 }
                 let block = q.block_elems();
-                if self.head_dim % block != 0 {
+                if !self.head_dim.is_multiple_of(block) {
                     return Err(format!(
                         "{} groups {block} values along head_dim, but head_dim is {}",
                         q.name(),
@@ -254,7 +254,7 @@ impl PagedKvCacheType {
 impl Verify for PagedKvCacheType {
     fn verify(&self, _: &Context) -> Result<()> {
         self.validate()
-            .or_else(|msg| verify_err_noloc!("llm.paged_kv_cache: {msg}"))
+            .map_err(|msg| verify_error_noloc!("llm.paged_kv_cache: {msg}"))
     }
 }
 

@@ -26,7 +26,7 @@ use pliron::{
     printable::{self, Printable},
     result::Result,
     r#type::{Type, TypedHandle},
-    verify_err_noloc,
+    verify_error_noloc,
 };
 
 use crate::{
@@ -379,7 +379,7 @@ impl QuantizedTensorType {
 impl Verify for QuantizedTensorType {
     fn verify(&self, _: &Context) -> Result<()> {
         self.validate()
-            .or_else(|msg| verify_err_noloc!("llm.quantized_tensor: {msg}"))
+            .map_err(|msg| verify_error_noloc!("llm.quantized_tensor: {msg}"))
     }
 }
 

@@ -15,13 +15,16 @@ use pliron::{
     printable::{self, Printable},
     result::Result,
     r#type::{Type, TypedHandle},
-    verify_err_noloc,
+    verify_error_noloc,
 };
 
 use crate::{
     dtype::DType,
     syntax::{self, Dim, PResult},
 };
+
+/// The largest mesh accepted (2^20 devices): keeps shard arithmetic far from overflow.
+pub const MAX_DEVICES: u64 = 1 << 20;
 
 /// How partial values combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,9 +128,11 @@ impl ShardedTensorType {
         self.mesh.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
     }
 
-    /// Number of devices in the mesh.
+    /// Number of devices in the mesh (validated types have at most [`MAX_DEVICES`]).
     pub fn num_devices(&self) -> u64 {
-        self.mesh.iter().map(|(_, s)| s).product()
+        self.mesh
+            .iter()
+            .fold(1u64, |acc, (_, s)| acc.saturating_mul(*s))
     }
 
     /// The shape of the shard each device holds.
@@ -136,7 +141,10 @@ impl ShardedTensorType {
             .iter()
             .zip(&self.split)
             .map(|(d, axes)| {
-                let parts: u64 = axes.iter().filter_map(|a| self.axis_size(a)).product();
+                let parts = axes
+                    .iter()
+                    .filter_map(|a| self.axis_size(a))
+                    .fold(1u64, u64::saturating_mul);
                 d.map(|n| n / parts.max(1))
             })
             .collect()
@@ -164,6 +172,9 @@ impl ShardedTensorType {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.mesh.is_empty() {
             return Err("the mesh needs at least one axis".into());
+        }
+        if self.num_devices() > MAX_DEVICES {
+            return Err(format!("the mesh has more than {MAX_DEVICES} devices"));
         }
         for (i, (name, size)) in self.mesh.iter().enumerate() {
             if *size == 0 {
@@ -307,7 +318,7 @@ fn axis_list(axes: &[String]) -> String {
 impl Verify for ShardedTensorType {
     fn verify(&self, _: &Context) -> Result<()> {
         self.validate()
-            .or_else(|msg| verify_err_noloc!("llm.sharded_tensor: {msg}"))
+            .map_err(|msg| verify_error_noloc!("llm.sharded_tensor: {msg}"))
     }
 }
 
