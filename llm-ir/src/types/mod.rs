@@ -17,7 +17,7 @@ mod tensor;
 
 pub use kv_cache::{KvCacheParams, KvStorage, PagedKvCacheType};
 pub use quant::{QuantFormat, QuantizedTensorType};
-pub use sharded::{Reduction, ShardedTensorType};
+pub use sharded::{MAX_DEVICES, Reduction, ShardedTensorType};
 pub use tensor::TensorType;
 
 use crate::syntax::Dim;
