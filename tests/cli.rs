@@ -54,7 +54,7 @@ fn bad_input_is_one_located_error_with_status_1() {
         ),
         (
             b"builtin.module @m {",
-            "<stdin>:2:1: error: unexpected end of input",
+            "<stdin>:1:20: error: unexpected end of input",
         ),
     ];
     for (input, expected) in cases {
