@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod dtype;
+pub mod interp;
 pub mod ops;
 pub mod params;
 pub mod syntax;

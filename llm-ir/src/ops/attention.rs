@@ -73,6 +73,7 @@ llm_op! {
     ],
     interfaces: [],
     check: check_attention,
+    eval: crate::interp::eval::attention::attention,
 }
 
 fn check_attention(c: &OpCheck) -> Result<()> {
@@ -163,6 +164,7 @@ llm_op! {
     ],
     interfaces: [],
     check: check_paged_attention,
+    eval: crate::interp::eval::attention::paged_attention,
 }
 
 fn check_paged_attention(c: &OpCheck) -> Result<()> {
@@ -253,6 +255,7 @@ llm_op! {
     ],
     interfaces: [],
     check: check_rope,
+    eval: crate::interp::eval::attention::rope,
 }
 
 fn check_rope(c: &OpCheck) -> Result<()> {

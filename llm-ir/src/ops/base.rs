@@ -53,6 +53,7 @@ llm_op! {
         }
         Ok(())
     },
+    eval: crate::interp::eval::base::weight,
 }
 
 llm_op! {
@@ -113,6 +114,7 @@ llm_op! {
         }
         Ok(())
     },
+    eval: crate::interp::eval::base::constant,
 }
 
 llm_op! {
@@ -134,6 +136,7 @@ llm_op! {
     params: [],
     interfaces: [IsTerminatorInterface],
     check: check_return,
+    eval: crate::interp::eval::base::ret,
 }
 
 fn check_return(c: &OpCheck) -> pliron::result::Result<()> {

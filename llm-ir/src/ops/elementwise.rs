@@ -57,7 +57,7 @@ fn check_unary(c: &OpCheck) -> Result<()> {
 }
 
 macro_rules! binary_op {
-    ($name:ident, $text:literal, $math:literal) => {
+    ($name:ident, $text:literal, $math:literal, $eval:ident) => {
         llm_op! {
             #[doc = concat!("Elementwise ", $math, " with NumPy broadcasting.")]
             ///
@@ -79,17 +79,18 @@ macro_rules! binary_op {
             params: [],
             interfaces: [],
             check: check_binary,
+            eval: crate::interp::eval::elementwise::$eval,
         }
     };
 }
 
-binary_op!(AddOp, "llm.add", "`lhs + rhs`");
-binary_op!(SubOp, "llm.sub", "`lhs - rhs`");
-binary_op!(MulOp, "llm.mul", "`lhs * rhs`");
-binary_op!(DivOp, "llm.div", "`lhs / rhs`");
+binary_op!(AddOp, "llm.add", "`lhs + rhs`", add);
+binary_op!(SubOp, "llm.sub", "`lhs - rhs`", sub);
+binary_op!(MulOp, "llm.mul", "`lhs * rhs`", mul);
+binary_op!(DivOp, "llm.div", "`lhs / rhs` (integers truncate toward zero)", div);
 
 macro_rules! unary_op {
-    ($name:ident, $text:literal, $math:literal) => {
+    ($name:ident, $text:literal, $math:literal, $eval:ident) => {
         llm_op! {
             #[doc = concat!("Elementwise ", $math, " on a float tensor.")]
             ///
@@ -108,19 +109,21 @@ macro_rules! unary_op {
             params: [],
             interfaces: [],
             check: check_unary,
+            eval: crate::interp::eval::elementwise::$eval,
         }
     };
 }
 
-unary_op!(ExpOp, "llm.exp", "`exp(x)`");
-unary_op!(NegOp, "llm.neg", "`-x`");
-unary_op!(SqrtOp, "llm.sqrt", "`sqrt(x)`");
-unary_op!(RsqrtOp, "llm.rsqrt", "`1 / sqrt(x)`");
-unary_op!(TanhOp, "llm.tanh", "`tanh(x)`");
-unary_op!(SigmoidOp, "llm.sigmoid", "`1 / (1 + exp(-x))`");
-unary_op!(SiluOp, "llm.silu", "SiLU, `x * sigmoid(x)`");
+unary_op!(ExpOp, "llm.exp", "`exp(x)`", exp);
+unary_op!(NegOp, "llm.neg", "`-x`", neg);
+unary_op!(SqrtOp, "llm.sqrt", "`sqrt(x)`", sqrt);
+unary_op!(RsqrtOp, "llm.rsqrt", "`1 / sqrt(x)`", rsqrt);
+unary_op!(TanhOp, "llm.tanh", "`tanh(x)`", tanh);
+unary_op!(SigmoidOp, "llm.sigmoid", "`1 / (1 + exp(-x))`", sigmoid);
+unary_op!(SiluOp, "llm.silu", "SiLU, `x * sigmoid(x)`", silu);
 unary_op!(
     GeluOp,
     "llm.gelu",
-    "GELU (tanh approximation), `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`"
+    "GELU (tanh approximation), `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`",
+    gelu
 );

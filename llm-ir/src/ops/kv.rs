@@ -61,6 +61,7 @@ llm_op! {
     params: [ParamSpec::required("layer", ParamKind::Int)],
     interfaces: [],
     check: check_append_kv,
+    eval: crate::interp::eval::kv::append_kv,
 }
 
 fn check_append_kv(c: &OpCheck) -> Result<()> {
@@ -142,6 +143,7 @@ llm_op! {
     params: [ParamSpec::required("layer", ParamKind::Int)],
     interfaces: [],
     check: check_lookup_kv,
+    eval: crate::interp::eval::kv::lookup_kv,
 }
 
 fn check_lookup_kv(c: &OpCheck) -> Result<()> {

@@ -33,6 +33,7 @@ llm_op! {
     params: [ParamSpec::optional("transpose_rhs", ParamKind::Bool)],
     interfaces: [],
     check: check_matmul,
+    eval: crate::interp::eval::linalg::matmul,
 }
 
 fn check_matmul(c: &OpCheck) -> Result<()> {
@@ -95,6 +96,7 @@ llm_op! {
     params: [],
     interfaces: [],
     check: check_embedding,
+    eval: crate::interp::eval::linalg::embedding,
 }
 
 fn check_embedding(c: &OpCheck) -> Result<()> {

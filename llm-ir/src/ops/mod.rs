@@ -137,6 +137,8 @@ pub struct OpDescriptor {
     pub name: &'static str,
     /// The op's signature.
     pub signature: Signature,
+    /// The op's reference semantics.
+    pub eval: crate::interp::EvalFn,
 }
 
 /// Every op declared with [`llm_op!`](crate::llm_op), collected at link time.
@@ -165,7 +167,8 @@ macro_rules! llm_op {
         results: [$($result:literal),* $(,)?],
         params: [$($spec:expr),* $(,)?],
         interfaces: [$($iface:path),* $(,)?],
-        check: $check:expr $(,)?
+        check: $check:expr,
+        eval: $eval:expr $(,)?
     ) => {
         $(#[$doc])*
         #[::pliron::derive::pliron_op(name = $text, interfaces = [$($iface),*])]
@@ -177,6 +180,7 @@ macro_rules! llm_op {
             static REGISTER: $crate::ops::OpDescriptor = $crate::ops::OpDescriptor {
                 name: $text,
                 signature: <$name as $crate::ops::LlmOp>::SIGNATURE,
+                eval: $eval,
             };
         };
 
@@ -460,6 +464,17 @@ pub struct OpCheck<'a> {
 }
 
 impl<'a> OpCheck<'a> {
+    /// The view the interpreter gives evaluation functions (the op must be an `llm` op).
+    pub(crate) fn for_eval(ctx: &'a Context, op: Ptr<Operation>) -> Self {
+        let name = Operation::get_opid(op, ctx).to_string();
+        let sig = LLM_OPS
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.signature)
+            .unwrap_or(Signature { operands: Operands::Variadic("operand", 0), results: &[], params: &[] });
+        Self::new(ctx, op, sig)
+    }
+
     fn new(ctx: &'a Context, op: Ptr<Operation>, sig: Signature) -> Self {
         let (name, loc) = {
             let opr = op.deref(ctx);

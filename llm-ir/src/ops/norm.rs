@@ -50,6 +50,7 @@ llm_op! {
     params: [ParamSpec::required("eps", ParamKind::Float)],
     interfaces: [],
     check: check_norm,
+    eval: crate::interp::eval::norm::rms_norm,
 }
 
 llm_op! {
@@ -71,6 +72,7 @@ llm_op! {
     params: [ParamSpec::required("eps", ParamKind::Float)],
     interfaces: [],
     check: check_norm,
+    eval: crate::interp::eval::norm::layer_norm,
 }
 
 llm_op! {
@@ -98,4 +100,5 @@ llm_op! {
         c.same_dtype(&c.result_desc(0), out.dtype(), x.dtype())?;
         c.shape(&c.result_desc(0), out.shape(), x.shape())
     },
+    eval: crate::interp::eval::norm::softmax,
 }

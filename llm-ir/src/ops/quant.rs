@@ -36,6 +36,7 @@ llm_op! {
         c.float_dtype(&c.operand_desc(0), x.dtype())?;
         c.shape(&c.result_desc(0), q.shape(), x.shape())
     },
+    eval: crate::interp::eval::quant::quantize,
 }
 
 llm_op! {
@@ -60,6 +61,7 @@ llm_op! {
         c.float_dtype(&c.result_desc(0), x.dtype())?;
         c.shape(&c.result_desc(0), x.shape(), q.shape())
     },
+    eval: crate::interp::eval::quant::dequantize,
 }
 
 llm_op! {
@@ -85,6 +87,7 @@ llm_op! {
     params: [],
     interfaces: [],
     check: check_quantized_matmul,
+    eval: crate::interp::eval::quant::quantized_matmul,
 }
 
 fn check_quantized_matmul(c: &OpCheck) -> Result<()> {

@@ -40,6 +40,7 @@ llm_op! {
         }
         Ok(())
     },
+    eval: crate::interp::eval::shape::reshape,
 }
 
 llm_op! {
@@ -75,6 +76,7 @@ llm_op! {
         c.same_dtype(&c.result_desc(0), out.dtype(), x.dtype())?;
         c.shape(&c.result_desc(0), out.shape(), &want)
     },
+    eval: crate::interp::eval::shape::transpose,
 }
 
 llm_op! {
@@ -103,6 +105,7 @@ llm_op! {
     ],
     interfaces: [],
     check: check_slice,
+    eval: crate::interp::eval::shape::slice,
 }
 
 fn check_slice(c: &OpCheck) -> Result<()> {
@@ -172,6 +175,7 @@ llm_op! {
     params: [ParamSpec::required("axis", ParamKind::Int)],
     interfaces: [],
     check: check_concat,
+    eval: crate::interp::eval::shape::concat,
 }
 
 fn check_concat(c: &OpCheck) -> Result<()> {
@@ -221,6 +225,7 @@ llm_op! {
         let (x, out) = (c.tensor(0)?, c.result_tensor(0)?);
         c.shape(&c.result_desc(0), out.shape(), x.shape())
     },
+    eval: crate::interp::eval::shape::cast,
 }
 
 llm_op! {
@@ -250,4 +255,5 @@ llm_op! {
         want.remove(axis);
         c.shape(&c.result_desc(0), out.shape(), &want)
     },
+    eval: crate::interp::eval::shape::argmax,
 }

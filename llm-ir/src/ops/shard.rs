@@ -106,6 +106,7 @@ llm_op! {
         }
         Ok(())
     },
+    eval: crate::interp::eval::shard::shard,
 }
 
 llm_op! {
@@ -139,6 +140,7 @@ llm_op! {
         c.same_dtype(&c.result_desc(0), out.dtype(), x.dtype())?;
         c.shape(&c.result_desc(0), out.shape(), x.shape())
     },
+    eval: crate::interp::eval::shard::unshard,
 }
 
 llm_op! {
@@ -166,6 +168,7 @@ llm_op! {
     params: [],
     interfaces: [],
     check: check_sharded_linear,
+    eval: crate::interp::eval::shard::sharded_linear,
 }
 
 fn check_sharded_linear(c: &OpCheck) -> Result<()> {
@@ -277,6 +280,7 @@ llm_op! {
         split[dim].truncate(current.len() - axes.len());
         expect_distribution(c, &out, &split, x.partial())
     },
+    eval: crate::interp::eval::shard::all_gather,
 }
 
 llm_op! {
@@ -316,6 +320,7 @@ llm_op! {
         }
         expect_distribution(c, &out, &split, &partial)
     },
+    eval: crate::interp::eval::shard::reduce_scatter,
 }
 
 /// The partial axes of `x` without `axes`, all of which must be partial.
@@ -361,4 +366,5 @@ llm_op! {
         let partial = remove_partial(c, &x, &axes)?;
         expect_distribution(c, &out, x.split(), &partial)
     },
+    eval: crate::interp::eval::shard::all_reduce,
 }

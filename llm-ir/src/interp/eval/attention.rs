@@ -1,0 +1,203 @@
+//! Semantics of `llm.attention`, `llm.paged_attention` and `llm.rope`.
+
+use std::rc::Rc;
+
+use super::{Eval, Outputs, norm::softmax_in_place, one};
+use crate::interp::value::{KvCache, Tensor, Value};
+
+/// How scores are scaled: by the `scale` parameter, or divided by `sqrt(head_dim)` as
+/// llama2.c does when it is absent.
+#[derive(Clone, Copy)]
+enum Scale {
+    Times(f32),
+    DivSqrt(f32),
+}
+
+impl Scale {
+    fn of(e: &Eval, head_dim: usize) -> Scale {
+        match e.float("scale") {
+            Some(s) => Scale::Times(s as f32),
+            None => Scale::DivSqrt((head_dim as f32).sqrt()),
+        }
+    }
+
+    fn apply(self, dot: f32) -> f32 {
+        match self {
+            Scale::Times(s) => dot * s,
+            Scale::DivSqrt(r) => dot / r,
+        }
+    }
+}
+
+/// Attention of one query row over keys/values `j` in `visible`; `bias(j)` is added to the
+/// scaled score. Accumulates in `f32` in order of `j` (llama2.c's order).
+fn attend(
+    q: &[f32],
+    visible: std::ops::Range<usize>,
+    key: impl Fn(usize) -> Vec<f32>,
+    value: impl Fn(usize) -> Vec<f32>,
+    bias: impl Fn(usize) -> f32,
+    scale: Scale,
+    value_dim: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; value_dim];
+    if visible.is_empty() {
+        return out;
+    }
+    let mut scores: Vec<f32> = visible
+        .clone()
+        .map(|j| {
+            let k = key(j);
+            let mut dot = 0f32;
+            for (a, b) in q.iter().zip(&k) {
+                dot += a * b;
+            }
+            scale.apply(dot) + bias(j)
+        })
+        .collect();
+    softmax_in_place(&mut scores);
+    for (p, j) in scores.iter().zip(visible) {
+        let v = value(j);
+        for (o, x) in out.iter_mut().zip(&v) {
+            *o += p * x;
+        }
+    }
+    out
+}
+
+/// The positions `0..=p` that position `p` may see under an optional sliding window.
+fn window_range(p: usize, window: Option<usize>) -> std::ops::Range<usize> {
+    let start = window.map_or(0, |w| (p + 1).saturating_sub(w));
+    start..p + 1
+}
+
+fn window(e: &Eval) -> Option<usize> {
+    e.op.int("window").map(|w| w as usize)
+}
+
+/// `llm.attention`.
+pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let (q, k, v) = (inputs[0].tensor()?, inputs[1].tensor()?, inputs[2].tensor()?);
+    let mask = inputs.get(3).map(|m| m.tensor()).transpose()?;
+    let r = q.shape.len();
+    let (tq, h, d) = (q.shape[r - 3], q.shape[r - 2], q.shape[r - 1]);
+    let (tk, kvh, dv) = (k.shape[r - 3], k.shape[r - 2], v.shape[r - 1]);
+    if kvh == 0 || h % kvh != 0 || tk < tq && e.flag("causal", false) {
+        return Err(format!("cannot attend {tq} queries with {h} heads to {tk} keys with {kvh} heads"));
+    }
+    let batch: usize = q.shape[..r - 3].iter().product();
+    let (qd, kd, vd) = (q.floats()?, k.floats()?, v.floats()?);
+    let md = mask.map(|m| m.floats()).transpose()?;
+    let (causal, win, scale) = (e.flag("causal", false), window(e), Scale::of(e, d));
+    let group = h / kvh;
+    let mut out = Vec::with_capacity(batch * tq * h * dv);
+    for b in 0..batch {
+        for i in 0..tq {
+            let pos = tk - tq + i;
+            let visible = if causal {
+                window_range(pos, win)
+            } else {
+                let start = win.map_or(0, |w| (pos + 1).saturating_sub(w));
+                start..tk
+            };
+            for head in 0..h {
+                let kv = head / group;
+                let qrow = &qd[((b * tq + i) * h + head) * d..][..d];
+                let row = attend(
+                    qrow,
+                    visible.clone(),
+                    |j| kd[((b * tk + j) * kvh + kv) * d..][..d].to_vec(),
+                    |j| vd[((b * tk + j) * kvh + kv) * dv..][..dv].to_vec(),
+                    |j| md.map_or(0.0, |m| m[i * tk + j]),
+                    scale,
+                    dv,
+                );
+                out.extend(row);
+            }
+        }
+    }
+    let mut shape = q.shape[..r - 1].to_vec();
+    shape.push(dv);
+    one(Tensor::from_f32(shape, e.result_dtype(0)?, out))
+}
+
+/// The flat cache slot of position `pos` of a sequence with block table `table`.
+pub fn slot_of(cache: &KvCache, table: &[i64], pos: usize) -> Result<usize, String> {
+    let bs = cache.params.block_size as usize;
+    let Some(&block) = table.get(pos / bs) else {
+        return Err(format!(
+            "position {pos} needs block-table entry {}, but the table has {} entries",
+            pos / bs,
+            table.len()
+        ));
+    };
+    if block < 0 || block as usize >= cache.blocks {
+        return Err(format!("block {block} is out of range for a pool of {} blocks", cache.blocks));
+    }
+    Ok(block as usize * bs + pos % bs)
+}
+
+/// `llm.paged_attention`.
+pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let q = inputs[0].tensor()?;
+    let cache = inputs[1].cache()?;
+    let (tables, lens) = (inputs[2].tensor()?, inputs[3].tensor()?);
+    let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let kvh = cache.params.kv_heads as usize;
+    let layer = e.int("layer", 0) as usize;
+    let width = tables.shape[1];
+    let (qd, td, ld) = (q.floats()?, tables.ints()?, lens.ints()?);
+    let (win, scale, group) = (window(e), Scale::of(e, d), h / kvh);
+    let mut out = Vec::with_capacity(q.len());
+    for s in 0..b {
+        let len = ld[s];
+        if len < t as i64 {
+            return Err(format!("sequence {s} has context length {len}, fewer than its {t} new tokens"));
+        }
+        let table = &td[s * width..(s + 1) * width];
+        for i in 0..t {
+            let pos = len as usize - t + i;
+            let visible = window_range(pos, win);
+            let slots: Vec<usize> = visible.clone().map(|j| slot_of(cache, table, j)).collect::<Result<_, _>>()?;
+            let start = visible.start;
+            for head in 0..h {
+                let kv = head / group;
+                let read = |data: &Vec<f32>, j: usize| {
+                    let at = cache.slot_offset(layer, slots[j - start]) + kv * d;
+                    data[at..at + d].to_vec()
+                };
+                let qrow = &qd[((s * t + i) * h + head) * d..][..d];
+                out.extend(attend(qrow, visible.clone(), |j| read(&cache.k, j), |j| read(&cache.v, j), |_| 0.0, scale, d));
+            }
+        }
+    }
+    one(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, out))
+}
+
+/// `llm.rope`.
+pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let (x, pos) = (inputs[0].tensor()?, inputs[1].tensor()?);
+    let r = x.shape.len();
+    let (h, d) = (x.shape[r - 2], x.shape[r - 1]);
+    let rotary = e.op.int("rotary_dim").map_or(d, |v| v as usize);
+    let theta = e.float("theta").unwrap_or(10000.0) as f32;
+    let scaling = e.float("scaling").unwrap_or(1.0) as f32;
+    let half_layout = matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
+    let mut out = x.floats()?.to_vec();
+    for (token, &p) in pos.ints()?.iter().enumerate() {
+        let p = p as f32 / scaling;
+        for head in 0..h {
+            let base = (token * h + head) * d;
+            for i in 0..rotary / 2 {
+                let freq = 1.0 / theta.powf((2 * i) as f32 / rotary as f32);
+                let angle = p * freq;
+                let (sin, cos) = (angle.sin(), angle.cos());
+                let (ia, ib) = if half_layout { (i, i + rotary / 2) } else { (2 * i, 2 * i + 1) };
+                let (a, b) = (out[base + ia], out[base + ib]);
+                out[base + ia] = a * cos - b * sin;
+                out[base + ib] = a * sin + b * cos;
+            }
+        }
+    }
+    one(Tensor::from_f32(x.shape.clone(), e.result_dtype(0)?, out))
+}

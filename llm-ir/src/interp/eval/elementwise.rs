@@ -1,0 +1,131 @@
+//! Semantics of the elementwise ops.
+
+use std::rc::Rc;
+
+use super::{Eval, Outputs, one, strides};
+use crate::interp::value::{Data, Tensor, Value};
+
+/// The broadcast of two runtime shapes (NumPy rules).
+pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    let rank = a.len().max(b.len());
+    let at = |s: &[usize], i: usize| if i + s.len() >= rank { s[i + s.len() - rank] } else { 1 };
+    (0..rank)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y => Ok(x),
+            (1, y) => Ok(y),
+            (x, 1) => Ok(x),
+            (x, y) => Err(format!("shapes {a:?} and {b:?} do not broadcast (dim {i}: {x} vs {y})")),
+        })
+        .collect()
+}
+
+/// For each element of `out`, the index of the element of `shape` it reads when broadcast.
+pub fn broadcast_index(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let offset = out.len() - shape.len();
+    let src_strides = strides(shape);
+    let n: usize = out.iter().product();
+    (0..n)
+        .map(|flat| {
+            let idx = super::unravel(flat, out);
+            (0..shape.len())
+                .map(|d| if shape[d] == 1 { 0 } else { idx[d + offset] * src_strides[d] })
+                .sum()
+        })
+        .collect()
+}
+
+fn binary(e: &Eval, inputs: Vec<Rc<Value>>, f: fn(f32, f32) -> f32, i: fn(i64, i64) -> Option<i64>) -> Outputs {
+    let (a, b) = (inputs[0].tensor()?, inputs[1].tensor()?);
+    let shape = broadcast(&a.shape, &b.shape)?;
+    let (ia, ib) = (broadcast_index(&a.shape, &shape), broadcast_index(&b.shape, &shape));
+    let dtype = e.result_dtype(0)?;
+    match (&a.data, &b.data) {
+        (Data::Float(x), Data::Float(y)) => {
+            let v = ia.iter().zip(&ib).map(|(&p, &q)| f(x[p], y[q])).collect();
+            one(Tensor::from_f32(shape, dtype, v))
+        }
+        (Data::Int(x), Data::Int(y)) => {
+            let v = ia
+                .iter()
+                .zip(&ib)
+                .map(|(&p, &q)| i(x[p], y[q]).ok_or_else(|| "integer division by zero".to_string()))
+                .collect::<Result<_, _>>()?;
+            one(Tensor::from_i64(shape, dtype, v))
+        }
+        _ => Err("operands of different element kinds".into()),
+    }
+}
+
+/// `llm.add`.
+pub fn add(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    binary(e, inputs, |x, y| x + y, |x, y| Some(x.wrapping_add(y)))
+}
+
+/// `llm.sub`.
+pub fn sub(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    binary(e, inputs, |x, y| x - y, |x, y| Some(x.wrapping_sub(y)))
+}
+
+/// `llm.mul`.
+pub fn mul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    binary(e, inputs, |x, y| x * y, |x, y| Some(x.wrapping_mul(y)))
+}
+
+/// `llm.div` (integer division truncates toward zero).
+pub fn div(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    binary(e, inputs, |x, y| x / y, |x, y| x.checked_div(y))
+}
+
+fn unary(e: &Eval, inputs: Vec<Rc<Value>>, f: fn(f32) -> f32) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let v = x.floats()?.iter().map(|&v| f(v)).collect();
+    one(Tensor::from_f32(x.shape.clone(), e.result_dtype(0)?, v))
+}
+
+/// The logistic function.
+pub fn sigmoid_f32(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `llm.exp`.
+pub fn exp(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, f32::exp)
+}
+
+/// `llm.neg`.
+pub fn neg(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, |x| -x)
+}
+
+/// `llm.sqrt`.
+pub fn sqrt(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, f32::sqrt)
+}
+
+/// `llm.rsqrt`.
+pub fn rsqrt(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, |x| 1.0 / x.sqrt())
+}
+
+/// `llm.tanh`.
+pub fn tanh(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, f32::tanh)
+}
+
+/// `llm.sigmoid`.
+pub fn sigmoid(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, sigmoid_f32)
+}
+
+/// `llm.silu`: `x * sigmoid(x)`, computed as llama2.c does (`x * (1 / (1 + exp(-x)))`).
+pub fn silu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, |x| x * sigmoid_f32(x))
+}
+
+/// `llm.gelu` (tanh approximation).
+pub fn gelu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, |x| {
+        let c = (2.0f32 / std::f32::consts::PI).sqrt();
+        0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
+    })
+}

@@ -1,0 +1,82 @@
+//! Semantics of `llm.append_kv` and `llm.lookup_kv`.
+
+use std::rc::Rc;
+
+use super::{Eval, Outputs, attention::slot_of};
+use crate::{
+    interp::{
+        quant,
+        value::{KvCache, Tensor, Value, round_float},
+    },
+    types::KvStorage,
+};
+
+/// Rounds one head row to what the cache stores.
+fn store(storage: &KvStorage, row: &[f32]) -> Vec<f32> {
+    match storage {
+        KvStorage::Float(d) => row.iter().map(|&x| round_float(*d, x)).collect(),
+        KvStorage::Quantized(format) => {
+            let bytes = quant::quantize(format, &[row.len()], row);
+            quant::dequantize(format, &[row.len()], &bytes)
+        }
+    }
+}
+
+/// `llm.append_kv`: writes each row of `k` and `v` to its slot (in place when the cache
+/// value is not shared).
+pub fn append_kv(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
+    let slots = inputs.pop().ok_or("missing slots")?;
+    let v = inputs.pop().ok_or("missing v")?;
+    let k = inputs.pop().ok_or("missing k")?;
+    let cache_rc = inputs.pop().ok_or("missing cache")?;
+    let mut value = Rc::try_unwrap(cache_rc).unwrap_or_else(|rc| (*rc).clone());
+    let Value::Cache(cache) = &mut value else {
+        return Err(format!("expected a KV cache, found {}", value.kind()));
+    };
+    let (k, v, slots) = (k.tensor()?, v.tensor()?, slots.tensor()?);
+    let layer = e.int("layer", 0) as usize;
+    let d = cache.params.head_dim as usize;
+    let row_len = cache.slot_len();
+    let (kd, vd) = (k.floats()?, v.floats()?);
+    for (n, &slot) in slots.ints()?.iter().enumerate() {
+        if slot < 0 || slot as usize >= cache.slots() {
+            return Err(format!("slot {slot} is out of range for a pool of {} slots", cache.slots()));
+        }
+        let at = cache.slot_offset(layer, slot as usize);
+        for head in 0..cache.params.kv_heads as usize {
+            let src = n * row_len + head * d;
+            let krow = store(&cache.params.storage, &kd[src..src + d]);
+            let vrow = store(&cache.params.storage, &vd[src..src + d]);
+            cache.k[at + head * d..at + (head + 1) * d].copy_from_slice(&krow);
+            cache.v[at + head * d..at + (head + 1) * d].copy_from_slice(&vrow);
+        }
+    }
+    Ok(vec![Rc::new(value)])
+}
+
+fn gather(cache: &KvCache, data: &[f32], layer: usize, table: &[i64], len: usize) -> Result<Vec<f32>, String> {
+    let mut out = Vec::with_capacity(len * cache.slot_len());
+    for pos in 0..len {
+        let at = cache.slot_offset(layer, slot_of(cache, table, pos)?);
+        out.extend_from_slice(&data[at..at + cache.slot_len()]);
+    }
+    Ok(out)
+}
+
+/// `llm.lookup_kv`: gathers positions `0..context_len` of one sequence.
+pub fn lookup_kv(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let cache = inputs[0].cache()?;
+    let (table, len) = (inputs[1].tensor()?.ints()?, inputs[2].tensor()?.ints()?[0]);
+    if len < 0 {
+        return Err(format!("context length {len} is negative"));
+    }
+    let layer = e.int("layer", 0) as usize;
+    let shape = vec![len as usize, cache.params.kv_heads as usize, cache.params.head_dim as usize];
+    let dtype = e.result_dtype(0)?;
+    let k = gather(cache, &cache.k, layer, table, len as usize)?;
+    let v = gather(cache, &cache.v, layer, table, len as usize)?;
+    Ok(vec![
+        Rc::new(Value::Tensor(Tensor::from_f32(shape.clone(), dtype, k))),
+        Rc::new(Value::Tensor(Tensor::from_f32(shape, dtype, v))),
+    ])
+}

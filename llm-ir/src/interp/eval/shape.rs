@@ -1,0 +1,148 @@
+//! Semantics of the shape ops: reshape, transpose, slice, concat, cast and argmax.
+
+use std::rc::Rc;
+
+use super::{Eval, Outputs, one, resolve_shape, strides, unravel};
+use crate::{
+    dtype::DType,
+    interp::value::{Data, Tensor, Value},
+};
+
+/// Builds a tensor of `shape` whose element `i` is element `source(i)` of `x`.
+fn gather(x: &Tensor, shape: Vec<usize>, dtype: DType, source: impl Fn(usize) -> usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    match &x.data {
+        Data::Float(v) => Tensor::from_f32(shape, dtype, (0..n).map(|i| v[source(i)]).collect()),
+        Data::Int(v) => Tensor::from_i64(shape, dtype, (0..n).map(|i| v[source(i)]).collect()),
+    }
+}
+
+/// `llm.reshape`.
+pub fn reshape(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let ty = e.result_tensor(0)?;
+    let shape = resolve_shape(ty.shape(), x.len())?;
+    Ok(vec![Rc::new(Value::Tensor(Tensor { shape, dtype: x.dtype, data: x.data.clone() }))])
+}
+
+/// `llm.transpose`.
+pub fn transpose(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let perm: Vec<usize> = e.param("perm").and_then(|p| p.as_int_list()).unwrap_or_default().iter().map(|&p| p as usize).collect();
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    let src = strides(&x.shape);
+    let out_shape = shape.clone();
+    one(gather(x, shape, x.dtype, |i| {
+        unravel(i, &out_shape).iter().zip(&perm).map(|(&idx, &p)| idx * src[p]).sum()
+    }))
+}
+
+/// `llm.slice`.
+pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let rank = x.shape.len();
+    let starts = e.param("starts").and_then(|p| p.as_int_list()).unwrap_or_default();
+    let steps = e.param("steps").and_then(|p| p.as_int_list()).unwrap_or_else(|| vec![1; rank]);
+    let ty = e.result_tensor(0)?;
+    let mut shape = Vec::with_capacity(rank);
+    for d in 0..rank {
+        let (start, step) = (starts[d] as usize, steps[d] as usize);
+        let size = match ty.shape()[d] {
+            Some(s) => s as usize,
+            None => (x.shape[d].saturating_sub(start)).div_ceil(step),
+        };
+        if size > 0 && start + (size - 1) * step >= x.shape[d] {
+            return Err(format!("dim {d} reads past the input's size {}", x.shape[d]));
+        }
+        shape.push(size);
+    }
+    let src = strides(&x.shape);
+    let out_shape = shape.clone();
+    one(gather(x, shape, x.dtype, |i| {
+        unravel(i, &out_shape)
+            .iter()
+            .enumerate()
+            .map(|(d, &idx)| (starts[d] as usize + idx * steps[d] as usize) * src[d])
+            .sum()
+    }))
+}
+
+/// `llm.concat`.
+pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let parts: Vec<&Tensor> = inputs.iter().map(|v| v.tensor()).collect::<Result<_, _>>()?;
+    let rank = parts[0].shape.len();
+    let axis = e.axis("axis", 0, rank)?;
+    let mut shape = parts[0].shape.clone();
+    shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
+    for p in &parts {
+        if p.shape.iter().enumerate().any(|(d, &s)| d != axis && s != shape[d]) {
+            return Err(format!("cannot concatenate shapes {:?} and {:?} along {axis}", parts[0].shape, p.shape));
+        }
+    }
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let dtype = e.result_dtype(0)?;
+    if dtype.is_float() {
+        let mut out = Vec::with_capacity(shape.iter().product());
+        for o in 0..outer {
+            for p in &parts {
+                let chunk = p.shape[axis] * inner;
+                out.extend_from_slice(&p.floats()?[o * chunk..(o + 1) * chunk]);
+            }
+        }
+        one(Tensor::from_f32(shape, dtype, out))
+    } else {
+        let mut out = Vec::with_capacity(shape.iter().product());
+        for o in 0..outer {
+            for p in &parts {
+                let chunk = p.shape[axis] * inner;
+                out.extend_from_slice(&p.ints()?[o * chunk..(o + 1) * chunk]);
+            }
+        }
+        one(Tensor::from_i64(shape, dtype, out))
+    }
+}
+
+/// `llm.cast`: float rounding to nearest, float to int truncating and saturating, int wrapping.
+pub fn cast(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let to = e.result_dtype(0)?;
+    let shape = x.shape.clone();
+    one(match (&x.data, to.is_float()) {
+        (Data::Float(v), true) => Tensor::from_f32(shape, to, v.clone()),
+        (Data::Int(v), true) => Tensor::from_f32(shape, to, v.iter().map(|&i| i as f32).collect()),
+        (Data::Float(v), false) => {
+            let (min, max) = match to {
+                DType::I8 => (i8::MIN as i64, i8::MAX as i64),
+                DType::I32 => (i32::MIN as i64, i32::MAX as i64),
+                _ => (i64::MIN, i64::MAX),
+            };
+            Tensor::from_i64(shape, to, v.iter().map(|&f| (f as i64).clamp(min, max)).collect())
+        }
+        (Data::Int(v), false) => Tensor::from_i64(shape, to, v.clone()),
+    })
+}
+
+/// `llm.argmax`: the first index of the maximum along `axis`.
+pub fn argmax(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let axis = e.axis("axis", -1, x.shape.len())?;
+    let (n, inner) = (x.shape[axis], x.shape[axis + 1..].iter().product::<usize>());
+    let outer: usize = x.shape[..axis].iter().product();
+    let data = x.floats()?;
+    let mut out = Vec::with_capacity(outer * inner);
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut best = 0;
+            for j in 1..n {
+                if data[(o * n + j) * inner + i] > data[(o * n + best) * inner + i] {
+                    best = j;
+                }
+            }
+            out.push(best as i64);
+        }
+    }
+    let mut shape = x.shape.clone();
+    shape.remove(axis);
+    one(Tensor::from_i64(shape, e.result_dtype(0)?, out))
+}

@@ -1,0 +1,222 @@
+//! Semantics of the sharding ops over an in-process mesh of simulated devices.
+//!
+//! Device `d` has coordinates on the mesh axes in row-major order. A dim split over axes
+//! `[a, b]` is cut into `size(a) * size(b)` equal pieces and device `d` holds piece
+//! `coord(a) * size(b) + coord(b)`.
+
+use std::rc::Rc;
+
+use super::{Eval, Outputs, linalg::matmul_2d, strides, unravel};
+use crate::{
+    interp::value::{Sharded, Tensor, Value},
+    types::Reduction,
+};
+
+fn coords(mesh: &[(String, u64)], mut device: usize) -> Vec<usize> {
+    let mut out = vec![0; mesh.len()];
+    for (i, (_, size)) in mesh.iter().enumerate().rev() {
+        out[i] = device % *size as usize;
+        device /= *size as usize;
+    }
+    out
+}
+
+fn axis_pos(mesh: &[(String, u64)], axis: &str) -> usize {
+    mesh.iter().position(|(n, _)| n == axis).unwrap_or(0)
+}
+
+/// The piece index and piece count of `axes` at `coords`.
+fn piece(mesh: &[(String, u64)], axes: &[String], coords: &[usize]) -> (usize, usize) {
+    axes.iter().fold((0, 1), |(idx, parts), a| {
+        let p = axis_pos(mesh, a);
+        let size = mesh[p].1 as usize;
+        (idx * size + coords[p], parts * size)
+    })
+}
+
+/// The box `[start, start + size)` of `x`.
+fn take_box(x: &Tensor, start: &[usize], size: &[usize]) -> Tensor {
+    let src = strides(&x.shape);
+    let n: usize = size.iter().product();
+    let index = |i: usize| unravel(i, size).iter().zip(start).zip(&src).map(|((&i, &s), &st)| (i + s) * st).sum::<usize>();
+    match &x.data {
+        crate::interp::value::Data::Float(v) => Tensor::from_f32(size.to_vec(), x.dtype, (0..n).map(|i| v[index(i)]).collect()),
+        crate::interp::value::Data::Int(v) => Tensor::from_i64(size.to_vec(), x.dtype, (0..n).map(|i| v[index(i)]).collect()),
+    }
+}
+
+/// The local shard of `global` for `device` under `split`.
+pub fn local_shard(global: &Tensor, mesh: &[(String, u64)], split: &[Vec<String>], device: usize) -> Tensor {
+    let c = coords(mesh, device);
+    let mut start = Vec::new();
+    let mut size = Vec::new();
+    for (d, axes) in split.iter().enumerate() {
+        let (idx, parts) = piece(mesh, axes, &c);
+        let len = global.shape[d] / parts;
+        start.push(idx * len);
+        size.push(len);
+    }
+    take_box(global, &start, &size)
+}
+
+fn num_devices(mesh: &[(String, u64)]) -> usize {
+    mesh.iter().map(|(_, s)| *s as usize).product()
+}
+
+fn sharded(template: &Sharded, split: Vec<Vec<String>>, partial: Vec<String>, shards: Vec<Tensor>) -> Outputs {
+    Ok(vec![Rc::new(Value::Sharded(Sharded {
+        shape: template.shape.clone(),
+        mesh: template.mesh.clone(),
+        split,
+        partial,
+        reduction: template.reduction,
+        shards,
+    }))])
+}
+
+/// `llm.shard`.
+pub fn shard(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].tensor()?;
+    let ty = e.op.result_sharded(0).map_err(|err| err.err.to_string())?;
+    let mesh = ty.mesh().to_vec();
+    let shards = (0..num_devices(&mesh)).map(|d| local_shard(x, &mesh, ty.split(), d)).collect();
+    let template = Sharded {
+        shape: x.shape.clone(),
+        mesh,
+        split: vec![],
+        partial: vec![],
+        reduction: ty.reduction(),
+        shards: vec![],
+    };
+    sharded(&template, ty.split().to_vec(), vec![], shards)
+}
+
+/// `llm.unshard`: the (replicated) value of device 0, after checking all devices agree.
+pub fn unshard(_: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let s = inputs[0].sharded()?;
+    if s.shards.iter().any(|t| t != &s.shards[0]) {
+        return Err("the devices hold different values for a replicated tensor".into());
+    }
+    Ok(vec![Rc::new(Value::Tensor(s.shards[0].clone()))])
+}
+
+/// `llm.sharded_linear`: each device multiplies its shards.
+pub fn sharded_linear(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let (x, w) = (inputs[0].sharded()?, inputs[1].sharded()?);
+    let ty = e.op.result_sharded(0).map_err(|err| err.err.to_string())?;
+    let mut shards = Vec::with_capacity(x.shards.len());
+    for (xs, ws) in x.shards.iter().zip(&w.shards) {
+        let (n, k) = (ws.shape[0], ws.shape[1]);
+        let m = xs.len() / k.max(1);
+        let wd = ws.floats()?;
+        let out = matmul_2d(xs.floats()?, m, k, n, |p, j| wd[j * k + p]);
+        let mut shape = xs.shape[..xs.shape.len() - 1].to_vec();
+        shape.push(n);
+        shards.push(Tensor::from_f32(shape, ty.dtype(), out));
+    }
+    let mut template = x.clone();
+    let last = template.shape.len() - 1;
+    template.shape[last] = w.shape[0];
+    sharded(&template, ty.split().to_vec(), ty.partial().to_vec(), shards)
+}
+
+/// The devices that differ from `device` only on `axes`, ordered by their piece index.
+fn group(mesh: &[(String, u64)], axes: &[String], device: usize) -> Vec<usize> {
+    let c = coords(mesh, device);
+    let mut members: Vec<(usize, usize)> = (0..num_devices(mesh))
+        .filter(|&other| {
+            let oc = coords(mesh, other);
+            mesh.iter().enumerate().all(|(i, (name, _))| axes.contains(name) || oc[i] == c[i])
+        })
+        .map(|other| (piece(mesh, axes, &coords(mesh, other)).0, other))
+        .collect();
+    members.sort_unstable();
+    members.into_iter().map(|(_, d)| d).collect()
+}
+
+fn reduce(reduction: Reduction, parts: &[&Tensor]) -> Result<Tensor, String> {
+    let mut acc = parts[0].floats()?.to_vec();
+    for p in &parts[1..] {
+        for (a, &b) in acc.iter_mut().zip(p.floats()?) {
+            *a = match reduction {
+                Reduction::Sum => *a + b,
+                Reduction::Max => a.max(b),
+                Reduction::Min => a.min(b),
+            };
+        }
+    }
+    Ok(Tensor::from_f32(parts[0].shape.clone(), parts[0].dtype, acc))
+}
+
+fn axes_param(e: &Eval) -> Vec<String> {
+    e.param("mesh_axes").and_then(|p| p.as_word_list()).unwrap_or_default()
+}
+
+/// `llm.all_reduce`.
+pub fn all_reduce(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].sharded()?;
+    let axes = axes_param(e);
+    let shards = (0..x.shards.len())
+        .map(|d| {
+            let members: Vec<&Tensor> = group(&x.mesh, &axes, d).iter().map(|&m| &x.shards[m]).collect();
+            reduce(x.reduction, &members)
+        })
+        .collect::<Result<_, _>>()?;
+    let partial = x.partial.iter().filter(|a| !axes.contains(a)).cloned().collect();
+    sharded(x, x.split.clone(), partial, shards)
+}
+
+fn concat_along(parts: &[&Tensor], dim: usize) -> Result<Tensor, String> {
+    let mut shape = parts[0].shape.clone();
+    shape[dim] = parts.iter().map(|p| p.shape[dim]).sum();
+    let outer: usize = shape[..dim].iter().product();
+    let inner: usize = shape[dim + 1..].iter().product();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for p in parts {
+            let chunk = p.shape[dim] * inner;
+            out.extend_from_slice(&p.floats()?[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    Ok(Tensor::from_f32(shape, parts[0].dtype, out))
+}
+
+/// `llm.all_gather`.
+pub fn all_gather(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].sharded()?;
+    let dim = e.axis("dim", 0, x.shape.len())?;
+    let axes = axes_param(e);
+    let shards = (0..x.shards.len())
+        .map(|d| {
+            let members: Vec<&Tensor> = group(&x.mesh, &axes, d).iter().map(|&m| &x.shards[m]).collect();
+            concat_along(&members, dim)
+        })
+        .collect::<Result<_, _>>()?;
+    let mut split = x.split.clone();
+    let keep = split[dim].len().saturating_sub(axes.len());
+    split[dim].truncate(keep);
+    sharded(x, split, x.partial.clone(), shards)
+}
+
+/// `llm.reduce_scatter`.
+pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let x = inputs[0].sharded()?;
+    let dim = e.axis("dim", 0, x.shape.len())?;
+    let axes = axes_param(e);
+    let mut shards = Vec::with_capacity(x.shards.len());
+    for d in 0..x.shards.len() {
+        let members: Vec<&Tensor> = group(&x.mesh, &axes, d).iter().map(|&m| &x.shards[m]).collect();
+        let reduced = reduce(x.reduction, &members)?;
+        let (idx, parts) = piece(&x.mesh, &axes, &coords(&x.mesh, d));
+        let len = reduced.shape[dim] / parts;
+        let mut start = vec![0; reduced.shape.len()];
+        let mut size = reduced.shape.clone();
+        start[dim] = idx * len;
+        size[dim] = len;
+        shards.push(take_box(&reduced, &start, &size));
+    }
+    let mut split = x.split.clone();
+    split[dim].extend(axes.iter().cloned());
+    let partial = x.partial.iter().filter(|a| !axes.contains(a)).cloned().collect();
+    sharded(x, split, partial, shards)
+}

@@ -1,0 +1,240 @@
+//! The reference interpreter: executable semantics for every op of the dialect.
+//!
+//! It is the oracle that every pass and backend is tested against, so it is written to be
+//! obviously correct rather than fast: plain loops, `f32` arithmetic accumulated in the
+//! natural order (the order llama2.c's `run.c` uses), f16/bf16 storage by rounding through
+//! the `half` crate, and quantized formats implemented bit for bit ([`quant`]).
+//!
+//! Every op declares its evaluation function in [`llm_op!`](crate::llm_op), so an op without
+//! semantics does not compile. The interpreter runs one `builtin.func` at a time on
+//! [`Value`]s; weights come from a [`WeightStore`]. Values are reference counted and dropped
+//! after their last use, so `llm.append_kv` updates a cache in place when nothing else
+//! holds it (the dialect's linear cache model guarantees that in verified IR).
+
+pub mod eval;
+pub mod quant;
+pub mod value;
+
+use std::{collections::HashMap, rc::Rc};
+
+use pliron::{
+    builtin::{
+        op_interfaces::SymbolOpInterface, ops::FuncOp, type_interfaces::FunctionTypeInterface,
+        types::FunctionType,
+    },
+    context::Context,
+    linked_list::ContainsLinkedList,
+    location::Location,
+    printable::Printable,
+    operation::Operation,
+    r#type::{TypeHandle, TypedHandle, Typed},
+    value::Value as IrValue,
+};
+
+pub use eval::{Eval, EvalFn, WeightStore};
+pub use value::{Data, KvCache, QTensor, Sharded, Tensor, Value};
+
+use crate::{
+    ops::{LLM_OPS, OpCheck, ReturnOp},
+    types::{PagedKvCacheType, QuantizedTensorType, ShardedTensorType, TensorType},
+};
+
+/// An error raised while executing IR, with the location of the op at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterpError {
+    /// `LINE:COL` of the op, when known.
+    pub location: Option<(u32, u32)>,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for InterpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.location {
+            Some((line, col)) => write!(f, "{line}:{col}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for InterpError {}
+
+fn error(message: impl Into<String>) -> InterpError {
+    InterpError { location: None, message: message.into() }
+}
+
+/// A weight store with no tensors.
+pub struct NoWeights;
+
+impl WeightStore for NoWeights {
+    fn weight(&self, _name: &str) -> Option<Rc<Value>> {
+        None
+    }
+}
+
+/// Executes functions of a verified module.
+pub struct Interpreter<'a> {
+    ctx: &'a Context,
+    weights: &'a dyn WeightStore,
+    evals: HashMap<&'static str, EvalFn>,
+}
+
+impl<'a> Interpreter<'a> {
+    /// An interpreter over `ctx` that resolves `llm.weight` in `weights`.
+    pub fn new(ctx: &'a Context, weights: &'a dyn WeightStore) -> Self {
+        let evals = LLM_OPS.iter().map(|d| (d.name, d.eval)).collect();
+        Interpreter { ctx, weights, evals }
+    }
+
+    /// Runs `func` on `args`, returning the values its `llm.return` returns.
+    pub fn run(&self, func: FuncOp, args: Vec<Value>) -> Result<Vec<Value>, InterpError> {
+        let ctx = self.ctx;
+        let fty = TypedHandle::<FunctionType>::from_handle(func.get_type(ctx), ctx)
+            .map_err(|_| error("the function has no function type"))?;
+        let (arg_types, res_types) = {
+            let f = fty.deref(ctx);
+            (f.arg_types(), f.res_types())
+        };
+        let name = func.get_symbol_name(ctx);
+        if args.len() != arg_types.len() {
+            return Err(error(format!(
+                "@{name} takes {} argument(s), {} given",
+                arg_types.len(),
+                args.len()
+            )));
+        }
+        for (i, (arg, ty)) in args.iter().zip(&arg_types).enumerate() {
+            check_value(ctx, arg, *ty).map_err(|m| error(format!("argument #{i} of @{name}: {m}")))?;
+        }
+        let entry = func.get_entry_block(ctx);
+        let params: Vec<IrValue> = entry.deref(ctx).arguments().collect();
+        let ops: Vec<_> = entry.deref(ctx).iter(ctx).collect();
+        let mut last_use: HashMap<IrValue, usize> = HashMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            for v in op.deref(ctx).operands() {
+                last_use.insert(v, i);
+            }
+        }
+        let mut env: HashMap<IrValue, Rc<Value>> =
+            params.into_iter().zip(args.into_iter().map(Rc::new)).collect();
+        for (i, &op) in ops.iter().enumerate() {
+            let at = locate(op.deref(ctx).loc());
+            let fail = |message: String| InterpError { location: at, message };
+            let opid = Operation::get_opid(op, ctx).to_string();
+            let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
+            let mut inputs = Vec::with_capacity(operands.len());
+            for v in &operands {
+                let value = env.get(v).ok_or_else(|| fail(format!("{opid}: an operand has no value")))?;
+                inputs.push(Rc::clone(value));
+            }
+            for v in &operands {
+                if last_use.get(v) == Some(&i) {
+                    env.remove(v);
+                }
+            }
+            if Operation::get_op::<ReturnOp>(op, ctx).is_some() {
+                let mut results = Vec::with_capacity(inputs.len());
+                for (j, (value, ty)) in inputs.into_iter().zip(&res_types).enumerate() {
+                    let value = Rc::try_unwrap(value).unwrap_or_else(|rc| (*rc).clone());
+                    check_value(ctx, &value, *ty).map_err(|m| fail(format!("result #{j} of @{name}: {m}")))?;
+                    results.push(value);
+                }
+                return Ok(results);
+            }
+            let eval_fn = self
+                .evals
+                .get(opid.as_str())
+                .ok_or_else(|| fail(format!("{opid} has no reference semantics")))?;
+            let check = OpCheck::for_eval(ctx, op);
+            let eval = Eval { op: &check, weights: self.weights };
+            let outputs = eval_fn(&eval, inputs).map_err(|m| fail(format!("{opid}: {m}")))?;
+            let results: Vec<IrValue> = op.deref(ctx).results().collect();
+            if outputs.len() != results.len() {
+                return Err(fail(format!("{opid}: produced {} values for {} results", outputs.len(), results.len())));
+            }
+            for (j, (res, out)) in results.into_iter().zip(outputs).enumerate() {
+                check_value(ctx, &out, res.get_type(ctx))
+                    .map_err(|m| fail(format!("{opid}: result #{j}: {m}")))?;
+                env.insert(res, out);
+            }
+        }
+        Err(error(format!("@{name} ended without llm.return")))
+    }
+}
+
+fn locate(loc: &Location) -> Option<(u32, u32)> {
+    match loc {
+        Location::SrcPos { pos, .. } => Some((pos.line as u32, pos.column as u32)),
+        _ => None,
+    }
+}
+
+/// Checks that a runtime value matches a declared type (static dims must agree).
+pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), String> {
+    let shape_ok = |dims: &[crate::syntax::Dim], shape: &[usize]| {
+        dims.len() == shape.len() && dims.iter().zip(shape).all(|(d, &s)| d.is_none_or(|d| d as usize == s))
+    };
+    let shown = ty.disp(ctx).to_string();
+    let mismatch = |what: String| Err(format!("{what} does not match the declared type {shown}"));
+    if let Ok(t) = TypedHandle::<TensorType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let Value::Tensor(v) = value else { return mismatch(value.kind().to_string()) };
+        if v.dtype != t.dtype() || !shape_ok(t.shape(), &v.shape) {
+            return mismatch(format!("a {} tensor of shape {:?}", v.dtype, v.shape));
+        }
+        return Ok(());
+    }
+    if let Ok(t) = TypedHandle::<QuantizedTensorType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let Value::Quantized(q) = value else { return mismatch(value.kind().to_string()) };
+        if q.format != *t.format() || !shape_ok(t.shape(), &q.shape) {
+            return mismatch(format!("a {} quantized tensor of shape {:?}", q.format.name(), q.shape));
+        }
+        if q.bytes.len() != quant::storage_bytes(&q.format, &q.shape) {
+            return Err(format!(
+                "a quantized tensor of shape {:?} in {} needs {} bytes, found {}",
+                q.shape,
+                q.format.name(),
+                quant::storage_bytes(&q.format, &q.shape),
+                q.bytes.len()
+            ));
+        }
+        return Ok(());
+    }
+    if let Ok(t) = TypedHandle::<PagedKvCacheType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let Value::Cache(c) = value else { return mismatch(value.kind().to_string()) };
+        let mut want = t.params();
+        want.blocks = None;
+        let mut found = c.params.clone();
+        found.blocks = None;
+        if want != found || t.blocks().is_some_and(|b| b as usize != c.blocks) {
+            return mismatch(format!("a cache of {} blocks", c.blocks));
+        }
+        return Ok(());
+    }
+    if let Ok(t) = TypedHandle::<ShardedTensorType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let Value::Sharded(s) = value else { return mismatch(value.kind().to_string()) };
+        if !shape_ok(t.shape(), &s.shape)
+            || s.mesh != t.mesh()
+            || s.split != t.split()
+            || s.partial != t.partial()
+            || s.shards.iter().any(|sh| sh.dtype != t.dtype())
+        {
+            return mismatch(format!("a sharded tensor of shape {:?}", s.shape));
+        }
+        return Ok(());
+    }
+    Err(format!("values of type {shown} are not supported"))
+}
+
+/// Finds the function `name` among the top-level ops of `module`.
+pub fn find_func(ctx: &Context, module: pliron::builtin::ops::ModuleOp, name: &str) -> Option<FuncOp> {
+    use pliron::builtin::op_interfaces::SingleBlockRegionInterface;
+    let body = module.get_body(ctx, 0);
+    let ops: Vec<_> = body.deref(ctx).iter(ctx).collect();
+    ops.into_iter()
+        .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
+        .find(|f| f.get_symbol_name(ctx).to_string() == name)
+}

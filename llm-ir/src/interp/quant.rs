@@ -1,0 +1,562 @@
+//! Bit-exact quantization formats.
+//!
+//! # Layouts
+//!
+//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q4_k`, `q6_k`, `q2_k`) store each row (the last
+//! dim) as consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
+//! quantizers of `q8_0`, `q4_0` and `q4_1` follow ggml's reference quantizers operation for
+//! operation in `f32` (so the bytes are identical); the K-quant quantizers are described at
+//! [`quantize_k`].
+//!
+//! `nf4` stores, for each block of `block_size` values along the last dim, 4-bit indices
+//! into the NormalFloat table (two per byte, low nibble first, in row-major element order),
+//! then one absmax scale per block (in the scale dtype, little-endian, row-major block order).
+//!
+//! Affine `intN` stores the N-bit codes of all elements in row-major order (`8 / N` per
+//! byte, first element in the lowest bits), then one scale per group (scale dtype), then for
+//! asymmetric formats one zero point per group (one byte each). Groups are `group_size`
+//! consecutive elements along `axis`. Symmetric: `q = round(x / s)` in
+//! `[-(2^(N-1) - 1), 2^(N-1) - 1]` stored as two's complement, `x = q * s`, with
+//! `s = max|x| / (2^(N-1) - 1)`. Asymmetric: `s = (max - min) / (2^N - 1)`,
+//! `z = round(-min / s)` in `[0, 2^N - 1]`, `q = clamp(round(x / s) + z)`, `x = (q - z) * s`.
+//! Rounding is to nearest with ties away from zero.
+
+use half::{bf16, f16};
+
+use crate::{dtype::DType, types::QuantFormat};
+
+/// The 16 levels of 4-bit NormalFloat (QLoRA), ascending.
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+fn push_f16(out: &mut Vec<u8>, x: f32) {
+    out.extend_from_slice(&f16::from_f32(x).to_le_bytes());
+}
+
+fn scale_bytes(dtype: DType) -> usize {
+    dtype.size_bytes()
+}
+
+fn push_scale(out: &mut Vec<u8>, dtype: DType, x: f32) {
+    match dtype {
+        DType::F16 => out.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
+        DType::BF16 => out.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
+        _ => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+fn read_scale(bytes: &[u8], at: usize, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32(),
+        DType::BF16 => bf16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32(),
+        _ => f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]),
+    }
+}
+
+fn round_scale(dtype: DType, x: f32) -> f32 {
+    super::value::round_float(dtype, x)
+}
+
+/// Number of bytes a tensor of `shape` takes in `format`.
+pub fn storage_bytes(format: &QuantFormat, shape: &[usize]) -> usize {
+    let n: usize = shape.iter().product();
+    let groups = n / format.block_elems() as usize;
+    match format {
+        QuantFormat::Nf4 { scale, .. } => n.div_ceil(2) + groups * scale_bytes(*scale),
+        QuantFormat::Affine { bits, symmetric, scale, .. } => {
+            let codes = (n * *bits as usize).div_ceil(8);
+            codes + groups * scale_bytes(*scale) + if *symmetric { 0 } else { groups }
+        }
+        gguf => groups * gguf.gguf_block_bytes().unwrap_or(0) as usize,
+    }
+}
+
+/// Quantizes `values` of logical shape `shape` (whose blocking the type verifier checked).
+pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8> {
+    match format {
+        QuantFormat::Q8_0 => values.chunks(32).flat_map(quantize_q8_0).collect(),
+        QuantFormat::Q4_0 => values.chunks(32).flat_map(quantize_q4_0).collect(),
+        QuantFormat::Q4_1 => values.chunks(32).flat_map(quantize_q4_1).collect(),
+        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => {
+            values.chunks(256).flat_map(|b| quantize_k(format, b)).collect()
+        }
+        QuantFormat::Nf4 { block_size, scale } => quantize_nf4(*block_size as usize, *scale, values),
+        QuantFormat::Affine { bits, group_size, symmetric, axis, scale } => {
+            quantize_affine(*bits, *group_size as usize, *symmetric, *axis as usize, *scale, shape, values)
+        }
+    }
+}
+
+/// Expands `bytes` of a tensor of logical shape `shape` to floats.
+pub fn dequantize(format: &QuantFormat, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
+    match format {
+        QuantFormat::Nf4 { block_size, scale } => dequantize_nf4(*block_size as usize, *scale, shape, bytes),
+        QuantFormat::Affine { bits, group_size, symmetric, axis, scale } => {
+            dequantize_affine(*bits, *group_size as usize, *symmetric, *axis as usize, *scale, shape, bytes)
+        }
+        gguf => {
+            let block_bytes = gguf.gguf_block_bytes().unwrap_or(1) as usize;
+            let mut out = Vec::with_capacity(shape.iter().product());
+            for block in bytes.chunks(block_bytes) {
+                dequantize_gguf_block(gguf, block, &mut out);
+            }
+            out
+        }
+    }
+}
+
+/// Dequantizes one GGUF block, appending its values to `out`.
+pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>) {
+    match format {
+        QuantFormat::Q8_0 => {
+            let d = f16_at(b, 0);
+            out.extend(b[2..34].iter().map(|&q| d * f32::from(q as i8)));
+        }
+        QuantFormat::Q4_0 => {
+            let d = f16_at(b, 0);
+            let qs = &b[2..18];
+            out.extend(qs.iter().map(|&q| d * f32::from((q & 0xF) as i8 - 8)));
+            out.extend(qs.iter().map(|&q| d * f32::from((q >> 4) as i8 - 8)));
+        }
+        QuantFormat::Q4_1 => {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            let qs = &b[4..20];
+            out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
+            out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+        }
+        QuantFormat::Q4K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let qs = &b[16..144];
+            for j in 0..4 {
+                let (sc1, m1) = scale_min_k4(2 * j, scales);
+                let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
+                let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
+                let q = &qs[32 * j..32 * j + 32];
+                out.extend(q.iter().map(|&x| d1 * f32::from(x & 0xF) - min1));
+                out.extend(q.iter().map(|&x| d2 * f32::from(x >> 4) - min2));
+            }
+        }
+        QuantFormat::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = f16_at(b, 208);
+            for n in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                let mut y = [0f32; 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    let s = |i: usize| d * f32::from(sc[i] as i8);
+                    y[l] = s(is) * f32::from(q1);
+                    y[l + 32] = s(is + 2) * f32::from(q2);
+                    y[l + 64] = s(is + 4) * f32::from(q3);
+                    y[l + 96] = s(is + 6) * f32::from(q4);
+                }
+                out.extend_from_slice(&y);
+            }
+        }
+        QuantFormat::Q2K => {
+            let (scales, qs) = (&b[0..16], &b[16..80]);
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            let mut is = 0;
+            for n in 0..2 {
+                let q = &qs[32 * n..32 * n + 32];
+                for shift in [0, 2, 4, 6] {
+                    for half in 0..2 {
+                        let sc = scales[is];
+                        is += 1;
+                        let (dl, ml) = (d * f32::from(sc & 0xF), dmin * f32::from(sc >> 4));
+                        let q = &q[16 * half..16 * half + 16];
+                        out.extend(q.iter().map(|&x| dl * f32::from((x >> shift) & 3) - ml));
+                    }
+                }
+            }
+        }
+        QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. } => {}
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a q4_k block (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// C's `roundf`: to nearest, ties away from zero.
+fn roundf(x: f32) -> f32 {
+    x.round()
+}
+
+fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut out = Vec::with_capacity(34);
+    push_f16(&mut out, d);
+    out.extend(x.iter().map(|&v| roundf(v * id) as i8 as u8));
+    out
+}
+
+fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
+    let mut out = Vec::with_capacity(18);
+    push_f16(&mut out, d);
+    out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+    out
+}
+
+fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
+    let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = |v: f32| (((v - min) * id + 0.5) as i8).clamp(0, 15) as u8;
+    let mut out = Vec::with_capacity(20);
+    push_f16(&mut out, d);
+    push_f16(&mut out, min);
+    out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+    out
+}
+
+/// Quantizes one 256-value super-block into a K-quant format.
+///
+/// Sub-block scales (and mins) are chosen by least squares over the sub-block given its
+/// code range, then quantized against the super-block scale as the format stores them, and
+/// the codes are recomputed with the stored scales, so dequantizing gives the closest values
+/// the block can express for those scales. The block layout is ggml's; the choice of scales
+/// is not guaranteed to equal llama.cpp's search (`make_qkx2_quants`), which uses iterative
+/// refinement.
+pub fn quantize_k(format: &QuantFormat, x: &[f32]) -> Vec<u8> {
+    match format {
+        QuantFormat::Q4K => quantize_q4_k(x),
+        QuantFormat::Q6K => quantize_q6_k(x),
+        _ => quantize_q2_k(x),
+    }
+}
+
+/// Scale and min for `x` with unsigned codes in `0..=nmax`: `x ~ scale * q - min`.
+fn affine_fit(x: &[f32], nmax: f32) -> (f32, f32) {
+    let min = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max <= min {
+        return (0.0, -min);
+    }
+    ((max - min) / nmax, -min)
+}
+
+fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for j in 0..8 {
+        (scales[j], mins[j]) = affine_fit(&x[32 * j..32 * j + 32], 15.0);
+    }
+    let max_scale = scales.iter().copied().fold(0f32, f32::max);
+    let max_min = mins.iter().copied().fold(0f32, f32::max);
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    for j in 0..8 {
+        ls[j] = roundf(inv_scale * scales[j]).min(63.0) as u8;
+        lm[j] = roundf(inv_min * mins[j]).min(63.0) as u8;
+    }
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            packed[j] = ls[j];
+            packed[j + 4] = lm[j];
+        } else {
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4);
+            packed[j - 4] |= (ls[j] >> 4) << 6;
+            packed[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0).to_f32();
+    let dmin = f16::from_f32(max_min / 63.0).to_f32();
+    let mut codes = [0u8; 256];
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &packed);
+        let dl = d * f32::from(sc);
+        let ml = dmin * f32::from(m);
+        for i in 0..32 {
+            let v = x[32 * j + i];
+            codes[32 * j + i] = if dl == 0.0 { 0 } else { roundf((v + ml) / dl).clamp(0.0, 15.0) as u8 };
+        }
+    }
+    let mut out = Vec::with_capacity(144);
+    push_f16(&mut out, max_scale / 63.0);
+    push_f16(&mut out, max_min / 63.0);
+    out.extend_from_slice(&packed);
+    for j in 0..4 {
+        for l in 0..32 {
+            out.push(codes[64 * j + l] | (codes[64 * j + 32 + l] << 4));
+        }
+    }
+    out
+}
+
+fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
+    let mut scales = [0f32; 16];
+    for j in 0..16 {
+        // Signed codes in -32..=31: x ~ scale * q.
+        let sub = &x[16 * j..16 * j + 16];
+        let amax = sub.iter().fold(0f32, |m, v| m.max(v.abs()));
+        scales[j] = amax / 31.0;
+    }
+    let max_scale = scales.iter().copied().fold(0f32, f32::max);
+    let iscale = if max_scale > 0.0 { 127.0 / max_scale } else { 0.0 };
+    let d = f16::from_f32(max_scale / 127.0).to_f32();
+    let mut sc = [0i8; 16];
+    let mut codes = [0u8; 256];
+    for j in 0..16 {
+        sc[j] = roundf(iscale * scales[j]).min(127.0) as i8;
+        let dl = d * f32::from(sc[j]);
+        for i in 0..16 {
+            let v = x[16 * j + i];
+            let q = if dl == 0.0 { 0.0 } else { roundf(v / dl).clamp(-32.0, 31.0) };
+            codes[16 * j + i] = (q as i32 + 32) as u8;
+        }
+    }
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for n in 0..2 {
+        let (c, ql, qh) = (&codes[128 * n..], &mut ql[64 * n..], &mut qh[32 * n..]);
+        for l in 0..32 {
+            let (q1, q2, q3, q4) = (c[l], c[l + 32], c[l + 64], c[l + 96]);
+            ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+            ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
+            qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+        }
+    }
+    let mut out = Vec::with_capacity(210);
+    out.extend_from_slice(&ql);
+    out.extend_from_slice(&qh);
+    out.extend(sc.iter().map(|&s| s as u8));
+    push_f16(&mut out, max_scale / 127.0);
+    out
+}
+
+fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
+    let mut scales = [0f32; 16];
+    let mut mins = [0f32; 16];
+    for j in 0..16 {
+        (scales[j], mins[j]) = affine_fit(&x[16 * j..16 * j + 16], 3.0);
+    }
+    let max_scale = scales.iter().copied().fold(0f32, f32::max);
+    let max_min = mins.iter().copied().fold(0f32, f32::max);
+    let inv_scale = if max_scale > 0.0 { 15.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 15.0 / max_min } else { 0.0 };
+    let d = f16::from_f32(max_scale / 15.0).to_f32();
+    let dmin = f16::from_f32(max_min / 15.0).to_f32();
+    let mut packed = [0u8; 16];
+    let mut codes = [0u8; 256];
+    for j in 0..16 {
+        let ls = roundf(inv_scale * scales[j]).min(15.0) as u8;
+        let lm = roundf(inv_min * mins[j]).min(15.0) as u8;
+        packed[j] = ls | (lm << 4);
+        let (dl, ml) = (d * f32::from(ls), dmin * f32::from(lm));
+        for i in 0..16 {
+            let v = x[16 * j + i];
+            codes[16 * j + i] = if dl == 0.0 { 0 } else { roundf((v + ml) / dl).clamp(0.0, 3.0) as u8 };
+        }
+    }
+    let mut qs = [0u8; 64];
+    for n in 0..2 {
+        for l in 0..32 {
+            let c = &codes[128 * n..];
+            qs[32 * n + l] = c[l] | (c[l + 32] << 2) | (c[l + 64] << 4) | (c[l + 96] << 6);
+        }
+    }
+    let mut out = Vec::with_capacity(84);
+    out.extend_from_slice(&packed);
+    out.extend_from_slice(&qs);
+    push_f16(&mut out, max_scale / 15.0);
+    push_f16(&mut out, max_min / 15.0);
+    out
+}
+
+fn nearest_nf4(x: f32) -> u8 {
+    let mut best = 0;
+    for (i, level) in NF4_LEVELS.iter().enumerate() {
+        if (x - level).abs() < (x - NF4_LEVELS[best]).abs() {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+fn pack_codes(codes: &[u8], bits: usize) -> Vec<u8> {
+    let per_byte = 8 / bits;
+    let mask = ((1u16 << bits) - 1) as u8;
+    codes
+        .chunks(per_byte)
+        .map(|chunk| chunk.iter().enumerate().fold(0u8, |b, (i, &c)| b | ((c & mask) << (i * bits))))
+        .collect()
+}
+
+fn code_at(bytes: &[u8], index: usize, bits: usize) -> u8 {
+    let per_byte = 8 / bits;
+    let mask = ((1u16 << bits) - 1) as u8;
+    (bytes[index / per_byte] >> ((index % per_byte) * bits)) & mask
+}
+
+fn quantize_nf4(block: usize, scale: DType, values: &[f32]) -> Vec<u8> {
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::new();
+    for chunk in values.chunks(block) {
+        let absmax = round_scale(scale, chunk.iter().fold(0f32, |m, v| m.max(v.abs())));
+        scales.push(absmax);
+        codes.extend(chunk.iter().map(|&v| if absmax == 0.0 { 7 } else { nearest_nf4(v / absmax) }));
+    }
+    let mut out = pack_codes(&codes, 4);
+    for s in scales {
+        push_scale(&mut out, scale, s);
+    }
+    out
+}
+
+fn dequantize_nf4(block: usize, scale: DType, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let scales_at = n.div_ceil(2);
+    (0..n)
+        .map(|i| {
+            let s = read_scale(bytes, scales_at + (i / block) * scale_bytes(scale), scale);
+            NF4_LEVELS[code_at(bytes, i, 4) as usize] * s
+        })
+        .collect()
+}
+
+/// The group index of every element for groups of `group` along `axis`, and the group count.
+fn affine_groups(shape: &[usize], axis: usize, group: usize) -> (Vec<usize>, usize) {
+    let inner: usize = shape[axis + 1..].iter().product();
+    let dim = shape[axis];
+    let outer: usize = shape[..axis].iter().product();
+    let groups_along = dim / group;
+    let mut index = Vec::with_capacity(outer * dim * inner);
+    for o in 0..outer {
+        for a in 0..dim {
+            for i in 0..inner {
+                index.push((o * groups_along + a / group) * inner + i);
+            }
+        }
+    }
+    (index, outer * groups_along * inner)
+}
+
+fn quantize_affine(
+    bits: u8,
+    group: usize,
+    symmetric: bool,
+    axis: usize,
+    scale: DType,
+    shape: &[usize],
+    values: &[f32],
+) -> Vec<u8> {
+    let (index, count) = affine_groups(shape, axis, group);
+    let (mut lo, mut hi) = (vec![f32::INFINITY; count], vec![f32::NEG_INFINITY; count]);
+    for (&g, &v) in index.iter().zip(values) {
+        lo[g] = lo[g].min(v);
+        hi[g] = hi[g].max(v);
+    }
+    let levels = (1u32 << bits) as f32;
+    let qmax = (1i32 << (bits - 1)) - 1;
+    let mut scales = vec![0f32; count];
+    let mut zeros = vec![0u8; count];
+    for g in 0..count {
+        if symmetric {
+            scales[g] = round_scale(scale, lo[g].abs().max(hi[g].abs()) / qmax as f32);
+        } else {
+            let (min, max) = (lo[g].min(0.0), hi[g].max(0.0));
+            scales[g] = round_scale(scale, (max - min) / (levels - 1.0));
+            zeros[g] = if scales[g] == 0.0 { 0 } else { roundf(-min / scales[g]).clamp(0.0, levels - 1.0) as u8 };
+        }
+    }
+    let codes: Vec<u8> = index
+        .iter()
+        .zip(values)
+        .map(|(&g, &v)| {
+            let s = scales[g];
+            let q = if s == 0.0 { 0.0 } else { roundf(v / s) };
+            if symmetric {
+                q.clamp(-qmax as f32, qmax as f32) as i32 as u8
+            } else {
+                (q + f32::from(zeros[g])).clamp(0.0, levels - 1.0) as u8
+            }
+        })
+        .collect();
+    let mut out = pack_codes(&codes, bits as usize);
+    for s in &scales {
+        push_scale(&mut out, scale, *s);
+    }
+    if !symmetric {
+        out.extend_from_slice(&zeros);
+    }
+    out
+}
+
+fn dequantize_affine(
+    bits: u8,
+    group: usize,
+    symmetric: bool,
+    axis: usize,
+    scale: DType,
+    shape: &[usize],
+    bytes: &[u8],
+) -> Vec<f32> {
+    let (index, count) = affine_groups(shape, axis, group);
+    let n = index.len();
+    let scales_at = (n * bits as usize).div_ceil(8);
+    let zeros_at = scales_at + count * scale_bytes(scale);
+    let sign_bit = 1u8 << (bits - 1);
+    index
+        .iter()
+        .enumerate()
+        .map(|(i, &g)| {
+            let s = read_scale(bytes, scales_at + g * scale_bytes(scale), scale);
+            let code = code_at(bytes, i, bits as usize);
+            let q = if symmetric {
+                // Sign-extend the N-bit code.
+                if bits < 8 && code & sign_bit != 0 { i32::from(code) - (1 << bits) } else { i32::from(code as i8) }
+            } else {
+                i32::from(code) - i32::from(bytes[zeros_at + g])
+            };
+            q as f32 * s
+        })
+        .collect()
+}
