@@ -4,6 +4,7 @@
 //! [`pipeline::run`], the one function that both they and the filetest runner use, so any
 //! filetest reproduces exactly with `llm-opt <RUN arguments> FILE`.
 
+pub mod exec;
 pub mod pipeline;
 
 // The dialect registers itself with pliron through linkme; referencing the crate links it.

@@ -8,7 +8,8 @@
 //! printed `x_v3_v9`). [`print_module`] instead names every value and block in order of first
 //! appearance: a value keeps the name it was given (`x`) unless that name looks generated
 //! (`v12`), in which case it becomes `v0`, `v1`, ...; blocks keep their label or become `bb0`,
-//! `bb1`, .... Names are unique across the module: a taken name gets a suffix (`x_1`, `x_2`).
+//! `bb1`, .... Names are unique within each function (and against the module's own block
+//! labels): a taken name gets a suffix (`x_1`, `x_2`).
 //! So print -> parse -> print is a byte-for-byte fixed point.
 //!
 //! # Comments
@@ -20,7 +21,10 @@ use std::collections::{HashMap, HashSet};
 
 use pliron::{
     basic_block::BasicBlock,
-    builtin::{given_names, ops::ModuleOp},
+    builtin::{
+        given_names,
+        ops::{FuncOp, ModuleOp},
+    },
     common_traits::Named,
     context::{Context, Ptr},
     graph::walkers::{IRNode, WALKCONFIG_PREORDER_FORWARD, uninterruptible::immutable::walk_op},
@@ -291,7 +295,20 @@ pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
     let mut blocks: Vec<(Ptr<BasicBlock>, String)> = Vec::new();
     let value_counter: fn(&mut Namer) -> &mut usize = |n| &mut n.next_value;
     let block_counter: fn(&mut Namer) -> &mut usize = |n| &mut n.next_block;
+    // Each function is its own naming scope (its region is isolated from above).
+    let mut module_names: Option<HashSet<String>> = None;
     for node in &nodes {
+        if let IRNode::Operation(op) = node
+            && Operation::get_op::<FuncOp>(*op, ctx).is_some()
+        {
+            let outer = module_names
+                .get_or_insert_with(|| namer.used.clone())
+                .clone();
+            namer = Namer {
+                used: outer,
+                ..Namer::default()
+            };
+        }
         match node {
             IRNode::BasicBlock(block) => {
                 let label = block.deref(ctx).given_name(ctx).map(|l| l.to_string());

@@ -25,9 +25,9 @@ use pliron::{
     context::Context,
     linked_list::ContainsLinkedList,
     location::Location,
-    printable::Printable,
     operation::Operation,
-    r#type::{TypeHandle, TypedHandle, Typed},
+    printable::Printable,
+    r#type::{TypeHandle, Typed, TypedHandle},
     value::Value as IrValue,
 };
 
@@ -60,7 +60,10 @@ impl std::fmt::Display for InterpError {
 impl std::error::Error for InterpError {}
 
 fn error(message: impl Into<String>) -> InterpError {
-    InterpError { location: None, message: message.into() }
+    InterpError {
+        location: None,
+        message: message.into(),
+    }
 }
 
 /// A weight store with no tensors.
@@ -83,7 +86,11 @@ impl<'a> Interpreter<'a> {
     /// An interpreter over `ctx` that resolves `llm.weight` in `weights`.
     pub fn new(ctx: &'a Context, weights: &'a dyn WeightStore) -> Self {
         let evals = LLM_OPS.iter().map(|d| (d.name, d.eval)).collect();
-        Interpreter { ctx, weights, evals }
+        Interpreter {
+            ctx,
+            weights,
+            evals,
+        }
     }
 
     /// Runs `func` on `args`, returning the values its `llm.return` returns.
@@ -104,7 +111,8 @@ impl<'a> Interpreter<'a> {
             )));
         }
         for (i, (arg, ty)) in args.iter().zip(&arg_types).enumerate() {
-            check_value(ctx, arg, *ty).map_err(|m| error(format!("argument #{i} of @{name}: {m}")))?;
+            check_value(ctx, arg, *ty)
+                .map_err(|m| error(format!("argument #{i} of @{name}: {m}")))?;
         }
         let entry = func.get_entry_block(ctx);
         let params: Vec<IrValue> = entry.deref(ctx).arguments().collect();
@@ -115,16 +123,23 @@ impl<'a> Interpreter<'a> {
                 last_use.insert(v, i);
             }
         }
-        let mut env: HashMap<IrValue, Rc<Value>> =
-            params.into_iter().zip(args.into_iter().map(Rc::new)).collect();
+        let mut env: HashMap<IrValue, Rc<Value>> = params
+            .into_iter()
+            .zip(args.into_iter().map(Rc::new))
+            .collect();
         for (i, &op) in ops.iter().enumerate() {
             let at = locate(op.deref(ctx).loc());
-            let fail = |message: String| InterpError { location: at, message };
+            let fail = |message: String| InterpError {
+                location: at,
+                message,
+            };
             let opid = Operation::get_opid(op, ctx).to_string();
             let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
             let mut inputs = Vec::with_capacity(operands.len());
             for v in &operands {
-                let value = env.get(v).ok_or_else(|| fail(format!("{opid}: an operand has no value")))?;
+                let value = env
+                    .get(v)
+                    .ok_or_else(|| fail(format!("{opid}: an operand has no value")))?;
                 inputs.push(Rc::clone(value));
             }
             for v in &operands {
@@ -136,7 +151,8 @@ impl<'a> Interpreter<'a> {
                 let mut results = Vec::with_capacity(inputs.len());
                 for (j, (value, ty)) in inputs.into_iter().zip(&res_types).enumerate() {
                     let value = Rc::try_unwrap(value).unwrap_or_else(|rc| (*rc).clone());
-                    check_value(ctx, &value, *ty).map_err(|m| fail(format!("result #{j} of @{name}: {m}")))?;
+                    check_value(ctx, &value, *ty)
+                        .map_err(|m| fail(format!("result #{j} of @{name}: {m}")))?;
                     results.push(value);
                 }
                 return Ok(results);
@@ -146,11 +162,18 @@ impl<'a> Interpreter<'a> {
                 .get(opid.as_str())
                 .ok_or_else(|| fail(format!("{opid} has no reference semantics")))?;
             let check = OpCheck::for_eval(ctx, op);
-            let eval = Eval { op: &check, weights: self.weights };
+            let eval = Eval {
+                op: &check,
+                weights: self.weights,
+            };
             let outputs = eval_fn(&eval, inputs).map_err(|m| fail(format!("{opid}: {m}")))?;
             let results: Vec<IrValue> = op.deref(ctx).results().collect();
             if outputs.len() != results.len() {
-                return Err(fail(format!("{opid}: produced {} values for {} results", outputs.len(), results.len())));
+                return Err(fail(format!(
+                    "{opid}: produced {} values for {} results",
+                    outputs.len(),
+                    results.len()
+                )));
             }
             for (j, (res, out)) in results.into_iter().zip(outputs).enumerate() {
                 check_value(ctx, &out, res.get_type(ctx))
@@ -172,13 +195,19 @@ fn locate(loc: &Location) -> Option<(u32, u32)> {
 /// Checks that a runtime value matches a declared type (static dims must agree).
 pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), String> {
     let shape_ok = |dims: &[crate::syntax::Dim], shape: &[usize]| {
-        dims.len() == shape.len() && dims.iter().zip(shape).all(|(d, &s)| d.is_none_or(|d| d as usize == s))
+        dims.len() == shape.len()
+            && dims
+                .iter()
+                .zip(shape)
+                .all(|(d, &s)| d.is_none_or(|d| d as usize == s))
     };
     let shown = ty.disp(ctx).to_string();
     let mismatch = |what: String| Err(format!("{what} does not match the declared type {shown}"));
     if let Ok(t) = TypedHandle::<TensorType>::from_handle(ty, ctx) {
         let t = t.deref(ctx);
-        let Value::Tensor(v) = value else { return mismatch(value.kind().to_string()) };
+        let Value::Tensor(v) = value else {
+            return mismatch(value.kind().to_string());
+        };
         if v.dtype != t.dtype() || !shape_ok(t.shape(), &v.shape) {
             return mismatch(format!("a {} tensor of shape {:?}", v.dtype, v.shape));
         }
@@ -186,9 +215,15 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
     }
     if let Ok(t) = TypedHandle::<QuantizedTensorType>::from_handle(ty, ctx) {
         let t = t.deref(ctx);
-        let Value::Quantized(q) = value else { return mismatch(value.kind().to_string()) };
+        let Value::Quantized(q) = value else {
+            return mismatch(value.kind().to_string());
+        };
         if q.format != *t.format() || !shape_ok(t.shape(), &q.shape) {
-            return mismatch(format!("a {} quantized tensor of shape {:?}", q.format.name(), q.shape));
+            return mismatch(format!(
+                "a {} quantized tensor of shape {:?}",
+                q.format.name(),
+                q.shape
+            ));
         }
         if q.bytes.len() != quant::storage_bytes(&q.format, &q.shape) {
             return Err(format!(
@@ -203,7 +238,9 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
     }
     if let Ok(t) = TypedHandle::<PagedKvCacheType>::from_handle(ty, ctx) {
         let t = t.deref(ctx);
-        let Value::Cache(c) = value else { return mismatch(value.kind().to_string()) };
+        let Value::Cache(c) = value else {
+            return mismatch(value.kind().to_string());
+        };
         let mut want = t.params();
         want.blocks = None;
         let mut found = c.params.clone();
@@ -215,7 +252,9 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
     }
     if let Ok(t) = TypedHandle::<ShardedTensorType>::from_handle(ty, ctx) {
         let t = t.deref(ctx);
-        let Value::Sharded(s) = value else { return mismatch(value.kind().to_string()) };
+        let Value::Sharded(s) = value else {
+            return mismatch(value.kind().to_string());
+        };
         if !shape_ok(t.shape(), &s.shape)
             || s.mesh != t.mesh()
             || s.split != t.split()
@@ -230,7 +269,11 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
 }
 
 /// Finds the function `name` among the top-level ops of `module`.
-pub fn find_func(ctx: &Context, module: pliron::builtin::ops::ModuleOp, name: &str) -> Option<FuncOp> {
+pub fn find_func(
+    ctx: &Context,
+    module: pliron::builtin::ops::ModuleOp,
+    name: &str,
+) -> Option<FuncOp> {
     use pliron::builtin::op_interfaces::SingleBlockRegionInterface;
     let body = module.get_body(ctx, 0);
     let ops: Vec<_> = body.deref(ctx).iter(ctx).collect();

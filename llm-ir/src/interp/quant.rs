@@ -83,7 +83,12 @@ pub fn storage_bytes(format: &QuantFormat, shape: &[usize]) -> usize {
     let groups = n / format.block_elems() as usize;
     match format {
         QuantFormat::Nf4 { scale, .. } => n.div_ceil(2) + groups * scale_bytes(*scale),
-        QuantFormat::Affine { bits, symmetric, scale, .. } => {
+        QuantFormat::Affine {
+            bits,
+            symmetric,
+            scale,
+            ..
+        } => {
             let codes = (n * *bits as usize).div_ceil(8);
             codes + groups * scale_bytes(*scale) + if *symmetric { 0 } else { groups }
         }
@@ -97,23 +102,52 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Q8_0 => values.chunks(32).flat_map(quantize_q8_0).collect(),
         QuantFormat::Q4_0 => values.chunks(32).flat_map(quantize_q4_0).collect(),
         QuantFormat::Q4_1 => values.chunks(32).flat_map(quantize_q4_1).collect(),
-        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => {
-            values.chunks(256).flat_map(|b| quantize_k(format, b)).collect()
+        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => values
+            .chunks(256)
+            .flat_map(|b| quantize_k(format, b))
+            .collect(),
+        QuantFormat::Nf4 { block_size, scale } => {
+            quantize_nf4(*block_size as usize, *scale, values)
         }
-        QuantFormat::Nf4 { block_size, scale } => quantize_nf4(*block_size as usize, *scale, values),
-        QuantFormat::Affine { bits, group_size, symmetric, axis, scale } => {
-            quantize_affine(*bits, *group_size as usize, *symmetric, *axis as usize, *scale, shape, values)
-        }
+        QuantFormat::Affine {
+            bits,
+            group_size,
+            symmetric,
+            axis,
+            scale,
+        } => quantize_affine(
+            *bits,
+            *group_size as usize,
+            *symmetric,
+            *axis as usize,
+            *scale,
+            shape,
+            values,
+        ),
     }
 }
 
 /// Expands `bytes` of a tensor of logical shape `shape` to floats.
 pub fn dequantize(format: &QuantFormat, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
     match format {
-        QuantFormat::Nf4 { block_size, scale } => dequantize_nf4(*block_size as usize, *scale, shape, bytes),
-        QuantFormat::Affine { bits, group_size, symmetric, axis, scale } => {
-            dequantize_affine(*bits, *group_size as usize, *symmetric, *axis as usize, *scale, shape, bytes)
+        QuantFormat::Nf4 { block_size, scale } => {
+            dequantize_nf4(*block_size as usize, *scale, shape, bytes)
         }
+        QuantFormat::Affine {
+            bits,
+            group_size,
+            symmetric,
+            axis,
+            scale,
+        } => dequantize_affine(
+            *bits,
+            *group_size as usize,
+            *symmetric,
+            *axis as usize,
+            *scale,
+            shape,
+            bytes,
+        ),
         gguf => {
             let block_bytes = gguf.gguf_block_bytes().unwrap_or(1) as usize;
             let mut out = Vec::with_capacity(shape.iter().product());
@@ -205,7 +239,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -288,7 +325,11 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
     let max_min = mins.iter().copied().fold(0f32, f32::max);
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -316,7 +357,11 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
         let ml = dmin * f32::from(m);
         for i in 0..32 {
             let v = x[32 * j + i];
-            codes[32 * j + i] = if dl == 0.0 { 0 } else { roundf((v + ml) / dl).clamp(0.0, 15.0) as u8 };
+            codes[32 * j + i] = if dl == 0.0 {
+                0
+            } else {
+                roundf((v + ml) / dl).clamp(0.0, 15.0) as u8
+            };
         }
     }
     let mut out = Vec::with_capacity(144);
@@ -340,7 +385,11 @@ fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
         scales[j] = amax / 31.0;
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
-    let iscale = if max_scale > 0.0 { 127.0 / max_scale } else { 0.0 };
+    let iscale = if max_scale > 0.0 {
+        127.0 / max_scale
+    } else {
+        0.0
+    };
     let d = f16::from_f32(max_scale / 127.0).to_f32();
     let mut sc = [0i8; 16];
     let mut codes = [0u8; 256];
@@ -349,7 +398,11 @@ fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
         let dl = d * f32::from(sc[j]);
         for i in 0..16 {
             let v = x[16 * j + i];
-            let q = if dl == 0.0 { 0.0 } else { roundf(v / dl).clamp(-32.0, 31.0) };
+            let q = if dl == 0.0 {
+                0.0
+            } else {
+                roundf(v / dl).clamp(-32.0, 31.0)
+            };
             codes[16 * j + i] = (q as i32 + 32) as u8;
         }
     }
@@ -380,7 +433,11 @@ fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
     let max_min = mins.iter().copied().fold(0f32, f32::max);
-    let inv_scale = if max_scale > 0.0 { 15.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        15.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 15.0 / max_min } else { 0.0 };
     let d = f16::from_f32(max_scale / 15.0).to_f32();
     let dmin = f16::from_f32(max_min / 15.0).to_f32();
@@ -393,7 +450,11 @@ fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
         let (dl, ml) = (d * f32::from(ls), dmin * f32::from(lm));
         for i in 0..16 {
             let v = x[16 * j + i];
-            codes[16 * j + i] = if dl == 0.0 { 0 } else { roundf((v + ml) / dl).clamp(0.0, 3.0) as u8 };
+            codes[16 * j + i] = if dl == 0.0 {
+                0
+            } else {
+                roundf((v + ml) / dl).clamp(0.0, 3.0) as u8
+            };
         }
     }
     let mut qs = [0u8; 64];
@@ -426,7 +487,12 @@ fn pack_codes(codes: &[u8], bits: usize) -> Vec<u8> {
     let mask = ((1u16 << bits) - 1) as u8;
     codes
         .chunks(per_byte)
-        .map(|chunk| chunk.iter().enumerate().fold(0u8, |b, (i, &c)| b | ((c & mask) << (i * bits))))
+        .map(|chunk| {
+            chunk
+                .iter()
+                .enumerate()
+                .fold(0u8, |b, (i, &c)| b | ((c & mask) << (i * bits)))
+        })
         .collect()
 }
 
@@ -442,7 +508,13 @@ fn quantize_nf4(block: usize, scale: DType, values: &[f32]) -> Vec<u8> {
     for chunk in values.chunks(block) {
         let absmax = round_scale(scale, chunk.iter().fold(0f32, |m, v| m.max(v.abs())));
         scales.push(absmax);
-        codes.extend(chunk.iter().map(|&v| if absmax == 0.0 { 7 } else { nearest_nf4(v / absmax) }));
+        codes.extend(chunk.iter().map(|&v| {
+            if absmax == 0.0 {
+                7
+            } else {
+                nearest_nf4(v / absmax)
+            }
+        }));
     }
     let mut out = pack_codes(&codes, 4);
     for s in scales {
@@ -504,7 +576,11 @@ fn quantize_affine(
         } else {
             let (min, max) = (lo[g].min(0.0), hi[g].max(0.0));
             scales[g] = round_scale(scale, (max - min) / (levels - 1.0));
-            zeros[g] = if scales[g] == 0.0 { 0 } else { roundf(-min / scales[g]).clamp(0.0, levels - 1.0) as u8 };
+            zeros[g] = if scales[g] == 0.0 {
+                0
+            } else {
+                roundf(-min / scales[g]).clamp(0.0, levels - 1.0) as u8
+            };
         }
     }
     let codes: Vec<u8> = index
@@ -552,7 +628,11 @@ fn dequantize_affine(
             let code = code_at(bytes, i, bits as usize);
             let q = if symmetric {
                 // Sign-extend the N-bit code.
-                if bits < 8 && code & sign_bit != 0 { i32::from(code) - (1 << bits) } else { i32::from(code as i8) }
+                if bits < 8 && code & sign_bit != 0 {
+                    i32::from(code) - (1 << bits)
+                } else {
+                    i32::from(code as i8)
+                }
             } else {
                 i32::from(code) - i32::from(bytes[zeros_at + g])
             };

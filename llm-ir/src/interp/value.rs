@@ -53,14 +53,22 @@ impl Tensor {
         if dtype != DType::F32 {
             values.iter_mut().for_each(|v| *v = round_float(dtype, *v));
         }
-        Tensor { shape, dtype, data: Data::Float(values) }
+        Tensor {
+            shape,
+            dtype,
+            data: Data::Float(values),
+        }
     }
 
     /// An integer tensor; values are wrapped to `dtype`.
     pub fn from_i64(shape: Vec<usize>, dtype: DType, mut values: Vec<i64>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), values.len());
         values.iter_mut().for_each(|v| *v = wrap_int(dtype, *v));
-        Tensor { shape, dtype, data: Data::Int(values) }
+        Tensor {
+            shape,
+            dtype,
+            data: Data::Int(values),
+        }
     }
 
     /// Number of elements.
@@ -134,7 +142,12 @@ impl KvCache {
             * params.block_size as usize
             * params.kv_heads as usize
             * params.head_dim as usize;
-        KvCache { params, blocks, k: vec![0.0; len], v: vec![0.0; len] }
+        KvCache {
+            params,
+            blocks,
+            k: vec![0.0; len],
+            v: vec![0.0; len],
+        }
     }
 
     /// Elements of one token slot (all KV heads of one position).
@@ -197,7 +210,10 @@ impl Value {
     pub fn quantized(&self) -> Result<&QTensor, String> {
         match self {
             Value::Quantized(q) => Ok(q),
-            other => Err(format!("expected a quantized tensor, found {}", other.kind())),
+            other => Err(format!(
+                "expected a quantized tensor, found {}",
+                other.kind()
+            )),
         }
     }
 

@@ -87,7 +87,12 @@ macro_rules! binary_op {
 binary_op!(AddOp, "llm.add", "`lhs + rhs`", add);
 binary_op!(SubOp, "llm.sub", "`lhs - rhs`", sub);
 binary_op!(MulOp, "llm.mul", "`lhs * rhs`", mul);
-binary_op!(DivOp, "llm.div", "`lhs / rhs` (integers truncate toward zero)", div);
+binary_op!(
+    DivOp,
+    "llm.div",
+    "`lhs / rhs` (integers truncate toward zero)",
+    div
+);
 
 macro_rules! unary_op {
     ($name:ident, $text:literal, $math:literal, $eval:ident) => {

@@ -471,7 +471,11 @@ impl<'a> OpCheck<'a> {
             .iter()
             .find(|d| d.name == name)
             .map(|d| d.signature)
-            .unwrap_or(Signature { operands: Operands::Variadic("operand", 0), results: &[], params: &[] });
+            .unwrap_or(Signature {
+                operands: Operands::Variadic("operand", 0),
+                results: &[],
+                params: &[],
+            });
         Self::new(ctx, op, sig)
     }
 

@@ -77,13 +77,19 @@ fn window(e: &Eval) -> Option<usize> {
 
 /// `llm.attention`.
 pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let (q, k, v) = (inputs[0].tensor()?, inputs[1].tensor()?, inputs[2].tensor()?);
+    let (q, k, v) = (
+        inputs[0].tensor()?,
+        inputs[1].tensor()?,
+        inputs[2].tensor()?,
+    );
     let mask = inputs.get(3).map(|m| m.tensor()).transpose()?;
     let r = q.shape.len();
     let (tq, h, d) = (q.shape[r - 3], q.shape[r - 2], q.shape[r - 1]);
     let (tk, kvh, dv) = (k.shape[r - 3], k.shape[r - 2], v.shape[r - 1]);
     if kvh == 0 || h % kvh != 0 || tk < tq && e.flag("causal", false) {
-        return Err(format!("cannot attend {tq} queries with {h} heads to {tk} keys with {kvh} heads"));
+        return Err(format!(
+            "cannot attend {tq} queries with {h} heads to {tk} keys with {kvh} heads"
+        ));
     }
     let batch: usize = q.shape[..r - 3].iter().product();
     let (qd, kd, vd) = (q.floats()?, k.floats()?, v.floats()?);
@@ -132,7 +138,10 @@ pub fn slot_of(cache: &KvCache, table: &[i64], pos: usize) -> Result<usize, Stri
         ));
     };
     if block < 0 || block as usize >= cache.blocks {
-        return Err(format!("block {block} is out of range for a pool of {} blocks", cache.blocks));
+        return Err(format!(
+            "block {block} is out of range for a pool of {} blocks",
+            cache.blocks
+        ));
     }
     Ok(block as usize * bs + pos % bs)
 }
@@ -152,13 +161,18 @@ pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     for s in 0..b {
         let len = ld[s];
         if len < t as i64 {
-            return Err(format!("sequence {s} has context length {len}, fewer than its {t} new tokens"));
+            return Err(format!(
+                "sequence {s} has context length {len}, fewer than its {t} new tokens"
+            ));
         }
         let table = &td[s * width..(s + 1) * width];
         for i in 0..t {
             let pos = len as usize - t + i;
             let visible = window_range(pos, win);
-            let slots: Vec<usize> = visible.clone().map(|j| slot_of(cache, table, j)).collect::<Result<_, _>>()?;
+            let slots: Vec<usize> = visible
+                .clone()
+                .map(|j| slot_of(cache, table, j))
+                .collect::<Result<_, _>>()?;
             let start = visible.start;
             for head in 0..h {
                 let kv = head / group;
@@ -167,7 +181,15 @@ pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                     data[at..at + d].to_vec()
                 };
                 let qrow = &qd[((s * t + i) * h + head) * d..][..d];
-                out.extend(attend(qrow, visible.clone(), |j| read(&cache.k, j), |j| read(&cache.v, j), |_| 0.0, scale, d));
+                out.extend(attend(
+                    qrow,
+                    visible.clone(),
+                    |j| read(&cache.k, j),
+                    |j| read(&cache.v, j),
+                    |_| 0.0,
+                    scale,
+                    d,
+                ));
             }
         }
     }
@@ -182,7 +204,8 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let rotary = e.op.int("rotary_dim").map_or(d, |v| v as usize);
     let theta = e.float("theta").unwrap_or(10000.0) as f32;
     let scaling = e.float("scaling").unwrap_or(1.0) as f32;
-    let half_layout = matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
+    let half_layout =
+        matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
     let mut out = x.floats()?.to_vec();
     for (token, &p) in pos.ints()?.iter().enumerate() {
         let p = p as f32 / scaling;
@@ -192,7 +215,11 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                 let freq = 1.0 / theta.powf((2 * i) as f32 / rotary as f32);
                 let angle = p * freq;
                 let (sin, cos) = (angle.sin(), angle.cos());
-                let (ia, ib) = if half_layout { (i, i + rotary / 2) } else { (2 * i, 2 * i + 1) };
+                let (ia, ib) = if half_layout {
+                    (i, i + rotary / 2)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
                 let (a, b) = (out[base + ia], out[base + ib]);
                 out[base + ia] = a * cos - b * sin;
                 out[base + ib] = a * sin + b * cos;

@@ -30,7 +30,10 @@ pub fn constant(e: &Eval, _: Vec<Rc<Value>>) -> Outputs {
         None => return Err("missing the `value` parameter".into()),
     };
     if ty.dtype().is_float() {
-        let v = values.iter().map(|v| v.as_number().unwrap_or(0.0) as f32).collect();
+        let v = values
+            .iter()
+            .map(|v| v.as_number().unwrap_or(0.0) as f32)
+            .collect();
         one(Tensor::from_f32(shape, ty.dtype(), v))
     } else {
         let v = values

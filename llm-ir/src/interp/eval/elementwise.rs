@@ -8,13 +8,21 @@ use crate::interp::value::{Data, Tensor, Value};
 /// The broadcast of two runtime shapes (NumPy rules).
 pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     let rank = a.len().max(b.len());
-    let at = |s: &[usize], i: usize| if i + s.len() >= rank { s[i + s.len() - rank] } else { 1 };
+    let at = |s: &[usize], i: usize| {
+        if i + s.len() >= rank {
+            s[i + s.len() - rank]
+        } else {
+            1
+        }
+    };
     (0..rank)
         .map(|i| match (at(a, i), at(b, i)) {
             (x, y) if x == y => Ok(x),
             (1, y) => Ok(y),
             (x, 1) => Ok(x),
-            (x, y) => Err(format!("shapes {a:?} and {b:?} do not broadcast (dim {i}: {x} vs {y})")),
+            (x, y) => Err(format!(
+                "shapes {a:?} and {b:?} do not broadcast (dim {i}: {x} vs {y})"
+            )),
         })
         .collect()
 }
@@ -28,16 +36,30 @@ pub fn broadcast_index(shape: &[usize], out: &[usize]) -> Vec<usize> {
         .map(|flat| {
             let idx = super::unravel(flat, out);
             (0..shape.len())
-                .map(|d| if shape[d] == 1 { 0 } else { idx[d + offset] * src_strides[d] })
+                .map(|d| {
+                    if shape[d] == 1 {
+                        0
+                    } else {
+                        idx[d + offset] * src_strides[d]
+                    }
+                })
                 .sum()
         })
         .collect()
 }
 
-fn binary(e: &Eval, inputs: Vec<Rc<Value>>, f: fn(f32, f32) -> f32, i: fn(i64, i64) -> Option<i64>) -> Outputs {
+fn binary(
+    e: &Eval,
+    inputs: Vec<Rc<Value>>,
+    f: fn(f32, f32) -> f32,
+    i: fn(i64, i64) -> Option<i64>,
+) -> Outputs {
     let (a, b) = (inputs[0].tensor()?, inputs[1].tensor()?);
     let shape = broadcast(&a.shape, &b.shape)?;
-    let (ia, ib) = (broadcast_index(&a.shape, &shape), broadcast_index(&b.shape, &shape));
+    let (ia, ib) = (
+        broadcast_index(&a.shape, &shape),
+        broadcast_index(&b.shape, &shape),
+    );
     let dtype = e.result_dtype(0)?;
     match (&a.data, &b.data) {
         (Data::Float(x), Data::Float(y)) => {

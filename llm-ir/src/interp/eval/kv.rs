@@ -40,7 +40,10 @@ pub fn append_kv(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
     let (kd, vd) = (k.floats()?, v.floats()?);
     for (n, &slot) in slots.ints()?.iter().enumerate() {
         if slot < 0 || slot as usize >= cache.slots() {
-            return Err(format!("slot {slot} is out of range for a pool of {} slots", cache.slots()));
+            return Err(format!(
+                "slot {slot} is out of range for a pool of {} slots",
+                cache.slots()
+            ));
         }
         let at = cache.slot_offset(layer, slot as usize);
         for head in 0..cache.params.kv_heads as usize {
@@ -54,7 +57,13 @@ pub fn append_kv(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
     Ok(vec![Rc::new(value)])
 }
 
-fn gather(cache: &KvCache, data: &[f32], layer: usize, table: &[i64], len: usize) -> Result<Vec<f32>, String> {
+fn gather(
+    cache: &KvCache,
+    data: &[f32],
+    layer: usize,
+    table: &[i64],
+    len: usize,
+) -> Result<Vec<f32>, String> {
     let mut out = Vec::with_capacity(len * cache.slot_len());
     for pos in 0..len {
         let at = cache.slot_offset(layer, slot_of(cache, table, pos)?);
@@ -71,7 +80,11 @@ pub fn lookup_kv(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         return Err(format!("context length {len} is negative"));
     }
     let layer = e.int("layer", 0) as usize;
-    let shape = vec![len as usize, cache.params.kv_heads as usize, cache.params.head_dim as usize];
+    let shape = vec![
+        len as usize,
+        cache.params.kv_heads as usize,
+        cache.params.head_dim as usize,
+    ];
     let dtype = e.result_dtype(0)?;
     let k = gather(cache, &cache.k, layer, table, len as usize)?;
     let v = gather(cache, &cache.v, layer, table, len as usize)?;

@@ -10,7 +10,13 @@ use crate::interp::{
 
 /// `out[m, n] = sum_k a[m, k] * b(k, n)` for one matrix pair, accumulating in `f32` in order
 /// of `k`. `b_at(k, n)` reads the right-hand side.
-pub fn matmul_2d(a: &[f32], m: usize, k: usize, n: usize, b_at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+pub fn matmul_2d(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b_at: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -30,20 +36,31 @@ pub fn matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let transposed = e.flag("transpose_rhs", false);
     let (ar, br) = (a.shape.len(), b.shape.len());
     let (m, k) = (a.shape[ar - 2], a.shape[ar - 1]);
-    let (bk, n) = if transposed { (b.shape[br - 1], b.shape[br - 2]) } else { (b.shape[br - 2], b.shape[br - 1]) };
+    let (bk, n) = if transposed {
+        (b.shape[br - 1], b.shape[br - 2])
+    } else {
+        (b.shape[br - 2], b.shape[br - 1])
+    };
     if k != bk {
         return Err(format!("contraction dims differ at run time: {k} vs {bk}"));
     }
     let batch: usize = a.shape[..ar - 2].iter().product();
     let b_batched = br > 2;
     if b_batched && b.shape[..br - 2] != a.shape[..ar - 2] {
-        return Err(format!("batch dims differ at run time: {:?} vs {:?}", a.shape, b.shape));
+        return Err(format!(
+            "batch dims differ at run time: {:?} vs {:?}",
+            a.shape, b.shape
+        ));
     }
     let (x, w) = (a.floats()?, b.floats()?);
     let mut out = Vec::with_capacity(batch * m * n);
     for bi in 0..batch {
         let xa = &x[bi * m * k..(bi + 1) * m * k];
-        let wb = if b_batched { &w[bi * k * n..(bi + 1) * k * n] } else { w };
+        let wb = if b_batched {
+            &w[bi * k * n..(bi + 1) * k * n]
+        } else {
+            w
+        };
         let block = if transposed {
             matmul_2d(xa, m, k, n, |p, j| wb[j * k + p])
         } else {
@@ -63,7 +80,11 @@ pub fn embedding(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         Value::Tensor(t) => {
             let data = t.floats()?.to_vec();
             let d = t.shape[1];
-            (t.shape[0], d, Box::new(move |r| data[r * d..(r + 1) * d].to_vec()))
+            (
+                t.shape[0],
+                d,
+                Box::new(move |r| data[r * d..(r + 1) * d].to_vec()),
+            )
         }
         Value::Quantized(q) => {
             let (d, row_bytes) = (q.shape[1], quant::storage_bytes(&q.format, &q.shape[1..]));
@@ -71,7 +92,9 @@ pub fn embedding(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
             (
                 q.shape[0],
                 d,
-                Box::new(move |r| quant::dequantize(&format, &[d], &bytes[r * row_bytes..(r + 1) * row_bytes])),
+                Box::new(move |r| {
+                    quant::dequantize(&format, &[d], &bytes[r * row_bytes..(r + 1) * row_bytes])
+                }),
             )
         }
         other => return Err(format!("the table is {}", other.kind())),
@@ -79,7 +102,9 @@ pub fn embedding(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let mut out = Vec::with_capacity(ids.len() * dim);
     for &id in ids.ints()? {
         if id < 0 || id as usize >= vocab {
-            return Err(format!("token id {id} is out of range for a table of {vocab} rows"));
+            return Err(format!(
+                "token id {id} is out of range for a table of {vocab} rows"
+            ));
         }
         out.extend(rows(id as usize));
     }

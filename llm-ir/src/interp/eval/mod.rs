@@ -13,13 +13,7 @@ pub mod shard;
 
 use std::rc::Rc;
 
-use crate::{
-    dtype::DType,
-    ops::OpCheck,
-    params::ParamValue,
-    syntax::Dim,
-    types::TensorType,
-};
+use crate::{dtype::DType, ops::OpCheck, params::ParamValue, syntax::Dim, types::TensorType};
 
 use super::value::{Tensor, Value};
 
@@ -97,11 +91,15 @@ pub fn resolve_shape(dims: &[Dim], count: usize) -> Result<Vec<usize>, String> {
     let dynamic = dims.iter().filter(|d| d.is_none()).count();
     match dynamic {
         0 if known == count => Ok(dims.iter().map(|d| d.unwrap_or(0) as usize).collect()),
-        1 if known > 0 && count % known == 0 => {
-            Ok(dims.iter().map(|d| d.map_or(count / known, |d| d as usize)).collect())
-        }
+        1 if known > 0 && count % known == 0 => Ok(dims
+            .iter()
+            .map(|d| d.map_or(count / known, |d| d as usize))
+            .collect()),
         1 if known == 0 && count == 0 => Ok(dims.iter().map(|d| d.unwrap_or(0) as usize).collect()),
-        0 | 1 => Err(format!("{count} elements cannot take the shape {}", crate::ops::show_shape(dims))),
+        0 | 1 => Err(format!(
+            "{count} elements cannot take the shape {}",
+            crate::ops::show_shape(dims)
+        )),
         _ => Err(format!(
             "cannot infer more than one dynamic dim of {} at run time",
             crate::ops::show_shape(dims)

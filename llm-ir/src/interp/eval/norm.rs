@@ -35,7 +35,11 @@ pub fn layer_norm(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         let mean = row.iter().sum::<f32>() / d as f32;
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
         let inv = 1.0 / (var + eps(e)).sqrt();
-        out.extend(row.iter().zip(w.iter().zip(b)).map(|(&v, (&g, &c))| (v - mean) * inv * g + c));
+        out.extend(
+            row.iter()
+                .zip(w.iter().zip(b))
+                .map(|(&v, (&g, &c))| (v - mean) * inv * g + c),
+        );
     }
     one(Tensor::from_f32(x.shape.clone(), e.result_dtype(0)?, out))
 }

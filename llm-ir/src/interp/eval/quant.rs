@@ -11,15 +11,25 @@ use crate::interp::{
 /// `llm.quantize`.
 pub fn quantize(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
-    let ty = e.op.result_quantized(0).map_err(|err| err.err.to_string())?;
+    let ty =
+        e.op.result_quantized(0)
+            .map_err(|err| err.err.to_string())?;
     let bytes = quant::quantize(ty.format(), &x.shape, x.floats()?);
-    Ok(vec![Rc::new(Value::Quantized(QTensor { shape: x.shape.clone(), format: ty.format().clone(), bytes }))])
+    Ok(vec![Rc::new(Value::Quantized(QTensor {
+        shape: x.shape.clone(),
+        format: ty.format().clone(),
+        bytes,
+    }))])
 }
 
 /// `llm.dequantize`.
 pub fn dequantize(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let q = inputs[0].quantized()?;
-    one(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, quant::dequantize(&q.format, &q.shape, &q.bytes)))
+    one(Tensor::from_f32(
+        q.shape.clone(),
+        e.result_dtype(0)?,
+        quant::dequantize(&q.format, &q.shape, &q.bytes),
+    ))
 }
 
 /// `llm.quantized_matmul`: `x @ dequantize(w)^T`.

@@ -22,18 +22,32 @@ pub fn reshape(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
     let ty = e.result_tensor(0)?;
     let shape = resolve_shape(ty.shape(), x.len())?;
-    Ok(vec![Rc::new(Value::Tensor(Tensor { shape, dtype: x.dtype, data: x.data.clone() }))])
+    Ok(vec![Rc::new(Value::Tensor(Tensor {
+        shape,
+        dtype: x.dtype,
+        data: x.data.clone(),
+    }))])
 }
 
 /// `llm.transpose`.
 pub fn transpose(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
-    let perm: Vec<usize> = e.param("perm").and_then(|p| p.as_int_list()).unwrap_or_default().iter().map(|&p| p as usize).collect();
+    let perm: Vec<usize> = e
+        .param("perm")
+        .and_then(|p| p.as_int_list())
+        .unwrap_or_default()
+        .iter()
+        .map(|&p| p as usize)
+        .collect();
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
     let src = strides(&x.shape);
     let out_shape = shape.clone();
     one(gather(x, shape, x.dtype, |i| {
-        unravel(i, &out_shape).iter().zip(&perm).map(|(&idx, &p)| idx * src[p]).sum()
+        unravel(i, &out_shape)
+            .iter()
+            .zip(&perm)
+            .map(|(&idx, &p)| idx * src[p])
+            .sum()
     }))
 }
 
@@ -41,8 +55,14 @@ pub fn transpose(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
     let rank = x.shape.len();
-    let starts = e.param("starts").and_then(|p| p.as_int_list()).unwrap_or_default();
-    let steps = e.param("steps").and_then(|p| p.as_int_list()).unwrap_or_else(|| vec![1; rank]);
+    let starts = e
+        .param("starts")
+        .and_then(|p| p.as_int_list())
+        .unwrap_or_default();
+    let steps = e
+        .param("steps")
+        .and_then(|p| p.as_int_list())
+        .unwrap_or_else(|| vec![1; rank]);
     let ty = e.result_tensor(0)?;
     let mut shape = Vec::with_capacity(rank);
     for d in 0..rank {
@@ -52,7 +72,10 @@ pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
             None => (x.shape[d].saturating_sub(start)).div_ceil(step),
         };
         if size > 0 && start + (size - 1) * step >= x.shape[d] {
-            return Err(format!("dim {d} reads past the input's size {}", x.shape[d]));
+            return Err(format!(
+                "dim {d} reads past the input's size {}",
+                x.shape[d]
+            ));
         }
         shape.push(size);
     }
@@ -69,14 +92,24 @@ pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 
 /// `llm.concat`.
 pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let parts: Vec<&Tensor> = inputs.iter().map(|v| v.tensor()).collect::<Result<_, _>>()?;
+    let parts: Vec<&Tensor> = inputs
+        .iter()
+        .map(|v| v.tensor())
+        .collect::<Result<_, _>>()?;
     let rank = parts[0].shape.len();
     let axis = e.axis("axis", 0, rank)?;
     let mut shape = parts[0].shape.clone();
     shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
     for p in &parts {
-        if p.shape.iter().enumerate().any(|(d, &s)| d != axis && s != shape[d]) {
-            return Err(format!("cannot concatenate shapes {:?} and {:?} along {axis}", parts[0].shape, p.shape));
+        if p.shape
+            .iter()
+            .enumerate()
+            .any(|(d, &s)| d != axis && s != shape[d])
+        {
+            return Err(format!(
+                "cannot concatenate shapes {:?} and {:?} along {axis}",
+                parts[0].shape, p.shape
+            ));
         }
     }
     let outer: usize = shape[..axis].iter().product();
@@ -117,7 +150,11 @@ pub fn cast(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                 DType::I32 => (i32::MIN as i64, i32::MAX as i64),
                 _ => (i64::MIN, i64::MAX),
             };
-            Tensor::from_i64(shape, to, v.iter().map(|&f| (f as i64).clamp(min, max)).collect())
+            Tensor::from_i64(
+                shape,
+                to,
+                v.iter().map(|&f| (f as i64).clamp(min, max)).collect(),
+            )
         }
         (Data::Int(v), false) => Tensor::from_i64(shape, to, v.clone()),
     })

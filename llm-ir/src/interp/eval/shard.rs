@@ -38,15 +38,35 @@ fn piece(mesh: &[(String, u64)], axes: &[String], coords: &[usize]) -> (usize, u
 fn take_box(x: &Tensor, start: &[usize], size: &[usize]) -> Tensor {
     let src = strides(&x.shape);
     let n: usize = size.iter().product();
-    let index = |i: usize| unravel(i, size).iter().zip(start).zip(&src).map(|((&i, &s), &st)| (i + s) * st).sum::<usize>();
+    let index = |i: usize| {
+        unravel(i, size)
+            .iter()
+            .zip(start)
+            .zip(&src)
+            .map(|((&i, &s), &st)| (i + s) * st)
+            .sum::<usize>()
+    };
     match &x.data {
-        crate::interp::value::Data::Float(v) => Tensor::from_f32(size.to_vec(), x.dtype, (0..n).map(|i| v[index(i)]).collect()),
-        crate::interp::value::Data::Int(v) => Tensor::from_i64(size.to_vec(), x.dtype, (0..n).map(|i| v[index(i)]).collect()),
+        crate::interp::value::Data::Float(v) => Tensor::from_f32(
+            size.to_vec(),
+            x.dtype,
+            (0..n).map(|i| v[index(i)]).collect(),
+        ),
+        crate::interp::value::Data::Int(v) => Tensor::from_i64(
+            size.to_vec(),
+            x.dtype,
+            (0..n).map(|i| v[index(i)]).collect(),
+        ),
     }
 }
 
 /// The local shard of `global` for `device` under `split`.
-pub fn local_shard(global: &Tensor, mesh: &[(String, u64)], split: &[Vec<String>], device: usize) -> Tensor {
+pub fn local_shard(
+    global: &Tensor,
+    mesh: &[(String, u64)],
+    split: &[Vec<String>],
+    device: usize,
+) -> Tensor {
     let c = coords(mesh, device);
     let mut start = Vec::new();
     let mut size = Vec::new();
@@ -63,7 +83,12 @@ fn num_devices(mesh: &[(String, u64)]) -> usize {
     mesh.iter().map(|(_, s)| *s as usize).product()
 }
 
-fn sharded(template: &Sharded, split: Vec<Vec<String>>, partial: Vec<String>, shards: Vec<Tensor>) -> Outputs {
+fn sharded(
+    template: &Sharded,
+    split: Vec<Vec<String>>,
+    partial: Vec<String>,
+    shards: Vec<Tensor>,
+) -> Outputs {
     Ok(vec![Rc::new(Value::Sharded(Sharded {
         shape: template.shape.clone(),
         mesh: template.mesh.clone(),
@@ -79,7 +104,9 @@ pub fn shard(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
     let ty = e.op.result_sharded(0).map_err(|err| err.err.to_string())?;
     let mesh = ty.mesh().to_vec();
-    let shards = (0..num_devices(&mesh)).map(|d| local_shard(x, &mesh, ty.split(), d)).collect();
+    let shards = (0..num_devices(&mesh))
+        .map(|d| local_shard(x, &mesh, ty.split(), d))
+        .collect();
     let template = Sharded {
         shape: x.shape.clone(),
         mesh,
@@ -117,7 +144,12 @@ pub fn sharded_linear(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let mut template = x.clone();
     let last = template.shape.len() - 1;
     template.shape[last] = w.shape[0];
-    sharded(&template, ty.split().to_vec(), ty.partial().to_vec(), shards)
+    sharded(
+        &template,
+        ty.split().to_vec(),
+        ty.partial().to_vec(),
+        shards,
+    )
 }
 
 /// The devices that differ from `device` only on `axes`, ordered by their piece index.
@@ -126,7 +158,9 @@ fn group(mesh: &[(String, u64)], axes: &[String], device: usize) -> Vec<usize> {
     let mut members: Vec<(usize, usize)> = (0..num_devices(mesh))
         .filter(|&other| {
             let oc = coords(mesh, other);
-            mesh.iter().enumerate().all(|(i, (name, _))| axes.contains(name) || oc[i] == c[i])
+            mesh.iter()
+                .enumerate()
+                .all(|(i, (name, _))| axes.contains(name) || oc[i] == c[i])
         })
         .map(|other| (piece(mesh, axes, &coords(mesh, other)).0, other))
         .collect();
@@ -145,11 +179,17 @@ fn reduce(reduction: Reduction, parts: &[&Tensor]) -> Result<Tensor, String> {
             };
         }
     }
-    Ok(Tensor::from_f32(parts[0].shape.clone(), parts[0].dtype, acc))
+    Ok(Tensor::from_f32(
+        parts[0].shape.clone(),
+        parts[0].dtype,
+        acc,
+    ))
 }
 
 fn axes_param(e: &Eval) -> Vec<String> {
-    e.param("mesh_axes").and_then(|p| p.as_word_list()).unwrap_or_default()
+    e.param("mesh_axes")
+        .and_then(|p| p.as_word_list())
+        .unwrap_or_default()
 }
 
 /// `llm.all_reduce`.
@@ -158,11 +198,19 @@ pub fn all_reduce(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let axes = axes_param(e);
     let shards = (0..x.shards.len())
         .map(|d| {
-            let members: Vec<&Tensor> = group(&x.mesh, &axes, d).iter().map(|&m| &x.shards[m]).collect();
+            let members: Vec<&Tensor> = group(&x.mesh, &axes, d)
+                .iter()
+                .map(|&m| &x.shards[m])
+                .collect();
             reduce(x.reduction, &members)
         })
         .collect::<Result<_, _>>()?;
-    let partial = x.partial.iter().filter(|a| !axes.contains(a)).cloned().collect();
+    let partial = x
+        .partial
+        .iter()
+        .filter(|a| !axes.contains(a))
+        .cloned()
+        .collect();
     sharded(x, x.split.clone(), partial, shards)
 }
 
@@ -188,7 +236,10 @@ pub fn all_gather(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let axes = axes_param(e);
     let shards = (0..x.shards.len())
         .map(|d| {
-            let members: Vec<&Tensor> = group(&x.mesh, &axes, d).iter().map(|&m| &x.shards[m]).collect();
+            let members: Vec<&Tensor> = group(&x.mesh, &axes, d)
+                .iter()
+                .map(|&m| &x.shards[m])
+                .collect();
             concat_along(&members, dim)
         })
         .collect::<Result<_, _>>()?;
@@ -205,7 +256,10 @@ pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let axes = axes_param(e);
     let mut shards = Vec::with_capacity(x.shards.len());
     for d in 0..x.shards.len() {
-        let members: Vec<&Tensor> = group(&x.mesh, &axes, d).iter().map(|&m| &x.shards[m]).collect();
+        let members: Vec<&Tensor> = group(&x.mesh, &axes, d)
+            .iter()
+            .map(|&m| &x.shards[m])
+            .collect();
         let reduced = reduce(x.reduction, &members)?;
         let (idx, parts) = piece(&x.mesh, &axes, &coords(&x.mesh, d));
         let len = reduced.shape[dim] / parts;
@@ -217,6 +271,11 @@ pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     }
     let mut split = x.split.clone();
     split[dim].extend(axes.iter().cloned());
-    let partial = x.partial.iter().filter(|a| !axes.contains(a)).cloned().collect();
+    let partial = x
+        .partial
+        .iter()
+        .filter(|a| !axes.contains(a))
+        .cloned()
+        .collect();
     sharded(x, split, partial, shards)
 }

@@ -1,0 +1,267 @@
+//! Text generation for one sequence, reproducing llama2.c's `run.c` loop.
+//!
+//! The prompt is encoded with a BOS token and run through `@prefill` in one call; then each
+//! step samples a token from the last logits and runs `@decode` on it. As in run.c, `steps`
+//! counts positions including the prompt, generation stops early when the model produces
+//! BOS, and the printed text is the decoded prompt (after BOS), the continuation and a
+//! newline.
+
+use std::time::Instant;
+
+use llm_ir::{
+    dtype::DType,
+    interp::{self, Interpreter, KvCache, Tensor, Value},
+    text,
+    types::{KvCacheParams, KvStorage},
+};
+use pliron::{
+    builtin::ops::{FuncOp, ModuleOp},
+    context::Context,
+};
+
+use crate::{
+    llama2c::Weights,
+    model::{self, BLOCK_SIZE, ModelConfig},
+    sampler::{Sampler, SamplerConfig},
+    tokenizer::{BOS, Tokenizer},
+};
+
+/// Timings and counts of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Tokens in the encoded prompt (BOS included).
+    pub prompt_tokens: usize,
+    /// Tokens chosen by the sampler.
+    pub generated_tokens: usize,
+    /// Forward positions run (run.c's loop iterations).
+    pub forward_calls: usize,
+    /// Building, parsing and verifying the model IR.
+    pub compile_ms: f64,
+    /// The prefill call.
+    pub prefill_ms: f64,
+    /// All decode calls.
+    pub decode_ms: f64,
+    /// Decode calls.
+    pub decode_steps: usize,
+}
+
+impl Stats {
+    /// Decode throughput in tokens per second.
+    pub fn decode_tok_per_s(&self) -> f64 {
+        if self.decode_ms > 0.0 {
+            self.decode_steps as f64 / (self.decode_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+
+    /// The stats as one JSON object.
+    pub fn to_json(&self, backend: &str) -> String {
+        format!(
+            "{{\"backend\": \"{backend}\", \"prompt_tokens\": {}, \"generated_tokens\": {}, \"forward_calls\": {}, \"compile_ms\": {:.3}, \"prefill_ms\": {:.3}, \"decode_ms\": {:.3}, \"decode_tok_per_s\": {:.3}}}",
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.forward_calls,
+            self.compile_ms,
+            self.prefill_ms,
+            self.decode_ms,
+            self.decode_tok_per_s()
+        )
+    }
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generation {
+    /// What run.c prints: the prompt, the continuation, then `\n`.
+    pub text: Vec<u8>,
+    /// The encoded prompt.
+    pub prompt_ids: Vec<u32>,
+    /// BOS, the prompt, then every generated token (excluding a final BOS stop).
+    pub ids: Vec<u32>,
+    /// Whether generation stopped because the model produced BOS.
+    pub stopped_at_bos: bool,
+    /// The logits of every forward position, in order.
+    pub logits: Vec<Vec<f32>>,
+    /// Timings and counts.
+    pub stats: Stats,
+}
+
+/// A compiled model ready to run on the interpreter.
+pub struct Model {
+    ctx: Context,
+    module: ModuleOp,
+    config: ModelConfig,
+    weights: Weights,
+    compile_ms: f64,
+}
+
+/// An error while running a model.
+pub type RunError = String;
+
+impl Model {
+    /// Builds, parses and verifies the IR of `config` over `weights`.
+    pub fn compile(config: ModelConfig, weights: Weights) -> Result<Model, RunError> {
+        let start = Instant::now();
+        let source = model::build_ir(&config);
+        let mut ctx = Context::new();
+        let module = text::parse_module(&mut ctx, &source)
+            .map_err(|d| format!("model IR: {}", d.render("<model>")))?;
+        let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
+        Ok(Model {
+            ctx,
+            module,
+            config,
+            weights,
+            compile_ms,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn func(&self, name: &str) -> Result<FuncOp, RunError> {
+        interp::find_func(&self.ctx, self.module, name)
+            .ok_or_else(|| format!("the model has no @{name}"))
+    }
+
+    /// A zeroed KV cache holding `seq_len` positions of one sequence.
+    fn new_cache(&self) -> KvCache {
+        let c = &self.config;
+        let params = KvCacheParams {
+            layers: c.layers as u64,
+            kv_heads: c.kv_heads as u64,
+            head_dim: c.head_dim() as u64,
+            block_size: BLOCK_SIZE as u64,
+            blocks: None,
+            storage: KvStorage::Float(DType::F32),
+            window: None,
+        };
+        KvCache::new(params, c.seq_len.div_ceil(BLOCK_SIZE))
+    }
+
+    /// Runs `func` on `tokens` at positions `start..` of the single sequence whose blocks are
+    /// `0..blocks` in order, returning the logits rows and the updated cache.
+    fn forward(
+        &self,
+        func: &str,
+        tokens: &[u32],
+        start: usize,
+        cache: KvCache,
+    ) -> Result<(Vec<Vec<f32>>, KvCache), RunError> {
+        let n = tokens.len();
+        let i32s =
+            |v: Vec<i64>, shape: Vec<usize>| Value::Tensor(Tensor::from_i64(shape, DType::I32, v));
+        let positions: Vec<i64> = (start..start + n).map(|p| p as i64).collect();
+        let blocks = cache.blocks;
+        let (batch, table_rows) = if func == "prefill" { (1, 1) } else { (n, n) };
+        let table: Vec<i64> = (0..table_rows).flat_map(|_| 0..blocks as i64).collect();
+        let lens: Vec<i64> = if func == "prefill" {
+            vec![(start + n) as i64]
+        } else {
+            (0..n).map(|i| (start + i + 1) as i64).collect()
+        };
+        let args = vec![
+            i32s(tokens.iter().map(|&t| i64::from(t)).collect(), vec![n]),
+            i32s(positions.clone(), vec![n]),
+            i32s(positions, vec![n]),
+            i32s(table, vec![batch, blocks]),
+            i32s(lens, vec![batch]),
+            Value::Cache(cache),
+        ];
+        let interpreter = Interpreter::new(&self.ctx, &self.weights);
+        let mut out = interpreter
+            .run(self.func(func)?, args)
+            .map_err(|e| format!("@{func}: {e}"))?;
+        let cache = match out.pop() {
+            Some(Value::Cache(c)) => c,
+            _ => return Err(format!("@{func} did not return a cache")),
+        };
+        let logits = match out.pop() {
+            Some(Value::Tensor(t)) => t,
+            _ => return Err(format!("@{func} did not return logits")),
+        };
+        let vocab = self.config.vocab;
+        Ok((
+            logits
+                .floats()?
+                .chunks(vocab)
+                .map(<[f32]>::to_vec)
+                .collect(),
+            cache,
+        ))
+    }
+
+    /// Generates from `prompt` for at most `steps` positions (0 or more than the model's
+    /// sequence length means the sequence length), as run.c does.
+    pub fn generate(
+        &self,
+        tokenizer: &Tokenizer,
+        prompt: &str,
+        steps: usize,
+        sampler: SamplerConfig,
+    ) -> Result<Generation, RunError> {
+        let steps = if steps == 0 || steps > self.config.seq_len {
+            self.config.seq_len
+        } else {
+            steps
+        };
+        let prompt_ids = tokenizer.encode(prompt, true, false);
+        if let Some(&bad) = prompt_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab)
+        {
+            return Err(format!(
+                "the tokenizer produced token {bad}, outside the model's vocabulary of {}",
+                self.config.vocab
+            ));
+        }
+        let mut sampler = Sampler::new(sampler);
+        let mut g = Generation {
+            prompt_ids: prompt_ids.clone(),
+            ids: vec![prompt_ids[0]],
+            ..Generation::default()
+        };
+        g.stats.prompt_tokens = prompt_ids.len();
+        g.stats.compile_ms = self.compile_ms;
+        let prefilled = prompt_ids.len().min(steps);
+        let start = Instant::now();
+        let (mut rows, mut cache) =
+            self.forward("prefill", &prompt_ids[..prefilled], 0, self.new_cache())?;
+        g.stats.prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let mut token = prompt_ids[0];
+        let mut pos = 0;
+        while pos < steps {
+            let logits = if pos < prefilled {
+                std::mem::take(&mut rows[pos])
+            } else {
+                let start = Instant::now();
+                let (mut out, next_cache) = self.forward("decode", &[token], pos, cache)?;
+                cache = next_cache;
+                g.stats.decode_ms += start.elapsed().as_secs_f64() * 1000.0;
+                g.stats.decode_steps += 1;
+                out.pop().unwrap_or_default()
+            };
+            let next = if pos + 1 < prompt_ids.len() {
+                prompt_ids[pos + 1]
+            } else {
+                g.stats.generated_tokens += 1;
+                sampler.sample(&logits) as u32
+            };
+            g.logits.push(logits);
+            pos += 1;
+            if next == BOS {
+                g.stopped_at_bos = true;
+                break;
+            }
+            g.text.extend(tokenizer.decode(token, next));
+            g.ids.push(next);
+            token = next;
+        }
+        g.stats.forward_calls = pos;
+        g.text.push(b'\n');
+        Ok(g)
+    }
+}

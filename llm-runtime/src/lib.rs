@@ -1,0 +1,12 @@
+//! Running `llm` models: model import (llama2.c checkpoints), the model builder, the
+//! tokenizer, the sampler, `.npy` I/O and single-sequence generation on the reference
+//! interpreter.
+//!
+//! This is the only crate of the project that reads files.
+
+pub mod generate;
+pub mod llama2c;
+pub mod model;
+pub mod npy;
+pub mod sampler;
+pub mod tokenizer;

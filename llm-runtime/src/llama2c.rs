@@ -1,0 +1,208 @@
+//! llama2.c checkpoints (the legacy fp32 `.bin` format).
+//!
+//! The file is a header of seven little-endian `i32`s — `dim`, `hidden_dim`, `n_layers`,
+//! `n_heads`, `n_kv_heads`, `vocab_size`, `seq_len` — followed by `f32` weights in this
+//! order: token embedding `[vocab, dim]`; per layer (all layers of one kind together)
+//! attention RMSNorm `[L, dim]`, `wq [L, dim, dim]`, `wk [L, kv_dim, dim]`,
+//! `wv [L, kv_dim, dim]`, `wo [L, dim, dim]`, FFN RMSNorm `[L, dim]`, `w1 [L, hidden, dim]`,
+//! `w2 [L, dim, hidden]`, `w3 [L, hidden, dim]`; the final RMSNorm `[dim]`; the legacy RoPE
+//! tables `[seq_len, head_dim / 2]` twice (skipped); and, when `vocab_size` is negative, an
+//! untied classifier `[vocab, dim]`.
+
+use std::{collections::HashMap, path::Path, rc::Rc};
+
+use llm_ir::{
+    dtype::DType,
+    interp::{Tensor, Value, WeightStore},
+};
+
+use crate::model::ModelConfig;
+
+/// An error in a model file, naming the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The file.
+    pub file: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.message)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Named weights held in memory.
+#[derive(Debug, Default, Clone)]
+pub struct Weights {
+    tensors: HashMap<String, Rc<Value>>,
+}
+
+impl Weights {
+    /// Adds a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, value: Value) {
+        self.tensors.insert(name.into(), Rc::new(value));
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+impl WeightStore for Weights {
+    fn weight(&self, name: &str) -> Option<Rc<Value>> {
+        self.tensors.get(name).cloned()
+    }
+}
+
+/// Largest accepted value of any header field: far above real models, and small enough that
+/// every size computed from the header fits comfortably in 64 bits.
+const MAX_HEADER_VALUE: i64 = 1 << 20;
+
+/// Reads a llama2.c checkpoint: its configuration and weights.
+pub fn load(path: &Path) -> Result<(ModelConfig, Weights), LoadError> {
+    let file = path.display().to_string();
+    let err = |message: String| LoadError {
+        file: file.clone(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    parse(&bytes).map_err(err)
+}
+
+/// Parses the bytes of a llama2.c checkpoint.
+pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
+    if bytes.len() < 28 {
+        return Err(format!(
+            "the file has {} bytes, too short for the 28-byte header",
+            bytes.len()
+        ));
+    }
+    let field = |i: usize| {
+        i64::from(i32::from_le_bytes(
+            bytes[4 * i..4 * i + 4].try_into().unwrap_or([0; 4]),
+        ))
+    };
+    let names = [
+        "dim",
+        "hidden_dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "vocab_size",
+        "seq_len",
+    ];
+    let mut h = [0i64; 7];
+    for (i, name) in names.iter().enumerate() {
+        h[i] = field(i);
+        let v = if i == 5 { h[i].abs() } else { h[i] };
+        if v <= 0 || v > MAX_HEADER_VALUE {
+            return Err(format!(
+                "header field {name} = {} at byte offset {} is out of range (expected 1..={MAX_HEADER_VALUE})",
+                h[i],
+                4 * i
+            ));
+        }
+    }
+    let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] = h;
+    let tied = vocab > 0;
+    let vocab = vocab.abs();
+    if dim % heads != 0 {
+        return Err(format!("dim {dim} is not a multiple of n_heads {heads}"));
+    }
+    if heads % kv_heads != 0 {
+        return Err(format!(
+            "n_heads {heads} is not a multiple of n_kv_heads {kv_heads}"
+        ));
+    }
+    let head_dim = dim / heads;
+    if head_dim % 2 != 0 {
+        return Err(format!("the head size {head_dim} is odd; RoPE needs pairs"));
+    }
+    let kv_dim = kv_heads * head_dim;
+    let config = ModelConfig {
+        dim: dim as usize,
+        hidden_dim: hidden as usize,
+        layers: layers as usize,
+        heads: heads as usize,
+        kv_heads: kv_heads as usize,
+        vocab: vocab as usize,
+        seq_len: seq_len as usize,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tied_classifier: tied,
+    };
+    let (d, hd, l, v, kv) = (
+        dim as usize,
+        hidden as usize,
+        layers as usize,
+        vocab as usize,
+        kv_dim as usize,
+    );
+    let layout: Vec<(String, Vec<usize>, usize)> = {
+        let mut out = vec![("tok_embeddings.weight".to_string(), vec![v, d], 1)];
+        let per_layer: [(&str, Vec<usize>); 9] = [
+            ("attention_norm.weight", vec![d]),
+            ("attention.wq.weight", vec![d, d]),
+            ("attention.wk.weight", vec![kv, d]),
+            ("attention.wv.weight", vec![kv, d]),
+            ("attention.wo.weight", vec![d, d]),
+            ("ffn_norm.weight", vec![d]),
+            ("feed_forward.w1.weight", vec![hd, d]),
+            ("feed_forward.w2.weight", vec![d, hd]),
+            ("feed_forward.w3.weight", vec![hd, d]),
+        ];
+        for (name, shape) in per_layer {
+            out.push((format!("layers.*.{name}"), shape, l));
+        }
+        out.push(("norm.weight".to_string(), vec![d], 1));
+        out.push((
+            "(rope tables)".to_string(),
+            vec![seq_len as usize, head_dim as usize],
+            1,
+        ));
+        if !tied {
+            out.push(("output.weight".to_string(), vec![v, d], 1));
+        }
+        out
+    };
+    let floats: usize = layout
+        .iter()
+        .map(|(_, s, n)| n * s.iter().product::<usize>())
+        .sum();
+    let expected = 28 + 4 * floats;
+    if bytes.len() != expected {
+        return Err(format!(
+            "the header (dim {dim}, hidden_dim {hidden}, n_layers {layers}, n_heads {heads}, n_kv_heads {kv_heads}, vocab_size {}, seq_len {seq_len}) needs {expected} bytes, but the file has {}",
+            field(5),
+            bytes.len()
+        ));
+    }
+    let mut weights = Weights::default();
+    let mut at = 28;
+    for (name, shape, count) in layout {
+        let n: usize = shape.iter().product();
+        for layer in 0..count {
+            let values: Vec<f32> = bytes[at..at + 4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            at += 4 * n;
+            if name.starts_with('(') {
+                continue;
+            }
+            let key = name.replace('*', &layer.to_string());
+            weights.insert(
+                key,
+                Value::Tensor(Tensor::from_f32(shape.clone(), DType::F32, values)),
+            );
+        }
+    }
+    Ok((config, weights))
+}

@@ -1,0 +1,206 @@
+//! The llama2.c tokenizer (`tokenizer.bin`): byte-pair merges chosen by score.
+//!
+//! The file holds `max_token_length: i32`, then for each of the model's `vocab` tokens a
+//! score `f32`, a length `i32` and that many bytes. Encoding and decoding follow llama2.c's
+//! `run.c` exactly: a BOS token, a dummy-prefix space token, one token per UTF-8 code point
+//! (or one `<0xNN>` byte token per byte, id `byte + 3`, when the code point is not in the
+//! vocabulary), then repeatedly merging the adjacent pair whose concatenation is the
+//! highest-scoring vocabulary entry.
+
+use std::{collections::HashMap, path::Path};
+
+use crate::llama2c::LoadError;
+
+/// Beginning-of-sequence token id.
+pub const BOS: u32 = 1;
+/// End-of-sequence token id.
+pub const EOS: u32 = 2;
+
+/// A llama2.c tokenizer.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    pieces: Vec<Vec<u8>>,
+    scores: Vec<f32>,
+    lookup: HashMap<Vec<u8>, u32>,
+}
+
+impl Tokenizer {
+    /// Reads `tokenizer.bin` for a model with `vocab` tokens.
+    pub fn load(path: &Path, vocab: usize) -> Result<Tokenizer, LoadError> {
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| LoadError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&bytes, vocab).map_err(|message| LoadError { file, message })
+    }
+
+    /// Parses the bytes of a `tokenizer.bin` with `vocab` tokens.
+    pub fn parse(bytes: &[u8], vocab: usize) -> Result<Tokenizer, String> {
+        let mut reader = Reader { bytes, at: 0 };
+        let max_len = reader.i32("max_token_length")?;
+        if max_len <= 0 || max_len > 1 << 16 {
+            return Err(format!(
+                "max_token_length {max_len} at byte offset 0 is out of range"
+            ));
+        }
+        let mut pieces = Vec::with_capacity(vocab);
+        let mut scores = Vec::with_capacity(vocab);
+        for id in 0..vocab {
+            let score = f32::from_bits(reader.i32(&format!("the score of token {id}"))? as u32);
+            let offset = reader.at;
+            let len = reader.i32(&format!("the length of token {id}"))?;
+            if len < 0 || len > max_len {
+                return Err(format!(
+                    "token {id} has length {len} at byte offset {offset}, outside 0..={max_len}"
+                ));
+            }
+            pieces.push(
+                reader
+                    .take(len as usize, &format!("the bytes of token {id}"))?
+                    .to_vec(),
+            );
+            scores.push(score);
+        }
+        let mut lookup = HashMap::with_capacity(vocab);
+        for (id, piece) in pieces.iter().enumerate() {
+            lookup.entry(piece.clone()).or_insert(id as u32);
+        }
+        Ok(Tokenizer {
+            pieces,
+            scores,
+            lookup,
+        })
+    }
+
+    /// Number of tokens.
+    pub fn vocab(&self) -> usize {
+        self.pieces.len()
+    }
+
+    fn id_of(&self, bytes: &[u8]) -> Option<u32> {
+        self.lookup.get(bytes).copied()
+    }
+
+    /// Encodes `text` as run.c does, with a leading BOS when `bos` and a trailing EOS when `eos`.
+    pub fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
+        let mut tokens = Vec::new();
+        if bos {
+            tokens.push(BOS);
+        }
+        if !text.is_empty()
+            && let Some(space) = self.id_of(b" ")
+        {
+            tokens.push(space);
+        }
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let mut end = i + 1;
+            while end < bytes.len() && bytes[end] & 0xC0 == 0x80 && end - i < 4 {
+                end += 1;
+            }
+            let unit = &bytes[i..end];
+            match self.id_of(unit) {
+                Some(id) => tokens.push(id),
+                None => tokens.extend(unit.iter().map(|&b| u32::from(b) + 3)),
+            }
+            i = end;
+        }
+        loop {
+            let mut best: Option<(f32, u32, usize)> = None;
+            for i in 0..tokens.len().saturating_sub(1) {
+                let mut merged = self.piece(tokens[i]).to_vec();
+                merged.extend_from_slice(self.piece(tokens[i + 1]));
+                if let Some(id) = self.id_of(&merged) {
+                    let score = self.scores[id as usize];
+                    if best.is_none_or(|(s, _, _)| score > s) {
+                        best = Some((score, id, i));
+                    }
+                }
+            }
+            let Some((_, id, i)) = best else { break };
+            tokens[i] = id;
+            tokens.remove(i + 1);
+        }
+        if eos {
+            tokens.push(EOS);
+        }
+        tokens
+    }
+
+    /// The bytes of token `id` as stored (empty for an out-of-range id).
+    pub fn piece(&self, id: u32) -> &[u8] {
+        self.pieces.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The bytes printed for `token` after `prev`, as run.c's `decode` + `safe_printf`:
+    /// the leading space of a piece after BOS is dropped, `<0xNN>` pieces become the byte,
+    /// text ends at a NUL byte, and lone bytes that are neither printable nor whitespace
+    /// print nothing.
+    pub fn decode(&self, prev: u32, token: u32) -> Vec<u8> {
+        let mut piece = self.piece(token);
+        if prev == BOS && piece.first() == Some(&b' ') {
+            piece = &piece[1..];
+        }
+        let byte;
+        if let Some(b) = parse_byte_piece(piece) {
+            byte = [b];
+            piece = &byte;
+        }
+        let piece = match piece.iter().position(|&b| b == 0) {
+            Some(nul) => &piece[..nul],
+            None => piece,
+        };
+        match piece {
+            [] => vec![],
+            [b] if !(b.is_ascii_graphic()
+                || *b == b' '
+                || b.is_ascii_whitespace()
+                || *b == 0x0B) =>
+            {
+                vec![]
+            }
+            p => p.to_vec(),
+        }
+    }
+}
+
+/// Reads little-endian fields, reporting truncation with the byte offset.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        if self.bytes.len() - self.at < n {
+            return Err(format!(
+                "truncated at byte offset {}: expected {n} more bytes for {what}",
+                self.at
+            ));
+        }
+        self.at += n;
+        Ok(&self.bytes[self.at - n..self.at])
+    }
+
+    fn i32(&mut self, what: &str) -> Result<i32, String> {
+        let b = self.take(4, what)?;
+        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+/// `<0xNN>` (one or two hex digits, like run.c's `sscanf("<0x%02hhX>")`).
+fn parse_byte_piece(piece: &[u8]) -> Option<u8> {
+    let rest = piece.strip_prefix(b"<0x")?;
+    let digits: Vec<u8> = rest
+        .iter()
+        .take(2)
+        .copied()
+        .take_while(u8::is_ascii_hexdigit)
+        .collect();
+    if digits.is_empty() {
+        return None;
+    }
+    u8::from_str_radix(std::str::from_utf8(&digits).ok()?, 16).ok()
+}

@@ -1,0 +1,212 @@
+//! `llm-run exec`: run one function of an IR file on the reference interpreter with inputs
+//! from `.npy` files or seeded random data.
+
+use std::{collections::HashMap, path::Path};
+
+use llm_ir::{
+    dtype::DType,
+    interp::{self, Interpreter, KvCache, NoWeights, QTensor, Tensor, Value, WeightStore},
+    text,
+    types::{PagedKvCacheType, QuantizedTensorType, ShardedTensorType, TensorType},
+};
+use llm_runtime::npy;
+use pliron::{
+    builtin::{type_interfaces::FunctionTypeInterface, types::FunctionType},
+    common_traits::Named,
+    context::Context,
+    printable::Printable,
+    r#type::{TypeHandle, TypedHandle},
+};
+
+/// A small deterministic generator for random inputs (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn float(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Size used for a dynamic dim of a random input.
+const DYNAMIC_DIM: usize = 1;
+/// Blocks of a random KV cache whose type leaves the count open.
+const DYNAMIC_BLOCKS: usize = 4;
+
+fn concrete(dims: &[Option<u64>]) -> Vec<usize> {
+    dims.iter()
+        .map(|d| d.map_or(DYNAMIC_DIM, |d| d as usize))
+        .collect()
+}
+
+fn random_tensor(rng: &mut Rng, shape: Vec<usize>, dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    if dtype.is_float() {
+        Tensor::from_f32(shape, dtype, (0..n).map(|_| rng.float()).collect())
+    } else {
+        Tensor::from_i64(
+            shape,
+            dtype,
+            (0..n).map(|_| (rng.next() % 8) as i64).collect(),
+        )
+    }
+}
+
+/// A seeded random value of type `ty`.
+fn random_value(ctx: &Context, rng: &mut Rng, ty: TypeHandle) -> Result<Value, String> {
+    if let Ok(t) = TypedHandle::<TensorType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        return Ok(Value::Tensor(random_tensor(
+            rng,
+            concrete(t.shape()),
+            t.dtype(),
+        )));
+    }
+    if let Ok(t) = TypedHandle::<QuantizedTensorType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let shape = concrete(t.shape());
+        let values = random_tensor(rng, shape.clone(), DType::F32);
+        let bytes = interp::quant::quantize(t.format(), &shape, values.floats()?);
+        return Ok(Value::Quantized(QTensor {
+            shape,
+            format: t.format().clone(),
+            bytes,
+        }));
+    }
+    if let Ok(t) = TypedHandle::<PagedKvCacheType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let blocks = t.blocks().map_or(DYNAMIC_BLOCKS, |b| b as usize);
+        return Ok(Value::Cache(KvCache::new(t.params(), blocks)));
+    }
+    if let Ok(t) = TypedHandle::<ShardedTensorType>::from_handle(ty, ctx) {
+        let t = t.deref(ctx);
+        let global = random_tensor(rng, concrete(t.shape()), t.dtype());
+        let shards = (0..t.num_devices() as usize)
+            .map(|d| interp::eval::shard::local_shard(&global, t.mesh(), t.split(), d))
+            .collect();
+        return Ok(Value::Sharded(interp::Sharded {
+            shape: global.shape.clone(),
+            mesh: t.mesh().to_vec(),
+            split: t.split().to_vec(),
+            partial: t.partial().to_vec(),
+            reduction: t.reduction(),
+            shards,
+        }));
+    }
+    Err(format!(
+        "cannot make a random value of type {}",
+        ty.disp(ctx)
+    ))
+}
+
+/// One line describing a value: kind, shape, and its first elements.
+pub fn describe(value: &Value) -> String {
+    fn head(t: &Tensor) -> String {
+        let v = t.to_f64();
+        let shown: Vec<String> = v.iter().take(8).map(|x| format!("{x:.6}")).collect();
+        let more = if v.len() > 8 { ", ..." } else { "" };
+        format!(
+            "tensor<{:?} x {}> [{}{more}]",
+            t.shape,
+            t.dtype,
+            shown.join(", ")
+        )
+    }
+    match value {
+        Value::Tensor(t) => head(t),
+        Value::Quantized(q) => format!(
+            "quantized_tensor<{:?}, {}> ({} bytes)",
+            q.shape,
+            q.format.name(),
+            q.bytes.len()
+        ),
+        Value::Cache(c) => format!("paged_kv_cache<{} blocks>", c.blocks),
+        Value::Sharded(s) => format!(
+            "sharded_tensor<{:?}> on {} devices, device 0: {}",
+            s.shape,
+            s.shards.len(),
+            head(&s.shards[0])
+        ),
+    }
+}
+
+/// Runs `func` of the IR in `source` with named `.npy` inputs (others random from `seed`);
+/// returns the results.
+pub fn exec(
+    file: &str,
+    source: &str,
+    func: &str,
+    inputs: &HashMap<String, std::path::PathBuf>,
+    seed: u64,
+    weights: Option<&dyn WeightStore>,
+) -> Result<Vec<Value>, String> {
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, source).map_err(|d| d.render(file))?;
+    let f = interp::find_func(&ctx, module, func)
+        .ok_or_else(|| format!("{file}: no function @{func}"))?;
+    let fty = TypedHandle::<FunctionType>::from_handle(f.get_type(&ctx), &ctx)
+        .map_err(|_| "bad function type")?;
+    let arg_types = fty.deref(&ctx).arg_types();
+    let entry = f.get_entry_block(&ctx);
+    let params: Vec<_> = entry.deref(&ctx).arguments().collect();
+    let mut rng = Rng(seed.wrapping_mul(2).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut used = 0;
+    let mut args = Vec::with_capacity(params.len());
+    for (i, (param, ty)) in params.iter().zip(&arg_types).enumerate() {
+        let name = param
+            .given_name(&ctx)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("arg{i}"));
+        let value = match inputs.get(&name) {
+            Some(path) => {
+                used += 1;
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+                Value::Tensor(npy::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?)
+            }
+            None => random_value(&ctx, &mut rng, *ty)?,
+        };
+        args.push(value);
+    }
+    if used != inputs.len() {
+        let names: Vec<String> = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.given_name(&ctx)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| format!("arg{i}"))
+            })
+            .collect();
+        let unknown: Vec<&String> = inputs.keys().filter(|k| !names.contains(k)).collect();
+        return Err(format!(
+            "@{func} has no argument named {unknown:?} (arguments: {})",
+            names.join(", ")
+        ));
+    }
+    let no_weights = NoWeights;
+    let store: &dyn WeightStore = weights.unwrap_or(&no_weights);
+    Interpreter::new(&ctx, store)
+        .run(f, args)
+        .map_err(|e| format!("{file}:{e}"))
+}
+
+/// Writes tensor results as `result<i>.npy` in `dir`, returning the paths written.
+pub fn save_results(dir: &Path, results: &[Value]) -> Result<Vec<std::path::PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut written = Vec::new();
+    for (i, value) in results.iter().enumerate() {
+        if let Value::Tensor(t) = value {
+            let path = dir.join(format!("result{i}.npy"));
+            std::fs::write(&path, npy::write(t)).map_err(|e| format!("{}: {e}", path.display()))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
