@@ -172,12 +172,13 @@ pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
         }
         out
     };
-    let floats: usize = layout
+    // Header values are at most 2^20, so these products fit in u128.
+    let floats: u128 = layout
         .iter()
-        .map(|(_, s, n)| n * s.iter().product::<usize>())
+        .map(|(_, s, n)| *n as u128 * s.iter().map(|&d| d as u128).product::<u128>())
         .sum();
     let expected = 28 + 4 * floats;
-    if bytes.len() != expected {
+    if bytes.len() as u128 != expected {
         return Err(format!(
             "the header (dim {dim}, hidden_dim {hidden}, n_layers {layers}, n_heads {heads}, n_kv_heads {kv_heads}, vocab_size {}, seq_len {seq_len}) needs {expected} bytes, but the file has {}",
             field(5),

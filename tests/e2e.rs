@@ -1,0 +1,227 @@
+//! End-to-end tests on the real stories260K model against `../shared/golden`: greedy
+//! generation on the reference interpreter reproduces llama2.c's text and token ids exactly,
+//! and every forward position's logits are within 1e-4 of the golden logits.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use llm_runtime::{
+    generate::{Generation, Model},
+    llama2c,
+    sampler::SamplerConfig,
+    tokenizer::Tokenizer,
+};
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+fn model_path() -> PathBuf {
+    shared().join("models/stories260K.bin")
+}
+
+fn tokenizer_path() -> PathBuf {
+    shared().join("models/tok512.bin")
+}
+
+const GREEDY: SamplerConfig = SamplerConfig {
+    temperature: 0.0,
+    top_p: 0.9,
+    top_k: 0,
+    seed: 1,
+};
+
+fn generate(prompt: &str, steps: usize) -> Generation {
+    let (config, weights) = llama2c::load(&model_path()).expect("model loads");
+    let tokenizer = Tokenizer::load(&tokenizer_path(), config.vocab).expect("tokenizer loads");
+    let model = Model::compile(config, weights).expect("model compiles");
+    model
+        .generate(&tokenizer, prompt, steps, GREEDY)
+        .expect("generation runs")
+}
+
+/// The golden `ids.txt`: prompt ids, all ids, whether it stopped at BOS, forward calls.
+fn golden_ids(stem: &str) -> (Vec<u32>, Vec<u32>, bool, usize) {
+    let text = std::fs::read_to_string(shared().join(format!("golden/{stem}.ids.txt")))
+        .expect("golden ids");
+    let field = |key: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key}"));
+        line[key.len()..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let nums = |v: Vec<String>| {
+        v.iter()
+            .filter_map(|s| s.parse().ok())
+            .collect::<Vec<u32>>()
+    };
+    let ids = field("ids:");
+    let stopped = ids.iter().any(|s| s == "[stop:BOS]");
+    let calls = field("forward_calls:")[0].parse().expect("forward_calls");
+    (nums(field("prompt_ids:")), nums(ids), stopped, calls)
+}
+
+fn golden_logits(stem: &str) -> Vec<f32> {
+    let bytes =
+        std::fs::read(shared().join(format!("golden/{stem}.logits.f32"))).expect("golden logits");
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn check_golden(stem: &str, prompt: &str) {
+    let g = generate(prompt, 256);
+    let text = std::fs::read(shared().join(format!("golden/{stem}.txt"))).expect("golden text");
+    assert_eq!(
+        String::from_utf8_lossy(&g.text),
+        String::from_utf8_lossy(&text),
+        "text differs"
+    );
+    let (prompt_ids, ids, stopped, calls) = golden_ids(stem);
+    assert_eq!(g.prompt_ids, prompt_ids, "prompt ids differ");
+    assert_eq!(g.ids, ids, "token ids differ");
+    assert_eq!(g.stopped_at_bos, stopped);
+    assert_eq!(g.stats.forward_calls, calls);
+    let golden = golden_logits(stem);
+    assert_eq!(golden.len(), calls * 512, "golden logits rows");
+    let mut max_err = 0f32;
+    for (pos, row) in g.logits.iter().enumerate() {
+        for (j, (&a, &b)) in row
+            .iter()
+            .zip(&golden[pos * 512..(pos + 1) * 512])
+            .enumerate()
+        {
+            let err = (a - b).abs();
+            assert!(
+                err <= 1e-4,
+                "{stem}: logit {j} at position {pos} differs by {err} ({a} vs {b})"
+            );
+            max_err = max_err.max(err);
+        }
+    }
+    println!(
+        "{stem}: {} positions, max |logit error| = {max_err:e}",
+        g.logits.len()
+    );
+}
+
+#[test]
+fn golden_once_upon_a_time() {
+    check_golden("once_upon_a_time", "Once upon a time");
+}
+
+#[test]
+fn golden_little_dog() {
+    check_golden("little_dog", "The little dog was sad because");
+}
+
+#[test]
+fn empty_prompt_matches_once_upon_a_time() {
+    let g = generate("", 256);
+    let text = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden text");
+    assert_eq!(g.text, text);
+}
+
+#[test]
+fn steps_count_positions_including_the_prompt() {
+    let g = generate("Once upon a time", 8);
+    assert_eq!(g.stats.forward_calls, 8);
+    let (_, ids, _, _) = golden_ids("once_upon_a_time");
+    assert_eq!(g.ids, ids[..9]);
+}
+
+#[test]
+fn llm_run_generate_prints_what_run_c_prints() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-run"))
+        .args(["generate", "--model"])
+        .arg(model_path())
+        .arg("--tokenizer")
+        .arg(tokenizer_path())
+        .args([
+            "--prompt",
+            "The little dog was sad because",
+            "--temperature",
+            "0",
+            "--stats",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("llm-run runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let golden = std::fs::read(shared().join("golden/little_dog.txt")).expect("golden text");
+    assert_eq!(out.stdout, golden);
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "prompt_tokens",
+        "generated_tokens",
+        "compile_ms",
+        "prefill_ms",
+        "decode_ms",
+        "decode_tok_per_s",
+        "\"backend\": \"interp\"",
+    ] {
+        assert!(stats.contains(key), "stats lack {key}: {stats}");
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let (config, weights) = llama2c::load(&model_path()).expect("model loads");
+    let tokenizer = Tokenizer::load(&tokenizer_path(), config.vocab).expect("tokenizer loads");
+    let model = Model::compile(config, weights).expect("model compiles");
+    let sampler = SamplerConfig {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 40,
+        seed: 42,
+    };
+    let a = model
+        .generate(&tokenizer, "Once upon a time", 64, sampler.clone())
+        .expect("runs");
+    let b = model
+        .generate(&tokenizer, "Once upon a time", 64, sampler.clone())
+        .expect("runs");
+    assert_eq!(a.ids, b.ids);
+    let other = SamplerConfig {
+        seed: 43,
+        ..sampler
+    };
+    let c = model
+        .generate(&tokenizer, "Once upon a time", 64, other)
+        .expect("runs");
+    assert_ne!(
+        a.ids, c.ids,
+        "a different seed should change a 64-step sample"
+    );
+}
+
+#[test]
+fn imported_ir_is_accepted_by_llm_opt() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-run"))
+        .args(["import", "--model"])
+        .arg(model_path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("llm-run runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ir = String::from_utf8(out.stdout).expect("UTF-8 IR");
+    assert!(ir.contains("builtin.func @prefill") && ir.contains("builtin.func @decode"));
+    let args = llmc::pipeline::OptArgs::from_run_line("--emit=ir").expect("args");
+    let reprinted = llmc::pipeline::run(&args, &ir).expect("llm-opt accepts the imported IR");
+    assert_eq!(reprinted, ir);
+}
