@@ -73,30 +73,28 @@ pub fn matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     one(Tensor::from_f32(shape, e.result_dtype(0)?, out))
 }
 
+/// Row `r` of an embedding table (dequantized for a quantized table).
+fn table_row(table: &Value, r: usize) -> Result<Vec<f32>, String> {
+    match table {
+        Value::Tensor(t) => {
+            let d = t.shape[1];
+            Ok(t.floats()?[r * d..(r + 1) * d].to_vec())
+        }
+        Value::Quantized(q) => {
+            let row_bytes = quant::storage_bytes(&q.format, &q.shape[1..]);
+            let bytes = &q.bytes[r * row_bytes..(r + 1) * row_bytes];
+            Ok(quant::dequantize(&q.format, &q.shape[1..], bytes))
+        }
+        other => Err(format!("the table is {}", other.kind())),
+    }
+}
+
 /// `llm.embedding`: gathers (and dequantizes) rows of the table.
 pub fn embedding(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let ids = inputs[1].tensor()?;
-    let (vocab, dim, rows): (usize, usize, Box<dyn Fn(usize) -> Vec<f32>>) = match &*inputs[0] {
-        Value::Tensor(t) => {
-            let data = t.floats()?.to_vec();
-            let d = t.shape[1];
-            (
-                t.shape[0],
-                d,
-                Box::new(move |r| data[r * d..(r + 1) * d].to_vec()),
-            )
-        }
-        Value::Quantized(q) => {
-            let (d, row_bytes) = (q.shape[1], quant::storage_bytes(&q.format, &q.shape[1..]));
-            let (format, bytes) = (q.format.clone(), q.bytes.clone());
-            (
-                q.shape[0],
-                d,
-                Box::new(move |r| {
-                    quant::dequantize(&format, &[d], &bytes[r * row_bytes..(r + 1) * row_bytes])
-                }),
-            )
-        }
+    let (vocab, dim) = match &*inputs[0] {
+        Value::Tensor(t) => (t.shape[0], t.shape[1]),
+        Value::Quantized(q) => (q.shape[0], q.shape[1]),
         other => return Err(format!("the table is {}", other.kind())),
     };
     let mut out = Vec::with_capacity(ids.len() * dim);
@@ -106,7 +104,7 @@ pub fn embedding(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                 "token id {id} is out of range for a table of {vocab} rows"
             ));
         }
-        out.extend(rows(id as usize));
+        out.extend(table_row(&inputs[0], id as usize)?);
     }
     let mut shape = ids.shape.clone();
     shape.push(dim);

@@ -91,7 +91,7 @@ pub fn resolve_shape(dims: &[Dim], count: usize) -> Result<Vec<usize>, String> {
     let dynamic = dims.iter().filter(|d| d.is_none()).count();
     match dynamic {
         0 if known == count => Ok(dims.iter().map(|d| d.unwrap_or(0) as usize).collect()),
-        1 if known > 0 && count % known == 0 => Ok(dims
+        1 if known > 0 && count.is_multiple_of(known) => Ok(dims
             .iter()
             .map(|d| d.map_or(count / known, |d| d as usize))
             .collect()),

@@ -1,0 +1,570 @@
+//! Numeric tests of the reference interpreter: every op against hand-computed or
+//! independently computed values.
+
+use llm_ir::{
+    dtype::DType,
+    interp::{self, Interpreter, KvCache, NoWeights, Sharded, Tensor, Value},
+    text,
+    types::{KvCacheParams, KvStorage, Reduction},
+};
+use pliron::context::Context;
+
+/// Runs `@f` of a module whose function has the given signature and body.
+fn run(
+    args: &[(&str, &str)],
+    results: &[&str],
+    body: &str,
+    inputs: Vec<Value>,
+) -> Result<Vec<Value>, String> {
+    let decl: Vec<String> = args.iter().map(|(n, t)| format!("{n}: {t}")).collect();
+    let types: Vec<&str> = args.iter().map(|(_, t)| *t).collect();
+    let ir = format!(
+        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({}) -> ({})> {{\n      ^body({}):\n{body}\n    }}\n}}\n",
+        types.join(", "),
+        results.join(", "),
+        decl.join(", ")
+    );
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, &ir).map_err(|d| d.render("<test>"))?;
+    let f = interp::find_func(&ctx, module, "f").ok_or("no @f")?;
+    Interpreter::new(&ctx, &NoWeights)
+        .run(f, inputs)
+        .map_err(|e| e.to_string())
+}
+
+fn f32s(shape: &[usize], v: &[f32]) -> Value {
+    Value::Tensor(Tensor::from_f32(shape.to_vec(), DType::F32, v.to_vec()))
+}
+
+fn i32s(shape: &[usize], v: &[i64]) -> Value {
+    Value::Tensor(Tensor::from_i64(shape.to_vec(), DType::I32, v.to_vec()))
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.tensor()
+        .expect("tensor")
+        .floats()
+        .expect("floats")
+        .to_vec()
+}
+
+fn assert_close(found: &[f32], expected: &[f32], tol: f32) {
+    assert_eq!(
+        found.len(),
+        expected.len(),
+        "lengths: {found:?} vs {expected:?}"
+    );
+    for (i, (a, b)) in found.iter().zip(expected).enumerate() {
+        assert!(
+            (a - b).abs() <= tol,
+            "element {i}: {a} vs {b} (found {found:?})"
+        );
+    }
+}
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+const T2X3: &str = "llm.tensor <2x3xf32>";
+
+#[test]
+fn binary_ops_broadcast() {
+    let out = run(
+        &[("a", T2X3), ("b", "llm.tensor <3xf32>"), ("c", "llm.tensor <2x1xf32>")],
+        &[T2X3, T2X3, T2X3, T2X3],
+        "        s = llm.add a, b : llm.tensor <2x3xf32>;\n        d = llm.sub a, c : llm.tensor <2x3xf32>;\n        m = llm.mul b, c : llm.tensor <2x3xf32>;\n        q = llm.div a, b : llm.tensor <2x3xf32>;\n        llm.return s, d, m, q",
+        vec![f32s(&[2, 3], &[1., 2., 3., 4., 5., 6.]), f32s(&[3], &[10., 20., 40.]), f32s(&[2, 1], &[1., 2.])],
+    )
+    .expect("runs");
+    assert_close(&floats(&out[0]), &[11., 22., 43., 14., 25., 46.], 0.0);
+    assert_close(&floats(&out[1]), &[0., 1., 2., 2., 3., 4.], 0.0);
+    assert_close(&floats(&out[2]), &[10., 20., 40., 20., 40., 80.], 0.0);
+    assert_close(&floats(&out[3]), &[0.1, 0.1, 0.075, 0.4, 0.25, 0.15], 1e-7);
+}
+
+#[test]
+fn integer_division_by_zero_is_an_error() {
+    let err = run(
+        &[("a", "llm.tensor <2xi32>")],
+        &["llm.tensor <2xi32>"],
+        "        q = llm.div a, a : llm.tensor <2xi32>;\n        llm.return q",
+        vec![i32s(&[2], &[7, 0])],
+    )
+    .expect_err("division by zero");
+    assert!(err.contains("integer division by zero"), "{err}");
+}
+
+#[test]
+fn unary_ops() {
+    let x = [-1.5f32, 0.0, 0.5, 2.0];
+    let ops = ["exp", "neg", "tanh", "sigmoid", "silu", "gelu"];
+    let body: Vec<String> = ops
+        .iter()
+        .map(|o| format!("        {o} = llm.{o} x : llm.tensor <4xf32>;"))
+        .collect();
+    let out = run(
+        &[("x", "llm.tensor <4xf32>")],
+        &["llm.tensor <4xf32>"; 6],
+        &format!("{}\n        llm.return {}", body.join("\n"), ops.join(", ")),
+        vec![f32s(&[4], &x)],
+    )
+    .expect("runs");
+    let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+    let gelu = |v: f32| {
+        0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+    };
+    let expect: [Vec<f32>; 6] = [
+        x.iter().map(|v| v.exp()).collect(),
+        x.iter().map(|v| -v).collect(),
+        x.iter().map(|v| v.tanh()).collect(),
+        x.iter().map(|&v| sig(v)).collect(),
+        x.iter().map(|&v| v * sig(v)).collect(),
+        x.iter().map(|&v| gelu(v)).collect(),
+    ];
+    for (i, e) in expect.iter().enumerate() {
+        assert_close(&floats(&out[i]), e, 1e-6);
+    }
+    // Known values.
+    assert_close(&floats(&out[3])[1..2], &[0.5], 0.0);
+    assert_close(&floats(&out[5])[3..4], &[1.954_597_7], 1e-5);
+    let roots = run(
+        &[("x", "llm.tensor <2xf32>")],
+        &["llm.tensor <2xf32>", "llm.tensor <2xf32>"],
+        "        s = llm.sqrt x : llm.tensor <2xf32>;\n        r = llm.rsqrt x : llm.tensor <2xf32>;\n        llm.return s, r",
+        vec![f32s(&[2], &[4.0, 0.25])],
+    )
+    .expect("runs");
+    assert_close(&floats(&roots[0]), &[2.0, 0.5], 0.0);
+    assert_close(&floats(&roots[1]), &[0.5, 2.0], 0.0);
+}
+
+#[test]
+fn half_precision_results_are_rounded() {
+    let out = run(
+        &[("a", "llm.tensor <2xf32>")],
+        &["llm.tensor <2xf16>", "llm.tensor <2xbf16>"],
+        "        h = llm.cast a : llm.tensor <2xf16>;\n        b = llm.cast a : llm.tensor <2xbf16>;\n        llm.return h, b",
+        vec![f32s(&[2], &[1.0 + 1.0 / 4096.0, 5.001])],
+    )
+    .expect("runs");
+    assert_eq!(floats(&out[0]), vec![1.0, 5.0]);
+    assert_eq!(floats(&out[1]), vec![1.0, 5.0]);
+}
+
+#[test]
+fn matmul_plain_transposed_and_batched() {
+    let out = run(
+        &[("a", T2X3), ("b", "llm.tensor <3x2xf32>"), ("bt", "llm.tensor <2x3xf32>"), ("x", "llm.tensor <2x1x3xf32>")],
+        &["llm.tensor <2x2xf32>", "llm.tensor <2x2xf32>", "llm.tensor <2x1x2xf32>"],
+        "        p = llm.matmul a, b : llm.tensor <2x2xf32>;\n        t = llm.matmul a, bt {transpose_rhs = true} : llm.tensor <2x2xf32>;\n        q = llm.matmul x, b : llm.tensor <2x1x2xf32>;\n        llm.return p, t, q",
+        vec![
+            f32s(&[2, 3], &[1., 2., 3., 4., 5., 6.]),
+            f32s(&[3, 2], &[7., 8., 9., 10., 11., 12.]),
+            f32s(&[2, 3], &[7., 9., 11., 8., 10., 12.]),
+            f32s(&[2, 1, 3], &[1., 0., 0., 0., 0., 1.]),
+        ],
+    )
+    .expect("runs");
+    assert_close(&floats(&out[0]), &[58., 64., 139., 154.], 0.0);
+    assert_close(&floats(&out[1]), &[58., 64., 139., 154.], 0.0);
+    assert_close(&floats(&out[2]), &[7., 8., 11., 12.], 0.0);
+}
+
+#[test]
+fn embedding_gathers_rows_and_rejects_bad_ids() {
+    let table = f32s(&[3, 2], &[0., 1., 10., 11., 20., 21.]);
+    let body = "        e = llm.embedding t, ids : llm.tensor <2x2xf32>;\n        llm.return e";
+    let args = [("t", "llm.tensor <3x2xf32>"), ("ids", "llm.tensor <2xi32>")];
+    let out = run(
+        &args,
+        &["llm.tensor <2x2xf32>"],
+        body,
+        vec![table.clone(), i32s(&[2], &[2, 0])],
+    )
+    .expect("runs");
+    assert_close(&floats(&out[0]), &[20., 21., 0., 1.], 0.0);
+    let err = run(
+        &args,
+        &["llm.tensor <2x2xf32>"],
+        body,
+        vec![table, i32s(&[2], &[3, 0])],
+    )
+    .expect_err("bad id");
+    assert!(err.contains("token id 3 is out of range"), "{err}");
+}
+
+#[test]
+fn norms_and_softmax() {
+    let out = run(
+        &[("x", "llm.tensor <1x2xf32>"), ("w", "llm.tensor <2xf32>"), ("y", "llm.tensor <3xf32>"), ("one", "llm.tensor <3xf32>"), ("zero", "llm.tensor <3xf32>")],
+        &["llm.tensor <1x2xf32>", "llm.tensor <3xf32>", "llm.tensor <3xf32>"],
+        "        r = llm.rms_norm x, w {eps = 1e-12} : llm.tensor <1x2xf32>;\n        l = llm.layer_norm y, one, zero {eps = 1e-12} : llm.tensor <3xf32>;\n        s = llm.softmax y : llm.tensor <3xf32>;\n        llm.return r, l, s",
+        vec![f32s(&[1, 2], &[3., 4.]), f32s(&[2], &[1., 2.]), f32s(&[3], &[1., 2., 3.]), f32s(&[3], &[1.; 3]), f32s(&[3], &[0.; 3])],
+    )
+    .expect("runs");
+    let rms = (12.5f32).sqrt();
+    assert_close(&floats(&out[0]), &[3. / rms, 8. / rms], 1e-6);
+    let sd = (2.0f32 / 3.0).sqrt();
+    assert_close(&floats(&out[1]), &[-1. / sd, 0., 1. / sd], 1e-5);
+    let z = 1f32.exp() + 2f32.exp() + 3f32.exp();
+    assert_close(
+        &floats(&out[2]),
+        &[1f32.exp() / z, 2f32.exp() / z, 3f32.exp() / z],
+        1e-6,
+    );
+    let cols = run(
+        &[("x", "llm.tensor <2x2xf32>")],
+        &["llm.tensor <2x2xf32>"],
+        "        s = llm.softmax x {axis = 0} : llm.tensor <2x2xf32>;\n        llm.return s",
+        vec![f32s(&[2, 2], &[0., 5., 0., 5.])],
+    )
+    .expect("runs");
+    assert_close(&floats(&cols[0]), &[0.5, 0.5, 0.5, 0.5], 0.0);
+}
+
+#[test]
+fn rope_rotates_pairs_by_position() {
+    let out = run(
+        &[("x", "llm.tensor <2x1x4xf32>"), ("p", "llm.tensor <2xi32>")],
+        &["llm.tensor <2x1x4xf32>", "llm.tensor <2x1x4xf32>"],
+        "        a = llm.rope x, p {theta = 100.0} : llm.tensor <2x1x4xf32>;\n        b = llm.rope x, p {theta = 100.0, layout = half} : llm.tensor <2x1x4xf32>;\n        llm.return a, b",
+        vec![f32s(&[2, 1, 4], &[1., 0., 1., 0., 1., 0., 1., 0.]), i32s(&[2], &[0, 1])],
+    )
+    .expect("runs");
+    // Pair 0 turns by p radians, pair 1 by p / 100^(2/4) = p / 10.
+    let (c1, s1, c2, s2) = (1f32.cos(), 1f32.sin(), 0.1f32.cos(), 0.1f32.sin());
+    assert_close(&floats(&out[0]), &[1., 0., 1., 0., c1, s1, c2, s2], 1e-6);
+    // Half layout pairs (0, 2) (angle p) and (1, 3) (angle p / 10, but both are zero).
+    assert_close(
+        &floats(&out[1]),
+        &[1., 0., 1., 0., c1 - s1, 0., s1 + c1, 0.],
+        1e-6,
+    );
+}
+
+#[test]
+fn attention_by_hand() {
+    // One query against two keys with head dim 1 and scale 1: p = softmax([0, 1]).
+    let q = f32s(&[1, 1, 1], &[1.]);
+    let k = f32s(&[2, 1, 1], &[0., 1.]);
+    let v = f32s(&[2, 1, 1], &[10., 20.]);
+    let args = [
+        ("q", "llm.tensor <1x1x1xf32>"),
+        ("k", "llm.tensor <2x1x1xf32>"),
+        ("v", "llm.tensor <2x1x1xf32>"),
+    ];
+    let body = |params: &str| {
+        format!(
+            "        o = llm.attention q, k, v {{{params}}} : llm.tensor <1x1x1xf32>;\n        llm.return o"
+        )
+    };
+    let full = run(
+        &args,
+        &["llm.tensor <1x1x1xf32>"],
+        &body("kv_heads = 1, scale = 1.0"),
+        vec![q.clone(), k.clone(), v.clone()],
+    )
+    .expect("runs");
+    let p1 = 1f32.exp() / (1.0 + 1f32.exp());
+    assert_close(&floats(&full[0]), &[10. * (1. - p1) + 20. * p1], 1e-5);
+    // A window of 1 sees only the query's own position (the last key).
+    let windowed = run(
+        &args,
+        &["llm.tensor <1x1x1xf32>"],
+        &body("kv_heads = 1, scale = 1.0, causal = true, window = 1"),
+        vec![q, k, v],
+    )
+    .expect("runs");
+    assert_close(&floats(&windowed[0]), &[20.], 0.0);
+}
+
+#[test]
+fn causal_gqa_attention_matches_a_direct_computation() {
+    let (t, h, kvh, d) = (3usize, 4usize, 2usize, 4usize);
+    let (q, k, v) = (
+        random(t * h * d, 1),
+        random(t * kvh * d, 2),
+        random(t * kvh * d, 3),
+    );
+    let out = run(
+        &[("q", "llm.tensor <3x4x4xf32>"), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>")],
+        &["llm.tensor <3x4x4xf32>"],
+        "        o = llm.attention q, k, v {kv_heads = 2, causal = true} : llm.tensor <3x4x4xf32>;\n        llm.return o",
+        vec![f32s(&[t, h, d], &q), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v)],
+    )
+    .expect("runs");
+    let mut expected = Vec::new();
+    for i in 0..t {
+        for head in 0..h {
+            let kv = head / (h / kvh);
+            let scores: Vec<f64> = (0..=i)
+                .map(|j| {
+                    (0..d)
+                        .map(|x| {
+                            f64::from(q[(i * h + head) * d + x])
+                                * f64::from(k[(j * kvh + kv) * d + x])
+                        })
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for x in 0..d {
+                let o: f64 = (0..=i)
+                    .map(|j| (scores[j] - max).exp() / z * f64::from(v[(j * kvh + kv) * d + x]))
+                    .sum();
+                expected.push(o as f32);
+            }
+        }
+    }
+    assert_close(&floats(&out[0]), &expected, 1e-5);
+}
+
+fn cache(blocks: usize, block_size: u64, window: Option<u64>) -> KvCache {
+    let params = KvCacheParams {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 4,
+        block_size,
+        blocks: None,
+        storage: KvStorage::Float(DType::F32),
+        window,
+    };
+    KvCache::new(params, blocks)
+}
+
+const CACHE_T: &str = "llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 4, block_size = 2, blocks = ?, dtype = f32>";
+
+#[test]
+fn append_kv_writes_the_given_slots_of_the_given_layer() {
+    let k = random(3 * 8, 4);
+    let v = random(3 * 8, 5);
+    let out = run(
+        &[("c", CACHE_T), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>"), ("s", "llm.tensor <3xi32>")],
+        &[CACHE_T],
+        "        c1 = llm.append_kv c, k, v, s {layer = 1} : llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 4, block_size = 2, blocks = ?, dtype = f32>;\n        llm.return c1",
+        vec![Value::Cache(cache(4, 2, None)), f32s(&[3, 2, 4], &k), f32s(&[3, 2, 4], &v), i32s(&[3], &[5, 0, 2])],
+    )
+    .expect("runs");
+    let c = out[0].cache().expect("cache");
+    for (n, slot) in [5usize, 0, 2].into_iter().enumerate() {
+        let at = c.slot_offset(1, slot);
+        assert_eq!(&c.k[at..at + 8], &k[n * 8..n * 8 + 8]);
+        assert_eq!(&c.v[at..at + 8], &v[n * 8..n * 8 + 8]);
+    }
+    // Layer 0 and unwritten slots stay zero.
+    assert!(c.k[..c.slot_offset(1, 0)].iter().all(|&x| x == 0.0));
+    assert!(
+        c.k[c.slot_offset(1, 1)..c.slot_offset(1, 2)]
+            .iter()
+            .all(|&x| x == 0.0)
+    );
+}
+
+#[test]
+fn paged_attention_equals_contiguous_attention_and_reads_only_its_blocks() {
+    // A sequence of 5 positions in blocks [3, 1, 0] of size 2; block 2 belongs to someone else.
+    let (t, h, kvh, d) = (5usize, 4usize, 2usize, 4usize);
+    let (q, k, v) = (
+        random(t * h * d, 6),
+        random(t * kvh * d, 7),
+        random(t * kvh * d, 8),
+    );
+    let table = [3i64, 1, 0];
+    let slots: Vec<i64> = (0..t as i64)
+        .map(|p| table[(p / 2) as usize] * 2 + p % 2)
+        .collect();
+    let mut pool = cache(4, 2, None);
+    for x in pool.k.iter_mut().chain(pool.v.iter_mut()) {
+        *x = 1e6;
+    }
+    let cache_ty = CACHE_T;
+    let paged = run(
+        &[("c", cache_ty), ("k", "llm.tensor <5x2x4xf32>"), ("v", "llm.tensor <5x2x4xf32>"), ("s", "llm.tensor <5xi32>"), ("q", "llm.tensor <1x5x4x4xf32>"), ("tables", "llm.tensor <1x3xi32>"), ("lens", "llm.tensor <1xi32>")],
+        &["llm.tensor <1x5x4x4xf32>"],
+        &format!("        c1 = llm.append_kv c, k, v, s {{layer = 0}} : {cache_ty};\n        o = llm.paged_attention q, c1, tables, lens {{layer = 0, kv_heads = 2}} : llm.tensor <1x5x4x4xf32>;\n        llm.return o"),
+        vec![Value::Cache(pool), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v), i32s(&[t], &slots), f32s(&[1, t, h, d], &q), i32s(&[1, 3], &table), i32s(&[1], &[5])],
+    )
+    .expect("runs");
+    let contiguous = run(
+        &[("q", "llm.tensor <5x4x4xf32>"), ("k", "llm.tensor <5x2x4xf32>"), ("v", "llm.tensor <5x2x4xf32>")],
+        &["llm.tensor <5x4x4xf32>"],
+        "        o = llm.attention q, k, v {kv_heads = 2, causal = true} : llm.tensor <5x4x4xf32>;\n        llm.return o",
+        vec![f32s(&[t, h, d], &q), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v)],
+    )
+    .expect("runs");
+    assert_close(&floats(&paged[0]), &floats(&contiguous[0]), 1e-6);
+}
+
+#[test]
+fn paged_attention_honours_sliding_windows_and_lookup_kv_gathers() {
+    let (t, h, kvh, d) = (4usize, 2usize, 2usize, 4usize);
+    let (q, k, v) = (
+        random(t * h * d, 9),
+        random(t * kvh * d, 10),
+        random(t * kvh * d, 11),
+    );
+    let ty = "llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 4, block_size = 2, blocks = ?, dtype = f32, window = 2>";
+    let out = run(
+        &[("c", ty), ("k", "llm.tensor <4x2x4xf32>"), ("v", "llm.tensor <4x2x4xf32>"), ("s", "llm.tensor <4xi32>"), ("q", "llm.tensor <1x4x2x4xf32>"), ("tables", "llm.tensor <1x2xi32>"), ("lens", "llm.tensor <1xi32>"), ("table", "llm.tensor <2xi32>"), ("len", "llm.tensor <i32>")],
+        &["llm.tensor <1x4x2x4xf32>", "llm.tensor <4x2x4xf32>"],
+        &format!("        c1 = llm.append_kv c, k, v, s {{layer = 0}} : {ty};\n        o = llm.paged_attention q, c1, tables, lens {{layer = 0, kv_heads = 2, window = 2}} : llm.tensor <1x4x2x4xf32>;\n        kk, vv = llm.lookup_kv c1, table, len {{layer = 0}} : llm.tensor <4x2x4xf32>, llm.tensor <4x2x4xf32>;\n        llm.return o, kk"),
+        vec![
+            Value::Cache(cache(2, 2, Some(2))),
+            f32s(&[t, kvh, d], &k),
+            f32s(&[t, kvh, d], &v),
+            i32s(&[t], &[2, 3, 0, 1]),
+            f32s(&[1, t, h, d], &q),
+            i32s(&[1, 2], &[1, 0]),
+            i32s(&[1], &[4]),
+            i32s(&[2], &[1, 0]),
+            Value::Tensor(Tensor::from_i64(vec![], DType::I32, vec![4])),
+        ],
+    )
+    .expect("runs");
+    let contiguous = run(
+        &[("q", "llm.tensor <4x2x4xf32>"), ("k", "llm.tensor <4x2x4xf32>"), ("v", "llm.tensor <4x2x4xf32>")],
+        &["llm.tensor <4x2x4xf32>"],
+        "        o = llm.attention q, k, v {kv_heads = 2, causal = true, window = 2} : llm.tensor <4x2x4xf32>;\n        llm.return o",
+        vec![f32s(&[t, h, d], &q), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v)],
+    )
+    .expect("runs");
+    assert_close(&floats(&out[0]), &floats(&contiguous[0]), 1e-6);
+    assert_eq!(floats(&out[1]), k);
+}
+
+#[test]
+fn quantized_matmul_is_matmul_with_the_dequantized_weight() {
+    let (x, w) = (random(2 * 64, 12), random(3 * 64, 13));
+    let out = run(
+        &[("x", "llm.tensor <2x64xf32>"), ("w", "llm.tensor <3x64xf32>")],
+        &["llm.tensor <2x3xf32>", "llm.tensor <2x3xf32>"],
+        "        q = llm.quantize w : llm.quantized_tensor <3x64, q8_0>;\n        y = llm.quantized_matmul x, q : llm.tensor <2x3xf32>;\n        d = llm.dequantize q : llm.tensor <3x64xf32>;\n        z = llm.matmul x, d {transpose_rhs = true} : llm.tensor <2x3xf32>;\n        llm.return y, z",
+        vec![f32s(&[2, 64], &x), f32s(&[3, 64], &w)],
+    )
+    .expect("runs");
+    assert_eq!(floats(&out[0]), floats(&out[1]));
+}
+
+#[test]
+fn shape_ops() {
+    let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    let out = run(
+        &[("x", "llm.tensor <2x3x2xf32>"), ("y", "llm.tensor <1x3x2xf32>")],
+        &["llm.tensor <6x2xf32>", "llm.tensor <3x2x2xf32>", "llm.tensor <1x2x1xf32>", "llm.tensor <3x3x2xf32>", "llm.tensor <2x3x2xi32>", "llm.tensor <2x3xi64>"],
+        "        r = llm.reshape x : llm.tensor <6x2xf32>;\n        t = llm.transpose x {perm = [1, 0, 2]} : llm.tensor <3x2x2xf32>;\n        s = llm.slice x {starts = [1, 0, 1], steps = [1, 2, 1]} : llm.tensor <1x2x1xf32>;\n        c = llm.concat x, y {axis = 0} : llm.tensor <3x3x2xf32>;\n        i = llm.cast x : llm.tensor <2x3x2xi32>;\n        a = llm.argmax x {axis = 2} : llm.tensor <2x3xi64>;\n        llm.return r, t, s, c, i, a",
+        vec![f32s(&[2, 3, 2], &x), f32s(&[1, 3, 2], &[-1.; 6])],
+    )
+    .expect("runs");
+    assert_eq!(floats(&out[0]), x);
+    assert_eq!(
+        floats(&out[1]),
+        vec![0., 1., 6., 7., 2., 3., 8., 9., 4., 5., 10., 11.]
+    );
+    assert_eq!(floats(&out[2]), vec![7., 11.]);
+    assert_eq!(floats(&out[3])[12..], [-1.; 6]);
+    assert_eq!(
+        out[4].tensor().expect("t").ints().expect("ints"),
+        (0..12).collect::<Vec<i64>>()
+    );
+    assert_eq!(
+        out[5].tensor().expect("t").ints().expect("ints"),
+        vec![1; 6]
+    );
+}
+
+#[test]
+fn argmax_takes_the_first_maximum() {
+    let out = run(
+        &[("x", "llm.tensor <4xf32>")],
+        &["llm.tensor <i32>"],
+        "        a = llm.argmax x : llm.tensor <i32>;\n        llm.return a",
+        vec![f32s(&[4], &[1., 3., 3., 2.])],
+    )
+    .expect("runs");
+    assert_eq!(out[0].tensor().expect("t").ints().expect("ints"), [1]);
+}
+
+#[test]
+fn tensor_parallel_mlp_equals_the_unsharded_computation() {
+    let (x, up, down) = (random(4 * 8, 14), random(16 * 8, 15), random(8 * 16, 16));
+    let mesh = "mesh = [tp = 2]";
+    let sharded = run(
+        &[("x", "llm.tensor <4x8xf32>"), ("up", "llm.tensor <16x8xf32>"), ("down", "llm.tensor <8x16xf32>")],
+        &["llm.tensor <4x8xf32>"],
+        &format!(
+            "        xs = llm.shard x : llm.sharded_tensor <4x8xf32, {mesh}, split = [[], []]>;\n        us = llm.shard up : llm.sharded_tensor <16x8xf32, {mesh}, split = [[tp], []]>;\n        ds = llm.shard down : llm.sharded_tensor <8x16xf32, {mesh}, split = [[], [tp]]>;\n        h = llm.sharded_linear xs, us : llm.sharded_tensor <4x16xf32, {mesh}, split = [[], [tp]]>;\n        y = llm.sharded_linear h, ds : llm.sharded_tensor <4x8xf32, {mesh}, split = [[], []], partial = sum [tp]>;\n        r = llm.all_reduce y {{mesh_axes = [tp]}} : llm.sharded_tensor <4x8xf32, {mesh}, split = [[], []]>;\n        o = llm.unshard r : llm.tensor <4x8xf32>;\n        llm.return o"
+        ),
+        vec![f32s(&[4, 8], &x), f32s(&[16, 8], &up), f32s(&[8, 16], &down)],
+    )
+    .expect("runs");
+    let plain = run(
+        &[("x", "llm.tensor <4x8xf32>"), ("up", "llm.tensor <16x8xf32>"), ("down", "llm.tensor <8x16xf32>")],
+        &["llm.tensor <4x8xf32>"],
+        "        h = llm.matmul x, up {transpose_rhs = true} : llm.tensor <4x16xf32>;\n        o = llm.matmul h, down {transpose_rhs = true} : llm.tensor <4x8xf32>;\n        llm.return o",
+        vec![f32s(&[4, 8], &x), f32s(&[16, 8], &up), f32s(&[8, 16], &down)],
+    )
+    .expect("runs");
+    assert_close(&floats(&sharded[0]), &floats(&plain[0]), 1e-5);
+}
+
+#[test]
+fn reduce_scatter_then_all_gather_equals_all_reduce() {
+    // Four devices on a 2x2 mesh; values partial over tp.
+    let mesh = vec![("dp".to_string(), 2), ("tp".to_string(), 2)];
+    let shards: Vec<Tensor> = (0..4)
+        .map(|d| Tensor::from_f32(vec![4, 2], DType::F32, random(8, 20 + d)))
+        .collect();
+    let input = Sharded {
+        shape: vec![4, 2],
+        mesh,
+        split: vec![vec![], vec![]],
+        partial: vec!["tp".into()],
+        reduction: Reduction::Sum,
+        shards,
+    };
+    let ty = |split: &str, partial: &str| {
+        format!("llm.sharded_tensor <4x2xf32, mesh = [dp = 2, tp = 2], split = {split}{partial}>")
+    };
+    let out = run(
+        &[("x", &ty("[[], []]", ", partial = sum [tp]"))],
+        &[&ty("[[], []]", ""), &ty("[[], []]", "")],
+        &format!(
+            "        s = llm.reduce_scatter x {{dim = 0, mesh_axes = [tp]}} : {};\n        g = llm.all_gather s {{dim = 0, mesh_axes = [tp]}} : {};\n        r = llm.all_reduce x {{mesh_axes = [tp]}} : {};\n        llm.return g, r",
+            ty("[[tp], []]", ""),
+            ty("[[], []]", ""),
+            ty("[[], []]", "")
+        ),
+        vec![Value::Sharded(input.clone())],
+    )
+    .expect("runs");
+    let (g, r) = (
+        out[0].sharded().expect("sharded"),
+        out[1].sharded().expect("sharded"),
+    );
+    for d in 0..4 {
+        let peer = d ^ 1; // Same dp coordinate, other tp coordinate.
+        let sum: Vec<f32> = input.shards[d]
+            .floats()
+            .unwrap()
+            .iter()
+            .zip(input.shards[peer].floats().unwrap())
+            .map(|(a, b)| a + b)
+            .collect();
+        assert_close(r.shards[d].floats().unwrap(), &sum, 0.0);
+        assert_close(g.shards[d].floats().unwrap(), &sum, 0.0);
+    }
+}

@@ -1,0 +1,204 @@
+//! Quantization formats: byte-exact against llama.cpp's reference vectors
+//! (`../shared/quant-vectors`, made with the `gguf` Python package), plus round-trip and
+//! known-value tests for every format.
+
+use std::path::{Path, PathBuf};
+
+use llm_ir::{
+    dtype::DType,
+    interp::quant::{NF4_LEVELS, dequantize, quantize, storage_bytes},
+    types::QuantFormat,
+};
+
+fn vectors(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/quant-vectors")
+        .join(file)
+}
+
+fn read_f32(file: &str) -> Vec<f32> {
+    let bytes = std::fs::read(vectors(file)).expect("vector file");
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+const SHAPE: [usize; 2] = [8, 512];
+
+fn gguf(name: &str) -> QuantFormat {
+    match name {
+        "q8_0" => QuantFormat::Q8_0,
+        "q4_0" => QuantFormat::Q4_0,
+        "q4_1" => QuantFormat::Q4_1,
+        "q4_k" => QuantFormat::Q4K,
+        "q6_k" => QuantFormat::Q6K,
+        _ => QuantFormat::Q2K,
+    }
+}
+
+fn assert_bits_equal(found: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(found.len(), expected.len(), "{what}: length");
+    for (i, (a, b)) in found.iter().zip(expected).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn quantizing_matches_llama_cpp_byte_for_byte() {
+    for name in ["q8_0", "q4_0", "q4_1"] {
+        let input = read_f32(&format!("{name}.input.f32"));
+        let expected = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
+        let found = quantize(&gguf(name), &SHAPE, &input);
+        assert_eq!(found.len(), expected.len(), "{name}: byte count");
+        let first_diff = found.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!(first_diff, None, "{name}: first differing byte");
+    }
+}
+
+#[test]
+fn dequantizing_matches_llama_cpp_exactly() {
+    for name in ["q8_0", "q4_0", "q4_1", "q2_k", "q4_k", "q6_k"] {
+        let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
+        let expected = read_f32(&format!("{name}.dequant.f32"));
+        assert_eq!(
+            storage_bytes(&gguf(name), &SHAPE),
+            blocks.len(),
+            "{name}: storage size"
+        );
+        assert_bits_equal(&dequantize(&gguf(name), &SHAPE, &blocks), &expected, name);
+    }
+}
+
+/// A deterministic spread of values in [-scale, scale].
+fn sample(n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + 13) % 1000) as f32 / 500.0 - 1.0) * scale)
+        .collect()
+}
+
+fn max_abs_error(format: &QuantFormat, shape: &[usize], x: &[f32]) -> f32 {
+    let bytes = quantize(format, shape, x);
+    assert_eq!(
+        bytes.len(),
+        storage_bytes(format, shape),
+        "{}: storage size",
+        format.name()
+    );
+    let y = dequantize(format, shape, &bytes);
+    assert_eq!(y.len(), x.len());
+    x.iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn every_format_round_trips_within_its_step() {
+    let shape = [4, 512];
+    let x = sample(2048, 2.0);
+    let affine = |bits, symmetric| QuantFormat::Affine {
+        bits,
+        group_size: 64,
+        symmetric,
+        axis: 1,
+        scale: DType::F32,
+    };
+    // Bounds: about half a quantization step of each format over values in [-2, 2].
+    let cases = [
+        (QuantFormat::Q8_0, 2.0 / 127.0),
+        (QuantFormat::Q4_0, 2.0 / 8.0 * 1.01),
+        (QuantFormat::Q4_1, 4.0 / 15.0 * 0.51),
+        (QuantFormat::Q4K, 4.0 / 15.0 * 0.6),
+        (QuantFormat::Q6K, 2.0 / 31.0 * 0.6),
+        (QuantFormat::Q2K, 4.0 / 3.0 * 0.6),
+        (
+            QuantFormat::Nf4 {
+                block_size: 64,
+                scale: DType::F32,
+            },
+            2.0 * 0.17,
+        ),
+        (affine(8, true), 2.0 / 127.0 * 0.51),
+        (affine(8, false), 4.0 / 255.0 * 0.51),
+        (affine(4, true), 2.0 / 7.0 * 0.51),
+        (affine(4, false), 4.0 / 15.0 * 0.51),
+        (affine(2, true), 2.0 * 0.51),
+        (affine(2, false), 4.0 / 3.0 * 0.51),
+    ];
+    for (format, bound) in cases {
+        let err = max_abs_error(&format, &shape, &x);
+        assert!(err <= bound, "{}: max error {err} above {bound}", format);
+    }
+}
+
+#[test]
+fn exactly_representable_values_survive() {
+    // Multiples of the q8_0 step with 127 * step as the block maximum come back exactly.
+    let mut x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.5).collect();
+    x[0] = 63.5;
+    let q = QuantFormat::Q8_0;
+    assert_bits_equal(&dequantize(&q, &[32], &quantize(&q, &[32], &x)), &x, "q8_0");
+    // NF4 levels times a power-of-two absmax are exact.
+    let levels: Vec<f32> = NF4_LEVELS
+        .iter()
+        .chain(NF4_LEVELS.iter().rev())
+        .map(|l| l * 4.0)
+        .collect();
+    let nf4 = QuantFormat::Nf4 {
+        block_size: 32,
+        scale: DType::F16,
+    };
+    assert_bits_equal(
+        &dequantize(&nf4, &[32], &quantize(&nf4, &[32], &levels)),
+        &levels,
+        "nf4",
+    );
+    // Small integers are exact in symmetric int8 with a unit scale.
+    let ints: Vec<f32> = (0..16)
+        .map(|i| (i as f32) - 8.0)
+        .chain([127.0])
+        .chain(std::iter::repeat_n(0.0, 15))
+        .collect();
+    let int8 = QuantFormat::Affine {
+        bits: 8,
+        group_size: 32,
+        symmetric: true,
+        axis: 0,
+        scale: DType::F32,
+    };
+    assert_bits_equal(
+        &dequantize(&int8, &[32], &quantize(&int8, &[32], &ints)),
+        &ints,
+        "int8",
+    );
+}
+
+#[test]
+fn known_q4_0_block() {
+    // The largest magnitude is -8, so d = -8 / -8 = 1 and each value x maps to x + 8.
+    let x: Vec<f32> = (0..32)
+        .map(|i| if i == 0 { -8.0 } else { (i % 8) as f32 - 4.0 })
+        .collect();
+    let bytes = quantize(&QuantFormat::Q4_0, &[32], &x);
+    assert_eq!(&bytes[..2], &half::f16::from_f32(1.0).to_le_bytes());
+    // Element 0 (code 0) is the low nibble, element 16 the high nibble.
+    assert_eq!(bytes[2], ((x[16] + 8.0) as u8) << 4);
+    assert_eq!(dequantize(&QuantFormat::Q4_0, &[32], &bytes), x);
+}
+
+#[test]
+fn affine_groups_run_along_their_axis() {
+    // Axis 0 groups of 2: each column pair shares a scale, so a large value in column 0
+    // does not coarsen column 1.
+    let x = vec![100.0, 1.0, -100.0, -1.0];
+    let format = QuantFormat::Affine {
+        bits: 8,
+        group_size: 2,
+        symmetric: true,
+        axis: 0,
+        scale: DType::F32,
+    };
+    let y = dequantize(&format, &[2, 2], &quantize(&format, &[2, 2], &x));
+    assert_eq!(y, x);
+}
