@@ -37,7 +37,7 @@ impl Rng {
 /// Size used for a dynamic dim of a random input.
 const DYNAMIC_DIM: usize = 1;
 /// Blocks of a random KV cache whose type leaves the count open.
-const DYNAMIC_BLOCKS: usize = 4;
+const DYNAMIC_BLOCKS: usize = 8;
 
 fn concrete(dims: &[Option<u64>]) -> Vec<usize> {
     dims.iter()

@@ -113,3 +113,61 @@ fn output_file_is_written_only_on_success() {
     assert!(leftovers.is_empty(), "temporary files left behind");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn llm_run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llm-run"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("llm-run runs")
+}
+
+#[test]
+fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let file = format!("{root}/tests/filetests/ir/norm.plir");
+    let out = llm_run(&["exec", &file, "--func", "f", "--seed", "7"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("result #0: tensor<[1, 64] x f32>"), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let again = llm_run(&["exec", &file, "--func", "f", "--seed", "7"]);
+    assert_eq!(again.stdout, out.stdout, "the same seed gives the same inputs");
+
+    // The decode-step example with real weights and inputs from .npy files.
+    let dir = std::env::temp_dir().join(format!("llm-run-exec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let write = |name: &str, shape: Vec<usize>, values: Vec<i64>| {
+        let t = llm_ir::interp::Tensor::from_i64(shape, llm_ir::dtype::DType::I32, values);
+        let path = dir.join(format!("{name}.npy"));
+        std::fs::write(&path, llm_runtime::npy::write(&t)).expect("write npy");
+        format!("{name}={}", path.display())
+    };
+    let inputs = [
+        write("tokens", vec![1], vec![42]),
+        write("positions", vec![1], vec![0]),
+        write("slots", vec![1], vec![0]),
+        write("block_tables", vec![1, 1], vec![0]),
+        write("context_lens", vec![1], vec![1]),
+    ];
+    let example = format!("{root}/examples/llama_decode_step.plir");
+    let model = format!("{root}/../shared/models/stories260K.bin");
+    let outdir = dir.join("out");
+    let mut args = vec!["exec", example.as_str(), "--func", "decode", "--model", model.as_str(), "--output-dir"];
+    let outdir_s = outdir.display().to_string();
+    args.push(&outdir_s);
+    for input in &inputs {
+        args.extend(["--input", input.as_str()]);
+    }
+    let out = llm_run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logits = llm_runtime::npy::read(&std::fs::read(outdir.join("result0.npy")).expect("saved logits")).expect("npy");
+    assert_eq!(logits.shape, vec![1, 512]);
+    assert!(logits.floats().expect("floats").iter().all(|x| x.is_finite()));
+
+    let bad = llm_run(&["exec", &example, "--func", "decode", "--input", "nonsense=x.npy"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let missing_weights = llm_run(&["exec", &example, "--func", "decode"]);
+    assert!(stderr(&missing_weights).contains("no tensor named"), "{}", stderr(&missing_weights));
+    std::fs::remove_dir_all(&dir).ok();
+}
