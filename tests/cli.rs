@@ -129,10 +129,16 @@ fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
     let out = llm_run(&["exec", &file, "--func", "f", "--seed", "7"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.starts_with("result #0: tensor<[1, 64] x f32>"), "{text}");
+    assert!(
+        text.starts_with("result #0: tensor<[1, 64] x f32>"),
+        "{text}"
+    );
     assert_eq!(text.lines().count(), 3, "{text}");
     let again = llm_run(&["exec", &file, "--func", "f", "--seed", "7"]);
-    assert_eq!(again.stdout, out.stdout, "the same seed gives the same inputs");
+    assert_eq!(
+        again.stdout, out.stdout,
+        "the same seed gives the same inputs"
+    );
 
     // The decode-step example with real weights and inputs from .npy files.
     let dir = std::env::temp_dir().join(format!("llm-run-exec-{}", std::process::id()));
@@ -153,7 +159,15 @@ fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
     let example = format!("{root}/examples/llama_decode_step.plir");
     let model = format!("{root}/../shared/models/stories260K.bin");
     let outdir = dir.join("out");
-    let mut args = vec!["exec", example.as_str(), "--func", "decode", "--model", model.as_str(), "--output-dir"];
+    let mut args = vec![
+        "exec",
+        example.as_str(),
+        "--func",
+        "decode",
+        "--model",
+        model.as_str(),
+        "--output-dir",
+    ];
     let outdir_s = outdir.display().to_string();
     args.push(&outdir_s);
     for input in &inputs {
@@ -161,13 +175,32 @@ fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
     }
     let out = llm_run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
-    let logits = llm_runtime::npy::read(&std::fs::read(outdir.join("result0.npy")).expect("saved logits")).expect("npy");
+    let logits =
+        llm_runtime::npy::read(&std::fs::read(outdir.join("result0.npy")).expect("saved logits"))
+            .expect("npy");
     assert_eq!(logits.shape, vec![1, 512]);
-    assert!(logits.floats().expect("floats").iter().all(|x| x.is_finite()));
+    assert!(
+        logits
+            .floats()
+            .expect("floats")
+            .iter()
+            .all(|x| x.is_finite())
+    );
 
-    let bad = llm_run(&["exec", &example, "--func", "decode", "--input", "nonsense=x.npy"]);
+    let bad = llm_run(&[
+        "exec",
+        &example,
+        "--func",
+        "decode",
+        "--input",
+        "nonsense=x.npy",
+    ]);
     assert_eq!(bad.status.code(), Some(1));
     let missing_weights = llm_run(&["exec", &example, "--func", "decode"]);
-    assert!(stderr(&missing_weights).contains("no tensor named"), "{}", stderr(&missing_weights));
+    assert!(
+        stderr(&missing_weights).contains("no tensor named"),
+        "{}",
+        stderr(&missing_weights)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -4,9 +4,9 @@
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q4_k`, `q6_k`, `q2_k`) store each row (the last
 //! dim) as consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
-//! quantizers of `q8_0`, `q4_0` and `q4_1` follow ggml's reference quantizers operation for
-//! operation in `f32` (so the bytes are identical); the K-quant quantizers are described at
-//! [`quantize_k`].
+//! quantizers follow ggml's reference quantizers operation for operation in `f32`; for `q8_0`,
+//! `q4_0` and `q4_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`]
+//! for the K-quants).
 //!
 //! `nf4` stores, for each block of `block_size` values along the last dim, 4-bit indices
 //! into the NormalFloat table (two per byte, low nibble first, in row-major element order),
@@ -293,12 +293,12 @@ fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
 
 /// Quantizes one 256-value super-block into a K-quant format.
 ///
-/// Sub-block scales (and mins) are chosen by least squares over the sub-block given its
-/// code range, then quantized against the super-block scale as the format stores them, and
-/// the codes are recomputed with the stored scales, so dequantizing gives the closest values
-/// the block can express for those scales. The block layout is ggml's; the choice of scales
-/// is not guaranteed to equal llama.cpp's search (`make_qkx2_quants`), which uses iterative
-/// refinement.
+/// These follow ggml's reference quantizers (`quantize_row_q{2,4,6}_K_ref`): sub-block
+/// scales and mins come from the same weighted least-squares searches (`make_qkx2_quants`
+/// for q2_k and q4_k, `make_qx_quants` for q6_k), are quantized against the super-block
+/// scale, and the codes are recomputed with the stored scales. The shared reference vectors
+/// only cover K-quant dequantization, so byte equality of these quantizers with llama.cpp is
+/// not independently tested.
 pub fn quantize_k(format: &QuantFormat, x: &[f32]) -> Vec<u8> {
     match format {
         QuantFormat::Q4K => quantize_q4_k(x),
@@ -307,21 +307,155 @@ pub fn quantize_k(format: &QuantFormat, x: &[f32]) -> Vec<u8> {
     }
 }
 
-/// Scale and min for `x` with unsigned codes in `0..=nmax`: `x ~ scale * q - min`.
-fn affine_fit(x: &[f32], nmax: f32) -> (f32, f32) {
-    let min = x.iter().copied().fold(f32::INFINITY, f32::min).min(0.0);
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max <= min {
+/// ggml's `nearest_int`: round to nearest, ties to even (for |x| < 2^22).
+fn nearest_int(x: f32) -> i32 {
+    let bits = (x + 12_582_912.0).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `make_qkx2_quants`: a scale and min (`x ~ scale * L - min`, `L` in `0..=nmax`)
+/// minimising the weighted error, searching `nstep + 1` scale candidates. Writes the codes
+/// to `codes` and returns `(scale, min)`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "mirrors the reference algorithm's parameters"
+)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    codes: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let (mut sum_w, mut sum_x) = (weights[0], weights[0] * x[0]);
+    for i in 1..n {
+        min = min.min(x[i]);
+        max = max.max(x[i]);
+        sum_w += weights[i];
+        sum_x += weights[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        codes.iter_mut().for_each(|c| *c = 0);
         return (0.0, -min);
     }
-    ((max - min) / nmax, -min)
+    let err = |d: f32| if use_mad { d.abs() } else { d * d };
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        codes[i] = l as u8;
+        best_error += weights[i] * err(scale * l as f32 + min - x[i]);
+    }
+    let mut aux = vec![0u8; n];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            aux[i] = l as u8;
+            let (w, l) = (weights[i], l as f32);
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                cur_error += weights[i] * err(this_scale * f32::from(aux[i]) + this_min - x[i]);
+            }
+            if cur_error < best_error {
+                codes.copy_from_slice(&aux);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// Below this magnitude a group is treated as all zeros (ggml's `GROUP_MAX_EPS`).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// ggml's `make_qx_quants` with `rmse_type = 1`: a signed scale for codes in
+/// `-nmax..nmax`, stored in `codes` offset by `nmax`.
+fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        codes.iter_mut().for_each(|c| *c = 0);
+        return 0.0;
+    }
+    let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        x.iter().fold((0f32, 0f32), |(lx, l2), &v| {
+            let (l, w) = (quant(iscale, v) as f32, v * v);
+            (lx + w * v * l, l2 + w * l * l)
+        })
+    };
+    let mut iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = sums(iscale);
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = (quant(iscale, v) + nmax) as u8;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (c, &v) in codes.iter_mut().zip(x) {
+                *c = (quant(iscale, v) + nmax) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
 }
 
 fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
+    let mut codes = [0u8; 256];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
     for j in 0..8 {
-        (scales[j], mins[j]) = affine_fit(&x[32 * j..32 * j + 32], 15.0);
+        let sub = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = sub.iter().fold(0.0, |a, v| a + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let weights: Vec<f32> = sub.iter().map(|v| av_x + v.abs()).collect();
+        (scales[j], mins[j]) = make_qkx2_quants(
+            15,
+            sub,
+            &weights,
+            &mut codes[32 * j..32 * j + 32],
+            -1.0,
+            0.1,
+            20,
+            false,
+        );
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
     let max_min = mins.iter().copied().fold(0f32, f32::max);
@@ -331,42 +465,35 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
         0.0
     };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let mut ls = [0u8; 8];
-    let mut lm = [0u8; 8];
-    for j in 0..8 {
-        ls[j] = roundf(inv_scale * scales[j]).min(63.0) as u8;
-        lm[j] = roundf(inv_min * mins[j]).min(63.0) as u8;
-    }
     let mut packed = [0u8; 12];
     for j in 0..8 {
+        let ls = nearest_int(inv_scale * scales[j]).min(63) as u8;
+        let lm = nearest_int(inv_min * mins[j]).min(63) as u8;
         if j < 4 {
-            packed[j] = ls[j];
-            packed[j + 4] = lm[j];
+            packed[j] = ls;
+            packed[j + 4] = lm;
         } else {
-            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4);
-            packed[j - 4] |= (ls[j] >> 4) << 6;
-            packed[j] |= (lm[j] >> 4) << 6;
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
         }
     }
-    let d = f16::from_f32(max_scale / 63.0).to_f32();
-    let dmin = f16::from_f32(max_min / 63.0).to_f32();
-    let mut codes = [0u8; 256];
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &packed);
-        let dl = d * f32::from(sc);
-        let ml = dmin * f32::from(m);
+        let dl = d.to_f32() * f32::from(sc);
+        if dl == 0.0 {
+            continue;
+        }
+        let ml = dmin.to_f32() * f32::from(m);
         for i in 0..32 {
-            let v = x[32 * j + i];
-            codes[32 * j + i] = if dl == 0.0 {
-                0
-            } else {
-                roundf((v + ml) / dl).clamp(0.0, 15.0) as u8
-            };
+            codes[32 * j + i] = nearest_int((x[32 * j + i] + ml) / dl).clamp(0, 15) as u8;
         }
     }
     let mut out = Vec::with_capacity(144);
-    push_f16(&mut out, max_scale / 63.0);
-    push_f16(&mut out, max_min / 63.0);
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
     out.extend_from_slice(&packed);
     for j in 0..4 {
         for l in 0..32 {
@@ -377,33 +504,31 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
 }
 
 fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
-    let mut scales = [0f32; 16];
-    for j in 0..16 {
-        // Signed codes in -32..=31: x ~ scale * q.
-        let sub = &x[16 * j..16 * j + 16];
-        let amax = sub.iter().fold(0f32, |m, v| m.max(v.abs()));
-        scales[j] = amax / 31.0;
-    }
-    let max_scale = scales.iter().copied().fold(0f32, f32::max);
-    let iscale = if max_scale > 0.0 {
-        127.0 / max_scale
-    } else {
-        0.0
-    };
-    let d = f16::from_f32(max_scale / 127.0).to_f32();
-    let mut sc = [0i8; 16];
     let mut codes = [0u8; 256];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for j in 0..16 {
-        sc[j] = roundf(iscale * scales[j]).min(127.0) as i8;
-        let dl = d * f32::from(sc[j]);
+        scales[j] = make_qx_quants(32, &x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16]);
+        if scales[j].abs() > max_abs_scale {
+            max_abs_scale = scales[j].abs();
+            max_scale = scales[j];
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        return vec![0u8; 210];
+    }
+    let iscale = -128.0 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
+    let mut sc = [0i8; 16];
+    for j in 0..16 {
+        sc[j] = nearest_int(iscale * scales[j]).min(127) as i8;
+        let dl = d.to_f32() * f32::from(sc[j]);
+        if dl == 0.0 {
+            continue;
+        }
         for i in 0..16 {
-            let v = x[16 * j + i];
-            let q = if dl == 0.0 {
-                0.0
-            } else {
-                roundf(v / dl).clamp(-32.0, 31.0)
-            };
-            codes[16 * j + i] = (q as i32 + 32) as u8;
+            let l = nearest_int(x[16 * j + i] / dl).clamp(-32, 31);
+            codes[16 * j + i] = (l + 32) as u8;
         }
     }
     let mut ql = [0u8; 128];
@@ -421,54 +546,70 @@ fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
     out.extend_from_slice(&ql);
     out.extend_from_slice(&qh);
     out.extend(sc.iter().map(|&s| s as u8));
-    push_f16(&mut out, max_scale / 127.0);
+    out.extend_from_slice(&d.to_le_bytes());
     out
 }
 
 fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
-    let mut scales = [0f32; 16];
-    let mut mins = [0f32; 16];
+    let mut codes = [0u8; 256];
+    let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
     for j in 0..16 {
-        (scales[j], mins[j]) = affine_fit(&x[16 * j..16 * j + 16], 3.0);
+        let sub = &x[16 * j..16 * j + 16];
+        let weights: Vec<f32> = sub.iter().map(|v| v.abs()).collect();
+        (scales[j], mins[j]) = make_qkx2_quants(
+            3,
+            sub,
+            &weights,
+            &mut codes[16 * j..16 * j + 16],
+            -0.5,
+            0.1,
+            15,
+            true,
+        );
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
     let max_min = mins.iter().copied().fold(0f32, f32::max);
-    let inv_scale = if max_scale > 0.0 {
-        15.0 / max_scale
-    } else {
-        0.0
-    };
-    let inv_min = if max_min > 0.0 { 15.0 / max_min } else { 0.0 };
-    let d = f16::from_f32(max_scale / 15.0).to_f32();
-    let dmin = f16::from_f32(max_min / 15.0).to_f32();
     let mut packed = [0u8; 16];
-    let mut codes = [0u8; 256];
+    let d = if max_scale > 0.0 {
+        let iscale = 15.0 / max_scale;
+        for j in 0..16 {
+            packed[j] = nearest_int(iscale * scales[j]) as u8;
+        }
+        f16::from_f32(max_scale / 15.0)
+    } else {
+        f16::from_f32(0.0)
+    };
+    let dmin = if max_min > 0.0 {
+        let iscale = 15.0 / max_min;
+        for j in 0..16 {
+            packed[j] |= (nearest_int(iscale * mins[j]) as u8) << 4;
+        }
+        f16::from_f32(max_min / 15.0)
+    } else {
+        f16::from_f32(0.0)
+    };
     for j in 0..16 {
-        let ls = roundf(inv_scale * scales[j]).min(15.0) as u8;
-        let lm = roundf(inv_min * mins[j]).min(15.0) as u8;
-        packed[j] = ls | (lm << 4);
-        let (dl, ml) = (d * f32::from(ls), dmin * f32::from(lm));
+        let dl = d.to_f32() * f32::from(packed[j] & 0xF);
+        if dl == 0.0 {
+            continue;
+        }
+        let ml = dmin.to_f32() * f32::from(packed[j] >> 4);
         for i in 0..16 {
-            let v = x[16 * j + i];
-            codes[16 * j + i] = if dl == 0.0 {
-                0
-            } else {
-                roundf((v + ml) / dl).clamp(0.0, 3.0) as u8
-            };
+            codes[16 * j + i] = nearest_int((x[16 * j + i] + ml) / dl).clamp(0, 3) as u8;
         }
     }
     let mut qs = [0u8; 64];
     for n in 0..2 {
+        let c = &codes[128 * n..];
         for l in 0..32 {
-            let c = &codes[128 * n..];
             qs[32 * n + l] = c[l] | (c[l + 32] << 2) | (c[l + 64] << 4) | (c[l + 96] << 6);
         }
     }
     let mut out = Vec::with_capacity(84);
     out.extend_from_slice(&packed);
     out.extend_from_slice(&qs);
-    push_f16(&mut out, max_scale / 15.0);
-    push_f16(&mut out, max_min / 15.0);
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
     out
 }
 
