@@ -9,7 +9,7 @@ use llm_ir::{
     text,
     types::{PagedKvCacheType, QuantizedTensorType, ShardedTensorType, TensorType},
 };
-use llm_runtime::npy;
+use llm_runtime::{npy, sampler::XorShift};
 use pliron::{
     builtin::{type_interfaces::FunctionTypeInterface, types::FunctionType},
     common_traits::Named,
@@ -18,20 +18,9 @@ use pliron::{
     r#type::{TypeHandle, TypedHandle},
 };
 
-/// A small deterministic generator for random inputs (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn float(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
+/// Uniform in `[-1, 1)`.
+fn uniform(rng: &mut XorShift) -> f32 {
+    rng.next_f32() * 2.0 - 1.0
 }
 
 /// Size used for a dynamic dim of a random input.
@@ -45,21 +34,21 @@ fn concrete(dims: &[Option<u64>]) -> Vec<usize> {
         .collect()
 }
 
-fn random_tensor(rng: &mut Rng, shape: Vec<usize>, dtype: DType) -> Tensor {
+fn random_tensor(rng: &mut XorShift, shape: Vec<usize>, dtype: DType) -> Tensor {
     let n = shape.iter().product();
     if dtype.is_float() {
-        Tensor::from_f32(shape, dtype, (0..n).map(|_| rng.float()).collect())
+        Tensor::from_f32(shape, dtype, (0..n).map(|_| uniform(rng)).collect())
     } else {
         Tensor::from_i64(
             shape,
             dtype,
-            (0..n).map(|_| (rng.next() % 8) as i64).collect(),
+            (0..n).map(|_| (rng.next_u64() % 8) as i64).collect(),
         )
     }
 }
 
 /// A seeded random value of type `ty`.
-fn random_value(ctx: &Context, rng: &mut Rng, ty: TypeHandle) -> Result<Value, String> {
+fn random_value(ctx: &Context, rng: &mut XorShift, ty: TypeHandle) -> Result<Value, String> {
     if let Ok(t) = TypedHandle::<TensorType>::from_handle(ty, ctx) {
         let t = t.deref(ctx);
         return Ok(Value::Tensor(random_tensor(
@@ -155,7 +144,7 @@ pub fn exec(
     let arg_types = fty.deref(&ctx).arg_types();
     let entry = f.get_entry_block(&ctx);
     let params: Vec<_> = entry.deref(&ctx).arguments().collect();
-    let mut rng = Rng(seed.wrapping_mul(2).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = XorShift::new(seed.wrapping_mul(2).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1);
     let mut used = 0;
     let mut args = Vec::with_capacity(params.len());
     for (i, (param, ty)) in params.iter().zip(&arg_types).enumerate() {

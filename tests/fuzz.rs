@@ -12,25 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use llm_runtime::sampler::XorShift;
 use llmc::pipeline::{self, OptArgs};
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
+/// A number below `n` (0 when `n` is 0).
+fn below(rng: &mut XorShift, n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (rng.next_u64() % n as u64) as usize
     }
 }
 
@@ -114,13 +104,13 @@ fn corpus() -> Vec<String> {
     out
 }
 
-fn mutate(rng: &mut Rng, text: &str) -> String {
+fn mutate(rng: &mut XorShift, text: &str) -> String {
     let mut chars: Vec<char> = text.chars().collect();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + below(rng, 4) {
         let len = chars.len();
-        let at = rng.below(len + 1);
-        let span = 1 + rng.below(12);
-        match rng.below(6) {
+        let at = below(rng, len + 1);
+        let span = 1 + below(rng, 12);
+        match below(rng, 6) {
             0 if len > 0 => {
                 let end = (at + span).min(len);
                 chars.drain(at.min(len)..end);
@@ -128,16 +118,16 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             1 if len > 0 => {
                 let end = (at + span).min(len);
                 let copy: Vec<char> = chars[at.min(len)..end].to_vec();
-                let to = rng.below(len + 1);
+                let to = below(rng, len + 1);
                 chars.splice(to..to, copy);
             }
             2 if len > 1 => {
-                let (a, b) = (rng.below(len), rng.below(len));
+                let (a, b) = (below(rng, len), below(rng, len));
                 chars.swap(a, b);
             }
             3 => chars.truncate(at),
             _ => {
-                let token = TOKENS[rng.below(TOKENS.len())];
+                let token = TOKENS[below(rng, TOKENS.len())];
                 chars.splice(at..at, token.chars());
             }
         }
@@ -145,9 +135,9 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
     chars.into_iter().collect()
 }
 
-fn soup(rng: &mut Rng) -> String {
-    (0..rng.below(40))
-        .map(|_| TOKENS[rng.below(TOKENS.len())])
+fn soup(rng: &mut XorShift) -> String {
+    (0..below(rng, 40))
+        .map(|_| TOKENS[below(rng, TOKENS.len())])
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -162,7 +152,7 @@ fn front_end_never_panics() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5EED);
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift::new(seed | 1);
     let corpus = corpus();
     assert!(
         !corpus.is_empty(),
@@ -172,10 +162,10 @@ fn front_end_never_panics() {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut runs, mut accepted) = (0u64, 0u64);
     while Instant::now() < deadline {
-        let input = if rng.below(10) == 0 {
+        let input = if below(&mut rng, 10) == 0 {
             soup(&mut rng)
         } else {
-            let pick = rng.below(corpus.len());
+            let pick = below(&mut rng, corpus.len());
             mutate(&mut rng, &corpus[pick])
         };
         let result = catch_unwind(AssertUnwindSafe(|| {

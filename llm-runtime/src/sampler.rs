@@ -16,11 +16,42 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+/// llama2.c's xorshift* random number generator.
+#[derive(Debug, Clone)]
+pub struct XorShift {
+    state: u64,
+}
+
+impl XorShift {
+    /// A generator with `seed` (a zero seed stays zero forever, as in run.c).
+    pub fn new(seed: u64) -> XorShift {
+        XorShift { state: seed }
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// The next 32 bits (run.c's `random_u32`).
+    pub fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    /// A float in `[0, 1)` (run.c's `random_f32`).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / 16_777_216.0
+    }
+}
+
 /// A seeded sampler.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     config: SamplerConfig,
-    state: u64,
+    rng: XorShift,
 }
 
 /// Index of the largest value; the first one wins on ties.
@@ -37,19 +68,8 @@ pub fn argmax(values: &[f32]) -> usize {
 impl Sampler {
     /// A sampler with `config`.
     pub fn new(config: SamplerConfig) -> Sampler {
-        let state = config.seed;
-        Sampler { config, state }
-    }
-
-    fn random_u32(&mut self) -> u32 {
-        self.state ^= self.state >> 12;
-        self.state ^= self.state << 25;
-        self.state ^= self.state >> 27;
-        (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32
-    }
-
-    fn random_f32(&mut self) -> f32 {
-        (self.random_u32() >> 8) as f32 / 16_777_216.0
+        let rng = XorShift::new(config.seed);
+        Sampler { config, rng }
     }
 
     /// Picks the next token from `logits`.
@@ -71,7 +91,7 @@ impl Sampler {
             let sum: f32 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= sum);
         }
-        let coin = self.random_f32();
+        let coin = self.rng.next_f32();
         let top_p = self.config.top_p;
         if top_p <= 0.0 || top_p >= 1.0 {
             sample_mult(&probs, coin)

@@ -90,21 +90,16 @@ pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     }))
 }
 
-/// `llm.concat`.
-pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let parts: Vec<&Tensor> = inputs
-        .iter()
-        .map(|v| v.tensor())
-        .collect::<Result<_, _>>()?;
-    let rank = parts[0].shape.len();
-    let axis = e.axis("axis", 0, rank)?;
+/// Concatenates tensors of one element kind along `axis` into a tensor of `dtype`.
+pub fn concat_tensors(parts: &[&Tensor], axis: usize, dtype: DType) -> Result<Tensor, String> {
     let mut shape = parts[0].shape.clone();
     shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
-    for p in &parts {
-        if p.shape
-            .iter()
-            .enumerate()
-            .any(|(d, &s)| d != axis && s != shape[d])
+    for p in parts {
+        if p.shape.len() != shape.len()
+            || p.shape
+                .iter()
+                .enumerate()
+                .any(|(d, &s)| d != axis && s != shape[d])
         {
             return Err(format!(
                 "cannot concatenate shapes {:?} and {:?} along {axis}",
@@ -114,26 +109,37 @@ pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     }
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
-    let dtype = e.result_dtype(0)?;
+    let chunks = |o: usize, p: &Tensor| {
+        let chunk = p.shape[axis] * inner;
+        o * chunk..(o + 1) * chunk
+    };
     if dtype.is_float() {
         let mut out = Vec::with_capacity(shape.iter().product());
         for o in 0..outer {
-            for p in &parts {
-                let chunk = p.shape[axis] * inner;
-                out.extend_from_slice(&p.floats()?[o * chunk..(o + 1) * chunk]);
+            for p in parts {
+                out.extend_from_slice(&p.floats()?[chunks(o, p)]);
             }
         }
-        one(Tensor::from_f32(shape, dtype, out))
+        Ok(Tensor::from_f32(shape, dtype, out))
     } else {
         let mut out = Vec::with_capacity(shape.iter().product());
         for o in 0..outer {
-            for p in &parts {
-                let chunk = p.shape[axis] * inner;
-                out.extend_from_slice(&p.ints()?[o * chunk..(o + 1) * chunk]);
+            for p in parts {
+                out.extend_from_slice(&p.ints()?[chunks(o, p)]);
             }
         }
-        one(Tensor::from_i64(shape, dtype, out))
+        Ok(Tensor::from_i64(shape, dtype, out))
     }
+}
+
+/// `llm.concat`.
+pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let parts: Vec<&Tensor> = inputs
+        .iter()
+        .map(|v| v.tensor())
+        .collect::<Result<_, _>>()?;
+    let axis = e.axis("axis", 0, parts[0].shape.len())?;
+    one(concat_tensors(&parts, axis, e.result_dtype(0)?)?)
 }
 
 /// `llm.cast`: float rounding to nearest, float to int truncating and saturating, int wrapping.

@@ -6,7 +6,7 @@
 
 use std::rc::Rc;
 
-use super::{Eval, Outputs, linalg::matmul_2d, strides, unravel};
+use super::{Eval, Outputs, linalg::matmul_2d, shape::concat_tensors, strides, unravel};
 use crate::{
     interp::value::{Sharded, Tensor, Value},
     types::Reduction,
@@ -168,6 +168,23 @@ fn group(mesh: &[(String, u64)], axes: &[String], device: usize) -> Vec<usize> {
     members.into_iter().map(|(_, d)| d).collect()
 }
 
+/// The local shards of the devices in `device`'s group over `axes`.
+fn members<'a>(x: &'a Sharded, axes: &[String], device: usize) -> Vec<&'a Tensor> {
+    group(&x.mesh, axes, device)
+        .iter()
+        .map(|&m| &x.shards[m])
+        .collect()
+}
+
+/// The partial axes of `x` other than `axes`.
+fn partial_without(x: &Sharded, axes: &[String]) -> Vec<String> {
+    x.partial
+        .iter()
+        .filter(|a| !axes.contains(a))
+        .cloned()
+        .collect()
+}
+
 fn reduce(reduction: Reduction, parts: &[&Tensor]) -> Result<Tensor, String> {
     let mut acc = parts[0].floats()?.to_vec();
     for p in &parts[1..] {
@@ -197,36 +214,10 @@ pub fn all_reduce(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].sharded()?;
     let axes = axes_param(e);
     let shards = (0..x.shards.len())
-        .map(|d| {
-            let members: Vec<&Tensor> = group(&x.mesh, &axes, d)
-                .iter()
-                .map(|&m| &x.shards[m])
-                .collect();
-            reduce(x.reduction, &members)
-        })
+        .map(|d| reduce(x.reduction, &members(x, &axes, d)))
         .collect::<Result<_, _>>()?;
-    let partial = x
-        .partial
-        .iter()
-        .filter(|a| !axes.contains(a))
-        .cloned()
-        .collect();
+    let partial = partial_without(x, &axes);
     sharded(x, x.split.clone(), partial, shards)
-}
-
-fn concat_along(parts: &[&Tensor], dim: usize) -> Result<Tensor, String> {
-    let mut shape = parts[0].shape.clone();
-    shape[dim] = parts.iter().map(|p| p.shape[dim]).sum();
-    let outer: usize = shape[..dim].iter().product();
-    let inner: usize = shape[dim + 1..].iter().product();
-    let mut out = Vec::with_capacity(shape.iter().product());
-    for o in 0..outer {
-        for p in parts {
-            let chunk = p.shape[dim] * inner;
-            out.extend_from_slice(&p.floats()?[o * chunk..(o + 1) * chunk]);
-        }
-    }
-    Ok(Tensor::from_f32(shape, parts[0].dtype, out))
 }
 
 /// `llm.all_gather`.
@@ -235,13 +226,7 @@ pub fn all_gather(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let dim = e.axis("dim", 0, x.shape.len())?;
     let axes = axes_param(e);
     let shards = (0..x.shards.len())
-        .map(|d| {
-            let members: Vec<&Tensor> = group(&x.mesh, &axes, d)
-                .iter()
-                .map(|&m| &x.shards[m])
-                .collect();
-            concat_along(&members, dim)
-        })
+        .map(|d| concat_tensors(&members(x, &axes, d), dim, x.shards[0].dtype))
         .collect::<Result<_, _>>()?;
     let mut split = x.split.clone();
     let keep = split[dim].len().saturating_sub(axes.len());
@@ -256,11 +241,7 @@ pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let axes = axes_param(e);
     let mut shards = Vec::with_capacity(x.shards.len());
     for d in 0..x.shards.len() {
-        let members: Vec<&Tensor> = group(&x.mesh, &axes, d)
-            .iter()
-            .map(|&m| &x.shards[m])
-            .collect();
-        let reduced = reduce(x.reduction, &members)?;
+        let reduced = reduce(x.reduction, &members(x, &axes, d))?;
         let (idx, parts) = piece(&x.mesh, &axes, &coords(&x.mesh, d));
         let len = reduced.shape[dim] / parts;
         let mut start = vec![0; reduced.shape.len()];
@@ -271,11 +252,6 @@ pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     }
     let mut split = x.split.clone();
     split[dim].extend(axes.iter().cloned());
-    let partial = x
-        .partial
-        .iter()
-        .filter(|a| !axes.contains(a))
-        .cloned()
-        .collect();
+    let partial = partial_without(x, &axes);
     sharded(x, split, partial, shards)
 }
