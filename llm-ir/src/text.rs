@@ -25,6 +25,7 @@ use pliron::{
         given_names,
         ops::{FuncOp, ModuleOp},
     },
+    combine::{Parser, eof, parser::char::spaces},
     common_traits::Named,
     context::{Context, Ptr},
     graph::walkers::{IRNode, WALKCONFIG_PREORDER_FORWARD, uninterruptible::immutable::walk_op},
@@ -220,8 +221,9 @@ pub fn parse_module(ctx: &mut Context, text: &str) -> Result<ModuleOp, Diagnosti
             message: format!("expected a top-level builtin.module, found {found}"),
         });
     }
-    let op = parse_from_str(Operation::top_level_parser(), ctx, &text)
-        .map_err(|e| Diagnostic::from_pliron(&e))?;
+    // The module must be the whole input: nothing may follow it.
+    let whole = Operation::top_level_parser().skip(spaces()).skip(eof());
+    let op = parse_from_str(whole, ctx, &text).map_err(|e| Diagnostic::from_pliron(&e))?;
     let Some(module) = Operation::get_op::<ModuleOp>(op, ctx) else {
         let found = Operation::get_opid(op, ctx);
         return Err(Diagnostic {

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Checks `kv_heads`, `scale` and `window` against `heads` query heads.
-fn check_heads(c: &OpCheck, heads: Dim, kv_heads_dim: Dim) -> Result<()> {
+pub(crate) fn check_heads(c: &OpCheck, heads: Dim, kv_heads_dim: Dim) -> Result<()> {
     let kv_heads = c.int_at_least("kv_heads", 1)?.unwrap_or(1) as u64;
     if !dims_compatible(kv_heads_dim, Some(kv_heads)) {
         return c.err(format!(

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Checks `k`/`v`-shaped tensors `[N, kv_heads, head_dim]` against a cache.
-fn check_kv_rows(
+pub(crate) fn check_kv_rows(
     c: &OpCheck,
     what: &str,
     shape: &[crate::syntax::Dim],
@@ -83,12 +83,13 @@ fn check_append_kv(c: &OpCheck) -> Result<()> {
             c.show(c.result_type(0))
         ));
     }
-    check_cache_is_dead_after(c)
+    check_cache_is_dead_after(c, 0)
 }
 
-/// Enforces linearity: no user of the consumed cache may come after this op.
-fn check_cache_is_dead_after(c: &OpCheck) -> Result<()> {
-    let cache = c.operand(0);
+/// Enforces linearity: no user of the cache consumed as operand `index` may come after
+/// this op.
+pub(crate) fn check_cache_is_dead_after(c: &OpCheck, index: usize) -> Result<()> {
+    let cache = c.operand(index);
     let block = c.op.deref(c.ctx).get_parent_block();
     for use_ in cache.uses(c.ctx) {
         let user: Ptr<Operation> = use_.user_op();
@@ -99,8 +100,9 @@ fn check_cache_is_dead_after(c: &OpCheck) -> Result<()> {
         if !same_block || comes_after(c, user, c.op) {
             let name = Operation::get_opid(user, c.ctx);
             return c.err(format!(
-                "{} is used afterwards by {name}; llm.append_kv consumes the cache it updates, so later ops must use the returned cache",
-                c.operand_desc(0)
+                "{} is used afterwards by {name}; {} consumes the cache it updates, so later ops must use the returned cache",
+                c.operand_desc(index),
+                c.name
             ));
         }
     }

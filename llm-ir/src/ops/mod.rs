@@ -17,9 +17,11 @@
 mod attention;
 mod base;
 mod elementwise;
+mod fused;
 mod kv;
 mod linalg;
 mod norm;
+mod plan;
 mod quant;
 mod shape;
 mod shard;
@@ -29,9 +31,11 @@ pub use base::{ConstantOp, ReturnOp, WeightOp};
 pub use elementwise::{
     AddOp, DivOp, ExpOp, GeluOp, MulOp, NegOp, RsqrtOp, SigmoidOp, SiluOp, SqrtOp, SubOp, TanhOp,
 };
+pub use fused::{AppendAttentionOp, FusedOp, RmsNormMatmulOp, SCALAR_BODY_OPS, YieldOp};
 pub use kv::{AppendKvOp, LookupKvOp};
 pub use linalg::{EmbeddingOp, MatmulOp};
 pub use norm::{LayerNormOp, RmsNormOp, SoftmaxOp};
+pub use plan::{BufferPlanOp, KvPlanOp};
 pub use quant::{DequantizeOp, QuantizeOp, QuantizedMatmulOp};
 pub use shape::{ArgmaxOp, CastOp, ConcatOp, ReshapeOp, SliceOp, TransposeOp};
 pub use shard::{AllGatherOp, AllReduceOp, ReduceScatterOp, ShardOp, ShardedLinearOp, UnshardOp};
@@ -45,8 +49,9 @@ use pliron::{
     location::Location,
     op::{Op, OpObj},
     operation::Operation,
-    parsable::{StateStream, StreamLocation},
+    parsable::{Parsable, StateStream, StreamLocation},
     printable::{self, Printable},
+    region::Region,
     result::Result,
     r#type::{Type, TypeHandle, Typed, TypedHandle},
     value::Value,
@@ -119,6 +124,8 @@ pub struct Signature {
     pub results: &'static [&'static str],
     /// Parameters, in printing order.
     pub params: &'static [ParamSpec],
+    /// Number of regions (printed after the result types).
+    pub regions: usize,
 }
 
 /// An op of the `llm` dialect: its signature and its specific verification rules.
@@ -166,6 +173,7 @@ macro_rules! llm_op {
         operands: $operands:expr,
         results: [$($result:literal),* $(,)?],
         params: [$($spec:expr),* $(,)?],
+        $(regions: $regions:literal,)?
         interfaces: [$($iface:path),* $(,)?],
         check: $check:expr,
         eval: $eval:expr $(,)?
@@ -189,6 +197,7 @@ macro_rules! llm_op {
                 operands: $operands,
                 results: &[$($result),*],
                 params: &[$($spec),*],
+                regions: 0 $(+ $regions)?,
             };
 
             fn check(c: &$crate::ops::OpCheck) -> ::pliron::result::Result<()> {
@@ -269,6 +278,9 @@ pub fn print_op<T: LlmOp>(
             .map(|r| r.get_type(ctx).print(ctx, state).to_string())
             .collect();
         write!(f, " : {}", types.join(", "))?;
+    }
+    for region in opr.regions() {
+        write!(f, " {}", region.print(ctx, state))?;
     }
     Ok(())
 }
@@ -368,6 +380,10 @@ pub fn parse_op<T: LlmOp>(
             .attributes
             .set(params::param_key(&key), ParamAttr(value));
     }
+    for _ in 0..sig.regions {
+        syntax::skip_ws(s);
+        syntax::run(s, Region::parser(op))?;
+    }
     process_parsed_ssa_defs(s, &results, op)?;
     Ok(T::wrap_operation(op))
 }
@@ -381,6 +397,13 @@ pub fn verify_op<T: LlmOp>(op: &T, ctx: &Context) -> Result<()> {
             "expects {}, found {}",
             sig.operands.describe(),
             c.num_operands()
+        ));
+    }
+    let regions = c.op.deref(ctx).num_regions();
+    if regions != sig.regions {
+        return c.err(format!(
+            "expects {} region(s), found {regions}",
+            sig.regions
         ));
     }
     if c.num_results() != sig.results.len() {
@@ -475,6 +498,7 @@ impl<'a> OpCheck<'a> {
                 operands: Operands::Variadic("operand", 0),
                 results: &[],
                 params: &[],
+                regions: 0,
             });
         Self::new(ctx, op, sig)
     }
@@ -685,6 +709,11 @@ impl<'a> OpCheck<'a> {
     /// Resolves an axis parameter (negative counts from the end) against `rank`.
     pub fn axis(&self, name: &str, default: i64, rank: usize) -> Result<usize> {
         let axis = self.int(name).unwrap_or(default);
+        if rank == 0 {
+            return self.err(format!(
+                "parameter `{name}` = {axis} names an axis, but the input has rank 0"
+            ));
+        }
         let resolved = if axis < 0 { axis + rank as i64 } else { axis };
         if resolved < 0 || resolved >= rank as i64 {
             return self.err(format!(

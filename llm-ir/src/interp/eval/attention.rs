@@ -148,9 +148,24 @@ pub fn slot_of(cache: &KvCache, table: &[i64], pos: usize) -> Result<usize, Stri
 
 /// `llm.paged_attention`.
 pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let q = inputs[0].tensor()?;
-    let cache = inputs[1].cache()?;
-    let (tables, lens) = (inputs[2].tensor()?, inputs[3].tensor()?);
+    let (q, cache) = (inputs[0].tensor()?, inputs[1].cache()?);
+    one(paged_attend(
+        e,
+        q,
+        cache,
+        inputs[2].tensor()?,
+        inputs[3].tensor()?,
+    )?)
+}
+
+/// Paged attention of `q` over `cache` (the parameters come from `e`).
+pub fn paged_attend(
+    e: &Eval,
+    q: &Tensor,
+    cache: &KvCache,
+    tables: &Tensor,
+    lens: &Tensor,
+) -> Result<Tensor, String> {
     let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let kvh = cache.params.kv_heads as usize;
     let layer = e.int("layer", 0) as usize;
@@ -193,7 +208,7 @@ pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
             }
         }
     }
-    one(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, out))
+    Ok(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, out))
 }
 
 /// `llm.rope`.

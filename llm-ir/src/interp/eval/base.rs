@@ -48,3 +48,8 @@ pub fn constant(e: &Eval, _: Vec<Rc<Value>>) -> Outputs {
 pub fn ret(_: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     Ok(inputs)
 }
+
+/// Ops that compute nothing (plan records).
+pub fn nothing(_: &Eval, _: Vec<Rc<Value>>) -> Outputs {
+    Ok(vec![])
+}

@@ -78,35 +78,101 @@ fn binary(
     }
 }
 
+fn add_f32(x: f32, y: f32) -> f32 {
+    x + y
+}
+
+fn sub_f32(x: f32, y: f32) -> f32 {
+    x - y
+}
+
+fn mul_f32(x: f32, y: f32) -> f32 {
+    x * y
+}
+
+fn div_f32(x: f32, y: f32) -> f32 {
+    x / y
+}
+
+fn neg_f32(x: f32) -> f32 {
+    -x
+}
+
+fn rsqrt_f32(x: f32) -> f32 {
+    1.0 / x.sqrt()
+}
+
+/// The logistic function.
+pub fn sigmoid_f32(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SiLU as llama2.c computes it (`x * (1 / (1 + exp(-x)))`).
+fn silu_f32(x: f32) -> f32 {
+    x * sigmoid_f32(x)
+}
+
+/// GELU, tanh approximation.
+fn gelu_f32(x: f32) -> f32 {
+    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+    0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// The scalar function of each unary elementwise op: one definition for the tensor
+/// kernels and for fused scalar bodies.
+pub const UNARY: &[(&str, fn(f32) -> f32)] = &[
+    ("llm.exp", f32::exp),
+    ("llm.neg", neg_f32),
+    ("llm.sqrt", f32::sqrt),
+    ("llm.rsqrt", rsqrt_f32),
+    ("llm.tanh", f32::tanh),
+    ("llm.sigmoid", sigmoid_f32),
+    ("llm.silu", silu_f32),
+    ("llm.gelu", gelu_f32),
+];
+
+/// The scalar float function of each binary elementwise op.
+pub const BINARY: &[(&str, fn(f32, f32) -> f32)] = &[
+    ("llm.add", add_f32),
+    ("llm.sub", sub_f32),
+    ("llm.mul", mul_f32),
+    ("llm.div", div_f32),
+];
+
+/// The scalar function of unary op `name`.
+pub fn unary_fn(name: &str) -> Option<fn(f32) -> f32> {
+    UNARY.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
+/// The scalar function of binary op `name`.
+pub fn binary_fn(name: &str) -> Option<fn(f32, f32) -> f32> {
+    BINARY.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
 /// `llm.add`.
 pub fn add(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    binary(e, inputs, |x, y| x + y, |x, y| Some(x.wrapping_add(y)))
+    binary(e, inputs, add_f32, |x, y| Some(x.wrapping_add(y)))
 }
 
 /// `llm.sub`.
 pub fn sub(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    binary(e, inputs, |x, y| x - y, |x, y| Some(x.wrapping_sub(y)))
+    binary(e, inputs, sub_f32, |x, y| Some(x.wrapping_sub(y)))
 }
 
 /// `llm.mul`.
 pub fn mul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    binary(e, inputs, |x, y| x * y, |x, y| Some(x.wrapping_mul(y)))
+    binary(e, inputs, mul_f32, |x, y| Some(x.wrapping_mul(y)))
 }
 
 /// `llm.div` (integer division truncates toward zero).
 pub fn div(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    binary(e, inputs, |x, y| x / y, |x, y| x.checked_div(y))
+    binary(e, inputs, div_f32, |x, y| x.checked_div(y))
 }
 
 fn unary(e: &Eval, inputs: Vec<Rc<Value>>, f: fn(f32) -> f32) -> Outputs {
     let x = inputs[0].tensor()?;
     let v = x.floats()?.iter().map(|&v| f(v)).collect();
     one(Tensor::from_f32(x.shape.clone(), e.result_dtype(0)?, v))
-}
-
-/// The logistic function.
-pub fn sigmoid_f32(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// `llm.exp`.
@@ -116,7 +182,7 @@ pub fn exp(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
 
 /// `llm.neg`.
 pub fn neg(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
-    unary(e, i, |x| -x)
+    unary(e, i, neg_f32)
 }
 
 /// `llm.sqrt`.
@@ -126,7 +192,7 @@ pub fn sqrt(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
 
 /// `llm.rsqrt`.
 pub fn rsqrt(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
-    unary(e, i, |x| 1.0 / x.sqrt())
+    unary(e, i, rsqrt_f32)
 }
 
 /// `llm.tanh`.
@@ -139,15 +205,12 @@ pub fn sigmoid(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
     unary(e, i, sigmoid_f32)
 }
 
-/// `llm.silu`: `x * sigmoid(x)`, computed as llama2.c does (`x * (1 / (1 + exp(-x)))`).
+/// `llm.silu`.
 pub fn silu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
-    unary(e, i, |x| x * sigmoid_f32(x))
+    unary(e, i, silu_f32)
 }
 
 /// `llm.gelu` (tanh approximation).
 pub fn gelu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
-    unary(e, i, |x| {
-        let c = (2.0f32 / std::f32::consts::PI).sqrt();
-        0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
-    })
+    unary(e, i, gelu_f32)
 }

@@ -33,8 +33,24 @@ pub fn append_kv(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
     let Value::Cache(cache) = &mut value else {
         return Err(format!("expected a KV cache, found {}", value.kind()));
     };
-    let (k, v, slots) = (k.tensor()?, v.tensor()?, slots.tensor()?);
-    let layer = e.int("layer", 0) as usize;
+    append_rows(
+        cache,
+        e.int("layer", 0) as usize,
+        k.tensor()?,
+        v.tensor()?,
+        slots.tensor()?,
+    )?;
+    Ok(vec![Rc::new(value)])
+}
+
+/// Writes row `n` of `k` and `v` (`[N, kv_heads, head_dim]`) to slot `slots[n]` of `layer`.
+pub fn append_rows(
+    cache: &mut KvCache,
+    layer: usize,
+    k: &Tensor,
+    v: &Tensor,
+    slots: &Tensor,
+) -> Result<(), String> {
     let d = cache.params.head_dim as usize;
     let row_len = cache.slot_len();
     let (kd, vd) = (k.floats()?, v.floats()?);
@@ -54,7 +70,7 @@ pub fn append_kv(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
             cache.v[at + head * d..at + (head + 1) * d].copy_from_slice(&vrow);
         }
     }
-    Ok(vec![Rc::new(value)])
+    Ok(())
 }
 
 fn gather(

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod base;
 pub mod elementwise;
+pub mod fused;
 pub mod kv;
 pub mod linalg;
 pub mod norm;

@@ -5,23 +5,30 @@ use std::rc::Rc;
 use super::{Eval, Outputs, one};
 use crate::interp::value::{Tensor, Value};
 
-fn eps(e: &Eval) -> f32 {
+pub(crate) fn eps(e: &Eval) -> f32 {
     e.float("eps").unwrap_or(1e-5) as f32
 }
 
-/// `llm.rms_norm`, as llama2.c computes it: `w * (x / sqrt(mean(x^2) + eps))`.
-pub fn rms_norm(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let (x, w) = (inputs[0].tensor()?, inputs[1].tensor()?.floats()?);
-    let d = *x.shape.last().unwrap_or(&1);
+/// RMS normalisation of each row of `x` (rows of `d` values), as llama2.c computes it:
+/// `w * (x / sqrt(mean(x^2) + eps))`, accumulating in `f32`.
+pub fn rms_norm_rows(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
-    for row in x.floats()?.chunks(d.max(1)) {
+    for row in x.chunks(d.max(1)) {
         let mut ss = 0f32;
         for &v in row {
             ss += v * v;
         }
-        let inv = 1.0 / (ss / d as f32 + eps(e)).sqrt();
+        let inv = 1.0 / (ss / d as f32 + eps).sqrt();
         out.extend(row.iter().zip(w).map(|(&v, &g)| g * (inv * v)));
     }
+    out
+}
+
+/// `llm.rms_norm`.
+pub fn rms_norm(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let (x, w) = (inputs[0].tensor()?, inputs[1].tensor()?.floats()?);
+    let d = *x.shape.last().unwrap_or(&1);
+    let out = rms_norm_rows(x.floats()?, d, w, eps(e));
     one(Tensor::from_f32(x.shape.clone(), e.result_dtype(0)?, out))
 }
 
