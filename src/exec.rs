@@ -183,7 +183,10 @@ pub fn exec(
     let store: &dyn WeightStore = weights.unwrap_or(&no_weights);
     Interpreter::new(&ctx, store)
         .run(f, args)
-        .map_err(|e| format!("{file}:{e}"))
+        .map_err(|e| match e.location {
+            Some((line, col)) => format!("{file}:{line}:{col}: {}", e.message),
+            None => format!("{file}: {}", e.message),
+        })
 }
 
 /// Writes tensor results as `result<i>.npy` in `dir`, returning the paths written.

@@ -1,8 +1,9 @@
 //! llmc: the shared core of the `llm-opt` and `llm-run` tools.
 //!
-//! The command-line binaries are thin: they parse arguments with clap and call
-//! [`pipeline::run`], the one function that both they and the filetest runner use, so any
-//! filetest reproduces exactly with `llm-opt <RUN arguments> FILE`.
+//! The command-line binaries are thin: they parse arguments with clap and call into this
+//! crate. [`pipeline::run`] is the one function behind `llm-opt` and the filetest runner, so
+//! any filetest reproduces exactly with `llm-opt <RUN arguments> FILE`; [`exec`] backs
+//! `llm-run exec`.
 
 pub mod exec;
 pub mod pipeline;

@@ -280,8 +280,8 @@ impl Namer {
 
 /// Prints `module` with stable names and no location annotations.
 ///
-/// Locations and given names are erased from the module in the process (they are not part
-/// of the printed form), so print a module last, or parse the text back to continue.
+/// Locations and given names are not part of the printed form; they are set aside while
+/// printing and restored afterwards, so the module is unchanged.
 pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
     let root = pliron::op::Op::get_operation(&module);
     let mut nodes: Vec<IRNode> = Vec::new();
@@ -331,6 +331,7 @@ pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
             IRNode::Region(_) => {}
         }
     }
+    let saved = SavedAnnotations::save(ctx, &nodes);
     given_names::erase_given_names(ctx, root);
     location::erase_locations(ctx, root);
     let mut rename: HashMap<String, String> = HashMap::new();
@@ -341,6 +342,7 @@ pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
         rename.insert(block.deref(ctx).unique_name(ctx).to_string(), name);
     }
     let raw = root.disp(ctx).to_string();
+    saved.restore(ctx);
     let mut text: String = rename_identifiers(&raw, &rename)
         .lines()
         .map(|line| format!("{}\n", line.trim_end()))
@@ -349,6 +351,69 @@ pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
         text.push('\n');
     }
     text
+}
+
+/// The locations and given names of a module, kept while printing erases them.
+struct SavedAnnotations {
+    ops: Vec<(
+        Ptr<Operation>,
+        Location,
+        Vec<Option<pliron::identifier::Identifier>>,
+    )>,
+    blocks: Vec<(
+        Ptr<BasicBlock>,
+        Location,
+        Option<pliron::identifier::Identifier>,
+        Vec<Option<pliron::identifier::Identifier>>,
+    )>,
+}
+
+impl SavedAnnotations {
+    fn save(ctx: &Context, nodes: &[IRNode]) -> SavedAnnotations {
+        let mut saved = SavedAnnotations {
+            ops: Vec::new(),
+            blocks: Vec::new(),
+        };
+        for node in nodes {
+            match node {
+                IRNode::Operation(op) => {
+                    let n = op.deref(ctx).get_num_results();
+                    let names = (0..n)
+                        .map(|i| given_names::get_operation_result_name(ctx, *op, i))
+                        .collect();
+                    saved.ops.push((*op, op.deref(ctx).loc().clone(), names));
+                }
+                IRNode::BasicBlock(block) => {
+                    let n = block.deref(ctx).get_num_arguments();
+                    let names = (0..n)
+                        .map(|i| given_names::get_block_arg_name(ctx, *block, i))
+                        .collect();
+                    let label = block.deref(ctx).given_name(ctx);
+                    saved
+                        .blocks
+                        .push((*block, block.deref(ctx).loc().clone(), label, names));
+                }
+                IRNode::Region(_) => {}
+            }
+        }
+        saved
+    }
+
+    fn restore(self, ctx: &Context) {
+        for (op, loc, names) in self.ops {
+            op.deref_mut(ctx).set_loc(loc);
+            for (i, name) in names.into_iter().enumerate() {
+                given_names::set_operation_result_name(ctx, op, i, name);
+            }
+        }
+        for (block, loc, label, names) in self.blocks {
+            block.deref_mut(ctx).set_loc(loc);
+            block.deref_mut(ctx).set_label(label);
+            for (i, name) in names.into_iter().enumerate() {
+                given_names::set_block_arg_name(ctx, block, i, name);
+            }
+        }
+    }
 }
 
 /// Replaces whole identifier tokens found in `rename`, skipping strings and `@symbols`.

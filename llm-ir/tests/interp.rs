@@ -568,3 +568,100 @@ fn reduce_scatter_then_all_gather_equals_all_reduce() {
         assert_close(g.shards[d].floats().unwrap(), &sum, 0.0);
     }
 }
+
+#[test]
+fn quantized_kv_storage_and_tables_work_in_every_format() {
+    // An int8 cache: values come back within one quantization step.
+    let ty = "llm.paged_kv_cache <layers = 1, kv_heads = 1, head_dim = 4, block_size = 2, blocks = ?, dtype = int8 {group_size = 4, symmetric = true, axis = 3, scale = f32}>";
+    let params = KvCacheParams {
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 4,
+        block_size: 2,
+        blocks: None,
+        storage: KvStorage::Quantized(llm_ir::types::QuantFormat::Affine {
+            bits: 8,
+            group_size: 4,
+            symmetric: true,
+            axis: 3,
+            scale: DType::F32,
+        }),
+        window: None,
+    };
+    let out = run(
+        &[("c", ty), ("k", "llm.tensor <1x1x4xf32>"), ("s", "llm.tensor <1xi32>"), ("t", "llm.tensor <1xi32>"), ("n", "llm.tensor <i32>")],
+        &["llm.tensor <1x1x4xf32>"],
+        &format!("        c1 = llm.append_kv c, k, k, s {{layer = 0}} : {ty};\n        kk, vv = llm.lookup_kv c1, t, n {{layer = 0}} : llm.tensor <1x1x4xf32>, llm.tensor <1x1x4xf32>;\n        llm.return kk"),
+        vec![Value::Cache(KvCache::new(params, 1)), f32s(&[1, 1, 4], &[1.0, -0.5, 0.25, 0.0]), i32s(&[1], &[0]), i32s(&[1], &[0]), Value::Tensor(Tensor::from_i64(vec![], DType::I32, vec![1]))],
+    )
+    .expect("runs");
+    assert_close(&floats(&out[0]), &[1.0, -0.5, 0.25, 0.0], 1.0 / 127.0);
+    // Embedding rows from nf4 and int4 tables equal the rows of the dequantized table.
+    let table = random(4 * 64, 30);
+    for fmt in ["nf4", "int4 {group_size = 32, axis = 1}", "q8_0"] {
+        let out = run(
+            &[("w", "llm.tensor <4x64xf32>"), ("ids", "llm.tensor <2xi32>")],
+            &["llm.tensor <2x64xf32>", "llm.tensor <4x64xf32>"],
+            &format!("        q = llm.quantize w : llm.quantized_tensor <4x64, {fmt}>;\n        e = llm.embedding q, ids : llm.tensor <2x64xf32>;\n        d = llm.dequantize q : llm.tensor <4x64xf32>;\n        llm.return e, d"),
+            vec![f32s(&[4, 64], &table), i32s(&[2], &[3, 1])],
+        )
+        .expect("runs");
+        let d = floats(&out[1]);
+        let expected: Vec<f32> = d[192..256].iter().chain(&d[64..128]).copied().collect();
+        assert_eq!(floats(&out[0]), expected, "{fmt}");
+    }
+}
+
+#[test]
+fn run_time_shape_mismatches_are_errors_not_panics() {
+    let err = run(
+        &[("x", "llm.tensor <2x?xf32>")],
+        &[],
+        "        q = llm.quantize x : llm.quantized_tensor <2x?, q4_0>;\n        llm.return",
+        vec![f32s(&[2, 5], &[0.0; 10])],
+    )
+    .expect_err("5 is not a multiple of 32");
+    assert!(err.contains("not a multiple of 32"), "{err}");
+    let err = run(
+        &[("x", "llm.tensor <1x?xf32>"), ("w", "llm.tensor <?xf32>")],
+        &["llm.tensor <1x?xf32>"],
+        "        y = llm.rms_norm x, w {eps = 1e-5} : llm.tensor <1x?xf32>;\n        llm.return y",
+        vec![f32s(&[1, 4], &[1.0; 4]), f32s(&[3], &[1.0; 3])],
+    )
+    .expect_err("weight length");
+    assert!(
+        err.contains("the weight has 3 elements for rows of 4"),
+        "{err}"
+    );
+    // Non-causal attention may have fewer keys than queries.
+    let out = run(
+        &[("q", "llm.tensor <3x1x2xf32>"), ("k", "llm.tensor <1x1x2xf32>")],
+        &["llm.tensor <3x1x2xf32>"],
+        "        o = llm.attention q, k, k {kv_heads = 1} : llm.tensor <3x1x2xf32>;\n        llm.return o",
+        vec![f32s(&[3, 1, 2], &[1.0; 6]), f32s(&[1, 1, 2], &[2.0, 3.0])],
+    )
+    .expect("runs");
+    assert_eq!(floats(&out[0]), vec![2.0, 3.0, 2.0, 3.0, 2.0, 3.0]);
+}
+
+#[test]
+fn fused_ops_equal_the_ops_they_replace() {
+    let (g, u) = (random(2 * 8, 40), random(2 * 8, 41));
+    let out = run(
+        &[("g", "llm.tensor <2x8xf32>"), ("u", "llm.tensor <2x8xf32>"), ("b", "llm.tensor <8xf32>")],
+        &["llm.tensor <2x8xf32>", "llm.tensor <2x8xf32>"],
+        "        f = llm.fused g, u, b : llm.tensor <2x8xf32> {\n          ^s(x: llm.tensor <f32>, y: llm.tensor <f32>, z: llm.tensor <f32>):\n            a = llm.silu x : llm.tensor <f32>;\n            m = llm.mul a, y : llm.tensor <f32>;\n            r = llm.add m, z : llm.tensor <f32>;\n            llm.yield r\n        };\n        a2 = llm.silu g : llm.tensor <2x8xf32>;\n        m2 = llm.mul a2, u : llm.tensor <2x8xf32>;\n        r2 = llm.add m2, b : llm.tensor <2x8xf32>;\n        llm.return f, r2",
+        vec![f32s(&[2, 8], &g), f32s(&[2, 8], &u), f32s(&[8], &random(8, 42))],
+    )
+    .expect("runs");
+    assert_eq!(floats(&out[0]), floats(&out[1]));
+    let (x, n, w) = (random(3 * 8, 43), random(8, 44), random(5 * 8, 45));
+    let out = run(
+        &[("x", "llm.tensor <3x8xf32>"), ("n", "llm.tensor <8xf32>"), ("w", "llm.tensor <5x8xf32>")],
+        &["llm.tensor <3x5xf32>", "llm.tensor <3x5xf32>"],
+        "        a = llm.rms_norm_matmul x, n, w {eps = 1e-5, transpose_rhs = true} : llm.tensor <3x5xf32>;\n        h = llm.rms_norm x, n {eps = 1e-5} : llm.tensor <3x8xf32>;\n        b = llm.matmul h, w {transpose_rhs = true} : llm.tensor <3x5xf32>;\n        llm.return a, b",
+        vec![f32s(&[3, 8], &x), f32s(&[8], &n), f32s(&[5, 8], &w)],
+    )
+    .expect("runs");
+    assert_eq!(floats(&out[0]), floats(&out[1]));
+}

@@ -2,7 +2,7 @@
 //! tokenizer, the sampler, `.npy` I/O and single-sequence generation on the reference
 //! interpreter.
 //!
-//! This is the only crate of the project that reads files.
+//! Besides the command-line package, this is the only crate that reads files.
 
 pub mod generate;
 pub mod llama2c;

@@ -131,11 +131,11 @@ fn run(cli: Cli) -> Result<(), String> {
             let (config, weights) = llama2c::load(&model).map_err(|e| e.to_string())?;
             let tokenizer = Tokenizer::load(&tokenizer, config.vocab).map_err(|e| e.to_string())?;
             let compiled = Model::compile(config, weights)?;
-            let seed = seed.unwrap_or_else(|| {
+            // As in run.c, no seed (or 0, which would stall the generator) means the clock.
+            let seed = seed.filter(|&s| s != 0).unwrap_or_else(|| {
                 SystemTime::now()
                     .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(1)
+                    .map_or(1, |d| d.as_secs().max(1))
             });
             let sampler = SamplerConfig {
                 temperature,

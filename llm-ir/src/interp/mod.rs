@@ -259,6 +259,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
             || s.mesh != t.mesh()
             || s.split != t.split()
             || s.partial != t.partial()
+            || (!s.partial.is_empty() && s.reduction != t.reduction())
             || s.shards.iter().any(|sh| sh.dtype != t.dtype())
         {
             return mismatch(format!("a sharded tensor of shape {:?}", s.shape));

@@ -86,6 +86,23 @@ pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let r = q.shape.len();
     let (tq, h, d) = (q.shape[r - 3], q.shape[r - 2], q.shape[r - 1]);
     let (tk, kvh, dv) = (k.shape[r - 3], k.shape[r - 2], v.shape[r - 1]);
+    if k.shape[..r - 1] != v.shape[..r - 1]
+        || k.shape[r - 1] != d
+        || q.shape[..r - 3] != k.shape[..r - 3]
+    {
+        return Err(format!(
+            "q {:?}, k {:?} and v {:?} do not fit together at run time",
+            q.shape, k.shape, v.shape
+        ));
+    }
+    if let Some(m) = mask
+        && m.shape != [tq, tk]
+    {
+        return Err(format!(
+            "the mask has shape {:?}, expected [{tq}, {tk}]",
+            m.shape
+        ));
+    }
     if kvh == 0 || h % kvh != 0 || tk < tq && e.flag("causal", false) {
         return Err(format!(
             "cannot attend {tq} queries with {h} heads to {tk} keys with {kvh} heads"
@@ -99,7 +116,7 @@ pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let mut out = Vec::with_capacity(batch * tq * h * dv);
     for b in 0..batch {
         for i in 0..tq {
-            let pos = tk - tq + i;
+            let pos = (tk + i).saturating_sub(tq);
             let visible = if causal {
                 window_range(pos, win)
             } else {
@@ -170,6 +187,18 @@ pub fn paged_attend(
     let kvh = cache.params.kv_heads as usize;
     let layer = e.int("layer", 0) as usize;
     let width = tables.shape[1];
+    if tables.shape[0] != b || lens.shape != [b] {
+        return Err(format!(
+            "{b} sequences need block tables [{b}, M] and context lengths [{b}], found {:?} and {:?}",
+            tables.shape, lens.shape
+        ));
+    }
+    if d != cache.params.head_dim as usize || kvh == 0 || h % kvh != 0 {
+        return Err(format!(
+            "queries {:?} do not fit the cache's {kvh} heads of {}",
+            q.shape, cache.params.head_dim
+        ));
+    }
     let (qd, td, ld) = (q.floats()?, tables.ints()?, lens.ints()?);
     let (win, scale, group) = (window(e), Scale::of(e, d), h / kvh);
     let mut out = Vec::with_capacity(q.len());
@@ -221,6 +250,12 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let scaling = e.float("scaling").unwrap_or(1.0) as f32;
     let half_layout =
         matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
+    if pos.shape[..] != x.shape[..r - 2] || rotary > d {
+        return Err(format!(
+            "positions {:?} do not match the tokens of {:?}",
+            pos.shape, x.shape
+        ));
+    }
     let mut out = x.floats()?.to_vec();
     for (token, &p) in pos.ints()?.iter().enumerate() {
         let p = p as f32 / scaling;

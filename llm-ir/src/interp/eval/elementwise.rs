@@ -166,7 +166,13 @@ pub fn mul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 
 /// `llm.div` (integer division truncates toward zero).
 pub fn div(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    binary(e, inputs, div_f32, |x, y| x.checked_div(y))
+    binary(e, inputs, div_f32, |x, y| {
+        if y == 0 {
+            None
+        } else {
+            Some(x.wrapping_div(y))
+        }
+    })
 }
 
 fn unary(e: &Eval, inputs: Vec<Rc<Value>>, f: fn(f32) -> f32) -> Outputs {

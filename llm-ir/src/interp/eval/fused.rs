@@ -125,6 +125,17 @@ pub fn rms_norm_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     );
     let dtype = e.result_dtype(0)?;
     let k = *x.shape.last().unwrap_or(&1);
+    let wk = if e.flag("transpose_rhs", false) {
+        w.shape[1]
+    } else {
+        w.shape[0]
+    };
+    if g.len() != k || wk != k {
+        return Err(format!(
+            "rows of {k} do not fit the norm weight {:?} and rhs {:?}",
+            g.shape, w.shape
+        ));
+    }
     let normed: Vec<f32> = rms_norm_rows(x.floats()?, k, g.floats()?, eps(e))
         .into_iter()
         .map(|v| round_float(x.dtype, v))

@@ -16,8 +16,11 @@ fn store(storage: &KvStorage, row: &[f32]) -> Vec<f32> {
     match storage {
         KvStorage::Float(d) => row.iter().map(|&x| round_float(*d, x)).collect(),
         KvStorage::Quantized(format) => {
-            let bytes = quant::quantize(format, &[row.len()], row);
-            quant::dequantize(format, &[row.len()], &bytes)
+            // One head row in the pool layout [blocks, block_size, kv_heads, head_dim]: groups
+            // run along head_dim (axis 3, the last).
+            let shape = [1, 1, 1, row.len()];
+            let bytes = quant::quantize(format, &shape, row);
+            quant::dequantize(format, &shape, &bytes)
         }
     }
 }
@@ -53,6 +56,14 @@ pub fn append_rows(
 ) -> Result<(), String> {
     let d = cache.params.head_dim as usize;
     let row_len = cache.slot_len();
+    let rows = slots.len();
+    let want = [rows, cache.params.kv_heads as usize, d];
+    if k.shape != want || v.shape != want || layer >= cache.params.layers as usize {
+        return Err(format!(
+            "{rows} slots need k and v of shape {want:?} in layer < {}, found {:?} and {:?} (layer {layer})",
+            cache.params.layers, k.shape, v.shape
+        ));
+    }
     let (kd, vd) = (k.floats()?, v.floats()?);
     for (n, &slot) in slots.ints()?.iter().enumerate() {
         if slot < 0 || slot as usize >= cache.slots() {

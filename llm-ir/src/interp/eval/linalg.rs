@@ -80,10 +80,16 @@ fn table_row(table: &Value, r: usize) -> Result<Vec<f32>, String> {
             let d = t.shape[1];
             Ok(t.floats()?[r * d..(r + 1) * d].to_vec())
         }
-        Value::Quantized(q) => {
+        Value::Quantized(q) if q.format.gguf_block_bytes().is_some() => {
+            // GGUF rows are whole blocks, stored one after another.
             let row_bytes = quant::storage_bytes(&q.format, &q.shape[1..]);
             let bytes = &q.bytes[r * row_bytes..(r + 1) * row_bytes];
             Ok(quant::dequantize(&q.format, &q.shape[1..], bytes))
+        }
+        Value::Quantized(q) => {
+            // nf4 and affine formats store all codes before all scales.
+            let d = q.shape[1];
+            Ok(quant::dequantize(&q.format, &q.shape, &q.bytes)[r * d..(r + 1) * d].to_vec())
         }
         other => Err(format!("the table is {}", other.kind())),
     }

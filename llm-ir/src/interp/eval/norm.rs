@@ -28,6 +28,12 @@ pub fn rms_norm_rows(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
 pub fn rms_norm(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (x, w) = (inputs[0].tensor()?, inputs[1].tensor()?.floats()?);
     let d = *x.shape.last().unwrap_or(&1);
+    if w.len() != d {
+        return Err(format!(
+            "the weight has {} elements for rows of {d}",
+            w.len()
+        ));
+    }
     let out = rms_norm_rows(x.floats()?, d, w, eps(e));
     one(Tensor::from_f32(x.shape.clone(), e.result_dtype(0)?, out))
 }
@@ -37,6 +43,13 @@ pub fn layer_norm(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
     let (w, b) = (inputs[1].tensor()?.floats()?, inputs[2].tensor()?.floats()?);
     let d = *x.shape.last().unwrap_or(&1);
+    if w.len() != d || b.len() != d {
+        return Err(format!(
+            "weight and bias have {} and {} elements for rows of {d}",
+            w.len(),
+            b.len()
+        ));
+    }
     let mut out = Vec::with_capacity(x.len());
     for row in x.floats()?.chunks(d.max(1)) {
         let mean = row.iter().sum::<f32>() / d as f32;

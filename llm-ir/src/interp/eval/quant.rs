@@ -14,6 +14,8 @@ pub fn quantize(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let ty =
         e.op.result_quantized(0)
             .map_err(|err| err.err.to_string())?;
+    let dims: Vec<Option<u64>> = x.shape.iter().map(|&d| Some(d as u64)).collect();
+    ty.format().validate_shape(&dims)?;
     let bytes = quant::quantize(ty.format(), &x.shape, x.floats()?);
     Ok(vec![Rc::new(Value::Quantized(QTensor {
         shape: x.shape.clone(),
@@ -36,6 +38,12 @@ pub fn dequantize(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 pub fn quantized_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (x, w) = (inputs[0].tensor()?, inputs[1].quantized()?);
     let (n, k) = (w.shape[0], w.shape[1]);
+    if x.shape.last() != Some(&k) {
+        return Err(format!(
+            "the input {:?} does not end in the weight's K = {k}",
+            x.shape
+        ));
+    }
     let weights = quant::dequantize(&w.format, &w.shape, &w.bytes);
     let m = x.len() / k.max(1);
     let out = matmul_2d(x.floats()?, m, k, n, |p, j| weights[j * k + p]);

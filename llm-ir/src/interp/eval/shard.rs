@@ -134,6 +134,12 @@ pub fn sharded_linear(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let mut shards = Vec::with_capacity(x.shards.len());
     for (xs, ws) in x.shards.iter().zip(&w.shards) {
         let (n, k) = (ws.shape[0], ws.shape[1]);
+        if xs.shape.last() != Some(&k) {
+            return Err(format!(
+                "a local input {:?} does not end in the local K = {k}",
+                xs.shape
+            ));
+        }
         let m = xs.len() / k.max(1);
         let wd = ws.floats()?;
         let out = matmul_2d(xs.floats()?, m, k, n, |p, j| wd[j * k + p]);
@@ -144,6 +150,7 @@ pub fn sharded_linear(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let mut template = x.clone();
     let last = template.shape.len() - 1;
     template.shape[last] = w.shape[0];
+    template.reduction = ty.reduction();
     sharded(
         &template,
         ty.split().to_vec(),
