@@ -29,6 +29,7 @@ use pliron::{
     common_traits::Named,
     context::{Context, Ptr},
     graph::walkers::{IRNode, WALKCONFIG_PREORDER_FORWARD, uninterruptible::immutable::walk_op},
+    identifier::Identifier,
     location::{self, Location},
     operation::{self, Operation},
     parsable::parse_from_str,
@@ -355,18 +356,17 @@ pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
 
 /// The locations and given names of a module, kept while printing erases them.
 struct SavedAnnotations {
-    ops: Vec<(
-        Ptr<Operation>,
-        Location,
-        Vec<Option<pliron::identifier::Identifier>>,
-    )>,
-    blocks: Vec<(
-        Ptr<BasicBlock>,
-        Location,
-        Option<pliron::identifier::Identifier>,
-        Vec<Option<pliron::identifier::Identifier>>,
-    )>,
+    ops: Vec<(Ptr<Operation>, Location, Vec<Option<Identifier>>)>,
+    blocks: Vec<SavedBlock>,
 }
+
+/// A block's location, label and argument names.
+type SavedBlock = (
+    Ptr<BasicBlock>,
+    Location,
+    Option<Identifier>,
+    Vec<Option<Identifier>>,
+);
 
 impl SavedAnnotations {
     fn save(ctx: &Context, nodes: &[IRNode]) -> SavedAnnotations {

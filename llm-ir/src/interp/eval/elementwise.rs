@@ -118,9 +118,15 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
 }
 
+/// A scalar unary function.
+pub type UnaryFn = fn(f32) -> f32;
+
+/// A scalar binary function.
+pub type BinaryFn = fn(f32, f32) -> f32;
+
 /// The scalar function of each unary elementwise op: one definition for the tensor
 /// kernels and for fused scalar bodies.
-pub const UNARY: &[(&str, fn(f32) -> f32)] = &[
+pub const UNARY: &[(&str, UnaryFn)] = &[
     ("llm.exp", f32::exp),
     ("llm.neg", neg_f32),
     ("llm.sqrt", f32::sqrt),
@@ -132,7 +138,7 @@ pub const UNARY: &[(&str, fn(f32) -> f32)] = &[
 ];
 
 /// The scalar float function of each binary elementwise op.
-pub const BINARY: &[(&str, fn(f32, f32) -> f32)] = &[
+pub const BINARY: &[(&str, BinaryFn)] = &[
     ("llm.add", add_f32),
     ("llm.sub", sub_f32),
     ("llm.mul", mul_f32),
