@@ -128,6 +128,7 @@ fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
         for (n, case) in cases.iter().enumerate() {
             let output = match (pipeline::run(&args, &case.text), must_fail) {
                 (Ok(out), false) => {
+                    let out = out.text;
                     if args.emit == Emit::Ir {
                         check_fixed_point(&args, &out)
                             .map_err(|e| format!("{rel} case {n}: {e}"))?;
@@ -136,6 +137,7 @@ fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
                 }
                 (Err(d), true) => format!("{}\n", d.render(&rel)),
                 (Ok(out), true) => {
+                    let out = out.text;
                     return Err(format!(
                         "{rel} case {n}: expected an error, but it succeeded:\n{out}"
                     )
@@ -159,7 +161,12 @@ fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
 }
 
 fn check_fixed_point(args: &OptArgs, printed: &str) -> Result<(), String> {
-    let reprinted = pipeline::run(args, printed)
+    let reparse = OptArgs {
+        passes: None,
+        ..args.clone()
+    };
+    let reprinted = pipeline::run(&reparse, printed)
+        .map(|o| o.text)
         .map_err(|d| format!("printed IR does not parse: {}", d.render("<printed>")))?;
     if reprinted != printed {
         return Err(format!(

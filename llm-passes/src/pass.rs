@@ -17,7 +17,10 @@ pub struct PassError {
 impl PassError {
     /// An error with no location.
     pub fn new(message: impl Into<String>) -> PassError {
-        PassError { location: None, message: message.into() }
+        PassError {
+            location: None,
+            message: message.into(),
+        }
     }
 }
 
@@ -83,7 +86,10 @@ pub enum OptionValue {
 
 /// Parses `text` as a value of `kind`.
 pub fn parse_option(kind: OptionKind, text: &str) -> Result<OptionValue, String> {
-    let int = |t: &str| t.parse::<u64>().map_err(|_| format!("`{text}` is not a non-negative integer"));
+    let int = |t: &str| {
+        t.parse::<u64>()
+            .map_err(|_| format!("`{text}` is not a non-negative integer"))
+    };
     match kind {
         OptionKind::Int => int(text).map(OptionValue::Int),
         OptionKind::Bool => match text {
@@ -99,17 +105,25 @@ pub fn parse_option(kind: OptionKind, text: &str) -> Result<OptionValue, String>
             },
         },
         OptionKind::Bytes => {
-            let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+            let split = text
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len());
             let (digits, unit) = text.split_at(split);
             let scale: u64 = match unit {
                 "" | "B" => 1,
                 "K" | "KiB" => 1 << 10,
                 "M" | "MiB" => 1 << 20,
                 "G" | "GiB" => 1 << 30,
-                _ => return Err(format!("`{text}`: unknown size unit `{unit}` (use KiB, MiB or GiB)")),
+                _ => {
+                    return Err(format!(
+                        "`{text}`: unknown size unit `{unit}` (use KiB, MiB or GiB)"
+                    ));
+                }
             };
             let n = int(digits).map_err(|_| format!("`{text}` is not a byte size"))?;
-            n.checked_mul(scale).map(OptionValue::Int).ok_or_else(|| format!("`{text}` is too large"))
+            n.checked_mul(scale)
+                .map(OptionValue::Int)
+                .ok_or_else(|| format!("`{text}` is too large"))
         }
     }
 }
@@ -122,25 +136,43 @@ pub struct PassOptions {
 
 impl PassOptions {
     /// Checks `given` against `declared` and fills in the defaults.
-    pub fn resolve(pass: &str, declared: &[OptionInfo], given: &[(String, String)]) -> Result<PassOptions, String> {
+    pub fn resolve(
+        pass: &str,
+        declared: &[OptionInfo],
+        given: &[(String, String)],
+    ) -> Result<PassOptions, String> {
         let mut values = Vec::new();
         for (name, _) in given {
             if !declared.iter().any(|o| o.name == name) {
                 let known: Vec<&str> = declared.iter().map(|o| o.name).collect();
-                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-                return Err(format!("pass `{pass}` has no option `{name}` (options: {known})"));
+                let known = if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                };
+                return Err(format!(
+                    "pass `{pass}` has no option `{name}` (options: {known})"
+                ));
             }
         }
         for info in declared {
-            let text = given.iter().rev().find(|(n, _)| n == info.name).map_or(info.default, |(_, v)| v.as_str());
-            let value = parse_option(info.kind, text).map_err(|e| format!("option `{}` of pass `{pass}`: {e}", info.name))?;
+            let text = given
+                .iter()
+                .rev()
+                .find(|(n, _)| n == info.name)
+                .map_or(info.default, |(_, v)| v.as_str());
+            let value = parse_option(info.kind, text)
+                .map_err(|e| format!("option `{}` of pass `{pass}`: {e}", info.name))?;
             values.push((info.name, value));
         }
         Ok(PassOptions { values })
     }
 
     fn get(&self, name: &str) -> OptionValue {
-        self.values.iter().find(|(n, _)| *n == name).map_or(OptionValue::Auto, |(_, v)| *v)
+        self.values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(OptionValue::Auto, |(_, v)| *v)
     }
 
     /// An integer or byte-size option.
@@ -208,7 +240,12 @@ pub fn describe_passes() -> String {
     for p in PASSES {
         out.push_str(&format!("{:<16} {}\n", p.name, p.summary));
         for o in p.options {
-            out.push_str(&format!("    {:<20} {} (default {})\n", format!("{}=<{:?}>", o.name, o.kind).to_lowercase(), o.help, o.default));
+            out.push_str(&format!(
+                "    {:<20} {} (default {})\n",
+                format!("{}=<{:?}>", o.name, o.kind).to_lowercase(),
+                o.help,
+                o.default
+            ));
         }
     }
     out.push_str("\npipelines:\n");

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use llm_ir::text;
 use pliron::{
-    builtin::{op_interfaces::SingleBlockRegionInterface, ops::{FuncOp, ModuleOp}},
+    builtin::{
+        op_interfaces::SingleBlockRegionInterface,
+        ops::{FuncOp, ModuleOp},
+    },
     context::Context,
     linked_list::ContainsLinkedList,
     op::Op,
@@ -54,7 +57,11 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { verify_each: true, print_after_all: false, print_after: vec![] }
+        RunConfig {
+            verify_each: true,
+            print_after_all: false,
+            print_after: vec![],
+        }
     }
 }
 
@@ -71,7 +78,10 @@ impl Report {
     /// The timings as a table, MLIR `--timing` style.
     pub fn timing_table(&self) -> String {
         let total: Duration = self.timings.iter().map(|(_, d)| *d).sum();
-        let mut out = format!("===- Pass execution timing report -===\n  Total: {:.3} ms\n", total.as_secs_f64() * 1e3);
+        let mut out = format!(
+            "===- Pass execution timing report -===\n  Total: {:.3} ms\n",
+            total.as_secs_f64() * 1e3
+        );
         for (name, d) in &self.timings {
             out.push_str(&format!("  {:>9.3} ms  {name}\n", d.as_secs_f64() * 1e3));
         }
@@ -112,7 +122,10 @@ impl Cursor<'_> {
     }
 
     fn error(&self, msg: impl std::fmt::Display) -> String {
-        format!("{msg} at offset {} of the pipeline `{}`", self.at, self.text)
+        format!(
+            "{msg} at offset {} of the pipeline `{}`",
+            self.at, self.text
+        )
     }
 }
 
@@ -134,9 +147,21 @@ impl Pipeline {
     }
 
     /// Runs the pipeline on `module`.
-    pub fn run(&self, ctx: &mut Context, module: ModuleOp, config: &RunConfig) -> Result<Report, PassError> {
+    pub fn run(
+        &self,
+        ctx: &mut Context,
+        module: ModuleOp,
+        config: &RunConfig,
+    ) -> Result<Report, PassError> {
         let mut report = Report::default();
-        run_items(&self.items, ctx, module, module.get_operation(), config, &mut report)?;
+        run_items(
+            &self.items,
+            ctx,
+            module,
+            module.get_operation(),
+            config,
+            &mut report,
+        )?;
         Ok(report)
     }
 }
@@ -170,18 +195,24 @@ fn parse_items(c: &mut Cursor, depth: usize, nested: bool) -> Result<Vec<Item>, 
         } else if let Some(info) = lookup(&name) {
             if nested && info.scope == Scope::Module {
                 c.at = start;
-                return Err(c.error(format!("pass `{name}` runs on a whole module, not inside builtin.func(...)")));
+                return Err(c.error(format!(
+                    "pass `{name}` runs on a whole module, not inside builtin.func(...)"
+                )));
             }
             let mut given = Vec::new();
             if c.eat('{') {
                 loop {
                     let key = c.word();
                     if key.is_empty() || !c.eat('=') {
-                        return Err(c.error(format!("expected `option=value` in the options of `{name}`")));
+                        return Err(c.error(format!(
+                            "expected `option=value` in the options of `{name}`"
+                        )));
                     }
                     let value = c.word();
                     if value.is_empty() {
-                        return Err(c.error(format!("expected a value for option `{key}` of `{name}`")));
+                        return Err(
+                            c.error(format!("expected a value for option `{key}` of `{name}`"))
+                        );
                     }
                     given.push((key, value));
                     c.skip_ws();
@@ -191,12 +222,20 @@ fn parse_items(c: &mut Cursor, depth: usize, nested: bool) -> Result<Vec<Item>, 
                     c.eat(',');
                 }
             }
-            let options = PassOptions::resolve(&name, info.options, &given).map_err(|e| c.error(e))?;
+            let options =
+                PassOptions::resolve(&name, info.options, &given).map_err(|e| c.error(e))?;
             items.push(Item::Pass { info, options });
         } else {
             c.at = start;
-            let known: Vec<&str> = crate::pass::PASSES.iter().map(|p| p.name).chain(PIPELINES.iter().map(|p| p.0)).collect();
-            return Err(c.error(format!("unknown pass `{name}` (known: {})", known.join(", "))));
+            let known: Vec<&str> = crate::pass::PASSES
+                .iter()
+                .map(|p| p.name)
+                .chain(PIPELINES.iter().map(|p| p.0))
+                .collect();
+            return Err(c.error(format!(
+                "unknown pass `{name}` (known: {})",
+                known.join(", ")
+            )));
         }
         if !c.eat(',') {
             return Ok(items);
@@ -207,7 +246,9 @@ fn parse_items(c: &mut Cursor, depth: usize, nested: bool) -> Result<Vec<Item>, 
 fn functions(ctx: &Context, module: ModuleOp) -> Vec<FuncOp> {
     let body = module.get_body(ctx, 0);
     let ops: Vec<_> = body.deref(ctx).iter(ctx).collect();
-    ops.into_iter().filter_map(|op| Operation::get_op::<FuncOp>(op, ctx)).collect()
+    ops.into_iter()
+        .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
+        .collect()
 }
 
 fn run_items(
@@ -229,7 +270,9 @@ fn run_items(
                 let start = Instant::now();
                 let mut pass = (info.create)(options);
                 pass.run(ctx, root)?;
-                report.timings.push((info.name.to_string(), start.elapsed()));
+                report
+                    .timings
+                    .push((info.name.to_string(), start.elapsed()));
                 if config.verify_each {
                     operation::verify_operation(module.get_operation(), ctx).map_err(|e| {
                         let d = text::Diagnostic::from_pliron(&e);
@@ -240,7 +283,10 @@ fn run_items(
                     })?;
                 }
                 if config.print_after_all || config.print_after.iter().any(|n| n == info.name) {
-                    report.dumps.push_str(&format!("// -----// IR Dump After {} //----- //\n", info.name));
+                    report.dumps.push_str(&format!(
+                        "// -----// IR Dump After {} //----- //\n",
+                        info.name
+                    ));
                     report.dumps.push_str(&text::print_module(ctx, module));
                 }
             }

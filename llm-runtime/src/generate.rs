@@ -14,6 +14,7 @@ use llm_ir::{
     text,
     types::{KvCacheParams, KvStorage},
 };
+use llm_passes::{Pipeline, RunConfig};
 use pliron::{
     builtin::ops::{FuncOp, ModuleOp},
     context::Context,
@@ -100,13 +101,20 @@ pub struct Model {
 pub type RunError = String;
 
 impl Model {
-    /// Builds, parses and verifies the IR of `config` over `weights`.
-    pub fn compile(config: ModelConfig, weights: Weights) -> Result<Model, RunError> {
+    /// Builds, parses and verifies the IR of `config` over `weights`, then runs the pass
+    /// pipeline `passes` (for example `default`; empty runs none).
+    pub fn compile(config: ModelConfig, weights: Weights, passes: &str) -> Result<Model, RunError> {
         let start = Instant::now();
         let source = model::build_ir(&config);
         let mut ctx = Context::new();
         let module = text::parse_module(&mut ctx, &source)
             .map_err(|d| format!("model IR: {}", d.render("<model>")))?;
+        if !passes.trim().is_empty() {
+            let pipeline = Pipeline::parse(passes).map_err(|e| format!("--passes: {e}"))?;
+            pipeline
+                .run(&mut ctx, module, &RunConfig::default())
+                .map_err(|e| format!("pass pipeline: {e}"))?;
+        }
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
             ctx,

@@ -14,6 +14,10 @@ use llmc::pipeline::{self, OptArgs};
 
 fn main() -> ExitCode {
     let args = OptArgs::parse();
+    if args.list_passes {
+        print!("{}", llm_passes::pass::describe_passes());
+        return ExitCode::SUCCESS;
+    }
     let (name, bytes) = match read_input(args.input.as_deref()) {
         Ok(input) => input,
         Err((name, msg)) => {
@@ -35,7 +39,8 @@ fn main() -> ExitCode {
         Ok(out) => out,
         Err(d) => return fail(&name, &d),
     };
-    match write_output(args.output.as_deref(), &output) {
+    eprint!("{}", output.log);
+    match write_output(args.output.as_deref(), &output.text) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("llm-opt: error: {msg}");

@@ -69,6 +69,9 @@ enum Command {
         /// Print timings as one JSON object on stderr.
         #[arg(long)]
         stats: bool,
+        /// The pass pipeline applied to the model before it runs (`""` for none).
+        #[arg(long, default_value = "default")]
+        passes: String,
     },
     /// Print the IR of a model.
     Import {
@@ -126,11 +129,12 @@ fn run(cli: Cli) -> Result<(), String> {
             seed,
             backend,
             stats,
+            passes,
         } => {
             let Backend::Interp = backend;
             let (config, weights) = llama2c::load(&model).map_err(|e| e.to_string())?;
             let tokenizer = Tokenizer::load(&tokenizer, config.vocab).map_err(|e| e.to_string())?;
-            let compiled = Model::compile(config, weights)?;
+            let compiled = Model::compile(config, weights, &passes)?;
             // As in run.c, no seed (or 0, which would stall the generator) means the clock.
             let seed = seed.filter(|&s| s != 0).unwrap_or_else(|| {
                 SystemTime::now()

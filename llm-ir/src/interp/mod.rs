@@ -269,6 +269,28 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
     Err(format!("values of type {shown} are not supported"))
 }
 
+/// Evaluates one op on `inputs` (in operand order) with its reference semantics.
+pub fn eval_op(
+    ctx: &Context,
+    op: pliron::context::Ptr<Operation>,
+    inputs: Vec<Rc<Value>>,
+    weights: &dyn WeightStore,
+) -> Result<Vec<Rc<Value>>, String> {
+    let name = Operation::get_opid(op, ctx).to_string();
+    let descriptor = LLM_OPS
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| format!("{name} has no reference semantics"))?;
+    let check = OpCheck::for_eval(ctx, op);
+    (descriptor.eval)(
+        &Eval {
+            op: &check,
+            weights,
+        },
+        inputs,
+    )
+}
+
 /// Finds the function `name` among the top-level ops of `module`.
 pub fn find_func(
     ctx: &Context,

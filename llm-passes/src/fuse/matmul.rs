@@ -1,0 +1,224 @@
+//! Matmul fusions.
+
+use llm_ir::{
+    dtype::DType,
+    ops::{self, ConcatOp, MatmulOp, QuantizedMatmulOp, RmsNormMatmulOp, SliceOp},
+    params::ParamValue,
+    types::TensorType,
+};
+use pliron::{context::Ptr, op::Op, operation::Operation, r#type::Typed};
+
+use crate::{
+    driver::{Pattern, Rewriter},
+    ir,
+    pass::PassError,
+};
+
+/// `matmul(x, dequantize(w), transpose_rhs = true) => quantized_matmul(x, w)`: both compute
+/// `x @ dequantize(w)^T` with `w` stored `[N, K]`.
+pub struct DequantizeMatmul;
+
+impl Pattern for DequantizeMatmul {
+    fn name(&self) -> &'static str {
+        "dequantize-matmul"
+    }
+
+    fn root(&self) -> Option<&'static str> {
+        Some("llm.matmul")
+    }
+
+    fn benefit(&self) -> u32 {
+        4
+    }
+
+    fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError> {
+        let ctx = &*rw.ctx;
+        let Some(dq) = ir::producer_named(ctx, op, 1, "llm.dequantize") else {
+            return Ok(false);
+        };
+        let rhs_rank = ir::tensor_type(ctx, ir::result(ctx, dq, 0)).map_or(0, |t| t.rank());
+        if !ir::flag(ctx, op, "transpose_rhs", false) || rhs_rank != 2 {
+            return Ok(false);
+        }
+        let (x, w) = (ir::operand(ctx, op, 0), ir::operand(ctx, dq, 0));
+        let ty = ir::result(ctx, op, 0).get_type(ctx);
+        let new: QuantizedMatmulOp = ops::build(rw.ctx, vec![x, w], vec![ty], vec![]);
+        let new = new.get_operation();
+        rw.insert_before(op, new);
+        rw.replace_op(op, &[ir::result(rw.ctx, new, 0)]);
+        Ok(true)
+    }
+}
+
+/// A matmul that can join a merged group: `x @ w^T` with a plain rank-2, static `[N, K]`
+/// weight (not a dequantized one, which `dequantize-matmul` keeps quantized).
+fn mergeable(rw: &Rewriter, op: Ptr<Operation>) -> Option<(u64, u64, DType)> {
+    let ctx = &*rw.ctx;
+    if ir::name(ctx, op) != "llm.matmul" || !ir::flag(ctx, op, "transpose_rhs", false) {
+        return None;
+    }
+    if ir::producer_named(ctx, op, 1, "llm.dequantize").is_some() {
+        return None;
+    }
+    let w = ir::tensor_type(ctx, ir::operand(ctx, op, 1))?;
+    match w.shape() {
+        [Some(n), Some(k)] => Some((*n, *k, w.dtype())),
+        _ => None,
+    }
+}
+
+/// `matmul(x, w1^T), ..., matmul(x, wn^T) => slices of matmul(x, concat(w1, ..., wn)^T)`:
+/// row `j` of the concatenated weight is row `j - off_i` of `w_i`, so each slice of the
+/// merged product equals one original product (the same dot products, in the same order).
+pub struct MergeSiblingMatmuls;
+
+impl Pattern for MergeSiblingMatmuls {
+    fn name(&self) -> &'static str {
+        "merge-sibling-matmuls"
+    }
+
+    fn root(&self) -> Option<&'static str> {
+        Some("llm.matmul")
+    }
+
+    fn benefit(&self) -> u32 {
+        3
+    }
+
+    fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError> {
+        let Some((_, k, dtype)) = mergeable(rw, op) else {
+            return Ok(false);
+        };
+        let x = ir::operand(rw.ctx, op, 0);
+        let mut group: Vec<(Ptr<Operation>, u64)> = Vec::new();
+        let mut users = ir::users(rw.ctx, x);
+        users.dedup();
+        for u in users {
+            if ir::operand(rw.ctx, u, 0) != x || group.iter().any(|(g, _)| *g == u) {
+                continue;
+            }
+            if let Some((n, uk, ud)) = mergeable(rw, u)
+                && uk == k
+                && ud == dtype
+            {
+                group.push((u, n));
+            }
+        }
+        if group.len() < 2 {
+            return Ok(false);
+        }
+        // Order by position; every weight must exist before the first matmul.
+        group.sort_by(|a, b| {
+            if ir::is_before(rw.ctx, a.0, b.0) {
+                std::cmp::Ordering::Less
+            } else {
+                std::cmp::Ordering::Greater
+            }
+        });
+        let anchor = group[0].0;
+        group.retain(|(u, _)| ir::available_before(rw.ctx, ir::operand(rw.ctx, *u, 1), anchor));
+        if group.len() < 2 {
+            return Ok(false);
+        }
+        let total: u64 = group.iter().map(|(_, n)| n).sum();
+        let weights: Vec<_> = group
+            .iter()
+            .map(|(u, _)| ir::operand(rw.ctx, *u, 1))
+            .collect();
+        let wty = TensorType::get_static(rw.ctx, &[total, k], dtype);
+        let concat: ConcatOp = ops::build(
+            rw.ctx,
+            weights,
+            vec![wty.into()],
+            vec![("axis", ParamValue::Int(0))],
+        );
+        let concat = concat.get_operation();
+        rw.insert_before(anchor, concat);
+        let first = ir::tensor_type(rw.ctx, ir::result(rw.ctx, anchor, 0))
+            .ok_or_else(|| PassError::new("matmul without a tensor result"))?;
+        let mut shape = first.shape().to_vec();
+        let last = shape.len() - 1;
+        shape[last] = Some(total);
+        let mty = TensorType::get(rw.ctx, shape, first.dtype());
+        let merged: MatmulOp = ops::build(
+            rw.ctx,
+            vec![x, ir::result(rw.ctx, concat, 0)],
+            vec![mty.into()],
+            vec![("transpose_rhs", ParamValue::Bool(true))],
+        );
+        let merged = merged.get_operation();
+        rw.insert_before(anchor, merged);
+        let mut offset = 0;
+        let mut replaced = Vec::new();
+        for (u, n) in group {
+            let ty = ir::result(rw.ctx, u, 0).get_type(rw.ctx);
+            let mut starts = vec![ParamValue::Int(0); last + 1];
+            starts[last] = ParamValue::Int(offset as i64);
+            let slice: SliceOp = ops::build(
+                rw.ctx,
+                vec![ir::result(rw.ctx, merged, 0)],
+                vec![ty],
+                vec![("starts", ParamValue::List(starts))],
+            );
+            let slice = slice.get_operation();
+            rw.insert_before(anchor, slice);
+            replaced.push((u, slice));
+            offset += n;
+        }
+        for (u, slice) in replaced {
+            rw.replace_op(u, &[ir::result(rw.ctx, slice, 0)]);
+        }
+        Ok(true)
+    }
+}
+
+/// `matmul(rms_norm(x, g, eps), w) => rms_norm_matmul(x, g, w, eps)` when the norm has no
+/// other user: the normalisation becomes the contraction's prologue.
+pub struct RmsNormMatmul;
+
+impl Pattern for RmsNormMatmul {
+    fn name(&self) -> &'static str {
+        "rms-norm-matmul"
+    }
+
+    fn root(&self) -> Option<&'static str> {
+        Some("llm.matmul")
+    }
+
+    fn benefit(&self) -> u32 {
+        2
+    }
+
+    fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError> {
+        let ctx = &*rw.ctx;
+        let Some(norm) = ir::producer_named(ctx, op, 0, "llm.rms_norm") else {
+            return Ok(false);
+        };
+        let rhs = ir::operand(ctx, op, 1);
+        let rhs_rank = ir::tensor_type(ctx, rhs).map_or(0, |t| t.rank());
+        if ir::result(ctx, norm, 0).num_uses(ctx) != 1
+            || rhs_rank != 2
+            || ir::operand(ctx, op, 1) == ir::result(ctx, norm, 0)
+        {
+            return Ok(false);
+        }
+        let (x, g) = (ir::operand(ctx, norm, 0), ir::operand(ctx, norm, 1));
+        let eps = ir::param(ctx, norm, "eps").unwrap_or(ParamValue::Float(1e-5));
+        let transposed = ir::flag(ctx, op, "transpose_rhs", false);
+        let ty = ir::result(ctx, op, 0).get_type(ctx);
+        let new: RmsNormMatmulOp = ops::build(
+            rw.ctx,
+            vec![x, g, rhs],
+            vec![ty],
+            vec![
+                ("eps", eps),
+                ("transpose_rhs", ParamValue::Bool(transposed)),
+            ],
+        );
+        let new = new.get_operation();
+        rw.insert_before(op, new);
+        rw.replace_op(op, &[ir::result(rw.ctx, new, 0)]);
+        rw.erase(norm);
+        Ok(true)
+    }
+}
