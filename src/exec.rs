@@ -42,7 +42,7 @@ fn random_tensor(rng: &mut XorShift, shape: Vec<usize>, dtype: DType) -> Tensor 
         Tensor::from_i64(
             shape,
             dtype,
-            (0..n).map(|_| (rng.next_u64() % 8) as i64).collect(),
+            (0..n).map(|_| 1 + (rng.next_u64() % 7) as i64).collect(),
         )
     }
 }
@@ -125,6 +125,23 @@ pub fn describe(value: &Value) -> String {
     }
 }
 
+/// Seeded random arguments for `func`: floats uniform in `[-1, 1)`, integers in `[1, 8)`,
+/// dynamic dims [`DYNAMIC_DIM`], open KV block counts [`DYNAMIC_BLOCKS`].
+pub fn random_args(
+    ctx: &Context,
+    func: pliron::builtin::ops::FuncOp,
+    seed: u64,
+) -> Result<Vec<Value>, String> {
+    let fty = TypedHandle::<FunctionType>::from_handle(func.get_type(ctx), ctx)
+        .map_err(|_| "bad function type")?;
+    let mut rng = XorShift::new(seed.wrapping_mul(2).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1);
+    let arg_types = fty.deref(ctx).arg_types();
+    arg_types
+        .into_iter()
+        .map(|ty| random_value(ctx, &mut rng, ty))
+        .collect()
+}
+
 /// Runs `func` of the IR in `source` with named `.npy` inputs (others random from `seed`);
 /// returns the results.
 pub fn exec(
@@ -139,29 +156,22 @@ pub fn exec(
     let module = text::parse_module(&mut ctx, source).map_err(|d| d.render(file))?;
     let f = interp::find_func(&ctx, module, func)
         .ok_or_else(|| format!("{file}: no function @{func}"))?;
-    let fty = TypedHandle::<FunctionType>::from_handle(f.get_type(&ctx), &ctx)
-        .map_err(|_| "bad function type")?;
-    let arg_types = fty.deref(&ctx).arg_types();
     let entry = f.get_entry_block(&ctx);
     let params: Vec<_> = entry.deref(&ctx).arguments().collect();
-    let mut rng = XorShift::new(seed.wrapping_mul(2).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut args = random_args(&ctx, f, seed)?;
     let mut used = 0;
-    let mut args = Vec::with_capacity(params.len());
-    for (i, (param, ty)) in params.iter().zip(&arg_types).enumerate() {
+    for (i, param) in params.iter().enumerate() {
         let name = param
             .given_name(&ctx)
             .map(|n| n.to_string())
             .unwrap_or_else(|| format!("arg{i}"));
-        let value = match inputs.get(&name) {
-            Some(path) => {
-                used += 1;
-                let bytes = std::fs::read(path)
-                    .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-                Value::Tensor(npy::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?)
-            }
-            None => random_value(&ctx, &mut rng, *ty)?,
-        };
-        args.push(value);
+        if let Some(path) = inputs.get(&name) {
+            used += 1;
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+            args[i] =
+                Value::Tensor(npy::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?);
+        }
     }
     if used != inputs.len() {
         let names: Vec<String> = params

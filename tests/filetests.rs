@@ -5,7 +5,10 @@
 //! function behind `llm-opt`) on every case; the outputs, joined with `// -----`, are compared
 //! with an insta snapshot next to the file (`snapshots/<stem>@<emit>.snap`). Files under
 //! `invalid/` must fail, and their snapshot is the rendered diagnostic. Successful `--emit=ir`
-//! output must also be a fixed point: printing its parse gives the same text.
+//! output must also be a fixed point: printing its parse gives the same text. And whenever a
+//! RUN line runs passes, every function must compute the same results before and after
+//! them on seeded random inputs (checked with the reference interpreter), unless the case
+//! says `// NO-EXEC: <why>`.
 //!
 //! Filter with `cargo test --test filetests -- <substring>`; bless with
 //! `INSTA_UPDATE=always cargo test --test filetests` and review the diff.
@@ -13,7 +16,22 @@
 use std::path::{Path, PathBuf};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use llmc::pipeline::{self, Emit, OptArgs};
+use llm_ir::{
+    interp::{self, Interpreter, NoWeights, Value},
+    text,
+};
+use llmc::{
+    exec,
+    pipeline::{self, Emit, OptArgs},
+};
+use pliron::{
+    builtin::{
+        op_interfaces::SingleBlockRegionInterface, op_interfaces::SymbolOpInterface, ops::FuncOp,
+    },
+    context::Context,
+    linked_list::ContainsLinkedList,
+    operation::Operation,
+};
 
 const CASE_SEPARATOR: &str = "// -----";
 
@@ -145,6 +163,9 @@ fn run_file(root: &Path, path: &Path) -> Result<(), Failed> {
                 }
                 (Err(d), false) => return Err(format!("{rel} case {n}: {}", d.render(&rel)).into()),
             };
+            if args.passes.is_some() && !must_fail {
+                check_semantics(&args, &case.text).map_err(|e| format!("{rel} case {n}: {e}"))?;
+            }
             apply_checks(&case.checks, &output)
                 .map_err(|e| format!("{rel} case {n}, RUN:{run_line}: {e}"))?;
             outputs.push(output);
@@ -243,4 +264,88 @@ fn snapshot(path: &Path, suffix: &str, output: &str, run_line: &str) -> Result<(
         settings.bind(|| insta::assert_snapshot!(stem.as_str(), output));
     }));
     result.map_err(|_| format!("snapshot mismatch for {} (RUN:{run_line})", path.display()).into())
+}
+
+/// Seeds of the random inputs of the semantics check.
+const SEMANTIC_SEEDS: [u64; 3] = [1, 2, 3];
+
+/// Runs every function of `source` before and after the RUN line's passes on the same
+/// random inputs and requires equal results.
+fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
+    if source.contains("// NO-EXEC") {
+        return Ok(());
+    }
+    let ir_args = OptArgs {
+        emit: Emit::Ir,
+        ..args.clone()
+    };
+    let after_text = pipeline::run(&ir_args, source)
+        .map_err(|d| d.render("<case>"))?
+        .text;
+    let mut before_ctx = Context::new();
+    let before = text::parse_module(&mut before_ctx, source).map_err(|d| d.render("<before>"))?;
+    let mut after_ctx = Context::new();
+    let after = text::parse_module(&mut after_ctx, &after_text).map_err(|d| d.render("<after>"))?;
+    let body = before.get_body(&before_ctx, 0);
+    let funcs: Vec<FuncOp> = body
+        .deref(&before_ctx)
+        .iter(&before_ctx)
+        .filter_map(|op| Operation::get_op::<FuncOp>(op, &before_ctx))
+        .collect();
+    for func in funcs {
+        let name = func.get_symbol_name(&before_ctx).to_string();
+        let after_func = interp::find_func(&after_ctx, after, &name)
+            .ok_or_else(|| format!("the passes removed @{name}"))?;
+        for seed in SEMANTIC_SEEDS {
+            let run = |ctx: &Context, f: FuncOp| {
+                let inputs = exec::random_args(ctx, f, seed)?;
+                Interpreter::new(ctx, &NoWeights)
+                    .run(f, inputs)
+                    .map_err(|e| e.to_string())
+            };
+            let expected = run(&before_ctx, func).map_err(|e| format!("@{name} does not run on random inputs before the passes ({e}); add `// NO-EXEC: <why>`"))?;
+            let found = run(&after_ctx, after_func)
+                .map_err(|e| format!("@{name} fails after the passes: {e}"))?;
+            for (i, (a, b)) in expected.iter().zip(&found).enumerate() {
+                if !same_value(a, b) {
+                    return Err(format!(
+                        "@{name} result #{i} changed on random inputs (seed {seed}):\nbefore: {a:?}\nafter:  {b:?}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two values agree (floats within 1e-5 relative; KV pools of different planned
+/// sizes are not compared).
+fn same_value(a: &Value, b: &Value) -> bool {
+    let close = |x: &[f32], y: &[f32]| {
+        x.len() == y.len()
+            && x.iter().zip(y).all(|(p, q)| {
+                p == q || (p - q).abs() <= 1e-5 * p.abs().max(1.0) || (p.is_nan() && q.is_nan())
+            })
+    };
+    match (a, b) {
+        (Value::Tensor(x), Value::Tensor(y)) => {
+            x.shape == y.shape
+                && x.dtype == y.dtype
+                && match (x.floats(), y.floats()) {
+                    (Ok(p), Ok(q)) => close(p, q),
+                    _ => x.ints().ok() == y.ints().ok(),
+                }
+        }
+        (Value::Cache(x), Value::Cache(y)) => {
+            x.blocks != y.blocks || (close(&x.k, &y.k) && close(&x.v, &y.v))
+        }
+        (Value::Sharded(x), Value::Sharded(y)) => {
+            x.shards.len() == y.shards.len()
+                && x.shards
+                    .iter()
+                    .zip(&y.shards)
+                    .all(|(p, q)| same_value(&Value::Tensor(p.clone()), &Value::Tensor(q.clone())))
+        }
+        (x, y) => x == y,
+    }
 }

@@ -4,7 +4,7 @@
 //! rewrites in one call, so a match is always checked against the current IR, never a stale
 //! one. Whenever a rewrite changes the IR, the ops it created, the users of values it
 //! replaced and the producers of operands of ops it erased go back on the worklist. The
-//! driver stops at a fixpoint (an empty worklist), or fails with an error when it exceeds
+//! driver also erases ops whose results are unused, as MLIR's does. It stops at a fixpoint (an empty worklist), or fails with an error when it exceeds
 //! its rewrite budget, which would mean patterns undo each other.
 
 use std::collections::{HashSet, VecDeque};
@@ -93,6 +93,11 @@ pub trait Pattern {
     fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError>;
 }
 
+/// Whether `op` has results and none is used.
+fn is_dead(ctx: &Context, op: Ptr<Operation>) -> bool {
+    op.deref(ctx).get_num_results() > 0 && !ir::has_uses(ctx, op)
+}
+
 /// Applies `patterns` under `root` until nothing matches; returns whether anything changed.
 pub fn apply_greedily(
     ctx: &mut Context,
@@ -113,6 +118,17 @@ pub fn apply_greedily(
             continue;
         }
         let op_name = ir::name(rw.ctx, op);
+        // Trivially dead ops go first (every llm op is pure).
+        if op_name.starts_with("llm.") && is_dead(rw.ctx, op) {
+            rw.erase(op);
+            rewrites += 1;
+            for t in std::mem::take(&mut rw.touched) {
+                if !rw.is_erased(t) && queued.insert(t) {
+                    worklist.push_back(t);
+                }
+            }
+            continue;
+        }
         for pattern in &order {
             if pattern.root().is_some_and(|r| r != op_name) {
                 continue;

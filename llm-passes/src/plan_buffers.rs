@@ -1,14 +1,15 @@
 //! `plan-buffers`: liveness-based arena allocation of each function's intermediates.
 //!
-//! Every tensor an op of a function's body produces (weights excepted: they are views of the
-//! weight store) gets an offset in one arena. A value lives from its defining op to its last
+//! Every tensor an op of a function's body produces gets an offset in one arena, except
+//! weights (views of the weight store) and values computed from weights and constants alone
+//! (computed once at load). A value lives from its defining op to its last
 //! use (to the end when returned). Elementwise and fused ops write in place over an operand
 //! of the same size that dies at that op. Buffers are placed largest first at the lowest
 //! 64-byte-aligned offset that does not overlap a buffer whose lifetime intersects, and the
 //! plan records the arena's peak next to the naive sum of all sizes. Dynamic dims count as
 //! the `dynamic-dim` option.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use llm_ir::{
     ops::{self, BufferPlanOp},
@@ -94,8 +95,17 @@ pub fn plan_function(ctx: &Context, func: FuncOp, dynamic_dim: u64) -> BufferPla
     let ops = ir::block_ops(ctx, body);
     let end = ops.len();
     let mut values: Vec<(Value, u64, usize)> = Vec::new();
+    // Values computed from weights and constants alone (a concatenated weight, say) are the
+    // same every step: a runtime computes them once at load, so they take no arena space.
+    let mut from_weights: HashSet<Value> = HashSet::new();
     for (i, &op) in ops.iter().enumerate() {
-        if ir::name(ctx, op) == "llm.weight" {
+        let operands = ir::operands(ctx, op);
+        let name = ir::name(ctx, op);
+        if name == "llm.weight"
+            || name == "llm.constant"
+            || (!operands.is_empty() && operands.iter().all(|o| from_weights.contains(o)))
+        {
+            from_weights.extend(ir::results(ctx, op));
             continue;
         }
         for r in ir::results(ctx, op) {

@@ -188,7 +188,7 @@ impl Pass for PlanKvMemory {
         }
         let per_buffer = self.max_binding / per_block;
         let mut buffers = vec![per_buffer; (blocks / per_buffer) as usize];
-        if blocks % per_buffer != 0 {
+        if !blocks.is_multiple_of(per_buffer) {
             buffers.push(blocks % per_buffer);
         }
         let mut params = cache.params();
