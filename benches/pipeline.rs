@@ -15,8 +15,8 @@ use pliron::context::Context;
 fn stories260k_ir() -> String {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K.bin");
-    let (config, _) = llama2c::load(&path).expect("stories260K loads");
-    model::build_ir(&config)
+    let (config, weights) = llama2c::load(&path).expect("stories260K loads");
+    model::build_ir(&config, &weights).expect("builds")
 }
 
 fn bench_front_end(c: &mut Criterion) {

@@ -237,3 +237,28 @@ fn imported_ir_is_accepted_by_llm_opt() {
     let reprinted = llmc::pipeline::run(&args, &ir).expect("llm-opt accepts the imported IR");
     assert_eq!(reprinted.text, ir);
 }
+
+#[test]
+fn gguf_model_with_its_embedded_vocabulary_matches_golden() {
+    let loaded = llm_runtime::model_file::load(&shared().join("models/stories260K.gguf"))
+        .expect("GGUF loads");
+    let tokenizer = loaded.tokenizer.expect("embedded vocabulary");
+    let model = Model::compile(loaded.config, loaded.weights, "default").expect("compiles");
+    let g = model
+        .generate(&tokenizer, "Once upon a time", 256, GREEDY)
+        .expect("runs");
+    let text = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden text");
+    assert_eq!(
+        String::from_utf8_lossy(&g.text),
+        String::from_utf8_lossy(&text)
+    );
+    let golden = golden_logits("once_upon_a_time");
+    let max_err = g
+        .logits
+        .iter()
+        .flatten()
+        .zip(&golden)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_err <= 1e-4, "max logit error {max_err}");
+}

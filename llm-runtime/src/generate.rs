@@ -21,10 +21,10 @@ use pliron::{
 };
 
 use crate::{
-    llama2c::Weights,
     model::{self, BLOCK_SIZE, ModelConfig},
     sampler::{Sampler, SamplerConfig},
     tokenizer::{BOS, Tokenizer},
+    weights::Weights,
 };
 
 /// Timings and counts of one generation.
@@ -105,7 +105,7 @@ impl Model {
     /// pipeline `passes` (for example `default`; empty runs none).
     pub fn compile(config: ModelConfig, weights: Weights, passes: &str) -> Result<Model, RunError> {
         let start = Instant::now();
-        let source = model::build_ir(&config);
+        let source = model::build_ir(&config, &weights).map_err(|e| format!("model: {e}"))?;
         let mut ctx = Context::new();
         let module = text::parse_module(&mut ctx, &source)
             .map_err(|d| format!("model IR: {}", d.render("<model>")))?;

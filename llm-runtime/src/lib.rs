@@ -5,8 +5,12 @@
 //! Besides the command-line package, this is the only crate that reads files.
 
 pub mod generate;
+pub mod gguf;
 pub mod llama2c;
+mod mmap;
 pub mod model;
+pub mod model_file;
 pub mod npy;
 pub mod sampler;
 pub mod tokenizer;
+pub mod weights;

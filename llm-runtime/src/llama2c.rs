@@ -9,57 +9,17 @@
 //! tables `[seq_len, head_dim / 2]` twice (skipped); and, when `vocab_size` is negative, an
 //! untied classifier `[vocab, dim]`.
 
-use std::{collections::HashMap, path::Path, rc::Rc};
+use std::path::Path;
 
 use llm_ir::{
     dtype::DType,
-    interp::{Tensor, Value, WeightStore},
+    interp::{Tensor, Value},
 };
 
-use crate::model::ModelConfig;
-
-/// An error in a model file, naming the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadError {
-    /// The file.
-    pub file: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl std::fmt::Display for LoadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.file, self.message)
-    }
-}
-
-impl std::error::Error for LoadError {}
-
-/// Named weights held in memory.
-#[derive(Debug, Default, Clone)]
-pub struct Weights {
-    tensors: HashMap<String, Rc<Value>>,
-}
-
-impl Weights {
-    /// Adds a tensor.
-    pub fn insert(&mut self, name: impl Into<String>, value: Value) {
-        self.tensors.insert(name.into(), Rc::new(value));
-    }
-
-    /// The names, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        names
-    }
-}
-
-impl WeightStore for Weights {
-    fn weight(&self, name: &str) -> Option<Rc<Value>> {
-        self.tensors.get(name).cloned()
-    }
-}
+use crate::{
+    model::ModelConfig,
+    weights::{LoadError, Weights},
+};
 
 /// Largest accepted value of any header field: far above real models, and small enough that
 /// every size computed from the header fits comfortably in 64 bits.

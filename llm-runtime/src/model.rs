@@ -16,10 +16,21 @@
 //! RMSNorm and the classifier (tied to the embedding unless the model has its own) give the
 //! logits. Weights are referenced by name with `llm.weight`.
 //!
+//! Weights keep their stored type: f16/bf16 matrices are cast to f32 and quantized ones are
+//! dequantized where a matmul reads them (the `fuse` pass turns `matmul(x, dequantize(w))`
+//! into `quantized_matmul`); embedding tables are gathered from directly.
+//!
 //! The builder writes the IR as text and parses it, so what `llm-run import` prints is
 //! exactly what runs, and every build goes through the parser and verifier.
 
 use std::fmt::Write as _;
+
+use llm_ir::{
+    dtype::DType,
+    interp::{Value, WeightStore},
+};
+
+use crate::weights::Weights;
 
 /// The hyperparameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,31 +86,215 @@ fn float(v: f64) -> String {
     format!("{v:?}")
 }
 
-/// Writes the module `@model` with the functions `@prefill` and `@decode` for `c`.
-pub fn build_ir(c: &ModelConfig) -> String {
+/// The weights a model of `c` needs, with their shapes.
+pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
+    let mut out = vec![("tok_embeddings.weight".to_string(), vec![v, d])];
+    for l in 0..c.layers {
+        let p = format!("layers.{l}.");
+        out.extend([
+            (format!("{p}attention_norm.weight"), vec![d]),
+            (format!("{p}attention.wq.weight"), vec![d, d]),
+            (format!("{p}attention.wk.weight"), vec![kvd, d]),
+            (format!("{p}attention.wv.weight"), vec![kvd, d]),
+            (format!("{p}attention.wo.weight"), vec![d, d]),
+            (format!("{p}ffn_norm.weight"), vec![d]),
+            (format!("{p}feed_forward.w1.weight"), vec![hd, d]),
+            (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
+            (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
+        ]);
+    }
+    out.push(("norm.weight".to_string(), vec![d]));
+    if !c.tied_classifier {
+        out.push(("output.weight".to_string(), vec![v, d]));
+    }
+    out
+}
+
+/// Checks that `weights` holds every weight of `c` with the right shape.
+pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
+    for (name, shape) in weight_shapes(c) {
+        match weights.weight_shape(&name) {
+            Some(s) if s == shape => {}
+            Some(s) => {
+                return Err(format!(
+                    "weight `{name}` has shape {s:?}, expected {shape:?}"
+                ));
+            }
+            None => return Err(format!("the model has no weight `{name}`")),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the module `@model` with the functions `@prefill` and `@decode` for `c` over the
+/// weights in `weights` (whose stored types the IR declares).
+pub fn build_ir(c: &ModelConfig, weights: &Weights) -> Result<String, String> {
+    check_weights(c, weights)?;
     let mut out = String::new();
     let _ = writeln!(out, "builtin.module @model {{");
     let _ = writeln!(out, "  ^entry():");
     // Ops of a block are separated by `;`.
-    out.push_str(forward_func(c, "prefill", "1x?").trim_end());
+    out.push_str(forward_func(c, weights, "prefill", "1x?").trim_end());
     out.push_str(";\n");
-    out.push_str(&forward_func(c, "decode", "?x1"));
+    out.push_str(&forward_func(c, weights, "decode", "?x1"));
     let _ = writeln!(out, "}}");
-    out
+    Ok(out)
+}
+
+/// Writes the ops of one function body.
+struct Emitter<'a> {
+    text: String,
+    weights: &'a Weights,
+}
+
+impl Emitter<'_> {
+    fn op(&mut self, text: String) {
+        let _ = writeln!(self.text, "        {text};");
+    }
+
+    /// Declares weight `name` as value `value` with its stored type.
+    fn weight(&mut self, value: &str, name: &str) {
+        let ty = self.weights.ir_type(name).unwrap_or_default();
+        self.op(format!("{value} = llm.weight {{name = \"{name}\"}} : {ty}"));
+    }
+
+    /// Declares weight `name` and returns a value holding it as f32 (cast or dequantized).
+    fn weight_f32(&mut self, value: &str, name: &str) -> String {
+        self.weight(value, name);
+        let shape = self.weights.weight_shape(name).unwrap_or_default();
+        let f32_ty = format!(
+            "llm.tensor <{}xf32>",
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("x")
+        );
+        match self.weights.weight(name).as_deref() {
+            Some(Value::Quantized(_)) => {
+                self.op(format!("{value}_f32 = llm.dequantize {value} : {f32_ty}"));
+                format!("{value}_f32")
+            }
+            Some(Value::Tensor(t)) if t.dtype != DType::F32 => {
+                self.op(format!("{value}_f32 = llm.cast {value} : {f32_ty}"));
+                format!("{value}_f32")
+            }
+            _ => value.to_string(),
+        }
+    }
 }
 
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
-fn forward_func(c: &ModelConfig, name: &str, batch: &str) -> String {
+fn forward_func(c: &ModelConfig, weights: &Weights, name: &str, batch: &str) -> String {
     let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
     let cache = cache_type(c);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
-    let eps = float(c.norm_eps);
-    let theta = float(c.rope_theta);
-    let mut s = String::new();
-    let mut line = |text: String| {
-        let _ = writeln!(s, "        {text};");
+    let (eps, theta) = (float(c.norm_eps), float(c.rope_theta));
+    let act = t(&format!("?x{d}xf32"));
+    let hid = t(&format!("?x{hd}xf32"));
+    let kv = t(&format!("?x{kvd}xf32"));
+    let mut e = Emitter {
+        text: String::new(),
+        weights,
     };
+    e.weight("embed", "tok_embeddings.weight");
+    e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
+    let mut x = "x0".to_string();
+    let mut cache_name = "cache".to_string();
+    for l in 0..c.layers {
+        let p = format!("layers.{l}.");
+        let attn_norm = e.weight_f32(
+            &format!("attn_norm_{l}"),
+            &format!("{p}attention_norm.weight"),
+        );
+        e.op(format!(
+            "h_{l} = llm.rms_norm {x}, {attn_norm} {{eps = {eps}}} : {act}"
+        ));
+        let wq = e.weight_f32(&format!("wq_{l}"), &format!("{p}attention.wq.weight"));
+        let wk = e.weight_f32(&format!("wk_{l}"), &format!("{p}attention.wk.weight"));
+        let wv = e.weight_f32(&format!("wv_{l}"), &format!("{p}attention.wv.weight"));
+        e.op(format!(
+            "q_{l} = llm.matmul h_{l}, {wq} {{transpose_rhs = true}} : {act}"
+        ));
+        e.op(format!(
+            "k_{l} = llm.matmul h_{l}, {wk} {{transpose_rhs = true}} : {kv}"
+        ));
+        e.op(format!(
+            "v_{l} = llm.matmul h_{l}, {wv} {{transpose_rhs = true}} : {kv}"
+        ));
+        let (qheads, kvheads) = (
+            t(&format!("?x{h}x{dh}xf32")),
+            t(&format!("?x{kvh}x{dh}xf32")),
+        );
+        e.op(format!("qh_{l} = llm.reshape q_{l} : {qheads}"));
+        e.op(format!("kh_{l} = llm.reshape k_{l} : {kvheads}"));
+        e.op(format!("vh_{l} = llm.reshape v_{l} : {kvheads}"));
+        e.op(format!("qr_{l} = llm.rope qh_{l}, positions {{theta = {theta}, layout = interleaved}} : {qheads}"));
+        e.op(format!("kr_{l} = llm.rope kh_{l}, positions {{theta = {theta}, layout = interleaved}} : {kvheads}"));
+        let next_cache = format!("cache_{}", l + 1);
+        e.op(format!("{next_cache} = llm.append_kv {cache_name}, kr_{l}, vh_{l}, slots {{layer = {l}}} : {cache}"));
+        cache_name = next_cache;
+        let queries = t(&format!("{batch}x{h}x{dh}xf32"));
+        e.op(format!("qb_{l} = llm.reshape qr_{l} : {queries}"));
+        e.op(format!(
+            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}}} : {queries}"
+        ));
+        e.op(format!("attf_{l} = llm.reshape att_{l} : {act}"));
+        let wo = e.weight_f32(&format!("wo_{l}"), &format!("{p}attention.wo.weight"));
+        e.op(format!(
+            "o_{l} = llm.matmul attf_{l}, {wo} {{transpose_rhs = true}} : {act}"
+        ));
+        e.op(format!("xa_{l} = llm.add {x}, o_{l} : {act}"));
+        let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
+        e.op(format!(
+            "hf_{l} = llm.rms_norm xa_{l}, {ffn_norm} {{eps = {eps}}} : {act}"
+        ));
+        let w1 = e.weight_f32(&format!("w1_{l}"), &format!("{p}feed_forward.w1.weight"));
+        let w3 = e.weight_f32(&format!("w3_{l}"), &format!("{p}feed_forward.w3.weight"));
+        let w2 = e.weight_f32(&format!("w2_{l}"), &format!("{p}feed_forward.w2.weight"));
+        e.op(format!(
+            "gate_{l} = llm.matmul hf_{l}, {w1} {{transpose_rhs = true}} : {hid}"
+        ));
+        e.op(format!(
+            "up_{l} = llm.matmul hf_{l}, {w3} {{transpose_rhs = true}} : {hid}"
+        ));
+        e.op(format!("act_{l} = llm.silu gate_{l} : {hid}"));
+        e.op(format!("glu_{l} = llm.mul act_{l}, up_{l} : {hid}"));
+        e.op(format!(
+            "down_{l} = llm.matmul glu_{l}, {w2} {{transpose_rhs = true}} : {act}"
+        ));
+        let next = format!("x{}", l + 1);
+        e.op(format!("{next} = llm.add xa_{l}, down_{l} : {act}"));
+        x = next;
+    }
+    let final_norm = e.weight_f32("final_norm", "norm.weight");
+    e.op(format!(
+        "xn = llm.rms_norm {x}, {final_norm} {{eps = {eps}}} : {act}"
+    ));
+    let classifier = if c.tied_classifier {
+        let embed = e.weights.weight("tok_embeddings.weight");
+        match embed.as_deref() {
+            Some(Value::Tensor(t)) if t.dtype == DType::F32 => "embed".to_string(),
+            _ => {
+                let f32_ty = t(&format!("{v}x{d}xf32"));
+                let conv = if matches!(embed.as_deref(), Some(Value::Quantized(_))) {
+                    "dequantize"
+                } else {
+                    "cast"
+                };
+                e.op(format!("embed_f32 = llm.{conv} embed : {f32_ty}"));
+                "embed_f32".to_string()
+            }
+        }
+    } else {
+        e.weight_f32("classifier", "output.weight")
+    };
+    e.op(format!(
+        "logits = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {}",
+        t(&format!("?x{v}xf32"))
+    ));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -120,147 +315,7 @@ fn forward_func(c: &ModelConfig, name: &str, batch: &str) -> String {
         t("?x?xi32"),
         t("?xi32")
     );
-    let w = |name: &str, shape: &str| {
-        format!(
-            "llm.weight {{name = \"{name}\"}} : {}",
-            t(&format!("{shape}xf32"))
-        )
-    };
-    line(format!(
-        "embed = {}",
-        w("tok_embeddings.weight", &format!("{v}x{d}"))
-    ));
-    line(format!(
-        "x0 = llm.embedding embed, tokens : {}",
-        t(&format!("?x{d}xf32"))
-    ));
-    let act = t(&format!("?x{d}xf32"));
-    let mut x = "x0".to_string();
-    let mut cache_name = "cache".to_string();
-    for l in 0..c.layers {
-        let p = format!("layers.{l}.");
-        line(format!(
-            "attn_norm_{l} = {}",
-            w(&format!("{p}attention_norm.weight"), &d.to_string())
-        ));
-        line(format!(
-            "h_{l} = llm.rms_norm {x}, attn_norm_{l} {{eps = {eps}}} : {act}"
-        ));
-        line(format!(
-            "wq_{l} = {}",
-            w(&format!("{p}attention.wq.weight"), &format!("{d}x{d}"))
-        ));
-        line(format!(
-            "wk_{l} = {}",
-            w(&format!("{p}attention.wk.weight"), &format!("{kvd}x{d}"))
-        ));
-        line(format!(
-            "wv_{l} = {}",
-            w(&format!("{p}attention.wv.weight"), &format!("{kvd}x{d}"))
-        ));
-        line(format!(
-            "q_{l} = llm.matmul h_{l}, wq_{l} {{transpose_rhs = true}} : {act}"
-        ));
-        line(format!(
-            "k_{l} = llm.matmul h_{l}, wk_{l} {{transpose_rhs = true}} : {}",
-            t(&format!("?x{kvd}xf32"))
-        ));
-        line(format!(
-            "v_{l} = llm.matmul h_{l}, wv_{l} {{transpose_rhs = true}} : {}",
-            t(&format!("?x{kvd}xf32"))
-        ));
-        line(format!(
-            "qh_{l} = llm.reshape q_{l} : {}",
-            t(&format!("?x{h}x{dh}xf32"))
-        ));
-        line(format!(
-            "kh_{l} = llm.reshape k_{l} : {}",
-            t(&format!("?x{kvh}x{dh}xf32"))
-        ));
-        line(format!(
-            "vh_{l} = llm.reshape v_{l} : {}",
-            t(&format!("?x{kvh}x{dh}xf32"))
-        ));
-        line(format!(
-            "qr_{l} = llm.rope qh_{l}, positions {{theta = {theta}, layout = interleaved}} : {}",
-            t(&format!("?x{h}x{dh}xf32"))
-        ));
-        line(format!(
-            "kr_{l} = llm.rope kh_{l}, positions {{theta = {theta}, layout = interleaved}} : {}",
-            t(&format!("?x{kvh}x{dh}xf32"))
-        ));
-        let next_cache = format!("cache_{}", l + 1);
-        line(format!(
-            "{next_cache} = llm.append_kv {cache_name}, kr_{l}, vh_{l}, slots {{layer = {l}}} : {cache}"
-        ));
-        cache_name = next_cache;
-        let queries = t(&format!("{batch}x{h}x{dh}xf32"));
-        line(format!("qb_{l} = llm.reshape qr_{l} : {queries}"));
-        line(format!(
-            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}}} : {queries}"
-        ));
-        line(format!("attf_{l} = llm.reshape att_{l} : {act}"));
-        line(format!(
-            "wo_{l} = {}",
-            w(&format!("{p}attention.wo.weight"), &format!("{d}x{d}"))
-        ));
-        line(format!(
-            "o_{l} = llm.matmul attf_{l}, wo_{l} {{transpose_rhs = true}} : {act}"
-        ));
-        line(format!("xa_{l} = llm.add {x}, o_{l} : {act}"));
-        line(format!(
-            "ffn_norm_{l} = {}",
-            w(&format!("{p}ffn_norm.weight"), &d.to_string())
-        ));
-        line(format!(
-            "hf_{l} = llm.rms_norm xa_{l}, ffn_norm_{l} {{eps = {eps}}} : {act}"
-        ));
-        line(format!(
-            "w1_{l} = {}",
-            w(&format!("{p}feed_forward.w1.weight"), &format!("{hd}x{d}"))
-        ));
-        line(format!(
-            "w3_{l} = {}",
-            w(&format!("{p}feed_forward.w3.weight"), &format!("{hd}x{d}"))
-        ));
-        line(format!(
-            "w2_{l} = {}",
-            w(&format!("{p}feed_forward.w2.weight"), &format!("{d}x{hd}"))
-        ));
-        let hid = t(&format!("?x{hd}xf32"));
-        line(format!(
-            "gate_{l} = llm.matmul hf_{l}, w1_{l} {{transpose_rhs = true}} : {hid}"
-        ));
-        line(format!(
-            "up_{l} = llm.matmul hf_{l}, w3_{l} {{transpose_rhs = true}} : {hid}"
-        ));
-        line(format!("act_{l} = llm.silu gate_{l} : {hid}"));
-        line(format!("glu_{l} = llm.mul act_{l}, up_{l} : {hid}"));
-        line(format!(
-            "down_{l} = llm.matmul glu_{l}, w2_{l} {{transpose_rhs = true}} : {act}"
-        ));
-        let next = format!("x{}", l + 1);
-        line(format!("{next} = llm.add xa_{l}, down_{l} : {act}"));
-        x = next;
-    }
-    line(format!("final_norm = {}", w("norm.weight", &d.to_string())));
-    line(format!(
-        "xn = llm.rms_norm {x}, final_norm {{eps = {eps}}} : {act}"
-    ));
-    let classifier = if c.tied_classifier {
-        "embed".to_string()
-    } else {
-        line(format!(
-            "classifier = {}",
-            w("output.weight", &format!("{v}x{d}"))
-        ));
-        "classifier".to_string()
-    };
-    line(format!(
-        "logits = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {}",
-        t(&format!("?x{v}xf32"))
-    ));
-    out.push_str(&s);
+    out.push_str(&e.text);
     let _ = writeln!(out, "        llm.return logits, {cache_name}");
     let _ = writeln!(out, "    }}");
     out

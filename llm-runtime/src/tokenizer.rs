@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use crate::llama2c::LoadError;
+use crate::weights::LoadError;
 
 /// Beginning-of-sequence token id.
 pub const BOS: u32 = 1;
@@ -62,15 +62,20 @@ impl Tokenizer {
             );
             scores.push(score);
         }
-        let mut lookup = HashMap::with_capacity(vocab);
+        Ok(Tokenizer::from_vocab(pieces, scores))
+    }
+
+    /// A tokenizer over the given token pieces (bytes) and merge scores.
+    pub fn from_vocab(pieces: Vec<Vec<u8>>, scores: Vec<f32>) -> Tokenizer {
+        let mut lookup = HashMap::with_capacity(pieces.len());
         for (id, piece) in pieces.iter().enumerate() {
             lookup.entry(piece.clone()).or_insert(id as u32);
         }
-        Ok(Tokenizer {
+        Tokenizer {
             pieces,
             scores,
             lookup,
-        })
+        }
     }
 
     /// Number of tokens.

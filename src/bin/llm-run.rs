@@ -17,7 +17,9 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use llm_ir::text;
-use llm_runtime::{generate::Model, llama2c, model, sampler::SamplerConfig, tokenizer::Tokenizer};
+use llm_runtime::{
+    generate::Model, model, model_file, sampler::SamplerConfig, tokenizer::Tokenizer,
+};
 use llmc::exec;
 use pliron::context::Context;
 
@@ -42,9 +44,9 @@ enum Command {
         /// llama2.c checkpoint (.bin).
         #[arg(long)]
         model: PathBuf,
-        /// llama2.c tokenizer (tokenizer.bin).
+        /// llama2.c tokenizer (tokenizer.bin); by default the vocabulary embedded in a GGUF model.
         #[arg(long)]
-        tokenizer: PathBuf,
+        tokenizer: Option<PathBuf>,
         /// The prompt.
         #[arg(long, default_value = "")]
         prompt: String,
@@ -132,9 +134,20 @@ fn run(cli: Cli) -> Result<(), String> {
             passes,
         } => {
             let Backend::Interp = backend;
-            let (config, weights) = llama2c::load(&model).map_err(|e| e.to_string())?;
-            let tokenizer = Tokenizer::load(&tokenizer, config.vocab).map_err(|e| e.to_string())?;
-            let compiled = Model::compile(config, weights, &passes)?;
+            let loaded = model_file::load(&model).map_err(|e| e.to_string())?;
+            let tokenizer = match (tokenizer, loaded.tokenizer) {
+                (Some(path), _) => {
+                    Tokenizer::load(&path, loaded.config.vocab).map_err(|e| e.to_string())?
+                }
+                (None, Some(embedded)) => embedded,
+                (None, None) => {
+                    return Err(format!(
+                        "{} has no vocabulary; pass --tokenizer",
+                        model.display()
+                    ));
+                }
+            };
+            let compiled = Model::compile(loaded.config, loaded.weights, &passes)?;
             // As in run.c, no seed (or 0, which would stall the generator) means the clock.
             let seed = seed.filter(|&s| s != 0).unwrap_or_else(|| {
                 SystemTime::now()
@@ -159,9 +172,10 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Import { model: path } => {
-            let (config, _) = llama2c::load(&path).map_err(|e| e.to_string())?;
+            let loaded = model_file::load(&path).map_err(|e| e.to_string())?;
+            let source = model::build_ir(&loaded.config, &loaded.weights)?;
             let mut ctx = Context::new();
-            let module = text::parse_module(&mut ctx, &model::build_ir(&config))
+            let module = text::parse_module(&mut ctx, &source)
                 .map_err(|d| format!("model IR: {}", d.render("<model>")))?;
             print!("{}", text::print_module(&ctx, module));
             Ok(())
@@ -178,7 +192,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let bytes = std::fs::read(&file).map_err(|e| format!("{name}: cannot read: {e}"))?;
             let source = text::decode_utf8(&bytes).map_err(|d| d.render(&name))?;
             let weights = model
-                .map(|m| llama2c::load(&m).map(|(_, w)| w))
+                .map(|m| model_file::load(&m).map(|l| l.weights))
                 .transpose()
                 .map_err(|e| e.to_string())?;
             let inputs: HashMap<String, PathBuf> = inputs.into_iter().collect();

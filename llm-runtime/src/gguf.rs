@@ -1,0 +1,474 @@
+//! GGUF model files (versions 2 and 3).
+//!
+//! The file is a header (`GGUF`, version, tensor count, metadata count), typed metadata
+//! key/value pairs, tensor descriptions (name, dims fastest first, ggml type, data offset),
+//! then the tensor data, aligned to `general.alignment` (32 by default). Every read is
+//! bounds-checked and every count is checked against the bytes that remain, so a malformed
+//! file gives an error naming the key or tensor, never a panic or a huge allocation.
+//!
+//! Llama models are read into the builder's weight names (`blk.N.attn_q.weight` becomes
+//! `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
+//! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
+//! SentencePiece vocabulary in the metadata becomes the tokenizer.
+
+use std::path::Path;
+
+use llm_ir::{
+    dtype::DType,
+    interp::{QTensor, Tensor, Value, quant},
+    types::QuantFormat,
+};
+
+use crate::{
+    model::ModelConfig,
+    tokenizer::Tokenizer,
+    weights::{LoadError, Weights},
+};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Meta {
+    /// Any unsigned integer type.
+    Uint(u64),
+    /// Any signed integer type.
+    Int(i64),
+    /// `f32` or `f64`.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string.
+    Str(String),
+    /// An array.
+    Array(Vec<Meta>),
+}
+
+impl Meta {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Meta::Uint(v) => Some(*v),
+            Meta::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// The name.
+    pub name: String,
+    /// Dims, fastest-varying first (ggml's `ne`).
+    pub dims: Vec<u64>,
+    /// The ggml type id.
+    pub ggml_type: u32,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+}
+
+/// A parsed GGUF file.
+#[derive(Debug, Clone)]
+pub struct GgufFile {
+    /// Format version.
+    pub version: u32,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, Meta)>,
+    /// Tensor descriptions in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Byte offset of the data section.
+    pub data_start: usize,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        if self.bytes.len().saturating_sub(self.at) < n {
+            return Err(format!(
+                "truncated at byte offset {} reading {what}",
+                self.at
+            ));
+        }
+        self.at += n;
+        Ok(&self.bytes[self.at - n..self.at])
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+
+    /// A count of items of at least `min_item_bytes` each, checked against what remains.
+    fn count(&mut self, min_item_bytes: usize, what: &str) -> Result<usize, String> {
+        let at = self.at;
+        let n = self.u64(what)?;
+        let left = (self.bytes.len() - self.at) as u64;
+        if n > left / min_item_bytes.max(1) as u64 {
+            return Err(format!(
+                "{what} at byte offset {at} claims {n} items, more than the file holds"
+            ));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, String> {
+        let at = self.at;
+        let n = self.count(1, what)?;
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| format!("{what} at byte offset {at} is not UTF-8"))
+    }
+
+    fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<Meta, String> {
+        let b = |r: &mut Self, n| r.take(n, what).map(|s| s.to_vec());
+        Ok(match ty {
+            0 => Meta::Uint(u64::from(b(self, 1)?[0])),
+            1 => Meta::Int(i64::from(b(self, 1)?[0] as i8)),
+            2 => Meta::Uint(u64::from(u16::from_le_bytes(
+                b(self, 2)?.try_into().unwrap_or([0; 2]),
+            ))),
+            3 => Meta::Int(i64::from(i16::from_le_bytes(
+                b(self, 2)?.try_into().unwrap_or([0; 2]),
+            ))),
+            4 => Meta::Uint(u64::from(self.u32(what)?)),
+            5 => Meta::Int(i64::from(self.u32(what)? as i32)),
+            6 => Meta::Float(f64::from(f32::from_bits(self.u32(what)?))),
+            7 => Meta::Bool(b(self, 1)?[0] != 0),
+            8 => Meta::Str(self.string(what)?),
+            9 => {
+                if depth > 2 {
+                    return Err(format!("{what}: arrays nest too deeply"));
+                }
+                let elem = self.u32(what)?;
+                let n = self.count(1, what)?;
+                let mut items = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    items.push(self.value(elem, what, depth + 1)?);
+                }
+                Meta::Array(items)
+            }
+            10 => Meta::Uint(self.u64(what)?),
+            11 => Meta::Int(self.u64(what)? as i64),
+            12 => Meta::Float(f64::from_bits(self.u64(what)?)),
+            other => return Err(format!("{what} has unknown value type {other}")),
+        })
+    }
+}
+
+/// Parses the header, metadata and tensor descriptions of a GGUF file.
+pub fn parse(bytes: &[u8]) -> Result<GgufFile, String> {
+    let mut r = Reader { bytes, at: 0 };
+    if r.take(4, "the magic")? != b"GGUF" {
+        return Err("not a GGUF file (bad magic at byte offset 0)".into());
+    }
+    let version = r.u32("the version")?;
+    if !(2..=3).contains(&version) {
+        return Err(format!(
+            "unsupported GGUF version {version} (supported: 2 and 3)"
+        ));
+    }
+    let n_tensors = r.count(24, "the tensor count")?;
+    let n_meta = r.count(12, "the metadata count")?;
+    let mut metadata = Vec::with_capacity(n_meta);
+    for i in 0..n_meta {
+        let key = r.string(&format!("metadata key #{i}"))?;
+        let ty = r.u32(&format!("the type of `{key}`"))?;
+        let value = r.value(ty, &format!("metadata `{key}`"), 0)?;
+        metadata.push((key, value));
+    }
+    let mut tensors = Vec::with_capacity(n_tensors);
+    for i in 0..n_tensors {
+        let name = r.string(&format!("tensor name #{i}"))?;
+        let nd = r.u32(&format!("the rank of tensor `{name}`"))?;
+        if nd == 0 || nd > 4 {
+            return Err(format!("tensor `{name}` has rank {nd} (expected 1 to 4)"));
+        }
+        let dims = (0..nd)
+            .map(|_| r.u64(&format!("the dims of tensor `{name}`")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ggml_type = r.u32(&format!("the type of tensor `{name}`"))?;
+        let offset = r.u64(&format!("the offset of tensor `{name}`"))?;
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+        });
+    }
+    let alignment = metadata
+        .iter()
+        .find(|(k, _)| k == "general.alignment")
+        .and_then(|(_, v)| v.as_u64())
+        .unwrap_or(32);
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(format!(
+            "general.alignment = {alignment} is not a power of two"
+        ));
+    }
+    let data_start = r.at.div_ceil(alignment as usize) * alignment as usize;
+    Ok(GgufFile {
+        version,
+        metadata,
+        tensors,
+        data_start,
+    })
+}
+
+/// How a ggml type is stored: a float element type or a quantization format.
+enum Storage {
+    Float(DType),
+    Quant(QuantFormat),
+}
+
+fn storage(ggml_type: u32) -> Option<Storage> {
+    Some(match ggml_type {
+        0 => Storage::Float(DType::F32),
+        1 => Storage::Float(DType::F16),
+        30 => Storage::Float(DType::BF16),
+        2 => Storage::Quant(QuantFormat::Q4_0),
+        3 => Storage::Quant(QuantFormat::Q4_1),
+        8 => Storage::Quant(QuantFormat::Q8_0),
+        10 => Storage::Quant(QuantFormat::Q2K),
+        12 => Storage::Quant(QuantFormat::Q4K),
+        14 => Storage::Quant(QuantFormat::Q6K),
+        _ => return None,
+    })
+}
+
+impl GgufFile {
+    fn meta(&self, key: &str) -> Option<&Meta> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn int(&self, key: &str) -> Result<usize, String> {
+        match self.meta(key).and_then(Meta::as_u64) {
+            Some(v) if v > 0 && v <= 1 << 24 => Ok(v as usize),
+            Some(v) => Err(format!("metadata `{key}` = {v} is out of range")),
+            None => Err(format!("missing or non-integer metadata `{key}`")),
+        }
+    }
+
+    fn float(&self, key: &str) -> Option<f64> {
+        match self.meta(key)? {
+            Meta::Float(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The tensor `name` as an interpreter value (shape slowest dim first).
+    pub fn tensor(&self, bytes: &[u8], info: &TensorInfo) -> Result<Value, String> {
+        let name = &info.name;
+        let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        if info.dims.iter().any(|&d| d == 0 || d > 1 << 32) {
+            return Err(format!(
+                "tensor `{name}` has dims {:?} out of range",
+                info.dims
+            ));
+        }
+        let count = info
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 40)
+            .ok_or_else(|| format!("tensor `{name}` is too large"))? as usize;
+        let kind = storage(info.ggml_type).ok_or_else(|| {
+            format!(
+                "tensor `{name}` has unsupported ggml type {}",
+                info.ggml_type
+            )
+        })?;
+        let size = match &kind {
+            Storage::Float(d) => count * d.size_bytes(),
+            Storage::Quant(q) => {
+                let dims: Vec<Option<u64>> = shape.iter().map(|&d| Some(d as u64)).collect();
+                q.validate_shape(&dims)
+                    .map_err(|e| format!("tensor `{name}`: {e}"))?;
+                quant::storage_bytes(q, &shape)
+            }
+        };
+        let start = self.data_start as u64 + info.offset;
+        let end = start.checked_add(size as u64).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| {
+            format!("tensor `{name}` at data offset {} with {size} bytes runs past the end of the file", info.offset)
+        })?;
+        let data = &bytes[start as usize..end as usize];
+        Ok(match kind {
+            Storage::Float(DType::F32) => Value::Tensor(Tensor::from_f32(
+                shape,
+                DType::F32,
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )),
+            Storage::Float(DType::F16) => Value::Tensor(Tensor::from_f32(
+                shape,
+                DType::F16,
+                data.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            )),
+            Storage::Float(d) => Value::Tensor(Tensor::from_f32(
+                shape,
+                d,
+                data.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            )),
+            Storage::Quant(format) => Value::Quantized(QTensor {
+                shape,
+                format,
+                bytes: data.to_vec(),
+            }),
+        })
+    }
+}
+
+/// The builder's name for a llama GGUF tensor name.
+fn weight_name(gguf: &str) -> Option<String> {
+    let simple = [
+        ("token_embd.weight", "tok_embeddings.weight"),
+        ("output_norm.weight", "norm.weight"),
+        ("output.weight", "output.weight"),
+    ];
+    if let Some((_, n)) = simple.iter().find(|(g, _)| *g == gguf) {
+        return Some(n.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_norm.weight" => "attention_norm.weight",
+        "attn_q.weight" => "attention.wq.weight",
+        "attn_k.weight" => "attention.wk.weight",
+        "attn_v.weight" => "attention.wv.weight",
+        "attn_output.weight" => "attention.wo.weight",
+        "ffn_norm.weight" => "ffn_norm.weight",
+        "ffn_gate.weight" => "feed_forward.w1.weight",
+        "ffn_down.weight" => "feed_forward.w2.weight",
+        "ffn_up.weight" => "feed_forward.w3.weight",
+        _ => return None,
+    };
+    Some(format!("layers.{layer}.{part}"))
+}
+
+/// A model read from GGUF: configuration, weights and the embedded tokenizer.
+pub struct GgufModel {
+    /// Hyperparameters.
+    pub config: ModelConfig,
+    /// Weights under the builder's names.
+    pub weights: Weights,
+    /// The vocabulary of the file, if it has one.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// Reads a llama GGUF file (memory-mapped).
+pub fn load(path: &Path) -> Result<GgufModel, LoadError> {
+    let file = path.display().to_string();
+    let err = |message: String| LoadError {
+        file: file.clone(),
+        message,
+    };
+    let map = crate::mmap::map(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    read(&map).map_err(err)
+}
+
+/// Reads a llama GGUF model from its bytes.
+pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
+    let g = parse(bytes)?;
+    match g.meta("general.architecture") {
+        Some(Meta::Str(a)) if a == "llama" => {}
+        other => {
+            return Err(format!(
+                "general.architecture is {other:?}, but only llama models are supported"
+            ));
+        }
+    }
+    let mut weights = Weights::default();
+    for info in &g.tensors {
+        let name = weight_name(&info.name)
+            .ok_or_else(|| format!("tensor `{}` is not part of a llama model", info.name))?;
+        weights.insert(name, g.tensor(bytes, info)?);
+    }
+    let tokenizer = vocab(&g)?;
+    let dim = g.int("llama.embedding_length")?;
+    let heads = g.int("llama.attention.head_count")?;
+    let kv_heads = g
+        .meta("llama.attention.head_count_kv")
+        .map_or(Ok(heads), |_| g.int("llama.attention.head_count_kv"))?;
+    if dim % heads != 0 || heads % kv_heads != 0 || (dim / heads) % 2 != 0 {
+        return Err(format!(
+            "dims do not fit: embedding_length {dim}, head_count {heads}, head_count_kv {kv_heads}"
+        ));
+    }
+    let vocab = match weights.weight_shape("tok_embeddings.weight") {
+        Some(s) if s.len() == 2 && s[1] == dim => s[0],
+        other => {
+            return Err(format!(
+                "token_embd.weight has shape {other:?}, expected [vocab, {dim}]"
+            ));
+        }
+    };
+    let config = ModelConfig {
+        dim,
+        hidden_dim: g.int("llama.feed_forward_length")?,
+        layers: g.int("llama.block_count")?,
+        heads,
+        kv_heads,
+        vocab,
+        seq_len: g.int("llama.context_length")?,
+        rope_theta: g.float("llama.rope.freq_base").unwrap_or(10000.0),
+        norm_eps: g
+            .float("llama.attention.layer_norm_rms_epsilon")
+            .unwrap_or(1e-5),
+        tied_classifier: weights.weight_shape("output.weight").is_none(),
+    };
+    crate::model::check_weights(&config, &weights)?;
+    Ok(GgufModel {
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
+/// The SentencePiece vocabulary (`tokenizer.ggml.tokens` and `.scores`), with `▁` read as
+/// a space as llama2.c's `tokenizer.bin` stores it.
+fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
+    let Some(Meta::Array(tokens)) = g.meta("tokenizer.ggml.tokens") else {
+        return Ok(None);
+    };
+    let scores: Vec<f32> = match g.meta("tokenizer.ggml.scores") {
+        Some(Meta::Array(s)) => s
+            .iter()
+            .map(|v| {
+                if let Meta::Float(f) = v {
+                    *f as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+        _ => vec![0.0; tokens.len()],
+    };
+    if scores.len() != tokens.len() {
+        return Err(format!(
+            "tokenizer.ggml.scores has {} entries for {} tokens",
+            scores.len(),
+            tokens.len()
+        ));
+    }
+    let pieces = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            Meta::Str(s) => Ok(s.replace('\u{2581}', " ").into_bytes()),
+            _ => Err(format!("tokenizer.ggml.tokens entry {i} is not a string")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Tokenizer::from_vocab(pieces, scores)))
+}

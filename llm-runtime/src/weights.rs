@@ -1,0 +1,80 @@
+//! Named weights of a model, and the error type of every model-file loader.
+
+use std::{collections::HashMap, rc::Rc};
+
+use llm_ir::interp::{Value, WeightStore};
+
+/// An error in a model file, naming the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The file.
+    pub file: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.message)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Named weights held in memory.
+#[derive(Debug, Default, Clone)]
+pub struct Weights {
+    tensors: HashMap<String, Rc<Value>>,
+}
+
+impl Weights {
+    /// Adds a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, value: Value) {
+        self.tensors.insert(name.into(), Rc::new(value));
+    }
+
+    /// The shape of weight `name`.
+    pub fn weight_shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &**self.tensors.get(name)? {
+            Value::Tensor(t) => Some(t.shape.clone()),
+            Value::Quantized(q) => Some(q.shape.clone()),
+            _ => None,
+        }
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+impl WeightStore for Weights {
+    fn weight(&self, name: &str) -> Option<Rc<Value>> {
+        self.tensors.get(name).cloned()
+    }
+}
+
+impl Weights {
+    /// The `llm` type of weight `name` as IR text (`llm.tensor <64x64xf32>`,
+    /// `llm.quantized_tensor <64x256, q4_k>`).
+    pub fn ir_type(&self, name: &str) -> Option<String> {
+        let dims = |shape: &[usize]| {
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("x")
+        };
+        match &**self.tensors.get(name)? {
+            Value::Tensor(t) => Some(format!("llm.tensor <{}x{}>", dims(&t.shape), t.dtype)),
+            Value::Quantized(q) => Some(format!(
+                "llm.quantized_tensor <{}, {}>",
+                dims(&q.shape),
+                q.format
+            )),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! GGUF import: the real files load, malformed copies are rejected with errors that name
+//! the key or tensor, and mutated files never make the loader panic.
+
+use std::{
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use llm_ir::{dtype::DType, interp::Value};
+use llm_runtime::{gguf, llama2c, sampler::XorShift};
+
+fn shared(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/models")
+        .join(file)
+}
+
+#[test]
+fn stories260k_gguf_equals_the_llama2c_checkpoint() {
+    let g = gguf::load(&shared("stories260K.gguf")).expect("loads");
+    let (config, weights) = llama2c::load(&shared("stories260K.bin")).expect("loads");
+    assert_eq!(
+        (
+            g.config.dim,
+            g.config.layers,
+            g.config.heads,
+            g.config.kv_heads,
+            g.config.vocab
+        ),
+        (64, 5, 8, 4, 512)
+    );
+    assert_eq!(g.config.norm_eps as f32, 1e-5);
+    for name in weights.names() {
+        use llm_ir::interp::WeightStore;
+        assert_eq!(g.weights.weight(name), weights.weight(name), "{name}");
+    }
+    // GGUF stores the classifier separately (equal to the embedding).
+    assert!(!g.config.tied_classifier && config.tied_classifier);
+    let tok = g.tokenizer.expect("embedded vocabulary");
+    assert_eq!(
+        tok.encode("Once upon a time", true, false),
+        vec![1, 403, 407, 261, 378]
+    );
+}
+
+#[test]
+fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
+    let g = gguf::load(&shared("llama-2-tiny-random.gguf")).expect("loads");
+    assert_eq!(
+        (
+            g.config.dim,
+            g.config.layers,
+            g.config.heads,
+            g.config.vocab
+        ),
+        (8, 1, 2, 32000)
+    );
+    use llm_ir::interp::WeightStore;
+    match g.weights.weight("layers.0.attention.wq.weight").as_deref() {
+        Some(Value::Tensor(t)) => assert_eq!(t.dtype, DType::F16),
+        other => panic!("unexpected {other:?}"),
+    }
+    let tok = g.tokenizer.expect("embedded vocabulary");
+    assert_eq!(tok.vocab(), 32000);
+    assert_eq!(tok.encode("Hello world", true, false), vec![1, 15043, 3186]);
+}
+
+#[test]
+fn malformed_files_name_what_is_wrong() {
+    let bytes = std::fs::read(shared("stories260K.gguf")).expect("file");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GGML....".to_vec(), "bad magic"),
+        (
+            [&bytes[..4], &1u32.to_le_bytes()[..], &bytes[8..]].concat(),
+            "unsupported GGUF version 1",
+        ),
+        (bytes[..100].to_vec(), "byte offset"),
+        (bytes[..5000].to_vec(), "byte offset"),
+        (
+            bytes[..bytes.len() - 1000].to_vec(),
+            "runs past the end of the file",
+        ),
+        (
+            [&bytes[..8], &u64::MAX.to_le_bytes()[..], &bytes[16..]].concat(),
+            "claims",
+        ),
+    ];
+    for (data, expected) in cases {
+        let err = gguf::read(&data)
+            .err()
+            .unwrap_or_else(|| panic!("accepted a file that should fail with `{expected}`"));
+        assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+    }
+    let err = gguf::load(Path::new("/nonexistent/m.gguf"))
+        .err()
+        .expect("missing file");
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/m.gguf: cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn mutated_files_never_panic() {
+    let seconds: u64 = std::env::var("LLMC_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let originals = [
+        std::fs::read(shared("stories260K.gguf")).expect("file"),
+        std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file"),
+    ];
+    let mut rng = XorShift::new(0x6767);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut runs = 0;
+    while Instant::now() < deadline {
+        let base = &originals[runs % 2];
+        let mut data = base.clone();
+        // Mutations concentrate on the header, where the structure lives.
+        let header = data.len().min(1 << 16);
+        for _ in 0..1 + rng.next_u64() % 8 {
+            let at = (rng.next_u64() as usize) % header;
+            match rng.next_u64() % 4 {
+                0 => data[at] = rng.next_u64() as u8,
+                1 => data[at] ^= 0x80,
+                2 => data.truncate(at.max(1)),
+                _ => data[at] = 0xFF,
+            }
+            if data.len() <= at {
+                break;
+            }
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let _ = gguf::read(&data);
+        }));
+        assert!(
+            result.is_ok(),
+            "gguf::read panicked on a mutated file (run {runs})"
+        );
+        runs += 1;
+    }
+    assert!(runs > 0);
+}
