@@ -2,7 +2,7 @@
 //!
 //! The command-line binaries are thin: they parse arguments with clap and call into this
 //! crate. [`pipeline::run`] is the one function behind `llm-opt` and the filetest runner, so
-//! any filetest reproduces exactly with `llm-opt <RUN arguments> FILE`; [`exec`] backs
+//! a single-case filetest reproduces exactly with `llm-opt <RUN arguments> FILE`; [`exec`] backs
 //! `llm-run exec`.
 
 pub mod exec;

@@ -105,7 +105,7 @@ pub fn run(args: &OptArgs, source: &str) -> Result<Output, Diagnostic> {
             print_after: args.print_ir_after.clone(),
         };
         let report = pipeline.run(&mut ctx, module, &config).map_err(|e| {
-            let (line, column) = e.location.unwrap_or((1, 1));
+            let (line, column) = e.location.unwrap_or((0, 0));
             Diagnostic {
                 line,
                 column,

@@ -272,7 +272,7 @@ const SEMANTIC_SEEDS: [u64; 3] = [1, 2, 3];
 /// Runs every function of `source` before and after the RUN line's passes on the same
 /// random inputs and requires equal results.
 fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
-    if source.contains("// NO-EXEC") {
+    if source.contains("// NO-EXEC:") {
         return Ok(());
     }
     let ir_args = OptArgs {
@@ -306,6 +306,13 @@ fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
             let expected = run(&before_ctx, func).map_err(|e| format!("@{name} does not run on random inputs before the passes ({e}); add `// NO-EXEC: <why>`"))?;
             let found = run(&after_ctx, after_func)
                 .map_err(|e| format!("@{name} fails after the passes: {e}"))?;
+            if expected.len() != found.len() {
+                return Err(format!(
+                    "@{name} returns {} values before the passes and {} after",
+                    expected.len(),
+                    found.len()
+                ));
+            }
             for (i, (a, b)) in expected.iter().zip(&found).enumerate() {
                 if !same_value(a, b) {
                     return Err(format!(

@@ -2,6 +2,8 @@
 //!
 //! - Every registered `llm` op appears in a round-trip filetest (`tests/filetests/ir/*.plir`).
 //! - The sorted op inventory is snapshotted, so every added or removed op shows in review.
+//! - Every registered pass has a filetest under `tests/filetests/passes/<name>/`.
+//! - Every filetest snapshot belongs to a RUN line of an existing input (none is stale).
 
 use std::path::Path;
 

@@ -50,12 +50,17 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    /// Renders the diagnostic as `FILE:LINE:COL: error: MESSAGE`.
+    /// Renders the diagnostic as `FILE:LINE:COL: error: MESSAGE` (`FILE: error: MESSAGE`
+    /// for line 0, which marks a problem with no position in the input).
     pub fn render(&self, file: &str) -> String {
-        format!(
-            "{file}:{}:{}: error: {}",
-            self.line, self.column, self.message
-        )
+        if self.line == 0 {
+            format!("{file}: error: {}", self.message)
+        } else {
+            format!(
+                "{file}:{}:{}: error: {}",
+                self.line, self.column, self.message
+            )
+        }
     }
 
     /// Converts a pliron error, taking its location and flattening its message to one line.

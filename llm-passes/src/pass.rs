@@ -240,11 +240,16 @@ pub fn describe_passes() -> String {
     for p in PASSES {
         out.push_str(&format!("{:<16} {}\n", p.name, p.summary));
         for o in p.options {
+            let kind = match o.kind {
+                OptionKind::Int => "int",
+                OptionKind::Bytes => "bytes",
+                OptionKind::AutoOrInt => "auto|int",
+                OptionKind::Bool => "bool",
+            };
+            let name = format!("{}=<{kind}>", o.name);
             out.push_str(&format!(
-                "    {:<20} {} (default {})\n",
-                format!("{}=<{:?}>", o.name, o.kind).to_lowercase(),
-                o.help,
-                o.default
+                "    {name:<28} {} (default {})\n",
+                o.help, o.default
             ));
         }
     }

@@ -191,11 +191,16 @@ impl Pass for PlanKvMemory {
         if !blocks.is_multiple_of(per_buffer) {
             buffers.push(blocks % per_buffer);
         }
-        let mut params = cache.params();
-        params.block_size = block_size;
-        params.blocks = Some(blocks);
-        let new: TypeHandle = PagedKvCacheType::get(ctx, params).into();
-        retype(ctx, module, old, new);
+        for &ty in &types {
+            let Ok(t) = TypedHandle::<PagedKvCacheType>::from_handle(ty, ctx) else {
+                continue;
+            };
+            let mut params = t.deref(ctx).params();
+            params.block_size = block_size;
+            params.blocks = Some(blocks);
+            let new: TypeHandle = PagedKvCacheType::get(ctx, params).into();
+            retype(ctx, module, ty, new);
+        }
         let body = module.get_body(ctx, 0);
         for op in ir::block_ops(ctx, body) {
             if ir::name(ctx, op) == "llm.kv_plan" {

@@ -88,6 +88,40 @@ pub struct Generation {
     pub stats: Stats,
 }
 
+/// Which compiled function a batch runs through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `@prefill`: several tokens of one sequence.
+    Prefill,
+    /// `@decode`: one token of each of several sequences.
+    Decode,
+}
+
+impl Step {
+    /// The function name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Prefill => "prefill",
+            Step::Decode => "decode",
+        }
+    }
+}
+
+/// The inputs of one forward call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Position of each token in its sequence.
+    pub positions: Vec<i64>,
+    /// KV-cache slot of each token.
+    pub slots: Vec<i64>,
+    /// Block table of each sequence (padded to the longest).
+    pub tables: Vec<Vec<i64>>,
+    /// Positions each sequence holds after this call.
+    pub context_lens: Vec<i64>,
+}
+
 /// A compiled model ready to run on the interpreter.
 pub struct Model {
     ctx: Context,
@@ -135,8 +169,8 @@ impl Model {
             .ok_or_else(|| format!("the model has no @{name}"))
     }
 
-    /// A zeroed KV cache holding `seq_len` positions of one sequence.
-    fn new_cache(&self) -> KvCache {
+    /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions.
+    pub fn new_cache(&self, blocks: usize) -> KvCache {
         let c = &self.config;
         let params = KvCacheParams {
             layers: c.layers as u64,
@@ -147,38 +181,39 @@ impl Model {
             storage: KvStorage::Float(DType::F32),
             window: None,
         };
-        KvCache::new(params, c.seq_len.div_ceil(BLOCK_SIZE))
+        KvCache::new(params, blocks)
     }
 
-    /// Runs `func` on `tokens` at positions `start..` of the single sequence whose blocks are
-    /// `0..blocks` in order, returning the logits rows and the updated cache.
-    fn forward(
+    /// Runs `@prefill` (one sequence) or `@decode` (one token per sequence) on `batch`,
+    /// returning one logits row per token and the updated cache.
+    pub fn run(
         &self,
-        func: &str,
-        tokens: &[u32],
-        start: usize,
+        step: Step,
+        batch: &Batch,
         cache: KvCache,
     ) -> Result<(Vec<Vec<f32>>, KvCache), RunError> {
-        let n = tokens.len();
+        let n = batch.tokens.len();
+        let rows = batch.tables.len();
+        let width = batch.tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let table: Vec<i64> = batch
+            .tables
+            .iter()
+            .flat_map(|t| t.iter().copied().chain(std::iter::repeat(0)).take(width))
+            .collect();
         let i32s =
             |v: Vec<i64>, shape: Vec<usize>| Value::Tensor(Tensor::from_i64(shape, DType::I32, v));
-        let positions: Vec<i64> = (start..start + n).map(|p| p as i64).collect();
-        let blocks = cache.blocks;
-        let (batch, table_rows) = if func == "prefill" { (1, 1) } else { (n, n) };
-        let table: Vec<i64> = (0..table_rows).flat_map(|_| 0..blocks as i64).collect();
-        let lens: Vec<i64> = if func == "prefill" {
-            vec![(start + n) as i64]
-        } else {
-            (0..n).map(|i| (start + i + 1) as i64).collect()
-        };
         let args = vec![
-            i32s(tokens.iter().map(|&t| i64::from(t)).collect(), vec![n]),
-            i32s(positions.clone(), vec![n]),
-            i32s(positions, vec![n]),
-            i32s(table, vec![batch, blocks]),
-            i32s(lens, vec![batch]),
+            i32s(
+                batch.tokens.iter().map(|&t| i64::from(t)).collect(),
+                vec![n],
+            ),
+            i32s(batch.positions.clone(), vec![n]),
+            i32s(batch.slots.clone(), vec![n]),
+            i32s(table, vec![rows, width]),
+            i32s(batch.context_lens.clone(), vec![rows]),
             Value::Cache(cache),
         ];
+        let func = step.name();
         let interpreter = Interpreter::new(&self.ctx, &self.weights);
         let mut out = interpreter
             .run(self.func(func)?, args)
@@ -191,15 +226,36 @@ impl Model {
             Some(Value::Tensor(t)) => t,
             _ => return Err(format!("@{func} did not return logits")),
         };
-        let vocab = self.config.vocab;
         Ok((
             logits
                 .floats()?
-                .chunks(vocab)
+                .chunks(self.config.vocab)
                 .map(<[f32]>::to_vec)
                 .collect(),
             cache,
         ))
+    }
+
+    /// Runs tokens at positions `start..` of the single sequence whose blocks are
+    /// `0..blocks` in order.
+    fn forward(
+        &self,
+        step: Step,
+        tokens: &[u32],
+        start: usize,
+        cache: KvCache,
+    ) -> Result<(Vec<Vec<f32>>, KvCache), RunError> {
+        let n = tokens.len();
+        let positions: Vec<i64> = (start..start + n).map(|p| p as i64).collect();
+        let table: Vec<i64> = (0..cache.blocks as i64).collect();
+        let batch = Batch {
+            tokens: tokens.to_vec(),
+            slots: positions.clone(),
+            positions,
+            tables: vec![table],
+            context_lens: vec![(start + n) as i64],
+        };
+        self.run(step, &batch, cache)
     }
 
     /// Generates from `prompt` for at most `steps` positions (0 or more than the model's
@@ -236,8 +292,12 @@ impl Model {
         g.stats.compile_ms = self.compile_ms;
         let prefilled = prompt_ids.len().min(steps);
         let start = Instant::now();
-        let (mut rows, mut cache) =
-            self.forward("prefill", &prompt_ids[..prefilled], 0, self.new_cache())?;
+        let (mut rows, mut cache) = self.forward(
+            Step::Prefill,
+            &prompt_ids[..prefilled],
+            0,
+            self.new_cache(self.config.seq_len.div_ceil(BLOCK_SIZE)),
+        )?;
         g.stats.prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let mut token = prompt_ids[0];
         let mut pos = 0;
@@ -246,7 +306,7 @@ impl Model {
                 std::mem::take(&mut rows[pos])
             } else {
                 let start = Instant::now();
-                let (mut out, next_cache) = self.forward("decode", &[token], pos, cache)?;
+                let (mut out, next_cache) = self.forward(Step::Decode, &[token], pos, cache)?;
                 cache = next_cache;
                 g.stats.decode_ms += start.elapsed().as_secs_f64() * 1000.0;
                 g.stats.decode_steps += 1;

@@ -5,6 +5,7 @@
 //! Besides the command-line package, this is the only crate that reads files.
 
 pub mod block_manager;
+pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod llama2c;

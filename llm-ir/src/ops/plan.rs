@@ -84,7 +84,8 @@ fn check_kv_plan(c: &OpCheck) -> Result<()> {
 llm_op! {
     /// The arena plan of a function's intermediate tensors (written by `plan-buffers`).
     ///
-    /// Value `i` (the function's op results in order, tensors only) lives at
+    /// Value `i` (the function's tensor op results in order, except weights, constants and
+    /// values computed from them alone, which a runtime computes once) lives at
     /// `offsets[i]..offsets[i] + sizes[i]` of one arena of `arena_bytes` bytes; `naive_bytes`
     /// is the sum of all sizes. Dynamic dims are planned with `dynamic_dim`.
     ///

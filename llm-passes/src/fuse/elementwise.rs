@@ -234,6 +234,14 @@ impl Pattern for FuseElementwise {
 
     fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError> {
         let ctx = &*rw.ctx;
+        // Ops inside a fused body are already fused.
+        if op
+            .deref(ctx)
+            .get_parent_op(ctx)
+            .is_some_and(|p| ir::name(ctx, p) == "llm.fused")
+        {
+            return Ok(false);
+        }
         let Some(outer) = program(ctx, op) else {
             return Ok(false);
         };

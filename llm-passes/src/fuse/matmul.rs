@@ -14,8 +14,8 @@ use crate::{
     pass::PassError,
 };
 
-/// `matmul(x, dequantize(w), transpose_rhs = true) => quantized_matmul(x, w)`: both compute
-/// `x @ dequantize(w)^T` with `w` stored `[N, K]`.
+/// `matmul(x, dequantize(w) : f32, transpose_rhs = true) => quantized_matmul(x, w)`: both
+/// compute `x @ dequantize(w)^T` with `w` stored `[N, K]` and the weight in f32.
 pub struct DequantizeMatmul;
 
 impl Pattern for DequantizeMatmul {
@@ -36,8 +36,10 @@ impl Pattern for DequantizeMatmul {
         let Some(dq) = ir::producer_named(ctx, op, 1, "llm.dequantize") else {
             return Ok(false);
         };
-        let rhs_rank = ir::tensor_type(ctx, ir::result(ctx, dq, 0)).map_or(0, |t| t.rank());
-        if !ir::flag(ctx, op, "transpose_rhs", false) || rhs_rank != 2 {
+        let rhs = ir::tensor_type(ctx, ir::result(ctx, dq, 0));
+        // An f16/bf16 dequantize rounds the weight, which quantized_matmul does not.
+        let f32_rank2 = rhs.is_some_and(|t| t.rank() == 2 && t.dtype() == DType::F32);
+        if !ir::flag(ctx, op, "transpose_rhs", false) || !f32_rank2 {
             return Ok(false);
         }
         let (x, w) = (ir::operand(ctx, op, 0), ir::operand(ctx, dq, 0));

@@ -1,0 +1,390 @@
+//! The serving engine: continuous batching of many sequences over the paged KV cache.
+//!
+//! An application creates an [`Engine`] over a compiled [`Model`], adds requests (prompt
+//! token ids and sampling parameters), and calls [`Engine::step`] until it has no work; each
+//! step reports the tokens it produced. A step first admits waiting requests while the KV
+//! pool has blocks and the step's token budget allows, prefilling each one (reusing the KV
+//! of cached prompt prefixes), then runs one decode call for every running sequence, one
+//! token each. When the pool runs out during decode, the most recently admitted sequence
+//! is preempted: its blocks are freed and it is recomputed later from its tokens.
+//!
+//! Every sequence follows llama2.c's `run.c` loop: `steps` counts positions including the
+//! prompt, and producing BOS ends the sequence. Rows of a batch never interact, so each
+//! sequence's tokens are those it would produce alone.
+
+use std::{collections::VecDeque, time::Instant};
+
+use llm_ir::interp::KvCache;
+
+use crate::{
+    block_manager::{BlockManager, SeqId},
+    generate::{Batch, Model, RunError, Step},
+    model::BLOCK_SIZE,
+    sampler::{Sampler, SamplerConfig},
+    tokenizer::BOS,
+};
+
+/// Engine limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Blocks in the KV pool (of [`BLOCK_SIZE`] positions).
+    pub num_blocks: usize,
+    /// Most prompt tokens prefilled in one step (one request is always admitted if none runs).
+    pub max_step_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            num_blocks: 1024,
+            max_step_tokens: 2048,
+            max_running: 64,
+        }
+    }
+}
+
+/// How one request generates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestParams {
+    /// Positions to run, prompt included (run.c's `-n`).
+    pub steps: usize,
+    /// Sampling.
+    pub sampler: SamplerConfig,
+    /// Whether producing BOS ends the sequence (run.c's behaviour).
+    pub stop_at_bos: bool,
+}
+
+/// Something a step produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Request `id` produced `token` (its previous token is `prev`, for decoding text).
+    Token {
+        /// The request.
+        id: SeqId,
+        /// The token before it.
+        prev: u32,
+        /// The new token.
+        token: u32,
+    },
+    /// Request `id` finished.
+    Finished {
+        /// The request.
+        id: SeqId,
+    },
+}
+
+struct Request {
+    id: SeqId,
+    /// The prompt and every token produced so far.
+    tokens: Vec<u32>,
+    params: RequestParams,
+    sampler: Sampler,
+    /// Positions whose keys and values are in the cache.
+    computed: usize,
+    /// A produced token not yet run through the model.
+    pending: Option<u32>,
+    admitted: u64,
+    /// Time of each produced token (for latency statistics).
+    token_times: Vec<Instant>,
+}
+
+/// Counters of an engine's life.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    /// Steps run.
+    pub steps: usize,
+    /// Sequences preempted for lack of blocks.
+    pub preemptions: usize,
+    /// Prompt positions whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+    /// Prompt positions prefilled.
+    pub prefilled_tokens: usize,
+    /// Most blocks in use at once.
+    pub peak_blocks: usize,
+    /// Positions held when the most blocks were in use.
+    pub tokens_at_peak: usize,
+}
+
+/// The serving engine.
+pub struct Engine<'m> {
+    model: &'m Model,
+    config: EngineConfig,
+    blocks: BlockManager,
+    cache: Option<KvCache>,
+    waiting: VecDeque<Request>,
+    running: Vec<Request>,
+    next_id: SeqId,
+    admissions: u64,
+    stats: EngineStats,
+    /// First-token and per-token times of finished requests, by id.
+    finished_times: Vec<(SeqId, Vec<Instant>)>,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine over `model` with a KV pool of `config.num_blocks` blocks.
+    pub fn new(model: &'m Model, config: EngineConfig) -> Engine<'m> {
+        let cache = model.new_cache(config.num_blocks);
+        Engine {
+            model,
+            blocks: BlockManager::new(config.num_blocks, BLOCK_SIZE),
+            config,
+            cache: Some(cache),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            admissions: 0,
+            stats: EngineStats::default(),
+            finished_times: Vec::new(),
+        }
+    }
+
+    /// Queues a request; returns its id.
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: RequestParams) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let sampler = Sampler::new(params.sampler.clone());
+        self.waiting.push_back(Request {
+            id,
+            tokens: prompt,
+            params,
+            sampler,
+            computed: 0,
+            pending: None,
+            admitted: 0,
+            token_times: Vec::new(),
+        });
+        id
+    }
+
+    /// Cancels request `id` (waiting or running); returns whether it existed.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let before = self.waiting.len() + self.running.len();
+        self.waiting.retain(|r| r.id != id);
+        self.running.retain(|r| r.id != id);
+        self.blocks.finish(id);
+        before != self.waiting.len() + self.running.len()
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The block manager (for inspection).
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    /// The token times of finished requests.
+    pub fn finished_times(&self) -> &[(SeqId, Vec<Instant>)] {
+        &self.finished_times
+    }
+
+    fn table(&self, id: SeqId) -> Vec<i64> {
+        self.blocks
+            .table(id)
+            .unwrap_or(&[])
+            .iter()
+            .map(|&b| i64::from(b))
+            .collect()
+    }
+
+    /// Runs one scheduling step; returns the tokens produced and the requests finished.
+    pub fn step(&mut self) -> Result<Vec<Event>, RunError> {
+        self.stats.steps += 1;
+        let mut events = Vec::new();
+        self.admit_and_prefill(&mut events)?;
+        self.decode(&mut events)?;
+        let used = self.blocks.used();
+        if used > self.stats.peak_blocks {
+            self.stats.peak_blocks = used;
+            self.stats.tokens_at_peak = self.blocks.tokens_held();
+        }
+        Ok(events)
+    }
+
+    fn admit_and_prefill(&mut self, events: &mut Vec<Event>) -> Result<(), RunError> {
+        let mut budget = self.config.max_step_tokens;
+        while self.running.len() < self.config.max_running {
+            let Some(req) = self.waiting.front() else {
+                break;
+            };
+            let cost = req.tokens.len().min(req.params.steps.max(1));
+            if cost > budget && !self.running.is_empty() {
+                break;
+            }
+            let mut req = self.waiting.pop_front().expect("non-empty queue");
+            let take = req.tokens.len().min(req.params.steps.max(1));
+            let cached = match self.blocks.admit(req.id, &req.tokens[..take]) {
+                Ok(c) => c,
+                Err(_) if self.running.is_empty() => {
+                    return Err(format!(
+                        "request {} needs {} positions, more than the KV pool of {} blocks holds",
+                        req.id,
+                        take,
+                        self.blocks.num_blocks()
+                    ));
+                }
+                Err(_) => {
+                    self.waiting.push_front(req);
+                    break;
+                }
+            };
+            budget = budget.saturating_sub(take - cached);
+            self.stats.cached_prompt_tokens += cached;
+            self.stats.prefilled_tokens += take - cached;
+            self.admissions += 1;
+            req.admitted = self.admissions;
+            let table = self.table(req.id);
+            let positions: Vec<i64> = (cached..take).map(|p| p as i64).collect();
+            let slots = positions
+                .iter()
+                .map(|&p| {
+                    table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as i64 + p % BLOCK_SIZE as i64
+                })
+                .collect();
+            let batch = Batch {
+                tokens: req.tokens[cached..take].to_vec(),
+                positions,
+                slots,
+                tables: vec![table],
+                context_lens: vec![take as i64],
+            };
+            let cache = self.cache.take().ok_or("the KV cache is missing")?;
+            let (rows, cache) = self.model.run(Step::Prefill, &batch, cache)?;
+            self.cache = Some(cache);
+            req.computed = take;
+            let last = rows.last().ok_or("prefill returned no logits")?;
+            if self.produce(&mut req, last, events) {
+                self.running.push(req);
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples `req`'s next token from `logits`; returns whether the request goes on.
+    fn produce(&mut self, req: &mut Request, logits: &[f32], events: &mut Vec<Event>) -> bool {
+        let done = |req: &Request| req.computed >= req.params.steps;
+        if req.computed < req.tokens.len() {
+            // A request truncated by `steps` inside its prompt produces nothing more.
+            self.finish(req, events);
+            return false;
+        }
+        let token = req.sampler.sample(logits) as u32;
+        if token == BOS && req.params.stop_at_bos {
+            self.finish(req, events);
+            return false;
+        }
+        let prev = *req.tokens.last().unwrap_or(&BOS);
+        req.tokens.push(token);
+        req.token_times.push(Instant::now());
+        events.push(Event::Token {
+            id: req.id,
+            prev,
+            token,
+        });
+        if done(req) {
+            self.finish(req, events);
+            return false;
+        }
+        req.pending = Some(token);
+        true
+    }
+
+    fn finish(&mut self, req: &mut Request, events: &mut Vec<Event>) {
+        self.blocks.finish(req.id);
+        events.push(Event::Finished { id: req.id });
+        self.finished_times
+            .push((req.id, std::mem::take(&mut req.token_times)));
+    }
+
+    /// Copies block `from` to block `to` in every layer of the cache (copy-on-write).
+    fn copy_block(&mut self, from: u32, to: u32) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let bs = BLOCK_SIZE * cache.slot_len();
+        for layer in 0..cache.params.layers as usize {
+            let src = cache.slot_offset(layer, from as usize * BLOCK_SIZE);
+            let dst = cache.slot_offset(layer, to as usize * BLOCK_SIZE);
+            cache.k.copy_within(src..src + bs, dst);
+            cache.v.copy_within(src..src + bs, dst);
+        }
+    }
+
+    fn decode(&mut self, events: &mut Vec<Event>) -> Result<(), RunError> {
+        let mut batch = Batch::default();
+        let mut order = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            let (id, token) = (self.running[i].id, self.running[i].pending.unwrap_or(BOS));
+            match self.blocks.append(id, token) {
+                Ok(slot) => {
+                    if let Some((from, to)) = slot.copy {
+                        self.copy_block(from, to);
+                    }
+                    let pos = self.running[i].computed as i64;
+                    batch.tokens.push(token);
+                    batch.positions.push(pos);
+                    batch.slots.push(slot.slot as i64);
+                    batch.context_lens.push(pos + 1);
+                    order.push(id);
+                    i += 1;
+                }
+                Err(_) => {
+                    // Preempt the most recently admitted sequence (possibly this one).
+                    let victim = (0..self.running.len())
+                        .max_by_key(|&j| self.running[j].admitted)
+                        .unwrap_or(i);
+                    let mut req = self.running.remove(victim);
+                    self.blocks.finish(req.id);
+                    if let Some(k) = order.iter().position(|&o| o == req.id) {
+                        // Drop it from this batch too.
+                        order.remove(k);
+                        batch.tokens.remove(k);
+                        batch.positions.remove(k);
+                        batch.slots.remove(k);
+                        batch.context_lens.remove(k);
+                        i -= 1;
+                    }
+                    req.computed = 0;
+                    req.pending = None;
+                    self.stats.preemptions += 1;
+                    self.waiting.push_front(req);
+                    if victim < i {
+                        i -= 1;
+                    }
+                }
+            }
+        }
+        if order.is_empty() {
+            return Ok(());
+        }
+        batch.tables = order.iter().map(|&id| self.table(id)).collect();
+        let cache = self.cache.take().ok_or("the KV cache is missing")?;
+        let (rows, cache) = self.model.run(Step::Decode, &batch, cache)?;
+        self.cache = Some(cache);
+        let mut still = Vec::with_capacity(self.running.len());
+        for mut req in std::mem::take(&mut self.running) {
+            match order.iter().position(|&o| o == req.id) {
+                Some(row) => {
+                    req.computed += 1;
+                    req.pending = None;
+                    if self.produce(&mut req, &rows[row], events) {
+                        still.push(req);
+                    }
+                }
+                None => still.push(req),
+            }
+        }
+        self.running = still;
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! The engine on stories260K: batched sequences produce exactly what each produces alone,
+//! prefix caching skips shared prompt work, and preemption under a tiny pool still gives the
+//! same tokens.
+
+use std::{collections::HashMap, path::Path};
+
+use llm_runtime::{
+    engine::{Engine, EngineConfig, Event, RequestParams},
+    generate::Model,
+    llama2c,
+    sampler::SamplerConfig,
+    tokenizer::Tokenizer,
+};
+
+fn model() -> (Model, Tokenizer) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let (config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
+    (
+        Model::compile(config, weights, "default").expect("compiles"),
+        tok,
+    )
+}
+
+const GREEDY: SamplerConfig = SamplerConfig {
+    temperature: 0.0,
+    top_p: 0.9,
+    top_k: 0,
+    seed: 1,
+};
+
+fn params(steps: usize) -> RequestParams {
+    RequestParams {
+        steps,
+        sampler: GREEDY,
+        stop_at_bos: true,
+    }
+}
+
+/// Runs all `prompts` through one engine; returns each request's tokens (prompt + output).
+fn run_engine(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &[String],
+    steps: usize,
+    config: EngineConfig,
+) -> (Vec<Vec<u32>>, llm_runtime::engine::EngineStats) {
+    let mut engine = Engine::new(model, config);
+    let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+    for p in prompts {
+        let ids = tok.encode(p, true, false);
+        let id = engine.add_request(ids.clone(), params(steps));
+        out.insert(id, ids);
+    }
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { id, token, .. } = event {
+                out.get_mut(&id).expect("known").push(token);
+            }
+        }
+    }
+    let stats = engine.stats().clone();
+    (
+        (0..prompts.len() as u64)
+            .map(|i| out.remove(&i).expect("all requests"))
+            .collect(),
+        stats,
+    )
+}
+
+fn prompts(n: usize) -> Vec<String> {
+    let starts = [
+        "Once upon a time",
+        "The little dog was sad because",
+        "Lily and Ben",
+        "One day, a big bear",
+        "Tom had a red ball",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "{} {}",
+                starts[i % starts.len()],
+                ["", "and", "the", "a"][i / starts.len() % 4]
+            )
+            .trim()
+            .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn batched_sequences_equal_their_single_sequence_outputs() {
+    let (model, tok) = model();
+    let prompts = prompts(32);
+    let (batched, stats) = run_engine(&model, &tok, &prompts, 64, EngineConfig::default());
+    for (p, ids) in prompts.iter().zip(&batched) {
+        let alone = model.generate(&tok, p, 64, GREEDY).expect("single");
+        assert_eq!(ids, &alone.ids, "prompt {p:?}");
+    }
+    assert_eq!(stats.preemptions, 0);
+}
+
+#[test]
+fn preemption_under_a_small_pool_keeps_outputs() {
+    let (model, tok) = model();
+    let prompts = prompts(8);
+    let small = EngineConfig {
+        num_blocks: 12,
+        max_step_tokens: 64,
+        max_running: 8,
+    };
+    let (tight, stats) = run_engine(&model, &tok, &prompts, 64, small);
+    let (roomy, _) = run_engine(&model, &tok, &prompts, 64, EngineConfig::default());
+    assert_eq!(tight, roomy);
+    assert!(
+        stats.preemptions > 0,
+        "the small pool should force preemptions"
+    );
+}
+
+#[test]
+fn shared_prompt_prefixes_are_prefilled_once() {
+    let (model, tok) = model();
+    // 16 requests sharing a long prefix, each with its own ending.
+    let prefix = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.";
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("{prefix} {}", ["Tom", "Ben", "Sue", "Max"][i % 4]))
+        .collect();
+    let config = EngineConfig {
+        max_running: 1,
+        ..EngineConfig::default()
+    };
+    let (outputs, stats) = run_engine(&model, &tok, &prompts, 48, config);
+    assert!(
+        stats.cached_prompt_tokens >= 15 * 32,
+        "cached {} prompt positions",
+        stats.cached_prompt_tokens
+    );
+    for (p, ids) in prompts.iter().zip(&outputs).take(4) {
+        assert_eq!(
+            ids,
+            &model.generate(&tok, p, 48, GREEDY).expect("single").ids
+        );
+    }
+}
