@@ -254,7 +254,7 @@ impl BlockManager {
         let bs = self.block_size;
         let len = self.seqs[&seq].tokens.len();
         let mut copy = None;
-        if len % bs == 0 {
+        if len.is_multiple_of(bs) {
             let id = self.take_block()?;
             if let Some(s) = self.seqs.get_mut(&seq) {
                 s.table.push(id);
@@ -273,7 +273,7 @@ impl BlockManager {
         let s = self.seqs.get_mut(&seq).expect("known sequence");
         s.tokens.push(token);
         let block = s.table[len / bs];
-        if (len + 1) % bs == 0 {
+        if (len + 1).is_multiple_of(bs) {
             self.register_full_block(seq, len / bs);
         }
         Ok(Slot {
