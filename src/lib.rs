@@ -7,6 +7,7 @@
 
 pub mod exec;
 pub mod pipeline;
+pub mod serve;
 
 // The dialect registers itself with pliron through linkme; referencing the crate links it.
 pub use llm_ir;

@@ -17,10 +17,8 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use llm_ir::text;
-use llm_runtime::{
-    generate::Model, model, model_file, sampler::SamplerConfig, tokenizer::Tokenizer,
-};
-use llmc::exec;
+use llm_runtime::{model, model_file, sampler::SamplerConfig};
+use llmc::{exec, serve};
 use pliron::context::Context;
 
 #[derive(Parser)]
@@ -41,15 +39,18 @@ enum Backend {
 enum Command {
     /// Generate text from a prompt (stdout is exactly what llama2.c's run.c prints).
     Generate {
-        /// llama2.c checkpoint (.bin).
+        /// Model file (llama2.c .bin or GGUF).
         #[arg(long)]
         model: PathBuf,
         /// llama2.c tokenizer (tokenizer.bin); by default the vocabulary embedded in a GGUF model.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// The prompt.
-        #[arg(long, default_value = "")]
-        prompt: String,
+        /// A prompt; repeat for several sequences, generated together.
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// A file with one prompt per line (generated together).
+        #[arg(long)]
+        prompts: Option<PathBuf>,
         /// Positions to run, prompt included (run.c's -n); 0 means the model's sequence length.
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
@@ -72,6 +73,30 @@ enum Command {
         #[arg(long)]
         stats: bool,
         /// The pass pipeline applied to the model before it runs (`""` for none).
+        #[arg(long, default_value = "default")]
+        passes: String,
+    },
+    /// Serve random prompts concurrently and report throughput, latency and KV-cache use.
+    Bench {
+        /// Model file (llama2.c .bin or GGUF).
+        #[arg(long)]
+        model: PathBuf,
+        /// Tokenizer (unused by the benchmark's random prompts; accepted for symmetry).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Concurrent requests.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Prompt tokens per request (BOS included).
+        #[arg(long, default_value_t = 16)]
+        prompt_len: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 64)]
+        gen_len: usize,
+        /// Seed of the random prompts.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The pass pipeline applied first.
         #[arg(long, default_value = "default")]
         passes: String,
     },
@@ -124,6 +149,7 @@ fn run(cli: Cli) -> Result<(), String> {
             model,
             tokenizer,
             prompt,
+            prompts,
             max_tokens,
             temperature,
             top_p,
@@ -134,20 +160,10 @@ fn run(cli: Cli) -> Result<(), String> {
             passes,
         } => {
             let Backend::Interp = backend;
-            let loaded = model_file::load(&model).map_err(|e| e.to_string())?;
-            let tokenizer = match (tokenizer, loaded.tokenizer) {
-                (Some(path), _) => {
-                    Tokenizer::load(&path, loaded.config.vocab).map_err(|e| e.to_string())?
-                }
-                (None, Some(embedded)) => embedded,
-                (None, None) => {
-                    return Err(format!(
-                        "{} has no vocabulary; pass --tokenizer",
-                        model.display()
-                    ));
-                }
-            };
-            let compiled = Model::compile(loaded.config, loaded.weights, &passes)?;
+            let (compiled, tokenizer) = serve::load(&model, tokenizer.as_deref(), &passes)?;
+            let tokenizer = tokenizer.ok_or_else(|| {
+                format!("{} has no vocabulary; pass --tokenizer", model.display())
+            })?;
             // As in run.c, no seed (or 0, which would stall the generator) means the clock.
             let seed = seed.filter(|&s| s != 0).unwrap_or_else(|| {
                 SystemTime::now()
@@ -160,15 +176,58 @@ fn run(cli: Cli) -> Result<(), String> {
                 top_k,
                 seed,
             };
-            let out = compiled.generate(&tokenizer, &prompt, max_tokens, sampler)?;
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(&out.text)
-                .and_then(|()| stdout.flush())
-                .map_err(|e| format!("cannot write: {e}"))?;
-            if stats {
-                eprintln!("{}", out.stats.to_json("interp"));
+            let mut all = prompt;
+            if let Some(file) = prompts {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                all.extend(text.lines().map(str::to_string));
             }
+            let mut stdout = std::io::stdout().lock();
+            if all.len() <= 1 {
+                let out = compiled.generate(
+                    &tokenizer,
+                    all.first().map_or("", String::as_str),
+                    max_tokens,
+                    sampler,
+                )?;
+                stdout
+                    .write_all(&out.text)
+                    .and_then(|()| stdout.flush())
+                    .map_err(|e| format!("cannot write: {e}"))?;
+                if stats {
+                    eprintln!("{}", out.stats.to_json("interp"));
+                }
+            } else {
+                for text in serve::generate_batch(&compiled, &tokenizer, &all, max_tokens, sampler)?
+                {
+                    stdout
+                        .write_all(&text)
+                        .map_err(|e| format!("cannot write: {e}"))?;
+                }
+                stdout.flush().map_err(|e| format!("cannot write: {e}"))?;
+            }
+            Ok(())
+        }
+        Command::Bench {
+            model,
+            tokenizer,
+            concurrency,
+            prompt_len,
+            gen_len,
+            seed,
+            passes,
+        } => {
+            let (compiled, _) = serve::load(&model, tokenizer.as_deref(), &passes)?;
+            let report = serve::bench(
+                &compiled,
+                serve::BenchOptions {
+                    concurrency,
+                    prompt_len,
+                    gen_len,
+                    seed,
+                },
+            )?;
+            print!("{report}");
             Ok(())
         }
         Command::Import { model: path } => {

@@ -1,0 +1,255 @@
+//! `llm-run generate` with several prompts, and `llm-run bench`: the serving engine from the
+//! command line.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use llm_runtime::{
+    engine::{Engine, EngineConfig, Event, RequestParams},
+    generate::Model,
+    model_file,
+    sampler::{SamplerConfig, XorShift},
+    tokenizer::{BOS, Tokenizer},
+};
+
+/// Loads a model file and its tokenizer (`tokenizer`, else the file's own vocabulary, if
+/// any), and compiles it with the pass pipeline `passes`.
+pub fn load(
+    model: &Path,
+    tokenizer: Option<&Path>,
+    passes: &str,
+) -> Result<(Model, Option<Tokenizer>), String> {
+    let loaded = model_file::load(model).map_err(|e| e.to_string())?;
+    let tokenizer = match tokenizer {
+        Some(path) => Some(Tokenizer::load(path, loaded.config.vocab).map_err(|e| e.to_string())?),
+        None => loaded.tokenizer,
+    };
+    Ok((
+        Model::compile(loaded.config, loaded.weights, passes)?,
+        tokenizer,
+    ))
+}
+
+/// Generates from every prompt in one engine; returns each output as run.c would print it
+/// (prompt, continuation, newline), in prompt order.
+pub fn generate_batch(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompts: &[String],
+    steps: usize,
+    sampler: SamplerConfig,
+) -> Result<Vec<Vec<u8>>, String> {
+    let steps = if steps == 0 || steps > model.config().seq_len {
+        model.config().seq_len
+    } else {
+        steps
+    };
+    let mut engine = Engine::new(model, engine_config(model, prompts.len(), steps));
+    let mut texts: HashMap<u64, Vec<u8>> = HashMap::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = tokenizer.encode(p, true, false);
+        // The prompt prints as run.c prints forced tokens.
+        let mut text = Vec::new();
+        for w in ids.windows(2).take(steps.saturating_sub(1)) {
+            text.extend(tokenizer.decode(w[0], w[1]));
+        }
+        let params = RequestParams {
+            steps,
+            sampler: SamplerConfig {
+                seed: sampler.seed.wrapping_add(i as u64),
+                ..sampler.clone()
+            },
+            stop_at_bos: true,
+        };
+        texts.insert(engine.add_request(ids, params), text);
+    }
+    while engine.has_work() {
+        for event in engine.step()? {
+            if let Event::Token { id, prev, token } = event
+                && let Some(t) = texts.get_mut(&id)
+            {
+                t.extend(tokenizer.decode(prev, token));
+            }
+        }
+    }
+    Ok((0..prompts.len() as u64)
+        .map(|i| {
+            let mut t = texts.remove(&i).unwrap_or_default();
+            t.push(b'\n');
+            t
+        })
+        .collect())
+}
+
+/// A pool big enough for `n` sequences of `steps` positions (plus slack for forks).
+fn engine_config(model: &Model, n: usize, steps: usize) -> EngineConfig {
+    let per_seq = steps
+        .min(model.config().seq_len)
+        .div_ceil(llm_runtime::model::BLOCK_SIZE)
+        + 1;
+    EngineConfig {
+        num_blocks: n.max(1) * per_seq,
+        max_step_tokens: 4096,
+        max_running: n.max(1),
+    }
+}
+
+/// What `llm-run bench` runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Concurrent requests.
+    pub concurrency: usize,
+    /// Prompt length in tokens (BOS included).
+    pub prompt_len: usize,
+    /// Tokens to generate per request.
+    pub gen_len: usize,
+    /// Seed of the random prompts.
+    pub seed: u64,
+}
+
+/// What `llm-run bench` measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// The options.
+    pub options: BenchOptions,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Tokens generated in all.
+    pub generated: usize,
+    /// Time to first token of each request.
+    pub ttft: Vec<Duration>,
+    /// Gaps between successive tokens of a request, over all requests.
+    pub token_latency: Vec<Duration>,
+    /// Blocks in the pool and most in use.
+    pub blocks: (usize, usize),
+    /// Share of allocated KV slots holding no token when the most blocks were in use.
+    pub empty_at_peak: f64,
+    /// Preemptions.
+    pub preemptions: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.options;
+        let secs = self.elapsed.as_secs_f64();
+        let (mut ttft, mut lat) = (self.ttft.clone(), self.token_latency.clone());
+        ttft.sort_unstable();
+        lat.sort_unstable();
+        writeln!(
+            f,
+            "requests:          {} x (prompt {} + generate {} tokens)",
+            o.concurrency, o.prompt_len, o.gen_len
+        )?;
+        writeln!(f, "elapsed:           {secs:.3} s")?;
+        writeln!(
+            f,
+            "throughput:        {:.1} generated tok/s ({:.1} tok/s with prompts)",
+            self.generated as f64 / secs,
+            (self.generated + o.concurrency * o.prompt_len) as f64 / secs
+        )?;
+        writeln!(
+            f,
+            "time to first tok: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+            percentile(&ttft, 0.5),
+            percentile(&ttft, 0.9),
+            percentile(&ttft, 0.99)
+        )?;
+        writeln!(
+            f,
+            "per-token latency: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.9),
+            percentile(&lat, 0.99)
+        )?;
+        writeln!(
+            f,
+            "kv cache:          peak {} of {} blocks, {:.1}% of allocated slots empty at peak, {} preemptions",
+            self.blocks.1,
+            self.blocks.0,
+            self.empty_at_peak * 100.0,
+            self.preemptions
+        )
+    }
+}
+
+/// Runs `options.concurrency` requests of random prompts through one engine, greedily, each
+/// generating exactly `gen_len` tokens.
+pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String> {
+    let vocab = model.config().vocab as u64;
+    let steps = options.prompt_len + options.gen_len - 1;
+    if options.prompt_len == 0 || options.gen_len == 0 || steps > model.config().seq_len {
+        return Err(format!(
+            "prompt-len + gen-len must be between 2 and the model's {} positions + 1",
+            model.config().seq_len
+        ));
+    }
+    let config = engine_config(model, options.concurrency, steps);
+    let num_blocks = config.num_blocks;
+    let mut engine = Engine::new(model, config);
+    let mut rng = XorShift::new(options.seed | 1);
+    for _ in 0..options.concurrency {
+        let prompt: Vec<u32> = std::iter::once(BOS)
+            .chain((1..options.prompt_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32))
+            .collect();
+        let sampler = SamplerConfig {
+            temperature: 0.0,
+            top_p: 0.9,
+            top_k: 0,
+            seed: 1,
+        };
+        engine.add_request(
+            prompt,
+            RequestParams {
+                steps,
+                sampler,
+                stop_at_bos: false,
+            },
+        );
+    }
+    let start = Instant::now();
+    let mut generated = 0;
+    while engine.has_work() {
+        generated += engine
+            .step()?
+            .iter()
+            .filter(|e| matches!(e, Event::Token { .. }))
+            .count();
+    }
+    let elapsed = start.elapsed();
+    let mut ttft = Vec::new();
+    let mut token_latency = Vec::new();
+    for (_, times) in engine.finished_times() {
+        if let Some(first) = times.first() {
+            ttft.push(first.duration_since(start));
+        }
+        token_latency.extend(times.windows(2).map(|w| w[1].duration_since(w[0])));
+    }
+    let stats = engine.stats();
+    let allocated = stats.peak_blocks * llm_runtime::model::BLOCK_SIZE;
+    let empty_at_peak = if allocated > 0 {
+        1.0 - stats.tokens_at_peak as f64 / allocated as f64
+    } else {
+        0.0
+    };
+    Ok(BenchReport {
+        options,
+        elapsed,
+        generated,
+        ttft,
+        token_latency,
+        blocks: (num_blocks, stats.peak_blocks),
+        empty_at_peak,
+        preemptions: stats.preemptions,
+    })
+}
