@@ -12,7 +12,7 @@ use llm_runtime::{
     generate::Model,
     model_file,
     sampler::{SamplerConfig, XorShift},
-    tokenizer::{BOS, Tokenizer},
+    tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
 /// Loads a model file and its tokenizer (`tokenizer`, else the file's own vocabulary, if
@@ -21,10 +21,12 @@ pub fn load(
     model: &Path,
     tokenizer: Option<&Path>,
     passes: &str,
-) -> Result<(Model, Option<Tokenizer>), String> {
+) -> Result<(Model, Option<Box<dyn TextCodec>>), String> {
     let loaded = model_file::load(model).map_err(|e| e.to_string())?;
     let tokenizer = match tokenizer {
-        Some(path) => Some(Tokenizer::load(path, loaded.config.vocab).map_err(|e| e.to_string())?),
+        Some(path) => Some(Box::new(
+            Tokenizer::load(path, loaded.config.vocab).map_err(|e| e.to_string())?,
+        ) as Box<dyn TextCodec>),
         None => loaded.tokenizer,
     };
     Ok((
@@ -37,7 +39,7 @@ pub fn load(
 /// (prompt, continuation, newline), in prompt order.
 pub fn generate_batch(
     model: &Model,
-    tokenizer: &Tokenizer,
+    tokenizer: &dyn TextCodec,
     prompts: &[String],
     steps: usize,
     sampler: SamplerConfig,

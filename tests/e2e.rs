@@ -245,7 +245,7 @@ fn gguf_model_with_its_embedded_vocabulary_matches_golden() {
     let tokenizer = loaded.tokenizer.expect("embedded vocabulary");
     let model = Model::compile(loaded.config, loaded.weights, "default").expect("compiles");
     let g = model
-        .generate(&tokenizer, "Once upon a time", 256, GREEDY)
+        .generate(tokenizer.as_ref(), "Once upon a time", 256, GREEDY)
         .expect("runs");
     let text = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden text");
     assert_eq!(

@@ -23,7 +23,7 @@ use pliron::{
 use crate::{
     model::{self, BLOCK_SIZE, ModelConfig},
     sampler::{Sampler, SamplerConfig},
-    tokenizer::{BOS, Tokenizer},
+    tokenizer::{BOS, TextCodec},
     weights::Weights,
 };
 
@@ -262,7 +262,7 @@ impl Model {
     /// sequence length means the sequence length), as run.c does.
     pub fn generate(
         &self,
-        tokenizer: &Tokenizer,
+        tokenizer: &dyn TextCodec,
         prompt: &str,
         steps: usize,
         sampler: SamplerConfig,

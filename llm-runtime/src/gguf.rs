@@ -427,6 +427,7 @@ pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
             .float("llama.attention.layer_norm_rms_epsilon")
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
+        rope_half: false,
     };
     crate::model::check_weights(&config, &weights)?;
     Ok(GgufModel {

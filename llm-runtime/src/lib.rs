@@ -8,6 +8,7 @@ pub mod block_manager;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod llama2c;
 mod mmap;
 pub mod model;

@@ -97,6 +97,7 @@ pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
         rope_theta: 10000.0,
         norm_eps: 1e-5,
         tied_classifier: tied,
+        rope_half: false,
     };
     let (d, hd, l, v, kv) = (
         dim as usize,

@@ -55,6 +55,9 @@ pub struct ModelConfig {
     pub norm_eps: f64,
     /// Whether the classifier reuses the token embedding.
     pub tied_classifier: bool,
+    /// RoPE pairs features `(i, i + head_dim / 2)` (Hugging Face's layout) instead of
+    /// `(2i, 2i + 1)` (Meta's and llama2.c's).
+    pub rope_half: bool,
 }
 
 impl ModelConfig {
@@ -192,6 +195,7 @@ fn forward_func(c: &ModelConfig, weights: &Weights, name: &str, batch: &str) -> 
     let cache = cache_type(c);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let (eps, theta) = (float(c.norm_eps), float(c.rope_theta));
+    let layout = if c.rope_half { "half" } else { "interleaved" };
     let act = t(&format!("?x{d}xf32"));
     let hid = t(&format!("?x{hd}xf32"));
     let kv = t(&format!("?x{kvd}xf32"));
@@ -231,8 +235,12 @@ fn forward_func(c: &ModelConfig, weights: &Weights, name: &str, batch: &str) -> 
         e.op(format!("qh_{l} = llm.reshape q_{l} : {qheads}"));
         e.op(format!("kh_{l} = llm.reshape k_{l} : {kvheads}"));
         e.op(format!("vh_{l} = llm.reshape v_{l} : {kvheads}"));
-        e.op(format!("qr_{l} = llm.rope qh_{l}, positions {{theta = {theta}, layout = interleaved}} : {qheads}"));
-        e.op(format!("kr_{l} = llm.rope kh_{l}, positions {{theta = {theta}, layout = interleaved}} : {kvheads}"));
+        e.op(format!(
+            "qr_{l} = llm.rope qh_{l}, positions {{theta = {theta}, layout = {layout}}} : {qheads}"
+        ));
+        e.op(format!(
+            "kr_{l} = llm.rope kh_{l}, positions {{theta = {theta}, layout = {layout}}} : {kvheads}"
+        ));
         let next_cache = format!("cache_{}", l + 1);
         e.op(format!("{next_cache} = llm.append_kv {cache_name}, kr_{l}, vh_{l}, slots {{layer = {l}}} : {cache}"));
         cache_name = next_cache;

@@ -1,11 +1,12 @@
-//! Opening a model file of any supported format (chosen by the file's first bytes).
+//! Opening a model of any supported format: a Hugging Face directory, GGUF (chosen by the
+//! file's first bytes) or a llama2.c checkpoint.
 
 use std::path::Path;
 
 use crate::{
     gguf, llama2c,
     model::ModelConfig,
-    tokenizer::Tokenizer,
+    tokenizer::TextCodec,
     weights::{LoadError, Weights},
 };
 
@@ -15,12 +16,16 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// Weights under the builder's names.
     pub weights: Weights,
-    /// The embedded tokenizer, if the file has one.
-    pub tokenizer: Option<Tokenizer>,
+    /// The embedded tokenizer, if the model has one.
+    pub tokenizer: Option<Box<dyn TextCodec>>,
 }
 
-/// Opens `path`: GGUF when it starts with `GGUF`, otherwise a llama2.c checkpoint.
+/// Opens `path`: a Hugging Face model directory, a GGUF file (starting with `GGUF`), or
+/// otherwise a llama2.c checkpoint.
 pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
+    if path.is_dir() {
+        return crate::hf::load(path);
+    }
     let file = path.display().to_string();
     let mut magic = [0u8; 4];
     let is_gguf = std::fs::File::open(path)
@@ -31,7 +36,7 @@ pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
         return Ok(LoadedModel {
             config: m.config,
             weights: m.weights,
-            tokenizer: m.tokenizer,
+            tokenizer: m.tokenizer.map(|t| Box::new(t) as Box<dyn TextCodec>),
         });
     }
     let (config, weights) = llama2c::load(path).map_err(|e| LoadError {

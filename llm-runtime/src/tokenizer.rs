@@ -209,3 +209,83 @@ fn parse_byte_piece(piece: &[u8]) -> Option<u8> {
     }
     u8::from_str_radix(std::str::from_utf8(&digits).ok()?, 16).ok()
 }
+
+/// Text to token ids and back: what generation needs of a tokenizer.
+pub trait TextCodec {
+    /// Number of tokens.
+    fn vocab(&self) -> usize;
+    /// Encodes `text`, with a leading BOS when `bos` and a trailing EOS when `eos`.
+    fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32>;
+    /// The bytes printed for `token` after `prev`.
+    fn decode(&self, prev: u32, token: u32) -> Vec<u8>;
+}
+
+impl TextCodec for Tokenizer {
+    fn vocab(&self) -> usize {
+        Tokenizer::vocab(self)
+    }
+
+    fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
+        Tokenizer::encode(self, text, bos, eos)
+    }
+
+    fn decode(&self, prev: u32, token: u32) -> Vec<u8> {
+        Tokenizer::decode(self, prev, token)
+    }
+}
+
+/// A Hugging Face `tokenizer.json`, through the `tokenizers` crate.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+impl HfTokenizer {
+    /// Reads `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<HfTokenizer, LoadError> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| LoadError {
+            file: path.display().to_string(),
+            message: format!("invalid tokenizer.json: {e}"),
+        })?;
+        let bos = ["<s>", "<|begin_of_text|>", "<bos>"]
+            .iter()
+            .find_map(|t| inner.token_to_id(t));
+        let eos = ["</s>", "<|end_of_text|>", "<eos>"]
+            .iter()
+            .find_map(|t| inner.token_to_id(t));
+        Ok(HfTokenizer { inner, bos, eos })
+    }
+}
+
+impl TextCodec for HfTokenizer {
+    fn vocab(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default();
+        if bos && let Some(b) = self.bos {
+            ids.insert(0, b);
+        }
+        if eos && let Some(e) = self.eos {
+            ids.push(e);
+        }
+        ids
+    }
+
+    /// The text `token` adds after `prev` (decoding both and removing `prev`'s text, so
+    /// decoders that depend on the neighbour, like SentencePiece's leading space, are right).
+    fn decode(&self, prev: u32, token: u32) -> Vec<u8> {
+        let alone = self.inner.decode(&[prev], true).unwrap_or_default();
+        let both = self.inner.decode(&[prev, token], true).unwrap_or_default();
+        both.strip_prefix(alone.as_str())
+            .unwrap_or(&both)
+            .as_bytes()
+            .to_vec()
+    }
+}

@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let mut stdout = std::io::stdout().lock();
             if all.len() <= 1 {
                 let out = compiled.generate(
-                    &tokenizer,
+                    tokenizer.as_ref(),
                     all.first().map_or("", String::as_str),
                     max_tokens,
                     sampler,
@@ -198,7 +198,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     eprintln!("{}", out.stats.to_json("interp"));
                 }
             } else {
-                for text in serve::generate_batch(&compiled, &tokenizer, &all, max_tokens, sampler)?
+                for text in
+                    serve::generate_batch(&compiled, tokenizer.as_ref(), &all, max_tokens, sampler)?
                 {
                     stdout
                         .write_all(&text)

@@ -1,0 +1,180 @@
+//! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
+//!
+//! Llama-architecture checkpoints are read into the builder's weight names
+//! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
+//! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
+//! from here use `layout = half`. Safetensors files are memory-mapped; F32, F16 and BF16
+//! tensors keep their element type.
+
+use std::path::{Path, PathBuf};
+
+use llm_ir::{
+    dtype::DType,
+    interp::{Tensor, Value},
+};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value as Json;
+
+use crate::{
+    model::{ModelConfig, check_weights},
+    model_file::LoadedModel,
+    tokenizer::HfTokenizer,
+    weights::{LoadError, Weights},
+};
+
+/// The builder's name for a Hugging Face Llama tensor name.
+fn weight_name(hf: &str) -> Option<String> {
+    let simple = [
+        ("model.embed_tokens.weight", "tok_embeddings.weight"),
+        ("model.norm.weight", "norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, n)) = simple.iter().find(|(h, _)| *h == hf) {
+        return Some(n.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "input_layernorm.weight" => "attention_norm.weight",
+        "self_attn.q_proj.weight" => "attention.wq.weight",
+        "self_attn.k_proj.weight" => "attention.wk.weight",
+        "self_attn.v_proj.weight" => "attention.wv.weight",
+        "self_attn.o_proj.weight" => "attention.wo.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "feed_forward.w1.weight",
+        "mlp.down_proj.weight" => "feed_forward.w2.weight",
+        "mlp.up_proj.weight" => "feed_forward.w3.weight",
+        _ => return None,
+    };
+    Some(format!("layers.{layer}.{part}"))
+}
+
+fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
+    match cfg.get(key).and_then(Json::as_u64) {
+        Some(v) if v > 0 && v <= 1 << 24 => Ok(v as usize),
+        Some(v) => Err(format!("`{key}` = {v} is out of range")),
+        None => Err(format!("missing or non-integer `{key}`")),
+    }
+}
+
+/// Reads the tensors of one safetensors file into `weights`.
+fn read_safetensors(path: &Path, weights: &mut Weights) -> Result<(), String> {
+    let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
+    let st =
+        SafeTensors::deserialize(&map).map_err(|e| format!("invalid safetensors file: {e}"))?;
+    for (name, view) in st.tensors() {
+        let Some(ours) = weight_name(&name) else {
+            if name.ends_with("rotary_emb.inv_freq") {
+                continue;
+            }
+            return Err(format!("tensor `{name}` is not part of a Llama model"));
+        };
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let value = match view.dtype() {
+            Dtype::F32 => Tensor::from_f32(
+                shape,
+                DType::F32,
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            Dtype::F16 => Tensor::from_f32(
+                shape,
+                DType::F16,
+                data.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            Dtype::BF16 => Tensor::from_f32(
+                shape,
+                DType::BF16,
+                data.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            other => return Err(format!("tensor `{name}` has unsupported dtype {other:?}")),
+        };
+        weights.insert(ours, Value::Tensor(value));
+    }
+    Ok(())
+}
+
+/// Reads a Hugging Face Llama model directory.
+pub fn load(dir: &Path) -> Result<LoadedModel, LoadError> {
+    let err = |file: &Path, message: String| LoadError {
+        file: file.display().to_string(),
+        message,
+    };
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| err(&config_path, format!("cannot read: {e}")))?;
+    let cfg: Json =
+        serde_json::from_str(&text).map_err(|e| err(&config_path, format!("invalid JSON: {e}")))?;
+    let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
+    let heads = int("num_attention_heads")?;
+    let config = ModelConfig {
+        dim: int("hidden_size")?,
+        hidden_dim: int("intermediate_size")?,
+        layers: int("num_hidden_layers")?,
+        heads,
+        kv_heads: cfg
+            .get("num_key_value_heads")
+            .map_or(Ok(heads), |_| int("num_key_value_heads"))?,
+        vocab: int("vocab_size")?,
+        seq_len: int("max_position_embeddings")?,
+        rope_theta: cfg
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .unwrap_or(10000.0),
+        norm_eps: cfg
+            .get("rms_norm_eps")
+            .and_then(Json::as_f64)
+            .unwrap_or(1e-5),
+        tied_classifier: cfg
+            .get("tie_word_embeddings")
+            .and_then(Json::as_bool)
+            .unwrap_or(false),
+        rope_half: true,
+    };
+    if config.dim % config.heads != 0
+        || config.heads % config.kv_heads != 0
+        || config.head_dim() % 2 != 0
+    {
+        return Err(err(
+            &config_path,
+            "hidden_size, num_attention_heads and num_key_value_heads do not fit together".into(),
+        ));
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| err(dir, format!("cannot read the directory: {e}")))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(err(dir, "no *.safetensors file".into()));
+    }
+    let mut weights = Weights::default();
+    for file in &files {
+        read_safetensors(file, &mut weights).map_err(|m| err(file, m))?;
+    }
+    let mut config = config;
+    if weights.weight_shape("output.weight").is_none() {
+        config.tied_classifier = true;
+    }
+    check_weights(&config, &weights).map_err(|m| err(dir, m))?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.exists() {
+        Some(Box::new(HfTokenizer::load(&tokenizer_path)?) as Box<dyn crate::tokenizer::TextCodec>)
+    } else {
+        None
+    };
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+    })
+}

@@ -1,0 +1,221 @@
+//! Hugging Face layout: a test builds `config.json`, `model.safetensors` and
+//! `tokenizer.json` itself (stories260K's weights, with q/k permuted to Hugging Face's
+//! half-split RoPE layout) and checks the model generates llama2.c's golden output.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use llm_ir::interp::{Value, WeightStore};
+use llm_runtime::{
+    generate::Model,
+    llama2c, model_file,
+    sampler::SamplerConfig,
+    tokenizer::{HfTokenizer, TextCodec, Tokenizer},
+};
+use safetensors::{Dtype, tensor::TensorView};
+
+fn shared(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared")
+        .join(file)
+}
+
+/// Rows of a `[heads * head_dim, K]` projection reordered from interleaved RoPE pairs
+/// `(2i, 2i + 1)` to half-split pairs `(i, i + head_dim / 2)`.
+fn permute_for_half_rope(w: &[f32], heads: usize, head_dim: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..head_dim / 2 {
+            for j in 0..2 {
+                let from = (h * head_dim + 2 * i + j) * k;
+                let to = (h * head_dim + j * head_dim / 2 + i) * k;
+                out[to..to + k].copy_from_slice(&w[from..from + k]);
+            }
+        }
+    }
+    out
+}
+
+/// Writes stories260K as a Hugging Face model directory; returns it.
+fn write_hf_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmc-hf-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (c, weights) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let config = format!(
+        r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "max_position_embeddings": {}, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true}}"#,
+        c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
+    );
+    std::fs::write(dir.join("config.json"), config).expect("config");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let get = |n: &str| match weights.weight(n).as_deref() {
+        Some(Value::Tensor(t)) => (t.shape.clone(), t.floats().expect("f32").to_vec()),
+        _ => panic!("missing {n}"),
+    };
+    let mut put = |hf: String, ours: &str, permute: Option<usize>| {
+        let (shape, mut data) = get(ours);
+        if let Some(heads) = permute {
+            data = permute_for_half_rope(&data, heads, c.head_dim(), shape[1]);
+        }
+        tensors.push((
+            hf,
+            shape,
+            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    };
+    put(
+        "model.embed_tokens.weight".into(),
+        "tok_embeddings.weight",
+        None,
+    );
+    put("model.norm.weight".into(), "norm.weight", None);
+    for l in 0..c.layers {
+        let (hf, ours) = (format!("model.layers.{l}."), format!("layers.{l}."));
+        put(
+            format!("{hf}input_layernorm.weight"),
+            &format!("{ours}attention_norm.weight"),
+            None,
+        );
+        put(
+            format!("{hf}self_attn.q_proj.weight"),
+            &format!("{ours}attention.wq.weight"),
+            Some(c.heads),
+        );
+        put(
+            format!("{hf}self_attn.k_proj.weight"),
+            &format!("{ours}attention.wk.weight"),
+            Some(c.kv_heads),
+        );
+        put(
+            format!("{hf}self_attn.v_proj.weight"),
+            &format!("{ours}attention.wv.weight"),
+            None,
+        );
+        put(
+            format!("{hf}self_attn.o_proj.weight"),
+            &format!("{ours}attention.wo.weight"),
+            None,
+        );
+        put(
+            format!("{hf}post_attention_layernorm.weight"),
+            &format!("{ours}ffn_norm.weight"),
+            None,
+        );
+        put(
+            format!("{hf}mlp.gate_proj.weight"),
+            &format!("{ours}feed_forward.w1.weight"),
+            None,
+        );
+        put(
+            format!("{hf}mlp.down_proj.weight"),
+            &format!("{ours}feed_forward.w2.weight"),
+            None,
+        );
+        put(
+            format!("{hf}mlp.up_proj.weight"),
+            &format!("{ours}feed_forward.w3.weight"),
+            None,
+        );
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d).expect("view"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))
+        .expect("safetensors");
+    dir
+}
+
+#[test]
+fn a_hugging_face_directory_reproduces_the_golden_output() {
+    let dir = write_hf_dir("golden");
+    let loaded = model_file::load(&dir).expect("HF directory loads");
+    assert!(loaded.config.rope_half && loaded.config.tied_classifier);
+    let tok =
+        Tokenizer::load(&shared("models/tok512.bin"), loaded.config.vocab).expect("tokenizer");
+    let model = Model::compile(loaded.config, loaded.weights, "default").expect("compiles");
+    let greedy = SamplerConfig {
+        temperature: 0.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed: 1,
+    };
+    let g = model
+        .generate(&tok, "Once upon a time", 256, greedy)
+        .expect("runs");
+    let golden = std::fs::read(shared("golden/once_upon_a_time.txt")).expect("golden");
+    assert_eq!(
+        String::from_utf8_lossy(&g.text),
+        String::from_utf8_lossy(&golden)
+    );
+    let logits: Vec<f32> = std::fs::read(shared("golden/once_upon_a_time.logits.f32"))
+        .expect("golden logits")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let max_err = g
+        .logits
+        .iter()
+        .flatten()
+        .zip(&logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("HF layout (half-split RoPE): max |logit error| = {max_err:e}");
+    assert!(max_err <= 1e-4, "{max_err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn tokenizer_json_round_trips_through_the_tokenizers_crate() {
+    use tokenizers::{models::wordlevel::WordLevel, pre_tokenizers::whitespace::Whitespace};
+    let dir = std::env::temp_dir().join(format!("llmc-hf-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let vocab: HashMap<String, u32> = ["<unk>", "<s>", "</s>", "once", "upon", "a", "time"]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i as u32))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .expect("model");
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let path = dir.join("tokenizer.json");
+    tok.save(&path, false).expect("save");
+    let hf = HfTokenizer::load(&path).expect("loads");
+    assert_eq!(
+        hf.encode("once upon a time", true, false),
+        vec![1, 3, 4, 5, 6]
+    );
+    assert_eq!(hf.decode(3, 4), b" upon".to_vec());
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "{").expect("write");
+    let err = HfTokenizer::load(&bad).err().expect("invalid JSON");
+    assert!(
+        err.to_string().contains("bad.json: invalid tokenizer.json"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_directories_name_the_file() {
+    let dir = std::env::temp_dir().join(format!("llmc-hf-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("config.json"), r#"{"hidden_size": 64}"#).expect("write");
+    let err = model_file::load(&dir).err().expect("incomplete config");
+    let expected = format!(
+        "{}: missing or non-integer `num_attention_heads`",
+        dir.join("config.json").display()
+    );
+    assert_eq!(err.to_string(), expected);
+    std::fs::remove_dir_all(&dir).ok();
+}
