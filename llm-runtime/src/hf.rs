@@ -138,15 +138,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel, LoadError> {
             .unwrap_or(false),
         rope_half: true,
     };
-    if config.dim % config.heads != 0
-        || config.heads % config.kv_heads != 0
-        || config.head_dim() % 2 != 0
-    {
-        return Err(err(
-            &config_path,
-            "hidden_size, num_attention_heads and num_key_value_heads do not fit together".into(),
-        ));
-    }
+    config.validate().map_err(|m| err(&config_path, m))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| err(dir, format!("cannot read the directory: {e}")))?
         .flatten()

@@ -73,19 +73,6 @@ pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
     let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] = h;
     let tied = vocab > 0;
     let vocab = vocab.abs();
-    if dim % heads != 0 {
-        return Err(format!("dim {dim} is not a multiple of n_heads {heads}"));
-    }
-    if heads % kv_heads != 0 {
-        return Err(format!(
-            "n_heads {heads} is not a multiple of n_kv_heads {kv_heads}"
-        ));
-    }
-    let head_dim = dim / heads;
-    if head_dim % 2 != 0 {
-        return Err(format!("the head size {head_dim} is odd; RoPE needs pairs"));
-    }
-    let kv_dim = kv_heads * head_dim;
     let config = ModelConfig {
         dim: dim as usize,
         hidden_dim: hidden as usize,
@@ -99,6 +86,8 @@ pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
         tied_classifier: tied,
         rope_half: false,
     };
+    config.validate()?;
+    let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);
     let (d, hd, l, v, kv) = (
         dim as usize,
         hidden as usize,

@@ -70,6 +70,29 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim()
     }
+
+    /// Checks that the head counts divide the width into even-sized heads.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
+            return Err(format!(
+                "the width {} is not a multiple of the {} heads",
+                self.dim, self.heads
+            ));
+        }
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(format!(
+                "the {} heads are not a multiple of the {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "the head size {} is odd; RoPE needs pairs",
+                self.head_dim()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Token positions per KV-cache block used by the builder.

@@ -61,8 +61,14 @@ fn absurd_headers_are_rejected_before_allocating() {
         ([64, 172, 5, 8, 4, 512, 0], "seq_len = 0"),
         ([i32::MAX, 172, 5, 8, 4, 512, 512], "dim = 2147483647"),
         ([64, -1, 5, 8, 4, 512, 512], "hidden_dim = -1"),
-        ([64, 172, 5, 7, 4, 512, 512], "not a multiple of n_heads"),
-        ([64, 172, 5, 8, 3, 512, 512], "not a multiple of n_kv_heads"),
+        (
+            [64, 172, 5, 7, 4, 512, 512],
+            "is not a multiple of the 7 heads",
+        ),
+        (
+            [64, 172, 5, 8, 3, 512, 512],
+            "are not a multiple of the 3 KV heads",
+        ),
         ([64, 172, 5, 8, 4, i32::MIN, 512], "vocab_size"),
         ([1 << 20, 1 << 20, 1 << 20, 1, 1, 1 << 20, 1 << 20], "needs"),
     ];
