@@ -22,7 +22,7 @@ pub fn load(
     tokenizer: Option<&Path>,
     passes: &str,
 ) -> Result<(Model, Option<Box<dyn TextCodec>>), String> {
-    let loaded = model_file::load(model).map_err(|e| e.to_string())?;
+    let loaded = open_model(model)?;
     let tokenizer = match tokenizer {
         Some(path) => Some(Box::new(
             Tokenizer::load(path, loaded.config.vocab).map_err(|e| e.to_string())?,
@@ -33,6 +33,44 @@ pub fn load(
         Model::compile(loaded.config, loaded.weights, passes)?,
         tokenizer,
     ))
+}
+
+/// Models at least this large show a progress bar while loading (on a terminal).
+const PROGRESS_BYTES: u64 = 64 << 20;
+
+/// One frame of the loading progress bar.
+pub fn progress_bar(name: &str, fraction: f64) -> String {
+    const WIDTH: usize = 30;
+    let fraction = fraction.clamp(0.0, 1.0);
+    let filled = (fraction * WIDTH as f64).round() as usize;
+    format!(
+        "\rloading {name} [{}{}] {:3.0}%",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        fraction * 100.0
+    )
+}
+
+/// Loads a model, drawing a progress bar on stderr when it is a terminal and the model big.
+pub fn open_model(model: &Path) -> Result<model_file::LoadedModel, String> {
+    use std::io::{IsTerminal, Write};
+    let size = std::fs::metadata(model).map_or(0, |m| m.len());
+    let show = std::io::stderr().is_terminal() && (model.is_dir() || size >= PROGRESS_BYTES);
+    let name = model.file_name().map_or_else(
+        || model.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mut draw = |fraction: f64| {
+        if show {
+            eprint!("{}", progress_bar(&name, fraction));
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let loaded = model_file::load_with(model, &mut draw).map_err(|e| e.to_string());
+    if show {
+        eprintln!("{}", progress_bar(&name, 1.0));
+    }
+    loaded
 }
 
 /// Generates from every prompt in one engine; returns each output as run.c would print it
@@ -254,4 +292,29 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         empty_at_peak,
         preemptions: stats.preemptions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_bar;
+
+    #[test]
+    fn progress_bar_frames() {
+        assert_eq!(
+            progress_bar("m.gguf", 0.0),
+            format!("\rloading m.gguf [{}]   0%", ".".repeat(30))
+        );
+        assert_eq!(
+            progress_bar("m.gguf", 0.5),
+            format!(
+                "\rloading m.gguf [{}{}]  50%",
+                "#".repeat(15),
+                ".".repeat(15)
+            )
+        );
+        assert_eq!(
+            progress_bar("m.gguf", 2.0),
+            format!("\rloading m.gguf [{}] 100%", "#".repeat(30))
+        );
+    }
 }

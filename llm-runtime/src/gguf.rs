@@ -369,17 +369,27 @@ pub struct GgufModel {
 
 /// Reads a llama GGUF file (memory-mapped).
 pub fn load(path: &Path) -> Result<GgufModel, LoadError> {
+    load_with(path, &mut |_| {})
+}
+
+/// [`load`], reporting the fraction of tensors read to `progress`.
+pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel, LoadError> {
     let file = path.display().to_string();
     let err = |message: String| LoadError {
         file: file.clone(),
         message,
     };
     let map = crate::mmap::map(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    read(&map).map_err(err)
+    read_with(&map, progress).map_err(err)
 }
 
 /// Reads a llama GGUF model from its bytes.
 pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
+    read_with(bytes, &mut |_| {})
+}
+
+/// [`read`], reporting the fraction of tensors read to `progress`.
+pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufModel, String> {
     let g = parse(bytes)?;
     match g.meta("general.architecture") {
         Some(Meta::Str(a)) if a == "llama" => {}
@@ -390,7 +400,8 @@ pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
         }
     }
     let mut weights = Weights::default();
-    for info in &g.tensors {
+    for (i, info) in g.tensors.iter().enumerate() {
+        progress(i as f64 / g.tensors.len() as f64);
         let name = weight_name(&info.name)
             .ok_or_else(|| format!("tensor `{}` is not part of a llama model", info.name))?;
         weights.insert(name, g.tensor(bytes, info)?);

@@ -103,6 +103,11 @@ fn read_safetensors(path: &Path, weights: &mut Weights) -> Result<(), String> {
 
 /// Reads a Hugging Face Llama model directory.
 pub fn load(dir: &Path) -> Result<LoadedModel, LoadError> {
+    load_with(dir, &mut |_| {})
+}
+
+/// [`load`], reporting the fraction of safetensors files read to `progress`.
+pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedModel, LoadError> {
     let err = |file: &Path, message: String| LoadError {
         file: file.display().to_string(),
         message,
@@ -150,7 +155,8 @@ pub fn load(dir: &Path) -> Result<LoadedModel, LoadError> {
         return Err(err(dir, "no *.safetensors file".into()));
     }
     let mut weights = Weights::default();
-    for file in &files {
+    for (i, file) in files.iter().enumerate() {
+        progress(i as f64 / files.len() as f64);
         read_safetensors(file, &mut weights).map_err(|m| err(file, m))?;
     }
     let mut config = config;

@@ -27,17 +27,33 @@ const MAX_HEADER_VALUE: i64 = 1 << 20;
 
 /// Reads a llama2.c checkpoint: its configuration and weights.
 pub fn load(path: &Path) -> Result<(ModelConfig, Weights), LoadError> {
+    load_with(path, &mut |_| {})
+}
+
+/// [`load`], reporting the fraction of the weights read to `progress`.
+pub fn load_with(
+    path: &Path,
+    progress: &mut dyn FnMut(f64),
+) -> Result<(ModelConfig, Weights), LoadError> {
     let file = path.display().to_string();
     let err = |message: String| LoadError {
         file: file.clone(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    parse(&bytes).map_err(err)
+    let bytes = crate::mmap::map(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    parse_with(&bytes, progress).map_err(err)
 }
 
 /// Parses the bytes of a llama2.c checkpoint.
 pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
+    parse_with(bytes, &mut |_| {})
+}
+
+/// [`parse`], reporting the fraction of the weights read to `progress`.
+pub fn parse_with(
+    bytes: &[u8],
+    progress: &mut dyn FnMut(f64),
+) -> Result<(ModelConfig, Weights), String> {
     if bytes.len() < 28 {
         return Err(format!(
             "the file has {} bytes, too short for the 28-byte header",
@@ -137,7 +153,9 @@ pub fn parse(bytes: &[u8]) -> Result<(ModelConfig, Weights), String> {
     }
     let mut weights = Weights::default();
     let mut at = 28;
-    for (name, shape, count) in layout {
+    let total = layout.len();
+    for (i, (name, shape, count)) in layout.into_iter().enumerate() {
+        progress(i as f64 / total as f64);
         let n: usize = shape.iter().product();
         for layer in 0..count {
             let values: Vec<f32> = bytes[at..at + 4 * n]

@@ -23,8 +23,13 @@ pub struct LoadedModel {
 /// Opens `path`: a Hugging Face model directory, a GGUF file (starting with `GGUF`), or
 /// otherwise a llama2.c checkpoint.
 pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
+    load_with(path, &mut |_| {})
+}
+
+/// [`load`], reporting the fraction read to `progress`.
+pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedModel, LoadError> {
     if path.is_dir() {
-        return crate::hf::load(path);
+        return crate::hf::load_with(path, progress);
     }
     let file = path.display().to_string();
     let mut magic = [0u8; 4];
@@ -32,7 +37,7 @@ pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .is_ok_and(|()| &magic == b"GGUF");
     if is_gguf {
-        let m = gguf::load(path)?;
+        let m = gguf::load_with(path, progress)?;
         return Ok(LoadedModel {
             config: m.config,
             weights: m.weights,

@@ -17,7 +17,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use llm_ir::text;
-use llm_runtime::{model, model_file, sampler::SamplerConfig};
+use llm_runtime::{model, sampler::SamplerConfig};
 use llmc::{exec, serve};
 use pliron::context::Context;
 
@@ -232,7 +232,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Import { model: path } => {
-            let loaded = model_file::load(&path).map_err(|e| e.to_string())?;
+            let loaded = serve::open_model(&path)?;
             let source = model::build_ir(&loaded.config, &loaded.weights)?;
             let mut ctx = Context::new();
             let module = text::parse_module(&mut ctx, &source)
@@ -252,7 +252,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let bytes = std::fs::read(&file).map_err(|e| format!("{name}: cannot read: {e}"))?;
             let source = text::decode_utf8(&bytes).map_err(|d| d.render(&name))?;
             let weights = model
-                .map(|m| model_file::load(&m).map(|l| l.weights))
+                .map(|m| serve::open_model(&m).map(|l| l.weights))
                 .transpose()
                 .map_err(|e| e.to_string())?;
             let inputs: HashMap<String, PathBuf> = inputs.into_iter().collect();
