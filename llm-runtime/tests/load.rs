@@ -167,3 +167,31 @@ fn tokenizer_encodes_and_decodes_like_run_c() {
     assert_eq!(tok.decode(403, 407), b" upon");
     assert_eq!(tok.decode(0, 13), b"\n");
 }
+
+#[test]
+fn mutated_checkpoints_and_tokenizers_never_panic() {
+    use llm_runtime::sampler::XorShift;
+    let model = model_bytes();
+    let tokenizer = std::fs::read(shared("tok512.bin")).expect("tokenizer file");
+    let mut rng = XorShift::new(0xF00D);
+    for run in 0..3000 {
+        let (base, header) = if run % 2 == 0 { (&model, 28) } else { (&tokenizer, tokenizer.len()) };
+        let mut data = base.clone();
+        for _ in 0..1 + rng.next_u64() % 4 {
+            let at = (rng.next_u64() as usize) % header.min(data.len());
+            match rng.next_u64() % 3 {
+                0 => data[at] = rng.next_u64() as u8,
+                1 => data[at] ^= 0x80,
+                _ => data.truncate(at.max(1)),
+            }
+        }
+        let result = std::panic::catch_unwind(|| {
+            if run % 2 == 0 {
+                let _ = llama2c::parse(&data);
+            } else {
+                let _ = Tokenizer::parse(&data, 512);
+            }
+        });
+        assert!(result.is_ok(), "run {run} panicked");
+    }
+}
