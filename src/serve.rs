@@ -148,6 +148,8 @@ pub struct BenchOptions {
     pub gen_len: usize,
     /// Seed of the random prompts.
     pub seed: u64,
+    /// Leading prompt tokens (BOS included) that every request shares.
+    pub shared_prefix: usize,
 }
 
 /// What `llm-run bench` measured.
@@ -165,10 +167,13 @@ pub struct BenchReport {
     pub token_latency: Vec<Duration>,
     /// Blocks in the pool and most in use.
     pub blocks: (usize, usize),
-    /// Share of allocated KV slots holding no token when the most blocks were in use.
+    /// Share of allocated KV slots holding no token when the most blocks were in use
+    /// (negative when sequences share blocks).
     pub empty_at_peak: f64,
     /// Preemptions.
     pub preemptions: usize,
+    /// Prompt positions prefilled, and those taken from the prefix cache.
+    pub prompt_positions: (usize, usize),
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -214,11 +219,21 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "kv cache:          peak {} of {} blocks, {:.1}% of allocated slots empty at peak, {} preemptions",
-            self.blocks.1,
-            self.blocks.0,
-            self.empty_at_peak * 100.0,
-            self.preemptions
+            "prompt positions:  {} prefilled, {} from the prefix cache",
+            self.prompt_positions.0, self.prompt_positions.1
+        )?;
+        let empty = if self.empty_at_peak < 0.0 {
+            "positions share blocks through the prefix cache".to_string()
+        } else {
+            format!(
+                "{:.1}% of allocated slots empty at peak",
+                self.empty_at_peak * 100.0
+            )
+        };
+        writeln!(
+            f,
+            "kv cache:          peak {} of {} blocks, {empty}, {} preemptions",
+            self.blocks.1, self.blocks.0, self.preemptions
         )
     }
 }
@@ -238,9 +253,17 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
     let num_blocks = config.num_blocks;
     let mut engine = Engine::new(model, config);
     let mut rng = XorShift::new(options.seed | 1);
+    let shared: Vec<u32> = std::iter::once(BOS)
+        .chain((1..options.prompt_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32))
+        .collect();
     for _ in 0..options.concurrency {
         let prompt: Vec<u32> = std::iter::once(BOS)
             .chain((1..options.prompt_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32))
+            .collect();
+        let prompt: Vec<u32> = shared[..options.shared_prefix.min(prompt.len())]
+            .iter()
+            .chain(&prompt[options.shared_prefix.min(prompt.len())..])
+            .copied()
             .collect();
         let sampler = SamplerConfig {
             temperature: 0.0,
@@ -291,6 +314,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         blocks: (num_blocks, stats.peak_blocks),
         empty_at_peak,
         preemptions: stats.preemptions,
+        prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),
     })
 }
 

@@ -175,7 +175,11 @@ fn mutated_checkpoints_and_tokenizers_never_panic() {
     let tokenizer = std::fs::read(shared("tok512.bin")).expect("tokenizer file");
     let mut rng = XorShift::new(0xF00D);
     for run in 0..3000 {
-        let (base, header) = if run % 2 == 0 { (&model, 28) } else { (&tokenizer, tokenizer.len()) };
+        let (base, header) = if run % 2 == 0 {
+            (&model, 28)
+        } else {
+            (&tokenizer, tokenizer.len())
+        };
         let mut data = base.clone();
         for _ in 0..1 + rng.next_u64() % 4 {
             let at = (rng.next_u64() as usize) % header.min(data.len());

@@ -96,6 +96,9 @@ enum Command {
         /// Seed of the random prompts.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Leading prompt tokens that all requests share (exercises prefix caching).
+        #[arg(long, default_value_t = 0)]
+        shared_prefix: usize,
         /// The pass pipeline applied first.
         #[arg(long, default_value = "default")]
         passes: String,
@@ -216,6 +219,7 @@ fn run(cli: Cli) -> Result<(), String> {
             prompt_len,
             gen_len,
             seed,
+            shared_prefix,
             passes,
         } => {
             let (compiled, _) = serve::load(&model, tokenizer.as_deref(), &passes)?;
@@ -226,6 +230,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     prompt_len,
                     gen_len,
                     seed,
+                    shared_prefix,
                 },
             )?;
             print!("{report}");
