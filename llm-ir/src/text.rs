@@ -242,6 +242,19 @@ pub fn parse_module(ctx: &mut Context, text: &str) -> Result<ModuleOp, Diagnosti
     Ok(module)
 }
 
+/// Every op, region and block nested in `root` (and `root` itself), in pre-order.
+pub fn preorder(ctx: &Context, root: Ptr<Operation>) -> Vec<IRNode> {
+    let mut nodes: Vec<IRNode> = Vec::new();
+    walk_op(
+        ctx,
+        &mut nodes,
+        &WALKCONFIG_PREORDER_FORWARD,
+        root,
+        |_, nodes, node| nodes.push(node),
+    );
+    nodes
+}
+
 /// Whether `name` has the shape of a generated name (`v12`, `bb3`).
 fn is_generated(name: &str, prefix: &str) -> bool {
     name.strip_prefix(prefix)
@@ -290,14 +303,7 @@ impl Namer {
 /// printing and restored afterwards, so the module is unchanged.
 pub fn print_module(ctx: &Context, module: ModuleOp) -> String {
     let root = pliron::op::Op::get_operation(&module);
-    let mut nodes: Vec<IRNode> = Vec::new();
-    walk_op(
-        ctx,
-        &mut nodes,
-        &WALKCONFIG_PREORDER_FORWARD,
-        root,
-        |_, nodes, node| nodes.push(node),
-    );
+    let nodes = preorder(ctx, root);
     let mut namer = Namer::default();
     let mut values: Vec<(Value, String)> = Vec::new();
     let mut blocks: Vec<(Ptr<BasicBlock>, String)> = Vec::new();

@@ -3,7 +3,7 @@
 use pliron::{
     basic_block::BasicBlock,
     context::{Context, Ptr},
-    graph::walkers::{IRNode, WALKCONFIG_PREORDER_FORWARD, uninterruptible::immutable::walk_op},
+    graph::walkers::IRNode,
     linked_list::{ContainsLinkedList, LinkedList},
     operation::Operation,
     r#type::{TypeHandle, Typed, TypedHandle},
@@ -95,15 +95,7 @@ pub fn as_tensor(ctx: &Context, ty: TypeHandle) -> Option<TensorType> {
 
 /// Every op nested under `root` (not `root` itself), in pre-order.
 pub fn nested_ops(ctx: &Context, root: Ptr<Operation>) -> Vec<Ptr<Operation>> {
-    let mut nodes: Vec<IRNode> = Vec::new();
-    walk_op(
-        ctx,
-        &mut nodes,
-        &WALKCONFIG_PREORDER_FORWARD,
-        root,
-        |_, nodes, node| nodes.push(node),
-    );
-    nodes
+    llm_ir::text::preorder(ctx, root)
         .into_iter()
         .filter_map(|n| match n {
             IRNode::Operation(op) if op != root => Some(op),
@@ -114,15 +106,7 @@ pub fn nested_ops(ctx: &Context, root: Ptr<Operation>) -> Vec<Ptr<Operation>> {
 
 /// Every block nested under `root`, in pre-order.
 pub fn nested_blocks(ctx: &Context, root: Ptr<Operation>) -> Vec<Ptr<BasicBlock>> {
-    let mut nodes: Vec<IRNode> = Vec::new();
-    walk_op(
-        ctx,
-        &mut nodes,
-        &WALKCONFIG_PREORDER_FORWARD,
-        root,
-        |_, nodes, node| nodes.push(node),
-    );
-    nodes
+    llm_ir::text::preorder(ctx, root)
         .into_iter()
         .filter_map(|n| match n {
             IRNode::BasicBlock(b) => Some(b),

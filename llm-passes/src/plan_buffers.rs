@@ -52,23 +52,10 @@ pub const INFO: PassInfo = PassInfo {
 /// Offsets are multiples of this many bytes.
 pub const ALIGNMENT: u64 = 64;
 
-/// Ops that may write their result over a dying operand of the same size.
-const IN_PLACE: &[&str] = &[
-    "llm.add",
-    "llm.sub",
-    "llm.mul",
-    "llm.div",
-    "llm.exp",
-    "llm.neg",
-    "llm.sqrt",
-    "llm.rsqrt",
-    "llm.tanh",
-    "llm.sigmoid",
-    "llm.silu",
-    "llm.gelu",
-    "llm.fused",
-    "llm.rope",
-];
+/// Whether op `name` may write its result over a dying operand of the same size.
+fn in_place(name: &str) -> bool {
+    ops::is_elementwise(name) || name == "llm.fused" || name == "llm.rope"
+}
 
 /// The pass, with its option.
 pub struct PlanBuffers {
@@ -135,7 +122,7 @@ pub fn plan_function(ctx: &Context, func: FuncOp, dynamic_dim: u64) -> BufferPla
     let mut buffer_of: HashMap<Value, usize> = HashMap::new();
     for &(v, size, def) in &values {
         let op = ops[def];
-        let reuse = IN_PLACE.contains(&ir::name(ctx, op).as_str()).then(|| {
+        let reuse = in_place(&ir::name(ctx, op)).then(|| {
             ir::operands(ctx, op).into_iter().find_map(|o| {
                 let b = *buffer_of.get(&o)?;
                 (buffers[b].0 == size && buffers[b].2 == def && last_use(o) == def).then_some(b)

@@ -26,23 +26,17 @@ use crate::{
     types::{TensorType, dims_compatible},
 };
 
-/// Ops allowed in the scalar body of `llm.fused`.
-pub const SCALAR_BODY_OPS: &[&str] = &[
-    "llm.add",
-    "llm.sub",
-    "llm.mul",
-    "llm.div",
-    "llm.exp",
-    "llm.neg",
-    "llm.sqrt",
-    "llm.rsqrt",
-    "llm.tanh",
-    "llm.sigmoid",
-    "llm.silu",
-    "llm.gelu",
-    "llm.constant",
-    "llm.yield",
-];
+/// Whether `name` is an elementwise op (one of the ops with a scalar function in the
+/// interpreter's tables: `llm.add` ... `llm.gelu`).
+pub fn is_elementwise(name: &str) -> bool {
+    use crate::interp::eval::elementwise::{BINARY, UNARY};
+    UNARY.iter().any(|(n, _)| *n == name) || BINARY.iter().any(|(n, _)| *n == name)
+}
+
+/// Whether op `name` may appear in the scalar body of `llm.fused`.
+pub fn allowed_in_scalar_body(name: &str) -> bool {
+    is_elementwise(name) || name == "llm.constant" || name == "llm.yield"
+}
 
 llm_op! {
     /// A chain of elementwise ops as one op: the body is evaluated once per element of the
@@ -130,7 +124,7 @@ fn check_fused(c: &OpCheck) -> Result<()> {
     }
     for op in block.deref(c.ctx).iter(c.ctx) {
         let name = Operation::get_opid(op, c.ctx).to_string();
-        if !SCALAR_BODY_OPS.contains(&name.as_str()) {
+        if !allowed_in_scalar_body(&name) {
             return c.err(format!(
                 "the body may hold only elementwise ops, found {name}"
             ));

@@ -31,7 +31,9 @@ pub use base::{ConstantOp, ReturnOp, WeightOp};
 pub use elementwise::{
     AddOp, DivOp, ExpOp, GeluOp, MulOp, NegOp, RsqrtOp, SigmoidOp, SiluOp, SqrtOp, SubOp, TanhOp,
 };
-pub use fused::{AppendAttentionOp, FusedOp, RmsNormMatmulOp, SCALAR_BODY_OPS, YieldOp};
+pub use fused::{
+    AppendAttentionOp, FusedOp, RmsNormMatmulOp, YieldOp, allowed_in_scalar_body, is_elementwise,
+};
 pub use kv::{AppendKvOp, LookupKvOp};
 pub use linalg::{EmbeddingOp, MatmulOp};
 pub use norm::{LayerNormOp, RmsNormOp, SoftmaxOp};

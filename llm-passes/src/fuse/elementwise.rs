@@ -21,22 +21,6 @@ use crate::{
     pass::PassError,
 };
 
-/// Elementwise ops that may join a fused chain.
-const ELEMENTWISE: &[&str] = &[
-    "llm.add",
-    "llm.sub",
-    "llm.mul",
-    "llm.div",
-    "llm.exp",
-    "llm.neg",
-    "llm.sqrt",
-    "llm.rsqrt",
-    "llm.tanh",
-    "llm.sigmoid",
-    "llm.silu",
-    "llm.gelu",
-];
-
 /// Where a scalar step reads a value.
 #[derive(Clone, Copy, PartialEq)]
 enum Arg {
@@ -64,7 +48,7 @@ struct Program {
 fn program(ctx: &Context, op: Ptr<Operation>) -> Option<Program> {
     let name = ir::name(ctx, op);
     let inputs = ir::operands(ctx, op);
-    if ELEMENTWISE.contains(&name.as_str()) {
+    if ops::is_elementwise(&name) {
         let args = (0..inputs.len()).map(Arg::Input).collect();
         return Some(Program {
             inputs,
@@ -189,7 +173,7 @@ fn build_fused(ctx: &mut Context, p: &Program, ty: TensorType) -> Ptr<Operation>
     fused
 }
 
-/// Builds elementwise op `name` (one of [`ELEMENTWISE`]) on `operands`.
+/// Builds elementwise op `name` on `operands`.
 fn build_elementwise(
     ctx: &mut Context,
     name: &str,
