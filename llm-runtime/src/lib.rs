@@ -4,6 +4,7 @@
 //!
 //! Besides the command-line package, this is the only crate that reads files.
 
+pub mod baseline;
 pub mod block_manager;
 pub mod engine;
 pub mod generate;
@@ -15,5 +16,6 @@ pub mod model;
 pub mod model_file;
 pub mod npy;
 pub mod sampler;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;

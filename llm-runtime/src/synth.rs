@@ -1,0 +1,87 @@
+//! Synthetic llama2.c checkpoints: a model of a given shape with seeded random weights, for
+//! benchmarking shapes whose real weights are not at hand (the TinyStories 15M and 110M).
+
+use std::{io::Write, path::Path};
+
+use crate::{model::ModelConfig, sampler::XorShift};
+
+/// A named model shape.
+pub fn shape(name: &str) -> Option<ModelConfig> {
+    let c = |dim, hidden_dim, layers, heads, kv_heads, vocab, seq_len| ModelConfig {
+        dim,
+        hidden_dim,
+        layers,
+        heads,
+        kv_heads,
+        vocab,
+        seq_len,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tied_classifier: true,
+        rope_half: false,
+    };
+    match name {
+        "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),
+        "15M" => Some(c(288, 768, 6, 6, 6, 32000, 256)),
+        "42M" => Some(c(512, 1376, 8, 8, 8, 32000, 1024)),
+        "110M" => Some(c(768, 2048, 12, 12, 12, 32000, 1024)),
+        _ => None,
+    }
+}
+
+/// Writes a llama2.c checkpoint of shape `c` with weights drawn from `seed`: matrices
+/// uniform in `±1/sqrt(fan_in)`, norm weights 1, so activations stay in a sane range.
+pub fn write(path: &Path, c: &ModelConfig, seed: u64) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let vocab = if c.tied_classifier {
+        c.vocab as i32
+    } else {
+        -(c.vocab as i32)
+    };
+    for v in [
+        c.dim as i32,
+        c.hidden_dim as i32,
+        c.layers as i32,
+        c.heads as i32,
+        c.kv_heads as i32,
+        vocab,
+        c.seq_len as i32,
+    ] {
+        out.write_all(&v.to_le_bytes())?;
+    }
+    let mut rng = XorShift::new(seed | 1);
+    let mut random = |out: &mut std::io::BufWriter<std::fs::File>,
+                      n: usize,
+                      fan_in: usize|
+     -> std::io::Result<()> {
+        let scale = 1.0 / (fan_in as f32).sqrt();
+        for _ in 0..n {
+            out.write_all(&((rng.next_f32() * 2.0 - 1.0) * scale).to_le_bytes())?;
+        }
+        Ok(())
+    };
+    let ones = |out: &mut std::io::BufWriter<std::fs::File>, n: usize| -> std::io::Result<()> {
+        for _ in 0..n {
+            out.write_all(&1f32.to_le_bytes())?;
+        }
+        Ok(())
+    };
+    let (d, h, l, kv) = (c.dim, c.hidden_dim, c.layers, c.kv_dim());
+    random(&mut out, c.vocab * d, d)?;
+    ones(&mut out, l * d)?;
+    random(&mut out, l * d * d, d)?;
+    random(&mut out, l * kv * d, d)?;
+    random(&mut out, l * kv * d, d)?;
+    random(&mut out, l * d * d, d)?;
+    ones(&mut out, l * d)?;
+    random(&mut out, l * h * d, d)?;
+    random(&mut out, l * d * h, h)?;
+    random(&mut out, l * h * d, d)?;
+    ones(&mut out, d)?;
+    // The legacy RoPE tables, which loaders skip.
+    out.write_all(&vec![0u8; c.seq_len * c.head_dim() * 4])?;
+    if !c.tied_classifier {
+        random(&mut out, c.vocab * d, d)?;
+    }
+    out.flush()
+}
