@@ -73,15 +73,43 @@ pub fn open_model(model: &Path) -> Result<model_file::LoadedModel, String> {
     loaded
 }
 
+/// What a batched generation did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchStats {
+    /// Requests.
+    pub requests: usize,
+    /// Tokens sampled in all.
+    pub generated_tokens: usize,
+    /// Engine steps.
+    pub steps: usize,
+    /// Wall time.
+    pub elapsed_ms: f64,
+}
+
+impl BatchStats {
+    /// The stats as one JSON object.
+    pub fn to_json(&self, backend: &str) -> String {
+        let rate = if self.elapsed_ms > 0.0 {
+            self.generated_tokens as f64 / (self.elapsed_ms / 1000.0)
+        } else {
+            0.0
+        };
+        format!(
+            "{{\"backend\": \"{backend}\", \"requests\": {}, \"generated_tokens\": {}, \"steps\": {}, \"elapsed_ms\": {:.3}, \"generated_tok_per_s\": {rate:.3}}}",
+            self.requests, self.generated_tokens, self.steps, self.elapsed_ms
+        )
+    }
+}
+
 /// Generates from every prompt in one engine; returns each output as run.c would print it
-/// (prompt, continuation, newline), in prompt order.
+/// (prompt, continuation, newline), in prompt order, and the run's stats.
 pub fn generate_batch(
     model: &Model,
     tokenizer: &dyn TextCodec,
     prompts: &[String],
     steps: usize,
     sampler: SamplerConfig,
-) -> Result<Vec<Vec<u8>>, String> {
+) -> Result<(Vec<Vec<u8>>, BatchStats), String> {
     let steps = if steps == 0 || steps > model.config().seq_len {
         model.config().seq_len
     } else {
@@ -93,7 +121,7 @@ pub fn generate_batch(
         let ids = tokenizer.encode(p, true, false);
         // The prompt prints as run.c prints forced tokens.
         let mut text = Vec::new();
-        for w in ids.windows(2).take(steps.saturating_sub(1)) {
+        for w in ids.windows(2).take(steps) {
             text.extend(tokenizer.decode(w[0], w[1]));
         }
         let params = RequestParams {
@@ -106,22 +134,32 @@ pub fn generate_batch(
         };
         texts.insert(engine.add_request(ids, params), text);
     }
+    let start = Instant::now();
+    let mut generated_tokens = 0;
     while engine.has_work() {
         for event in engine.step()? {
             if let Event::Token { id, prev, token } = event
                 && let Some(t) = texts.get_mut(&id)
             {
+                generated_tokens += 1;
                 t.extend(tokenizer.decode(prev, token));
             }
         }
     }
-    Ok((0..prompts.len() as u64)
+    let stats = BatchStats {
+        requests: prompts.len(),
+        generated_tokens,
+        steps: engine.stats().steps,
+        elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
+    };
+    let texts = (0..prompts.len() as u64)
         .map(|i| {
             let mut t = texts.remove(&i).unwrap_or_default();
             t.push(b'\n');
             t
         })
-        .collect())
+        .collect();
+    Ok((texts, stats))
 }
 
 /// A pool big enough for `n` sequences of `steps` positions (plus slack for forks).

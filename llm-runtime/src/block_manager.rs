@@ -54,6 +54,9 @@ struct Block {
 struct Sequence {
     table: Vec<BlockId>,
     tokens: Vec<u32>,
+    /// The prefix key of each full block, in order (whether or not that block is the one
+    /// registered in the cache under the key).
+    keys: Vec<u64>,
 }
 
 /// Where a new token's key and value go, and a block copy to do first (copy-on-write).
@@ -178,14 +181,12 @@ impl BlockManager {
         }
     }
 
-    /// Registers the full block at table index `i` of `seq` in the prefix cache.
+    /// Computes the key of the full block at table index `i` of `seq` (the next one without
+    /// a key) and registers the block in the prefix cache unless the key is already there.
     fn register_full_block(&mut self, seq: SeqId, i: usize) {
         let s = &self.seqs[&seq];
-        let parent = if i == 0 {
-            0
-        } else {
-            self.blocks[s.table[i - 1] as usize].key.unwrap_or(0)
-        };
+        debug_assert_eq!(s.keys.len(), i, "keys are computed block by block");
+        let parent = if i == 0 { 0 } else { s.keys[i - 1] };
         let key = block_key(
             parent,
             &s.tokens[i * self.block_size..(i + 1) * self.block_size],
@@ -194,6 +195,9 @@ impl BlockManager {
         if self.blocks[id as usize].key.is_none() && !self.cache.contains_key(&key) {
             self.blocks[id as usize].key = Some(key);
             self.cache.insert(key, id);
+        }
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.keys.push(key);
         }
     }
 
@@ -212,6 +216,7 @@ impl BlockManager {
         );
         let bs = self.block_size;
         let mut table = Vec::new();
+        let mut keys = Vec::new();
         let mut parent = 0;
         // A cached prefix never covers the last prompt position: its logits must be computed.
         let full = prompt.len().saturating_sub(1) / bs;
@@ -222,6 +227,7 @@ impl BlockManager {
             };
             self.retain(id);
             table.push(id);
+            keys.push(key);
             parent = key;
         }
         let cached = table.len() * bs;
@@ -240,6 +246,7 @@ impl BlockManager {
             Sequence {
                 table,
                 tokens: prompt.to_vec(),
+                keys,
             },
         );
         for i in cached / bs..prompt.len() / bs {

@@ -345,22 +345,21 @@ impl<'m> Engine<'m> {
                         .unwrap_or(i);
                     let mut req = self.running.remove(victim);
                     self.blocks.finish(req.id);
-                    if let Some(k) = order.iter().position(|&o| o == req.id) {
-                        // Drop it from this batch too.
-                        order.remove(k);
-                        batch.tokens.remove(k);
-                        batch.positions.remove(k);
-                        batch.slots.remove(k);
-                        batch.context_lens.remove(k);
+                    // A victim already placed in this batch leaves it; the scan moves back by one.
+                    if victim < i {
+                        if let Some(k) = order.iter().position(|&o| o == req.id) {
+                            order.remove(k);
+                            batch.tokens.remove(k);
+                            batch.positions.remove(k);
+                            batch.slots.remove(k);
+                            batch.context_lens.remove(k);
+                        }
                         i -= 1;
                     }
                     req.computed = 0;
                     req.pending = None;
                     self.stats.preemptions += 1;
                     self.waiting.push_front(req);
-                    if victim < i {
-                        i -= 1;
-                    }
                 }
             }
         }

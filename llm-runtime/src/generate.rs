@@ -282,6 +282,12 @@ impl Model {
                 self.config.vocab
             ));
         }
+        if prompt_ids.is_empty() {
+            return Err(
+                "the tokenizer produced no tokens (it has no BOS token and the prompt is empty)"
+                    .into(),
+            );
+        }
         let mut sampler = Sampler::new(sampler);
         let mut g = Generation {
             prompt_ids: prompt_ids.clone(),

@@ -44,7 +44,7 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMod
             tokenizer: m.tokenizer.map(|t| Box::new(t) as Box<dyn TextCodec>),
         });
     }
-    let (config, weights) = llama2c::load(path).map_err(|e| LoadError {
+    let (config, weights) = llama2c::load_with(path, progress).map_err(|e| LoadError {
         file,
         message: e.message,
     })?;

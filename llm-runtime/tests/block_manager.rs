@@ -158,3 +158,21 @@ fn shared_prefixes_use_a_third_of_the_blocks() {
     println!("16 requests with a 256-token prefix: {shared} blocks shared vs {unshared} unshared");
     assert!(shared * 3 <= unshared, "{shared} vs {unshared}");
 }
+
+#[test]
+fn a_block_is_never_reused_at_another_position() {
+    // Two identical sequences: the second's first block is a duplicate (not registered), so
+    // its second block's key must still chain from the first block's content.
+    let mut m = BlockManager::new(16, 4);
+    for seq in [1, 2] {
+        m.admit(seq, &[1, 2, 3, 4]).expect("fits");
+        for t in [5, 6, 7, 8] {
+            m.append(seq, t).expect("fits");
+        }
+    }
+    // A prompt that starts with the second block's tokens shares no prefix with them.
+    assert_eq!(m.admit(3, &[5, 6, 7, 8, 9]).expect("fits"), 0);
+    // A prompt with the whole prefix reuses both blocks.
+    assert_eq!(m.admit(4, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).expect("fits"), 8);
+    m.check().expect("invariants");
+}

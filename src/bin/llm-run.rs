@@ -17,7 +17,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use llm_ir::text;
-use llm_runtime::{model, sampler::SamplerConfig};
+use llm_runtime::{model, sampler::SamplerConfig, synth};
 use llmc::{exec, serve};
 use pliron::context::Context;
 
@@ -39,10 +39,10 @@ enum Backend {
 enum Command {
     /// Generate text from a prompt (stdout is exactly what llama2.c's run.c prints).
     Generate {
-        /// Model file (llama2.c .bin or GGUF).
+        /// Model: llama2.c checkpoint, GGUF file or Hugging Face directory.
         #[arg(long)]
         model: PathBuf,
-        /// llama2.c tokenizer (tokenizer.bin); by default the vocabulary embedded in a GGUF model.
+        /// llama2.c tokenizer (tokenizer.bin); by default the model's own (GGUF vocabulary, HF tokenizer.json).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// A prompt; repeat for several sequences, generated together.
@@ -78,7 +78,7 @@ enum Command {
     },
     /// Serve random prompts concurrently and report throughput, latency and KV-cache use.
     Bench {
-        /// Model file (llama2.c .bin or GGUF).
+        /// Model: llama2.c checkpoint, GGUF file or Hugging Face directory.
         #[arg(long)]
         model: PathBuf,
         /// Tokenizer (unused by the benchmark's random prompts; accepted for symmetry).
@@ -103,9 +103,21 @@ enum Command {
         #[arg(long, default_value = "default")]
         passes: String,
     },
+    /// Write a llama2.c checkpoint of a named shape (260K, 15M, 42M, 110M) with seeded random weights.
+    Synth {
+        /// The shape.
+        #[arg(long)]
+        shape: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Print the IR of a model.
     Import {
-        /// llama2.c checkpoint (.bin).
+        /// Model: llama2.c checkpoint, GGUF file or Hugging Face directory.
         #[arg(long)]
         model: PathBuf,
     },
@@ -122,7 +134,7 @@ enum Command {
         /// Seed of the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// A llama2.c checkpoint whose weights `llm.weight` resolves to.
+        /// A model (llama2.c, GGUF or Hugging Face directory) whose weights `llm.weight` resolves to.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Save tensor results as result<i>.npy in this directory.
@@ -201,14 +213,22 @@ fn run(cli: Cli) -> Result<(), String> {
                     eprintln!("{}", out.stats.to_json("interp"));
                 }
             } else {
-                for text in
-                    serve::generate_batch(&compiled, tokenizer.as_ref(), &all, max_tokens, sampler)?
-                {
+                let (texts, batch_stats) = serve::generate_batch(
+                    &compiled,
+                    tokenizer.as_ref(),
+                    &all,
+                    max_tokens,
+                    sampler,
+                )?;
+                for text in texts {
                     stdout
                         .write_all(&text)
                         .map_err(|e| format!("cannot write: {e}"))?;
                 }
                 stdout.flush().map_err(|e| format!("cannot write: {e}"))?;
+                if stats {
+                    eprintln!("{}", batch_stats.to_json("interp"));
+                }
             }
             Ok(())
         }
@@ -235,6 +255,11 @@ fn run(cli: Cli) -> Result<(), String> {
             )?;
             print!("{report}");
             Ok(())
+        }
+        Command::Synth { shape, out, seed } => {
+            let config = synth::shape(&shape)
+                .ok_or_else(|| format!("unknown shape `{shape}` (known: 260K, 15M, 42M, 110M)"))?;
+            synth::write(&out, &config, seed).map_err(|e| format!("{}: {e}", out.display()))
         }
         Command::Import { model: path } => {
             let loaded = serve::open_model(&path)?;
