@@ -70,18 +70,6 @@ fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     }
 }
 
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
 struct Layer {
     att_norm: Vec<f32>,
     wq: Vec<f32>,
@@ -197,7 +185,7 @@ impl Baseline {
                     let kt = &self.key_cache[base + t * kvd + kv_off..][..head];
                     *score = dot_scalar(qh, kt) / (head as f32).sqrt();
                 }
-                softmax(&mut att[..=pos]);
+                crate::sampler::softmax(&mut att[..=pos]);
                 let out = &mut xb[h * head..(h + 1) * head];
                 out.iter_mut().for_each(|o| *o = 0.0);
                 for (t, &a) in att[..=pos].iter().enumerate() {

@@ -101,7 +101,8 @@ impl Sampler {
     }
 }
 
-fn softmax(x: &mut [f32]) {
+/// In-place softmax in run.c's order (max, exp and sum, divide).
+pub(crate) fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for v in x.iter_mut() {

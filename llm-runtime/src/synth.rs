@@ -29,10 +29,35 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
     }
 }
 
-/// Writes a llama2.c checkpoint of shape `c` with weights drawn from `seed`: matrices
-/// uniform in `±1/sqrt(fan_in)`, norm weights 1, so activations stay in a sane range.
+/// Writes a llama2.c checkpoint of shape `c` with weights drawn from `seed` (non-zero):
+/// matrices uniform in `±1/sqrt(fan_in)`, norm weights 1, so activations stay in a sane
+/// range. The file appears whole or not at all: it is written beside `path` and renamed.
 pub fn write(path: &Path, c: &ModelConfig, seed: u64) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    if seed == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the seed must not be 0 (xorshift never leaves a zero state)",
+        ));
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.synth.tmp"));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|f| write_weights(std::io::BufWriter::new(f), c, seed))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_weights(
+    mut out: std::io::BufWriter<std::fs::File>,
+    c: &ModelConfig,
+    seed: u64,
+) -> std::io::Result<()> {
     let vocab = if c.tied_classifier {
         c.vocab as i32
     } else {
@@ -49,7 +74,7 @@ pub fn write(path: &Path, c: &ModelConfig, seed: u64) -> std::io::Result<()> {
     ] {
         out.write_all(&v.to_le_bytes())?;
     }
-    let mut rng = XorShift::new(seed | 1);
+    let mut rng = XorShift::new(seed);
     let mut random = |out: &mut std::io::BufWriter<std::fs::File>,
                       n: usize,
                       fan_in: usize|

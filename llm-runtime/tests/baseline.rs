@@ -66,6 +66,18 @@ fn synthetic_models_have_the_requested_shape() {
         std::fs::read(&again).expect("b"),
         "same seed, same bytes"
     );
+    synth::write(&again, &shape, 6).expect("written");
+    assert_ne!(
+        std::fs::read(&path).expect("a"),
+        std::fs::read(&again).expect("b"),
+        "neighbouring seeds give different weights"
+    );
+    let zero = std::env::temp_dir().join(format!("llmc-synth-{}-0.bin", std::process::id()));
+    assert!(
+        synth::write(&zero, &shape, 0).is_err(),
+        "seed 0 is rejected"
+    );
+    assert!(!zero.exists(), "nothing is left behind");
     std::fs::remove_file(&path).ok();
     std::fs::remove_file(&again).ok();
     assert!(
