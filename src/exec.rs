@@ -126,7 +126,7 @@ pub fn describe(value: &Value) -> String {
 }
 
 /// Seeded random arguments for `func`: floats uniform in `[-1, 1)`, integers in `[1, 8)`,
-/// dynamic dims [`DYNAMIC_DIM`], open KV block counts [`DYNAMIC_BLOCKS`].
+/// dynamic dims of size 1 and open KV block counts of 8.
 pub fn random_args(
     ctx: &Context,
     func: pliron::builtin::ops::FuncOp,

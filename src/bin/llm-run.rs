@@ -137,7 +137,7 @@ enum Command {
         /// A model (llama2.c, GGUF or Hugging Face directory) whose weights `llm.weight` resolves to.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Save tensor results as result<i>.npy in this directory.
+        /// Save tensor results as result0.npy, result1.npy, ... in this directory.
         #[arg(long)]
         output_dir: Option<PathBuf>,
     },
