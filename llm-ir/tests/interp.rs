@@ -665,3 +665,37 @@ fn fused_ops_equal_the_ops_they_replace() {
     .expect("runs");
     assert_eq!(floats(&out[0]), floats(&out[1]));
 }
+
+/// A weight store that counts its lookups.
+struct CountingWeights(std::cell::Cell<usize>);
+
+impl interp::WeightStore for CountingWeights {
+    fn weight(&self, name: &str) -> Option<std::rc::Rc<Value>> {
+        self.0.set(self.0.get() + 1);
+        let fill = if name == "a" { 1.0 } else { 2.0 };
+        Some(std::rc::Rc::new(f32s(&[2, 2], &[fill; 4])))
+    }
+}
+
+#[test]
+fn hoisted_weight_values_are_evaluated_once_and_give_the_same_results() {
+    let ir = "builtin.module @m {\n  ^entry():\n    builtin.func @f: builtin.function <(llm.tensor <4x2xf32>) -> (llm.tensor <4x2xf32>)> {\n      ^body(x: llm.tensor <4x2xf32>):\n        a = llm.weight {name = \"a\"} : llm.tensor <2x2xf32>;\n        b = llm.weight {name = \"b\"} : llm.tensor <2x2xf32>;\n        c = llm.concat a, b {axis = 0} : llm.tensor <4x2xf32>;\n        y = llm.mul c, x : llm.tensor <4x2xf32>;\n        llm.return y\n    }\n}\n";
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, ir).expect("parses");
+    let f = interp::find_func(&ctx, module, "f").expect("@f");
+    let weights = CountingWeights(std::cell::Cell::new(0));
+    let interpreter = Interpreter::new(&ctx, &weights);
+    let x = || f32s(&[4, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]);
+    let plain = interpreter.run(f, vec![x()]).expect("runs");
+    assert_eq!(weights.0.get(), 2, "a plain run looks up both weights");
+    let hoisted = interpreter.hoist(f).expect("hoists");
+    assert_eq!(weights.0.get(), 4, "hoisting looks them up once more");
+    for _ in 0..3 {
+        let out = interpreter
+            .run_hoisted(f, vec![x()], &hoisted)
+            .expect("runs");
+        assert_eq!(floats(&out[0]), floats(&plain[0]));
+    }
+    assert_eq!(weights.0.get(), 4, "hoisted runs evaluate no weight op");
+    assert_eq!(floats(&plain[0]), [1., 2., 3., 4., 10., 12., 14., 16.]);
+}

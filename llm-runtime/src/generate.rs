@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use llm_ir::{
     dtype::DType,
-    interp::{self, Interpreter, KvCache, Tensor, Value},
+    interp::{self, Hoisted, Interpreter, KvCache, Tensor, Value},
     text,
     types::{KvCacheParams, KvStorage},
 };
@@ -128,6 +128,9 @@ pub struct Model {
     module: ModuleOp,
     config: ModelConfig,
     weights: Weights,
+    /// The weight-derived values of `@prefill` and `@decode` (indexed by `Step as usize`),
+    /// evaluated once.
+    hoisted: [Hoisted; 2],
     compile_ms: f64,
 }
 
@@ -149,12 +152,24 @@ impl Model {
                 .run(&mut ctx, module, &RunConfig::default())
                 .map_err(|e| format!("pass pipeline: {e}"))?;
         }
+        let hoisted = {
+            let interpreter = Interpreter::new(&ctx, &weights);
+            let hoist = |step: Step| -> Result<Hoisted, RunError> {
+                let func = interp::find_func(&ctx, module, step.name())
+                    .ok_or_else(|| format!("the model has no @{}", step.name()))?;
+                interpreter
+                    .hoist(func)
+                    .map_err(|e| format!("@{}: {e}", step.name()))
+            };
+            [hoist(Step::Prefill)?, hoist(Step::Decode)?]
+        };
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
             ctx,
             module,
             config,
             weights,
+            hoisted,
             compile_ms,
         })
     }
@@ -216,7 +231,7 @@ impl Model {
         let func = step.name();
         let interpreter = Interpreter::new(&self.ctx, &self.weights);
         let mut out = interpreter
-            .run(self.func(func)?, args)
+            .run_hoisted(self.func(func)?, args, &self.hoisted[step as usize])
             .map_err(|e| format!("@{func}: {e}"))?;
         let cache = match out.pop() {
             Some(Value::Cache(c)) => c,

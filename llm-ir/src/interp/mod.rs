@@ -10,6 +10,8 @@
 //! [`Value`]s; weights come from a [`WeightStore`]. Values are reference counted and dropped
 //! after their last use, so `llm.append_kv` updates a cache in place when nothing else
 //! holds it (the dialect's linear cache model guarantees that in verified IR).
+//! [`Interpreter::hoist`] evaluates a function's weight-derived ops once, so that repeated
+//! calls ([`Interpreter::run_hoisted`]) do not recompute them.
 
 pub mod eval;
 pub mod quant;
@@ -22,7 +24,7 @@ use pliron::{
         op_interfaces::SymbolOpInterface, ops::FuncOp, type_interfaces::FunctionTypeInterface,
         types::FunctionType,
     },
-    context::Context,
+    context::{Context, Ptr},
     linked_list::ContainsLinkedList,
     location::Location,
     operation::Operation,
@@ -95,6 +97,45 @@ impl<'a> Interpreter<'a> {
 
     /// Runs `func` on `args`, returning the values its `llm.return` returns.
     pub fn run(&self, func: FuncOp, args: Vec<Value>) -> Result<Vec<Value>, InterpError> {
+        self.run_hoisted(func, args, &Hoisted::default())
+    }
+
+    /// Evaluates, once, every op of `func` that depends only on weights and constants (the
+    /// weights themselves, and what passes derive from them, such as the concatenated q/k/v
+    /// matrices of fused projections), keeping the values that the rest of the function
+    /// uses. [`Interpreter::run_hoisted`] then skips those ops on every call.
+    pub fn hoist(&self, func: FuncOp) -> Result<Hoisted, InterpError> {
+        let ctx = self.ctx;
+        let ops: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
+        let mut derived: HashMap<IrValue, Rc<Value>> = HashMap::new();
+        let mut used_later = std::collections::HashSet::new();
+        for &op in &ops {
+            let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
+            let hoistable = Operation::get_op::<ReturnOp>(op, ctx).is_none()
+                && operands.iter().all(|v| derived.contains_key(v));
+            if hoistable {
+                let inputs = operands.iter().map(|v| Rc::clone(&derived[v])).collect();
+                derived.extend(self.eval_op(op, inputs)?);
+            } else {
+                used_later.extend(operands.into_iter().filter(|v| derived.contains_key(v)));
+            }
+        }
+        Ok(Hoisted(
+            derived
+                .into_iter()
+                .map(|(v, value)| (v, used_later.contains(&v).then_some(value)))
+                .collect(),
+        ))
+    }
+
+    /// [`Interpreter::run`], taking the values of hoisted ops from `hoisted` (made by
+    /// [`Interpreter::hoist`] for this function) instead of evaluating them again.
+    pub fn run_hoisted(
+        &self,
+        func: FuncOp,
+        args: Vec<Value>,
+        hoisted: &Hoisted,
+    ) -> Result<Vec<Value>, InterpError> {
         let ctx = self.ctx;
         let fty = TypedHandle::<FunctionType>::from_handle(func.get_type(ctx), ctx)
             .map_err(|_| error("the function has no function type"))?;
@@ -128,18 +169,22 @@ impl<'a> Interpreter<'a> {
             .zip(args.into_iter().map(Rc::new))
             .collect();
         for (i, &op) in ops.iter().enumerate() {
-            let at = locate(op.deref(ctx).loc());
-            let fail = |message: String| InterpError {
-                location: at,
-                message,
-            };
-            let opid = Operation::get_opid(op, ctx).to_string();
+            let results: Vec<IrValue> = op.deref(ctx).results().collect();
+            if !results.is_empty() && results.iter().all(|r| hoisted.0.contains_key(r)) {
+                env.extend(
+                    results
+                        .iter()
+                        .filter_map(|r| Some((*r, Rc::clone(hoisted.0[r].as_ref()?)))),
+                );
+                continue;
+            }
             let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
             let mut inputs = Vec::with_capacity(operands.len());
             for v in &operands {
-                let value = env
-                    .get(v)
-                    .ok_or_else(|| fail(format!("{opid}: an operand has no value")))?;
+                let value = env.get(v).ok_or_else(|| InterpError {
+                    location: locate(op.deref(ctx).loc()),
+                    message: format!("{}: an operand has no value", Operation::get_opid(op, ctx)),
+                })?;
                 inputs.push(Rc::clone(value));
             }
             for v in &operands {
@@ -148,42 +193,66 @@ impl<'a> Interpreter<'a> {
                 }
             }
             if Operation::get_op::<ReturnOp>(op, ctx).is_some() {
+                let at = locate(op.deref(ctx).loc());
                 let mut results = Vec::with_capacity(inputs.len());
                 for (j, (value, ty)) in inputs.into_iter().zip(&res_types).enumerate() {
                     let value = Rc::try_unwrap(value).unwrap_or_else(|rc| (*rc).clone());
-                    check_value(ctx, &value, *ty)
-                        .map_err(|m| fail(format!("result #{j} of @{name}: {m}")))?;
+                    check_value(ctx, &value, *ty).map_err(|m| InterpError {
+                        location: at,
+                        message: format!("result #{j} of @{name}: {m}"),
+                    })?;
                     results.push(value);
                 }
                 return Ok(results);
             }
-            let eval_fn = self
-                .evals
-                .get(opid.as_str())
-                .ok_or_else(|| fail(format!("{opid} has no reference semantics")))?;
-            let check = OpCheck::for_eval(ctx, op);
-            let eval = Eval {
-                op: &check,
-                weights: self.weights,
-            };
-            let outputs = eval_fn(&eval, inputs).map_err(|m| fail(format!("{opid}: {m}")))?;
-            let results: Vec<IrValue> = op.deref(ctx).results().collect();
-            if outputs.len() != results.len() {
-                return Err(fail(format!(
-                    "{opid}: produced {} values for {} results",
-                    outputs.len(),
-                    results.len()
-                )));
-            }
-            for (j, (res, out)) in results.into_iter().zip(outputs).enumerate() {
-                check_value(ctx, &out, res.get_type(ctx))
-                    .map_err(|m| fail(format!("{opid}: result #{j}: {m}")))?;
-                env.insert(res, out);
-            }
+            env.extend(self.eval_op(op, inputs)?);
         }
         Err(error(format!("@{name} ended without llm.return")))
     }
+
+    /// Evaluates one op on its operand values, checking each result against its type.
+    fn eval_op(
+        &self,
+        op: Ptr<Operation>,
+        inputs: Vec<Rc<Value>>,
+    ) -> Result<Vec<(IrValue, Rc<Value>)>, InterpError> {
+        let ctx = self.ctx;
+        let at = locate(op.deref(ctx).loc());
+        let fail = |message: String| InterpError {
+            location: at,
+            message,
+        };
+        let opid = Operation::get_opid(op, ctx).to_string();
+        let eval_fn = self
+            .evals
+            .get(opid.as_str())
+            .ok_or_else(|| fail(format!("{opid} has no reference semantics")))?;
+        let check = OpCheck::for_eval(ctx, op);
+        let eval = Eval {
+            op: &check,
+            weights: self.weights,
+        };
+        let outputs = eval_fn(&eval, inputs).map_err(|m| fail(format!("{opid}: {m}")))?;
+        let results: Vec<IrValue> = op.deref(ctx).results().collect();
+        if outputs.len() != results.len() {
+            return Err(fail(format!(
+                "{opid}: produced {} values for {} results",
+                outputs.len(),
+                results.len()
+            )));
+        }
+        for (j, (res, out)) in results.iter().zip(&outputs).enumerate() {
+            check_value(ctx, out, res.get_type(ctx))
+                .map_err(|m| fail(format!("{opid}: result #{j}: {m}")))?;
+        }
+        Ok(results.into_iter().zip(outputs).collect())
+    }
 }
+
+/// The weight-derived ops of a function, evaluated once by [`Interpreter::hoist`]: each of
+/// their results, with its value where an op that is not hoisted uses it.
+#[derive(Default)]
+pub struct Hoisted(HashMap<IrValue, Option<Rc<Value>>>);
 
 fn locate(loc: &Location) -> Option<(u32, u32)> {
     match loc {
@@ -272,7 +341,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
 /// Evaluates one op on `inputs` (in operand order) with its reference semantics.
 pub fn eval_op(
     ctx: &Context,
-    op: pliron::context::Ptr<Operation>,
+    op: Ptr<Operation>,
     inputs: Vec<Rc<Value>>,
     weights: &dyn WeightStore,
 ) -> Result<Vec<Rc<Value>>, String> {
