@@ -130,7 +130,7 @@ pub fn generate_batch(
                 seed: sampler.seed.wrapping_add(i as u64),
                 ..sampler.clone()
             },
-            stop_at_bos: true,
+            stop_tokens: tokenizer.stop_tokens(),
         };
         texts.insert(engine.add_request(ids, params), text);
     }
@@ -314,7 +314,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
             RequestParams {
                 steps,
                 sampler,
-                stop_at_bos: false,
+                stop_tokens: Vec::new(),
             },
         );
     }

@@ -99,7 +99,7 @@ fn check_golden_with(stem: &str, prompt: &str, passes: &str) {
     let (prompt_ids, ids, stopped, calls) = golden_ids(stem);
     assert_eq!(g.prompt_ids, prompt_ids, "prompt ids differ");
     assert_eq!(g.ids, ids, "token ids differ");
-    assert_eq!(g.stopped_at_bos, stopped);
+    assert_eq!(g.stopped, stopped);
     assert_eq!(g.stats.forward_calls, calls);
     let golden = golden_logits(stem);
     assert_eq!(golden.len(), calls * 512, "golden logits rows");

@@ -52,8 +52,9 @@ pub struct RequestParams {
     pub steps: usize,
     /// Sampling.
     pub sampler: SamplerConfig,
-    /// Whether producing BOS ends the sequence (run.c's behaviour).
-    pub stop_at_bos: bool,
+    /// Tokens that end the sequence when sampled (BOS alone is run.c's behaviour; see
+    /// [`TextCodec::stop_tokens`](crate::tokenizer::TextCodec::stop_tokens)).
+    pub stop_tokens: Vec<u32>,
 }
 
 /// Something a step produced.
@@ -278,7 +279,7 @@ impl<'m> Engine<'m> {
             return false;
         }
         let token = req.sampler.sample(logits) as u32;
-        if token == BOS && req.params.stop_at_bos {
+        if req.params.stop_tokens.contains(&token) {
             self.finish(req, events);
             return false;
         }

@@ -23,7 +23,7 @@ use pliron::{
 use crate::{
     model::{self, BLOCK_SIZE, ModelConfig},
     sampler::{Sampler, SamplerConfig},
-    tokenizer::{BOS, TextCodec},
+    tokenizer::TextCodec,
     weights::Weights,
 };
 
@@ -78,10 +78,11 @@ pub struct Generation {
     pub text: Vec<u8>,
     /// The encoded prompt.
     pub prompt_ids: Vec<u32>,
-    /// BOS, the prompt, then every generated token (excluding a final BOS stop).
+    /// BOS, the prompt, then every generated token (excluding a final stop token).
     pub ids: Vec<u32>,
-    /// Whether generation stopped because the model produced BOS.
-    pub stopped_at_bos: bool,
+    /// Whether generation stopped because the model produced one of the tokenizer's stop
+    /// tokens ([`TextCodec::stop_tokens`]; BOS for llama2.c's `tokenizer.bin`).
+    pub stopped: bool,
     /// The logits of every forward position, in order.
     pub logits: Vec<Vec<f32>>,
     /// Timings and counts.
@@ -303,6 +304,7 @@ impl Model {
                     .into(),
             );
         }
+        let stops = tokenizer.stop_tokens();
         let mut sampler = Sampler::new(sampler);
         let mut g = Generation {
             prompt_ids: prompt_ids.clone(),
@@ -341,8 +343,8 @@ impl Model {
             };
             g.logits.push(logits);
             pos += 1;
-            if next == BOS {
-                g.stopped_at_bos = true;
+            if stops.contains(&next) {
+                g.stopped = true;
                 break;
             }
             g.text.extend(tokenizer.decode(token, next));

@@ -481,5 +481,20 @@ fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
             _ => Err(format!("tokenizer.ggml.tokens entry {i} is not a string")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(Tokenizer::from_vocab(pieces, scores)))
+    // Generation ends at BOS (as run.c ends it) and at the file's BOS and EOS tokens.
+    let mut stops = vec![crate::tokenizer::BOS];
+    for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"] {
+        if let Some(id) = g.meta(key).and_then(Meta::as_u64) {
+            let id = u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < pieces.len())
+                .ok_or_else(|| format!("{key} = {id} is not a token of the vocabulary"))?;
+            if !stops.contains(&id) {
+                stops.push(id);
+            }
+        }
+    }
+    Ok(Some(
+        Tokenizer::from_vocab(pieces, scores).with_stop_tokens(stops),
+    ))
 }

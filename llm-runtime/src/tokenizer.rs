@@ -22,6 +22,7 @@ pub struct Tokenizer {
     pieces: Vec<Vec<u8>>,
     scores: Vec<f32>,
     lookup: HashMap<Vec<u8>, u32>,
+    stops: Vec<u32>,
 }
 
 impl Tokenizer {
@@ -75,7 +76,14 @@ impl Tokenizer {
             pieces,
             scores,
             lookup,
+            stops: vec![BOS],
         }
+    }
+
+    /// The tokenizer with `stops` as the tokens that end a generation (BOS alone by
+    /// default, as in `run.c`).
+    pub fn with_stop_tokens(self, stops: Vec<u32>) -> Tokenizer {
+        Tokenizer { stops, ..self }
     }
 
     /// Number of tokens.
@@ -218,6 +226,8 @@ pub trait TextCodec {
     fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32>;
     /// The bytes printed for `token` after `prev`.
     fn decode(&self, prev: u32, token: u32) -> Vec<u8>;
+    /// The tokens that end a generation when the model produces them.
+    fn stop_tokens(&self) -> Vec<u32>;
 }
 
 impl TextCodec for Tokenizer {
@@ -231,6 +241,10 @@ impl TextCodec for Tokenizer {
 
     fn decode(&self, prev: u32, token: u32) -> Vec<u8> {
         Tokenizer::decode(self, prev, token)
+    }
+
+    fn stop_tokens(&self) -> Vec<u32> {
+        self.stops.clone()
     }
 }
 
@@ -287,5 +301,10 @@ impl TextCodec for HfTokenizer {
             .unwrap_or(&both)
             .as_bytes()
             .to_vec()
+    }
+
+    /// BOS (which ends a llama2.c-style generation) and EOS, where the vocabulary has them.
+    fn stop_tokens(&self) -> Vec<u32> {
+        self.bos.into_iter().chain(self.eos).collect()
     }
 }

@@ -9,7 +9,7 @@ use llm_runtime::{
     generate::Model,
     llama2c,
     sampler::SamplerConfig,
-    tokenizer::Tokenizer,
+    tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
 fn model() -> (Model, Tokenizer) {
@@ -33,7 +33,7 @@ fn params(steps: usize) -> RequestParams {
     RequestParams {
         steps,
         sampler: GREEDY,
-        stop_at_bos: true,
+        stop_tokens: vec![BOS],
     }
 }
 
@@ -143,4 +143,37 @@ fn shared_prompt_prefixes_are_prefilled_once() {
             &model.generate(&tok, p, 48, GREEDY).expect("single").ids
         );
     }
+}
+
+#[test]
+fn generation_ends_at_any_stop_token() {
+    let (model, tok) = model();
+    let prompt = "Once upon a time";
+    let full = model.generate(&tok, prompt, 64, GREEDY).expect("runs");
+    let prompt_len = full.prompt_ids.len();
+    // Make the third generated token a stop token: both paths end just before it.
+    let stop = full.ids[prompt_len + 2];
+    let kept = &full.ids[..prompt_len + 2];
+    let stopping = tok.clone().with_stop_tokens(vec![BOS, stop]);
+    let short = model.generate(&stopping, prompt, 64, GREEDY).expect("runs");
+    assert!(short.stopped && !full.stopped);
+    assert_eq!(short.ids, kept);
+    let mut engine = Engine::new(&model, EngineConfig::default());
+    let ids = tok.encode(prompt, true, false);
+    let mut out = ids.clone();
+    engine.add_request(
+        ids,
+        RequestParams {
+            stop_tokens: stopping.stop_tokens(),
+            ..params(64)
+        },
+    );
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { token, .. } = event {
+                out.push(token);
+            }
+        }
+    }
+    assert_eq!(out, kept);
 }

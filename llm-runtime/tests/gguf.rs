@@ -64,6 +64,12 @@ fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
     let tok = g.tokenizer.expect("embedded vocabulary");
     assert_eq!(tok.vocab(), 32000);
     assert_eq!(tok.encode("Hello world", true, false), vec![1, 15043, 3186]);
+    use llm_runtime::tokenizer::TextCodec;
+    assert_eq!(
+        tok.stop_tokens(),
+        vec![1, 2],
+        "BOS and the file's EOS end a generation"
+    );
 }
 
 #[test]
