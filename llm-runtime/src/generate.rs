@@ -319,7 +319,7 @@ impl Model {
             Step::Prefill,
             &prompt_ids[..prefilled],
             0,
-            self.new_cache(self.config.seq_len.div_ceil(BLOCK_SIZE)),
+            self.new_cache(steps.div_ceil(BLOCK_SIZE)),
         )?;
         g.stats.prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let mut token = prompt_ids[0];
