@@ -101,15 +101,17 @@ impl BatchStats {
     }
 }
 
-/// Generates from every prompt in one engine; returns each output as run.c would print it
-/// (prompt, continuation, newline), in prompt order, and the run's stats.
+/// Generates from every prompt in one engine, handing each output to `emit` as run.c would
+/// print it (prompt, continuation, newline) in prompt order, each as soon as it and every
+/// output before it are finished; returns the run's stats.
 pub fn generate_batch(
     model: &Model,
     tokenizer: &dyn TextCodec,
     prompts: &[String],
     steps: usize,
     sampler: SamplerConfig,
-) -> Result<(Vec<Vec<u8>>, BatchStats), String> {
+    emit: &mut dyn FnMut(Vec<u8>) -> Result<(), String>,
+) -> Result<BatchStats, String> {
     let steps = if steps == 0 || steps > model.config().seq_len {
         model.config().seq_len
     } else {
@@ -136,30 +138,43 @@ pub fn generate_batch(
     }
     let start = Instant::now();
     let mut generated_tokens = 0;
+    let mut finished = std::collections::HashSet::new();
+    let mut next = 0;
+    let mut emit_ready = |finished: &std::collections::HashSet<u64>,
+                          texts: &mut HashMap<u64, Vec<u8>>,
+                          all: bool|
+     -> Result<(), String> {
+        while next < prompts.len() as u64 && (all || finished.contains(&next)) {
+            let mut text = texts.remove(&next).unwrap_or_default();
+            text.push(b'\n');
+            emit(text)?;
+            next += 1;
+        }
+        Ok(())
+    };
     while engine.has_work() {
         for event in engine.step()? {
-            if let Event::Token { id, prev, token } = event
-                && let Some(t) = texts.get_mut(&id)
-            {
-                generated_tokens += 1;
-                t.extend(tokenizer.decode(prev, token));
+            match event {
+                Event::Token { id, prev, token } => {
+                    if let Some(t) = texts.get_mut(&id) {
+                        generated_tokens += 1;
+                        t.extend(tokenizer.decode(prev, token));
+                    }
+                }
+                Event::Finished { id } => {
+                    finished.insert(id);
+                }
             }
         }
+        emit_ready(&finished, &mut texts, false)?;
     }
-    let stats = BatchStats {
+    emit_ready(&finished, &mut texts, true)?;
+    Ok(BatchStats {
         requests: prompts.len(),
         generated_tokens,
         steps: engine.stats().steps,
         elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
-    };
-    let texts = (0..prompts.len() as u64)
-        .map(|i| {
-            let mut t = texts.remove(&i).unwrap_or_default();
-            t.push(b'\n');
-            t
-        })
-        .collect();
-    Ok((texts, stats))
+    })
 }
 
 /// A pool big enough for `n` sequences of `steps` positions (plus slack for forks).

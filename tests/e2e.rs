@@ -188,6 +188,38 @@ fn llm_run_generate_prints_what_run_c_prints() {
 }
 
 #[test]
+fn llm_run_generate_batches_several_prompts_in_order() {
+    let prompts = std::env::temp_dir().join(format!("llmc-prompts-{}.txt", std::process::id()));
+    // Outputs follow prompt order: `--prompt`s first, then the lines of `--prompts`.
+    std::fs::write(&prompts, "The little dog was sad because\n").expect("prompt file");
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-run"))
+        .args(["generate", "--model"])
+        .arg(model_path())
+        .arg("--tokenizer")
+        .arg(tokenizer_path())
+        .args(["--prompt", "Once upon a time", "--prompts"])
+        .arg(&prompts)
+        .args(["--temperature", "0", "--stats"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("llm-run runs");
+    std::fs::remove_file(&prompts).ok();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut golden = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden");
+    golden.extend(std::fs::read(shared().join("golden/little_dog.txt")).expect("golden"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&golden)
+    );
+    let stats = String::from_utf8_lossy(&out.stderr);
+    assert!(stats.contains("\"requests\": 2"), "{stats}");
+}
+
+#[test]
 fn seeded_sampling_is_reproducible() {
     let (config, weights) = llama2c::load(&model_path()).expect("model loads");
     let tokenizer = Tokenizer::load(&tokenizer_path(), config.vocab).expect("tokenizer loads");

@@ -213,19 +213,19 @@ fn run(cli: Cli) -> Result<(), String> {
                     eprintln!("{}", out.stats.to_json("interp"));
                 }
             } else {
-                let (texts, batch_stats) = serve::generate_batch(
+                let batch_stats = serve::generate_batch(
                     &compiled,
                     tokenizer.as_ref(),
                     &all,
                     max_tokens,
                     sampler,
+                    &mut |text| {
+                        stdout
+                            .write_all(&text)
+                            .and_then(|()| stdout.flush())
+                            .map_err(|e| format!("cannot write: {e}"))
+                    },
                 )?;
-                for text in texts {
-                    stdout
-                        .write_all(&text)
-                        .map_err(|e| format!("cannot write: {e}"))?;
-                }
-                stdout.flush().map_err(|e| format!("cannot write: {e}"))?;
                 if stats {
                     eprintln!("{}", batch_stats.to_json("interp"));
                 }
