@@ -149,20 +149,9 @@ fn steps_count_positions_including_the_prompt() {
     assert_eq!(g.ids, ids[..9]);
 }
 
-#[test]
-fn llm_run_generate_prints_what_run_c_prints() {
-    let out = Command::new(env!("CARGO_BIN_EXE_llm-run"))
-        .args(["generate", "--model"])
-        .arg(model_path())
-        .arg("--tokenizer")
-        .arg(tokenizer_path())
-        .args([
-            "--prompt",
-            "The little dog was sad because",
-            "--temperature",
-            "0",
-            "--stats",
-        ])
+/// Runs `llm-run` without backtraces and asserts it succeeded.
+fn llm_run(command: &mut Command) -> std::process::Output {
+    let out = command
         .env("RUST_BACKTRACE", "0")
         .output()
         .expect("llm-run runs");
@@ -170,6 +159,25 @@ fn llm_run_generate_prints_what_run_c_prints() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn llm_run_generate_prints_what_run_c_prints() {
+    let out = llm_run(
+        Command::new(env!("CARGO_BIN_EXE_llm-run"))
+            .args(["generate", "--model"])
+            .arg(model_path())
+            .arg("--tokenizer")
+            .arg(tokenizer_path())
+            .args([
+                "--prompt",
+                "The little dog was sad because",
+                "--temperature",
+                "0",
+                "--stats",
+            ]),
     );
     let golden = std::fs::read(shared().join("golden/little_dog.txt")).expect("golden text");
     assert_eq!(out.stdout, golden);
@@ -192,23 +200,17 @@ fn llm_run_generate_batches_several_prompts_in_order() {
     let prompts = std::env::temp_dir().join(format!("llmc-prompts-{}.txt", std::process::id()));
     // Outputs follow prompt order: `--prompt`s first, then the lines of `--prompts`.
     std::fs::write(&prompts, "The little dog was sad because\n").expect("prompt file");
-    let out = Command::new(env!("CARGO_BIN_EXE_llm-run"))
-        .args(["generate", "--model"])
-        .arg(model_path())
-        .arg("--tokenizer")
-        .arg(tokenizer_path())
-        .args(["--prompt", "Once upon a time", "--prompts"])
-        .arg(&prompts)
-        .args(["--temperature", "0", "--stats"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("llm-run runs");
-    std::fs::remove_file(&prompts).ok();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = llm_run(
+        Command::new(env!("CARGO_BIN_EXE_llm-run"))
+            .args(["generate", "--model"])
+            .arg(model_path())
+            .arg("--tokenizer")
+            .arg(tokenizer_path())
+            .args(["--prompt", "Once upon a time", "--prompts"])
+            .arg(&prompts)
+            .args(["--temperature", "0", "--stats"]),
     );
+    std::fs::remove_file(&prompts).ok();
     let mut golden = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden");
     golden.extend(std::fs::read(shared().join("golden/little_dog.txt")).expect("golden"));
     assert_eq!(
@@ -252,16 +254,10 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn imported_ir_is_accepted_by_llm_opt() {
-    let out = Command::new(env!("CARGO_BIN_EXE_llm-run"))
-        .args(["import", "--model"])
-        .arg(model_path())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("llm-run runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = llm_run(
+        Command::new(env!("CARGO_BIN_EXE_llm-run"))
+            .args(["import", "--model"])
+            .arg(model_path()),
     );
     let ir = String::from_utf8(out.stdout).expect("UTF-8 IR");
     assert!(ir.contains("builtin.func @prefill") && ir.contains("builtin.func @decode"));
