@@ -196,7 +196,7 @@ impl<'a> Interpreter<'a> {
                 let at = locate(op.deref(ctx).loc());
                 let mut results = Vec::with_capacity(inputs.len());
                 for (j, (value, ty)) in inputs.into_iter().zip(&res_types).enumerate() {
-                    let value = Rc::try_unwrap(value).unwrap_or_else(|rc| (*rc).clone());
+                    let value = Rc::unwrap_or_clone(value);
                     check_value(ctx, &value, *ty).map_err(|m| InterpError {
                         location: at,
                         message: format!("result #{j} of @{name}: {m}"),

@@ -31,11 +31,11 @@ impl Scale {
 
 /// Attention of one query row over keys/values `j` in `visible`; `bias(j)` is added to the
 /// scaled score. Accumulates in `f32` in order of `j` (llama2.c's order).
-fn attend(
+fn attend<'a>(
     q: &[f32],
     visible: std::ops::Range<usize>,
-    key: impl Fn(usize) -> Vec<f32>,
-    value: impl Fn(usize) -> Vec<f32>,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
     bias: impl Fn(usize) -> f32,
     scale: Scale,
     value_dim: usize,
@@ -49,7 +49,7 @@ fn attend(
         .map(|j| {
             let k = key(j);
             let mut dot = 0f32;
-            for (a, b) in q.iter().zip(&k) {
+            for (a, b) in q.iter().zip(k) {
                 dot += a * b;
             }
             scale.apply(dot) + bias(j)
@@ -58,7 +58,7 @@ fn attend(
     softmax_in_place(&mut scores);
     for (p, j) in scores.iter().zip(visible) {
         let v = value(j);
-        for (o, x) in out.iter_mut().zip(&v) {
+        for (o, x) in out.iter_mut().zip(v) {
             *o += p * x;
         }
     }
@@ -129,8 +129,8 @@ pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                 let row = attend(
                     qrow,
                     visible.clone(),
-                    |j| kd[((b * tk + j) * kvh + kv) * d..][..d].to_vec(),
-                    |j| vd[((b * tk + j) * kvh + kv) * dv..][..dv].to_vec(),
+                    |j| &kd[((b * tk + j) * kvh + kv) * d..][..d],
+                    |j| &vd[((b * tk + j) * kvh + kv) * dv..][..dv],
                     |j| md.map_or(0.0, |m| m[i * tk + j]),
                     scale,
                     dv,
@@ -220,16 +220,13 @@ pub fn paged_attend(
             let start = visible.start;
             for head in 0..h {
                 let kv = head / group;
-                let read = |data: &Vec<f32>, j: usize| {
-                    let at = cache.slot_offset(layer, slots[j - start]) + kv * d;
-                    data[at..at + d].to_vec()
-                };
+                let at = |j: usize| cache.slot_offset(layer, slots[j - start]) + kv * d;
                 let qrow = &qd[((s * t + i) * h + head) * d..][..d];
                 out.extend(attend(
                     qrow,
                     visible.clone(),
-                    |j| read(&cache.k, j),
-                    |j| read(&cache.v, j),
+                    |j| &cache.k[at(j)..][..d],
+                    |j| &cache.v[at(j)..][..d],
                     |_| 0.0,
                     scale,
                     d,

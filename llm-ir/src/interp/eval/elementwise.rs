@@ -29,9 +29,12 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
 
 /// For each element of `out`, the index of the element of `shape` it reads when broadcast.
 pub fn broadcast_index(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let n: usize = out.iter().product();
+    if shape == out {
+        return (0..n).collect();
+    }
     let offset = out.len() - shape.len();
     let src_strides = strides(shape);
-    let n: usize = out.iter().product();
     (0..n)
         .map(|flat| {
             let idx = super::unravel(flat, out);

@@ -9,7 +9,7 @@ use super::{
     Eval, Outputs,
     attention::paged_attend,
     elementwise::{binary_fn, broadcast, broadcast_index, unary_fn},
-    kv::append_rows,
+    kv::append,
     linalg::matmul_2d,
     norm::{eps, rms_norm_rows},
     one,
@@ -155,32 +155,14 @@ pub fn rms_norm_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 }
 
 /// `llm.append_attention`: append, then attend over the updated cache.
-pub fn append_attention(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
-    let cache_rc = std::mem::replace(
-        &mut inputs[1],
-        Rc::new(Value::Tensor(Tensor::from_f32(
-            vec![],
-            crate::dtype::DType::F32,
-            vec![0.0],
-        ))),
-    );
-    let mut value = Rc::try_unwrap(cache_rc).unwrap_or_else(|rc| (*rc).clone());
-    let Value::Cache(cache) = &mut value else {
-        return Err(format!("expected a KV cache, found {}", value.kind()));
-    };
-    append_rows(
-        cache,
-        e.int("layer", 0) as usize,
-        inputs[2].tensor()?,
-        inputs[3].tensor()?,
-        inputs[4].tensor()?,
-    )?;
-    let out = paged_attend(
-        e,
-        inputs[0].tensor()?,
-        cache,
-        inputs[5].tensor()?,
-        inputs[6].tensor()?,
-    )?;
-    Ok(vec![Rc::new(Value::Tensor(out)), Rc::new(value)])
+pub fn append_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let [q, cache, k, v, slots, tables, lens]: [Rc<Value>; 7] = inputs
+        .try_into()
+        .map_err(|i: Vec<_>| format!("expected 7 operands, found {}", i.len()))?;
+    let cache = append(e, cache, k.tensor()?, v.tensor()?, slots.tensor()?)?;
+    let out = paged_attend(e, q.tensor()?, &cache, tables.tensor()?, lens.tensor()?)?;
+    Ok(vec![
+        Rc::new(Value::Tensor(out)),
+        Rc::new(Value::Cache(cache)),
+    ])
 }

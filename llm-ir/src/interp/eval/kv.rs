@@ -31,23 +31,30 @@ pub fn append_kv(e: &Eval, mut inputs: Vec<Rc<Value>>) -> Outputs {
     let slots = inputs.pop().ok_or("missing slots")?;
     let v = inputs.pop().ok_or("missing v")?;
     let k = inputs.pop().ok_or("missing k")?;
-    let cache_rc = inputs.pop().ok_or("missing cache")?;
-    let mut value = Rc::try_unwrap(cache_rc).unwrap_or_else(|rc| (*rc).clone());
-    let Value::Cache(cache) = &mut value else {
-        return Err(format!("expected a KV cache, found {}", value.kind()));
+    let cache = inputs.pop().ok_or("missing cache")?;
+    let cache = append(e, cache, k.tensor()?, v.tensor()?, slots.tensor()?)?;
+    Ok(vec![Rc::new(Value::Cache(cache))])
+}
+
+/// Takes the cache out of `cache` (in place when nothing else holds it, else a copy) and
+/// writes `k` and `v` to `slots` of the op's `layer`.
+pub fn append(
+    e: &Eval,
+    cache: Rc<Value>,
+    k: &Tensor,
+    v: &Tensor,
+    slots: &Tensor,
+) -> Result<KvCache, String> {
+    let mut cache = match Rc::unwrap_or_clone(cache) {
+        Value::Cache(c) => c,
+        other => return Err(format!("expected a KV cache, found {}", other.kind())),
     };
-    append_rows(
-        cache,
-        e.int("layer", 0) as usize,
-        k.tensor()?,
-        v.tensor()?,
-        slots.tensor()?,
-    )?;
-    Ok(vec![Rc::new(value)])
+    append_rows(&mut cache, e.int("layer", 0) as usize, k, v, slots)?;
+    Ok(cache)
 }
 
 /// Writes row `n` of `k` and `v` (`[N, kv_heads, head_dim]`) to slot `slots[n]` of `layer`.
-pub fn append_rows(
+fn append_rows(
     cache: &mut KvCache,
     layer: usize,
     k: &Tensor,

@@ -9,7 +9,12 @@ use crate::{
 };
 
 /// Builds a tensor of `shape` whose element `i` is element `source(i)` of `x`.
-fn gather(x: &Tensor, shape: Vec<usize>, dtype: DType, source: impl Fn(usize) -> usize) -> Tensor {
+pub(super) fn gather(
+    x: &Tensor,
+    shape: Vec<usize>,
+    dtype: DType,
+    source: impl Fn(usize) -> usize,
+) -> Tensor {
     let n: usize = shape.iter().product();
     match &x.data {
         Data::Float(v) => Tensor::from_f32(shape, dtype, (0..n).map(|i| v[source(i)]).collect()),

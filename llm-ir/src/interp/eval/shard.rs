@@ -6,7 +6,12 @@
 
 use std::rc::Rc;
 
-use super::{Eval, Outputs, linalg::matmul_2d, shape::concat_tensors, strides, unravel};
+use super::{
+    Eval, Outputs,
+    linalg::matmul_2d,
+    shape::{concat_tensors, gather},
+    strides, unravel,
+};
 use crate::{
     interp::value::{Sharded, Tensor, Value},
     types::Reduction,
@@ -37,27 +42,14 @@ fn piece(mesh: &[(String, u64)], axes: &[String], coords: &[usize]) -> (usize, u
 /// The box `[start, start + size)` of `x`.
 fn take_box(x: &Tensor, start: &[usize], size: &[usize]) -> Tensor {
     let src = strides(&x.shape);
-    let n: usize = size.iter().product();
-    let index = |i: usize| {
+    gather(x, size.to_vec(), x.dtype, |i| {
         unravel(i, size)
             .iter()
             .zip(start)
             .zip(&src)
             .map(|((&i, &s), &st)| (i + s) * st)
             .sum::<usize>()
-    };
-    match &x.data {
-        crate::interp::value::Data::Float(v) => Tensor::from_f32(
-            size.to_vec(),
-            x.dtype,
-            (0..n).map(|i| v[index(i)]).collect(),
-        ),
-        crate::interp::value::Data::Int(v) => Tensor::from_i64(
-            size.to_vec(),
-            x.dtype,
-            (0..n).map(|i| v[index(i)]).collect(),
-        ),
-    }
+    })
 }
 
 /// The local shard of `global` for `device` under `split`.
