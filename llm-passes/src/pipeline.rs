@@ -96,9 +96,7 @@ struct Cursor<'a> {
 
 impl Cursor<'_> {
     fn skip_ws(&mut self) {
-        while self.text[self.at..].starts_with(char::is_whitespace) {
-            self.at += 1;
-        }
+        self.at = self.text.len() - self.text[self.at..].trim_start().len();
     }
 
     fn eat(&mut self, c: char) -> bool {

@@ -50,6 +50,8 @@ fn bad_pipelines_name_the_offending_text() {
         ("builtin.func(cse", "expected `)`"),
         ("cse,", "expected a pass name"),
         ("cse dce", "unexpected `dce`"),
+        // A multi-byte space (U+00A0) must not split a character.
+        ("cse,\u{a0}\u{a0}é", "expected a pass name"),
     ];
     for (text, expected) in cases {
         let err = Pipeline::parse(text)

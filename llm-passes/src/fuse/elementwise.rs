@@ -197,7 +197,9 @@ fn build_elementwise(
         "llm.tanh" => build!(ops::TanhOp),
         "llm.sigmoid" => build!(ops::SigmoidOp),
         "llm.silu" => build!(ops::SiluOp),
-        _ => build!(ops::GeluOp),
+        "llm.gelu" => build!(ops::GeluOp),
+        // Only names `ops::is_elementwise` accepts reach here.
+        other => unreachable!("{other} is not an elementwise op"),
     }
 }
 

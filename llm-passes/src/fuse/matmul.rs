@@ -198,10 +198,8 @@ impl Pattern for RmsNormMatmul {
         };
         let rhs = ir::operand(ctx, op, 1);
         let rhs_rank = ir::tensor_type(ctx, rhs).map_or(0, |t| t.rank());
-        if ir::result(ctx, norm, 0).num_uses(ctx) != 1
-            || rhs_rank != 2
-            || ir::operand(ctx, op, 1) == ir::result(ctx, norm, 0)
-        {
+        // The norm's single use is `op`'s operand 0, so it is not also the weight.
+        if ir::result(ctx, norm, 0).num_uses(ctx) != 1 || rhs_rank != 2 {
             return Ok(false);
         }
         let (x, g) = (ir::operand(ctx, norm, 0), ir::operand(ctx, norm, 1));
