@@ -117,9 +117,9 @@ impl BlockManager {
         self.free.len() + self.evictable.len()
     }
 
-    /// Blocks referenced by some sequence.
+    /// Blocks referenced by some sequence (every block is free, evictable or referenced).
     pub fn used(&self) -> usize {
-        self.blocks.iter().filter(|b| b.refs > 0).count()
+        self.blocks.len() - self.available()
     }
 
     /// Positions held by all sequences (shared blocks count once per sequence).

@@ -217,12 +217,12 @@ impl<'m> Engine<'m> {
             let Some(req) = self.waiting.front() else {
                 break;
             };
-            let cost = req.tokens.len().min(req.params.steps.max(1));
-            if cost > budget && !self.running.is_empty() {
+            // The prompt positions this request runs (a prompt longer than `steps` is cut).
+            let take = req.tokens.len().min(req.params.steps.max(1));
+            if take > budget && !self.running.is_empty() {
                 break;
             }
             let mut req = self.waiting.pop_front().expect("non-empty queue");
-            let take = req.tokens.len().min(req.params.steps.max(1));
             let cached = match self.blocks.admit(req.id, &req.tokens[..take]) {
                 Ok(c) => c,
                 Err(_) if self.running.is_empty() => {

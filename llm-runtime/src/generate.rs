@@ -15,10 +15,7 @@ use llm_ir::{
     types::{KvCacheParams, KvStorage},
 };
 use llm_passes::{Pipeline, RunConfig};
-use pliron::{
-    builtin::ops::{FuncOp, ModuleOp},
-    context::Context,
-};
+use pliron::{builtin::ops::FuncOp, context::Context};
 
 use crate::{
     model::{self, BLOCK_SIZE, ModelConfig},
@@ -126,12 +123,11 @@ pub struct Batch {
 /// A compiled model ready to run on the interpreter.
 pub struct Model {
     ctx: Context,
-    module: ModuleOp,
     config: ModelConfig,
     weights: Weights,
-    /// The weight-derived values of `@prefill` and `@decode` (indexed by `Step as usize`),
-    /// evaluated once.
-    hoisted: [Hoisted; 2],
+    /// `@prefill` and `@decode` (indexed by `Step as usize`) with their weight-derived
+    /// values, evaluated once.
+    steps: [(FuncOp, Hoisted); 2],
     compile_ms: f64,
 }
 
@@ -153,24 +149,24 @@ impl Model {
                 .run(&mut ctx, module, &RunConfig::default())
                 .map_err(|e| format!("pass pipeline: {e}"))?;
         }
-        let hoisted = {
+        let steps = {
             let interpreter = Interpreter::new(&ctx, &weights);
-            let hoist = |step: Step| -> Result<Hoisted, RunError> {
+            let hoist = |step: Step| -> Result<(FuncOp, Hoisted), RunError> {
                 let func = interp::find_func(&ctx, module, step.name())
                     .ok_or_else(|| format!("the model has no @{}", step.name()))?;
-                interpreter
+                let hoisted = interpreter
                     .hoist(func)
-                    .map_err(|e| format!("@{}: {e}", step.name()))
+                    .map_err(|e| format!("@{}: {e}", step.name()))?;
+                Ok((func, hoisted))
             };
             [hoist(Step::Prefill)?, hoist(Step::Decode)?]
         };
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
             ctx,
-            module,
             config,
             weights,
-            hoisted,
+            steps,
             compile_ms,
         })
     }
@@ -178,11 +174,6 @@ impl Model {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
-    }
-
-    fn func(&self, name: &str) -> Result<FuncOp, RunError> {
-        interp::find_func(&self.ctx, self.module, name)
-            .ok_or_else(|| format!("the model has no @{name}"))
     }
 
     /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions.
@@ -230,9 +221,10 @@ impl Model {
             Value::Cache(cache),
         ];
         let func = step.name();
+        let (func_op, hoisted) = &self.steps[step as usize];
         let interpreter = Interpreter::new(&self.ctx, &self.weights);
         let mut out = interpreter
-            .run_hoisted(self.func(func)?, args, &self.hoisted[step as usize])
+            .run_hoisted(*func_op, args, hoisted)
             .map_err(|e| format!("@{func}: {e}"))?;
         let cache = match out.pop() {
             Some(Value::Cache(c)) => c,

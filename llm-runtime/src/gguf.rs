@@ -22,7 +22,7 @@ use llm_ir::{
 use crate::{
     model::ModelConfig,
     tokenizer::Tokenizer,
-    weights::{LoadError, Weights},
+    weights::{LoadError, Weights, builder_name, floats_le},
 };
 
 /// A metadata value.
@@ -299,27 +299,7 @@ impl GgufFile {
         })?;
         let data = &bytes[start as usize..end as usize];
         Ok(match kind {
-            Storage::Float(DType::F32) => Value::Tensor(Tensor::from_f32(
-                shape,
-                DType::F32,
-                data.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            )),
-            Storage::Float(DType::F16) => Value::Tensor(Tensor::from_f32(
-                shape,
-                DType::F16,
-                data.chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            )),
-            Storage::Float(d) => Value::Tensor(Tensor::from_f32(
-                shape,
-                d,
-                data.chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            )),
+            Storage::Float(d) => Value::Tensor(Tensor::from_f32(shape, d, floats_le(d, data))),
             Storage::Quant(format) => Value::Quantized(QTensor {
                 shape,
                 format,
@@ -331,30 +311,26 @@ impl GgufFile {
 
 /// The builder's name for a llama GGUF tensor name.
 fn weight_name(gguf: &str) -> Option<String> {
-    let simple = [
-        ("token_embd.weight", "tok_embeddings.weight"),
-        ("output_norm.weight", "norm.weight"),
-        ("output.weight", "output.weight"),
-    ];
-    if let Some((_, n)) = simple.iter().find(|(g, _)| *g == gguf) {
-        return Some(n.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let part = match part {
-        "attn_norm.weight" => "attention_norm.weight",
-        "attn_q.weight" => "attention.wq.weight",
-        "attn_k.weight" => "attention.wk.weight",
-        "attn_v.weight" => "attention.wv.weight",
-        "attn_output.weight" => "attention.wo.weight",
-        "ffn_norm.weight" => "ffn_norm.weight",
-        "ffn_gate.weight" => "feed_forward.w1.weight",
-        "ffn_down.weight" => "feed_forward.w2.weight",
-        "ffn_up.weight" => "feed_forward.w3.weight",
-        _ => return None,
-    };
-    Some(format!("layers.{layer}.{part}"))
+    builder_name(
+        gguf,
+        &[
+            ("token_embd.weight", "tok_embeddings.weight"),
+            ("output_norm.weight", "norm.weight"),
+            ("output.weight", "output.weight"),
+        ],
+        "blk.",
+        &[
+            ("attn_norm.weight", "attention_norm.weight"),
+            ("attn_q.weight", "attention.wq.weight"),
+            ("attn_k.weight", "attention.wk.weight"),
+            ("attn_v.weight", "attention.wv.weight"),
+            ("attn_output.weight", "attention.wo.weight"),
+            ("ffn_norm.weight", "ffn_norm.weight"),
+            ("ffn_gate.weight", "feed_forward.w1.weight"),
+            ("ffn_down.weight", "feed_forward.w2.weight"),
+            ("ffn_up.weight", "feed_forward.w3.weight"),
+        ],
+    )
 }
 
 /// A model read from GGUF: configuration, weights and the embedded tokenizer.

@@ -19,35 +19,31 @@ use crate::{
     model::{ModelConfig, check_weights},
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
-    weights::{LoadError, Weights},
+    weights::{LoadError, Weights, builder_name, floats_le},
 };
 
 /// The builder's name for a Hugging Face Llama tensor name.
 fn weight_name(hf: &str) -> Option<String> {
-    let simple = [
-        ("model.embed_tokens.weight", "tok_embeddings.weight"),
-        ("model.norm.weight", "norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, n)) = simple.iter().find(|(h, _)| *h == hf) {
-        return Some(n.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let part = match part {
-        "input_layernorm.weight" => "attention_norm.weight",
-        "self_attn.q_proj.weight" => "attention.wq.weight",
-        "self_attn.k_proj.weight" => "attention.wk.weight",
-        "self_attn.v_proj.weight" => "attention.wv.weight",
-        "self_attn.o_proj.weight" => "attention.wo.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "feed_forward.w1.weight",
-        "mlp.down_proj.weight" => "feed_forward.w2.weight",
-        "mlp.up_proj.weight" => "feed_forward.w3.weight",
-        _ => return None,
-    };
-    Some(format!("layers.{layer}.{part}"))
+    builder_name(
+        hf,
+        &[
+            ("model.embed_tokens.weight", "tok_embeddings.weight"),
+            ("model.norm.weight", "norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ],
+        "model.layers.",
+        &[
+            ("input_layernorm.weight", "attention_norm.weight"),
+            ("self_attn.q_proj.weight", "attention.wq.weight"),
+            ("self_attn.k_proj.weight", "attention.wk.weight"),
+            ("self_attn.v_proj.weight", "attention.wv.weight"),
+            ("self_attn.o_proj.weight", "attention.wo.weight"),
+            ("post_attention_layernorm.weight", "ffn_norm.weight"),
+            ("mlp.gate_proj.weight", "feed_forward.w1.weight"),
+            ("mlp.down_proj.weight", "feed_forward.w2.weight"),
+            ("mlp.up_proj.weight", "feed_forward.w3.weight"),
+        ],
+    )
 }
 
 fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
@@ -72,30 +68,13 @@ fn read_safetensors(path: &Path, weights: &mut Weights) -> Result<(), String> {
         };
         let shape = view.shape().to_vec();
         let data = view.data();
-        let value = match view.dtype() {
-            Dtype::F32 => Tensor::from_f32(
-                shape,
-                DType::F32,
-                data.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            Dtype::F16 => Tensor::from_f32(
-                shape,
-                DType::F16,
-                data.chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
-            Dtype::BF16 => Tensor::from_f32(
-                shape,
-                DType::BF16,
-                data.chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
             other => return Err(format!("tensor `{name}` has unsupported dtype {other:?}")),
         };
+        let value = Tensor::from_f32(shape, dtype, floats_le(dtype, data));
         weights.insert(ours, Value::Tensor(value));
     }
     Ok(())

@@ -158,14 +158,13 @@ pub fn parse_with(
         progress(i as f64 / total as f64);
         let n: usize = shape.iter().product();
         for layer in 0..count {
-            let values: Vec<f32> = bytes[at..at + 4 * n]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let raw = &bytes[at..at + 4 * n];
             at += 4 * n;
+            // Skipped tables (the legacy RoPE frequencies) are not decoded.
             if name.starts_with('(') {
                 continue;
             }
+            let values = crate::weights::floats_le(DType::F32, raw);
             let key = name.replace('*', &layer.to_string());
             weights.insert(
                 key,

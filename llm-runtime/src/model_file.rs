@@ -31,7 +31,6 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMod
     if path.is_dir() {
         return crate::hf::load_with(path, progress);
     }
-    let file = path.display().to_string();
     let mut magic = [0u8; 4];
     let is_gguf = std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
@@ -44,10 +43,7 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMod
             tokenizer: m.tokenizer.map(|t| Box::new(t) as Box<dyn TextCodec>),
         });
     }
-    let (config, weights) = llama2c::load_with(path, progress).map_err(|e| LoadError {
-        file,
-        message: e.message,
-    })?;
+    let (config, weights) = llama2c::load_with(path, progress)?;
     Ok(LoadedModel {
         config,
         weights,

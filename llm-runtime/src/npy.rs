@@ -6,6 +6,8 @@ use llm_ir::{
     interp::{Data, Tensor},
 };
 
+use crate::weights::floats_le;
+
 fn descr(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "<f4",
@@ -141,20 +143,7 @@ pub fn read(bytes: &[u8]) -> Result<Tensor, String> {
         ));
     }
     Ok(match dtype {
-        DType::F32 => Tensor::from_f32(
-            shape,
-            dtype,
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        DType::F16 => Tensor::from_f32(
-            shape,
-            dtype,
-            data.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
+        DType::F32 | DType::F16 => Tensor::from_f32(shape, dtype, floats_le(dtype, data)),
         DType::I8 => Tensor::from_i64(
             shape,
             dtype,

@@ -2,7 +2,10 @@
 
 use std::{collections::HashMap, rc::Rc};
 
-use llm_ir::interp::{Value, WeightStore};
+use llm_ir::{
+    dtype::DType,
+    interp::{Value, WeightStore},
+};
 
 /// An error in a model file, naming the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +23,44 @@ impl std::fmt::Display for LoadError {
 }
 
 impl std::error::Error for LoadError {}
+
+/// The builder's name for a tensor named `name` in a file format whose names are given by
+/// `globals` (pairs of the format's name and ours), the per-layer prefix `layer_prefix`
+/// (followed by the layer number and a dot) and `parts` (pairs for the per-layer tensors);
+/// `None` for a tensor that is not part of a Llama model.
+pub fn builder_name(
+    name: &str,
+    globals: &[(&str, &str)],
+    layer_prefix: &str,
+    parts: &[(&str, &str)],
+) -> Option<String> {
+    if let Some((_, ours)) = globals.iter().find(|(theirs, _)| *theirs == name) {
+        return Some(ours.to_string());
+    }
+    let (layer, part) = name.strip_prefix(layer_prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, ours) = parts.iter().find(|(theirs, _)| *theirs == part)?;
+    Some(format!("layers.{layer}.{ours}"))
+}
+
+/// Decodes little-endian floats stored as `dtype` (`f16` or `bf16`; any other dtype is
+/// read as `f32`), as model files and `.npy` arrays store them.
+pub fn floats_le(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}
 
 /// Named weights held in memory.
 #[derive(Debug, Default, Clone)]
