@@ -55,7 +55,9 @@ fn bench_decode(c: &mut Criterion) {
         let vocab: Vec<Vec<u8>> = (0..config.vocab)
             .map(|i| format!("t{i}").into_bytes())
             .collect();
-        let tokenizer = Tokenizer::from_vocab(vocab, vec![0.0; config.vocab]);
+        // No stop tokens: every iteration runs all POSITIONS, as the baseline does.
+        let tokenizer =
+            Tokenizer::from_vocab(vocab, vec![0.0; config.vocab]).with_stop_tokens(Vec::new());
         let greedy = SamplerConfig {
             temperature: 0.0,
             top_p: 0.9,
@@ -64,9 +66,11 @@ fn bench_decode(c: &mut Criterion) {
         };
         group.bench_function(BenchmarkId::new("interpreter", &name), |b| {
             b.iter(|| {
-                model
+                let g = model
                     .generate(&tokenizer, "", POSITIONS, greedy.clone())
-                    .expect("runs")
+                    .expect("runs");
+                assert_eq!(g.logits.len(), POSITIONS, "ran every position");
+                g
             })
         });
     }

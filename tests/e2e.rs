@@ -103,6 +103,7 @@ fn check_golden_with(stem: &str, prompt: &str, passes: &str) {
     assert_eq!(g.stats.forward_calls, calls);
     let golden = golden_logits(stem);
     assert_eq!(golden.len(), calls * 512, "golden logits rows");
+    assert_eq!(g.logits.len(), calls, "one logits row per forward call");
     let mut max_err = 0f32;
     for (pos, row) in g.logits.iter().enumerate() {
         for (j, (&a, &b)) in row
@@ -281,6 +282,11 @@ fn gguf_model_with_its_embedded_vocabulary_matches_golden() {
         String::from_utf8_lossy(&text)
     );
     let golden = golden_logits("once_upon_a_time");
+    assert_eq!(
+        g.logits.len() * 512,
+        golden.len(),
+        "one logits row per position"
+    );
     let max_err = g
         .logits
         .iter()

@@ -159,6 +159,11 @@ fn a_hugging_face_directory_reproduces_the_golden_output() {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
+    assert_eq!(
+        g.logits.len() * 512,
+        logits.len(),
+        "one logits row per position"
+    );
     let max_err = g
         .logits
         .iter()
