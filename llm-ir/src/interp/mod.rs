@@ -254,7 +254,20 @@ impl<'a> Interpreter<'a> {
 #[derive(Default)]
 pub struct Hoisted(HashMap<IrValue, Option<Rc<Value>>>);
 
-fn locate(loc: &Location) -> Option<(u32, u32)> {
+impl Hoisted {
+    /// Whether `value` is the result of a hoisted op.
+    pub fn covers(&self, value: IrValue) -> bool {
+        self.0.contains_key(&value)
+    }
+
+    /// The value of hoisted result `value`, where an op that is not hoisted uses it.
+    pub fn value(&self, value: IrValue) -> Option<&Rc<Value>> {
+        self.0.get(&value)?.as_ref()
+    }
+}
+
+/// `LINE:COL` of a source location, when it has one.
+pub fn locate(loc: &Location) -> Option<(u32, u32)> {
     match loc {
         Location::SrcPos { pos, .. } => Some((pos.line as u32, pos.column as u32)),
         _ => None,
@@ -270,8 +283,13 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
                 .zip(shape)
                 .all(|(d, &s)| d.is_none_or(|d| d as usize == s))
     };
-    let shown = ty.disp(ctx).to_string();
-    let mismatch = |what: String| Err(format!("{what} does not match the declared type {shown}"));
+    let shown = || ty.disp(ctx).to_string();
+    let mismatch = |what: String| {
+        Err(format!(
+            "{what} does not match the declared type {}",
+            shown()
+        ))
+    };
     if let Ok(t) = TypedHandle::<TensorType>::from_handle(ty, ctx) {
         let t = t.deref(ctx);
         let Value::Tensor(v) = value else {
@@ -335,7 +353,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
         }
         return Ok(());
     }
-    Err(format!("values of type {shown} are not supported"))
+    Err(format!("values of type {} are not supported", shown()))
 }
 
 /// Evaluates one op on `inputs` (in operand order) with its reference semantics.

@@ -489,8 +489,9 @@ pub struct OpCheck<'a> {
 }
 
 impl<'a> OpCheck<'a> {
-    /// The view the interpreter gives evaluation functions (the op must be an `llm` op).
-    pub(crate) fn for_eval(ctx: &'a Context, op: Ptr<Operation>) -> Self {
+    /// The view the interpreter gives evaluation functions, and lowerings read parameters
+    /// through (the op must be an `llm` op).
+    pub fn for_eval(ctx: &'a Context, op: Ptr<Operation>) -> Self {
         let name = Operation::get_opid(op, ctx).to_string();
         let sig = LLM_OPS
             .iter()

@@ -3,12 +3,17 @@
 
 use std::rc::Rc;
 
-use pliron::{linked_list::ContainsLinkedList, operation::Operation, value::Value as IrValue};
+use pliron::{
+    context::{Context, Ptr},
+    linked_list::ContainsLinkedList,
+    operation::Operation,
+    value::Value as IrValue,
+};
 
 use super::{
     Eval, Outputs,
     attention::paged_attend,
-    elementwise::{binary_fn, broadcast, broadcast_index, unary_fn},
+    elementwise::{BINARY, UNARY, binary_fn, broadcast, broadcast_index, unary_fn},
     kv::append,
     linalg::matmul_2d,
     norm::{eps, rms_norm_rows},
@@ -19,7 +24,87 @@ use crate::{
     params::ParamValue,
 };
 
-/// One step of a compiled scalar body.
+/// One step of a scalar body: an elementwise op on earlier slots, or a constant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScalarStep {
+    /// A unary op (`llm.silu`, ...) on a slot.
+    Unary(&'static str, usize),
+    /// A binary op (`llm.add`, ...) on two slots.
+    Binary(&'static str, usize, usize),
+    /// A constant.
+    Constant(f32),
+}
+
+/// The scalar body of an `llm.fused` op in a form backends consume: slots `0..args` are
+/// the block arguments (one element of each operand), slot `args + i` is the result of
+/// `steps[i]`, and `result` is the yielded slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalarBody {
+    /// Number of block arguments.
+    pub args: usize,
+    /// The steps, in order.
+    pub steps: Vec<ScalarStep>,
+    /// The yielded slot.
+    pub result: usize,
+}
+
+impl ScalarBody {
+    /// Reads the body of the `llm.fused` op `op`.
+    pub fn of(ctx: &Context, op: Ptr<Operation>) -> Result<ScalarBody, String> {
+        let region = op.deref(ctx).get_region(0);
+        let block = region
+            .deref(ctx)
+            .iter(ctx)
+            .next()
+            .ok_or("the body has no block")?;
+        let mut slots: Vec<IrValue> = block.deref(ctx).arguments().collect();
+        let args = slots.len();
+        let mut steps = Vec::new();
+        let slot_of = |slots: &[IrValue], v: IrValue| {
+            slots
+                .iter()
+                .position(|s| *s == v)
+                .ok_or("a body operand is not defined in the body")
+        };
+        for op in block.deref(ctx).iter(ctx).collect::<Vec<_>>() {
+            let name = Operation::get_opid(op, ctx).to_string();
+            let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
+            let slot_args: Vec<usize> = operands
+                .iter()
+                .map(|&v| slot_of(&slots, v))
+                .collect::<Result<_, _>>()?;
+            if name == "llm.yield" {
+                let result = *slot_args.first().ok_or("llm.yield has no operand")?;
+                return Ok(ScalarBody {
+                    args,
+                    steps,
+                    result,
+                });
+            }
+            let step = if let Some((n, _)) = UNARY.iter().find(|(n, _)| *n == name) {
+                ScalarStep::Unary(n, slot_args[0])
+            } else if let Some((n, _)) = BINARY.iter().find(|(n, _)| *n == name) {
+                ScalarStep::Binary(n, slot_args[0], slot_args[1])
+            } else if name == "llm.constant" {
+                let c = crate::ops::OpCheck::for_eval(ctx, op);
+                match c.param("value") {
+                    Some(ParamValue::List(v)) if v.len() == 1 => {
+                        ScalarStep::Constant(v[0].as_number().unwrap_or(0.0) as f32)
+                    }
+                    Some(v) => ScalarStep::Constant(v.as_number().unwrap_or(0.0) as f32),
+                    None => return Err("a body constant has no value".into()),
+                }
+            } else {
+                return Err(format!("{name} cannot appear in a fused body"));
+            };
+            steps.push(step);
+            slots.push(op.deref(ctx).get_result(0));
+        }
+        Err("the body does not end with llm.yield".into())
+    }
+}
+
+/// A scalar body step with its function resolved.
 enum Step {
     Unary(fn(f32) -> f32, usize),
     Binary(fn(f32, f32) -> f32, usize, usize),
@@ -28,7 +113,6 @@ enum Step {
 
 /// `llm.fused`: evaluates the scalar body once per element of the broadcast result.
 pub fn fused(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let ctx = e.op.ctx;
     let dtype = e.result_dtype(0)?;
     let tensors: Vec<&Tensor> = inputs
         .iter()
@@ -38,53 +122,26 @@ pub fn fused(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     for t in &tensors {
         shape = broadcast(&shape, &t.shape)?;
     }
-    let region = e.op.op.deref(ctx).get_region(0);
-    let block = region
-        .deref(ctx)
-        .iter(ctx)
-        .next()
-        .ok_or("the body has no block")?;
-    let mut slots: Vec<IrValue> = block.deref(ctx).arguments().collect();
-    let mut steps = Vec::new();
-    let mut result_slot = None;
-    let slot_of = |slots: &[IrValue], v: IrValue| {
-        slots
-            .iter()
-            .position(|s| *s == v)
-            .ok_or("a body operand is not defined in the body")
-    };
-    for op in block.deref(ctx).iter(ctx).collect::<Vec<_>>() {
-        let name = Operation::get_opid(op, ctx).to_string();
-        let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
-        let args: Vec<usize> = operands
-            .iter()
-            .map(|&v| slot_of(&slots, v))
-            .collect::<Result<_, _>>()?;
-        if name == "llm.yield" {
-            result_slot = args.first().copied();
-            break;
-        }
-        let step = if let Some(f) = unary_fn(&name) {
-            Step::Unary(f, args[0])
-        } else if let Some(f) = binary_fn(&name) {
-            Step::Binary(f, args[0], args[1])
-        } else if name == "llm.constant" {
-            let c = crate::ops::OpCheck::for_eval(ctx, op);
-            match c.param("value") {
-                Some(ParamValue::List(v)) if v.len() == 1 => {
-                    Step::Constant(v[0].as_number().unwrap_or(0.0) as f32)
-                }
-                Some(v) => Step::Constant(v.as_number().unwrap_or(0.0) as f32),
-                None => return Err("a body constant has no value".into()),
-            }
-        } else {
-            return Err(format!("{name} cannot appear in a fused body"));
-        };
-        steps.push(step);
-        slots.push(op.deref(ctx).get_result(0));
-    }
-    let result_slot = result_slot.ok_or("the body does not end with llm.yield")?;
+    let body = ScalarBody::of(e.op.ctx, e.op.op)?;
+    let steps: Vec<Step> = body
+        .steps
+        .iter()
+        .map(|s| {
+            Ok(match *s {
+                ScalarStep::Unary(n, a) => Step::Unary(unary_fn(n).ok_or(n)?, a),
+                ScalarStep::Binary(n, a, b) => Step::Binary(binary_fn(n).ok_or(n)?, a, b),
+                ScalarStep::Constant(c) => Step::Constant(c),
+            })
+        })
+        .collect::<Result<_, &str>>()
+        .map_err(|n| format!("{n} has no scalar function"))?;
     let n_args = tensors.len();
+    if n_args != body.args {
+        return Err(format!(
+            "{n_args} operands for a body of {} arguments",
+            body.args
+        ));
+    }
     let data: Vec<&[f32]> = tensors
         .iter()
         .map(|t| t.floats())
@@ -111,7 +168,7 @@ pub fn fused(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                 },
             );
         }
-        out.push(values[result_slot]);
+        out.push(values[body.result]);
     }
     one(Tensor::from_f32(shape, dtype, out))
 }

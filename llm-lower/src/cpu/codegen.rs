@@ -1,0 +1,406 @@
+//! Kernel generators: one CLIF function per [`Kernel`], specialised to its static shapes.
+//!
+//! Every kernel takes `i64` parameters (pointers and counts) and returns nothing; the
+//! signatures are listed in [`Kernel::params`](super::jit) and checked by the callers in
+//! `program.rs` before any call. f32 data is processed as `f32x4` with several accumulators;
+//! lengths that are not multiples of the vector width finish with static scalar tails.
+
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use llm_ir::interp::eval::fused::{ScalarBody, ScalarStep};
+
+use super::emit::{address, exp, for_range, horizontal_sum, mem, splat};
+use crate::kernel::{Contraction, Kernel, WeightFormat};
+
+/// Number of `i64` parameters of `kernel`'s function.
+pub fn param_count(kernel: &Kernel) -> usize {
+    match kernel {
+        // x, w, y, m, j0, j1
+        Kernel::Contraction(_) => 6,
+        // inputs (array of pointers), out, len
+        Kernel::Elementwise(_) => 3,
+        // x, g, y, rows
+        Kernel::RmsNorm { .. } => 4,
+    }
+}
+
+/// Emits the body of `kernel` into `b`, whose entry block holds the parameters `p`.
+pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value]) {
+    match kernel {
+        Kernel::Contraction(c) => emit_contraction(b, c, p),
+        Kernel::Elementwise(body) => emit_elementwise(b, body, p),
+        Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
+    }
+}
+
+/// Rows of the weight matrix one f32 iteration reads together (shares the loads of x).
+const F32_ROWS: usize = 4;
+
+/// `y[i, j] = dot(x[i, :], w[j, :])` for `i < m`, `j0 <= j < j1`: blocks of rows of `w`
+/// outside, rows of `x` inside (the weight block stays in L1 across the rows of `x`).
+fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value]) {
+    let (x, w, y, m, j0, j1) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+    let rows = match c.weight {
+        WeightFormat::F32 => F32_ROWS,
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => 1,
+    };
+    let zero = b.ins().iconst(types::I64, 0);
+    // j0 + floor((j1 - j0) / rows) * rows: where the single-row tail starts.
+    let span = b.ins().isub(j1, j0);
+    let whole = b.ins().band_imm_s(span, !(rows as i64 - 1));
+    let blocked_end = b.ins().iadd(j0, whole);
+    let row_bytes = c.weight.row_bytes(c.k) as i64;
+    let mut ranges = vec![(j0, blocked_end, rows)];
+    if rows > 1 {
+        ranges.push((blocked_end, j1, 1));
+    }
+    for (start, end, count) in ranges {
+        for_range(b, start, end, count as i64, |b, j| {
+            let wblock = address(b, w, j, row_bytes);
+            for_range(b, zero, m, 1, |b, i| {
+                let xrow = address(b, x, i, 4 * c.k as i64);
+                let sums = match c.weight {
+                    WeightFormat::F32 => dot_f32(b, xrow, wblock, c.k, count),
+                    WeightFormat::Q8_0 => vec![dot_q8_0(b, xrow, wblock, c.k)],
+                    WeightFormat::Q4_0 => vec![dot_q4_0(b, xrow, wblock, c.k)],
+                };
+                let yrow = address(b, y, i, 4 * c.n as i64);
+                let yat = address(b, yrow, j, 4);
+                for (r, s) in sums.into_iter().enumerate() {
+                    b.ins().store(mem(), s, yat, 4 * r as i32);
+                }
+            });
+        });
+    }
+}
+
+/// Declares `count` `f32x4` accumulators set to zero.
+fn zeroed_accumulators(b: &mut FunctionBuilder, count: usize) -> Vec<Variable> {
+    let z = splat(b, 0.0);
+    (0..count)
+        .map(|_| {
+            let v = b.declare_var(types::F32X4);
+            b.def_var(v, z);
+            v
+        })
+        .collect()
+}
+
+/// `acc += a * x` on a variable.
+fn accumulate(b: &mut FunctionBuilder, acc: Variable, a: Value, x: Value) {
+    let old = b.use_var(acc);
+    let new = b.ins().fma(a, x, old);
+    b.def_var(acc, new);
+}
+
+/// Dot products of one row of x with `rows` consecutive f32 rows of w (row length `k`):
+/// two `f32x4` accumulators per row over chunks of 8, then a 4-wide step and scalar tail.
+fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize, rows: usize) -> Vec<Value> {
+    let acc = zeroed_accumulators(b, 2 * rows);
+    let k8 = k - k % 8;
+    let row = |r: usize| (4 * r * k) as i32;
+    if k8 > 0 {
+        let zero = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, k8 as i64);
+        for_range(b, zero, end, 8, |b, p| {
+            let xp = address(b, x, p, 4);
+            let wp = address(b, w, p, 4);
+            let x0 = b.ins().load(types::F32X4, mem(), xp, 0);
+            let x1 = b.ins().load(types::F32X4, mem(), xp, 16);
+            for r in 0..rows {
+                let w0 = b.ins().load(types::F32X4, mem(), wp, row(r));
+                accumulate(b, acc[2 * r], w0, x0);
+                let w1 = b.ins().load(types::F32X4, mem(), wp, row(r) + 16);
+                accumulate(b, acc[2 * r + 1], w1, x1);
+            }
+        });
+    }
+    let mut k4 = k8;
+    if k - k8 >= 4 {
+        let xv = b.ins().load(types::F32X4, mem(), x, 4 * k8 as i32);
+        for r in 0..rows {
+            let wv = b.ins().load(types::F32X4, mem(), w, row(r) + 4 * k8 as i32);
+            accumulate(b, acc[2 * r], wv, xv);
+        }
+        k4 += 4;
+    }
+    (0..rows)
+        .map(|r| {
+            let a0 = b.use_var(acc[2 * r]);
+            let a1 = b.use_var(acc[2 * r + 1]);
+            let both = b.ins().fadd(a0, a1);
+            let mut s = horizontal_sum(b, both);
+            for q in k4..k {
+                let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
+                let ws = b.ins().load(types::F32, mem(), w, row(r) + 4 * q as i32);
+                s = b.ins().fma(ws, xs, s);
+            }
+            s
+        })
+        .collect()
+}
+
+/// The f32 value of the little-endian f16 at `at + offset` (normal and subnormal values;
+/// block scales are never infinite or NaN).
+fn load_f16(b: &mut FunctionBuilder, at: Value, offset: i32) -> Value {
+    let h = b.ins().uload16(types::I32, mem(), at, offset);
+    let magnitude = b.ins().band_imm_s(h, 0x7fff);
+    let shifted = b.ins().ishl_imm_s(magnitude, 13);
+    let f = b.ins().bitcast(types::F32, MemFlagsData::new(), shifted);
+    // Rebias the exponent from 15 to 127: multiply by 2^112.
+    let rebias = b.ins().f32const(f32::from_bits((127 + 112) << 23));
+    let value = b.ins().fmul(f, rebias);
+    let sign = b.ins().band_imm_s(h, 0x8000);
+    let sign = b.ins().ishl_imm_s(sign, 16);
+    let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), value);
+    let bits = b.ins().bor(bits, sign);
+    b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+}
+
+/// Eight signed bytes widened to two `f32x4`.
+fn widen_i16x8(b: &mut FunctionBuilder, v16: Value) -> [Value; 2] {
+    let lo = b.ins().swiden_low(v16);
+    let hi = b.ins().swiden_high(v16);
+    [
+        b.ins().fcvt_from_sint(types::F32X4, lo),
+        b.ins().fcvt_from_sint(types::F32X4, hi),
+    ]
+}
+
+/// Per-block dot product shared by the quantized formats: for each block of 32, `weights`
+/// emits the 8 `f32x4` of dequantized-but-unscaled weights (in element order, as pairs
+/// per 8), which meet x in a block accumulator that is then scaled by the block's f16 scale.
+fn dot_blocks(
+    b: &mut FunctionBuilder,
+    x: Value,
+    w: Value,
+    k: usize,
+    block_bytes: i64,
+    weights: impl Fn(&mut FunctionBuilder, Value) -> [Value; 8],
+) -> Value {
+    let acc = zeroed_accumulators(b, 2);
+    let zero = b.ins().iconst(types::I64, 0);
+    let blocks = b.ins().iconst(types::I64, (k / 32) as i64);
+    for_range(b, zero, blocks, 1, |b, blk| {
+        let wb = address(b, w, blk, block_bytes);
+        let xb = address(b, x, blk, 128);
+        let scale = load_f16(b, wb, 0);
+        let q = weights(b, wb);
+        let mut sums = [splat(b, 0.0), splat(b, 0.0)];
+        for (c, qv) in q.into_iter().enumerate() {
+            let xv = b.ins().load(types::F32X4, mem(), xb, 16 * c as i32);
+            sums[c % 2] = b.ins().fma(qv, xv, sums[c % 2]);
+        }
+        let total = b.ins().fadd(sums[0], sums[1]);
+        let scale = b.ins().splat(types::F32X4, scale);
+        let old = b.use_var(acc[0]);
+        let new = b.ins().fma(total, scale, old);
+        b.def_var(acc[0], new);
+    });
+    let a = b.use_var(acc[0]);
+    horizontal_sum(b, a)
+}
+
+/// Dot product of x with one q8_0 row: bytes widened in registers, never stored as f32.
+fn dot_q8_0(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
+    dot_blocks(b, x, w, k, 34, |b, wb| {
+        let mut out = [wb; 8];
+        for half in 0..4 {
+            let v16 = b.ins().sload8x8(mem(), wb, 2 + 8 * half as i32);
+            let [lo, hi] = widen_i16x8(b, v16);
+            out[2 * half] = lo;
+            out[2 * half + 1] = hi;
+        }
+        out
+    })
+}
+
+/// Dot product of x with one q4_0 row: nibbles unpacked and recentred in registers.
+fn dot_q4_0(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
+    dot_blocks(b, x, w, k, 18, |b, wb| {
+        let packed = b.ins().load(types::I8X16, mem(), wb, 2);
+        let mask = b.ins().iconst(types::I8, 0x0f);
+        let mask = b.ins().splat(types::I8X16, mask);
+        let eight = b.ins().iconst(types::I8, 8);
+        let eight = b.ins().splat(types::I8X16, eight);
+        let low = b.ins().band(packed, mask);
+        let four = b.ins().iconst(types::I32, 4);
+        let high = b.ins().ushr(packed, four);
+        let high = b.ins().band(high, mask);
+        let mut out = [wb; 8];
+        for (h, nibbles) in [low, high].into_iter().enumerate() {
+            let centred = b.ins().isub(nibbles, eight);
+            for (q, v16) in [b.ins().swiden_low(centred), b.ins().swiden_high(centred)]
+                .into_iter()
+                .enumerate()
+            {
+                let [lo, hi] = widen_i16x8(b, v16);
+                out[4 * h + 2 * q] = lo;
+                out[4 * h + 2 * q + 1] = hi;
+            }
+        }
+        out
+    })
+}
+
+/// The value of a scalar body on `f32x4` lanes.
+fn emit_body(b: &mut FunctionBuilder, body: &ScalarBody, args: &[Value]) -> Value {
+    let mut slots = args.to_vec();
+    for step in &body.steps {
+        let v = match *step {
+            ScalarStep::Unary(op, a) => unary(b, op, slots[a]),
+            ScalarStep::Binary(op, l, r) => {
+                let (l, r) = (slots[l], slots[r]);
+                match op {
+                    "llm.add" => b.ins().fadd(l, r),
+                    "llm.sub" => b.ins().fsub(l, r),
+                    "llm.mul" => b.ins().fmul(l, r),
+                    _ => b.ins().fdiv(l, r),
+                }
+            }
+            ScalarStep::Constant(c) => splat(b, c),
+        };
+        slots.push(v);
+    }
+    slots[body.result]
+}
+
+/// `1 / (1 + exp(-x))`.
+fn sigmoid(b: &mut FunctionBuilder, x: Value) -> Value {
+    let neg = b.ins().fneg(x);
+    let e = exp(b, neg);
+    let one = splat(b, 1.0);
+    let d = b.ins().fadd(one, e);
+    b.ins().fdiv(one, d)
+}
+
+/// `tanh(x) = 1 - 2 / (exp(2x) + 1)`.
+fn tanh(b: &mut FunctionBuilder, x: Value) -> Value {
+    let two = splat(b, 2.0);
+    let one = splat(b, 1.0);
+    let x2 = b.ins().fmul(x, two);
+    let e = exp(b, x2);
+    let d = b.ins().fadd(e, one);
+    let q = b.ins().fdiv(two, d);
+    b.ins().fsub(one, q)
+}
+
+/// A unary elementwise op on `f32x4` lanes.
+fn unary(b: &mut FunctionBuilder, op: &str, x: Value) -> Value {
+    match op {
+        "llm.exp" => exp(b, x),
+        "llm.neg" => b.ins().fneg(x),
+        "llm.sqrt" => b.ins().sqrt(x),
+        "llm.rsqrt" => {
+            let s = b.ins().sqrt(x);
+            let one = splat(b, 1.0);
+            b.ins().fdiv(one, s)
+        }
+        "llm.tanh" => tanh(b, x),
+        "llm.sigmoid" => sigmoid(b, x),
+        "llm.silu" => {
+            let s = sigmoid(b, x);
+            b.ins().fmul(x, s)
+        }
+        // gelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        _ => {
+            let x3 = b.ins().fmul(x, x);
+            let x3 = b.ins().fmul(x3, x);
+            let c = splat(b, 0.044_715);
+            let inner = b.ins().fma(c, x3, x);
+            let k = splat(b, (2.0f32 / std::f32::consts::PI).sqrt());
+            let inner = b.ins().fmul(k, inner);
+            let t = tanh(b, inner);
+            let one = splat(b, 1.0);
+            let t1 = b.ins().fadd(one, t);
+            let half = splat(b, 0.5);
+            let hx = b.ins().fmul(half, x);
+            b.ins().fmul(hx, t1)
+        }
+    }
+}
+
+/// `out[i] = body(in_0[i], in_1[i], ...)` for `i < len`: 4 lanes at a time, then one lane.
+fn emit_elementwise(b: &mut FunctionBuilder, body: &ScalarBody, p: &[Value]) {
+    let (inputs, out, len) = (p[0], p[1], p[2]);
+    let ptrs: Vec<Value> = (0..body.args)
+        .map(|a| b.ins().load(types::I64, mem(), inputs, 8 * a as i32))
+        .collect();
+    let zero = b.ins().iconst(types::I64, 0);
+    let vec_end = b.ins().band_imm_s(len, !3);
+    for_range(b, zero, vec_end, 4, |b, i| {
+        let args: Vec<Value> = ptrs
+            .iter()
+            .map(|&ptr| {
+                let at = address(b, ptr, i, 4);
+                b.ins().load(types::F32X4, mem(), at, 0)
+            })
+            .collect();
+        let v = emit_body(b, body, &args);
+        let at = address(b, out, i, 4);
+        b.ins().store(mem(), v, at, 0);
+    });
+    for_range(b, vec_end, len, 1, |b, i| {
+        let args: Vec<Value> = ptrs
+            .iter()
+            .map(|&ptr| {
+                let at = address(b, ptr, i, 4);
+                let s = b.ins().load(types::F32, mem(), at, 0);
+                b.ins().scalar_to_vector(types::F32X4, s)
+            })
+            .collect();
+        let v = emit_body(b, body, &args);
+        let s = b.ins().extractlane(v, 0);
+        let at = address(b, out, i, 4);
+        b.ins().store(mem(), s, at, 0);
+    });
+}
+
+/// `y = g * (x / sqrt(mean(x^2) + eps))` for each of `rows` rows of `d` values.
+fn emit_rms_norm(b: &mut FunctionBuilder, d: usize, eps: f32, p: &[Value]) {
+    let (x, g, y, rows) = (p[0], p[1], p[2], p[3]);
+    let zero = b.ins().iconst(types::I64, 0);
+    let d4 = d - d % 4;
+    for_range(b, zero, rows, 1, |b, r| {
+        let xrow = address(b, x, r, 4 * d as i64);
+        let yrow = address(b, y, r, 4 * d as i64);
+        let acc = zeroed_accumulators(b, 1)[0];
+        let vec_end = b.ins().iconst(types::I64, d4 as i64);
+        for_range(b, zero, vec_end, 4, |b, q| {
+            let at = address(b, xrow, q, 4);
+            let v = b.ins().load(types::F32X4, mem(), at, 0);
+            accumulate(b, acc, v, v);
+        });
+        let a = b.use_var(acc);
+        let mut ss = horizontal_sum(b, a);
+        for q in d4..d {
+            let v = b.ins().load(types::F32, mem(), xrow, 4 * q as i32);
+            ss = b.ins().fma(v, v, ss);
+        }
+        let inv_d = b.ins().f32const(1.0 / d as f32);
+        let mean = b.ins().fmul(ss, inv_d);
+        let eps = b.ins().f32const(eps);
+        let var = b.ins().fadd(mean, eps);
+        let root = b.ins().sqrt(var);
+        let one = b.ins().f32const(1.0);
+        let inv = b.ins().fdiv(one, root);
+        let inv4 = b.ins().splat(types::F32X4, inv);
+        for_range(b, zero, vec_end, 4, |b, q| {
+            let xa = address(b, xrow, q, 4);
+            let ga = address(b, g, q, 4);
+            let ya = address(b, yrow, q, 4);
+            let v = b.ins().load(types::F32X4, mem(), xa, 0);
+            let gv = b.ins().load(types::F32X4, mem(), ga, 0);
+            let n = b.ins().fmul(inv4, v);
+            let o = b.ins().fmul(gv, n);
+            b.ins().store(mem(), o, ya, 0);
+        });
+        for q in d4..d {
+            let v = b.ins().load(types::F32, mem(), xrow, 4 * q as i32);
+            let gv = b.ins().load(types::F32, mem(), g, 4 * q as i32);
+            let n = b.ins().fmul(inv, v);
+            let o = b.ins().fmul(gv, n);
+            b.ins().store(mem(), o, yrow, 4 * q as i32);
+        }
+    });
+}

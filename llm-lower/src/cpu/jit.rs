@@ -1,0 +1,174 @@
+//! The Cranelift JIT: target ISA selection, compilation of a batch of kernels into one
+//! code allocation, and CLIF text for `llm-opt --emit=clif`.
+
+#![allow(
+    unsafe_code,
+    reason = "JIT code is entered through transmuted function pointers"
+)]
+
+use cranelift_codegen::{
+    ir::{AbiParam, UserFuncName, types},
+    isa::OwnedTargetIsa,
+    settings::{self, Configurable},
+};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module, default_libcall_names};
+
+use super::codegen;
+use crate::kernel::Kernel;
+
+/// Which instruction set the code is generated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The machine this runs on (CPUID decides: SSE4, AVX, AVX2, FMA, ...).
+    Host,
+    /// A fixed x86-64 feature set (SSE4.2, AVX, AVX2, FMA), so that CLIF and machine code
+    /// dumps do not depend on the machine; used by snapshot tests.
+    PinnedX86,
+}
+
+/// An error while generating or compiling code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JitError(pub String);
+
+impl std::fmt::Display for JitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for JitError {}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> JitError {
+    JitError(format!("{what}: {e}"))
+}
+
+/// Builds the target ISA. Kernels are compiled with `opt_level = none`: cranelift.md found
+/// that the e-graph optimiser spills hand-blocked loops (2x slower matvec) and the kernels
+/// already have the loop shape they need.
+pub fn isa(target: Target) -> Result<OwnedTargetIsa, JitError> {
+    let mut flags = settings::builder();
+    for (k, v) in [
+        ("opt_level", "none"),
+        ("is_pic", "false"),
+        ("use_colocated_libcalls", "false"),
+        (
+            "enable_verifier",
+            if cfg!(debug_assertions) {
+                "true"
+            } else {
+                "false"
+            },
+        ),
+    ] {
+        flags.set(k, v).map_err(|e| fail("flag", e))?;
+    }
+    let builder = match target {
+        Target::Host => cranelift_native::builder().map_err(|e| fail("host ISA", e))?,
+        Target::PinnedX86 => {
+            let mut b = cranelift_codegen::isa::lookup_by_name("x86_64-unknown-linux-gnu")
+                .map_err(|e| fail("x86-64 ISA", e))?;
+            for f in ["has_sse41", "has_sse42", "has_avx", "has_avx2", "has_fma"] {
+                b.enable(f).map_err(|e| fail(f, e))?;
+            }
+            b
+        }
+    };
+    builder
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| fail("ISA", e))
+}
+
+/// Kernels compiled into one JIT code allocation. The code stays mapped while this lives.
+pub struct CompiledKernels {
+    module: Option<JITModule>,
+    entries: Vec<*const u8>,
+}
+
+// SAFETY: the finalized code is immutable and the entry points are plain function pointers;
+// the module is only touched again by `Drop`, which has `&mut self`.
+unsafe impl Send for CompiledKernels {}
+// SAFETY: as above; shared references only read `entries`.
+unsafe impl Sync for CompiledKernels {}
+
+impl CompiledKernels {
+    /// The entry point of kernel `i` (in the order given to [`compile`]).
+    pub fn entry(&self, i: usize) -> *const u8 {
+        self.entries[i]
+    }
+}
+
+impl Drop for CompiledKernels {
+    fn drop(&mut self) {
+        if let Some(module) = self.module.take() {
+            // SAFETY: the entry points are private to this value and its users
+            // (`program::Program` holds it for as long as it may call them).
+            unsafe { module.free_memory() };
+        }
+    }
+}
+
+/// Builds the CLIF function of `kernel` in `func`, using `fctx` as scratch.
+fn build(
+    func: &mut cranelift_codegen::ir::Function,
+    fctx: &mut FunctionBuilderContext,
+    kernel: &Kernel,
+    tc: cranelift_codegen::isa::TargetFrontendConfig,
+) {
+    let mut b = FunctionBuilder::new(func, fctx);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let params = b.block_params(entry).to_vec();
+    codegen::emit(&mut b, kernel, &params);
+    b.ins().return_(&[]);
+    b.seal_all_blocks();
+    b.finalize(tc);
+}
+
+use cranelift_codegen::ir::InstBuilder;
+
+/// Compiles `kernels` for `target`; `clif` receives each kernel's CLIF text (before
+/// optimisation) when given.
+pub fn compile(
+    kernels: &[Kernel],
+    target: Target,
+    mut clif: Option<&mut Vec<String>>,
+) -> Result<CompiledKernels, JitError> {
+    let mut module = JITModule::new(JITBuilder::with_isa(isa(target)?, default_libcall_names()));
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids = Vec::with_capacity(kernels.len());
+    for (i, kernel) in kernels.iter().enumerate() {
+        let mut sig = module.make_signature();
+        sig.params
+            .extend((0..codegen::param_count(kernel)).map(|_| AbiParam::new(types::I64)));
+        let name = format!("k{i}_{}", kernel.name());
+        let id = module
+            .declare_function(&name, Linkage::Local, &sig)
+            .map_err(|e| fail(&name, e))?;
+        ctx.func.signature = sig;
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        build(&mut ctx.func, &mut fctx, kernel, module.target_config());
+        if let Some(out) = clif.as_deref_mut() {
+            out.push(format!("; {name}\n{}", ctx.func.display()));
+        }
+        module
+            .define_function(id, &mut ctx)
+            .map_err(|e| fail(&name, format!("{e:?}")))?;
+        module.clear_context(&mut ctx);
+        ids.push(id);
+    }
+    module
+        .finalize_definitions()
+        .map_err(|e| fail("finalize", e))?;
+    let entries = ids
+        .into_iter()
+        .map(|id| module.get_finalized_function(id))
+        .collect();
+    Ok(CompiledKernels {
+        module: Some(module),
+        entries,
+    })
+}

@@ -1,0 +1,70 @@
+//! The CPU backend: [`kernel`](crate::kernel) families generated as Cranelift IR, JIT
+//! compiled, and called by a [`Program`] that runs a whole function.
+//!
+//! See `docs/lowering.md` for the kernels' loop shapes and which ops still run through
+//! their reference semantics.
+
+pub mod codegen;
+pub mod emit;
+pub mod jit;
+pub mod program;
+
+use pliron::{
+    builtin::{
+        op_interfaces::{SingleBlockRegionInterface, SymbolOpInterface},
+        ops::{FuncOp, ModuleOp},
+    },
+    context::Context,
+    linked_list::ContainsLinkedList,
+    operation::Operation,
+};
+
+pub use jit::{JitError, Target};
+pub use program::{LoweringStats, Options, Program};
+
+/// The CLIF of every kernel of every function in `module`, generated for the pinned x86-64
+/// feature set so that the text does not depend on the machine (`llm-opt --emit=clif`).
+/// Each function starts with a comment that lists the ops still run through their
+/// reference semantics.
+pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
+    let mut out = String::new();
+    let body = module.get_body(ctx, 0);
+    let funcs: Vec<FuncOp> = body
+        .deref(ctx)
+        .iter(ctx)
+        .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
+        .collect();
+    for func in funcs {
+        let ops: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
+        let selection = program::select_all(ctx, &ops);
+        let mut reference: Vec<(String, usize)> = Vec::new();
+        for (&op, chosen) in ops.iter().zip(&selection.per_op) {
+            let name = Operation::get_opid(op, ctx).to_string();
+            if chosen.is_some() || name == "llm.return" {
+                continue;
+            }
+            match reference.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => reference.push((name, 1)),
+            }
+        }
+        let listed: Vec<String> = reference.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+        out.push_str(&format!(
+            "; @{}: {} kernel(s); reference semantics: {}\n",
+            func.get_symbol_name(ctx),
+            selection.kernels.len(),
+            if listed.is_empty() {
+                "none".to_string()
+            } else {
+                listed.join(", ")
+            }
+        ));
+        let mut clif = Vec::new();
+        jit::compile(&selection.kernels, Target::PinnedX86, Some(&mut clif))?;
+        for text in clif {
+            out.push_str(&text);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,239 @@
+//! Backend-neutral kernel families: what an `llm` op becomes before any code generator sees
+//! it.
+//!
+//! [`select`] maps one op, with the static shapes of its types, to a [`Kernel`]; code
+//! generators (Cranelift for the CPU, WGSL for the GPU) implement the families, never the
+//! ops. An op [`select`] does not map yet runs through its reference semantics (see
+//! `docs/lowering.md` for the list).
+//!
+//! Static dims are baked into the kernel (the contraction length, the row length of a
+//! norm); dynamic dims (tokens, batch) become loop bounds passed at run time.
+
+use llm_ir::{
+    dtype::DType,
+    interp::eval::fused::{ScalarBody, ScalarStep},
+    ops::OpCheck,
+    types::{QuantFormat, TensorType},
+};
+use pliron::{
+    context::{Context, Ptr},
+    operation::Operation,
+};
+
+/// How the rows of a contraction's weight matrix are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// `f32`, row major.
+    F32,
+    /// GGUF q8_0: blocks of 32 weights, an f16 scale and 32 signed bytes (34 bytes).
+    Q8_0,
+    /// GGUF q4_0: blocks of 32 weights, an f16 scale and 16 bytes of nibbles (18 bytes);
+    /// low nibbles are weights 0..16, high nibbles 16..32, value = nibble - 8.
+    Q4_0,
+}
+
+impl WeightFormat {
+    /// Bytes of one weight row of `k` values.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            WeightFormat::F32 => 4 * k,
+            WeightFormat::Q8_0 => k / 32 * 34,
+            WeightFormat::Q4_0 => k / 32 * 18,
+        }
+    }
+
+    /// The name used in kernel names and CLIF dumps.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// `y[m, j] = sum_p norm(x)[m, p] * w[j, p]` for every row `m` of `x`: the weight rows are
+/// the output features (`transpose_rhs` layout), the optional prologue RMS-normalises each
+/// row of `x` first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Contraction {
+    /// The contraction length (columns of `x` and of `w`).
+    pub k: usize,
+    /// Output features (rows of `w`).
+    pub n: usize,
+    /// Storage of `w`.
+    pub weight: WeightFormat,
+    /// RMS-norm prologue: `epsilon`'s bits, when present.
+    pub norm_eps_bits: Option<u32>,
+}
+
+/// One kernel family instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kernel {
+    /// A matrix-vector or matrix-matrix product against a weight matrix.
+    Contraction(Contraction),
+    /// A scalar body applied to equally shaped `f32` operands, element by element.
+    Elementwise(ScalarBody),
+    /// RMS normalisation of rows of `d` values: `w * x / sqrt(mean(x^2) + eps)`.
+    RmsNorm {
+        /// Row length.
+        d: usize,
+        /// `epsilon`'s bits.
+        eps_bits: u32,
+    },
+}
+
+impl Kernel {
+    /// A short name that identifies the kernel's code (shapes included).
+    pub fn name(&self) -> String {
+        match self {
+            Kernel::Contraction(c) => format!(
+                "{}matvec_{}_{}x{}",
+                if c.norm_eps_bits.is_some() {
+                    "rms_norm_"
+                } else {
+                    ""
+                },
+                c.weight.name(),
+                c.n,
+                c.k
+            ),
+            Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
+            Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
+        }
+    }
+}
+
+/// A name for a scalar body: its ops in order.
+fn body_name(body: &ScalarBody) -> String {
+    body.steps
+        .iter()
+        .map(|s| match s {
+            ScalarStep::Unary(op, _) | ScalarStep::Binary(op, _, _) => {
+                op.trim_start_matches("llm.")
+            }
+            ScalarStep::Constant(_) => "const",
+        })
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+/// The tensor type of operand `i`, when it is an `f32` tensor.
+fn f32_operand(check: &OpCheck, i: usize) -> Option<TensorType> {
+    check.tensor(i).ok().filter(|t| t.dtype() == DType::F32)
+}
+
+/// The static `[n, k]` of a rank-2 weight type.
+fn static_matrix(shape: &[Option<u64>]) -> Option<(usize, usize)> {
+    match shape {
+        [Some(n), Some(k)] => Some((*n as usize, *k as usize)),
+        _ => None,
+    }
+}
+
+/// Whether result 0 is an `f32` tensor.
+fn f32_result(check: &OpCheck) -> bool {
+    check
+        .result_tensor(0)
+        .is_ok_and(|t| t.dtype() == DType::F32)
+}
+
+/// The kernel `op` lowers to, or `None` when it runs through its reference semantics.
+pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
+    let name = Operation::get_opid(op, ctx).to_string();
+    let check = OpCheck::for_eval(ctx, op);
+    if check.num_results() == 0 {
+        return None;
+    }
+    let eps_bits = || (check.float("eps").unwrap_or(1e-5) as f32).to_bits();
+    match name.as_str() {
+        "llm.matmul" | "llm.rms_norm_matmul" => {
+            let rhs = if name == "llm.matmul" { 1 } else { 2 };
+            let x = f32_operand(&check, 0)?;
+            let w = f32_operand(&check, rhs)?;
+            let (n, k) = static_matrix(w.shape())?;
+            let transposed = check.flag("transpose_rhs", false);
+            let k_ok = x.shape().last() == Some(&Some(k as u64));
+            let norm_ok = name == "llm.matmul"
+                || f32_operand(&check, 1).is_some_and(|g| g.shape() == [Some(k as u64)]);
+            (transposed && k_ok && norm_ok && x.rank() >= 2 && f32_result(&check)).then(|| {
+                Kernel::Contraction(Contraction {
+                    k,
+                    n,
+                    weight: WeightFormat::F32,
+                    norm_eps_bits: (name == "llm.rms_norm_matmul").then(eps_bits),
+                })
+            })
+        }
+        "llm.quantized_matmul" => {
+            let x = f32_operand(&check, 0)?;
+            let w = check.quantized(1).ok()?;
+            let (n, k) = static_matrix(w.shape())?;
+            let weight = match w.format() {
+                QuantFormat::Q8_0 => WeightFormat::Q8_0,
+                QuantFormat::Q4_0 => WeightFormat::Q4_0,
+                _ => return None,
+            };
+            let k_ok = x.shape().last() == Some(&Some(k as u64)) && k % 32 == 0;
+            (k_ok && f32_result(&check)).then_some(Kernel::Contraction(Contraction {
+                k,
+                n,
+                weight,
+                norm_eps_bits: None,
+            }))
+        }
+        "llm.rms_norm" => {
+            let x = f32_operand(&check, 0)?;
+            let d = (*x.shape().last()?)? as usize;
+            (f32_result(&check) && f32_operand(&check, 1).is_some()).then(|| Kernel::RmsNorm {
+                d,
+                eps_bits: eps_bits(),
+            })
+        }
+        _ => elementwise(ctx, op, &check, &name),
+    }
+}
+
+/// The elementwise kernel of a unary, binary or fused op over `f32` operands of one shape.
+fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -> Option<Kernel> {
+    let result = check.result_tensor(0).ok()?;
+    if result.dtype() != DType::F32 {
+        return None;
+    }
+    for i in 0..check.num_operands() {
+        if f32_operand(check, i)?.shape() != result.shape() {
+            return None;
+        }
+    }
+    let body = if name == "llm.fused" {
+        ScalarBody::of(ctx, op).ok()?
+    } else {
+        let step = match check.num_operands() {
+            1 => ScalarStep::Unary(unary_name(name)?, 0),
+            2 => ScalarStep::Binary(binary_name(name)?, 0, 1),
+            _ => return None,
+        };
+        ScalarBody {
+            args: check.num_operands(),
+            result: check.num_operands(),
+            steps: vec![step],
+        }
+    };
+    Some(Kernel::Elementwise(body))
+}
+
+/// The canonical `'static` name of unary elementwise op `name`.
+fn unary_name(name: &str) -> Option<&'static str> {
+    llm_ir::interp::eval::elementwise::UNARY
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, _)| *n)
+}
+
+/// The canonical `'static` name of binary elementwise op `name`.
+fn binary_name(name: &str) -> Option<&'static str> {
+    llm_ir::interp::eval::elementwise::BINARY
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, _)| *n)
+}
