@@ -9,7 +9,7 @@ use llm_ir::{
     text,
     types::{PagedKvCacheType, QuantizedTensorType, ShardedTensorType, TensorType},
 };
-use llm_runtime::{npy, sampler::XorShift};
+use llm_runtime::{generate::Backend, npy, sampler::XorShift};
 use pliron::{
     builtin::{type_interfaces::FunctionTypeInterface, types::FunctionType},
     common_traits::Named,
@@ -151,6 +151,7 @@ pub fn exec(
     inputs: &HashMap<String, std::path::PathBuf>,
     seed: u64,
     weights: Option<&dyn WeightStore>,
+    backend: &Backend,
 ) -> Result<Vec<Value>, String> {
     let mut ctx = Context::new();
     let module = text::parse_module(&mut ctx, source).map_err(|d| d.render(file))?;
@@ -191,12 +192,24 @@ pub fn exec(
     }
     let no_weights = NoWeights;
     let store: &dyn WeightStore = weights.unwrap_or(&no_weights);
-    Interpreter::new(&ctx, store)
-        .run(f, args)
-        .map_err(|e| match e.location {
-            Some((line, col)) => format!("{file}:{line}:{col}: {}", e.message),
-            None => format!("{file}: {}", e.message),
-        })
+    let interpreter = Interpreter::new(&ctx, store);
+    match backend {
+        Backend::Interp => interpreter.run(f, args),
+        Backend::Cpu { threads } => {
+            let hoisted = interpreter.hoist(f).map_err(|e| format!("{file}: {e}"))?;
+            let options = llm_lower::cpu::Options {
+                threads: *threads,
+                ..Default::default()
+            };
+            let program = llm_lower::cpu::Program::build(&ctx, f, &hoisted, &options)
+                .map_err(|e| format!("{file}: cpu backend: {e}"))?;
+            program.run(&ctx, store, args)
+        }
+    }
+    .map_err(|e| match e.location {
+        Some((line, col)) => format!("{file}:{line}:{col}: {}", e.message),
+        None => format!("{file}: {}", e.message),
+    })
 }
 
 /// Writes tensor results as `result<i>.npy` in `dir`, returning the paths written.

@@ -9,18 +9,19 @@ use std::{
 
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
-    generate::Model,
+    generate::{Backend, Model},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
 /// Loads a model file and its tokenizer (`tokenizer`, else the file's own vocabulary, if
-/// any), and compiles it with the pass pipeline `passes`.
+/// any), and compiles it with the pass pipeline `passes` for `backend`.
 pub fn load(
     model: &Path,
     tokenizer: Option<&Path>,
     passes: &str,
+    backend: &Backend,
 ) -> Result<(Model, Option<Box<dyn TextCodec>>), String> {
     let loaded = open_model(model)?;
     let tokenizer = match tokenizer {
@@ -30,7 +31,7 @@ pub fn load(
         None => loaded.tokenizer,
     };
     Ok((
-        Model::compile(loaded.config, loaded.weights, passes)?,
+        Model::compile_on(backend, loaded.config, loaded.weights, passes)?,
         tokenizer,
     ))
 }

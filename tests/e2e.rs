@@ -1,6 +1,7 @@
 //! End-to-end tests on the real stories260K model against `../shared/golden`: greedy
-//! generation on the reference interpreter reproduces llama2.c's text and token ids exactly,
-//! and every forward position's logits are within 1e-4 of the golden logits.
+//! generation on the reference interpreter and on the CPU backend reproduces llama2.c's text
+//! and token ids exactly, and every forward position's logits are within 1e-4 of the golden
+//! logits.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,7 +9,7 @@ use std::{
 };
 
 use llm_runtime::{
-    generate::{Generation, Model},
+    generate::{Backend, Generation, Model},
     llama2c,
     sampler::SamplerConfig,
     tokenizer::Tokenizer,
@@ -34,14 +35,14 @@ const GREEDY: SamplerConfig = SamplerConfig {
 };
 
 fn generate(prompt: &str, steps: usize) -> Generation {
-    generate_with(prompt, steps, "default")
+    generate_with(prompt, steps, "default", &Backend::Interp)
 }
 
-/// Greedy generation after the pass pipeline `passes`.
-fn generate_with(prompt: &str, steps: usize, passes: &str) -> Generation {
+/// Greedy generation on `backend` after the pass pipeline `passes`.
+fn generate_with(prompt: &str, steps: usize, passes: &str, backend: &Backend) -> Generation {
     let (config, weights) = llama2c::load(&model_path()).expect("model loads");
     let tokenizer = Tokenizer::load(&tokenizer_path(), config.vocab).expect("tokenizer loads");
-    let model = Model::compile(config, weights, passes).expect("model compiles");
+    let model = Model::compile_on(backend, config, weights, passes).expect("model compiles");
     model
         .generate(&tokenizer, prompt, steps, GREEDY)
         .expect("generation runs")
@@ -82,14 +83,21 @@ fn golden_logits(stem: &str) -> Vec<f32> {
 }
 
 fn check_golden(stem: &str, prompt: &str) {
-    for passes in ["", "default"] {
-        check_golden_with(stem, prompt, passes);
+    for (passes, backend) in [
+        ("", Backend::Interp),
+        ("default", Backend::Interp),
+        ("", Backend::Cpu { threads: 2 }),
+        ("default", Backend::Cpu { threads: 1 }),
+        ("default", Backend::Cpu { threads: 2 }),
+    ] {
+        check_golden_with(stem, prompt, passes, &backend);
     }
 }
 
-/// Checks one golden prompt after the pipeline `passes` (`""`: the unoptimized IR).
-fn check_golden_with(stem: &str, prompt: &str, passes: &str) {
-    let g = generate_with(prompt, 256, passes);
+/// Checks one golden prompt on `backend` after the pipeline `passes` (`""`: the
+/// unoptimized IR).
+fn check_golden_with(stem: &str, prompt: &str, passes: &str, backend: &Backend) {
+    let g = generate_with(prompt, 256, passes, backend);
     let text = std::fs::read(shared().join(format!("golden/{stem}.txt"))).expect("golden text");
     assert_eq!(
         String::from_utf8_lossy(&g.text),
@@ -120,7 +128,7 @@ fn check_golden_with(stem: &str, prompt: &str, passes: &str) {
         }
     }
     println!(
-        "{stem} (passes `{passes}`): {} positions, max |logit error| = {max_err:e}",
+        "{stem} ({backend:?}, passes `{passes}`): {} positions, max |logit error| = {max_err:e}",
         g.logits.len()
     );
 }
@@ -194,6 +202,23 @@ fn llm_run_generate_prints_what_run_c_prints() {
     ] {
         assert!(stats.contains(key), "stats lack {key}: {stats}");
     }
+}
+
+#[test]
+fn llm_run_generate_on_the_cpu_backend_prints_what_run_c_prints() {
+    let out = llm_run(
+        Command::new(env!("CARGO_BIN_EXE_llm-run"))
+            .args(["generate", "--model"])
+            .arg(model_path())
+            .arg("--tokenizer")
+            .arg(tokenizer_path())
+            .args(["--prompt", "Once upon a time", "--temperature", "0"])
+            .args(["--backend", "cpu", "--threads", "2", "--stats"]),
+    );
+    let golden = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden text");
+    assert_eq!(out.stdout, golden);
+    let stats = String::from_utf8_lossy(&out.stderr);
+    assert!(stats.contains("\"backend\": \"cpu\""), "{stats}");
 }
 
 #[test]

@@ -14,6 +14,7 @@ use llm_ir::{
     text,
     types::{KvCacheParams, KvStorage},
 };
+use llm_lower::cpu;
 use llm_passes::{Pipeline, RunConfig};
 use pliron::{builtin::ops::FuncOp, context::Context};
 
@@ -120,14 +121,53 @@ pub struct Batch {
     pub context_lens: Vec<i64>,
 }
 
-/// A compiled model ready to run on the interpreter.
+/// Where a model's step functions run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The reference interpreter.
+    Interp,
+    /// JIT-compiled Cranelift kernels on the CPU, contractions split over `threads`
+    /// threads.
+    Cpu {
+        /// Worker threads (1: the calling thread only).
+        threads: usize,
+    },
+}
+
+impl Backend {
+    /// The CPU backend on every core of this machine.
+    pub fn cpu() -> Backend {
+        Backend::Cpu {
+            threads: cpu::Options::default().threads,
+        }
+    }
+
+    /// The name used on the command line and in stats (`interp`, `cpu`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Interp => "interp",
+            Backend::Cpu { .. } => "cpu",
+        }
+    }
+}
+
+/// One compiled step function.
+struct StepFunction {
+    func: FuncOp,
+    /// Its weight-derived values, evaluated once.
+    hoisted: Hoisted,
+    /// Its CPU program, on the CPU backend.
+    program: Option<cpu::Program>,
+}
+
+/// A compiled model ready to run.
 pub struct Model {
     ctx: Context,
     config: ModelConfig,
     weights: Weights,
-    /// `@prefill` and `@decode` (indexed by `Step as usize`) with their weight-derived
-    /// values, evaluated once.
-    steps: [(FuncOp, Hoisted); 2],
+    backend: Backend,
+    /// `@prefill` and `@decode`, indexed by `Step as usize`.
+    steps: [StepFunction; 2],
     compile_ms: f64,
 }
 
@@ -135,9 +175,20 @@ pub struct Model {
 pub type RunError = String;
 
 impl Model {
-    /// Builds, parses and verifies the IR of `config` over `weights`, then runs the pass
-    /// pipeline `passes` (for example `default`; empty runs none).
+    /// [`Model::compile_on`] the reference interpreter.
     pub fn compile(config: ModelConfig, weights: Weights, passes: &str) -> Result<Model, RunError> {
+        Model::compile_on(&Backend::Interp, config, weights, passes)
+    }
+
+    /// Builds, parses and verifies the IR of `config` over `weights`, runs the pass
+    /// pipeline `passes` (for example `default`; empty runs none), evaluates the
+    /// weight-derived ops once and compiles the step functions for `backend`.
+    pub fn compile_on(
+        backend: &Backend,
+        config: ModelConfig,
+        weights: Weights,
+        passes: &str,
+    ) -> Result<Model, RunError> {
         let start = Instant::now();
         let source = model::build_ir(&config, &weights).map_err(|e| format!("model: {e}"))?;
         let mut ctx = Context::new();
@@ -151,13 +202,30 @@ impl Model {
         }
         let steps = {
             let interpreter = Interpreter::new(&ctx, &weights);
-            let hoist = |step: Step| -> Result<(FuncOp, Hoisted), RunError> {
+            let hoist = |step: Step| -> Result<StepFunction, RunError> {
                 let func = interp::find_func(&ctx, module, step.name())
                     .ok_or_else(|| format!("the model has no @{}", step.name()))?;
                 let hoisted = interpreter
                     .hoist(func)
                     .map_err(|e| format!("@{}: {e}", step.name()))?;
-                Ok((func, hoisted))
+                let program = match backend {
+                    Backend::Interp => None,
+                    Backend::Cpu { threads } => {
+                        let options = cpu::Options {
+                            threads: *threads,
+                            ..cpu::Options::default()
+                        };
+                        Some(
+                            cpu::Program::build(&ctx, func, &hoisted, &options)
+                                .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?,
+                        )
+                    }
+                };
+                Ok(StepFunction {
+                    func,
+                    hoisted,
+                    program,
+                })
             };
             [hoist(Step::Prefill)?, hoist(Step::Decode)?]
         };
@@ -166,9 +234,20 @@ impl Model {
             ctx,
             config,
             weights,
+            backend: backend.clone(),
             steps,
             compile_ms,
         })
+    }
+
+    /// The backend the model was compiled for.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// How the ops of `step` were lowered (`None` on the interpreter).
+    pub fn lowering(&self, step: Step) -> Option<&cpu::LoweringStats> {
+        Some(self.steps[step as usize].program.as_ref()?.stats())
     }
 
     /// The model's configuration.
@@ -221,11 +300,16 @@ impl Model {
             Value::Cache(cache),
         ];
         let func = step.name();
-        let (func_op, hoisted) = &self.steps[step as usize];
-        let interpreter = Interpreter::new(&self.ctx, &self.weights);
-        let mut out = interpreter
-            .run_hoisted(*func_op, args, hoisted)
-            .map_err(|e| format!("@{func}: {e}"))?;
+        let compiled = &self.steps[step as usize];
+        let mut out = match &compiled.program {
+            Some(program) => program.run(&self.ctx, &self.weights, args),
+            None => Interpreter::new(&self.ctx, &self.weights).run_hoisted(
+                compiled.func,
+                args,
+                &compiled.hoisted,
+            ),
+        }
+        .map_err(|e| format!("@{func}: {e}"))?;
         let cache = match out.pop() {
             Some(Value::Cache(c)) => c,
             _ => return Err(format!("@{func} did not return a cache")),

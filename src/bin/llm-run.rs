@@ -17,7 +17,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use llm_ir::text;
-use llm_runtime::{model, sampler::SamplerConfig, synth};
+use llm_runtime::{generate::Backend, model, sampler::SamplerConfig, synth};
 use llmc::{exec, serve};
 use pliron::context::Context;
 
@@ -30,9 +30,34 @@ struct Cli {
 
 /// Execution backends.
 #[derive(Clone, Copy, ValueEnum)]
-enum Backend {
+enum BackendName {
     /// The reference interpreter.
     Interp,
+    /// Cranelift JIT kernels on the CPU.
+    Cpu,
+}
+
+/// Where a command runs: `--backend` and `--threads`.
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// Execution backend.
+    #[arg(long, value_enum, default_value = "interp")]
+    backend: BackendName,
+    /// Threads of the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl BackendArgs {
+    fn backend(&self) -> Result<Backend, String> {
+        match (self.backend, self.threads) {
+            (_, Some(0)) => Err("--threads must be at least 1".into()),
+            (BackendName::Interp, Some(_)) => Err("--threads needs --backend cpu".into()),
+            (BackendName::Interp, None) => Ok(Backend::Interp),
+            (BackendName::Cpu, Some(threads)) => Ok(Backend::Cpu { threads }),
+            (BackendName::Cpu, None) => Ok(Backend::cpu()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -66,9 +91,8 @@ enum Command {
         /// Random seed (default: the current time).
         #[arg(long)]
         seed: Option<u64>,
-        /// Execution backend.
-        #[arg(long, value_enum, default_value = "interp")]
-        backend: Backend,
+        #[command(flatten)]
+        backend: BackendArgs,
         /// Print timings as one JSON object on stderr.
         #[arg(long)]
         stats: bool,
@@ -102,6 +126,8 @@ enum Command {
         /// The pass pipeline applied first.
         #[arg(long, default_value = "default")]
         passes: String,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Write a llama2.c checkpoint of a named shape (260K, 15M, 42M, 110M) with seeded random weights.
     Synth {
@@ -140,6 +166,8 @@ enum Command {
         /// Save tensor results as result0.npy, result1.npy, ... in this directory.
         #[arg(long)]
         output_dir: Option<PathBuf>,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
 }
 
@@ -174,8 +202,9 @@ fn run(cli: Cli) -> Result<(), String> {
             stats,
             passes,
         } => {
-            let Backend::Interp = backend;
-            let (compiled, tokenizer) = serve::load(&model, tokenizer.as_deref(), &passes)?;
+            let backend = backend.backend()?;
+            let (compiled, tokenizer) =
+                serve::load(&model, tokenizer.as_deref(), &passes, &backend)?;
             let tokenizer = tokenizer.ok_or_else(|| {
                 format!("{} has no vocabulary; pass --tokenizer", model.display())
             })?;
@@ -210,7 +239,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     .and_then(|()| stdout.flush())
                     .map_err(|e| format!("cannot write: {e}"))?;
                 if stats {
-                    eprintln!("{}", out.stats.to_json("interp"));
+                    eprintln!("{}", out.stats.to_json(backend.name()));
                 }
             } else {
                 let batch_stats = serve::generate_batch(
@@ -227,7 +256,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     },
                 )?;
                 if stats {
-                    eprintln!("{}", batch_stats.to_json("interp"));
+                    eprintln!("{}", batch_stats.to_json(backend.name()));
                 }
             }
             Ok(())
@@ -241,8 +270,10 @@ fn run(cli: Cli) -> Result<(), String> {
             seed,
             shared_prefix,
             passes,
+            backend,
         } => {
-            let (compiled, _) = serve::load(&model, tokenizer.as_deref(), &passes)?;
+            let backend = backend.backend()?;
+            let (compiled, _) = serve::load(&model, tokenizer.as_deref(), &passes, &backend)?;
             let report = serve::bench(
                 &compiled,
                 serve::BenchOptions {
@@ -277,7 +308,9 @@ fn run(cli: Cli) -> Result<(), String> {
             seed,
             model,
             output_dir,
+            backend,
         } => {
+            let backend = backend.backend()?;
             let name = file.display().to_string();
             let bytes = std::fs::read(&file).map_err(|e| format!("{name}: cannot read: {e}"))?;
             let source = text::decode_utf8(&bytes).map_err(|d| d.render(&name))?;
@@ -293,6 +326,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 &inputs,
                 seed,
                 weights.as_ref().map(|w| w as _),
+                &backend,
             )?;
             for (i, value) in results.iter().enumerate() {
                 println!("result #{i}: {}", exec::describe(value));
