@@ -25,6 +25,10 @@ use pliron::{
 pub enum WeightFormat {
     /// `f32`, row major.
     F32,
+    /// `f32` in panels of [`PANEL_ROWS`] rows: a backend repacks a constant `F32` weight
+    /// into this layout when it compiles ([`pack_panels`]), so that a kernel computing
+    /// [`PANEL_ROWS`] outputs at once reads one sequential stream.
+    F32Panels,
     /// GGUF q8_0: blocks of 32 weights, an f16 scale and 32 signed bytes (34 bytes).
     Q8_0,
     /// GGUF q4_0: blocks of 32 weights, an f16 scale and 16 bytes of nibbles (18 bytes);
@@ -36,7 +40,7 @@ impl WeightFormat {
     /// Bytes of one weight row of `k` values.
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
-            WeightFormat::F32 => 4 * k,
+            WeightFormat::F32 | WeightFormat::F32Panels => 4 * k,
             WeightFormat::Q8_0 => k / 32 * 34,
             WeightFormat::Q4_0 => k / 32 * 18,
         }
@@ -46,10 +50,41 @@ impl WeightFormat {
     pub fn name(self) -> &'static str {
         match self {
             WeightFormat::F32 => "f32",
+            WeightFormat::F32Panels => "f32panels",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
         }
     }
+}
+
+/// Rows of a weight panel ([`WeightFormat::F32Panels`]).
+pub const PANEL_ROWS: usize = 4;
+
+/// Columns of a panel chunk: a panel stores, for each chunk of 8 columns, the chunk of each
+/// of its rows in turn.
+pub const PANEL_COLS: usize = 8;
+
+/// Repacks a row-major `n x k` matrix into [`WeightFormat::F32Panels`]: rows are grouped
+/// in panels of [`PANEL_ROWS`]; within a panel, for each full chunk of [`PANEL_COLS`]
+/// columns, the chunk of row 0, then of row 1, ...; then the remaining `k % PANEL_COLS`
+/// columns of each row in turn. The last `n % PANEL_ROWS` rows stay row major. Every row
+/// block starts at the same offset as in the row-major matrix.
+pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(w.len());
+    let (full, tail) = (n - n % PANEL_ROWS, k % PANEL_COLS);
+    for j in (0..full).step_by(PANEL_ROWS) {
+        let rows = &w[j * k..(j + PANEL_ROWS) * k];
+        for c in (0..k - tail).step_by(PANEL_COLS) {
+            for r in 0..PANEL_ROWS {
+                out.extend_from_slice(&rows[r * k + c..r * k + c + PANEL_COLS]);
+            }
+        }
+        for r in 0..PANEL_ROWS {
+            out.extend_from_slice(&rows[r * k + k - tail..(r + 1) * k]);
+        }
+    }
+    out.extend_from_slice(&w[full * k..]);
+    out
 }
 
 /// `y[m, j] = sum_p norm(x)[m, p] * w[j, p]` for every row `m` of `x`: the weight rows are

@@ -1,9 +1,11 @@
 //! Every CPU kernel against the reference interpreter, on random shapes (odd sizes
 //! included, so the vector tails run) and random values.
 
+use std::rc::Rc;
+
 use llm_ir::{
     dtype::DType,
-    interp::{self, Hoisted, Interpreter, NoWeights, QTensor, Tensor, Value, quant},
+    interp::{self, Hoisted, Interpreter, NoWeights, QTensor, Tensor, Value, WeightStore, quant},
     text,
     types::QuantFormat,
 };
@@ -38,26 +40,47 @@ fn ty(shape: &[usize]) -> String {
     format!("llm.tensor <{}xf32>", dims.join("x"))
 }
 
+/// A weight store over named values.
+struct Store(Vec<(String, Rc<Value>)>);
+
+impl WeightStore for Store {
+    fn weight(&self, name: &str) -> Option<Rc<Value>> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| Rc::clone(v))
+    }
+}
+
 /// Runs `@f` of `ir` on `args` with the interpreter and with the CPU backend (1 and 2
 /// threads) and checks that every float agrees within `tol` (relative to max(1, |ref|)).
 fn agree(ir: &str, args: Vec<Value>, tol: f32) -> Result<(), TestCaseError> {
+    agree_with(ir, args, &Store(Vec::new()), tol)
+}
+
+/// [`agree`] with `llm.weight`s resolved in `weights` (hoisted, as a model runs them).
+fn agree_with(ir: &str, args: Vec<Value>, weights: &Store, tol: f32) -> Result<(), TestCaseError> {
     let mut ctx = Context::new();
     let module =
         text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
     let func = interp::find_func(&ctx, module, "f").expect("@f");
-    let want = Interpreter::new(&ctx, &NoWeights)
+    let interpreter = Interpreter::new(&ctx, weights);
+    let want = interpreter
         .run(func, args.clone())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let hoisted = interpreter
+        .hoist(func)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     for threads in [1, 2] {
         let options = Options {
             target: Target::Host,
             threads,
         };
-        let program = Program::build(&ctx, func, &Hoisted::default(), &options)
+        let program = Program::build(&ctx, func, &hoisted, &options)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(program.stats().kernel_ops > 0, "nothing was lowered: {ir}");
         let got = program
-            .run(&ctx, &NoWeights, args.clone())
+            .run(&ctx, weights, args.clone())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         for (g, w) in got.iter().zip(&want) {
             let (g, w) = (g.tensor().unwrap(), w.tensor().unwrap());
@@ -100,6 +123,26 @@ proptest! {
             &format!("y = llm.matmul x, w {{transpose_rhs = true}} : {};", ty(&[m, n])),
         );
         agree(&ir, vec![tensor(&[m, k], seed, 1.0), tensor(&[n, k], seed + 1, 1.0)], 1e-5)?;
+    }
+
+    /// A constant weight is repacked into panels; odd row counts leave row-major tails.
+    #[test]
+    fn matmul_constant_weight_in_panels(m in 1usize..4, n in 1usize..40, k in 1usize..70, norm in any::<bool>(), seed: u64) {
+        let (op, extra, params) = if norm {
+            ("rms_norm_matmul", "x, g, w", "eps = 1e-5, transpose_rhs = true")
+        } else {
+            ("matmul", "x, w", "transpose_rhs = true")
+        };
+        let body = format!(
+            "w = llm.weight {{name = \"w\"}} : {};\n        g = llm.weight {{name = \"g\"}} : {};\n        y = llm.{op} {extra} {{{params}}} : {};",
+            ty(&[n, k]), ty(&[k]), ty(&[m, n])
+        );
+        let ir = func(&[("x".into(), ty(&[m, k]))], &ty(&[m, n]), &body);
+        let store = Store(vec![
+            ("w".into(), Rc::new(tensor(&[n, k], seed + 1, 1.0))),
+            ("g".into(), Rc::new(tensor(&[k], seed + 2, 1.0))),
+        ]);
+        agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 1e-5)?;
     }
 
     #[test]

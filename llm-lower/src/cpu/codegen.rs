@@ -10,7 +10,7 @@ use cranelift_frontend::{FunctionBuilder, Variable};
 use llm_ir::interp::eval::fused::{ScalarBody, ScalarStep};
 
 use super::emit::{address, exp, for_range, horizontal_sum, mem, splat};
-use crate::kernel::{Contraction, Kernel, WeightFormat};
+use crate::kernel::{Contraction, Kernel, PANEL_COLS, PANEL_ROWS, WeightFormat};
 
 /// Number of `i64` parameters of `kernel`'s function.
 pub fn param_count(kernel: &Kernel) -> usize {
@@ -33,16 +33,16 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value]) {
     }
 }
 
-/// Rows of the weight matrix one f32 iteration reads together (shares the loads of x).
-const F32_ROWS: usize = 4;
-
 /// `y[i, j] = dot(x[i, :], w[j, :])` for `i < m`, `j0 <= j < j1`: blocks of rows of `w`
 /// outside, rows of `x` inside (the weight block stays in L1 across the rows of `x`).
 fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value]) {
     let (x, w, y, m, j0, j1) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+    // Row-major weights are read one row at a time: a single sequential stream, which the
+    // hardware prefetcher follows (4 interleaved short rows ran at less than half the
+    // bandwidth). Panels give 4 rows in one stream, sharing the loads of x.
     let rows = match c.weight {
-        WeightFormat::F32 => F32_ROWS,
-        WeightFormat::Q8_0 | WeightFormat::Q4_0 => 1,
+        WeightFormat::F32Panels => PANEL_ROWS,
+        WeightFormat::F32 | WeightFormat::Q8_0 | WeightFormat::Q4_0 => 1,
     };
     let zero = b.ins().iconst(types::I64, 0);
     // j0 + floor((j1 - j0) / rows) * rows: where the single-row tail starts.
@@ -60,7 +60,12 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value]) {
             for_range(b, zero, m, 1, |b, i| {
                 let xrow = address(b, x, i, 4 * c.k as i64);
                 let sums = match c.weight {
-                    WeightFormat::F32 => dot_f32(b, xrow, wblock, c.k, count),
+                    WeightFormat::F32Panels if count == PANEL_ROWS => {
+                        dot_panel(b, xrow, wblock, c.k)
+                    }
+                    WeightFormat::F32 | WeightFormat::F32Panels => {
+                        vec![dot_f32(b, xrow, wblock, c.k)]
+                    }
                     WeightFormat::Q8_0 => vec![dot_q8_0(b, xrow, wblock, c.k)],
                     WeightFormat::Q4_0 => vec![dot_q4_0(b, xrow, wblock, c.k)],
                 };
@@ -93,51 +98,97 @@ fn accumulate(b: &mut FunctionBuilder, acc: Variable, a: Value, x: Value) {
     b.def_var(acc, new);
 }
 
-/// Dot products of one row of x with `rows` consecutive f32 rows of w (row length `k`):
-/// two `f32x4` accumulators per row over chunks of 8, then a 4-wide step and scalar tail.
-fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize, rows: usize) -> Vec<Value> {
+/// Dot products of one row of x with the [`PANEL_ROWS`] rows of a weight panel (layout in
+/// [`pack_panels`](crate::kernel::pack_panels)): two `f32x4` accumulators per row over the
+/// chunks of 8, then a 4-wide step and scalar tail over the remaining columns.
+fn dot_panel(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Vec<Value> {
+    let rows = PANEL_ROWS;
     let acc = zeroed_accumulators(b, 2 * rows);
-    let k8 = k - k % 8;
-    let row = |r: usize| (4 * r * k) as i32;
+    let k8 = k - k % PANEL_COLS;
+    let chunk = (4 * PANEL_COLS) as i32;
     if k8 > 0 {
         let zero = b.ins().iconst(types::I64, 0);
         let end = b.ins().iconst(types::I64, k8 as i64);
-        for_range(b, zero, end, 8, |b, p| {
+        for_range(b, zero, end, PANEL_COLS as i64, |b, p| {
             let xp = address(b, x, p, 4);
-            let wp = address(b, w, p, 4);
+            let wp = address(b, w, p, 4 * rows as i64);
             let x0 = b.ins().load(types::F32X4, mem(), xp, 0);
             let x1 = b.ins().load(types::F32X4, mem(), xp, 16);
             for r in 0..rows {
-                let w0 = b.ins().load(types::F32X4, mem(), wp, row(r));
+                let at = chunk * r as i32;
+                let w0 = b.ins().load(types::F32X4, mem(), wp, at);
                 accumulate(b, acc[2 * r], w0, x0);
-                let w1 = b.ins().load(types::F32X4, mem(), wp, row(r) + 16);
+                let w1 = b.ins().load(types::F32X4, mem(), wp, at + 16);
                 accumulate(b, acc[2 * r + 1], w1, x1);
             }
         });
     }
-    let mut k4 = k8;
-    if k - k8 >= 4 {
+    // Row r's remaining columns start here.
+    let tail = k - k8;
+    let tail_at = |r: usize, q: usize| (4 * (rows * k8 + r * tail + q)) as i32;
+    let has_quad = tail >= 4;
+    if has_quad {
         let xv = b.ins().load(types::F32X4, mem(), x, 4 * k8 as i32);
         for r in 0..rows {
-            let wv = b.ins().load(types::F32X4, mem(), w, row(r) + 4 * k8 as i32);
+            let wv = b.ins().load(types::F32X4, mem(), w, tail_at(r, 0));
             accumulate(b, acc[2 * r], wv, xv);
         }
-        k4 += 4;
     }
     (0..rows)
         .map(|r| {
-            let a0 = b.use_var(acc[2 * r]);
-            let a1 = b.use_var(acc[2 * r + 1]);
-            let both = b.ins().fadd(a0, a1);
-            let mut s = horizontal_sum(b, both);
-            for q in k4..k {
-                let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
-                let ws = b.ins().load(types::F32, mem(), w, row(r) + 4 * q as i32);
+            let mut s = sum_pair(b, acc[2 * r], acc[2 * r + 1]);
+            for q in if has_quad { 4 } else { 0 }..tail {
+                let xs = b.ins().load(types::F32, mem(), x, 4 * (k8 + q) as i32);
+                let ws = b.ins().load(types::F32, mem(), w, tail_at(r, q));
                 s = b.ins().fma(ws, xs, s);
             }
             s
         })
         .collect()
+}
+
+/// The horizontal sum of two `f32x4` accumulators.
+fn sum_pair(b: &mut FunctionBuilder, a: Variable, c: Variable) -> Value {
+    let a = b.use_var(a);
+    let c = b.use_var(c);
+    let both = b.ins().fadd(a, c);
+    horizontal_sum(b, both)
+}
+
+/// Dot product of one row of x with one row-major f32 row of w (length `k`): four `f32x4`
+/// accumulators over chunks of 16, then 4-wide steps and a scalar tail.
+fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
+    let acc = zeroed_accumulators(b, 4);
+    let k16 = k - k % 16;
+    if k16 > 0 {
+        let zero = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, k16 as i64);
+        for_range(b, zero, end, 16, |b, p| {
+            let xp = address(b, x, p, 4);
+            let wp = address(b, w, p, 4);
+            for (a, &v) in acc.iter().enumerate() {
+                let xv = b.ins().load(types::F32X4, mem(), xp, 16 * a as i32);
+                let wv = b.ins().load(types::F32X4, mem(), wp, 16 * a as i32);
+                accumulate(b, v, wv, xv);
+            }
+        });
+    }
+    let mut q = k16;
+    while k - q >= 4 {
+        let xv = b.ins().load(types::F32X4, mem(), x, 4 * q as i32);
+        let wv = b.ins().load(types::F32X4, mem(), w, 4 * q as i32);
+        accumulate(b, acc[(q - k16) / 4], wv, xv);
+        q += 4;
+    }
+    let lo = sum_pair(b, acc[0], acc[1]);
+    let hi = sum_pair(b, acc[2], acc[3]);
+    let mut s = b.ins().fadd(lo, hi);
+    for q in q..k {
+        let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
+        let ws = b.ins().load(types::F32, mem(), w, 4 * q as i32);
+        s = b.ins().fma(ws, xs, s);
+    }
+    s
 }
 
 /// The f32 value of the little-endian f16 at `at + offset` (normal and subnormal values;

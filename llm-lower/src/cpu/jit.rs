@@ -154,9 +154,15 @@ pub fn compile(
         if let Some(out) = clif.as_deref_mut() {
             out.push(format!("; {name}\n{}", ctx.func.display()));
         }
+        if std::env::var_os("LLMC_DUMP_VCODE").is_some() {
+            ctx.set_disasm(true);
+        }
         module
             .define_function(id, &mut ctx)
             .map_err(|e| fail(&name, format!("{e:?}")))?;
+        if let Some(v) = ctx.compiled_code().and_then(|c| c.vcode.clone()) {
+            eprintln!("; {name}\n{v}");
+        }
         module.clear_context(&mut ctx);
         ids.push(id);
     }

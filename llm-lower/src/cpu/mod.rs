@@ -36,7 +36,8 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
         .collect();
     for func in funcs {
         let ops: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
-        let selection = program::select_all(ctx, &ops);
+        let constant = program::weight_derived(ctx, &ops);
+        let selection = program::select_all(ctx, &ops, |v| constant.contains(&v));
         let mut reference: Vec<(String, usize)> = Vec::new();
         for (&op, chosen) in ops.iter().zip(&selection.per_op) {
             let name = Operation::get_opid(op, ctx).to_string();

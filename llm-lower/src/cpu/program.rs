@@ -7,10 +7,13 @@
 
 #![allow(unsafe_code, reason = "calls into JIT-compiled kernels")]
 
-use std::{rc::Rc, sync::Arc};
+use std::{collections::HashMap, rc::Rc, sync::Arc};
 
-use llm_ir::interp::{
-    self, Hoisted, InterpError, QTensor, Tensor, Value, WeightStore, eval::fused::ScalarBody,
+use llm_ir::{
+    dtype::DType,
+    interp::{
+        self, Hoisted, InterpError, QTensor, Tensor, Value, WeightStore, eval::fused::ScalarBody,
+    },
 };
 use pliron::{
     builtin::{
@@ -116,8 +119,18 @@ pub struct Selection {
     pub per_op: Vec<Option<(usize, Option<usize>)>>,
 }
 
-/// Selects kernels for every op of `ops`.
-pub fn select_all(ctx: &Context, ops: &[Ptr<Operation>]) -> Selection {
+/// The operand of a contraction op that holds its weight matrix.
+fn weight_operand(kernel: &Contraction) -> usize {
+    if kernel.norm_eps_bits.is_some() { 2 } else { 1 }
+}
+
+/// Selects kernels for every op of `ops`. Contractions whose weight `is_constant` read it
+/// in the CPU's panel layout (the weight is repacked once, at compile time).
+pub fn select_all(
+    ctx: &Context,
+    ops: &[Ptr<Operation>],
+    is_constant: impl Fn(IrValue) -> bool,
+) -> Selection {
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut index_of = |k: Kernel| match kernels.iter().position(|x| *x == k) {
         Some(i) => i,
@@ -129,7 +142,13 @@ pub fn select_all(ctx: &Context, ops: &[Ptr<Operation>]) -> Selection {
     let per_op = ops
         .iter()
         .map(|&op| {
-            let k = kernel::select(ctx, op)?;
+            let mut k = kernel::select(ctx, op)?;
+            if let Kernel::Contraction(c) = &mut k
+                && c.weight == WeightFormat::F32
+                && is_constant(op.deref(ctx).get_operand(weight_operand(c)))
+            {
+                c.weight = WeightFormat::F32Panels;
+            }
             let prologue = match &k {
                 Kernel::Contraction(Contraction {
                     k: d,
@@ -145,6 +164,67 @@ pub fn select_all(ctx: &Context, ops: &[Ptr<Operation>]) -> Selection {
         })
         .collect();
     Selection { kernels, per_op }
+}
+
+/// Gives every panel-layout contraction a repacked copy of its constant weight (one per
+/// weight, shared by the ops that use it), and drops constants no step reads any more.
+/// New slots are numbered from `first_free`; returns the number of slots after packing.
+fn pack_weights(
+    steps: &mut [Step],
+    constants: &mut Vec<(usize, Rc<Value>)>,
+    first_free: usize,
+) -> Result<usize, JitError> {
+    let mut packed: HashMap<usize, usize> = HashMap::new();
+    let mut next_slot = first_free;
+    let mut extra = Vec::new();
+    for step in steps.iter_mut() {
+        let Action::Kernel {
+            kernel: Kernel::Contraction(c),
+            ..
+        } = &step.action
+        else {
+            continue;
+        };
+        if c.weight != WeightFormat::F32Panels {
+            continue;
+        }
+        let operand = weight_operand(c);
+        let original = step.inputs[operand];
+        let slot = match packed.get(&original) {
+            Some(&slot) => slot,
+            None => {
+                let value = constants
+                    .iter()
+                    .find(|(s, _)| *s == original)
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| {
+                        JitError(format!("{}: the weight is not constant", step.name))
+                    })?;
+                let t = value.tensor().map_err(JitError)?;
+                if t.shape != [c.n, c.k] {
+                    return Err(JitError(format!(
+                        "{}: the weight {:?} is not {}x{}",
+                        step.name, t.shape, c.n, c.k
+                    )));
+                }
+                let data = kernel::pack_panels(t.floats().map_err(JitError)?, c.n, c.k);
+                let panels = Tensor::from_f32(t.shape.clone(), DType::F32, data);
+                let slot = next_slot;
+                next_slot += 1;
+                extra.push((slot, Rc::new(Value::Tensor(panels))));
+                packed.insert(original, slot);
+                slot
+            }
+        };
+        step.inputs[operand] = slot;
+    }
+    constants.extend(extra);
+    let read: std::collections::HashSet<usize> = steps
+        .iter()
+        .flat_map(|s| s.inputs.iter().copied())
+        .collect();
+    constants.retain(|(s, _)| read.contains(s));
+    Ok(next_slot)
 }
 
 fn error(location: Option<(u32, u32)>, message: impl Into<String>) -> InterpError {
@@ -171,7 +251,7 @@ impl Program {
             (f.arg_types(), f.res_types())
         };
         let entry = func.get_entry_block(ctx);
-        let mut slot_of: std::collections::HashMap<IrValue, usize> = Default::default();
+        let mut slot_of: HashMap<IrValue, usize> = HashMap::new();
         let mut slot = |v: IrValue| {
             let next = slot_of.len();
             *slot_of.entry(v).or_insert(next)
@@ -186,7 +266,7 @@ impl Program {
                 results.is_empty() || !results.iter().all(|&r| hoisted.covers(r))
             })
             .collect();
-        let selection = select_all(ctx, &live_ops);
+        let selection = select_all(ctx, &live_ops, |v| hoisted.value(v).is_some());
         let mut stats = LoweringStats {
             hoisted_ops: ops.len() - live_ops.len(),
             kernels: selection.kernels.len(),
@@ -234,7 +314,8 @@ impl Program {
                 name: op_name,
             });
         }
-        let mut last_use = vec![None; slot_of.len()];
+        let slots = pack_weights(&mut steps, &mut constants, slot_of.len())?;
+        let mut last_use = vec![None; slots];
         for (i, step) in steps.iter().enumerate() {
             for &s in &step.inputs {
                 last_use[s] = Some(i);
@@ -258,7 +339,7 @@ impl Program {
         Ok(Program {
             name,
             steps,
-            slots: slot_of.len(),
+            slots,
             params,
             arg_types,
             res_types,
@@ -392,12 +473,23 @@ impl Program {
             None => (xs, &inputs[1]),
         };
         let wbytes: &[u8] = match (c.weight, &**w) {
-            (WeightFormat::F32, Value::Tensor(t)) if t.shape == [c.n, c.k] => as_bytes(t.floats()?),
+            (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t))
+                if t.shape == [c.n, c.k] =>
+            {
+                as_bytes(t.floats()?)
+            }
             (
                 WeightFormat::Q8_0 | WeightFormat::Q4_0,
                 Value::Quantized(QTensor { shape, bytes, .. }),
             ) if *shape == [c.n, c.k] => bytes,
-            _ => return Err(format!("the weight is not a {}x{} matrix", c.n, c.k)),
+            (_, other) => {
+                return Err(format!(
+                    "the weight ({}) is not a {}x{} matrix",
+                    other.kind(),
+                    c.n,
+                    c.k
+                ));
+            }
         };
         if wbytes.len() != c.n * c.weight.row_bytes(c.k) {
             return Err(format!("the weight holds {} bytes", wbytes.len()));
@@ -429,7 +521,7 @@ impl Program {
         }
         let mut shape = x.shape[..x.shape.len() - 1].to_vec();
         shape.push(c.n);
-        Ok(Tensor::from_f32(shape, llm_ir::dtype::DType::F32, out))
+        Ok(Tensor::from_f32(shape, DType::F32, out))
     }
 
     fn elementwise(
@@ -458,11 +550,7 @@ impl Program {
             unsafe { std::mem::transmute(self.code.entry(index)) };
         // Every input holds `len` floats (same shape), as does `out`.
         f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
-        Some(Ok(Tensor::from_f32(
-            shape.clone(),
-            llm_ir::dtype::DType::F32,
-            out,
-        )))
+        Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
     }
 
     fn rms_norm(&self, d: usize, index: usize, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
@@ -485,11 +573,7 @@ impl Program {
             out.as_mut_ptr() as i64,
             (xs.len() / d.max(1)) as i64,
         );
-        Ok(Tensor::from_f32(
-            x.shape.clone(),
-            llm_ir::dtype::DType::F32,
-            out,
-        ))
+        Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
     }
 }
 
@@ -497,4 +581,18 @@ impl Program {
 fn as_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and every byte pattern is a valid u8.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), size_of_val(v)) }
+}
+
+/// The values of `ops` computed from weights and constants only (what a runtime hoists).
+pub fn weight_derived(ctx: &Context, ops: &[Ptr<Operation>]) -> std::collections::HashSet<IrValue> {
+    let mut derived = std::collections::HashSet::new();
+    for &op in ops {
+        let o = op.deref(ctx);
+        if Operation::get_opid(op, ctx).to_string() != "llm.return"
+            && o.operands().all(|v| derived.contains(&v))
+        {
+            derived.extend(o.results());
+        }
+    }
+    derived
 }
