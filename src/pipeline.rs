@@ -20,6 +20,8 @@ pub enum Emit {
     Ir,
     /// The memory plans recorded by `plan-kv-memory` and `plan-buffers`.
     MemoryPlan,
+    /// The Cranelift IR of the CPU kernels of every function (pinned x86-64 features).
+    Clif,
 }
 
 impl Emit {
@@ -28,6 +30,7 @@ impl Emit {
         match self {
             Emit::Ir => "ir",
             Emit::MemoryPlan => "memory-plan",
+            Emit::Clif => "clif",
         }
     }
 }
@@ -124,6 +127,11 @@ pub fn run(args: &OptArgs, source: &str) -> Result<Output, Diagnostic> {
     let text = match args.emit {
         Emit::Ir => text::print_module(&ctx, module),
         Emit::MemoryPlan => memory_plan(&ctx, module),
+        Emit::Clif => llm_lower::cpu::emit_clif(&ctx, module).map_err(|e| Diagnostic {
+            line: 1,
+            column: 1,
+            message: format!("cpu backend: {e}"),
+        })?,
     };
     Ok(Output { text, log })
 }

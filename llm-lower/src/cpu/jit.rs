@@ -7,8 +7,8 @@
 )]
 
 use cranelift_codegen::{
-    ir::{AbiParam, UserFuncName, types},
-    isa::OwnedTargetIsa,
+    ir::{AbiParam, Function, InstBuilder, UserFuncName, types},
+    isa::{OwnedTargetIsa, TargetFrontendConfig},
     settings::{self, Configurable},
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -127,14 +127,23 @@ fn build(
     b.finalize(tc);
 }
 
-use cranelift_codegen::ir::InstBuilder;
+/// The generated code of one kernel, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The function's name (`k0_matvec_f32panels_6x20`).
+    pub name: String,
+    /// Its CLIF, as generated.
+    pub clif: String,
+    /// Its machine code after register allocation (Cranelift's VCode text).
+    pub vcode: String,
+}
 
-/// Compiles `kernels` for `target`; `clif` receives each kernel's CLIF text (before
-/// optimisation) when given.
+/// Compiles `kernels` for `target`; `listings` receives each kernel's code as text when
+/// given.
 pub fn compile(
     kernels: &[Kernel],
     target: Target,
-    mut clif: Option<&mut Vec<String>>,
+    mut listings: Option<&mut Vec<Listing>>,
 ) -> Result<CompiledKernels, JitError> {
     let mut module = JITModule::new(JITBuilder::with_isa(isa(target)?, default_libcall_names()));
     let mut ctx = module.make_context();
@@ -151,17 +160,18 @@ pub fn compile(
         ctx.func.signature = sig;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
         build(&mut ctx.func, &mut fctx, kernel, module.target_config());
-        if let Some(out) = clif.as_deref_mut() {
-            out.push(format!("; {name}\n{}", ctx.func.display()));
-        }
-        if std::env::var_os("LLMC_DUMP_VCODE").is_some() {
-            ctx.set_disasm(true);
-        }
+        let clif = listings.is_some().then(|| ctx.func.display().to_string());
+        ctx.set_disasm(listings.is_some());
         module
             .define_function(id, &mut ctx)
             .map_err(|e| fail(&name, format!("{e:?}")))?;
-        if let Some(v) = ctx.compiled_code().and_then(|c| c.vcode.clone()) {
-            eprintln!("; {name}\n{v}");
+        if let (Some(out), Some(clif)) = (listings.as_deref_mut(), clif) {
+            let vcode = ctx.compiled_code().and_then(|c| c.vcode.clone());
+            out.push(Listing {
+                name: name.clone(),
+                clif,
+                vcode: vcode.unwrap_or_default(),
+            });
         }
         module.clear_context(&mut ctx);
         ids.push(id);
@@ -177,4 +187,27 @@ pub fn compile(
         module: Some(module),
         entries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::{Contraction, WeightFormat};
+
+    /// cranelift.md: without the FMA feature a vector `fma` becomes four libcalls (20x
+    /// slower). The pinned target must keep it one instruction.
+    #[test]
+    fn vector_fma_is_an_instruction() {
+        let kernel = Kernel::Contraction(Contraction {
+            k: 64,
+            n: 8,
+            weight: WeightFormat::F32Panels,
+            norm_eps_bits: None,
+        });
+        let mut listings = Vec::new();
+        compile(&[kernel], Target::PinnedX86, Some(&mut listings)).expect("compiles");
+        let vcode = &listings[0].vcode;
+        assert!(vcode.contains("vfmadd"), "{vcode}");
+        assert!(!vcode.contains("FmaF32"), "{vcode}");
+    }
 }

@@ -35,8 +35,17 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
         .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
         .collect();
     for func in funcs {
-        let ops: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
-        let constant = program::weight_derived(ctx, &ops);
+        let all: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
+        let constant = program::weight_derived(ctx, &all);
+        // Weight-derived ops run once, when a runtime loads the model.
+        let ops: Vec<_> = all
+            .iter()
+            .copied()
+            .filter(|&op| {
+                let results: Vec<_> = op.deref(ctx).results().collect();
+                results.is_empty() || !results.iter().all(|r| constant.contains(r))
+            })
+            .collect();
         let selection = program::select_all(ctx, &ops, |v| constant.contains(&v));
         let mut reference: Vec<(String, usize)> = Vec::new();
         for (&op, chosen) in ops.iter().zip(&selection.per_op) {
@@ -51,20 +60,21 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
         }
         let listed: Vec<String> = reference.iter().map(|(n, c)| format!("{n} x{c}")).collect();
         out.push_str(&format!(
-            "; @{}: {} kernel(s); reference semantics: {}\n",
+            "; @{}: {} kernel(s) for {} op(s); {} op(s) evaluated once at load; reference semantics: {}\n",
             func.get_symbol_name(ctx),
             selection.kernels.len(),
+            selection.per_op.iter().flatten().count(),
+            all.len() - ops.len(),
             if listed.is_empty() {
                 "none".to_string()
             } else {
                 listed.join(", ")
             }
         ));
-        let mut clif = Vec::new();
-        jit::compile(&selection.kernels, Target::PinnedX86, Some(&mut clif))?;
-        for text in clif {
-            out.push_str(&text);
-            out.push('\n');
+        let mut listings = Vec::new();
+        jit::compile(&selection.kernels, Target::PinnedX86, Some(&mut listings))?;
+        for listing in listings {
+            out.push_str(&format!("; {}\n{}\n", listing.name, listing.clif));
         }
     }
     Ok(out)
