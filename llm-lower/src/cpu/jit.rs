@@ -111,10 +111,10 @@ impl Drop for CompiledKernels {
 
 /// Builds the CLIF function of `kernel` in `func`, using `fctx` as scratch.
 fn build(
-    func: &mut cranelift_codegen::ir::Function,
+    func: &mut Function,
     fctx: &mut FunctionBuilderContext,
     kernel: &Kernel,
-    tc: cranelift_codegen::isa::TargetFrontendConfig,
+    tc: TargetFrontendConfig,
 ) {
     let mut b = FunctionBuilder::new(func, fctx);
     let entry = b.create_block();

@@ -8,6 +8,7 @@ pub mod codegen;
 pub mod emit;
 pub mod jit;
 pub mod program;
+pub mod workers;
 
 use pliron::{
     builtin::{

@@ -27,8 +27,11 @@ use pliron::{
     value::Value as IrValue,
 };
 
-use super::jit::{self, CompiledKernels, JitError, Target};
-use crate::kernel::{self, Contraction, Kernel, WeightFormat};
+use super::{
+    jit::{self, CompiledKernels, JitError, Target},
+    workers::Workers,
+};
+use crate::kernel::{self, Contraction, Kernel, PANEL_ROWS, WeightFormat};
 
 /// Multiply-adds below which a contraction runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
@@ -107,7 +110,7 @@ pub struct Program {
     res_types: Vec<TypeHandle>,
     constants: Vec<(usize, Rc<Value>)>,
     code: CompiledKernels,
-    pool: Option<Arc<rayon::ThreadPool>>,
+    workers: Option<Arc<Workers>>,
     stats: LoweringStats,
 }
 
@@ -327,15 +330,10 @@ impl Program {
             }
         }
         let code = jit::compile(&selection.kernels, options.target, None)?;
-        let pool = (options.threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(options.threads)
-                    .build()
-                    .map(Arc::new)
-            })
+        let workers = (options.threads > 1)
+            .then(|| Workers::new(options.threads).map(Arc::new))
             .transpose()
-            .map_err(|e| JitError(format!("thread pool: {e}")))?;
+            .map_err(|e| JitError(format!("worker threads: {e}")))?;
         Ok(Program {
             name,
             steps,
@@ -345,7 +343,7 @@ impl Program {
             res_types,
             constants,
             code,
-            pool,
+            workers,
             stats,
         })
     }
@@ -506,15 +504,12 @@ impl Program {
         // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp and
         // writes y[i, j0..j1] for i < m at yp: all inside the buffers checked above.
         let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64);
-        match &self.pool {
-            Some(pool) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {
-                let threads = pool.current_num_threads();
-                let chunk = c.n.div_ceil(threads).next_multiple_of(4);
-                pool.scope(|s| {
-                    for j0 in (chunk..c.n).step_by(chunk) {
-                        s.spawn(move |_| run(j0, (j0 + chunk).min(c.n)));
-                    }
-                    run(0, chunk.min(c.n));
+        match &self.workers {
+            Some(workers) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {
+                // Chunks of whole panels, one per thread.
+                let chunk = c.n.div_ceil(workers.threads()).next_multiple_of(PANEL_ROWS);
+                workers.run(c.n.div_ceil(chunk), &|i| {
+                    run(i * chunk, ((i + 1) * chunk).min(c.n));
                 });
             }
             _ => run(0, c.n),
