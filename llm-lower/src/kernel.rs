@@ -11,9 +11,13 @@
 
 use llm_ir::{
     dtype::DType,
-    interp::eval::fused::{ScalarBody, ScalarStep},
+    interp::eval::{
+        attention::Scale,
+        fused::{ScalarBody, ScalarStep},
+    },
     ops::OpCheck,
-    types::{QuantFormat, TensorType},
+    params::ParamValue,
+    types::{KvStorage, QuantFormat, TensorType},
 };
 use pliron::{
     context::{Context, Ptr},
@@ -102,6 +106,50 @@ pub struct Contraction {
     pub norm_eps_bits: Option<u32>,
 }
 
+/// Where an attention kernel finds keys and values, and which positions a query sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionSource {
+    /// `llm.paged_attention`: the cache's `layer`, through block tables.
+    Paged {
+        /// The cache layer.
+        layer: usize,
+        /// Sliding window.
+        window: Option<usize>,
+        /// `llm.append_attention`: the new keys and values are written first.
+        append: bool,
+    },
+    /// `llm.attention` on contiguous `[batch..., tokens, kv_heads, head_dim]` keys and values.
+    Contiguous {
+        /// Whether query `i` sees only keys up to its own position.
+        causal: bool,
+        /// Sliding window.
+        window: Option<usize>,
+    },
+}
+
+/// Data movement without arithmetic: on the CPU these run as memory copies (or no copy at
+/// all), which no generated loop beats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movement {
+    /// `llm.reshape`: the same elements under the result type's shape.
+    Reshape,
+    /// `llm.slice` that keeps every dim whole but the last, of which it takes
+    /// `offset..offset + len` out of `width`.
+    Columns {
+        /// The input's last dim.
+        width: usize,
+        /// The first column taken.
+        offset: usize,
+        /// Columns taken.
+        len: usize,
+    },
+    /// `llm.embedding` of an `f32` table: row `ids[i]` of a `[vocab, dim]` table.
+    Rows {
+        /// The row length.
+        dim: usize,
+    },
+}
+
 /// One kernel family instance.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kernel {
@@ -116,6 +164,39 @@ pub enum Kernel {
         /// `epsilon`'s bits.
         eps_bits: u32,
     },
+    /// Rotary embedding of `heads` heads of `d` values per token, the first `rotary` of
+    /// each head rotated in pairs; the sines and cosines of each token's angles come in a
+    /// table (`llm.rope`).
+    Rope {
+        /// Heads per token.
+        heads: usize,
+        /// Head size.
+        d: usize,
+        /// Rotated values per head.
+        rotary: usize,
+        /// Pairs are `(i, i + rotary / 2)` instead of `(2i, 2i + 1)`.
+        half: bool,
+        /// `theta`'s bits.
+        theta_bits: u32,
+        /// Position scaling's bits.
+        scaling_bits: u32,
+    },
+    /// Attention of one query row (all heads) over a list of key/value rows, with an online
+    /// softmax (one pass over keys and values).
+    Attention {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads (query head `h` reads KV head `h / (heads / kv_heads)`).
+        kv_heads: usize,
+        /// Head size.
+        d: usize,
+        /// Score scaling.
+        scale: Scale,
+        /// Where keys and values are.
+        source: AttentionSource,
+    },
+    /// Data movement.
+    Move(Movement),
 }
 
 impl Kernel {
@@ -135,6 +216,39 @@ impl Kernel {
             ),
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
+            Kernel::Rope {
+                heads, d, rotary, ..
+            } => format!("rope_{heads}x{d}_{rotary}"),
+            Kernel::Attention {
+                heads, kv_heads, d, ..
+            } => format!("attention_{heads}x{d}_kv{kv_heads}"),
+            Kernel::Move(m) => format!("{m:?}"),
+        }
+    }
+
+    /// The kernel with what does not change its generated code cleared (the attention's
+    /// source), so that ops sharing code share one compiled function; `None` for data
+    /// movement, which has no generated code.
+    pub fn code(&self) -> Option<Kernel> {
+        match self {
+            Kernel::Move(_) => None,
+            Kernel::Attention {
+                heads,
+                kv_heads,
+                d,
+                scale,
+                ..
+            } => Some(Kernel::Attention {
+                heads: *heads,
+                kv_heads: *kv_heads,
+                d: *d,
+                scale: *scale,
+                source: AttentionSource::Contiguous {
+                    causal: false,
+                    window: None,
+                },
+            }),
+            other => Some(other.clone()),
         }
     }
 }
@@ -225,8 +339,105 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 eps_bits: eps_bits(),
             })
         }
+        "llm.rope" => {
+            let x = f32_operand(&check, 0)?;
+            let [.., Some(heads), Some(d)] = x.shape() else {
+                return None;
+            };
+            let (heads, d) = (*heads as usize, *d as usize);
+            let rotary = check.int("rotary_dim").map_or(d, |v| v as usize);
+            let half =
+                matches!(check.param("layout"), Some(ParamValue::Word(ref w)) if w == "half");
+            (f32_result(&check) && rotary <= d && rotary % 2 == 0).then(|| Kernel::Rope {
+                heads,
+                d,
+                rotary,
+                half,
+                theta_bits: (check.float("theta").unwrap_or(10000.0) as f32).to_bits(),
+                scaling_bits: (check.float("scaling").unwrap_or(1.0) as f32).to_bits(),
+            })
+        }
+        "llm.paged_attention" | "llm.append_attention" => {
+            let q = f32_operand(&check, 0)?;
+            let cache = check.kv_cache(1).ok()?;
+            let [_, _, Some(heads), Some(d)] = q.shape() else {
+                return None;
+            };
+            let f32_cache = cache.params().storage == KvStorage::Float(DType::F32);
+            let source = AttentionSource::Paged {
+                layer: check.int("layer")? as usize,
+                window: check.int("window").map(|w| w as usize),
+                append: name == "llm.append_attention",
+            };
+            attention(&check, *heads as usize, *d as usize, source).filter(|_| f32_cache)
+        }
+        "llm.attention" => {
+            let q = f32_operand(&check, 0)?;
+            let v = f32_operand(&check, 2)?;
+            let [.., Some(heads), Some(d)] = q.shape() else {
+                return None;
+            };
+            let same_dims = v.shape().last() == Some(&Some(*d));
+            let source = AttentionSource::Contiguous {
+                causal: check.flag("causal", false),
+                window: check.int("window").map(|w| w as usize),
+            };
+            attention(&check, *heads as usize, *d as usize, source).filter(|_| {
+                same_dims && check.num_operands() == 3 && f32_operand(&check, 1).is_some()
+            })
+        }
+        "llm.reshape" => {
+            let x = check.tensor(0).ok()?;
+            let r = check.result_tensor(0).ok()?;
+            (x.dtype() == r.dtype()).then_some(Kernel::Move(Movement::Reshape))
+        }
+        "llm.slice" => columns(&check),
+        "llm.embedding" => {
+            let table = f32_operand(&check, 0)?;
+            let [_, Some(dim)] = table.shape() else {
+                return None;
+            };
+            f32_result(&check).then_some(Kernel::Move(Movement::Rows { dim: *dim as usize }))
+        }
         _ => elementwise(ctx, op, &check, &name),
     }
+}
+
+/// The attention kernel of an op with `heads` query heads of size `d`.
+fn attention(check: &OpCheck, heads: usize, d: usize, source: AttentionSource) -> Option<Kernel> {
+    let kv_heads = check.int("kv_heads")? as usize;
+    (f32_result(check) && kv_heads > 0 && heads % kv_heads == 0 && d > 0).then(|| {
+        Kernel::Attention {
+            heads,
+            kv_heads,
+            d,
+            scale: Scale::from_param(check.float("scale"), d),
+            source,
+        }
+    })
+}
+
+/// A slice that takes a static range of the last dim and keeps every other dim whole.
+fn columns(check: &OpCheck) -> Option<Kernel> {
+    let x = f32_operand(check, 0)?;
+    let r = check.result_tensor(0).ok()?;
+    let starts = check.param("starts")?.as_int_list()?;
+    let unit_steps = check
+        .param("steps")
+        .and_then(|p| p.as_int_list())
+        .is_none_or(|s| s.iter().all(|&v| v == 1));
+    let rank = x.rank();
+    let (Some(Some(width)), Some(Some(len))) = (x.shape().last(), r.shape().last()) else {
+        return None;
+    };
+    let whole = (0..rank - 1).all(|i| starts[i] == 0 && x.shape()[i] == r.shape()[i]);
+    let offset = *starts.last()? as usize;
+    (unit_steps && whole && r.dtype() == DType::F32 && offset + *len as usize <= *width as usize)
+        .then_some(Kernel::Move(Movement::Columns {
+            width: *width as usize,
+            offset,
+            len: *len as usize,
+        }))
 }
 
 /// The elementwise kernel of a unary, binary or fused op over `f32` operands of one shape.

@@ -7,7 +7,10 @@
 
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
 use cranelift_frontend::{FunctionBuilder, Variable};
-use llm_ir::interp::eval::fused::{ScalarBody, ScalarStep};
+use llm_ir::interp::eval::{
+    attention::Scale,
+    fused::{ScalarBody, ScalarStep},
+};
 
 use super::emit::{address, exp, for_range, horizontal_sum, mem, splat};
 use crate::kernel::{Contraction, Kernel, PANEL_COLS, PANEL_ROWS, WeightFormat};
@@ -21,6 +24,11 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Elementwise(_) => 3,
         // x, g, y, rows
         Kernel::RmsNorm { .. } => 4,
+        // x (rotated in place), cos, sin, tokens
+        Kernel::Rope { .. } => 4,
+        // q, k, v, offsets, count, out
+        Kernel::Attention { .. } => 6,
+        Kernel::Move(_) => 0,
     }
 }
 
@@ -30,6 +38,22 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value]) {
         Kernel::Contraction(c) => emit_contraction(b, c, p),
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
+        Kernel::Rope {
+            heads,
+            d,
+            rotary,
+            half,
+            ..
+        } => emit_rope(b, *heads, *d, *rotary, *half, p),
+        Kernel::Attention {
+            heads,
+            kv_heads,
+            d,
+            scale,
+            ..
+        } => emit_attention(b, *heads, *kv_heads, *d, *scale, p),
+        // Data movement has no generated code.
+        Kernel::Move(_) => {}
     }
 }
 
@@ -453,5 +477,174 @@ fn emit_rms_norm(b: &mut FunctionBuilder, d: usize, eps: f32, p: &[Value]) {
             let o = b.ins().fmul(gv, n);
             b.ins().store(mem(), o, yrow, 4 * q as i32);
         }
+    });
+}
+
+/// Rotates, in place, the first `rotary` values of each of the `heads` heads of `d` values
+/// of every token, pair `i` by the angle whose cosine and sine are entry `i` of the token's
+/// row of the tables. Same arithmetic as the reference (no fused multiply-add).
+fn emit_rope(
+    b: &mut FunctionBuilder,
+    heads: usize,
+    d: usize,
+    rotary: usize,
+    half: bool,
+    p: &[Value],
+) {
+    let (x, cos, sin, tokens) = (p[0], p[1], p[2], p[3]);
+    let pairs = rotary / 2;
+    let zero = b.ins().iconst(types::I64, 0);
+    let heads_end = b.ins().iconst(types::I64, heads as i64);
+    for_range(b, zero, tokens, 1, |b, t| {
+        let xt = address(b, x, t, (4 * heads * d) as i64);
+        let ct = address(b, cos, t, 4 * pairs as i64);
+        let st = address(b, sin, t, 4 * pairs as i64);
+        for_range(b, zero, heads_end, 1, |b, h| {
+            let row = address(b, xt, h, 4 * d as i64);
+            for i in 0..pairs {
+                let (ia, ib) = if half {
+                    (i, i + pairs)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let at = |j: usize| 4 * j as i32;
+                let a = b.ins().load(types::F32, mem(), row, at(ia));
+                let bv = b.ins().load(types::F32, mem(), row, at(ib));
+                let c = b.ins().load(types::F32, mem(), ct, at(i));
+                let s = b.ins().load(types::F32, mem(), st, at(i));
+                let ac = b.ins().fmul(a, c);
+                let bs = b.ins().fmul(bv, s);
+                let na = b.ins().fsub(ac, bs);
+                let as_ = b.ins().fmul(a, s);
+                let bc = b.ins().fmul(bv, c);
+                let nb = b.ins().fadd(as_, bc);
+                b.ins().store(mem(), na, row, at(ia));
+                b.ins().store(mem(), nb, row, at(ib));
+            }
+        });
+    });
+}
+
+/// The dot product of two rows of `d` floats (static `d`): `f32x4` chunks into two
+/// accumulators, then a scalar tail.
+fn dot_static(b: &mut FunctionBuilder, x: Value, y: Value, d: usize) -> Value {
+    let mut acc = [splat(b, 0.0), splat(b, 0.0)];
+    let d4 = d - d % 4;
+    for (c, q) in (0..d4).step_by(4).enumerate() {
+        let xv = b.ins().load(types::F32X4, mem(), x, 4 * q as i32);
+        let yv = b.ins().load(types::F32X4, mem(), y, 4 * q as i32);
+        acc[c % 2] = b.ins().fma(xv, yv, acc[c % 2]);
+    }
+    let both = b.ins().fadd(acc[0], acc[1]);
+    let mut s = horizontal_sum(b, both);
+    for q in d4..d {
+        let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
+        let ys = b.ins().load(types::F32, mem(), y, 4 * q as i32);
+        s = b.ins().fma(xs, ys, s);
+    }
+    s
+}
+
+/// `row[i] = row[i] * c + p * v[i]` for the `d` floats of a row (static `d`).
+fn scale_add_row(b: &mut FunctionBuilder, row: Value, v: Value, c: Value, p: Value, d: usize) {
+    let (cv, pv) = (
+        b.ins().splat(types::F32X4, c),
+        b.ins().splat(types::F32X4, p),
+    );
+    let d4 = d - d % 4;
+    for q in (0..d4).step_by(4) {
+        let o = b.ins().load(types::F32X4, mem(), row, 4 * q as i32);
+        let x = b.ins().load(types::F32X4, mem(), v, 4 * q as i32);
+        let oc = b.ins().fmul(o, cv);
+        let n = b.ins().fma(pv, x, oc);
+        b.ins().store(mem(), n, row, 4 * q as i32);
+    }
+    for q in d4..d {
+        let o = b.ins().load(types::F32, mem(), row, 4 * q as i32);
+        let x = b.ins().load(types::F32, mem(), v, 4 * q as i32);
+        let oc = b.ins().fmul(o, c);
+        let n = b.ins().fma(p, x, oc);
+        b.ins().store(mem(), n, row, 4 * q as i32);
+    }
+}
+
+/// Attention of one query row (`heads` heads of `d`) over `count` key/value rows, row `j`
+/// starting `offsets[j]` floats into `k` and `v` (KV head `h` at `+ h * d`), with an online
+/// softmax: a running maximum `m` and sum `l`, the output rescaled by `exp(m_old - m_new)`
+/// as the maximum grows. `count` must be at least 1.
+fn emit_attention(
+    b: &mut FunctionBuilder,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    scale: Scale,
+    p: &[Value],
+) {
+    let (q, k, v, offsets, count, out) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+    let group = heads / kv_heads;
+    let zero = b.ins().iconst(types::I64, 0);
+    let kv_end = b.ins().iconst(types::I64, kv_heads as i64);
+    let group_end = b.ins().iconst(types::I64, group as i64);
+    for_range(b, zero, kv_end, 1, |b, kv| {
+        let kv_bytes = b.ins().imul_imm_s(kv, (4 * d) as i64);
+        for_range(b, zero, group_end, 1, |b, g| {
+            let first = b.ins().imul_imm_s(kv, group as i64);
+            let head = b.ins().iadd(first, g);
+            let qrow = address(b, q, head, (4 * d) as i64);
+            let orow = address(b, out, head, (4 * d) as i64);
+            let zv = splat(b, 0.0);
+            let d4 = d - d % 4;
+            for q4 in (0..d4).step_by(4) {
+                b.ins().store(mem(), zv, orow, 4 * q4 as i32);
+            }
+            let zs = b.ins().f32const(0.0);
+            for q1 in d4..d {
+                b.ins().store(mem(), zs, orow, 4 * q1 as i32);
+            }
+            let m = b.declare_var(types::F32);
+            let l = b.declare_var(types::F32);
+            let lowest = b.ins().f32const(f32::MIN);
+            b.def_var(m, lowest);
+            b.def_var(l, zs);
+            for_range(b, zero, count, 1, |b, j| {
+                let at = address(b, offsets, j, 8);
+                let off = b.ins().load(types::I64, mem(), at, 0);
+                let off = b.ins().imul_imm_s(off, 4);
+                let off = b.ins().iadd(off, kv_bytes);
+                let krow = b.ins().iadd(k, off);
+                let vrow = b.ins().iadd(v, off);
+                let dot = dot_static(b, qrow, krow, d);
+                let s = match scale {
+                    Scale::Times(f) => {
+                        let f = b.ins().f32const(f);
+                        b.ins().fmul(dot, f)
+                    }
+                    Scale::DivSqrt(r) => {
+                        let r = b.ins().f32const(r);
+                        b.ins().fdiv(dot, r)
+                    }
+                };
+                let m_old = b.use_var(m);
+                let m_new = b.ins().fmax(m_old, s);
+                // One vector exp for both factors: lanes [m_old - m_new, s - m_new, 0, 0].
+                let shrink = b.ins().fsub(m_old, m_new);
+                let gain = b.ins().fsub(s, m_new);
+                let lanes = b.ins().scalar_to_vector(types::F32X4, shrink);
+                let lanes = b.ins().insertlane(lanes, gain, 1);
+                let e = exp(b, lanes);
+                let c = b.ins().extractlane(e, 0);
+                let pj = b.ins().extractlane(e, 1);
+                let l_old = b.use_var(l);
+                let l_new = b.ins().fma(l_old, c, pj);
+                b.def_var(l, l_new);
+                b.def_var(m, m_new);
+                scale_add_row(b, orow, vrow, c, pj, d);
+            });
+            let total = b.use_var(l);
+            let one = b.ins().f32const(1.0);
+            let inv = b.ins().fdiv(one, total);
+            let zero_f = b.ins().f32const(0.0);
+            scale_add_row(b, orow, orow, inv, zero_f, d);
+        });
     });
 }

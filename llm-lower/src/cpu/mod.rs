@@ -4,6 +4,7 @@
 //! See `docs/lowering.md` for the kernels' loop shapes and which ops still run through
 //! their reference semantics.
 
+pub mod calls;
 pub mod codegen;
 pub mod emit;
 pub mod jit;

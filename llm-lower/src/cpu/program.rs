@@ -1,19 +1,17 @@
 //! A function compiled for the CPU: its ops in order, each either a JIT kernel or (for ops
 //! without a lowering yet) the op's reference semantics, over a flat array of value slots.
 //!
-//! Every kernel call goes through a safe wrapper that checks the run-time shapes and buffer
-//! lengths against the kernel's static shapes before entering generated code, which has
-//! no bounds checks.
-
-#![allow(unsafe_code, reason = "calls into JIT-compiled kernels")]
+//! Every kernel call goes through a safe wrapper ([`calls`]) that checks the run-time
+//! shapes and buffer lengths against the kernel's static shapes before entering generated
+//! code, which has no bounds checks.
 
 use std::{collections::HashMap, rc::Rc, sync::Arc};
 
 use llm_ir::{
     dtype::DType,
-    interp::{
-        self, Hoisted, InterpError, QTensor, Tensor, Value, WeightStore, eval::fused::ScalarBody,
-    },
+    interp::{self, Hoisted, InterpError, Tensor, Value, WeightStore},
+    syntax::Dim,
+    types::TensorType,
 };
 use pliron::{
     builtin::{
@@ -23,28 +21,21 @@ use pliron::{
     context::{Context, Ptr},
     linked_list::ContainsLinkedList,
     operation::Operation,
-    r#type::{TypeHandle, TypedHandle},
+    r#type::{TypeHandle, Typed, TypedHandle},
     value::Value as IrValue,
 };
 
 use super::{
+    calls,
     jit::{self, CompiledKernels, JitError, Target},
     workers::Workers,
 };
-use crate::kernel::{self, Contraction, Kernel, PANEL_ROWS, WeightFormat};
-
-/// Multiply-adds below which a contraction runs on the calling thread only.
-const PARALLEL_MIN_MACS: usize = 1 << 16;
+use crate::kernel::{self, Contraction, Kernel, WeightFormat};
 
 /// What one step does.
 enum Action {
-    /// Calls compiled kernel `index`; `prologue` is the RMS-norm kernel of a contraction
-    /// with a norm prologue.
-    Kernel {
-        kernel: Kernel,
-        index: usize,
-        prologue: Option<usize>,
-    },
+    /// Runs a kernel.
+    Kernel(Chosen),
     /// Evaluates the op with its reference semantics.
     Reference,
     /// Returns the inputs.
@@ -67,6 +58,8 @@ struct Step {
     location: Option<(u32, u32)>,
     /// The op's name.
     name: String,
+    /// The declared dims of its first result, when that is a tensor.
+    dims: Vec<Dim>,
 }
 
 /// How to compile.
@@ -114,12 +107,24 @@ pub struct Program {
     stats: LoweringStats,
 }
 
-/// The kernels of a function's ops (deduplicated) and, per op, its kernel and prologue.
+/// The kernel chosen for one op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chosen {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// Its compiled function (none for data movement).
+    pub index: Option<usize>,
+    /// The compiled RMS-norm prologue of a contraction with one.
+    pub prologue: Option<usize>,
+}
+
+/// The kernels of a function's ops: the distinct generated functions, and per op its
+/// kernel.
 pub struct Selection {
-    /// Distinct kernels, in first-use order.
+    /// Distinct kernel codes ([`Kernel::code`]), in first-use order.
     pub kernels: Vec<Kernel>,
-    /// Per op of the entry block: the kernel index and the prologue kernel index.
-    pub per_op: Vec<Option<(usize, Option<usize>)>>,
+    /// Per op: its kernel, or `None` for reference semantics.
+    pub per_op: Vec<Option<Chosen>>,
 }
 
 /// The operand of a contraction op that holds its weight matrix.
@@ -135,12 +140,15 @@ pub fn select_all(
     is_constant: impl Fn(IrValue) -> bool,
 ) -> Selection {
     let mut kernels: Vec<Kernel> = Vec::new();
-    let mut index_of = |k: Kernel| match kernels.iter().position(|x| *x == k) {
-        Some(i) => i,
-        None => {
-            kernels.push(k);
-            kernels.len() - 1
-        }
+    let mut index_of = |k: &Kernel| {
+        let code = k.code()?;
+        Some(match kernels.iter().position(|x| *x == code) {
+            Some(i) => i,
+            None => {
+                kernels.push(code);
+                kernels.len() - 1
+            }
+        })
     };
     let per_op = ops
         .iter()
@@ -157,13 +165,17 @@ pub fn select_all(
                     k: d,
                     norm_eps_bits: Some(eps_bits),
                     ..
-                }) => Some(index_of(Kernel::RmsNorm {
+                }) => index_of(&Kernel::RmsNorm {
                     d: *d,
                     eps_bits: *eps_bits,
-                })),
+                }),
                 _ => None,
             };
-            Some((index_of(k), prologue))
+            Some(Chosen {
+                index: index_of(&k),
+                kernel: k,
+                prologue,
+            })
         })
         .collect();
     Selection { kernels, per_op }
@@ -181,10 +193,10 @@ fn pack_weights(
     let mut next_slot = first_free;
     let mut extra = Vec::new();
     for step in steps.iter_mut() {
-        let Action::Kernel {
+        let Action::Kernel(Chosen {
             kernel: Kernel::Contraction(c),
             ..
-        } = &step.action
+        }) = &step.action
         else {
             continue;
         };
@@ -291,13 +303,9 @@ impl Program {
             let outputs: Vec<usize> = o.results().map(&mut slot).collect();
             let action = match chosen {
                 _ if op_name == "llm.return" => Action::Return,
-                Some((index, prologue)) => {
+                Some(chosen) => {
                     stats.kernel_ops += 1;
-                    Action::Kernel {
-                        kernel: selection.kernels[*index].clone(),
-                        index: *index,
-                        prologue: *prologue,
-                    }
+                    Action::Kernel(chosen.clone())
                 }
                 None => {
                     match stats.reference_ops.iter_mut().find(|(n, _)| *n == op_name) {
@@ -307,8 +315,15 @@ impl Program {
                     Action::Reference
                 }
             };
+            let dims = o
+                .results()
+                .next()
+                .and_then(|r| TypedHandle::<TensorType>::from_handle(r.get_type(ctx), ctx).ok())
+                .map(|t| t.deref(ctx).shape().to_vec())
+                .unwrap_or_default();
             steps.push(Step {
                 action,
+                dims,
                 op,
                 inputs,
                 outputs,
@@ -411,15 +426,19 @@ impl Program {
                     }
                     return Ok(results);
                 }
-                Action::Kernel {
-                    kernel,
-                    index,
-                    prologue,
-                } => match self.call(kernel, *index, *prologue, &inputs) {
-                    Some(result) => result.map(|t| vec![Rc::new(Value::Tensor(t))]),
-                    // Shapes the kernel does not cover (a broadcast found at run time).
-                    None => interp::eval_op(ctx, step.op, inputs, weights),
-                },
+                Action::Kernel(chosen) => {
+                    let kernels = calls::Kernels {
+                        code: &self.code,
+                        workers: self.workers.as_deref(),
+                    };
+                    match calls::call(&kernels, chosen, &step.dims, inputs) {
+                        Ok(outputs) => outputs,
+                        // Shapes the kernel does not cover (a broadcast found at run time).
+                        Err(calls::Unsupported(inputs)) => {
+                            interp::eval_op(ctx, step.op, inputs, weights)
+                        }
+                    }
+                }
                 Action::Reference => interp::eval_op(ctx, step.op, inputs, weights),
             }
             .map_err(|m| error(step.location, format!("{}: {m}", step.name)))?;
@@ -429,153 +448,6 @@ impl Program {
         }
         Err(error(None, format!("@{name} ended without llm.return")))
     }
-
-    /// Calls a kernel on `inputs` after checking them; `None` when the run-time shapes are
-    /// not the kernel's (the caller then uses the reference semantics).
-    fn call(
-        &self,
-        kernel: &Kernel,
-        index: usize,
-        prologue: Option<usize>,
-        inputs: &[Rc<Value>],
-    ) -> Option<Result<Tensor, String>> {
-        match kernel {
-            Kernel::Contraction(c) => Some(self.contraction(c, index, prologue, inputs)),
-            Kernel::Elementwise(body) => self.elementwise(body, index, inputs),
-            Kernel::RmsNorm { d, .. } => Some(self.rms_norm(*d, index, inputs)),
-        }
-    }
-
-    fn contraction(
-        &self,
-        c: &Contraction,
-        index: usize,
-        prologue: Option<usize>,
-        inputs: &[Rc<Value>],
-    ) -> Result<Tensor, String> {
-        let x = inputs[0].tensor()?;
-        let xs = x.floats()?;
-        if x.shape.last() != Some(&c.k) {
-            return Err(format!(
-                "the input {:?} does not end in K = {}",
-                x.shape, c.k
-            ));
-        }
-        let m = xs.len() / c.k.max(1);
-        let normed;
-        let (xs, w) = match prologue {
-            Some(norm) => {
-                normed = self.rms_norm(c.k, norm, &inputs[..2])?;
-                (normed.floats()?, &inputs[2])
-            }
-            None => (xs, &inputs[1]),
-        };
-        let wbytes: &[u8] = match (c.weight, &**w) {
-            (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t))
-                if t.shape == [c.n, c.k] =>
-            {
-                as_bytes(t.floats()?)
-            }
-            (
-                WeightFormat::Q8_0 | WeightFormat::Q4_0,
-                Value::Quantized(QTensor { shape, bytes, .. }),
-            ) if *shape == [c.n, c.k] => bytes,
-            (_, other) => {
-                return Err(format!(
-                    "the weight ({}) is not a {}x{} matrix",
-                    other.kind(),
-                    c.n,
-                    c.k
-                ));
-            }
-        };
-        if wbytes.len() != c.n * c.weight.row_bytes(c.k) {
-            return Err(format!("the weight holds {} bytes", wbytes.len()));
-        }
-        let mut out = vec![0f32; m * c.n];
-        let f: extern "C" fn(i64, i64, i64, i64, i64, i64) =
-            // SAFETY: kernel `index` is a contraction, whose signature has six i64 params.
-            unsafe { std::mem::transmute(self.code.entry(index)) };
-        let (xp, wp, yp) = (
-            xs.as_ptr() as i64,
-            wbytes.as_ptr() as i64,
-            out.as_mut_ptr() as i64,
-        );
-        // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp and
-        // writes y[i, j0..j1] for i < m at yp: all inside the buffers checked above.
-        let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64);
-        match &self.workers {
-            Some(workers) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {
-                // Chunks of whole panels, one per thread.
-                let chunk = c.n.div_ceil(workers.threads()).next_multiple_of(PANEL_ROWS);
-                workers.run(c.n.div_ceil(chunk), &|i| {
-                    run(i * chunk, ((i + 1) * chunk).min(c.n));
-                });
-            }
-            _ => run(0, c.n),
-        }
-        let mut shape = x.shape[..x.shape.len() - 1].to_vec();
-        shape.push(c.n);
-        Ok(Tensor::from_f32(shape, DType::F32, out))
-    }
-
-    fn elementwise(
-        &self,
-        body: &ScalarBody,
-        index: usize,
-        inputs: &[Rc<Value>],
-    ) -> Option<Result<Tensor, String>> {
-        let tensors: Vec<&Tensor> = inputs
-            .iter()
-            .map(|v| v.tensor().ok())
-            .collect::<Option<_>>()?;
-        let shape = &tensors.first()?.shape;
-        if tensors.len() != body.args || tensors.iter().any(|t| t.shape != *shape) {
-            return None;
-        }
-        let data: Vec<&[f32]> = tensors
-            .iter()
-            .map(|t| t.floats().ok())
-            .collect::<Option<_>>()?;
-        let len = data[0].len();
-        let ptrs: Vec<i64> = data.iter().map(|d| d.as_ptr() as i64).collect();
-        let mut out = vec![0f32; len];
-        let f: extern "C" fn(i64, i64, i64) =
-            // SAFETY: kernel `index` is elementwise: (inputs, out, len).
-            unsafe { std::mem::transmute(self.code.entry(index)) };
-        // Every input holds `len` floats (same shape), as does `out`.
-        f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
-        Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
-    }
-
-    fn rms_norm(&self, d: usize, index: usize, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
-        let (x, g) = (inputs[0].tensor()?, inputs[1].tensor()?);
-        let (xs, gs) = (x.floats()?, g.floats()?);
-        if x.shape.last() != Some(&d) || gs.len() != d {
-            return Err(format!(
-                "rows of {:?} do not fit the norm weight {:?}",
-                x.shape, g.shape
-            ));
-        }
-        let mut out = vec![0f32; xs.len()];
-        let f: extern "C" fn(i64, i64, i64, i64) =
-            // SAFETY: kernel `index` is an RMS norm: (x, g, y, rows).
-            unsafe { std::mem::transmute(self.code.entry(index)) };
-        // x and y hold rows * d floats, g holds d.
-        f(
-            xs.as_ptr() as i64,
-            gs.as_ptr() as i64,
-            out.as_mut_ptr() as i64,
-            (xs.len() / d.max(1)) as i64,
-        );
-        Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
-    }
-}
-
-/// The bytes of a float slice.
-fn as_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and every byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), size_of_val(v)) }
 }
 
 /// The values of `ops` computed from weights and constants only (what a runtime hoists).

@@ -7,21 +7,29 @@ use crate::interp::value::{KvCache, Tensor, Value};
 
 /// How scores are scaled: by the `scale` parameter, or divided by `sqrt(head_dim)` as
 /// llama2.c does when it is absent.
-#[derive(Clone, Copy)]
-enum Scale {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scale {
+    /// Multiply by the factor.
     Times(f32),
+    /// Divide by the factor (`sqrt(head_dim)`).
     DivSqrt(f32),
 }
 
 impl Scale {
-    fn of(e: &Eval, head_dim: usize) -> Scale {
-        match e.float("scale") {
+    /// The scaling of an op whose `scale` parameter is `param`, for heads of `head_dim`.
+    pub fn from_param(param: Option<f64>, head_dim: usize) -> Scale {
+        match param {
             Some(s) => Scale::Times(s as f32),
             None => Scale::DivSqrt((head_dim as f32).sqrt()),
         }
     }
 
-    fn apply(self, dot: f32) -> f32 {
+    fn of(e: &Eval, head_dim: usize) -> Scale {
+        Scale::from_param(e.float("scale"), head_dim)
+    }
+
+    /// The scaled score.
+    pub fn apply(self, dot: f32) -> f32 {
         match self {
             Scale::Times(s) => dot * s,
             Scale::DivSqrt(r) => dot / r,
@@ -237,6 +245,13 @@ pub fn paged_attend(
     Ok(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, out))
 }
 
+/// The sine and cosine of pair `i`'s rotation at (scaled) position `p`.
+pub fn rope_sin_cos(p: f32, theta: f32, i: usize, rotary: usize) -> (f32, f32) {
+    let freq = 1.0 / theta.powf((2 * i) as f32 / rotary as f32);
+    let angle = p * freq;
+    (angle.sin(), angle.cos())
+}
+
 /// `llm.rope`.
 pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (x, pos) = (inputs[0].tensor()?, inputs[1].tensor()?);
@@ -259,9 +274,7 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         for head in 0..h {
             let base = (token * h + head) * d;
             for i in 0..rotary / 2 {
-                let freq = 1.0 / theta.powf((2 * i) as f32 / rotary as f32);
-                let angle = p * freq;
-                let (sin, cos) = (angle.sin(), angle.cos());
+                let (sin, cos) = rope_sin_cos(p, theta, i, rotary);
                 let (ia, ib) = if half_layout {
                     (i, i + rotary / 2)
                 } else {

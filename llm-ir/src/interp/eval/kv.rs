@@ -54,7 +54,7 @@ pub fn append(
 }
 
 /// Writes row `n` of `k` and `v` (`[N, kv_heads, head_dim]`) to slot `slots[n]` of `layer`.
-fn append_rows(
+pub fn append_rows(
     cache: &mut KvCache,
     layer: usize,
     k: &Tensor,

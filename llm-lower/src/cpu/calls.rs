@@ -1,0 +1,481 @@
+//! Safe entry points of the compiled kernels: each checks the run-time values against the
+//! kernel's static shapes (and every index the kernel will follow) before it enters
+//! generated code, which has no bounds checks; data movement runs here as memory copies.
+
+#![allow(unsafe_code, reason = "calls into JIT-compiled kernels")]
+
+use std::rc::Rc;
+
+use llm_ir::{
+    dtype::DType,
+    interp::{
+        KvCache, QTensor, Tensor, Value,
+        eval::{
+            attention::{rope_sin_cos, slot_of},
+            fused::ScalarBody,
+            kv::append_rows,
+            resolve_shape,
+        },
+    },
+    syntax::Dim,
+};
+
+use super::{jit::CompiledKernels, program::Chosen, workers::Workers};
+use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat};
+
+/// Multiply-adds below which a contraction runs on the calling thread only.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
+/// The compiled code and threads kernels run with.
+pub struct Kernels<'a> {
+    /// The compiled functions.
+    pub code: &'a CompiledKernels,
+    /// Worker threads, if more than one.
+    pub workers: Option<&'a Workers>,
+}
+
+/// The run-time values are outside what the kernel handles (for example a broadcast that
+/// only shows at run time); the inputs are handed back for the reference semantics.
+pub struct Unsupported(pub Vec<Rc<Value>>);
+
+/// The outputs of a kernel, or an error about its inputs.
+pub type Outputs = Result<Vec<Rc<Value>>, String>;
+
+fn tensor(t: Tensor) -> Outputs {
+    Ok(vec![Rc::new(Value::Tensor(t))])
+}
+
+/// Runs `chosen` on `inputs`; `dims` are the declared dims of the op's first result.
+pub fn call(
+    k: &Kernels,
+    chosen: &Chosen,
+    dims: &[Dim],
+    inputs: Vec<Rc<Value>>,
+) -> Result<Outputs, Unsupported> {
+    let entry = chosen.index.map(|i| k.code.entry(i));
+    Ok(match (&chosen.kernel, entry) {
+        (Kernel::Contraction(c), Some(f)) => {
+            let norm = chosen.prologue.map(|i| k.code.entry(i));
+            contraction(k, c, f, norm, &inputs).and_then(tensor)
+        }
+        (Kernel::Elementwise(body), Some(f)) => match elementwise(body, f, &inputs) {
+            Some(out) => out.and_then(tensor),
+            None => return Err(Unsupported(inputs)),
+        },
+        (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(*d, f, &inputs).and_then(tensor),
+        (
+            Kernel::Rope {
+                heads,
+                d,
+                rotary,
+                theta_bits,
+                scaling_bits,
+                ..
+            },
+            Some(f),
+        ) => {
+            let angles = RopeAngles {
+                rotary: *rotary,
+                theta: f32::from_bits(*theta_bits),
+                scaling: f32::from_bits(*scaling_bits),
+            };
+            rope(*heads, *d, angles, f, inputs).and_then(tensor)
+        }
+        (
+            Kernel::Attention {
+                heads,
+                kv_heads,
+                d,
+                source,
+                ..
+            },
+            Some(f),
+        ) => attention([*heads, *kv_heads, *d], *source, f, inputs),
+        (Kernel::Move(m), _) => movement(*m, dims, inputs),
+        _ => Err("the kernel was not compiled".to_string()),
+    })
+}
+
+/// Calls a contraction: `y[i, j] = dot(x[i], w[j])`, split over the workers by panels.
+fn contraction(
+    k: &Kernels,
+    c: &Contraction,
+    f: *const u8,
+    norm: Option<*const u8>,
+    inputs: &[Rc<Value>],
+) -> Result<Tensor, String> {
+    let x = inputs[0].tensor()?;
+    if x.shape.last() != Some(&c.k) {
+        return Err(format!(
+            "the input {:?} does not end in K = {}",
+            x.shape, c.k
+        ));
+    }
+    let normed;
+    let (xs, w) = match norm {
+        Some(norm) => {
+            normed = rms_norm(c.k, norm, &inputs[..2])?;
+            (normed.floats()?, &inputs[2])
+        }
+        None => (x.floats()?, &inputs[1]),
+    };
+    let m = xs.len() / c.k.max(1);
+    let wbytes: &[u8] = match (c.weight, &**w) {
+        (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t))
+            if t.shape == [c.n, c.k] =>
+        {
+            as_bytes(t.floats()?)
+        }
+        (
+            WeightFormat::Q8_0 | WeightFormat::Q4_0,
+            Value::Quantized(QTensor { shape, bytes, .. }),
+        ) if *shape == [c.n, c.k] => bytes,
+        (_, other) => {
+            return Err(format!(
+                "the weight ({}) is not a {}x{} matrix",
+                other.kind(),
+                c.n,
+                c.k
+            ));
+        }
+    };
+    if wbytes.len() != c.n * c.weight.row_bytes(c.k) {
+        return Err(format!("the weight holds {} bytes", wbytes.len()));
+    }
+    let mut out = vec![0f32; m * c.n];
+    // SAFETY: a contraction's signature is six i64 params.
+    let f: extern "C" fn(i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    let (xp, wp, yp) = (
+        xs.as_ptr() as i64,
+        wbytes.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+    );
+    // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp and writes
+    // y[i, j0..j1] for i < m at yp: all inside the buffers checked above.
+    let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64);
+    match k.workers {
+        Some(workers) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {
+            // Chunks of whole panels, one per thread.
+            let chunk = c.n.div_ceil(workers.threads()).next_multiple_of(PANEL_ROWS);
+            workers.run(c.n.div_ceil(chunk), &|i| {
+                run(i * chunk, ((i + 1) * chunk).min(c.n));
+            });
+        }
+        _ => run(0, c.n),
+    }
+    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
+    shape.push(c.n);
+    Ok(Tensor::from_f32(shape, DType::F32, out))
+}
+
+/// Calls an elementwise kernel; `None` unless every operand has the same shape.
+fn elementwise(
+    body: &ScalarBody,
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Option<Result<Tensor, String>> {
+    let tensors: Vec<&Tensor> = inputs
+        .iter()
+        .map(|v| v.tensor().ok())
+        .collect::<Option<_>>()?;
+    let shape = &tensors.first()?.shape;
+    if tensors.len() != body.args || tensors.iter().any(|t| t.shape != *shape) {
+        return None;
+    }
+    let data: Vec<&[f32]> = tensors
+        .iter()
+        .map(|t| t.floats().ok())
+        .collect::<Option<_>>()?;
+    let len = data[0].len();
+    let ptrs: Vec<i64> = data.iter().map(|d| d.as_ptr() as i64).collect();
+    let mut out = vec![0f32; len];
+    // SAFETY: an elementwise kernel's signature is (inputs, out, len).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // Every input holds `len` floats (same shape), as does `out`.
+    f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
+    Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
+}
+
+/// Calls an RMS norm over rows of `d`.
+fn rms_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+    let (x, g) = (inputs[0].tensor()?, inputs[1].tensor()?);
+    let (xs, gs) = (x.floats()?, g.floats()?);
+    if x.shape.last() != Some(&d) || gs.len() != d {
+        return Err(format!(
+            "rows of {:?} do not fit the norm weight {:?}",
+            x.shape, g.shape
+        ));
+    }
+    let mut out = vec![0f32; xs.len()];
+    // SAFETY: an RMS norm's signature is (x, g, y, rows).
+    let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // x and y hold rows * d floats, g holds d.
+    f(
+        xs.as_ptr() as i64,
+        gs.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+        (xs.len() / d.max(1)) as i64,
+    );
+    Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+}
+
+/// How a rope's angles are computed.
+struct RopeAngles {
+    rotary: usize,
+    theta: f32,
+    scaling: f32,
+}
+
+/// The floats of a tensor value, moved out when nothing else holds it.
+fn take_floats(value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), String> {
+    match Rc::unwrap_or_clone(value) {
+        Value::Tensor(t) if t.dtype == DType::F32 => match t.data {
+            llm_ir::interp::Data::Float(v) => Ok((t.shape, v)),
+            llm_ir::interp::Data::Int(_) => Err("expected floats".into()),
+        },
+        other => Err(format!("expected an f32 tensor, found {}", other.kind())),
+    }
+}
+
+/// Calls a rope kernel: the angles' sines and cosines are computed here, per token and
+/// pair, exactly as the reference does (Cranelift has no trigonometric instructions); the
+/// kernel rotates the values in place.
+fn rope(
+    heads: usize,
+    d: usize,
+    angles: RopeAngles,
+    f: *const u8,
+    inputs: Vec<Rc<Value>>,
+) -> Result<Tensor, String> {
+    let positions = inputs[1].tensor()?.ints()?.to_vec();
+    let (shape, mut x) = take_floats(Rc::clone(&inputs[0]))?;
+    drop(inputs);
+    let r = shape.len();
+    if r < 2 || shape[r - 2..] != [heads, d] || positions.len() * heads * d != x.len() {
+        return Err(format!(
+            "{} positions do not match the tokens of {shape:?}",
+            positions.len()
+        ));
+    }
+    let pairs = angles.rotary / 2;
+    let mut cos = Vec::with_capacity(positions.len() * pairs);
+    let mut sin = Vec::with_capacity(positions.len() * pairs);
+    for &p in &positions {
+        let p = p as f32 / angles.scaling;
+        for i in 0..pairs {
+            let (s, c) = rope_sin_cos(p, angles.theta, i, angles.rotary);
+            sin.push(s);
+            cos.push(c);
+        }
+    }
+    // SAFETY: a rope kernel's signature is (x, cos, sin, tokens).
+    let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // x holds tokens * heads * d floats; the tables tokens * pairs each.
+    f(
+        x.as_mut_ptr() as i64,
+        cos.as_ptr() as i64,
+        sin.as_ptr() as i64,
+        positions.len() as i64,
+    );
+    Ok(Tensor::from_f32(shape, DType::F32, x))
+}
+
+/// Calls an attention kernel once per query row, with the element offsets of the key/value
+/// rows it sees (computed and bounds-checked here).
+fn attention(
+    [heads, kv_heads, d]: [usize; 3],
+    source: AttentionSource,
+    f: *const u8,
+    mut inputs: Vec<Rc<Value>>,
+) -> Outputs {
+    // SAFETY: an attention kernel's signature is (q, k, v, offsets, count, out).
+    let f: extern "C" fn(i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // The cache an append updates, taken out of the operands (`[q, k, v, slots, tables,
+    // lens]` remain) so that it is updated in place when nothing else holds it.
+    let appended = match source {
+        AttentionSource::Paged { append: true, .. } if inputs.len() == 7 => Some(inputs.remove(1)),
+        _ => None,
+    };
+    let q = inputs[0].tensor()?;
+    let qd = q.floats()?;
+    let row = heads * d;
+    if q.shape.len() < 3 || q.shape[q.shape.len() - 2..] != [heads, d] {
+        return Err(format!(
+            "queries {:?} do not have {heads} heads of {d}",
+            q.shape
+        ));
+    }
+    let mut out = vec![0f32; qd.len()];
+    // Runs query row `r` over `offsets` into `kd`/`vd` (each offset plus a row checked to
+    // lie inside both).
+    let mut attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64]| {
+        if offsets.is_empty() {
+            return;
+        }
+        f(
+            qd[r * row..].as_ptr() as i64,
+            kd.as_ptr() as i64,
+            vd.as_ptr() as i64,
+            offsets.as_ptr() as i64,
+            offsets.len() as i64,
+            out[r * row..].as_mut_ptr() as i64,
+        );
+    };
+    match source {
+        AttentionSource::Paged { layer, window, .. } => {
+            let mut updated = None;
+            let (cache, tables, lens) = if let Some(cache) = appended {
+                let mut cache = match Rc::unwrap_or_clone(cache) {
+                    Value::Cache(c) => c,
+                    other => return Err(format!("expected a KV cache, found {}", other.kind())),
+                };
+                append_rows(
+                    &mut cache,
+                    layer,
+                    inputs[1].tensor()?,
+                    inputs[2].tensor()?,
+                    inputs[3].tensor()?,
+                )?;
+                let cache: &KvCache = updated.insert(cache);
+                (cache, inputs[4].tensor()?, inputs[5].tensor()?)
+            } else {
+                (inputs[1].cache()?, inputs[2].tensor()?, inputs[3].tensor()?)
+            };
+            let [b, t] = [q.shape[0], q.shape[1]];
+            check_cache(cache, layer, kv_heads, d)?;
+            let (td, ld) = (tables.ints()?, lens.ints()?);
+            let width = tables.shape.get(1).copied().unwrap_or(0);
+            if q.shape.len() != 4 || tables.shape != [b, width] || lens.shape != [b] {
+                return Err(format!(
+                    "{b} sequences need block tables [{b}, M] and context lengths [{b}], found {:?} and {:?}",
+                    tables.shape, lens.shape
+                ));
+            }
+            let layer_start = cache.slot_offset(layer, 0);
+            let mut offsets = Vec::new();
+            for s in 0..b {
+                let len = ld[s];
+                if len < t as i64 {
+                    return Err(format!(
+                        "sequence {s} has context length {len}, fewer than its {t} new tokens"
+                    ));
+                }
+                let table = &td[s * width..(s + 1) * width];
+                for i in 0..t {
+                    let pos = len as usize - t + i;
+                    let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    offsets.clear();
+                    for j in start..=pos {
+                        let slot = slot_of(cache, table, j)?;
+                        offsets.push((layer_start + slot * cache.slot_len()) as i64);
+                    }
+                    attend(s * t + i, &cache.k, &cache.v, &offsets);
+                }
+            }
+            let out = Rc::new(Value::Tensor(Tensor::from_f32(
+                q.shape.clone(),
+                DType::F32,
+                out,
+            )));
+            Ok(std::iter::once(out)
+                .chain(updated.map(|c| Rc::new(Value::Cache(c))))
+                .collect())
+        }
+        AttentionSource::Contiguous { causal, window } => {
+            let (kt, vt) = (inputs[1].tensor()?, inputs[2].tensor()?);
+            let r = q.shape.len();
+            let (tq, tk) = (q.shape[r - 3], kt.shape[r - 3]);
+            if kt.shape != vt.shape
+                || kt.shape[r - 2..] != [kv_heads, d]
+                || kt.shape[..r - 3] != q.shape[..r - 3]
+                || (causal && tk < tq)
+            {
+                return Err(format!(
+                    "q {:?}, k {:?} and v {:?} do not fit together at run time",
+                    q.shape, kt.shape, vt.shape
+                ));
+            }
+            let (kd, vd) = (kt.floats()?, vt.floats()?);
+            let batch: usize = q.shape[..r - 3].iter().product();
+            let mut offsets = Vec::new();
+            for b in 0..batch {
+                for i in 0..tq {
+                    let pos = (tk + i).saturating_sub(tq);
+                    let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let end = if causal { pos + 1 } else { tk };
+                    offsets.clear();
+                    offsets.extend((start..end).map(|j| ((b * tk + j) * kv_heads * d) as i64));
+                    attend(b * tq + i, kd, vd, &offsets);
+                }
+            }
+            tensor(Tensor::from_f32(q.shape.clone(), DType::F32, out))
+        }
+    }
+}
+
+/// Checks that `layer` and the head shape fit `cache`.
+fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Result<(), String> {
+    let p = &cache.params;
+    if layer >= p.layers as usize || p.kv_heads as usize != kv_heads || p.head_dim as usize != d {
+        return Err(format!(
+            "layer {layer} with {kv_heads} heads of {d} does not fit a cache of {} layers of {} heads of {}",
+            p.layers, p.kv_heads, p.head_dim
+        ));
+    }
+    if cache.k.len() != cache.slot_offset(p.layers as usize, 0) || cache.v.len() != cache.k.len() {
+        return Err("the cache's storage does not match its shape".into());
+    }
+    Ok(())
+}
+
+/// Runs a data movement.
+fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
+    match m {
+        Movement::Reshape => {
+            let value = inputs.into_iter().next().ok_or("no operand")?;
+            let mut t = match Rc::unwrap_or_clone(value) {
+                Value::Tensor(t) => t,
+                other => return Err(format!("expected a tensor, found {}", other.kind())),
+            };
+            t.shape = resolve_shape(dims, t.len())?;
+            tensor(t)
+        }
+        Movement::Columns { width, offset, len } => {
+            let x = inputs[0].tensor()?;
+            let xs = x.floats()?;
+            if x.shape.last() != Some(&width) {
+                return Err(format!("the input {:?} does not end in {width}", x.shape));
+            }
+            let mut out = Vec::with_capacity(xs.len() / width.max(1) * len);
+            for row in xs.chunks_exact(width) {
+                out.extend_from_slice(&row[offset..offset + len]);
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().ok_or("a scalar has no columns")? = len;
+            tensor(Tensor::from_f32(shape, DType::F32, out))
+        }
+        Movement::Rows { dim } => {
+            let (table, ids) = (inputs[0].tensor()?, inputs[1].tensor()?);
+            let td = table.floats()?;
+            let vocab = td.len() / dim.max(1);
+            let mut out = Vec::with_capacity(ids.len() * dim);
+            for &id in ids.ints()? {
+                if id < 0 || id as usize >= vocab {
+                    return Err(format!(
+                        "token id {id} is out of range for a table of {vocab} rows"
+                    ));
+                }
+                out.extend_from_slice(&td[id as usize * dim..][..dim]);
+            }
+            let mut shape = ids.shape.clone();
+            shape.push(dim);
+            tensor(Tensor::from_f32(shape, DType::F32, out))
+        }
+    }
+}
+
+/// The bytes of a float slice.
+fn as_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), size_of_val(v)) }
+}
