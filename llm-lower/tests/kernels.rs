@@ -5,9 +5,11 @@ use std::rc::Rc;
 
 use llm_ir::{
     dtype::DType,
-    interp::{self, Hoisted, Interpreter, NoWeights, QTensor, Tensor, Value, WeightStore, quant},
+    interp::{
+        self, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Tensor, Value, WeightStore, quant,
+    },
     text,
-    types::QuantFormat,
+    types::{KvCacheParams, KvStorage, QuantFormat},
 };
 use llm_lower::cpu::{Options, Program, Target};
 use pliron::context::Context;
@@ -83,15 +85,18 @@ fn agree_with(ir: &str, args: Vec<Value>, weights: &Store, tol: f32) -> Result<(
             .run(&ctx, weights, args.clone())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         for (g, w) in got.iter().zip(&want) {
-            let (g, w) = (g.tensor().unwrap(), w.tensor().unwrap());
-            prop_assert_eq!(&g.shape, &w.shape);
-            for (i, (a, b)) in g
-                .floats()
-                .unwrap()
-                .iter()
-                .zip(w.floats().unwrap())
-                .enumerate()
-            {
+            let (g, w): (&[f32], &[f32]) = match (g, w) {
+                (Value::Cache(g), Value::Cache(w)) => {
+                    prop_assert_eq!(&g.v, &w.v);
+                    (&g.k, &w.k)
+                }
+                _ => {
+                    let (g, w) = (g.tensor().unwrap(), w.tensor().unwrap());
+                    prop_assert_eq!(&g.shape, &w.shape);
+                    (g.floats().unwrap(), w.floats().unwrap())
+                }
+            };
+            for (i, (a, b)) in g.iter().zip(w).enumerate() {
                 prop_assert!(
                     (a - b).abs() <= tol * b.abs().max(1.0),
                     "element {i}: {a} vs {b} (threads {threads})\n{ir}"
@@ -266,4 +271,178 @@ fn wrong_shapes_are_rejected() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("argument #1"), "{err}");
+}
+
+fn ints(shape: &[usize], values: Vec<i64>) -> Value {
+    Value::Tensor(Tensor::from_i64(shape.to_vec(), DType::I32, values))
+}
+
+fn ity(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+    format!("llm.tensor <{}xi32>", dims.join("x"))
+}
+
+/// A cache of `blocks` blocks filled with seeded values, and its type.
+fn cache(kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
+    let params = KvCacheParams {
+        layers: 2,
+        kv_heads: kv as u64,
+        head_dim: d as u64,
+        block_size: 4,
+        blocks: None,
+        storage: KvStorage::Float(DType::F32),
+        window: None,
+    };
+    let mut c = KvCache::new(params, blocks);
+    c.k = values(seed, c.k.len(), 1.0);
+    c.v = values(seed + 1, c.v.len(), 1.0);
+    let ty = format!(
+        "llm.paged_kv_cache <layers = 2, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = f32>"
+    );
+    (Value::Cache(c), ty)
+}
+
+/// Block tables for `lens.len()` sequences: a seeded permutation of the pool's blocks,
+/// `width` blocks each.
+fn tables(seqs: usize, width: usize, seed: u64) -> Vec<i64> {
+    let mut blocks: Vec<i64> = (0..(seqs * width) as i64).collect();
+    let r = values(seed, blocks.len(), 1.0);
+    for i in (1..blocks.len()).rev() {
+        let j = ((r[i] + 1.0) / 2.0 * (i + 1) as f32) as usize % (i + 1);
+        blocks.swap(i, j);
+    }
+    blocks
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn rope(t in 1usize..5, h in 1usize..4, pairs in 1usize..9, partial in any::<bool>(), half in any::<bool>(), seed: u64) {
+        let d = 2 * pairs + if partial { 2 } else { 0 };
+        let layout = if half { "half" } else { "interleaved" };
+        let rotary = if partial { format!(", rotary_dim = {}", 2 * pairs) } else { String::new() };
+        let ir = func(
+            &[("x".into(), ty(&[t, h, d])), ("p".into(), ity(&[t]))],
+            &ty(&[t, h, d]),
+            &format!("y = llm.rope x, p {{theta = 10000.0, layout = {layout}{rotary}}} : {};", ty(&[t, h, d])),
+        );
+        let positions = values(seed + 1, t, 1.0).iter().map(|v| ((v + 1.0) * 500.0) as i64).collect();
+        agree(&ir, vec![tensor(&[t, h, d], seed, 2.0), ints(&[t], positions)], 1e-6)?;
+    }
+
+    #[test]
+    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..20, width in 1usize..4, window in prop::option::of(1usize..9), seed: u64) {
+        let h = kv * group;
+        let (c, cty) = cache(kv, d, seqs * width, seed + 3);
+        let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
+        let win = window.map_or(String::new(), |w| format!(", window = {w}"));
+        let ir = func(
+            &[("q".into(), ty(&[seqs, 1, h, d])), ("c".into(), cty), ("t".into(), ity(&[seqs, width])), ("l".into(), ity(&[seqs]))],
+            &ty(&[seqs, 1, h, d]),
+            &format!("y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}{win}}} : {};", ty(&[seqs, 1, h, d])),
+        );
+        let args = vec![tensor(&[seqs, 1, h, d], seed, 1.0), c, ints(&[seqs, width], tables(seqs, width, seed + 5)), ints(&[seqs], lens)];
+        agree(&ir, args, 2e-6)?;
+    }
+
+    #[test]
+    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, start in 0usize..6, seed: u64) {
+        let h = kv * group;
+        let width = (start + t).div_ceil(4);
+        let (c, cty) = cache(kv, d, width + 1, seed + 3);
+        let table = tables(1, width + 1, seed + 5)[..width].to_vec();
+        let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        llm.return y, c2\n    }}\n}}\n",
+            q = ty(&[1, t, h, d]), kvt = ty(&[t, kv, d]), st = ity(&[t]), tt = ity(&[1, width]), lt = ity(&[1]),
+        );
+        let args = vec![
+            tensor(&[1, t, h, d], seed, 1.0), c, tensor(&[t, kv, d], seed + 6, 1.0), tensor(&[t, kv, d], seed + 7, 1.0),
+            ints(&[t], slots), ints(&[1, width], table), ints(&[1], vec![(start + t) as i64]),
+        ];
+        agree(&ir, args, 2e-6)?;
+    }
+
+    #[test]
+    fn contiguous_attention(b in 1usize..3, tq in 1usize..5, extra in 0usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, causal in any::<bool>(), window in prop::option::of(1usize..5), seed: u64) {
+        let (h, tk) = (kv * group, tq + extra);
+        let win = window.map_or(String::new(), |w| format!(", window = {w}"));
+        let ir = func(
+            &[("q".into(), ty(&[b, tq, h, d])), ("k".into(), ty(&[b, tk, kv, d])), ("v".into(), ty(&[b, tk, kv, d]))],
+            &ty(&[b, tq, h, d]),
+            &format!("y = llm.attention q, k, v {{kv_heads = {kv}, causal = {causal}{win}}} : {};", ty(&[b, tq, h, d])),
+        );
+        let args = vec![tensor(&[b, tq, h, d], seed, 1.0), tensor(&[b, tk, kv, d], seed + 1, 1.0), tensor(&[b, tk, kv, d], seed + 2, 1.0)];
+        agree(&ir, args, 2e-6)?;
+    }
+
+    #[test]
+    fn data_movement(rows in 1usize..5, width in 2usize..20, cut in 0usize..20, vocab in 1usize..9, seed: u64) {
+        let offset = cut % width;
+        let len = width - offset;
+        let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
+        let body = format!(
+            "s = llm.slice x {{starts = [0, {offset}]}} : {s};\n        r = llm.reshape s : {r};\n        e = llm.embedding table, ids : {e};\n        y = llm.reshape e : {y};",
+            s = ty(&[rows, len]), r = ty(&[rows * len]), e = ty(&[rows, width]), y = ty(&[rows * width]),
+        );
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {ids}) -> ({r}, {y})> {{\n      ^body(x: {x}, ids: {ids}):\n        table = llm.weight {{name = \"table\"}} : {t};\n        {body}\n        llm.return r, y\n    }}\n}}\n",
+            x = ty(&[rows, width]), ids = ity(&[rows]), t = ty(&[vocab, width]), r = ty(&[rows * len]), y = ty(&[rows * width]),
+        );
+        let store = Store(vec![("table".into(), Rc::new(tensor(&[vocab, width], seed + 1, 1.0)))]);
+        agree_with(&ir, vec![tensor(&[rows, width], seed, 1.0), ints(&[rows], ids)], &store, 0.0)?;
+    }
+}
+
+/// Token ids outside the table and block-table entries outside the pool are errors, not
+/// reads out of bounds.
+#[test]
+fn bad_indices_are_rejected() {
+    let ir = func(
+        &[("ids".into(), ity(&[2]))],
+        &ty(&[2, 4]),
+        &format!(
+            "table = llm.weight {{name = \"table\"}} : {};\n        y = llm.embedding table, ids : {};",
+            ty(&[3, 4]),
+            ty(&[2, 4])
+        ),
+    );
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, &ir).unwrap();
+    let f = interp::find_func(&ctx, module, "f").unwrap();
+    let store = Store(vec![("table".into(), Rc::new(tensor(&[3, 4], 1, 1.0)))]);
+    let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
+    let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+    let err = program
+        .run(&ctx, &store, vec![ints(&[2], vec![1, 3])])
+        .unwrap_err();
+    assert!(err.to_string().contains("token id 3"), "{err}");
+
+    let (c, cty) = cache(1, 4, 2, 1);
+    let ir = func(
+        &[
+            ("q".into(), ty(&[1, 1, 1, 4])),
+            ("c".into(), cty),
+            ("t".into(), ity(&[1, 2])),
+            ("l".into(), ity(&[1])),
+        ],
+        &ty(&[1, 1, 1, 4]),
+        &format!(
+            "y = llm.paged_attention q, c, t, l {{layer = 0, kv_heads = 1}} : {};",
+            ty(&[1, 1, 1, 4])
+        ),
+    );
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, &ir).unwrap();
+    let f = interp::find_func(&ctx, module, "f").unwrap();
+    let program = Program::build(&ctx, f, &Hoisted::default(), &Options::default()).unwrap();
+    let args = vec![
+        tensor(&[1, 1, 1, 4], 1, 1.0),
+        c,
+        ints(&[1, 2], vec![0, 7]),
+        ints(&[1], vec![6]),
+    ];
+    let err = program.run(&ctx, &NoWeights, args).unwrap_err();
+    assert!(err.to_string().contains("block 7 is out of range"), "{err}");
 }
