@@ -5,7 +5,9 @@
 //! `program.rs` before any call. f32 data is processed as `f32x4` with several accumulators;
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
+use cranelift_codegen::ir::{
+    InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value, condcodes::IntCC, types,
+};
 use cranelift_frontend::{FunctionBuilder, Variable};
 use llm_ir::interp::eval::{
     attention::Scale,
@@ -568,10 +570,15 @@ fn scale_add_row(b: &mut FunctionBuilder, row: Value, v: Value, c: Value, p: Val
     }
 }
 
+/// Positions per block of the attention kernel's online softmax.
+const ATTENTION_BLOCK: usize = 16;
+
 /// Attention of one query row (`heads` heads of `d`) over `count` key/value rows, row `j`
 /// starting `offsets[j]` floats into `k` and `v` (KV head `h` at `+ h * d`), with an online
-/// softmax: a running maximum `m` and sum `l`, the output rescaled by `exp(m_old - m_new)`
-/// as the maximum grows. `count` must be at least 1.
+/// softmax over blocks of [`ATTENTION_BLOCK`] positions: the block's scores go to a stack
+/// buffer, the running maximum `m` and sum `l` absorb the block (the output is rescaled by
+/// `exp(m_old - m_new)` once per block), and the block's exponentials are computed four at
+/// a time. `count` must be at least 1.
 fn emit_attention(
     b: &mut FunctionBuilder,
     heads: usize,
@@ -582,6 +589,11 @@ fn emit_attention(
 ) {
     let (q, k, v, offsets, count, out) = (p[0], p[1], p[2], p[3], p[4], p[5]);
     let group = heads / kv_heads;
+    let scores = b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (4 * ATTENTION_BLOCK) as u32,
+        4,
+    ));
     let zero = b.ins().iconst(types::I64, 0);
     let kv_end = b.ins().iconst(types::I64, kv_heads as i64);
     let group_end = b.ins().iconst(types::I64, group as i64);
@@ -592,59 +604,96 @@ fn emit_attention(
             let head = b.ins().iadd(first, g);
             let qrow = address(b, q, head, (4 * d) as i64);
             let orow = address(b, out, head, (4 * d) as i64);
-            let zv = splat(b, 0.0);
-            let d4 = d - d % 4;
-            for q4 in (0..d4).step_by(4) {
-                b.ins().store(mem(), zv, orow, 4 * q4 as i32);
-            }
             let zs = b.ins().f32const(0.0);
-            for q1 in d4..d {
-                b.ins().store(mem(), zs, orow, 4 * q1 as i32);
-            }
             let m = b.declare_var(types::F32);
             let l = b.declare_var(types::F32);
             let lowest = b.ins().f32const(f32::MIN);
             b.def_var(m, lowest);
             b.def_var(l, zs);
-            for_range(b, zero, count, 1, |b, j| {
-                let at = address(b, offsets, j, 8);
-                let off = b.ins().load(types::I64, mem(), at, 0);
-                let off = b.ins().imul_imm_s(off, 4);
-                let off = b.ins().iadd(off, kv_bytes);
-                let krow = b.ins().iadd(k, off);
-                let vrow = b.ins().iadd(v, off);
-                let dot = dot_static(b, qrow, krow, d);
-                let s = match scale {
-                    Scale::Times(f) => {
-                        let f = b.ins().f32const(f);
-                        b.ins().fmul(dot, f)
-                    }
-                    Scale::DivSqrt(r) => {
-                        let r = b.ins().f32const(r);
-                        b.ins().fdiv(dot, r)
-                    }
-                };
+            let buf = b.ins().stack_addr(types::I64, scores, 0);
+            // The output row starts at zero (the caller zeroes `out`).
+            for_range(b, zero, count, ATTENTION_BLOCK as i64, |b, base| {
+                let left = b.ins().isub(count, base);
+                let full = b.ins().iconst(types::I64, ATTENTION_BLOCK as i64);
+                let small = b.ins().icmp(IntCC::SignedLessThan, left, full);
+                let n = b.ins().select(small, left, full);
+                // Unused lanes stay at the lowest float, so their exponentials vanish.
+                let low = splat(b, f32::MIN);
+                for c in 0..ATTENTION_BLOCK / 4 {
+                    b.ins().store(mem(), low, buf, 16 * c as i32);
+                }
+                let block_max = b.declare_var(types::F32);
+                b.def_var(block_max, lowest);
+                for_range(b, zero, n, 1, |b, jj| {
+                    let j = b.ins().iadd(base, jj);
+                    let krow = kv_row(b, k, offsets, j, kv_bytes);
+                    let dot = dot_static(b, qrow, krow, d);
+                    let s = match scale {
+                        Scale::Times(f) => {
+                            let f = b.ins().f32const(f);
+                            b.ins().fmul(dot, f)
+                        }
+                        Scale::DivSqrt(r) => {
+                            let r = b.ins().f32const(r);
+                            b.ins().fdiv(dot, r)
+                        }
+                    };
+                    let at = address(b, buf, jj, 4);
+                    b.ins().store(mem(), s, at, 0);
+                    let old = b.use_var(block_max);
+                    let new = b.ins().fmax(old, s);
+                    b.def_var(block_max, new);
+                });
                 let m_old = b.use_var(m);
-                let m_new = b.ins().fmax(m_old, s);
-                // One vector exp for both factors: lanes [m_old - m_new, s - m_new, 0, 0].
+                let bm = b.use_var(block_max);
+                let m_new = b.ins().fmax(m_old, bm);
                 let shrink = b.ins().fsub(m_old, m_new);
-                let gain = b.ins().fsub(s, m_new);
-                let lanes = b.ins().scalar_to_vector(types::F32X4, shrink);
-                let lanes = b.ins().insertlane(lanes, gain, 1);
-                let e = exp(b, lanes);
-                let c = b.ins().extractlane(e, 0);
-                let pj = b.ins().extractlane(e, 1);
+                let shrink = b.ins().splat(types::F32X4, shrink);
+                let c = exp(b, shrink);
+                let c = b.ins().extractlane(c, 0);
+                let centre = b.ins().splat(types::F32X4, m_new);
+                let mut sum = splat(b, 0.0);
+                for ch in 0..ATTENTION_BLOCK / 4 {
+                    let sv = b.ins().load(types::F32X4, mem(), buf, 16 * ch as i32);
+                    let shifted = b.ins().fsub(sv, centre);
+                    let e = exp(b, shifted);
+                    b.ins().store(mem(), e, buf, 16 * ch as i32);
+                    sum = b.ins().fadd(sum, e);
+                }
+                let block_sum = horizontal_sum(b, sum);
                 let l_old = b.use_var(l);
-                let l_new = b.ins().fma(l_old, c, pj);
+                let l_new = b.ins().fma(l_old, c, block_sum);
                 b.def_var(l, l_new);
                 b.def_var(m, m_new);
-                scale_add_row(b, orow, vrow, c, pj, d);
+                scale_add_row(b, orow, orow, c, zs, d);
+                for_range(b, zero, n, 1, |b, jj| {
+                    let j = b.ins().iadd(base, jj);
+                    let vrow = kv_row(b, v, offsets, j, kv_bytes);
+                    let at = address(b, buf, jj, 4);
+                    let pj = b.ins().load(types::F32, mem(), at, 0);
+                    let one = b.ins().f32const(1.0);
+                    scale_add_row(b, orow, vrow, one, pj, d);
+                });
             });
             let total = b.use_var(l);
             let one = b.ins().f32const(1.0);
             let inv = b.ins().fdiv(one, total);
-            let zero_f = b.ins().f32const(0.0);
-            scale_add_row(b, orow, orow, inv, zero_f, d);
+            scale_add_row(b, orow, orow, inv, zs, d);
         });
     });
+}
+
+/// The address of KV head row `kv_bytes` of position `j`: `base + 4 * offsets[j] + kv_bytes`.
+fn kv_row(
+    b: &mut FunctionBuilder,
+    base: Value,
+    offsets: Value,
+    j: Value,
+    kv_bytes: Value,
+) -> Value {
+    let at = address(b, offsets, j, 8);
+    let off = b.ins().load(types::I64, mem(), at, 0);
+    let off = b.ins().imul_imm_s(off, 4);
+    let off = b.ins().iadd(off, kv_bytes);
+    b.ins().iadd(base, off)
 }
