@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use llm_ir::types::QuantFormat;
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Model},
@@ -15,15 +16,28 @@ use llm_runtime::{
     tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
+/// How `llm-run` compiles a model.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The pass pipeline.
+    pub passes: String,
+    /// The backend.
+    pub backend: Backend,
+    /// Quantize the model's f32 matrices to this format when loading.
+    pub quantize: Option<QuantFormat>,
+}
+
 /// Loads a model file and its tokenizer (`tokenizer`, else the file's own vocabulary, if
-/// any), and compiles it with the pass pipeline `passes` for `backend`.
+/// any), and compiles it as `options` say.
 pub fn load(
     model: &Path,
     tokenizer: Option<&Path>,
-    passes: &str,
-    backend: &Backend,
+    options: &CompileOptions,
 ) -> Result<(Model, Option<Box<dyn TextCodec>>), String> {
-    let loaded = open_model(model)?;
+    let mut loaded = open_model(model)?;
+    if let Some(format) = &options.quantize {
+        loaded.weights.quantize_matrices(format);
+    }
     let tokenizer = match tokenizer {
         Some(path) => Some(Box::new(
             Tokenizer::load(path, loaded.config.vocab).map_err(|e| e.to_string())?,
@@ -31,7 +45,12 @@ pub fn load(
         None => loaded.tokenizer,
     };
     Ok((
-        Model::compile_on(backend, loaded.config, loaded.weights, passes)?,
+        Model::compile_on(
+            &options.backend,
+            loaded.config,
+            loaded.weights,
+            &options.passes,
+        )?,
         tokenizer,
     ))
 }

@@ -4,7 +4,8 @@ use std::{collections::HashMap, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
-    interp::{Value, WeightStore},
+    interp::{QTensor, Value, WeightStore, quant},
+    types::QuantFormat,
 };
 
 /// An error in a model file, naming the file.
@@ -81,6 +82,35 @@ impl Weights {
             Value::Quantized(q) => Some(q.shape.clone()),
             _ => None,
         }
+    }
+
+    /// Quantizes every `f32` matrix whose rows split into `format`'s blocks (the
+    /// projections, the feed-forward matrices and the embedding/classifier table) to
+    /// `format`, as a model file stored in that format would hold them; returns how many
+    /// were converted. Norm weights (vectors) stay `f32`.
+    pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
+        let mut converted = 0;
+        for value in self.tensors.values_mut() {
+            let Value::Tensor(t) = &**value else {
+                continue;
+            };
+            let dims: Vec<Option<u64>> = t.shape.iter().map(|&d| Some(d as u64)).collect();
+            if t.shape.len() != 2 || t.dtype != DType::F32 || format.validate_shape(&dims).is_err()
+            {
+                continue;
+            }
+            let Ok(values) = t.floats() else {
+                continue;
+            };
+            let bytes = quant::quantize(format, &t.shape, values);
+            *value = Rc::new(Value::Quantized(QTensor {
+                shape: t.shape.clone(),
+                format: format.clone(),
+                bytes,
+            }));
+            converted += 1;
+        }
+        converted
     }
 
     /// The names, sorted.

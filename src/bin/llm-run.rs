@@ -16,7 +16,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use llm_ir::text;
+use llm_ir::{text, types::QuantFormat};
 use llm_runtime::{generate::Backend, model, sampler::SamplerConfig, synth};
 use llmc::{exec, serve};
 use pliron::context::Context;
@@ -35,6 +35,57 @@ enum BackendName {
     Interp,
     /// Cranelift JIT kernels on the CPU.
     Cpu,
+}
+
+/// GGUF block formats a model can be quantized to when it loads.
+#[derive(Clone, Copy, ValueEnum)]
+enum Quantize {
+    /// 8-bit, blocks of 32.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit, blocks of 32.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// 4-bit with minimum, blocks of 32.
+    #[value(name = "q4_1")]
+    Q4_1,
+    /// 4-bit K-quant, super-blocks of 256.
+    #[value(name = "q4_k")]
+    Q4K,
+}
+
+impl Quantize {
+    fn format(self) -> QuantFormat {
+        match self {
+            Quantize::Q8_0 => QuantFormat::Q8_0,
+            Quantize::Q4_0 => QuantFormat::Q4_0,
+            Quantize::Q4_1 => QuantFormat::Q4_1,
+            Quantize::Q4K => QuantFormat::Q4K,
+        }
+    }
+}
+
+/// How a model is compiled: `--passes`, `--backend`, `--threads`, `--quantize`.
+#[derive(clap::Args)]
+struct CompileArgs {
+    /// The pass pipeline applied to the model before it runs (`""` for none).
+    #[arg(long, default_value = "default")]
+    passes: String,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Quantize the model's f32 matrices to this format when loading.
+    #[arg(long, value_enum)]
+    quantize: Option<Quantize>,
+}
+
+impl CompileArgs {
+    fn options(&self) -> Result<serve::CompileOptions, String> {
+        Ok(serve::CompileOptions {
+            passes: self.passes.clone(),
+            backend: self.backend.backend()?,
+            quantize: self.quantize.map(Quantize::format),
+        })
+    }
 }
 
 /// Where a command runs: `--backend` and `--threads`.
@@ -92,13 +143,10 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
         #[command(flatten)]
-        backend: BackendArgs,
+        compile: CompileArgs,
         /// Print timings as one JSON object on stderr.
         #[arg(long)]
         stats: bool,
-        /// The pass pipeline applied to the model before it runs (`""` for none).
-        #[arg(long, default_value = "default")]
-        passes: String,
     },
     /// Serve random prompts concurrently and report throughput, latency and KV-cache use.
     Bench {
@@ -123,11 +171,8 @@ enum Command {
         /// Leading prompt tokens that all requests share (exercises prefix caching).
         #[arg(long, default_value_t = 0)]
         shared_prefix: usize,
-        /// The pass pipeline applied first.
-        #[arg(long, default_value = "default")]
-        passes: String,
         #[command(flatten)]
-        backend: BackendArgs,
+        compile: CompileArgs,
     },
     /// Write a llama2.c checkpoint of a named shape (260K, 15M, 42M, 110M) with seeded random weights.
     Synth {
@@ -198,13 +243,12 @@ fn run(cli: Cli) -> Result<(), String> {
             top_p,
             top_k,
             seed,
-            backend,
+            compile,
             stats,
-            passes,
         } => {
-            let backend = backend.backend()?;
-            let (compiled, tokenizer) =
-                serve::load(&model, tokenizer.as_deref(), &passes, &backend)?;
+            let options = compile.options()?;
+            let backend = options.backend.clone();
+            let (compiled, tokenizer) = serve::load(&model, tokenizer.as_deref(), &options)?;
             let tokenizer = tokenizer.ok_or_else(|| {
                 format!("{} has no vocabulary; pass --tokenizer", model.display())
             })?;
@@ -269,11 +313,9 @@ fn run(cli: Cli) -> Result<(), String> {
             gen_len,
             seed,
             shared_prefix,
-            passes,
-            backend,
+            compile,
         } => {
-            let backend = backend.backend()?;
-            let (compiled, _) = serve::load(&model, tokenizer.as_deref(), &passes, &backend)?;
+            let (compiled, _) = serve::load(&model, tokenizer.as_deref(), &compile.options()?)?;
             let report = serve::bench(
                 &compiled,
                 serve::BenchOptions {
