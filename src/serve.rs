@@ -247,6 +247,26 @@ pub struct BenchReport {
     pub preemptions: usize,
     /// Prompt positions prefilled, and those taken from the prefix cache.
     pub prompt_positions: (usize, usize),
+    /// Bytes of the model's weights and of the KV pool.
+    pub model_bytes: (usize, usize),
+    /// The process's resident memory after the run and its peak, in bytes (Linux only).
+    pub memory: Option<(u64, u64)>,
+}
+
+/// The resident set size of this process and its peak, from `/proc/self/status`.
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kib: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -307,7 +327,25 @@ impl std::fmt::Display for BenchReport {
             f,
             "kv cache:          peak {} of {} blocks, {empty}, {} preemptions",
             self.blocks.1, self.blocks.0, self.preemptions
-        )
+        )?;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let (weights, kv) = (self.model_bytes.0 as u64, self.model_bytes.1 as u64);
+        write!(
+            f,
+            "memory:            weights {:.1} MiB + kv pool {:.1} MiB",
+            mib(weights),
+            mib(kv)
+        )?;
+        match self.memory {
+            Some((rss, peak)) => writeln!(
+                f,
+                "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB",
+                mib(rss),
+                rss as f64 / (weights + kv).max(1) as f64,
+                mib(peak)
+            ),
+            None => writeln!(f),
+        }
     }
 }
 
@@ -388,7 +426,15 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         empty_at_peak,
         preemptions: stats.preemptions,
         prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),
+        model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
+        memory: resident_memory(),
     })
+}
+
+/// Bytes of one KV block of `model` (keys and values of every layer, f32).
+fn kv_block_bytes(model: &Model) -> usize {
+    let c = model.config();
+    2 * 4 * c.layers * llm_runtime::model::BLOCK_SIZE * c.kv_heads * c.head_dim()
 }
 
 #[cfg(test)]

@@ -91,6 +91,24 @@ pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// Copies row `r` of an `n x k` matrix stored by [`pack_panels`] into `out` (`k` floats).
+pub fn panel_row(packed: &[f32], n: usize, k: usize, r: usize, out: &mut [f32]) {
+    let full = n - n % PANEL_ROWS;
+    if r >= full {
+        out.copy_from_slice(&packed[r * k..(r + 1) * k]);
+        return;
+    }
+    let (panel, row) = (&packed[(r - r % PANEL_ROWS) * k..], r % PANEL_ROWS);
+    let k8 = k - k % PANEL_COLS;
+    for c in (0..k8).step_by(PANEL_COLS) {
+        let at = c * PANEL_ROWS + row * PANEL_COLS;
+        out[c..c + PANEL_COLS].copy_from_slice(&panel[at..at + PANEL_COLS]);
+    }
+    let tail = k - k8;
+    let at = k8 * PANEL_ROWS + row * tail;
+    out[k8..].copy_from_slice(&panel[at..at + tail]);
+}
+
 /// `y[m, j] = sum_p norm(x)[m, p] * w[j, p]` for every row `m` of `x`: the weight rows are
 /// the output features (`transpose_rhs` layout), the optional prologue RMS-normalises each
 /// row of `x` first.
@@ -147,6 +165,9 @@ pub enum Movement {
     Rows {
         /// The row length.
         dim: usize,
+        /// The table is stored in panels ([`pack_panels`]), because a contraction shares
+        /// it (a classifier tied to the embedding).
+        panels: bool,
     },
 }
 
@@ -397,7 +418,10 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let [_, Some(dim)] = table.shape() else {
                 return None;
             };
-            f32_result(&check).then_some(Kernel::Move(Movement::Rows { dim: *dim as usize }))
+            f32_result(&check).then_some(Kernel::Move(Movement::Rows {
+                dim: *dim as usize,
+                panels: false,
+            }))
         }
         _ => elementwise(ctx, op, &check, &name),
     }
@@ -482,4 +506,23 @@ fn binary_name(name: &str) -> Option<&'static str> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(n, _)| *n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panel_rows_unpack_what_was_packed() {
+        for (n, k) in [(1, 1), (4, 8), (5, 13), (9, 20), (12, 3), (7, 64)] {
+            let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+            let packed = pack_panels(&w, n, k);
+            assert_eq!(packed.len(), w.len());
+            let mut row = vec![0.0; k];
+            for r in 0..n {
+                panel_row(&packed, n, k, r, &mut row);
+                assert_eq!(row, w[r * k..(r + 1) * k], "row {r} of {n}x{k}");
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use llm_ir::{
     dtype::DType,
-    interp::{self, Hoisted, Interpreter, KvCache, Tensor, Value},
+    interp::{self, HoistMemo, Hoisted, Interpreter, KvCache, Tensor, Value},
     text,
     types::{KvCacheParams, KvStorage},
 };
@@ -169,6 +169,7 @@ pub struct Model {
     /// `@prefill` and `@decode`, indexed by `Step as usize`.
     steps: [StepFunction; 2],
     compile_ms: f64,
+    weight_bytes: usize,
 }
 
 /// An error while running a model.
@@ -202,32 +203,50 @@ impl Model {
         }
         let steps = {
             let interpreter = Interpreter::new(&ctx, &weights);
-            let hoist = |step: Step| -> Result<StepFunction, RunError> {
+            // Both steps derive the same matrices (concatenated projections) from the same
+            // weights: evaluate them once, and pack them once for the CPU.
+            let mut memo = HoistMemo::default();
+            let compiler = match backend {
+                Backend::Interp => None,
+                Backend::Cpu { threads } => Some(
+                    cpu::Compiler::new(&cpu::Options {
+                        threads: *threads,
+                        ..cpu::Options::default()
+                    })
+                    .map_err(|e| format!("cpu backend: {e}"))?,
+                ),
+            };
+            let mut hoist = |step: Step| -> Result<StepFunction, RunError> {
                 let func = interp::find_func(&ctx, module, step.name())
                     .ok_or_else(|| format!("the model has no @{}", step.name()))?;
                 let hoisted = interpreter
-                    .hoist(func)
+                    .hoist_shared(func, &mut memo)
                     .map_err(|e| format!("@{}: {e}", step.name()))?;
-                let program = match backend {
-                    Backend::Interp => None,
-                    Backend::Cpu { threads } => {
-                        let options = cpu::Options {
-                            threads: *threads,
-                            ..cpu::Options::default()
-                        };
-                        Some(
-                            cpu::Program::build(&ctx, func, &hoisted, &options)
-                                .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?,
-                        )
-                    }
-                };
+                let program = compiler
+                    .as_ref()
+                    .map(|c| c.build(&ctx, func, &hoisted))
+                    .transpose()
+                    .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?;
                 Ok(StepFunction {
                     func,
-                    hoisted,
+                    // A CPU program holds the hoisted values it reads (weights repacked for
+                    // its kernels); the originals can go.
+                    hoisted: if program.is_some() {
+                        Hoisted::default()
+                    } else {
+                        hoisted
+                    },
                     program,
                 })
             };
             [hoist(Step::Prefill)?, hoist(Step::Decode)?]
+        };
+        let weight_bytes = weights.bytes();
+        // Compiled programs never read the weight store again (every `llm.weight` was
+        // hoisted); dropping it frees the weights the programs replaced with packed copies.
+        let weights = match backend {
+            Backend::Interp => weights,
+            Backend::Cpu { .. } => Weights::default(),
         };
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
@@ -237,7 +256,13 @@ impl Model {
             backend: backend.clone(),
             steps,
             compile_ms,
+            weight_bytes,
         })
+    }
+
+    /// Bytes of the model's weights as loaded.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
     }
 
     /// The backend the model was compiled for.

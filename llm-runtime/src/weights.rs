@@ -113,6 +113,19 @@ impl Weights {
         converted
     }
 
+    /// Bytes the weights take in memory (as stored: quantized bytes, or 4 bytes per
+    /// float).
+    pub fn bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|v| match &**v {
+                Value::Tensor(t) => 4 * t.len(),
+                Value::Quantized(q) => q.bytes.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();

@@ -105,6 +105,13 @@ impl<'a> Interpreter<'a> {
     /// matrices of fused projections), keeping the values that the rest of the function
     /// uses. [`Interpreter::run_hoisted`] then skips those ops on every call.
     pub fn hoist(&self, func: FuncOp) -> Result<Hoisted, InterpError> {
+        self.hoist_shared(func, &mut HoistMemo::default())
+    }
+
+    /// [`Interpreter::hoist`], reusing the values of ops that an earlier call with the same
+    /// `memo` evaluated (same op, attributes, result types and operand values): the
+    /// functions of one model then share what they derive from the same weights.
+    pub fn hoist_shared(&self, func: FuncOp, memo: &mut HoistMemo) -> Result<Hoisted, InterpError> {
         let ctx = self.ctx;
         let ops: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
         let mut derived: HashMap<IrValue, Rc<Value>> = HashMap::new();
@@ -114,8 +121,23 @@ impl<'a> Interpreter<'a> {
             let hoistable = Operation::get_op::<ReturnOp>(op, ctx).is_none()
                 && operands.iter().all(|v| derived.contains_key(v));
             if hoistable {
-                let inputs = operands.iter().map(|v| Rc::clone(&derived[v])).collect();
-                derived.extend(self.eval_op(op, inputs)?);
+                let inputs: Vec<Rc<Value>> =
+                    operands.iter().map(|v| Rc::clone(&derived[v])).collect();
+                let key = HoistMemo::key(ctx, op, &inputs);
+                let results: Vec<IrValue> = op.deref(ctx).results().collect();
+                let values = match memo.0.get(&key) {
+                    Some((_, values)) => values.clone(),
+                    None => {
+                        let values: Vec<Rc<Value>> = self
+                            .eval_op(op, inputs.clone())?
+                            .into_iter()
+                            .map(|(_, v)| v)
+                            .collect();
+                        memo.0.insert(key, (inputs, values.clone()));
+                        values
+                    }
+                };
+                derived.extend(results.into_iter().zip(values));
             } else {
                 used_later.extend(operands.into_iter().filter(|v| derived.contains_key(v)));
             }
@@ -246,6 +268,35 @@ impl<'a> Interpreter<'a> {
                 .map_err(|m| fail(format!("{opid}: result #{j}: {m}")))?;
         }
         Ok(results.into_iter().zip(outputs).collect())
+    }
+}
+
+/// Weight-derived values evaluated by [`Interpreter::hoist_shared`], keyed by the op's
+/// name, attributes and result types and the addresses of its operand values (the memo
+/// keeps the operands alive, so the addresses stay theirs).
+#[derive(Default)]
+pub struct HoistMemo(HoistTable);
+
+/// The memo's table: key to (operands, results).
+type HoistTable = HashMap<(String, Vec<usize>), (Vec<Rc<Value>>, Vec<Rc<Value>>)>;
+
+impl HoistMemo {
+    fn key(ctx: &Context, op: Ptr<Operation>, inputs: &[Rc<Value>]) -> (String, Vec<usize>) {
+        let o = op.deref(ctx);
+        let types: Vec<String> = o
+            .results()
+            .map(|r| r.get_type(ctx).disp(ctx).to_string())
+            .collect();
+        let text = format!(
+            "{} {} {}",
+            Operation::get_opid(op, ctx),
+            o.attributes.disp(ctx),
+            types.join(",")
+        );
+        (
+            text,
+            inputs.iter().map(|v| Rc::as_ptr(v) as usize).collect(),
+        )
     }
 }
 

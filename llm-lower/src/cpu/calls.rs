@@ -21,7 +21,9 @@ use llm_ir::{
 };
 
 use super::{jit::CompiledKernels, program::Chosen, workers::Workers};
-use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat};
+use crate::kernel::{
+    AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat, panel_row,
+};
 
 /// Multiply-adds below which a contraction runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
@@ -454,18 +456,22 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
             *shape.last_mut().ok_or("a scalar has no columns")? = len;
             tensor(Tensor::from_f32(shape, DType::F32, out))
         }
-        Movement::Rows { dim } => {
+        Movement::Rows { dim, panels } => {
             let (table, ids) = (inputs[0].tensor()?, inputs[1].tensor()?);
             let td = table.floats()?;
             let vocab = td.len() / dim.max(1);
-            let mut out = Vec::with_capacity(ids.len() * dim);
-            for &id in ids.ints()? {
+            let mut out = vec![0f32; ids.len() * dim];
+            for (&id, row) in ids.ints()?.iter().zip(out.chunks_exact_mut(dim.max(1))) {
                 if id < 0 || id as usize >= vocab {
                     return Err(format!(
                         "token id {id} is out of range for a table of {vocab} rows"
                     ));
                 }
-                out.extend_from_slice(&td[id as usize * dim..][..dim]);
+                if panels {
+                    panel_row(td, vocab, dim, id as usize, row);
+                } else {
+                    row.copy_from_slice(&td[id as usize * dim..][..dim]);
+                }
             }
             let mut shape = ids.shape.clone();
             shape.push(dim);

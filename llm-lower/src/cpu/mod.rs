@@ -22,7 +22,7 @@ use pliron::{
 };
 
 pub use jit::{JitError, Target};
-pub use program::{LoweringStats, Options, Program};
+pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// The CLIF of every kernel of every function in `module`, generated for the pinned x86-64
 /// feature set so that the text does not depend on the machine (`llm-opt --emit=clif`).

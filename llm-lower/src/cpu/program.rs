@@ -5,7 +5,7 @@
 //! shapes and buffer lengths against the kernel's static shapes before entering generated
 //! code, which has no bounds checks.
 
-use std::{collections::HashMap, rc::Rc, sync::Arc};
+use std::{cell::RefCell, collections::HashMap, rc::Rc, sync::Arc};
 
 use llm_ir::{
     dtype::DType,
@@ -30,7 +30,7 @@ use super::{
     jit::{self, CompiledKernels, JitError, Target},
     workers::Workers,
 };
-use crate::kernel::{self, Contraction, Kernel, WeightFormat};
+use crate::kernel::{self, Contraction, Kernel, Movement, WeightFormat};
 
 /// What one step does.
 enum Action {
@@ -181,6 +181,71 @@ pub fn select_all(
     Selection { kernels, per_op }
 }
 
+/// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
+/// model's prefill and decode functions use the same matrices).
+#[derive(Default)]
+struct PackCache(RefCell<HashMap<*const Value, (Rc<Value>, Rc<Value>)>>);
+
+impl PackCache {
+    /// The panel layout of `value`, the `n x k` weight of `c`, packed once.
+    fn packed(&self, value: &Rc<Value>, c: &Contraction, op: &str) -> Result<Rc<Value>, JitError> {
+        if let Some((_, packed)) = self.0.borrow().get(&Rc::as_ptr(value)) {
+            return Ok(Rc::clone(packed));
+        }
+        let t = value.tensor().map_err(JitError)?;
+        if t.shape != [c.n, c.k] {
+            return Err(JitError(format!(
+                "{op}: the weight {:?} is not {}x{}",
+                t.shape, c.n, c.k
+            )));
+        }
+        let data = kernel::pack_panels(t.floats().map_err(JitError)?, c.n, c.k);
+        let packed = Rc::new(Value::Tensor(Tensor::from_f32(
+            t.shape.clone(),
+            DType::F32,
+            data,
+        )));
+        // The original is kept with its key, so that the address is not reused.
+        self.0
+            .borrow_mut()
+            .insert(Rc::as_ptr(value), (Rc::clone(value), Rc::clone(&packed)));
+        Ok(packed)
+    }
+}
+
+/// Compiles the functions of one model: they share worker threads and packed weights.
+pub struct Compiler {
+    target: Target,
+    workers: Option<Arc<Workers>>,
+    packs: PackCache,
+}
+
+impl Compiler {
+    /// A compiler for `options`, starting its worker threads.
+    pub fn new(options: &Options) -> Result<Compiler, JitError> {
+        let workers = (options.threads > 1)
+            .then(|| Workers::new(options.threads).map(Arc::new))
+            .transpose()
+            .map_err(|e| JitError(format!("worker threads: {e}")))?;
+        Ok(Compiler {
+            target: options.target,
+            workers,
+            packs: PackCache::default(),
+        })
+    }
+
+    /// Compiles `func`, taking the values of its weight-derived ops from `hoisted` (made by
+    /// [`interp::Interpreter::hoist`] for this function).
+    pub fn build(
+        &self,
+        ctx: &Context,
+        func: FuncOp,
+        hoisted: &Hoisted,
+    ) -> Result<Program, JitError> {
+        Program::compile(ctx, func, hoisted, self)
+    }
+}
+
 /// Gives every panel-layout contraction a repacked copy of its constant weight (one per
 /// weight, shared by the ops that use it), and drops constants no step reads any more.
 /// New slots are numbered from `first_free`; returns the number of slots after packing.
@@ -188,6 +253,7 @@ fn pack_weights(
     steps: &mut [Step],
     constants: &mut Vec<(usize, Rc<Value>)>,
     first_free: usize,
+    cache: &PackCache,
 ) -> Result<usize, JitError> {
     let mut packed: HashMap<usize, usize> = HashMap::new();
     let mut next_slot = first_free;
@@ -215,23 +281,28 @@ fn pack_weights(
                     .ok_or_else(|| {
                         JitError(format!("{}: the weight is not constant", step.name))
                     })?;
-                let t = value.tensor().map_err(JitError)?;
-                if t.shape != [c.n, c.k] {
-                    return Err(JitError(format!(
-                        "{}: the weight {:?} is not {}x{}",
-                        step.name, t.shape, c.n, c.k
-                    )));
-                }
-                let data = kernel::pack_panels(t.floats().map_err(JitError)?, c.n, c.k);
-                let panels = Tensor::from_f32(t.shape.clone(), DType::F32, data);
+                let panels = cache.packed(value, c, &step.name)?;
                 let slot = next_slot;
                 next_slot += 1;
-                extra.push((slot, Rc::new(Value::Tensor(panels))));
+                extra.push((slot, panels));
                 packed.insert(original, slot);
                 slot
             }
         };
         step.inputs[operand] = slot;
+    }
+    // Embeddings of a packed table (a tied classifier) gather from the panels, so that
+    // the row-major copy can go.
+    for step in steps.iter_mut() {
+        if let Action::Kernel(Chosen {
+            kernel: Kernel::Move(Movement::Rows { panels, .. }),
+            ..
+        }) = &mut step.action
+            && let Some(&slot) = packed.get(&step.inputs[0])
+        {
+            *panels = true;
+            step.inputs[0] = slot;
+        }
     }
     constants.extend(extra);
     let read: std::collections::HashSet<usize> = steps
@@ -250,13 +321,23 @@ fn error(location: Option<(u32, u32)>, message: impl Into<String>) -> InterpErro
 }
 
 impl Program {
-    /// Compiles `func`, taking the values of its weight-derived ops from `hoisted` (made by
+    /// Compiles `func` on its own ([`Compiler::build`] with a new compiler), taking the
+    /// values of its weight-derived ops from `hoisted` (made by
     /// [`interp::Interpreter::hoist`] for this function).
     pub fn build(
         ctx: &Context,
         func: FuncOp,
         hoisted: &Hoisted,
         options: &Options,
+    ) -> Result<Program, JitError> {
+        Compiler::new(options)?.build(ctx, func, hoisted)
+    }
+
+    fn compile(
+        ctx: &Context,
+        func: FuncOp,
+        hoisted: &Hoisted,
+        compiler: &Compiler,
     ) -> Result<Program, JitError> {
         let name = func.get_symbol_name(ctx).to_string();
         let fty = TypedHandle::<FunctionType>::from_handle(func.get_type(ctx), ctx)
@@ -332,7 +413,7 @@ impl Program {
                 name: op_name,
             });
         }
-        let slots = pack_weights(&mut steps, &mut constants, slot_of.len())?;
+        let slots = pack_weights(&mut steps, &mut constants, slot_of.len(), &compiler.packs)?;
         let mut last_use = vec![None; slots];
         for (i, step) in steps.iter().enumerate() {
             for &s in &step.inputs {
@@ -344,11 +425,8 @@ impl Program {
                 steps[i].release.push(s);
             }
         }
-        let code = jit::compile(&selection.kernels, options.target, None)?;
-        let workers = (options.threads > 1)
-            .then(|| Workers::new(options.threads).map(Arc::new))
-            .transpose()
-            .map_err(|e| JitError(format!("worker threads: {e}")))?;
+        let code = jit::compile(&selection.kernels, compiler.target, None)?;
+        let workers = compiler.workers.clone();
         Ok(Program {
             name,
             steps,
