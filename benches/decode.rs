@@ -1,9 +1,14 @@
-//! Decode speed of the plain-Rust baseline and of the reference interpreter, and a
-//! memory-read bandwidth probe to read decode speed against (the roof of a memory-bound
-//! decode is bandwidth / bytes of weights read per token).
+//! Decode and prefill speed of the CPU backend against the plain-Rust baseline (and the
+//! reference interpreter), all measured in the same run, and a memory-read bandwidth probe
+//! to read decode speed against (the roof of a memory-bound decode is bandwidth / bytes of
+//! weights read per token).
 //!
-//! Models: the real stories260K and a synthetic 15M-shaped llama2.c model written by
-//! `llm_runtime::synth` (seeded). Each iteration decodes 32 positions greedily.
+//! Models: the real stories260K and synthetic 15M- and 110M-shaped llama2.c models written
+//! by `llm_runtime::synth` (seeded). Each decode iteration runs 32 positions greedily; the
+//! prefill iteration runs one 128-token prompt through `@prefill` and is reported in
+//! multiply-adds x 2 per second (criterion's "elements" are FLOPs there).
+//!
+//! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer.
 
 #![allow(
     missing_docs,
@@ -11,35 +16,94 @@
 )]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use llm_ir::types::QuantFormat;
 use llm_runtime::{
     baseline::Baseline,
-    generate::Model,
+    generate::{Backend, Model, Step},
     llama2c,
+    model::ModelConfig,
     sampler::{SamplerConfig, argmax},
     synth,
     tokenizer::Tokenizer,
+    weights::Weights,
 };
 
 const POSITIONS: usize = 32;
+const PREFILL: usize = 128;
 
-fn models() -> Vec<(String, std::path::PathBuf)> {
-    let real =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K.bin");
-    let synthetic = std::env::temp_dir().join("llmc-bench-15M.bin");
-    if !synthetic.exists() {
-        synth::write(&synthetic, &synth::shape("15M").expect("shape"), 1).expect("synthetic model");
+/// The benchmarked models: name, file, and whether the interpreter is fast enough to run.
+fn models() -> Vec<(String, std::path::PathBuf, bool)> {
+    let wanted = std::env::var("LLMC_BENCH_MODELS").unwrap_or_else(|_| "260K,15M,110M".into());
+    let mut out = Vec::new();
+    for name in wanted.split(',').map(str::trim) {
+        let path = if name == "260K" {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/models/stories260K.bin")
+        } else {
+            let path = std::env::temp_dir().join(format!("llmc-bench-{name}.bin"));
+            if !path.exists() {
+                let shape = synth::shape(name).expect("a known shape");
+                synth::write(&path, &shape, 1).expect("synthetic model");
+            }
+            path
+        };
+        out.push((format!("stories{name}"), path, name != "110M"));
     }
-    vec![
-        ("stories260K".into(), real),
-        ("synthetic-15M".into(), synthetic),
-    ]
+    out
+}
+
+fn greedy() -> SamplerConfig {
+    SamplerConfig {
+        temperature: 0.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed: 1,
+    }
+}
+
+/// A tokenizer of `vocab` placeholder tokens with no stop tokens, so every iteration runs
+/// all positions.
+fn tokenizer(vocab: usize) -> Tokenizer {
+    let tokens = (0..vocab).map(|i| format!("t{i}").into_bytes()).collect();
+    Tokenizer::from_vocab(tokens, vec![0.0; vocab]).with_stop_tokens(Vec::new())
+}
+
+/// The backends benchmarked: label, backend, quantization of the weights.
+fn backends() -> Vec<(String, Backend, Option<QuantFormat>)> {
+    let mut out = vec![
+        ("cpu-1t".into(), Backend::Cpu { threads: 1 }, None),
+        ("cpu-2t".into(), Backend::Cpu { threads: 2 }, None),
+    ];
+    for (name, format) in [("q8_0", QuantFormat::Q8_0), ("q4_0", QuantFormat::Q4_0)] {
+        for threads in [1, 2] {
+            out.push((
+                format!("cpu-{threads}t-{name}"),
+                Backend::Cpu { threads },
+                Some(format.clone()),
+            ));
+        }
+    }
+    out
+}
+
+fn compile(
+    config: &ModelConfig,
+    weights: &Weights,
+    backend: &Backend,
+    q: Option<&QuantFormat>,
+) -> Model {
+    let mut weights = weights.clone();
+    if let Some(format) = q {
+        weights.quantize_matrices(format);
+    }
+    Model::compile_on(backend, config.clone(), weights, "default").expect("compiles")
 }
 
 fn bench_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     group.sample_size(10);
     group.throughput(Throughput::Elements(POSITIONS as u64));
-    for (name, path) in models() {
+    for (name, path, interpreted) in models() {
         let (config, weights) = llama2c::load(&path).expect("model");
         let mut baseline = Baseline::new(&config, &weights).expect("baseline");
         group.bench_function(BenchmarkId::new("baseline", &name), |b| {
@@ -51,28 +115,63 @@ fn bench_decode(c: &mut Criterion) {
                 token
             })
         });
-        let model = Model::compile(config.clone(), weights, "default").expect("compiles");
-        let vocab: Vec<Vec<u8>> = (0..config.vocab)
-            .map(|i| format!("t{i}").into_bytes())
-            .collect();
-        // No stop tokens: every iteration runs all POSITIONS, as the baseline does.
-        let tokenizer =
-            Tokenizer::from_vocab(vocab, vec![0.0; config.vocab]).with_stop_tokens(Vec::new());
-        let greedy = SamplerConfig {
-            temperature: 0.0,
-            top_p: 0.9,
-            top_k: 0,
-            seed: 1,
-        };
-        group.bench_function(BenchmarkId::new("interpreter", &name), |b| {
-            b.iter(|| {
-                let g = model
-                    .generate(&tokenizer, "", POSITIONS, greedy.clone())
-                    .expect("runs");
-                assert_eq!(g.logits.len(), POSITIONS, "ran every position");
-                g
-            })
-        });
+        drop(baseline);
+        let tokenizer = tokenizer(config.vocab);
+        let mut runs = backends();
+        if interpreted {
+            runs.insert(0, ("interpreter".into(), Backend::Interp, None));
+        }
+        for (label, backend, q) in runs {
+            let model = compile(&config, &weights, &backend, q.as_ref());
+            group.bench_function(BenchmarkId::new(label, &name), |b| {
+                b.iter(|| {
+                    let g = model
+                        .generate(&tokenizer, "", POSITIONS, greedy())
+                        .expect("runs");
+                    assert_eq!(g.logits.len(), POSITIONS, "ran every position");
+                    g
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Prefill of one 128-token prompt on the 110M shape, in FLOP/s (2 per multiply-add of the
+/// matrices; attention not counted).
+fn bench_prefill(c: &mut Criterion) {
+    let Some((_, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
+        return;
+    };
+    let (config, weights) = llama2c::load(&path).expect("model");
+    let d = config.dim;
+    let kv = config.kv_heads * config.head_dim();
+    let per_token =
+        config.layers * (d * (d + 2 * kv) + d * d + 3 * d * config.hidden_dim) + config.vocab * d;
+    let mut group = c.benchmark_group("prefill-128");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((2 * per_token * PREFILL) as u64));
+    for threads in [1, 2] {
+        let model = compile(&config, &weights, &Backend::Cpu { threads }, None);
+        let tokens: Vec<u32> = (0..PREFILL as u32).map(|i| 1 + i * 7 % 31_000).collect();
+        group.bench_function(
+            BenchmarkId::new(format!("cpu-{threads}t"), "stories110M"),
+            |b| {
+                b.iter(|| {
+                    let cache = model.new_cache(PREFILL.div_ceil(llm_runtime::model::BLOCK_SIZE));
+                    let batch = llm_runtime::generate::Batch {
+                        tokens: tokens.clone(),
+                        positions: (0..PREFILL as i64).collect(),
+                        slots: (0..PREFILL as i64).collect(),
+                        tables: vec![
+                            (0..PREFILL.div_ceil(llm_runtime::model::BLOCK_SIZE) as i64).collect(),
+                        ],
+                        context_lens: vec![PREFILL as i64],
+                    };
+                    model.run(Step::Prefill, &batch, cache).expect("runs")
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -96,5 +195,5 @@ fn bench_bandwidth(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_bandwidth);
+criterion_group!(benches, bench_bandwidth, bench_decode, bench_prefill);
 criterion_main!(benches);

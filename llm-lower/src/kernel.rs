@@ -369,7 +369,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let rotary = check.int("rotary_dim").map_or(d, |v| v as usize);
             let half =
                 matches!(check.param("layout"), Some(ParamValue::Word(ref w)) if w == "half");
-            (f32_result(&check) && rotary <= d && rotary % 2 == 0).then(|| Kernel::Rope {
+            (f32_result(&check) && rotary <= d && rotary.is_multiple_of(2)).then(|| Kernel::Rope {
                 heads,
                 d,
                 rotary,
@@ -430,7 +430,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
 /// The attention kernel of an op with `heads` query heads of size `d`.
 fn attention(check: &OpCheck, heads: usize, d: usize, source: AttentionSource) -> Option<Kernel> {
     let kv_heads = check.int("kv_heads")? as usize;
-    (f32_result(check) && kv_heads > 0 && heads % kv_heads == 0 && d > 0).then(|| {
+    (f32_result(check) && kv_heads > 0 && heads.is_multiple_of(kv_heads) && d > 0).then(|| {
         Kernel::Attention {
             heads,
             kv_heads,

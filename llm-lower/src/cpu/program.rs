@@ -81,7 +81,7 @@ impl Default for Options {
 }
 
 /// Counts of how a function's ops were lowered.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoweringStats {
     /// Ops run by JIT kernels.
     pub kernel_ops: usize,
@@ -91,6 +91,11 @@ pub struct LoweringStats {
     pub reference_ops: Vec<(String, usize)>,
     /// Ops evaluated once at compile time (weight-derived).
     pub hoisted_ops: usize,
+    /// Milliseconds spent generating and JIT-compiling the kernels.
+    pub jit_ms: f64,
+    /// Milliseconds spent repacking weights (zero for weights packed by an earlier
+    /// function of the same [`Compiler`]).
+    pub pack_ms: f64,
 }
 
 /// A function compiled for the CPU.
@@ -184,7 +189,10 @@ pub fn select_all(
 /// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
 /// model's prefill and decode functions use the same matrices).
 #[derive(Default)]
-struct PackCache(RefCell<HashMap<*const Value, (Rc<Value>, Rc<Value>)>>);
+struct PackCache(RefCell<HashMap<*const Value, PackedPair>>);
+
+/// An original weight (kept so that its address stays its own) and its packed copy.
+type PackedPair = (Rc<Value>, Rc<Value>);
 
 impl PackCache {
     /// The panel layout of `value`, the `n x k` weight of `c`, packed once.
@@ -413,7 +421,9 @@ impl Program {
                 name: op_name,
             });
         }
+        let pack_start = std::time::Instant::now();
         let slots = pack_weights(&mut steps, &mut constants, slot_of.len(), &compiler.packs)?;
+        stats.pack_ms = pack_start.elapsed().as_secs_f64() * 1e3;
         let mut last_use = vec![None; slots];
         for (i, step) in steps.iter().enumerate() {
             for &s in &step.inputs {
@@ -425,7 +435,9 @@ impl Program {
                 steps[i].release.push(s);
             }
         }
+        let jit_start = std::time::Instant::now();
         let code = jit::compile(&selection.kernels, compiler.target, None)?;
+        stats.jit_ms = jit_start.elapsed().as_secs_f64() * 1e3;
         let workers = compiler.workers.clone();
         Ok(Program {
             name,
