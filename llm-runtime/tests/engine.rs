@@ -6,18 +6,22 @@ use std::{collections::HashMap, path::Path};
 
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
-    generate::Model,
+    generate::{Backend, Model},
     llama2c,
     sampler::SamplerConfig,
     tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
 fn model() -> (Model, Tokenizer) {
+    model_on(&Backend::Interp)
+}
+
+fn model_on(backend: &Backend) -> (Model, Tokenizer) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
     let (config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
     let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
     (
-        Model::compile(config, weights, "default").expect("compiles"),
+        Model::compile_on(backend, config, weights, "default").expect("compiles"),
         tok,
     )
 }
@@ -91,7 +95,18 @@ fn prompts(n: usize) -> Vec<String> {
 
 #[test]
 fn batched_sequences_equal_their_single_sequence_outputs() {
-    let (model, tok) = model();
+    batched_equals_single(&Backend::Interp);
+}
+
+/// The same on the CPU backend: its kernels compute each row of a batch alone, so batching
+/// (and the thread split) changes no bit of any sequence's logits.
+#[test]
+fn batched_sequences_equal_their_single_sequence_outputs_on_the_cpu_backend() {
+    batched_equals_single(&Backend::Cpu { threads: 2 });
+}
+
+fn batched_equals_single(backend: &Backend) {
+    let (model, tok) = model_on(backend);
     let prompts = prompts(32);
     let (batched, stats) = run_engine(&model, &tok, &prompts, 64, EngineConfig::default());
     for (p, ids) in prompts.iter().zip(&batched) {
