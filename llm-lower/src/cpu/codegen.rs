@@ -527,45 +527,75 @@ fn emit_rope(
     });
 }
 
-/// The dot product of two rows of `d` floats (static `d`): `f32x4` chunks into two
-/// accumulators, then a scalar tail.
-fn dot_static(b: &mut FunctionBuilder, x: Value, y: Value, d: usize) -> Value {
-    let mut acc = [splat(b, 0.0), splat(b, 0.0)];
-    let d4 = d - d % 4;
-    for (c, q) in (0..d4).step_by(4).enumerate() {
-        let xv = b.ins().load(types::F32X4, mem(), x, 4 * q as i32);
-        let yv = b.ins().load(types::F32X4, mem(), y, 4 * q as i32);
-        acc[c % 2] = b.ins().fma(xv, yv, acc[c % 2]);
-    }
-    let both = b.ins().fadd(acc[0], acc[1]);
-    let mut s = horizontal_sum(b, both);
-    for q in d4..d {
-        let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
-        let ys = b.ins().load(types::F32, mem(), y, 4 * q as i32);
-        s = b.ins().fma(xs, ys, s);
-    }
-    s
+/// The `f32x4` chunks of a row of `d` floats (static `d`) and its scalar tail, loaded once.
+struct RowChunks {
+    vectors: Vec<Value>,
+    tail: Vec<Value>,
 }
 
-/// `row[i] = row[i] * c + p * v[i]` for the `d` floats of a row (static `d`).
-fn scale_add_row(b: &mut FunctionBuilder, row: Value, v: Value, c: Value, p: Value, d: usize) {
-    let (cv, pv) = (
-        b.ins().splat(types::F32X4, c),
-        b.ins().splat(types::F32X4, p),
-    );
+impl RowChunks {
+    fn load(b: &mut FunctionBuilder, row: Value, d: usize) -> RowChunks {
+        let d4 = d - d % 4;
+        RowChunks {
+            vectors: (0..d4)
+                .step_by(4)
+                .map(|q| b.ins().load(types::F32X4, mem(), row, 4 * q as i32))
+                .collect(),
+            tail: (d4..d)
+                .map(|q| b.ins().load(types::F32, mem(), row, 4 * q as i32))
+                .collect(),
+        }
+    }
+
+    /// The dot product with the row of the same length at `y`: two accumulators over the
+    /// chunks, then the tail.
+    fn dot(&self, b: &mut FunctionBuilder, y: Value) -> Value {
+        let mut acc = [splat(b, 0.0), splat(b, 0.0)];
+        for (c, &xv) in self.vectors.iter().enumerate() {
+            let yv = b.ins().load(types::F32X4, mem(), y, 16 * c as i32);
+            acc[c % 2] = b.ins().fma(xv, yv, acc[c % 2]);
+        }
+        let both = b.ins().fadd(acc[0], acc[1]);
+        let mut s = horizontal_sum(b, both);
+        let d4 = 4 * self.vectors.len();
+        for (q, &xs) in self.tail.iter().enumerate() {
+            let ys = b.ins().load(types::F32, mem(), y, 4 * (d4 + q) as i32);
+            s = b.ins().fma(xs, ys, s);
+        }
+        s
+    }
+}
+
+/// `row[i] += p * v[i]` for the `d` floats of a row (static `d`).
+fn axpy_row(b: &mut FunctionBuilder, row: Value, v: Value, p: Value, d: usize) {
+    let pv = b.ins().splat(types::F32X4, p);
     let d4 = d - d % 4;
     for q in (0..d4).step_by(4) {
         let o = b.ins().load(types::F32X4, mem(), row, 4 * q as i32);
         let x = b.ins().load(types::F32X4, mem(), v, 4 * q as i32);
-        let oc = b.ins().fmul(o, cv);
-        let n = b.ins().fma(pv, x, oc);
+        let n = b.ins().fma(pv, x, o);
         b.ins().store(mem(), n, row, 4 * q as i32);
     }
     for q in d4..d {
         let o = b.ins().load(types::F32, mem(), row, 4 * q as i32);
         let x = b.ins().load(types::F32, mem(), v, 4 * q as i32);
-        let oc = b.ins().fmul(o, c);
-        let n = b.ins().fma(p, x, oc);
+        let n = b.ins().fma(p, x, o);
+        b.ins().store(mem(), n, row, 4 * q as i32);
+    }
+}
+
+/// `row[i] *= c` for the `d` floats of a row (static `d`).
+fn scale_row(b: &mut FunctionBuilder, row: Value, c: Value, d: usize) {
+    let cv = b.ins().splat(types::F32X4, c);
+    let d4 = d - d % 4;
+    for q in (0..d4).step_by(4) {
+        let o = b.ins().load(types::F32X4, mem(), row, 4 * q as i32);
+        let n = b.ins().fmul(o, cv);
+        b.ins().store(mem(), n, row, 4 * q as i32);
+    }
+    for q in d4..d {
+        let o = b.ins().load(types::F32, mem(), row, 4 * q as i32);
+        let n = b.ins().fmul(o, c);
         b.ins().store(mem(), n, row, 4 * q as i32);
     }
 }
@@ -604,6 +634,8 @@ fn emit_attention(
             let head = b.ins().iadd(first, g);
             let qrow = address(b, q, head, (4 * d) as i64);
             let orow = address(b, out, head, (4 * d) as i64);
+            // The query stays in registers for the whole head.
+            let qchunks = RowChunks::load(b, qrow, d);
             let zs = b.ins().f32const(0.0);
             let m = b.declare_var(types::F32);
             let l = b.declare_var(types::F32);
@@ -627,17 +659,14 @@ fn emit_attention(
                 for_range(b, zero, n, 1, |b, jj| {
                     let j = b.ins().iadd(base, jj);
                     let krow = kv_row(b, k, offsets, j, kv_bytes);
-                    let dot = dot_static(b, qrow, krow, d);
-                    let s = match scale {
-                        Scale::Times(f) => {
-                            let f = b.ins().f32const(f);
-                            b.ins().fmul(dot, f)
-                        }
-                        Scale::DivSqrt(r) => {
-                            let r = b.ins().f32const(r);
-                            b.ins().fdiv(dot, r)
-                        }
+                    let dot = qchunks.dot(b, krow);
+                    // A multiply by the reciprocal instead of the reference's division.
+                    let factor = match scale {
+                        Scale::Times(f) => f,
+                        Scale::DivSqrt(r) => 1.0 / r,
                     };
+                    let factor = b.ins().f32const(factor);
+                    let s = b.ins().fmul(dot, factor);
                     let at = address(b, buf, jj, 4);
                     b.ins().store(mem(), s, at, 0);
                     let old = b.use_var(block_max);
@@ -665,20 +694,19 @@ fn emit_attention(
                 let l_new = b.ins().fma(l_old, c, block_sum);
                 b.def_var(l, l_new);
                 b.def_var(m, m_new);
-                scale_add_row(b, orow, orow, c, zs, d);
+                scale_row(b, orow, c, d);
                 for_range(b, zero, n, 1, |b, jj| {
                     let j = b.ins().iadd(base, jj);
                     let vrow = kv_row(b, v, offsets, j, kv_bytes);
                     let at = address(b, buf, jj, 4);
                     let pj = b.ins().load(types::F32, mem(), at, 0);
-                    let one = b.ins().f32const(1.0);
-                    scale_add_row(b, orow, vrow, one, pj, d);
+                    axpy_row(b, orow, vrow, pj, d);
                 });
             });
             let total = b.use_var(l);
             let one = b.ins().f32const(1.0);
             let inv = b.ins().fdiv(one, total);
-            scale_add_row(b, orow, orow, inv, zs, d);
+            scale_row(b, orow, inv, d);
         });
     });
 }
