@@ -446,3 +446,47 @@ fn bad_indices_are_rejected() {
     let err = program.run(&ctx, &NoWeights, args).unwrap_err();
     assert!(err.to_string().contains("block 7 is out of range"), "{err}");
 }
+
+/// A row's result does not depend on the rows computed with it: pairs of rows take the
+/// microkernel, a row alone the generated dot product, with the same additions in the same
+/// order (batching must not change a sequence's tokens).
+#[test]
+fn rows_are_bit_identical_alone_and_in_pairs() {
+    for (n, k) in [(8, 64), (6, 20), (9, 13), (4, 5)] {
+        let m = 5;
+        let body = |m: usize| {
+            format!(
+                "w = llm.weight {{name = \"w\"}} : {};\n        y = llm.matmul x, w {{transpose_rhs = true}} : {};",
+                ty(&[n, k]),
+                ty(&[m, n])
+            )
+        };
+        let store = Store(vec![("w".into(), Rc::new(tensor(&[n, k], 7, 1.0)))]);
+        let x = values(3, m * k, 1.0);
+        let run = |rows: usize, data: &[f32]| -> Vec<f32> {
+            let ir = func(
+                &[("x".into(), ty(&[rows, k]))],
+                &ty(&[rows, n]),
+                &body(rows),
+            );
+            let mut ctx = Context::new();
+            let module = text::parse_module(&mut ctx, &ir).unwrap();
+            let f = interp::find_func(&ctx, module, "f").unwrap();
+            let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
+            let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+            let arg = Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, data.to_vec()));
+            let out = program.run(&ctx, &store, vec![arg]).unwrap();
+            out[0].tensor().unwrap().floats().unwrap().to_vec()
+        };
+        let together = run(m, &x);
+        for r in 0..m {
+            let alone = run(1, &x[r * k..(r + 1) * k]);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&alone),
+                bits(&together[r * n..(r + 1) * n]),
+                "{n}x{k} row {r}"
+            );
+        }
+    }
+}

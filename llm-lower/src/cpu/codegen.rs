@@ -6,7 +6,8 @@
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
 use cranelift_codegen::ir::{
-    InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value, condcodes::IntCC, types,
+    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value, condcodes::IntCC,
+    types,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
 use llm_ir::interp::eval::{
@@ -35,9 +36,11 @@ pub fn param_count(kernel: &Kernel) -> usize {
 }
 
 /// Emits the body of `kernel` into `b`, whose entry block holds the parameters `p`.
-pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value]) {
+/// `pair_tile` is the imported [`panel_2x4`](super::ukernel::panel_2x4) microkernel, when
+/// the target has it.
+pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], pair_tile: Option<FuncRef>) {
     match kernel {
-        Kernel::Contraction(c) => emit_contraction(b, c, p),
+        Kernel::Contraction(c) => emit_contraction(b, c, p, pair_tile),
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Rope {
@@ -60,8 +63,15 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value]) {
 }
 
 /// `y[i, j] = dot(x[i, :], w[j, :])` for `i < m`, `j0 <= j < j1`: blocks of rows of `w`
-/// outside, rows of `x` inside (the weight block stays in L1 across the rows of `x`).
-fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value]) {
+/// outside, rows of `x` inside (the weight block stays in L1 across the rows of `x`). With
+/// `pair_tile`, pairs of rows of x against a panel call the microkernel, and only an odd
+/// last row runs the generated dot product.
+fn emit_contraction(
+    b: &mut FunctionBuilder,
+    c: &Contraction,
+    p: &[Value],
+    pair_tile: Option<FuncRef>,
+) {
     let (x, w, y, m, j0, j1) = (p[0], p[1], p[2], p[3], p[4], p[5]);
     // Row-major weights are read one row at a time: a single sequential stream, which the
     // hardware prefetcher follows (4 interleaved short rows ran at less than half the
@@ -83,7 +93,24 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value]) {
     for (start, end, count) in ranges {
         for_range(b, start, end, count as i64, |b, j| {
             let wblock = address(b, w, j, row_bytes);
-            for_range(b, zero, m, 1, |b, i| {
+            let single_from = match pair_tile {
+                Some(tile) if count == PANEL_ROWS && c.weight == WeightFormat::F32Panels => {
+                    let pairs_end = b.ins().band_imm_s(m, !1);
+                    let k = b.ins().iconst(types::I64, c.k as i64);
+                    for_range(b, zero, pairs_end, 2, |b, i| {
+                        let i1 = b.ins().iadd_imm_s(i, 1);
+                        let x0 = address(b, x, i, 4 * c.k as i64);
+                        let x1 = address(b, x, i1, 4 * c.k as i64);
+                        let y0 = address(b, y, i, 4 * c.n as i64);
+                        let y0 = address(b, y0, j, 4);
+                        let y1 = b.ins().iadd_imm_s(y0, 4 * c.n as i64);
+                        b.ins().call(tile, &[k, x0, x1, wblock, y0, y1]);
+                    });
+                    pairs_end
+                }
+                _ => zero,
+            };
+            for_range(b, single_from, m, 1, |b, i| {
                 let xrow = address(b, x, i, 4 * c.k as i64);
                 let sums = match c.weight {
                     WeightFormat::F32Panels if count == PANEL_ROWS => {

@@ -7,7 +7,7 @@
 )]
 
 use cranelift_codegen::{
-    ir::{AbiParam, Function, InstBuilder, UserFuncName, types},
+    ir::{AbiParam, FuncRef, Function, InstBuilder, UserFuncName, types},
     isa::{OwnedTargetIsa, TargetFrontendConfig},
     settings::{self, Configurable},
 };
@@ -15,8 +15,8 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{Linkage, Module, default_libcall_names};
 
-use super::codegen;
-use crate::kernel::Kernel;
+use super::{codegen, ukernel};
+use crate::kernel::{Kernel, WeightFormat};
 
 /// Which instruction set the code is generated for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,13 +115,14 @@ fn build(
     fctx: &mut FunctionBuilderContext,
     kernel: &Kernel,
     tc: TargetFrontendConfig,
+    pair_tile: Option<FuncRef>,
 ) {
     let mut b = FunctionBuilder::new(func, fctx);
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
     let params = b.block_params(entry).to_vec();
-    codegen::emit(&mut b, kernel, &params);
+    codegen::emit(&mut b, kernel, &params, pair_tile);
     b.ins().return_(&[]);
     b.seal_all_blocks();
     b.finalize(tc);
@@ -145,7 +146,28 @@ pub fn compile(
     target: Target,
     mut listings: Option<&mut Vec<Listing>>,
 ) -> Result<CompiledKernels, JitError> {
-    let mut module = JITModule::new(JITBuilder::with_isa(isa(target)?, default_libcall_names()));
+    let mut builder = JITBuilder::with_isa(isa(target)?, default_libcall_names());
+    // Pinned code is never run, so it may name the microkernel whatever this CPU has (the
+    // snapshots then show the call); host code only when this CPU can run it. The symbol
+    // is registered on every x86-64 host, so that an import always resolves.
+    #[cfg(target_arch = "x86_64")]
+    builder.symbol(ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8);
+    let use_tile = match target {
+        Target::Host => ukernel::available(),
+        Target::PinnedX86 => cfg!(target_arch = "x86_64"),
+    };
+    let mut module = JITModule::new(builder);
+    let tile = if use_tile {
+        let mut sig = module.make_signature();
+        sig.params.extend((0..6).map(|_| AbiParam::new(types::I64)));
+        Some(
+            module
+                .declare_function(ukernel::PANEL_2X4, Linkage::Import, &sig)
+                .map_err(|e| fail(ukernel::PANEL_2X4, e))?,
+        )
+    } else {
+        None
+    };
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::with_capacity(kernels.len());
@@ -159,7 +181,19 @@ pub fn compile(
             .map_err(|e| fail(&name, e))?;
         ctx.func.signature = sig;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
-        build(&mut ctx.func, &mut fctx, kernel, module.target_config());
+        let pair_tile = match (tile, kernel) {
+            (Some(id), Kernel::Contraction(c)) if c.weight == WeightFormat::F32Panels => {
+                Some(module.declare_func_in_func(id, &mut ctx.func))
+            }
+            _ => None,
+        };
+        build(
+            &mut ctx.func,
+            &mut fctx,
+            kernel,
+            module.target_config(),
+            pair_tile,
+        );
         let clif = listings.is_some().then(|| ctx.func.display().to_string());
         ctx.set_disasm(listings.is_some());
         module
@@ -192,7 +226,7 @@ pub fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::{Contraction, WeightFormat};
+    use crate::kernel::Contraction;
 
     /// cranelift.md: without the FMA feature a vector `fma` becomes four libcalls (20x
     /// slower). The pinned target must keep it one instruction.

@@ -9,6 +9,7 @@ pub mod codegen;
 pub mod emit;
 pub mod jit;
 pub mod program;
+pub mod ukernel;
 pub mod workers;
 
 use pliron::{
