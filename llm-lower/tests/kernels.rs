@@ -73,10 +73,11 @@ fn agree_with(ir: &str, args: Vec<Value>, weights: &Store, tol: f32) -> Result<(
     let hoisted = interpreter
         .hoist(func)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    for threads in [1, 2] {
+    for (threads, microkernels) in [(1, true), (2, true), (1, false)] {
         let options = Options {
             target: Target::Host,
             threads,
+            microkernels,
         };
         let program = Program::build(&ctx, func, &hoisted, &options)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -99,7 +100,7 @@ fn agree_with(ir: &str, args: Vec<Value>, weights: &Store, tol: f32) -> Result<(
             for (i, (a, b)) in g.iter().zip(w).enumerate() {
                 prop_assert!(
                     (a - b).abs() <= tol * b.abs().max(1.0),
-                    "element {i}: {a} vs {b} (threads {threads})\n{ir}"
+                    "element {i}: {a} vs {b} (threads {threads}, microkernels {microkernels})\n{ir}"
                 );
             }
         }

@@ -35,12 +35,20 @@ pub fn param_count(kernel: &Kernel) -> usize {
     }
 }
 
-/// Emits the body of `kernel` into `b`, whose entry block holds the parameters `p`.
-/// `pair_tile` is the imported [`panel_2x4`](super::ukernel::panel_2x4) microkernel, when
-/// the target has it.
-pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], pair_tile: Option<FuncRef>) {
+/// The imported microkernels a contraction may call (see [`super::ukernel`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tiles {
+    /// `panel_2x4`, for pairs of rows against an f32 panel.
+    pub pair: Option<FuncRef>,
+    /// `q8_0_row` or `q4_0_row`, for one row against a quantized weight row.
+    pub quant_row: Option<FuncRef>,
+}
+
+/// Emits the body of `kernel` into `b`, whose entry block holds the parameters `p`;
+/// `tiles` are the microkernels the target has.
+pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles) {
     match kernel {
-        Kernel::Contraction(c) => emit_contraction(b, c, p, pair_tile),
+        Kernel::Contraction(c) => emit_contraction(b, c, p, tiles),
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Rope {
@@ -64,14 +72,9 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], pair_tile: Op
 
 /// `y[i, j] = dot(x[i, :], w[j, :])` for `i < m`, `j0 <= j < j1`: blocks of rows of `w`
 /// outside, rows of `x` inside (the weight block stays in L1 across the rows of `x`). With
-/// `pair_tile`, pairs of rows of x against a panel call the microkernel, and only an odd
-/// last row runs the generated dot product.
-fn emit_contraction(
-    b: &mut FunctionBuilder,
-    c: &Contraction,
-    p: &[Value],
-    pair_tile: Option<FuncRef>,
-) {
+/// a pair tile, pairs of rows of x against a panel call the microkernel, and only an odd
+/// last row runs the generated dot product; with a quantized row tile, every row does.
+fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles: Tiles) {
     let (x, w, y, m, j0, j1) = (p[0], p[1], p[2], p[3], p[4], p[5]);
     // Row-major weights are read one row at a time: a single sequential stream, which the
     // hardware prefetcher follows (4 interleaved short rows ran at less than half the
@@ -93,7 +96,7 @@ fn emit_contraction(
     for (start, end, count) in ranges {
         for_range(b, start, end, count as i64, |b, j| {
             let wblock = address(b, w, j, row_bytes);
-            let single_from = match pair_tile {
+            let single_from = match tiles.pair {
                 Some(tile) if count == PANEL_ROWS && c.weight == WeightFormat::F32Panels => {
                     let pairs_end = b.ins().band_imm_s(m, !1);
                     let k = b.ins().iconst(types::I64, c.k as i64);
@@ -112,18 +115,23 @@ fn emit_contraction(
             };
             for_range(b, single_from, m, 1, |b, i| {
                 let xrow = address(b, x, i, 4 * c.k as i64);
-                let sums = match c.weight {
-                    WeightFormat::F32Panels if count == PANEL_ROWS => {
-                        dot_panel(b, xrow, wblock, c.k)
-                    }
-                    WeightFormat::F32 | WeightFormat::F32Panels => {
-                        vec![dot_f32(b, xrow, wblock, c.k)]
-                    }
-                    WeightFormat::Q8_0 => vec![dot_q8_0(b, xrow, wblock, c.k)],
-                    WeightFormat::Q4_0 => vec![dot_q4_0(b, xrow, wblock, c.k)],
-                };
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
+                let sums = match (c.weight, tiles.quant_row) {
+                    (WeightFormat::Q8_0 | WeightFormat::Q4_0, Some(tile)) => {
+                        let k = b.ins().iconst(types::I64, c.k as i64);
+                        b.ins().call(tile, &[k, xrow, wblock, yat]);
+                        return;
+                    }
+                    (WeightFormat::F32Panels, _) if count == PANEL_ROWS => {
+                        dot_panel(b, xrow, wblock, c.k)
+                    }
+                    (WeightFormat::F32 | WeightFormat::F32Panels, _) => {
+                        vec![dot_f32(b, xrow, wblock, c.k)]
+                    }
+                    (WeightFormat::Q8_0, None) => vec![dot_q8_0(b, xrow, wblock, c.k)],
+                    (WeightFormat::Q4_0, None) => vec![dot_q4_0(b, xrow, wblock, c.k)],
+                };
                 for (r, s) in sums.into_iter().enumerate() {
                     b.ins().store(mem(), s, yat, 4 * r as i32);
                 }

@@ -7,13 +7,13 @@
 )]
 
 use cranelift_codegen::{
-    ir::{AbiParam, FuncRef, Function, InstBuilder, UserFuncName, types},
+    ir::{AbiParam, Function, InstBuilder, UserFuncName, types},
     isa::{OwnedTargetIsa, TargetFrontendConfig},
     settings::{self, Configurable},
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{Linkage, Module, default_libcall_names};
+use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
 use super::{codegen, ukernel};
 use crate::kernel::{Kernel, WeightFormat};
@@ -115,14 +115,14 @@ fn build(
     fctx: &mut FunctionBuilderContext,
     kernel: &Kernel,
     tc: TargetFrontendConfig,
-    pair_tile: Option<FuncRef>,
+    tiles: codegen::Tiles,
 ) {
     let mut b = FunctionBuilder::new(func, fctx);
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
     let params = b.block_params(entry).to_vec();
-    codegen::emit(&mut b, kernel, &params, pair_tile);
+    codegen::emit(&mut b, kernel, &params, tiles);
     b.ins().return_(&[]);
     b.seal_all_blocks();
     b.finalize(tc);
@@ -139,11 +139,13 @@ pub struct Listing {
     pub vcode: String,
 }
 
-/// Compiles `kernels` for `target`; `listings` receives each kernel's code as text when
-/// given.
+/// Compiles `kernels` for `target`, calling the Rust microkernels of [`ukernel`] where
+/// `microkernels` allows and the target has them; `listings` receives each kernel's code
+/// as text when given.
 pub fn compile(
     kernels: &[Kernel],
     target: Target,
+    microkernels: bool,
     mut listings: Option<&mut Vec<Listing>>,
 ) -> Result<CompiledKernels, JitError> {
     let mut builder = JITBuilder::with_isa(isa(target)?, default_libcall_names());
@@ -151,23 +153,32 @@ pub fn compile(
     // snapshots then show the call); host code only when this CPU can run it. The symbol
     // is registered on every x86-64 host, so that an import always resolves.
     #[cfg(target_arch = "x86_64")]
-    builder.symbol(ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8);
-    let use_tile = match target {
-        Target::Host => ukernel::available(),
-        Target::PinnedX86 => cfg!(target_arch = "x86_64"),
-    };
+    builder.symbols([
+        (ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8),
+        (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
+        (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
+    ]);
+    let use_tiles = microkernels
+        && match target {
+            Target::Host => ukernel::available(),
+            Target::PinnedX86 => cfg!(target_arch = "x86_64"),
+        };
     let mut module = JITModule::new(builder);
-    let tile = if use_tile {
+    let mut import = |name: &str, params: usize| -> Result<Option<FuncId>, JitError> {
+        if !use_tiles {
+            return Ok(None);
+        }
         let mut sig = module.make_signature();
-        sig.params.extend((0..6).map(|_| AbiParam::new(types::I64)));
-        Some(
-            module
-                .declare_function(ukernel::PANEL_2X4, Linkage::Import, &sig)
-                .map_err(|e| fail(ukernel::PANEL_2X4, e))?,
-        )
-    } else {
-        None
+        sig.params
+            .extend((0..params).map(|_| AbiParam::new(types::I64)));
+        module
+            .declare_function(name, Linkage::Import, &sig)
+            .map(Some)
+            .map_err(|e| fail(name, e))
     };
+    let pair = import(ukernel::PANEL_2X4, 6)?;
+    let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
+    let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::with_capacity(kernels.len());
@@ -181,18 +192,23 @@ pub fn compile(
             .map_err(|e| fail(&name, e))?;
         ctx.func.signature = sig;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
-        let pair_tile = match (tile, kernel) {
-            (Some(id), Kernel::Contraction(c)) if c.weight == WeightFormat::F32Panels => {
-                Some(module.declare_func_in_func(id, &mut ctx.func))
+        let mut tiles = codegen::Tiles::default();
+        if let Kernel::Contraction(c) = kernel {
+            let mut bring =
+                |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
+            match c.weight {
+                WeightFormat::F32Panels => tiles.pair = bring(pair),
+                WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
+                WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
+                WeightFormat::F32 => {}
             }
-            _ => None,
-        };
+        }
         build(
             &mut ctx.func,
             &mut fctx,
             kernel,
             module.target_config(),
-            pair_tile,
+            tiles,
         );
         let clif = listings.is_some().then(|| ctx.func.display().to_string());
         ctx.set_disasm(listings.is_some());
@@ -239,7 +255,7 @@ mod tests {
             norm_eps_bits: None,
         });
         let mut listings = Vec::new();
-        compile(&[kernel], Target::PinnedX86, Some(&mut listings)).expect("compiles");
+        compile(&[kernel], Target::PinnedX86, true, Some(&mut listings)).expect("compiles");
         let vcode = &listings[0].vcode;
         assert!(vcode.contains("vfmadd"), "{vcode}");
         assert!(!vcode.contains("FmaF32"), "{vcode}");

@@ -75,7 +75,12 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
             }
         ));
         let mut listings = Vec::new();
-        jit::compile(&selection.kernels, Target::PinnedX86, Some(&mut listings))?;
+        jit::compile(
+            &selection.kernels,
+            Target::PinnedX86,
+            true,
+            Some(&mut listings),
+        )?;
         for listing in listings {
             out.push_str(&format!("; {}\n{}\n", listing.name, listing.clif));
         }

@@ -69,6 +69,9 @@ pub struct Options {
     pub target: Target,
     /// Worker threads for contractions (1: run everything on the calling thread).
     pub threads: usize,
+    /// Let generated loops call the Rust microkernels (`cpu::ukernel`) where the CPU has
+    /// them; without, every kernel is generated code (tests cover both).
+    pub microkernels: bool,
 }
 
 impl Default for Options {
@@ -76,6 +79,7 @@ impl Default for Options {
         Options {
             target: Target::Host,
             threads: std::thread::available_parallelism().map_or(1, usize::from),
+            microkernels: true,
         }
     }
 }
@@ -224,6 +228,7 @@ impl PackCache {
 /// Compiles the functions of one model: they share worker threads and packed weights.
 pub struct Compiler {
     target: Target,
+    microkernels: bool,
     workers: Option<Arc<Workers>>,
     packs: PackCache,
 }
@@ -237,6 +242,7 @@ impl Compiler {
             .map_err(|e| JitError(format!("worker threads: {e}")))?;
         Ok(Compiler {
             target: options.target,
+            microkernels: options.microkernels,
             workers,
             packs: PackCache::default(),
         })
@@ -436,7 +442,12 @@ impl Program {
             }
         }
         let jit_start = std::time::Instant::now();
-        let code = jit::compile(&selection.kernels, compiler.target, None)?;
+        let code = jit::compile(
+            &selection.kernels,
+            compiler.target,
+            compiler.microkernels,
+            None,
+        )?;
         stats.jit_ms = jit_start.elapsed().as_secs_f64() * 1e3;
         let workers = compiler.workers.clone();
         Ok(Program {
