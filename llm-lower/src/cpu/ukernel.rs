@@ -66,24 +66,25 @@ unsafe fn panel_2x4_avx2(
 ) {
     use std::arch::x86_64::*;
     let k8 = k - k % PANEL_COLS;
-    let mut acc = [[_mm256_setzero_ps(); PANEL_ROWS]; 2];
+    // acc[r][i]: weight row r against x row i.
+    let mut acc = [[_mm256_setzero_ps(); 2]; PANEL_ROWS];
     // SAFETY: every offset below is inside the buffers the contract describes.
     unsafe {
         for c in (0..k8).step_by(PANEL_COLS) {
             let a = [_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x1.add(c))];
             let chunk = w.add(c * PANEL_ROWS);
-            for r in 0..PANEL_ROWS {
+            for (r, pair) in acc.iter_mut().enumerate() {
                 let wr = _mm256_loadu_ps(chunk.add(PANEL_COLS * r));
-                acc[0][r] = _mm256_fmadd_ps(wr, a[0], acc[0][r]);
-                acc[1][r] = _mm256_fmadd_ps(wr, a[1], acc[1][r]);
+                pair[0] = _mm256_fmadd_ps(wr, a[0], pair[0]);
+                pair[1] = _mm256_fmadd_ps(wr, a[1], pair[1]);
             }
         }
         let tail = k - k8;
         let tail_at = |r: usize| w.add(PANEL_ROWS * k8 + r * tail);
         for (row, (x, y)) in [(x0, y0), (x1, y1)].into_iter().enumerate() {
-            for r in 0..PANEL_ROWS {
-                let mut lo = _mm256_castps256_ps128(acc[row][r]);
-                let hi = _mm256_extractf128_ps(acc[row][r], 1);
+            for (r, pair) in acc.iter().enumerate() {
+                let mut lo = _mm256_castps256_ps128(pair[row]);
+                let hi = _mm256_extractf128_ps(pair[row], 1);
                 if tail >= 4 {
                     lo = _mm_fmadd_ps(_mm_loadu_ps(tail_at(r)), _mm_loadu_ps(x.add(k8)), lo);
                 }
