@@ -36,6 +36,8 @@ pub struct Stats {
     pub forward_calls: usize,
     /// Building, parsing and verifying the model IR.
     pub compile_ms: f64,
+    /// Of `compile_ms`, generating and JIT-compiling kernels (CPU backend; 0 otherwise).
+    pub jit_ms: f64,
     /// The prefill call.
     pub prefill_ms: f64,
     /// All decode calls.
@@ -57,11 +59,12 @@ impl Stats {
     /// The stats as one JSON object.
     pub fn to_json(&self, backend: &str) -> String {
         format!(
-            "{{\"backend\": \"{backend}\", \"prompt_tokens\": {}, \"generated_tokens\": {}, \"forward_calls\": {}, \"compile_ms\": {:.3}, \"prefill_ms\": {:.3}, \"decode_ms\": {:.3}, \"decode_tok_per_s\": {:.3}}}",
+            "{{\"backend\": \"{backend}\", \"prompt_tokens\": {}, \"generated_tokens\": {}, \"forward_calls\": {}, \"compile_ms\": {:.3}, \"jit_ms\": {:.3}, \"prefill_ms\": {:.3}, \"decode_ms\": {:.3}, \"decode_tok_per_s\": {:.3}}}",
             self.prompt_tokens,
             self.generated_tokens,
             self.forward_calls,
             self.compile_ms,
+            self.jit_ms,
             self.prefill_ms,
             self.decode_ms,
             self.decode_tok_per_s()
@@ -260,6 +263,20 @@ impl Model {
         })
     }
 
+    /// Milliseconds spent compiling the model (IR, passes, hoisting, kernels, packing).
+    pub fn compile_ms(&self) -> f64 {
+        self.compile_ms
+    }
+
+    /// Of [`Model::compile_ms`], milliseconds spent generating and JIT-compiling kernels.
+    pub fn jit_ms(&self) -> f64 {
+        [Step::Prefill, Step::Decode]
+            .iter()
+            .filter_map(|&s| self.lowering(s))
+            .map(|l| l.jit_ms)
+            .sum()
+    }
+
     /// Bytes of the model's weights as loaded.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
@@ -414,6 +431,7 @@ impl Model {
         };
         g.stats.prompt_tokens = prompt_ids.len();
         g.stats.compile_ms = self.compile_ms;
+        g.stats.jit_ms = self.jit_ms();
         let prefilled = prompt_ids.len().min(steps);
         let start = Instant::now();
         let (mut rows, mut cache) = self.forward(
