@@ -282,7 +282,7 @@ fn rope(
     Ok(Tensor::from_f32(shape, DType::F32, x))
 }
 
-/// Calls an attention kernel once per query row, with the element offsets of the key/value
+/// Calls an attention kernel once per query row, with the byte offsets of the key/value
 /// rows it sees (computed and bounds-checked here).
 fn attention(
     [heads, kv_heads, d]: [usize; 3],
@@ -369,7 +369,7 @@ fn attention(
                     offsets.clear();
                     for j in start..=pos {
                         let slot = slot_of(cache, table, j)?;
-                        offsets.push((layer_start + slot * cache.slot_len()) as i64);
+                        offsets.push((4 * (layer_start + slot * cache.slot_len())) as i64);
                     }
                     attend(s * t + i, &cache.k, &cache.v, &offsets);
                 }
@@ -406,7 +406,7 @@ fn attention(
                     let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     let end = if causal { pos + 1 } else { tk };
                     offsets.clear();
-                    offsets.extend((start..end).map(|j| ((b * tk + j) * kv_heads * d) as i64));
+                    offsets.extend((start..end).map(|j| (4 * (b * tk + j) * kv_heads * d) as i64));
                     attend(b * tq + i, kd, vd, &offsets);
                 }
             }

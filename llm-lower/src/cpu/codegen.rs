@@ -638,12 +638,18 @@ fn scale_row(b: &mut FunctionBuilder, row: Value, c: Value, d: usize) {
 /// Positions per block of the attention kernel's online softmax.
 const ATTENTION_BLOCK: usize = 16;
 
+/// Query heads of a group whose rows stay in registers for the whole kernel (beyond, a
+/// query row is reloaded from L1 for each position).
+const QUERY_REGISTER_FLOATS: usize = 64;
+
 /// Attention of one query row (`heads` heads of `d`) over `count` key/value rows, row `j`
-/// starting `offsets[j]` floats into `k` and `v` (KV head `h` at `+ h * d`), with an online
-/// softmax over blocks of [`ATTENTION_BLOCK`] positions: the block's scores go to a stack
-/// buffer, the running maximum `m` and sum `l` absorb the block (the output is rescaled by
-/// `exp(m_old - m_new)` once per block), and the block's exponentials are computed four at
-/// a time. `count` must be at least 1.
+/// starting `offsets[j]` bytes into `k` and `v` (KV head `h` at `+ 4 * h * d`), with an
+/// online softmax over blocks of [`ATTENTION_BLOCK`] positions. The query heads that share
+/// a KV head (GQA) go through the block together, so each key and value row is addressed
+/// and loaded once per group: their scores go to a stack buffer, each head's running
+/// maximum `m` and sum `l` absorb the block (its output row is rescaled by
+/// `exp(m_old - m_new)` once per block), and the exponentials and the block maximum are
+/// computed four lanes at a time. `count` must be at least 1.
 fn emit_attention(
     b: &mut FunctionBuilder,
     heads: usize,
@@ -656,72 +662,98 @@ fn emit_attention(
     let group = heads / kv_heads;
     let scores = b.create_sized_stack_slot(StackSlotData::new(
         StackSlotKind::ExplicitSlot,
-        (4 * ATTENTION_BLOCK) as u32,
+        (4 * ATTENTION_BLOCK * group) as u32,
         4,
     ));
+    // A multiply by the reciprocal instead of the reference's division.
+    let factor = match scale {
+        Scale::Times(f) => f,
+        Scale::DivSqrt(r) => 1.0 / r,
+    };
     let zero = b.ins().iconst(types::I64, 0);
     let kv_end = b.ins().iconst(types::I64, kv_heads as i64);
-    let group_end = b.ins().iconst(types::I64, group as i64);
     for_range(b, zero, kv_end, 1, |b, kv| {
         let kv_bytes = b.ins().imul_imm_s(kv, (4 * d) as i64);
-        for_range(b, zero, group_end, 1, |b, g| {
-            let first = b.ins().imul_imm_s(kv, group as i64);
-            let head = b.ins().iadd(first, g);
-            let qrow = address(b, q, head, (4 * d) as i64);
-            let orow = address(b, out, head, (4 * d) as i64);
-            // The query stays in registers for the whole head.
-            let qchunks = RowChunks::load(b, qrow, d);
-            let zs = b.ins().f32const(0.0);
-            let m = b.declare_var(types::F32);
-            let l = b.declare_var(types::F32);
-            let lowest = b.ins().f32const(f32::MIN);
-            b.def_var(m, lowest);
-            b.def_var(l, zs);
-            let buf = b.ins().stack_addr(types::I64, scores, 0);
-            // The output row starts at zero (the caller zeroes `out`).
-            for_range(b, zero, count, ATTENTION_BLOCK as i64, |b, base| {
-                let left = b.ins().isub(count, base);
-                let full = b.ins().iconst(types::I64, ATTENTION_BLOCK as i64);
-                let small = b.ins().icmp(IntCC::SignedLessThan, left, full);
-                let n = b.ins().select(small, left, full);
-                // Unused lanes stay at the lowest float, so their exponentials vanish.
-                let low = splat(b, f32::MIN);
-                for c in 0..ATTENTION_BLOCK / 4 {
-                    b.ins().store(mem(), low, buf, 16 * c as i32);
-                }
-                let block_max = b.declare_var(types::F32);
-                b.def_var(block_max, lowest);
-                for_range(b, zero, n, 1, |b, jj| {
-                    let j = b.ins().iadd(base, jj);
-                    let krow = kv_row(b, k, offsets, j, kv_bytes);
-                    let dot = qchunks.dot(b, krow);
-                    // A multiply by the reciprocal instead of the reference's division.
-                    let factor = match scale {
-                        Scale::Times(f) => f,
-                        Scale::DivSqrt(r) => 1.0 / r,
+        let first = b.ins().imul_imm_s(kv, group as i64);
+        let rows: Vec<(Value, Value)> = (0..group)
+            .map(|g| {
+                let head = b.ins().iadd_imm_s(first, g as i64);
+                (
+                    address(b, q, head, (4 * d) as i64),
+                    address(b, out, head, (4 * d) as i64),
+                )
+            })
+            .collect();
+        let preload = group * d <= QUERY_REGISTER_FLOATS;
+        let queries: Vec<Option<RowChunks>> = rows
+            .iter()
+            .map(|&(qrow, _)| preload.then(|| RowChunks::load(b, qrow, d)))
+            .collect();
+        let lowest = b.ins().f32const(f32::MIN);
+        let zs = b.ins().f32const(0.0);
+        let state: Vec<(Variable, Variable)> = (0..group)
+            .map(|_| {
+                let (m, l) = (b.declare_var(types::F32), b.declare_var(types::F32));
+                b.def_var(m, lowest);
+                b.def_var(l, zs);
+                (m, l)
+            })
+            .collect();
+        let buf = b.ins().stack_addr(types::I64, scores, 0);
+        let row_bytes = (4 * ATTENTION_BLOCK) as i32;
+        // The output rows start at zero (the caller zeroes `out`).
+        for_range(b, zero, count, ATTENTION_BLOCK as i64, |b, base| {
+            let left = b.ins().isub(count, base);
+            let full = b.ins().iconst(types::I64, ATTENTION_BLOCK as i64);
+            let small = b.ins().icmp(IntCC::SignedLessThan, left, full);
+            let n = b.ins().select(small, left, full);
+            // Unused lanes stay at the lowest float, so their exponentials vanish.
+            let low = splat(b, f32::MIN);
+            for c in 0..group * ATTENTION_BLOCK / 4 {
+                b.ins().store(mem(), low, buf, 16 * c as i32);
+            }
+            let factor = b.ins().f32const(factor);
+            for_range(b, zero, n, 1, |b, jj| {
+                let j = b.ins().iadd(base, jj);
+                let krow = kv_row(b, k, offsets, j, kv_bytes);
+                let at = address(b, buf, jj, 4);
+                for (g, query) in queries.iter().enumerate() {
+                    let dot = match query {
+                        Some(chunks) => chunks.dot(b, krow),
+                        None => RowChunks::load(b, rows[g].0, d).dot(b, krow),
                     };
-                    let factor = b.ins().f32const(factor);
                     let s = b.ins().fmul(dot, factor);
-                    let at = address(b, buf, jj, 4);
-                    b.ins().store(mem(), s, at, 0);
-                    let old = b.use_var(block_max);
-                    let new = b.ins().fmax(old, s);
-                    b.def_var(block_max, new);
-                });
+                    b.ins().store(mem(), s, at, row_bytes * g as i32);
+                }
+            });
+            for (g, &(m, l)) in state.iter().enumerate() {
+                let chunks: Vec<Value> = (0..ATTENTION_BLOCK / 4)
+                    .map(|c| {
+                        let at = row_bytes * g as i32 + 16 * c as i32;
+                        b.ins().load(types::F32X4, mem(), buf, at)
+                    })
+                    .collect();
+                let mut most = chunks[0];
+                for &c in &chunks[1..] {
+                    most = b.ins().fmax(most, c);
+                }
+                let lanes: Vec<Value> = (0..4u8).map(|i| b.ins().extractlane(most, i)).collect();
+                let hi = b.ins().fmax(lanes[0], lanes[1]);
+                let lo = b.ins().fmax(lanes[2], lanes[3]);
+                let block_max = b.ins().fmax(hi, lo);
                 let m_old = b.use_var(m);
-                let bm = b.use_var(block_max);
-                let m_new = b.ins().fmax(m_old, bm);
+                let m_new = b.ins().fmax(m_old, block_max);
                 let shrink = b.ins().fsub(m_old, m_new);
                 let shrink = b.ins().splat(types::F32X4, shrink);
                 let c = exp(b, shrink);
                 let c = b.ins().extractlane(c, 0);
                 let centre = b.ins().splat(types::F32X4, m_new);
                 let mut sum = splat(b, 0.0);
-                for ch in 0..ATTENTION_BLOCK / 4 {
-                    let sv = b.ins().load(types::F32X4, mem(), buf, 16 * ch as i32);
+                for (i, &sv) in chunks.iter().enumerate() {
                     let shifted = b.ins().fsub(sv, centre);
                     let e = exp(b, shifted);
-                    b.ins().store(mem(), e, buf, 16 * ch as i32);
+                    let at = row_bytes * g as i32 + 16 * i as i32;
+                    b.ins().store(mem(), e, buf, at);
                     sum = b.ins().fadd(sum, e);
                 }
                 let block_sum = horizontal_sum(b, sum);
@@ -729,24 +761,28 @@ fn emit_attention(
                 let l_new = b.ins().fma(l_old, c, block_sum);
                 b.def_var(l, l_new);
                 b.def_var(m, m_new);
-                scale_row(b, orow, c, d);
-                for_range(b, zero, n, 1, |b, jj| {
-                    let j = b.ins().iadd(base, jj);
-                    let vrow = kv_row(b, v, offsets, j, kv_bytes);
-                    let at = address(b, buf, jj, 4);
-                    let pj = b.ins().load(types::F32, mem(), at, 0);
+                scale_row(b, rows[g].1, c, d);
+            }
+            for_range(b, zero, n, 1, |b, jj| {
+                let j = b.ins().iadd(base, jj);
+                let vrow = kv_row(b, v, offsets, j, kv_bytes);
+                let at = address(b, buf, jj, 4);
+                for (g, &(_, orow)) in rows.iter().enumerate() {
+                    let pj = b.ins().load(types::F32, mem(), at, row_bytes * g as i32);
                     axpy_row(b, orow, vrow, pj, d);
-                });
+                }
             });
+        });
+        for (&(_, l), &(_, orow)) in state.iter().zip(&rows) {
             let total = b.use_var(l);
             let one = b.ins().f32const(1.0);
             let inv = b.ins().fdiv(one, total);
             scale_row(b, orow, inv, d);
-        });
+        }
     });
 }
 
-/// The address of KV head row `kv_bytes` of position `j`: `base + 4 * offsets[j] + kv_bytes`.
+/// The address of KV head row `kv_bytes` of position `j`: `base + offsets[j] + kv_bytes`.
 fn kv_row(
     b: &mut FunctionBuilder,
     base: Value,
@@ -756,7 +792,6 @@ fn kv_row(
 ) -> Value {
     let at = address(b, offsets, j, 8);
     let off = b.ins().load(types::I64, mem(), at, 0);
-    let off = b.ins().imul_imm_s(off, 4);
     let off = b.ins().iadd(off, kv_bytes);
     b.ins().iadd(base, off)
 }
