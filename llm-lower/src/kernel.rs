@@ -185,6 +185,18 @@ pub enum Kernel {
         /// `epsilon`'s bits.
         eps_bits: u32,
     },
+    /// Softmax of rows of `n` values (the last axis): `exp(x - max) / sum`.
+    Softmax {
+        /// Row length.
+        n: usize,
+    },
+    /// Layer normalisation of rows of `d` values: `(x - mean) / sqrt(var + eps) * w + b`.
+    LayerNorm {
+        /// Row length.
+        d: usize,
+        /// `epsilon`'s bits.
+        eps_bits: u32,
+    },
     /// Rotary embedding of `heads` heads of `d` values per token, the first `rotary` of
     /// each head rotated in pairs; the sines and cosines of each token's angles come in a
     /// table (`llm.rope`).
@@ -237,6 +249,8 @@ impl Kernel {
             ),
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
+            Kernel::Softmax { n } => format!("softmax_{n}"),
+            Kernel::LayerNorm { d, .. } => format!("layer_norm_{d}"),
             Kernel::Rope {
                 heads, d, rotary, ..
             } => format!("rope_{heads}x{d}_{rotary}"),
@@ -356,6 +370,22 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let x = f32_operand(&check, 0)?;
             let d = (*x.shape().last()?)? as usize;
             (f32_result(&check) && f32_operand(&check, 1).is_some()).then(|| Kernel::RmsNorm {
+                d,
+                eps_bits: eps_bits(),
+            })
+        }
+        "llm.softmax" => {
+            let x = f32_operand(&check, 0)?;
+            let n = (*x.shape().last()?)? as usize;
+            let axis = check.int("axis").unwrap_or(-1);
+            let last = axis == -1 || axis == x.rank() as i64 - 1;
+            (last && n > 0 && f32_result(&check)).then_some(Kernel::Softmax { n })
+        }
+        "llm.layer_norm" => {
+            let x = f32_operand(&check, 0)?;
+            let d = (*x.shape().last()?)? as usize;
+            let params_ok = f32_operand(&check, 1).is_some() && f32_operand(&check, 2).is_some();
+            (d > 0 && params_ok && f32_result(&check)).then(|| Kernel::LayerNorm {
                 d,
                 eps_bits: eps_bits(),
             })

@@ -197,6 +197,27 @@ proptest! {
     }
 
     #[test]
+    fn softmax(m in 1usize..4, n in 1usize..70, seed: u64) {
+        let ir = func(
+            &[("x".into(), ty(&[m, n]))],
+            &ty(&[m, n]),
+            &format!("y = llm.softmax x {{axis = -1}} : {};", ty(&[m, n])),
+        );
+        agree(&ir, vec![tensor(&[m, n], seed, 8.0)], 2e-6)?;
+    }
+
+    #[test]
+    fn layer_norm(m in 1usize..4, d in 1usize..70, seed: u64) {
+        let ir = func(
+            &[("x".into(), ty(&[m, d])), ("w".into(), ty(&[d])), ("b".into(), ty(&[d]))],
+            &ty(&[m, d]),
+            &format!("y = llm.layer_norm x, w, b {{eps = 1e-5}} : {};", ty(&[m, d])),
+        );
+        let args = vec![tensor(&[m, d], seed, 3.0), tensor(&[d], seed + 1, 1.0), tensor(&[d], seed + 2, 1.0)];
+        agree(&ir, args, 2e-5)?;
+    }
+
+    #[test]
     fn unary(n in 1usize..40, op in prop::sample::select(vec!["exp", "neg", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "gelu"]), seed: u64) {
         let ir = func(
             &[("x".into(), ty(&[n]))],

@@ -65,6 +65,8 @@ pub fn call(
             None => return Err(Unsupported(inputs)),
         },
         (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(*d, f, &inputs).and_then(tensor),
+        (Kernel::Softmax { n }, Some(f)) => softmax(*n, f, &inputs).and_then(tensor),
+        (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(*d, f, &inputs).and_then(tensor),
         (
             Kernel::Rope {
                 heads,
@@ -217,6 +219,53 @@ fn rms_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, Stri
         gs.as_ptr() as i64,
         out.as_mut_ptr() as i64,
         (xs.len() / d.max(1)) as i64,
+    );
+    Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+}
+
+/// Calls a softmax over rows of `n`.
+fn softmax(n: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+    let x = inputs[0].tensor()?;
+    let xs = x.floats()?;
+    if x.shape.last() != Some(&n) {
+        return Err(format!("the input {:?} does not end in {n}", x.shape));
+    }
+    let mut out = vec![0f32; xs.len()];
+    // SAFETY: a softmax's signature is (x, y, rows).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // x and y hold rows * n floats.
+    f(
+        xs.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+        (xs.len() / n) as i64,
+    );
+    Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+}
+
+/// Calls a layer norm over rows of `d`.
+fn layer_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+    let (x, w, b) = (
+        inputs[0].tensor()?,
+        inputs[1].tensor()?,
+        inputs[2].tensor()?,
+    );
+    let (xs, ws, bs) = (x.floats()?, w.floats()?, b.floats()?);
+    if x.shape.last() != Some(&d) || ws.len() != d || bs.len() != d {
+        return Err(format!(
+            "rows of {:?} do not fit the weight {:?} and bias {:?}",
+            x.shape, w.shape, b.shape
+        ));
+    }
+    let mut out = vec![0f32; xs.len()];
+    // SAFETY: a layer norm's signature is (x, w, b, y, rows).
+    let f: extern "C" fn(i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // x and y hold rows * d floats, w and b hold d.
+    f(
+        xs.as_ptr() as i64,
+        ws.as_ptr() as i64,
+        bs.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+        (xs.len() / d) as i64,
     );
     Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
 }

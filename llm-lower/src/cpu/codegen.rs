@@ -27,6 +27,10 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Elementwise(_) => 3,
         // x, g, y, rows
         Kernel::RmsNorm { .. } => 4,
+        // x, y, rows
+        Kernel::Softmax { .. } => 3,
+        // x, w, b, y, rows
+        Kernel::LayerNorm { .. } => 5,
         // x (rotated in place), cos, sin, tokens
         Kernel::Rope { .. } => 4,
         // q, k, v, offsets, count, out
@@ -51,6 +55,8 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Contraction(c) => emit_contraction(b, c, p, tiles),
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
+        Kernel::Softmax { n } => emit_softmax(b, *n, p),
+        Kernel::LayerNorm { d, eps_bits } => emit_layer_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Rope {
             heads,
             d,
@@ -794,4 +800,170 @@ fn kv_row(
     let off = b.ins().load(types::I64, mem(), at, 0);
     let off = b.ins().iadd(off, kv_bytes);
     b.ins().iadd(base, off)
+}
+
+/// Applies `f` to the `f32x4` chunks `0..d4` of a row (a loop), then to each scalar of the
+/// tail `d4..d` widened to one lane of an `f32x4`; `f` gets the byte offset's address.
+fn for_lanes(
+    b: &mut FunctionBuilder,
+    row: Value,
+    d: usize,
+    mut f: impl FnMut(&mut FunctionBuilder, Value, bool),
+) {
+    let d4 = d - d % 4;
+    let zero = b.ins().iconst(types::I64, 0);
+    let end = b.ins().iconst(types::I64, d4 as i64);
+    for_range(b, zero, end, 4, |b, i| {
+        let at = address(b, row, i, 4);
+        f(b, at, true);
+    });
+    for q in d4..d {
+        let at = b.ins().iadd_imm_s(row, 4 * q as i64);
+        f(b, at, false);
+    }
+}
+
+/// Loads 4 lanes, or one scalar into lane 0 (the other lanes `fill`).
+fn load_lanes(b: &mut FunctionBuilder, at: Value, full: bool, fill: f32) -> Value {
+    if full {
+        b.ins().load(types::F32X4, mem(), at, 0)
+    } else {
+        let s = b.ins().load(types::F32, mem(), at, 0);
+        let v = splat(b, fill);
+        b.ins().insertlane(v, s, 0)
+    }
+}
+
+/// Stores 4 lanes, or lane 0.
+fn store_lanes(b: &mut FunctionBuilder, v: Value, at: Value, full: bool) {
+    if full {
+        b.ins().store(mem(), v, at, 0);
+    } else {
+        let s = b.ins().extractlane(v, 0);
+        b.ins().store(mem(), s, at, 0);
+    }
+}
+
+/// The maximum of the 4 lanes of `v`.
+fn horizontal_max(b: &mut FunctionBuilder, v: Value) -> Value {
+    let lanes: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
+    let lo = b.ins().fmax(lanes[0], lanes[1]);
+    let hi = b.ins().fmax(lanes[2], lanes[3]);
+    b.ins().fmax(lo, hi)
+}
+
+/// Softmax of each of `rows` rows of `n` values: the maximum, then `exp(x - max)` (inline
+/// polynomial) and its sum, then a division by the sum. Tail lanes are padded with the
+/// lowest float for the maximum and zero for the sum.
+fn emit_softmax(b: &mut FunctionBuilder, n: usize, p: &[Value]) {
+    let (x, y, rows) = (p[0], p[1], p[2]);
+    let zero = b.ins().iconst(types::I64, 0);
+    for_range(b, zero, rows, 1, |b, r| {
+        let xrow = address(b, x, r, 4 * n as i64);
+        let yrow = address(b, y, r, 4 * n as i64);
+        let most = b.declare_var(types::F32X4);
+        let low = splat(b, f32::MIN);
+        b.def_var(most, low);
+        for_lanes(b, xrow, n, |b, at, full| {
+            let v = load_lanes(b, at, full, f32::MIN);
+            let old = b.use_var(most);
+            let new = b.ins().fmax(old, v);
+            b.def_var(most, new);
+        });
+        let m = b.use_var(most);
+        let max = horizontal_max(b, m);
+        let centre = b.ins().splat(types::F32X4, max);
+        let sum = zeroed_accumulators(b, 1)[0];
+        // Reads x at the same offsets as it writes y.
+        let delta = b.ins().isub(yrow, xrow);
+        for_lanes(b, xrow, n, |b, at, full| {
+            let v = load_lanes(b, at, full, f32::MIN);
+            let shifted = b.ins().fsub(v, centre);
+            let e = exp(b, shifted);
+            let e = if full {
+                e
+            } else {
+                // Only lane 0 is a real element.
+                let s = b.ins().extractlane(e, 0);
+                let z = splat(b, 0.0);
+                b.ins().insertlane(z, s, 0)
+            };
+            let old = b.use_var(sum);
+            let new = b.ins().fadd(old, e);
+            b.def_var(sum, new);
+            let out = b.ins().iadd(at, delta);
+            store_lanes(b, e, out, full);
+        });
+        let s = b.use_var(sum);
+        let total = horizontal_sum(b, s);
+        let total = b.ins().splat(types::F32X4, total);
+        for_lanes(b, yrow, n, |b, at, full| {
+            let v = load_lanes(b, at, full, 1.0);
+            let q = b.ins().fdiv(v, total);
+            store_lanes(b, q, at, full);
+        });
+    });
+}
+
+/// Layer normalisation of each of `rows` rows of `d` values, in the reference's order:
+/// the mean, the population variance around it, then `(x - mean) * inv * w + b`.
+fn emit_layer_norm(b: &mut FunctionBuilder, d: usize, eps: f32, p: &[Value]) {
+    let (x, w, bias, y, rows) = (p[0], p[1], p[2], p[3], p[4]);
+    let zero = b.ins().iconst(types::I64, 0);
+    for_range(b, zero, rows, 1, |b, r| {
+        let xrow = address(b, x, r, 4 * d as i64);
+        let yrow = address(b, y, r, 4 * d as i64);
+        let inv_d = b.ins().f32const(1.0 / d as f32);
+        let sum = zeroed_accumulators(b, 1)[0];
+        for_lanes(b, xrow, d, |b, at, full| {
+            let v = load_lanes(b, at, full, 0.0);
+            let old = b.use_var(sum);
+            let new = b.ins().fadd(old, v);
+            b.def_var(sum, new);
+        });
+        let s = b.use_var(sum);
+        let total = horizontal_sum(b, s);
+        let mean = b.ins().fmul(total, inv_d);
+        let centre = b.ins().splat(types::F32X4, mean);
+        let squares = zeroed_accumulators(b, 1)[0];
+        for_lanes(b, xrow, d, |b, at, full| {
+            let v = load_lanes(b, at, full, 0.0);
+            let c = b.ins().fsub(v, centre);
+            let c = if full {
+                c
+            } else {
+                let s = b.ins().extractlane(c, 0);
+                let z = splat(b, 0.0);
+                b.ins().insertlane(z, s, 0)
+            };
+            let old = b.use_var(squares);
+            let new = b.ins().fma(c, c, old);
+            b.def_var(squares, new);
+        });
+        let sq = b.use_var(squares);
+        let sq = horizontal_sum(b, sq);
+        let var = b.ins().fmul(sq, inv_d);
+        let eps = b.ins().f32const(eps);
+        let var = b.ins().fadd(var, eps);
+        let root = b.ins().sqrt(var);
+        let one = b.ins().f32const(1.0);
+        let inv = b.ins().fdiv(one, root);
+        let inv = b.ins().splat(types::F32X4, inv);
+        let to_y = b.ins().isub(yrow, xrow);
+        let to_w = b.ins().isub(w, xrow);
+        let to_b = b.ins().isub(bias, xrow);
+        for_lanes(b, xrow, d, |b, at, full| {
+            let v = load_lanes(b, at, full, 0.0);
+            let wa = b.ins().iadd(at, to_w);
+            let ba = b.ins().iadd(at, to_b);
+            let g = load_lanes(b, wa, full, 0.0);
+            let c = load_lanes(b, ba, full, 0.0);
+            let t = b.ins().fsub(v, centre);
+            let t = b.ins().fmul(t, inv);
+            let t = b.ins().fmul(t, g);
+            let t = b.ins().fadd(t, c);
+            let out = b.ins().iadd(at, to_y);
+            store_lanes(b, t, out, full);
+        });
+    });
 }
