@@ -325,6 +325,17 @@ pub fn locate(loc: &Location) -> Option<(u32, u32)> {
     }
 }
 
+/// `ty` as a `T`, if it is one. Checks first, because a failed
+/// [`TypedHandle::from_handle`] builds an error (with a backtrace when `RUST_BACKTRACE` is
+/// set), which cost a compiled decode step more than its kernels.
+fn typed<T: pliron::r#type::Type>(ty: TypeHandle, ctx: &Context) -> Option<TypedHandle<T>> {
+    if ty.deref(ctx).is::<T>() {
+        TypedHandle::<T>::from_handle(ty, ctx).ok()
+    } else {
+        None
+    }
+}
+
 /// Checks that a runtime value matches a declared type (static dims must agree).
 pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), String> {
     let shape_ok = |dims: &[crate::syntax::Dim], shape: &[usize]| {
@@ -341,7 +352,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
             shown()
         ))
     };
-    if let Ok(t) = TypedHandle::<TensorType>::from_handle(ty, ctx) {
+    if let Some(t) = typed::<TensorType>(ty, ctx) {
         let t = t.deref(ctx);
         let Value::Tensor(v) = value else {
             return mismatch(value.kind().to_string());
@@ -351,7 +362,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
         }
         return Ok(());
     }
-    if let Ok(t) = TypedHandle::<QuantizedTensorType>::from_handle(ty, ctx) {
+    if let Some(t) = typed::<QuantizedTensorType>(ty, ctx) {
         let t = t.deref(ctx);
         let Value::Quantized(q) = value else {
             return mismatch(value.kind().to_string());
@@ -374,7 +385,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
         }
         return Ok(());
     }
-    if let Ok(t) = TypedHandle::<PagedKvCacheType>::from_handle(ty, ctx) {
+    if let Some(t) = typed::<PagedKvCacheType>(ty, ctx) {
         let t = t.deref(ctx);
         let Value::Cache(c) = value else {
             return mismatch(value.kind().to_string());
@@ -388,7 +399,7 @@ pub fn check_value(ctx: &Context, value: &Value, ty: TypeHandle) -> Result<(), S
         }
         return Ok(());
     }
-    if let Ok(t) = TypedHandle::<ShardedTensorType>::from_handle(ty, ctx) {
+    if let Some(t) = typed::<ShardedTensorType>(ty, ctx) {
         let t = t.deref(ctx);
         let Value::Sharded(s) = value else {
             return mismatch(value.kind().to_string());
