@@ -4,12 +4,12 @@
 
 #![allow(unsafe_code, reason = "calls into JIT-compiled kernels")]
 
-use std::rc::Rc;
+use std::{cell::RefCell, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
     interp::{
-        KvCache, QTensor, Tensor, Value,
+        Data, KvCache, QTensor, Tensor, Value,
         eval::{
             attention::{rope_sin_cos, slot_of},
             fused::ScalarBody,
@@ -28,12 +28,58 @@ use crate::kernel::{
 /// Multiply-adds below which a contraction runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
-/// The compiled code and threads kernels run with.
+/// The compiled code, threads and buffers kernels run with.
 pub struct Kernels<'a> {
     /// The compiled functions.
     pub code: &'a CompiledKernels,
     /// Worker threads, if more than one.
     pub workers: Option<&'a Workers>,
+    /// Buffers for kernel outputs.
+    pub pool: &'a BufferPool,
+}
+
+/// Float buffers of values a program has released, reused for kernel outputs, so that a
+/// decode step in steady state allocates no output buffer.
+#[derive(Default)]
+pub struct BufferPool(RefCell<Vec<Vec<f32>>>);
+
+impl BufferPool {
+    /// Buffers kept at most.
+    const KEEP: usize = 64;
+
+    /// A buffer of `n` zeros: the smallest pooled buffer that holds `n`, or a new one.
+    pub fn zeroed(&self, n: usize) -> Vec<f32> {
+        let mut pool = self.0.borrow_mut();
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= n)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let mut v = pool.swap_remove(i);
+                v.clear();
+                v.resize(n, 0.0);
+                v
+            }
+            None => vec![0.0; n],
+        }
+    }
+
+    /// Takes back the buffer of `value` when nothing else holds it.
+    pub fn recycle(&self, value: Rc<Value>) {
+        if let Ok(Value::Tensor(Tensor {
+            data: Data::Float(v),
+            ..
+        })) = Rc::try_unwrap(value)
+        {
+            let mut pool = self.0.borrow_mut();
+            if pool.len() < Self::KEEP {
+                pool.push(v);
+            }
+        }
+    }
 }
 
 /// The run-time values are outside what the kernel handles (for example a broadcast that
@@ -60,13 +106,13 @@ pub fn call(
             let norm = chosen.prologue.map(|i| k.code.entry(i));
             contraction(k, c, f, norm, &inputs).and_then(tensor)
         }
-        (Kernel::Elementwise(body), Some(f)) => match elementwise(body, f, &inputs) {
+        (Kernel::Elementwise(body), Some(f)) => match elementwise(k, body, f, &inputs) {
             Some(out) => out.and_then(tensor),
             None => return Err(Unsupported(inputs)),
         },
-        (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(*d, f, &inputs).and_then(tensor),
-        (Kernel::Softmax { n }, Some(f)) => softmax(*n, f, &inputs).and_then(tensor),
-        (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(*d, f, &inputs).and_then(tensor),
+        (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(k, *d, f, &inputs).and_then(tensor),
+        (Kernel::Softmax { n }, Some(f)) => softmax(k, *n, f, &inputs).and_then(tensor),
+        (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(k, *d, f, &inputs).and_then(tensor),
         (
             Kernel::Rope {
                 heads,
@@ -94,7 +140,7 @@ pub fn call(
                 ..
             },
             Some(f),
-        ) => attention([*heads, *kv_heads, *d], *source, f, inputs),
+        ) => attention(k, [*heads, *kv_heads, *d], *source, f, inputs),
         (Kernel::Move(m), _) => movement(*m, dims, inputs),
         _ => Err("the kernel was not compiled".to_string()),
     })
@@ -118,7 +164,7 @@ fn contraction(
     let normed;
     let (xs, w) = match norm {
         Some(norm) => {
-            normed = rms_norm(c.k, norm, &inputs[..2])?;
+            normed = rms_norm(k, c.k, norm, &inputs[..2])?;
             (normed.floats()?, &inputs[2])
         }
         None => (x.floats()?, &inputs[1]),
@@ -146,7 +192,7 @@ fn contraction(
     if wbytes.len() != c.n * c.weight.row_bytes(c.k) {
         return Err(format!("the weight holds {} bytes", wbytes.len()));
     }
-    let mut out = vec![0f32; m * c.n];
+    let mut out = k.pool.zeroed(m * c.n);
     // SAFETY: a contraction's signature is six i64 params.
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     let (xp, wp, yp) = (
@@ -174,6 +220,7 @@ fn contraction(
 
 /// Calls an elementwise kernel; `None` unless every operand has the same shape.
 fn elementwise(
+    k: &Kernels,
     body: &ScalarBody,
     f: *const u8,
     inputs: &[Rc<Value>],
@@ -192,7 +239,7 @@ fn elementwise(
         .collect::<Option<_>>()?;
     let len = data[0].len();
     let ptrs: Vec<i64> = data.iter().map(|d| d.as_ptr() as i64).collect();
-    let mut out = vec![0f32; len];
+    let mut out = k.pool.zeroed(len);
     // SAFETY: an elementwise kernel's signature is (inputs, out, len).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // Every input holds `len` floats (same shape), as does `out`.
@@ -201,7 +248,7 @@ fn elementwise(
 }
 
 /// Calls an RMS norm over rows of `d`.
-fn rms_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+fn rms_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
     let (x, g) = (inputs[0].tensor()?, inputs[1].tensor()?);
     let (xs, gs) = (x.floats()?, g.floats()?);
     if x.shape.last() != Some(&d) || gs.len() != d {
@@ -210,7 +257,7 @@ fn rms_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, Stri
             x.shape, g.shape
         ));
     }
-    let mut out = vec![0f32; xs.len()];
+    let mut out = k.pool.zeroed(xs.len());
     // SAFETY: an RMS norm's signature is (x, g, y, rows).
     let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // x and y hold rows * d floats, g holds d.
@@ -224,13 +271,13 @@ fn rms_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, Stri
 }
 
 /// Calls a softmax over rows of `n`.
-fn softmax(n: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+fn softmax(k: &Kernels, n: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
     let x = inputs[0].tensor()?;
     let xs = x.floats()?;
     if x.shape.last() != Some(&n) {
         return Err(format!("the input {:?} does not end in {n}", x.shape));
     }
-    let mut out = vec![0f32; xs.len()];
+    let mut out = k.pool.zeroed(xs.len());
     // SAFETY: a softmax's signature is (x, y, rows).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // x and y hold rows * n floats.
@@ -243,7 +290,7 @@ fn softmax(n: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, Strin
 }
 
 /// Calls a layer norm over rows of `d`.
-fn layer_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+fn layer_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
     let (x, w, b) = (
         inputs[0].tensor()?,
         inputs[1].tensor()?,
@@ -256,7 +303,7 @@ fn layer_norm(d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, St
             x.shape, w.shape, b.shape
         ));
     }
-    let mut out = vec![0f32; xs.len()];
+    let mut out = k.pool.zeroed(xs.len());
     // SAFETY: a layer norm's signature is (x, w, b, y, rows).
     let f: extern "C" fn(i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // x and y hold rows * d floats, w and b hold d.
@@ -281,8 +328,8 @@ struct RopeAngles {
 fn take_floats(value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), String> {
     match Rc::unwrap_or_clone(value) {
         Value::Tensor(t) if t.dtype == DType::F32 => match t.data {
-            llm_ir::interp::Data::Float(v) => Ok((t.shape, v)),
-            llm_ir::interp::Data::Int(_) => Err("expected floats".into()),
+            Data::Float(v) => Ok((t.shape, v)),
+            Data::Int(_) => Err("expected floats".into()),
         },
         other => Err(format!("expected an f32 tensor, found {}", other.kind())),
     }
@@ -299,8 +346,9 @@ fn rope(
     inputs: Vec<Rc<Value>>,
 ) -> Result<Tensor, String> {
     let positions = inputs[1].tensor()?.ints()?.to_vec();
-    let (shape, mut x) = take_floats(Rc::clone(&inputs[0]))?;
-    drop(inputs);
+    // Moved out of the operands, so that x is rotated in place when nothing else holds it.
+    let x = inputs.into_iter().next().ok_or("no operand")?;
+    let (shape, mut x) = take_floats(x)?;
     let r = shape.len();
     if r < 2 || shape[r - 2..] != [heads, d] || positions.len() * heads * d != x.len() {
         return Err(format!(
@@ -334,6 +382,7 @@ fn rope(
 /// Calls an attention kernel once per query row, with the byte offsets of the key/value
 /// rows it sees (computed and bounds-checked here).
 fn attention(
+    k: &Kernels,
     [heads, kv_heads, d]: [usize; 3],
     source: AttentionSource,
     f: *const u8,
@@ -356,7 +405,7 @@ fn attention(
             q.shape
         ));
     }
-    let mut out = vec![0f32; qd.len()];
+    let mut out = k.pool.zeroed(qd.len());
     // Runs query row `r` over `offsets` into `kd`/`vd` (each offset plus a row checked to
     // lie inside both).
     let mut attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64]| {

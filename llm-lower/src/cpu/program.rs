@@ -114,6 +114,8 @@ pub struct Program {
     code: CompiledKernels,
     workers: Option<Arc<Workers>>,
     stats: LoweringStats,
+    /// Output buffers recycled between steps and calls.
+    pool: calls::BufferPool,
 }
 
 /// The kernel chosen for one op.
@@ -461,6 +463,7 @@ impl Program {
             code,
             workers,
             stats,
+            pool: calls::BufferPool::default(),
         })
     }
 
@@ -501,19 +504,20 @@ impl Program {
             env[*s] = Some(Rc::clone(v));
         }
         for step in &self.steps {
-            let inputs = step
-                .inputs
-                .iter()
-                .map(|&s| env[s].clone())
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
+            let mut inputs = Vec::with_capacity(step.inputs.len());
+            for &s in &step.inputs {
+                let value = env[s].as_ref().ok_or_else(|| {
                     error(
                         step.location,
                         format!("{}: an operand has no value", step.name),
                     )
                 })?;
+                inputs.push(Rc::clone(value));
+            }
             for &s in &step.release {
-                env[s] = None;
+                if let Some(value) = env[s].take() {
+                    self.pool.recycle(value);
+                }
             }
             let outputs = match &step.action {
                 Action::Return => {
@@ -531,6 +535,7 @@ impl Program {
                     let kernels = calls::Kernels {
                         code: &self.code,
                         workers: self.workers.as_deref(),
+                        pool: &self.pool,
                     };
                     match calls::call(&kernels, chosen, &step.dims, inputs) {
                         Ok(outputs) => outputs,
