@@ -36,6 +36,8 @@ pub struct Kernels<'a> {
     pub workers: Option<&'a Workers>,
     /// Buffers for kernel outputs.
     pub pool: &'a BufferPool,
+    /// Rope tables of the current run.
+    pub ropes: &'a RopeTables,
 }
 
 /// Float buffers of values a program has released, reused for kernel outputs, so that a
@@ -129,7 +131,7 @@ pub fn call(
                 theta: f32::from_bits(*theta_bits),
                 scaling: f32::from_bits(*scaling_bits),
             };
-            rope(*heads, *d, angles, f, inputs).and_then(tensor)
+            rope(k, *heads, *d, angles, f, inputs).and_then(tensor)
         }
         (
             Kernel::Attention {
@@ -318,10 +320,62 @@ fn layer_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Resu
 }
 
 /// How a rope's angles are computed.
+#[derive(Clone, Copy, PartialEq)]
 struct RopeAngles {
     rotary: usize,
     theta: f32,
     scaling: f32,
+}
+
+/// The sine and cosine tables of one rope configuration at some positions.
+struct RopeTable {
+    angles: RopeAngles,
+    positions: Vec<i64>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The rope tables of one program run: the q and k of every layer rotate by the same
+/// positions, so each table is computed once per run (`clear` starts a run).
+#[derive(Default)]
+pub struct RopeTables(RefCell<Vec<RopeTable>>);
+
+impl RopeTables {
+    /// Forgets the tables of the previous run.
+    pub fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
+
+    /// Calls `f` with the cosines and sines (token-major, `rotary / 2` per token) of
+    /// `angles` at `positions`, computed here (Cranelift has no trigonometric
+    /// instructions) exactly as the reference does, once per run.
+    fn with(&self, angles: &RopeAngles, positions: &[i64], f: impl FnOnce(&[f32], &[f32])) {
+        let mut tables = self.0.borrow_mut();
+        let found = tables
+            .iter()
+            .position(|t| t.angles == *angles && t.positions == positions);
+        let i = found.unwrap_or_else(|| {
+            let pairs = angles.rotary / 2;
+            let mut cos = Vec::with_capacity(positions.len() * pairs);
+            let mut sin = Vec::with_capacity(positions.len() * pairs);
+            for &p in positions {
+                let p = p as f32 / angles.scaling;
+                for i in 0..pairs {
+                    let (s, c) = rope_sin_cos(p, angles.theta, i, angles.rotary);
+                    sin.push(s);
+                    cos.push(c);
+                }
+            }
+            tables.push(RopeTable {
+                angles: *angles,
+                positions: positions.to_vec(),
+                cos,
+                sin,
+            });
+            tables.len() - 1
+        });
+        f(&tables[i].cos, &tables[i].sin);
+    }
 }
 
 /// The floats of a tensor value, moved out when nothing else holds it.
@@ -335,10 +389,10 @@ fn take_floats(value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), String> {
     }
 }
 
-/// Calls a rope kernel: the angles' sines and cosines are computed here, per token and
-/// pair, exactly as the reference does (Cranelift has no trigonometric instructions); the
-/// kernel rotates the values in place.
+/// Calls a rope kernel with the run's sine and cosine tables ([`RopeTables`]); the kernel
+/// rotates the values in place.
 fn rope(
+    k: &Kernels,
     heads: usize,
     d: usize,
     angles: RopeAngles,
@@ -356,26 +410,17 @@ fn rope(
             positions.len()
         ));
     }
-    let pairs = angles.rotary / 2;
-    let mut cos = Vec::with_capacity(positions.len() * pairs);
-    let mut sin = Vec::with_capacity(positions.len() * pairs);
-    for &p in &positions {
-        let p = p as f32 / angles.scaling;
-        for i in 0..pairs {
-            let (s, c) = rope_sin_cos(p, angles.theta, i, angles.rotary);
-            sin.push(s);
-            cos.push(c);
-        }
-    }
     // SAFETY: a rope kernel's signature is (x, cos, sin, tokens).
     let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    // x holds tokens * heads * d floats; the tables tokens * pairs each.
-    f(
-        x.as_mut_ptr() as i64,
-        cos.as_ptr() as i64,
-        sin.as_ptr() as i64,
-        positions.len() as i64,
-    );
+    k.ropes.with(&angles, &positions, |cos, sin| {
+        // x holds tokens * heads * d floats; the tables tokens * rotary / 2 each.
+        f(
+            x.as_mut_ptr() as i64,
+            cos.as_ptr() as i64,
+            sin.as_ptr() as i64,
+            positions.len() as i64,
+        );
+    });
     Ok(Tensor::from_f32(shape, DType::F32, x))
 }
 

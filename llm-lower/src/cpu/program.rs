@@ -116,6 +116,8 @@ pub struct Program {
     stats: LoweringStats,
     /// Output buffers recycled between steps and calls.
     pool: calls::BufferPool,
+    /// Rope tables of the current call.
+    ropes: calls::RopeTables,
 }
 
 /// The kernel chosen for one op.
@@ -464,6 +466,7 @@ impl Program {
             workers,
             stats,
             pool: calls::BufferPool::default(),
+            ropes: calls::RopeTables::default(),
         })
     }
 
@@ -496,6 +499,7 @@ impl Program {
             interp::check_value(ctx, arg, *ty)
                 .map_err(|m| error(None, format!("argument #{i} of @{name}: {m}")))?;
         }
+        self.ropes.clear();
         let mut env: Vec<Option<Rc<Value>>> = vec![None; self.slots];
         for (&s, arg) in self.params.iter().zip(args) {
             env[s] = Some(Rc::new(arg));
@@ -536,6 +540,7 @@ impl Program {
                         code: &self.code,
                         workers: self.workers.as_deref(),
                         pool: &self.pool,
+                        ropes: &self.ropes,
                     };
                     match calls::call(&kernels, chosen, &step.dims, inputs) {
                         Ok(outputs) => outputs,
