@@ -172,29 +172,31 @@ fn llm_run(command: &mut Command) -> std::process::Output {
     out
 }
 
-#[test]
-fn llm_run_generate_prints_what_run_c_prints() {
+/// Runs `llm-run generate` greedily on stories260K with `args` added, checks that standard
+/// output is the golden text of `stem`, and returns the `--stats` JSON.
+fn generate_cli(stem: &str, prompt: &str, args: &[&str]) -> String {
     let out = llm_run(
         Command::new(env!("CARGO_BIN_EXE_llm-run"))
             .args(["generate", "--model"])
             .arg(model_path())
             .arg("--tokenizer")
             .arg(tokenizer_path())
-            .args([
-                "--prompt",
-                "The little dog was sad because",
-                "--temperature",
-                "0",
-                "--stats",
-            ]),
+            .args(["--prompt", prompt, "--temperature", "0", "--stats"])
+            .args(args),
     );
-    let golden = std::fs::read(shared().join("golden/little_dog.txt")).expect("golden text");
+    let golden = std::fs::read(shared().join(format!("golden/{stem}.txt"))).expect("golden");
     assert_eq!(out.stdout, golden);
-    let stats = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn llm_run_generate_prints_what_run_c_prints() {
+    let stats = generate_cli("little_dog", "The little dog was sad because", &[]);
     for key in [
         "prompt_tokens",
         "generated_tokens",
         "compile_ms",
+        "jit_ms",
         "prefill_ms",
         "decode_ms",
         "decode_tok_per_s",
@@ -206,18 +208,11 @@ fn llm_run_generate_prints_what_run_c_prints() {
 
 #[test]
 fn llm_run_generate_on_the_cpu_backend_prints_what_run_c_prints() {
-    let out = llm_run(
-        Command::new(env!("CARGO_BIN_EXE_llm-run"))
-            .args(["generate", "--model"])
-            .arg(model_path())
-            .arg("--tokenizer")
-            .arg(tokenizer_path())
-            .args(["--prompt", "Once upon a time", "--temperature", "0"])
-            .args(["--backend", "cpu", "--threads", "2", "--stats"]),
+    let stats = generate_cli(
+        "once_upon_a_time",
+        "Once upon a time",
+        &["--backend", "cpu", "--threads", "2"],
     );
-    let golden = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden text");
-    assert_eq!(out.stdout, golden);
-    let stats = String::from_utf8_lossy(&out.stderr);
     assert!(stats.contains("\"backend\": \"cpu\""), "{stats}");
 }
 

@@ -11,7 +11,7 @@ use llm_ir::{
     interp::{
         Data, KvCache, QTensor, Tensor, Value,
         eval::{
-            attention::{rope_sin_cos, slot_of},
+            attention::{for_each_paged_row, rope_sin_cos},
             fused::ScalarBody,
             kv::append_rows,
             resolve_shape,
@@ -486,37 +486,23 @@ fn attention(
             } else {
                 (inputs[1].cache()?, inputs[2].tensor()?, inputs[3].tensor()?)
             };
-            let [b, t] = [q.shape[0], q.shape[1]];
-            check_cache(cache, layer, kv_heads, d)?;
-            let (td, ld) = (tables.ints()?, lens.ints()?);
-            let width = tables.shape.get(1).copied().unwrap_or(0);
-            if q.shape.len() != 4 || tables.shape != [b, width] || lens.shape != [b] {
-                return Err(format!(
-                    "{b} sequences need block tables [{b}, M] and context lengths [{b}], found {:?} and {:?}",
-                    tables.shape, lens.shape
-                ));
+            if q.shape.len() != 4 {
+                return Err(format!("queries {:?} are not [b, t, heads, d]", q.shape));
             }
+            check_cache(cache, layer, kv_heads, d)?;
             let layer_start = cache.slot_offset(layer, 0);
             let mut offsets = Vec::new();
-            for s in 0..b {
-                let len = ld[s];
-                if len < t as i64 {
-                    return Err(format!(
-                        "sequence {s} has context length {len}, fewer than its {t} new tokens"
-                    ));
-                }
-                let table = &td[s * width..(s + 1) * width];
-                for i in 0..t {
-                    let pos = len as usize - t + i;
-                    let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    offsets.clear();
-                    for j in start..=pos {
-                        let slot = slot_of(cache, table, j)?;
-                        offsets.push((4 * (layer_start + slot * cache.slot_len())) as i64);
-                    }
-                    attend(s * t + i, &cache.k, &cache.v, &offsets);
-                }
-            }
+            let rows = [q.shape[0], q.shape[1]];
+            for_each_paged_row(cache, rows, tables, lens, window, |row, slots| {
+                offsets.clear();
+                offsets.extend(
+                    slots
+                        .iter()
+                        .map(|&slot| (4 * (layer_start + slot * cache.slot_len())) as i64),
+                );
+                attend(row, &cache.k, &cache.v, &offsets);
+                Ok(())
+            })?;
             let out = Rc::new(Value::Tensor(Tensor::from_f32(
                 q.shape.clone(),
                 DType::F32,

@@ -844,6 +844,17 @@ fn store_lanes(b: &mut FunctionBuilder, v: Value, at: Value, full: bool) {
     }
 }
 
+/// `v` with the lanes that hold no element zeroed: all 4 lanes are real when `full`, else
+/// only lane 0 (a scalar tail).
+fn real_lanes(b: &mut FunctionBuilder, v: Value, full: bool) -> Value {
+    if full {
+        return v;
+    }
+    let s = b.ins().extractlane(v, 0);
+    let z = splat(b, 0.0);
+    b.ins().insertlane(z, s, 0)
+}
+
 /// The maximum of the 4 lanes of `v`.
 fn horizontal_max(b: &mut FunctionBuilder, v: Value) -> Value {
     let lanes: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
@@ -880,14 +891,7 @@ fn emit_softmax(b: &mut FunctionBuilder, n: usize, p: &[Value]) {
             let v = load_lanes(b, at, full, f32::MIN);
             let shifted = b.ins().fsub(v, centre);
             let e = exp(b, shifted);
-            let e = if full {
-                e
-            } else {
-                // Only lane 0 is a real element.
-                let s = b.ins().extractlane(e, 0);
-                let z = splat(b, 0.0);
-                b.ins().insertlane(z, s, 0)
-            };
+            let e = real_lanes(b, e, full);
             let old = b.use_var(sum);
             let new = b.ins().fadd(old, e);
             b.def_var(sum, new);
@@ -929,13 +933,7 @@ fn emit_layer_norm(b: &mut FunctionBuilder, d: usize, eps: f32, p: &[Value]) {
         for_lanes(b, xrow, d, |b, at, full| {
             let v = load_lanes(b, at, full, 0.0);
             let c = b.ins().fsub(v, centre);
-            let c = if full {
-                c
-            } else {
-                let s = b.ins().extractlane(c, 0);
-                let z = splat(b, 0.0);
-                b.ins().insertlane(z, s, 0)
-            };
+            let c = real_lanes(b, c, full);
             let old = b.use_var(squares);
             let new = b.ins().fma(c, c, old);
             b.def_var(squares, new);

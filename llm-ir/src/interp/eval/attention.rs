@@ -183,6 +183,49 @@ pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     )?)
 }
 
+/// Walks the query rows of a paged batch: `b` sequences of `t` new tokens each, with block
+/// tables `tables` (`[b, M]`) and context lengths `lens` (`[b]`). For query row
+/// `s * t + i` (token `i` of sequence `s`, at position `lens[s] - t + i`), `visit` gets the
+/// row and the cache slots of the positions it sees, in order (the last `window` when
+/// given). Table entries are checked against the pool. Shared by every paged-attention
+/// implementation, so they agree on what each query sees.
+pub fn for_each_paged_row(
+    cache: &KvCache,
+    [b, t]: [usize; 2],
+    tables: &Tensor,
+    lens: &Tensor,
+    window: Option<usize>,
+    mut visit: impl FnMut(usize, &[usize]) -> Result<(), String>,
+) -> Result<(), String> {
+    let width = tables.shape.get(1).copied().unwrap_or(0);
+    if tables.shape != [b, width] || lens.shape != [b] {
+        return Err(format!(
+            "{b} sequences need block tables [{b}, M] and context lengths [{b}], found {:?} and {:?}",
+            tables.shape, lens.shape
+        ));
+    }
+    let (td, ld) = (tables.ints()?, lens.ints()?);
+    let mut slots = Vec::new();
+    for s in 0..b {
+        let len = ld[s];
+        if len < t as i64 {
+            return Err(format!(
+                "sequence {s} has context length {len}, fewer than its {t} new tokens"
+            ));
+        }
+        let table = &td[s * width..(s + 1) * width];
+        for i in 0..t {
+            let pos = len as usize - t + i;
+            slots.clear();
+            for j in window_range(pos, window) {
+                slots.push(slot_of(cache, table, j)?);
+            }
+            visit(s * t + i, &slots)?;
+        }
+    }
+    Ok(())
+}
+
 /// Paged attention of `q` over `cache` (the parameters come from `e`).
 pub fn paged_attend(
     e: &Eval,
@@ -194,54 +237,32 @@ pub fn paged_attend(
     let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let kvh = cache.params.kv_heads as usize;
     let layer = e.int("layer", 0) as usize;
-    let width = tables.shape[1];
-    if tables.shape[0] != b || lens.shape != [b] {
-        return Err(format!(
-            "{b} sequences need block tables [{b}, M] and context lengths [{b}], found {:?} and {:?}",
-            tables.shape, lens.shape
-        ));
-    }
     if d != cache.params.head_dim as usize || kvh == 0 || h % kvh != 0 {
         return Err(format!(
             "queries {:?} do not fit the cache's {kvh} heads of {}",
             q.shape, cache.params.head_dim
         ));
     }
-    let (qd, td, ld) = (q.floats()?, tables.ints()?, lens.ints()?);
-    let (win, scale, group) = (window(e), Scale::of(e, d), h / kvh);
+    let qd = q.floats()?;
+    let (scale, group) = (Scale::of(e, d), h / kvh);
     let mut out = Vec::with_capacity(q.len());
-    for s in 0..b {
-        let len = ld[s];
-        if len < t as i64 {
-            return Err(format!(
-                "sequence {s} has context length {len}, fewer than its {t} new tokens"
+    for_each_paged_row(cache, [b, t], tables, lens, window(e), |row, slots| {
+        for head in 0..h {
+            let kv = head / group;
+            let at = |j: usize| cache.slot_offset(layer, slots[j]) + kv * d;
+            let qrow = &qd[(row * h + head) * d..][..d];
+            out.extend(attend(
+                qrow,
+                0..slots.len(),
+                |j| &cache.k[at(j)..][..d],
+                |j| &cache.v[at(j)..][..d],
+                |_| 0.0,
+                scale,
+                d,
             ));
         }
-        let table = &td[s * width..(s + 1) * width];
-        for i in 0..t {
-            let pos = len as usize - t + i;
-            let visible = window_range(pos, win);
-            let slots: Vec<usize> = visible
-                .clone()
-                .map(|j| slot_of(cache, table, j))
-                .collect::<Result<_, _>>()?;
-            let start = visible.start;
-            for head in 0..h {
-                let kv = head / group;
-                let at = |j: usize| cache.slot_offset(layer, slots[j - start]) + kv * d;
-                let qrow = &qd[((s * t + i) * h + head) * d..][..d];
-                out.extend(attend(
-                    qrow,
-                    visible.clone(),
-                    |j| &cache.k[at(j)..][..d],
-                    |j| &cache.v[at(j)..][..d],
-                    |_| 0.0,
-                    scale,
-                    d,
-                ));
-            }
-        }
-    }
+        Ok(())
+    })?;
     Ok(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, out))
 }
 
