@@ -187,6 +187,30 @@ fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
             .all(|x| x.is_finite())
     );
 
+    // The same step on the CPU backend computes the same logits (to float rounding).
+    let cpu_dir = dir.join("cpu").display().to_string();
+    let mut cpu_args = args.clone();
+    let at = cpu_args
+        .iter()
+        .position(|a| *a == outdir_s)
+        .expect("output dir");
+    cpu_args[at] = &cpu_dir;
+    cpu_args.extend(["--backend", "cpu", "--threads", "2"]);
+    let out = llm_run(&cpu_args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cpu_logits = llm_runtime::npy::read(
+        &std::fs::read(dir.join("cpu").join("result0.npy")).expect("saved logits"),
+    )
+    .expect("npy");
+    let err = cpu_logits
+        .floats()
+        .expect("floats")
+        .iter()
+        .zip(logits.floats().expect("floats"))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-4, "cpu and interpreter logits differ by {err}");
+
     let bad = llm_run(&[
         "exec",
         &example,
