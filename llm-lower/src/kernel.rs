@@ -122,6 +122,9 @@ pub struct Contraction {
     pub weight: WeightFormat,
     /// RMS-norm prologue: `epsilon`'s bits, when present.
     pub norm_eps_bits: Option<u32>,
+    /// Elementwise epilogue: a tensor of the output's shape is added to the result (a
+    /// residual connection, fused by the backend when the sum is the product's only use).
+    pub residual: bool,
 }
 
 /// Where an attention kernel finds keys and values, and which positions a query sees.
@@ -237,7 +240,7 @@ impl Kernel {
     pub fn name(&self) -> String {
         match self {
             Kernel::Contraction(c) => format!(
-                "{}matvec_{}_{}x{}",
+                "{}matvec_{}_{}x{}{}",
                 if c.norm_eps_bits.is_some() {
                     "rms_norm_"
                 } else {
@@ -245,7 +248,8 @@ impl Kernel {
                 },
                 c.weight.name(),
                 c.n,
-                c.k
+                c.k,
+                if c.residual { "_residual" } else { "" }
             ),
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
@@ -346,6 +350,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     n,
                     weight: WeightFormat::F32,
                     norm_eps_bits: (name == "llm.rms_norm_matmul").then(eps_bits),
+                    residual: false,
                 })
             })
         }
@@ -364,6 +369,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 n,
                 weight,
                 norm_eps_bits: None,
+                residual: false,
             }))
         }
         "llm.rms_norm" => {

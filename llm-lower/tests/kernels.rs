@@ -62,6 +62,17 @@ fn agree(ir: &str, args: Vec<Value>, tol: f32) -> Result<(), TestCaseError> {
 
 /// [`agree`] with `llm.weight`s resolved in `weights` (hoisted, as a model runs them).
 fn agree_with(ir: &str, args: Vec<Value>, weights: &Store, tol: f32) -> Result<(), TestCaseError> {
+    agree_fused(ir, args, weights, tol, 0)
+}
+
+/// [`agree_with`], also checking that `fused` ops were fused into other kernels.
+fn agree_fused(
+    ir: &str,
+    args: Vec<Value>,
+    weights: &Store,
+    tol: f32,
+    fused: usize,
+) -> Result<(), TestCaseError> {
     let mut ctx = Context::new();
     let module =
         text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
@@ -82,6 +93,7 @@ fn agree_with(ir: &str, args: Vec<Value>, weights: &Store, tol: f32) -> Result<(
         let program = Program::build(&ctx, func, &hoisted, &options)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(program.stats().kernel_ops > 0, "nothing was lowered: {ir}");
+        prop_assert_eq!(program.stats().fused_ops, fused, "fused ops");
         let got = program
             .run(&ctx, weights, args.clone())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -149,6 +161,20 @@ proptest! {
             ("g".into(), Rc::new(tensor(&[k], seed + 2, 1.0))),
         ]);
         agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 1e-5)?;
+    }
+
+    /// `add(r, matmul(x, w))` becomes one contraction with a residual epilogue (both
+    /// operand orders; constant weights take the pair microkernel for m > 1).
+    #[test]
+    fn matmul_with_residual_epilogue(m in 1usize..5, n in 1usize..30, k in 1usize..40, swap in any::<bool>(), seed: u64) {
+        let sum = if swap { "llm.add p, r" } else { "llm.add r, p" };
+        let body = format!(
+            "w = llm.weight {{name = \"w\"}} : {};\n        p = llm.matmul x, w {{transpose_rhs = true}} : {};\n        y = {sum} : {};",
+            ty(&[n, k]), ty(&[m, n]), ty(&[m, n])
+        );
+        let ir = func(&[("x".into(), ty(&[m, k])), ("r".into(), ty(&[m, n]))], &ty(&[m, n]), &body);
+        let store = Store(vec![("w".into(), Rc::new(tensor(&[n, k], seed + 1, 1.0)))]);
+        agree_fused(&ir, vec![tensor(&[m, k], seed, 1.0), tensor(&[m, n], seed + 2, 1.0)], &store, 1e-5, 1)?;
     }
 
     #[test]

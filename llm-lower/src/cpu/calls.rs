@@ -194,17 +194,33 @@ fn contraction(
     if wbytes.len() != c.n * c.weight.row_bytes(c.k) {
         return Err(format!("the weight holds {} bytes", wbytes.len()));
     }
+    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
+    shape.push(c.n);
+    // The residual epilogue's operand comes last, shaped like the output.
+    let rp = if c.residual {
+        let r = inputs.last().ok_or("no residual operand")?.tensor()?;
+        if r.shape != shape {
+            return Err(format!(
+                "the residual {:?} does not match the product {shape:?}",
+                r.shape
+            ));
+        }
+        r.floats()?.as_ptr() as i64
+    } else {
+        0
+    };
     let mut out = k.pool.zeroed(m * c.n);
-    // SAFETY: a contraction's signature is six i64 params.
-    let f: extern "C" fn(i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // SAFETY: a contraction's signature is seven i64 params.
+    let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     let (xp, wp, yp) = (
         xs.as_ptr() as i64,
         wbytes.as_ptr() as i64,
         out.as_mut_ptr() as i64,
     );
-    // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp and writes
-    // y[i, j0..j1] for i < m at yp: all inside the buffers checked above.
-    let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64);
+    // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp (and the
+    // residual's y-shaped rows at rp) and writes y[i, j0..j1] for i < m at yp: all inside
+    // the buffers checked above.
+    let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64, rp);
     match k.workers {
         Some(workers) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {
             // Chunks of whole panels, one per thread.
@@ -215,8 +231,6 @@ fn contraction(
         }
         _ => run(0, c.n),
     }
-    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
-    shape.push(c.n);
     Ok(Tensor::from_f32(shape, DType::F32, out))
 }
 

@@ -21,8 +21,8 @@ use crate::kernel::{Contraction, Kernel, PANEL_COLS, PANEL_ROWS, WeightFormat};
 /// Number of `i64` parameters of `kernel`'s function.
 pub fn param_count(kernel: &Kernel) -> usize {
     match kernel {
-        // x, w, y, m, j0, j1
-        Kernel::Contraction(_) => 6,
+        // x, w, y, m, j0, j1, residual (0 without one)
+        Kernel::Contraction(_) => 7,
         // inputs (array of pointers), out, len
         Kernel::Elementwise(_) => 3,
         // x, g, y, rows
@@ -81,7 +81,25 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
 /// a pair tile, pairs of rows of x against a panel call the microkernel, and only an odd
 /// last row runs the generated dot product; with a quantized row tile, every row does.
 fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles: Tiles) {
-    let (x, w, y, m, j0, j1) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+    let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
+    // The epilogue: y[i, j..j + count] += residual[i, j..j + count], after the products.
+    let add_residual = |b: &mut FunctionBuilder, i: Value, j: Value, count: usize| {
+        if !c.residual {
+            return;
+        }
+        let offset = b.ins().imul_imm_s(i, 4 * c.n as i64);
+        let column = b.ins().imul_imm_s(j, 4);
+        let offset = b.ins().iadd(offset, column);
+        let yat = b.ins().iadd(y, offset);
+        let rat = b.ins().iadd(residual, offset);
+        for q in 0..count {
+            let at = 4 * q as i32;
+            let v = b.ins().load(types::F32, mem(), yat, at);
+            let r = b.ins().load(types::F32, mem(), rat, at);
+            let sum = b.ins().fadd(v, r);
+            b.ins().store(mem(), sum, yat, at);
+        }
+    };
     // Row-major weights are read one row at a time: a single sequential stream, which the
     // hardware prefetcher follows (4 interleaved short rows ran at less than half the
     // bandwidth). Panels give 4 rows in one stream, sharing the loads of x.
@@ -114,6 +132,8 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         let y0 = address(b, y0, j, 4);
                         let y1 = b.ins().iadd_imm_s(y0, 4 * c.n as i64);
                         b.ins().call(tile, &[k, x0, x1, wblock, y0, y1]);
+                        add_residual(b, i, j, PANEL_ROWS);
+                        add_residual(b, i1, j, PANEL_ROWS);
                     });
                     pairs_end
                 }
@@ -127,6 +147,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                     (WeightFormat::Q8_0 | WeightFormat::Q4_0, Some(tile)) => {
                         let k = b.ins().iconst(types::I64, c.k as i64);
                         b.ins().call(tile, &[k, xrow, wblock, yat]);
+                        add_residual(b, i, j, 1);
                         return;
                     }
                     (WeightFormat::F32Panels, _) if count == PANEL_ROWS => {
@@ -138,9 +159,11 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                     (WeightFormat::Q8_0, None) => vec![dot_q8_0(b, xrow, wblock, c.k)],
                     (WeightFormat::Q4_0, None) => vec![dot_q4_0(b, xrow, wblock, c.k)],
                 };
+                let count = sums.len();
                 for (r, s) in sums.into_iter().enumerate() {
                     b.ins().store(mem(), s, yat, 4 * r as i32);
                 }
+                add_residual(b, i, j, count);
             });
         });
     }

@@ -253,6 +253,7 @@ mod tests {
             n: 8,
             weight: WeightFormat::F32Panels,
             norm_eps_bits: None,
+            residual: false,
         });
         let mut listings = Vec::new();
         compile(&[kernel], Target::PinnedX86, true, Some(&mut listings)).expect("compiles");

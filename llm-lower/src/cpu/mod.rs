@@ -51,9 +51,9 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
             .collect();
         let selection = program::select_all(ctx, &ops, |v| constant.contains(&v));
         let mut reference: Vec<(String, usize)> = Vec::new();
-        for (&op, chosen) in ops.iter().zip(&selection.per_op) {
+        for ((&op, chosen), fused) in ops.iter().zip(&selection.per_op).zip(&selection.fused_into) {
             let name = Operation::get_opid(op, ctx).to_string();
-            if chosen.is_some() || name == "llm.return" {
+            if chosen.is_some() || fused.is_some() || name == "llm.return" {
                 continue;
             }
             match reference.iter_mut().find(|(n, _)| *n == name) {
@@ -66,7 +66,8 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
             "; @{}: {} kernel(s) for {} op(s); {} op(s) evaluated once at load; reference semantics: {}\n",
             func.get_symbol_name(ctx),
             selection.kernels.len(),
-            selection.per_op.iter().flatten().count(),
+            selection.per_op.iter().flatten().count()
+                + selection.fused_into.iter().flatten().count(),
             all.len() - ops.len(),
             if listed.is_empty() {
                 "none".to_string()

@@ -95,6 +95,9 @@ pub struct LoweringStats {
     pub reference_ops: Vec<(String, usize)>,
     /// Ops evaluated once at compile time (weight-derived).
     pub hoisted_ops: usize,
+    /// Ops fused into another op's kernel (adds that became contraction epilogues); they
+    /// count in `kernel_ops` too.
+    pub fused_ops: usize,
     /// Milliseconds spent generating and JIT-compiling the kernels.
     pub jit_ms: f64,
     /// Milliseconds spent repacking weights (zero for weights packed by an earlier
@@ -136,8 +139,14 @@ pub struct Chosen {
 pub struct Selection {
     /// Distinct kernel codes ([`Kernel::code`]), in first-use order.
     pub kernels: Vec<Kernel>,
-    /// Per op: its kernel, or `None` for reference semantics.
+    /// Per op: its kernel, or `None` for reference semantics (or a fused op).
     pub per_op: Vec<Option<Chosen>>,
+    /// Per op: for an `llm.add` fused into a contraction as its residual epilogue, the
+    /// contraction's op index.
+    pub fused_into: Vec<Option<usize>>,
+    /// Per op: for a contraction with a residual epilogue, the residual operand and the
+    /// sum (the fused add's result), which the contraction now produces.
+    pub epilogues: Vec<Option<(IrValue, IrValue)>>,
 }
 
 /// The operand of a contraction op that holds its weight matrix.
@@ -146,12 +155,27 @@ fn weight_operand(kernel: &Contraction) -> usize {
 }
 
 /// Selects kernels for every op of `ops`. Contractions whose weight `is_constant` read it
-/// in the CPU's panel layout (the weight is repacked once, at compile time).
+/// in the CPU's panel layout (the weight is repacked once, at compile time), and an add
+/// whose operand is a contraction's only use becomes that contraction's epilogue.
 pub fn select_all(
     ctx: &Context,
     ops: &[Ptr<Operation>],
     is_constant: impl Fn(IrValue) -> bool,
 ) -> Selection {
+    let mut chosen: Vec<Option<Kernel>> = ops
+        .iter()
+        .map(|&op| {
+            let mut k = kernel::select(ctx, op)?;
+            if let Kernel::Contraction(c) = &mut k
+                && c.weight == WeightFormat::F32
+                && is_constant(op.deref(ctx).get_operand(weight_operand(c)))
+            {
+                c.weight = WeightFormat::F32Panels;
+            }
+            Some(k)
+        })
+        .collect();
+    let (fused_into, epilogues) = fuse_residuals(ctx, ops, &mut chosen);
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut index_of = |k: &Kernel| {
         let code = k.code()?;
@@ -163,16 +187,11 @@ pub fn select_all(
             }
         })
     };
-    let per_op = ops
-        .iter()
-        .map(|&op| {
-            let mut k = kernel::select(ctx, op)?;
-            if let Kernel::Contraction(c) = &mut k
-                && c.weight == WeightFormat::F32
-                && is_constant(op.deref(ctx).get_operand(weight_operand(c)))
-            {
-                c.weight = WeightFormat::F32Panels;
-            }
+    let per_op = chosen
+        .into_iter()
+        .zip(&fused_into)
+        .map(|(k, fused)| {
+            let k = k.filter(|_| fused.is_none())?;
             let prologue = match &k {
                 Kernel::Contraction(Contraction {
                     k: d,
@@ -191,7 +210,59 @@ pub fn select_all(
             })
         })
         .collect();
-    Selection { kernels, per_op }
+    Selection {
+        kernels,
+        per_op,
+        fused_into,
+        epilogues,
+    }
+}
+
+/// Fuses `z = llm.add(a, b)` into the contraction that produces `a` (or `b`) when that
+/// product has no other use and the other operand exists before the contraction runs:
+/// the contraction adds it as an epilogue and produces `z`.
+fn fuse_residuals(
+    ctx: &Context,
+    ops: &[Ptr<Operation>],
+    chosen: &mut [Option<Kernel>],
+) -> (Vec<Option<usize>>, Vec<Option<(IrValue, IrValue)>>) {
+    let mut defined_by: HashMap<IrValue, usize> = HashMap::new();
+    let mut uses: HashMap<IrValue, usize> = HashMap::new();
+    for (i, &op) in ops.iter().enumerate() {
+        let o = op.deref(ctx);
+        defined_by.extend(o.results().map(|r| (r, i)));
+        for v in o.operands() {
+            *uses.entry(v).or_default() += 1;
+        }
+    }
+    let mut fused_into = vec![None; ops.len()];
+    let mut epilogues = vec![None; ops.len()];
+    for (i, &op) in ops.iter().enumerate() {
+        let is_add = Operation::get_opid(op, ctx).to_string() == "llm.add"
+            && matches!(chosen[i], Some(Kernel::Elementwise(_)));
+        if !is_add {
+            continue;
+        }
+        let o = op.deref(ctx);
+        let (a, b) = (o.get_operand(0), o.get_operand(1));
+        for (product, other) in [(a, b), (b, a)] {
+            let Some(&j) = defined_by.get(&product) else {
+                continue;
+            };
+            let fusable = matches!(&chosen[j], Some(Kernel::Contraction(c)) if !c.residual)
+                && uses.get(&product) == Some(&1)
+                && defined_by.get(&other).is_none_or(|&d| d < j);
+            if fusable {
+                if let Some(Kernel::Contraction(c)) = &mut chosen[j] {
+                    c.residual = true;
+                }
+                fused_into[i] = Some(j);
+                epilogues[j] = Some((other, o.get_result(0)));
+                break;
+            }
+        }
+    }
+    (fused_into, epilogues)
 }
 
 /// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
@@ -395,11 +466,20 @@ impl Program {
             }
         }
         let mut steps = Vec::with_capacity(live_ops.len());
-        for (&op, chosen) in live_ops.iter().zip(&selection.per_op) {
+        for (i, (&op, chosen)) in live_ops.iter().zip(&selection.per_op).enumerate() {
+            if selection.fused_into[i].is_some() {
+                stats.kernel_ops += 1;
+                stats.fused_ops += 1;
+                continue;
+            }
             let o = op.deref(ctx);
             let op_name = Operation::get_opid(op, ctx).to_string();
-            let inputs: Vec<usize> = o.operands().map(&mut slot).collect();
-            let outputs: Vec<usize> = o.results().map(&mut slot).collect();
+            let mut inputs: Vec<usize> = o.operands().map(&mut slot).collect();
+            let mut outputs: Vec<usize> = o.results().map(&mut slot).collect();
+            if let Some((residual, sum)) = selection.epilogues[i] {
+                inputs.push(slot(residual));
+                outputs = vec![slot(sum)];
+            }
             let action = match chosen {
                 _ if op_name == "llm.return" => Action::Return,
                 Some(chosen) => {
