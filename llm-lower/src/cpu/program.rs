@@ -144,10 +144,13 @@ pub struct Selection {
     /// Per op: for an `llm.add` fused into a contraction as its residual epilogue, the
     /// contraction's op index.
     pub fused_into: Vec<Option<usize>>,
-    /// Per op: for a contraction with a residual epilogue, the residual operand and the
-    /// sum (the fused add's result), which the contraction now produces.
-    pub epilogues: Vec<Option<(IrValue, IrValue)>>,
+    /// Per op: for a contraction with a residual epilogue, what it adds and produces.
+    pub epilogues: Vec<Option<Epilogue>>,
 }
+
+/// A contraction's residual epilogue: the residual operand, and the sum (the fused add's
+/// result), which the contraction produces instead of its own result.
+pub type Epilogue = (IrValue, IrValue);
 
 /// The operand of a contraction op that holds its weight matrix.
 fn weight_operand(kernel: &Contraction) -> usize {
@@ -225,7 +228,7 @@ fn fuse_residuals(
     ctx: &Context,
     ops: &[Ptr<Operation>],
     chosen: &mut [Option<Kernel>],
-) -> (Vec<Option<usize>>, Vec<Option<(IrValue, IrValue)>>) {
+) -> (Vec<Option<usize>>, Vec<Option<Epilogue>>) {
     let mut defined_by: HashMap<IrValue, usize> = HashMap::new();
     let mut uses: HashMap<IrValue, usize> = HashMap::new();
     for (i, &op) in ops.iter().enumerate() {
