@@ -577,13 +577,18 @@ fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Resu
 fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
     match m {
         Movement::Reshape => {
-            let value = inputs.into_iter().next().ok_or("no operand")?;
-            let mut t = match Rc::unwrap_or_clone(value) {
-                Value::Tensor(t) => t,
-                other => return Err(format!("expected a tensor, found {}", other.kind())),
-            };
-            t.shape = resolve_shape(dims, t.len())?;
-            tensor(t)
+            let mut value = inputs.into_iter().next().ok_or("no operand")?;
+            let shape = resolve_shape(dims, value.tensor()?.len())?;
+            // Relabelled in place when nothing else holds the value, else copied.
+            match Rc::get_mut(&mut value) {
+                Some(Value::Tensor(t)) => t.shape = shape,
+                _ => {
+                    let mut t = value.tensor()?.clone();
+                    t.shape = shape;
+                    value = Rc::new(Value::Tensor(t));
+                }
+            }
+            Ok(vec![value])
         }
         Movement::Columns { width, offset, len } => {
             let x = inputs[0].tensor()?;

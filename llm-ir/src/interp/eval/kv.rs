@@ -4,6 +4,7 @@ use std::rc::Rc;
 
 use super::{Eval, Outputs, attention::slot_of};
 use crate::{
+    dtype::DType,
     interp::{
         quant,
         value::{KvCache, Tensor, Value, round_float},
@@ -12,15 +13,22 @@ use crate::{
 };
 
 /// Rounds one head row to what the cache stores.
-fn store(storage: &KvStorage, row: &[f32]) -> Vec<f32> {
+/// Writes `row` into `dest` as the cache's storage holds it: rounded to its float type, or
+/// quantized and dequantized.
+fn store(storage: &KvStorage, row: &[f32], dest: &mut [f32]) {
     match storage {
-        KvStorage::Float(d) => row.iter().map(|&x| round_float(*d, x)).collect(),
+        KvStorage::Float(DType::F32) => dest.copy_from_slice(row),
+        KvStorage::Float(d) => {
+            for (o, &x) in dest.iter_mut().zip(row) {
+                *o = round_float(*d, x);
+            }
+        }
         KvStorage::Quantized(format) => {
             // One head row in the pool layout [blocks, block_size, kv_heads, head_dim]: groups
             // run along head_dim (axis 3, the last).
             let shape = [1, 1, 1, row.len()];
             let bytes = quant::quantize(format, &shape, row);
-            quant::dequantize(format, &shape, &bytes)
+            dest.copy_from_slice(&quant::dequantize(format, &shape, &bytes));
         }
     }
 }
@@ -82,10 +90,13 @@ pub fn append_rows(
         let at = cache.slot_offset(layer, slot as usize);
         for head in 0..cache.params.kv_heads as usize {
             let src = n * row_len + head * d;
-            let krow = store(&cache.params.storage, &kd[src..src + d]);
-            let vrow = store(&cache.params.storage, &vd[src..src + d]);
-            cache.k[at + head * d..at + (head + 1) * d].copy_from_slice(&krow);
-            cache.v[at + head * d..at + (head + 1) * d].copy_from_slice(&vrow);
+            let dest = at + head * d..at + (head + 1) * d;
+            store(
+                &cache.params.storage,
+                &kd[src..src + d],
+                &mut cache.k[dest.clone()],
+            );
+            store(&cache.params.storage, &vd[src..src + d], &mut cache.v[dest]);
         }
     }
     Ok(())
