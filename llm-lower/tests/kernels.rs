@@ -495,9 +495,10 @@ fn bad_indices_are_rejected() {
     assert!(err.to_string().contains("block 7 is out of range"), "{err}");
 }
 
-/// A row's result does not depend on the rows computed with it: pairs of rows take the
-/// microkernel, a row alone the generated dot product, with the same additions in the same
-/// order (batching must not change a sequence's tokens).
+/// A row's result does not depend on the rows computed with it, nor on whether the
+/// microkernels run: pairs of rows take `panel_2x4`, a row alone `panel_1x4`, and without
+/// microkernels every row the generated dot product, all with the same additions in the
+/// same order (batching must not change a sequence's tokens).
 #[test]
 fn rows_are_bit_identical_alone_and_in_pairs() {
     for (n, k) in [(8, 64), (6, 20), (9, 13), (4, 5)] {
@@ -511,7 +512,7 @@ fn rows_are_bit_identical_alone_and_in_pairs() {
         };
         let store = Store(vec![("w".into(), Rc::new(tensor(&[n, k], 7, 1.0)))]);
         let x = values(3, m * k, 1.0);
-        let run = |rows: usize, data: &[f32]| -> Vec<f32> {
+        let run = |rows: usize, data: &[f32], microkernels: bool| -> Vec<u32> {
             let ir = func(
                 &[("x".into(), ty(&[rows, k]))],
                 &ty(&[rows, n]),
@@ -521,20 +522,25 @@ fn rows_are_bit_identical_alone_and_in_pairs() {
             let module = text::parse_module(&mut ctx, &ir).unwrap();
             let f = interp::find_func(&ctx, module, "f").unwrap();
             let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
-            let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+            let options = Options {
+                microkernels,
+                ..Options::default()
+            };
+            let program = Program::build(&ctx, f, &hoisted, &options).unwrap();
             let arg = Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, data.to_vec()));
             let out = program.run(&ctx, &store, vec![arg]).unwrap();
-            out[0].tensor().unwrap().floats().unwrap().to_vec()
+            let floats = out[0].tensor().unwrap().floats().unwrap().to_vec();
+            floats.iter().map(|f| f.to_bits()).collect()
         };
-        let together = run(m, &x);
+        let together = run(m, &x, true);
+        assert_eq!(
+            together,
+            run(m, &x, false),
+            "{n}x{k}: microkernels changed bits"
+        );
         for r in 0..m {
-            let alone = run(1, &x[r * k..(r + 1) * k]);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&alone),
-                bits(&together[r * n..(r + 1) * n]),
-                "{n}x{k} row {r}"
-            );
+            let alone = run(1, &x[r * k..(r + 1) * k], true);
+            assert_eq!(alone, together[r * n..(r + 1) * n], "{n}x{k} row {r}");
         }
     }
 }

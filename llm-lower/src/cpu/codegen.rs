@@ -44,6 +44,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
 pub struct Tiles {
     /// `panel_2x4`, for pairs of rows against an f32 panel.
     pub pair: Option<FuncRef>,
+    /// `panel_1x4`, for a single row against an f32 panel.
+    pub single: Option<FuncRef>,
     /// `q8_0_row` or `q4_0_row`, for one row against a quantized weight row.
     pub quant_row: Option<FuncRef>,
 }
@@ -151,6 +153,12 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         return;
                     }
                     (WeightFormat::F32Panels, _) if count == PANEL_ROWS => {
+                        if let Some(tile) = tiles.single {
+                            let k = b.ins().iconst(types::I64, c.k as i64);
+                            b.ins().call(tile, &[k, xrow, wblock, yat]);
+                            add_residual(b, i, j, PANEL_ROWS);
+                            return;
+                        }
                         dot_panel(b, xrow, wblock, c.k)
                     }
                     (WeightFormat::F32 | WeightFormat::F32Panels, _) => {

@@ -155,6 +155,7 @@ pub fn compile(
     #[cfg(target_arch = "x86_64")]
     builder.symbols([
         (ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8),
+        (ukernel::PANEL_1X4, ukernel::panel_1x4 as *const u8),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
     ]);
@@ -177,6 +178,7 @@ pub fn compile(
             .map_err(|e| fail(name, e))
     };
     let pair = import(ukernel::PANEL_2X4, 6)?;
+    let single = import(ukernel::PANEL_1X4, 4)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let mut ctx = module.make_context();
@@ -197,7 +199,10 @@ pub fn compile(
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
             match c.weight {
-                WeightFormat::F32Panels => tiles.pair = bring(pair),
+                WeightFormat::F32Panels => {
+                    tiles.pair = bring(pair);
+                    tiles.single = bring(single);
+                }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
                 WeightFormat::F32 => {}

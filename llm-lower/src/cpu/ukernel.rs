@@ -51,40 +51,56 @@ pub unsafe extern "C" fn panel_2x4(
     y1: *mut f32,
 ) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { panel_2x4_avx2(k as usize, x0, x1, w, y0, y1) }
+    unsafe { panel_avx2::<2>(k as usize, [x0, x1], w, [y0, y1]) }
 }
 
+/// `y[r] = dot(x, w_r)` for the [`PANEL_ROWS`] rows of the panel at `w`: [`panel_2x4`]
+/// for one row of x (decode), with the same additions in the same order.
+///
+/// # Safety
+///
+/// As [`panel_2x4`], for one row: `x` points to `k` floats, `y` to 4 writable floats.
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn panel_1x4(k: i64, x: *const f32, w: *const f32, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { panel_avx2::<1>(k as usize, [x], w, [y]) }
+}
+
+/// The symbol generated code imports [`panel_1x4`] under.
+pub const PANEL_1X4: &str = "llmc_panel_1x4";
+
+/// `ROWS` rows of x against a panel: `acc[r][i]` collects weight row `r` against x row `i`
+/// over the 8-column chunks, then the tail and the reduction follow the generated code's
+/// order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn panel_2x4_avx2(
+unsafe fn panel_avx2<const ROWS: usize>(
     k: usize,
-    x0: *const f32,
-    x1: *const f32,
+    xs: [*const f32; ROWS],
     w: *const f32,
-    y0: *mut f32,
-    y1: *mut f32,
+    ys: [*mut f32; ROWS],
 ) {
     use std::arch::x86_64::*;
     let k8 = k - k % PANEL_COLS;
-    // acc[r][i]: weight row r against x row i.
-    let mut acc = [[_mm256_setzero_ps(); 2]; PANEL_ROWS];
+    let mut acc = [[_mm256_setzero_ps(); ROWS]; PANEL_ROWS];
     // SAFETY: every offset below is inside the buffers the contract describes.
     unsafe {
         for c in (0..k8).step_by(PANEL_COLS) {
-            let a = [_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x1.add(c))];
+            let a: [__m256; ROWS] = std::array::from_fn(|i| _mm256_loadu_ps(xs[i].add(c)));
             let chunk = w.add(c * PANEL_ROWS);
-            for (r, pair) in acc.iter_mut().enumerate() {
+            for (r, row) in acc.iter_mut().enumerate() {
                 let wr = _mm256_loadu_ps(chunk.add(PANEL_COLS * r));
-                pair[0] = _mm256_fmadd_ps(wr, a[0], pair[0]);
-                pair[1] = _mm256_fmadd_ps(wr, a[1], pair[1]);
+                for (sum, &xa) in row.iter_mut().zip(&a) {
+                    *sum = _mm256_fmadd_ps(wr, xa, *sum);
+                }
             }
         }
         let tail = k - k8;
         let tail_at = |r: usize| w.add(PANEL_ROWS * k8 + r * tail);
-        for (row, (x, y)) in [(x0, y0), (x1, y1)].into_iter().enumerate() {
-            for (r, pair) in acc.iter().enumerate() {
-                let mut lo = _mm256_castps256_ps128(pair[row]);
-                let hi = _mm256_extractf128_ps(pair[row], 1);
+        for (i, (x, y)) in xs.into_iter().zip(ys).enumerate() {
+            for (r, row) in acc.iter().enumerate() {
+                let mut lo = _mm256_castps256_ps128(row[i]);
+                let hi = _mm256_extractf128_ps(row[i], 1);
                 if tail >= 4 {
                     lo = _mm_fmadd_ps(_mm_loadu_ps(tail_at(r)), _mm_loadu_ps(x.add(k8)), lo);
                 }
