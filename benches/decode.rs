@@ -4,9 +4,10 @@
 //! weights read per token).
 //!
 //! Models: the real stories260K and synthetic 15M- and 110M-shaped llama2.c models written
-//! by `llm_runtime::synth` (seeded). Each decode iteration runs 32 positions greedily; the
-//! prefill iteration runs one 128-token prompt through `@prefill` and is reported in
-//! multiply-adds x 2 per second (criterion's "elements" are FLOPs there).
+//! by `llm_runtime::synth` (seeded). Each decode iteration runs 32 positions greedily
+//! (`decode-256` runs whole 256-position stories260K sequences, where attention over long
+//! contexts counts); the prefill iteration runs one 128-token prompt through `@prefill` and
+//! is reported in multiply-adds x 2 per second (criterion's "elements" are FLOPs there).
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer.
 
@@ -137,6 +138,46 @@ fn bench_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Decode of a whole 256-position stories260K sequence (run.c's default length, at which
+/// llama2.c's reference numbers are taken): attention over long contexts counts here.
+fn bench_decode_long(c: &mut Criterion) {
+    let Some((_, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories260K") else {
+        return;
+    };
+    const LONG: usize = 256;
+    let (config, weights) = llama2c::load(&path).expect("model");
+    let mut group = c.benchmark_group("decode-256");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(LONG as u64));
+    let mut baseline = Baseline::new(&config, &weights).expect("baseline");
+    group.bench_function(BenchmarkId::new("baseline", "stories260K"), |b| {
+        b.iter(|| {
+            let mut token = 1;
+            for pos in 0..LONG {
+                token = argmax(&baseline.forward(token, pos)) as u32;
+            }
+            token
+        })
+    });
+    let tokenizer = tokenizer(config.vocab);
+    for threads in [1, 2] {
+        let model = compile(&config, &weights, &Backend::Cpu { threads }, None);
+        group.bench_function(
+            BenchmarkId::new(format!("cpu-{threads}t"), "stories260K"),
+            |b| {
+                b.iter(|| {
+                    let g = model
+                        .generate(&tokenizer, "", LONG, greedy())
+                        .expect("runs");
+                    assert_eq!(g.logits.len(), LONG, "ran every position");
+                    g
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// Prefill of one 128-token prompt on the 110M shape, in FLOP/s (2 per multiply-add of the
 /// matrices; attention not counted).
 fn bench_prefill(c: &mut Criterion) {
@@ -195,5 +236,11 @@ fn bench_bandwidth(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_bandwidth, bench_decode, bench_prefill);
+criterion_group!(
+    benches,
+    bench_bandwidth,
+    bench_decode,
+    bench_decode_long,
+    bench_prefill
+);
 criterion_main!(benches);
