@@ -619,6 +619,21 @@ impl RowChunks {
         }
     }
 
+    /// The dot product with another row of the same length, already loaded: the same
+    /// additions in the same order as [`RowChunks::dot`].
+    fn dot_with(&self, b: &mut FunctionBuilder, y: &RowChunks) -> Value {
+        let mut acc = [splat(b, 0.0), splat(b, 0.0)];
+        for (c, (&xv, &yv)) in self.vectors.iter().zip(&y.vectors).enumerate() {
+            acc[c % 2] = b.ins().fma(xv, yv, acc[c % 2]);
+        }
+        let both = b.ins().fadd(acc[0], acc[1]);
+        let mut s = horizontal_sum(b, both);
+        for (&xs, &ys) in self.tail.iter().zip(&y.tail) {
+            s = b.ins().fma(xs, ys, s);
+        }
+        s
+    }
+
     /// The dot product with the row of the same length at `y`: two accumulators over the
     /// chunks, then the tail.
     fn dot(&self, b: &mut FunctionBuilder, y: Value) -> Value {
@@ -669,6 +684,113 @@ fn scale_row(b: &mut FunctionBuilder, row: Value, c: Value, d: usize) {
         let o = b.ins().load(types::F32, mem(), row, 4 * q as i32);
         let n = b.ins().fmul(o, c);
         b.ins().store(mem(), n, row, 4 * q as i32);
+    }
+}
+
+/// The output rows of the query heads of one GQA group while attention runs over the
+/// positions: in variables (small heads: no loads or stores per position), or in the output
+/// buffer. Both do the same arithmetic.
+enum OutputRows {
+    /// Per head: its `f32x4` chunks and scalar tail.
+    Registers(Vec<(Vec<Variable>, Vec<Variable>)>),
+    /// Per head: the row's address in the output (which starts at zero).
+    Memory(Vec<Value>),
+}
+
+impl OutputRows {
+    /// Zeroed rows of `d` for each of `rows` (output addresses).
+    fn new(b: &mut FunctionBuilder, rows: &[Value], d: usize, in_registers: bool) -> Self {
+        if !in_registers {
+            return OutputRows::Memory(rows.to_vec());
+        }
+        let zv = splat(b, 0.0);
+        let zs = b.ins().f32const(0.0);
+        let mut var = |ty, init| {
+            let v = b.declare_var(ty);
+            b.def_var(v, init);
+            v
+        };
+        OutputRows::Registers(
+            rows.iter()
+                .map(|_| {
+                    (
+                        (0..d / 4).map(|_| var(types::F32X4, zv)).collect(),
+                        (0..d % 4).map(|_| var(types::F32, zs)).collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Row `g` times `c`.
+    fn scale(&self, b: &mut FunctionBuilder, g: usize, c: Value, d: usize) {
+        match self {
+            OutputRows::Memory(rows) => scale_row(b, rows[g], c, d),
+            OutputRows::Registers(rows) => {
+                let cv = b.ins().splat(types::F32X4, c);
+                for &v in &rows[g].0 {
+                    let o = b.use_var(v);
+                    let n = b.ins().fmul(o, cv);
+                    b.def_var(v, n);
+                }
+                for &v in &rows[g].1 {
+                    let o = b.use_var(v);
+                    let n = b.ins().fmul(o, c);
+                    b.def_var(v, n);
+                }
+            }
+        }
+    }
+
+    /// Row `g` plus `p` times the value row at `vrow` (`values`, when already loaded).
+    fn add_scaled(
+        &self,
+        b: &mut FunctionBuilder,
+        g: usize,
+        vrow: Value,
+        values: Option<&RowChunks>,
+        p: Value,
+        d: usize,
+    ) {
+        match self {
+            OutputRows::Registers(rows) => {
+                let loaded;
+                let values = match values {
+                    Some(values) => values,
+                    None => {
+                        loaded = RowChunks::load(b, vrow, d);
+                        &loaded
+                    }
+                };
+                let pv = b.ins().splat(types::F32X4, p);
+                for (&v, &x) in rows[g].0.iter().zip(&values.vectors) {
+                    let o = b.use_var(v);
+                    let n = b.ins().fma(pv, x, o);
+                    b.def_var(v, n);
+                }
+                for (&v, &x) in rows[g].1.iter().zip(&values.tail) {
+                    let o = b.use_var(v);
+                    let n = b.ins().fma(p, x, o);
+                    b.def_var(v, n);
+                }
+            }
+            OutputRows::Memory(rows) => axpy_row(b, rows[g], vrow, p, d),
+        }
+    }
+
+    /// Row `g` times `inv`, written to its output address `row`.
+    fn finish(&self, b: &mut FunctionBuilder, g: usize, row: Value, inv: Value, d: usize) {
+        self.scale(b, g, inv, d);
+        if let OutputRows::Registers(rows) = self {
+            for (c, &v) in rows[g].0.iter().enumerate() {
+                let o = b.use_var(v);
+                b.ins().store(mem(), o, row, 16 * c as i32);
+            }
+            for (q, &v) in rows[g].1.iter().enumerate() {
+                let o = b.use_var(v);
+                b.ins().store(mem(), o, row, 4 * (4 * (d / 4) + q) as i32);
+            }
+        }
     }
 }
 
@@ -738,7 +860,8 @@ fn emit_attention(
             .collect();
         let buf = b.ins().stack_addr(types::I64, scores, 0);
         let row_bytes = (4 * ATTENTION_BLOCK) as i32;
-        // The output rows start at zero (the caller zeroes `out`).
+        let out_rows: Vec<Value> = rows.iter().map(|&(_, o)| o).collect();
+        let outputs = OutputRows::new(b, &out_rows, d, preload);
         for_range(b, zero, count, ATTENTION_BLOCK as i64, |b, base| {
             let left = b.ins().isub(count, base);
             let full = b.ins().iconst(types::I64, ATTENTION_BLOCK as i64);
@@ -754,10 +877,13 @@ fn emit_attention(
                 let j = b.ins().iadd(base, jj);
                 let krow = kv_row(b, k, offsets, j, kv_bytes);
                 let at = address(b, buf, jj, 4);
+                // Small heads load the key once for the whole group.
+                let keys = preload.then(|| RowChunks::load(b, krow, d));
                 for (g, query) in queries.iter().enumerate() {
-                    let dot = match query {
-                        Some(chunks) => chunks.dot(b, krow),
-                        None => RowChunks::load(b, rows[g].0, d).dot(b, krow),
+                    let dot = match (query, &keys) {
+                        (Some(chunks), Some(keys)) => chunks.dot_with(b, keys),
+                        (Some(chunks), None) => chunks.dot(b, krow),
+                        (None, _) => RowChunks::load(b, rows[g].0, d).dot(b, krow),
                     };
                     let s = b.ins().fmul(dot, factor);
                     b.ins().store(mem(), s, at, row_bytes * g as i32);
@@ -798,23 +924,24 @@ fn emit_attention(
                 let l_new = b.ins().fma(l_old, c, block_sum);
                 b.def_var(l, l_new);
                 b.def_var(m, m_new);
-                scale_row(b, rows[g].1, c, d);
+                outputs.scale(b, g, c, d);
             }
             for_range(b, zero, n, 1, |b, jj| {
                 let j = b.ins().iadd(base, jj);
                 let vrow = kv_row(b, v, offsets, j, kv_bytes);
                 let at = address(b, buf, jj, 4);
-                for (g, &(_, orow)) in rows.iter().enumerate() {
+                let values = preload.then(|| RowChunks::load(b, vrow, d));
+                for g in 0..group {
                     let pj = b.ins().load(types::F32, mem(), at, row_bytes * g as i32);
-                    axpy_row(b, orow, vrow, pj, d);
+                    outputs.add_scaled(b, g, vrow, values.as_ref(), pj, d);
                 }
             });
         });
-        for (&(_, l), &(_, orow)) in state.iter().zip(&rows) {
+        for (g, (&(_, l), &(_, orow))) in state.iter().zip(&rows).enumerate() {
             let total = b.use_var(l);
             let one = b.ins().f32const(1.0);
             let inv = b.ins().fdiv(one, total);
-            scale_row(b, orow, inv, d);
+            outputs.finish(b, g, orow, inv, d);
         }
     });
 }
