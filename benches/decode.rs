@@ -100,6 +100,40 @@ fn compile(
     Model::compile_on(backend, config.clone(), weights, "default").expect("compiles")
 }
 
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// Benchmarks the baseline decoding `positions` greedy positions from BOS.
+fn bench_baseline(group: &mut Group, name: &str, baseline: &mut Baseline, positions: usize) {
+    group.bench_function(BenchmarkId::new("baseline", name), |b| {
+        b.iter(|| {
+            let mut token = 1;
+            for pos in 0..positions {
+                token = argmax(&baseline.forward(token, pos)) as u32;
+            }
+            token
+        })
+    });
+}
+
+/// Benchmarks `model` generating `positions` greedy positions from the empty prompt.
+fn bench_generate(
+    group: &mut Group,
+    id: BenchmarkId,
+    model: &Model,
+    tokenizer: &Tokenizer,
+    positions: usize,
+) {
+    group.bench_function(id, |b| {
+        b.iter(|| {
+            let g = model
+                .generate(tokenizer, "", positions, greedy())
+                .expect("runs");
+            assert_eq!(g.logits.len(), positions, "ran every position");
+            g
+        })
+    });
+}
+
 fn bench_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     group.sample_size(10);
@@ -107,15 +141,7 @@ fn bench_decode(c: &mut Criterion) {
     for (name, path, interpreted) in models() {
         let (config, weights) = llama2c::load(&path).expect("model");
         let mut baseline = Baseline::new(&config, &weights).expect("baseline");
-        group.bench_function(BenchmarkId::new("baseline", &name), |b| {
-            b.iter(|| {
-                let mut token = 1;
-                for pos in 0..POSITIONS {
-                    token = argmax(&baseline.forward(token, pos)) as u32;
-                }
-                token
-            })
-        });
+        bench_baseline(&mut group, &name, &mut baseline, POSITIONS);
         drop(baseline);
         let tokenizer = tokenizer(config.vocab);
         let mut runs = backends();
@@ -124,15 +150,8 @@ fn bench_decode(c: &mut Criterion) {
         }
         for (label, backend, q) in runs {
             let model = compile(&config, &weights, &backend, q.as_ref());
-            group.bench_function(BenchmarkId::new(label, &name), |b| {
-                b.iter(|| {
-                    let g = model
-                        .generate(&tokenizer, "", POSITIONS, greedy())
-                        .expect("runs");
-                    assert_eq!(g.logits.len(), POSITIONS, "ran every position");
-                    g
-                })
-            });
+            let id = BenchmarkId::new(label, &name);
+            bench_generate(&mut group, id, &model, &tokenizer, POSITIONS);
         }
     }
     group.finish();
@@ -141,7 +160,7 @@ fn bench_decode(c: &mut Criterion) {
 /// Decode of a whole 256-position stories260K sequence (run.c's default length, at which
 /// llama2.c's reference numbers are taken): attention over long contexts counts here.
 fn bench_decode_long(c: &mut Criterion) {
-    let Some((_, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories260K") else {
+    let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories260K") else {
         return;
     };
     const LONG: usize = 256;
@@ -150,30 +169,12 @@ fn bench_decode_long(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(LONG as u64));
     let mut baseline = Baseline::new(&config, &weights).expect("baseline");
-    group.bench_function(BenchmarkId::new("baseline", "stories260K"), |b| {
-        b.iter(|| {
-            let mut token = 1;
-            for pos in 0..LONG {
-                token = argmax(&baseline.forward(token, pos)) as u32;
-            }
-            token
-        })
-    });
+    bench_baseline(&mut group, &name, &mut baseline, LONG);
     let tokenizer = tokenizer(config.vocab);
     for threads in [1, 2] {
         let model = compile(&config, &weights, &Backend::Cpu { threads }, None);
-        group.bench_function(
-            BenchmarkId::new(format!("cpu-{threads}t"), "stories260K"),
-            |b| {
-                b.iter(|| {
-                    let g = model
-                        .generate(&tokenizer, "", LONG, greedy())
-                        .expect("runs");
-                    assert_eq!(g.logits.len(), LONG, "ran every position");
-                    g
-                })
-            },
-        );
+        let id = BenchmarkId::new(format!("cpu-{threads}t"), &name);
+        bench_generate(&mut group, id, &model, &tokenizer, LONG);
     }
     group.finish();
 }
