@@ -29,10 +29,13 @@ use pliron::{
 pub enum WeightFormat {
     /// `f32`, row major.
     F32,
-    /// `f32` in panels of [`PANEL_ROWS`] rows: a backend repacks a constant `F32` weight
-    /// into this layout when it compiles ([`pack_panels`]), so that a kernel computing
-    /// [`PANEL_ROWS`] outputs at once reads one sequential stream.
+    /// `f32` in panels of [`PANEL_ROWS`] rows: a backend repacks a constant `F32` (or
+    /// `F32KN`) weight into this layout when it compiles ([`pack_panels`]), so that a
+    /// kernel computing [`PANEL_ROWS`] outputs at once reads one sequential stream.
     F32Panels,
+    /// `f32` stored `[k, n]` (a matmul without `transpose_rhs`): no kernel reads it as is;
+    /// a constant one is transposed into panels at compile time.
+    F32KN,
     /// GGUF q8_0: blocks of 32 weights, an f16 scale and 32 signed bytes (34 bytes).
     Q8_0,
     /// GGUF q4_0: blocks of 32 weights, an f16 scale and 16 bytes of nibbles (18 bytes);
@@ -44,7 +47,7 @@ impl WeightFormat {
     /// Bytes of one weight row of `k` values.
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
-            WeightFormat::F32 | WeightFormat::F32Panels => 4 * k,
+            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => 4 * k,
             WeightFormat::Q8_0 => k / 32 * 34,
             WeightFormat::Q4_0 => k / 32 * 18,
         }
@@ -55,6 +58,7 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 => "f32",
             WeightFormat::F32Panels => "f32panels",
+            WeightFormat::F32KN => "f32kn",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
         }
@@ -125,6 +129,9 @@ pub struct Contraction {
     /// Elementwise epilogue: a tensor of the output's shape is added to the result (a
     /// residual connection, fused by the backend when the sum is the product's only use).
     pub residual: bool,
+    /// The constant weight is stored `[k, n]` and transposed when it is repacked into
+    /// panels (it changes the packing, not the generated code).
+    pub transpose_at_pack: bool,
 }
 
 /// Where an attention kernel finds keys and values, and which positions a query sees.
@@ -267,10 +274,17 @@ impl Kernel {
 
     /// The kernel with what does not change its generated code cleared (the attention's
     /// source), so that ops sharing code share one compiled function; `None` for data
-    /// movement, which has no generated code.
+    /// movement, which has no generated code, and for a contraction over a `[k, n]`
+    /// weight, which has none until the weight is repacked.
     pub fn code(&self) -> Option<Kernel> {
         match self {
+            // A [k, n] weight must be repacked first (it becomes `F32Panels`).
             Kernel::Move(_) => None,
+            Kernel::Contraction(c) if c.weight == WeightFormat::F32KN => None,
+            Kernel::Contraction(c) => Some(Kernel::Contraction(Contraction {
+                transpose_at_pack: false,
+                ..*c
+            })),
             Kernel::Attention {
                 heads,
                 kv_heads,
@@ -339,18 +353,25 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let rhs = if name == "llm.matmul" { 1 } else { 2 };
             let x = f32_operand(&check, 0)?;
             let w = f32_operand(&check, rhs)?;
-            let (n, k) = static_matrix(w.shape())?;
+            let (rows, cols) = static_matrix(w.shape())?;
             let transposed = check.flag("transpose_rhs", false);
+            // A [k, n] rhs is read through a transposed copy, so only a constant one lowers.
+            let (n, k, weight) = if transposed {
+                (rows, cols, WeightFormat::F32)
+            } else {
+                (cols, rows, WeightFormat::F32KN)
+            };
             let k_ok = x.shape().last() == Some(&Some(k as u64));
             let norm_ok = name == "llm.matmul"
                 || f32_operand(&check, 1).is_some_and(|g| g.shape() == [Some(k as u64)]);
-            (transposed && k_ok && norm_ok && x.rank() >= 2 && f32_result(&check)).then(|| {
+            (k_ok && norm_ok && x.rank() >= 2 && f32_result(&check)).then(|| {
                 Kernel::Contraction(Contraction {
                     k,
                     n,
-                    weight: WeightFormat::F32,
+                    weight,
                     norm_eps_bits: (name == "llm.rms_norm_matmul").then(eps_bits),
                     residual: false,
+                    transpose_at_pack: false,
                 })
             })
         }
@@ -370,6 +391,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 weight,
                 norm_eps_bits: None,
                 residual: false,
+                transpose_at_pack: false,
             }))
         }
         "llm.rms_norm" => {

@@ -163,6 +163,19 @@ proptest! {
         agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 1e-5)?;
     }
 
+    /// A constant `[k, n]` rhs (no `transpose_rhs`) is transposed into panels at compile
+    /// time.
+    #[test]
+    fn matmul_constant_kn_weight(m in 1usize..4, n in 1usize..30, k in 1usize..40, seed: u64) {
+        let body = format!(
+            "w = llm.weight {{name = \"w\"}} : {};\n        y = llm.matmul x, w : {};",
+            ty(&[k, n]), ty(&[m, n])
+        );
+        let ir = func(&[("x".into(), ty(&[m, k]))], &ty(&[m, n]), &body);
+        let store = Store(vec![("w".into(), Rc::new(tensor(&[k, n], seed + 1, 1.0)))]);
+        agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 1e-5)?;
+    }
+
     /// `add(r, matmul(x, w))` becomes one contraction with a residual epilogue (both
     /// operand orders; constant weights take the pair microkernel for m > 1).
     #[test]

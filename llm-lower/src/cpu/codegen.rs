@@ -107,7 +107,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     // bandwidth). Panels give 4 rows in one stream, sharing the loads of x.
     let rows = match c.weight {
         WeightFormat::F32Panels => PANEL_ROWS,
-        WeightFormat::F32 | WeightFormat::Q8_0 | WeightFormat::Q4_0 => 1,
+        WeightFormat::F32 | WeightFormat::F32KN | WeightFormat::Q8_0 | WeightFormat::Q4_0 => 1,
     };
     let zero = b.ins().iconst(types::I64, 0);
     // j0 + floor((j1 - j0) / rows) * rows: where the single-row tail starts.
@@ -161,7 +161,8 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         }
                         dot_panel(b, xrow, wblock, c.k)
                     }
-                    (WeightFormat::F32 | WeightFormat::F32Panels, _) => {
+                    // (`F32KN` never reaches code generation: `Kernel::code` has none.)
+                    (WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN, _) => {
                         vec![dot_f32(b, xrow, wblock, c.k)]
                     }
                     (WeightFormat::Q8_0, None) => vec![dot_q8_0(b, xrow, wblock, c.k)],

@@ -205,7 +205,7 @@ pub fn compile(
                 }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
-                WeightFormat::F32 => {}
+                WeightFormat::F32 | WeightFormat::F32KN => {}
             }
         }
         build(
@@ -259,6 +259,7 @@ mod tests {
             weight: WeightFormat::F32Panels,
             norm_eps_bits: None,
             residual: false,
+            transpose_at_pack: false,
         });
         let mut listings = Vec::new();
         compile(&[kernel], Target::PinnedX86, true, Some(&mut listings)).expect("compiles");

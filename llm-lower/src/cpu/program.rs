@@ -170,10 +170,16 @@ pub fn select_all(
         .map(|&op| {
             let mut k = kernel::select(ctx, op)?;
             if let Kernel::Contraction(c) = &mut k
-                && c.weight == WeightFormat::F32
-                && is_constant(op.deref(ctx).get_operand(weight_operand(c)))
+                && matches!(c.weight, WeightFormat::F32 | WeightFormat::F32KN)
             {
-                c.weight = WeightFormat::F32Panels;
+                let constant = is_constant(op.deref(ctx).get_operand(weight_operand(c)));
+                if constant {
+                    c.transpose_at_pack = c.weight == WeightFormat::F32KN;
+                    c.weight = WeightFormat::F32Panels;
+                } else if c.weight == WeightFormat::F32KN {
+                    // A [k, n] weight computed at run time: reference semantics.
+                    return None;
+                }
             }
             Some(k)
         })
@@ -271,34 +277,50 @@ fn fuse_residuals(
 /// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
 /// model's prefill and decode functions use the same matrices).
 #[derive(Default)]
-struct PackCache(RefCell<HashMap<*const Value, PackedPair>>);
+struct PackCache(RefCell<HashMap<(*const Value, bool), PackedPair>>);
 
 /// An original weight (kept so that its address stays its own) and its packed copy.
 type PackedPair = (Rc<Value>, Rc<Value>);
 
 impl PackCache {
-    /// The panel layout of `value`, the `n x k` weight of `c`, packed once.
+    /// The panel layout of `value`, the weight of `c` (`n x k`, or `k x n` when
+    /// `c.transpose_at_pack`), packed once.
     fn packed(&self, value: &Rc<Value>, c: &Contraction, op: &str) -> Result<Rc<Value>, JitError> {
-        if let Some((_, packed)) = self.0.borrow().get(&Rc::as_ptr(value)) {
+        let key = (Rc::as_ptr(value), c.transpose_at_pack);
+        if let Some((_, packed)) = self.0.borrow().get(&key) {
             return Ok(Rc::clone(packed));
         }
         let t = value.tensor().map_err(JitError)?;
-        if t.shape != [c.n, c.k] {
+        let stored = if c.transpose_at_pack {
+            [c.k, c.n]
+        } else {
+            [c.n, c.k]
+        };
+        if t.shape != stored {
             return Err(JitError(format!(
                 "{op}: the weight {:?} is not {}x{}",
-                t.shape, c.n, c.k
+                t.shape, stored[0], stored[1]
             )));
         }
-        let data = kernel::pack_panels(t.floats().map_err(JitError)?, c.n, c.k);
+        let floats = t.floats().map_err(JitError)?;
+        let rows = if c.transpose_at_pack {
+            // Row j of the [n, k] matrix is column j of the stored one.
+            (0..c.n)
+                .flat_map(|j| (0..c.k).map(move |p| floats[p * c.n + j]))
+                .collect()
+        } else {
+            floats.to_vec()
+        };
+        let data = kernel::pack_panels(&rows, c.n, c.k);
         let packed = Rc::new(Value::Tensor(Tensor::from_f32(
-            t.shape.clone(),
+            vec![c.n, c.k],
             DType::F32,
             data,
         )));
         // The original is kept with its key, so that the address is not reused.
         self.0
             .borrow_mut()
-            .insert(Rc::as_ptr(value), (Rc::clone(value), Rc::clone(&packed)));
+            .insert(key, (Rc::clone(value), Rc::clone(&packed)));
         Ok(packed)
     }
 }
@@ -347,7 +369,8 @@ fn pack_weights(
     first_free: usize,
     cache: &PackCache,
 ) -> Result<usize, JitError> {
-    let mut packed: HashMap<usize, usize> = HashMap::new();
+    // (original slot, transposed) -> packed slot.
+    let mut packed: HashMap<(usize, bool), usize> = HashMap::new();
     let mut next_slot = first_free;
     let mut extra = Vec::new();
     for step in steps.iter_mut() {
@@ -363,7 +386,8 @@ fn pack_weights(
         }
         let operand = weight_operand(c);
         let original = step.inputs[operand];
-        let slot = match packed.get(&original) {
+        let key = (original, c.transpose_at_pack);
+        let slot = match packed.get(&key) {
             Some(&slot) => slot,
             None => {
                 let value = constants
@@ -377,7 +401,7 @@ fn pack_weights(
                 let slot = next_slot;
                 next_slot += 1;
                 extra.push((slot, panels));
-                packed.insert(original, slot);
+                packed.insert(key, slot);
                 slot
             }
         };
@@ -390,7 +414,7 @@ fn pack_weights(
             kernel: Kernel::Move(Movement::Rows { panels, .. }),
             ..
         }) = &mut step.action
-            && let Some(&slot) = packed.get(&step.inputs[0])
+            && let Some(&slot) = packed.get(&(step.inputs[0], false))
         {
             *panels = true;
             step.inputs[0] = slot;
