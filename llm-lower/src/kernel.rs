@@ -200,6 +200,14 @@ pub enum Kernel {
         /// Row length.
         n: usize,
     },
+    /// The index of the first maximum of each row of `n` values (the last axis), as an
+    /// integer tensor (`llm.argmax`).
+    Argmax {
+        /// Row length.
+        n: usize,
+        /// The result's integer type.
+        index: DType,
+    },
     /// Layer normalisation of rows of `d` values: `(x - mean) / sqrt(var + eps) * w + b`.
     LayerNorm {
         /// Row length.
@@ -261,6 +269,7 @@ impl Kernel {
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
             Kernel::Softmax { n } => format!("softmax_{n}"),
+            Kernel::Argmax { n, .. } => format!("argmax_{n}"),
             Kernel::LayerNorm { d, .. } => format!("layer_norm_{d}"),
             Kernel::Rope {
                 heads, d, rotary, ..
@@ -408,6 +417,15 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let axis = check.int("axis").unwrap_or(-1);
             let last = axis == -1 || axis == x.rank() as i64 - 1;
             (last && n > 0 && f32_result(&check)).then_some(Kernel::Softmax { n })
+        }
+        "llm.argmax" => {
+            let x = f32_operand(&check, 0)?;
+            let n = (*x.shape().last()?)? as usize;
+            let axis = check.int("axis").unwrap_or(-1);
+            let last = axis == -1 || axis == x.rank() as i64 - 1;
+            let index = check.result_tensor(0).ok()?.dtype();
+            let int_result = matches!(index, DType::I32 | DType::I64);
+            (last && n > 0 && int_result).then_some(Kernel::Argmax { n, index })
         }
         "llm.layer_norm" => {
             let x = f32_operand(&check, 0)?;

@@ -106,6 +106,12 @@ fn agree_fused(
                 _ => {
                     let (g, w) = (g.tensor().unwrap(), w.tensor().unwrap());
                     prop_assert_eq!(&g.shape, &w.shape);
+                    prop_assert_eq!(g.dtype, w.dtype);
+                    if let (Ok(gi), Ok(wi)) = (g.ints(), w.ints()) {
+                        // Integer results (indices) must be equal.
+                        prop_assert_eq!(gi, wi, "{}", ir);
+                        continue;
+                    }
                     (g.floats().unwrap(), w.floats().unwrap())
                 }
             };
@@ -243,6 +249,18 @@ proptest! {
             &format!("y = llm.softmax x {{axis = -1}} : {};", ty(&[m, n])),
         );
         agree(&ir, vec![tensor(&[m, n], seed, 8.0)], 2e-6)?;
+    }
+
+    #[test]
+    fn argmax(m in 1usize..4, n in 1usize..40, ties in any::<bool>(), seed: u64) {
+        let ir = func(
+            &[("x".into(), ty(&[m, n]))],
+            &ity(&[m]),
+            &format!("y = llm.argmax x {{axis = -1}} : {};", ity(&[m])),
+        );
+        // Rounded values make ties common (the first maximum wins).
+        let x: Vec<f32> = values(seed, m * n, 4.0).iter().map(|v| if ties { v.round() } else { *v }).collect();
+        agree(&ir, vec![Value::Tensor(Tensor::from_f32(vec![m, n], DType::F32, x))], 0.0)?;
     }
 
     #[test]

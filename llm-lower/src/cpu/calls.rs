@@ -114,6 +114,7 @@ pub fn call(
         },
         (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(k, *d, f, &inputs).and_then(tensor),
         (Kernel::Softmax { n }, Some(f)) => softmax(k, *n, f, &inputs).and_then(tensor),
+        (Kernel::Argmax { n, index }, Some(f)) => argmax(*n, *index, f, &inputs).and_then(tensor),
         (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(k, *d, f, &inputs).and_then(tensor),
         (
             Kernel::Rope {
@@ -303,6 +304,23 @@ fn softmax(k: &Kernels, n: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<
         (xs.len() / n) as i64,
     );
     Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+}
+
+/// Calls an argmax over rows of `n`, returning `index`-typed indices.
+fn argmax(n: usize, index: DType, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+    let x = inputs[0].tensor()?;
+    let xs = x.floats()?;
+    if x.shape.last() != Some(&n) {
+        return Err(format!("the input {:?} does not end in {n}", x.shape));
+    }
+    let rows = xs.len() / n;
+    let mut out = vec![0i64; rows];
+    // SAFETY: an argmax's signature is (x, indices, rows).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // x holds rows * n floats, out rows indices.
+    f(xs.as_ptr() as i64, out.as_mut_ptr() as i64, rows as i64);
+    let shape = x.shape[..x.shape.len() - 1].to_vec();
+    Ok(Tensor::from_i64(shape, index, out))
 }
 
 /// Calls a layer norm over rows of `d`.

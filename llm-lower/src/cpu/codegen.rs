@@ -6,7 +6,8 @@
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
 use cranelift_codegen::ir::{
-    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value, condcodes::IntCC,
+    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value,
+    condcodes::{FloatCC, IntCC},
     types,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
@@ -29,6 +30,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::RmsNorm { .. } => 4,
         // x, y, rows
         Kernel::Softmax { .. } => 3,
+        // x, indices (i64), rows
+        Kernel::Argmax { .. } => 3,
         // x, w, b, y, rows
         Kernel::LayerNorm { .. } => 5,
         // x (rotated in place), cos, sin, tokens
@@ -58,6 +61,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Softmax { n } => emit_softmax(b, *n, p),
+        Kernel::Argmax { n, .. } => emit_argmax(b, *n, p),
         Kernel::LayerNorm { d, eps_bits } => emit_layer_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Rope {
             heads,
@@ -1122,5 +1126,35 @@ fn emit_layer_norm(b: &mut FunctionBuilder, d: usize, eps: f32, p: &[Value]) {
             let out = b.ins().iadd(at, to_y);
             store_lanes(b, t, out, full);
         });
+    });
+}
+
+/// The index of the first maximum of each of `rows` rows of `n` values, as `i64`: a scalar
+/// scan that replaces the best only on a strictly greater value (the reference's rule).
+fn emit_argmax(b: &mut FunctionBuilder, n: usize, p: &[Value]) {
+    let (x, out, rows) = (p[0], p[1], p[2]);
+    let zero = b.ins().iconst(types::I64, 0);
+    let one = b.ins().iconst(types::I64, 1);
+    let end = b.ins().iconst(types::I64, n as i64);
+    for_range(b, zero, rows, 1, |b, r| {
+        let row = address(b, x, r, 4 * n as i64);
+        let first = b.ins().load(types::F32, mem(), row, 0);
+        let (best, at) = (b.declare_var(types::F32), b.declare_var(types::I64));
+        b.def_var(best, first);
+        b.def_var(at, zero);
+        for_range(b, one, end, 1, |b, j| {
+            let v_at = address(b, row, j, 4);
+            let v = b.ins().load(types::F32, mem(), v_at, 0);
+            let old = b.use_var(best);
+            let greater = b.ins().fcmp(FloatCC::GreaterThan, v, old);
+            let new_best = b.ins().select(greater, v, old);
+            let old_at = b.use_var(at);
+            let new_at = b.ins().select(greater, j, old_at);
+            b.def_var(best, new_best);
+            b.def_var(at, new_at);
+        });
+        let index = b.use_var(at);
+        let dest = address(b, out, r, 8);
+        b.ins().store(mem(), index, dest, 0);
     });
 }
