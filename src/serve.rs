@@ -249,8 +249,9 @@ pub struct BenchReport {
     pub prompt_positions: (usize, usize),
     /// Bytes of the model's weights and of the KV pool.
     pub model_bytes: (usize, usize),
-    /// Milliseconds compiling the model, and of those generating and JIT-compiling kernels.
-    pub compile_ms: (f64, f64),
+    /// Milliseconds compiling the model, and of those generating and JIT-compiling kernels
+    /// and repacking weights.
+    pub compile_ms: (f64, f64, f64),
     /// The process's resident memory after the run and its peak, in bytes (Linux only).
     pub memory: Option<(u64, u64)>,
 }
@@ -294,8 +295,8 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "elapsed:           {secs:.3} s")?;
         writeln!(
             f,
-            "compile:           {:.1} ms, of which kernels {:.1} ms",
-            self.compile_ms.0, self.compile_ms.1
+            "compile:           {:.1} ms, of which kernels {:.1} ms, weight packing {:.1} ms",
+            self.compile_ms.0, self.compile_ms.1, self.compile_ms.2
         )?;
         writeln!(
             f,
@@ -434,7 +435,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         preemptions: stats.preemptions,
         prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),
         model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
-        compile_ms: (model.compile_ms(), model.jit_ms()),
+        compile_ms: (model.compile_ms(), model.jit_ms(), model.pack_ms()),
         memory: resident_memory(),
     })
 }

@@ -78,21 +78,31 @@ pub const PANEL_COLS: usize = 8;
 /// columns of each row in turn. The last `n % PANEL_ROWS` rows stay row major. Every row
 /// block starts at the same offset as in the row-major matrix.
 pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(w.len());
-    let (full, tail) = (n - n % PANEL_ROWS, k % PANEL_COLS);
-    for j in (0..full).step_by(PANEL_ROWS) {
-        let rows = &w[j * k..(j + PANEL_ROWS) * k];
+    let mut out = vec![0f32; w.len()];
+    let full = n - n % PANEL_ROWS;
+    let (panels, rest) = out.split_at_mut(full * k);
+    rest.copy_from_slice(&w[full * k..]);
+    pack_rows(&w[..full * k], k, panels);
+    out
+}
+
+/// Packs whole panels of rows of `k` from `w` into `out` (the same length).
+fn pack_rows(w: &[f32], k: usize, out: &mut [f32]) {
+    let tail = k % PANEL_COLS;
+    let block = PANEL_ROWS * k;
+    for (rows, dest) in w.chunks_exact(block).zip(out.chunks_exact_mut(block)) {
+        let mut at = 0;
         for c in (0..k - tail).step_by(PANEL_COLS) {
             for r in 0..PANEL_ROWS {
-                out.extend_from_slice(&rows[r * k + c..r * k + c + PANEL_COLS]);
+                dest[at..at + PANEL_COLS].copy_from_slice(&rows[r * k + c..r * k + c + PANEL_COLS]);
+                at += PANEL_COLS;
             }
         }
         for r in 0..PANEL_ROWS {
-            out.extend_from_slice(&rows[r * k + k - tail..(r + 1) * k]);
+            dest[at..at + tail].copy_from_slice(&rows[r * k + k - tail..(r + 1) * k]);
+            at += tail;
         }
     }
-    out.extend_from_slice(&w[full * k..]);
-    out
 }
 
 /// Copies row `r` of an `n x k` matrix stored by [`pack_panels`] into `out` (`k` floats).
@@ -590,7 +600,16 @@ mod tests {
 
     #[test]
     fn panel_rows_unpack_what_was_packed() {
-        for (n, k) in [(1, 1), (4, 8), (5, 13), (9, 20), (12, 3), (7, 64)] {
+        // The last shape is large enough to be packed on two threads.
+        for (n, k) in [
+            (1, 1),
+            (4, 8),
+            (5, 13),
+            (9, 20),
+            (12, 3),
+            (7, 64),
+            (1029, 1100),
+        ] {
             let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
             let packed = pack_panels(&w, n, k);
             assert_eq!(packed.len(), w.len());

@@ -277,6 +277,15 @@ impl Model {
             .sum()
     }
 
+    /// Of [`Model::compile_ms`], milliseconds spent repacking weights for the CPU kernels.
+    pub fn pack_ms(&self) -> f64 {
+        [Step::Prefill, Step::Decode]
+            .iter()
+            .filter_map(|&s| self.lowering(s))
+            .map(|l| l.pack_ms)
+            .sum()
+    }
+
     /// Bytes of the model's weights as loaded.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
