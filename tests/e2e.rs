@@ -4,6 +4,7 @@
 //! logits.
 
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -172,18 +173,25 @@ fn llm_run(command: &mut Command) -> std::process::Output {
     out
 }
 
-/// Runs `llm-run generate` greedily on stories260K with `args` added, checks that standard
-/// output is the golden text of `stem`, and returns the `--stats` JSON.
-fn generate_cli(stem: &str, prompt: &str, args: &[&str]) -> String {
-    let out = llm_run(
+/// Runs `llm-run generate --temperature 0 --stats` on stories260K with `args` added.
+fn generate_greedy(args: &[&OsStr]) -> std::process::Output {
+    llm_run(
         Command::new(env!("CARGO_BIN_EXE_llm-run"))
             .args(["generate", "--model"])
             .arg(model_path())
             .arg("--tokenizer")
             .arg(tokenizer_path())
-            .args(["--prompt", prompt, "--temperature", "0", "--stats"])
+            .args(["--temperature", "0", "--stats"])
             .args(args),
-    );
+    )
+}
+
+/// [`generate_greedy`] on one prompt, checking that standard output is the golden text of
+/// `stem`; returns the `--stats` JSON.
+fn generate_cli(stem: &str, prompt: &str, args: &[&str]) -> String {
+    let mut all: Vec<&OsStr> = vec!["--prompt".as_ref(), prompt.as_ref()];
+    all.extend(args.iter().map(OsStr::new));
+    let out = generate_greedy(&all);
     let golden = std::fs::read(shared().join(format!("golden/{stem}.txt"))).expect("golden");
     assert_eq!(out.stdout, golden);
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -221,16 +229,12 @@ fn llm_run_generate_batches_several_prompts_in_order() {
     let prompts = std::env::temp_dir().join(format!("llmc-prompts-{}.txt", std::process::id()));
     // Outputs follow prompt order: `--prompt`s first, then the lines of `--prompts`.
     std::fs::write(&prompts, "The little dog was sad because\n").expect("prompt file");
-    let out = llm_run(
-        Command::new(env!("CARGO_BIN_EXE_llm-run"))
-            .args(["generate", "--model"])
-            .arg(model_path())
-            .arg("--tokenizer")
-            .arg(tokenizer_path())
-            .args(["--prompt", "Once upon a time", "--prompts"])
-            .arg(&prompts)
-            .args(["--temperature", "0", "--stats"]),
-    );
+    let out = generate_greedy(&[
+        "--prompt".as_ref(),
+        "Once upon a time".as_ref(),
+        "--prompts".as_ref(),
+        prompts.as_os_str(),
+    ]);
     std::fs::remove_file(&prompts).ok();
     let mut golden = std::fs::read(shared().join("golden/once_upon_a_time.txt")).expect("golden");
     golden.extend(std::fs::read(shared().join("golden/little_dog.txt")).expect("golden"));

@@ -270,19 +270,20 @@ impl Model {
 
     /// Of [`Model::compile_ms`], milliseconds spent generating and JIT-compiling kernels.
     pub fn jit_ms(&self) -> f64 {
-        [Step::Prefill, Step::Decode]
-            .iter()
-            .filter_map(|&s| self.lowering(s))
-            .map(|l| l.jit_ms)
-            .sum()
+        self.lowering_total(|l| l.jit_ms)
     }
 
     /// Of [`Model::compile_ms`], milliseconds spent repacking weights for the CPU kernels.
     pub fn pack_ms(&self) -> f64 {
+        self.lowering_total(|l| l.pack_ms)
+    }
+
+    /// The sum of `field` over both step functions' lowering (0 on the interpreter).
+    fn lowering_total(&self, field: fn(&cpu::LoweringStats) -> f64) -> f64 {
         [Step::Prefill, Step::Decode]
             .iter()
             .filter_map(|&s| self.lowering(s))
-            .map(|l| l.pack_ms)
+            .map(field)
             .sum()
     }
 

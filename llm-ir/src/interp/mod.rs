@@ -118,9 +118,7 @@ impl<'a> Interpreter<'a> {
         let mut used_later = std::collections::HashSet::new();
         for &op in &ops {
             let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
-            let hoistable = Operation::get_op::<ReturnOp>(op, ctx).is_none()
-                && operands.iter().all(|v| derived.contains_key(v));
-            if hoistable {
+            if hoistable(ctx, op, |v| derived.contains_key(v)) {
                 let inputs: Vec<Rc<Value>> =
                     operands.iter().map(|v| Rc::clone(&derived[v])).collect();
                 let key = HoistMemo::key(ctx, op, &inputs);
@@ -269,6 +267,26 @@ impl<'a> Interpreter<'a> {
         }
         Ok(results.into_iter().zip(outputs).collect())
     }
+}
+
+/// Whether hoisting evaluates `op` once, given which values are already weight-derived:
+/// every op but `llm.return` whose operands all are (the weights and constants themselves
+/// have none).
+fn hoistable(ctx: &Context, op: Ptr<Operation>, derived: impl Fn(&IrValue) -> bool) -> bool {
+    Operation::get_op::<ReturnOp>(op, ctx).is_none()
+        && op.deref(ctx).operands().all(|v| derived(&v))
+}
+
+/// The results of `ops` (a block, in order) that [`Interpreter::hoist`] would evaluate
+/// once: the values computed from weights and constants only.
+pub fn weight_derived(ctx: &Context, ops: &[Ptr<Operation>]) -> std::collections::HashSet<IrValue> {
+    let mut derived = std::collections::HashSet::new();
+    for &op in ops {
+        if hoistable(ctx, op, |v| derived.contains(v)) {
+            derived.extend(op.deref(ctx).results());
+        }
+    }
+    derived
 }
 
 /// Weight-derived values evaluated by [`Interpreter::hoist_shared`], keyed by the op's

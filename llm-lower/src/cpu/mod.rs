@@ -39,35 +39,20 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
         .collect();
     for func in funcs {
         let all: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
-        let constant = program::weight_derived(ctx, &all);
+        let constant = llm_ir::interp::weight_derived(ctx, &all);
         // Weight-derived ops run once, when a runtime loads the model.
-        let ops: Vec<_> = all
-            .iter()
-            .copied()
-            .filter(|&op| {
-                let results: Vec<_> = op.deref(ctx).results().collect();
-                results.is_empty() || !results.iter().all(|r| constant.contains(r))
-            })
-            .collect();
+        let ops = program::live_ops(ctx, &all, |r| constant.contains(&r));
         let selection = program::select_all(ctx, &ops, |v| constant.contains(&v));
-        let mut reference: Vec<(String, usize)> = Vec::new();
-        for ((&op, chosen), fused) in ops.iter().zip(&selection.per_op).zip(&selection.fused_into) {
-            let name = Operation::get_opid(op, ctx).to_string();
-            if chosen.is_some() || fused.is_some() || name == "llm.return" {
-                continue;
-            }
-            match reference.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, c)) => *c += 1,
-                None => reference.push((name, 1)),
-            }
-        }
-        let listed: Vec<String> = reference.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+        let listed: Vec<String> = selection
+            .reference_ops(ctx, &ops)
+            .iter()
+            .map(|(n, c)| format!("{n} x{c}"))
+            .collect();
         out.push_str(&format!(
             "; @{}: {} kernel(s) for {} op(s); {} op(s) evaluated once at load; reference semantics: {}\n",
             func.get_symbol_name(ctx),
             selection.kernels.len(),
-            selection.per_op.iter().flatten().count()
-                + selection.fused_into.iter().flatten().count(),
+            selection.kernel_ops(),
             all.len() - ops.len(),
             if listed.is_empty() {
                 "none".to_string()

@@ -152,6 +152,51 @@ pub struct Selection {
 /// result), which the contraction produces instead of its own result.
 pub type Epilogue = (IrValue, IrValue);
 
+impl Selection {
+    /// Ops that run in kernels (fused ones included).
+    pub fn kernel_ops(&self) -> usize {
+        self.per_op.iter().flatten().count() + self.fused_ops()
+    }
+
+    /// Ops fused into another op's kernel.
+    pub fn fused_ops(&self) -> usize {
+        self.fused_into.iter().flatten().count()
+    }
+
+    /// The ops of `ops` (those the selection was made for) that run through their
+    /// reference semantics, counted by name in first-seen order.
+    pub fn reference_ops(&self, ctx: &Context, ops: &[Ptr<Operation>]) -> Vec<(String, usize)> {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for (i, &op) in ops.iter().enumerate() {
+            let name = Operation::get_opid(op, ctx).to_string();
+            if self.per_op[i].is_some() || self.fused_into[i].is_some() || name == "llm.return" {
+                continue;
+            }
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, count)) => *count += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        counts
+    }
+}
+
+/// The ops of `ops` that run on each call: all but those whose results are all
+/// `weight_derived` (evaluated once at load).
+pub fn live_ops(
+    ctx: &Context,
+    ops: &[Ptr<Operation>],
+    weight_derived: impl Fn(IrValue) -> bool,
+) -> Vec<Ptr<Operation>> {
+    ops.iter()
+        .copied()
+        .filter(|&op| {
+            let results: Vec<IrValue> = op.deref(ctx).results().collect();
+            results.is_empty() || !results.iter().all(|&r| weight_derived(r))
+        })
+        .collect()
+}
+
 /// The operand of a contraction op that holds its weight matrix.
 fn weight_operand(kernel: &Contraction) -> usize {
     if kernel.norm_eps_bits.is_some() { 2 } else { 1 }
@@ -470,18 +515,14 @@ impl Program {
         };
         let params: Vec<usize> = entry.deref(ctx).arguments().map(&mut slot).collect();
         let ops: Vec<Ptr<Operation>> = entry.deref(ctx).iter(ctx).collect();
-        let live_ops: Vec<Ptr<Operation>> = ops
-            .iter()
-            .copied()
-            .filter(|&op| {
-                let results: Vec<IrValue> = op.deref(ctx).results().collect();
-                results.is_empty() || !results.iter().all(|&r| hoisted.covers(r))
-            })
-            .collect();
+        let live_ops = live_ops(ctx, &ops, |r| hoisted.covers(r));
         let selection = select_all(ctx, &live_ops, |v| hoisted.value(v).is_some());
         let mut stats = LoweringStats {
             hoisted_ops: ops.len() - live_ops.len(),
             kernels: selection.kernels.len(),
+            kernel_ops: selection.kernel_ops(),
+            fused_ops: selection.fused_ops(),
+            reference_ops: selection.reference_ops(ctx, &live_ops),
             ..LoweringStats::default()
         };
         let mut constants = Vec::new();
@@ -495,8 +536,6 @@ impl Program {
         let mut steps = Vec::with_capacity(live_ops.len());
         for (i, (&op, chosen)) in live_ops.iter().zip(&selection.per_op).enumerate() {
             if selection.fused_into[i].is_some() {
-                stats.kernel_ops += 1;
-                stats.fused_ops += 1;
                 continue;
             }
             let o = op.deref(ctx);
@@ -509,17 +548,8 @@ impl Program {
             }
             let action = match chosen {
                 _ if op_name == "llm.return" => Action::Return,
-                Some(chosen) => {
-                    stats.kernel_ops += 1;
-                    Action::Kernel(chosen.clone())
-                }
-                None => {
-                    match stats.reference_ops.iter_mut().find(|(n, _)| *n == op_name) {
-                        Some((_, count)) => *count += 1,
-                        None => stats.reference_ops.push((op_name.clone(), 1)),
-                    }
-                    Action::Reference
-                }
+                Some(chosen) => Action::Kernel(chosen.clone()),
+                None => Action::Reference,
             };
             let dims = o
                 .results()
@@ -666,18 +696,4 @@ impl Program {
         }
         Err(error(None, format!("@{name} ended without llm.return")))
     }
-}
-
-/// The values of `ops` computed from weights and constants only (what a runtime hoists).
-pub fn weight_derived(ctx: &Context, ops: &[Ptr<Operation>]) -> std::collections::HashSet<IrValue> {
-    let mut derived = std::collections::HashSet::new();
-    for &op in ops {
-        let o = op.deref(ctx);
-        if Operation::get_opid(op, ctx).to_string() != "llm.return"
-            && o.operands().all(|v| derived.contains(&v))
-        {
-            derived.extend(o.results());
-        }
-    }
-    derived
 }
