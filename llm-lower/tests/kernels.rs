@@ -1,7 +1,11 @@
-//! Every CPU kernel against the reference interpreter, on random shapes (odd sizes
-//! included, so the vector tails run) and random values.
+//! Every CPU and GPU kernel against the reference interpreter, on random shapes (odd
+//! sizes included, so the vector tails run) and random values. The GPU runs wherever wgpu
+//! finds an adapter (lavapipe in CI, where `REQUIRE_GPU` makes a missing one a failure).
 
-use std::rc::Rc;
+use std::{
+    rc::Rc,
+    sync::{Arc, OnceLock},
+};
 
 use llm_ir::{
     dtype::DType,
@@ -11,7 +15,10 @@ use llm_ir::{
     text,
     types::{KvCacheParams, KvStorage, QuantFormat},
 };
-use llm_lower::cpu::{Options, Program, Target};
+use llm_lower::{
+    cpu::{Options, Program, Target},
+    gpu::{self, Gpu, GpuOptions},
+};
 use pliron::context::Context;
 use proptest::prelude::*;
 
@@ -35,6 +42,32 @@ fn tensor(shape: &[usize], seed: u64, scale: f32) -> Value {
         DType::F32,
         values(seed, n, scale),
     ))
+}
+
+/// The test binary's GPU (WebGPU's default limits, so that nothing passes only because
+/// the adapter is generous), or `None` when there is no adapter and `REQUIRE_GPU` is unset.
+fn gpu() -> Option<Arc<Gpu>> {
+    static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let options = GpuOptions {
+            webgpu_limits: true,
+            ..GpuOptions::default()
+        };
+        match Gpu::new(&options) {
+            Ok(g) => {
+                eprintln!("GPU kernel tests on {}", g.adapter());
+                Some(Arc::new(g))
+            }
+            Err(e) if std::env::var_os("REQUIRE_GPU").is_some() => {
+                panic!("REQUIRE_GPU is set but there is no GPU: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPING the GPU half of the kernel tests: {e}");
+                None
+            }
+        }
+    })
+    .clone()
 }
 
 fn ty(shape: &[usize]) -> String {
@@ -84,6 +117,7 @@ fn agree_fused(
     let hoisted = interpreter
         .hoist(func)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut runs: Vec<(String, Vec<Value>)> = Vec::new();
     for (threads, microkernels) in [(1, true), (2, true), (1, false)] {
         let options = Options {
             target: Target::Host,
@@ -97,10 +131,37 @@ fn agree_fused(
         let got = program
             .run(&ctx, weights, args.clone())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        runs.push((
+            format!("cpu, threads {threads}, microkernels {microkernels}"),
+            got,
+        ));
+    }
+    if let Some(gpu) = gpu() {
+        let program = gpu::Compiler::new(gpu)
+            .build(&ctx, func, &hoisted)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(
+            program.stats().kernel_ops > 0,
+            "nothing was lowered on the GPU: {ir}"
+        );
+        prop_assert_eq!(program.stats().fused_ops, fused, "fused ops on the GPU");
+        let got = program
+            .run(&ctx, weights, args.clone())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?
+            .into_iter()
+            .map(|v| match v {
+                Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
+                other => Ok(other),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TestCaseError::fail)?;
+        runs.push(("gpu".into(), got));
+    }
+    for (backend, got) in &runs {
         for (g, w) in got.iter().zip(&want) {
             let (g, w): (&[f32], &[f32]) = match (g, w) {
                 (Value::Cache(g), Value::Cache(w)) => {
-                    prop_assert_eq!(&g.v, &w.v);
+                    prop_assert_eq!(&g.v, &w.v, "{}", backend);
                     (&g.k, &w.k)
                 }
                 _ => {
@@ -109,7 +170,7 @@ fn agree_fused(
                     prop_assert_eq!(g.dtype, w.dtype);
                     if let (Ok(gi), Ok(wi)) = (g.ints(), w.ints()) {
                         // Integer results (indices) must be equal.
-                        prop_assert_eq!(gi, wi, "{}", ir);
+                        prop_assert_eq!(gi, wi, "{} {}", backend, ir);
                         continue;
                     }
                     (g.floats().unwrap(), w.floats().unwrap())
@@ -118,7 +179,7 @@ fn agree_fused(
             for (i, (a, b)) in g.iter().zip(w).enumerate() {
                 prop_assert!(
                     (a - b).abs() <= tol * b.abs().max(1.0),
-                    "element {i}: {a} vs {b} (threads {threads}, microkernels {microkernels})\n{ir}"
+                    "element {i}: {a} vs {b} ({backend})\n{ir}"
                 );
             }
         }

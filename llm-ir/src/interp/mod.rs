@@ -34,7 +34,7 @@ use pliron::{
 };
 
 pub use eval::{Eval, EvalFn, WeightStore};
-pub use value::{Data, KvCache, QTensor, Sharded, Tensor, Value};
+pub use value::{Data, KvCache, QTensor, Resident, Sharded, Tensor, Value};
 
 use crate::{
     ops::{LLM_OPS, OpCheck, ReturnOp},

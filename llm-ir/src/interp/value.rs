@@ -132,6 +132,26 @@ pub struct KvCache {
     pub k: Vec<f32>,
     /// Values.
     pub v: Vec<f32>,
+    /// Set when a backend keeps the pool in device memory: `k` and `v` are then empty and
+    /// only that backend reads or writes the data.
+    pub resident: Option<Resident>,
+}
+
+/// A KV pool held by a backend in device memory (a GPU backend's buffers), shared by the
+/// clones of the [`KvCache`] that names it and freed with the last of them.
+#[derive(Clone)]
+pub struct Resident(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Resident {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resident(device memory)")
+    }
+}
+
+impl PartialEq for Resident {
+    fn eq(&self, other: &Resident) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl KvCache {
@@ -147,6 +167,19 @@ impl KvCache {
             blocks,
             k: vec![0.0; len],
             v: vec![0.0; len],
+            resident: None,
+        }
+    }
+
+    /// Fails when the pool lives in a backend's device memory ([`KvCache::resident`]),
+    /// where the host cannot read it.
+    pub fn check_host(&self) -> Result<(), String> {
+        match self.resident {
+            None => Ok(()),
+            Some(_) => Err(
+                "the KV cache lives in GPU memory; only the backend that holds it can use it"
+                    .into(),
+            ),
         }
     }
 
@@ -228,7 +261,7 @@ impl Value {
     /// The KV cache, or an error.
     pub fn cache(&self) -> Result<&KvCache, String> {
         match self {
-            Value::Cache(c) => Ok(c),
+            Value::Cache(c) => c.check_host().map(|()| c),
             other => Err(format!("expected a KV cache, found {}", other.kind())),
         }
     }

@@ -20,9 +20,10 @@ use llm_ir::{
     syntax::Dim,
 };
 
-use super::{jit::CompiledKernels, program::Chosen, workers::Workers};
-use crate::kernel::{
-    AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat, panel_row,
+use super::{jit::CompiledKernels, workers::Workers};
+use crate::{
+    kernel::{AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat, panel_row},
+    selection::Chosen,
 };
 
 /// Multiply-adds below which a contraction runs on the calling thread only.

@@ -41,8 +41,8 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
         let all: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
         let constant = llm_ir::interp::weight_derived(ctx, &all);
         // Weight-derived ops run once, when a runtime loads the model.
-        let ops = program::live_ops(ctx, &all, |r| constant.contains(&r));
-        let selection = program::select_all(ctx, &ops, |v| constant.contains(&v));
+        let ops = crate::selection::live_ops(ctx, &all, |r| constant.contains(&r));
+        let selection = crate::selection::select_all(ctx, &ops, |v| constant.contains(&v));
         let listed: Vec<String> = selection
             .reference_ops(ctx, &ops)
             .iter()

@@ -69,6 +69,7 @@ pub fn append_rows(
     v: &Tensor,
     slots: &Tensor,
 ) -> Result<(), String> {
+    cache.check_host()?;
     let d = cache.params.head_dim as usize;
     let row_len = cache.slot_len();
     let rows = slots.len();

@@ -1,0 +1,194 @@
+//! The GPU backend: the kernel families of [`crate::kernel`] as WGSL compute shaders
+//! ([`wgsl`]), validated with naga before use, run through wgpu by a [`Program`] that
+//! keeps weights and the paged KV pool in device memory.
+//!
+//! Device limits are compiler inputs ([`Limits`]): a weight larger than one storage binding
+//! is split into row parts, kernels that would need more storage buffers or workgroup
+//! memory than the device allows run through the reference semantics, and workgroup grids
+//! are folded to the device's per-dimension limit.
+
+mod device;
+mod program;
+pub mod wgsl;
+
+pub use device::{Gpu, GpuOptions};
+pub use program::{Compiler, LoweringStats, Program, copy_block, read_cache};
+
+use std::fmt;
+
+use pliron::{builtin::ops::FuncOp, context::Context};
+
+/// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
+/// cannot be split to fit the limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuError(pub String);
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+/// The device limits the compiler plans for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes one storage binding may cover.
+    pub max_binding_bytes: u64,
+    /// Storage buffers one shader may bind.
+    pub max_storage_buffers: u32,
+    /// Bytes of workgroup memory one shader may declare.
+    pub max_workgroup_bytes: u32,
+    /// Workgroups per grid dimension.
+    pub max_workgroups_per_dim: u32,
+}
+
+impl Limits {
+    /// The limits of `limits` (a wgpu device's).
+    pub fn of(limits: &wgpu::Limits) -> Limits {
+        Limits {
+            max_binding_bytes: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
+            max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
+            max_workgroup_bytes: limits.max_compute_workgroup_storage_size,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    /// WebGPU's default limits (128 MiB bindings, 8 storage buffers per stage): what any
+    /// conforming device offers.
+    pub fn webgpu() -> Limits {
+        Limits::of(&wgpu::Limits::default())
+    }
+
+    /// Whether `shader` fits these limits.
+    pub fn admit(&self, shader: &wgsl::Shader) -> Result<(), String> {
+        let buffers = shader.bindings().len();
+        if buffers > self.max_storage_buffers as usize {
+            return Err(format!(
+                "{} binds {buffers} storage buffers, the device allows {}",
+                shader.name(),
+                self.max_storage_buffers
+            ));
+        }
+        let bytes = shader.workgroup_bytes();
+        if bytes > self.max_workgroup_bytes as usize {
+            return Err(format!(
+                "{} needs {bytes} bytes of workgroup memory, the device allows {}",
+                shader.name(),
+                self.max_workgroup_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates a WGSL `source` with naga (no device needed); the error is naga's
+/// report with line and column.
+pub fn validate(source: &str) -> Result<(), GpuError> {
+    use wgpu::naga;
+    let module =
+        naga::front::wgsl::parse_str(source).map_err(|e| GpuError(e.emit_to_string(source)))?;
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::empty(),
+    )
+    .validate(&module)
+    .map_err(|e| GpuError(e.emit_to_string(source)))?;
+    Ok(())
+}
+
+/// The WGSL shaders of `func`'s ops under `limits`, each validated, as one listing:
+/// which op runs which shader, then each distinct shader's source (what
+/// `llm-opt --emit=wgsl` prints).
+pub fn emit_wgsl(ctx: &Context, func: FuncOp, limits: &Limits) -> Result<String, GpuError> {
+    program::listing(ctx, func, limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use llm_ir::interp::eval::{
+        attention::Scale,
+        fused::{ScalarBody, ScalarStep},
+    };
+
+    use super::{validate, wgsl::Shader};
+    use crate::kernel::{Contraction, WeightFormat};
+
+    /// Every shader family, in its variants, passes naga's validation (no device needed).
+    #[test]
+    fn every_shader_validates() {
+        let mut shaders = Vec::new();
+        for weight in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4_0] {
+            for norm in [None, Some(1e-5f32.to_bits())] {
+                for residual in [false, true] {
+                    shaders.push(Shader::Contraction(Contraction {
+                        k: 64,
+                        n: 9,
+                        weight,
+                        norm_eps_bits: norm,
+                        residual,
+                        transpose_at_pack: false,
+                    }));
+                }
+            }
+        }
+        shaders.push(Shader::Elementwise(ScalarBody {
+            args: 2,
+            result: 5,
+            steps: vec![
+                ScalarStep::Unary("llm.silu", 0),
+                ScalarStep::Constant(0.5),
+                ScalarStep::Binary("llm.mul", 2, 1),
+                ScalarStep::Binary("llm.add", 4, 3),
+            ],
+        }));
+        for op in llm_ir::interp::eval::elementwise::UNARY {
+            shaders.push(Shader::Elementwise(ScalarBody {
+                args: 1,
+                result: 1,
+                steps: vec![ScalarStep::Unary(op.0, 0)],
+            }));
+        }
+        let eps_bits = 1e-6f32.to_bits();
+        shaders.extend([
+            Shader::RmsNorm { d: 70, eps_bits },
+            Shader::LayerNorm { d: 70, eps_bits },
+            Shader::Softmax { n: 33 },
+            Shader::Argmax { n: 33 },
+            Shader::KvAppend { row: 48 },
+            Shader::Gather { dim: 7 },
+            Shader::Columns {
+                width: 9,
+                offset: 2,
+                len: 4,
+            },
+        ]);
+        for half in [false, true] {
+            shaders.push(Shader::Rope {
+                heads: 3,
+                d: 8,
+                rotary: 6,
+                half,
+            });
+        }
+        for paged in [false, true] {
+            for (d, scale) in [(8, Scale::DivSqrt(8f32.sqrt())), (130, Scale::Times(0.1))] {
+                shaders.push(Shader::Attention {
+                    heads: 4,
+                    kv_heads: 2,
+                    d,
+                    scale,
+                    paged,
+                });
+            }
+        }
+        for s in shaders {
+            if let Err(e) = validate(&s.source()) {
+                panic!("{}:\n{e}\n{}", s.name(), s.source());
+            }
+        }
+    }
+}

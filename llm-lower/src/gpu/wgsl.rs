@@ -1,0 +1,884 @@
+//! WGSL generation: each kernel family of [`crate::kernel`] as compute shaders.
+//!
+//! A [`Shader`] is one compute pipeline. [`shaders_for`] maps a [`Kernel`] to the shaders
+//! that run it (a paged attention that appends runs a KV-append shader first; a reshape
+//! runs none). Every shader has the same outline: binding 0 is a uniform block of
+//! [`PARAM_WORDS`] `u32` run-time parameters (row counts, offsets), bindings 1.. are
+//! storage buffers in the order [`Shader::bindings`] names them, workgroups are
+//! [`WORKGROUP`] invocations, and the workgroup grid is folded into two dimensions
+//! (`wid.x + wid.y * nwg.x`) so that no dimension exceeds the device's limit. Static
+//! shapes are `const`s; floats are baked in by their bits, so a shader computes exactly
+//! what its kernel says.
+
+use std::fmt::Write as _;
+
+use llm_ir::interp::eval::{
+    attention::Scale,
+    fused::{ScalarBody, ScalarStep},
+};
+
+use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat};
+
+/// Invocations per workgroup, in every shader.
+pub const WORKGROUP: u32 = 64;
+
+/// `u32` words of every shader's parameter block.
+pub const PARAM_WORDS: usize = 8;
+
+/// Outputs of a contraction computed by one workgroup (they share the loads of `x`).
+pub const CONTRACTION_ROWS: u32 = 4;
+
+/// Head sizes above this run attention through the reference semantics (each invocation
+/// keeps `head_dim / WORKGROUP` output accumulators).
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// One compute shader.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shader {
+    /// `y[m, j] = dot(norm(x[m]), w[j])` for the rows of one weight part, optionally plus a
+    /// residual; weights are `f32` rows or q8_0/q4_0 blocks dequantized in the kernel.
+    Contraction(Contraction),
+    /// A scalar body over equally shaped operands.
+    Elementwise(ScalarBody),
+    /// RMS norm of rows of `d`.
+    RmsNorm {
+        /// Row length.
+        d: usize,
+        /// `epsilon`'s bits.
+        eps_bits: u32,
+    },
+    /// Layer norm of rows of `d`.
+    LayerNorm {
+        /// Row length.
+        d: usize,
+        /// `epsilon`'s bits.
+        eps_bits: u32,
+    },
+    /// Softmax of rows of `n`.
+    Softmax {
+        /// Row length.
+        n: usize,
+    },
+    /// First maximum of rows of `n`, as `i32`.
+    Argmax {
+        /// Row length.
+        n: usize,
+    },
+    /// Rotary embedding with per-token cosine and sine tables.
+    Rope {
+        /// Heads per token.
+        heads: usize,
+        /// Head size.
+        d: usize,
+        /// Rotated values per head.
+        rotary: usize,
+        /// Pairs `(i, i + rotary / 2)` instead of `(2i, 2i + 1)`.
+        half: bool,
+    },
+    /// One workgroup per query row and head: an online softmax over blocks of
+    /// [`WORKGROUP`] key positions.
+    Attention {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+        /// Head size.
+        d: usize,
+        /// Score scaling.
+        scale: Scale,
+        /// Keys and values come from a paged cache layer through block tables (else from
+        /// contiguous `[batch, tokens, kv_heads, d]` tensors).
+        paged: bool,
+    },
+    /// Writes the new key and value rows of each token into its cache slot.
+    KvAppend {
+        /// Floats per slot (`kv_heads * head_dim`).
+        row: usize,
+    },
+    /// Rows of a table part selected by `i32` ids (an embedding).
+    Gather {
+        /// The row length.
+        dim: usize,
+    },
+    /// Columns `offset..offset + len` of rows of `width`.
+    Columns {
+        /// Row length of the input.
+        width: usize,
+        /// First column taken.
+        offset: usize,
+        /// Columns taken.
+        len: usize,
+    },
+}
+
+/// How a shader reads or writes a storage binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// The shaders that run `kernel` on the GPU, in dispatch order.
+pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
+    match kernel {
+        Kernel::Contraction(c) => {
+            let weight = match c.weight {
+                // The GPU reads f32 weights row major; a [k, n] one is transposed at upload.
+                WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => {
+                    WeightFormat::F32
+                }
+                q => q,
+            };
+            vec![Shader::Contraction(Contraction {
+                weight,
+                transpose_at_pack: false,
+                ..*c
+            })]
+        }
+        Kernel::Elementwise(body) => vec![Shader::Elementwise(body.clone())],
+        Kernel::RmsNorm { d, eps_bits } => vec![Shader::RmsNorm {
+            d: *d,
+            eps_bits: *eps_bits,
+        }],
+        Kernel::LayerNorm { d, eps_bits } => vec![Shader::LayerNorm {
+            d: *d,
+            eps_bits: *eps_bits,
+        }],
+        Kernel::Softmax { n } => vec![Shader::Softmax { n: *n }],
+        Kernel::Argmax { n, .. } => vec![Shader::Argmax { n: *n }],
+        Kernel::Rope {
+            heads,
+            d,
+            rotary,
+            half,
+            ..
+        } => vec![Shader::Rope {
+            heads: *heads,
+            d: *d,
+            rotary: *rotary,
+            half: *half,
+        }],
+        Kernel::Attention {
+            heads,
+            kv_heads,
+            d,
+            scale,
+            source,
+        } => {
+            let attend = Shader::Attention {
+                heads: *heads,
+                kv_heads: *kv_heads,
+                d: *d,
+                scale: *scale,
+                paged: matches!(source, AttentionSource::Paged { .. }),
+            };
+            match source {
+                AttentionSource::Paged { append: true, .. } => {
+                    vec![Shader::KvAppend { row: kv_heads * d }, attend]
+                }
+                _ => vec![attend],
+            }
+        }
+        Kernel::Move(Movement::Reshape) => Vec::new(),
+        Kernel::Move(Movement::Columns { width, offset, len }) => vec![Shader::Columns {
+            width: *width,
+            offset: *offset,
+            len: *len,
+        }],
+        Kernel::Move(Movement::Rows { dim, .. }) => vec![Shader::Gather { dim: *dim }],
+    }
+}
+
+impl Shader {
+    /// A name that identifies the shader's code (shapes included).
+    pub fn name(&self) -> String {
+        match self {
+            Shader::Contraction(c) => Kernel::Contraction(*c).name(),
+            Shader::Elementwise(body) => Kernel::Elementwise(body.clone()).name(),
+            Shader::RmsNorm { d, .. } => format!("rms_norm_{d}"),
+            Shader::LayerNorm { d, .. } => format!("layer_norm_{d}"),
+            Shader::Softmax { n } => format!("softmax_{n}"),
+            Shader::Argmax { n } => format!("argmax_{n}"),
+            Shader::Rope {
+                heads, d, rotary, ..
+            } => format!("rope_{heads}x{d}_{rotary}"),
+            Shader::Attention {
+                heads,
+                kv_heads,
+                d,
+                paged,
+                ..
+            } => format!(
+                "{}attention_{heads}x{d}_kv{kv_heads}",
+                if *paged { "paged_" } else { "" }
+            ),
+            Shader::KvAppend { row } => format!("kv_append_{row}"),
+            Shader::Gather { dim } => format!("gather_{dim}"),
+            Shader::Columns { width, offset, len } => format!("columns_{width}_{offset}_{len}"),
+        }
+    }
+
+    /// The storage bindings (1, 2, ...) in order: what each holds and how it is accessed.
+    pub fn bindings(&self) -> Vec<(&'static str, Access)> {
+        use Access::{Read, ReadWrite};
+        match self {
+            Shader::Contraction(c) => {
+                let mut b = vec![("x", Read), ("w", Read), ("y", ReadWrite)];
+                if c.norm_eps_bits.is_some() {
+                    b.push(("g", Read));
+                }
+                if c.residual {
+                    b.push(("res", Read));
+                }
+                b
+            }
+            Shader::Elementwise(body) => {
+                const ARGS: [&str; 8] = ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7"];
+                let mut b: Vec<_> = ARGS.iter().take(body.args).map(|a| (*a, Read)).collect();
+                b.push(("y", ReadWrite));
+                b
+            }
+            Shader::RmsNorm { .. } => vec![("x", Read), ("g", Read), ("y", ReadWrite)],
+            Shader::LayerNorm { .. } => {
+                vec![("x", Read), ("g", Read), ("b", Read), ("y", ReadWrite)]
+            }
+            Shader::Softmax { .. } | Shader::Argmax { .. } => vec![("x", Read), ("y", ReadWrite)],
+            Shader::Rope { .. } => vec![
+                ("x", Read),
+                ("cos_t", Read),
+                ("sin_t", Read),
+                ("y", ReadWrite),
+            ],
+            Shader::Attention { paged: true, .. } => vec![
+                ("q", Read),
+                ("kc", Read),
+                ("vc", Read),
+                ("tables", Read),
+                ("lens", Read),
+                ("y", ReadWrite),
+            ],
+            Shader::Attention { paged: false, .. } => {
+                vec![("q", Read), ("kc", Read), ("vc", Read), ("y", ReadWrite)]
+            }
+            Shader::KvAppend { .. } => vec![
+                ("kn", Read),
+                ("vn", Read),
+                ("slots", Read),
+                ("kc", ReadWrite),
+                ("vc", ReadWrite),
+            ],
+            Shader::Gather { .. } => vec![("table", Read), ("ids", Read), ("y", ReadWrite)],
+            Shader::Columns { .. } => vec![("x", Read), ("y", ReadWrite)],
+        }
+    }
+
+    /// Bytes of workgroup memory the shader declares.
+    pub fn workgroup_bytes(&self) -> usize {
+        let w = WORKGROUP as usize * 4;
+        match self {
+            Shader::Contraction(_) => CONTRACTION_ROWS as usize * w,
+            Shader::RmsNorm { .. } | Shader::LayerNorm { .. } | Shader::Softmax { .. } => w,
+            Shader::Argmax { .. } => 2 * w,
+            // Scores, key offsets, the query, the reduction and the visible range.
+            Shader::Attention { d, .. } => 3 * w + 4 * d + 8,
+            _ => 0,
+        }
+    }
+
+    /// The WGSL source.
+    pub fn source(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "// {}", self.name());
+        s.push_str(&self.param_block());
+        for (i, (name, access)) in self.bindings().into_iter().enumerate() {
+            let access = match access {
+                Access::Read => "read",
+                Access::ReadWrite => "read_write",
+            };
+            let elem = match (self, name) {
+                (Shader::Contraction(c), "w") if c.weight != WeightFormat::F32 => "u32",
+                (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
+                _ => "f32",
+            };
+            let _ = writeln!(
+                s,
+                "@group(0) @binding({}) var<storage, {access}> {name}: array<{elem}>;",
+                i + 1
+            );
+        }
+        let _ = writeln!(s, "const WG: u32 = {WORKGROUP}u;");
+        s.push_str(&self.body());
+        s
+    }
+
+    /// The uniform parameter block: [`PARAM_WORDS`] named `u32` words.
+    fn param_block(&self) -> String {
+        let names: &[&str] = match self {
+            Shader::Contraction(_) => &["rows", "outputs", "first", "part_rows"],
+            Shader::Elementwise(_) => &["len"],
+            Shader::RmsNorm { .. }
+            | Shader::LayerNorm { .. }
+            | Shader::Softmax { .. }
+            | Shader::Argmax { .. } => &["rows"],
+            Shader::Rope { .. } => &["tokens"],
+            Shader::Attention { paged: true, .. } => {
+                &["rows", "tokens", "width", "window", "block"]
+            }
+            Shader::Attention { paged: false, .. } => {
+                &["rows", "tokens", "keys", "window", "causal"]
+            }
+            Shader::KvAppend { .. } => &["tokens"],
+            Shader::Gather { .. } => &["count", "first", "part_rows"],
+            Shader::Columns { .. } => &["rows"],
+        };
+        let mut s = String::from("struct Params {\n");
+        for i in 0..PARAM_WORDS {
+            match names.get(i) {
+                Some(n) => {
+                    let _ = writeln!(s, "    {n}: u32,");
+                }
+                None => {
+                    let _ = writeln!(s, "    pad{i}: u32,");
+                }
+            }
+        }
+        s.push_str("}\n@group(0) @binding(0) var<uniform> p: Params;\n");
+        s
+    }
+
+    /// Constants, helpers and the entry point.
+    fn body(&self) -> String {
+        match self {
+            Shader::Contraction(c) => contraction(c),
+            Shader::Elementwise(body) => elementwise(body),
+            Shader::RmsNorm { d, eps_bits } => rms_norm(*d, *eps_bits),
+            Shader::LayerNorm { d, eps_bits } => layer_norm(*d, *eps_bits),
+            Shader::Softmax { n } => softmax(*n),
+            Shader::Argmax { n } => argmax(*n),
+            Shader::Rope {
+                heads,
+                d,
+                rotary,
+                half,
+            } => rope(*heads, *d, *rotary, *half),
+            Shader::Attention {
+                heads,
+                kv_heads,
+                d,
+                scale,
+                paged,
+            } => attention(*heads, *kv_heads, *d, *scale, *paged),
+            Shader::KvAppend { row } => kv_append(*row),
+            Shader::Gather { dim } => gather(*dim),
+            Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
+        }
+    }
+}
+
+/// An `f32` literal with exactly the bits of `v`.
+fn float(v: f32) -> String {
+    if v.is_finite() && v == v.trunc() && v.abs() < 1e7 {
+        format!("{v:.1}")
+    } else {
+        format!("bitcast<f32>({:#010x}u)", v.to_bits())
+    }
+}
+
+/// The entry point's signature, with `gi` the folded workgroup index and `t` the
+/// invocation's index in its workgroup.
+const ENTRY: &str = "@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let gi = wid.x + wid.y * nwg.x;
+";
+
+/// Workgroup sum and maximum over the [`WORKGROUP`] invocations (called in uniform
+/// control flow; every invocation gets the result).
+const REDUCE: &str = "var<workgroup> red: array<f32, 64>;
+fn reduce_sum(t: u32, v: f32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (t < s) { red[t] = red[t] + red[t + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+fn reduce_max(t: u32, v: f32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (t < s) { red[t] = max(red[t], red[t + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+";
+
+/// The most negative finite `f32`: the running maximum before any score (WGSL leaves
+/// infinities to the implementation).
+const LOWEST: &str = "-3.4028235e38";
+
+fn contraction(c: &Contraction) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "const K: u32 = {}u;", c.k);
+    let _ = writeln!(s, "const R: u32 = {CONTRACTION_ROWS}u;");
+    s.push_str("var<workgroup> part: array<f32, 256>;\n");
+    if c.norm_eps_bits.is_some() {
+        s.push_str(REDUCE);
+    }
+    match c.weight {
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+            let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
+            // The f16 block scale is decoded with integer operations (WGSL's
+            // `unpack2x16float` needs a capability not every device grants).
+            s.push_str(
+                "fn byte_at(o: u32) -> u32 { return (w[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }
+fn half_at(o: u32) -> f32 {
+    let h = byte_at(o) | (byte_at(o + 1u) << 8u);
+    let sign = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let man = h & 0x3ffu;
+    if (e == 0u) {
+        let v = f32(man) * bitcast<f32>(0x33800000u);
+        return select(v, -v, sign != 0u);
+    }
+    if (e == 31u) { return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
+}
+",
+            );
+        }
+        _ => {}
+    }
+    s.push_str(ENTRY);
+    s.push_str(
+        "    let blocks = (p.part_rows + R - 1u) / R;
+    if (gi >= blocks * p.rows) { return; }
+    let m = gi / blocks;
+    let j0 = (gi % blocks) * R;
+    let xrow = m * K;
+",
+    );
+    match c.norm_eps_bits {
+        Some(eps) => {
+            let _ = write!(
+                s,
+                "    var ss = 0.0;
+    for (var i = t; i < K; i = i + WG) {{ let v = x[xrow + i]; ss = ss + v * v; }}
+    let inv = 1.0 / sqrt(reduce_sum(t, ss) / f32(K) + {});
+",
+                float(f32::from_bits(eps))
+            );
+        }
+        None => s.push_str("    let inv = 1.0;\n"),
+    }
+    let xv = if c.norm_eps_bits.is_some() {
+        "g[i] * (inv * x[xrow + i])"
+    } else {
+        "x[xrow + i]"
+    };
+    s.push_str("    var acc = vec4<f32>(0.0);\n");
+    match c.weight {
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+            let (block_bytes, quant) = if c.weight == WeightFormat::Q8_0 {
+                (
+                    34,
+                    "f32(bitcast<i32>(byte_at(o + 2u + e) << 24u) >> 24u)".to_string(),
+                )
+            } else {
+                (
+                    18,
+                    "f32(i32((byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u) - 8)"
+                        .to_string(),
+                )
+            };
+            let _ = write!(
+                s,
+                "    for (var b = t; b < K / 32u; b = b + WG) {{
+        for (var r = 0u; r < R; r = r + 1u) {{
+            if (j0 + r >= p.part_rows) {{ break; }}
+            let o = (j0 + r) * ROW_BYTES + b * {block_bytes}u;
+            var sum = 0.0;
+            for (var e = 0u; e < 32u; e = e + 1u) {{
+                let i = b * 32u + e;
+                sum = sum + {quant} * {xv};
+            }}
+            acc[r] = acc[r] + half_at(o) * sum;
+        }}
+    }}
+"
+            );
+        }
+        _ => {
+            let _ = write!(
+                s,
+                "    for (var i = t; i < K; i = i + WG) {{
+        let xi = {xv};
+        for (var r = 0u; r < R; r = r + 1u) {{
+            if (j0 + r < p.part_rows) {{ acc[r] = acc[r] + xi * w[(j0 + r) * K + i]; }}
+        }}
+    }}
+"
+            );
+        }
+    }
+    let residual = if c.residual { " + res[at]" } else { "" };
+    let _ = write!(
+        s,
+        "    for (var r = 0u; r < R; r = r + 1u) {{ part[r * WG + t] = acc[r]; }}
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {{
+        if (t < s) {{
+            for (var r = 0u; r < R; r = r + 1u) {{ part[r * WG + t] = part[r * WG + t] + part[r * WG + t + s]; }}
+        }}
+        workgroupBarrier();
+    }}
+    if (t < R && j0 + t < p.part_rows) {{
+        let at = m * p.outputs + p.first + j0 + t;
+        y[at] = part[t * WG]{residual};
+    }}
+}}
+"
+    );
+    s
+}
+
+/// The WGSL expression of one scalar step over earlier values `v0, v1, ...`.
+fn step_expr(step: &ScalarStep) -> String {
+    match step {
+        ScalarStep::Constant(c) => float(*c),
+        ScalarStep::Unary(op, a) => {
+            let x = format!("v{a}");
+            match *op {
+                "llm.exp" => format!("exp({x})"),
+                "llm.neg" => format!("-{x}"),
+                "llm.sqrt" => format!("sqrt({x})"),
+                "llm.rsqrt" => format!("1.0 / sqrt({x})"),
+                "llm.tanh" => format!("tanh({x})"),
+                "llm.sigmoid" => format!("1.0 / (1.0 + exp(-{x}))"),
+                "llm.silu" => format!("{x} * (1.0 / (1.0 + exp(-{x})))"),
+                "llm.gelu" => format!(
+                    "0.5 * {x} * (1.0 + tanh({} * ({x} + 0.044715 * {x} * {x} * {x})))",
+                    float((2.0f32 / std::f32::consts::PI).sqrt())
+                ),
+                other => unreachable!("no unary op {other} reaches a scalar body"),
+            }
+        }
+        ScalarStep::Binary(op, a, b) => {
+            let sym = match *op {
+                "llm.add" => "+",
+                "llm.sub" => "-",
+                "llm.mul" => "*",
+                "llm.div" => "/",
+                other => unreachable!("no binary op {other} reaches a scalar body"),
+            };
+            format!("v{a} {sym} v{b}")
+        }
+    }
+}
+
+fn elementwise(body: &ScalarBody) -> String {
+    let mut s = String::from(ENTRY);
+    s.push_str("    let i = gi * WG + t;\n    if (i >= p.len) { return; }\n");
+    for a in 0..body.args {
+        let _ = writeln!(s, "    let v{a} = a{a}[i];");
+    }
+    for (n, step) in body.steps.iter().enumerate() {
+        let _ = writeln!(s, "    let v{} = {};", body.args + n, step_expr(step));
+    }
+    let _ = writeln!(s, "    y[i] = v{};\n}}", body.result);
+    s
+}
+
+/// The head of a row-reduction shader: one workgroup per row of `n`.
+fn row_shader(n: usize) -> String {
+    let mut s = format!("const N: u32 = {n}u;\n{REDUCE}{ENTRY}");
+    s.push_str("    if (gi >= p.rows) { return; }\n    let row = gi * N;\n");
+    s
+}
+
+fn rms_norm(d: usize, eps_bits: u32) -> String {
+    let mut s = row_shader(d);
+    let _ = write!(
+        s,
+        "    var ss = 0.0;
+    for (var i = t; i < N; i = i + WG) {{ let v = x[row + i]; ss = ss + v * v; }}
+    let inv = 1.0 / sqrt(reduce_sum(t, ss) / f32(N) + {});
+    for (var i = t; i < N; i = i + WG) {{ y[row + i] = g[i] * (inv * x[row + i]); }}
+}}
+",
+        float(f32::from_bits(eps_bits))
+    );
+    s
+}
+
+fn layer_norm(d: usize, eps_bits: u32) -> String {
+    let mut s = row_shader(d);
+    let _ = write!(
+        s,
+        "    var sum = 0.0;
+    for (var i = t; i < N; i = i + WG) {{ sum = sum + x[row + i]; }}
+    let mean = reduce_sum(t, sum) / f32(N);
+    var sq = 0.0;
+    for (var i = t; i < N; i = i + WG) {{ let c = x[row + i] - mean; sq = sq + c * c; }}
+    let inv = 1.0 / sqrt(reduce_sum(t, sq) / f32(N) + {});
+    for (var i = t; i < N; i = i + WG) {{ y[row + i] = (x[row + i] - mean) * inv * g[i] + b[i]; }}
+}}
+",
+        float(f32::from_bits(eps_bits))
+    );
+    s
+}
+
+fn softmax(n: usize) -> String {
+    let mut s = row_shader(n);
+    let _ = write!(
+        s,
+        "    var hi = {LOWEST};
+    for (var i = t; i < N; i = i + WG) {{ hi = max(hi, x[row + i]); }}
+    let top = reduce_max(t, hi);
+    var sum = 0.0;
+    for (var i = t; i < N; i = i + WG) {{ let e = exp(x[row + i] - top); y[row + i] = e; sum = sum + e; }}
+    let total = reduce_sum(t, sum);
+    for (var i = t; i < N; i = i + WG) {{ y[row + i] = y[row + i] / total; }}
+}}
+"
+    );
+    s
+}
+
+fn argmax(n: usize) -> String {
+    let mut s = format!(
+        "const N: u32 = {n}u;
+var<workgroup> best_v: array<f32, 64>;
+var<workgroup> best_i: array<u32, 64>;
+const NONE: u32 = 0xffffffffu;
+{ENTRY}"
+    );
+    s.push_str(
+        "    if (gi >= p.rows) { return; }
+    let row = gi * N;
+    var v = 0.0;
+    var at = NONE;
+    for (var i = t; i < N; i = i + WG) {
+        let c = x[row + i];
+        if (at == NONE || c > v) { v = c; at = i; }
+    }
+    best_v[t] = v;
+    best_i[t] = at;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (t < s) {
+            let ov = best_v[t + s];
+            let oi = best_i[t + s];
+            let mi = best_i[t];
+            if (oi != NONE && (mi == NONE || ov > best_v[t] || (ov == best_v[t] && oi < mi))) {
+                best_v[t] = ov;
+                best_i[t] = oi;
+            }
+        }
+        workgroupBarrier();
+    }
+    if (t == 0u) { y[gi] = i32(select(best_i[0], 0u, best_i[0] == NONE)); }
+}
+",
+    );
+    s
+}
+
+fn rope(heads: usize, d: usize, rotary: usize, half: bool) -> String {
+    let mut s = format!(
+        "const H: u32 = {heads}u;\nconst D: u32 = {d}u;\nconst ROT: u32 = {rotary}u;\n{ENTRY}"
+    );
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.tokens * H * D) { return; }
+    let i = e % D;
+    let token = e / (H * D);
+    let base = e - i;
+    if (i >= ROT) { y[e] = x[e]; return; }
+",
+    );
+    if half {
+        s.push_str(
+            "    let pair = i % (ROT / 2u);
+    let a = base + pair;
+    let b = a + ROT / 2u;
+    let lead = i < ROT / 2u;
+",
+        );
+    } else {
+        s.push_str(
+            "    let pair = i / 2u;
+    let a = base + 2u * pair;
+    let b = a + 1u;
+    let lead = (i & 1u) == 0u;
+",
+        );
+    }
+    s.push_str(
+        "    let c = cos_t[token * (ROT / 2u) + pair];
+    let sn = sin_t[token * (ROT / 2u) + pair];
+    if (lead) { y[e] = x[a] * c - x[b] * sn; } else { y[e] = x[a] * sn + x[b] * c; }
+}
+",
+    );
+    s
+}
+
+fn attention(heads: usize, kv_heads: usize, d: usize, scale: Scale, paged: bool) -> String {
+    let scaled = match scale {
+        Scale::Times(f) => format!("qk * {}", float(f)),
+        Scale::DivSqrt(r) => format!("qk / {}", float(r)),
+    };
+    let mut s = format!(
+        "const H: u32 = {heads}u;
+const KVH: u32 = {kv_heads}u;
+const D: u32 = {d}u;
+const DC: u32 = {};
+var<workgroup> sc: array<f32, 64>;
+var<workgroup> offs: array<u32, 64>;
+var<workgroup> qs: array<f32, {d}>;
+var<workgroup> range_start: u32;
+var<workgroup> range_end: u32;
+{REDUCE}",
+        d.div_ceil(WORKGROUP as usize).max(1),
+    );
+    // Where key position `j` of the row's sequence lives, in floats.
+    let (locate, range) = if paged {
+        (
+            "fn key_at(seq: u32, j: u32, kvh: u32) -> u32 {
+    let block = u32(tables[seq * p.width + j / p.block]);
+    return ((block * p.block + j % p.block) * KVH + kvh) * D;
+}
+",
+            "        let pos = u32(lens[seq]) - p.tokens + row % p.tokens;
+        var start = 0u;
+        if (p.window > 0u && pos + 1u > p.window) { start = pos + 1u - p.window; }
+        range_start = start;
+        range_end = pos + 1u;
+",
+        )
+    } else {
+        (
+            "fn key_at(seq: u32, j: u32, kvh: u32) -> u32 {
+    return ((seq * p.keys + j) * KVH + kvh) * D;
+}
+",
+            "        let i = row % p.tokens;
+        var pos = 0u;
+        if (p.keys + i >= p.tokens) { pos = p.keys + i - p.tokens; }
+        var start = 0u;
+        if (p.window > 0u && pos + 1u > p.window) { start = pos + 1u - p.window; }
+        range_start = start;
+        range_end = select(p.keys, pos + 1u, p.causal != 0u);
+",
+        )
+    };
+    s.push_str(locate);
+    s.push_str(ENTRY);
+    let _ = write!(
+        s,
+        "    if (gi >= p.rows * H) {{ return; }}
+    let row = gi / H;
+    let head = gi % H;
+    let kvh = head / (H / KVH);
+    let seq = row / p.tokens;
+    let qrow = (row * H + head) * D;
+    for (var i = t; i < D; i = i + WG) {{ qs[i] = q[qrow + i]; }}
+    if (t == 0u) {{
+{range}    }}
+    let start = workgroupUniformLoad(&range_start);
+    let end = workgroupUniformLoad(&range_end);
+    var acc: array<f32, DC>;
+    var m = {LOWEST};
+    var l = 0.0;
+    for (var j0 = start; j0 < end; j0 = j0 + WG) {{
+        let j = j0 + t;
+        var score = {LOWEST};
+        if (j < end) {{
+            let at = key_at(seq, j, kvh);
+            offs[t] = at;
+            var qk = 0.0;
+            for (var i = 0u; i < D; i = i + 1u) {{ qk = qk + qs[i] * kc[at + i]; }}
+            score = {scaled};
+        }}
+        let top = max(m, reduce_max(t, score));
+        var e = 0.0;
+        if (j < end) {{ e = exp(score - top); }}
+        sc[t] = e;
+        let total = reduce_sum(t, e);
+        let fix = exp(m - top);
+        l = l * fix + total;
+        m = top;
+        let count = min(WG, end - j0);
+        for (var c = 0u; c < DC; c = c + 1u) {{
+            let i = t + c * WG;
+            if (i < D) {{
+                var a = acc[c] * fix;
+                for (var jj = 0u; jj < count; jj = jj + 1u) {{ a = a + sc[jj] * vc[offs[jj] + i]; }}
+                acc[c] = a;
+            }}
+        }}
+        workgroupBarrier();
+    }}
+    for (var c = 0u; c < DC; c = c + 1u) {{
+        let i = t + c * WG;
+        if (i < D) {{ y[qrow + i] = select(0.0, acc[c] / l, l > 0.0); }}
+    }}
+}}
+",
+    );
+    s
+}
+
+fn kv_append(row: usize) -> String {
+    let mut s = format!("const ROW: u32 = {row}u;\n{ENTRY}");
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.tokens * ROW) { return; }
+    let token = e / ROW;
+    let at = u32(slots[token]) * ROW + e % ROW;
+    kc[at] = kn[e];
+    vc[at] = vn[e];
+}
+",
+    );
+    s
+}
+
+fn gather(dim: usize) -> String {
+    let mut s = format!("const DIM: u32 = {dim}u;\n{ENTRY}");
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.count * DIM) { return; }
+    let id = u32(ids[e / DIM]);
+    if (id >= p.first && id < p.first + p.part_rows) {
+        y[e] = table[(id - p.first) * DIM + e % DIM];
+    }
+}
+",
+    );
+    s
+}
+
+fn columns(width: usize, offset: usize, len: usize) -> String {
+    let mut s = format!(
+        "const WIDTH: u32 = {width}u;\nconst OFFSET: u32 = {offset}u;\nconst LEN: u32 = {len}u;\n{ENTRY}"
+    );
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.rows * LEN) { return; }
+    y[e] = x[(e / LEN) * WIDTH + OFFSET + e % LEN];
+}
+",
+    );
+    s
+}
