@@ -205,6 +205,15 @@ pub fn exec(
                 .map_err(|e| format!("{file}: cpu backend: {e}"))?;
             program.run(&ctx, store, args)
         }
+        Backend::Gpu => {
+            let hoisted = interpreter.hoist(f).map_err(|e| format!("{file}: {e}"))?;
+            let device = llm_lower::gpu::Gpu::new(&Default::default())
+                .map_err(|e| format!("gpu backend: {e}"))?;
+            let program = llm_lower::gpu::Compiler::new(std::sync::Arc::new(device))
+                .build(&ctx, f, &hoisted)
+                .map_err(|e| format!("{file}: gpu backend: {e}"))?;
+            program.run(&ctx, store, args)
+        }
     }
     .map_err(|e| match e.location {
         Some((line, col)) => format!("{file}:{line}:{col}: {}", e.message),

@@ -22,6 +22,8 @@ pub enum Emit {
     MemoryPlan,
     /// The Cranelift IR of the CPU kernels of every function (pinned x86-64 features).
     Clif,
+    /// The WGSL compute shaders of every function (planned for WebGPU's default limits).
+    Wgsl,
 }
 
 impl Emit {
@@ -31,6 +33,7 @@ impl Emit {
             Emit::Ir => "ir",
             Emit::MemoryPlan => "memory-plan",
             Emit::Clif => "clif",
+            Emit::Wgsl => "wgsl",
         }
     }
 }
@@ -131,6 +134,11 @@ pub fn run(args: &OptArgs, source: &str) -> Result<Output, Diagnostic> {
             line: 1,
             column: 1,
             message: format!("cpu backend: {e}"),
+        })?,
+        Emit::Wgsl => llm_lower::gpu::emit_wgsl(&ctx, module).map_err(|e| Diagnostic {
+            line: 1,
+            column: 1,
+            message: format!("gpu backend: {e}"),
         })?,
     };
     Ok(Output { text, log })

@@ -93,6 +93,27 @@ fn check_golden(stem: &str, prompt: &str) {
     ] {
         check_golden_with(stem, prompt, passes, &backend);
     }
+    if gpu_available() {
+        check_golden_with(stem, prompt, "default", &Backend::Gpu);
+    }
+}
+
+/// Whether wgpu finds an adapter: with `REQUIRE_GPU` set (CI, on lavapipe) a missing one
+/// fails the test instead of skipping the GPU checks.
+fn gpu_available() -> bool {
+    match llm_lower::gpu::Gpu::new(&Default::default()) {
+        Ok(gpu) => {
+            println!("GPU checks on {}", gpu.adapter());
+            true
+        }
+        Err(e) if std::env::var_os("REQUIRE_GPU").is_some() => {
+            panic!("REQUIRE_GPU is set but there is no GPU: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPING the GPU checks: {e}");
+            false
+        }
+    }
 }
 
 /// Checks one golden prompt on `backend` after the pipeline `passes` (`""`: the
@@ -222,6 +243,19 @@ fn llm_run_generate_on_the_cpu_backend_prints_what_run_c_prints() {
         &["--backend", "cpu", "--threads", "2"],
     );
     assert!(stats.contains("\"backend\": \"cpu\""), "{stats}");
+}
+
+#[test]
+fn llm_run_generate_on_the_gpu_backend_prints_what_run_c_prints() {
+    if !gpu_available() {
+        return;
+    }
+    let stats = generate_cli(
+        "little_dog",
+        "The little dog was sad because",
+        &["--backend", "gpu"],
+    );
+    assert!(stats.contains("\"backend\": \"gpu\""), "{stats}");
 }
 
 #[test]

@@ -307,16 +307,10 @@ impl<'m> Engine<'m> {
     }
 
     /// Copies block `from` to block `to` in every layer of the cache (copy-on-write).
-    fn copy_block(&mut self, from: u32, to: u32) {
-        let Some(cache) = self.cache.as_mut() else {
-            return;
-        };
-        let bs = BLOCK_SIZE * cache.slot_len();
-        for layer in 0..cache.params.layers as usize {
-            let src = cache.slot_offset(layer, from as usize * BLOCK_SIZE);
-            let dst = cache.slot_offset(layer, to as usize * BLOCK_SIZE);
-            cache.k.copy_within(src..src + bs, dst);
-            cache.v.copy_within(src..src + bs, dst);
+    fn copy_block(&mut self, from: u32, to: u32) -> Result<(), RunError> {
+        match self.cache.as_mut() {
+            Some(cache) => self.model.copy_block(cache, from as usize, to as usize),
+            None => Ok(()),
         }
     }
 
@@ -329,7 +323,7 @@ impl<'m> Engine<'m> {
             match self.blocks.append(id, token) {
                 Ok(slot) => {
                     if let Some((from, to)) = slot.copy {
-                        self.copy_block(from, to);
+                        self.copy_block(from, to)?;
                     }
                     let pos = self.running[i].computed as i64;
                     batch.tokens.push(token);

@@ -14,7 +14,7 @@ use llm_ir::{
     text,
     types::{KvCacheParams, KvStorage},
 };
-use llm_lower::cpu;
+use llm_lower::{cpu, gpu};
 use llm_passes::{Pipeline, RunConfig};
 use pliron::{builtin::ops::FuncOp, context::Context};
 
@@ -135,6 +135,9 @@ pub enum Backend {
         /// Worker threads (1: the calling thread only).
         threads: usize,
     },
+    /// WGSL compute shaders run through wgpu on the best adapter found (a GPU, or a
+    /// software adapter such as lavapipe), weights and KV cache in device memory.
+    Gpu,
 }
 
 impl Backend {
@@ -145,22 +148,40 @@ impl Backend {
         }
     }
 
-    /// The name used on the command line and in stats (`interp`, `cpu`).
+    /// The name used on the command line and in stats (`interp`, `cpu`, `gpu`).
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Interp => "interp",
             Backend::Cpu { .. } => "cpu",
+            Backend::Gpu => "gpu",
         }
     }
+}
+
+/// A step function compiled for a backend.
+enum Compiled {
+    /// Run by the interpreter (over the hoisted values).
+    Interp,
+    /// A CPU program.
+    Cpu(cpu::Program),
+    /// A GPU program.
+    Gpu(gpu::Program),
 }
 
 /// One compiled step function.
 struct StepFunction {
     func: FuncOp,
-    /// Its weight-derived values, evaluated once.
+    /// Its weight-derived values, evaluated once (kept only for the interpreter).
     hoisted: Hoisted,
-    /// Its CPU program, on the CPU backend.
-    program: Option<cpu::Program>,
+    /// Its compiled program.
+    program: Compiled,
+}
+
+/// The compiler of a backend, shared by a model's step functions.
+enum Compiler {
+    Interp,
+    Cpu(cpu::Compiler),
+    Gpu(gpu::Compiler),
 }
 
 /// A compiled model ready to run.
@@ -210,14 +231,19 @@ impl Model {
             // weights: evaluate them once, and pack them once for the CPU.
             let mut memo = HoistMemo::default();
             let compiler = match backend {
-                Backend::Interp => None,
-                Backend::Cpu { threads } => Some(
+                Backend::Interp => Compiler::Interp,
+                Backend::Cpu { threads } => Compiler::Cpu(
                     cpu::Compiler::new(&cpu::Options {
                         threads: *threads,
                         ..cpu::Options::default()
                     })
                     .map_err(|e| format!("cpu backend: {e}"))?,
                 ),
+                Backend::Gpu => {
+                    let device = gpu::Gpu::new(&gpu::GpuOptions::default())
+                        .map_err(|e| format!("gpu backend: {e}"))?;
+                    Compiler::Gpu(gpu::Compiler::new(std::sync::Arc::new(device)))
+                }
             };
             let mut hoist = |step: Step| -> Result<StepFunction, RunError> {
                 let func = interp::find_func(&ctx, module, step.name())
@@ -225,19 +251,24 @@ impl Model {
                 let hoisted = interpreter
                     .hoist_shared(func, &mut memo)
                     .map_err(|e| format!("@{}: {e}", step.name()))?;
-                let program = compiler
-                    .as_ref()
-                    .map(|c| c.build(&ctx, func, &hoisted))
-                    .transpose()
-                    .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?;
+                let program = match &compiler {
+                    Compiler::Interp => Compiled::Interp,
+                    Compiler::Cpu(c) => Compiled::Cpu(
+                        c.build(&ctx, func, &hoisted)
+                            .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?,
+                    ),
+                    Compiler::Gpu(c) => Compiled::Gpu(
+                        c.build(&ctx, func, &hoisted)
+                            .map_err(|e| format!("@{}: gpu backend: {e}", step.name()))?,
+                    ),
+                };
                 Ok(StepFunction {
                     func,
-                    // A CPU program holds the hoisted values it reads (weights repacked for
-                    // its kernels); the originals can go.
-                    hoisted: if program.is_some() {
-                        Hoisted::default()
-                    } else {
-                        hoisted
+                    // A compiled program holds the hoisted values it reads (weights
+                    // repacked or uploaded for its kernels); the originals can go.
+                    hoisted: match program {
+                        Compiled::Interp => hoisted,
+                        _ => Hoisted::default(),
                     },
                     program,
                 })
@@ -249,7 +280,7 @@ impl Model {
         // hoisted); dropping it frees the weights the programs replaced with packed copies.
         let weights = match backend {
             Backend::Interp => weights,
-            Backend::Cpu { .. } => Weights::default(),
+            Backend::Cpu { .. } | Backend::Gpu => Weights::default(),
         };
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
@@ -268,9 +299,18 @@ impl Model {
         self.compile_ms
     }
 
-    /// Of [`Model::compile_ms`], milliseconds spent generating and JIT-compiling kernels.
+    /// Of [`Model::compile_ms`], milliseconds spent generating and JIT-compiling kernels
+    /// (on the GPU: validating shaders and creating pipelines).
     pub fn jit_ms(&self) -> f64 {
         self.lowering_total(|l| l.jit_ms)
+            + self
+                .steps
+                .iter()
+                .filter_map(|s| match &s.program {
+                    Compiled::Gpu(p) => Some(p.stats().pipeline_ms),
+                    _ => None,
+                })
+                .sum::<f64>()
     }
 
     /// Of [`Model::compile_ms`], milliseconds spent repacking weights for the CPU kernels.
@@ -297,9 +337,42 @@ impl Model {
         &self.backend
     }
 
-    /// How the ops of `step` were lowered (`None` on the interpreter).
+    /// How the ops of `step` were lowered on the CPU backend.
     pub fn lowering(&self, step: Step) -> Option<&cpu::LoweringStats> {
-        Some(self.steps[step as usize].program.as_ref()?.stats())
+        match &self.steps[step as usize].program {
+            Compiled::Cpu(p) => Some(p.stats()),
+            _ => None,
+        }
+    }
+
+    /// How the ops of `step` were lowered on the GPU backend.
+    pub fn gpu_lowering(&self, step: Step) -> Option<&gpu::LoweringStats> {
+        match &self.steps[step as usize].program {
+            Compiled::Gpu(p) => Some(p.stats()),
+            _ => None,
+        }
+    }
+
+    /// Copies block `from` of every layer of `cache` to block `to` (the copy-on-write of
+    /// a shared prefix block), where the cache lives: on the host, or in device memory.
+    pub fn copy_block(&self, cache: &mut KvCache, from: usize, to: usize) -> Result<(), RunError> {
+        if cache.resident.is_some() {
+            return gpu::copy_block(cache, from, to);
+        }
+        let bs = cache.params.block_size as usize * cache.slot_len();
+        if (from.max(to) + 1) * cache.params.block_size as usize > cache.slots() {
+            return Err(format!(
+                "block {from} or {to} is outside a pool of {} blocks",
+                cache.blocks
+            ));
+        }
+        for layer in 0..cache.params.layers as usize {
+            let src = cache.slot_offset(layer, from * cache.params.block_size as usize);
+            let dst = cache.slot_offset(layer, to * cache.params.block_size as usize);
+            cache.k.copy_within(src..src + bs, dst);
+            cache.v.copy_within(src..src + bs, dst);
+        }
+        Ok(())
     }
 
     /// The model's configuration.
@@ -354,8 +427,9 @@ impl Model {
         let func = step.name();
         let compiled = &self.steps[step as usize];
         let mut out = match &compiled.program {
-            Some(program) => program.run(&self.ctx, &self.weights, args),
-            None => Interpreter::new(&self.ctx, &self.weights).run_hoisted(
+            Compiled::Cpu(program) => program.run(&self.ctx, &self.weights, args),
+            Compiled::Gpu(program) => program.run(&self.ctx, &self.weights, args),
+            Compiled::Interp => Interpreter::new(&self.ctx, &self.weights).run_hoisted(
                 compiled.func,
                 args,
                 &compiled.hoisted,

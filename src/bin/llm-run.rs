@@ -35,6 +35,8 @@ enum BackendName {
     Interp,
     /// Cranelift JIT kernels on the CPU.
     Cpu,
+    /// WGSL compute shaders through wgpu (a GPU, or a software adapter such as lavapipe).
+    Gpu,
 }
 
 /// GGUF block formats a model can be quantized to when it loads.
@@ -103,7 +105,10 @@ impl BackendArgs {
     fn backend(&self) -> Result<Backend, String> {
         match (self.backend, self.threads) {
             (_, Some(0)) => Err("--threads must be at least 1".into()),
-            (BackendName::Interp, Some(_)) => Err("--threads needs --backend cpu".into()),
+            (BackendName::Interp | BackendName::Gpu, Some(_)) => {
+                Err("--threads needs --backend cpu".into())
+            }
+            (BackendName::Gpu, None) => Ok(Backend::Gpu),
             (BackendName::Interp, None) => Ok(Backend::Interp),
             (BackendName::Cpu, Some(threads)) => Ok(Backend::Cpu { threads }),
             (BackendName::Cpu, None) => Ok(Backend::cpu()),

@@ -16,7 +16,15 @@ pub use program::{Compiler, LoweringStats, Program, copy_block, read_cache};
 
 use std::fmt;
 
-use pliron::{builtin::ops::FuncOp, context::Context};
+use pliron::{
+    builtin::{
+        op_interfaces::SingleBlockRegionInterface,
+        ops::{FuncOp, ModuleOp},
+    },
+    context::Context,
+    linked_list::ContainsLinkedList,
+    operation::Operation,
+};
 
 /// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
 /// cannot be split to fit the limits).
@@ -100,11 +108,22 @@ pub fn validate(source: &str) -> Result<(), GpuError> {
     Ok(())
 }
 
-/// The WGSL shaders of `func`'s ops under `limits`, each validated, as one listing:
-/// which op runs which shader, then each distinct shader's source (what
-/// `llm-opt --emit=wgsl` prints).
-pub fn emit_wgsl(ctx: &Context, func: FuncOp, limits: &Limits) -> Result<String, GpuError> {
-    program::listing(ctx, func, limits)
+/// The WGSL shaders of every function in `module`, planned for WebGPU's default limits so
+/// that the text does not depend on the machine (`llm-opt --emit=wgsl`): per function a
+/// summary line (shader and op counts, ops still run through their reference semantics),
+/// then each distinct shader, validated with naga.
+pub fn emit_wgsl(ctx: &Context, module: ModuleOp) -> Result<String, GpuError> {
+    let body = module.get_body(ctx, 0);
+    let funcs: Vec<FuncOp> = body
+        .deref(ctx)
+        .iter(ctx)
+        .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
+        .collect();
+    let mut out = String::new();
+    for func in funcs {
+        out.push_str(&program::listing(ctx, func, &Limits::webgpu())?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

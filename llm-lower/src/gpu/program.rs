@@ -556,6 +556,7 @@ impl Program {
             interp::check_value(ctx, arg, *ty)
                 .map_err(|m| error(None, format!("argument #{i} of @{name}: {m}")))?;
         }
+        self.reserve_params();
         let mut call = Call {
             program: self,
             env: vec![None; self.slots],
@@ -589,6 +590,21 @@ impl Program {
             }
         }
         Err(error(None, format!("@{name} ended without llm.return")))
+    }
+
+    /// Makes the parameter buffer hold the blocks of every planned dispatch.
+    fn reserve_params(&self) {
+        let bytes = (self.stats.dispatches as u64).max(1) * PARAM_STRIDE;
+        let mut buffers = self.buffers.borrow_mut();
+        if buffers.params.as_ref().is_none_or(|b| b.size() < bytes) {
+            buffers.params = Some(self.gpu.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: bytes,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+            buffers.groups.clear();
+        }
     }
 
     /// The device pool of cache `c`: the one it names, or a new one holding its data.
@@ -958,7 +974,7 @@ impl Call<'_> {
         self.params.extend_from_slice(bytemuck::cast_slice(&block));
         self.params
             .resize(offset as usize + PARAM_STRIDE as usize, 0);
-        let params = self.params_buffer(offset + PARAM_STRIDE);
+        let params = self.params_buffer()?;
         let key = (
             pipeline.clone(),
             offset,
@@ -1006,31 +1022,21 @@ impl Call<'_> {
         Ok(())
     }
 
-    /// The parameter buffer, at least `bytes` long (grown in steps, which drops the bind
-    /// groups that named the old one).
-    fn params_buffer(&self, bytes: u64) -> wgpu::Buffer {
-        let mut buffers = self.program.buffers.borrow_mut();
-        if buffers.params.as_ref().is_none_or(|b| b.size() < bytes) {
-            let size = bytes.next_power_of_two().max(64 * PARAM_STRIDE);
-            buffers.params = Some(self.program.gpu.device().create_buffer(
-                &wgpu::BufferDescriptor {
-                    label: Some("params"),
-                    size,
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                },
-            ));
-            buffers.groups.clear();
+    /// The parameter buffer, sized for the program's dispatches before the call records
+    /// any (a buffer replaced mid-call would leave recorded bind groups on the old one).
+    fn params_buffer(&self) -> Result<wgpu::Buffer, String> {
+        let buffers = self.program.buffers.borrow();
+        match &buffers.params {
+            Some(b) if b.size() >= self.params.len() as u64 => Ok(b.clone()),
+            _ => Err("more dispatches than the program planned".into()),
         }
-        buffers.params.clone().expect("created above")
     }
 
     /// Submits the recorded dispatches and reads back `reads`.
     fn flush(&mut self, reads: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>, String> {
         let gpu = &self.program.gpu;
         if !self.params.is_empty() {
-            let params = self.params_buffer(self.params.len() as u64);
-            gpu.write(&params, 0, &self.params);
+            gpu.write(&self.params_buffer()?, 0, &self.params);
         }
         let mut encoder = gpu.device().create_command_encoder(&Default::default());
         {

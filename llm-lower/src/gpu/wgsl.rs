@@ -742,7 +742,7 @@ fn attention(heads: usize, kv_heads: usize, d: usize, scale: Scale, paged: bool)
         "const H: u32 = {heads}u;
 const KVH: u32 = {kv_heads}u;
 const D: u32 = {d}u;
-const DC: u32 = {};
+const DC: u32 = {}u;
 var<workgroup> sc: array<f32, 64>;
 var<workgroup> offs: array<u32, 64>;
 var<workgroup> qs: array<f32, {d}>;
