@@ -163,9 +163,9 @@ enum Compiled {
     /// Run by the interpreter (over the hoisted values).
     Interp,
     /// A CPU program.
-    Cpu(cpu::Program),
+    Cpu(Box<cpu::Program>),
     /// A GPU program.
-    Gpu(gpu::Program),
+    Gpu(Box<gpu::Program>),
 }
 
 /// One compiled step function.
@@ -253,14 +253,14 @@ impl Model {
                     .map_err(|e| format!("@{}: {e}", step.name()))?;
                 let program = match &compiler {
                     Compiler::Interp => Compiled::Interp,
-                    Compiler::Cpu(c) => Compiled::Cpu(
+                    Compiler::Cpu(c) => Compiled::Cpu(Box::new(
                         c.build(&ctx, func, &hoisted)
                             .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?,
-                    ),
-                    Compiler::Gpu(c) => Compiled::Gpu(
+                    )),
+                    Compiler::Gpu(c) => Compiled::Gpu(Box::new(
                         c.build(&ctx, func, &hoisted)
                             .map_err(|e| format!("@{}: gpu backend: {e}", step.name()))?,
-                    ),
+                    )),
                 };
                 Ok(StepFunction {
                     func,
