@@ -69,12 +69,20 @@ fn tokenizer(vocab: usize) -> Tokenizer {
     Tokenizer::from_vocab(tokens, vec![0.0; vocab]).with_stop_tokens(Vec::new())
 }
 
-/// The backends benchmarked: label, backend, quantization of the weights.
+/// The backends benchmarked: label, backend, quantization of the weights. The GPU rows
+/// run with `LLMC_BENCH_GPU=1` (on a machine with a GPU: a software adapter's timings
+/// mean nothing).
 fn backends() -> Vec<(String, Backend, Option<QuantFormat>)> {
     let mut out = vec![
         ("cpu-1t".into(), Backend::Cpu { threads: 1 }, None),
         ("cpu-2t".into(), Backend::Cpu { threads: 2 }, None),
     ];
+    if std::env::var_os("LLMC_BENCH_GPU").is_some() {
+        let gpu = Backend::Gpu(Default::default());
+        out.push(("gpu".into(), gpu.clone(), None));
+        out.push(("gpu-q8_0".into(), gpu.clone(), Some(QuantFormat::Q8_0)));
+        out.push(("gpu-q4_0".into(), gpu, Some(QuantFormat::Q4_0)));
+    }
     for (name, format) in [("q8_0", QuantFormat::Q8_0), ("q4_0", QuantFormat::Q4_0)] {
         for threads in [1, 2] {
             out.push((

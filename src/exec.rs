@@ -205,10 +205,10 @@ pub fn exec(
                 .map_err(|e| format!("{file}: cpu backend: {e}"))?;
             program.run(&ctx, store, args)
         }
-        Backend::Gpu => {
+        Backend::Gpu(options) => {
             let hoisted = interpreter.hoist(f).map_err(|e| format!("{file}: {e}"))?;
-            let device = llm_lower::gpu::Gpu::new(&Default::default())
-                .map_err(|e| format!("gpu backend: {e}"))?;
+            let device =
+                llm_lower::gpu::Gpu::new(options).map_err(|e| format!("gpu backend: {e}"))?;
             let program = llm_lower::gpu::Compiler::new(std::sync::Arc::new(device))
                 .build(&ctx, f, &hoisted)
                 .map_err(|e| format!("{file}: gpu backend: {e}"))?;

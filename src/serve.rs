@@ -10,7 +10,7 @@ use std::{
 use llm_ir::types::QuantFormat;
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
-    generate::{Backend, Model},
+    generate::{Backend, Model, Step},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{BOS, TextCodec, Tokenizer},
@@ -254,6 +254,8 @@ pub struct BenchReport {
     pub compile_ms: (f64, f64, f64),
     /// The process's resident memory after the run and its peak, in bytes (Linux only).
     pub memory: Option<(u64, u64)>,
+    /// On the GPU backend: the adapter, and the decode step's shaders and dispatches.
+    pub gpu: Option<(String, usize, usize)>,
 }
 
 /// The resident set size of this process and its peak, from `/proc/self/status`.
@@ -298,6 +300,12 @@ impl std::fmt::Display for BenchReport {
             "compile:           {:.1} ms, of which kernels {:.1} ms, weight packing {:.1} ms",
             self.compile_ms.0, self.compile_ms.1, self.compile_ms.2
         )?;
+        if let Some((adapter, shaders, dispatches)) = &self.gpu {
+            writeln!(
+                f,
+                "gpu:               {adapter}; decode step: {shaders} shaders, {dispatches} dispatches, one submission"
+            )?;
+        }
         writeln!(
             f,
             "throughput:        {:.1} generated tok/s ({:.1} tok/s with prompts)",
@@ -437,6 +445,10 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
         compile_ms: (model.compile_ms(), model.jit_ms(), model.pack_ms()),
         memory: resident_memory(),
+        gpu: model
+            .adapter()
+            .zip(model.gpu_lowering(Step::Decode))
+            .map(|(name, l)| (name, l.shaders, l.dispatches)),
     })
 }
 

@@ -53,19 +53,7 @@ fn gpu() -> Option<Arc<Gpu>> {
             webgpu_limits: true,
             ..GpuOptions::default()
         };
-        match Gpu::new(&options) {
-            Ok(g) => {
-                eprintln!("GPU kernel tests on {}", g.adapter());
-                Some(Arc::new(g))
-            }
-            Err(e) if std::env::var_os("REQUIRE_GPU").is_some() => {
-                panic!("REQUIRE_GPU is set but there is no GPU: {e}")
-            }
-            Err(e) => {
-                eprintln!("SKIPPING the GPU half of the kernel tests: {e}");
-                None
-            }
-        }
+        gpu::test_device(&options).map(Arc::new)
     })
     .clone()
 }

@@ -6,7 +6,7 @@
 //! BOS, and the printed text is the decoded prompt (after BOS), the continuation and a
 //! newline.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use llm_ir::{
     dtype::DType,
@@ -137,7 +137,7 @@ pub enum Backend {
     },
     /// WGSL compute shaders run through wgpu on the best adapter found (a GPU, or a
     /// software adapter such as lavapipe), weights and KV cache in device memory.
-    Gpu,
+    Gpu(gpu::GpuOptions),
 }
 
 impl Backend {
@@ -153,7 +153,7 @@ impl Backend {
         match self {
             Backend::Interp => "interp",
             Backend::Cpu { .. } => "cpu",
-            Backend::Gpu => "gpu",
+            Backend::Gpu(_) => "gpu",
         }
     }
 }
@@ -194,6 +194,8 @@ pub struct Model {
     steps: [StepFunction; 2],
     compile_ms: f64,
     weight_bytes: usize,
+    /// The device, on the GPU backend.
+    gpu: Option<Arc<gpu::Gpu>>,
 }
 
 /// An error while running a model.
@@ -225,7 +227,7 @@ impl Model {
                 .run(&mut ctx, module, &RunConfig::default())
                 .map_err(|e| format!("pass pipeline: {e}"))?;
         }
-        let steps = {
+        let (steps, gpu) = {
             let interpreter = Interpreter::new(&ctx, &weights);
             // Both steps derive the same matrices (concatenated projections) from the same
             // weights: evaluate them once, and pack them once for the CPU.
@@ -239,10 +241,10 @@ impl Model {
                     })
                     .map_err(|e| format!("cpu backend: {e}"))?,
                 ),
-                Backend::Gpu => {
-                    let device = gpu::Gpu::new(&gpu::GpuOptions::default())
-                        .map_err(|e| format!("gpu backend: {e}"))?;
-                    Compiler::Gpu(gpu::Compiler::new(std::sync::Arc::new(device)))
+                Backend::Gpu(options) => {
+                    let device =
+                        Arc::new(gpu::Gpu::new(options).map_err(|e| format!("gpu backend: {e}"))?);
+                    Compiler::Gpu(gpu::Compiler::new(device))
                 }
             };
             let mut hoist = |step: Step| -> Result<StepFunction, RunError> {
@@ -273,17 +275,23 @@ impl Model {
                     program,
                 })
             };
-            [hoist(Step::Prefill)?, hoist(Step::Decode)?]
+            let steps = [hoist(Step::Prefill)?, hoist(Step::Decode)?];
+            let gpu = match &compiler {
+                Compiler::Gpu(c) => Some(Arc::clone(c.gpu())),
+                _ => None,
+            };
+            (steps, gpu)
         };
         let weight_bytes = weights.bytes();
         // Compiled programs never read the weight store again (every `llm.weight` was
         // hoisted); dropping it frees the weights the programs replaced with packed copies.
         let weights = match backend {
             Backend::Interp => weights,
-            Backend::Cpu { .. } | Backend::Gpu => Weights::default(),
+            Backend::Cpu { .. } | Backend::Gpu(_) => Weights::default(),
         };
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
+            gpu,
             ctx,
             config,
             weights,
@@ -351,6 +359,11 @@ impl Model {
             Compiled::Gpu(p) => Some(p.stats()),
             _ => None,
         }
+    }
+
+    /// The GPU adapter the model runs on (`None` off the GPU backend).
+    pub fn adapter(&self) -> Option<String> {
+        self.gpu.as_ref().map(|g| g.adapter())
     }
 
     /// Copies block `from` of every layer of `cache` to block `to` (the copy-on-write of
@@ -455,8 +468,8 @@ impl Model {
     }
 
     /// Runs tokens at positions `start..` of the single sequence whose blocks are
-    /// `0..blocks` in order.
-    fn forward(
+    /// `0..blocks` in order, returning one logits row per token and the updated cache.
+    pub fn forward(
         &self,
         step: Step,
         tokens: &[u32],

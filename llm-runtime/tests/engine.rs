@@ -105,6 +105,15 @@ fn batched_sequences_equal_their_single_sequence_outputs_on_the_cpu_backend() {
     batched_equals_single(&Backend::Cpu { threads: 2 });
 }
 
+/// The same on the GPU backend (its shaders also compute each row alone), with the KV
+/// cache in device memory.
+#[test]
+fn batched_sequences_equal_their_single_sequence_outputs_on_the_gpu_backend() {
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        batched_equals_single(&Backend::Gpu(Default::default()));
+    }
+}
+
 fn batched_equals_single(backend: &Backend) {
     let (model, tok) = model_on(backend);
     let prompts = prompts(32);
@@ -136,7 +145,19 @@ fn preemption_under_a_small_pool_keeps_outputs() {
 
 #[test]
 fn shared_prompt_prefixes_are_prefilled_once() {
-    let (model, tok) = model();
+    shared_prefixes(&Backend::Interp);
+}
+
+/// The same with the pool in device memory: copy-on-write block copies run on the GPU.
+#[test]
+fn shared_prompt_prefixes_are_prefilled_once_on_the_gpu_backend() {
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        shared_prefixes(&Backend::Gpu(Default::default()));
+    }
+}
+
+fn shared_prefixes(backend: &Backend) {
+    let (model, tok) = model_on(backend);
     // 16 requests sharing a long prefix, each with its own ending.
     let prefix = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.";
     let prompts: Vec<String> = (0..16)

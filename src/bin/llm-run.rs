@@ -108,7 +108,7 @@ impl BackendArgs {
             (BackendName::Interp | BackendName::Gpu, Some(_)) => {
                 Err("--threads needs --backend cpu".into())
             }
-            (BackendName::Gpu, None) => Ok(Backend::Gpu),
+            (BackendName::Gpu, None) => Ok(Backend::Gpu(Default::default())),
             (BackendName::Interp, None) => Ok(Backend::Interp),
             (BackendName::Cpu, Some(threads)) => Ok(Backend::Cpu { threads }),
             (BackendName::Cpu, None) => Ok(Backend::cpu()),

@@ -10,7 +10,7 @@ use std::{
 use super::{GpuError, Limits, validate, wgsl::Shader};
 
 /// How to open a device.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuOptions {
     /// Ask only for WebGPU's default limits (128 MiB bindings, 8 storage buffers per
     /// stage), so that what runs here runs on any WebGPU device; otherwise the adapter's
@@ -18,6 +18,9 @@ pub struct GpuOptions {
     pub webgpu_limits: bool,
     /// Take a CPU (software) adapter even where a GPU exists (lavapipe: the CI set-up).
     pub fallback_adapter: bool,
+    /// Cap the bytes of one storage binding below what the device allows (tests use it to
+    /// make small models split their weights as large ones must).
+    pub max_binding_bytes: Option<u64>,
 }
 
 /// How long a readback waits for the GPU before it reports a wedged device.
@@ -48,11 +51,15 @@ impl Gpu {
             ..Default::default()
         }))
         .map_err(|e| GpuError(format!("no GPU adapter: {e}")))?;
-        let required_limits = if options.webgpu_limits {
+        let mut required_limits = if options.webgpu_limits {
             wgpu::Limits::default()
         } else {
             adapter.limits()
         };
+        if let Some(cap) = options.max_binding_bytes {
+            let limit = &mut required_limits.max_storage_buffer_binding_size;
+            *limit = (*limit).min(cap.max(4));
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmc"),
             required_features: wgpu::Features::empty(),

@@ -93,6 +93,25 @@ impl Limits {
     }
 }
 
+/// The test suites' device policy: a device opened with `options`, or `None` (with a
+/// note on stderr) when there is no adapter; with `REQUIRE_GPU` set (CI, on lavapipe) a
+/// missing adapter is a test failure instead, so GPU tests cannot silently skip there.
+pub fn test_device(options: &GpuOptions) -> Option<Gpu> {
+    match Gpu::new(options) {
+        Ok(gpu) => {
+            eprintln!("GPU checks on {}", gpu.adapter());
+            Some(gpu)
+        }
+        Err(e) if std::env::var_os("REQUIRE_GPU").is_some() => {
+            panic!("REQUIRE_GPU is set but there is no GPU: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPING the GPU checks: {e}");
+            None
+        }
+    }
+}
+
 /// Parses and validates a WGSL `source` with naga (no device needed); the error is naga's
 /// report with line and column.
 pub fn validate(source: &str) -> Result<(), GpuError> {

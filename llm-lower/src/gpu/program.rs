@@ -75,6 +75,9 @@ pub struct LoweringStats {
     /// Bytes of weights this program uploaded (zero for weights an earlier program of the
     /// same [`Compiler`] uploaded).
     pub upload_bytes: usize,
+    /// Constants its shaders read that are split into several row parts, because one
+    /// binding cannot hold them.
+    pub split_weights: usize,
     /// Milliseconds spent validating shaders and creating pipelines.
     pub pipeline_ms: f64,
 }
@@ -215,6 +218,11 @@ impl Compiler {
             gpu,
             uploads: RefCell::default(),
         }
+    }
+
+    /// The device programs are compiled for.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
     }
 
     /// Compiles `func`, taking its weight-derived values from `hoisted`.
@@ -673,15 +681,12 @@ pub fn copy_block(cache: &KvCache, from: usize, to: usize) -> Result<(), String>
     }
     let gpu = &pool.gpu;
     let block = cache.params.block_size * cache.params.kv_heads * cache.params.head_dim * 4;
+    // WebGPU copies never have the same buffer at both ends: go through a scratch block.
+    let scratch = gpu.storage("block copy", block);
     let mut encoder = gpu.device().create_command_encoder(&Default::default());
     for buffer in pool.k.iter().chain(&pool.v) {
-        encoder.copy_buffer_to_buffer(
-            buffer,
-            from as u64 * block,
-            buffer,
-            to as u64 * block,
-            block,
-        );
+        encoder.copy_buffer_to_buffer(buffer, from as u64 * block, &scratch, 0, block);
+        encoder.copy_buffer_to_buffer(&scratch, 0, buffer, to as u64 * block, block);
     }
     gpu.submit_and_read(encoder, &[])
         .map(|_| ())
@@ -773,6 +778,9 @@ fn upload_constants(
                     t
                 }
             };
+            if tensor.parts.len() > 1 {
+                stats.split_weights += 1;
+            }
             on_device.insert((s, transpose), tensor);
         }
     }
