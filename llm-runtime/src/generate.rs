@@ -310,29 +310,27 @@ impl Model {
     /// Of [`Model::compile_ms`], milliseconds spent generating and JIT-compiling kernels
     /// (on the GPU: validating shaders and creating pipelines).
     pub fn jit_ms(&self) -> f64 {
-        self.lowering_total(|l| l.jit_ms)
-            + self
-                .steps
-                .iter()
-                .filter_map(|s| match &s.program {
-                    Compiled::Gpu(p) => Some(p.stats().pipeline_ms),
-                    _ => None,
-                })
-                .sum::<f64>()
+        self.lowering_total(|p| match p {
+            Compiled::Interp => 0.0,
+            Compiled::Cpu(p) => p.stats().jit_ms,
+            Compiled::Gpu(p) => p.stats().pipeline_ms,
+        })
     }
 
     /// Of [`Model::compile_ms`], milliseconds spent repacking weights for the CPU kernels.
     pub fn pack_ms(&self) -> f64 {
-        self.lowering_total(|l| l.pack_ms)
+        self.lowering_total(|p| match p {
+            Compiled::Cpu(p) => p.stats().pack_ms,
+            _ => 0.0,
+        })
     }
 
-    /// The sum of `field` over both step functions' lowering (0 on the interpreter).
-    fn lowering_total(&self, field: fn(&cpu::LoweringStats) -> f64) -> f64 {
-        [Step::Prefill, Step::Decode]
+    /// The sum of `field` over both step functions' programs.
+    fn lowering_total(&self, field: fn(&Compiled) -> f64) -> f64 {
+        self.steps
             .iter()
-            .filter_map(|&s| self.lowering(s))
-            .map(field)
-            .sum()
+            .map(|s| field(&s.program))
+            .fold(0.0, |a, b| a + b)
     }
 
     /// Bytes of the model's weights as loaded.

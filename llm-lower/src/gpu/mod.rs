@@ -7,12 +7,16 @@
 //! memory than the device allows run through the reference semantics, and workgroup grids
 //! are folded to the device's per-dimension limit.
 
+mod call;
 mod device;
+mod pool;
 mod program;
+mod tensor;
 pub mod wgsl;
 
 pub use device::{Gpu, GpuOptions};
-pub use program::{Compiler, LoweringStats, Program, copy_block, read_cache};
+pub use pool::{copy_block, read_cache};
+pub use program::{Compiler, LoweringStats, Program};
 
 use std::fmt;
 

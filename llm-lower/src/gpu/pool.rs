@@ -1,0 +1,153 @@
+//! The paged KV pool in device memory: one key and one value buffer per layer, named by
+//! the [`KvCache`] values a program returns ([`KvCache::resident`]), copied block by block
+//! on the device and read back on request.
+
+use std::sync::Arc;
+
+use llm_ir::{
+    dtype::DType,
+    interp::{KvCache, Resident},
+    types::{KvCacheParams, KvStorage},
+};
+
+use super::device::Gpu;
+
+/// A paged KV pool in device memory: one key and one value buffer per layer.
+pub(super) struct Pool {
+    /// The cache type's parameters.
+    pub params: KvCacheParams,
+    /// Blocks in the pool.
+    pub blocks: usize,
+    /// Keys, per layer.
+    pub k: Vec<wgpu::Buffer>,
+    /// Values, per layer.
+    pub v: Vec<wgpu::Buffer>,
+    /// The device that holds it (a cache cannot move between devices).
+    pub gpu: Arc<Gpu>,
+}
+
+impl Pool {
+    /// The device pool of cache `c` on `gpu`: the one it names, or a new one holding its
+    /// data.
+    pub fn of(c: KvCache, gpu: &Arc<Gpu>) -> Result<Arc<Pool>, String> {
+        if let Some(Resident(any)) = &c.resident {
+            let pool = Arc::clone(any)
+                .downcast::<Pool>()
+                .map_err(|_| "the KV cache lives in another backend's memory".to_string())?;
+            if !Arc::ptr_eq(&pool.gpu, gpu) {
+                return Err("the KV cache lives on another GPU device".into());
+            }
+            return Ok(pool);
+        }
+        if c.params.storage != KvStorage::Float(DType::F32) {
+            return Err(format!(
+                "the GPU holds f32 KV caches only, not {:?}",
+                c.params.storage
+            ));
+        }
+        let per_layer = c.slot_offset(1, 0);
+        let bytes = per_layer as u64 * 4;
+        let limit = gpu.limits().max_binding_bytes;
+        if bytes > limit {
+            return Err(format!(
+                "one layer of the KV pool takes {bytes} bytes, over the device's {limit}-byte binding limit; use fewer blocks"
+            ));
+        }
+        let layers = c.params.layers as usize;
+        let upload = |data: &[f32], which: &str| -> Vec<wgpu::Buffer> {
+            (0..layers)
+                .map(|l| {
+                    let label = format!("kv {which} layer {l}");
+                    let part = data.get(l * per_layer..(l + 1) * per_layer).unwrap_or(&[]);
+                    if part.iter().all(|&x| x == 0.0) {
+                        gpu.storage(&label, bytes)
+                    } else {
+                        gpu.upload(&label, bytemuck::cast_slice(part))
+                    }
+                })
+                .collect()
+        };
+        Ok(Arc::new(Pool {
+            k: upload(&c.k, "k"),
+            v: upload(&c.v, "v"),
+            params: c.params,
+            blocks: c.blocks,
+            gpu: Arc::clone(gpu),
+        }))
+    }
+
+    /// The cache value that names this pool.
+    pub fn cache(self: &Arc<Pool>) -> KvCache {
+        KvCache {
+            params: self.params.clone(),
+            blocks: self.blocks,
+            k: Vec::new(),
+            v: Vec::new(),
+            resident: Some(Resident(Arc::clone(self) as Arc<_>)),
+        }
+    }
+}
+
+/// Copies block `from` of every layer of a device-resident cache to block `to` (the
+/// copy-on-write of a shared prefix block).
+pub fn copy_block(cache: &KvCache, from: usize, to: usize) -> Result<(), String> {
+    let Some(Resident(any)) = &cache.resident else {
+        return Err("the cache is not in device memory".into());
+    };
+    let pool = Arc::clone(any)
+        .downcast::<Pool>()
+        .map_err(|_| "the KV cache lives in another backend's memory".to_string())?;
+    if from >= pool.blocks || to >= pool.blocks {
+        return Err(format!(
+            "block {from} or {to} is outside a pool of {} blocks",
+            pool.blocks
+        ));
+    }
+    let gpu = &pool.gpu;
+    let block = cache.params.block_size * cache.params.kv_heads * cache.params.head_dim * 4;
+    // WebGPU copies never have the same buffer at both ends: go through a scratch block.
+    let scratch = gpu.storage("block copy", block);
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    for buffer in pool.k.iter().chain(&pool.v) {
+        encoder.copy_buffer_to_buffer(buffer, from as u64 * block, &scratch, 0, block);
+        encoder.copy_buffer_to_buffer(&scratch, 0, buffer, to as u64 * block, block);
+    }
+    gpu.submit_and_read(encoder, &[])
+        .map(|_| ())
+        .map_err(|e| e.0)
+}
+
+/// A host copy of a cache that lives in device memory (for tests and inspection); a
+/// host cache is returned as is.
+pub fn read_cache(cache: &KvCache) -> Result<KvCache, String> {
+    match &cache.resident {
+        None => Ok(cache.clone()),
+        Some(Resident(any)) => {
+            let pool = Arc::clone(any)
+                .downcast::<Pool>()
+                .map_err(|_| "the KV cache lives in another backend's memory".to_string())?;
+            read_pool(&pool)
+        }
+    }
+}
+
+/// Reads every layer of `pool` back.
+pub(super) fn read_pool(pool: &Pool) -> Result<KvCache, String> {
+    let mut cache = KvCache::new(pool.params.clone(), pool.blocks);
+    let per_layer = cache.slot_offset(1, 0) as u64 * 4;
+    let reads: Vec<(&wgpu::Buffer, u64)> = pool
+        .k
+        .iter()
+        .chain(&pool.v)
+        .map(|b| (b, per_layer))
+        .collect();
+    let encoder = pool
+        .gpu
+        .device()
+        .create_command_encoder(&Default::default());
+    let layers = pool.gpu.submit_and_read(encoder, &reads).map_err(|e| e.0)?;
+    let (k, v) = layers.split_at(pool.k.len());
+    cache.k = bytemuck::pod_collect_to_vec(&k.concat());
+    cache.v = bytemuck::pod_collect_to_vec(&v.concat());
+    Ok(cache)
+}

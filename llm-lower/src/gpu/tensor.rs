@@ -1,0 +1,167 @@
+//! Tensors in device memory: how values are laid out for the shaders (`f32`, integers as
+//! `i32`, quantized rows as stored) and split into row parts that each fit one storage
+//! binding.
+
+use llm_ir::{dtype::DType, interp::Value, types::QuantFormat};
+
+use super::device::Gpu;
+use crate::kernel::WeightFormat;
+
+/// How one element of a device tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Elem {
+    /// `f32`.
+    F32,
+    /// `i32` (integer tensors of any width; values are range-checked on upload).
+    I32(DType),
+    /// Quantized rows (q8_0, q4_0).
+    Quant(WeightFormat),
+}
+
+/// Rows `first..first + rows` of a tensor, in one buffer.
+#[derive(Clone)]
+pub(super) struct Part {
+    /// The first row.
+    pub first: usize,
+    /// Rows held.
+    pub rows: usize,
+    /// Their buffer.
+    pub buffer: wgpu::Buffer,
+}
+
+/// A tensor in device memory, in row parts that each fit one binding.
+#[derive(Clone)]
+pub(super) struct DeviceTensor {
+    /// The logical shape.
+    pub shape: Vec<usize>,
+    /// How elements are stored.
+    pub elem: Elem,
+    /// Row parts, in order.
+    pub parts: Vec<Part>,
+}
+
+impl DeviceTensor {
+    /// An unsplit `f32` device tensor of `shape` in `buffer`.
+    pub fn f32(shape: Vec<usize>, buffer: wgpu::Buffer) -> DeviceTensor {
+        DeviceTensor {
+            parts: vec![Part {
+                first: 0,
+                rows: shape.first().copied().unwrap_or(1),
+                buffer,
+            }],
+            shape,
+            elem: Elem::F32,
+        }
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The one buffer of an unsplit tensor.
+    pub fn whole(&self) -> Result<&wgpu::Buffer, String> {
+        match self.parts.as_slice() {
+            [p] => Ok(&p.buffer),
+            _ => Err(format!(
+                "a tensor {:?} split in {} parts cannot be bound whole",
+                self.shape,
+                self.parts.len()
+            )),
+        }
+    }
+}
+
+/// The bytes of `value` as a device tensor: `f32` as is, integers as `i32` (checked),
+/// quantized rows as stored; `transpose` turns a `[k, n]` matrix into `[n, k]`.
+pub(super) fn device_bytes(
+    value: &Value,
+    transpose: bool,
+) -> Result<(Vec<usize>, Elem, Vec<u8>), String> {
+    match value {
+        Value::Tensor(t) if t.dtype == DType::F32 => {
+            let floats = t.floats()?;
+            let (shape, data) = match (transpose, t.shape.as_slice()) {
+                (true, &[k, n]) => (
+                    vec![n, k],
+                    (0..n)
+                        .flat_map(|j| (0..k).map(move |p| floats[p * n + j]))
+                        .collect::<Vec<f32>>(),
+                ),
+                _ => (t.shape.clone(), floats.to_vec()),
+            };
+            Ok((shape, Elem::F32, bytemuck::cast_slice(&data).to_vec()))
+        }
+        Value::Tensor(t) => {
+            let ints = t
+                .ints()
+                .map_err(|_| format!("a {:?} tensor has no GPU representation", t.dtype))?;
+            let mut out = Vec::with_capacity(ints.len() * 4);
+            for &i in ints {
+                let v = i32::try_from(i)
+                    .map_err(|_| format!("the integer {i} does not fit the GPU's 32 bits"))?;
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            Ok((t.shape.clone(), Elem::I32(t.dtype), out))
+        }
+        Value::Quantized(q) => {
+            let format = match q.format {
+                QuantFormat::Q8_0 => WeightFormat::Q8_0,
+                QuantFormat::Q4_0 => WeightFormat::Q4_0,
+                ref other => return Err(format!("{other:?} weights have no GPU kernel")),
+            };
+            Ok((q.shape.clone(), Elem::Quant(format), q.bytes.clone()))
+        }
+        other => Err(format!("{} has no GPU representation", other.kind())),
+    }
+}
+
+/// Bytes of one row (the first dim) of a tensor of `shape` stored as `elem`.
+pub(super) fn row_bytes(shape: &[usize], elem: Elem) -> usize {
+    let inner: usize = shape.iter().skip(1).product();
+    match elem {
+        Elem::Quant(f) => f.row_bytes(inner),
+        _ => 4 * inner,
+    }
+}
+
+/// Uploads `bytes` in row parts of at most `limits.max_binding_bytes` each.
+pub(super) fn upload_parts(
+    gpu: &Gpu,
+    label: &str,
+    shape: Vec<usize>,
+    elem: Elem,
+    bytes: &[u8],
+) -> Result<DeviceTensor, String> {
+    let rows = shape.first().copied().unwrap_or(1).max(1);
+    let row = row_bytes(&shape, elem).max(1);
+    let limit = gpu.limits().max_binding_bytes as usize;
+    // Parts are padded to 4 bytes, so a part of `per` rows takes up to `per * row + 3`.
+    let per = if shape.len() < 2 {
+        rows
+    } else {
+        (limit.saturating_sub(3) / row).max(1)
+    };
+    if per * row > limit && shape.len() >= 2 || (shape.len() < 2 && bytes.len() > limit) {
+        return Err(format!(
+            "{label}: one row of {row} bytes exceeds the device's {limit}-byte binding limit"
+        ));
+    }
+    let parts = (0..rows)
+        .step_by(per)
+        .map(|first| {
+            let n = per.min(rows - first);
+            let end = if shape.len() < 2 {
+                bytes.len()
+            } else {
+                (first + n) * row
+            };
+            Part {
+                first,
+                rows: n,
+                buffer: gpu.upload(label, &bytes[first * row..end]),
+            }
+        })
+        .collect();
+    Ok(DeviceTensor { shape, elem, parts })
+}
