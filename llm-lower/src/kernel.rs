@@ -41,15 +41,94 @@ pub enum WeightFormat {
     /// GGUF q4_0: blocks of 32 weights, an f16 scale and 16 bytes of nibbles (18 bytes);
     /// low nibbles are weights 0..16, high nibbles 16..32, value = nibble - 8.
     Q4_0,
+    /// GGUF q4_1: blocks of 32, an f16 scale and minimum and 16 bytes of nibbles (20 bytes).
+    Q4_1,
+    /// GGUF q4_k: super-blocks of 256 (144 bytes): f16 scale and minimum, twelve bytes of
+    /// 6-bit sub-block scales and minimums, 128 bytes of nibbles.
+    Q4K,
+    /// GGUF q6_k: super-blocks of 256 (210 bytes): low nibbles, high bit pairs, 16 signed
+    /// sub-block scales, an f16 scale.
+    Q6K,
+    /// GGUF q2_k: super-blocks of 256 (84 bytes): sub-block scales and minimums, 2-bit codes,
+    /// f16 scale and minimum.
+    Q2K,
+    /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
+    /// one absmax scale per `block` consecutive values.
+    Nf4 {
+        /// Values per scale.
+        block: u32,
+        /// Storage type of the scales.
+        scale: DType,
+    },
+    /// Affine `bits`-bit integers over the whole matrix: every code (row-major, low bits
+    /// first), then one scale per group, then (asymmetric) one zero-point byte per group.
+    Affine {
+        /// Bits per code (2, 4 or 8).
+        bits: u8,
+        /// Values per group.
+        group: u32,
+        /// No zero points.
+        symmetric: bool,
+        /// The dim groups run along (0: output rows, 1: the contraction).
+        axis: u8,
+        /// Storage type of the scales.
+        scale: DType,
+    },
 }
 
 impl WeightFormat {
-    /// Bytes of one weight row of `k` values.
+    /// The weight format of a quantized tensor's `format`.
+    pub fn of(format: &QuantFormat) -> Option<WeightFormat> {
+        Some(match format {
+            QuantFormat::Q8_0 => WeightFormat::Q8_0,
+            QuantFormat::Q4_0 => WeightFormat::Q4_0,
+            QuantFormat::Q4_1 => WeightFormat::Q4_1,
+            QuantFormat::Q4K => WeightFormat::Q4K,
+            QuantFormat::Q6K => WeightFormat::Q6K,
+            QuantFormat::Q2K => WeightFormat::Q2K,
+            QuantFormat::Nf4 { block_size, scale } => WeightFormat::Nf4 {
+                block: u32::try_from(*block_size).ok()?,
+                scale: *scale,
+            },
+            QuantFormat::Affine {
+                bits,
+                group_size,
+                symmetric,
+                axis,
+                scale,
+            } => WeightFormat::Affine {
+                bits: *bits,
+                group: u32::try_from(*group_size).ok()?,
+                symmetric: *symmetric,
+                axis: u8::try_from(*axis).ok().filter(|&a| a < 2)?,
+                scale: *scale,
+            },
+        })
+    }
+
+    /// Values per block of a row-blocked format (1 for `f32`); `None` for the whole-matrix
+    /// layouts (nf4, affine), whose rows are not self-contained.
+    pub fn block(self) -> Option<usize> {
+        match self {
+            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Some(1),
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => Some(32),
+            WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => Some(256),
+            WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
+        }
+    }
+
+    /// Bytes of one weight row of `k` values (for the whole-matrix layouts: of its codes).
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => 4 * k,
             WeightFormat::Q8_0 => k / 32 * 34,
             WeightFormat::Q4_0 => k / 32 * 18,
+            WeightFormat::Q4_1 => k / 32 * 20,
+            WeightFormat::Q4K => k / 256 * 144,
+            WeightFormat::Q6K => k / 256 * 210,
+            WeightFormat::Q2K => k / 256 * 84,
+            WeightFormat::Nf4 { .. } => k / 2,
+            WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
     }
 
@@ -61,6 +140,14 @@ impl WeightFormat {
             WeightFormat::F32KN => "f32kn",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
+            WeightFormat::Q4_1 => "q4_1",
+            WeightFormat::Q4K => "q4_k",
+            WeightFormat::Q6K => "q6_k",
+            WeightFormat::Q2K => "q2_k",
+            WeightFormat::Nf4 { .. } => "nf4",
+            WeightFormat::Affine { bits: 2, .. } => "int2",
+            WeightFormat::Affine { bits: 4, .. } => "int4",
+            WeightFormat::Affine { .. } => "int8",
         }
     }
 }
@@ -398,12 +485,22 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let x = f32_operand(&check, 0)?;
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
-            let weight = match w.format() {
-                QuantFormat::Q8_0 => WeightFormat::Q8_0,
-                QuantFormat::Q4_0 => WeightFormat::Q4_0,
-                _ => return None,
+            let weight = WeightFormat::of(w.format())?;
+            // Row-blocked formats hold whole blocks per row; the whole-matrix ones need
+            // whole bytes per row and whole groups along their axis.
+            let layout_ok = match weight {
+                WeightFormat::Nf4 { block, .. } => k % 2 == 0 && block > 0,
+                WeightFormat::Affine {
+                    bits, group, axis, ..
+                } => {
+                    let along = if axis == 0 { n } else { k };
+                    (k * usize::from(bits)).is_multiple_of(8)
+                        && group > 0
+                        && along.is_multiple_of(group as usize)
+                }
+                other => other.block().is_some_and(|b| k.is_multiple_of(b)),
             };
-            let k_ok = x.shape().last() == Some(&Some(k as u64)) && k % 32 == 0;
+            let k_ok = x.shape().last() == Some(&Some(k as u64)) && layout_ok;
             (k_ok && f32_result(&check)).then_some(Kernel::Contraction(Contraction {
                 k,
                 n,

@@ -93,18 +93,20 @@ pub fn weight_operand(kernel: &Contraction) -> usize {
     if kernel.norm_eps_bits.is_some() { 2 } else { 1 }
 }
 
-/// Selects kernels for every op of `ops`. Contractions whose weight `is_constant` read it
-/// in the CPU's panel layout (the weight is repacked once, at compile time), and an add
-/// whose operand is a contraction's only use becomes that contraction's epilogue.
+/// Selects kernels for every op of `ops` among those the backend `supports`. Contractions
+/// whose weight `is_constant` read it in the CPU's panel layout (the weight is repacked
+/// once, at compile time), and an add whose operand is a contraction's only use becomes
+/// that contraction's epilogue.
 pub fn select_all(
     ctx: &Context,
     ops: &[Ptr<Operation>],
     is_constant: impl Fn(IrValue) -> bool,
+    supports: impl Fn(&Kernel) -> bool,
 ) -> Selection {
     let mut chosen: Vec<Option<Kernel>> = ops
         .iter()
         .map(|&op| {
-            let mut k = kernel::select(ctx, op)?;
+            let mut k = kernel::select(ctx, op).filter(&supports)?;
             if let Kernel::Contraction(c) = &mut k
                 && matches!(c.weight, WeightFormat::F32 | WeightFormat::F32KN)
             {

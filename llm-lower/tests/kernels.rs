@@ -145,8 +145,50 @@ fn agree_fused(
             .map_err(TestCaseError::fail)?;
         runs.push(("gpu".into(), got));
     }
-    for (backend, got) in &runs {
-        for (g, w) in got.iter().zip(&want) {
+    compare(&runs, &want, tol, ir)
+}
+
+/// [`agree`] on the GPU alone, for kernels only the GPU backend has (the CPU runs them
+/// through their reference semantics).
+fn gpu_agrees(ir: &str, args: Vec<Value>, tol: f32) -> Result<(), TestCaseError> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let mut ctx = Context::new();
+    let module =
+        text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
+    let func = interp::find_func(&ctx, module, "f").expect("@f");
+    let store = Store(Vec::new());
+    let interpreter = Interpreter::new(&ctx, &store);
+    let want = interpreter
+        .run(func, args.clone())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let hoisted = interpreter
+        .hoist(func)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let program = gpu::Compiler::new(gpu)
+        .build(&ctx, func, &hoisted)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(
+        program.stats().reference_ops.is_empty(),
+        "not lowered: {ir}"
+    );
+    let got = program
+        .run(&ctx, &store, args)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    compare(&[("gpu".into(), got)], &want, tol, ir)
+}
+
+/// Checks every backend's results against the interpreter's: integers exactly, floats
+/// within `tol` relative to max(1, |reference|).
+fn compare(
+    runs: &[(String, Vec<Value>)],
+    want: &[Value],
+    tol: f32,
+    ir: &str,
+) -> Result<(), TestCaseError> {
+    for (backend, got) in runs {
+        for (g, w) in got.iter().zip(want) {
             let (g, w): (&[f32], &[f32]) = match (g, w) {
                 (Value::Cache(g), Value::Cache(w)) => {
                     prop_assert_eq!(&g.v, &w.v, "{}", backend);
@@ -278,6 +320,30 @@ proptest! {
         let w = values(seed + 1, n * k, 1.0);
         let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
         agree(&ir, vec![tensor(&[m, k], seed, 1.0), Value::Quantized(q)], 1e-5)?;
+    }
+
+    /// The formats only the GPU dequantizes in its contraction kernel.
+    #[test]
+    fn quantized_formats_on_the_gpu(m in 1usize..3, half_n in 1usize..6, blocks in 1usize..3, which in 0usize..8, seed: u64) {
+        let n = 2 * half_n;
+        let (k, format, text) = match which {
+            0 => (32 * blocks, QuantFormat::Q4_1, "q4_1".to_string()),
+            1 => (256 * blocks, QuantFormat::Q4K, "q4_k".into()),
+            2 => (256 * blocks, QuantFormat::Q6K, "q6_k".into()),
+            3 => (256 * blocks, QuantFormat::Q2K, "q2_k".into()),
+            4 => (64 * blocks, QuantFormat::Nf4 { block_size: 64, scale: DType::F16 }, "nf4 {block_size = 64, scale = f16}".into()),
+            5 => (32 * blocks, QuantFormat::Affine { bits: 8, group_size: 32, symmetric: true, axis: 1, scale: DType::F32 }, "int8 {group_size = 32, axis = 1, scale = f32}".into()),
+            6 => (32 * blocks, QuantFormat::Affine { bits: 4, group_size: 2, symmetric: false, axis: 0, scale: DType::BF16 }, "int4 {group_size = 2, symmetric = false, axis = 0, scale = bf16}".into()),
+            _ => (32 * blocks, QuantFormat::Affine { bits: 2, group_size: 16, symmetric: true, axis: 1, scale: DType::F16 }, "int2 {group_size = 16, axis = 1, scale = f16}".into()),
+        };
+        let ir = func(
+            &[("x".into(), ty(&[m, k])), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {text}>"))],
+            &ty(&[m, n]),
+            &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
+        );
+        let w = values(seed + 1, n * k, 1.0);
+        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
+        gpu_agrees(&ir, vec![tensor(&[m, k], seed, 1.0), Value::Quantized(q)], 2e-5)?;
     }
 
     #[test]

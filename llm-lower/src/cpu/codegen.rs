@@ -111,7 +111,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     // bandwidth). Panels give 4 rows in one stream, sharing the loads of x.
     let rows = match c.weight {
         WeightFormat::F32Panels => PANEL_ROWS,
-        WeightFormat::F32 | WeightFormat::F32KN | WeightFormat::Q8_0 | WeightFormat::Q4_0 => 1,
+        _ => 1,
     };
     let zero = b.ins().iconst(types::I64, 0);
     // j0 + floor((j1 - j0) / rows) * rows: where the single-row tail starts.
@@ -171,6 +171,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                     }
                     (WeightFormat::Q8_0, None) => vec![dot_q8_0(b, xrow, wblock, c.k)],
                     (WeightFormat::Q4_0, None) => vec![dot_q4_0(b, xrow, wblock, c.k)],
+                    (other, _) => unreachable!("jit::compile rejects {other:?} weights"),
                 };
                 let count = sums.len();
                 for (r, s) in sums.into_iter().enumerate() {

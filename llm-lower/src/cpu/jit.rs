@@ -148,6 +148,12 @@ pub fn compile(
     microkernels: bool,
     mut listings: Option<&mut Vec<Listing>>,
 ) -> Result<CompiledKernels, JitError> {
+    if let Some(k) = kernels.iter().find(|k| !super::supports(k)) {
+        return Err(JitError(format!(
+            "the CPU backend has no kernel for {}",
+            k.name()
+        )));
+    }
     let mut builder = JITBuilder::with_isa(isa(target)?, default_libcall_names());
     // Pinned code is never run, so it may name the microkernel whatever this CPU has (the
     // snapshots then show the call); host code only when this CPU can run it. The symbol
@@ -205,7 +211,7 @@ pub fn compile(
                 }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
-                WeightFormat::F32 | WeightFormat::F32KN => {}
+                _ => {}
             }
         }
         build(

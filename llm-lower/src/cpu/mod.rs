@@ -23,7 +23,25 @@ use pliron::{
 };
 
 pub use jit::{JitError, Target};
+
+use crate::kernel::{Kernel, WeightFormat};
 pub use program::{Compiler, LoweringStats, Options, Program};
+
+/// Whether the CPU backend generates `kernel` (its contractions read f32, q8_0 and q4_0
+/// weights; other formats run through their reference semantics).
+pub fn supports(kernel: &Kernel) -> bool {
+    match kernel {
+        Kernel::Contraction(c) => matches!(
+            c.weight,
+            WeightFormat::F32
+                | WeightFormat::F32Panels
+                | WeightFormat::F32KN
+                | WeightFormat::Q8_0
+                | WeightFormat::Q4_0
+        ),
+        _ => true,
+    }
+}
 
 /// The CLIF of every kernel of every function in `module`, generated for the pinned x86-64
 /// feature set so that the text does not depend on the machine (`llm-opt --emit=clif`).
@@ -42,7 +60,8 @@ pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
         let constant = llm_ir::interp::weight_derived(ctx, &all);
         // Weight-derived ops run once, when a runtime loads the model.
         let ops = crate::selection::live_ops(ctx, &all, |r| constant.contains(&r));
-        let selection = crate::selection::select_all(ctx, &ops, |v| constant.contains(&v));
+        let selection =
+            crate::selection::select_all(ctx, &ops, |v| constant.contains(&v), supports);
         let listed: Vec<String> = selection
             .reference_ops(ctx, &ops)
             .iter()

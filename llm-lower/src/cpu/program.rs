@@ -323,7 +323,12 @@ impl Program {
         let params: Vec<usize> = entry.deref(ctx).arguments().map(&mut slot).collect();
         let ops: Vec<Ptr<Operation>> = entry.deref(ctx).iter(ctx).collect();
         let live_ops = live_ops(ctx, &ops, |r| hoisted.covers(r));
-        let selection = select_all(ctx, &live_ops, |v| hoisted.value(v).is_some());
+        let selection = select_all(
+            ctx,
+            &live_ops,
+            |v| hoisted.value(v).is_some(),
+            super::supports,
+        );
         let mut stats = LoweringStats {
             hoisted_ops: ops.len() - live_ops.len(),
             kernels: selection.kernels.len(),

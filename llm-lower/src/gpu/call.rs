@@ -522,8 +522,8 @@ impl Call<'_> {
         };
         let w = self.device(step.inputs[weight_operand(c)])?;
         let want = match c.weight {
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => Elem::Quant(c.weight),
-            _ => Elem::F32,
+            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Elem::F32,
+            quantized => Elem::Quant(quantized),
         };
         if w.shape != [c.n, c.k] || w.elem != want {
             return Err(format!(

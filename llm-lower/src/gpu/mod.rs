@@ -151,9 +151,12 @@ pub fn emit_wgsl(ctx: &Context, module: ModuleOp) -> Result<String, GpuError> {
 
 #[cfg(test)]
 mod tests {
-    use llm_ir::interp::eval::{
-        attention::Scale,
-        fused::{ScalarBody, ScalarStep},
+    use llm_ir::{
+        dtype::DType,
+        interp::eval::{
+            attention::Scale,
+            fused::{ScalarBody, ScalarStep},
+        },
     };
 
     use super::{validate, wgsl::Shader};
@@ -163,12 +166,33 @@ mod tests {
     #[test]
     fn every_shader_validates() {
         let mut shaders = Vec::new();
-        for weight in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4_0] {
+        let mut formats = vec![
+            WeightFormat::F32,
+            WeightFormat::Q8_0,
+            WeightFormat::Q4_0,
+            WeightFormat::Q4_1,
+            WeightFormat::Q4K,
+            WeightFormat::Q6K,
+            WeightFormat::Q2K,
+        ];
+        for scale in [DType::F32, DType::F16, DType::BF16] {
+            formats.push(WeightFormat::Nf4 { block: 64, scale });
+            for (bits, symmetric, axis) in [(8, true, 1), (4, false, 0), (2, true, 0)] {
+                formats.push(WeightFormat::Affine {
+                    bits,
+                    group: 32,
+                    symmetric,
+                    axis,
+                    scale,
+                });
+            }
+        }
+        for weight in formats {
             for norm in [None, Some(1e-5f32.to_bits())] {
                 for residual in [false, true] {
                     shaders.push(Shader::Contraction(Contraction {
-                        k: 64,
-                        n: 9,
+                        k: 256,
+                        n: 32,
                         weight,
                         norm_eps_bits: norm,
                         residual,

@@ -187,7 +187,7 @@ pub(super) fn listing(ctx: &Context, func: FuncOp, limits: &Limits) -> Result<St
     let all: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
     let constant = interp::weight_derived(ctx, &all);
     let ops = live_ops(ctx, &all, |r| constant.contains(&r));
-    let mut selection = select_all(ctx, &ops, |v| constant.contains(&v));
+    let mut selection = select_all(ctx, &ops, |v| constant.contains(&v), |_| true);
     let plans = plan(&mut selection, limits);
     let mut shaders: Vec<Shader> = Vec::new();
     for s in plans.into_iter().flatten() {
@@ -252,7 +252,7 @@ impl Program {
         let params: Vec<usize> = entry.deref(ctx).arguments().map(&mut slot).collect();
         let ops: Vec<Ptr<Operation>> = entry.deref(ctx).iter(ctx).collect();
         let live = live_ops(ctx, &ops, |r| hoisted.covers(r));
-        let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some());
+        let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), |_| true);
         let plans = plan(&mut selection, &gpu.limits());
         let mut stats = LoweringStats {
             hoisted_ops: ops.len() - live.len(),

@@ -2,7 +2,7 @@
 //! `i32`, quantized rows as stored) and split into row parts that each fit one storage
 //! binding.
 
-use llm_ir::{dtype::DType, interp::Value, types::QuantFormat};
+use llm_ir::{dtype::DType, interp::Value};
 
 use super::device::Gpu;
 use crate::kernel::WeightFormat;
@@ -105,11 +105,8 @@ pub(super) fn device_bytes(
             Ok((t.shape.clone(), Elem::I32(t.dtype), out))
         }
         Value::Quantized(q) => {
-            let format = match q.format {
-                QuantFormat::Q8_0 => WeightFormat::Q8_0,
-                QuantFormat::Q4_0 => WeightFormat::Q4_0,
-                ref other => return Err(format!("{other:?} weights have no GPU kernel")),
-            };
+            let format = WeightFormat::of(&q.format)
+                .ok_or_else(|| format!("{} weights have no GPU kernel", q.format.name()))?;
             Ok((q.shape.clone(), Elem::Quant(format), q.bytes.clone()))
         }
         other => Err(format!("{} has no GPU representation", other.kind())),
@@ -125,7 +122,8 @@ pub(super) fn row_bytes(shape: &[usize], elem: Elem) -> usize {
     }
 }
 
-/// Uploads `bytes` in row parts of at most `limits.max_binding_bytes` each.
+/// Uploads `bytes` in row parts of at most the device's binding limit each; tensors whose
+/// rows are not self-contained (vectors, whole-matrix quantized layouts) stay in one part.
 pub(super) fn upload_parts(
     gpu: &Gpu,
     label: &str,
@@ -133,16 +131,35 @@ pub(super) fn upload_parts(
     elem: Elem,
     bytes: &[u8],
 ) -> Result<DeviceTensor, String> {
-    let rows = shape.first().copied().unwrap_or(1).max(1);
-    let row = row_bytes(&shape, elem).max(1);
     let limit = gpu.limits().max_binding_bytes as usize;
+    let rows = shape.first().copied().unwrap_or(1).max(1);
+    let splittable = shape.len() >= 2
+        && match elem {
+            Elem::Quant(f) => f.block().is_some(),
+            _ => true,
+        };
+    if !splittable {
+        if bytes.len() > limit {
+            return Err(format!(
+                "{label}: {} bytes that cannot be split by rows exceed the device's {limit}-byte binding limit",
+                bytes.len()
+            ));
+        }
+        let buffer = gpu.upload(label, bytes);
+        return Ok(DeviceTensor {
+            parts: vec![Part {
+                first: 0,
+                rows,
+                buffer,
+            }],
+            shape,
+            elem,
+        });
+    }
+    let row = row_bytes(&shape, elem).max(1);
     // Parts are padded to 4 bytes, so a part of `per` rows takes up to `per * row + 3`.
-    let per = if shape.len() < 2 {
-        rows
-    } else {
-        (limit.saturating_sub(3) / row).max(1)
-    };
-    if per * row > limit && shape.len() >= 2 || (shape.len() < 2 && bytes.len() > limit) {
+    let per = limit.saturating_sub(3) / row;
+    if per == 0 {
         return Err(format!(
             "{label}: one row of {row} bytes exceeds the device's {limit}-byte binding limit"
         ));
@@ -151,15 +168,10 @@ pub(super) fn upload_parts(
         .step_by(per)
         .map(|first| {
             let n = per.min(rows - first);
-            let end = if shape.len() < 2 {
-                bytes.len()
-            } else {
-                (first + n) * row
-            };
             Part {
                 first,
                 rows: n,
-                buffer: gpu.upload(label, &bytes[first * row..end]),
+                buffer: gpu.upload(label, &bytes[first * row..(first + n) * row]),
             }
         })
         .collect();

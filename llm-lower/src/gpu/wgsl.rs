@@ -12,9 +12,12 @@
 
 use std::fmt::Write as _;
 
-use llm_ir::interp::eval::{
-    attention::Scale,
-    fused::{ScalarBody, ScalarStep},
+use llm_ir::{
+    dtype::DType,
+    interp::eval::{
+        attention::Scale,
+        fused::{ScalarBody, ScalarStep},
+    },
 };
 
 use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat};
@@ -433,29 +436,10 @@ fn contraction(c: &Contraction) -> String {
     if c.norm_eps_bits.is_some() {
         s.push_str(REDUCE);
     }
-    match c.weight {
-        WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
-            let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
-            // The f16 block scale is decoded with integer operations (WGSL's
-            // `unpack2x16float` needs a capability not every device grants).
-            s.push_str(
-                "fn byte_at(o: u32) -> u32 { return (w[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }
-fn half_at(o: u32) -> f32 {
-    let h = byte_at(o) | (byte_at(o + 1u) << 8u);
-    let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1fu;
-    let man = h & 0x3ffu;
-    if (e == 0u) {
-        let v = f32(man) * bitcast<f32>(0x33800000u);
-        return select(v, -v, sign != 0u);
-    }
-    if (e == 31u) { return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
-}
-",
-            );
-        }
-        _ => {}
+    if c.weight != WeightFormat::F32 {
+        let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
+        s.push_str(BYTES);
+        s.push_str(&weight_value(c));
     }
     s.push_str(ENTRY);
     s.push_str(
@@ -517,12 +501,17 @@ fn half_at(o: u32) -> f32 {
             );
         }
         _ => {
+            let weight = if c.weight == WeightFormat::F32 {
+                "w[(j0 + r) * K + i]"
+            } else {
+                "weight_at(j0 + r, i)"
+            };
             let _ = write!(
                 s,
                 "    for (var i = t; i < K; i = i + WG) {{
         let xi = {xv};
         for (var r = 0u; r < R; r = r + 1u) {{
-            if (j0 + r < p.part_rows) {{ acc[r] = acc[r] + xi * w[(j0 + r) * K + i]; }}
+            if (j0 + r < p.part_rows) {{ acc[r] = acc[r] + xi * {weight}; }}
         }}
     }}
 "
@@ -547,6 +536,172 @@ fn half_at(o: u32) -> f32 {
 }}
 "
     );
+    s
+}
+
+/// Byte and half-float access to a packed weight (`w: array<u32>`). The f16 is decoded
+/// with integer operations (WGSL's `unpack2x16float` needs a capability not every device
+/// grants).
+const BYTES: &str = "fn byte_at(o: u32) -> u32 { return (w[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }
+fn half_at(o: u32) -> f32 {
+    let h = byte_at(o) | (byte_at(o + 1u) << 8u);
+    let sign = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let man = h & 0x3ffu;
+    if (e == 0u) {
+        let v = f32(man) * bitcast<f32>(0x33800000u);
+        return select(v, -v, sign != 0u);
+    }
+    if (e == 31u) { return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
+}
+";
+
+/// A scale of `dtype` stored at byte `o`, as a WGSL function `scale_at`.
+fn scale_reader(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "fn scale_at(o: u32) -> f32 { return half_at(o); }\n",
+        DType::BF16 => {
+            "fn scale_at(o: u32) -> f32 { return bitcast<f32>((byte_at(o) | (byte_at(o + 1u) << 8u)) << 16u); }\n"
+        }
+        _ => {
+            "fn scale_at(o: u32) -> f32 {
+    return bitcast<f32>(byte_at(o) | (byte_at(o + 1u) << 8u) | (byte_at(o + 2u) << 16u) | (byte_at(o + 3u) << 24u));
+}
+"
+        }
+    }
+}
+
+/// `weight_at(row, i)`: the dequantized weight at `row` (of the bound part) and column `i`,
+/// for the formats without a block loop of their own (the reference's layouts, element by
+/// element). Row-blocked formats address `row * ROW_BYTES`; the whole-matrix ones (nf4,
+/// affine) are never split, so `p.first + row` is the matrix row.
+fn weight_value(c: &Contraction) -> String {
+    let body = match c.weight {
+        WeightFormat::Q4_1 => "    let o = row * ROW_BYTES + (i / 32u) * 20u;
+    let e = i % 32u;
+    let q = (byte_at(o + 4u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+    return half_at(o) * f32(q) + half_at(o + 2u);
+"
+        .to_string(),
+        WeightFormat::Q4K => "    let o = row * ROW_BYTES + (i / 256u) * 144u;
+    let e = i % 256u;
+    let pair = e / 64u;
+    let high = (e % 64u) / 32u;
+    let sub = 2u * pair + high;
+    var sc = 0u;
+    var mn = 0u;
+    if (sub < 4u) {
+        sc = byte_at(o + 4u + sub) & 63u;
+        mn = byte_at(o + 8u + sub) & 63u;
+    } else {
+        sc = (byte_at(o + 8u + sub) & 15u) | ((byte_at(o + sub) >> 6u) << 4u);
+        mn = (byte_at(o + 8u + sub) >> 4u) | ((byte_at(o + 4u + sub) >> 6u) << 4u);
+    }
+    let q = (byte_at(o + 16u + 32u * pair + e % 32u) >> (4u * high)) & 15u;
+    return half_at(o) * f32(sc) * f32(q) - half_at(o + 2u) * f32(mn);
+"
+        .to_string(),
+        WeightFormat::Q6K => "    let o = row * ROW_BYTES + (i / 256u) * 210u;
+    let e = i % 256u;
+    let n = e / 128u;
+    let quarter = (e % 128u) / 32u;
+    let l = e % 32u;
+    let low = (byte_at(o + 64u * n + l + 32u * (quarter & 1u)) >> (4u * (quarter >> 1u))) & 15u;
+    let hi = (byte_at(o + 128u + 32u * n + l) >> (2u * quarter)) & 3u;
+    let q = i32(low | (hi << 4u)) - 32;
+    let sc = bitcast<i32>(byte_at(o + 192u + 8u * n + l / 16u + 2u * quarter) << 24u) >> 24u;
+    return half_at(o + 208u) * f32(sc) * f32(q);
+"
+        .to_string(),
+        WeightFormat::Q2K => "    let o = row * ROW_BYTES + (i / 256u) * 84u;
+    let e = i % 256u;
+    let n = e / 128u;
+    let shift = ((e % 128u) / 32u) * 2u;
+    let half = (e % 32u) / 16u;
+    let sc = byte_at(o + n * 8u + shift + half);
+    let q = (byte_at(o + 16u + 32u * n + 16u * half + e % 16u) >> shift) & 3u;
+    return half_at(o + 80u) * f32(sc & 15u) * f32(q) - half_at(o + 82u) * f32(sc >> 4u);
+"
+        .to_string(),
+        WeightFormat::Nf4 { block, scale } => {
+            let levels: Vec<String> = llm_ir::interp::quant::NF4_LEVELS
+                .iter()
+                .map(|&l| float(l))
+                .collect();
+            format!(
+                "    let at = (p.first + row) * K + i;
+    let code = (byte_at(at / 2u) >> ((at & 1u) * 4u)) & 15u;
+    var levels = array<f32, 16>({});
+    return levels[code] * scale_at(SCALES + (at / {block}u) * {}u);
+",
+                levels.join(", "),
+                scale.size_bytes()
+            )
+        }
+        WeightFormat::Affine {
+            bits,
+            group,
+            symmetric,
+            axis,
+            scale,
+        } => {
+            let group_of = if axis == 1 {
+                format!("(p.first + row) * (K / {group}u) + i / {group}u")
+            } else {
+                format!("((p.first + row) / {group}u) * K + i")
+            };
+            let value = if symmetric {
+                format!("bitcast<i32>(code << {}u) >> {}u", 32 - bits, 32 - bits)
+            } else {
+                "i32(code) - i32(byte_at(ZEROS + grp))".to_string()
+            };
+            format!(
+                "    let at = (p.first + row) * K + i;
+    let code = (byte_at(at * {bits}u / 8u) >> ((at % {per}u) * {bits}u)) & {mask}u;
+    let grp = {group_of};
+    return f32({value}) * scale_at(SCALES + grp * {}u);
+",
+                scale.size_bytes(),
+                per = 8 / bits,
+                mask = (1u32 << bits) - 1,
+            )
+        }
+        _ => return String::new(),
+    };
+    let mut s = String::new();
+    // Where the whole-matrix layouts keep their scales (after every code) and zero points.
+    let (n, k) = (c.n, c.k);
+    match c.weight {
+        WeightFormat::Nf4 { scale, .. } => {
+            let _ = writeln!(s, "const SCALES: u32 = {}u;", (n * k).div_ceil(2));
+            s.push_str(scale_reader(scale));
+        }
+        WeightFormat::Affine {
+            bits,
+            group,
+            axis,
+            scale,
+            ..
+        } => {
+            let scales = (n * k * usize::from(bits)).div_ceil(8);
+            let groups = if axis == 1 {
+                n * (k / group as usize)
+            } else {
+                n / group as usize * k
+            };
+            let _ = writeln!(s, "const SCALES: u32 = {scales}u;");
+            let _ = writeln!(
+                s,
+                "const ZEROS: u32 = {}u;",
+                scales + groups * scale.size_bytes()
+            );
+            s.push_str(scale_reader(scale));
+        }
+        _ => {}
+    }
+    let _ = write!(s, "fn weight_at(row: u32, i: u32) -> f32 {{\n{body}}}\n");
     s
 }
 
