@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Command};
 use llm_lower::gpu::{self, GpuOptions};
 use llm_runtime::{
     generate::{Backend, Model, Step},
-    llama2c,
+    gguf, llama2c,
     sampler::SamplerConfig,
     synth,
     tokenizer::Tokenizer,
@@ -113,6 +113,56 @@ fn the_110m_shape_runs_under_webgpu_limits() {
                 "position {pos}, logit {j}: gpu {a} vs cpu {b}"
             );
         }
+    }
+}
+
+/// An f16 model (llama-2-tiny-random.gguf): its weights, cast to `f32` at load, are exactly
+/// `f16`, so a device with `shader-f16` stores them as `f16`: the logits equal those of
+/// the `f32` fallback and agree with the CPU backend's.
+#[test]
+fn exactly_f16_weights_are_stored_as_f16() {
+    if gpu::test_device(&GpuOptions::default()).is_none() {
+        return;
+    }
+    let run = |backend: &Backend| {
+        let g = gguf::load(&shared().join("models/llama-2-tiny-random.gguf")).expect("loads");
+        let model = Model::compile_on(backend, g.config, g.weights, "default").expect("compiles");
+        let (logits, _) = model
+            .forward(Step::Prefill, &[1, 450, 4996, 17354], 0, model.new_cache(1))
+            .expect("prefill");
+        (model, logits)
+    };
+    let (model, on_f16) = run(&Backend::Gpu(GpuOptions::default()));
+    let stats = model.gpu_lowering(Step::Prefill).expect("gpu stats");
+    let has_f16 = gpu::test_device(&GpuOptions::default()).is_some_and(|g| g.has_f16());
+    assert_eq!(stats.f16_weights > 0, has_f16, "{stats:?}");
+    let no_f16 = GpuOptions {
+        no_f16: true,
+        ..GpuOptions::default()
+    };
+    let (model, on_f32) = run(&Backend::Gpu(no_f16));
+    assert_eq!(
+        model
+            .gpu_lowering(Step::Prefill)
+            .expect("stats")
+            .f16_weights,
+        0
+    );
+    let (_, on_cpu) = run(&Backend::Cpu { threads: 1 });
+    for ((a, b), c) in on_f16
+        .iter()
+        .flatten()
+        .zip(on_f32.iter().flatten())
+        .zip(on_cpu.iter().flatten())
+    {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "f16 {a} vs f32 {b}"
+        );
+        assert!(
+            (b - c).abs() <= 1e-4 * c.abs().max(1.0),
+            "gpu {b} vs cpu {c}"
+        );
     }
 }
 

@@ -33,6 +33,9 @@ pub enum WeightFormat {
     /// `F32KN`) weight into this layout when it compiles ([`pack_panels`]), so that a
     /// kernel computing [`PANEL_ROWS`] outputs at once reads one sequential stream.
     F32Panels,
+    /// `f16`, row major: the GPU backend stores an `f32` weight this way when every value
+    /// is exactly an `f16` (a converted f16 model) and the device has `shader-f16`.
+    F16,
     /// `f32` stored `[k, n]` (a matmul without `transpose_rhs`): no kernel reads it as is;
     /// a constant one is transposed into panels at compile time.
     F32KN,
@@ -111,6 +114,7 @@ impl WeightFormat {
     pub fn block(self) -> Option<usize> {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Some(1),
+            WeightFormat::F16 => Some(1),
             WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => Some(32),
             WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
@@ -121,6 +125,7 @@ impl WeightFormat {
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => 4 * k,
+            WeightFormat::F16 => 2 * k,
             WeightFormat::Q8_0 => k / 32 * 34,
             WeightFormat::Q4_0 => k / 32 * 18,
             WeightFormat::Q4_1 => k / 32 * 20,
@@ -138,6 +143,7 @@ impl WeightFormat {
             WeightFormat::F32 => "f32",
             WeightFormat::F32Panels => "f32panels",
             WeightFormat::F32KN => "f32kn",
+            WeightFormat::F16 => "f16",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4_1 => "q4_1",

@@ -151,15 +151,27 @@ fn agree_fused(
 /// [`agree`] on the GPU alone, for kernels only the GPU backend has (the CPU runs them
 /// through their reference semantics).
 fn gpu_agrees(ir: &str, args: Vec<Value>, tol: f32) -> Result<(), TestCaseError> {
+    gpu_agrees_with(ir, args, &Store(Vec::new()), tol, 0)
+}
+
+/// [`gpu_agrees`] with `llm.weight`s from `store`, checking that `f16_weights` weights were
+/// stored as `f16` (where the device has `shader-f16`).
+fn gpu_agrees_with(
+    ir: &str,
+    args: Vec<Value>,
+    store: &Store,
+    tol: f32,
+    f16_weights: usize,
+) -> Result<(), TestCaseError> {
     let Some(gpu) = gpu() else {
         return Ok(());
     };
+    let f16_weights = if gpu.has_f16() { f16_weights } else { 0 };
     let mut ctx = Context::new();
     let module =
         text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
     let func = interp::find_func(&ctx, module, "f").expect("@f");
-    let store = Store(Vec::new());
-    let interpreter = Interpreter::new(&ctx, &store);
+    let interpreter = Interpreter::new(&ctx, store);
     let want = interpreter
         .run(func, args.clone())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -174,7 +186,7 @@ fn gpu_agrees(ir: &str, args: Vec<Value>, tol: f32) -> Result<(), TestCaseError>
         "not lowered: {ir}"
     );
     let got = program
-        .run(&ctx, &store, args)
+        .run(&ctx, store, args)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     compare(&[("gpu".into(), got)], &want, tol, ir)
 }
@@ -320,6 +332,26 @@ proptest! {
         let w = values(seed + 1, n * k, 1.0);
         let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
         agree(&ir, vec![tensor(&[m, k], seed, 1.0), Value::Quantized(q)], 1e-5)?;
+    }
+
+    /// A weight whose values are all exactly f16 (a converted f16 model) is stored as f16
+    /// on a device with `shader-f16`, and so is the table of an embedding tied to it; a
+    /// weight that is not stays f32.
+    #[test]
+    fn f16_exact_weights_on_the_gpu(m in 1usize..4, n in 1usize..40, k in 1usize..70, exact in any::<bool>(), seed: u64) {
+        let body = format!(
+            "w = llm.weight {{name = \"w\"}} : {};\n        e = llm.embedding w, ids : {};\n        y = llm.matmul e, w {{transpose_rhs = true}} : {};",
+            ty(&[n, k]), ty(&[m, k]), ty(&[m, n])
+        );
+        let ir = func(&[("ids".into(), format!("llm.tensor <{m}xi32>"))], &ty(&[m, n]), &body);
+        let mut w = values(seed, n * k, 1.0);
+        if exact {
+            w.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+        }
+        let store = Store(vec![("w".into(), Rc::new(Value::Tensor(Tensor::from_f32(vec![n, k], DType::F32, w))))]);
+        let ids: Vec<i64> = (0..m as i64).map(|i| (i * 7 + seed as i64 % 5).rem_euclid(n as i64)).collect();
+        let ids = Value::Tensor(Tensor::from_i64(vec![m], DType::I32, ids));
+        gpu_agrees_with(&ir, vec![ids], &store, 1e-5, usize::from(exact))?;
     }
 
     /// The formats only the GPU dequantizes in its contraction kernel.

@@ -113,7 +113,7 @@ impl Call<'_> {
         match self.slot(s)?.clone() {
             Slot::Device(t) | Slot::Host(_, Some(t)) => Ok(t),
             Slot::Host(v, None) => {
-                let (shape, elem, bytes) = device_bytes(&v, false)?;
+                let (shape, elem, bytes) = device_bytes(&v, false, false)?;
                 let buffer = {
                     let mut buffers = self.program.buffers.borrow_mut();
                     let buffer = buffers
@@ -309,7 +309,7 @@ impl Call<'_> {
                     ints.into_iter().map(i64::from).collect(),
                 ))
             }
-            Elem::Quant(_) => return Err("quantized device tensors are not read back".into()),
+            Elem::Packed(_) => return Err("packed weights are not read back".into()),
         })
     }
 
@@ -523,7 +523,7 @@ impl Call<'_> {
         let w = self.device(step.inputs[weight_operand(c)])?;
         let want = match c.weight {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Elem::F32,
-            quantized => Elem::Quant(quantized),
+            quantized => Elem::Packed(quantized),
         };
         if w.shape != [c.n, c.k] || w.elem != want {
             return Err(format!(
@@ -777,7 +777,8 @@ impl Call<'_> {
             Movement::Rows { dim, .. } => {
                 let table = self.device(step.inputs[0])?;
                 let vocab = table.shape.first().copied().unwrap_or(0);
-                if table.shape != [vocab, dim] || table.elem != Elem::F32 {
+                let stored = [Elem::F32, Elem::Packed(WeightFormat::F16)];
+                if table.shape != [vocab, dim] || !stored.contains(&table.elem) {
                     return Err(format!("the table {:?} is not [N, {dim}]", table.shape));
                 }
                 let ids = self.host(step.inputs[1])?;

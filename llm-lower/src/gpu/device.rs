@@ -21,6 +21,9 @@ pub struct GpuOptions {
     /// Cap the bytes of one storage binding below what the device allows (tests use it to
     /// make small models split their weights as large ones must).
     pub max_binding_bytes: Option<u64>,
+    /// Keep every weight in `f32` even where the device has `shader-f16` (the fallback
+    /// path, for tests on devices that have it).
+    pub no_f16: bool,
 }
 
 /// How long a readback waits for the GPU before it reports a wedged device.
@@ -32,6 +35,8 @@ pub struct Gpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     limits: Limits,
+    /// Whether shaders may read `f16` storage.
+    f16: bool,
     /// Errors wgpu reported outside an error scope (a dispatch it rejected), collected
     /// here instead of wgpu's default handler, which panics.
     errors: Arc<Mutex<Vec<String>>>,
@@ -60,9 +65,12 @@ impl Gpu {
             let limit = &mut required_limits.max_storage_buffer_binding_size;
             *limit = (*limit).min(cap.max(4));
         }
+        // f16 storage halves the bytes of weights that are exactly f16 (converted f16
+        // models); without the feature they stay f32.
+        let features = adapter.features() & wgpu::Features::SHADER_F16;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmc"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: required_limits.clone(),
             ..Default::default()
         }))
@@ -75,6 +83,7 @@ impl Gpu {
             }
         }));
         Ok(Gpu {
+            f16: features.contains(wgpu::Features::SHADER_F16) && !options.no_f16,
             info: adapter.get_info(),
             limits: Limits::of(&required_limits),
             device,
@@ -88,6 +97,12 @@ impl Gpu {
     /// Vulkan`).
     pub fn adapter(&self) -> String {
         format!("{} on {:?}", self.info.name, self.info.backend)
+    }
+
+    /// Whether weights that are exactly `f16` are stored as `f16` (the device has
+    /// `shader-f16`).
+    pub fn has_f16(&self) -> bool {
+        self.f16
     }
 
     /// The limits programs are compiled for.

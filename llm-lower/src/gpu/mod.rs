@@ -122,12 +122,16 @@ pub fn validate(source: &str) -> Result<(), GpuError> {
     use wgpu::naga;
     let module =
         naga::front::wgsl::parse_str(source).map_err(|e| GpuError(e.emit_to_string(source)))?;
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .map_err(|e| GpuError(e.emit_to_string(source)))?;
+    // Shaders that read f16 storage say so with `enable f16;` (and are only compiled for
+    // devices with `shader-f16`).
+    let capabilities = if source.starts_with("enable f16;") {
+        naga::valid::Capabilities::SHADER_FLOAT16
+    } else {
+        naga::valid::Capabilities::empty()
+    };
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+        .validate(&module)
+        .map_err(|e| GpuError(e.emit_to_string(source)))?;
     Ok(())
 }
 
@@ -168,6 +172,7 @@ mod tests {
         let mut shaders = Vec::new();
         let mut formats = vec![
             WeightFormat::F32,
+            WeightFormat::F16,
             WeightFormat::Q8_0,
             WeightFormat::Q4_0,
             WeightFormat::Q4_1,
@@ -225,7 +230,11 @@ mod tests {
             Shader::Softmax { n: 33 },
             Shader::Argmax { n: 33 },
             Shader::KvAppend { row: 48 },
-            Shader::Gather { dim: 7 },
+            Shader::Gather {
+                dim: 7,
+                half: false,
+            },
+            Shader::Gather { dim: 7, half: true },
             Shader::Columns {
                 width: 9,
                 offset: 2,

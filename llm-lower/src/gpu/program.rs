@@ -37,11 +37,11 @@ use super::{
     call::{Call, Slot},
     device::Gpu,
     pool::Pool,
-    tensor::{DeviceTensor, device_bytes, upload_parts},
+    tensor::{DeviceTensor, device_bytes, exactly_f16, upload_parts},
     wgsl::{self, MAX_HEAD_DIM, Shader},
 };
 use crate::{
-    kernel::{Kernel, Movement},
+    kernel::{Kernel, Movement, WeightFormat},
     selection::{Selection, live_ops, select_all, weight_operand},
 };
 
@@ -69,6 +69,8 @@ pub struct LoweringStats {
     /// Constants its shaders read that are split into several row parts, because one
     /// binding cannot hold them.
     pub split_weights: usize,
+    /// Weights stored as `f16` (exactly `f16` values, on a device with `shader-f16`).
+    pub f16_weights: usize,
     /// Milliseconds spent validating shaders and creating pipelines.
     pub pipeline_ms: f64,
 }
@@ -111,13 +113,18 @@ pub(super) struct Buffers {
     pub groups: HashMap<(wgpu::ComputePipeline, u64, Vec<wgpu::Buffer>), wgpu::BindGroup>,
 }
 
-/// Uploaded weights shared by the programs of one [`Compiler`].
-type Uploads = RefCell<HashMap<(*const Value, bool), (Rc<Value>, DeviceTensor)>>;
+/// Uploaded weights shared by the programs of one [`Compiler`], by value, transposition
+/// and `f16` storage (each value kept, so that its address stays its own).
+type Uploads = RefCell<HashMap<(*const Value, bool, bool), (Rc<Value>, DeviceTensor)>>;
+
+/// Whether each weight is exactly `f16`, checked once per [`Compiler`].
+type ExactF16 = RefCell<HashMap<*const Value, (Rc<Value>, bool)>>;
 
 /// Compiles the functions of one model for one device: they share uploaded weights.
 pub struct Compiler {
     gpu: Arc<Gpu>,
     uploads: Uploads,
+    exact_f16: ExactF16,
 }
 
 impl Compiler {
@@ -126,12 +133,26 @@ impl Compiler {
         Compiler {
             gpu,
             uploads: RefCell::default(),
+            exact_f16: RefCell::default(),
         }
     }
 
     /// The device programs are compiled for.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// Whether every value of `value` is exactly an `f16`.
+    fn exactly_f16(&self, value: &Rc<Value>) -> bool {
+        let key = Rc::as_ptr(value);
+        if let Some((_, exact)) = self.exact_f16.borrow().get(&key) {
+            return *exact;
+        }
+        let exact = exactly_f16(value);
+        self.exact_f16
+            .borrow_mut()
+            .insert(key, (Rc::clone(value), exact));
+        exact
     }
 
     /// Compiles `func`, taking its weight-derived values from `hoisted`.
@@ -179,6 +200,60 @@ fn plan(selection: &mut Selection, limits: &Limits) -> Vec<Vec<Shader>> {
             shaders
         })
         .collect()
+}
+
+/// The constant weights stored as `f16`: on a device with `shader-f16`, those whose values
+/// are all exactly `f16` and that are read only as contraction weights or gathered table
+/// rows. Their contractions switch to [`WeightFormat::F16`].
+fn f16_weights(
+    ctx: &Context,
+    ops: &[Ptr<Operation>],
+    selection: &mut Selection,
+    hoisted: &Hoisted,
+    compiler: &Compiler,
+) -> HashSet<IrValue> {
+    if !compiler.gpu.has_f16() {
+        return HashSet::new();
+    }
+    // Per value: whether every use reads it as a weight or a table, and whether a
+    // contraction does.
+    let mut uses: HashMap<IrValue, (bool, bool)> = HashMap::new();
+    for (i, &op) in ops.iter().enumerate() {
+        let kernel = selection.per_op[i].as_ref().map(|c| &c.kernel);
+        for (j, v) in op.deref(ctx).operands().enumerate() {
+            let (weight, table) = match kernel {
+                Some(Kernel::Contraction(c)) => (
+                    j == weight_operand(c)
+                        && matches!(
+                            c.weight,
+                            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN
+                        ),
+                    false,
+                ),
+                Some(Kernel::Move(Movement::Rows { .. })) => (false, j == 0),
+                _ => (false, false),
+            };
+            let entry = uses.entry(v).or_insert((true, false));
+            entry.0 &= weight || table;
+            entry.1 |= weight;
+        }
+    }
+    let halves: HashSet<IrValue> = uses
+        .into_iter()
+        .filter(|&(v, (only, weight))| {
+            only && weight && hoisted.value(v).is_some_and(|x| compiler.exactly_f16(x))
+        })
+        .map(|(v, _)| v)
+        .collect();
+    for (i, &op) in ops.iter().enumerate() {
+        if let Some(chosen) = &mut selection.per_op[i]
+            && let Kernel::Contraction(c) = &mut chosen.kernel
+            && halves.contains(&op.deref(ctx).get_operand(weight_operand(c)))
+        {
+            c.weight = WeightFormat::F16;
+        }
+    }
+    halves
 }
 
 /// The listing `llm-opt --emit=wgsl` prints for `func`: a summary line, then every
@@ -253,7 +328,13 @@ impl Program {
         let ops: Vec<Ptr<Operation>> = entry.deref(ctx).iter(ctx).collect();
         let live = live_ops(ctx, &ops, |r| hoisted.covers(r));
         let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), |_| true);
-        let plans = plan(&mut selection, &gpu.limits());
+        let halves = f16_weights(ctx, &live, &mut selection, hoisted, compiler);
+        let mut plans = plan(&mut selection, &gpu.limits());
+        for (i, &op) in live.iter().enumerate() {
+            if let Some(Shader::Gather { half, .. }) = plans[i].first_mut() {
+                *half = halves.contains(&op.deref(ctx).get_operand(0));
+            }
+        }
         let mut stats = LoweringStats {
             hoisted_ops: ops.len() - live.len(),
             kernel_ops: selection.kernel_ops(),
@@ -318,12 +399,14 @@ impl Program {
         }
         stats.pipeline_ms = pipeline_start.elapsed().as_secs_f64() * 1e3;
         stats.shaders = distinct.len();
+        stats.f16_weights = halves.len();
+        let half_slots: HashSet<usize> = halves.into_iter().map(&mut slot).collect();
         let first_free = slot_of.len();
         let constants = upload_constants(
             &gpu,
             compiler,
             &mut steps,
-            &hoisted_slots,
+            (&hoisted_slots, &half_slots),
             first_free,
             &mut stats,
         )?;
@@ -436,7 +519,7 @@ fn upload_constants(
     gpu: &Gpu,
     compiler: &Compiler,
     steps: &mut [Step],
-    hoisted: &HashMap<usize, Rc<Value>>,
+    (hoisted, half): (&HashMap<usize, Rc<Value>>, &HashSet<usize>),
     first_free: usize,
     stats: &mut LoweringStats,
 ) -> Result<Vec<(usize, Slot)>, GpuError> {
@@ -464,12 +547,13 @@ fn upload_constants(
             if on_device.contains_key(&(s, transpose)) {
                 continue;
             }
-            let key = (Rc::as_ptr(value), transpose);
+            let half = half.contains(&s);
+            let key = (Rc::as_ptr(value), transpose, half);
             let cached = compiler.uploads.borrow().get(&key).map(|(_, t)| t.clone());
             let tensor = match cached {
                 Some(t) => t,
                 None => {
-                    let (shape, elem, bytes) = device_bytes(value, transpose)
+                    let (shape, elem, bytes) = device_bytes(value, transpose, half)
                         .map_err(|m| GpuError(format!("{}: {m}", step.name)))?;
                     let t = upload_parts(gpu, &step.name, shape, elem, &bytes).map_err(GpuError)?;
                     stats.upload_bytes += bytes.len();

@@ -1,7 +1,8 @@
 //! Tensors in device memory: how values are laid out for the shaders (`f32`, integers as
-//! `i32`, quantized rows as stored) and split into row parts that each fit one storage
-//! binding.
+//! `i32`, quantized rows as stored, weights that are exactly `f16` as `f16`) and split
+//! into row parts that each fit one storage binding.
 
+use half::f16;
 use llm_ir::{dtype::DType, interp::Value};
 
 use super::device::Gpu;
@@ -14,8 +15,8 @@ pub(super) enum Elem {
     F32,
     /// `i32` (integer tensors of any width; values are range-checked on upload).
     I32(DType),
-    /// Quantized rows (q8_0, q4_0).
-    Quant(WeightFormat),
+    /// A weight in a packed format: `f16` or quantized rows.
+    Packed(WeightFormat),
 }
 
 /// Rows `first..first + rows` of a tensor, in one buffer.
@@ -77,6 +78,7 @@ impl DeviceTensor {
 pub(super) fn device_bytes(
     value: &Value,
     transpose: bool,
+    half: bool,
 ) -> Result<(Vec<usize>, Elem, Vec<u8>), String> {
     match value {
         Value::Tensor(t) if t.dtype == DType::F32 => {
@@ -90,6 +92,13 @@ pub(super) fn device_bytes(
                 ),
                 _ => (t.shape.clone(), floats.to_vec()),
             };
+            if half {
+                let halves: Vec<u8> = data
+                    .iter()
+                    .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                    .collect();
+                return Ok((shape, Elem::Packed(WeightFormat::F16), halves));
+            }
             Ok((shape, Elem::F32, bytemuck::cast_slice(&data).to_vec()))
         }
         Value::Tensor(t) => {
@@ -107,9 +116,21 @@ pub(super) fn device_bytes(
         Value::Quantized(q) => {
             let format = WeightFormat::of(&q.format)
                 .ok_or_else(|| format!("{} weights have no GPU kernel", q.format.name()))?;
-            Ok((q.shape.clone(), Elem::Quant(format), q.bytes.clone()))
+            Ok((q.shape.clone(), Elem::Packed(format), q.bytes.clone()))
         }
         other => Err(format!("{} has no GPU representation", other.kind())),
+    }
+}
+
+/// Whether every value of `value` is an `f32` tensor value exactly representable in `f16`
+/// (the weights of a converted f16 model), so that `f16` storage loses nothing.
+pub(super) fn exactly_f16(value: &Value) -> bool {
+    match value {
+        Value::Tensor(t) if t.dtype == DType::F32 => t.floats().is_ok_and(|v| {
+            v.iter()
+                .all(|&x| f16::from_f32(x).to_f32().to_bits() == x.to_bits())
+        }),
+        _ => false,
     }
 }
 
@@ -117,7 +138,7 @@ pub(super) fn device_bytes(
 pub(super) fn row_bytes(shape: &[usize], elem: Elem) -> usize {
     let inner: usize = shape.iter().skip(1).product();
     match elem {
-        Elem::Quant(f) => f.row_bytes(inner),
+        Elem::Packed(f) => f.row_bytes(inner),
         _ => 4 * inner,
     }
 }
@@ -135,7 +156,7 @@ pub(super) fn upload_parts(
     let rows = shape.first().copied().unwrap_or(1).max(1);
     let splittable = shape.len() >= 2
         && match elem {
-            Elem::Quant(f) => f.block().is_some(),
+            Elem::Packed(f) => f.block().is_some(),
             _ => true,
         };
     if !splittable {

@@ -102,6 +102,8 @@ pub enum Shader {
     Gather {
         /// The row length.
         dim: usize,
+        /// The table is stored as `f16` (it is also an f16 contraction weight).
+        half: bool,
     },
     /// Columns `offset..offset + len` of rows of `width`.
     Columns {
@@ -190,7 +192,10 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             offset: *offset,
             len: *len,
         }],
-        Kernel::Move(Movement::Rows { dim, .. }) => vec![Shader::Gather { dim: *dim }],
+        Kernel::Move(Movement::Rows { dim, .. }) => vec![Shader::Gather {
+            dim: *dim,
+            half: false,
+        }],
     }
 }
 
@@ -218,7 +223,9 @@ impl Shader {
                 if *paged { "paged_" } else { "" }
             ),
             Shader::KvAppend { row } => format!("kv_append_{row}"),
-            Shader::Gather { dim } => format!("gather_{dim}"),
+            Shader::Gather { dim, half } => {
+                format!("gather_{}{dim}", if *half { "f16_" } else { "" })
+            }
             Shader::Columns { width, offset, len } => format!("columns_{width}_{offset}_{len}"),
         }
     }
@@ -290,9 +297,21 @@ impl Shader {
         }
     }
 
+    /// Whether the shader reads `f16` storage (it then needs the `shader-f16` feature).
+    pub fn uses_f16(&self) -> bool {
+        match self {
+            Shader::Contraction(c) => c.weight == WeightFormat::F16,
+            Shader::Gather { half, .. } => *half,
+            _ => false,
+        }
+    }
+
     /// The WGSL source.
     pub fn source(&self) -> String {
         let mut s = String::new();
+        if self.uses_f16() {
+            s.push_str("enable f16;\n");
+        }
         let _ = writeln!(s, "// {}", self.name());
         s.push_str(&self.param_block());
         for (i, (name, access)) in self.bindings().into_iter().enumerate() {
@@ -301,6 +320,8 @@ impl Shader {
                 Access::ReadWrite => "read_write",
             };
             let elem = match (self, name) {
+                (Shader::Contraction(c), "w") if c.weight == WeightFormat::F16 => "f16",
+                (Shader::Gather { half: true, .. }, "table") => "f16",
                 (Shader::Contraction(c), "w") if c.weight != WeightFormat::F32 => "u32",
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
                 _ => "f32",
@@ -374,7 +395,7 @@ impl Shader {
                 paged,
             } => attention(*heads, *kv_heads, *d, *scale, *paged),
             Shader::KvAppend { row } => kv_append(*row),
-            Shader::Gather { dim } => gather(*dim),
+            Shader::Gather { dim, half } => gather(*dim, *half),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
         }
     }
@@ -436,7 +457,7 @@ fn contraction(c: &Contraction) -> String {
     if c.norm_eps_bits.is_some() {
         s.push_str(REDUCE);
     }
-    if c.weight != WeightFormat::F32 {
+    if !matches!(c.weight, WeightFormat::F32 | WeightFormat::F16) {
         let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
         s.push_str(BYTES);
         s.push_str(&weight_value(c));
@@ -501,10 +522,10 @@ fn contraction(c: &Contraction) -> String {
             );
         }
         _ => {
-            let weight = if c.weight == WeightFormat::F32 {
-                "w[(j0 + r) * K + i]"
-            } else {
-                "weight_at(j0 + r, i)"
+            let weight = match c.weight {
+                WeightFormat::F32 => "w[(j0 + r) * K + i]",
+                WeightFormat::F16 => "f32(w[(j0 + r) * K + i])",
+                _ => "weight_at(j0 + r, i)",
             };
             let _ = write!(
                 s,
@@ -1009,17 +1030,23 @@ fn kv_append(row: usize) -> String {
     s
 }
 
-fn gather(dim: usize) -> String {
+fn gather(dim: usize, half: bool) -> String {
+    let read = if half {
+        "f32(table[(id - p.first) * DIM + e % DIM])"
+    } else {
+        "table[(id - p.first) * DIM + e % DIM]"
+    };
     let mut s = format!("const DIM: u32 = {dim}u;\n{ENTRY}");
-    s.push_str(
+    let _ = write!(
+        s,
         "    let e = gi * WG + t;
-    if (e >= p.count * DIM) { return; }
+    if (e >= p.count * DIM) {{ return; }}
     let id = u32(ids[e / DIM]);
-    if (id >= p.first && id < p.first + p.part_rows) {
-        y[e] = table[(id - p.first) * DIM + e % DIM];
-    }
-}
-",
+    if (id >= p.first && id < p.first + p.part_rows) {{
+        y[e] = {read};
+    }}
+}}
+"
     );
     s
 }
