@@ -185,6 +185,7 @@ fn gpu_agrees_with(
         program.stats().reference_ops.is_empty(),
         "not lowered: {ir}"
     );
+    prop_assert_eq!(program.stats().f16_weights, f16_weights, "f16 weights");
     let got = program
         .run(&ctx, store, args)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -442,7 +442,7 @@ impl Program {
     }
 
     /// Runs the function on `args`, returning the values of its `llm.return`; a KV cache
-    /// result stays in device memory ([`KvCache::resident`]). `weights` resolves the
+    /// result stays in device memory ([`llm_ir::interp::KvCache::resident`]). `weights` resolves the
     /// `llm.weight` ops that run at call time (none, when all are hoisted).
     pub fn run(
         &self,
