@@ -210,7 +210,7 @@ pub fn exec(
             let device =
                 llm_lower::gpu::Gpu::new(options).map_err(|e| format!("gpu backend: {e}"))?;
             let program = llm_lower::gpu::Compiler::new(std::sync::Arc::new(device))
-                .build(&ctx, f, &hoisted)
+                .build(&ctx, f, &hoisted, llm_lower::gpu::Rows::Few)
                 .map_err(|e| format!("{file}: gpu backend: {e}"))?;
             program.run(&ctx, store, args)
         }

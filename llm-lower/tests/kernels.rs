@@ -17,7 +17,7 @@ use llm_ir::{
 };
 use llm_lower::{
     cpu::{Options, Program, Target},
-    gpu::{self, Gpu, GpuOptions},
+    gpu::{self, Gpu, GpuOptions, Rows},
 };
 use pliron::context::Context;
 use proptest::prelude::*;
@@ -125,25 +125,28 @@ fn agree_fused(
         ));
     }
     if let Some(gpu) = gpu() {
-        let program = gpu::Compiler::new(gpu)
-            .build(&ctx, func, &hoisted)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(
-            program.stats().kernel_ops > 0,
-            "nothing was lowered on the GPU: {ir}"
-        );
-        prop_assert_eq!(program.stats().fused_ops, fused, "fused ops on the GPU");
-        let got = program
-            .run(&ctx, weights, args.clone())
-            .map_err(|e| TestCaseError::fail(e.to_string()))?
-            .into_iter()
-            .map(|v| match v {
-                Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
-                other => Ok(other),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(TestCaseError::fail)?;
-        runs.push(("gpu".into(), got));
+        let compiler = gpu::Compiler::new(gpu);
+        for rows in [Rows::Few, Rows::Many] {
+            let program = compiler
+                .build(&ctx, func, &hoisted, rows)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(
+                program.stats().kernel_ops > 0,
+                "nothing was lowered on the GPU: {ir}"
+            );
+            prop_assert_eq!(program.stats().fused_ops, fused, "fused ops on the GPU");
+            let got = program
+                .run(&ctx, weights, args.clone())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+                .into_iter()
+                .map(|v| match v {
+                    Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
+                    other => Ok(other),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(TestCaseError::fail)?;
+            runs.push((format!("gpu, {rows:?} rows"), got));
+        }
     }
     compare(&runs, &want, tol, ir)
 }
@@ -178,18 +181,23 @@ fn gpu_agrees_with(
     let hoisted = interpreter
         .hoist(func)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let program = gpu::Compiler::new(gpu)
-        .build(&ctx, func, &hoisted)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert!(
-        program.stats().reference_ops.is_empty(),
-        "not lowered: {ir}"
-    );
-    prop_assert_eq!(program.stats().f16_weights, f16_weights, "f16 weights");
-    let got = program
-        .run(&ctx, store, args)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    compare(&[("gpu".into(), got)], &want, tol, ir)
+    let compiler = gpu::Compiler::new(gpu);
+    let mut runs = Vec::new();
+    for rows in [Rows::Few, Rows::Many] {
+        let program = compiler
+            .build(&ctx, func, &hoisted, rows)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(
+            program.stats().reference_ops.is_empty(),
+            "not lowered: {ir}"
+        );
+        prop_assert_eq!(program.stats().f16_weights, f16_weights, "f16 weights");
+        let got = program
+            .run(&ctx, store, args.clone())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        runs.push((format!("gpu, {rows:?} rows"), got));
+    }
+    compare(&runs, &want, tol, ir)
 }
 
 /// Checks every backend's results against the interpreter's: integers exactly, floats
@@ -284,6 +292,27 @@ proptest! {
         let ir = func(&[("x".into(), ty(&[m, k]))], &ty(&[m, n]), &body);
         let store = Store(vec![("w".into(), Rc::new(tensor(&[k, n], seed + 1, 1.0)))]);
         agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 1e-5)?;
+    }
+
+    /// Prompts of many rows: several tiles of rows and outputs in the tiled GPU shader,
+    /// with the norm prologue and the residual epilogue.
+    #[test]
+    fn matmul_many_rows(m in 15usize..40, n in 1usize..40, k in 1usize..70, norm in any::<bool>(), seed: u64) {
+        let (op, extra, params) = if norm {
+            ("rms_norm_matmul", "x, g, w", "eps = 1e-5, transpose_rhs = true")
+        } else {
+            ("matmul", "x, w", "transpose_rhs = true")
+        };
+        let body = format!(
+            "w = llm.weight {{name = \"w\"}} : {};\n        g = llm.weight {{name = \"g\"}} : {};\n        p = llm.{op} {extra} {{{params}}} : {};\n        y = llm.add p, r : {};",
+            ty(&[n, k]), ty(&[k]), ty(&[m, n]), ty(&[m, n])
+        );
+        let ir = func(&[("x".into(), ty(&[m, k])), ("r".into(), ty(&[m, n]))], &ty(&[m, n]), &body);
+        let store = Store(vec![
+            ("w".into(), Rc::new(tensor(&[n, k], seed + 1, 1.0))),
+            ("g".into(), Rc::new(tensor(&[k], seed + 2, 1.0))),
+        ]);
+        agree_fused(&ir, vec![tensor(&[m, k], seed, 1.0), tensor(&[m, n], seed + 3, 1.0)], &store, 1e-5, 1)?;
     }
 
     /// `add(r, matmul(x, w))` becomes one contraction with a residual epilogue (both

@@ -100,6 +100,15 @@ pub enum Step {
 }
 
 impl Step {
+    /// The rows a GPU program of this step is shaped for: whole prompts, or one token per
+    /// sequence.
+    fn gpu_rows(self) -> gpu::Rows {
+        match self {
+            Step::Prefill => gpu::Rows::Many,
+            Step::Decode => gpu::Rows::Few,
+        }
+    }
+
     /// The function name.
     pub fn name(self) -> &'static str {
         match self {
@@ -260,7 +269,7 @@ impl Model {
                             .map_err(|e| format!("@{}: cpu backend: {e}", step.name()))?,
                     )),
                     Compiler::Gpu(c) => Compiled::Gpu(Box::new(
-                        c.build(&ctx, func, &hoisted)
+                        c.build(&ctx, func, &hoisted, step.gpu_rows())
                             .map_err(|e| format!("@{}: gpu backend: {e}", step.name()))?,
                     )),
                 };

@@ -23,9 +23,9 @@ use pliron::context::Context;
 use super::{
     device::Gpu,
     pool::{Pool, read_pool},
-    program::{PARAM_STRIDE, Program, Step},
+    program::{PARAM_STRIDE, Program, Rows, Step},
     tensor::{DeviceTensor, Elem, Part, device_bytes, row_bytes},
-    wgsl::{CONTRACTION_ROWS, PARAM_WORDS, WORKGROUP},
+    wgsl::{CONTRACTION_ROWS, PARAM_WORDS, TILE, WORKGROUP},
 };
 use crate::{
     kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat},
@@ -558,12 +558,15 @@ impl Call<'_> {
             if let Some(r) = &residual {
                 bindings.push(r.whole()?);
             }
-            let blocks = part.rows.div_ceil(CONTRACTION_ROWS as usize);
+            let workgroups = match self.program.rows {
+                Rows::Few => part.rows.div_ceil(CONTRACTION_ROWS as usize) * m,
+                Rows::Many => part.rows.div_ceil(TILE as usize) * m.div_ceil(TILE as usize),
+            };
             self.dispatch(
                 pipeline,
                 &[m as u32, c.n as u32, part.first as u32, part.rows as u32],
                 &bindings,
-                blocks * m,
+                workgroups,
             )?;
         }
         Ok(DeviceTensor::f32(shape, y))

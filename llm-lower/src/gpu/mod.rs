@@ -16,7 +16,7 @@ pub mod wgsl;
 
 pub use device::{Gpu, GpuOptions};
 pub use pool::{copy_block, read_cache};
-pub use program::{Compiler, LoweringStats, Program};
+pub use program::{Compiler, LoweringStats, Program, Rows};
 
 use std::fmt;
 
@@ -260,7 +260,14 @@ mod tests {
                 });
             }
         }
-        for s in shaders {
+        let tiled: Vec<Shader> = shaders
+            .iter()
+            .filter_map(|s| match s {
+                Shader::Contraction(c) => Some(Shader::TiledContraction(*c)),
+                _ => None,
+            })
+            .collect();
+        for s in shaders.into_iter().chain(tiled) {
             if let Err(e) = validate(&s.source()) {
                 panic!("{}:\n{e}\n{}", s.name(), s.source());
             }

@@ -120,6 +120,18 @@ type Uploads = RefCell<HashMap<(*const Value, bool, bool), (Rc<Value>, DeviceTen
 /// Whether each weight is exactly `f16`, checked once per [`Compiler`].
 type ExactF16 = RefCell<HashMap<*const Value, (Rc<Value>, bool)>>;
 
+/// How many rows (tokens) a function's contractions see per call, which picks their
+/// shader. Either shader computes each row on its own, in one fixed order, so within a
+/// program no row's result depends on the rest of the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Few (decode: one token per sequence): the matrix-vector shader.
+    Few,
+    /// Many (prefill: whole prompts): the tiled matrix-matrix shader, which reads each
+    /// weight tile once per 16 rows.
+    Many,
+}
+
 /// Compiles the functions of one model for one device: they share uploaded weights.
 pub struct Compiler {
     gpu: Arc<Gpu>,
@@ -155,14 +167,16 @@ impl Compiler {
         exact
     }
 
-    /// Compiles `func`, taking its weight-derived values from `hoisted`.
+    /// Compiles `func` for calls of `rows` rows, taking its weight-derived values from
+    /// `hoisted`.
     pub fn build(
         &self,
         ctx: &Context,
         func: FuncOp,
         hoisted: &Hoisted,
+        rows: Rows,
     ) -> Result<Program, GpuError> {
-        Program::compile(ctx, func, hoisted, self)
+        Program::compile(ctx, func, hoisted, rows, self)
     }
 }
 
@@ -171,6 +185,8 @@ pub struct Program {
     pub(super) gpu: Arc<Gpu>,
     pub(super) name: String,
     steps: Vec<Step>,
+    /// What its contractions are shaped for.
+    pub(super) rows: Rows,
     pub(super) slots: usize,
     params: Vec<usize>,
     arg_types: Vec<TypeHandle>,
@@ -180,9 +196,9 @@ pub struct Program {
     pub(super) buffers: RefCell<Buffers>,
 }
 
-/// The shaders each selected op runs, with the ops the device limits send back to the
-/// reference semantics.
-fn plan(selection: &mut Selection, limits: &Limits) -> Vec<Vec<Shader>> {
+/// The shaders each selected op runs (contractions tiled for `Rows::Many`), with the ops
+/// the device limits send back to the reference semantics.
+fn plan(selection: &mut Selection, limits: &Limits, rows: Rows) -> Vec<Vec<Shader>> {
     selection
         .per_op
         .iter_mut()
@@ -190,7 +206,12 @@ fn plan(selection: &mut Selection, limits: &Limits) -> Vec<Vec<Shader>> {
             let Some(c) = chosen else {
                 return Vec::new();
             };
-            let shaders = wgsl::shaders_for(&c.kernel);
+            let mut shaders = wgsl::shaders_for(&c.kernel);
+            if rows == Rows::Many
+                && let [Shader::Contraction(k)] = shaders.as_slice()
+            {
+                shaders = vec![Shader::TiledContraction(*k)];
+            }
             let too_wide = matches!(c.kernel, Kernel::Attention { d, .. } if d > MAX_HEAD_DIM);
             let fits = shaders.iter().all(|s| limits.admit(s).is_ok());
             if too_wide || !fits {
@@ -263,7 +284,7 @@ pub(super) fn listing(ctx: &Context, func: FuncOp, limits: &Limits) -> Result<St
     let constant = interp::weight_derived(ctx, &all);
     let ops = live_ops(ctx, &all, |r| constant.contains(&r));
     let mut selection = select_all(ctx, &ops, |v| constant.contains(&v), |_| true);
-    let plans = plan(&mut selection, limits);
+    let plans = plan(&mut selection, limits, Rows::Few);
     let mut shaders: Vec<Shader> = Vec::new();
     for s in plans.into_iter().flatten() {
         if !shaders.contains(&s) {
@@ -308,6 +329,7 @@ impl Program {
         ctx: &Context,
         func: FuncOp,
         hoisted: &Hoisted,
+        rows: Rows,
         compiler: &Compiler,
     ) -> Result<Program, GpuError> {
         let gpu = Arc::clone(&compiler.gpu);
@@ -329,7 +351,7 @@ impl Program {
         let live = live_ops(ctx, &ops, |r| hoisted.covers(r));
         let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), |_| true);
         let halves = f16_weights(ctx, &live, &mut selection, hoisted, compiler);
-        let mut plans = plan(&mut selection, &gpu.limits());
+        let mut plans = plan(&mut selection, &gpu.limits(), rows);
         for (i, &op) in live.iter().enumerate() {
             if let Some(Shader::Gather { half, .. }) = plans[i].first_mut() {
                 *half = halves.contains(&op.deref(ctx).get_operand(0));
@@ -421,6 +443,7 @@ impl Program {
             gpu,
             name,
             steps,
+            rows,
             slots: constants
                 .iter()
                 .map(|(s, _)| s + 1)

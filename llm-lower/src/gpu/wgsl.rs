@@ -31,6 +31,12 @@ pub const PARAM_WORDS: usize = 8;
 /// Outputs of a contraction computed by one workgroup (they share the loads of `x`).
 pub const CONTRACTION_ROWS: u32 = 4;
 
+/// Rows and outputs of a [`Shader::TiledContraction`] tile.
+pub const TILE: u32 = 16;
+
+/// Columns of x and of the weight staged per step of a tiled contraction.
+const TILE_K: u32 = 32;
+
 /// Head sizes above this run attention through the reference semantics (each invocation
 /// keeps `head_dim / WORKGROUP` output accumulators).
 pub const MAX_HEAD_DIM: usize = 512;
@@ -41,6 +47,12 @@ pub enum Shader {
     /// `y[m, j] = dot(norm(x[m]), w[j])` for the rows of one weight part, optionally plus a
     /// residual; weights are `f32` rows or q8_0/q4_0 blocks dequantized in the kernel.
     Contraction(Contraction),
+    /// The same product as a tiled matrix-matrix shader: a workgroup computes a
+    /// [`TILE`] x [`TILE`] block of outputs (16 rows of x against 16 weight rows), staging
+    /// tiles of x and of the weight in workgroup memory, so that each weight value is read
+    /// once per 16 rows instead of once per row. For prompts; each output is still a sum
+    /// over K in one fixed order, whatever the other rows are.
+    TiledContraction(Contraction),
     /// A scalar body over equally shaped operands.
     Elementwise(ScalarBody),
     /// RMS norm of rows of `d`.
@@ -204,6 +216,7 @@ impl Shader {
     pub fn name(&self) -> String {
         match self {
             Shader::Contraction(c) => Kernel::Contraction(*c).name(),
+            Shader::TiledContraction(c) => format!("tiled_{}", Kernel::Contraction(*c).name()),
             Shader::Elementwise(body) => Kernel::Elementwise(body.clone()).name(),
             Shader::RmsNorm { d, .. } => format!("rms_norm_{d}"),
             Shader::LayerNorm { d, .. } => format!("layer_norm_{d}"),
@@ -234,7 +247,7 @@ impl Shader {
     pub fn bindings(&self) -> Vec<(&'static str, Access)> {
         use Access::{Read, ReadWrite};
         match self {
-            Shader::Contraction(c) => {
+            Shader::Contraction(c) | Shader::TiledContraction(c) => {
                 let mut b = vec![("x", Read), ("w", Read), ("y", ReadWrite)];
                 if c.norm_eps_bits.is_some() {
                     b.push(("g", Read));
@@ -289,6 +302,8 @@ impl Shader {
         let w = WORKGROUP as usize * 4;
         match self {
             Shader::Contraction(_) => CONTRACTION_ROWS as usize * w,
+            // Tiles of x and w, the norm's squares and row scales.
+            Shader::TiledContraction(_) => (2 * TILE * TILE_K) as usize * 4 + w + 4 * TILE as usize,
             Shader::RmsNorm { .. } | Shader::LayerNorm { .. } | Shader::Softmax { .. } => w,
             Shader::Argmax { .. } => 2 * w,
             // Scores, key offsets, the query, the reduction and the visible range.
@@ -300,7 +315,7 @@ impl Shader {
     /// Whether the shader reads `f16` storage (it then needs the `shader-f16` feature).
     pub fn uses_f16(&self) -> bool {
         match self {
-            Shader::Contraction(c) => c.weight == WeightFormat::F16,
+            Shader::Contraction(c) | Shader::TiledContraction(c) => c.weight == WeightFormat::F16,
             Shader::Gather { half, .. } => *half,
             _ => false,
         }
@@ -320,9 +335,17 @@ impl Shader {
                 Access::ReadWrite => "read_write",
             };
             let elem = match (self, name) {
-                (Shader::Contraction(c), "w") if c.weight == WeightFormat::F16 => "f16",
+                (Shader::Contraction(c) | Shader::TiledContraction(c), "w")
+                    if c.weight == WeightFormat::F16 =>
+                {
+                    "f16"
+                }
                 (Shader::Gather { half: true, .. }, "table") => "f16",
-                (Shader::Contraction(c), "w") if c.weight != WeightFormat::F32 => "u32",
+                (Shader::Contraction(c) | Shader::TiledContraction(c), "w")
+                    if c.weight != WeightFormat::F32 =>
+                {
+                    "u32"
+                }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
                 _ => "f32",
             };
@@ -340,7 +363,9 @@ impl Shader {
     /// The uniform parameter block: [`PARAM_WORDS`] named `u32` words.
     fn param_block(&self) -> String {
         let names: &[&str] = match self {
-            Shader::Contraction(_) => &["rows", "outputs", "first", "part_rows"],
+            Shader::Contraction(_) | Shader::TiledContraction(_) => {
+                &["rows", "outputs", "first", "part_rows"]
+            }
             Shader::Elementwise(_) => &["len"],
             Shader::RmsNorm { .. }
             | Shader::LayerNorm { .. }
@@ -376,6 +401,7 @@ impl Shader {
     fn body(&self) -> String {
         match self {
             Shader::Contraction(c) => contraction(c),
+            Shader::TiledContraction(c) => tiled_contraction(c),
             Shader::Elementwise(body) => elementwise(body),
             Shader::RmsNorm { d, eps_bits } => rms_norm(*d, *eps_bits),
             Shader::LayerNorm { d, eps_bits } => layer_norm(*d, *eps_bits),
@@ -457,11 +483,7 @@ fn contraction(c: &Contraction) -> String {
     if c.norm_eps_bits.is_some() {
         s.push_str(REDUCE);
     }
-    if !matches!(c.weight, WeightFormat::F32 | WeightFormat::F16) {
-        let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
-        s.push_str(BYTES);
-        s.push_str(&weight_value(c));
-    }
+    s.push_str(&weight_prelude(c));
     s.push_str(ENTRY);
     s.push_str(
         "    let blocks = (p.part_rows + R - 1u) / R;
@@ -600,6 +622,16 @@ fn scale_reader(dtype: DType) -> &'static str {
 /// affine) are never split, so `p.first + row` is the matrix row.
 fn weight_value(c: &Contraction) -> String {
     let body = match c.weight {
+        WeightFormat::Q8_0 => "    let o = row * ROW_BYTES + (i / 32u) * 34u;
+    return half_at(o) * f32(bitcast<i32>(byte_at(o + 2u + i % 32u) << 24u) >> 24u);
+"
+        .to_string(),
+        WeightFormat::Q4_0 => "    let o = row * ROW_BYTES + (i / 32u) * 18u;
+    let e = i % 32u;
+    let q = (byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+    return half_at(o) * f32(i32(q) - 8);
+"
+        .to_string(),
         WeightFormat::Q4_1 => "    let o = row * ROW_BYTES + (i / 32u) * 20u;
     let e = i % 32u;
     let q = (byte_at(o + 4u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
@@ -723,6 +755,107 @@ fn weight_value(c: &Contraction) -> String {
         _ => {}
     }
     let _ = write!(s, "fn weight_at(row: u32, i: u32) -> f32 {{\n{body}}}\n");
+    s
+}
+
+/// The prelude a contraction over `c`'s weight needs: `ROW_BYTES`, byte access and the
+/// format's `weight_at` for packed weights.
+fn weight_prelude(c: &Contraction) -> String {
+    let mut s = String::new();
+    if !matches!(c.weight, WeightFormat::F32 | WeightFormat::F16) {
+        let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
+        s.push_str(BYTES);
+        s.push_str(&weight_value(c));
+    }
+    s
+}
+
+fn tiled_contraction(c: &Contraction) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "const K: u32 = {}u;", c.k);
+    let _ = writeln!(s, "const T: u32 = {TILE}u;");
+    let _ = writeln!(s, "const TK: u32 = {TILE_K}u;");
+    let _ = writeln!(s, "var<workgroup> xs: array<f32, {}>;", TILE * TILE_K);
+    let _ = writeln!(s, "var<workgroup> ws: array<f32, {}>;", TILE * TILE_K);
+    s.push_str("var<workgroup> squares: array<f32, 64>;\nvar<workgroup> scale: array<f32, 16>;\n");
+    s.push_str(&weight_prelude(c));
+    let weight = match c.weight {
+        WeightFormat::F32 => "w[jr * K + col]",
+        WeightFormat::F16 => "f32(w[jr * K + col])",
+        _ => "weight_at(jr, col)",
+    };
+    let xv = if c.norm_eps_bits.is_some() {
+        "g[col] * (scale[r] * x[row * K + col])"
+    } else {
+        "x[row * K + col]"
+    };
+    s.push_str(ENTRY);
+    s.push_str(
+        "    let tiles_n = (p.part_rows + T - 1u) / T;
+    if (gi >= tiles_n * ((p.rows + T - 1u) / T)) { return; }
+    let m0 = (gi / tiles_n) * T;
+    let j0 = (gi % tiles_n) * T;
+",
+    );
+    if let Some(eps) = c.norm_eps_bits {
+        // Four invocations per row sum its squares; one per row turns them into a scale.
+        let _ = write!(
+            s,
+            "    var ss = 0.0;
+    if (m0 + t / 4u < p.rows) {{
+        for (var i = t % 4u; i < K; i = i + 4u) {{ let v = x[(m0 + t / 4u) * K + i]; ss = ss + v * v; }}
+    }}
+    squares[t] = ss;
+    workgroupBarrier();
+    if (t < T) {{
+        let sum = squares[4u * t] + squares[4u * t + 1u] + squares[4u * t + 2u] + squares[4u * t + 3u];
+        scale[t] = 1.0 / sqrt(sum / f32(K) + {});
+    }}
+    workgroupBarrier();
+",
+            float(f32::from_bits(eps))
+        );
+    }
+    let residual = if c.residual { " + res[at]" } else { "" };
+    let _ = write!(
+        s,
+        "    let ty = (t / 8u) * 2u;
+    let tx = (t % 8u) * 2u;
+    var acc = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < K; k0 = k0 + TK) {{
+        for (var e = t; e < T * TK; e = e + WG) {{
+            let r = e / TK;
+            let col = k0 + e % TK;
+            let row = m0 + r;
+            var xv = 0.0;
+            if (row < p.rows && col < K) {{ xv = {xv}; }}
+            xs[e] = xv;
+            let jr = j0 + r;
+            var wv = 0.0;
+            if (jr < p.part_rows && col < K) {{ wv = {weight}; }}
+            ws[e] = wv;
+        }}
+        workgroupBarrier();
+        for (var c = 0u; c < TK; c = c + 1u) {{
+            let a0 = xs[ty * TK + c];
+            let a1 = xs[(ty + 1u) * TK + c];
+            let b0 = ws[tx * TK + c];
+            let b1 = ws[(tx + 1u) * TK + c];
+            acc = acc + vec4<f32>(a0 * b0, a0 * b1, a1 * b0, a1 * b1);
+        }}
+        workgroupBarrier();
+    }}
+    for (var q = 0u; q < 4u; q = q + 1u) {{
+        let row = m0 + ty + q / 2u;
+        let col = j0 + tx + q % 2u;
+        if (row < p.rows && col < p.part_rows) {{
+            let at = row * p.outputs + p.first + col;
+            y[at] = acc[q]{residual};
+        }}
+    }}
+}}
+"
+    );
     s
 }
 
