@@ -483,7 +483,9 @@ fn contraction(c: &Contraction) -> String {
     if c.norm_eps_bits.is_some() {
         s.push_str(REDUCE);
     }
-    s.push_str(&weight_prelude(c));
+    // q8_0 and q4_0 run a block at a time; the other formats element by element.
+    let per_element = !matches!(c.weight, WeightFormat::Q8_0 | WeightFormat::Q4_0);
+    s.push_str(&weight_prelude(c, per_element));
     s.push_str(ENTRY);
     s.push_str(
         "    let blocks = (p.part_rows + R - 1u) / R;
@@ -758,14 +760,16 @@ fn weight_value(c: &Contraction) -> String {
     s
 }
 
-/// The prelude a contraction over `c`'s weight needs: `ROW_BYTES`, byte access and the
-/// format's `weight_at` for packed weights.
-fn weight_prelude(c: &Contraction) -> String {
+/// The prelude a contraction over `c`'s weight needs: `ROW_BYTES`, byte access and, when
+/// `per_element`, the format's `weight_at` for packed weights.
+fn weight_prelude(c: &Contraction, per_element: bool) -> String {
     let mut s = String::new();
     if !matches!(c.weight, WeightFormat::F32 | WeightFormat::F16) {
         let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
         s.push_str(BYTES);
-        s.push_str(&weight_value(c));
+        if per_element {
+            s.push_str(&weight_value(c));
+        }
     }
     s
 }
@@ -778,7 +782,7 @@ fn tiled_contraction(c: &Contraction) -> String {
     let _ = writeln!(s, "var<workgroup> xs: array<f32, {}>;", TILE * TILE_K);
     let _ = writeln!(s, "var<workgroup> ws: array<f32, {}>;", TILE * TILE_K);
     s.push_str("var<workgroup> squares: array<f32, 64>;\nvar<workgroup> scale: array<f32, 16>;\n");
-    s.push_str(&weight_prelude(c));
+    s.push_str(&weight_prelude(c, true));
     let weight = match c.weight {
         WeightFormat::F32 => "w[jr * K + col]",
         WeightFormat::F16 => "f32(w[jr * K + col])",
