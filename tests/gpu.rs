@@ -61,6 +61,28 @@ fn weights_split_to_fit_a_small_binding_limit_reproduce_golden() {
     );
 }
 
+/// With attention split into chunks of 16 positions (merged by a second dispatch), decode
+/// still prints the golden text.
+#[test]
+fn split_attention_reproduces_golden() {
+    let options = GpuOptions {
+        attention_chunk: Some(16),
+        ..GpuOptions::default()
+    };
+    if gpu::test_device(&options).is_none() {
+        return;
+    }
+    let (model, tok) = stories260k(&Backend::Gpu(options));
+    let g = model
+        .generate(&tok, "The little dog was sad because", 256, GREEDY)
+        .expect("generates");
+    let golden = std::fs::read(shared().join("golden/little_dog.txt")).expect("golden");
+    assert_eq!(
+        String::from_utf8_lossy(&g.text),
+        String::from_utf8_lossy(&golden)
+    );
+}
+
 /// The 110M shape (synthetic weights) compiles under WebGPU's default limits (128 MiB
 /// bindings, 8 storage buffers per stage) with every op on the GPU, and its logits agree
 /// with the CPU backend's.

@@ -49,8 +49,11 @@ fn tensor(shape: &[usize], seed: u64, scale: f32) -> Value {
 fn gpu() -> Option<Arc<Gpu>> {
     static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
     GPU.get_or_init(|| {
+        // A short attention chunk, so that the random contexts exercise both the whole
+        // and the split attention.
         let options = GpuOptions {
             webgpu_limits: true,
+            attention_chunk: Some(5),
             ..GpuOptions::default()
         };
         gpu::test_device(&options).map(Arc::new)

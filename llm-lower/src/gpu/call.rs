@@ -655,24 +655,38 @@ impl Call<'_> {
                 let tables = self.device(step.inputs[tables_at])?;
                 let lens = self.device(step.inputs[lens_at])?;
                 let width = tables.shape.get(1).copied().unwrap_or(0);
-                self.dispatch(
-                    pipelines.last().ok_or("no attention shader")?,
-                    &[
-                        (b * t) as u32,
-                        t as u32,
-                        width as u32,
-                        window.unwrap_or(0) as u32,
-                        p.block_size as u32,
-                    ],
-                    &[
-                        q.whole()?,
-                        &pool.k[layer],
-                        &pool.v[layer],
-                        tables.whole()?,
-                        lens.whole()?,
-                        &y,
-                    ],
-                    b * t * heads,
+                // The longest visible context (checked above against the block tables).
+                let longest = self
+                    .host(step.inputs[lens_at])?
+                    .tensor()?
+                    .ints()?
+                    .iter()
+                    .map(|&len| (len.max(0) as usize).min(window.unwrap_or(usize::MAX)))
+                    .max()
+                    .unwrap_or(0);
+                let words = [
+                    (b * t) as u32,
+                    t as u32,
+                    width as u32,
+                    window.unwrap_or(0) as u32,
+                    p.block_size as u32,
+                ];
+                let inputs = [
+                    q.whole()?,
+                    &pool.k[layer],
+                    &pool.v[layer],
+                    tables.whole()?,
+                    lens.whole()?,
+                ];
+                let shaders = &pipelines[pipelines.len() - 3..];
+                self.attend(
+                    index,
+                    shaders,
+                    &words,
+                    &inputs,
+                    [b * t, heads, d],
+                    longest,
+                    &y,
                 )?;
                 self.env[step.outputs[0]] =
                     Some(Slot::Device(DeviceTensor::f32(q.shape.clone(), y)));
@@ -695,23 +709,69 @@ impl Call<'_> {
                     ));
                 }
                 let rows = q.len() / (heads * d);
-                self.dispatch(
-                    &pipelines[0],
-                    &[
-                        rows as u32,
-                        tq as u32,
-                        tk as u32,
-                        window.unwrap_or(0) as u32,
-                        u32::from(causal),
-                    ],
-                    &[q.whole()?, kt.whole()?, vt.whole()?, &y],
-                    rows * heads,
+                let words = [
+                    rows as u32,
+                    tq as u32,
+                    tk as u32,
+                    window.unwrap_or(0) as u32,
+                    u32::from(causal),
+                ];
+                let inputs = [q.whole()?, kt.whole()?, vt.whole()?];
+                let longest = tk.min(window.unwrap_or(usize::MAX));
+                self.attend(
+                    index,
+                    pipelines,
+                    &words,
+                    &inputs,
+                    [rows, heads, d],
+                    longest,
+                    &y,
                 )?;
                 self.env[step.outputs[0]] =
                     Some(Slot::Device(DeviceTensor::f32(q.shape.clone(), y)));
             }
         }
         Ok(())
+    }
+
+    /// Dispatches attention over `inputs` (all bindings but the output) into `y`: one
+    /// workgroup per query row and head (`shaders[0]`), or, when the longest visible
+    /// context spans several chunks, one per row, head and chunk (`shaders[1]`) writing
+    /// partial states that `shaders[2]` merges. A row's chunks start at its own first
+    /// visible position, so its result does not depend on the other rows; a row of one
+    /// chunk gets exactly what the unsplit shader computes.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one dispatch decision, all its inputs"
+    )]
+    fn attend(
+        &mut self,
+        index: usize,
+        shaders: &[wgpu::ComputePipeline],
+        words: &[u32],
+        inputs: &[&wgpu::Buffer],
+        [rows, heads, d]: [usize; 3],
+        longest: usize,
+        y: &wgpu::Buffer,
+    ) -> Result<(), String> {
+        let chunk = self.gpu().attention_chunk();
+        let splits = longest.div_ceil(chunk);
+        let mut bindings = inputs.to_vec();
+        if splits < 2 {
+            bindings.push(y);
+            return self.dispatch(&shaders[0], words, &bindings, rows * heads);
+        }
+        let parts = self.output(index, 1, rows * heads * splits * (d + 2) * 4);
+        let mut split_words = words.to_vec();
+        split_words.extend([splits as u32, chunk as u32]);
+        bindings.push(&parts);
+        self.dispatch(&shaders[1], &split_words, &bindings, rows * heads * splits)?;
+        self.dispatch(
+            &shaders[2],
+            &[rows as u32, splits as u32],
+            &[&parts, y],
+            rows * heads,
+        )
     }
 
     /// Checks block tables and context lengths against the pool (what the reference

@@ -24,7 +24,14 @@ pub struct GpuOptions {
     /// Keep every weight in `f32` even where the device has `shader-f16` (the fallback
     /// path, for tests on devices that have it).
     pub no_f16: bool,
+    /// Key positions one attention workgroup covers before the context is split across
+    /// workgroups (default [`ATTENTION_CHUNK`]).
+    pub attention_chunk: Option<usize>,
 }
+
+/// Key positions per attention workgroup: longer contexts are split across workgroups
+/// (and merged by a second dispatch), so that a long decode keeps the device busy.
+pub const ATTENTION_CHUNK: usize = 256;
 
 /// How long a readback waits for the GPU before it reports a wedged device.
 const WAIT: Duration = Duration::from_secs(120);
@@ -37,6 +44,8 @@ pub struct Gpu {
     limits: Limits,
     /// Whether shaders may read `f16` storage.
     f16: bool,
+    /// Key positions per attention workgroup.
+    attention_chunk: usize,
     /// Errors wgpu reported outside an error scope (a dispatch it rejected), collected
     /// here instead of wgpu's default handler, which panics.
     errors: Arc<Mutex<Vec<String>>>,
@@ -84,6 +93,7 @@ impl Gpu {
         }));
         Ok(Gpu {
             f16: features.contains(wgpu::Features::SHADER_F16) && !options.no_f16,
+            attention_chunk: options.attention_chunk.unwrap_or(ATTENTION_CHUNK).max(1),
             info: adapter.get_info(),
             limits: Limits::of(&required_limits),
             device,
@@ -103,6 +113,11 @@ impl Gpu {
     /// `shader-f16`).
     pub fn has_f16(&self) -> bool {
         self.f16
+    }
+
+    /// Key positions one attention workgroup covers before the context is split.
+    pub fn attention_chunk(&self) -> usize {
+        self.attention_chunk
     }
 
     /// The limits programs are compiled for.

@@ -14,7 +14,7 @@ mod program;
 mod tensor;
 pub mod wgsl;
 
-pub use device::{Gpu, GpuOptions};
+pub use device::{ATTENTION_CHUNK, Gpu, GpuOptions};
 pub use pool::{copy_block, read_cache};
 pub use program::{Compiler, LoweringStats, Program, Rows};
 
@@ -251,13 +251,17 @@ mod tests {
         }
         for paged in [false, true] {
             for (d, scale) in [(8, Scale::DivSqrt(8f32.sqrt())), (130, Scale::Times(0.1))] {
-                shaders.push(Shader::Attention {
-                    heads: 4,
-                    kv_heads: 2,
-                    d,
-                    scale,
-                    paged,
-                });
+                for split in [false, true] {
+                    shaders.push(Shader::Attention {
+                        heads: 4,
+                        kv_heads: 2,
+                        d,
+                        scale,
+                        paged,
+                        split,
+                    });
+                }
+                shaders.push(Shader::AttentionCombine { heads: 4, d });
             }
         }
         let tiled: Vec<Shader> = shaders

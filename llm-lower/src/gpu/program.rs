@@ -634,7 +634,8 @@ fn upload_constants(
     Ok(constants)
 }
 
-/// Dispatches one call of `kernel` records (its shaders, once per weight or table part).
+/// The most dispatches one call of `kernel` records (its shaders, once per weight or
+/// table part).
 fn dispatches_of(
     kernel: &Kernel,
     shaders: usize,
@@ -653,6 +654,8 @@ fn dispatches_of(
     match kernel {
         Kernel::Contraction(c) => parts_of(step.inputs[weight_operand(c)]),
         Kernel::Move(Movement::Rows { .. }) => parts_of(step.inputs[0]),
+        // One of the whole and the split attention runs (the split one with its merge).
+        Kernel::Attention { .. } => shaders - 1,
         _ => shaders,
     }
 }

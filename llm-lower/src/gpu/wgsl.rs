@@ -104,6 +104,18 @@ pub enum Shader {
         /// Keys and values come from a paged cache layer through block tables (else from
         /// contiguous `[batch, tokens, kv_heads, d]` tensors).
         paged: bool,
+        /// Split along the context: each workgroup covers one chunk of a row's visible
+        /// positions and writes its partial softmax state (maximum, sum, unnormalised
+        /// output) for [`Shader::AttentionCombine`].
+        split: bool,
+    },
+    /// Merges the partial states of a split attention, one workgroup per query row and
+    /// head.
+    AttentionCombine {
+        /// Query heads.
+        heads: usize,
+        /// Head size.
+        d: usize,
     },
     /// Writes the new key and value rows of each token into its cache slot.
     KvAppend {
@@ -184,19 +196,27 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             scale,
             source,
         } => {
-            let attend = Shader::Attention {
+            let attend = |split| Shader::Attention {
                 heads: *heads,
                 kv_heads: *kv_heads,
                 d: *d,
                 scale: *scale,
                 paged: matches!(source, AttentionSource::Paged { .. }),
+                split,
             };
-            match source {
-                AttentionSource::Paged { append: true, .. } => {
-                    vec![Shader::KvAppend { row: kv_heads * d }, attend]
-                }
-                _ => vec![attend],
+            // The whole context in one workgroup, or split in chunks and merged.
+            let mut shaders = vec![
+                attend(false),
+                attend(true),
+                Shader::AttentionCombine {
+                    heads: *heads,
+                    d: *d,
+                },
+            ];
+            if let AttentionSource::Paged { append: true, .. } = source {
+                shaders.insert(0, Shader::KvAppend { row: kv_heads * d });
             }
+            shaders
         }
         Kernel::Move(Movement::Reshape) => Vec::new(),
         Kernel::Move(Movement::Columns { width, offset, len }) => vec![Shader::Columns {
@@ -230,11 +250,14 @@ impl Shader {
                 kv_heads,
                 d,
                 paged,
+                split,
                 ..
             } => format!(
-                "{}attention_{heads}x{d}_kv{kv_heads}",
-                if *paged { "paged_" } else { "" }
+                "{}attention_{heads}x{d}_kv{kv_heads}{}",
+                if *paged { "paged_" } else { "" },
+                if *split { "_split" } else { "" }
             ),
+            Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
             Shader::KvAppend { row } => format!("kv_append_{row}"),
             Shader::Gather { dim, half } => {
                 format!("gather_{}{dim}", if *half { "f16_" } else { "" })
@@ -274,17 +297,15 @@ impl Shader {
                 ("sin_t", Read),
                 ("y", ReadWrite),
             ],
-            Shader::Attention { paged: true, .. } => vec![
-                ("q", Read),
-                ("kc", Read),
-                ("vc", Read),
-                ("tables", Read),
-                ("lens", Read),
-                ("y", ReadWrite),
-            ],
-            Shader::Attention { paged: false, .. } => {
-                vec![("q", Read), ("kc", Read), ("vc", Read), ("y", ReadWrite)]
+            Shader::Attention { paged, split, .. } => {
+                let mut b = vec![("q", Read), ("kc", Read), ("vc", Read)];
+                if *paged {
+                    b.extend([("tables", Read), ("lens", Read)]);
+                }
+                b.push((if *split { "parts" } else { "y" }, ReadWrite));
+                b
             }
+            Shader::AttentionCombine { .. } => vec![("parts", Read), ("y", ReadWrite)],
             Shader::KvAppend { .. } => vec![
                 ("kn", Read),
                 ("vn", Read),
@@ -372,12 +393,13 @@ impl Shader {
             | Shader::Softmax { .. }
             | Shader::Argmax { .. } => &["rows"],
             Shader::Rope { .. } => &["tokens"],
-            Shader::Attention { paged: true, .. } => {
-                &["rows", "tokens", "width", "window", "block"]
-            }
-            Shader::Attention { paged: false, .. } => {
-                &["rows", "tokens", "keys", "window", "causal"]
-            }
+            Shader::Attention { paged: true, .. } => &[
+                "rows", "tokens", "width", "window", "block", "splits", "chunk",
+            ],
+            Shader::Attention { paged: false, .. } => &[
+                "rows", "tokens", "keys", "window", "causal", "splits", "chunk",
+            ],
+            Shader::AttentionCombine { .. } => &["rows", "splits"],
             Shader::KvAppend { .. } => &["tokens"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
             Shader::Columns { .. } => &["rows"],
@@ -419,7 +441,9 @@ impl Shader {
                 d,
                 scale,
                 paged,
-            } => attention(*heads, *kv_heads, *d, *scale, *paged),
+                split,
+            } => attention([*heads, *kv_heads, *d], *scale, *paged, *split),
+            Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::KvAppend { row } => kv_append(*row),
             Shader::Gather { dim, half } => gather(*dim, *half),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
@@ -1046,7 +1070,7 @@ fn rope(heads: usize, d: usize, rotary: usize, half: bool) -> String {
     s
 }
 
-fn attention(heads: usize, kv_heads: usize, d: usize, scale: Scale, paged: bool) -> String {
+fn attention([heads, kv_heads, d]: [usize; 3], scale: Scale, paged: bool, split: bool) -> String {
     let scaled = match scale {
         Scale::Times(f) => format!("qk * {}", float(f)),
         Scale::DivSqrt(r) => format!("qk / {}", float(r)),
@@ -1097,17 +1121,44 @@ var<workgroup> range_end: u32;
     };
     s.push_str(locate);
     s.push_str(ENTRY);
+    // A split workgroup covers chunk `gi % splits` of its row's visible positions.
+    let (which, chunk, finish) = if split {
+        (
+            "    if (gi >= p.rows * H * p.splits) {{ return; }}
+    let rh = gi / p.splits;
+    let part = gi % p.splits;",
+            "        range_start = min(range_end, start + part * p.chunk);
+        range_end = min(range_end, start + (part + 1u) * p.chunk);
+",
+            "    let at = (rh * p.splits + part) * (D + 2u);
+    if (t == 0u) {{ parts[at] = m; parts[at + 1u] = l; }}
+    for (var c = 0u; c < DC; c = c + 1u) {{
+        let i = t + c * WG;
+        if (i < D) {{ parts[at + 2u + i] = acc[c]; }}
+    }}",
+        )
+    } else {
+        (
+            "    if (gi >= p.rows * H) {{ return; }}
+    let rh = gi;",
+            "",
+            "    for (var c = 0u; c < DC; c = c + 1u) {{
+        let i = t + c * WG;
+        if (i < D) {{ y[qrow + i] = select(0.0, acc[c] / l, l > 0.0); }}
+    }}",
+        )
+    };
     let _ = write!(
         s,
-        "    if (gi >= p.rows * H) {{ return; }}
-    let row = gi / H;
-    let head = gi % H;
+        "{which}
+    let row = rh / H;
+    let head = rh % H;
     let kvh = head / (H / KVH);
     let seq = row / p.tokens;
     let qrow = (row * H + head) * D;
     for (var i = t; i < D; i = i + WG) {{ qs[i] = q[qrow + i]; }}
     if (t == 0u) {{
-{range}    }}
+{range}{chunk}    }}
     let start = workgroupUniformLoad(&range_start);
     let end = workgroupUniformLoad(&range_end);
     var acc: array<f32, DC>;
@@ -1142,12 +1193,36 @@ var<workgroup> range_end: u32;
         }}
         workgroupBarrier();
     }}
-    for (var c = 0u; c < DC; c = c + 1u) {{
-        let i = t + c * WG;
-        if (i < D) {{ y[qrow + i] = select(0.0, acc[c] / l, l > 0.0); }}
-    }}
+{finish}
 }}
 ",
+    );
+    s
+}
+
+fn attention_combine(heads: usize, d: usize) -> String {
+    let mut s = format!("const H: u32 = {heads}u;\nconst D: u32 = {d}u;\n{ENTRY}");
+    let _ = write!(
+        s,
+        "    if (gi >= p.rows * H) {{ return; }}
+    let first = gi * p.splits * (D + 2u);
+    var top = {LOWEST};
+    for (var c = 0u; c < p.splits; c = c + 1u) {{ top = max(top, parts[first + c * (D + 2u)]); }}
+    var total = 0.0;
+    for (var c = 0u; c < p.splits; c = c + 1u) {{
+        let at = first + c * (D + 2u);
+        total = total + parts[at + 1u] * exp(parts[at] - top);
+    }}
+    for (var i = t; i < D; i = i + WG) {{
+        var sum = 0.0;
+        for (var c = 0u; c < p.splits; c = c + 1u) {{
+            let at = first + c * (D + 2u);
+            sum = sum + parts[at + 2u + i] * exp(parts[at] - top);
+        }}
+        y[gi * D + i] = select(0.0, sum / total, total > 0.0);
+    }}
+}}
+"
     );
     s
 }
