@@ -37,11 +37,12 @@ fn stories260k(backend: &Backend) -> (Model, Tokenizer) {
 
 /// Under a 48 KiB binding limit the 128 KiB embedding table (tied to the classifier) is
 /// uploaded in three row parts, gathered and multiplied part by part; the output is still
-/// the golden text.
+/// the golden text. This run also takes the portable reductions (no subgroup operations).
 #[test]
 fn weights_split_to_fit_a_small_binding_limit_reproduce_golden() {
     let options = GpuOptions {
         max_binding_bytes: Some(48 * 1024),
+        no_subgroups: true,
         ..GpuOptions::default()
     };
     if gpu::test_device(&options).is_none() {

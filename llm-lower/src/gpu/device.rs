@@ -27,6 +27,9 @@ pub struct GpuOptions {
     /// Key positions one attention workgroup covers before the context is split across
     /// workgroups (default [`ATTENTION_CHUNK`]).
     pub attention_chunk: Option<usize>,
+    /// Reduce through workgroup memory only, even where the device has subgroup
+    /// operations (the portable path, for tests on devices that have them).
+    pub no_subgroups: bool,
 }
 
 /// Key positions per attention workgroup: longer contexts are split across workgroups
@@ -46,6 +49,8 @@ pub struct Gpu {
     f16: bool,
     /// Key positions per attention workgroup.
     attention_chunk: usize,
+    /// Whether reductions use subgroup operations.
+    subgroups: bool,
     /// Errors wgpu reported outside an error scope (a dispatch it rejected), collected
     /// here instead of wgpu's default handler, which panics.
     errors: Arc<Mutex<Vec<String>>>,
@@ -76,7 +81,7 @@ impl Gpu {
         }
         // f16 storage halves the bytes of weights that are exactly f16 (converted f16
         // models); without the feature they stay f32.
-        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmc"),
             required_features: features,
@@ -94,6 +99,7 @@ impl Gpu {
         Ok(Gpu {
             f16: features.contains(wgpu::Features::SHADER_F16) && !options.no_f16,
             attention_chunk: options.attention_chunk.unwrap_or(ATTENTION_CHUNK).max(1),
+            subgroups: features.contains(wgpu::Features::SUBGROUP) && !options.no_subgroups,
             info: adapter.get_info(),
             limits: Limits::of(&required_limits),
             device,
@@ -115,6 +121,11 @@ impl Gpu {
         self.f16
     }
 
+    /// Whether reductions use subgroup operations (the device has them).
+    pub fn has_subgroups(&self) -> bool {
+        self.subgroups
+    }
+
     /// Key positions one attention workgroup covers before the context is split.
     pub fn attention_chunk(&self) -> usize {
         self.attention_chunk
@@ -132,7 +143,7 @@ impl Gpu {
     /// The pipeline of `shader`, created once per device: the source is validated with
     /// naga first, and the device's own complaints come back as an error.
     pub(super) fn pipeline(&self, shader: &Shader) -> Result<wgpu::ComputePipeline, GpuError> {
-        let source = shader.source();
+        let source = shader.source_for(self.subgroups);
         let mut pipelines = self
             .pipelines
             .lock()

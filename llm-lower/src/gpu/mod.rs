@@ -103,7 +103,12 @@ impl Limits {
 pub fn test_device(options: &GpuOptions) -> Option<Gpu> {
     match Gpu::new(options) {
         Ok(gpu) => {
-            eprintln!("GPU checks on {}", gpu.adapter());
+            eprintln!(
+                "GPU checks on {} (f16 storage: {}, subgroups: {})",
+                gpu.adapter(),
+                gpu.has_f16(),
+                gpu.has_subgroups()
+            );
             Some(gpu)
         }
         Err(e) if std::env::var_os("REQUIRE_GPU").is_some() => {
@@ -124,11 +129,14 @@ pub fn validate(source: &str) -> Result<(), GpuError> {
         naga::front::wgsl::parse_str(source).map_err(|e| GpuError(e.emit_to_string(source)))?;
     // Shaders that read f16 storage say so with `enable f16;` (and are only compiled for
     // devices with `shader-f16`).
-    let capabilities = if source.starts_with("enable f16;") {
-        naga::valid::Capabilities::SHADER_FLOAT16
-    } else {
-        naga::valid::Capabilities::empty()
-    };
+    let mut capabilities = naga::valid::Capabilities::empty();
+    if source.starts_with("enable f16;") {
+        capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
+    }
+    // Subgroup operations appear only in sources made for devices that have them.
+    if source.contains("subgroupAdd(") {
+        capabilities |= naga::valid::Capabilities::SUBGROUP;
+    }
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
         .validate(&module)
         .map_err(|e| GpuError(e.emit_to_string(source)))?;
@@ -272,8 +280,11 @@ mod tests {
             })
             .collect();
         for s in shaders.into_iter().chain(tiled) {
-            if let Err(e) = validate(&s.source()) {
-                panic!("{}:\n{e}\n{}", s.name(), s.source());
+            for subgroups in [false, true] {
+                let source = s.source_for(subgroups);
+                if let Err(e) = validate(&source) {
+                    panic!("{}:\n{e}\n{source}", s.name());
+                }
             }
         }
     }

@@ -342,7 +342,21 @@ impl Shader {
         }
     }
 
-    /// The WGSL source.
+    /// The WGSL source for a device with subgroup operations (when `subgroups`): the
+    /// workgroup reductions then reduce within each subgroup first. Shaders without
+    /// reductions are the same either way.
+    pub fn source_for(&self, subgroups: bool) -> String {
+        let source = self.source();
+        if subgroups && source.contains(REDUCE) {
+            source
+                .replace(REDUCE, REDUCE_SUBGROUPS)
+                .replace(ENTRY, ENTRY_SUBGROUPS)
+        } else {
+            source
+        }
+    }
+
+    /// The portable WGSL source (no subgroup operations).
     pub fn source(&self) -> String {
         let mut s = String::new();
         if self.uses_f16() {
@@ -466,6 +480,44 @@ const ENTRY: &str = "@compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
     let gi = wid.x + wid.y * nwg.x;
+";
+
+/// The entry point with the subgroup builtins, which it keeps in private variables for
+/// [`REDUCE_SUBGROUPS`].
+const ENTRY_SUBGROUPS: &str = "@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32, @builtin(subgroup_id) sg: u32,
+        @builtin(num_subgroups) nsg: u32, @builtin(subgroup_invocation_id) sgi: u32) {
+    subgroup = sg;
+    subgroups = nsg;
+    lane = sgi;
+    let gi = wid.x + wid.y * nwg.x;
+";
+
+/// [`REDUCE`] with subgroup operations: each subgroup reduces in registers, one value per
+/// subgroup meets in workgroup memory (two barriers instead of seven).
+const REDUCE_SUBGROUPS: &str = "var<workgroup> red: array<f32, 64>;
+var<private> subgroup: u32;
+var<private> subgroups: u32;
+var<private> lane: u32;
+fn reduce_sum(t: u32, v: f32) -> f32 {
+    let s = subgroupAdd(v);
+    if (lane == 0u) { red[subgroup] = s; }
+    workgroupBarrier();
+    var r = 0.0;
+    for (var i = 0u; i < subgroups; i = i + 1u) { r = r + red[i]; }
+    workgroupBarrier();
+    return r;
+}
+fn reduce_max(t: u32, v: f32) -> f32 {
+    let s = subgroupMax(v);
+    if (lane == 0u) { red[subgroup] = s; }
+    workgroupBarrier();
+    var r = red[0];
+    for (var i = 1u; i < subgroups; i = i + 1u) { r = max(r, red[i]); }
+    workgroupBarrier();
+    return r;
+}
 ";
 
 /// Workgroup sum and maximum over the [`WORKGROUP`] invocations (called in uniform
