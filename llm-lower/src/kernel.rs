@@ -274,6 +274,19 @@ pub enum Movement {
         /// Columns taken.
         len: usize,
     },
+    /// `llm.transpose` of a tensor of rank at most 4 with 4-byte elements: the dims in the
+    /// order `perm` gives (padded with leading identity dims to rank 4).
+    Permute {
+        /// The permutation, as `llm.transpose`'s `perm` for the padded rank-4 tensor.
+        perm: [usize; 4],
+    },
+    /// `llm.concat` of `inputs` tensors with 4-byte elements along `axis`.
+    Concat {
+        /// The axis.
+        axis: usize,
+        /// Operands.
+        inputs: usize,
+    },
     /// `llm.embedding` of an `f32` table: row `ids[i]` of a `[vocab, dim]` table.
     Rows {
         /// The row length.
@@ -298,18 +311,33 @@ pub enum Kernel {
         /// `epsilon`'s bits.
         eps_bits: u32,
     },
-    /// Softmax of rows of `n` values (the last axis): `exp(x - max) / sum`.
+    /// Softmax along an axis of `n` values: `exp(x - max) / sum`. Consecutive values of a
+    /// row are `inner` apart (the product of the dims after the axis; 1 for the last).
     Softmax {
         /// Row length.
         n: usize,
+        /// Distance between a row's consecutive values.
+        inner: usize,
     },
-    /// The index of the first maximum of each row of `n` values (the last axis), as an
-    /// integer tensor (`llm.argmax`).
+    /// The index of the first maximum along an axis of `n` values, as an integer tensor
+    /// without that axis (`llm.argmax`); values `inner` apart, as for `Softmax`.
     Argmax {
         /// Row length.
         n: usize,
+        /// Distance between a row's consecutive values.
+        inner: usize,
         /// The result's integer type.
         index: DType,
+    },
+    /// Every value of a quantized tensor as `f32` (`llm.dequantize`): `rows` rows of `k`
+    /// (the last dim) in `weight`'s layout.
+    Dequantize {
+        /// The storage format.
+        weight: WeightFormat,
+        /// Rows (the product of the leading dims).
+        rows: usize,
+        /// Values per row.
+        k: usize,
     },
     /// Layer normalisation of rows of `d` values: `(x - mean) / sqrt(var + eps) * w + b`.
     LayerNorm {
@@ -371,8 +399,11 @@ impl Kernel {
             ),
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
-            Kernel::Softmax { n } => format!("softmax_{n}"),
-            Kernel::Argmax { n, .. } => format!("argmax_{n}"),
+            Kernel::Softmax { n, inner } => format!("softmax_{n}{}", stride_suffix(*inner)),
+            Kernel::Argmax { n, inner, .. } => format!("argmax_{n}{}", stride_suffix(*inner)),
+            Kernel::Dequantize { weight, rows, k } => {
+                format!("dequantize_{}_{rows}x{k}", weight.name())
+            }
             Kernel::LayerNorm { d, .. } => format!("layer_norm_{d}"),
             Kernel::Rope {
                 heads, d, rotary, ..
@@ -415,6 +446,15 @@ impl Kernel {
             }),
             other => Some(other.clone()),
         }
+    }
+}
+
+/// The name suffix of a row reduction whose values are `inner` apart.
+fn stride_suffix(inner: usize) -> String {
+    if inner == 1 {
+        String::new()
+    } else {
+        format!("_stride{inner}")
     }
 }
 
@@ -526,19 +566,60 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
         }
         "llm.softmax" => {
             let x = f32_operand(&check, 0)?;
-            let n = (*x.shape().last()?)? as usize;
-            let axis = check.int("axis").unwrap_or(-1);
-            let last = axis == -1 || axis == x.rank() as i64 - 1;
-            (last && n > 0 && f32_result(&check)).then_some(Kernel::Softmax { n })
+            let (n, inner) = axis_rows(&check, &x)?;
+            (n > 0 && f32_result(&check)).then_some(Kernel::Softmax { n, inner })
         }
         "llm.argmax" => {
             let x = f32_operand(&check, 0)?;
-            let n = (*x.shape().last()?)? as usize;
-            let axis = check.int("axis").unwrap_or(-1);
-            let last = axis == -1 || axis == x.rank() as i64 - 1;
+            let (n, inner) = axis_rows(&check, &x)?;
             let index = check.result_tensor(0).ok()?.dtype();
             let int_result = matches!(index, DType::I32 | DType::I64);
-            (last && n > 0 && int_result).then_some(Kernel::Argmax { n, index })
+            (n > 0 && int_result).then_some(Kernel::Argmax { n, inner, index })
+        }
+        "llm.dequantize" => {
+            let q = check.quantized(0).ok()?;
+            let weight = WeightFormat::of(q.format())?;
+            let dims: Option<Vec<usize>> =
+                q.shape().iter().map(|d| d.map(|d| d as usize)).collect();
+            let dims = dims?;
+            let (&k, lead) = dims.split_last()?;
+            let rows: usize = lead.iter().product();
+            let whole = match weight {
+                WeightFormat::Nf4 { .. } => k % 2 == 0,
+                WeightFormat::Affine { bits, axis, .. } => {
+                    (k * usize::from(bits)).is_multiple_of(8) && dims.len() == 2 && axis < 2
+                }
+                other => other.block().is_some_and(|b| k.is_multiple_of(b)),
+            };
+            (whole && f32_result(&check)).then_some(Kernel::Dequantize { weight, rows, k })
+        }
+        "llm.transpose" => {
+            let x = check.tensor(0).ok()?;
+            let perm = check.param("perm")?.as_int_list()?;
+            let rank = x.rank();
+            if rank > 4 || perm.len() != rank || x.dtype().size_bytes() != 4 {
+                return None;
+            }
+            let pad = 4 - rank;
+            let mut padded = [0, 1, 2, 3];
+            for (i, &p) in perm.iter().enumerate() {
+                padded[pad + i] = pad + usize::try_from(p).ok()?;
+            }
+            Some(Kernel::Move(Movement::Permute { perm: padded }))
+        }
+        "llm.concat" => {
+            let x = check.tensor(0).ok()?;
+            let rank = x.rank();
+            let axis = check.int("axis").unwrap_or(0);
+            let axis = usize::try_from(if axis < 0 { axis + rank as i64 } else { axis }).ok()?;
+            let four_bytes = (0..check.num_operands())
+                .all(|i| check.tensor(i).is_ok_and(|t| t.dtype() == x.dtype()));
+            (axis < rank && four_bytes && x.dtype().size_bytes() == 4).then_some(Kernel::Move(
+                Movement::Concat {
+                    axis,
+                    inputs: check.num_operands(),
+                },
+            ))
         }
         "llm.layer_norm" => {
             let x = f32_operand(&check, 0)?;
@@ -614,6 +695,20 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
         }
         _ => elementwise(ctx, op, &check, &name),
     }
+}
+
+/// The row length and stride of a reduction along the op's `axis` (default: the last) of
+/// `x`: both static.
+fn axis_rows(check: &OpCheck, x: &TensorType) -> Option<(usize, usize)> {
+    let rank = x.rank() as i64;
+    let axis = check.int("axis").unwrap_or(-1);
+    let axis = usize::try_from(if axis < 0 { axis + rank } else { axis }).ok()?;
+    let n = (*x.shape().get(axis)?)? as usize;
+    let mut inner = 1;
+    for d in &x.shape()[axis + 1..] {
+        inner *= (*d)? as usize;
+    }
+    Some((n, inner))
 }
 
 /// The attention kernel of an op with `heads` query heads of size `d`.

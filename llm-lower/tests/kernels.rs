@@ -443,6 +443,82 @@ proptest! {
         agree(&ir, vec![Value::Tensor(Tensor::from_f32(vec![m, n], DType::F32, x))], 0.0)?;
     }
 
+    /// Softmax and argmax along an axis that is not the last (GPU only: the CPU reduces
+    /// the last axis).
+    #[test]
+    fn reductions_along_any_axis_on_the_gpu(a in 1usize..4, n in 1usize..40, c in 1usize..6, ties in any::<bool>(), seed: u64) {
+        let body = format!(
+            "s = llm.softmax x {{axis = 1}} : {};\n        i = llm.argmax x {{axis = 1}} : {};",
+            ty(&[a, n, c]), ity(&[a, c])
+        );
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}) -> ({x}, {i})> {{\n      ^body(x: {x}):\n        {body}\n        llm.return s, i\n    }}\n}}\n",
+            x = ty(&[a, n, c]), i = ity(&[a, c]),
+        );
+        let x: Vec<f32> = values(seed, a * n * c, 4.0).iter().map(|v| if ties { v.round() } else { *v }).collect();
+        gpu_agrees(&ir, vec![Value::Tensor(Tensor::from_f32(vec![a, n, c], DType::F32, x))], 2e-6)?;
+    }
+
+    /// Transposes of ranks 1 to 4, and concatenations along every axis, of floats and
+    /// integers (GPU only).
+    #[test]
+    fn transpose_and_concat_on_the_gpu(dims in proptest::collection::vec(1usize..6, 1..=4), rot in 0usize..4, axis in 0usize..4, extra in 1usize..4, seed: u64) {
+        let rank = dims.len();
+        let perm: Vec<usize> = (0..rank).map(|i| (i + rot) % rank).collect();
+        let axis = axis % rank;
+        let mut other = dims.clone();
+        other[axis] = extra;
+        let mut joined = dims.clone();
+        joined[axis] += extra;
+        let transposed: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+        let ity_of = |d: &[usize]| {
+            let s: Vec<String> = d.iter().map(ToString::to_string).collect();
+            format!("llm.tensor <{}xi32>", s.join("x"))
+        };
+        let body = format!(
+            "t = llm.transpose x {{perm = [{}]}} : {};\n        c = llm.concat x, z, x {{axis = {axis}}} : {};\n        k = llm.concat i, j {{axis = {axis}}} : {};",
+            perm.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            ty(&transposed),
+            ty(&{ let mut d = dims.clone(); d[axis] = 2 * dims[axis] + extra; d }),
+            ity_of(&joined),
+        );
+        let (x_t, z_t, i_t, j_t) = (ty(&dims), ty(&other), ity_of(&dims), ity_of(&other));
+        let mut triple = dims.clone();
+        triple[axis] = 2 * dims[axis] + extra;
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x_t}, {z_t}, {i_t}, {j_t}) -> ({}, {}, {})> {{\n      ^body(x: {x_t}, z: {z_t}, i: {i_t}, j: {j_t}):\n        {body}\n        llm.return t, c, k\n    }}\n}}\n",
+            ty(&transposed), ty(&triple), ity_of(&joined),
+        );
+        let count = |d: &[usize]| d.iter().product::<usize>();
+        let int_tensor = |d: &[usize], seed: u64| {
+            let v: Vec<i64> = values(seed, count(d), 100.0).iter().map(|&x| x as i64).collect();
+            ints(d, v)
+        };
+        gpu_agrees(&ir, vec![tensor(&dims, seed, 1.0), tensor(&other, seed + 1, 1.0), int_tensor(&dims, seed + 2), int_tensor(&other, seed + 3)], 0.0)?;
+    }
+
+    /// `llm.dequantize` of a tensor that is an argument (so not evaluated at load), in
+    /// every format (GPU only).
+    #[test]
+    fn dequantize_on_the_gpu(half_n in 1usize..4, blocks in 1usize..3, which in 0usize..5, seed: u64) {
+        let n = 2 * half_n;
+        let (k, format, text) = match which {
+            0 => (32 * blocks, QuantFormat::Q8_0, "q8_0".to_string()),
+            1 => (32 * blocks, QuantFormat::Q4_0, "q4_0".into()),
+            2 => (256 * blocks, QuantFormat::Q4K, "q4_k".into()),
+            3 => (64 * blocks, QuantFormat::Nf4 { block_size: 64, scale: DType::F32 }, "nf4 {block_size = 64, scale = f32}".into()),
+            _ => (32 * blocks, QuantFormat::Affine { bits: 4, group_size: 32, symmetric: false, axis: 1, scale: DType::F16 }, "int4 {group_size = 32, symmetric = false, axis = 1, scale = f16}".into()),
+        };
+        let ir = func(
+            &[("w".into(), format!("llm.quantized_tensor <{n}x{k}, {text}>"))],
+            &ty(&[n, k]),
+            &format!("y = llm.dequantize w : {};", ty(&[n, k])),
+        );
+        let w = values(seed, n * k, 1.0);
+        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
+        gpu_agrees(&ir, vec![Value::Quantized(q)], 1e-6)?;
+    }
+
     #[test]
     fn layer_norm(m in 1usize..4, d in 1usize..70, seed: u64) {
         let ir = func(

@@ -114,8 +114,10 @@ pub fn call(
             None => return Err(Unsupported(inputs)),
         },
         (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(k, *d, f, &inputs).and_then(tensor),
-        (Kernel::Softmax { n }, Some(f)) => softmax(k, *n, f, &inputs).and_then(tensor),
-        (Kernel::Argmax { n, index }, Some(f)) => argmax(*n, *index, f, &inputs).and_then(tensor),
+        (Kernel::Softmax { n, .. }, Some(f)) => softmax(k, *n, f, &inputs).and_then(tensor),
+        (Kernel::Argmax { n, index, .. }, Some(f)) => {
+            argmax(*n, *index, f, &inputs).and_then(tensor)
+        }
         (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(k, *d, f, &inputs).and_then(tensor),
         (
             Kernel::Rope {
@@ -595,6 +597,10 @@ fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Resu
 /// Runs a data movement.
 fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
     match m {
+        // Never selected for the CPU (`super::supports`).
+        Movement::Permute { .. } | Movement::Concat { .. } => {
+            Err(format!("the CPU backend does not run {m:?}"))
+        }
         Movement::Reshape => {
             let mut value = inputs.into_iter().next().ok_or("no operand")?;
             let shape = resolve_shape(dims, value.tensor()?.len())?;

@@ -38,7 +38,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Rope { .. } => 4,
         // q, k, v, offsets, count, out
         Kernel::Attention { .. } => 6,
-        Kernel::Move(_) => 0,
+        // No CPU code (`super::supports`).
+        Kernel::Move(_) | Kernel::Dequantize { .. } => 0,
     }
 }
 
@@ -60,7 +61,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Contraction(c) => emit_contraction(b, c, p, tiles),
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
-        Kernel::Softmax { n } => emit_softmax(b, *n, p),
+        Kernel::Softmax { n, .. } => emit_softmax(b, *n, p),
         Kernel::Argmax { n, .. } => emit_argmax(b, *n, p),
         Kernel::LayerNorm { d, eps_bits } => emit_layer_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Rope {
@@ -77,8 +78,9 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             scale,
             ..
         } => emit_attention(b, *heads, *kv_heads, *d, *scale, p),
-        // Data movement has no generated code.
-        Kernel::Move(_) => {}
+        // Data movement has no generated code; dequantization has none on the CPU
+        // (`jit::compile` rejects it).
+        Kernel::Move(_) | Kernel::Dequantize { .. } => {}
     }
 }
 

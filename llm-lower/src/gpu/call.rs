@@ -24,7 +24,7 @@ use super::{
     device::Gpu,
     pool::{Pool, read_pool},
     program::{PARAM_STRIDE, Program, Rows, Step},
-    tensor::{DeviceTensor, Elem, Part, device_bytes, row_bytes},
+    tensor::{DeviceTensor, Elem, device_bytes, row_bytes},
     wgsl::{CONTRACTION_ROWS, PARAM_WORDS, TILE, WORKGROUP},
 };
 use crate::{
@@ -132,15 +132,7 @@ impl Call<'_> {
                     ));
                 }
                 self.gpu().write(&buffer, 0, &bytes);
-                let t = DeviceTensor {
-                    parts: vec![Part {
-                        first: 0,
-                        rows: shape.first().copied().unwrap_or(1),
-                        buffer,
-                    }],
-                    shape,
-                    elem,
-                };
+                let t = DeviceTensor::unsplit(shape, elem, buffer);
                 self.env[s] = Some(Slot::Host(v, Some(t.clone())));
                 Ok(t)
             }
@@ -406,28 +398,43 @@ impl Call<'_> {
                 self.dispatch(&pipelines[0], &[rows as u32], &bindings, rows)?;
                 DeviceTensor::f32(x.shape.clone(), y)
             }
-            Kernel::Softmax { n } => {
-                let x = self.f32_rows(step.inputs[0], *n)?;
+            Kernel::Softmax { n, inner } => {
+                let x = self.f32_axis(step.inputs[0], *n, *inner)?;
                 let rows = x.len() / n;
                 let y = self.output(index, 0, x.len() * 4);
                 self.dispatch(&pipelines[0], &[rows as u32], &[x.whole()?, &y], rows)?;
                 DeviceTensor::f32(x.shape.clone(), y)
             }
-            Kernel::Argmax { n, index: dtype } => {
-                let x = self.f32_rows(step.inputs[0], *n)?;
+            Kernel::Argmax {
+                n,
+                inner,
+                index: dtype,
+            } => {
+                let x = self.f32_axis(step.inputs[0], *n, *inner)?;
                 let rows = x.len() / n;
                 let y = self.output(index, 0, rows * 4);
                 self.dispatch(&pipelines[0], &[rows as u32], &[x.whole()?, &y], rows)?;
-                let shape = x.shape[..x.shape.len() - 1].to_vec();
-                DeviceTensor {
-                    parts: vec![Part {
-                        first: 0,
-                        rows: shape.first().copied().unwrap_or(1),
-                        buffer: y,
-                    }],
-                    shape,
-                    elem: Elem::I32(*dtype),
+                DeviceTensor::unsplit(resolve_shape(&step.dims, rows)?, Elem::I32(*dtype), y)
+            }
+            Kernel::Dequantize { weight, rows, k } => {
+                let w = self.device(step.inputs[0])?;
+                if w.elem != Elem::Packed(*weight) || w.len() != rows * k {
+                    return Err(format!(
+                        "the operand {:?} is not {rows} rows of {k} {} values",
+                        w.shape,
+                        weight.name()
+                    ));
                 }
+                let y = self.output(index, 0, rows * k * 4);
+                for part in &w.parts {
+                    self.dispatch(
+                        &pipelines[0],
+                        &[part.rows as u32, part.first as u32],
+                        &[&part.buffer, &y],
+                        (part.rows * k).div_ceil(WG),
+                    )?;
+                }
+                DeviceTensor::f32(w.shape.clone(), y)
             }
             Kernel::Rope {
                 heads,
@@ -491,6 +498,19 @@ impl Call<'_> {
         };
         self.env[step.outputs[0]] = Some(Slot::Device(out));
         Ok(true)
+    }
+
+    /// The `f32` device tensor of slot `s`, reduced along an axis of `n` values whose
+    /// consecutive values are `inner` apart.
+    fn f32_axis(&mut self, s: usize, n: usize, inner: usize) -> Result<DeviceTensor, String> {
+        let x = self.device(s)?;
+        if x.elem != Elem::F32 || n == 0 || !x.len().is_multiple_of(n * inner) {
+            return Err(format!(
+                "the input {:?} has no axis of {n} with {inner} values after it",
+                x.shape
+            ));
+        }
+        Ok(x)
     }
 
     /// The `f32` device tensor of slot `s`, whose rows have `n` values.
@@ -815,6 +835,83 @@ impl Call<'_> {
         pipelines: &[wgpu::ComputePipeline],
     ) -> Result<DeviceTensor, String> {
         match m {
+            Movement::Permute { perm } => {
+                let x = self.device(step.inputs[0])?;
+                let rank = x.shape.len();
+                if rank > 4 || matches!(x.elem, Elem::Packed(_)) {
+                    return Err(format!("cannot transpose {:?} here", x.shape));
+                }
+                let mut dims = [1usize; 4];
+                dims[4 - rank..].copy_from_slice(&x.shape);
+                let mut strides = [1usize; 4];
+                for i in (0..3).rev() {
+                    strides[i] = strides[i + 1] * dims[i + 1];
+                }
+                let out: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+                let words: Vec<u32> = out
+                    .iter()
+                    .chain(perm.iter().map(|&p| &strides[p]))
+                    .map(|&v| v as u32)
+                    .collect();
+                let y = self.output(index, 0, x.len() * 4);
+                self.dispatch(
+                    &pipelines[0],
+                    &words,
+                    &[x.whole()?, &y],
+                    x.len().div_ceil(WG),
+                )?;
+                let shape = out[4 - rank..].to_vec();
+                Ok(DeviceTensor::unsplit(shape, x.elem, y))
+            }
+            Movement::Concat { axis, .. } => {
+                let xs = step
+                    .inputs
+                    .iter()
+                    .map(|&s| self.device(s))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let first = &xs[0];
+                let fits = |x: &DeviceTensor| {
+                    x.elem == first.elem
+                        && x.shape.len() == first.shape.len()
+                        && x.shape
+                            .iter()
+                            .zip(&first.shape)
+                            .enumerate()
+                            .all(|(d, (a, b))| d == axis || a == b)
+                };
+                if axis >= first.shape.len() || matches!(first.elem, Elem::Packed(_)) {
+                    return Err(format!("cannot concatenate {:?} along {axis}", first.shape));
+                }
+                if let Some(bad) = xs.iter().find(|x| !fits(x)) {
+                    return Err(format!(
+                        "cannot concatenate shapes {:?} and {:?} along {axis}",
+                        first.shape, bad.shape
+                    ));
+                }
+                let mut shape = first.shape.clone();
+                shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
+                let outer: usize = shape[..axis].iter().product();
+                let inner: usize = shape[axis + 1..].iter().product();
+                let total = shape.iter().product::<usize>();
+                let y = self.output(index, 0, total * 4);
+                let mut offset = 0;
+                for x in &xs {
+                    let width = x.shape[axis] * inner;
+                    self.dispatch(
+                        &pipelines[0],
+                        &[
+                            outer as u32,
+                            width as u32,
+                            (shape[axis] * inner) as u32,
+                            offset as u32,
+                        ],
+                        &[x.whole()?, &y],
+                        (outer * width).div_ceil(WG),
+                    )?;
+                    offset += width;
+                }
+                Ok(DeviceTensor::unsplit(shape, first.elem, y))
+            }
             Movement::Reshape => {
                 let mut x = self.device(step.inputs[0])?;
                 x.shape = resolve_shape(&step.dims, x.len())?;

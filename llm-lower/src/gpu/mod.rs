@@ -235,8 +235,12 @@ mod tests {
         shaders.extend([
             Shader::RmsNorm { d: 70, eps_bits },
             Shader::LayerNorm { d: 70, eps_bits },
-            Shader::Softmax { n: 33 },
-            Shader::Argmax { n: 33 },
+            Shader::Softmax { n: 33, inner: 1 },
+            Shader::Argmax { n: 33, inner: 1 },
+            Shader::Softmax { n: 5, inner: 6 },
+            Shader::Argmax { n: 5, inner: 6 },
+            Shader::Permute,
+            Shader::Place,
             Shader::KvAppend { row: 48 },
             Shader::Gather {
                 dim: 7,
@@ -279,7 +283,16 @@ mod tests {
                 _ => None,
             })
             .collect();
-        for s in shaders.into_iter().chain(tiled) {
+        let dequantize: Vec<Shader> = shaders
+            .iter()
+            .filter_map(|s| match s {
+                Shader::Contraction(c) if c.weight.block() != Some(1) => {
+                    Some(Shader::Dequantize(*c))
+                }
+                _ => None,
+            })
+            .collect();
+        for s in shaders.into_iter().chain(tiled).chain(dequantize) {
             for subgroups in [false, true] {
                 let source = s.source_for(subgroups);
                 if let Err(e) = validate(&source) {

@@ -656,6 +656,8 @@ fn dispatches_of(
         Kernel::Move(Movement::Rows { .. }) => parts_of(step.inputs[0]),
         // One of the whole and the split attention runs (the split one with its merge).
         Kernel::Attention { .. } => shaders - 1,
+        // One placement per operand.
+        Kernel::Move(Movement::Concat { inputs, .. }) => *inputs,
         _ => shaders,
     }
 }

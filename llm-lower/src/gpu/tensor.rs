@@ -42,8 +42,8 @@ pub(super) struct DeviceTensor {
 }
 
 impl DeviceTensor {
-    /// An unsplit `f32` device tensor of `shape` in `buffer`.
-    pub fn f32(shape: Vec<usize>, buffer: wgpu::Buffer) -> DeviceTensor {
+    /// An unsplit tensor of `shape` with `elem` values in `buffer`.
+    pub fn unsplit(shape: Vec<usize>, elem: Elem, buffer: wgpu::Buffer) -> DeviceTensor {
         DeviceTensor {
             parts: vec![Part {
                 first: 0,
@@ -51,8 +51,13 @@ impl DeviceTensor {
                 buffer,
             }],
             shape,
-            elem: Elem::F32,
+            elem,
         }
+    }
+
+    /// An unsplit `f32` device tensor of `shape` in `buffer`.
+    pub fn f32(shape: Vec<usize>, buffer: wgpu::Buffer) -> DeviceTensor {
+        DeviceTensor::unsplit(shape, Elem::F32, buffer)
     }
 
     /// Elements.
@@ -166,16 +171,7 @@ pub(super) fn upload_parts(
                 bytes.len()
             ));
         }
-        let buffer = gpu.upload(label, bytes);
-        return Ok(DeviceTensor {
-            parts: vec![Part {
-                first: 0,
-                rows,
-                buffer,
-            }],
-            shape,
-            elem,
-        });
+        return Ok(DeviceTensor::unsplit(shape, elem, gpu.upload(label, bytes)));
     }
     let row = row_bytes(&shape, elem).max(1);
     // Parts are padded to 4 bytes, so a part of `per` rows takes up to `per * row + 3`.

@@ -69,16 +69,29 @@ pub enum Shader {
         /// `epsilon`'s bits.
         eps_bits: u32,
     },
-    /// Softmax of rows of `n`.
+    /// Softmax of rows of `n`, consecutive values `inner` apart.
     Softmax {
         /// Row length.
         n: usize,
+        /// Distance between a row's consecutive values.
+        inner: usize,
     },
-    /// First maximum of rows of `n`, as `i32`.
+    /// First maximum of rows of `n`, consecutive values `inner` apart, as `i32`.
     Argmax {
         /// Row length.
         n: usize,
+        /// Distance between a row's consecutive values.
+        inner: usize,
     },
+    /// Every value of a packed tensor as `f32`, one row part at a time (the format's
+    /// `weight_at`; `n` is the tensor's row count).
+    Dequantize(Contraction),
+    /// A transpose of a rank-4 (padded) tensor of 4-byte elements: output dims and the
+    /// matching input strides come as parameters, so one shader serves every transpose.
+    Permute,
+    /// Places rows of `x` at a column offset of wider rows of `y` (one operand of a
+    /// concatenation; 4-byte elements).
+    Place,
     /// Rotary embedding with per-token cosine and sine tables.
     Rope {
         /// Heads per token.
@@ -175,8 +188,24 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             d: *d,
             eps_bits: *eps_bits,
         }],
-        Kernel::Softmax { n } => vec![Shader::Softmax { n: *n }],
-        Kernel::Argmax { n, .. } => vec![Shader::Argmax { n: *n }],
+        Kernel::Softmax { n, inner } => vec![Shader::Softmax {
+            n: *n,
+            inner: *inner,
+        }],
+        Kernel::Argmax { n, inner, .. } => vec![Shader::Argmax {
+            n: *n,
+            inner: *inner,
+        }],
+        Kernel::Dequantize { weight, rows, k } => vec![Shader::Dequantize(Contraction {
+            k: *k,
+            n: *rows,
+            weight: *weight,
+            norm_eps_bits: None,
+            residual: false,
+            transpose_at_pack: false,
+        })],
+        Kernel::Move(Movement::Permute { .. }) => vec![Shader::Permute],
+        Kernel::Move(Movement::Concat { .. }) => vec![Shader::Place],
         Kernel::Rope {
             heads,
             d,
@@ -240,8 +269,20 @@ impl Shader {
             Shader::Elementwise(body) => Kernel::Elementwise(body.clone()).name(),
             Shader::RmsNorm { d, .. } => format!("rms_norm_{d}"),
             Shader::LayerNorm { d, .. } => format!("layer_norm_{d}"),
-            Shader::Softmax { n } => format!("softmax_{n}"),
-            Shader::Argmax { n } => format!("argmax_{n}"),
+            Shader::Softmax { n, inner } => Kernel::Softmax {
+                n: *n,
+                inner: *inner,
+            }
+            .name(),
+            Shader::Argmax { n, inner } => Kernel::Argmax {
+                n: *n,
+                inner: *inner,
+                index: DType::I32,
+            }
+            .name(),
+            Shader::Dequantize(c) => format!("dequantize_{}_{}x{}", c.weight.name(), c.n, c.k),
+            Shader::Permute => "permute".into(),
+            Shader::Place => "place".into(),
             Shader::Rope {
                 heads, d, rotary, ..
             } => format!("rope_{heads}x{d}_{rotary}"),
@@ -290,7 +331,10 @@ impl Shader {
             Shader::LayerNorm { .. } => {
                 vec![("x", Read), ("g", Read), ("b", Read), ("y", ReadWrite)]
             }
-            Shader::Softmax { .. } | Shader::Argmax { .. } => vec![("x", Read), ("y", ReadWrite)],
+            Shader::Softmax { .. } | Shader::Argmax { .. } | Shader::Permute | Shader::Place => {
+                vec![("x", Read), ("y", ReadWrite)]
+            }
+            Shader::Dequantize(_) => vec![("w", Read), ("y", ReadWrite)],
             Shader::Rope { .. } => vec![
                 ("x", Read),
                 ("cos_t", Read),
@@ -382,6 +426,8 @@ impl Shader {
                     "u32"
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
+                // Data movement copies 4-byte elements whatever they hold.
+                (Shader::Permute | Shader::Place, _) | (Shader::Dequantize(_), "w") => "u32",
                 _ => "f32",
             };
             let _ = writeln!(
@@ -406,6 +452,9 @@ impl Shader {
             | Shader::LayerNorm { .. }
             | Shader::Softmax { .. }
             | Shader::Argmax { .. } => &["rows"],
+            Shader::Dequantize(_) => &["part_rows", "first"],
+            Shader::Permute => &["d0", "d1", "d2", "d3", "s0", "s1", "s2", "s3"],
+            Shader::Place => &["rows", "width", "out_width", "offset"],
             Shader::Rope { .. } => &["tokens"],
             Shader::Attention { paged: true, .. } => &[
                 "rows", "tokens", "width", "window", "block", "splits", "chunk",
@@ -441,8 +490,11 @@ impl Shader {
             Shader::Elementwise(body) => elementwise(body),
             Shader::RmsNorm { d, eps_bits } => rms_norm(*d, *eps_bits),
             Shader::LayerNorm { d, eps_bits } => layer_norm(*d, *eps_bits),
-            Shader::Softmax { n } => softmax(*n),
-            Shader::Argmax { n } => argmax(*n),
+            Shader::Softmax { n, inner } => softmax(*n, *inner),
+            Shader::Argmax { n, inner } => argmax(*n, *inner),
+            Shader::Dequantize(c) => dequantize(c),
+            Shader::Permute => permute(),
+            Shader::Place => place(),
             Shader::Rope {
                 heads,
                 d,
@@ -1026,26 +1078,33 @@ fn layer_norm(d: usize, eps_bits: u32) -> String {
     s
 }
 
-fn softmax(n: usize) -> String {
-    let mut s = row_shader(n);
+fn softmax(n: usize, inner: usize) -> String {
+    let mut s = format!("const N: u32 = {n}u;\nconst INNER: u32 = {inner}u;\n{REDUCE}{ENTRY}");
     let _ = write!(
         s,
-        "    var hi = {LOWEST};
-    for (var i = t; i < N; i = i + WG) {{ hi = max(hi, x[row + i]); }}
+        "    if (gi >= p.rows) {{ return; }}
+    let row = (gi / INNER) * N * INNER + gi % INNER;
+    var hi = {LOWEST};
+    for (var i = t; i < N; i = i + WG) {{ hi = max(hi, x[row + i * INNER]); }}
     let top = reduce_max(t, hi);
     var sum = 0.0;
-    for (var i = t; i < N; i = i + WG) {{ let e = exp(x[row + i] - top); y[row + i] = e; sum = sum + e; }}
+    for (var i = t; i < N; i = i + WG) {{
+        let e = exp(x[row + i * INNER] - top);
+        y[row + i * INNER] = e;
+        sum = sum + e;
+    }}
     let total = reduce_sum(t, sum);
-    for (var i = t; i < N; i = i + WG) {{ y[row + i] = y[row + i] / total; }}
+    for (var i = t; i < N; i = i + WG) {{ y[row + i * INNER] = y[row + i * INNER] / total; }}
 }}
 "
     );
     s
 }
 
-fn argmax(n: usize) -> String {
+fn argmax(n: usize, inner: usize) -> String {
     let mut s = format!(
         "const N: u32 = {n}u;
+const INNER: u32 = {inner}u;
 var<workgroup> best_v: array<f32, 64>;
 var<workgroup> best_i: array<u32, 64>;
 const NONE: u32 = 0xffffffffu;
@@ -1053,11 +1112,11 @@ const NONE: u32 = 0xffffffffu;
     );
     s.push_str(
         "    if (gi >= p.rows) { return; }
-    let row = gi * N;
+    let row = (gi / INNER) * N * INNER + gi % INNER;
     var v = 0.0;
     var at = NONE;
     for (var i = t; i < N; i = i + WG) {
-        let c = x[row + i];
+        let c = x[row + i * INNER];
         if (at == NONE || c > v) { v = c; at = i; }
     }
     best_v[t] = v;
@@ -1076,6 +1135,48 @@ const NONE: u32 = 0xffffffffu;
         workgroupBarrier();
     }
     if (t == 0u) { y[gi] = i32(select(best_i[0], 0u, best_i[0] == NONE)); }
+}
+",
+    );
+    s
+}
+
+fn dequantize(c: &Contraction) -> String {
+    let mut s = format!("const K: u32 = {}u;\n", c.k);
+    s.push_str(&weight_prelude(c, true));
+    s.push_str(ENTRY);
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.part_rows * K) { return; }
+    y[p.first * K + e] = weight_at(e / K, e % K);
+}
+",
+    );
+    s
+}
+
+fn permute() -> String {
+    let mut s = String::from(ENTRY);
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.d0 * p.d1 * p.d2 * p.d3) { return; }
+    let c3 = e % p.d3;
+    let c2 = (e / p.d3) % p.d2;
+    let c1 = (e / (p.d3 * p.d2)) % p.d1;
+    let c0 = e / (p.d3 * p.d2 * p.d1);
+    y[e] = x[c0 * p.s0 + c1 * p.s1 + c2 * p.s2 + c3 * p.s3];
+}
+",
+    );
+    s
+}
+
+fn place() -> String {
+    let mut s = String::from(ENTRY);
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.rows * p.width) { return; }
+    y[(e / p.width) * p.out_width + p.offset + e % p.width] = x[e];
 }
 ",
     );
