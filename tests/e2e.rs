@@ -94,7 +94,9 @@ fn check_golden(stem: &str, prompt: &str) {
         check_golden_with(stem, prompt, passes, &backend);
     }
     if gpu_available() {
-        check_golden_with(stem, prompt, "default", &Backend::Gpu(Default::default()));
+        for passes in ["", "default"] {
+            check_golden_with(stem, prompt, passes, &Backend::Gpu(Default::default()));
+        }
     }
 }
 

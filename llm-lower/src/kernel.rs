@@ -377,6 +377,22 @@ pub enum Kernel {
         /// Where keys and values are.
         source: AttentionSource,
     },
+    /// `llm.append_kv`: each token's key and value rows (`kv_heads * d` values) written to
+    /// its slot of the cache's `layer`.
+    KvAppend {
+        /// The cache layer.
+        layer: usize,
+        /// Values per slot.
+        row: usize,
+    },
+    /// `llm.lookup_kv`: a sequence's keys and values of the cache's `layer`, in position
+    /// order, through its block table.
+    KvLookup {
+        /// The cache layer.
+        layer: usize,
+        /// Values per slot.
+        row: usize,
+    },
     /// Data movement.
     Move(Movement),
 }
@@ -411,6 +427,8 @@ impl Kernel {
             Kernel::Attention {
                 heads, kv_heads, d, ..
             } => format!("attention_{heads}x{d}_kv{kv_heads}"),
+            Kernel::KvAppend { row, .. } => format!("kv_append_{row}"),
+            Kernel::KvLookup { row, .. } => format!("kv_lookup_{row}"),
             Kernel::Move(m) => format!("{m:?}"),
         }
     }
@@ -592,6 +610,21 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 other => other.block().is_some_and(|b| k.is_multiple_of(b)),
             };
             (whole && f32_result(&check)).then_some(Kernel::Dequantize { weight, rows, k })
+        }
+        "llm.append_kv" | "llm.lookup_kv" => {
+            let cache = check.kv_cache(0).ok()?;
+            let p = cache.params();
+            let layer = check.int("layer").unwrap_or(0);
+            let f32_cache = p.storage == KvStorage::Float(DType::F32);
+            let floats = name == "llm.append_kv" || f32_result(&check);
+            (f32_cache && floats && layer >= 0 && (layer as u64) < p.layers).then(|| {
+                let (layer, row) = (layer as usize, (p.kv_heads * p.head_dim) as usize);
+                if name == "llm.append_kv" {
+                    Kernel::KvAppend { layer, row }
+                } else {
+                    Kernel::KvLookup { layer, row }
+                }
+            })
         }
         "llm.transpose" => {
             let x = check.tensor(0).ok()?;

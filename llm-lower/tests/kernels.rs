@@ -197,7 +197,14 @@ fn gpu_agrees_with(
         prop_assert_eq!(program.stats().f16_weights, f16_weights, "f16 weights");
         let got = program
             .run(&ctx, store, args.clone())
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            .map_err(|e| TestCaseError::fail(e.to_string()))?
+            .into_iter()
+            .map(|v| match v {
+                Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
+                other => Ok(other),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TestCaseError::fail)?;
         runs.push((format!("gpu, {rows:?} rows"), got));
     }
     compare(&runs, &want, tol, ir)
@@ -697,6 +704,26 @@ proptest! {
             ints(&[t], slots), ints(&[1, width], table), ints(&[1], vec![(start + t) as i64]),
         ];
         agree(&ir, args, 2e-6)?;
+    }
+
+    /// A standalone `append_kv` and a `lookup_kv` of the sequence (GPU only: the CPU runs
+    /// both in place on the host).
+    #[test]
+    fn append_and_lookup_kv_on_the_gpu(t in 1usize..4, kv in 1usize..3, d in 1usize..12, start in 0usize..6, seed: u64) {
+        let width = (start + t).div_ceil(4);
+        let (c, cty) = cache(kv, d, width + 1, seed + 3);
+        let table = tables(1, width + 1, seed + 5)[..width].to_vec();
+        let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
+        let rows = format!("llm.tensor <?x{kv}x{d}xf32>");
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({cty}, {rows}, {rows})> {{\n      ^body(c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        c2 = llm.append_kv c, k, v, s {{layer = 0}} : {cty};\n        lk, lv = llm.lookup_kv c2, t, l {{layer = 0}} : {rows}, {rows};\n        llm.return c2, lk, lv\n    }}\n}}\n",
+            kvt = ty(&[t, kv, d]), st = ity(&[t]), tt = ity(&[width]), lt = "llm.tensor <i32>",
+        );
+        let args = vec![
+            c, tensor(&[t, kv, d], seed + 6, 1.0), tensor(&[t, kv, d], seed + 7, 1.0),
+            ints(&[t], slots), ints(&[width], table), ints(&[], vec![(start + t) as i64]),
+        ];
+        gpu_agrees(&ir, args, 0.0)?;
     }
 
     #[test]

@@ -39,7 +39,10 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // q, k, v, offsets, count, out
         Kernel::Attention { .. } => 6,
         // No CPU code (`super::supports`).
-        Kernel::Move(_) | Kernel::Dequantize { .. } => 0,
+        Kernel::Move(_)
+        | Kernel::Dequantize { .. }
+        | Kernel::KvAppend { .. }
+        | Kernel::KvLookup { .. } => 0,
     }
 }
 
@@ -78,9 +81,12 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             scale,
             ..
         } => emit_attention(b, *heads, *kv_heads, *d, *scale, p),
-        // Data movement has no generated code; dequantization has none on the CPU
-        // (`jit::compile` rejects it).
-        Kernel::Move(_) | Kernel::Dequantize { .. } => {}
+        // Data movement has no generated code; dequantization and the KV cache ops have
+        // none on the CPU (`jit::compile` rejects them).
+        Kernel::Move(_)
+        | Kernel::Dequantize { .. }
+        | Kernel::KvAppend { .. }
+        | Kernel::KvLookup { .. } => {}
     }
 }
 

@@ -29,11 +29,14 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// Whether the CPU backend generates `kernel`: its contractions read f32, q8_0 and q4_0
 /// weights, its softmax and argmax reduce the last axis; transposes, concatenations,
-/// dequantizations and the other formats run through their reference semantics.
+/// dequantizations, the other formats and the KV cache ops (which the reference runs in
+/// place) run through their reference semantics.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Softmax { inner, .. } | Kernel::Argmax { inner, .. } => *inner == 1,
         Kernel::Dequantize { .. }
+        | Kernel::KvAppend { .. }
+        | Kernel::KvLookup { .. }
         | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,
         Kernel::Contraction(c) => matches!(
             c.weight,

@@ -13,7 +13,7 @@ use llm_ir::{
     interp::{
         self, KvCache, Tensor, Value, WeightStore,
         eval::{
-            attention::{for_each_paged_row, rope_sin_cos},
+            attention::{for_each_paged_row, rope_sin_cos, slot_of},
             resolve_shape,
         },
     },
@@ -494,6 +494,17 @@ impl Call<'_> {
                     .attention(index, step, [*heads, *kv_heads, *d], *source, pipelines)
                     .map(|()| true);
             }
+            Kernel::KvAppend { layer, .. } => {
+                let pool = self.pool(step.inputs[0])?;
+                let [k, v, slots] = [step.inputs[1], step.inputs[2], step.inputs[3]];
+                self.append(&pool, *layer, [k, v, slots], &pipelines[0])?;
+                self.env[step.outputs[0]] = Some(Slot::Pool(pool));
+                return Ok(true);
+            }
+            Kernel::KvLookup { layer, .. } => {
+                self.lookup(index, step, *layer, &pipelines[0])?;
+                return Ok(true);
+            }
             Kernel::Move(m) => self.movement(index, step, *m, pipelines)?,
         };
         self.env[step.outputs[0]] = Some(Slot::Device(out));
@@ -638,39 +649,8 @@ impl Call<'_> {
                     window,
                 )?;
                 if append {
-                    let (kn, vn) = (self.device(step.inputs[2])?, self.device(step.inputs[3])?);
-                    let slots_at = step.inputs[4];
-                    let row = kv_heads * d;
-                    let slots = self.host(slots_at)?;
-                    let slots = slots.tensor()?.ints()?;
-                    let capacity = pool.blocks * p.block_size as usize;
-                    if kn.shape != vn.shape || kn.len() != slots.len() * row {
-                        return Err(format!(
-                            "keys {:?} and values {:?} do not hold {} rows of {row}",
-                            kn.shape,
-                            vn.shape,
-                            slots.len()
-                        ));
-                    }
-                    if let Some(bad) = slots.iter().find(|&&s| s < 0 || s as usize >= capacity) {
-                        return Err(format!(
-                            "slot {bad} is out of range for a pool of {capacity} slots"
-                        ));
-                    }
-                    let tokens = slots.len();
-                    let slot_buf = self.device(slots_at)?;
-                    self.dispatch(
-                        &pipelines[0],
-                        &[tokens as u32],
-                        &[
-                            kn.whole()?,
-                            vn.whole()?,
-                            slot_buf.whole()?,
-                            &pool.k[layer],
-                            &pool.v[layer],
-                        ],
-                        (tokens * row).div_ceil(WG),
-                    )?;
+                    let [k, v, slots] = [step.inputs[2], step.inputs[3], step.inputs[4]];
+                    self.append(&pool, layer, [k, v, slots], &pipelines[0])?;
                 }
                 let tables = self.device(step.inputs[tables_at])?;
                 let lens = self.device(step.inputs[lens_at])?;
@@ -754,6 +734,93 @@ impl Call<'_> {
         Ok(())
     }
 
+    /// Writes the key and value rows of slots `[k, v, slots]` to their cache slots of
+    /// `layer` (every slot checked against the pool first).
+    fn append(
+        &mut self,
+        pool: &Pool,
+        layer: usize,
+        [k, v, slots_at]: [usize; 3],
+        pipeline: &wgpu::ComputePipeline,
+    ) -> Result<(), String> {
+        let (kn, vn) = (self.device(k)?, self.device(v)?);
+        let p = &pool.params;
+        let row = (p.kv_heads * p.head_dim) as usize;
+        let slots = self.host(slots_at)?;
+        let slots = slots.tensor()?.ints()?;
+        let capacity = pool.blocks * p.block_size as usize;
+        if kn.shape != vn.shape || kn.len() != slots.len() * row || layer >= pool.k.len() {
+            return Err(format!(
+                "keys {:?} and values {:?} do not hold {} rows of {row} for layer {layer}",
+                kn.shape,
+                vn.shape,
+                slots.len()
+            ));
+        }
+        if let Some(bad) = slots.iter().find(|&&s| s < 0 || s as usize >= capacity) {
+            return Err(format!(
+                "slot {bad} is out of range for a pool of {capacity} slots"
+            ));
+        }
+        let tokens = slots.len();
+        let slot_buf = self.device(slots_at)?;
+        self.dispatch(
+            pipeline,
+            &[tokens as u32],
+            &[
+                kn.whole()?,
+                vn.whole()?,
+                slot_buf.whole()?,
+                &pool.k[layer],
+                &pool.v[layer],
+            ],
+            (tokens * row).div_ceil(WG),
+        )
+    }
+
+    /// Gathers the first `len` positions of a sequence from `layer` through its block
+    /// table (`llm.lookup_kv`), every entry checked against the pool first.
+    fn lookup(
+        &mut self,
+        index: usize,
+        step: &Step,
+        layer: usize,
+        pipeline: &wgpu::ComputePipeline,
+    ) -> Result<(), String> {
+        let pool = self.pool(step.inputs[0])?;
+        let (table_at, len_at) = (step.inputs[1], step.inputs[2]);
+        let table = self.host(table_at)?;
+        let len = self.host(len_at)?;
+        let (table, len) = (table.tensor()?.ints()?, len.tensor()?.ints()?);
+        let len = match len {
+            [len] if *len >= 0 => *len as usize,
+            _ => return Err(format!("the context length {len:?} is not one count")),
+        };
+        let shape_only = pool.shape_only();
+        for pos in 0..len {
+            slot_of(&shape_only, table, pos)?;
+        }
+        let p = &pool.params;
+        let row = (p.kv_heads * p.head_dim) as usize;
+        let shape = vec![len, p.kv_heads as usize, p.head_dim as usize];
+        let (ko, vo) = (
+            self.output(index, 0, len * row * 4),
+            self.output(index, 1, len * row * 4),
+        );
+        if len > 0 {
+            let tables = self.device(table_at)?;
+            self.dispatch(
+                pipeline,
+                &[len as u32, p.block_size as u32],
+                &[&pool.k[layer], &pool.v[layer], tables.whole()?, &ko, &vo],
+                (len * row).div_ceil(WG),
+            )?;
+        }
+        self.env[step.outputs[0]] = Some(Slot::Device(DeviceTensor::f32(shape.clone(), ko)));
+        self.env[step.outputs[1]] = Some(Slot::Device(DeviceTensor::f32(shape, vo)));
+        Ok(())
+    }
+
     /// Dispatches attention over `inputs` (all bindings but the output) into `y`: one
     /// workgroup per query row and head (`shaders[0]`), or, when the longest visible
     /// context spans several chunks, one per row, head and chunk (`shaders[1]`) writing
@@ -808,13 +875,7 @@ impl Call<'_> {
             return Ok(());
         }
         let (tv, lv) = (self.host(tables)?, self.host(lens)?);
-        let shape_only = KvCache {
-            params: pool.params.clone(),
-            blocks: pool.blocks,
-            k: Vec::new(),
-            v: Vec::new(),
-            resident: None,
-        };
+        let shape_only = pool.shape_only();
         for_each_paged_row(
             &shape_only,
             [b, t],

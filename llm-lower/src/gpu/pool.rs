@@ -76,6 +76,18 @@ impl Pool {
         }))
     }
 
+    /// A host cache with this pool's parameters and no data: what the reference's index
+    /// checks (`for_each_paged_row`, `slot_of`) need.
+    pub fn shape_only(&self) -> KvCache {
+        KvCache {
+            params: self.params.clone(),
+            blocks: self.blocks,
+            k: Vec::new(),
+            v: Vec::new(),
+            resident: None,
+        }
+    }
+
     /// The cache value that names this pool.
     pub fn cache(self: &Arc<Pool>) -> KvCache {
         KvCache {

@@ -135,6 +135,12 @@ pub enum Shader {
         /// Floats per slot (`kv_heads * head_dim`).
         row: usize,
     },
+    /// A sequence's key and value rows gathered from a cache layer through its block
+    /// table (`llm.lookup_kv`).
+    KvGather {
+        /// Floats per slot.
+        row: usize,
+    },
     /// Rows of a table part selected by `i32` ids (an embedding).
     Gather {
         /// The row length.
@@ -247,6 +253,8 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             }
             shaders
         }
+        Kernel::KvAppend { row, .. } => vec![Shader::KvAppend { row: *row }],
+        Kernel::KvLookup { row, .. } => vec![Shader::KvGather { row: *row }],
         Kernel::Move(Movement::Reshape) => Vec::new(),
         Kernel::Move(Movement::Columns { width, offset, len }) => vec![Shader::Columns {
             width: *width,
@@ -300,6 +308,7 @@ impl Shader {
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
             Shader::KvAppend { row } => format!("kv_append_{row}"),
+            Shader::KvGather { row } => format!("kv_gather_{row}"),
             Shader::Gather { dim, half } => {
                 format!("gather_{}{dim}", if *half { "f16_" } else { "" })
             }
@@ -356,6 +365,13 @@ impl Shader {
                 ("slots", Read),
                 ("kc", ReadWrite),
                 ("vc", ReadWrite),
+            ],
+            Shader::KvGather { .. } => vec![
+                ("kc", Read),
+                ("vc", Read),
+                ("tables", Read),
+                ("ko", ReadWrite),
+                ("vo", ReadWrite),
             ],
             Shader::Gather { .. } => vec![("table", Read), ("ids", Read), ("y", ReadWrite)],
             Shader::Columns { .. } => vec![("x", Read), ("y", ReadWrite)],
@@ -464,6 +480,7 @@ impl Shader {
             ],
             Shader::AttentionCombine { .. } => &["rows", "splits"],
             Shader::KvAppend { .. } => &["tokens"],
+            Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
             Shader::Columns { .. } => &["rows"],
         };
@@ -511,6 +528,7 @@ impl Shader {
             } => attention([*heads, *kv_heads, *d], *scale, *paged, *split),
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::KvAppend { row } => kv_append(*row),
+            Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, half } => gather(*dim, *half),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
         }
@@ -1389,6 +1407,21 @@ fn kv_append(row: usize) -> String {
     let at = u32(slots[token]) * ROW + e % ROW;
     kc[at] = kn[e];
     vc[at] = vn[e];
+}
+",
+    );
+    s
+}
+
+fn kv_gather(row: usize) -> String {
+    let mut s = format!("const ROW: u32 = {row}u;\n{ENTRY}");
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.len * ROW) { return; }
+    let pos = e / ROW;
+    let slot = u32(tables[pos / p.block]) * p.block + pos % p.block;
+    ko[e] = kc[slot * ROW + e % ROW];
+    vo[e] = vc[slot * ROW + e % ROW];
 }
 ",
     );
