@@ -287,10 +287,15 @@ pub enum Movement {
         /// Operands.
         inputs: usize,
     },
-    /// `llm.embedding` of an `f32` table: row `ids[i]` of a `[vocab, dim]` table.
+    /// `llm.embedding`: row `ids[i]` of a `[vocab, dim]` table.
     Rows {
         /// The row length.
         dim: usize,
+        /// Rows in the table.
+        vocab: usize,
+        /// The table's storage: `F32` for a float table (f32, or f16/bf16 values held as
+        /// f32), or a quantized format.
+        table: WeightFormat,
         /// The table is stored in panels ([`pack_panels`]), because a contraction shares
         /// it (a classifier tied to the embedding).
         panels: bool,
@@ -717,12 +722,24 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
         }
         "llm.slice" => columns(&check),
         "llm.embedding" => {
-            let table = f32_operand(&check, 0)?;
-            let [_, Some(dim)] = table.shape() else {
+            let (shape, table) = match (check.tensor(0), check.quantized(0)) {
+                (Ok(t), _) if t.dtype().is_float() => (t.shape().to_vec(), WeightFormat::F32),
+                (_, Ok(q)) => (q.shape().to_vec(), WeightFormat::of(q.format())?),
+                _ => return None,
+            };
+            let [Some(vocab), Some(dim)] = shape[..] else {
                 return None;
             };
-            f32_result(&check).then_some(Kernel::Move(Movement::Rows {
-                dim: *dim as usize,
+            let (vocab, dim) = (vocab as usize, dim as usize);
+            let layout_ok = match table {
+                WeightFormat::Nf4 { .. } => dim % 2 == 0,
+                WeightFormat::Affine { bits, .. } => (dim * usize::from(bits)).is_multiple_of(8),
+                other => other.block().is_some_and(|b| dim.is_multiple_of(b)),
+            };
+            (layout_ok && f32_result(&check)).then_some(Kernel::Move(Movement::Rows {
+                dim,
+                vocab,
+                table,
                 panels: false,
             }))
         }

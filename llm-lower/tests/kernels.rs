@@ -504,6 +504,39 @@ proptest! {
         gpu_agrees(&ir, vec![tensor(&dims, seed, 1.0), tensor(&other, seed + 1, 1.0), int_tensor(&dims, seed + 2), int_tensor(&other, seed + 3)], 0.0)?;
     }
 
+    /// Embeddings gathered from quantized tables (GPU only) and from f16 tables (both
+    /// backends).
+    #[test]
+    fn embedding_of_packed_tables(rows in 1usize..5, vocab in 1usize..7, which in 0usize..5, seed: u64) {
+        let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
+        let (dim, table_ty, table) = if which == 4 {
+            let dim = 6;
+            let w: Vec<f32> = values(seed, vocab * dim, 1.0).iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+            (dim, format!("llm.tensor <{vocab}x{dim}xf16>"), Value::Tensor(Tensor::from_f32(vec![vocab, dim], DType::F16, w)))
+        } else {
+            let (dim, format, text) = match which {
+                0 => (64, QuantFormat::Q8_0, "q8_0".to_string()),
+                1 => (32, QuantFormat::Q4_0, "q4_0".into()),
+                2 => (256, QuantFormat::Q6K, "q6_k".into()),
+                _ => (64, QuantFormat::Nf4 { block_size: 32, scale: DType::F16 }, "nf4 {block_size = 32, scale = f16}".into()),
+            };
+            let w = values(seed, vocab * dim, 1.0);
+            let q = QTensor { shape: vec![vocab, dim], format: format.clone(), bytes: quant::quantize(&format, &[vocab, dim], &w) };
+            (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), Value::Quantized(q))
+        };
+        let ir = func(
+            &[("table".into(), table_ty), ("ids".into(), ity(&[rows]))],
+            &ty(&[rows, dim]),
+            &format!("y = llm.embedding table, ids : {};", ty(&[rows, dim])),
+        );
+        let args = vec![table, ints(&[rows], ids)];
+        if which == 4 {
+            agree(&ir, args, 0.0)?;
+        } else {
+            gpu_agrees(&ir, args, 0.0)?;
+        }
+    }
+
     /// `llm.dequantize` of a tensor that is an argument (so not evaluated at load), in
     /// every format (GPU only).
     #[test]

@@ -629,7 +629,7 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
             *shape.last_mut().ok_or("a scalar has no columns")? = len;
             tensor(Tensor::from_f32(shape, DType::F32, out))
         }
-        Movement::Rows { dim, panels } => {
+        Movement::Rows { dim, panels, .. } => {
             let (table, ids) = (inputs[0].tensor()?, inputs[1].tensor()?);
             let td = table.floats()?;
             let vocab = td.len() / dim.max(1);

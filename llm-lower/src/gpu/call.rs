@@ -995,12 +995,24 @@ impl Call<'_> {
                 *shape.last_mut().ok_or("a scalar has no columns")? = len;
                 Ok(DeviceTensor::f32(shape, y))
             }
-            Movement::Rows { dim, .. } => {
+            Movement::Rows {
+                dim,
+                vocab,
+                table: format,
+                ..
+            } => {
                 let table = self.device(step.inputs[0])?;
-                let vocab = table.shape.first().copied().unwrap_or(0);
-                let stored = [Elem::F32, Elem::Packed(WeightFormat::F16)];
+                // A float table may be stored as f16 (when it is exactly f16).
+                let stored = match format {
+                    WeightFormat::F32 => vec![Elem::F32, Elem::Packed(WeightFormat::F16)],
+                    packed => vec![Elem::Packed(packed)],
+                };
                 if table.shape != [vocab, dim] || !stored.contains(&table.elem) {
-                    return Err(format!("the table {:?} is not [N, {dim}]", table.shape));
+                    return Err(format!(
+                        "the table {:?} is not a [{vocab}, {dim}] {} table",
+                        table.shape,
+                        format.name()
+                    ));
                 }
                 let ids = self.host(step.inputs[1])?;
                 let ids_t = ids.tensor()?;

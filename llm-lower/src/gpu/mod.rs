@@ -244,9 +244,14 @@ mod tests {
             Shader::KvAppend { row: 48 },
             Shader::Gather {
                 dim: 7,
-                half: false,
+                vocab: 5,
+                table: WeightFormat::F32,
             },
-            Shader::Gather { dim: 7, half: true },
+            Shader::Gather {
+                dim: 7,
+                vocab: 5,
+                table: WeightFormat::F16,
+            },
             Shader::Columns {
                 width: 9,
                 offset: 2,
@@ -283,6 +288,17 @@ mod tests {
                 _ => None,
             })
             .collect();
+        let gathers: Vec<Shader> = shaders
+            .iter()
+            .filter_map(|s| match s {
+                Shader::Contraction(c) if c.weight.block() != Some(1) => Some(Shader::Gather {
+                    dim: c.k,
+                    vocab: c.n,
+                    table: c.weight,
+                }),
+                _ => None,
+            })
+            .collect();
         let dequantize: Vec<Shader> = shaders
             .iter()
             .filter_map(|s| match s {
@@ -292,7 +308,12 @@ mod tests {
                 _ => None,
             })
             .collect();
-        for s in shaders.into_iter().chain(tiled).chain(dequantize) {
+        for s in shaders
+            .into_iter()
+            .chain(tiled)
+            .chain(dequantize)
+            .chain(gathers)
+        {
             for subgroups in [false, true] {
                 let source = s.source_for(subgroups);
                 if let Err(e) = validate(&source) {

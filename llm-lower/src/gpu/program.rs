@@ -223,9 +223,10 @@ fn plan(selection: &mut Selection, limits: &Limits, rows: Rows) -> Vec<Vec<Shade
         .collect()
 }
 
-/// The constant weights stored as `f16`: on a device with `shader-f16`, those whose values
-/// are all exactly `f16` and that are read only as contraction weights or gathered table
-/// rows. Their contractions switch to [`WeightFormat::F16`].
+/// The constants stored as `f16`: on a device with `shader-f16`, those whose values are
+/// all exactly `f16` (f16 tables, and f32 weights converted from f16) and that are read
+/// only as contraction weights or gathered table rows. Their contractions switch to
+/// [`WeightFormat::F16`] (their gathers follow in `Program::compile`).
 fn f16_weights(
     ctx: &Context,
     ops: &[Ptr<Operation>],
@@ -236,9 +237,8 @@ fn f16_weights(
     if !compiler.gpu.has_f16() {
         return HashSet::new();
     }
-    // Per value: whether every use reads it as a weight or a table, and whether a
-    // contraction does.
-    let mut uses: HashMap<IrValue, (bool, bool)> = HashMap::new();
+    // Per value: whether every use reads it as a weight or a table.
+    let mut uses: HashMap<IrValue, bool> = HashMap::new();
     for (i, &op) in ops.iter().enumerate() {
         let kernel = selection.per_op[i].as_ref().map(|c| &c.kernel);
         for (j, v) in op.deref(ctx).operands().enumerate() {
@@ -251,19 +251,17 @@ fn f16_weights(
                         ),
                     false,
                 ),
-                Some(Kernel::Move(Movement::Rows { .. })) => (false, j == 0),
+                Some(Kernel::Move(Movement::Rows { table, .. })) => {
+                    (false, j == 0 && *table == WeightFormat::F32)
+                }
                 _ => (false, false),
             };
-            let entry = uses.entry(v).or_insert((true, false));
-            entry.0 &= weight || table;
-            entry.1 |= weight;
+            *uses.entry(v).or_insert(true) &= weight || table;
         }
     }
     let halves: HashSet<IrValue> = uses
         .into_iter()
-        .filter(|&(v, (only, weight))| {
-            only && weight && hoisted.value(v).is_some_and(|x| compiler.exactly_f16(x))
-        })
+        .filter(|&(v, only)| only && hoisted.value(v).is_some_and(|x| compiler.exactly_f16(x)))
         .map(|(v, _)| v)
         .collect();
     for (i, &op) in ops.iter().enumerate() {
@@ -353,8 +351,10 @@ impl Program {
         let halves = f16_weights(ctx, &live, &mut selection, hoisted, compiler);
         let mut plans = plan(&mut selection, &gpu.limits(), rows);
         for (i, &op) in live.iter().enumerate() {
-            if let Some(Shader::Gather { half, .. }) = plans[i].first_mut() {
-                *half = halves.contains(&op.deref(ctx).get_operand(0));
+            if let Some(Shader::Gather { table, .. }) = plans[i].first_mut()
+                && halves.contains(&op.deref(ctx).get_operand(0))
+            {
+                *table = WeightFormat::F16;
             }
         }
         let mut stats = LoweringStats {

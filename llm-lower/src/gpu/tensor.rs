@@ -86,7 +86,8 @@ pub(super) fn device_bytes(
     half: bool,
 ) -> Result<(Vec<usize>, Elem, Vec<u8>), String> {
     match value {
-        Value::Tensor(t) if t.dtype == DType::F32 => {
+        // f16 and bf16 values are held as f32 (exactly), and uploaded so.
+        Value::Tensor(t) if t.dtype.is_float() => {
             let floats = t.floats()?;
             let (shape, data) = match (transpose, t.shape.as_slice()) {
                 (true, &[k, n]) => (
@@ -131,10 +132,12 @@ pub(super) fn device_bytes(
 /// (the weights of a converted f16 model), so that `f16` storage loses nothing.
 pub(super) fn exactly_f16(value: &Value) -> bool {
     match value {
-        Value::Tensor(t) if t.dtype == DType::F32 => t.floats().is_ok_and(|v| {
-            v.iter()
-                .all(|&x| f16::from_f32(x).to_f32().to_bits() == x.to_bits())
-        }),
+        Value::Tensor(t) if matches!(t.dtype, DType::F32 | DType::F16) => {
+            t.floats().is_ok_and(|v| {
+                v.iter()
+                    .all(|&x| f16::from_f32(x).to_f32().to_bits() == x.to_bits())
+            })
+        }
         _ => false,
     }
 }

@@ -145,8 +145,11 @@ pub enum Shader {
     Gather {
         /// The row length.
         dim: usize,
-        /// The table is stored as `f16` (it is also an f16 contraction weight).
-        half: bool,
+        /// Rows in the table.
+        vocab: usize,
+        /// The table's storage: `f32`, `f16` (when it is also an f16 contraction weight),
+        /// or a quantized format dequantized row by row.
+        table: WeightFormat,
     },
     /// Columns `offset..offset + len` of rows of `width`.
     Columns {
@@ -261,9 +264,12 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             offset: *offset,
             len: *len,
         }],
-        Kernel::Move(Movement::Rows { dim, .. }) => vec![Shader::Gather {
+        Kernel::Move(Movement::Rows {
+            dim, vocab, table, ..
+        }) => vec![Shader::Gather {
             dim: *dim,
-            half: false,
+            vocab: *vocab,
+            table: *table,
         }],
     }
 }
@@ -309,9 +315,10 @@ impl Shader {
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
             Shader::KvAppend { row } => format!("kv_append_{row}"),
             Shader::KvGather { row } => format!("kv_gather_{row}"),
-            Shader::Gather { dim, half } => {
-                format!("gather_{}{dim}", if *half { "f16_" } else { "" })
-            }
+            Shader::Gather { dim, table, .. } => match table {
+                WeightFormat::F32 => format!("gather_{dim}"),
+                other => format!("gather_{}_{dim}", other.name()),
+            },
             Shader::Columns { width, offset, len } => format!("columns_{width}_{offset}_{len}"),
         }
     }
@@ -397,7 +404,7 @@ impl Shader {
     pub fn uses_f16(&self) -> bool {
         match self {
             Shader::Contraction(c) | Shader::TiledContraction(c) => c.weight == WeightFormat::F16,
-            Shader::Gather { half, .. } => *half,
+            Shader::Gather { table, .. } => *table == WeightFormat::F16,
             _ => false,
         }
     }
@@ -435,7 +442,8 @@ impl Shader {
                 {
                     "f16"
                 }
-                (Shader::Gather { half: true, .. }, "table") => "f16",
+                (Shader::Gather { table, .. }, "table") if *table == WeightFormat::F16 => "f16",
+                (Shader::Gather { table, .. }, "table") if *table != WeightFormat::F32 => "u32",
                 (Shader::Contraction(c) | Shader::TiledContraction(c), "w")
                     if c.weight != WeightFormat::F32 =>
                 {
@@ -529,7 +537,7 @@ impl Shader {
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::KvAppend { row } => kv_append(*row),
             Shader::KvGather { row } => kv_gather(*row),
-            Shader::Gather { dim, half } => gather(*dim, *half),
+            Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
         }
     }
@@ -631,7 +639,7 @@ fn contraction(c: &Contraction) -> String {
     }
     // q8_0 and q4_0 run a block at a time; the other formats element by element.
     let per_element = !matches!(c.weight, WeightFormat::Q8_0 | WeightFormat::Q4_0);
-    s.push_str(&weight_prelude(c, per_element));
+    s.push_str(&weight_prelude(c, "w", per_element));
     s.push_str(ENTRY);
     s.push_str(
         "    let blocks = (p.part_rows + R - 1u) / R;
@@ -730,23 +738,27 @@ fn contraction(c: &Contraction) -> String {
     s
 }
 
-/// Byte and half-float access to a packed weight (`w: array<u32>`). The f16 is decoded
-/// with integer operations (WGSL's `unpack2x16float` needs a capability not every device
-/// grants).
-const BYTES: &str = "fn byte_at(o: u32) -> u32 { return (w[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }
-fn half_at(o: u32) -> f32 {
+/// Byte and half-float access to a packed weight in binding `w` (an `array<u32>`). The
+/// f16 is decoded with integer operations (WGSL's `unpack2x16float` needs a capability
+/// not every device grants).
+fn bytes(w: &str) -> String {
+    format!(
+        "fn byte_at(o: u32) -> u32 {{ return ({w}[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }}
+fn half_at(o: u32) -> f32 {{
     let h = byte_at(o) | (byte_at(o + 1u) << 8u);
     let sign = (h & 0x8000u) << 16u;
     let e = (h >> 10u) & 0x1fu;
     let man = h & 0x3ffu;
-    if (e == 0u) {
+    if (e == 0u) {{
         let v = f32(man) * bitcast<f32>(0x33800000u);
         return select(v, -v, sign != 0u);
-    }
-    if (e == 31u) { return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }
+    }}
+    if (e == 31u) {{ return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }}
     return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
+}}
+"
+    )
 }
-";
 
 /// A scale of `dtype` stored at byte `o`, as a WGSL function `scale_at`.
 fn scale_reader(dtype: DType) -> &'static str {
@@ -906,13 +918,13 @@ fn weight_value(c: &Contraction) -> String {
     s
 }
 
-/// The prelude a contraction over `c`'s weight needs: `ROW_BYTES`, byte access and, when
-/// `per_element`, the format's `weight_at` for packed weights.
-fn weight_prelude(c: &Contraction, per_element: bool) -> String {
+/// The prelude a contraction over `c`'s weight (in binding `w`) needs: `ROW_BYTES`, byte
+/// access and, when `per_element`, the format's `weight_at` for packed weights.
+fn weight_prelude(c: &Contraction, w: &str, per_element: bool) -> String {
     let mut s = String::new();
     if !matches!(c.weight, WeightFormat::F32 | WeightFormat::F16) {
         let _ = writeln!(s, "const ROW_BYTES: u32 = {}u;", c.weight.row_bytes(c.k));
-        s.push_str(BYTES);
+        s.push_str(&bytes(w));
         if per_element {
             s.push_str(&weight_value(c));
         }
@@ -928,7 +940,7 @@ fn tiled_contraction(c: &Contraction) -> String {
     let _ = writeln!(s, "var<workgroup> xs: array<f32, {}>;", TILE * TILE_K);
     let _ = writeln!(s, "var<workgroup> ws: array<f32, {}>;", TILE * TILE_K);
     s.push_str("var<workgroup> squares: array<f32, 64>;\nvar<workgroup> scale: array<f32, 16>;\n");
-    s.push_str(&weight_prelude(c, true));
+    s.push_str(&weight_prelude(c, "w", true));
     let weight = match c.weight {
         WeightFormat::F32 => "w[jr * K + col]",
         WeightFormat::F16 => "f32(w[jr * K + col])",
@@ -1161,7 +1173,7 @@ const NONE: u32 = 0xffffffffu;
 
 fn dequantize(c: &Contraction) -> String {
     let mut s = format!("const K: u32 = {}u;\n", c.k);
-    s.push_str(&weight_prelude(c, true));
+    s.push_str(&weight_prelude(c, "w", true));
     s.push_str(ENTRY);
     s.push_str(
         "    let e = gi * WG + t;
@@ -1428,13 +1440,28 @@ fn kv_gather(row: usize) -> String {
     s
 }
 
-fn gather(dim: usize, half: bool) -> String {
-    let read = if half {
-        "f32(table[(id - p.first) * DIM + e % DIM])"
-    } else {
-        "table[(id - p.first) * DIM + e % DIM]"
+fn gather(dim: usize, vocab: usize, table: WeightFormat) -> String {
+    let row = "(id - p.first) * DIM + e % DIM";
+    let read = match table {
+        WeightFormat::F32 => format!("table[{row}]"),
+        WeightFormat::F16 => format!("f32(table[{row}])"),
+        _ => "weight_at(id - p.first, e % DIM)".to_string(),
     };
-    let mut s = format!("const DIM: u32 = {dim}u;\n{ENTRY}");
+    let mut s = format!("const DIM: u32 = {dim}u;\n");
+    if !matches!(table, WeightFormat::F32 | WeightFormat::F16) {
+        // The quantized table is the "weight" of its format's reader.
+        let as_weight = Contraction {
+            k: dim,
+            n: vocab,
+            weight: table,
+            norm_eps_bits: None,
+            residual: false,
+            transpose_at_pack: false,
+        };
+        let _ = writeln!(s, "const K: u32 = DIM;");
+        s.push_str(&weight_prelude(&as_weight, "table", true));
+    }
+    s.push_str(ENTRY);
     let _ = write!(
         s,
         "    let e = gi * WG + t;
