@@ -255,6 +255,8 @@ pub enum AttentionSource {
         causal: bool,
         /// Sliding window.
         window: Option<usize>,
+        /// A `[tq, tk]` bias is added to the scaled scores (`llm.attention`'s mask).
+        masked: bool,
     },
 }
 
@@ -465,6 +467,7 @@ impl Kernel {
                 source: AttentionSource::Contiguous {
                     causal: false,
                     window: None,
+                    masked: false,
                 },
             }),
             other => Some(other.clone()),
@@ -707,13 +710,15 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 return None;
             };
             let same_dims = v.shape().last() == Some(&Some(*d));
+            let masked = check.num_operands() == 4;
             let source = AttentionSource::Contiguous {
                 causal: check.flag("causal", false),
                 window: check.int("window").map(|w| w as usize),
+                masked,
             };
-            attention(&check, *heads as usize, *d as usize, source).filter(|_| {
-                same_dims && check.num_operands() == 3 && f32_operand(&check, 1).is_some()
-            })
+            let mask_ok = !masked || f32_operand(&check, 3).is_some();
+            attention(&check, *heads as usize, *d as usize, source)
+                .filter(|_| same_dims && mask_ok && f32_operand(&check, 1).is_some())
         }
         "llm.reshape" => {
             let x = check.tensor(0).ok()?;

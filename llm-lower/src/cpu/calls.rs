@@ -547,7 +547,7 @@ fn attention(
                 .chain(updated.map(|c| Rc::new(Value::Cache(c))))
                 .collect())
         }
-        AttentionSource::Contiguous { causal, window } => {
+        AttentionSource::Contiguous { causal, window, .. } => {
             let (kt, vt) = (inputs[1].tensor()?, inputs[2].tensor()?);
             let r = q.shape.len();
             let (tq, tk) = (q.shape[r - 3], kt.shape[r - 3]);

@@ -24,18 +24,22 @@ use pliron::{
 
 pub use jit::{JitError, Target};
 
-use crate::kernel::{Kernel, Movement, WeightFormat};
+use crate::kernel::{AttentionSource, Kernel, Movement, WeightFormat};
 pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// Whether the CPU backend generates `kernel`: its contractions read f32, q8_0 and q4_0
 /// weights, its embeddings gather from float tables, its softmax and argmax reduce the
-/// last axis; transposes, concatenations,
+/// last axis, its attention takes no mask; transposes, concatenations,
 /// dequantizations, the other formats and the KV cache ops (which the reference runs in
 /// place) run through their reference semantics.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Softmax { inner, .. } | Kernel::Argmax { inner, .. } => *inner == 1,
         Kernel::Move(Movement::Rows { table, .. }) => *table == WeightFormat::F32,
+        Kernel::Attention {
+            source: AttentionSource::Contiguous { masked, .. },
+            ..
+        } => !masked,
         Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }

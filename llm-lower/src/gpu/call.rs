@@ -694,7 +694,11 @@ impl Call<'_> {
                     self.env[out] = Some(Slot::Pool(pool));
                 }
             }
-            AttentionSource::Contiguous { causal, window } => {
+            AttentionSource::Contiguous {
+                causal,
+                window,
+                masked,
+            } => {
                 let (kt, vt) = (self.device(step.inputs[1])?, self.device(step.inputs[2])?);
                 let (tq, tk) = (q.shape[r - 3], kt.shape.get(r - 3).copied().unwrap_or(0));
                 if kt.shape != vt.shape
@@ -716,8 +720,29 @@ impl Call<'_> {
                     window.unwrap_or(0) as u32,
                     u32::from(causal),
                 ];
-                let inputs = [q.whole()?, kt.whole()?, vt.whole()?];
-                let longest = tk.min(window.unwrap_or(usize::MAX));
+                let mask = if masked {
+                    let m = self.device(step.inputs[3])?;
+                    if m.shape != [tq, tk] || m.elem != Elem::F32 {
+                        return Err(format!(
+                            "the mask has shape {:?}, expected [{tq}, {tk}]",
+                            m.shape
+                        ));
+                    }
+                    Some(m)
+                } else {
+                    None
+                };
+                let mut inputs = vec![q.whole()?, kt.whole()?, vt.whole()?];
+                if let Some(m) = &mask {
+                    inputs.push(m.whole()?);
+                }
+                // A window bounds what a causal row sees; a non-causal row sees up to the
+                // last key whatever the window.
+                let longest = if causal {
+                    tk.min(window.unwrap_or(usize::MAX))
+                } else {
+                    tk
+                };
                 self.attend(
                     index,
                     pipelines,

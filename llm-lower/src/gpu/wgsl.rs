@@ -117,6 +117,8 @@ pub enum Shader {
         /// Keys and values come from a paged cache layer through block tables (else from
         /// contiguous `[batch, tokens, kv_heads, d]` tensors).
         paged: bool,
+        /// A `[tq, tk]` bias (`mask`) is added to the scaled scores (contiguous only).
+        masked: bool,
         /// Split along the context: each workgroup covers one chunk of a row's visible
         /// positions and writes its partial softmax state (maximum, sum, unnormalised
         /// output) for [`Shader::AttentionCombine`].
@@ -240,6 +242,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 d: *d,
                 scale: *scale,
                 paged: matches!(source, AttentionSource::Paged { .. }),
+                masked: matches!(source, AttentionSource::Contiguous { masked: true, .. }),
                 split,
             };
             // The whole context in one workgroup, or split in chunks and merged.
@@ -305,11 +308,13 @@ impl Shader {
                 kv_heads,
                 d,
                 paged,
+                masked,
                 split,
                 ..
             } => format!(
-                "{}attention_{heads}x{d}_kv{kv_heads}{}",
+                "{}attention_{heads}x{d}_kv{kv_heads}{}{}",
                 if *paged { "paged_" } else { "" },
+                if *masked { "_masked" } else { "" },
                 if *split { "_split" } else { "" }
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
@@ -357,10 +362,18 @@ impl Shader {
                 ("sin_t", Read),
                 ("y", ReadWrite),
             ],
-            Shader::Attention { paged, split, .. } => {
+            Shader::Attention {
+                paged,
+                masked,
+                split,
+                ..
+            } => {
                 let mut b = vec![("q", Read), ("kc", Read), ("vc", Read)];
                 if *paged {
                     b.extend([("tables", Read), ("lens", Read)]);
+                }
+                if *masked {
+                    b.push(("mask", Read));
                 }
                 b.push((if *split { "parts" } else { "y" }, ReadWrite));
                 b
@@ -532,8 +545,9 @@ impl Shader {
                 d,
                 scale,
                 paged,
+                masked,
                 split,
-            } => attention([*heads, *kv_heads, *d], *scale, *paged, *split),
+            } => attention([*heads, *kv_heads, *d], *scale, (*paged, *masked), *split),
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::KvAppend { row } => kv_append(*row),
             Shader::KvGather { row } => kv_gather(*row),
@@ -1253,11 +1267,20 @@ fn rope(heads: usize, d: usize, rotary: usize, half: bool) -> String {
     s
 }
 
-fn attention([heads, kv_heads, d]: [usize; 3], scale: Scale, paged: bool, split: bool) -> String {
-    let scaled = match scale {
+fn attention(
+    [heads, kv_heads, d]: [usize; 3],
+    scale: Scale,
+    (paged, masked): (bool, bool),
+    split: bool,
+) -> String {
+    let mut scaled = match scale {
         Scale::Times(f) => format!("qk * {}", float(f)),
         Scale::DivSqrt(r) => format!("qk / {}", float(r)),
     };
+    if masked {
+        // The bias of query `row % tokens` for key `j`.
+        scaled.push_str(" + mask[(row % p.tokens) * p.keys + j]");
+    }
     let mut s = format!(
         "const H: u32 = {heads}u;
 const KVH: u32 = {kv_heads}u;
