@@ -266,7 +266,7 @@ mod tests {
                 half,
             });
         }
-        for paged in [false, true] {
+        for (paged, masked) in [(false, false), (false, true), (true, false)] {
             for (d, scale) in [(8, Scale::DivSqrt(8f32.sqrt())), (130, Scale::Times(0.1))] {
                 for split in [false, true] {
                     shaders.push(Shader::Attention {
@@ -275,6 +275,7 @@ mod tests {
                         d,
                         scale,
                         paged,
+                        masked,
                         split,
                     });
                 }
