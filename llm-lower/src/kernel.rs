@@ -400,6 +400,13 @@ pub enum Kernel {
         /// Values per slot.
         row: usize,
     },
+    /// `llm.matmul` in general: `x [.., m, k]` against a rhs of dims known only at run
+    /// time, `[k, n]` or (`transposed`) `[n, k]`, shared by every batch or with the same
+    /// batch dims as `x`. Each output is one sum in order of `k`.
+    BatchedMatmul {
+        /// The rhs is `[.., n, k]`.
+        transposed: bool,
+    },
     /// Data movement.
     Move(Movement),
 }
@@ -434,6 +441,9 @@ impl Kernel {
             Kernel::Attention {
                 heads, kv_heads, d, ..
             } => format!("attention_{heads}x{d}_kv{kv_heads}"),
+            Kernel::BatchedMatmul { transposed } => {
+                format!("batched_matmul{}", if *transposed { "_t" } else { "" })
+            }
             Kernel::KvAppend { row, .. } => format!("kv_append_{row}"),
             Kernel::KvLookup { row, .. } => format!("kv_lookup_{row}"),
             Kernel::Move(m) => format!("{m:?}"),
@@ -531,7 +541,16 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let rhs = if name == "llm.matmul" { 1 } else { 2 };
             let x = f32_operand(&check, 0)?;
             let w = f32_operand(&check, rhs)?;
-            let (rows, cols) = static_matrix(w.shape())?;
+            let general = || {
+                // Any other f32 matmul: a batched rhs, or one with dynamic dims.
+                let matmul = name == "llm.matmul" && x.rank() >= 2 && w.rank() >= 2;
+                (matmul && f32_result(&check)).then(|| Kernel::BatchedMatmul {
+                    transposed: check.flag("transpose_rhs", false),
+                })
+            };
+            let Some((rows, cols)) = static_matrix(w.shape()) else {
+                return general();
+            };
             let transposed = check.flag("transpose_rhs", false);
             // A [k, n] rhs is read through a transposed copy, so only a constant one lowers.
             let (n, k, weight) = if transposed {

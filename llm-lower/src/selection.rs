@@ -115,8 +115,9 @@ pub fn select_all(
                     c.transpose_at_pack = c.weight == WeightFormat::F32KN;
                     c.weight = WeightFormat::F32Panels;
                 } else if c.weight == WeightFormat::F32KN {
-                    // A [k, n] weight computed at run time: reference semantics.
-                    return None;
+                    // A [k, n] weight computed at run time: the general matmul, where the
+                    // backend has one.
+                    return Some(Kernel::BatchedMatmul { transposed: false }).filter(&supports);
                 }
             }
             Some(k)

@@ -494,6 +494,9 @@ impl Call<'_> {
                     .attention(index, step, [*heads, *kv_heads, *d], *source, pipelines)
                     .map(|()| true);
             }
+            Kernel::BatchedMatmul { transposed } => {
+                self.batched_matmul(index, step, *transposed, &pipelines[0])?
+            }
             Kernel::KvAppend { layer, .. } => {
                 let pool = self.pool(step.inputs[0])?;
                 let [k, v, slots] = [step.inputs[1], step.inputs[2], step.inputs[3]];
@@ -757,6 +760,52 @@ impl Call<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A general matmul: `x [.., m, k]` against `w` (`[k, n]`, or `[n, k]` when
+    /// `transposed`, shared or with `x`'s batch dims), checked as the reference checks.
+    fn batched_matmul(
+        &mut self,
+        index: usize,
+        step: &Step,
+        transposed: bool,
+        pipeline: &wgpu::ComputePipeline,
+    ) -> Result<DeviceTensor, String> {
+        let (x, w) = (self.device(step.inputs[0])?, self.device(step.inputs[1])?);
+        let (ar, br) = (x.shape.len(), w.shape.len());
+        if x.elem != Elem::F32 || w.elem != Elem::F32 || ar < 2 || br < 2 {
+            return Err(format!("cannot multiply {:?} by {:?}", x.shape, w.shape));
+        }
+        let (m, k) = (x.shape[ar - 2], x.shape[ar - 1]);
+        let (wk, n) = if transposed {
+            (w.shape[br - 1], w.shape[br - 2])
+        } else {
+            (w.shape[br - 2], w.shape[br - 1])
+        };
+        let batched = br > 2;
+        if k != wk || (batched && w.shape[..br - 2] != x.shape[..ar - 2]) {
+            return Err(format!(
+                "{:?} and {:?} do not multiply at run time",
+                x.shape, w.shape
+            ));
+        }
+        let batch: usize = x.shape[..ar - 2].iter().product();
+        let y = self.output(index, 0, batch * m * n * 4);
+        self.dispatch(
+            pipeline,
+            &[
+                batch as u32,
+                m as u32,
+                k as u32,
+                n as u32,
+                u32::from(batched),
+            ],
+            &[x.whole()?, w.whole()?, &y],
+            (batch * m * n).div_ceil(WG),
+        )?;
+        let mut shape = x.shape[..ar - 2].to_vec();
+        shape.extend([m, n]);
+        Ok(DeviceTensor::f32(shape, y))
     }
 
     /// Writes the key and value rows of slots `[k, v, slots]` to their cache slots of

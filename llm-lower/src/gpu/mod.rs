@@ -241,6 +241,8 @@ mod tests {
             Shader::Argmax { n: 5, inner: 6 },
             Shader::Permute,
             Shader::Place,
+            Shader::BatchedMatmul { transposed: false },
+            Shader::BatchedMatmul { transposed: true },
             Shader::KvAppend { row: 48 },
             Shader::Gather {
                 dim: 7,

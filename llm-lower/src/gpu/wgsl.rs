@@ -53,6 +53,12 @@ pub enum Shader {
     /// once per 16 rows instead of once per row. For prompts; each output is still a sum
     /// over K in one fixed order, whatever the other rows are.
     TiledContraction(Contraction),
+    /// A general matmul, one invocation per output summing over K in order; all dims
+    /// are run-time parameters.
+    BatchedMatmul {
+        /// The rhs is `[.., n, k]`.
+        transposed: bool,
+    },
     /// A scalar body over equally shaped operands.
     Elementwise(ScalarBody),
     /// RMS norm of rows of `d`.
@@ -259,6 +265,9 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             }
             shaders
         }
+        Kernel::BatchedMatmul { transposed } => vec![Shader::BatchedMatmul {
+            transposed: *transposed,
+        }],
         Kernel::KvAppend { row, .. } => vec![Shader::KvAppend { row: *row }],
         Kernel::KvLookup { row, .. } => vec![Shader::KvGather { row: *row }],
         Kernel::Move(Movement::Reshape) => Vec::new(),
@@ -318,6 +327,10 @@ impl Shader {
                 if *split { "_split" } else { "" }
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
+            Shader::BatchedMatmul { transposed } => Kernel::BatchedMatmul {
+                transposed: *transposed,
+            }
+            .name(),
             Shader::KvAppend { row } => format!("kv_append_{row}"),
             Shader::KvGather { row } => format!("kv_gather_{row}"),
             Shader::Gather { dim, table, .. } => match table {
@@ -386,6 +399,7 @@ impl Shader {
                 ("kc", ReadWrite),
                 ("vc", ReadWrite),
             ],
+            Shader::BatchedMatmul { .. } => vec![("x", Read), ("w", Read), ("y", ReadWrite)],
             Shader::KvGather { .. } => vec![
                 ("kc", Read),
                 ("vc", Read),
@@ -500,6 +514,7 @@ impl Shader {
                 "rows", "tokens", "keys", "window", "causal", "splits", "chunk",
             ],
             Shader::AttentionCombine { .. } => &["rows", "splits"],
+            Shader::BatchedMatmul { .. } => &["batch", "m", "k", "n", "rhs_batched"],
             Shader::KvAppend { .. } => &["tokens"],
             Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
@@ -549,6 +564,7 @@ impl Shader {
                 split,
             } => attention([*heads, *kv_heads, *d], *scale, (*paged, *masked), *split),
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
+            Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::KvAppend { row } => kv_append(*row),
             Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
@@ -1444,6 +1460,31 @@ fn kv_append(row: usize) -> String {
     vc[at] = vn[e];
 }
 ",
+    );
+    s
+}
+
+fn batched_matmul(transposed: bool) -> String {
+    let w = if transposed {
+        "w[wbase + j * p.k + i]"
+    } else {
+        "w[wbase + i * p.n + j]"
+    };
+    let mut s = String::from(ENTRY);
+    let _ = write!(
+        s,
+        "    let e = gi * WG + t;
+    if (e >= p.batch * p.m * p.n) {{ return; }}
+    let b = e / (p.m * p.n);
+    let row = (e / p.n) % p.m;
+    let j = e % p.n;
+    let xbase = (b * p.m + row) * p.k;
+    let wbase = select(0u, b * p.k * p.n, p.rhs_batched != 0u);
+    var acc = 0.0;
+    for (var i = 0u; i < p.k; i = i + 1u) {{ acc = acc + x[xbase + i] * {w}; }}
+    y[e] = acc;
+}}
+"
     );
     s
 }
