@@ -311,6 +311,10 @@ pub enum Kernel {
     Contraction(Contraction),
     /// A scalar body applied to equally shaped `f32` operands, element by element.
     Elementwise(ScalarBody),
+    /// A scalar body whose operands broadcast along leading dims: each operand's dims
+    /// (without leading 1s) are the result's last dims, so element `i` of the result reads
+    /// element `i % len` of an operand of `len` elements.
+    Broadcast(ScalarBody),
     /// RMS normalisation of rows of `d` values: `w * x / sqrt(mean(x^2) + eps)`.
     RmsNorm {
         /// Row length.
@@ -428,6 +432,7 @@ impl Kernel {
                 if c.residual { "_residual" } else { "" }
             ),
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
+            Kernel::Broadcast(body) => format!("broadcast_{}", body_name(body)),
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
             Kernel::Softmax { n, inner } => format!("softmax_{n}{}", stride_suffix(*inner)),
             Kernel::Argmax { n, inner, .. } => format!("argmax_{n}{}", stride_suffix(*inner)),
@@ -828,9 +833,21 @@ fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -
     if result.dtype() != DType::F32 {
         return None;
     }
+    // Operands of the result's shape, or (a broadcast) whose dims, without leading 1s,
+    // are the result's last dims.
+    let mut broadcast = false;
     for i in 0..check.num_operands() {
-        if f32_operand(check, i)?.shape() != result.shape() {
-            return None;
+        let shape = f32_operand(check, i)?.shape().to_vec();
+        if shape != result.shape() {
+            let trimmed: Vec<_> = shape
+                .iter()
+                .skip_while(|d| **d == Some(1))
+                .copied()
+                .collect();
+            if !result.shape().ends_with(&trimmed) || trimmed.contains(&None) {
+                return None;
+            }
+            broadcast = true;
         }
     }
     let body = if name == "llm.fused" {
@@ -847,7 +864,11 @@ fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -
             steps: vec![step],
         }
     };
-    Some(Kernel::Elementwise(body))
+    Some(if broadcast {
+        Kernel::Broadcast(body)
+    } else {
+        Kernel::Elementwise(body)
+    })
 }
 
 /// The canonical `'static` name of unary elementwise op `name`.

@@ -759,6 +759,22 @@ proptest! {
         gpu_agrees(&ir, args, 0.0)?;
     }
 
+    /// Elementwise ops whose operand broadcasts along the result's leading dims (a bias,
+    /// a per-channel scale), alone and in a fused body (GPU only).
+    #[test]
+    fn broadcasting_elementwise_on_the_gpu(m in 1usize..5, n in 1usize..40, lead_one in any::<bool>(), which in 0usize..4, seed: u64) {
+        let small = if lead_one { vec![1, n] } else { vec![n] };
+        let op = ["add", "sub", "mul", "div"][which];
+        let body = format!(
+            "y = llm.{op} x, b : {t};\n        z = llm.fused b, x : {t} {{\n          ^scalar(p: {s}, q: {s}):\n            s = llm.silu q : {s};\n            r = llm.mul p, s : {s};\n            llm.yield r\n        }};\n        w = llm.add y, z : {t};",
+            t = ty(&[m, n]),
+            s = "llm.tensor <f32>"
+        );
+        let ir = func(&[("x".into(), ty(&[m, n])), ("b".into(), ty(&small))], &ty(&[m, n]), &body);
+        let ir = ir.replace("llm.return y", "llm.return w");
+        gpu_agrees(&ir, vec![tensor(&[m, n], seed, 1.0), tensor(&small, seed + 1, 1.0)], 1e-5)?;
+    }
+
     /// Matmuls against a rhs only known at run time: batched, `[k, n]` or `[n, k]` (GPU
     /// only).
     #[test]

@@ -40,6 +40,7 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Attention { .. } => 6,
         // No CPU code (`super::supports`).
         Kernel::Move(_)
+        | Kernel::Broadcast(_)
         | Kernel::Dequantize { .. }
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
@@ -85,6 +86,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         // Data movement has no generated code; dequantization and the KV cache ops have
         // none on the CPU (`jit::compile` rejects them).
         Kernel::Move(_)
+        | Kernel::Broadcast(_)
         | Kernel::Dequantize { .. }
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }

@@ -29,7 +29,8 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// Whether the CPU backend generates `kernel`: its contractions read f32, q8_0 and q4_0
 /// weights, its embeddings gather from float tables, its softmax and argmax reduce the
-/// last axis, its attention takes no mask; general (batched or run-time rhs) matmuls,
+/// last axis, its attention takes no mask; broadcasting elementwise bodies, general
+/// (batched or run-time rhs) matmuls,
 /// transposes, concatenations,
 /// dequantizations, the other formats and the KV cache ops (which the reference runs in
 /// place) run through their reference semantics.
@@ -42,6 +43,7 @@ pub fn supports(kernel: &Kernel) -> bool {
             ..
         } => !masked,
         Kernel::Dequantize { .. }
+        | Kernel::Broadcast(_)
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }

@@ -356,26 +356,40 @@ impl Call<'_> {
     ) -> Result<bool, String> {
         let out = match kernel {
             Kernel::Contraction(c) => self.contraction(index, step, c, &pipelines[0])?,
-            Kernel::Elementwise(body) => {
+            Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
                 let xs = step
                     .inputs
                     .iter()
                     .map(|&s| self.device(s))
                     .collect::<Result<Vec<_>, _>>()?;
-                let shape = xs[0].shape.clone();
+                // The result has the largest operand's shape; every other operand must be
+                // that shape's last dims (after leading 1s) or run on the host.
+                let Some(widest) = xs.iter().max_by_key(|x| x.len()) else {
+                    return Ok(false);
+                };
+                let shape = widest.shape.clone();
+                let broadcasts = |x: &DeviceTensor| {
+                    let trimmed: Vec<usize> =
+                        x.shape.iter().copied().skip_while(|&d| d == 1).collect();
+                    shape.ends_with(&trimmed)
+                };
                 if xs.len() != body.args
-                    || xs.iter().any(|x| x.shape != shape || x.elem != Elem::F32)
+                    || xs
+                        .iter()
+                        .any(|x| x.elem != Elem::F32 || !broadcasts(x) || x.len() == 0)
                 {
                     return Ok(false);
                 }
-                let len = xs[0].len();
+                let len = widest.len();
+                let mut words = vec![len as u32];
+                words.extend(xs.iter().map(|x| x.len() as u32));
                 let y = self.output(index, 0, len * 4);
                 let mut bindings = xs
                     .iter()
                     .map(DeviceTensor::whole)
                     .collect::<Result<Vec<_>, _>>()?;
                 bindings.push(&y);
-                self.dispatch(&pipelines[0], &[len as u32], &bindings, len.div_ceil(WG))?;
+                self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
                 DeviceTensor::f32(shape, y)
             }
             Kernel::RmsNorm { d, .. } | Kernel::LayerNorm { d, .. } => {

@@ -59,7 +59,8 @@ pub enum Shader {
         /// The rhs is `[.., n, k]`.
         transposed: bool,
     },
-    /// A scalar body over equally shaped operands.
+    /// A scalar body over operands of the result's shape or broadcast along its leading
+    /// dims (operand `a` of `n{a}` elements is read at `i % n{a}`).
     Elementwise(ScalarBody),
     /// RMS norm of rows of `d`.
     RmsNorm {
@@ -196,7 +197,9 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 ..*c
             })]
         }
-        Kernel::Elementwise(body) => vec![Shader::Elementwise(body.clone())],
+        Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
+            vec![Shader::Elementwise(body.clone())]
+        }
         Kernel::RmsNorm { d, eps_bits } => vec![Shader::RmsNorm {
             d: *d,
             eps_bits: *eps_bits,
@@ -498,7 +501,7 @@ impl Shader {
             Shader::Contraction(_) | Shader::TiledContraction(_) => {
                 &["rows", "outputs", "first", "part_rows"]
             }
-            Shader::Elementwise(_) => &["len"],
+            Shader::Elementwise(_) => &["len", "n0", "n1", "n2", "n3", "n4", "n5", "n6"],
             Shader::RmsNorm { .. }
             | Shader::LayerNorm { .. }
             | Shader::Softmax { .. }
@@ -1088,8 +1091,9 @@ fn step_expr(step: &ScalarStep) -> String {
 fn elementwise(body: &ScalarBody) -> String {
     let mut s = String::from(ENTRY);
     s.push_str("    let i = gi * WG + t;\n    if (i >= p.len) { return; }\n");
+    // Operand `a` holds `n{a}` elements: all of them, or (broadcast) the result's last.
     for a in 0..body.args {
-        let _ = writeln!(s, "    let v{a} = a{a}[i];");
+        let _ = writeln!(s, "    let v{a} = a{a}[i % p.n{a}];");
     }
     for (n, step) in body.steps.iter().enumerate() {
         let _ = writeln!(s, "    let v{} = {};", body.args + n, step_expr(step));
