@@ -18,4 +18,4 @@ pub mod pipeline;
 pub mod plan_buffers;
 pub mod plan_kv_memory;
 
-pub use pipeline::{Pipeline, Report, RunConfig};
+pub use pipeline::{Pipeline, Report, RunConfig, TargetOption};

@@ -92,6 +92,21 @@ impl Report {
 struct Cursor<'a> {
     text: &'a str,
     at: usize,
+    /// Option values the compilation target supplies.
+    target: &'a [TargetOption],
+}
+
+/// An option value a compilation target supplies to a pass where the pipeline text gives
+/// none: for example the device's largest storage binding as `plan-kv-memory`'s
+/// `max-binding-size` when compiling for a GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetOption {
+    /// The pass.
+    pub pass: &'static str,
+    /// Its option.
+    pub option: &'static str,
+    /// The value, as the pipeline text would write it.
+    pub value: String,
 }
 
 impl Cursor<'_> {
@@ -135,7 +150,17 @@ impl Pipeline {
 
     /// Parses a textual pipeline.
     pub fn parse(text: &str) -> Result<Pipeline, String> {
-        let mut c = Cursor { text, at: 0 };
+        Pipeline::parse_for_target(text, &[])
+    }
+
+    /// Parses a textual pipeline for a target that supplies option values: a `target`
+    /// entry applies where the text does not set that option itself.
+    pub fn parse_for_target(text: &str, target: &[TargetOption]) -> Result<Pipeline, String> {
+        let mut c = Cursor {
+            text,
+            at: 0,
+            target,
+        };
         let items = parse_items(&mut c, 0, false)?;
         c.skip_ws();
         if c.at != text.len() {
@@ -188,7 +213,11 @@ fn parse_items(c: &mut Cursor, depth: usize, nested: bool) -> Result<Vec<Item>, 
             }
             items.push(Item::OnFunctions(inner));
         } else if let Some((_, text, _)) = PIPELINES.iter().find(|(n, _, _)| *n == name) {
-            let mut inner = Cursor { text, at: 0 };
+            let mut inner = Cursor {
+                text,
+                at: 0,
+                target: c.target,
+            };
             items.extend(parse_items(&mut inner, depth + 1, nested)?);
         } else if let Some(info) = lookup(&name) {
             if nested && info.scope == Scope::Module {
@@ -197,7 +226,13 @@ fn parse_items(c: &mut Cursor, depth: usize, nested: bool) -> Result<Vec<Item>, 
                     "pass `{name}` runs on a whole module, not inside builtin.func(...)"
                 )));
             }
-            let mut given = Vec::new();
+            // The target's values first: the text's own, later, win.
+            let mut given: Vec<(String, String)> = c
+                .target
+                .iter()
+                .filter(|t| t.pass == name)
+                .map(|t| (t.option.to_string(), t.value.clone()))
+                .collect();
             if c.eat('{') {
                 loop {
                     let key = c.word();

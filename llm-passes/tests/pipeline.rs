@@ -173,3 +173,33 @@ fn verification_after_each_pass_catches_broken_ir() {
         .run(&mut ctx, module, &unchecked)
         .expect("without verification the run finishes");
 }
+
+/// A target's option values (a GPU's largest binding for `plan-kv-memory`) apply where
+/// the pipeline text sets none, also through named pipelines, and the text's own win.
+#[test]
+fn target_options_fill_in_what_the_text_leaves_out() {
+    const CACHE_IR: &str = "builtin.module @m {\n  ^entry():\n    builtin.func @f: builtin.function <(llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 64, block_size = 16, blocks = ?, dtype = f32>) -> (llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 64, block_size = 16, blocks = ?, dtype = f32>)> {\n      ^body(c: llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 64, block_size = 16, blocks = ?, dtype = f32>):\n        llm.return c\n    }\n}\n";
+    let target = [llm_passes::TargetOption {
+        pass: "plan-kv-memory",
+        option: "max-binding-size",
+        value: "65536".into(),
+    }];
+    let plan_of = |pipeline: &str| {
+        let mut ctx = Context::new();
+        let module = text::parse_module(&mut ctx, CACHE_IR).expect("parses");
+        Pipeline::parse_for_target(pipeline, &target)
+            .expect("pipeline parses")
+            .run(&mut ctx, module, &RunConfig::default())
+            .expect("runs");
+        text::print_module(&ctx, module)
+    };
+    assert!(
+        plan_of("default,plan-kv-memory{budget=1MiB}").contains("max_binding_size = 65536"),
+        "the target's binding limit applies"
+    );
+    assert!(
+        plan_of("plan-kv-memory{budget=1MiB, max-binding-size=1MiB}")
+            .contains("max_binding_size = 1048576"),
+        "the text's own value wins"
+    );
+}

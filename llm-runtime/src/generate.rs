@@ -15,7 +15,7 @@ use llm_ir::{
     types::{KvCacheParams, KvStorage},
 };
 use llm_lower::{cpu, gpu};
-use llm_passes::{Pipeline, RunConfig};
+use llm_passes::{Pipeline, RunConfig, TargetOption};
 use pliron::{builtin::ops::FuncOp, context::Context};
 
 use crate::{
@@ -177,6 +177,16 @@ enum Compiled {
     Gpu(Box<gpu::Program>),
 }
 
+/// What a GPU with `limits` tells the pass pipeline: `plan-kv-memory` splits the KV pool
+/// into buffers no larger than the device's largest storage binding.
+pub fn gpu_pass_options(limits: &gpu::Limits) -> Vec<TargetOption> {
+    vec![TargetOption {
+        pass: "plan-kv-memory",
+        option: "max-binding-size",
+        value: limits.max_binding_bytes.to_string(),
+    }]
+}
+
 /// One compiled step function.
 struct StepFunction {
     func: FuncOp,
@@ -230,8 +240,20 @@ impl Model {
         let mut ctx = Context::new();
         let module = text::parse_module(&mut ctx, &source)
             .map_err(|d| format!("model IR: {}", d.render("<model>")))?;
+        // The device comes first: its limits are inputs of the pass pipeline.
+        let device = match backend {
+            Backend::Gpu(options) => Some(Arc::new(
+                gpu::Gpu::new(options).map_err(|e| format!("gpu backend: {e}"))?,
+            )),
+            _ => None,
+        };
         if !passes.trim().is_empty() {
-            let pipeline = Pipeline::parse(passes).map_err(|e| format!("--passes: {e}"))?;
+            let target = device
+                .as_ref()
+                .map(|d| gpu_pass_options(&d.limits()))
+                .unwrap_or_default();
+            let pipeline = Pipeline::parse_for_target(passes, &target)
+                .map_err(|e| format!("--passes: {e}"))?;
             pipeline
                 .run(&mut ctx, module, &RunConfig::default())
                 .map_err(|e| format!("pass pipeline: {e}"))?;
