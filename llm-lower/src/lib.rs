@@ -12,4 +12,5 @@
 pub mod cpu;
 pub mod gpu;
 pub mod kernel;
+pub mod layout;
 pub mod selection;

@@ -138,20 +138,30 @@ fn agree_fused(
                 "nothing was lowered on the GPU: {ir}"
             );
             prop_assert_eq!(program.stats().fused_ops, fused, "fused ops on the GPU");
-            let got = program
-                .run(&ctx, weights, args.clone())
-                .map_err(|e| TestCaseError::fail(e.to_string()))?
-                .into_iter()
-                .map(|v| match v {
-                    Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
-                    other => Ok(other),
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(TestCaseError::fail)?;
+            let got = run_on_gpu(&program, &ctx, weights, &args)?;
             runs.push((format!("gpu, {rows:?} rows"), got));
         }
     }
     compare(&runs, &want, tol, ir)
+}
+
+/// Runs a GPU program, reading back the caches it returns (they stay in device memory).
+fn run_on_gpu(
+    program: &gpu::Program,
+    ctx: &Context,
+    weights: &dyn WeightStore,
+    args: &[Value],
+) -> Result<Vec<Value>, TestCaseError> {
+    program
+        .run(ctx, weights, args.to_vec())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .into_iter()
+        .map(|v| match v {
+            Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
+            other => Ok(other),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(TestCaseError::fail)
 }
 
 /// [`agree`] on the GPU alone, for kernels only the GPU backend has (the CPU runs them
@@ -195,16 +205,7 @@ fn gpu_agrees_with(
             "not lowered: {ir}"
         );
         prop_assert_eq!(program.stats().f16_weights, f16_weights, "f16 weights");
-        let got = program
-            .run(&ctx, store, args.clone())
-            .map_err(|e| TestCaseError::fail(e.to_string()))?
-            .into_iter()
-            .map(|v| match v {
-                Value::Cache(c) => gpu::read_cache(&c).map(Value::Cache),
-                other => Ok(other),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(TestCaseError::fail)?;
+        let got = run_on_gpu(&program, &ctx, store, &args)?;
         runs.push((format!("gpu, {rows:?} rows"), got));
     }
     compare(&runs, &want, tol, ir)

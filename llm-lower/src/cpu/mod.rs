@@ -13,13 +13,9 @@ pub mod ukernel;
 pub mod workers;
 
 use pliron::{
-    builtin::{
-        op_interfaces::{SingleBlockRegionInterface, SymbolOpInterface},
-        ops::{FuncOp, ModuleOp},
-    },
+    builtin::{op_interfaces::SymbolOpInterface, ops::ModuleOp},
     context::Context,
     linked_list::ContainsLinkedList,
-    operation::Operation,
 };
 
 pub use jit::{JitError, Target};
@@ -66,13 +62,7 @@ pub fn supports(kernel: &Kernel) -> bool {
 /// reference semantics.
 pub fn emit_clif(ctx: &Context, module: ModuleOp) -> Result<String, JitError> {
     let mut out = String::new();
-    let body = module.get_body(ctx, 0);
-    let funcs: Vec<FuncOp> = body
-        .deref(ctx)
-        .iter(ctx)
-        .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
-        .collect();
-    for func in funcs {
+    for func in crate::layout::functions(ctx, module) {
         let all: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
         let constant = llm_ir::interp::weight_derived(ctx, &all);
         // Weight-derived ops run once, when a runtime loads the model.

@@ -11,18 +11,11 @@ use llm_ir::{
     dtype::DType,
     interp::{self, Hoisted, InterpError, Tensor, Value, WeightStore},
     syntax::Dim,
-    types::TensorType,
 };
 use pliron::{
-    builtin::{
-        op_interfaces::SymbolOpInterface, ops::FuncOp, type_interfaces::FunctionTypeInterface,
-        types::FunctionType,
-    },
+    builtin::ops::FuncOp,
     context::{Context, Ptr},
-    linked_list::ContainsLinkedList,
     operation::Operation,
-    r#type::{TypeHandle, Typed, TypedHandle},
-    value::Value as IrValue,
 };
 
 use super::{
@@ -32,7 +25,8 @@ use super::{
 };
 use crate::{
     kernel::{self, Contraction, Kernel, Movement, WeightFormat},
-    selection::{Chosen, live_ops, select_all, weight_operand},
+    layout::{Layout, Signature},
+    selection::{Chosen, select_all, weight_operand},
 };
 
 /// What one step does.
@@ -110,12 +104,10 @@ pub struct LoweringStats {
 
 /// A function compiled for the CPU.
 pub struct Program {
-    name: String,
+    signature: Signature,
     steps: Vec<Step>,
     slots: usize,
     params: Vec<usize>,
-    arg_types: Vec<TypeHandle>,
-    res_types: Vec<TypeHandle>,
     constants: Vec<(usize, Rc<Value>)>,
     code: CompiledKernels,
     workers: Option<Arc<Workers>>,
@@ -307,81 +299,42 @@ impl Program {
         hoisted: &Hoisted,
         compiler: &Compiler,
     ) -> Result<Program, JitError> {
-        let name = func.get_symbol_name(ctx).to_string();
-        let fty = TypedHandle::<FunctionType>::from_handle(func.get_type(ctx), ctx)
-            .map_err(|_| JitError(format!("@{name} has no function type")))?;
-        let (arg_types, res_types) = {
-            let f = fty.deref(ctx);
-            (f.arg_types(), f.res_types())
-        };
-        let entry = func.get_entry_block(ctx);
-        let mut slot_of: HashMap<IrValue, usize> = HashMap::new();
-        let mut slot = |v: IrValue| {
-            let next = slot_of.len();
-            *slot_of.entry(v).or_insert(next)
-        };
-        let params: Vec<usize> = entry.deref(ctx).arguments().map(&mut slot).collect();
-        let ops: Vec<Ptr<Operation>> = entry.deref(ctx).iter(ctx).collect();
-        let live_ops = live_ops(ctx, &ops, |r| hoisted.covers(r));
+        let mut layout = Layout::new(ctx, func, hoisted).map_err(JitError)?;
         let selection = select_all(
             ctx,
-            &live_ops,
+            &layout.live,
             |v| hoisted.value(v).is_some(),
             super::supports,
         );
         let mut stats = LoweringStats {
-            hoisted_ops: ops.len() - live_ops.len(),
+            hoisted_ops: layout.hoisted_ops(),
             kernels: selection.kernels.len(),
             kernel_ops: selection.kernel_ops(),
             fused_ops: selection.fused_ops(),
-            reference_ops: selection.reference_ops(ctx, &live_ops),
+            reference_ops: selection.reference_ops(ctx, &layout.live),
             ..LoweringStats::default()
         };
-        let mut constants = Vec::new();
-        for &op in &ops {
-            for r in op.deref(ctx).results() {
-                if let Some(v) = hoisted.value(r) {
-                    constants.push((slot(r), Rc::clone(v)));
-                }
-            }
-        }
-        let mut steps = Vec::with_capacity(live_ops.len());
-        for (i, (&op, chosen)) in live_ops.iter().zip(&selection.per_op).enumerate() {
-            if selection.fused_into[i].is_some() {
-                continue;
-            }
-            let o = op.deref(ctx);
-            let op_name = Operation::get_opid(op, ctx).to_string();
-            let mut inputs: Vec<usize> = o.operands().map(&mut slot).collect();
-            let mut outputs: Vec<usize> = o.results().map(&mut slot).collect();
-            if let Some((residual, sum)) = selection.epilogues[i] {
-                inputs.push(slot(residual));
-                outputs = vec![slot(sum)];
-            }
-            let action = match chosen {
-                _ if op_name == "llm.return" => Action::Return,
-                Some(chosen) => Action::Kernel(chosen.clone()),
-                None => Action::Reference,
-            };
-            let dims = o
-                .results()
-                .next()
-                .and_then(|r| TypedHandle::<TensorType>::from_handle(r.get_type(ctx), ctx).ok())
-                .map(|t| t.deref(ctx).shape().to_vec())
-                .unwrap_or_default();
-            steps.push(Step {
-                action,
-                dims,
-                op,
-                inputs,
-                outputs,
+        let mut constants = layout.constants(ctx, hoisted);
+        let mut steps: Vec<Step> = layout
+            .ops(ctx, &selection)
+            .into_iter()
+            .map(|o| Step {
+                action: match &selection.per_op[o.index] {
+                    _ if o.is_return => Action::Return,
+                    Some(chosen) => Action::Kernel(chosen.clone()),
+                    None => Action::Reference,
+                },
+                dims: o.dims,
+                op: o.op,
+                inputs: o.inputs,
+                outputs: o.outputs,
                 release: Vec::new(),
-                location: interp::locate(o.loc()),
-                name: op_name,
-            });
-        }
+                location: o.location,
+                name: o.name,
+            })
+            .collect();
         let pack_start = std::time::Instant::now();
-        let slots = pack_weights(&mut steps, &mut constants, slot_of.len(), &compiler.packs)?;
+        let slots = pack_weights(&mut steps, &mut constants, layout.slots(), &compiler.packs)?;
         stats.pack_ms = pack_start.elapsed().as_secs_f64() * 1e3;
         let mut last_use = vec![None; slots];
         for (i, step) in steps.iter().enumerate() {
@@ -404,12 +357,10 @@ impl Program {
         stats.jit_ms = jit_start.elapsed().as_secs_f64() * 1e3;
         let workers = compiler.workers.clone();
         Ok(Program {
-            name,
             steps,
             slots,
-            params,
-            arg_types,
-            res_types,
+            params: layout.params,
+            signature: layout.signature,
             constants,
             code,
             workers,
@@ -433,21 +384,7 @@ impl Program {
         weights: &dyn WeightStore,
         args: Vec<Value>,
     ) -> Result<Vec<Value>, InterpError> {
-        let name = &self.name;
-        if args.len() != self.arg_types.len() {
-            return Err(error(
-                None,
-                format!(
-                    "@{name} takes {} argument(s), {} given",
-                    self.arg_types.len(),
-                    args.len()
-                ),
-            ));
-        }
-        for (i, (arg, ty)) in args.iter().zip(&self.arg_types).enumerate() {
-            interp::check_value(ctx, arg, *ty)
-                .map_err(|m| error(None, format!("argument #{i} of @{name}: {m}")))?;
-        }
+        self.signature.check_args(ctx, &args)?;
         self.ropes.clear();
         let mut env: Vec<Option<Rc<Value>>> = vec![None; self.slots];
         for (&s, arg) in self.params.iter().zip(args) {
@@ -475,11 +412,11 @@ impl Program {
             let outputs = match &step.action {
                 Action::Return => {
                     let mut results = Vec::with_capacity(inputs.len());
-                    for (j, (value, ty)) in inputs.into_iter().zip(&self.res_types).enumerate() {
+                    for (j, value) in inputs.into_iter().enumerate() {
                         let value = Rc::unwrap_or_clone(value);
-                        interp::check_value(ctx, &value, *ty).map_err(|m| {
-                            error(step.location, format!("result #{j} of @{name}: {m}"))
-                        })?;
+                        self.signature
+                            .check_result(ctx, j, &value)
+                            .map_err(|m| error(step.location, m))?;
                         results.push(value);
                     }
                     return Ok(results);
@@ -506,6 +443,9 @@ impl Program {
                 env[s] = Some(v);
             }
         }
-        Err(error(None, format!("@{name} ended without llm.return")))
+        Err(error(
+            None,
+            format!("@{} ended without llm.return", self.signature.name),
+        ))
     }
 }

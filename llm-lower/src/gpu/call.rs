@@ -333,13 +333,12 @@ impl Call<'_> {
     /// Reads back the returned values.
     pub fn finish(&mut self, ctx: &Context, step: &Step) -> Result<Vec<Value>, String> {
         let mut results = Vec::with_capacity(step.inputs.len());
-        for (j, (&s, ty)) in step.inputs.iter().zip(&self.program.res_types).enumerate() {
+        for (j, &s) in step.inputs.iter().enumerate() {
             let value = match self.slot(s)?.clone() {
                 Slot::Pool(pool) => Value::Cache(pool.cache()),
                 _ => Rc::unwrap_or_clone(self.host(s)?),
             };
-            interp::check_value(ctx, &value, *ty)
-                .map_err(|m| format!("result #{j} of @{}: {m}", self.program.name))?;
+            self.program.signature.check_result(ctx, j, &value)?;
             results.push(value);
         }
         Ok(results)

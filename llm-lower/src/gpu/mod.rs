@@ -20,15 +20,7 @@ pub use program::{Compiler, LoweringStats, Program, Rows};
 
 use std::fmt;
 
-use pliron::{
-    builtin::{
-        op_interfaces::SingleBlockRegionInterface,
-        ops::{FuncOp, ModuleOp},
-    },
-    context::Context,
-    linked_list::ContainsLinkedList,
-    operation::Operation,
-};
+use pliron::{builtin::ops::ModuleOp, context::Context};
 
 /// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
 /// cannot be split to fit the limits).
@@ -148,14 +140,8 @@ pub fn validate(source: &str) -> Result<(), GpuError> {
 /// summary line (shader and op counts, ops still run through their reference semantics),
 /// then each distinct shader, validated with naga.
 pub fn emit_wgsl(ctx: &Context, module: ModuleOp) -> Result<String, GpuError> {
-    let body = module.get_body(ctx, 0);
-    let funcs: Vec<FuncOp> = body
-        .deref(ctx)
-        .iter(ctx)
-        .filter_map(|op| Operation::get_op::<FuncOp>(op, ctx))
-        .collect();
     let mut out = String::new();
-    for func in funcs {
+    for func in crate::layout::functions(ctx, module) {
         out.push_str(&program::listing(ctx, func, &Limits::webgpu())?);
     }
     Ok(out)

@@ -18,17 +18,12 @@ use std::{
 use llm_ir::{
     interp::{self, Hoisted, InterpError, Value, WeightStore},
     syntax::Dim,
-    types::TensorType,
 };
 use pliron::{
-    builtin::{
-        op_interfaces::SymbolOpInterface, ops::FuncOp, type_interfaces::FunctionTypeInterface,
-        types::FunctionType,
-    },
+    builtin::{op_interfaces::SymbolOpInterface, ops::FuncOp},
     context::{Context, Ptr},
     linked_list::ContainsLinkedList,
     operation::Operation,
-    r#type::{TypeHandle, Typed, TypedHandle},
     value::Value as IrValue,
 };
 
@@ -42,6 +37,7 @@ use super::{
 };
 use crate::{
     kernel::{Kernel, Movement, WeightFormat},
+    layout::{Layout, Signature},
     selection::{Selection, live_ops, select_all, weight_operand},
 };
 
@@ -183,14 +179,12 @@ impl Compiler {
 /// A function compiled for the GPU.
 pub struct Program {
     pub(super) gpu: Arc<Gpu>,
-    pub(super) name: String,
+    pub(super) signature: Signature,
     steps: Vec<Step>,
     /// What its contractions are shaped for.
     pub(super) rows: Rows,
     pub(super) slots: usize,
     params: Vec<usize>,
-    arg_types: Vec<TypeHandle>,
-    pub(super) res_types: Vec<TypeHandle>,
     constants: Vec<(usize, Slot)>,
     stats: LoweringStats,
     pub(super) buffers: RefCell<Buffers>,
@@ -331,22 +325,8 @@ impl Program {
         compiler: &Compiler,
     ) -> Result<Program, GpuError> {
         let gpu = Arc::clone(&compiler.gpu);
-        let name = func.get_symbol_name(ctx).to_string();
-        let fty = TypedHandle::<FunctionType>::from_handle(func.get_type(ctx), ctx)
-            .map_err(|_| GpuError(format!("@{name} has no function type")))?;
-        let (arg_types, res_types) = {
-            let f = fty.deref(ctx);
-            (f.arg_types(), f.res_types())
-        };
-        let entry = func.get_entry_block(ctx);
-        let mut slot_of: HashMap<IrValue, usize> = HashMap::new();
-        let mut slot = |v: IrValue| {
-            let next = slot_of.len();
-            *slot_of.entry(v).or_insert(next)
-        };
-        let params: Vec<usize> = entry.deref(ctx).arguments().map(&mut slot).collect();
-        let ops: Vec<Ptr<Operation>> = entry.deref(ctx).iter(ctx).collect();
-        let live = live_ops(ctx, &ops, |r| hoisted.covers(r));
+        let mut layout = Layout::new(ctx, func, hoisted).map_err(GpuError)?;
+        let live = layout.live.clone();
         let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), |_| true);
         let halves = f16_weights(ctx, &live, &mut selection, hoisted, compiler);
         let mut plans = plan(&mut selection, &gpu.limits(), rows);
@@ -358,39 +338,22 @@ impl Program {
             }
         }
         let mut stats = LoweringStats {
-            hoisted_ops: ops.len() - live.len(),
+            hoisted_ops: layout.hoisted_ops(),
             kernel_ops: selection.kernel_ops(),
             fused_ops: selection.fused_ops(),
             reference_ops: selection.reference_ops(ctx, &live),
             ..LoweringStats::default()
         };
-        let mut hoisted_slots: HashMap<usize, Rc<Value>> = HashMap::new();
-        for &op in &ops {
-            for r in op.deref(ctx).results() {
-                if let Some(v) = hoisted.value(r) {
-                    hoisted_slots.insert(slot(r), Rc::clone(v));
-                }
-            }
-        }
+        let hoisted_slots: HashMap<usize, Rc<Value>> =
+            layout.constants(ctx, hoisted).into_iter().collect();
         let pipeline_start = std::time::Instant::now();
-        let mut steps = Vec::with_capacity(live.len());
         let mut distinct: Vec<Shader> = Vec::new();
-        for (i, &op) in live.iter().enumerate() {
-            if selection.fused_into[i].is_some() {
-                continue;
-            }
-            let o = op.deref(ctx);
-            let op_name = Operation::get_opid(op, ctx).to_string();
-            let mut inputs: Vec<usize> = o.operands().map(&mut slot).collect();
-            let mut outputs: Vec<usize> = o.results().map(&mut slot).collect();
-            if let Some((residual, sum)) = selection.epilogues[i] {
-                inputs.push(slot(residual));
-                outputs = vec![slot(sum)];
-            }
-            let action = match &selection.per_op[i] {
-                _ if op_name == "llm.return" => Action::Return,
+        let mut steps = Vec::with_capacity(live.len());
+        for o in layout.ops(ctx, &selection) {
+            let action = match &selection.per_op[o.index] {
+                _ if o.is_return => Action::Return,
                 Some(chosen) => {
-                    let pipelines = plans[i]
+                    let pipelines = plans[o.index]
                         .iter()
                         .map(|s| {
                             if !distinct.contains(s) {
@@ -403,27 +366,21 @@ impl Program {
                 }
                 None => Action::Reference,
             };
-            let dims = o
-                .results()
-                .next()
-                .and_then(|r| TypedHandle::<TensorType>::from_handle(r.get_type(ctx), ctx).ok())
-                .map(|t| t.deref(ctx).shape().to_vec())
-                .unwrap_or_default();
             steps.push(Step {
                 action,
-                op,
-                inputs,
-                outputs,
-                location: interp::locate(o.loc()),
-                name: op_name,
-                dims,
+                op: o.op,
+                inputs: o.inputs,
+                outputs: o.outputs,
+                location: o.location,
+                name: o.name,
+                dims: o.dims,
             });
         }
         stats.pipeline_ms = pipeline_start.elapsed().as_secs_f64() * 1e3;
         stats.shaders = distinct.len();
         stats.f16_weights = halves.len();
-        let half_slots: HashSet<usize> = halves.into_iter().map(&mut slot).collect();
-        let first_free = slot_of.len();
+        let half_slots: HashSet<usize> = halves.into_iter().map(|v| layout.slot(v)).collect();
+        let first_free = layout.slots();
         let constants = upload_constants(
             &gpu,
             compiler,
@@ -441,7 +398,6 @@ impl Program {
             .sum();
         Ok(Program {
             gpu,
-            name,
             steps,
             rows,
             slots: constants
@@ -450,9 +406,8 @@ impl Program {
                 .max()
                 .unwrap_or(0)
                 .max(first_free),
-            params,
-            arg_types,
-            res_types,
+            params: layout.params,
+            signature: layout.signature,
             constants,
             stats,
             buffers: RefCell::default(),
@@ -473,21 +428,8 @@ impl Program {
         weights: &dyn WeightStore,
         args: Vec<Value>,
     ) -> Result<Vec<Value>, InterpError> {
-        let name = &self.name;
-        if args.len() != self.arg_types.len() {
-            return Err(error(
-                None,
-                format!(
-                    "@{name} takes {} argument(s), {} given",
-                    self.arg_types.len(),
-                    args.len()
-                ),
-            ));
-        }
-        for (i, (arg, ty)) in args.iter().zip(&self.arg_types).enumerate() {
-            interp::check_value(ctx, arg, *ty)
-                .map_err(|m| error(None, format!("argument #{i} of @{name}: {m}")))?;
-        }
+        self.signature.check_args(ctx, &args)?;
+        let name = &self.signature.name;
         self.reserve_params();
         let mut call = Call::new(self);
         for (&s, arg) in self.params.iter().zip(args) {
