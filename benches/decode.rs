@@ -9,7 +9,9 @@
 //! contexts counts); the prefill iteration runs one 128-token prompt through `@prefill` and
 //! is reported in multiply-adds x 2 per second (criterion's "elements" are FLOPs there).
 //!
-//! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer.
+//! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
+//! `LLMC_BENCH_GPU=1` on a machine with a GPU to add the GPU backend's rows and the
+//! device's memory-read probe (`memory-read/gpu-read`).
 
 #![allow(
     missing_docs,
@@ -242,6 +244,15 @@ fn bench_bandwidth(c: &mut Criterion) {
             acc.iter().sum::<f32>()
         })
     });
+    // The device's roof, beside the GPU decode rows (`LLMC_BENCH_GPU=1`).
+    if std::env::var_os("LLMC_BENCH_GPU").is_some() {
+        let gpu = llm_lower::gpu::Gpu::new(&Default::default()).expect("a GPU");
+        eprintln!("gpu-read on {}", gpu.adapter());
+        let probe = llm_lower::gpu::ReadProbe::new(std::sync::Arc::new(gpu), 1 << 30)
+            .expect("the probe compiles");
+        group.throughput(Throughput::Bytes(probe.bytes()));
+        group.bench_function("gpu-read", |b| b.iter(|| probe.run().expect("runs")));
+    }
     group.finish();
 }
 

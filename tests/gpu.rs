@@ -244,3 +244,14 @@ fn no_adapter_is_a_clear_error() {
     assert!(stderr.contains("no GPU adapter"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The device's memory-read probe (the roof GPU decode is read against) runs.
+#[test]
+fn the_read_probe_runs() {
+    let Some(gpu) = gpu::test_device(&GpuOptions::default()) else {
+        return;
+    };
+    let probe = gpu::ReadProbe::new(std::sync::Arc::new(gpu), 1 << 20).expect("compiles");
+    assert_eq!(probe.bytes(), 1 << 20);
+    probe.run().expect("runs");
+}

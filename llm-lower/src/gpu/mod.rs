@@ -10,12 +10,14 @@
 mod call;
 mod device;
 mod pool;
+mod probe;
 mod program;
 mod tensor;
 pub mod wgsl;
 
 pub use device::{ATTENTION_CHUNK, Gpu, GpuOptions};
 pub use pool::{copy_block, read_cache};
+pub use probe::ReadProbe;
 pub use program::{Compiler, LoweringStats, Program, Rows};
 
 use std::fmt;
