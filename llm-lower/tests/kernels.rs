@@ -840,6 +840,63 @@ proptest! {
     }
 }
 
+/// A KV cache stored as f16 has no GPU kernel: on the GPU backend it stays on the host,
+/// its ops run through their reference semantics, and the results are the interpreter's.
+#[test]
+fn f16_caches_stay_on_the_host_on_the_gpu() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let (kv, d, t) = (2, 8, 3);
+    let cty = format!(
+        "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = f16>"
+    );
+    let ir = format!(
+        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        llm.return y, c2\n    }}\n}}\n",
+        q = ty(&[1, t, kv, d]),
+        kvt = ty(&[t, kv, d]),
+        st = ity(&[t]),
+        tt = ity(&[1, 1]),
+        lt = ity(&[1]),
+    );
+    let params = KvCacheParams {
+        layers: 1,
+        kv_heads: kv as u64,
+        head_dim: d as u64,
+        block_size: 4,
+        blocks: None,
+        storage: KvStorage::Float(DType::F16),
+        window: None,
+    };
+    let args = vec![
+        tensor(&[1, t, kv, d], 1, 1.0),
+        Value::Cache(KvCache::new(params, 2)),
+        tensor(&[t, kv, d], 2, 1.0),
+        tensor(&[t, kv, d], 3, 1.0),
+        ints(&[t], vec![4, 5, 6]),
+        ints(&[1, 1], vec![1]),
+        ints(&[1], vec![t as i64]),
+    ];
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, &ir).expect("parses");
+    let func = interp::find_func(&ctx, module, "f").expect("@f");
+    let store = Store(Vec::new());
+    let interpreter = Interpreter::new(&ctx, &store);
+    let want = interpreter.run(func, args.clone()).expect("interpreter");
+    let hoisted = interpreter.hoist(func).expect("hoists");
+    let program = gpu::Compiler::new(gpu)
+        .build(&ctx, func, &hoisted, Rows::Few)
+        .expect("compiles");
+    assert_eq!(
+        program.stats().reference_ops,
+        vec![("llm.append_attention".to_string(), 1)]
+    );
+    let got = program
+        .run(&ctx, &store, args)
+        .expect("runs on the GPU backend");
+    assert_eq!(got, want);
+}
+
 /// Token ids outside the table and block-table entries outside the pool are errors, not
 /// reads out of bounds.
 #[test]

@@ -435,8 +435,10 @@ impl Program {
         for (&s, arg) in self.params.iter().zip(args) {
             call.set(
                 s,
+                // A cache in device memory stays there; a host cache is uploaded when a
+                // shader first needs it (one whose storage no shader reads stays on the host).
                 match arg {
-                    Value::Cache(c) => Slot::Pool(
+                    Value::Cache(c) if c.resident.is_some() => Slot::Pool(
                         Pool::of(c, &self.gpu).map_err(|m| error(None, format!("@{name}: {m}")))?,
                     ),
                     other => Slot::Host(Rc::new(other), None),
