@@ -897,10 +897,27 @@ fn f16_caches_stay_on_the_host_on_the_gpu() {
     assert_eq!(got, want);
 }
 
-/// Token ids outside the table and block-table entries outside the pool are errors, not
-/// reads out of bounds.
+/// Token ids outside the table, block-table entries outside the pool and KV slots outside
+/// it are errors on both backends, not reads or writes out of bounds (on a GPU those would
+/// not even fault).
 #[test]
 fn bad_indices_are_rejected() {
+    let check = |ir: &str, store: &Store, args: Vec<Value>, want: &str| {
+        let mut ctx = Context::new();
+        let module = text::parse_module(&mut ctx, ir).unwrap();
+        let f = interp::find_func(&ctx, module, "f").unwrap();
+        let hoisted = Interpreter::new(&ctx, store).hoist(f).unwrap();
+        let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+        let err = program.run(&ctx, store, args.clone()).unwrap_err();
+        assert!(err.to_string().contains(want), "cpu: {err}");
+        if let Some(gpu) = gpu() {
+            let program = gpu::Compiler::new(gpu)
+                .build(&ctx, f, &hoisted, Rows::Few)
+                .unwrap();
+            let err = program.run(&ctx, store, args).unwrap_err();
+            assert!(err.to_string().contains(want), "gpu: {err}");
+        }
+    };
     let ir = func(
         &[("ids".into(), ity(&[2]))],
         &ty(&[2, 4]),
@@ -910,22 +927,14 @@ fn bad_indices_are_rejected() {
             ty(&[2, 4])
         ),
     );
-    let mut ctx = Context::new();
-    let module = text::parse_module(&mut ctx, &ir).unwrap();
-    let f = interp::find_func(&ctx, module, "f").unwrap();
     let store = Store(vec![("table".into(), Rc::new(tensor(&[3, 4], 1, 1.0)))]);
-    let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
-    let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
-    let err = program
-        .run(&ctx, &store, vec![ints(&[2], vec![1, 3])])
-        .unwrap_err();
-    assert!(err.to_string().contains("token id 3"), "{err}");
+    check(&ir, &store, vec![ints(&[2], vec![1, 3])], "token id 3");
 
     let (c, cty) = cache(1, 4, 2, 1);
     let ir = func(
         &[
             ("q".into(), ty(&[1, 1, 1, 4])),
-            ("c".into(), cty),
+            ("c".into(), cty.clone()),
             ("t".into(), ity(&[1, 2])),
             ("l".into(), ity(&[1])),
         ],
@@ -935,18 +944,21 @@ fn bad_indices_are_rejected() {
             ty(&[1, 1, 1, 4])
         ),
     );
-    let mut ctx = Context::new();
-    let module = text::parse_module(&mut ctx, &ir).unwrap();
-    let f = interp::find_func(&ctx, module, "f").unwrap();
-    let program = Program::build(&ctx, f, &Hoisted::default(), &Options::default()).unwrap();
     let args = vec![
         tensor(&[1, 1, 1, 4], 1, 1.0),
-        c,
+        c.clone(),
         ints(&[1, 2], vec![0, 7]),
         ints(&[1], vec![6]),
     ];
-    let err = program.run(&ctx, &NoWeights, args).unwrap_err();
-    assert!(err.to_string().contains("block 7 is out of range"), "{err}");
+    check(&ir, &Store(Vec::new()), args, "block 7 is out of range");
+
+    let ir = format!(
+        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({cty}, {kvt}, {st}) -> ({cty})> {{\n      ^body(c: {cty}, k: {kvt}, s: {st}):\n        c2 = llm.append_kv c, k, k, s {{layer = 0}} : {cty};\n        llm.return c2\n    }}\n}}\n",
+        kvt = ty(&[1, 1, 4]),
+        st = ity(&[1]),
+    );
+    let args = vec![c, tensor(&[1, 1, 4], 2, 1.0), ints(&[1], vec![8])];
+    check(&ir, &Store(Vec::new()), args, "slot 8");
 }
 
 /// A row's result does not depend on the rows computed with it, nor on whether the
