@@ -276,13 +276,13 @@ pub enum Movement {
         /// Columns taken.
         len: usize,
     },
-    /// `llm.transpose` of a tensor of rank at most 4 with 4-byte elements: the dims in the
-    /// order `perm` gives (padded with leading identity dims to rank 4).
+    /// `llm.transpose` of a tensor of rank at most 4: the dims in the order `perm` gives
+    /// (padded with leading identity dims to rank 4).
     Permute {
         /// The permutation, as `llm.transpose`'s `perm` for the padded rank-4 tensor.
         perm: [usize; 4],
     },
-    /// `llm.concat` of `inputs` tensors with 4-byte elements along `axis`.
+    /// `llm.concat` of `inputs` tensors of one element type along `axis`.
     Concat {
         /// The axis.
         axis: usize,
@@ -388,6 +388,15 @@ pub enum Kernel {
         /// Where keys and values are.
         source: AttentionSource,
     },
+    /// `llm.cast` between element types a device holds in 32 bits: floats round to the
+    /// target's precision (values stay `f32`-held), floats truncate to `i8`/`i32`
+    /// (saturating), integers wrap to the target's width.
+    Cast {
+        /// The operand's element type.
+        from: DType,
+        /// The result's element type.
+        to: DType,
+    },
     /// `llm.append_kv`: each token's key and value rows (`kv_heads * d` values) written to
     /// its slot of the cache's `layer`.
     KvAppend {
@@ -446,6 +455,7 @@ impl Kernel {
             Kernel::Attention {
                 heads, kv_heads, d, ..
             } => format!("attention_{heads}x{d}_kv{kv_heads}"),
+            Kernel::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
             Kernel::BatchedMatmul { transposed } => {
                 format!("batched_matmul{}", if *transposed { "_t" } else { "" })
             }
@@ -643,6 +653,14 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             };
             (whole && f32_result(&check)).then_some(Kernel::Dequantize { weight, rows, k })
         }
+        "llm.cast" => {
+            let (from, to) = (
+                check.tensor(0).ok()?.dtype(),
+                check.result_tensor(0).ok()?.dtype(),
+            );
+            // A float truncated to i64 may not fit the 32 bits a device holds.
+            (!(from.is_float() && to == DType::I64)).then_some(Kernel::Cast { from, to })
+        }
         "llm.append_kv" | "llm.lookup_kv" => {
             let cache = check.kv_cache(0).ok()?;
             let p = cache.params();
@@ -662,7 +680,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let x = check.tensor(0).ok()?;
             let perm = check.param("perm")?.as_int_list()?;
             let rank = x.rank();
-            if rank > 4 || perm.len() != rank || x.dtype().size_bytes() != 4 {
+            if rank > 4 || perm.len() != rank {
                 return None;
             }
             let pad = 4 - rank;
@@ -677,14 +695,12 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let rank = x.rank();
             let axis = check.int("axis").unwrap_or(0);
             let axis = usize::try_from(if axis < 0 { axis + rank as i64 } else { axis }).ok()?;
-            let four_bytes = (0..check.num_operands())
+            let same_type = (0..check.num_operands())
                 .all(|i| check.tensor(i).is_ok_and(|t| t.dtype() == x.dtype()));
-            (axis < rank && four_bytes && x.dtype().size_bytes() == 4).then_some(Kernel::Move(
-                Movement::Concat {
-                    axis,
-                    inputs: check.num_operands(),
-                },
-            ))
+            (axis < rank && same_type).then_some(Kernel::Move(Movement::Concat {
+                axis,
+                inputs: check.num_operands(),
+            }))
         }
         "llm.layer_norm" => {
             let x = f32_operand(&check, 0)?;

@@ -41,6 +41,7 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // No CPU code (`super::supports`).
         Kernel::Move(_)
         | Kernel::Broadcast(_)
+        | Kernel::Cast { .. }
         | Kernel::Dequantize { .. }
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
@@ -87,6 +88,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         // none on the CPU (`jit::compile` rejects them).
         Kernel::Move(_)
         | Kernel::Broadcast(_)
+        | Kernel::Cast { .. }
         | Kernel::Dequantize { .. }
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }

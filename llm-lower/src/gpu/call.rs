@@ -32,6 +32,15 @@ use crate::{
     selection::weight_operand,
 };
 
+/// How a device holds a tensor of `dtype` (every element in 32 bits).
+fn elem_of(dtype: DType) -> Elem {
+    match dtype {
+        DType::F32 => Elem::F32,
+        DType::F16 | DType::BF16 => Elem::Narrow(dtype),
+        int => Elem::I32(int),
+    }
+}
+
 /// Invocations per workgroup, as a count.
 const WG: usize = WORKGROUP as usize;
 
@@ -288,9 +297,12 @@ impl Call<'_> {
             .collect();
         let bytes: Vec<u8> = self.flush(&reads)?.concat();
         Ok(match t.elem {
-            Elem::F32 => Value::Tensor(Tensor::from_f32(
+            Elem::F32 | Elem::Narrow(_) => Value::Tensor(Tensor::from_f32(
                 t.shape.clone(),
-                DType::F32,
+                match t.elem {
+                    Elem::Narrow(dtype) => dtype,
+                    _ => DType::F32,
+                },
                 bytemuck::pod_collect_to_vec(&bytes),
             )),
             Elem::I32(dtype) => {
@@ -509,6 +521,21 @@ impl Call<'_> {
             }
             Kernel::BatchedMatmul { transposed } => {
                 self.batched_matmul(index, step, *transposed, &pipelines[0])?
+            }
+            Kernel::Cast { from, to } => {
+                let x = self.device(step.inputs[0])?;
+                if x.elem != elem_of(*from) {
+                    return Err(format!("the operand is not {}", from.name()));
+                }
+                let y = self.output(index, 0, x.len() * 4);
+                let len = x.len();
+                self.dispatch(
+                    &pipelines[0],
+                    &[len as u32],
+                    &[x.whole()?, &y],
+                    len.div_ceil(WG),
+                )?;
+                DeviceTensor::unsplit(x.shape.clone(), elem_of(*to), y)
             }
             Kernel::KvAppend { layer, .. } => {
                 let pool = self.pool(step.inputs[0])?;
@@ -1091,7 +1118,12 @@ impl Call<'_> {
                 let table = self.device(step.inputs[0])?;
                 // A float table may be stored as f16 (when it is exactly f16).
                 let stored = match format {
-                    WeightFormat::F32 => vec![Elem::F32, Elem::Packed(WeightFormat::F16)],
+                    WeightFormat::F32 => vec![
+                        Elem::F32,
+                        Elem::Narrow(DType::F16),
+                        Elem::Narrow(DType::BF16),
+                        Elem::Packed(WeightFormat::F16),
+                    ],
                     packed => vec![Elem::Packed(packed)],
                 };
                 if table.shape != [vocab, dim] || !stored.contains(&table.elem) {

@@ -230,6 +230,22 @@ mod tests {
             Shader::Permute,
             Shader::Place,
             Shader::BatchedMatmul { transposed: false },
+            Shader::Cast {
+                from: DType::F32,
+                to: DType::F16,
+            },
+            Shader::Cast {
+                from: DType::I64,
+                to: DType::BF16,
+            },
+            Shader::Cast {
+                from: DType::F16,
+                to: DType::I8,
+            },
+            Shader::Cast {
+                from: DType::I32,
+                to: DType::I8,
+            },
             Shader::BatchedMatmul { transposed: true },
             Shader::KvAppend { row: 48 },
             Shader::Gather {

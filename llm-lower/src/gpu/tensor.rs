@@ -13,6 +13,8 @@ use crate::kernel::WeightFormat;
 pub(super) enum Elem {
     /// `f32`.
     F32,
+    /// `f16` or `bf16` values, held (exactly) as `f32`.
+    Narrow(DType),
     /// `i32` (integer tensors of any width; values are range-checked on upload).
     I32(DType),
     /// A weight in a packed format: `f16` or quantized rows.
@@ -105,7 +107,11 @@ pub(super) fn device_bytes(
                     .collect();
                 return Ok((shape, Elem::Packed(WeightFormat::F16), halves));
             }
-            Ok((shape, Elem::F32, bytemuck::cast_slice(&data).to_vec()))
+            let elem = match t.dtype {
+                DType::F32 => Elem::F32,
+                narrow => Elem::Narrow(narrow),
+            };
+            Ok((shape, elem, bytemuck::cast_slice(&data).to_vec()))
         }
         Value::Tensor(t) => {
             let ints = t

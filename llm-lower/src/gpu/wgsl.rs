@@ -53,6 +53,13 @@ pub enum Shader {
     /// once per 16 rows instead of once per row. For prompts; each output is still a sum
     /// over K in one fixed order, whatever the other rows are.
     TiledContraction(Contraction),
+    /// A cast between element types held in 32 bits.
+    Cast {
+        /// The operand's element type.
+        from: DType,
+        /// The result's element type.
+        to: DType,
+    },
     /// A general matmul, one invocation per output summing over K in order; all dims
     /// are run-time parameters.
     BatchedMatmul {
@@ -268,6 +275,10 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             }
             shaders
         }
+        Kernel::Cast { from, to } => vec![Shader::Cast {
+            from: *from,
+            to: *to,
+        }],
         Kernel::BatchedMatmul { transposed } => vec![Shader::BatchedMatmul {
             transposed: *transposed,
         }],
@@ -330,6 +341,11 @@ impl Shader {
                 if *split { "_split" } else { "" }
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
+            Shader::Cast { from, to } => Kernel::Cast {
+                from: *from,
+                to: *to,
+            }
+            .name(),
             Shader::BatchedMatmul { transposed } => Kernel::BatchedMatmul {
                 transposed: *transposed,
             }
@@ -403,6 +419,7 @@ impl Shader {
                 ("vc", ReadWrite),
             ],
             Shader::BatchedMatmul { .. } => vec![("x", Read), ("w", Read), ("y", ReadWrite)],
+            Shader::Cast { .. } => vec![("x", Read), ("y", ReadWrite)],
             Shader::KvGather { .. } => vec![
                 ("kc", Read),
                 ("vc", Read),
@@ -480,6 +497,8 @@ impl Shader {
                     "u32"
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
+                (Shader::Cast { from, .. }, "x") if !from.is_float() => "i32",
+                (Shader::Cast { to, .. }, "y") if !to.is_float() => "i32",
                 // Data movement copies 4-byte elements whatever they hold.
                 (Shader::Permute | Shader::Place, _) | (Shader::Dequantize(_), "w") => "u32",
                 _ => "f32",
@@ -518,6 +537,7 @@ impl Shader {
             ],
             Shader::AttentionCombine { .. } => &["rows", "splits"],
             Shader::BatchedMatmul { .. } => &["batch", "m", "k", "n", "rhs_batched"],
+            Shader::Cast { .. } => &["len"],
             Shader::KvAppend { .. } => &["tokens"],
             Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
@@ -568,6 +588,7 @@ impl Shader {
             } => attention([*heads, *kv_heads, *d], *scale, (*paged, *masked), *split),
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
+            Shader::Cast { from, to } => cast(*from, *to),
             Shader::KvAppend { row } => kv_append(*row),
             Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
@@ -1464,6 +1485,67 @@ fn kv_append(row: usize) -> String {
     vc[at] = vn[e];
 }
 ",
+    );
+    s
+}
+
+/// Rounds an `f32` to the nearest `f16` (ties to even), kept as `f32`.
+const ROUND_F16: &str = "fn round_f16(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    let sign = b & 0x80000000u;
+    let a = b & 0x7fffffffu;
+    if (a >= 0x7f800000u) { return x; }
+    if (a >= 0x477ff000u) { return bitcast<f32>(sign | 0x7f800000u); }
+    if (a < 0x38800000u) {
+        let v = round(bitcast<f32>(a) * 16777216.0) / 16777216.0;
+        return bitcast<f32>(sign | bitcast<u32>(v));
+    }
+    return bitcast<f32>(sign | ((a + 0xfffu + ((a >> 13u) & 1u)) & 0xffffe000u));
+}
+";
+
+/// Rounds an `f32` to the nearest `bf16` (ties to even), kept as `f32`.
+const ROUND_BF16: &str = "fn round_bf16(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return x; }
+    return bitcast<f32>((b + 0x7fffu + ((b >> 16u) & 1u)) & 0xffff0000u);
+}
+";
+
+fn cast(from: DType, to: DType) -> String {
+    let mut s = String::new();
+    let value = if from.is_float() { "x[e]" } else { "f32(x[e])" };
+    let expr = match to {
+        DType::F16 => {
+            s.push_str(ROUND_F16);
+            format!("round_f16({value})")
+        }
+        DType::BF16 => {
+            s.push_str(ROUND_BF16);
+            format!("round_bf16({value})")
+        }
+        DType::F32 => value.to_string(),
+        // Truncation toward zero, saturating at the target's range (NaN gives 0).
+        int if from.is_float() => {
+            if int == DType::I8 {
+                "select(i32(clamp(x[e], -128.0, 127.0)), 0, x[e] != x[e])".to_string()
+            } else {
+                // 2^31 and above saturate to i32::MAX (the largest f32 below is 2^31 - 128).
+                "select(select(i32(max(x[e], -2147483648.0)), 2147483647, x[e] >= 2147483648.0), 0, x[e] != x[e])"
+                    .to_string()
+            }
+        }
+        DType::I8 => "(x[e] << 24u) >> 24u".to_string(),
+        _ => "x[e]".to_string(),
+    };
+    s.push_str(ENTRY);
+    let _ = write!(
+        s,
+        "    let e = gi * WG + t;
+    if (e >= p.len) {{ return; }}
+    y[e] = {expr};
+}}
+"
     );
     s
 }
