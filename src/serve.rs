@@ -377,7 +377,8 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         ));
     }
     let config = engine_config(model, options.concurrency, steps);
-    let num_blocks = config.num_blocks;
+    // A `plan-kv-memory` plan sizes the pool instead.
+    let num_blocks = model.cache_blocks(config.num_blocks);
     let mut engine = Engine::new(model, config);
     let mut rng = XorShift::new(options.seed | 1);
     let shared: Vec<u32> = std::iter::once(BOS)

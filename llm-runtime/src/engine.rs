@@ -124,8 +124,10 @@ pub struct Engine<'m> {
 }
 
 impl<'m> Engine<'m> {
-    /// An engine over `model` with a KV pool of `config.num_blocks` blocks.
-    pub fn new(model: &'m Model, config: EngineConfig) -> Engine<'m> {
+    /// An engine over `model` with a KV pool of `config.num_blocks` blocks, or of the
+    /// blocks `plan-kv-memory` planned for the model (which then replace the config's).
+    pub fn new(model: &'m Model, mut config: EngineConfig) -> Engine<'m> {
+        config.num_blocks = model.cache_blocks(config.num_blocks);
         let cache = model.new_cache(config.num_blocks);
         Engine {
             model,

@@ -11,12 +11,19 @@ use std::{sync::Arc, time::Instant};
 use llm_ir::{
     dtype::DType,
     interp::{self, HoistMemo, Hoisted, Interpreter, KvCache, Tensor, Value},
+    params::ParamValue,
     text,
     types::{KvCacheParams, KvStorage},
 };
 use llm_lower::{cpu, gpu};
-use llm_passes::{Pipeline, RunConfig, TargetOption};
-use pliron::{builtin::ops::FuncOp, context::Context};
+use llm_passes::{Pipeline, RunConfig, TargetOption, ir};
+use pliron::{
+    builtin::{
+        op_interfaces::SingleBlockRegionInterface,
+        ops::{FuncOp, ModuleOp},
+    },
+    context::Context,
+};
 
 use crate::{
     model::{self, BLOCK_SIZE, ModelConfig},
@@ -177,14 +184,46 @@ enum Compiled {
     Gpu(Box<gpu::Program>),
 }
 
-/// What a GPU with `limits` tells the pass pipeline: `plan-kv-memory` splits the KV pool
-/// into buffers no larger than the device's largest storage binding.
-pub fn gpu_pass_options(limits: &gpu::Limits) -> Vec<TargetOption> {
-    vec![TargetOption {
+/// What the runtime (and a GPU with `limits`) tells the pass pipeline: `plan-kv-memory`
+/// plans blocks of the runtime's [`BLOCK_SIZE`] positions, in buffers no larger than the
+/// device's largest storage binding.
+pub fn pass_options(limits: Option<gpu::Limits>) -> Vec<TargetOption> {
+    let mut options = vec![TargetOption {
         pass: "plan-kv-memory",
-        option: "max-binding-size",
-        value: limits.max_binding_bytes.to_string(),
-    }]
+        option: "block-size",
+        value: BLOCK_SIZE.to_string(),
+    }];
+    if let Some(limits) = limits {
+        options.push(TargetOption {
+            pass: "plan-kv-memory",
+            option: "max-binding-size",
+            value: limits.max_binding_bytes.to_string(),
+        });
+    }
+    options
+}
+
+/// The KV pool `plan-kv-memory` planned for `module` (its `llm.kv_plan`), if it ran: the
+/// block count, checked against the runtime's block size.
+fn planned_blocks(ctx: &Context, module: ModuleOp) -> Result<Option<usize>, RunError> {
+    let body = module.get_body(ctx, 0);
+    let Some(plan) = ir::block_ops(ctx, body)
+        .into_iter()
+        .find(|&op| ir::name(ctx, op) == "llm.kv_plan")
+    else {
+        return Ok(None);
+    };
+    let int = |key: &str| match ir::param(ctx, plan, key) {
+        Some(ParamValue::Int(v)) => Ok(v),
+        _ => Err(format!("the KV plan has no `{key}`")),
+    };
+    if int("block_size")? != BLOCK_SIZE as i64 {
+        return Err(format!(
+            "plan-kv-memory chose blocks of {} positions; the runtime's hold {BLOCK_SIZE}",
+            int("block_size")?
+        ));
+    }
+    Ok(Some(int("blocks")?.max(0) as usize))
 }
 
 /// One compiled step function.
@@ -215,6 +254,8 @@ pub struct Model {
     weight_bytes: usize,
     /// The device, on the GPU backend.
     gpu: Option<Arc<gpu::Gpu>>,
+    /// The KV pool's block count, when `plan-kv-memory` planned it.
+    planned_blocks: Option<usize>,
 }
 
 /// An error while running a model.
@@ -248,16 +289,14 @@ impl Model {
             _ => None,
         };
         if !passes.trim().is_empty() {
-            let target = device
-                .as_ref()
-                .map(|d| gpu_pass_options(&d.limits()))
-                .unwrap_or_default();
+            let target = pass_options(device.as_ref().map(|d| d.limits()));
             let pipeline = Pipeline::parse_for_target(passes, &target)
                 .map_err(|e| format!("--passes: {e}"))?;
             pipeline
                 .run(&mut ctx, module, &RunConfig::default())
                 .map_err(|e| format!("pass pipeline: {e}"))?;
         }
+        let planned_blocks = planned_blocks(&ctx, module)?;
         let (steps, gpu) = {
             let interpreter = Interpreter::new(&ctx, &weights);
             // Both steps derive the same matrices (concatenated projections) from the same
@@ -323,6 +362,7 @@ impl Model {
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {
             gpu,
+            planned_blocks,
             ctx,
             config,
             weights,
@@ -420,6 +460,12 @@ impl Model {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Blocks of a KV pool for `wanted` blocks: the count `plan-kv-memory` planned (the
+    /// step functions' cache type fixes it) or, without a plan, `wanted`.
+    pub fn cache_blocks(&self, wanted: usize) -> usize {
+        self.planned_blocks.unwrap_or(wanted)
     }
 
     /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions.
@@ -564,7 +610,7 @@ impl Model {
             Step::Prefill,
             &prompt_ids[..prefilled],
             0,
-            self.new_cache(steps.div_ceil(BLOCK_SIZE)),
+            self.new_cache(self.cache_blocks(steps.div_ceil(BLOCK_SIZE))),
         )?;
         g.stats.prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let mut token = prompt_ids[0];

@@ -213,3 +213,39 @@ fn generation_ends_at_any_stop_token() {
     }
     assert_eq!(out, kept);
 }
+
+/// `plan-kv-memory` sizes the engine's pool: under a 256 KiB budget stories260K's blocks
+/// of 16 positions (5 layers x k, v x 4 heads x 8 floats: 20,480 bytes) come to 12, the
+/// engine runs in them (preempting as it must) and gives the same tokens as a roomy pool; a
+/// plan with another block size than the runtime's is refused.
+#[test]
+fn plan_kv_memory_sizes_the_pool() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let load = || llama2c::load(&dir.join("stories260K.bin")).expect("model");
+    let (config, weights) = load();
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
+    let planned = Model::compile_on(
+        &Backend::Interp,
+        config,
+        weights,
+        "default,plan-kv-memory{budget=256KiB}",
+    )
+    .expect("compiles");
+    assert_eq!(planned.cache_blocks(1024), 12);
+    let prompts = prompts(6);
+    let (tight, stats) = run_engine(&planned, &tok, &prompts, 40, EngineConfig::default());
+    let (model, _) = model();
+    let (roomy, _) = run_engine(&model, &tok, &prompts, 40, EngineConfig::default());
+    assert_eq!(tight, roomy);
+    assert!(stats.peak_blocks <= 12, "{stats:?}");
+    let (config, weights) = load();
+    let err = Model::compile_on(
+        &Backend::Interp,
+        config,
+        weights,
+        "default,plan-kv-memory{block-size=32}",
+    )
+    .err()
+    .expect("a block size the runtime does not use is refused");
+    assert!(err.contains("32 positions"), "{err}");
+}
