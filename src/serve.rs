@@ -303,7 +303,7 @@ impl std::fmt::Display for BenchReport {
         if let Some((adapter, shaders, dispatches)) = &self.gpu {
             writeln!(
                 f,
-                "gpu:               {adapter}; decode step: {shaders} shaders, {dispatches} dispatches, one submission"
+                "gpu:               {adapter}; decode step: {shaders} shaders, at most {dispatches} dispatches, one submission"
             )?;
         }
         writeln!(
