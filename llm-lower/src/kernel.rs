@@ -169,13 +169,24 @@ pub const PANEL_COLS: usize = 8;
 /// in panels of [`PANEL_ROWS`]; within a panel, for each full chunk of [`PANEL_COLS`]
 /// columns, the chunk of row 0, then of row 1, ...; then the remaining `k % PANEL_COLS`
 /// columns of each row in turn. The last `n % PANEL_ROWS` rows stay row major. Every row
-/// block starts at the same offset as in the row-major matrix.
-pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+/// block starts at the same offset as in the row-major matrix. The panels are split over
+/// `threads` threads (the copy is bound by memory bandwidth and page faults).
+pub fn pack_panels(w: &[f32], n: usize, k: usize, threads: usize) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
     let full = n - n % PANEL_ROWS;
     let (panels, rest) = out.split_at_mut(full * k);
     rest.copy_from_slice(&w[full * k..]);
-    pack_rows(&w[..full * k], k, panels);
+    let block = PANEL_ROWS * k;
+    let per = (full / PANEL_ROWS).div_ceil(threads.max(1)).max(1) * block;
+    if threads <= 1 || per == 0 || panels.len() <= per {
+        pack_rows(&w[..full * k], k, panels);
+        return out;
+    }
+    std::thread::scope(|scope| {
+        for (src, dst) in w[..full * k].chunks(per).zip(panels.chunks_mut(per)) {
+            scope.spawn(move || pack_rows(src, k, dst));
+        }
+    });
     out
 }
 
@@ -909,7 +920,7 @@ mod tests {
 
     #[test]
     fn panel_rows_unpack_what_was_packed() {
-        // The last shape is large enough to be packed on two threads.
+        // Packed on one to three threads.
         for (n, k) in [
             (1, 1),
             (4, 8),
@@ -920,7 +931,7 @@ mod tests {
             (1029, 1100),
         ] {
             let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
-            let packed = pack_panels(&w, n, k);
+            let packed = pack_panels(&w, n, k, 1 + n % 3);
             assert_eq!(packed.len(), w.len());
             let mut row = vec![0.0; k];
             for r in 0..n {

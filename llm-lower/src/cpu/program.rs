@@ -129,7 +129,14 @@ type PackedPair = (Rc<Value>, Rc<Value>);
 impl PackCache {
     /// The panel layout of `value`, the weight of `c` (`n x k`, or `k x n` when
     /// `c.transpose_at_pack`), packed once.
-    fn packed(&self, value: &Rc<Value>, c: &Contraction, op: &str) -> Result<Rc<Value>, JitError> {
+    /// (Packing runs on `threads` threads.)
+    fn packed(
+        &self,
+        value: &Rc<Value>,
+        c: &Contraction,
+        op: &str,
+        threads: usize,
+    ) -> Result<Rc<Value>, JitError> {
         let key = (Rc::as_ptr(value), c.transpose_at_pack);
         if let Some((_, packed)) = self.0.borrow().get(&key) {
             return Ok(Rc::clone(packed));
@@ -147,15 +154,18 @@ impl PackCache {
             )));
         }
         let floats = t.floats().map_err(JitError)?;
+        let transposed: Vec<f32>;
         let rows = if c.transpose_at_pack {
             // Row j of the [n, k] matrix is column j of the stored one.
-            (0..c.n)
+            transposed = (0..c.n)
                 .flat_map(|j| (0..c.k).map(move |p| floats[p * c.n + j]))
-                .collect()
+                .collect();
+            &transposed
         } else {
-            floats.to_vec()
+            // Packed straight from the weight, without a row-major copy first.
+            floats
         };
-        let data = kernel::pack_panels(&rows, c.n, c.k);
+        let data = kernel::pack_panels(rows, c.n, c.k, threads);
         let packed = Rc::new(Value::Tensor(Tensor::from_f32(
             vec![c.n, c.k],
             DType::F32,
@@ -206,12 +216,13 @@ impl Compiler {
 
 /// Gives every panel-layout contraction a repacked copy of its constant weight (one per
 /// weight, shared by the ops that use it), and drops constants no step reads any more.
-/// New slots are numbered from `first_free`; returns the number of slots after packing.
+/// New slots are numbered from `first_free`; packing runs on `threads` threads; returns
+/// the number of slots after packing.
 fn pack_weights(
     steps: &mut [Step],
     constants: &mut Vec<(usize, Rc<Value>)>,
     first_free: usize,
-    cache: &PackCache,
+    (cache, threads): (&PackCache, usize),
 ) -> Result<usize, JitError> {
     // (original slot, transposed) -> packed slot.
     let mut packed: HashMap<(usize, bool), usize> = HashMap::new();
@@ -241,7 +252,7 @@ fn pack_weights(
                     .ok_or_else(|| {
                         JitError(format!("{}: the weight is not constant", step.name))
                     })?;
-                let panels = cache.packed(value, c, &step.name)?;
+                let panels = cache.packed(value, c, &step.name, threads)?;
                 let slot = next_slot;
                 next_slot += 1;
                 extra.push((slot, panels));
@@ -334,7 +345,13 @@ impl Program {
             })
             .collect();
         let pack_start = std::time::Instant::now();
-        let slots = pack_weights(&mut steps, &mut constants, layout.slots(), &compiler.packs)?;
+        let threads = compiler.workers.as_ref().map_or(1, |w| w.threads());
+        let slots = pack_weights(
+            &mut steps,
+            &mut constants,
+            layout.slots(),
+            (&compiler.packs, threads),
+        )?;
         stats.pack_ms = pack_start.elapsed().as_secs_f64() * 1e3;
         let mut last_use = vec![None; slots];
         for (i, step) in steps.iter().enumerate() {
