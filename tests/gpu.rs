@@ -6,6 +6,7 @@
 
 use std::{path::PathBuf, process::Command};
 
+use llm_ir::types::QuantFormat;
 use llm_lower::gpu::{self, GpuOptions};
 use llm_runtime::{
     generate::{Backend, Model, Step},
@@ -139,9 +140,9 @@ fn the_110m_shape_runs_under_webgpu_limits() {
     }
 }
 
-/// An f16 model (llama-2-tiny-random.gguf): its weights, cast to `f32` at load, are exactly
-/// `f16`, so a device with `shader-f16` stores them as `f16`: the logits equal those of
-/// the `f32` fallback and agree with the CPU backend's.
+/// An f16 model (llama-2-tiny-random.gguf) runs entirely on the GPU; its weights, cast to
+/// `f32` at load, are exactly `f16`, so a device with `shader-f16` stores them as `f16`:
+/// the logits equal those of the `f32` fallback and agree with the CPU backend's.
 #[test]
 fn exactly_f16_weights_are_stored_as_f16() {
     if gpu::test_device(&GpuOptions::default()).is_none() {
@@ -156,6 +157,10 @@ fn exactly_f16_weights_are_stored_as_f16() {
         (model, logits)
     };
     let (model, on_f16) = run(&Backend::Gpu(GpuOptions::default()));
+    for step in [Step::Prefill, Step::Decode] {
+        let stats = model.gpu_lowering(step).expect("gpu stats");
+        assert!(stats.reference_ops.is_empty(), "{step:?}: {stats:?}");
+    }
     let stats = model.gpu_lowering(Step::Prefill).expect("gpu stats");
     let has_f16 = gpu::test_device(&GpuOptions::default()).is_some_and(|g| g.has_f16());
     assert_eq!(stats.f16_weights > 0, has_f16, "{stats:?}");
@@ -254,4 +259,40 @@ fn the_read_probe_runs() {
     let probe = gpu::ReadProbe::new(std::sync::Arc::new(gpu), 1 << 20).expect("compiles");
     assert_eq!(probe.bytes(), 1 << 20);
     probe.run().expect("runs");
+}
+
+/// stories260K with its matrices quantized to q4_k and q6_k (as GGUF files ship them) runs
+/// entirely on the GPU and agrees with the interpreter.
+#[test]
+fn k_quantized_models_run_entirely_on_the_gpu() {
+    if gpu::test_device(&GpuOptions::default()).is_none() {
+        return;
+    }
+    for format in [QuantFormat::Q4K, QuantFormat::Q6K] {
+        let run = |backend: &Backend| {
+            let (config, mut weights) =
+                llama2c::load(&shared().join("models/stories260K.bin")).expect("model loads");
+            weights.quantize_matrices(&format);
+            let model = Model::compile_on(backend, config, weights, "default").expect("compiles");
+            let (logits, _) = model
+                .forward(Step::Prefill, &[1, 403, 407, 261], 0, model.new_cache(1))
+                .expect("prefill");
+            (model, logits)
+        };
+        let (model, on_gpu) = run(&Backend::Gpu(GpuOptions::default()));
+        for step in [Step::Prefill, Step::Decode] {
+            let stats = model.gpu_lowering(step).expect("gpu stats");
+            assert!(
+                stats.reference_ops.is_empty(),
+                "{format:?} {step:?}: {stats:?}"
+            );
+        }
+        let (_, reference) = run(&Backend::Interp);
+        for (a, b) in on_gpu.iter().flatten().zip(reference.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                "{format:?}: {a} vs {b}"
+            );
+        }
+    }
 }
