@@ -587,7 +587,8 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let k_ok = x.shape().last() == Some(&Some(k as u64));
             let norm_ok = name == "llm.matmul"
                 || f32_operand(&check, 1).is_some_and(|g| g.shape() == [Some(k as u64)]);
-            (k_ok && norm_ok && x.rank() >= 2 && f32_result(&check)).then(|| {
+            // An empty contraction (K = 0) is left to the reference.
+            (k > 0 && k_ok && norm_ok && x.rank() >= 2 && f32_result(&check)).then(|| {
                 Kernel::Contraction(Contraction {
                     k,
                     n,
@@ -630,9 +631,11 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
         "llm.rms_norm" => {
             let x = f32_operand(&check, 0)?;
             let d = (*x.shape().last()?)? as usize;
-            (f32_result(&check) && f32_operand(&check, 1).is_some()).then(|| Kernel::RmsNorm {
-                d,
-                eps_bits: eps_bits(),
+            (d > 0 && f32_result(&check) && f32_operand(&check, 1).is_some()).then(|| {
+                Kernel::RmsNorm {
+                    d,
+                    eps_bits: eps_bits(),
+                }
             })
         }
         "llm.softmax" => {
@@ -820,15 +823,14 @@ fn axis_rows(check: &OpCheck, x: &TensorType) -> Option<(usize, usize)> {
 /// The attention kernel of an op with `heads` query heads of size `d`.
 fn attention(check: &OpCheck, heads: usize, d: usize, source: AttentionSource) -> Option<Kernel> {
     let kv_heads = check.int("kv_heads")? as usize;
-    (f32_result(check) && kv_heads > 0 && heads.is_multiple_of(kv_heads) && d > 0).then(|| {
-        Kernel::Attention {
+    (f32_result(check) && kv_heads > 0 && heads > 0 && heads.is_multiple_of(kv_heads) && d > 0)
+        .then(|| Kernel::Attention {
             heads,
             kv_heads,
             d,
             scale: Scale::from_param(check.float("scale"), d),
             source,
-        }
-    })
+        })
 }
 
 /// A slice that takes a static range of the last dim and keeps every other dim whole.

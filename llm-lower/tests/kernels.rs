@@ -865,6 +865,28 @@ proptest! {
     }
 }
 
+/// Calls with no rows (an empty prompt) run on both backends and give empty results.
+#[test]
+fn empty_calls_give_empty_results() {
+    let (k, n) = (8, 6);
+    let body = format!(
+        "w = llm.weight {{name = \"w\"}} : {};\n        g = llm.weight {{name = \"g\"}} : {};\n        p = llm.rms_norm_matmul x, g, w {{eps = 1e-5, transpose_rhs = true}} : {o};\n        s = llm.silu p : {o};\n        y = llm.softmax s {{axis = -1}} : {o};",
+        ty(&[n, k]),
+        ty(&[k]),
+        o = "llm.tensor <?x6xf32>"
+    );
+    let ir = func(
+        &[("x".into(), "llm.tensor <?x8xf32>".into())],
+        "llm.tensor <?x6xf32>",
+        &body,
+    );
+    let store = Store(vec![
+        ("w".into(), Rc::new(tensor(&[n, k], 1, 1.0))),
+        ("g".into(), Rc::new(tensor(&[k], 2, 1.0))),
+    ]);
+    agree_with(&ir, vec![tensor(&[0, k], 3, 1.0)], &store, 0.0).unwrap();
+}
+
 /// A KV cache stored as f16 has no GPU kernel: on the GPU backend it stays on the host,
 /// its ops run through their reference semantics, and the results are the interpreter's.
 #[test]

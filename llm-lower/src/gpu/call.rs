@@ -608,7 +608,7 @@ impl Call<'_> {
                 c.weight.name()
             ));
         }
-        let m = x.len() / c.k;
+        let m = x.len() / c.k.max(1);
         let mut shape = x.shape[..x.shape.len() - 1].to_vec();
         shape.push(c.n);
         let residual = if c.residual {
