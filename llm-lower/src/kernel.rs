@@ -137,6 +137,39 @@ impl WeightFormat {
         }
     }
 
+    /// The quantized tensor format this weight format stores (`None` for the float ones).
+    pub fn quant_format(self) -> Option<QuantFormat> {
+        Some(match self {
+            WeightFormat::F32
+            | WeightFormat::F32Panels
+            | WeightFormat::F32KN
+            | WeightFormat::F16 => return None,
+            WeightFormat::Q8_0 => QuantFormat::Q8_0,
+            WeightFormat::Q4_0 => QuantFormat::Q4_0,
+            WeightFormat::Q4_1 => QuantFormat::Q4_1,
+            WeightFormat::Q4K => QuantFormat::Q4K,
+            WeightFormat::Q6K => QuantFormat::Q6K,
+            WeightFormat::Q2K => QuantFormat::Q2K,
+            WeightFormat::Nf4 { block, scale } => QuantFormat::Nf4 {
+                block_size: u64::from(block),
+                scale,
+            },
+            WeightFormat::Affine {
+                bits,
+                group,
+                symmetric,
+                axis,
+                scale,
+            } => QuantFormat::Affine {
+                bits,
+                group_size: u64::from(group),
+                symmetric,
+                axis: u64::from(axis),
+                scale,
+            },
+        })
+    }
+
     /// The name used in kernel names and CLIF dumps.
     pub fn name(self) -> &'static str {
         match self {
@@ -399,6 +432,16 @@ pub enum Kernel {
         /// Where keys and values are.
         source: AttentionSource,
     },
+    /// `llm.quantize` of `rows` rows of `k` `f32` values into a block format (q8_0, q4_0,
+    /// q4_1), byte for byte as the reference quantizes.
+    Quantize {
+        /// The format.
+        format: WeightFormat,
+        /// Rows (the product of the leading dims).
+        rows: usize,
+        /// Values per row.
+        k: usize,
+    },
     /// `llm.cast` between element types a device holds in 32 bits: floats round to the
     /// target's precision (values stay `f32`-held), floats truncate to `i8`/`i32`
     /// (saturating), integers wrap to the target's width.
@@ -467,6 +510,9 @@ impl Kernel {
                 heads, kv_heads, d, ..
             } => format!("attention_{heads}x{d}_kv{kv_heads}"),
             Kernel::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
+            Kernel::Quantize { format, rows, k } => {
+                format!("quantize_{}_{rows}x{k}", format.name())
+            }
             Kernel::BatchedMatmul { transposed } => {
                 format!("batched_matmul{}", if *transposed { "_t" } else { "" })
             }
@@ -666,6 +712,23 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 other => other.block().is_some_and(|b| k.is_multiple_of(b)),
             };
             (whole && f32_result(&check)).then_some(Kernel::Dequantize { weight, rows, k })
+        }
+        "llm.quantize" => {
+            let x = f32_operand(&check, 0)?;
+            let dims: Option<Vec<usize>> =
+                x.shape().iter().map(|d| d.map(|d| d as usize)).collect();
+            let dims = dims?;
+            let (&k, lead) = dims.split_last()?;
+            let format = WeightFormat::of(check.result_quantized(0).ok()?.format())?;
+            let simple = matches!(
+                format,
+                WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1
+            );
+            (simple && k > 0 && k.is_multiple_of(32)).then(|| Kernel::Quantize {
+                format,
+                rows: lead.iter().product(),
+                k,
+            })
         }
         "llm.cast" => {
             let (from, to) = (

@@ -226,6 +226,11 @@ fn compare(
                     prop_assert_eq!(&g.v, &w.v, "{}", backend);
                     (&g.k, &w.k)
                 }
+                (Value::Quantized(g), Value::Quantized(w)) => {
+                    // Quantized results must be the same bytes.
+                    prop_assert_eq!(g, w, "{} {}", backend, ir);
+                    continue;
+                }
                 _ => {
                     let (g, w) = (g.tensor().unwrap(), w.tensor().unwrap());
                     prop_assert_eq!(&g.shape, &w.shape);
@@ -536,6 +541,22 @@ proptest! {
         } else {
             gpu_agrees(&ir, args, 0.0)?;
         }
+    }
+
+    /// `llm.quantize` into the block formats, byte for byte as the reference quantizes
+    /// (GPU only), and quantized values fed on to a quantized matmul on the device.
+    #[test]
+    fn quantize_on_the_gpu(rows in 1usize..6, blocks in 1usize..4, which in 0usize..3, scale in prop::sample::select(vec![1e-3f32, 1.0, 300.0]), seed: u64) {
+        let k = 32 * blocks;
+        let text = ["q8_0", "q4_0", "q4_1"][which];
+        let qt = format!("llm.quantized_tensor <{rows}x{k}, {text}>");
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {a}) -> ({qt}, {y})> {{\n      ^body(x: {x}, a: {a}):\n        q = llm.quantize x : {qt};\n        y = llm.quantized_matmul a, q : {y};\n        llm.return q, y\n    }}\n}}\n",
+            x = ty(&[rows, k]), a = ty(&[2, k]), y = ty(&[2, rows]),
+        );
+        // The bytes must be equal; the product's sums of terms up to `scale` in size cancel,
+        // so its tolerance grows with the scale.
+        gpu_agrees(&ir, vec![tensor(&[rows, k], seed, scale), tensor(&[2, k], seed + 1, 1.0)], 1e-5 * scale.max(1.0))?;
     }
 
     /// `llm.dequantize` of a tensor that is an argument (so not evaluated at load), in

@@ -42,6 +42,7 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Move(_)
         | Kernel::Broadcast(_)
         | Kernel::Cast { .. }
+        | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
@@ -89,6 +90,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Move(_)
         | Kernel::Broadcast(_)
         | Kernel::Cast { .. }
+        | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }

@@ -25,7 +25,7 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// Whether the CPU backend generates `kernel`: its contractions read f32, q8_0 and q4_0
 /// weights, its embeddings gather from float tables, its softmax and argmax reduce the
-/// last axis, its attention takes no mask; casts, broadcasting elementwise bodies, general
+/// last axis, its attention takes no mask; casts, quantization, broadcasting elementwise bodies, general
 /// (batched or run-time rhs) matmuls,
 /// transposes, concatenations,
 /// dequantizations, the other formats and the KV cache ops (which the reference runs in
@@ -40,6 +40,7 @@ pub fn supports(kernel: &Kernel) -> bool {
         } => !masked,
         Kernel::Dequantize { .. }
         | Kernel::Cast { .. }
+        | Kernel::Quantize { .. }
         | Kernel::Broadcast(_)
         | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }

@@ -11,11 +11,12 @@ use std::{collections::HashSet, rc::Rc, sync::Arc};
 use llm_ir::{
     dtype::DType,
     interp::{
-        self, KvCache, Tensor, Value, WeightStore,
+        self, KvCache, QTensor, Tensor, Value, WeightStore,
         eval::{
             attention::{for_each_paged_row, rope_sin_cos, slot_of},
             resolve_shape,
         },
+        quant::storage_bytes,
     },
 };
 use pliron::context::Context;
@@ -282,13 +283,25 @@ impl Call<'_> {
 
     /// Reads a device tensor back into a host value.
     fn read_tensor(&mut self, t: &DeviceTensor) -> Result<Value, String> {
+        let quant = match t.elem {
+            Elem::Packed(format) => Some(
+                format
+                    .quant_format()
+                    .ok_or("f16-stored weights are not read back")?,
+            ),
+            _ => None,
+        };
+        // An unsplit tensor is read whole; parts hold whole rows.
+        let whole = quant
+            .as_ref()
+            .map_or(t.len() * 4, |q| storage_bytes(q, &t.shape));
         let row = row_bytes(&t.shape, t.elem);
         let reads: Vec<(&wgpu::Buffer, u64)> = t
             .parts
             .iter()
             .map(|p| {
-                let bytes = if t.shape.len() < 2 {
-                    t.len() * 4
+                let bytes = if t.parts.len() == 1 {
+                    whole
                 } else {
                     p.rows * row
                 };
@@ -313,7 +326,11 @@ impl Call<'_> {
                     ints.into_iter().map(i64::from).collect(),
                 ))
             }
-            Elem::Packed(_) => return Err("packed weights are not read back".into()),
+            Elem::Packed(_) => Value::Quantized(QTensor {
+                shape: t.shape.clone(),
+                format: quant.ok_or("not a quantized tensor")?,
+                bytes,
+            }),
         })
     }
 
@@ -521,6 +538,26 @@ impl Call<'_> {
             }
             Kernel::BatchedMatmul { transposed } => {
                 self.batched_matmul(index, step, *transposed, &pipelines[0])?
+            }
+            Kernel::Quantize { format, rows, k } => {
+                let x = self.device(step.inputs[0])?;
+                if x.elem != Elem::F32 || x.len() != rows * k {
+                    return Err(format!(
+                        "the operand {:?} is not {rows} rows of {k}",
+                        x.shape
+                    ));
+                }
+                let blocks = rows * k / 32;
+                let bytes = format.row_bytes(*k) * rows;
+                let per_unit = if *format == WeightFormat::Q4_1 { 1 } else { 2 };
+                let y = self.output(index, 0, bytes.next_multiple_of(4));
+                self.dispatch(
+                    &pipelines[0],
+                    &[blocks as u32],
+                    &[x.whole()?, &y],
+                    blocks.div_ceil(per_unit).div_ceil(WG),
+                )?;
+                DeviceTensor::unsplit(x.shape.clone(), Elem::Packed(*format), y)
             }
             Kernel::Cast { from, to } => {
                 let x = self.device(step.inputs[0])?;

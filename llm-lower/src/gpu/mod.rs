@@ -230,6 +230,15 @@ mod tests {
             Shader::Permute,
             Shader::Place,
             Shader::BatchedMatmul { transposed: false },
+            Shader::Quantize {
+                format: WeightFormat::Q8_0,
+            },
+            Shader::Quantize {
+                format: WeightFormat::Q4_0,
+            },
+            Shader::Quantize {
+                format: WeightFormat::Q4_1,
+            },
             Shader::Cast {
                 from: DType::F32,
                 to: DType::F16,

@@ -597,9 +597,7 @@ fn dispatches_of(
     };
     match kernel {
         Kernel::Contraction(c) => parts_of(step.inputs[weight_operand(c)]),
-        Kernel::Move(Movement::Rows { .. }) | Kernel::Dequantize { .. } => {
-            parts_of(step.inputs[0])
-        }
+        Kernel::Move(Movement::Rows { .. }) | Kernel::Dequantize { .. } => parts_of(step.inputs[0]),
         // One of the whole and the split attention runs (the split one with its merge).
         Kernel::Attention { .. } => shaders - 1,
         // One placement per operand.

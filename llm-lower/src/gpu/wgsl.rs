@@ -53,6 +53,14 @@ pub enum Shader {
     /// once per 16 rows instead of once per row. For prompts; each output is still a sum
     /// over K in one fixed order, whatever the other rows are.
     TiledContraction(Contraction),
+    /// Quantizes rows into a block format (q8_0, q4_0, q4_1), byte for byte as the
+    /// reference does: one invocation per unit of whole blocks that ends on a 4-byte
+    /// boundary (two q8_0 or q4_0 blocks, one q4_1 block), so no two invocations write one
+    /// word.
+    Quantize {
+        /// The format.
+        format: WeightFormat,
+    },
     /// A cast between element types held in 32 bits.
     Cast {
         /// The operand's element type.
@@ -275,6 +283,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             }
             shaders
         }
+        Kernel::Quantize { format, .. } => vec![Shader::Quantize { format: *format }],
         Kernel::Cast { from, to } => vec![Shader::Cast {
             from: *from,
             to: *to,
@@ -341,6 +350,7 @@ impl Shader {
                 if *split { "_split" } else { "" }
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
+            Shader::Quantize { format } => format!("quantize_{}", format.name()),
             Shader::Cast { from, to } => Kernel::Cast {
                 from: *from,
                 to: *to,
@@ -420,6 +430,7 @@ impl Shader {
             ],
             Shader::BatchedMatmul { .. } => vec![("x", Read), ("w", Read), ("y", ReadWrite)],
             Shader::Cast { .. } => vec![("x", Read), ("y", ReadWrite)],
+            Shader::Quantize { .. } => vec![("x", Read), ("q", ReadWrite)],
             Shader::KvGather { .. } => vec![
                 ("kc", Read),
                 ("vc", Read),
@@ -498,6 +509,7 @@ impl Shader {
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
                 (Shader::Cast { from, .. }, "x") if !from.is_float() => "i32",
+                (Shader::Quantize { .. }, "q") => "u32",
                 (Shader::Cast { to, .. }, "y") if !to.is_float() => "i32",
                 // Data movement copies 4-byte elements whatever they hold.
                 (Shader::Permute | Shader::Place, _) | (Shader::Dequantize(_), "w") => "u32",
@@ -538,6 +550,7 @@ impl Shader {
             Shader::AttentionCombine { .. } => &["rows", "splits"],
             Shader::BatchedMatmul { .. } => &["batch", "m", "k", "n", "rhs_batched"],
             Shader::Cast { .. } => &["len"],
+            Shader::Quantize { .. } => &["blocks"],
             Shader::KvAppend { .. } => &["tokens"],
             Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
@@ -589,6 +602,7 @@ impl Shader {
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::Cast { from, to } => cast(*from, *to),
+            Shader::Quantize { format } => quantize(*format),
             Shader::KvAppend { row } => kv_append(*row),
             Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
@@ -1511,6 +1525,109 @@ const ROUND_BF16: &str = "fn round_bf16(x: f32) -> f32 {
     return bitcast<f32>((b + 0x7fffu + ((b >> 16u) & 1u)) & 0xffff0000u);
 }
 ";
+
+/// The bits of the `f16` nearest an `f32` (ties to even), as the reference stores
+/// scales.
+const F16_BITS: &str = "fn f16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(round_f16(x));
+    let sign = (b >> 16u) & 0x8000u;
+    let a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) { return sign | 0x7e00u; }
+    if (a == 0x7f800000u) { return sign | 0x7c00u; }
+    if (a < 0x38800000u) { return sign | u32(bitcast<f32>(a) * 16777216.0); }
+    return sign | ((((a >> 23u) - 112u) << 10u) | ((a >> 13u) & 0x3ffu));
+}
+// C's roundf: to nearest, ties away from zero.
+fn round_away(v: f32) -> f32 {
+    let r = trunc(v);
+    return select(r, r + sign(v), abs(v - r) >= 0.5);
+}
+";
+
+fn quantize(format: WeightFormat) -> String {
+    // Blocks per invocation, block bytes, and the block's encoder.
+    let (per, bytes, encode) = match format {
+        WeightFormat::Q8_0 => (
+            2,
+            34,
+            "    var amax = 0.0;
+    for (var i = 0u; i < 32u; i = i + 1u) { amax = max(amax, abs(x[at + i])); }
+    let d = amax / 127.0;
+    let id = select(0.0, 1.0 / d, d != 0.0);
+    put(o, f16_bits(d));
+    put(o + 1u, f16_bits(d) >> 8u);
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        put(o + 2u + i, u32(i32(round_away(x[at + i] * id))) & 0xffu);
+    }
+",
+        ),
+        WeightFormat::Q4_0 => (
+            2,
+            18,
+            "    var amax = 0.0;
+    var top = 0.0;
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        let v = x[at + i];
+        if (amax < abs(v)) { amax = abs(v); top = v; }
+    }
+    let d = top / -8.0;
+    let id = select(0.0, 1.0 / d, d != 0.0);
+    put(o, f16_bits(d));
+    put(o + 1u, f16_bits(d) >> 8u);
+    for (var i = 0u; i < 16u; i = i + 1u) {
+        let lo = u32(clamp(i32(x[at + i] * id + 8.5), 0, 15));
+        let hi = u32(clamp(i32(x[at + i + 16u] * id + 8.5), 0, 15));
+        put(o + 2u + i, lo | (hi << 4u));
+    }
+",
+        ),
+        _ => (
+            1,
+            20,
+            "    var lo = x[at];
+    var hi = x[at];
+    for (var i = 1u; i < 32u; i = i + 1u) { lo = min(lo, x[at + i]); hi = max(hi, x[at + i]); }
+    let d = (hi - lo) / 15.0;
+    let id = select(0.0, 1.0 / d, d != 0.0);
+    put(o, f16_bits(d));
+    put(o + 1u, f16_bits(d) >> 8u);
+    put(o + 2u, f16_bits(lo));
+    put(o + 3u, f16_bits(lo) >> 8u);
+    for (var i = 0u; i < 16u; i = i + 1u) {
+        let a = u32(clamp(i32((x[at + i] - lo) * id + 0.5), 0, 15));
+        let b = u32(clamp(i32((x[at + i + 16u] - lo) * id + 0.5), 0, 15));
+        put(o + 4u + i, a | (b << 4u));
+    }
+",
+        ),
+    };
+    let words = per * bytes / 4;
+    let mut s = format!(
+        "{ROUND_F16}{F16_BITS}const WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
+    );
+    s.push_str(
+        "fn put(o: u32, v: u32) { acc[o >> 2u] = acc[o >> 2u] | ((v & 0xffu) << ((o & 3u) * 8u)); }
+",
+    );
+    s.push_str(ENTRY);
+    let _ = write!(
+        s,
+        "    let unit = gi * WG + t;
+    if (unit * {per}u >= p.blocks) {{ return; }}
+    for (var b = 0u; b < {per}u; b = b + 1u) {{
+        let block = unit * {per}u + b;
+        if (block >= p.blocks) {{ break; }}
+        let at = block * 32u;
+        let o = b * {bytes}u;
+{encode}    }}
+    let count = min({per}u, p.blocks - unit * {per}u);
+    let used = (count * {bytes}u + 3u) / 4u;
+    for (var w = 0u; w < used; w = w + 1u) {{ q[unit * WORDS + w] = acc[w]; }}
+}}
+"
+    );
+    s
+}
 
 fn cast(from: DType, to: DType) -> String {
     let mut s = String::new();
