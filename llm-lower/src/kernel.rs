@@ -355,9 +355,8 @@ pub enum Kernel {
     Contraction(Contraction),
     /// A scalar body applied to equally shaped `f32` operands, element by element.
     Elementwise(ScalarBody),
-    /// A scalar body whose operands broadcast along leading dims: each operand's dims
-    /// (without leading 1s) are the result's last dims, so element `i` of the result reads
-    /// element `i % len` of an operand of `len` elements.
+    /// A scalar body whose operands broadcast to the result numpy-style (right-aligned,
+    /// each dim the result's or 1).
     Broadcast(ScalarBody),
     /// RMS normalisation of rows of `d` values: `w * x / sqrt(mean(x^2) + eps)`.
     RmsNorm {
@@ -925,18 +924,19 @@ fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -
     if result.dtype() != DType::F32 {
         return None;
     }
-    // Operands of the result's shape, or (a broadcast) whose dims, without leading 1s,
-    // are the result's last dims.
+    // Operands of the result's shape, or broadcast to it numpy-style: right-aligned, each
+    // dim equal to the result's or 1.
     let mut broadcast = false;
     for i in 0..check.num_operands() {
         let shape = f32_operand(check, i)?.shape().to_vec();
         if shape != result.shape() {
-            let trimmed: Vec<_> = shape
-                .iter()
-                .skip_while(|d| **d == Some(1))
-                .copied()
-                .collect();
-            if !result.shape().ends_with(&trimmed) || trimmed.contains(&None) {
+            let rank = result.rank();
+            let fits = shape.len() <= rank
+                && shape.iter().enumerate().all(|(d, dim)| {
+                    let out = result.shape()[d + rank - shape.len()];
+                    *dim == Some(1) || (dim.is_some() && *dim == out)
+                });
+            if !fits {
                 return None;
             }
             broadcast = true;

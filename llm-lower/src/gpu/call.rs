@@ -14,6 +14,7 @@ use llm_ir::{
         self, KvCache, QTensor, Tensor, Value, WeightStore,
         eval::{
             attention::{for_each_paged_row, rope_sin_cos, slot_of},
+            elementwise::broadcast,
             resolve_shape,
         },
         quant::storage_bytes,
@@ -32,6 +33,21 @@ use crate::{
     kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat},
     selection::weight_operand,
 };
+
+/// The strides (in elements) with which an operand of `shape` is read for each of the
+/// rank-4 result `dims`: its own strides, right-aligned, and 0 along its broadcast dims.
+fn broadcast_strides(shape: &[usize], dims: &[usize; 4]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut stride = 1usize;
+    for (i, &d) in shape.iter().enumerate().rev() {
+        let at = 4 - shape.len() + i;
+        if d != 1 || dims[at] == 1 {
+            out[at] = stride as u32;
+        }
+        stride *= d;
+    }
+    out
+}
 
 /// How a device holds a tensor of `dtype` (every element in 32 bits).
 fn elem_of(dtype: DType) -> Elem {
@@ -390,34 +406,47 @@ impl Call<'_> {
                     .iter()
                     .map(|&s| self.device(s))
                     .collect::<Result<Vec<_>, _>>()?;
-                // The result has the largest operand's shape; every other operand must be
-                // that shape's last dims (after leading 1s) or run on the host.
-                let Some(widest) = xs.iter().max_by_key(|x| x.len()) else {
-                    return Ok(false);
-                };
-                let shape = widest.shape.clone();
-                let broadcasts = |x: &DeviceTensor| {
-                    let trimmed: Vec<usize> =
-                        x.shape.iter().copied().skip_while(|&d| d == 1).collect();
-                    shape.ends_with(&trimmed)
-                };
-                if xs.len() != body.args
-                    || xs
-                        .iter()
-                        .any(|x| x.elem != Elem::F32 || !broadcasts(x) || x.len() == 0)
-                {
+                if xs.len() != body.args || xs.iter().any(|x| x.elem != Elem::F32) {
                     return Ok(false);
                 }
-                let len = widest.len();
-                let mut words = vec![len as u32];
-                words.extend(xs.iter().map(|x| x.len() as u32));
+                let mut shape: Vec<usize> = Vec::new();
+                for x in &xs {
+                    match broadcast(&shape, &x.shape) {
+                        Ok(s) => shape = s,
+                        Err(_) => return Ok(false),
+                    }
+                }
+                let len: usize = shape.iter().product();
+                if len == 0 {
+                    return Ok(false);
+                }
                 let y = self.output(index, 0, len * 4);
                 let mut bindings = xs
                     .iter()
                     .map(DeviceTensor::whole)
                     .collect::<Result<Vec<_>, _>>()?;
                 bindings.push(&y);
-                self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
+                // Along leading dims only: the plain shader reads operand `a` at `i % len`.
+                let leading = |x: &DeviceTensor| {
+                    let trimmed: Vec<usize> =
+                        x.shape.iter().copied().skip_while(|&d| d == 1).collect();
+                    shape.ends_with(&trimmed)
+                };
+                if xs.iter().all(leading) {
+                    let mut words = vec![len as u32];
+                    words.extend(xs.iter().map(|x| x.len() as u32));
+                    self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
+                } else if let (Some(strided), true) = (pipelines.get(1), shape.len() <= 4) {
+                    let mut dims = [1usize; 4];
+                    dims[4 - shape.len()..].copy_from_slice(&shape);
+                    let mut words: Vec<u32> = dims.iter().map(|&d| d as u32).collect();
+                    for x in &xs {
+                        words.extend(broadcast_strides(&x.shape, &dims));
+                    }
+                    self.dispatch(strided, &words, &bindings, len.div_ceil(WG))?;
+                } else {
+                    return Ok(false);
+                }
                 DeviceTensor::f32(shape, y)
             }
             Kernel::RmsNorm { d, .. } | Kernel::LayerNorm { d, .. } => {

@@ -202,7 +202,7 @@ mod tests {
                 }
             }
         }
-        shaders.push(Shader::Elementwise(ScalarBody {
+        let body = ScalarBody {
             args: 2,
             result: 5,
             steps: vec![
@@ -211,7 +211,9 @@ mod tests {
                 ScalarStep::Binary("llm.mul", 2, 1),
                 ScalarStep::Binary("llm.add", 4, 3),
             ],
-        }));
+        };
+        shaders.push(Shader::Elementwise(body.clone()));
+        shaders.push(Shader::Strided(body));
         for op in llm_ir::interp::eval::elementwise::UNARY {
             shaders.push(Shader::Elementwise(ScalarBody {
                 args: 1,

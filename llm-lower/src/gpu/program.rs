@@ -600,8 +600,9 @@ fn dispatches_of(
         Kernel::Move(Movement::Rows { .. }) | Kernel::Dequantize { .. } => parts_of(step.inputs[0]),
         // One of the whole and the split attention runs (the split one with its merge).
         Kernel::Attention { .. } => shaders - 1,
-        // One placement per operand.
+        // One placement per operand; one of a broadcast's two shaders.
         Kernel::Move(Movement::Concat { inputs, .. }) => *inputs,
+        Kernel::Broadcast(_) => 1,
         _ => shaders,
     }
 }

@@ -26,10 +26,13 @@ use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat
 pub const WORKGROUP: u32 = 64;
 
 /// `u32` words of every shader's parameter block.
-pub const PARAM_WORDS: usize = 8;
+pub const PARAM_WORDS: usize = 16;
 
 /// Outputs of a contraction computed by one workgroup (they share the loads of `x`).
 pub const CONTRACTION_ROWS: u32 = 4;
+
+/// Operands a [`Shader::Strided`] body may have (their strides fill the parameter block).
+pub const STRIDED_ARGS: usize = 3;
 
 /// Rows and outputs of a [`Shader::TiledContraction`] tile.
 pub const TILE: u32 = 16;
@@ -68,6 +71,10 @@ pub enum Shader {
         /// The result's element type.
         to: DType,
     },
+    /// A scalar body over operands broadcast numpy-style to a result of rank at most 4
+    /// (at most [`STRIDED_ARGS`] operands): the result's dims and each operand's strides
+    /// (0 along its broadcast dims) come as parameters.
+    Strided(ScalarBody),
     /// A general matmul, one invocation per output summing over K in order; all dims
     /// are run-time parameters.
     BatchedMatmul {
@@ -212,9 +219,13 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 ..*c
             })]
         }
-        Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
-            vec![Shader::Elementwise(body.clone())]
-        }
+        Kernel::Elementwise(body) => vec![Shader::Elementwise(body.clone())],
+        // Broadcasts along leading dims take the plain shader, others the strided one.
+        Kernel::Broadcast(body) if body.args <= STRIDED_ARGS => vec![
+            Shader::Elementwise(body.clone()),
+            Shader::Strided(body.clone()),
+        ],
+        Kernel::Broadcast(body) => vec![Shader::Elementwise(body.clone())],
         Kernel::RmsNorm { d, eps_bits } => vec![Shader::RmsNorm {
             d: *d,
             eps_bits: *eps_bits,
@@ -316,6 +327,7 @@ impl Shader {
             Shader::Contraction(c) => Kernel::Contraction(*c).name(),
             Shader::TiledContraction(c) => format!("tiled_{}", Kernel::Contraction(*c).name()),
             Shader::Elementwise(body) => Kernel::Elementwise(body.clone()).name(),
+            Shader::Strided(body) => Kernel::Broadcast(body.clone()).name(),
             Shader::RmsNorm { d, .. } => format!("rms_norm_{d}"),
             Shader::LayerNorm { d, .. } => format!("layer_norm_{d}"),
             Shader::Softmax { n, inner } => Kernel::Softmax {
@@ -384,7 +396,7 @@ impl Shader {
                 }
                 b
             }
-            Shader::Elementwise(body) => {
+            Shader::Elementwise(body) | Shader::Strided(body) => {
                 const ARGS: [&str; 8] = ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7"];
                 let mut b: Vec<_> = ARGS.iter().take(body.args).map(|a| (*a, Read)).collect();
                 b.push(("y", ReadWrite));
@@ -533,6 +545,10 @@ impl Shader {
                 &["rows", "outputs", "first", "part_rows"]
             }
             Shader::Elementwise(_) => &["len", "n0", "n1", "n2", "n3", "n4", "n5", "n6"],
+            Shader::Strided(_) => &[
+                "d0", "d1", "d2", "d3", "s0_0", "s0_1", "s0_2", "s0_3", "s1_0", "s1_1", "s1_2",
+                "s1_3", "s2_0", "s2_1", "s2_2", "s2_3",
+            ],
             Shader::RmsNorm { .. }
             | Shader::LayerNorm { .. }
             | Shader::Softmax { .. }
@@ -577,6 +593,7 @@ impl Shader {
             Shader::Contraction(c) => contraction(c),
             Shader::TiledContraction(c) => tiled_contraction(c),
             Shader::Elementwise(body) => elementwise(body),
+            Shader::Strided(body) => strided(body),
             Shader::RmsNorm { d, eps_bits } => rms_norm(*d, *eps_bits),
             Shader::LayerNorm { d, eps_bits } => layer_norm(*d, *eps_bits),
             Shader::Softmax { n, inner } => softmax(*n, *inner),
@@ -1129,6 +1146,30 @@ fn elementwise(body: &ScalarBody) -> String {
     // Operand `a` holds `n{a}` elements: all of them, or (broadcast) the result's last.
     for a in 0..body.args {
         let _ = writeln!(s, "    let v{a} = a{a}[i % p.n{a}];");
+    }
+    for (n, step) in body.steps.iter().enumerate() {
+        let _ = writeln!(s, "    let v{} = {};", body.args + n, step_expr(step));
+    }
+    let _ = writeln!(s, "    y[i] = v{};\n}}", body.result);
+    s
+}
+
+fn strided(body: &ScalarBody) -> String {
+    let mut s = String::from(ENTRY);
+    s.push_str(
+        "    let i = gi * WG + t;
+    if (i >= p.d0 * p.d1 * p.d2 * p.d3) { return; }
+    let c3 = i % p.d3;
+    let c2 = (i / p.d3) % p.d2;
+    let c1 = (i / (p.d3 * p.d2)) % p.d1;
+    let c0 = i / (p.d3 * p.d2 * p.d1);
+",
+    );
+    for a in 0..body.args {
+        let _ = writeln!(
+            s,
+            "    let v{a} = a{a}[c0 * p.s{a}_0 + c1 * p.s{a}_1 + c2 * p.s{a}_2 + c3 * p.s{a}_3];"
+        );
     }
     for (n, step) in body.steps.iter().enumerate() {
         let _ = writeln!(s, "    let v{} = {};", body.args + n, step_expr(step));
