@@ -128,21 +128,43 @@ fn agree_fused(
         ));
     }
     if let Some(gpu) = gpu() {
-        let compiler = gpu::Compiler::new(gpu);
-        for rows in [Rows::Few, Rows::Many] {
-            let program = compiler
-                .build(&ctx, func, &hoisted, rows)
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert!(
-                program.stats().kernel_ops > 0,
-                "nothing was lowered on the GPU: {ir}"
-            );
-            prop_assert_eq!(program.stats().fused_ops, fused, "fused ops on the GPU");
-            let got = run_on_gpu(&program, &ctx, weights, &args)?;
-            runs.push((format!("gpu, {rows:?} rows"), got));
-        }
+        runs.extend(runs_on_gpu(
+            gpu,
+            &ctx,
+            func,
+            &hoisted,
+            (weights, &args),
+            |stats| {
+                prop_assert!(stats.kernel_ops > 0, "nothing was lowered on the GPU: {ir}");
+                prop_assert_eq!(stats.fused_ops, fused, "fused ops on the GPU");
+                Ok(())
+            },
+        )?);
     }
     compare(&runs, &want, tol, ir)
+}
+
+/// Compiles `func` for the GPU shaped for both `Rows`, checks each program's `stats`, and
+/// runs it on `args`.
+fn runs_on_gpu(
+    gpu: Arc<Gpu>,
+    ctx: &Context,
+    func: pliron::builtin::ops::FuncOp,
+    hoisted: &Hoisted,
+    (weights, args): (&dyn WeightStore, &[Value]),
+    check: impl Fn(&gpu::LoweringStats) -> Result<(), TestCaseError>,
+) -> Result<Vec<(String, Vec<Value>)>, TestCaseError> {
+    let compiler = gpu::Compiler::new(gpu);
+    let mut runs = Vec::new();
+    for rows in [Rows::Few, Rows::Many] {
+        let program = compiler
+            .build(ctx, func, hoisted, rows)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        check(program.stats())?;
+        let got = run_on_gpu(&program, ctx, weights, args)?;
+        runs.push((format!("gpu, {rows:?} rows"), got));
+    }
+    Ok(runs)
 }
 
 /// Runs a GPU program, reading back the caches it returns (they stay in device memory).
@@ -194,20 +216,11 @@ fn gpu_agrees_with(
     let hoisted = interpreter
         .hoist(func)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let compiler = gpu::Compiler::new(gpu);
-    let mut runs = Vec::new();
-    for rows in [Rows::Few, Rows::Many] {
-        let program = compiler
-            .build(&ctx, func, &hoisted, rows)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(
-            program.stats().reference_ops.is_empty(),
-            "not lowered: {ir}"
-        );
-        prop_assert_eq!(program.stats().f16_weights, f16_weights, "f16 weights");
-        let got = run_on_gpu(&program, &ctx, store, &args)?;
-        runs.push((format!("gpu, {rows:?} rows"), got));
-    }
+    let runs = runs_on_gpu(gpu, &ctx, func, &hoisted, (store, &args), |stats| {
+        prop_assert!(stats.reference_ops.is_empty(), "not lowered: {ir}");
+        prop_assert_eq!(stats.f16_weights, f16_weights, "f16 weights");
+        Ok(())
+    })?;
     compare(&runs, &want, tol, ir)
 }
 

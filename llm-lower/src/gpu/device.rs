@@ -151,19 +151,30 @@ impl Gpu {
         if let Some(p) = pipelines.get(&source) {
             return Ok(p.clone());
         }
-        validate(&source).map_err(|e| GpuError(format!("{}: {e}", shader.name())))?;
+        let pipeline = self.compile(&shader.name(), &source)?;
+        pipelines.insert(source, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// The compute pipeline of WGSL `source` (entry point `main`), validated with naga
+    /// first; the device's own complaints come back as an error naming `label`.
+    pub(super) fn compile(
+        &self,
+        label: &str,
+        source: &str,
+    ) -> Result<wgpu::ComputePipeline, GpuError> {
+        validate(source).map_err(|e| GpuError(format!("{label}: {e}")))?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let label = shader.name();
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&label),
-                source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
             });
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
+                label: Some(label),
                 layout: None,
                 module: &module,
                 entry_point: Some("main"),
@@ -173,7 +184,6 @@ impl Gpu {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuError(format!("{label}: {e}")));
         }
-        pipelines.insert(source, pipeline.clone());
         Ok(pipeline)
     }
 

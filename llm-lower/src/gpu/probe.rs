@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{GpuError, device::Gpu, validate};
+use super::{GpuError, device::Gpu};
 
 /// Invocations per workgroup of the probe.
 const PROBE_WORKGROUP: u32 = 256;
@@ -36,24 +36,8 @@ impl ReadProbe {
     /// A probe over `bytes` (capped at the device's binding limit, rounded down to 16).
     pub fn new(gpu: Arc<Gpu>, bytes: u64) -> Result<ReadProbe, GpuError> {
         let bytes = bytes.min(gpu.limits().max_binding_bytes) / 16 * 16;
-        validate(PROBE)?;
+        let pipeline = gpu.compile("read probe", PROBE)?;
         let device = gpu.device();
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("read probe"),
-            source: wgpu::ShaderSource::Wgsl(PROBE.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("read probe"),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(GpuError(format!("read probe: {e}")));
-        }
         let src = gpu.storage("read probe source", bytes);
         let sums = gpu.storage(
             "read probe sums",
