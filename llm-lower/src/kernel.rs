@@ -348,6 +348,25 @@ pub enum Movement {
     },
 }
 
+/// Checks the run-time shapes of a contiguous attention's queries `q` (`[.., tq, heads, d]`),
+/// keys `k` and values `v` (`[.., tk, kv_heads, d]`, the same batch dims), and returns
+/// `[tq, tk]`; a causal attention needs at least as many keys as queries.
+pub fn contiguous_attention_shape(
+    [q, k, v]: [&[usize]; 3],
+    [kv_heads, d]: [usize; 2],
+    causal: bool,
+) -> Result<[usize; 2], String> {
+    let r = q.len();
+    let fits =
+        r >= 3 && k == v && k.len() == r && k[r - 2..] == [kv_heads, d] && k[..r - 3] == q[..r - 3];
+    if !fits || (causal && k[r - 3] < q[r - 3]) {
+        return Err(format!(
+            "q {q:?}, k {k:?} and v {v:?} do not fit together at run time"
+        ));
+    }
+    Ok([q[r - 3], k[r - 3]])
+}
+
 /// One kernel family instance.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kernel {

@@ -19,7 +19,7 @@ use llm_lower::{
     cpu::{Options, Program, Target},
     gpu::{self, Gpu, GpuOptions, Rows},
 };
-use pliron::context::Context;
+use pliron::{builtin::ops::FuncOp, context::Context};
 use proptest::prelude::*;
 
 /// Seeded uniform values in [-scale, scale).
@@ -97,17 +97,7 @@ fn agree_fused(
     tol: f32,
     fused: usize,
 ) -> Result<(), TestCaseError> {
-    let mut ctx = Context::new();
-    let module =
-        text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
-    let func = interp::find_func(&ctx, module, "f").expect("@f");
-    let interpreter = Interpreter::new(&ctx, weights);
-    let want = interpreter
-        .run(func, args.clone())
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let hoisted = interpreter
-        .hoist(func)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let (ctx, func, want, hoisted) = reference(ir, &args, weights)?;
     let mut runs: Vec<(String, Vec<Value>)> = Vec::new();
     for (threads, microkernels) in [(1, true), (2, true), (1, false)] {
         let options = Options {
@@ -144,12 +134,33 @@ fn agree_fused(
     compare(&runs, &want, tol, ir)
 }
 
+/// Parses `ir`, runs its `@f` on `args` with the interpreter (the expected results) and
+/// hoists its weight-derived values, as a model's runtime does.
+fn reference(
+    ir: &str,
+    args: &[Value],
+    weights: &Store,
+) -> Result<(Context, FuncOp, Vec<Value>, Hoisted), TestCaseError> {
+    let mut ctx = Context::new();
+    let module =
+        text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
+    let func = interp::find_func(&ctx, module, "f").expect("@f");
+    let interpreter = Interpreter::new(&ctx, weights);
+    let want = interpreter
+        .run(func, args.to_vec())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let hoisted = interpreter
+        .hoist(func)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    Ok((ctx, func, want, hoisted))
+}
+
 /// Compiles `func` for the GPU shaped for both `Rows`, checks each program's `stats`, and
 /// runs it on `args`.
 fn runs_on_gpu(
     gpu: Arc<Gpu>,
     ctx: &Context,
-    func: pliron::builtin::ops::FuncOp,
+    func: FuncOp,
     hoisted: &Hoisted,
     (weights, args): (&dyn WeightStore, &[Value]),
     check: impl Fn(&gpu::LoweringStats) -> Result<(), TestCaseError>,
@@ -205,17 +216,7 @@ fn gpu_agrees_with(
         return Ok(());
     };
     let f16_weights = if gpu.has_f16() { f16_weights } else { 0 };
-    let mut ctx = Context::new();
-    let module =
-        text::parse_module(&mut ctx, ir).map_err(|d| TestCaseError::fail(d.render("t")))?;
-    let func = interp::find_func(&ctx, module, "f").expect("@f");
-    let interpreter = Interpreter::new(&ctx, store);
-    let want = interpreter
-        .run(func, args.clone())
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let hoisted = interpreter
-        .hoist(func)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let (ctx, func, want, hoisted) = reference(ir, &args, store)?;
     let runs = runs_on_gpu(gpu, &ctx, func, &hoisted, (store, &args), |stats| {
         prop_assert!(stats.reference_ops.is_empty(), "not lowered: {ir}");
         prop_assert_eq!(stats.f16_weights, f16_weights, "f16 weights");
@@ -939,13 +940,8 @@ fn f16_caches_stay_on_the_host_on_the_gpu() {
         ints(&[1, 1], vec![1]),
         ints(&[1], vec![t as i64]),
     ];
-    let mut ctx = Context::new();
-    let module = text::parse_module(&mut ctx, &ir).expect("parses");
-    let func = interp::find_func(&ctx, module, "f").expect("@f");
     let store = Store(Vec::new());
-    let interpreter = Interpreter::new(&ctx, &store);
-    let want = interpreter.run(func, args.clone()).expect("interpreter");
-    let hoisted = interpreter.hoist(func).expect("hoists");
+    let (ctx, func, want, hoisted) = reference(&ir, &args, &store).expect("interpreter");
     let program = gpu::Compiler::new(gpu)
         .build(&ctx, func, &hoisted, Rows::Few)
         .expect("compiles");

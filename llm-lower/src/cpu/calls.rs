@@ -11,7 +11,7 @@ use llm_ir::{
     interp::{
         Data, KvCache, QTensor, Tensor, Value,
         eval::{
-            attention::{for_each_paged_row, rope_sin_cos},
+            attention::{for_each_paged_row, rope_tables},
             fused::ScalarBody,
             kv::append_rows,
             resolve_shape,
@@ -22,7 +22,10 @@ use llm_ir::{
 
 use super::{jit::CompiledKernels, workers::Workers};
 use crate::{
-    kernel::{AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat, panel_row},
+    kernel::{
+        AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
+        contiguous_attention_shape, panel_row,
+    },
     selection::Chosen,
 };
 
@@ -390,17 +393,7 @@ impl RopeTables {
             .iter()
             .position(|t| t.angles == *angles && t.positions == positions);
         let i = found.unwrap_or_else(|| {
-            let pairs = angles.rotary / 2;
-            let mut cos = Vec::with_capacity(positions.len() * pairs);
-            let mut sin = Vec::with_capacity(positions.len() * pairs);
-            for &p in positions {
-                let p = p as f32 / angles.scaling;
-                for i in 0..pairs {
-                    let (s, c) = rope_sin_cos(p, angles.theta, i, angles.rotary);
-                    sin.push(s);
-                    cos.push(c);
-                }
-            }
+            let (cos, sin) = rope_tables(positions, angles.theta, angles.scaling, angles.rotary);
             tables.push(RopeTable {
                 angles: *angles,
                 positions: positions.to_vec(),
@@ -550,17 +543,11 @@ fn attention(
         AttentionSource::Contiguous { causal, window, .. } => {
             let (kt, vt) = (inputs[1].tensor()?, inputs[2].tensor()?);
             let r = q.shape.len();
-            let (tq, tk) = (q.shape[r - 3], kt.shape[r - 3]);
-            if kt.shape != vt.shape
-                || kt.shape[r - 2..] != [kv_heads, d]
-                || kt.shape[..r - 3] != q.shape[..r - 3]
-                || (causal && tk < tq)
-            {
-                return Err(format!(
-                    "q {:?}, k {:?} and v {:?} do not fit together at run time",
-                    q.shape, kt.shape, vt.shape
-                ));
-            }
+            let [tq, tk] = contiguous_attention_shape(
+                [&q.shape, &kt.shape, &vt.shape],
+                [kv_heads, d],
+                causal,
+            )?;
             let (kd, vd) = (kt.floats()?, vt.floats()?);
             let batch: usize = q.shape[..r - 3].iter().product();
             let mut offsets = Vec::new();

@@ -13,7 +13,7 @@ use llm_ir::{
     interp::{
         self, KvCache, QTensor, Tensor, Value, WeightStore,
         eval::{
-            attention::{for_each_paged_row, rope_sin_cos, slot_of},
+            attention::{for_each_paged_row, rope_tables, slot_of},
             elementwise::broadcast,
             resolve_shape,
         },
@@ -30,9 +30,15 @@ use super::{
     wgsl::{CONTRACTION_ROWS, PARAM_WORDS, TILE, WORKGROUP},
 };
 use crate::{
-    kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat},
+    kernel::{
+        AttentionSource, Contraction, Kernel, Movement, WeightFormat, contiguous_attention_shape,
+    },
     selection::weight_operand,
 };
+
+/// What identifies a rope table within a call: theta's and scaling's bits, the rotated
+/// values per head, and the slot of the positions.
+type RopeKey = (u32, u32, usize, usize);
 
 /// The strides (in elements) with which an operand of `shape` is read for each of the
 /// rank-4 result `dims`: its own strides, right-aligned, and 0 along its broadcast dims.
@@ -88,6 +94,9 @@ pub(super) struct Call<'a> {
     params: Vec<u8>,
     /// (tables, lens, tokens, window) combinations already checked.
     validated: HashSet<(usize, usize, usize, usize)>,
+    /// The rope tables uploaded this call, by theta and scaling bits, rotated values and
+    /// the positions' slot.
+    ropes: Vec<(RopeKey, (wgpu::Buffer, wgpu::Buffer))>,
 }
 
 impl Call<'_> {
@@ -99,6 +108,7 @@ impl Call<'_> {
             pending: Vec::new(),
             params: Vec::new(),
             validated: HashSet::new(),
+            ropes: Vec::new(),
         }
     }
 
@@ -529,26 +539,31 @@ impl Call<'_> {
                         x.shape
                     ));
                 }
-                let (theta, scaling) = (f32::from_bits(*theta_bits), f32::from_bits(*scaling_bits));
-                let pairs = rotary / 2;
-                let mut cos = Vec::with_capacity(positions.len() * pairs);
-                let mut sin = Vec::with_capacity(positions.len() * pairs);
-                for &p in positions {
-                    let p = p as f32 / scaling;
-                    for i in 0..pairs {
-                        let (s, c) = rope_sin_cos(p, theta, i, *rotary);
-                        sin.push(s);
-                        cos.push(c);
+                let tokens = positions.len();
+                // Every layer's q and k rotate by the same positions: the tables are made
+                // and uploaded once per call.
+                let key = (*theta_bits, *scaling_bits, *rotary, step.inputs[1]);
+                let (cos_b, sin_b) = match self.ropes.iter().find(|(k, _)| *k == key) {
+                    Some((_, tables)) => tables.clone(),
+                    None => {
+                        let (cos, sin) = rope_tables(
+                            positions,
+                            f32::from_bits(*theta_bits),
+                            f32::from_bits(*scaling_bits),
+                            *rotary,
+                        );
+                        let cos_b = self.output(index, 1, cos.len() * 4);
+                        let sin_b = self.output(index, 2, sin.len() * 4);
+                        self.gpu().write(&cos_b, 0, bytemuck::cast_slice(&cos));
+                        self.gpu().write(&sin_b, 0, bytemuck::cast_slice(&sin));
+                        self.ropes.push((key, (cos_b.clone(), sin_b.clone())));
+                        (cos_b, sin_b)
                     }
-                }
-                let cos_b = self.output(index, 1, cos.len() * 4);
-                let sin_b = self.output(index, 2, sin.len() * 4);
-                self.gpu().write(&cos_b, 0, bytemuck::cast_slice(&cos));
-                self.gpu().write(&sin_b, 0, bytemuck::cast_slice(&sin));
+                };
                 let y = self.output(index, 0, x.len() * 4);
                 self.dispatch(
                     &pipelines[0],
-                    &[positions.len() as u32],
+                    &[tokens as u32],
                     &[x.whole()?, &cos_b, &sin_b, &y],
                     x.len().div_ceil(WG),
                 )?;
@@ -809,18 +824,11 @@ impl Call<'_> {
                 masked,
             } => {
                 let (kt, vt) = (self.device(step.inputs[1])?, self.device(step.inputs[2])?);
-                let (tq, tk) = (q.shape[r - 3], kt.shape.get(r - 3).copied().unwrap_or(0));
-                if kt.shape != vt.shape
-                    || kt.shape.len() != r
-                    || kt.shape[r - 2..] != [kv_heads, d]
-                    || kt.shape[..r - 3] != q.shape[..r - 3]
-                    || (causal && tk < tq)
-                {
-                    return Err(format!(
-                        "q {:?}, k {:?} and v {:?} do not fit together at run time",
-                        q.shape, kt.shape, vt.shape
-                    ));
-                }
+                let [tq, tk] = contiguous_attention_shape(
+                    [&q.shape, &kt.shape, &vt.shape],
+                    [kv_heads, d],
+                    causal,
+                )?;
                 let rows = q.len() / (heads * d);
                 let words = [
                     rows as u32,

@@ -273,6 +273,29 @@ pub fn rope_sin_cos(p: f32, theta: f32, i: usize, rotary: usize) -> (f32, f32) {
     (angle.sin(), angle.cos())
 }
 
+/// The cosines and sines of every pair's rotation at each of `positions` (scaled by
+/// `1 / scaling`), token-major with `rotary / 2` per token: the tables the backends hand
+/// their rope kernels, computed exactly as `llm.rope` computes each angle.
+pub fn rope_tables(
+    positions: &[i64],
+    theta: f32,
+    scaling: f32,
+    rotary: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let pairs = rotary / 2;
+    let mut cos = Vec::with_capacity(positions.len() * pairs);
+    let mut sin = Vec::with_capacity(positions.len() * pairs);
+    for &p in positions {
+        let p = p as f32 / scaling;
+        for i in 0..pairs {
+            let (s, c) = rope_sin_cos(p, theta, i, rotary);
+            sin.push(s);
+            cos.push(c);
+        }
+    }
+    (cos, sin)
+}
+
 /// `llm.rope`.
 pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (x, pos) = (inputs[0].tensor()?, inputs[1].tensor()?);
