@@ -16,7 +16,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use llm_ir::{text, types::QuantFormat};
+use llm_ir::{dtype::DType, text, types::QuantFormat};
 use llm_runtime::{generate::Backend, model, sampler::SamplerConfig, synth};
 use llmc::{exec, serve};
 use pliron::context::Context;
@@ -54,6 +54,21 @@ enum Quantize {
     /// 4-bit K-quant, super-blocks of 256.
     #[value(name = "q4_k")]
     Q4K,
+    /// 6-bit K-quant, super-blocks of 256.
+    #[value(name = "q6_k")]
+    Q6K,
+    /// 2-bit K-quant, super-blocks of 256.
+    #[value(name = "q2_k")]
+    Q2K,
+    /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
+    #[value(name = "nf4")]
+    Nf4,
+    /// Symmetric 8-bit integers, an f16 scale per 32 values of a row.
+    #[value(name = "int8")]
+    Int8,
+    /// Symmetric 4-bit integers, an f16 scale per 32 values of a row.
+    #[value(name = "int4")]
+    Int4,
 }
 
 impl Quantize {
@@ -63,6 +78,19 @@ impl Quantize {
             Quantize::Q4_0 => QuantFormat::Q4_0,
             Quantize::Q4_1 => QuantFormat::Q4_1,
             Quantize::Q4K => QuantFormat::Q4K,
+            Quantize::Q6K => QuantFormat::Q6K,
+            Quantize::Q2K => QuantFormat::Q2K,
+            Quantize::Nf4 => QuantFormat::Nf4 {
+                block_size: 64,
+                scale: DType::F16,
+            },
+            Quantize::Int8 | Quantize::Int4 => QuantFormat::Affine {
+                bits: if matches!(self, Quantize::Int8) { 8 } else { 4 },
+                group_size: 32,
+                symmetric: true,
+                axis: 1,
+                scale: DType::F16,
+            },
         }
     }
 }

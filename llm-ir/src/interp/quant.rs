@@ -159,6 +159,57 @@ pub fn dequantize(format: &QuantFormat, shape: &[usize], bytes: &[u8]) -> Vec<f3
     }
 }
 
+/// Expands row `row` of the `[rows, k]` matrix `bytes` (checked by the caller to hold
+/// `storage_bytes(format, shape)`) into `out` (`k` floats): what [`dequantize`] gives for
+/// that row, without expanding the others (an embedding's gather).
+pub fn dequantize_row(
+    format: &QuantFormat,
+    shape: [usize; 2],
+    bytes: &[u8],
+    row: usize,
+    out: &mut [f32],
+) {
+    let k = shape[1];
+    let first = row * k;
+    match format {
+        QuantFormat::Nf4 { block_size, scale } => {
+            let n = shape[0] * k;
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = nf4_value(*block_size as usize, *scale, n, bytes, first + c);
+            }
+        }
+        QuantFormat::Affine {
+            bits,
+            group_size,
+            symmetric,
+            axis,
+            scale,
+        } => {
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = affine_value(
+                    *bits,
+                    *group_size as usize,
+                    *symmetric,
+                    *axis as usize,
+                    *scale,
+                    &shape,
+                    bytes,
+                    first + c,
+                );
+            }
+        }
+        gguf => {
+            let block_bytes = gguf.gguf_block_bytes().unwrap_or(1) as usize;
+            let row_bytes = k / format.block_elems() as usize * block_bytes;
+            let mut values = Vec::with_capacity(k);
+            for block in bytes[row * row_bytes..][..row_bytes].chunks(block_bytes) {
+                dequantize_gguf_block(gguf, block, &mut values);
+            }
+            out.copy_from_slice(&values);
+        }
+    }
+}
+
 /// Dequantizes one GGUF block, appending its values to `out`.
 pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>) {
     match format {
@@ -666,30 +717,38 @@ fn quantize_nf4(block: usize, scale: DType, values: &[f32]) -> Vec<u8> {
 
 fn dequantize_nf4(block: usize, scale: DType, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    let scales_at = n.div_ceil(2);
     (0..n)
-        .map(|i| {
-            let s = read_scale(bytes, scales_at + (i / block) * scale_bytes(scale), scale);
-            NF4_LEVELS[code_at(bytes, i, 4) as usize] * s
-        })
+        .map(|i| nf4_value(block, scale, n, bytes, i))
         .collect()
+}
+
+/// Element `i` of an nf4 tensor of `n` values.
+fn nf4_value(block: usize, scale: DType, n: usize, bytes: &[u8], i: usize) -> f32 {
+    let s = read_scale(
+        bytes,
+        n.div_ceil(2) + (i / block) * scale_bytes(scale),
+        scale,
+    );
+    NF4_LEVELS[code_at(bytes, i, 4) as usize] * s
 }
 
 /// The group index of every element for groups of `group` along `axis`, and the group count.
 fn affine_groups(shape: &[usize], axis: usize, group: usize) -> (Vec<usize>, usize) {
+    let n: usize = shape.iter().product();
+    let index = (0..n)
+        .map(|i| affine_group(shape, axis, group, i))
+        .collect();
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    (index, outer * (shape[axis] / group) * inner)
+}
+
+/// The group of element `i` (row-major) for groups of `group` along `axis`.
+fn affine_group(shape: &[usize], axis: usize, group: usize, i: usize) -> usize {
     let inner: usize = shape[axis + 1..].iter().product();
     let dim = shape[axis];
-    let outer: usize = shape[..axis].iter().product();
-    let groups_along = dim / group;
-    let mut index = Vec::with_capacity(outer * dim * inner);
-    for o in 0..outer {
-        for a in 0..dim {
-            for i in 0..inner {
-                index.push((o * groups_along + a / group) * inner + i);
-            }
-        }
-    }
-    (index, outer * groups_along * inner)
+    let (o, a, within) = (i / (dim * inner), i / inner % dim, i % inner);
+    (o * (dim / group) + a / group) * inner + within
 }
 
 fn quantize_affine(
@@ -756,28 +815,44 @@ fn dequantize_affine(
     shape: &[usize],
     bytes: &[u8],
 ) -> Vec<f32> {
-    let (index, count) = affine_groups(shape, axis, group);
-    let n = index.len();
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|i| affine_value(bits, group, symmetric, axis, scale, shape, bytes, i))
+        .collect()
+}
+
+/// Element `i` (row-major) of an affine-quantized tensor.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the fields of QuantFormat::Affine"
+)]
+fn affine_value(
+    bits: u8,
+    group: usize,
+    symmetric: bool,
+    axis: usize,
+    scale: DType,
+    shape: &[usize],
+    bytes: &[u8],
+    i: usize,
+) -> f32 {
+    let n: usize = shape.iter().product();
+    let count = n / group;
     let scales_at = (n * bits as usize).div_ceil(8);
     let zeros_at = scales_at + count * scale_bytes(scale);
     let sign_bit = 1u8 << (bits - 1);
-    index
-        .iter()
-        .enumerate()
-        .map(|(i, &g)| {
-            let s = read_scale(bytes, scales_at + g * scale_bytes(scale), scale);
-            let code = code_at(bytes, i, bits as usize);
-            let q = if symmetric {
-                // Sign-extend the N-bit code.
-                if bits < 8 && code & sign_bit != 0 {
-                    i32::from(code) - (1 << bits)
-                } else {
-                    i32::from(code as i8)
-                }
-            } else {
-                i32::from(code) - i32::from(bytes[zeros_at + g])
-            };
-            q as f32 * s
-        })
-        .collect()
+    let g = affine_group(shape, axis, group, i);
+    let s = read_scale(bytes, scales_at + g * scale_bytes(scale), scale);
+    let code = code_at(bytes, i, bits as usize);
+    let q = if symmetric {
+        // Sign-extend the N-bit code.
+        if bits < 8 && code & sign_bit != 0 {
+            i32::from(code) - (1 << bits)
+        } else {
+            i32::from(code as i8)
+        }
+    } else {
+        i32::from(code) - i32::from(bytes[zeros_at + g])
+    };
+    q as f32 * s
 }

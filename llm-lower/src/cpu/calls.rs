@@ -16,6 +16,7 @@ use llm_ir::{
             kv::append_rows,
             resolve_shape,
         },
+        quant::{dequantize_row, storage_bytes},
     },
     syntax::Dim,
 };
@@ -186,9 +187,13 @@ fn contraction(
             as_bytes(t.floats()?)
         }
         (
-            WeightFormat::Q8_0 | WeightFormat::Q4_0,
-            Value::Quantized(QTensor { shape, bytes, .. }),
-        ) if *shape == [c.n, c.k] => bytes,
+            _,
+            Value::Quantized(QTensor {
+                shape,
+                bytes,
+                format,
+            }),
+        ) if *shape == [c.n, c.k] && c.weight.quant_format().as_ref() == Some(format) => bytes,
         (_, other) => {
             return Err(format!(
                 "the weight ({}) is not a {}x{} matrix",
@@ -198,7 +203,11 @@ fn contraction(
             ));
         }
     };
-    if wbytes.len() != c.n * c.weight.row_bytes(c.k) {
+    let expected = match c.weight.quant_format() {
+        Some(format) => storage_bytes(&format, &[c.n, c.k]),
+        None => c.n * c.weight.row_bytes(c.k),
+    };
+    if wbytes.len() != expected {
         return Err(format!("the weight holds {} bytes", wbytes.len()));
     }
     let mut shape = x.shape[..x.shape.len() - 1].to_vec();
@@ -616,10 +625,31 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
             *shape.last_mut().ok_or("a scalar has no columns")? = len;
             tensor(Tensor::from_f32(shape, DType::F32, out))
         }
-        Movement::Rows { dim, panels, .. } => {
-            let (table, ids) = (inputs[0].tensor()?, inputs[1].tensor()?);
-            let td = table.floats()?;
-            let vocab = td.len() / dim.max(1);
+        Movement::Rows {
+            dim, vocab, panels, ..
+        } => {
+            let ids = inputs[1].tensor()?;
+            // A quantized table's rows are decoded one by one, never the whole table.
+            let table = match &*inputs[0] {
+                Value::Quantized(q) if q.shape == [vocab, dim] => {
+                    let expected = storage_bytes(&q.format, &q.shape);
+                    if q.bytes.len() != expected {
+                        return Err(format!(
+                            "the table holds {} bytes, not {expected}",
+                            q.bytes.len()
+                        ));
+                    }
+                    Table::Quantized(q)
+                }
+                other => {
+                    let t = other.tensor()?;
+                    let td = t.floats()?;
+                    if td.len() != vocab * dim {
+                        return Err(format!("the table {:?} is not {vocab}x{dim}", t.shape));
+                    }
+                    Table::Floats(td)
+                }
+            };
             let mut out = vec![0f32; ids.len() * dim];
             for (&id, row) in ids.ints()?.iter().zip(out.chunks_exact_mut(dim.max(1))) {
                 if id < 0 || id as usize >= vocab {
@@ -627,10 +657,12 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
                         "token id {id} is out of range for a table of {vocab} rows"
                     ));
                 }
-                if panels {
-                    panel_row(td, vocab, dim, id as usize, row);
-                } else {
-                    row.copy_from_slice(&td[id as usize * dim..][..dim]);
+                match table {
+                    Table::Floats(td) if panels => panel_row(td, vocab, dim, id as usize, row),
+                    Table::Floats(td) => row.copy_from_slice(&td[id as usize * dim..][..dim]),
+                    Table::Quantized(q) => {
+                        dequantize_row(&q.format, [vocab, dim], &q.bytes, id as usize, row)
+                    }
                 }
             }
             let mut shape = ids.shape.clone();
@@ -638,6 +670,14 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
             tensor(Tensor::from_f32(shape, DType::F32, out))
         }
     }
+}
+
+/// An embedding table as a gather reads it.
+enum Table<'a> {
+    /// f32 rows (row major, or in panels).
+    Floats(&'a [f32]),
+    /// Quantized rows, decoded as they are gathered.
+    Quantized(&'a QTensor),
 }
 
 /// The bytes of a float slice.

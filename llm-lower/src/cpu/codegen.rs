@@ -6,7 +6,7 @@
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
 use cranelift_codegen::ir::{
-    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value,
+    FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value,
     condcodes::{FloatCC, IntCC},
     types,
 };
@@ -16,7 +16,10 @@ use llm_ir::interp::eval::{
     fused::{ScalarBody, ScalarStep},
 };
 
-use super::emit::{address, exp, for_range, horizontal_sum, mem, splat};
+use super::{
+    dequant,
+    emit::{accumulate, address, exp, for_range, horizontal_sum, mem, splat, zeroed_accumulators},
+};
 use crate::kernel::{Contraction, Kernel, PANEL_COLS, PANEL_ROWS, WeightFormat};
 
 /// Number of `i64` parameters of `kernel`'s function.
@@ -185,9 +188,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                     (WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN, _) => {
                         vec![dot_f32(b, xrow, wblock, c.k)]
                     }
-                    (WeightFormat::Q8_0, None) => vec![dot_q8_0(b, xrow, wblock, c.k)],
-                    (WeightFormat::Q4_0, None) => vec![dot_q4_0(b, xrow, wblock, c.k)],
-                    (other, _) => unreachable!("jit::compile rejects {other:?} weights"),
+                    _ => vec![dequant::dot_row(b, c, xrow, w, j, wblock)],
                 };
                 let count = sums.len();
                 for (r, s) in sums.into_iter().enumerate() {
@@ -197,25 +198,6 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
             });
         });
     }
-}
-
-/// Declares `count` `f32x4` accumulators set to zero.
-fn zeroed_accumulators(b: &mut FunctionBuilder, count: usize) -> Vec<Variable> {
-    let z = splat(b, 0.0);
-    (0..count)
-        .map(|_| {
-            let v = b.declare_var(types::F32X4);
-            b.def_var(v, z);
-            v
-        })
-        .collect()
-}
-
-/// `acc += a * x` on a variable.
-fn accumulate(b: &mut FunctionBuilder, acc: Variable, a: Value, x: Value) {
-    let old = b.use_var(acc);
-    let new = b.ins().fma(a, x, old);
-    b.def_var(acc, new);
 }
 
 /// Dot products of one row of x with the [`PANEL_ROWS`] rows of a weight panel (layout in
@@ -309,109 +291,6 @@ fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
         s = b.ins().fma(ws, xs, s);
     }
     s
-}
-
-/// The f32 value of the little-endian f16 at `at + offset` (normal and subnormal values;
-/// block scales are never infinite or NaN).
-fn load_f16(b: &mut FunctionBuilder, at: Value, offset: i32) -> Value {
-    let h = b.ins().uload16(types::I32, mem(), at, offset);
-    let magnitude = b.ins().band_imm_s(h, 0x7fff);
-    let shifted = b.ins().ishl_imm_s(magnitude, 13);
-    let f = b.ins().bitcast(types::F32, MemFlagsData::new(), shifted);
-    // Rebias the exponent from 15 to 127: multiply by 2^112.
-    let rebias = b.ins().f32const(f32::from_bits((127 + 112) << 23));
-    let value = b.ins().fmul(f, rebias);
-    let sign = b.ins().band_imm_s(h, 0x8000);
-    let sign = b.ins().ishl_imm_s(sign, 16);
-    let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), value);
-    let bits = b.ins().bor(bits, sign);
-    b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
-}
-
-/// Eight signed bytes widened to two `f32x4`.
-fn widen_i16x8(b: &mut FunctionBuilder, v16: Value) -> [Value; 2] {
-    let lo = b.ins().swiden_low(v16);
-    let hi = b.ins().swiden_high(v16);
-    [
-        b.ins().fcvt_from_sint(types::F32X4, lo),
-        b.ins().fcvt_from_sint(types::F32X4, hi),
-    ]
-}
-
-/// Per-block dot product shared by the quantized formats: for each block of 32, `weights`
-/// emits the 8 `f32x4` of dequantized-but-unscaled weights (in element order, as pairs
-/// per 8), which meet x in a block accumulator that is then scaled by the block's f16 scale.
-fn dot_blocks(
-    b: &mut FunctionBuilder,
-    x: Value,
-    w: Value,
-    k: usize,
-    block_bytes: i64,
-    weights: impl Fn(&mut FunctionBuilder, Value) -> [Value; 8],
-) -> Value {
-    let acc = zeroed_accumulators(b, 2);
-    let zero = b.ins().iconst(types::I64, 0);
-    let blocks = b.ins().iconst(types::I64, (k / 32) as i64);
-    for_range(b, zero, blocks, 1, |b, blk| {
-        let wb = address(b, w, blk, block_bytes);
-        let xb = address(b, x, blk, 128);
-        let scale = load_f16(b, wb, 0);
-        let q = weights(b, wb);
-        let mut sums = [splat(b, 0.0), splat(b, 0.0)];
-        for (c, qv) in q.into_iter().enumerate() {
-            let xv = b.ins().load(types::F32X4, mem(), xb, 16 * c as i32);
-            sums[c % 2] = b.ins().fma(qv, xv, sums[c % 2]);
-        }
-        let total = b.ins().fadd(sums[0], sums[1]);
-        let scale = b.ins().splat(types::F32X4, scale);
-        let old = b.use_var(acc[0]);
-        let new = b.ins().fma(total, scale, old);
-        b.def_var(acc[0], new);
-    });
-    let a = b.use_var(acc[0]);
-    horizontal_sum(b, a)
-}
-
-/// Dot product of x with one q8_0 row: bytes widened in registers, never stored as f32.
-fn dot_q8_0(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
-    dot_blocks(b, x, w, k, 34, |b, wb| {
-        let mut out = [wb; 8];
-        for half in 0..4 {
-            let v16 = b.ins().sload8x8(mem(), wb, 2 + 8 * half as i32);
-            let [lo, hi] = widen_i16x8(b, v16);
-            out[2 * half] = lo;
-            out[2 * half + 1] = hi;
-        }
-        out
-    })
-}
-
-/// Dot product of x with one q4_0 row: nibbles unpacked and recentred in registers.
-fn dot_q4_0(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
-    dot_blocks(b, x, w, k, 18, |b, wb| {
-        let packed = b.ins().load(types::I8X16, mem(), wb, 2);
-        let mask = b.ins().iconst(types::I8, 0x0f);
-        let mask = b.ins().splat(types::I8X16, mask);
-        let eight = b.ins().iconst(types::I8, 8);
-        let eight = b.ins().splat(types::I8X16, eight);
-        let low = b.ins().band(packed, mask);
-        let four = b.ins().iconst(types::I32, 4);
-        let high = b.ins().ushr(packed, four);
-        let high = b.ins().band(high, mask);
-        let mut out = [wb; 8];
-        for (h, nibbles) in [low, high].into_iter().enumerate() {
-            let centred = b.ins().isub(nibbles, eight);
-            for (q, v16) in [b.ins().swiden_low(centred), b.ins().swiden_high(centred)]
-                .into_iter()
-                .enumerate()
-            {
-                let [lo, hi] = widen_i16x8(b, v16);
-                out[4 * h + 2 * q] = lo;
-                out[4 * h + 2 * q + 1] = hi;
-            }
-        }
-        out
-    })
 }
 
 /// The value of a scalar body on `f32x4` lanes.

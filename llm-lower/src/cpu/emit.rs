@@ -1,8 +1,8 @@
 //! CLIF building blocks shared by the kernel generators: counted loops, memory flags,
-//! horizontal sums and the inline polynomial `exp`.
+//! vector accumulators, horizontal sums and the inline polynomial `exp`.
 
 use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, condcodes::IntCC, types};
-use cranelift_frontend::FunctionBuilder;
+use cranelift_frontend::{FunctionBuilder, Variable};
 
 /// Loads and stores through pointers the caller validated: they cannot trap, but need not
 /// be aligned.
@@ -47,6 +47,25 @@ pub fn horizontal_sum(b: &mut FunctionBuilder, v: Value) -> Value {
     let lo = b.ins().fadd(lanes[0], lanes[1]);
     let hi = b.ins().fadd(lanes[2], lanes[3]);
     b.ins().fadd(lo, hi)
+}
+
+/// Declares `count` `f32x4` accumulators set to zero.
+pub fn zeroed_accumulators(b: &mut FunctionBuilder, count: usize) -> Vec<Variable> {
+    let z = splat(b, 0.0);
+    (0..count)
+        .map(|_| {
+            let v = b.declare_var(types::F32X4);
+            b.def_var(v, z);
+            v
+        })
+        .collect()
+}
+
+/// `acc += a * x` on a variable.
+pub fn accumulate(b: &mut FunctionBuilder, acc: Variable, a: Value, x: Value) {
+    let old = b.use_var(acc);
+    let new = b.ins().fma(a, x, old);
+    b.def_var(acc, new);
 }
 
 /// An `f32x4` with every lane `c`.

@@ -69,7 +69,15 @@ pub fn isa(target: Target) -> Result<OwnedTargetIsa, JitError> {
         Target::PinnedX86 => {
             let mut b = cranelift_codegen::isa::lookup_by_name("x86_64-unknown-linux-gnu")
                 .map_err(|e| fail("x86-64 ISA", e))?;
-            for f in ["has_sse41", "has_sse42", "has_avx", "has_avx2", "has_fma"] {
+            for f in [
+                "has_sse3",
+                "has_ssse3",
+                "has_sse41",
+                "has_sse42",
+                "has_avx",
+                "has_avx2",
+                "has_fma",
+            ] {
                 b.enable(f).map_err(|e| fail(f, e))?;
             }
             b

@@ -6,6 +6,7 @@
 
 pub mod calls;
 pub mod codegen;
+pub mod dequant;
 pub mod emit;
 pub mod jit;
 pub mod program;
@@ -20,20 +21,19 @@ use pliron::{
 
 pub use jit::{JitError, Target};
 
-use crate::kernel::{AttentionSource, Kernel, Movement, WeightFormat};
+use crate::kernel::{AttentionSource, Kernel, Movement};
 pub use program::{Compiler, LoweringStats, Options, Program};
 
-/// Whether the CPU backend generates `kernel`: its contractions read f32, q8_0 and q4_0
-/// weights, its embeddings gather from float tables, its softmax and argmax reduce the
-/// last axis, its attention takes no mask; casts, quantization, broadcasting elementwise bodies, general
-/// (batched or run-time rhs) matmuls,
-/// transposes, concatenations,
-/// dequantizations, the other formats and the KV cache ops (which the reference runs in
-/// place) run through their reference semantics.
+/// Whether the CPU backend generates `kernel`: its contractions read f32 weights and every
+/// quantized format (decoded in registers, [`dequant`]), its embeddings gather from float
+/// and quantized tables, its softmax and argmax reduce the last axis, its attention takes
+/// no mask; casts, quantization, broadcasting elementwise bodies, general (batched or
+/// run-time rhs) matmuls, transposes, concatenations, dequantizations and the KV cache ops
+/// (which the reference runs in place) run through their reference semantics.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Softmax { inner, .. } | Kernel::Argmax { inner, .. } => *inner == 1,
-        Kernel::Move(Movement::Rows { table, .. }) => *table == WeightFormat::F32,
+        Kernel::Move(Movement::Rows { table, .. }) => dequant::decodes(*table),
         Kernel::Attention {
             source: AttentionSource::Contiguous { masked, .. },
             ..
@@ -46,14 +46,7 @@ pub fn supports(kernel: &Kernel) -> bool {
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }
         | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,
-        Kernel::Contraction(c) => matches!(
-            c.weight,
-            WeightFormat::F32
-                | WeightFormat::F32Panels
-                | WeightFormat::F32KN
-                | WeightFormat::Q8_0
-                | WeightFormat::Q4_0
-        ),
+        Kernel::Contraction(c) => dequant::decodes(c.weight),
         _ => true,
     }
 }

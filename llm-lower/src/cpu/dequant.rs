@@ -1,0 +1,853 @@
+//! In-register decoding of quantized weight rows for the contraction kernels.
+//!
+//! Every quantized format a CPU contraction reads is decoded into `f32x4` lanes right
+//! before they meet x in a multiply-add: codes are loaded as bytes, unpacked with vector
+//! shifts, masks and shuffles, widened and converted; no weight is ever stored as f32.
+//!
+//! A row is a sequence of *runs*, consecutive weights that share a scale and an offset
+//! (`w = scale * q + offset`): a run's codes meet x unscaled, and the run adds
+//! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
+//! fixed blocks (32 values for q8_0/q4_0/q4_1, sub-blocks of 32 or 16 inside the 256-value
+//! super-blocks of q4_k/q6_k/q2_k); the whole-matrix formats (nf4, affine integers) have a
+//! run per scale group, decoded 32 values at a time with a scalar tail, or (affine groups
+//! along the output rows) a scale and zero point per column, decoded lane by lane.
+
+use cranelift_codegen::ir::{
+    ConstantData, Endianness, InstBuilder, MemFlagsData, Value, condcodes::IntCC, types,
+};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS};
+
+use super::emit::{
+    accumulate, address, for_range, horizontal_sum, mem, splat, zeroed_accumulators,
+};
+use crate::kernel::{Contraction, WeightFormat};
+
+/// Values a whole-matrix format decodes per vector step (16 code bytes of 4 bits).
+const CHUNK: usize = 32;
+
+/// Whether the CPU's generated code decodes `format`: every quantized format; `F16` weights
+/// are a GPU storage.
+pub fn decodes(format: WeightFormat) -> bool {
+    match format {
+        WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => true,
+        WeightFormat::Q8_0
+        | WeightFormat::Q4_0
+        | WeightFormat::Q4_1
+        | WeightFormat::Q4K
+        | WeightFormat::Q6K
+        | WeightFormat::Q2K => true,
+        WeightFormat::F16 => false,
+        WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
+    }
+}
+
+/// The dot product of the `k` floats at `x` with row `j` of the contraction's quantized
+/// weight, whose storage starts at `w` and whose row `j` starts at `row`.
+pub fn dot_row(
+    b: &mut FunctionBuilder,
+    c: &Contraction,
+    x: Value,
+    w: Value,
+    j: Value,
+    row: Value,
+) -> Value {
+    match c.weight {
+        WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => dot_whole(b, c, x, w, j, row),
+        format => dot_blocks(b, format, x, row, c.k),
+    }
+}
+
+/// Consecutive weights `scale * q + offset` of a row.
+struct Run {
+    /// The codes `q` as `f32x4`, in element order.
+    codes: Vec<Value>,
+    /// Byte offset of the run's first x value from the block's x.
+    x_at: i32,
+    /// The run's scale (`f32`).
+    scale: Value,
+    /// The run's offset (`f32`), if the format has one.
+    offset: Option<Value>,
+}
+
+/// `acc += scale * Σ q·x + offset * Σ x` over `run`, with x of the block at `xb`; the
+/// products go to two partial sums (lanes of even and odd vectors) to shorten the chain.
+fn accumulate_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
+    let mut sums = [splat(b, 0.0), splat(b, 0.0)];
+    let mut xsum = None;
+    for (c, &q) in run.codes.iter().enumerate() {
+        let xv = b
+            .ins()
+            .load(types::F32X4, mem(), xb, run.x_at + 16 * c as i32);
+        sums[c % 2] = b.ins().fma(q, xv, sums[c % 2]);
+        if run.offset.is_some() {
+            xsum = Some(match xsum {
+                Some(s) => b.ins().fadd(s, xv),
+                None => xv,
+            });
+        }
+    }
+    let total = b.ins().fadd(sums[0], sums[1]);
+    let scale = b.ins().splat(types::F32X4, run.scale);
+    accumulate(b, acc, total, scale);
+    if let (Some(offset), Some(xsum)) = (run.offset, xsum) {
+        let offset = b.ins().splat(types::F32X4, offset);
+        accumulate(b, acc, xsum, offset);
+    }
+}
+
+/// Dot product of x with a row of a GGUF block format: a loop over the row's blocks, each
+/// decoded into its runs.
+fn dot_blocks(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    x: Value,
+    row: Value,
+    k: usize,
+) -> Value {
+    let block = format.block().expect("a block format");
+    let block_bytes = format.row_bytes(block) as i64;
+    let acc = zeroed_accumulators(b, 1)[0];
+    let zero = b.ins().iconst(types::I64, 0);
+    let blocks = b.ins().iconst(types::I64, (k / block) as i64);
+    for_range(b, zero, blocks, 1, |b, blk| {
+        let wb = address(b, row, blk, block_bytes);
+        let xb = address(b, x, blk, 4 * block as i64);
+        let mut sink = |b: &mut FunctionBuilder, run: Run| accumulate_run(b, acc, xb, run);
+        match format {
+            WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
+            WeightFormat::Q4_0 | WeightFormat::Q4_1 => q4_runs(b, wb, format, &mut sink),
+            WeightFormat::Q4K => q4_k_runs(b, wb, &mut sink),
+            WeightFormat::Q6K => q6_k_runs(b, wb, &mut sink),
+            WeightFormat::Q2K => q2_k_runs(b, wb, &mut sink),
+            other => unreachable!("{other:?} is not a block format"),
+        }
+    });
+    let a = b.use_var(acc);
+    horizontal_sum(b, a)
+}
+
+/// Where a format's decoder sends its runs.
+type Sink<'a> = dyn FnMut(&mut FunctionBuilder, Run) + 'a;
+
+/// q8_0: an f16 scale and 32 signed bytes.
+fn q8_0_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let scale = load_f16(b, wb, 0);
+    let mut codes = Vec::with_capacity(8);
+    for half in 0..4 {
+        let v16 = b.ins().sload8x8(mem(), wb, 2 + 8 * half);
+        codes.extend(widen_i16x8(b, v16));
+    }
+    sink(
+        b,
+        Run {
+            codes,
+            x_at: 0,
+            scale,
+            offset: None,
+        },
+    );
+}
+
+/// q4_0 (an f16 scale, nibbles recentred by 8) and q4_1 (an f16 scale and minimum,
+/// unsigned nibbles): low nibbles are values 0..16, high nibbles 16..32.
+fn q4_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut Sink) {
+    let q4_0 = format == WeightFormat::Q4_0;
+    let scale = load_f16(b, wb, 0);
+    let offset = (!q4_0).then(|| load_f16(b, wb, 2));
+    let packed = b
+        .ins()
+        .load(types::I8X16, mem(), wb, if q4_0 { 2 } else { 4 });
+    let mut codes = Vec::with_capacity(8);
+    for nibbles in split_nibbles(b, packed) {
+        codes.extend(if q4_0 {
+            let eight = splat_i8(b, 8);
+            let centred = b.ins().isub(nibbles, eight);
+            bytes_to_f32(b, centred, true)
+        } else {
+            bytes_to_f32(b, nibbles, false)
+        });
+    }
+    sink(
+        b,
+        Run {
+            codes,
+            x_at: 0,
+            scale,
+            offset,
+        },
+    );
+}
+
+/// q4_k: an f16 scale and minimum, 6-bit sub-block scales and minimums (12 bytes), and 128
+/// bytes of nibbles: sub-block `2p` is the low nibbles of bytes `32p..32p + 32`, `2p + 1`
+/// their high nibbles; `w = d * sc * q - dmin * m`.
+fn q4_k_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let d = load_f16(b, wb, 0);
+    let dmin = load_f16(b, wb, 2);
+    for pair in 0..4 {
+        let at = 16 + 32 * pair as i32;
+        let lo = b.ins().load(types::I8X16, mem(), wb, at);
+        let hi = b.ins().load(types::I8X16, mem(), wb, at + 16);
+        let [lo_low, lo_high] = split_nibbles(b, lo);
+        let [hi_low, hi_high] = split_nibbles(b, hi);
+        for (h, halves) in [[lo_low, hi_low], [lo_high, hi_high]]
+            .into_iter()
+            .enumerate()
+        {
+            let sub = 2 * pair + h;
+            let (sc, m) = q4_k_scale_min(b, wb, sub);
+            let sc = b.ins().fcvt_from_sint(types::F32, sc);
+            let m = b.ins().fcvt_from_sint(types::F32, m);
+            let scale = b.ins().fmul(d, sc);
+            let min = b.ins().fmul(dmin, m);
+            let offset = b.ins().fneg(min);
+            let mut codes = bytes_to_f32(b, halves[0], false).to_vec();
+            codes.extend(bytes_to_f32(b, halves[1], false));
+            sink(
+                b,
+                Run {
+                    codes,
+                    x_at: 4 * 32 * sub as i32,
+                    scale,
+                    offset: Some(offset),
+                },
+            );
+        }
+    }
+}
+
+/// The 6-bit scale and minimum (`i32`) of q4_k sub-block `sub`, from the 12 bytes at
+/// `wb + 4`: sub-blocks 0..4 in the low 6 bits of bytes `sub` and `sub + 4`, sub-blocks
+/// 4..8 split between the nibbles of byte `sub + 4` and the top bits of `sub - 4` and `sub`.
+fn q4_k_scale_min(b: &mut FunctionBuilder, wb: Value, sub: usize) -> (Value, Value) {
+    let byte =
+        |b: &mut FunctionBuilder, i: usize| b.ins().uload8(types::I32, mem(), wb, 4 + i as i32);
+    if sub < 4 {
+        let sc = byte(b, sub);
+        let m = byte(b, sub + 4);
+        (b.ins().band_imm_s(sc, 63), b.ins().band_imm_s(m, 63))
+    } else {
+        let packed = byte(b, sub + 4);
+        let below = byte(b, sub - 4);
+        let same = byte(b, sub);
+        let top = |b: &mut FunctionBuilder, v: Value| {
+            let t = b.ins().ushr_imm_s(v, 6);
+            b.ins().ishl_imm_s(t, 4)
+        };
+        let sc_lo = b.ins().band_imm_s(packed, 0xf);
+        let sc_hi = top(b, below);
+        let m_lo = b.ins().ushr_imm_s(packed, 4);
+        let m_hi = top(b, same);
+        (b.ins().bor(sc_lo, sc_hi), b.ins().bor(m_lo, m_hi))
+    }
+}
+
+/// q6_k: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed sub-block scales and an
+/// f16 scale at 208. Each half of 128 values has four quarters `g` of 32; value `l` of
+/// quarter `g` takes nibble `g / 2` of low byte `l + 32 * (g % 2)` and bit pair `g` of high
+/// byte `l`, minus 32; runs of 16 share a scale.
+fn q6_k_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let d = load_f16(b, wb, 208);
+    let mask = splat_i8(b, 0xf);
+    let pair = splat_i8(b, 3);
+    let bias = splat_i8(b, 32);
+    for n in 0..2i32 {
+        for g in 0..4i32 {
+            for h in 0..2i32 {
+                let ql = b
+                    .ins()
+                    .load(types::I8X16, mem(), wb, 64 * n + 32 * (g % 2) + 16 * h);
+                let qh = b.ins().load(types::I8X16, mem(), wb, 128 + 32 * n + 16 * h);
+                let low = shift_right(b, ql, 4 * (g / 2));
+                let low = b.ins().band(low, mask);
+                let high = shift_right(b, qh, 2 * g);
+                let high = b.ins().band(high, pair);
+                let four = b.ins().iconst(types::I32, 4);
+                let high = b.ins().ishl(high, four);
+                let q = b.ins().bor(low, high);
+                let q = b.ins().isub(q, bias);
+                let codes = bytes_to_f32(b, q, true).to_vec();
+                let sc = b
+                    .ins()
+                    .sload8(types::I32, mem(), wb, 192 + 8 * n + h + 2 * g);
+                let sc = b.ins().fcvt_from_sint(types::F32, sc);
+                let scale = b.ins().fmul(d, sc);
+                sink(
+                    b,
+                    Run {
+                        codes,
+                        x_at: 4 * (128 * n + 32 * g + 16 * h),
+                        scale,
+                        offset: None,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// q2_k: 16 sub-block bytes (scale in the low nibble, minimum in the high), 64 bytes of
+/// 2-bit codes, f16 scale and minimum at 80 and 82. Each half of 128 values reads its 32
+/// code bytes four times, at shifts 0, 2, 4 and 6; runs of 16 share a sub-block byte.
+fn q2_k_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let d = load_f16(b, wb, 80);
+    let dmin = load_f16(b, wb, 82);
+    let pair = splat_i8(b, 3);
+    for n in 0..2i32 {
+        for s in 0..4i32 {
+            for half in 0..2i32 {
+                let q = b
+                    .ins()
+                    .load(types::I8X16, mem(), wb, 16 + 32 * n + 16 * half);
+                let q = shift_right(b, q, 2 * s);
+                let q = b.ins().band(q, pair);
+                let codes = bytes_to_f32(b, q, false).to_vec();
+                let sc = b.ins().uload8(types::I32, mem(), wb, 8 * n + 2 * s + half);
+                let low = b.ins().band_imm_s(sc, 0xf);
+                let high = b.ins().ushr_imm_s(sc, 4);
+                let low = b.ins().fcvt_from_sint(types::F32, low);
+                let high = b.ins().fcvt_from_sint(types::F32, high);
+                let scale = b.ins().fmul(d, low);
+                let min = b.ins().fmul(dmin, high);
+                let offset = b.ins().fneg(min);
+                sink(
+                    b,
+                    Run {
+                        codes,
+                        x_at: 4 * (128 * n + 32 * s + 16 * half),
+                        scale,
+                        offset: Some(offset),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The codes of a whole-matrix format and what they mean.
+#[derive(Clone, Copy)]
+struct Codes {
+    /// Bits per code.
+    bits: usize,
+    /// Codes index the NormalFloat levels.
+    nf4: bool,
+    /// Codes are signed (symmetric affine).
+    signed: bool,
+    /// Scale storage type.
+    scale: DType,
+}
+
+/// Dot product of x with row `j` of an nf4 or affine weight: codes of the whole matrix
+/// first (row `j` at `row`), then one scale per group, then (asymmetric affine) one zero
+/// point byte per group.
+fn dot_whole(
+    b: &mut FunctionBuilder,
+    c: &Contraction,
+    x: Value,
+    w: Value,
+    j: Value,
+    row: Value,
+) -> Value {
+    let (codes, group, zeros, axis) = match c.weight {
+        WeightFormat::Nf4 { block, scale } => (
+            Codes {
+                bits: 4,
+                nf4: true,
+                signed: false,
+                scale,
+            },
+            block as usize,
+            false,
+            1,
+        ),
+        WeightFormat::Affine {
+            bits,
+            group,
+            symmetric,
+            axis,
+            scale,
+        } => (
+            Codes {
+                bits: usize::from(bits),
+                nf4: false,
+                signed: symmetric,
+                scale,
+            },
+            group as usize,
+            !symmetric,
+            axis,
+        ),
+        other => unreachable!("{other:?} is not a whole-matrix format"),
+    };
+    let k = c.k;
+    let scale_bytes = codes.scale.size_bytes() as i64;
+    let scales = b.ins().iadd_imm_s(w, (c.n * c.weight.row_bytes(k)) as i64);
+    let zero_points = zeros.then(|| {
+        let groups = c.n * k / group;
+        b.ins().iadd_imm_s(scales, groups as i64 * scale_bytes)
+    });
+    let acc = zeroed_accumulators(b, 2);
+    let tail = b.declare_var(types::F32);
+    let zero = b.ins().f32const(0.0);
+    b.def_var(tail, zero);
+    let sums = Sums { acc, tail };
+    if axis == 0 {
+        // Group r = j / group of rows has a scale (and zero point) per column.
+        let r = if group > 1 {
+            b.ins().udiv_imm_u(j, group as i64)
+        } else {
+            j
+        };
+        let first = b.ins().imul_imm_s(r, k as i64);
+        let scale_row = address(b, scales, first, scale_bytes);
+        let zero_row = zero_points.map(|z| b.ins().iadd(z, first));
+        lane_scaled_run(b, codes, &sums, (x, row), k, (scale_row, zero_row));
+    } else {
+        // Row j holds groups j * (k / group) ..; one loop step per group (the type
+        // verifier keeps groups to whole bytes).
+        let groups = (k / group) as i64;
+        let first = b.ins().imul_imm_s(j, groups);
+        let start = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, groups);
+        for_range(b, start, end, 1, |b, t| {
+            let g = b.ins().iadd(first, t);
+            let xg = address(b, x, t, 4 * group as i64);
+            let cg = address(b, row, t, (group * codes.bits / 8) as i64);
+            let at = address(b, scales, g, scale_bytes);
+            let scale = scalar_scale(b, codes.scale, at, 0);
+            let offset = zero_points.map(|z| {
+                let at = b.ins().iadd(z, g);
+                let z = b.ins().uload8(types::I32, mem(), at, 0);
+                let z = b.ins().fcvt_from_sint(types::F32, z);
+                let product = b.ins().fmul(scale, z);
+                b.ins().fneg(product)
+            });
+            group_run(b, codes, &sums, (xg, cg), group, (scale, offset));
+        });
+    }
+    let both = sums.total(b);
+    let t = b.use_var(sums.tail);
+    b.ins().fadd(both, t)
+}
+
+/// A whole-matrix row's accumulators: two `f32x4` for the vector steps, an `f32` for the
+/// scalar tails.
+struct Sums {
+    acc: Vec<Variable>,
+    tail: Variable,
+}
+
+impl Sums {
+    /// The sum of the vector accumulators.
+    fn total(&self, b: &mut FunctionBuilder) -> Value {
+        let a = b.use_var(self.acc[0]);
+        let c = b.use_var(self.acc[1]);
+        let both = b.ins().fadd(a, c);
+        horizontal_sum(b, both)
+    }
+
+    /// `tail += v`.
+    fn add_tail(&self, b: &mut FunctionBuilder, v: Value) {
+        let t = b.use_var(self.tail);
+        let t = b.ins().fadd(t, v);
+        b.def_var(self.tail, t);
+    }
+}
+
+/// `len` values sharing `scale` and `offset` (`(x, codes)` at their first value): a loop of
+/// [`CHUNK`]-value vector steps into two partial sums, a scalar tail, then scaled once.
+fn group_run(
+    b: &mut FunctionBuilder,
+    codes: Codes,
+    sums: &Sums,
+    (x, at): (Value, Value),
+    len: usize,
+    (scale, offset): (Value, Option<Value>),
+) {
+    let parts = zeroed_accumulators(b, 3);
+    let chunks = len / CHUNK;
+    if chunks > 0 {
+        let start = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, chunks as i64);
+        for_range(b, start, end, 1, |b, i| {
+            let xc = address(b, x, i, 4 * CHUNK as i64);
+            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
+            for (v, q) in chunk_values(b, codes, cc).into_iter().enumerate() {
+                let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
+                accumulate(b, parts[v % 2], q, xv);
+                if offset.is_some() {
+                    let s = b.use_var(parts[2]);
+                    let s = b.ins().fadd(s, xv);
+                    b.def_var(parts[2], s);
+                }
+            }
+        });
+    }
+    let scale_v = b.ins().splat(types::F32X4, scale);
+    let p0 = b.use_var(parts[0]);
+    let p1 = b.use_var(parts[1]);
+    let products = b.ins().fadd(p0, p1);
+    accumulate(b, sums.acc[0], products, scale_v);
+    if let Some(offset) = offset {
+        let offset_v = b.ins().splat(types::F32X4, offset);
+        let xs = b.use_var(parts[2]);
+        accumulate(b, sums.acc[1], xs, offset_v);
+    }
+    // The tail: values chunks * CHUNK .. len, one at a time.
+    let (mut products, mut xs) = (b.ins().f32const(0.0), b.ins().f32const(0.0));
+    for e in chunks * CHUNK..len {
+        let q = scalar_value(b, codes, at, e * codes.bits);
+        let xe = b.ins().load(types::F32, mem(), x, 4 * e as i32);
+        products = b.ins().fma(q, xe, products);
+        xs = b.ins().fadd(xs, xe);
+    }
+    if chunks * CHUNK < len {
+        let mut v = b.ins().fmul(products, scale);
+        if let Some(offset) = offset {
+            v = b.ins().fma(xs, offset, v);
+        }
+        sums.add_tail(b, v);
+    }
+}
+
+/// A row of `len` values (`(x, codes)` at its first value) whose scales (and zero points)
+/// change along the row (`(scales, zero points)` of its first value): every lane is
+/// `(q - z) * s`, formed before the multiply-add.
+fn lane_scaled_run(
+    b: &mut FunctionBuilder,
+    codes: Codes,
+    sums: &Sums,
+    (x, at): (Value, Value),
+    len: usize,
+    (scales, zeros): (Value, Option<Value>),
+) {
+    let scale_bytes = codes.scale.size_bytes();
+    let chunks = len / CHUNK;
+    if chunks > 0 {
+        let start = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, chunks as i64);
+        for_range(b, start, end, 1, |b, i| {
+            let xc = address(b, x, i, 4 * CHUNK as i64);
+            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
+            let sc = address(b, scales, i, (CHUNK * scale_bytes) as i64);
+            let zero_points = zeros.map(|z| {
+                let zc = address(b, z, i, CHUNK as i64);
+                let mut out = Vec::with_capacity(CHUNK / 4);
+                for half in 0..2 {
+                    let bytes = b.ins().load(types::I8X16, mem(), zc, 16 * half);
+                    out.extend(bytes_to_f32(b, bytes, false));
+                }
+                out
+            });
+            for (v, q) in chunk_values(b, codes, cc).into_iter().enumerate() {
+                let s = load_scales(b, codes.scale, sc, (4 * v * scale_bytes) as i32);
+                let q = match &zero_points {
+                    Some(z) => b.ins().fsub(q, z[v]),
+                    None => q,
+                };
+                let weight = b.ins().fmul(q, s);
+                let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
+                accumulate(b, sums.acc[v % 2], weight, xv);
+            }
+        });
+    }
+    for e in chunks * CHUNK..len {
+        let mut q = scalar_value(b, codes, at, e * codes.bits);
+        if let Some(z) = zeros {
+            let z = b.ins().uload8(types::I32, mem(), z, e as i32);
+            let z = b.ins().fcvt_from_sint(types::F32, z);
+            q = b.ins().fsub(q, z);
+        }
+        let s = scalar_scale(b, codes.scale, scales, (e * scale_bytes) as i32);
+        let weight = b.ins().fmul(q, s);
+        let xe = b.ins().load(types::F32, mem(), x, 4 * e as i32);
+        let product = b.ins().fmul(weight, xe);
+        sums.add_tail(b, product);
+    }
+}
+
+/// The [`CHUNK`] values coded at `at` as eight `f32x4`, in element order: NormalFloat
+/// levels, sign-extended codes, or unsigned codes (the zero point is applied later).
+fn chunk_values(b: &mut FunctionBuilder, codes: Codes, at: Value) -> Vec<Value> {
+    let raw = chunk_codes(b, codes.bits, at);
+    let mut out = Vec::with_capacity(CHUNK / 4);
+    for v in raw {
+        if codes.nf4 {
+            out.extend(nf4_levels(b, v));
+        } else if codes.signed {
+            let v = if codes.bits < 8 {
+                let up = b.ins().iconst(types::I32, 8 - codes.bits as i64);
+                let shifted = b.ins().ishl(v, up);
+                b.ins().sshr(shifted, up)
+            } else {
+                v
+            };
+            out.extend(bytes_to_f32(b, v, true));
+        } else {
+            out.extend(bytes_to_f32(b, v, false));
+        }
+    }
+    out
+}
+
+/// The [`CHUNK`] codes at `at` as two `i8x16` in element order (each code in the low bits
+/// of its byte). Codes pack low bits first, so a byte's codes interleave.
+fn chunk_codes(b: &mut FunctionBuilder, bits: usize, at: Value) -> [Value; 2] {
+    match bits {
+        8 => [
+            b.ins().load(types::I8X16, mem(), at, 0),
+            b.ins().load(types::I8X16, mem(), at, 16),
+        ],
+        4 => {
+            let packed = b.ins().load(types::I8X16, mem(), at, 0);
+            let [low, high] = split_nibbles(b, packed);
+            [
+                shuffle(b, low, high, &interleave_bytes(0)),
+                shuffle(b, low, high, &interleave_bytes(8)),
+            ]
+        }
+        _ => {
+            // 8 bytes of 2-bit codes: code 4i + s is bits 2s.. of byte i.
+            let word = b.ins().load(types::I64, mem(), at, 0);
+            let wide = b.ins().scalar_to_vector(types::I64X2, word);
+            let packed = b.ins().bitcast(types::I8X16, little(), wide);
+            let pair = splat_i8(b, 3);
+            let planes: Vec<Value> = (0..4)
+                .map(|s| {
+                    let v = shift_right(b, packed, 2 * s);
+                    b.ins().band(v, pair)
+                })
+                .collect();
+            let even = shuffle(b, planes[0], planes[1], &interleave_bytes(0));
+            let odd = shuffle(b, planes[2], planes[3], &interleave_bytes(0));
+            [
+                shuffle(b, even, odd, &interleave_pairs(0)),
+                shuffle(b, even, odd, &interleave_pairs(4)),
+            ]
+        }
+    }
+}
+
+/// The f32 value of the code at bit `bit` from `at` (one scalar load; the tails of
+/// [`group_run`] and [`lane_scaled_run`]).
+fn scalar_value(b: &mut FunctionBuilder, codes: Codes, at: Value, bit: usize) -> Value {
+    let byte = b.ins().uload8(types::I32, mem(), at, (bit / 8) as i32);
+    let code = b.ins().ushr_imm_s(byte, (bit % 8) as i64);
+    let code = b.ins().band_imm_s(code, (1 << codes.bits) - 1);
+    if codes.nf4 {
+        // A tree of selects on the code's bits, from the lowest.
+        let mut level: Vec<Value> = NF4_LEVELS.iter().map(|&l| b.ins().f32const(l)).collect();
+        for bit in 0..4 {
+            let set = b.ins().band_imm_s(code, 1 << bit);
+            let set = b.ins().icmp_imm_s(IntCC::NotEqual, set, 0);
+            level = level
+                .chunks(2)
+                .map(|p| b.ins().select(set, p[1], p[0]))
+                .collect();
+        }
+        level[0]
+    } else if codes.signed {
+        let up = 32 - codes.bits as i64;
+        let shifted = b.ins().ishl_imm_s(code, up);
+        let extended = b.ins().sshr_imm_s(shifted, up);
+        b.ins().fcvt_from_sint(types::F32, extended)
+    } else {
+        b.ins().fcvt_from_sint(types::F32, code)
+    }
+}
+
+/// The NormalFloat levels of 16 codes (0..16) as four `f32x4`: each byte of the levels'
+/// f32 bits is looked up with a byte swizzle, and the four byte planes are interleaved
+/// back into floats.
+fn nf4_levels(b: &mut FunctionBuilder, codes: Value) -> [Value; 4] {
+    let planes: Vec<Value> = (0..4)
+        .map(|p| {
+            let table: Vec<u8> = NF4_LEVELS
+                .iter()
+                .map(|l| (l.to_bits() >> (8 * p)) as u8)
+                .collect();
+            let table = b.func.dfg.constants.insert(ConstantData::from(table));
+            let table = b.ins().vconst(types::I8X16, table);
+            b.ins().swizzle(table, codes)
+        })
+        .collect();
+    // Bytes 0 and 1, and 2 and 3, of values 0..8 and 8..16.
+    let low01 = shuffle(b, planes[0], planes[1], &interleave_bytes(0));
+    let high01 = shuffle(b, planes[0], planes[1], &interleave_bytes(8));
+    let low23 = shuffle(b, planes[2], planes[3], &interleave_bytes(0));
+    let high23 = shuffle(b, planes[2], planes[3], &interleave_bytes(8));
+    [
+        (low01, low23, 0),
+        (low01, low23, 4),
+        (high01, high23, 0),
+        (high01, high23, 4),
+    ]
+    .map(|(a, c, from)| {
+        let bytes = shuffle(b, a, c, &interleave_pairs(from));
+        b.ins().bitcast(types::F32X4, little(), bytes)
+    })
+}
+
+/// The shuffle mask `a[from], c[from], a[from + 1], c[from + 1], ...` over 8 lanes each.
+fn interleave_bytes(from: u8) -> [u8; 16] {
+    std::array::from_fn(|i| from + (i / 2) as u8 + if i % 2 == 1 { 16 } else { 0 })
+}
+
+/// The shuffle mask taking byte pairs `from..from + 4` of `a` and `c` in turn.
+fn interleave_pairs(from: u8) -> [u8; 16] {
+    std::array::from_fn(|i| {
+        let pair = from + (i / 4) as u8;
+        2 * pair + (i % 2) as u8 + if (i / 2) % 2 == 1 { 16 } else { 0 }
+    })
+}
+
+/// `shuffle(a, c, mask)`: lane `i` is byte `mask[i]` of `a` (0..16) or `c` (16..32).
+fn shuffle(b: &mut FunctionBuilder, a: Value, c: Value, mask: &[u8; 16]) -> Value {
+    let mask = b
+        .func
+        .dfg
+        .immediates
+        .push(ConstantData::from(mask.to_vec()));
+    b.ins().shuffle(a, c, mask)
+}
+
+/// A little-endian flag for bitcasts between vector shapes.
+fn little() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+/// The scale at `at + offset` as `f32`.
+fn scalar_scale(b: &mut FunctionBuilder, dtype: DType, at: Value, offset: i32) -> Value {
+    match dtype {
+        DType::F16 => load_f16(b, at, offset),
+        DType::BF16 => {
+            let h = b.ins().uload16(types::I32, mem(), at, offset);
+            let bits = b.ins().ishl_imm_s(h, 16);
+            b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+        }
+        _ => b.ins().load(types::F32, mem(), at, offset),
+    }
+}
+
+/// The four scales at `at + offset` as an `f32x4`.
+fn load_scales(b: &mut FunctionBuilder, dtype: DType, at: Value, offset: i32) -> Value {
+    match dtype {
+        DType::F16 => {
+            let h = b.ins().uload16x4(mem(), at, offset);
+            f16_lanes(b, h)
+        }
+        DType::BF16 => {
+            let h = b.ins().uload16x4(mem(), at, offset);
+            let sixteen = b.ins().iconst(types::I32, 16);
+            let bits = b.ins().ishl(h, sixteen);
+            b.ins().bitcast(types::F32X4, MemFlagsData::new(), bits)
+        }
+        _ => b.ins().load(types::F32X4, mem(), at, offset),
+    }
+}
+
+/// The f32 value of the little-endian f16 at `at + offset` (normal and subnormal values;
+/// scales are never infinite or NaN).
+pub fn load_f16(b: &mut FunctionBuilder, at: Value, offset: i32) -> Value {
+    let h = b.ins().uload16(types::I32, mem(), at, offset);
+    let magnitude = b.ins().band_imm_s(h, 0x7fff);
+    let shifted = b.ins().ishl_imm_s(magnitude, 13);
+    let f = b.ins().bitcast(types::F32, MemFlagsData::new(), shifted);
+    // Rebias the exponent from 15 to 127: multiply by 2^112.
+    let rebias = b.ins().f32const(f32::from_bits((127 + 112) << 23));
+    let value = b.ins().fmul(f, rebias);
+    let sign = b.ins().band_imm_s(h, 0x8000);
+    let sign = b.ins().ishl_imm_s(sign, 16);
+    let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), value);
+    let bits = b.ins().bor(bits, sign);
+    b.ins().bitcast(types::F32, MemFlagsData::new(), bits)
+}
+
+/// [`load_f16`] on four f16 bit patterns held in the lanes of an `i32x4`.
+fn f16_lanes(b: &mut FunctionBuilder, h: Value) -> Value {
+    let splat_i32 = |b: &mut FunctionBuilder, c: i64| {
+        let c = b.ins().iconst(types::I32, c);
+        b.ins().splat(types::I32X4, c)
+    };
+    let low = splat_i32(b, 0x7fff);
+    let magnitude = b.ins().band(h, low);
+    let thirteen = b.ins().iconst(types::I32, 13);
+    let shifted = b.ins().ishl(magnitude, thirteen);
+    let f = b.ins().bitcast(types::F32X4, MemFlagsData::new(), shifted);
+    let rebias = splat(b, f32::from_bits((127 + 112) << 23));
+    let value = b.ins().fmul(f, rebias);
+    let top = splat_i32(b, 0x8000);
+    let sign = b.ins().band(h, top);
+    let sixteen = b.ins().iconst(types::I32, 16);
+    let sign = b.ins().ishl(sign, sixteen);
+    let bits = b.ins().bitcast(types::I32X4, MemFlagsData::new(), value);
+    let bits = b.ins().bor(bits, sign);
+    b.ins().bitcast(types::F32X4, MemFlagsData::new(), bits)
+}
+
+/// Eight 16-bit integers widened to two `f32x4`.
+pub fn widen_i16x8(b: &mut FunctionBuilder, v16: Value) -> [Value; 2] {
+    let lo = b.ins().swiden_low(v16);
+    let hi = b.ins().swiden_high(v16);
+    [
+        b.ins().fcvt_from_sint(types::F32X4, lo),
+        b.ins().fcvt_from_sint(types::F32X4, hi),
+    ]
+}
+
+/// Sixteen bytes (signed or unsigned) widened to four `f32x4`.
+fn bytes_to_f32(b: &mut FunctionBuilder, v: Value, signed: bool) -> [Value; 4] {
+    let (lo, hi) = if signed {
+        (b.ins().swiden_low(v), b.ins().swiden_high(v))
+    } else {
+        (b.ins().uwiden_low(v), b.ins().uwiden_high(v))
+    };
+    let [a, c] = widen_i16x8(b, lo);
+    let [d, e] = widen_i16x8(b, hi);
+    [a, c, d, e]
+}
+
+/// The low and high nibbles of 16 bytes.
+fn split_nibbles(b: &mut FunctionBuilder, packed: Value) -> [Value; 2] {
+    let mask = splat_i8(b, 0xf);
+    let low = b.ins().band(packed, mask);
+    let high = shift_right(b, packed, 4);
+    let high = b.ins().band(high, mask);
+    [low, high]
+}
+
+/// The bytes of `v` shifted right (logically) by `bits` (none for 0).
+fn shift_right(b: &mut FunctionBuilder, v: Value, bits: i32) -> Value {
+    if bits == 0 {
+        return v;
+    }
+    let n = b.ins().iconst(types::I32, i64::from(bits));
+    b.ins().ushr(v, n)
+}
+
+/// An `i8x16` with every lane `c`.
+fn splat_i8(b: &mut FunctionBuilder, c: i64) -> Value {
+    let c = b.ins().iconst(types::I8, c);
+    b.ins().splat(types::I8X16, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The masks put a's and c's lanes where the unpack instructions would.
+    #[test]
+    fn interleave_masks() {
+        assert_eq!(
+            interleave_bytes(0),
+            [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23]
+        );
+        assert_eq!(interleave_bytes(8)[..4], [8, 24, 9, 25]);
+        assert_eq!(
+            interleave_pairs(0),
+            [0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23]
+        );
+        assert_eq!(interleave_pairs(4)[..4], [8, 9, 24, 25]);
+    }
+}
