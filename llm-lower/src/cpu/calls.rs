@@ -118,9 +118,11 @@ pub fn call(
             None => return Err(Unsupported(inputs)),
         },
         (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(k, *d, f, &inputs).and_then(tensor),
-        (Kernel::Softmax { n, .. }, Some(f)) => softmax(k, *n, f, &inputs).and_then(tensor),
-        (Kernel::Argmax { n, index, .. }, Some(f)) => {
-            argmax(*n, *index, f, &inputs).and_then(tensor)
+        (Kernel::Softmax { n, inner }, Some(f)) => {
+            softmax(k, [*n, *inner], f, &inputs).and_then(tensor)
+        }
+        (Kernel::Argmax { n, inner, index }, Some(f)) => {
+            argmax([*n, *inner], *index, dims, f, &inputs).and_then(tensor)
         }
         (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(k, *d, f, &inputs).and_then(tensor),
         (
@@ -302,39 +304,56 @@ fn rms_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result
     Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
 }
 
-/// Calls a softmax over rows of `n`.
-fn softmax(k: &Kernels, n: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+/// The number of groups of `n * inner` values in `x`, whose dims must hold a dim of `n`
+/// followed by dims of `inner` values (the reduced dim and those after it).
+fn reduced_groups(x: &Tensor, n: usize, inner: usize) -> Result<usize, String> {
+    let fits = (0..x.shape.len())
+        .any(|a| x.shape[a] == n && x.shape[a + 1..].iter().product::<usize>() == inner);
+    if !fits {
+        return Err(format!(
+            "the input {:?} has no dim of {n} followed by {inner} values",
+            x.shape
+        ));
+    }
+    Ok(x.len() / (n * inner).max(1))
+}
+
+/// Calls a softmax along a dim of `n` whose values are `inner` apart.
+fn softmax(
+    k: &Kernels,
+    [n, inner]: [usize; 2],
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Result<Tensor, String> {
     let x = inputs[0].tensor()?;
     let xs = x.floats()?;
-    if x.shape.last() != Some(&n) {
-        return Err(format!("the input {:?} does not end in {n}", x.shape));
-    }
+    let groups = reduced_groups(x, n, inner)?;
     let mut out = k.pool.zeroed(xs.len());
-    // SAFETY: a softmax's signature is (x, y, rows).
+    // SAFETY: a softmax's signature is (x, y, groups).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    // x and y hold rows * n floats.
-    f(
-        xs.as_ptr() as i64,
-        out.as_mut_ptr() as i64,
-        (xs.len() / n) as i64,
-    );
+    // x and y hold groups * n * inner floats.
+    f(xs.as_ptr() as i64, out.as_mut_ptr() as i64, groups as i64);
     Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
 }
 
-/// Calls an argmax over rows of `n`, returning `index`-typed indices.
-fn argmax(n: usize, index: DType, f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+/// Calls an argmax along a dim of `n` whose values are `inner` apart, returning
+/// `index`-typed indices shaped by the result's declared `dims`.
+fn argmax(
+    [n, inner]: [usize; 2],
+    index: DType,
+    dims: &[Dim],
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Result<Tensor, String> {
     let x = inputs[0].tensor()?;
     let xs = x.floats()?;
-    if x.shape.last() != Some(&n) {
-        return Err(format!("the input {:?} does not end in {n}", x.shape));
-    }
-    let rows = xs.len() / n;
-    let mut out = vec![0i64; rows];
-    // SAFETY: an argmax's signature is (x, indices, rows).
+    let groups = reduced_groups(x, n, inner)?;
+    let mut out = vec![0i64; groups * inner];
+    // SAFETY: an argmax's signature is (x, indices, groups).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    // x holds rows * n floats, out rows indices.
-    f(xs.as_ptr() as i64, out.as_mut_ptr() as i64, rows as i64);
-    let shape = x.shape[..x.shape.len() - 1].to_vec();
+    // x holds groups * n * inner floats, out groups * inner indices.
+    f(xs.as_ptr() as i64, out.as_mut_ptr() as i64, groups as i64);
+    let shape = resolve_shape(dims, out.len())?;
     Ok(Tensor::from_i64(shape, index, out))
 }
 

@@ -6,7 +6,7 @@
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
 use cranelift_codegen::ir::{
-    FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value,
+    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value,
     condcodes::{FloatCC, IntCC},
     types,
 };
@@ -31,9 +31,9 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Elementwise(_) => 3,
         // x, g, y, rows
         Kernel::RmsNorm { .. } => 4,
-        // x, y, rows
+        // x, y, rows (of n values, or groups of n * inner)
         Kernel::Softmax { .. } => 3,
-        // x, indices (i64), rows
+        // x, indices (i64), rows (as for softmax)
         Kernel::Argmax { .. } => 3,
         // x, w, b, y, rows
         Kernel::LayerNorm { .. } => 5,
@@ -71,8 +71,10 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Contraction(c) => emit_contraction(b, c, p, tiles),
         Kernel::Elementwise(body) => emit_elementwise(b, body, p),
         Kernel::RmsNorm { d, eps_bits } => emit_rms_norm(b, *d, f32::from_bits(*eps_bits), p),
-        Kernel::Softmax { n, .. } => emit_softmax(b, *n, p),
-        Kernel::Argmax { n, .. } => emit_argmax(b, *n, p),
+        Kernel::Softmax { n, inner: 1 } => emit_softmax(b, *n, p),
+        Kernel::Softmax { n, inner } => emit_strided_softmax(b, *n, *inner, p),
+        Kernel::Argmax { n, inner: 1, .. } => emit_argmax(b, *n, p),
+        Kernel::Argmax { n, inner, .. } => emit_strided_argmax(b, *n, *inner, p),
         Kernel::LayerNorm { d, eps_bits } => emit_layer_norm(b, *d, f32::from_bits(*eps_bits), p),
         Kernel::Rope {
             heads,
@@ -965,6 +967,120 @@ fn emit_softmax(b: &mut FunctionBuilder, n: usize, p: &[Value]) {
             let q = b.ins().fdiv(v, total);
             store_lanes(b, q, at, full);
         });
+    });
+}
+
+/// Applies `f` to the columns of each of `groups` groups of `n` rows of `inner` values
+/// (a reduction along a dim that is not the last): four adjacent columns at a time, one
+/// per lane, then each remaining column in lane 0. `f` gets the column's first address,
+/// the index of its first value's column among all `groups * inner`, and whether all four
+/// lanes are columns.
+fn for_columns(
+    b: &mut FunctionBuilder,
+    x: Value,
+    groups: Value,
+    (n, inner): (usize, usize),
+    mut f: impl FnMut(&mut FunctionBuilder, Value, Value, bool),
+) {
+    let zero = b.ins().iconst(types::I64, 0);
+    let inner4 = inner - inner % 4;
+    for_range(b, zero, groups, 1, |b, g| {
+        let group = address(b, x, g, (4 * n * inner) as i64);
+        let first = b.ins().imul_imm_s(g, inner as i64);
+        let end = b.ins().iconst(types::I64, inner4 as i64);
+        for_range(b, zero, end, 4, |b, c| {
+            let at = address(b, group, c, 4);
+            let column = b.ins().iadd(first, c);
+            f(b, at, column, true);
+        });
+        for c in inner4..inner {
+            let at = b.ins().iadd_imm_s(group, 4 * c as i64);
+            let column = b.ins().iadd_imm_s(first, c as i64);
+            f(b, at, column, false);
+        }
+    });
+}
+
+/// Softmax along a dim of `n` whose values are `inner` apart, over `groups` groups
+/// (`p`: x, y, groups): per column, the maximum, the exponentials and their running sum
+/// (in order along the dim), then the quotients; four columns share an `f32x4`.
+fn emit_strided_softmax(b: &mut FunctionBuilder, n: usize, inner: usize, p: &[Value]) {
+    let (x, y, groups) = (p[0], p[1], p[2]);
+    let delta = b.ins().isub(y, x);
+    let stride = (4 * inner) as i64;
+    for_columns(b, x, groups, (n, inner), |b, column, _, full| {
+        let zero = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, n as i64);
+        let most = b.declare_var(types::F32X4);
+        let low = splat(b, f32::MIN);
+        b.def_var(most, low);
+        for_range(b, zero, end, 1, |b, i| {
+            let at = address(b, column, i, stride);
+            let v = load_lanes(b, at, full, f32::MIN);
+            let old = b.use_var(most);
+            let new = b.ins().fmax(old, v);
+            b.def_var(most, new);
+        });
+        let centre = b.use_var(most);
+        let sum = zeroed_accumulators(b, 1)[0];
+        for_range(b, zero, end, 1, |b, i| {
+            let at = address(b, column, i, stride);
+            let v = load_lanes(b, at, full, f32::MIN);
+            let shifted = b.ins().fsub(v, centre);
+            let e = exp(b, shifted);
+            let old = b.use_var(sum);
+            let new = b.ins().fadd(old, e);
+            b.def_var(sum, new);
+            let out = b.ins().iadd(at, delta);
+            store_lanes(b, e, out, full);
+        });
+        let total = b.use_var(sum);
+        for_range(b, zero, end, 1, |b, i| {
+            let at = address(b, column, i, stride);
+            let out = b.ins().iadd(at, delta);
+            let e = load_lanes(b, out, full, 1.0);
+            let q = b.ins().fdiv(e, total);
+            store_lanes(b, q, out, full);
+        });
+    });
+}
+
+/// The index of the first maximum along a dim of `n` whose values are `inner` apart
+/// (`p`: x, indices (i64, `groups * inner`), groups); four columns share an `f32x4` and
+/// an `i32x4` of indices.
+fn emit_strided_argmax(b: &mut FunctionBuilder, n: usize, inner: usize, p: &[Value]) {
+    let (x, out, groups) = (p[0], p[1], p[2]);
+    let stride = (4 * inner) as i64;
+    for_columns(b, x, groups, (n, inner), |b, column, c, full| {
+        let one = b.ins().iconst(types::I64, 1);
+        let end = b.ins().iconst(types::I64, n as i64);
+        let (best, at) = (b.declare_var(types::F32X4), b.declare_var(types::I32X4));
+        let first = load_lanes(b, column, full, f32::MIN);
+        b.def_var(best, first);
+        let zeros = b.ins().iconst(types::I32, 0);
+        let zeros = b.ins().splat(types::I32X4, zeros);
+        b.def_var(at, zeros);
+        for_range(b, one, end, 1, |b, i| {
+            let v_at = address(b, column, i, stride);
+            let v = load_lanes(b, v_at, full, f32::MIN);
+            let old = b.use_var(best);
+            let greater = b.ins().fcmp(FloatCC::GreaterThan, v, old);
+            let as_floats = b.ins().bitcast(types::F32X4, MemFlagsData::new(), greater);
+            let new_best = b.ins().bitselect(as_floats, v, old);
+            let i32 = b.ins().ireduce(types::I32, i);
+            let index = b.ins().splat(types::I32X4, i32);
+            let old_at = b.use_var(at);
+            let new_at = b.ins().bitselect(greater, index, old_at);
+            b.def_var(best, new_best);
+            b.def_var(at, new_at);
+        });
+        let indices = b.use_var(at);
+        let dest = address(b, out, c, 8);
+        for lane in 0..if full { 4 } else { 1 } {
+            let i = b.ins().extractlane(indices, lane);
+            let i = b.ins().uextend(types::I64, i);
+            b.ins().store(mem(), i, dest, 8 * i32::from(lane));
+        }
     });
 }
 

@@ -26,13 +26,12 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// Whether the CPU backend generates `kernel`: its contractions read f32 weights and every
 /// quantized format (decoded in registers, [`dequant`]), its embeddings gather from float
-/// and quantized tables, its softmax and argmax reduce the last axis, its attention takes
+/// and quantized tables, its softmax and argmax reduce any axis, its attention takes
 /// no mask; casts, quantization, broadcasting elementwise bodies, general (batched or
 /// run-time rhs) matmuls, transposes, concatenations, dequantizations and the KV cache ops
 /// (which the reference runs in place) run through their reference semantics.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
-        Kernel::Softmax { inner, .. } | Kernel::Argmax { inner, .. } => *inner == 1,
         Kernel::Move(Movement::Rows { table, .. }) => dequant::decodes(*table),
         Kernel::Attention {
             source: AttentionSource::Contiguous { masked, .. },
