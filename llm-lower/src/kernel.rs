@@ -348,6 +348,60 @@ pub enum Movement {
     },
 }
 
+/// The run-time dims of a [`Kernel::BatchedMatmul`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatmulDims {
+    /// Product of the batch dims of `x`.
+    pub batch: usize,
+    /// Rows of each batch of `x`.
+    pub m: usize,
+    /// The contraction length.
+    pub k: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// The rhs has a matrix per batch (else one shared matrix).
+    pub batched: bool,
+}
+
+impl MatmulDims {
+    /// The result's shape: `x`'s batch dims, then `[m, n]`.
+    pub fn result_shape(&self, x: &[usize]) -> Vec<usize> {
+        let mut shape = x[..x.len() - 2].to_vec();
+        shape.extend([self.m, self.n]);
+        shape
+    }
+}
+
+/// Checks the run-time shapes of a general matmul of `x [.., m, k]` by `w` (`[k, n]`, or
+/// `[n, k]` when `transposed`, shared or with `x`'s batch dims).
+pub fn batched_matmul_dims(
+    x: &[usize],
+    w: &[usize],
+    transposed: bool,
+) -> Result<MatmulDims, String> {
+    let (ar, br) = (x.len(), w.len());
+    if ar < 2 || br < 2 {
+        return Err(format!("cannot multiply {x:?} by {w:?}"));
+    }
+    let (m, k) = (x[ar - 2], x[ar - 1]);
+    let (wk, n) = if transposed {
+        (w[br - 1], w[br - 2])
+    } else {
+        (w[br - 2], w[br - 1])
+    };
+    let batched = br > 2;
+    if k != wk || (batched && w[..br - 2] != x[..ar - 2]) {
+        return Err(format!("{x:?} and {w:?} do not multiply at run time"));
+    }
+    Ok(MatmulDims {
+        batch: x[..ar - 2].iter().product(),
+        m,
+        k,
+        n,
+        batched,
+    })
+}
+
 /// Checks the run-time shapes of a contiguous attention's queries `q` (`[.., tq, heads, d]`),
 /// keys `k` and values `v` (`[.., tk, kv_heads, d]`, the same batch dims), and returns
 /// `[tq, tk]`; a causal attention needs at least as many keys as queries.

@@ -25,7 +25,7 @@ use super::{jit::CompiledKernels, workers::Workers};
 use crate::{
     kernel::{
         AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
-        contiguous_attention_shape, panel_row,
+        batched_matmul_dims, contiguous_attention_shape, panel_row,
     },
     selection::Chosen,
 };
@@ -153,6 +153,9 @@ pub fn call(
             },
             Some(f),
         ) => attention(k, [*heads, *kv_heads, *d], *source, f, inputs),
+        (Kernel::BatchedMatmul { transposed }, Some(f)) => {
+            batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
+        }
         (Kernel::Move(m), _) => movement(*m, dims, inputs),
         _ => Err("the kernel was not compiled".to_string()),
     })
@@ -279,6 +282,40 @@ fn elementwise(
     // Every input holds `len` floats (same shape), as does `out`.
     f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
     Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
+}
+
+/// Calls a general matmul (`transposed`: the rhs is `[.., n, k]`) after checking the
+/// run-time shapes.
+fn batched_matmul(
+    k: &Kernels,
+    transposed: bool,
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Result<Tensor, String> {
+    let (x, w) = (inputs[0].tensor()?, inputs[1].tensor()?);
+    let dims = batched_matmul_dims(&x.shape, &w.shape, transposed)?;
+    let (xs, ws) = (x.floats()?, w.floats()?);
+    let mut out = k.pool.zeroed(dims.batch * dims.m * dims.n);
+    let w_stride = if dims.batched { dims.k * dims.n } else { 0 };
+    // SAFETY: a batched matmul's signature is (x, w, y, batch, m, k, n, w stride).
+    let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64, i64) =
+        unsafe { std::mem::transmute(f) };
+    // x holds batch * m * k floats, w k * n (times batch when batched), y batch * m * n.
+    f(
+        xs.as_ptr() as i64,
+        ws.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+        dims.batch as i64,
+        dims.m as i64,
+        dims.k as i64,
+        dims.n as i64,
+        w_stride as i64,
+    );
+    Ok(Tensor::from_f32(
+        dims.result_shape(&x.shape),
+        DType::F32,
+        out,
+    ))
 }
 
 /// Calls an RMS norm over rows of `d`.

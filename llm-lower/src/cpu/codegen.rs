@@ -41,13 +41,14 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Rope { .. } => 4,
         // q, k, v, offsets, count, out
         Kernel::Attention { .. } => 6,
+        // x, w, y, batch, m, k, n, w's batch stride in floats (0: shared)
+        Kernel::BatchedMatmul { .. } => 8,
         // No CPU code (`super::supports`).
         Kernel::Move(_)
         | Kernel::Broadcast(_)
         | Kernel::Cast { .. }
         | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
-        | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. } => 0,
     }
@@ -92,12 +93,12 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         } => emit_attention(b, *heads, *kv_heads, *d, *scale, p),
         // Data movement has no generated code; dequantization and the KV cache ops have
         // none on the CPU (`jit::compile` rejects them).
+        Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
         Kernel::Move(_)
         | Kernel::Broadcast(_)
         | Kernel::Cast { .. }
         | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
-        | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. } => {}
     }
@@ -200,6 +201,84 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
             });
         });
     }
+}
+
+/// A matmul whose dims are all run-time values (`p`: x, w, y, batch, m, k, n, w's batch
+/// stride in floats): per batch and row of x, with `w` as `[n, k]` (`transposed`) each
+/// output is a 4-lane dot product with a scalar tail; with `w` as `[k, n]` four adjacent
+/// outputs share an `f32x4` that accumulates `x[i, p] * w[p, j..j + 4]` in order of `p`,
+/// and the last `n % 4` outputs take one lane each.
+fn emit_batched_matmul(b: &mut FunctionBuilder, transposed: bool, p: &[Value]) {
+    let (x, w, y, batch, m, k, n, w_stride) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+    let zero = b.ins().iconst(types::I64, 0);
+    let k4 = b.ins().band_imm_s(k, !3);
+    let n4 = b.ins().band_imm_s(n, !3);
+    let x_row = b.ins().imul_imm_s(k, 4);
+    let y_row = b.ins().imul_imm_s(n, 4);
+    let w_step = b.ins().imul_imm_s(w_stride, 4);
+    for_range(b, zero, batch, 1, |b, bi| {
+        let rows = b.ins().imul(bi, m);
+        let wb = b.ins().imul(bi, w_step);
+        let wb = b.ins().iadd(w, wb);
+        for_range(b, zero, m, 1, |b, i| {
+            let r = b.ins().iadd(rows, i);
+            let xrow = b.ins().imul(r, x_row);
+            let xrow = b.ins().iadd(x, xrow);
+            let yrow = b.ins().imul(r, y_row);
+            let yrow = b.ins().iadd(y, yrow);
+            if transposed {
+                for_range(b, zero, n, 1, |b, j| {
+                    let wrow = b.ins().imul(j, x_row);
+                    let wrow = b.ins().iadd(wb, wrow);
+                    let acc = zeroed_accumulators(b, 1)[0];
+                    for_range(b, zero, k4, 4, |b, q| {
+                        let xv = address(b, xrow, q, 4);
+                        let xv = b.ins().load(types::F32X4, mem(), xv, 0);
+                        let wv = address(b, wrow, q, 4);
+                        let wv = b.ins().load(types::F32X4, mem(), wv, 0);
+                        accumulate(b, acc, wv, xv);
+                    });
+                    let a = b.use_var(acc);
+                    let total = b.declare_var(types::F32);
+                    let sum = horizontal_sum(b, a);
+                    b.def_var(total, sum);
+                    for_range(b, k4, k, 1, |b, q| {
+                        let xs = address(b, xrow, q, 4);
+                        let xs = b.ins().load(types::F32, mem(), xs, 0);
+                        let ws = address(b, wrow, q, 4);
+                        let ws = b.ins().load(types::F32, mem(), ws, 0);
+                        let old = b.use_var(total);
+                        let new = b.ins().fma(ws, xs, old);
+                        b.def_var(total, new);
+                    });
+                    let t = b.use_var(total);
+                    let at = address(b, yrow, j, 4);
+                    b.ins().store(mem(), t, at, 0);
+                });
+            } else {
+                let columns = |b: &mut FunctionBuilder, start: Value, end: Value, full: bool| {
+                    for_range(b, start, end, if full { 4 } else { 1 }, |b, j| {
+                        let acc = zeroed_accumulators(b, 1)[0];
+                        for_range(b, zero, k, 1, |b, q| {
+                            let xs = address(b, xrow, q, 4);
+                            let xs = b.ins().load(types::F32, mem(), xs, 0);
+                            let xs = b.ins().splat(types::F32X4, xs);
+                            let wrow = b.ins().imul(q, y_row);
+                            let wrow = b.ins().iadd(wb, wrow);
+                            let at = address(b, wrow, j, 4);
+                            let wv = load_lanes(b, at, full, 0.0);
+                            accumulate(b, acc, wv, xs);
+                        });
+                        let a = b.use_var(acc);
+                        let at = address(b, yrow, j, 4);
+                        store_lanes(b, a, at, full);
+                    });
+                };
+                columns(b, zero, n4, true);
+                columns(b, n4, n, false);
+            }
+        });
+    });
 }
 
 /// Dot products of one row of x with the [`PANEL_ROWS`] rows of a weight panel (layout in

@@ -41,7 +41,6 @@ pub fn supports(kernel: &Kernel) -> bool {
         | Kernel::Cast { .. }
         | Kernel::Quantize { .. }
         | Kernel::Broadcast(_)
-        | Kernel::BatchedMatmul { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }
         | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,

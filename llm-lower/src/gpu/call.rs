@@ -31,7 +31,8 @@ use super::{
 };
 use crate::{
     kernel::{
-        AttentionSource, Contraction, Kernel, Movement, WeightFormat, contiguous_attention_shape,
+        AttentionSource, Contraction, Kernel, MatmulDims, Movement, WeightFormat,
+        batched_matmul_dims, contiguous_attention_shape,
     },
     selection::weight_operand,
 };
@@ -886,24 +887,17 @@ impl Call<'_> {
         pipeline: &wgpu::ComputePipeline,
     ) -> Result<DeviceTensor, String> {
         let (x, w) = (self.device(step.inputs[0])?, self.device(step.inputs[1])?);
-        let (ar, br) = (x.shape.len(), w.shape.len());
-        if x.elem != Elem::F32 || w.elem != Elem::F32 || ar < 2 || br < 2 {
+        if x.elem != Elem::F32 || w.elem != Elem::F32 {
             return Err(format!("cannot multiply {:?} by {:?}", x.shape, w.shape));
         }
-        let (m, k) = (x.shape[ar - 2], x.shape[ar - 1]);
-        let (wk, n) = if transposed {
-            (w.shape[br - 1], w.shape[br - 2])
-        } else {
-            (w.shape[br - 2], w.shape[br - 1])
-        };
-        let batched = br > 2;
-        if k != wk || (batched && w.shape[..br - 2] != x.shape[..ar - 2]) {
-            return Err(format!(
-                "{:?} and {:?} do not multiply at run time",
-                x.shape, w.shape
-            ));
-        }
-        let batch: usize = x.shape[..ar - 2].iter().product();
+        let dims = batched_matmul_dims(&x.shape, &w.shape, transposed)?;
+        let MatmulDims {
+            batch,
+            m,
+            k,
+            n,
+            batched,
+        } = dims;
         let y = self.output(index, 0, batch * m * n * 4);
         self.dispatch(
             pipeline,
@@ -917,9 +911,7 @@ impl Call<'_> {
             &[x.whole()?, w.whole()?, &y],
             (batch * m * n).div_ceil(WG),
         )?;
-        let mut shape = x.shape[..ar - 2].to_vec();
-        shape.extend([m, n]);
-        Ok(DeviceTensor::f32(shape, y))
+        Ok(DeviceTensor::f32(dims.result_shape(&x.shape), y))
     }
 
     /// Writes the key and value rows of slots `[k, v, slots]` to their cache slots of
