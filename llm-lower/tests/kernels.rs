@@ -827,6 +827,43 @@ proptest! {
         gpu_agrees(&ir, vec![tensor(&[m, n], seed, 1.0), tensor(&small, seed + 1, 1.0)], 1e-5)?;
     }
 
+    /// Casts between every pair of element types but float to i64, exactly: floats from
+    /// f16 subnormals to past f16's range and i32's, ties, integers that wrap to i8.
+    #[test]
+    fn casts(n in 1usize..40, from in 0usize..6, to in 0usize..6, seed: u64) {
+        let (from, to) = (DType::ALL[from], DType::ALL[to]);
+        prop_assume!(!(from.is_float() && to == DType::I64));
+        let name = |d: DType| format!("llm.tensor <{n}x{}>", d.name());
+        let ir = func(&[("x".into(), name(from))], &name(to), &format!("y = llm.cast x : {};", name(to)));
+        let raw = values(seed, n, 1.0);
+        let x = if from.is_float() {
+            let scale = [1e-6f32, 1.0, 300.0, 7e4, 3e9][seed as usize % 5];
+            let mut v: Vec<f32> = raw.iter().map(|r| interp::value::round_float(from, r * scale)).collect();
+            // Every third value of an f32 operand lies exactly halfway between two values
+            // of the narrow target, where rounding must go to the even one.
+            if from == DType::F32 && matches!(to, DType::F16 | DType::BF16) {
+                for x in v.iter_mut().step_by(3).filter(|x| x.abs() < 6e4) {
+                    let (lo, hi) = match to {
+                        DType::BF16 => {
+                            let a = half::bf16::from_f32(*x);
+                            (a.to_f32(), half::bf16::from_bits(a.to_bits() + 1).to_f32())
+                        }
+                        _ => {
+                            let a = half::f16::from_f32(*x);
+                            (a.to_f32(), half::f16::from_bits(a.to_bits() + 1).to_f32())
+                        }
+                    };
+                    *x = ((f64::from(lo) + f64::from(hi)) / 2.0) as f32;
+                }
+            }
+            Value::Tensor(Tensor::from_f32(vec![n], from, v))
+        } else {
+            let v = raw.iter().map(|r| (r * 1000.0) as i64).collect();
+            Value::Tensor(Tensor::from_i64(vec![n], from, v))
+        };
+        agree(&ir, vec![x], 0.0)?;
+    }
+
     /// Matmuls against a rhs only known at run time: batched, `[k, n]` or `[n, k]`.
     #[test]
     fn general_matmul(b in 1usize..3, m in 1usize..5, n in 1usize..20, k in 1usize..30, batched in any::<bool>(), transposed in any::<bool>(), seed: u64) {

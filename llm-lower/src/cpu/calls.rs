@@ -153,6 +153,7 @@ pub fn call(
             },
             Some(f),
         ) => attention(k, [*heads, *kv_heads, *d], *source, f, inputs),
+        (Kernel::Cast { from, to }, Some(f)) => cast([*from, *to], f, &inputs).and_then(tensor),
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
             batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
         }
@@ -282,6 +283,40 @@ fn elementwise(
     // Every input holds `len` floats (same shape), as does `out`.
     f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
     Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
+}
+
+/// Calls a cast from `from` to `to` (floats held as `f32`, integers as `i64`).
+fn cast([from, to]: [DType; 2], f: *const u8, inputs: &[Rc<Value>]) -> Result<Tensor, String> {
+    let x = inputs[0].tensor()?;
+    if x.dtype != from {
+        return Err(format!(
+            "the operand is {}, not {}",
+            x.dtype.name(),
+            from.name()
+        ));
+    }
+    // SAFETY: a cast's signature is (x, y, len).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    let (src, len) = match &x.data {
+        Data::Float(v) => (v.as_ptr() as i64, v.len()),
+        Data::Int(v) => (v.as_ptr() as i64, v.len()),
+    };
+    // x holds len values of its storage type, y len of the target's. The values are
+    // already what `to` holds (built as they are, not rounded or wrapped again).
+    let data = if to.is_float() {
+        let mut out = vec![0f32; len];
+        f(src, out.as_mut_ptr() as i64, len as i64);
+        Data::Float(out)
+    } else {
+        let mut out = vec![0i64; len];
+        f(src, out.as_mut_ptr() as i64, len as i64);
+        Data::Int(out)
+    };
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        dtype: to,
+        data,
+    })
 }
 
 /// Calls a general matmul (`transposed`: the rhs is `[.., n, k]`) after checking the

@@ -43,10 +43,11 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Attention { .. } => 6,
         // x, w, y, batch, m, k, n, w's batch stride in floats (0: shared)
         Kernel::BatchedMatmul { .. } => 8,
+        // x, y, len
+        Kernel::Cast { .. } => 3,
         // No CPU code (`super::supports`).
         Kernel::Move(_)
         | Kernel::Broadcast(_)
-        | Kernel::Cast { .. }
         | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }
@@ -94,9 +95,9 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         // Data movement has no generated code; dequantization and the KV cache ops have
         // none on the CPU (`jit::compile` rejects them).
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
+        Kernel::Cast { from, to } => super::convert::emit_cast(b, *from, *to, p),
         Kernel::Move(_)
         | Kernel::Broadcast(_)
-        | Kernel::Cast { .. }
         | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }

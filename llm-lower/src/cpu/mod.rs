@@ -6,6 +6,7 @@
 
 pub mod calls;
 pub mod codegen;
+pub mod convert;
 pub mod dequant;
 pub mod emit;
 pub mod jit;
@@ -38,7 +39,6 @@ pub fn supports(kernel: &Kernel) -> bool {
             ..
         } => !masked,
         Kernel::Dequantize { .. }
-        | Kernel::Cast { .. }
         | Kernel::Quantize { .. }
         | Kernel::Broadcast(_)
         | Kernel::KvAppend { .. }
