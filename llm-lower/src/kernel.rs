@@ -348,6 +348,52 @@ pub enum Movement {
     },
 }
 
+/// How operands of `shapes` broadcast together (numpy-style).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastLayout {
+    /// The result's shape.
+    pub shape: Vec<usize>,
+    /// The result's dims padded with leading 1s to rank 4.
+    pub dims: [usize; 4],
+    /// Each operand's strides (in elements) for `dims`: its own strides, right-aligned,
+    /// 0 along the dims it broadcasts.
+    pub strides: Vec<[usize; 4]>,
+}
+
+/// The [`BroadcastLayout`] of operands of `shapes`; `None` when they do not broadcast or
+/// the result has more than 4 dims.
+pub fn broadcast_layout(shapes: &[&[usize]]) -> Option<BroadcastLayout> {
+    let mut shape: Vec<usize> = Vec::new();
+    for s in shapes {
+        shape = llm_ir::interp::eval::elementwise::broadcast(&shape, s).ok()?;
+    }
+    if shape.len() > 4 {
+        return None;
+    }
+    let mut dims = [1usize; 4];
+    dims[4 - shape.len()..].copy_from_slice(&shape);
+    let strides = shapes
+        .iter()
+        .map(|s| {
+            let mut out = [0usize; 4];
+            let mut stride = 1usize;
+            for (i, &d) in s.iter().enumerate().rev() {
+                let at = 4 - s.len() + i;
+                if d != 1 || dims[at] == 1 {
+                    out[at] = stride;
+                }
+                stride *= d;
+            }
+            out
+        })
+        .collect();
+    Some(BroadcastLayout {
+        shape,
+        dims,
+        strides,
+    })
+}
+
 /// The run-time dims of a [`Kernel::BatchedMatmul`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MatmulDims {

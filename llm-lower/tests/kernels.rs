@@ -806,10 +806,10 @@ proptest! {
     }
 
     /// Elementwise ops whose operand broadcasts to the result: along leading dims (a bias,
-    /// read at `i % len`) or anywhere (a per-row scale, a scalar; the strided shader),
-    /// alone and in a fused body (GPU only).
+    /// read at `i % len`) or anywhere (a per-row scale, a scalar; the strided shader on
+    /// the GPU, a repeated operand on the CPU), alone and in a fused body.
     #[test]
-    fn broadcasting_elementwise_on_the_gpu(m in 1usize..5, n in 1usize..40, form in 0usize..4, which in 0usize..4, seed: u64) {
+    fn broadcasting_elementwise(m in 1usize..5, n in 1usize..40, form in 0usize..4, which in 0usize..4, seed: u64) {
         let small = match form {
             0 => vec![n],
             1 => vec![1, n],
@@ -824,7 +824,23 @@ proptest! {
         );
         let ir = func(&[("x".into(), ty(&[m, n])), ("b".into(), ty(&small))], &ty(&[m, n]), &body);
         let ir = ir.replace("llm.return y", "llm.return w");
-        gpu_agrees(&ir, vec![tensor(&[m, n], seed, 1.0), tensor(&small, seed + 1, 1.0)], 1e-5)?;
+        agree(&ir, vec![tensor(&[m, n], seed, 1.0), tensor(&small, seed + 1, 1.0)], 1e-5)?;
+    }
+
+    /// Three operands of ranks up to 4 broadcasting along any dims, in a fused body.
+    #[test]
+    fn broadcasting_in_four_dims(dims in proptest::collection::vec(1usize..6, 4), masks in proptest::collection::vec(0u8..16, 2), ranks in proptest::collection::vec(1usize..=4, 2), seed: u64) {
+        let operand = |mask: u8, rank: usize| -> Vec<usize> {
+            (4 - rank..4).map(|i| if mask & (1 << i) != 0 { 1 } else { dims[i] }).collect()
+        };
+        let (b, c) = (operand(masks[0], ranks[0]), operand(masks[1], ranks[1]));
+        let s = "llm.tensor <f32>";
+        let body = format!(
+            "y = llm.fused x, b, c : {t} {{\n          ^scalar(p: {s}, q: {s}, r: {s}):\n            u = llm.mul p, q : {s};\n            v = llm.sub u, r : {s};\n            llm.yield v\n        }};",
+            t = ty(&dims)
+        );
+        let ir = func(&[("x".into(), ty(&dims)), ("b".into(), ty(&b)), ("c".into(), ty(&c))], &ty(&dims), &body);
+        agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&b, seed + 1, 1.0), tensor(&c, seed + 2, 1.0)], 1e-6)?;
     }
 
     /// Casts between every pair of element types but float to i64, exactly: floats from

@@ -25,7 +25,7 @@ use super::{jit::CompiledKernels, workers::Workers};
 use crate::{
     kernel::{
         AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
-        batched_matmul_dims, contiguous_attention_shape, panel_row,
+        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, panel_row,
     },
     selection::Chosen,
 };
@@ -153,6 +153,10 @@ pub fn call(
             },
             Some(f),
         ) => attention(k, [*heads, *kv_heads, *d], *source, f, inputs),
+        (Kernel::Broadcast(body), Some(f)) => match broadcast(k, body, f, &inputs) {
+            Some(out) => out.and_then(tensor),
+            None => return Err(Unsupported(inputs)),
+        },
         (Kernel::Cast { from, to }, Some(f)) => cast([*from, *to], f, &inputs).and_then(tensor),
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
             batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
@@ -351,6 +355,44 @@ fn batched_matmul(
         DType::F32,
         out,
     ))
+}
+
+/// Calls a broadcasting elementwise body; `None` (the reference semantics) when the
+/// operands are not f32 tensors that broadcast to at most 4 dims.
+fn broadcast(
+    k: &Kernels,
+    body: &ScalarBody,
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Option<Result<Tensor, String>> {
+    let tensors: Vec<&Tensor> = inputs
+        .iter()
+        .map(|v| v.tensor().ok())
+        .collect::<Option<_>>()?;
+    let data: Vec<&[f32]> = tensors
+        .iter()
+        .map(|t| t.floats().ok())
+        .collect::<Option<_>>()?;
+    let shapes: Vec<&[usize]> = tensors.iter().map(|t| t.shape.as_slice()).collect();
+    let layout = broadcast_layout(&shapes).filter(|_| tensors.len() == body.args)?;
+    let len: usize = layout.shape.iter().product();
+    let mut out = k.pool.zeroed(len);
+    if len > 0 {
+        let ptrs: Vec<i64> = data.iter().map(|d| d.as_ptr() as i64).collect();
+        let dims = layout.dims.map(|d| d as i64);
+        let strides: Vec<i64> = layout.strides.iter().flatten().map(|&s| s as i64).collect();
+        // SAFETY: a broadcast's signature is (inputs, out, dims, strides).
+        let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
+        // Every operand holds the elements its strides reach within `dims`, `out` holds
+        // the product of `dims`.
+        f(
+            ptrs.as_ptr() as i64,
+            out.as_mut_ptr() as i64,
+            dims.as_ptr() as i64,
+            strides.as_ptr() as i64,
+        );
+    }
+    Some(Ok(Tensor::from_f32(layout.shape, DType::F32, out)))
 }
 
 /// Calls an RMS norm over rows of `d`.

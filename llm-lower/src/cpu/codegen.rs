@@ -45,9 +45,10 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::BatchedMatmul { .. } => 8,
         // x, y, len
         Kernel::Cast { .. } => 3,
+        // inputs (array of pointers), out, dims (4 i64), strides (4 i64 per input)
+        Kernel::Broadcast(_) => 4,
         // No CPU code (`super::supports`).
         Kernel::Move(_)
-        | Kernel::Broadcast(_)
         | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }
@@ -96,8 +97,8 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         // none on the CPU (`jit::compile` rejects them).
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
         Kernel::Cast { from, to } => super::convert::emit_cast(b, *from, *to, p),
+        Kernel::Broadcast(body) => emit_broadcast(b, body, p),
         Kernel::Move(_)
-        | Kernel::Broadcast(_)
         | Kernel::Quantize { .. }
         | Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }
@@ -485,6 +486,99 @@ fn emit_elementwise(b: &mut FunctionBuilder, body: &ScalarBody, p: &[Value]) {
         let s = b.ins().extractlane(v, 0);
         let at = address(b, out, i, 4);
         b.ins().store(mem(), s, at, 0);
+    });
+}
+
+/// A scalar body over operands that broadcast to the result (`p`: inputs, out, the
+/// result's dims padded to rank 4, each input's strides in elements for those dims):
+/// loops over the three outer dims, and along the last dim four results at a time. An
+/// operand's stride along the last dim is 1 (it varies) or 0 (it repeats); a repeating
+/// operand is splatted into a 16-byte stack slot once per row and read there with step 0,
+/// so the vector loop has no branch. The `len % 4` last results take one lane each.
+fn emit_broadcast(b: &mut FunctionBuilder, body: &ScalarBody, p: &[Value]) {
+    let (inputs, out, dims, strides) = (p[0], p[1], p[2], p[3]);
+    let args = body.args;
+    let ptrs: Vec<Value> = (0..args)
+        .map(|a| b.ins().load(types::I64, mem(), inputs, 8 * a as i32))
+        .collect();
+    let d: Vec<Value> = (0..4)
+        .map(|i| b.ins().load(types::I64, mem(), dims, 8 * i))
+        .collect();
+    // Byte strides per operand and dim.
+    let st: Vec<Vec<Value>> = (0..args)
+        .map(|a| {
+            (0..4)
+                .map(|i| {
+                    let s = b
+                        .ins()
+                        .load(types::I64, mem(), strides, 8 * (4 * a + i) as i32);
+                    b.ins().imul_imm_s(s, 4)
+                })
+                .collect()
+        })
+        .collect();
+    let splats = b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (16 * args.max(1)) as u32,
+        4,
+    ));
+    let zero = b.ins().iconst(types::I64, 0);
+    let d3_4 = b.ins().band_imm_s(d[3], !3);
+    let row_bytes = b.ins().imul_imm_s(d[3], 4);
+    for_range(b, zero, d[0], 1, |b, i0| {
+        for_range(b, zero, d[1], 1, |b, i1| {
+            for_range(b, zero, d[2], 1, |b, i2| {
+                // The row of the result and of each operand.
+                let row = b.ins().imul(i0, d[1]);
+                let row = b.ins().iadd(row, i1);
+                let row = b.ins().imul(row, d[2]);
+                let row = b.ins().iadd(row, i2);
+                let yrow = b.ins().imul(row, row_bytes);
+                let yrow = b.ins().iadd(out, yrow);
+                let mut bases = Vec::with_capacity(args);
+                let mut vectors = Vec::with_capacity(args);
+                for a in 0..args {
+                    let mut base = ptrs[a];
+                    for (level, &i) in [i0, i1, i2].iter().enumerate() {
+                        let offset = b.ins().imul(i, st[a][level]);
+                        base = b.ins().iadd(base, offset);
+                    }
+                    let first = b.ins().load(types::F32, mem(), base, 0);
+                    let lanes = b.ins().splat(types::F32X4, first);
+                    let slot = b.ins().stack_addr(types::I64, splats, 16 * a as i32);
+                    b.ins().store(mem(), lanes, slot, 0);
+                    let repeats = b.ins().icmp_imm_s(IntCC::Equal, st[a][3], 0);
+                    vectors.push(b.ins().select(repeats, slot, base));
+                    bases.push(base);
+                }
+                for_range(b, zero, d3_4, 4, |b, j| {
+                    let args: Vec<Value> = (0..args)
+                        .map(|a| {
+                            let offset = b.ins().imul(j, st[a][3]);
+                            let at = b.ins().iadd(vectors[a], offset);
+                            b.ins().load(types::F32X4, mem(), at, 0)
+                        })
+                        .collect();
+                    let v = emit_body(b, body, &args);
+                    let at = address(b, yrow, j, 4);
+                    b.ins().store(mem(), v, at, 0);
+                });
+                for_range(b, d3_4, d[3], 1, |b, j| {
+                    let args: Vec<Value> = (0..args)
+                        .map(|a| {
+                            let offset = b.ins().imul(j, st[a][3]);
+                            let at = b.ins().iadd(bases[a], offset);
+                            let s = b.ins().load(types::F32, mem(), at, 0);
+                            b.ins().scalar_to_vector(types::F32X4, s)
+                        })
+                        .collect();
+                    let v = emit_body(b, body, &args);
+                    let s = b.ins().extractlane(v, 0);
+                    let at = address(b, yrow, j, 4);
+                    b.ins().store(mem(), s, at, 0);
+                });
+            });
+        });
     });
 }
 

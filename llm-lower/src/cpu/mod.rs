@@ -40,7 +40,6 @@ pub fn supports(kernel: &Kernel) -> bool {
         } => !masked,
         Kernel::Dequantize { .. }
         | Kernel::Quantize { .. }
-        | Kernel::Broadcast(_)
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }
         | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,

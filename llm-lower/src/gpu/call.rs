@@ -14,7 +14,6 @@ use llm_ir::{
         self, KvCache, QTensor, Tensor, Value, WeightStore,
         eval::{
             attention::{for_each_paged_row, rope_tables, slot_of},
-            elementwise::broadcast,
             resolve_shape,
         },
         quant::storage_bytes,
@@ -31,8 +30,8 @@ use super::{
 };
 use crate::{
     kernel::{
-        AttentionSource, Contraction, Kernel, MatmulDims, Movement, WeightFormat,
-        batched_matmul_dims, contiguous_attention_shape,
+        AttentionSource, BroadcastLayout, Contraction, Kernel, MatmulDims, Movement, WeightFormat,
+        batched_matmul_dims, broadcast_layout, contiguous_attention_shape,
     },
     selection::weight_operand,
 };
@@ -40,21 +39,6 @@ use crate::{
 /// What identifies a rope table within a call: theta's and scaling's bits, the rotated
 /// values per head, and the slot of the positions.
 type RopeKey = (u32, u32, usize, usize);
-
-/// The strides (in elements) with which an operand of `shape` is read for each of the
-/// rank-4 result `dims`: its own strides, right-aligned, and 0 along its broadcast dims.
-fn broadcast_strides(shape: &[usize], dims: &[usize; 4]) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut stride = 1usize;
-    for (i, &d) in shape.iter().enumerate().rev() {
-        let at = 4 - shape.len() + i;
-        if d != 1 || dims[at] == 1 {
-            out[at] = stride as u32;
-        }
-        stride *= d;
-    }
-    out
-}
 
 /// How a device holds a tensor of `dtype` (every element in 32 bits).
 fn elem_of(dtype: DType) -> Elem {
@@ -420,13 +404,15 @@ impl Call<'_> {
                 if xs.len() != body.args || xs.iter().any(|x| x.elem != Elem::F32) {
                     return Ok(false);
                 }
-                let mut shape: Vec<usize> = Vec::new();
-                for x in &xs {
-                    match broadcast(&shape, &x.shape) {
-                        Ok(s) => shape = s,
-                        Err(_) => return Ok(false),
-                    }
-                }
+                let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
+                let Some(BroadcastLayout {
+                    shape,
+                    dims,
+                    strides,
+                }) = broadcast_layout(&shapes)
+                else {
+                    return Ok(false);
+                };
                 let len: usize = shape.iter().product();
                 if len == 0 {
                     return Ok(false);
@@ -447,12 +433,10 @@ impl Call<'_> {
                     let mut words = vec![len as u32];
                     words.extend(xs.iter().map(|x| x.len() as u32));
                     self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
-                } else if let (Some(strided), true) = (pipelines.get(1), shape.len() <= 4) {
-                    let mut dims = [1usize; 4];
-                    dims[4 - shape.len()..].copy_from_slice(&shape);
+                } else if let Some(strided) = pipelines.get(1) {
                     let mut words: Vec<u32> = dims.iter().map(|&d| d as u32).collect();
-                    for x in &xs {
-                        words.extend(broadcast_strides(&x.shape, &dims));
+                    for s in &strides {
+                        words.extend(s.iter().map(|&s| s as u32));
                     }
                     self.dispatch(strided, &words, &bindings, len.div_ceil(WG))?;
                 } else {
