@@ -304,6 +304,13 @@ pub enum AttentionSource {
     },
 }
 
+impl AttentionSource {
+    /// Whether a mask is added to the scores (a contiguous attention's fourth operand).
+    pub fn masked(&self) -> bool {
+        matches!(self, AttentionSource::Contiguous { masked: true, .. })
+    }
+}
+
 /// Data movement without arithmetic: on the CPU these run as memory copies (or no copy at
 /// all), which no generated loop beats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -625,8 +632,15 @@ impl Kernel {
                 heads, d, rotary, ..
             } => format!("rope_{heads}x{d}_{rotary}"),
             Kernel::Attention {
-                heads, kv_heads, d, ..
-            } => format!("attention_{heads}x{d}_kv{kv_heads}"),
+                heads,
+                kv_heads,
+                d,
+                source,
+                ..
+            } => format!(
+                "attention_{heads}x{d}_kv{kv_heads}{}",
+                if source.masked() { "_masked" } else { "" }
+            ),
             Kernel::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
             Kernel::Quantize { format, rows, k } => {
                 format!("quantize_{}_{rows}x{k}", format.name())
@@ -641,7 +655,7 @@ impl Kernel {
     }
 
     /// The kernel with what does not change its generated code cleared (the attention's
-    /// source), so that ops sharing code share one compiled function; `None` for data
+    /// source, but for a mask), so that ops sharing code share one compiled function; `None` for data
     /// movement, which has no generated code, and for a contraction over a `[k, n]`
     /// weight, which has none until the weight is repacked.
     pub fn code(&self) -> Option<Kernel> {
@@ -658,7 +672,7 @@ impl Kernel {
                 kv_heads,
                 d,
                 scale,
-                ..
+                source,
             } => Some(Kernel::Attention {
                 heads: *heads,
                 kv_heads: *kv_heads,
@@ -667,7 +681,7 @@ impl Kernel {
                 source: AttentionSource::Contiguous {
                     causal: false,
                     window: None,
-                    masked: false,
+                    masked: source.masked(),
                 },
             }),
             other => Some(other.clone()),

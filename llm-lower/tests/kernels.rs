@@ -897,19 +897,19 @@ proptest! {
         agree(&ir, vec![tensor(&[b, m, k], seed, 1.0), tensor(&rhs, seed + 1, 1.0)], 1e-5)?;
     }
 
-    /// Attention with a `[tq, tk]` mask added to the scores (GPU only), windows and
-    /// contexts long enough to split.
+    /// Attention with a `[tq, tk]` mask added to the scores (shared by the batch), windows
+    /// and contexts long enough to split on the GPU.
     #[test]
-    fn masked_attention_on_the_gpu(tq in 1usize..5, extra in 0usize..40, kv in 1usize..3, group in 1usize..3, d in 1usize..12, causal in any::<bool>(), window in prop::option::of(1usize..30), seed: u64) {
+    fn masked_attention(b in 1usize..3, tq in 1usize..5, extra in 0usize..40, kv in 1usize..3, group in 1usize..3, d in 1usize..12, causal in any::<bool>(), window in prop::option::of(1usize..30), seed: u64) {
         let (h, tk) = (kv * group, tq + extra);
         let win = window.map_or(String::new(), |w| format!(", window = {w}"));
         let ir = func(
-            &[("q".into(), ty(&[1, tq, h, d])), ("k".into(), ty(&[1, tk, kv, d])), ("v".into(), ty(&[1, tk, kv, d])), ("m".into(), ty(&[tq, tk]))],
-            &ty(&[1, tq, h, d]),
-            &format!("y = llm.attention q, k, v, m {{kv_heads = {kv}, causal = {causal}{win}}} : {};", ty(&[1, tq, h, d])),
+            &[("q".into(), ty(&[b, tq, h, d])), ("k".into(), ty(&[b, tk, kv, d])), ("v".into(), ty(&[b, tk, kv, d])), ("m".into(), ty(&[tq, tk]))],
+            &ty(&[b, tq, h, d]),
+            &format!("y = llm.attention q, k, v, m {{kv_heads = {kv}, causal = {causal}{win}}} : {};", ty(&[b, tq, h, d])),
         );
-        let args = vec![tensor(&[1, tq, h, d], seed, 1.0), tensor(&[1, tk, kv, d], seed + 1, 1.0), tensor(&[1, tk, kv, d], seed + 2, 1.0), tensor(&[tq, tk], seed + 3, 2.0)];
-        gpu_agrees(&ir, args, 2e-6)?;
+        let args = vec![tensor(&[b, tq, h, d], seed, 1.0), tensor(&[b, tk, kv, d], seed + 1, 1.0), tensor(&[b, tk, kv, d], seed + 2, 1.0), tensor(&[tq, tk], seed + 3, 2.0)];
+        agree(&ir, args, 2e-6)?;
     }
 
     #[test]

@@ -603,7 +603,10 @@ fn attention(
     f: *const u8,
     mut inputs: Vec<Rc<Value>>,
 ) -> Outputs {
-    // SAFETY: an attention kernel's signature is (q, k, v, offsets, count, out).
+    // SAFETY: an attention kernel's signature is (q, k, v, offsets, count, out), and a
+    // masked one's (q, k, v, offsets, count, out, mask).
+    let masked: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) =
+        unsafe { std::mem::transmute(f) };
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // The cache an append updates, taken out of the operands (`[q, k, v, slots, tables,
     // lens]` remain) so that it is updated in place when nothing else holds it.
@@ -622,12 +625,12 @@ fn attention(
     }
     let mut out = k.pool.zeroed(qd.len());
     // Runs query row `r` over `offsets` into `kd`/`vd` (each offset plus a row checked to
-    // lie inside both).
-    let mut attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64]| {
+    // lie inside both), with the mask values of those positions if the kernel takes them.
+    let mut attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64], mask: Option<&[f32]>| {
         if offsets.is_empty() {
             return;
         }
-        f(
+        let args = (
             qd[r * row..].as_ptr() as i64,
             kd.as_ptr() as i64,
             vd.as_ptr() as i64,
@@ -635,6 +638,19 @@ fn attention(
             offsets.len() as i64,
             out[r * row..].as_mut_ptr() as i64,
         );
+        match mask {
+            // One mask value per offset.
+            Some(m) => masked(
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                args.5,
+                m.as_ptr() as i64,
+            ),
+            None => f(args.0, args.1, args.2, args.3, args.4, args.5),
+        }
     };
     match source {
         AttentionSource::Paged { layer, window, .. } => {
@@ -670,7 +686,7 @@ fn attention(
                         .iter()
                         .map(|&slot| (4 * (layer_start + slot * cache.slot_len())) as i64),
                 );
-                attend(row, &cache.k, &cache.v, &offsets);
+                attend(row, &cache.k, &cache.v, &offsets, None);
                 Ok(())
             })?;
             let out = Rc::new(Value::Tensor(Tensor::from_f32(
@@ -682,7 +698,11 @@ fn attention(
                 .chain(updated.map(|c| Rc::new(Value::Cache(c))))
                 .collect())
         }
-        AttentionSource::Contiguous { causal, window, .. } => {
+        AttentionSource::Contiguous {
+            causal,
+            window,
+            masked,
+        } => {
             let (kt, vt) = (inputs[1].tensor()?, inputs[2].tensor()?);
             let r = q.shape.len();
             let [tq, tk] = contiguous_attention_shape(
@@ -691,6 +711,18 @@ fn attention(
                 causal,
             )?;
             let (kd, vd) = (kt.floats()?, vt.floats()?);
+            let mask = if masked {
+                let m = inputs.get(3).ok_or("no mask operand")?.tensor()?;
+                if m.shape != [tq, tk] {
+                    return Err(format!(
+                        "the mask has shape {:?}, expected [{tq}, {tk}]",
+                        m.shape
+                    ));
+                }
+                Some(m.floats()?)
+            } else {
+                None
+            };
             let batch: usize = q.shape[..r - 3].iter().product();
             let mut offsets = Vec::new();
             for b in 0..batch {
@@ -700,7 +732,8 @@ fn attention(
                     let end = if causal { pos + 1 } else { tk };
                     offsets.clear();
                     offsets.extend((start..end).map(|j| (4 * (b * tk + j) * kv_heads * d) as i64));
-                    attend(b * tq + i, kd, vd, &offsets);
+                    let row_mask = mask.map(|m| &m[i * tk + start..i * tk + end]);
+                    attend(b * tq + i, kd, vd, &offsets, row_mask);
                 }
             }
             tensor(Tensor::from_f32(q.shape.clone(), DType::F32, out))

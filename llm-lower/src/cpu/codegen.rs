@@ -39,8 +39,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::LayerNorm { .. } => 5,
         // x (rotated in place), cos, sin, tokens
         Kernel::Rope { .. } => 4,
-        // q, k, v, offsets, count, out
-        Kernel::Attention { .. } => 6,
+        // q, k, v, offsets, count, out (, the query row's mask values)
+        Kernel::Attention { source, .. } => 6 + usize::from(source.masked()),
         // x, w, y, batch, m, k, n, w's batch stride in floats (0: shared)
         Kernel::BatchedMatmul { .. } => 8,
         // x, y, len
@@ -91,8 +91,11 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             kv_heads,
             d,
             scale,
-            ..
-        } => emit_attention(b, *heads, *kv_heads, *d, *scale, p),
+            source,
+        } => {
+            let mask = source.masked().then(|| p[6]);
+            emit_attention(b, [*heads, *kv_heads, *d], *scale, &p[..6], mask);
+        }
         // Data movement has no generated code; dequantization and the KV cache ops have
         // none on the CPU (`jit::compile` rejects them).
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
@@ -885,14 +888,14 @@ const QUERY_REGISTER_FLOATS: usize = 64;
 /// and loaded once per group: their scores go to a stack buffer, each head's running
 /// maximum `m` and sum `l` absorb the block (its output row is rescaled by
 /// `exp(m_old - m_new)` once per block), and the exponentials and the block maximum are
-/// computed four lanes at a time. `count` must be at least 1.
+/// computed four lanes at a time. With a `mask`, `mask[j]` is added to position `j`'s
+/// scaled score. `count` must be at least 1.
 fn emit_attention(
     b: &mut FunctionBuilder,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
+    [heads, kv_heads, d]: [usize; 3],
     scale: Scale,
     p: &[Value],
+    mask: Option<Value>,
 ) {
     let (q, k, v, offsets, count, out) = (p[0], p[1], p[2], p[3], p[4], p[5]);
     let group = heads / kv_heads;
@@ -962,7 +965,12 @@ fn emit_attention(
                         (Some(chunks), None) => chunks.dot(b, krow),
                         (None, _) => RowChunks::load(b, rows[g].0, d).dot(b, krow),
                     };
-                    let s = b.ins().fmul(dot, factor);
+                    let mut s = b.ins().fmul(dot, factor);
+                    if let Some(mask) = mask {
+                        let at = address(b, mask, j, 4);
+                        let bias = b.ins().load(types::F32, mem(), at, 0);
+                        s = b.ins().fadd(s, bias);
+                    }
                     b.ins().store(mem(), s, at, row_bytes * g as i32);
                 }
             });

@@ -22,7 +22,7 @@ use pliron::{
 
 pub use jit::{JitError, Target};
 
-use crate::kernel::{AttentionSource, Kernel, Movement};
+use crate::kernel::{Kernel, Movement};
 pub use program::{Compiler, LoweringStats, Options, Program};
 
 /// Whether the CPU backend generates `kernel`: its contractions read f32 weights and every
@@ -34,10 +34,6 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Move(Movement::Rows { table, .. }) => dequant::decodes(*table),
-        Kernel::Attention {
-            source: AttentionSource::Contiguous { masked, .. },
-            ..
-        } => !masked,
         Kernel::Dequantize { .. }
         | Kernel::Quantize { .. }
         | Kernel::KvAppend { .. }
