@@ -287,6 +287,100 @@ fn func(args: &[(String, String)], result: &str, body: &str) -> String {
     )
 }
 
+/// Test cases of the quantized formats beyond q8_0/q4_0: the row length (`blocks` blocks
+/// or groups), the format and its text. GGUF k-quants, nf4 blocks with and without a
+/// scalar tail, affine integers grouped along either dim, with every scale type.
+fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
+    match which {
+        0 => (32 * blocks, QuantFormat::Q4_1, "q4_1".to_string()),
+        1 => (256 * blocks, QuantFormat::Q4K, "q4_k".into()),
+        2 => (256 * blocks, QuantFormat::Q6K, "q6_k".into()),
+        3 => (256 * blocks, QuantFormat::Q2K, "q2_k".into()),
+        4 => (
+            64 * blocks,
+            QuantFormat::Nf4 {
+                block_size: 64,
+                scale: DType::F16,
+            },
+            "nf4 {block_size = 64, scale = f16}".into(),
+        ),
+        5 => (
+            38 * blocks,
+            QuantFormat::Nf4 {
+                block_size: 38,
+                scale: DType::F32,
+            },
+            "nf4 {block_size = 38, scale = f32}".into(),
+        ),
+        6 => (
+            6 * blocks,
+            QuantFormat::Nf4 {
+                block_size: 6,
+                scale: DType::BF16,
+            },
+            "nf4 {block_size = 6, scale = bf16}".into(),
+        ),
+        7 => (
+            32 * blocks,
+            QuantFormat::Affine {
+                bits: 8,
+                group_size: 32,
+                symmetric: true,
+                axis: 1,
+                scale: DType::F32,
+            },
+            "int8 {group_size = 32, axis = 1, scale = f32}".into(),
+        ),
+        8 => (
+            36 * blocks,
+            QuantFormat::Affine {
+                bits: 4,
+                group_size: 2,
+                symmetric: false,
+                axis: 0,
+                scale: DType::BF16,
+            },
+            "int4 {group_size = 2, symmetric = false, axis = 0, scale = bf16}".into(),
+        ),
+        9 => (
+            40 * blocks,
+            QuantFormat::Affine {
+                bits: 2,
+                group_size: 40,
+                symmetric: true,
+                axis: 1,
+                scale: DType::F16,
+            },
+            "int2 {group_size = 40, axis = 1, scale = f16}".into(),
+        ),
+        10 => (
+            12 * blocks,
+            QuantFormat::Affine {
+                bits: 4,
+                group_size: 6,
+                symmetric: false,
+                axis: 1,
+                scale: DType::F32,
+            },
+            "int4 {group_size = 6, symmetric = false, axis = 1, scale = f32}".into(),
+        ),
+        _ => (
+            34 * blocks,
+            QuantFormat::Affine {
+                bits: 8,
+                group_size: 1,
+                symmetric: false,
+                axis: 0,
+                scale: DType::F16,
+            },
+            "int8 {group_size = 1, symmetric = false, axis = 0, scale = f16}".into(),
+        ),
+    }
+}
+
+/// How many [`format_case`]s there are.
+const FORMAT_CASES: usize = 12;
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -423,26 +517,12 @@ proptest! {
         gpu_agrees_with(&ir, vec![ids], &store, 1e-5, usize::from(exact))?;
     }
 
-    /// Every other weight format, dequantized in the contraction kernel of both backends:
-    /// GGUF k-quants, nf4 blocks with and without a scalar tail, affine integers grouped
-    /// along either dim, with every scale type.
+    /// Every other weight format ([`format_case`]), dequantized in the contraction kernel
+    /// of both backends.
     #[test]
-    fn quantized_formats(m in 1usize..3, half_n in 1usize..6, blocks in 1usize..3, which in 0usize..12, seed: u64) {
+    fn quantized_formats(m in 1usize..3, half_n in 1usize..6, blocks in 1usize..3, which in 0usize..FORMAT_CASES, seed: u64) {
         let n = 2 * half_n;
-        let (k, format, text) = match which {
-            0 => (32 * blocks, QuantFormat::Q4_1, "q4_1".to_string()),
-            1 => (256 * blocks, QuantFormat::Q4K, "q4_k".into()),
-            2 => (256 * blocks, QuantFormat::Q6K, "q6_k".into()),
-            3 => (256 * blocks, QuantFormat::Q2K, "q2_k".into()),
-            4 => (64 * blocks, QuantFormat::Nf4 { block_size: 64, scale: DType::F16 }, "nf4 {block_size = 64, scale = f16}".into()),
-            5 => (38 * blocks, QuantFormat::Nf4 { block_size: 38, scale: DType::F32 }, "nf4 {block_size = 38, scale = f32}".into()),
-            6 => (6 * blocks, QuantFormat::Nf4 { block_size: 6, scale: DType::BF16 }, "nf4 {block_size = 6, scale = bf16}".into()),
-            7 => (32 * blocks, QuantFormat::Affine { bits: 8, group_size: 32, symmetric: true, axis: 1, scale: DType::F32 }, "int8 {group_size = 32, axis = 1, scale = f32}".into()),
-            8 => (36 * blocks, QuantFormat::Affine { bits: 4, group_size: 2, symmetric: false, axis: 0, scale: DType::BF16 }, "int4 {group_size = 2, symmetric = false, axis = 0, scale = bf16}".into()),
-            9 => (40 * blocks, QuantFormat::Affine { bits: 2, group_size: 40, symmetric: true, axis: 1, scale: DType::F16 }, "int2 {group_size = 40, axis = 1, scale = f16}".into()),
-            10 => (12 * blocks, QuantFormat::Affine { bits: 4, group_size: 6, symmetric: false, axis: 1, scale: DType::F32 }, "int4 {group_size = 6, symmetric = false, axis = 1, scale = f32}".into()),
-            _ => (34 * blocks, QuantFormat::Affine { bits: 8, group_size: 1, symmetric: false, axis: 0, scale: DType::F16 }, "int8 {group_size = 1, symmetric = false, axis = 0, scale = f16}".into()),
-        };
+        let (k, format, text) = format_case(which, blocks);
         let ir = func(
             &[("x".into(), ty(&[m, k])), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {text}>"))],
             &ty(&[m, n]),
@@ -584,16 +664,14 @@ proptest! {
     }
 
     /// `llm.dequantize` of a tensor that is an argument (so not evaluated at load), in
-    /// every format (GPU only).
+    /// every format.
     #[test]
-    fn dequantize_on_the_gpu(half_n in 1usize..4, blocks in 1usize..3, which in 0usize..5, seed: u64) {
+    fn dequantize(half_n in 1usize..4, blocks in 1usize..3, which in 0usize..FORMAT_CASES + 2, seed: u64) {
         let n = 2 * half_n;
         let (k, format, text) = match which {
-            0 => (32 * blocks, QuantFormat::Q8_0, "q8_0".to_string()),
-            1 => (32 * blocks, QuantFormat::Q4_0, "q4_0".into()),
-            2 => (256 * blocks, QuantFormat::Q4K, "q4_k".into()),
-            3 => (64 * blocks, QuantFormat::Nf4 { block_size: 64, scale: DType::F32 }, "nf4 {block_size = 64, scale = f32}".into()),
-            _ => (32 * blocks, QuantFormat::Affine { bits: 4, group_size: 32, symmetric: false, axis: 1, scale: DType::F16 }, "int4 {group_size = 32, symmetric = false, axis = 1, scale = f16}".into()),
+            FORMAT_CASES => (32 * blocks, QuantFormat::Q8_0, "q8_0".to_string()),
+            w if w > FORMAT_CASES => (32 * blocks, QuantFormat::Q4_0, "q4_0".into()),
+            w => format_case(w, blocks),
         };
         let ir = func(
             &[("w".into(), format!("llm.quantized_tensor <{n}x{k}, {text}>"))],
@@ -602,7 +680,7 @@ proptest! {
         );
         let w = values(seed, n * k, 1.0);
         let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-        gpu_agrees(&ir, vec![Value::Quantized(q)], 1e-6)?;
+        agree(&ir, vec![Value::Quantized(q)], 1e-6)?;
     }
 
     #[test]

@@ -157,6 +157,14 @@ pub fn call(
             Some(out) => out.and_then(tensor),
             None => return Err(Unsupported(inputs)),
         },
+        (
+            Kernel::Dequantize {
+                weight,
+                rows,
+                k: cols,
+            },
+            Some(f),
+        ) => dequantize(k, *weight, [*rows, *cols], f, &inputs).and_then(tensor),
         (Kernel::Cast { from, to }, Some(f)) => cast([*from, *to], f, &inputs).and_then(tensor),
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
             batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
@@ -287,6 +295,43 @@ fn elementwise(
     // Every input holds `len` floats (same shape), as does `out`.
     f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
     Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
+}
+
+/// Calls a dequantization of a `rows x k` quantized tensor in `weight`'s format.
+fn dequantize(
+    k: &Kernels,
+    weight: WeightFormat,
+    [rows, cols]: [usize; 2],
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Result<Tensor, String> {
+    let Value::Quantized(q) = &*inputs[0] else {
+        return Err(format!(
+            "expected a quantized tensor, found {}",
+            inputs[0].kind()
+        ));
+    };
+    let expected = weight.quant_format();
+    let len: usize = q.shape.iter().product();
+    if expected.as_ref() != Some(&q.format)
+        || q.shape.last() != Some(&cols)
+        || len != rows * cols
+        || q.bytes.len() != storage_bytes(&q.format, &q.shape)
+    {
+        return Err(format!(
+            "the operand ({:?}, {}, {} bytes) is not {rows}x{cols} in {}",
+            q.shape,
+            q.format,
+            q.bytes.len(),
+            weight.name()
+        ));
+    }
+    let mut out = k.pool.zeroed(len);
+    // SAFETY: a dequantization's signature is (bytes, out).
+    let f: extern "C" fn(i64, i64) = unsafe { std::mem::transmute(f) };
+    // The bytes hold rows x cols values in the format (checked above), out as many floats.
+    f(q.bytes.as_ptr() as i64, out.as_mut_ptr() as i64);
+    Ok(Tensor::from_f32(q.shape.clone(), DType::F32, out))
 }
 
 /// Calls a cast from `from` to `to` (floats held as `f32`, integers as `i64`).

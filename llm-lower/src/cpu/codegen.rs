@@ -47,10 +47,11 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Cast { .. } => 3,
         // inputs (array of pointers), out, dims (4 i64), strides (4 i64 per input)
         Kernel::Broadcast(_) => 4,
+        // quantized bytes, out
+        Kernel::Dequantize { .. } => 2,
         // No CPU code (`super::supports`).
         Kernel::Move(_)
         | Kernel::Quantize { .. }
-        | Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. } => 0,
     }
@@ -101,9 +102,11 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
         Kernel::Cast { from, to } => super::convert::emit_cast(b, *from, *to, p),
         Kernel::Broadcast(body) => emit_broadcast(b, body, p),
+        Kernel::Dequantize { weight, rows, k } => {
+            dequant::emit_dequantize(b, *weight, [*rows, *k], p)
+        }
         Kernel::Move(_)
         | Kernel::Quantize { .. }
-        | Kernel::Dequantize { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. } => {}
     }

@@ -53,16 +53,67 @@ pub fn dot_row(
     row: Value,
 ) -> Value {
     match c.weight {
-        WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => dot_whole(b, c, x, w, j, row),
-        format => dot_blocks(b, format, x, row, c.k),
+        WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => {
+            let acc = zeroed_accumulators(b, 2);
+            let tail = b.declare_var(types::F32);
+            let zero = b.ins().f32const(0.0);
+            b.def_var(tail, zero);
+            let sums = Sums { acc, tail };
+            decode_whole(b, c.weight, [c.n, c.k], Use::Dot(&sums), [w, j, row], x);
+            let both = sums.total(b);
+            let t = b.use_var(sums.tail);
+            b.ins().fadd(both, t)
+        }
+        format => {
+            let acc = zeroed_accumulators(b, 1)[0];
+            decode_blocks(b, format, row, c.k, x, |b, xb, run| {
+                accumulate_run(b, acc, xb, run)
+            });
+            let a = b.use_var(acc);
+            horizontal_sum(b, a)
+        }
     }
+}
+
+/// Emits the dequantization of the `rows x k` quantized tensor at `p[0]` into the `f32`
+/// buffer at `p[1]` (`llm.dequantize`): every row decoded as the contractions decode it,
+/// each run stored as `scale * q + offset`.
+pub fn emit_dequantize(
+    b: &mut FunctionBuilder,
+    weight: WeightFormat,
+    [rows, k]: [usize; 2],
+    p: &[Value],
+) {
+    let (w, out) = (p[0], p[1]);
+    let zero = b.ins().iconst(types::I64, 0);
+    let end = b.ins().iconst(types::I64, rows as i64);
+    let row_bytes = weight.row_bytes(k) as i64;
+    for_range(b, zero, end, 1, |b, j| {
+        let row = address(b, w, j, row_bytes);
+        let out_row = address(b, out, j, 4 * k as i64);
+        match weight {
+            WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => {
+                decode_whole(b, weight, [rows, k], Use::Store, [w, j, row], out_row);
+            }
+            format => decode_blocks(b, format, row, k, out_row, store_run),
+        }
+    });
+}
+
+/// What decoded weights are for.
+#[derive(Clone, Copy)]
+enum Use<'a> {
+    /// Multiply-adds with x into a row's sums.
+    Dot(&'a Sums),
+    /// Stored as `f32`.
+    Store,
 }
 
 /// Consecutive weights `scale * q + offset` of a row.
 struct Run {
     /// The codes `q` as `f32x4`, in element order.
     codes: Vec<Value>,
-    /// Byte offset of the run's first x value from the block's x.
+    /// Byte offset of the run's first value from the block's first (in x, or the output).
     x_at: i32,
     /// The run's scale (`f32`).
     scale: Value,
@@ -96,24 +147,25 @@ fn accumulate_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
     }
 }
 
-/// Dot product of x with a row of a GGUF block format: a loop over the row's blocks, each
-/// decoded into its runs.
-fn dot_blocks(
+/// Decodes a row of a GGUF block format: a loop over the row's blocks, each decoded into
+/// its runs, which go to `use_run` with the address of the block's first value in `values`
+/// (x for a dot product, the output for a dequantization).
+fn decode_blocks(
     b: &mut FunctionBuilder,
     format: WeightFormat,
-    x: Value,
     row: Value,
     k: usize,
-) -> Value {
+    values: Value,
+    mut use_run: impl FnMut(&mut FunctionBuilder, Value, Run),
+) {
     let block = format.block().expect("a block format");
     let block_bytes = format.row_bytes(block) as i64;
-    let acc = zeroed_accumulators(b, 1)[0];
     let zero = b.ins().iconst(types::I64, 0);
     let blocks = b.ins().iconst(types::I64, (k / block) as i64);
     for_range(b, zero, blocks, 1, |b, blk| {
         let wb = address(b, row, blk, block_bytes);
-        let xb = address(b, x, blk, 4 * block as i64);
-        let mut sink = |b: &mut FunctionBuilder, run: Run| accumulate_run(b, acc, xb, run);
+        let vb = address(b, values, blk, 4 * block as i64);
+        let mut sink = |b: &mut FunctionBuilder, run: Run| use_run(b, vb, run);
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
             WeightFormat::Q4_0 | WeightFormat::Q4_1 => q4_runs(b, wb, format, &mut sink),
@@ -123,8 +175,19 @@ fn dot_blocks(
             other => unreachable!("{other:?} is not a block format"),
         }
     });
-    let a = b.use_var(acc);
-    horizontal_sum(b, a)
+}
+
+/// Stores `run` as `scale * q + offset` at `out` (the block's first value).
+fn store_run(b: &mut FunctionBuilder, out: Value, run: Run) {
+    let scale = b.ins().splat(types::F32X4, run.scale);
+    let offset = run.offset.map(|o| b.ins().splat(types::F32X4, o));
+    for (c, &q) in run.codes.iter().enumerate() {
+        let v = match offset {
+            Some(o) => b.ins().fma(q, scale, o),
+            None => b.ins().fmul(q, scale),
+        };
+        b.ins().store(mem(), v, out, run.x_at + 16 * c as i32);
+    }
 }
 
 /// Where a format's decoder sends its runs.
@@ -338,18 +401,19 @@ struct Codes {
     scale: DType,
 }
 
-/// Dot product of x with row `j` of an nf4 or affine weight: codes of the whole matrix
-/// first (row `j` at `row`), then one scale per group, then (asymmetric affine) one zero
-/// point byte per group.
-fn dot_whole(
+/// Decodes row `j` of a `[n, k]` nf4 or affine weight (`[w, j, row]`: the storage, the
+/// row's index and its first code byte; codes of the whole matrix first, then one scale
+/// per group, then (asymmetric affine) one zero point byte per group) for `use_`, with
+/// `values` the row's x (a dot product) or output (a dequantization).
+fn decode_whole(
     b: &mut FunctionBuilder,
-    c: &Contraction,
-    x: Value,
-    w: Value,
-    j: Value,
-    row: Value,
-) -> Value {
-    let (codes, group, zeros, axis) = match c.weight {
+    weight: WeightFormat,
+    [n, k]: [usize; 2],
+    use_: Use,
+    [w, j, row]: [Value; 3],
+    values: Value,
+) {
+    let (codes, group, zeros, axis) = match weight {
         WeightFormat::Nf4 { block, scale } => (
             Codes {
                 bits: 4,
@@ -380,18 +444,12 @@ fn dot_whole(
         ),
         other => unreachable!("{other:?} is not a whole-matrix format"),
     };
-    let k = c.k;
     let scale_bytes = codes.scale.size_bytes() as i64;
-    let scales = b.ins().iadd_imm_s(w, (c.n * c.weight.row_bytes(k)) as i64);
+    let scales = b.ins().iadd_imm_s(w, (n * weight.row_bytes(k)) as i64);
     let zero_points = zeros.then(|| {
-        let groups = c.n * k / group;
+        let groups = n * k / group;
         b.ins().iadd_imm_s(scales, groups as i64 * scale_bytes)
     });
-    let acc = zeroed_accumulators(b, 2);
-    let tail = b.declare_var(types::F32);
-    let zero = b.ins().f32const(0.0);
-    b.def_var(tail, zero);
-    let sums = Sums { acc, tail };
     if axis == 0 {
         // Group r = j / group of rows has a scale (and zero point) per column.
         let r = if group > 1 {
@@ -402,7 +460,7 @@ fn dot_whole(
         let first = b.ins().imul_imm_s(r, k as i64);
         let scale_row = address(b, scales, first, scale_bytes);
         let zero_row = zero_points.map(|z| b.ins().iadd(z, first));
-        lane_scaled_run(b, codes, &sums, (x, row), k, (scale_row, zero_row));
+        lane_scaled_run(b, codes, use_, (values, row), k, (scale_row, zero_row));
     } else {
         // Row j holds groups j * (k / group) ..; one loop step per group (the type
         // verifier keeps groups to whole bytes).
@@ -412,7 +470,7 @@ fn dot_whole(
         let end = b.ins().iconst(types::I64, groups);
         for_range(b, start, end, 1, |b, t| {
             let g = b.ins().iadd(first, t);
-            let xg = address(b, x, t, 4 * group as i64);
+            let vg = address(b, values, t, 4 * group as i64);
             let cg = address(b, row, t, (group * codes.bits / 8) as i64);
             let at = address(b, scales, g, scale_bytes);
             let scale = scalar_scale(b, codes.scale, at, 0);
@@ -423,12 +481,9 @@ fn dot_whole(
                 let product = b.ins().fmul(scale, z);
                 b.ins().fneg(product)
             });
-            group_run(b, codes, &sums, (xg, cg), group, (scale, offset));
+            group_run(b, codes, use_, (vg, cg), group, (scale, offset));
         });
     }
-    let both = sums.total(b);
-    let t = b.use_var(sums.tail);
-    b.ins().fadd(both, t)
 }
 
 /// A whole-matrix row's accumulators: two `f32x4` for the vector steps, an `f32` for the
@@ -455,9 +510,62 @@ impl Sums {
     }
 }
 
-/// `len` values sharing `scale` and `offset` (`(x, codes)` at their first value): a loop of
-/// [`CHUNK`]-value vector steps into two partial sums, a scalar tail, then scaled once.
+/// `len` values sharing `scale` and `offset` (`(values, codes)` at their first value),
+/// decoded [`CHUNK`] at a time with a scalar tail, for `use_`.
 fn group_run(
+    b: &mut FunctionBuilder,
+    codes: Codes,
+    use_: Use,
+    span: (Value, Value),
+    len: usize,
+    scaling: (Value, Option<Value>),
+) {
+    match use_ {
+        Use::Dot(sums) => dot_group(b, codes, sums, span, len, scaling),
+        Use::Store => store_group(b, codes, span, len, scaling),
+    }
+}
+
+/// Stores `len` values `scale * q + offset` (`(out, codes)` at their first value).
+fn store_group(
+    b: &mut FunctionBuilder,
+    codes: Codes,
+    (out, at): (Value, Value),
+    len: usize,
+    (scale, offset): (Value, Option<Value>),
+) {
+    let chunks = len / CHUNK;
+    let scale_v = b.ins().splat(types::F32X4, scale);
+    let offset_v = offset.map(|o| b.ins().splat(types::F32X4, o));
+    if chunks > 0 {
+        let start = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, chunks as i64);
+        for_range(b, start, end, 1, |b, i| {
+            let oc = address(b, out, i, 4 * CHUNK as i64);
+            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
+            for (v, q) in chunk_values(b, codes, cc).into_iter().enumerate() {
+                let w = match offset_v {
+                    Some(o) => b.ins().fma(q, scale_v, o),
+                    None => b.ins().fmul(q, scale_v),
+                };
+                b.ins().store(mem(), w, oc, 16 * v as i32);
+            }
+        });
+    }
+    for e in chunks * CHUNK..len {
+        let q = scalar_value(b, codes, at, e * codes.bits);
+        let w = match offset {
+            Some(o) => b.ins().fma(q, scale, o),
+            None => b.ins().fmul(q, scale),
+        };
+        b.ins().store(mem(), w, out, 4 * e as i32);
+    }
+}
+
+/// The dot product of `len` values sharing `scale` and `offset` (`(x, codes)` at their
+/// first value) with x: [`CHUNK`]-value vector steps into two partial sums, a scalar tail,
+/// then scaled once, into `sums`.
+fn dot_group(
     b: &mut FunctionBuilder,
     codes: Codes,
     sums: &Sums,
@@ -511,13 +619,13 @@ fn group_run(
     }
 }
 
-/// A row of `len` values (`(x, codes)` at its first value) whose scales (and zero points)
-/// change along the row (`(scales, zero points)` of its first value): every lane is
-/// `(q - z) * s`, formed before the multiply-add.
+/// A row of `len` values (`(values, codes)` at its first value) whose scales (and zero
+/// points) change along the row (`(scales, zero points)` of its first value): every lane
+/// is `(q - z) * s`, then multiplied with x or stored, as `use_` says.
 fn lane_scaled_run(
     b: &mut FunctionBuilder,
     codes: Codes,
-    sums: &Sums,
+    use_: Use,
     (x, at): (Value, Value),
     len: usize,
     (scales, zeros): (Value, Option<Value>),
@@ -547,8 +655,15 @@ fn lane_scaled_run(
                     None => q,
                 };
                 let weight = b.ins().fmul(q, s);
-                let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
-                accumulate(b, sums.acc[v % 2], weight, xv);
+                match use_ {
+                    Use::Dot(sums) => {
+                        let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
+                        accumulate(b, sums.acc[v % 2], weight, xv);
+                    }
+                    Use::Store => {
+                        b.ins().store(mem(), weight, xc, 16 * v as i32);
+                    }
+                }
             }
         });
     }
@@ -561,9 +676,16 @@ fn lane_scaled_run(
         }
         let s = scalar_scale(b, codes.scale, scales, (e * scale_bytes) as i32);
         let weight = b.ins().fmul(q, s);
-        let xe = b.ins().load(types::F32, mem(), x, 4 * e as i32);
-        let product = b.ins().fmul(weight, xe);
-        sums.add_tail(b, product);
+        match use_ {
+            Use::Dot(sums) => {
+                let xe = b.ins().load(types::F32, mem(), x, 4 * e as i32);
+                let product = b.ins().fmul(weight, xe);
+                sums.add_tail(b, product);
+            }
+            Use::Store => {
+                b.ins().store(mem(), weight, x, 4 * e as i32);
+            }
+        }
     }
 }
 

@@ -34,12 +34,12 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Move(Movement::Rows { table, .. }) => dequant::decodes(*table),
-        Kernel::Dequantize { .. }
-        | Kernel::Quantize { .. }
+        Kernel::Quantize { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }
         | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,
         Kernel::Contraction(c) => dequant::decodes(c.weight),
+        Kernel::Dequantize { weight, .. } => dequant::decodes(*weight),
         _ => true,
     }
 }
