@@ -662,20 +662,21 @@ proptest! {
         }
     }
 
-    /// `llm.quantize` into the block formats, byte for byte as the reference quantizes
-    /// (GPU only), and quantized values fed on to a quantized matmul on the device.
+    /// `llm.quantize` into the block formats, byte for byte as the reference quantizes,
+    /// and quantized values fed on to a quantized matmul.
     #[test]
-    fn quantize_on_the_gpu(rows in 1usize..6, blocks in 1usize..4, which in 0usize..3, scale in prop::sample::select(vec![1e-3f32, 1.0, 300.0]), seed: u64) {
+    fn quantize(rows in 1usize..6, blocks in 1usize..4, scale in prop::sample::select(vec![1e-3f32, 1.0, 300.0, 3e4]), seed: u64) {
         let k = 32 * blocks;
-        let text = ["q8_0", "q4_0", "q4_1"][which];
-        let qt = format!("llm.quantized_tensor <{rows}x{k}, {text}>");
-        let ir = format!(
-            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {a}) -> ({qt}, {y})> {{\n      ^body(x: {x}, a: {a}):\n        q = llm.quantize x : {qt};\n        y = llm.quantized_matmul a, q : {y};\n        llm.return q, y\n    }}\n}}\n",
-            x = ty(&[rows, k]), a = ty(&[2, k]), y = ty(&[2, rows]),
-        );
-        // The bytes must be equal; the product's sums of terms up to `scale` in size cancel,
-        // so its tolerance grows with the scale.
-        gpu_agrees(&ir, vec![tensor(&[rows, k], seed, scale), tensor(&[2, k], seed + 1, 1.0)], 1e-5 * scale.max(1.0))?;
+        for text in ["q8_0", "q4_0", "q4_1"] {
+            let qt = format!("llm.quantized_tensor <{rows}x{k}, {text}>");
+            let ir = format!(
+                "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {a}) -> ({qt}, {y})> {{\n      ^body(x: {x}, a: {a}):\n        q = llm.quantize x : {qt};\n        y = llm.quantized_matmul a, q : {y};\n        llm.return q, y\n    }}\n}}\n",
+                x = ty(&[rows, k]), a = ty(&[2, k]), y = ty(&[2, rows]),
+            );
+            // The bytes must be equal; the product's sums of terms up to `scale` in size
+            // cancel, so its tolerance grows with the scale.
+            agree(&ir, vec![tensor(&[rows, k], seed, scale), tensor(&[2, k], seed + 1, 1.0)], 1e-5 * scale.max(1.0))?;
+        }
     }
 
     /// `llm.dequantize` of a tensor that is an argument (so not evaluated at load), in
@@ -744,6 +745,28 @@ proptest! {
         );
         let ir = func(&[("a".into(), t.clone()), ("b".into(), t.clone())], &t, &body);
         agree(&ir, vec![tensor(&[n], seed, 6.0), tensor(&[n], seed + 1, 2.0)], 2e-6)?;
+    }
+}
+
+/// Quantization where codes fall exactly halfway: q8_0 rounds them away from zero (C's
+/// `roundf`), q4_0 and q4_1 truncate after adding one half.
+#[test]
+fn quantize_ties() {
+    // 127 (q8_0: d = 1) or -8 (q4_0: d = 1), then halves of both signs.
+    for (text, first) in [("q8_0", 127.0f32), ("q4_0", -8.0), ("q4_1", -7.5)] {
+        let mut x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 2.0).collect();
+        x[0] = first;
+        let qt = format!("llm.quantized_tensor <1x32, {text}>");
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}) -> ({qt})> {{\n      ^body(x: {x}):\n        y = llm.quantize x : {qt};\n        llm.return y\n    }}\n}}\n",
+            x = ty(&[1, 32]),
+        );
+        agree(
+            &ir,
+            vec![Value::Tensor(Tensor::from_f32(vec![1, 32], DType::F32, x))],
+            0.0,
+        )
+        .unwrap();
     }
 }
 

@@ -165,6 +165,15 @@ pub fn call(
             },
             Some(f),
         ) => dequantize(k, *weight, [*rows, *cols], f, &inputs).and_then(tensor),
+        (
+            Kernel::Quantize {
+                format,
+                rows,
+                k: cols,
+            },
+            Some(f),
+        ) => quantize(*format, [*rows, *cols], f, &inputs)
+            .map(|q| vec![Rc::new(Value::Quantized(q))]),
         (Kernel::Cast { from, to }, Some(f)) => cast([*from, *to], f, &inputs).and_then(tensor),
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
             batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
@@ -332,6 +341,34 @@ fn dequantize(
     // The bytes hold rows x cols values in the format (checked above), out as many floats.
     f(q.bytes.as_ptr() as i64, out.as_mut_ptr() as i64);
     Ok(Tensor::from_f32(q.shape.clone(), DType::F32, out))
+}
+
+/// Calls a quantization of `rows x k` floats into `format`'s blocks.
+fn quantize(
+    format: WeightFormat,
+    [rows, cols]: [usize; 2],
+    f: *const u8,
+    inputs: &[Rc<Value>],
+) -> Result<QTensor, String> {
+    let x = inputs[0].tensor()?;
+    let xs = x.floats()?;
+    if xs.len() != rows * cols || x.shape.last() != Some(&cols) {
+        return Err(format!(
+            "the operand {:?} is not {rows} rows of {cols}",
+            x.shape
+        ));
+    }
+    let qformat = format.quant_format().ok_or("not a quantized format")?;
+    let mut bytes = vec![0u8; storage_bytes(&qformat, &x.shape)];
+    // SAFETY: a quantization's signature is (x, bytes).
+    let f: extern "C" fn(i64, i64) = unsafe { std::mem::transmute(f) };
+    // x holds rows * cols floats, bytes the blocks they quantize to.
+    f(xs.as_ptr() as i64, bytes.as_mut_ptr() as i64);
+    Ok(QTensor {
+        shape: x.shape.clone(),
+        format: qformat,
+        bytes,
+    })
 }
 
 /// Calls a cast from `from` to `to` (floats held as `f32`, integers as `i64`).

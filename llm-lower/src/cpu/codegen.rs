@@ -18,7 +18,10 @@ use llm_ir::interp::eval::{
 
 use super::{
     dequant,
-    emit::{accumulate, address, exp, for_range, horizontal_sum, mem, splat, zeroed_accumulators},
+    emit::{
+        accumulate, address, exp, for_range, horizontal_max, horizontal_sum, mem, splat,
+        zeroed_accumulators,
+    },
 };
 use crate::kernel::{Contraction, Kernel, PANEL_COLS, PANEL_ROWS, WeightFormat};
 
@@ -49,11 +52,10 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Broadcast(_) => 4,
         // quantized bytes, out
         Kernel::Dequantize { .. } => 2,
+        // x, quantized bytes
+        Kernel::Quantize { .. } => 2,
         // No CPU code (`super::supports`).
-        Kernel::Move(_)
-        | Kernel::Quantize { .. }
-        | Kernel::KvAppend { .. }
-        | Kernel::KvLookup { .. } => 0,
+        Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => 0,
     }
 }
 
@@ -105,10 +107,10 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Dequantize { weight, rows, k } => {
             dequant::emit_dequantize(b, *weight, [*rows, *k], p)
         }
-        Kernel::Move(_)
-        | Kernel::Quantize { .. }
-        | Kernel::KvAppend { .. }
-        | Kernel::KvLookup { .. } => {}
+        Kernel::Quantize { format, rows, k } => {
+            super::quantize::emit_quantize(b, *format, rows * k / 32, p)
+        }
+        Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => {}
     }
 }
 
@@ -1099,14 +1101,6 @@ fn real_lanes(b: &mut FunctionBuilder, v: Value, full: bool) -> Value {
     let s = b.ins().extractlane(v, 0);
     let z = splat(b, 0.0);
     b.ins().insertlane(z, s, 0)
-}
-
-/// The maximum of the 4 lanes of `v`.
-fn horizontal_max(b: &mut FunctionBuilder, v: Value) -> Value {
-    let lanes: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
-    let lo = b.ins().fmax(lanes[0], lanes[1]);
-    let hi = b.ins().fmax(lanes[2], lanes[3]);
-    b.ins().fmax(lo, hi)
 }
 
 /// Softmax of each of `rows` rows of `n` values: the maximum, then `exp(x - max)` (inline

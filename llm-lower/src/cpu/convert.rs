@@ -80,7 +80,7 @@ pub fn emit_cast(b: &mut FunctionBuilder, from: DType, to: DType, p: &[Value]) {
 }
 
 /// The `f32x4` `v` rounded to the precision of float type `to`.
-fn round_to(b: &mut FunctionBuilder, to: DType, v: Value) -> Value {
+pub fn round_to(b: &mut FunctionBuilder, to: DType, v: Value) -> Value {
     match to {
         DType::F16 => round_f16(b, v),
         DType::BF16 => round_bf16(b, v),

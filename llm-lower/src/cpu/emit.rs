@@ -68,6 +68,14 @@ pub fn accumulate(b: &mut FunctionBuilder, acc: Variable, a: Value, x: Value) {
     b.def_var(acc, new);
 }
 
+/// The maximum of the 4 lanes of `v`.
+pub fn horizontal_max(b: &mut FunctionBuilder, v: Value) -> Value {
+    let lanes: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
+    let lo = b.ins().fmax(lanes[0], lanes[1]);
+    let hi = b.ins().fmax(lanes[2], lanes[3]);
+    b.ins().fmax(lo, hi)
+}
+
 /// An `f32x4` with every lane `c`.
 pub fn splat(b: &mut FunctionBuilder, c: f32) -> Value {
     let s = b.ins().f32const(c);

@@ -11,6 +11,7 @@ pub mod dequant;
 pub mod emit;
 pub mod jit;
 pub mod program;
+pub mod quantize;
 pub mod ukernel;
 pub mod workers;
 
@@ -34,8 +35,7 @@ pub use program::{Compiler, LoweringStats, Options, Program};
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Move(Movement::Rows { table, .. }) => dequant::decodes(*table),
-        Kernel::Quantize { .. }
-        | Kernel::KvAppend { .. }
+        Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. }
         | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,
         Kernel::Contraction(c) => dequant::decodes(c.weight),

@@ -1,0 +1,219 @@
+//! `llm.quantize` in generated code: f32 values into q8_0, q4_0 or q4_1 blocks of 32, byte
+//! for byte as the reference quantizes (ggml's reference quantizers).
+//!
+//! A block's scale is computed in f32 and used as is for the codes; it is stored as f16,
+//! rounded to nearest even ([`f16_bits`]). Codes round as C's `roundf` (ties away from
+//! zero, q8_0) or truncate after adding one half (q4_0, q4_1), and saturate to their range.
+
+use cranelift_codegen::ir::{
+    InstBuilder, MemFlagsData, Value,
+    condcodes::{FloatCC, IntCC},
+    types,
+};
+use cranelift_frontend::FunctionBuilder;
+use llm_ir::dtype::DType;
+
+use super::{
+    convert::round_to,
+    emit::{address, for_range, horizontal_max, mem, splat},
+};
+use crate::kernel::WeightFormat;
+
+/// Emits the quantization of `blocks` blocks of 32 floats at `p[0]` into `format`'s
+/// blocks at `p[1]`.
+pub fn emit_quantize(b: &mut FunctionBuilder, format: WeightFormat, blocks: usize, p: &[Value]) {
+    let (x, out) = (p[0], p[1]);
+    let block_bytes = format.row_bytes(32) as i64;
+    let zero = b.ins().iconst(types::I64, 0);
+    let end = b.ins().iconst(types::I64, blocks as i64);
+    for_range(b, zero, end, 1, |b, blk| {
+        let xb = address(b, x, blk, 128);
+        let ob = address(b, out, blk, block_bytes);
+        match format {
+            WeightFormat::Q8_0 => q8_0_block(b, xb, ob),
+            WeightFormat::Q4_0 => q4_0_block(b, xb, ob),
+            WeightFormat::Q4_1 => q4_1_block(b, xb, ob),
+            other => unreachable!("no quantizer for {other:?}"),
+        }
+    });
+}
+
+/// `1 / d`, or 0 when `d` is 0.
+fn inverse(b: &mut FunctionBuilder, d: Value) -> Value {
+    let one = b.ins().f32const(1.0);
+    let inv = b.ins().fdiv(one, d);
+    let zero = b.ins().f32const(0.0);
+    let is_zero = b.ins().fcmp(FloatCC::Equal, d, zero);
+    b.ins().select(is_zero, zero, inv)
+}
+
+/// q8_0: `d = max|x| / 127` and 32 codes `roundf(x / d)`, eight lanes of four at a time.
+fn q8_0_block(b: &mut FunctionBuilder, xb: Value, ob: Value) {
+    let xs: Vec<Value> = (0..8)
+        .map(|c| b.ins().load(types::F32X4, mem(), xb, 16 * c))
+        .collect();
+    let mut most = b.ins().fabs(xs[0]);
+    for &v in &xs[1..] {
+        let a = b.ins().fabs(v);
+        most = b.ins().fmax(most, a);
+    }
+    let amax = horizontal_max(b, most);
+    let divisor = b.ins().f32const(127.0);
+    let d = b.ins().fdiv(amax, divisor);
+    let id = inverse(b, d);
+    store_f16(b, d, ob, 0);
+    let id = b.ins().splat(types::F32X4, id);
+    let words: Vec<Value> = xs
+        .iter()
+        .map(|&v| {
+            let scaled = b.ins().fmul(v, id);
+            let rounded = round_half_away(b, scaled);
+            b.ins().fcvt_to_sint_sat(types::I32X4, rounded)
+        })
+        .collect();
+    // Saturating narrows: i32 to i16 to i8 (`as i8` saturates at the first step already,
+    // as the codes are within ±128 by construction).
+    for half in 0..2 {
+        let w = &words[4 * half..4 * half + 4];
+        let lo = b.ins().snarrow(w[0], w[1]);
+        let hi = b.ins().snarrow(w[2], w[3]);
+        let bytes = b.ins().snarrow(lo, hi);
+        b.ins().store(mem(), bytes, ob, 2 + 16 * half as i32);
+    }
+}
+
+/// `x` rounded to an integer, halves away from zero (C's `roundf`), lane by lane.
+fn round_half_away(b: &mut FunctionBuilder, x: Value) -> Value {
+    let t = b.ins().trunc(x);
+    let rest = b.ins().fsub(x, t);
+    let rest = b.ins().fabs(rest);
+    let half = splat(b, 0.5);
+    let away = b.ins().fcmp(FloatCC::GreaterThanOrEqual, rest, half);
+    // ±1 with x's sign (`fcopysign` has no vector form on x86-64): x's sign bit or-ed
+    // into 1.0's bits, kept where the rest reaches one half.
+    let flags = MemFlagsData::new();
+    let bits = b.ins().bitcast(types::I32X4, flags, x);
+    let sign = b.ins().iconst(types::I32, i64::from(i32::MIN));
+    let sign = b.ins().splat(types::I32X4, sign);
+    let sign = b.ins().band(bits, sign);
+    let one = b.ins().iconst(types::I32, i64::from(1f32.to_bits()));
+    let one = b.ins().splat(types::I32X4, one);
+    let step = b.ins().bor(sign, one);
+    let step = b.ins().band(step, away);
+    let step = b.ins().bitcast(types::F32X4, flags, step);
+    b.ins().fadd(t, step)
+}
+
+/// q4_0: `d = m / -8` for the value `m` of largest magnitude (the first such), codes
+/// `trunc(x / d + 8.5)` clamped to 0..=15, values `j` and `j + 16` in byte `j`.
+fn q4_0_block(b: &mut FunctionBuilder, xb: Value, ob: Value) {
+    let zero = b.ins().f32const(0.0);
+    let (mut amax, mut max) = (zero, zero);
+    for j in 0..32 {
+        let v = b.ins().load(types::F32, mem(), xb, 4 * j);
+        let a = b.ins().fabs(v);
+        let larger = b.ins().fcmp(FloatCC::LessThan, amax, a);
+        amax = b.ins().select(larger, a, amax);
+        max = b.ins().select(larger, v, max);
+    }
+    let minus_eight = b.ins().f32const(-8.0);
+    let d = b.ins().fdiv(max, minus_eight);
+    let id = inverse(b, d);
+    store_f16(b, d, ob, 0);
+    let bias = b.ins().f32const(8.5);
+    // Multiplied, then added: two roundings, as the reference computes it.
+    pack_nibbles(b, xb, ob, 2, |b, v| {
+        let scaled = b.ins().fmul(v, id);
+        b.ins().fadd(scaled, bias)
+    });
+}
+
+/// q4_1: `d = (max - min) / 15`, codes `trunc((x - min) / d + 0.5)` clamped to 0..=15.
+fn q4_1_block(b: &mut FunctionBuilder, xb: Value, ob: Value) {
+    let mut min = b.ins().f32const(f32::INFINITY);
+    let mut max = b.ins().f32const(f32::NEG_INFINITY);
+    for j in 0..32 {
+        let v = b.ins().load(types::F32, mem(), xb, 4 * j);
+        min = b.ins().fmin(min, v);
+        max = b.ins().fmax(max, v);
+    }
+    let range = b.ins().fsub(max, min);
+    let fifteen = b.ins().f32const(15.0);
+    let d = b.ins().fdiv(range, fifteen);
+    let id = inverse(b, d);
+    store_f16(b, d, ob, 0);
+    store_f16(b, min, ob, 2);
+    let half = b.ins().f32const(0.5);
+    pack_nibbles(b, xb, ob, 4, |b, v| {
+        let shifted = b.ins().fsub(v, min);
+        let scaled = b.ins().fmul(shifted, id);
+        b.ins().fadd(scaled, half)
+    });
+}
+
+/// Stores the 16 bytes of nibbles at `ob + at`: value `j`'s code in the low nibble of
+/// byte `j`, value `j + 16`'s in the high nibble, each code `biased(x)` truncated and
+/// clamped to 0..=15.
+fn pack_nibbles(
+    b: &mut FunctionBuilder,
+    xb: Value,
+    ob: Value,
+    at: i32,
+    biased: impl Fn(&mut FunctionBuilder, Value) -> Value,
+) {
+    let code = |b: &mut FunctionBuilder, j: i32| {
+        let v = b.ins().load(types::F32, mem(), xb, 4 * j);
+        let t = biased(b, v);
+        // `as i8` saturates (NaN to 0), then the clamp.
+        let q = b.ins().fcvt_to_sint_sat(types::I32, t);
+        let lo = b.ins().iconst(types::I32, 0);
+        let hi = b.ins().iconst(types::I32, 15);
+        let q = b.ins().smax(q, lo);
+        b.ins().smin(q, hi)
+    };
+    for j in 0..16 {
+        let low = code(b, j);
+        let high = code(b, j + 16);
+        let high = b.ins().ishl_imm_s(high, 4);
+        let byte = b.ins().bor(low, high);
+        b.ins().istore8(mem(), byte, ob, at + j);
+    }
+}
+
+/// Stores `x` as the bits of the nearest f16 (ties to even) at `at + offset`.
+fn store_f16(b: &mut FunctionBuilder, x: Value, at: Value, offset: i32) {
+    let bits = f16_bits(b, x);
+    b.ins().istore16(mem(), bits, at, offset);
+}
+
+/// The f16 bits (in an `i32`) of the f16 nearest to `x`: `x` rounded to f16 precision
+/// ([`round_to`]), then re-encoded: the exponent rebiased for normal values, the multiple
+/// of 2^-24 for subnormal ones, infinity and NaN kept.
+pub fn f16_bits(b: &mut FunctionBuilder, x: Value) -> Value {
+    let lanes = b.ins().scalar_to_vector(types::F32X4, x);
+    let r = round_to(b, DType::F16, lanes);
+    let r = b.ins().extractlane(r, 0);
+    let flags = MemFlagsData::new();
+    let u = b.ins().bitcast(types::I32, flags, r);
+    let sign = b.ins().ushr_imm_s(u, 16);
+    let sign = b.ins().band_imm_s(sign, 0x8000);
+    let a = b.ins().band_imm_s(u, 0x7fff_ffff);
+    // Normal: exponent 127 -> 15, mantissa's top 10 bits.
+    let shifted = b.ins().ushr_imm_s(a, 13);
+    let normal = b.ins().iadd_imm_s(shifted, -((127 - 15) << 10));
+    // Subnormal: the multiple of 2^-24.
+    let fa = b.ins().bitcast(types::F32, flags, a);
+    let up = b.ins().f32const(16_777_216.0);
+    let units = b.ins().fmul(fa, up);
+    let sub = b.ins().fcvt_to_sint_sat(types::I32, units);
+    let is_small = b.ins().icmp_imm_s(IntCC::SignedLessThan, a, 0x3880_0000);
+    let magnitude = b.ins().select(is_small, sub, normal);
+    // Infinity (0x7c00) and NaN (quiet, 0x7e00).
+    let is_inf = b.ins().icmp_imm_s(IntCC::Equal, a, 0x7f80_0000);
+    let inf = b.ins().iconst(types::I32, 0x7c00);
+    let magnitude = b.ins().select(is_inf, inf, magnitude);
+    let is_nan = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, a, 0x7f80_0000);
+    let nan = b.ins().iconst(types::I32, 0x7e00);
+    let magnitude = b.ins().select(is_nan, nan, magnitude);
+    b.ins().bor(magnitude, sign)
+}
