@@ -656,12 +656,12 @@ impl Kernel {
 
     /// The kernel with what does not change its generated code cleared (the attention's
     /// source, but for a mask), so that ops sharing code share one compiled function; `None` for data
-    /// movement, which has no generated code, and for a contraction over a `[k, n]`
+    /// movement and the KV cache's copies, which have no generated code, and for a contraction over a `[k, n]`
     /// weight, which has none until the weight is repacked.
     pub fn code(&self) -> Option<Kernel> {
         match self {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
-            Kernel::Move(_) => None,
+            Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => None,
             Kernel::Contraction(c) if c.weight == WeightFormat::F32KN => None,
             Kernel::Contraction(c) => Some(Kernel::Contraction(Contraction {
                 transpose_at_pack: false,

@@ -206,14 +206,9 @@ fn run_on_gpu(
         .map_err(TestCaseError::fail)
 }
 
-/// [`agree`] on the GPU alone, for kernels only the GPU backend has (the CPU runs them
-/// through their reference semantics).
-fn gpu_agrees(ir: &str, args: Vec<Value>, tol: f32) -> Result<(), TestCaseError> {
-    gpu_agrees_with(ir, args, &Store(Vec::new()), tol, 0)
-}
-
-/// [`gpu_agrees`] with `llm.weight`s from `store`, checking that `f16_weights` weights were
-/// stored as `f16` (where the device has `shader-f16`).
+/// [`agree`] on the GPU alone (for what only the GPU does: f16 storage), with
+/// `llm.weight`s from `store`, checking that `f16_weights` weights were stored as `f16`
+/// (where the device has `shader-f16`).
 fn gpu_agrees_with(
     ir: &str,
     args: Vec<Value>,
@@ -595,9 +590,9 @@ proptest! {
     }
 
     /// Transposes of ranks 1 to 4, and concatenations along every axis, of floats and
-    /// integers (GPU only).
+    /// integers.
     #[test]
-    fn transpose_and_concat_on_the_gpu(dims in proptest::collection::vec(1usize..6, 1..=4), rot in 0usize..4, axis in 0usize..4, extra in 1usize..4, seed: u64) {
+    fn transpose_and_concat(dims in proptest::collection::vec(1usize..6, 1..=4), rot in 0usize..4, axis in 0usize..4, extra in 1usize..4, seed: u64) {
         let rank = dims.len();
         let perm: Vec<usize> = (0..rank).map(|i| (i + rot) % rank).collect();
         let axis = axis % rank;
@@ -629,7 +624,7 @@ proptest! {
             let v: Vec<i64> = values(seed, count(d), 100.0).iter().map(|&x| x as i64).collect();
             ints(d, v)
         };
-        gpu_agrees(&ir, vec![tensor(&dims, seed, 1.0), tensor(&other, seed + 1, 1.0), int_tensor(&dims, seed + 2), int_tensor(&other, seed + 3)], 0.0)?;
+        agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&other, seed + 1, 1.0), int_tensor(&dims, seed + 2), int_tensor(&other, seed + 3)], 0.0)?;
     }
 
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
@@ -903,10 +898,9 @@ proptest! {
         agree(&ir, args, 2e-6)?;
     }
 
-    /// A standalone `append_kv` and a `lookup_kv` of the sequence (GPU only: the CPU runs
-    /// both in place on the host).
+    /// A standalone `append_kv` and a `lookup_kv` of the sequence.
     #[test]
-    fn append_and_lookup_kv_on_the_gpu(t in 1usize..4, kv in 1usize..3, d in 1usize..12, start in 0usize..6, seed: u64) {
+    fn append_and_lookup_kv(t in 1usize..4, kv in 1usize..3, d in 1usize..12, start in 0usize..6, seed: u64) {
         let width = (start + t).div_ceil(4);
         let (c, cty) = cache(kv, d, width + 1, seed + 3);
         let table = tables(1, width + 1, seed + 5)[..width].to_vec();
@@ -920,7 +914,7 @@ proptest! {
             c, tensor(&[t, kv, d], seed + 6, 1.0), tensor(&[t, kv, d], seed + 7, 1.0),
             ints(&[t], slots), ints(&[width], table), ints(&[], vec![(start + t) as i64]),
         ];
-        gpu_agrees(&ir, args, 0.0)?;
+        agree(&ir, args, 0.0)?;
     }
 
     /// Elementwise ops whose operand broadcasts to the result: along leading dims (a bias,

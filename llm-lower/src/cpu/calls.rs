@@ -13,8 +13,9 @@ use llm_ir::{
         eval::{
             attention::{for_each_paged_row, rope_tables},
             fused::ScalarBody,
-            kv::append_rows,
+            kv::{append_rows, lookup},
             resolve_shape,
+            shape::{concat_tensors, permute},
         },
         quant::{dequantize_row, storage_bytes},
     },
@@ -179,6 +180,17 @@ pub fn call(
             batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
         }
         (Kernel::Move(m), _) => movement(*m, dims, inputs),
+        (Kernel::KvAppend { layer, .. }, _) => append_kv(*layer, inputs),
+        (Kernel::KvLookup { layer, .. }, _) => inputs[0].cache().and_then(|cache| {
+            let [k, v] = lookup(
+                cache,
+                *layer,
+                inputs[1].tensor()?,
+                inputs[2].tensor()?,
+                DType::F32,
+            )?;
+            Ok(vec![Rc::new(Value::Tensor(k)), Rc::new(Value::Tensor(v))])
+        }),
         _ => Err("the kernel was not compiled".to_string()),
     })
 }
@@ -823,6 +835,20 @@ fn attention(
     }
 }
 
+/// `llm.append_kv` on the host: each token's key and value rows written to its slot of
+/// `layer`, in place when nothing else holds the cache.
+fn append_kv(layer: usize, mut inputs: Vec<Rc<Value>>) -> Outputs {
+    let rest = inputs.split_off(1);
+    let cache = inputs.pop().ok_or("no cache operand")?;
+    let mut cache = match Rc::unwrap_or_clone(cache) {
+        Value::Cache(c) => c,
+        other => return Err(format!("expected a KV cache, found {}", other.kind())),
+    };
+    let [k, v, slots] = [&rest[0], &rest[1], &rest[2]];
+    append_rows(&mut cache, layer, k.tensor()?, v.tensor()?, slots.tensor()?)?;
+    Ok(vec![Rc::new(Value::Cache(cache))])
+}
+
 /// Checks that `layer` and the head shape fit `cache`.
 fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Result<(), String> {
     let p = &cache.params;
@@ -841,9 +867,28 @@ fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Resu
 /// Runs a data movement.
 fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
     match m {
-        // Never selected for the CPU (`super::supports`).
-        Movement::Permute { .. } | Movement::Concat { .. } => {
-            Err(format!("the CPU backend does not run {m:?}"))
+        Movement::Permute { perm } => {
+            let x = inputs[0].tensor()?;
+            // The kernel's permutation is of the tensor padded to rank 4.
+            let pad = 4usize
+                .checked_sub(x.shape.len())
+                .ok_or("a transpose of rank above 4")?;
+            let perm: Vec<usize> = perm[pad..].iter().map(|&p| p.wrapping_sub(pad)).collect();
+            tensor(permute(x, &perm)?)
+        }
+        Movement::Concat { axis, .. } => {
+            let parts: Vec<&Tensor> = inputs
+                .iter()
+                .map(|v| v.tensor())
+                .collect::<Result<_, _>>()?;
+            let first = parts.first().ok_or("no operand")?;
+            if parts
+                .iter()
+                .any(|p| p.dtype != first.dtype || p.shape.len() <= axis)
+            {
+                return Err(format!("cannot concatenate along {axis}"));
+            }
+            tensor(concat_tensors(&parts, axis, first.dtype)?)
         }
         Movement::Reshape => {
             let mut value = inputs.into_iter().next().ok_or("no operand")?;

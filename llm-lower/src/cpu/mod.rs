@@ -26,18 +26,14 @@ pub use jit::{JitError, Target};
 use crate::kernel::{Kernel, Movement};
 pub use program::{Compiler, LoweringStats, Options, Program};
 
-/// Whether the CPU backend generates `kernel`: its contractions read f32 weights and every
-/// quantized format (decoded in registers, [`dequant`]), its embeddings gather from float
-/// and quantized tables, its softmax and argmax reduce any axis, its attention takes
-/// no mask; casts, quantization, broadcasting elementwise bodies, general (batched or
-/// run-time rhs) matmuls, transposes, concatenations, dequantizations and the KV cache ops
-/// (which the reference runs in place) run through their reference semantics.
+/// Whether the CPU backend runs `kernel`: every family, its contractions, embeddings and
+/// dequantizations in every quantized format (decoded in registers, [`dequant`]); `F16`
+/// weights are a GPU storage that CPU selection never produces. Data movement (reshapes,
+/// slices, gathers, transposes, concatenations, the KV cache's appends and lookups) runs
+/// as host copies, everything else as generated code.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::Move(Movement::Rows { table, .. }) => dequant::decodes(*table),
-        Kernel::KvAppend { .. }
-        | Kernel::KvLookup { .. }
-        | Kernel::Move(Movement::Permute { .. } | Movement::Concat { .. }) => false,
         Kernel::Contraction(c) => dequant::decodes(c.weight),
         Kernel::Dequantize { weight, .. } => dequant::decodes(*weight),
         _ => true,

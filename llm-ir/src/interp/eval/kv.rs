@@ -12,7 +12,6 @@ use crate::{
     types::KvStorage,
 };
 
-/// Rounds one head row to what the cache stores.
 /// Writes `row` into `dest` as the cache's storage holds it: rounded to its float type, or
 /// quantized and dequantized.
 fn store(storage: &KvStorage, row: &[f32], dest: &mut [f32]) {
@@ -121,21 +120,47 @@ fn gather(
 /// `llm.lookup_kv`: gathers positions `0..context_len` of one sequence.
 pub fn lookup_kv(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let cache = inputs[0].cache()?;
-    let (table, len) = (inputs[1].tensor()?.ints()?, inputs[2].tensor()?.ints()?[0]);
+    let layer = e.int("layer", 0) as usize;
+    let dtype = e.result_dtype(0)?;
+    let [k, v] = lookup(
+        cache,
+        layer,
+        inputs[1].tensor()?,
+        inputs[2].tensor()?,
+        dtype,
+    )?;
+    Ok(vec![Rc::new(Value::Tensor(k)), Rc::new(Value::Tensor(v))])
+}
+
+/// The keys and values (`[context_len, kv_heads, head_dim]` of `dtype`) of positions
+/// `0..context_len` of `layer` of the sequence with block table `table`.
+pub fn lookup(
+    cache: &KvCache,
+    layer: usize,
+    table: &Tensor,
+    context_len: &Tensor,
+    dtype: DType,
+) -> Result<[Tensor; 2], String> {
+    let (table, len) = (table.ints()?, context_len.ints()?);
+    let len = *len.first().ok_or("no context length")?;
     if len < 0 {
         return Err(format!("context length {len} is negative"));
     }
-    let layer = e.int("layer", 0) as usize;
+    if layer >= cache.params.layers as usize {
+        return Err(format!(
+            "layer {layer} is outside a cache of {} layers",
+            cache.params.layers
+        ));
+    }
     let shape = vec![
         len as usize,
         cache.params.kv_heads as usize,
         cache.params.head_dim as usize,
     ];
-    let dtype = e.result_dtype(0)?;
     let k = gather(cache, &cache.k, layer, table, len as usize)?;
     let v = gather(cache, &cache.v, layer, table, len as usize)?;
-    Ok(vec![
-        Rc::new(Value::Tensor(Tensor::from_f32(shape.clone(), dtype, k))),
-        Rc::new(Value::Tensor(Tensor::from_f32(shape, dtype, v))),
+    Ok([
+        Tensor::from_f32(shape.clone(), dtype, k),
+        Tensor::from_f32(shape, dtype, v),
     ])
 }

@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use super::{Eval, Outputs, one, resolve_shape, strides, unravel};
+use super::{Eval, Outputs, one, resolve_shape, strides};
 use crate::{
     dtype::DType,
     interp::value::{Data, Tensor, Value},
@@ -44,16 +44,71 @@ pub fn transpose(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         .iter()
         .map(|&p| p as usize)
         .collect();
+    one(permute(x, &perm)?)
+}
+
+/// `x` with its dims in the order `perm` gives (dim `i` of the result is dim `perm[i]` of
+/// `x`).
+pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
+    let rank = x.shape.len();
+    let mut seen = vec![false; rank];
+    if perm.len() != rank
+        || perm
+            .iter()
+            .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(format!("{perm:?} is not a permutation of {rank} dims"));
+    }
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
     let src = strides(&x.shape);
-    let out_shape = shape.clone();
-    one(gather(x, shape, x.dtype, |i| {
-        unravel(i, &out_shape)
-            .iter()
-            .zip(&perm)
-            .map(|(&idx, &p)| idx * src[p])
-            .sum()
-    }))
+    let step: Vec<usize> = perm.iter().map(|&p| src[p]).collect();
+    Ok(strided_view(x, 0, shape, &step))
+}
+
+/// The tensor of `shape` whose element at index `i` is element `first + Σ i[d] * step[d]`
+/// of `x` (a transpose, a slice).
+fn strided_view(x: &Tensor, first: usize, shape: Vec<usize>, step: &[usize]) -> Tensor {
+    match &x.data {
+        Data::Float(v) => {
+            let out = strided(v, first, &shape, step);
+            Tensor::from_f32(shape, x.dtype, out)
+        }
+        Data::Int(v) => {
+            let out = strided(v, first, &shape, step);
+            Tensor::from_i64(shape, x.dtype, out)
+        }
+    }
+}
+
+/// The elements of `v` read in the order of a tensor of `shape` whose first element is
+/// `v[first]` and whose dims step `step` elements through `v`: rows of the last dim are
+/// strided copies, and an odometer over the other dims moves each row's start.
+fn strided<T: Copy>(v: &[T], first: usize, shape: &[usize], step: &[usize]) -> Vec<T> {
+    let n: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let Some((&last, outer)) = shape.split_last() else {
+        out.push(v[first]);
+        return out;
+    };
+    if n == 0 {
+        return out;
+    }
+    let inner = step[outer.len()];
+    let mut index = vec![0usize; outer.len()];
+    let mut base = first;
+    for _ in 0..n / last {
+        out.extend((0..last).map(|j| v[base + j * inner]));
+        for d in (0..outer.len()).rev() {
+            index[d] += 1;
+            base += step[d];
+            if index[d] < outer[d] {
+                break;
+            }
+            base -= step[d] * outer[d];
+            index[d] = 0;
+        }
+    }
+    out
 }
 
 /// `llm.slice`.
@@ -85,14 +140,9 @@ pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         shape.push(size);
     }
     let src = strides(&x.shape);
-    let out_shape = shape.clone();
-    one(gather(x, shape, x.dtype, |i| {
-        unravel(i, &out_shape)
-            .iter()
-            .enumerate()
-            .map(|(d, &idx)| (starts[d] as usize + idx * steps[d] as usize) * src[d])
-            .sum()
-    }))
+    let first = (0..rank).map(|d| starts[d] as usize * src[d]).sum();
+    let step: Vec<usize> = (0..rank).map(|d| steps[d] as usize * src[d]).collect();
+    one(strided_view(x, first, shape, &step))
 }
 
 /// Concatenates tensors of one element kind along `axis` into a tensor of `dtype`.
@@ -193,4 +243,56 @@ pub fn argmax(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let mut shape = x.shape.clone();
     shape.remove(axis);
     one(Tensor::from_i64(shape, e.result_dtype(0)?, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::eval::unravel;
+
+    /// Every permutation of a rank-3 and a rank-4 tensor against index arithmetic.
+    #[test]
+    fn permute_matches_index_arithmetic() {
+        for shape in [vec![2usize, 3, 4], vec![3, 1, 2, 5]] {
+            let n: usize = shape.iter().product();
+            let x = Tensor::from_i64(shape.clone(), DType::I64, (0..n as i64).collect());
+            let src = strides(&shape);
+            let rank = shape.len();
+            let mut perms = vec![vec![]];
+            for _ in 0..rank {
+                perms = perms
+                    .into_iter()
+                    .flat_map(|p: Vec<usize>| {
+                        (0..rank)
+                            .filter(|d| !p.contains(d))
+                            .map(|d| [p.clone(), vec![d]].concat())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+            }
+            for perm in perms {
+                let y = permute(&x, &perm).expect("a permutation");
+                let out: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+                assert_eq!(y.shape, out);
+                for (i, &v) in y.ints().expect("ints").iter().enumerate() {
+                    let at: usize = unravel(i, &out)
+                        .iter()
+                        .zip(&perm)
+                        .map(|(&idx, &p)| idx * src[p])
+                        .sum();
+                    assert_eq!(v, at as i64, "{perm:?} element {i}");
+                }
+            }
+            assert!(permute(&x, &[0, 0, 1]).is_err());
+        }
+    }
+
+    /// A strided view with an offset (a slice with steps) against index arithmetic.
+    #[test]
+    fn strided_view_reads_from_its_first_element() {
+        let x = Tensor::from_i64(vec![4, 6], DType::I64, (0..24).collect());
+        // Rows 1 and 3, columns 2, 4.
+        let y = strided_view(&x, 6 + 2, vec![2, 2], &[12, 2]);
+        assert_eq!(y.ints().expect("ints"), &[8, 10, 20, 22]);
+    }
 }
