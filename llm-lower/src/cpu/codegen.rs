@@ -6,7 +6,8 @@
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
 use cranelift_codegen::ir::{
-    FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Value,
+    ConstantData, Endianness, FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind,
+    Value,
     condcodes::{FloatCC, IntCC},
     types,
 };
@@ -719,6 +720,17 @@ impl RowChunks {
         s
     }
 
+    /// The dot product with the row at `y` of a length that is a multiple of 4, before the
+    /// sum across lanes: two accumulators over the chunks, added.
+    fn partial_dot(&self, b: &mut FunctionBuilder, y: Value) -> Value {
+        let mut acc = [splat(b, 0.0), splat(b, 0.0)];
+        for (c, &xv) in self.vectors.iter().enumerate() {
+            let yv = b.ins().load(types::F32X4, mem(), y, 16 * c as i32);
+            acc[c % 2] = b.ins().fma(xv, yv, acc[c % 2]);
+        }
+        b.ins().fadd(acc[0], acc[1])
+    }
+
     /// The dot product with the row of the same length at `y`: two accumulators over the
     /// chunks, then the tail.
     fn dot(&self, b: &mut FunctionBuilder, y: Value) -> Value {
@@ -736,6 +748,41 @@ impl RowChunks {
         }
         s
     }
+}
+
+/// The sums across lanes of four `f32x4`, as the lanes of one: two 32-bit interleaves
+/// and a 64-bit one (`punpck*dq`, `punpck*qdq`) between three additions, so lane `i` is
+/// `(v[i][0] + v[i][2]) + (v[i][1] + v[i][3])`.
+fn transposed_sums(b: &mut FunctionBuilder, v: [Value; 4]) -> Value {
+    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+    let bytes = v.map(|x| b.ins().bitcast(types::I8X16, flags, x));
+    let interleave = |b: &mut FunctionBuilder, x: Value, y: Value, mask: [u8; 16]| {
+        let mask = b
+            .func
+            .dfg
+            .immediates
+            .push(ConstantData::from(mask.to_vec()));
+        b.ins().shuffle(x, y, mask)
+    };
+    let as_floats = |b: &mut FunctionBuilder, x: Value| b.ins().bitcast(types::F32X4, flags, x);
+    // 32-bit lanes: low halves [x0, y0, x1, y1] and high halves [x2, y2, x3, y3].
+    let low32 = [0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23];
+    let high32 = [8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31];
+    let mut pairs = Vec::with_capacity(2);
+    for (x, y) in [(bytes[0], bytes[1]), (bytes[2], bytes[3])] {
+        let lo = interleave(b, x, y, low32);
+        let hi = interleave(b, x, y, high32);
+        let (lo, hi) = (as_floats(b, lo), as_floats(b, hi));
+        let sum = b.ins().fadd(lo, hi);
+        pairs.push(b.ins().bitcast(types::I8X16, flags, sum));
+    }
+    // 64-bit lanes: [ab0, ab1, cd0, cd1] and [ab2, ab3, cd2, cd3].
+    let low64: [u8; 16] = std::array::from_fn(|i| if i < 8 { i as u8 } else { 8 + i as u8 });
+    let high64: [u8; 16] = std::array::from_fn(|i| if i < 8 { 8 + i as u8 } else { 16 + i as u8 });
+    let lo = interleave(b, pairs[0], pairs[1], low64);
+    let hi = interleave(b, pairs[0], pairs[1], high64);
+    let (lo, hi) = (as_floats(b, lo), as_floats(b, hi));
+    b.ins().fadd(lo, hi)
 }
 
 /// `row[i] += p * v[i]` for the `d` floats of a row (static `d`).
@@ -958,7 +1005,49 @@ fn emit_attention(
                 b.ins().store(mem(), low, buf, 16 * c as i32);
             }
             let factor = b.ins().f32const(factor);
-            for_range(b, zero, n, 1, |b, jj| {
+            // Four positions at a time where rows are whole vectors: each query's four
+            // partial dot products are summed across lanes together (one transpose), so a
+            // score costs a quarter of a horizontal sum.
+            let quads_end = if d.is_multiple_of(4) {
+                b.ins().band_imm_s(n, !3)
+            } else {
+                zero
+            };
+            for_range(b, zero, quads_end, 4, |b, jj| {
+                let j = b.ins().iadd(base, jj);
+                let krows: Vec<Value> = (0..4)
+                    .map(|p| {
+                        let jp = b.ins().iadd_imm_s(j, p);
+                        kv_row(b, k, offsets, jp, kv_bytes)
+                    })
+                    .collect();
+                let at = address(b, buf, jj, 4);
+                let factor = b.ins().splat(types::F32X4, factor);
+                for (g, query) in queries.iter().enumerate() {
+                    let loaded;
+                    let query = match query {
+                        Some(chunks) => chunks,
+                        None => {
+                            loaded = RowChunks::load(b, rows[g].0, d);
+                            &loaded
+                        }
+                    };
+                    let partials: Vec<Value> = krows
+                        .iter()
+                        .map(|&krow| query.partial_dot(b, krow))
+                        .collect();
+                    let sums =
+                        transposed_sums(b, [partials[0], partials[1], partials[2], partials[3]]);
+                    let mut s = b.ins().fmul(sums, factor);
+                    if let Some(mask) = mask {
+                        let at = address(b, mask, j, 4);
+                        let bias = b.ins().load(types::F32X4, mem(), at, 0);
+                        s = b.ins().fadd(s, bias);
+                    }
+                    b.ins().store(mem(), s, at, row_bytes * g as i32);
+                }
+            });
+            for_range(b, quads_end, n, 1, |b, jj| {
                 let j = b.ins().iadd(base, jj);
                 let krow = kv_row(b, k, offsets, j, kv_bytes);
                 let at = address(b, buf, jj, 4);
