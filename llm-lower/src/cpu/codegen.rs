@@ -67,7 +67,8 @@ pub struct Tiles {
     pub pair: Option<FuncRef>,
     /// `panel_1x4`, for a single row against an f32 panel.
     pub single: Option<FuncRef>,
-    /// `q8_0_row` or `q4_0_row`, for one row against a quantized weight row.
+    /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
+    /// weight row.
     pub quant_row: Option<FuncRef>,
 }
 
@@ -183,7 +184,13 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
                 let sums = match (c.weight, tiles.quant_row) {
-                    (WeightFormat::Q8_0 | WeightFormat::Q4_0, Some(tile)) => {
+                    (
+                        WeightFormat::Q8_0
+                        | WeightFormat::Q4_0
+                        | WeightFormat::Q4K
+                        | WeightFormat::Q6K,
+                        Some(tile),
+                    ) => {
                         let k = b.ins().iconst(types::I64, c.k as i64);
                         b.ins().call(tile, &[k, xrow, wblock, yat]);
                         add_residual(b, i, j, 1);

@@ -15,7 +15,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
-use super::{codegen, ukernel};
+use super::{codegen, kquant, ukernel};
 use crate::kernel::{Kernel, WeightFormat};
 
 /// Which instruction set the code is generated for.
@@ -172,6 +172,8 @@ pub fn compile(
         (ukernel::PANEL_1X4, ukernel::panel_1x4 as *const u8),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
+        (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
+        (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
     ]);
     let use_tiles = microkernels
         && match target {
@@ -195,6 +197,8 @@ pub fn compile(
     let single = import(ukernel::PANEL_1X4, 4)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
+    let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
+    let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::with_capacity(kernels.len());
@@ -219,6 +223,8 @@ pub fn compile(
                 }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
+                WeightFormat::Q4K => tiles.quant_row = bring(q4_k_row),
+                WeightFormat::Q6K => tiles.quant_row = bring(q6_k_row),
                 _ => {}
             }
         }

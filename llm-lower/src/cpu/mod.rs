@@ -10,6 +10,7 @@ pub mod convert;
 pub mod dequant;
 pub mod emit;
 pub mod jit;
+pub mod kquant;
 pub mod program;
 pub mod quantize;
 pub mod ukernel;

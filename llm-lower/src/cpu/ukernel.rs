@@ -203,7 +203,7 @@ unsafe fn quant_row_avx2<const FOUR_BIT: bool>(k: usize, x: *const f32, w: *cons
 
 /// The value of IEEE half-precision bits (normal, subnormal, zero; block scales are never
 /// infinite or NaN).
-fn f16_to_f32(h: u16) -> f32 {
+pub(super) fn f16_to_f32(h: u16) -> f32 {
     let magnitude = f32::from_bits(u32::from(h & 0x7fff) << 13) * f32::from_bits((127 + 112) << 23);
     // The sign is or-ed in, not branched on: q4_0 scales take either sign at random, and a
     // mispredicted branch per block cost 2.5x in throughput.

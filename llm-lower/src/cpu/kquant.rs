@@ -1,0 +1,188 @@
+//! AVX2 microkernels for rows of the GGUF k-quants (q4_k, q6_k), the formats most GGUF
+//! models ship their matrices in: the generated 4-lane decoding ([`super::dequant`]) is
+//! compute-bound at about 40% of these kernels' speed.
+//!
+//! Each kernel computes `*y = dot(x, w)` for one weight row of `k / 256` super-blocks,
+//! decoding codes to 8 lanes of `i32` in registers, converting, multiplying with x per
+//! run of values sharing a scale, and scaling each run's sum once, as the generated code
+//! does (the additions are grouped differently, so results agree within rounding, not bit
+//! for bit). Like [`super::ukernel`]'s, they run only where the CPU has AVX2 and FMA.
+
+#![allow(
+    unsafe_code,
+    reason = "AVX2 intrinsics on pointers checked by the caller"
+)]
+
+use super::ukernel::f16_to_f32;
+
+/// The symbol generated code imports [`q4_k_row`] under.
+pub const Q4_K_ROW: &str = "llmc_q4_k_row";
+
+/// The symbol generated code imports [`q6_k_row`] under.
+pub const Q6_K_ROW: &str = "llmc_q6_k_row";
+
+/// `*y = dot(x, w)` for one q4_k row: per super-block of 256 (144 bytes) an f16 scale `d`
+/// and minimum `dmin`, twelve bytes of 6-bit sub-block scales and minimums, then 128 bytes
+/// whose low nibbles are sub-block `2p` and high nibbles sub-block `2p + 1` for bytes
+/// `32p..32p + 32`; value = `d * sc * q - dmin * m`.
+///
+/// # Safety
+///
+/// `x` points to `k` floats (`k` a multiple of 256), `w` to `k / 256 * 144` bytes, `y` to a
+/// writable float, and the CPU has AVX2 and FMA ([`super::ukernel::available`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn q4_k_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { q4_k_avx2(k as usize, x, w, y) }
+}
+
+/// `*y = dot(x, w)` for one q6_k row: per super-block of 256 (210 bytes) 128 bytes of low
+/// nibbles, 64 of high bit pairs, 16 signed sub-block scales and an f16 scale `d`; value =
+/// `d * sc * (q - 32)`.
+///
+/// # Safety
+///
+/// As [`q4_k_row`], with `w` pointing to `k / 256 * 210` bytes.
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn q6_k_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { q6_k_avx2(k as usize, x, w, y) }
+}
+
+/// The 6-bit scale and minimum of q4_k sub-block `j` from its 12 scale bytes.
+fn scale_min(q: &[u8; 12], j: usize) -> (f32, f32) {
+    let (sc, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (f32::from(sc), f32::from(m))
+}
+
+/// Bytes `8 * i..8 * i + 8` of a 32-byte vector as eight `f32` lanes, sign-extended
+/// (`SIGNED`) or zero-extended.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn widen<const SIGNED: bool>(v: std::arch::x86_64::__m256i, i: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let half = if i < 2 {
+        _mm256_castsi256_si128(v)
+    } else {
+        _mm256_extracti128_si256(v, 1)
+    };
+    let bytes = if i.is_multiple_of(2) {
+        half
+    } else {
+        _mm_srli_si128(half, 8)
+    };
+    let ints = if SIGNED {
+        _mm256_cvtepi8_epi32(bytes)
+    } else {
+        _mm256_cvtepu8_epi32(bytes)
+    };
+    _mm256_cvtepi32_ps(ints)
+}
+
+/// The sum of the 8 lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let mut l = [0f32; 4];
+    // SAFETY: `l` holds 4 floats.
+    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
+    (l[0] + l[1]) + (l[2] + l[3])
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_k_avx2(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY: every offset below is inside the buffers the contract describes.
+    unsafe {
+        for sb in 0..k / 256 {
+            let block = w.add(sb * 144);
+            let d = f16_to_f32(u16::from_le_bytes([*block, *block.add(1)]));
+            let dmin = f16_to_f32(u16::from_le_bytes([*block.add(2), *block.add(3)]));
+            let scales: [u8; 12] = std::ptr::read_unaligned(block.add(4).cast());
+            let xs = x.add(256 * sb);
+            for pair in 0..4 {
+                let packed = _mm256_loadu_si256(block.add(16 + 32 * pair).cast());
+                let low = _mm256_and_si256(packed, mask);
+                let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                for (h, codes) in [low, high].into_iter().enumerate() {
+                    let sub = 2 * pair + h;
+                    let xb = xs.add(32 * sub);
+                    let (mut products, mut sum_x) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    for i in 0..4 {
+                        let xv = _mm256_loadu_ps(xb.add(8 * i));
+                        products = _mm256_fmadd_ps(widen::<false>(codes, i), xv, products);
+                        sum_x = _mm256_add_ps(sum_x, xv);
+                    }
+                    let (sc, m) = scale_min(&scales, sub);
+                    acc = _mm256_fmadd_ps(products, _mm256_set1_ps(d * sc), acc);
+                    acc = _mm256_fmadd_ps(sum_x, _mm256_set1_ps(-(dmin * m)), acc);
+                }
+            }
+        }
+        *y = lane_sum(acc);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6_k_avx2(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
+    use std::arch::x86_64::*;
+    let nibble = _mm256_set1_epi8(0x0f);
+    let pair = _mm256_set1_epi8(3);
+    let bias = _mm256_set1_epi8(32);
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY: every offset below is inside the buffers the contract describes.
+    unsafe {
+        for sb in 0..k / 256 {
+            let block = w.add(sb * 210);
+            let d = f16_to_f32(u16::from_le_bytes([*block.add(208), *block.add(209)]));
+            let scales = block.add(192).cast::<i8>();
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(block.add(64 * n).cast());
+                let ql1 = _mm256_loadu_si256(block.add(64 * n + 32).cast());
+                let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
+                // Quarter g of the half: nibble g / 2 of ql(g % 2), bit pair g of qh.
+                let quarters = [
+                    (_mm256_and_si256(ql0, nibble), qh),
+                    (_mm256_and_si256(ql1, nibble), _mm256_srli_epi16(qh, 2)),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble),
+                        _mm256_srli_epi16(qh, 4),
+                    ),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble),
+                        _mm256_srli_epi16(qh, 6),
+                    ),
+                ];
+                for (g, (low, high)) in quarters.into_iter().enumerate() {
+                    let high = _mm256_slli_epi16(_mm256_and_si256(high, pair), 4);
+                    let codes = _mm256_sub_epi8(_mm256_or_si256(low, high), bias);
+                    let xb = x.add(256 * sb + 128 * n + 32 * g);
+                    // Two runs of 16 values, each with its own scale.
+                    for run in 0..2 {
+                        let mut products = _mm256_setzero_ps();
+                        for i in 2 * run..2 * run + 2 {
+                            let xv = _mm256_loadu_ps(xb.add(8 * i));
+                            products = _mm256_fmadd_ps(widen::<true>(codes, i), xv, products);
+                        }
+                        let sc = f32::from(*scales.add(8 * n + 2 * g + run));
+                        acc = _mm256_fmadd_ps(products, _mm256_set1_ps(d * sc), acc);
+                    }
+                }
+            }
+        }
+        *y = lane_sum(acc);
+    }
+}
