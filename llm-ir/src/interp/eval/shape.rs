@@ -8,20 +8,6 @@ use crate::{
     interp::value::{Data, Tensor, Value},
 };
 
-/// Builds a tensor of `shape` whose element `i` is element `source(i)` of `x`.
-pub(super) fn gather(
-    x: &Tensor,
-    shape: Vec<usize>,
-    dtype: DType,
-    source: impl Fn(usize) -> usize,
-) -> Tensor {
-    let n: usize = shape.iter().product();
-    match &x.data {
-        Data::Float(v) => Tensor::from_f32(shape, dtype, (0..n).map(|i| v[source(i)]).collect()),
-        Data::Int(v) => Tensor::from_i64(shape, dtype, (0..n).map(|i| v[source(i)]).collect()),
-    }
-}
-
 /// `llm.reshape`.
 pub fn reshape(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].tensor()?;
@@ -67,7 +53,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
 
 /// The tensor of `shape` whose element at index `i` is element `first + Σ i[d] * step[d]`
 /// of `x` (a transpose, a slice).
-fn strided_view(x: &Tensor, first: usize, shape: Vec<usize>, step: &[usize]) -> Tensor {
+pub(super) fn strided_view(x: &Tensor, first: usize, shape: Vec<usize>, step: &[usize]) -> Tensor {
     match &x.data {
         Data::Float(v) => {
             let out = strided(v, first, &shape, step);

@@ -9,8 +9,8 @@ use std::rc::Rc;
 use super::{
     Eval, Outputs,
     linalg::matmul_2d,
-    shape::{concat_tensors, gather},
-    strides, unravel,
+    shape::{concat_tensors, strided_view},
+    strides,
 };
 use crate::{
     interp::value::{Sharded, Tensor, Value},
@@ -42,14 +42,8 @@ fn piece(mesh: &[(String, u64)], axes: &[String], coords: &[usize]) -> (usize, u
 /// The box `[start, start + size)` of `x`.
 fn take_box(x: &Tensor, start: &[usize], size: &[usize]) -> Tensor {
     let src = strides(&x.shape);
-    gather(x, size.to_vec(), x.dtype, |i| {
-        unravel(i, size)
-            .iter()
-            .zip(start)
-            .zip(&src)
-            .map(|((&i, &s), &st)| (i + s) * st)
-            .sum::<usize>()
-    })
+    let first = start.iter().zip(&src).map(|(&s, &st)| s * st).sum();
+    strided_view(x, first, size.to_vec(), &src)
 }
 
 /// The local shard of `global` for `device` under `split`.
