@@ -130,24 +130,12 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
 /// Expands `bytes` of a tensor of logical shape `shape` to floats.
 pub fn dequantize(format: &QuantFormat, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
     match format {
-        QuantFormat::Nf4 { block_size, scale } => {
-            dequantize_nf4(*block_size as usize, *scale, shape, bytes)
+        QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. } => {
+            let n: usize = shape.iter().product();
+            (0..n)
+                .map(|i| whole_value(format, shape, bytes, i))
+                .collect()
         }
-        QuantFormat::Affine {
-            bits,
-            group_size,
-            symmetric,
-            axis,
-            scale,
-        } => dequantize_affine(
-            *bits,
-            *group_size as usize,
-            *symmetric,
-            *axis as usize,
-            *scale,
-            shape,
-            bytes,
-        ),
         gguf => {
             let block_bytes = gguf.gguf_block_bytes().unwrap_or(1) as usize;
             let mut out = Vec::with_capacity(shape.iter().product());
@@ -172,30 +160,9 @@ pub fn dequantize_row(
     let k = shape[1];
     let first = row * k;
     match format {
-        QuantFormat::Nf4 { block_size, scale } => {
-            let n = shape[0] * k;
+        QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. } => {
             for (c, o) in out.iter_mut().enumerate() {
-                *o = nf4_value(*block_size as usize, *scale, n, bytes, first + c);
-            }
-        }
-        QuantFormat::Affine {
-            bits,
-            group_size,
-            symmetric,
-            axis,
-            scale,
-        } => {
-            for (c, o) in out.iter_mut().enumerate() {
-                *o = affine_value(
-                    *bits,
-                    *group_size as usize,
-                    *symmetric,
-                    *axis as usize,
-                    *scale,
-                    &shape,
-                    bytes,
-                    first + c,
-                );
+                *o = whole_value(format, &shape, bytes, first + c);
             }
         }
         gguf => {
@@ -715,23 +682,6 @@ fn quantize_nf4(block: usize, scale: DType, values: &[f32]) -> Vec<u8> {
     out
 }
 
-fn dequantize_nf4(block: usize, scale: DType, shape: &[usize], bytes: &[u8]) -> Vec<f32> {
-    let n: usize = shape.iter().product();
-    (0..n)
-        .map(|i| nf4_value(block, scale, n, bytes, i))
-        .collect()
-}
-
-/// Element `i` of an nf4 tensor of `n` values.
-fn nf4_value(block: usize, scale: DType, n: usize, bytes: &[u8], i: usize) -> f32 {
-    let s = read_scale(
-        bytes,
-        n.div_ceil(2) + (i / block) * scale_bytes(scale),
-        scale,
-    );
-    NF4_LEVELS[code_at(bytes, i, 4) as usize] * s
-}
-
 /// The group index of every element for groups of `group` along `axis`, and the group count.
 fn affine_groups(shape: &[usize], axis: usize, group: usize) -> (Vec<usize>, usize) {
     let n: usize = shape.iter().product();
@@ -806,53 +756,40 @@ fn quantize_affine(
     out
 }
 
-fn dequantize_affine(
-    bits: u8,
-    group: usize,
-    symmetric: bool,
-    axis: usize,
-    scale: DType,
-    shape: &[usize],
-    bytes: &[u8],
-) -> Vec<f32> {
+/// Element `i` (row-major) of a tensor of `shape` in a whole-matrix format (nf4, affine):
+/// its code, its group's scale and (asymmetric affine) zero point.
+fn whole_value(format: &QuantFormat, shape: &[usize], bytes: &[u8], i: usize) -> f32 {
     let n: usize = shape.iter().product();
-    (0..n)
-        .map(|i| affine_value(bits, group, symmetric, axis, scale, shape, bytes, i))
-        .collect()
-}
-
-/// Element `i` (row-major) of an affine-quantized tensor.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the fields of QuantFormat::Affine"
-)]
-fn affine_value(
-    bits: u8,
-    group: usize,
-    symmetric: bool,
-    axis: usize,
-    scale: DType,
-    shape: &[usize],
-    bytes: &[u8],
-    i: usize,
-) -> f32 {
-    let n: usize = shape.iter().product();
-    let count = n / group;
-    let scales_at = (n * bits as usize).div_ceil(8);
-    let zeros_at = scales_at + count * scale_bytes(scale);
-    let sign_bit = 1u8 << (bits - 1);
-    let g = affine_group(shape, axis, group, i);
-    let s = read_scale(bytes, scales_at + g * scale_bytes(scale), scale);
-    let code = code_at(bytes, i, bits as usize);
-    let q = if symmetric {
-        // Sign-extend the N-bit code.
-        if bits < 8 && code & sign_bit != 0 {
-            i32::from(code) - (1 << bits)
-        } else {
-            i32::from(code as i8)
+    match *format {
+        QuantFormat::Nf4 { block_size, scale } => {
+            let at = n.div_ceil(2) + (i / block_size as usize) * scale_bytes(scale);
+            NF4_LEVELS[code_at(bytes, i, 4) as usize] * read_scale(bytes, at, scale)
         }
-    } else {
-        i32::from(code) - i32::from(bytes[zeros_at + g])
-    };
-    q as f32 * s
+        QuantFormat::Affine {
+            bits,
+            group_size,
+            symmetric,
+            axis,
+            scale,
+        } => {
+            let count = n / group_size as usize;
+            let scales_at = (n * bits as usize).div_ceil(8);
+            let zeros_at = scales_at + count * scale_bytes(scale);
+            let g = affine_group(shape, axis as usize, group_size as usize, i);
+            let s = read_scale(bytes, scales_at + g * scale_bytes(scale), scale);
+            let code = code_at(bytes, i, bits as usize);
+            let q = if symmetric {
+                // Sign-extend the N-bit code.
+                if bits < 8 && code & (1u8 << (bits - 1)) != 0 {
+                    i32::from(code) - (1 << bits)
+                } else {
+                    i32::from(code as i8)
+                }
+            } else {
+                i32::from(code) - i32::from(bytes[zeros_at + g])
+            };
+            q as f32 * s
+        }
+        _ => unreachable!("{format} is a block format"),
+    }
 }

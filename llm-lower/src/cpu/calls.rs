@@ -289,6 +289,23 @@ fn contraction(
     Ok(Tensor::from_f32(shape, DType::F32, out))
 }
 
+/// The operands of a scalar body (as many as it takes, all f32 tensors) and their data
+/// pointers; `None` otherwise.
+fn float_operands<'a>(
+    inputs: &'a [Rc<Value>],
+    body: &ScalarBody,
+) -> Option<(Vec<&'a Tensor>, Vec<i64>)> {
+    let tensors: Vec<&Tensor> = inputs
+        .iter()
+        .map(|v| v.tensor().ok())
+        .collect::<Option<_>>()?;
+    let ptrs: Vec<i64> = tensors
+        .iter()
+        .map(|t| t.floats().ok().map(|d| d.as_ptr() as i64))
+        .collect::<Option<_>>()?;
+    (tensors.len() == body.args).then_some((tensors, ptrs))
+}
+
 /// Calls an elementwise kernel; `None` unless every operand has the same shape.
 fn elementwise(
     k: &Kernels,
@@ -296,20 +313,12 @@ fn elementwise(
     f: *const u8,
     inputs: &[Rc<Value>],
 ) -> Option<Result<Tensor, String>> {
-    let tensors: Vec<&Tensor> = inputs
-        .iter()
-        .map(|v| v.tensor().ok())
-        .collect::<Option<_>>()?;
+    let (tensors, ptrs) = float_operands(inputs, body)?;
     let shape = &tensors.first()?.shape;
-    if tensors.len() != body.args || tensors.iter().any(|t| t.shape != *shape) {
+    if tensors.iter().any(|t| t.shape != *shape) {
         return None;
     }
-    let data: Vec<&[f32]> = tensors
-        .iter()
-        .map(|t| t.floats().ok())
-        .collect::<Option<_>>()?;
-    let len = data[0].len();
-    let ptrs: Vec<i64> = data.iter().map(|d| d.as_ptr() as i64).collect();
+    let len = tensors[0].len();
     let mut out = k.pool.zeroed(len);
     // SAFETY: an elementwise kernel's signature is (inputs, out, len).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
@@ -459,20 +468,12 @@ fn broadcast(
     f: *const u8,
     inputs: &[Rc<Value>],
 ) -> Option<Result<Tensor, String>> {
-    let tensors: Vec<&Tensor> = inputs
-        .iter()
-        .map(|v| v.tensor().ok())
-        .collect::<Option<_>>()?;
-    let data: Vec<&[f32]> = tensors
-        .iter()
-        .map(|t| t.floats().ok())
-        .collect::<Option<_>>()?;
+    let (tensors, ptrs) = float_operands(inputs, body)?;
     let shapes: Vec<&[usize]> = tensors.iter().map(|t| t.shape.as_slice()).collect();
-    let layout = broadcast_layout(&shapes).filter(|_| tensors.len() == body.args)?;
+    let layout = broadcast_layout(&shapes)?;
     let len: usize = layout.shape.iter().product();
     let mut out = k.pool.zeroed(len);
     if len > 0 {
-        let ptrs: Vec<i64> = data.iter().map(|d| d.as_ptr() as i64).collect();
         let dims = layout.dims.map(|d| d as i64);
         let strides: Vec<i64> = layout.strides.iter().flatten().map(|&s| s as i64).collect();
         // SAFETY: a broadcast's signature is (inputs, out, dims, strides).

@@ -534,25 +534,18 @@ fn store_group(
     len: usize,
     (scale, offset): (Value, Option<Value>),
 ) {
-    let chunks = len / CHUNK;
     let scale_v = b.ins().splat(types::F32X4, scale);
     let offset_v = offset.map(|o| b.ins().splat(types::F32X4, o));
-    if chunks > 0 {
-        let start = b.ins().iconst(types::I64, 0);
-        let end = b.ins().iconst(types::I64, chunks as i64);
-        for_range(b, start, end, 1, |b, i| {
-            let oc = address(b, out, i, 4 * CHUNK as i64);
-            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
-            for (v, q) in chunk_values(b, codes, cc).into_iter().enumerate() {
-                let w = match offset_v {
-                    Some(o) => b.ins().fma(q, scale_v, o),
-                    None => b.ins().fmul(q, scale_v),
-                };
-                b.ins().store(mem(), w, oc, 16 * v as i32);
-            }
-        });
-    }
-    for e in chunks * CHUNK..len {
+    let vectorized = for_chunks(b, codes, (out, at), len, |b, oc, q, _| {
+        for (v, q) in q.into_iter().enumerate() {
+            let w = match offset_v {
+                Some(o) => b.ins().fma(q, scale_v, o),
+                None => b.ins().fmul(q, scale_v),
+            };
+            b.ins().store(mem(), w, oc, 16 * v as i32);
+        }
+    });
+    for e in vectorized..len {
         let q = scalar_value(b, codes, at, e * codes.bits);
         let w = match offset {
             Some(o) => b.ins().fma(q, scale, o),
@@ -574,24 +567,17 @@ fn dot_group(
     (scale, offset): (Value, Option<Value>),
 ) {
     let parts = zeroed_accumulators(b, 3);
-    let chunks = len / CHUNK;
-    if chunks > 0 {
-        let start = b.ins().iconst(types::I64, 0);
-        let end = b.ins().iconst(types::I64, chunks as i64);
-        for_range(b, start, end, 1, |b, i| {
-            let xc = address(b, x, i, 4 * CHUNK as i64);
-            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
-            for (v, q) in chunk_values(b, codes, cc).into_iter().enumerate() {
-                let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
-                accumulate(b, parts[v % 2], q, xv);
-                if offset.is_some() {
-                    let s = b.use_var(parts[2]);
-                    let s = b.ins().fadd(s, xv);
-                    b.def_var(parts[2], s);
-                }
+    let vectorized = for_chunks(b, codes, (x, at), len, |b, xc, q, _| {
+        for (v, q) in q.into_iter().enumerate() {
+            let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
+            accumulate(b, parts[v % 2], q, xv);
+            if offset.is_some() {
+                let s = b.use_var(parts[2]);
+                let s = b.ins().fadd(s, xv);
+                b.def_var(parts[2], s);
             }
-        });
-    }
+        }
+    });
     let scale_v = b.ins().splat(types::F32X4, scale);
     let p0 = b.use_var(parts[0]);
     let p1 = b.use_var(parts[1]);
@@ -602,15 +588,15 @@ fn dot_group(
         let xs = b.use_var(parts[2]);
         accumulate(b, sums.acc[1], xs, offset_v);
     }
-    // The tail: values chunks * CHUNK .. len, one at a time.
+    // The tail: values `vectorized..len`, one at a time.
     let (mut products, mut xs) = (b.ins().f32const(0.0), b.ins().f32const(0.0));
-    for e in chunks * CHUNK..len {
+    for e in vectorized..len {
         let q = scalar_value(b, codes, at, e * codes.bits);
         let xe = b.ins().load(types::F32, mem(), x, 4 * e as i32);
         products = b.ins().fma(q, xe, products);
         xs = b.ins().fadd(xs, xe);
     }
-    if chunks * CHUNK < len {
+    if vectorized < len {
         let mut v = b.ins().fmul(products, scale);
         if let Some(offset) = offset {
             v = b.ins().fma(xs, offset, v);
@@ -631,43 +617,36 @@ fn lane_scaled_run(
     (scales, zeros): (Value, Option<Value>),
 ) {
     let scale_bytes = codes.scale.size_bytes();
-    let chunks = len / CHUNK;
-    if chunks > 0 {
-        let start = b.ins().iconst(types::I64, 0);
-        let end = b.ins().iconst(types::I64, chunks as i64);
-        for_range(b, start, end, 1, |b, i| {
-            let xc = address(b, x, i, 4 * CHUNK as i64);
-            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
-            let sc = address(b, scales, i, (CHUNK * scale_bytes) as i64);
-            let zero_points = zeros.map(|z| {
-                let zc = address(b, z, i, CHUNK as i64);
-                let mut out = Vec::with_capacity(CHUNK / 4);
-                for half in 0..2 {
-                    let bytes = b.ins().load(types::I8X16, mem(), zc, 16 * half);
-                    out.extend(bytes_to_f32(b, bytes, false));
+    let vectorized = for_chunks(b, codes, (x, at), len, |b, xc, q, i| {
+        let sc = address(b, scales, i, (CHUNK * scale_bytes) as i64);
+        let zero_points = zeros.map(|z| {
+            let zc = address(b, z, i, CHUNK as i64);
+            let mut out = Vec::with_capacity(CHUNK / 4);
+            for half in 0..2 {
+                let bytes = b.ins().load(types::I8X16, mem(), zc, 16 * half);
+                out.extend(bytes_to_f32(b, bytes, false));
+            }
+            out
+        });
+        for (v, q) in q.into_iter().enumerate() {
+            let s = load_scales(b, codes.scale, sc, (4 * v * scale_bytes) as i32);
+            let q = match &zero_points {
+                Some(z) => b.ins().fsub(q, z[v]),
+                None => q,
+            };
+            let weight = b.ins().fmul(q, s);
+            match use_ {
+                Use::Dot(sums) => {
+                    let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
+                    accumulate(b, sums.acc[v % 2], weight, xv);
                 }
-                out
-            });
-            for (v, q) in chunk_values(b, codes, cc).into_iter().enumerate() {
-                let s = load_scales(b, codes.scale, sc, (4 * v * scale_bytes) as i32);
-                let q = match &zero_points {
-                    Some(z) => b.ins().fsub(q, z[v]),
-                    None => q,
-                };
-                let weight = b.ins().fmul(q, s);
-                match use_ {
-                    Use::Dot(sums) => {
-                        let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
-                        accumulate(b, sums.acc[v % 2], weight, xv);
-                    }
-                    Use::Store => {
-                        b.ins().store(mem(), weight, xc, 16 * v as i32);
-                    }
+                Use::Store => {
+                    b.ins().store(mem(), weight, xc, 16 * v as i32);
                 }
             }
-        });
-    }
-    for e in chunks * CHUNK..len {
+        }
+    });
+    for e in vectorized..len {
         let mut q = scalar_value(b, codes, at, e * codes.bits);
         if let Some(z) = zeros {
             let z = b.ins().uload8(types::I32, mem(), z, e as i32);
@@ -687,6 +666,31 @@ fn lane_scaled_run(
             }
         }
     }
+}
+
+/// Runs `body` on each whole [`CHUNK`] of `len` values (`(values, codes)` at the first:
+/// x or the output, and the codes), in a loop: `body` gets the chunk's values address,
+/// its eight decoded `f32x4` ([`chunk_values`]) and the chunk's index. Returns where the
+/// scalar tail starts.
+fn for_chunks(
+    b: &mut FunctionBuilder,
+    codes: Codes,
+    (values, at): (Value, Value),
+    len: usize,
+    mut body: impl FnMut(&mut FunctionBuilder, Value, Vec<Value>, Value),
+) -> usize {
+    let chunks = len / CHUNK;
+    if chunks > 0 {
+        let start = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, chunks as i64);
+        for_range(b, start, end, 1, |b, i| {
+            let vc = address(b, values, i, 4 * CHUNK as i64);
+            let cc = address(b, at, i, (CHUNK * codes.bits / 8) as i64);
+            let decoded = chunk_values(b, codes, cc);
+            body(b, vc, decoded, i);
+        });
+    }
+    chunks * CHUNK
 }
 
 /// The [`CHUNK`] values coded at `at` as eight `f32x4`, in element order: NormalFloat
