@@ -17,7 +17,7 @@ use llm_ir::{
     },
     ops::OpCheck,
     params::ParamValue,
-    types::{KvStorage, QuantFormat, TensorType},
+    types::{KvStorage, QuantFormat, Reduction, TensorType},
 };
 use pliron::{
     context::{Context, Ptr},
@@ -599,6 +599,15 @@ pub enum Kernel {
         /// The rhs is `[.., n, k]`.
         transposed: bool,
     },
+    /// `llm.sharded_linear` over an in-process mesh: every device's `[.., k]` input shard
+    /// by its `[n, k]` f32 weight shard, through the contraction `local` (whose code it
+    /// shares); the result is partial (combined by `reduction`) over the axes that split K.
+    ShardedLinear {
+        /// The per-device contraction.
+        local: Contraction,
+        /// How the result's partial values combine (the result type's).
+        reduction: Reduction,
+    },
     /// Data movement.
     Move(Movement),
 }
@@ -650,6 +659,9 @@ impl Kernel {
             }
             Kernel::KvAppend { row, .. } => format!("kv_append_{row}"),
             Kernel::KvLookup { row, .. } => format!("kv_lookup_{row}"),
+            Kernel::ShardedLinear { local, .. } => {
+                format!("sharded_linear_{}x{}", local.n, local.k)
+            }
             Kernel::Move(m) => format!("{m:?}"),
         }
     }
@@ -663,10 +675,12 @@ impl Kernel {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
             Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => None,
             Kernel::Contraction(c) if c.weight == WeightFormat::F32KN => None,
-            Kernel::Contraction(c) => Some(Kernel::Contraction(Contraction {
-                transpose_at_pack: false,
-                ..*c
-            })),
+            Kernel::Contraction(c) | Kernel::ShardedLinear { local: c, .. } => {
+                Some(Kernel::Contraction(Contraction {
+                    transpose_at_pack: false,
+                    ..*c
+                }))
+            }
             Kernel::Attention {
                 heads,
                 kv_heads,
@@ -775,6 +789,31 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     residual: false,
                     transpose_at_pack: false,
                 })
+            })
+        }
+        "llm.sharded_linear" => {
+            let (x, w, y) = (
+                check.sharded(0).ok()?,
+                check.sharded(1).ok()?,
+                check.result_sharded(0).ok()?,
+            );
+            let f32s = [x.dtype(), w.dtype(), y.dtype()] == [DType::F32; 3];
+            let local = w.local_shape();
+            let (n, k) = match local[..] {
+                [Some(n), Some(k)] => (n as usize, k as usize),
+                _ => return None,
+            };
+            let k_ok = x.local_shape().last() == Some(&Some(k as u64));
+            (f32s && k_ok && n > 0 && k > 0).then_some(Kernel::ShardedLinear {
+                local: Contraction {
+                    k,
+                    n,
+                    weight: WeightFormat::F32,
+                    norm_eps_bits: None,
+                    residual: false,
+                    transpose_at_pack: false,
+                },
+                reduction: y.reduction(),
             })
         }
         "llm.quantized_matmul" => {

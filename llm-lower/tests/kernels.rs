@@ -765,6 +765,82 @@ fn quantize_ties() {
     }
 }
 
+/// A tensor-parallel MLP on a 2x2 mesh (column-parallel up projection, row-parallel down
+/// projection split over both axes, then an all-reduce): each `sharded_linear` runs its
+/// local contraction on the CPU, shard by shard; the shard, all-reduce and unshard ops
+/// run on the host; the result is the interpreter's.
+#[test]
+fn sharded_linear_runs_its_local_contraction() {
+    let (m, k, hidden) = (3, 12, 8);
+    let mesh = "mesh = [dp = 2, tp = 2]";
+    let sharded = |shape: &[usize], split: &str, partial: &str| {
+        let s: Vec<String> = shape.iter().map(ToString::to_string).collect();
+        format!(
+            "llm.sharded_tensor <{}xf32, {mesh}, split = {split}{partial}>",
+            s.join("x")
+        )
+    };
+    let body = format!(
+        "xs = llm.shard x : {xs};\n        us = llm.shard up : {us};\n        ds = llm.shard down : {ds};\n        h = llm.sharded_linear xs, us : {h};\n        p = llm.sharded_linear h, ds : {p};\n        r = llm.all_reduce p {{mesh_axes = [tp]}} : {r};\n        y = llm.unshard r : {t};",
+        xs = sharded(&[m, k], "[[], []]", ""),
+        us = sharded(&[hidden, k], "[[tp], []]", ""),
+        ds = sharded(&[k, hidden], "[[], [tp]]", ""),
+        h = sharded(&[m, hidden], "[[], [tp]]", ""),
+        p = sharded(&[m, k], "[[], []]", ", partial = sum [tp]"),
+        r = sharded(&[m, k], "[[], []]", ""),
+        t = ty(&[m, k]),
+    );
+    let ir = func(
+        &[
+            ("x".into(), ty(&[m, k])),
+            ("up".into(), ty(&[hidden, k])),
+            ("down".into(), ty(&[k, hidden])),
+        ],
+        &ty(&[m, k]),
+        &body,
+    );
+    let args = vec![
+        tensor(&[m, k], 1, 1.0),
+        tensor(&[hidden, k], 2, 1.0),
+        tensor(&[k, hidden], 3, 1.0),
+    ];
+    let (ctx, func, want, hoisted) = reference(&ir, &args, &Store(Vec::new())).expect("reference");
+    for threads in [1, 2] {
+        let options = Options {
+            target: Target::Host,
+            threads,
+            microkernels: true,
+        };
+        let program = Program::build(&ctx, func, &hoisted, &options).expect("compiles");
+        let stats = program.stats();
+        assert!(
+            stats
+                .reference_ops
+                .iter()
+                .all(|(name, _)| name != "llm.sharded_linear"),
+            "{stats:?}"
+        );
+        assert_eq!(stats.kernel_ops, 2, "{stats:?}");
+        let got = program
+            .run(&ctx, &Store(Vec::new()), args.clone())
+            .expect("runs");
+        compare(
+            &[(format!("cpu, {threads} threads"), got)],
+            &want,
+            1e-5,
+            &ir,
+        )
+        .expect("agrees");
+    }
+    // The GPU keeps sharded values on the host: the whole function runs there.
+    if let Some(gpu) = gpu() {
+        let store = Store(Vec::new());
+        let runs = runs_on_gpu(gpu, &ctx, func, &hoisted, (&store, &args), |_| Ok(()))
+            .expect("runs on the GPU backend");
+        compare(&runs, &want, 1e-5, &ir).expect("agrees");
+    }
+}
+
 /// A broadcast only known at run time falls back to the reference semantics.
 #[test]
 fn runtime_broadcast_falls_back() {

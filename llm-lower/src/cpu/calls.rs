@@ -16,6 +16,7 @@ use llm_ir::{
             kv::{append_rows, lookup},
             resolve_shape,
             shape::{concat_tensors, permute},
+            shard::sharded_linear_with,
         },
         quant::{dequantize_row, storage_bytes},
     },
@@ -179,6 +180,17 @@ pub fn call(
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
             batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
         }
+        (Kernel::ShardedLinear { local, reduction }, Some(f)) => {
+            let (x, w) = (inputs[0].sharded(), inputs[1].sharded());
+            x.and_then(|x| {
+                // Every device in turn, each over all the threads.
+                let y = sharded_linear_with(x, w?, *reduction, |xs, ws| {
+                    let wbytes = f32_weight_bytes(local, ws)?;
+                    Ok(run_contraction(k, local, f, xs.floats()?, wbytes, None))
+                })?;
+                Ok(vec![Rc::new(Value::Sharded(y))])
+            })
+        }
         (Kernel::Move(m), _) => movement(*m, dims, inputs),
         (Kernel::KvAppend { layer, .. }, _) => append_kv(*layer, inputs),
         (Kernel::KvLookup { layer, .. }, _) => inputs[0].cache().and_then(|cache| {
@@ -218,12 +230,32 @@ fn contraction(
         }
         None => (x.floats()?, &inputs[1]),
     };
-    let m = xs.len() / c.k.max(1);
-    let wbytes: &[u8] = match (c.weight, &**w) {
-        (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t))
-            if t.shape == [c.n, c.k] =>
-        {
-            as_bytes(t.floats()?)
+    let wbytes = weight_bytes(c, w)?;
+    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
+    shape.push(c.n);
+    // The residual epilogue's operand comes last, shaped like the output.
+    let residual = if c.residual {
+        let r = inputs.last().ok_or("no residual operand")?.tensor()?;
+        if r.shape != shape {
+            return Err(format!(
+                "the residual {:?} does not match the product {shape:?}",
+                r.shape
+            ));
+        }
+        Some(r.floats()?)
+    } else {
+        None
+    };
+    let out = run_contraction(k, c, f, xs, wbytes, residual);
+    Ok(Tensor::from_f32(shape, DType::F32, out))
+}
+
+/// The bytes of a contraction's weight operand, checked to be an `n x k` matrix in the
+/// contraction's format.
+fn weight_bytes<'a>(c: &Contraction, w: &'a Value) -> Result<&'a [u8], String> {
+    let wbytes: &[u8] = match (c.weight, w) {
+        (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t)) => {
+            return f32_weight_bytes(c, t);
         }
         (
             _,
@@ -249,21 +281,33 @@ fn contraction(
     if wbytes.len() != expected {
         return Err(format!("the weight holds {} bytes", wbytes.len()));
     }
-    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
-    shape.push(c.n);
-    // The residual epilogue's operand comes last, shaped like the output.
-    let rp = if c.residual {
-        let r = inputs.last().ok_or("no residual operand")?.tensor()?;
-        if r.shape != shape {
-            return Err(format!(
-                "the residual {:?} does not match the product {shape:?}",
-                r.shape
-            ));
-        }
-        r.floats()?.as_ptr() as i64
-    } else {
-        0
-    };
+    Ok(wbytes)
+}
+
+/// The bytes of an f32 contraction weight, checked to be `n x k`.
+fn f32_weight_bytes<'a>(c: &Contraction, t: &'a Tensor) -> Result<&'a [u8], String> {
+    if t.shape != [c.n, c.k] {
+        return Err(format!(
+            "the weight {:?} is not a {}x{} matrix",
+            t.shape, c.n, c.k
+        ));
+    }
+    Ok(as_bytes(t.floats()?))
+}
+
+/// Runs a compiled contraction over the rows of `xs` (a multiple of `k` floats) against
+/// checked weight bytes, adding `residual` (as many rows of `n`) when the kernel has the
+/// epilogue; the rows of `n` outputs.
+fn run_contraction(
+    k: &Kernels,
+    c: &Contraction,
+    f: *const u8,
+    xs: &[f32],
+    wbytes: &[u8],
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let m = xs.len() / c.k.max(1);
+    let rp = residual.map_or(0, |r| r.as_ptr() as i64);
     let mut out = k.pool.zeroed(m * c.n);
     // SAFETY: a contraction's signature is seven i64 params.
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
@@ -274,7 +318,7 @@ fn contraction(
     );
     // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp (and the
     // residual's y-shaped rows at rp) and writes y[i, j0..j1] for i < m at yp: all inside
-    // the buffers checked above.
+    // the buffers the callers checked.
     let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64, rp);
     match k.workers {
         Some(workers) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {
@@ -286,7 +330,7 @@ fn contraction(
         }
         _ => run(0, c.n),
     }
-    Ok(Tensor::from_f32(shape, DType::F32, out))
+    out
 }
 
 /// The operands of a scalar body (as many as it takes, all f32 tensors) and their data

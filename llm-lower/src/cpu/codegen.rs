@@ -55,8 +55,12 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Dequantize { .. } => 2,
         // x, quantized bytes
         Kernel::Quantize { .. } => 2,
-        // No CPU code (`super::supports`).
-        Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => 0,
+        // No code of their own: data movement runs on the host, a sharded linear layer
+        // runs its local contraction's code (`Kernel::code`).
+        Kernel::Move(_)
+        | Kernel::ShardedLinear { .. }
+        | Kernel::KvAppend { .. }
+        | Kernel::KvLookup { .. } => 0,
     }
 }
 
@@ -101,8 +105,6 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             let mask = source.masked().then(|| p[6]);
             emit_attention(b, [*heads, *kv_heads, *d], *scale, &p[..6], mask);
         }
-        // Data movement has no generated code; dequantization and the KV cache ops have
-        // none on the CPU (`jit::compile` rejects them).
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
         Kernel::Cast { from, to } => super::convert::emit_cast(b, *from, *to, p),
         Kernel::Broadcast(body) => emit_broadcast(b, body, p),
@@ -112,7 +114,12 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Quantize { format, rows, k } => {
             super::quantize::emit_quantize(b, *format, rows * k / 32, p)
         }
-        Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => {}
+        // No code of their own (`Kernel::code`): data movement runs on the host, a sharded
+        // linear layer runs its local contraction's code.
+        Kernel::Move(_)
+        | Kernel::ShardedLinear { .. }
+        | Kernel::KvAppend { .. }
+        | Kernel::KvLookup { .. } => {}
     }
 }
 

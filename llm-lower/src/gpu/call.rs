@@ -394,6 +394,8 @@ impl Call<'_> {
         pipelines: &[wgpu::ComputePipeline],
     ) -> Result<bool, String> {
         let out = match kernel {
+            // Never selected on the GPU (`super::supports`).
+            Kernel::ShardedLinear { .. } => return Ok(false),
             Kernel::Contraction(c) => self.contraction(index, step, c, &pipelines[0])?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
                 let xs = step

@@ -22,6 +22,8 @@ pub use program::{Compiler, LoweringStats, Program, Rows};
 
 use std::fmt;
 
+use crate::kernel::Kernel;
+
 use pliron::{builtin::ops::ModuleOp, context::Context};
 
 /// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
@@ -89,6 +91,13 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Whether the GPU backend runs `kernel` on the device: every family but the sharded
+/// linear layer, whose sharded values stay on the host (it runs through its reference
+/// semantics there).
+pub fn supports(kernel: &Kernel) -> bool {
+    !matches!(kernel, Kernel::ShardedLinear { .. })
 }
 
 /// The test suites' device policy: a device opened with `options`, or `None` (with a

@@ -275,7 +275,7 @@ pub(super) fn listing(ctx: &Context, func: FuncOp, limits: &Limits) -> Result<St
     let all: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
     let constant = interp::weight_derived(ctx, &all);
     let ops = live_ops(ctx, &all, |r| constant.contains(&r));
-    let mut selection = select_all(ctx, &ops, |v| constant.contains(&v), |_| true);
+    let mut selection = select_all(ctx, &ops, |v| constant.contains(&v), super::supports);
     let plans = plan(&mut selection, limits, Rows::Few);
     let mut shaders: Vec<Shader> = Vec::new();
     for s in plans.into_iter().flatten() {
@@ -327,7 +327,7 @@ impl Program {
         let gpu = Arc::clone(&compiler.gpu);
         let mut layout = Layout::new(ctx, func, hoisted).map_err(GpuError)?;
         let live = layout.live.clone();
-        let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), |_| true);
+        let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), super::supports);
         let halves = f16_weights(ctx, &live, &mut selection, hoisted, compiler);
         let mut plans = plan(&mut selection, &gpu.limits(), rows);
         for (i, &op) in live.iter().enumerate() {

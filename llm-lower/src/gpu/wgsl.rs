@@ -205,6 +205,8 @@ pub enum Access {
 /// The shaders that run `kernel` on the GPU, in dispatch order.
 pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
     match kernel {
+        // Sharded values stay on the host (`super::supports`).
+        Kernel::ShardedLinear { .. } => Vec::new(),
         Kernel::Contraction(c) => {
             let weight = match c.weight {
                 // The GPU reads f32 weights row major; a [k, n] one is transposed at upload.

@@ -117,6 +117,32 @@ pub fn unshard(_: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 pub fn sharded_linear(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (x, w) = (inputs[0].sharded()?, inputs[1].sharded()?);
     let ty = e.op.result_sharded(0).map_err(|err| err.err.to_string())?;
+    let y = sharded_linear_with(x, w, ty.reduction(), |xs, ws| {
+        let (n, k) = (ws.shape[0], ws.shape[1]);
+        let m = xs.len() / k.max(1);
+        let wd = ws.floats()?;
+        Ok(matmul_2d(xs.floats()?, m, k, n, |p, j| wd[j * k + p]))
+    })?;
+    Ok(vec![Rc::new(Value::Sharded(y))])
+}
+
+/// `llm.sharded_linear` of `x` by `w` with `local(x_shard, w_shard)` computing each
+/// device's product (the rows of `n` outputs of the local `[.., k]` by `[n, k]`): the
+/// result keeps `x`'s split on its leading dims, takes `w`'s `N` split on its last, and is
+/// partial (combined by `reduction`) over the axes that split `K`, as the verifier says.
+pub fn sharded_linear_with(
+    x: &Sharded,
+    w: &Sharded,
+    reduction: Reduction,
+    mut local: impl FnMut(&Tensor, &Tensor) -> Result<Vec<f32>, String>,
+) -> Result<Sharded, String> {
+    let r = x.shape.len();
+    if w.shape.len() != 2 || r == 0 || x.shards.len() != w.shards.len() {
+        return Err(format!(
+            "cannot multiply a sharded {:?} by a sharded {:?}",
+            x.shape, w.shape
+        ));
+    }
     let mut shards = Vec::with_capacity(x.shards.len());
     for (xs, ws) in x.shards.iter().zip(&w.shards) {
         let (n, k) = (ws.shape[0], ws.shape[1]);
@@ -126,23 +152,22 @@ pub fn sharded_linear(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                 xs.shape
             ));
         }
-        let m = xs.len() / k.max(1);
-        let wd = ws.floats()?;
-        let out = matmul_2d(xs.floats()?, m, k, n, |p, j| wd[j * k + p]);
         let mut shape = xs.shape[..xs.shape.len() - 1].to_vec();
         shape.push(n);
-        shards.push(Tensor::from_f32(shape, ty.dtype(), out));
+        shards.push(Tensor::from_f32(shape, xs.dtype, local(xs, ws)?));
     }
-    let mut template = x.clone();
-    let last = template.shape.len() - 1;
-    template.shape[last] = w.shape[0];
-    template.reduction = ty.reduction();
-    sharded(
-        &template,
-        ty.split().to_vec(),
-        ty.partial().to_vec(),
+    let mut split = x.split[..r - 1].to_vec();
+    split.push(w.split[0].clone());
+    let mut shape = x.shape.clone();
+    shape[r - 1] = w.shape[0];
+    Ok(Sharded {
+        shape,
+        mesh: x.mesh.clone(),
+        split,
+        partial: x.split[r - 1].clone(),
+        reduction,
         shards,
-    )
+    })
 }
 
 /// The devices that differ from `device` only on `axes`, ordered by their piece index.
