@@ -1032,7 +1032,7 @@ proptest! {
     }
 
     /// Casts between every pair of element types but float to i64, exactly: floats from
-    /// f16 subnormals to past f16's range and i32's, ties, integers that wrap to i8.
+    /// f16 subnormals to past f16's range and i32's, ties, NaN, integers that wrap to i8.
     #[test]
     fn casts(n in 1usize..40, seed: u64) {
         for (from, to) in DType::ALL.iter().flat_map(|&f| DType::ALL.map(|t| (f, t))) {
@@ -1062,6 +1062,8 @@ proptest! {
                         *x = ((f64::from(lo) + f64::from(hi)) / 2.0) as f32;
                     }
                 }
+                // A NaN, which truncates to 0.
+                v[n / 2] = f32::NAN;
                 Value::Tensor(Tensor::from_f32(vec![n], from, v))
             } else {
                 let v = raw.iter().map(|r| (r * 1000.0) as i64).collect();

@@ -1685,14 +1685,17 @@ fn cast(from: DType, to: DType) -> String {
             format!("round_bf16({value})")
         }
         DType::F32 => value.to_string(),
-        // Truncation toward zero, saturating at the target's range (NaN gives 0).
+        // Truncation toward zero, saturating at the target's range (NaN gives 0). NaN is
+        // tested on the bits: drivers may fold `x != x` to false (lavapipe does).
         int if from.is_float() => {
+            let nan = "(bitcast<u32>(x[e]) & 0x7fffffffu) > 0x7f800000u";
             if int == DType::I8 {
-                "select(i32(clamp(x[e], -128.0, 127.0)), 0, x[e] != x[e])".to_string()
+                format!("select(i32(clamp(x[e], -128.0, 127.0)), 0, {nan})")
             } else {
                 // 2^31 and above saturate to i32::MAX (the largest f32 below is 2^31 - 128).
-                "select(select(i32(max(x[e], -2147483648.0)), 2147483647, x[e] >= 2147483648.0), 0, x[e] != x[e])"
-                    .to_string()
+                format!(
+                    "select(select(i32(max(x[e], -2147483648.0)), 2147483647, x[e] >= 2147483648.0), 0, {nan})"
+                )
             }
         }
         DType::I8 => "(x[e] << 24u) >> 24u".to_string(),
