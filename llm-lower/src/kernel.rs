@@ -714,7 +714,8 @@ fn stride_suffix(inner: usize) -> String {
 
 /// A name for a scalar body: its ops in order.
 fn body_name(body: &ScalarBody) -> String {
-    body.steps
+    let steps = body
+        .steps
         .iter()
         .map(|s| match s {
             ScalarStep::Unary(op, _) | ScalarStep::Binary(op, _, _) => {
@@ -723,7 +724,11 @@ fn body_name(body: &ScalarBody) -> String {
             ScalarStep::Constant(_) => "const",
         })
         .collect::<Vec<_>>()
-        .join("_")
+        .join("_");
+    match body.dtype {
+        DType::F32 => steps,
+        narrow => format!("{steps}_{}", narrow.name()),
+    }
 }
 
 /// The tensor type of operand `i`, when it is an `f32` tensor.
@@ -1092,15 +1097,19 @@ fn columns(check: &OpCheck) -> Option<Kernel> {
 
 /// The elementwise kernel of a unary, binary or fused op over `f32` operands of one shape.
 fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -> Option<Kernel> {
+    // Float values (f16 and bf16 ones held as f32, every step rounded to their type) of
+    // the result's element type.
     let result = check.result_tensor(0).ok()?;
-    if result.dtype() != DType::F32 {
+    let dtype = result.dtype();
+    if !dtype.is_float() {
         return None;
     }
     // Operands of the result's shape, or broadcast to it numpy-style: right-aligned, each
     // dim equal to the result's or 1.
     let mut broadcast = false;
     for i in 0..check.num_operands() {
-        let shape = f32_operand(check, i)?.shape().to_vec();
+        let operand = check.tensor(i).ok().filter(|t| t.dtype() == dtype)?;
+        let shape = operand.shape().to_vec();
         if shape != result.shape() {
             let rank = result.rank();
             let fits = shape.len() <= rank
@@ -1126,6 +1135,7 @@ fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -
             args: check.num_operands(),
             result: check.num_operands(),
             steps: vec![step],
+            dtype,
         }
     };
     Some(if broadcast {

@@ -1015,6 +1015,44 @@ proptest! {
         agree(&ir, vec![tensor(&[m, n], seed, 1.0), tensor(&small, seed + 1, 1.0)], 1e-5)?;
     }
 
+    /// Arithmetic on f16 and bf16 values (held as f32): every step rounded to the type, as
+    /// the reference rounds each op; exact for the four operations, within a unit in the
+    /// last place of the narrow type for a body with a transcendental step (whose f32
+    /// value the backends approximate, so rounding may land on the neighbour).
+    #[test]
+    fn narrow_float_arithmetic(m in 1usize..4, n in 1usize..30, seed: u64) {
+        for dtype in [DType::F16, DType::BF16] {
+            let t = |shape: &[usize]| {
+                let s: Vec<String> = shape.iter().map(ToString::to_string).collect();
+                format!("llm.tensor <{}x{}>", s.join("x"), dtype.name())
+            };
+            let s = format!("llm.tensor <{}>", dtype.name());
+            let narrow = |shape: &[usize], seed: u64| {
+                let n = shape.iter().product();
+                let v = values(seed, n, 4.0).iter().map(|&x| interp::value::round_float(dtype, x)).collect();
+                Value::Tensor(Tensor::from_f32(shape.to_vec(), dtype, v))
+            };
+            for (op, tol) in [("add", 0.0), ("sub", 0.0), ("mul", 0.0), ("div", 0.0)] {
+                let ir = func(&[("a".into(), t(&[m, n])), ("b".into(), t(&[n]))], &t(&[m, n]), &format!("y = llm.{op} a, b : {};", t(&[m, n])));
+                agree(&ir, vec![narrow(&[m, n], seed), narrow(&[n], seed + 1)], tol)?;
+            }
+            let body = format!(
+                "y = llm.fused a, b : {tm} {{\n          ^scalar(p: {s}, q: {s}):\n            u = llm.silu p : {s};\n            c = llm.constant {{value = [0.3]}} : {s};\n            v = llm.mul u, c : {s};\n            w = llm.add v, q : {s};\n            llm.yield w\n        }};",
+                tm = t(&[m, n])
+            );
+            let ir = func(&[("a".into(), t(&[m, n])), ("b".into(), t(&[m, n]))], &t(&[m, n]), &body);
+            let ulp = if dtype == DType::F16 { 1e-3 } else { 8e-3 };
+            agree(&ir, vec![narrow(&[m, n], seed + 2), narrow(&[m, n], seed + 3)], 2.0 * ulp)?;
+            // Exact steps: each intermediate must be rounded, not only the result.
+            let body = format!(
+                "y = llm.fused a, b : {tm} {{\n          ^scalar(p: {s}, q: {s}):\n            u = llm.mul p, q : {s};\n            v = llm.add u, p : {s};\n            w = llm.sub v, q : {s};\n            llm.yield w\n        }};",
+                tm = t(&[m, n])
+            );
+            let ir = func(&[("a".into(), t(&[m, n])), ("b".into(), t(&[m, n]))], &t(&[m, n]), &body);
+            agree(&ir, vec![narrow(&[m, n], seed + 4), narrow(&[m, n], seed + 5)], 0.0)?;
+        }
+    }
+
     /// Three operands of ranks up to 4 broadcasting along any dims, in a fused body.
     #[test]
     fn broadcasting_in_four_dims(dims in proptest::collection::vec(1usize..6, 4), masks in proptest::collection::vec(0u8..16, 2), ranks in proptest::collection::vec(1usize..=4, 2), seed: u64) {

@@ -333,8 +333,8 @@ fn run_contraction(
     out
 }
 
-/// The operands of a scalar body (as many as it takes, all f32 tensors) and their data
-/// pointers; `None` otherwise.
+/// The operands of a scalar body (as many as it takes, all float tensors of its element
+/// type) and their data pointers; `None` otherwise.
 fn float_operands<'a>(
     inputs: &'a [Rc<Value>],
     body: &ScalarBody,
@@ -345,9 +345,10 @@ fn float_operands<'a>(
         .collect::<Option<_>>()?;
     let ptrs: Vec<i64> = tensors
         .iter()
+        .filter(|t| t.dtype == body.dtype)
         .map(|t| t.floats().ok().map(|d| d.as_ptr() as i64))
         .collect::<Option<_>>()?;
-    (tensors.len() == body.args).then_some((tensors, ptrs))
+    (tensors.len() == body.args && ptrs.len() == body.args).then_some((tensors, ptrs))
 }
 
 /// Calls an elementwise kernel; `None` unless every operand has the same shape.
@@ -368,7 +369,17 @@ fn elementwise(
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // Every input holds `len` floats (same shape), as does `out`.
     f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
-    Some(Ok(Tensor::from_f32(shape.clone(), DType::F32, out)))
+    Some(Ok(body_result(body, shape.clone(), out)))
+}
+
+/// A scalar body's result: its values, already rounded to the body's element type by the
+/// kernel (not rounded again, so that a kernel that did not would be caught).
+fn body_result(body: &ScalarBody, shape: Vec<usize>, values: Vec<f32>) -> Tensor {
+    Tensor {
+        shape,
+        dtype: body.dtype,
+        data: Data::Float(values),
+    }
 }
 
 /// Calls a dequantization of a `rows x k` quantized tensor in `weight`'s format.
@@ -531,7 +542,7 @@ fn broadcast(
             strides.as_ptr() as i64,
         );
     }
-    Some(Ok(Tensor::from_f32(layout.shape, DType::F32, out)))
+    Some(Ok(body_result(body, layout.shape, out)))
 }
 
 /// Calls an RMS norm over rows of `d`.

@@ -416,7 +416,8 @@ fn emit_body(b: &mut FunctionBuilder, body: &ScalarBody, args: &[Value]) -> Valu
             }
             ScalarStep::Constant(c) => splat(b, c),
         };
-        slots.push(v);
+        // Every step rounds to the body's element type, as a separate op would.
+        slots.push(super::convert::round_to(b, body.dtype, v));
     }
     slots[body.result]
 }

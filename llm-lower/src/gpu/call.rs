@@ -403,7 +403,9 @@ impl Call<'_> {
                     .iter()
                     .map(|&s| self.device(s))
                     .collect::<Result<Vec<_>, _>>()?;
-                if xs.len() != body.args || xs.iter().any(|x| x.elem != Elem::F32) {
+                // Values of the body's element type (f16 and bf16 ones held as f32).
+                let elem = elem_of(body.dtype);
+                if xs.len() != body.args || xs.iter().any(|x| x.elem != elem) {
                     return Ok(false);
                 }
                 let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
@@ -444,7 +446,7 @@ impl Call<'_> {
                 } else {
                     return Ok(false);
                 }
-                DeviceTensor::f32(shape, y)
+                DeviceTensor::unsplit(shape, elem, y)
             }
             Kernel::RmsNorm { d, .. } | Kernel::LayerNorm { d, .. } => {
                 let x = self.f32_rows(step.inputs[0], *d)?;

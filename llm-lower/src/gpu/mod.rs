@@ -220,14 +220,22 @@ mod tests {
                 ScalarStep::Binary("llm.mul", 2, 1),
                 ScalarStep::Binary("llm.add", 4, 3),
             ],
+            dtype: DType::F32,
         };
         shaders.push(Shader::Elementwise(body.clone()));
-        shaders.push(Shader::Strided(body));
+        shaders.push(Shader::Strided(body.clone()));
+        for dtype in [DType::F16, DType::BF16] {
+            shaders.push(Shader::Strided(ScalarBody {
+                dtype,
+                ..body.clone()
+            }));
+        }
         for op in llm_ir::interp::eval::elementwise::UNARY {
             shaders.push(Shader::Elementwise(ScalarBody {
                 args: 1,
                 result: 1,
                 steps: vec![ScalarStep::Unary(op.0, 0)],
+                dtype: DType::F32,
             }));
         }
         let eps_bits = 1e-6f32.to_bits();

@@ -1143,21 +1143,21 @@ fn step_expr(step: &ScalarStep) -> String {
 }
 
 fn elementwise(body: &ScalarBody) -> String {
-    let mut s = String::from(ENTRY);
+    let mut s = String::from(rounding(body));
+    s.push_str(ENTRY);
     s.push_str("    let i = gi * WG + t;\n    if (i >= p.len) { return; }\n");
     // Operand `a` holds `n{a}` elements: all of them, or (broadcast) the result's last.
     for a in 0..body.args {
         let _ = writeln!(s, "    let v{a} = a{a}[i % p.n{a}];");
     }
-    for (n, step) in body.steps.iter().enumerate() {
-        let _ = writeln!(s, "    let v{} = {};", body.args + n, step_expr(step));
-    }
+    body_steps(&mut s, body);
     let _ = writeln!(s, "    y[i] = v{};\n}}", body.result);
     s
 }
 
 fn strided(body: &ScalarBody) -> String {
-    let mut s = String::from(ENTRY);
+    let mut s = String::from(rounding(body));
+    s.push_str(ENTRY);
     s.push_str(
         "    let i = gi * WG + t;
     if (i >= p.d0 * p.d1 * p.d2 * p.d3) { return; }
@@ -1173,11 +1173,32 @@ fn strided(body: &ScalarBody) -> String {
             "    let v{a} = a{a}[c0 * p.s{a}_0 + c1 * p.s{a}_1 + c2 * p.s{a}_2 + c3 * p.s{a}_3];"
         );
     }
-    for (n, step) in body.steps.iter().enumerate() {
-        let _ = writeln!(s, "    let v{} = {};", body.args + n, step_expr(step));
-    }
+    body_steps(&mut s, body);
     let _ = writeln!(s, "    y[i] = v{};\n}}", body.result);
     s
+}
+
+/// The rounding function a body of f16 or bf16 values needs (none for f32).
+fn rounding(body: &ScalarBody) -> &'static str {
+    match body.dtype {
+        DType::F16 => ROUND_F16,
+        DType::BF16 => ROUND_BF16,
+        _ => "",
+    }
+}
+
+/// The body's steps as `let v{slot} = ...;` lines, each result rounded to the body's
+/// element type as a separate op would round it.
+fn body_steps(s: &mut String, body: &ScalarBody) {
+    for (n, step) in body.steps.iter().enumerate() {
+        let expr = step_expr(step);
+        let expr = match body.dtype {
+            DType::F16 => format!("round_f16({expr})"),
+            DType::BF16 => format!("round_bf16({expr})"),
+            _ => expr,
+        };
+        let _ = writeln!(s, "    let v{} = {expr};", body.args + n);
+    }
 }
 
 /// The head of a row-reduction shader: one workgroup per row of `n`.

@@ -20,7 +20,9 @@ use super::{
     one,
 };
 use crate::{
+    dtype::DType,
     interp::value::{Tensor, Value, round_float},
+    ops::OpCheck,
     params::ParamValue,
 };
 
@@ -46,6 +48,9 @@ pub struct ScalarBody {
     pub steps: Vec<ScalarStep>,
     /// The yielded slot.
     pub result: usize,
+    /// The element type of the values: every step's result is rounded to it, as separate
+    /// ops of that type would round theirs (`F32` rounds nothing).
+    pub dtype: DType,
 }
 
 impl ScalarBody {
@@ -59,6 +64,10 @@ impl ScalarBody {
             .ok_or("the body has no block")?;
         let mut slots: Vec<IrValue> = block.deref(ctx).arguments().collect();
         let args = slots.len();
+        let dtype = OpCheck::for_eval(ctx, op)
+            .result_tensor(0)
+            .map_err(|e| e.err.to_string())?
+            .dtype();
         let mut steps = Vec::new();
         let slot_of = |slots: &[IrValue], v: IrValue| {
             slots
@@ -79,6 +88,7 @@ impl ScalarBody {
                     args,
                     steps,
                     result,
+                    dtype,
                 });
             }
             let step = if let Some((n, _)) = UNARY.iter().find(|(n, _)| *n == name) {
@@ -86,7 +96,7 @@ impl ScalarBody {
             } else if let Some((n, _)) = BINARY.iter().find(|(n, _)| *n == name) {
                 ScalarStep::Binary(n, slot_args[0], slot_args[1])
             } else if name == "llm.constant" {
-                let c = crate::ops::OpCheck::for_eval(ctx, op);
+                let c = OpCheck::for_eval(ctx, op);
                 match c.param("value") {
                     Some(ParamValue::List(v)) if v.len() == 1 => {
                         ScalarStep::Constant(v[0].as_number().unwrap_or(0.0) as f32)
