@@ -911,8 +911,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 check.tensor(0).ok()?.dtype(),
                 check.result_tensor(0).ok()?.dtype(),
             );
-            // A float truncated to i64 may not fit the 32 bits a device holds.
-            (!(from.is_float() && to == DType::I64)).then_some(Kernel::Cast { from, to })
+            Some(Kernel::Cast { from, to })
         }
         "llm.append_kv" | "llm.lookup_kv" => {
             let cache = check.kv_cache(0).ok()?;

@@ -2,7 +2,7 @@
 //! floats (`f32`, f16 and bf16 values held as `f32`) and integers (`i64`).
 //!
 //! Floats round to the target's precision to nearest, ties to even, with integer
-//! operations on their bits (what `half`'s conversions do); floats truncate to `i8`/`i32`
+//! operations on their bits (what `half`'s conversions do); floats truncate to integers
 //! saturating (NaN to 0); integers convert to the nearest float, or wrap to the target's
 //! width.
 
@@ -17,7 +17,16 @@ use super::emit::{address, for_range, mem, splat};
 pub fn emit_cast(b: &mut FunctionBuilder, from: DType, to: DType, p: &[Value]) {
     let (x, y, len) = (p[0], p[1], p[2]);
     let zero = b.ins().iconst(types::I64, 0);
-    if from.is_float() {
+    if from.is_float() && to == DType::I64 {
+        // One at a time: the vector conversion saturates at 32 bits.
+        for_range(b, zero, len, 1, |b, i| {
+            let at = address(b, x, i, 4);
+            let v = b.ins().load(types::F32, mem(), at, 0);
+            let q = b.ins().fcvt_to_sint_sat(types::I64, v);
+            let dest = address(b, y, i, 8);
+            b.ins().store(mem(), q, dest, 0);
+        });
+    } else if from.is_float() {
         // Four floats at a time, then one at a time in lane 0.
         let vec_end = b.ins().band_imm_s(len, !3);
         for (start, end, lanes) in [(zero, vec_end, 4u8), (vec_end, len, 1)] {
