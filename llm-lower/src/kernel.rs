@@ -557,8 +557,8 @@ pub enum Kernel {
         /// Where keys and values are.
         source: AttentionSource,
     },
-    /// `llm.quantize` of `rows` rows of `k` `f32` values into a block format (q8_0, q4_0,
-    /// q4_1), byte for byte as the reference quantizes.
+    /// `llm.quantize` of `rows` rows of `k` `f32` values into q8_0, q4_0, q4_1 or nf4,
+    /// byte for byte as the reference quantizes.
     Quantize {
         /// The format.
         format: WeightFormat,
@@ -896,11 +896,14 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let dims = dims?;
             let (&k, lead) = dims.split_last()?;
             let format = WeightFormat::of(check.result_quantized(0).ok()?.format())?;
-            let simple = matches!(
-                format,
-                WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1
-            );
-            (simple && k > 0 && k.is_multiple_of(32)).then(|| Kernel::Quantize {
+            let blocked = match format {
+                WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
+                    k.is_multiple_of(32)
+                }
+                WeightFormat::Nf4 { block, .. } => block > 0 && k.is_multiple_of(block as usize),
+                _ => false,
+            };
+            (blocked && k > 0).then(|| Kernel::Quantize {
                 format,
                 rows: lead.iter().product(),
                 k,

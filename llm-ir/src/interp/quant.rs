@@ -297,8 +297,9 @@ fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
 }
 
 fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
-    let min = x.iter().copied().fold(f32::INFINITY, f32::min);
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // ggml's comparisons (the first of equal values stays: +0 and -0 do not trade places).
+    let min = x.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
+    let max = x.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
     let d = (max - min) / 15.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q = |v: f32| (((v - min) * id + 0.5) as i8).clamp(0, 15) as u8;

@@ -1,9 +1,12 @@
-//! `llm.quantize` in generated code: f32 values into q8_0, q4_0 or q4_1 blocks of 32, byte
-//! for byte as the reference quantizes (ggml's reference quantizers).
+//! `llm.quantize` in generated code: f32 values into q8_0, q4_0 or q4_1 blocks of 32 or
+//! nf4 blocks, byte for byte as the reference quantizes (ggml's reference quantizers, and
+//! QLoRA's absmax NormalFloat).
 //!
-//! A block's scale is computed in f32 and used as is for the codes; it is stored as f16,
-//! rounded to nearest even ([`f16_bits`]). Codes round as C's `roundf` (ties away from
-//! zero, q8_0) or truncate after adding one half (q4_0, q4_1), and saturate to their range.
+//! A GGUF block's scale is computed in f32 and used as is for the codes; it is stored as
+//! f16, rounded to nearest even ([`f16_bits`]). Codes round as C's `roundf` (ties away
+//! from zero, q8_0) or truncate after adding one half (q4_0, q4_1), and saturate to their
+//! range. An nf4 block's absmax is rounded to the scale type first, and each value takes
+//! the first of the nearest levels to `x / absmax`.
 
 use cranelift_codegen::ir::{
     InstBuilder, MemFlagsData, Value,
@@ -11,7 +14,7 @@ use cranelift_codegen::ir::{
     types,
 };
 use cranelift_frontend::FunctionBuilder;
-use llm_ir::dtype::DType;
+use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS};
 
 use super::{
     convert::round_to,
@@ -19,10 +22,13 @@ use super::{
 };
 use crate::kernel::WeightFormat;
 
-/// Emits the quantization of `blocks` blocks of 32 floats at `p[0]` into `format`'s
-/// blocks at `p[1]`.
-pub fn emit_quantize(b: &mut FunctionBuilder, format: WeightFormat, blocks: usize, p: &[Value]) {
+/// Emits the quantization of the `len` floats at `p[0]` into `format`'s bytes at `p[1]`.
+pub fn emit_quantize(b: &mut FunctionBuilder, format: WeightFormat, len: usize, p: &[Value]) {
     let (x, out) = (p[0], p[1]);
+    if let WeightFormat::Nf4 { block, scale } = format {
+        return nf4(b, [x, out], len, (block as usize, scale));
+    }
+    let blocks = len / 32;
     let block_bytes = format.row_bytes(32) as i64;
     let zero = b.ins().iconst(types::I64, 0);
     let end = b.ins().iconst(types::I64, blocks as i64);
@@ -36,6 +42,86 @@ pub fn emit_quantize(b: &mut FunctionBuilder, format: WeightFormat, blocks: usiz
             other => unreachable!("no quantizer for {other:?}"),
         }
     });
+}
+
+/// nf4: for each block of `block` values, the absmax rounded to the scale type, then each
+/// value's code (two a byte, low nibble first); the scales follow all the codes.
+fn nf4(b: &mut FunctionBuilder, [x, out]: [Value; 2], len: usize, (block, dtype): (usize, DType)) {
+    let scale_bytes = dtype.size_bytes() as i64;
+    let zero = b.ins().iconst(types::I64, 0);
+    let blocks = b.ins().iconst(types::I64, (len / block) as i64);
+    let values = b.ins().iconst(types::I64, block as i64);
+    let pairs = b.ins().iconst(types::I64, (block / 2) as i64);
+    let scales = b.ins().iadd_imm_s(out, len.div_ceil(2) as i64);
+    for_range(b, zero, blocks, 1, |b, blk| {
+        let xb = address(b, x, blk, 4 * block as i64);
+        let most = b.declare_var(types::F32);
+        let start = b.ins().f32const(0.0);
+        b.def_var(most, start);
+        for_range(b, zero, values, 1, |b, i| {
+            let at = address(b, xb, i, 4);
+            let v = b.ins().load(types::F32, mem(), at, 0);
+            let a = b.ins().fabs(v);
+            let old = b.use_var(most);
+            let new = b.ins().fmax(old, a);
+            b.def_var(most, new);
+        });
+        let amax = b.use_var(most);
+        let lanes = b.ins().scalar_to_vector(types::F32X4, amax);
+        let rounded = round_to(b, dtype, lanes);
+        let absmax = b.ins().extractlane(rounded, 0);
+        let at = address(b, scales, blk, scale_bytes);
+        match dtype {
+            DType::F16 => store_f16(b, absmax, at, 0),
+            DType::BF16 => {
+                let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), absmax);
+                let high = b.ins().ushr_imm_s(bits, 16);
+                b.ins().istore16(mem(), high, at, 0);
+            }
+            _ => {
+                b.ins().store(mem(), absmax, at, 0);
+            }
+        }
+        let codes = address(b, out, blk, (block / 2) as i64);
+        let zero_f = b.ins().f32const(0.0);
+        let empty = b.ins().fcmp(FloatCC::Equal, absmax, zero_f);
+        for_range(b, zero, pairs, 1, |b, pair| {
+            let at = address(b, xb, pair, 8);
+            let code = |b: &mut FunctionBuilder, offset: i32| {
+                let v = b.ins().load(types::F32, mem(), at, offset);
+                let q = b.ins().fdiv(v, absmax);
+                let level = nearest_level(b, q);
+                // An all-zero block codes every value as level 7 (zero).
+                let seven = b.ins().iconst(types::I32, 7);
+                b.ins().select(empty, seven, level)
+            };
+            let low = code(b, 0);
+            let high = code(b, 4);
+            let high = b.ins().ishl_imm_s(high, 4);
+            let byte = b.ins().bor(low, high);
+            let dest = b.ins().iadd(codes, pair);
+            b.ins().istore8(mem(), byte, dest, 0);
+        });
+    });
+}
+
+/// The index (`i32`) of the first NormalFloat level nearest to `x`.
+fn nearest_level(b: &mut FunctionBuilder, x: Value) -> Value {
+    let level = |b: &mut FunctionBuilder, i: usize| {
+        let l = b.ins().f32const(NF4_LEVELS[i]);
+        let d = b.ins().fsub(x, l);
+        b.ins().fabs(d)
+    };
+    let mut best = b.ins().iconst(types::I32, 0);
+    let mut best_distance = level(b, 0);
+    for i in 1..NF4_LEVELS.len() {
+        let d = level(b, i);
+        let closer = b.ins().fcmp(FloatCC::LessThan, d, best_distance);
+        let index = b.ins().iconst(types::I32, i as i64);
+        best = b.ins().select(closer, index, best);
+        best_distance = b.ins().select(closer, d, best_distance);
+    }
+    best
 }
 
 /// `1 / d`, or 0 when `d` is 0.
@@ -130,12 +216,15 @@ fn q4_0_block(b: &mut FunctionBuilder, xb: Value, ob: Value) {
 
 /// q4_1: `d = (max - min) / 15`, codes `trunc((x - min) / d + 0.5)` clamped to 0..=15.
 fn q4_1_block(b: &mut FunctionBuilder, xb: Value, ob: Value) {
-    let mut min = b.ins().f32const(f32::INFINITY);
-    let mut max = b.ins().f32const(f32::NEG_INFINITY);
+    // The reference's (ggml's) strict comparisons: the first of equal values stays.
+    let mut min = b.ins().f32const(f32::MAX);
+    let mut max = b.ins().f32const(-f32::MAX);
     for j in 0..32 {
         let v = b.ins().load(types::F32, mem(), xb, 4 * j);
-        min = b.ins().fmin(min, v);
-        max = b.ins().fmax(max, v);
+        let lower = b.ins().fcmp(FloatCC::LessThan, v, min);
+        min = b.ins().select(lower, v, min);
+        let higher = b.ins().fcmp(FloatCC::GreaterThan, v, max);
+        max = b.ins().select(higher, v, max);
     }
     let range = b.ins().fsub(max, min);
     let fifteen = b.ins().f32const(15.0);

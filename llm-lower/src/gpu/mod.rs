@@ -22,9 +22,9 @@ pub use program::{Compiler, LoweringStats, Program, Rows};
 
 use std::fmt;
 
-use crate::kernel::Kernel;
-
 use pliron::{builtin::ops::ModuleOp, context::Context};
+
+use crate::kernel::{Kernel, WeightFormat};
 
 /// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
 /// cannot be split to fit the limits).
@@ -94,13 +94,14 @@ impl Limits {
 }
 
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
-/// linear layer, whose sharded values stay on the host, and a float cast to i64, which may
-/// not fit the 32 bits a device holds an integer in (both run through their reference
-/// semantics there).
+/// linear layer, whose sharded values stay on the host, a float cast to i64, which may
+/// not fit the 32 bits a device holds an integer in, and quantization into nf4 (all run
+/// through their reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::ShardedLinear { .. } => false,
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
+        Kernel::Quantize { format, .. } => !matches!(format, WeightFormat::Nf4 { .. }),
         _ => true,
     }
 }

@@ -1648,9 +1648,14 @@ fn quantize(format: WeightFormat) -> String {
         _ => (
             1,
             20,
-            "    var lo = x[at];
-    var hi = x[at];
-    for (var i = 1u; i < 32u; i = i + 1u) { lo = min(lo, x[at + i]); hi = max(hi, x[at + i]); }
+            "    var lo = 3.40282347e38;
+    var hi = -3.40282347e38;
+    // The reference's strict comparisons: the first of equal values (+0, -0) stays.
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        let v = x[at + i];
+        if (v < lo) { lo = v; }
+        if (v > hi) { hi = v; }
+    }
     let d = (hi - lo) / 15.0;
     let id = select(0.0, 1.0 / d, d != 0.0);
     put(o, f16_bits(d));
