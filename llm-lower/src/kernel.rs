@@ -557,8 +557,8 @@ pub enum Kernel {
         /// Where keys and values are.
         source: AttentionSource,
     },
-    /// `llm.quantize` of `rows` rows of `k` `f32` values into q8_0, q4_0, q4_1 or nf4,
-    /// byte for byte as the reference quantizes.
+    /// `llm.quantize` of `rows` rows of `k` `f32` values into q8_0, q4_0, q4_1, nf4 or an
+    /// affine integer format (a matrix), byte for byte as the reference quantizes.
     Quantize {
         /// The format.
         format: WeightFormat,
@@ -901,6 +901,16 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     k.is_multiple_of(32)
                 }
                 WeightFormat::Nf4 { block, .. } => block > 0 && k.is_multiple_of(block as usize),
+                // Groups of a matrix, along either dim, of whole bytes of codes.
+                WeightFormat::Affine {
+                    bits, group, axis, ..
+                } => {
+                    let along = if axis == 0 { lead.iter().product() } else { k };
+                    dims.len() == 2
+                        && group > 0
+                        && along.is_multiple_of(group as usize)
+                        && (k * usize::from(bits)).is_multiple_of(8)
+                }
                 _ => false,
             };
             (blocked && k > 0).then(|| Kernel::Quantize {

@@ -673,13 +673,22 @@ proptest! {
         }
     }
 
-    /// `llm.quantize` into the block formats and nf4 (every scale type, all-zero blocks
-    /// too), byte for byte as the reference quantizes, and quantized values fed on to a
-    /// quantized matmul.
+    /// `llm.quantize` into the block formats, nf4 and the affine formats (every scale type,
+    /// groups along either dim, with and without zero points, all-zero blocks too), byte
+    /// for byte as the reference quantizes, and quantized values fed on to a quantized
+    /// matmul.
     #[test]
     fn quantize(rows in 1usize..6, blocks in 1usize..4, scale in prop::sample::select(vec![0.0f32, 1e-3, 1.0, 300.0, 3e4]), seed: u64) {
         let k = 32 * blocks;
-        for text in ["q8_0", "q4_0", "q4_1", "nf4 {block_size = 32, scale = f16}", "nf4 {block_size = 16, scale = bf16}", "nf4 {block_size = 8, scale = f32}"] {
+        for text in [
+            "q8_0", "q4_0", "q4_1",
+            "nf4 {block_size = 32, scale = f16}", "nf4 {block_size = 16, scale = bf16}", "nf4 {block_size = 8, scale = f32}",
+            "int8 {group_size = 32, axis = 1, scale = f32}",
+            "int4 {group_size = 16, symmetric = false, axis = 1, scale = bf16}",
+            "int2 {group_size = 4, symmetric = false, axis = 1, scale = f16}",
+            "int8 {group_size = 1, symmetric = false, axis = 0, scale = f16}",
+            "int4 {group_size = 32, axis = 1, scale = f16}",
+        ] {
             let qt = format!("llm.quantized_tensor <{rows}x{k}, {text}>");
             let ir = format!(
                 "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {a}) -> ({qt}, {y})> {{\n      ^body(x: {x}, a: {a}):\n        q = llm.quantize x : {qt};\n        y = llm.quantized_matmul a, q : {y};\n        llm.return q, y\n    }}\n}}\n",
@@ -688,8 +697,8 @@ proptest! {
             // The bytes must be equal; the product's sums of terms up to `scale` in size
             // cancel, so its tolerance grows with the scale.
             let args = vec![tensor(&[rows, k], seed, scale), tensor(&[2, k], seed + 1, 1.0)];
-            if text.starts_with("nf4") {
-                // The GPU quantizes into nf4 on the host.
+            if text.starts_with("nf4") || text.starts_with("int") {
+                // The GPU quantizes into nf4 and the affine formats on the host.
                 cpu_agrees(&ir, args, 1e-5 * scale.max(1.0))?;
             } else {
                 agree(&ir, args, 1e-5 * scale.max(1.0))?;

@@ -713,9 +713,14 @@ fn quantize_affine(
 ) -> Vec<u8> {
     let (index, count) = affine_groups(shape, axis, group);
     let (mut lo, mut hi) = (vec![f32::INFINITY; count], vec![f32::NEG_INFINITY; count]);
+    // Strict comparisons: the first of equal values (+0, -0) stays, as for q4_1.
     for (&g, &v) in index.iter().zip(values) {
-        lo[g] = lo[g].min(v);
-        hi[g] = hi[g].max(v);
+        if v < lo[g] {
+            lo[g] = v;
+        }
+        if v > hi[g] {
+            hi[g] = v;
+        }
     }
     let levels = (1u32 << bits) as f32;
     let qmax = (1i32 << (bits - 1)) - 1;
@@ -725,7 +730,9 @@ fn quantize_affine(
         if symmetric {
             scales[g] = round_scale(scale, lo[g].abs().max(hi[g].abs()) / qmax as f32);
         } else {
-            let (min, max) = (lo[g].min(0.0), hi[g].max(0.0));
+            // The range includes 0 (a +0, whatever the signs of zeros in the group).
+            let min = if lo[g] < 0.0 { lo[g] } else { 0.0 };
+            let max = if hi[g] > 0.0 { hi[g] } else { 0.0 };
             scales[g] = round_scale(scale, (max - min) / (levels - 1.0));
             zeros[g] = if scales[g] == 0.0 {
                 0

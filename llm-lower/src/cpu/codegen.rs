@@ -112,7 +112,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             dequant::emit_dequantize(b, *weight, [*rows, *k], p)
         }
         Kernel::Quantize { format, rows, k } => {
-            super::quantize::emit_quantize(b, *format, rows * k, p)
+            super::quantize::emit_quantize(b, *format, [rows * k, *k], p)
         }
         // No code of their own (`Kernel::code`): data movement runs on the host, a sharded
         // linear layer runs its local contraction's code.

@@ -843,6 +843,11 @@ fn little() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
 }
 
+/// The scale of type `dtype` at `at`, as `f32`.
+pub fn scale_at(b: &mut FunctionBuilder, dtype: DType, at: Value) -> Value {
+    scalar_scale(b, dtype, at, 0)
+}
+
 /// The scale at `at + offset` as `f32`.
 fn scalar_scale(b: &mut FunctionBuilder, dtype: DType, at: Value, offset: i32) -> Value {
     match dtype {

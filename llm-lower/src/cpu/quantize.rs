@@ -23,10 +23,34 @@ use super::{
 use crate::kernel::WeightFormat;
 
 /// Emits the quantization of the `len` floats at `p[0]` into `format`'s bytes at `p[1]`.
-pub fn emit_quantize(b: &mut FunctionBuilder, format: WeightFormat, len: usize, p: &[Value]) {
+pub fn emit_quantize(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    [len, k]: [usize; 2],
+    p: &[Value],
+) {
     let (x, out) = (p[0], p[1]);
-    if let WeightFormat::Nf4 { block, scale } = format {
-        return nf4(b, [x, out], len, (block as usize, scale));
+    match format {
+        WeightFormat::Nf4 { block, scale } => {
+            return nf4(b, [x, out], len, (block as usize, scale));
+        }
+        WeightFormat::Affine {
+            bits,
+            group,
+            symmetric,
+            axis,
+            scale,
+        } => {
+            let affine = Affine {
+                bits: usize::from(bits),
+                group: group as usize,
+                symmetric,
+                axis,
+                scale,
+            };
+            return affine.emit(b, [x, out], [len / k, k]);
+        }
+        _ => {}
     }
     let blocks = len / 32;
     let block_bytes = format.row_bytes(32) as i64;
@@ -71,17 +95,7 @@ fn nf4(b: &mut FunctionBuilder, [x, out]: [Value; 2], len: usize, (block, dtype)
         let rounded = round_to(b, dtype, lanes);
         let absmax = b.ins().extractlane(rounded, 0);
         let at = address(b, scales, blk, scale_bytes);
-        match dtype {
-            DType::F16 => store_f16(b, absmax, at, 0),
-            DType::BF16 => {
-                let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), absmax);
-                let high = b.ins().ushr_imm_s(bits, 16);
-                b.ins().istore16(mem(), high, at, 0);
-            }
-            _ => {
-                b.ins().store(mem(), absmax, at, 0);
-            }
-        }
+        store_scale(b, dtype, absmax, at);
         let codes = address(b, out, blk, (block / 2) as i64);
         let zero_f = b.ins().f32const(0.0);
         let empty = b.ins().fcmp(FloatCC::Equal, absmax, zero_f);
@@ -103,6 +117,185 @@ fn nf4(b: &mut FunctionBuilder, [x, out]: [Value; 2], len: usize, (block, dtype)
             b.ins().istore8(mem(), byte, dest, 0);
         });
     });
+}
+
+/// An affine integer format of a `[rows, k]` matrix, as the quantizer needs it.
+struct Affine {
+    bits: usize,
+    group: usize,
+    symmetric: bool,
+    axis: u8,
+    scale: DType,
+}
+
+impl Affine {
+    /// Quantizes the `[rows, k]` floats at `x` into `out`: each group's minimum and
+    /// maximum (strict comparisons), its scale (rounded to the scale type and stored) and
+    /// zero point, then every code in element order, packed low bits first.
+    fn emit(&self, b: &mut FunctionBuilder, [x, out]: [Value; 2], [rows, k]: [usize; 2]) {
+        let n = rows * k;
+        let groups = n / self.group;
+        let scale_bytes = self.scale.size_bytes() as i64;
+        let scales = b.ins().iadd_imm_s(out, (n * self.bits).div_ceil(8) as i64);
+        let zeros = b.ins().iadd_imm_s(scales, groups as i64 * scale_bytes);
+        let levels = (1u32 << self.bits) as f32;
+        let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+        let zero = b.ins().iconst(types::I64, 0);
+        // Pass 1: every group's scale and zero point.
+        let end = b.ins().iconst(types::I64, groups as i64);
+        for_range(b, zero, end, 1, |b, g| {
+            let (first, stride) = self.members(b, g, k);
+            let (lo, hi) = (b.declare_var(types::F32), b.declare_var(types::F32));
+            let inf = b.ins().f32const(f32::INFINITY);
+            let neg_inf = b.ins().f32const(f32::NEG_INFINITY);
+            b.def_var(lo, inf);
+            b.def_var(hi, neg_inf);
+            let count = b.ins().iconst(types::I64, self.group as i64);
+            for_range(b, zero, count, 1, |b, i| {
+                let at = b.ins().imul_imm_s(i, stride);
+                let at = b.ins().iadd(first, at);
+                let at = address(b, x, at, 4);
+                let v = b.ins().load(types::F32, mem(), at, 0);
+                for (var, cc) in [(lo, FloatCC::LessThan), (hi, FloatCC::GreaterThan)] {
+                    let old = b.use_var(var);
+                    let takes = b.ins().fcmp(cc, v, old);
+                    let new = b.ins().select(takes, v, old);
+                    b.def_var(var, new);
+                }
+            });
+            let (lo, hi) = (b.use_var(lo), b.use_var(hi));
+            let at = address(b, scales, g, scale_bytes);
+            let zp = b.ins().iadd(zeros, g);
+            if self.symmetric {
+                let (a, c) = (b.ins().fabs(lo), b.ins().fabs(hi));
+                let most = b.ins().fmax(a, c);
+                let q = b.ins().f32const(qmax);
+                let s = b.ins().fdiv(most, q);
+                self.store_scale(b, s, at);
+            } else {
+                // The range includes 0 (a +0, as the reference takes it).
+                let z = b.ins().f32const(0.0);
+                let below = b.ins().fcmp(FloatCC::LessThan, lo, z);
+                let min = b.ins().select(below, lo, z);
+                let above = b.ins().fcmp(FloatCC::GreaterThan, hi, z);
+                let max = b.ins().select(above, hi, z);
+                let range = b.ins().fsub(max, min);
+                let steps = b.ins().f32const(levels - 1.0);
+                let s = b.ins().fdiv(range, steps);
+                let s = self.store_scale(b, s, at);
+                let neg = b.ins().fneg(min);
+                let ratio = b.ins().fdiv(neg, s);
+                let point = round_half_away_scalar(b, ratio);
+                let point = clamp_to_int(b, point, 0.0, levels - 1.0);
+                let zero_scale = b.ins().fcmp(FloatCC::Equal, s, z);
+                let none = b.ins().iconst(types::I32, 0);
+                let point = b.ins().select(zero_scale, none, point);
+                b.ins().istore8(mem(), point, zp, 0);
+            }
+        });
+        // Pass 2: the codes, a byte (8 / bits codes) at a time.
+        let per_byte = 8 / self.bits;
+        let bytes = b.ins().iconst(types::I64, (n * self.bits / 8) as i64);
+        for_range(b, zero, bytes, 1, |b, byte| {
+            let first = b.ins().imul_imm_s(byte, per_byte as i64);
+            let mut packed = b.ins().iconst(types::I32, 0);
+            for j in 0..per_byte {
+                let e = b.ins().iadd_imm_s(first, j as i64);
+                let g = self.group_of(b, e, k);
+                let at = address(b, scales, g, scale_bytes);
+                let s = super::dequant::scale_at(b, self.scale, at);
+                let xe = address(b, x, e, 4);
+                let v = b.ins().load(types::F32, mem(), xe, 0);
+                let ratio = b.ins().fdiv(v, s);
+                let q = round_half_away_scalar(b, ratio);
+                let z = b.ins().f32const(0.0);
+                let zero_scale = b.ins().fcmp(FloatCC::Equal, s, z);
+                let q = b.ins().select(zero_scale, z, q);
+                let code = if self.symmetric {
+                    clamp_to_int(b, q, -qmax, qmax)
+                } else {
+                    let zp = b.ins().iadd(zeros, g);
+                    let point = b.ins().uload8(types::I32, mem(), zp, 0);
+                    let point = b.ins().fcvt_from_sint(types::F32, point);
+                    let shifted = b.ins().fadd(q, point);
+                    clamp_to_int(b, shifted, 0.0, levels - 1.0)
+                };
+                let code = b.ins().band_imm_s(code, (1 << self.bits) - 1);
+                let code = b.ins().ishl_imm_s(code, (j * self.bits) as i64);
+                packed = b.ins().bor(packed, code);
+            }
+            let dest = b.ins().iadd(out, byte);
+            b.ins().istore8(mem(), packed, dest, 0);
+        });
+    }
+
+    /// The first member's element index of group `g` and the distance between members.
+    fn members(&self, b: &mut FunctionBuilder, g: Value, k: usize) -> (Value, i64) {
+        if self.axis == 0 {
+            // Group (R, c): rows R * group .. of column c.
+            let band = b.ins().udiv_imm_u(g, k as i64);
+            let c = b.ins().urem_imm_u(g, k as i64);
+            let row = b.ins().imul_imm_s(band, (self.group * k) as i64);
+            (b.ins().iadd(row, c), k as i64)
+        } else {
+            (b.ins().imul_imm_s(g, self.group as i64), 1)
+        }
+    }
+
+    /// The group of element `e` of a `[rows, k]` matrix.
+    fn group_of(&self, b: &mut FunctionBuilder, e: Value, k: usize) -> Value {
+        let r = b.ins().udiv_imm_u(e, k as i64);
+        let c = b.ins().urem_imm_u(e, k as i64);
+        if self.axis == 0 {
+            let band = b.ins().udiv_imm_u(r, self.group as i64);
+            let first = b.ins().imul_imm_s(band, k as i64);
+            b.ins().iadd(first, c)
+        } else {
+            let per_row = b.ins().imul_imm_s(r, (k / self.group) as i64);
+            let within = b.ins().udiv_imm_u(c, self.group as i64);
+            b.ins().iadd(per_row, within)
+        }
+    }
+
+    /// Stores scale `s` rounded to the scale type at `at`; returns the rounded value.
+    fn store_scale(&self, b: &mut FunctionBuilder, s: Value, at: Value) -> Value {
+        let lanes = b.ins().scalar_to_vector(types::F32X4, s);
+        let rounded = round_to(b, self.scale, lanes);
+        let rounded = b.ins().extractlane(rounded, 0);
+        store_scale(b, self.scale, rounded, at);
+        rounded
+    }
+}
+
+/// `x` rounded to an integer, halves away from zero (C's `roundf`).
+fn round_half_away_scalar(b: &mut FunctionBuilder, x: Value) -> Value {
+    let lanes = b.ins().scalar_to_vector(types::F32X4, x);
+    let r = round_half_away(b, lanes);
+    b.ins().extractlane(r, 0)
+}
+
+/// `x` clamped to `lo..=hi` and truncated to an `i32` (Rust's `as` after `clamp`).
+fn clamp_to_int(b: &mut FunctionBuilder, x: Value, lo: f32, hi: f32) -> Value {
+    let lo = b.ins().f32const(lo);
+    let hi = b.ins().f32const(hi);
+    let x = b.ins().fmax(x, lo);
+    let x = b.ins().fmin(x, hi);
+    b.ins().fcvt_to_sint_sat(types::I32, x)
+}
+
+/// Stores a scale already rounded to `dtype` in its storage form at `at`.
+fn store_scale(b: &mut FunctionBuilder, dtype: DType, s: Value, at: Value) {
+    match dtype {
+        DType::F16 => store_f16(b, s, at, 0),
+        DType::BF16 => {
+            let bits = b.ins().bitcast(types::I32, MemFlagsData::new(), s);
+            let high = b.ins().ushr_imm_s(bits, 16);
+            b.ins().istore16(mem(), high, at, 0);
+        }
+        _ => {
+            b.ins().store(mem(), s, at, 0);
+        }
+    }
 }
 
 /// The index (`i32`) of the first NormalFloat level nearest to `x`.

@@ -95,13 +95,17 @@ impl Limits {
 
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
 /// linear layer, whose sharded values stay on the host, a float cast to i64, which may
-/// not fit the 32 bits a device holds an integer in, and quantization into nf4 (all run
+/// not fit the 32 bits a device holds an integer in, and quantization into nf4 and the
+/// affine formats (all run
 /// through their reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::ShardedLinear { .. } => false,
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
-        Kernel::Quantize { format, .. } => !matches!(format, WeightFormat::Nf4 { .. }),
+        Kernel::Quantize { format, .. } => !matches!(
+            format,
+            WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }
+        ),
         _ => true,
     }
 }
