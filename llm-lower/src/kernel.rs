@@ -360,7 +360,8 @@ pub enum Movement {
 pub struct BroadcastLayout {
     /// The result's shape.
     pub shape: Vec<usize>,
-    /// The result's dims padded with leading 1s to rank 4.
+    /// The result's dims, simplified (dims of 1 dropped, dims every operand steps through
+    /// alike merged) and padded with leading 1s to rank 4.
     pub dims: [usize; 4],
     /// Each operand's strides (in elements) for `dims`: its own strides, right-aligned,
     /// 0 along the dims it broadcasts.
@@ -368,35 +369,70 @@ pub struct BroadcastLayout {
 }
 
 /// The [`BroadcastLayout`] of operands of `shapes`; `None` when they do not broadcast or
-/// the result has more than 4 dims.
+/// the result keeps more than 4 dims once dims of 1 are dropped and dims the operands step
+/// through alike are merged.
 pub fn broadcast_layout(shapes: &[&[usize]]) -> Option<BroadcastLayout> {
     let mut shape: Vec<usize> = Vec::new();
     for s in shapes {
         shape = llm_ir::interp::eval::elementwise::broadcast(&shape, s).ok()?;
     }
-    if shape.len() > 4 {
-        return None;
-    }
-    let mut dims = [1usize; 4];
-    dims[4 - shape.len()..].copy_from_slice(&shape);
-    let strides = shapes
+    let rank = shape.len();
+    // Each operand's strides for the result's dims: right-aligned, 0 where it broadcasts.
+    let full: Vec<Vec<usize>> = shapes
         .iter()
         .map(|s| {
-            let mut out = [0usize; 4];
+            let mut out = vec![0usize; rank];
             let mut stride = 1usize;
             for (i, &d) in s.iter().enumerate().rev() {
-                let at = 4 - s.len() + i;
-                if d != 1 || dims[at] == 1 {
-                    out[at] = stride;
+                if d != 1 {
+                    out[rank - s.len() + i] = stride;
                 }
                 stride *= d;
             }
             out
         })
         .collect();
+    // Dims of 1 vanish, and a dim merges into the one before it where every operand steps
+    // through the two as through one (both broadcast, or both contiguous), so most
+    // broadcasts of higher rank fit the four dims the kernels loop over.
+    let mut dims: Vec<usize> = Vec::new();
+    let mut strides: Vec<Vec<usize>> = vec![Vec::new(); shapes.len()];
+    for i in (0..rank).filter(|&i| shape[i] != 1) {
+        let merges = !dims.is_empty()
+            && full
+                .iter()
+                .zip(&strides)
+                .all(|(f, s)| s.last() == Some(&(f[i] * shape[i])));
+        if merges {
+            *dims.last_mut()? *= shape[i];
+        } else {
+            dims.push(shape[i]);
+        }
+        for (f, s) in full.iter().zip(&mut strides) {
+            if merges {
+                *s.last_mut()? = f[i];
+            } else {
+                s.push(f[i]);
+            }
+        }
+    }
+    let kept = dims.len();
+    if kept > 4 {
+        return None;
+    }
+    let mut padded = [1usize; 4];
+    padded[4 - kept..].copy_from_slice(&dims);
+    let strides = strides
+        .iter()
+        .map(|s| {
+            let mut out = [0usize; 4];
+            out[4 - kept..].copy_from_slice(s);
+            out
+        })
+        .collect();
     Some(BroadcastLayout {
         shape,
-        dims,
+        dims: padded,
         strides,
     })
 }
@@ -1176,6 +1212,30 @@ fn binary_name(name: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dims of 1 vanish and dims the operands step through alike merge: a rank-6 bias
+    /// broadcast becomes two dims; a scalar operand has stride 0 everywhere.
+    #[test]
+    fn broadcast_layouts_merge_dims() {
+        let x = [2usize, 3, 1, 4, 5, 6];
+        let bias = [1usize, 1, 1, 1, 5, 6];
+        let layout = broadcast_layout(&[&x, &bias, &[1]]).expect("broadcasts");
+        assert_eq!(layout.shape, x);
+        assert_eq!(layout.dims, [1, 1, 24, 30]);
+        assert_eq!(
+            layout.strides,
+            vec![[0, 0, 30, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+        );
+        // A per-row scale in the middle keeps its dims apart.
+        let scale = [2usize, 3, 1, 4, 1, 1];
+        let layout = broadcast_layout(&[&x, &scale]).expect("broadcasts");
+        assert_eq!(layout.dims, [1, 1, 24, 30]);
+        assert_eq!(layout.strides, vec![[0, 0, 30, 1], [0, 0, 1, 0]]);
+        // Five dims that cannot merge.
+        let odd = [2usize, 1, 4, 1, 6];
+        let layout = broadcast_layout(&[&[2usize, 3, 4, 5, 6][..], &odd]);
+        assert_eq!(layout, None);
+    }
 
     #[test]
     fn panel_rows_unpack_what_was_packed() {

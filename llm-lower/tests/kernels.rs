@@ -1101,6 +1101,21 @@ proptest! {
         agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&b, seed + 1, 1.0), tensor(&c, seed + 2, 1.0)], 1e-6)?;
     }
 
+    /// A rank-6 broadcast whose dims merge into four or fewer (a bias over the last two
+    /// dims, a scale over the first three): the kernels' layout, not the reference.
+    #[test]
+    fn broadcasting_beyond_four_dims(dims in proptest::collection::vec(1usize..4, 6), seed: u64) {
+        let bias: Vec<usize> = (0..6).map(|i| if i >= 4 { dims[i] } else { 1 }).collect();
+        let scale: Vec<usize> = (0..6).map(|i| if i < 3 { dims[i] } else { 1 }).collect();
+        let s = "llm.tensor <f32>";
+        let body = format!(
+            "y = llm.fused x, b, c : {t} {{\n          ^scalar(p: {s}, q: {s}, r: {s}):\n            u = llm.mul p, r : {s};\n            v = llm.add u, q : {s};\n            llm.yield v\n        }};",
+            t = ty(&dims)
+        );
+        let ir = func(&[("x".into(), ty(&dims)), ("b".into(), ty(&bias)), ("c".into(), ty(&scale))], &ty(&dims), &body);
+        agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&bias, seed + 1, 1.0), tensor(&scale, seed + 2, 1.0)], 1e-6)?;
+    }
+
     /// Casts between every pair of element types, exactly: floats from f16 subnormals to
     /// past f16's range and i32's, ties, NaN, integers that wrap to i8 (the GPU keeps a
     /// float cast to i64 on the host).
