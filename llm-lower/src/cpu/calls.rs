@@ -234,20 +234,29 @@ fn contraction(
     let mut shape = x.shape[..x.shape.len() - 1].to_vec();
     shape.push(c.n);
     // The residual epilogue's operand comes last, shaped like the output.
-    let residual = if c.residual {
-        let r = inputs.last().ok_or("no residual operand")?.tensor()?;
-        if r.shape != shape {
-            return Err(format!(
-                "the residual {:?} does not match the product {shape:?}",
-                r.shape
-            ));
-        }
-        Some(r.floats()?)
-    } else {
-        None
-    };
+    let residual = extra_operand(c.residual.then(|| inputs.last()), &shape, "residual")?;
     let out = run_contraction(k, c, f, xs, wbytes, residual);
     Ok(Tensor::from_f32(shape, DType::F32, out))
+}
+
+/// The floats of a kernel's optional operand (`Some` when the kernel takes it: a
+/// residual, a mask), checked to have `shape`; `what` names it in errors.
+fn extra_operand<'a>(
+    operand: Option<Option<&'a Rc<Value>>>,
+    shape: &[usize],
+    what: &str,
+) -> Result<Option<&'a [f32]>, String> {
+    let Some(operand) = operand else {
+        return Ok(None);
+    };
+    let t = operand.ok_or(format!("no {what} operand"))?.tensor()?;
+    if t.shape != shape {
+        return Err(format!(
+            "the {what} has shape {:?}, expected {shape:?}",
+            t.shape
+        ));
+    }
+    Ok(Some(t.floats()?))
 }
 
 /// The bytes of a contraction's weight operand, checked to be an `n x k` matrix in the
@@ -861,18 +870,7 @@ fn attention(
                 causal,
             )?;
             let (kd, vd) = (kt.floats()?, vt.floats()?);
-            let mask = if masked {
-                let m = inputs.get(3).ok_or("no mask operand")?.tensor()?;
-                if m.shape != [tq, tk] {
-                    return Err(format!(
-                        "the mask has shape {:?}, expected [{tq}, {tk}]",
-                        m.shape
-                    ));
-                }
-                Some(m.floats()?)
-            } else {
-                None
-            };
+            let mask = extra_operand(masked.then(|| inputs.get(3)), &[tq, tk], "mask")?;
             let batch: usize = q.shape[..r - 3].iter().product();
             let mut offsets = Vec::new();
             for b in 0..batch {
