@@ -525,7 +525,8 @@ fn batched_matmul(
 }
 
 /// Calls a broadcasting elementwise body; `None` (the reference semantics) when the
-/// operands are not f32 tensors that broadcast to at most 4 dims.
+/// operands are not tensors of the body's element type whose broadcast merges into at
+/// most 4 dims (`broadcast_layout`).
 fn broadcast(
     k: &Kernels,
     body: &ScalarBody,
