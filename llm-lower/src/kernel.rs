@@ -644,6 +644,21 @@ pub enum Kernel {
         /// How the result's partial values combine (the result type's).
         reduction: Reduction,
     },
+    /// `llm.all_reduce` of an f32 partial sum over mesh `axes`: each device's group of
+    /// shards summed in piece order, pair by pair, by the generated elementwise add (its
+    /// code, `Kernel::code`).
+    AllReduce {
+        /// The mesh axes reduced over.
+        axes: Vec<String>,
+    },
+    /// `llm.reduce_scatter` of an f32 partial sum over mesh `axes` along `dim`: summed as
+    /// by [`Kernel::AllReduce`], each device keeping its piece.
+    ReduceScatter {
+        /// The mesh axes reduced over.
+        axes: Vec<String>,
+        /// The dim the result is split along.
+        dim: usize,
+    },
     /// Data movement.
     Move(Movement),
 }
@@ -698,6 +713,10 @@ impl Kernel {
             Kernel::ShardedLinear { local, .. } => {
                 format!("sharded_linear_{}x{}", local.n, local.k)
             }
+            Kernel::AllReduce { axes } => format!("all_reduce_sum_{}", axes.join("_")),
+            Kernel::ReduceScatter { axes, dim } => {
+                format!("reduce_scatter_sum_{}_dim{dim}", axes.join("_"))
+            }
             Kernel::Move(m) => format!("{m:?}"),
         }
     }
@@ -710,6 +729,14 @@ impl Kernel {
         match self {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
             Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => None,
+            Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
+                Some(Kernel::Elementwise(ScalarBody {
+                    args: 2,
+                    result: 2,
+                    steps: vec![ScalarStep::Binary("llm.add", 0, 1)],
+                    dtype: DType::F32,
+                }))
+            }
             Kernel::Contraction(c) if c.weight == WeightFormat::F32KN => None,
             Kernel::Contraction(c) | Kernel::ShardedLinear { local: c, .. } => {
                 Some(Kernel::Contraction(Contraction {
@@ -855,6 +882,22 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     transpose_at_pack: false,
                 },
                 reduction: y.reduction(),
+            })
+        }
+        "llm.all_reduce" | "llm.reduce_scatter" => {
+            let x = check.sharded(0).ok()?;
+            let sums = x.dtype() == DType::F32 && x.reduction() == Reduction::Sum;
+            let axes = check.param("mesh_axes")?.as_word_list()?;
+            if !sums {
+                return None;
+            }
+            Some(if name == "llm.all_reduce" {
+                Kernel::AllReduce { axes }
+            } else {
+                let rank = x.shape().len() as i64;
+                let dim = check.int("dim").unwrap_or(0);
+                let dim = usize::try_from(if dim < 0 { dim + rank } else { dim }).ok()?;
+                Kernel::ReduceScatter { axes, dim }
             })
         }
         "llm.quantized_matmul" => {

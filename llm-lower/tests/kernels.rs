@@ -798,12 +798,13 @@ fn quantize_ties() {
 }
 
 /// A tensor-parallel MLP on a 2x2 mesh (column-parallel up projection, row-parallel down
-/// projection split over both axes, then an all-reduce): each `sharded_linear` runs its
-/// local contraction on the CPU, shard by shard; the shard, all-reduce and unshard ops
-/// run on the host; the result is the interpreter's.
+/// projection, then an all-reduce, and a reduce-scatter gathered back): each
+/// `sharded_linear` runs its local contraction on the CPU, shard by shard, and the
+/// collectives' sums the generated add; `shard`, `all_gather` and `unshard` run on the
+/// host; the result is the interpreter's.
 #[test]
-fn sharded_linear_runs_its_local_contraction() {
-    let (m, k, hidden) = (3, 12, 8);
+fn tensor_parallel_layers_run_in_generated_code() {
+    let (m, k, hidden) = (4, 12, 8);
     let mesh = "mesh = [dp = 2, tp = 2]";
     let sharded = |shape: &[usize], split: &str, partial: &str| {
         let s: Vec<String> = shape.iter().map(ToString::to_string).collect();
@@ -813,13 +814,14 @@ fn sharded_linear_runs_its_local_contraction() {
         )
     };
     let body = format!(
-        "xs = llm.shard x : {xs};\n        us = llm.shard up : {us};\n        ds = llm.shard down : {ds};\n        h = llm.sharded_linear xs, us : {h};\n        p = llm.sharded_linear h, ds : {p};\n        r = llm.all_reduce p {{mesh_axes = [tp]}} : {r};\n        y = llm.unshard r : {t};",
+        "xs = llm.shard x : {xs};\n        us = llm.shard up : {us};\n        ds = llm.shard down : {ds};\n        h = llm.sharded_linear xs, us : {h};\n        p = llm.sharded_linear h, ds : {p};\n        r = llm.all_reduce p {{mesh_axes = [tp]}} : {r};\n        s = llm.reduce_scatter p {{dim = 0, mesh_axes = [tp]}} : {sc};\n        g = llm.all_gather s {{dim = 0, mesh_axes = [tp]}} : {r};\n        a = llm.unshard r : {t};\n        c = llm.unshard g : {t};\n        y = llm.add a, c : {t};",
         xs = sharded(&[m, k], "[[], []]", ""),
         us = sharded(&[hidden, k], "[[tp], []]", ""),
         ds = sharded(&[k, hidden], "[[], [tp]]", ""),
         h = sharded(&[m, hidden], "[[], [tp]]", ""),
         p = sharded(&[m, k], "[[], []]", ", partial = sum [tp]"),
         r = sharded(&[m, k], "[[], []]", ""),
+        sc = sharded(&[m, k], "[[tp], []]", ""),
         t = ty(&[m, k]),
     );
     let ir = func(
@@ -845,14 +847,16 @@ fn sharded_linear_runs_its_local_contraction() {
         };
         let program = Program::build(&ctx, func, &hoisted, &options).expect("compiles");
         let stats = program.stats();
+        let host = ["llm.shard", "llm.all_gather", "llm.unshard"];
         assert!(
             stats
                 .reference_ops
                 .iter()
-                .all(|(name, _)| name != "llm.sharded_linear"),
+                .all(|(name, _)| host.contains(&name.as_str())),
             "{stats:?}"
         );
-        assert_eq!(stats.kernel_ops, 2, "{stats:?}");
+        // Two linear layers, the all-reduce, the reduce-scatter and the final add.
+        assert_eq!(stats.kernel_ops, 5, "{stats:?}");
         let got = program
             .run(&ctx, &Store(Vec::new()), args.clone())
             .expect("runs");

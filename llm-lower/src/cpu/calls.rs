@@ -16,7 +16,7 @@ use llm_ir::{
             kv::{append_rows, lookup},
             resolve_shape,
             shape::{concat_tensors, permute},
-            shard::sharded_linear_with,
+            shard::{all_reduce_with, reduce_scatter_with, sharded_linear_with},
         },
         quant::{dequantize_row, storage_bytes},
     },
@@ -191,6 +191,14 @@ pub fn call(
                 Ok(vec![Rc::new(Value::Sharded(y))])
             })
         }
+        (Kernel::AllReduce { axes }, Some(f)) => inputs[0].sharded().and_then(|x| {
+            let y = all_reduce_with(x, axes, &mut |a, b| add_tensors(k, f, a, b))?;
+            Ok(vec![Rc::new(Value::Sharded(y))])
+        }),
+        (Kernel::ReduceScatter { axes, dim }, Some(f)) => inputs[0].sharded().and_then(|x| {
+            let y = reduce_scatter_with(x, *dim, axes, &mut |a, b| add_tensors(k, f, a, b))?;
+            Ok(vec![Rc::new(Value::Sharded(y))])
+        }),
         (Kernel::Move(m), _) => movement(*m, dims, inputs),
         (Kernel::KvAppend { layer, .. }, _) => append_kv(*layer, inputs),
         (Kernel::KvLookup { layer, .. }, _) => inputs[0].cache().and_then(|cache| {
@@ -379,6 +387,26 @@ fn elementwise(
     // Every input holds `len` floats (same shape), as does `out`.
     f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
     Some(Ok(body_result(body, shape.clone(), out)))
+}
+
+/// `a + b` for two f32 tensors of one shape, through the compiled elementwise add `f`
+/// (two devices' partial sums meeting in a collective).
+fn add_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
+    if a.shape != b.shape {
+        return Err(format!("shards {:?} and {:?} differ", a.shape, b.shape));
+    }
+    let (x, y) = (a.floats()?, b.floats()?);
+    let ptrs = [x.as_ptr() as i64, y.as_ptr() as i64];
+    let mut out = k.pool.zeroed(x.len());
+    // SAFETY: an elementwise kernel's signature is (inputs, out, len).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // Both inputs and `out` hold len floats (one shape).
+    f(
+        ptrs.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+        x.len() as i64,
+    );
+    Ok(Tensor::from_f32(a.shape.clone(), DType::F32, out))
 }
 
 /// A scalar body's result: its values, already rounded to the body's element type by the

@@ -56,9 +56,11 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // x, quantized bytes
         Kernel::Quantize { .. } => 2,
         // No code of their own: data movement runs on the host, a sharded linear layer
-        // runs its local contraction's code (`Kernel::code`).
+        // runs its local contraction's code, a collective the add's (`Kernel::code`).
         Kernel::Move(_)
         | Kernel::ShardedLinear { .. }
+        | Kernel::AllReduce { .. }
+        | Kernel::ReduceScatter { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. } => 0,
     }
@@ -115,9 +117,11 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             super::quantize::emit_quantize(b, *format, [rows * k, *k], p)
         }
         // No code of their own (`Kernel::code`): data movement runs on the host, a sharded
-        // linear layer runs its local contraction's code.
+        // linear layer runs its local contraction's code, a collective the add's.
         Kernel::Move(_)
         | Kernel::ShardedLinear { .. }
+        | Kernel::AllReduce { .. }
+        | Kernel::ReduceScatter { .. }
         | Kernel::KvAppend { .. }
         | Kernel::KvLookup { .. } => {}
     }

@@ -395,7 +395,11 @@ impl Call<'_> {
     ) -> Result<bool, String> {
         let out = match kernel {
             // Never selected on the GPU (`super::supports`).
-            Kernel::ShardedLinear { .. } => return Ok(false),
+            Kernel::ShardedLinear { .. }
+            | Kernel::AllReduce { .. }
+            | Kernel::ReduceScatter { .. } => {
+                return Ok(false);
+            }
             Kernel::Contraction(c) => self.contraction(index, step, c, &pipelines[0])?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
                 let xs = step

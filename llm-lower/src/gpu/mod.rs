@@ -94,13 +94,15 @@ impl Limits {
 }
 
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
-/// linear layer, whose sharded values stay on the host, a float cast to i64, which may
+/// linear layer and the collectives, whose sharded values stay on the host, a float cast to i64, which may
 /// not fit the 32 bits a device holds an integer in, and quantization into nf4 and the
 /// affine formats (all run
 /// through their reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
-        Kernel::ShardedLinear { .. } => false,
+        Kernel::ShardedLinear { .. } | Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
+            false
+        }
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
         Kernel::Quantize { format, .. } => !matches!(
             format,

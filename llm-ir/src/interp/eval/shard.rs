@@ -13,6 +13,7 @@ use super::{
     strides,
 };
 use crate::{
+    dtype::DType,
     interp::value::{Sharded, Tensor, Value},
     types::Reduction,
 };
@@ -203,22 +204,36 @@ fn partial_without(x: &Sharded, axes: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn reduce(reduction: Reduction, parts: &[&Tensor]) -> Result<Tensor, String> {
-    let mut acc = parts[0].floats()?.to_vec();
-    for p in &parts[1..] {
-        for (a, &b) in acc.iter_mut().zip(p.floats()?) {
-            *a = match reduction {
-                Reduction::Sum => *a + b,
-                Reduction::Max => a.max(b),
-                Reduction::Min => a.min(b),
-            };
-        }
+/// How two devices' partial values combine into one (the reduction of a collective).
+pub type Combine<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<Tensor, String> + 'a;
+
+/// `a` and `b` combined element by element by `reduction`, in f32 (not rounded to a
+/// narrower type: [`reduce`] rounds once, at the end).
+fn combine(reduction: Reduction, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
+    let mut acc = a.floats()?.to_vec();
+    for (x, &y) in acc.iter_mut().zip(b.floats()?) {
+        *x = match reduction {
+            Reduction::Sum => *x + y,
+            Reduction::Max => x.max(y),
+            Reduction::Min => x.min(y),
+        };
     }
-    Ok(Tensor::from_f32(
-        parts[0].shape.clone(),
-        parts[0].dtype,
-        acc,
-    ))
+    Ok(Tensor::from_f32(a.shape.clone(), DType::F32, acc))
+}
+
+/// The parts folded in order with `combine` (`((p0 . p1) . p2) ...`), as the parts'
+/// element type.
+fn reduce(parts: &[&Tensor], combine: &mut Combine) -> Result<Tensor, String> {
+    let mut acc = parts[0].clone();
+    for p in &parts[1..] {
+        acc = combine(&acc, p)?;
+    }
+    let dtype = parts[0].dtype;
+    Ok(if acc.dtype == dtype {
+        acc
+    } else {
+        Tensor::from_f32(acc.shape.clone(), dtype, acc.floats()?.to_vec())
+    })
 }
 
 fn axes_param(e: &Eval) -> Vec<String> {
@@ -230,12 +245,29 @@ fn axes_param(e: &Eval) -> Vec<String> {
 /// `llm.all_reduce`.
 pub fn all_reduce(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].sharded()?;
-    let axes = axes_param(e);
+    let reduction = x.reduction;
+    let y = all_reduce_with(x, &axes_param(e), &mut |a, b| combine(reduction, a, b))?;
+    Ok(vec![Rc::new(Value::Sharded(y))])
+}
+
+/// `llm.all_reduce` of `x` over mesh `axes`, each device's group of partial values folded
+/// with `combine` in piece order.
+pub fn all_reduce_with(
+    x: &Sharded,
+    axes: &[String],
+    combine: &mut Combine,
+) -> Result<Sharded, String> {
     let shards = (0..x.shards.len())
-        .map(|d| reduce(x.reduction, &members(x, &axes, d)))
+        .map(|d| reduce(&members(x, axes, d), combine))
         .collect::<Result<_, _>>()?;
-    let partial = partial_without(x, &axes);
-    sharded(x, x.split.clone(), partial, shards)
+    Ok(Sharded {
+        shape: x.shape.clone(),
+        mesh: x.mesh.clone(),
+        split: x.split.clone(),
+        partial: partial_without(x, axes),
+        reduction: x.reduction,
+        shards,
+    })
 }
 
 /// `llm.all_gather`.
@@ -256,11 +288,29 @@ pub fn all_gather(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].sharded()?;
     let dim = e.axis("dim", 0, x.shape.len())?;
-    let axes = axes_param(e);
+    let reduction = x.reduction;
+    let y = reduce_scatter_with(x, dim, &axes_param(e), &mut |a, b| combine(reduction, a, b))?;
+    Ok(vec![Rc::new(Value::Sharded(y))])
+}
+
+/// `llm.reduce_scatter` of `x` along `dim` over mesh `axes`: each device's group folded
+/// with `combine`, and the device keeps its piece of the result along `dim`.
+pub fn reduce_scatter_with(
+    x: &Sharded,
+    dim: usize,
+    axes: &[String],
+    combine: &mut Combine,
+) -> Result<Sharded, String> {
+    if dim >= x.shape.len() {
+        return Err(format!(
+            "dim {dim} is outside a rank-{} tensor",
+            x.shape.len()
+        ));
+    }
     let mut shards = Vec::with_capacity(x.shards.len());
     for d in 0..x.shards.len() {
-        let reduced = reduce(x.reduction, &members(x, &axes, d))?;
-        let (idx, parts) = piece(&x.mesh, &axes, &coords(&x.mesh, d));
+        let reduced = reduce(&members(x, axes, d), combine)?;
+        let (idx, parts) = piece(&x.mesh, axes, &coords(&x.mesh, d));
         let len = reduced.shape[dim] / parts;
         let mut start = vec![0; reduced.shape.len()];
         let mut size = reduced.shape.clone();
@@ -270,6 +320,12 @@ pub fn reduce_scatter(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     }
     let mut split = x.split.clone();
     split[dim].extend(axes.iter().cloned());
-    let partial = partial_without(x, &axes);
-    sharded(x, split, partial, shards)
+    Ok(Sharded {
+        shape: x.shape.clone(),
+        mesh: x.mesh.clone(),
+        split,
+        partial: partial_without(x, axes),
+        reduction: x.reduction,
+        shards,
+    })
 }
