@@ -13,6 +13,7 @@
     reason = "AVX2 intrinsics on pointers checked by the caller"
 )]
 
+#[cfg(target_arch = "x86_64")]
 use super::ukernel::f16_to_f32;
 
 /// The symbol generated code imports [`q4_k_row`] under.
@@ -50,6 +51,7 @@ pub unsafe extern "C" fn q6_k_row(k: i64, x: *const f32, w: *const u8, y: *mut f
 }
 
 /// The 6-bit scale and minimum of q4_k sub-block `j` from its 12 scale bytes.
+#[cfg(target_arch = "x86_64")]
 fn scale_min(q: &[u8; 12], j: usize) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
