@@ -59,7 +59,7 @@ pub fn dot_row(
             let zero = b.ins().f32const(0.0);
             b.def_var(tail, zero);
             let sums = Sums { acc, tail };
-            decode_whole(b, c.weight, [c.n, c.k], Use::Dot(&sums), [w, j, row], x);
+            decode_whole(b, c.weight, [c.n, c.k], Purpose::Dot(&sums), [w, j, row], x);
             let both = sums.total(b);
             let t = b.use_var(sums.tail);
             b.ins().fadd(both, t)
@@ -93,7 +93,7 @@ pub fn emit_dequantize(
         let out_row = address(b, out, j, 4 * k as i64);
         match weight {
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => {
-                decode_whole(b, weight, [rows, k], Use::Store, [w, j, row], out_row);
+                decode_whole(b, weight, [rows, k], Purpose::Store, [w, j, row], out_row);
             }
             format => decode_blocks(b, format, row, k, out_row, store_run),
         }
@@ -102,7 +102,7 @@ pub fn emit_dequantize(
 
 /// What decoded weights are for.
 #[derive(Clone, Copy)]
-enum Use<'a> {
+enum Purpose<'a> {
     /// Multiply-adds with x into a row's sums.
     Dot(&'a Sums),
     /// Stored as `f32`.
@@ -148,7 +148,7 @@ fn accumulate_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
 }
 
 /// Decodes a row of a GGUF block format: a loop over the row's blocks, each decoded into
-/// its runs, which go to `use_run` with the address of the block's first value in `values`
+/// its runs, which go to `take_run` with the address of the block's first value in `values`
 /// (x for a dot product, the output for a dequantization).
 fn decode_blocks(
     b: &mut FunctionBuilder,
@@ -156,7 +156,7 @@ fn decode_blocks(
     row: Value,
     k: usize,
     values: Value,
-    mut use_run: impl FnMut(&mut FunctionBuilder, Value, Run),
+    mut take_run: impl FnMut(&mut FunctionBuilder, Value, Run),
 ) {
     let block = format.block().expect("a block format");
     let block_bytes = format.row_bytes(block) as i64;
@@ -165,7 +165,7 @@ fn decode_blocks(
     for_range(b, zero, blocks, 1, |b, blk| {
         let wb = address(b, row, blk, block_bytes);
         let vb = address(b, values, blk, 4 * block as i64);
-        let mut sink = |b: &mut FunctionBuilder, run: Run| use_run(b, vb, run);
+        let mut sink = |b: &mut FunctionBuilder, run: Run| take_run(b, vb, run);
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
             WeightFormat::Q4_0 | WeightFormat::Q4_1 => q4_runs(b, wb, format, &mut sink),
@@ -403,13 +403,13 @@ struct Codes {
 
 /// Decodes row `j` of a `[n, k]` nf4 or affine weight (`[w, j, row]`: the storage, the
 /// row's index and its first code byte; codes of the whole matrix first, then one scale
-/// per group, then (asymmetric affine) one zero point byte per group) for `use_`, with
+/// per group, then (asymmetric affine) one zero point byte per group) for `purpose`, with
 /// `values` the row's x (a dot product) or output (a dequantization).
 fn decode_whole(
     b: &mut FunctionBuilder,
     weight: WeightFormat,
     [n, k]: [usize; 2],
-    use_: Use,
+    purpose: Purpose,
     [w, j, row]: [Value; 3],
     values: Value,
 ) {
@@ -460,7 +460,7 @@ fn decode_whole(
         let first = b.ins().imul_imm_s(r, k as i64);
         let scale_row = address(b, scales, first, scale_bytes);
         let zero_row = zero_points.map(|z| b.ins().iadd(z, first));
-        lane_scaled_run(b, codes, use_, (values, row), k, (scale_row, zero_row));
+        lane_scaled_run(b, codes, purpose, (values, row), k, (scale_row, zero_row));
     } else {
         // Row j holds groups j * (k / group) ..; one loop step per group (the type
         // verifier keeps groups to whole bytes).
@@ -481,7 +481,7 @@ fn decode_whole(
                 let product = b.ins().fmul(scale, z);
                 b.ins().fneg(product)
             });
-            group_run(b, codes, use_, (vg, cg), group, (scale, offset));
+            group_run(b, codes, purpose, (vg, cg), group, (scale, offset));
         });
     }
 }
@@ -511,18 +511,18 @@ impl Sums {
 }
 
 /// `len` values sharing `scale` and `offset` (`(values, codes)` at their first value),
-/// decoded [`CHUNK`] at a time with a scalar tail, for `use_`.
+/// decoded [`CHUNK`] at a time with a scalar tail, for `purpose`.
 fn group_run(
     b: &mut FunctionBuilder,
     codes: Codes,
-    use_: Use,
+    purpose: Purpose,
     span: (Value, Value),
     len: usize,
     scaling: (Value, Option<Value>),
 ) {
-    match use_ {
-        Use::Dot(sums) => dot_group(b, codes, sums, span, len, scaling),
-        Use::Store => store_group(b, codes, span, len, scaling),
+    match purpose {
+        Purpose::Dot(sums) => dot_group(b, codes, sums, span, len, scaling),
+        Purpose::Store => store_group(b, codes, span, len, scaling),
     }
 }
 
@@ -607,11 +607,11 @@ fn dot_group(
 
 /// A row of `len` values (`(values, codes)` at its first value) whose scales (and zero
 /// points) change along the row (`(scales, zero points)` of its first value): every lane
-/// is `(q - z) * s`, then multiplied with x or stored, as `use_` says.
+/// is `(q - z) * s`, then multiplied with x or stored, as `purpose` says.
 fn lane_scaled_run(
     b: &mut FunctionBuilder,
     codes: Codes,
-    use_: Use,
+    purpose: Purpose,
     (x, at): (Value, Value),
     len: usize,
     (scales, zeros): (Value, Option<Value>),
@@ -635,12 +635,12 @@ fn lane_scaled_run(
                 None => q,
             };
             let weight = b.ins().fmul(q, s);
-            match use_ {
-                Use::Dot(sums) => {
+            match purpose {
+                Purpose::Dot(sums) => {
                     let xv = b.ins().load(types::F32X4, mem(), xc, 16 * v as i32);
                     accumulate(b, sums.acc[v % 2], weight, xv);
                 }
-                Use::Store => {
+                Purpose::Store => {
                     b.ins().store(mem(), weight, xc, 16 * v as i32);
                 }
             }
@@ -655,13 +655,13 @@ fn lane_scaled_run(
         }
         let s = scalar_scale(b, codes.scale, scales, (e * scale_bytes) as i32);
         let weight = b.ins().fmul(q, s);
-        match use_ {
-            Use::Dot(sums) => {
+        match purpose {
+            Purpose::Dot(sums) => {
                 let xe = b.ins().load(types::F32, mem(), x, 4 * e as i32);
                 let product = b.ins().fmul(weight, xe);
                 sums.add_tail(b, product);
             }
-            Use::Store => {
+            Purpose::Store => {
                 b.ins().store(mem(), weight, x, 4 * e as i32);
             }
         }
