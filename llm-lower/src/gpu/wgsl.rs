@@ -1145,39 +1145,47 @@ fn step_expr(step: &ScalarStep) -> String {
 }
 
 fn elementwise(body: &ScalarBody) -> String {
+    // Operand `a` holds `n{a}` elements: all of them, or (broadcast) the result's last.
+    scalar_body_shader(
+        body,
+        "    let i = gi * WG + t;\n    if (i >= p.len) { return; }\n",
+        |a| format!("a{a}[i % p.n{a}]"),
+    )
+}
+
+fn strided(body: &ScalarBody) -> String {
+    let head = format!(
+        "    let i = gi * WG + t;\n    if (i >= p.d0 * p.d1 * p.d2 * p.d3) {{ return; }}\n{}",
+        rank4_coords("i")
+    );
+    scalar_body_shader(body, &head, |a| {
+        format!("a{a}[c0 * p.s{a}_0 + c1 * p.s{a}_1 + c2 * p.s{a}_2 + c3 * p.s{a}_3]")
+    })
+}
+
+/// A shader computing `body` for result element `i`: `head` finds `i` (and returns when
+/// it is out of range), `operand(a)` is where operand `a`'s value for `i` is read.
+fn scalar_body_shader(body: &ScalarBody, head: &str, operand: impl Fn(usize) -> String) -> String {
     let mut s = String::from(rounding(body));
     s.push_str(ENTRY);
-    s.push_str("    let i = gi * WG + t;\n    if (i >= p.len) { return; }\n");
-    // Operand `a` holds `n{a}` elements: all of them, or (broadcast) the result's last.
+    s.push_str(head);
     for a in 0..body.args {
-        let _ = writeln!(s, "    let v{a} = a{a}[i % p.n{a}];");
+        let _ = writeln!(s, "    let v{a} = {};", operand(a));
     }
     body_steps(&mut s, body);
     let _ = writeln!(s, "    y[i] = v{};\n}}", body.result);
     s
 }
 
-fn strided(body: &ScalarBody) -> String {
-    let mut s = String::from(rounding(body));
-    s.push_str(ENTRY);
-    s.push_str(
-        "    let i = gi * WG + t;
-    if (i >= p.d0 * p.d1 * p.d2 * p.d3) { return; }
-    let c3 = i % p.d3;
-    let c2 = (i / p.d3) % p.d2;
-    let c1 = (i / (p.d3 * p.d2)) % p.d1;
-    let c0 = i / (p.d3 * p.d2 * p.d1);
-",
-    );
-    for a in 0..body.args {
-        let _ = writeln!(
-            s,
-            "    let v{a} = a{a}[c0 * p.s{a}_0 + c1 * p.s{a}_1 + c2 * p.s{a}_2 + c3 * p.s{a}_3];"
-        );
-    }
-    body_steps(&mut s, body);
-    let _ = writeln!(s, "    y[i] = v{};\n}}", body.result);
-    s
+/// `c0..c3`, the rank-4 coordinates (dims `p.d0..p.d3`) of the flat index `e`.
+fn rank4_coords(e: &str) -> String {
+    format!(
+        "    let c3 = {e} % p.d3;
+    let c2 = ({e} / p.d3) % p.d2;
+    let c1 = ({e} / (p.d3 * p.d2)) % p.d1;
+    let c0 = {e} / (p.d3 * p.d2 * p.d1);
+"
+    )
 }
 
 /// The rounding function a body of f16 or bf16 values needs (none for f32).
@@ -1322,17 +1330,9 @@ fn dequantize(c: &Contraction) -> String {
 
 fn permute() -> String {
     let mut s = String::from(ENTRY);
-    s.push_str(
-        "    let e = gi * WG + t;
-    if (e >= p.d0 * p.d1 * p.d2 * p.d3) { return; }
-    let c3 = e % p.d3;
-    let c2 = (e / p.d3) % p.d2;
-    let c1 = (e / (p.d3 * p.d2)) % p.d1;
-    let c0 = e / (p.d3 * p.d2 * p.d1);
-    y[e] = x[c0 * p.s0 + c1 * p.s1 + c2 * p.s2 + c3 * p.s3];
-}
-",
-    );
+    s.push_str("    let e = gi * WG + t;\n    if (e >= p.d0 * p.d1 * p.d2 * p.d3) { return; }\n");
+    s.push_str(&rank4_coords("e"));
+    s.push_str("    y[e] = x[c0 * p.s0 + c1 * p.s1 + c2 * p.s2 + c3 * p.s3];\n}\n");
     s
 }
 
