@@ -64,9 +64,7 @@ pub fn emit_cast(b: &mut FunctionBuilder, from: DType, to: DType, p: &[Value]) {
             let v = b.ins().load(types::I64, mem(), at, 0);
             if to.is_float() {
                 let f = b.ins().fcvt_from_sint(types::F32, v);
-                let lanes = b.ins().scalar_to_vector(types::F32X4, f);
-                let r = round_to(b, to, lanes);
-                let r = b.ins().extractlane(r, 0);
+                let r = round_scalar(b, to, f);
                 let dest = address(b, y, i, 4);
                 b.ins().store(mem(), r, dest, 0);
             } else {
@@ -95,6 +93,13 @@ pub fn round_to(b: &mut FunctionBuilder, to: DType, v: Value) -> Value {
         DType::BF16 => round_bf16(b, v),
         _ => v,
     }
+}
+
+/// The `f32` `x` rounded to the precision of float type `to` ([`round_to`] on one lane).
+pub fn round_scalar(b: &mut FunctionBuilder, to: DType, x: Value) -> Value {
+    let lanes = b.ins().scalar_to_vector(types::F32X4, x);
+    let r = round_to(b, to, lanes);
+    b.ins().extractlane(r, 0)
 }
 
 /// An `i32x4` with every lane `c`.

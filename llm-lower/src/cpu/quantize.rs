@@ -17,7 +17,7 @@ use cranelift_frontend::FunctionBuilder;
 use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS};
 
 use super::{
-    convert::round_to,
+    convert::round_scalar,
     emit::{address, for_range, horizontal_max, mem, splat},
 };
 use crate::kernel::WeightFormat;
@@ -91,9 +91,7 @@ fn nf4(b: &mut FunctionBuilder, [x, out]: [Value; 2], len: usize, (block, dtype)
             b.def_var(most, new);
         });
         let amax = b.use_var(most);
-        let lanes = b.ins().scalar_to_vector(types::F32X4, amax);
-        let rounded = round_to(b, dtype, lanes);
-        let absmax = b.ins().extractlane(rounded, 0);
+        let absmax = round_scalar(b, dtype, amax);
         let at = address(b, scales, blk, scale_bytes);
         store_scale(b, dtype, absmax, at);
         let codes = address(b, out, blk, (block / 2) as i64);
@@ -259,9 +257,7 @@ impl Affine {
 
     /// Stores scale `s` rounded to the scale type at `at`; returns the rounded value.
     fn store_scale(&self, b: &mut FunctionBuilder, s: Value, at: Value) -> Value {
-        let lanes = b.ins().scalar_to_vector(types::F32X4, s);
-        let rounded = round_to(b, self.scale, lanes);
-        let rounded = b.ins().extractlane(rounded, 0);
+        let rounded = round_scalar(b, self.scale, s);
         store_scale(b, self.scale, rounded, at);
         rounded
     }
@@ -469,12 +465,10 @@ fn store_f16(b: &mut FunctionBuilder, x: Value, at: Value, offset: i32) {
 }
 
 /// The f16 bits (in an `i32`) of the f16 nearest to `x`: `x` rounded to f16 precision
-/// ([`round_to`]), then re-encoded: the exponent rebiased for normal values, the multiple
+/// ([`round_scalar`]), then re-encoded: the exponent rebiased for normal values, the multiple
 /// of 2^-24 for subnormal ones, infinity and NaN kept.
 pub fn f16_bits(b: &mut FunctionBuilder, x: Value) -> Value {
-    let lanes = b.ins().scalar_to_vector(types::F32X4, x);
-    let r = round_to(b, DType::F16, lanes);
-    let r = b.ins().extractlane(r, 0);
+    let r = round_scalar(b, DType::F16, x);
     let flags = MemFlagsData::new();
     let u = b.ins().bitcast(types::I32, flags, r);
     let sign = b.ins().ushr_imm_s(u, 16);
