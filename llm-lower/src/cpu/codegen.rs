@@ -1032,6 +1032,7 @@ fn emit_attention(
             } else {
                 zero
             };
+            let factors = b.ins().splat(types::F32X4, factor);
             for_range(b, zero, quads_end, 4, |b, jj| {
                 let j = b.ins().iadd(base, jj);
                 let krows: Vec<Value> = (0..4)
@@ -1041,7 +1042,6 @@ fn emit_attention(
                     })
                     .collect();
                 let at = address(b, buf, jj, 4);
-                let factor = b.ins().splat(types::F32X4, factor);
                 for (g, query) in queries.iter().enumerate() {
                     let loaded;
                     let query = match query {
@@ -1057,7 +1057,7 @@ fn emit_attention(
                         .collect();
                     let sums =
                         transposed_sums(b, [partials[0], partials[1], partials[2], partials[3]]);
-                    let mut s = b.ins().fmul(sums, factor);
+                    let mut s = b.ins().fmul(sums, factors);
                     if let Some(mask) = mask {
                         let at = address(b, mask, j, 4);
                         let bias = b.ins().load(types::F32X4, mem(), at, 0);
