@@ -1365,13 +1365,52 @@ fn bad_indices_are_rejected() {
     check(&ir, &Store(Vec::new()), args, "slot 8");
 }
 
+/// Slices of one value run as one step, and a reshape whose operand has no other use is
+/// folded into the step that makes the operand: the results are the interpreter's and the
+/// call runs 6 steps for the 12 ops (return included).
+#[test]
+fn slices_merge_and_reshapes_fold_into_their_producers() {
+    let m = 3;
+    let body = format!(
+        "a = llm.slice x {{starts = [0, 0]}} : {s};
+        b = llm.slice x {{starts = [0, 4]}} : {s};
+        c = llm.slice x {{starts = [0, 8]}} : {s};
+        ar = llm.reshape a : {r};
+        br = llm.reshape b : {r};
+        sum = llm.add ar, br : {r};
+        t = llm.reshape sum : {s};
+        q = llm.reshape t : {r};
+        u = llm.mul t, c : {s};
+        ur = llm.reshape u : {r};
+        y = llm.add q, ur : {r};",
+        s = ty(&[m, 4]),
+        r = ty(&[m, 2, 2]),
+    );
+    let ir = func(&[("x".into(), ty(&[m, 12]))], &ty(&[m, 2, 2]), &body);
+    let args = vec![tensor(&[m, 12], 5, 1.0)];
+    cpu_agrees(&ir, args.clone(), 0.0).unwrap();
+    let (ctx, f, _, hoisted) = reference(&ir, &args, &Store(Vec::new())).unwrap();
+    let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+    // The three slices; the add (relabelled as t: ar and br fold into the slices); q (t
+    // has two uses); the mul (relabelled as ur); the last add; the return.
+    assert_eq!(program.stats().steps, 6);
+}
+
 /// A row's result does not depend on the rows computed with it, nor on whether the
 /// microkernels run: pairs of rows take `panel_2x4`, a row alone `panel_1x4`, and without
 /// microkernels every row the generated dot product, all with the same additions in the
 /// same order (batching must not change a sequence's tokens).
 #[test]
 fn rows_are_bit_identical_alone_and_in_pairs() {
-    for (n, k) in [(8, 64), (6, 20), (9, 13), (4, 5)] {
+    for (n, k) in [
+        (8, 64),
+        (6, 20),
+        (9, 13),
+        (4, 5),
+        (12, 24),
+        (21, 9),
+        (20, 6),
+    ] {
         let m = 5;
         let body = |m: usize| {
             format!(

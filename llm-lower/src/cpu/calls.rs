@@ -6,6 +6,8 @@
 
 use std::{cell::RefCell, rc::Rc};
 
+use smallvec::{SmallVec, smallvec};
+
 use llm_ir::{
     dtype::DType,
     interp::{
@@ -14,7 +16,7 @@ use llm_ir::{
             attention::{for_each_paged_row, rope_tables},
             fused::ScalarBody,
             kv::{append_rows, lookup},
-            resolve_shape,
+            resolve_shape, resolve_shape_into,
             shape::{concat_tensors, permute},
             shard::{all_reduce_with, reduce_scatter_with, sharded_linear_with},
         },
@@ -23,7 +25,7 @@ use llm_ir::{
     syntax::Dim,
 };
 
-use super::{jit::CompiledKernels, workers::Workers};
+use super::{jit::CompiledKernels, pool::BufferPool, workers::Workers};
 use crate::{
     kernel::{
         AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
@@ -47,59 +49,31 @@ pub struct Kernels<'a> {
     pub ropes: &'a RopeTables,
 }
 
-/// Float buffers of values a program has released, reused for kernel outputs, so that a
-/// decode step in steady state allocates no output buffer.
-#[derive(Default)]
-pub struct BufferPool(RefCell<Vec<Vec<f32>>>);
+/// The operands of a kernel call (held inline: no op takes more than eight).
+pub type Operands = SmallVec<[Rc<Value>; 8]>;
 
-impl BufferPool {
-    /// Buffers kept at most.
-    const KEEP: usize = 64;
-
-    /// A buffer of `n` zeros: the smallest pooled buffer that holds `n`, or a new one.
-    pub fn zeroed(&self, n: usize) -> Vec<f32> {
-        let mut pool = self.0.borrow_mut();
-        let best = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.capacity() >= n)
-            .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i);
-        match best {
-            Some(i) => {
-                let mut v = pool.swap_remove(i);
-                v.clear();
-                v.resize(n, 0.0);
-                v
-            }
-            None => vec![0.0; n],
-        }
-    }
-
-    /// Takes back the buffer of `value` when nothing else holds it.
-    pub fn recycle(&self, value: Rc<Value>) {
-        if let Ok(Value::Tensor(Tensor {
-            data: Data::Float(v),
-            ..
-        })) = Rc::try_unwrap(value)
-        {
-            let mut pool = self.0.borrow_mut();
-            if pool.len() < Self::KEEP {
-                pool.push(v);
-            }
-        }
-    }
-}
+/// The results of a kernel call (held inline: no op has more than two, and a merged
+/// slice step rarely more than four).
+pub type Results = SmallVec<[Rc<Value>; 4]>;
 
 /// The run-time values are outside what the kernel handles (for example a broadcast that
-/// only shows at run time); the inputs are handed back for the reference semantics.
-pub struct Unsupported(pub Vec<Rc<Value>>);
+/// only shows at run time); the operands are left as they were, for the reference
+/// semantics.
+pub struct Unsupported;
 
 /// The outputs of a kernel, or an error about its inputs.
-pub type Outputs = Result<Vec<Rc<Value>>, String>;
+pub type Outputs = Result<Results, String>;
 
-fn tensor(t: Tensor) -> Outputs {
-    Ok(vec![Rc::new(Value::Tensor(t))])
+impl Kernels<'_> {
+    /// `values` as a call's results, in pooled boxes.
+    fn results<const N: usize>(&self, values: [Value; N]) -> Outputs {
+        Ok(values.into_iter().map(|v| self.pool.wrap(v)).collect())
+    }
+
+    /// `t` as a call's only result.
+    fn tensor(&self, t: Tensor) -> Outputs {
+        Ok(smallvec![self.pool.wrap_tensor(t)])
+    }
 }
 
 /// Runs `chosen` on `inputs`; `dims` are the declared dims of the op's first result.
@@ -107,26 +81,30 @@ pub fn call(
     k: &Kernels,
     chosen: &Chosen,
     dims: &[Dim],
-    inputs: Vec<Rc<Value>>,
+    inputs: &mut Operands,
 ) -> Result<Outputs, Unsupported> {
     let entry = chosen.index.map(|i| k.code.entry(i));
     Ok(match (&chosen.kernel, entry) {
         (Kernel::Contraction(c), Some(f)) => {
             let norm = chosen.prologue.map(|i| k.code.entry(i));
-            contraction(k, c, f, norm, &inputs).and_then(tensor)
+            contraction(k, c, f, norm, inputs).and_then(|t| k.tensor(t))
         }
-        (Kernel::Elementwise(body), Some(f)) => match elementwise(k, body, f, &inputs) {
-            Some(out) => out.and_then(tensor),
-            None => return Err(Unsupported(inputs)),
+        (Kernel::Elementwise(body), Some(f)) => match elementwise(k, body, f, inputs) {
+            Some(out) => out.and_then(|t| k.tensor(t)),
+            None => return Err(Unsupported),
         },
-        (Kernel::RmsNorm { d, .. }, Some(f)) => rms_norm(k, *d, f, &inputs).and_then(tensor),
+        (Kernel::RmsNorm { d, .. }, Some(f)) => {
+            rms_norm(k, *d, f, inputs).and_then(|t| k.tensor(t))
+        }
         (Kernel::Softmax { n, inner }, Some(f)) => {
-            softmax(k, [*n, *inner], f, &inputs).and_then(tensor)
+            softmax(k, [*n, *inner], f, inputs).and_then(|t| k.tensor(t))
         }
         (Kernel::Argmax { n, inner, index }, Some(f)) => {
-            argmax([*n, *inner], *index, dims, f, &inputs).and_then(tensor)
+            argmax([*n, *inner], *index, dims, f, inputs).and_then(|t| k.tensor(t))
         }
-        (Kernel::LayerNorm { d, .. }, Some(f)) => layer_norm(k, *d, f, &inputs).and_then(tensor),
+        (Kernel::LayerNorm { d, .. }, Some(f)) => {
+            layer_norm(k, *d, f, inputs).and_then(|t| k.tensor(t))
+        }
         (
             Kernel::Rope {
                 heads,
@@ -143,7 +121,7 @@ pub fn call(
                 theta: f32::from_bits(*theta_bits),
                 scaling: f32::from_bits(*scaling_bits),
             };
-            rope(k, *heads, *d, angles, f, inputs).and_then(tensor)
+            rope(k, *heads, *d, angles, f, inputs).and_then(|t| k.tensor(t))
         }
         (
             Kernel::Attention {
@@ -155,9 +133,9 @@ pub fn call(
             },
             Some(f),
         ) => attention(k, [*heads, *kv_heads, *d], *source, f, inputs),
-        (Kernel::Broadcast(body), Some(f)) => match broadcast(k, body, f, &inputs) {
-            Some(out) => out.and_then(tensor),
-            None => return Err(Unsupported(inputs)),
+        (Kernel::Broadcast(body), Some(f)) => match broadcast(k, body, f, inputs) {
+            Some(out) => out.and_then(|t| k.tensor(t)),
+            None => return Err(Unsupported),
         },
         (
             Kernel::Dequantize {
@@ -166,7 +144,7 @@ pub fn call(
                 k: cols,
             },
             Some(f),
-        ) => dequantize(k, *weight, [*rows, *cols], f, &inputs).and_then(tensor),
+        ) => dequantize(k, *weight, [*rows, *cols], f, inputs).and_then(|t| k.tensor(t)),
         (
             Kernel::Quantize {
                 format,
@@ -174,11 +152,13 @@ pub fn call(
                 k: cols,
             },
             Some(f),
-        ) => quantize(*format, [*rows, *cols], f, &inputs)
-            .map(|q| vec![Rc::new(Value::Quantized(q))]),
-        (Kernel::Cast { from, to }, Some(f)) => cast([*from, *to], f, &inputs).and_then(tensor),
+        ) => quantize(*format, [*rows, *cols], f, inputs)
+            .and_then(|q| k.results([Value::Quantized(q)])),
+        (Kernel::Cast { from, to }, Some(f)) => {
+            cast([*from, *to], f, inputs).and_then(|t| k.tensor(t))
+        }
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
-            batched_matmul(k, *transposed, f, &inputs).and_then(tensor)
+            batched_matmul(k, *transposed, f, inputs).and_then(|t| k.tensor(t))
         }
         (Kernel::ShardedLinear { local, reduction }, Some(f)) => {
             let (x, w) = (inputs[0].sharded(), inputs[1].sharded());
@@ -188,28 +168,28 @@ pub fn call(
                     let wbytes = f32_weight_bytes(local, ws)?;
                     Ok(run_contraction(k, local, f, xs.floats()?, wbytes, None))
                 })?;
-                Ok(vec![Rc::new(Value::Sharded(y))])
+                k.results([Value::Sharded(y)])
             })
         }
         (Kernel::AllReduce { axes }, Some(f)) => inputs[0].sharded().and_then(|x| {
             let y = all_reduce_with(x, axes, &mut |a, b| add_tensors(k, f, a, b))?;
-            Ok(vec![Rc::new(Value::Sharded(y))])
+            k.results([Value::Sharded(y)])
         }),
         (Kernel::ReduceScatter { axes, dim }, Some(f)) => inputs[0].sharded().and_then(|x| {
             let y = reduce_scatter_with(x, *dim, axes, &mut |a, b| add_tensors(k, f, a, b))?;
-            Ok(vec![Rc::new(Value::Sharded(y))])
+            k.results([Value::Sharded(y)])
         }),
-        (Kernel::Move(m), _) => movement(*m, dims, inputs),
-        (Kernel::KvAppend { layer, .. }, _) => append_kv(*layer, inputs),
+        (Kernel::Move(m), _) => movement(k, *m, dims, inputs),
+        (Kernel::KvAppend { layer, .. }, _) => append_kv(k, *layer, inputs),
         (Kernel::KvLookup { layer, .. }, _) => inputs[0].cache().and_then(|cache| {
-            let [k, v] = lookup(
+            let [keys, values] = lookup(
                 cache,
                 *layer,
                 inputs[1].tensor()?,
                 inputs[2].tensor()?,
                 DType::F32,
             )?;
-            Ok(vec![Rc::new(Value::Tensor(k)), Rc::new(Value::Tensor(v))])
+            k.results([Value::Tensor(keys), Value::Tensor(values)])
         }),
         _ => Err("the kernel was not compiled".to_string()),
     })
@@ -239,7 +219,7 @@ fn contraction(
         None => (x.floats()?, &inputs[1]),
     };
     let wbytes = weight_bytes(c, w)?;
-    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
+    let mut shape = k.pool.shape(&x.shape[..x.shape.len() - 1]);
     shape.push(c.n);
     // The residual epilogue's operand comes last, shaped like the output.
     let residual = extra_operand(c.residual.then(|| inputs.last()), &shape, "residual")?;
@@ -386,7 +366,7 @@ fn elementwise(
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // Every input holds `len` floats (same shape), as does `out`.
     f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
-    Some(Ok(body_result(body, shape.clone(), out)))
+    Some(Ok(body_result(body, k.pool.shape(shape), out)))
 }
 
 /// `a + b` for two f32 tensors of one shape, through the compiled elementwise add `f`
@@ -406,7 +386,7 @@ fn add_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tens
         out.as_mut_ptr() as i64,
         x.len() as i64,
     );
-    Ok(Tensor::from_f32(a.shape.clone(), DType::F32, out))
+    Ok(Tensor::from_f32(k.pool.shape(&a.shape), DType::F32, out))
 }
 
 /// A scalar body's result: its values, already rounded to the body's element type by the
@@ -603,7 +583,7 @@ fn rms_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result
         out.as_mut_ptr() as i64,
         (xs.len() / d.max(1)) as i64,
     );
-    Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+    Ok(Tensor::from_f32(k.pool.shape(&x.shape), DType::F32, out))
 }
 
 /// The number of groups of `n * inner` values in `x`, whose dims must hold a dim of `n`
@@ -635,7 +615,7 @@ fn softmax(
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // x and y hold groups * n * inner floats.
     f(xs.as_ptr() as i64, out.as_mut_ptr() as i64, groups as i64);
-    Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+    Ok(Tensor::from_f32(k.pool.shape(&x.shape), DType::F32, out))
 }
 
 /// Calls an argmax along a dim of `n` whose values are `inner` apart, returning
@@ -684,7 +664,7 @@ fn layer_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Resu
         out.as_mut_ptr() as i64,
         (xs.len() / d) as i64,
     );
-    Ok(Tensor::from_f32(x.shape.clone(), DType::F32, out))
+    Ok(Tensor::from_f32(k.pool.shape(&x.shape), DType::F32, out))
 }
 
 /// How a rope's angles are computed.
@@ -737,13 +717,11 @@ impl RopeTables {
 }
 
 /// The floats of a tensor value, moved out when nothing else holds it.
-fn take_floats(value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), String> {
-    match Rc::unwrap_or_clone(value) {
-        Value::Tensor(t) if t.dtype == DType::F32 => match t.data {
-            Data::Float(v) => Ok((t.shape, v)),
-            Data::Int(_) => Err("expected floats".into()),
-        },
-        other => Err(format!("expected an f32 tensor, found {}", other.kind())),
+fn take_floats(k: &Kernels, value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let t = k.pool.take_tensor(value)?;
+    match t.data {
+        Data::Float(v) if t.dtype == DType::F32 => Ok((t.shape, v)),
+        _ => Err(format!("expected an f32 tensor, found {}", t.dtype.name())),
     }
 }
 
@@ -755,12 +733,15 @@ fn rope(
     d: usize,
     angles: RopeAngles,
     f: *const u8,
-    inputs: Vec<Rc<Value>>,
+    inputs: &mut Operands,
 ) -> Result<Tensor, String> {
-    let positions = inputs[1].tensor()?.ints()?.to_vec();
+    if inputs.len() != 2 {
+        return Err("rope takes two operands".into());
+    }
     // Moved out of the operands, so that x is rotated in place when nothing else holds it.
-    let x = inputs.into_iter().next().ok_or("no operand")?;
-    let (shape, mut x) = take_floats(x)?;
+    let x = inputs.remove(0);
+    let positions = inputs[0].tensor()?.ints()?;
+    let (shape, mut x) = take_floats(k, x)?;
     let r = shape.len();
     if r < 2 || shape[r - 2..] != [heads, d] || positions.len() * heads * d != x.len() {
         return Err(format!(
@@ -770,7 +751,7 @@ fn rope(
     }
     // SAFETY: a rope kernel's signature is (x, cos, sin, tokens).
     let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    k.ropes.with(&angles, &positions, |cos, sin| {
+    k.ropes.with(&angles, positions, |cos, sin| {
         // x holds tokens * heads * d floats; the tables tokens * rotary / 2 each.
         f(
             x.as_mut_ptr() as i64,
@@ -789,7 +770,7 @@ fn attention(
     [heads, kv_heads, d]: [usize; 3],
     source: AttentionSource,
     f: *const u8,
-    mut inputs: Vec<Rc<Value>>,
+    inputs: &mut Operands,
 ) -> Outputs {
     // SAFETY: an attention kernel's signature is (q, k, v, offsets, count, out), and a
     // masked one's (q, k, v, offsets, count, out, mask).
@@ -877,14 +858,11 @@ fn attention(
                 attend(row, &cache.k, &cache.v, &offsets, None);
                 Ok(())
             })?;
-            let out = Rc::new(Value::Tensor(Tensor::from_f32(
-                q.shape.clone(),
-                DType::F32,
-                out,
-            )));
-            Ok(std::iter::once(out)
-                .chain(updated.map(|c| Rc::new(Value::Cache(c))))
-                .collect())
+            let out = Value::Tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out));
+            match updated {
+                Some(cache) => k.results([out, Value::Cache(cache)]),
+                None => k.results([out]),
+            }
         }
         AttentionSource::Contiguous {
             causal,
@@ -913,23 +891,30 @@ fn attention(
                     attend(b * tq + i, kd, vd, &offsets, row_mask);
                 }
             }
-            tensor(Tensor::from_f32(q.shape.clone(), DType::F32, out))
+            k.tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out))
         }
     }
 }
 
 /// `llm.append_kv` on the host: each token's key and value rows written to its slot of
 /// `layer`, in place when nothing else holds the cache.
-fn append_kv(layer: usize, mut inputs: Vec<Rc<Value>>) -> Outputs {
-    let rest = inputs.split_off(1);
-    let cache = inputs.pop().ok_or("no cache operand")?;
-    let mut cache = match Rc::unwrap_or_clone(cache) {
+fn append_kv(k: &Kernels, layer: usize, inputs: &mut Operands) -> Outputs {
+    if inputs.len() != 4 {
+        return Err("append_kv takes four operands".into());
+    }
+    let mut cache = match Rc::unwrap_or_clone(inputs.remove(0)) {
         Value::Cache(c) => c,
         other => return Err(format!("expected a KV cache, found {}", other.kind())),
     };
-    let [k, v, slots] = [&rest[0], &rest[1], &rest[2]];
-    append_rows(&mut cache, layer, k.tensor()?, v.tensor()?, slots.tensor()?)?;
-    Ok(vec![Rc::new(Value::Cache(cache))])
+    let [keys, values, slots] = [&inputs[0], &inputs[1], &inputs[2]];
+    append_rows(
+        &mut cache,
+        layer,
+        keys.tensor()?,
+        values.tensor()?,
+        slots.tensor()?,
+    )?;
+    k.results([Value::Cache(cache)])
 }
 
 /// Checks that `layer` and the head shape fit `cache`.
@@ -948,7 +933,7 @@ fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Resu
 }
 
 /// Runs a data movement.
-fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
+fn movement(k: &Kernels, m: Movement, dims: &[Dim], inputs: &mut Operands) -> Outputs {
     match m {
         Movement::Permute { perm } => {
             let x = inputs[0].tensor()?;
@@ -957,7 +942,7 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
                 .checked_sub(x.shape.len())
                 .ok_or("a transpose of rank above 4")?;
             let perm: Vec<usize> = perm[pad..].iter().map(|&p| p.wrapping_sub(pad)).collect();
-            tensor(permute(x, &perm)?)
+            k.tensor(permute(x, &perm)?)
         }
         Movement::Concat { axis, .. } => {
             let parts: Vec<&Tensor> = inputs
@@ -971,35 +956,18 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
             {
                 return Err(format!("cannot concatenate along {axis}"));
             }
-            tensor(concat_tensors(&parts, axis, first.dtype)?)
+            k.tensor(concat_tensors(&parts, axis, first.dtype)?)
         }
         Movement::Reshape => {
-            let mut value = inputs.into_iter().next().ok_or("no operand")?;
-            let shape = resolve_shape(dims, value.tensor()?.len())?;
-            // Relabelled in place when nothing else holds the value, else copied.
-            match Rc::get_mut(&mut value) {
-                Some(Value::Tensor(t)) => t.shape = shape,
-                _ => {
-                    let mut t = value.tensor()?.clone();
-                    t.shape = shape;
-                    value = Rc::new(Value::Tensor(t));
-                }
+            if inputs.is_empty() {
+                return Err("no operand".into());
             }
-            Ok(vec![value])
+            let mut value = inputs.remove(0);
+            relabel(k.pool, &mut value, dims)?;
+            Ok(smallvec![value])
         }
         Movement::Columns { width, offset, len } => {
-            let x = inputs[0].tensor()?;
-            let xs = x.floats()?;
-            if x.shape.last() != Some(&width) {
-                return Err(format!("the input {:?} does not end in {width}", x.shape));
-            }
-            let mut out = Vec::with_capacity(xs.len() / width.max(1) * len);
-            for row in xs.chunks_exact(width) {
-                out.extend_from_slice(&row[offset..offset + len]);
-            }
-            let mut shape = x.shape.clone();
-            *shape.last_mut().ok_or("a scalar has no columns")? = len;
-            tensor(Tensor::from_f32(shape, DType::F32, out))
+            columns(k, inputs[0].tensor()?, width, &[(offset, len)])
         }
         Movement::Rows {
             dim, vocab, panels, ..
@@ -1026,7 +994,7 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
                     Table::Floats(td)
                 }
             };
-            let mut out = vec![0f32; ids.len() * dim];
+            let mut out = k.pool.zeroed(ids.len() * dim);
             for (&id, row) in ids.ints()?.iter().zip(out.chunks_exact_mut(dim.max(1))) {
                 if id < 0 || id as usize >= vocab {
                     return Err(format!(
@@ -1041,9 +1009,51 @@ fn movement(m: Movement, dims: &[Dim], inputs: Vec<Rc<Value>>) -> Outputs {
                     }
                 }
             }
-            let mut shape = ids.shape.clone();
+            let mut shape = k.pool.shape(&ids.shape);
             shape.push(dim);
-            tensor(Tensor::from_f32(shape, DType::F32, out))
+            k.tensor(Tensor::from_f32(shape, DType::F32, out))
+        }
+    }
+}
+
+/// Copies column ranges `(offset, len)` of the rows of `width` of `x` out, one result
+/// per range (`llm.slice`s of the last dim; several slices of one value are one call).
+pub fn columns(k: &Kernels, x: &Tensor, width: usize, parts: &[(usize, usize)]) -> Outputs {
+    let xs = x.floats()?;
+    if x.shape.last() != Some(&width) || parts.iter().any(|&(o, n)| o + n > width) {
+        return Err(format!(
+            "the input {:?} does not end in {width} columns holding {parts:?}",
+            x.shape
+        ));
+    }
+    let rows = xs.len() / width.max(1);
+    let mut results = Results::new();
+    for &(offset, len) in parts {
+        let mut out = k.pool.zeroed(rows * len);
+        for (row, part) in xs
+            .chunks_exact(width.max(1))
+            .zip(out.chunks_exact_mut(len.max(1)))
+        {
+            part.copy_from_slice(&row[offset..offset + len]);
+        }
+        let mut shape = k.pool.shape(&x.shape);
+        *shape.last_mut().ok_or("a scalar has no columns")? = len;
+        results.push(k.pool.wrap_tensor(Tensor::from_f32(shape, DType::F32, out)));
+    }
+    Ok(results)
+}
+
+/// Gives the tensor `value` the shape `dims` resolve to for its element count (an
+/// `llm.reshape`): in place when nothing else holds it, else on a copy.
+pub fn relabel(pool: &BufferPool, value: &mut Rc<Value>, dims: &[Dim]) -> Result<(), String> {
+    let count = value.tensor()?.len();
+    match Rc::get_mut(value) {
+        Some(Value::Tensor(t)) => resolve_shape_into(dims, count, &mut t.shape),
+        _ => {
+            let mut t = value.tensor()?.clone();
+            resolve_shape_into(dims, count, &mut t.shape)?;
+            *value = pool.wrap_tensor(t);
+            Ok(())
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod dequant;
 pub mod emit;
 pub mod jit;
 pub mod kquant;
+pub mod pool;
 pub mod program;
 pub mod quantize;
 pub mod ukernel;

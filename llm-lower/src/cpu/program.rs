@@ -19,8 +19,9 @@ use pliron::{
 };
 
 use super::{
-    calls,
+    calls::{self, Operands, Results},
     jit::{self, CompiledKernels, JitError, Target},
+    pool::BufferPool,
     workers::Workers,
 };
 use crate::{
@@ -33,6 +34,14 @@ use crate::{
 enum Action {
     /// Runs a kernel.
     Kernel(Chosen),
+    /// Copies column ranges `(offset, len)` out of rows of `width`: several `llm.slice`s
+    /// of one value merged into one step ([`merge_slices`]), one result per range.
+    Columns {
+        /// Columns of the sliced value.
+        width: usize,
+        /// The ranges, in result order.
+        parts: Vec<(usize, usize)>,
+    },
     /// Evaluates the op with its reference semantics.
     Reference,
     /// Returns the inputs.
@@ -57,6 +66,9 @@ struct Step {
     name: String,
     /// The declared dims of its first result, when that is a tensor.
     dims: Vec<Dim>,
+    /// Reshapes folded into this step ([`fold_reshapes`]): result `j` takes the shape
+    /// `dims` resolve to.
+    relabel: Vec<(usize, Vec<Dim>)>,
 }
 
 /// How to compile.
@@ -95,6 +107,10 @@ pub struct LoweringStats {
     /// Ops fused into another op's kernel (adds that became contraction epilogues); they
     /// count in `kernel_ops` too.
     pub fused_ops: usize,
+    /// Steps a call runs, its `llm.return` included: one per op, less the reshapes
+    /// folded into the steps that make their operands and the slices of one value merged
+    /// into one step.
+    pub steps: usize,
     /// Milliseconds spent generating and JIT-compiling the kernels.
     pub jit_ms: f64,
     /// Milliseconds spent repacking weights (zero for weights packed by an earlier
@@ -112,8 +128,8 @@ pub struct Program {
     code: CompiledKernels,
     workers: Option<Arc<Workers>>,
     stats: LoweringStats,
-    /// Output buffers recycled between steps and calls.
-    pool: calls::BufferPool,
+    /// Memory of values, recycled between steps and calls.
+    pool: BufferPool,
     /// Rope tables of the current call.
     ropes: calls::RopeTables,
 }
@@ -284,6 +300,97 @@ fn pack_weights(
     Ok(next_slot)
 }
 
+/// Evaluates `op` with its reference semantics.
+fn reference(
+    ctx: &Context,
+    op: Ptr<Operation>,
+    inputs: Operands,
+    weights: &dyn WeightStore,
+) -> Result<Results, String> {
+    interp::eval_op(ctx, op, inputs.into_vec(), weights).map(Results::from_vec)
+}
+
+/// Merges the `llm.slice`s of columns of one value into one step (at the first of them):
+/// a Llama layer splits its fused QKV and gate/up projections with five slices.
+fn merge_slices(steps: Vec<Step>) -> Vec<Step> {
+    // The merged step of each sliced slot.
+    let mut merged: HashMap<usize, usize> = HashMap::new();
+    let mut kept: Vec<Step> = Vec::with_capacity(steps.len());
+    for mut step in steps {
+        let (
+            Action::Kernel(Chosen {
+                kernel: Kernel::Move(Movement::Columns { width, offset, len }),
+                ..
+            }),
+            &[operand],
+            &[result],
+        ) = (&step.action, &step.inputs[..], &step.outputs[..])
+        else {
+            kept.push(step);
+            continue;
+        };
+        let (width, part) = (*width, (*offset, *len));
+        if let Some(&i) = merged.get(&operand)
+            && let Action::Columns { width: w, parts } = &mut kept[i].action
+            && *w == width
+        {
+            parts.push(part);
+            kept[i].outputs.push(result);
+            continue;
+        }
+        step.action = Action::Columns {
+            width,
+            parts: vec![part],
+        };
+        merged.insert(operand, kept.len());
+        kept.push(step);
+    }
+    kept
+}
+
+/// Folds every reshape whose operand is a result of an earlier step that runs generated
+/// code or a host copy, used nowhere else, into that step: the step gives its result the
+/// reshape's shape ([`calls::relabel`]) under the reshape's result slot, and the
+/// reshape's own step goes (a Llama decode step has five reshapes per layer).
+fn fold_reshapes(steps: Vec<Step>) -> Vec<Step> {
+    let mut uses: HashMap<usize, usize> = HashMap::new();
+    for step in &steps {
+        for &s in &step.inputs {
+            *uses.entry(s).or_default() += 1;
+        }
+    }
+    // The kept step and result index of each slot.
+    let mut producer: HashMap<usize, (usize, usize)> = HashMap::new();
+    let mut kept: Vec<Step> = Vec::with_capacity(steps.len());
+    for step in steps {
+        let reshape = matches!(
+            &step.action,
+            Action::Kernel(Chosen {
+                kernel: Kernel::Move(Movement::Reshape),
+                ..
+            })
+        );
+        if let ([operand], [result], true) = (&step.inputs[..], &step.outputs[..], reshape)
+            && uses.get(operand) == Some(&1)
+            && let Some(&(p, j)) = producer.get(operand)
+        {
+            let target = &mut kept[p];
+            target.outputs[j] = *result;
+            target.relabel.retain(|(k, _)| *k != j);
+            target.relabel.push((j, step.dims));
+            producer.insert(*result, (p, j));
+            continue;
+        }
+        if matches!(step.action, Action::Kernel(_) | Action::Columns { .. }) {
+            for (j, &s) in step.outputs.iter().enumerate() {
+                producer.insert(s, (kept.len(), j));
+            }
+        }
+        kept.push(step);
+    }
+    kept
+}
+
 fn error(location: Option<(u32, u32)>, message: impl Into<String>) -> InterpError {
     InterpError {
         location,
@@ -326,7 +433,7 @@ impl Program {
             ..LoweringStats::default()
         };
         let mut constants = layout.constants(ctx, hoisted);
-        let mut steps: Vec<Step> = layout
+        let steps: Vec<Step> = layout
             .ops(ctx, &selection)
             .into_iter()
             .map(|o| Step {
@@ -342,8 +449,11 @@ impl Program {
                 release: Vec::new(),
                 location: o.location,
                 name: o.name,
+                relabel: Vec::new(),
             })
             .collect();
+        let mut steps = fold_reshapes(merge_slices(steps));
+        stats.steps = steps.len();
         let pack_start = std::time::Instant::now();
         let threads = compiler.workers.as_ref().map_or(1, |w| w.threads());
         let slots = pack_weights(
@@ -382,9 +492,19 @@ impl Program {
             code,
             workers,
             stats,
-            pool: calls::BufferPool::default(),
+            pool: BufferPool::default(),
             ropes: calls::RopeTables::default(),
         })
+    }
+
+    /// What kernel calls run with.
+    fn kernels(&self) -> calls::Kernels<'_> {
+        calls::Kernels {
+            code: &self.code,
+            workers: self.workers.as_deref(),
+            pool: &self.pool,
+            ropes: &self.ropes,
+        }
     }
 
     /// How the function's ops were lowered.
@@ -411,7 +531,7 @@ impl Program {
             env[*s] = Some(Rc::clone(v));
         }
         for step in &self.steps {
-            let mut inputs = Vec::with_capacity(step.inputs.len());
+            let mut inputs = Operands::new();
             for &s in &step.inputs {
                 let value = env[s].as_ref().ok_or_else(|| {
                     error(
@@ -421,12 +541,12 @@ impl Program {
                 })?;
                 inputs.push(Rc::clone(value));
             }
+            // Released before the step runs, so that it can update a value in place (the
+            // operands still hold them).
             for &s in &step.release {
-                if let Some(value) = env[s].take() {
-                    self.pool.recycle(value);
-                }
+                env[s] = None;
             }
-            let outputs = match &step.action {
+            let mut outputs = match &step.action {
                 Action::Return => {
                     let mut results = Vec::with_capacity(inputs.len());
                     for (j, value) in inputs.into_iter().enumerate() {
@@ -439,23 +559,35 @@ impl Program {
                     return Ok(results);
                 }
                 Action::Kernel(chosen) => {
-                    let kernels = calls::Kernels {
-                        code: &self.code,
-                        workers: self.workers.as_deref(),
-                        pool: &self.pool,
-                        ropes: &self.ropes,
-                    };
-                    match calls::call(&kernels, chosen, &step.dims, inputs) {
+                    let kernels = self.kernels();
+                    match calls::call(&kernels, chosen, &step.dims, &mut inputs) {
                         Ok(outputs) => outputs,
                         // Shapes the kernel does not cover (a broadcast found at run time).
-                        Err(calls::Unsupported(inputs)) => {
-                            interp::eval_op(ctx, step.op, inputs, weights)
+                        Err(calls::Unsupported) => {
+                            reference(ctx, step.op, std::mem::take(&mut inputs), weights)
                         }
                     }
                 }
-                Action::Reference => interp::eval_op(ctx, step.op, inputs, weights),
+                Action::Columns { width, parts } => match inputs[..] {
+                    [ref x] => x
+                        .tensor()
+                        .and_then(|x| calls::columns(&self.kernels(), x, *width, parts)),
+                    _ => Err("a slice takes one operand".into()),
+                },
+                Action::Reference => reference(ctx, step.op, std::mem::take(&mut inputs), weights),
             }
             .map_err(|m| error(step.location, format!("{}: {m}", step.name)))?;
+            // Operands whose last use this was give their memory back.
+            for value in inputs {
+                self.pool.recycle(value);
+            }
+            for (j, dims) in &step.relabel {
+                let result = outputs.get_mut(*j).ok_or_else(|| {
+                    error(step.location, format!("{}: no result #{j}", step.name))
+                })?;
+                calls::relabel(&self.pool, result, dims)
+                    .map_err(|m| error(step.location, format!("{}: {m}", step.name)))?;
+            }
             for (&s, v) in step.outputs.iter().zip(outputs) {
                 env[s] = Some(v);
             }

@@ -71,7 +71,9 @@ pub const PANEL_1X4: &str = "llmc_panel_1x4";
 
 /// `ROWS` rows of x against a panel: `acc[r][i]` collects weight row `r` against x row `i`
 /// over the 8-column chunks, then the tail and the reduction follow the generated code's
-/// order.
+/// order: per row the two 4-lane halves with the 4-wide tail step in the first, their sum,
+/// `(l0 + l1) + (l2 + l3)` (two horizontal adds, which make those very sums for the 4 rows
+/// at once), then the scalar tail.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn panel_avx2<const ROWS: usize>(
@@ -96,19 +98,27 @@ unsafe fn panel_avx2<const ROWS: usize>(
             }
         }
         let tail = k - k8;
+        // Tail values past the 4-wide step, added one by one.
+        let first = if tail >= 4 { 4 } else { 0 };
         let tail_at = |r: usize| w.add(PANEL_ROWS * k8 + r * tail);
         for (i, (x, y)) in xs.into_iter().zip(ys).enumerate() {
-            for (r, row) in acc.iter().enumerate() {
-                let mut lo = _mm256_castps256_ps128(row[i]);
-                let hi = _mm256_extractf128_ps(row[i], 1);
+            let halves: [__m128; PANEL_ROWS] = std::array::from_fn(|r| {
+                let mut lo = _mm256_castps256_ps128(acc[r][i]);
                 if tail >= 4 {
                     lo = _mm_fmadd_ps(_mm_loadu_ps(tail_at(r)), _mm_loadu_ps(x.add(k8)), lo);
                 }
-                let v = _mm_add_ps(lo, hi);
-                let mut lanes = [0f32; 4];
-                _mm_storeu_ps(lanes.as_mut_ptr(), v);
-                let mut s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-                let first = if tail >= 4 { 4 } else { 0 };
+                _mm_add_ps(lo, _mm256_extractf128_ps(acc[r][i], 1))
+            });
+            let [h0, h1, h2, h3] = halves;
+            // Lane r: (l0 + l1) + (l2 + l3) of row r.
+            let sums = _mm_hadd_ps(_mm_hadd_ps(h0, h1), _mm_hadd_ps(h2, h3));
+            if first == tail {
+                _mm_storeu_ps(y, sums);
+                continue;
+            }
+            let mut lanes = [0f32; PANEL_ROWS];
+            _mm_storeu_ps(lanes.as_mut_ptr(), sums);
+            for (r, mut s) in lanes.into_iter().enumerate() {
                 for q in first..tail {
                     s = (*tail_at(r).add(q)).mul_add(*x.add(k8 + q), s);
                 }

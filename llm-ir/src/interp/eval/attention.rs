@@ -217,7 +217,9 @@ pub fn for_each_paged_row(
         for i in 0..t {
             let pos = len as usize - t + i;
             slots.clear();
-            for j in window_range(pos, window) {
+            let range = window_range(pos, window);
+            slots.reserve(range.len());
+            for j in range {
                 slots.push(slot_of(cache, table, j)?);
             }
             visit(s * t + i, &slots)?;

@@ -88,24 +88,39 @@ impl Eval<'_> {
 /// Resolves a declared shape against a known element count: static dims are kept, and a
 /// single dynamic dim takes the remaining size.
 pub fn resolve_shape(dims: &[Dim], count: usize) -> Result<Vec<usize>, String> {
+    let mut shape = Vec::with_capacity(dims.len());
+    resolve_shape_into(dims, count, &mut shape)?;
+    Ok(shape)
+}
+
+/// [`resolve_shape`] into `shape` (cleared first; its memory is reused).
+pub fn resolve_shape_into(
+    dims: &[Dim],
+    count: usize,
+    shape: &mut Vec<usize>,
+) -> Result<(), String> {
     let known: usize = dims.iter().flatten().map(|&d| d as usize).product();
     let dynamic = dims.iter().filter(|d| d.is_none()).count();
-    match dynamic {
-        0 if known == count => Ok(dims.iter().map(|d| d.unwrap_or(0) as usize).collect()),
-        1 if known > 0 && count.is_multiple_of(known) => Ok(dims
-            .iter()
-            .map(|d| d.map_or(count / known, |d| d as usize))
-            .collect()),
-        1 if known == 0 && count == 0 => Ok(dims.iter().map(|d| d.unwrap_or(0) as usize).collect()),
-        0 | 1 => Err(format!(
-            "{count} elements cannot take the shape {}",
-            crate::ops::show_shape(dims)
-        )),
-        _ => Err(format!(
-            "cannot infer more than one dynamic dim of {} at run time",
-            crate::ops::show_shape(dims)
-        )),
-    }
+    let rest = match dynamic {
+        0 if known == count => 0,
+        1 if known > 0 && count.is_multiple_of(known) => count / known,
+        1 if known == 0 && count == 0 => 0,
+        0 | 1 => {
+            return Err(format!(
+                "{count} elements cannot take the shape {}",
+                crate::ops::show_shape(dims)
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "cannot infer more than one dynamic dim of {} at run time",
+                crate::ops::show_shape(dims)
+            ));
+        }
+    };
+    shape.clear();
+    shape.extend(dims.iter().map(|d| d.map_or(rest, |d| d as usize)));
+    Ok(())
 }
 
 /// Row-major strides of `shape`.
