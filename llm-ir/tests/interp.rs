@@ -699,3 +699,37 @@ fn hoisted_weight_values_are_evaluated_once_and_give_the_same_results() {
     assert_eq!(weights.0.get(), 4, "hoisted runs evaluate no weight op");
     assert_eq!(floats(&plain[0]), [1., 2., 3., 4., 10., 12., 14., 16.]);
 }
+
+/// Rows that a concat along dim 0 stacks stay their parts until the whole is read (a
+/// backend repacking them reads the parts); a concat along dim 1 is evaluated.
+#[test]
+fn stacked_weight_rows_are_kept_as_their_parts() {
+    use pliron::linked_list::ContainsLinkedList;
+    let ir = "builtin.module @m {\n  ^entry():\n    builtin.func @f: builtin.function <(llm.tensor <4x2xf32>, llm.tensor <2x4xf32>) -> (llm.tensor <4x2xf32>, llm.tensor <2x4xf32>)> {\n      ^body(x: llm.tensor <4x2xf32>, z: llm.tensor <2x4xf32>):\n        a = llm.weight {name = \"a\"} : llm.tensor <2x2xf32>;\n        b = llm.weight {name = \"b\"} : llm.tensor <2x2xf32>;\n        c = llm.concat a, b {axis = 0} : llm.tensor <4x2xf32>;\n        d = llm.concat a, b {axis = 1} : llm.tensor <2x4xf32>;\n        y = llm.mul c, x : llm.tensor <4x2xf32>;\n        w = llm.mul d, z : llm.tensor <2x4xf32>;\n        llm.return y, w\n    }\n}\n";
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, ir).expect("parses");
+    let f = interp::find_func(&ctx, module, "f").expect("@f");
+    let weights = CountingWeights(std::cell::Cell::new(0));
+    let hoisted = Interpreter::new(&ctx, &weights).hoist(f).expect("hoists");
+    let ops: Vec<_> = f.get_entry_block(&ctx).deref(&ctx).iter(&ctx).collect();
+    let result = |i: usize| ops[i].deref(&ctx).get_result(0);
+    let (rows, columns) = (result(2), result(3));
+    let parts = hoisted.stacked_rows(rows).expect("kept as parts");
+    assert_eq!(parts.len(), 2);
+    assert_eq!(floats(&parts[0]), [1.0; 4]);
+    assert_eq!(floats(&parts[1]), [2.0; 4]);
+    assert!(
+        hoisted.stacked_rows(columns).is_none(),
+        "dim 1 is evaluated"
+    );
+    assert_eq!(
+        floats(hoisted.value(columns).unwrap()),
+        [1., 1., 2., 2., 1., 1., 2., 2.]
+    );
+    let whole = hoisted.value(rows).expect("stacked on demand");
+    assert_eq!(floats(whole), [1., 1., 1., 1., 2., 2., 2., 2.]);
+    assert!(
+        std::rc::Rc::ptr_eq(whole, hoisted.value(rows).unwrap()),
+        "stacked once"
+    );
+}

@@ -205,29 +205,86 @@ pub const PANEL_COLS: usize = 8;
 /// block starts at the same offset as in the row-major matrix. The panels are split over
 /// `threads` threads (the copy is bound by memory bandwidth and page faults).
 pub fn pack_panels(w: &[f32], n: usize, k: usize, threads: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
+    pack_stacked_panels(&[w], n, k, threads)
+}
+
+/// [`pack_panels`] of the matrix whose rows are those of `parts` (row-major matrices of
+/// `k` columns, `n` rows in all) stacked in order, without stacking them first.
+pub fn pack_stacked_panels(parts: &[&[f32]], n: usize, k: usize, threads: usize) -> Vec<f32> {
+    let rows = StackedRows::new(parts, k);
+    let mut out = vec![0f32; n * k];
+    if k == 0 {
+        return out;
+    }
     let full = n - n % PANEL_ROWS;
     let (panels, rest) = out.split_at_mut(full * k);
-    rest.copy_from_slice(&w[full * k..]);
+    rows.copy(full, n - full, rest);
     let block = PANEL_ROWS * k;
     let per = (full / PANEL_ROWS).div_ceil(threads.max(1)).max(1) * block;
     if threads <= 1 || per == 0 || panels.len() <= per {
-        pack_rows(&w[..full * k], k, panels);
+        pack_rows(&rows, 0, panels);
         return out;
     }
     std::thread::scope(|scope| {
-        for (src, dst) in w[..full * k].chunks(per).zip(panels.chunks_mut(per)) {
-            scope.spawn(move || pack_rows(src, k, dst));
+        for (i, dst) in panels.chunks_mut(per).enumerate() {
+            let rows = &rows;
+            scope.spawn(move || pack_rows(rows, i * per / k, dst));
         }
     });
     out
 }
 
-/// Packs whole panels of rows of `k` from `w` into `out` (the same length).
-fn pack_rows(w: &[f32], k: usize, out: &mut [f32]) {
+/// The rows of row-major matrices of `k` columns, stacked.
+struct StackedRows<'a> {
+    parts: &'a [&'a [f32]],
+    k: usize,
+}
+
+impl<'a> StackedRows<'a> {
+    fn new(parts: &'a [&'a [f32]], k: usize) -> StackedRows<'a> {
+        StackedRows { parts, k }
+    }
+
+    /// Rows `first..first + count`, when one part holds them all.
+    fn slice(&self, mut first: usize, count: usize) -> Option<&'a [f32]> {
+        for part in self.parts {
+            let rows = part.len() / self.k.max(1);
+            if first < rows {
+                return (first + count <= rows)
+                    .then(|| &part[first * self.k..(first + count) * self.k]);
+            }
+            first -= rows;
+        }
+        None
+    }
+
+    /// Copies rows `first..first + count` into `out` (`count * k` floats).
+    fn copy(&self, first: usize, count: usize, out: &mut [f32]) {
+        for (r, row) in out.chunks_exact_mut(self.k.max(1)).take(count).enumerate() {
+            if let Some(src) = self.slice(first + r, 1) {
+                row.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// Packs the whole panels of rows `first..` of `rows` into `out` (whole panels).
+fn pack_rows(rows: &StackedRows, first: usize, out: &mut [f32]) {
+    let k = rows.k;
     let tail = k % PANEL_COLS;
     let block = PANEL_ROWS * k;
-    for (rows, dest) in w.chunks_exact(block).zip(out.chunks_exact_mut(block)) {
+    // A panel whose rows two parts share is gathered here first.
+    let mut gathered = Vec::new();
+    for (p, dest) in out.chunks_exact_mut(block).enumerate() {
+        let start = first + p * PANEL_ROWS;
+        let rows: &[f32] = match rows.slice(start, PANEL_ROWS) {
+            Some(rows) => rows,
+            None => {
+                gathered.resize(block, 0.0);
+                rows.copy(start, PANEL_ROWS, &mut gathered);
+                &gathered
+            }
+        };
         let mut at = 0;
         for c in (0..k - tail).step_by(PANEL_COLS) {
             for r in 0..PANEL_ROWS {
@@ -1299,6 +1356,35 @@ mod tests {
             for r in 0..n {
                 panel_row(&packed, n, k, r, &mut row);
                 assert_eq!(row, w[r * k..(r + 1) * k], "row {r} of {n}x{k}");
+            }
+        }
+    }
+
+    /// Packing the parts of a stacked matrix is packing the stacked matrix, whether a
+    /// panel's rows lie in one part or two (and on one thread or three).
+    #[test]
+    fn stacked_parts_pack_as_their_stacking() {
+        for (rows, k) in [
+            (vec![4, 8], 16),
+            (vec![3, 6, 2], 13),
+            (vec![1, 1, 1, 1, 1], 9),
+            (vec![172, 172], 64),
+            (vec![5], 7),
+        ] {
+            let n: usize = rows.iter().sum();
+            let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5).collect();
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for r in &rows {
+                parts.push(&w[at * k..(at + r) * k]);
+                at += r;
+            }
+            for threads in [1, 3] {
+                assert_eq!(
+                    pack_stacked_panels(&parts, n, k, threads),
+                    pack_panels(&w, n, k, 1),
+                    "{rows:?} x {k} on {threads} threads"
+                );
             }
         }
     }

@@ -163,11 +163,20 @@ impl Layout {
 
     /// The slots and values of the results `hoisted` holds.
     pub fn constants(&mut self, ctx: &Context, hoisted: &Hoisted) -> Vec<(usize, Rc<Value>)> {
+        self.constant_slots(ctx, hoisted)
+            .into_iter()
+            .filter_map(|(s, r)| Some((s, Rc::clone(hoisted.value(r)?))))
+            .collect()
+    }
+
+    /// The slots of the results `hoisted` holds a value for, with the results (whose
+    /// values [`Hoisted::value`] makes, or whose parts [`Hoisted::stacked_rows`] gives).
+    pub fn constant_slots(&mut self, ctx: &Context, hoisted: &Hoisted) -> Vec<(usize, IrValue)> {
         let mut out = Vec::new();
         for op in self.all.clone() {
             for r in op.deref(ctx).results() {
-                if let Some(v) = hoisted.value(r) {
-                    out.push((self.slot(r), Rc::clone(v)));
+                if hoisted.holds(r) {
+                    out.push((self.slot(r), r));
                 }
             }
         }

@@ -14,6 +14,7 @@
 //! calls ([`Interpreter::run_hoisted`]) do not recompute them.
 
 pub mod eval;
+mod hoist;
 pub mod quant;
 pub mod value;
 
@@ -35,6 +36,9 @@ use pliron::{
 
 pub use eval::{Eval, EvalFn, WeightStore};
 pub use value::{Data, KvCache, QTensor, Resident, Sharded, Tensor, Value};
+
+use hoist::Entry;
+pub use hoist::{HoistMemo, Hoisted};
 
 use crate::{
     ops::{LLM_OPS, OpCheck, ReturnOp},
@@ -114,23 +118,28 @@ impl<'a> Interpreter<'a> {
     pub fn hoist_shared(&self, func: FuncOp, memo: &mut HoistMemo) -> Result<Hoisted, InterpError> {
         let ctx = self.ctx;
         let ops: Vec<_> = func.get_entry_block(ctx).deref(ctx).iter(ctx).collect();
-        let mut derived: HashMap<IrValue, Rc<Value>> = HashMap::new();
+        let mut derived: HashMap<IrValue, Entry> = HashMap::new();
         let mut used_later = std::collections::HashSet::new();
         for &op in &ops {
             let operands: Vec<IrValue> = op.deref(ctx).operands().collect();
             if hoistable(ctx, op, |v| derived.contains_key(v)) {
-                let inputs: Vec<Rc<Value>> =
-                    operands.iter().map(|v| Rc::clone(&derived[v])).collect();
+                let inputs: Vec<Rc<Value>> = operands
+                    .iter()
+                    .map(|v| Rc::clone(derived[v].value()))
+                    .collect();
                 let key = HoistMemo::key(ctx, op, &inputs);
                 let results: Vec<IrValue> = op.deref(ctx).results().collect();
                 let values = match memo.0.get(&key) {
                     Some((_, values)) => values.clone(),
                     None => {
-                        let values: Vec<Rc<Value>> = self
-                            .eval_op(op, inputs.clone())?
-                            .into_iter()
-                            .map(|(_, v)| v)
-                            .collect();
+                        let values: Vec<Entry> = match Entry::lazy(ctx, op, &inputs) {
+                            Some(stacked) => vec![stacked],
+                            None => self
+                                .eval_op(op, inputs.clone())?
+                                .into_iter()
+                                .map(|(_, v)| Entry::Ready(v))
+                                .collect(),
+                        };
                         memo.0.insert(key, (inputs, values.clone()));
                         values
                     }
@@ -194,7 +203,7 @@ impl<'a> Interpreter<'a> {
                 env.extend(
                     results
                         .iter()
-                        .filter_map(|r| Some((*r, Rc::clone(hoisted.0[r].as_ref()?)))),
+                        .filter_map(|r| Some((*r, Rc::clone(hoisted.value(*r)?)))),
                 );
                 continue;
             }
@@ -287,52 +296,6 @@ pub fn weight_derived(ctx: &Context, ops: &[Ptr<Operation>]) -> std::collections
         }
     }
     derived
-}
-
-/// Weight-derived values evaluated by [`Interpreter::hoist_shared`], keyed by the op's
-/// name, attributes and result types and the addresses of its operand values (the memo
-/// keeps the operands alive, so the addresses stay theirs).
-#[derive(Default)]
-pub struct HoistMemo(HoistTable);
-
-/// The memo's table: key to (operands, results).
-type HoistTable = HashMap<(String, Vec<usize>), (Vec<Rc<Value>>, Vec<Rc<Value>>)>;
-
-impl HoistMemo {
-    fn key(ctx: &Context, op: Ptr<Operation>, inputs: &[Rc<Value>]) -> (String, Vec<usize>) {
-        let o = op.deref(ctx);
-        let types: Vec<String> = o
-            .results()
-            .map(|r| r.get_type(ctx).disp(ctx).to_string())
-            .collect();
-        let text = format!(
-            "{} {} {}",
-            Operation::get_opid(op, ctx),
-            o.attributes.disp(ctx),
-            types.join(",")
-        );
-        (
-            text,
-            inputs.iter().map(|v| Rc::as_ptr(v) as usize).collect(),
-        )
-    }
-}
-
-/// The weight-derived ops of a function, evaluated once by [`Interpreter::hoist`]: each of
-/// their results, with its value where an op that is not hoisted uses it.
-#[derive(Default)]
-pub struct Hoisted(HashMap<IrValue, Option<Rc<Value>>>);
-
-impl Hoisted {
-    /// Whether `value` is the result of a hoisted op.
-    pub fn covers(&self, value: IrValue) -> bool {
-        self.0.contains_key(&value)
-    }
-
-    /// The value of hoisted result `value`, where an op that is not hoisted uses it.
-    pub fn value(&self, value: IrValue) -> Option<&Rc<Value>> {
-        self.0.get(&value)?.as_ref()
-    }
 }
 
 /// `LINE:COL` of a source location, when it has one.

@@ -16,6 +16,7 @@ use pliron::{
     builtin::ops::FuncOp,
     context::{Context, Ptr},
     operation::Operation,
+    value::Value as IrValue,
 };
 
 use super::{
@@ -124,7 +125,7 @@ pub struct Program {
     steps: Vec<Step>,
     slots: usize,
     params: Vec<usize>,
-    constants: Vec<(usize, Rc<Value>)>,
+    constants: Constants,
     code: CompiledKernels,
     workers: Option<Arc<Workers>>,
     stats: LoweringStats,
@@ -135,62 +136,74 @@ pub struct Program {
 }
 
 /// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
-/// model's prefill and decode functions use the same matrices).
+/// model's prefill and decode functions use the same matrices), keyed by the addresses of
+/// the matrices whose rows they pack and whether they were transposed.
 #[derive(Default)]
-struct PackCache(RefCell<HashMap<(*const Value, bool), PackedPair>>);
+struct PackCache(RefCell<HashMap<(Vec<*const Value>, bool), PackedPair>>);
 
-/// An original weight (kept so that its address stays its own) and its packed copy.
-type PackedPair = (Rc<Value>, Rc<Value>);
+/// The original matrices (kept so that their addresses stay their own) and their packed
+/// copy.
+type PackedPair = (Vec<Rc<Value>>, Rc<Value>);
 
 impl PackCache {
-    /// The panel layout of `value`, the weight of `c` (`n x k`, or `k x n` when
-    /// `c.transpose_at_pack`), packed once.
-    /// (Packing runs on `threads` threads.)
+    /// The panel layout of the weight of `c` (`n x k`, or `k x n` when
+    /// `c.transpose_at_pack`) whose rows those of `parts` are, stacked, packed once (on
+    /// `threads` threads) from the parts themselves. A transposed weight comes whole.
     fn packed(
         &self,
-        value: &Rc<Value>,
+        parts: &[Rc<Value>],
         c: &Contraction,
         op: &str,
         threads: usize,
     ) -> Result<Rc<Value>, JitError> {
-        let key = (Rc::as_ptr(value), c.transpose_at_pack);
+        let key = (parts.iter().map(Rc::as_ptr).collect(), c.transpose_at_pack);
         if let Some((_, packed)) = self.0.borrow().get(&key) {
             return Ok(Rc::clone(packed));
         }
-        let t = value.tensor().map_err(JitError)?;
         let stored = if c.transpose_at_pack {
             [c.k, c.n]
         } else {
             [c.n, c.k]
         };
-        if t.shape != stored {
+        let mut rows = 0;
+        let mut floats = Vec::with_capacity(parts.len());
+        for part in parts {
+            let t = part.tensor().map_err(JitError)?;
+            if t.shape.len() != 2 || t.shape[1] != stored[1] {
+                return Err(JitError(format!(
+                    "{op}: the weight {:?} does not have {} columns",
+                    t.shape, stored[1]
+                )));
+            }
+            rows += t.shape[0];
+            floats.push(t.floats().map_err(JitError)?);
+        }
+        if rows != stored[0] || (c.transpose_at_pack && parts.len() != 1) {
             return Err(JitError(format!(
-                "{op}: the weight {:?} is not {}x{}",
-                t.shape, stored[0], stored[1]
+                "{op}: the weight is not {}x{}",
+                stored[0], stored[1]
             )));
         }
-        let floats = t.floats().map_err(JitError)?;
-        let transposed: Vec<f32>;
-        let rows = if c.transpose_at_pack {
+        let data = if c.transpose_at_pack {
             // Row j of the [n, k] matrix is column j of the stored one.
-            transposed = (0..c.n)
-                .flat_map(|j| (0..c.k).map(move |p| floats[p * c.n + j]))
+            let whole = floats[0];
+            let transposed: Vec<f32> = (0..c.n)
+                .flat_map(|j| (0..c.k).map(move |p| whole[p * c.n + j]))
                 .collect();
-            &transposed
+            kernel::pack_panels(&transposed, c.n, c.k, threads)
         } else {
-            // Packed straight from the weight, without a row-major copy first.
-            floats
+            // Packed straight from the weights, without a row-major copy first.
+            kernel::pack_stacked_panels(&floats, c.n, c.k, threads)
         };
-        let data = kernel::pack_panels(rows, c.n, c.k, threads);
         let packed = Rc::new(Value::Tensor(Tensor::from_f32(
             vec![c.n, c.k],
             DType::F32,
             data,
         )));
-        // The original is kept with its key, so that the address is not reused.
+        // The originals are kept with their key, so that the addresses are not reused.
         self.0
             .borrow_mut()
-            .insert(key, (Rc::clone(value), Rc::clone(&packed)));
+            .insert(key, (parts.to_vec(), Rc::clone(&packed)));
         Ok(packed)
     }
 }
@@ -230,16 +243,22 @@ impl Compiler {
     }
 }
 
+/// Constant values with their slots.
+type Constants = Vec<(usize, Rc<Value>)>;
+
 /// Gives every panel-layout contraction a repacked copy of its constant weight (one per
-/// weight, shared by the ops that use it), and drops constants no step reads any more.
-/// New slots are numbered from `first_free`; packing runs on `threads` threads; returns
-/// the number of slots after packing.
+/// weight, shared by the ops that use it; the rows of stacked matrices packed from their
+/// parts), and returns the constants the steps read then, with their slots: the packed
+/// copies, numbered from `first_free`, and the hoisted values of `constants` that are still
+/// read (made now: a stacked matrix only read by contractions is never stacked). Packing
+/// runs on `threads` threads; the number of slots after packing comes second.
 fn pack_weights(
     steps: &mut [Step],
-    constants: &mut Vec<(usize, Rc<Value>)>,
+    (constants, hoisted): (&[(usize, IrValue)], &Hoisted),
     first_free: usize,
     (cache, threads): (&PackCache, usize),
-) -> Result<usize, JitError> {
+) -> Result<(Constants, usize), JitError> {
+    let value_of = |slot: usize| constants.iter().find(|(s, _)| *s == slot).map(|&(_, v)| v);
     // (original slot, transposed) -> packed slot.
     let mut packed: HashMap<(usize, bool), usize> = HashMap::new();
     let mut next_slot = first_free;
@@ -261,14 +280,18 @@ fn pack_weights(
         let slot = match packed.get(&key) {
             Some(&slot) => slot,
             None => {
-                let value = constants
-                    .iter()
-                    .find(|(s, _)| *s == original)
-                    .map(|(_, v)| v)
-                    .ok_or_else(|| {
-                        JitError(format!("{}: the weight is not constant", step.name))
-                    })?;
-                let panels = cache.packed(value, c, &step.name, threads)?;
+                let not_constant =
+                    || JitError(format!("{}: the weight is not constant", step.name));
+                let v = value_of(original).ok_or_else(not_constant)?;
+                let whole;
+                let parts = match hoisted.stacked_rows(v) {
+                    Some(parts) if !c.transpose_at_pack => parts,
+                    _ => {
+                        whole = [Rc::clone(hoisted.value(v).ok_or_else(not_constant)?)];
+                        &whole[..]
+                    }
+                };
+                let panels = cache.packed(parts, c, &step.name, threads)?;
                 let slot = next_slot;
                 next_slot += 1;
                 extra.push((slot, panels));
@@ -291,13 +314,19 @@ fn pack_weights(
             step.inputs[0] = slot;
         }
     }
-    constants.extend(extra);
     let read: std::collections::HashSet<usize> = steps
         .iter()
         .flat_map(|s| s.inputs.iter().copied())
         .collect();
-    constants.retain(|(s, _)| read.contains(s));
-    Ok(next_slot)
+    let mut values = Vec::new();
+    for &(slot, v) in constants.iter().filter(|(s, _)| read.contains(s)) {
+        let value = hoisted
+            .value(v)
+            .ok_or_else(|| JitError(format!("constant slot {slot} has no value")))?;
+        values.push((slot, Rc::clone(value)));
+    }
+    values.extend(extra);
+    Ok((values, next_slot))
 }
 
 /// Evaluates `op` with its reference semantics.
@@ -418,12 +447,7 @@ impl Program {
         compiler: &Compiler,
     ) -> Result<Program, JitError> {
         let mut layout = Layout::new(ctx, func, hoisted).map_err(JitError)?;
-        let selection = select_all(
-            ctx,
-            &layout.live,
-            |v| hoisted.value(v).is_some(),
-            super::supports,
-        );
+        let selection = select_all(ctx, &layout.live, |v| hoisted.holds(v), super::supports);
         let mut stats = LoweringStats {
             hoisted_ops: layout.hoisted_ops(),
             kernels: selection.kernels.len(),
@@ -432,7 +456,7 @@ impl Program {
             reference_ops: selection.reference_ops(ctx, &layout.live),
             ..LoweringStats::default()
         };
-        let mut constants = layout.constants(ctx, hoisted);
+        let constant_slots = layout.constant_slots(ctx, hoisted);
         let steps: Vec<Step> = layout
             .ops(ctx, &selection)
             .into_iter()
@@ -456,9 +480,9 @@ impl Program {
         stats.steps = steps.len();
         let pack_start = std::time::Instant::now();
         let threads = compiler.workers.as_ref().map_or(1, |w| w.threads());
-        let slots = pack_weights(
+        let (constants, slots) = pack_weights(
             &mut steps,
-            &mut constants,
+            (&constant_slots, hoisted),
             layout.slots(),
             (&compiler.packs, threads),
         )?;

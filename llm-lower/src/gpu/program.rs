@@ -327,7 +327,7 @@ impl Program {
         let gpu = Arc::clone(&compiler.gpu);
         let mut layout = Layout::new(ctx, func, hoisted).map_err(GpuError)?;
         let live = layout.live.clone();
-        let mut selection = select_all(ctx, &live, |v| hoisted.value(v).is_some(), super::supports);
+        let mut selection = select_all(ctx, &live, |v| hoisted.holds(v), super::supports);
         let halves = f16_weights(ctx, &live, &mut selection, hoisted, compiler);
         let mut plans = plan(&mut selection, &gpu.limits(), rows);
         for (i, &op) in live.iter().enumerate() {
