@@ -1227,6 +1227,40 @@ proptest! {
     }
 }
 
+/// Decode attention over long contexts, in the shapes the AVX2 row kernel takes (heads of
+/// a multiple of 8, groups of 1 to 3 query heads per KV head): contexts shorter than,
+/// equal to and longer than its 8-position score vectors and 32-position blocks, with
+/// both scalings, against the interpreter (and the generated kernel, without
+/// microkernels).
+#[test]
+fn long_context_attention_rows() {
+    for (d, kv, group) in [(8, 4, 2), (16, 1, 3), (24, 2, 1), (8, 1, 1)] {
+        for tk in [1, 7, 8, 9, 32, 33, 100] {
+            let h = kv * group;
+            for scale in ["", ", scale = 0.3"] {
+                let ir = func(
+                    &[
+                        ("q".into(), ty(&[1, 1, h, d])),
+                        ("k".into(), ty(&[1, tk, kv, d])),
+                        ("v".into(), ty(&[1, tk, kv, d])),
+                    ],
+                    &ty(&[1, 1, h, d]),
+                    &format!(
+                        "y = llm.attention q, k, v {{kv_heads = {kv}, causal = true{scale}}} : {};",
+                        ty(&[1, 1, h, d])
+                    ),
+                );
+                let args = vec![
+                    tensor(&[1, 1, h, d], 11, 2.0),
+                    tensor(&[1, tk, kv, d], 12, 2.0),
+                    tensor(&[1, tk, kv, d], 13, 1.0),
+                ];
+                agree(&ir, args, 2e-6).unwrap_or_else(|e| panic!("d {d}, {kv}x{group}, {tk}: {e}"));
+            }
+        }
+    }
+}
+
 /// Calls with no rows (an empty prompt) run on both backends and give empty results.
 #[test]
 fn empty_calls_give_empty_results() {

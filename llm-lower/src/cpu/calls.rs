@@ -4,7 +4,7 @@
 
 #![allow(unsafe_code, reason = "calls into JIT-compiled kernels")]
 
-use std::{cell::RefCell, rc::Rc};
+use std::rc::Rc;
 
 use smallvec::{SmallVec, smallvec};
 
@@ -13,7 +13,6 @@ use llm_ir::{
     interp::{
         Data, KvCache, QTensor, Tensor, Value,
         eval::{
-            attention::{for_each_paged_row, rope_tables},
             fused::ScalarBody,
             kv::{append_rows, lookup},
             resolve_shape, resolve_shape_into,
@@ -25,7 +24,12 @@ use llm_ir::{
     syntax::Dim,
 };
 
-use super::{jit::CompiledKernels, pool::BufferPool, workers::Workers};
+use super::{
+    jit::CompiledKernels,
+    pool::BufferPool,
+    tables::{PagedRows, RopeAngles, RopeTables},
+    workers::Workers,
+};
 use crate::{
     kernel::{
         AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
@@ -47,6 +51,8 @@ pub struct Kernels<'a> {
     pub pool: &'a BufferPool,
     /// Rope tables of the current run.
     pub ropes: &'a RopeTables,
+    /// Paged attention's row offsets of the current run.
+    pub paged: &'a PagedRows,
 }
 
 /// The operands of a kernel call (held inline: no op takes more than eight).
@@ -667,55 +673,6 @@ fn layer_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Resu
     Ok(Tensor::from_f32(k.pool.shape(&x.shape), DType::F32, out))
 }
 
-/// How a rope's angles are computed.
-#[derive(Clone, Copy, PartialEq)]
-struct RopeAngles {
-    rotary: usize,
-    theta: f32,
-    scaling: f32,
-}
-
-/// The sine and cosine tables of one rope configuration at some positions.
-struct RopeTable {
-    angles: RopeAngles,
-    positions: Vec<i64>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-}
-
-/// The rope tables of one program run: the q and k of every layer rotate by the same
-/// positions, so each table is computed once per run (`clear` starts a run).
-#[derive(Default)]
-pub struct RopeTables(RefCell<Vec<RopeTable>>);
-
-impl RopeTables {
-    /// Forgets the tables of the previous run.
-    pub fn clear(&self) {
-        self.0.borrow_mut().clear();
-    }
-
-    /// Calls `f` with the cosines and sines (token-major, `rotary / 2` per token) of
-    /// `angles` at `positions`, computed here (Cranelift has no trigonometric
-    /// instructions) exactly as the reference does, once per run.
-    fn with(&self, angles: &RopeAngles, positions: &[i64], f: impl FnOnce(&[f32], &[f32])) {
-        let mut tables = self.0.borrow_mut();
-        let found = tables
-            .iter()
-            .position(|t| t.angles == *angles && t.positions == positions);
-        let i = found.unwrap_or_else(|| {
-            let (cos, sin) = rope_tables(positions, angles.theta, angles.scaling, angles.rotary);
-            tables.push(RopeTable {
-                angles: *angles,
-                positions: positions.to_vec(),
-                cos,
-                sin,
-            });
-            tables.len() - 1
-        });
-        f(&tables[i].cos, &tables[i].sin);
-    }
-}
-
 /// The floats of a tensor value, moved out when nothing else holds it.
 fn take_floats(k: &Kernels, value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), String> {
     let t = k.pool.take_tensor(value)?;
@@ -845,18 +802,14 @@ fn attention(
                 return Err(format!("queries {:?} are not [b, t, heads, d]", q.shape));
             }
             check_cache(cache, layer, kv_heads, d)?;
+            // The offsets are from the start of the layer's rows.
             let layer_start = cache.slot_offset(layer, 0);
-            let mut offsets = Vec::new();
+            let (keys, values) = (&cache.k[layer_start..], &cache.v[layer_start..]);
             let rows = [q.shape[0], q.shape[1]];
-            for_each_paged_row(cache, rows, tables, lens, window, |row, slots| {
-                offsets.clear();
-                offsets.extend(
-                    slots
-                        .iter()
-                        .map(|&slot| (4 * (layer_start + slot * cache.slot_len())) as i64),
-                );
-                attend(row, &cache.k, &cache.v, &offsets, None);
-                Ok(())
+            k.paged.with(cache, (rows, tables, lens, window), |all| {
+                for (row, offsets) in all.iter().enumerate() {
+                    attend(row, keys, values, offsets, None);
+                }
             })?;
             let out = Value::Tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out));
             match updated {

@@ -76,6 +76,9 @@ pub struct Tiles {
     /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
     /// weight row.
     pub quant_row: Option<FuncRef>,
+    /// `attention_row`, for a whole unmasked attention row whose heads fit it
+    /// ([`super::attention::fits`]).
+    pub attention: Option<FuncRef>,
 }
 
 /// Emits the body of `kernel` into `b`, whose entry block holds the parameters `p`;
@@ -105,7 +108,18 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             source,
         } => {
             let mask = source.masked().then(|| p[6]);
-            emit_attention(b, [*heads, *kv_heads, *d], *scale, &p[..6], mask);
+            match tiles.attention {
+                Some(tile) if mask.is_none() => {
+                    let shape = (*heads | *kv_heads << 16 | *d << 32) as i64;
+                    let factor = i64::from(scale.factor().to_bits());
+                    let shape = b.ins().iconst(types::I64, shape);
+                    let factor = b.ins().iconst(types::I64, factor);
+                    let mut args = p[..6].to_vec();
+                    args.extend([shape, factor]);
+                    b.ins().call(tile, &args);
+                }
+                _ => emit_attention(b, [*heads, *kv_heads, *d], *scale, &p[..6], mask),
+            }
         }
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
         Kernel::Cast { from, to } => super::convert::emit_cast(b, *from, *to, p),
@@ -975,11 +989,7 @@ fn emit_attention(
         (4 * ATTENTION_BLOCK * group) as u32,
         4,
     ));
-    // A multiply by the reciprocal instead of the reference's division.
-    let factor = match scale {
-        Scale::Times(f) => f,
-        Scale::DivSqrt(r) => 1.0 / r,
-    };
+    let factor = scale.factor();
     let zero = b.ins().iconst(types::I64, 0);
     let kv_end = b.ins().iconst(types::I64, kv_heads as i64);
     for_range(b, zero, kv_end, 1, |b, kv| {

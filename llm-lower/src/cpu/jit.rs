@@ -15,7 +15,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
-use super::{codegen, kquant, ukernel};
+use super::{attention, codegen, kquant, ukernel};
 use crate::kernel::{Kernel, WeightFormat};
 
 /// Which instruction set the code is generated for.
@@ -174,6 +174,10 @@ pub fn compile(
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
+        (
+            attention::ATTENTION_ROW,
+            attention::attention_row as *const u8,
+        ),
     ]);
     let use_tiles = microkernels
         && match target {
@@ -199,6 +203,7 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
+    let attention_row = import(attention::ATTENTION_ROW, 8)?;
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::with_capacity(kernels.len());
@@ -227,6 +232,14 @@ pub fn compile(
                 WeightFormat::Q6K => tiles.quant_row = bring(q6_k_row),
                 _ => {}
             }
+        }
+        if let Kernel::Attention {
+            heads, kv_heads, d, ..
+        } = kernel
+            && attention::fits(heads / kv_heads.max(&1), *d)
+        {
+            tiles.attention =
+                attention_row.map(|id| module.declare_func_in_func(id, &mut ctx.func));
         }
         build(
             &mut ctx.func,

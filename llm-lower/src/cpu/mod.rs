@@ -4,6 +4,7 @@
 //! See `docs/lowering.md` for the kernels' loop shapes and which ops still run through
 //! their reference semantics.
 
+pub mod attention;
 pub mod calls;
 pub mod codegen;
 pub mod convert;
@@ -14,6 +15,7 @@ pub mod kquant;
 pub mod pool;
 pub mod program;
 pub mod quantize;
+pub mod tables;
 pub mod ukernel;
 pub mod workers;
 

@@ -23,6 +23,7 @@ use super::{
     calls::{self, Operands, Results},
     jit::{self, CompiledKernels, JitError, Target},
     pool::BufferPool,
+    tables::{PagedRows, RopeTables},
     workers::Workers,
 };
 use crate::{
@@ -132,7 +133,9 @@ pub struct Program {
     /// Memory of values, recycled between steps and calls.
     pool: BufferPool,
     /// Rope tables of the current call.
-    ropes: calls::RopeTables,
+    ropes: RopeTables,
+    /// Paged attention's row offsets of the current call.
+    paged: PagedRows,
 }
 
 /// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
@@ -517,7 +520,8 @@ impl Program {
             workers,
             stats,
             pool: BufferPool::default(),
-            ropes: calls::RopeTables::default(),
+            ropes: RopeTables::default(),
+            paged: PagedRows::default(),
         })
     }
 
@@ -528,6 +532,7 @@ impl Program {
             workers: self.workers.as_deref(),
             pool: &self.pool,
             ropes: &self.ropes,
+            paged: &self.paged,
         }
     }
 
@@ -547,6 +552,7 @@ impl Program {
     ) -> Result<Vec<Value>, InterpError> {
         self.signature.check_args(ctx, &args)?;
         self.ropes.clear();
+        self.paged.clear();
         let mut env: Vec<Option<Rc<Value>>> = vec![None; self.slots];
         for (&s, arg) in self.params.iter().zip(args) {
             env[s] = Some(Rc::new(arg));

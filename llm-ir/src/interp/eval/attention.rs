@@ -28,6 +28,14 @@ impl Scale {
         Scale::from_param(e.float("scale"), head_dim)
     }
 
+    /// The factor a kernel multiplies scores by: the reciprocal in place of a division.
+    pub fn factor(self) -> f32 {
+        match self {
+            Scale::Times(s) => s,
+            Scale::DivSqrt(r) => 1.0 / r,
+        }
+    }
+
     /// The scaled score.
     pub fn apply(self, dot: f32) -> f32 {
         match self {
