@@ -4,7 +4,7 @@
 //!
 //! Same algorithm as the generated kernel (`codegen::emit_attention`): per KV head, the
 //! query heads that share it go through the positions together, in blocks of
-//! [`BLOCK`] positions with an online softmax; the scores of 8 positions are summed across
+//! 32 positions with an online softmax; the scores of 8 positions are summed across
 //! lanes together (three rounds of horizontal adds, one 256-bit vector of 8 scores),
 //! exponentials are computed 8 lanes at a time with the generated code's polynomial, and
 //! each head's outputs collect a block's values in registers (four partial sums). The
@@ -101,9 +101,11 @@ unsafe fn attend_group(
         let factors = _mm256_set1_ps(factor);
         for block in offsets.chunks(BLOCK) {
             let row = |base: *const u8, j: usize| base.add(block[j] as usize).cast::<f32>();
+            // Vectors of 8 scores the block fills (a short last block leaves the rest).
+            let used = block.len().div_ceil(8);
             for (h, head_scores) in scores.iter_mut().enumerate().take(group) {
                 let qh = q.add(h * d);
-                for (e, eight) in head_scores.chunks_exact_mut(8).enumerate() {
+                for (e, eight) in head_scores.chunks_exact_mut(8).take(used).enumerate() {
                     let first = 8 * e;
                     let products: [__m256; 8] = std::array::from_fn(|p| {
                         let j = first + p;
@@ -138,14 +140,14 @@ unsafe fn attend_group(
                 }
                 // The block's maximum, the rescale of what came before, the exponentials.
                 let mut most = _mm256_loadu_ps(head_scores.as_ptr());
-                for eight in head_scores.chunks_exact(8).skip(1) {
+                for eight in head_scores.chunks_exact(8).take(used).skip(1) {
                     most = _mm256_max_ps(most, _mm256_loadu_ps(eight.as_ptr()));
                 }
                 let m_new = max[h].max(horizontal_max(most));
                 let shrink = exp8(_mm256_set1_ps(max[h] - m_new));
                 let centre = _mm256_set1_ps(m_new);
                 let mut total = _mm256_setzero_ps();
-                for eight in head_scores.chunks_exact_mut(8) {
+                for eight in head_scores.chunks_exact_mut(8).take(used) {
                     let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(eight.as_ptr()), centre));
                     _mm256_storeu_ps(eight.as_mut_ptr(), e);
                     total = _mm256_add_ps(total, e);
