@@ -16,6 +16,8 @@
     reason = "AVX2 intrinsics on pointers checked by the caller"
 )]
 
+use super::emit::{EXP_LN2, EXP_POLY, EXP_RANGE};
+
 /// The symbol generated code imports [`attention_row`] under.
 pub const ATTENTION_ROW: &str = "llmc_attention_row";
 
@@ -239,30 +241,21 @@ fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// `exp` of 8 lanes: the generated kernels' range reduction and polynomial
-/// (`emit::exp`), 8 lanes wide.
+/// ([`emit::exp`](super::emit::exp)), 8 lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
-        _mm256_set1_ps(88.0),
-    );
+    let [lo, hi] = EXP_RANGE;
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
     let n = _mm256_round_ps(
         _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
     );
-    // r = x - n * ln 2, with ln 2 split in two constants for precision.
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2[0]), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2[1]), r);
+    let mut y = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
     }
     let r2 = _mm256_mul_ps(r, r);

@@ -82,30 +82,40 @@ pub fn splat(b: &mut FunctionBuilder, c: f32) -> Value {
     b.ins().splat(types::F32X4, s)
 }
 
+/// The input range of the exponential kernels: results stay finite and normal.
+pub const EXP_RANGE: [f32; 2] = [-87.3, 88.0];
+
+/// `ln 2` split in two for the range reduction `r = x - n ln 2`: `r = x + n * hi + n * lo`.
+pub const EXP_LN2: [f32; 2] = [-0.693_359_4, 2.121_944_4e-4];
+
+/// The polynomial's coefficients, highest degree first (Horner's order): `y` then
+/// `exp(r) = y * r^2 + r + 1`.
+pub const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// `exp(x)` for each lane of an `f32x4`: Cephes' single-precision polynomial (relative
-/// error about 1e-7). Inputs are clamped to [-87.3, 88], so the result is finite and
+/// error about 1e-7). Inputs are clamped to [`EXP_RANGE`], so the result is finite and
 /// normal.
 pub fn exp(b: &mut FunctionBuilder, x: Value) -> Value {
-    let lo = splat(b, -87.3);
-    let hi = splat(b, 88.0);
+    let lo = splat(b, EXP_RANGE[0]);
+    let hi = splat(b, EXP_RANGE[1]);
     let x = b.ins().fmax(x, lo);
     let x = b.ins().fmin(x, hi);
     let log2e = splat(b, std::f32::consts::LOG2_E);
     let scaled = b.ins().fmul(x, log2e);
     let n = b.ins().nearest(scaled);
-    // r = x - n * ln 2, with ln 2 split in two constants for precision.
-    let c1 = splat(b, -0.693_359_4);
-    let c2 = splat(b, 2.121_944_4e-4);
+    let c1 = splat(b, EXP_LN2[0]);
+    let c2 = splat(b, EXP_LN2[1]);
     let r = b.ins().fma(n, c1, x);
     let r = b.ins().fma(n, c2, r);
-    let mut y = splat(b, 1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let mut y = splat(b, EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         let c = splat(b, c);
         y = b.ins().fma(y, r, c);
     }
