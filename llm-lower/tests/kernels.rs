@@ -1430,6 +1430,37 @@ fn slices_merge_and_reshapes_fold_into_their_producers() {
     assert_eq!(program.stats().steps, 6);
 }
 
+/// A reshape folded into the step that makes its operand still fails as itself: at run
+/// time 6 values cannot take the shape `?x4`, and the error points at the reshape.
+#[test]
+fn a_folded_reshape_reports_its_own_location() {
+    let ir = func(
+        &[("x".into(), "llm.tensor <?x6xf32>".into())],
+        "llm.tensor <?x4xf32>",
+        "e = llm.exp x : llm.tensor <?x6xf32>;\n        y = llm.reshape e : llm.tensor <?x4xf32>;",
+    );
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, &ir).unwrap();
+    let f = interp::find_func(&ctx, module, "f").unwrap();
+    let store = Store(Vec::new());
+    let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
+    let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+    assert_eq!(
+        program.stats().steps,
+        2,
+        "the reshape is folded into the exp"
+    );
+    let err = program
+        .run(&ctx, &store, vec![tensor(&[1, 6], 1, 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("6:9: llm.reshape: 6 elements"), "{err}");
+    let ok = program
+        .run(&ctx, &store, vec![tensor(&[2, 6], 1, 1.0)])
+        .unwrap();
+    assert_eq!(ok[0].tensor().unwrap().shape, [3, 4]);
+}
+
 /// A row's result does not depend on the rows computed with it, nor on whether the
 /// microkernels run: pairs of rows take `panel_2x4`, a row alone `panel_1x4`, and without
 /// microkernels every row the generated dot product, all with the same additions in the

@@ -69,8 +69,16 @@ struct Step {
     /// The declared dims of its first result, when that is a tensor.
     dims: Vec<Dim>,
     /// Reshapes folded into this step ([`fold_reshapes`]): result `j` takes the shape
-    /// `dims` resolve to.
-    relabel: Vec<(usize, Vec<Dim>)>,
+    /// their dims resolve to.
+    relabel: Vec<(usize, Relabel)>,
+}
+
+/// A reshape folded into the step that makes its operand.
+struct Relabel {
+    /// The reshape's result dims.
+    dims: Vec<Dim>,
+    /// `LINE:COL` of the reshape (for its errors).
+    location: Option<(u32, u32)>,
 }
 
 /// How to compile.
@@ -409,7 +417,13 @@ fn fold_reshapes(steps: Vec<Step>) -> Vec<Step> {
             let target = &mut kept[p];
             target.outputs[j] = *result;
             target.relabel.retain(|(k, _)| *k != j);
-            target.relabel.push((j, step.dims));
+            target.relabel.push((
+                j,
+                Relabel {
+                    dims: step.dims,
+                    location: step.location,
+                },
+            ));
             producer.insert(*result, (p, j));
             continue;
         }
@@ -611,12 +625,12 @@ impl Program {
             for value in inputs {
                 self.pool.recycle(value);
             }
-            for (j, dims) in &step.relabel {
+            for (j, reshape) in &step.relabel {
                 let result = outputs.get_mut(*j).ok_or_else(|| {
                     error(step.location, format!("{}: no result #{j}", step.name))
                 })?;
-                calls::relabel(&self.pool, result, dims)
-                    .map_err(|m| error(step.location, format!("{}: {m}", step.name)))?;
+                calls::relabel(&self.pool, result, &reshape.dims)
+                    .map_err(|m| error(reshape.location, format!("llm.reshape: {m}")))?;
             }
             for (&s, v) in step.outputs.iter().zip(outputs) {
                 env[s] = Some(v);
