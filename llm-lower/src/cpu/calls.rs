@@ -311,7 +311,7 @@ fn run_contraction(
 ) -> Vec<f32> {
     let m = xs.len() / c.k.max(1);
     let rp = residual.map_or(0, |r| r.as_ptr() as i64);
-    let mut out = k.pool.zeroed(m * c.n);
+    let mut out = k.pool.for_overwrite(m * c.n);
     // SAFETY: a contraction's signature is seven i64 params.
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     let (xp, wp, yp) = (
@@ -367,7 +367,7 @@ fn elementwise(
         return None;
     }
     let len = tensors[0].len();
-    let mut out = k.pool.zeroed(len);
+    let mut out = k.pool.for_overwrite(len);
     // SAFETY: an elementwise kernel's signature is (inputs, out, len).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // Every input holds `len` floats (same shape), as does `out`.
@@ -383,7 +383,7 @@ fn add_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tens
     }
     let (x, y) = (a.floats()?, b.floats()?);
     let ptrs = [x.as_ptr() as i64, y.as_ptr() as i64];
-    let mut out = k.pool.zeroed(x.len());
+    let mut out = k.pool.for_overwrite(x.len());
     // SAFETY: an elementwise kernel's signature is (inputs, out, len).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // Both inputs and `out` hold len floats (one shape).
@@ -579,7 +579,7 @@ fn rms_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result
             x.shape, g.shape
         ));
     }
-    let mut out = k.pool.zeroed(xs.len());
+    let mut out = k.pool.for_overwrite(xs.len());
     // SAFETY: an RMS norm's signature is (x, g, y, rows).
     let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // x and y hold rows * d floats, g holds d.
@@ -982,7 +982,7 @@ pub fn columns(k: &Kernels, x: &Tensor, width: usize, parts: &[(usize, usize)]) 
     let rows = xs.len() / width.max(1);
     let mut results = Results::new();
     for &(offset, len) in parts {
-        let mut out = k.pool.zeroed(rows * len);
+        let mut out = k.pool.for_overwrite(rows * len);
         for (row, part) in xs
             .chunks_exact(width.max(1))
             .zip(out.chunks_exact_mut(len.max(1)))

@@ -46,23 +46,35 @@ impl BufferPool {
     /// gather adds one to its ids' shape).
     const SHAPE_CAPACITY: usize = 5;
 
-    /// A buffer of `n` zeros: the smallest pooled buffer that holds `n`, or a new one.
-    /// (A step in steady state asks for the sizes it gave back, so the first bucket that
-    /// fits is usually of exactly `n`.)
+    /// A buffer of `n` zeros.
     pub fn zeroed(&self, n: usize) -> Vec<f32> {
-        let mut pool = self.floats.borrow_mut();
-        let found = pool
-            .iter_mut()
-            .filter(|(capacity, _)| *capacity >= n)
-            .find_map(|(_, buffers)| buffers.pop());
-        match found {
-            Some(mut v) => {
-                v.clear();
-                v.resize(n, 0.0);
-                v
-            }
-            None => vec![0.0; n],
+        let mut v = self.take(n);
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// A buffer of `n` floats for a kernel that writes every one of them: it holds what
+    /// an earlier output left (zeros where it was shorter), so it is not cleared first.
+    pub fn for_overwrite(&self, n: usize) -> Vec<f32> {
+        let mut v = self.take(n);
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
         }
+        v
+    }
+
+    /// The smallest pooled buffer that holds `n` floats, or a new one. (A step in steady
+    /// state asks for the sizes it gave back, so the first bucket that fits is usually of
+    /// exactly `n`.)
+    fn take(&self, n: usize) -> Vec<f32> {
+        let mut pool = self.floats.borrow_mut();
+        pool.iter_mut()
+            .filter(|(capacity, _)| *capacity >= n)
+            .find_map(|(_, buffers)| buffers.pop())
+            .unwrap_or_else(|| Vec::with_capacity(n))
     }
 
     /// Takes back a float buffer.
