@@ -211,7 +211,7 @@ pub fn pack_panels(w: &[f32], n: usize, k: usize, threads: usize) -> Vec<f32> {
 /// [`pack_panels`] of the matrix whose rows are those of `parts` (row-major matrices of
 /// `k` columns, `n` rows in all) stacked in order, without stacking them first.
 pub fn pack_stacked_panels(parts: &[&[f32]], n: usize, k: usize, threads: usize) -> Vec<f32> {
-    let rows = StackedRows::new(parts, k);
+    let rows = StackedRows { parts, k };
     let mut out = vec![0f32; n * k];
     if k == 0 {
         return out;
@@ -241,10 +241,6 @@ struct StackedRows<'a> {
 }
 
 impl<'a> StackedRows<'a> {
-    fn new(parts: &'a [&'a [f32]], k: usize) -> StackedRows<'a> {
-        StackedRows { parts, k }
-    }
-
     /// Rows `first..first + count`, when one part holds them all.
     fn slice(&self, mut first: usize, count: usize) -> Option<&'a [f32]> {
         for part in self.parts {

@@ -24,16 +24,23 @@ pub const ATTENTION_ROW: &str = "llmc_attention_row";
 /// Positions per block of the online softmax (4 vectors of 8 scores).
 const BLOCK: usize = 32;
 
-/// The largest query-head group (`heads / kv_heads`) and head size the microkernel keeps
-/// in registers and on the stack; beyond, the generated kernel runs.
+/// The largest query-head group (`heads / kv_heads`) the microkernel keeps scores for on
+/// the stack; beyond, the generated kernel runs.
 pub const MAX_GROUP: usize = 8;
 
 /// The largest head size the microkernel takes.
 pub const MAX_HEAD: usize = 256;
 
-/// Whether [`attention_row`] takes heads of `d` in groups of `group` query heads.
-pub fn fits(group: usize, d: usize) -> bool {
-    d.is_multiple_of(8) && d > 0 && d <= MAX_HEAD && (1..=MAX_GROUP).contains(&group)
+/// Whether [`attention_row`] takes `heads` query heads of `d` over `kv_heads` KV heads:
+/// whole groups of at most [`MAX_GROUP`], heads of a multiple of 8 up to [`MAX_HEAD`], and
+/// head counts that fit the 16 bits each has in the packed shape.
+pub fn fits(heads: usize, kv_heads: usize, d: usize) -> bool {
+    kv_heads > 0
+        && heads.is_multiple_of(kv_heads)
+        && heads < 1 << 16
+        && (1..=MAX_GROUP).contains(&(heads / kv_heads))
+        && d.is_multiple_of(8)
+        && (8..=MAX_HEAD).contains(&d)
 }
 
 /// Attention of the query row at `q` (`heads` heads of `d`) over `count` key/value rows:
@@ -45,7 +52,7 @@ pub fn fits(group: usize, d: usize) -> bool {
 ///
 /// `q` points to `heads * d` floats and `out` to as many writable ones; every offset is
 /// one whose row (`kv_heads * d` floats) lies inside `k` and `v`; `offsets` holds `count`
-/// (at least 1) entries; `heads / kv_heads` and `d` [`fit`](fits); the CPU has AVX2 and
+/// (at least 1) entries; `heads`, `kv_heads` and `d` [`fit`](fits); the CPU has AVX2 and
 /// FMA ([`super::ukernel::available`]).
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn attention_row(
@@ -266,4 +273,23 @@ fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
         23,
     );
     _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row kernel takes whole groups of up to 8 heads of a multiple of 8, with head
+    /// counts its 16-bit shape fields hold.
+    #[test]
+    fn shapes_the_row_kernel_takes() {
+        assert!(fits(8, 4, 8));
+        assert!(fits(16, 2, 256));
+        assert!(!fits(9, 4, 8), "a partial group");
+        assert!(!fits(8, 4, 12), "heads of 12");
+        assert!(!fits(8, 4, 264), "heads over 256");
+        assert!(!fits(36, 4, 8), "groups of 9");
+        assert!(!fits(1 << 16, 1 << 16, 8), "more heads than 16 bits hold");
+        assert!(!fits(8, 0, 8));
+    }
 }

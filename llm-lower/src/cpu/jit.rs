@@ -236,7 +236,7 @@ pub fn compile(
         if let Kernel::Attention {
             heads, kv_heads, d, ..
         } = kernel
-            && attention::fits(heads / kv_heads.max(&1), *d)
+            && attention::fits(*heads, *kv_heads, *d)
         {
             tiles.attention =
                 attention_row.map(|id| module.declare_func_in_func(id, &mut ctx.func));
