@@ -332,6 +332,10 @@ pub struct Contraction {
     /// The constant weight is stored `[k, n]` and transposed when it is repacked into
     /// panels (it changes the packing, not the generated code).
     pub transpose_at_pack: bool,
+    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then q8_0 or q4_0):
+    /// each block of 32 codes of `x` meets a block of the weight's codes in an integer dot
+    /// product, scaled by both blocks' scales.
+    pub q8_0_input: bool,
 }
 
 /// Where an attention kernel finds keys and values, and which positions a query sees.
@@ -651,8 +655,10 @@ pub enum Kernel {
     Quantize {
         /// The format.
         format: WeightFormat,
-        /// Rows (the product of the leading dims).
-        rows: usize,
+        /// Rows (the product of the leading dims) for nf4 and the affine formats, which
+        /// lay a matrix out as a whole; `None` for the block formats, whose rows are
+        /// counted at run time (the leading dims may be dynamic).
+        rows: Option<usize>,
         /// Values per row.
         k: usize,
     },
@@ -721,12 +727,13 @@ impl Kernel {
     pub fn name(&self) -> String {
         match self {
             Kernel::Contraction(c) => format!(
-                "{}matvec_{}_{}x{}{}",
+                "{}matvec_{}{}_{}x{}{}",
                 if c.norm_eps_bits.is_some() {
                     "rms_norm_"
                 } else {
                     ""
                 },
+                if c.q8_0_input { "q8_0_by_" } else { "" },
                 c.weight.name(),
                 c.n,
                 c.k,
@@ -755,9 +762,10 @@ impl Kernel {
                 if source.masked() { "_masked" } else { "" }
             ),
             Kernel::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
-            Kernel::Quantize { format, rows, k } => {
-                format!("quantize_{}_{rows}x{k}", format.name())
-            }
+            Kernel::Quantize { format, rows, k } => match rows {
+                Some(rows) => format!("quantize_{}_{rows}x{k}", format.name()),
+                None => format!("quantize_{}_rows_of_{k}", format.name()),
+            },
             Kernel::BatchedMatmul { transposed } => {
                 format!("batched_matmul{}", if *transposed { "_t" } else { "" })
             }
@@ -909,6 +917,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     norm_eps_bits: (name == "llm.rms_norm_matmul").then(eps_bits),
                     residual: false,
                     transpose_at_pack: false,
+                    q8_0_input: false,
                 })
             })
         }
@@ -933,6 +942,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     norm_eps_bits: None,
                     residual: false,
                     transpose_at_pack: false,
+                    q8_0_input: false,
                 },
                 reduction: y.reduction(),
             })
@@ -954,10 +964,18 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             })
         }
         "llm.quantized_matmul" => {
-            let x = f32_operand(&check, 0)?;
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
+            // Activations in q8_0 meet q8_0 or q4_0 weights block by block.
+            let q8_0_input = check.is_quantized(0);
+            let x_shape = if q8_0_input {
+                let x = check.quantized(0).ok()?;
+                let blocks_meet = matches!(weight, WeightFormat::Q8_0 | WeightFormat::Q4_0);
+                (*x.format() == QuantFormat::Q8_0 && blocks_meet).then(|| x.shape().to_vec())?
+            } else {
+                f32_operand(&check, 0)?.shape().to_vec()
+            };
             // Row-blocked formats hold whole blocks per row; the whole-matrix ones need
             // whole bytes per row and whole groups along their axis.
             let layout_ok = match weight {
@@ -972,7 +990,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 }
                 other => other.block().is_some_and(|b| k.is_multiple_of(b)),
             };
-            let k_ok = x.shape().last() == Some(&Some(k as u64)) && layout_ok;
+            let k_ok = x_shape.last() == Some(&Some(k as u64)) && layout_ok;
             (k_ok && f32_result(&check)).then_some(Kernel::Contraction(Contraction {
                 k,
                 n,
@@ -980,6 +998,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 norm_eps_bits: None,
                 residual: false,
                 transpose_at_pack: false,
+                q8_0_input,
             }))
         }
         "llm.rms_norm" => {
@@ -1023,33 +1042,43 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
         }
         "llm.quantize" => {
             let x = f32_operand(&check, 0)?;
-            let dims: Option<Vec<usize>> =
-                x.shape().iter().map(|d| d.map(|d| d as usize)).collect();
-            let dims = dims?;
-            let (&k, lead) = dims.split_last()?;
+            let (&k, lead) = x.shape().split_last()?;
+            let k = k? as usize;
+            // The product of the leading dims, when they are all static.
+            let static_rows: Option<usize> = lead.iter().map(|d| d.map(|d| d as usize)).product();
             let format = WeightFormat::of(check.result_quantized(0).ok()?.format())?;
-            let blocked = match format {
+            let rows = match format {
+                // Blocks along each row: any number of rows, counted at run time.
                 WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
-                    k.is_multiple_of(32)
+                    if !k.is_multiple_of(32) {
+                        return None;
+                    }
+                    None
                 }
-                WeightFormat::Nf4 { block, .. } => block > 0 && k.is_multiple_of(block as usize),
+                WeightFormat::Nf4 { block, .. } => {
+                    if block == 0 || !k.is_multiple_of(block as usize) {
+                        return None;
+                    }
+                    Some(static_rows?)
+                }
                 // Groups of a matrix, along either dim, of whole bytes of codes.
                 WeightFormat::Affine {
                     bits, group, axis, ..
                 } => {
-                    let along = if axis == 0 { lead.iter().product() } else { k };
-                    dims.len() == 2
+                    let rows = static_rows?;
+                    let along = if axis == 0 { rows } else { k };
+                    let whole = lead.len() == 1
                         && group > 0
                         && along.is_multiple_of(group as usize)
-                        && (k * usize::from(bits)).is_multiple_of(8)
+                        && (k * usize::from(bits)).is_multiple_of(8);
+                    if !whole {
+                        return None;
+                    }
+                    Some(rows)
                 }
-                _ => false,
+                _ => return None,
             };
-            (blocked && k > 0).then(|| Kernel::Quantize {
-                format,
-                rows: lead.iter().product(),
-                k,
-            })
+            (k > 0).then_some(Kernel::Quantize { format, rows, k })
         }
         "llm.cast" => {
             let (from, to) = (

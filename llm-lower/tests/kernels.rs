@@ -519,6 +519,26 @@ proptest! {
         agree(&ir, vec![tensor(&[m, k], seed, 1.0), Value::Quantized(q)], 1e-5)?;
     }
 
+    /// Activations quantized to q8_0 (`quantize-activations`) meet q8_0 and q4_0 weights
+    /// in integer dot products, with static or run-time rows; the GPU keeps them on the
+    /// host.
+    #[test]
+    fn q8_0_activations(m in 1usize..5, n in 1usize..20, blocks in 1usize..5, q4 in any::<bool>(), dynamic in any::<bool>(), seed: u64) {
+        let k = 32 * blocks;
+        let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
+        let rows = if dynamic { "?".to_string() } else { m.to_string() };
+        let ir = func(
+            &[("x".into(), format!("llm.tensor <{rows}x{k}xf32>")), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {name}>"))],
+            &format!("llm.tensor <{rows}x{n}xf32>"),
+            &format!(
+                "xq = llm.quantize x : llm.quantized_tensor <{rows}x{k}, q8_0>;\n        y = llm.quantized_matmul xq, w : llm.tensor <{rows}x{n}xf32>;"
+            ),
+        );
+        let w = values(seed + 1, n * k, 1.0);
+        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
+        cpu_agrees(&ir, vec![tensor(&[m, k], seed, 3.0), Value::Quantized(q)], 1e-5)?;
+    }
+
     /// A weight whose values are all exactly f16 (a converted f16 model) is stored as f16
     /// on a device with `shader-f16`, and so is the table of an embedding tied to it; a
     /// weight that is not stays f32.

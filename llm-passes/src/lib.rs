@@ -1,5 +1,5 @@
 //! Passes over `llm` IR: the registry, textual pipelines, the greedy rewrite driver,
-//! canonicalization, CSE, DCE, fusion, and KV-cache and buffer memory planning.
+//! canonicalization, CSE, DCE, fusion, activation quantization, and KV-cache and buffer memory planning.
 //!
 //! Passes map IR to IR; a [`pipeline::Pipeline`] verifies the module after every pass (by
 //! default). Every pass is listed once in [`pass::PASSES`], which `llm-opt --list-passes`
@@ -17,5 +17,6 @@ pub mod pass;
 pub mod pipeline;
 pub mod plan_buffers;
 pub mod plan_kv_memory;
+pub mod quantize_activations;
 
 pub use pipeline::{Pipeline, Report, RunConfig, TargetOption};

@@ -218,6 +218,7 @@ pub static PASSES: &[PassInfo] = &[
     crate::cse::INFO,
     crate::dce::INFO,
     crate::fuse::INFO,
+    crate::quantize_activations::INFO,
     crate::plan_kv_memory::INFO,
     crate::plan_buffers::INFO,
 ];

@@ -68,14 +68,19 @@ llm_op! {
     /// Matrix product with a quantized weight: `result = input @ weight^T`.
     ///
     /// `weight` is `[N, K]` (GGUF's layout: one row per output feature, blocks along `K`);
-    /// `input` is `[..., K]` and the result `[..., N]` has `input`'s float element type. The
-    /// meaning is `matmul(input, dequantize(weight), transpose_rhs = true)`; backends
-    /// dequantize blocks in registers instead of materialising the weight.
+    /// `input` is `[..., K]` and the result is `[..., N]`. The meaning is
+    /// `matmul(input, dequantize(weight), transpose_rhs = true)`; backends dequantize blocks
+    /// in registers instead of materialising the weight.
+    ///
+    /// `input` is a float tensor (the result has its element type) or itself quantized
+    /// (the result has any float element type), meaning `dequantize(input)` in its place:
+    /// activations quantized to q8_0 by the `quantize-activations` pass let a backend
+    /// multiply integer codes block by block.
     ///
     /// | | |
     /// |---|---|
-    /// | operands | `input`: float `llm.tensor` `[..., K]`; `weight`: `llm.quantized_tensor` `[N, K]` |
-    /// | results | `result`: `llm.tensor` `[..., N]` |
+    /// | operands | `input`: float `llm.tensor` or `llm.quantized_tensor` `[..., K]`; `weight`: `llm.quantized_tensor` `[N, K]` |
+    /// | results | `result`: float `llm.tensor` `[..., N]` |
     ///
     /// Example:
     /// ```text
@@ -91,11 +96,18 @@ llm_op! {
 }
 
 fn check_quantized_matmul(c: &OpCheck) -> Result<()> {
-    let (x, w, out) = (c.tensor(0)?, c.quantized(1)?, c.result_tensor(0)?);
-    c.float_dtype(&c.operand_desc(0), x.dtype())?;
-    c.min_rank(&c.operand_desc(0), x.shape(), 1)?;
+    let (w, out) = (c.quantized(1)?, c.result_tensor(0)?);
+    // A quantized input stands for its dequantized values, of any float type.
+    let (x_shape, x_dtype) = if c.is_quantized(0) {
+        (c.quantized(0)?.shape().to_vec(), None)
+    } else {
+        let x = c.tensor(0)?;
+        c.float_dtype(&c.operand_desc(0), x.dtype())?;
+        (x.shape().to_vec(), Some(x.dtype()))
+    };
+    c.min_rank(&c.operand_desc(0), &x_shape, 1)?;
     c.rank(&c.operand_desc(1), w.shape(), 2)?;
-    let k = x.shape()[x.rank() - 1];
+    let k = x_shape[x_shape.len() - 1];
     let (n, wk) = (w.shape()[0], w.shape()[1]);
     if !dims_compatible(k, wk) {
         return c.err(format!(
@@ -106,8 +118,11 @@ fn check_quantized_matmul(c: &OpCheck) -> Result<()> {
             super::show_dim(wk)
         ));
     }
-    let mut want = x.shape()[..x.rank() - 1].to_vec();
+    let mut want = x_shape[..x_shape.len() - 1].to_vec();
     want.push(n);
-    c.same_dtype(&c.result_desc(0), out.dtype(), x.dtype())?;
+    match x_dtype {
+        Some(dtype) => c.same_dtype(&c.result_desc(0), out.dtype(), dtype)?,
+        None => c.float_dtype(&c.result_desc(0), out.dtype())?,
+    }
     c.shape(&c.result_desc(0), out.shape(), &want)
 }

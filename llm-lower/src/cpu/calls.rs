@@ -22,6 +22,7 @@ use llm_ir::{
         quant::{dequantize_row, storage_bytes},
     },
     syntax::Dim,
+    types::QuantFormat,
 };
 
 use super::{
@@ -158,7 +159,7 @@ pub fn call(
                 k: cols,
             },
             Some(f),
-        ) => quantize(*format, [*rows, *cols], f, inputs)
+        ) => quantize(*format, (*rows, *cols), f, inputs)
             .and_then(|q| k.results([Value::Quantized(q)])),
         (Kernel::Cast { from, to }, Some(f)) => {
             cast([*from, *to], f, inputs).and_then(|t| k.tensor(t))
@@ -172,7 +173,8 @@ pub fn call(
                 // Every device in turn, each over all the threads.
                 let y = sharded_linear_with(x, w?, *reduction, |xs, ws| {
                     let wbytes = f32_weight_bytes(local, ws)?;
-                    Ok(run_contraction(k, local, f, xs.floats()?, wbytes, None))
+                    let rows = Rows::of_floats(xs.floats()?, local.k);
+                    Ok(run_contraction(k, local, f, rows, wbytes, None))
                 })?;
                 k.results([Value::Sharded(y)])
             })
@@ -209,28 +211,69 @@ fn contraction(
     norm: Option<*const u8>,
     inputs: &[Rc<Value>],
 ) -> Result<Tensor, String> {
-    let x = inputs[0].tensor()?;
-    if x.shape.last() != Some(&c.k) {
-        return Err(format!(
-            "the input {:?} does not end in K = {}",
-            x.shape, c.k
-        ));
+    let x_shape = match &*inputs[0] {
+        Value::Quantized(q) if c.q8_0_input => &q.shape,
+        other => &other.tensor()?.shape,
+    };
+    if x_shape.last() != Some(&c.k) {
+        return Err(format!("the input {x_shape:?} does not end in K = {}", c.k));
     }
     let normed;
-    let (xs, w) = match norm {
+    let (rows, w) = match norm {
         Some(norm) => {
             normed = rms_norm(k, c.k, norm, &inputs[..2])?;
-            (normed.floats()?, &inputs[2])
+            (Rows::of_floats(normed.floats()?, c.k), &inputs[2])
         }
-        None => (x.floats()?, &inputs[1]),
+        None => (Rows::of(c, &inputs[0])?, &inputs[1]),
     };
     let wbytes = weight_bytes(c, w)?;
-    let mut shape = k.pool.shape(&x.shape[..x.shape.len() - 1]);
+    let mut shape = k.pool.shape(&x_shape[..x_shape.len() - 1]);
     shape.push(c.n);
     // The residual epilogue's operand comes last, shaped like the output.
     let residual = extra_operand(c.residual.then(|| inputs.last()), &shape, "residual")?;
-    let out = run_contraction(k, c, f, xs, wbytes, residual);
+    let out = run_contraction(k, c, f, rows, wbytes, residual);
     Ok(Tensor::from_f32(shape, DType::F32, out))
+}
+
+/// The rows of x a contraction reads: where they start and how many there are.
+#[derive(Clone, Copy)]
+struct Rows {
+    /// The first row's first byte.
+    at: i64,
+    /// The number of rows.
+    count: usize,
+}
+
+impl Rows {
+    /// Rows of `k` floats.
+    fn of_floats(xs: &[f32], k: usize) -> Rows {
+        Rows {
+            at: xs.as_ptr() as i64,
+            count: xs.len() / k.max(1),
+        }
+    }
+
+    /// The rows of `x`, floats or (for quantized activations) whole q8_0 rows of `c.k`.
+    fn of(c: &Contraction, x: &Value) -> Result<Rows, String> {
+        match x {
+            Value::Quantized(q) if c.q8_0_input => {
+                let expected = storage_bytes(&q.format, &q.shape);
+                if q.format != QuantFormat::Q8_0 || q.bytes.len() != expected {
+                    return Err(format!(
+                        "the input ({}, {} bytes) is not a q8_0 tensor of {:?}",
+                        q.format,
+                        q.bytes.len(),
+                        q.shape
+                    ));
+                }
+                Ok(Rows {
+                    at: q.bytes.as_ptr() as i64,
+                    count: q.shape.iter().product::<usize>() / c.k.max(1),
+                })
+            }
+            other => Ok(Rows::of_floats(other.tensor()?.floats()?, c.k)),
+        }
+    }
 }
 
 /// The floats of a kernel's optional operand (`Some` when the kernel takes it: a
@@ -305,21 +348,18 @@ fn run_contraction(
     k: &Kernels,
     c: &Contraction,
     f: *const u8,
-    xs: &[f32],
+    rows: Rows,
     wbytes: &[u8],
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
-    let m = xs.len() / c.k.max(1);
+    let m = rows.count;
     let rp = residual.map_or(0, |r| r.as_ptr() as i64);
     let mut out = k.pool.for_overwrite(m * c.n);
     // SAFETY: a contraction's signature is seven i64 params.
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    let (xp, wp, yp) = (
-        xs.as_ptr() as i64,
-        wbytes.as_ptr() as i64,
-        out.as_mut_ptr() as i64,
-    );
-    // The kernel reads m rows of k floats at xp, rows j0..j1 of the weight at wp (and the
+    let (xp, wp, yp) = (rows.at, wbytes.as_ptr() as i64, out.as_mut_ptr() as i64);
+    // The kernel reads m rows of x (k floats or k / 32 q8_0 blocks each) at xp, rows
+    // j0..j1 of the weight at wp (and the
     // residual's y-shaped rows at rp) and writes y[i, j0..j1] for i < m at yp: all inside
     // the buffers the callers checked.
     let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64, rp);
@@ -445,13 +485,15 @@ fn dequantize(
 /// Calls a quantization of `rows x k` floats into `format`'s blocks.
 fn quantize(
     format: WeightFormat,
-    [rows, cols]: [usize; 2],
+    (rows, cols): (Option<usize>, usize),
     f: *const u8,
     inputs: &[Rc<Value>],
 ) -> Result<QTensor, String> {
     let x = inputs[0].tensor()?;
     let xs = x.floats()?;
-    if xs.len() != rows * cols || x.shape.last() != Some(&cols) {
+    let rows_ok = rows.map_or(xs.len().is_multiple_of(cols), |r| xs.len() == r * cols);
+    if !rows_ok || x.shape.last() != Some(&cols) {
+        let rows = rows.map_or("whole".to_string(), |r| r.to_string());
         return Err(format!(
             "the operand {:?} is not {rows} rows of {cols}",
             x.shape
@@ -459,10 +501,15 @@ fn quantize(
     }
     let qformat = format.quant_format().ok_or("not a quantized format")?;
     let mut bytes = vec![0u8; storage_bytes(&qformat, &x.shape)];
-    // SAFETY: a quantization's signature is (x, bytes).
-    let f: extern "C" fn(i64, i64) = unsafe { std::mem::transmute(f) };
-    // x holds rows * cols floats, bytes the blocks they quantize to.
-    f(xs.as_ptr() as i64, bytes.as_mut_ptr() as i64);
+    // SAFETY: a quantization's signature is (x, bytes, number of floats).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // x holds whole rows of cols floats (a multiple of 32 for the block formats, the
+    // static count for the others), bytes the blocks they quantize to.
+    f(
+        xs.as_ptr() as i64,
+        bytes.as_mut_ptr() as i64,
+        xs.len() as i64,
+    );
     Ok(QTensor {
         shape: x.shape.clone(),
         format: qformat,

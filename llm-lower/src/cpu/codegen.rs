@@ -54,7 +54,7 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // quantized bytes, out
         Kernel::Dequantize { .. } => 2,
         // x, quantized bytes
-        Kernel::Quantize { .. } => 2,
+        Kernel::Quantize { .. } => 3,
         // No code of their own: data movement runs on the host, a sharded linear layer
         // runs its local contraction's code, a collective the add's (`Kernel::code`).
         Kernel::Move(_)
@@ -128,7 +128,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             dequant::emit_dequantize(b, *weight, [*rows, *k], p)
         }
         Kernel::Quantize { format, rows, k } => {
-            super::quantize::emit_quantize(b, *format, [rows * k, *k], p)
+            super::quantize::emit_quantize(b, *format, (*rows, *k), p)
         }
         // No code of their own (`Kernel::code`): data movement runs on the host, a sharded
         // linear layer runs its local contraction's code, a collective the add's.
@@ -178,6 +178,12 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     let whole = b.ins().band_imm_s(span, !(rows as i64 - 1));
     let blocked_end = b.ins().iadd(j0, whole);
     let row_bytes = c.weight.row_bytes(c.k) as i64;
+    // A row of x: k floats, or (quantized activations) k / 32 q8_0 blocks.
+    let x_row_bytes = if c.q8_0_input {
+        WeightFormat::Q8_0.row_bytes(c.k) as i64
+    } else {
+        4 * c.k as i64
+    };
     let mut ranges = vec![(j0, blocked_end, rows)];
     if rows > 1 {
         ranges.push((blocked_end, j1, 1));
@@ -205,10 +211,13 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 _ => zero,
             };
             for_range(b, single_from, m, 1, |b, i| {
-                let xrow = address(b, x, i, 4 * c.k as i64);
+                let xrow = address(b, x, i, x_row_bytes);
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
                 let sums = match (c.weight, tiles.quant_row) {
+                    _ if c.q8_0_input && tiles.quant_row.is_none() => {
+                        vec![super::q8dot::dot_row(b, c.weight, xrow, wblock, c.k)]
+                    }
                     (
                         WeightFormat::Q8_0
                         | WeightFormat::Q4_0

@@ -940,7 +940,7 @@ fn bytes_to_f32(b: &mut FunctionBuilder, v: Value, signed: bool) -> [Value; 4] {
 }
 
 /// The low and high nibbles of 16 bytes.
-fn split_nibbles(b: &mut FunctionBuilder, packed: Value) -> [Value; 2] {
+pub(super) fn split_nibbles(b: &mut FunctionBuilder, packed: Value) -> [Value; 2] {
     let mask = splat_i8(b, 0xf);
     let low = b.ins().band(packed, mask);
     let high = shift_right(b, packed, 4);
@@ -958,7 +958,7 @@ fn shift_right(b: &mut FunctionBuilder, v: Value, bits: i32) -> Value {
 }
 
 /// An `i8x16` with every lane `c`.
-fn splat_i8(b: &mut FunctionBuilder, c: i64) -> Value {
+pub(super) fn splat_i8(b: &mut FunctionBuilder, c: i64) -> Value {
     let c = b.ins().iconst(types::I8, c);
     b.ins().splat(types::I8X16, c)
 }

@@ -15,7 +15,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
-use super::{attention, codegen, kquant, ukernel};
+use super::{attention, codegen, kquant, q8dot, ukernel};
 use crate::kernel::{Kernel, WeightFormat};
 
 /// Which instruction set the code is generated for.
@@ -172,6 +172,14 @@ pub fn compile(
         (ukernel::PANEL_1X4, ukernel::panel_1x4 as *const u8),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
+        (
+            q8dot::Q8_0_BY_Q8_0_ROW,
+            q8dot::q8_0_by_q8_0_row as *const u8,
+        ),
+        (
+            q8dot::Q4_0_BY_Q8_0_ROW,
+            q8dot::q4_0_by_q8_0_row as *const u8,
+        ),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
         (
@@ -201,6 +209,8 @@ pub fn compile(
     let single = import(ukernel::PANEL_1X4, 4)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
+    let q8_0_by_q8_0_row = import(q8dot::Q8_0_BY_Q8_0_ROW, 4)?;
+    let q4_0_by_q8_0_row = import(q8dot::Q4_0_BY_Q8_0_ROW, 4)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let attention_row = import(attention::ATTENTION_ROW, 8)?;
@@ -222,6 +232,8 @@ pub fn compile(
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
             match c.weight {
+                WeightFormat::Q8_0 if c.q8_0_input => tiles.quant_row = bring(q8_0_by_q8_0_row),
+                WeightFormat::Q4_0 if c.q8_0_input => tiles.quant_row = bring(q4_0_by_q8_0_row),
                 WeightFormat::F32Panels => {
                     tiles.pair = bring(pair);
                     tiles.single = bring(single);
@@ -293,6 +305,7 @@ mod tests {
             norm_eps_bits: None,
             residual: false,
             transpose_at_pack: false,
+            q8_0_input: false,
         });
         let mut listings = Vec::new();
         compile(&[kernel], Target::PinnedX86, true, Some(&mut listings)).expect("compiles");

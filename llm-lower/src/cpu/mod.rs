@@ -14,6 +14,7 @@ pub mod jit;
 pub mod kquant;
 pub mod pool;
 pub mod program;
+pub mod q8dot;
 pub mod quantize;
 pub mod tables;
 pub mod ukernel;

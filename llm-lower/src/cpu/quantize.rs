@@ -22,14 +22,17 @@ use super::{
 };
 use crate::kernel::WeightFormat;
 
-/// Emits the quantization of the `len` floats at `p[0]` into `format`'s bytes at `p[1]`.
+/// Emits the quantization of the floats at `p[0]` into `format`'s bytes at `p[1]`: `rows`
+/// rows of `k` for nf4 and the affine formats, `p[2]` floats (a run-time count) for the
+/// block formats.
 pub fn emit_quantize(
     b: &mut FunctionBuilder,
     format: WeightFormat,
-    [len, k]: [usize; 2],
+    (rows, k): (Option<usize>, usize),
     p: &[Value],
 ) {
     let (x, out) = (p[0], p[1]);
+    let len = rows.unwrap_or(0) * k;
     match format {
         WeightFormat::Nf4 { block, scale } => {
             return nf4(b, [x, out], len, (block as usize, scale));
@@ -52,10 +55,9 @@ pub fn emit_quantize(
         }
         _ => {}
     }
-    let blocks = len / 32;
     let block_bytes = format.row_bytes(32) as i64;
     let zero = b.ins().iconst(types::I64, 0);
-    let end = b.ins().iconst(types::I64, blocks as i64);
+    let end = b.ins().ushr_imm_u(p[2], 5);
     for_range(b, zero, end, 1, |b, blk| {
         let xb = address(b, x, blk, 128);
         let ob = address(b, out, blk, block_bytes);

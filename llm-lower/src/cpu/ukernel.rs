@@ -21,11 +21,14 @@ use crate::kernel::{PANEL_COLS, PANEL_ROWS};
 /// The symbol generated code imports [`panel_2x4`] under.
 pub const PANEL_2X4: &str = "llmc_panel_2x4";
 
-/// Whether this machine runs [`panel_2x4`] (x86-64 with AVX2 and FMA).
+/// Whether this machine runs [`panel_2x4`] and the other microkernels (x86-64 with AVX2,
+/// FMA and F16C, which every AVX2 CPU has).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -578,12 +578,14 @@ impl Call<'_> {
             }
             Kernel::Quantize { format, rows, k } => {
                 let x = self.device(step.inputs[0])?;
-                if x.elem != Elem::F32 || x.len() != rows * k {
+                let rows_ok = rows.map_or(x.len().is_multiple_of(*k), |r| x.len() == r * k);
+                if x.elem != Elem::F32 || !rows_ok {
                     return Err(format!(
-                        "the operand {:?} is not {rows} rows of {k}",
+                        "the operand {:?} is not whole rows of {k}",
                         x.shape
                     ));
                 }
+                let rows = x.len() / k;
                 let blocks = rows * k / 32;
                 let bytes = format.row_bytes(*k) * rows;
                 let per_unit = if *format == WeightFormat::Q4_1 { 1 } else { 2 };

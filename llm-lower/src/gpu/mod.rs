@@ -94,12 +94,13 @@ impl Limits {
 }
 
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
-/// linear layer and the collectives, whose sharded values stay on the host, a float cast to i64, which may
-/// not fit the 32 bits a device holds an integer in, and quantization into nf4 and the
-/// affine formats (all run
-/// through their reference semantics there).
+/// linear layer and the collectives, whose sharded values stay on the host, a float cast
+/// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
+/// nf4 and the affine formats, and contractions of q8_0 activations (all run through
+/// their reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
+        Kernel::Contraction(c) => !c.q8_0_input,
         Kernel::ShardedLinear { .. } | Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
             false
         }
@@ -219,6 +220,7 @@ mod tests {
                         norm_eps_bits: norm,
                         residual,
                         transpose_at_pack: false,
+                        q8_0_input: false,
                     }));
                 }
             }

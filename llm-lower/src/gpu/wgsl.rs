@@ -253,6 +253,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             norm_eps_bits: None,
             residual: false,
             transpose_at_pack: false,
+            q8_0_input: false,
         })],
         Kernel::Move(Movement::Permute { .. }) => vec![Shader::Permute],
         Kernel::Move(Movement::Concat { .. }) => vec![Shader::Place],
@@ -1798,6 +1799,7 @@ fn gather(dim: usize, vocab: usize, table: WeightFormat) -> String {
             norm_eps_bits: None,
             residual: false,
             transpose_at_pack: false,
+            q8_0_input: false,
         };
         let _ = writeln!(s, "const K: u32 = DIM;");
         s.push_str(&weight_prelude(&as_weight, "table", true));

@@ -34,20 +34,30 @@ pub fn dequantize(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     ))
 }
 
-/// `llm.quantized_matmul`: `x @ dequantize(w)^T`.
+/// `llm.quantized_matmul`: `x @ dequantize(w)^T`, with a quantized `x` dequantized first.
 pub fn quantized_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let (x, w) = (inputs[0].tensor()?, inputs[1].quantized()?);
+    let w = inputs[1].quantized()?;
     let (n, k) = (w.shape[0], w.shape[1]);
-    if x.shape.last() != Some(&k) {
+    let dequantized;
+    let (x_shape, xs) = match &*inputs[0] {
+        Value::Quantized(q) => {
+            dequantized = quant::dequantize(&q.format, &q.shape, &q.bytes);
+            (&q.shape, &dequantized[..])
+        }
+        other => {
+            let x = other.tensor()?;
+            (&x.shape, x.floats()?)
+        }
+    };
+    if x_shape.last() != Some(&k) {
         return Err(format!(
-            "the input {:?} does not end in the weight's K = {k}",
-            x.shape
+            "the input {x_shape:?} does not end in the weight's K = {k}"
         ));
     }
     let weights = quant::dequantize(&w.format, &w.shape, &w.bytes);
-    let m = x.len() / k.max(1);
-    let out = matmul_2d(x.floats()?, m, k, n, |p, j| weights[j * k + p]);
-    let mut shape = x.shape[..x.shape.len() - 1].to_vec();
+    let m = xs.len() / k.max(1);
+    let out = matmul_2d(xs, m, k, n, |p, j| weights[j * k + p]);
+    let mut shape = x_shape[..x_shape.len() - 1].to_vec();
     shape.push(n);
     one(Tensor::from_f32(shape, e.result_dtype(0)?, out))
 }

@@ -1,0 +1,261 @@
+//! Integer dot products of q8_0 activations with q8_0 or q4_0 weights.
+//!
+//! After `quantize-activations`, a block of 32 values of x is an f16 scale `dx` and 32
+//! signed bytes, and so is a q8_0 weight block (`dw`, 32 signed bytes) or a q4_0 one
+//! (`dw`, 32 nibbles `n`, value `n - 8`). The block's dot product is
+//! `dx * dw * Σ qx·qw`, where the sum is an exact integer: no product needs a float until
+//! the block is done, and each block costs one conversion and one multiply-add.
+//!
+//! Two implementations, one per target:
+//! - [`q8_0_by_q8_0_row`] and [`q4_0_by_q8_0_row`], AVX2 microkernels that generated
+//!   contractions call per weight row when the CPU has AVX2 ([`super::ukernel::available`]).
+//!   q4_0 nibbles meet x in `vpmaddubsw` (unsigned by signed bytes into 16-bit pair sums)
+//!   and the recentring is taken off as `8 * Σ qx` (one more `vpmaddubsw`): exact for every
+//!   byte x may hold, -128 included (the sign trick, `|w|` by `sign(w) * x`, is not).
+//!   q8_0 weights are widened to 16 bits and meet x in `vpmaddwd`.
+//! - [`dot_row`], the same sums in generated code (`pmaddwd` on 128-bit vectors), for CPUs
+//!   without AVX2 and for the tests that compare both with the interpreter.
+//!
+//! Integer block sums are exact in either, so the two differ only in how the scaled block
+//! sums are added up.
+
+#![allow(
+    unsafe_code,
+    reason = "AVX2 intrinsics on pointers checked by the caller"
+)]
+
+use cranelift_codegen::ir::{InstBuilder, Value, types};
+use cranelift_frontend::FunctionBuilder;
+
+use super::{
+    dequant::{load_f16, splat_i8, split_nibbles},
+    emit::{address, for_range, horizontal_sum, mem, zeroed_accumulators},
+};
+use crate::kernel::WeightFormat;
+
+/// The symbol generated code imports [`q8_0_by_q8_0_row`] under.
+pub const Q8_0_BY_Q8_0_ROW: &str = "llmc_q8_0_by_q8_0_row";
+/// The symbol generated code imports [`q4_0_by_q8_0_row`] under.
+pub const Q4_0_BY_Q8_0_ROW: &str = "llmc_q4_0_by_q8_0_row";
+
+/// Bytes of a q8_0 block: an f16 scale and 32 codes.
+const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// `*y = dot(x, w)` for a q8_0 row `x` and a q8_0 row `w` of `k` values.
+///
+/// # Safety
+///
+/// `x` and `w` point to `k / 32 * 34` bytes (`k` a multiple of 32), `y` to a writable
+/// float, and the CPU has AVX2, FMA and F16C ([`super::ukernel::available`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn q8_0_by_q8_0_row(k: i64, x: *const u8, w: *const u8, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { row_avx2::<false>(k as usize, x, w, y) }
+}
+
+/// `*y = dot(x, w)` for a q8_0 row `x` and a q4_0 row `w` of `k` values.
+///
+/// # Safety
+///
+/// As [`q8_0_by_q8_0_row`], with `w` pointing to `k / 32 * 18` bytes.
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn q4_0_by_q8_0_row(k: i64, x: *const u8, w: *const u8, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { row_avx2::<true>(k as usize, x, w, y) }
+}
+
+/// The block sums of x with a q8_0 (`FOUR_BIT = false`) or q4_0 (`FOUR_BIT = true`) row,
+/// as eight 32-bit lanes, each scaled by `dx * dw` into an eight-lane accumulator.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, w: *const u8, y: *mut f32) {
+    use std::arch::x86_64::*;
+    let w_block = if FOUR_BIT { 18 } else { Q8_0_BLOCK_BYTES };
+    let nibble = _mm256_set1_epi8(0x0f);
+    let eight = _mm256_set1_epi8(8);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY: block `b` of x is at `34 * b`, of w at `w_block * b`, both inside the rows
+    // the contract describes.
+    unsafe {
+        for b in 0..k / 32 {
+            let xb = x.add(b * Q8_0_BLOCK_BYTES);
+            let wb = w.add(b * w_block);
+            // Both f16 scales converted by F16C: activation scales are often subnormal
+            // in f16, and widening one by a float multiply stalls on the subnormal.
+            let scales = u32::from(xb.cast::<u16>().read_unaligned())
+                | (u32::from(wb.cast::<u16>().read_unaligned()) << 16);
+            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
+            let scale = _mm_cvtss_f32(_mm_mul_ss(scales, _mm_movehdup_ps(scales)));
+            let sums = if FOUR_BIT {
+                let xq = _mm256_loadu_si256(xb.add(2).cast());
+                let packed = _mm_loadu_si128(wb.add(2).cast());
+                // Low nibbles (values 0..16) in the low half, high nibbles in the high.
+                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                let codes = _mm256_and_si256(both, nibble);
+                let pairs = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(codes, xq),
+                    _mm256_maddubs_epi16(eight, xq),
+                );
+                _mm256_madd_epi16(pairs, ones)
+            } else {
+                let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(2).cast()));
+                let x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(18).cast()));
+                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2).cast()));
+                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18).cast()));
+                _mm256_add_epi32(_mm256_madd_epi16(x0, w0), _mm256_madd_epi16(x1, w1))
+            };
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
+        }
+        let v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let mut l = [0f32; 4];
+        _mm_storeu_ps(l.as_mut_ptr(), v);
+        *y = (l[0] + l[1]) + (l[2] + l[3]);
+    }
+}
+
+/// The dot product of the q8_0 row at `x` with the `weight` row (q8_0 or q4_0) at `row`,
+/// `k` values each, in generated code: per block, the codes widened to 16 bits meet in
+/// `pmaddwd`, the 32-bit lanes are converted and scaled by `dx * dw` into the sums.
+pub fn dot_row(
+    b: &mut FunctionBuilder,
+    weight: WeightFormat,
+    x: Value,
+    row: Value,
+    k: usize,
+) -> Value {
+    let acc = zeroed_accumulators(b, 1)[0];
+    let zero = b.ins().iconst(types::I64, 0);
+    let blocks = b.ins().iconst(types::I64, (k / 32) as i64);
+    let w_block = weight.row_bytes(32) as i64;
+    for_range(b, zero, blocks, 1, |b, blk| {
+        let xb = address(b, x, blk, Q8_0_BLOCK_BYTES as i64);
+        let wb = address(b, row, blk, w_block);
+        let x_codes = [
+            b.ins().load(types::I8X16, mem(), xb, 2),
+            b.ins().load(types::I8X16, mem(), xb, 18),
+        ];
+        let w_codes = match weight {
+            WeightFormat::Q4_0 => {
+                let packed = b.ins().load(types::I8X16, mem(), wb, 2);
+                let eight = splat_i8(b, 8);
+                split_nibbles(b, packed).map(|n| b.ins().isub(n, eight))
+            }
+            _ => [
+                b.ins().load(types::I8X16, mem(), wb, 2),
+                b.ins().load(types::I8X16, mem(), wb, 18),
+            ],
+        };
+        let mut sum = None;
+        for (xv, wv) in x_codes.into_iter().zip(w_codes) {
+            for (xh, wh) in [
+                (b.ins().swiden_low(xv), b.ins().swiden_low(wv)),
+                (b.ins().swiden_high(xv), b.ins().swiden_high(wv)),
+            ] {
+                let pairs = pairwise_dot(b, xh, wh);
+                sum = Some(match sum {
+                    Some(s) => b.ins().iadd(s, pairs),
+                    None => pairs,
+                });
+            }
+        }
+        let sum = sum.expect("a block has codes");
+        let sum = b.ins().fcvt_from_sint(types::F32X4, sum);
+        let dx = load_f16(b, xb, 0);
+        let dw = load_f16(b, wb, 0);
+        let scale = b.ins().fmul(dx, dw);
+        let scale = b.ins().splat(types::F32X4, scale);
+        let old = b.use_var(acc);
+        let new = b.ins().fma(sum, scale, old);
+        b.def_var(acc, new);
+    });
+    let a = b.use_var(acc);
+    horizontal_sum(b, a)
+}
+
+/// `[x0·y0 + x1·y1, x2·y2 + x3·y3, ...]` of two `i16x8` as an `i32x4` (x86's `pmaddwd`:
+/// Cranelift matches this exact tree).
+fn pairwise_dot(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
+    let (xl, yl) = (b.ins().swiden_low(x), b.ins().swiden_low(y));
+    let (xh, yh) = (b.ins().swiden_high(x), b.ins().swiden_high(y));
+    let low = b.ins().imul(xl, yl);
+    let high = b.ins().imul(xh, yh);
+    b.ins().iadd_pairwise(low, high)
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// A row of `blocks` blocks: every code byte drawn from the whole byte range (-128
+    /// included, which no quantizer writes but a q8_0 value may hold), and f16 scales.
+    fn row(blocks: usize, block_bytes: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        };
+        let mut bytes = Vec::new();
+        for b in 0..blocks {
+            let scale = half::f16::from_f32(0.01 * (b as f32 + 1.0)).to_bits();
+            bytes.extend(scale.to_le_bytes());
+            bytes.extend((0..block_bytes - 2).map(|_| next()));
+        }
+        bytes
+    }
+
+    /// The sum over blocks of `dx * dw * Σ qx·qw` (exact integer sums), and of the
+    /// blocks' magnitudes (the scale of the rounding error).
+    fn expected(x: &[u8], w: &[u8], four_bit: bool) -> (f32, f32) {
+        let w_block = if four_bit { 18 } else { 34 };
+        let scale = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        x.chunks(34)
+            .zip(w.chunks(w_block))
+            .map(|(xb, wb)| {
+                let codes: Vec<i32> = if four_bit {
+                    let low = wb[2..].iter().map(|&q| i32::from(q & 15) - 8);
+                    let high = wb[2..].iter().map(|&q| i32::from(q >> 4) - 8);
+                    low.chain(high).collect()
+                } else {
+                    wb[2..].iter().map(|&q| i32::from(q as i8)).collect()
+                };
+                let sum: i32 = xb[2..]
+                    .iter()
+                    .zip(codes)
+                    .map(|(&q, c)| i32::from(q as i8) * c)
+                    .sum();
+                scale(xb) * scale(wb) * sum as f32
+            })
+            .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
+    }
+
+    #[test]
+    fn block_sums_are_exact_for_every_byte() {
+        if !super::super::ukernel::available() {
+            return;
+        }
+        for (seed, blocks) in [(1u64, 1usize), (2, 3), (3, 8), (4, 24)] {
+            let x = row(blocks, 34, seed);
+            for four_bit in [false, true] {
+                let w = row(blocks, if four_bit { 18 } else { 34 }, seed + 100);
+                let mut y = 0f32;
+                let k = (32 * blocks) as i64;
+                // SAFETY: x and w hold `blocks` blocks of their formats; AVX2 is checked.
+                unsafe {
+                    if four_bit {
+                        q4_0_by_q8_0_row(k, x.as_ptr(), w.as_ptr(), &mut y);
+                    } else {
+                        q8_0_by_q8_0_row(k, x.as_ptr(), w.as_ptr(), &mut y);
+                    }
+                }
+                let (want, magnitude) = expected(&x, &w, four_bit);
+                assert!(
+                    (y - want).abs() <= 1e-6 * magnitude.max(1.0),
+                    "{blocks} blocks, four_bit {four_bit}: {y} != {want}"
+                );
+            }
+        }
+    }
+}

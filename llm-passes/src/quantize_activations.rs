@@ -1,0 +1,106 @@
+//! `quantize-activations`: quantized matmuls read q8_0 activations.
+//!
+//! `quantized_matmul(x, w)` with `f32` activations `x` and a q8_0 or q4_0 weight becomes
+//! `quantized_matmul(quantize(x) : q8_0, w)`. Both formats hold blocks of 32 values along
+//! K with one scale each, so a block of `x` meets a block of `w` as two scales and 32 pairs
+//! of small integers: a backend multiplies the codes as integers and scales the block's
+//! sum once (the usual int8 dot product of quantized inference engines).
+//!
+//! This changes the numbers: each activation is rounded to its block's q8_0 grid (a
+//! relative error of at most 1/254 of the block's largest magnitude) before the product.
+//! The pass is therefore not in the `default` pipeline: ask for it after the fusions that
+//! make quantized matmuls (`llm-run --quantize q4_0 --passes default,quantize-activations`).
+//! One `llm.quantize` serves every matmul of a block that reads the same `x` (a layer's
+//! q/k/v or gate/up projections).
+
+use std::collections::HashMap;
+
+use llm_ir::{
+    dtype::DType,
+    ops::{self, QuantizeOp},
+    types::{QuantFormat, QuantizedTensorType},
+};
+use pliron::{
+    context::{Context, Ptr},
+    op::Op,
+    operation::Operation,
+    r#type::Typed,
+    value::Value,
+};
+
+use crate::{
+    ir,
+    pass::{Pass, PassError, PassInfo, PassOptions, Scope},
+};
+
+/// The registry entry.
+pub const INFO: PassInfo = PassInfo {
+    name: "quantize-activations",
+    summary: "quantize the f32 inputs of q8_0/q4_0 matmuls to q8_0 (integer dot products)",
+    options: &[],
+    scope: Scope::Any,
+    create: |_: &PassOptions| Box::new(QuantizeActivations),
+};
+
+/// The pass.
+pub struct QuantizeActivations;
+
+/// The block size the activations and the weights share.
+const BLOCK: u64 = 32;
+
+impl Pass for QuantizeActivations {
+    fn run(&mut self, ctx: &mut Context, root: Ptr<Operation>) -> Result<bool, PassError> {
+        let mut changed = false;
+        for block in ir::nested_blocks(ctx, root) {
+            // Per block: the q8_0 value already made for an activation.
+            let mut quantized: HashMap<Value, Value> = HashMap::new();
+            for op in ir::block_ops(ctx, block) {
+                if !takes_q8_0_activations(ctx, op) {
+                    continue;
+                }
+                let x = ir::operand(ctx, op, 0);
+                let q = match quantized.get(&x) {
+                    Some(&q) => q,
+                    None => {
+                        let q = quantize_before(ctx, op, x);
+                        quantized.insert(x, q);
+                        q
+                    }
+                };
+                Operation::replace_operand(op, ctx, 0, q);
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// Whether `op` is a `quantized_matmul` of `f32` activations, whose K is a static multiple
+/// of 32, with a q8_0 or q4_0 weight.
+fn takes_q8_0_activations(ctx: &Context, op: Ptr<Operation>) -> bool {
+    if ir::name(ctx, op) != "llm.quantized_matmul" {
+        return false;
+    }
+    let Some(x) = ir::tensor_type(ctx, ir::operand(ctx, op, 0)) else {
+        return false;
+    };
+    let k_blocked = matches!(x.shape().last(), Some(Some(k)) if k % BLOCK == 0);
+    let w = ir::operand(ctx, op, 1).get_type(ctx);
+    let weight_blocked = w
+        .deref(ctx)
+        .downcast_ref::<QuantizedTensorType>()
+        .is_some_and(|w| matches!(w.format(), QuantFormat::Q8_0 | QuantFormat::Q4_0));
+    x.dtype() == DType::F32 && k_blocked && weight_blocked
+}
+
+/// Builds `quantize(x) : q8_0` just before `op`.
+fn quantize_before(ctx: &mut Context, op: Ptr<Operation>, x: Value) -> Value {
+    let shape = ir::tensor_type(ctx, x)
+        .map(|t| t.shape().to_vec())
+        .unwrap_or_default();
+    let ty = QuantizedTensorType::get(ctx, shape, QuantFormat::Q8_0).into();
+    let quantize: QuantizeOp = ops::build(ctx, vec![x], vec![ty], vec![]);
+    let quantize = quantize.get_operation();
+    quantize.insert_before(ctx, op);
+    ir::result(ctx, quantize, 0)
+}
