@@ -8,7 +8,8 @@
 //! output must also be a fixed point: printing its parse gives the same text. And whenever a
 //! RUN line runs passes, every function must compute the same results before and after
 //! them on seeded random inputs (checked with the reference interpreter), unless the case
-//! says `// NO-EXEC: <why>`.
+//! says `// NO-EXEC: <why>`: floats within 1e-5 (relative to `max(|x|, 1)`), or within
+//! `// TOLERANCE: <relative> <why>` for a pass that rounds on purpose (`quantize-activations`).
 //!
 //! Filter with `cargo test --test filetests -- <substring>`; bless with
 //! `INSTA_UPDATE=always cargo test --test filetests` and review the diff.
@@ -275,6 +276,15 @@ fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
     if source.contains("// NO-EXEC:") {
         return Ok(());
     }
+    let tolerance = match source.split_once("// TOLERANCE:") {
+        Some((_, rest)) => {
+            // The number, then an optional reason.
+            let text = rest.split_whitespace().next().unwrap_or("");
+            text.parse::<f32>()
+                .map_err(|_| format!("`// TOLERANCE: {text}` is not a number"))?
+        }
+        None => 1e-5,
+    };
     let ir_args = OptArgs {
         emit: Emit::Ir,
         ..args.clone()
@@ -314,7 +324,7 @@ fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
                 ));
             }
             for (i, (a, b)) in expected.iter().zip(&found).enumerate() {
-                if !same_value(a, b) {
+                if !same_value(a, b, tolerance) {
                     return Err(format!(
                         "@{name} result #{i} changed on random inputs (seed {seed}):\nbefore: {a:?}\nafter:  {b:?}"
                     ));
@@ -325,13 +335,15 @@ fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether two values agree (floats within 1e-5 relative; KV pools of different planned
-/// sizes are not compared).
-fn same_value(a: &Value, b: &Value) -> bool {
+/// Whether two values agree (floats within `tolerance` relative to `max(|x|, 1)`; KV pools
+/// of different planned sizes are not compared).
+fn same_value(a: &Value, b: &Value, tolerance: f32) -> bool {
     let close = |x: &[f32], y: &[f32]| {
         x.len() == y.len()
             && x.iter().zip(y).all(|(p, q)| {
-                p == q || (p - q).abs() <= 1e-5 * p.abs().max(1.0) || (p.is_nan() && q.is_nan())
+                p == q
+                    || (p - q).abs() <= tolerance * p.abs().max(1.0)
+                    || (p.is_nan() && q.is_nan())
             })
     };
     match (a, b) {
@@ -348,10 +360,13 @@ fn same_value(a: &Value, b: &Value) -> bool {
         }
         (Value::Sharded(x), Value::Sharded(y)) => {
             x.shards.len() == y.shards.len()
-                && x.shards
-                    .iter()
-                    .zip(&y.shards)
-                    .all(|(p, q)| same_value(&Value::Tensor(p.clone()), &Value::Tensor(q.clone())))
+                && x.shards.iter().zip(&y.shards).all(|(p, q)| {
+                    same_value(
+                        &Value::Tensor(p.clone()),
+                        &Value::Tensor(q.clone()),
+                        tolerance,
+                    )
+                })
         }
         (x, y) => x == y,
     }

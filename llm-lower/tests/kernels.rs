@@ -523,20 +523,23 @@ proptest! {
     /// in integer dot products, with static or run-time rows; the GPU keeps them on the
     /// host.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..20, blocks in 1usize..5, q4 in any::<bool>(), dynamic in any::<bool>(), seed: u64) {
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, q4 in any::<bool>(), dynamic in any::<bool>(), seed: u64) {
         let k = 32 * blocks;
         let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
+        let y = format!("llm.tensor <{rows}x{n}xf32>");
+        // The residual epilogue: added after each chunk of 64 weight rows.
         let ir = func(
-            &[("x".into(), format!("llm.tensor <{rows}x{k}xf32>")), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {name}>"))],
-            &format!("llm.tensor <{rows}x{n}xf32>"),
+            &[("x".into(), format!("llm.tensor <{rows}x{k}xf32>")), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {name}>")), ("r".into(), y.clone())],
+            &y,
             &format!(
-                "xq = llm.quantize x : llm.quantized_tensor <{rows}x{k}, q8_0>;\n        y = llm.quantized_matmul xq, w : llm.tensor <{rows}x{n}xf32>;"
+                "xq = llm.quantize x : llm.quantized_tensor <{rows}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
             ),
         );
         let w = values(seed + 1, n * k, 1.0);
         let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-        cpu_agrees(&ir, vec![tensor(&[m, k], seed, 3.0), Value::Quantized(q)], 1e-5)?;
+        let args = vec![tensor(&[m, k], seed, 3.0), Value::Quantized(q), tensor(&[m, n], seed + 2, 1.0)];
+        agree_on(&ir, args, &Store(Vec::new()), (1e-5, 1), false)?;
     }
 
     /// A weight whose values are all exactly f16 (a converted f16 model) is stored as f16

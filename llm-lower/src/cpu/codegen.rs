@@ -76,6 +76,9 @@ pub struct Tiles {
     /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
     /// weight row.
     pub quant_row: Option<FuncRef>,
+    /// `q8_0_by_q8_0_rows` or `q4_0_by_q8_0_rows`, for a run of weight rows against a
+    /// q8_0 row of x.
+    pub q8_0_rows: Option<FuncRef>,
     /// `attention_row`, for a whole unmasked attention row whose heads fit it
     /// ([`super::attention::fits`]).
     pub attention: Option<FuncRef>,
@@ -147,24 +150,15 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
 /// last row runs the generated dot product; with a quantized row tile, every row does.
 fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles: Tiles) {
     let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
-    // The epilogue: y[i, j..j + count] += residual[i, j..j + count], after the products.
     let add_residual = |b: &mut FunctionBuilder, i: Value, j: Value, count: usize| {
-        if !c.residual {
-            return;
-        }
-        let offset = b.ins().imul_imm_s(i, 4 * c.n as i64);
-        let column = b.ins().imul_imm_s(j, 4);
-        let offset = b.ins().iadd(offset, column);
-        let yat = b.ins().iadd(y, offset);
-        let rat = b.ins().iadd(residual, offset);
-        for q in 0..count {
-            let at = 4 * q as i32;
-            let v = b.ins().load(types::F32, mem(), yat, at);
-            let r = b.ins().load(types::F32, mem(), rat, at);
-            let sum = b.ins().fadd(v, r);
-            b.ins().store(mem(), sum, yat, at);
+        if c.residual {
+            emit_residual(b, c.n, [y, residual], [i, j], count);
         }
     };
+    if let Some(tile) = tiles.q8_0_rows.filter(|_| c.q8_0_input) {
+        emit_q8_0_rows(b, c, p, tile);
+        return;
+    }
     // Row-major weights are read one row at a time: a single sequential stream, which the
     // hardware prefetcher follows (4 interleaved short rows ran at less than half the
     // bandwidth). Panels give 4 rows in one stream, sharing the loads of x.
@@ -215,7 +209,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
                 let sums = match (c.weight, tiles.quant_row) {
-                    _ if c.q8_0_input && tiles.quant_row.is_none() => {
+                    _ if c.q8_0_input => {
                         vec![super::q8dot::dot_row(b, c.weight, xrow, wblock, c.k)]
                     }
                     (
@@ -253,6 +247,62 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
             });
         });
     }
+}
+
+/// The residual epilogue: `y[i, j..j + count] += residual[i, j..j + count]` (`y` and the
+/// residual are `[m, n]`), after the products.
+fn emit_residual(
+    b: &mut FunctionBuilder,
+    n: usize,
+    [y, residual]: [Value; 2],
+    [i, j]: [Value; 2],
+    count: usize,
+) {
+    let offset = b.ins().imul_imm_s(i, 4 * n as i64);
+    let column = b.ins().imul_imm_s(j, 4);
+    let offset = b.ins().iadd(offset, column);
+    let yat = b.ins().iadd(y, offset);
+    let rat = b.ins().iadd(residual, offset);
+    for q in 0..count {
+        let at = 4 * q as i32;
+        let v = b.ins().load(types::F32, mem(), yat, at);
+        let r = b.ins().load(types::F32, mem(), rat, at);
+        let sum = b.ins().fadd(v, r);
+        b.ins().store(mem(), sum, yat, at);
+    }
+}
+
+/// Weight rows a q8_0-activation microkernel call takes: their blocks stay in L1 or L2
+/// across the rows of x.
+const Q8_0_ROWS_CHUNK: i64 = 64;
+
+/// A contraction of q8_0 activations through `tile` (`q8_0_by_q8_0_rows` or
+/// `q4_0_by_q8_0_rows`): chunks of [`Q8_0_ROWS_CHUNK`] weight rows outside, one call per
+/// row of x inside, then the chunk's residual epilogue.
+fn emit_q8_0_rows(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tile: FuncRef) {
+    let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
+    let zero = b.ins().iconst(types::I64, 0);
+    let k = b.ins().iconst(types::I64, c.k as i64);
+    let x_row_bytes = WeightFormat::Q8_0.row_bytes(c.k) as i64;
+    let row_bytes = c.weight.row_bytes(c.k) as i64;
+    for_range(b, j0, j1, Q8_0_ROWS_CHUNK, |b, j| {
+        let left = b.ins().isub(j1, j);
+        let chunk = b.ins().iconst(types::I64, Q8_0_ROWS_CHUNK);
+        let count = b.ins().smin(left, chunk);
+        let end = b.ins().iadd(j, count);
+        let wblock = address(b, w, j, row_bytes);
+        for_range(b, zero, m, 1, |b, i| {
+            let xrow = address(b, x, i, x_row_bytes);
+            let yrow = address(b, y, i, 4 * c.n as i64);
+            let yat = address(b, yrow, j, 4);
+            b.ins().call(tile, &[k, xrow, wblock, yat, count]);
+            if c.residual {
+                for_range(b, j, end, 1, |b, jj| {
+                    emit_residual(b, c.n, [y, residual], [i, jj], 1);
+                });
+            }
+        });
+    });
 }
 
 /// A matmul whose dims are all run-time values (`p`: x, w, y, batch, m, k, n, w's batch

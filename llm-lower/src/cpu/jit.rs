@@ -173,12 +173,12 @@ pub fn compile(
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (
-            q8dot::Q8_0_BY_Q8_0_ROW,
-            q8dot::q8_0_by_q8_0_row as *const u8,
+            q8dot::Q8_0_BY_Q8_0_ROWS,
+            q8dot::q8_0_by_q8_0_rows as *const u8,
         ),
         (
-            q8dot::Q4_0_BY_Q8_0_ROW,
-            q8dot::q4_0_by_q8_0_row as *const u8,
+            q8dot::Q4_0_BY_Q8_0_ROWS,
+            q8dot::q4_0_by_q8_0_rows as *const u8,
         ),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
@@ -209,8 +209,8 @@ pub fn compile(
     let single = import(ukernel::PANEL_1X4, 4)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
-    let q8_0_by_q8_0_row = import(q8dot::Q8_0_BY_Q8_0_ROW, 4)?;
-    let q4_0_by_q8_0_row = import(q8dot::Q4_0_BY_Q8_0_ROW, 4)?;
+    let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 5)?;
+    let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 5)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let attention_row = import(attention::ATTENTION_ROW, 8)?;
@@ -232,8 +232,8 @@ pub fn compile(
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
             match c.weight {
-                WeightFormat::Q8_0 if c.q8_0_input => tiles.quant_row = bring(q8_0_by_q8_0_row),
-                WeightFormat::Q4_0 if c.q8_0_input => tiles.quant_row = bring(q4_0_by_q8_0_row),
+                WeightFormat::Q8_0 if c.q8_0_input => tiles.q8_0_rows = bring(q8_0_by_q8_0_rows),
+                WeightFormat::Q4_0 if c.q8_0_input => tiles.q8_0_rows = bring(q4_0_by_q8_0_rows),
                 WeightFormat::F32Panels => {
                     tiles.pair = bring(pair);
                     tiles.single = bring(single);
