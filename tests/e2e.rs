@@ -402,8 +402,9 @@ fn quantized_models_run_in_generated_code() {
 }
 
 /// With `quantize-activations`, the q8_0 and q4_0 models' matmuls read q8_0 activations:
-/// the CPU backend runs them in generated code (integer block sums) and agrees with the
-/// interpreter on the same IR, and the logits stay close to those of f32 activations.
+/// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
+/// them on the device first, both agree with the interpreter on the same IR, and the
+/// logits stay close to those of f32 activations.
 ///
 /// The agreement is within 5%, not 1e-4: rounding to q8_0 is a step function, so a
 /// last-bit difference upstream (another addition order in an RMS norm or attention) can
@@ -415,22 +416,31 @@ fn quantized_models_run_in_generated_code() {
 fn q8_0_activations_run_in_generated_code() {
     let path = quantizable_model("activations");
     let passes = "default,quantize-activations";
+    let mut backends = vec![Backend::Cpu { threads: 2 }];
+    if gpu_available() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
     for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);
-        let (model, got) = quantized_logits(&path, &format, &Backend::Cpu { threads: 2 }, passes);
-        for step in [Step::Prefill, Step::Decode] {
-            let stats = model.lowering(step).expect("stats");
-            assert!(stats.reference_ops.is_empty(), "{text} {step:?}");
-        }
-        let max_err = max_relative_error(&got, &reference, 0.05, &text);
         // The rounding itself: against the same weights with f32 activations.
         let (_, exact) = quantized_logits(&path, &format, &Backend::Interp, "default");
-        let drift = max_relative_error(&got, &exact, 0.05, &text);
-        println!(
-            "{text} with q8_0 activations: {max_err:e} from the interpreter, {drift:e} from f32 activations"
-        );
-        assert!(drift > 0.0, "{text}: the activations were not quantized");
+        for backend in &backends {
+            let (model, got) = quantized_logits(&path, &format, backend, passes);
+            for step in [Step::Prefill, Step::Decode] {
+                let reference_ops = match backend {
+                    Backend::Gpu(_) => &model.gpu_lowering(step).expect("stats").reference_ops,
+                    _ => &model.lowering(step).expect("stats").reference_ops,
+                };
+                assert!(reference_ops.is_empty(), "{text} {backend:?} {step:?}");
+            }
+            let max_err = max_relative_error(&got, &reference, 0.05, &text);
+            let drift = max_relative_error(&got, &exact, 0.05, &text);
+            println!(
+                "{text} with q8_0 activations on {backend:?}: {max_err:e} from the interpreter, {drift:e} from f32 activations"
+            );
+            assert!(drift > 0.0, "{text}: the activations were not quantized");
+        }
     }
     std::fs::remove_file(&path).ok();
 }

@@ -400,7 +400,7 @@ impl Call<'_> {
             | Kernel::ReduceScatter { .. } => {
                 return Ok(false);
             }
-            Kernel::Contraction(c) => self.contraction(index, step, c, &pipelines[0])?,
+            Kernel::Contraction(c) => self.contraction(index, step, c, pipelines)?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
                 let xs = step
                     .inputs
@@ -652,14 +652,45 @@ impl Call<'_> {
         Ok(x)
     }
 
+    /// The q8_0 rows of `k` values of operand `s` dequantized into the step's scratch
+    /// output (slot 1) by `pipeline`.
+    fn dequantized_rows(
+        &mut self,
+        index: usize,
+        s: usize,
+        k: usize,
+        pipeline: &wgpu::ComputePipeline,
+    ) -> Result<DeviceTensor, String> {
+        let x = self.device(s)?;
+        if x.shape.last() != Some(&k) || x.elem != Elem::Packed(WeightFormat::Q8_0) {
+            return Err(format!("the input {:?} is not q8_0 rows of {k}", x.shape));
+        }
+        let rows = x.len() / k.max(1);
+        let y = self.output(index, 1, rows * k * 4);
+        self.dispatch(
+            pipeline,
+            &[rows as u32, 0],
+            &[x.whole()?, &y],
+            (rows * k).div_ceil(WG),
+        )?;
+        Ok(DeviceTensor::f32(x.shape.clone(), y))
+    }
+
+    /// A contraction by `pipelines[0]`; quantized activations are dequantized first, by
+    /// `pipelines[1]`.
     fn contraction(
         &mut self,
         index: usize,
         step: &Step,
         c: &Contraction,
-        pipeline: &wgpu::ComputePipeline,
+        pipelines: &[wgpu::ComputePipeline],
     ) -> Result<DeviceTensor, String> {
-        let x = self.f32_rows(step.inputs[0], c.k)?;
+        let pipeline = &pipelines[0];
+        let x = if c.q8_0_input {
+            self.dequantized_rows(index, step.inputs[0], c.k, &pipelines[1])?
+        } else {
+            self.f32_rows(step.inputs[0], c.k)?
+        };
         let g = match c.norm_eps_bits {
             Some(_) => {
                 let g = self.device(step.inputs[1])?;

@@ -95,12 +95,10 @@ impl Limits {
 
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
 /// linear layer and the collectives, whose sharded values stay on the host, a float cast
-/// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
-/// nf4 and the affine formats, and contractions of q8_0 activations (all run through
-/// their reference semantics there).
+/// to i64, which may not fit the 32 bits a device holds an integer in, and quantization
+/// into nf4 and the affine formats (all run through their reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
-        Kernel::Contraction(c) => !c.q8_0_input,
         Kernel::ShardedLinear { .. } | Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
             false
         }

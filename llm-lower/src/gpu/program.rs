@@ -202,9 +202,9 @@ fn plan(selection: &mut Selection, limits: &Limits, rows: Rows) -> Vec<Vec<Shade
             };
             let mut shaders = wgsl::shaders_for(&c.kernel);
             if rows == Rows::Many
-                && let [Shader::Contraction(k)] = shaders.as_slice()
+                && let Some(Shader::Contraction(k)) = shaders.first()
             {
-                shaders = vec![Shader::TiledContraction(*k)];
+                shaders[0] = Shader::TiledContraction(*k);
             }
             let too_wide = matches!(c.kernel, Kernel::Attention { d, .. } if d > MAX_HEAD_DIM);
             let fits = shaders.iter().all(|s| limits.admit(s).is_ok());
@@ -596,7 +596,10 @@ fn dispatches_of(
             })
     };
     match kernel {
-        Kernel::Contraction(c) => parts_of(step.inputs[weight_operand(c)]),
+        // One per part of the weight, after the dequantization of quantized activations.
+        Kernel::Contraction(c) => {
+            parts_of(step.inputs[weight_operand(c)]) + usize::from(c.q8_0_input)
+        }
         Kernel::Move(Movement::Rows { .. }) | Kernel::Dequantize { .. } => parts_of(step.inputs[0]),
         // One of the whole and the split attention runs (the split one with its merge).
         Kernel::Attention { .. } => shaders - 1,

@@ -217,11 +217,25 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 }
                 q => q,
             };
-            vec![Shader::Contraction(Contraction {
+            let contraction = Shader::Contraction(Contraction {
                 weight,
                 transpose_at_pack: false,
+                q8_0_input: false,
                 ..*c
-            })]
+            });
+            if !c.q8_0_input {
+                return vec![contraction];
+            }
+            // Quantized activations are dequantized first (the contraction's meaning), by
+            // a shader of any number of rows.
+            let rows_of_x = Contraction {
+                n: 0,
+                weight: WeightFormat::Q8_0,
+                norm_eps_bits: None,
+                residual: false,
+                ..*c
+            };
+            vec![contraction, Shader::Dequantize(rows_of_x)]
         }
         Kernel::Elementwise(body) => vec![Shader::Elementwise(body.clone())],
         // Broadcasts along leading dims take the plain shader, others the strided one.
