@@ -109,21 +109,13 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, w: *const u8) -
     let nibble = _mm256_set1_epi8(0x0f);
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);
-    // Block `b`'s sums as floats, and `dx * dw` in every lane.
+    // Block `b`'s sums as floats.
     let block = |b: usize| {
         // SAFETY: block `b` of x is at `34 * b`, of w at `w_block * b`, both inside the
         // rows the callers' contracts describe.
         unsafe {
             let xb = x.add(b * Q8_0_BLOCK_BYTES);
             let wb = w.add(b * w_block);
-            // Both f16 scales converted at once by F16C: activation scales are often
-            // subnormal in f16, and widening one by a float multiply stalls on the
-            // subnormal. (One 32-bit move: inserting a 16-bit lane would depend on the
-            // register's old value, and could chain the blocks.)
-            let both = u32::from(xb.cast::<u16>().read_unaligned())
-                | (u32::from(wb.cast::<u16>().read_unaligned()) << 16);
-            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(both as i32));
-            let scale = _mm256_broadcastss_ps(_mm_mul_ss(scales, _mm_movehdup_ps(scales)));
             let sums = if FOUR_BIT {
                 let xq = _mm256_loadu_si256(xb.add(2).cast());
                 let packed = _mm_loadu_si128(wb.add(2).cast());
@@ -142,20 +134,40 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, w: *const u8) -
                 let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18).cast()));
                 _mm256_add_epi32(_mm256_madd_epi16(x0, w0), _mm256_madd_epi16(x1, w1))
             };
-            (_mm256_cvtepi32_ps(sums), scale)
+            _mm256_cvtepi32_ps(sums)
+        }
+    };
+    // The f16 scales of x and w at block `b` as the low and high halves of 32 bits.
+    let scale_bits = |b: usize| {
+        // SAFETY: as in `block`.
+        unsafe {
+            u64::from(x.add(b * Q8_0_BLOCK_BYTES).cast::<u16>().read_unaligned())
+                | u64::from(w.add(b * w_block).cast::<u16>().read_unaligned()) << 16
         }
     };
     let blocks = k / 32;
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for pair in 0..blocks / 2 {
-        let (s0, c0) = block(2 * pair);
-        let (s1, c1) = block(2 * pair + 1);
-        even = _mm256_fmadd_ps(s0, c0, even);
-        odd = _mm256_fmadd_ps(s1, c1, odd);
+        // `dx * dw` of both blocks: the four f16 scales converted at once by F16C
+        // (activation scales are often subnormal in f16, and widening one by a float
+        // multiply stalls on it), from one 64-bit move (a 16-bit lane insert would depend
+        // on the register's old value, and could chain the blocks).
+        let bits = scale_bits(2 * pair) | scale_bits(2 * pair + 1) << 32;
+        let scales = _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64));
+        let products = _mm_mul_ps(scales, _mm_movehdup_ps(scales));
+        let s0 = block(2 * pair);
+        let s1 = block(2 * pair + 1);
+        even = _mm256_fmadd_ps(s0, _mm256_broadcastss_ps(products), even);
+        odd = _mm256_fmadd_ps(
+            s1,
+            _mm256_broadcastss_ps(_mm_movehl_ps(products, products)),
+            odd,
+        );
     }
     if blocks % 2 == 1 {
-        let (s, c) = block(blocks - 1);
-        even = _mm256_fmadd_ps(s, c, even);
+        let scales = _mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(blocks - 1) as i64));
+        let product = _mm_mul_ss(scales, _mm_movehdup_ps(scales));
+        even = _mm256_fmadd_ps(block(blocks - 1), _mm256_broadcastss_ps(product), even);
     }
     let acc = _mm256_add_ps(even, odd);
     let v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
