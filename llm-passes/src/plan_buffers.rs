@@ -1,6 +1,7 @@
 //! `plan-buffers`: liveness-based arena allocation of each function's intermediates.
 //!
-//! Every tensor an op of a function's body produces gets an offset in one arena, except
+//! Every tensor (or quantized tensor: quantized activations) an op of a function's body
+//! produces gets an offset in one arena, except
 //! weights (views of the weight store) and values computed from weights and constants alone
 //! (computed once at load). A value lives from its defining op to its last
 //! use (to the end when returned). Elementwise and fused ops write in place over an operand
@@ -12,8 +13,10 @@
 use std::collections::{HashMap, HashSet};
 
 use llm_ir::{
+    interp::quant::storage_bytes,
     ops::{self, BufferPlanOp},
     params::ParamValue,
+    types::{QuantizedTensorType, TensorType},
 };
 use pliron::{
     builtin::{
@@ -23,6 +26,7 @@ use pliron::{
     context::{Context, Ptr},
     op::Op,
     operation::Operation,
+    r#type::Typed,
     value::Value,
 };
 
@@ -96,9 +100,8 @@ pub fn plan_function(ctx: &Context, func: FuncOp, dynamic_dim: u64) -> BufferPla
             continue;
         }
         for r in ir::results(ctx, op) {
-            if let Some(t) = ir::tensor_type(ctx, r) {
-                let elems: u64 = t.shape().iter().map(|d| d.unwrap_or(dynamic_dim)).product();
-                values.push((r, elems * t.dtype().size_bytes() as u64, i));
+            if let Some(bytes) = value_bytes(ctx, r, dynamic_dim) {
+                values.push((r, bytes, i));
             }
         }
     }
@@ -215,4 +218,22 @@ impl Pass for PlanBuffers {
         }
         Ok(true)
     }
+}
+
+/// The bytes of a tensor or quantized tensor value (quantized activations are
+/// intermediates too), dynamic dims counted as `dynamic_dim`; `None` for other values.
+fn value_bytes(ctx: &Context, v: Value, dynamic_dim: u64) -> Option<u64> {
+    let ty = v.get_type(ctx);
+    let ty = ty.deref(ctx);
+    if let Some(t) = ty.downcast_ref::<TensorType>() {
+        let elems: u64 = t.shape().iter().map(|d| d.unwrap_or(dynamic_dim)).product();
+        return Some(elems * t.dtype().size_bytes() as u64);
+    }
+    let q = ty.downcast_ref::<QuantizedTensorType>()?;
+    let shape: Vec<usize> = q
+        .shape()
+        .iter()
+        .map(|d| d.unwrap_or(dynamic_dim) as usize)
+        .collect();
+    Some(storage_bytes(q.format(), &shape) as u64)
 }
