@@ -91,10 +91,22 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
     y: *mut f32,
     rows: usize,
 ) {
+    use std::arch::x86_64::*;
     let row_bytes = k / 32 * if FOUR_BIT { 18 } else { Q8_0_BLOCK_BYTES };
+    // The scales of x as f32, once for every row (F16C: activation scales are often
+    // subnormal in f16, and widening one by a float multiply stalls on it), and a zero
+    // after the last, so that blocks are read in pairs.
+    let blocks = k / 32;
+    let mut dx = Vec::with_capacity(blocks + 1);
+    for b in 0..blocks {
+        // SAFETY: block b of x is inside the row (the contract).
+        let bits = unsafe { x.add(b * Q8_0_BLOCK_BYTES).cast::<u32>().read_unaligned() };
+        dx.push(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))));
+    }
+    dx.push(0.0);
     for r in 0..rows {
         // SAFETY: row r is inside the `rows` rows of the contract, y[r] too.
-        unsafe { *y.add(r) = row_avx2::<FOUR_BIT>(k, x, w.add(r * row_bytes)) };
+        unsafe { *y.add(r) = row_avx2::<FOUR_BIT>(k, x, &dx, w.add(r * row_bytes)) };
     }
 }
 
@@ -103,7 +115,7 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
 /// into one of two eight-lane accumulators (even and odd blocks: two multiply-add chains).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, w: *const u8) -> f32 {
+unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, dx: &[f32], w: *const u8) -> f32 {
     use std::arch::x86_64::*;
     let w_block = if FOUR_BIT { 18 } else { Q8_0_BLOCK_BYTES };
     let nibble = _mm256_set1_epi8(0x0f);
@@ -137,36 +149,30 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, w: *const u8) -
             _mm256_cvtepi32_ps(sums)
         }
     };
-    // The f16 scales of x and w at block `b` as the low and high halves of 32 bits.
-    let scale_bits = |b: usize| {
+    // The f16 scale of w at block `b`.
+    let w_scale = |b: usize| {
         // SAFETY: as in `block`.
-        unsafe {
-            u64::from(x.add(b * Q8_0_BLOCK_BYTES).cast::<u16>().read_unaligned())
-                | u64::from(w.add(b * w_block).cast::<u16>().read_unaligned()) << 16
-        }
+        unsafe { u32::from(w.add(b * w_block).cast::<u16>().read_unaligned()) }
     };
     let blocks = k / 32;
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for pair in 0..blocks / 2 {
-        // `dx * dw` of both blocks: the four f16 scales converted at once by F16C
-        // (activation scales are often subnormal in f16, and widening one by a float
-        // multiply stalls on it), from one 64-bit move (a 16-bit lane insert would depend
-        // on the register's old value, and could chain the blocks).
-        let bits = scale_bits(2 * pair) | scale_bits(2 * pair + 1) << 32;
-        let scales = _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64));
-        let products = _mm_mul_ps(scales, _mm_movehdup_ps(scales));
+        // `dx * dw` of both blocks: both weight scales converted at once by F16C, from one
+        // 32-bit move (a 16-bit lane insert would depend on the register's old value, and
+        // could chain the blocks), times the two scales of x.
+        let bits = w_scale(2 * pair) | w_scale(2 * pair + 1) << 16;
+        let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+        // SAFETY: `dx` holds a value for every block and one more.
+        let dxs = unsafe { _mm_castpd_ps(_mm_load_sd(dx.as_ptr().add(2 * pair).cast())) };
+        let products = _mm_mul_ps(dw, dxs);
         let s0 = block(2 * pair);
         let s1 = block(2 * pair + 1);
         even = _mm256_fmadd_ps(s0, _mm256_broadcastss_ps(products), even);
-        odd = _mm256_fmadd_ps(
-            s1,
-            _mm256_broadcastss_ps(_mm_movehl_ps(products, products)),
-            odd,
-        );
+        odd = _mm256_fmadd_ps(s1, _mm256_broadcastss_ps(_mm_movehdup_ps(products)), odd);
     }
     if blocks % 2 == 1 {
-        let scales = _mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(blocks - 1) as i64));
-        let product = _mm_mul_ss(scales, _mm_movehdup_ps(scales));
+        let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(w_scale(blocks - 1) as i32));
+        let product = _mm_mul_ss(dw, _mm_set_ss(dx[blocks - 1]));
         even = _mm256_fmadd_ps(block(blocks - 1), _mm256_broadcastss_ps(product), even);
     }
     let acc = _mm256_add_ps(even, odd);
