@@ -703,21 +703,30 @@ pub enum Kernel {
         /// How the result's partial values combine (the result type's).
         reduction: Reduction,
     },
-    /// `llm.all_reduce` of an f32 partial sum over mesh `axes`: each device's group of
-    /// shards summed in piece order, pair by pair, by the generated elementwise add (its
-    /// code, `Kernel::code`).
+    /// `llm.all_reduce` of an f32 partial value over mesh `axes`: each device's group of
+    /// shards folded in piece order, pair by pair, by the generated [`Kernel::Fold`] of
+    /// the reduction (its code, `Kernel::code`).
     AllReduce {
         /// The mesh axes reduced over.
         axes: Vec<String>,
+        /// How the partial values combine (sum, max or min).
+        reduction: Reduction,
     },
-    /// `llm.reduce_scatter` of an f32 partial sum over mesh `axes` along `dim`: summed as
-    /// by [`Kernel::AllReduce`], each device keeping its piece.
+    /// `llm.reduce_scatter` of an f32 partial value over mesh `axes` along `dim`: folded
+    /// as by [`Kernel::AllReduce`], each device keeping its piece.
     ReduceScatter {
         /// The mesh axes reduced over.
         axes: Vec<String>,
         /// The dim the result is split along.
         dim: usize,
+        /// How the partial values combine.
+        reduction: Reduction,
     },
+    /// Two f32 buffers of one length combined element by element by a reduction, as the
+    /// reference folds a collective's partial values: a sum, or a maximum or minimum in
+    /// which a NaN loses to a number (Rust's `f32::max`; equal values, signed zeros
+    /// included, give the first operand).
+    Fold(Reduction),
     /// Data movement.
     Move(Movement),
 }
@@ -774,10 +783,19 @@ impl Kernel {
             Kernel::ShardedLinear { local, .. } => {
                 format!("sharded_linear_{}x{}", local.n, local.k)
             }
-            Kernel::AllReduce { axes } => format!("all_reduce_sum_{}", axes.join("_")),
-            Kernel::ReduceScatter { axes, dim } => {
-                format!("reduce_scatter_sum_{}_dim{dim}", axes.join("_"))
+            Kernel::AllReduce { axes, reduction } => {
+                format!("all_reduce_{}_{}", reduction.name(), axes.join("_"))
             }
+            Kernel::ReduceScatter {
+                axes,
+                dim,
+                reduction,
+            } => format!(
+                "reduce_scatter_{}_{}_dim{dim}",
+                reduction.name(),
+                axes.join("_")
+            ),
+            Kernel::Fold(reduction) => format!("fold_{}", reduction.name()),
             Kernel::Move(m) => format!("{m:?}"),
         }
     }
@@ -790,13 +808,8 @@ impl Kernel {
         match self {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
             Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => None,
-            Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
-                Some(Kernel::Elementwise(ScalarBody {
-                    args: 2,
-                    result: 2,
-                    steps: vec![ScalarStep::Binary("llm.add", 0, 1)],
-                    dtype: DType::F32,
-                }))
+            Kernel::AllReduce { reduction, .. } | Kernel::ReduceScatter { reduction, .. } => {
+                Some(Kernel::Fold(*reduction))
             }
             Kernel::Contraction(c) if c.weight == WeightFormat::F32KN => None,
             Kernel::Contraction(c) | Kernel::ShardedLinear { local: c, .. } => {
@@ -949,18 +962,22 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
         }
         "llm.all_reduce" | "llm.reduce_scatter" => {
             let x = check.sharded(0).ok()?;
-            let sums = x.dtype() == DType::F32 && x.reduction() == Reduction::Sum;
             let axes = check.param("mesh_axes")?.as_word_list()?;
-            if !sums {
+            if x.dtype() != DType::F32 {
                 return None;
             }
+            let reduction = x.reduction();
             Some(if name == "llm.all_reduce" {
-                Kernel::AllReduce { axes }
+                Kernel::AllReduce { axes, reduction }
             } else {
                 let rank = x.shape().len() as i64;
                 let dim = check.int("dim").unwrap_or(0);
                 let dim = usize::try_from(if dim < 0 { dim + rank } else { dim }).ok()?;
-                Kernel::ReduceScatter { axes, dim }
+                Kernel::ReduceScatter {
+                    axes,
+                    dim,
+                    reduction,
+                }
             })
         }
         "llm.quantized_matmul" => {

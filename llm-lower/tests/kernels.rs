@@ -10,10 +10,11 @@ use std::{
 use llm_ir::{
     dtype::DType,
     interp::{
-        self, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Tensor, Value, WeightStore, quant,
+        self, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Sharded, Tensor, Value,
+        WeightStore, quant,
     },
     text,
-    types::{KvCacheParams, KvStorage, QuantFormat},
+    types::{KvCacheParams, KvStorage, QuantFormat, Reduction},
 };
 use llm_lower::{
     cpu::{Options, Program, Target},
@@ -817,6 +818,62 @@ fn quantize_ties() {
             0.0,
         )
         .unwrap();
+    }
+}
+
+/// Partial maxima and minima (function arguments: no op makes them) reduced by an
+/// all-reduce and a reduce-scatter gathered back: the folds run in generated code, and
+/// the results are the interpreter's exactly.
+#[test]
+fn max_and_min_collectives_run_in_generated_code() {
+    let (m, k) = (3, 10);
+    let mesh = "mesh = [dp = 2, tp = 2]";
+    let sharded = |split: &str, partial: &str| {
+        format!("llm.sharded_tensor <{m}x{k}xf32, {mesh}, split = {split}{partial}>")
+    };
+    for (reduction, name) in [(Reduction::Max, "max"), (Reduction::Min, "min")] {
+        let p = sharded("[[], []]", &format!(", partial = {name} [tp]"));
+        let body = format!(
+            "r = llm.all_reduce p {{mesh_axes = [tp]}} : {r};\n        s = llm.reduce_scatter p {{dim = 1, mesh_axes = [tp]}} : {sc};\n        g = llm.all_gather s {{dim = 1, mesh_axes = [tp]}} : {r};\n        a = llm.unshard r : {t};\n        c = llm.unshard g : {t};\n        y = llm.add a, c : {t};",
+            r = sharded("[[], []]", ""),
+            sc = sharded("[[], [tp]]", ""),
+            t = ty(&[m, k]),
+        );
+        let ir = func(&[("p".into(), p)], &ty(&[m, k]), &body);
+        // The two devices of each dp group hold different partial values; the groups
+        // agree (the unshard checks that the devices agree once reduced).
+        let parts: Vec<Tensor> = (0..4u64)
+            .map(|d| match tensor(&[m, k], 10 + d % 2, 1.0) {
+                Value::Tensor(t) => t,
+                _ => unreachable!("a tensor"),
+            })
+            .collect();
+        let arg = Value::Sharded(Sharded {
+            shape: vec![m, k],
+            mesh: vec![("dp".into(), 2), ("tp".into(), 2)],
+            split: vec![vec![], vec![]],
+            partial: vec!["tp".into()],
+            reduction,
+            shards: parts,
+        });
+        let (ctx, func, want, hoisted) =
+            reference(&ir, std::slice::from_ref(&arg), &Store(Vec::new())).expect("reference");
+        let program = Program::build(&ctx, func, &hoisted, &Options::default()).expect("compiles");
+        let host = ["llm.all_gather", "llm.unshard"];
+        let stats = program.stats();
+        assert!(
+            stats
+                .reference_ops
+                .iter()
+                .all(|(n, _)| host.contains(&n.as_str())),
+            "{stats:?}"
+        );
+        // The all-reduce, the reduce-scatter and the final add.
+        assert_eq!(stats.kernel_ops, 3, "{stats:?}");
+        let got = program
+            .run(&ctx, &Store(Vec::new()), vec![arg])
+            .expect("runs");
+        compare(&[(name.to_string(), got)], &want, 0.0, &ir).expect("agrees");
     }
 }
 

@@ -179,12 +179,12 @@ pub fn call(
                 k.results([Value::Sharded(y)])
             })
         }
-        (Kernel::AllReduce { axes }, Some(f)) => inputs[0].sharded().and_then(|x| {
-            let y = all_reduce_with(x, axes, &mut |a, b| add_tensors(k, f, a, b))?;
+        (Kernel::AllReduce { axes, .. }, Some(f)) => inputs[0].sharded().and_then(|x| {
+            let y = all_reduce_with(x, axes, &mut |a, b| fold_tensors(k, f, a, b))?;
             k.results([Value::Sharded(y)])
         }),
-        (Kernel::ReduceScatter { axes, dim }, Some(f)) => inputs[0].sharded().and_then(|x| {
-            let y = reduce_scatter_with(x, *dim, axes, &mut |a, b| add_tensors(k, f, a, b))?;
+        (Kernel::ReduceScatter { axes, dim, .. }, Some(f)) => inputs[0].sharded().and_then(|x| {
+            let y = reduce_scatter_with(x, *dim, axes, &mut |a, b| fold_tensors(k, f, a, b))?;
             k.results([Value::Sharded(y)])
         }),
         (Kernel::Move(m), _) => movement(k, *m, dims, inputs),
@@ -417,18 +417,18 @@ fn elementwise(
 
 /// `a + b` for two f32 tensors of one shape, through the compiled elementwise add `f`
 /// (two devices' partial sums meeting in a collective).
-fn add_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
+fn fold_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
     if a.shape != b.shape {
         return Err(format!("shards {:?} and {:?} differ", a.shape, b.shape));
     }
     let (x, y) = (a.floats()?, b.floats()?);
-    let ptrs = [x.as_ptr() as i64, y.as_ptr() as i64];
     let mut out = k.pool.for_overwrite(x.len());
-    // SAFETY: an elementwise kernel's signature is (inputs, out, len).
-    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    // SAFETY: a fold's signature is (a, b, out, len).
+    let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // Both inputs and `out` hold len floats (one shape).
     f(
-        ptrs.as_ptr() as i64,
+        x.as_ptr() as i64,
+        y.as_ptr() as i64,
         out.as_mut_ptr() as i64,
         x.len() as i64,
     );

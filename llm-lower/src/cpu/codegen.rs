@@ -12,9 +12,12 @@ use cranelift_codegen::ir::{
     types,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
-use llm_ir::interp::eval::{
-    attention::Scale,
-    fused::{ScalarBody, ScalarStep},
+use llm_ir::{
+    interp::eval::{
+        attention::Scale,
+        fused::{ScalarBody, ScalarStep},
+    },
+    types::Reduction,
 };
 
 use super::{
@@ -53,10 +56,12 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::Broadcast(_) => 4,
         // quantized bytes, out
         Kernel::Dequantize { .. } => 2,
-        // x, quantized bytes
+        // x, quantized bytes, number of floats
         Kernel::Quantize { .. } => 3,
+        // a, b, out, len
+        Kernel::Fold(_) => 4,
         // No code of their own: data movement runs on the host, a sharded linear layer
-        // runs its local contraction's code, a collective the add's (`Kernel::code`).
+        // runs its local contraction's code, a collective its fold's (`Kernel::code`).
         Kernel::Move(_)
         | Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }
@@ -133,8 +138,9 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Quantize { format, rows, k } => {
             super::quantize::emit_quantize(b, *format, (*rows, *k), p)
         }
+        Kernel::Fold(reduction) => emit_fold(b, *reduction, p),
         // No code of their own (`Kernel::code`): data movement runs on the host, a sharded
-        // linear layer runs its local contraction's code, a collective the add's.
+        // linear layer runs its local contraction's code, a collective its fold's.
         Kernel::Move(_)
         | Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }
@@ -588,6 +594,60 @@ fn emit_elementwise(b: &mut FunctionBuilder, body: &ScalarBody, p: &[Value]) {
         let at = address(b, out, i, 4);
         b.ins().store(mem(), s, at, 0);
     });
+}
+
+/// `out[i] = a[i] (reduction) b[i]` for `i < len` (`p`: a, b, out, len), four at a time,
+/// then one lane at a time.
+fn emit_fold(b: &mut FunctionBuilder, reduction: Reduction, p: &[Value]) {
+    let (x, y, out, len) = (p[0], p[1], p[2], p[3]);
+    let combine = |b: &mut FunctionBuilder, l: Value, r: Value| match reduction {
+        Reduction::Sum => b.ins().fadd(l, r),
+        // `r` where it is beyond `l`, or where `l` is NaN: a NaN loses to a number, and
+        // equal values (signed zeros too) give `l`.
+        Reduction::Max | Reduction::Min => {
+            let beyond = if reduction == Reduction::Max {
+                FloatCC::GreaterThan
+            } else {
+                FloatCC::LessThan
+            };
+            let take = b.ins().fcmp(beyond, r, l);
+            let nan = b.ins().fcmp(FloatCC::Unordered, l, l);
+            let take = b.ins().bor(take, nan);
+            let take = b.ins().bitcast(types::F32X4, MemFlagsData::new(), take);
+            b.ins().bitselect(take, r, l)
+        }
+    };
+    let zero = b.ins().iconst(types::I64, 0);
+    let vec_end = b.ins().band_imm_s(len, !3);
+    for (start, end, step, ty) in [
+        (zero, vec_end, 4, types::F32X4),
+        (vec_end, len, 1, types::F32X4),
+    ] {
+        for_range(b, start, end, step, |b, i| {
+            let at = |b: &mut FunctionBuilder, base: Value| address(b, base, i, 4);
+            let (xa, ya, oa) = (at(b, x), at(b, y), at(b, out));
+            let (l, r) = if step == 4 {
+                (
+                    b.ins().load(ty, mem(), xa, 0),
+                    b.ins().load(ty, mem(), ya, 0),
+                )
+            } else {
+                let l = b.ins().load(types::F32, mem(), xa, 0);
+                let r = b.ins().load(types::F32, mem(), ya, 0);
+                (
+                    b.ins().scalar_to_vector(ty, l),
+                    b.ins().scalar_to_vector(ty, r),
+                )
+            };
+            let v = combine(b, l, r);
+            if step == 4 {
+                b.ins().store(mem(), v, oa, 0);
+            } else {
+                let s = b.ins().extractlane(v, 0);
+                b.ins().store(mem(), s, oa, 0);
+            }
+        });
+    }
 }
 
 /// A scalar body over operands that broadcast to the result (`p`: inputs, out, the

@@ -291,8 +291,45 @@ pub fn compile(
 
 #[cfg(test)]
 mod tests {
+    use llm_ir::types::Reduction;
+
     use super::*;
     use crate::kernel::Contraction;
+
+    /// A collective's fold combines as the reference does (`f32::max`/`min`: a NaN loses
+    /// to a number), in the vector loop and the scalar tail alike.
+    #[test]
+    #[allow(unsafe_code, reason = "calls the compiled fold on checked buffers")]
+    fn folds_combine_as_the_reference() {
+        let a = [1.0, f32::NAN, -2.0, 3.0, 0.5, f32::NAN, 7.0, -1.0, f32::NAN];
+        let b = [2.0, 4.0, f32::NAN, -3.0, 0.5, f32::NAN, -7.0, 1.0, 5.0];
+        for reduction in [Reduction::Sum, Reduction::Max, Reduction::Min] {
+            let compiled =
+                compile(&[Kernel::Fold(reduction)], Target::Host, true, None).expect("compiles");
+            // SAFETY: a fold's signature is (a, b, out, len).
+            let fold: extern "C" fn(i64, i64, i64, i64) =
+                unsafe { std::mem::transmute(compiled.entry(0)) };
+            let mut out = [0f32; 9];
+            fold(
+                a.as_ptr() as i64,
+                b.as_ptr() as i64,
+                out.as_mut_ptr() as i64,
+                a.len() as i64,
+            );
+            for ((x, y), got) in a.iter().zip(&b).zip(out) {
+                let want = match reduction {
+                    Reduction::Sum => x + y,
+                    Reduction::Max => x.max(*y),
+                    Reduction::Min => x.min(*y),
+                };
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{reduction:?} of {x} and {y}"
+                );
+            }
+        }
+    }
 
     /// cranelift.md: without the FMA feature a vector `fma` becomes four libcalls (20x
     /// slower). The pinned target must keep it one instruction.

@@ -397,7 +397,8 @@ impl Call<'_> {
             // Never selected on the GPU (`super::supports`).
             Kernel::ShardedLinear { .. }
             | Kernel::AllReduce { .. }
-            | Kernel::ReduceScatter { .. } => {
+            | Kernel::ReduceScatter { .. }
+            | Kernel::Fold(_) => {
                 return Ok(false);
             }
             Kernel::Contraction(c) => self.contraction(index, step, c, pipelines)?,

@@ -99,9 +99,10 @@ impl Limits {
 /// into nf4 and the affine formats (all run through their reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
-        Kernel::ShardedLinear { .. } | Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
-            false
-        }
+        Kernel::ShardedLinear { .. }
+        | Kernel::AllReduce { .. }
+        | Kernel::ReduceScatter { .. }
+        | Kernel::Fold(_) => false,
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
         Kernel::Quantize { format, .. } => !matches!(
             format,

@@ -206,9 +206,10 @@ pub enum Access {
 pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
     match kernel {
         // Sharded values stay on the host (`super::supports`).
-        Kernel::ShardedLinear { .. } | Kernel::AllReduce { .. } | Kernel::ReduceScatter { .. } => {
-            Vec::new()
-        }
+        Kernel::ShardedLinear { .. }
+        | Kernel::AllReduce { .. }
+        | Kernel::ReduceScatter { .. }
+        | Kernel::Fold(_) => Vec::new(),
         Kernel::Contraction(c) => {
             let weight = match c.weight {
                 // The GPU reads f32 weights row major; a [k, n] one is transposed at upload.
