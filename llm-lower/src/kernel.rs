@@ -423,11 +423,16 @@ pub struct BroadcastLayout {
     /// Each operand's strides (in elements) for `dims`: its own strides, right-aligned,
     /// 0 along the dims it broadcasts.
     pub strides: Vec<[usize; 4]>,
+    /// The simplified dims before the last four, when more remain (outermost first): a
+    /// caller runs the four-dim kernel once per index of these.
+    pub outer: Vec<usize>,
+    /// Each operand's strides (in elements) for `outer`.
+    pub outer_strides: Vec<Vec<usize>>,
 }
 
-/// The [`BroadcastLayout`] of operands of `shapes`; `None` when they do not broadcast or
-/// the result keeps more than 4 dims once dims of 1 are dropped and dims the operands step
-/// through alike are merged.
+/// The [`BroadcastLayout`] of operands of `shapes`; `None` when they do not broadcast.
+/// Dims that remain beyond four, once dims of 1 are dropped and dims the operands step
+/// through alike are merged, are the layout's `outer` dims.
 pub fn broadcast_layout(shapes: &[&[usize]]) -> Option<BroadcastLayout> {
     let mut shape: Vec<usize> = Vec::new();
     for s in shapes {
@@ -473,17 +478,17 @@ pub fn broadcast_layout(shapes: &[&[usize]]) -> Option<BroadcastLayout> {
             }
         }
     }
-    let kept = dims.len();
-    if kept > 4 {
-        return None;
-    }
+    // The last four dims go to the kernel, any before them to the caller's loop.
+    let split = dims.len().saturating_sub(4);
+    let kept = dims.len() - split;
     let mut padded = [1usize; 4];
-    padded[4 - kept..].copy_from_slice(&dims);
+    padded[4 - kept..].copy_from_slice(&dims[split..]);
+    let outer_strides = strides.iter().map(|s| s[..split].to_vec()).collect();
     let strides = strides
         .iter()
         .map(|s| {
             let mut out = [0usize; 4];
-            out[4 - kept..].copy_from_slice(s);
+            out[4 - kept..].copy_from_slice(&s[split..]);
             out
         })
         .collect();
@@ -491,6 +496,8 @@ pub fn broadcast_layout(shapes: &[&[usize]]) -> Option<BroadcastLayout> {
         shape,
         dims: padded,
         strides,
+        outer: dims[..split].to_vec(),
+        outer_strides,
     })
 }
 
@@ -1373,10 +1380,14 @@ mod tests {
         let layout = broadcast_layout(&[&x, &scale]).expect("broadcasts");
         assert_eq!(layout.dims, [1, 1, 24, 30]);
         assert_eq!(layout.strides, vec![[0, 0, 30, 1], [0, 0, 1, 0]]);
-        // Five dims that cannot merge.
+        assert!(layout.outer.is_empty());
+        // Five dims that cannot merge: the first is left to the caller's loop.
         let odd = [2usize, 1, 4, 1, 6];
-        let layout = broadcast_layout(&[&[2usize, 3, 4, 5, 6][..], &odd]);
-        assert_eq!(layout, None);
+        let layout = broadcast_layout(&[&[2usize, 3, 4, 5, 6][..], &odd]).expect("broadcasts");
+        assert_eq!(layout.dims, [3, 4, 5, 6]);
+        assert_eq!(layout.strides, vec![[120, 30, 6, 1], [0, 6, 0, 1]]);
+        assert_eq!(layout.outer, [2]);
+        assert_eq!(layout.outer_strides, vec![vec![360], vec![24]]);
     }
 
     #[test]

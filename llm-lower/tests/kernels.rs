@@ -134,6 +134,12 @@ fn agree_on(
         let got = program
             .run(&ctx, weights, args.clone())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(
+            program.runtime_fallbacks(),
+            0,
+            "fell back at run time: {}",
+            ir
+        );
         runs.push((
             format!("cpu, threads {threads}, microkernels {microkernels}"),
             got,
@@ -957,7 +963,8 @@ fn tensor_parallel_layers_run_in_generated_code() {
     }
 }
 
-/// A broadcast only known at run time falls back to the reference semantics.
+/// A broadcast only known at run time falls back to the reference semantics (and says
+/// so), with the reference's values.
 #[test]
 fn runtime_broadcast_falls_back() {
     let t = "llm.tensor <?x4xf32>";
@@ -966,12 +973,12 @@ fn runtime_broadcast_falls_back() {
         t,
         &format!("y = llm.add a, b : {t};"),
     );
-    agree(
-        &ir,
-        vec![tensor(&[3, 4], 1, 1.0), tensor(&[1, 4], 2, 1.0)],
-        0.0,
-    )
-    .unwrap();
+    let args = vec![tensor(&[3, 4], 1, 1.0), tensor(&[1, 4], 2, 1.0)];
+    let (ctx, func, want, hoisted) = reference(&ir, &args, &Store(Vec::new())).expect("reference");
+    let program = Program::build(&ctx, func, &hoisted, &Options::default()).expect("compiles");
+    let got = program.run(&ctx, &NoWeights, args).expect("runs");
+    assert_eq!(program.runtime_fallbacks(), 1);
+    compare(&[("cpu".into(), got)], &want, 0.0, &ir).expect("agrees");
 }
 
 /// Arguments of the wrong shape are rejected before any kernel runs.
@@ -1183,6 +1190,23 @@ proptest! {
         );
         let ir = func(&[("x".into(), ty(&dims)), ("b".into(), ty(&b)), ("c".into(), ty(&c))], &ty(&dims), &body);
         agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&b, seed + 1, 1.0), tensor(&c, seed + 2, 1.0)], 1e-6)?;
+    }
+
+    /// Five or six dims that do not merge into four (operands broadcasting along
+    /// alternate dims): the kernel runs once per index of the dims beyond four.
+    #[test]
+    fn broadcasting_in_more_than_four_dims(dims in proptest::collection::vec(2usize..4, 5..=6), mask in 0u8..64, seed: u64) {
+        let rank = dims.len();
+        let alternate: Vec<usize> = (0..rank).map(|i| if i % 2 == 1 { 1 } else { dims[i] }).collect();
+        let masked: Vec<usize> = (0..rank).map(|i| if mask & (1 << i) != 0 { 1 } else { dims[i] }).collect();
+        let s = "llm.tensor <f32>";
+        let body = format!(
+            "y = llm.fused x, b, c : {t} {{\n          ^scalar(p: {s}, q: {s}, r: {s}):\n            u = llm.mul p, q : {s};\n            v = llm.sub u, r : {s};\n            llm.yield v\n        }};",
+            t = ty(&dims)
+        );
+        let ir = func(&[("x".into(), ty(&dims)), ("b".into(), ty(&alternate)), ("c".into(), ty(&masked))], &ty(&dims), &body);
+        let args = vec![tensor(&dims, seed, 1.0), tensor(&alternate, seed + 1, 1.0), tensor(&masked, seed + 2, 1.0)];
+        cpu_agrees(&ir, args, 1e-6)?;
     }
 
     /// A rank-6 broadcast whose dims merge into four or fewer (a bias over the last two

@@ -586,8 +586,9 @@ fn batched_matmul(
 }
 
 /// Calls a broadcasting elementwise body; `None` (the reference semantics) when the
-/// operands are not tensors of the body's element type whose broadcast merges into at
-/// most 4 dims (`broadcast_layout`).
+/// operands are not tensors of the body's element type that broadcast. The kernel loops
+/// over the last four simplified dims (`broadcast_layout`); any before them are looped
+/// over here, one call per index.
 fn broadcast(
     k: &Kernels,
     body: &ScalarBody,
@@ -602,16 +603,32 @@ fn broadcast(
     if len > 0 {
         let dims = layout.dims.map(|d| d as i64);
         let strides: Vec<i64> = layout.strides.iter().flatten().map(|&s| s as i64).collect();
+        let inner: usize = layout.dims.iter().product();
         // SAFETY: a broadcast's signature is (inputs, out, dims, strides).
         let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
-        // Every operand holds the elements its strides reach within `dims`, `out` holds
-        // the product of `dims`.
-        f(
-            ptrs.as_ptr() as i64,
-            out.as_mut_ptr() as i64,
-            dims.as_ptr() as i64,
-            strides.as_ptr() as i64,
-        );
+        let mut at = ptrs.clone();
+        for index in 0..len / inner {
+            // Each operand's first element for this outer index (row-major over `outer`).
+            let mut rest = index;
+            for (a, base) in at.iter_mut().enumerate() {
+                *base = ptrs[a];
+            }
+            for (d, &dim) in layout.outer.iter().enumerate().rev() {
+                let i = rest % dim;
+                rest /= dim;
+                for (a, base) in at.iter_mut().enumerate() {
+                    *base += 4 * (i * layout.outer_strides[a][d]) as i64;
+                }
+            }
+            // Every operand holds the elements its strides reach within `dims` from its
+            // first element for this index; `out` holds `inner` floats from `index * inner`.
+            f(
+                at.as_ptr() as i64,
+                out[index * inner..].as_mut_ptr() as i64,
+                dims.as_ptr() as i64,
+                strides.as_ptr() as i64,
+            );
+        }
     }
     Some(Ok(body_result(body, layout.shape, out)))
 }

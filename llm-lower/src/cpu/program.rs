@@ -5,7 +5,12 @@
 //! shapes and buffer lengths against the kernel's static shapes before entering generated
 //! code, which has no bounds checks.
 
-use std::{cell::RefCell, collections::HashMap, rc::Rc, sync::Arc};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    rc::Rc,
+    sync::Arc,
+};
 
 use llm_ir::{
     dtype::DType,
@@ -144,6 +149,9 @@ pub struct Program {
     ropes: RopeTables,
     /// Paged attention's row offsets of the current call.
     paged: PagedRows,
+    /// Kernel steps that ran their op's reference semantics instead (shapes outside the
+    /// kernel, known only at run time), over every call.
+    fallbacks: Cell<usize>,
 }
 
 /// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
@@ -536,6 +544,7 @@ impl Program {
             pool: BufferPool::default(),
             ropes: RopeTables::default(),
             paged: PagedRows::default(),
+            fallbacks: Cell::new(0),
         })
     }
 
@@ -553,6 +562,13 @@ impl Program {
     /// How the function's ops were lowered.
     pub fn stats(&self) -> &LoweringStats {
         &self.stats
+    }
+
+    /// How many times, over every call so far, a kernel step ran its op's reference
+    /// semantics instead, because the run-time shapes were outside the kernel (operands
+    /// that only broadcast at run time): zero when every op ran as [`Self::stats`] says.
+    pub fn runtime_fallbacks(&self) -> usize {
+        self.fallbacks.get()
     }
 
     /// Runs the function on `args`, returning the values of its `llm.return`. Arguments are
@@ -608,6 +624,7 @@ impl Program {
                         Ok(outputs) => outputs,
                         // Shapes the kernel does not cover (a broadcast found at run time).
                         Err(calls::Unsupported) => {
+                            self.fallbacks.set(self.fallbacks.get() + 1);
                             reference(ctx, step.op, std::mem::take(&mut inputs), weights)
                         }
                     }

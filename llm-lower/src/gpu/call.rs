@@ -414,11 +414,13 @@ impl Call<'_> {
                     return Ok(false);
                 }
                 let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
+                // Dims beyond the shader's four run through the reference semantics.
                 let Some(BroadcastLayout {
                     shape,
                     dims,
                     strides,
-                }) = broadcast_layout(&shapes)
+                    ..
+                }) = broadcast_layout(&shapes).filter(|l| l.outer.is_empty())
                 else {
                     return Ok(false);
                 };
