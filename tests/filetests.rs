@@ -281,7 +281,9 @@ fn check_semantics(args: &OptArgs, source: &str) -> Result<(), String> {
             // The number, then an optional reason.
             let text = rest.split_whitespace().next().unwrap_or("");
             text.parse::<f32>()
-                .map_err(|_| format!("`// TOLERANCE: {text}` is not a number"))?
+                .ok()
+                .filter(|t| t.is_finite() && *t >= 0.0)
+                .ok_or_else(|| format!("`// TOLERANCE: {text}` is not a non-negative number"))?
         }
         None => 1e-5,
     };

@@ -501,6 +501,12 @@ pub fn broadcast_layout(shapes: &[&[usize]]) -> Option<BroadcastLayout> {
     })
 }
 
+/// Whether `len` values are whole rows of `k` for a [`Kernel::Quantize`] of `rows` rows
+/// (`None`: any number).
+pub fn whole_rows(rows: Option<usize>, len: usize, k: usize) -> bool {
+    rows.map_or(len.is_multiple_of(k), |r| len == r * k)
+}
+
 /// The run-time dims of a [`Kernel::BatchedMatmul`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MatmulDims {
@@ -731,8 +737,8 @@ pub enum Kernel {
     },
     /// Two f32 buffers of one length combined element by element by a reduction, as the
     /// reference folds a collective's partial values: a sum, or a maximum or minimum in
-    /// which a NaN loses to a number (Rust's `f32::max`; equal values, signed zeros
-    /// included, give the first operand).
+    /// which a NaN loses to a number (as Rust's `f32::max`). Equal values give the first
+    /// operand, so `+0` and `-0` give the first; Rust leaves that case unspecified.
     Fold(Reduction),
     /// Data movement.
     Move(Movement),

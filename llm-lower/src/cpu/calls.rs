@@ -34,7 +34,7 @@ use super::{
 use crate::{
     kernel::{
         AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
-        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, panel_row,
+        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, panel_row, whole_rows,
     },
     selection::Chosen,
 };
@@ -271,6 +271,11 @@ impl Rows {
                     count: q.shape.iter().product::<usize>() / c.k.max(1),
                 })
             }
+            Value::Quantized(_) => Err("the input is quantized; the kernel takes floats".into()),
+            other if c.q8_0_input => Err(format!(
+                "the input is {}; the kernel takes q8_0 activations",
+                other.kind()
+            )),
             other => Ok(Rows::of_floats(other.tensor()?.floats()?, c.k)),
         }
     }
@@ -415,8 +420,8 @@ fn elementwise(
     Some(Ok(body_result(body, k.pool.shape(shape), out)))
 }
 
-/// `a + b` for two f32 tensors of one shape, through the compiled elementwise add `f`
-/// (two devices' partial sums meeting in a collective).
+/// Two f32 tensors of one shape combined by the compiled [`Kernel::Fold`] `f` (two
+/// devices' partial values meeting in a collective: a sum, maximum or minimum).
 fn fold_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
     if a.shape != b.shape {
         return Err(format!("shards {:?} and {:?} differ", a.shape, b.shape));
@@ -491,8 +496,7 @@ fn quantize(
 ) -> Result<QTensor, String> {
     let x = inputs[0].tensor()?;
     let xs = x.floats()?;
-    let rows_ok = rows.map_or(xs.len().is_multiple_of(cols), |r| xs.len() == r * cols);
-    if !rows_ok || x.shape.last() != Some(&cols) {
+    if !whole_rows(rows, xs.len(), cols) || x.shape.last() != Some(&cols) {
         let rows = rows.map_or("whole".to_string(), |r| r.to_string());
         return Err(format!(
             "the operand {:?} is not {rows} rows of {cols}",

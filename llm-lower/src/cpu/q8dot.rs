@@ -42,6 +42,9 @@ pub const Q4_0_BY_Q8_0_ROWS: &str = "llmc_q4_0_by_q8_0_rows";
 /// Bytes of a q8_0 block: an f16 scale and 32 codes.
 const Q8_0_BLOCK_BYTES: usize = 34;
 
+/// Bytes of a q4_0 block: an f16 scale and 32 nibbles.
+const Q4_0_BLOCK_BYTES: usize = 18;
+
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q8_0
 /// rows `w_r` at `w`.
 ///
@@ -92,18 +95,22 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
     rows: usize,
 ) {
     use std::arch::x86_64::*;
-    let row_bytes = k / 32 * if FOUR_BIT { 18 } else { Q8_0_BLOCK_BYTES };
+    let row_bytes = k / 32
+        * if FOUR_BIT {
+            Q4_0_BLOCK_BYTES
+        } else {
+            Q8_0_BLOCK_BYTES
+        };
     // The scales of x as f32, once for every row (F16C: activation scales are often
-    // subnormal in f16, and widening one by a float multiply stalls on it), and a zero
-    // after the last, so that blocks are read in pairs.
+    // subnormal in f16, and widening one by a float multiply stalls on it). On the heap:
+    // a 2 KiB stack buffer instead ran 5% slower on the 110M shape.
     let blocks = k / 32;
-    let mut dx = Vec::with_capacity(blocks + 1);
+    let mut dx = Vec::with_capacity(blocks);
     for b in 0..blocks {
         // SAFETY: block b of x is inside the row (the contract).
         let bits = unsafe { x.add(b * Q8_0_BLOCK_BYTES).cast::<u32>().read_unaligned() };
         dx.push(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))));
     }
-    dx.push(0.0);
     for r in 0..rows {
         // SAFETY: row r is inside the `rows` rows of the contract, y[r] too.
         unsafe { *y.add(r) = row_avx2::<FOUR_BIT>(k, x, &dx, w.add(r * row_bytes)) };
@@ -117,7 +124,11 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, dx: &[f32], w: *const u8) -> f32 {
     use std::arch::x86_64::*;
-    let w_block = if FOUR_BIT { 18 } else { Q8_0_BLOCK_BYTES };
+    let w_block = if FOUR_BIT {
+        Q4_0_BLOCK_BYTES
+    } else {
+        Q8_0_BLOCK_BYTES
+    };
     let nibble = _mm256_set1_epi8(0x0f);
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);
@@ -162,8 +173,9 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, dx: &[f32], w: 
         // could chain the blocks), times the two scales of x.
         let bits = w_scale(2 * pair) | w_scale(2 * pair + 1) << 16;
         let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
-        // SAFETY: `dx` holds a value for every block and one more.
-        let dxs = unsafe { _mm_castpd_ps(_mm_load_sd(dx.as_ptr().add(2 * pair).cast())) };
+        // SAFETY: `dx` holds a value for every block, these two included (an unaligned
+        // 64-bit load: `dx` is only 4-byte aligned).
+        let dxs = unsafe { _mm_castsi128_ps(_mm_loadl_epi64(dx.as_ptr().add(2 * pair).cast())) };
         let products = _mm_mul_ps(dw, dxs);
         let s0 = block(2 * pair);
         let s1 = block(2 * pair + 1);

@@ -32,10 +32,11 @@ pub fn emit_quantize(
     p: &[Value],
 ) {
     let (x, out) = (p[0], p[1]);
-    let len = rows.unwrap_or(0) * k;
+    // nf4 and the affine formats lay out a whole matrix (`kernel::select` gives them rows).
+    let matrix_len = || rows.expect("a whole-matrix quantization has static rows") * k;
     match format {
         WeightFormat::Nf4 { block, scale } => {
-            return nf4(b, [x, out], len, (block as usize, scale));
+            return nf4(b, [x, out], matrix_len(), (block as usize, scale));
         }
         WeightFormat::Affine {
             bits,
@@ -51,7 +52,7 @@ pub fn emit_quantize(
                 axis,
                 scale,
             };
-            return affine.emit(b, [x, out], [len / k, k]);
+            return affine.emit(b, [x, out], [matrix_len() / k, k]);
         }
         _ => {}
     }

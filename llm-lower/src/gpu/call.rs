@@ -31,7 +31,7 @@ use super::{
 use crate::{
     kernel::{
         AttentionSource, BroadcastLayout, Contraction, Kernel, MatmulDims, Movement, WeightFormat,
-        batched_matmul_dims, broadcast_layout, contiguous_attention_shape,
+        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, whole_rows,
     },
     selection::weight_operand,
 };
@@ -581,8 +581,7 @@ impl Call<'_> {
             }
             Kernel::Quantize { format, rows, k } => {
                 let x = self.device(step.inputs[0])?;
-                let rows_ok = rows.map_or(x.len().is_multiple_of(*k), |r| x.len() == r * k);
-                if x.elem != Elem::F32 || !rows_ok {
+                if x.elem != Elem::F32 || !whole_rows(*rows, x.len(), *k) {
                     return Err(format!(
                         "the operand {:?} is not whole rows of {k}",
                         x.shape
