@@ -17,7 +17,7 @@ use llm_ir::{
     types::{KvCacheParams, KvStorage, QuantFormat, Reduction},
 };
 use llm_lower::{
-    cpu::{Options, Program, Target},
+    cpu::{LoweringStats, Options, Program, Target},
     gpu::{self, Gpu, GpuOptions, Rows},
 };
 use pliron::{builtin::ops::FuncOp, context::Context};
@@ -827,6 +827,19 @@ fn quantize_ties() {
     }
 }
 
+/// Checks that only the `host` ops (the sharded data movement) take the reference path
+/// and that `kernel_ops` ops run kernels.
+fn expect_lowering(stats: &LoweringStats, host: &[&str], kernel_ops: usize) {
+    assert!(
+        stats
+            .reference_ops
+            .iter()
+            .all(|(name, _)| host.contains(&name.as_str())),
+        "{stats:?}"
+    );
+    assert_eq!(stats.kernel_ops, kernel_ops, "{stats:?}");
+}
+
 /// Partial maxima and minima (function arguments: no op makes them) reduced by an
 /// all-reduce and a reduce-scatter gathered back: the folds run in generated code, and
 /// the results are the interpreter's exactly.
@@ -865,17 +878,8 @@ fn max_and_min_collectives_run_in_generated_code() {
         let (ctx, func, want, hoisted) =
             reference(&ir, std::slice::from_ref(&arg), &Store(Vec::new())).expect("reference");
         let program = Program::build(&ctx, func, &hoisted, &Options::default()).expect("compiles");
-        let host = ["llm.all_gather", "llm.unshard"];
-        let stats = program.stats();
-        assert!(
-            stats
-                .reference_ops
-                .iter()
-                .all(|(n, _)| host.contains(&n.as_str())),
-            "{stats:?}"
-        );
         // The all-reduce, the reduce-scatter and the final add.
-        assert_eq!(stats.kernel_ops, 3, "{stats:?}");
+        expect_lowering(program.stats(), &["llm.all_gather", "llm.unshard"], 3);
         let got = program
             .run(&ctx, &Store(Vec::new()), vec![arg])
             .expect("runs");
@@ -932,17 +936,9 @@ fn tensor_parallel_layers_run_in_generated_code() {
             microkernels: true,
         };
         let program = Program::build(&ctx, func, &hoisted, &options).expect("compiles");
-        let stats = program.stats();
-        let host = ["llm.shard", "llm.all_gather", "llm.unshard"];
-        assert!(
-            stats
-                .reference_ops
-                .iter()
-                .all(|(name, _)| host.contains(&name.as_str())),
-            "{stats:?}"
-        );
         // Two linear layers, the all-reduce, the reduce-scatter and the final add.
-        assert_eq!(stats.kernel_ops, 5, "{stats:?}");
+        let host = ["llm.shard", "llm.all_gather", "llm.unshard"];
+        expect_lowering(program.stats(), &host, 5);
         let got = program
             .run(&ctx, &Store(Vec::new()), args.clone())
             .expect("runs");
