@@ -384,16 +384,7 @@ fn quantized_models_run_in_generated_code() {
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, "default");
         for backend in &backends {
             let (model, got) = quantized_logits(&path, &format, backend, "default");
-            for step in [Step::Prefill, Step::Decode] {
-                let reference_ops = match backend {
-                    Backend::Gpu(_) => &model.gpu_lowering(step).expect("stats").reference_ops,
-                    _ => &model.lowering(step).expect("stats").reference_ops,
-                };
-                assert!(
-                    reference_ops.is_empty(),
-                    "{text} {backend:?} {step:?}: {reference_ops:?}"
-                );
-            }
+            expect_generated_code(&model, backend, &text);
             let max_err = max_relative_error(&got, &reference, 1e-4, &text);
             println!("{text} on {backend:?}: max relative logit error {max_err:e}");
         }
@@ -427,13 +418,7 @@ fn q8_0_activations_run_in_generated_code() {
         let (_, exact) = quantized_logits(&path, &format, &Backend::Interp, "default");
         for backend in &backends {
             let (model, got) = quantized_logits(&path, &format, backend, passes);
-            for step in [Step::Prefill, Step::Decode] {
-                let reference_ops = match backend {
-                    Backend::Gpu(_) => &model.gpu_lowering(step).expect("stats").reference_ops,
-                    _ => &model.lowering(step).expect("stats").reference_ops,
-                };
-                assert!(reference_ops.is_empty(), "{text} {backend:?} {step:?}");
-            }
+            expect_generated_code(&model, backend, &text);
             let max_err = max_relative_error(&got, &reference, 0.05, &text);
             let drift = max_relative_error(&got, &exact, 0.05, &text);
             println!(
@@ -480,6 +465,21 @@ fn quantized_logits(
         .forward(Step::Decode, &[98], 4, cache)
         .expect("decode");
     (model, prefill.into_iter().chain(decode).collect())
+}
+
+/// Checks that no op of `model`'s prefill or decode step takes the reference path on
+/// `backend`.
+fn expect_generated_code(model: &Model, backend: &Backend, what: &str) {
+    for step in [Step::Prefill, Step::Decode] {
+        let reference_ops = match backend {
+            Backend::Gpu(_) => &model.gpu_lowering(step).expect("stats").reference_ops,
+            _ => &model.lowering(step).expect("stats").reference_ops,
+        };
+        assert!(
+            reference_ops.is_empty(),
+            "{what} {backend:?} {step:?}: {reference_ops:?}"
+        );
+    }
 }
 
 /// The largest error of `got` against `want` relative to `max(|want|, 1)`, checked to be

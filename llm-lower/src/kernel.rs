@@ -338,6 +338,17 @@ pub struct Contraction {
     pub q8_0_input: bool,
 }
 
+impl Contraction {
+    /// The bytes of a row of `x`: `k` floats, or `k / 32` q8_0 blocks.
+    pub fn x_row_bytes(&self) -> usize {
+        if self.q8_0_input {
+            WeightFormat::Q8_0.row_bytes(self.k)
+        } else {
+            4 * self.k
+        }
+    }
+}
+
 /// Where an attention kernel finds keys and values, and which positions a query sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionSource {

@@ -12,7 +12,7 @@ use pliron::{
 
 use llm_ir::{
     params::{ParamAttr, ParamValue, param_key},
-    types::TensorType,
+    types::{QuantizedTensorType, TensorType},
 };
 
 /// The op's name (`llm.matmul`).
@@ -89,6 +89,13 @@ pub fn tensor_type(ctx: &Context, v: Value) -> Option<TensorType> {
 /// `ty` as a tensor type.
 pub fn as_tensor(ctx: &Context, ty: TypeHandle) -> Option<TensorType> {
     TypedHandle::<TensorType>::from_handle(ty, ctx)
+        .ok()
+        .map(|t| t.deref(ctx).clone())
+}
+
+/// The quantized tensor type of `v`, if it has one.
+pub fn quantized_type(ctx: &Context, v: Value) -> Option<QuantizedTensorType> {
+    TypedHandle::<QuantizedTensorType>::from_handle(v.get_type(ctx), ctx)
         .ok()
         .map(|t| t.deref(ctx).clone())
 }

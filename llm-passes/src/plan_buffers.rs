@@ -16,7 +16,6 @@ use llm_ir::{
     interp::quant::storage_bytes,
     ops::{self, BufferPlanOp},
     params::ParamValue,
-    types::{QuantizedTensorType, TensorType},
 };
 use pliron::{
     builtin::{
@@ -26,7 +25,6 @@ use pliron::{
     context::{Context, Ptr},
     op::Op,
     operation::Operation,
-    r#type::Typed,
     value::Value,
 };
 
@@ -223,13 +221,11 @@ impl Pass for PlanBuffers {
 /// The bytes of a tensor or quantized tensor value (quantized activations are
 /// intermediates too), dynamic dims counted as `dynamic_dim`; `None` for other values.
 fn value_bytes(ctx: &Context, v: Value, dynamic_dim: u64) -> Option<u64> {
-    let ty = v.get_type(ctx);
-    let ty = ty.deref(ctx);
-    if let Some(t) = ty.downcast_ref::<TensorType>() {
+    if let Some(t) = ir::tensor_type(ctx, v) {
         let elems: u64 = t.shape().iter().map(|d| d.unwrap_or(dynamic_dim)).product();
         return Some(elems * t.dtype().size_bytes() as u64);
     }
-    let q = ty.downcast_ref::<QuantizedTensorType>()?;
+    let q = ir::quantized_type(ctx, v)?;
     let shape: Vec<usize> = q
         .shape()
         .iter()

@@ -18,13 +18,13 @@ use std::collections::HashMap;
 use llm_ir::{
     dtype::DType,
     ops::{self, QuantizeOp},
+    syntax::Dim,
     types::{QuantFormat, QuantizedTensorType},
 };
 use pliron::{
     context::{Context, Ptr},
     op::Op,
     operation::Operation,
-    r#type::Typed,
     value::Value,
 };
 
@@ -55,18 +55,13 @@ impl Pass for QuantizeActivations {
             // Per block: the q8_0 value already made for an activation.
             let mut quantized: HashMap<Value, Value> = HashMap::new();
             for op in ir::block_ops(ctx, block) {
-                if !takes_q8_0_activations(ctx, op) {
+                let Some(shape) = activation_shape(ctx, op) else {
                     continue;
-                }
-                let x = ir::operand(ctx, op, 0);
-                let q = match quantized.get(&x) {
-                    Some(&q) => q,
-                    None => {
-                        let q = quantize_before(ctx, op, x);
-                        quantized.insert(x, q);
-                        q
-                    }
                 };
+                let x = ir::operand(ctx, op, 0);
+                let q = *quantized
+                    .entry(x)
+                    .or_insert_with(|| quantize_before(ctx, op, x, shape));
                 Operation::replace_operand(op, ctx, 0, q);
                 changed = true;
             }
@@ -75,29 +70,21 @@ impl Pass for QuantizeActivations {
     }
 }
 
-/// Whether `op` is a `quantized_matmul` of `f32` activations, whose K is a static multiple
-/// of 32, with a q8_0 or q4_0 weight.
-fn takes_q8_0_activations(ctx: &Context, op: Ptr<Operation>) -> bool {
+/// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
+/// whose K is a static multiple of 32, with a q8_0 or q4_0 weight.
+fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     if ir::name(ctx, op) != "llm.quantized_matmul" {
-        return false;
+        return None;
     }
-    let Some(x) = ir::tensor_type(ctx, ir::operand(ctx, op, 0)) else {
-        return false;
-    };
+    let x = ir::tensor_type(ctx, ir::operand(ctx, op, 0))?;
     let k_blocked = matches!(x.shape().last(), Some(Some(k)) if k % BLOCK == 0);
-    let w = ir::operand(ctx, op, 1).get_type(ctx);
-    let weight_blocked = w
-        .deref(ctx)
-        .downcast_ref::<QuantizedTensorType>()
+    let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1))
         .is_some_and(|w| matches!(w.format(), QuantFormat::Q8_0 | QuantFormat::Q4_0));
-    x.dtype() == DType::F32 && k_blocked && weight_blocked
+    (x.dtype() == DType::F32 && k_blocked && weight_blocked).then(|| x.shape().to_vec())
 }
 
-/// Builds `quantize(x) : q8_0` just before `op`.
-fn quantize_before(ctx: &mut Context, op: Ptr<Operation>, x: Value) -> Value {
-    let shape = ir::tensor_type(ctx, x)
-        .map(|t| t.shape().to_vec())
-        .unwrap_or_default();
+/// Builds `quantize(x) : q8_0` of `x`'s `shape` just before `op`.
+fn quantize_before(ctx: &mut Context, op: Ptr<Operation>, x: Value, shape: Vec<Dim>) -> Value {
     let ty = QuantizedTensorType::get(ctx, shape, QuantFormat::Q8_0).into();
     let quantize: QuantizeOp = ops::build(ctx, vec![x], vec![ty], vec![]);
     let quantize = quantize.get_operation();

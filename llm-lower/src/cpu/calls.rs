@@ -610,13 +610,12 @@ fn broadcast(
         let inner: usize = layout.dims.iter().product();
         // SAFETY: a broadcast's signature is (inputs, out, dims, strides).
         let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
-        let mut at = ptrs.clone();
+        // Inline for up to 8 operands: no allocation in the common single pass.
+        let mut at: SmallVec<[i64; 8]> = SmallVec::from_slice(&ptrs);
         for index in 0..len / inner {
             // Each operand's first element for this outer index (row-major over `outer`).
             let mut rest = index;
-            for (a, base) in at.iter_mut().enumerate() {
-                *base = ptrs[a];
-            }
+            at.copy_from_slice(&ptrs);
             for (d, &dim) in layout.outer.iter().enumerate().rev() {
                 let i = rest % dim;
                 rest /= dim;

@@ -178,12 +178,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     let whole = b.ins().band_imm_s(span, !(rows as i64 - 1));
     let blocked_end = b.ins().iadd(j0, whole);
     let row_bytes = c.weight.row_bytes(c.k) as i64;
-    // A row of x: k floats, or (quantized activations) k / 32 q8_0 blocks.
-    let x_row_bytes = if c.q8_0_input {
-        WeightFormat::Q8_0.row_bytes(c.k) as i64
-    } else {
-        4 * c.k as i64
-    };
+    let x_row_bytes = c.x_row_bytes() as i64;
     let mut ranges = vec![(j0, blocked_end, rows)];
     if rows > 1 {
         ranges.push((blocked_end, j1, 1));
@@ -289,7 +284,7 @@ fn emit_q8_0_rows(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tile: F
     let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let zero = b.ins().iconst(types::I64, 0);
     let k = b.ins().iconst(types::I64, c.k as i64);
-    let x_row_bytes = WeightFormat::Q8_0.row_bytes(c.k) as i64;
+    let x_row_bytes = c.x_row_bytes() as i64;
     let row_bytes = c.weight.row_bytes(c.k) as i64;
     for_range(b, j0, j1, Q8_0_ROWS_CHUNK, |b, j| {
         let left = b.ins().isub(j1, j);
@@ -619,33 +614,17 @@ fn emit_fold(b: &mut FunctionBuilder, reduction: Reduction, p: &[Value]) {
     };
     let zero = b.ins().iconst(types::I64, 0);
     let vec_end = b.ins().band_imm_s(len, !3);
-    for (start, end, step, ty) in [
-        (zero, vec_end, 4, types::F32X4),
-        (vec_end, len, 1, types::F32X4),
-    ] {
-        for_range(b, start, end, step, |b, i| {
-            let at = |b: &mut FunctionBuilder, base: Value| address(b, base, i, 4);
-            let (xa, ya, oa) = (at(b, x), at(b, y), at(b, out));
-            let (l, r) = if step == 4 {
-                (
-                    b.ins().load(ty, mem(), xa, 0),
-                    b.ins().load(ty, mem(), ya, 0),
-                )
-            } else {
-                let l = b.ins().load(types::F32, mem(), xa, 0);
-                let r = b.ins().load(types::F32, mem(), ya, 0);
-                (
-                    b.ins().scalar_to_vector(ty, l),
-                    b.ins().scalar_to_vector(ty, r),
-                )
-            };
+    for (start, end, full) in [(zero, vec_end, true), (vec_end, len, false)] {
+        for_range(b, start, end, if full { 4 } else { 1 }, |b, i| {
+            let (xa, ya, oa) = (
+                address(b, x, i, 4),
+                address(b, y, i, 4),
+                address(b, out, i, 4),
+            );
+            let l = load_lanes(b, xa, full, 0.0);
+            let r = load_lanes(b, ya, full, 0.0);
             let v = combine(b, l, r);
-            if step == 4 {
-                b.ins().store(mem(), v, oa, 0);
-            } else {
-                let s = b.ins().extractlane(v, 0);
-                b.ins().store(mem(), s, oa, 0);
-            }
+            store_lanes(b, v, oa, full);
         });
     }
 }

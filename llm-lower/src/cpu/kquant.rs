@@ -14,7 +14,7 @@
 )]
 
 #[cfg(target_arch = "x86_64")]
-use super::ukernel::f16_to_f32;
+use super::ukernel::{f16_to_f32, lane_sum};
 
 /// The symbol generated code imports [`q4_k_row`] under.
 pub const Q4_K_ROW: &str = "llmc_q4_k_row";
@@ -86,18 +86,6 @@ fn widen<const SIGNED: bool>(v: std::arch::x86_64::__m256i, i: usize) -> std::ar
         _mm256_cvtepu8_epi32(bytes)
     };
     _mm256_cvtepi32_ps(ints)
-}
-
-/// The sum of the 8 lanes of `v`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let mut l = [0f32; 4];
-    // SAFETY: `l` holds 4 floats.
-    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
-    (l[0] + l[1]) + (l[2] + l[3])
 }
 
 #[cfg(target_arch = "x86_64")]

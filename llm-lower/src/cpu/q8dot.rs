@@ -43,7 +43,18 @@ pub const Q4_0_BY_Q8_0_ROWS: &str = "llmc_q4_0_by_q8_0_rows";
 const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// Bytes of a q4_0 block: an f16 scale and 32 nibbles.
+#[cfg(target_arch = "x86_64")]
 const Q4_0_BLOCK_BYTES: usize = 18;
+
+/// Bytes of a weight block: q4_0 (`four_bit`) or q8_0.
+#[cfg(target_arch = "x86_64")]
+const fn weight_block_bytes(four_bit: bool) -> usize {
+    if four_bit {
+        Q4_0_BLOCK_BYTES
+    } else {
+        Q8_0_BLOCK_BYTES
+    }
+}
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q8_0
 /// rows `w_r` at `w`.
@@ -95,12 +106,7 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
     rows: usize,
 ) {
     use std::arch::x86_64::*;
-    let row_bytes = k / 32
-        * if FOUR_BIT {
-            Q4_0_BLOCK_BYTES
-        } else {
-            Q8_0_BLOCK_BYTES
-        };
+    let row_bytes = k / 32 * weight_block_bytes(FOUR_BIT);
     // The scales of x as f32, once for every row (F16C: activation scales are often
     // subnormal in f16, and widening one by a float multiply stalls on it). On the heap:
     // a 2 KiB stack buffer instead ran 5% slower on the 110M shape.
@@ -113,7 +119,7 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
     }
     for r in 0..rows {
         // SAFETY: row r is inside the `rows` rows of the contract, y[r] too.
-        unsafe { *y.add(r) = row_avx2::<FOUR_BIT>(k, x, &dx, w.add(r * row_bytes)) };
+        unsafe { *y.add(r) = row_avx2::<FOUR_BIT>(x, &dx, w.add(r * row_bytes)) };
     }
 }
 
@@ -122,13 +128,9 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
 /// into one of two eight-lane accumulators (even and odd blocks: two multiply-add chains).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, dx: &[f32], w: *const u8) -> f32 {
+unsafe fn row_avx2<const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *const u8) -> f32 {
     use std::arch::x86_64::*;
-    let w_block = if FOUR_BIT {
-        Q4_0_BLOCK_BYTES
-    } else {
-        Q8_0_BLOCK_BYTES
-    };
+    let w_block = weight_block_bytes(FOUR_BIT);
     let nibble = _mm256_set1_epi8(0x0f);
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);
@@ -165,7 +167,7 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, dx: &[f32], w: 
         // SAFETY: as in `block`.
         unsafe { u32::from(w.add(b * w_block).cast::<u16>().read_unaligned()) }
     };
-    let blocks = k / 32;
+    let blocks = dx.len();
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for pair in 0..blocks / 2 {
         // `dx * dw` of both blocks: both weight scales converted at once by F16C, from one
@@ -187,12 +189,7 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(k: usize, x: *const u8, dx: &[f32], w: 
         let product = _mm_mul_ss(dw, _mm_set_ss(dx[blocks - 1]));
         even = _mm256_fmadd_ps(block(blocks - 1), _mm256_broadcastss_ps(product), even);
     }
-    let acc = _mm256_add_ps(even, odd);
-    let v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let mut l = [0f32; 4];
-    // SAFETY: `l` holds four floats.
-    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
-    (l[0] + l[1]) + (l[2] + l[3])
+    super::ukernel::lane_sum(_mm256_add_ps(even, odd))
 }
 
 /// The dot product of the q8_0 row at `x` with the `weight` row (q8_0 or q4_0) at `row`,

@@ -207,11 +207,20 @@ unsafe fn quant_row_avx2<const FOUR_BIT: bool>(k: usize, x: *const f32, w: *cons
             }
             acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(scale), acc);
         }
-        let v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let mut l = [0f32; 4];
-        _mm_storeu_ps(l.as_mut_ptr(), v);
-        *y = (l[0] + l[1]) + (l[2] + l[3]);
+        *y = lane_sum(acc);
     }
+}
+
+/// The sum of the 8 lanes of `v`: the two halves added, then `(l0 + l1) + (l2 + l3)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let mut l = [0f32; 4];
+    // SAFETY: `l` holds 4 floats.
+    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
+    (l[0] + l[1]) + (l[2] + l[3])
 }
 
 /// The value of IEEE half-precision bits (normal, subnormal, zero; block scales are never
