@@ -1328,14 +1328,21 @@ proptest! {
 }
 
 /// Decode attention over long contexts, in the shapes the AVX2 row kernel takes (heads of
-/// a multiple of 8, groups of 1 to 3 query heads per KV head): contexts shorter than,
-/// equal to and longer than its 8-position score vectors and 32-position blocks, with
-/// both scalings, against the interpreter (and the generated kernel, without
-/// microkernels).
+/// a multiple of 8, groups of 1 to 8 query heads per KV head: pairs of heads, and an odd
+/// one left over): contexts shorter than, equal to and longer than its 8-position score
+/// vectors and 64-position blocks, with both scalings, against the interpreter (and the
+/// generated kernel, without microkernels).
 #[test]
 fn long_context_attention_rows() {
-    for (d, kv, group) in [(8, 4, 2), (16, 1, 3), (24, 2, 1), (8, 1, 1)] {
-        for tk in [1, 7, 8, 9, 32, 33, 100] {
+    for (d, kv, group) in [
+        (8, 4, 2),
+        (16, 1, 3),
+        (24, 2, 1),
+        (8, 1, 1),
+        (8, 1, 8),
+        (16, 2, 5),
+    ] {
+        for tk in [1, 7, 8, 9, 33, 63, 64, 65, 100, 129] {
             let h = kv * group;
             for scale in ["", ", scale = 0.3"] {
                 let ir = func(
