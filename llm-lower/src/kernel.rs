@@ -349,6 +349,31 @@ impl Contraction {
     }
 }
 
+/// How the kernels that write a paged KV cache round its values. Every backend holds the
+/// pool as `f32` values, each already rounded to the cache's storage (as the reference
+/// holds it), so reading a cache is the same whatever its storage; only writes differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvRounding {
+    /// `f32` storage: values are stored as given.
+    Exact,
+    /// `f16` or `bf16` storage: each value rounded to that type (ties to even).
+    Float(DType),
+    /// Quantized storage: each head's row quantized and dequantized, as the reference
+    /// does it.
+    Quantized,
+}
+
+impl KvRounding {
+    /// The rounding of a cache with `storage`.
+    pub fn of(storage: &KvStorage) -> KvRounding {
+        match storage {
+            KvStorage::Float(DType::F32) => KvRounding::Exact,
+            KvStorage::Float(d) => KvRounding::Float(*d),
+            KvStorage::Quantized(_) => KvRounding::Quantized,
+        }
+    }
+}
+
 /// Where an attention kernel finds keys and values, and which positions a query sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionSource {
@@ -360,6 +385,8 @@ pub enum AttentionSource {
         window: Option<usize>,
         /// `llm.append_attention`: the new keys and values are written first.
         append: bool,
+        /// How the cache's storage rounds what an append writes.
+        rounding: KvRounding,
     },
     /// `llm.attention` on contiguous `[batch..., tokens, kv_heads, head_dim]` keys and values.
     Contiguous {
@@ -696,12 +723,14 @@ pub enum Kernel {
         to: DType,
     },
     /// `llm.append_kv`: each token's key and value rows (`kv_heads * d` values) written to
-    /// its slot of the cache's `layer`.
+    /// its slot of the cache's `layer`, rounded to the cache's storage.
     KvAppend {
         /// The cache layer.
         layer: usize,
         /// Values per slot.
         row: usize,
+        /// How the written values are rounded.
+        rounding: KvRounding,
     },
     /// `llm.lookup_kv`: a sequence's keys and values of the cache's `layer`, in position
     /// order, through its block table.
@@ -1132,12 +1161,15 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let cache = check.kv_cache(0).ok()?;
             let p = cache.params();
             let layer = check.int("layer").unwrap_or(0);
-            let f32_cache = p.storage == KvStorage::Float(DType::F32);
             let floats = name == "llm.append_kv" || f32_result(&check);
-            (f32_cache && floats && layer >= 0 && (layer as u64) < p.layers).then(|| {
+            (floats && layer >= 0 && (layer as u64) < p.layers).then(|| {
                 let (layer, row) = (layer as usize, (p.kv_heads * p.head_dim) as usize);
                 if name == "llm.append_kv" {
-                    Kernel::KvAppend { layer, row }
+                    Kernel::KvAppend {
+                        layer,
+                        row,
+                        rounding: KvRounding::of(&p.storage),
+                    }
                 } else {
                     Kernel::KvLookup { layer, row }
                 }
@@ -1202,13 +1234,13 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let [_, _, Some(heads), Some(d)] = q.shape() else {
                 return None;
             };
-            let f32_cache = cache.params().storage == KvStorage::Float(DType::F32);
             let source = AttentionSource::Paged {
                 layer: check.int("layer")? as usize,
                 window: check.int("window").map(|w| w as usize),
                 append: name == "llm.append_attention",
+                rounding: KvRounding::of(&cache.params().storage),
             };
-            attention(&check, *heads as usize, *d as usize, source).filter(|_| f32_cache)
+            attention(&check, *heads as usize, *d as usize, source)
         }
         "llm.attention" => {
             let q = f32_operand(&check, 0)?;

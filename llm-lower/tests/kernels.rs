@@ -11,7 +11,7 @@ use llm_ir::{
     dtype::DType,
     interp::{
         self, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Sharded, Tensor, Value,
-        WeightStore, quant,
+        WeightStore, quant, value::round_float,
     },
     text,
     types::{KvCacheParams, KvStorage, QuantFormat, Reduction},
@@ -1013,23 +1013,35 @@ fn ity(shape: &[usize]) -> String {
 
 /// A cache of `blocks` blocks filled with seeded values, and its type.
 fn cache(kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
+    float_cache(DType::F32, kv, d, blocks, seed)
+}
+
+/// [`cache`] stored as `dtype` (its random values rounded to it, as the pool holds them).
+fn float_cache(dtype: DType, kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
     let params = KvCacheParams {
         layers: 2,
         kv_heads: kv as u64,
         head_dim: d as u64,
         block_size: 4,
         blocks: None,
-        storage: KvStorage::Float(DType::F32),
+        storage: KvStorage::Float(dtype),
         window: None,
     };
     let mut c = KvCache::new(params, blocks);
-    c.k = values(seed, c.k.len(), 1.0);
-    c.v = values(seed + 1, c.v.len(), 1.0);
+    let rounded = |seed| -> Vec<f32> {
+        let v = values(seed, c.k.len(), 1.0);
+        v.into_iter().map(|x| round_float(dtype, x)).collect()
+    };
+    (c.k, c.v) = (rounded(seed), rounded(seed + 1));
     let ty = format!(
-        "llm.paged_kv_cache <layers = 2, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = f32>"
+        "llm.paged_kv_cache <layers = 2, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = {}>",
+        dtype.name()
     );
     (Value::Cache(c), ty)
 }
+
+/// The float types a KV cache stores, for the cases that cover them all.
+const CACHE_TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Block tables for `lens.len()` sequences: a seeded permutation of the pool's blocks,
 /// `width` blocks each.
@@ -1075,11 +1087,13 @@ proptest! {
         agree(&ir, args, 2e-6)?;
     }
 
+    /// `append_attention` on caches of every float storage (the appended rows rounded to
+    /// it).
     #[test]
-    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, start in 0usize..6, seed: u64) {
+    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, start in 0usize..6, storage in prop::sample::select(CACHE_TYPES.to_vec()), seed: u64) {
         let h = kv * group;
         let width = (start + t).div_ceil(4);
-        let (c, cty) = cache(kv, d, width + 1, seed + 3);
+        let (c, cty) = float_cache(storage, kv, d, width + 1, seed + 3);
         let table = tables(1, width + 1, seed + 5)[..width].to_vec();
         let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
         let ir = format!(
@@ -1093,11 +1107,12 @@ proptest! {
         agree(&ir, args, 2e-6)?;
     }
 
-    /// A standalone `append_kv` and a `lookup_kv` of the sequence.
+    /// A standalone `append_kv` and a `lookup_kv` of the sequence, on caches of every
+    /// float storage: the rounding is exact, as the reference's.
     #[test]
-    fn append_and_lookup_kv(t in 1usize..4, kv in 1usize..3, d in 1usize..12, start in 0usize..6, seed: u64) {
+    fn append_and_lookup_kv(t in 1usize..4, kv in 1usize..3, d in 1usize..12, start in 0usize..6, storage in prop::sample::select(CACHE_TYPES.to_vec()), seed: u64) {
         let width = (start + t).div_ceil(4);
-        let (c, cty) = cache(kv, d, width + 1, seed + 3);
+        let (c, cty) = float_cache(storage, kv, d, width + 1, seed + 3);
         let table = tables(1, width + 1, seed + 5)[..width].to_vec();
         let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
         let rows = format!("llm.tensor <?x{kv}x{d}xf32>");
@@ -1148,7 +1163,7 @@ proptest! {
             let s = format!("llm.tensor <{}>", dtype.name());
             let narrow = |shape: &[usize], seed: u64| {
                 let n = shape.iter().product();
-                let v = values(seed, n, 4.0).iter().map(|&x| interp::value::round_float(dtype, x)).collect();
+                let v = values(seed, n, 4.0).iter().map(|&x| round_float(dtype, x)).collect();
                 Value::Tensor(Tensor::from_f32(shape.to_vec(), dtype, v))
             };
             for (op, tol) in [("add", 0.0), ("sub", 0.0), ("mul", 0.0), ("div", 0.0)] {
@@ -1231,7 +1246,7 @@ proptest! {
             let raw = values(seed, n, 1.0);
             let x = if from.is_float() {
                 let scale = [1e-6f32, 1.0, 300.0, 7e4, 3e9][seed as usize % 5];
-                let mut v: Vec<f32> = raw.iter().map(|r| interp::value::round_float(from, r * scale)).collect();
+                let mut v: Vec<f32> = raw.iter().map(|r| round_float(from, r * scale)).collect();
                 // Every third value of an f32 operand lies exactly halfway between two values
                 // of the narrow target, where rounding must go to the even one.
                 if from == DType::F32 && matches!(to, DType::F16 | DType::BF16) {
@@ -1390,19 +1405,17 @@ fn empty_calls_give_empty_results() {
     agree_with(&ir, vec![tensor(&[0, k], 3, 1.0)], &store, 0.0).unwrap();
 }
 
-/// A KV cache stored as f16 has no GPU kernel: on the GPU backend it stays on the host,
-/// its ops run through their reference semantics, and the results are the interpreter's.
+/// A KV cache stored quantized (q8_0 along the head) appends on the host on the GPU (the
+/// pool's other readers run on the device) and everywhere on the CPU, and both give the
+/// interpreter's results.
 #[test]
-fn f16_caches_stay_on_the_host_on_the_gpu() {
-    let Some(gpu) = gpu() else {
-        return;
-    };
-    let (kv, d, t) = (2, 8, 3);
+fn quantized_caches_append_on_the_host_on_the_gpu() {
+    let (kv, d, t) = (2, 32, 3);
     let cty = format!(
-        "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = f16>"
+        "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = q8_0>"
     );
     let ir = format!(
-        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        llm.return y, c2\n    }}\n}}\n",
+        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        z = llm.paged_attention q, c2, t, l {{layer = 0, kv_heads = {kv}}} : {q};\n        w = llm.add y, z : {q};\n        llm.return w, c2\n    }}\n}}\n",
         q = ty(&[1, t, kv, d]),
         kvt = ty(&[t, kv, d]),
         st = ity(&[t]),
@@ -1415,7 +1428,7 @@ fn f16_caches_stay_on_the_host_on_the_gpu() {
         head_dim: d as u64,
         block_size: 4,
         blocks: None,
-        storage: KvStorage::Float(DType::F16),
+        storage: KvStorage::Quantized(QuantFormat::Q8_0),
         window: None,
     };
     let args = vec![
@@ -1427,6 +1440,10 @@ fn f16_caches_stay_on_the_host_on_the_gpu() {
         ints(&[1, 1], vec![1]),
         ints(&[1], vec![t as i64]),
     ];
+    cpu_agrees(&ir, args.clone(), 2e-6).unwrap();
+    let Some(gpu) = gpu() else {
+        return;
+    };
     let store = Store(Vec::new());
     let (ctx, func, want, hoisted) = reference(&ir, &args, &store).expect("interpreter");
     let program = gpu::Compiler::new(gpu)
@@ -1436,10 +1453,8 @@ fn f16_caches_stay_on_the_host_on_the_gpu() {
         program.stats().reference_ops,
         vec![("llm.append_attention".to_string(), 1)]
     );
-    let got = program
-        .run(&ctx, &store, args)
-        .expect("runs on the GPU backend");
-    assert_eq!(got, want);
+    let got = run_on_gpu(&program, &ctx, &store, &args).unwrap();
+    compare(&[("gpu".into(), got)], &want, 2e-6, &ir).unwrap();
 }
 
 /// Token ids outside the table, block-table entries outside the pool and KV slots outside

@@ -777,6 +777,7 @@ impl Call<'_> {
                 layer,
                 window,
                 append,
+                ..
             } => {
                 let pool = self.pool(step.inputs[1])?;
                 let p = &pool.params;

@@ -24,7 +24,7 @@ use std::fmt;
 
 use pliron::{builtin::ops::ModuleOp, context::Context};
 
-use crate::kernel::{Kernel, WeightFormat};
+use crate::kernel::{AttentionSource, Kernel, KvRounding, WeightFormat};
 
 /// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
 /// cannot be split to fit the limits).
@@ -95,10 +95,21 @@ impl Limits {
 
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
 /// linear layer and the collectives, whose sharded values stay on the host, a float cast
-/// to i64, which may not fit the 32 bits a device holds an integer in, and quantization
-/// into nf4 and the affine formats (all run through their reference semantics there).
+/// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
+/// nf4 and the affine formats, and appends to a quantized KV cache (all run through their
+/// reference semantics there).
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
+        Kernel::KvAppend { rounding, .. }
+        | Kernel::Attention {
+            source:
+                AttentionSource::Paged {
+                    append: true,
+                    rounding,
+                    ..
+                },
+            ..
+        } => *rounding != KvRounding::Quantized,
         Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }
         | Kernel::ReduceScatter { .. }
@@ -288,7 +299,14 @@ mod tests {
                 to: DType::I8,
             },
             Shader::BatchedMatmul { transposed: true },
-            Shader::KvAppend { row: 48 },
+            Shader::KvAppend {
+                row: 48,
+                storage: DType::F32,
+            },
+            Shader::KvAppend {
+                row: 48,
+                storage: DType::BF16,
+            },
             Shader::Gather {
                 dim: 7,
                 vocab: 5,

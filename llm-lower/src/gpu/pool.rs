@@ -1,13 +1,14 @@
 //! The paged KV pool in device memory: one key and one value buffer per layer, named by
 //! the [`KvCache`] values a program returns ([`KvCache::resident`]), copied block by block
-//! on the device and read back on request.
+//! on the device and read back on request. Whatever the cache's storage, the pool holds
+//! `f32` values, each rounded to that storage when written (as the reference's pool
+//! does): an f16 cache takes as much device memory as an f32 one.
 
 use std::sync::Arc;
 
 use llm_ir::{
-    dtype::DType,
     interp::{KvCache, Resident},
-    types::{KvCacheParams, KvStorage},
+    types::KvCacheParams,
 };
 
 use super::device::Gpu;
@@ -38,12 +39,6 @@ impl Pool {
                 return Err("the KV cache lives on another GPU device".into());
             }
             return Ok(pool);
-        }
-        if c.params.storage != KvStorage::Float(DType::F32) {
-            return Err(format!(
-                "the GPU holds f32 KV caches only, not {:?}",
-                c.params.storage
-            ));
         }
         let per_layer = c.slot_offset(1, 0);
         let bytes = per_layer as u64 * 4;

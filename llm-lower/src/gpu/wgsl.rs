@@ -20,7 +20,7 @@ use llm_ir::{
     },
 };
 
-use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat};
+use crate::kernel::{AttentionSource, Contraction, Kernel, KvRounding, Movement, WeightFormat};
 
 /// Invocations per workgroup, in every shader.
 pub const WORKGROUP: u32 = 64;
@@ -161,10 +161,13 @@ pub enum Shader {
         /// Head size.
         d: usize,
     },
-    /// Writes the new key and value rows of each token into its cache slot.
+    /// Writes the new key and value rows of each token into its cache slot, each value
+    /// rounded to the cache's float type (the pool holds them as `f32`).
     KvAppend {
         /// Floats per slot (`kv_heads * head_dim`).
         row: usize,
+        /// The cache's storage: f32, f16 or bf16.
+        storage: DType,
     },
     /// A sequence's key and value rows gathered from a cache layer through its block
     /// table (`llm.lookup_kv`).
@@ -309,8 +312,13 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                     d: *d,
                 },
             ];
-            if let AttentionSource::Paged { append: true, .. } = source {
-                shaders.insert(0, Shader::KvAppend { row: kv_heads * d });
+            if let AttentionSource::Paged {
+                append: true,
+                rounding,
+                ..
+            } = source
+            {
+                shaders.insert(0, kv_append_shader(kv_heads * d, *rounding));
             }
             shaders
         }
@@ -322,7 +330,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         Kernel::BatchedMatmul { transposed } => vec![Shader::BatchedMatmul {
             transposed: *transposed,
         }],
-        Kernel::KvAppend { row, .. } => vec![Shader::KvAppend { row: *row }],
+        Kernel::KvAppend { row, rounding, .. } => vec![kv_append_shader(*row, *rounding)],
         Kernel::KvLookup { row, .. } => vec![Shader::KvGather { row: *row }],
         Kernel::Move(Movement::Reshape) => Vec::new(),
         Kernel::Move(Movement::Columns { width, offset, len }) => vec![Shader::Columns {
@@ -392,7 +400,7 @@ impl Shader {
                 transposed: *transposed,
             }
             .name(),
-            Shader::KvAppend { row } => format!("kv_append_{row}"),
+            Shader::KvAppend { row, storage } => format!("kv_append_{row}_{}", storage.name()),
             Shader::KvGather { row } => format!("kv_gather_{row}"),
             Shader::Gather { dim, table, .. } => match table {
                 WeightFormat::F32 => format!("gather_{dim}"),
@@ -640,7 +648,7 @@ impl Shader {
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::Cast { from, to } => cast(*from, *to),
             Shader::Quantize { format } => quantize(*format),
-            Shader::KvAppend { row } => kv_append(*row),
+            Shader::KvAppend { row, storage } => kv_append(*row, *storage),
             Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
@@ -1182,7 +1190,7 @@ fn strided(body: &ScalarBody) -> String {
 /// A shader computing `body` for result element `i`: `head` finds `i` (and returns when
 /// it is out of range), `operand(a)` is where operand `a`'s value for `i` is read.
 fn scalar_body_shader(body: &ScalarBody, head: &str, operand: impl Fn(usize) -> String) -> String {
-    let mut s = String::from(rounding(body));
+    let mut s = String::from(rounding(body.dtype));
     s.push_str(ENTRY);
     s.push_str(head);
     for a in 0..body.args {
@@ -1204,12 +1212,22 @@ fn rank4_coords(e: &str) -> String {
     )
 }
 
-/// The rounding function a body of f16 or bf16 values needs (none for f32).
-fn rounding(body: &ScalarBody) -> &'static str {
-    match body.dtype {
+/// The rounding function values of `dtype` need: `round_f16` or `round_bf16` (none for
+/// f32).
+fn rounding(dtype: DType) -> &'static str {
+    match dtype {
         DType::F16 => ROUND_F16,
         DType::BF16 => ROUND_BF16,
         _ => "",
+    }
+}
+
+/// `expr` rounded to `dtype` by the function [`rounding`] defines (as is for f32).
+fn rounded(dtype: DType, expr: &str) -> String {
+    match dtype {
+        DType::F16 => format!("round_f16({expr})"),
+        DType::BF16 => format!("round_bf16({expr})"),
+        _ => expr.to_string(),
     }
 }
 
@@ -1217,12 +1235,7 @@ fn rounding(body: &ScalarBody) -> &'static str {
 /// element type as a separate op would round it.
 fn body_steps(s: &mut String, body: &ScalarBody) {
     for (n, step) in body.steps.iter().enumerate() {
-        let expr = step_expr(step);
-        let expr = match body.dtype {
-            DType::F16 => format!("round_f16({expr})"),
-            DType::BF16 => format!("round_bf16({expr})"),
-            _ => expr,
-        };
+        let expr = rounded(body.dtype, &step_expr(step));
         let _ = writeln!(s, "    let v{} = {expr};", body.args + n);
     }
 }
@@ -1570,19 +1583,34 @@ fn attention_combine(heads: usize, d: usize) -> String {
     s
 }
 
-fn kv_append(row: usize) -> String {
-    let mut s = format!("const ROW: u32 = {row}u;\n{ENTRY}");
-    s.push_str(
+fn kv_append(row: usize, storage: DType) -> String {
+    let mut s = format!("{}const ROW: u32 = {row}u;\n{ENTRY}", rounding(storage));
+    let _ = write!(
+        s,
         "    let e = gi * WG + t;
-    if (e >= p.tokens * ROW) { return; }
+    if (e >= p.tokens * ROW) {{ return; }}
     let token = e / ROW;
     let at = u32(slots[token]) * ROW + e % ROW;
-    kc[at] = kn[e];
-    vc[at] = vn[e];
-}
+    kc[at] = {};
+    vc[at] = {};
+}}
 ",
+        rounded(storage, "kn[e]"),
+        rounded(storage, "vn[e]")
     );
     s
+}
+
+/// The append shader for a cache whose writes round as `rounding` says.
+fn kv_append_shader(row: usize, rounding: KvRounding) -> Shader {
+    let storage = match rounding {
+        KvRounding::Exact => DType::F32,
+        KvRounding::Float(dtype) => dtype,
+        KvRounding::Quantized => {
+            unreachable!("`gpu::supports` keeps the appends of quantized caches on the host")
+        }
+    };
+    Shader::KvAppend { row, storage }
 }
 
 /// Rounds an `f32` to the nearest `f16` (ties to even), kept as `f32`.
@@ -1720,15 +1748,10 @@ fn cast(from: DType, to: DType) -> String {
     let mut s = String::new();
     let value = if from.is_float() { "x[e]" } else { "f32(x[e])" };
     let expr = match to {
-        DType::F16 => {
-            s.push_str(ROUND_F16);
-            format!("round_f16({value})")
+        DType::F16 | DType::BF16 | DType::F32 => {
+            s.push_str(rounding(to));
+            rounded(to, value)
         }
-        DType::BF16 => {
-            s.push_str(ROUND_BF16);
-            format!("round_bf16({value})")
-        }
-        DType::F32 => value.to_string(),
         // Truncation toward zero, saturating at the target's range (NaN gives 0). NaN is
         // tested on the bits: drivers may fold `x != x` to false (lavapipe does).
         int if from.is_float() => {
