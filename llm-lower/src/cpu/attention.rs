@@ -78,38 +78,40 @@ pub unsafe extern "C" fn attention_row(
     // SAFETY: forwarded from this function's contract.
     unsafe {
         let offsets = std::slice::from_raw_parts(offsets, count as usize);
+        // One zeroed buffer for every group (each group writes its scores before reading).
+        let mut scores = [[0f32; BLOCK]; MAX_GROUP];
+        let group = heads / kv_heads;
         for kv in 0..kv_heads {
             attend_group(
-                (heads / kv_heads, d, factor),
-                q.add(kv * (heads / kv_heads) * d),
+                (d, factor),
+                q.add(kv * group * d),
                 (k.add(4 * kv * d), v.add(4 * kv * d)),
                 offsets,
-                out.add(kv * (heads / kv_heads) * d),
+                (&mut scores[..group], out.add(kv * group * d)),
             );
         }
     }
 }
 
 /// Scores of one query head for a block of positions (one slot per position, at most
-/// [`BLOCK`]); [`attend_group`] keeps one per head on its stack.
+/// [`BLOCK`]); [`attention_row`] keeps one per head of a group on its stack.
 type Scores = [f32; BLOCK];
 
-/// The query heads `q` (`group` rows of `d`) that share the KV head at `k`/`v`, over the
-/// rows at `offsets`, into `out`: per block of positions the scores of every head, the
-/// online-softmax update, then the values.
+/// The query heads `q` (one row of `d` per entry of `scores`) that share the KV head at
+/// `k`/`v`, over the rows at `offsets`, into `out`: per block of positions the scores of
+/// every head, the online-softmax update, then the values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_group(
-    (group, d, factor): (usize, usize, f32),
+    (d, factor): (usize, f32),
     q: *const f32,
     (k, v): (*const u8, *const u8),
     offsets: &[i64],
-    out: *mut f32,
+    (scores, out): (&mut [Scores], *mut f32),
 ) {
     use std::arch::x86_64::*;
+    let group = scores.len();
     let mut softmax = Softmax::new();
-    let mut scores = [[0f32; BLOCK]; MAX_GROUP];
-    let scores = &mut scores[..group];
     // SAFETY: every pointer below is inside the rows the caller's contract describes.
     unsafe {
         for h in 0..group {
