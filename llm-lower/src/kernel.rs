@@ -1037,11 +1037,15 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
-            // Activations in q8_0 meet q8_0 or q4_0 weights block by block.
+            // Activations in q8_0 meet q8_0, q4_0, q4_k or q6_k weights run by run (each
+            // run of the weight's lies inside a block of x).
             let q8_0_input = check.is_quantized(0);
             let x_shape = if q8_0_input {
                 let x = check.quantized(0).ok()?;
-                let blocks_meet = matches!(weight, WeightFormat::Q8_0 | WeightFormat::Q4_0);
+                let blocks_meet = matches!(
+                    weight,
+                    WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4K | WeightFormat::Q6K
+                );
                 (*x.format() == QuantFormat::Q8_0 && blocks_meet).then(|| x.shape().to_vec())?
             } else {
                 f32_operand(&check, 0)?.shape().to_vec()

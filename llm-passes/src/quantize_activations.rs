@@ -1,10 +1,12 @@
 //! `quantize-activations`: quantized matmuls read q8_0 activations.
 //!
-//! `quantized_matmul(x, w)` with `f32` activations `x` and a q8_0 or q4_0 weight becomes
-//! `quantized_matmul(quantize(x) : q8_0, w)`. Both formats hold blocks of 32 values along
-//! K with one scale each, so a block of `x` meets a block of `w` as two scales and 32 pairs
-//! of small integers: a backend multiplies the codes as integers and scales the block's
-//! sum once (the usual int8 dot product of quantized inference engines).
+//! `quantized_matmul(x, w)` with `f32` activations `x` and a q8_0, q4_0, q4_k or q6_k
+//! weight becomes `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 and q4_0 hold blocks of
+//! 32 values along K with one scale each, so a block of `x` meets a block of `w` as two
+//! scales and 32 pairs of small integers: a backend multiplies the codes as integers and
+//! scales the block's sum once (the usual int8 dot product of quantized inference
+//! engines). The k-quants' runs of 16 or 32 values that share a scale (and q4_k's
+//! minimum) each lie inside one block of `x`, so they meet it the same way, run by run.
 //!
 //! This changes the numbers: each activation is rounded to its block's q8_0 grid (a
 //! relative error of at most 1/254 of the block's largest magnitude) before the product.
@@ -36,7 +38,7 @@ use crate::{
 /// The registry entry.
 pub const INFO: PassInfo = PassInfo {
     name: "quantize-activations",
-    summary: "quantize the f32 inputs of q8_0/q4_0 matmuls to q8_0 (integer dot products)",
+    summary: "quantize the f32 inputs of q8_0/q4_0/q4_k/q6_k matmuls to q8_0 (integer dot products)",
     options: &[],
     scope: Scope::Any,
     create: |_: &PassOptions| Box::new(QuantizeActivations),
@@ -71,15 +73,20 @@ impl Pass for QuantizeActivations {
 }
 
 /// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
-/// whose K is a static multiple of 32, with a q8_0 or q4_0 weight.
+/// whose K is a static multiple of 32, with a q8_0, q4_0, q4_k or q6_k weight (the
+/// k-quants' K is a multiple of their 256-value super-blocks, as their type requires).
 fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     if ir::name(ctx, op) != "llm.quantized_matmul" {
         return None;
     }
     let x = ir::tensor_type(ctx, ir::operand(ctx, op, 0))?;
     let k_blocked = matches!(x.shape().last(), Some(Some(k)) if k % BLOCK == 0);
-    let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1))
-        .is_some_and(|w| matches!(w.format(), QuantFormat::Q8_0 | QuantFormat::Q4_0));
+    let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1)).is_some_and(|w| {
+        matches!(
+            w.format(),
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4K | QuantFormat::Q6K
+        )
+    });
     (x.dtype() == DType::F32 && k_blocked && weight_blocked).then(|| x.shape().to_vec())
 }
 

@@ -210,8 +210,11 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
                 let sums = match (c.weight, tiles.quant_row) {
-                    _ if c.q8_0_input => {
+                    (WeightFormat::Q8_0 | WeightFormat::Q4_0, _) if c.q8_0_input => {
                         vec![super::q8dot::dot_row(b, c.weight, xrow, wblock, c.k)]
+                    }
+                    _ if c.q8_0_input => {
+                        vec![dequant::dot_row_q8_0_x(b, c.weight, xrow, wblock, c.k)]
                     }
                     (
                         WeightFormat::Q8_0

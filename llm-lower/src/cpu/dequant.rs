@@ -66,12 +66,73 @@ pub fn dot_row(
         }
         format => {
             let acc = zeroed_accumulators(b, 1)[0];
-            decode_blocks(b, format, row, c.k, x, |b, xb, run| {
+            let stride = 4 * format.block().expect("a block format") as i64;
+            decode_blocks(b, format, row, c.k, (x, stride), |b, xb, run| {
                 accumulate_run(b, acc, xb, run)
             });
             let a = b.use_var(acc);
             horizontal_sum(b, a)
         }
+    }
+}
+
+/// Bytes of a q8_0 block of activations: an f16 scale and 32 codes.
+const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// The dot product of the q8_0 row at `x` (`k` values) with the row at `row` of a
+/// block-format weight whose runs lie inside blocks of 32 (the k-quants), in generated
+/// code: the weight decoded into its runs as for `f32` activations, each run meeting the
+/// codes of its block of x as floats. A run's products of small integers and their sums
+/// are exact in `f32`, so each run costs one scaling by its scale times x's block scale,
+/// as in the AVX2 kernels of [`super::kq8dot`], which run instead where the CPU has them.
+pub fn dot_row_q8_0_x(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    x: Value,
+    row: Value,
+    k: usize,
+) -> Value {
+    let acc = zeroed_accumulators(b, 1)[0];
+    let block = format.block().expect("a block format");
+    let stride = (block / 32 * Q8_0_BLOCK_BYTES) as i64;
+    decode_blocks(b, format, row, k, (x, stride), |b, xb, run| {
+        accumulate_q8_0_run(b, acc, xb, run)
+    });
+    let a = b.use_var(acc);
+    horizontal_sum(b, a)
+}
+
+/// `acc += dx * (scale * Σ q·qx + offset * Σ qx)` over `run`, whose values lie in one
+/// q8_0 block of the activations at `xb` (the weight block's first).
+fn accumulate_q8_0_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
+    let first = run.x_at as usize / 4;
+    let block_at = (first / 32 * Q8_0_BLOCK_BYTES) as i32;
+    let codes_at = block_at + 2 + (first % 32) as i32;
+    let mut sums = [splat(b, 0.0), splat(b, 0.0)];
+    let mut xsum = None;
+    for (chunk, qs) in run.codes.chunks(4).enumerate() {
+        let bytes = b
+            .ins()
+            .load(types::I8X16, mem(), xb, codes_at + 16 * chunk as i32);
+        for (c, (&q, xv)) in qs.iter().zip(bytes_to_f32(b, bytes, true)).enumerate() {
+            sums[c % 2] = b.ins().fma(q, xv, sums[c % 2]);
+            if run.offset.is_some() {
+                xsum = Some(match xsum {
+                    Some(s) => b.ins().fadd(s, xv),
+                    None => xv,
+                });
+            }
+        }
+    }
+    let dx = load_f16(b, xb, block_at);
+    let total = b.ins().fadd(sums[0], sums[1]);
+    let scale = b.ins().fmul(run.scale, dx);
+    let scale = b.ins().splat(types::F32X4, scale);
+    accumulate(b, acc, total, scale);
+    if let (Some(offset), Some(xsum)) = (run.offset, xsum) {
+        let offset = b.ins().fmul(offset, dx);
+        let offset = b.ins().splat(types::F32X4, offset);
+        accumulate(b, acc, xsum, offset);
     }
 }
 
@@ -95,7 +156,10 @@ pub fn emit_dequantize(
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => {
                 decode_whole(b, weight, [rows, k], Purpose::Store, [w, j, row], out_row);
             }
-            format => decode_blocks(b, format, row, k, out_row, store_run),
+            format => {
+                let stride = 4 * format.block().expect("a block format") as i64;
+                decode_blocks(b, format, row, k, (out_row, stride), store_run)
+            }
         }
     });
 }
@@ -149,13 +213,14 @@ fn accumulate_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
 
 /// Decodes a row of a GGUF block format: a loop over the row's blocks, each decoded into
 /// its runs, which go to `take_run` with the address of the block's first value in `values`
-/// (x for a dot product, the output for a dequantization).
+/// (x for a dot product, the output for a dequantization), whose blocks lie `stride` bytes
+/// apart.
 fn decode_blocks(
     b: &mut FunctionBuilder,
     format: WeightFormat,
     row: Value,
     k: usize,
-    values: Value,
+    (values, stride): (Value, i64),
     mut take_run: impl FnMut(&mut FunctionBuilder, Value, Run),
 ) {
     let block = format.block().expect("a block format");
@@ -164,7 +229,7 @@ fn decode_blocks(
     let blocks = b.ins().iconst(types::I64, (k / block) as i64);
     for_range(b, zero, blocks, 1, |b, blk| {
         let wb = address(b, row, blk, block_bytes);
-        let vb = address(b, values, blk, 4 * block as i64);
+        let vb = address(b, values, blk, stride);
         let mut sink = |b: &mut FunctionBuilder, run: Run| take_run(b, vb, run);
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),

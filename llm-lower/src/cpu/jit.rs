@@ -15,7 +15,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
-use super::{attention, codegen, kquant, q8dot, ukernel};
+use super::{attention, codegen, kq8dot, kquant, q8dot, ukernel};
 use crate::kernel::{Kernel, WeightFormat};
 
 /// Which instruction set the code is generated for.
@@ -180,6 +180,14 @@ pub fn compile(
             q8dot::Q4_0_BY_Q8_0_ROWS,
             q8dot::q4_0_by_q8_0_rows as *const u8,
         ),
+        (
+            kq8dot::Q4_K_BY_Q8_0_ROWS,
+            kq8dot::q4_k_by_q8_0_rows as *const u8,
+        ),
+        (
+            kq8dot::Q6_K_BY_Q8_0_ROWS,
+            kq8dot::q6_k_by_q8_0_rows as *const u8,
+        ),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
         (
@@ -211,6 +219,8 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 5)?;
     let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 5)?;
+    let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 5)?;
+    let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 5)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let attention_row = import(attention::ATTENTION_ROW, 8)?;
@@ -234,6 +244,8 @@ pub fn compile(
             match c.weight {
                 WeightFormat::Q8_0 if c.q8_0_input => tiles.q8_0_rows = bring(q8_0_by_q8_0_rows),
                 WeightFormat::Q4_0 if c.q8_0_input => tiles.q8_0_rows = bring(q4_0_by_q8_0_rows),
+                WeightFormat::Q4K if c.q8_0_input => tiles.q8_0_rows = bring(q4_k_by_q8_0_rows),
+                WeightFormat::Q6K if c.q8_0_input => tiles.q8_0_rows = bring(q6_k_by_q8_0_rows),
                 WeightFormat::F32Panels => {
                     tiles.pair = bring(pair);
                     tiles.single = bring(single);

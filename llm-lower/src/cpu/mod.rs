@@ -11,6 +11,7 @@ pub mod convert;
 pub mod dequant;
 pub mod emit;
 pub mod jit;
+pub mod kq8dot;
 pub mod kquant;
 pub mod pool;
 pub mod program;

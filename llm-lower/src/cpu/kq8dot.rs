@@ -1,0 +1,364 @@
+//! Integer dot products of q8_0 activations with the GGUF k-quants q4_k and q6_k, the
+//! formats most GGUF models ship their matrices in.
+//!
+//! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
+//! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
+//! a scale, and every run lies inside one block of x, so a run's dot product is
+//! `dx * (scale * Σ q·qx + offset * Σ qx)` with exact integer sums:
+//! - q4_k: eight runs of 32, value `d * sc * q - dmin * m` (`q` a nibble, `sc` and `m`
+//!   6-bit): the nibbles meet `qx` in `vpmaddubsw` (unsigned by signed bytes), and the
+//!   minimums take `Σ qx`, which is the same for every weight row, so it is formed once
+//!   per call ([`Activations`]);
+//! - q6_k: sixteen runs of 16, value `d * sc * (q - 32)` (`q` 6-bit, `sc` a signed byte):
+//!   `q` meets `qx` in `vpmaddubsw` and the recentring is taken off as `32 * Σ qx` by a
+//!   second one (exact for every byte, as in [`super::q8dot`]).
+//!
+//! [`q4_k_by_q8_0_rows`] and [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
+//! F16C ([`super::ukernel::available`]); elsewhere the generated kernel decodes the same
+//! runs ([`super::dequant::dot_row_q8_0_x`]). The sums are grouped differently, so the two
+//! agree within rounding.
+
+#![allow(
+    unsafe_code,
+    reason = "AVX2 intrinsics on pointers checked by the caller"
+)]
+
+/// The symbol generated code imports [`q4_k_by_q8_0_rows`] under.
+pub const Q4_K_BY_Q8_0_ROWS: &str = "llmc_q4_k_by_q8_0_rows";
+/// The symbol generated code imports [`q6_k_by_q8_0_rows`] under.
+pub const Q6_K_BY_Q8_0_ROWS: &str = "llmc_q6_k_by_q8_0_rows";
+
+/// Bytes of a q8_0 block of x.
+#[cfg(target_arch = "x86_64")]
+const X_BLOCK: usize = 34;
+
+/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q4_k
+/// rows `w_r` at `w`.
+///
+/// # Safety
+///
+/// `x` points to `k / 32 * 34` bytes (`k` a multiple of 256), `w` to `rows * k / 256 * 144`
+/// bytes, `y` to `rows` writable floats, and the CPU has AVX2, FMA and F16C
+/// ([`super::ukernel::available`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn q4_k_by_q8_0_rows(
+    k: i64,
+    x: *const u8,
+    w: *const u8,
+    y: *mut f32,
+    rows: i64,
+) {
+    let k = k as usize;
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        let a = Activations::of(x, k);
+        for r in 0..rows as usize {
+            *y.add(r) = q4_k_row(x, &a, w.add(r * k / 256 * 144));
+        }
+    }
+}
+
+/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q6_k
+/// rows `w_r` at `w`.
+///
+/// # Safety
+///
+/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 210` bytes.
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn q6_k_by_q8_0_rows(
+    k: i64,
+    x: *const u8,
+    w: *const u8,
+    y: *mut f32,
+    rows: i64,
+) {
+    let k = k as usize;
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        let a = Activations::of(x, k);
+        for r in 0..rows as usize {
+            *y.add(r) = q6_k_row(x, &a, w.add(r * k / 256 * 210));
+        }
+    }
+}
+
+/// What every weight row needs of x, formed once per call: per block its scale `dx` and
+/// `dx * Σ qx` (for q4_k's minimums).
+#[cfg(target_arch = "x86_64")]
+struct Activations {
+    dx: Vec<f32>,
+    dx_sum: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Activations {
+    /// The activations of the q8_0 row at `x` of `k` values.
+    ///
+    /// # Safety
+    ///
+    /// `x` points to `k / 32` q8_0 blocks, and the CPU has AVX2 and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn of(x: *const u8, k: usize) -> Activations {
+        use std::arch::x86_64::*;
+        let blocks = k / 32;
+        let (mut dx, mut dx_sum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let ones = _mm256_set1_epi8(1);
+        for b in 0..blocks {
+            // SAFETY: block b is inside the row (the contract).
+            let (bits, codes) = unsafe {
+                let xb = x.add(b * X_BLOCK);
+                (
+                    xb.cast::<u32>().read_unaligned(),
+                    _mm256_loadu_si256(xb.add(2).cast()),
+                )
+            };
+            // F16C: activation scales are often subnormal in f16 (see `q8dot`).
+            let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+            let pairs = _mm256_maddubs_epi16(ones, codes);
+            let sum = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+            let mut lanes = [0i32; 8];
+            // SAFETY: `lanes` holds 8 integers.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sum) };
+            dx.push(scale);
+            dx_sum.push(scale * lanes.iter().sum::<i32>() as f32);
+        }
+        Activations { dx, dx_sum }
+    }
+}
+
+/// The 6-bit scales and minimums of a q4_k super-block's eight sub-blocks, one byte each,
+/// from its 12 scale bytes: sub-blocks 0..4 keep the low 6 bits of bytes `j` and `j + 4`;
+/// sub-blocks 4..8 take a nibble of byte `j + 4` and the top bits of bytes `j - 4` and `j`.
+#[cfg(target_arch = "x86_64")]
+fn scales_mins(q: &[u8; 12]) -> (u64, u64) {
+    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let (low6, nibble, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let scales = (w0 & low6, (w2 & nibble) | ((w0 >> 6) & top2) << 4);
+    let mins = (w1 & low6, ((w2 >> 4) & nibble) | ((w1 >> 6) & top2) << 4);
+    let join = |(lo, hi): (u32, u32)| u64::from(lo) | u64::from(hi) << 32;
+    (join(scales), join(mins))
+}
+
+/// Eight bytes as eight `f32` lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn byte_lanes(bytes: u64) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64)))
+}
+
+/// Eight 32-bit sums of a 32-byte vector of pair sums (`vpmaddubsw` output), as floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn pair_sums(pairs: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// One q4_k row: per super-block (144 bytes) an f16 `d` and `dmin`, twelve bytes of 6-bit
+/// scales and minimums, then 128 bytes whose low nibbles are sub-block `2p` and high
+/// nibbles sub-block `2p + 1` for bytes `32p..32p + 32`. The eight sub-blocks' factors
+/// `d * sc * dx` and minimum terms `dmin * m * dx * Σ qx` are formed 8 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut mins = _mm256_setzero_ps();
+    let mut factors = [0f32; 8];
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe.
+    unsafe {
+        for sb in 0..a.dx.len() / 8 {
+            let block = w.add(sb * 144);
+            // `d` and `dmin` from one 32-bit word.
+            let both = _mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()));
+            let d = _mm256_broadcastss_ps(both);
+            let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(both));
+            let (sc, m) = scales_mins(&std::ptr::read_unaligned(block.add(4).cast()));
+            let dx = _mm256_loadu_ps(a.dx.as_ptr().add(8 * sb));
+            let dx_sum = _mm256_loadu_ps(a.dx_sum.as_ptr().add(8 * sb));
+            let f = _mm256_mul_ps(_mm256_mul_ps(d, byte_lanes(sc)), dx);
+            _mm256_storeu_ps(factors.as_mut_ptr(), f);
+            mins = _mm256_fmadd_ps(_mm256_mul_ps(dmin, byte_lanes(m)), dx_sum, mins);
+            for pair in 0..4 {
+                let packed = _mm256_loadu_si256(block.add(16 + 32 * pair).cast());
+                let halves = [
+                    _mm256_and_si256(packed, mask),
+                    _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
+                ];
+                for (h, codes) in halves.into_iter().enumerate() {
+                    let j = 2 * pair + h;
+                    let xq = _mm256_loadu_si256(x.add((8 * sb + j) * X_BLOCK + 2).cast());
+                    let sums = pair_sums(_mm256_maddubs_epi16(codes, xq));
+                    acc[h] = _mm256_fmadd_ps(sums, _mm256_broadcast_ss(&factors[j]), acc[h]);
+                }
+            }
+        }
+    }
+    super::ukernel::lane_sum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[1]), mins))
+}
+
+/// One q6_k row: per super-block (210 bytes) 128 bytes of low nibbles, 64 of high bit
+/// pairs, 16 signed run scales and an f16 `d`; each half of 128 values has four quarters
+/// `g` of 32 (one block of x each): value `l` of quarter `g` takes nibble `g / 2` of low
+/// byte `l + 32 * (g % 2)` and bit pair `g` of high byte `l`, minus 32. A half's eight run
+/// factors `d * sc * dx` are formed 8 lanes at a time, and each quarter takes its two.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let nibble = _mm256_set1_epi8(0x0f);
+    let pair = _mm256_set1_epi8(3);
+    let bias = _mm256_set1_epi8(32);
+    // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
+    let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    // Quarter g's two runs over lanes 0..4 and 4..8 of its sums.
+    let runs: [__m256i; 4] = std::array::from_fn(|g| {
+        let g = 2 * g as i32;
+        _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
+    });
+    let mut acc = [_mm256_setzero_ps(); 2];
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe.
+    unsafe {
+        for sb in 0..a.dx.len() / 8 {
+            let block = w.add(sb * 210);
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                block.add(208).cast::<u16>().read_unaligned(),
+            ))));
+            for n in 0..2 {
+                let sc = _mm_loadl_epi64(block.add(192 + 8 * n).cast());
+                let dx = _mm256_castps128_ps256(_mm_loadu_ps(a.dx.as_ptr().add(8 * sb + 4 * n)));
+                let factors = _mm256_mul_ps(
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
+                    _mm256_permutevar8x32_ps(dx, twice),
+                );
+                let ql0 = _mm256_loadu_si256(block.add(64 * n).cast());
+                let ql1 = _mm256_loadu_si256(block.add(64 * n + 32).cast());
+                let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
+                let quarters = [
+                    (_mm256_and_si256(ql0, nibble), qh),
+                    (_mm256_and_si256(ql1, nibble), _mm256_srli_epi16(qh, 2)),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble),
+                        _mm256_srli_epi16(qh, 4),
+                    ),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble),
+                        _mm256_srli_epi16(qh, 6),
+                    ),
+                ];
+                for (g, (low, high)) in quarters.into_iter().enumerate() {
+                    let codes =
+                        _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(high, pair), 4));
+                    let b = 8 * sb + 4 * n + g;
+                    let xq = _mm256_loadu_si256(x.add(b * X_BLOCK + 2).cast());
+                    // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
+                    let centred = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(codes, xq),
+                        _mm256_maddubs_epi16(bias, xq),
+                    );
+                    let scale = _mm256_permutevar8x32_ps(factors, runs[g]);
+                    acc[g % 2] = _mm256_fmadd_ps(pair_sums(centred), scale, acc[g % 2]);
+                }
+            }
+        }
+    }
+    super::ukernel::lane_sum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use llm_ir::{interp::quant, types::QuantFormat};
+
+    use super::*;
+
+    /// Seeded bytes.
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// A q8_0 row of `blocks` blocks with every code byte (-128 included) and f16 scales,
+    /// subnormal ones too.
+    fn activations(blocks: usize, seed: u64) -> Vec<u8> {
+        let codes = bytes(32 * blocks, seed);
+        let mut x = Vec::new();
+        for b in 0..blocks {
+            let scale = if b % 3 == 2 {
+                3e-6
+            } else {
+                0.01 * (b as f32 + 1.0)
+            };
+            x.extend(half::f16::from_f32(scale).to_bits().to_le_bytes());
+            x.extend(&codes[32 * b..32 * b + 32]);
+        }
+        x
+    }
+
+    /// Weight rows of `format` from random values, as the reference quantizes them.
+    fn weights(format: &QuantFormat, rows: usize, k: usize, seed: u64) -> Vec<u8> {
+        let values: Vec<f32> = bytes(rows * k, seed)
+            .iter()
+            .map(|&b| f32::from(b) / 64.0 - 2.0)
+            .collect();
+        quant::quantize(format, &[rows, k], &values)
+    }
+
+    /// `dot(dequantize(x), dequantize(w_r))` in f64, and the sum of its terms' magnitudes.
+    fn expected(x: &[u8], w: &[u8], format: &QuantFormat, k: usize) -> (f64, f64) {
+        let xs = quant::dequantize(&QuantFormat::Q8_0, &[k], x);
+        let ws = quant::dequantize(format, &[k], w);
+        xs.iter()
+            .zip(&ws)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
+    }
+
+    #[test]
+    fn rows_agree_with_the_dequantized_product() {
+        if !super::super::ukernel::available() {
+            return;
+        }
+        for (format, block) in [(QuantFormat::Q4K, 144), (QuantFormat::Q6K, 210)] {
+            for (seed, supers, rows) in [(1u64, 1usize, 1usize), (2, 2, 5), (3, 3, 9)] {
+                let k = 256 * supers;
+                let x = activations(k / 32, seed);
+                let w = weights(&format, rows, k, seed + 10);
+                let mut y = vec![0f32; rows];
+                let kernel = if format == QuantFormat::Q4K {
+                    q4_k_by_q8_0_rows
+                } else {
+                    q6_k_by_q8_0_rows
+                };
+                // SAFETY: x holds k / 32 blocks, w `rows` rows of k / 256 super-blocks, y
+                // `rows` floats; AVX2, FMA and F16C are checked.
+                unsafe {
+                    kernel(
+                        k as i64,
+                        x.as_ptr(),
+                        w.as_ptr(),
+                        y.as_mut_ptr(),
+                        rows as i64,
+                    )
+                };
+                for (r, &got) in y.iter().enumerate() {
+                    let row = &w[r * supers * block..(r + 1) * supers * block];
+                    let (want, magnitude) = expected(&x, row, &format, k);
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-6 * magnitude.max(1.0),
+                        "{format:?}, {supers} super-blocks, row {r}: {got} != {want}"
+                    );
+                }
+            }
+        }
+    }
+}
