@@ -1388,6 +1388,57 @@ fn long_context_attention_rows() {
     }
 }
 
+/// Attention rows split over the worker threads (`agree` runs two threads): a batch of
+/// paged decode rows over contexts of different lengths, and a causal prompt of 64
+/// queries, each with more than the 2^16 multiply-adds below which one thread runs all
+/// rows; results must match the interpreter on every thread count.
+#[test]
+fn attention_rows_in_parallel() {
+    let (kv, group, d, seqs, width) = (2, 2, 16, 8, 30);
+    let h = kv * group;
+    let (c, cty) = cache(kv, d, seqs * width, 21);
+    let lens: Vec<i64> = (0..seqs as i64).map(|s| 40 + 9 * s).collect();
+    let ir = func(
+        &[
+            ("q".into(), ty(&[seqs, 1, h, d])),
+            ("c".into(), cty),
+            ("t".into(), ity(&[seqs, width])),
+            ("l".into(), ity(&[seqs])),
+        ],
+        &ty(&[seqs, 1, h, d]),
+        &format!(
+            "y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}}} : {};",
+            ty(&[seqs, 1, h, d])
+        ),
+    );
+    let args = vec![
+        tensor(&[seqs, 1, h, d], 22, 1.0),
+        c,
+        ints(&[seqs, width], tables(seqs, width, 23)),
+        ints(&[seqs], lens),
+    ];
+    agree(&ir, args, 2e-6).unwrap();
+    let t = 64;
+    let ir = func(
+        &[
+            ("q".into(), ty(&[1, t, h, d])),
+            ("k".into(), ty(&[1, t, kv, d])),
+            ("v".into(), ty(&[1, t, kv, d])),
+        ],
+        &ty(&[1, t, h, d]),
+        &format!(
+            "y = llm.attention q, k, v {{kv_heads = {kv}, causal = true}} : {};",
+            ty(&[1, t, h, d])
+        ),
+    );
+    let args = vec![
+        tensor(&[1, t, h, d], 24, 1.0),
+        tensor(&[1, t, kv, d], 25, 1.0),
+        tensor(&[1, t, kv, d], 26, 1.0),
+    ];
+    agree(&ir, args, 2e-6).unwrap();
+}
+
 /// Calls with no rows (an empty prompt) run on both backends and give empty results.
 #[test]
 fn empty_calls_give_empty_results() {

@@ -817,9 +817,11 @@ fn attention(
         ));
     }
     let mut out = k.pool.zeroed(qd.len());
+    // Rows run in parallel, each writing its own `row` outputs through this address.
+    let out_at = out.as_mut_ptr() as usize;
     // Runs query row `r` over `offsets` into `kd`/`vd` (each offset plus a row checked to
     // lie inside both), with the mask values of those positions if the kernel takes them.
-    let mut attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64], mask: Option<&[f32]>| {
+    let attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64], mask: Option<&[f32]>| {
         if offsets.is_empty() {
             return;
         }
@@ -829,7 +831,8 @@ fn attention(
             vd.as_ptr() as i64,
             offsets.as_ptr() as i64,
             offsets.len() as i64,
-            out[r * row..].as_mut_ptr() as i64,
+            // Row r's outputs: `out` holds as many floats as the queries.
+            (out_at + 4 * r * row) as i64,
         );
         match mask {
             // One mask value per offset.
@@ -874,9 +877,10 @@ fn attention(
             let (keys, values) = (&cache.k[layer_start..], &cache.v[layer_start..]);
             let rows = [q.shape[0], q.shape[1]];
             k.paged.with(cache, (rows, tables, lens, window), |all| {
-                for (row, offsets) in all.iter().enumerate() {
-                    attend(row, keys, values, offsets, None);
-                }
+                let positions = all.iter().map(Vec::len).sum::<usize>();
+                for_rows(k, all.len(), 2 * positions * row, &|r| {
+                    attend(r, keys, values, &all[r], None);
+                });
             })?;
             let out = Value::Tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out));
             match updated {
@@ -899,20 +903,29 @@ fn attention(
             let (kd, vd) = (kt.floats()?, vt.floats()?);
             let mask = extra_operand(masked.then(|| inputs.get(3)), &[tq, tk], "mask")?;
             let batch: usize = q.shape[..r - 3].iter().product();
-            let mut offsets = Vec::new();
-            for b in 0..batch {
-                for i in 0..tq {
-                    let pos = (tk + i).saturating_sub(tq);
-                    let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let end = if causal { pos + 1 } else { tk };
-                    offsets.clear();
-                    offsets.extend((start..end).map(|j| (4 * (b * tk + j) * kv_heads * d) as i64));
-                    let row_mask = mask.map(|m| &m[i * tk + start..i * tk + end]);
-                    attend(b * tq + i, kd, vd, &offsets, row_mask);
-                }
-            }
+            for_rows(k, batch * tq, 2 * batch * tq * tk * row, &|query| {
+                let (b, i) = (query / tq, query % tq);
+                let pos = (tk + i).saturating_sub(tq);
+                let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let end = if causal { pos + 1 } else { tk };
+                let offsets: Vec<i64> = (start..end)
+                    .map(|j| (4 * (b * tk + j) * kv_heads * d) as i64)
+                    .collect();
+                let row_mask = mask.map(|m| &m[i * tk + start..i * tk + end]);
+                attend(query, kd, vd, &offsets, row_mask);
+            });
             k.tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out))
         }
+    }
+}
+
+/// Runs `attend_row(r)` for every query row `r < rows`: over the workers, a row at a time
+/// (rows see contexts of different lengths), when there are several rows and `macs`
+/// multiply-adds in all to share.
+fn for_rows(k: &Kernels, rows: usize, macs: usize, attend_row: &(dyn Fn(usize) + Sync)) {
+    match k.workers {
+        Some(workers) if rows > 1 && macs >= PARALLEL_MIN_MACS => workers.run(rows, attend_row),
+        _ => (0..rows).for_each(attend_row),
     }
 }
 
