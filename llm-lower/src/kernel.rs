@@ -332,9 +332,9 @@ pub struct Contraction {
     /// The constant weight is stored `[k, n]` and transposed when it is repacked into
     /// panels (it changes the packing, not the generated code).
     pub transpose_at_pack: bool,
-    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then q8_0 or q4_0):
-    /// each block of 32 codes of `x` meets a block of the weight's codes in an integer dot
-    /// product, scaled by both blocks' scales.
+    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then q8_0, q4_0,
+    /// q4_k or q6_k): each run of weight codes that shares a scale meets the codes of `x`
+    /// in its block of 32 in an integer dot product, scaled by both scales.
     pub q8_0_input: bool,
 }
 
@@ -385,7 +385,7 @@ pub enum AttentionSource {
         window: Option<usize>,
         /// `llm.append_attention`: the new keys and values are written first.
         append: bool,
-        /// How the cache's storage rounds what an append writes.
+        /// How the cache's storage rounds its values (what an append writes).
         rounding: KvRounding,
     },
     /// `llm.attention` on contiguous `[batch..., tokens, kv_heads, head_dim]` keys and values.
@@ -739,6 +739,8 @@ pub enum Kernel {
         layer: usize,
         /// Values per slot.
         row: usize,
+        /// How the cache's storage rounds its values (a lookup reads them as held).
+        rounding: KvRounding,
     },
     /// `llm.matmul` in general: `x [.., m, k]` against a rhs of dims known only at run
     /// time, `[k, n]` or (`transposed`) `[n, k]`, shared by every batch or with the same
@@ -1168,14 +1170,19 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let floats = name == "llm.append_kv" || f32_result(&check);
             (floats && layer >= 0 && (layer as u64) < p.layers).then(|| {
                 let (layer, row) = (layer as usize, (p.kv_heads * p.head_dim) as usize);
+                let rounding = KvRounding::of(&p.storage);
                 if name == "llm.append_kv" {
                     Kernel::KvAppend {
                         layer,
                         row,
-                        rounding: KvRounding::of(&p.storage),
+                        rounding,
                     }
                 } else {
-                    Kernel::KvLookup { layer, row }
+                    Kernel::KvLookup {
+                        layer,
+                        row,
+                        rounding,
+                    }
                 }
             })
         }

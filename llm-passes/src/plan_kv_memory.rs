@@ -15,10 +15,9 @@
 //! `max-seq-len` for very short sequences. An explicit `block-size=N` is used as given.
 
 use llm_ir::{
-    interp::quant,
     ops::{self, KvPlanOp},
     params::ParamValue,
-    types::{KvStorage, PagedKvCacheType},
+    types::PagedKvCacheType,
 };
 use pliron::{
     builtin::{
@@ -92,13 +91,12 @@ pub struct PlanKvMemory {
     pub max_seq_len: u64,
 }
 
-/// Bytes of one block of a cache with these parameters and `block_size`.
+/// Bytes of one block of a cache with these parameters and `block_size`: every backend
+/// (and the interpreter) holds the pool as `f32` values, each rounded to the cache's
+/// storage (`docs/lowering.md`, "KV storage"), so a value takes 4 bytes whatever the
+/// storage; counting the storage's own size would plan more blocks than fit.
 pub fn bytes_per_block(cache: &PagedKvCacheType, block_size: u64) -> u64 {
-    let row = match cache.storage() {
-        KvStorage::Float(d) => cache.head_dim() * d.size_bytes() as u64,
-        KvStorage::Quantized(q) => quant::storage_bytes(q, &[cache.head_dim() as usize]) as u64,
-    };
-    cache.layers() * 2 * block_size * cache.kv_heads() * row
+    cache.layers() * 2 * block_size * cache.kv_heads() * cache.head_dim() * 4
 }
 
 /// Every type handle of a value or function signature in the module that is a KV cache.

@@ -2,16 +2,16 @@
 //! 8, called by the generated attention function in place of its 4-lane body where the CPU
 //! has AVX2 and FMA (decode over long contexts spends most of its time here).
 //!
-//! Same algorithm as the generated kernel (`codegen::emit_attention`): per KV head, the
-//! query heads that share it go through the positions together, in blocks of
-//! 64 positions with an online softmax; the scores of 8 positions are summed across
-//! lanes together (three rounds of horizontal adds, one 256-bit vector of 8 scores),
-//! exponentials are computed 8 lanes at a time with the generated code's polynomial (the
-//! heads' rescale factors in one of them, skipped when no head's maximum grew), and
-//! the outputs collect a block's values in registers, two heads at a time so that a GQA
-//! group reads each value row once per pair. The additions are not in the generated
-//! code's order, so results agree with it (and with the reference) to rounding, not bit
-//! for bit.
+//! The generated kernel's algorithm (`codegen::emit_attention`), 8 lanes wide: per KV
+//! head, the query heads that share it go through the positions together, with an online
+//! softmax over blocks of 64 positions (the generated kernel's are 16); the scores of 8
+//! positions are summed across lanes together (three rounds of horizontal adds, one
+//! 256-bit vector of 8 scores), exponentials are computed 8 lanes at a time with the
+//! generated code's polynomial (the heads' rescale factors in one of them, skipped when no
+//! head's maximum grew), and the outputs collect a block's values in registers, two heads
+//! at a time so that a GQA group reads each value row once per pair. The additions are not
+//! in the generated code's order, so results agree with it (and with the reference) to
+//! rounding, not bit for bit.
 //!
 //! Measured on this repository's 2-core Zen 4 machine (one head group's rows in cache):
 //! blocks of 64 positions instead of 32 take 15% off stories260K's heads of 8, and sharing
@@ -95,6 +95,7 @@ pub unsafe extern "C" fn attention_row(
 
 /// Scores of one query head for a block of positions (one slot per position, at most
 /// [`BLOCK`]); [`attention_row`] keeps one per head of a group on its stack.
+#[cfg(target_arch = "x86_64")]
 type Scores = [f32; BLOCK];
 
 /// The query heads `q` (one row of `d` per entry of `scores`) that share the KV head at
@@ -197,11 +198,13 @@ unsafe fn block_scores(
 }
 
 /// The running maximum and sum of each head's online softmax.
+#[cfg(target_arch = "x86_64")]
 struct Softmax {
     max: [f32; MAX_GROUP],
     sum: [f32; MAX_GROUP],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Softmax {
     /// Every head before any position.
     fn new() -> Softmax {

@@ -81,8 +81,8 @@ pub struct Tiles {
     /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
     /// weight row.
     pub quant_row: Option<FuncRef>,
-    /// `q8_0_by_q8_0_rows` or `q4_0_by_q8_0_rows`, for a run of weight rows against a
-    /// q8_0 row of x.
+    /// `q8_0_by_q8_0_rows`, `q4_0_by_q8_0_rows`, `q4_k_by_q8_0_rows` or
+    /// `q6_k_by_q8_0_rows`, for a run of weight rows against a q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
     /// `attention_row`, for a whole unmasked attention row whose heads fit it
     /// ([`super::attention::fits`]).
@@ -280,9 +280,9 @@ fn emit_residual(
 /// across the rows of x.
 const Q8_0_ROWS_CHUNK: i64 = 64;
 
-/// A contraction of q8_0 activations through `tile` (`q8_0_by_q8_0_rows` or
-/// `q4_0_by_q8_0_rows`): chunks of [`Q8_0_ROWS_CHUNK`] weight rows outside, one call per
-/// row of x inside, then the chunk's residual epilogue.
+/// A contraction of q8_0 activations through `tile` (one of the `*_by_q8_0_rows`
+/// microkernels): chunks of [`Q8_0_ROWS_CHUNK`] weight rows outside, one call per row of x
+/// inside, then the chunk's residual epilogue.
 fn emit_q8_0_rows(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tile: FuncRef) {
     let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let zero = b.ins().iconst(types::I64, 0);

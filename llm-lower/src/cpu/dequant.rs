@@ -21,6 +21,7 @@ use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS};
 use super::emit::{
     accumulate, address, for_range, horizontal_sum, mem, splat, zeroed_accumulators,
 };
+use super::q8dot::Q8_0_BLOCK_BYTES;
 use crate::kernel::{Contraction, WeightFormat};
 
 /// Values a whole-matrix format decodes per vector step (16 code bytes of 4 bits).
@@ -75,9 +76,6 @@ pub fn dot_row(
         }
     }
 }
-
-/// Bytes of a q8_0 block of activations: an f16 scale and 32 codes.
-const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// The dot product of the q8_0 row at `x` (`k` values) with the row at `row` of a
 /// block-format weight whose runs lie inside blocks of 32 (the k-quants), in generated

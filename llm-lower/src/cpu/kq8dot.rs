@@ -28,9 +28,8 @@ pub const Q4_K_BY_Q8_0_ROWS: &str = "llmc_q4_k_by_q8_0_rows";
 /// The symbol generated code imports [`q6_k_by_q8_0_rows`] under.
 pub const Q6_K_BY_Q8_0_ROWS: &str = "llmc_q6_k_by_q8_0_rows";
 
-/// Bytes of a q8_0 block of x.
 #[cfg(target_arch = "x86_64")]
-const X_BLOCK: usize = 34;
+use super::q8dot::Q8_0_BLOCK_BYTES as X_BLOCK;
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q4_k
 /// rows `w_r` at `w`.
@@ -304,13 +303,45 @@ mod tests {
         x
     }
 
-    /// Weight rows of `format` from random values, as the reference quantizes them.
+    /// Weight rows of `format` from random values, as the reference quantizes them: runs
+    /// of 16 differ in magnitude (1/32 to 1) and offset, so that the sub-block scales and
+    /// minimums take small and large values, all bits of their 6-bit fields included.
     fn weights(format: &QuantFormat, rows: usize, k: usize, seed: u64) -> Vec<u8> {
         let values: Vec<f32> = bytes(rows * k, seed)
             .iter()
-            .map(|&b| f32::from(b) / 64.0 - 2.0)
+            .enumerate()
+            .map(|(i, &b)| {
+                let run = (i % k) / 16;
+                let magnitude = (1 << (run % 6)) as f32 / 32.0;
+                (f32::from(b) / 64.0 - 2.0) * magnitude + (run % 3) as f32 * 0.5
+            })
             .collect();
         quant::quantize(format, &[rows, k], &values)
+    }
+
+    /// The unpacked 6-bit scales and minimums against the reference's decoding: a block
+    /// with `d = 1`, `dmin = 0` and every code 1 dequantizes to its scales, one with
+    /// `d = 0`, `dmin = 1` and codes 0 to its negated minimums.
+    #[test]
+    fn scales_and_minimums_unpack_as_the_reference() {
+        for seed in 0..64 {
+            let packed: [u8; 12] = bytes(12, seed).try_into().expect("12 bytes");
+            let (scales, mins) = scales_mins(&packed);
+            for (dm, code, want) in [([1.0, 0.0], 0x11, scales), ([0.0, 1.0], 0, mins)] {
+                let mut block = Vec::new();
+                for v in dm {
+                    block.extend(half::f16::from_f32(v).to_bits().to_le_bytes());
+                }
+                block.extend(packed);
+                block.extend([code; 128]);
+                let values = quant::dequantize(&QuantFormat::Q4K, &[256], &block);
+                for j in 0..8 {
+                    let field = f32::from((want >> (8 * j)) as u8);
+                    let got = values[32 * j].abs();
+                    assert_eq!(got, field, "sub-block {j} of {packed:?}");
+                }
+            }
+        }
     }
 
     /// `dot(dequantize(x), dequantize(w_r))` in f64, and the sum of its terms' magnitudes.

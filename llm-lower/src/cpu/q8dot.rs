@@ -40,7 +40,7 @@ pub const Q8_0_BY_Q8_0_ROWS: &str = "llmc_q8_0_by_q8_0_rows";
 pub const Q4_0_BY_Q8_0_ROWS: &str = "llmc_q4_0_by_q8_0_rows";
 
 /// Bytes of a q8_0 block: an f16 scale and 32 codes.
-const Q8_0_BLOCK_BYTES: usize = 34;
+pub(super) const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// Bytes of a q4_0 block: an f16 scale and 32 nibbles.
 #[cfg(target_arch = "x86_64")]

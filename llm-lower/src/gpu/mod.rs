@@ -96,18 +96,15 @@ impl Limits {
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
 /// linear layer and the collectives, whose sharded values stay on the host, a float cast
 /// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
-/// nf4 and the affine formats, and appends to a quantized KV cache (all run through their
-/// reference semantics there).
+/// nf4 and the affine formats, and every op on a quantized KV cache (no shader quantizes
+/// its appends, and a pool that the host appends to would travel to the device and back
+/// on every step), all run through their reference semantics there.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::KvAppend { rounding, .. }
+        | Kernel::KvLookup { rounding, .. }
         | Kernel::Attention {
-            source:
-                AttentionSource::Paged {
-                    append: true,
-                    rounding,
-                    ..
-                },
+            source: AttentionSource::Paged { rounding, .. },
             ..
         } => *rounding != KvRounding::Quantized,
         Kernel::ShardedLinear { .. }
@@ -302,6 +299,10 @@ mod tests {
             Shader::KvAppend {
                 row: 48,
                 storage: DType::F32,
+            },
+            Shader::KvAppend {
+                row: 48,
+                storage: DType::F16,
             },
             Shader::KvAppend {
                 row: 48,

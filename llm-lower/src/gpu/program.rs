@@ -436,7 +436,8 @@ impl Program {
             call.set(
                 s,
                 // A cache in device memory stays there; a host cache is uploaded when a
-                // shader first needs it (one whose storage no shader reads stays on the host).
+                // shader first needs it (a quantized one, which no shader reads, stays on the
+                // host).
                 match arg {
                     Value::Cache(c) if c.resident.is_some() => Slot::Pool(
                         Pool::of(c, &self.gpu).map_err(|m| error(None, format!("@{name}: {m}")))?,

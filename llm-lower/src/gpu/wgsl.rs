@@ -206,6 +206,11 @@ pub enum Access {
 }
 
 /// The shaders that run `kernel` on the GPU, in dispatch order.
+///
+/// # Panics
+///
+/// For a kernel [`super::supports`] refuses that has no shaders: an append to a quantized
+/// KV cache.
 pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
     match kernel {
         // Sharded values stay on the host (`super::supports`).
@@ -1602,6 +1607,11 @@ fn kv_append(row: usize, storage: DType) -> String {
 }
 
 /// The append shader for a cache whose writes round as `rounding` says.
+///
+/// # Panics
+///
+/// For a quantized cache, which has no append shader ([`super::supports`] keeps every op
+/// on one on the host).
 fn kv_append_shader(row: usize, rounding: KvRounding) -> Shader {
     let storage = match rounding {
         KvRounding::Exact => DType::F32,
