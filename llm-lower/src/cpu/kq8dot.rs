@@ -8,7 +8,7 @@
 //! - q4_k: eight runs of 32, value `d * sc * q - dmin * m` (`q` a nibble, `sc` and `m`
 //!   6-bit): the nibbles meet `qx` in `vpmaddubsw` (unsigned by signed bytes), and the
 //!   minimums take `Σ qx`, which is the same for every weight row, so it is formed once
-//!   per call ([`Activations`]);
+//!   per call (`Activations`);
 //! - q6_k: sixteen runs of 16, value `d * sc * (q - 32)` (`q` 6-bit, `sc` a signed byte):
 //!   `q` meets `qx` in `vpmaddubsw` and the recentring is taken off as `32 * Σ qx` by a
 //!   second one (exact for every byte, as in [`super::q8dot`]).
@@ -47,14 +47,8 @@ pub unsafe extern "C" fn q4_k_by_q8_0_rows(
     y: *mut f32,
     rows: i64,
 ) {
-    let k = k as usize;
     // SAFETY: forwarded from this function's contract.
-    unsafe {
-        let a = Activations::of(x, k);
-        for r in 0..rows as usize {
-            *y.add(r) = q4_k_row(x, &a, w.add(r * k / 256 * 144));
-        }
-    }
+    unsafe { each_row((k as usize, x), (w, 144), (y, rows as usize), q4_k_row) }
 }
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q6_k
@@ -71,12 +65,33 @@ pub unsafe extern "C" fn q6_k_by_q8_0_rows(
     y: *mut f32,
     rows: i64,
 ) {
-    let k = k as usize;
     // SAFETY: forwarded from this function's contract.
+    unsafe { each_row((k as usize, x), (w, 210), (y, rows as usize), q6_k_row) }
+}
+
+/// A row kernel of one k-quant format: the dot product of the q8_0 row at `x` (with its
+/// [`Activations`]) and the weight row at `w`.
+#[cfg(target_arch = "x86_64")]
+type RowKernel = unsafe fn(*const u8, &Activations, *const u8) -> f32;
+
+/// `y[r] = row(x, w_r)` for the `rows` weight rows of `block` bytes per super-block at
+/// `w`, x's activations formed once.
+///
+/// # Safety
+///
+/// As [`q4_k_by_q8_0_rows`], for weight rows of `k / 256 * block` bytes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn each_row(
+    (k, x): (usize, *const u8),
+    (w, block): (*const u8, usize),
+    (y, rows): (*mut f32, usize),
+    row: RowKernel,
+) {
+    // SAFETY: forwarded from this function's contract (AVX2 and F16C included).
     unsafe {
         let a = Activations::of(x, k);
-        for r in 0..rows as usize {
-            *y.add(r) = q6_k_row(x, &a, w.add(r * k / 256 * 210));
+        for r in 0..rows {
+            *y.add(r) = row(x, &a, w.add(r * k / 256 * block));
         }
     }
 }
@@ -208,8 +223,6 @@ unsafe fn q4_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
     use std::arch::x86_64::*;
-    let nibble = _mm256_set1_epi8(0x0f);
-    let pair = _mm256_set1_epi8(3);
     let bias = _mm256_set1_epi8(32);
     // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
     let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
@@ -233,24 +246,7 @@ unsafe fn q6_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
                     _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
                     _mm256_permutevar8x32_ps(dx, twice),
                 );
-                let ql0 = _mm256_loadu_si256(block.add(64 * n).cast());
-                let ql1 = _mm256_loadu_si256(block.add(64 * n + 32).cast());
-                let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
-                let quarters = [
-                    (_mm256_and_si256(ql0, nibble), qh),
-                    (_mm256_and_si256(ql1, nibble), _mm256_srli_epi16(qh, 2)),
-                    (
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble),
-                        _mm256_srli_epi16(qh, 4),
-                    ),
-                    (
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble),
-                        _mm256_srli_epi16(qh, 6),
-                    ),
-                ];
-                for (g, (low, high)) in quarters.into_iter().enumerate() {
-                    let codes =
-                        _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(high, pair), 4));
+                for (g, codes) in super::kquant::q6_k_codes(block, n).into_iter().enumerate() {
                     let b = 8 * sb + 4 * n + g;
                     let xq = _mm256_loadu_si256(x.add(b * X_BLOCK + 2).cast());
                     // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.

@@ -125,12 +125,47 @@ unsafe fn q4_k_avx2(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
     }
 }
 
+/// The 6-bit codes (0..64, before the recentring by 32) of the four quarters of 32 values
+/// of half `n` of the q6_k super-block at `block`: value `l` of quarter `g` takes nibble
+/// `g / 2` of low byte `l + 32 * (g % 2)` and bit pair `g` of high byte `l`.
+///
+/// # Safety
+///
+/// `block` points to a whole q6_k super-block (210 bytes), `n < 2`, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q6_k_codes(block: *const u8, n: usize) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let nibble = _mm256_set1_epi8(0x0f);
+    let pair = _mm256_set1_epi8(3);
+    // SAFETY: the three 32-byte loads end at byte 192 of the block (the contract).
+    let (ql0, ql1, qh) = unsafe {
+        (
+            _mm256_loadu_si256(block.add(64 * n).cast()),
+            _mm256_loadu_si256(block.add(64 * n + 32).cast()),
+            _mm256_loadu_si256(block.add(128 + 32 * n).cast()),
+        )
+    };
+    let quarters = [
+        (_mm256_and_si256(ql0, nibble), qh),
+        (_mm256_and_si256(ql1, nibble), _mm256_srli_epi16(qh, 2)),
+        (
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble),
+            _mm256_srli_epi16(qh, 4),
+        ),
+        (
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble),
+            _mm256_srli_epi16(qh, 6),
+        ),
+    ];
+    quarters
+        .map(|(low, high)| _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(high, pair), 4)))
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q6_k_avx2(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
     use std::arch::x86_64::*;
-    let nibble = _mm256_set1_epi8(0x0f);
-    let pair = _mm256_set1_epi8(3);
     let bias = _mm256_set1_epi8(32);
     let mut acc = _mm256_setzero_ps();
     // SAFETY: every offset below is inside the buffers the contract describes.
@@ -140,25 +175,8 @@ unsafe fn q6_k_avx2(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
             let d = f16_to_f32(u16::from_le_bytes([*block.add(208), *block.add(209)]));
             let scales = block.add(192).cast::<i8>();
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(block.add(64 * n).cast());
-                let ql1 = _mm256_loadu_si256(block.add(64 * n + 32).cast());
-                let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
-                // Quarter g of the half: nibble g / 2 of ql(g % 2), bit pair g of qh.
-                let quarters = [
-                    (_mm256_and_si256(ql0, nibble), qh),
-                    (_mm256_and_si256(ql1, nibble), _mm256_srli_epi16(qh, 2)),
-                    (
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble),
-                        _mm256_srli_epi16(qh, 4),
-                    ),
-                    (
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble),
-                        _mm256_srli_epi16(qh, 6),
-                    ),
-                ];
-                for (g, (low, high)) in quarters.into_iter().enumerate() {
-                    let high = _mm256_slli_epi16(_mm256_and_si256(high, pair), 4);
-                    let codes = _mm256_sub_epi8(_mm256_or_si256(low, high), bias);
+                for (g, codes) in q6_k_codes(block, n).into_iter().enumerate() {
+                    let codes = _mm256_sub_epi8(codes, bias);
                     let xb = x.add(256 * sb + 128 * n + 32 * g);
                     // Two runs of 16 values, each with its own scale.
                     for run in 0..2 {
