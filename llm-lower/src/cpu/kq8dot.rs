@@ -29,7 +29,10 @@ pub const Q4_K_BY_Q8_0_ROWS: &str = "llmc_q4_k_by_q8_0_rows";
 pub const Q6_K_BY_Q8_0_ROWS: &str = "llmc_q6_k_by_q8_0_rows";
 
 #[cfg(target_arch = "x86_64")]
-use super::q8dot::Q8_0_BLOCK_BYTES as X_BLOCK;
+use super::{
+    kquant::{byte_lanes, scales_mins},
+    q8dot::Q8_0_BLOCK_BYTES as X_BLOCK,
+};
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q4_k
 /// rows `w_r` at `w`.
@@ -138,28 +141,6 @@ impl Activations {
         }
         Activations { dx, dx_sum }
     }
-}
-
-/// The 6-bit scales and minimums of a q4_k super-block's eight sub-blocks, one byte each,
-/// from its 12 scale bytes: sub-blocks 0..4 keep the low 6 bits of bytes `j` and `j + 4`;
-/// sub-blocks 4..8 take a nibble of byte `j + 4` and the top bits of bytes `j - 4` and `j`.
-#[cfg(target_arch = "x86_64")]
-fn scales_mins(q: &[u8; 12]) -> (u64, u64) {
-    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
-    let (w0, w1, w2) = (word(0), word(1), word(2));
-    let (low6, nibble, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
-    let scales = (w0 & low6, (w2 & nibble) | ((w0 >> 6) & top2) << 4);
-    let mins = (w1 & low6, ((w2 >> 4) & nibble) | ((w1 >> 6) & top2) << 4);
-    let join = |(lo, hi): (u32, u32)| u64::from(lo) | u64::from(hi) << 32;
-    (join(scales), join(mins))
-}
-
-/// Eight bytes as eight `f32` lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn byte_lanes(bytes: u64) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64)))
 }
 
 /// Eight 32-bit sums of a 32-byte vector of pair sums (`vpmaddubsw` output), as floats.
