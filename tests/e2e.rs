@@ -392,7 +392,8 @@ fn quantized_models_run_in_generated_code() {
     std::fs::remove_file(&path).ok();
 }
 
-/// With `quantize-activations`, the q8_0 and q4_0 models' matmuls read q8_0 activations:
+/// With `quantize-activations`, the q8_0, q4_0, q4_k and q6_k models' matmuls read q8_0
+/// activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
 /// logits stay close to those of f32 activations.
@@ -401,7 +402,8 @@ fn quantized_models_run_in_generated_code() {
 /// last-bit difference upstream (another addition order in an RMS norm or attention) can
 /// move a code by one step, 1/127 of its block's largest value, and the random weights of
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
-/// 2.5% for q4_0, about the size of the rounding's own effect). The kernels' exactness is
+/// 2.5% for q4_0, 1e-6 for q4_k, 2.3-2.6% for q6_k, about the size of the rounding's own
+/// effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]
 fn q8_0_activations_run_in_generated_code() {
@@ -411,7 +413,12 @@ fn q8_0_activations_run_in_generated_code() {
     if gpu_available() {
         backends.push(Backend::Gpu(Default::default()));
     }
-    for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    for format in [
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_0,
+        QuantFormat::Q4K,
+        QuantFormat::Q6K,
+    ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);
         // The rounding itself: against the same weights with f32 activations.
