@@ -295,6 +295,29 @@ fn pack_rows(rows: &StackedRows, first: usize, out: &mut [f32]) {
     }
 }
 
+/// Repacks `n` row-major rows of a block format (`row_bytes` each, in blocks of
+/// `block_bytes`) for [`Contraction::block_panels`]: rows are grouped in panels of
+/// [`PANEL_ROWS`], and within a panel block `b` of each row in turn, then block `b + 1`.
+/// The last `n % PANEL_ROWS` rows stay row major; every panel starts where its first row
+/// did.
+pub fn pack_block_panels(bytes: &[u8], n: usize, row_bytes: usize, block_bytes: usize) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let full = n - n % PANEL_ROWS;
+    let panel = PANEL_ROWS * row_bytes;
+    for (dest, rows) in out[..full * row_bytes]
+        .chunks_exact_mut(panel)
+        .zip(bytes.chunks_exact(panel))
+    {
+        for (b, group) in dest.chunks_exact_mut(PANEL_ROWS * block_bytes).enumerate() {
+            for (r, block) in group.chunks_exact_mut(block_bytes).enumerate() {
+                let at = r * row_bytes + b * block_bytes;
+                block.copy_from_slice(&rows[at..at + block_bytes]);
+            }
+        }
+    }
+    out
+}
+
 /// Copies row `r` of an `n x k` matrix stored by [`pack_panels`] into `out` (`k` floats).
 pub fn panel_row(packed: &[f32], n: usize, k: usize, r: usize, out: &mut [f32]) {
     let full = n - n % PANEL_ROWS;
@@ -336,6 +359,11 @@ pub struct Contraction {
     /// q4_k or q6_k): each run of weight codes that shares a scale meets the codes of `x`
     /// in its block of 32 in an integer dot product, scaled by both scales.
     pub q8_0_input: bool,
+    /// The constant weight (q8_0 or q4_0, meeting q8_0 activations) is repacked so that
+    /// each block of four rows lies together ([`pack_block_panels`]): one stream of weight
+    /// bytes feeds four rows, and each block of x is loaded once for them (it changes the
+    /// packing and the generated code).
+    pub block_panels: bool,
 }
 
 impl Contraction {
@@ -791,7 +819,7 @@ impl Kernel {
     pub fn name(&self) -> String {
         match self {
             Kernel::Contraction(c) => format!(
-                "{}matvec_{}{}_{}x{}{}",
+                "{}matvec_{}{}_{}x{}{}{}",
                 if c.norm_eps_bits.is_some() {
                     "rms_norm_"
                 } else {
@@ -801,6 +829,7 @@ impl Kernel {
                 c.weight.name(),
                 c.n,
                 c.k,
+                if c.block_panels { "_panels" } else { "" },
                 if c.residual { "_residual" } else { "" }
             ),
             Kernel::Elementwise(body) => format!("elementwise_{}", body_name(body)),
@@ -986,6 +1015,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     residual: false,
                     transpose_at_pack: false,
                     q8_0_input: false,
+                    block_panels: false,
                 })
             })
         }
@@ -1011,6 +1041,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     residual: false,
                     transpose_at_pack: false,
                     q8_0_input: false,
+                    block_panels: false,
                 },
                 reduction: y.reduction(),
             })
@@ -1075,6 +1106,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 residual: false,
                 transpose_at_pack: false,
                 q8_0_input,
+                block_panels: false,
             }))
         }
         "llm.rms_norm" => {
@@ -1469,6 +1501,34 @@ mod tests {
             for r in 0..n {
                 panel_row(&packed, n, k, r, &mut row);
                 assert_eq!(row, w[r * k..(r + 1) * k], "row {r} of {n}x{k}");
+            }
+        }
+    }
+
+    /// Block panels put block `b` of row `4p + r` at `(4 * b + r) * block_bytes` of panel
+    /// `p`, and leave the last `n % 4` rows where they were.
+    #[test]
+    fn block_panels_interleave_the_blocks_of_four_rows() {
+        for (n, blocks, block_bytes) in [(1, 3, 18), (4, 1, 34), (5, 2, 18), (11, 4, 34)] {
+            let row_bytes = blocks * block_bytes;
+            let bytes: Vec<u8> = (0..n * row_bytes).map(|i| (i * 7 % 251) as u8).collect();
+            let packed = pack_block_panels(&bytes, n, row_bytes, block_bytes);
+            assert_eq!(packed.len(), bytes.len());
+            for row in 0..n {
+                for b in 0..blocks {
+                    let at = if row < n - n % PANEL_ROWS {
+                        let (p, r) = (row / PANEL_ROWS, row % PANEL_ROWS);
+                        p * PANEL_ROWS * row_bytes + (PANEL_ROWS * b + r) * block_bytes
+                    } else {
+                        row * row_bytes + b * block_bytes
+                    };
+                    let src = row * row_bytes + b * block_bytes;
+                    assert_eq!(
+                        packed[at..at + block_bytes],
+                        bytes[src..src + block_bytes],
+                        "row {row} block {b} of {n}x{blocks}"
+                    );
+                }
             }
         }
     }

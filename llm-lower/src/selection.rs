@@ -107,6 +107,16 @@ pub fn select_all(
         .iter()
         .map(|&op| {
             let mut k = kernel::select(ctx, op).filter(&supports)?;
+            // A constant q8_0/q4_0 weight that only quantized matmuls of q8_0 activations
+            // read is repacked into block panels (an embedding reading the same table
+            // would keep the row-major copy alive too).
+            if let Kernel::Contraction(c) = &mut k
+                && c.q8_0_input
+                && matches!(c.weight, WeightFormat::Q8_0 | WeightFormat::Q4_0)
+            {
+                let w = op.deref(ctx).get_operand(weight_operand(c));
+                c.block_panels = is_constant(w) && only_contractions_read(ctx, ops, w);
+            }
             if let Kernel::Contraction(c) = &mut k
                 && matches!(c.weight, WeightFormat::F32 | WeightFormat::F32KN)
             {
@@ -164,6 +174,19 @@ pub fn select_all(
         fused_into,
         epilogues,
     }
+}
+
+/// Whether every op of `ops` that reads `w` is an `llm.quantized_matmul` reading it as its
+/// weight.
+fn only_contractions_read(ctx: &Context, ops: &[Ptr<Operation>], w: IrValue) -> bool {
+    ops.iter().all(|&op| {
+        let o = op.deref(ctx);
+        let reads = o.operands().any(|v| v == w);
+        !reads
+            || (Operation::get_opid(op, ctx).to_string() == "llm.quantized_matmul"
+                && o.get_operand(1) == w
+                && o.operands().filter(|&v| v == w).count() == 1)
+    })
 }
 
 /// Fuses `z = llm.add(a, b)` into the contraction that produces `a` (or `b`) when that

@@ -554,6 +554,29 @@ proptest! {
         agree_fused(&ir, args, &Store(Vec::new()), tol, 1)?;
     }
 
+    /// A constant q8_0 or q4_0 weight (`llm.weight`) that only quantized matmuls read is
+    /// repacked into block panels: whole panels through the panel microkernel (or the
+    /// generated code, reading rows in their panels), the last `n % 4` rows row major,
+    /// across chunks and thread splits, with the residual.
+    #[test]
+    fn q8_0_activations_with_block_panels(m in 1usize..4, n in 1usize..150, blocks in 1usize..5, q4 in any::<bool>(), seed: u64) {
+        let k = 32 * blocks;
+        let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
+        let y = ty(&[m, n]);
+        let ir = func(
+            &[("x".into(), ty(&[m, k])), ("r".into(), y.clone())],
+            &y,
+            &format!(
+                "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, {name}>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
+            ),
+        );
+        let w = values(seed + 1, n * k, 1.0);
+        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
+        let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
+        let args = vec![tensor(&[m, k], seed, 3.0), tensor(&[m, n], seed + 2, 1.0)];
+        agree_fused(&ir, args, &store, 1e-5, 1)?;
+    }
+
     /// A weight whose values are all exactly f16 (a converted f16 model) is stored as f16
     /// on a device with `shader-f16`, and so is the table of an embedding tied to it; a
     /// weight that is not stays f32.

@@ -357,7 +357,12 @@ impl Model {
         // hoisted); dropping it frees the weights the programs replaced with packed copies.
         let weights = match backend {
             Backend::Interp => weights,
-            Backend::Cpu { .. } | Backend::Gpu(_) => Weights::default(),
+            Backend::Cpu { .. } | Backend::Gpu(_) => {
+                drop(weights);
+                // The weights and the originals of repacked matrices are free now.
+                crate::heap::release_free_pages();
+                Weights::default()
+            }
         };
         let compile_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(Model {

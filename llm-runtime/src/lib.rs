@@ -9,6 +9,7 @@ pub mod block_manager;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
+pub mod heap;
 pub mod hf;
 pub mod llama2c;
 mod mmap;

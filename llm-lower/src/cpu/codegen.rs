@@ -84,6 +84,9 @@ pub struct Tiles {
     /// `q8_0_by_q8_0_rows`, `q4_0_by_q8_0_rows`, `q4_k_by_q8_0_rows` or
     /// `q6_k_by_q8_0_rows`, for a run of weight rows against a q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
+    /// `q8_0_by_q8_0_panels` or `q4_0_by_q8_0_panels`, for a run of block panels
+    /// ([`Contraction::block_panels`]) against a q8_0 row of x.
+    pub q8_0_panels: Option<FuncRef>,
     /// `attention_row`, for a whole unmasked attention row whose heads fit it
     /// ([`super::attention::fits`]).
     pub attention: Option<FuncRef>,
@@ -161,9 +164,16 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
             emit_residual(b, c.n, [y, residual], [i, j], count);
         }
     };
-    if let Some(tile) = tiles.q8_0_rows.filter(|_| c.q8_0_input) {
-        emit_q8_0_rows(b, c, p, tile);
-        return;
+    match (tiles.q8_0_rows, tiles.q8_0_panels) {
+        (Some(rows), Some(panels)) if c.block_panels => {
+            emit_q8_0_panels(b, c, p, [panels, rows]);
+            return;
+        }
+        (Some(rows), _) if c.q8_0_input && !c.block_panels => {
+            emit_q8_0_rows(b, c, p, rows);
+            return;
+        }
+        _ => {}
     }
     // Row-major weights are read one row at a time: a single sequential stream, which the
     // hardware prefetcher follows (4 interleaved short rows ran at less than half the
@@ -211,7 +221,8 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let yat = address(b, yrow, j, 4);
                 let sums = match (c.weight, tiles.quant_row) {
                     (WeightFormat::Q8_0 | WeightFormat::Q4_0, _) if c.q8_0_input => {
-                        vec![super::q8dot::dot_row(b, c.weight, xrow, wblock, c.k)]
+                        let (row, stride) = block_row(b, c, w, j);
+                        vec![super::q8dot::dot_row(b, c.weight, xrow, row, stride, c.k)]
                     }
                     _ if c.q8_0_input => {
                         vec![dequant::dot_row_q8_0_x(b, c.weight, xrow, wblock, c.k)]
@@ -300,6 +311,79 @@ fn emit_q8_0_rows(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tile: F
             let yrow = address(b, y, i, 4 * c.n as i64);
             let yat = address(b, yrow, j, 4);
             b.ins().call(tile, &[k, xrow, wblock, yat, count]);
+            if c.residual {
+                for_range(b, j, end, 1, |b, jj| {
+                    emit_residual(b, c.n, [y, residual], [i, jj], 1);
+                });
+            }
+        });
+    });
+}
+
+/// Where row `j` of the weight at `w` starts and how far apart its blocks lie: in its
+/// block panel (blocks of the panel's four rows in turn) for a
+/// [`Contraction::block_panels`] row that a whole panel holds, else row major.
+fn block_row(b: &mut FunctionBuilder, c: &Contraction, w: Value, j: Value) -> (Value, Value) {
+    let block_bytes = c.weight.row_bytes(32) as i64;
+    let row_major = address(b, w, j, c.weight.row_bytes(c.k) as i64);
+    let plain = b.ins().iconst(types::I64, block_bytes);
+    if !c.block_panels {
+        return (row_major, plain);
+    }
+    let full = (c.n - c.n % PANEL_ROWS) as i64;
+    let in_panel = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, full);
+    // The panel's first row, then `j % 4` blocks into it.
+    let first = b.ins().band_imm_s(j, !(PANEL_ROWS as i64 - 1));
+    let panel = address(b, w, first, c.weight.row_bytes(c.k) as i64);
+    let lane = b.ins().band_imm_s(j, PANEL_ROWS as i64 - 1);
+    let in_panel_at = address(b, panel, lane, block_bytes);
+    let interleaved = b.ins().iconst(types::I64, PANEL_ROWS as i64 * block_bytes);
+    (
+        b.ins().select(in_panel, in_panel_at, row_major),
+        b.ins().select(in_panel, interleaved, plain),
+    )
+}
+
+/// A contraction of q8_0 activations with a [`Contraction::block_panels`] weight: as
+/// [`emit_q8_0_rows`], each chunk's whole panels through the panel microkernel and the
+/// rows after the last whole panel (row major) through the row one. Chunks start on a
+/// panel (callers split rows in multiples of [`PANEL_ROWS`]).
+fn emit_q8_0_panels(
+    b: &mut FunctionBuilder,
+    c: &Contraction,
+    p: &[Value],
+    [panels, rows]: [FuncRef; 2],
+) {
+    let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
+    let zero = b.ins().iconst(types::I64, 0);
+    let k = b.ins().iconst(types::I64, c.k as i64);
+    let x_row_bytes = c.x_row_bytes() as i64;
+    let row_bytes = c.weight.row_bytes(c.k) as i64;
+    let full = b.ins().iconst(types::I64, (c.n - c.n % PANEL_ROWS) as i64);
+    for_range(b, j0, j1, Q8_0_ROWS_CHUNK, |b, j| {
+        let chunk = b.ins().iconst(types::I64, Q8_0_ROWS_CHUNK);
+        let left = b.ins().isub(j1, j);
+        let count = b.ins().smin(left, chunk);
+        let end = b.ins().iadd(j, count);
+        // Whole panels: rows j..min(end, full); then rows max(j, full)..end.
+        let panel_end = b.ins().smin(end, full);
+        let panel_rows = b.ins().isub(panel_end, j);
+        let panel_rows = b.ins().smax(panel_rows, zero);
+        let panel_count = b
+            .ins()
+            .ushr_imm_s(panel_rows, PANEL_ROWS.trailing_zeros() as i64);
+        let tail_start = b.ins().smax(j, full);
+        let tail = b.ins().isub(end, tail_start);
+        let tail = b.ins().smax(tail, zero);
+        let wpanel = address(b, w, j, row_bytes);
+        let wtail = address(b, w, tail_start, row_bytes);
+        for_range(b, zero, m, 1, |b, i| {
+            let xrow = address(b, x, i, x_row_bytes);
+            let yrow = address(b, y, i, 4 * c.n as i64);
+            let yat = address(b, yrow, j, 4);
+            b.ins().call(panels, &[k, xrow, wpanel, yat, panel_count]);
+            let ytail = address(b, yrow, tail_start, 4);
+            b.ins().call(rows, &[k, xrow, wtail, ytail, tail]);
             if c.residual {
                 for_range(b, j, end, 1, |b, jj| {
                     emit_residual(b, c.n, [y, residual], [i, jj], 1);

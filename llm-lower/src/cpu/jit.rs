@@ -181,6 +181,14 @@ pub fn compile(
             q8dot::q4_0_by_q8_0_rows as *const u8,
         ),
         (
+            q8dot::Q8_0_BY_Q8_0_PANELS,
+            q8dot::q8_0_by_q8_0_panels as *const u8,
+        ),
+        (
+            q8dot::Q4_0_BY_Q8_0_PANELS,
+            q8dot::q4_0_by_q8_0_panels as *const u8,
+        ),
+        (
             kq8dot::Q4_K_BY_Q8_0_ROWS,
             kq8dot::q4_k_by_q8_0_rows as *const u8,
         ),
@@ -219,6 +227,8 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 5)?;
     let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 5)?;
+    let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 5)?;
+    let q4_0_by_q8_0_panels = import(q8dot::Q4_0_BY_Q8_0_PANELS, 5)?;
     let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 5)?;
     let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 5)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
@@ -242,8 +252,18 @@ pub fn compile(
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
             match c.weight {
-                WeightFormat::Q8_0 if c.q8_0_input => tiles.q8_0_rows = bring(q8_0_by_q8_0_rows),
-                WeightFormat::Q4_0 if c.q8_0_input => tiles.q8_0_rows = bring(q4_0_by_q8_0_rows),
+                WeightFormat::Q8_0 if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q8_0_by_q8_0_rows);
+                    if c.block_panels {
+                        tiles.q8_0_panels = bring(q8_0_by_q8_0_panels);
+                    }
+                }
+                WeightFormat::Q4_0 if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q4_0_by_q8_0_rows);
+                    if c.block_panels {
+                        tiles.q8_0_panels = bring(q4_0_by_q8_0_panels);
+                    }
+                }
                 WeightFormat::Q4K if c.q8_0_input => tiles.q8_0_rows = bring(q4_k_by_q8_0_rows),
                 WeightFormat::Q6K if c.q8_0_input => tiles.q8_0_rows = bring(q6_k_by_q8_0_rows),
                 WeightFormat::F32Panels => {
@@ -355,6 +375,7 @@ mod tests {
             residual: false,
             transpose_at_pack: false,
             q8_0_input: false,
+            block_panels: false,
         });
         let mut listings = Vec::new();
         compile(&[kernel], Target::PinnedX86, true, Some(&mut listings)).expect("compiles");

@@ -14,7 +14,7 @@ use std::{
 
 use llm_ir::{
     dtype::DType,
-    interp::{self, Hoisted, InterpError, Tensor, Value, WeightStore},
+    interp::{self, Hoisted, InterpError, QTensor, Tensor, Value, WeightStore},
     syntax::Dim,
 };
 use pliron::{
@@ -227,6 +227,42 @@ impl PackCache {
     }
 }
 
+impl PackCache {
+    /// The block-panel layout ([`kernel::pack_block_panels`]) of the quantized weight of
+    /// `c`, `whole`, packed once.
+    fn packed_blocks(
+        &self,
+        whole: &Rc<Value>,
+        c: &Contraction,
+        op: &str,
+    ) -> Result<Rc<Value>, JitError> {
+        let key = (vec![Rc::as_ptr(whole)], false);
+        if let Some((_, packed)) = self.0.borrow().get(&key) {
+            return Ok(Rc::clone(packed));
+        }
+        let q = whole.quantized().map_err(JitError)?;
+        let row_bytes = c.weight.row_bytes(c.k);
+        if q.shape != [c.n, c.k] || q.bytes.len() != c.n * row_bytes {
+            return Err(JitError(format!(
+                "{op}: the weight is not {}x{} in {}",
+                c.n,
+                c.k,
+                c.weight.name()
+            )));
+        }
+        let block_bytes = c.weight.row_bytes(32);
+        let packed = Rc::new(Value::Quantized(QTensor {
+            shape: q.shape.clone(),
+            format: q.format.clone(),
+            bytes: kernel::pack_block_panels(&q.bytes, c.n, row_bytes, block_bytes),
+        }));
+        self.0
+            .borrow_mut()
+            .insert(key, (vec![Rc::clone(whole)], Rc::clone(&packed)));
+        Ok(packed)
+    }
+}
+
 /// Compiles the functions of one model: they share worker threads and packed weights.
 pub struct Compiler {
     target: Target,
@@ -290,7 +326,7 @@ fn pack_weights(
         else {
             continue;
         };
-        if c.weight != WeightFormat::F32Panels {
+        if c.weight != WeightFormat::F32Panels && !c.block_panels {
             continue;
         }
         let operand = weight_operand(c);
@@ -302,6 +338,16 @@ fn pack_weights(
                 let not_constant =
                     || JitError(format!("{}: the weight is not constant", step.name));
                 let v = value_of(original).ok_or_else(not_constant)?;
+                if c.block_panels {
+                    let whole = hoisted.value(v).ok_or_else(not_constant)?;
+                    let panels = cache.packed_blocks(whole, c, &step.name)?;
+                    let slot = next_slot;
+                    next_slot += 1;
+                    extra.push((slot, panels));
+                    packed.insert(key, slot);
+                    step.inputs[operand] = slot;
+                    continue;
+                }
                 let whole;
                 let parts = match hoisted.stacked_rows(v) {
                     Some(parts) if !c.transpose_at_pack => parts,

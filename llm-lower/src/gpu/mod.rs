@@ -228,6 +228,7 @@ mod tests {
                         residual,
                         transpose_at_pack: false,
                         q8_0_input: false,
+                        block_panels: false,
                     }));
                 }
             }

@@ -230,6 +230,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 weight,
                 transpose_at_pack: false,
                 q8_0_input: false,
+                block_panels: false,
                 ..*c
             });
             if !c.q8_0_input {
@@ -277,6 +278,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             residual: false,
             transpose_at_pack: false,
             q8_0_input: false,
+            block_panels: false,
         })],
         Kernel::Move(Movement::Permute { .. }) => vec![Shader::Permute],
         Kernel::Move(Movement::Concat { .. }) => vec![Shader::Place],
@@ -1848,6 +1850,7 @@ fn gather(dim: usize, vocab: usize, table: WeightFormat) -> String {
             residual: false,
             transpose_at_pack: false,
             q8_0_input: false,
+            block_panels: false,
         };
         let _ = writeln!(s, "const K: u32 = DIM;");
         s.push_str(&weight_prelude(&as_weight, "table", true));

@@ -1,0 +1,23 @@
+//! Returning freed heap memory to the operating system once a model is compiled.
+//!
+//! Compiling repacks weights into new buffers and frees the originals; glibc's allocator
+//! keeps such freed blocks in its heap when live data lies above them (`free` only gives
+//! back the top of the heap). On the 110M shape with q4_0 weights repacked into block
+//! panels, the process stayed at 1.99x its weights after loading, against 1.24x once the
+//! free pages are released (`llm-run bench`, the same build).
+
+#![allow(unsafe_code, reason = "a call into glibc's allocator")]
+
+/// Gives the allocator's free pages back to the operating system (glibc's `malloc_trim`);
+/// does nothing on other platforms.
+pub fn release_free_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: `malloc_trim` only returns pages the allocator holds free; it has no
+        // preconditions.
+        unsafe { malloc_trim(0) };
+    }
+}
