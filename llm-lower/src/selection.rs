@@ -94,9 +94,11 @@ pub fn weight_operand(kernel: &Contraction) -> usize {
 }
 
 /// Selects kernels for every op of `ops` among those the backend `supports`. Contractions
-/// whose weight `is_constant` read it in the CPU's panel layout (the weight is repacked
-/// once, at compile time), and an add whose operand is a contraction's only use becomes
-/// that contraction's epilogue.
+/// whose f32 weight `is_constant` read it in the CPU's panel layout, and those of q8_0
+/// activations whose q8_0/q4_0 weight is constant and read by quantized matmuls only in
+/// block panels (the weight is repacked once, at compile time; the GPU reads its row-major
+/// upload whatever the flag says), and an add whose operand is a contraction's only use
+/// becomes that contraction's epilogue.
 pub fn select_all(
     ctx: &Context,
     ops: &[Ptr<Operation>],
@@ -107,9 +109,9 @@ pub fn select_all(
         .iter()
         .map(|&op| {
             let mut k = kernel::select(ctx, op).filter(&supports)?;
-            // A constant q8_0/q4_0 weight that only quantized matmuls of q8_0 activations
-            // read is repacked into block panels (an embedding reading the same table
-            // would keep the row-major copy alive too).
+            // A constant q8_0/q4_0 weight that only quantized matmuls read is repacked into
+            // block panels for those of q8_0 activations (an embedding reading the same
+            // table would keep the row-major copy alive too).
             if let Kernel::Contraction(c) = &mut k
                 && c.q8_0_input
                 && matches!(c.weight, WeightFormat::Q8_0 | WeightFormat::Q4_0)

@@ -3,8 +3,9 @@
 //! Compiling repacks weights into new buffers and frees the originals; glibc's allocator
 //! keeps such freed blocks in its heap when live data lies above them (`free` only gives
 //! back the top of the heap). On the 110M shape with q4_0 weights repacked into block
-//! panels, the process stayed at 1.99x its weights after loading, against 1.24x once the
-//! free pages are released (`llm-run bench`, the same build).
+//! panels, the process stayed at 121 MiB after a run (1.95x its 62 MiB of weights and KV
+//! pool), against 78 MiB (1.25x, as before the repacking) once the free pages are
+//! released (`llm-run bench`).
 
 #![allow(unsafe_code, reason = "a call into glibc's allocator")]
 

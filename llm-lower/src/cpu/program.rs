@@ -154,9 +154,10 @@ pub struct Program {
     fallbacks: Cell<usize>,
 }
 
-/// Packed copies of constant weights, shared by the programs of one [`Compiler`] (a
-/// model's prefill and decode functions use the same matrices), keyed by the addresses of
-/// the matrices whose rows they pack and whether they were transposed.
+/// Packed copies of constant weights (f32 panels, or block panels of a quantized matrix),
+/// shared by the programs of one [`Compiler`] (a model's prefill and decode functions use
+/// the same matrices), keyed by the addresses of the matrices whose rows they pack and
+/// whether they were transposed.
 #[derive(Default)]
 struct PackCache(RefCell<HashMap<(Vec<*const Value>, bool), PackedPair>>);
 
@@ -301,9 +302,9 @@ impl Compiler {
 /// Constant values with their slots.
 type Constants = Vec<(usize, Rc<Value>)>;
 
-/// Gives every panel-layout contraction a repacked copy of its constant weight (one per
-/// weight, shared by the ops that use it; the rows of stacked matrices packed from their
-/// parts), and returns the constants the steps read then, with their slots: the packed
+/// Gives every panel-layout contraction (f32 panels or block panels) a repacked copy of
+/// its constant weight (one per weight, shared by the ops that use it; the rows of stacked
+/// f32 matrices packed from their parts), and returns the constants the steps read then, with their slots: the packed
 /// copies, numbered from `first_free`, and the hoisted values of `constants` that are still
 /// read (made now: a stacked matrix only read by contractions is never stacked). Packing
 /// runs on `threads` threads; the number of slots after packing comes second.
@@ -316,6 +317,8 @@ fn pack_weights(
     let value_of = |slot: usize| constants.iter().find(|(s, _)| *s == slot).map(|&(_, v)| v);
     // (original slot, transposed) -> packed slot.
     let mut packed: HashMap<(usize, bool), usize> = HashMap::new();
+    // Original slot -> its block-panel copy's slot.
+    let mut in_block_panels: HashMap<usize, usize> = HashMap::new();
     let mut next_slot = first_free;
     let mut extra = Vec::new();
     for step in steps.iter_mut() {
@@ -332,6 +335,10 @@ fn pack_weights(
         let operand = weight_operand(c);
         let original = step.inputs[operand];
         let key = (original, c.transpose_at_pack);
+        if let Some(&slot) = in_block_panels.get(&original).filter(|_| c.block_panels) {
+            step.inputs[operand] = slot;
+            continue;
+        }
         let slot = match packed.get(&key) {
             Some(&slot) => slot,
             None => {
@@ -344,7 +351,8 @@ fn pack_weights(
                     let slot = next_slot;
                     next_slot += 1;
                     extra.push((slot, panels));
-                    packed.insert(key, slot);
+                    // Not in `packed`: embeddings gather from f32 panels only.
+                    in_block_panels.insert(original, slot);
                     step.inputs[operand] = slot;
                     continue;
                 }

@@ -32,7 +32,9 @@ use super::{
     dequant::{load_f16, splat_i8, split_nibbles},
     emit::{address, for_range, horizontal_sum, mem, zeroed_accumulators},
 };
-use crate::kernel::{PANEL_ROWS, WeightFormat};
+#[cfg(target_arch = "x86_64")]
+use crate::kernel::PANEL_ROWS;
+use crate::kernel::WeightFormat;
 
 /// The symbol generated code imports [`q8_0_by_q8_0_rows`] under.
 pub const Q8_0_BY_Q8_0_ROWS: &str = "llmc_q8_0_by_q8_0_rows";
@@ -76,8 +78,10 @@ pub unsafe extern "C" fn q8_0_by_q8_0_rows(
     y: *mut f32,
     rows: i64,
 ) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { rows_avx2::<false>(k as usize, x, w, y, rows as usize) }
+    if rows > 0 {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { rows_avx2::<false>(k as usize, x, w, y, rows as usize) }
+    }
 }
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q4_0
@@ -94,8 +98,10 @@ pub unsafe extern "C" fn q4_0_by_q8_0_rows(
     y: *mut f32,
     rows: i64,
 ) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { rows_avx2::<true>(k as usize, x, w, y, rows as usize) }
+    if rows > 0 {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { rows_avx2::<true>(k as usize, x, w, y, rows as usize) }
+    }
 }
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` q8_0 rows
@@ -112,8 +118,10 @@ pub unsafe extern "C" fn q8_0_by_q8_0_panels(
     y: *mut f32,
     panels: i64,
 ) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { panels_avx2::<false>(k as usize, x, w, y, panels as usize) }
+    if panels > 0 {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { panels_avx2::<false>(k as usize, x, w, y, panels as usize) }
+    }
 }
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` q4_0 rows
@@ -130,8 +138,10 @@ pub unsafe extern "C" fn q4_0_by_q8_0_panels(
     y: *mut f32,
     panels: i64,
 ) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { panels_avx2::<true>(k as usize, x, w, y, panels as usize) }
+    if panels > 0 {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { panels_avx2::<true>(k as usize, x, w, y, panels as usize) }
+    }
 }
 
 /// Four rows at a time from one stream of weight bytes: per block, x's codes are loaded
