@@ -575,7 +575,9 @@ proptest! {
         let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
         let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
         let args = vec![tensor(&[m, k], seed, 3.0), tensor(&[m, n], seed + 2, 1.0)];
-        agree_fused(&ir, args, &store, 1e-5, 1)?;
+        // Up to 256 products: the interpreter's f32 sum in order rounds where the
+        // kernels' exact block sums do not (measured up to 1.9e-5).
+        agree_fused(&ir, args, &store, 4e-5, 1)?;
     }
 
     /// A weight whose values are all exactly f16 (a converted f16 model) is stored as f16

@@ -166,11 +166,11 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     };
     match (tiles.q8_0_rows, tiles.q8_0_panels) {
         (Some(rows), Some(panels)) if c.block_panels => {
-            emit_q8_0_panels(b, c, p, [panels, rows]);
+            emit_q8_0_chunks(b, c, p, (rows, Some(panels)));
             return;
         }
         (Some(rows), _) if c.q8_0_input && !c.block_panels => {
-            emit_q8_0_rows(b, c, p, rows);
+            emit_q8_0_chunks(b, c, p, (rows, None));
             return;
         }
         _ => {}
@@ -291,35 +291,6 @@ fn emit_residual(
 /// across the rows of x.
 const Q8_0_ROWS_CHUNK: i64 = 64;
 
-/// A contraction of q8_0 activations through `tile` (one of the `*_by_q8_0_rows`
-/// microkernels): chunks of [`Q8_0_ROWS_CHUNK`] weight rows outside, one call per row of x
-/// inside, then the chunk's residual epilogue.
-fn emit_q8_0_rows(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tile: FuncRef) {
-    let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
-    let zero = b.ins().iconst(types::I64, 0);
-    let k = b.ins().iconst(types::I64, c.k as i64);
-    let x_row_bytes = c.x_row_bytes() as i64;
-    let row_bytes = c.weight.row_bytes(c.k) as i64;
-    for_range(b, j0, j1, Q8_0_ROWS_CHUNK, |b, j| {
-        let left = b.ins().isub(j1, j);
-        let chunk = b.ins().iconst(types::I64, Q8_0_ROWS_CHUNK);
-        let count = b.ins().smin(left, chunk);
-        let end = b.ins().iadd(j, count);
-        let wblock = address(b, w, j, row_bytes);
-        for_range(b, zero, m, 1, |b, i| {
-            let xrow = address(b, x, i, x_row_bytes);
-            let yrow = address(b, y, i, 4 * c.n as i64);
-            let yat = address(b, yrow, j, 4);
-            b.ins().call(tile, &[k, xrow, wblock, yat, count]);
-            if c.residual {
-                for_range(b, j, end, 1, |b, jj| {
-                    emit_residual(b, c.n, [y, residual], [i, jj], 1);
-                });
-            }
-        });
-    });
-}
-
 /// Where row `j` of the weight at `w` starts and how far apart its blocks lie: in its
 /// block panel (blocks of the panel's four rows in turn) for a
 /// [`Contraction::block_panels`] row that a whole panel holds, else row major.
@@ -344,22 +315,30 @@ fn block_row(b: &mut FunctionBuilder, c: &Contraction, w: Value, j: Value) -> (V
     )
 }
 
-/// A contraction of q8_0 activations with a [`Contraction::block_panels`] weight: as
-/// [`emit_q8_0_rows`], each chunk's whole panels through the panel microkernel and the
-/// rows after the last whole panel (row major) through the row one. Chunks start on a
-/// panel (callers split rows in multiples of [`PANEL_ROWS`]).
-fn emit_q8_0_panels(
+/// A contraction of q8_0 activations through the microkernels: chunks of
+/// [`Q8_0_ROWS_CHUNK`] weight rows outside, one call per row of x inside, then the
+/// chunk's residual epilogue. With a `panels` tile (a [`Contraction::block_panels`]
+/// weight) a chunk's whole panels go through it and the rows after the last whole panel
+/// (row major) through `rows`; chunks then start on a panel (callers split rows in
+/// multiples of [`PANEL_ROWS`]).
+fn emit_q8_0_chunks(
     b: &mut FunctionBuilder,
     c: &Contraction,
     p: &[Value],
-    [panels, rows]: [FuncRef; 2],
+    (rows, panels): (FuncRef, Option<FuncRef>),
 ) {
     let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let zero = b.ins().iconst(types::I64, 0);
     let k = b.ins().iconst(types::I64, c.k as i64);
     let x_row_bytes = c.x_row_bytes() as i64;
     let row_bytes = c.weight.row_bytes(c.k) as i64;
-    let full = b.ins().iconst(types::I64, (c.n - c.n % PANEL_ROWS) as i64);
+    // Rows before `full` lie in whole panels (none without panels).
+    let whole_panels = if panels.is_some() {
+        c.n - c.n % PANEL_ROWS
+    } else {
+        0
+    };
+    let full = b.ins().iconst(types::I64, whole_panels as i64);
     for_range(b, j0, j1, Q8_0_ROWS_CHUNK, |b, j| {
         let chunk = b.ins().iconst(types::I64, Q8_0_ROWS_CHUNK);
         let left = b.ins().isub(j1, j);
@@ -380,8 +359,10 @@ fn emit_q8_0_panels(
         for_range(b, zero, m, 1, |b, i| {
             let xrow = address(b, x, i, x_row_bytes);
             let yrow = address(b, y, i, 4 * c.n as i64);
-            let yat = address(b, yrow, j, 4);
-            b.ins().call(panels, &[k, xrow, wpanel, yat, panel_count]);
+            if let Some(panels) = panels {
+                let yat = address(b, yrow, j, 4);
+                b.ins().call(panels, &[k, xrow, wpanel, yat, panel_count]);
+            }
             let ytail = address(b, yrow, tail_start, 4);
             b.ins().call(rows, &[k, xrow, wtail, ytail, tail]);
             if c.residual {
