@@ -364,9 +364,8 @@ fn run_contraction(
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     let (xp, wp, yp) = (rows.at, wbytes.as_ptr() as i64, out.as_mut_ptr() as i64);
     // The kernel reads m rows of x (k floats or k / 32 q8_0 blocks each) at xp, rows
-    // j0..j1 of the weight at wp (and the
-    // residual's y-shaped rows at rp) and writes y[i, j0..j1] for i < m at yp: all inside
-    // the buffers the callers checked.
+    // j0..j1 of the weight at wp (and the residual's y-shaped rows at rp) and writes
+    // y[i, j0..j1] for i < m at yp: all inside the buffers the callers checked.
     let run = |j0: usize, j1: usize| f(xp, wp, yp, m as i64, j0 as i64, j1 as i64, rp);
     match k.workers {
         Some(workers) if m * c.n * c.k >= PARALLEL_MIN_MACS && c.n >= 8 => {

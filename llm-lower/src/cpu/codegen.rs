@@ -81,10 +81,10 @@ pub struct Tiles {
     /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
     /// weight row.
     pub quant_row: Option<FuncRef>,
-    /// `q8_0_by_q8_0_rows`, `q4_0_by_q8_0_rows`, `q4_k_by_q8_0_rows` or
-    /// `q6_k_by_q8_0_rows`, for a run of weight rows against a q8_0 row of x.
+    /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights), `kq8dot::q4_k_by_q8_0_rows` or
+    /// `kq8dot::q6_k_by_q8_0_rows`, for a run of weight rows against a q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
-    /// `q8_0_by_q8_0_panels` or `q4_0_by_q8_0_panels`, for a run of block panels
+    /// `q8dot::by_q8_0_panels` (q8_0 or q4_0 weights), for a run of block panels
     /// ([`Contraction::block_panels`]) against a q8_0 row of x.
     pub q8_0_panels: Option<FuncRef>,
     /// `attention_row`, for a whole unmasked attention row whose heads fit it

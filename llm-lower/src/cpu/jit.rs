@@ -174,19 +174,19 @@ pub fn compile(
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (
             q8dot::Q8_0_BY_Q8_0_ROWS,
-            q8dot::q8_0_by_q8_0_rows as *const u8,
+            q8dot::by_q8_0_rows::<false> as *const u8,
         ),
         (
             q8dot::Q4_0_BY_Q8_0_ROWS,
-            q8dot::q4_0_by_q8_0_rows as *const u8,
+            q8dot::by_q8_0_rows::<true> as *const u8,
         ),
         (
             q8dot::Q8_0_BY_Q8_0_PANELS,
-            q8dot::q8_0_by_q8_0_panels as *const u8,
+            q8dot::by_q8_0_panels::<false> as *const u8,
         ),
         (
             q8dot::Q4_0_BY_Q8_0_PANELS,
-            q8dot::q4_0_by_q8_0_panels as *const u8,
+            q8dot::by_q8_0_panels::<true> as *const u8,
         ),
         (
             kq8dot::Q4_K_BY_Q8_0_ROWS,

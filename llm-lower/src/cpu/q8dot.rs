@@ -7,9 +7,9 @@
 //! the block is done, and each block costs one conversion and one multiply-add.
 //!
 //! Two implementations, one per target:
-//! - [`q8_0_by_q8_0_rows`] and [`q4_0_by_q8_0_rows`], AVX2 microkernels that generated
-//!   contractions call for a run of weight rows against a row of x when the CPU has AVX2
-//!   ([`super::ukernel::available`]).
+//! - [`by_q8_0_rows`] and [`by_q8_0_panels`], AVX2 microkernels that generated
+//!   contractions call for a run of weight rows (row major, or four at a time in block
+//!   panels) against a row of x when the CPU has AVX2 ([`super::ukernel::available`]).
 //!   q4_0 nibbles meet x in `vpmaddubsw` (unsigned by signed bytes into 16-bit pair sums)
 //!   and the recentring is taken off as `8 * Σ qx` (one more `vpmaddubsw`): exact for every
 //!   byte x may hold, -128 included (the sign trick, `|w|` by `sign(w) * x`, is not).
@@ -36,13 +36,13 @@ use super::{
 use crate::kernel::PANEL_ROWS;
 use crate::kernel::WeightFormat;
 
-/// The symbol generated code imports [`q8_0_by_q8_0_rows`] under.
+/// The symbol generated code imports `by_q8_0_rows::<false>` (q8_0 weights) under.
 pub const Q8_0_BY_Q8_0_ROWS: &str = "llmc_q8_0_by_q8_0_rows";
-/// The symbol generated code imports [`q4_0_by_q8_0_rows`] under.
+/// The symbol generated code imports `by_q8_0_rows::<true>` (q4_0 weights) under.
 pub const Q4_0_BY_Q8_0_ROWS: &str = "llmc_q4_0_by_q8_0_rows";
-/// The symbol generated code imports [`q8_0_by_q8_0_panels`] under.
+/// The symbol generated code imports `by_q8_0_panels::<false>` (q8_0 weights) under.
 pub const Q8_0_BY_Q8_0_PANELS: &str = "llmc_q8_0_by_q8_0_panels";
-/// The symbol generated code imports [`q4_0_by_q8_0_panels`] under.
+/// The symbol generated code imports `by_q8_0_panels::<true>` (q4_0 weights) under.
 pub const Q4_0_BY_Q8_0_PANELS: &str = "llmc_q4_0_by_q8_0_panels";
 
 /// Bytes of a q8_0 block: an f16 scale and 32 codes.
@@ -62,16 +62,17 @@ const fn weight_block_bytes(four_bit: bool) -> usize {
     }
 }
 
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q8_0
-/// rows `w_r` at `w`.
+/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive
+/// weight rows `w_r` at `w`, q4_0 (`FOUR_BIT`) or q8_0; each instance is one symbol
+/// ([`Q8_0_BY_Q8_0_ROWS`], [`Q4_0_BY_Q8_0_ROWS`]).
 ///
 /// # Safety
 ///
-/// `x` points to `k / 32 * 34` bytes (`k` a multiple of 32), `w` to `rows` times as many,
-/// `y` to `rows` writable floats, and the CPU has AVX2, FMA and F16C
-/// ([`super::ukernel::available`]).
+/// `x` points to `k / 32 * 34` bytes (`k` a multiple of 32), `w` to `rows * k / 32` weight
+/// blocks (34 or 18 bytes), `y` to `rows` writable floats, and the CPU has AVX2, FMA and
+/// F16C ([`super::ukernel::available`]).
 #[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn q8_0_by_q8_0_rows(
+pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
@@ -80,38 +81,19 @@ pub unsafe extern "C" fn q8_0_by_q8_0_rows(
 ) {
     if rows > 0 {
         // SAFETY: forwarded from this function's contract.
-        unsafe { rows_avx2::<false>(k as usize, x, w, y, rows as usize) }
+        unsafe { rows_avx2::<FOUR_BIT>(k as usize, x, w, y, rows as usize) }
     }
 }
 
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q4_0
-/// rows `w_r` at `w`.
+/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` weight rows
+/// of the block panels at `w` ([`crate::kernel::pack_block_panels`]), q4_0 (`FOUR_BIT`)
+/// or q8_0; each instance is one symbol ([`Q8_0_BY_Q8_0_PANELS`], [`Q4_0_BY_Q8_0_PANELS`]).
 ///
 /// # Safety
 ///
-/// As [`q8_0_by_q8_0_rows`], with `w` pointing to `rows * k / 32 * 18` bytes.
+/// As [`by_q8_0_rows`], for `4 * panels` rows in block panels.
 #[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn q4_0_by_q8_0_rows(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut f32,
-    rows: i64,
-) {
-    if rows > 0 {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { rows_avx2::<true>(k as usize, x, w, y, rows as usize) }
-    }
-}
-
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` q8_0 rows
-/// of the block panels at `w` ([`crate::kernel::pack_block_panels`]).
-///
-/// # Safety
-///
-/// As [`q8_0_by_q8_0_rows`], for `4 * panels` rows in block panels.
-#[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn q8_0_by_q8_0_panels(
+pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
@@ -120,27 +102,7 @@ pub unsafe extern "C" fn q8_0_by_q8_0_panels(
 ) {
     if panels > 0 {
         // SAFETY: forwarded from this function's contract.
-        unsafe { panels_avx2::<false>(k as usize, x, w, y, panels as usize) }
-    }
-}
-
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` q4_0 rows
-/// of the block panels at `w` ([`crate::kernel::pack_block_panels`]).
-///
-/// # Safety
-///
-/// As [`q4_0_by_q8_0_rows`], for `4 * panels` rows in block panels.
-#[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn q4_0_by_q8_0_panels(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut f32,
-    panels: i64,
-) {
-    if panels > 0 {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { panels_avx2::<true>(k as usize, x, w, y, panels as usize) }
+        unsafe { panels_avx2::<FOUR_BIT>(k as usize, x, w, y, panels as usize) }
     }
 }
 
@@ -477,9 +439,9 @@ mod tests {
                 let mut y = vec![0f32; rows];
                 let k = (32 * blocks) as i64;
                 let kernel = if four_bit {
-                    q4_0_by_q8_0_rows
+                    by_q8_0_rows::<true>
                 } else {
-                    q8_0_by_q8_0_rows
+                    by_q8_0_rows::<false>
                 };
                 // SAFETY: x holds `blocks` blocks, w `rows` rows of as many blocks of its
                 // format, y `rows` floats; AVX2, FMA and F16C are checked.
