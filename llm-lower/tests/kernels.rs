@@ -1375,7 +1375,7 @@ proptest! {
 
 /// Decode attention over long contexts, in the shapes the AVX2 row kernel takes (heads of
 /// a multiple of 8, groups of 1 to 8 query heads per KV head: pairs of heads, and an odd
-/// one left over): contexts shorter than, equal to and longer than its 8-position score
+/// one left over; passes of several KV heads, and a last pass of fewer): contexts shorter than, equal to and longer than its 8-position score
 /// vectors and 64-position blocks, with both scalings, against the interpreter (and the
 /// generated kernel, without microkernels).
 #[test]
@@ -1387,6 +1387,9 @@ fn long_context_attention_rows() {
         (8, 1, 1),
         (8, 1, 8),
         (16, 2, 5),
+        (8, 5, 2),
+        (8, 3, 3),
+        (16, 8, 1),
     ] {
         for tk in [1, 7, 8, 9, 33, 63, 64, 65, 100, 129] {
             let h = kv * group;

@@ -291,7 +291,9 @@ fn extra_operand<'a>(
     let Some(operand) = operand else {
         return Ok(None);
     };
-    let t = operand.ok_or(format!("no {what} operand"))?.tensor()?;
+    let t = operand
+        .ok_or_else(|| format!("no {what} operand"))?
+        .tensor()?;
     if t.shape != shape {
         return Err(format!(
             "the {what} has shape {:?}, expected {shape:?}",
