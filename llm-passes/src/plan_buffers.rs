@@ -141,6 +141,25 @@ pub fn plan_function(ctx: &Context, func: FuncOp, dynamic_dim: u64) -> BufferPla
             }
         }
     }
+    let (offset_of, arena_bytes) = place_buffers(&buffers);
+    let offsets: Vec<u64> = values
+        .iter()
+        .map(|(v, _, _)| offset_of[buffer_of[v]])
+        .collect();
+    let sizes: Vec<u64> = values.iter().map(|(_, s, _)| *s).collect();
+    BufferPlan {
+        naive_bytes: sizes.iter().sum(),
+        offsets,
+        sizes,
+        arena_bytes,
+    }
+}
+
+/// Places buffers of `(bytes, first use, last use)` (uses are op indices, inclusive) in
+/// one arena so that buffers whose uses overlap do not: largest first (then earliest),
+/// each at the lowest [`ALIGNMENT`]-aligned offset clear of those already placed that
+/// overlap it. Returns each buffer's offset and the arena's size (the peak).
+pub fn place_buffers(buffers: &[(u64, usize, usize)]) -> (Vec<u64>, u64) {
     let mut order: Vec<usize> = (0..buffers.len()).collect();
     order.sort_by_key(|&b| (std::cmp::Reverse(buffers[b].0), buffers[b].1));
     let mut placed: Vec<(u64, u64, usize, usize)> = Vec::new();
@@ -163,18 +182,8 @@ pub fn plan_function(ctx: &Context, func: FuncOp, dynamic_dim: u64) -> BufferPla
         offset_of[b] = offset;
         placed.push((offset, size, start, stop));
     }
-    let offsets: Vec<u64> = values
-        .iter()
-        .map(|(v, _, _)| offset_of[buffer_of[v]])
-        .collect();
-    let sizes: Vec<u64> = values.iter().map(|(_, s, _)| *s).collect();
     let arena_bytes = placed.iter().map(|(o, s, _, _)| o + s).max().unwrap_or(0);
-    BufferPlan {
-        naive_bytes: sizes.iter().sum(),
-        offsets,
-        sizes,
-        arena_bytes,
-    }
+    (offset_of, arena_bytes)
 }
 
 impl Pass for PlanBuffers {

@@ -237,7 +237,7 @@ fn contraction(
 
 /// The rows of x a contraction reads: where they start and how many there are.
 #[derive(Clone, Copy)]
-struct Rows {
+pub(super) struct Rows {
     /// The first row's first byte.
     at: i64,
     /// The number of rows.
@@ -246,7 +246,7 @@ struct Rows {
 
 impl Rows {
     /// Rows of `k` floats.
-    fn of_floats(xs: &[f32], k: usize) -> Rows {
+    pub(super) fn of_floats(xs: &[f32], k: usize) -> Rows {
         Rows {
             at: xs.as_ptr() as i64,
             count: xs.len() / k.max(1),
@@ -305,7 +305,7 @@ fn extra_operand<'a>(
 
 /// The bytes of a contraction's weight operand, checked to be an `n x k` matrix in the
 /// contraction's format.
-fn weight_bytes<'a>(c: &Contraction, w: &'a Value) -> Result<&'a [u8], String> {
+pub(super) fn weight_bytes<'a>(c: &Contraction, w: &'a Value) -> Result<&'a [u8], String> {
     let wbytes: &[u8] = match (c.weight, w) {
         (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t)) => {
             return f32_weight_bytes(c, t);
@@ -350,7 +350,7 @@ fn f32_weight_bytes<'a>(c: &Contraction, t: &'a Tensor) -> Result<&'a [u8], Stri
 
 /// Runs a compiled contraction over the rows of `xs` (a multiple of `k` floats) against
 /// checked weight bytes, adding `residual` (as many rows of `n`) when the kernel has the
-/// epilogue; the rows of `n` outputs.
+/// epilogue; the rows of `n` outputs, in a buffer from the pool.
 fn run_contraction(
     k: &Kernels,
     c: &Contraction,
@@ -359,9 +359,28 @@ fn run_contraction(
     wbytes: &[u8],
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
+    let mut out = k.pool.for_overwrite(rows.count * c.n);
+    contract_into(k, c, f, (rows, wbytes, residual), &mut out);
+    out
+}
+
+/// Runs a compiled contraction over `rows` of x against checked weight bytes (adding the
+/// residual, as many rows of `n`, when the kernel has the epilogue) into `out`, split over
+/// the workers by panels when it is large enough.
+///
+/// # Panics
+///
+/// When `out` or the residual does not hold `rows.count * n` floats.
+pub(super) fn contract_into(
+    k: &Kernels,
+    c: &Contraction,
+    f: *const u8,
+    (rows, wbytes, residual): (Rows, &[u8], Option<&[f32]>),
+    out: &mut [f32],
+) {
     let m = rows.count;
+    assert!(out.len() == m * c.n && residual.is_none_or(|r| r.len() == out.len()));
     let rp = residual.map_or(0, |r| r.as_ptr() as i64);
-    let mut out = k.pool.for_overwrite(m * c.n);
     // SAFETY: a contraction's signature is seven i64 params.
     let f: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     let (xp, wp, yp) = (rows.at, wbytes.as_ptr() as i64, out.as_mut_ptr() as i64);
@@ -379,7 +398,6 @@ fn run_contraction(
         }
         _ => run(0, c.n),
     }
-    out
 }
 
 /// The operands of a scalar body (as many as it takes, all float tensors of its element
@@ -412,13 +430,24 @@ fn elementwise(
     if tensors.iter().any(|t| t.shape != *shape) {
         return None;
     }
-    let len = tensors[0].len();
-    let mut out = k.pool.for_overwrite(len);
+    let mut out = k.pool.for_overwrite(tensors[0].len());
+    // Every input holds as many floats as `out` (same shape).
+    elementwise_into(f, &ptrs, &mut out);
+    Some(Ok(body_result(body, k.pool.shape(shape), out)))
+}
+
+/// Runs a compiled elementwise body over the inputs at `ptrs` into `out`.
+///
+/// The caller guarantees that every pointer is to `out.len()` values of the body's
+/// element type.
+pub(super) fn elementwise_into(f: *const u8, ptrs: &[i64], out: &mut [f32]) {
     // SAFETY: an elementwise kernel's signature is (inputs, out, len).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    // Every input holds `len` floats (same shape), as does `out`.
-    f(ptrs.as_ptr() as i64, out.as_mut_ptr() as i64, len as i64);
-    Some(Ok(body_result(body, k.pool.shape(shape), out)))
+    f(
+        ptrs.as_ptr() as i64,
+        out.as_mut_ptr() as i64,
+        out.len() as i64,
+    );
 }
 
 /// Two f32 tensors of one shape combined by the compiled [`Kernel::Fold`] `f` (two
@@ -648,6 +677,17 @@ fn rms_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result
         ));
     }
     let mut out = k.pool.for_overwrite(xs.len());
+    norm_into(f, d, (xs, gs), &mut out);
+    Ok(Tensor::from_f32(k.pool.shape(&x.shape), DType::F32, out))
+}
+
+/// Runs a compiled RMS norm of the rows of `d` of `xs` with the gain `gs` into `out`.
+///
+/// # Panics
+///
+/// When `gs` does not hold `d` floats or `out` not as many as `xs`.
+pub(super) fn norm_into(f: *const u8, d: usize, (xs, gs): (&[f32], &[f32]), out: &mut [f32]) {
+    assert!(gs.len() == d && out.len() == xs.len());
     // SAFETY: an RMS norm's signature is (x, g, y, rows).
     let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // x and y hold rows * d floats, g holds d.
@@ -657,7 +697,6 @@ fn rms_norm(k: &Kernels, d: usize, f: *const u8, inputs: &[Rc<Value>]) -> Result
         out.as_mut_ptr() as i64,
         (xs.len() / d.max(1)) as i64,
     );
-    Ok(Tensor::from_f32(k.pool.shape(&x.shape), DType::F32, out))
 }
 
 /// The number of groups of `n * inner` values in `x`, whose dims must hold a dim of `n`
@@ -768,10 +807,27 @@ fn rope(
     let positions = inputs[0].tensor()?.ints()?;
     let (shape, mut x) = take_floats(k, x)?;
     let r = shape.len();
-    if r < 2 || shape[r - 2..] != [heads, d] || positions.len() * heads * d != x.len() {
+    if r < 2 || shape[r - 2..] != [heads, d] {
+        return Err(format!("{shape:?} does not end in {heads} heads of {d}"));
+    }
+    rotate_in_place(k, (f, angles, heads * d), positions, &mut x)?;
+    Ok(Tensor::from_f32(shape, DType::F32, x))
+}
+
+/// Rotates `x` (one row of `row` values, its heads, per position) in place with a compiled
+/// rope kernel and the run's tables for `angles` at `positions`, after checking that
+/// there is a row per position.
+pub(super) fn rotate_in_place(
+    k: &Kernels,
+    (f, angles, row): (*const u8, RopeAngles, usize),
+    positions: &[i64],
+    x: &mut [f32],
+) -> Result<(), String> {
+    if positions.len() * row != x.len() {
         return Err(format!(
-            "{} positions do not match the tokens of {shape:?}",
-            positions.len()
+            "{} positions do not match {} rows of {row}",
+            positions.len(),
+            x.len() / row.max(1)
         ));
     }
     // SAFETY: a rope kernel's signature is (x, cos, sin, tokens).
@@ -785,7 +841,7 @@ fn rope(
             positions.len() as i64,
         );
     });
-    Ok(Tensor::from_f32(shape, DType::F32, x))
+    Ok(())
 }
 
 /// Calls an attention kernel once per query row, with the byte offsets of the key/value
@@ -797,11 +853,6 @@ fn attention(
     f: *const u8,
     inputs: &mut Operands,
 ) -> Outputs {
-    // SAFETY: an attention kernel's signature is (q, k, v, offsets, count, out), and a
-    // masked one's (q, k, v, offsets, count, out, mask).
-    let masked: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) =
-        unsafe { std::mem::transmute(f) };
-    let f: extern "C" fn(i64, i64, i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
     // The cache an append updates, taken out of the operands (`[q, k, v, slots, tables,
     // lens]` remain) so that it is updated in place when nothing else holds it.
     let appended = match source {
@@ -810,7 +861,6 @@ fn attention(
     };
     let q = inputs[0].tensor()?;
     let qd = q.floats()?;
-    let row = heads * d;
     if q.shape.len() < 3 || q.shape[q.shape.len() - 2..] != [heads, d] {
         return Err(format!(
             "queries {:?} do not have {heads} heads of {d}",
@@ -818,37 +868,7 @@ fn attention(
         ));
     }
     let mut out = k.pool.zeroed(qd.len());
-    // Rows run in parallel, each writing its own `row` outputs through this address.
-    let out_at = out.as_mut_ptr() as usize;
-    // Runs query row `r` over `offsets` into `kd`/`vd` (each offset plus a row checked to
-    // lie inside both), with the mask values of those positions if the kernel takes them.
-    let attend = |r: usize, kd: &[f32], vd: &[f32], offsets: &[i64], mask: Option<&[f32]>| {
-        if offsets.is_empty() {
-            return;
-        }
-        let args = (
-            qd[r * row..].as_ptr() as i64,
-            kd.as_ptr() as i64,
-            vd.as_ptr() as i64,
-            offsets.as_ptr() as i64,
-            offsets.len() as i64,
-            // Row r's outputs: `out` holds as many floats as the queries.
-            (out_at + 4 * r * row) as i64,
-        );
-        match mask {
-            // One mask value per offset.
-            Some(m) => masked(
-                args.0,
-                args.1,
-                args.2,
-                args.3,
-                args.4,
-                args.5,
-                m.as_ptr() as i64,
-            ),
-            None => f(args.0, args.1, args.2, args.3, args.4, args.5),
-        }
-    };
+    let rows = AttentionRows::new(f, [heads, d], qd);
     match source {
         AttentionSource::Paged { layer, window, .. } => {
             let mut updated = None;
@@ -872,17 +892,14 @@ fn attention(
             if q.shape.len() != 4 {
                 return Err(format!("queries {:?} are not [b, t, heads, d]", q.shape));
             }
-            check_cache(cache, layer, kv_heads, d)?;
-            // The offsets are from the start of the layer's rows.
-            let layer_start = cache.slot_offset(layer, 0);
-            let (keys, values) = (&cache.k[layer_start..], &cache.v[layer_start..]);
-            let rows = [q.shape[0], q.shape[1]];
-            k.paged.with(cache, (rows, tables, lens, window), |all| {
-                let positions = all.iter().map(Vec::len).sum::<usize>();
-                for_rows(k, all.len(), 2 * positions * row, &|r| {
-                    attend(r, keys, values, &all[r], None);
-                });
-            })?;
+            let sequences = [q.shape[0], q.shape[1]];
+            let paged = PagedSource {
+                cache,
+                layer,
+                window,
+                kv_heads,
+            };
+            paged.attend(k, &rows, (sequences, tables, lens), &mut out)?;
             let out = Value::Tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out));
             match updated {
                 Some(cache) => k.results([out, Value::Cache(cache)]),
@@ -904,7 +921,8 @@ fn attention(
             let (kd, vd) = (kt.floats()?, vt.floats()?);
             let mask = extra_operand(masked.then(|| inputs.get(3)), &[tq, tk], "mask")?;
             let batch: usize = q.shape[..r - 3].iter().product();
-            for_rows(k, batch * tq, 2 * batch * tq * tk * row, &|query| {
+            let out_at = out.as_mut_ptr() as usize;
+            for_rows(k, batch * tq, 2 * batch * tq * tk * rows.row, &|query| {
                 let (b, i) = (query / tq, query % tq);
                 let pos = (tk + i).saturating_sub(tq);
                 let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -913,10 +931,130 @@ fn attention(
                     .map(|j| (4 * (b * tk + j) * kv_heads * d) as i64)
                     .collect();
                 let row_mask = mask.map(|m| &m[i * tk + start..i * tk + end]);
-                attend(query, kd, vd, &offsets, row_mask);
+                rows.attend(query, (kd, vd), &offsets, row_mask, out_at);
             });
             k.tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out))
         }
+    }
+}
+
+/// The signature of an attention kernel: (q, k, v, offsets, count, out); a masked one's
+/// takes the mask after them.
+type AttentionFn = extern "C" fn(i64, i64, i64, i64, i64, i64);
+
+/// A compiled attention kernel and the query rows it runs over.
+pub(super) struct AttentionRows<'a> {
+    /// The kernel.
+    f: AttentionFn,
+    /// The head size.
+    d: usize,
+    /// Values per query row (heads x head size).
+    row: usize,
+    /// The query rows.
+    queries: &'a [f32],
+}
+
+impl<'a> AttentionRows<'a> {
+    /// The query rows `queries` of `heads` heads of `d` for the compiled kernel `f`.
+    pub(super) fn new(f: *const u8, [heads, d]: [usize; 2], queries: &'a [f32]) -> Self {
+        AttentionRows {
+            // SAFETY: `f` is a compiled attention kernel.
+            f: unsafe { std::mem::transmute::<*const u8, AttentionFn>(f) },
+            d,
+            row: heads * d,
+            queries,
+        }
+    }
+
+    /// Runs query row `r` over `offsets` into `kd`/`vd` (the caller checked each offset
+    /// plus a row to lie inside both), with the mask values of those positions if the
+    /// kernel takes them, writing the row's outputs at `out_at + 4 * r * row` (the
+    /// caller's buffer of as many floats as the queries).
+    fn attend(
+        &self,
+        r: usize,
+        (kd, vd): (&[f32], &[f32]),
+        offsets: &[i64],
+        mask: Option<&[f32]>,
+        out_at: usize,
+    ) {
+        if offsets.is_empty() {
+            return;
+        }
+        let args = (
+            self.queries[r * self.row..].as_ptr() as i64,
+            kd.as_ptr() as i64,
+            vd.as_ptr() as i64,
+            offsets.as_ptr() as i64,
+            offsets.len() as i64,
+            (out_at + 4 * r * self.row) as i64,
+        );
+        match mask {
+            Some(m) => {
+                // SAFETY: a masked attention kernel's signature is (q, k, v, offsets,
+                // count, out, mask), with one mask value per offset.
+                let masked: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) =
+                    unsafe { std::mem::transmute(self.f) };
+                masked(
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    args.4,
+                    args.5,
+                    m.as_ptr() as i64,
+                );
+            }
+            None => (self.f)(args.0, args.1, args.2, args.3, args.4, args.5),
+        }
+    }
+}
+
+/// One layer of a paged KV cache that attention reads.
+pub(super) struct PagedSource<'a> {
+    /// The cache.
+    pub cache: &'a KvCache,
+    /// The layer.
+    pub layer: usize,
+    /// Sliding window.
+    pub window: Option<usize>,
+    /// KV heads the kernel expects.
+    pub kv_heads: usize,
+}
+
+impl PagedSource<'_> {
+    /// Runs `rows` (`[sequences, tokens]` of query rows) over the layer through the block
+    /// `tables` and context `lens` (the row offsets computed and checked once per call,
+    /// [`PagedRows`]) into `out` (as many floats as the queries, zeroed).
+    pub(super) fn attend(
+        &self,
+        k: &Kernels,
+        rows: &AttentionRows,
+        (sequences, tables, lens): ([usize; 2], &Tensor, &Tensor),
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        check_cache(self.cache, self.layer, self.kv_heads, rows.d)?;
+        if rows.queries.len() != sequences[0] * sequences[1] * rows.row
+            || out.len() != rows.queries.len()
+        {
+            return Err(format!(
+                "{} queries are not {sequences:?} rows of {}",
+                rows.queries.len(),
+                rows.row
+            ));
+        }
+        // The offsets are from the start of the layer's rows.
+        let layer_start = self.cache.slot_offset(self.layer, 0);
+        let (keys, values) = (&self.cache.k[layer_start..], &self.cache.v[layer_start..]);
+        // Rows run in parallel, each writing its own outputs through this address.
+        let out_at = out.as_mut_ptr() as usize;
+        k.paged
+            .with(self.cache, (sequences, tables, lens, self.window), |all| {
+                let positions = all.iter().map(Vec::len).sum::<usize>();
+                for_rows(k, all.len(), 2 * positions * rows.row, &|r| {
+                    rows.attend(r, (keys, values), &all[r], None, out_at);
+                });
+            })
     }
 }
 
@@ -1007,42 +1145,9 @@ fn movement(k: &Kernels, m: Movement, dims: &[Dim], inputs: &mut Operands) -> Ou
             dim, vocab, panels, ..
         } => {
             let ids = inputs[1].tensor()?;
-            // A quantized table's rows are decoded one by one, never the whole table.
-            let table = match &*inputs[0] {
-                Value::Quantized(q) if q.shape == [vocab, dim] => {
-                    let expected = storage_bytes(&q.format, &q.shape);
-                    if q.bytes.len() != expected {
-                        return Err(format!(
-                            "the table holds {} bytes, not {expected}",
-                            q.bytes.len()
-                        ));
-                    }
-                    Table::Quantized(q)
-                }
-                other => {
-                    let t = other.tensor()?;
-                    let td = t.floats()?;
-                    if td.len() != vocab * dim {
-                        return Err(format!("the table {:?} is not {vocab}x{dim}", t.shape));
-                    }
-                    Table::Floats(td)
-                }
-            };
-            let mut out = k.pool.zeroed(ids.len() * dim);
-            for (&id, row) in ids.ints()?.iter().zip(out.chunks_exact_mut(dim.max(1))) {
-                if id < 0 || id as usize >= vocab {
-                    return Err(format!(
-                        "token id {id} is out of range for a table of {vocab} rows"
-                    ));
-                }
-                match table {
-                    Table::Floats(td) if panels => panel_row(td, vocab, dim, id as usize, row),
-                    Table::Floats(td) => row.copy_from_slice(&td[id as usize * dim..][..dim]),
-                    Table::Quantized(q) => {
-                        dequantize_row(&q.format, [vocab, dim], &q.bytes, id as usize, row)
-                    }
-                }
-            }
+            let table = Table::of(&inputs[0], [vocab, dim], panels)?;
+            let mut out = k.pool.for_overwrite(ids.len() * dim);
+            table.gather_into(ids.ints()?, &mut out)?;
             let mut shape = k.pool.shape(&ids.shape);
             shape.push(dim);
             k.tensor(Tensor::from_f32(shape, DType::F32, out))
@@ -1064,17 +1169,28 @@ pub fn columns(k: &Kernels, x: &Tensor, width: usize, parts: &[(usize, usize)]) 
     let mut results = Results::new();
     for &(offset, len) in parts {
         let mut out = k.pool.for_overwrite(rows * len);
-        for (row, part) in xs
-            .chunks_exact(width.max(1))
-            .zip(out.chunks_exact_mut(len.max(1)))
-        {
-            part.copy_from_slice(&row[offset..offset + len]);
-        }
+        copy_columns(xs, width, (offset, len), &mut out);
         let mut shape = k.pool.shape(&x.shape);
         *shape.last_mut().ok_or("a scalar has no columns")? = len;
         results.push(k.pool.wrap_tensor(Tensor::from_f32(shape, DType::F32, out)));
     }
     Ok(results)
+}
+
+/// Copies columns `offset..offset + len` of each row of `width` of `xs` to the rows of
+/// `len` of `out`.
+pub(super) fn copy_columns(
+    xs: &[f32],
+    width: usize,
+    (offset, len): (usize, usize),
+    out: &mut [f32],
+) {
+    for (row, part) in xs
+        .chunks_exact(width.max(1))
+        .zip(out.chunks_exact_mut(len.max(1)))
+    {
+        part.copy_from_slice(&row[offset..offset + len]);
+    }
 }
 
 /// Gives the tensor `value` the shape `dims` resolve to for its element count (an
@@ -1093,11 +1209,88 @@ pub fn relabel(pool: &BufferPool, value: &mut Rc<Value>, dims: &[Dim]) -> Result
 }
 
 /// An embedding table as a gather reads it.
-enum Table<'a> {
-    /// f32 rows (row major, or in panels).
-    Floats(&'a [f32]),
+pub(super) enum Table<'a> {
+    /// f32 rows of `dim` (row major, or in panels when `panels`).
+    Floats {
+        /// The values.
+        values: &'a [f32],
+        /// In panels ([`panel_row`]).
+        panels: bool,
+        /// `[vocab, dim]`.
+        shape: [usize; 2],
+    },
     /// Quantized rows, decoded as they are gathered.
     Quantized(&'a QTensor),
+}
+
+impl<'a> Table<'a> {
+    /// The `[vocab, dim]` table `value` (f32 values, row major or in `panels`, or a
+    /// quantized tensor), checked to hold as much.
+    pub(super) fn of(value: &'a Value, shape: [usize; 2], panels: bool) -> Result<Self, String> {
+        let [vocab, dim] = shape;
+        match value {
+            // A quantized table's rows are decoded one by one, never the whole table.
+            Value::Quantized(q) if q.shape == shape => {
+                let expected = storage_bytes(&q.format, &q.shape);
+                if q.bytes.len() != expected {
+                    return Err(format!(
+                        "the table holds {} bytes, not {expected}",
+                        q.bytes.len()
+                    ));
+                }
+                Ok(Table::Quantized(q))
+            }
+            other => {
+                let t = other.tensor()?;
+                let values = t.floats()?;
+                if values.len() != vocab * dim {
+                    return Err(format!("the table {:?} is not {vocab}x{dim}", t.shape));
+                }
+                Ok(Table::Floats {
+                    values,
+                    panels,
+                    shape,
+                })
+            }
+        }
+    }
+
+    /// Row `ids[i]` of the table into row `i` of `out` (as many rows of `dim`), each id
+    /// checked to be a row.
+    pub(super) fn gather_into(&self, ids: &[i64], out: &mut [f32]) -> Result<(), String> {
+        let [vocab, dim] = match self {
+            Table::Floats { shape, .. } => *shape,
+            Table::Quantized(q) => [q.shape[0], q.shape[1]],
+        };
+        if out.len() != ids.len() * dim {
+            return Err(format!(
+                "{} ids do not fill {} values",
+                ids.len(),
+                out.len()
+            ));
+        }
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim.max(1))) {
+            if id < 0 || id as usize >= vocab {
+                return Err(format!(
+                    "token id {id} is out of range for a table of {vocab} rows"
+                ));
+            }
+            match self {
+                Table::Floats {
+                    values,
+                    panels: true,
+                    ..
+                } => panel_row(values, vocab, dim, id as usize, row),
+                Table::Floats { values, .. } => {
+                    row.copy_from_slice(&values[id as usize * dim..][..dim]);
+                }
+                Table::Quantized(q) => {
+                    dequantize_row(&q.format, [vocab, dim], &q.bytes, id as usize, row)
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The bytes of a float slice.

@@ -27,6 +27,7 @@ use pliron::{
 use super::{
     calls::{self, Operands, Results},
     jit::{self, CompiledKernels, JitError, Target},
+    plan::{CallPlan, PlanStep, StepKind, Traced},
     pool::BufferPool,
     tables::{PagedRows, RopeTables},
     workers::Workers,
@@ -152,6 +153,77 @@ pub struct Program {
     /// Kernel steps that ran their op's reference semantics instead (shapes outside the
     /// kernel, known only at run time), over every call.
     fallbacks: Cell<usize>,
+    /// Call plans made for the argument shapes seen so far.
+    plans: RefCell<Plans>,
+}
+
+/// The call plans of a program ([`CallPlan`]): a plan is made when arguments of the same
+/// shapes come a second time (a prompt length seen once gets none), and the few most
+/// recently used are kept.
+#[derive(Default)]
+struct Plans {
+    /// Shapes of the arguments of recent calls that ran step by step.
+    seen: Vec<Vec<Option<Vec<usize>>>>,
+    /// Plans, the most recently used first.
+    plans: Vec<Rc<CallPlan>>,
+    /// A plan could not be made (the function has a step plans do not run).
+    unplannable: bool,
+    /// Calls that ran through a plan.
+    runs: usize,
+}
+
+impl Plans {
+    /// Argument shapes remembered.
+    const SEEN: usize = 8;
+    /// Plans kept.
+    const KEPT: usize = 4;
+
+    /// The plan for `args`, moved to the front.
+    fn find(&mut self, args: &[Value]) -> Option<Rc<CallPlan>> {
+        let i = self.plans.iter().position(|p| p.fits(args))?;
+        let plan = self.plans.remove(i);
+        self.plans.insert(0, Rc::clone(&plan));
+        self.runs += 1;
+        Some(plan)
+    }
+
+    /// Whether a call with `args` should be traced to make a plan: the second time their
+    /// shapes come.
+    fn wants_trace(&mut self, args: &[Value]) -> bool {
+        if self.unplannable {
+            return false;
+        }
+        let shapes: Vec<Option<Vec<usize>>> = args
+            .iter()
+            .map(|a| a.tensor().ok().map(|t| t.shape.clone()))
+            .collect();
+        if self.seen.contains(&shapes) {
+            return true;
+        }
+        self.seen.insert(0, shapes);
+        self.seen.truncate(Self::SEEN);
+        false
+    }
+
+    /// Keeps `plan` (or, for `None`, stops making plans).
+    fn add(&mut self, plan: Option<CallPlan>) {
+        match plan {
+            Some(plan) => {
+                self.plans.insert(0, Rc::new(plan));
+                self.plans.truncate(Self::KEPT);
+            }
+            None => self.unplannable = true,
+        }
+    }
+}
+
+/// What `value` is, for a trace.
+fn traced(value: &Value) -> Traced {
+    match value {
+        Value::Tensor(t) => Traced::Tensor(t.shape.clone(), t.dtype),
+        Value::Cache(_) => Traced::Cache,
+        _ => Traced::Other,
+    }
 }
 
 /// Packed copies of constant weights (f32 panels, or block panels of a quantized matrix),
@@ -599,6 +671,7 @@ impl Program {
             ropes: RopeTables::default(),
             paged: PagedRows::default(),
             fallbacks: Cell::new(0),
+            plans: RefCell::default(),
         })
     }
 
@@ -637,11 +710,77 @@ impl Program {
         self.signature.check_args(ctx, &args)?;
         self.ropes.clear();
         self.paged.clear();
+        let plan = self.plans.borrow_mut().find(&args);
+        if let Some(plan) = plan {
+            return plan.run(&self.kernels(), args).map_err(|(i, m)| {
+                let step = &self.steps[i];
+                error(step.location, format!("{}: {m}", step.name))
+            });
+        }
+        if !self.plans.borrow_mut().wants_trace(&args) {
+            return self.run_steps(ctx, weights, args, None);
+        }
+        let mut trace = vec![Traced::Other; self.slots];
+        let fallbacks = self.fallbacks.get();
+        let results = self.run_steps(ctx, weights, args, Some(&mut trace))?;
+        // A run whose shapes a kernel did not cover is not one to plan from.
+        if self.fallbacks.get() == fallbacks {
+            let plan = CallPlan::new(&self.plan_steps(), &self.params, &self.constants, &trace);
+            self.plans.borrow_mut().add(plan);
+        }
+        Ok(results)
+    }
+
+    /// How many calls so far ran through a call plan ([`super::plan`]) rather than step
+    /// by step.
+    pub fn planned_runs(&self) -> usize {
+        self.plans.borrow().runs
+    }
+
+    /// The steps as a call plan reads them.
+    fn plan_steps(&self) -> Vec<PlanStep<'_>> {
+        self.steps
+            .iter()
+            .map(|step| PlanStep {
+                kind: match &step.action {
+                    Action::Kernel(chosen) => StepKind::Kernel {
+                        kernel: &chosen.kernel,
+                        entry: chosen.index.map(|i| self.code.entry(i)),
+                        prologue: chosen.prologue.map(|i| self.code.entry(i)),
+                    },
+                    Action::Columns { width, parts } => StepKind::Columns {
+                        width: *width,
+                        parts,
+                    },
+                    Action::Return => StepKind::Return,
+                    Action::Reference => StepKind::Other,
+                },
+                inputs: &step.inputs,
+                outputs: &step.outputs,
+            })
+            .collect()
+    }
+
+    /// Runs the steps one by one on `args` (checked), recording what each slot holds in
+    /// `trace` when given.
+    fn run_steps(
+        &self,
+        ctx: &Context,
+        weights: &dyn WeightStore,
+        args: Vec<Value>,
+        mut trace: Option<&mut Vec<Traced>>,
+    ) -> Result<Vec<Value>, InterpError> {
         let mut env: Vec<Option<Rc<Value>>> = vec![None; self.slots];
         for (&s, arg) in self.params.iter().zip(args) {
+            if let Some(trace) = trace.as_deref_mut() {
+                trace[s] = traced(&arg);
+            }
             env[s] = Some(Rc::new(arg));
         }
         for (s, v) in &self.constants {
+            if let Some(trace) = trace.as_deref_mut() {
+                trace[*s] = traced(v);
+            }
             env[*s] = Some(Rc::clone(v));
         }
         for step in &self.steps {
@@ -704,6 +843,9 @@ impl Program {
                     .map_err(|m| error(reshape.location, format!("llm.reshape: {m}")))?;
             }
             for (&s, v) in step.outputs.iter().zip(outputs) {
+                if let Some(trace) = trace.as_deref_mut() {
+                    trace[s] = traced(&v);
+                }
                 env[s] = Some(v);
             }
         }

@@ -68,9 +68,7 @@ pub fn append_rows(
     v: &Tensor,
     slots: &Tensor,
 ) -> Result<(), String> {
-    cache.check_host()?;
     let d = cache.params.head_dim as usize;
-    let row_len = cache.slot_len();
     let rows = slots.len();
     let want = [rows, cache.params.kv_heads as usize, d];
     if k.shape != want || v.shape != want || layer >= cache.params.layers as usize {
@@ -79,8 +77,35 @@ pub fn append_rows(
             cache.params.layers, k.shape, v.shape
         ));
     }
-    let (kd, vd) = (k.floats()?, v.floats()?);
-    for (n, &slot) in slots.ints()?.iter().enumerate() {
+    write_rows(cache, layer, (k.floats()?, v.floats()?), slots.ints()?)
+}
+
+/// Writes row `n` of the keys `kd` and values `vd` (rows of the cache's `kv_heads x
+/// head_dim`, one per slot) to slot `slots[n]` of `layer`, rounded to the cache's storage:
+/// [`append_rows`] on bare rows, checked the same way.
+pub fn write_rows(
+    cache: &mut KvCache,
+    layer: usize,
+    (kd, vd): (&[f32], &[f32]),
+    slots: &[i64],
+) -> Result<(), String> {
+    cache.check_host()?;
+    let d = cache.params.head_dim as usize;
+    let row_len = cache.slot_len();
+    if kd.len() != slots.len() * row_len
+        || vd.len() != kd.len()
+        || layer >= cache.params.layers as usize
+    {
+        return Err(format!(
+            "{} slots need {} keys and values in layer < {}, found {} and {} (layer {layer})",
+            slots.len(),
+            slots.len() * row_len,
+            cache.params.layers,
+            kd.len(),
+            vd.len()
+        ));
+    }
+    for (n, &slot) in slots.iter().enumerate() {
         if slot < 0 || slot as usize >= cache.slots() {
             return Err(format!(
                 "slot {slot} is out of range for a pool of {} slots",
