@@ -140,6 +140,17 @@ fn agree_on(
             "fell back at run time: {}",
             ir
         );
+        // Again with the same shapes (traced for a call plan), then through the plan when
+        // the function has one: the same kernels in the same order, so the same bits.
+        for _ in 0..2 {
+            let again = program
+                .run(&ctx, weights, args.clone())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(
+                identical(&again, &got),
+                "a repeated or planned call differs: {ir}"
+            );
+        }
         runs.push((
             format!("cpu, threads {threads}, microkernels {microkernels}"),
             got,
@@ -164,6 +175,24 @@ fn agree_on(
         )?);
     }
     compare(&runs, &want, tol, ir)
+}
+
+/// Whether two calls' results are the same bits (NaNs included).
+fn identical(a: &[Value], b: &[Value]) -> bool {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| match (a, b) {
+            (Value::Tensor(x), Value::Tensor(y)) => match (x.floats(), y.floats()) {
+                (Ok(xs), Ok(ys)) => {
+                    x.shape == y.shape && x.dtype == y.dtype && bits(xs) == bits(ys)
+                }
+                _ => x == y,
+            },
+            (Value::Cache(x), Value::Cache(y)) => {
+                bits(&x.k) == bits(&y.k) && bits(&x.v) == bits(&y.v)
+            }
+            _ => a == b,
+        })
 }
 
 /// Parses `ir`, runs its `@f` on `args` with the interpreter (the expected results) and
@@ -1728,4 +1757,137 @@ fn rows_are_bit_identical_alone_and_in_pairs() {
             assert_eq!(alone, together[r * n..(r + 1) * n], "{n}x{k} row {r}");
         }
     }
+}
+
+/// A Llama-shaped decode step (embedding, RMS-normed q/k/v projection, slices, rope,
+/// append-attention over the paged cache, output projection with its residual, SiLU, RMS
+/// norm and a classifier tied to the embedding) runs step by step, then traced, then
+/// through its call plan: every call agrees with the interpreter, the plan's call with
+/// the step-by-step one bit for bit, and a later context (more positions, a wider block
+/// table) still runs through the plan. Bad token ids, slots and positions are errors on
+/// the planned path too.
+#[test]
+fn decode_steps_run_through_a_call_plan() {
+    let (vocab, dim, heads, kv, d, seqs) = (24, 16, 4, 2, 4, 2);
+    let qkv = (heads + 2 * kv) * d;
+    let (c, cty) = cache(kv, d, 8, 31);
+    let body = format!(
+        "emb = llm.weight {{name = \"emb\"}} : {emb};
+        g = llm.weight {{name = \"g\"}} : {g};
+        w = llm.weight {{name = \"wqkv\"}} : {wqkv};
+        wo = llm.weight {{name = \"wo\"}} : {wo};
+        x = llm.embedding emb, tokens : {x};
+        p = llm.rms_norm_matmul x, g, w {{eps = 1e-5, transpose_rhs = true}} : {pt};
+        q = llm.slice p {{starts = [0, 0]}} : {qt};
+        k = llm.slice p {{starts = [0, {ko}]}} : {kt};
+        v = llm.slice p {{starts = [0, {vo}]}} : {kt};
+        qh = llm.reshape q : {qh};
+        kh = llm.reshape k : {kh};
+        vh = llm.reshape v : {kh};
+        qr = llm.rope qh, positions {{theta = 10000.0, layout = interleaved}} : {qh};
+        kr = llm.rope kh, positions {{theta = 10000.0, layout = interleaved}} : {kh};
+        qb = llm.reshape qr : {qb};
+        a, c2 = llm.append_attention qb, c, kr, vh, slots, tables, lens {{layer = 1, kv_heads = {kv}}} : {qb}, {cty};
+        af = llm.reshape a : {qt};
+        o = llm.matmul af, wo {{transpose_rhs = true}} : {x};
+        xa = llm.add x, o : {x};
+        s = llm.silu xa : {x};
+        n = llm.rms_norm s, g {{eps = 1e-5}} : {x};
+        y = llm.matmul n, emb {{transpose_rhs = true}} : {logits};
+        llm.return y, c2",
+        emb = ty(&[vocab, dim]),
+        g = ty(&[dim]),
+        wqkv = ty(&[qkv, dim]),
+        wo = ty(&[dim, heads * d]),
+        x = ty(&[seqs, dim]),
+        pt = ty(&[seqs, qkv]),
+        qt = ty(&[seqs, heads * d]),
+        kt = ty(&[seqs, kv * d]),
+        ko = heads * d,
+        vo = (heads + kv) * d,
+        qh = ty(&[seqs, heads, d]),
+        kh = ty(&[seqs, kv, d]),
+        qb = ty(&[seqs, 1, heads, d]),
+        logits = ty(&[seqs, vocab]),
+    );
+    let ir = format!(
+        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <(llm.tensor <?xi32>, llm.tensor <?xi32>, llm.tensor <?xi32>, llm.tensor <?x?xi32>, llm.tensor <?xi32>, {cty}) -> ({logits}, {cty})> {{\n      ^body(tokens: llm.tensor <?xi32>, positions: llm.tensor <?xi32>, slots: llm.tensor <?xi32>, tables: llm.tensor <?x?xi32>, lens: llm.tensor <?xi32>, c: {cty}):\n        {body}\n    }}\n}}\n",
+        logits = ty(&[seqs, vocab]),
+    );
+    let store = Store(vec![
+        ("emb".into(), Rc::new(tensor(&[vocab, dim], 32, 1.0))),
+        ("g".into(), Rc::new(tensor(&[dim], 33, 1.0))),
+        ("wqkv".into(), Rc::new(tensor(&[qkv, dim], 34, 0.5))),
+        ("wo".into(), Rc::new(tensor(&[dim, heads * d], 35, 0.5))),
+    ]);
+    // Two sequences whose tables are blocks 0..4 and 4..8, at `len - 1` (4 slots a block).
+    let args = |lens: [i64; 2], width: usize, tokens: [i64; 2]| {
+        let table: Vec<i64> = (0..seqs as i64)
+            .flat_map(|s| (0..width as i64).map(move |b| 4 * s + b))
+            .collect();
+        let slot = |s: usize| table[s * width + (lens[s] as usize - 1) / 4] * 4 + (lens[s] - 1) % 4;
+        vec![
+            ints(&[seqs], tokens.to_vec()),
+            ints(&[seqs], lens.iter().map(|l| l - 1).collect()),
+            ints(&[seqs], vec![slot(0), slot(1)]),
+            ints(&[seqs, width], table),
+            ints(&[seqs], lens.to_vec()),
+            c.clone(),
+        ]
+    };
+    let first = args([3, 2], 1, [5, 17]);
+    let (ctx, func, want, hoisted) = reference(&ir, &first, &store).unwrap();
+    let options = Options {
+        target: Target::Host,
+        threads: 1,
+        microkernels: true,
+    };
+    let program = Program::build(&ctx, func, &hoisted, &options).unwrap();
+    assert!(program.stats().reference_ops.is_empty());
+    let mut runs = Vec::new();
+    for planned in [0, 0, 1] {
+        let got = program.run(&ctx, &store, first.clone()).unwrap();
+        assert_eq!(program.planned_runs(), planned);
+        runs.push(("cpu".to_string(), got));
+    }
+    assert!(
+        identical(&runs[2].1, &runs[0].1),
+        "the planned call differs"
+    );
+    // The logits (the appended keys and values are the projection's, which rounds
+    // differently from the interpreter's: compared through the logits they make).
+    let logits = |runs: &[(String, Vec<Value>)]| -> Vec<(String, Vec<Value>)> {
+        runs.iter()
+            .map(|(name, got)| (name.clone(), got[..1].to_vec()))
+            .collect()
+    };
+    compare(&logits(&runs), &want[..1], 2e-5, &ir).unwrap();
+    // Longer contexts over wider tables: the same plan.
+    let later = args([7, 5], 2, [1, 23]);
+    let (_, _, want, _) = reference(&ir, &later, &store).unwrap();
+    let got = program.run(&ctx, &store, later).unwrap();
+    assert_eq!(program.planned_runs(), 2);
+    compare(
+        &logits(&[("cpu, planned".into(), got)]),
+        &want[..1],
+        2e-5,
+        &ir,
+    )
+    .unwrap();
+    // Bad values are errors, with the op's location.
+    let bad_token = args([3, 2], 1, [5, vocab as i64]);
+    let e = program
+        .run(&ctx, &store, bad_token)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of range"), "{e}");
+    let mut bad_slot = args([3, 2], 1, [5, 17]);
+    bad_slot[2] = ints(&[seqs], vec![0, 64]);
+    let e = program.run(&ctx, &store, bad_slot).unwrap_err().to_string();
+    assert!(e.contains("slot 64"), "{e}");
+    let mut short = args([3, 2], 1, [5, 17]);
+    short[1] = ints(&[1], vec![2]);
+    let e = program.run(&ctx, &store, short).unwrap_err().to_string();
+    assert!(e.contains("positions"), "{e}");
+    assert_eq!(program.planned_runs(), 5);
 }
