@@ -254,12 +254,26 @@ pub struct BenchReport {
     pub compile_ms: (f64, f64, f64),
     /// The process's resident memory after the run and its peak, in bytes (Linux only).
     pub memory: Option<(u64, u64)>,
+    /// Of the resident memory after the run, the anonymous part: the data the process
+    /// made (the rest is its code, libraries and other file pages).
+    pub data_memory: Option<u64>,
     /// On the GPU backend: the adapter, and the decode step's shaders and dispatches.
     pub gpu: Option<(String, usize, usize)>,
 }
 
 /// The resident set size of this process and its peak, from `/proc/self/status`.
 pub fn resident_memory() -> Option<(u64, u64)> {
+    Some((status_field("VmRSS:")?, status_field("VmHWM:")?))
+}
+
+/// The anonymous part of this process's resident memory (what it allocated, not its code
+/// or mapped files), from `/proc/self/status`.
+pub fn data_memory() -> Option<u64> {
+    status_field("RssAnon:")
+}
+
+/// A memory field of `/proc/self/status`, in bytes.
+fn status_field(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let field = |key: &str| -> Option<u64> {
         let line = status.lines().find(|l| l.starts_with(key))?;
@@ -271,7 +285,7 @@ pub fn resident_memory() -> Option<(u64, u64)> {
             .ok()?;
         Some(kib * 1024)
     };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    field(key)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -352,13 +366,24 @@ impl std::fmt::Display for BenchReport {
             mib(weights),
             mib(kv)
         )?;
-        match self.memory {
-            Some((rss, peak)) => writeln!(
+        let Some((rss, peak)) = self.memory else {
+            return writeln!(f);
+        };
+        let model = (weights + kv).max(1) as f64;
+        write!(
+            f,
+            "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB",
+            mib(rss),
+            rss as f64 / model,
+            mib(peak)
+        )?;
+        match self.data_memory {
+            Some(data) => writeln!(
                 f,
-                "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB",
-                mib(rss),
-                rss as f64 / (weights + kv).max(1) as f64,
-                mib(peak)
+                "; of it data {:.1} MiB ({:.2}x), code and files {:.1} MiB",
+                mib(data),
+                data as f64 / model,
+                mib(rss.saturating_sub(data))
             ),
             None => writeln!(f),
         }
@@ -446,6 +471,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
         compile_ms: (model.compile_ms(), model.jit_ms(), model.pack_ms()),
         memory: resident_memory(),
+        data_memory: data_memory(),
         gpu: model
             .adapter()
             .zip(model.gpu_lowering(Step::Decode))
