@@ -387,8 +387,9 @@ pub enum KvRounding {
     /// `f16` or `bf16` storage: each value rounded to that type (ties to even).
     Float(DType),
     /// Quantized storage: each head's row quantized and dequantized, as the reference
-    /// does it.
-    Quantized,
+    /// does it; the format as a kernel names it (none for formats no kernel format names,
+    /// such as affine groups along the pool's fourth dim).
+    Quantized(Option<WeightFormat>),
 }
 
 impl KvRounding {
@@ -397,7 +398,7 @@ impl KvRounding {
         match storage {
             KvStorage::Float(DType::F32) => KvRounding::Exact,
             KvStorage::Float(d) => KvRounding::Float(*d),
-            KvStorage::Quantized(_) => KvRounding::Quantized,
+            KvStorage::Quantized(q) => KvRounding::Quantized(WeightFormat::of(q)),
         }
     }
 }

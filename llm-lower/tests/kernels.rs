@@ -1519,60 +1519,72 @@ fn empty_calls_give_empty_results() {
     agree_with(&ir, vec![tensor(&[0, k], 3, 1.0)], &store, 0.0).unwrap();
 }
 
-/// A KV cache stored quantized (q8_0 along the head) runs in generated code on the CPU;
-/// on the GPU every op on it stays on the host (no shader quantizes its appends, and a pool
-/// appended to on the host would travel both ways on every step); both give the
-/// interpreter's results.
+/// KV caches stored quantized along the head run in generated code on the CPU, and on the
+/// GPU for q8_0, q4_0 and q4_1, whose appends a shader rounds through the format's blocks
+/// (a q4_k cache stays on the host there: no shader quantizes its appends); every backend
+/// gives the interpreter's results, the stored values bit for bit.
 #[test]
-fn quantized_caches_stay_on_the_host_on_the_gpu() {
-    let (kv, d, t) = (2, 32, 3);
-    let cty = format!(
-        "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = q8_0>"
-    );
-    let ir = format!(
-        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        z = llm.paged_attention q, c2, t, l {{layer = 0, kv_heads = {kv}}} : {q};\n        w = llm.add y, z : {q};\n        llm.return w, c2\n    }}\n}}\n",
-        q = ty(&[1, t, kv, d]),
-        kvt = ty(&[t, kv, d]),
-        st = ity(&[t]),
-        tt = ity(&[1, 1]),
-        lt = ity(&[1]),
-    );
-    let params = KvCacheParams {
-        layers: 1,
-        kv_heads: kv as u64,
-        head_dim: d as u64,
-        block_size: 4,
-        blocks: None,
-        storage: KvStorage::Quantized(QuantFormat::Q8_0),
-        window: None,
-    };
-    let args = vec![
-        tensor(&[1, t, kv, d], 1, 1.0),
-        Value::Cache(KvCache::new(params, 2)),
-        tensor(&[t, kv, d], 2, 1.0),
-        tensor(&[t, kv, d], 3, 1.0),
-        ints(&[t], vec![4, 5, 6]),
-        ints(&[1, 1], vec![1]),
-        ints(&[1], vec![t as i64]),
-    ];
-    cpu_agrees(&ir, args.clone(), 2e-6).unwrap();
-    let Some(gpu) = gpu() else {
-        return;
-    };
-    let store = Store(Vec::new());
-    let (ctx, func, want, hoisted) = reference(&ir, &args, &store).expect("interpreter");
-    let program = gpu::Compiler::new(gpu)
-        .build(&ctx, func, &hoisted, Rows::Few)
-        .expect("compiles");
-    assert_eq!(
-        program.stats().reference_ops,
-        vec![
-            ("llm.append_attention".to_string(), 1),
-            ("llm.paged_attention".to_string(), 1)
-        ]
-    );
-    let got = run_on_gpu(&program, &ctx, &store, &args).unwrap();
-    compare(&[("gpu".into(), got)], &want, 2e-6, &ir).unwrap();
+fn quantized_caches_append_on_the_gpu() {
+    let (kv, t) = (2, 3);
+    for (format, d, on_device) in [
+        (QuantFormat::Q8_0, 32, true),
+        (QuantFormat::Q4_0, 64, true),
+        (QuantFormat::Q4_1, 32, true),
+        (QuantFormat::Q4K, 256, false),
+    ] {
+        let cty = format!(
+            "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = {}>",
+            format.name()
+        );
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        z = llm.paged_attention q, c2, t, l {{layer = 0, kv_heads = {kv}}} : {q};\n        w = llm.add y, z : {q};\n        llm.return w, c2\n    }}\n}}\n",
+            q = ty(&[1, t, kv, d]),
+            kvt = ty(&[t, kv, d]),
+            st = ity(&[t]),
+            tt = ity(&[1, 1]),
+            lt = ity(&[1]),
+        );
+        let params = KvCacheParams {
+            layers: 1,
+            kv_heads: kv as u64,
+            head_dim: d as u64,
+            block_size: 4,
+            blocks: None,
+            storage: KvStorage::Quantized(format.clone()),
+            window: None,
+        };
+        let args = vec![
+            tensor(&[1, t, kv, d], 1, 1.0),
+            Value::Cache(KvCache::new(params, 2)),
+            tensor(&[t, kv, d], 2, 1.0),
+            tensor(&[t, kv, d], 3, 1.0),
+            ints(&[t], vec![4, 5, 6]),
+            ints(&[1, 1], vec![1]),
+            ints(&[1], vec![t as i64]),
+        ];
+        if on_device {
+            agree(&ir, args, 2e-6).unwrap_or_else(|e| panic!("{}: {e}", format.name()));
+            continue;
+        }
+        cpu_agrees(&ir, args.clone(), 2e-6).unwrap();
+        let Some(gpu) = gpu() else {
+            continue;
+        };
+        let store = Store(Vec::new());
+        let (ctx, func, want, hoisted) = reference(&ir, &args, &store).expect("interpreter");
+        let program = gpu::Compiler::new(gpu)
+            .build(&ctx, func, &hoisted, Rows::Few)
+            .expect("compiles");
+        assert_eq!(
+            program.stats().reference_ops,
+            vec![
+                ("llm.append_attention".to_string(), 1),
+                ("llm.paged_attention".to_string(), 1)
+            ]
+        );
+        let got = run_on_gpu(&program, &ctx, &store, &args).unwrap();
+        compare(&[("gpu".into(), got)], &want, 2e-6, &ir).unwrap();
+    }
 }
 
 /// Token ids outside the table, block-table entries outside the pool and KV slots outside

@@ -539,7 +539,7 @@ fn plan_kernel(
             };
             (result_len(b)? == len).then_some(())?;
             Op::Contraction {
-                c: c.clone(),
+                c: *c,
                 f,
                 norm,
                 x: x_src,
@@ -714,7 +714,7 @@ struct Frame<'a> {
     args: &'a [Value],
 }
 
-impl Frame<'_> {
+impl<'a> Frame<'a> {
     /// The floats of `src`.
     fn floats(&self, src: Src) -> Result<&[f32], String> {
         match src {
@@ -731,7 +731,7 @@ impl Frame<'_> {
     }
 
     /// The `len` floats the plan placed at `at` (a buffer the current call writes).
-    fn output(&self, at: usize, len: usize) -> &mut [f32] {
+    fn output(self, at: usize, len: usize) -> &'a mut [f32] {
         // SAFETY: as in `floats`: the call's results are placed apart from every buffer
         // live during it.
         unsafe { std::slice::from_raw_parts_mut(self.base.add(at), len) }

@@ -26,12 +26,13 @@ use super::{
     pool::{Pool, read_pool},
     program::{PARAM_STRIDE, Program, Rows, Step},
     tensor::{DeviceTensor, Elem, device_bytes, row_bytes},
-    wgsl::{CONTRACTION_ROWS, PARAM_WORDS, TILE, WORKGROUP},
+    wgsl::{CONTRACTION_ROWS, PARAM_WORDS, TILE, WORKGROUP, kv_append_values_per_invocation},
 };
 use crate::{
     kernel::{
-        AttentionSource, BroadcastLayout, Contraction, Kernel, MatmulDims, Movement, WeightFormat,
-        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, whole_rows,
+        AttentionSource, BroadcastLayout, Contraction, Kernel, KvRounding, MatmulDims, Movement,
+        WeightFormat, batched_matmul_dims, broadcast_layout, contiguous_attention_shape,
+        whole_rows,
     },
     selection::weight_operand,
 };
@@ -615,10 +616,12 @@ impl Call<'_> {
                 )?;
                 DeviceTensor::unsplit(x.shape.clone(), elem_of(*to), y)
             }
-            Kernel::KvAppend { layer, .. } => {
+            Kernel::KvAppend {
+                layer, rounding, ..
+            } => {
                 let pool = self.pool(step.inputs[0])?;
                 let [k, v, slots] = [step.inputs[1], step.inputs[2], step.inputs[3]];
-                self.append(&pool, *layer, [k, v, slots], &pipelines[0])?;
+                self.append(&pool, (*layer, *rounding), [k, v, slots], &pipelines[0])?;
                 self.env[step.outputs[0]] = Some(Slot::Pool(pool));
                 return Ok(true);
             }
@@ -777,7 +780,7 @@ impl Call<'_> {
                 layer,
                 window,
                 append,
-                ..
+                rounding,
             } => {
                 let pool = self.pool(step.inputs[1])?;
                 let p = &pool.params;
@@ -803,7 +806,7 @@ impl Call<'_> {
                 )?;
                 if append {
                     let [k, v, slots] = [step.inputs[2], step.inputs[3], step.inputs[4]];
-                    self.append(&pool, layer, [k, v, slots], &pipelines[0])?;
+                    self.append(&pool, (layer, rounding), [k, v, slots], &pipelines[0])?;
                 }
                 let tables = self.device(step.inputs[tables_at])?;
                 let lens = self.device(step.inputs[lens_at])?;
@@ -947,7 +950,7 @@ impl Call<'_> {
     fn append(
         &mut self,
         pool: &Pool,
-        layer: usize,
+        (layer, rounding): (usize, KvRounding),
         [k, v, slots_at]: [usize; 3],
         pipeline: &wgpu::ComputePipeline,
     ) -> Result<(), String> {
@@ -982,7 +985,9 @@ impl Call<'_> {
                 &pool.k[layer],
                 &pool.v[layer],
             ],
-            (tokens * row).div_ceil(WG),
+            (tokens * row)
+                .div_ceil(kv_append_values_per_invocation(rounding))
+                .div_ceil(WG),
         )
     }
 

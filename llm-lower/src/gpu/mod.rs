@@ -96,9 +96,10 @@ impl Limits {
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
 /// linear layer and the collectives, whose sharded values stay on the host, a float cast
 /// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
-/// nf4 and the affine formats, and every op on a quantized KV cache (no shader quantizes
-/// its appends, and a pool that the host appends to would travel to the device and back
-/// on every step), all run through their reference semantics there.
+/// nf4 and the affine formats, and every op on a KV cache quantized in a format other than
+/// q8_0, q4_0 and q4_1 (no shader quantizes such appends, and a pool that the host appends
+/// to would travel to the device and back on every step), all run through their reference
+/// semantics there.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::KvAppend { rounding, .. }
@@ -106,7 +107,12 @@ pub fn supports(kernel: &Kernel) -> bool {
         | Kernel::Attention {
             source: AttentionSource::Paged { rounding, .. },
             ..
-        } => *rounding != KvRounding::Quantized,
+        } => match rounding {
+            KvRounding::Quantized(format) => {
+                format.is_some_and(|f| wgsl::KV_BLOCK_FORMATS.contains(&f))
+            }
+            _ => true,
+        },
         Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }
         | Kernel::ReduceScatter { .. }
@@ -189,7 +195,7 @@ mod tests {
     };
 
     use super::{validate, wgsl::Shader};
-    use crate::kernel::{Contraction, WeightFormat};
+    use crate::kernel::{Contraction, KvRounding, WeightFormat};
 
     /// Every shader family, in its variants, passes naga's validation (no device needed).
     #[test]
@@ -299,15 +305,27 @@ mod tests {
             Shader::BatchedMatmul { transposed: true },
             Shader::KvAppend {
                 row: 48,
-                storage: DType::F32,
+                rounding: KvRounding::Exact,
             },
             Shader::KvAppend {
                 row: 48,
-                storage: DType::F16,
+                rounding: KvRounding::Float(DType::F16),
             },
             Shader::KvAppend {
                 row: 48,
-                storage: DType::BF16,
+                rounding: KvRounding::Float(DType::BF16),
+            },
+            Shader::KvAppend {
+                row: 64,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Q8_0)),
+            },
+            Shader::KvAppend {
+                row: 64,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Q4_0)),
+            },
+            Shader::KvAppend {
+                row: 64,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Q4_1)),
             },
             Shader::Gather {
                 dim: 7,

@@ -162,12 +162,13 @@ pub enum Shader {
         d: usize,
     },
     /// Writes the new key and value rows of each token into its cache slot, each value
-    /// rounded to the cache's float type (the pool holds them as `f32`).
+    /// rounded to the cache's storage (the pool holds them as `f32`): to f16 or bf16, or
+    /// through a q8_0, q4_0 or q4_1 block and back, one block of 32 per invocation.
     KvAppend {
         /// Floats per slot (`kv_heads * head_dim`).
         row: usize,
-        /// The cache's storage: f32, f16 or bf16.
-        storage: DType,
+        /// How the cache's storage rounds.
+        rounding: KvRounding,
     },
     /// A sequence's key and value rows gathered from a cache layer through its block
     /// table (`llm.lookup_kv`).
@@ -407,7 +408,16 @@ impl Shader {
                 transposed: *transposed,
             }
             .name(),
-            Shader::KvAppend { row, storage } => format!("kv_append_{row}_{}", storage.name()),
+            Shader::KvAppend { row, rounding } => {
+                let storage = match rounding {
+                    KvRounding::Exact => "f32".to_string(),
+                    KvRounding::Float(dtype) => dtype.name().to_string(),
+                    KvRounding::Quantized(format) => format
+                        .and_then(WeightFormat::quant_format)
+                        .map_or_else(|| "quantized".to_string(), |q| q.name().to_string()),
+                };
+                format!("kv_append_{row}_{storage}")
+            }
             Shader::KvGather { row } => format!("kv_gather_{row}"),
             Shader::Gather { dim, table, .. } => match table {
                 WeightFormat::F32 => format!("gather_{dim}"),
@@ -655,7 +665,7 @@ impl Shader {
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::Cast { from, to } => cast(*from, *to),
             Shader::Quantize { format } => quantize(*format),
-            Shader::KvAppend { row, storage } => kv_append(*row, *storage),
+            Shader::KvAppend { row, rounding } => kv_append(*row, *rounding),
             Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
@@ -902,22 +912,13 @@ fn scale_reader(dtype: DType) -> &'static str {
 /// affine) are never split, so `p.first + row` is the matrix row.
 fn weight_value(c: &Contraction) -> String {
     let body = match c.weight {
-        WeightFormat::Q8_0 => "    let o = row * ROW_BYTES + (i / 32u) * 34u;
-    return half_at(o) * f32(bitcast<i32>(byte_at(o + 2u + i % 32u) << 24u) >> 24u);
-"
-        .to_string(),
-        WeightFormat::Q4_0 => "    let o = row * ROW_BYTES + (i / 32u) * 18u;
-    let e = i % 32u;
-    let q = (byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
-    return half_at(o) * f32(i32(q) - 8);
-"
-        .to_string(),
-        WeightFormat::Q4_1 => "    let o = row * ROW_BYTES + (i / 32u) * 20u;
-    let e = i % 32u;
-    let q = (byte_at(o + 4u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
-    return half_at(o) * f32(q) + half_at(o + 2u);
-"
-        .to_string(),
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
+            let (bytes, _) = block_encoder(c.weight).unwrap_or_default();
+            format!(
+                "    let o = row * ROW_BYTES + (i / 32u) * {bytes}u;\n    let e = i % 32u;\n{}",
+                block_decoder(c.weight).unwrap_or_default()
+            )
+        }
         WeightFormat::Q4K => "    let o = row * ROW_BYTES + (i / 256u) * 144u;
     let e = i % 256u;
     let pair = e / 64u;
@@ -1590,7 +1591,12 @@ fn attention_combine(heads: usize, d: usize) -> String {
     s
 }
 
-fn kv_append(row: usize, storage: DType) -> String {
+fn kv_append(row: usize, how: KvRounding) -> String {
+    let storage = match how {
+        KvRounding::Exact => DType::F32,
+        KvRounding::Float(dtype) => dtype,
+        KvRounding::Quantized(format) => return kv_append_blocks(row, format),
+    };
     let mut s = format!("{}const ROW: u32 = {row}u;\n{ENTRY}", rounding(storage));
     let _ = write!(
         s,
@@ -1608,21 +1614,69 @@ fn kv_append(row: usize, storage: DType) -> String {
     s
 }
 
-/// The append shader for a cache whose writes round as `rounding` says.
+/// The append of a cache quantized in blocks of 32 along the head: each invocation
+/// encodes one block of the new keys and of the new values exactly as the quantize shader
+/// does ([`block_encoder`]) and writes it back decoded ([`block_decoder`]), which is what
+/// the reference stores.
 ///
 /// # Panics
 ///
-/// For a quantized cache, which has no append shader ([`super::supports`] keeps every op
-/// on one on the host).
-fn kv_append_shader(row: usize, rounding: KvRounding) -> Shader {
-    let storage = match rounding {
-        KvRounding::Exact => DType::F32,
-        KvRounding::Float(dtype) => dtype,
-        KvRounding::Quantized => {
-            unreachable!("`gpu::supports` keeps the appends of quantized caches on the host")
-        }
+/// For a format without a block encoder ([`KV_BLOCK_FORMATS`]: `gpu::supports` keeps the
+/// others on the host).
+fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
+    let (encoder, decoder) = format
+        .and_then(|f| block_encoder(f).zip(block_decoder(f)))
+        .unwrap_or_else(|| unreachable!("`gpu::supports` keeps {format:?} caches on the host"));
+    let (block_bytes, encode) = encoder;
+    let words = block_bytes.div_ceil(4);
+    let mut s = format!(
+        "{ROUND_F16}{F16_BITS}const ROW: u32 = {row}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
+    );
+    s.push_str(PUT);
+    s.push_str(&bytes("acc"));
+    let _ = writeln!(s, "fn decoded(o: u32, e: u32) -> f32 {{\n{decoder}}}");
+    s.push_str(ENTRY);
+    let block = |src: &str, dst: &str| {
+        format!(
+            "    {{
+        let o = 0u;
+{}        for (var i = 0u; i < 32u; i = i + 1u) {{ {dst}[to + i] = decoded(0u, i); }}
+        for (var w = 0u; w < WORDS; w = w + 1u) {{ acc[w] = 0u; }}
+    }}
+",
+            format!("    {encode}")
+                .replace("x[", &format!("{src}["))
+                .replace("\n    ", "\n        ")
+        )
     };
-    Shader::KvAppend { row, storage }
+    let _ = write!(
+        s,
+        "    let at = (gi * WG + t) * 32u;
+    if (at >= p.tokens * ROW) {{ return; }}
+    let to = u32(slots[at / ROW]) * ROW + at % ROW;
+{}{}}}
+",
+        block("kn", "kc"),
+        block("vn", "vc")
+    );
+    s
+}
+
+/// The formats whose KV caches append on the device ([`kv_append_blocks`]).
+pub const KV_BLOCK_FORMATS: [WeightFormat; 3] =
+    [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1];
+
+/// Values of the new rows each invocation of the append shader for `rounding` writes.
+pub fn kv_append_values_per_invocation(rounding: KvRounding) -> usize {
+    match rounding {
+        KvRounding::Quantized(_) => 32,
+        _ => 1,
+    }
+}
+
+/// The append shader for a cache whose writes round as `rounding` says.
+fn kv_append_shader(row: usize, rounding: KvRounding) -> Shader {
+    Shader::KvAppend { row, rounding }
 }
 
 /// Rounds an `f32` to the nearest `f16` (ties to even), kept as `f32`.
@@ -1666,11 +1720,17 @@ fn round_away(v: f32) -> f32 {
 }
 ";
 
-fn quantize(format: WeightFormat) -> String {
-    // Blocks per invocation, block bytes, and the block's encoder.
-    let (per, bytes, encode) = match format {
+/// `put(o, v)`: ORs byte `v` into byte `o` of the private word array `acc`.
+const PUT: &str =
+    "fn put(o: u32, v: u32) { acc[o >> 2u] = acc[o >> 2u] | ((v & 0xffu) << ((o & 3u) * 8u)); }\n";
+
+/// The bytes of one block of 32 values in `format` and the WGSL statements that encode the
+/// values `x[at]..x[at + 32]` into it at byte `o` (through `put`, byte for byte as the
+/// reference quantizes, with `round_away`, `f16_bits`); `None` for the formats without
+/// one (only q8_0, q4_0 and q4_1 have one).
+fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
+    Some(match format {
         WeightFormat::Q8_0 => (
-            2,
             34,
             "    var amax = 0.0;
     for (var i = 0u; i < 32u; i = i + 1u) { amax = max(amax, abs(x[at + i])); }
@@ -1684,7 +1744,6 @@ fn quantize(format: WeightFormat) -> String {
 ",
         ),
         WeightFormat::Q4_0 => (
-            2,
             18,
             "    var amax = 0.0;
     var top = 0.0;
@@ -1703,8 +1762,7 @@ fn quantize(format: WeightFormat) -> String {
     }
 ",
         ),
-        _ => (
-            1,
+        WeightFormat::Q4_1 => (
             20,
             "    var lo = 3.40282347e38;
     var hi = -3.40282347e38;
@@ -1727,15 +1785,43 @@ fn quantize(format: WeightFormat) -> String {
     }
 ",
         ),
+        _ => return None,
+    })
+}
+
+/// WGSL statements returning element `e` (below 32) of the block in `format` at byte `o`
+/// (read with `byte_at` and `half_at`), as the reference decodes it; `None` for the
+/// formats without blocks of 32.
+fn block_decoder(format: WeightFormat) -> Option<&'static str> {
+    Some(match format {
+        WeightFormat::Q8_0 => {
+            "    return half_at(o) * f32(bitcast<i32>(byte_at(o + 2u + e) << 24u) >> 24u);\n"
+        }
+        WeightFormat::Q4_0 => {
+            "    let q = (byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+    return half_at(o) * f32(i32(q) - 8);
+"
+        }
+        WeightFormat::Q4_1 => {
+            "    let q = (byte_at(o + 4u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+    return half_at(o) * f32(q) + half_at(o + 2u);
+"
+        }
+        _ => return None,
+    })
+}
+
+fn quantize(format: WeightFormat) -> String {
+    // Blocks per invocation (a whole number of words), block bytes, and the encoder.
+    let Some((bytes, encode)) = block_encoder(format) else {
+        unreachable!("`gpu::supports` keeps quantization into {format:?} on the host")
     };
+    let per = if bytes % 4 == 0 { 1 } else { 2 };
     let words = per * bytes / 4;
     let mut s = format!(
         "{ROUND_F16}{F16_BITS}const WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
     );
-    s.push_str(
-        "fn put(o: u32, v: u32) { acc[o >> 2u] = acc[o >> 2u] | ((v & 0xffu) << ((o & 3u) * 8u)); }
-",
-    );
+    s.push_str(PUT);
     s.push_str(ENTRY);
     let _ = write!(
         s,
