@@ -112,22 +112,8 @@ pub fn call(
         (Kernel::LayerNorm { d, .. }, Some(f)) => {
             layer_norm(k, *d, f, inputs).and_then(|t| k.tensor(t))
         }
-        (
-            Kernel::Rope {
-                heads,
-                d,
-                rotary,
-                theta_bits,
-                scaling_bits,
-                ..
-            },
-            Some(f),
-        ) => {
-            let angles = RopeAngles {
-                rotary: *rotary,
-                theta: f32::from_bits(*theta_bits),
-                scaling: f32::from_bits(*scaling_bits),
-            };
+        (Kernel::Rope { heads, d, .. }, Some(f)) => {
+            let angles = RopeAngles::of(&chosen.kernel).ok_or(Unsupported)?;
             rope(k, *heads, *d, angles, f, inputs).and_then(|t| k.tensor(t))
         }
         (

@@ -586,17 +586,7 @@ fn plan_kernel(
                 len,
             }
         }
-        (
-            Kernel::Rope {
-                heads,
-                d,
-                rotary,
-                theta_bits,
-                scaling_bits,
-                ..
-            },
-            Some(f),
-        ) => {
+        (Kernel::Rope { heads, d, .. }, Some(f)) => {
             let [x, positions] = inputs else {
                 return None;
             };
@@ -604,11 +594,7 @@ fn plan_kernel(
             (result_len(b)? == len).then_some(())?;
             Op::Rope {
                 f,
-                angles: RopeAngles {
-                    rotary: *rotary,
-                    theta: f32::from_bits(*theta_bits),
-                    scaling: f32::from_bits(*scaling_bits),
-                },
+                angles: RopeAngles::of(kernel)?,
                 row: heads * d,
                 x: b.shaping(*x)?,
                 positions: b.arg(*positions)?,

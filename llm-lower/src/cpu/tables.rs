@@ -10,6 +10,8 @@ use llm_ir::interp::{
     eval::attention::{for_each_paged_row, rope_tables},
 };
 
+use crate::kernel::Kernel;
+
 /// How a rope's angles are computed.
 #[derive(Clone, Copy, PartialEq)]
 pub struct RopeAngles {
@@ -19,6 +21,25 @@ pub struct RopeAngles {
     pub theta: f32,
     /// The position scaling.
     pub scaling: f32,
+}
+
+impl RopeAngles {
+    /// The angles of a rope kernel (`None` for another kernel).
+    pub fn of(kernel: &Kernel) -> Option<RopeAngles> {
+        match kernel {
+            Kernel::Rope {
+                rotary,
+                theta_bits,
+                scaling_bits,
+                ..
+            } => Some(RopeAngles {
+                rotary: *rotary,
+                theta: f32::from_bits(*theta_bits),
+                scaling: f32::from_bits(*scaling_bits),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The sine and cosine tables of one rope configuration at some positions.
