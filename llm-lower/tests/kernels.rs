@@ -1903,3 +1903,50 @@ fn decode_steps_run_through_a_call_plan() {
     assert!(e.contains("positions"), "{e}");
     assert_eq!(program.planned_runs(), 5);
 }
+
+/// q8_0 activations (a quantize, its contraction with a q4_0 weight in block panels and
+/// the residual) run through a call plan too, with the step-by-step run's bits, on one
+/// and two threads.
+#[test]
+fn quantized_activations_run_through_a_call_plan() {
+    let (m, n, k) = (3, 40, 64);
+    let y = ty(&[m, n]);
+    let ir = func(
+        &[("x".into(), ty(&[m, k])), ("r".into(), y.clone())],
+        &y,
+        &format!(
+            "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, q4_0>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
+        ),
+    );
+    let w = values(41, n * k, 1.0);
+    let q = QTensor {
+        shape: vec![n, k],
+        format: QuantFormat::Q4_0,
+        bytes: quant::quantize(&QuantFormat::Q4_0, &[n, k], &w),
+    };
+    let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
+    let args = vec![tensor(&[m, k], 42, 3.0), tensor(&[m, n], 43, 1.0)];
+    let (ctx, func, want, hoisted) = reference(&ir, &args, &store).unwrap();
+    for threads in [1, 2] {
+        let options = Options {
+            target: Target::Host,
+            threads,
+            microkernels: true,
+        };
+        let program = Program::build(&ctx, func, &hoisted, &options).unwrap();
+        let runs: Vec<(String, Vec<Value>)> = (0..3)
+            .map(|i| {
+                (
+                    format!("run {i}"),
+                    program.run(&ctx, &store, args.clone()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(program.planned_runs(), 1);
+        assert!(
+            identical(&runs[2].1, &runs[0].1),
+            "the planned call differs"
+        );
+        compare(&runs, &want, 4e-5, &ir).unwrap();
+    }
+}

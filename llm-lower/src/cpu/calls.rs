@@ -231,6 +231,14 @@ pub(super) struct Rows {
 }
 
 impl Rows {
+    /// `count` rows of q8_0 blocks at `bytes` (the caller checked that they hold them).
+    pub(super) fn of_q8_0(bytes: &[u8], count: usize) -> Rows {
+        Rows {
+            at: bytes.as_ptr() as i64,
+            count,
+        }
+    }
+
     /// Rows of `k` floats.
     pub(super) fn of_floats(xs: &[f32], k: usize) -> Rows {
         Rows {
@@ -521,20 +529,25 @@ fn quantize(
     }
     let qformat = format.quant_format().ok_or("not a quantized format")?;
     let mut bytes = vec![0u8; storage_bytes(&qformat, &x.shape)];
-    // SAFETY: a quantization's signature is (x, bytes, number of floats).
-    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    // x holds whole rows of cols floats (a multiple of 32 for the block formats, the
-    // static count for the others), bytes the blocks they quantize to.
-    f(
-        xs.as_ptr() as i64,
-        bytes.as_mut_ptr() as i64,
-        xs.len() as i64,
-    );
+    quantize_into(f, xs, &mut bytes);
     Ok(QTensor {
         shape: x.shape.clone(),
         format: qformat,
         bytes,
     })
+}
+
+/// Runs a compiled quantization of `xs` (whole rows of the kernel's row length: a
+/// multiple of 32 for the block formats, the static count for the others) into `bytes`,
+/// which the caller sized for the blocks they quantize to.
+pub(super) fn quantize_into(f: *const u8, xs: &[f32], bytes: &mut [u8]) {
+    // SAFETY: a quantization's signature is (x, bytes, number of floats).
+    let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };
+    f(
+        xs.as_ptr() as i64,
+        bytes.as_mut_ptr() as i64,
+        xs.len() as i64,
+    );
 }
 
 /// Calls a cast from `from` to `to` (floats held as `f32`, integers as `i64`).

@@ -19,8 +19,8 @@
 //! serves every context length.
 //!
 //! Only steps whose results' shapes follow from their operands' shapes are planned:
-//! contractions on float activations (with their RMS-norm prologue and residual
-//! epilogue), RMS norms, same-shape elementwise bodies, column slices, rope, paged
+//! contractions (with their RMS-norm prologue and residual epilogue, or on q8_0
+//! activations), quantization of activations to q8_0, RMS norms, same-shape elementwise bodies, column slices, rope, paged
 //! attention (with or without its append; the KV cache passes from one to the next),
 //! embeddings of token ids, reshapes and the return. A function with any other step runs
 //! step by step.
@@ -34,24 +34,27 @@ use std::{cell::RefCell, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
-    interp::{KvCache, Tensor, Value, eval::kv::write_rows},
+    interp::{KvCache, Tensor, Value, eval::kv::write_rows, quant::storage_bytes},
+    types::QuantFormat,
 };
 use llm_passes::plan_buffers::{ALIGNMENT, place_buffers};
 
 use super::{
     calls::{
         self, AttentionRows, Kernels, PagedSource, Rows, Table, contract_into, copy_columns,
-        elementwise_into, norm_into, rotate_in_place,
+        elementwise_into, norm_into, quantize_into, rotate_in_place,
     },
     tables::RopeAngles,
 };
-use crate::kernel::{AttentionSource, Contraction, Kernel, Movement};
+use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat, whole_rows};
 
 /// What a traced run saw in a slot.
 #[derive(Clone, Default)]
 pub(super) enum Traced {
     /// A tensor of this shape and element type.
     Tensor(Vec<usize>, DType),
+    /// A quantized tensor of this shape and format.
+    Quantized(Vec<usize>, QuantFormat),
     /// A KV cache.
     Cache,
     /// Another kind of value, or none.
@@ -115,7 +118,8 @@ struct Call {
 
 /// What a [`Call`] does.
 enum Op {
-    /// A contraction of `rows` rows of x (RMS-normed first into `normed` when `norm`).
+    /// A contraction of `rows` rows of x (RMS-normed first into `normed` when `norm`; q8_0
+    /// blocks when the contraction takes quantized activations).
     Contraction {
         c: Contraction,
         f: *const u8,
@@ -125,6 +129,13 @@ enum Op {
         residual: Option<Src>,
         rows: usize,
         out: usize,
+    },
+    /// Rows of `len` floats quantized to q8_0 into `bytes` bytes at `out`.
+    Quantize {
+        f: *const u8,
+        x: Src,
+        out: usize,
+        bytes: usize,
     },
     /// An RMS norm over rows of `d`.
     RmsNorm {
@@ -229,6 +240,14 @@ impl Builder<'_> {
     fn floats(&self, slot: usize) -> Option<&[usize]> {
         match &self.traced[slot] {
             Traced::Tensor(shape, DType::F32) => Some(shape),
+            _ => None,
+        }
+    }
+
+    /// The traced q8_0 tensor in `slot` (quantized activations).
+    fn q8_0(&self, slot: usize) -> Option<&[usize]> {
+        match &self.traced[slot] {
+            Traced::Quantized(shape, QuantFormat::Q8_0) => Some(shape),
             _ => None,
         }
     }
@@ -498,7 +517,7 @@ fn plan_kernel(
             b.alias(result, *x)?;
             return Some(None);
         }
-        (Kernel::Contraction(c), Some(f)) if !c.q8_0_input => {
+        (Kernel::Contraction(c), Some(f)) => {
             let (norm, rest) = match prologue {
                 Some(norm) => {
                     let [x, gain, rest @ ..] = inputs else {
@@ -513,7 +532,13 @@ fn plan_kernel(
                 (None, [x, w, residual @ ..]) => (*x, *w, residual),
                 _ => return None,
             };
-            let x_shape = b.floats(x)?.to_vec();
+            let x_shape = if c.q8_0_input {
+                // Quantized activations come from an earlier step.
+                (norm.is_none() && matches!(b.src[x]?, Src::Arena { .. })).then_some(())?;
+                b.q8_0(x)?.to_vec()
+            } else {
+                b.floats(x)?.to_vec()
+            };
             if x_shape.last() != Some(&c.k) || residual.len() != usize::from(c.residual) {
                 return None;
             }
@@ -529,7 +554,11 @@ fn plan_kernel(
                 [] => None,
                 _ => return None,
             };
-            let x_src = b.shaping(x)?;
+            let x_src = if c.q8_0_input {
+                b.src[x]?
+            } else {
+                b.shaping(x)?
+            };
             let norm = match norm {
                 Some((f, _, gain)) if b.floats(gain)? == [c.k] => {
                     Some((f, b.shaping(gain)?, b.scratch(i, rows * c.k)))
@@ -547,6 +576,28 @@ fn plan_kernel(
                 residual,
                 rows,
                 out: b.define(result, i, len),
+            }
+        }
+        (
+            Kernel::Quantize {
+                format: WeightFormat::Q8_0,
+                rows,
+                k,
+            },
+            Some(f),
+        ) => {
+            let [x] = inputs else { return None };
+            let shape = b.floats(*x)?.to_vec();
+            let len = shape.iter().product::<usize>();
+            if !whole_rows(*rows, len, *k) || shape.last() != Some(k) || b.q8_0(result)? != shape {
+                return None;
+            }
+            let bytes = storage_bytes(&QuantFormat::Q8_0, &shape);
+            Op::Quantize {
+                f,
+                x: b.shaping(*x)?,
+                out: b.define(result, i, bytes.div_ceil(4)),
+                bytes,
             }
         }
         (Kernel::RmsNorm { d, .. }, Some(f)) => {
@@ -716,6 +767,17 @@ impl<'a> Frame<'a> {
         }
     }
 
+    /// The bytes of the arena buffer `src` (quantized activations).
+    fn bytes(&self, src: Src) -> Result<&[u8], String> {
+        match src {
+            // SAFETY: as in `floats`; any float is four plain bytes.
+            Src::Arena { at, len } => {
+                Ok(unsafe { std::slice::from_raw_parts(self.base.add(at).cast::<u8>(), 4 * len) })
+            }
+            _ => Err("quantized activations are not in the arena".into()),
+        }
+    }
+
     /// The `len` floats the plan placed at `at` (a buffer the current call writes).
     fn output(self, at: usize, len: usize) -> &'a mut [f32] {
         // SAFETY: as in `floats`: the call's results are placed apart from every buffer
@@ -754,6 +816,10 @@ impl Op {
             Op::RmsNorm { x, gain, out, .. } => {
                 relocate(x);
                 relocate(gain);
+                *out = at(*out);
+            }
+            Op::Quantize { x, out, .. } => {
+                relocate(x);
                 *out = at(*out);
             }
             Op::Elementwise { inputs, out, .. } => {
@@ -795,20 +861,32 @@ impl Op {
                 rows,
                 out,
             } => {
-                let xs = frame.floats(*x)?;
-                let xs = match norm {
-                    Some((norm, gain, normed)) => {
-                        let normed = frame.output(*normed, xs.len());
-                        norm_into(*norm, c.k, (xs, frame.floats(*gain)?), normed);
-                        &*normed
-                    }
-                    None => xs,
+                let x_rows = if c.q8_0_input {
+                    Rows::of_q8_0(frame.bytes(*x)?, *rows)
+                } else {
+                    let xs = frame.floats(*x)?;
+                    let xs = match norm {
+                        Some((norm, gain, normed)) => {
+                            let normed = frame.output(*normed, xs.len());
+                            norm_into(*norm, c.k, (xs, frame.floats(*gain)?), normed);
+                            &*normed
+                        }
+                        None => xs,
+                    };
+                    Rows::of_floats(xs, c.k)
                 };
                 let residual = residual.map(|r| frame.floats(r)).transpose()?;
                 // SAFETY: the program keeps the checked weight bytes alive.
                 let wbytes = unsafe { std::slice::from_raw_parts(weight.0, weight.1) };
                 let y = frame.output(*out, rows * c.n);
-                contract_into(k, c, *f, (Rows::of_floats(xs, c.k), wbytes, residual), y);
+                contract_into(k, c, *f, (x_rows, wbytes, residual), y);
+            }
+            Op::Quantize { f, x, out, bytes } => {
+                let xs = frame.floats(*x)?;
+                let q = frame.output(*out, bytes.div_ceil(4));
+                // SAFETY: the buffer's floats are plain bytes to the quantizer.
+                let q = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast(), *bytes) };
+                quantize_into(*f, xs, q);
             }
             Op::RmsNorm {
                 f,

@@ -221,6 +221,7 @@ impl Plans {
 fn traced(value: &Value) -> Traced {
     match value {
         Value::Tensor(t) => Traced::Tensor(t.shape.clone(), t.dtype),
+        Value::Quantized(q) => Traced::Quantized(q.shape.clone(), q.format.clone()),
         Value::Cache(_) => Traced::Cache,
         _ => Traced::Other,
     }
