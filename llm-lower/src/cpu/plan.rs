@@ -673,8 +673,10 @@ fn plan_kernel(
             if q_shape.len() != 4 || q_shape[2..] != [*heads, *d] {
                 return None;
             }
+            // The cache in use; an append updates it in place, so nothing may read the
+            // old one after.
             let cache = *inputs.get(1)?;
-            if b.cache != Some(cache) || b.last_use[cache] != i {
+            if b.cache != Some(cache) || (*append && b.last_use[cache] != i) {
                 return None;
             }
             let (append, rest) = match (append, inputs) {
