@@ -176,6 +176,8 @@ unsafe fn block_scores(
     use std::arch::x86_64::*;
     let factors = _mm256_set1_ps(factor);
     let last = block.len() - 1;
+    // Each head's first float in a key row (divisions kept out of the position loop).
+    let kv_at: [usize; MAX_GROUP] = std::array::from_fn(|h| (h / group) * d);
     for first in (0..block.len()).step_by(8) {
         // SAFETY: indices are clamped to the block; the rows are the contract's.
         let rows: [*const f32; 8] =
@@ -183,7 +185,7 @@ unsafe fn block_scores(
         let valid = (block.len() - first).min(8);
         for (h, head_scores) in scores.iter_mut().enumerate() {
             // SAFETY: head h's query row holds d floats, each key row d at its offset.
-            let kv = (h / group) * d;
+            let kv = kv_at[h];
             let products: [__m256; 8] = std::array::from_fn(|p| unsafe {
                 let (qh, kh) = (q.add(h * d), rows[p].add(kv));
                 let mut acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
@@ -288,11 +290,10 @@ unsafe fn block_values(
 ) {
     use std::arch::x86_64::*;
     let n = block.len();
-    // SAFETY: row j's values of head h's KV head at its offset hold d floats (the
-    // contract).
-    let value = |h: usize, j: usize, chunk: usize| unsafe {
-        let row = v.add(block[j] as usize).cast::<f32>();
-        _mm256_loadu_ps(row.add((h / group) * d + 8 * chunk))
+    // SAFETY: a row's values (at its offset) hold the KV heads' d floats each, and `at`
+    // is a head's first float plus a multiple of 8 below d (the contract).
+    let value = |offset: i64, at: usize| unsafe {
+        _mm256_loadu_ps(v.add(offset as usize).cast::<f32>().add(at))
     };
     // SAFETY: head h's outputs are d floats at `out + h * d`.
     let add_to = |h: usize, chunk: usize, sum: __m256| unsafe {
@@ -304,20 +305,25 @@ unsafe fn block_values(
     } else {
         0
     };
+    let even = n - n % 2;
     for pair in 0..pairs {
         let h = 2 * pair;
-        let (s0, s1) = (&scores[h], &scores[h + 1]);
+        let (s0, s1) = (&scores[h][..n], &scores[h + 1][..n]);
         for chunk in 0..d / 8 {
+            // The pair's KV head, hoisted out of the position loop.
+            let at = (h / group) * d + 8 * chunk;
             let mut acc = [_mm256_setzero_ps(); 4];
-            for j in (0..n - n % 2).step_by(2) {
-                let (v0, v1) = (value(h, j, chunk), value(h, j + 1, chunk));
-                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(s0[j]), v0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(s0[j + 1]), v1, acc[1]);
-                acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(s1[j]), v0, acc[2]);
-                acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(s1[j + 1]), v1, acc[3]);
+            let positions = block[..even].chunks_exact(2);
+            let weights = s0[..even].chunks_exact(2).zip(s1[..even].chunks_exact(2));
+            for (rows, (w0, w1)) in positions.zip(weights) {
+                let (v0, v1) = (value(rows[0], at), value(rows[1], at));
+                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(w0[0]), v0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(w0[1]), v1, acc[1]);
+                acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(w1[0]), v0, acc[2]);
+                acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(w1[1]), v1, acc[3]);
             }
             if n % 2 == 1 {
-                let v0 = value(h, n - 1, chunk);
+                let v0 = value(block[n - 1], at);
                 acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(s0[n - 1]), v0, acc[0]);
                 acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(s1[n - 1]), v0, acc[2]);
             }
@@ -325,18 +331,22 @@ unsafe fn block_values(
             add_to(h + 1, chunk, _mm256_add_ps(acc[2], acc[3]));
         }
     }
+    let fours = n - n % 4;
     for (h, head_scores) in scores.iter().enumerate().skip(2 * pairs) {
         let weights = &head_scores[..n];
         for chunk in 0..d / 8 {
+            let at = (h / group) * d + 8 * chunk;
             let mut acc = [_mm256_setzero_ps(); 4];
-            for j in (0..n - n % 4).step_by(4) {
+            for (rows, w) in block[..fours]
+                .chunks_exact(4)
+                .zip(weights[..fours].chunks_exact(4))
+            {
                 for (u, a) in acc.iter_mut().enumerate() {
-                    *a =
-                        _mm256_fmadd_ps(_mm256_set1_ps(weights[j + u]), value(h, j + u, chunk), *a);
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(w[u]), value(rows[u], at), *a);
                 }
             }
-            for (j, &w) in weights.iter().enumerate().skip(n - n % 4) {
-                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(w), value(h, j, chunk), acc[0]);
+            for (&row, &w) in block[fours..].iter().zip(&weights[fours..]) {
+                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(w), value(row, at), acc[0]);
             }
             let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             add_to(h, chunk, sum);
