@@ -10,7 +10,7 @@ use std::{
 use llm_ir::{
     dtype::DType,
     interp::{
-        self, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Sharded, Tensor, Value,
+        self, Data, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Sharded, Tensor, Value,
         WeightStore, quant, value::round_float,
     },
     text,
@@ -1948,5 +1948,16 @@ fn quantized_activations_run_through_a_call_plan() {
             "the planned call differs"
         );
         compare(&runs, &want, 4e-5, &ir).unwrap();
+        // A tensor whose values outnumber its shape is an error on the planned path, not a
+        // write past the plan's buffers.
+        let mut long = args.clone();
+        long[0] = Value::Tensor(Tensor {
+            shape: vec![m, k],
+            dtype: DType::F32,
+            data: Data::Float(values(44, m * k + 64, 1.0)),
+        });
+        let e = program.run(&ctx, &store, long).unwrap_err().to_string();
+        assert!(e.contains("not the 192 of its shape"), "{e}");
+        assert_eq!(program.planned_runs(), 2);
     }
 }

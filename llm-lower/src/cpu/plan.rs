@@ -102,8 +102,9 @@ pub(super) enum StepKind<'a> {
 enum Src {
     /// At a float offset of the arena, `len` floats.
     Arena { at: usize, len: usize },
-    /// Argument `i` of the call.
-    Arg(usize),
+    /// Argument `i` of the call, a tensor of `len` values (its shape is in the plan's key
+    /// when it is read as floats; the length is checked at every read).
+    Arg { i: usize, len: usize },
     /// A constant of the program (kept alive by it).
     Constant(*const Value),
     /// The KV cache.
@@ -209,6 +210,8 @@ pub(super) struct CallPlan {
     key: Vec<Option<Vec<usize>>>,
     calls: Vec<Call>,
     returns: Vec<Returned>,
+    /// The program step of the return (for the errors of copying results out).
+    return_step: usize,
     /// The argument that holds the KV cache, if any.
     cache_arg: Option<usize>,
     arena: RefCell<Vec<f32>>,
@@ -256,16 +259,16 @@ impl Builder<'_> {
     fn shaping(&mut self, slot: usize) -> Option<Src> {
         self.floats(slot)?;
         let src = self.src[slot]?;
-        if let Src::Arg(i) = src {
+        if let Src::Arg { i, .. } = src {
             self.shaping[i] = true;
         }
-        matches!(src, Src::Arena { .. } | Src::Arg(_) | Src::Constant(_)).then_some(src)
+        matches!(src, Src::Arena { .. } | Src::Arg { .. } | Src::Constant(_)).then_some(src)
     }
 
     /// The argument in `slot`, read for its values (ints).
     fn arg(&self, slot: usize) -> Option<usize> {
         match self.src[slot]? {
-            Src::Arg(i) => Some(i),
+            Src::Arg { i, .. } => Some(i),
             _ => None,
         }
     }
@@ -328,7 +331,10 @@ impl CallPlan {
         let mut cache_arg = None;
         for (i, &s) in params.iter().enumerate() {
             match traced[s] {
-                Traced::Tensor(..) => b.src[s] = Some(Src::Arg(i)),
+                Traced::Tensor(ref shape, _) => {
+                    let len = shape.iter().product();
+                    b.src[s] = Some(Src::Arg { i, len });
+                }
                 // One KV cache, passed from step to step.
                 Traced::Cache if cache_arg.is_none() => {
                     b.src[s] = Some(Src::Cache);
@@ -346,7 +352,7 @@ impl CallPlan {
         for (i, step) in steps.iter().enumerate() {
             let op = match &step.kind {
                 StepKind::Return => {
-                    returns = Some(plan_return(&mut b, step.inputs)?);
+                    returns = Some((plan_return(&mut b, step.inputs)?, i));
                     continue;
                 }
                 StepKind::Columns { width, parts } => {
@@ -365,7 +371,7 @@ impl CallPlan {
             };
             calls.push(Call { step: i, op });
         }
-        let returns = returns?;
+        let (returns, return_step) = returns?;
         // Arena offsets in floats, each buffer aligned as `plan-buffers` aligns.
         let bytes: Vec<(u64, usize, usize)> = b
             .buffers
@@ -401,6 +407,7 @@ impl CallPlan {
             key,
             calls,
             returns,
+            return_step,
             cache_arg,
             arena: RefCell::new(vec![0.0; arena_len]),
         })
@@ -427,7 +434,12 @@ impl CallPlan {
         let mut cache = match self.cache_arg {
             Some(i) => match std::mem::replace(&mut args[i], placeholder()) {
                 Value::Cache(c) => Some(c),
-                other => return Err((0, format!("expected a KV cache, found {}", other.kind()))),
+                other => {
+                    return Err((
+                        self.return_step,
+                        format!("expected a KV cache, found {}", other.kind()),
+                    ));
+                }
             },
             None => None,
         };
@@ -443,13 +455,16 @@ impl CallPlan {
         for r in &self.returns {
             out.push(match r {
                 Returned::Tensor(src, shape) => {
-                    let values = frame.floats(*src).map_err(|m| (0, m))?.to_vec();
+                    let values = frame
+                        .floats(*src)
+                        .map_err(|m| (self.return_step, m))?
+                        .to_vec();
                     Value::Tensor(Tensor::from_f32(shape.clone(), DType::F32, values))
                 }
                 Returned::Cache => Value::Cache(
                     cache
                         .take()
-                        .ok_or((0, "the cache is returned twice".to_string()))?,
+                        .ok_or((self.return_step, "the cache is returned twice".to_string()))?,
                 ),
             });
         }
@@ -465,7 +480,8 @@ fn plan_return(b: &mut Builder, inputs: &[usize]) -> Option<Vec<Returned>> {
         .map(|&s| match b.src[s]? {
             Src::Cache if b.cache == Some(s) => Some(Returned::Cache),
             Src::Cache => None,
-            src => Some(Returned::Tensor(src, b.floats(s)?.to_vec())),
+            // An argument returned as it is: its shape is the result's.
+            _ => Some(Returned::Tensor(b.shaping(s)?, b.floats(s)?.to_vec())),
         })
         .collect()
 }
@@ -762,7 +778,16 @@ impl<'a> Frame<'a> {
             Src::Arena { at, len } => {
                 Ok(unsafe { std::slice::from_raw_parts(self.base.add(at), len) })
             }
-            Src::Arg(i) => self.args[i].tensor()?.floats(),
+            Src::Arg { i, len } => {
+                let values = self.args[i].tensor()?.floats()?;
+                if values.len() != len {
+                    return Err(format!(
+                        "argument #{i} holds {} values, not the {len} of its shape",
+                        values.len()
+                    ));
+                }
+                Ok(values)
+            }
             // SAFETY: the program keeps its constants alive as long as its plans.
             Src::Constant(v) => unsafe { &*v }.tensor()?.floats(),
             Src::Cache => Err("the KV cache is not a tensor".into()),

@@ -157,13 +157,19 @@ pub struct Program {
     plans: RefCell<Plans>,
 }
 
+/// The shapes of a call's tensor arguments (`None` for other values).
+type ArgShapes = Vec<Option<Vec<usize>>>;
+
 /// The call plans of a program ([`CallPlan`]): a plan is made when arguments of the same
 /// shapes come a second time (a prompt length seen once gets none), and the few most
 /// recently used are kept.
 #[derive(Default)]
 struct Plans {
     /// Shapes of the arguments of recent calls that ran step by step.
-    seen: Vec<Vec<Option<Vec<usize>>>>,
+    seen: Vec<ArgShapes>,
+    /// Shapes whose traced run had a step fall back to the reference semantics (no plan
+    /// is made for them, and they are not traced again).
+    declined: Vec<ArgShapes>,
     /// Plans, the most recently used first.
     plans: Vec<Rc<CallPlan>>,
     /// A plan could not be made (the function has a step plans do not run).
@@ -187,22 +193,35 @@ impl Plans {
         Some(plan)
     }
 
+    /// The shapes of `args`.
+    fn shapes(args: &[Value]) -> ArgShapes {
+        args.iter()
+            .map(|a| a.tensor().ok().map(|t| t.shape.clone()))
+            .collect()
+    }
+
     /// Whether a call with `args` should be traced to make a plan: the second time their
-    /// shapes come.
+    /// shapes come, unless a traced run of them could not be planned.
     fn wants_trace(&mut self, args: &[Value]) -> bool {
         if self.unplannable {
             return false;
         }
-        let shapes: Vec<Option<Vec<usize>>> = args
-            .iter()
-            .map(|a| a.tensor().ok().map(|t| t.shape.clone()))
-            .collect();
+        let shapes = Self::shapes(args);
+        if self.declined.contains(&shapes) {
+            return false;
+        }
         if self.seen.contains(&shapes) {
             return true;
         }
         self.seen.insert(0, shapes);
         self.seen.truncate(Self::SEEN);
         false
+    }
+
+    /// Remembers that calls with the shapes of `args` get no plan.
+    fn decline(&mut self, shapes: ArgShapes) {
+        self.declined.insert(0, shapes);
+        self.declined.truncate(Self::SEEN);
     }
 
     /// Keeps `plan` (or, for `None`, stops making plans).
@@ -723,11 +742,14 @@ impl Program {
         }
         let mut trace = vec![Traced::Other; self.slots];
         let fallbacks = self.fallbacks.get();
+        let shapes = Plans::shapes(&args);
         let results = self.run_steps(ctx, weights, args, Some(&mut trace))?;
         // A run whose shapes a kernel did not cover is not one to plan from.
         if self.fallbacks.get() == fallbacks {
             let plan = CallPlan::new(&self.plan_steps(), &self.params, &self.constants, &trace);
             self.plans.borrow_mut().add(plan);
+        } else {
+            self.plans.borrow_mut().decline(shapes);
         }
         Ok(results)
     }
