@@ -1,7 +1,11 @@
 //! CLIF building blocks shared by the kernel generators: counted loops, memory flags,
 //! vector accumulators, horizontal sums and the inline polynomial `exp`.
 
-use cranelift_codegen::ir::{BlockArg, InstBuilder, MemFlagsData, Value, condcodes::IntCC, types};
+use cranelift_codegen::ir::{
+    BlockArg, InstBuilder, MemFlagsData, Value,
+    condcodes::{FloatCC, IntCC},
+    types,
+};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 /// Loads and stores through pointers the caller validated: they cannot trap, but need not
@@ -101,15 +105,24 @@ pub const EXP_POLY: [f32; 6] = [
 
 /// `exp(x)` for each lane of an `f32x4`: Cephes' single-precision polynomial (relative
 /// error about 1e-7). Inputs are clamped to [`EXP_RANGE`], so the result is finite and
-/// normal.
+/// normal; a NaN stays NaN.
+///
+/// The clamps are `x < lo ? lo : x` and `hi < x ? hi : x`, which Cranelift lowers to one
+/// `maxps`/`minps` each (its IEEE `fmax`/`fmin` take about eight instructions), and
+/// `n = round(x log2 e)` comes from adding and subtracting 1.5 * 2^23, whose bits also
+/// hold `n` as an integer (no saturating conversion): the same `n` as `nearest` (ties to
+/// even) for the clamped range, so the results are those of the straightforward form.
 pub fn exp(b: &mut FunctionBuilder, x: Value) -> Value {
     let lo = splat(b, EXP_RANGE[0]);
     let hi = splat(b, EXP_RANGE[1]);
-    let x = b.ins().fmax(x, lo);
-    let x = b.ins().fmin(x, hi);
+    let x = select_lanes(b, FloatCC::LessThan, (x, lo), lo, x);
+    let x = select_lanes(b, FloatCC::LessThan, (hi, x), hi, x);
     let log2e = splat(b, std::f32::consts::LOG2_E);
     let scaled = b.ins().fmul(x, log2e);
-    let n = b.ins().nearest(scaled);
+    // 1.5 * 2^23: adding it leaves round(scaled) in the low mantissa bits.
+    let magic = splat(b, 12_582_912.0);
+    let shifted = b.ins().fadd(scaled, magic);
+    let n = b.ins().fsub(shifted, magic);
     let c1 = splat(b, EXP_LN2[0]);
     let c2 = splat(b, EXP_LN2[1]);
     let r = b.ins().fma(n, c1, x);
@@ -123,13 +136,28 @@ pub fn exp(b: &mut FunctionBuilder, x: Value) -> Value {
     let one = splat(b, 1.0);
     let r1 = b.ins().fadd(r, one);
     let y = b.ins().fma(y, r2, r1);
-    // 2^n from the exponent bits.
-    let ni = b.ins().fcvt_to_sint_sat(types::I32X4, n);
+    // 2^n from the exponent bits: the shifted bits are 0x4b400000 + n, whose high bits
+    // the shift by 23 drops, so (bits + 127) << 23 is (n + 127) << 23.
+    let bits = b.ins().bitcast(types::I32X4, MemFlagsData::new(), shifted);
     let bias = b.ins().iconst(types::I32, 127);
     let bias = b.ins().splat(types::I32X4, bias);
-    let biased = b.ins().iadd(ni, bias);
+    let biased = b.ins().iadd(bits, bias);
     let shift = b.ins().iconst(types::I32, 23);
     let bits = b.ins().ishl(biased, shift);
     let pow2 = b.ins().bitcast(types::F32X4, MemFlagsData::new(), bits);
     b.ins().fmul(y, pow2)
+}
+
+/// `a cc b ? yes : no` per lane of `f32x4`s (a `bitselect` on the comparison's mask,
+/// which Cranelift matches to `maxps`/`minps` in the clamp shapes).
+fn select_lanes(
+    b: &mut FunctionBuilder,
+    cc: FloatCC,
+    (a, c): (Value, Value),
+    yes: Value,
+    no: Value,
+) -> Value {
+    let mask = b.ins().fcmp(cc, a, c);
+    let mask = b.ins().bitcast(types::F32X4, MemFlagsData::new(), mask);
+    b.ins().bitselect(mask, yes, no)
 }
