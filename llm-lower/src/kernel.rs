@@ -318,6 +318,28 @@ pub fn pack_block_panels(bytes: &[u8], n: usize, row_bytes: usize, block_bytes: 
     out
 }
 
+/// Copies the bytes of row `r` of `n` rows stored by [`pack_block_panels`] (`row_bytes`
+/// each, in blocks of `block_bytes`) into `out` (`row_bytes`), as the row-major matrix
+/// held them.
+pub fn block_panel_row(
+    packed: &[u8],
+    n: usize,
+    (row_bytes, block_bytes): (usize, usize),
+    r: usize,
+    out: &mut [u8],
+) {
+    let full = n - n % PANEL_ROWS;
+    if r >= full {
+        out.copy_from_slice(&packed[r * row_bytes..(r + 1) * row_bytes]);
+        return;
+    }
+    let (panel, row) = (&packed[(r - r % PANEL_ROWS) * row_bytes..], r % PANEL_ROWS);
+    for (b, block) in out.chunks_exact_mut(block_bytes).enumerate() {
+        let at = (b * PANEL_ROWS + row) * block_bytes;
+        block.copy_from_slice(&panel[at..at + block_bytes]);
+    }
+}
+
 /// Copies row `r` of an `n x k` matrix stored by [`pack_panels`] into `out` (`k` floats).
 pub fn panel_row(packed: &[f32], n: usize, k: usize, r: usize, out: &mut [f32]) {
     let full = n - n % PANEL_ROWS;
@@ -473,8 +495,9 @@ pub enum Movement {
         /// The table's storage: `F32` for a float table (f32, or f16/bf16 values held as
         /// f32), or a quantized format.
         table: WeightFormat,
-        /// The table is stored in panels ([`pack_panels`]), because a contraction shares
-        /// it (a classifier tied to the embedding).
+        /// The table is stored in panels ([`pack_panels`]; for a q8_0 or q4_0 table, block
+        /// panels, [`pack_block_panels`]), because a contraction shares it (a classifier
+        /// tied to the embedding).
         panels: bool,
     },
 }
@@ -1530,6 +1553,10 @@ mod tests {
                         "row {row} block {b} of {n}x{blocks}"
                     );
                 }
+                // And a row read back out of the panels is the row.
+                let mut out = vec![0; row_bytes];
+                block_panel_row(&packed, n, (row_bytes, block_bytes), row, &mut out);
+                assert_eq!(out, bytes[row * row_bytes..(row + 1) * row_bytes]);
             }
         }
     }

@@ -109,15 +109,15 @@ pub fn select_all(
         .iter()
         .map(|&op| {
             let mut k = kernel::select(ctx, op).filter(&supports)?;
-            // A constant q8_0/q4_0 weight that only quantized matmuls read is repacked into
-            // block panels for those of q8_0 activations (an embedding reading the same
-            // table would keep the row-major copy alive too).
+            // A constant q8_0/q4_0 weight that only quantized matmuls and embeddings read
+            // is repacked into block panels for those of q8_0 activations (the embeddings
+            // gather from the panels, so no row-major copy stays alive).
             if let Kernel::Contraction(c) = &mut k
                 && c.q8_0_input
                 && matches!(c.weight, WeightFormat::Q8_0 | WeightFormat::Q4_0)
             {
                 let w = op.deref(ctx).get_operand(weight_operand(c));
-                c.block_panels = is_constant(w) && only_contractions_read(ctx, ops, w);
+                c.block_panels = is_constant(w) && read_as_weight_or_table(ctx, ops, w);
             }
             if let Kernel::Contraction(c) = &mut k
                 && matches!(c.weight, WeightFormat::F32 | WeightFormat::F32KN)
@@ -179,15 +179,17 @@ pub fn select_all(
 }
 
 /// Whether every op of `ops` that reads `w` is an `llm.quantized_matmul` reading it as its
-/// weight.
-fn only_contractions_read(ctx: &Context, ops: &[Ptr<Operation>], w: IrValue) -> bool {
+/// weight or an `llm.embedding` reading it as its table (once).
+fn read_as_weight_or_table(ctx: &Context, ops: &[Ptr<Operation>], w: IrValue) -> bool {
     ops.iter().all(|&op| {
         let o = op.deref(ctx);
-        let reads = o.operands().any(|v| v == w);
-        !reads
-            || (Operation::get_opid(op, ctx).to_string() == "llm.quantized_matmul"
-                && o.get_operand(1) == w
-                && o.operands().filter(|&v| v == w).count() == 1)
+        let reads = o.operands().filter(|&v| v == w).count();
+        let at = match Operation::get_opid(op, ctx).to_string().as_str() {
+            "llm.quantized_matmul" => 1,
+            "llm.embedding" => 0,
+            _ => return reads == 0,
+        };
+        reads == 0 || (reads == 1 && o.get_operand(at) == w)
     })
 }
 

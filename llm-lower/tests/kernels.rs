@@ -609,6 +609,32 @@ proptest! {
         agree_fused(&ir, args, &store, 4e-5, 1)?;
     }
 
+    /// A q8_0 or q4_0 table that an embedding gathers from and a contraction of q8_0
+    /// activations reads (a tied classifier) is repacked into block panels once, and the
+    /// embedding gathers its rows from them.
+    #[test]
+    fn tied_quantized_table_in_block_panels(m in 1usize..4, n in 1usize..40, blocks in 1usize..4, q4 in any::<bool>(), seed: u64) {
+        let k = 32 * blocks;
+        let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
+        let ir = func(
+            &[("ids".into(), ity(&[m]))],
+            &ty(&[m, n]),
+            &format!(
+                "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, {name}>;\n        e = llm.embedding w, ids : {e};\n        xq = llm.quantize e : llm.quantized_tensor <{m}x{k}, q8_0>;\n        y = llm.quantized_matmul xq, w : {y};",
+                e = ty(&[m, k]), y = ty(&[m, n]),
+            ),
+        );
+        let w = values(seed + 1, n * k, 1.0);
+        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
+        let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
+        let ids: Vec<i64> = values(seed + 2, m, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * n as f32) as i64 % n as i64).collect();
+        let args = vec![ints(&[m], ids)];
+        let (ctx, func, _, hoisted) = reference(&ir, &args, &store)?;
+        let program = Program::build(&ctx, func, &hoisted, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(program.stats().panel_gathers, 1, "the embedding gathers from the block panels");
+        agree_with(&ir, args, &store, 4e-5)?;
+    }
+
     /// A weight whose values are all exactly f16 (a converted f16 model) is stored as f16
     /// on a device with `shader-f16`, and so is the table of an embedding tied to it; a
     /// weight that is not stays f32.

@@ -34,7 +34,8 @@ use super::{
 use crate::{
     kernel::{
         AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
-        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, panel_row, whole_rows,
+        batched_matmul_dims, block_panel_row, broadcast_layout, contiguous_attention_shape,
+        panel_row, whole_rows,
     },
     selection::Chosen,
 };
@@ -1218,8 +1219,13 @@ pub(super) enum Table<'a> {
         /// `[vocab, dim]`.
         shape: [usize; 2],
     },
-    /// Quantized rows, decoded as they are gathered.
-    Quantized(&'a QTensor),
+    /// Quantized rows, decoded as they are gathered (in block panels when `panels`).
+    Quantized {
+        /// The table.
+        q: &'a QTensor,
+        /// In block panels ([`pack_block_panels`](crate::kernel::pack_block_panels)).
+        panels: bool,
+    },
 }
 
 impl<'a> Table<'a> {
@@ -1237,7 +1243,7 @@ impl<'a> Table<'a> {
                         q.bytes.len()
                     ));
                 }
-                Ok(Table::Quantized(q))
+                Ok(Table::Quantized { q, panels })
             }
             other => {
                 let t = other.tensor()?;
@@ -1259,8 +1265,10 @@ impl<'a> Table<'a> {
     pub(super) fn gather_into(&self, ids: &[i64], out: &mut [f32]) -> Result<(), String> {
         let [vocab, dim] = match self {
             Table::Floats { shape, .. } => *shape,
-            Table::Quantized(q) => [q.shape[0], q.shape[1]],
+            Table::Quantized { q, .. } => [q.shape[0], q.shape[1]],
         };
+        // A row's bytes gathered out of block panels.
+        let mut row_bytes = Vec::new();
         if out.len() != ids.len() * dim {
             return Err(format!(
                 "{} ids do not fill {} values",
@@ -1283,8 +1291,15 @@ impl<'a> Table<'a> {
                 Table::Floats { values, .. } => {
                     row.copy_from_slice(&values[id as usize * dim..][..dim]);
                 }
-                Table::Quantized(q) => {
+                Table::Quantized { q, panels: false } => {
                     dequantize_row(&q.format, [vocab, dim], &q.bytes, id as usize, row)
+                }
+                Table::Quantized { q, panels: true } => {
+                    let format = WeightFormat::of(&q.format).ok_or("no block panels")?;
+                    let sizes = (format.row_bytes(dim), format.row_bytes(32));
+                    row_bytes.resize(sizes.0, 0);
+                    block_panel_row(&q.bytes, vocab, sizes, id as usize, &mut row_bytes);
+                    dequantize_row(&q.format, [1, dim], &row_bytes, 0, row);
                 }
             }
         }

@@ -132,6 +132,9 @@ pub struct LoweringStats {
     /// Milliseconds spent repacking weights (zero for weights packed by an earlier
     /// function of the same [`Compiler`]).
     pub pack_ms: f64,
+    /// Embeddings that gather from a contraction's repacked weight (f32 or block panels: a
+    /// classifier tied to the embedding table, kept once).
+    pub panel_gathers: usize,
 }
 
 /// A function compiled for the CPU.
@@ -443,7 +446,6 @@ fn pack_weights(
                     let slot = next_slot;
                     next_slot += 1;
                     extra.push((slot, panels));
-                    // Not in `packed`: embeddings gather from f32 panels only.
                     in_block_panels.insert(original, slot);
                     step.inputs[operand] = slot;
                     continue;
@@ -466,14 +468,16 @@ fn pack_weights(
         };
         step.inputs[operand] = slot;
     }
-    // Embeddings of a packed table (a tied classifier) gather from the panels, so that
-    // the row-major copy can go.
+    // Embeddings of a packed table (a tied classifier) gather from the panels (f32 or
+    // block panels), so that the row-major copy can go.
     for step in steps.iter_mut() {
         if let Action::Kernel(Chosen {
             kernel: Kernel::Move(Movement::Rows { panels, .. }),
             ..
         }) = &mut step.action
-            && let Some(&slot) = packed.get(&(step.inputs[0], false))
+            && let Some(&slot) = packed
+                .get(&(step.inputs[0], false))
+                .or_else(|| in_block_panels.get(&step.inputs[0]))
         {
             *panels = true;
             step.inputs[0] = slot;
@@ -658,6 +662,18 @@ impl Program {
             (&compiler.packs, threads),
         )?;
         stats.pack_ms = pack_start.elapsed().as_secs_f64() * 1e3;
+        stats.panel_gathers = steps
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.action,
+                    Action::Kernel(Chosen {
+                        kernel: Kernel::Move(Movement::Rows { panels: true, .. }),
+                        ..
+                    })
+                )
+            })
+            .count();
         let mut last_use = vec![None; slots];
         for (i, step) in steps.iter().enumerate() {
             for &s in &step.inputs {
