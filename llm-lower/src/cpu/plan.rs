@@ -5,10 +5,10 @@
 //! back to a pool, with the shapes worked out and checked again at every step. For a small
 //! model that bookkeeping is most of a decode step. Once a program has run twice with the
 //! same shapes of the arguments that decide its intermediates' shapes (the token ids of a
-//! decode step, say), it makes a [`CallPlan`] from what the traced run saw: every
+//! decode step, say), it makes a `CallPlan` from what the traced run saw: every
 //! intermediate gets a place in one arena, planned by liveness like `plan-buffers` does
 //! ([`place_buffers`]: two values share memory only when their lives do not overlap), and
-//! every step becomes a [`Call`] whose operands are arena offsets, arguments or constant
+//! every step becomes a `Call` whose operands are arena offsets, arguments or constant
 //! weights. A call of the plan then allocates nothing and runs no shape logic per step.
 //!
 //! What still depends on the arguments' values is checked as the step-by-step run checks

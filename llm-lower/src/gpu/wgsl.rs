@@ -1662,7 +1662,7 @@ fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
     s
 }
 
-/// The formats whose KV caches append on the device ([`kv_append_blocks`]).
+/// The formats whose KV caches append on the device (one block of 32 per invocation).
 pub const KV_BLOCK_FORMATS: [WeightFormat; 3] =
     [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1];
 
