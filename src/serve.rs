@@ -252,28 +252,26 @@ pub struct BenchReport {
     /// Milliseconds compiling the model, and of those generating and JIT-compiling kernels
     /// and repacking weights.
     pub compile_ms: (f64, f64, f64),
-    /// The process's resident memory after the run and its peak, in bytes (Linux only).
-    pub memory: Option<(u64, u64)>,
-    /// Of the resident memory after the run, the anonymous part: the data the process
-    /// made (the rest is its code, libraries and other file pages).
-    pub data_memory: Option<u64>,
+    /// The process's resident memory after the run (Linux only).
+    pub memory: Option<ResidentMemory>,
     /// On the GPU backend: the adapter, and the decode step's shaders and dispatches.
     pub gpu: Option<(String, usize, usize)>,
 }
 
-/// The resident set size of this process and its peak, from `/proc/self/status`.
-pub fn resident_memory() -> Option<(u64, u64)> {
-    Some((status_field("VmRSS:")?, status_field("VmHWM:")?))
+/// This process's resident memory, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct ResidentMemory {
+    /// The resident set now.
+    pub now: u64,
+    /// Its peak.
+    pub peak: u64,
+    /// Of `now`, the anonymous part: the data the process made (the rest is its code,
+    /// libraries and other file pages).
+    pub data: u64,
 }
 
-/// The anonymous part of this process's resident memory (what it allocated, not its code
-/// or mapped files), from `/proc/self/status`.
-pub fn data_memory() -> Option<u64> {
-    status_field("RssAnon:")
-}
-
-/// A memory field of `/proc/self/status`, in bytes.
-fn status_field(key: &str) -> Option<u64> {
+/// This process's resident memory, from one reading of `/proc/self/status`.
+pub fn resident_memory() -> Option<ResidentMemory> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let field = |key: &str| -> Option<u64> {
         let line = status.lines().find(|l| l.starts_with(key))?;
@@ -285,7 +283,11 @@ fn status_field(key: &str) -> Option<u64> {
             .ok()?;
         Some(kib * 1024)
     };
-    field(key)
+    Some(ResidentMemory {
+        now: field("VmRSS:")?,
+        peak: field("VmHWM:")?,
+        data: field("RssAnon:")?,
+    })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -366,27 +368,20 @@ impl std::fmt::Display for BenchReport {
             mib(weights),
             mib(kv)
         )?;
-        let Some((rss, peak)) = self.memory else {
+        let Some(memory) = self.memory else {
             return writeln!(f);
         };
         let model = (weights + kv).max(1) as f64;
-        write!(
+        writeln!(
             f,
-            "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB",
-            mib(rss),
-            rss as f64 / model,
-            mib(peak)
-        )?;
-        match self.data_memory {
-            Some(data) => writeln!(
-                f,
-                "; of it data {:.1} MiB ({:.2}x), code and files {:.1} MiB",
-                mib(data),
-                data as f64 / model,
-                mib(rss.saturating_sub(data))
-            ),
-            None => writeln!(f),
-        }
+            "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB; of it data {:.1} MiB ({:.2}x), code and files {:.1} MiB",
+            mib(memory.now),
+            memory.now as f64 / model,
+            mib(memory.peak),
+            mib(memory.data),
+            memory.data as f64 / model,
+            mib(memory.now.saturating_sub(memory.data))
+        )
     }
 }
 
@@ -471,7 +466,6 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
         compile_ms: (model.compile_ms(), model.jit_ms(), model.pack_ms()),
         memory: resident_memory(),
-        data_memory: data_memory(),
         gpu: model
             .adapter()
             .zip(model.gpu_lowering(Step::Decode))
