@@ -36,6 +36,16 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// An `n x k` matrix of seeded values in [-1, 1) quantized to `format` by the reference.
+fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
+    let values = values(seed, n * k, 1.0);
+    Value::Quantized(QTensor {
+        shape: vec![n, k],
+        format: format.clone(),
+        bytes: quant::quantize(format, &[n, k], &values),
+    })
+}
+
 fn tensor(shape: &[usize], seed: u64, scale: f32) -> Value {
     let n = shape.iter().product();
     Value::Tensor(Tensor::from_f32(
@@ -550,9 +560,8 @@ proptest! {
             &ty(&[m, n]),
             &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
         );
-        let w = values(seed + 1, n * k, 1.0);
-        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-        agree(&ir, vec![tensor(&[m, k], seed, 1.0), Value::Quantized(q)], 1e-5)?;
+        let q = quantized(&format, [n, k], seed + 1);
+        agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], 1e-5)?;
     }
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet q8_0, q4_0, q4_k and
@@ -573,9 +582,8 @@ proptest! {
                 "xq = llm.quantize x : llm.quantized_tensor <{rows}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
             ),
         );
-        let w = values(seed + 1, n * k, 1.0);
-        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-        let args = vec![tensor(&[m, k], seed, 3.0), Value::Quantized(q), tensor(&[m, n], seed + 2, 1.0)];
+        let q = quantized(&format, [n, k], seed + 1);
+        let args = vec![tensor(&[m, k], seed, 3.0), q, tensor(&[m, n], seed + 2, 1.0)];
         // The interpreter adds 256 or more f32 products in order; the kernels' integer run
         // sums are exact, so over a k-quant's longer rows they differ by the interpreter's
         // rounding (measured up to 3e-5).
@@ -600,9 +608,8 @@ proptest! {
                 "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, {name}>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
             ),
         );
-        let w = values(seed + 1, n * k, 1.0);
-        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-        let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
+        let q = quantized(&format, [n, k], seed + 1);
+        let store = Store(vec![("w".into(), Rc::new(q))]);
         let args = vec![tensor(&[m, k], seed, 3.0), tensor(&[m, n], seed + 2, 1.0)];
         // Up to 256 products: the interpreter's f32 sum in order rounds where the
         // kernels' exact block sums do not (measured up to 1.9e-5).
@@ -624,9 +631,8 @@ proptest! {
                 e = ty(&[m, k]), y = ty(&[m, n]),
             ),
         );
-        let w = values(seed + 1, n * k, 1.0);
-        let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-        let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
+        let q = quantized(&format, [n, k], seed + 1);
+        let store = Store(vec![("w".into(), Rc::new(q))]);
         let ids: Vec<i64> = values(seed + 2, m, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * n as f32) as i64 % n as i64).collect();
         let args = vec![ints(&[m], ids)];
         let (ctx, func, _, hoisted) = reference(&ir, &args, &store)?;
@@ -667,9 +673,8 @@ proptest! {
                 &ty(&[m, n]),
                 &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
             );
-            let w = values(seed + 1, n * k, 1.0);
-            let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-            agree(&ir, vec![tensor(&[m, k], seed, 1.0), Value::Quantized(q)], 2e-5)?;
+            let q = quantized(&format, [n, k], seed + 1);
+            agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], 2e-5)?;
         }
     }
 
@@ -776,9 +781,7 @@ proptest! {
                     3 => (64, QuantFormat::Nf4 { block_size: 32, scale: DType::F16 }, "nf4 {block_size = 32, scale = f16}".into()),
                     _ => (12, QuantFormat::Affine { bits: 8, group_size: 1, symmetric: false, axis: 0, scale: DType::BF16 }, "int8 {group_size = 1, symmetric = false, axis = 0, scale = bf16}".into()),
                 };
-                let w = values(seed, vocab * dim, 1.0);
-                let q = QTensor { shape: vec![vocab, dim], format: format.clone(), bytes: quant::quantize(&format, &[vocab, dim], &w) };
-                (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), Value::Quantized(q))
+                (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))
             };
             let ir = func(
                 &[("table".into(), table_ty), ("ids".into(), ity(&[rows]))],
@@ -838,9 +841,8 @@ proptest! {
                 &ty(&[n, k]),
                 &format!("y = llm.dequantize w : {};", ty(&[n, k])),
             );
-            let w = values(seed, n * k, 1.0);
-            let q = QTensor { shape: vec![n, k], format: format.clone(), bytes: quant::quantize(&format, &[n, k], &w) };
-            agree(&ir, vec![Value::Quantized(q)], 1e-6)?;
+            let q = quantized(&format, [n, k], seed);
+            agree(&ir, vec![q], 1e-6)?;
         }
     }
 
@@ -1944,13 +1946,8 @@ fn quantized_activations_run_through_a_call_plan() {
             "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, q4_0>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
         ),
     );
-    let w = values(41, n * k, 1.0);
-    let q = QTensor {
-        shape: vec![n, k],
-        format: QuantFormat::Q4_0,
-        bytes: quant::quantize(&QuantFormat::Q4_0, &[n, k], &w),
-    };
-    let store = Store(vec![("w".into(), Rc::new(Value::Quantized(q)))]);
+    let q = quantized(&QuantFormat::Q4_0, [n, k], 41);
+    let store = Store(vec![("w".into(), Rc::new(q))]);
     let args = vec![tensor(&[m, k], 42, 3.0), tensor(&[m, n], 43, 1.0)];
     let (ctx, func, want, hoisted) = reference(&ir, &args, &store).unwrap();
     for threads in [1, 2] {
