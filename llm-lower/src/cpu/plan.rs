@@ -20,10 +20,10 @@
 //!
 //! Only steps whose results' shapes follow from their operands' shapes are planned:
 //! contractions (with their RMS-norm prologue and residual epilogue, or on q8_0
-//! activations), quantization of activations to q8_0, RMS norms, same-shape elementwise bodies, column slices, rope, paged
-//! attention (with or without its append; the KV cache passes from one to the next),
-//! embeddings of token ids, reshapes and the return. A function with any other step runs
-//! step by step.
+//! activations), quantization of activations to q8_0, RMS norms, same-shape elementwise
+//! bodies, column slices, rope, paged attention (with or without its append; the KV cache
+//! passes from one to the next), embeddings of token ids, reshapes and the return. A
+//! function with any other step runs step by step.
 
 #![allow(
     unsafe_code,
@@ -37,7 +37,7 @@ use llm_ir::{
     interp::{KvCache, Tensor, Value, eval::kv::write_rows, quant::storage_bytes},
     types::QuantFormat,
 };
-use llm_passes::plan_buffers::{ALIGNMENT, place_buffers};
+use llm_passes::plan_buffers::place_buffers;
 
 use super::{
     calls::{
@@ -64,8 +64,7 @@ pub(super) enum Traced {
 
 /// What a plan is made from: one step of the program.
 pub(super) struct PlanStep<'a> {
-    /// The kernel and its code, or `None` for a step the plan does not run (the plan is
-    /// then not made), or a merged column slice.
+    /// What the step runs.
     pub kind: StepKind<'a>,
     /// Slots of the operands.
     pub inputs: &'a [usize],
@@ -93,15 +92,23 @@ pub(super) enum StepKind<'a> {
     },
     /// The return.
     Return,
-    /// Anything else.
+    /// Anything else (the plan is then not made).
     Other,
+}
+
+/// A buffer of the arena: `len` floats at float offset `at` (the buffer's number while
+/// the plan is built, until [`CallPlan::new`] places it).
+#[derive(Clone, Copy)]
+struct Buf {
+    at: usize,
+    len: usize,
 }
 
 /// Where an operand is.
 #[derive(Clone, Copy)]
 enum Src {
-    /// At a float offset of the arena, `len` floats.
-    Arena { at: usize, len: usize },
+    /// In the arena.
+    Arena(Buf),
     /// Argument `i` of the call, a tensor of `len` values (its shape is in the plan's key
     /// when it is read as floats; the length is checked at every read).
     Arg { i: usize, len: usize },
@@ -124,18 +131,18 @@ enum Op {
     Contraction {
         c: Contraction,
         f: *const u8,
-        norm: Option<(*const u8, Src, usize)>,
+        norm: Option<(*const u8, Src, Buf)>,
         x: Src,
         weight: (*const u8, usize),
         residual: Option<Src>,
         rows: usize,
-        out: usize,
+        out: Buf,
     },
-    /// Rows of `len` floats quantized to q8_0 into `bytes` bytes at `out`.
+    /// Rows of floats quantized to q8_0, `bytes` bytes into `out`.
     Quantize {
         f: *const u8,
         x: Src,
-        out: usize,
+        out: Buf,
         bytes: usize,
     },
     /// An RMS norm over rows of `d`.
@@ -144,21 +151,19 @@ enum Op {
         d: usize,
         x: Src,
         gain: Src,
-        out: usize,
-        len: usize,
+        out: Buf,
     },
-    /// An elementwise body over operands of `len` floats.
+    /// An elementwise body over operands of `out.len` floats.
     Elementwise {
         f: *const u8,
         inputs: Vec<Src>,
-        out: usize,
-        len: usize,
+        out: Buf,
     },
     /// Column ranges `(offset, len, out)` of rows of `width`.
     Columns {
         x: Src,
         width: usize,
-        parts: Vec<(usize, usize, usize)>,
+        parts: Vec<(usize, usize, Buf)>,
     },
     /// x copied to `out` and rotated there.
     Rope {
@@ -167,8 +172,7 @@ enum Op {
         row: usize,
         x: Src,
         positions: usize,
-        out: usize,
-        len: usize,
+        out: Buf,
     },
     /// Paged attention, after appending the new keys and values when `append`.
     Attention {
@@ -181,8 +185,7 @@ enum Op {
         tables: usize,
         lens: usize,
         sequences: [usize; 2],
-        out: usize,
-        len: usize,
+        out: Buf,
     },
     /// Embedding rows of the token ids in argument `ids`.
     Gather {
@@ -190,8 +193,7 @@ enum Op {
         shape: [usize; 2],
         panels: bool,
         ids: usize,
-        out: usize,
-        len: usize,
+        out: Buf,
     },
 }
 
@@ -228,8 +230,6 @@ struct Builder<'a> {
     src: Vec<Option<Src>>,
     /// Arena buffers: floats, first step, last step (the return counts as a step).
     buffers: Vec<(usize, usize, usize)>,
-    /// The buffer of each slot made by a step.
-    buffer_of: Vec<Option<usize>>,
     /// The last step that reads each slot.
     last_use: Vec<usize>,
     /// The slot that holds the KV cache now.
@@ -247,6 +247,11 @@ impl Builder<'_> {
         }
     }
 
+    /// The number of values of the traced f32 tensor in `slot`.
+    fn count(&self, slot: usize) -> Option<usize> {
+        self.floats(slot).map(|shape| shape.iter().product())
+    }
+
     /// The traced q8_0 tensor in `slot` (quantized activations).
     fn q8_0(&self, slot: usize) -> Option<&[usize]> {
         match &self.traced[slot] {
@@ -262,7 +267,7 @@ impl Builder<'_> {
         if let Src::Arg { i, .. } = src {
             self.shaping[i] = true;
         }
-        matches!(src, Src::Arena { .. } | Src::Arg { .. } | Src::Constant(_)).then_some(src)
+        matches!(src, Src::Arena(_) | Src::Arg { .. } | Src::Constant(_)).then_some(src)
     }
 
     /// The argument in `slot`, read for its values (ints).
@@ -274,19 +279,20 @@ impl Builder<'_> {
     }
 
     /// A new arena buffer of `len` floats made at `step` for `slot`.
-    fn define(&mut self, slot: usize, step: usize, len: usize) -> usize {
-        let b = self.buffers.len();
-        let last = self.last_use[slot].max(step);
-        self.buffers.push((len, step, last));
-        self.buffer_of[slot] = Some(b);
-        self.src[slot] = Some(Src::Arena { at: b, len });
-        b
+    fn define(&mut self, slot: usize, step: usize, len: usize) -> Buf {
+        let buf = self.scratch(step, len);
+        self.buffers[buf.at].2 = self.last_use[slot].max(step);
+        self.src[slot] = Some(Src::Arena(buf));
+        buf
     }
 
-    /// A scratch buffer of `len` floats used at `step` only.
-    fn scratch(&mut self, step: usize, len: usize) -> usize {
+    /// A buffer of `len` floats used at `step` only.
+    fn scratch(&mut self, step: usize, len: usize) -> Buf {
         self.buffers.push((len, step, step));
-        self.buffers.len() - 1
+        Buf {
+            at: self.buffers.len() - 1,
+            len,
+        }
     }
 
     /// `result` is `operand` under another shape (a reshape): the same place, whose
@@ -294,9 +300,9 @@ impl Builder<'_> {
     fn alias(&mut self, result: usize, operand: usize) -> Option<()> {
         let src = self.src[operand]?;
         self.src[result] = Some(src);
-        if let Some(b) = self.buffer_of[operand] {
-            self.buffer_of[result] = Some(b);
-            self.buffers[b].2 = self.buffers[b].2.max(self.last_use[result]);
+        if let Src::Arena(buf) = src {
+            let last = &mut self.buffers[buf.at].2;
+            *last = (*last).max(self.last_use[result]);
         }
         Some(())
     }
@@ -323,7 +329,6 @@ impl CallPlan {
             traced,
             src: vec![None; slots],
             buffers: Vec::new(),
-            buffer_of: vec![None; slots],
             last_use,
             cache: None,
             shaping: vec![false; params.len()],
@@ -379,19 +384,14 @@ impl CallPlan {
             .map(|&(len, first, last)| ((4 * len.max(1)) as u64, first, last))
             .collect();
         let (offsets, arena_bytes) = place_buffers(&bytes);
-        let at = |buffer: usize| offsets[buffer] as usize / 4;
-        let relocate = |src: &mut Src| {
-            if let Src::Arena { at: buffer, .. } = src {
-                *buffer = at(*buffer);
-            }
-        };
+        let place = |buf: &mut Buf| buf.at = offsets[buf.at] as usize / 4;
         for call in &mut calls {
-            call.op.relocate(&relocate, &at);
+            call.op.place(&place);
         }
         let mut returns = returns;
         for r in &mut returns {
             if let Returned::Tensor(src, _) = r {
-                relocate(src);
+                src.place(&place);
             }
         }
         let key = params
@@ -402,7 +402,8 @@ impl CallPlan {
                 _ => None,
             })
             .collect();
-        let arena_len = (arena_bytes.div_ceil(ALIGNMENT) * ALIGNMENT) as usize / 4;
+        // Every buffer is whole floats at an aligned offset: the arena is whole floats.
+        let arena_len = arena_bytes as usize / 4;
         Some(CallPlan {
             key,
             calls,
@@ -427,8 +428,8 @@ impl CallPlan {
                 })
     }
 
-    /// Runs the plan on `args` (checked against the function type by the caller), with
-    /// the program's `code` and tables.
+    /// Runs the plan on `args` (checked against the function type by the caller) with the
+    /// program's kernels and tables.
     pub(super) fn run(&self, k: &Kernels, mut args: Vec<Value>) -> Result<Vec<Value>, PlanError> {
         let placeholder = || Value::Tensor(Tensor::from_f32(vec![0], DType::F32, Vec::new()));
         let mut cache = match self.cache_arg {
@@ -502,7 +503,7 @@ fn plan_columns(
     let rows = shape.iter().product::<usize>() / width.max(1);
     let mut planned = Vec::with_capacity(parts.len());
     for (&(offset, len), &result) in parts.iter().zip(step.outputs) {
-        if offset + len > width || b.floats(result)?.iter().product::<usize>() != rows * len {
+        if offset + len > width || b.count(result)? != rows * len {
             return None;
         }
         planned.push((offset, len, b.define(result, i, rows * len)));
@@ -524,7 +525,6 @@ fn plan_kernel(
 ) -> Option<Option<Op>> {
     let inputs = step.inputs;
     let result = *step.outputs.first()?;
-    let result_len = |b: &Builder| b.floats(result).map(|s| s.iter().product::<usize>());
     let op = match (kernel, entry) {
         (Kernel::Move(Movement::Reshape), _) => {
             let [x] = inputs else { return None };
@@ -550,7 +550,7 @@ fn plan_kernel(
             };
             let x_shape = if c.q8_0_input {
                 // Quantized activations come from an earlier step.
-                (norm.is_none() && matches!(b.src[x]?, Src::Arena { .. })).then_some(())?;
+                (norm.is_none() && matches!(b.src[x]?, Src::Arena(_))).then_some(())?;
                 b.q8_0(x)?.to_vec()
             } else {
                 b.floats(x)?.to_vec()
@@ -566,7 +566,7 @@ fn plan_kernel(
             let wbytes = calls::weight_bytes(c, unsafe { &*wv }).ok()?;
             let len = rows * c.n;
             let residual = match residual {
-                [r] if b.floats(*r)?.iter().product::<usize>() == len => Some(b.shaping(*r)?),
+                [r] if b.count(*r)? == len => Some(b.shaping(*r)?),
                 [] => None,
                 _ => return None,
             };
@@ -582,7 +582,7 @@ fn plan_kernel(
                 Some(_) => return None,
                 None => None,
             };
-            (result_len(b)? == len).then_some(())?;
+            (b.count(result)? == len).then_some(())?;
             Op::Contraction {
                 c: *c,
                 f,
@@ -618,8 +618,10 @@ fn plan_kernel(
         }
         (Kernel::RmsNorm { d, .. }, Some(f)) => {
             let [x, gain] = inputs else { return None };
-            let len = b.floats(*x)?.iter().product::<usize>();
-            if b.floats(*x)?.last() != Some(d) || b.floats(*gain)? != [*d] || result_len(b)? != len
+            let len = b.count(*x)?;
+            if b.floats(*x)?.last() != Some(d)
+                || b.floats(*gain)? != [*d]
+                || b.count(result)? != len
             {
                 return None;
             }
@@ -629,7 +631,6 @@ fn plan_kernel(
                 x: b.shaping(*x)?,
                 gain: b.shaping(*gain)?,
                 out: b.define(result, i, len),
-                len,
             }
         }
         (Kernel::Elementwise(body), Some(f)) => {
@@ -641,7 +642,7 @@ fn plan_kernel(
                 return None;
             }
             let len = shape.iter().product::<usize>();
-            (result_len(b)? == len).then_some(())?;
+            (b.count(result)? == len).then_some(())?;
             let srcs = inputs
                 .iter()
                 .map(|&s| b.shaping(s))
@@ -650,15 +651,14 @@ fn plan_kernel(
                 f,
                 inputs: srcs,
                 out: b.define(result, i, len),
-                len,
             }
         }
         (Kernel::Rope { heads, d, .. }, Some(f)) => {
             let [x, positions] = inputs else {
                 return None;
             };
-            let len = b.floats(*x)?.iter().product::<usize>();
-            (result_len(b)? == len).then_some(())?;
+            let len = b.count(*x)?;
+            (b.count(result)? == len).then_some(())?;
             Op::Rope {
                 f,
                 angles: RopeAngles::of(kernel)?,
@@ -666,7 +666,6 @@ fn plan_kernel(
                 x: b.shaping(*x)?,
                 positions: b.arg(*positions)?,
                 out: b.define(result, i, len),
-                len,
             }
         }
         (
@@ -698,10 +697,7 @@ fn plan_kernel(
             let (append, rest) = match (append, inputs) {
                 (true, [_, _, keys, values, slots, rest @ ..]) if step.outputs.len() == 2 => {
                     let rows = q_shape[0] * q_shape[1] * kv_heads * d;
-                    if [*keys, *values]
-                        .iter()
-                        .any(|&s| b.floats(s).map(|s| s.iter().product()) != Some(rows))
-                    {
+                    if [*keys, *values].iter().any(|&s| b.count(s) != Some(rows)) {
                         return None;
                     }
                     let appended = (b.shaping(*keys)?, b.shaping(*values)?, b.arg(*slots)?);
@@ -715,7 +711,7 @@ fn plan_kernel(
             };
             let [tables, lens] = rest else { return None };
             let len = q_shape.iter().product::<usize>();
-            (result_len(b)? == len).then_some(())?;
+            (b.count(result)? == len).then_some(())?;
             Op::Attention {
                 f,
                 shape: [*heads, *kv_heads, *d],
@@ -727,7 +723,6 @@ fn plan_kernel(
                 lens: b.arg(*lens)?,
                 sequences: [q_shape[0], q_shape[1]],
                 out: b.define(result, i, len),
-                len,
             }
         }
         (
@@ -747,14 +742,13 @@ fn plan_kernel(
             let ids = b.arg(*ids)?;
             b.shaping[ids] = true;
             let len = ids_shape.iter().product::<usize>() * dim;
-            (result_len(b)? == len).then_some(())?;
+            (b.count(result)? == len).then_some(())?;
             Op::Gather {
                 table,
                 shape: [*vocab, *dim],
                 panels: *panels,
                 ids,
                 out: b.define(result, i, len),
-                len,
             }
         }
         _ => return None,
@@ -775,7 +769,7 @@ impl<'a> Frame<'a> {
         match src {
             // SAFETY: the plan placed `len` floats at `at` inside the arena, and no buffer
             // a call writes overlaps one it reads.
-            Src::Arena { at, len } => {
+            Src::Arena(Buf { at, len }) => {
                 Ok(unsafe { std::slice::from_raw_parts(self.base.add(at), len) })
             }
             Src::Arg { i, len } => {
@@ -798,18 +792,18 @@ impl<'a> Frame<'a> {
     fn bytes(&self, src: Src) -> Result<&[u8], String> {
         match src {
             // SAFETY: as in `floats`; any float is four plain bytes.
-            Src::Arena { at, len } => {
+            Src::Arena(Buf { at, len }) => {
                 Ok(unsafe { std::slice::from_raw_parts(self.base.add(at).cast::<u8>(), 4 * len) })
             }
             _ => Err("quantized activations are not in the arena".into()),
         }
     }
 
-    /// The `len` floats the plan placed at `at` (a buffer the current call writes).
-    fn output(self, at: usize, len: usize) -> &'a mut [f32] {
+    /// The floats of `buf`, a buffer the current call writes.
+    fn output(self, buf: Buf) -> &'a mut [f32] {
         // SAFETY: as in `floats`: the call's results are placed apart from every buffer
         // live during it.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(at), len) }
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(buf.at), buf.len) }
     }
 
     /// The ints of argument `i`.
@@ -818,10 +812,18 @@ impl<'a> Frame<'a> {
     }
 }
 
+impl Src {
+    /// Places an arena operand's buffer ([`Buf`]).
+    fn place(&mut self, place: &impl Fn(&mut Buf)) {
+        if let Src::Arena(buf) = self {
+            place(buf);
+        }
+    }
+}
+
 impl Op {
-    /// Turns buffer numbers into arena offsets (`at`), in every operand (`relocate`) and
-    /// result.
-    fn relocate(&mut self, relocate: &impl Fn(&mut Src), at: &impl Fn(usize) -> usize) {
+    /// Places every arena buffer the call reads or writes.
+    fn place(&mut self, place: &impl Fn(&mut Buf)) {
         match self {
             Op::Contraction {
                 norm,
@@ -831,47 +833,41 @@ impl Op {
                 ..
             } => {
                 if let Some((_, gain, normed)) = norm {
-                    relocate(gain);
-                    *normed = at(*normed);
+                    gain.place(place);
+                    place(normed);
                 }
-                relocate(x);
+                x.place(place);
                 if let Some(r) = residual {
-                    relocate(r);
+                    r.place(place);
                 }
-                *out = at(*out);
+                place(out);
             }
             Op::RmsNorm { x, gain, out, .. } => {
-                relocate(x);
-                relocate(gain);
-                *out = at(*out);
-            }
-            Op::Quantize { x, out, .. } => {
-                relocate(x);
-                *out = at(*out);
+                x.place(place);
+                gain.place(place);
+                place(out);
             }
             Op::Elementwise { inputs, out, .. } => {
-                inputs.iter_mut().for_each(relocate);
-                *out = at(*out);
+                inputs.iter_mut().for_each(|x| x.place(place));
+                place(out);
             }
             Op::Columns { x, parts, .. } => {
-                relocate(x);
-                for part in parts {
-                    part.2 = at(part.2);
-                }
+                x.place(place);
+                parts.iter_mut().for_each(|part| place(&mut part.2));
             }
-            Op::Rope { x, out, .. } => {
-                relocate(x);
-                *out = at(*out);
+            Op::Quantize { x, out, .. } | Op::Rope { x, out, .. } => {
+                x.place(place);
+                place(out);
             }
             Op::Attention { q, append, out, .. } => {
-                relocate(q);
+                q.place(place);
                 if let Some((keys, values, _)) = append {
-                    relocate(keys);
-                    relocate(values);
+                    keys.place(place);
+                    values.place(place);
                 }
-                *out = at(*out);
+                place(out);
             }
-            Op::Gather { out, .. } => *out = at(*out),
+            Op::Gather { out, .. } => place(out),
         }
     }
 
@@ -894,7 +890,7 @@ impl Op {
                     let xs = frame.floats(*x)?;
                     let xs = match norm {
                         Some((norm, gain, normed)) => {
-                            let normed = frame.output(*normed, xs.len());
+                            let normed = frame.output(*normed);
                             norm_into(*norm, c.k, (xs, frame.floats(*gain)?), normed);
                             &*normed
                         }
@@ -905,44 +901,30 @@ impl Op {
                 let residual = residual.map(|r| frame.floats(r)).transpose()?;
                 // SAFETY: the program keeps the checked weight bytes alive.
                 let wbytes = unsafe { std::slice::from_raw_parts(weight.0, weight.1) };
-                let y = frame.output(*out, rows * c.n);
-                contract_into(k, c, *f, (x_rows, wbytes, residual), y);
+                contract_into(k, c, *f, (x_rows, wbytes, residual), frame.output(*out));
             }
             Op::Quantize { f, x, out, bytes } => {
                 let xs = frame.floats(*x)?;
-                let q = frame.output(*out, bytes.div_ceil(4));
+                let q = frame.output(*out);
                 // SAFETY: the buffer's floats are plain bytes to the quantizer.
                 let q = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast(), *bytes) };
                 quantize_into(*f, xs, q);
             }
-            Op::RmsNorm {
-                f,
-                d,
-                x,
-                gain,
-                out,
-                len,
-            } => {
-                let y = frame.output(*out, *len);
+            Op::RmsNorm { f, d, x, gain, out } => {
+                let y = frame.output(*out);
                 norm_into(*f, *d, (frame.floats(*x)?, frame.floats(*gain)?), y);
             }
-            Op::Elementwise {
-                f,
-                inputs,
-                out,
-                len,
-            } => {
+            Op::Elementwise { f, inputs, out } => {
                 let mut ptrs = smallvec::SmallVec::<[i64; 8]>::new();
                 for &src in inputs {
                     ptrs.push(frame.floats(src)?.as_ptr() as i64);
                 }
-                elementwise_into(*f, &ptrs, frame.output(*out, *len));
+                elementwise_into(*f, &ptrs, frame.output(*out));
             }
             Op::Columns { x, width, parts } => {
                 let xs = frame.floats(*x)?;
-                let rows = xs.len() / width.max(&1);
-                for &(offset, len, at) in parts {
-                    copy_columns(xs, *width, (offset, len), frame.output(at, rows * len));
+                for &(offset, len, out) in parts {
+                    copy_columns(xs, *width, (offset, len), frame.output(out));
                 }
             }
             Op::Rope {
@@ -952,9 +934,8 @@ impl Op {
                 x,
                 positions,
                 out,
-                len,
             } => {
-                let y = frame.output(*out, *len);
+                let y = frame.output(*out);
                 y.copy_from_slice(frame.floats(*x)?);
                 rotate_in_place(k, (*f, *angles, *row), frame.ints(*positions)?, y)?;
             }
@@ -969,14 +950,13 @@ impl Op {
                 lens,
                 sequences,
                 out,
-                len,
             } => {
                 let cache = cache.as_mut().ok_or("no KV cache")?;
                 if let Some((keys, values, slots)) = append {
                     let kv = (frame.floats(*keys)?, frame.floats(*values)?);
                     write_rows(cache, *layer, kv, frame.ints(*slots)?)?;
                 }
-                let y = frame.output(*out, *len);
+                let y = frame.output(*out);
                 y.fill(0.0);
                 let rows = AttentionRows::new(*f, [*heads, *d], frame.floats(*q)?);
                 let source = PagedSource {
@@ -994,11 +974,10 @@ impl Op {
                 panels,
                 ids,
                 out,
-                len,
             } => {
                 // SAFETY: the program keeps its constants alive as long as its plans.
                 let table = Table::of(unsafe { &**table }, *shape, *panels)?;
-                table.gather_into(frame.ints(*ids)?, frame.output(*out, *len))?;
+                table.gather_into(frame.ints(*ids)?, frame.output(*out))?;
             }
         }
         Ok(())

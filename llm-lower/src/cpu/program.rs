@@ -203,22 +203,22 @@ impl Plans {
             .collect()
     }
 
-    /// Whether a call with `args` should be traced to make a plan: the second time their
-    /// shapes come, unless a traced run of them could not be planned.
-    fn wants_trace(&mut self, args: &[Value]) -> bool {
+    /// The shapes of `args` when a call with them should be traced to make a plan: the
+    /// second time they come, unless a traced run of them could not be planned.
+    fn wants_trace(&mut self, args: &[Value]) -> Option<ArgShapes> {
         if self.unplannable {
-            return false;
+            return None;
         }
         let shapes = Self::shapes(args);
         if self.declined.contains(&shapes) {
-            return false;
+            return None;
         }
         if self.seen.contains(&shapes) {
-            return true;
+            return Some(shapes);
         }
         self.seen.insert(0, shapes);
         self.seen.truncate(Self::SEEN);
-        false
+        None
     }
 
     /// Remembers that calls with the shapes of `args` get no plan.
@@ -321,9 +321,7 @@ impl PackCache {
             .insert(key, (parts.to_vec(), Rc::clone(&packed)));
         Ok(packed)
     }
-}
 
-impl PackCache {
     /// The block-panel layout ([`kernel::pack_block_panels`]) of the quantized weight of
     /// `c`, `whole`, packed once.
     fn packed_blocks(
@@ -399,10 +397,11 @@ type Constants = Vec<(usize, Rc<Value>)>;
 
 /// Gives every panel-layout contraction (f32 panels or block panels) a repacked copy of
 /// its constant weight (one per weight, shared by the ops that use it; the rows of stacked
-/// f32 matrices packed from their parts), and returns the constants the steps read then, with their slots: the packed
-/// copies, numbered from `first_free`, and the hoisted values of `constants` that are still
-/// read (made now: a stacked matrix only read by contractions is never stacked). Packing
-/// runs on `threads` threads; the number of slots after packing comes second.
+/// f32 matrices packed from their parts), and returns the constants the steps read then,
+/// with their slots: the packed copies, numbered from `first_free`, and the hoisted values
+/// of `constants` that are still read (made now: a stacked matrix only read by
+/// contractions is never stacked). Packing runs on `threads` threads; the number of slots
+/// after packing comes second.
 fn pack_weights(
     steps: &mut [Step],
     (constants, hoisted): (&[(usize, IrValue)], &Hoisted),
@@ -430,26 +429,28 @@ fn pack_weights(
         let operand = weight_operand(c);
         let original = step.inputs[operand];
         let key = (original, c.transpose_at_pack);
-        if let Some(&slot) = in_block_panels.get(&original).filter(|_| c.block_panels) {
-            step.inputs[operand] = slot;
-            continue;
-        }
-        let slot = match packed.get(&key) {
-            Some(&slot) => slot,
-            None => {
-                let not_constant =
-                    || JitError(format!("{}: the weight is not constant", step.name));
-                let v = value_of(original).ok_or_else(not_constant)?;
-                if c.block_panels {
+        let not_constant = || JitError(format!("{}: the weight is not constant", step.name));
+        if c.block_panels {
+            let slot = match in_block_panels.get(&original) {
+                Some(&slot) => slot,
+                None => {
+                    let v = value_of(original).ok_or_else(not_constant)?;
                     let whole = hoisted.value(v).ok_or_else(not_constant)?;
                     let panels = cache.packed_blocks(whole, c, &step.name)?;
                     let slot = next_slot;
                     next_slot += 1;
                     extra.push((slot, panels));
                     in_block_panels.insert(original, slot);
-                    step.inputs[operand] = slot;
-                    continue;
+                    slot
                 }
+            };
+            step.inputs[operand] = slot;
+            continue;
+        }
+        let slot = match packed.get(&key) {
+            Some(&slot) => slot,
+            None => {
+                let v = value_of(original).ok_or_else(not_constant)?;
                 let whole;
                 let parts = match hoisted.stacked_rows(v) {
                     Some(parts) if !c.transpose_at_pack => parts,
@@ -753,12 +754,11 @@ impl Program {
                 error(step.location, format!("{}: {m}", step.name))
             });
         }
-        if !self.plans.borrow_mut().wants_trace(&args) {
+        let Some(shapes) = self.plans.borrow_mut().wants_trace(&args) else {
             return self.run_steps(ctx, weights, args, None);
-        }
+        };
         let mut trace = vec![Traced::Other; self.slots];
         let fallbacks = self.fallbacks.get();
-        let shapes = Plans::shapes(&args);
         let results = self.run_steps(ctx, weights, args, Some(&mut trace))?;
         // A run whose shapes a kernel did not cover is not one to plan from.
         if self.fallbacks.get() == fallbacks {

@@ -326,7 +326,13 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 ..
             } = source
             {
-                shaders.insert(0, kv_append_shader(kv_heads * d, *rounding));
+                shaders.insert(
+                    0,
+                    Shader::KvAppend {
+                        row: kv_heads * d,
+                        rounding: *rounding,
+                    },
+                );
             }
             shaders
         }
@@ -338,7 +344,10 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         Kernel::BatchedMatmul { transposed } => vec![Shader::BatchedMatmul {
             transposed: *transposed,
         }],
-        Kernel::KvAppend { row, rounding, .. } => vec![kv_append_shader(*row, *rounding)],
+        Kernel::KvAppend { row, rounding, .. } => vec![Shader::KvAppend {
+            row: *row,
+            rounding: *rounding,
+        }],
         Kernel::KvLookup { row, .. } => vec![Shader::KvGather { row: *row }],
         Kernel::Move(Movement::Reshape) => Vec::new(),
         Kernel::Move(Movement::Columns { width, offset, len }) => vec![Shader::Columns {
@@ -1672,11 +1681,6 @@ pub fn kv_append_values_per_invocation(rounding: KvRounding) -> usize {
         KvRounding::Quantized(_) => 32,
         _ => 1,
     }
-}
-
-/// The append shader for a cache whose writes round as `rounding` says.
-fn kv_append_shader(row: usize, rounding: KvRounding) -> Shader {
-    Shader::KvAppend { row, rounding }
 }
 
 /// Rounds an `f32` to the nearest `f16` (ties to even), kept as `f32`.
