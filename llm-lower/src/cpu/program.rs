@@ -409,10 +409,9 @@ fn pack_weights(
     (cache, threads): (&PackCache, usize),
 ) -> Result<(Constants, usize), JitError> {
     let value_of = |slot: usize| constants.iter().find(|(s, _)| *s == slot).map(|&(_, v)| v);
-    // (original slot, transposed) -> packed slot.
+    // (original slot, transposed) -> packed slot (f32 panels of an f32 weight, block
+    // panels of a quantized one).
     let mut packed: HashMap<(usize, bool), usize> = HashMap::new();
-    // Original slot -> its block-panel copy's slot.
-    let mut in_block_panels: HashMap<usize, usize> = HashMap::new();
     let mut next_slot = first_free;
     let mut extra = Vec::new();
     for step in steps.iter_mut() {
@@ -430,36 +429,24 @@ fn pack_weights(
         let original = step.inputs[operand];
         let key = (original, c.transpose_at_pack);
         let not_constant = || JitError(format!("{}: the weight is not constant", step.name));
-        if c.block_panels {
-            let slot = match in_block_panels.get(&original) {
-                Some(&slot) => slot,
-                None => {
-                    let v = value_of(original).ok_or_else(not_constant)?;
-                    let whole = hoisted.value(v).ok_or_else(not_constant)?;
-                    let panels = cache.packed_blocks(whole, c, &step.name)?;
-                    let slot = next_slot;
-                    next_slot += 1;
-                    extra.push((slot, panels));
-                    in_block_panels.insert(original, slot);
-                    slot
-                }
-            };
-            step.inputs[operand] = slot;
-            continue;
-        }
         let slot = match packed.get(&key) {
             Some(&slot) => slot,
             None => {
                 let v = value_of(original).ok_or_else(not_constant)?;
-                let whole;
-                let parts = match hoisted.stacked_rows(v) {
-                    Some(parts) if !c.transpose_at_pack => parts,
-                    _ => {
-                        whole = [Rc::clone(hoisted.value(v).ok_or_else(not_constant)?)];
-                        &whole[..]
-                    }
+                let panels = if c.block_panels {
+                    let whole = hoisted.value(v).ok_or_else(not_constant)?;
+                    cache.packed_blocks(whole, c, &step.name)?
+                } else {
+                    let whole;
+                    let parts = match hoisted.stacked_rows(v) {
+                        Some(parts) if !c.transpose_at_pack => parts,
+                        _ => {
+                            whole = [Rc::clone(hoisted.value(v).ok_or_else(not_constant)?)];
+                            &whole[..]
+                        }
+                    };
+                    cache.packed(parts, c, &step.name, threads)?
                 };
-                let panels = cache.packed(parts, c, &step.name, threads)?;
                 let slot = next_slot;
                 next_slot += 1;
                 extra.push((slot, panels));
@@ -476,9 +463,7 @@ fn pack_weights(
             kernel: Kernel::Move(Movement::Rows { panels, .. }),
             ..
         }) = &mut step.action
-            && let Some(&slot) = packed
-                .get(&(step.inputs[0], false))
-                .or_else(|| in_block_panels.get(&step.inputs[0]))
+            && let Some(&slot) = packed.get(&(step.inputs[0], false))
         {
             *panels = true;
             step.inputs[0] = slot;
