@@ -46,6 +46,26 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     })
 }
 
+/// `y = quantized_matmul(quantize(x) to q8_0, w) + r` for `x` of `[m, k]` and a weight
+/// `w` of `[n, k]` in `format` (seeded, in the returned store).
+fn quantized_activations(
+    [m, n, k]: [usize; 3],
+    format: &QuantFormat,
+    seed: u64,
+) -> (String, Store) {
+    let y = ty(&[m, n]);
+    let ir = func(
+        &[("x".into(), ty(&[m, k])), ("r".into(), y.clone())],
+        &y,
+        &format!(
+            "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, {}>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};",
+            format.name()
+        ),
+    );
+    let store = Store(vec![("w".into(), Rc::new(quantized(format, [n, k], seed)))]);
+    (ir, store)
+}
+
 fn tensor(shape: &[usize], seed: u64, scale: f32) -> Value {
     let n = shape.iter().product();
     Value::Tensor(Tensor::from_f32(
@@ -599,17 +619,8 @@ proptest! {
     #[test]
     fn q8_0_activations_with_block_panels(m in 1usize..4, n in 1usize..150, blocks in 1usize..9, q4 in any::<bool>(), seed: u64) {
         let k = 32 * blocks;
-        let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
-        let y = ty(&[m, n]);
-        let ir = func(
-            &[("x".into(), ty(&[m, k])), ("r".into(), y.clone())],
-            &y,
-            &format!(
-                "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, {name}>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
-            ),
-        );
-        let q = quantized(&format, [n, k], seed + 1);
-        let store = Store(vec![("w".into(), Rc::new(q))]);
+        let format = if q4 { QuantFormat::Q4_0 } else { QuantFormat::Q8_0 };
+        let (ir, store) = quantized_activations([m, n, k], &format, seed + 1);
         let args = vec![tensor(&[m, k], seed, 3.0), tensor(&[m, n], seed + 2, 1.0)];
         // Up to 256 products: the interpreter's f32 sum in order rounds where the
         // kernels' exact block sums do not (measured up to 1.9e-5).
@@ -1938,16 +1949,7 @@ fn decode_steps_run_through_a_call_plan() {
 #[test]
 fn quantized_activations_run_through_a_call_plan() {
     let (m, n, k) = (3, 40, 64);
-    let y = ty(&[m, n]);
-    let ir = func(
-        &[("x".into(), ty(&[m, k])), ("r".into(), y.clone())],
-        &y,
-        &format!(
-            "w = llm.weight {{name = \"w\"}} : llm.quantized_tensor <{n}x{k}, q4_0>;\n        xq = llm.quantize x : llm.quantized_tensor <{m}x{k}, q8_0>;\n        p = llm.quantized_matmul xq, w : {y};\n        y = llm.add p, r : {y};"
-        ),
-    );
-    let q = quantized(&QuantFormat::Q4_0, [n, k], 41);
-    let store = Store(vec![("w".into(), Rc::new(q))]);
+    let (ir, store) = quantized_activations([m, n, k], &QuantFormat::Q4_0, 41);
     let args = vec![tensor(&[m, k], 42, 3.0), tensor(&[m, n], 43, 1.0)];
     let (ctx, func, want, hoisted) = reference(&ir, &args, &store).unwrap();
     for threads in [1, 2] {
