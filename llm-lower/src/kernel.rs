@@ -836,6 +836,32 @@ pub enum Kernel {
     Fold(Reduction),
     /// Data movement.
     Move(Movement),
+    /// Values entering, leaving or gathered across an in-process mesh.
+    Mesh(MeshMove),
+}
+
+/// Data movement of sharded values over an in-process mesh (no arithmetic): host copies
+/// of each device's shard, on every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshMove {
+    /// `llm.shard`: each device's box of the value, as the result type splits it.
+    Shard {
+        /// The mesh's axes and sizes.
+        mesh: Vec<(String, u64)>,
+        /// Per dim, the axes it is split over.
+        split: Vec<Vec<String>>,
+        /// How the value's partial results combine later (the result type's).
+        reduction: Reduction,
+    },
+    /// `llm.unshard` of a replicated value: device 0's shard, checked against the others.
+    Unshard,
+    /// `llm.all_gather` along `dim` over mesh `axes`.
+    AllGather {
+        /// The mesh axes gathered over.
+        axes: Vec<String>,
+        /// The dim the shards are concatenated along.
+        dim: usize,
+    },
 }
 
 impl Kernel {
@@ -905,6 +931,11 @@ impl Kernel {
             ),
             Kernel::Fold(reduction) => format!("fold_{}", reduction.name()),
             Kernel::Move(m) => format!("{m:?}"),
+            Kernel::Mesh(MeshMove::Shard { split, .. }) => format!("shard_{split:?}"),
+            Kernel::Mesh(MeshMove::Unshard) => "unshard".to_string(),
+            Kernel::Mesh(MeshMove::AllGather { axes, dim }) => {
+                format!("all_gather_{}_dim{dim}", axes.join("_"))
+            }
         }
     }
 
@@ -915,7 +946,10 @@ impl Kernel {
     pub fn code(&self) -> Option<Kernel> {
         match self {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
-            Kernel::Move(_) | Kernel::KvAppend { .. } | Kernel::KvLookup { .. } => None,
+            Kernel::Move(_)
+            | Kernel::Mesh(_)
+            | Kernel::KvAppend { .. }
+            | Kernel::KvLookup { .. } => None,
             Kernel::AllReduce { reduction, .. } | Kernel::ReduceScatter { reduction, .. } => {
                 Some(Kernel::Fold(*reduction))
             }
@@ -1069,6 +1103,22 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 },
                 reduction: y.reduction(),
             })
+        }
+        "llm.shard" => {
+            let y = check.result_sharded(0).ok()?;
+            Some(Kernel::Mesh(MeshMove::Shard {
+                mesh: y.mesh().to_vec(),
+                split: y.split().to_vec(),
+                reduction: y.reduction(),
+            }))
+        }
+        "llm.unshard" => Some(Kernel::Mesh(MeshMove::Unshard)),
+        "llm.all_gather" => {
+            let rank = check.sharded(0).ok()?.shape().len() as i64;
+            let axes = check.param("mesh_axes")?.as_word_list()?;
+            let dim = check.int("dim").unwrap_or(0);
+            let dim = usize::try_from(if dim < 0 { dim + rank } else { dim }).ok()?;
+            Some(Kernel::Mesh(MeshMove::AllGather { axes, dim }))
         }
         "llm.all_reduce" | "llm.reduce_scatter" => {
             let x = check.sharded(0).ok()?;

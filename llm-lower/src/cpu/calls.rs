@@ -17,7 +17,10 @@ use llm_ir::{
             kv::{append_rows, lookup},
             resolve_shape, resolve_shape_into,
             shape::{concat_tensors, permute},
-            shard::{all_reduce_with, reduce_scatter_with, sharded_linear_with},
+            shard::{
+                all_gather_with, all_reduce_with, reduce_scatter_with, shard_value,
+                sharded_linear_with, unshard_value,
+            },
         },
         quant::{dequantize_row, storage_bytes},
     },
@@ -33,7 +36,7 @@ use super::{
 };
 use crate::{
     kernel::{
-        AttentionSource, Contraction, Kernel, Movement, PANEL_ROWS, WeightFormat,
+        AttentionSource, Contraction, Kernel, MeshMove, Movement, PANEL_ROWS, WeightFormat,
         batched_matmul_dims, block_panel_row, broadcast_layout, contiguous_attention_shape,
         panel_row, whole_rows,
     },
@@ -175,6 +178,7 @@ pub fn call(
             k.results([Value::Sharded(y)])
         }),
         (Kernel::Move(m), _) => movement(k, *m, dims, inputs),
+        (Kernel::Mesh(m), _) => mesh_move(m, inputs).and_then(|v| k.results([v])),
         (Kernel::KvAppend { layer, .. }, _) => append_kv(k, *layer, inputs),
         (Kernel::KvLookup { layer, .. }, _) => inputs[0].cache().and_then(|cache| {
             let [keys, values] = lookup(
@@ -1153,6 +1157,21 @@ fn movement(k: &Kernels, m: Movement, dims: &[Dim], inputs: &mut Operands) -> Ou
             k.tensor(Tensor::from_f32(shape, DType::F32, out))
         }
     }
+}
+
+/// Moves a value into, out of or across the in-process mesh.
+fn mesh_move(m: &MeshMove, inputs: &Operands) -> Result<Value, String> {
+    Ok(match m {
+        MeshMove::Shard {
+            mesh,
+            split,
+            reduction,
+        } => Value::Sharded(shard_value(inputs[0].tensor()?, mesh, split, *reduction)?),
+        MeshMove::Unshard => Value::Tensor(unshard_value(inputs[0].sharded()?)?),
+        MeshMove::AllGather { axes, dim } => {
+            Value::Sharded(all_gather_with(inputs[0].sharded()?, *dim, axes)?)
+        }
+    })
 }
 
 /// Copies column ranges `(offset, len)` of the rows of `width` of `x` out, one result

@@ -397,6 +397,7 @@ impl Call<'_> {
         let out = match kernel {
             // Never selected on the GPU (`super::supports`).
             Kernel::ShardedLinear { .. }
+            | Kernel::Mesh(_)
             | Kernel::AllReduce { .. }
             | Kernel::ReduceScatter { .. }
             | Kernel::Fold(_) => {

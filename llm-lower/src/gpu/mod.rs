@@ -114,6 +114,7 @@ pub fn supports(kernel: &Kernel) -> bool {
             _ => true,
         },
         Kernel::ShardedLinear { .. }
+        | Kernel::Mesh(_)
         | Kernel::AllReduce { .. }
         | Kernel::ReduceScatter { .. }
         | Kernel::Fold(_) => false,

@@ -216,6 +216,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
     match kernel {
         // Sharded values stay on the host (`super::supports`).
         Kernel::ShardedLinear { .. }
+        | Kernel::Mesh(_)
         | Kernel::AllReduce { .. }
         | Kernel::ReduceScatter { .. }
         | Kernel::Fold(_) => Vec::new(),

@@ -70,48 +70,58 @@ fn num_devices(mesh: &[(String, u64)]) -> usize {
     mesh.iter().map(|(_, s)| *s as usize).product()
 }
 
-fn sharded(
-    template: &Sharded,
-    split: Vec<Vec<String>>,
-    partial: Vec<String>,
-    shards: Vec<Tensor>,
-) -> Outputs {
-    Ok(vec![Rc::new(Value::Sharded(Sharded {
-        shape: template.shape.clone(),
-        mesh: template.mesh.clone(),
-        split,
-        partial,
-        reduction: template.reduction,
-        shards,
-    }))])
-}
-
 /// `llm.shard`.
 pub fn shard(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let x = inputs[0].tensor()?;
     let ty = e.op.result_sharded(0).map_err(|err| err.err.to_string())?;
-    let mesh = ty.mesh().to_vec();
-    let shards = (0..num_devices(&mesh))
-        .map(|d| local_shard(x, &mesh, ty.split(), d))
-        .collect();
-    let template = Sharded {
-        shape: x.shape.clone(),
-        mesh,
-        split: vec![],
-        partial: vec![],
-        reduction: ty.reduction(),
-        shards: vec![],
-    };
-    sharded(&template, ty.split().to_vec(), vec![], shards)
+    let y = shard_value(inputs[0].tensor()?, ty.mesh(), ty.split(), ty.reduction())?;
+    Ok(vec![Rc::new(Value::Sharded(y))])
 }
 
-/// `llm.unshard`: the (replicated) value of device 0, after checking all devices agree.
+/// `x` entering `mesh`: every device's box of it under `split` (no partial axes; a value
+/// later made partial combines by `reduction`). Every split dim must divide evenly.
+pub fn shard_value(
+    x: &Tensor,
+    mesh: &[(String, u64)],
+    split: &[Vec<String>],
+    reduction: Reduction,
+) -> Result<Sharded, String> {
+    let coords = vec![0; mesh.len()];
+    for (d, axes) in split.iter().enumerate() {
+        let parts = piece(mesh, axes, &coords).1;
+        let len = x.shape.get(d).copied().unwrap_or(0);
+        if !len.is_multiple_of(parts) || d >= x.shape.len() {
+            return Err(format!(
+                "dim {d} of a {:?} value does not split into {parts} equal pieces",
+                x.shape
+            ));
+        }
+    }
+    Ok(Sharded {
+        shape: x.shape.clone(),
+        mesh: mesh.to_vec(),
+        split: split.to_vec(),
+        partial: vec![],
+        reduction,
+        shards: (0..num_devices(mesh))
+            .map(|d| local_shard(x, mesh, split, d))
+            .collect(),
+    })
+}
+
+/// `llm.unshard`.
 pub fn unshard(_: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let s = inputs[0].sharded()?;
-    if s.shards.iter().any(|t| t != &s.shards[0]) {
+    let y = unshard_value(inputs[0].sharded()?)?;
+    Ok(vec![Rc::new(Value::Tensor(y))])
+}
+
+/// A replicated value leaving its mesh: device 0's shard, after checking that every
+/// device holds the same.
+pub fn unshard_value(s: &Sharded) -> Result<Tensor, String> {
+    let first = s.shards.first().ok_or("a sharded value on no device")?;
+    if s.shards.iter().any(|t| t != first) {
         return Err("the devices hold different values for a replicated tensor".into());
     }
-    Ok(vec![Rc::new(Value::Tensor(s.shards[0].clone()))])
+    Ok(first.clone())
 }
 
 /// `llm.sharded_linear`: each device multiplies its shards.
@@ -274,14 +284,36 @@ pub fn all_reduce_with(
 pub fn all_gather(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let x = inputs[0].sharded()?;
     let dim = e.axis("dim", 0, x.shape.len())?;
-    let axes = axes_param(e);
+    let y = all_gather_with(x, dim, &axes_param(e))?;
+    Ok(vec![Rc::new(Value::Sharded(y))])
+}
+
+/// `llm.all_gather` of `x` along `dim` over mesh `axes`: each device's group's shards
+/// concatenated in piece order; `dim` is then no longer split over `axes` (its last ones).
+pub fn all_gather_with(x: &Sharded, dim: usize, axes: &[String]) -> Result<Sharded, String> {
+    let Some(first) = x.shards.first() else {
+        return Err("a sharded value on no device".into());
+    };
+    if dim >= x.shape.len() {
+        return Err(format!(
+            "dim {dim} is outside a rank-{} tensor",
+            x.shape.len()
+        ));
+    }
     let shards = (0..x.shards.len())
-        .map(|d| concat_tensors(&members(x, &axes, d), dim, x.shards[0].dtype))
+        .map(|d| concat_tensors(&members(x, axes, d), dim, first.dtype))
         .collect::<Result<_, _>>()?;
     let mut split = x.split.clone();
     let keep = split[dim].len().saturating_sub(axes.len());
     split[dim].truncate(keep);
-    sharded(x, split, x.partial.clone(), shards)
+    Ok(Sharded {
+        shape: x.shape.clone(),
+        mesh: x.mesh.clone(),
+        split,
+        partial: x.partial.clone(),
+        reduction: x.reduction,
+        shards,
+    })
 }
 
 /// `llm.reduce_scatter`.
