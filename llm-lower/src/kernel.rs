@@ -753,13 +753,14 @@ pub enum Kernel {
         /// Where keys and values are.
         source: AttentionSource,
     },
-    /// `llm.quantize` of `rows` rows of `k` `f32` values into q8_0, q4_0, q4_1, nf4 or an
-    /// affine integer format (a matrix), byte for byte as the reference quantizes.
+    /// `llm.quantize` of `rows` rows of `k` `f32` values into q8_0, q4_0, q4_1, a K-quant
+    /// (q4_k, q6_k, q2_k), nf4 or an affine integer format (a matrix), byte for byte as the
+    /// reference quantizes.
     Quantize {
         /// The format.
         format: WeightFormat,
         /// Rows (the product of the leading dims) for nf4 and the affine formats, which
-        /// lay a matrix out as a whole; `None` for the block formats, whose rows are
+        /// lay a matrix out as a whole; `None` for the block formats and K-quants, whose rows are
         /// counted at run time (the leading dims may be dynamic).
         rows: Option<usize>,
         /// Values per row.
@@ -1231,8 +1232,13 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let format = WeightFormat::of(check.result_quantized(0).ok()?.format())?;
             let rows = match format {
                 // Blocks along each row: any number of rows, counted at run time.
-                WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
-                    if !k.is_multiple_of(32) {
+                WeightFormat::Q8_0
+                | WeightFormat::Q4_0
+                | WeightFormat::Q4_1
+                | WeightFormat::Q4K
+                | WeightFormat::Q6K
+                | WeightFormat::Q2K => {
+                    if !format.block().is_some_and(|b| k.is_multiple_of(b)) {
                         return None;
                     }
                     None

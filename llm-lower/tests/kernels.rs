@@ -836,6 +836,39 @@ proptest! {
         }
     }
 
+    /// `llm.quantize` into the K-quants, byte for byte as the reference quantizes, on rows
+    /// whose sub-blocks of 16 differ in magnitude by up to 1e9 (so some scales quantize to
+    /// level 0 and keep the search's codes), with all-positive, constant and all-zero
+    /// sub-blocks among them; the values fed on to a quantized matmul. The GPU quantizes
+    /// into the K-quants on the host.
+    #[test]
+    fn k_quantize(rows in 1usize..4, blocks in 1usize..3, scale in prop::sample::select(vec![0.0f32, 1e-3, 1.0, 3e4]), seed: u64) {
+        let k = 256 * blocks;
+        let mut x = values(seed, rows * k, scale);
+        for (g, group) in x.chunks_mut(16).enumerate() {
+            let pick = (seed as usize).wrapping_add(7 * g) % 8;
+            match pick {
+                0 => group.iter_mut().for_each(|v| *v = v.abs()),
+                1 => group.iter_mut().for_each(|v| *v = scale * 0.5),
+                2 => group.iter_mut().for_each(|v| *v = 0.0),
+                _ => {
+                    let magnitude = 10f32.powi(pick as i32 - 6);
+                    group.iter_mut().for_each(|v| *v *= magnitude);
+                }
+            }
+        }
+        let x = Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, x));
+        for text in ["q4_k", "q6_k", "q2_k"] {
+            let qt = format!("llm.quantized_tensor <{rows}x{k}, {text}>");
+            let ir = format!(
+                "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({xt}, {a}) -> ({qt}, {y})> {{\n      ^body(x: {xt}, a: {a}):\n        q = llm.quantize x : {qt};\n        y = llm.quantized_matmul a, q : {y};\n        llm.return q, y\n    }}\n}}\n",
+                xt = ty(&[rows, k]), a = ty(&[2, k]), y = ty(&[2, rows]),
+            );
+            let args = vec![x.clone(), tensor(&[2, k], seed + 1, 1.0)];
+            cpu_agrees(&ir, args, 1e-4 * scale.max(1.0))?;
+        }
+    }
+
     /// `llm.dequantize` of a tensor that is an argument (so not evaluated at load), in
     /// every format.
     #[test]

@@ -352,9 +352,14 @@ fn make_qkx2_quants(
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let (mut sum_w, mut sum_x) = (weights[0], weights[0] * x[0]);
+    // ggml's strict comparisons (the first of equal values stays: defined for signed zeros).
     for i in 1..n {
-        min = min.min(x[i]);
-        max = max.max(x[i]);
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
         sum_w += weights[i];
         sum_x += weights[i] * x[i];
     }
@@ -457,6 +462,13 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
     scale
 }
 
+/// The largest of `values` and zero, by ggml's strict comparisons.
+fn largest(values: &[f32]) -> f32 {
+    values
+        .iter()
+        .fold(0.0, |most, &v| if v > most { v } else { most })
+}
+
 fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
     let mut codes = [0u8; 256];
     let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
@@ -476,8 +488,7 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
             false,
         );
     }
-    let max_scale = scales.iter().copied().fold(0f32, f32::max);
-    let max_min = mins.iter().copied().fold(0f32, f32::max);
+    let (max_scale, max_min) = (largest(&scales), largest(&mins));
     let inv_scale = if max_scale > 0.0 {
         63.0 / max_scale
     } else {
@@ -586,8 +597,7 @@ fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
             true,
         );
     }
-    let max_scale = scales.iter().copied().fold(0f32, f32::max);
-    let max_min = mins.iter().copied().fold(0f32, f32::max);
+    let (max_scale, max_min) = (largest(&scales), largest(&mins));
     let mut packed = [0u8; 16];
     let d = if max_scale > 0.0 {
         let iscale = 15.0 / max_scale;

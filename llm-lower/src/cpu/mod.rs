@@ -13,6 +13,7 @@ pub mod emit;
 pub mod jit;
 pub mod kq8dot;
 pub mod kquant;
+pub mod kquantize;
 pub mod plan;
 pub mod pool;
 pub mod program;

@@ -1,5 +1,5 @@
 //! `llm.quantize` in generated code: f32 values into q8_0, q4_0 or q4_1 blocks of 32 or
-//! nf4 blocks, byte for byte as the reference quantizes (ggml's reference quantizers, and
+//! nf4 blocks (the K-quants: [`super::kquantize`]), byte for byte as the reference quantizes (ggml's reference quantizers, and
 //! QLoRA's absmax NormalFloat).
 //!
 //! A GGUF block's scale is computed in f32 and used as is for the codes; it is stored as
@@ -24,7 +24,7 @@ use crate::kernel::WeightFormat;
 
 /// Emits the quantization of the floats at `p[0]` into `format`'s bytes at `p[1]`: `rows`
 /// rows of `k` for nf4 and the affine formats, `p[2]` floats (a run-time count) for the
-/// block formats.
+/// block formats and the K-quants.
 pub fn emit_quantize(
     b: &mut FunctionBuilder,
     format: WeightFormat,
@@ -53,6 +53,9 @@ pub fn emit_quantize(
                 scale,
             };
             return affine.emit(b, [x, out], [matrix_len() / k, k]);
+        }
+        WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => {
+            return super::kquantize::emit_kquantize(b, format, p);
         }
         _ => {}
     }
@@ -462,7 +465,7 @@ fn pack_nibbles(
 }
 
 /// Stores `x` as the bits of the nearest f16 (ties to even) at `at + offset`.
-fn store_f16(b: &mut FunctionBuilder, x: Value, at: Value, offset: i32) {
+pub(super) fn store_f16(b: &mut FunctionBuilder, x: Value, at: Value, offset: i32) {
     let bits = f16_bits(b, x);
     b.ins().istore16(mem(), bits, at, offset);
 }

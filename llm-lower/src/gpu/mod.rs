@@ -121,7 +121,11 @@ pub fn supports(kernel: &Kernel) -> bool {
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
         Kernel::Quantize { format, .. } => !matches!(
             format,
-            WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }
+            WeightFormat::Nf4 { .. }
+                | WeightFormat::Affine { .. }
+                | WeightFormat::Q4K
+                | WeightFormat::Q6K
+                | WeightFormat::Q2K
         ),
         _ => true,
     }
