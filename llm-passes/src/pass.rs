@@ -219,6 +219,7 @@ pub static PASSES: &[PassInfo] = &[
     crate::dce::INFO,
     crate::fuse::INFO,
     crate::quantize_activations::INFO,
+    crate::widen_floats::INFO,
     crate::plan_kv_memory::INFO,
     crate::plan_buffers::INFO,
 ];
@@ -226,8 +227,8 @@ pub static PASSES: &[PassInfo] = &[
 /// Named pipelines, usable as a pass name in a pipeline.
 pub static PIPELINES: &[(&str, &str, &str)] = &[(
     "default",
-    "canonicalize,cse,fuse,canonicalize,dce",
-    "the pipeline llm-run uses: simplify, share, fuse, simplify again, drop dead ops",
+    "widen-floats,canonicalize,cse,fuse,canonicalize,dce",
+    "the pipeline llm-run uses: f16/bf16 norms and matmuls in f32, simplify, share, fuse, simplify again, drop dead ops",
 )];
 
 /// Looks a pass up by name.
