@@ -311,11 +311,11 @@ impl Model {
                     })
                     .map_err(|e| format!("cpu backend: {e}"))?,
                 ),
-                Backend::Gpu(options) => {
-                    let device =
-                        Arc::new(gpu::Gpu::new(options).map_err(|e| format!("gpu backend: {e}"))?);
-                    Compiler::Gpu(gpu::Compiler::new(device))
-                }
+                // The device opened above for the pipeline's limits.
+                Backend::Gpu(_) => match &device {
+                    Some(device) => Compiler::Gpu(gpu::Compiler::new(Arc::clone(device))),
+                    None => return Err("gpu backend: no device".to_string().into()),
+                },
             };
             let mut hoist = |step: Step| -> Result<StepFunction, RunError> {
                 let func = interp::find_func(&ctx, module, step.name())
