@@ -143,21 +143,11 @@ fn q4_k_block(b: &mut FunctionBuilder, xb: Value, ob: Value, scratch: Value) {
     // Every code again from the stored (decoded) scale and minimum.
     for j in 0..8 {
         let (sc, m) = scale_min_k4(b, &packed, j);
-        let dl = times_level(b, d, sc);
-        let ml = times_level(b, dmin, m);
-        recode(b, (xb, scratch), 32 * j as i64, 32, dl, |b, v| {
-            let shifted = b.ins().fadd(v, ml);
-            let q = b.ins().fdiv(shifted, dl);
-            let l = nearest_int(b, q);
-            clamp_int(b, l, 0, 15)
-        });
+        let levels = ScaleMinLevels { d, sc, dmin, m };
+        levels.recode(b, (xb, scratch), 32 * j as i64, 32, 15);
     }
     // Codes `l` and `l + 32` of each 64 share a byte, low nibble first.
-    let zero = b.ins().iconst(types::I64, 0);
-    let run = b.ins().iconst(types::I64, 32);
-    for_range(b, zero, run, 1, |b, l| {
-        let codes = b.ins().iadd(scratch, l);
-        let dest = b.ins().iadd(ob, l);
+    by_column(b, scratch, ob, |b, codes, dest| {
         for j in 0..4 {
             let lo = b.ins().uload8(types::I32, mem(), codes, 64 * j);
             let hi = b.ins().uload8(types::I32, mem(), codes, 64 * j + 32);
@@ -230,11 +220,7 @@ fn q6_k_block(b: &mut FunctionBuilder, xb: Value, ob: Value, scratch: Value) {
     }
     // Low nibbles of codes `l` and `l + 64` share a byte of `ql` (and `l + 32`,
     // `l + 96`); their two high bits fill a byte of `qh`; per half of 128 codes.
-    let zero = b.ins().iconst(types::I64, 0);
-    let run = b.ins().iconst(types::I64, 32);
-    for_range(b, zero, run, 1, |b, l| {
-        let codes = b.ins().iadd(scratch, l);
-        let dest = b.ins().iadd(ob, l);
+    by_column(b, scratch, ob, |b, codes, dest| {
         for half in 0..2 {
             let q: Vec<Value> = (0..4)
                 .map(|i| {
@@ -316,21 +302,11 @@ fn q2_k_block(b: &mut FunctionBuilder, xb: Value, ob: Value, scratch: Value) {
         b.ins().istore8(mem(), byte, ob, j as i32);
         let sc = b.ins().band_imm_s(byte, 0xf);
         let m = b.ins().ushr_imm_s(byte, 4);
-        let dl = times_level(b, d, sc);
-        let ml = times_level(b, dmin, m);
-        recode(b, (xb, scratch), 16 * j as i64, 16, dl, |b, v| {
-            let shifted = b.ins().fadd(v, ml);
-            let q = b.ins().fdiv(shifted, dl);
-            let l = nearest_int(b, q);
-            clamp_int(b, l, 0, 3)
-        });
+        let levels = ScaleMinLevels { d, sc, dmin, m };
+        levels.recode(b, (xb, scratch), 16 * j as i64, 16, 3);
     }
     // Codes `l`, `l + 32`, `l + 64`, `l + 96` of each 128 share a byte, low bits first.
-    let zero = b.ins().iconst(types::I64, 0);
-    let run = b.ins().iconst(types::I64, 32);
-    for_range(b, zero, run, 1, |b, l| {
-        let codes = b.ins().iadd(scratch, l);
-        let dest = b.ins().iadd(ob, l);
+    by_column(b, scratch, ob, |b, codes, dest| {
         for half in 0..2 {
             let mut byte = b.ins().iconst(types::I32, 0);
             for i in 0..4 {
@@ -670,6 +646,53 @@ fn f16_of_ratio(b: &mut FunctionBuilder, max: Value, divisor: f32) -> Value {
 fn times_level(b: &mut FunctionBuilder, d: Value, level: Value) -> Value {
     let level = b.ins().fcvt_from_sint(types::F32, level);
     b.ins().fmul(d, level)
+}
+
+/// A sub-block's stored scale and minimum: `d * sc` and `dmin * m` (q4_k, q2_k).
+struct ScaleMinLevels {
+    d: Value,
+    sc: Value,
+    dmin: Value,
+    m: Value,
+}
+
+impl ScaleMinLevels {
+    /// Recodes the `len` values from `first` on as `clamp(nearest_int((x + dmin * m) /
+    /// (d * sc)), 0, nmax)`, keeping the search's codes where `d * sc` is zero.
+    fn recode(
+        &self,
+        b: &mut FunctionBuilder,
+        (xb, codes): (Value, Value),
+        first: i64,
+        len: i64,
+        nmax: i32,
+    ) {
+        let dl = times_level(b, self.d, self.sc);
+        let ml = times_level(b, self.dmin, self.m);
+        recode(b, (xb, codes), first, len, dl, |b, v| {
+            let shifted = b.ins().fadd(v, ml);
+            let q = b.ins().fdiv(shifted, dl);
+            let l = nearest_int(b, q);
+            clamp_int(b, l, 0, nmax)
+        });
+    }
+}
+
+/// Emits `pack(codes + l, out + l)` for each column `l` in `0..32`: the K-quants pack the
+/// codes `l`, `l + 32`, ... of the stack slot into the bytes of column `l` of their runs.
+fn by_column(
+    b: &mut FunctionBuilder,
+    codes: Value,
+    out: Value,
+    pack: impl FnOnce(&mut FunctionBuilder, Value, Value),
+) {
+    let zero = b.ins().iconst(types::I64, 0);
+    let run = b.ins().iconst(types::I64, 32);
+    for_range(b, zero, run, 1, |b, l| {
+        let codes = b.ins().iadd(codes, l);
+        let dest = b.ins().iadd(out, l);
+        pack(b, codes, dest);
+    });
 }
 
 /// q4_k's sub-block `j` scale and minimum levels from the twelve packed bytes (ggml's
