@@ -314,7 +314,7 @@ impl Model {
                 // The device opened above for the pipeline's limits.
                 Backend::Gpu(_) => match &device {
                     Some(device) => Compiler::Gpu(gpu::Compiler::new(Arc::clone(device))),
-                    None => return Err("gpu backend: no device".to_string().into()),
+                    None => return Err("gpu backend: no device".to_string()),
                 },
             };
             let mut hoist = |step: Step| -> Result<StepFunction, RunError> {
