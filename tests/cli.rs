@@ -173,7 +173,9 @@ fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
     for input in &inputs {
         args.extend(["--input", input.as_str()]);
     }
-    let out = llm_run(&args);
+    let mut interp_args = args.clone();
+    interp_args.extend(["--backend", "interp"]);
+    let out = llm_run(&interp_args);
     assert!(out.status.success(), "{}", stderr(&out));
     let logits =
         llm_runtime::npy::read(&std::fs::read(outdir.join("result0.npy")).expect("saved logits"))
@@ -187,7 +189,8 @@ fn llm_run_exec_runs_a_function_on_random_and_npy_inputs() {
             .all(|x| x.is_finite())
     );
 
-    // The same step on the CPU backend computes the same logits (to float rounding).
+    // The same step on the CPU backend (the default) computes the same logits (to float
+    // rounding).
     let cpu_dir = dir.join("cpu").display().to_string();
     let mut cpu_args = args.clone();
     let at = cpu_args

@@ -211,8 +211,12 @@ fn generate_cli(stem: &str, prompt: &str, args: &[&str]) -> String {
 }
 
 #[test]
-fn llm_run_generate_prints_what_run_c_prints() {
-    let stats = generate_cli("little_dog", "The little dog was sad because", &[]);
+fn llm_run_generate_on_the_interpreter_prints_what_run_c_prints() {
+    let stats = generate_cli(
+        "little_dog",
+        "The little dog was sad because",
+        &["--backend", "interp"],
+    );
     for key in [
         "prompt_tokens",
         "generated_tokens",
@@ -234,6 +238,9 @@ fn llm_run_generate_on_the_cpu_backend_prints_what_run_c_prints() {
         "Once upon a time",
         &["--backend", "cpu", "--threads", "2"],
     );
+    assert!(stats.contains("\"backend\": \"cpu\""), "{stats}");
+    // The CPU backend is the default.
+    let stats = generate_cli("once_upon_a_time", "Once upon a time", &[]);
     assert!(stats.contains("\"backend\": \"cpu\""), "{stats}");
 }
 

@@ -124,8 +124,9 @@ impl CompileArgs {
 /// Where a command runs: `--backend` and `--threads`.
 #[derive(clap::Args)]
 struct BackendArgs {
-    /// Execution backend.
-    #[arg(long, value_enum, default_value = "interp")]
+    /// Execution backend: the JIT-compiled CPU kernels by default; `interp` runs the
+    /// reference semantics (the definition of every op, slow), `gpu` the WGSL shaders.
+    #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendName,
     /// Threads of the CPU backend (default: all cores).
     #[arg(long)]
