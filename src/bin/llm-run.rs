@@ -98,12 +98,14 @@ impl Quantize {
 /// How a model is compiled: `--passes`, `--backend`, `--threads`, `--quantize`.
 #[derive(clap::Args)]
 struct CompileArgs {
-    /// The pass pipeline applied to the model before it runs (`""` for none). By default,
-    /// `quantize-activations` follows `default`: q8_0, q4_0, q4_k and q6_k matmuls read
-    /// q8_0 activations (integer dot products, as quantized inference engines run them; it
-    /// changes nothing for f32 weights); `--passes default` keeps f32 activations.
-    #[arg(long, default_value = "default,quantize-activations")]
-    passes: String,
+    /// The pass pipeline applied to the model before it runs (`""` for none). By default
+    /// `default,quantize-activations` (`default` on the GPU backend): q8_0, q4_0, q4_k and
+    /// q6_k matmuls read q8_0 activations, which the CPU multiplies as integers (as
+    /// quantized inference engines do; f32 weights are unaffected); the GPU has no integer
+    /// dot products, so there it would only add work. `--passes default` keeps f32
+    /// activations.
+    #[arg(long)]
+    passes: Option<String>,
     #[command(flatten)]
     backend: BackendArgs,
     /// Quantize the model's f32 matrices to this format when loading.
@@ -113,9 +115,15 @@ struct CompileArgs {
 
 impl CompileArgs {
     fn options(&self) -> Result<serve::CompileOptions, String> {
+        let backend = self.backend.backend()?;
+        let passes = match (&self.passes, &backend) {
+            (Some(passes), _) => passes.clone(),
+            (None, Backend::Gpu(_)) => "default".to_string(),
+            (None, _) => "default,quantize-activations".to_string(),
+        };
         Ok(serve::CompileOptions {
-            passes: self.passes.clone(),
-            backend: self.backend.backend()?,
+            passes,
+            backend,
             quantize: self.quantize.map(Quantize::format),
         })
     }
