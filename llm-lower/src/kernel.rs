@@ -760,8 +760,8 @@ pub enum Kernel {
         /// The format.
         format: WeightFormat,
         /// Rows (the product of the leading dims) for nf4 and the affine formats, which
-        /// lay a matrix out as a whole; `None` for the block formats and K-quants, whose rows are
-        /// counted at run time (the leading dims may be dynamic).
+        /// lay a matrix out as a whole; `None` for the block formats and K-quants, whose
+        /// rows are counted at run time (the leading dims may be dynamic).
         rows: Option<usize>,
         /// Values per row.
         k: usize,
@@ -841,8 +841,8 @@ pub enum Kernel {
     Mesh(MeshMove),
 }
 
-/// Data movement of sharded values over an in-process mesh (no arithmetic): host copies
-/// of each device's shard, on every backend.
+/// Data movement of sharded values over an in-process mesh (no arithmetic): on the CPU,
+/// copies of each device's shard (the GPU keeps sharded values on the host).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MeshMove {
     /// `llm.shard`: each device's box of the value, as the result type splits it.
@@ -932,7 +932,17 @@ impl Kernel {
             ),
             Kernel::Fold(reduction) => format!("fold_{}", reduction.name()),
             Kernel::Move(m) => format!("{m:?}"),
-            Kernel::Mesh(MeshMove::Shard { split, .. }) => format!("shard_{split:?}"),
+            Kernel::Mesh(MeshMove::Shard { split, .. }) => {
+                // Per dim, its axes (`-` for a whole dim): `shard_tp_-`.
+                let dims: Vec<String> = split
+                    .iter()
+                    .map(|axes| match axes.as_slice() {
+                        [] => "-".to_string(),
+                        axes => axes.join("+"),
+                    })
+                    .collect();
+                format!("shard_{}", dims.join("_"))
+            }
             Kernel::Mesh(MeshMove::Unshard) => "unshard".to_string(),
             Kernel::Mesh(MeshMove::AllGather { axes, dim }) => {
                 format!("all_gather_{}_dim{dim}", axes.join("_"))

@@ -228,7 +228,7 @@ pub static PASSES: &[PassInfo] = &[
 pub static PIPELINES: &[(&str, &str, &str)] = &[(
     "default",
     "widen-floats,canonicalize,cse,fuse,canonicalize,dce",
-    "the pipeline llm-run uses: f16/bf16 norms and matmuls in f32, simplify, share, fuse, simplify again, drop dead ops",
+    "the pipeline llm-run builds on (every bit kept): f16/bf16 norms and matmuls in f32, simplify, share, fuse, simplify again, drop dead ops",
 )];
 
 /// Looks a pass up by name.

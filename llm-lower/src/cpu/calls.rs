@@ -543,8 +543,8 @@ fn quantize(
 }
 
 /// Runs a compiled quantization of `xs` (whole rows of the kernel's row length: a
-/// multiple of the block for the block formats and K-quants, the static count for the others) into `bytes`,
-/// which the caller sized for the blocks they quantize to.
+/// multiple of the block for the block formats and K-quants, the static count for the
+/// others) into `bytes`, which the caller sized for the blocks they quantize to.
 pub(super) fn quantize_into(f: *const u8, xs: &[f32], bytes: &mut [u8]) {
     // SAFETY: a quantization's signature is (x, bytes, number of floats).
     let f: extern "C" fn(i64, i64, i64) = unsafe { std::mem::transmute(f) };

@@ -1,6 +1,6 @@
-//! `llm.quantize` in generated code: f32 values into q8_0, q4_0 or q4_1 blocks of 32 or
-//! nf4 blocks (the K-quants: [`super::kquantize`]), byte for byte as the reference quantizes (ggml's reference quantizers, and
-//! QLoRA's absmax NormalFloat).
+//! `llm.quantize` in generated code: f32 values into q8_0, q4_0 or q4_1 blocks of 32, nf4
+//! blocks or the affine formats (the K-quants: [`super::kquantize`]), byte for byte as the
+//! reference quantizes (ggml's reference quantizers, and QLoRA's absmax NormalFloat).
 //!
 //! A GGUF block's scale is computed in f32 and used as is for the codes; it is stored as
 //! f16, rounded to nearest even ([`f16_bits`]). Codes round as C's `roundf` (ties away

@@ -88,8 +88,7 @@ pub fn shard_value(
     let coords = vec![0; mesh.len()];
     for (d, axes) in split.iter().enumerate() {
         let parts = piece(mesh, axes, &coords).1;
-        let len = x.shape.get(d).copied().unwrap_or(0);
-        if !len.is_multiple_of(parts) || d >= x.shape.len() {
+        if x.shape.get(d).is_none_or(|len| !len.is_multiple_of(parts)) {
             return Err(format!(
                 "dim {d} of a {:?} value does not split into {parts} equal pieces",
                 x.shape
