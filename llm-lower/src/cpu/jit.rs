@@ -166,28 +166,41 @@ pub fn compile(
     // Pinned code is never run, so it may name the microkernel whatever this CPU has (the
     // snapshots then show the call); host code only when this CPU can run it. The symbol
     // is registered on every x86-64 host, so that an import always resolves.
+    // The q8_0-activation kernels with VNNI's byte dot products where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    let (q8dot_rows, q8dot_panels): ([*const u8; 2], [*const u8; 2]) = if q8dot::vnni() {
+        (
+            [
+                q8dot::by_q8_0_rows::<false, true> as *const u8,
+                q8dot::by_q8_0_rows::<true, true> as *const u8,
+            ],
+            [
+                q8dot::by_q8_0_panels::<false, true> as *const u8,
+                q8dot::by_q8_0_panels::<true, true> as *const u8,
+            ],
+        )
+    } else {
+        (
+            [
+                q8dot::by_q8_0_rows::<false, false> as *const u8,
+                q8dot::by_q8_0_rows::<true, false> as *const u8,
+            ],
+            [
+                q8dot::by_q8_0_panels::<false, false> as *const u8,
+                q8dot::by_q8_0_panels::<true, false> as *const u8,
+            ],
+        )
+    };
     #[cfg(target_arch = "x86_64")]
     builder.symbols([
         (ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8),
         (ukernel::PANEL_1X4, ukernel::panel_1x4 as *const u8),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
-        (
-            q8dot::Q8_0_BY_Q8_0_ROWS,
-            q8dot::by_q8_0_rows::<false> as *const u8,
-        ),
-        (
-            q8dot::Q4_0_BY_Q8_0_ROWS,
-            q8dot::by_q8_0_rows::<true> as *const u8,
-        ),
-        (
-            q8dot::Q8_0_BY_Q8_0_PANELS,
-            q8dot::by_q8_0_panels::<false> as *const u8,
-        ),
-        (
-            q8dot::Q4_0_BY_Q8_0_PANELS,
-            q8dot::by_q8_0_panels::<true> as *const u8,
-        ),
+        (q8dot::Q8_0_BY_Q8_0_ROWS, q8dot_rows[0]),
+        (q8dot::Q4_0_BY_Q8_0_ROWS, q8dot_rows[1]),
+        (q8dot::Q8_0_BY_Q8_0_PANELS, q8dot_panels[0]),
+        (q8dot::Q4_0_BY_Q8_0_PANELS, q8dot_panels[1]),
         (
             kq8dot::Q4_K_BY_Q8_0_ROWS,
             kq8dot::q4_k_by_q8_0_rows as *const u8,

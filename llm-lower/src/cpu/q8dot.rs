@@ -13,7 +13,11 @@
 //!   q4_0 nibbles meet x in `vpmaddubsw` (unsigned by signed bytes into 16-bit pair sums)
 //!   and the recentring is taken off as `8 * Σ qx` (one more `vpmaddubsw`): exact for every
 //!   byte x may hold, -128 included (the sign trick, `|w|` by `sign(w) * x`, is not).
-//!   q8_0 weights are widened to 16 bits and meet x in `vpmaddwd`.
+//!   q8_0 weights are widened to 16 bits and meet x in `vpmaddwd`. Where the CPU has
+//!   AVX-512 VNNI ([`vnni`]), the same loops run with `vpdpbusd`, four byte products per
+//!   32-bit lane in one instruction: q4_0's nibbles as they are, q8_0's codes with their
+//!   sign bit flipped (`q + 128`, unsigned), each recentring taken off per lane
+//!   (`8 * Σ qx`, `128 * Σ qx`).
 //! - [`dot_row`], the same sums in generated code (`pmaddwd` on 128-bit vectors), for CPUs
 //!   without AVX2 and for the tests that compare both with the interpreter.
 //!
@@ -62,58 +66,122 @@ const fn weight_block_bytes(four_bit: bool) -> usize {
     }
 }
 
+/// Whether the CPU has AVX-512 VNNI (with VL): [`by_q8_0_rows`] and [`by_q8_0_panels`]
+/// then take `VNNI = true`, whose `vpdpbusd` multiplies and sums four byte pairs per 32-bit
+/// lane in one instruction (the AVX2 forms take two, through 16-bit pair sums).
+#[cfg(target_arch = "x86_64")]
+pub fn vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive
-/// weight rows `w_r` at `w`, q4_0 (`FOUR_BIT`) or q8_0; each instance is one symbol
-/// ([`Q8_0_BY_Q8_0_ROWS`], [`Q4_0_BY_Q8_0_ROWS`]).
+/// weight rows `w_r` at `w`, q4_0 (`FOUR_BIT`) or q8_0, with AVX-512 VNNI's byte dot
+/// products (`VNNI`) or AVX2's; each instance is one symbol ([`Q8_0_BY_Q8_0_ROWS`],
+/// [`Q4_0_BY_Q8_0_ROWS`]).
 ///
 /// # Safety
 ///
 /// `x` points to `k / 32 * 34` bytes (`k` a multiple of 32), `w` to `rows * k / 32` weight
 /// blocks (34 or 18 bytes), `y` to `rows` writable floats, and the CPU has AVX2, FMA and
-/// F16C ([`super::ukernel::available`]).
+/// F16C ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI` ([`vnni`]).
 #[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool>(
+pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool, const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
     y: *mut f32,
     rows: i64,
 ) {
-    if rows > 0 {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { rows_avx2::<FOUR_BIT>(k as usize, x, w, y, rows as usize) }
+    let (k, rows) = (k as usize, rows.max(0) as usize);
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        if VNNI {
+            rows_vnni::<FOUR_BIT>(k, x, w, y, rows);
+        } else {
+            rows_avx2::<FOUR_BIT>(k, x, w, y, rows);
+        }
     }
 }
 
 /// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` weight rows
 /// of the block panels at `w` ([`crate::kernel::pack_block_panels`]), q4_0 (`FOUR_BIT`)
-/// or q8_0; each instance is one symbol ([`Q8_0_BY_Q8_0_PANELS`], [`Q4_0_BY_Q8_0_PANELS`]).
+/// or q8_0, with VNNI's byte dot products (`VNNI`) or AVX2's; each instance is one symbol
+/// ([`Q8_0_BY_Q8_0_PANELS`], [`Q4_0_BY_Q8_0_PANELS`]).
 ///
 /// # Safety
 ///
 /// As [`by_q8_0_rows`], for `4 * panels` rows in block panels.
 #[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool>(
+pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool, const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
     y: *mut f32,
     panels: i64,
 ) {
-    if panels > 0 {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { panels_avx2::<FOUR_BIT>(k as usize, x, w, y, panels as usize) }
+    let (k, panels) = (k as usize, panels.max(0) as usize);
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        if VNNI {
+            panels_vnni::<FOUR_BIT>(k, x, w, y, panels);
+        } else {
+            panels_avx2::<FOUR_BIT>(k, x, w, y, panels);
+        }
     }
 }
+
+/// [`panels`] and [`rows`] compiled for AVX2 with [`XBlock`], and for AVX-512 VNNI with
+/// [`XBlockVnni`]: one body each, inlined into a function of each feature set.
+macro_rules! instances {
+    ($features:literal, $block:ty, $panels:ident, $rows:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $panels<const FOUR_BIT: bool>(
+            k: usize,
+            x: *const u8,
+            w: *const u8,
+            y: *mut f32,
+            panels: usize,
+        ) {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { self::panels::<$block, FOUR_BIT>(k, x, w, y, panels) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $rows<const FOUR_BIT: bool>(
+            k: usize,
+            x: *const u8,
+            w: *const u8,
+            y: *mut f32,
+            rows: usize,
+        ) {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { self::rows::<$block, FOUR_BIT>(k, x, w, y, rows) }
+        }
+    };
+}
+
+instances!("avx2,fma,f16c", XBlock, panels_avx2, rows_avx2);
+instances!(
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    XBlockVnni,
+    panels_vnni,
+    rows_vnni
+);
 
 /// Four rows at a time from one stream of weight bytes: per block, x's codes are loaded
 /// once for the four rows, the four weight scales converted by one `vcvtph2ps`, and each
 /// row has its own accumulator. (Streaming at 16.0-16.5 GB/s from DRAM in a scratch
 /// harness where rows one after another reached 12.3-13.0: the panel is one sequential
 /// stream, and four independent chains keep more of it in flight.)
+///
+/// # Safety
+///
+/// As [`by_q8_0_panels`], inlined into a function with the features `B` needs.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panels_avx2<const FOUR_BIT: bool>(
+#[inline(always)]
+unsafe fn panels<B: BlockDot, const FOUR_BIT: bool>(
     k: usize,
     x: *const u8,
     w: *const u8,
@@ -126,12 +194,12 @@ unsafe fn panels_avx2<const FOUR_BIT: bool>(
     // SAFETY: x holds k / 32 blocks (the contract).
     let dx = unsafe { x_scales(x, blocks) };
     for p in 0..panels {
-        let mut acc = [_mm256_setzero_ps(); PANEL_ROWS];
-        for (b, &dxb) in dx.iter().enumerate() {
-            // SAFETY: block b of x, and block b of panel p's four rows, are inside the
-            // buffers of the contract.
-            unsafe {
-                let xb = XBlock::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES));
+        // SAFETY: block b of x, and block b of panel p's four rows, are inside the
+        // buffers of the contract; the CPU has the features (the contract).
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); PANEL_ROWS];
+            for (b, &dxb) in dx.iter().enumerate() {
+                let xb = B::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES));
                 let group = w.add((p * blocks + b) * PANEL_ROWS * w_block);
                 let scale =
                     |r: usize| u64::from(group.add(r * w_block).cast::<u16>().read_unaligned());
@@ -149,19 +217,23 @@ unsafe fn panels_avx2<const FOUR_BIT: bool>(
                     *a = _mm256_fmadd_ps(sums, scales[r], *a);
                 }
             }
-        }
-        for (r, a) in acc.into_iter().enumerate() {
-            // SAFETY: y holds 4 * panels floats (the contract).
-            unsafe { *y.add(PANEL_ROWS * p + r) = super::ukernel::lane_sum(a) };
+            for (r, a) in acc.into_iter().enumerate() {
+                // y holds 4 * panels floats (the contract).
+                *y.add(PANEL_ROWS * p + r) = super::ukernel::lane_sum(a);
+            }
         }
     }
 }
 
 /// One row after another. (Interleaving two or four rows to share the loads of x ran
 /// 1.2x to 2.7x slower on the 110M shape: the rows' streams defeat the prefetcher.)
+///
+/// # Safety
+///
+/// As [`by_q8_0_rows`], inlined into a function with the features `B` needs.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2<const FOUR_BIT: bool>(
+#[inline(always)]
+unsafe fn rows<B: BlockDot, const FOUR_BIT: bool>(
     k: usize,
     x: *const u8,
     w: *const u8,
@@ -173,7 +245,7 @@ unsafe fn rows_avx2<const FOUR_BIT: bool>(
     let dx = unsafe { x_scales(x, k / 32) };
     for r in 0..rows {
         // SAFETY: row r is inside the `rows` rows of the contract, y[r] too.
-        unsafe { *y.add(r) = row_avx2::<FOUR_BIT>(x, &dx, w.add(r * row_bytes)) };
+        unsafe { *y.add(r) = row::<B, FOUR_BIT>(x, &dx, w.add(r * row_bytes)) };
     }
 }
 
@@ -198,24 +270,40 @@ unsafe fn x_scales(x: *const u8, blocks: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The codes of one block of x, loaded once for every weight row it meets: as signed
-/// bytes with q4_0's recentring term `8 * Σ qx` in pair sums (`FOUR_BIT`), or widened to
-/// 16 bits for q8_0's `vpmaddwd`.
+/// The codes of one block of x, loaded once for every weight row it meets, and their
+/// exact integer sums against a weight block, in eight 32-bit lanes.
+#[cfg(target_arch = "x86_64")]
+trait BlockDot: Copy {
+    /// The codes of the q8_0 block at `xb`.
+    ///
+    /// # Safety
+    ///
+    /// `xb` points to a whole q8_0 block, and the CPU has the implementation's features.
+    unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> Self;
+
+    /// The block's exact integer sums against the weight block at `wb` (q4_0 nibbles, or
+    /// q8_0 codes) in eight 32-bit lanes, as floats.
+    ///
+    /// # Safety
+    ///
+    /// `wb` points to a whole weight block of the format, and the CPU has the
+    /// implementation's features.
+    unsafe fn sums<const FOUR_BIT: bool>(self, wb: *const u8) -> std::arch::x86_64::__m256;
+}
+
+/// AVX2: x's codes as signed bytes with q4_0's recentring term `8 * Σ qx` in pair sums
+/// (`FOUR_BIT`), or widened to 16 bits for q8_0's `vpmaddwd`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct XBlock([std::arch::x86_64::__m256i; 2]);
 
 #[cfg(target_arch = "x86_64")]
-impl XBlock {
-    /// The codes of the q8_0 block at `xb`.
-    ///
-    /// # Safety
-    ///
-    /// `xb` points to a whole q8_0 block, and the CPU has AVX2.
-    #[target_feature(enable = "avx2,fma,f16c")]
+impl BlockDot for XBlock {
+    #[inline(always)]
     unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> XBlock {
         use std::arch::x86_64::*;
-        // SAFETY: the block's 32 codes follow its 2-byte scale (the contract).
+        // SAFETY: the block's 32 codes follow its 2-byte scale (the contract); AVX2 is
+        // the caller's.
         unsafe {
             if FOUR_BIT {
                 let xq = _mm256_loadu_si256(xb.add(2).cast());
@@ -229,24 +317,16 @@ impl XBlock {
         }
     }
 
-    /// The block's exact integer sums against the weight block at `wb` (q4_0 nibbles,
-    /// or q8_0 codes) in eight 32-bit lanes, as floats.
-    ///
-    /// # Safety
-    ///
-    /// `wb` points to a whole weight block of the format, and the CPU has AVX2.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn sums<const FOUR_BIT: bool>(self, wb: *const u8) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let ones = _mm256_set1_epi16(1);
-        // SAFETY: the block's codes follow its 2-byte scale (the contract).
-        let sums = unsafe {
-            if FOUR_BIT {
-                let packed = _mm_loadu_si128(wb.add(2).cast());
-                // Low nibbles (values 0..16) in the low half, high nibbles in the high.
-                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                let codes = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-                let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(codes, self.0[0]), self.0[1]);
+        // SAFETY: the block's codes follow its 2-byte scale (the contract); AVX2 is the
+        // caller's.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let sums = if FOUR_BIT {
+                let pairs =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(nibbles(wb), self.0[0]), self.0[1]);
                 _mm256_madd_epi16(pairs, ones)
             } else {
                 let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2).cast()));
@@ -255,18 +335,80 @@ impl XBlock {
                     _mm256_madd_epi16(self.0[0], w0),
                     _mm256_madd_epi16(self.0[1], w1),
                 )
-            }
-        };
-        _mm256_cvtepi32_ps(sums)
+            };
+            _mm256_cvtepi32_ps(sums)
+        }
+    }
+}
+
+/// AVX-512 VNNI: x's codes as signed bytes, with the recentring term of the unsigned
+/// weight bytes in 32-bit lanes: `8 * Σ qx` for q4_0's nibbles, `128 * Σ qx` for q8_0's
+/// codes, which meet x with their sign bit flipped (`q + 128`, unsigned). Each lane sums
+/// four products in `vpdpbusd`, exactly (and the same lanes as AVX2's q4_0 sums).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct XBlockVnni([std::arch::x86_64::__m256i; 2]);
+
+#[cfg(target_arch = "x86_64")]
+impl BlockDot for XBlockVnni {
+    #[inline(always)]
+    unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> XBlockVnni {
+        use std::arch::x86_64::*;
+        // SAFETY: the block's 32 codes follow its 2-byte scale (the contract); VNNI is
+        // the caller's.
+        unsafe {
+            let xq = _mm256_loadu_si256(xb.add(2).cast());
+            let offset = _mm256_set1_epi8(if FOUR_BIT { 8 } else { i8::MIN });
+            XBlockVnni([xq, _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, xq)])
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn sums<const FOUR_BIT: bool>(self, wb: *const u8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the block's codes follow its 2-byte scale (the contract); VNNI is the
+        // caller's.
+        unsafe {
+            let codes = if FOUR_BIT {
+                nibbles(wb)
+            } else {
+                let signed = _mm256_loadu_si256(wb.add(2).cast());
+                _mm256_xor_si256(signed, _mm256_set1_epi8(i8::MIN))
+            };
+            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, self.0[0]);
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, self.0[1]))
+        }
+    }
+}
+
+/// The 32 nibbles of the q4_0 block at `wb` as bytes in value order: low nibbles (values
+/// 0..16) in the low half, high nibbles in the high.
+///
+/// # Safety
+///
+/// `wb` points to a whole q4_0 block, and the caller has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nibbles(wb: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the 16 code bytes follow the 2-byte scale (the contract).
+    unsafe {
+        let packed = _mm_loadu_si128(wb.add(2).cast());
+        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 }
 
 /// The dot product of x with a q8_0 (`FOUR_BIT = false`) or q4_0 (`FOUR_BIT = true`) row:
 /// per block, the integer sums in eight 32-bit lanes, converted and scaled by `dx * dw`
 /// into one of two eight-lane accumulators (even and odd blocks: two multiply-add chains).
+///
+/// # Safety
+///
+/// As [`rows`], for one row.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2<const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *const u8) -> f32 {
+#[inline(always)]
+unsafe fn row<B: BlockDot, const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *const u8) -> f32 {
     use std::arch::x86_64::*;
     let w_block = weight_block_bytes(FOUR_BIT);
     // Block `b`'s sums as floats.
@@ -274,8 +416,7 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *const u8)
         // SAFETY: block `b` of x is at `34 * b`, of w at `w_block * b`, both inside the
         // rows the callers' contracts describe.
         unsafe {
-            XBlock::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES))
-                .sums::<FOUR_BIT>(w.add(b * w_block))
+            B::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES)).sums::<FOUR_BIT>(w.add(b * w_block))
         }
     };
     // The f16 scale of w at block `b`.
@@ -284,28 +425,31 @@ unsafe fn row_avx2<const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *const u8)
         unsafe { u32::from(w.add(b * w_block).cast::<u16>().read_unaligned()) }
     };
     let blocks = dx.len();
-    let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for pair in 0..blocks / 2 {
-        // `dx * dw` of both blocks: both weight scales converted at once by F16C, from one
-        // 32-bit move (a 16-bit lane insert would depend on the register's old value, and
-        // could chain the blocks), times the two scales of x.
-        let bits = w_scale(2 * pair) | w_scale(2 * pair + 1) << 16;
-        let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
-        // SAFETY: `dx` holds a value for every block, these two included (an unaligned
-        // 64-bit load: `dx` is only 4-byte aligned).
-        let dxs = unsafe { _mm_castsi128_ps(_mm_loadl_epi64(dx.as_ptr().add(2 * pair).cast())) };
-        let products = _mm_mul_ps(dw, dxs);
-        let s0 = block(2 * pair);
-        let s1 = block(2 * pair + 1);
-        even = _mm256_fmadd_ps(s0, _mm256_broadcastss_ps(products), even);
-        odd = _mm256_fmadd_ps(s1, _mm256_broadcastss_ps(_mm_movehdup_ps(products)), odd);
+    // SAFETY: the caller has AVX2, FMA and F16C.
+    unsafe {
+        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for pair in 0..blocks / 2 {
+            // `dx * dw` of both blocks: both weight scales converted at once by F16C, from
+            // one 32-bit move (a 16-bit lane insert would depend on the register's old
+            // value, and could chain the blocks), times the two scales of x.
+            let bits = w_scale(2 * pair) | w_scale(2 * pair + 1) << 16;
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+            // `dx` holds a value for every block, these two included (an unaligned 64-bit
+            // load: `dx` is only 4-byte aligned).
+            let dxs = _mm_castsi128_ps(_mm_loadl_epi64(dx.as_ptr().add(2 * pair).cast()));
+            let products = _mm_mul_ps(dw, dxs);
+            let s0 = block(2 * pair);
+            let s1 = block(2 * pair + 1);
+            even = _mm256_fmadd_ps(s0, _mm256_broadcastss_ps(products), even);
+            odd = _mm256_fmadd_ps(s1, _mm256_broadcastss_ps(_mm_movehdup_ps(products)), odd);
+        }
+        if blocks % 2 == 1 {
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(w_scale(blocks - 1) as i32));
+            let product = _mm_mul_ss(dw, _mm_set_ss(dx[blocks - 1]));
+            even = _mm256_fmadd_ps(block(blocks - 1), _mm256_broadcastss_ps(product), even);
+        }
+        super::ukernel::lane_sum(_mm256_add_ps(even, odd))
     }
-    if blocks % 2 == 1 {
-        let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(w_scale(blocks - 1) as i32));
-        let product = _mm_mul_ss(dw, _mm_set_ss(dx[blocks - 1]));
-        even = _mm256_fmadd_ps(block(blocks - 1), _mm256_broadcastss_ps(product), even);
-    }
-    super::ukernel::lane_sum(_mm256_add_ps(even, odd))
 }
 
 /// The dot product of the q8_0 row at `x` with the `weight` row (q8_0 or q4_0) at `row`,
@@ -427,6 +571,9 @@ mod tests {
             .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
     }
 
+    /// An instance of [`by_q8_0_rows`].
+    type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut f32, i64);
+
     #[test]
     fn block_sums_are_exact_for_every_byte_and_row() {
         if !super::super::ukernel::available() {
@@ -434,17 +581,23 @@ mod tests {
         }
         for (seed, blocks, rows) in [(1u64, 1usize, 1usize), (2, 3, 4), (3, 8, 7), (4, 24, 9)] {
             let x = row(blocks, 34, seed);
-            for four_bit in [false, true] {
+            // Both instruction sets where the CPU has VNNI.
+            let kernels: [(bool, bool, Kernel); 4] = [
+                (false, false, by_q8_0_rows::<false, false>),
+                (true, false, by_q8_0_rows::<true, false>),
+                (false, true, by_q8_0_rows::<false, true>),
+                (true, true, by_q8_0_rows::<true, true>),
+            ];
+            for (four_bit, with_vnni, kernel) in kernels {
+                if with_vnni && !vnni() {
+                    continue;
+                }
                 let w = row(rows * blocks, if four_bit { 18 } else { 34 }, seed + 100);
                 let mut y = vec![0f32; rows];
                 let k = (32 * blocks) as i64;
-                let kernel = if four_bit {
-                    by_q8_0_rows::<true>
-                } else {
-                    by_q8_0_rows::<false>
-                };
                 // SAFETY: x holds `blocks` blocks, w `rows` rows of as many blocks of its
-                // format, y `rows` floats; AVX2, FMA and F16C are checked.
+                // format, y `rows` floats; AVX2, FMA and F16C are checked, and VNNI where
+                // it is used.
                 unsafe { kernel(k, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), rows as i64) };
                 let row_bytes = w.len() / rows;
                 for (r, got) in y.iter().enumerate() {
@@ -452,7 +605,7 @@ mod tests {
                     let (want, magnitude) = expected(&x, row, four_bit);
                     assert!(
                         (got - want).abs() <= 1e-6 * magnitude.max(1.0),
-                        "{blocks} blocks, row {r} of {rows}, four_bit {four_bit}: {got} != {want}"
+                        "{blocks} blocks, row {r} of {rows}, four_bit {four_bit}, vnni {with_vnni}: {got} != {want}"
                     );
                 }
             }
