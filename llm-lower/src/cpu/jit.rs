@@ -240,8 +240,8 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 5)?;
     let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 5)?;
-    let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 5)?;
-    let q4_0_by_q8_0_panels = import(q8dot::Q4_0_BY_Q8_0_PANELS, 5)?;
+    let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 8)?;
+    let q4_0_by_q8_0_panels = import(q8dot::Q4_0_BY_Q8_0_PANELS, 8)?;
     let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 5)?;
     let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 5)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;

@@ -103,48 +103,78 @@ pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool, const VNNI: bool>(
     }
 }
 
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `4 * panels` weight rows
-/// of the block panels at `w` ([`crate::kernel::pack_block_panels`]), q4_0 (`FOUR_BIT`)
-/// or q8_0, with VNNI's byte dot products (`VNNI`) or AVX2's; each instance is one symbol
-/// ([`Q8_0_BY_Q8_0_PANELS`], [`Q4_0_BY_Q8_0_PANELS`]).
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` (`x_stride`
+/// bytes apart) and the `4 * panels` weight rows of the block panels at `w`
+/// ([`crate::kernel::pack_block_panels`]), q4_0 (`FOUR_BIT`) or q8_0, with VNNI's byte dot
+/// products (`VNNI`) or AVX2's; row `i` of `y` starts `y_stride` bytes after row `i - 1`.
+/// Each instance is one symbol ([`Q8_0_BY_Q8_0_PANELS`], [`Q4_0_BY_Q8_0_PANELS`]).
 ///
 /// # Safety
 ///
-/// As [`by_q8_0_rows`], for `4 * panels` rows in block panels.
+/// `x` points to `m` rows of `k / 32 * 34` bytes (`k` a multiple of 32) `x_stride` apart,
+/// `w` to `panels` panels of four rows of `k / 32` weight blocks (34 or 18 bytes), `y` to
+/// `m` rows of `4 * panels` writable floats `y_stride` apart, and the CPU has AVX2, FMA
+/// and F16C ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI`
+/// ([`vnni`]).
 #[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
 pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool, const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
-    y: *mut f32,
+    y: *mut u8,
     panels: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
 ) {
+    let tiles = Tiles {
+        x,
+        x_stride: x_stride as usize,
+        y,
+        y_stride: y_stride as usize,
+        m: m.max(0) as usize,
+    };
     let (k, panels) = (k as usize, panels.max(0) as usize);
     // SAFETY: forwarded from this function's contract.
     unsafe {
         if VNNI {
-            panels_vnni::<FOUR_BIT>(k, x, w, y, panels);
+            panels_vnni::<FOUR_BIT>(k, tiles, w, panels);
         } else {
-            panels_avx2::<FOUR_BIT>(k, x, w, y, panels);
+            panels_avx2::<FOUR_BIT>(k, tiles, w, panels);
         }
     }
 }
 
-/// [`panels`] and [`rows`] compiled for AVX2 with [`XBlock`], and for AVX-512 VNNI with
-/// [`XBlockVnni`]: one body each, inlined into a function of each feature set.
+/// The rows of x a panel call takes, and the rows of y it writes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Tiles {
+    x: *const u8,
+    x_stride: usize,
+    y: *mut u8,
+    y_stride: usize,
+    m: usize,
+}
+
+/// [`panel_tiles`] and [`rows`] compiled for AVX2 with [`XBlock`] (x in tiles of two
+/// rows: sixteen vector registers), and for AVX-512 VNNI with [`XBlockVnni`] (tiles of
+/// four: thirty-two): one body each, inlined into a function of each feature set.
 macro_rules! instances {
-    ($features:literal, $block:ty, $panels:ident, $rows:ident) => {
+    ($features:literal, $block:ty, $tile:literal, $panels:ident, $rows:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $panels<const FOUR_BIT: bool>(
             k: usize,
-            x: *const u8,
+            tiles: Tiles,
             w: *const u8,
-            y: *mut f32,
             panels: usize,
         ) {
             // SAFETY: forwarded from the entry point's contract.
-            unsafe { self::panels::<$block, FOUR_BIT>(k, x, w, y, panels) }
+            unsafe { panel_tiles::<$block, FOUR_BIT, $tile>(k, tiles, w, panels) }
         }
 
         #[cfg(target_arch = "x86_64")]
@@ -162,64 +192,112 @@ macro_rules! instances {
     };
 }
 
-instances!("avx2,fma,f16c", XBlock, panels_avx2, rows_avx2);
+instances!("avx2,fma,f16c", XBlock, 2, panels_avx2, rows_avx2);
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     XBlockVnni,
+    4,
     panels_vnni,
     rows_vnni
 );
 
-/// Four rows at a time from one stream of weight bytes: per block, x's codes are loaded
-/// once for the four rows, the four weight scales converted by one `vcvtph2ps`, and each
-/// row has its own accumulator. (Streaming at 16.0-16.5 GB/s from DRAM in a scratch
-/// harness where rows one after another reached 12.3-13.0: the panel is one sequential
-/// stream, and four independent chains keep more of it in flight.)
+/// The rows of x in tiles of `TILE` (then one at a time), each tile through every panel.
 ///
 /// # Safety
 ///
 /// As [`by_q8_0_panels`], inlined into a function with the features `B` needs.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn panels<B: BlockDot, const FOUR_BIT: bool>(
+unsafe fn panel_tiles<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
     k: usize,
-    x: *const u8,
+    tiles: Tiles,
     w: *const u8,
-    y: *mut f32,
+    panels: usize,
+) {
+    let x_row = |i: usize| tiles.x.wrapping_add(i * tiles.x_stride);
+    let y_row = |i: usize| tiles.y.wrapping_add(i * tiles.y_stride).cast::<f32>();
+    let mut i = 0;
+    // SAFETY: rows i.. of x and y are inside the buffers of the contract.
+    unsafe {
+        while i + TILE <= tiles.m {
+            let xs = std::array::from_fn(|t| x_row(i + t));
+            let ys = std::array::from_fn(|t| y_row(i + t));
+            self::panels::<B, FOUR_BIT, TILE>(k, xs, w, ys, panels);
+            i += TILE;
+        }
+        while i < tiles.m {
+            self::panels::<B, FOUR_BIT, 1>(k, [x_row(i)], w, [y_row(i)], panels);
+            i += 1;
+        }
+    }
+}
+
+/// Four rows at a time from one stream of weight bytes, against `TILE` rows of x: per
+/// block, each x row's codes are loaded once for the four weight rows, the four weight
+/// scales converted by one `vcvtph2ps`, each weight row's codes decoded once for the
+/// `TILE` x rows, and every pair of rows has its own accumulator. (Streaming at 16.0-16.5
+/// GB/s from DRAM in a scratch harness where rows one after another reached 12.3-13.0:
+/// the panel is one sequential stream, and four independent chains keep more of it in
+/// flight.)
+///
+/// # Safety
+///
+/// As [`by_q8_0_panels`] for the rows `x` and `y`, inlined into a function with the
+/// features `B` needs.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn panels<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
+    k: usize,
+    x: [*const u8; TILE],
+    w: *const u8,
+    y: [*mut f32; TILE],
     panels: usize,
 ) {
     use std::arch::x86_64::*;
     let blocks = k / 32;
     let w_block = weight_block_bytes(FOUR_BIT);
-    // SAFETY: x holds k / 32 blocks (the contract).
-    let dx = unsafe { x_scales(x, blocks) };
+    // Per block, the scale of each row of x.
+    // SAFETY: each row of x holds k / 32 blocks (the contract).
+    let rows: [Vec<f32>; TILE] = std::array::from_fn(|t| unsafe { x_scales(x[t], blocks) });
+    let dx: Vec<[f32; TILE]> = (0..blocks)
+        .map(|b| std::array::from_fn(|t| rows[t][b]))
+        .collect();
     for p in 0..panels {
-        // SAFETY: block b of x, and block b of panel p's four rows, are inside the
-        // buffers of the contract; the CPU has the features (the contract).
+        // SAFETY: block b of each x row, and block b of panel p's four rows, are inside
+        // the buffers of the contract; the CPU has the features (the contract).
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); PANEL_ROWS];
-            for (b, &dxb) in dx.iter().enumerate() {
-                let xb = B::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES));
+            let mut acc = [[_mm256_setzero_ps(); PANEL_ROWS]; TILE];
+            for (b, dxb) in dx.iter().enumerate() {
+                let xb: [B; TILE] =
+                    std::array::from_fn(|t| B::load::<FOUR_BIT>(x[t].add(b * Q8_0_BLOCK_BYTES)));
                 let group = w.add((p * blocks + b) * PANEL_ROWS * w_block);
                 let scale =
                     |r: usize| u64::from(group.add(r * w_block).cast::<u16>().read_unaligned());
                 let bits = scale(0) | scale(1) << 16 | scale(2) << 32 | scale(3) << 48;
                 let dw = _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64));
-                let products = _mm_mul_ps(dw, _mm_set1_ps(dxb));
-                let scales = [
-                    _mm256_broadcastss_ps(products),
-                    _mm256_broadcastss_ps(_mm_movehdup_ps(products)),
-                    _mm256_broadcastss_ps(_mm_movehl_ps(products, products)),
-                    _mm256_broadcastss_ps(_mm_shuffle_ps(products, products, 0xff)),
-                ];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let sums = xb.sums::<FOUR_BIT>(group.add(r * w_block));
-                    *a = _mm256_fmadd_ps(sums, scales[r], *a);
+                // Per x row, `dx * dw` of the four weight rows, each in every lane.
+                let scales: [[__m256; PANEL_ROWS]; TILE] = std::array::from_fn(|t| {
+                    let products = _mm_mul_ps(dw, _mm_set1_ps(dxb[t]));
+                    [
+                        _mm256_broadcastss_ps(products),
+                        _mm256_broadcastss_ps(_mm_movehdup_ps(products)),
+                        _mm256_broadcastss_ps(_mm_movehl_ps(products, products)),
+                        _mm256_broadcastss_ps(_mm_shuffle_ps(products, products, 0xff)),
+                    ]
+                });
+                for r in 0..PANEL_ROWS {
+                    let codes = B::weight::<FOUR_BIT>(group.add(r * w_block));
+                    for t in 0..TILE {
+                        let sums = xb[t].dot::<FOUR_BIT>(codes);
+                        acc[t][r] = _mm256_fmadd_ps(sums, scales[t][r], acc[t][r]);
+                    }
                 }
             }
-            for (r, a) in acc.into_iter().enumerate() {
-                // y holds 4 * panels floats (the contract).
-                *y.add(PANEL_ROWS * p + r) = super::ukernel::lane_sum(a);
+            for (t, rows) in acc.into_iter().enumerate() {
+                for (r, a) in rows.into_iter().enumerate() {
+                    // Each row of y holds 4 * panels floats (the contract).
+                    *y[t].add(PANEL_ROWS * p + r) = super::ukernel::lane_sum(a);
+                }
             }
         }
     }
@@ -270,8 +348,9 @@ unsafe fn x_scales(x: *const u8, blocks: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The codes of one block of x, loaded once for every weight row it meets, and their
-/// exact integer sums against a weight block, in eight 32-bit lanes.
+/// The codes of one block of x, loaded once for every weight row it meets, a weight
+/// block's codes, decoded once for every x row they meet, and their exact integer sums,
+/// in eight 32-bit lanes.
 #[cfg(target_arch = "x86_64")]
 trait BlockDot: Copy {
     /// The codes of the q8_0 block at `xb`.
@@ -281,14 +360,24 @@ trait BlockDot: Copy {
     /// `xb` points to a whole q8_0 block, and the CPU has the implementation's features.
     unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> Self;
 
-    /// The block's exact integer sums against the weight block at `wb` (q4_0 nibbles, or
-    /// q8_0 codes) in eight 32-bit lanes, as floats.
+    /// The codes of the weight block at `wb` (q4_0 nibbles, or q8_0 codes), as
+    /// [`BlockDot::dot`] takes them.
     ///
     /// # Safety
     ///
     /// `wb` points to a whole weight block of the format, and the CPU has the
     /// implementation's features.
-    unsafe fn sums<const FOUR_BIT: bool>(self, wb: *const u8) -> std::arch::x86_64::__m256;
+    unsafe fn weight<const FOUR_BIT: bool>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2];
+
+    /// The block's exact integer sums against the weight codes `w`, as floats.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the implementation's features.
+    unsafe fn dot<const FOUR_BIT: bool>(
+        self,
+        w: [std::arch::x86_64::__m256i; 2],
+    ) -> std::arch::x86_64::__m256;
 }
 
 /// AVX2: x's codes as signed bytes with q4_0's recentring term `8 * Σ qx` in pair sums
@@ -318,22 +407,38 @@ impl BlockDot for XBlock {
     }
 
     #[inline(always)]
-    unsafe fn sums<const FOUR_BIT: bool>(self, wb: *const u8) -> std::arch::x86_64::__m256 {
+    unsafe fn weight<const FOUR_BIT: bool>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
         use std::arch::x86_64::*;
         // SAFETY: the block's codes follow its 2-byte scale (the contract); AVX2 is the
         // caller's.
         unsafe {
+            if FOUR_BIT {
+                [nibbles(wb), _mm256_setzero_si256()]
+            } else {
+                [
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18).cast())),
+                ]
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const FOUR_BIT: bool>(
+        self,
+        w: [std::arch::x86_64::__m256i; 2],
+    ) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 is the caller's.
+        unsafe {
             let ones = _mm256_set1_epi16(1);
             let sums = if FOUR_BIT {
-                let pairs =
-                    _mm256_sub_epi16(_mm256_maddubs_epi16(nibbles(wb), self.0[0]), self.0[1]);
+                let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(w[0], self.0[0]), self.0[1]);
                 _mm256_madd_epi16(pairs, ones)
             } else {
-                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2).cast()));
-                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18).cast()));
                 _mm256_add_epi32(
-                    _mm256_madd_epi16(self.0[0], w0),
-                    _mm256_madd_epi16(self.0[1], w1),
+                    _mm256_madd_epi16(self.0[0], w[0]),
+                    _mm256_madd_epi16(self.0[1], w[1]),
                 )
             };
             _mm256_cvtepi32_ps(sums)
@@ -364,9 +469,9 @@ impl BlockDot for XBlockVnni {
     }
 
     #[inline(always)]
-    unsafe fn sums<const FOUR_BIT: bool>(self, wb: *const u8) -> std::arch::x86_64::__m256 {
+    unsafe fn weight<const FOUR_BIT: bool>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
         use std::arch::x86_64::*;
-        // SAFETY: the block's codes follow its 2-byte scale (the contract); VNNI is the
+        // SAFETY: the block's codes follow its 2-byte scale (the contract); AVX2 is the
         // caller's.
         unsafe {
             let codes = if FOUR_BIT {
@@ -375,7 +480,19 @@ impl BlockDot for XBlockVnni {
                 let signed = _mm256_loadu_si256(wb.add(2).cast());
                 _mm256_xor_si256(signed, _mm256_set1_epi8(i8::MIN))
             };
-            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, self.0[0]);
+            [codes, _mm256_setzero_si256()]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const FOUR_BIT: bool>(
+        self,
+        w: [std::arch::x86_64::__m256i; 2],
+    ) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: VNNI is the caller's.
+        unsafe {
+            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], self.0[0]);
             _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, self.0[1]))
         }
     }
@@ -416,7 +533,8 @@ unsafe fn row<B: BlockDot, const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *c
         // SAFETY: block `b` of x is at `34 * b`, of w at `w_block * b`, both inside the
         // rows the callers' contracts describe.
         unsafe {
-            B::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES)).sums::<FOUR_BIT>(w.add(b * w_block))
+            let codes = B::weight::<FOUR_BIT>(w.add(b * w_block));
+            B::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES)).dot::<FOUR_BIT>(codes)
         }
     };
     // The f16 scale of w at block `b`.
@@ -573,6 +691,74 @@ mod tests {
 
     /// An instance of [`by_q8_0_rows`].
     type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut f32, i64);
+
+    /// An instance of [`by_q8_0_panels`].
+    type PanelKernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
+
+    /// Block panels against 1 to 9 rows of x (whole tiles of both instruction sets and
+    /// their remainders), the AVX2 form and, where the CPU has it, the VNNI form: every
+    /// output is the exact block sums' (as the row kernel's test checks).
+    #[test]
+    fn panels_take_x_in_tiles_of_rows() {
+        if !super::super::ukernel::available() {
+            return;
+        }
+        let (blocks, n) = (5, 8);
+        for m in 1..10 {
+            // Rows of x with scales of their own.
+            let mut x: Vec<u8> = (0..m).flat_map(|i| row(blocks, 34, 7 + i as u64)).collect();
+            for (j, block) in x.chunks_mut(34).enumerate() {
+                let scale = half::f16::from_f32(0.003 * (j + 1) as f32).to_bits();
+                block[..2].copy_from_slice(&scale.to_le_bytes());
+            }
+            let kernels: [(bool, bool, PanelKernel); 4] = [
+                (false, false, by_q8_0_panels::<false, false>),
+                (true, false, by_q8_0_panels::<true, false>),
+                (false, true, by_q8_0_panels::<false, true>),
+                (true, true, by_q8_0_panels::<true, true>),
+            ];
+            for (four_bit, with_vnni, kernel) in kernels {
+                if with_vnni && !vnni() {
+                    continue;
+                }
+                let block_bytes = if four_bit { 18 } else { 34 };
+                let w = row(n * blocks, block_bytes, 300 + m as u64);
+                let row_bytes = blocks * block_bytes;
+                let panels = crate::kernel::pack_block_panels(&w, n, row_bytes, block_bytes);
+                // y rows wider than the panels' outputs, to check the stride.
+                let width = n + 3;
+                let mut y = vec![f32::NAN; m * width];
+                // SAFETY: x holds m rows of `blocks` blocks, the panels n / 4 panels of
+                // as many, y m rows of `width` floats; AVX2, FMA and F16C are checked,
+                // and VNNI where it is used.
+                unsafe {
+                    kernel(
+                        (32 * blocks) as i64,
+                        x.as_ptr(),
+                        panels.as_ptr(),
+                        y.as_mut_ptr().cast(),
+                        (n / 4) as i64,
+                        m as i64,
+                        (blocks * 34) as i64,
+                        (4 * width) as i64,
+                    )
+                };
+                for i in 0..m {
+                    let xi = &x[i * blocks * 34..(i + 1) * blocks * 34];
+                    for r in 0..n {
+                        let (want, magnitude) =
+                            expected(xi, &w[r * row_bytes..(r + 1) * row_bytes], four_bit);
+                        let got = y[i * width + r];
+                        assert!(
+                            (got - want).abs() <= 1e-6 * magnitude.max(1.0),
+                            "{m} rows of x, row {i}, weight row {r}, four_bit {four_bit}, vnni {with_vnni}: {got} != {want}"
+                        );
+                    }
+                    assert!(y[i * width + n..(i + 1) * width].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
 
     #[test]
     fn block_sums_are_exact_for_every_byte_and_row() {
