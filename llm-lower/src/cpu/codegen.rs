@@ -83,7 +83,7 @@ pub struct Tiles {
     /// weight row.
     pub quant_row: Option<FuncRef>,
     /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights), `kq8dot::q4_k_by_q8_0_rows` or
-    /// `kq8dot::q6_k_by_q8_0_rows`, for a run of weight rows against a q8_0 row of x.
+    /// `kq8dot::q6_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
     /// `q8dot::by_q8_0_panels` (q8_0 or q4_0 weights), for a run of block panels
     /// ([`Contraction::block_panels`]) against every q8_0 row of x (in tiles of rows).
@@ -318,12 +318,12 @@ fn block_row(b: &mut FunctionBuilder, c: &Contraction, w: Value, j: Value) -> (V
 }
 
 /// A contraction of q8_0 activations through the microkernels: chunks of
-/// [`Q8_0_ROWS_CHUNK`] weight rows outside, then per row of x the `rows` call and the
-/// chunk's residual epilogue. With a `panels` tile (a [`Contraction::block_panels`]
-/// weight) a chunk's whole panels go through it first, in one call for every row of x
-/// (which takes them in tiles of rows, so that each weight block is decoded once per
-/// tile), and only the rows after the last whole panel (row major) through `rows`;
-/// chunks then start on a panel (callers split rows in multiples of [`PANEL_ROWS`]).
+/// [`Q8_0_ROWS_CHUNK`] weight rows outside; per chunk one `rows` call for every row of x
+/// (the kernels take them in tiles of rows where that lets a weight block be decoded once
+/// for several), then the chunk's residual epilogue. With a `panels` tile (a
+/// [`Contraction::block_panels`] weight) a chunk's whole panels go through it first, and
+/// only the rows after the last whole panel (row major) through `rows`; chunks then start
+/// on a panel (callers split rows in multiples of [`PANEL_ROWS`]).
 fn emit_q8_0_chunks(
     b: &mut FunctionBuilder,
     c: &Contraction,
@@ -359,27 +359,25 @@ fn emit_q8_0_chunks(
         let tail = b.ins().smax(tail, zero);
         let wpanel = address(b, w, j, row_bytes);
         let wtail = address(b, w, tail_start, row_bytes);
-        // The whole panels against every row of x, in tiles of x rows.
+        // Every row of x in one call (the kernels take them in tiles of rows): the whole
+        // panels, then the rows after them.
+        let x_stride = b.ins().iconst(types::I64, x_row_bytes);
+        let y_stride = b.ins().iconst(types::I64, 4 * c.n as i64);
         if let Some(panels) = panels {
             let yat = address(b, y, j, 4);
-            let x_stride = b.ins().iconst(types::I64, x_row_bytes);
-            let y_stride = b.ins().iconst(types::I64, 4 * c.n as i64);
-            b.ins().call(
-                panels,
-                &[k, x, wpanel, yat, panel_count, m, x_stride, y_stride],
-            );
+            let args = [k, x, wpanel, yat, panel_count, m, x_stride, y_stride];
+            b.ins().call(panels, &args);
         }
-        for_range(b, zero, m, 1, |b, i| {
-            let xrow = address(b, x, i, x_row_bytes);
-            let yrow = address(b, y, i, 4 * c.n as i64);
-            let ytail = address(b, yrow, tail_start, 4);
-            b.ins().call(rows, &[k, xrow, wtail, ytail, tail]);
-            if c.residual {
+        let ytail = address(b, y, tail_start, 4);
+        let args = [k, x, wtail, ytail, tail, m, x_stride, y_stride];
+        b.ins().call(rows, &args);
+        if c.residual {
+            for_range(b, zero, m, 1, |b, i| {
                 for_range(b, j, end, 1, |b, jj| {
                     emit_residual(b, c.n, [y, residual], [i, jj], 1);
                 });
-            }
-        });
+            });
+        }
     });
 }
 

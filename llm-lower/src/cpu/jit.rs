@@ -238,12 +238,12 @@ pub fn compile(
     let single = import(ukernel::PANEL_1X4, 4)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
-    let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 5)?;
-    let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 5)?;
+    let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 8)?;
+    let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 8)?;
     let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 8)?;
     let q4_0_by_q8_0_panels = import(q8dot::Q4_0_BY_Q8_0_PANELS, 8)?;
-    let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 5)?;
-    let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 5)?;
+    let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 8)?;
+    let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 8)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let attention_row = import(attention::ATTENTION_ROW, 8)?;

@@ -31,70 +31,112 @@ pub const Q6_K_BY_Q8_0_ROWS: &str = "llmc_q6_k_by_q8_0_rows";
 #[cfg(target_arch = "x86_64")]
 use super::{
     kquant::{byte_lanes, scales_mins},
-    q8dot::Q8_0_BLOCK_BYTES as X_BLOCK,
+    q8dot::{Q8_0_BLOCK_BYTES as X_BLOCK, XRows},
 };
 
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q4_k
-/// rows `w_r` at `w`.
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+/// `rows` consecutive q4_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
+/// operands out.
 ///
 /// # Safety
 ///
-/// `x` points to `k / 32 * 34` bytes (`k` a multiple of 256), `w` to `rows * k / 256 * 144`
-/// bytes, `y` to `rows` writable floats, and the CPU has AVX2, FMA and F16C
-/// ([`super::ukernel::available`]).
+/// As [`super::q8dot::by_q8_0_rows`], with `k` a multiple of 256 and `w` pointing to
+/// `rows * k / 256 * 144` bytes.
 #[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
 pub unsafe extern "C" fn q4_k_by_q8_0_rows(
     k: i64,
     x: *const u8,
     w: *const u8,
-    y: *mut f32,
+    y: *mut u8,
     rows: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
 ) {
+    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
     // SAFETY: forwarded from this function's contract.
-    unsafe { each_row((k as usize, x), (w, 144), (y, rows as usize), q4_k_row) }
+    unsafe {
+        each_tile(
+            (k as usize, x_rows),
+            (w, 144, rows.max(0) as usize),
+            (q4_k_rows::<2>, q4_k_rows::<1>),
+        )
+    }
 }
 
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive q6_k
-/// rows `w_r` at `w`.
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+/// `rows` consecutive q6_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
+/// operands out.
 ///
 /// # Safety
 ///
 /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 210` bytes.
 #[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
 pub unsafe extern "C" fn q6_k_by_q8_0_rows(
     k: i64,
     x: *const u8,
     w: *const u8,
-    y: *mut f32,
+    y: *mut u8,
     rows: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
 ) {
+    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
     // SAFETY: forwarded from this function's contract.
-    unsafe { each_row((k as usize, x), (w, 210), (y, rows as usize), q6_k_row) }
+    unsafe {
+        each_tile(
+            (k as usize, x_rows),
+            (w, 210, rows.max(0) as usize),
+            (q6_k_rows::<2>, q6_k_rows::<1>),
+        )
+    }
 }
-
-/// A row kernel of one k-quant format: the dot product of the q8_0 row at `x` (with its
-/// [`Activations`]) and the weight row at `w`.
+/// The kernel of one k-quant format for a tile of `TILE` rows of x: the dot products of
+/// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
-type RowKernel = unsafe fn(*const u8, &Activations, *const u8) -> f32;
+type TileKernel<const TILE: usize> =
+    unsafe fn([*const u8; TILE], [&Activations; TILE], *const u8) -> [f32; TILE];
 
-/// `y[r] = row(x, w_r)` for the `rows` weight rows of `block` bytes per super-block at
-/// `w`, x's activations formed once.
+/// `y[i][r] = dot(x_i, w_r)` for the rows of x, two at a time (`pair`, each weight row's
+/// codes decoded once for both) and then one (`single`), and the `rows` weight rows of
+/// `block` bytes per super-block at `w`; each row of x's activations formed once.
 ///
 /// # Safety
 ///
 /// As [`q4_k_by_q8_0_rows`], for weight rows of `k / 256 * block` bytes.
 #[cfg(target_arch = "x86_64")]
-unsafe fn each_row(
-    (k, x): (usize, *const u8),
-    (w, block): (*const u8, usize),
-    (y, rows): (*mut f32, usize),
-    row: RowKernel,
+unsafe fn each_tile(
+    (k, x): (usize, XRows),
+    (w, block, rows): (*const u8, usize, usize),
+    (pair, single): (TileKernel<2>, TileKernel<1>),
 ) {
+    let row_bytes = k / 256 * block;
+    let mut i = 0;
     // SAFETY: forwarded from this function's contract (AVX2 and F16C included).
     unsafe {
-        let a = Activations::of(x, k);
-        for r in 0..rows {
-            *y.add(r) = row(x, &a, w.add(r * k / 256 * block));
+        while i + 2 <= x.m {
+            let (a0, a1) = (Activations::of(x.x(i), k), Activations::of(x.x(i + 1), k));
+            for r in 0..rows {
+                let [y0, y1] = pair([x.x(i), x.x(i + 1)], [&a0, &a1], w.add(r * row_bytes));
+                *x.y(i).add(r) = y0;
+                *x.y(i + 1).add(r) = y1;
+            }
+            i += 2;
+        }
+        if i < x.m {
+            let a = Activations::of(x.x(i), k);
+            for r in 0..rows {
+                *x.y(i).add(r) = single([x.x(i)], [&a], w.add(r * row_bytes))[0];
+            }
         }
     }
 }
@@ -151,32 +193,43 @@ fn pair_sums(pairs: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// One q4_k row: per super-block (144 bytes) an f16 `d` and `dmin`, twelve bytes of 6-bit
-/// scales and minimums, then 128 bytes whose low nibbles are sub-block `2p` and high
-/// nibbles sub-block `2p + 1` for bytes `32p..32p + 32`. The eight sub-blocks' factors
-/// `d * sc * dx` and minimum terms `dmin * m * dx * Σ qx` are formed 8 lanes at a time.
+/// q4_k against `TILE` rows of x: per super-block (144 bytes) an f16 `d` and `dmin`,
+/// twelve bytes of 6-bit scales and minimums, then 128 bytes whose low nibbles are
+/// sub-block `2p` and high nibbles sub-block `2p + 1` for bytes `32p..32p + 32`. The
+/// weight's codes and scales are decoded once for the tile; per row of x, the eight
+/// sub-blocks' factors `d * sc * dx` and minimum terms `dmin * m * dx * Σ qx` are formed 8
+/// lanes at a time. Each row's result is the same whatever the tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
+unsafe fn q4_k_rows<const TILE: usize>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0x0f);
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut mins = _mm256_setzero_ps();
-    let mut factors = [0f32; 8];
+    let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+    let mut mins = [_mm256_setzero_ps(); TILE];
+    let mut factors = [[0f32; 8]; TILE];
     // SAFETY: every offset below is inside the buffers the callers' contracts describe.
     unsafe {
-        for sb in 0..a.dx.len() / 8 {
+        for sb in 0..a[0].dx.len() / 8 {
             let block = w.add(sb * 144);
             // `d` and `dmin` from one 32-bit word.
             let both = _mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()));
             let d = _mm256_broadcastss_ps(both);
             let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(both));
             let (sc, m) = scales_mins(&std::ptr::read_unaligned(block.add(4).cast()));
-            let dx = _mm256_loadu_ps(a.dx.as_ptr().add(8 * sb));
-            let dx_sum = _mm256_loadu_ps(a.dx_sum.as_ptr().add(8 * sb));
-            let f = _mm256_mul_ps(_mm256_mul_ps(d, byte_lanes(sc)), dx);
-            _mm256_storeu_ps(factors.as_mut_ptr(), f);
-            mins = _mm256_fmadd_ps(_mm256_mul_ps(dmin, byte_lanes(m)), dx_sum, mins);
+            let (d_sc, dmin_m) = (
+                _mm256_mul_ps(d, byte_lanes(sc)),
+                _mm256_mul_ps(dmin, byte_lanes(m)),
+            );
+            for t in 0..TILE {
+                let dx = _mm256_loadu_ps(a[t].dx.as_ptr().add(8 * sb));
+                let dx_sum = _mm256_loadu_ps(a[t].dx_sum.as_ptr().add(8 * sb));
+                _mm256_storeu_ps(factors[t].as_mut_ptr(), _mm256_mul_ps(d_sc, dx));
+                mins[t] = _mm256_fmadd_ps(dmin_m, dx_sum, mins[t]);
+            }
             for pair in 0..4 {
                 let packed = _mm256_loadu_si256(block.add(16 + 32 * pair).cast());
                 let halves = [
@@ -185,24 +238,36 @@ unsafe fn q4_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
                 ];
                 for (h, codes) in halves.into_iter().enumerate() {
                     let j = 2 * pair + h;
-                    let xq = _mm256_loadu_si256(x.add((8 * sb + j) * X_BLOCK + 2).cast());
-                    let sums = pair_sums(_mm256_maddubs_epi16(codes, xq));
-                    acc[h] = _mm256_fmadd_ps(sums, _mm256_broadcast_ss(&factors[j]), acc[h]);
+                    for t in 0..TILE {
+                        let xq = _mm256_loadu_si256(x[t].add((8 * sb + j) * X_BLOCK + 2).cast());
+                        let sums = pair_sums(_mm256_maddubs_epi16(codes, xq));
+                        let factor = _mm256_broadcast_ss(&factors[t][j]);
+                        acc[t][h] = _mm256_fmadd_ps(sums, factor, acc[t][h]);
+                    }
                 }
             }
         }
     }
-    super::ukernel::lane_sum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[1]), mins))
+    std::array::from_fn(|t| {
+        let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]);
+        super::ukernel::lane_sum(total)
+    })
 }
 
-/// One q6_k row: per super-block (210 bytes) 128 bytes of low nibbles, 64 of high bit
-/// pairs, 16 signed run scales and an f16 `d`; each half of 128 values has four quarters
-/// `g` of 32 (one block of x each): value `l` of quarter `g` takes nibble `g / 2` of low
-/// byte `l + 32 * (g % 2)` and bit pair `g` of high byte `l`, minus 32. A half's eight run
-/// factors `d * sc * dx` are formed 8 lanes at a time, and each quarter takes its two.
+/// q6_k against `TILE` rows of x: per super-block (210 bytes) 128 bytes of low nibbles,
+/// 64 of high bit pairs, 16 signed run scales and an f16 `d`; each half of 128 values has
+/// four quarters `g` of 32 (one block of x each): value `l` of quarter `g` takes nibble
+/// `g / 2` of low byte `l + 32 * (g % 2)` and bit pair `g` of high byte `l`, minus 32. The
+/// codes are decoded once for the tile; per row of x, a half's eight run factors
+/// `d * sc * dx` are formed 8 lanes at a time, and each quarter takes its two. Each row's
+/// result is the same whatever the tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
+unsafe fn q6_k_rows<const TILE: usize>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
     use std::arch::x86_64::*;
     let bias = _mm256_set1_epi8(32);
     // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
@@ -212,36 +277,39 @@ unsafe fn q6_k_row(x: *const u8, a: &Activations, w: *const u8) -> f32 {
         let g = 2 * g as i32;
         _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
     });
-    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
     // SAFETY: every offset below is inside the buffers the callers' contracts describe.
     unsafe {
-        for sb in 0..a.dx.len() / 8 {
+        for sb in 0..a[0].dx.len() / 8 {
             let block = w.add(sb * 210);
             let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
                 block.add(208).cast::<u16>().read_unaligned(),
             ))));
             for n in 0..2 {
                 let sc = _mm_loadl_epi64(block.add(192 + 8 * n).cast());
-                let dx = _mm256_castps128_ps256(_mm_loadu_ps(a.dx.as_ptr().add(8 * sb + 4 * n)));
-                let factors = _mm256_mul_ps(
-                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
-                    _mm256_permutevar8x32_ps(dx, twice),
-                );
+                let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                let factors: [__m256; TILE] = std::array::from_fn(|t| {
+                    let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(8 * sb + 4 * n));
+                    let dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice);
+                    _mm256_mul_ps(d_sc, dx)
+                });
                 for (g, codes) in super::kquant::q6_k_codes(block, n).into_iter().enumerate() {
                     let b = 8 * sb + 4 * n + g;
-                    let xq = _mm256_loadu_si256(x.add(b * X_BLOCK + 2).cast());
-                    // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
-                    let centred = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(codes, xq),
-                        _mm256_maddubs_epi16(bias, xq),
-                    );
-                    let scale = _mm256_permutevar8x32_ps(factors, runs[g]);
-                    acc[g % 2] = _mm256_fmadd_ps(pair_sums(centred), scale, acc[g % 2]);
+                    for t in 0..TILE {
+                        let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
+                        // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
+                        let centred = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(codes, xq),
+                            _mm256_maddubs_epi16(bias, xq),
+                        );
+                        let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
+                        acc[t][g % 2] = _mm256_fmadd_ps(pair_sums(centred), scale, acc[t][g % 2]);
+                    }
                 }
             }
         }
     }
-    super::ukernel::lane_sum(_mm256_add_ps(acc[0], acc[1]))
+    std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -339,32 +407,61 @@ mod tests {
         for (format, block) in [(QuantFormat::Q4K, 144), (QuantFormat::Q6K, 210)] {
             for (seed, supers, rows) in [(1u64, 1usize, 1usize), (2, 2, 5), (3, 3, 9)] {
                 let k = 256 * supers;
-                let x = activations(k / 32, seed);
                 let w = weights(&format, rows, k, seed + 10);
-                let mut y = vec![0f32; rows];
                 let kernel = if format == QuantFormat::Q4K {
                     q4_k_by_q8_0_rows
                 } else {
                     q6_k_by_q8_0_rows
                 };
-                // SAFETY: x holds k / 32 blocks, w `rows` rows of k / 256 super-blocks, y
-                // `rows` floats; AVX2, FMA and F16C are checked.
-                unsafe {
-                    kernel(
-                        k as i64,
-                        x.as_ptr(),
-                        w.as_ptr(),
-                        y.as_mut_ptr(),
-                        rows as i64,
-                    )
-                };
-                for (r, &got) in y.iter().enumerate() {
-                    let row = &w[r * supers * block..(r + 1) * supers * block];
-                    let (want, magnitude) = expected(&x, row, &format, k);
-                    assert!(
-                        (f64::from(got) - want).abs() <= 1e-6 * magnitude.max(1.0),
-                        "{format:?}, {supers} super-blocks, row {r}: {got} != {want}"
-                    );
+                // One to five rows of x (pairs, and a single one after them), into rows of
+                // y wider than the outputs (to check the stride).
+                for m in 1..6 {
+                    // Each row with scales of its own.
+                    let xs: Vec<Vec<u8>> = (0..m)
+                        .map(|i| {
+                            let mut x = activations(k / 32, seed + 100 * i as u64);
+                            for block in x.chunks_mut(X_BLOCK) {
+                                let dx = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                                let dx = half::f16::from_f32(dx * (i + 1) as f32);
+                                block[..2].copy_from_slice(&dx.to_le_bytes());
+                            }
+                            x
+                        })
+                        .collect();
+                    let x: Vec<u8> = xs.concat();
+                    let width = rows + 2;
+                    let mut y = vec![f32::NAN; m * width];
+                    // SAFETY: x holds m rows of k / 32 blocks, w `rows` rows of k / 256
+                    // super-blocks, y m rows of `width` floats; AVX2, FMA and F16C are
+                    // checked.
+                    unsafe {
+                        kernel(
+                            k as i64,
+                            x.as_ptr(),
+                            w.as_ptr(),
+                            y.as_mut_ptr().cast(),
+                            rows as i64,
+                            m as i64,
+                            xs[0].len() as i64,
+                            (4 * width) as i64,
+                        )
+                    };
+                    for (i, xi) in xs.iter().enumerate() {
+                        for r in 0..rows {
+                            let row = &w[r * supers * block..(r + 1) * supers * block];
+                            let (want, magnitude) = expected(xi, row, &format, k);
+                            let got = y[i * width + r];
+                            assert!(
+                                (f64::from(got) - want).abs() <= 1e-6 * magnitude.max(1.0),
+                                "{format:?}, {supers} super-blocks, x row {i} of {m}, row {r}: {got} != {want}"
+                            );
+                        }
+                        assert!(
+                            y[i * width + rows..(i + 1) * width]
+                                .iter()
+                                .all(|v| v.is_nan())
+                        );
+                    }
                 }
             }
         }

@@ -74,31 +74,43 @@ pub fn vnni() -> bool {
     is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
 
-/// `y[r] = dot(x, w_r)` for a q8_0 row `x` of `k` values and the `rows` consecutive
-/// weight rows `w_r` at `w`, q4_0 (`FOUR_BIT`) or q8_0, with AVX-512 VNNI's byte dot
-/// products (`VNNI`) or AVX2's; each instance is one symbol ([`Q8_0_BY_Q8_0_ROWS`],
-/// [`Q4_0_BY_Q8_0_ROWS`]).
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` (`x_stride`
+/// bytes apart) and the `rows` consecutive weight rows `w_r` at `w`, q4_0 (`FOUR_BIT`) or
+/// q8_0, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's; row `i` of `y` starts
+/// `y_stride` bytes after row `i - 1`. Each instance is one symbol
+/// ([`Q8_0_BY_Q8_0_ROWS`], [`Q4_0_BY_Q8_0_ROWS`]).
 ///
 /// # Safety
 ///
-/// `x` points to `k / 32 * 34` bytes (`k` a multiple of 32), `w` to `rows * k / 32` weight
-/// blocks (34 or 18 bytes), `y` to `rows` writable floats, and the CPU has AVX2, FMA and
-/// F16C ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI` ([`vnni`]).
+/// `x` points to `m` rows of `k / 32 * 34` bytes (`k` a multiple of 32) `x_stride` apart,
+/// `w` to `rows * k / 32` weight blocks (34 or 18 bytes), `y` to `m` rows of `rows`
+/// writable floats `y_stride` apart, and the CPU has AVX2, FMA and F16C
+/// ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI` ([`vnni`]).
 #[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
 pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool, const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
-    y: *mut f32,
+    y: *mut u8,
     rows: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
 ) {
+    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
     let (k, rows) = (k as usize, rows.max(0) as usize);
-    // SAFETY: forwarded from this function's contract.
-    unsafe {
-        if VNNI {
-            rows_vnni::<FOUR_BIT>(k, x, w, y, rows);
-        } else {
-            rows_avx2::<FOUR_BIT>(k, x, w, y, rows);
+    for i in 0..x_rows.m {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            if VNNI {
+                rows_vnni::<FOUR_BIT>(k, x_rows.x(i), w, x_rows.y(i), rows);
+            } else {
+                rows_avx2::<FOUR_BIT>(k, x_rows.x(i), w, x_rows.y(i), rows);
+            }
         }
     }
 }
@@ -131,13 +143,7 @@ pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool, const VNNI: bool>(
     x_stride: i64,
     y_stride: i64,
 ) {
-    let tiles = Tiles {
-        x,
-        x_stride: x_stride as usize,
-        y,
-        y_stride: y_stride as usize,
-        m: m.max(0) as usize,
-    };
+    let tiles = XRows::new((x, x_stride), (y, y_stride), m);
     let (k, panels) = (k as usize, panels.max(0) as usize);
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -149,15 +155,41 @@ pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool, const VNNI: bool>(
     }
 }
 
-/// The rows of x a panel call takes, and the rows of y it writes.
+/// The rows of x a q8_0-activation kernel call takes, and the rows of y it writes: the
+/// generated code passes all of a chunk's rows of x in one call.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Tiles {
+pub(super) struct XRows {
     x: *const u8,
     x_stride: usize,
     y: *mut u8,
     y_stride: usize,
-    m: usize,
+    /// Rows.
+    pub m: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl XRows {
+    /// `m` rows of x and of y, each `stride` bytes after the one before.
+    pub fn new((x, x_stride): (*const u8, i64), (y, y_stride): (*mut u8, i64), m: i64) -> XRows {
+        XRows {
+            x,
+            x_stride: x_stride as usize,
+            y,
+            y_stride: y_stride as usize,
+            m: m.max(0) as usize,
+        }
+    }
+
+    /// Row `i` of x.
+    pub fn x(&self, i: usize) -> *const u8 {
+        self.x.wrapping_add(i * self.x_stride)
+    }
+
+    /// Row `i` of y.
+    pub fn y(&self, i: usize) -> *mut f32 {
+        self.y.wrapping_add(i * self.y_stride).cast()
+    }
 }
 
 /// [`panel_tiles`] and [`rows`] compiled for AVX2 with [`XBlock`] (x in tiles of two
@@ -169,7 +201,7 @@ macro_rules! instances {
         #[target_feature(enable = $features)]
         unsafe fn $panels<const FOUR_BIT: bool>(
             k: usize,
-            tiles: Tiles,
+            tiles: XRows,
             w: *const u8,
             panels: usize,
         ) {
@@ -210,23 +242,21 @@ instances!(
 #[inline(always)]
 unsafe fn panel_tiles<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
     k: usize,
-    tiles: Tiles,
+    tiles: XRows,
     w: *const u8,
     panels: usize,
 ) {
-    let x_row = |i: usize| tiles.x.wrapping_add(i * tiles.x_stride);
-    let y_row = |i: usize| tiles.y.wrapping_add(i * tiles.y_stride).cast::<f32>();
     let mut i = 0;
     // SAFETY: rows i.. of x and y are inside the buffers of the contract.
     unsafe {
         while i + TILE <= tiles.m {
-            let xs = std::array::from_fn(|t| x_row(i + t));
-            let ys = std::array::from_fn(|t| y_row(i + t));
+            let xs = std::array::from_fn(|t| tiles.x(i + t));
+            let ys = std::array::from_fn(|t| tiles.y(i + t));
             self::panels::<B, FOUR_BIT, TILE>(k, xs, w, ys, panels);
             i += TILE;
         }
         while i < tiles.m {
-            self::panels::<B, FOUR_BIT, 1>(k, [x_row(i)], w, [y_row(i)], panels);
+            self::panels::<B, FOUR_BIT, 1>(k, [tiles.x(i)], w, [tiles.y(i)], panels);
             i += 1;
         }
     }
@@ -689,11 +719,8 @@ mod tests {
             .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
     }
 
-    /// An instance of [`by_q8_0_rows`].
-    type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut f32, i64);
-
-    /// An instance of [`by_q8_0_panels`].
-    type PanelKernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
+    /// An instance of [`by_q8_0_rows`] or [`by_q8_0_panels`].
+    type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
 
     /// Block panels against 1 to 9 rows of x (whole tiles of both instruction sets and
     /// their remainders), the AVX2 form and, where the CPU has it, the VNNI form: every
@@ -711,7 +738,7 @@ mod tests {
                 let scale = half::f16::from_f32(0.003 * (j + 1) as f32).to_bits();
                 block[..2].copy_from_slice(&scale.to_le_bytes());
             }
-            let kernels: [(bool, bool, PanelKernel); 4] = [
+            let kernels: [(bool, bool, Kernel); 4] = [
                 (false, false, by_q8_0_panels::<false, false>),
                 (true, false, by_q8_0_panels::<true, false>),
                 (false, true, by_q8_0_panels::<false, true>),
@@ -784,7 +811,10 @@ mod tests {
                 // SAFETY: x holds `blocks` blocks, w `rows` rows of as many blocks of its
                 // format, y `rows` floats; AVX2, FMA and F16C are checked, and VNNI where
                 // it is used.
-                unsafe { kernel(k, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), rows as i64) };
+                unsafe {
+                    let y = y.as_mut_ptr().cast();
+                    kernel(k, x.as_ptr(), w.as_ptr(), y, rows as i64, 1, 0, 0)
+                };
                 let row_bytes = w.len() / rows;
                 for (r, got) in y.iter().enumerate() {
                     let row = &w[r * row_bytes..(r + 1) * row_bytes];
