@@ -192,6 +192,18 @@ pub fn compile(
         )
     };
     #[cfg(target_arch = "x86_64")]
+    let kq8dot_rows: [*const u8; 2] = if q8dot::vnni() {
+        [
+            kq8dot::q4_k_by_q8_0_rows::<true> as *const u8,
+            kq8dot::q6_k_by_q8_0_rows::<true> as *const u8,
+        ]
+    } else {
+        [
+            kq8dot::q4_k_by_q8_0_rows::<false> as *const u8,
+            kq8dot::q6_k_by_q8_0_rows::<false> as *const u8,
+        ]
+    };
+    #[cfg(target_arch = "x86_64")]
     builder.symbols([
         (ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8),
         (ukernel::PANEL_1X4, ukernel::panel_1x4 as *const u8),
@@ -201,14 +213,8 @@ pub fn compile(
         (q8dot::Q4_0_BY_Q8_0_ROWS, q8dot_rows[1]),
         (q8dot::Q8_0_BY_Q8_0_PANELS, q8dot_panels[0]),
         (q8dot::Q4_0_BY_Q8_0_PANELS, q8dot_panels[1]),
-        (
-            kq8dot::Q4_K_BY_Q8_0_ROWS,
-            kq8dot::q4_k_by_q8_0_rows as *const u8,
-        ),
-        (
-            kq8dot::Q6_K_BY_Q8_0_ROWS,
-            kq8dot::q6_k_by_q8_0_rows as *const u8,
-        ),
+        (kq8dot::Q4_K_BY_Q8_0_ROWS, kq8dot_rows[0]),
+        (kq8dot::Q6_K_BY_Q8_0_ROWS, kq8dot_rows[1]),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
         (

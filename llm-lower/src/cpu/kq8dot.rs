@@ -14,7 +14,9 @@
 //!   second one (exact for every byte, as in [`super::q8dot`]).
 //!
 //! [`q4_k_by_q8_0_rows`] and [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
-//! F16C ([`super::ukernel::available`]); elsewhere the generated kernel decodes the same
+//! F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd` where it has that
+//! too ([`super::q8dot::vnni`]), taking the rows of x in tiles (each weight super-block
+//! decoded once per tile); elsewhere the generated kernel decodes the same
 //! runs ([`super::dequant::dot_row_q8_0_x`]). The sums are grouped differently, so the two
 //! agree within rounding.
 
@@ -36,7 +38,7 @@ use super::{
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
 /// `rows` consecutive q4_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
-/// operands out.
+/// operands out, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's.
 ///
 /// # Safety
 ///
@@ -47,7 +49,7 @@ use super::{
     clippy::too_many_arguments,
     reason = "a C entry point for generated code: the operands and their strides"
 )]
-pub unsafe extern "C" fn q4_k_by_q8_0_rows(
+pub unsafe extern "C" fn q4_k_by_q8_0_rows<const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
@@ -58,19 +60,28 @@ pub unsafe extern "C" fn q4_k_by_q8_0_rows(
     y_stride: i64,
 ) {
     let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
+    let weights = (w, 144, rows.max(0) as usize);
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        each_tile(
-            (k as usize, x_rows),
-            (w, 144, rows.max(0) as usize),
-            (q4_k_rows::<2>, q4_k_rows::<1>),
-        )
+        if VNNI {
+            let kernels = (
+                q4_k_vnni::<4> as TileKernel<4>,
+                q4_k_vnni::<1> as TileKernel<1>,
+            );
+            each_tile((k as usize, x_rows), weights, kernels);
+        } else {
+            let kernels = (
+                q4_k_avx2::<2> as TileKernel<2>,
+                q4_k_avx2::<1> as TileKernel<1>,
+            );
+            each_tile((k as usize, x_rows), weights, kernels);
+        }
     }
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
 /// `rows` consecutive q6_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
-/// operands out.
+/// operands out, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's.
 ///
 /// # Safety
 ///
@@ -80,7 +91,7 @@ pub unsafe extern "C" fn q4_k_by_q8_0_rows(
     clippy::too_many_arguments,
     reason = "a C entry point for generated code: the operands and their strides"
 )]
-pub unsafe extern "C" fn q6_k_by_q8_0_rows(
+pub unsafe extern "C" fn q6_k_by_q8_0_rows<const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
@@ -91,13 +102,22 @@ pub unsafe extern "C" fn q6_k_by_q8_0_rows(
     y_stride: i64,
 ) {
     let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
+    let weights = (w, 210, rows.max(0) as usize);
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        each_tile(
-            (k as usize, x_rows),
-            (w, 210, rows.max(0) as usize),
-            (q6_k_rows::<2>, q6_k_rows::<1>),
-        )
+        if VNNI {
+            let kernels = (
+                q6_k_vnni::<4> as TileKernel<4>,
+                q6_k_vnni::<1> as TileKernel<1>,
+            );
+            each_tile((k as usize, x_rows), weights, kernels);
+        } else {
+            let kernels = (
+                q6_k_avx2::<2> as TileKernel<2>,
+                q6_k_avx2::<1> as TileKernel<1>,
+            );
+            each_tile((k as usize, x_rows), weights, kernels);
+        }
     }
 }
 /// The kernel of one k-quant format for a tile of `TILE` rows of x: the dot products of
@@ -106,40 +126,173 @@ pub unsafe extern "C" fn q6_k_by_q8_0_rows(
 type TileKernel<const TILE: usize> =
     unsafe fn([*const u8; TILE], [&Activations; TILE], *const u8) -> [f32; TILE];
 
-/// `y[i][r] = dot(x_i, w_r)` for the rows of x, two at a time (`pair`, each weight row's
-/// codes decoded once for both) and then one (`single`), and the `rows` weight rows of
-/// `block` bytes per super-block at `w`; each row of x's activations formed once.
+/// `y[i][r] = dot(x_i, w_r)` for the rows of x, `TILE` at a time (`tile`, each weight
+/// row's codes decoded once for them) and then one by one (`single`), and the `rows`
+/// weight rows of `block` bytes per super-block at `w`; each row of x's activations formed
+/// once.
 ///
 /// # Safety
 ///
-/// As [`q4_k_by_q8_0_rows`], for weight rows of `k / 256 * block` bytes.
+/// As [`q4_k_by_q8_0_rows`], for weight rows of `k / 256 * block` bytes and kernels the
+/// CPU can run.
 #[cfg(target_arch = "x86_64")]
-unsafe fn each_tile(
+unsafe fn each_tile<const TILE: usize>(
     (k, x): (usize, XRows),
     (w, block, rows): (*const u8, usize, usize),
-    (pair, single): (TileKernel<2>, TileKernel<1>),
+    (tile, single): (TileKernel<TILE>, TileKernel<1>),
 ) {
     let row_bytes = k / 256 * block;
     let mut i = 0;
     // SAFETY: forwarded from this function's contract (AVX2 and F16C included).
     unsafe {
-        while i + 2 <= x.m {
-            let (a0, a1) = (Activations::of(x.x(i), k), Activations::of(x.x(i + 1), k));
+        while i + TILE <= x.m {
+            let a: [Activations; TILE] = std::array::from_fn(|t| Activations::of(x.x(i + t), k));
+            let (xs, refs) = (std::array::from_fn(|t| x.x(i + t)), a.each_ref());
             for r in 0..rows {
-                let [y0, y1] = pair([x.x(i), x.x(i + 1)], [&a0, &a1], w.add(r * row_bytes));
-                *x.y(i).add(r) = y0;
-                *x.y(i + 1).add(r) = y1;
+                for (t, v) in tile(xs, refs, w.add(r * row_bytes)).into_iter().enumerate() {
+                    *x.y(i + t).add(r) = v;
+                }
             }
-            i += 2;
+            i += TILE;
         }
-        if i < x.m {
+        while i < x.m {
             let a = Activations::of(x.x(i), k);
             for r in 0..rows {
                 *x.y(i).add(r) = single([x.x(i)], [&a], w.add(r * row_bytes))[0];
             }
+            i += 1;
         }
     }
 }
+
+/// Four byte products summed per 32-bit lane: unsigned bytes (weight codes) by signed
+/// ones (x's codes), exactly, by AVX2 (`vpmaddubsw` pairs, then `vpmaddwd`) or AVX-512
+/// VNNI (`vpdpbusd`); both group the same four bytes, so the sums are the same integers.
+#[cfg(target_arch = "x86_64")]
+trait QuadSums {
+    /// `Σ u·s` over each lane's four bytes.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the implementation's features.
+    unsafe fn quads(
+        u: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i;
+
+    /// `Σ (u - c)·s` over each lane's four bytes, for unsigned `u` and `c` below 64.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the implementation's features.
+    unsafe fn centred_quads(
+        u: std::arch::x86_64::__m256i,
+        c: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i;
+}
+
+/// AVX2's [`QuadSums`].
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl QuadSums for Avx2 {
+    #[inline(always)]
+    unsafe fn quads(
+        u: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 is the caller's.
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+    }
+
+    #[inline(always)]
+    unsafe fn centred_quads(
+        u: std::arch::x86_64::__m256i,
+        c: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 is the caller's. The 16-bit pair sums stay within ±2 * 63 * 128.
+        unsafe {
+            let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(c, s));
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
+    }
+}
+
+/// AVX-512 VNNI's [`QuadSums`].
+#[cfg(target_arch = "x86_64")]
+struct Vnni;
+
+#[cfg(target_arch = "x86_64")]
+impl QuadSums for Vnni {
+    #[inline(always)]
+    unsafe fn quads(
+        u: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: VNNI is the caller's.
+        unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
+    }
+
+    #[inline(always)]
+    unsafe fn centred_quads(
+        u: std::arch::x86_64::__m256i,
+        c: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: VNNI is the caller's.
+        unsafe {
+            let zero = _mm256_setzero_si256();
+            _mm256_sub_epi32(
+                _mm256_dpbusd_epi32(zero, u, s),
+                _mm256_dpbusd_epi32(zero, c, s),
+            )
+        }
+    }
+}
+
+/// The k-quant kernels compiled for AVX2 (tiles of two rows of x) and for AVX-512 VNNI
+/// (tiles of four, in thirty-two vector registers): one body each, inlined into a
+/// function of each feature set.
+macro_rules! instances {
+    ($features:literal, $sums:ty, $q4_k:ident, $q6_k:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $q4_k<const TILE: usize>(
+            x: [*const u8; TILE],
+            a: [&Activations; TILE],
+            w: *const u8,
+        ) -> [f32; TILE] {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { q4_k_rows::<$sums, TILE>(x, a, w) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $q6_k<const TILE: usize>(
+            x: [*const u8; TILE],
+            a: [&Activations; TILE],
+            w: *const u8,
+        ) -> [f32; TILE] {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { q6_k_rows::<$sums, TILE>(x, a, w) }
+        }
+    };
+}
+
+instances!("avx2,fma,f16c", Avx2, q4_k_avx2, q6_k_avx2);
+instances!(
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    Vnni,
+    q4_k_vnni,
+    q6_k_vnni
+);
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx` and
 /// `dx * Σ qx` (for q4_k's minimums).
@@ -185,14 +338,6 @@ impl Activations {
     }
 }
 
-/// Eight 32-bit sums of a 32-byte vector of pair sums (`vpmaddubsw` output), as floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn pair_sums(pairs: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-}
-
 /// q4_k against `TILE` rows of x: per super-block (144 bytes) an f16 `d` and `dmin`,
 /// twelve bytes of 6-bit scales and minimums, then 128 bytes whose low nibbles are
 /// sub-block `2p` and high nibbles sub-block `2p + 1` for bytes `32p..32p + 32`. The
@@ -200,19 +345,20 @@ fn pair_sums(pairs: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
 /// sub-blocks' factors `d * sc * dx` and minimum terms `dmin * m * dx * Σ qx` are formed 8
 /// lanes at a time. Each row's result is the same whatever the tile.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_rows<const TILE: usize>(
+#[inline(always)]
+unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize>(
     x: [*const u8; TILE],
     a: [&Activations; TILE],
     w: *const u8,
 ) -> [f32; TILE] {
-    use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi8(0x0f);
-    let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
-    let mut mins = [_mm256_setzero_ps(); TILE];
-    let mut factors = [[0f32; 8]; TILE];
-    // SAFETY: every offset below is inside the buffers the callers' contracts describe.
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
+        use std::arch::x86_64::*;
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+        let mut mins = [_mm256_setzero_ps(); TILE];
+        let mut factors = [[0f32; 8]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
             let block = w.add(sb * 144);
             // `d` and `dmin` from one 32-bit word.
@@ -240,18 +386,18 @@ unsafe fn q4_k_rows<const TILE: usize>(
                     let j = 2 * pair + h;
                     for t in 0..TILE {
                         let xq = _mm256_loadu_si256(x[t].add((8 * sb + j) * X_BLOCK + 2).cast());
-                        let sums = pair_sums(_mm256_maddubs_epi16(codes, xq));
+                        let sums = _mm256_cvtepi32_ps(Q::quads(codes, xq));
                         let factor = _mm256_broadcast_ss(&factors[t][j]);
                         acc[t][h] = _mm256_fmadd_ps(sums, factor, acc[t][h]);
                     }
                 }
             }
         }
+        std::array::from_fn(|t| {
+            let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]);
+            super::ukernel::lane_sum(total)
+        })
     }
-    std::array::from_fn(|t| {
-        let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]);
-        super::ukernel::lane_sum(total)
-    })
 }
 
 /// q6_k against `TILE` rows of x: per super-block (210 bytes) 128 bytes of low nibbles,
@@ -262,24 +408,25 @@ unsafe fn q4_k_rows<const TILE: usize>(
 /// `d * sc * dx` are formed 8 lanes at a time, and each quarter takes its two. Each row's
 /// result is the same whatever the tile.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_rows<const TILE: usize>(
+#[inline(always)]
+unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
     x: [*const u8; TILE],
     a: [&Activations; TILE],
     w: *const u8,
 ) -> [f32; TILE] {
-    use std::arch::x86_64::*;
-    let bias = _mm256_set1_epi8(32);
-    // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
-    let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    // Quarter g's two runs over lanes 0..4 and 4..8 of its sums.
-    let runs: [__m256i; 4] = std::array::from_fn(|g| {
-        let g = 2 * g as i32;
-        _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
-    });
-    let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
-    // SAFETY: every offset below is inside the buffers the callers' contracts describe.
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
+        use std::arch::x86_64::*;
+        let bias = _mm256_set1_epi8(32);
+        // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
+        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        // Quarter g's two runs over lanes 0..4 and 4..8 of its sums.
+        let runs: [__m256i; 4] = std::array::from_fn(|g| {
+            let g = 2 * g as i32;
+            _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
+        });
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
             let block = w.add(sb * 210);
             let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
@@ -298,18 +445,15 @@ unsafe fn q6_k_rows<const TILE: usize>(
                     for t in 0..TILE {
                         let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
                         // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
-                        let centred = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(codes, xq),
-                            _mm256_maddubs_epi16(bias, xq),
-                        );
+                        let centred = _mm256_cvtepi32_ps(Q::centred_quads(codes, bias, xq));
                         let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
-                        acc[t][g % 2] = _mm256_fmadd_ps(pair_sums(centred), scale, acc[t][g % 2]);
+                        acc[t][g % 2] = _mm256_fmadd_ps(centred, scale, acc[t][g % 2]);
                     }
                 }
             }
         }
+        std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
     }
-    std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -399,71 +543,104 @@ mod tests {
             .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
     }
 
+    /// An instance of [`q4_k_by_q8_0_rows`] or [`q6_k_by_q8_0_rows`].
+    type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
+
+    /// Both formats, both instruction sets (VNNI where the CPU has it), one to nine rows of
+    /// x (whole tiles of either and their remainders) with scales of their own, into rows
+    /// of y wider than the outputs (to check the stride).
     #[test]
     fn rows_agree_with_the_dequantized_product() {
         if !super::super::ukernel::available() {
             return;
         }
         for (format, block) in [(QuantFormat::Q4K, 144), (QuantFormat::Q6K, 210)] {
-            for (seed, supers, rows) in [(1u64, 1usize, 1usize), (2, 2, 5), (3, 3, 9)] {
-                let k = 256 * supers;
-                let w = weights(&format, rows, k, seed + 10);
-                let kernel = if format == QuantFormat::Q4K {
-                    q4_k_by_q8_0_rows
-                } else {
-                    q6_k_by_q8_0_rows
-                };
-                // One to five rows of x (pairs, and a single one after them), into rows of
-                // y wider than the outputs (to check the stride).
-                for m in 1..6 {
-                    // Each row with scales of its own.
-                    let xs: Vec<Vec<u8>> = (0..m)
-                        .map(|i| {
-                            let mut x = activations(k / 32, seed + 100 * i as u64);
-                            for block in x.chunks_mut(X_BLOCK) {
-                                let dx = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-                                let dx = half::f16::from_f32(dx * (i + 1) as f32);
-                                block[..2].copy_from_slice(&dx.to_le_bytes());
-                            }
-                            x
-                        })
-                        .collect();
-                    let x: Vec<u8> = xs.concat();
-                    let width = rows + 2;
-                    let mut y = vec![f32::NAN; m * width];
-                    // SAFETY: x holds m rows of k / 32 blocks, w `rows` rows of k / 256
-                    // super-blocks, y m rows of `width` floats; AVX2, FMA and F16C are
-                    // checked.
-                    unsafe {
-                        kernel(
-                            k as i64,
-                            x.as_ptr(),
-                            w.as_ptr(),
-                            y.as_mut_ptr().cast(),
-                            rows as i64,
-                            m as i64,
-                            xs[0].len() as i64,
-                            (4 * width) as i64,
-                        )
-                    };
-                    for (i, xi) in xs.iter().enumerate() {
-                        for r in 0..rows {
-                            let row = &w[r * supers * block..(r + 1) * supers * block];
-                            let (want, magnitude) = expected(xi, row, &format, k);
-                            let got = y[i * width + r];
-                            assert!(
-                                (f64::from(got) - want).abs() <= 1e-6 * magnitude.max(1.0),
-                                "{format:?}, {supers} super-blocks, x row {i} of {m}, row {r}: {got} != {want}"
-                            );
-                        }
-                        assert!(
-                            y[i * width + rows..(i + 1) * width]
-                                .iter()
-                                .all(|v| v.is_nan())
+            let kernels: [(bool, Kernel); 2] = if format == QuantFormat::Q4K {
+                [
+                    (false, q4_k_by_q8_0_rows::<false>),
+                    (true, q4_k_by_q8_0_rows::<true>),
+                ]
+            } else {
+                [
+                    (false, q6_k_by_q8_0_rows::<false>),
+                    (true, q6_k_by_q8_0_rows::<true>),
+                ]
+            };
+            for (with_vnni, kernel) in kernels {
+                if with_vnni && !super::super::q8dot::vnni() {
+                    continue;
+                }
+                for (seed, supers, rows) in [(1u64, 1usize, 1usize), (2, 2, 5), (3, 3, 9)] {
+                    let k = 256 * supers;
+                    let w = weights(&format, rows, k, seed + 10);
+                    for m in 1..10 {
+                        check_rows(
+                            kernel,
+                            (&format, block),
+                            (k, &w, rows),
+                            (m, seed),
+                            with_vnni,
                         );
                     }
                 }
             }
+        }
+    }
+
+    /// Runs `kernel` on `m` rows of x against the `rows` weight rows `w` and checks every
+    /// output against the dequantized product.
+    fn check_rows(
+        kernel: Kernel,
+        (format, block): (&QuantFormat, usize),
+        (k, w, rows): (usize, &[u8], usize),
+        (m, seed): (usize, u64),
+        with_vnni: bool,
+    ) {
+        let supers = k / 256;
+        let xs: Vec<Vec<u8>> = (0..m)
+            .map(|i| {
+                let mut x = activations(k / 32, seed + 100 * i as u64);
+                for block in x.chunks_mut(X_BLOCK) {
+                    let dx = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    let dx = half::f16::from_f32(dx * (i + 1) as f32);
+                    block[..2].copy_from_slice(&dx.to_le_bytes());
+                }
+                x
+            })
+            .collect();
+        let x: Vec<u8> = xs.concat();
+        let width = rows + 2;
+        let mut y = vec![f32::NAN; m * width];
+        // SAFETY: x holds m rows of k / 32 blocks, w `rows` rows of k / 256 super-blocks, y
+        // m rows of `width` floats; AVX2, FMA and F16C are checked, and VNNI where it is
+        // used.
+        unsafe {
+            kernel(
+                k as i64,
+                x.as_ptr(),
+                w.as_ptr(),
+                y.as_mut_ptr().cast(),
+                rows as i64,
+                m as i64,
+                xs[0].len() as i64,
+                (4 * width) as i64,
+            )
+        };
+        for (i, xi) in xs.iter().enumerate() {
+            for r in 0..rows {
+                let row = &w[r * supers * block..(r + 1) * supers * block];
+                let (want, magnitude) = expected(xi, row, format, k);
+                let got = y[i * width + r];
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-6 * magnitude.max(1.0),
+                    "{format:?}, vnni {with_vnni}, {supers} super-blocks, x row {i} of {m}, row {r}: {got} != {want}"
+                );
+            }
+            assert!(
+                y[i * width + rows..(i + 1) * width]
+                    .iter()
+                    .all(|v| v.is_nan())
+            );
         }
     }
 }
