@@ -60,23 +60,12 @@ pub unsafe extern "C" fn q4_k_by_q8_0_rows<const VNNI: bool>(
     y_stride: i64,
 ) {
     let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let weights = (w, 144, rows.max(0) as usize);
+    let kernels = Kernels {
+        vnni: (q4_k_vnni::<4>, q4_k_vnni::<1>),
+        avx2: (q4_k_avx2::<2>, q4_k_avx2::<1>),
+    };
     // SAFETY: forwarded from this function's contract.
-    unsafe {
-        if VNNI {
-            let kernels = (
-                q4_k_vnni::<4> as TileKernel<4>,
-                q4_k_vnni::<1> as TileKernel<1>,
-            );
-            each_tile((k as usize, x_rows), weights, kernels);
-        } else {
-            let kernels = (
-                q4_k_avx2::<2> as TileKernel<2>,
-                q4_k_avx2::<1> as TileKernel<1>,
-            );
-            each_tile((k as usize, x_rows), weights, kernels);
-        }
-    }
+    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 144, rows.max(0) as usize)) }
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
@@ -102,29 +91,45 @@ pub unsafe extern "C" fn q6_k_by_q8_0_rows<const VNNI: bool>(
     y_stride: i64,
 ) {
     let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let weights = (w, 210, rows.max(0) as usize);
+    let kernels = Kernels {
+        vnni: (q6_k_vnni::<4>, q6_k_vnni::<1>),
+        avx2: (q6_k_avx2::<2>, q6_k_avx2::<1>),
+    };
     // SAFETY: forwarded from this function's contract.
-    unsafe {
-        if VNNI {
-            let kernels = (
-                q6_k_vnni::<4> as TileKernel<4>,
-                q6_k_vnni::<1> as TileKernel<1>,
-            );
-            each_tile((k as usize, x_rows), weights, kernels);
-        } else {
-            let kernels = (
-                q6_k_avx2::<2> as TileKernel<2>,
-                q6_k_avx2::<1> as TileKernel<1>,
-            );
-            each_tile((k as usize, x_rows), weights, kernels);
-        }
-    }
+    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 210, rows.max(0) as usize)) }
 }
 /// The kernel of one k-quant format for a tile of `TILE` rows of x: the dot products of
 /// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
 type TileKernel<const TILE: usize> =
     unsafe fn([*const u8; TILE], [&Activations; TILE], *const u8) -> [f32; TILE];
+
+/// A k-quant format's tile kernels: with VNNI (tiles of four rows of x, then one) and
+/// with AVX2 (two, then one).
+#[cfg(target_arch = "x86_64")]
+struct Kernels {
+    vnni: (TileKernel<4>, TileKernel<1>),
+    avx2: (TileKernel<2>, TileKernel<1>),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kernels {
+    /// [`each_tile`] with the VNNI kernels (`VNNI`) or the AVX2 ones.
+    ///
+    /// # Safety
+    ///
+    /// As [`each_tile`].
+    unsafe fn run<const VNNI: bool>(&self, x: (usize, XRows), weights: (*const u8, usize, usize)) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            if VNNI {
+                each_tile(x, weights, self.vnni);
+            } else {
+                each_tile(x, weights, self.avx2);
+            }
+        }
+    }
+}
 
 /// `y[i][r] = dot(x_i, w_r)` for the rows of x, `TILE` at a time (`tile`, each weight
 /// row's codes decoded once for them) and then one by one (`single`), and the `rows`
