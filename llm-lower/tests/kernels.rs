@@ -807,7 +807,7 @@ proptest! {
     /// `llm.quantize` into the block formats, nf4 and the affine formats (every scale type,
     /// groups along either dim, with and without zero points, all-zero blocks too), byte
     /// for byte as the reference quantizes, and quantized values fed on to a quantized
-    /// matmul.
+    /// matmul, on both backends.
     #[test]
     fn quantize(rows in 1usize..6, blocks in 1usize..4, scale in prop::sample::select(vec![0.0f32, 1e-3, 1.0, 300.0, 3e4]), seed: u64) {
         let k = 32 * blocks;
@@ -828,12 +828,7 @@ proptest! {
             // The bytes must be equal; the product's sums of terms up to `scale` in size
             // cancel, so its tolerance grows with the scale.
             let args = vec![tensor(&[rows, k], seed, scale), tensor(&[2, k], seed + 1, 1.0)];
-            if text.starts_with("nf4") || text.starts_with("int") {
-                // The GPU quantizes into nf4 and the affine formats on the host.
-                cpu_agrees(&ir, args, 1e-5 * scale.max(1.0))?;
-            } else {
-                agree(&ir, args, 1e-5 * scale.max(1.0))?;
-            }
+            agree(&ir, args, 1e-5 * scale.max(1.0))?;
         }
     }
 

@@ -26,7 +26,10 @@ use super::{
     pool::{Pool, read_pool},
     program::{PARAM_STRIDE, Program, Rows, Step},
     tensor::{DeviceTensor, Elem, device_bytes, row_bytes},
-    wgsl::{CONTRACTION_ROWS, PARAM_WORDS, TILE, WORKGROUP, kv_append_values_per_invocation},
+    wgsl::{
+        CONTRACTION_ROWS, GroupQuantize, PARAM_WORDS, TILE, WORKGROUP,
+        kv_append_values_per_invocation,
+    },
 };
 use crate::{
     kernel::{
@@ -580,6 +583,47 @@ impl Call<'_> {
             }
             Kernel::BatchedMatmul { transposed } => {
                 self.batched_matmul(index, step, *transposed, &pipelines[0])?
+            }
+            Kernel::Quantize {
+                format,
+                rows: Some(rows),
+                k,
+            } if matches!(
+                format,
+                WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }
+            ) =>
+            {
+                let x = self.device(step.inputs[0])?;
+                if x.elem != Elem::F32 || x.len() != rows * k {
+                    return Err(format!(
+                        "the operand {:?} is not {rows} rows of {k}",
+                        x.shape
+                    ));
+                }
+                let g = GroupQuantize {
+                    format: *format,
+                    rows: *rows,
+                    k: *k,
+                };
+                let scales = self.output(index, 1, 8 * g.groups());
+                let y = self.output(index, 0, g.bytes().next_multiple_of(4));
+                let x_buffer = x.whole()?;
+                let (groups, words) = (g.groups(), g.bytes().div_ceil(4));
+                let bindings = [x_buffer, &scales];
+                self.dispatch(
+                    &pipelines[0],
+                    &[groups as u32],
+                    &bindings,
+                    groups.div_ceil(WG),
+                )?;
+                let bindings = [x_buffer, &scales, &y];
+                self.dispatch(
+                    &pipelines[1],
+                    &[words as u32],
+                    &bindings,
+                    words.div_ceil(WG),
+                )?;
+                DeviceTensor::unsplit(x.shape.clone(), Elem::Packed(*format), y)
             }
             Kernel::Quantize { format, rows, k } => {
                 let x = self.device(step.inputs[0])?;

@@ -121,11 +121,7 @@ pub fn supports(kernel: &Kernel) -> bool {
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
         Kernel::Quantize { format, .. } => !matches!(
             format,
-            WeightFormat::Nf4 { .. }
-                | WeightFormat::Affine { .. }
-                | WeightFormat::Q4K
-                | WeightFormat::Q6K
-                | WeightFormat::Q2K
+            WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K
         ),
         _ => true,
     }
@@ -199,7 +195,10 @@ mod tests {
         },
     };
 
-    use super::{validate, wgsl::Shader};
+    use super::{
+        validate,
+        wgsl::{GroupQuantize, Shader},
+    };
     use crate::kernel::{Contraction, KvRounding, WeightFormat};
 
     /// Every shader family, in its variants, passes naga's validation (no device needed).
@@ -272,6 +271,37 @@ mod tests {
             }));
         }
         let eps_bits = 1e-6f32.to_bits();
+        let nf4 = GroupQuantize {
+            format: WeightFormat::Nf4 {
+                block: 16,
+                scale: DType::BF16,
+            },
+            rows: 3,
+            k: 32,
+        };
+        // Asymmetric groups along the rows, f16 scales; symmetric along each row, f32.
+        let int4_rows = GroupQuantize {
+            format: WeightFormat::Affine {
+                bits: 4,
+                group: 2,
+                symmetric: false,
+                axis: 0,
+                scale: DType::F16,
+            },
+            rows: 4,
+            k: 6,
+        };
+        let int8 = GroupQuantize {
+            format: WeightFormat::Affine {
+                bits: 8,
+                group: 8,
+                symmetric: true,
+                axis: 1,
+                scale: DType::F32,
+            },
+            rows: 2,
+            k: 16,
+        };
         shaders.extend([
             Shader::RmsNorm { d: 70, eps_bits },
             Shader::LayerNorm { d: 70, eps_bits },
@@ -291,6 +321,12 @@ mod tests {
             Shader::Quantize {
                 format: WeightFormat::Q4_1,
             },
+            Shader::GroupScales(nf4),
+            Shader::GroupCodes(nf4),
+            Shader::GroupScales(int4_rows),
+            Shader::GroupCodes(int4_rows),
+            Shader::GroupScales(int8),
+            Shader::GroupCodes(int8),
             Shader::Cast {
                 from: DType::F32,
                 to: DType::F16,

@@ -64,6 +64,15 @@ pub enum Shader {
         /// The format.
         format: WeightFormat,
     },
+    /// The first pass of quantizing a `[rows, k]` matrix into nf4 or an affine format: one
+    /// invocation per scale group (an nf4 block, an affine group along either dim) writes
+    /// the group's scale, rounded to the scale type, and its zero point as two floats of a
+    /// scratch buffer.
+    GroupScales(GroupQuantize),
+    /// The second pass: one invocation per output word assembles its four bytes (codes
+    /// packed low bits first, then the scales' bytes, then the zero points), so no two
+    /// invocations write one word.
+    GroupCodes(GroupQuantize),
     /// A cast between element types held in 32 bits.
     Cast {
         /// The operand's element type.
@@ -337,6 +346,22 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             }
             shaders
         }
+        Kernel::Quantize {
+            format,
+            rows: Some(rows),
+            k,
+        } if matches!(
+            format,
+            WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }
+        ) =>
+        {
+            let g = GroupQuantize {
+                format: *format,
+                rows: *rows,
+                k: *k,
+            };
+            vec![Shader::GroupScales(g), Shader::GroupCodes(g)]
+        }
         Kernel::Quantize { format, .. } => vec![Shader::Quantize { format: *format }],
         Kernel::Cast { from, to } => vec![Shader::Cast {
             from: *from,
@@ -409,6 +434,8 @@ impl Shader {
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
             Shader::Quantize { format } => format!("quantize_{}", format.name()),
+            Shader::GroupScales(g) => format!("quantize_scales_{}", g.name()),
+            Shader::GroupCodes(g) => format!("quantize_codes_{}", g.name()),
             Shader::Cast { from, to } => Kernel::Cast {
                 from: *from,
                 to: *to,
@@ -498,6 +525,8 @@ impl Shader {
             Shader::BatchedMatmul { .. } => vec![("x", Read), ("w", Read), ("y", ReadWrite)],
             Shader::Cast { .. } => vec![("x", Read), ("y", ReadWrite)],
             Shader::Quantize { .. } => vec![("x", Read), ("q", ReadWrite)],
+            Shader::GroupScales(_) => vec![("x", Read), ("s", ReadWrite)],
+            Shader::GroupCodes(_) => vec![("x", Read), ("s", Read), ("q", ReadWrite)],
             Shader::KvGather { .. } => vec![
                 ("kc", Read),
                 ("vc", Read),
@@ -576,7 +605,7 @@ impl Shader {
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
                 (Shader::Cast { from, .. }, "x") if !from.is_float() => "i32",
-                (Shader::Quantize { .. }, "q") => "u32",
+                (Shader::Quantize { .. } | Shader::GroupCodes(_), "q") => "u32",
                 (Shader::Cast { to, .. }, "y") if !to.is_float() => "i32",
                 // Data movement copies 4-byte elements whatever they hold.
                 (Shader::Permute | Shader::Place, _) | (Shader::Dequantize(_), "w") => "u32",
@@ -622,6 +651,8 @@ impl Shader {
             Shader::BatchedMatmul { .. } => &["batch", "m", "k", "n", "rhs_batched"],
             Shader::Cast { .. } => &["len"],
             Shader::Quantize { .. } => &["blocks"],
+            Shader::GroupScales(_) => &["groups"],
+            Shader::GroupCodes(_) => &["words"],
             Shader::KvAppend { .. } => &["tokens"],
             Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
@@ -675,6 +706,8 @@ impl Shader {
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::Cast { from, to } => cast(*from, *to),
             Shader::Quantize { format } => quantize(*format),
+            Shader::GroupScales(g) => g.scales(),
+            Shader::GroupCodes(g) => g.codes(),
             Shader::KvAppend { row, rounding } => kv_append(*row, *rounding),
             Shader::KvGather { row } => kv_gather(*row),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
@@ -1845,6 +1878,271 @@ fn quantize(format: WeightFormat) -> String {
 "
     );
     s
+}
+
+/// A quantization of a whole `[rows, k]` matrix into nf4 or an affine integer format
+/// ([`Shader::GroupScales`], [`Shader::GroupCodes`]), byte for byte as the reference
+/// lays it out and the CPU's generated quantizer computes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupQuantize {
+    /// The format (nf4 or affine).
+    pub format: WeightFormat,
+    /// Rows.
+    pub rows: usize,
+    /// Values per row.
+    pub k: usize,
+}
+
+impl GroupQuantize {
+    /// Values.
+    fn len(&self) -> usize {
+        self.rows * self.k
+    }
+
+    /// Bits per code.
+    fn bits(&self) -> usize {
+        match self.format {
+            WeightFormat::Affine { bits, .. } => usize::from(bits),
+            _ => 4,
+        }
+    }
+
+    /// Values per scale group.
+    fn group(&self) -> usize {
+        match self.format {
+            WeightFormat::Nf4 { block, .. } => block as usize,
+            WeightFormat::Affine { group, .. } => group as usize,
+            other => unreachable!("no group quantizer for {other:?}"),
+        }
+    }
+
+    /// Scale groups.
+    pub fn groups(&self) -> usize {
+        self.len() / self.group().max(1)
+    }
+
+    /// The scales' type.
+    fn scale(&self) -> DType {
+        match self.format {
+            WeightFormat::Nf4 { scale, .. } | WeightFormat::Affine { scale, .. } => scale,
+            _ => DType::F32,
+        }
+    }
+
+    /// Bytes of the codes.
+    fn code_bytes(&self) -> usize {
+        (self.len() * self.bits()).div_ceil(8)
+    }
+
+    /// Bytes of the whole quantized matrix: codes, scales, and the zero points of an
+    /// asymmetric affine format.
+    pub fn bytes(&self) -> usize {
+        let points = match self.format {
+            WeightFormat::Affine {
+                symmetric: false, ..
+            } => self.groups(),
+            _ => 0,
+        };
+        self.code_bytes() + self.groups() * self.scale().size_bytes() + points
+    }
+
+    /// A name for the shaders.
+    fn name(&self) -> String {
+        format!("{}_{}x{}", self.format.name(), self.rows, self.k)
+    }
+
+    /// The constants and helpers both passes share (the bounds come as parameters,
+    /// `groups` and `words`, the rest is static): sizes, rounding, and `members(g)`
+    /// (a group's first value and the distance between its values) and `group_of(e)`.
+    fn common(&self) -> String {
+        let (k, group) = (self.k, self.group());
+        let along_rows = matches!(self.format, WeightFormat::Affine { axis: 0, .. });
+        let mut s = format!(
+            "{ROUND_F16}{ROUND_BF16}{F16_BITS}const N: u32 = {}u;\nconst K: u32 = {k}u;\nconst GROUP: u32 = {group}u;\n",
+            self.len(),
+        );
+        if along_rows {
+            // Group (band, c): rows band * GROUP.. of column c.
+            s.push_str(
+                "fn members(g: u32) -> vec2<u32> { return vec2<u32>((g / K) * GROUP * K + g % K, K); }
+fn group_of(e: u32) -> u32 { return (e / K / GROUP) * K + e % K; }
+",
+            );
+        } else {
+            s.push_str(
+                "fn members(g: u32) -> vec2<u32> { return vec2<u32>(g * GROUP, 1u); }
+fn group_of(e: u32) -> u32 { return e / GROUP; }
+",
+            );
+        }
+        s
+    }
+
+    /// Pass one: each group's scale and zero point into `s`.
+    fn scales(&self) -> String {
+        let mut s = self.common();
+        s.push_str(ENTRY);
+        s.push_str(
+            "    let g = gi * WG + t;
+    if (g >= p.groups) { return; }
+    let m = members(g);
+",
+        );
+        let round = |e: &str| rounded(self.scale(), e);
+        let body = match self.format {
+            WeightFormat::Nf4 { .. } => format!(
+                "    var most = 0.0;
+    for (var i = 0u; i < GROUP; i = i + 1u) {{ most = max(most, abs(x[m.x + i * m.y])); }}
+    s[2u * g] = {};
+    s[2u * g + 1u] = 0.0;
+",
+                round("most")
+            ),
+            WeightFormat::Affine {
+                bits, symmetric, ..
+            } => {
+                let levels = (1u32 << bits) as f32;
+                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+                let range =
+                    "    // The reference's strict comparisons: the first of equal values stays.
+    var lo = bitcast<f32>(0x7f800000u);
+    var hi = -lo;
+    for (var i = 0u; i < GROUP; i = i + 1u) {
+        let v = x[m.x + i * m.y];
+        if (v < lo) { lo = v; }
+        if (v > hi) { hi = v; }
+    }
+";
+                if symmetric {
+                    format!(
+                        "{range}    s[2u * g] = {};
+    s[2u * g + 1u] = 0.0;
+",
+                        round(&format!("max(abs(lo), abs(hi)) / {}", float(qmax)))
+                    )
+                } else {
+                    format!(
+                        "{range}    // The range includes 0 (a +0).
+    let low = select(0.0, lo, lo < 0.0);
+    let high = select(0.0, hi, hi > 0.0);
+    let scale = {};
+    let point = clamp(round_away(-low / scale), 0.0, {top});
+    s[2u * g] = scale;
+    s[2u * g + 1u] = select(f32(i32(point)), 0.0, scale == 0.0);
+",
+                        round(&format!("(high - low) / {}", float(levels - 1.0))),
+                        top = float(levels - 1.0)
+                    )
+                }
+            }
+            other => unreachable!("no group quantizer for {other:?}"),
+        };
+        s.push_str(&body);
+        s.push_str("}\n");
+        s
+    }
+
+    /// Pass two: the output words.
+    fn codes(&self) -> String {
+        let mut s = self.common();
+        let bits = self.bits();
+        let size = self.scale().size_bytes();
+        let scale_bits = match self.scale() {
+            DType::F16 => "f16_bits(v)",
+            DType::BF16 => "bitcast<u32>(v) >> 16u",
+            _ => "bitcast<u32>(v)",
+        };
+        let _ = write!(
+            s,
+            "const CODE_BYTES: u32 = {}u;\nconst SCALE_BYTES: u32 = {}u;\nconst TOTAL: u32 = {}u;\n",
+            self.code_bytes(),
+            self.groups() * size,
+            self.bytes()
+        );
+        let code = match self.format {
+            WeightFormat::Nf4 { .. } => {
+                let levels: Vec<String> = llm_ir::interp::quant::NF4_LEVELS
+                    .iter()
+                    .map(|&l| float(l))
+                    .collect();
+                format!(
+                    "// The first of the NormalFloat levels nearest to x / scale (level 7, zero, for a zero scale).
+fn code(e: u32) -> u32 {{
+    var levels = array<f32, 16>({});
+    let scale = s[2u * group_of(e)];
+    let q = x[e] / scale;
+    var best = 0u;
+    var distance = abs(q - levels[0]);
+    for (var i = 1u; i < 16u; i = i + 1u) {{
+        let d = abs(q - levels[i]);
+        if (d < distance) {{ best = i; distance = d; }}
+    }}
+    return select(best, 7u, scale == 0.0);
+}}
+",
+                    levels.join(", ")
+                )
+            }
+            WeightFormat::Affine {
+                bits, symmetric, ..
+            } => {
+                let levels = (1u32 << bits) as f32;
+                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+                let clamped = if symmetric {
+                    format!("clamp(q, {}, {})", float(-qmax), float(qmax))
+                } else {
+                    format!("clamp(q + s[2u * g + 1u], 0.0, {})", float(levels - 1.0))
+                };
+                format!(
+                    "// round(x / scale) (0 for a zero scale), offset by the zero point and clamped.
+fn code(e: u32) -> u32 {{
+    let g = group_of(e);
+    let scale = s[2u * g];
+    let q = select(round_away(x[e] / scale), 0.0, scale == 0.0);
+    return u32(i32({clamped})) & {mask}u;
+}}
+",
+                    mask = (1u32 << bits) - 1
+                )
+            }
+            other => unreachable!("no group quantizer for {other:?}"),
+        };
+        s.push_str(&code);
+        let _ = write!(
+            s,
+            "fn byte_at(o: u32) -> u32 {{
+    if (o < CODE_BYTES) {{
+        var b = 0u;
+        for (var j = 0u; j < {per}u; j = j + 1u) {{
+            let e = o * {per}u + j;
+            if (e < N) {{ b = b | (code(e) << (j * {bits}u)); }}
+        }}
+        return b;
+    }}
+    let so = o - CODE_BYTES;
+    if (so < SCALE_BYTES) {{
+        let v = s[2u * (so / {size}u)];
+        return (({scale_bits}) >> (8u * (so % {size}u))) & 0xffu;
+    }}
+    let zo = so - SCALE_BYTES;
+    if (o < TOTAL) {{ return u32(s[2u * zo + 1u]); }}
+    return 0u;
+}}
+",
+            per = 8 / bits,
+        );
+        s.push_str(ENTRY);
+        s.push_str(
+            "    let w = gi * WG + t;
+    if (w >= p.words) { return; }
+    var word = 0u;
+    for (var i = 0u; i < 4u; i = i + 1u) { word = word | (byte_at(4u * w + i) << (8u * i)); }
+    q[w] = word;
+}
+",
+        );
+        s
+    }
 }
 
 fn cast(from: DType, to: DType) -> String {
