@@ -89,6 +89,7 @@ impl Weights {
     /// `format`, as a model file stored in that format would hold them; returns how many
     /// were converted. Norm weights (vectors) stay `f32`.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
         for value in self.tensors.values_mut() {
             let Value::Tensor(t) = &**value else {
@@ -102,7 +103,7 @@ impl Weights {
             let Ok(values) = t.floats() else {
                 continue;
             };
-            let bytes = quant::quantize(format, &t.shape, values);
+            let bytes = quantize_rows(format, [t.shape[0], t.shape[1]], values, threads);
             *value = Rc::new(Value::Quantized(QTensor {
                 shape: t.shape.clone(),
                 format: format.clone(),
@@ -134,6 +135,34 @@ impl Weights {
     }
 }
 
+/// `format`'s bytes of a `[rows, k]` matrix, quantized by up to `threads` threads: the
+/// block formats' rows are independent, so each thread quantizes a run of whole rows and
+/// the runs' bytes follow one another, as the whole matrix's would (the K-quants' scale
+/// searches make quantizing at load the slow part of loading); nf4 and the affine formats
+/// lay the matrix out as a whole, in one piece.
+fn quantize_rows(
+    format: &QuantFormat,
+    [rows, k]: [usize; 2],
+    values: &[f32],
+    threads: usize,
+) -> Vec<u8> {
+    let whole = matches!(format, QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. });
+    let per_thread = rows.div_ceil(threads.max(1)).max(1);
+    if whole || per_thread >= rows {
+        return quant::quantize(format, &[rows, k], values);
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = values
+            .chunks(per_thread * k)
+            .map(|part| scope.spawn(move || quant::quantize(format, &[part.len() / k, k], part)))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| part.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 impl WeightStore for Weights {
     fn weight(&self, name: &str) -> Option<Rc<Value>> {
         self.tensors.get(name).cloned()
@@ -159,6 +188,34 @@ impl Weights {
                 q.format
             )),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use llm_ir::{dtype::DType, interp::quant, types::QuantFormat};
+
+    use super::quantize_rows;
+
+    /// Rows split over threads (counts that do not divide the rows included) give the
+    /// bytes of the whole matrix quantized at once, in every kind of format.
+    #[test]
+    fn rows_quantized_on_threads_are_the_whole_matrix() {
+        let (rows, k) = (7, 512);
+        let values: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / 64) as f32))
+            .collect();
+        let nf4 = QuantFormat::Nf4 {
+            block_size: 64,
+            scale: DType::F16,
+        };
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4K, QuantFormat::Q2K, nf4] {
+            let whole = quant::quantize(&format, &[rows, k], &values);
+            for threads in [1, 2, 3, 8] {
+                let parts = quantize_rows(&format, [rows, k], &values, threads);
+                assert!(parts == whole, "{format:?} on {threads} threads");
+            }
         }
     }
 }

@@ -379,7 +379,9 @@ fn make_qkx2_quants(
         codes[i] = l as u8;
         best_error += weights[i] * err(scale * l as f32 + min - x[i]);
     }
-    let mut aux = vec![0u8; n];
+    // Sub-blocks hold at most 32 values (q4_k's; q2_k's 16).
+    let mut aux = [0u8; 32];
+    let aux = &mut aux[..n];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
@@ -404,7 +406,7 @@ fn make_qkx2_quants(
                 cur_error += weights[i] * err(this_scale * f32::from(aux[i]) + this_min - x[i]);
             }
             if cur_error < best_error {
-                codes.copy_from_slice(&aux);
+                codes.copy_from_slice(aux);
                 best_error = cur_error;
                 scale = this_scale;
                 min = this_min;
@@ -476,7 +478,7 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
         let sub = &x[32 * j..32 * j + 32];
         let sum_x2: f32 = sub.iter().fold(0.0, |a, v| a + v * v);
         let av_x = (sum_x2 / 32.0).sqrt();
-        let weights: Vec<f32> = sub.iter().map(|v| av_x + v.abs()).collect();
+        let weights: [f32; 32] = std::array::from_fn(|i| av_x + sub[i].abs());
         (scales[j], mins[j]) = make_qkx2_quants(
             15,
             sub,
@@ -585,7 +587,7 @@ fn quantize_q2_k(x: &[f32]) -> Vec<u8> {
     let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
     for j in 0..16 {
         let sub = &x[16 * j..16 * j + 16];
-        let weights: Vec<f32> = sub.iter().map(|v| v.abs()).collect();
+        let weights: [f32; 16] = std::array::from_fn(|i| sub[i].abs());
         (scales[j], mins[j]) = make_qkx2_quants(
             3,
             sub,
