@@ -263,8 +263,11 @@ pub struct BenchReport {
 pub struct ResidentMemory {
     /// The resident set now.
     pub now: u64,
-    /// Its peak.
+    /// Its peak: during the run when [`ResidentMemory::run_peak`], else since the
+    /// process started (loading included).
     pub peak: u64,
+    /// The peak was reset when the run began ([`reset_peak`]), so it is the run's.
+    pub run_peak: bool,
     /// Of `now`, the anonymous part: the data the process made (the rest is its code,
     /// libraries and other file pages).
     pub data: u64,
@@ -286,8 +289,16 @@ pub fn resident_memory() -> Option<ResidentMemory> {
     Some(ResidentMemory {
         now: field("VmRSS:")?,
         peak: field("VmHWM:")?,
+        run_peak: false,
         data: field("RssAnon:")?,
     })
+}
+
+/// Resets this process's peak resident set to its current size (Linux's
+/// `/proc/self/clear_refs`), so that a later [`resident_memory`] reads the peak since now;
+/// false where that is not possible.
+pub fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -374,10 +385,16 @@ impl std::fmt::Display for BenchReport {
         let model = (weights + kv).max(1) as f64;
         writeln!(
             f,
-            "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB; of it data {:.1} MiB ({:.2}x), code and files {:.1} MiB",
+            "; resident {:.1} MiB after the run ({:.2}x), peak {:.1} MiB {} ({:.2}x); of it data {:.1} MiB ({:.2}x), code and files {:.1} MiB",
             mib(memory.now),
             memory.now as f64 / model,
             mib(memory.peak),
+            if memory.run_peak {
+                "during the run"
+            } else {
+                "since start"
+            },
+            memory.peak as f64 / model,
             mib(memory.data),
             memory.data as f64 / model,
             mib(memory.now.saturating_sub(memory.data))
@@ -396,6 +413,8 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
             model.config().seq_len
         ));
     }
+    // The peak the report gives is the run's, not loading's.
+    let run_peak = reset_peak();
     let config = engine_config(model, options.concurrency, steps);
     // A `plan-kv-memory` plan sizes the pool instead.
     let num_blocks = model.cache_blocks(config.num_blocks);
@@ -465,7 +484,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),
         model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
         compile_ms: (model.compile_ms(), model.jit_ms(), model.pack_ms()),
-        memory: resident_memory(),
+        memory: resident_memory().map(|m| ResidentMemory { run_peak, ..m }),
         gpu: model
             .adapter()
             .zip(model.gpu_lowering(Step::Decode))
