@@ -184,17 +184,6 @@ trait QuadSums {
         u: std::arch::x86_64::__m256i,
         s: std::arch::x86_64::__m256i,
     ) -> std::arch::x86_64::__m256i;
-
-    /// `Σ (u - c)·s` over each lane's four bytes, for unsigned `u` and `c` below 64.
-    ///
-    /// # Safety
-    ///
-    /// The CPU has the implementation's features.
-    unsafe fn centred_quads(
-        u: std::arch::x86_64::__m256i,
-        c: std::arch::x86_64::__m256i,
-        s: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i;
 }
 
 /// AVX2's [`QuadSums`].
@@ -212,20 +201,6 @@ impl QuadSums for Avx2 {
         // SAFETY: AVX2 is the caller's.
         unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
     }
-
-    #[inline(always)]
-    unsafe fn centred_quads(
-        u: std::arch::x86_64::__m256i,
-        c: std::arch::x86_64::__m256i,
-        s: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        // SAFETY: AVX2 is the caller's. The 16-bit pair sums stay within ±2 * 63 * 128.
-        unsafe {
-            let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(c, s));
-            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
-        }
-    }
 }
 
 /// AVX-512 VNNI's [`QuadSums`].
@@ -242,23 +217,6 @@ impl QuadSums for Vnni {
         use std::arch::x86_64::*;
         // SAFETY: VNNI is the caller's.
         unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
-    }
-
-    #[inline(always)]
-    unsafe fn centred_quads(
-        u: std::arch::x86_64::__m256i,
-        c: std::arch::x86_64::__m256i,
-        s: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        // SAFETY: VNNI is the caller's.
-        unsafe {
-            let zero = _mm256_setzero_si256();
-            _mm256_sub_epi32(
-                _mm256_dpbusd_epi32(zero, u, s),
-                _mm256_dpbusd_epi32(zero, c, s),
-            )
-        }
     }
 }
 
@@ -299,12 +257,14 @@ instances!(
     q6_k_vnni
 );
 
-/// What every weight row needs of x, formed once per call: per block its scale `dx` and
-/// `dx * Σ qx` (for q4_k's minimums).
+/// What every weight row needs of x, formed once per call: per block its scale `dx`,
+/// `dx * Σ qx` (for q4_k's minimums), and `32 * Σ qx` over each lane's four codes (q6_k's
+/// recentring, the same for every weight row).
 #[cfg(target_arch = "x86_64")]
 struct Activations {
     dx: Vec<f32>,
     dx_sum: Vec<f32>,
+    centre: Vec<std::arch::x86_64::__m256i>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -319,6 +279,7 @@ impl Activations {
         use std::arch::x86_64::*;
         let blocks = k / 32;
         let (mut dx, mut dx_sum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let mut centre = Vec::with_capacity(blocks);
         let ones = _mm256_set1_epi8(1);
         for b in 0..blocks {
             // SAFETY: block b is inside the row (the contract).
@@ -338,8 +299,9 @@ impl Activations {
             unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sum) };
             dx.push(scale);
             dx_sum.push(scale * lanes.iter().sum::<i32>() as f32);
+            centre.push(_mm256_slli_epi32(sum, 5));
         }
-        Activations { dx, dx_sum }
+        Activations { dx, dx_sum, centre }
     }
 }
 
@@ -423,7 +385,6 @@ unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
     // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
         use std::arch::x86_64::*;
-        let bias = _mm256_set1_epi8(32);
         // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
         let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
         // Quarter g's two runs over lanes 0..4 and 4..8 of its sums.
@@ -450,7 +411,8 @@ unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
                     for t in 0..TILE {
                         let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
                         // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
-                        let centred = _mm256_cvtepi32_ps(Q::centred_quads(codes, bias, xq));
+                        let sums = _mm256_sub_epi32(Q::quads(codes, xq), a[t].centre[b]);
+                        let centred = _mm256_cvtepi32_ps(sums);
                         let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
                         acc[t][g % 2] = _mm256_fmadd_ps(centred, scale, acc[t][g % 2]);
                     }
