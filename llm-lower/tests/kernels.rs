@@ -913,8 +913,12 @@ proptest! {
                     Ok(())
                 })?);
             }
-            let ulp = if dtype == DType::F16 { 1e-3 } else { 8e-3 };
-            compare(&runs, &want, ulp, &ir)?;
+            // The kernels' f32 results differ from the reference's in the last bits, so
+            // an intermediate (q, the norm) can round to the neighbouring narrow value
+            // and move what follows by an ulp or two (f16 attention was seen 1.3 epsilons
+            // off); allow four of the type's epsilons.
+            let epsilon = if dtype == DType::F16 { 2f32.powi(-10) } else { 2f32.powi(-7) };
+            compare(&runs, &want, 4.0 * epsilon, &ir)?;
         }
     }
 
