@@ -409,8 +409,9 @@ pub enum KvRounding {
     /// `f16` or `bf16` storage: each value rounded to that type (ties to even).
     Float(DType),
     /// Quantized storage: each head's row quantized and dequantized, as the reference
-    /// does it; the format as a kernel names it (none for formats no kernel format names,
-    /// such as affine groups along the pool's fourth dim).
+    /// does it; the format as a kernel names it for a `[rows, head_dim]` matrix (affine
+    /// groups along the pool's fourth dim, head_dim, are groups along axis 1), none where
+    /// no kernel format names it.
     Quantized(Option<WeightFormat>),
 }
 
@@ -420,6 +421,19 @@ impl KvRounding {
         match storage {
             KvStorage::Float(DType::F32) => KvRounding::Exact,
             KvStorage::Float(d) => KvRounding::Float(*d),
+            KvStorage::Quantized(QuantFormat::Affine {
+                bits,
+                group_size,
+                symmetric,
+                axis: 3,
+                scale,
+            }) => KvRounding::Quantized(WeightFormat::of(&QuantFormat::Affine {
+                bits: *bits,
+                group_size: *group_size,
+                symmetric: *symmetric,
+                axis: 1,
+                scale: *scale,
+            })),
             KvStorage::Quantized(q) => KvRounding::Quantized(WeightFormat::of(q)),
         }
     }

@@ -1698,21 +1698,48 @@ fn empty_calls_give_empty_results() {
 }
 
 /// KV caches stored quantized along the head run in generated code on the CPU, and on the
-/// GPU for q8_0, q4_0 and q4_1, whose appends a shader rounds through the format's blocks
-/// (a q4_k cache stays on the host there: no shader quantizes its appends); every backend
-/// gives the interpreter's results, the stored values bit for bit.
+/// GPU for q8_0, q4_0 and q4_1, whose appends a shader rounds through the format's blocks,
+/// and nf4 and the affine formats, whose appends it rounds through their groups (a q4_k
+/// cache stays on the host there: no shader quantizes its appends); every backend gives
+/// the interpreter's results, the stored values bit for bit.
 #[test]
 fn quantized_caches_append_on_the_gpu() {
     let (kv, t) = (2, 3);
+    let affine = |bits, group_size, symmetric, scale| QuantFormat::Affine {
+        bits,
+        group_size,
+        symmetric,
+        axis: 3,
+        scale,
+    };
     for (format, d, on_device) in [
         (QuantFormat::Q8_0, 32, true),
         (QuantFormat::Q4_0, 64, true),
         (QuantFormat::Q4_1, 32, true),
+        (
+            QuantFormat::Nf4 {
+                block_size: 32,
+                scale: DType::F16,
+            },
+            64,
+            true,
+        ),
+        (
+            QuantFormat::Nf4 {
+                block_size: 16,
+                scale: DType::BF16,
+            },
+            16,
+            true,
+        ),
+        (affine(8, 32, true, DType::F32), 32, true),
+        (affine(4, 16, false, DType::F16), 48, true),
+        (affine(2, 8, false, DType::BF16), 16, true),
+        (affine(4, 64, true, DType::BF16), 64, true),
         (QuantFormat::Q4K, 256, false),
     ] {
         let cty = format!(
-            "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = {}>",
-            format.name()
+            "llm.paged_kv_cache <layers = 1, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = {format}>"
         );
         let ir = format!(
             "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        z = llm.paged_attention q, c2, t, l {{layer = 0, kv_heads = {kv}}} : {q};\n        w = llm.add y, z : {q};\n        llm.return w, c2\n    }}\n}}\n",
@@ -1741,7 +1768,7 @@ fn quantized_caches_append_on_the_gpu() {
             ints(&[1], vec![t as i64]),
         ];
         if on_device {
-            agree(&ir, args, 2e-6).unwrap_or_else(|e| panic!("{}: {e}", format.name()));
+            agree(&ir, args, 2e-6).unwrap_or_else(|e| panic!("{format}: {e}"));
             continue;
         }
         cpu_agrees(&ir, args.clone(), 2e-6).unwrap();

@@ -96,10 +96,9 @@ impl Limits {
 /// Whether the GPU backend runs `kernel` on the device: every family but the sharded
 /// linear layer and the collectives, whose sharded values stay on the host, a float cast
 /// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
-/// nf4 and the affine formats, and every op on a KV cache quantized in a format other than
-/// q8_0, q4_0 and q4_1 (no shader quantizes such appends, and a pool that the host appends
-/// to would travel to the device and back on every step), all run through their reference
-/// semantics there.
+/// the K-quants, and every op on a KV cache quantized in a K-quant (no shader quantizes
+/// such appends, and a pool that the host appends to would travel to the device and back
+/// on every step), all run through their reference semantics there.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::KvAppend { rounding, .. }
@@ -108,9 +107,7 @@ pub fn supports(kernel: &Kernel) -> bool {
             source: AttentionSource::Paged { rounding, .. },
             ..
         } => match rounding {
-            KvRounding::Quantized(format) => {
-                format.is_some_and(|f| wgsl::KV_BLOCK_FORMATS.contains(&f))
-            }
+            KvRounding::Quantized(format) => format.is_some_and(wgsl::kv_appends_on_device),
             _ => true,
         },
         Kernel::ShardedLinear { .. }
@@ -367,6 +364,33 @@ mod tests {
             Shader::KvAppend {
                 row: 64,
                 rounding: KvRounding::Quantized(Some(WeightFormat::Q4_1)),
+            },
+            Shader::KvAppend {
+                row: 64,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Nf4 {
+                    block: 32,
+                    scale: DType::BF16,
+                })),
+            },
+            Shader::KvAppend {
+                row: 64,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Affine {
+                    bits: 4,
+                    group: 16,
+                    symmetric: false,
+                    axis: 1,
+                    scale: DType::F16,
+                })),
+            },
+            Shader::KvAppend {
+                row: 64,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Affine {
+                    bits: 8,
+                    group: 64,
+                    symmetric: true,
+                    axis: 1,
+                    scale: DType::F32,
+                })),
             },
             Shader::Gather {
                 dim: 7,

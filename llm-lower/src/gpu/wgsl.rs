@@ -1002,21 +1002,15 @@ fn weight_value(c: &Contraction) -> String {
     return half_at(o + 80u) * f32(sc & 15u) * f32(q) - half_at(o + 82u) * f32(sc >> 4u);
 "
         .to_string(),
-        WeightFormat::Nf4 { block, scale } => {
-            let levels: Vec<String> = llm_ir::interp::quant::NF4_LEVELS
-                .iter()
-                .map(|&l| float(l))
-                .collect();
-            format!(
-                "    let at = (p.first + row) * K + i;
+        WeightFormat::Nf4 { block, scale } => format!(
+            "    let at = (p.first + row) * K + i;
     let code = (byte_at(at / 2u) >> ((at & 1u) * 4u)) & 15u;
-    var levels = array<f32, 16>({});
+    var levels = {};
     return levels[code] * scale_at(SCALES + (at / {block}u) * {}u);
 ",
-                levels.join(", "),
-                scale.size_bytes()
-            )
-        }
+            nf4_levels(),
+            scale.size_bytes()
+        ),
         WeightFormat::Affine {
             bits,
             group,
@@ -1638,6 +1632,9 @@ fn kv_append(row: usize, how: KvRounding) -> String {
     let storage = match how {
         KvRounding::Exact => DType::F32,
         KvRounding::Float(dtype) => dtype,
+        KvRounding::Quantized(Some(
+            format @ (WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }),
+        )) => return kv_append_groups(row, format),
         KvRounding::Quantized(format) => return kv_append_blocks(row, format),
     };
     let mut s = format!("{}const ROW: u32 = {row}u;\n{ENTRY}", rounding(storage));
@@ -1664,7 +1661,7 @@ fn kv_append(row: usize, how: KvRounding) -> String {
 ///
 /// # Panics
 ///
-/// For a format without a block encoder ([`KV_BLOCK_FORMATS`]: `gpu::supports` keeps the
+/// For a format without a block encoder ([`kv_appends_on_device`]: `gpu::supports` keeps the
 /// others on the host).
 fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
     let (encoder, decoder) = format
@@ -1705,14 +1702,64 @@ fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
     s
 }
 
-/// The formats whose KV caches append on the device (one block of 32 per invocation).
-pub const KV_BLOCK_FORMATS: [WeightFormat; 3] =
-    [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1];
+/// The append of a cache quantized in nf4 or an affine format (groups along the head):
+/// each invocation quantizes one group of the new keys and of the new values as the
+/// reference does ([`group_range`], `code_of`) and writes it back decoded (`decoded`).
+fn kv_append_groups(row: usize, format: WeightFormat) -> String {
+    let mut s = format!(
+        "{ROUND_F16}{ROUND_BF16}{F16_BITS}const ROW: u32 = {row}u;\nconst GROUP: u32 = {}u;\n",
+        kv_group(format)
+    );
+    s.push_str(&group_coder(format));
+    s.push_str(ENTRY);
+    s.push_str(
+        "    let at = (gi * WG + t) * GROUP;
+    if (at >= p.tokens * ROW) { return; }
+    let to = u32(slots[at / ROW]) * ROW + at % ROW;
+",
+    );
+    for (new, cache) in [("kn", "kc"), ("vn", "vc")] {
+        let _ = write!(
+            s,
+            "    {{
+{}        for (var i = 0u; i < GROUP; i = i + 1u) {{
+            {cache}[to + i] = decoded(code_of({new}[at + i], scale, point), scale, point);
+        }}
+    }}
+",
+            group_range(format, &format!("{new}[at + i]")).replace("\n    ", "\n        ")
+        );
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Values per quantization group of a KV cache's `format` along the head.
+fn kv_group(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::Nf4 { block, .. } => block as usize,
+        WeightFormat::Affine { group, .. } => group as usize,
+        _ => 32,
+    }
+}
+
+/// Whether appends to a cache quantized in `format` run on the device: the formats with a
+/// block encoder (q8_0, q4_0, q4_1: one block of 32 per invocation), nf4 and the affine
+/// formats (one group per invocation); not the K-quants, whose scale searches have no
+/// shader.
+pub fn kv_appends_on_device(format: WeightFormat) -> bool {
+    block_encoder(format).is_some()
+        || matches!(
+            format,
+            WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }
+        )
+}
 
 /// Values of the new rows each invocation of the append shader for `rounding` writes.
 pub fn kv_append_values_per_invocation(rounding: KvRounding) -> usize {
     match rounding {
-        KvRounding::Quantized(_) => 32,
+        KvRounding::Quantized(Some(format)) => kv_group(format),
+        KvRounding::Quantized(None) => 32,
         _ => 1,
     }
 }
@@ -1988,57 +2035,8 @@ fn group_of(e: u32) -> u32 { return e / GROUP; }
     let m = members(g);
 ",
         );
-        let round = |e: &str| rounded(self.scale(), e);
-        let body = match self.format {
-            WeightFormat::Nf4 { .. } => format!(
-                "    var most = 0.0;
-    for (var i = 0u; i < GROUP; i = i + 1u) {{ most = max(most, abs(x[m.x + i * m.y])); }}
-    s[2u * g] = {};
-    s[2u * g + 1u] = 0.0;
-",
-                round("most")
-            ),
-            WeightFormat::Affine {
-                bits, symmetric, ..
-            } => {
-                let levels = (1u32 << bits) as f32;
-                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
-                let range =
-                    "    // The reference's strict comparisons: the first of equal values stays.
-    var lo = bitcast<f32>(0x7f800000u);
-    var hi = -lo;
-    for (var i = 0u; i < GROUP; i = i + 1u) {
-        let v = x[m.x + i * m.y];
-        if (v < lo) { lo = v; }
-        if (v > hi) { hi = v; }
-    }
-";
-                if symmetric {
-                    format!(
-                        "{range}    s[2u * g] = {};
-    s[2u * g + 1u] = 0.0;
-",
-                        round(&format!("max(abs(lo), abs(hi)) / {}", float(qmax)))
-                    )
-                } else {
-                    format!(
-                        "{range}    // The range includes 0 (a +0).
-    let low = select(0.0, lo, lo < 0.0);
-    let high = select(0.0, hi, hi > 0.0);
-    let scale = {};
-    let point = clamp(round_away(-low / scale), 0.0, {top});
-    s[2u * g] = scale;
-    s[2u * g + 1u] = select(f32(i32(point)), 0.0, scale == 0.0);
-",
-                        round(&format!("(high - low) / {}", float(levels - 1.0))),
-                        top = float(levels - 1.0)
-                    )
-                }
-            }
-            other => unreachable!("no group quantizer for {other:?}"),
-        };
-        s.push_str(&body);
-        s.push_str("}\n");
+        s.push_str(&group_range(self.format, "x[m.x + i * m.y]"));
+        s.push_str("    s[2u * g] = scale;\n    s[2u * g + 1u] = point;\n}\n");
         s
     }
 
@@ -2059,55 +2057,14 @@ fn group_of(e: u32) -> u32 { return e / GROUP; }
             self.groups() * size,
             self.bytes()
         );
-        let code = match self.format {
-            WeightFormat::Nf4 { .. } => {
-                let levels: Vec<String> = llm_ir::interp::quant::NF4_LEVELS
-                    .iter()
-                    .map(|&l| float(l))
-                    .collect();
-                format!(
-                    "// The first of the NormalFloat levels nearest to x / scale (level 7, zero, for a zero scale).
-fn code(e: u32) -> u32 {{
-    var levels = array<f32, 16>({});
-    let scale = s[2u * group_of(e)];
-    let q = x[e] / scale;
-    var best = 0u;
-    var distance = abs(q - levels[0]);
-    for (var i = 1u; i < 16u; i = i + 1u) {{
-        let d = abs(q - levels[i]);
-        if (d < distance) {{ best = i; distance = d; }}
-    }}
-    return select(best, 7u, scale == 0.0);
-}}
-",
-                    levels.join(", ")
-                )
-            }
-            WeightFormat::Affine {
-                bits, symmetric, ..
-            } => {
-                let levels = (1u32 << bits) as f32;
-                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
-                let clamped = if symmetric {
-                    format!("clamp(q, {}, {})", float(-qmax), float(qmax))
-                } else {
-                    format!("clamp(q + s[2u * g + 1u], 0.0, {})", float(levels - 1.0))
-                };
-                format!(
-                    "// round(x / scale) (0 for a zero scale), offset by the zero point and clamped.
-fn code(e: u32) -> u32 {{
+        s.push_str(&group_coder(self.format));
+        s.push_str(
+            "fn code(e: u32) -> u32 {
     let g = group_of(e);
-    let scale = s[2u * g];
-    let q = select(round_away(x[e] / scale), 0.0, scale == 0.0);
-    return u32(i32({clamped})) & {mask}u;
-}}
+    return code_of(x[e], s[2u * g], s[2u * g + 1u]);
+}
 ",
-                    mask = (1u32 << bits) - 1
-                )
-            }
-            other => unreachable!("no group quantizer for {other:?}"),
-        };
-        s.push_str(&code);
+        );
         let _ = write!(
             s,
             "fn byte_at(o: u32) -> u32 {{
@@ -2143,6 +2100,133 @@ fn code(e: u32) -> u32 {{
         );
         s
     }
+}
+
+/// The scale type and, for an affine format, the bits of a group-quantized format.
+fn group_params(format: WeightFormat) -> (DType, Option<(u8, bool)>) {
+    match format {
+        WeightFormat::Nf4 { scale, .. } => (scale, None),
+        WeightFormat::Affine {
+            bits,
+            symmetric,
+            scale,
+            ..
+        } => (scale, Some((bits, symmetric))),
+        other => unreachable!("no group quantizer for {other:?}"),
+    }
+}
+
+/// WGSL statements that set `scale` and `point` (the zero point as the reference stores
+/// it, 0 for nf4 and symmetric groups) from the `GROUP` values `member` (an expression in
+/// the loop index `i`), as the reference quantizes a group of nf4 or an affine format.
+fn group_range(format: WeightFormat, member: &str) -> String {
+    let (scale_type, affine) = group_params(format);
+    let round = |e: &str| rounded(scale_type, e);
+    let Some((bits, symmetric)) = affine else {
+        return format!(
+            "    var most = 0.0;
+    for (var i = 0u; i < GROUP; i = i + 1u) {{ most = max(most, abs({member})); }}
+    let scale = {};
+    let point = 0.0;
+",
+            round("most")
+        );
+    };
+    let levels = (1u32 << bits) as f32;
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    let range = format!(
+        "    // The reference's strict comparisons: the first of equal values stays.
+    var lo = bitcast<f32>(0x7f800000u);
+    var hi = -lo;
+    for (var i = 0u; i < GROUP; i = i + 1u) {{
+        let v = {member};
+        if (v < lo) {{ lo = v; }}
+        if (v > hi) {{ hi = v; }}
+    }}
+"
+    );
+    if symmetric {
+        format!(
+            "{range}    let scale = {};
+    let point = 0.0;
+",
+            round(&format!("max(abs(lo), abs(hi)) / {}", float(qmax)))
+        )
+    } else {
+        format!(
+            "{range}    // The range includes 0 (a +0).
+    let low = select(0.0, lo, lo < 0.0);
+    let high = select(0.0, hi, hi > 0.0);
+    let scale = {};
+    let zero = clamp(round_away(-low / scale), 0.0, {top});
+    let point = select(f32(i32(zero)), 0.0, scale == 0.0);
+",
+            round(&format!("(high - low) / {}", float(levels - 1.0))),
+            top = float(levels - 1.0)
+        )
+    }
+}
+
+/// The NormalFloat levels as the elements of a WGSL array.
+fn nf4_levels() -> String {
+    let levels: Vec<String> = llm_ir::interp::quant::NF4_LEVELS
+        .iter()
+        .map(|&l| float(l))
+        .collect();
+    format!("array<f32, 16>({})", levels.join(", "))
+}
+
+/// WGSL functions `code_of(v, scale, point)`, the code of value `v` in a group with that
+/// scale and zero point ([`group_range`]), and `decoded(code, scale, point)`, the value the
+/// reference's dequantization gives for a code, for nf4 or an affine format.
+fn group_coder(format: WeightFormat) -> String {
+    let Some((bits, symmetric)) = group_params(format).1 else {
+        return format!(
+            "// The first of the NormalFloat levels nearest to v / scale (level 7, zero, for a zero scale).
+fn code_of(v: f32, scale: f32, point: f32) -> u32 {{
+    var levels = {levels};
+    let q = v / scale;
+    var best = 0u;
+    var distance = abs(q - levels[0]);
+    for (var i = 1u; i < 16u; i = i + 1u) {{
+        let d = abs(q - levels[i]);
+        if (d < distance) {{ best = i; distance = d; }}
+    }}
+    return select(best, 7u, scale == 0.0);
+}}
+fn decoded(code: u32, scale: f32, point: f32) -> f32 {{
+    var levels = {levels};
+    return levels[code] * scale;
+}}
+",
+            levels = nf4_levels()
+        );
+    };
+    let levels = (1u32 << bits) as f32;
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    let (clamped, value) = if symmetric {
+        (
+            format!("clamp(q, {}, {})", float(-qmax), float(qmax)),
+            format!("bitcast<i32>(code << {0}u) >> {0}u", 32 - bits),
+        )
+    } else {
+        (
+            format!("clamp(q + point, 0.0, {})", float(levels - 1.0)),
+            "i32(code) - i32(point)".to_string(),
+        )
+    };
+    format!(
+        "// round(v / scale) (0 for a zero scale), offset by the zero point and clamped.
+fn code_of(v: f32, scale: f32, point: f32) -> u32 {{
+    let q = select(round_away(v / scale), 0.0, scale == 0.0);
+    return u32(i32({clamped})) & {mask}u;
+}}
+fn decoded(code: u32, scale: f32, point: f32) -> f32 {{
+    return f32({value}) * scale;
+}}
+",
+        mask = (1u32 << bits) - 1
+    )
 }
 
 fn cast(from: DType, to: DType) -> String {
