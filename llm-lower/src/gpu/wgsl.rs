@@ -1708,7 +1708,7 @@ fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
 fn kv_append_groups(row: usize, format: WeightFormat) -> String {
     let mut s = format!(
         "{ROUND_F16}{ROUND_BF16}{F16_BITS}const ROW: u32 = {row}u;\nconst GROUP: u32 = {}u;\n",
-        kv_group(format)
+        values_per_group(format)
     );
     s.push_str(&group_coder(format));
     s.push_str(ENTRY);
@@ -1734,8 +1734,9 @@ fn kv_append_groups(row: usize, format: WeightFormat) -> String {
     s
 }
 
-/// Values per quantization group of a KV cache's `format` along the head.
-fn kv_group(format: WeightFormat) -> usize {
+/// Values per scale group of `format`: nf4's block, an affine format's group, 32 for the
+/// other formats a cache may take on the device (q8_0, q4_0, q4_1).
+fn values_per_group(format: WeightFormat) -> usize {
     match format {
         WeightFormat::Nf4 { block, .. } => block as usize,
         WeightFormat::Affine { group, .. } => group as usize,
@@ -1758,7 +1759,7 @@ pub fn kv_appends_on_device(format: WeightFormat) -> bool {
 /// Values of the new rows each invocation of the append shader for `rounding` writes.
 pub fn kv_append_values_per_invocation(rounding: KvRounding) -> usize {
     match rounding {
-        KvRounding::Quantized(Some(format)) => kv_group(format),
+        KvRounding::Quantized(Some(format)) => values_per_group(format),
         KvRounding::Quantized(None) => 32,
         _ => 1,
     }
@@ -1956,11 +1957,7 @@ impl GroupQuantize {
 
     /// Values per scale group.
     fn group(&self) -> usize {
-        match self.format {
-            WeightFormat::Nf4 { block, .. } => block as usize,
-            WeightFormat::Affine { group, .. } => group as usize,
-            other => unreachable!("no group quantizer for {other:?}"),
-        }
+        values_per_group(self.format)
     }
 
     /// Scale groups.
