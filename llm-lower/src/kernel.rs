@@ -421,20 +421,15 @@ impl KvRounding {
         match storage {
             KvStorage::Float(DType::F32) => KvRounding::Exact,
             KvStorage::Float(d) => KvRounding::Float(*d),
-            KvStorage::Quantized(QuantFormat::Affine {
-                bits,
-                group_size,
-                symmetric,
-                axis: 3,
-                scale,
-            }) => KvRounding::Quantized(WeightFormat::of(&QuantFormat::Affine {
-                bits: *bits,
-                group_size: *group_size,
-                symmetric: *symmetric,
-                axis: 1,
-                scale: *scale,
-            })),
-            KvStorage::Quantized(q) => KvRounding::Quantized(WeightFormat::of(q)),
+            KvStorage::Quantized(q) => {
+                // A head row's groups run along head_dim, the pool's axis 3 (the only axis
+                // a cache's affine format takes): axis 1 of a `[rows, head_dim]` matrix.
+                let mut row = q.clone();
+                if let QuantFormat::Affine { axis, .. } = &mut row {
+                    *axis = 1;
+                }
+                KvRounding::Quantized(WeightFormat::of(&row))
+            }
         }
     }
 }

@@ -1759,8 +1759,7 @@ pub fn kv_appends_on_device(format: WeightFormat) -> bool {
 /// Values of the new rows each invocation of the append shader for `rounding` writes.
 pub fn kv_append_values_per_invocation(rounding: KvRounding) -> usize {
     match rounding {
-        KvRounding::Quantized(Some(format)) => values_per_group(format),
-        KvRounding::Quantized(None) => 32,
+        KvRounding::Quantized(format) => format.map_or(32, values_per_group),
         _ => 1,
     }
 }
@@ -1949,10 +1948,9 @@ impl GroupQuantize {
 
     /// Bits per code.
     fn bits(&self) -> usize {
-        match self.format {
-            WeightFormat::Affine { bits, .. } => usize::from(bits),
-            _ => 4,
-        }
+        group_params(self.format)
+            .1
+            .map_or(4, |(bits, _)| usize::from(bits))
     }
 
     /// Values per scale group.
@@ -1967,10 +1965,7 @@ impl GroupQuantize {
 
     /// The scales' type.
     fn scale(&self) -> DType {
-        match self.format {
-            WeightFormat::Nf4 { scale, .. } | WeightFormat::Affine { scale, .. } => scale,
-            _ => DType::F32,
-        }
+        group_params(self.format).0
     }
 
     /// Bytes of the codes.
