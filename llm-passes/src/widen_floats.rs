@@ -15,12 +15,18 @@
 //! floats), and so do an embedding's table (the gather reads f16/bf16 tables), quantized
 //! values, KV caches and sharded values. One cast serves every widened op of a block that
 //! reads the same narrow value.
+//!
+//! An f16/bf16 `llm.rms_norm_matmul` rounds the normalised rows to their type before the
+//! product, which one widened op would not: the pass splits it back into `rms_norm` and
+//! `matmul` and widens both (the norm's result is cast back to the narrow type between
+//! them, which is that rounding).
 
 use std::collections::HashMap;
 
 use llm_ir::{
     dtype::DType,
-    ops::{self, CastOp},
+    ops::{self, CastOp, MatmulOp, RmsNormOp},
+    params::ParamValue,
     types::TensorType,
 };
 use pliron::{
@@ -51,7 +57,6 @@ pub struct WidenFloats;
 /// The ops whose kernels compute in `f32` only.
 const F32_OPS: &[&str] = &[
     "llm.matmul",
-    "llm.rms_norm_matmul",
     "llm.quantized_matmul",
     "llm.rms_norm",
     "llm.layer_norm",
@@ -71,13 +76,17 @@ impl Pass for WidenFloats {
     fn run(&mut self, ctx: &mut Context, root: Ptr<Operation>) -> Result<bool, PassError> {
         let mut changed = false;
         for block in ir::nested_blocks(ctx, root) {
+            for op in ir::block_ops(ctx, block) {
+                changed |= split_narrow_norm_matmul(ctx, op);
+            }
             // Per block: the f32 cast already made of a narrow value.
             let mut widened: HashMap<Value, Value> = HashMap::new();
             for op in ir::block_ops(ctx, block) {
-                if !F32_OPS.contains(&ir::name(ctx, op).as_str()) {
+                let name = ir::name(ctx, op);
+                if !F32_OPS.contains(&name.as_str()) {
                     continue;
                 }
-                let is_embedding = ir::name(ctx, op) == "llm.embedding";
+                let is_embedding = name == "llm.embedding";
                 for (i, x) in ir::operands(ctx, op).into_iter().enumerate() {
                     // An embedding gathers from its narrow table directly.
                     if is_embedding && i == 0 {
@@ -105,6 +114,41 @@ impl Pass for WidenFloats {
         }
         Ok(changed)
     }
+}
+
+/// Splits `rms_norm_matmul(x, g, w)` into `matmul(rms_norm(x, g), w)` when `x` is an f16
+/// or bf16 tensor, so that the norm's result is rounded to `x`'s type as the fused op's
+/// reference rounds it. Returns whether it split `op`.
+fn split_narrow_norm_matmul(ctx: &mut Context, op: Ptr<Operation>) -> bool {
+    if ir::name(ctx, op) != "llm.rms_norm_matmul" {
+        return false;
+    }
+    let [x, g, w] = ir::operands(ctx, op)[..] else {
+        return false;
+    };
+    if wide_type(ctx, x).is_none() {
+        return false;
+    }
+    let eps = ir::param(ctx, op, "eps").unwrap_or(ParamValue::Float(1e-5));
+    let transposed = ir::flag(ctx, op, "transpose_rhs", false);
+    let y = ir::result(ctx, op, 0);
+    let y_type = y.get_type(ctx);
+    let normed_type = x.get_type(ctx);
+    let norm: RmsNormOp = ops::build(ctx, vec![x, g], vec![normed_type], vec![("eps", eps)]);
+    let norm = norm.get_operation();
+    norm.insert_before(ctx, op);
+    let normed = ir::result(ctx, norm, 0);
+    let matmul: MatmulOp = ops::build(
+        ctx,
+        vec![normed, w],
+        vec![y_type],
+        vec![("transpose_rhs", ParamValue::Bool(transposed))],
+    );
+    let matmul = matmul.get_operation();
+    matmul.insert_before(ctx, op);
+    y.replace_all_uses_with(ctx, &ir::result(ctx, matmul, 0));
+    Operation::erase(op, ctx);
+    true
 }
 
 /// The `f32` tensor type of `v`'s shape, when `v` is an f16 or bf16 tensor.
