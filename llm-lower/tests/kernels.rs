@@ -1019,9 +1019,10 @@ fn expect_lowering(stats: &LoweringStats, kernel_ops: usize) {
     assert_eq!(stats.kernel_ops, kernel_ops, "{stats:?}");
 }
 
-/// Partial maxima and minima (function arguments: no op makes them) reduced by an
-/// all-reduce and a reduce-scatter gathered back: the folds run in generated code, and
-/// the results are the interpreter's exactly.
+/// Partial maxima and minima (function arguments: no op makes them, some of them NaN)
+/// reduced by an all-reduce and a reduce-scatter gathered back: the folds run in
+/// generated code on the CPU and as shaders on the GPU, and the results are the
+/// interpreter's exactly.
 #[test]
 fn max_and_min_collectives_run_in_generated_code() {
     let (m, k) = (3, 10);
@@ -1039,10 +1040,19 @@ fn max_and_min_collectives_run_in_generated_code() {
         );
         let ir = func(&[("p".into(), p)], &ty(&[m, k]), &body);
         // The two devices of each dp group hold different partial values; the groups
-        // agree (the unshard checks that the devices agree once reduced).
+        // agree (the unshard checks that the devices agree once reduced). A NaN loses to
+        // a number (element 0 of the even devices) and two NaNs stay NaN (element 1).
         let parts: Vec<Tensor> = (0..4u64)
             .map(|d| match tensor(&[m, k], 10 + d % 2, 1.0) {
-                Value::Tensor(t) => t,
+                Value::Tensor(mut t) => {
+                    if let Data::Float(v) = &mut t.data {
+                        if d % 2 == 0 {
+                            v[0] = f32::NAN;
+                        }
+                        v[1] = f32::NAN;
+                    }
+                    t
+                }
                 _ => unreachable!("a tensor"),
             })
             .collect();
@@ -1060,17 +1070,28 @@ fn max_and_min_collectives_run_in_generated_code() {
         // The two collectives, the all-gather, two unshards and the final add.
         expect_lowering(program.stats(), 6);
         let got = program
-            .run(&ctx, &Store(Vec::new()), vec![arg])
+            .run(&ctx, &Store(Vec::new()), vec![arg.clone()])
             .expect("runs");
-        compare(&[(name.to_string(), got)], &want, 0.0, &ir).expect("agrees");
+        let mut runs = vec![(name.to_string(), got)];
+        if let Some(gpu) = gpu() {
+            let store = Store(Vec::new());
+            let args = [arg];
+            runs.extend(
+                runs_on_gpu(gpu, &ctx, func, &hoisted, (&store, &args), lowered_on_gpu)
+                    .expect("runs on the GPU backend"),
+            );
+        }
+        compare(&runs, &want, 0.0, &ir).expect("agrees");
     }
 }
 
 /// A tensor-parallel MLP on a 2x2 mesh (column-parallel up projection, row-parallel down
-/// projection, then an all-reduce, and a reduce-scatter gathered back): each
+/// projection from a hoisted weight's shards, then an all-reduce, and a reduce-scatter gathered back): each
 /// `sharded_linear` runs its local contraction on the CPU, shard by shard, and the
 /// collectives' sums the generated add; `shard`, `all_gather` and `unshard` copy shards on
-/// the host; the result is the interpreter's.
+/// the host. On the GPU the shards are device tensors, the products contraction shaders,
+/// the sums fold shaders and the moves strided copies and placements. The result is the
+/// interpreter's.
 #[test]
 fn tensor_parallel_layers_run_in_generated_code() {
     let (m, k, hidden) = (4, 12, 8);
@@ -1083,10 +1104,11 @@ fn tensor_parallel_layers_run_in_generated_code() {
         )
     };
     let body = format!(
-        "xs = llm.shard x : {xs};\n        us = llm.shard up : {us};\n        ds = llm.shard down : {ds};\n        h = llm.sharded_linear xs, us : {h};\n        p = llm.sharded_linear h, ds : {p};\n        r = llm.all_reduce p {{mesh_axes = [tp]}} : {r};\n        s = llm.reduce_scatter p {{dim = 0, mesh_axes = [tp]}} : {sc};\n        g = llm.all_gather s {{dim = 0, mesh_axes = [tp]}} : {r};\n        a = llm.unshard r : {t};\n        c = llm.unshard g : {t};\n        y = llm.add a, c : {t};",
+        "xs = llm.shard x : {xs};\n        us = llm.shard up : {us};\n        down = llm.weight {{name = \"down\"}} : {dt};\n        ds = llm.shard down : {ds};\n        h = llm.sharded_linear xs, us : {h};\n        p = llm.sharded_linear h, ds : {p};\n        r = llm.all_reduce p {{mesh_axes = [tp]}} : {r};\n        s = llm.reduce_scatter p {{dim = 0, mesh_axes = [tp]}} : {sc};\n        g = llm.all_gather s {{dim = 0, mesh_axes = [tp]}} : {r};\n        a = llm.unshard r : {t};\n        c = llm.unshard g : {t};\n        y = llm.add a, c : {t};",
         xs = sharded(&[m, k], "[[], []]", ""),
         us = sharded(&[hidden, k], "[[tp], []]", ""),
         ds = sharded(&[k, hidden], "[[], [tp]]", ""),
+        dt = ty(&[k, hidden]),
         h = sharded(&[m, hidden], "[[], [tp]]", ""),
         p = sharded(&[m, k], "[[], []]", ", partial = sum [tp]"),
         r = sharded(&[m, k], "[[], []]", ""),
@@ -1094,20 +1116,14 @@ fn tensor_parallel_layers_run_in_generated_code() {
         t = ty(&[m, k]),
     );
     let ir = func(
-        &[
-            ("x".into(), ty(&[m, k])),
-            ("up".into(), ty(&[hidden, k])),
-            ("down".into(), ty(&[k, hidden])),
-        ],
+        &[("x".into(), ty(&[m, k])), ("up".into(), ty(&[hidden, k]))],
         &ty(&[m, k]),
         &body,
     );
-    let args = vec![
-        tensor(&[m, k], 1, 1.0),
-        tensor(&[hidden, k], 2, 1.0),
-        tensor(&[k, hidden], 3, 1.0),
-    ];
-    let (ctx, func, want, hoisted) = reference(&ir, &args, &Store(Vec::new())).expect("reference");
+    let args = vec![tensor(&[m, k], 1, 1.0), tensor(&[hidden, k], 2, 1.0)];
+    // The down projection is a weight: its shards are hoisted, computed once.
+    let store = Store(vec![("down".into(), Rc::new(tensor(&[k, hidden], 3, 1.0)))]);
+    let (ctx, func, want, hoisted) = reference(&ir, &args, &store).expect("reference");
     for threads in [1, 2] {
         let options = Options {
             target: Target::Host,
@@ -1115,11 +1131,9 @@ fn tensor_parallel_layers_run_in_generated_code() {
             microkernels: true,
         };
         let program = Program::build(&ctx, func, &hoisted, &options).expect("compiles");
-        // Three shards, two linear layers, three collectives, two unshards, the add.
-        expect_lowering(program.stats(), 11);
-        let got = program
-            .run(&ctx, &Store(Vec::new()), args.clone())
-            .expect("runs");
+        // Two shards, two linear layers, three collectives, two unshards, the add.
+        expect_lowering(program.stats(), 10);
+        let got = program.run(&ctx, &store, args.clone()).expect("runs");
         compare(
             &[(format!("cpu, {threads} threads"), got)],
             &want,
@@ -1128,13 +1142,18 @@ fn tensor_parallel_layers_run_in_generated_code() {
         )
         .expect("agrees");
     }
-    // The GPU keeps sharded values on the host: the whole function runs there.
+    // On the GPU each device's shard is a device tensor, and nothing runs on the host.
     if let Some(gpu) = gpu() {
-        let store = Store(Vec::new());
-        let runs = runs_on_gpu(gpu, &ctx, func, &hoisted, (&store, &args), |_| Ok(()))
+        let runs = runs_on_gpu(gpu, &ctx, func, &hoisted, (&store, &args), lowered_on_gpu)
             .expect("runs on the GPU backend");
         compare(&runs, &want, 1e-5, &ir).expect("agrees");
     }
+}
+
+/// The check of a GPU program that must run no op through its reference semantics.
+fn lowered_on_gpu(stats: &gpu::LoweringStats) -> Result<(), TestCaseError> {
+    prop_assert!(stats.reference_ops.is_empty(), "{stats:?}");
+    Ok(())
 }
 
 /// A broadcast only known at run time falls back to the reference semantics (and says
@@ -1182,7 +1201,7 @@ fn wrong_shapes_are_rejected() {
 
 /// A dynamic dim that does not split evenly over the mesh is refused at run time (the
 /// verifier cannot see it), with the op's location, and so is an unshard of devices that
-/// disagree; an even one runs.
+/// disagree; an even one runs. On both backends.
 #[test]
 fn mesh_moves_refuse_uneven_splits_and_disagreeing_devices() {
     let mesh = "mesh = [tp = 2]";
@@ -1201,13 +1220,27 @@ fn mesh_moves_refuse_uneven_splits_and_disagreeing_devices() {
     assert!(program.stats().reference_ops.is_empty());
     let even = tensor(&[4, 4], 1, 1.0);
     let got = program.run(&ctx, &NoWeights, vec![even.clone()]).unwrap();
-    assert_eq!(got, vec![even]);
+    assert_eq!(got, vec![even.clone()]);
     let err = program
         .run(&ctx, &NoWeights, vec![tensor(&[3, 4], 1, 1.0)])
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not split into 2 equal pieces"), "{err}");
     assert!(err.contains("llm.shard"), "{err}");
+    if let Some(gpu) = gpu() {
+        let program = gpu::Compiler::new(gpu)
+            .build(&ctx, entry, &Hoisted::default(), Rows::Few)
+            .unwrap();
+        assert!(program.stats().reference_ops.is_empty());
+        let got = program.run(&ctx, &NoWeights, vec![even.clone()]).unwrap();
+        assert_eq!(got, vec![even]);
+        let err = program
+            .run(&ctx, &NoWeights, vec![tensor(&[3, 4], 1, 1.0)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not split into 2 equal pieces"), "{err}");
+        assert!(err.contains("llm.shard"), "{err}");
+    }
 
     let ir = func(
         &[(
@@ -1234,10 +1267,21 @@ fn mesh_moves_refuse_uneven_splits_and_disagreeing_devices() {
         shards: vec![shard(1), shard(2)],
     });
     let err = program
-        .run(&ctx, &NoWeights, vec![disagreeing])
+        .run(&ctx, &NoWeights, vec![disagreeing.clone()])
         .unwrap_err()
         .to_string();
     assert!(err.contains("different values"), "{err}");
+    if let Some(gpu) = gpu() {
+        let program = gpu::Compiler::new(gpu)
+            .build(&ctx, entry, &Hoisted::default(), Rows::Few)
+            .unwrap();
+        assert!(program.stats().reference_ops.is_empty());
+        let err = program
+            .run(&ctx, &NoWeights, vec![disagreeing])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("different values"), "{err}");
+    }
 }
 
 fn ints(shape: &[usize], values: Vec<i64>) -> Value {
@@ -1441,21 +1485,24 @@ proptest! {
         agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&b, seed + 1, 1.0), tensor(&c, seed + 2, 1.0)], 1e-6)?;
     }
 
-    /// Five or six dims that do not merge into four (operands broadcasting along
-    /// alternate dims): the kernel runs once per index of the dims beyond four.
+    /// Five to eight dims that do not merge into four (operands broadcasting along
+    /// alternate dims, and five operands): the CPU runs its four-dim kernel once per index
+    /// of the dims beyond four, the GPU's strided shader walks up to eight.
     #[test]
-    fn broadcasting_in_more_than_four_dims(dims in proptest::collection::vec(2usize..4, 5..=6), mask in 0u8..64, seed: u64) {
+    fn broadcasting_in_more_than_four_dims(dims in proptest::collection::vec(2usize..4, 5..=8), masks in proptest::collection::vec(0u8..=255, 2), seed: u64) {
         let rank = dims.len();
         let alternate: Vec<usize> = (0..rank).map(|i| if i % 2 == 1 { 1 } else { dims[i] }).collect();
-        let masked: Vec<usize> = (0..rank).map(|i| if mask & (1 << i) != 0 { 1 } else { dims[i] }).collect();
+        let masked = |mask: u8| -> Vec<usize> { (0..rank).map(|i| if mask & (1 << i) != 0 { 1 } else { dims[i] }).collect() };
+        let (c, d) = (masked(masks[0]), masked(masks[1]));
+        let e = vec![dims[rank - 1]];
         let s = "llm.tensor <f32>";
         let body = format!(
-            "y = llm.fused x, b, c : {t} {{\n          ^scalar(p: {s}, q: {s}, r: {s}):\n            u = llm.mul p, q : {s};\n            v = llm.sub u, r : {s};\n            llm.yield v\n        }};",
+            "y = llm.fused x, b, c, d, e : {t} {{\n          ^scalar(p: {s}, q: {s}, r: {s}, w: {s}, z: {s}):\n            u = llm.mul p, q : {s};\n            v = llm.sub u, r : {s};\n            o = llm.add v, w : {s};\n            k = llm.mul o, z : {s};\n            llm.yield k\n        }};",
             t = ty(&dims)
         );
-        let ir = func(&[("x".into(), ty(&dims)), ("b".into(), ty(&alternate)), ("c".into(), ty(&masked))], &ty(&dims), &body);
-        let args = vec![tensor(&dims, seed, 1.0), tensor(&alternate, seed + 1, 1.0), tensor(&masked, seed + 2, 1.0)];
-        cpu_agrees(&ir, args, 1e-6)?;
+        let ir = func(&[("x".into(), ty(&dims)), ("b".into(), ty(&alternate)), ("c".into(), ty(&c)), ("d".into(), ty(&d)), ("e".into(), ty(&e))], &ty(&dims), &body);
+        let args = vec![tensor(&dims, seed, 1.0), tensor(&alternate, seed + 1, 1.0), tensor(&c, seed + 2, 1.0), tensor(&d, seed + 3, 1.0), tensor(&e, seed + 4, 1.0)];
+        agree(&ir, args, 1e-6)?;
     }
 
     /// A rank-6 broadcast whose dims merge into four or fewer (a bias over the last two
@@ -1577,6 +1624,37 @@ proptest! {
         );
         let store = Store(vec![("table".into(), Rc::new(tensor(&[vocab, width], seed + 1, 1.0)))]);
         agree_with(&ir, vec![tensor(&[rows, width], seed, 1.0), ints(&[rows], ids)], &store, 0.0)?;
+    }
+}
+
+/// Heads wider than the workgroup's 64 invocations take ten or sixteen values each
+/// (520 and 1,000: the last invocations hold fewer), on both backends.
+#[test]
+fn wide_attention_heads() {
+    for (d, seed) in [(520, 1u64), (1000, 2)] {
+        let (seqs, kv, group, width) = (2, 1, 2, 3);
+        let h = kv * group;
+        let (c, cty) = cache(kv, d, seqs * width, seed + 3);
+        let ir = func(
+            &[
+                ("q".into(), ty(&[seqs, 1, h, d])),
+                ("c".into(), cty),
+                ("t".into(), ity(&[seqs, width])),
+                ("l".into(), ity(&[seqs])),
+            ],
+            &ty(&[seqs, 1, h, d]),
+            &format!(
+                "y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}}} : {};",
+                ty(&[seqs, 1, h, d])
+            ),
+        );
+        let args = vec![
+            tensor(&[seqs, 1, h, d], seed, 1.0),
+            c,
+            ints(&[seqs, width], tables(seqs, width, seed + 5)),
+            ints(&[seqs], vec![7, 12]),
+        ];
+        agree(&ir, args, 2e-6).expect("agrees");
     }
 }
 

@@ -200,9 +200,10 @@ impl KvCache {
 }
 
 /// A tensor distributed over a device mesh: one local shard per device, devices numbered
-/// row-major over the mesh axes.
+/// row-major over the mesh axes. The interpreter's shards are host [`Tensor`]s; a
+/// backend that keeps shards elsewhere (a GPU's buffers) names its own shard type `T`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sharded {
+pub struct Sharded<T = Tensor> {
     /// Global shape.
     pub shape: Vec<usize>,
     /// Mesh axes and sizes.
@@ -214,7 +215,21 @@ pub struct Sharded {
     /// How partial values combine.
     pub reduction: Reduction,
     /// The local shard of each device.
-    pub shards: Vec<Tensor>,
+    pub shards: Vec<T>,
+}
+
+impl<T> Sharded<T> {
+    /// The same distribution with other shards (one per device, in device order).
+    pub fn with_shards<U>(&self, shards: Vec<U>) -> Sharded<U> {
+        Sharded {
+            shape: self.shape.clone(),
+            mesh: self.mesh.clone(),
+            split: self.split.clone(),
+            partial: self.partial.clone(),
+            reduction: self.reduction,
+            shards,
+        }
+    }
 }
 
 /// A value of the interpreter.

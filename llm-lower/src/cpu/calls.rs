@@ -18,14 +18,14 @@ use llm_ir::{
             resolve_shape, resolve_shape_into,
             shape::{concat_tensors, permute},
             shard::{
-                all_gather_with, all_reduce_with, reduce_scatter_with, shard_value,
-                sharded_linear_with, unshard_value,
+                HostMesh, MeshOps, all_gather_with, all_reduce_with, fold_parts, product_shape,
+                reduce_scatter_with, shard_value, sharded_linear_with, unshard_value,
             },
         },
         quant::{dequantize_row, storage_bytes},
     },
     syntax::Dim,
-    types::QuantFormat,
+    types::{QuantFormat, Reduction},
 };
 
 use super::{
@@ -161,20 +161,31 @@ pub fn call(
             let (x, w) = (inputs[0].sharded(), inputs[1].sharded());
             x.and_then(|x| {
                 // Every device in turn, each over all the threads.
-                let y = sharded_linear_with(x, w?, *reduction, |xs, ws| {
-                    let wbytes = f32_weight_bytes(local, ws)?;
-                    let rows = Rows::of_floats(xs.floats()?, local.k);
-                    Ok(run_contraction(k, local, f, rows, wbytes, None))
-                })?;
+                let mut mesh = CpuMesh {
+                    k,
+                    code: f,
+                    local: Some(local),
+                };
+                let y = sharded_linear_with(&mut mesh, x, w?, *reduction)?;
                 k.results([Value::Sharded(y)])
             })
         }
         (Kernel::AllReduce { axes, .. }, Some(f)) => inputs[0].sharded().and_then(|x| {
-            let y = all_reduce_with(x, axes, &mut |a, b| fold_tensors(k, f, a, b))?;
+            let mut mesh = CpuMesh {
+                k,
+                code: f,
+                local: None,
+            };
+            let y = all_reduce_with(&mut mesh, x, axes)?;
             k.results([Value::Sharded(y)])
         }),
         (Kernel::ReduceScatter { axes, dim, .. }, Some(f)) => inputs[0].sharded().and_then(|x| {
-            let y = reduce_scatter_with(x, *dim, axes, &mut |a, b| fold_tensors(k, f, a, b))?;
+            let mut mesh = CpuMesh {
+                k,
+                code: f,
+                local: None,
+            };
+            let y = reduce_scatter_with(&mut mesh, x, *dim, axes)?;
             k.results([Value::Sharded(y)])
         }),
         (Kernel::Move(m), _) => movement(k, *m, dims, inputs),
@@ -449,12 +460,10 @@ pub(super) fn elementwise_into(f: *const u8, ptrs: &[i64], out: &mut [f32]) {
     );
 }
 
-/// Two f32 tensors of one shape combined by the compiled [`Kernel::Fold`] `f` (two
-/// devices' partial values meeting in a collective: a sum, maximum or minimum).
+/// Two f32 tensors of one shape (checked by [`fold_parts`]) combined by the compiled
+/// [`Kernel::Fold`] `f` (two devices' partial values meeting in a collective: a sum,
+/// maximum or minimum).
 fn fold_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
-    if a.shape != b.shape {
-        return Err(format!("shards {:?} and {:?} differ", a.shape, b.shape));
-    }
     let (x, y) = (a.floats()?, b.floats()?);
     let mut out = k.pool.for_overwrite(x.len());
     // SAFETY: a fold's signature is (a, b, out, len).
@@ -1166,12 +1175,63 @@ fn mesh_move(m: &MeshMove, inputs: &Operands) -> Result<Value, String> {
             mesh,
             split,
             reduction,
-        } => Value::Sharded(shard_value(inputs[0].tensor()?, mesh, split, *reduction)?),
-        MeshMove::Unshard => Value::Tensor(unshard_value(inputs[0].sharded()?)?),
-        MeshMove::AllGather { axes, dim } => {
-            Value::Sharded(all_gather_with(inputs[0].sharded()?, *dim, axes)?)
-        }
+        } => Value::Sharded(shard_value(
+            &mut HostMesh,
+            inputs[0].tensor()?,
+            mesh,
+            split,
+            *reduction,
+        )?),
+        MeshMove::Unshard => Value::Tensor(unshard_value(&mut HostMesh, inputs[0].sharded()?)?),
+        MeshMove::AllGather { axes, dim } => Value::Sharded(all_gather_with(
+            &mut HostMesh,
+            inputs[0].sharded()?,
+            *dim,
+            axes,
+        )?),
     })
+}
+
+/// The CPU's shards: host tensors, each device's product or fold in the kernel's
+/// generated `code` (a contraction, `local`, for `sharded_linear`; a [`Kernel::Fold`]
+/// for the collectives), moves as the reference's copies.
+struct CpuMesh<'a> {
+    k: &'a Kernels<'a>,
+    code: *const u8,
+    local: Option<&'a Contraction>,
+}
+
+impl MeshOps for CpuMesh<'_> {
+    type Shard = Tensor;
+
+    fn dims(shard: &Tensor) -> &[usize] {
+        &shard.shape
+    }
+
+    fn take_box(&mut self, x: &Tensor, start: &[usize], size: &[usize]) -> Result<Tensor, String> {
+        HostMesh.take_box(x, start, size)
+    }
+
+    fn concat(&mut self, parts: &[&Tensor], dim: usize) -> Result<Tensor, String> {
+        HostMesh.concat(parts, dim)
+    }
+
+    fn reduce(&mut self, parts: &[&Tensor], _: Reduction) -> Result<Tensor, String> {
+        // The fold's code is the reduction's.
+        fold_parts(parts, |a, b| fold_tensors(self.k, self.code, a, b))
+    }
+
+    fn linear(&mut self, x: &Tensor, w: &Tensor) -> Result<Tensor, String> {
+        let c = self.local.ok_or("a fold kernel has no product")?;
+        let wbytes = f32_weight_bytes(c, w)?;
+        let rows = Rows::of_floats(x.floats()?, c.k);
+        let y = run_contraction(self.k, c, self.code, rows, wbytes, None);
+        Ok(Tensor::from_f32(product_shape(&x.shape, c.n), x.dtype, y))
+    }
+
+    fn same(&mut self, a: &Tensor, b: &Tensor) -> Result<bool, String> {
+        HostMesh.same(a, b)
+    }
 }
 
 /// Copies column ranges `(offset, len)` of the rows of `width` of `x` out, one result

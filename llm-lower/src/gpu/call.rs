@@ -11,7 +11,7 @@ use std::{collections::HashSet, rc::Rc, sync::Arc};
 use llm_ir::{
     dtype::DType,
     interp::{
-        self, KvCache, QTensor, Tensor, Value, WeightStore,
+        self, KvCache, QTensor, Sharded, Tensor, Value, WeightStore,
         eval::{
             attention::{for_each_paged_row, rope_tables, slot_of},
             resolve_shape,
@@ -27,7 +27,7 @@ use super::{
     program::{PARAM_STRIDE, Program, Rows, Step},
     tensor::{DeviceTensor, Elem, device_bytes, row_bytes},
     wgsl::{
-        CONTRACTION_ROWS, GroupQuantize, PARAM_WORDS, TILE, WORKGROUP,
+        CONTRACTION_ROWS, GroupQuantize, STRIDED_ARGS, STRIDED_RANK, TILE, WORKGROUP,
         kv_append_values_per_invocation,
     },
 };
@@ -39,6 +39,8 @@ use crate::{
     },
     selection::weight_operand,
 };
+
+mod mesh;
 
 /// What identifies a rope table within a call: theta's and scaling's bits, the rotated
 /// values per head, and the slot of the positions.
@@ -53,6 +55,9 @@ fn elem_of(dtype: DType) -> Elem {
     }
 }
 
+// A strided body's dims and strides fill at most one parameter block.
+const _: () = assert!(STRIDED_RANK * (1 + STRIDED_ARGS) * 4 <= PARAM_STRIDE as usize);
+
 /// Invocations per workgroup, as a count.
 const WG: usize = WORKGROUP as usize;
 
@@ -65,6 +70,8 @@ pub(super) enum Slot {
     Device(DeviceTensor),
     /// A KV pool on the device.
     Pool(Arc<Pool>),
+    /// A sharded value whose shards the device has (one tensor per mesh device).
+    Sharded(Rc<Sharded<DeviceTensor>>),
 }
 
 /// One recorded dispatch.
@@ -130,6 +137,17 @@ impl Call<'_> {
                 let value = Rc::new(Value::Cache(self.read_pool(&pool)?));
                 Ok(value)
             }
+            Slot::Sharded(x) => {
+                let shards = x
+                    .shards
+                    .iter()
+                    .map(|t| match self.read_tensor(t)? {
+                        Value::Tensor(t) => Ok(t),
+                        other => Err(format!("a shard read back as {}", other.kind())),
+                    })
+                    .collect::<Result<_, String>>()?;
+                Ok(Rc::new(Value::Sharded(x.with_shards(shards))))
+            }
         }
     }
 
@@ -138,31 +156,59 @@ impl Call<'_> {
         match self.slot(s)?.clone() {
             Slot::Device(t) | Slot::Host(_, Some(t)) => Ok(t),
             Slot::Host(v, None) => {
-                let (shape, elem, bytes) = device_bytes(&v, false, false)?;
-                let buffer = {
-                    let mut buffers = self.program.buffers.borrow_mut();
-                    let buffer = buffers
-                        .uploads
-                        .entry(s)
-                        .or_insert_with(|| self.program.gpu.storage("upload", bytes.len() as u64));
-                    if buffer.size() < bytes.len() as u64 {
-                        *buffer = self.program.gpu.storage("upload", bytes.len() as u64);
-                    }
-                    buffer.clone()
-                };
-                if bytes.len() as u64 > self.gpu().limits().max_binding_bytes {
-                    return Err(format!(
-                        "a value of {} bytes exceeds the device's binding limit",
-                        bytes.len()
-                    ));
-                }
-                self.gpu().write(&buffer, 0, &bytes);
-                let t = DeviceTensor::unsplit(shape, elem, buffer);
+                let t = self.upload((s, 0), &v)?;
                 self.env[s] = Some(Slot::Host(v, Some(t.clone())));
                 Ok(t)
             }
             Slot::Pool(_) => Err("expected a tensor, found a KV cache".into()),
+            Slot::Sharded(_) => Err("expected a tensor, found a sharded tensor".into()),
         }
+    }
+
+    /// The device shards of slot `s`, uploading a host sharded value on first use.
+    fn sharded(&mut self, s: usize) -> Result<Rc<Sharded<DeviceTensor>>, String> {
+        match self.slot(s)?.clone() {
+            Slot::Sharded(x) => Ok(x),
+            Slot::Host(v, _) => {
+                let x = v.sharded()?;
+                let shards = x
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(d, t)| self.upload((s, d), &Value::Tensor(t.clone())))
+                    .collect::<Result<_, _>>()?;
+                let x = Rc::new(x.with_shards(shards));
+                self.env[s] = Some(Slot::Sharded(Rc::clone(&x)));
+                Ok(x)
+            }
+            Slot::Device(_) => Err("expected a sharded tensor, found a tensor".into()),
+            Slot::Pool(_) => Err("expected a sharded tensor, found a KV cache".into()),
+        }
+    }
+
+    /// Writes host value `v` to the upload buffer of `key` (slot and shard), growing it
+    /// when `v` does not fit.
+    fn upload(&mut self, key: (usize, usize), v: &Value) -> Result<DeviceTensor, String> {
+        let (shape, elem, bytes) = device_bytes(v, false, false)?;
+        if bytes.len() as u64 > self.gpu().limits().max_binding_bytes {
+            return Err(format!(
+                "a value of {} bytes exceeds the device's binding limit",
+                bytes.len()
+            ));
+        }
+        let buffer = {
+            let mut buffers = self.program.buffers.borrow_mut();
+            let buffer = buffers
+                .uploads
+                .entry(key)
+                .or_insert_with(|| self.program.gpu.storage("upload", bytes.len() as u64));
+            if buffer.size() < bytes.len() as u64 {
+                *buffer = self.program.gpu.storage("upload", bytes.len() as u64);
+            }
+            buffer.clone()
+        };
+        self.gpu().write(&buffer, 0, &bytes);
+        Ok(DeviceTensor::unsplit(shape, elem, buffer))
     }
 
     /// The device pool of slot `s`, uploading a host cache (a reference op's result).
@@ -178,6 +224,7 @@ impl Call<'_> {
                 other => Err(format!("expected a KV cache, found {}", other.kind())),
             },
             Slot::Device(_) => Err("expected a KV cache, found a tensor".into()),
+            Slot::Sharded(_) => Err("expected a KV cache, found a sharded tensor".into()),
         }
     }
 
@@ -215,11 +262,13 @@ impl Call<'_> {
             ));
         }
         let offset = self.params.len() as u64;
-        let mut block = [0u32; PARAM_WORDS];
-        block[..words.len()].copy_from_slice(words);
+        // Every block has the stride's bytes (a strided body's parameters fill them).
+        let mut block = [0u32; PARAM_STRIDE as usize / 4];
+        block
+            .get_mut(..words.len())
+            .ok_or("more parameters than a block holds")?
+            .copy_from_slice(words);
         self.params.extend_from_slice(bytemuck::cast_slice(&block));
-        self.params
-            .resize(offset as usize + PARAM_STRIDE as usize, 0);
         let params = self.params_buffer()?;
         let key = (
             pipeline.clone(),
@@ -240,7 +289,7 @@ impl Call<'_> {
                         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &params,
                             offset,
-                            size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64),
+                            size: wgpu::BufferSize::new(PARAM_STRIDE),
                         }),
                     }];
                     for (i, b) in bindings.iter().enumerate() {
@@ -398,14 +447,14 @@ impl Call<'_> {
         pipelines: &[wgpu::ComputePipeline],
     ) -> Result<bool, String> {
         let out = match kernel {
-            // Never selected on the GPU (`super::supports`).
             Kernel::ShardedLinear { .. }
             | Kernel::Mesh(_)
             | Kernel::AllReduce { .. }
-            | Kernel::ReduceScatter { .. }
-            | Kernel::Fold(_) => {
-                return Ok(false);
+            | Kernel::ReduceScatter { .. } => {
+                return self.mesh_step(index, step, kernel, pipelines);
             }
+            // Only the collectives fold (no op selects a fold of its own).
+            Kernel::Fold(_) => return Ok(false),
             Kernel::Contraction(c) => self.contraction(index, step, c, pipelines)?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
                 let xs = step
@@ -419,13 +468,15 @@ impl Call<'_> {
                     return Ok(false);
                 }
                 let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
-                // Dims beyond the shader's four run through the reference semantics.
+                // Simplified dims beyond the strided shader's run through the reference
+                // semantics.
                 let Some(BroadcastLayout {
                     shape,
                     dims,
                     strides,
-                    ..
-                }) = broadcast_layout(&shapes).filter(|l| l.outer.is_empty())
+                    outer,
+                    outer_strides,
+                }) = broadcast_layout(&shapes).filter(|l| l.outer.len() + 4 <= STRIDED_RANK)
                 else {
                     return Ok(false);
                 };
@@ -450,9 +501,13 @@ impl Call<'_> {
                     words.extend(xs.iter().map(|x| x.len() as u32));
                     self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
                 } else if let Some(strided) = pipelines.get(1) {
-                    let mut words: Vec<u32> = dims.iter().map(|&d| d as u32).collect();
-                    for s in &strides {
-                        words.extend(s.iter().map(|&s| s as u32));
+                    // The outer dims then the last four, padded in front to the rank.
+                    let pad = STRIDED_RANK - outer.len() - 4;
+                    let mut words = vec![1u32; pad];
+                    words.extend(outer.iter().chain(&dims).map(|&d| d as u32));
+                    for (o, s) in outer_strides.iter().zip(&strides) {
+                        words.extend(std::iter::repeat_n(0, pad));
+                        words.extend(o.iter().chain(s).map(|&s| s as u32));
                     }
                     self.dispatch(strided, &words, &bindings, len.div_ceil(WG))?;
                 } else {
@@ -781,26 +836,43 @@ impl Call<'_> {
             None
         };
         let y = self.output(index, 0, m * c.n * 4);
+        let mut extra = Vec::new();
+        if let Some(g) = &g {
+            extra.push(g.whole()?);
+        }
+        if let Some(r) = &residual {
+            extra.push(r.whole()?);
+        }
+        self.contract_parts(pipeline, (&x, &w, &y), &extra, c.n)?;
+        Ok(DeviceTensor::f32(shape, y))
+    }
+
+    /// Dispatches a contraction of the rows of `x` (`n` outputs each) by every part of
+    /// `w` into `y`; `extra` are the bindings after `y` (norm weight, residual).
+    fn contract_parts(
+        &mut self,
+        pipeline: &wgpu::ComputePipeline,
+        (x, w, y): (&DeviceTensor, &DeviceTensor, &wgpu::Buffer),
+        extra: &[&wgpu::Buffer],
+        n: usize,
+    ) -> Result<(), String> {
+        let k = w.shape.last().copied().unwrap_or(1);
+        let m = x.len() / k.max(1);
         for part in &w.parts {
-            let mut bindings = vec![x.whole()?, &part.buffer, &y];
-            if let Some(g) = &g {
-                bindings.push(g.whole()?);
-            }
-            if let Some(r) = &residual {
-                bindings.push(r.whole()?);
-            }
+            let mut bindings = vec![x.whole()?, &part.buffer, y];
+            bindings.extend_from_slice(extra);
             let workgroups = match self.program.rows {
                 Rows::Few => part.rows.div_ceil(CONTRACTION_ROWS as usize) * m,
                 Rows::Many => part.rows.div_ceil(TILE as usize) * m.div_ceil(TILE as usize),
             };
             self.dispatch(
                 pipeline,
-                &[m as u32, c.n as u32, part.first as u32, part.rows as u32],
+                &[m as u32, n as u32, part.first as u32, part.rows as u32],
                 &bindings,
                 workgroups,
             )?;
         }
-        Ok(DeviceTensor::f32(shape, y))
+        Ok(())
     }
 
     fn attention(
@@ -1146,6 +1218,59 @@ impl Call<'_> {
         Ok(())
     }
 
+    /// `xs` concatenated along `axis` into output `out` (step and output number), one
+    /// placement per operand.
+    fn concatenate(
+        &mut self,
+        place: &wgpu::ComputePipeline,
+        xs: &[&DeviceTensor],
+        axis: usize,
+        (index, i): (usize, usize),
+    ) -> Result<DeviceTensor, String> {
+        let first = xs.first().ok_or("nothing to concatenate")?;
+        let fits = |x: &DeviceTensor| {
+            x.elem == first.elem
+                && x.shape.len() == first.shape.len()
+                && x.shape
+                    .iter()
+                    .zip(&first.shape)
+                    .enumerate()
+                    .all(|(d, (a, b))| d == axis || a == b)
+        };
+        if axis >= first.shape.len() || matches!(first.elem, Elem::Packed(_)) {
+            return Err(format!("cannot concatenate {:?} along {axis}", first.shape));
+        }
+        if let Some(bad) = xs.iter().find(|x| !fits(x)) {
+            return Err(format!(
+                "cannot concatenate shapes {:?} and {:?} along {axis}",
+                first.shape, bad.shape
+            ));
+        }
+        let mut shape = first.shape.clone();
+        shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
+        let outer: usize = shape[..axis].iter().product();
+        let inner: usize = shape[axis + 1..].iter().product();
+        let total = shape.iter().product::<usize>();
+        let y = self.output(index, i, total * 4);
+        let mut offset = 0;
+        for x in xs {
+            let width = x.shape[axis] * inner;
+            self.dispatch(
+                place,
+                &[
+                    outer as u32,
+                    width as u32,
+                    (shape[axis] * inner) as u32,
+                    offset as u32,
+                ],
+                &[x.whole()?, &y],
+                (outer * width).div_ceil(WG),
+            )?;
+            offset += width;
+        }
+        Ok(DeviceTensor::unsplit(shape, first.elem, y))
+    }
+
     fn movement(
         &mut self,
         index: usize,
@@ -1188,48 +1313,8 @@ impl Call<'_> {
                     .iter()
                     .map(|&s| self.device(s))
                     .collect::<Result<Vec<_>, _>>()?;
-                let first = &xs[0];
-                let fits = |x: &DeviceTensor| {
-                    x.elem == first.elem
-                        && x.shape.len() == first.shape.len()
-                        && x.shape
-                            .iter()
-                            .zip(&first.shape)
-                            .enumerate()
-                            .all(|(d, (a, b))| d == axis || a == b)
-                };
-                if axis >= first.shape.len() || matches!(first.elem, Elem::Packed(_)) {
-                    return Err(format!("cannot concatenate {:?} along {axis}", first.shape));
-                }
-                if let Some(bad) = xs.iter().find(|x| !fits(x)) {
-                    return Err(format!(
-                        "cannot concatenate shapes {:?} and {:?} along {axis}",
-                        first.shape, bad.shape
-                    ));
-                }
-                let mut shape = first.shape.clone();
-                shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
-                let outer: usize = shape[..axis].iter().product();
-                let inner: usize = shape[axis + 1..].iter().product();
-                let total = shape.iter().product::<usize>();
-                let y = self.output(index, 0, total * 4);
-                let mut offset = 0;
-                for x in &xs {
-                    let width = x.shape[axis] * inner;
-                    self.dispatch(
-                        &pipelines[0],
-                        &[
-                            outer as u32,
-                            width as u32,
-                            (shape[axis] * inner) as u32,
-                            offset as u32,
-                        ],
-                        &[x.whole()?, &y],
-                        (outer * width).div_ceil(WG),
-                    )?;
-                    offset += width;
-                }
-                Ok(DeviceTensor::unsplit(shape, first.elem, y))
+                let xs: Vec<&DeviceTensor> = xs.iter().collect();
+                self.concatenate(&pipelines[0], &xs, axis, (index, 0))
             }
             Movement::Reshape => {
                 let mut x = self.device(step.inputs[0])?;

@@ -93,9 +93,8 @@ impl Limits {
     }
 }
 
-/// Whether the GPU backend runs `kernel` on the device: every family but the sharded
-/// linear layer and the collectives, whose sharded values stay on the host, a float cast
-/// to i64, which may not fit the 32 bits a device holds an integer in, quantization into
+/// Whether the GPU backend runs `kernel` on the device: every family (sharded values
+/// included: each mesh device's shard is a device tensor) but a float cast to i64, which may not fit the 32 bits a device holds an integer in, quantization into
 /// the K-quants, and every op on a KV cache quantized in a K-quant (no shader quantizes
 /// such appends, and a pool that the host appends to would travel to the device and back
 /// on every step), all run through their reference semantics there.
@@ -110,11 +109,8 @@ pub fn supports(kernel: &Kernel) -> bool {
             KvRounding::Quantized(format) => format.is_some_and(wgsl::kv_appends_on_device),
             _ => true,
         },
-        Kernel::ShardedLinear { .. }
-        | Kernel::Mesh(_)
-        | Kernel::AllReduce { .. }
-        | Kernel::ReduceScatter { .. }
-        | Kernel::Fold(_) => false,
+        // Only the collectives fold (no op selects a fold of its own).
+        Kernel::Fold(_) => false,
         Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
         Kernel::Quantize { format, .. } => !matches!(
             format,
@@ -190,6 +186,7 @@ mod tests {
             attention::Scale,
             fused::{ScalarBody, ScalarStep},
         },
+        types::Reduction,
     };
 
     use super::{
@@ -308,6 +305,9 @@ mod tests {
             Shader::Argmax { n: 5, inner: 6 },
             Shader::Permute,
             Shader::Place,
+            Shader::Fold(Reduction::Sum),
+            Shader::Fold(Reduction::Max),
+            Shader::Fold(Reduction::Min),
             Shader::BatchedMatmul { transposed: false },
             Shader::Quantize {
                 format: WeightFormat::Q8_0,

@@ -18,12 +18,14 @@ use std::{
 use llm_ir::{
     interp::{self, Hoisted, InterpError, Value, WeightStore},
     syntax::Dim,
+    types::ShardedTensorType,
 };
 use pliron::{
     builtin::{op_interfaces::SymbolOpInterface, ops::FuncOp},
     context::{Context, Ptr},
     linked_list::ContainsLinkedList,
     operation::Operation,
+    r#type::{Typed, TypedHandle},
     value::Value as IrValue,
 };
 
@@ -33,7 +35,7 @@ use super::{
     device::Gpu,
     pool::Pool,
     tensor::{DeviceTensor, device_bytes, exactly_f16, upload_parts},
-    wgsl::{self, MAX_HEAD_DIM, Shader},
+    wgsl::{self, Shader},
 };
 use crate::{
     kernel::{Kernel, Movement, WeightFormat},
@@ -101,8 +103,9 @@ pub(super) struct Step {
 pub(super) struct Buffers {
     /// Per (step, output): the buffer its result is written to.
     pub outputs: HashMap<(usize, usize), wgpu::Buffer>,
-    /// Per slot: the buffer a host value is uploaded to.
-    pub uploads: HashMap<usize, wgpu::Buffer>,
+    /// Per slot and shard (0 for an unsharded value): the buffer a host value is
+    /// uploaded to.
+    pub uploads: HashMap<(usize, usize), wgpu::Buffer>,
     /// The parameter blocks of one call's dispatches.
     pub params: Option<wgpu::Buffer>,
     /// Bind groups by pipeline, parameter offset and buffers.
@@ -206,9 +209,9 @@ fn plan(selection: &mut Selection, limits: &Limits, rows: Rows) -> Vec<Vec<Shade
             {
                 shaders[0] = Shader::TiledContraction(*k);
             }
-            let too_wide = matches!(c.kernel, Kernel::Attention { d, .. } if d > MAX_HEAD_DIM);
+            // A head too wide for the workgroup memory (its query row) is refused here.
             let fits = shaders.iter().all(|s| limits.admit(s).is_ok());
-            if too_wide || !fits {
+            if !fits {
                 *chosen = None;
                 return Vec::new();
             }
@@ -392,7 +395,10 @@ impl Program {
         stats.dispatches = steps
             .iter()
             .map(|s| match &s.action {
-                Action::Kernel(k, pipelines) => dispatches_of(k, pipelines.len(), s, &constants),
+                Action::Kernel(k, pipelines) => {
+                    let devices = mesh_devices(ctx, s.op);
+                    dispatches_of(k, pipelines.len(), s, &constants) * devices
+                }
                 _ => 0,
             })
             .sum();
@@ -493,6 +499,7 @@ fn upload_constants(
 ) -> Result<Vec<(usize, Slot)>, GpuError> {
     // (slot, transposed) -> device copy.
     let mut on_device: HashMap<(usize, bool), DeviceTensor> = HashMap::new();
+    let mut sharded: Vec<(usize, Slot)> = Vec::new();
     let mut host_reads: HashSet<usize> = HashSet::new();
     for step in steps.iter() {
         let shader_inputs: Vec<(usize, bool)> = match &step.action {
@@ -512,6 +519,24 @@ fn upload_constants(
             let Some(value) = hoisted.get(&s) else {
                 continue;
             };
+            // A sharded constant (a weight's shards) is uploaded shard by shard.
+            if let Value::Sharded(x) = &**value {
+                if !sharded.iter().any(|(c, _)| *c == s) {
+                    let shards = x
+                        .shards
+                        .iter()
+                        .map(|t| {
+                            let (shape, elem, bytes) =
+                                device_bytes(&Value::Tensor(t.clone()), false, false)?;
+                            stats.upload_bytes += bytes.len();
+                            upload_parts(gpu, &step.name, shape, elem, &bytes)
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(|m| GpuError(format!("{}: {m}", step.name)))?;
+                    sharded.push((s, Slot::Sharded(Rc::new(x.with_shards(shards)))));
+                }
+                continue;
+            }
             if on_device.contains_key(&(s, transpose)) {
                 continue;
             }
@@ -541,7 +566,7 @@ fn upload_constants(
     // A transposed weight gets a slot of its own, numbered from `first_free`.
     let mut next = first_free;
     let mut transposed_slot: HashMap<usize, usize> = HashMap::new();
-    let mut constants = Vec::new();
+    let mut constants = sharded;
     for ((s, transpose), tensor) in on_device {
         if transpose {
             let fresh = next;
@@ -579,8 +604,20 @@ fn upload_constants(
     Ok(constants)
 }
 
-/// The most dispatches one call of `kernel` records (its shaders, once per weight or
-/// table part).
+/// The devices of the mesh `op`'s first sharded operand or result lives on (1 for an op
+/// on unsharded values).
+fn mesh_devices(ctx: &Context, op: Ptr<Operation>) -> usize {
+    let op = op.deref(ctx);
+    op.operands()
+        .map(|v| v.get_type(ctx))
+        .chain(op.results().map(|v| v.get_type(ctx)))
+        .find_map(|ty| TypedHandle::<ShardedTensorType>::from_handle(ty, ctx).ok())
+        .map_or(1, |t| t.deref(ctx).num_devices() as usize)
+}
+
+/// The most dispatches one call of `kernel` records on each mesh device (its shaders,
+/// once per weight or table part; a mesh step's folds, boxes and placements number at
+/// most its devices for each shader).
 fn dispatches_of(
     kernel: &Kernel,
     shaders: usize,

@@ -18,31 +18,37 @@ use llm_ir::{
         attention::Scale,
         fused::{ScalarBody, ScalarStep},
     },
+    types::Reduction,
 };
 
-use crate::kernel::{AttentionSource, Contraction, Kernel, KvRounding, Movement, WeightFormat};
+use crate::kernel::{
+    AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
+};
 
 /// Invocations per workgroup, in every shader.
 pub const WORKGROUP: u32 = 64;
 
-/// `u32` words of every shader's parameter block.
+/// `u32` words of a shader's parameter block (but a strided body's, which has
+/// [`STRIDED_RANK`] dims and as many strides for each of [`STRIDED_ARGS`] operands: the
+/// 64 words every dispatch's block has).
 pub const PARAM_WORDS: usize = 16;
+
+/// Dims a [`Shader::Strided`] body walks (after dims of 1 are dropped and dims that step
+/// alike merged).
+pub const STRIDED_RANK: usize = 8;
 
 /// Outputs of a contraction computed by one workgroup (they share the loads of `x`).
 pub const CONTRACTION_ROWS: u32 = 4;
 
-/// Operands a [`Shader::Strided`] body may have (their strides fill the parameter block).
-pub const STRIDED_ARGS: usize = 3;
+/// Operands a [`Shader::Strided`] body may have (with its result, the 8 storage buffers
+/// WebGPU allows a stage).
+pub const STRIDED_ARGS: usize = 7;
 
 /// Rows and outputs of a [`Shader::TiledContraction`] tile.
 pub const TILE: u32 = 16;
 
 /// Columns of x and of the weight staged per step of a tiled contraction.
 const TILE_K: u32 = 32;
-
-/// Head sizes above this run attention through the reference semantics (each invocation
-/// keeps `head_dim / WORKGROUP` output accumulators).
-pub const MAX_HEAD_DIM: usize = 512;
 
 /// One compute shader.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,9 +86,9 @@ pub enum Shader {
         /// The result's element type.
         to: DType,
     },
-    /// A scalar body over operands broadcast numpy-style to a result of rank at most 4
-    /// (at most [`STRIDED_ARGS`] operands): the result's dims and each operand's strides
-    /// (0 along its broadcast dims) come as parameters.
+    /// A scalar body over operands broadcast numpy-style to a result of at most
+    /// [`STRIDED_RANK`] simplified dims (at most [`STRIDED_ARGS`] operands): the result's
+    /// dims and each operand's strides (0 along its broadcast dims) come as parameters.
     Strided(ScalarBody),
     /// A general matmul, one invocation per output summing over K in order; all dims
     /// are run-time parameters.
@@ -124,12 +130,17 @@ pub enum Shader {
     /// Every value of a packed tensor as `f32`, one row part at a time (the format's
     /// `weight_at`; `n` is the tensor's row count).
     Dequantize(Contraction),
-    /// A transpose of a rank-4 (padded) tensor of 4-byte elements: output dims and the
-    /// matching input strides come as parameters, so one shader serves every transpose.
+    /// A strided copy of 4-byte elements: output dims (rank 4, padded), the matching
+    /// input strides and the input's first element come as parameters, so one shader
+    /// serves every transpose and every box a mesh device takes of a value.
     Permute,
     /// Places rows of `x` at a column offset of wider rows of `y` (one operand of a
     /// concatenation; 4-byte elements).
     Place,
+    /// Two mesh devices' f32 partial values combined element by element, as
+    /// [`Kernel::Fold`] says: a sum, or a maximum or minimum in which a NaN loses to a
+    /// number and equal values give the first operand.
+    Fold(Reduction),
     /// Rotary embedding with per-token cosine and sine tables.
     Rope {
         /// Heads per token.
@@ -223,12 +234,16 @@ pub enum Access {
 /// KV cache.
 pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
     match kernel {
-        // Sharded values stay on the host (`super::supports`).
-        Kernel::ShardedLinear { .. }
-        | Kernel::Mesh(_)
-        | Kernel::AllReduce { .. }
-        | Kernel::ReduceScatter { .. }
-        | Kernel::Fold(_) => Vec::new(),
+        // Each device's product is a contraction (the local one).
+        Kernel::ShardedLinear { local, .. } => shaders_for(&Kernel::Contraction(*local)),
+        Kernel::AllReduce { reduction, .. } => vec![Shader::Fold(*reduction)],
+        // The fold, then each device's box of the result.
+        Kernel::ReduceScatter { reduction, .. } => vec![Shader::Fold(*reduction), Shader::Permute],
+        Kernel::Fold(reduction) => vec![Shader::Fold(*reduction)],
+        Kernel::Mesh(MeshMove::Shard { .. }) => vec![Shader::Permute],
+        Kernel::Mesh(MeshMove::AllGather { .. }) => vec![Shader::Place],
+        // Device 0's shard, once the devices are checked to agree.
+        Kernel::Mesh(MeshMove::Unshard) => Vec::new(),
         Kernel::Contraction(c) => {
             let weight = match c.weight {
                 // The GPU reads f32 weights row major; a [k, n] one is transposed at upload.
@@ -415,6 +430,7 @@ impl Shader {
             Shader::Dequantize(c) => format!("dequantize_{}_{}x{}", c.weight.name(), c.n, c.k),
             Shader::Permute => "permute".into(),
             Shader::Place => "place".into(),
+            Shader::Fold(reduction) => Kernel::Fold(*reduction).name(),
             Shader::Rope {
                 heads, d, rotary, ..
             } => format!("rope_{heads}x{d}_{rotary}"),
@@ -492,6 +508,7 @@ impl Shader {
                 vec![("x", Read), ("y", ReadWrite)]
             }
             Shader::Dequantize(_) => vec![("w", Read), ("y", ReadWrite)],
+            Shader::Fold(_) => vec![("a", Read), ("b", Read), ("y", ReadWrite)],
             Shader::Rope { .. } => vec![
                 ("x", Read),
                 ("cos_t", Read),
@@ -622,24 +639,23 @@ impl Shader {
         s
     }
 
-    /// The uniform parameter block: [`PARAM_WORDS`] named `u32` words.
+    /// The uniform parameter block: [`PARAM_WORDS`] named `u32` words (a strided body's
+    /// are more).
     fn param_block(&self) -> String {
         let names: &[&str] = match self {
             Shader::Contraction(_) | Shader::TiledContraction(_) => {
                 &["rows", "outputs", "first", "part_rows"]
             }
             Shader::Elementwise(_) => &["len", "n0", "n1", "n2", "n3", "n4", "n5", "n6"],
-            Shader::Strided(_) => &[
-                "d0", "d1", "d2", "d3", "s0_0", "s0_1", "s0_2", "s0_3", "s1_0", "s1_1", "s1_2",
-                "s1_3", "s2_0", "s2_1", "s2_2", "s2_3",
-            ],
+            Shader::Strided(_) => return strided_params(),
             Shader::RmsNorm { .. }
             | Shader::LayerNorm { .. }
             | Shader::Softmax { .. }
             | Shader::Argmax { .. } => &["rows"],
             Shader::Dequantize(_) => &["part_rows", "first"],
-            Shader::Permute => &["d0", "d1", "d2", "d3", "s0", "s1", "s2", "s3"],
+            Shader::Permute => &["d0", "d1", "d2", "d3", "s0", "s1", "s2", "s3", "first"],
             Shader::Place => &["rows", "width", "out_width", "offset"],
+            Shader::Fold(_) => &["len"],
             Shader::Rope { .. } => &["tokens"],
             Shader::Attention { paged: true, .. } => &[
                 "rows", "tokens", "width", "window", "block", "splits", "chunk",
@@ -687,6 +703,7 @@ impl Shader {
             Shader::Dequantize(c) => dequantize(c),
             Shader::Permute => permute(),
             Shader::Place => place(),
+            Shader::Fold(reduction) => fold(*reduction),
             Shader::Rope {
                 heads,
                 d,
@@ -1223,13 +1240,38 @@ fn elementwise(body: &ScalarBody) -> String {
 }
 
 fn strided(body: &ScalarBody) -> String {
-    let head = format!(
-        "    let i = gi * WG + t;\n    if (i >= p.d0 * p.d1 * p.d2 * p.d3) {{ return; }}\n{}",
-        rank4_coords("i")
+    let dims: Vec<String> = (0..STRIDED_RANK).map(|i| format!("p.d{i}")).collect();
+    let mut head = format!(
+        "    let i = gi * WG + t;\n    if (i >= {}) {{ return; }}\n    var r = i;\n",
+        dims.join(" * ")
     );
+    // Coordinates from the innermost dim out.
+    for i in (1..STRIDED_RANK).rev() {
+        let _ = writeln!(head, "    let c{i} = r % p.d{i};\n    r = r / p.d{i};");
+    }
+    head.push_str("    let c0 = r;\n");
     scalar_body_shader(body, &head, |a| {
-        format!("a{a}[c0 * p.s{a}_0 + c1 * p.s{a}_1 + c2 * p.s{a}_2 + c3 * p.s{a}_3]")
+        let terms: Vec<String> = (0..STRIDED_RANK)
+            .map(|i| format!("c{i} * p.s{a}_{i}"))
+            .collect();
+        format!("a{a}[{}]", terms.join(" + "))
     })
+}
+
+/// The parameter block of a [`Shader::Strided`] body: the dims `d0..`, then each
+/// operand's strides `s{a}_0..`.
+fn strided_params() -> String {
+    let mut s = String::from("struct Params {\n");
+    for i in 0..STRIDED_RANK {
+        let _ = writeln!(s, "    d{i}: u32,");
+    }
+    for a in 0..STRIDED_ARGS {
+        for i in 0..STRIDED_RANK {
+            let _ = writeln!(s, "    s{a}_{i}: u32,");
+        }
+    }
+    s.push_str("}\n@group(0) @binding(0) var<uniform> p: Params;\n");
+    s
 }
 
 /// A shader computing `body` for result element `i`: `head` finds `i` (and returns when
@@ -1406,7 +1448,28 @@ fn permute() -> String {
     let mut s = String::from(ENTRY);
     s.push_str("    let e = gi * WG + t;\n    if (e >= p.d0 * p.d1 * p.d2 * p.d3) { return; }\n");
     s.push_str(&rank4_coords("e"));
-    s.push_str("    y[e] = x[c0 * p.s0 + c1 * p.s1 + c2 * p.s2 + c3 * p.s3];\n}\n");
+    s.push_str("    y[e] = x[p.first + c0 * p.s0 + c1 * p.s1 + c2 * p.s2 + c3 * p.s3];\n}\n");
+    s
+}
+
+/// `y = a . b` element by element. NaNs are recognised by their bits (WGSL lets a
+/// compiler assume that comparisons never meet one).
+fn fold(reduction: Reduction) -> String {
+    let mut s = String::from(
+        "fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+",
+    );
+    s.push_str(ENTRY);
+    s.push_str("    let e = gi * WG + t;\n    if (e >= p.len) { return; }\n    let x = a[e];\n    let z = b[e];\n");
+    // The second operand wins where the first is NaN or it is strictly better.
+    let combined = match reduction {
+        Reduction::Sum => "x + z",
+        Reduction::Max => "select(x, z, is_nan(x) || (!is_nan(z) && z > x))",
+        Reduction::Min => "select(x, z, is_nan(x) || (!is_nan(z) && z < x))",
+    };
+    let _ = writeln!(s, "    y[e] = {combined};\n}}");
     s
 }
 
