@@ -270,6 +270,21 @@ fn runs_on_gpu(
     Ok(runs)
 }
 
+/// The error of running `@f` of `ir` on the GPU with `args` (a panic if it runs).
+fn gpu_error(gpu: Arc<Gpu>, ir: &str, args: Vec<Value>) -> String {
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, ir).expect("parses");
+    let func = interp::find_func(&ctx, module, "f").expect("@f");
+    let program = gpu::Compiler::new(gpu)
+        .build(&ctx, func, &Hoisted::default(), Rows::Few)
+        .expect("compiles");
+    assert!(program.stats().reference_ops.is_empty(), "{ir}");
+    program
+        .run(&ctx, &NoWeights, args)
+        .expect_err("fails on the GPU")
+        .to_string()
+}
+
 /// Runs a GPU program, reading back the caches it returns (they stay in device memory).
 fn run_on_gpu(
     program: &gpu::Program,
@@ -835,8 +850,9 @@ proptest! {
     /// `llm.quantize` into the K-quants, byte for byte as the reference quantizes, on rows
     /// whose sub-blocks of 16 differ in magnitude by up to 1e9 (so some scales quantize to
     /// level 0 and keep the search's codes), with all-positive, constant and all-zero
-    /// sub-blocks among them; the values fed on to a quantized matmul. The GPU quantizes
-    /// into the K-quants on the host.
+    /// sub-blocks among them; the values fed on to a quantized matmul. On the CPU in
+    /// generated code, on the GPU in shaders (one invocation per super-block, or two for
+    /// q6_k's 210 bytes).
     #[test]
     fn k_quantize(rows in 1usize..4, blocks in 1usize..3, scale in prop::sample::select(vec![0.0f32, 1e-3, 1.0, 3e4]), seed: u64) {
         let k = 256 * blocks;
@@ -861,7 +877,7 @@ proptest! {
                 xt = ty(&[rows, k]), a = ty(&[2, k]), y = ty(&[2, rows]),
             );
             let args = vec![x.clone(), tensor(&[2, k], seed + 1, 1.0)];
-            cpu_agrees(&ir, args, 1e-4 * scale.max(1.0))?;
+            agree(&ir, args, 1e-4 * scale.max(1.0))?;
         }
     }
 
@@ -1521,8 +1537,9 @@ proptest! {
     }
 
     /// Casts between every pair of element types, exactly: floats from f16 subnormals to
-    /// past f16's range and i32's, ties, NaN, integers that wrap to i8 (the GPU keeps a
-    /// float cast to i64 on the host).
+    /// past f16's range and i32's, ties, NaN, integers that wrap to i8; a float cast to
+    /// i64 beyond 32 bits is an error naming the cast on the GPU, which holds i64 values in
+    /// 32 bits.
     #[test]
     fn casts(n in 1usize..40, seed: u64) {
         for (from, to) in DType::ALL.iter().flat_map(|&f| DType::ALL.map(|t| (f, t))) {
@@ -1556,8 +1573,16 @@ proptest! {
                 let v = raw.iter().map(|r| (r * 1000.0) as i64).collect();
                 Value::Tensor(Tensor::from_i64(vec![n], from, v))
             };
-            if from.is_float() && to == DType::I64 {
-                cpu_agrees(&ir, vec![x], 0.0)?;
+            // The GPU holds i64 values in 32 bits: a float beyond them is an error there.
+            let beyond_32_bits = to == DType::I64 && x.tensor().is_ok_and(|t| {
+                t.floats().is_ok_and(|v| v.iter().any(|f| f.abs() >= 2147483648.0))
+            });
+            if beyond_32_bits {
+                cpu_agrees(&ir, vec![x.clone()], 0.0)?;
+                if let Some(gpu) = gpu() {
+                    let err = gpu_error(gpu, &ir, vec![x]);
+                    prop_assert!(err.contains("llm.cast") && err.contains("32 bits"), "{err}");
+                }
             } else {
                 agree(&ir, vec![x], 0.0)?;
             }
@@ -1625,6 +1650,47 @@ proptest! {
         let store = Store(vec![("table".into(), Rc::new(tensor(&[vocab, width], seed + 1, 1.0)))]);
         agree_with(&ir, vec![tensor(&[rows, width], seed, 1.0), ints(&[rows], ids)], &store, 0.0)?;
     }
+}
+
+/// A float cast to i64 on the GPU, which holds i64 values in 32 bits: the extremes of
+/// that range (and NaN, which gives 0) convert exactly; a value beyond is an error that
+/// names the cast, reported when the call ends.
+#[test]
+fn float_casts_to_i64_fit_32_bits_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let ir = func(
+        &[("x".into(), "llm.tensor <4xf32>".into())],
+        "llm.tensor <4xi64>",
+        "y = llm.cast x : llm.tensor <4xi64>;",
+    );
+    let fits = Value::Tensor(Tensor::from_f32(
+        vec![4],
+        DType::F32,
+        vec![-2147483648.0, 2147483520.0, f32::NAN, -7.9],
+    ));
+    let (ctx, func, want, hoisted) =
+        reference(&ir, std::slice::from_ref(&fits), &Store(Vec::new())).expect("reference");
+    let store = Store(Vec::new());
+    let runs = runs_on_gpu(
+        Arc::clone(&gpu),
+        &ctx,
+        func,
+        &hoisted,
+        (&store, &[fits]),
+        lowered_on_gpu,
+    )
+    .expect("runs on the GPU backend");
+    compare(&runs, &want, 0.0, &ir).expect("agrees");
+    let beyond = Value::Tensor(Tensor::from_f32(
+        vec![4],
+        DType::F32,
+        vec![1.0, 2147483648.0, 0.0, 0.0],
+    ));
+    let err = gpu_error(gpu, &ir, vec![beyond]);
+    assert!(
+        err.contains("llm.cast") && err.contains("does not fit the 32 bits"),
+        "{err}"
+    );
 }
 
 /// Heads wider than the workgroup's 64 invocations take ten or sixteen values each

@@ -28,7 +28,7 @@ use super::{
     tensor::{DeviceTensor, Elem, device_bytes, row_bytes},
     wgsl::{
         CONTRACTION_ROWS, GroupQuantize, STRIDED_ARGS, STRIDED_RANK, TILE, WORKGROUP,
-        kv_append_values_per_invocation,
+        blocks_per_invocation, kv_append_values_per_invocation,
     },
 };
 use crate::{
@@ -93,6 +93,8 @@ pub(super) struct Call<'a> {
     /// The rope tables uploaded this call, by theta and scaling bits, rotated values and
     /// the positions' slot.
     ropes: Vec<(RopeKey, (wgpu::Buffer, wgpu::Buffer))>,
+    /// Whether a shader that can fault was recorded (the fault word was then zeroed).
+    faults: bool,
 }
 
 impl Call<'_> {
@@ -105,6 +107,7 @@ impl Call<'_> {
             params: Vec::new(),
             validated: HashSet::new(),
             ropes: Vec::new(),
+            faults: false,
         }
     }
 
@@ -315,6 +318,34 @@ impl Call<'_> {
             grid: [x as u32, y as u32],
         });
         Ok(())
+    }
+
+    /// The word shaders report a fault in (the lowest faulting step's number), set to
+    /// `u32::MAX` (no fault) before this call's first use.
+    fn fault_word(&mut self) -> wgpu::Buffer {
+        let buffer = self
+            .program
+            .buffers
+            .borrow_mut()
+            .faults
+            .get_or_insert_with(|| self.program.gpu.storage("faults", 4))
+            .clone();
+        if !self.faults {
+            self.gpu().write(&buffer, 0, &u32::MAX.to_le_bytes());
+            self.faults = true;
+        }
+        buffer
+    }
+
+    /// The step whose shader faulted during this call, if any (the first by number).
+    pub fn fault(&mut self) -> Result<Option<usize>, String> {
+        if !self.faults {
+            return Ok(None);
+        }
+        let buffer = self.fault_word();
+        let bytes = self.flush(&[(&buffer, 4)])?.concat();
+        let word = u32::from_le_bytes(bytes[..4].try_into().map_err(|_| "a short read")?);
+        Ok((word != u32::MAX).then_some(word as usize))
     }
 
     /// The parameter buffer, sized for the program's dispatches before the call records
@@ -689,13 +720,15 @@ impl Call<'_> {
                     ));
                 }
                 let rows = x.len() / k;
-                let blocks = rows * k / 32;
+                let blocks = rows * k / format.block().unwrap_or(1).max(1);
                 let bytes = format.row_bytes(*k) * rows;
-                let per_unit = if *format == WeightFormat::Q4_1 { 1 } else { 2 };
+                let per_unit = blocks_per_invocation(*format);
                 let y = self.output(index, 0, bytes.next_multiple_of(4));
+                // The second word (`zero`) is 0: the K-quant searches keep their products
+                // apart through it.
                 self.dispatch(
                     &pipelines[0],
-                    &[blocks as u32],
+                    &[blocks as u32, 0],
                     &[x.whole()?, &y],
                     blocks.div_ceil(per_unit).div_ceil(WG),
                 )?;
@@ -708,10 +741,14 @@ impl Call<'_> {
                 }
                 let y = self.output(index, 0, x.len() * 4);
                 let len = x.len();
+                let mut bindings = vec![x.whole()?, &y];
+                // A float cast to i64 reports values beyond 32 bits as this step's fault.
+                let fault = (from.is_float() && *to == DType::I64).then(|| self.fault_word());
+                bindings.extend(fault.as_ref());
                 self.dispatch(
                     &pipelines[0],
-                    &[len as u32],
-                    &[x.whole()?, &y],
+                    &[len as u32, index as u32],
+                    &bindings,
                     len.div_ceil(WG),
                 )?;
                 DeviceTensor::unsplit(x.shape.clone(), elem_of(*to), y)

@@ -24,7 +24,7 @@ use std::fmt;
 
 use pliron::{builtin::ops::ModuleOp, context::Context};
 
-use crate::kernel::{AttentionSource, Kernel, KvRounding, WeightFormat};
+use crate::kernel::{AttentionSource, Kernel, KvRounding};
 
 /// An error from the GPU backend (no adapter, a shader the device rejects, a weight that
 /// cannot be split to fit the limits).
@@ -94,8 +94,8 @@ impl Limits {
 }
 
 /// Whether the GPU backend runs `kernel` on the device: every family (sharded values
-/// included: each mesh device's shard is a device tensor) but a float cast to i64, which may not fit the 32 bits a device holds an integer in, quantization into
-/// the K-quants, and every op on a KV cache quantized in a K-quant (no shader quantizes
+/// included: each mesh device's shard is a device tensor) but every op on a KV cache
+/// quantized in a K-quant (no shader quantizes
 /// such appends, and a pool that the host appends to would travel to the device and back
 /// on every step), all run through their reference semantics there.
 pub fn supports(kernel: &Kernel) -> bool {
@@ -111,11 +111,6 @@ pub fn supports(kernel: &Kernel) -> bool {
         },
         // Only the collectives fold (no op selects a fold of its own).
         Kernel::Fold(_) => false,
-        Kernel::Cast { from, to } => !(from.is_float() && *to == llm_ir::dtype::DType::I64),
-        Kernel::Quantize { format, .. } => !matches!(
-            format,
-            WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K
-        ),
         _ => true,
     }
 }
@@ -308,6 +303,7 @@ mod tests {
             Shader::Fold(Reduction::Sum),
             Shader::Fold(Reduction::Max),
             Shader::Fold(Reduction::Min),
+            Shader::Agree,
             Shader::BatchedMatmul { transposed: false },
             Shader::Quantize {
                 format: WeightFormat::Q8_0,
@@ -317,6 +313,15 @@ mod tests {
             },
             Shader::Quantize {
                 format: WeightFormat::Q4_1,
+            },
+            Shader::Quantize {
+                format: WeightFormat::Q4K,
+            },
+            Shader::Quantize {
+                format: WeightFormat::Q6K,
+            },
+            Shader::Quantize {
+                format: WeightFormat::Q2K,
             },
             Shader::GroupScales(nf4),
             Shader::GroupCodes(nf4),
@@ -335,6 +340,10 @@ mod tests {
             Shader::Cast {
                 from: DType::F16,
                 to: DType::I8,
+            },
+            Shader::Cast {
+                from: DType::BF16,
+                to: DType::I64,
             },
             Shader::Cast {
                 from: DType::I32,

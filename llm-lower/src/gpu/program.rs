@@ -38,7 +38,7 @@ use super::{
     wgsl::{self, Shader},
 };
 use crate::{
-    kernel::{Kernel, Movement, WeightFormat},
+    kernel::{Kernel, MeshMove, Movement, WeightFormat},
     layout::{Layout, Signature},
     selection::{Selection, live_ops, select_all, weight_operand},
 };
@@ -108,6 +108,9 @@ pub(super) struct Buffers {
     pub uploads: HashMap<(usize, usize), wgpu::Buffer>,
     /// The parameter blocks of one call's dispatches.
     pub params: Option<wgpu::Buffer>,
+    /// The word a shader's fault lowers to the faulting step's number (`u32::MAX`, no
+    /// fault, at the start of each call that records a shader that can fault).
+    pub faults: Option<wgpu::Buffer>,
     /// Bind groups by pipeline, parameter offset and buffers.
     pub groups: HashMap<(wgpu::ComputePipeline, u64, Vec<wgpu::Buffer>), wgpu::BindGroup>,
 }
@@ -458,7 +461,13 @@ impl Program {
         for (index, step) in self.steps.iter().enumerate() {
             let at = |m: String| error(step.location, format!("{}: {m}", step.name));
             match &step.action {
-                Action::Return => return call.finish(ctx, step).map_err(at),
+                Action::Return => {
+                    if let Some(faulted) = call.fault().map_err(at)? {
+                        let s = &self.steps[faulted];
+                        return Err(error(s.location, format!("{}: {}", s.name, fault_of(s))));
+                    }
+                    return call.finish(ctx, step).map_err(at);
+                }
                 Action::Kernel(kernel, pipelines) => {
                     let done = call.kernel(index, step, kernel, pipelines).map_err(at)?;
                     if !done {
@@ -602,6 +611,16 @@ fn upload_constants(
         }
     }
     Ok(constants)
+}
+
+/// What a fault of `step`'s shader means (see `Call::fault`).
+fn fault_of(step: &Step) -> &'static str {
+    match &step.action {
+        Action::Kernel(Kernel::Mesh(MeshMove::Unshard), _) => {
+            "the devices hold different values for a replicated tensor"
+        }
+        _ => "a value does not fit the 32 bits the device holds an integer in",
+    }
 }
 
 /// The devices of the mesh `op`'s first sharded operand or result lives on (1 for an op

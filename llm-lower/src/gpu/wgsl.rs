@@ -62,10 +62,10 @@ pub enum Shader {
     /// once per 16 rows instead of once per row. For prompts; each output is still a sum
     /// over K in one fixed order, whatever the other rows are.
     TiledContraction(Contraction),
-    /// Quantizes rows into a block format (q8_0, q4_0, q4_1), byte for byte as the
-    /// reference does: one invocation per unit of whole blocks that ends on a 4-byte
-    /// boundary (two q8_0 or q4_0 blocks, one q4_1 block), so no two invocations write one
-    /// word.
+    /// Quantizes rows into a block format (q8_0, q4_0, q4_1, and the K-quants q4_k, q6_k,
+    /// q2_k with ggml's scale searches), byte for byte as the reference does: one
+    /// invocation per unit of whole blocks that ends on a 4-byte boundary
+    /// ([`blocks_per_invocation`]), so no two invocations write one word.
     Quantize {
         /// The format.
         format: WeightFormat,
@@ -141,6 +141,9 @@ pub enum Shader {
     /// [`Kernel::Fold`] says: a sum, or a maximum or minimum in which a NaN loses to a
     /// number and equal values give the first operand.
     Fold(Reduction),
+    /// Checks that two mesh devices' shards hold the same bits (an `unshard`): a
+    /// difference is a fault of the step.
+    Agree,
     /// Rotary embedding with per-token cosine and sine tables.
     Rope {
         /// Heads per token.
@@ -242,8 +245,8 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         Kernel::Fold(reduction) => vec![Shader::Fold(*reduction)],
         Kernel::Mesh(MeshMove::Shard { .. }) => vec![Shader::Permute],
         Kernel::Mesh(MeshMove::AllGather { .. }) => vec![Shader::Place],
-        // Device 0's shard, once the devices are checked to agree.
-        Kernel::Mesh(MeshMove::Unshard) => Vec::new(),
+        // Device 0's shard; each other device's is checked against it.
+        Kernel::Mesh(MeshMove::Unshard) => vec![Shader::Agree],
         Kernel::Contraction(c) => {
             let weight = match c.weight {
                 // The GPU reads f32 weights row major; a [k, n] one is transposed at upload.
@@ -431,6 +434,7 @@ impl Shader {
             Shader::Permute => "permute".into(),
             Shader::Place => "place".into(),
             Shader::Fold(reduction) => Kernel::Fold(*reduction).name(),
+            Shader::Agree => "agree".into(),
             Shader::Rope {
                 heads, d, rotary, ..
             } => format!("rope_{heads}x{d}_{rotary}"),
@@ -509,6 +513,7 @@ impl Shader {
             }
             Shader::Dequantize(_) => vec![("w", Read), ("y", ReadWrite)],
             Shader::Fold(_) => vec![("a", Read), ("b", Read), ("y", ReadWrite)],
+            Shader::Agree => vec![("a", Read), ("b", Read), ("fault", ReadWrite)],
             Shader::Rope { .. } => vec![
                 ("x", Read),
                 ("cos_t", Read),
@@ -540,6 +545,10 @@ impl Shader {
                 ("vc", ReadWrite),
             ],
             Shader::BatchedMatmul { .. } => vec![("x", Read), ("w", Read), ("y", ReadWrite)],
+            // A float cast to i64 reports values beyond 32 bits in `fault`.
+            Shader::Cast { from, to } if from.is_float() && *to == DType::I64 => {
+                vec![("x", Read), ("y", ReadWrite), ("fault", ReadWrite)]
+            }
             Shader::Cast { .. } => vec![("x", Read), ("y", ReadWrite)],
             Shader::Quantize { .. } => vec![("x", Read), ("q", ReadWrite)],
             Shader::GroupScales(_) => vec![("x", Read), ("s", ReadWrite)],
@@ -621,11 +630,13 @@ impl Shader {
                     "u32"
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
+                (_, "fault") => "atomic<u32>",
                 (Shader::Cast { from, .. }, "x") if !from.is_float() => "i32",
                 (Shader::Quantize { .. } | Shader::GroupCodes(_), "q") => "u32",
                 (Shader::Cast { to, .. }, "y") if !to.is_float() => "i32",
                 // Data movement copies 4-byte elements whatever they hold.
-                (Shader::Permute | Shader::Place, _) | (Shader::Dequantize(_), "w") => "u32",
+                (Shader::Permute | Shader::Place | Shader::Agree, _)
+                | (Shader::Dequantize(_), "w") => "u32",
                 _ => "f32",
             };
             let _ = writeln!(
@@ -656,6 +667,7 @@ impl Shader {
             Shader::Permute => &["d0", "d1", "d2", "d3", "s0", "s1", "s2", "s3", "first"],
             Shader::Place => &["rows", "width", "out_width", "offset"],
             Shader::Fold(_) => &["len"],
+            Shader::Agree => &["len", "step"],
             Shader::Rope { .. } => &["tokens"],
             Shader::Attention { paged: true, .. } => &[
                 "rows", "tokens", "width", "window", "block", "splits", "chunk",
@@ -665,8 +677,8 @@ impl Shader {
             ],
             Shader::AttentionCombine { .. } => &["rows", "splits"],
             Shader::BatchedMatmul { .. } => &["batch", "m", "k", "n", "rhs_batched"],
-            Shader::Cast { .. } => &["len"],
-            Shader::Quantize { .. } => &["blocks"],
+            Shader::Cast { .. } => &["len", "step"],
+            Shader::Quantize { .. } => &["blocks", "zero"],
             Shader::GroupScales(_) => &["groups"],
             Shader::GroupCodes(_) => &["words"],
             Shader::KvAppend { .. } => &["tokens"],
@@ -704,6 +716,7 @@ impl Shader {
             Shader::Permute => permute(),
             Shader::Place => place(),
             Shader::Fold(reduction) => fold(*reduction),
+            Shader::Agree => agree(),
             Shader::Rope {
                 heads,
                 d,
@@ -1452,6 +1465,19 @@ fn permute() -> String {
     s
 }
 
+/// A fault (`p.step`) where `a` and `b` (4-byte elements, compared as bits) differ.
+fn agree() -> String {
+    let mut s = String::from(ENTRY);
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.len) { return; }
+    if (a[e] != b[e]) { atomicMin(&fault[0], p.step); }
+}
+",
+    );
+    s
+}
+
 /// `y = a . b` element by element. NaNs are recognised by their bits (WGSL lets a
 /// compiler assume that comparisons never meet one).
 fn fold(reduction: Reduction) -> String {
@@ -1937,6 +1963,286 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     })
 }
 
+/// Helpers of the K-quant encoders, ggml's scale searches as the reference writes them.
+/// `exact` passes a product through an opaque bit operation (`p.zero` is 0 at run time),
+/// so that no compiler fuses it into the addition that follows: every product is rounded
+/// on its own, as the reference rounds it. `codes` holds a super-block's codes and `aux` a
+/// candidate's for one sub-block.
+const KQUANT_HELPERS: &str = "var<private> codes: array<u32, 256>;
+var<private> aux: array<u32, 32>;
+fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) | p.zero); }
+// ggml's nearest_int: to nearest, ties to even (|v| below 2^22).
+fn nearest_int(v: f32) -> i32 {
+    return (bitcast<i32>(exact(v) + 12582912.0) & 0x007fffff) - 0x00400000;
+}
+fn weighted_error(d: f32, mad: bool) -> f32 { return select(d * d, abs(d), mad); }
+// make_qkx2_quants over the n values at x[at] (weights av + |x|): codes[base..], and
+// (scale, -min).
+fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: f32, nstep: i32, mad: bool) -> vec2<f32> {
+    var mn = x[at];
+    var mx = x[at];
+    var sum_w = av + abs(x[at]);
+    var sum_x = exact(sum_w * x[at]);
+    for (var i = 1u; i < n; i = i + 1u) {
+        let v = x[at + i];
+        if (v < mn) { mn = v; }
+        if (v > mx) { mx = v; }
+        let w = av + abs(v);
+        sum_w = sum_w + w;
+        sum_x = sum_x + exact(w * v);
+    }
+    if (mn > 0.0) { mn = 0.0; }
+    if (mx == mn) {
+        for (var i = 0u; i < n; i = i + 1u) { codes[base + i] = 0u; }
+        return vec2<f32>(0.0, -mn);
+    }
+    var iscale = f32(nmax) / (mx - mn);
+    var scale = 1.0 / iscale;
+    var best = 0.0;
+    for (var i = 0u; i < n; i = i + 1u) {
+        let v = x[at + i];
+        let l = clamp(nearest_int(iscale * (v - mn)), 0, nmax);
+        codes[base + i] = u32(l);
+        best = best + exact((av + abs(v)) * weighted_error(exact(scale * f32(l)) + mn - v, mad));
+    }
+    for (var is = 0; is <= nstep; is = is + 1) {
+        iscale = (rmin + exact(rdelta * f32(is)) + f32(nmax)) / (mx - mn);
+        var sl = 0.0;
+        var sl2 = 0.0;
+        var sxl = 0.0;
+        for (var i = 0u; i < n; i = i + 1u) {
+            let v = x[at + i];
+            let l = clamp(nearest_int(iscale * (v - mn)), 0, nmax);
+            aux[i] = u32(l);
+            let w = av + abs(v);
+            let lf = f32(l);
+            sl = sl + exact(w * lf);
+            sl2 = sl2 + exact(w * lf * lf);
+            sxl = sxl + exact(w * lf * v);
+        }
+        let det = exact(sum_w * sl2) - exact(sl * sl);
+        if (det > 0.0) {
+            var this_scale = (exact(sum_w * sxl) - exact(sum_x * sl)) / det;
+            var this_min = (exact(sl2 * sum_x) - exact(sl * sxl)) / det;
+            if (this_min > 0.0) {
+                this_min = 0.0;
+                this_scale = sxl / sl2;
+            }
+            var cur = 0.0;
+            for (var i = 0u; i < n; i = i + 1u) {
+                let v = x[at + i];
+                let d = exact(this_scale * f32(aux[i])) + this_min - v;
+                cur = cur + exact((av + abs(v)) * weighted_error(d, mad));
+            }
+            if (cur < best) {
+                for (var i = 0u; i < n; i = i + 1u) { codes[base + i] = aux[i]; }
+                best = cur;
+                scale = this_scale;
+                mn = this_min;
+            }
+        }
+    }
+    return vec2<f32>(scale, -mn);
+}
+// make_qx_quants (rmse_type 1) over the 16 values at x[at], codes offset by 32.
+fn qx_code(iscale: f32, v: f32) -> i32 { return clamp(nearest_int(iscale * v), -32, 31); }
+fn qx_sums(at: u32, iscale: f32) -> vec2<f32> {
+    var lx = 0.0;
+    var l2 = 0.0;
+    for (var i = 0u; i < 16u; i = i + 1u) {
+        let v = x[at + i];
+        let l = f32(qx_code(iscale, v));
+        let w = v * v;
+        lx = lx + exact(w * v * l);
+        l2 = l2 + exact(w * l * l);
+    }
+    return vec2<f32>(lx, l2);
+}
+fn make_qx(at: u32, base: u32) -> f32 {
+    var mx = 0.0;
+    var amax = 0.0;
+    for (var i = 0u; i < 16u; i = i + 1u) {
+        let v = x[at + i];
+        if (abs(v) > amax) { amax = abs(v); mx = v; }
+    }
+    if (amax < 1e-15) {
+        for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = 0u; }
+        return 0.0;
+    }
+    var iscale = -32.0 / mx;
+    var sums = qx_sums(at, iscale);
+    for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, x[at + i]) + 32); }
+    var scale = select(0.0, sums.x / sums.y, sums.y != 0.0);
+    var best = scale * sums.x;
+    for (var is = -9; is <= 9; is = is + 1) {
+        if (is == 0) { continue; }
+        iscale = -(32.0 + exact(0.1 * f32(is))) / mx;
+        sums = qx_sums(at, iscale);
+        if (sums.y > 0.0 && exact(sums.x * sums.x) > exact(best * sums.y)) {
+            for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, x[at + i]) + 32); }
+            scale = sums.x / sums.y;
+            best = scale * sums.x;
+        }
+    }
+    return scale;
+}
+// The f16 bits of v, low byte at o.
+fn put_f16(o: u32, v: f32) {
+    put(o, f16_bits(v));
+    put(o + 1u, f16_bits(v) >> 8u);
+}
+";
+
+/// The values and bytes of one K-quant super-block and the WGSL statements that encode
+/// the values `x[at]..x[at + 256]` into it at byte `o` of `acc`, byte for byte as the
+/// reference quantizes (with [`KQUANT_HELPERS`]); `None` for the other formats.
+fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
+    Some(match format {
+        WeightFormat::Q4K => (
+            144,
+            "    var scales: array<f32, 8>;
+    var mins: array<f32, 8>;
+    var max_scale = 0.0;
+    var max_min = 0.0;
+    for (var j = 0u; j < 8u; j = j + 1u) {
+        var sx2 = 0.0;
+        for (var i = 0u; i < 32u; i = i + 1u) { let v = x[at + 32u * j + i]; sx2 = sx2 + exact(v * v); }
+        let r = make_qkx2(at + 32u * j, 32u * j, 32u, sqrt(sx2 / 32.0), 15, -1.0, 0.1, 20, false);
+        scales[j] = r.x;
+        mins[j] = r.y;
+        if (r.x > max_scale) { max_scale = r.x; }
+        if (r.y > max_min) { max_min = r.y; }
+    }
+    let inv_scale = select(0.0, 63.0 / max_scale, max_scale > 0.0);
+    let inv_min = select(0.0, 63.0 / max_min, max_min > 0.0);
+    var packed: array<u32, 12>;
+    for (var j = 0u; j < 8u; j = j + 1u) {
+        let ls = u32(min(nearest_int(inv_scale * scales[j]), 63)) & 0xffu;
+        let lm = u32(min(nearest_int(inv_min * mins[j]), 63)) & 0xffu;
+        if (j < 4u) {
+            packed[j] = ls;
+            packed[j + 4u] = lm;
+        } else {
+            packed[j + 4u] = (ls & 0xfu) | ((lm & 0xfu) << 4u);
+            packed[j - 4u] = (packed[j - 4u] | ((ls >> 4u) << 6u)) & 0xffu;
+            packed[j] = (packed[j] | ((lm >> 4u) << 6u)) & 0xffu;
+        }
+    }
+    let d = round_f16(max_scale / 63.0);
+    let dmin = round_f16(max_min / 63.0);
+    for (var j = 0u; j < 8u; j = j + 1u) {
+        var sc = packed[j] & 63u;
+        var m = packed[j + 4u] & 63u;
+        if (j >= 4u) {
+            sc = (packed[j + 4u] & 0xfu) | ((packed[j - 4u] >> 6u) << 4u);
+            m = (packed[j + 4u] >> 4u) | ((packed[j] >> 6u) << 4u);
+        }
+        let dl = d * f32(sc);
+        if (dl == 0.0) { continue; }
+        let ml = exact(dmin * f32(m));
+        for (var i = 0u; i < 32u; i = i + 1u) {
+            codes[32u * j + i] = u32(clamp(nearest_int((x[at + 32u * j + i] + ml) / dl), 0, 15));
+        }
+    }
+    put_f16(o, max_scale / 63.0);
+    put_f16(o + 2u, max_min / 63.0);
+    for (var i = 0u; i < 12u; i = i + 1u) { put(o + 4u + i, packed[i]); }
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        for (var l = 0u; l < 32u; l = l + 1u) {
+            put(o + 16u + 32u * j + l, codes[64u * j + l] | (codes[64u * j + 32u + l] << 4u));
+        }
+    }
+",
+        ),
+        WeightFormat::Q6K => (
+            210,
+            "    var scales: array<f32, 16>;
+    var max_scale = 0.0;
+    var max_abs = 0.0;
+    for (var j = 0u; j < 16u; j = j + 1u) {
+        scales[j] = make_qx(at + 16u * j, 16u * j);
+        if (abs(scales[j]) > max_abs) { max_abs = abs(scales[j]); max_scale = scales[j]; }
+    }
+    // An all-zero block stays all zero bytes.
+    if (max_abs >= 1e-15) {
+        let iscale = -128.0 / max_scale;
+        let d = round_f16(1.0 / iscale);
+        for (var j = 0u; j < 16u; j = j + 1u) {
+            // As an i8: the low byte, sign-extended.
+            let s = (min(nearest_int(iscale * scales[j]), 127) << 24u) >> 24u;
+            put(o + 192u + j, u32(s));
+            let dl = d * f32(s);
+            if (dl == 0.0) { continue; }
+            for (var i = 0u; i < 16u; i = i + 1u) {
+                codes[16u * j + i] = u32(clamp(nearest_int(x[at + 16u * j + i] / dl), -32, 31) + 32);
+            }
+        }
+        for (var n = 0u; n < 2u; n = n + 1u) {
+            for (var l = 0u; l < 32u; l = l + 1u) {
+                let q1 = codes[128u * n + l];
+                let q2 = codes[128u * n + l + 32u];
+                let q3 = codes[128u * n + l + 64u];
+                let q4 = codes[128u * n + l + 96u];
+                put(o + 64u * n + l, (q1 & 0xfu) | ((q3 & 0xfu) << 4u));
+                put(o + 64u * n + l + 32u, (q2 & 0xfu) | ((q4 & 0xfu) << 4u));
+                put(o + 128u + 32u * n + l, (q1 >> 4u) | ((q2 >> 4u) << 2u) | ((q3 >> 4u) << 4u) | ((q4 >> 4u) << 6u));
+            }
+        }
+        put_f16(o + 208u, 1.0 / iscale);
+    }
+",
+        ),
+        WeightFormat::Q2K => (
+            84,
+            "    var scales: array<f32, 16>;
+    var mins: array<f32, 16>;
+    var max_scale = 0.0;
+    var max_min = 0.0;
+    for (var j = 0u; j < 16u; j = j + 1u) {
+        let r = make_qkx2(at + 16u * j, 16u * j, 16u, 0.0, 3, -0.5, 0.1, 15, true);
+        scales[j] = r.x;
+        mins[j] = r.y;
+        if (r.x > max_scale) { max_scale = r.x; }
+        if (r.y > max_min) { max_min = r.y; }
+    }
+    var packed: array<u32, 16>;
+    var d = 0.0;
+    if (max_scale > 0.0) {
+        let iscale = 15.0 / max_scale;
+        for (var j = 0u; j < 16u; j = j + 1u) { packed[j] = u32(nearest_int(iscale * scales[j])) & 0xffu; }
+        d = max_scale / 15.0;
+    }
+    var dmin = 0.0;
+    if (max_min > 0.0) {
+        let iscale = 15.0 / max_min;
+        for (var j = 0u; j < 16u; j = j + 1u) {
+            packed[j] = (packed[j] | (u32(nearest_int(iscale * mins[j])) << 4u)) & 0xffu;
+        }
+        dmin = max_min / 15.0;
+    }
+    for (var j = 0u; j < 16u; j = j + 1u) {
+        let dl = round_f16(d) * f32(packed[j] & 0xfu);
+        if (dl == 0.0) { continue; }
+        let ml = exact(round_f16(dmin) * f32(packed[j] >> 4u));
+        for (var i = 0u; i < 16u; i = i + 1u) {
+            codes[16u * j + i] = u32(clamp(nearest_int((x[at + 16u * j + i] + ml) / dl), 0, 3));
+        }
+    }
+    for (var i = 0u; i < 16u; i = i + 1u) { put(o + i, packed[i]); }
+    for (var n = 0u; n < 2u; n = n + 1u) {
+        for (var l = 0u; l < 32u; l = l + 1u) {
+            let c = 128u * n + l;
+            put(o + 16u + 32u * n + l, codes[c] | (codes[c + 32u] << 2u) | (codes[c + 64u] << 4u) | (codes[c + 96u] << 6u));
+        }
+    }
+    put_f16(o + 80u, d);
+    put_f16(o + 82u, dmin);
+",
+        ),
+        _ => return None,
+    })
+}
+
 /// WGSL statements returning element `e` (below 32) of the block in `format` at byte `o`
 /// (read with `byte_at` and `half_at`), as the reference decodes it; `None` for the
 /// formats without blocks of 32.
@@ -1960,16 +2266,19 @@ fn block_decoder(format: WeightFormat) -> Option<&'static str> {
 }
 
 fn quantize(format: WeightFormat) -> String {
-    // Blocks per invocation (a whole number of words), block bytes, and the encoder.
-    let Some((bytes, encode)) = block_encoder(format) else {
-        unreachable!("`gpu::supports` keeps quantization into {format:?} on the host")
+    // Block values and bytes, and the encoder (with its helpers).
+    let (values, bytes, encode, helpers) = match (block_encoder(format), kquant_encoder(format)) {
+        (Some((bytes, encode)), _) => (32, bytes, encode, ""),
+        (_, Some((bytes, encode))) => (256, bytes, encode, KQUANT_HELPERS),
+        _ => unreachable!("`gpu::supports` keeps quantization into {format:?} on the host"),
     };
-    let per = if bytes % 4 == 0 { 1 } else { 2 };
-    let words = per * bytes / 4;
+    let per = blocks_per_invocation(format);
+    let words = (per * bytes).div_ceil(4);
     let mut s = format!(
         "{ROUND_F16}{F16_BITS}const WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
     );
     s.push_str(PUT);
+    s.push_str(helpers);
     s.push_str(ENTRY);
     let _ = write!(
         s,
@@ -1978,7 +2287,7 @@ fn quantize(format: WeightFormat) -> String {
     for (var b = 0u; b < {per}u; b = b + 1u) {{
         let block = unit * {per}u + b;
         if (block >= p.blocks) {{ break; }}
-        let at = block * 32u;
+        let at = block * {values}u;
         let o = b * {bytes}u;
 {encode}    }}
     let count = min({per}u, p.blocks - unit * {per}u);
@@ -1988,6 +2297,14 @@ fn quantize(format: WeightFormat) -> String {
 "
     );
     s
+}
+
+/// Blocks one invocation of a [`Shader::Quantize`] encodes: whole words of output (two
+/// blocks where one is not a multiple of 4 bytes: q8_0, q4_0, q6_k), so that no two
+/// invocations write one word.
+pub fn blocks_per_invocation(format: WeightFormat) -> usize {
+    let bytes = format.row_bytes(format.block().unwrap_or(1));
+    if bytes.is_multiple_of(4) { 1 } else { 2 }
 }
 
 /// A quantization of a whole `[rows, k]` matrix into nf4 or an affine integer format
@@ -2308,15 +2625,27 @@ fn cast(from: DType, to: DType) -> String {
         DType::I8 => "(x[e] << 24u) >> 24u".to_string(),
         _ => "x[e]".to_string(),
     };
+    // The device holds i64 values in 32 bits: a float beyond them is a fault (the step's
+    // number, `p.step`; the call reports the lowest as an error); NaN gives 0 and fits.
+    let faults = from.is_float() && to == DType::I64;
+    if faults {
+        s.push_str(
+            "fn beyond_32_bits(v: f32) -> bool {
+    let nan = (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+    return !nan && !(v >= -2147483648.0 && v < 2147483648.0);
+}
+",
+        );
+    }
     s.push_str(ENTRY);
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "    let e = gi * WG + t;
-    if (e >= p.len) {{ return; }}
-    y[e] = {expr};
-}}
-"
+        "    let e = gi * WG + t;\n    if (e >= p.len) {{ return; }}"
     );
+    if faults {
+        s.push_str("    if (beyond_32_bits(x[e])) { atomicMin(&fault[0], p.step); }\n");
+    }
+    let _ = writeln!(s, "    y[e] = {expr};\n}}");
     s
 }
 

@@ -3,17 +3,15 @@
 //! device holds which piece, which devices meet in a collective and in which order they
 //! fold) runs over them through [`GpuMesh`]. Boxes are strided copies (the transpose
 //! shader, from a first element), gathers are placements, folds and products shaders of
-//! their own; only `unshard` reads back, to check that the devices agree.
+//! their own; `unshard` checks on the device that the devices agree (a difference is a
+//! fault that fails the call when it ends).
 
 use std::rc::Rc;
 
 use llm_ir::{
-    interp::{
-        Value,
-        eval::shard::{
-            MeshOps, all_gather_with, all_reduce_with, product_shape, reduce_scatter_with,
-            same_bits, shard_value, sharded_linear_with, unshard_value,
-        },
+    interp::eval::shard::{
+        MeshOps, all_gather_with, all_reduce_with, product_shape, reduce_scatter_with, shard_value,
+        sharded_linear_with, unshard_value,
     },
     types::Reduction,
 };
@@ -105,6 +103,8 @@ struct GpuMesh<'p> {
     copy: Option<&'p wgpu::ComputePipeline>,
     /// The placement that concatenates.
     place: Option<&'p wgpu::ComputePipeline>,
+    /// The check that two shards agree.
+    agree: Option<&'p wgpu::ComputePipeline>,
     /// Outputs made so far.
     made: usize,
 }
@@ -118,6 +118,7 @@ impl<'p> GpuMesh<'p> {
             fold: None,
             copy: None,
             place: None,
+            agree: None,
             made: 0,
         };
         match kernel {
@@ -129,6 +130,7 @@ impl<'p> GpuMesh<'p> {
             }
             Kernel::Mesh(MeshMove::Shard { .. }) => mesh.copy = pipelines.first(),
             Kernel::Mesh(MeshMove::AllGather { .. }) => mesh.place = pipelines.first(),
+            Kernel::Mesh(MeshMove::Unshard) => mesh.agree = pipelines.first(),
             _ => {}
         }
         mesh
@@ -260,12 +262,25 @@ impl MeshOps for Bound<'_, '_, '_, '_> {
         Ok(DeviceTensor::f32(product_shape(&x.shape, c.n), y))
     }
 
+    /// Checked on the device: a difference is the step's fault, which fails the call
+    /// when it ends (nothing is read back here).
     fn same(&mut self, a: &DeviceTensor, b: &DeviceTensor) -> Result<bool, String> {
+        if a.shape != b.shape || a.elem != b.elem {
+            return Ok(false);
+        }
         if a.whole()? == b.whole()? {
             return Ok(true);
         }
-        let (a, b) = (self.call.read_tensor(a)?, self.call.read_tensor(b)?);
-        Ok(matches!((a, b), (Value::Tensor(a), Value::Tensor(b)) if same_bits(&a, &b)))
+        let agree = self.mesh.agree.ok_or("this step compares nothing")?;
+        let fault = self.call.fault_word();
+        let len = a.len();
+        self.call.dispatch(
+            agree,
+            &[len as u32, self.mesh.index as u32],
+            &[a.whole()?, b.whole()?, &fault],
+            len.div_ceil(WG),
+        )?;
+        Ok(true)
     }
 }
 
