@@ -93,11 +93,10 @@ impl Limits {
     }
 }
 
-/// Whether the GPU backend runs `kernel` on the device: every family (sharded values
-/// included: each mesh device's shard is a device tensor) but every op on a KV cache
-/// quantized in a K-quant (no shader quantizes
-/// such appends, and a pool that the host appends to would travel to the device and back
-/// on every step), all run through their reference semantics there.
+/// Whether the GPU backend runs `kernel` on the device: every family, sharded values
+/// included (each mesh device's shard is a device tensor), and KV caches of every storage
+/// (appends rounded on the device, [`wgsl::kv_appends_on_device`]); the folds of a
+/// collective are not selected from ops of their own.
 pub fn supports(kernel: &Kernel) -> bool {
     match kernel {
         Kernel::KvAppend { rounding, .. }
@@ -373,6 +372,18 @@ mod tests {
             Shader::KvAppend {
                 row: 64,
                 rounding: KvRounding::Quantized(Some(WeightFormat::Q4_1)),
+            },
+            Shader::KvAppend {
+                row: 512,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Q4K)),
+            },
+            Shader::KvAppend {
+                row: 512,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Q6K)),
+            },
+            Shader::KvAppend {
+                row: 512,
+                rounding: KvRounding::Quantized(Some(WeightFormat::Q2K)),
             },
             Shader::KvAppend {
                 row: 64,

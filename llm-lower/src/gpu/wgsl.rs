@@ -681,6 +681,14 @@ impl Shader {
             Shader::Quantize { .. } => &["blocks", "zero"],
             Shader::GroupScales(_) => &["groups"],
             Shader::GroupCodes(_) => &["words"],
+            // The K-quant searches keep their products apart through `zero`.
+            Shader::KvAppend {
+                rounding:
+                    KvRounding::Quantized(Some(
+                        WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K,
+                    )),
+                ..
+            } => &["tokens", "zero"],
             Shader::KvAppend { .. } => &["tokens"],
             Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
@@ -992,46 +1000,11 @@ fn weight_value(c: &Contraction) -> String {
                 block_decoder(c.weight).unwrap_or_default()
             )
         }
-        WeightFormat::Q4K => "    let o = row * ROW_BYTES + (i / 256u) * 144u;
-    let e = i % 256u;
-    let pair = e / 64u;
-    let high = (e % 64u) / 32u;
-    let sub = 2u * pair + high;
-    var sc = 0u;
-    var mn = 0u;
-    if (sub < 4u) {
-        sc = byte_at(o + 4u + sub) & 63u;
-        mn = byte_at(o + 8u + sub) & 63u;
-    } else {
-        sc = (byte_at(o + 8u + sub) & 15u) | ((byte_at(o + sub) >> 6u) << 4u);
-        mn = (byte_at(o + 8u + sub) >> 4u) | ((byte_at(o + 4u + sub) >> 6u) << 4u);
-    }
-    let q = (byte_at(o + 16u + 32u * pair + e % 32u) >> (4u * high)) & 15u;
-    return half_at(o) * f32(sc) * f32(q) - half_at(o + 2u) * f32(mn);
-"
-        .to_string(),
-        WeightFormat::Q6K => "    let o = row * ROW_BYTES + (i / 256u) * 210u;
-    let e = i % 256u;
-    let n = e / 128u;
-    let quarter = (e % 128u) / 32u;
-    let l = e % 32u;
-    let low = (byte_at(o + 64u * n + l + 32u * (quarter & 1u)) >> (4u * (quarter >> 1u))) & 15u;
-    let hi = (byte_at(o + 128u + 32u * n + l) >> (2u * quarter)) & 3u;
-    let q = i32(low | (hi << 4u)) - 32;
-    let sc = bitcast<i32>(byte_at(o + 192u + 8u * n + l / 16u + 2u * quarter) << 24u) >> 24u;
-    return half_at(o + 208u) * f32(sc) * f32(q);
-"
-        .to_string(),
-        WeightFormat::Q2K => "    let o = row * ROW_BYTES + (i / 256u) * 84u;
-    let e = i % 256u;
-    let n = e / 128u;
-    let shift = ((e % 128u) / 32u) * 2u;
-    let half = (e % 32u) / 16u;
-    let sc = byte_at(o + n * 8u + shift + half);
-    let q = (byte_at(o + 16u + 32u * n + 16u * half + e % 16u) >> shift) & 3u;
-    return half_at(o + 80u) * f32(sc & 15u) * f32(q) - half_at(o + 82u) * f32(sc >> 4u);
-"
-        .to_string(),
+        WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => format!(
+            "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
+            c.weight.row_bytes(256),
+            kquant_decoder(c.weight, false).unwrap_or_default()
+        ),
         WeightFormat::Nf4 { block, scale } => format!(
             "    let at = (p.first + row) * K + i;
     let code = (byte_at(at / 2u) >> ((at & 1u) * 4u)) & 15u;
@@ -1743,33 +1716,33 @@ fn kv_append(row: usize, how: KvRounding) -> String {
     s
 }
 
-/// The append of a cache quantized in blocks of 32 along the head: each invocation
-/// encodes one block of the new keys and of the new values exactly as the quantize shader
-/// does ([`block_encoder`]) and writes it back decoded ([`block_decoder`]), which is what
-/// the reference stores.
+/// The append of a cache quantized in blocks along the head (of 32, or the K-quants' 256):
+/// each invocation encodes one block of the new keys and of the new values exactly as the
+/// quantize shader does and writes it back decoded ([`block_codec`]), which is what the
+/// reference stores.
 ///
 /// # Panics
 ///
-/// For a format without a block encoder ([`kv_appends_on_device`]: `gpu::supports` keeps the
+/// For a format without a block codec ([`kv_appends_on_device`]: `gpu::supports` keeps the
 /// others on the host).
 fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
-    let (encoder, decoder) = format
-        .and_then(|f| block_encoder(f).zip(block_decoder(f)))
-        .unwrap_or_else(|| unreachable!("`gpu::supports` keeps {format:?} caches on the host"));
-    let (block_bytes, encode) = encoder;
+    let Some((values, block_bytes, encode, decode, helpers)) = format.and_then(block_codec) else {
+        unreachable!("`gpu::supports` keeps {format:?} caches on the host")
+    };
     let words = block_bytes.div_ceil(4);
     let mut s = format!(
-        "{ROUND_F16}{F16_BITS}const ROW: u32 = {row}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
+        "{ROUND_F16}{F16_BITS}const ROW: u32 = {row}u;\nconst VALUES: u32 = {values}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
     );
     s.push_str(PUT);
+    s.push_str(helpers);
     s.push_str(&bytes("acc"));
-    let _ = writeln!(s, "fn decoded(o: u32, e: u32) -> f32 {{\n{decoder}}}");
+    let _ = writeln!(s, "fn decoded(o: u32, e: u32) -> f32 {{\n{decode}}}");
     s.push_str(ENTRY);
     let block = |src: &str, dst: &str| {
         format!(
             "    {{
         let o = 0u;
-{}        for (var i = 0u; i < 32u; i = i + 1u) {{ {dst}[to + i] = decoded(0u, i); }}
+{}        for (var i = 0u; i < VALUES; i = i + 1u) {{ {dst}[to + i] = decoded(0u, i); }}
         for (var w = 0u; w < WORDS; w = w + 1u) {{ acc[w] = 0u; }}
     }}
 ",
@@ -1780,7 +1753,7 @@ fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
     };
     let _ = write!(
         s,
-        "    let at = (gi * WG + t) * 32u;
+        "    let at = (gi * WG + t) * VALUES;
     if (at >= p.tokens * ROW) {{ return; }}
     let to = u32(slots[at / ROW]) * ROW + at % ROW;
 {}{}}}
@@ -1789,6 +1762,24 @@ fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
         block("vn", "vc")
     );
     s
+}
+
+/// A block format's values per block, bytes per block, encoder (reading `x[at + i]` into
+/// `acc` at byte `o`), decoder (element `e` of the block at byte `o`) and the helpers
+/// they need: q8_0, q4_0 and q4_1 ([`block_encoder`], [`block_decoder`]) and the K-quants
+/// ([`kquant_encoder`], [`kquant_decoder`] with exact products); `None` for the others.
+fn block_codec(format: WeightFormat) -> Option<(usize, usize, &'static str, String, &'static str)> {
+    if let Some(((bytes, encode), decode)) = block_encoder(format).zip(block_decoder(format)) {
+        return Some((32, bytes, encode, decode.to_string(), ""));
+    }
+    let (bytes, encode) = kquant_encoder(format)?;
+    Some((
+        256,
+        bytes,
+        encode,
+        kquant_decoder(format, true)?,
+        KQUANT_HELPERS,
+    ))
 }
 
 /// The append of a cache quantized in nf4 or an affine format (groups along the head):
@@ -1823,22 +1814,22 @@ fn kv_append_groups(row: usize, format: WeightFormat) -> String {
     s
 }
 
-/// Values per scale group of `format`: nf4's block, an affine format's group, 32 for the
-/// other formats a cache may take on the device (q8_0, q4_0, q4_1).
+/// Values per scale group of `format`: nf4's block, an affine format's group, a block of
+/// the other formats a cache may take on the device (32 for q8_0, q4_0, q4_1; 256 for the
+/// K-quants).
 fn values_per_group(format: WeightFormat) -> usize {
     match format {
         WeightFormat::Nf4 { block, .. } => block as usize,
         WeightFormat::Affine { group, .. } => group as usize,
-        _ => 32,
+        other => other.block().unwrap_or(32),
     }
 }
 
-/// Whether appends to a cache quantized in `format` run on the device: the formats with a
-/// block encoder (q8_0, q4_0, q4_1: one block of 32 per invocation), nf4 and the affine
-/// formats (one group per invocation); not the K-quants, whose scale searches have no
-/// shader.
+/// Whether appends to a cache quantized in `format` run on the device: the block formats
+/// (q8_0, q4_0, q4_1: one block of 32 per invocation; the K-quants: one super-block of
+/// 256), nf4 and the affine formats (one group per invocation): all of them.
 pub fn kv_appends_on_device(format: WeightFormat) -> bool {
-    block_encoder(format).is_some()
+    block_codec(format).is_some()
         || matches!(
             format,
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }
@@ -1968,7 +1959,8 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
 /// so that no compiler fuses it into the addition that follows: every product is rounded
 /// on its own, as the reference rounds it. `codes` holds a super-block's codes and `aux` a
 /// candidate's for one sub-block.
-const KQUANT_HELPERS: &str = "var<private> codes: array<u32, 256>;
+const KQUANT_HELPERS: &str = "var<private> xin: array<f32, 256>;
+var<private> codes: array<u32, 256>;
 var<private> aux: array<u32, 32>;
 fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) | p.zero); }
 // ggml's nearest_int: to nearest, ties to even (|v| below 2^22).
@@ -1976,15 +1968,15 @@ fn nearest_int(v: f32) -> i32 {
     return (bitcast<i32>(exact(v) + 12582912.0) & 0x007fffff) - 0x00400000;
 }
 fn weighted_error(d: f32, mad: bool) -> f32 { return select(d * d, abs(d), mad); }
-// make_qkx2_quants over the n values at x[at] (weights av + |x|): codes[base..], and
+// make_qkx2_quants over the n values at xin[at] (weights av + |x|): codes[base..], and
 // (scale, -min).
 fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: f32, nstep: i32, mad: bool) -> vec2<f32> {
-    var mn = x[at];
-    var mx = x[at];
-    var sum_w = av + abs(x[at]);
-    var sum_x = exact(sum_w * x[at]);
+    var mn = xin[at];
+    var mx = xin[at];
+    var sum_w = av + abs(xin[at]);
+    var sum_x = exact(sum_w * xin[at]);
     for (var i = 1u; i < n; i = i + 1u) {
-        let v = x[at + i];
+        let v = xin[at + i];
         if (v < mn) { mn = v; }
         if (v > mx) { mx = v; }
         let w = av + abs(v);
@@ -2000,7 +1992,7 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
     var scale = 1.0 / iscale;
     var best = 0.0;
     for (var i = 0u; i < n; i = i + 1u) {
-        let v = x[at + i];
+        let v = xin[at + i];
         let l = clamp(nearest_int(iscale * (v - mn)), 0, nmax);
         codes[base + i] = u32(l);
         best = best + exact((av + abs(v)) * weighted_error(exact(scale * f32(l)) + mn - v, mad));
@@ -2011,7 +2003,7 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
         var sl2 = 0.0;
         var sxl = 0.0;
         for (var i = 0u; i < n; i = i + 1u) {
-            let v = x[at + i];
+            let v = xin[at + i];
             let l = clamp(nearest_int(iscale * (v - mn)), 0, nmax);
             aux[i] = u32(l);
             let w = av + abs(v);
@@ -2030,7 +2022,7 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
             }
             var cur = 0.0;
             for (var i = 0u; i < n; i = i + 1u) {
-                let v = x[at + i];
+                let v = xin[at + i];
                 let d = exact(this_scale * f32(aux[i])) + this_min - v;
                 cur = cur + exact((av + abs(v)) * weighted_error(d, mad));
             }
@@ -2044,13 +2036,13 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
     }
     return vec2<f32>(scale, -mn);
 }
-// make_qx_quants (rmse_type 1) over the 16 values at x[at], codes offset by 32.
+// make_qx_quants (rmse_type 1) over the 16 values at xin[at], codes offset by 32.
 fn qx_code(iscale: f32, v: f32) -> i32 { return clamp(nearest_int(iscale * v), -32, 31); }
 fn qx_sums(at: u32, iscale: f32) -> vec2<f32> {
     var lx = 0.0;
     var l2 = 0.0;
     for (var i = 0u; i < 16u; i = i + 1u) {
-        let v = x[at + i];
+        let v = xin[at + i];
         let l = f32(qx_code(iscale, v));
         let w = v * v;
         lx = lx + exact(w * v * l);
@@ -2062,7 +2054,7 @@ fn make_qx(at: u32, base: u32) -> f32 {
     var mx = 0.0;
     var amax = 0.0;
     for (var i = 0u; i < 16u; i = i + 1u) {
-        let v = x[at + i];
+        let v = xin[at + i];
         if (abs(v) > amax) { amax = abs(v); mx = v; }
     }
     if (amax < 1e-15) {
@@ -2071,7 +2063,7 @@ fn make_qx(at: u32, base: u32) -> f32 {
     }
     var iscale = -32.0 / mx;
     var sums = qx_sums(at, iscale);
-    for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, x[at + i]) + 32); }
+    for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, xin[at + i]) + 32); }
     var scale = select(0.0, sums.x / sums.y, sums.y != 0.0);
     var best = scale * sums.x;
     for (var is = -9; is <= 9; is = is + 1) {
@@ -2079,7 +2071,7 @@ fn make_qx(at: u32, base: u32) -> f32 {
         iscale = -(32.0 + exact(0.1 * f32(is))) / mx;
         sums = qx_sums(at, iscale);
         if (sums.y > 0.0 && exact(sums.x * sums.x) > exact(best * sums.y)) {
-            for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, x[at + i]) + 32); }
+            for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, xin[at + i]) + 32); }
             scale = sums.x / sums.y;
             best = scale * sums.x;
         }
@@ -2093,21 +2085,22 @@ fn put_f16(o: u32, v: f32) {
 }
 ";
 
-/// The values and bytes of one K-quant super-block and the WGSL statements that encode
-/// the values `x[at]..x[at + 256]` into it at byte `o` of `acc`, byte for byte as the
-/// reference quantizes (with [`KQUANT_HELPERS`]); `None` for the other formats.
+/// The bytes of one K-quant super-block and the WGSL statements that encode the values
+/// `xin[at]..x[at + 256]` (staged in `xin`) into it at byte `o` of `acc`, byte for byte as
+/// the reference quantizes (with [`KQUANT_HELPERS`]); `None` for the other formats.
 fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     Some(match format {
         WeightFormat::Q4K => (
             144,
-            "    var scales: array<f32, 8>;
+            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }
+    var scales: array<f32, 8>;
     var mins: array<f32, 8>;
     var max_scale = 0.0;
     var max_min = 0.0;
     for (var j = 0u; j < 8u; j = j + 1u) {
         var sx2 = 0.0;
-        for (var i = 0u; i < 32u; i = i + 1u) { let v = x[at + 32u * j + i]; sx2 = sx2 + exact(v * v); }
-        let r = make_qkx2(at + 32u * j, 32u * j, 32u, sqrt(sx2 / 32.0), 15, -1.0, 0.1, 20, false);
+        for (var i = 0u; i < 32u; i = i + 1u) { let v = xin[32u * j + i]; sx2 = sx2 + exact(v * v); }
+        let r = make_qkx2(32u * j, 32u * j, 32u, sqrt(sx2 / 32.0), 15, -1.0, 0.1, 20, false);
         scales[j] = r.x;
         mins[j] = r.y;
         if (r.x > max_scale) { max_scale = r.x; }
@@ -2141,7 +2134,7 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         if (dl == 0.0) { continue; }
         let ml = exact(dmin * f32(m));
         for (var i = 0u; i < 32u; i = i + 1u) {
-            codes[32u * j + i] = u32(clamp(nearest_int((x[at + 32u * j + i] + ml) / dl), 0, 15));
+            codes[32u * j + i] = u32(clamp(nearest_int((xin[32u * j + i] + ml) / dl), 0, 15));
         }
     }
     put_f16(o, max_scale / 63.0);
@@ -2156,11 +2149,12 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         ),
         WeightFormat::Q6K => (
             210,
-            "    var scales: array<f32, 16>;
+            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }
+    var scales: array<f32, 16>;
     var max_scale = 0.0;
     var max_abs = 0.0;
     for (var j = 0u; j < 16u; j = j + 1u) {
-        scales[j] = make_qx(at + 16u * j, 16u * j);
+        scales[j] = make_qx(16u * j, 16u * j);
         if (abs(scales[j]) > max_abs) { max_abs = abs(scales[j]); max_scale = scales[j]; }
     }
     // An all-zero block stays all zero bytes.
@@ -2174,7 +2168,7 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
             let dl = d * f32(s);
             if (dl == 0.0) { continue; }
             for (var i = 0u; i < 16u; i = i + 1u) {
-                codes[16u * j + i] = u32(clamp(nearest_int(x[at + 16u * j + i] / dl), -32, 31) + 32);
+                codes[16u * j + i] = u32(clamp(nearest_int(xin[16u * j + i] / dl), -32, 31) + 32);
             }
         }
         for (var n = 0u; n < 2u; n = n + 1u) {
@@ -2194,12 +2188,13 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         ),
         WeightFormat::Q2K => (
             84,
-            "    var scales: array<f32, 16>;
+            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }
+    var scales: array<f32, 16>;
     var mins: array<f32, 16>;
     var max_scale = 0.0;
     var max_min = 0.0;
     for (var j = 0u; j < 16u; j = j + 1u) {
-        let r = make_qkx2(at + 16u * j, 16u * j, 16u, 0.0, 3, -0.5, 0.1, 15, true);
+        let r = make_qkx2(16u * j, 16u * j, 16u, 0.0, 3, -0.5, 0.1, 15, true);
         scales[j] = r.x;
         mins[j] = r.y;
         if (r.x > max_scale) { max_scale = r.x; }
@@ -2225,7 +2220,7 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         if (dl == 0.0) { continue; }
         let ml = exact(round_f16(dmin) * f32(packed[j] >> 4u));
         for (var i = 0u; i < 16u; i = i + 1u) {
-            codes[16u * j + i] = u32(clamp(nearest_int((x[at + 16u * j + i] + ml) / dl), 0, 3));
+            codes[16u * j + i] = u32(clamp(nearest_int((xin[16u * j + i] + ml) / dl), 0, 3));
         }
     }
     for (var i = 0u; i < 16u; i = i + 1u) { put(o + i, packed[i]); }
@@ -2261,6 +2256,64 @@ fn block_decoder(format: WeightFormat) -> Option<&'static str> {
     return half_at(o) * f32(q) + half_at(o + 2u);
 "
         }
+        _ => return None,
+    })
+}
+
+/// WGSL statements returning element `e` (below 256) of the K-quant super-block at byte
+/// `o` (read with `byte_at` and `half_at`), in the reference's order of operations; with
+/// `exact`, the products a subtraction follows go through `exact` ([`KQUANT_HELPERS`]),
+/// so that the value is the reference's bit for bit (a KV cache's round trip). `None` for
+/// the other formats.
+fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
+    let kept = |product: &str| {
+        if exact {
+            format!("exact({product})")
+        } else {
+            product.to_string()
+        }
+    };
+    Some(match format {
+        WeightFormat::Q4K => format!(
+            "    let pair = e / 64u;
+    let high = (e % 64u) / 32u;
+    let sub = 2u * pair + high;
+    var sc = 0u;
+    var mn = 0u;
+    if (sub < 4u) {{
+        sc = byte_at(o + 4u + sub) & 63u;
+        mn = byte_at(o + 8u + sub) & 63u;
+    }} else {{
+        sc = (byte_at(o + 8u + sub) & 15u) | ((byte_at(o + sub) >> 6u) << 4u);
+        mn = (byte_at(o + 8u + sub) >> 4u) | ((byte_at(o + 4u + sub) >> 6u) << 4u);
+    }}
+    let q = (byte_at(o + 16u + 32u * pair + e % 32u) >> (4u * high)) & 15u;
+    return {} - {};
+",
+            kept("half_at(o) * f32(sc) * f32(q)"),
+            kept("half_at(o + 2u) * f32(mn)")
+        ),
+        WeightFormat::Q6K => "    let n = e / 128u;
+    let quarter = (e % 128u) / 32u;
+    let l = e % 32u;
+    let low = (byte_at(o + 64u * n + l + 32u * (quarter & 1u)) >> (4u * (quarter >> 1u))) & 15u;
+    let hi = (byte_at(o + 128u + 32u * n + l) >> (2u * quarter)) & 3u;
+    let q = i32(low | (hi << 4u)) - 32;
+    let sc = bitcast<i32>(byte_at(o + 192u + 8u * n + l / 16u + 2u * quarter) << 24u) >> 24u;
+    return half_at(o + 208u) * f32(sc) * f32(q);
+"
+        .to_string(),
+        WeightFormat::Q2K => format!(
+            "    let n = e / 128u;
+    let shift = ((e % 128u) / 32u) * 2u;
+    let half = (e % 32u) / 16u;
+    let sc = byte_at(o + n * 8u + shift + half);
+    let q = (byte_at(o + 16u + 32u * n + 16u * half + e % 16u) >> shift) & 3u;
+    return {} - {};
+",
+            kept("half_at(o + 80u) * f32(sc & 15u) * f32(q)"),
+            kept("half_at(o + 82u) * f32(sc >> 4u)")
+        ),
         _ => return None,
     })
 }
