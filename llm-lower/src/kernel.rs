@@ -846,6 +846,15 @@ pub enum Kernel {
     Fold(Reduction),
     /// Data movement.
     Move(Movement),
+    /// `llm.slice` of any dims, with any steps, of any element type (the slices
+    /// [`Movement::Columns`] does not take): a strided view of the input, laid out by the
+    /// reference's `slice_layout`.
+    Slice {
+        /// The first index taken along each dim.
+        starts: Vec<i64>,
+        /// The distance between indices taken along each dim.
+        steps: Vec<i64>,
+    },
     /// Values entering, leaving or gathered across an in-process mesh.
     Mesh(MeshMove),
 }
@@ -941,6 +950,7 @@ impl Kernel {
             ),
             Kernel::Fold(reduction) => format!("fold_{}", reduction.name()),
             Kernel::Move(m) => format!("{m:?}"),
+            Kernel::Slice { .. } => "slice".to_string(),
             Kernel::Mesh(MeshMove::Shard { split, .. }) => {
                 // Per dim, its axes (`-` for a whole dim): `shard_tp_-`.
                 let dims: Vec<String> = split
@@ -967,6 +977,7 @@ impl Kernel {
         match self {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
             Kernel::Move(_)
+            | Kernel::Slice { .. }
             | Kernel::Mesh(_)
             | Kernel::KvAppend { .. }
             | Kernel::KvLookup { .. } => None,
@@ -1406,7 +1417,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let r = check.result_tensor(0).ok()?;
             (x.dtype() == r.dtype()).then_some(Kernel::Move(Movement::Reshape))
         }
-        "llm.slice" => columns(&check),
+        "llm.slice" => columns(&check).or_else(|| strided_slice(&check)),
         "llm.embedding" => {
             let (shape, table) = match (check.tensor(0), check.quantized(0)) {
                 (Ok(t), _) if t.dtype().is_float() => (t.shape().to_vec(), WeightFormat::F32),
@@ -1481,6 +1492,17 @@ fn columns(check: &OpCheck) -> Option<Kernel> {
             offset,
             len: *len as usize,
         }))
+}
+
+/// A slice [`columns`] does not take, of a tensor of any element type.
+fn strided_slice(check: &OpCheck) -> Option<Kernel> {
+    let x = check.tensor(0).ok()?;
+    let rank = x.rank();
+    let starts = check.param("starts")?.as_int_list()?;
+    let steps = check
+        .param("steps")
+        .map_or(Some(vec![1; rank]), |p| p.as_int_list())?;
+    (starts.len() == rank && steps.len() == rank).then_some(Kernel::Slice { starts, steps })
 }
 
 /// The elementwise kernel of a unary, binary or fused op over `f32` operands of one shape.

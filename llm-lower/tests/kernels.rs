@@ -791,6 +791,29 @@ proptest! {
         agree(&ir, vec![tensor(&dims, seed, 1.0), tensor(&other, seed + 1, 1.0), int_tensor(&dims, seed + 2), int_tensor(&other, seed + 3)], 0.0)?;
     }
 
+    /// Slices of any dims with any steps, of floats and integers: strided copies on both
+    /// backends (the column slices take their own kernel).
+    #[test]
+    fn strided_slices(dims in proptest::collection::vec(1usize..7, 1..=4), picks in proptest::collection::vec((0usize..6, 1usize..4), 4), seed: u64) {
+        let rank = dims.len();
+        let starts: Vec<usize> = (0..rank).map(|d| picks[d].0 % dims[d]).collect();
+        let steps: Vec<usize> = (0..rank).map(|d| picks[d].1).collect();
+        let sizes: Vec<usize> = (0..rank).map(|d| (dims[d] - starts[d]).div_ceil(steps[d])).collect();
+        let list = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let ity_of = |d: &[usize]| {
+            let s: Vec<String> = d.iter().map(ToString::to_string).collect();
+            format!("llm.tensor <{}xi32>", s.join("x"))
+        };
+        let attrs = format!("{{starts = [{}], steps = [{}]}}", list(&starts), list(&steps));
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {i}) -> ({y}, {j})> {{\n      ^body(x: {x}, i: {i}):\n        y = llm.slice x {attrs} : {y};\n        j = llm.slice i {attrs} : {j};\n        llm.return y, j\n    }}\n}}\n",
+            x = ty(&dims), i = ity_of(&dims), y = ty(&sizes), j = ity_of(&sizes),
+        );
+        let count: usize = dims.iter().product();
+        let int_values: Vec<i64> = values(seed + 1, count, 100.0).iter().map(|&v| v as i64).collect();
+        agree(&ir, vec![tensor(&dims, seed, 1.0), ints(&dims, int_values)], 0.0)?;
+    }
+
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {

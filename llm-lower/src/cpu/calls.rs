@@ -16,7 +16,7 @@ use llm_ir::{
             fused::ScalarBody,
             kv::{append_rows, lookup},
             resolve_shape, resolve_shape_into,
-            shape::{concat_tensors, permute},
+            shape::{concat_tensors, permute, slice_layout, strided_view},
             shard::{
                 HostMesh, MeshOps, all_gather_with, all_reduce_with, fold_parts, product_shape,
                 reduce_scatter_with, shard_value, sharded_linear_with, unshard_value,
@@ -189,6 +189,10 @@ pub fn call(
             k.results([Value::Sharded(y)])
         }),
         (Kernel::Move(m), _) => movement(k, *m, dims, inputs),
+        (Kernel::Slice { starts, steps }, _) => inputs[0].tensor().and_then(|x| {
+            let (shape, first, step) = slice_layout(&x.shape, starts, steps, dims)?;
+            k.tensor(strided_view(x, first, shape, &step))
+        }),
         (Kernel::Mesh(m), _) => mesh_move(m, inputs).and_then(|v| k.results([v])),
         (Kernel::KvAppend { layer, .. }, _) => append_kv(k, *layer, inputs),
         (Kernel::KvLookup { layer, .. }, _) => inputs[0].cache().and_then(|cache| {

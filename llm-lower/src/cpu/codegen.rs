@@ -63,6 +63,7 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // No code of their own: data movement runs on the host, a sharded linear layer
         // runs its local contraction's code, a collective its fold's (`Kernel::code`).
         Kernel::Move(_)
+        | Kernel::Slice { .. }
         | Kernel::Mesh(_)
         | Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }
@@ -146,6 +147,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         // No code of their own (`Kernel::code`): data movement runs on the host, a sharded
         // linear layer runs its local contraction's code, a collective its fold's.
         Kernel::Move(_)
+        | Kernel::Slice { .. }
         | Kernel::Mesh(_)
         | Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }

@@ -15,6 +15,7 @@ use llm_ir::{
         eval::{
             attention::{for_each_paged_row, rope_tables, slot_of},
             resolve_shape,
+            shape::slice_layout,
         },
         quant::storage_bytes,
     },
@@ -57,6 +58,39 @@ fn elem_of(dtype: DType) -> Elem {
 
 // A strided body's dims and strides fill at most one parameter block.
 const _: () = assert!(STRIDED_RANK * (1 + STRIDED_ARGS) * 4 <= PARAM_STRIDE as usize);
+
+/// The row-major strides (in elements) of a tensor of `dims`.
+fn row_major_strides(dims: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1usize; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    strides
+}
+
+/// The strided-copy shader's parameters for the elements `first + Σ c[d] * strides[d]`
+/// over the indices `c` of `size`: the output dims padded to 4, their strides, and
+/// `first`. Dims of 1 are dropped and a dim merges into the one before it where the two
+/// read one run; `None` when more than four dims remain.
+fn strided_layout(size: &[usize], strides: &[usize], first: usize) -> Option<[usize; 9]> {
+    let mut kept: Vec<(usize, usize)> = Vec::new();
+    for (&n, &stride) in size.iter().zip(strides).filter(|(n, _)| **n != 1) {
+        match kept.last_mut() {
+            Some(outer) if outer.1 == stride * n => *outer = (outer.0 * n, stride),
+            _ => kept.push((n, stride)),
+        }
+    }
+    if kept.len() > 4 {
+        return None;
+    }
+    let mut words = [1, 1, 1, 1, 0, 0, 0, 0, first];
+    let pad = 4 - kept.len();
+    for (i, (n, stride)) in kept.into_iter().enumerate() {
+        words[pad + i] = n;
+        words[4 + pad + i] = stride;
+    }
+    Some(words)
+}
 
 /// Invocations per workgroup, as a count.
 const WG: usize = WORKGROUP as usize;
@@ -767,6 +801,15 @@ impl Call<'_> {
                 return Ok(true);
             }
             Kernel::Move(m) => self.movement(index, step, *m, pipelines)?,
+            Kernel::Slice { starts, steps } => {
+                let x = self.device(step.inputs[0])?;
+                let (shape, first, strides) = slice_layout(&x.shape, starts, steps, &step.dims)?;
+                match self.strided_copy(&pipelines[0], &x, (&shape, &strides, first), (index, 0))? {
+                    Some(y) => y,
+                    // More than four dims that do not merge.
+                    None => return Ok(false),
+                }
+            }
         };
         self.env[step.outputs[0]] = Some(Slot::Device(out));
         Ok(true)
@@ -1255,6 +1298,32 @@ impl Call<'_> {
         Ok(())
     }
 
+    /// The elements of `x` at `first + Σ c[d] * strides[d]` for every index `c` of
+    /// `size`, copied by the strided-copy shader `copy` into output `out` (step and output
+    /// number); `None` when more than four dims remain once merged ([`strided_layout`]).
+    fn strided_copy(
+        &mut self,
+        copy: &wgpu::ComputePipeline,
+        x: &DeviceTensor,
+        (size, strides, first): (&[usize], &[usize], usize),
+        (index, i): (usize, usize),
+    ) -> Result<Option<DeviceTensor>, String> {
+        if matches!(x.elem, Elem::Packed(_)) {
+            return Err(format!(
+                "cannot copy parts of a packed {:?} tensor",
+                x.shape
+            ));
+        }
+        let Some(words) = strided_layout(size, strides, first) else {
+            return Ok(None);
+        };
+        let len: usize = size.iter().product();
+        let y = self.output(index, i, len * 4);
+        let words: Vec<u32> = words.iter().map(|&w| w as u32).collect();
+        self.dispatch(copy, &words, &[x.whole()?, &y], len.div_ceil(WG))?;
+        Ok(Some(DeviceTensor::unsplit(size.to_vec(), x.elem, y)))
+    }
+
     /// `xs` concatenated along `axis` into output `out` (step and output number), one
     /// placement per operand.
     fn concatenate(
@@ -1426,5 +1495,46 @@ impl Call<'_> {
                 Ok(DeviceTensor::f32(shape, y))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{row_major_strides, strided_layout};
+
+    /// Dims of 1 vanish and runs read whole merge; the first element stays as given.
+    #[test]
+    fn strided_copies_merge_their_runs() {
+        let box_of = |dims: &[usize], start: &[usize], size: &[usize]| {
+            let strides = row_major_strides(dims);
+            let first = start.iter().zip(&strides).map(|(a, b)| a * b).sum();
+            strided_layout(size, &strides, first)
+        };
+        // Rows 2..4 of a [4, 6]: one run of 12 from element 12.
+        assert_eq!(
+            box_of(&[4, 6], &[2, 0], &[2, 6]),
+            Some([1, 1, 1, 12, 0, 0, 0, 1, 12])
+        );
+        // Columns 3..6 of every row: 4 rows of 3, 6 apart, from element 3.
+        assert_eq!(
+            box_of(&[4, 6], &[0, 3], &[4, 3]),
+            Some([1, 1, 4, 3, 0, 0, 6, 1, 3])
+        );
+        // Every other element of 2x2x2x2x2x2 along three dims: three dims left.
+        assert_eq!(
+            box_of(&[2, 2, 2, 2, 2, 2], &[0; 6], &[2, 1, 2, 1, 2, 1]),
+            Some([1, 2, 2, 2, 0, 32, 8, 2, 0])
+        );
+        assert_eq!(box_of(&[3, 3, 3, 3, 3], &[0; 5], &[2; 5]), None);
+        // Steps: every second column of a [3, 8] from column 1 is one run of 12, 2 apart;
+        // of a [3, 9], rows of 4.
+        assert_eq!(
+            strided_layout(&[3, 4], &[8, 2], 1),
+            Some([1, 1, 1, 12, 0, 0, 0, 2, 1])
+        );
+        assert_eq!(
+            strided_layout(&[3, 4], &[9, 2], 1),
+            Some([1, 1, 3, 4, 0, 0, 9, 2, 1])
+        );
     }
 }

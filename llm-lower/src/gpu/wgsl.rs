@@ -243,7 +243,8 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         // The fold, then each device's box of the result.
         Kernel::ReduceScatter { reduction, .. } => vec![Shader::Fold(*reduction), Shader::Permute],
         Kernel::Fold(reduction) => vec![Shader::Fold(*reduction)],
-        Kernel::Mesh(MeshMove::Shard { .. }) => vec![Shader::Permute],
+        // A strided copy, as a shard's box.
+        Kernel::Slice { .. } | Kernel::Mesh(MeshMove::Shard { .. }) => vec![Shader::Permute],
         Kernel::Mesh(MeshMove::AllGather { .. }) => vec![Shader::Place],
         // Device 0's shard; each other device's is checked against it.
         Kernel::Mesh(MeshMove::Unshard) => vec![Shader::Agree],

@@ -53,7 +53,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
 
 /// The tensor of `shape` whose element at index `i` is element `first + Σ i[d] * step[d]`
 /// of `x` (a transpose, a slice).
-pub(super) fn strided_view(x: &Tensor, first: usize, shape: Vec<usize>, step: &[usize]) -> Tensor {
+pub fn strided_view(x: &Tensor, first: usize, shape: Vec<usize>, step: &[usize]) -> Tensor {
     match &x.data {
         Data::Float(v) => {
             let out = strided(v, first, &shape, step);
@@ -110,25 +110,42 @@ pub fn slice(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         .and_then(|p| p.as_int_list())
         .unwrap_or_else(|| vec![1; rank]);
     let ty = e.result_tensor(0)?;
+    let (shape, first, step) = slice_layout(&x.shape, &starts, &steps, ty.shape())?;
+    one(strided_view(x, first, shape, &step))
+}
+
+/// Where a slice of a `dims` tensor reads: the result's shape (each dim as `result`
+/// declares it, or as many steps as fit where it is dynamic), its first element and the
+/// distance between consecutive elements along each dim. Fails when a dim would read past
+/// the input.
+pub fn slice_layout(
+    dims: &[usize],
+    starts: &[i64],
+    steps: &[i64],
+    result: &[Option<u64>],
+) -> Result<(Vec<usize>, usize, Vec<usize>), String> {
+    let rank = dims.len();
+    if starts.len() != rank || steps.len() != rank || result.len() != rank {
+        return Err(format!(
+            "a slice of a rank-{rank} value needs {rank} starts and steps"
+        ));
+    }
     let mut shape = Vec::with_capacity(rank);
     for d in 0..rank {
         let (start, step) = (starts[d] as usize, steps[d] as usize);
-        let size = match ty.shape()[d] {
+        let size = match result[d] {
             Some(s) => s as usize,
-            None => (x.shape[d].saturating_sub(start)).div_ceil(step),
+            None => (dims[d].saturating_sub(start)).div_ceil(step),
         };
-        if size > 0 && start + (size - 1) * step >= x.shape[d] {
-            return Err(format!(
-                "dim {d} reads past the input's size {}",
-                x.shape[d]
-            ));
+        if size > 0 && start + (size - 1) * step >= dims[d] {
+            return Err(format!("dim {d} reads past the input's size {}", dims[d]));
         }
         shape.push(size);
     }
-    let src = strides(&x.shape);
+    let src = strides(dims);
     let first = (0..rank).map(|d| starts[d] as usize * src[d]).sum();
-    let step: Vec<usize> = (0..rank).map(|d| steps[d] as usize * src[d]).collect();
-    one(strided_view(x, first, shape, &step))
+    let step = (0..rank).map(|d| steps[d] as usize * src[d]).collect();
+    Ok((shape, first, step))
 }
 
 /// Concatenates tensors of one element kind along `axis` into a tensor of `dtype`.

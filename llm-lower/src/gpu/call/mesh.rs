@@ -16,7 +16,7 @@ use llm_ir::{
     types::Reduction,
 };
 
-use super::{Call, Slot, WG};
+use super::{Call, Slot, WG, row_major_strides};
 use crate::{
     gpu::tensor::{DeviceTensor, Elem},
     kernel::{Contraction, Kernel, MeshMove, WeightFormat},
@@ -34,8 +34,15 @@ impl Call<'_> {
         pipelines: &[wgpu::ComputePipeline],
     ) -> Result<bool, String> {
         let f32_only = !matches!(kernel, Kernel::Mesh(_));
+        // Boxes (of a shard, of a reduce-scatter's result) of more than four dims may not
+        // merge into the strided copy's four.
+        let boxes = matches!(
+            kernel,
+            Kernel::ReduceScatter { .. } | Kernel::Mesh(MeshMove::Shard { .. })
+        );
         let usable = |t: &DeviceTensor| {
             t.parts.len() == 1
+                && !(boxes && t.shape.len() > 4)
                 && if f32_only {
                     t.elem == Elem::F32
                 } else {
@@ -161,35 +168,6 @@ impl Bound<'_, '_, '_, '_> {
     }
 }
 
-/// The output dims (padded to 4), input strides and first element of the box
-/// `[start, start + size)` of a row-major tensor of `dims`: dims of 1 dropped, and a dim
-/// merged into the one before it where the box reads the two as one run. `None` when more
-/// than four dims remain.
-fn box_layout(dims: &[usize], start: &[usize], size: &[usize]) -> Option<[usize; 9]> {
-    let mut strides = vec![1usize; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * dims[i + 1];
-    }
-    let first = start.iter().zip(&strides).map(|(a, b)| a * b).sum();
-    let mut kept: Vec<(usize, usize)> = Vec::new();
-    for (&n, &stride) in size.iter().zip(&strides).filter(|(n, _)| **n != 1) {
-        match kept.last_mut() {
-            Some(outer) if outer.1 == stride * n => *outer = (outer.0 * n, stride),
-            _ => kept.push((n, stride)),
-        }
-    }
-    if kept.len() > 4 {
-        return None;
-    }
-    let mut words = [1, 1, 1, 1, 0, 0, 0, 0, first];
-    let pad = 4 - kept.len();
-    for (i, (n, stride)) in kept.into_iter().enumerate() {
-        words[pad + i] = n;
-        words[4 + pad + i] = stride;
-    }
-    Some(words)
-}
-
 impl MeshOps for Bound<'_, '_, '_, '_> {
     type Shard = DeviceTensor;
 
@@ -204,14 +182,12 @@ impl MeshOps for Bound<'_, '_, '_, '_> {
         size: &[usize],
     ) -> Result<DeviceTensor, String> {
         let copy = self.mesh.copy.ok_or("this step takes no boxes")?;
-        let words = box_layout(&x.shape, start, size)
-            .ok_or_else(|| format!("a box {size:?} of {:?} has more than four dims", x.shape))?;
-        let len: usize = size.iter().product();
-        let y = self.output(len * 4);
-        let words: Vec<u32> = words.iter().map(|&w| w as u32).collect();
+        let strides = row_major_strides(&x.shape);
+        let first = start.iter().zip(&strides).map(|(a, b)| a * b).sum();
+        let out = self.mesh.next_output();
         self.call
-            .dispatch(copy, &words, &[x.whole()?, &y], len.div_ceil(WG))?;
-        Ok(DeviceTensor::unsplit(size.to_vec(), x.elem, y))
+            .strided_copy(copy, x, (size, &strides, first), out)?
+            .ok_or_else(|| format!("a box {size:?} of {:?} has more than four dims", x.shape))
     }
 
     fn concat(&mut self, parts: &[&DeviceTensor], dim: usize) -> Result<DeviceTensor, String> {
@@ -281,32 +257,5 @@ impl MeshOps for Bound<'_, '_, '_, '_> {
             len.div_ceil(WG),
         )?;
         Ok(true)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::box_layout;
-
-    /// Dims of 1 vanish and runs the box reads whole merge; the first element is the
-    /// box's start.
-    #[test]
-    fn boxes_merge_their_contiguous_dims() {
-        // Rows 2..4 of a [4, 6]: one run of 12 from element 12.
-        assert_eq!(
-            box_layout(&[4, 6], &[2, 0], &[2, 6]),
-            Some([1, 1, 1, 12, 0, 0, 0, 1, 12])
-        );
-        // Columns 3..6 of every row: 4 rows of 3, 6 apart, from element 3.
-        assert_eq!(
-            box_layout(&[4, 6], &[0, 3], &[4, 3]),
-            Some([1, 1, 4, 3, 0, 0, 6, 1, 3])
-        );
-        // Five dims that do not merge.
-        assert_eq!(
-            box_layout(&[2, 2, 2, 2, 2, 2], &[0; 6], &[2, 1, 2, 1, 2, 1]),
-            Some([1, 2, 2, 2, 0, 32, 8, 2, 0])
-        );
-        assert_eq!(box_layout(&[3, 3, 3, 3, 3], &[0; 5], &[2; 5]), None);
     }
 }
