@@ -1332,6 +1332,40 @@ fn ity(shape: &[usize]) -> String {
     format!("llm.tensor <{}xi32>", dims.join("x"))
 }
 
+/// A paged decode attention of `seqs` rows (`kv * group` query heads of `d`) over a
+/// cache of `width` blocks per sequence, with contexts `lens` and an optional window: the
+/// function and its arguments (seeded from `seed`).
+fn paged_attention_case(
+    [seqs, kv, group, d, width]: [usize; 5],
+    lens: Vec<i64>,
+    window: Option<usize>,
+    seed: u64,
+) -> (String, Vec<Value>) {
+    let h = kv * group;
+    let (c, cty) = cache(kv, d, seqs * width, seed + 3);
+    let win = window.map_or(String::new(), |w| format!(", window = {w}"));
+    let ir = func(
+        &[
+            ("q".into(), ty(&[seqs, 1, h, d])),
+            ("c".into(), cty),
+            ("t".into(), ity(&[seqs, width])),
+            ("l".into(), ity(&[seqs])),
+        ],
+        &ty(&[seqs, 1, h, d]),
+        &format!(
+            "y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}{win}}} : {};",
+            ty(&[seqs, 1, h, d])
+        ),
+    );
+    let args = vec![
+        tensor(&[seqs, 1, h, d], seed, 1.0),
+        c,
+        ints(&[seqs, width], tables(seqs, width, seed + 5)),
+        ints(&[seqs], lens),
+    ];
+    (ir, args)
+}
+
 /// A cache of `blocks` blocks filled with seeded values, and its type.
 fn cache(kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
     float_cache(DType::F32, kv, d, blocks, seed)
@@ -1395,16 +1429,8 @@ proptest! {
 
     #[test]
     fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), seed: u64) {
-        let h = kv * group;
-        let (c, cty) = cache(kv, d, seqs * width, seed + 3);
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
-        let win = window.map_or(String::new(), |w| format!(", window = {w}"));
-        let ir = func(
-            &[("q".into(), ty(&[seqs, 1, h, d])), ("c".into(), cty), ("t".into(), ity(&[seqs, width])), ("l".into(), ity(&[seqs]))],
-            &ty(&[seqs, 1, h, d]),
-            &format!("y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}{win}}} : {};", ty(&[seqs, 1, h, d])),
-        );
-        let args = vec![tensor(&[seqs, 1, h, d], seed, 1.0), c, ints(&[seqs, width], tables(seqs, width, seed + 5)), ints(&[seqs], lens)];
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], lens, window, seed);
         agree(&ir, args, 2e-6)?;
     }
 
@@ -1721,28 +1747,7 @@ fn float_casts_to_i64_fit_32_bits_on_the_gpu() {
 #[test]
 fn wide_attention_heads() {
     for (d, seed) in [(520, 1u64), (1000, 2)] {
-        let (seqs, kv, group, width) = (2, 1, 2, 3);
-        let h = kv * group;
-        let (c, cty) = cache(kv, d, seqs * width, seed + 3);
-        let ir = func(
-            &[
-                ("q".into(), ty(&[seqs, 1, h, d])),
-                ("c".into(), cty),
-                ("t".into(), ity(&[seqs, width])),
-                ("l".into(), ity(&[seqs])),
-            ],
-            &ty(&[seqs, 1, h, d]),
-            &format!(
-                "y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}}} : {};",
-                ty(&[seqs, 1, h, d])
-            ),
-        );
-        let args = vec![
-            tensor(&[seqs, 1, h, d], seed, 1.0),
-            c,
-            ints(&[seqs, width], tables(seqs, width, seed + 5)),
-            ints(&[seqs], vec![7, 12]),
-        ];
+        let (ir, args) = paged_attention_case([2, 1, 2, d, 3], vec![7, 12], None, seed);
         agree(&ir, args, 2e-6).expect("agrees");
     }
 }
@@ -1799,27 +1804,8 @@ fn long_context_attention_rows() {
 fn attention_rows_in_parallel() {
     let (kv, group, d, seqs, width) = (2, 2, 16, 8, 30);
     let h = kv * group;
-    let (c, cty) = cache(kv, d, seqs * width, 21);
     let lens: Vec<i64> = (0..seqs as i64).map(|s| 40 + 9 * s).collect();
-    let ir = func(
-        &[
-            ("q".into(), ty(&[seqs, 1, h, d])),
-            ("c".into(), cty),
-            ("t".into(), ity(&[seqs, width])),
-            ("l".into(), ity(&[seqs])),
-        ],
-        &ty(&[seqs, 1, h, d]),
-        &format!(
-            "y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}}} : {};",
-            ty(&[seqs, 1, h, d])
-        ),
-    );
-    let args = vec![
-        tensor(&[seqs, 1, h, d], 22, 1.0),
-        c,
-        ints(&[seqs, width], tables(seqs, width, 23)),
-        ints(&[seqs], lens),
-    ];
+    let (ir, args) = paged_attention_case([seqs, kv, group, d, width], lens, None, 19);
     agree(&ir, args, 2e-6).unwrap();
     let t = 64;
     let ir = func(

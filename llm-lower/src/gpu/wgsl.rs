@@ -2087,7 +2087,7 @@ fn put_f16(o: u32, v: f32) {
 ";
 
 /// The bytes of one K-quant super-block and the WGSL statements that encode the values
-/// `xin[at]..x[at + 256]` (staged in `xin`) into it at byte `o` of `acc`, byte for byte as
+/// `x[at]..x[at + 256]` (staged in `xin`) into it at byte `o` of `acc`, byte for byte as
 /// the reference quantizes (with [`KQUANT_HELPERS`]); `None` for the other formats.
 fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     Some(match format {
