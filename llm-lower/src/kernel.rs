@@ -846,6 +846,12 @@ pub enum Kernel {
     Fold(Reduction),
     /// Data movement.
     Move(Movement),
+    /// `llm.transpose` of a rank above 4 (the ranks [`Movement::Permute`] does not take):
+    /// a strided view of the input, laid out by the reference's `permute_layout`.
+    Transpose {
+        /// The permutation.
+        perm: Vec<usize>,
+    },
     /// `llm.slice` of any dims, with any steps, of any element type (the slices
     /// [`Movement::Columns`] does not take): a strided view of the input, laid out by the
     /// reference's `slice_layout`.
@@ -951,6 +957,7 @@ impl Kernel {
             Kernel::Fold(reduction) => format!("fold_{}", reduction.name()),
             Kernel::Move(m) => format!("{m:?}"),
             Kernel::Slice { .. } => "slice".to_string(),
+            Kernel::Transpose { .. } => "transpose".to_string(),
             Kernel::Mesh(MeshMove::Shard { split, .. }) => {
                 // Per dim, its axes (`-` for a whole dim): `shard_tp_-`.
                 let dims: Vec<String> = split
@@ -978,6 +985,7 @@ impl Kernel {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).
             Kernel::Move(_)
             | Kernel::Slice { .. }
+            | Kernel::Transpose { .. }
             | Kernel::Mesh(_)
             | Kernel::KvAppend { .. }
             | Kernel::KvLookup { .. } => None,
@@ -1332,8 +1340,15 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let x = check.tensor(0).ok()?;
             let perm = check.param("perm")?.as_int_list()?;
             let rank = x.rank();
-            if rank > 4 || perm.len() != rank {
+            if perm.len() != rank {
                 return None;
+            }
+            if rank > 4 {
+                let perm = perm
+                    .iter()
+                    .map(|&p| usize::try_from(p).ok())
+                    .collect::<Option<_>>()?;
+                return Some(Kernel::Transpose { perm });
             }
             let pad = 4 - rank;
             let mut padded = [0, 1, 2, 3];

@@ -814,6 +814,27 @@ proptest! {
         agree(&ir, vec![tensor(&dims, seed, 1.0), ints(&dims, int_values)], 0.0)?;
     }
 
+    /// Transposes of rank 5 and 6 (rotations of the dims, whose runs merge into two on the
+    /// GPU's strided copy), of floats and integers.
+    #[test]
+    fn transposes_above_rank_four(dims in proptest::collection::vec(1usize..4, 5..=6), rot in 1usize..6, seed: u64) {
+        let rank = dims.len();
+        let perm: Vec<usize> = (0..rank).map(|i| (i + rot) % rank).collect();
+        let out: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+        let ity_of = |d: &[usize]| {
+            let s: Vec<String> = d.iter().map(ToString::to_string).collect();
+            format!("llm.tensor <{}xi32>", s.join("x"))
+        };
+        let attrs = format!("{{perm = [{}]}}", perm.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        let ir = format!(
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {i}) -> ({y}, {j})> {{\n      ^body(x: {x}, i: {i}):\n        y = llm.transpose x {attrs} : {y};\n        j = llm.transpose i {attrs} : {j};\n        llm.return y, j\n    }}\n}}\n",
+            x = ty(&dims), i = ity_of(&dims), y = ty(&out), j = ity_of(&out),
+        );
+        let count: usize = dims.iter().product();
+        let int_values: Vec<i64> = values(seed + 1, count, 100.0).iter().map(|&v| v as i64).collect();
+        agree(&ir, vec![tensor(&dims, seed, 1.0), ints(&dims, int_values)], 0.0)?;
+    }
+
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {

@@ -189,6 +189,9 @@ pub fn call(
             k.results([Value::Sharded(y)])
         }),
         (Kernel::Move(m), _) => movement(k, *m, dims, inputs),
+        (Kernel::Transpose { perm }, _) => {
+            inputs[0].tensor().and_then(|x| k.tensor(permute(x, perm)?))
+        }
         (Kernel::Slice { starts, steps }, _) => inputs[0].tensor().and_then(|x| {
             let (shape, first, step) = slice_layout(&x.shape, starts, steps, dims)?;
             k.tensor(strided_view(x, first, shape, &step))

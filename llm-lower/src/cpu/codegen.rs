@@ -64,6 +64,7 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // runs its local contraction's code, a collective its fold's (`Kernel::code`).
         Kernel::Move(_)
         | Kernel::Slice { .. }
+        | Kernel::Transpose { .. }
         | Kernel::Mesh(_)
         | Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }
@@ -148,6 +149,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         // linear layer runs its local contraction's code, a collective its fold's.
         Kernel::Move(_)
         | Kernel::Slice { .. }
+        | Kernel::Transpose { .. }
         | Kernel::Mesh(_)
         | Kernel::ShardedLinear { .. }
         | Kernel::AllReduce { .. }

@@ -66,12 +66,15 @@ const fn weight_block_bytes(four_bit: bool) -> usize {
     }
 }
 
-/// Whether the CPU has AVX-512 VNNI (with VL): [`by_q8_0_rows`] and [`by_q8_0_panels`]
-/// then take `VNNI = true`, whose `vpdpbusd` multiplies and sums four byte pairs per 32-bit
-/// lane in one instruction (the AVX2 forms take two, through 16-bit pair sums).
+/// Whether the CPU has AVX-512 VNNI (with F and VL, which the VNNI forms' target
+/// features imply): [`by_q8_0_rows`] and [`by_q8_0_panels`] then take `VNNI = true`, whose
+/// `vpdpbusd` multiplies and sums four byte pairs per 32-bit lane in one instruction (the
+/// AVX2 forms take two, through 16-bit pair sums).
 #[cfg(target_arch = "x86_64")]
 pub fn vnni() -> bool {
-    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512vl")
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` (`x_stride`

@@ -15,7 +15,7 @@ use llm_ir::{
         eval::{
             attention::{for_each_paged_row, rope_tables, slot_of},
             resolve_shape,
-            shape::slice_layout,
+            shape::{permute_layout, slice_layout},
         },
         quant::storage_bytes,
     },
@@ -801,9 +801,18 @@ impl Call<'_> {
                 return Ok(true);
             }
             Kernel::Move(m) => self.movement(index, step, *m, pipelines)?,
-            Kernel::Slice { starts, steps } => {
+            Kernel::Slice { .. } | Kernel::Transpose { .. } => {
                 let x = self.device(step.inputs[0])?;
-                let (shape, first, strides) = slice_layout(&x.shape, starts, steps, &step.dims)?;
+                let (shape, first, strides) = match kernel {
+                    Kernel::Transpose { perm } => {
+                        let (shape, strides) = permute_layout(&x.shape, perm)?;
+                        (shape, 0, strides)
+                    }
+                    Kernel::Slice { starts, steps } => {
+                        slice_layout(&x.shape, starts, steps, &step.dims)?
+                    }
+                    _ => return Ok(false),
+                };
                 match self.strided_copy(&pipelines[0], &x, (&shape, &strides, first), (index, 0))? {
                     Some(y) => y,
                     // More than four dims that do not merge.

@@ -244,7 +244,9 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         Kernel::ReduceScatter { reduction, .. } => vec![Shader::Fold(*reduction), Shader::Permute],
         Kernel::Fold(reduction) => vec![Shader::Fold(*reduction)],
         // A strided copy, as a shard's box.
-        Kernel::Slice { .. } | Kernel::Mesh(MeshMove::Shard { .. }) => vec![Shader::Permute],
+        Kernel::Slice { .. } | Kernel::Transpose { .. } | Kernel::Mesh(MeshMove::Shard { .. }) => {
+            vec![Shader::Permute]
+        }
         Kernel::Mesh(MeshMove::AllGather { .. }) => vec![Shader::Place],
         // Device 0's shard; each other device's is checked against it.
         Kernel::Mesh(MeshMove::Unshard) => vec![Shader::Agree],

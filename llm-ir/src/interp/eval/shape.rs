@@ -36,7 +36,15 @@ pub fn transpose(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 /// `x` with its dims in the order `perm` gives (dim `i` of the result is dim `perm[i]` of
 /// `x`).
 pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
-    let rank = x.shape.len();
+    let (shape, step) = permute_layout(&x.shape, perm)?;
+    Ok(strided_view(x, 0, shape, &step))
+}
+
+/// Where a transpose of a `dims` tensor by `perm` reads: the result's shape and the
+/// distance between consecutive elements along each of its dims (from element 0). Fails
+/// when `perm` is not a permutation of the dims.
+pub fn permute_layout(dims: &[usize], perm: &[usize]) -> Result<(Vec<usize>, Vec<usize>), String> {
+    let rank = dims.len();
     let mut seen = vec![false; rank];
     if perm.len() != rank
         || perm
@@ -45,10 +53,10 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
     {
         return Err(format!("{perm:?} is not a permutation of {rank} dims"));
     }
-    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
-    let src = strides(&x.shape);
-    let step: Vec<usize> = perm.iter().map(|&p| src[p]).collect();
-    Ok(strided_view(x, 0, shape, &step))
+    let shape = perm.iter().map(|&p| dims[p]).collect();
+    let src = strides(dims);
+    let step = perm.iter().map(|&p| src[p]).collect();
+    Ok((shape, step))
 }
 
 /// The tensor of `shape` whose element at index `i` is element `first + Σ i[d] * step[d]`
