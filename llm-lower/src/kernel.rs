@@ -482,12 +482,6 @@ pub enum Movement {
         /// Columns taken.
         len: usize,
     },
-    /// `llm.transpose` of a tensor of rank at most 4: the dims in the order `perm` gives
-    /// (padded with leading identity dims to rank 4).
-    Permute {
-        /// The permutation, as `llm.transpose`'s `perm` for the padded rank-4 tensor.
-        perm: [usize; 4],
-    },
     /// `llm.concat` of `inputs` tensors of one element type along `axis`.
     Concat {
         /// The axis.
@@ -846,8 +840,8 @@ pub enum Kernel {
     Fold(Reduction),
     /// Data movement.
     Move(Movement),
-    /// `llm.transpose` of a rank above 4 (the ranks [`Movement::Permute`] does not take):
-    /// a strided view of the input, laid out by the reference's `permute_layout`.
+    /// `llm.transpose` of any rank, of any element type: a strided view of the input, laid
+    /// out by the reference's `permute_layout`.
     Transpose {
         /// The permutation.
         perm: Vec<usize>,
@@ -1343,19 +1337,11 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             if perm.len() != rank {
                 return None;
             }
-            if rank > 4 {
-                let perm = perm
-                    .iter()
-                    .map(|&p| usize::try_from(p).ok())
-                    .collect::<Option<_>>()?;
-                return Some(Kernel::Transpose { perm });
-            }
-            let pad = 4 - rank;
-            let mut padded = [0, 1, 2, 3];
-            for (i, &p) in perm.iter().enumerate() {
-                padded[pad + i] = pad + usize::try_from(p).ok()?;
-            }
-            Some(Kernel::Move(Movement::Permute { perm: padded }))
+            let perm = perm
+                .iter()
+                .map(|&p| usize::try_from(p).ok())
+                .collect::<Option<_>>()?;
+            Some(Kernel::Transpose { perm })
         }
         "llm.concat" => {
             let x = check.tensor(0).ok()?;

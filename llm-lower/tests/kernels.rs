@@ -765,23 +765,19 @@ proptest! {
         let mut joined = dims.clone();
         joined[axis] += extra;
         let transposed: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
-        let ity_of = |d: &[usize]| {
-            let s: Vec<String> = d.iter().map(ToString::to_string).collect();
-            format!("llm.tensor <{}xi32>", s.join("x"))
-        };
         let body = format!(
             "t = llm.transpose x {{perm = [{}]}} : {};\n        c = llm.concat x, z, x {{axis = {axis}}} : {};\n        k = llm.concat i, j {{axis = {axis}}} : {};",
             perm.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             ty(&transposed),
             ty(&{ let mut d = dims.clone(); d[axis] = 2 * dims[axis] + extra; d }),
-            ity_of(&joined),
+            ity(&joined),
         );
-        let (x_t, z_t, i_t, j_t) = (ty(&dims), ty(&other), ity_of(&dims), ity_of(&other));
+        let (x_t, z_t, i_t, j_t) = (ty(&dims), ty(&other), ity(&dims), ity(&other));
         let mut triple = dims.clone();
         triple[axis] = 2 * dims[axis] + extra;
         let ir = format!(
             "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x_t}, {z_t}, {i_t}, {j_t}) -> ({}, {}, {})> {{\n      ^body(x: {x_t}, z: {z_t}, i: {i_t}, j: {j_t}):\n        {body}\n        llm.return t, c, k\n    }}\n}}\n",
-            ty(&transposed), ty(&triple), ity_of(&joined),
+            ty(&transposed), ty(&triple), ity(&joined),
         );
         let count = |d: &[usize]| d.iter().product::<usize>();
         let int_tensor = |d: &[usize], seed: u64| {
@@ -799,19 +795,8 @@ proptest! {
         let starts: Vec<usize> = (0..rank).map(|d| picks[d].0 % dims[d]).collect();
         let steps: Vec<usize> = (0..rank).map(|d| picks[d].1).collect();
         let sizes: Vec<usize> = (0..rank).map(|d| (dims[d] - starts[d]).div_ceil(steps[d])).collect();
-        let list = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        let ity_of = |d: &[usize]| {
-            let s: Vec<String> = d.iter().map(ToString::to_string).collect();
-            format!("llm.tensor <{}xi32>", s.join("x"))
-        };
         let attrs = format!("{{starts = [{}], steps = [{}]}}", list(&starts), list(&steps));
-        let ir = format!(
-            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {i}) -> ({y}, {j})> {{\n      ^body(x: {x}, i: {i}):\n        y = llm.slice x {attrs} : {y};\n        j = llm.slice i {attrs} : {j};\n        llm.return y, j\n    }}\n}}\n",
-            x = ty(&dims), i = ity_of(&dims), y = ty(&sizes), j = ity_of(&sizes),
-        );
-        let count: usize = dims.iter().product();
-        let int_values: Vec<i64> = values(seed + 1, count, 100.0).iter().map(|&v| v as i64).collect();
-        agree(&ir, vec![tensor(&dims, seed, 1.0), ints(&dims, int_values)], 0.0)?;
+        moves_floats_and_ints("llm.slice", &attrs, (&dims, &sizes), seed)?;
     }
 
     /// Transposes of rank 5 and 6 (rotations of the dims, whose runs merge into two on the
@@ -821,18 +806,8 @@ proptest! {
         let rank = dims.len();
         let perm: Vec<usize> = (0..rank).map(|i| (i + rot) % rank).collect();
         let out: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
-        let ity_of = |d: &[usize]| {
-            let s: Vec<String> = d.iter().map(ToString::to_string).collect();
-            format!("llm.tensor <{}xi32>", s.join("x"))
-        };
-        let attrs = format!("{{perm = [{}]}}", perm.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
-        let ir = format!(
-            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {i}) -> ({y}, {j})> {{\n      ^body(x: {x}, i: {i}):\n        y = llm.transpose x {attrs} : {y};\n        j = llm.transpose i {attrs} : {j};\n        llm.return y, j\n    }}\n}}\n",
-            x = ty(&dims), i = ity_of(&dims), y = ty(&out), j = ity_of(&out),
-        );
-        let count: usize = dims.iter().product();
-        let int_values: Vec<i64> = values(seed + 1, count, 100.0).iter().map(|&v| v as i64).collect();
-        agree(&ir, vec![tensor(&dims, seed, 1.0), ints(&dims, int_values)], 0.0)?;
+        let attrs = format!("{{perm = [{}]}}", list(&perm));
+        moves_floats_and_ints("llm.transpose", &attrs, (&dims, &out), seed)?;
     }
 
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
@@ -1273,34 +1248,16 @@ fn mesh_moves_refuse_uneven_splits_and_disagreeing_devices() {
         "llm.tensor <?x4xf32>",
         &body,
     );
-    let mut ctx = Context::new();
-    let module = text::parse_module(&mut ctx, &ir).unwrap();
-    let entry = interp::find_func(&ctx, module, "f").unwrap();
-    let program = Program::build(&ctx, entry, &Hoisted::default(), &Options::default()).unwrap();
-    assert!(program.stats().reference_ops.is_empty());
     let even = tensor(&[4, 4], 1, 1.0);
-    let got = program.run(&ctx, &NoWeights, vec![even.clone()]).unwrap();
-    assert_eq!(got, vec![even.clone()]);
-    let err = program
-        .run(&ctx, &NoWeights, vec![tensor(&[3, 4], 1, 1.0)])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("does not split into 2 equal pieces"), "{err}");
-    assert!(err.contains("llm.shard"), "{err}");
-    if let Some(gpu) = gpu() {
-        let program = gpu::Compiler::new(gpu)
-            .build(&ctx, entry, &Hoisted::default(), Rows::Few)
-            .unwrap();
-        assert!(program.stats().reference_ops.is_empty());
-        let got = program.run(&ctx, &NoWeights, vec![even.clone()]).unwrap();
-        assert_eq!(got, vec![even]);
-        let err = program
-            .run(&ctx, &NoWeights, vec![tensor(&[3, 4], 1, 1.0)])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("does not split into 2 equal pieces"), "{err}");
-        assert!(err.contains("llm.shard"), "{err}");
-    }
+    on_both_backends(&ir, |backend, run| {
+        assert_eq!(run(vec![even.clone()]).expect(backend), vec![even.clone()]);
+        let err = run(vec![tensor(&[3, 4], 1, 1.0)]).unwrap_err();
+        assert!(
+            err.contains("does not split into 2 equal pieces"),
+            "{backend}: {err}"
+        );
+        assert!(err.contains("llm.shard"), "{backend}: {err}");
+    });
 
     let ir = func(
         &[(
@@ -1310,10 +1267,6 @@ fn mesh_moves_refuse_uneven_splits_and_disagreeing_devices() {
         &ty(&[2, 4]),
         "y = llm.unshard p : llm.tensor <2x4xf32>;",
     );
-    let mut ctx = Context::new();
-    let module = text::parse_module(&mut ctx, &ir).unwrap();
-    let entry = interp::find_func(&ctx, module, "f").unwrap();
-    let program = Program::build(&ctx, entry, &Hoisted::default(), &Options::default()).unwrap();
     let shard = |seed| match tensor(&[2, 4], seed, 1.0) {
         Value::Tensor(t) => t,
         _ => unreachable!("a tensor"),
@@ -1326,21 +1279,36 @@ fn mesh_moves_refuse_uneven_splits_and_disagreeing_devices() {
         reduction: Reduction::Sum,
         shards: vec![shard(1), shard(2)],
     });
-    let err = program
-        .run(&ctx, &NoWeights, vec![disagreeing.clone()])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("different values"), "{err}");
+    on_both_backends(&ir, |backend, run| {
+        let err = run(vec![disagreeing.clone()]).unwrap_err();
+        assert!(err.contains("different values"), "{backend}: {err}");
+    });
+}
+
+/// Calls `check` with each backend's name and a run of `@f` of `ir` (without weights):
+/// the CPU's, and the GPU's where there is one; both programs must lower every op.
+fn on_both_backends(
+    ir: &str,
+    check: impl Fn(&str, &dyn Fn(Vec<Value>) -> Result<Vec<Value>, String>),
+) {
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, ir).unwrap();
+    let entry = interp::find_func(&ctx, module, "f").unwrap();
+    let cpu = Program::build(&ctx, entry, &Hoisted::default(), &Options::default()).unwrap();
+    assert!(cpu.stats().reference_ops.is_empty(), "{ir}");
+    check("cpu", &|args| {
+        cpu.run(&ctx, &NoWeights, args).map_err(|e| e.to_string())
+    });
     if let Some(gpu) = gpu() {
         let program = gpu::Compiler::new(gpu)
             .build(&ctx, entry, &Hoisted::default(), Rows::Few)
             .unwrap();
-        assert!(program.stats().reference_ops.is_empty());
-        let err = program
-            .run(&ctx, &NoWeights, vec![disagreeing])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("different values"), "{err}");
+        assert!(program.stats().reference_ops.is_empty(), "{ir}");
+        check("gpu", &|args| {
+            program
+                .run(&ctx, &NoWeights, args)
+                .map_err(|e| e.to_string())
+        });
     }
 }
 
@@ -1351,6 +1319,42 @@ fn ints(shape: &[usize], values: Vec<i64>) -> Value {
 fn ity(shape: &[usize]) -> String {
     let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
     format!("llm.tensor <{}xi32>", dims.join("x"))
+}
+
+/// `values` as a comma-separated list.
+fn list(values: &[usize]) -> String {
+    values
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The data movement op `name` with `attrs`, of an f32 and of an i32 tensor of `dims`
+/// into `out`, on both backends, exactly.
+fn moves_floats_and_ints(
+    name: &str,
+    attrs: &str,
+    (dims, out): (&[usize], &[usize]),
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let ir = format!(
+        "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({x}, {i}) -> ({y}, {j})> {{\n      ^body(x: {x}, i: {i}):\n        y = {name} x {attrs} : {y};\n        j = {name} i {attrs} : {j};\n        llm.return y, j\n    }}\n}}\n",
+        x = ty(dims),
+        i = ity(dims),
+        y = ty(out),
+        j = ity(out),
+    );
+    let count: usize = dims.iter().product();
+    let int_values: Vec<i64> = values(seed + 1, count, 100.0)
+        .iter()
+        .map(|&v| v as i64)
+        .collect();
+    agree(
+        &ir,
+        vec![tensor(dims, seed, 1.0), ints(dims, int_values)],
+        0.0,
+    )
 }
 
 /// A paged decode attention of `seqs` rows (`kv * group` query heads of `d`) over a

@@ -18,7 +18,7 @@ use llm_ir::{
             resolve_shape, resolve_shape_into,
             shape::{concat_tensors, permute, slice_layout, strided_view},
             shard::{
-                HostMesh, MeshOps, all_gather_with, all_reduce_with, fold_parts, product_shape,
+                HostMesh, MeshOps, all_gather_with, all_reduce_with, product_shape,
                 reduce_scatter_with, shard_value, sharded_linear_with, unshard_value,
             },
         },
@@ -467,7 +467,7 @@ pub(super) fn elementwise_into(f: *const u8, ptrs: &[i64], out: &mut [f32]) {
     );
 }
 
-/// Two f32 tensors of one shape (checked by [`fold_parts`]) combined by the compiled
+/// Two f32 tensors of one shape (checked by `reduce_parts`) combined by the compiled
 /// [`Kernel::Fold`] `f` (two devices' partial values meeting in a collective: a sum,
 /// maximum or minimum).
 fn fold_tensors(k: &Kernels, f: *const u8, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
@@ -1127,15 +1127,6 @@ fn check_cache(cache: &KvCache, layer: usize, kv_heads: usize, d: usize) -> Resu
 /// Runs a data movement.
 fn movement(k: &Kernels, m: Movement, dims: &[Dim], inputs: &mut Operands) -> Outputs {
     match m {
-        Movement::Permute { perm } => {
-            let x = inputs[0].tensor()?;
-            // The kernel's permutation is of the tensor padded to rank 4.
-            let pad = 4usize
-                .checked_sub(x.shape.len())
-                .ok_or("a transpose of rank above 4")?;
-            let perm: Vec<usize> = perm[pad..].iter().map(|&p| p.wrapping_sub(pad)).collect();
-            k.tensor(permute(x, &perm)?)
-        }
         Movement::Concat { axis, .. } => {
             let parts: Vec<&Tensor> = inputs
                 .iter()
@@ -1223,9 +1214,13 @@ impl MeshOps for CpuMesh<'_> {
         HostMesh.concat(parts, dim)
     }
 
-    fn reduce(&mut self, parts: &[&Tensor], _: Reduction) -> Result<Tensor, String> {
+    fn combine(&mut self, a: &Tensor, b: &Tensor, _: Reduction) -> Result<Tensor, String> {
         // The fold's code is the reduction's.
-        fold_parts(parts, |a, b| fold_tensors(self.k, self.code, a, b))
+        fold_tensors(self.k, self.code, a, b)
+    }
+
+    fn round_like(&mut self, acc: Tensor, like: &Tensor) -> Result<Tensor, String> {
+        HostMesh.round_like(acc, like)
     }
 
     fn linear(&mut self, x: &Tensor, w: &Tensor) -> Result<Tensor, String> {

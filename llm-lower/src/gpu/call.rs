@@ -16,6 +16,7 @@ use llm_ir::{
             attention::{for_each_paged_row, rope_tables, slot_of},
             resolve_shape,
             shape::{permute_layout, slice_layout},
+            shard::product_shape,
         },
         quant::storage_bytes,
     },
@@ -26,7 +27,7 @@ use super::{
     device::Gpu,
     pool::{Pool, read_pool},
     program::{PARAM_STRIDE, Program, Rows, Step},
-    tensor::{DeviceTensor, Elem, device_bytes, row_bytes},
+    tensor::{DeviceTensor, Elem, device_bytes, row_bytes, tensor_bytes},
     wgsl::{
         CONTRACTION_ROWS, GroupQuantize, STRIDED_ARGS, STRIDED_RANK, TILE, WORKGROUP,
         blocks_per_invocation, kv_append_values_per_invocation,
@@ -58,15 +59,6 @@ fn elem_of(dtype: DType) -> Elem {
 
 // A strided body's dims and strides fill at most one parameter block.
 const _: () = assert!(STRIDED_RANK * (1 + STRIDED_ARGS) * 4 <= PARAM_STRIDE as usize);
-
-/// The row-major strides (in elements) of a tensor of `dims`.
-fn row_major_strides(dims: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1usize; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * dims[i + 1];
-    }
-    strides
-}
 
 /// The strided-copy shader's parameters for the elements `first + Σ c[d] * strides[d]`
 /// over the indices `c` of `size`: the output dims padded to 4, their strides, and
@@ -193,7 +185,7 @@ impl Call<'_> {
         match self.slot(s)?.clone() {
             Slot::Device(t) | Slot::Host(_, Some(t)) => Ok(t),
             Slot::Host(v, None) => {
-                let t = self.upload((s, 0), &v)?;
+                let t = self.upload((s, 0), device_bytes(&v, false, false)?)?;
                 self.env[s] = Some(Slot::Host(v, Some(t.clone())));
                 Ok(t)
             }
@@ -212,7 +204,7 @@ impl Call<'_> {
                     .shards
                     .iter()
                     .enumerate()
-                    .map(|(d, t)| self.upload((s, d), &Value::Tensor(t.clone())))
+                    .map(|(d, t)| self.upload((s, d), tensor_bytes(t, false, false)?))
                     .collect::<Result<_, _>>()?;
                 let x = Rc::new(x.with_shards(shards));
                 self.env[s] = Some(Slot::Sharded(Rc::clone(&x)));
@@ -223,10 +215,13 @@ impl Call<'_> {
         }
     }
 
-    /// Writes host value `v` to the upload buffer of `key` (slot and shard), growing it
-    /// when `v` does not fit.
-    fn upload(&mut self, key: (usize, usize), v: &Value) -> Result<DeviceTensor, String> {
-        let (shape, elem, bytes) = device_bytes(v, false, false)?;
+    /// Writes a host value's device bytes (`device_bytes`, `tensor_bytes`) to the upload
+    /// buffer of `key` (slot and shard), growing it when they do not fit.
+    fn upload(
+        &mut self,
+        key: (usize, usize),
+        (shape, elem, bytes): (Vec<usize>, Elem, Vec<u8>),
+    ) -> Result<DeviceTensor, String> {
         if bytes.len() as u64 > self.gpu().limits().max_binding_bytes {
             return Err(format!(
                 "a value of {} bytes exceeds the device's binding limit",
@@ -910,8 +905,7 @@ impl Call<'_> {
             ));
         }
         let m = x.len() / c.k.max(1);
-        let mut shape = x.shape[..x.shape.len() - 1].to_vec();
-        shape.push(c.n);
+        let shape = product_shape(&x.shape, c.n);
         let residual = if c.residual {
             let r = self.device(*step.inputs.last().ok_or("no residual operand")?)?;
             if r.shape != shape {
@@ -1394,34 +1388,6 @@ impl Call<'_> {
         pipelines: &[wgpu::ComputePipeline],
     ) -> Result<DeviceTensor, String> {
         match m {
-            Movement::Permute { perm } => {
-                let x = self.device(step.inputs[0])?;
-                let rank = x.shape.len();
-                if rank > 4 || matches!(x.elem, Elem::Packed(_)) {
-                    return Err(format!("cannot transpose {:?} here", x.shape));
-                }
-                let mut dims = [1usize; 4];
-                dims[4 - rank..].copy_from_slice(&x.shape);
-                let mut strides = [1usize; 4];
-                for i in (0..3).rev() {
-                    strides[i] = strides[i + 1] * dims[i + 1];
-                }
-                let out: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
-                let words: Vec<u32> = out
-                    .iter()
-                    .chain(perm.iter().map(|&p| &strides[p]))
-                    .map(|&v| v as u32)
-                    .collect();
-                let y = self.output(index, 0, x.len() * 4);
-                self.dispatch(
-                    &pipelines[0],
-                    &words,
-                    &[x.whole()?, &y],
-                    x.len().div_ceil(WG),
-                )?;
-                let shape = out[4 - rank..].to_vec();
-                Ok(DeviceTensor::unsplit(shape, x.elem, y))
-            }
             Movement::Concat { axis, .. } => {
                 let xs = step
                     .inputs
@@ -1509,13 +1475,15 @@ impl Call<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{row_major_strides, strided_layout};
+    use llm_ir::interp::eval::strides;
+
+    use super::strided_layout;
 
     /// Dims of 1 vanish and runs read whole merge; the first element stays as given.
     #[test]
     fn strided_copies_merge_their_runs() {
         let box_of = |dims: &[usize], start: &[usize], size: &[usize]| {
-            let strides = row_major_strides(dims);
+            let strides = strides(dims);
             let first = start.iter().zip(&strides).map(|(a, b)| a * b).sum();
             strided_layout(size, &strides, first)
         };

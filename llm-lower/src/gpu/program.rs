@@ -16,7 +16,7 @@ use std::{
 };
 
 use llm_ir::{
-    interp::{self, Hoisted, InterpError, Value, WeightStore},
+    interp::{self, Hoisted, InterpError, Value, WeightStore, eval::shard::DEVICES_DISAGREE},
     syntax::Dim,
     types::ShardedTensorType,
 };
@@ -34,7 +34,7 @@ use super::{
     call::{Call, Slot},
     device::Gpu,
     pool::Pool,
-    tensor::{DeviceTensor, device_bytes, exactly_f16, upload_parts},
+    tensor::{DeviceTensor, device_bytes, exactly_f16, tensor_bytes, upload_parts},
     wgsl::{self, Shader},
 };
 use crate::{
@@ -535,8 +535,7 @@ fn upload_constants(
                         .shards
                         .iter()
                         .map(|t| {
-                            let (shape, elem, bytes) =
-                                device_bytes(&Value::Tensor(t.clone()), false, false)?;
+                            let (shape, elem, bytes) = tensor_bytes(t, false, false)?;
                             stats.upload_bytes += bytes.len();
                             upload_parts(gpu, &step.name, shape, elem, &bytes)
                         })
@@ -616,9 +615,7 @@ fn upload_constants(
 /// What a fault of `step`'s shader means (see `Call::fault`).
 fn fault_of(step: &Step) -> &'static str {
     match &step.action {
-        Action::Kernel(Kernel::Mesh(MeshMove::Unshard), _) => {
-            "the devices hold different values for a replicated tensor"
-        }
+        Action::Kernel(Kernel::Mesh(MeshMove::Unshard), _) => DEVICES_DISAGREE,
         _ => "a value does not fit the 32 bits the device holds an integer in",
     }
 }

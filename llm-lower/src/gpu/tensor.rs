@@ -3,7 +3,10 @@
 //! into row parts that each fit one storage binding.
 
 use half::f16;
-use llm_ir::{dtype::DType, interp::Value};
+use llm_ir::{
+    dtype::DType,
+    interp::{Tensor, Value},
+};
 
 use super::device::Gpu;
 use crate::kernel::WeightFormat;
@@ -88,43 +91,7 @@ pub(super) fn device_bytes(
     half: bool,
 ) -> Result<(Vec<usize>, Elem, Vec<u8>), String> {
     match value {
-        // f16 and bf16 values are held as f32 (exactly), and uploaded so.
-        Value::Tensor(t) if t.dtype.is_float() => {
-            let floats = t.floats()?;
-            let (shape, data) = match (transpose, t.shape.as_slice()) {
-                (true, &[k, n]) => (
-                    vec![n, k],
-                    (0..n)
-                        .flat_map(|j| (0..k).map(move |p| floats[p * n + j]))
-                        .collect::<Vec<f32>>(),
-                ),
-                _ => (t.shape.clone(), floats.to_vec()),
-            };
-            if half {
-                let halves: Vec<u8> = data
-                    .iter()
-                    .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-                    .collect();
-                return Ok((shape, Elem::Packed(WeightFormat::F16), halves));
-            }
-            let elem = match t.dtype {
-                DType::F32 => Elem::F32,
-                narrow => Elem::Narrow(narrow),
-            };
-            Ok((shape, elem, bytemuck::cast_slice(&data).to_vec()))
-        }
-        Value::Tensor(t) => {
-            let ints = t
-                .ints()
-                .map_err(|_| format!("a {:?} tensor has no GPU representation", t.dtype))?;
-            let mut out = Vec::with_capacity(ints.len() * 4);
-            for &i in ints {
-                let v = i32::try_from(i)
-                    .map_err(|_| format!("the integer {i} does not fit the GPU's 32 bits"))?;
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            Ok((t.shape.clone(), Elem::I32(t.dtype), out))
-        }
+        Value::Tensor(t) => tensor_bytes(t, transpose, half),
         Value::Quantized(q) => {
             let format = WeightFormat::of(&q.format)
                 .ok_or_else(|| format!("{} weights have no GPU kernel", q.format.name()))?;
@@ -132,6 +99,49 @@ pub(super) fn device_bytes(
         }
         other => Err(format!("{} has no GPU representation", other.kind())),
     }
+}
+
+/// The bytes of tensor `t` as a device tensor ([`device_bytes`]).
+pub(super) fn tensor_bytes(
+    t: &Tensor,
+    transpose: bool,
+    half: bool,
+) -> Result<(Vec<usize>, Elem, Vec<u8>), String> {
+    if !t.dtype.is_float() {
+        let ints = t
+            .ints()
+            .map_err(|_| format!("a {:?} tensor has no GPU representation", t.dtype))?;
+        let mut out = Vec::with_capacity(ints.len() * 4);
+        for &i in ints {
+            let v = i32::try_from(i)
+                .map_err(|_| format!("the integer {i} does not fit the GPU's 32 bits"))?;
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        return Ok((t.shape.clone(), Elem::I32(t.dtype), out));
+    }
+    // f16 and bf16 values are held as f32 (exactly), and uploaded so.
+    let floats = t.floats()?;
+    let (shape, data) = match (transpose, t.shape.as_slice()) {
+        (true, &[k, n]) => (
+            vec![n, k],
+            (0..n)
+                .flat_map(|j| (0..k).map(move |p| floats[p * n + j]))
+                .collect::<Vec<f32>>(),
+        ),
+        _ => (t.shape.clone(), floats.to_vec()),
+    };
+    if half {
+        let halves: Vec<u8> = data
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect();
+        return Ok((shape, Elem::Packed(WeightFormat::F16), halves));
+    }
+    let elem = match t.dtype {
+        DType::F32 => Elem::F32,
+        narrow => Elem::Narrow(narrow),
+    };
+    Ok((shape, elem, bytemuck::cast_slice(&data).to_vec()))
 }
 
 /// Whether every value of `value` is an `f32` tensor value exactly representable in `f16`

@@ -312,7 +312,6 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             q8_0_input: false,
             block_panels: false,
         })],
-        Kernel::Move(Movement::Permute { .. }) => vec![Shader::Permute],
         Kernel::Move(Movement::Concat { .. }) => vec![Shader::Place],
         Kernel::Rope {
             heads,
@@ -681,18 +680,12 @@ impl Shader {
             Shader::AttentionCombine { .. } => &["rows", "splits"],
             Shader::BatchedMatmul { .. } => &["batch", "m", "k", "n", "rhs_batched"],
             Shader::Cast { .. } => &["len", "step"],
+            // `zero` is 0: the K-quant searches keep their products apart through it.
             Shader::Quantize { .. } => &["blocks", "zero"],
             Shader::GroupScales(_) => &["groups"],
             Shader::GroupCodes(_) => &["words"],
-            // The K-quant searches keep their products apart through `zero`.
-            Shader::KvAppend {
-                rounding:
-                    KvRounding::Quantized(Some(
-                        WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K,
-                    )),
-                ..
-            } => &["tokens", "zero"],
-            Shader::KvAppend { .. } => &["tokens"],
+            // `zero` as for a quantization.
+            Shader::KvAppend { .. } => &["tokens", "zero"],
             Shader::KvGather { .. } => &["len", "block"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
             Shader::Columns { .. } => &["rows"],
@@ -1957,6 +1950,17 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     })
 }
 
+/// A K-quant encoder's statements, after the line that stages the super-block's 256
+/// values (`x[at + i]`) in `xin`, where the encoders and [`KQUANT_HELPERS`] read them.
+macro_rules! staged {
+    ($body:literal) => {
+        concat!(
+            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }\n",
+            $body
+        )
+    };
+}
+
 /// Helpers of the K-quant encoders, ggml's scale searches as the reference writes them.
 /// `exact` passes a product through an opaque bit operation (`p.zero` is 0 at run time),
 /// so that no compiler fuses it into the addition that follows: every product is rounded
@@ -2039,6 +2043,28 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
     }
     return vec2<f32>(scale, -mn);
 }
+// Each sub-block of n values through make_qkx2 (weights: the sub-block's root mean
+// square, when rms_weights, plus |x|): scales and mins in sub_scales and sub_mins, and
+// the largest of each (0 when none is positive).
+var<private> sub_scales: array<f32, 16>;
+var<private> sub_mins: array<f32, 16>;
+fn qkx2_sub_blocks(n: u32, nmax: i32, rmin: f32, nstep: i32, mad: bool, rms_weights: bool) -> vec2<f32> {
+    var top = vec2<f32>(0.0, 0.0);
+    for (var j = 0u; j < 256u / n; j = j + 1u) {
+        var av = 0.0;
+        if (rms_weights) {
+            var sx2 = 0.0;
+            for (var i = 0u; i < n; i = i + 1u) { let v = xin[n * j + i]; sx2 = sx2 + exact(v * v); }
+            av = sqrt(sx2 / f32(n));
+        }
+        let r = make_qkx2(n * j, n * j, n, av, nmax, rmin, 0.1, nstep, mad);
+        sub_scales[j] = r.x;
+        sub_mins[j] = r.y;
+        if (r.x > top.x) { top.x = r.x; }
+        if (r.y > top.y) { top.y = r.y; }
+    }
+    return top;
+}
 // make_qx_quants (rmse_type 1) over the 16 values at xin[at], codes offset by 32.
 fn qx_code(iscale: f32, v: f32) -> i32 { return clamp(nearest_int(iscale * v), -32, 31); }
 fn qx_sums(at: u32, iscale: f32) -> vec2<f32> {
@@ -2095,26 +2121,16 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     Some(match format {
         WeightFormat::Q4K => (
             144,
-            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }
-    var scales: array<f32, 8>;
-    var mins: array<f32, 8>;
-    var max_scale = 0.0;
-    var max_min = 0.0;
-    for (var j = 0u; j < 8u; j = j + 1u) {
-        var sx2 = 0.0;
-        for (var i = 0u; i < 32u; i = i + 1u) { let v = xin[32u * j + i]; sx2 = sx2 + exact(v * v); }
-        let r = make_qkx2(32u * j, 32u * j, 32u, sqrt(sx2 / 32.0), 15, -1.0, 0.1, 20, false);
-        scales[j] = r.x;
-        mins[j] = r.y;
-        if (r.x > max_scale) { max_scale = r.x; }
-        if (r.y > max_min) { max_min = r.y; }
-    }
+            staged!(
+                "    let top = qkx2_sub_blocks(32u, 15, -1.0, 20, false, true);
+    let max_scale = top.x;
+    let max_min = top.y;
     let inv_scale = select(0.0, 63.0 / max_scale, max_scale > 0.0);
     let inv_min = select(0.0, 63.0 / max_min, max_min > 0.0);
     var packed: array<u32, 12>;
     for (var j = 0u; j < 8u; j = j + 1u) {
-        let ls = u32(min(nearest_int(inv_scale * scales[j]), 63)) & 0xffu;
-        let lm = u32(min(nearest_int(inv_min * mins[j]), 63)) & 0xffu;
+        let ls = u32(min(nearest_int(inv_scale * sub_scales[j]), 63)) & 0xffu;
+        let lm = u32(min(nearest_int(inv_min * sub_mins[j]), 63)) & 0xffu;
         if (j < 4u) {
             packed[j] = ls;
             packed[j + 4u] = lm;
@@ -2148,12 +2164,13 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
             put(o + 16u + 32u * j + l, codes[64u * j + l] | (codes[64u * j + 32u + l] << 4u));
         }
     }
-",
+"
+            ),
         ),
         WeightFormat::Q6K => (
             210,
-            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }
-    var scales: array<f32, 16>;
+            staged!(
+                "    var scales: array<f32, 16>;
     var max_scale = 0.0;
     var max_abs = 0.0;
     for (var j = 0u; j < 16u; j = j + 1u) {
@@ -2187,34 +2204,27 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         }
         put_f16(o + 208u, 1.0 / iscale);
     }
-",
+"
+            ),
         ),
         WeightFormat::Q2K => (
             84,
-            "    for (var i = 0u; i < 256u; i = i + 1u) { xin[i] = x[at + i]; }
-    var scales: array<f32, 16>;
-    var mins: array<f32, 16>;
-    var max_scale = 0.0;
-    var max_min = 0.0;
-    for (var j = 0u; j < 16u; j = j + 1u) {
-        let r = make_qkx2(16u * j, 16u * j, 16u, 0.0, 3, -0.5, 0.1, 15, true);
-        scales[j] = r.x;
-        mins[j] = r.y;
-        if (r.x > max_scale) { max_scale = r.x; }
-        if (r.y > max_min) { max_min = r.y; }
-    }
+            staged!(
+                "    let top = qkx2_sub_blocks(16u, 3, -0.5, 15, true, false);
+    let max_scale = top.x;
+    let max_min = top.y;
     var packed: array<u32, 16>;
     var d = 0.0;
     if (max_scale > 0.0) {
         let iscale = 15.0 / max_scale;
-        for (var j = 0u; j < 16u; j = j + 1u) { packed[j] = u32(nearest_int(iscale * scales[j])) & 0xffu; }
+        for (var j = 0u; j < 16u; j = j + 1u) { packed[j] = u32(nearest_int(iscale * sub_scales[j])) & 0xffu; }
         d = max_scale / 15.0;
     }
     var dmin = 0.0;
     if (max_min > 0.0) {
         let iscale = 15.0 / max_min;
         for (var j = 0u; j < 16u; j = j + 1u) {
-            packed[j] = (packed[j] | (u32(nearest_int(iscale * mins[j])) << 4u)) & 0xffu;
+            packed[j] = (packed[j] | (u32(nearest_int(iscale * sub_mins[j])) << 4u)) & 0xffu;
         }
         dmin = max_min / 15.0;
     }
@@ -2235,7 +2245,8 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     }
     put_f16(o + 80u, d);
     put_f16(o + 82u, dmin);
-",
+"
+            ),
         ),
         _ => return None,
     })
@@ -2323,10 +2334,8 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
 
 fn quantize(format: WeightFormat) -> String {
     // Block values and bytes, and the encoder (with its helpers).
-    let (values, bytes, encode, helpers) = match (block_encoder(format), kquant_encoder(format)) {
-        (Some((bytes, encode)), _) => (32, bytes, encode, ""),
-        (_, Some((bytes, encode))) => (256, bytes, encode, KQUANT_HELPERS),
-        _ => unreachable!("`gpu::supports` keeps quantization into {format:?} on the host"),
+    let Some((values, bytes, encode, _, helpers)) = block_codec(format) else {
+        unreachable!("`gpu::supports` keeps quantization into {format:?} on the host")
     };
     let per = blocks_per_invocation(format);
     let words = (per * bytes).div_ceil(4);

@@ -66,13 +66,17 @@ pub trait MeshOps {
     ) -> Result<Self::Shard, String>;
     /// `parts` (one element type and shape but along `dim`) concatenated along `dim`.
     fn concat(&mut self, parts: &[&Self::Shard], dim: usize) -> Result<Self::Shard, String>;
-    /// `parts` of one shape folded in order (`((p0 . p1) . p2) ...`) by `reduction`, in
-    /// f32, and rounded once to the parts' element type.
-    fn reduce(
+    /// `a` and `b` (of one shape) combined element by element by `reduction`, in f32:
+    /// one step of a collective's fold ([`reduce_parts`] orders the steps and rounds once,
+    /// at the end).
+    fn combine(
         &mut self,
-        parts: &[&Self::Shard],
+        a: &Self::Shard,
+        b: &Self::Shard,
         reduction: Reduction,
     ) -> Result<Self::Shard, String>;
+    /// `acc`, folded in f32, rounded to the element type of `like`.
+    fn round_like(&mut self, acc: Self::Shard, like: &Self::Shard) -> Result<Self::Shard, String>;
     /// One device's `[.., k]` input by its `[n, k]` weight: the `[.., n]` product.
     fn linear(&mut self, x: &Self::Shard, w: &Self::Shard) -> Result<Self::Shard, String>;
     /// Whether two shards hold the same values.
@@ -97,8 +101,24 @@ impl MeshOps for HostMesh {
         concat_tensors(parts, dim, parts[0].dtype)
     }
 
-    fn reduce(&mut self, parts: &[&Tensor], reduction: Reduction) -> Result<Tensor, String> {
-        fold_parts(parts, |a, b| combine(reduction, a, b))
+    fn combine(&mut self, a: &Tensor, b: &Tensor, reduction: Reduction) -> Result<Tensor, String> {
+        let mut acc = a.floats()?.to_vec();
+        for (x, &y) in acc.iter_mut().zip(b.floats()?) {
+            *x = match reduction {
+                Reduction::Sum => *x + y,
+                Reduction::Max => x.max(y),
+                Reduction::Min => x.min(y),
+            };
+        }
+        Ok(Tensor::from_f32(a.shape.clone(), DType::F32, acc))
+    }
+
+    fn round_like(&mut self, acc: Tensor, like: &Tensor) -> Result<Tensor, String> {
+        Ok(if acc.dtype == like.dtype {
+            acc
+        } else {
+            Tensor::from_f32(acc.shape.clone(), like.dtype, acc.floats()?.to_vec())
+        })
     }
 
     fn linear(&mut self, x: &Tensor, w: &Tensor) -> Result<Tensor, String> {
@@ -134,40 +154,26 @@ pub fn product_shape(x: &[usize], n: usize) -> Vec<usize> {
     shape
 }
 
-/// Host tensors folded in order with `combine` (`((p0 . p1) . p2) ...`, each step in
-/// f32) and rounded once to the parts' element type: how [`MeshOps::reduce`] combines
-/// host shards, whatever computes each step.
-pub fn fold_parts(
-    parts: &[&Tensor],
-    mut combine: impl FnMut(&Tensor, &Tensor) -> Result<Tensor, String>,
-) -> Result<Tensor, String> {
+/// `parts` of one shape folded in order (`((p0 . p1) . p2) ...`) by `reduction`, each step
+/// in f32 ([`MeshOps::combine`]), and rounded once to the parts' element type.
+pub fn reduce_parts<M: MeshOps>(
+    m: &mut M,
+    parts: &[&M::Shard],
+    reduction: Reduction,
+) -> Result<M::Shard, String> {
     let (first, rest) = parts.split_first().ok_or("no devices to fold")?;
     let mut acc = (*first).clone();
     for p in rest {
-        if p.shape != first.shape {
-            return Err(format!("shards {:?} and {:?} differ", first.shape, p.shape));
+        if M::dims(p) != M::dims(first) {
+            return Err(format!(
+                "shards {:?} and {:?} differ",
+                M::dims(first),
+                M::dims(p)
+            ));
         }
-        acc = combine(&acc, p)?;
+        acc = m.combine(&acc, p, reduction)?;
     }
-    Ok(if acc.dtype == first.dtype {
-        acc
-    } else {
-        Tensor::from_f32(acc.shape.clone(), first.dtype, acc.floats()?.to_vec())
-    })
-}
-
-/// `a` and `b` combined element by element by `reduction`, in f32 (not rounded to a
-/// narrower type: [`fold_parts`] rounds once, at the end).
-fn combine(reduction: Reduction, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
-    let mut acc = a.floats()?.to_vec();
-    for (x, &y) in acc.iter_mut().zip(b.floats()?) {
-        *x = match reduction {
-            Reduction::Sum => *x + y,
-            Reduction::Max => x.max(y),
-            Reduction::Min => x.min(y),
-        };
-    }
-    Ok(Tensor::from_f32(a.shape.clone(), DType::F32, acc))
+    m.round_like(acc, first)
 }
 
 /// The box (start and size per dim) that `device` holds of a value of `dims` split by
@@ -253,6 +259,9 @@ pub fn shard_value<M: MeshOps>(
     })
 }
 
+/// Why an `unshard` fails when the devices hold different values.
+pub const DEVICES_DISAGREE: &str = "the devices hold different values for a replicated tensor";
+
 /// `llm.unshard`.
 pub fn unshard(_: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let y = unshard_value(&mut HostMesh, inputs[0].sharded()?)?;
@@ -268,7 +277,7 @@ pub fn unshard_value<M: MeshOps>(m: &mut M, s: &Sharded<M::Shard>) -> Result<M::
         .ok_or("a sharded value on no device")?;
     for other in rest {
         if !m.same(first, other)? {
-            return Err("the devices hold different values for a replicated tensor".into());
+            return Err(DEVICES_DISAGREE.into());
         }
     }
     Ok(first.clone())
@@ -388,13 +397,13 @@ pub fn all_reduce(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 }
 
 /// `llm.all_reduce` of `x` over mesh `axes`: each device's group of partial values folded
-/// in piece order by [`MeshOps::reduce`].
+/// in piece order ([`reduce_parts`]).
 pub fn all_reduce_with<M: MeshOps>(
     m: &mut M,
     x: &Sharded<M::Shard>,
     axes: &[String],
 ) -> Result<Sharded<M::Shard>, String> {
-    let shards = per_group(m, x, axes, |m, parts| m.reduce(parts, x.reduction))?;
+    let shards = per_group(m, x, axes, |m, parts| reduce_parts(m, parts, x.reduction))?;
     let mut y = x.with_shards(shards);
     y.partial = partial_without(x, axes);
     Ok(y)
@@ -454,7 +463,7 @@ pub fn reduce_scatter_with<M: MeshOps>(
             x.shape.len()
         ));
     }
-    let reduced = per_group(m, x, axes, |m, parts| m.reduce(parts, x.reduction))?;
+    let reduced = per_group(m, x, axes, |m, parts| reduce_parts(m, parts, x.reduction))?;
     let mut shards = Vec::with_capacity(x.shards.len());
     for (d, r) in reduced.iter().enumerate() {
         let dims = M::dims(r).to_vec();

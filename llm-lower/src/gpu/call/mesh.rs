@@ -9,14 +9,17 @@
 use std::rc::Rc;
 
 use llm_ir::{
-    interp::eval::shard::{
-        MeshOps, all_gather_with, all_reduce_with, product_shape, reduce_scatter_with, shard_value,
-        sharded_linear_with, unshard_value,
+    interp::eval::{
+        shard::{
+            MeshOps, all_gather_with, all_reduce_with, product_shape, reduce_scatter_with,
+            shard_value, sharded_linear_with, unshard_value,
+        },
+        strides,
     },
     types::Reduction,
 };
 
-use super::{Call, Slot, WG, row_major_strides};
+use super::{Call, Slot, WG};
 use crate::{
     gpu::tensor::{DeviceTensor, Elem},
     kernel::{Contraction, Kernel, MeshMove, WeightFormat},
@@ -182,7 +185,7 @@ impl MeshOps for Bound<'_, '_, '_, '_> {
         size: &[usize],
     ) -> Result<DeviceTensor, String> {
         let copy = self.mesh.copy.ok_or("this step takes no boxes")?;
-        let strides = row_major_strides(&x.shape);
+        let strides = strides(&x.shape);
         let first = start.iter().zip(&strides).map(|(a, b)| a * b).sum();
         let out = self.mesh.next_output();
         self.call
@@ -196,25 +199,27 @@ impl MeshOps for Bound<'_, '_, '_, '_> {
         self.call.concatenate(place, parts, dim, out)
     }
 
-    fn reduce(&mut self, parts: &[&DeviceTensor], _: Reduction) -> Result<DeviceTensor, String> {
-        // The fold's shader is the reduction's; shards are f32, so nothing is rounded.
+    fn combine(
+        &mut self,
+        a: &DeviceTensor,
+        b: &DeviceTensor,
+        _: Reduction,
+    ) -> Result<DeviceTensor, String> {
+        // The fold's shader is the reduction's.
         let fold = self.mesh.fold.ok_or("this step folds nothing")?;
-        let (first, rest) = parts.split_first().ok_or("no devices to fold")?;
-        let mut acc = (*first).clone();
-        for p in rest {
-            if p.shape != first.shape {
-                return Err(format!("shards {:?} and {:?} differ", first.shape, p.shape));
-            }
-            let len = p.len();
-            let y = self.output(len * 4);
-            self.call.dispatch(
-                fold,
-                &[len as u32],
-                &[acc.whole()?, p.whole()?, &y],
-                len.div_ceil(WG),
-            )?;
-            acc = DeviceTensor::f32(first.shape.clone(), y);
-        }
+        let len = a.len();
+        let y = self.output(len * 4);
+        self.call.dispatch(
+            fold,
+            &[len as u32],
+            &[a.whole()?, b.whole()?, &y],
+            len.div_ceil(WG),
+        )?;
+        Ok(DeviceTensor::f32(a.shape.clone(), y))
+    }
+
+    /// Folds take f32 shards only (`mesh_step`), so nothing is rounded.
+    fn round_like(&mut self, acc: DeviceTensor, _: &DeviceTensor) -> Result<DeviceTensor, String> {
         Ok(acc)
     }
 
