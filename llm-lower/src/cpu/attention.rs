@@ -130,7 +130,15 @@ unsafe fn attend_heads(
                 _mm256_storeu_ps(out.add(h * d + 8 * c), _mm256_setzero_ps());
             }
         }
-        for block in offsets.chunks(BLOCK) {
+        // The bytes of a row this pass reads: its KV heads' keys (or values).
+        let row_bytes = 4 * d * heads.div_ceil(group);
+        prefetch_rows(k, &offsets[..offsets.len().min(BLOCK)], row_bytes);
+        for (i, block) in offsets.chunks(BLOCK).enumerate() {
+            // The block's value rows are read after its scores, the next block's key rows
+            // after its values: both are fetched while this block's scores are computed.
+            prefetch_rows(v, block, row_bytes);
+            let next = offsets.get((i + 1) * BLOCK..).unwrap_or(&[]);
+            prefetch_rows(k, &next[..next.len().min(BLOCK)], row_bytes);
             block_scores((d, factor, group), q, k, block, scores);
             let shrinks = softmax.update(block.len(), scores);
             for (h, &shrink) in shrinks.iter().enumerate().take(heads) {
@@ -151,6 +159,30 @@ unsafe fn attend_heads(
                 let o = out.add(h * d + 8 * c);
                 _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), inv));
             }
+        }
+    }
+}
+
+/// Asks the caches for the `bytes` of each row at `offsets` past `base`, ahead of their
+/// use (the rows of a sequence's blocks lie apart in the pool, so the hardware prefetchers
+/// lose the stream at each block).
+///
+/// # Safety
+///
+/// Prefetches never fault; the addresses are computed inside the rows of the caller's
+/// contract.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn prefetch_rows(base: *const u8, offsets: &[i64], bytes: usize) {
+    use std::arch::x86_64::*;
+    for &offset in offsets {
+        // SAFETY: the row's bytes lie inside the pool (the contract).
+        unsafe {
+            let row = base.add(offset as usize);
+            for line in (0..bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(line).cast());
+            }
+            _mm_prefetch::<_MM_HINT_T0>(row.add(bytes - 1).cast());
         }
     }
 }
