@@ -8,6 +8,8 @@
 //! (`decode-256` runs whole 256-position stories260K sequences, where attention over long
 //! contexts counts); the prefill iteration runs one 128-token prompt through `@prefill` and
 //! is reported in multiply-adds x 2 per second (criterion's "elements" are FLOPs there).
+//! `batched-decode` times one decode call of 1 and of 32 stories260K sequences over 256
+//! positions of context each, with f32 and f16 KV caches (elements: tokens).
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
 //! `LLMC_BENCH_GPU=1` on a machine with a GPU to add the GPU backend's rows and the
@@ -19,7 +21,7 @@
 )]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use llm_ir::types::QuantFormat;
+use llm_ir::{dtype::DType, types::QuantFormat};
 use llm_runtime::{
     baseline::Baseline,
     generate::{Backend, Model, Step},
@@ -189,6 +191,81 @@ fn bench_decode_long(c: &mut Criterion) {
     group.finish();
 }
 
+/// One `@decode` call of 1 and of 32 stories260K sequences, each over 256 positions of
+/// context, on one and two threads, with f32 and f16 KV caches: what batching gains per
+/// token where the matrices' weights are read once for every row but each sequence's
+/// attention reads its own KV blocks (the batching target's ratio, without the engine's
+/// scheduling and sampling). The sequences' blocks interleave in the pool as the engine's
+/// do when sequences grow together.
+fn bench_batched_decode(c: &mut Criterion) {
+    use llm_runtime::{generate::Batch, model::BLOCK_SIZE};
+    let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories260K") else {
+        return;
+    };
+    const CONTEXT: usize = 256;
+    let (config, weights) = llama2c::load(&path).expect("model");
+    let mut group = c.benchmark_group("batched-decode");
+    group.sample_size(20);
+    let per_sequence = (CONTEXT + 1).div_ceil(BLOCK_SIZE);
+    for (threads, kv) in [1, 2]
+        .into_iter()
+        .flat_map(|t| [(t, DType::F32), (t, DType::F16)])
+    {
+        let backend = Backend::Cpu { threads };
+        let model =
+            Model::compile_with_kv(&backend, config.clone(), weights.clone(), "default", kv)
+                .expect("compiles");
+        for batch in [1, 32] {
+            let tables: Vec<Vec<i64>> = (0..batch)
+                .map(|s| (0..per_sequence).map(|j| (j * batch + s) as i64).collect())
+                .collect();
+            let slot = |s: usize, pos: usize| {
+                tables[s][pos / BLOCK_SIZE] * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64
+            };
+            let mut cache = model.new_cache(batch * per_sequence);
+            for (s, table) in tables.iter().enumerate() {
+                let prompt = Batch {
+                    tokens: (0..CONTEXT)
+                        .map(|i| (1 + (i * 7 + s) % 500) as u32)
+                        .collect(),
+                    positions: (0..CONTEXT as i64).collect(),
+                    slots: (0..CONTEXT).map(|p| slot(s, p)).collect(),
+                    tables: vec![table.clone()],
+                    context_lens: vec![CONTEXT as i64],
+                };
+                cache = model
+                    .run(Step::Prefill, &prompt, cache)
+                    .expect("prefills")
+                    .1;
+            }
+            let step = Batch {
+                tokens: (0..batch).map(|s| (2 + s) as u32).collect(),
+                positions: vec![CONTEXT as i64; batch],
+                slots: (0..batch).map(|s| slot(s, CONTEXT)).collect(),
+                tables: tables.clone(),
+                context_lens: vec![CONTEXT as i64 + 1; batch],
+            };
+            let mut cache = Some(cache);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_function(
+                BenchmarkId::new(
+                    format!("cpu-{threads}t-kv-{kv}"),
+                    format!("{name}-x{batch}"),
+                ),
+                |b| {
+                    b.iter(|| {
+                        let held = cache.take().expect("the cache is back");
+                        let (logits, held) = model.run(Step::Decode, &step, held).expect("runs");
+                        cache = Some(held);
+                        logits
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
 /// Prefill of one 128-token prompt on the 110M shape, in FLOP/s (2 per multiply-add of the
 /// matrices; attention not counted).
 fn bench_prefill(c: &mut Criterion) {
@@ -261,6 +338,7 @@ criterion_group!(
     bench_bandwidth,
     bench_decode,
     bench_decode_long,
+    bench_batched_decode,
     bench_prefill
 );
 criterion_main!(benches);

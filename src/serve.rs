@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llm_ir::types::QuantFormat;
+use llm_ir::{dtype::DType, types::QuantFormat};
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Model, Step},
@@ -25,6 +25,8 @@ pub struct CompileOptions {
     pub backend: Backend,
     /// Quantize the model's f32 matrices to this format when loading.
     pub quantize: Option<QuantFormat>,
+    /// The KV cache's element type (f32, f16 or bf16).
+    pub kv_dtype: DType,
 }
 
 /// Loads a model file and its tokenizer (`tokenizer`, else the file's own vocabulary, if
@@ -45,11 +47,12 @@ pub fn load(
         None => loaded.tokenizer,
     };
     Ok((
-        Model::compile_on(
+        Model::compile_with_kv(
             &options.backend,
             loaded.config,
             loaded.weights,
             &options.passes,
+            options.kv_dtype,
         )?,
         tokenizer,
     ))
@@ -482,7 +485,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         empty_at_peak,
         preemptions: stats.preemptions,
         prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),
-        model_bytes: (model.weight_bytes(), num_blocks * kv_block_bytes(model)),
+        model_bytes: (model.weight_bytes(), num_blocks * model.cache_block_bytes()),
         compile_ms: (model.compile_ms(), model.jit_ms(), model.pack_ms()),
         memory: resident_memory().map(|m| ResidentMemory { run_peak, ..m }),
         gpu: model
@@ -490,12 +493,6 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
             .zip(model.gpu_lowering(Step::Decode))
             .map(|(name, l)| (name, l.shaders, l.dispatches)),
     })
-}
-
-/// Bytes of one KV block of `model` (keys and values of every layer, f32).
-fn kv_block_bytes(model: &Model) -> usize {
-    let c = model.config();
-    2 * 4 * c.layers * llm_runtime::model::BLOCK_SIZE * c.kv_heads * c.head_dim()
 }
 
 #[cfg(test)]

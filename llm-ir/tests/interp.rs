@@ -3,7 +3,9 @@
 
 use llm_ir::{
     dtype::DType,
-    interp::{self, Interpreter, KvCache, NoWeights, Sharded, Tensor, Value},
+    interp::{
+        self, Interpreter, KvCache, KvValues, NoWeights, Sharded, Tensor, Value, value::round_float,
+    },
     text,
     types::{KvCacheParams, KvStorage, Reduction},
 };
@@ -360,18 +362,70 @@ fn append_kv_writes_the_given_slots_of_the_given_layer() {
     )
     .expect("runs");
     let c = out[0].cache().expect("cache");
+    let (ck, cv) = (c.k.to_f32(), c.v.to_f32());
     for (n, slot) in [5usize, 0, 2].into_iter().enumerate() {
         let at = c.slot_offset(1, slot);
-        assert_eq!(&c.k[at..at + 8], &k[n * 8..n * 8 + 8]);
-        assert_eq!(&c.v[at..at + 8], &v[n * 8..n * 8 + 8]);
+        assert_eq!(&ck[at..at + 8], &k[n * 8..n * 8 + 8]);
+        assert_eq!(&cv[at..at + 8], &v[n * 8..n * 8 + 8]);
     }
     // Layer 0 and unwritten slots stay zero.
-    assert!(c.k[..c.slot_offset(1, 0)].iter().all(|&x| x == 0.0));
+    assert!(ck[..c.slot_offset(1, 0)].iter().all(|&x| x == 0.0));
     assert!(
-        c.k[c.slot_offset(1, 1)..c.slot_offset(1, 2)]
+        ck[c.slot_offset(1, 1)..c.slot_offset(1, 2)]
             .iter()
             .all(|&x| x == 0.0)
     );
+}
+
+/// An f16 or bf16 cache keeps 16 bits per element: appends round each key and value to the
+/// storage type, and paged attention reads the rounded values back.
+#[test]
+fn sixteen_bit_caches_hold_rounded_halves() {
+    let (t, h, kvh, d) = (3usize, 2usize, 2usize, 4usize);
+    let (q, k, v) = (
+        random(t * h * d, 21),
+        random(t * kvh * d, 22),
+        random(t * kvh * d, 23),
+    );
+    for dtype in [DType::F16, DType::BF16] {
+        let ty = format!(
+            "llm.paged_kv_cache <layers = 1, kv_heads = 2, head_dim = 4, block_size = 2, blocks = ?, dtype = {dtype}>"
+        );
+        let params = KvCacheParams {
+            layers: 1,
+            kv_heads: kvh as u64,
+            head_dim: d as u64,
+            block_size: 2,
+            blocks: None,
+            storage: KvStorage::Float(dtype),
+            window: None,
+        };
+        let out = run(
+            &[("c", &ty), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>"), ("s", "llm.tensor <3xi32>"), ("q", "llm.tensor <1x3x2x4xf32>"), ("tables", "llm.tensor <1x2xi32>"), ("lens", "llm.tensor <1xi32>")],
+            &["llm.tensor <1x3x2x4xf32>", &ty],
+            &format!("        c1 = llm.append_kv c, k, v, s {{layer = 0}} : {ty};\n        o = llm.paged_attention q, c1, tables, lens {{layer = 0, kv_heads = 2}} : llm.tensor <1x3x2x4xf32>;\n        llm.return o, c1"),
+            vec![Value::Cache(KvCache::new(params, 2)), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v), i32s(&[t], &[2, 3, 0]), f32s(&[1, t, h, d], &q), i32s(&[1, 2], &[1, 0]), i32s(&[1], &[3])],
+        )
+        .expect("runs");
+        let cache = out[1].cache().expect("cache");
+        assert_eq!(
+            cache.k.bytes().len(),
+            2 * cache.k.len(),
+            "{dtype}: 16 bits each"
+        );
+        let round = |x: &[f32]| x.iter().map(|&x| round_float(dtype, x)).collect::<Vec<_>>();
+        let (kr, vr) = (round(&k), round(&v));
+        assert_eq!(cache.rows(&cache.k, 0, &[2, 3, 0]), kr, "{dtype} keys");
+        assert_eq!(cache.rows(&cache.v, 0, &[2, 3, 0]), vr, "{dtype} values");
+        let contiguous = run(
+            &[("q", "llm.tensor <3x2x4xf32>"), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>")],
+            &["llm.tensor <3x2x4xf32>"],
+            "        o = llm.attention q, k, v {kv_heads = 2, causal = true} : llm.tensor <3x2x4xf32>;\n        llm.return o",
+            vec![f32s(&[t, h, d], &q), f32s(&[t, kvh, d], &kr), f32s(&[t, kvh, d], &vr)],
+        )
+        .expect("runs");
+        assert_close(&floats(&out[0]), &floats(&contiguous[0]), 1e-6);
+    }
 }
 
 #[test]
@@ -388,9 +442,8 @@ fn paged_attention_equals_contiguous_attention_and_reads_only_its_blocks() {
         .map(|p| table[(p / 2) as usize] * 2 + p % 2)
         .collect();
     let mut pool = cache(4, 2, None);
-    for x in pool.k.iter_mut().chain(pool.v.iter_mut()) {
-        *x = 1e6;
-    }
+    pool.k = KvValues::F32(vec![1e6; pool.k.len()]);
+    pool.v = pool.k.clone();
     let cache_ty = CACHE_T;
     let paged = run(
         &[("c", cache_ty), ("k", "llm.tensor <5x2x4xf32>"), ("v", "llm.tensor <5x2x4xf32>"), ("s", "llm.tensor <5xi32>"), ("q", "llm.tensor <1x5x4x4xf32>"), ("tables", "llm.tensor <1x3xi32>"), ("lens", "llm.tensor <1xi32>")],

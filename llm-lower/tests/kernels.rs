@@ -10,8 +10,8 @@ use std::{
 use llm_ir::{
     dtype::DType,
     interp::{
-        self, Data, Hoisted, Interpreter, KvCache, NoWeights, QTensor, Sharded, Tensor, Value,
-        WeightStore, quant, value::round_float,
+        self, Data, Hoisted, Interpreter, KvCache, KvValues, NoWeights, QTensor, Sharded, Tensor,
+        Value, WeightStore, quant, value::round_float,
     },
     text,
     types::{KvCacheParams, KvStorage, QuantFormat, Reduction},
@@ -220,7 +220,7 @@ fn identical(a: &[Value], b: &[Value]) -> bool {
                 _ => x == y,
             },
             (Value::Cache(x), Value::Cache(y)) => {
-                bits(&x.k) == bits(&y.k) && bits(&x.v) == bits(&y.v)
+                x.k.bytes() == y.k.bytes() && x.v.bytes() == y.v.bytes()
             }
             _ => a == b,
         })
@@ -337,10 +337,12 @@ fn compare(
 ) -> Result<(), TestCaseError> {
     for (backend, got) in runs {
         for (g, w) in got.iter().zip(want) {
+            let keys;
             let (g, w): (&[f32], &[f32]) = match (g, w) {
                 (Value::Cache(g), Value::Cache(w)) => {
                     prop_assert_eq!(&g.v, &w.v, "{}", backend);
-                    (&g.k, &w.k)
+                    keys = (g.k.to_f32(), w.k.to_f32());
+                    (&keys.0, &keys.1)
                 }
                 (Value::Quantized(g), Value::Quantized(w)) => {
                     // Quantized results must be the same bytes.
@@ -1358,16 +1360,17 @@ fn moves_floats_and_ints(
 }
 
 /// A paged decode attention of `seqs` rows (`kv * group` query heads of `d`) over a
-/// cache of `width` blocks per sequence, with contexts `lens` and an optional window: the
-/// function and its arguments (seeded from `seed`).
+/// cache of `width` blocks per sequence stored as `storage`, with contexts `lens` and an
+/// optional window: the function and its arguments (seeded from `seed`).
 fn paged_attention_case(
     [seqs, kv, group, d, width]: [usize; 5],
+    storage: DType,
     lens: Vec<i64>,
     window: Option<usize>,
     seed: u64,
 ) -> (String, Vec<Value>) {
     let h = kv * group;
-    let (c, cty) = cache(kv, d, seqs * width, seed + 3);
+    let (c, cty) = float_cache(storage, kv, d, seqs * width, seed + 3);
     let win = window.map_or(String::new(), |w| format!(", window = {w}"));
     let ir = func(
         &[
@@ -1408,9 +1411,13 @@ fn float_cache(dtype: DType, kv: usize, d: usize, blocks: usize, seed: u64) -> (
         window: None,
     };
     let mut c = KvCache::new(params, blocks);
-    let rounded = |seed| -> Vec<f32> {
-        let v = values(seed, c.k.len(), 1.0);
-        v.into_iter().map(|x| round_float(dtype, x)).collect()
+    let (len, storage) = (c.k.len(), c.params.storage.clone());
+    let rounded = |seed| {
+        let v = values(seed, len, 1.0);
+        KvValues::from_f32(
+            &storage,
+            v.into_iter().map(|x| round_float(dtype, x)).collect(),
+        )
     };
     (c.k, c.v) = (rounded(seed), rounded(seed + 1));
     let ty = format!(
@@ -1453,9 +1460,9 @@ proptest! {
     }
 
     #[test]
-    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), seed: u64) {
+    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), storage in prop::sample::select(CACHE_TYPES.to_vec()), seed: u64) {
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
-        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], lens, window, seed);
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, window, seed);
         agree(&ir, args, 2e-6)?;
     }
 
@@ -1772,7 +1779,7 @@ fn float_casts_to_i64_fit_32_bits_on_the_gpu() {
 #[test]
 fn wide_attention_heads() {
     for (d, seed) in [(520, 1u64), (1000, 2)] {
-        let (ir, args) = paged_attention_case([2, 1, 2, d, 3], vec![7, 12], None, seed);
+        let (ir, args) = paged_attention_case([2, 1, 2, d, 3], DType::F32, vec![7, 12], None, seed);
         agree(&ir, args, 2e-6).expect("agrees");
     }
 }
@@ -1830,7 +1837,7 @@ fn attention_rows_in_parallel() {
     let (kv, group, d, seqs, width) = (2, 2, 16, 8, 30);
     let h = kv * group;
     let lens: Vec<i64> = (0..seqs as i64).map(|s| 40 + 9 * s).collect();
-    let (ir, args) = paged_attention_case([seqs, kv, group, d, width], lens, None, 19);
+    let (ir, args) = paged_attention_case([seqs, kv, group, d, width], DType::F32, lens, None, 19);
     agree(&ir, args, 2e-6).unwrap();
     let t = 64;
     let ir = func(

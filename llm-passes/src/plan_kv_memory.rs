@@ -15,9 +15,10 @@
 //! `max-seq-len` for very short sequences. An explicit `block-size=N` is used as given.
 
 use llm_ir::{
+    dtype::DType,
     ops::{self, KvPlanOp},
     params::ParamValue,
-    types::PagedKvCacheType,
+    types::{KvStorage, PagedKvCacheType},
 };
 use pliron::{
     builtin::{
@@ -62,6 +63,12 @@ pub const INFO: PassInfo = PassInfo {
             help: "positions per block",
         },
         OptionInfo {
+            name: "f32-pool",
+            kind: OptionKind::Bool,
+            default: "false",
+            help: "the target holds every KV value as f32 (the GPU's device pool)",
+        },
+        OptionInfo {
             name: "max-seq-len",
             kind: OptionKind::Int,
             default: "0",
@@ -75,6 +82,7 @@ pub const INFO: PassInfo = PassInfo {
             max_binding: o.int("max-binding-size"),
             block_size: o.auto_or_int("block-size"),
             max_seq_len: o.int("max-seq-len"),
+            f32_pool: o.flag("f32-pool"),
         })
     },
 };
@@ -89,14 +97,22 @@ pub struct PlanKvMemory {
     pub block_size: Option<u64>,
     /// Longest sequence to hold (0: none).
     pub max_seq_len: u64,
+    /// Whether the target holds every value as `f32`.
+    pub f32_pool: bool,
 }
 
-/// Bytes of one block of a cache with these parameters and `block_size`: every backend
-/// (and the interpreter) holds the pool as `f32` values, each rounded to the cache's
-/// storage (`docs/lowering.md`, "KV storage"), so a value takes 4 bytes whatever the
-/// storage; counting the storage's own size would plan more blocks than fit.
-pub fn bytes_per_block(cache: &PagedKvCacheType, block_size: u64) -> u64 {
-    cache.layers() * 2 * block_size * cache.kv_heads() * cache.head_dim() * 4
+/// Bytes of one block of a cache with these parameters and `block_size`, as the pool
+/// holds its values (`docs/lowering.md`, "KV storage"): f16 and bf16 values in 2 bytes
+/// and every other storage's (f32, and quantized storage's round-tripped values) in 4 on
+/// the host; every value in 4 where the target widens the pool to `f32` (`f32_pool`,
+/// the GPU's device pool). Counting a quantized storage's own size would plan more blocks
+/// than fit.
+pub fn bytes_per_block(cache: &PagedKvCacheType, block_size: u64, f32_pool: bool) -> u64 {
+    let value_bytes = match cache.storage() {
+        KvStorage::Float(DType::F16 | DType::BF16) if !f32_pool => 2,
+        _ => 4,
+    };
+    cache.layers() * 2 * block_size * cache.kv_heads() * cache.head_dim() * value_bytes
 }
 
 /// Every type handle of a value or function signature in the module that is a KV cache.
@@ -129,7 +145,7 @@ impl PlanKvMemory {
         if self.max_seq_len > 0 && self.max_seq_len < bs {
             bs = self.max_seq_len.next_power_of_two();
         }
-        while bs > 1 && bytes_per_block(cache, bs) > self.max_binding {
+        while bs > 1 && bytes_per_block(cache, bs, self.f32_pool) > self.max_binding {
             bs /= 2;
         }
         Ok(bs)
@@ -163,7 +179,7 @@ impl Pass for PlanKvMemory {
             )));
         }
         let block_size = self.choose_block_size(&cache).map_err(PassError::new)?;
-        let per_block = bytes_per_block(&cache, block_size);
+        let per_block = bytes_per_block(&cache, block_size, self.f32_pool);
         if per_block > self.max_binding {
             return Err(PassError::new(format!(
                 "one block of {block_size} positions takes {per_block} bytes, more than max-binding-size = {}",

@@ -186,7 +186,8 @@ enum Compiled {
 
 /// What the runtime (and a GPU with `limits`) tells the pass pipeline: `plan-kv-memory`
 /// plans blocks of the runtime's [`BLOCK_SIZE`] positions, in buffers no larger than the
-/// device's largest storage binding.
+/// device's largest storage binding, of `f32` values on the device (whose pool widens
+/// 16-bit storage).
 pub fn pass_options(limits: Option<gpu::Limits>) -> Vec<TargetOption> {
     let mut options = vec![TargetOption {
         pass: "plan-kv-memory",
@@ -198,6 +199,11 @@ pub fn pass_options(limits: Option<gpu::Limits>) -> Vec<TargetOption> {
             pass: "plan-kv-memory",
             option: "max-binding-size",
             value: limits.max_binding_bytes.to_string(),
+        });
+        options.push(TargetOption {
+            pass: "plan-kv-memory",
+            option: "f32-pool",
+            value: "true".into(),
         });
     }
     options
@@ -256,6 +262,8 @@ pub struct Model {
     gpu: Option<Arc<gpu::Gpu>>,
     /// The KV pool's block count, when `plan-kv-memory` planned it.
     planned_blocks: Option<usize>,
+    /// The KV cache's element type.
+    kv_dtype: DType,
 }
 
 /// An error while running a model.
@@ -267,17 +275,30 @@ impl Model {
         Model::compile_on(&Backend::Interp, config, weights, passes)
     }
 
-    /// Builds, parses and verifies the IR of `config` over `weights`, runs the pass
-    /// pipeline `passes` (for example `default`; empty runs none), evaluates the
-    /// weight-derived ops once and compiles the step functions for `backend`.
+    /// [`Model::compile_with_kv`] with an f32 KV cache.
     pub fn compile_on(
         backend: &Backend,
         config: ModelConfig,
         weights: Weights,
         passes: &str,
     ) -> Result<Model, RunError> {
+        Model::compile_with_kv(backend, config, weights, passes, DType::F32)
+    }
+
+    /// Builds, parses and verifies the IR of `config` over `weights` with a KV cache of
+    /// `kv_dtype` elements (f32, f16 or bf16: [`model::check_kv_dtype`]), runs the pass
+    /// pipeline `passes` (for example `default`; empty runs none), evaluates the
+    /// weight-derived ops once and compiles the step functions for `backend`.
+    pub fn compile_with_kv(
+        backend: &Backend,
+        config: ModelConfig,
+        weights: Weights,
+        passes: &str,
+        kv_dtype: DType,
+    ) -> Result<Model, RunError> {
         let start = Instant::now();
-        let source = model::build_ir(&config, &weights).map_err(|e| format!("model: {e}"))?;
+        let source =
+            model::build_ir(&config, &weights, kv_dtype).map_err(|e| format!("model: {e}"))?;
         let mut ctx = Context::new();
         let module = text::parse_module(&mut ctx, &source)
             .map_err(|d| format!("model IR: {}", d.render("<model>")))?;
@@ -368,6 +389,7 @@ impl Model {
         Ok(Model {
             gpu,
             planned_blocks,
+            kv_dtype,
             ctx,
             config,
             weights,
@@ -467,13 +489,31 @@ impl Model {
         &self.config
     }
 
+    /// The element type of the model's KV cache.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
     /// Blocks of a KV pool for `wanted` blocks: the count `plan-kv-memory` planned (the
     /// step functions' cache type fixes it) or, without a plan, `wanted`.
     pub fn cache_blocks(&self, wanted: usize) -> usize {
         self.planned_blocks.unwrap_or(wanted)
     }
 
-    /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions.
+    /// Bytes of one block of the model's KV pool (keys and values of every layer) where
+    /// the pool lives: on the host, in [`Model::kv_dtype`]; on the GPU, in `f32` (its
+    /// device pool widens 16-bit storage).
+    pub fn cache_block_bytes(&self) -> usize {
+        let c = &self.config;
+        let value_bytes = match self.backend {
+            Backend::Gpu(_) => 4,
+            _ => self.kv_dtype.size_bytes(),
+        };
+        2 * value_bytes * c.layers * BLOCK_SIZE * c.kv_heads * c.head_dim()
+    }
+
+    /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions, of the model's
+    /// [`Model::kv_dtype`].
     pub fn new_cache(&self, blocks: usize) -> KvCache {
         let c = &self.config;
         let params = KvCacheParams {
@@ -482,7 +522,7 @@ impl Model {
             head_dim: c.head_dim() as u64,
             block_size: BLOCK_SIZE as u64,
             blocks: None,
-            storage: KvStorage::Float(DType::F32),
+            storage: KvStorage::Float(self.kv_dtype),
             window: None,
         };
         KvCache::new(params, blocks)

@@ -98,10 +98,24 @@ impl ModelConfig {
 /// Token positions per KV-cache block used by the builder.
 pub const BLOCK_SIZE: usize = 16;
 
-/// The textual type of the model's KV cache (block count left to the runtime).
-pub fn cache_type(c: &ModelConfig) -> String {
+/// Checks that the runtime's KV caches can be stored as `kv`: f32, or f16 and bf16 (half
+/// the memory). Quantized storage is left out: the host would hold its values as f32
+/// (`docs/lowering.md`, "KV storage"), so it saves nothing, and it needs heads that fill
+/// its blocks.
+pub fn check_kv_dtype(kv: DType) -> Result<(), String> {
+    match kv {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(format!(
+            "a KV cache of {other} is not supported; use f32, f16 or bf16"
+        )),
+    }
+}
+
+/// The textual type of the model's KV cache of `kv` elements (block count left to the
+/// runtime).
+pub fn cache_type(c: &ModelConfig, kv: DType) -> String {
     format!(
-        "llm.paged_kv_cache <layers = {}, kv_heads = {}, head_dim = {}, block_size = {BLOCK_SIZE}, blocks = ?, dtype = f32>",
+        "llm.paged_kv_cache <layers = {}, kv_heads = {}, head_dim = {}, block_size = {BLOCK_SIZE}, blocks = ?, dtype = {kv}>",
         c.layers,
         c.kv_heads,
         c.head_dim()
@@ -154,16 +168,18 @@ pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
 }
 
 /// Writes the module `@model` with the functions `@prefill` and `@decode` for `c` over the
-/// weights in `weights` (whose stored types the IR declares).
-pub fn build_ir(c: &ModelConfig, weights: &Weights) -> Result<String, String> {
+/// weights in `weights` (whose stored types the IR declares), with a KV cache of `kv`
+/// elements ([`check_kv_dtype`]).
+pub fn build_ir(c: &ModelConfig, weights: &Weights, kv: DType) -> Result<String, String> {
     check_weights(c, weights)?;
+    check_kv_dtype(kv)?;
     let mut out = String::new();
     let _ = writeln!(out, "builtin.module @model {{");
     let _ = writeln!(out, "  ^entry():");
     // Ops of a block are separated by `;`.
-    out.push_str(forward_func(c, weights, "prefill", "1x?").trim_end());
+    out.push_str(forward_func(c, weights, kv, "prefill", "1x?").trim_end());
     out.push_str(";\n");
-    out.push_str(&forward_func(c, weights, "decode", "?x1"));
+    out.push_str(&forward_func(c, weights, kv, "decode", "?x1"));
     let _ = writeln!(out, "}}");
     Ok(out)
 }
@@ -212,10 +228,16 @@ impl Emitter<'_> {
 }
 
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
-fn forward_func(c: &ModelConfig, weights: &Weights, name: &str, batch: &str) -> String {
+fn forward_func(
+    c: &ModelConfig,
+    weights: &Weights,
+    kv_dtype: DType,
+    name: &str,
+    batch: &str,
+) -> String {
     let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
-    let cache = cache_type(c);
+    let cache = cache_type(c, kv_dtype);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let (eps, theta) = (float(c.norm_eps), float(c.rope_theta));
     let layout = if c.rope_half { "half" } else { "interleaved" };

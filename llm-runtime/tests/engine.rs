@@ -4,6 +4,7 @@
 
 use std::{collections::HashMap, path::Path};
 
+use llm_ir::dtype::DType;
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Model},
@@ -17,11 +18,16 @@ fn model() -> (Model, Tokenizer) {
 }
 
 fn model_on(backend: &Backend) -> (Model, Tokenizer) {
+    model_with_kv(backend, DType::F32, "default")
+}
+
+/// stories260K through `passes` on `backend`, with a KV cache of `kv` elements.
+fn model_with_kv(backend: &Backend, kv: DType, passes: &str) -> (Model, Tokenizer) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
     let (config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
     let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
     (
-        Model::compile_on(backend, config, weights, "default").expect("compiles"),
+        Model::compile_with_kv(backend, config, weights, passes, kv).expect("compiles"),
         tok,
     )
 }
@@ -116,13 +122,51 @@ fn batched_sequences_equal_their_single_sequence_outputs_on_the_gpu_backend() {
 
 fn batched_equals_single(backend: &Backend) {
     let (model, tok) = model_on(backend);
-    let prompts = prompts(32);
-    let (batched, stats) = run_engine(&model, &tok, &prompts, 64, EngineConfig::default());
+    batched_equals_single_with(&model, &tok, 32);
+}
+
+fn batched_equals_single_with(model: &Model, tok: &Tokenizer, n: usize) {
+    let prompts = prompts(n);
+    let (batched, stats) = run_engine(model, tok, &prompts, 64, EngineConfig::default());
     for (p, ids) in prompts.iter().zip(&batched) {
-        let alone = model.generate(&tok, p, 64, GREEDY).expect("single");
+        let alone = model.generate(tok, p, 64, GREEDY).expect("single");
         assert_eq!(ids, &alone.ids, "prompt {p:?}");
     }
     assert_eq!(stats.preemptions, 0);
+}
+
+/// f16 and bf16 KV caches: the pool takes half an f32 pool's bytes (and `plan-kv-memory`
+/// fits twice the blocks in a budget, rounded down), batched sequences still equal their single runs on
+/// the CPU backend, and the CPU's greedy tokens over an f16 cache are the interpreter's.
+#[test]
+fn sixteen_bit_kv_caches_take_half_the_memory() {
+    let cpu = Backend::Cpu { threads: 2 };
+    let (f32_model, tok) = model_on(&cpu);
+    for kv in [DType::F16, DType::BF16] {
+        let (model, _) = model_with_kv(&cpu, kv, "default");
+        assert_eq!(2 * model.cache_block_bytes(), f32_model.cache_block_bytes());
+        let cache = model.new_cache(4);
+        assert_eq!(
+            cache.k.bytes().len() + cache.v.bytes().len(),
+            4 * model.cache_block_bytes()
+        );
+        batched_equals_single_with(&model, &tok, 8);
+        let (planned, _) = model_with_kv(
+            &Backend::Interp,
+            kv,
+            "default,plan-kv-memory{budget=256KiB}",
+        );
+        // 256 KiB holds 25 blocks of 10 KiB (and 12 of f32's 20 KiB).
+        assert_eq!(planned.cache_blocks(1024), 25, "{kv}");
+    }
+    let (on_cpu, _) = model_with_kv(&cpu, DType::F16, "default");
+    let (reference, _) = model_with_kv(&Backend::Interp, DType::F16, "default");
+    let prompts = prompts(4);
+    let config = EngineConfig::default;
+    assert_eq!(
+        run_engine(&on_cpu, &tok, &prompts, 64, config()).0,
+        run_engine(&reference, &tok, &prompts, 64, config()).0
+    );
 }
 
 #[test]

@@ -71,6 +71,27 @@ enum Quantize {
     Int4,
 }
 
+/// `--kv-dtype`: how the KV cache stores keys and values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KvDtype {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision: half the memory (keys and values rounded to it).
+    F16,
+    /// bfloat16: half the memory, f32's range, 8 bits of precision.
+    Bf16,
+}
+
+impl KvDtype {
+    fn dtype(self) -> DType {
+        match self {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+            KvDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
 impl Quantize {
     fn format(self) -> QuantFormat {
         match self {
@@ -95,7 +116,8 @@ impl Quantize {
     }
 }
 
-/// How a model is compiled: `--passes`, `--backend`, `--threads`, `--quantize`.
+/// How a model is compiled: `--passes`, `--backend`, `--threads`, `--quantize`,
+/// `--kv-dtype`.
 #[derive(clap::Args)]
 struct CompileArgs {
     /// The pass pipeline applied to the model before it runs (`""` for none). By default
@@ -111,6 +133,10 @@ struct CompileArgs {
     /// Quantize the model's f32 matrices to this format when loading.
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
+    /// Element type of the KV cache: f16 and bf16 take half f32's memory on the host (the
+    /// GPU backend's device pool holds f32 whatever it is).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: KvDtype,
 }
 
 impl CompileArgs {
@@ -125,6 +151,7 @@ impl CompileArgs {
             passes,
             backend,
             quantize: self.quantize.map(Quantize::format),
+            kv_dtype: self.kv_dtype.dtype(),
         })
     }
 }
@@ -236,6 +263,9 @@ enum Command {
         /// Model: llama2.c checkpoint, GGUF file or Hugging Face directory.
         #[arg(long)]
         model: PathBuf,
+        /// Element type of the KV cache.
+        #[arg(long, value_enum, default_value = "f32")]
+        kv_dtype: KvDtype,
     },
     /// Run one function of an IR file.
     Exec {
@@ -379,9 +409,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 .ok_or_else(|| format!("unknown shape `{shape}` (known: 260K, 15M, 42M, 110M)"))?;
             synth::write(&out, &config, seed).map_err(|e| format!("{}: {e}", out.display()))
         }
-        Command::Import { model: path } => {
+        Command::Import {
+            model: path,
+            kv_dtype,
+        } => {
             let loaded = serve::open_model(&path)?;
-            let source = model::build_ir(&loaded.config, &loaded.weights)?;
+            let source = model::build_ir(&loaded.config, &loaded.weights, kv_dtype.dtype())?;
             let mut ctx = Context::new();
             let module = text::parse_module(&mut ctx, &source)
                 .map_err(|d| format!("model IR: {}", d.render("<model>")))?;

@@ -15,6 +15,7 @@
 
 pub mod eval;
 mod hoist;
+pub mod kv_values;
 pub mod quant;
 pub mod value;
 
@@ -35,6 +36,7 @@ use pliron::{
 };
 
 pub use eval::{Eval, EvalFn, WeightStore};
+pub use kv_values::KvValues;
 pub use value::{Data, KvCache, QTensor, Resident, Sharded, Tensor, Value};
 
 use hoist::Entry;

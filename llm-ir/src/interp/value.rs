@@ -2,6 +2,7 @@
 
 use half::{bf16, f16};
 
+use super::KvValues;
 use crate::{
     dtype::DType,
     types::{KvCacheParams, QuantFormat, Reduction},
@@ -119,9 +120,9 @@ pub struct QTensor {
 
 /// The paged KV block pool.
 ///
-/// K and V are each `[layers][blocks][block_size][kv_heads][head_dim]`, held as `f32`
-/// values already rounded to the cache's storage (f16/bf16 rounding, or a quantize and
-/// dequantize round trip along `head_dim` for quantized storage).
+/// K and V are each `[layers][blocks][block_size][kv_heads][head_dim]`, held as
+/// [`KvValues`]: the 16 bits of f16/bf16 storage, or `f32` values (f32 storage, or a
+/// quantize and dequantize round trip along `head_dim` for quantized storage).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvCache {
     /// The cache type's parameters.
@@ -129,9 +130,9 @@ pub struct KvCache {
     /// Number of blocks in the pool.
     pub blocks: usize,
     /// Keys.
-    pub k: Vec<f32>,
+    pub k: KvValues,
     /// Values.
-    pub v: Vec<f32>,
+    pub v: KvValues,
     /// Set when a backend keeps the pool in device memory: `k` and `v` are then empty and
     /// only that backend reads or writes the data.
     pub resident: Option<Resident>,
@@ -163,10 +164,10 @@ impl KvCache {
             * params.kv_heads as usize
             * params.head_dim as usize;
         KvCache {
+            k: KvValues::zeros(&params.storage, len),
+            v: KvValues::zeros(&params.storage, len),
             params,
             blocks,
-            k: vec![0.0; len],
-            v: vec![0.0; len],
             resident: None,
         }
     }
@@ -196,6 +197,17 @@ impl KvCache {
     /// Number of token slots per layer.
     pub fn slots(&self) -> usize {
         self.blocks * self.params.block_size as usize
+    }
+
+    /// The rows (all KV heads) of `layer` at `slots` (each below [`KvCache::slots`]),
+    /// read from `data` (this cache's keys or values) as `f32`, one after another.
+    pub fn rows(&self, data: &KvValues, layer: usize, slots: &[usize]) -> Vec<f32> {
+        let row = self.slot_len();
+        let mut out = vec![0.0; slots.len() * row];
+        for (&slot, dest) in slots.iter().zip(out.chunks_exact_mut(row.max(1))) {
+            data.read(self.slot_offset(layer, slot), dest);
+        }
+        out
     }
 }
 

@@ -11,7 +11,7 @@ use smallvec::{SmallVec, smallvec};
 use llm_ir::{
     dtype::DType,
     interp::{
-        Data, KvCache, QTensor, Tensor, Value,
+        Data, KvCache, KvValues, QTensor, Tensor, Value,
         eval::{
             fused::ScalarBody,
             kv::{append_rows, lookup},
@@ -1065,16 +1065,66 @@ impl PagedSource<'_> {
         }
         // The offsets are from the start of the layer's rows.
         let layer_start = self.cache.slot_offset(self.layer, 0);
-        let (keys, values) = (&self.cache.k[layer_start..], &self.cache.v[layer_start..]);
         // Rows run in parallel, each writing its own outputs through this address.
         let out_at = out.as_mut_ptr() as usize;
+        let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
         k.paged
             .with(self.cache, (sequences, tables, lens, self.window), |all| {
                 let positions = all.iter().map(Vec::len).sum::<usize>();
-                for_rows(k, all.len(), 2 * positions * rows.row, &|r| {
-                    rows.attend(r, (keys, values), &all[r], None, out_at);
-                });
+                let macs = 2 * positions * rows.row;
+                match (keys, values) {
+                    (KvValues::F32(keys), KvValues::F32(values)) => {
+                        let pool = (&keys[layer_start..], &values[layer_start..]);
+                        for_rows(k, all.len(), macs, &|r| {
+                            rows.attend(r, pool, &all[r], None, out_at);
+                        });
+                    }
+                    // 16-bit storage: each row's keys and values are widened into a
+                    // scratch (in cache while the kernel reads them) and attended there.
+                    _ => {
+                        let longest = all.iter().map(Vec::len).max().unwrap_or(0);
+                        let dense: Vec<i64> =
+                            (0..longest).map(|j| (4 * j * slot_len) as i64).collect();
+                        for_rows(k, all.len(), macs, &|r| {
+                            WIDENED.with_borrow_mut(|(ks, vs)| {
+                                let at = |offset: i64| layer_start + offset as usize / 4;
+                                widen_rows(keys, &all[r], slot_len, at, ks);
+                                widen_rows(values, &all[r], slot_len, at, vs);
+                                let n = all[r].len();
+                                rows.attend(r, (ks, vs), &dense[..n], None, out_at);
+                            });
+                        });
+                    }
+                }
             })
+    }
+}
+
+thread_local! {
+    /// The keys and values of one query row of a 16-bit cache, widened to `f32`.
+    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+}
+
+/// Widens the rows of `slot_len` elements of `data` at `offsets` (byte offsets of `f32`
+/// rows from a layer's start; `at` turns one into an element index) into `out`, one after
+/// another: consecutive slots (the positions of one block) in one conversion.
+fn widen_rows(
+    data: &KvValues,
+    offsets: &[i64],
+    slot_len: usize,
+    at: impl Fn(i64) -> usize,
+    out: &mut Vec<f32>,
+) {
+    out.resize(offsets.len() * slot_len, 0.0);
+    let step = (4 * slot_len) as i64;
+    let mut j = 0;
+    while j < offsets.len() {
+        let mut run = 1;
+        while j + run < offsets.len() && offsets[j + run] == offsets[j] + run as i64 * step {
+            run += 1;
+        }
+        data.read(at(offsets[j]), &mut out[j * slot_len..(j + run) * slot_len]);
+        j += run;
     }
 }
 

@@ -1,13 +1,14 @@
 //! The paged KV pool in device memory: one key and one value buffer per layer, named by
 //! the [`KvCache`] values a program returns ([`KvCache::resident`]), copied block by block
 //! on the device and read back on request. Whatever the cache's storage, the pool holds
-//! `f32` values, each rounded to that storage when written (as the reference's pool
-//! does): an f16 cache takes as much device memory as an f32 one.
+//! `f32` values, each rounded to that storage when written: an f16 cache takes as much
+//! device memory as an f32 one (on the host it takes half, [`KvValues`]), and crossing
+//! between host and device widens or narrows its values exactly.
 
 use std::sync::Arc;
 
 use llm_ir::{
-    interp::{KvCache, Resident},
+    interp::{KvCache, KvValues, Resident},
     types::KvCacheParams,
 };
 
@@ -63,8 +64,8 @@ impl Pool {
                 .collect()
         };
         Ok(Arc::new(Pool {
-            k: upload(&c.k, "k"),
-            v: upload(&c.v, "v"),
+            k: upload(&c.k.to_f32(), "k"),
+            v: upload(&c.v.to_f32(), "v"),
             params: c.params,
             blocks: c.blocks,
             gpu: Arc::clone(gpu),
@@ -77,8 +78,8 @@ impl Pool {
         KvCache {
             params: self.params.clone(),
             blocks: self.blocks,
-            k: Vec::new(),
-            v: Vec::new(),
+            k: KvValues::zeros(&self.params.storage, 0),
+            v: KvValues::zeros(&self.params.storage, 0),
             resident: None,
         }
     }
@@ -88,8 +89,8 @@ impl Pool {
         KvCache {
             params: self.params.clone(),
             blocks: self.blocks,
-            k: Vec::new(),
-            v: Vec::new(),
+            k: KvValues::zeros(&self.params.storage, 0),
+            v: KvValues::zeros(&self.params.storage, 0),
             resident: Some(Resident(Arc::clone(self) as Arc<_>)),
         }
     }
@@ -154,7 +155,8 @@ pub(super) fn read_pool(pool: &Pool) -> Result<KvCache, String> {
         .create_command_encoder(&Default::default());
     let layers = pool.gpu.submit_and_read(encoder, &reads).map_err(|e| e.0)?;
     let (k, v) = layers.split_at(pool.k.len());
-    cache.k = bytemuck::pod_collect_to_vec(&k.concat());
-    cache.v = bytemuck::pod_collect_to_vec(&v.concat());
+    let storage = &pool.params.storage;
+    cache.k = KvValues::from_f32(storage, bytemuck::pod_collect_to_vec(&k.concat()));
+    cache.v = KvValues::from_f32(storage, bytemuck::pod_collect_to_vec(&v.concat()));
     Ok(cache)
 }

@@ -256,16 +256,20 @@ pub fn paged_attend(
     let qd = q.floats()?;
     let (scale, group) = (Scale::of(e, d), h / kvh);
     let mut out = Vec::with_capacity(q.len());
+    let row_len = kvh * d;
     for_each_paged_row(cache, [b, t], tables, lens, window(e), |row, slots| {
+        let (keys, values) = (
+            cache.rows(&cache.k, layer, slots),
+            cache.rows(&cache.v, layer, slots),
+        );
         for head in 0..h {
-            let kv = head / group;
-            let at = |j: usize| cache.slot_offset(layer, slots[j]) + kv * d;
+            let at = |j: usize| j * row_len + (head / group) * d;
             let qrow = &qd[(row * h + head) * d..][..d];
             out.extend(attend(
                 qrow,
                 0..slots.len(),
-                |j| &cache.k[at(j)..][..d],
-                |j| &cache.v[at(j)..][..d],
+                |j| &keys[at(j)..][..d],
+                |j| &values[at(j)..][..d],
                 |_| 0.0,
                 scale,
                 d,

@@ -6,28 +6,23 @@ use super::{Eval, Outputs, attention::slot_of};
 use crate::{
     dtype::DType,
     interp::{
-        quant,
-        value::{KvCache, Tensor, Value, round_float},
+        KvValues, quant,
+        value::{KvCache, Tensor, Value},
     },
     types::KvStorage,
 };
 
-/// Writes `row` into `dest` as the cache's storage holds it: rounded to its float type, or
-/// quantized and dequantized.
-fn store(storage: &KvStorage, row: &[f32], dest: &mut [f32]) {
+/// Writes `row` at element `at` of `dest` as the cache's storage holds it: rounded to its
+/// float type (the array's element type), or quantized and dequantized.
+fn store(storage: &KvStorage, row: &[f32], dest: &mut KvValues, at: usize) {
     match storage {
-        KvStorage::Float(DType::F32) => dest.copy_from_slice(row),
-        KvStorage::Float(d) => {
-            for (o, &x) in dest.iter_mut().zip(row) {
-                *o = round_float(*d, x);
-            }
-        }
+        KvStorage::Float(_) => dest.write(at, row),
         KvStorage::Quantized(format) => {
             // One head row in the pool layout [blocks, block_size, kv_heads, head_dim]: groups
             // run along head_dim (axis 3, the last).
             let shape = [1, 1, 1, row.len()];
             let bytes = quant::quantize(format, &shape, row);
-            dest.copy_from_slice(&quant::dequantize(format, &shape, &bytes));
+            dest.write(at, &quant::dequantize(format, &shape, &bytes));
         }
     }
 }
@@ -114,32 +109,28 @@ pub fn write_rows(
         }
         let at = cache.slot_offset(layer, slot as usize);
         for head in 0..cache.params.kv_heads as usize {
-            let src = n * row_len + head * d;
-            let dest = at + head * d..at + (head + 1) * d;
-            store(
-                &cache.params.storage,
-                &kd[src..src + d],
-                &mut cache.k[dest.clone()],
-            );
-            store(&cache.params.storage, &vd[src..src + d], &mut cache.v[dest]);
+            let (src, dest) = (n * row_len + head * d, at + head * d);
+            let storage = &cache.params.storage;
+            store(storage, &kd[src..src + d], &mut cache.k, dest);
+            store(storage, &vd[src..src + d], &mut cache.v, dest);
         }
     }
     Ok(())
 }
 
+/// The rows (all KV heads) of positions `0..len` of `layer` of the sequence with block
+/// table `table`, read from `data` (the cache's keys or values) as `f32`.
 fn gather(
     cache: &KvCache,
-    data: &[f32],
+    data: &KvValues,
     layer: usize,
     table: &[i64],
     len: usize,
 ) -> Result<Vec<f32>, String> {
-    let mut out = Vec::with_capacity(len * cache.slot_len());
-    for pos in 0..len {
-        let at = cache.slot_offset(layer, slot_of(cache, table, pos)?);
-        out.extend_from_slice(&data[at..at + cache.slot_len()]);
-    }
-    Ok(out)
+    let slots = (0..len)
+        .map(|pos| slot_of(cache, table, pos))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(cache.rows(data, layer, &slots))
 }
 
 /// `llm.lookup_kv`: gathers positions `0..context_len` of one sequence.

@@ -1,0 +1,169 @@
+//! The elements of a KV pool as the host holds them: 16-bit float storage as its 16 bits,
+//! everything else as `f32`.
+
+use std::ops::Range;
+
+use half::{
+    bf16, f16,
+    slice::{HalfBitsSliceExt, HalfFloatSliceExt},
+};
+
+use crate::{dtype::DType, types::KvStorage};
+
+/// One of a KV pool's two arrays (its keys or its values), `[layers][blocks][block_size]
+/// [kv_heads][head_dim]`, in the width the cache's storage takes on the host.
+///
+/// f16 and bf16 caches keep each element's 16 bits, so they take half an f32 cache's
+/// memory. f32 caches, and quantized ones, hold `f32`: a quantized cache's elements are
+/// the values of a quantize and dequantize round trip along `head_dim`, not its blocks'
+/// bytes (`docs/lowering.md`, "KV storage").
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvValues {
+    /// `f32` elements (f32 storage, or quantized storage's round-tripped values).
+    F32(Vec<f32>),
+    /// The bits of f16 elements.
+    F16(Vec<u16>),
+    /// The bits of bf16 elements.
+    BF16(Vec<u16>),
+}
+
+impl KvValues {
+    /// `len` zeros held as `storage` needs.
+    pub fn zeros(storage: &KvStorage, len: usize) -> KvValues {
+        match storage {
+            KvStorage::Float(DType::F16) => KvValues::F16(vec![0; len]),
+            KvStorage::Float(DType::BF16) => KvValues::BF16(vec![0; len]),
+            _ => KvValues::F32(vec![0.0; len]),
+        }
+    }
+
+    /// `values` (each one `storage` represents exactly, such as what a backend computed
+    /// from this array) held as `storage` needs.
+    pub fn from_f32(storage: &KvStorage, values: Vec<f32>) -> KvValues {
+        let mut out = KvValues::zeros(storage, 0);
+        match &mut out {
+            KvValues::F32(v) => *v = values,
+            KvValues::F16(bits) => {
+                *bits = values.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+            }
+            KvValues::BF16(bits) => {
+                *bits = values
+                    .iter()
+                    .map(|&x| bf16::from_f32(x).to_bits())
+                    .collect()
+            }
+        }
+        out
+    }
+
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvValues::F32(v) => v.len(),
+            KvValues::F16(bits) | KvValues::BF16(bits) => bits.len(),
+        }
+    }
+
+    /// Whether no element is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes per element.
+    pub fn width(&self) -> usize {
+        match self {
+            KvValues::F32(_) => 4,
+            KvValues::F16(_) | KvValues::BF16(_) => 2,
+        }
+    }
+
+    /// Elements `at..at + out.len()`, as `f32`, into `out`.
+    ///
+    /// # Panics
+    ///
+    /// If the range is outside the array (callers check slots against the pool first).
+    pub fn read(&self, at: usize, out: &mut [f32]) {
+        let range = at..at + out.len();
+        match self {
+            KvValues::F32(v) => out.copy_from_slice(&v[range]),
+            KvValues::F16(bits) => bits[range]
+                .reinterpret_cast::<f16>()
+                .convert_to_f32_slice(out),
+            KvValues::BF16(bits) => bits[range]
+                .reinterpret_cast::<bf16>()
+                .convert_to_f32_slice(out),
+        }
+    }
+
+    /// Every element as `f32`.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read(0, &mut out);
+        out
+    }
+
+    /// Writes `row` at elements `at..`, each rounded to the element type (to nearest,
+    /// ties to even, as `llm.cast` rounds).
+    ///
+    /// # Panics
+    ///
+    /// If the range is outside the array (callers check slots against the pool first).
+    pub fn write(&mut self, at: usize, row: &[f32]) {
+        let range = at..at + row.len();
+        match self {
+            KvValues::F32(v) => v[range].copy_from_slice(row),
+            KvValues::F16(bits) => bits[range]
+                .reinterpret_cast_mut::<f16>()
+                .convert_from_f32_slice(row),
+            KvValues::BF16(bits) => bits[range]
+                .reinterpret_cast_mut::<bf16>()
+                .convert_from_f32_slice(row),
+        }
+    }
+
+    /// Copies elements `src` to `dest..` (within the array, as `slice::copy_within`).
+    pub fn copy_within(&mut self, src: Range<usize>, dest: usize) {
+        match self {
+            KvValues::F32(v) => v.copy_within(src, dest),
+            KvValues::F16(bits) | KvValues::BF16(bits) => bits.copy_within(src, dest),
+        }
+    }
+
+    /// The elements' bytes (little-endian on the hosts the backends run on).
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            KvValues::F32(v) => bytemuck::cast_slice(v),
+            KvValues::F16(bits) | KvValues::BF16(bits) => bytemuck::cast_slice(bits),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 16-bit storage keeps 16 bits per element and rounds what it stores; values it
+    /// represents come back exactly, and f32 storage keeps everything.
+    #[test]
+    fn sixteen_bit_storage_rounds_and_halves_the_bytes() {
+        let row = [1.0, -2.5, 1.0 + 1.0 / 4096.0, 65504.0];
+        for (dtype, rounded) in [
+            (DType::F16, [1.0, -2.5, 1.0, 65504.0]),
+            (DType::BF16, [1.0, -2.5, 1.0, 65536.0]),
+            (DType::F32, row),
+        ] {
+            let storage = KvStorage::Float(dtype);
+            let mut values = KvValues::zeros(&storage, 8);
+            values.write(2, &row);
+            let mut out = [0.0; 4];
+            values.read(2, &mut out);
+            assert_eq!(out, rounded, "{dtype}");
+            assert_eq!(values.bytes().len(), 8 * values.width());
+            values.copy_within(2..6, 4);
+            values.read(4, &mut out);
+            assert_eq!(out, rounded, "{dtype} after a copy");
+            let back = KvValues::from_f32(&storage, values.to_f32());
+            assert_eq!(back, values, "{dtype} through f32");
+        }
+    }
+}
