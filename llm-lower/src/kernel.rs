@@ -971,7 +971,7 @@ impl Kernel {
     }
 
     /// The kernel with what does not change its generated code cleared (the attention's
-    /// source, but for a mask), so that ops sharing code share one compiled function; `None` for data
+    /// source, but for a mask and the 16-bit rows of an f16 or bf16 cache), so that ops sharing code share one compiled function; `None` for data
     /// movement and the KV cache's copies, which have no generated code, and for a contraction over a `[k, n]`
     /// weight, which has none until the weight is repacked.
     pub fn code(&self) -> Option<Kernel> {
@@ -1004,10 +1004,22 @@ impl Kernel {
                 kv_heads: *kv_heads,
                 d: *d,
                 scale: *scale,
-                source: AttentionSource::Contiguous {
-                    causal: false,
-                    window: None,
-                    masked: source.masked(),
+                source: match source {
+                    // The rows a kernel reads stay in its key: a 16-bit cache's.
+                    AttentionSource::Paged {
+                        rounding: rounding @ KvRounding::Float(_),
+                        ..
+                    } => AttentionSource::Paged {
+                        layer: 0,
+                        window: None,
+                        append: false,
+                        rounding: *rounding,
+                    },
+                    _ => AttentionSource::Contiguous {
+                        causal: false,
+                        window: None,
+                        masked: source.masked(),
+                    },
                 },
             }),
             other => Some(other.clone()),

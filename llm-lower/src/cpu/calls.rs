@@ -29,6 +29,7 @@ use llm_ir::{
 };
 
 use super::{
+    attention::{self, RowElement},
     jit::CompiledKernels,
     pool::BufferPool,
     tables::{PagedRows, RopeAngles, RopeTables},
@@ -918,6 +919,7 @@ fn attention(
                 layer,
                 window,
                 kv_heads,
+                element: RowElement::of(&source),
             };
             paged.attend(k, &rows, (sequences, tables, lens), &mut out)?;
             let out = Value::Tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out));
@@ -939,6 +941,7 @@ fn attention(
                 causal,
             )?;
             let (kd, vd) = (kt.floats()?, vt.floats()?);
+            let (kd, vd) = (bytemuck::cast_slice(kd), bytemuck::cast_slice(vd));
             let mask = extra_operand(masked.then(|| inputs.get(3)), &[tq, tk], "mask")?;
             let batch: usize = q.shape[..r - 3].iter().product();
             let out_at = out.as_mut_ptr() as usize;
@@ -986,14 +989,15 @@ impl<'a> AttentionRows<'a> {
         }
     }
 
-    /// Runs query row `r` over `offsets` into `kd`/`vd` (the caller checked each offset
+    /// Runs query row `r` over `offsets` into `kd`/`vd` (the bytes of the rows the kernel
+    /// reads: f32, or what [`RowElement`] its shape names; the caller checked each offset
     /// plus a row to lie inside both), with the mask values of those positions if the
     /// kernel takes them, writing the row's outputs at `out_at + 4 * r * row` (the
     /// caller's buffer of as many floats as the queries).
     fn attend(
         &self,
         r: usize,
-        (kd, vd): (&[f32], &[f32]),
+        (kd, vd): (&[u8], &[u8]),
         offsets: &[i64],
         mask: Option<&[f32]>,
         out_at: usize,
@@ -1040,6 +1044,8 @@ pub(super) struct PagedSource<'a> {
     pub window: Option<usize>,
     /// KV heads the kernel expects.
     pub kv_heads: usize,
+    /// The rows the kernel reads where it calls the row microkernel.
+    pub element: RowElement,
 }
 
 impl PagedSource<'_> {
@@ -1068,33 +1074,42 @@ impl PagedSource<'_> {
         // Rows run in parallel, each writing its own outputs through this address.
         let out_at = out.as_mut_ptr() as usize;
         let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
+        // The row microkernel reads 16-bit rows itself; the generated kernel reads f32.
+        let reads_stored = match (keys, self.element) {
+            (KvValues::F32(_), RowElement::F32) => true,
+            (KvValues::F16(_), RowElement::F16) | (KvValues::BF16(_), RowElement::BF16) => {
+                k.code.tiles() && attention::fits(rows.row / rows.d.max(1), self.kv_heads, rows.d)
+            }
+            _ => return Err("the cache's storage does not match its type".into()),
+        };
         k.paged
             .with(self.cache, (sequences, tables, lens, self.window), |all| {
                 let positions = all.iter().map(Vec::len).sum::<usize>();
                 let macs = 2 * positions * rows.row;
-                match (keys, values) {
-                    (KvValues::F32(keys), KvValues::F32(values)) => {
-                        let pool = (&keys[layer_start..], &values[layer_start..]);
-                        for_rows(k, all.len(), macs, &|r| {
-                            rows.attend(r, pool, &all[r], None, out_at);
+                if reads_stored {
+                    let width = keys.width();
+                    let pool = (
+                        &keys.bytes()[width * layer_start..],
+                        &values.bytes()[width * layer_start..],
+                    );
+                    for_rows(k, all.len(), macs, &|r| {
+                        rows.attend(r, pool, &all[r], None, out_at);
+                    });
+                } else {
+                    // Each row's keys and values widened into a scratch (in cache while
+                    // the kernel reads them) and attended there.
+                    let longest = all.iter().map(Vec::len).max().unwrap_or(0);
+                    let dense: Vec<i64> = (0..longest).map(|j| (4 * j * slot_len) as i64).collect();
+                    for_rows(k, all.len(), macs, &|r| {
+                        WIDENED.with_borrow_mut(|(ks, vs)| {
+                            let at = |offset: i64| layer_start + offset as usize / 4;
+                            widen_rows(keys, &all[r], slot_len, at, ks);
+                            widen_rows(values, &all[r], slot_len, at, vs);
+                            let n = all[r].len();
+                            let scratch = (bytemuck::cast_slice(ks), bytemuck::cast_slice(vs));
+                            rows.attend(r, scratch, &dense[..n], None, out_at);
                         });
-                    }
-                    // 16-bit storage: each row's keys and values are widened into a
-                    // scratch (in cache while the kernel reads them) and attended there.
-                    _ => {
-                        let longest = all.iter().map(Vec::len).max().unwrap_or(0);
-                        let dense: Vec<i64> =
-                            (0..longest).map(|j| (4 * j * slot_len) as i64).collect();
-                        for_rows(k, all.len(), macs, &|r| {
-                            WIDENED.with_borrow_mut(|(ks, vs)| {
-                                let at = |offset: i64| layer_start + offset as usize / 4;
-                                widen_rows(keys, &all[r], slot_len, at, ks);
-                                widen_rows(values, &all[r], slot_len, at, vs);
-                                let n = all[r].len();
-                                rows.attend(r, (ks, vs), &dense[..n], None, out_at);
-                            });
-                        });
-                    }
+                    });
                 }
             })
     }

@@ -92,6 +92,8 @@ pub fn isa(target: Target) -> Result<OwnedTargetIsa, JitError> {
 pub struct CompiledKernels {
     module: Option<JITModule>,
     entries: Vec<*const u8>,
+    /// Whether the kernels call the Rust microkernels.
+    tiles: bool,
 }
 
 // SAFETY: the finalized code is immutable and the entry points are plain function pointers;
@@ -104,6 +106,11 @@ impl CompiledKernels {
     /// The entry point of kernel `i` (in the order given to [`compile`]).
     pub fn entry(&self, i: usize) -> *const u8 {
         self.entries[i]
+    }
+
+    /// Whether the kernels call the Rust microkernels ([`ukernel`]) where they fit.
+    pub fn tiles(&self) -> bool {
+        self.tiles
     }
 }
 
@@ -337,6 +344,7 @@ pub fn compile(
     Ok(CompiledKernels {
         module: Some(module),
         entries,
+        tiles: use_tiles,
     })
 }
 

@@ -40,6 +40,7 @@ use llm_ir::{
 use llm_passes::plan_buffers::place_buffers;
 
 use super::{
+    attention::RowElement,
     calls::{
         self, AttentionRows, Kernels, PagedSource, Rows, Table, contract_into, copy_columns,
         elementwise_into, norm_into, quantize_into, rotate_in_place,
@@ -178,6 +179,7 @@ enum Op {
     Attention {
         f: *const u8,
         shape: [usize; 3],
+        element: RowElement,
         layer: usize,
         window: Option<usize>,
         q: Src,
@@ -674,7 +676,7 @@ fn plan_kernel(
                 kv_heads,
                 d,
                 source:
-                    AttentionSource::Paged {
+                    source @ AttentionSource::Paged {
                         layer,
                         window,
                         append,
@@ -715,6 +717,7 @@ fn plan_kernel(
             Op::Attention {
                 f,
                 shape: [*heads, *kv_heads, *d],
+                element: RowElement::of(source),
                 layer: *layer,
                 window: *window,
                 q: b.shaping(inputs[0])?,
@@ -942,6 +945,7 @@ impl Op {
             Op::Attention {
                 f,
                 shape: [heads, kv_heads, d],
+                element,
                 layer,
                 window,
                 q,
@@ -964,6 +968,7 @@ impl Op {
                     layer: *layer,
                     window: *window,
                     kv_heads: *kv_heads,
+                    element: *element,
                 };
                 let (tables, lens) = (frame.args[*tables].tensor()?, frame.args[*lens].tensor()?);
                 source.attend(k, &rows, (*sequences, tables, lens), y)?;
