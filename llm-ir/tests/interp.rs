@@ -336,13 +336,18 @@ fn causal_gqa_attention_matches_a_direct_computation() {
 }
 
 fn cache(blocks: usize, block_size: u64, window: Option<u64>) -> KvCache {
+    float_cache(DType::F32, blocks, block_size, window)
+}
+
+/// A zeroed pool of 2 layers of 2 KV heads of 4, stored as `dtype`.
+fn float_cache(dtype: DType, blocks: usize, block_size: u64, window: Option<u64>) -> KvCache {
     let params = KvCacheParams {
         layers: 2,
         kv_heads: 2,
         head_dim: 4,
         block_size,
         blocks: None,
-        storage: KvStorage::Float(DType::F32),
+        storage: KvStorage::Float(dtype),
         window,
     };
     KvCache::new(params, blocks)
@@ -389,22 +394,13 @@ fn sixteen_bit_caches_hold_rounded_halves() {
     );
     for dtype in [DType::F16, DType::BF16] {
         let ty = format!(
-            "llm.paged_kv_cache <layers = 1, kv_heads = 2, head_dim = 4, block_size = 2, blocks = ?, dtype = {dtype}>"
+            "llm.paged_kv_cache <layers = 2, kv_heads = 2, head_dim = 4, block_size = 2, blocks = ?, dtype = {dtype}>"
         );
-        let params = KvCacheParams {
-            layers: 1,
-            kv_heads: kvh as u64,
-            head_dim: d as u64,
-            block_size: 2,
-            blocks: None,
-            storage: KvStorage::Float(dtype),
-            window: None,
-        };
         let out = run(
             &[("c", &ty), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>"), ("s", "llm.tensor <3xi32>"), ("q", "llm.tensor <1x3x2x4xf32>"), ("tables", "llm.tensor <1x2xi32>"), ("lens", "llm.tensor <1xi32>")],
             &["llm.tensor <1x3x2x4xf32>", &ty],
             &format!("        c1 = llm.append_kv c, k, v, s {{layer = 0}} : {ty};\n        o = llm.paged_attention q, c1, tables, lens {{layer = 0, kv_heads = 2}} : llm.tensor <1x3x2x4xf32>;\n        llm.return o, c1"),
-            vec![Value::Cache(KvCache::new(params, 2)), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v), i32s(&[t], &[2, 3, 0]), f32s(&[1, t, h, d], &q), i32s(&[1, 2], &[1, 0]), i32s(&[1], &[3])],
+            vec![Value::Cache(float_cache(dtype, 2, 2, None)), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v), i32s(&[t], &[2, 3, 0]), f32s(&[1, t, h, d], &q), i32s(&[1, 2], &[1, 0]), i32s(&[1], &[3])],
         )
         .expect("runs");
         let cache = out[1].cache().expect("cache");
@@ -417,14 +413,8 @@ fn sixteen_bit_caches_hold_rounded_halves() {
         let (kr, vr) = (round(&k), round(&v));
         assert_eq!(cache.rows(&cache.k, 0, &[2, 3, 0]), kr, "{dtype} keys");
         assert_eq!(cache.rows(&cache.v, 0, &[2, 3, 0]), vr, "{dtype} values");
-        let contiguous = run(
-            &[("q", "llm.tensor <3x2x4xf32>"), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>")],
-            &["llm.tensor <3x2x4xf32>"],
-            "        o = llm.attention q, k, v {kv_heads = 2, causal = true} : llm.tensor <3x2x4xf32>;\n        llm.return o",
-            vec![f32s(&[t, h, d], &q), f32s(&[t, kvh, d], &kr), f32s(&[t, kvh, d], &vr)],
-        )
-        .expect("runs");
-        assert_close(&floats(&out[0]), &floats(&contiguous[0]), 1e-6);
+        let contiguous = causal_attention([t, h, kvh, d], &q, &kr, &vr);
+        assert_close(&floats(&out[0]), &contiguous, 1e-6);
     }
 }
 
@@ -452,14 +442,25 @@ fn paged_attention_equals_contiguous_attention_and_reads_only_its_blocks() {
         vec![Value::Cache(pool), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v), i32s(&[t], &slots), f32s(&[1, t, h, d], &q), i32s(&[1, 3], &table), i32s(&[1], &[5])],
     )
     .expect("runs");
-    let contiguous = run(
-        &[("q", "llm.tensor <5x4x4xf32>"), ("k", "llm.tensor <5x2x4xf32>"), ("v", "llm.tensor <5x2x4xf32>")],
-        &["llm.tensor <5x4x4xf32>"],
-        "        o = llm.attention q, k, v {kv_heads = 2, causal = true} : llm.tensor <5x4x4xf32>;\n        llm.return o",
-        vec![f32s(&[t, h, d], &q), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v)],
+    let contiguous = causal_attention([t, h, kvh, d], &q, &k, &v);
+    assert_close(&floats(&paged[0]), &contiguous, 1e-6);
+}
+
+/// The causal `llm.attention` of `t` query rows of `h` heads of `d` over the keys `k` and
+/// values `v` of `kvh` heads.
+fn causal_attention([t, h, kvh, d]: [usize; 4], q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let (qt, kt) = (
+        format!("llm.tensor <{t}x{h}x{d}xf32>"),
+        format!("llm.tensor <{t}x{kvh}x{d}xf32>"),
+    );
+    let out = run(
+        &[("q", &qt), ("k", &kt), ("v", &kt)],
+        &[&qt],
+        &format!("        o = llm.attention q, k, v {{kv_heads = {kvh}, causal = true}} : {qt};\n        llm.return o"),
+        vec![f32s(&[t, h, d], q), f32s(&[t, kvh, d], k), f32s(&[t, kvh, d], v)],
     )
     .expect("runs");
-    assert_close(&floats(&paged[0]), &floats(&contiguous[0]), 1e-6);
+    floats(&out[0])
 }
 
 #[test]
