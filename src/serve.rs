@@ -243,6 +243,8 @@ pub struct BenchReport {
     pub token_latency: Vec<Duration>,
     /// Blocks in the pool and most in use.
     pub blocks: (usize, usize),
+    /// The element type the KV cache stores.
+    pub kv_dtype: DType,
     /// Share of allocated KV slots holding no token when the most blocks were in use
     /// (negative when sequences share blocks).
     pub empty_at_peak: f64,
@@ -371,8 +373,8 @@ impl std::fmt::Display for BenchReport {
         };
         writeln!(
             f,
-            "kv cache:          peak {} of {} blocks, {empty}, {} preemptions",
-            self.blocks.1, self.blocks.0, self.preemptions
+            "kv cache:          {}, peak {} of {} blocks, {empty}, {} preemptions",
+            self.kv_dtype, self.blocks.1, self.blocks.0, self.preemptions
         )?;
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let (weights, kv) = (self.model_bytes.0 as u64, self.model_bytes.1 as u64);
@@ -482,6 +484,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         ttft,
         token_latency,
         blocks: (num_blocks, stats.peak_blocks),
+        kv_dtype: model.kv_dtype(),
         empty_at_peak,
         preemptions: stats.preemptions,
         prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),

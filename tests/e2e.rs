@@ -324,6 +324,59 @@ fn imported_ir_is_accepted_by_llm_opt() {
     assert_eq!(reprinted.text, ir);
 }
 
+/// `--kv-dtype`: the imported IR declares the cache's element type, and `llm-run bench`
+/// names it and counts a 16-bit pool at half an f32 pool's bytes.
+#[test]
+fn the_kv_cache_type_is_chosen_on_the_command_line() {
+    let out = llm_run(
+        Command::new(env!("CARGO_BIN_EXE_llm-run"))
+            .args(["import", "--kv-dtype", "bf16", "--model"])
+            .arg(model_path()),
+    );
+    let ir = String::from_utf8(out.stdout).expect("UTF-8 IR");
+    assert!(
+        ir.contains("block_size = 16, blocks = ?, dtype = bf16>"),
+        "{ir}"
+    );
+    let bench = |kv: &str| -> (String, f64) {
+        let out = llm_run(
+            Command::new(env!("CARGO_BIN_EXE_llm-run"))
+                .args(["bench", "--model"])
+                .arg(model_path())
+                .args([
+                    "--concurrency",
+                    "8",
+                    "--prompt-len",
+                    "4",
+                    "--gen-len",
+                    "400",
+                ])
+                .args(["--kv-dtype", kv]),
+        );
+        let report = String::from_utf8(out.stdout).expect("UTF-8 report");
+        let pool = report
+            .split("kv pool ")
+            .nth(1)
+            .and_then(|rest| rest.split(" MiB").next())
+            .and_then(|mib| mib.parse().ok())
+            .unwrap_or_else(|| panic!("no pool size in {report}"));
+        (report, pool)
+    };
+    let ((f32_report, f32_pool), (f16_report, f16_pool)) = (bench("f32"), bench("f16"));
+    assert!(
+        f32_report.contains("kv cache:          f32,"),
+        "{f32_report}"
+    );
+    assert!(
+        f16_report.contains("kv cache:          f16,"),
+        "{f16_report}"
+    );
+    assert!(
+        (f16_pool * 2.0 - f32_pool).abs() <= 0.15,
+        "{f16_pool} MiB vs {f32_pool} MiB"
+    );
+}
+
 #[test]
 fn gguf_model_with_its_embedded_vocabulary_matches_golden() {
     let loaded = llm_runtime::model_file::load(&shared().join("models/stories260K.gguf"))
