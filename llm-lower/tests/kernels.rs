@@ -1412,13 +1412,7 @@ fn float_cache(dtype: DType, kv: usize, d: usize, blocks: usize, seed: u64) -> (
     };
     let mut c = KvCache::new(params, blocks);
     let (len, storage) = (c.k.len(), c.params.storage.clone());
-    let rounded = |seed| {
-        let v = values(seed, len, 1.0);
-        KvValues::from_f32(
-            &storage,
-            v.into_iter().map(|x| round_float(dtype, x)).collect(),
-        )
-    };
+    let rounded = |seed| KvValues::from_f32(&storage, &values(seed, len, 1.0));
     (c.k, c.v) = (rounded(seed), rounded(seed + 1));
     let ty = format!(
         "llm.paged_kv_cache <layers = 2, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = {}>",

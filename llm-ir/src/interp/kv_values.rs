@@ -37,22 +37,12 @@ impl KvValues {
         }
     }
 
-    /// `values` (each one `storage` represents exactly, such as what a backend computed
-    /// from this array) held as `storage` needs.
-    pub fn from_f32(storage: &KvStorage, values: Vec<f32>) -> KvValues {
-        let mut out = KvValues::zeros(storage, 0);
-        match &mut out {
-            KvValues::F32(v) => *v = values,
-            KvValues::F16(bits) => {
-                *bits = values.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
-            }
-            KvValues::BF16(bits) => {
-                *bits = values
-                    .iter()
-                    .map(|&x| bf16::from_f32(x).to_bits())
-                    .collect()
-            }
-        }
+    /// `values` held as `storage` needs (each rounded as [`KvValues::write`] rounds; a
+    /// value the storage represents, such as one a backend read back from this array,
+    /// is kept exactly).
+    pub fn from_f32(storage: &KvStorage, values: &[f32]) -> KvValues {
+        let mut out = KvValues::zeros(storage, values.len());
+        out.write(0, values);
         out
     }
 
@@ -162,7 +152,7 @@ mod tests {
             values.copy_within(2..6, 4);
             values.read(4, &mut out);
             assert_eq!(out, rounded, "{dtype} after a copy");
-            let back = KvValues::from_f32(&storage, values.to_f32());
+            let back = KvValues::from_f32(&storage, &values.to_f32());
             assert_eq!(back, values, "{dtype} through f32");
         }
     }

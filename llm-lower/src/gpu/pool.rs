@@ -156,7 +156,8 @@ pub(super) fn read_pool(pool: &Pool) -> Result<KvCache, String> {
     let layers = pool.gpu.submit_and_read(encoder, &reads).map_err(|e| e.0)?;
     let (k, v) = layers.split_at(pool.k.len());
     let storage = &pool.params.storage;
-    cache.k = KvValues::from_f32(storage, bytemuck::pod_collect_to_vec(&k.concat()));
-    cache.v = KvValues::from_f32(storage, bytemuck::pod_collect_to_vec(&v.concat()));
+    let floats = |layers: &[Vec<u8>]| bytemuck::pod_collect_to_vec::<u8, f32>(&layers.concat());
+    cache.k = KvValues::from_f32(storage, &floats(k));
+    cache.v = KvValues::from_f32(storage, &floats(v));
     Ok(cache)
 }
