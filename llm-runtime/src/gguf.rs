@@ -457,20 +457,28 @@ fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
             _ => Err(format!("tokenizer.ggml.tokens entry {i} is not a string")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // Generation ends at BOS (as run.c ends it) and at the file's BOS and EOS tokens.
-    let mut stops = vec![crate::tokenizer::BOS];
-    for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"] {
-        if let Some(id) = g.meta(key).and_then(Meta::as_u64) {
-            let id = u32::try_from(id)
-                .ok()
-                .filter(|&id| (id as usize) < pieces.len())
-                .ok_or_else(|| format!("{key} = {id} is not a token of the vocabulary"))?;
-            if !stops.contains(&id) {
-                stops.push(id);
-            }
-        }
+    // The file's BOS and EOS (llama2.c's 1 and 2 where it names none): prompts begin with
+    // BOS, and generation ends at either (run.c ends it at BOS).
+    let [bos, eos] = [
+        ("tokenizer.ggml.bos_token_id", crate::tokenizer::BOS),
+        ("tokenizer.ggml.eos_token_id", crate::tokenizer::EOS),
+    ]
+    .map(|(key, default)| match g.meta(key).and_then(Meta::as_u64) {
+        Some(id) => u32::try_from(id)
+            .ok()
+            .filter(|&id| (id as usize) < pieces.len())
+            .ok_or_else(|| format!("{key} = {id} is not a token of the vocabulary")),
+        None => Ok(default),
+    });
+    let (bos, eos) = (bos?, eos?);
+    let named_eos = g.meta("tokenizer.ggml.eos_token_id").is_some();
+    let mut stops = vec![bos];
+    if named_eos && eos != bos {
+        stops.push(eos);
     }
     Ok(Some(
-        Tokenizer::from_vocab(pieces, scores).with_stop_tokens(stops),
+        Tokenizer::from_vocab(pieces, scores)
+            .with_bos_eos(bos, eos)
+            .with_stop_tokens(stops),
     ))
 }

@@ -11,9 +11,9 @@ use std::{collections::HashMap, path::Path};
 
 use crate::weights::LoadError;
 
-/// Beginning-of-sequence token id.
+/// Beginning-of-sequence token id of llama2.c's vocabularies (and Llama 2's).
 pub const BOS: u32 = 1;
-/// End-of-sequence token id.
+/// End-of-sequence token id of llama2.c's vocabularies (and Llama 2's).
 pub const EOS: u32 = 2;
 
 /// A llama2.c tokenizer.
@@ -23,6 +23,9 @@ pub struct Tokenizer {
     scores: Vec<f32>,
     lookup: HashMap<Vec<u8>, u32>,
     stops: Vec<u32>,
+    /// The beginning- and end-of-sequence tokens.
+    bos: u32,
+    eos: u32,
 }
 
 impl Tokenizer {
@@ -77,6 +80,8 @@ impl Tokenizer {
             scores,
             lookup,
             stops: vec![BOS],
+            bos: BOS,
+            eos: EOS,
         }
     }
 
@@ -84,6 +89,12 @@ impl Tokenizer {
     /// default, as in `run.c`).
     pub fn with_stop_tokens(self, stops: Vec<u32>) -> Tokenizer {
         Tokenizer { stops, ..self }
+    }
+
+    /// The tokenizer with `bos` and `eos` as its beginning- and end-of-sequence tokens
+    /// ([`BOS`] and [`EOS`] by default), as a GGUF file's metadata names them.
+    pub fn with_bos_eos(self, bos: u32, eos: u32) -> Tokenizer {
+        Tokenizer { bos, eos, ..self }
     }
 
     /// Number of tokens.
@@ -99,7 +110,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
         let mut tokens = Vec::new();
         if bos {
-            tokens.push(BOS);
+            tokens.push(self.bos);
         }
         if !text.is_empty()
             && let Some(space) = self.id_of(b" ")
@@ -137,7 +148,7 @@ impl Tokenizer {
             tokens.remove(i + 1);
         }
         if eos {
-            tokens.push(EOS);
+            tokens.push(self.eos);
         }
         tokens
     }
@@ -153,7 +164,7 @@ impl Tokenizer {
     /// print nothing.
     pub fn decode(&self, prev: u32, token: u32) -> Vec<u8> {
         let mut piece = self.piece(token);
-        if prev == BOS && piece.first() == Some(&b' ') {
+        if prev == self.bos && piece.first() == Some(&b' ') {
             piece = &piece[1..];
         }
         let byte;

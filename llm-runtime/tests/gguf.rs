@@ -72,6 +72,47 @@ fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
     );
 }
 
+/// The vocabulary's BOS and EOS come from the file's metadata: prompts begin with its BOS,
+/// a piece's leading space is dropped after it, and generation stops at either; an id
+/// outside the vocabulary is an error naming the key.
+#[test]
+fn bos_and_eos_come_from_the_file() {
+    use llm_runtime::tokenizer::TextCodec;
+    let bytes = std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file");
+    // Each id is a u32 value (type 4) right after its key.
+    let with = |ids: [(&str, u32); 2]| {
+        let mut data = bytes.clone();
+        for (key, id) in ids {
+            let at = data
+                .windows(key.len())
+                .position(|w| w == key.as_bytes())
+                .expect("the key is in the file")
+                + key.len();
+            assert_eq!(data[at..at + 4], 4u32.to_le_bytes(), "{key} is a u32");
+            data[at + 4..at + 8].copy_from_slice(&id.to_le_bytes());
+        }
+        data
+    };
+    let (bos, eos) = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id");
+    let g = gguf::read(&with([(bos, 3), (eos, 4)])).expect("loads");
+    let tok = g.tokenizer.expect("embedded vocabulary");
+    assert_eq!(
+        tok.encode("Hello world", true, true),
+        vec![3, 15043, 3186, 4]
+    );
+    assert_eq!(tok.stop_tokens(), vec![3, 4]);
+    // "▁Hello" after BOS prints without its space, after another token with it.
+    assert_eq!(tok.decode(3, 15043), b"Hello");
+    assert_eq!(tok.decode(1, 15043), b" Hello");
+    let err = gguf::read(&with([(bos, 32000), (eos, 2)]))
+        .err()
+        .expect("an id outside the vocabulary");
+    assert!(
+        err.contains("tokenizer.ggml.bos_token_id = 32000 is not a token"),
+        "{err}"
+    );
+}
+
 #[test]
 fn malformed_files_name_what_is_wrong() {
     let bytes = std::fs::read(shared("stories260K.gguf")).expect("file");
