@@ -46,6 +46,22 @@ fn weight_name(hf: &str) -> Option<String> {
     )
 }
 
+/// Refuses settings the builder would ignore, computing another model than the one
+/// described: scaled RoPE (`rope_scaling`) and feed-forward activations other than SiLU.
+fn check_supported(cfg: &Json) -> Result<(), String> {
+    if let Some(scaling) = cfg.get("rope_scaling").filter(|s| !s.is_null()) {
+        return Err(format!(
+            "`rope_scaling` = {scaling} is not supported (only unscaled RoPE is built)"
+        ));
+    }
+    match cfg.get("hidden_act").and_then(Json::as_str) {
+        None | Some("silu") => Ok(()),
+        Some(other) => Err(format!(
+            "`hidden_act` = \"{other}\" is not supported (the feed-forward block is SwiGLU)"
+        )),
+    }
+}
+
 fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
     match cfg.get(key).and_then(Json::as_u64) {
         Some(v) if v > 0 && v <= 1 << 24 => Ok(v as usize),
@@ -97,6 +113,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let cfg: Json =
         serde_json::from_str(&text).map_err(|e| err(&config_path, format!("invalid JSON: {e}")))?;
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
+    check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
     let config = ModelConfig {
         dim: int("hidden_size")?,

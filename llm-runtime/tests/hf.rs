@@ -222,5 +222,20 @@ fn bad_directories_name_the_file() {
         dir.join("config.json").display()
     );
     assert_eq!(err.to_string(), expected);
+    // Settings the builder would ignore are refused rather than computed wrongly.
+    for (config, expected) in [
+        (
+            r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#,
+            "`rope_scaling` = {\"factor\":8.0,\"rope_type\":\"llama3\"} is not supported",
+        ),
+        (
+            r#"{"rope_scaling": null, "hidden_act": "gelu"}"#,
+            "`hidden_act` = \"gelu\" is not supported",
+        ),
+    ] {
+        std::fs::write(dir.join("config.json"), config).expect("write");
+        let err = model_file::load(&dir).err().expect("unsupported config");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
