@@ -359,6 +359,36 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
     read_with(&map, progress).map_err(err)
 }
 
+/// Refuses RoPE settings the builder would ignore, computing another model than the file
+/// describes: scaled RoPE (`llama.rope.scaling.type` other than `none`, a
+/// `llama.rope.scale_linear` other than 1) and rotation of part of a head
+/// (`llama.rope.dimension_count` below the head size).
+fn check_rope(g: &GgufFile, head_dim: usize) -> Result<(), String> {
+    match g.meta("llama.rope.scaling.type") {
+        None => {}
+        Some(Meta::Str(kind)) if kind == "none" => {}
+        Some(other) => {
+            return Err(format!(
+                "llama.rope.scaling.type is {other:?}; only unscaled RoPE is supported"
+            ));
+        }
+    }
+    if let Some(scale) = g.float("llama.rope.scale_linear").filter(|&s| s != 1.0) {
+        return Err(format!(
+            "llama.rope.scale_linear is {scale}; only unscaled RoPE is supported"
+        ));
+    }
+    if g.meta("llama.rope.dimension_count").is_some() {
+        let rotated = g.int("llama.rope.dimension_count")?;
+        if rotated != head_dim {
+            return Err(format!(
+                "llama.rope.dimension_count is {rotated}, but RoPE rotates whole heads of {head_dim}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads a llama GGUF model from its bytes.
 pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
     read_with(bytes, &mut |_| {})
@@ -415,6 +445,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         rope_half: false,
     };
     config.validate()?;
+    check_rope(&g, config.head_dim())?;
     crate::model::check_weights(&config, &weights)?;
     Ok(GgufModel {
         config,

@@ -79,17 +79,10 @@ fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
 fn bos_and_eos_come_from_the_file() {
     use llm_runtime::tokenizer::TextCodec;
     let bytes = std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file");
-    // Each id is a u32 value (type 4) right after its key.
     let with = |ids: [(&str, u32); 2]| {
         let mut data = bytes.clone();
         for (key, id) in ids {
-            let at = data
-                .windows(key.len())
-                .position(|w| w == key.as_bytes())
-                .expect("the key is in the file")
-                + key.len();
-            assert_eq!(data[at..at + 4], 4u32.to_le_bytes(), "{key} is a u32");
-            data[at + 4..at + 8].copy_from_slice(&id.to_le_bytes());
+            set_u32(&mut data, key, id);
         }
         data
     };
@@ -109,6 +102,30 @@ fn bos_and_eos_come_from_the_file() {
         .expect("an id outside the vocabulary");
     assert!(
         err.contains("tokenizer.ggml.bos_token_id = 32000 is not a token"),
+        "{err}"
+    );
+}
+
+/// Sets the u32 metadata value of `key` in the GGUF bytes `data` (the value, type 4,
+/// follows its key).
+fn set_u32(data: &mut [u8], key: &str, value: u32) {
+    let at = data
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .expect("the key is in the file")
+        + key.len();
+    assert_eq!(data[at..at + 4], 4u32.to_le_bytes(), "{key} is a u32");
+    data[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+/// A file that rotates part of each head is refused, not computed with whole-head RoPE.
+#[test]
+fn partial_rope_is_refused() {
+    let mut data = std::fs::read(shared("stories260K.gguf")).expect("file");
+    set_u32(&mut data, "llama.rope.dimension_count", 4);
+    let err = gguf::read(&data).err().expect("partial RoPE");
+    assert!(
+        err.contains("llama.rope.dimension_count is 4, but RoPE rotates whole heads of 8"),
         "{err}"
     );
 }
