@@ -359,7 +359,7 @@ fn same_value(a: &Value, b: &Value, tolerance: f32) -> bool {
         }
         (Value::Cache(x), Value::Cache(y)) => {
             x.blocks != y.blocks
-                || (close(&x.k.to_f32(), &y.k.to_f32()) && close(&x.v.to_f32(), &y.v.to_f32()))
+                || (close(&x.k.floats(), &y.k.floats()) && close(&x.v.floats(), &y.v.floats()))
         }
         (Value::Sharded(x), Value::Sharded(y)) => {
             x.shards.len() == y.shards.len()

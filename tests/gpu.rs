@@ -216,9 +216,9 @@ fn device_block_copies_match_host_copies() {
         caches.push(gpu::read_cache(&cache).expect("read back"));
     }
     let (g, h) = (&caches[0], &caches[1]);
-    let (gk, gv, hk, hv) = (g.k.to_f32(), g.v.to_f32(), h.k.to_f32(), h.v.to_f32());
+    let (gk, gv, hk, hv) = (g.k.floats(), g.v.floats(), h.k.floats(), h.v.floats());
     assert_eq!(gk.len(), hk.len());
-    for (a, b) in gk.iter().zip(&hk).chain(gv.iter().zip(&hv)) {
+    for (a, b) in gk.iter().zip(hk.iter()).chain(gv.iter().zip(hv.iter())) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
     }
     let block = 16 * g.slot_len();

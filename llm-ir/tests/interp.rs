@@ -367,7 +367,7 @@ fn append_kv_writes_the_given_slots_of_the_given_layer() {
     )
     .expect("runs");
     let c = out[0].cache().expect("cache");
-    let (ck, cv) = (c.k.to_f32(), c.v.to_f32());
+    let (ck, cv) = (c.k.floats(), c.v.floats());
     for (n, slot) in [5usize, 0, 2].into_iter().enumerate() {
         let at = c.slot_offset(1, slot);
         assert_eq!(&ck[at..at + 8], &k[n * 8..n * 8 + 8]);

@@ -971,9 +971,10 @@ impl Kernel {
     }
 
     /// The kernel with what does not change its generated code cleared (the attention's
-    /// source, but for a mask and the 16-bit rows of an f16 or bf16 cache), so that ops sharing code share one compiled function; `None` for data
-    /// movement and the KV cache's copies, which have no generated code, and for a contraction over a `[k, n]`
-    /// weight, which has none until the weight is repacked.
+    /// source, but for a mask and the 16-bit rows of an f16 or bf16 cache), so that ops
+    /// sharing code share one compiled function; `None` for data movement and the KV
+    /// cache's copies, which have no generated code, and for a contraction over a
+    /// `[k, n]` weight, which has none until the weight is repacked.
     pub fn code(&self) -> Option<Kernel> {
         match self {
             // A [k, n] weight must be repacked first (it becomes `F32Panels`).

@@ -341,7 +341,7 @@ fn compare(
             let (g, w): (&[f32], &[f32]) = match (g, w) {
                 (Value::Cache(g), Value::Cache(w)) => {
                     prop_assert_eq!(&g.v, &w.v, "{}", backend);
-                    keys = (g.k.to_f32(), w.k.to_f32());
+                    keys = (g.k.floats(), w.k.floats());
                     (&keys.0, &keys.1)
                 }
                 (Value::Quantized(g), Value::Quantized(w)) => {

@@ -15,10 +15,10 @@
 //! `max-seq-len` for very short sequences. An explicit `block-size=N` is used as given.
 
 use llm_ir::{
-    dtype::DType,
+    interp::KvValues,
     ops::{self, KvPlanOp},
     params::ParamValue,
-    types::{KvStorage, PagedKvCacheType},
+    types::{KvCacheParams, PagedKvCacheType},
 };
 use pliron::{
     builtin::{
@@ -101,18 +101,19 @@ pub struct PlanKvMemory {
     pub f32_pool: bool,
 }
 
-/// Bytes of one block of a cache with these parameters and `block_size`, as the pool
-/// holds its values (`docs/lowering.md`, "KV storage"): f16 and bf16 values in 2 bytes
-/// and every other storage's (f32, and quantized storage's round-tripped values) in 4 on
-/// the host; every value in 4 where the target widens the pool to `f32` (`f32_pool`,
-/// the GPU's device pool). Counting a quantized storage's own size would plan more blocks
-/// than fit.
-pub fn bytes_per_block(cache: &PagedKvCacheType, block_size: u64, f32_pool: bool) -> u64 {
-    let value_bytes = match cache.storage() {
-        KvStorage::Float(DType::F16 | DType::BF16) if !f32_pool => 2,
-        _ => 4,
+/// Bytes of one block of `block_size` positions of a cache with parameters `cache`, as
+/// the pool holds its values (`docs/lowering.md`, "KV storage"): in the width the host
+/// holds the storage in ([`KvValues::storage_width`]: 2 bytes for f16 and bf16, 4 for
+/// f32 and for quantized storage's round-tripped values), or in 4 everywhere where the
+/// target widens the pool to `f32` (`f32_pool`, the GPU's device pool). Counting a
+/// quantized storage's own size would plan more blocks than fit.
+pub fn bytes_per_block(cache: &KvCacheParams, block_size: u64, f32_pool: bool) -> u64 {
+    let value_bytes = if f32_pool {
+        4
+    } else {
+        KvValues::storage_width(&cache.storage) as u64
     };
-    cache.layers() * 2 * block_size * cache.kv_heads() * cache.head_dim() * value_bytes
+    cache.layers * 2 * block_size * cache.kv_heads * cache.head_dim * value_bytes
 }
 
 /// Every type handle of a value or function signature in the module that is a KV cache.
@@ -145,7 +146,7 @@ impl PlanKvMemory {
         if self.max_seq_len > 0 && self.max_seq_len < bs {
             bs = self.max_seq_len.next_power_of_two();
         }
-        while bs > 1 && bytes_per_block(cache, bs, self.f32_pool) > self.max_binding {
+        while bs > 1 && bytes_per_block(&cache.params(), bs, self.f32_pool) > self.max_binding {
             bs /= 2;
         }
         Ok(bs)
@@ -179,7 +180,7 @@ impl Pass for PlanKvMemory {
             )));
         }
         let block_size = self.choose_block_size(&cache).map_err(PassError::new)?;
-        let per_block = bytes_per_block(&cache, block_size, self.f32_pool);
+        let per_block = bytes_per_block(&cache.params(), block_size, self.f32_pool);
         if per_block > self.max_binding {
             return Err(PassError::new(format!(
                 "one block of {block_size} positions takes {per_block} bytes, more than max-binding-size = {}",

@@ -16,7 +16,7 @@ use llm_ir::{
     types::{KvCacheParams, KvStorage},
 };
 use llm_lower::{cpu, gpu};
-use llm_passes::{Pipeline, RunConfig, TargetOption, ir};
+use llm_passes::{Pipeline, RunConfig, TargetOption, ir, plan_kv_memory::bytes_per_block};
 use pliron::{
     builtin::{
         op_interfaces::SingleBlockRegionInterface,
@@ -502,21 +502,17 @@ impl Model {
 
     /// Bytes of one block of the model's KV pool (keys and values of every layer) where
     /// the pool lives: on the host, in [`Model::kv_dtype`]; on the GPU, in `f32` (its
-    /// device pool widens 16-bit storage).
+    /// device pool widens 16-bit storage). `plan-kv-memory`'s count, with the options
+    /// [`pass_options`] gives it.
     pub fn cache_block_bytes(&self) -> usize {
-        let c = &self.config;
-        let value_bytes = match self.backend {
-            Backend::Gpu(_) => 4,
-            _ => self.kv_dtype.size_bytes(),
-        };
-        2 * value_bytes * c.layers * BLOCK_SIZE * c.kv_heads * c.head_dim()
+        let f32_pool = matches!(self.backend, Backend::Gpu(_));
+        bytes_per_block(&self.cache_params(), BLOCK_SIZE as u64, f32_pool) as usize
     }
 
-    /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions, of the model's
-    /// [`Model::kv_dtype`].
-    pub fn new_cache(&self, blocks: usize) -> KvCache {
+    /// The parameters of the model's KV cache type (block count left open).
+    fn cache_params(&self) -> KvCacheParams {
         let c = &self.config;
-        let params = KvCacheParams {
+        KvCacheParams {
             layers: c.layers as u64,
             kv_heads: c.kv_heads as u64,
             head_dim: c.head_dim() as u64,
@@ -524,8 +520,13 @@ impl Model {
             blocks: None,
             storage: KvStorage::Float(self.kv_dtype),
             window: None,
-        };
-        KvCache::new(params, blocks)
+        }
+    }
+
+    /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions, of the model's
+    /// [`Model::kv_dtype`].
+    pub fn new_cache(&self, blocks: usize) -> KvCache {
+        KvCache::new(self.cache_params(), blocks)
     }
 
     /// Runs `@prefill` (one sequence) or `@decode` (one token per sequence) on `batch`,

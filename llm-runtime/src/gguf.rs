@@ -490,26 +490,21 @@ fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
         .collect::<Result<Vec<_>, _>>()?;
     // The file's BOS and EOS (llama2.c's 1 and 2 where it names none): prompts begin with
     // BOS, and generation ends at either (run.c ends it at BOS).
-    let [bos, eos] = [
-        ("tokenizer.ggml.bos_token_id", crate::tokenizer::BOS),
-        ("tokenizer.ggml.eos_token_id", crate::tokenizer::EOS),
-    ]
-    .map(|(key, default)| match g.meta(key).and_then(Meta::as_u64) {
+    let id = |key: &str| match g.meta(key).and_then(Meta::as_u64) {
         Some(id) => u32::try_from(id)
             .ok()
             .filter(|&id| (id as usize) < pieces.len())
+            .map(Some)
             .ok_or_else(|| format!("{key} = {id} is not a token of the vocabulary")),
-        None => Ok(default),
-    });
-    let (bos, eos) = (bos?, eos?);
-    let named_eos = g.meta("tokenizer.ggml.eos_token_id").is_some();
+        None => Ok(None),
+    };
+    let bos = id("tokenizer.ggml.bos_token_id")?.unwrap_or(crate::tokenizer::BOS);
+    let eos = id("tokenizer.ggml.eos_token_id")?;
     let mut stops = vec![bos];
-    if named_eos && eos != bos {
-        stops.push(eos);
-    }
+    stops.extend(eos.filter(|&eos| eos != bos));
     Ok(Some(
         Tokenizer::from_vocab(pieces, scores)
-            .with_bos_eos(bos, eos)
+            .with_bos_eos(bos, eos.unwrap_or(crate::tokenizer::EOS))
             .with_stop_tokens(stops),
     ))
 }

@@ -1,7 +1,7 @@
 //! The elements of a KV pool as the host holds them: 16-bit float storage as its 16 bits,
 //! everything else as `f32`.
 
-use std::ops::Range;
+use std::{borrow::Cow, ops::Range};
 
 use half::{
     bf16, f16,
@@ -59,6 +59,11 @@ impl KvValues {
         self.len() == 0
     }
 
+    /// Bytes per element of an array held as `storage` needs.
+    pub fn storage_width(storage: &KvStorage) -> usize {
+        KvValues::zeros(storage, 0).width()
+    }
+
     /// Bytes per element.
     pub fn width(&self) -> usize {
         match self {
@@ -85,11 +90,16 @@ impl KvValues {
         }
     }
 
-    /// Every element as `f32`.
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.len()];
-        self.read(0, &mut out);
-        out
+    /// Every element as `f32`: borrowed from an `f32` array, widened from a 16-bit one.
+    pub fn floats(&self) -> Cow<'_, [f32]> {
+        match self {
+            KvValues::F32(v) => Cow::Borrowed(v),
+            _ => {
+                let mut out = vec![0.0; self.len()];
+                self.read(0, &mut out);
+                Cow::Owned(out)
+            }
+        }
     }
 
     /// Writes `row` at elements `at..`, each rounded to the element type (to nearest,
@@ -152,7 +162,8 @@ mod tests {
             values.copy_within(2..6, 4);
             values.read(4, &mut out);
             assert_eq!(out, rounded, "{dtype} after a copy");
-            let back = KvValues::from_f32(&storage, &values.to_f32());
+            let back = KvValues::from_f32(&storage, &values.floats());
+            assert_eq!(KvValues::storage_width(&storage), values.width());
             assert_eq!(back, values, "{dtype} through f32");
         }
     }

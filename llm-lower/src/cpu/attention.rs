@@ -59,6 +59,13 @@ pub fn fits(heads: usize, kv_heads: usize, d: usize) -> bool {
         && (8..=MAX_HEAD).contains(&d)
 }
 
+/// Whether a compiled attention kernel over `heads` query heads of `d` on `kv_heads` KV
+/// heads calls [`attention_row`] (which reads a 16-bit cache's rows itself): where the
+/// kernels call the Rust microkernels (`tiles`) and the heads [`fit`](fits).
+pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> bool {
+    tiles && fits(heads, kv_heads, d)
+}
+
 /// The element types of the key and value rows [`attention_row`] reads, as its `shape`
 /// names them (bits 48 and up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +99,15 @@ impl RowElement {
     /// `kv_heads` KV heads of these elements.
     pub fn shape(self, heads: usize, kv_heads: usize, d: usize) -> i64 {
         (heads | kv_heads << 16 | d << 32 | (self as usize) << 48) as i64
+    }
+
+    /// The element a `shape` word names.
+    fn of_shape(shape: i64) -> RowElement {
+        match shape >> 48 {
+            1 => RowElement::F16,
+            2 => RowElement::BF16,
+            _ => RowElement::F32,
+        }
     }
 }
 
@@ -133,10 +149,10 @@ pub unsafe extern "C" fn attention_row(
     };
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        match shape >> 48 {
-            1 => attend_row::<F16>(args),
-            2 => attend_row::<BF16>(args),
-            _ => attend_row::<F32>(args),
+        match RowElement::of_shape(shape) {
+            RowElement::F16 => attend_row::<F16>(args),
+            RowElement::BF16 => attend_row::<BF16>(args),
+            RowElement::F32 => attend_row::<F32>(args),
         }
     }
 }

@@ -1075,10 +1075,11 @@ impl PagedSource<'_> {
         let out_at = out.as_mut_ptr() as usize;
         let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
         // The row microkernel reads 16-bit rows itself; the generated kernel reads f32.
+        let heads = rows.row / rows.d.max(1);
         let reads_stored = match (keys, self.element) {
             (KvValues::F32(_), RowElement::F32) => true,
             (KvValues::F16(_), RowElement::F16) | (KvValues::BF16(_), RowElement::BF16) => {
-                k.code.tiles() && attention::fits(rows.row / rows.d.max(1), self.kv_heads, rows.d)
+                attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d)
             }
             _ => return Err("the cache's storage does not match its type".into()),
         };

@@ -306,7 +306,7 @@ pub fn compile(
         if let Kernel::Attention {
             heads, kv_heads, d, ..
         } = kernel
-            && attention::fits(*heads, *kv_heads, *d)
+            && attention::row_kernel_runs(use_tiles, *heads, *kv_heads, *d)
         {
             tiles.attention =
                 attention_row.map(|id| module.declare_func_in_func(id, &mut ctx.func));

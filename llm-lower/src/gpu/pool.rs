@@ -64,8 +64,8 @@ impl Pool {
                 .collect()
         };
         Ok(Arc::new(Pool {
-            k: upload(&c.k.to_f32(), "k"),
-            v: upload(&c.v.to_f32(), "v"),
+            k: upload(&c.k.floats(), "k"),
+            v: upload(&c.v.floats(), "v"),
             params: c.params,
             blocks: c.blocks,
             gpu: Arc::clone(gpu),
