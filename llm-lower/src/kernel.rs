@@ -11,9 +11,12 @@
 
 use llm_ir::{
     dtype::DType,
-    interp::eval::{
-        attention::Scale,
-        fused::{ScalarBody, ScalarStep},
+    interp::{
+        KvElement,
+        eval::{
+            attention::Scale,
+            fused::{ScalarBody, ScalarStep},
+        },
     },
     ops::OpCheck,
     params::ParamValue,
@@ -399,9 +402,8 @@ impl Contraction {
     }
 }
 
-/// How the kernels that write a paged KV cache round its values. Every backend holds the
-/// pool as `f32` values, each already rounded to the cache's storage (as the reference
-/// holds it), so reading a cache is the same whatever its storage; only writes differ.
+/// How the kernels that write a paged KV cache round its values (what the reference
+/// stores); the pool then holds each value as [`KvRounding::element`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvRounding {
     /// `f32` storage: values are stored as given.
@@ -430,6 +432,15 @@ impl KvRounding {
                 }
                 KvRounding::Quantized(WeightFormat::of(&row))
             }
+        }
+    }
+
+    /// How a pool of this storage holds each value, on every backend (as the
+    /// interpreter's [`KvValues`](llm_ir::interp::KvValues)).
+    pub fn element(self) -> KvElement {
+        match self {
+            KvRounding::Float(dtype) => KvElement::of(&KvStorage::Float(dtype)),
+            KvRounding::Exact | KvRounding::Quantized(_) => KvElement::F32,
         }
     }
 }
@@ -463,6 +474,15 @@ impl AttentionSource {
     /// Whether a mask is added to the scores (a contiguous attention's fourth operand).
     pub fn masked(&self) -> bool {
         matches!(self, AttentionSource::Contiguous { masked: true, .. })
+    }
+
+    /// The elements of the key and value rows attention reads: a paged cache's pool
+    /// elements, `f32` for contiguous tensors.
+    pub fn element(&self) -> KvElement {
+        match self {
+            AttentionSource::Paged { rounding, .. } => rounding.element(),
+            AttentionSource::Contiguous { .. } => KvElement::F32,
+        }
     }
 }
 

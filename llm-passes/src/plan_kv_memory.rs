@@ -15,7 +15,7 @@
 //! `max-seq-len` for very short sequences. An explicit `block-size=N` is used as given.
 
 use llm_ir::{
-    interp::KvValues,
+    interp::KvElement,
     ops::{self, KvPlanOp},
     params::ParamValue,
     types::{KvCacheParams, PagedKvCacheType},
@@ -63,12 +63,6 @@ pub const INFO: PassInfo = PassInfo {
             help: "positions per block",
         },
         OptionInfo {
-            name: "f32-pool",
-            kind: OptionKind::Bool,
-            default: "false",
-            help: "the target holds every KV value as f32 (the GPU's device pool)",
-        },
-        OptionInfo {
             name: "max-seq-len",
             kind: OptionKind::Int,
             default: "0",
@@ -82,7 +76,6 @@ pub const INFO: PassInfo = PassInfo {
             max_binding: o.int("max-binding-size"),
             block_size: o.auto_or_int("block-size"),
             max_seq_len: o.int("max-seq-len"),
-            f32_pool: o.flag("f32-pool"),
         })
     },
 };
@@ -97,22 +90,15 @@ pub struct PlanKvMemory {
     pub block_size: Option<u64>,
     /// Longest sequence to hold (0: none).
     pub max_seq_len: u64,
-    /// Whether the target holds every value as `f32`.
-    pub f32_pool: bool,
 }
 
 /// Bytes of one block of `block_size` positions of a cache with parameters `cache`, as
-/// the pool holds its values (`docs/lowering.md`, "KV storage"): in the width the host
-/// holds the storage in ([`KvValues::storage_width`]: 2 bytes for f16 and bf16, 4 for
-/// f32 and for quantized storage's round-tripped values), or in 4 everywhere where the
-/// target widens the pool to `f32` (`f32_pool`, the GPU's device pool). Counting a
-/// quantized storage's own size would plan more blocks than fit.
-pub fn bytes_per_block(cache: &KvCacheParams, block_size: u64, f32_pool: bool) -> u64 {
-    let value_bytes = if f32_pool {
-        4
-    } else {
-        KvValues::storage_width(&cache.storage) as u64
-    };
+/// every backend's pool holds its values (`docs/lowering.md`, "KV storage"): in
+/// [`KvElement`]s, 2 bytes for f16 and bf16, 4 for f32 and for quantized storage's
+/// round-tripped values. Counting a quantized storage's own size would plan more blocks
+/// than fit.
+pub fn bytes_per_block(cache: &KvCacheParams, block_size: u64) -> u64 {
+    let value_bytes = KvElement::of(&cache.storage).bytes() as u64;
     cache.layers * 2 * block_size * cache.kv_heads * cache.head_dim * value_bytes
 }
 
@@ -146,7 +132,7 @@ impl PlanKvMemory {
         if self.max_seq_len > 0 && self.max_seq_len < bs {
             bs = self.max_seq_len.next_power_of_two();
         }
-        while bs > 1 && bytes_per_block(&cache.params(), bs, self.f32_pool) > self.max_binding {
+        while bs > 1 && bytes_per_block(&cache.params(), bs) > self.max_binding {
             bs /= 2;
         }
         Ok(bs)
@@ -180,7 +166,7 @@ impl Pass for PlanKvMemory {
             )));
         }
         let block_size = self.choose_block_size(&cache).map_err(PassError::new)?;
-        let per_block = bytes_per_block(&cache.params(), block_size, self.f32_pool);
+        let per_block = bytes_per_block(&cache.params(), block_size);
         if per_block > self.max_binding {
             return Err(PassError::new(format!(
                 "one block of {block_size} positions takes {per_block} bytes, more than max-binding-size = {}",

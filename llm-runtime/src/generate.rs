@@ -200,11 +200,6 @@ pub fn pass_options(limits: Option<gpu::Limits>) -> Vec<TargetOption> {
             option: "max-binding-size",
             value: limits.max_binding_bytes.to_string(),
         });
-        options.push(TargetOption {
-            pass: "plan-kv-memory",
-            option: "f32-pool",
-            value: "true".into(),
-        });
     }
     options
 }
@@ -500,13 +495,10 @@ impl Model {
         self.planned_blocks.unwrap_or(wanted)
     }
 
-    /// Bytes of one block of the model's KV pool (keys and values of every layer) where
-    /// the pool lives: on the host, in [`Model::kv_dtype`]; on the GPU, in `f32` (its
-    /// device pool widens 16-bit storage). `plan-kv-memory`'s count, with the options
-    /// [`pass_options`] gives it.
+    /// Bytes of one block of the model's KV pool (keys and values of every layer), as
+    /// every backend holds it: `plan-kv-memory`'s count.
     pub fn cache_block_bytes(&self) -> usize {
-        let f32_pool = matches!(self.backend, Backend::Gpu(_));
-        bytes_per_block(&self.cache_params(), BLOCK_SIZE as u64, f32_pool) as usize
+        bytes_per_block(&self.cache_params(), BLOCK_SIZE as u64) as usize
     }
 
     /// The parameters of the model's KV cache type (block count left open).

@@ -169,6 +169,30 @@ fn sixteen_bit_kv_caches_take_half_the_memory() {
     );
 }
 
+/// f16 and bf16 KV caches on the GPU: the device pool takes the host pool's bytes, the
+/// GPU's greedy tokens over it are the interpreter's, and prefix sharing (copy-on-write
+/// of 16-bit blocks on the device) keeps every output.
+#[test]
+fn sixteen_bit_kv_caches_on_the_gpu_backend() {
+    if llm_lower::gpu::test_device(&Default::default()).is_none() {
+        return;
+    }
+    let gpu = Backend::Gpu(Default::default());
+    let prompts = prompts(4);
+    for kv in [DType::F16, DType::BF16] {
+        let (on_gpu, tok) = model_with_kv(&gpu, kv, "default");
+        let (reference, _) = model_with_kv(&Backend::Interp, kv, "default");
+        assert_eq!(on_gpu.cache_block_bytes(), reference.cache_block_bytes());
+        let config = EngineConfig::default;
+        assert_eq!(
+            run_engine(&on_gpu, &tok, &prompts, 64, config()).0,
+            run_engine(&reference, &tok, &prompts, 64, config()).0,
+            "{kv}"
+        );
+    }
+    shared_prefixes(model_with_kv(&gpu, DType::F16, "default"));
+}
+
 #[test]
 fn preemption_under_a_small_pool_keeps_outputs() {
     let (model, tok) = model();
@@ -189,19 +213,18 @@ fn preemption_under_a_small_pool_keeps_outputs() {
 
 #[test]
 fn shared_prompt_prefixes_are_prefilled_once() {
-    shared_prefixes(&Backend::Interp);
+    shared_prefixes(model());
 }
 
 /// The same with the pool in device memory: copy-on-write block copies run on the GPU.
 #[test]
 fn shared_prompt_prefixes_are_prefilled_once_on_the_gpu_backend() {
     if llm_lower::gpu::test_device(&Default::default()).is_some() {
-        shared_prefixes(&Backend::Gpu(Default::default()));
+        shared_prefixes(model_on(&Backend::Gpu(Default::default())));
     }
 }
 
-fn shared_prefixes(backend: &Backend) {
-    let (model, tok) = model_on(backend);
+fn shared_prefixes((model, tok): (Model, Tokenizer)) {
     // 16 requests sharing a long prefix, each with its own ending.
     let prefix = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.";
     let prompts: Vec<String> = (0..16)

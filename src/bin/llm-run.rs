@@ -133,8 +133,8 @@ struct CompileArgs {
     /// Quantize the model's f32 matrices to this format when loading.
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
-    /// Element type of the KV cache: f16 and bf16 take half f32's memory on the host (the
-    /// GPU backend's device pool holds f32 whatever it is).
+    /// Element type of the KV cache: f16 and bf16 take half f32's memory (on the CPU and
+    /// on the GPU).
     #[arg(long, value_enum, default_value = "f32")]
     kv_dtype: KvDtype,
 }

@@ -27,13 +27,45 @@ pub enum KvValues {
     BF16(Vec<u16>),
 }
 
+/// How a KV pool holds each element, in host and device memory alike: f16 and bf16
+/// storage as its 16 bits, every other storage (f32, and a quantized cache's
+/// round-tripped values) as `f32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvElement {
+    /// `f32`.
+    F32,
+    /// The bits of an f16.
+    F16,
+    /// The bits of a bf16.
+    BF16,
+}
+
+impl KvElement {
+    /// The element of a pool with `storage`.
+    pub fn of(storage: &KvStorage) -> KvElement {
+        match storage {
+            KvStorage::Float(DType::F16) => KvElement::F16,
+            KvStorage::Float(DType::BF16) => KvElement::BF16,
+            _ => KvElement::F32,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvElement::F32 => 4,
+            KvElement::F16 | KvElement::BF16 => 2,
+        }
+    }
+}
+
 impl KvValues {
     /// `len` zeros held as `storage` needs.
     pub fn zeros(storage: &KvStorage, len: usize) -> KvValues {
-        match storage {
-            KvStorage::Float(DType::F16) => KvValues::F16(vec![0; len]),
-            KvStorage::Float(DType::BF16) => KvValues::BF16(vec![0; len]),
-            _ => KvValues::F32(vec![0.0; len]),
+        match KvElement::of(storage) {
+            KvElement::F16 => KvValues::F16(vec![0; len]),
+            KvElement::BF16 => KvValues::BF16(vec![0; len]),
+            KvElement::F32 => KvValues::F32(vec![0.0; len]),
         }
     }
 
@@ -44,6 +76,18 @@ impl KvValues {
         let mut out = KvValues::zeros(storage, values.len());
         out.write(0, values);
         out
+    }
+
+    /// The elements whose [`bytes`](KvValues::bytes) are `bytes`, held as `storage`
+    /// needs (a trailing part of an element is ignored).
+    pub fn from_bytes(storage: &KvStorage, bytes: &[u8]) -> KvValues {
+        let whole = bytes.len() - bytes.len() % KvElement::of(storage).bytes();
+        let bytes = &bytes[..whole];
+        match KvElement::of(storage) {
+            KvElement::F16 => KvValues::F16(bytemuck::pod_collect_to_vec(bytes)),
+            KvElement::BF16 => KvValues::BF16(bytemuck::pod_collect_to_vec(bytes)),
+            KvElement::F32 => KvValues::F32(bytemuck::pod_collect_to_vec(bytes)),
+        }
     }
 
     /// Elements held.
@@ -59,16 +103,12 @@ impl KvValues {
         self.len() == 0
     }
 
-    /// Bytes per element of an array held as `storage` needs.
-    pub fn storage_width(storage: &KvStorage) -> usize {
-        KvValues::zeros(storage, 0).width()
-    }
-
-    /// Bytes per element.
-    pub fn width(&self) -> usize {
+    /// How each element is held.
+    pub fn element(&self) -> KvElement {
         match self {
-            KvValues::F32(_) => 4,
-            KvValues::F16(_) | KvValues::BF16(_) => 2,
+            KvValues::F32(_) => KvElement::F32,
+            KvValues::F16(_) => KvElement::F16,
+            KvValues::BF16(_) => KvElement::BF16,
         }
     }
 
@@ -158,12 +198,13 @@ mod tests {
             let mut out = [0.0; 4];
             values.read(2, &mut out);
             assert_eq!(out, rounded, "{dtype}");
-            assert_eq!(values.bytes().len(), 8 * values.width());
+            assert_eq!(values.bytes().len(), 8 * values.element().bytes());
             values.copy_within(2..6, 4);
             values.read(4, &mut out);
             assert_eq!(out, rounded, "{dtype} after a copy");
             let back = KvValues::from_f32(&storage, &values.floats());
-            assert_eq!(KvValues::storage_width(&storage), values.width());
+            assert_eq!(KvElement::of(&storage), values.element());
+            assert_eq!(KvValues::from_bytes(&storage, values.bytes()), values);
             assert_eq!(back, values, "{dtype} through f32");
         }
     }

@@ -29,10 +29,9 @@
     reason = "AVX2 intrinsics on pointers checked by the caller"
 )]
 
-use llm_ir::dtype::DType;
+use llm_ir::interp::KvElement;
 
 use super::emit::{EXP_LN2, EXP_POLY, EXP_RANGE};
-use crate::kernel::{AttentionSource, KvRounding};
 
 /// The symbol generated code imports [`attention_row`] under.
 pub const ATTENTION_ROW: &str = "llmc_attention_row";
@@ -66,48 +65,23 @@ pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> 
     tiles && fits(heads, kv_heads, d)
 }
 
-/// The element types of the key and value rows [`attention_row`] reads, as its `shape`
-/// names them (bits 48 and up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowElement {
-    /// `f32`.
-    F32 = 0,
-    /// The bits of f16 values.
-    F16 = 1,
-    /// The bits of bf16 values.
-    BF16 = 2,
+/// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
+/// KV heads of rows of `element` (bits 48 and up: 0 for f32, 1 for f16, 2 for bf16).
+pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
+    let code = match element {
+        KvElement::F32 => 0,
+        KvElement::F16 => 1,
+        KvElement::BF16 => 2,
+    };
+    (heads | kv_heads << 16 | d << 32 | code << 48) as i64
 }
 
-impl RowElement {
-    /// The rows attention over `source` reads: a paged cache's 16 bits for f16 and bf16
-    /// storage, `f32` otherwise.
-    pub fn of(source: &AttentionSource) -> RowElement {
-        match source {
-            AttentionSource::Paged {
-                rounding: KvRounding::Float(DType::F16),
-                ..
-            } => RowElement::F16,
-            AttentionSource::Paged {
-                rounding: KvRounding::Float(DType::BF16),
-                ..
-            } => RowElement::BF16,
-            _ => RowElement::F32,
-        }
-    }
-
-    /// The `shape` word of [`attention_row`] for `heads` query heads of `d` over
-    /// `kv_heads` KV heads of these elements.
-    pub fn shape(self, heads: usize, kv_heads: usize, d: usize) -> i64 {
-        (heads | kv_heads << 16 | d << 32 | (self as usize) << 48) as i64
-    }
-
-    /// The element a `shape` word names.
-    fn of_shape(shape: i64) -> RowElement {
-        match shape >> 48 {
-            1 => RowElement::F16,
-            2 => RowElement::BF16,
-            _ => RowElement::F32,
-        }
+/// The element a `shape` word names.
+fn element_of_shape(shape: i64) -> KvElement {
+    match shape >> 48 {
+        1 => KvElement::F16,
+        2 => KvElement::BF16,
+        _ => KvElement::F32,
     }
 }
 
@@ -115,13 +89,13 @@ impl RowElement {
 /// of `kv_heads * d` elements: row `j` is element `offsets[j] / 4` of `k` and `v` (the
 /// offsets are those of f32 rows, in bytes), KV head `h` `h * d` elements after it;
 /// scores are scaled by the f32 whose bits are `factor`; the `heads * d` outputs go to
-/// `out`. `shape` is [`RowElement::shape`].
+/// `out`. `shape` is [`shape_word`].
 ///
 /// # Safety
 ///
 /// `q` points to `heads * d` floats and `out` to as many writable ones; every offset is
 /// one whose row lies inside `k` and `v`; `offsets` holds `count` (at least 1) entries;
-/// `heads`, `kv_heads` and `d` [`fit`](fits) and the element is a [`RowElement`]; the CPU
+/// `heads`, `kv_heads` and `d` [`fit`](fits) and the element is a [`KvElement`]; the CPU
 /// has AVX2, FMA and F16C ([`super::ukernel::available`]).
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn attention_row(
@@ -149,10 +123,10 @@ pub unsafe extern "C" fn attention_row(
     };
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        match RowElement::of_shape(shape) {
-            RowElement::F16 => attend_row::<F16>(args),
-            RowElement::BF16 => attend_row::<BF16>(args),
-            RowElement::F32 => attend_row::<F32>(args),
+        match element_of_shape(shape) {
+            KvElement::F16 => attend_row::<F16>(args),
+            KvElement::BF16 => attend_row::<BF16>(args),
+            KvElement::F32 => attend_row::<F32>(args),
         }
     }
 }
@@ -674,7 +648,7 @@ mod tests {
         let offsets: Vec<i64> = (0..n)
             .map(|j| (4 * ((j * 7) % n) * kv * d) as i64)
             .collect();
-        let run = |k: &[u8], v: &[u8], element: RowElement| {
+        let run = |k: &[u8], v: &[u8], element: KvElement| {
             let mut out = vec![0f32; heads * d];
             // SAFETY: every offset's row lies inside k and v; the shape fits.
             unsafe {
@@ -685,17 +659,17 @@ mod tests {
                     offsets.as_ptr(),
                     n as i64,
                     out.as_mut_ptr(),
-                    element.shape(heads, kv, d),
+                    shape_word(element, heads, kv, d),
                     0.25f32.to_bits() as i64,
                 );
             }
             out
         };
-        for element in [RowElement::F16, RowElement::BF16] {
+        for element in [KvElement::F16, KvElement::BF16] {
             let bits = |x: &[f32]| -> Vec<u16> {
                 x.iter()
                     .map(|&x| match element {
-                        RowElement::F16 => half::f16::from_f32(x).to_bits(),
+                        KvElement::F16 => half::f16::from_f32(x).to_bits(),
                         _ => half::bf16::from_f32(x).to_bits(),
                     })
                     .collect()
@@ -703,7 +677,7 @@ mod tests {
             let widen = |b: &[u16]| -> Vec<f32> {
                 b.iter()
                     .map(|&b| match element {
-                        RowElement::F16 => half::f16::from_bits(b).to_f32(),
+                        KvElement::F16 => half::f16::from_bits(b).to_f32(),
                         _ => half::bf16::from_bits(b).to_f32(),
                     })
                     .collect()
@@ -718,7 +692,7 @@ mod tests {
             let wide = run(
                 bytemuck::cast_slice(&kf),
                 bytemuck::cast_slice(&vf),
-                RowElement::F32,
+                KvElement::F32,
             );
             assert_eq!(sixteen, wide, "{element:?}");
         }

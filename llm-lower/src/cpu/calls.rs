@@ -11,7 +11,7 @@ use smallvec::{SmallVec, smallvec};
 use llm_ir::{
     dtype::DType,
     interp::{
-        Data, KvCache, KvValues, QTensor, Tensor, Value,
+        Data, KvCache, KvElement, KvValues, QTensor, Tensor, Value,
         eval::{
             fused::ScalarBody,
             kv::{append_rows, lookup},
@@ -29,7 +29,7 @@ use llm_ir::{
 };
 
 use super::{
-    attention::{self, RowElement},
+    attention,
     jit::CompiledKernels,
     pool::BufferPool,
     tables::{PagedRows, RopeAngles, RopeTables},
@@ -919,7 +919,7 @@ fn attention(
                 layer,
                 window,
                 kv_heads,
-                element: RowElement::of(&source),
+                element: source.element(),
             };
             paged.attend(k, &rows, (sequences, tables, lens), &mut out)?;
             let out = Value::Tensor(Tensor::from_f32(k.pool.shape(&q.shape), DType::F32, out));
@@ -990,7 +990,7 @@ impl<'a> AttentionRows<'a> {
     }
 
     /// Runs query row `r` over `offsets` into `kd`/`vd` (the bytes of the rows the kernel
-    /// reads: f32, or what [`RowElement`] its shape names; the caller checked each offset
+    /// reads: f32, or what [`KvElement`] its shape names; the caller checked each offset
     /// plus a row to lie inside both), with the mask values of those positions if the
     /// kernel takes them, writing the row's outputs at `out_at + 4 * r * row` (the
     /// caller's buffer of as many floats as the queries).
@@ -1045,7 +1045,7 @@ pub(super) struct PagedSource<'a> {
     /// KV heads the kernel expects.
     pub kv_heads: usize,
     /// The rows the kernel reads where it calls the row microkernel.
-    pub element: RowElement,
+    pub element: KvElement,
 }
 
 impl PagedSource<'_> {
@@ -1077,8 +1077,8 @@ impl PagedSource<'_> {
         // The row microkernel reads 16-bit rows itself; the generated kernel reads f32.
         let heads = rows.row / rows.d.max(1);
         let reads_stored = match (keys, self.element) {
-            (KvValues::F32(_), RowElement::F32) => true,
-            (KvValues::F16(_), RowElement::F16) | (KvValues::BF16(_), RowElement::BF16) => {
+            (KvValues::F32(_), KvElement::F32) => true,
+            (KvValues::F16(_), KvElement::F16) | (KvValues::BF16(_), KvElement::BF16) => {
                 attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d)
             }
             _ => return Err("the cache's storage does not match its type".into()),
@@ -1088,7 +1088,7 @@ impl PagedSource<'_> {
                 let positions = all.iter().map(Vec::len).sum::<usize>();
                 let macs = 2 * positions * rows.row;
                 if reads_stored {
-                    let width = keys.width();
+                    let width = keys.element().bytes();
                     let pool = (
                         &keys.bytes()[width * layer_start..],
                         &values.bytes()[width * layer_start..],

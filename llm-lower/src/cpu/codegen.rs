@@ -21,8 +21,7 @@ use llm_ir::{
 };
 
 use super::{
-    attention::RowElement,
-    dequant,
+    attention, dequant,
     emit::{
         accumulate, address, exp, for_range, horizontal_max, horizontal_sum, mem, splat,
         zeroed_accumulators,
@@ -125,7 +124,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             let mask = source.masked().then(|| p[6]);
             match tiles.attention {
                 Some(tile) if mask.is_none() => {
-                    let shape = RowElement::of(source).shape(*heads, *kv_heads, *d);
+                    let shape = attention::shape_word(source.element(), *heads, *kv_heads, *d);
                     let factor = i64::from(scale.factor().to_bits());
                     let shape = b.ins().iconst(types::I64, shape);
                     let factor = b.ins().iconst(types::I64, factor);

@@ -34,13 +34,12 @@ use std::{cell::RefCell, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
-    interp::{KvCache, Tensor, Value, eval::kv::write_rows, quant::storage_bytes},
+    interp::{KvCache, KvElement, Tensor, Value, eval::kv::write_rows, quant::storage_bytes},
     types::QuantFormat,
 };
 use llm_passes::plan_buffers::place_buffers;
 
 use super::{
-    attention::RowElement,
     calls::{
         self, AttentionRows, Kernels, PagedSource, Rows, Table, contract_into, copy_columns,
         elementwise_into, norm_into, quantize_into, rotate_in_place,
@@ -179,7 +178,7 @@ enum Op {
     Attention {
         f: *const u8,
         shape: [usize; 3],
-        element: RowElement,
+        element: KvElement,
         layer: usize,
         window: Option<usize>,
         q: Src,
@@ -717,7 +716,7 @@ fn plan_kernel(
             Op::Attention {
                 f,
                 shape: [*heads, *kv_heads, *d],
-                element: RowElement::of(source),
+                element: source.element(),
                 layer: *layer,
                 window: *window,
                 q: b.shaping(inputs[0])?,

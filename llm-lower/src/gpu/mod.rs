@@ -176,9 +176,12 @@ pub fn emit_wgsl(ctx: &Context, module: ModuleOp) -> Result<String, GpuError> {
 mod tests {
     use llm_ir::{
         dtype::DType,
-        interp::eval::{
-            attention::Scale,
-            fused::{ScalarBody, ScalarStep},
+        interp::{
+            KvElement,
+            eval::{
+                attention::Scale,
+                fused::{ScalarBody, ScalarStep},
+            },
         },
         types::Reduction,
     };
@@ -365,6 +368,18 @@ mod tests {
                 row: 64,
                 rounding: KvRounding::Quantized(Some(WeightFormat::Q8_0)),
             },
+            Shader::KvGather {
+                row: 48,
+                element: KvElement::F32,
+            },
+            Shader::KvGather {
+                row: 48,
+                element: KvElement::F16,
+            },
+            Shader::KvGather {
+                row: 48,
+                element: KvElement::BF16,
+            },
             Shader::KvAppend {
                 row: 64,
                 rounding: KvRounding::Quantized(Some(WeightFormat::Q4_0)),
@@ -436,7 +451,11 @@ mod tests {
                 half,
             });
         }
-        for (paged, masked) in [(false, false), (false, true), (true, false)] {
+        let pools = [KvElement::F32, KvElement::F16, KvElement::BF16].map(Some);
+        for (paged, masked) in [(None, false), (None, true)]
+            .into_iter()
+            .chain(pools.map(|p| (p, false)))
+        {
             for (d, scale) in [(8, Scale::DivSqrt(8f32.sqrt())), (130, Scale::Times(0.1))] {
                 for split in [false, true] {
                     shaders.push(Shader::Attention {

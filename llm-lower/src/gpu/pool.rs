@@ -1,14 +1,14 @@
 //! The paged KV pool in device memory: one key and one value buffer per layer, named by
 //! the [`KvCache`] values a program returns ([`KvCache::resident`]), copied block by block
-//! on the device and read back on request. Whatever the cache's storage, the pool holds
-//! `f32` values, each rounded to that storage when written: an f16 cache takes as much
-//! device memory as an f32 one (on the host it takes half, [`KvValues`]), and crossing
-//! between host and device widens or narrows its values exactly.
+//! on the device and read back on request. The buffers hold the bytes the host's
+//! [`KvValues`] hold ([`KvElement`]s: an f16 or bf16 cache's 16 bits, two to a shader's
+//! `u32`, half an f32 pool's memory; `f32` otherwise), so crossing between host and
+//! device copies them as they are.
 
 use std::sync::Arc;
 
 use llm_ir::{
-    interp::{KvCache, KvValues, Resident},
+    interp::{KvCache, KvElement, KvValues, Resident},
     types::KvCacheParams,
 };
 
@@ -41,8 +41,9 @@ impl Pool {
             }
             return Ok(pool);
         }
-        let per_layer = c.slot_offset(1, 0);
-        let bytes = per_layer as u64 * 4;
+        let per_layer = c.slot_offset(1, 0) * KvElement::of(&c.params.storage).bytes();
+        // Buffers are whole words (a 16-bit pool of an odd count ends in half of one).
+        let bytes = per_layer.next_multiple_of(4) as u64;
         let limit = gpu.limits().max_binding_bytes;
         if bytes > limit {
             return Err(format!(
@@ -50,22 +51,20 @@ impl Pool {
             ));
         }
         let layers = c.params.layers as usize;
-        let upload = |data: &[f32], which: &str| -> Vec<wgpu::Buffer> {
+        let upload = |data: &KvValues, which: &str| -> Vec<wgpu::Buffer> {
             (0..layers)
                 .map(|l| {
                     let label = format!("kv {which} layer {l}");
-                    let part = data.get(l * per_layer..(l + 1) * per_layer).unwrap_or(&[]);
-                    if part.iter().all(|&x| x == 0.0) {
-                        gpu.storage(&label, bytes)
-                    } else {
-                        gpu.upload(&label, bytemuck::cast_slice(part))
+                    match data.bytes().get(l * per_layer..(l + 1) * per_layer) {
+                        Some(part) if part.iter().any(|&b| b != 0) => gpu.upload(&label, part),
+                        _ => gpu.storage(&label, bytes),
                     }
                 })
                 .collect()
         };
         Ok(Arc::new(Pool {
-            k: upload(&c.k.floats(), "k"),
-            v: upload(&c.v.floats(), "v"),
+            k: upload(&c.k, "k"),
+            v: upload(&c.v, "v"),
             params: c.params,
             blocks: c.blocks,
             gpu: Arc::clone(gpu),
@@ -112,7 +111,14 @@ pub fn copy_block(cache: &KvCache, from: usize, to: usize) -> Result<(), String>
         ));
     }
     let gpu = &pool.gpu;
-    let block = cache.params.block_size * cache.params.kv_heads * cache.params.head_dim * 4;
+    let p = &cache.params;
+    let block = p.block_size * p.kv_heads * p.head_dim * KvElement::of(&p.storage).bytes() as u64;
+    if !block.is_multiple_of(4) {
+        // Buffer copies move whole words; such a block starts or ends inside one.
+        return Err(format!(
+            "a block of {block} bytes is not whole 4-byte words: the GPU cannot copy it (use an even block size)"
+        ));
+    }
     // WebGPU copies never have the same buffer at both ends: go through a scratch block.
     let scratch = gpu.storage("block copy", block);
     let mut encoder = gpu.device().create_command_encoder(&Default::default());
@@ -142,7 +148,8 @@ pub fn read_cache(cache: &KvCache) -> Result<KvCache, String> {
 /// Reads every layer of `pool` back.
 pub(super) fn read_pool(pool: &Pool) -> Result<KvCache, String> {
     let mut cache = KvCache::new(pool.params.clone(), pool.blocks);
-    let per_layer = cache.slot_offset(1, 0) as u64 * 4;
+    let storage = &pool.params.storage;
+    let per_layer = (cache.slot_offset(1, 0) * KvElement::of(storage).bytes()) as u64;
     let reads: Vec<(&wgpu::Buffer, u64)> = pool
         .k
         .iter()
@@ -155,9 +162,7 @@ pub(super) fn read_pool(pool: &Pool) -> Result<KvCache, String> {
         .create_command_encoder(&Default::default());
     let layers = pool.gpu.submit_and_read(encoder, &reads).map_err(|e| e.0)?;
     let (k, v) = layers.split_at(pool.k.len());
-    let storage = &pool.params.storage;
-    let floats = |layers: &[Vec<u8>]| bytemuck::pod_collect_to_vec::<u8, f32>(&layers.concat());
-    cache.k = KvValues::from_f32(storage, &floats(k));
-    cache.v = KvValues::from_f32(storage, &floats(v));
+    cache.k = KvValues::from_bytes(storage, &k.concat());
+    cache.v = KvValues::from_bytes(storage, &v.concat());
     Ok(cache)
 }

@@ -24,6 +24,7 @@ use llm_ir::{
 use crate::kernel::{
     AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
 };
+use llm_ir::interp::KvElement;
 
 /// Invocations per workgroup, in every shader.
 pub const WORKGROUP: u32 = 64;
@@ -166,9 +167,10 @@ pub enum Shader {
         d: usize,
         /// Score scaling.
         scale: Scale,
-        /// Keys and values come from a paged cache layer through block tables (else from
-        /// contiguous `[batch, tokens, kv_heads, d]` tensors).
-        paged: bool,
+        /// Keys and values come from a paged cache layer holding these elements, through
+        /// block tables (else from contiguous `f32` `[batch, tokens, kv_heads, d]`
+        /// tensors).
+        paged: Option<KvElement>,
         /// A `[tq, tk]` bias (`mask`) is added to the scaled scores (contiguous only).
         masked: bool,
         /// Split along the context: each workgroup covers one chunk of a row's visible
@@ -185,8 +187,9 @@ pub enum Shader {
         d: usize,
     },
     /// Writes the new key and value rows of each token into its cache slot, each value
-    /// rounded to the cache's storage (the pool holds them as `f32`): to f16 or bf16, or
-    /// through a q8_0, q4_0 or q4_1 block and back, one block of 32 per invocation.
+    /// rounded to the cache's storage and held as [`KvRounding::element`] says: the
+    /// bits of an f16 or bf16 in its half of a word, or an `f32` (through a quantized
+    /// block and back, one block or group per invocation).
     KvAppend {
         /// Floats per slot (`kv_heads * head_dim`).
         row: usize,
@@ -194,10 +197,12 @@ pub enum Shader {
         rounding: KvRounding,
     },
     /// A sequence's key and value rows gathered from a cache layer through its block
-    /// table (`llm.lookup_kv`).
+    /// table (`llm.lookup_kv`), as `f32`.
     KvGather {
-        /// Floats per slot.
+        /// Values per slot.
         row: usize,
+        /// How the pool holds them.
+        element: KvElement,
     },
     /// Rows of a table part selected by `i32` ids (an embedding).
     Gather {
@@ -337,7 +342,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 kv_heads: *kv_heads,
                 d: *d,
                 scale: *scale,
-                paged: matches!(source, AttentionSource::Paged { .. }),
+                paged: matches!(source, AttentionSource::Paged { .. }).then(|| source.element()),
                 masked: matches!(source, AttentionSource::Contiguous { masked: true, .. }),
                 split,
             };
@@ -394,7 +399,10 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             row: *row,
             rounding: *rounding,
         }],
-        Kernel::KvLookup { row, .. } => vec![Shader::KvGather { row: *row }],
+        Kernel::KvLookup { row, rounding, .. } => vec![Shader::KvGather {
+            row: *row,
+            element: rounding.element(),
+        }],
         Kernel::Move(Movement::Reshape) => Vec::new(),
         Kernel::Move(Movement::Columns { width, offset, len }) => vec![Shader::Columns {
             width: *width,
@@ -450,7 +458,11 @@ impl Shader {
                 ..
             } => format!(
                 "{}attention_{heads}x{d}_kv{kv_heads}{}{}",
-                if *paged { "paged_" } else { "" },
+                match paged {
+                    None => String::new(),
+                    Some(KvElement::F32) => "paged_".into(),
+                    Some(element) => format!("paged_{}_", element_name(*element)),
+                },
                 if *masked { "_masked" } else { "" },
                 if *split { "_split" } else { "" }
             ),
@@ -477,7 +489,9 @@ impl Shader {
                 };
                 format!("kv_append_{row}_{storage}")
             }
-            Shader::KvGather { row } => format!("kv_gather_{row}"),
+            Shader::KvGather { row, element } => {
+                format!("kv_gather_{row}_{}", element_name(*element))
+            }
             Shader::Gather { dim, table, .. } => match table {
                 WeightFormat::F32 => format!("gather_{dim}"),
                 other => format!("gather_{}_{dim}", other.name()),
@@ -529,7 +543,7 @@ impl Shader {
                 ..
             } => {
                 let mut b = vec![("q", Read), ("kc", Read), ("vc", Read)];
-                if *paged {
+                if paged.is_some() {
                     b.extend([("tables", Read), ("lens", Read)]);
                 }
                 if *masked {
@@ -564,6 +578,17 @@ impl Shader {
             ],
             Shader::Gather { .. } => vec![("table", Read), ("ids", Read), ("y", ReadWrite)],
             Shader::Columns { .. } => vec![("x", Read), ("y", ReadWrite)],
+        }
+    }
+
+    /// How the KV pool the shader binds as `kc` and `vc` holds its values (none for a
+    /// shader without a pool).
+    fn pool_element(&self) -> Option<KvElement> {
+        match self {
+            Shader::Attention { paged, .. } => *paged,
+            Shader::KvAppend { rounding, .. } => Some(rounding.element()),
+            Shader::KvGather { element, .. } => Some(*element),
+            _ => None,
         }
     }
 
@@ -632,6 +657,14 @@ impl Shader {
                     "u32"
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
+                (Shader::KvAppend { .. }, "kc" | "vc")
+                    if self.pool_element() != Some(KvElement::F32) =>
+                {
+                    "atomic<u32>"
+                }
+                (_, "kc" | "vc") if self.pool_element().is_some_and(|e| e != KvElement::F32) => {
+                    "u32"
+                }
                 (_, "fault") => "atomic<u32>",
                 (Shader::Cast { from, .. }, "x") if !from.is_float() => "i32",
                 (Shader::Quantize { .. } | Shader::GroupCodes(_), "q") => "u32",
@@ -671,10 +704,10 @@ impl Shader {
             Shader::Fold(_) => &["len"],
             Shader::Agree => &["len", "step"],
             Shader::Rope { .. } => &["tokens"],
-            Shader::Attention { paged: true, .. } => &[
+            Shader::Attention { paged: Some(_), .. } => &[
                 "rows", "tokens", "width", "window", "block", "splits", "chunk",
             ],
-            Shader::Attention { paged: false, .. } => &[
+            Shader::Attention { paged: None, .. } => &[
                 "rows", "tokens", "keys", "window", "causal", "splits", "chunk",
             ],
             Shader::AttentionCombine { .. } => &["rows", "splits"],
@@ -743,7 +776,7 @@ impl Shader {
             Shader::GroupScales(g) => g.scales(),
             Shader::GroupCodes(g) => g.codes(),
             Shader::KvAppend { row, rounding } => kv_append(*row, *rounding),
-            Shader::KvGather { row } => kv_gather(*row),
+            Shader::KvGather { row, element } => kv_gather(*row, *element),
             Shader::Gather { dim, vocab, table } => gather(*dim, *vocab, *table),
             Shader::Columns { width, offset, len } => columns(*width, *offset, *len),
         }
@@ -950,21 +983,54 @@ fn contraction(c: &Contraction) -> String {
 /// not every device grants).
 fn bytes(w: &str) -> String {
     format!(
-        "fn byte_at(o: u32) -> u32 {{ return ({w}[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }}
-fn half_at(o: u32) -> f32 {{
-    let h = byte_at(o) | (byte_at(o + 1u) << 8u);
+        "{HALF_VALUE}fn byte_at(o: u32) -> u32 {{ return ({w}[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }}
+fn half_at(o: u32) -> f32 {{ return half_value(byte_at(o) | (byte_at(o + 1u) << 8u)); }}
+"
+    )
+}
+
+/// The `f32` value of the f16 whose bits are `h` (integer operations only).
+const HALF_VALUE: &str = "fn half_value(h: u32) -> f32 {
     let sign = (h & 0x8000u) << 16u;
     let e = (h >> 10u) & 0x1fu;
     let man = h & 0x3ffu;
-    if (e == 0u) {{
+    if (e == 0u) {
         let v = f32(man) * bitcast<f32>(0x33800000u);
         return select(v, -v, sign != 0u);
-    }}
-    if (e == 31u) {{ return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }}
+    }
+    if (e == 31u) { return bitcast<f32>(sign | 0x7f800000u | (man << 13u)); }
     return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
-}}
+}
+";
+
+/// `key(e)` and `value(e)`: element `e` of the bound keys `kc` and values `vc` as `f32`,
+/// for a pool holding `element`s (16-bit ones two to a `u32`, the lower half first).
+fn kv_readers(element: KvElement) -> String {
+    let widen = match element {
+        KvElement::F32 => {
+            return "fn key(e: u32) -> f32 { return kc[e]; }\nfn value(e: u32) -> f32 { return vc[e]; }\n"
+                .into();
+        }
+        KvElement::F16 => {
+            format!("{HALF_VALUE}fn widen(h: u32) -> f32 {{ return half_value(h); }}\n")
+        }
+        KvElement::BF16 => "fn widen(h: u32) -> f32 { return bitcast<f32>(h << 16u); }\n".into(),
+    };
+    format!(
+        "{widen}fn half_of(w: u32, e: u32) -> u32 {{ return (w >> ((e & 1u) * 16u)) & 0xffffu; }}
+fn key(e: u32) -> f32 {{ return widen(half_of(kc[e >> 1u], e)); }}
+fn value(e: u32) -> f32 {{ return widen(half_of(vc[e >> 1u], e)); }}
 "
     )
+}
+
+/// The name of a pool element in shader names.
+fn element_name(element: KvElement) -> &'static str {
+    match element {
+        KvElement::F32 => "f32",
+        KvElement::F16 => "f16",
+        KvElement::BF16 => "bf16",
+    }
 }
 
 /// A scale of `dtype` stored at byte `o`, as a WGSL function `scale_at`.
@@ -1523,7 +1589,7 @@ fn rope(heads: usize, d: usize, rotary: usize, half: bool) -> String {
 fn attention(
     [heads, kv_heads, d]: [usize; 3],
     scale: Scale,
-    (paged, masked): (bool, bool),
+    (paged, masked): (Option<KvElement>, bool),
     split: bool,
 ) -> String {
     let mut scaled = match scale {
@@ -1547,8 +1613,9 @@ var<workgroup> range_end: u32;
 {REDUCE}",
         d.div_ceil(WORKGROUP as usize).max(1),
     );
-    // Where key position `j` of the row's sequence lives, in floats.
-    let (locate, range) = if paged {
+    s.push_str(&kv_readers(paged.unwrap_or(KvElement::F32)));
+    // Where key position `j` of the row's sequence lives, in elements.
+    let (locate, range) = if paged.is_some() {
         (
             "fn key_at(seq: u32, j: u32, kvh: u32) -> u32 {
     let block = u32(tables[seq * p.width + j / p.block]);
@@ -1630,7 +1697,7 @@ var<workgroup> range_end: u32;
             let at = key_at(seq, j, kvh);
             offs[t] = at;
             var qk = 0.0;
-            for (var i = 0u; i < D; i = i + 1u) {{ qk = qk + qs[i] * kc[at + i]; }}
+            for (var i = 0u; i < D; i = i + 1u) {{ qk = qk + qs[i] * key(at + i); }}
             score = {scaled};
         }}
         let top = max(m, reduce_max(t, score));
@@ -1646,7 +1713,7 @@ var<workgroup> range_end: u32;
             let i = t + c * WG;
             if (i < D) {{
                 var a = acc[c] * fix;
-                for (var jj = 0u; jj < count; jj = jj + 1u) {{ a = a + sc[jj] * vc[offs[jj] + i]; }}
+                for (var jj = 0u; jj < count; jj = jj + 1u) {{ a = a + sc[jj] * value(offs[jj] + i); }}
                 acc[c] = a;
             }}
         }}
@@ -1687,6 +1754,9 @@ fn attention_combine(heads: usize, d: usize) -> String {
 }
 
 fn kv_append(row: usize, how: KvRounding) -> String {
+    if how.element() != KvElement::F32 {
+        return kv_append_halves(row, how.element());
+    }
     let storage = match how {
         KvRounding::Exact => DType::F32,
         KvRounding::Float(dtype) => dtype,
@@ -1708,6 +1778,35 @@ fn kv_append(row: usize, how: KvRounding) -> String {
 ",
         rounded(storage, "kn[e]"),
         rounded(storage, "vn[e]")
+    );
+    s
+}
+
+/// The append of an f16 or bf16 cache, whose pool holds two values a word: each
+/// invocation rounds one value of the new keys and one of the new values and puts their
+/// bits in their half of a word, clearing the half and then setting it with atomic
+/// operations (a word's other half may belong to another slot, written by another
+/// invocation at the same time, when rows are odd).
+fn kv_append_halves(row: usize, element: KvElement) -> String {
+    let (helpers, bits) = match element {
+        KvElement::BF16 => (ROUND_BF16.to_string(), "bitcast<u32>(round_bf16(x)) >> 16u"),
+        _ => (format!("{ROUND_F16}{F16_BITS}"), "f16_bits(x)"),
+    };
+    let mut s = format!(
+        "{helpers}fn bits(x: f32) -> u32 {{ return {bits}; }}\nconst ROW: u32 = {row}u;\n{ENTRY}"
+    );
+    s.push_str(
+        "    let e = gi * WG + t;
+    if (e >= p.tokens * ROW) { return; }
+    let at = u32(slots[e / ROW]) * ROW + e % ROW;
+    let shift = (at & 1u) * 16u;
+    let keep = ~(0xffffu << shift);
+    atomicAnd(&kc[at >> 1u], keep);
+    atomicOr(&kc[at >> 1u], bits(kn[e]) << shift);
+    atomicAnd(&vc[at >> 1u], keep);
+    atomicOr(&vc[at >> 1u], bits(vn[e]) << shift);
+}
+",
     );
     s
 }
@@ -2739,15 +2838,15 @@ fn batched_matmul(transposed: bool) -> String {
     s
 }
 
-fn kv_gather(row: usize) -> String {
-    let mut s = format!("const ROW: u32 = {row}u;\n{ENTRY}");
+fn kv_gather(row: usize, element: KvElement) -> String {
+    let mut s = format!("{}const ROW: u32 = {row}u;\n{ENTRY}", kv_readers(element));
     s.push_str(
         "    let e = gi * WG + t;
     if (e >= p.len * ROW) { return; }
     let pos = e / ROW;
     let slot = u32(tables[pos / p.block]) * p.block + pos % p.block;
-    ko[e] = kc[slot * ROW + e % ROW];
-    vo[e] = vc[slot * ROW + e % ROW];
+    ko[e] = key(slot * ROW + e % ROW);
+    vo[e] = value(slot * ROW + e % ROW);
 }
 ",
     );
