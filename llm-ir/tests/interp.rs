@@ -256,6 +256,36 @@ fn rope_rotates_pairs_by_position() {
     );
 }
 
+/// Frequency factors divide each pair's frequency: pair 1's factor of 4 turns it by
+/// p / 40 instead of p / 10, and factors of 1 change no bit.
+#[test]
+fn rope_frequency_factors_divide_the_frequencies() {
+    let out = run(
+        &[
+            ("x", "llm.tensor <2x1x4xf32>"),
+            ("p", "llm.tensor <2xi32>"),
+            ("f", "llm.tensor <2xf32>"),
+            ("ones", "llm.tensor <2xf32>"),
+        ],
+        &[
+            "llm.tensor <2x1x4xf32>",
+            "llm.tensor <2x1x4xf32>",
+            "llm.tensor <2x1x4xf32>",
+        ],
+        "        a = llm.rope x, p, f {theta = 100.0} : llm.tensor <2x1x4xf32>;\n        b = llm.rope x, p, ones {theta = 100.0} : llm.tensor <2x1x4xf32>;\n        c = llm.rope x, p {theta = 100.0} : llm.tensor <2x1x4xf32>;\n        llm.return a, b, c",
+        vec![
+            f32s(&[2, 1, 4], &[1., 0., 1., 0., 1., 0., 1., 0.]),
+            i32s(&[2], &[0, 3]),
+            f32s(&[2], &[1., 4.]),
+            f32s(&[2], &[1., 1.]),
+        ],
+    )
+    .expect("runs");
+    let (c1, s1, c2, s2) = (3f32.cos(), 3f32.sin(), 0.075f32.cos(), 0.075f32.sin());
+    assert_close(&floats(&out[0]), &[1., 0., 1., 0., c1, s1, c2, s2], 1e-6);
+    assert_eq!(floats(&out[1]), floats(&out[2]));
+}
+
 #[test]
 fn attention_by_hand() {
     // One query against two keys with head dim 1 and scale 1: p = softmax([0, 1]).

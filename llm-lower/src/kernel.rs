@@ -14,7 +14,7 @@ use llm_ir::{
     interp::{
         KvElement,
         eval::{
-            attention::Scale,
+            attention::{RopeAngles, Scale},
             fused::{ScalarBody, ScalarStep},
         },
     },
@@ -442,6 +442,26 @@ impl KvRounding {
             KvRounding::Float(dtype) => KvElement::of(&KvStorage::Float(dtype)),
             KvRounding::Exact | KvRounding::Quantized(_) => KvElement::F32,
         }
+    }
+}
+
+/// The angles of rope kernel `kernel` with `factors` (the values of its `freq_factors`
+/// operand; empty without one), `None` for another kernel: what the backends build the
+/// kernel's sine and cosine tables from.
+pub fn rope_angles(kernel: &Kernel, factors: Vec<f32>) -> Option<RopeAngles> {
+    match kernel {
+        Kernel::Rope {
+            rotary,
+            theta_bits,
+            scaling_bits,
+            ..
+        } => Some(RopeAngles {
+            theta: f32::from_bits(*theta_bits),
+            scaling: f32::from_bits(*scaling_bits),
+            rotary: *rotary,
+            factors,
+        }),
+        _ => None,
     }
 }
 

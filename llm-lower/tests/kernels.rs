@@ -1440,17 +1440,40 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
     #[test]
-    fn rope(t in 1usize..5, h in 1usize..4, pairs in 1usize..9, partial in any::<bool>(), half in any::<bool>(), seed: u64) {
+    fn rope(t in 1usize..5, h in 1usize..4, pairs in 1usize..9, partial in any::<bool>(), half in any::<bool>(), factors in 0usize..3, seed: u64) {
         let d = 2 * pairs + if partial { 2 } else { 0 };
         let layout = if half { "half" } else { "interleaved" };
         let rotary = if partial { format!(", rotary_dim = {}", 2 * pairs) } else { String::new() };
-        let ir = func(
-            &[("x".into(), ty(&[t, h, d])), ("p".into(), ity(&[t]))],
-            &ty(&[t, h, d]),
-            &format!("y = llm.rope x, p {{theta = 10000.0, layout = {layout}{rotary}}} : {};", ty(&[t, h, d])),
-        );
+        let mut params = vec![("x".into(), ty(&[t, h, d])), ("p".into(), ity(&[t]))];
+        // Frequency factors in [1, 8): none (0), an argument (1) or a weight (2).
+        let factor_values = Value::Tensor(Tensor::from_f32(
+            vec![pairs],
+            DType::F32,
+            values(seed + 2, pairs, 1.0).iter().map(|v| 4.5 + 3.5 * v).collect(),
+        ));
+        let mut body = String::new();
+        let operands = match factors {
+            0 => "x, p",
+            1 => {
+                params.push(("f".into(), ty(&[pairs])));
+                "x, p, f"
+            }
+            _ => {
+                body = format!("f = llm.weight {{name = \"f\"}} : {};\n        ", ty(&[pairs]));
+                "x, p, f"
+            }
+        };
+        body.push_str(&format!("y = llm.rope {operands} {{theta = 10000.0, layout = {layout}{rotary}}} : {};", ty(&[t, h, d])));
+        let ir = func(&params, &ty(&[t, h, d]), &body);
         let positions = values(seed + 1, t, 1.0).iter().map(|v| ((v + 1.0) * 500.0) as i64).collect();
-        agree(&ir, vec![tensor(&[t, h, d], seed, 2.0), ints(&[t], positions)], 1e-6)?;
+        let mut args = vec![tensor(&[t, h, d], seed, 2.0), ints(&[t], positions)];
+        let mut store = Store(Vec::new());
+        match factors {
+            0 => {}
+            1 => args.push(factor_values),
+            _ => store.0.push(("f".into(), Rc::new(factor_values))),
+        }
+        agree_with(&ir, args, &store, 1e-6)?;
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use pliron::result::Result;
 
 use crate::{
+    dtype::DType,
     llm_op,
     ops::{OpCheck, Operands, show_dim},
     params::{ParamKind, ParamSpec},
@@ -226,14 +227,16 @@ llm_op! {
     ///
     /// `input` is `[..., T, H, D]` and `positions` (i32/i64) is `[..., T]`. For the pair of
     /// features `(a, b)` with pair index `i < rotary_dim / 2`, at position `p`, with angle
-    /// `p * scaling^-1 * theta^(-2i / rotary_dim)`: `a' = a cos - b sin`, `b' = a sin + b cos`.
+    /// `p * scaling^-1 * theta^(-2i / rotary_dim) / factor_i`: `a' = a cos - b sin`,
+    /// `b' = a sin + b cos`, where `factor_i` is `freq_factors[i]` (1 without them: Llama 3's
+    /// frequency-dependent scaling gives them, GGUF's `rope_freqs.weight`).
     /// `layout = interleaved` pairs features `(2i, 2i+1)` (Meta's Llama, llama2.c);
     /// `layout = half` pairs `(i, i + rotary_dim/2)` (Hugging Face's rotate_half). Features past
     /// `rotary_dim` pass through unchanged.
     ///
     /// | | |
     /// |---|---|
-    /// | operands | `input`: float `llm.tensor` `[..., T, H, D]`; `positions`: `[..., T]` |
+    /// | operands | `input`: float `llm.tensor` `[..., T, H, D]`; `positions`: `[..., T]`; optional `freq_factors`: f32 `[rotary_dim / 2]` |
     /// | results | `result`: same type as `input` |
     /// | `theta` (float, required) | base of the frequencies (10000.0 for Llama 2) |
     /// | `layout` (`interleaved` or `half`, default `interleaved`) | pairing of features |
@@ -245,7 +248,7 @@ llm_op! {
     /// v2 = llm.rope v0, v1 {theta = 10000.0} : llm.tensor <1x4x16xf32>
     /// ```
     RopeOp = "llm.rope",
-    operands: Operands::Fixed(&["input", "positions"]),
+    operands: Operands::Optional(&["input", "positions"], &["freq_factors"]),
     results: ["result"],
     params: [
         ParamSpec::required("theta", ParamKind::Float),
@@ -292,6 +295,15 @@ fn check_rope(c: &OpCheck) -> Result<()> {
             ));
         }
         _ => {}
+    }
+    if c.num_operands() == 3 {
+        let factors = c.tensor(2)?;
+        c.same_dtype(&c.operand_desc(2), factors.dtype(), DType::F32)?;
+        let pairs = match rotary {
+            Some(rd) => Some(rd as u64 / 2),
+            None => d.map(|d| d / 2),
+        };
+        c.shape(&c.operand_desc(2), factors.shape(), &[pairs])?;
     }
     c.same_dtype(&c.result_desc(0), out.dtype(), x.dtype())?;
     c.shape(&c.result_desc(0), out.shape(), x.shape())

@@ -13,6 +13,7 @@ use llm_ir::{
     interp::{
         Data, KvCache, KvElement, KvValues, QTensor, Tensor, Value,
         eval::{
+            attention::RopeAngles,
             fused::ScalarBody,
             kv::{append_rows, lookup},
             resolve_shape, resolve_shape_into,
@@ -32,12 +33,12 @@ use super::{
     attention,
     jit::CompiledKernels,
     pool::BufferPool,
-    tables::{PagedRows, RopeAngles, RopeTables},
+    tables::{PagedRows, RopeTables},
     workers::Workers,
 };
 use crate::{
     kernel::{
-        AttentionSource, Contraction, Kernel, MeshMove, Movement, PANEL_ROWS, WeightFormat,
+        self, AttentionSource, Contraction, Kernel, MeshMove, Movement, PANEL_ROWS, WeightFormat,
         batched_matmul_dims, block_panel_row, broadcast_layout, contiguous_attention_shape,
         panel_row, whole_rows,
     },
@@ -118,8 +119,7 @@ pub fn call(
             layer_norm(k, *d, f, inputs).and_then(|t| k.tensor(t))
         }
         (Kernel::Rope { heads, d, .. }, Some(f)) => {
-            let angles = RopeAngles::of(&chosen.kernel).ok_or(Unsupported)?;
-            rope(k, *heads, *d, angles, f, inputs).and_then(|t| k.tensor(t))
+            rope(k, (&chosen.kernel, *heads, *d), f, inputs).and_then(|t| k.tensor(t))
         }
         (
             Kernel::Attention {
@@ -810,19 +810,22 @@ fn take_floats(k: &Kernels, value: Rc<Value>) -> Result<(Vec<usize>, Vec<f32>), 
     }
 }
 
-/// Calls a rope kernel with the run's sine and cosine tables ([`RopeTables`]); the kernel
-/// rotates the values in place.
+/// Calls rope kernel `kernel` with the run's sine and cosine tables ([`RopeTables`]);
+/// the kernel rotates the values in place.
 fn rope(
     k: &Kernels,
-    heads: usize,
-    d: usize,
-    angles: RopeAngles,
+    (kernel, heads, d): (&Kernel, usize, usize),
     f: *const u8,
     inputs: &mut Operands,
 ) -> Result<Tensor, String> {
-    if inputs.len() != 2 {
-        return Err("rope takes two operands".into());
+    if !(2..=3).contains(&inputs.len()) {
+        return Err("rope takes two or three operands".into());
     }
+    let factors = match inputs.get(2) {
+        Some(factors) => factors.tensor()?.floats()?.to_vec(),
+        None => Vec::new(),
+    };
+    let angles = kernel::rope_angles(kernel, factors).ok_or("not a rope kernel")?;
     // Moved out of the operands, so that x is rotated in place when nothing else holds it.
     let x = inputs.remove(0);
     let positions = inputs[0].tensor()?.ints()?;
@@ -831,7 +834,7 @@ fn rope(
     if r < 2 || shape[r - 2..] != [heads, d] {
         return Err(format!("{shape:?} does not end in {heads} heads of {d}"));
     }
-    rotate_in_place(k, (f, angles, heads * d), positions, &mut x)?;
+    rotate_in_place(k, (f, &angles, heads * d), positions, &mut x)?;
     Ok(Tensor::from_f32(shape, DType::F32, x))
 }
 
@@ -840,7 +843,7 @@ fn rope(
 /// there is a row per position.
 pub(super) fn rotate_in_place(
     k: &Kernels,
-    (f, angles, row): (*const u8, RopeAngles, usize),
+    (f, angles, row): (*const u8, &RopeAngles, usize),
     positions: &[i64],
     x: &mut [f32],
 ) -> Result<(), String> {
@@ -853,7 +856,7 @@ pub(super) fn rotate_in_place(
     }
     // SAFETY: a rope kernel's signature is (x, cos, sin, tokens).
     let f: extern "C" fn(i64, i64, i64, i64) = unsafe { std::mem::transmute(f) };
-    k.ropes.with(&angles, positions, |cos, sin| {
+    k.ropes.with(angles, positions, |cos, sin| {
         // x holds tokens * heads * d floats; the tables tokens * rotary / 2 each.
         f(
             x.as_mut_ptr() as i64,

@@ -39,12 +39,9 @@ use llm_ir::{
 };
 use llm_passes::plan_buffers::place_buffers;
 
-use super::{
-    calls::{
-        self, AttentionRows, Kernels, PagedSource, Rows, Table, contract_into, copy_columns,
-        elementwise_into, norm_into, quantize_into, rotate_in_place,
-    },
-    tables::RopeAngles,
+use super::calls::{
+    self, AttentionRows, Kernels, PagedSource, Rows, Table, contract_into, copy_columns,
+    elementwise_into, norm_into, quantize_into, rotate_in_place,
 };
 use crate::kernel::{AttentionSource, Contraction, Kernel, Movement, WeightFormat, whole_rows};
 
@@ -165,10 +162,12 @@ enum Op {
         width: usize,
         parts: Vec<(usize, usize, Buf)>,
     },
-    /// x copied to `out` and rotated there.
+    /// x copied to `out` and rotated there, by the angles of `kernel` with the frequency
+    /// factors in `factors`, if any.
     Rope {
         f: *const u8,
-        angles: RopeAngles,
+        kernel: Kernel,
+        factors: Option<Src>,
         row: usize,
         x: Src,
         positions: usize,
@@ -655,14 +654,20 @@ fn plan_kernel(
             }
         }
         (Kernel::Rope { heads, d, .. }, Some(f)) => {
-            let [x, positions] = inputs else {
-                return None;
+            let (x, positions, factors) = match inputs {
+                [x, positions] => (x, positions, None),
+                [x, positions, factors] => {
+                    b.floats(*factors)?;
+                    (x, positions, Some(b.src[*factors]?))
+                }
+                _ => return None,
             };
             let len = b.count(*x)?;
             (b.count(result)? == len).then_some(())?;
             Op::Rope {
                 f,
-                angles: RopeAngles::of(kernel)?,
+                kernel: kernel.clone(),
+                factors,
                 row: heads * d,
                 x: b.shaping(*x)?,
                 positions: b.arg(*positions)?,
@@ -931,15 +936,22 @@ impl Op {
             }
             Op::Rope {
                 f,
-                angles,
+                kernel,
+                factors,
                 row,
                 x,
                 positions,
                 out,
             } => {
+                let factors = match factors {
+                    Some(src) => frame.floats(*src)?.to_vec(),
+                    None => Vec::new(),
+                };
+                let angles =
+                    crate::kernel::rope_angles(kernel, factors).ok_or("not a rope kernel")?;
                 let y = frame.output(*out);
                 y.copy_from_slice(frame.floats(*x)?);
-                rotate_in_place(k, (*f, *angles, *row), frame.ints(*positions)?, y)?;
+                rotate_in_place(k, (*f, &angles, *row), frame.ints(*positions)?, y)?;
             }
             Op::Attention {
                 f,

@@ -7,40 +7,8 @@ use std::cell::RefCell;
 
 use llm_ir::interp::{
     KvCache, Tensor,
-    eval::attention::{for_each_paged_row, rope_tables},
+    eval::attention::{RopeAngles, for_each_paged_row},
 };
-
-use crate::kernel::Kernel;
-
-/// How a rope's angles are computed.
-#[derive(Clone, Copy, PartialEq)]
-pub struct RopeAngles {
-    /// Rotated values per head.
-    pub rotary: usize,
-    /// The base of the angles.
-    pub theta: f32,
-    /// The position scaling.
-    pub scaling: f32,
-}
-
-impl RopeAngles {
-    /// The angles of a rope kernel (`None` for another kernel).
-    pub fn of(kernel: &Kernel) -> Option<RopeAngles> {
-        match kernel {
-            Kernel::Rope {
-                rotary,
-                theta_bits,
-                scaling_bits,
-                ..
-            } => Some(RopeAngles {
-                rotary: *rotary,
-                theta: f32::from_bits(*theta_bits),
-                scaling: f32::from_bits(*scaling_bits),
-            }),
-            _ => None,
-        }
-    }
-}
 
 /// The sine and cosine tables of one rope configuration at some positions.
 struct RopeTable {
@@ -70,9 +38,9 @@ impl RopeTables {
             .iter()
             .position(|t| t.angles == *angles && t.positions == positions);
         let i = found.unwrap_or_else(|| {
-            let (cos, sin) = rope_tables(positions, angles.theta, angles.scaling, angles.rotary);
+            let (cos, sin) = angles.tables(positions);
             tables.push(RopeTable {
-                angles: *angles,
+                angles: angles.clone(),
                 positions: positions.to_vec(),
                 cos,
                 sin,

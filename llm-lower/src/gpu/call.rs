@@ -13,7 +13,7 @@ use llm_ir::{
     interp::{
         self, KvCache, QTensor, Sharded, Tensor, Value, WeightStore,
         eval::{
-            attention::{for_each_paged_row, rope_tables, slot_of},
+            attention::{RopeAngles, for_each_paged_row, slot_of},
             resolve_shape,
             shape::{permute_layout, slice_layout},
             shard::product_shape,
@@ -37,7 +37,7 @@ use crate::{
     kernel::{
         AttentionSource, BroadcastLayout, Contraction, Kernel, KvRounding, MatmulDims, Movement,
         WeightFormat, batched_matmul_dims, broadcast_layout, contiguous_attention_shape,
-        whole_rows,
+        rope_angles, whole_rows,
     },
     selection::weight_operand,
 };
@@ -46,7 +46,7 @@ mod mesh;
 
 /// What identifies a rope table within a call: theta's and scaling's bits, the rotated
 /// values per head, and the slot of the positions.
-type RopeKey = (u32, u32, usize, usize);
+type RopeKey = (RopeAngles, usize);
 
 /// How a device holds a tensor of `dtype` (every element in 32 bits).
 fn elem_of(dtype: DType) -> Elem {
@@ -633,14 +633,7 @@ impl Call<'_> {
                 }
                 DeviceTensor::f32(w.shape.clone(), y)
             }
-            Kernel::Rope {
-                heads,
-                d,
-                rotary,
-                theta_bits,
-                scaling_bits,
-                ..
-            } => {
+            Kernel::Rope { heads, d, .. } => {
                 let x = self.device(step.inputs[0])?;
                 let positions = self.host(step.inputs[1])?;
                 let positions = positions.tensor()?.ints()?;
@@ -656,18 +649,18 @@ impl Call<'_> {
                     ));
                 }
                 let tokens = positions.len();
+                let factors = match step.inputs.get(2) {
+                    Some(&s) => self.host(s)?.tensor()?.floats()?.to_vec(),
+                    None => Vec::new(),
+                };
+                let angles = rope_angles(kernel, factors).ok_or("not a rope kernel")?;
                 // Every layer's q and k rotate by the same positions: the tables are made
                 // and uploaded once per call.
-                let key = (*theta_bits, *scaling_bits, *rotary, step.inputs[1]);
+                let key = (angles, step.inputs[1]);
                 let (cos_b, sin_b) = match self.ropes.iter().find(|(k, _)| *k == key) {
                     Some((_, tables)) => tables.clone(),
                     None => {
-                        let (cos, sin) = rope_tables(
-                            positions,
-                            f32::from_bits(*theta_bits),
-                            f32::from_bits(*scaling_bits),
-                            *rotary,
-                        );
+                        let (cos, sin) = key.0.tables(positions);
                         let cos_b = self.output(index, 1, cos.len() * 4);
                         let sin_b = self.output(index, 2, sin.len() * 4);
                         self.gpu().write(&cos_b, 0, bytemuck::cast_slice(&cos));

@@ -280,34 +280,49 @@ pub fn paged_attend(
     Ok(Tensor::from_f32(q.shape.clone(), e.result_dtype(0)?, out))
 }
 
-/// The sine and cosine of pair `i`'s rotation at (scaled) position `p`.
-pub fn rope_sin_cos(p: f32, theta: f32, i: usize, rotary: usize) -> (f32, f32) {
-    let freq = 1.0 / theta.powf((2 * i) as f32 / rotary as f32);
-    let angle = p * freq;
-    (angle.sin(), angle.cos())
+/// How `llm.rope` computes its angles: the frequencies' base, the position scaling, the
+/// rotated values per head and each pair's frequency factor (`freq_factors`; empty for
+/// none, every factor 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeAngles {
+    /// The base of the frequencies.
+    pub theta: f32,
+    /// Positions are divided by it.
+    pub scaling: f32,
+    /// Rotated values per head.
+    pub rotary: usize,
+    /// Pair `i`'s frequency is divided by `factors[i]` (none when empty).
+    pub factors: Vec<f32>,
 }
 
-/// The cosines and sines of every pair's rotation at each of `positions` (scaled by
-/// `1 / scaling`), token-major with `rotary / 2` per token: the tables the backends hand
-/// their rope kernels, computed exactly as `llm.rope` computes each angle.
-pub fn rope_tables(
-    positions: &[i64],
-    theta: f32,
-    scaling: f32,
-    rotary: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let pairs = rotary / 2;
-    let mut cos = Vec::with_capacity(positions.len() * pairs);
-    let mut sin = Vec::with_capacity(positions.len() * pairs);
-    for &p in positions {
-        let p = p as f32 / scaling;
-        for i in 0..pairs {
-            let (s, c) = rope_sin_cos(p, theta, i, rotary);
-            sin.push(s);
-            cos.push(c);
+impl RopeAngles {
+    /// The sine and cosine of pair `i`'s rotation at position `p`: the angle is
+    /// `(p / scaling) * (theta^(-2i / rotary) / factor_i)` in `f32`.
+    pub fn sin_cos(&self, p: i64, i: usize) -> (f32, f32) {
+        let mut freq = 1.0 / self.theta.powf((2 * i) as f32 / self.rotary as f32);
+        if let Some(f) = self.factors.get(i) {
+            freq /= f;
         }
+        let angle = (p as f32 / self.scaling) * freq;
+        (angle.sin(), angle.cos())
     }
-    (cos, sin)
+
+    /// The cosines and sines of every pair's rotation at each of `positions`, token-major
+    /// with `rotary / 2` per token: the tables the backends hand their rope kernels,
+    /// computed exactly as `llm.rope` computes each angle.
+    pub fn tables(&self, positions: &[i64]) -> (Vec<f32>, Vec<f32>) {
+        let pairs = self.rotary / 2;
+        let mut cos = Vec::with_capacity(positions.len() * pairs);
+        let mut sin = Vec::with_capacity(positions.len() * pairs);
+        for &p in positions {
+            for i in 0..pairs {
+                let (s, c) = self.sin_cos(p, i);
+                sin.push(s);
+                cos.push(c);
+            }
+        }
+        (cos, sin)
+    }
 }
 
 /// `llm.rope`.
@@ -316,8 +331,26 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let r = x.shape.len();
     let (h, d) = (x.shape[r - 2], x.shape[r - 1]);
     let rotary = e.op.int("rotary_dim").map_or(d, |v| v as usize);
-    let theta = e.float("theta").unwrap_or(10000.0) as f32;
-    let scaling = e.float("scaling").unwrap_or(1.0) as f32;
+    let factors = match inputs.get(2) {
+        Some(f) => {
+            let f = f.tensor()?;
+            if f.shape != [rotary / 2] {
+                return Err(format!(
+                    "freq_factors {:?} are not [{}]",
+                    f.shape,
+                    rotary / 2
+                ));
+            }
+            f.floats()?.to_vec()
+        }
+        None => Vec::new(),
+    };
+    let angles = RopeAngles {
+        theta: e.float("theta").unwrap_or(10000.0) as f32,
+        scaling: e.float("scaling").unwrap_or(1.0) as f32,
+        rotary,
+        factors,
+    };
     let half_layout =
         matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
     if pos.shape[..] != x.shape[..r - 2] || rotary > d {
@@ -328,11 +361,10 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     }
     let mut out = x.floats()?.to_vec();
     for (token, &p) in pos.ints()?.iter().enumerate() {
-        let p = p as f32 / scaling;
         for head in 0..h {
             let base = (token * h + head) * d;
             for i in 0..rotary / 2 {
-                let (sin, cos) = rope_sin_cos(p, theta, i, rotary);
+                let (sin, cos) = angles.sin_cos(p, i);
                 let (ia, ib) = if half_layout {
                     (i, i + rotary / 2)
                 } else {
