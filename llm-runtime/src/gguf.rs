@@ -20,7 +20,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::ModelConfig,
+    model::{ModelConfig, ROPE_FREQS},
     tokenizer::Tokenizer,
     weights::{LoadError, Weights, builder_name, floats_le},
 };
@@ -317,6 +317,7 @@ fn weight_name(gguf: &str) -> Option<String> {
             ("token_embd.weight", "tok_embeddings.weight"),
             ("output_norm.weight", "norm.weight"),
             ("output.weight", "output.weight"),
+            (ROPE_FREQS, ROPE_FREQS),
         ],
         "blk.",
         &[
@@ -359,24 +360,32 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
     read_with(&map, progress).map_err(err)
 }
 
-/// Refuses RoPE settings the builder would ignore, computing another model than the file
-/// describes: scaled RoPE (`llama.rope.scaling.type` other than `none`, a
-/// `llama.rope.scale_linear` other than 1) and rotation of part of a head
-/// (`llama.rope.dimension_count` below the head size).
-fn check_rope(g: &GgufFile, head_dim: usize) -> Result<(), String> {
-    match g.meta("llama.rope.scaling.type") {
-        None => {}
-        Some(Meta::Str(kind)) if kind == "none" => {}
+/// RoPE's linear position scaling (`llama.rope.scaling.type = linear` with
+/// `llama.rope.scaling.factor`, or the older `llama.rope.scale_linear`; 1 for none), after
+/// refusing settings the builder would ignore, computing another model than the file
+/// describes: other scaling types (YaRN, LongRoPE) and rotation of part of a head
+/// (`llama.rope.dimension_count` below the head size). Llama 3's frequency scaling comes
+/// as the tensor `rope_freqs.weight`.
+fn rope_scaling(g: &GgufFile, head_dim: usize) -> Result<f64, String> {
+    let linear = match g.meta("llama.rope.scaling.type") {
+        None => None,
+        Some(Meta::Str(kind)) if kind == "none" => Some(1.0),
+        Some(Meta::Str(kind)) if kind == "linear" => Some(
+            g.float("llama.rope.scaling.factor")
+                .ok_or("llama.rope.scaling.type is linear, but llama.rope.scaling.factor is missing or not a float")?,
+        ),
         Some(other) => {
             return Err(format!(
-                "llama.rope.scaling.type is {other:?}; only unscaled RoPE is supported"
+                "llama.rope.scaling.type is {other:?}; only unscaled and linear RoPE are supported"
             ));
         }
-    }
-    if let Some(scale) = g.float("llama.rope.scale_linear").filter(|&s| s != 1.0) {
-        return Err(format!(
-            "llama.rope.scale_linear is {scale}; only unscaled RoPE is supported"
-        ));
+    };
+    let factor = match (linear, g.float("llama.rope.scale_linear")) {
+        (Some(f), _) | (None, Some(f)) => f,
+        (None, None) => 1.0,
+    };
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(format!("the RoPE scaling factor {factor} is not positive"));
     }
     if g.meta("llama.rope.dimension_count").is_some() {
         let rotated = g.int("llama.rope.dimension_count")?;
@@ -386,7 +395,7 @@ fn check_rope(g: &GgufFile, head_dim: usize) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(factor)
 }
 
 /// Reads a llama GGUF model from its bytes.
@@ -443,9 +452,14 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
         rope_half: false,
+        rope_scaling: 1.0,
+        rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
     };
     config.validate()?;
-    check_rope(&g, config.head_dim())?;
+    let config = ModelConfig {
+        rope_scaling: rope_scaling(&g, config.head_dim())?,
+        ..config
+    };
     crate::model::check_weights(&config, &weights)?;
     Ok(GgufModel {
         config,
@@ -457,6 +471,17 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
 /// The SentencePiece vocabulary (`tokenizer.ggml.tokens` and `.scores`), with `▁` read as
 /// a space as llama2.c's `tokenizer.bin` stores it.
 fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
+    // A BPE vocabulary (`gpt2`, Llama 3's) read as SentencePiece pieces would give wrong
+    // tokens without a word of warning.
+    match g.meta("tokenizer.ggml.model") {
+        None => {}
+        Some(Meta::Str(model)) if model == "llama" => {}
+        Some(other) => {
+            return Err(format!(
+                "tokenizer.ggml.model is {other:?}; only SentencePiece (\"llama\") vocabularies are read"
+            ));
+        }
+    }
     let Some(Meta::Array(tokens)) = g.meta("tokenizer.ggml.tokens") else {
         return Ok(None);
     };
@@ -507,4 +532,76 @@ fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
             .with_bos_eos(bos, eos.unwrap_or(crate::tokenizer::EOS))
             .with_stop_tokens(stops),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of `metadata` only.
+    fn file(metadata: &[(&str, Meta)]) -> GgufFile {
+        GgufFile {
+            version: 3,
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            tensors: Vec::new(),
+            data_start: 0,
+        }
+    }
+
+    /// Linear scaling comes from `llama.rope.scaling.factor` (or the older
+    /// `llama.rope.scale_linear`); other scaling types and partial rotation are refused.
+    #[test]
+    fn rope_settings_are_read_or_refused() {
+        let linear = |kind: &str| Meta::Str(kind.to_string());
+        assert_eq!(rope_scaling(&file(&[]), 8), Ok(1.0));
+        let scaled = file(&[
+            ("llama.rope.scaling.type", linear("linear")),
+            ("llama.rope.scaling.factor", Meta::Float(4.0)),
+        ]);
+        assert_eq!(rope_scaling(&scaled, 8), Ok(4.0));
+        let legacy = file(&[("llama.rope.scale_linear", Meta::Float(2.0))]);
+        assert_eq!(rope_scaling(&legacy, 8), Ok(2.0));
+        let none = file(&[("llama.rope.scaling.type", linear("none"))]);
+        assert_eq!(rope_scaling(&none, 8), Ok(1.0));
+        let refused = [
+            (
+                file(&[("llama.rope.scaling.type", linear("yarn"))]),
+                "llama.rope.scaling.type is Str(\"yarn\"); only unscaled and linear RoPE are supported",
+            ),
+            (
+                file(&[("llama.rope.scaling.type", linear("linear"))]),
+                "llama.rope.scaling.factor is missing",
+            ),
+            (
+                file(&[("llama.rope.scale_linear", Meta::Float(0.0))]),
+                "the RoPE scaling factor 0 is not positive",
+            ),
+        ];
+        for (f, message) in refused {
+            let err = rope_scaling(&f, 8).expect_err(message);
+            assert!(err.contains(message), "{err}");
+        }
+        // Llama 3's factors are a tensor of the model.
+        assert_eq!(
+            weight_name("rope_freqs.weight").as_deref(),
+            Some(ROPE_FREQS)
+        );
+    }
+
+    /// A BPE vocabulary is refused, not read as SentencePiece pieces.
+    #[test]
+    fn only_sentencepiece_vocabularies_are_read() {
+        let model = |name: &str| file(&[("tokenizer.ggml.model", Meta::Str(name.into()))]);
+        assert!(matches!(vocab(&model("llama")), Ok(None)));
+        let Err(err) = vocab(&model("gpt2")) else {
+            panic!("a BPE vocabulary was read");
+        };
+        assert!(
+            err.contains("tokenizer.ggml.model is Str(\"gpt2\")"),
+            "{err}"
+        );
+    }
 }

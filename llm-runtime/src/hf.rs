@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
-    model::{ModelConfig, check_weights},
+    model::{ModelConfig, ROPE_FREQS, check_weights},
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
     weights::{LoadError, Weights, builder_name, floats_le},
@@ -46,14 +46,98 @@ fn weight_name(hf: &str) -> Option<String> {
     )
 }
 
-/// Refuses settings the builder would ignore, computing another model than the one
-/// described: scaled RoPE (`rope_scaling`) and feed-forward activations other than SiLU.
-fn check_supported(cfg: &Json) -> Result<(), String> {
-    if let Some(scaling) = cfg.get("rope_scaling").filter(|s| !s.is_null()) {
-        return Err(format!(
-            "`rope_scaling` = {scaling} is not supported (only unscaled RoPE is built)"
-        ));
+/// RoPE's scaling as `config.json`'s `rope_scaling` gives it (absent, null or
+/// `rope_type = default`: none): the linear position scaling (`linear`: positions divided
+/// by `factor`; else 1) and Llama 3's per-pair frequency factors (`llama3`:
+/// [`llama3_factors`]). Other types (dynamic NTK, YaRN, LongRoPE) are refused: the builder
+/// would compute another model.
+fn rope_scaling(cfg: &Json, head_dim: usize) -> Result<(f64, Option<Vec<f32>>), String> {
+    let Some(scaling) = cfg.get("rope_scaling").filter(|s| !s.is_null()) else {
+        return Ok((1.0, None));
+    };
+    // Older configs name the type `type`.
+    let kind = scaling
+        .get("rope_type")
+        .or_else(|| scaling.get("type"))
+        .and_then(Json::as_str);
+    let number = |key: &str| {
+        scaling
+            .get(key)
+            .and_then(Json::as_f64)
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| format!("`rope_scaling.{key}` is missing or not a positive number"))
+    };
+    match kind {
+        Some("default") => Ok((1.0, None)),
+        Some("linear") => Ok((number("factor")?, None)),
+        Some("llama3") => {
+            let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+            if high <= low {
+                return Err(format!(
+                    "`rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
+                ));
+            }
+            let theta = cfg
+                .get("rope_theta")
+                .and_then(Json::as_f64)
+                .unwrap_or(10000.0);
+            let scaling = Llama3Scaling {
+                factor: number("factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_context: number("original_max_position_embeddings")?,
+            };
+            Ok((1.0, Some(scaling.factors(theta, head_dim))))
+        }
+        _ => Err(format!(
+            "`rope_scaling` = {scaling} is not supported (unscaled, linear and llama3 RoPE are)"
+        )),
     }
+}
+
+/// Llama 3's RoPE scaling (`rope_type = llama3`).
+struct Llama3Scaling {
+    /// How much the low frequencies are slowed.
+    factor: f64,
+    /// Wavelengths above `original_context / low_freq_factor` are slowed by `factor`.
+    low_freq_factor: f64,
+    /// Wavelengths below `original_context / high_freq_factor` are kept.
+    high_freq_factor: f64,
+    /// The context length the model was first trained for.
+    original_context: f64,
+}
+
+impl Llama3Scaling {
+    /// The factor each of the `head_dim / 2` frequencies of a RoPE with base `theta` is
+    /// divided by: 1 for short wavelengths, `factor` for long ones, and between them the
+    /// reciprocal of a blend of `1 / factor` and 1, linear in `original_context /
+    /// wavelength` (Hugging Face's `_compute_llama3_parameters`, which GGUF converters
+    /// store as `rope_freqs.weight`). Computed in `f64`.
+    fn factors(&self, theta: f64, head_dim: usize) -> Vec<f32> {
+        let long = self.original_context / self.low_freq_factor;
+        let short = self.original_context / self.high_freq_factor;
+        (0..head_dim / 2)
+            .map(|i| {
+                let frequency = theta.powf(-((2 * i) as f64) / head_dim as f64);
+                let wavelength = 2.0 * std::f64::consts::PI / frequency;
+                let divisor = if wavelength < short {
+                    1.0
+                } else if wavelength > long {
+                    self.factor
+                } else {
+                    let smooth = (self.original_context / wavelength - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / self.factor + smooth)
+                };
+                divisor as f32
+            })
+            .collect()
+    }
+}
+
+/// Refuses settings the builder would ignore, computing another model than the one
+/// described: feed-forward activations other than SiLU (RoPE's: [`rope_scaling`]).
+fn check_supported(cfg: &Json) -> Result<(), String> {
     match cfg.get("hidden_act").and_then(Json::as_str) {
         None | Some("silu") => Ok(()),
         Some(other) => Err(format!(
@@ -138,8 +222,17 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             .and_then(Json::as_bool)
             .unwrap_or(false),
         rope_half: true,
+        rope_scaling: 1.0,
+        rope_freq_factors: false,
     };
     config.validate().map_err(|m| err(&config_path, m))?;
+    let (rope_scaling, freq_factors) =
+        rope_scaling(&cfg, config.head_dim()).map_err(|m| err(&config_path, m))?;
+    let config = ModelConfig {
+        rope_scaling,
+        rope_freq_factors: freq_factors.is_some(),
+        ..config
+    };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| err(dir, format!("cannot read the directory: {e}")))?
         .flatten()
@@ -154,6 +247,13 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     for (i, file) in files.iter().enumerate() {
         progress(i as f64 / files.len() as f64);
         read_safetensors(file, &mut weights).map_err(|m| err(file, m))?;
+    }
+    if let Some(factors) = freq_factors {
+        let shape = vec![factors.len()];
+        weights.insert(
+            ROPE_FREQS,
+            Value::Tensor(Tensor::from_f32(shape, DType::F32, factors)),
+        );
     }
     let mut config = config;
     if weights.weight_shape("output.weight").is_none() {

@@ -101,6 +101,8 @@ pub fn parse_with(
         norm_eps: 1e-5,
         tied_classifier: tied,
         rope_half: false,
+        rope_scaling: 1.0,
+        rope_freq_factors: false,
     };
     config.validate()?;
     let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);

@@ -58,7 +58,15 @@ pub struct ModelConfig {
     /// RoPE pairs features `(i, i + head_dim / 2)` (Hugging Face's layout) instead of
     /// `(2i, 2i + 1)` (Meta's and llama2.c's).
     pub rope_half: bool,
+    /// RoPE's linear position scaling: positions are divided by it (1 for none).
+    pub rope_scaling: f64,
+    /// RoPE divides each pair's frequency by a factor: the weight
+    /// [`ROPE_FREQS`] (`[head_dim / 2]`, `llm.rope`'s `freq_factors`; Llama 3's scaling).
+    pub rope_freq_factors: bool,
 }
+
+/// The weight holding RoPE's per-pair frequency factors (GGUF's name for it).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 impl ModelConfig {
     /// Elements per head.
@@ -145,6 +153,9 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         ]);
     }
     out.push(("norm.weight".to_string(), vec![d]));
+    if c.rope_freq_factors {
+        out.push((ROPE_FREQS.to_string(), vec![c.head_dim() / 2]));
+    }
     if !c.tied_classifier {
         out.push(("output.weight".to_string(), vec![v, d]));
     }
@@ -239,8 +250,12 @@ fn forward_func(
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
     let cache = cache_type(c, kv_dtype);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
-    let (eps, theta) = (float(c.norm_eps), float(c.rope_theta));
+    let eps = float(c.norm_eps);
     let layout = if c.rope_half { "half" } else { "interleaved" };
+    let mut rope = format!("theta = {}, layout = {layout}", float(c.rope_theta));
+    if c.rope_scaling != 1.0 {
+        let _ = write!(rope, ", scaling = {}", float(c.rope_scaling));
+    }
     let act = t(&format!("?x{d}xf32"));
     let hid = t(&format!("?x{hd}xf32"));
     let kv = t(&format!("?x{kvd}xf32"));
@@ -249,6 +264,11 @@ fn forward_func(
         weights,
     };
     e.weight("embed", "tok_embeddings.weight");
+    let factors = if c.rope_freq_factors {
+        format!(", {}", e.weight_f32("rope_freqs", ROPE_FREQS))
+    } else {
+        String::new()
+    };
     e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
     let mut x = "x0".to_string();
     let mut cache_name = "cache".to_string();
@@ -281,10 +301,10 @@ fn forward_func(
         e.op(format!("kh_{l} = llm.reshape k_{l} : {kvheads}"));
         e.op(format!("vh_{l} = llm.reshape v_{l} : {kvheads}"));
         e.op(format!(
-            "qr_{l} = llm.rope qh_{l}, positions {{theta = {theta}, layout = {layout}}} : {qheads}"
+            "qr_{l} = llm.rope qh_{l}, positions{factors} {{{rope}}} : {qheads}"
         ));
         e.op(format!(
-            "kr_{l} = llm.rope kh_{l}, positions {{theta = {theta}, layout = {layout}}} : {kvheads}"
+            "kr_{l} = llm.rope kh_{l}, positions{factors} {{{rope}}} : {kvheads}"
         ));
         let next_cache = format!("cache_{}", l + 1);
         e.op(format!("{next_cache} = llm.append_kv {cache_name}, kr_{l}, vh_{l}, slots {{layer = {l}}} : {cache}"));

@@ -19,6 +19,8 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         norm_eps: 1e-5,
         tied_classifier: true,
         rope_half: false,
+        rope_scaling: 1.0,
+        rope_freq_factors: false,
     };
     match name {
         "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),

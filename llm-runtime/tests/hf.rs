@@ -7,10 +7,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use llm_ir::interp::{Value, WeightStore};
+use llm_ir::{
+    dtype::DType,
+    interp::{Value, WeightStore},
+};
 use llm_runtime::{
-    generate::Model,
-    llama2c, model_file,
+    generate::{Backend, Model},
+    llama2c,
+    model::build_ir,
+    model_file,
     sampler::SamplerConfig,
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
 };
@@ -40,11 +45,17 @@ fn permute_for_half_rope(w: &[f32], heads: usize, head_dim: usize, k: usize) -> 
 
 /// Writes stories260K as a Hugging Face model directory; returns it.
 fn write_hf_dir(name: &str) -> PathBuf {
+    write_hf_dir_with(name, "")
+}
+
+/// [`write_hf_dir`] with `extra` (`"key": value` pairs, each after a comma) added to
+/// `config.json`.
+fn write_hf_dir_with(name: &str, extra: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llmc-hf-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (c, weights) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
     let config = format!(
-        r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "max_position_embeddings": {}, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true}}"#,
+        r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "max_position_embeddings": {}, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true{extra}}}"#,
         c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
     );
     std::fs::write(dir.join("config.json"), config).expect("config");
@@ -211,6 +222,80 @@ fn tokenizer_json_round_trips_through_the_tokenizers_crate() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Llama 3's RoPE scaling (`rope_type = llama3`) divides each frequency by a factor: 1
+/// for wavelengths under 1024 / 16 positions, 8 over 1024, a blend between (stories260K's
+/// heads of 8 have one pair in each regime but the first two); the factors reach the
+/// model as `llm.rope`'s `freq_factors`, and the compiled model generates what the
+/// reference semantics generate, which is not the unscaled model's text.
+#[test]
+fn llama3_rope_scaling_divides_the_frequencies() {
+    let dir = write_hf_dir_with(
+        "llama3",
+        r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 16.0, "original_max_position_embeddings": 1024}"#,
+    );
+    let loaded = model_file::load(&dir).expect("HF directory loads");
+    assert!(loaded.config.rope_freq_factors);
+    let factors = match loaded.weights.weight("rope_freqs.weight").as_deref() {
+        Some(Value::Tensor(t)) => t.floats().expect("f32").to_vec(),
+        other => panic!("no factors: {other:?}"),
+    };
+    // Hugging Face's formula, evaluated independently (in Python, f64).
+    let expected = [1.0, 1.0, 6.182_945_211_805_751, 8.0];
+    for (got, want) in factors.iter().zip(expected) {
+        assert!((f64::from(*got) - want).abs() < 1e-6, "{factors:?}");
+    }
+    let tok =
+        Tokenizer::load(&shared("models/tok512.bin"), loaded.config.vocab).expect("tokenizer");
+    let greedy = SamplerConfig {
+        temperature: 0.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed: 1,
+    };
+    let run = |backend: &Backend, loaded: &model_file::LoadedModel| {
+        let model = Model::compile_on(
+            backend,
+            loaded.config.clone(),
+            loaded.weights.clone(),
+            "default",
+        )
+        .expect("compiles");
+        model
+            .generate(&tok, "Once upon a time", 200, greedy.clone())
+            .expect("runs")
+    };
+    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    assert!(
+        ir.contains("positions, rope_freqs"),
+        "the factors reach llm.rope"
+    );
+    let interp = run(&Backend::Interp, &loaded);
+    let cpu = run(&Backend::Cpu { threads: 1 }, &loaded);
+    assert_eq!(cpu.ids, interp.ids);
+    let unscaled_dir = write_hf_dir("unscaled");
+    let unscaled = model_file::load(&unscaled_dir).expect("loads");
+    let plain = run(&Backend::Interp, &unscaled);
+    assert_ne!(plain.ids, interp.ids, "the factors change the model");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&unscaled_dir).ok();
+}
+
+/// Linear RoPE scaling divides the positions (`llm.rope`'s `scaling`).
+#[test]
+fn linear_rope_scaling_scales_the_positions() {
+    let dir = write_hf_dir_with(
+        "linear",
+        r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#,
+    );
+    let loaded = model_file::load(&dir).expect("HF directory loads");
+    assert_eq!(loaded.config.rope_scaling, 2.0);
+    assert!(!loaded.config.rope_freq_factors);
+    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    assert!(ir.contains("scaling = 2.0"), "the scaling reaches llm.rope");
+    Model::compile(loaded.config, loaded.weights, "default").expect("compiles");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn bad_directories_name_the_file() {
     let dir = std::env::temp_dir().join(format!("llmc-hf-bad-{}", std::process::id()));
@@ -222,20 +307,26 @@ fn bad_directories_name_the_file() {
         dir.join("config.json").display()
     );
     assert_eq!(err.to_string(), expected);
+    std::fs::remove_dir_all(&dir).ok();
     // Settings the builder would ignore are refused rather than computed wrongly.
-    for (config, expected) in [
+    for (extra, expected) in [
         (
-            r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#,
-            "`rope_scaling` = {\"factor\":8.0,\"rope_type\":\"llama3\"} is not supported",
+            r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
+            "`rope_scaling` = {\"factor\":4.0,\"rope_type\":\"yarn\"} is not supported",
         ),
         (
-            r#"{"rope_scaling": null, "hidden_act": "gelu"}"#,
+            r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+            "`rope_scaling.low_freq_factor` is missing or not a positive number",
+        ),
+        (
+            r#", "rope_scaling": null, "hidden_act": "gelu""#,
             "`hidden_act` = \"gelu\" is not supported",
         ),
     ] {
-        std::fs::write(dir.join("config.json"), config).expect("write");
+        let dir = write_hf_dir_with("refused", extra);
         let err = model_file::load(&dir).err().expect("unsupported config");
         assert!(err.to_string().contains(expected), "{err}");
+        assert!(err.to_string().contains("config.json"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
