@@ -279,6 +279,48 @@ fn llm_run_generate_batches_several_prompts_in_order() {
     assert!(stats.contains("\"requests\": 2"), "{stats}");
 }
 
+/// Text streams as it is generated: one sequence piece by piece, and of several the first
+/// unfinished output piece by piece; the pieces make up exactly the whole outputs, and a
+/// streamed generation keeps no logits.
+#[test]
+fn generated_text_streams_piece_by_piece() {
+    let (config, weights) = llama2c::load(&model_path()).expect("model loads");
+    let tokenizer = Tokenizer::load(&tokenizer_path(), config.vocab).expect("tokenizer loads");
+    let model =
+        Model::compile_on(&Backend::cpu(), config, weights, "default").expect("model compiles");
+    let whole = model
+        .generate(&tokenizer, "Once upon a time", 64, GREEDY)
+        .expect("runs");
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    let streamed = model
+        .generate_streaming(&tokenizer, "Once upon a time", 64, GREEDY, &mut |p| {
+            pieces.push(p.to_vec());
+            Ok(())
+        })
+        .expect("runs");
+    assert_eq!(pieces.concat(), whole.text);
+    assert_eq!(streamed.ids, whole.ids);
+    assert!(pieces.len() > 50, "{} pieces", pieces.len());
+    assert!(streamed.logits.is_empty());
+    assert_eq!(whole.logits.len(), whole.stats.forward_calls);
+    // Several prompts: the output of the first streams; together they are the whole texts.
+    let prompts = [
+        "Once upon a time".to_string(),
+        "Tom had a red ball".to_string(),
+    ];
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    llmc::serve::generate_batch(&model, &tokenizer, &prompts, 64, GREEDY, &mut |p| {
+        pieces.push(p.to_vec());
+        Ok(())
+    })
+    .expect("runs");
+    let second = model
+        .generate(&tokenizer, &prompts[1], 64, GREEDY)
+        .expect("runs");
+    assert_eq!(pieces.concat(), [whole.text, second.text].concat());
+    assert!(pieces.len() > 50, "{} pieces", pieces.len());
+}
+
 #[test]
 fn seeded_sampling_is_reproducible() {
     let (config, weights) = llama2c::load(&model_path()).expect("model loads");

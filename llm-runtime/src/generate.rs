@@ -91,7 +91,8 @@ pub struct Generation {
     /// Whether generation stopped because the model produced one of the tokenizer's stop
     /// tokens ([`TextCodec::stop_tokens`]; BOS for llama2.c's `tokenizer.bin`).
     pub stopped: bool,
-    /// The logits of every forward position, in order.
+    /// The logits of every forward position, in order ([`Model::generate`]; none from
+    /// [`Model::generate_streaming`]).
     pub logits: Vec<Vec<f32>>,
     /// Timings and counts.
     pub stats: Stats,
@@ -603,13 +604,43 @@ impl Model {
     }
 
     /// Generates from `prompt` for at most `steps` positions (0 or more than the model's
-    /// sequence length means the sequence length), as run.c does.
+    /// sequence length means the sequence length), as run.c does, keeping the logits of
+    /// every position ([`Generation::logits`]).
     pub fn generate(
         &self,
         tokenizer: &dyn TextCodec,
         prompt: &str,
         steps: usize,
         sampler: SamplerConfig,
+    ) -> Result<Generation, RunError> {
+        self.generate_with(tokenizer, prompt, steps, sampler, true, &mut |_| Ok(()))
+    }
+
+    /// [`Model::generate`] handing each piece of the text to `on_text` as it is produced
+    /// (the prompt's pieces, each generated token's, then the final `\n`: together
+    /// [`Generation::text`]), without keeping the logits (a row of the vocabulary's size
+    /// per position adds up on long generations): what a command line prints as it goes.
+    /// An error from `on_text` ends the generation with that error.
+    pub fn generate_streaming(
+        &self,
+        tokenizer: &dyn TextCodec,
+        prompt: &str,
+        steps: usize,
+        sampler: SamplerConfig,
+        on_text: &mut dyn FnMut(&[u8]) -> Result<(), RunError>,
+    ) -> Result<Generation, RunError> {
+        self.generate_with(tokenizer, prompt, steps, sampler, false, on_text)
+    }
+
+    /// The generation loop of [`Model::generate`] and [`Model::generate_streaming`].
+    fn generate_with(
+        &self,
+        tokenizer: &dyn TextCodec,
+        prompt: &str,
+        steps: usize,
+        sampler: SamplerConfig,
+        keep_logits: bool,
+        on_text: &mut dyn FnMut(&[u8]) -> Result<(), RunError>,
     ) -> Result<Generation, RunError> {
         let steps = if steps == 0 || steps > self.config.seq_len {
             self.config.seq_len
@@ -670,17 +701,22 @@ impl Model {
                 g.stats.generated_tokens += 1;
                 sampler.sample(&logits) as u32
             };
-            g.logits.push(logits);
+            if keep_logits {
+                g.logits.push(logits);
+            }
             pos += 1;
             if stops.contains(&next) {
                 g.stopped = true;
                 break;
             }
-            g.text.extend(tokenizer.decode(token, next));
+            let piece = tokenizer.decode(token, next);
+            on_text(&piece)?;
+            g.text.extend(piece);
             g.ids.push(next);
             token = next;
         }
         g.stats.forward_calls = pos;
+        on_text(b"\n")?;
         g.text.push(b'\n');
         Ok(g)
     }

@@ -346,17 +346,20 @@ fn run(cli: Cli) -> Result<(), String> {
                 all.extend(text.lines().map(str::to_string));
             }
             let mut stdout = std::io::stdout().lock();
+            let mut print = |text: &[u8]| {
+                stdout
+                    .write_all(text)
+                    .and_then(|()| stdout.flush())
+                    .map_err(|e| format!("cannot write: {e}"))
+            };
             if all.len() <= 1 {
-                let out = compiled.generate(
+                let out = compiled.generate_streaming(
                     tokenizer.as_ref(),
                     all.first().map_or("", String::as_str),
                     max_tokens,
                     sampler,
+                    &mut print,
                 )?;
-                stdout
-                    .write_all(&out.text)
-                    .and_then(|()| stdout.flush())
-                    .map_err(|e| format!("cannot write: {e}"))?;
                 if stats {
                     eprintln!("{}", out.stats.to_json(backend.name()));
                 }
@@ -367,12 +370,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     &all,
                     max_tokens,
                     sampler,
-                    &mut |text| {
-                        stdout
-                            .write_all(&text)
-                            .and_then(|()| stdout.flush())
-                            .map_err(|e| format!("cannot write: {e}"))
-                    },
+                    &mut print,
                 )?;
                 if stats {
                     eprintln!("{}", batch_stats.to_json(backend.name()));
