@@ -9,7 +9,8 @@
 //! Llama models are read into the builder's weight names (`blk.N.attn_q.weight` becomes
 //! `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
 //! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
-//! SentencePiece vocabulary in the metadata becomes the tokenizer.
+//! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
+//! ([`crate::gguf_vocab`]).
 
 use std::path::Path;
 
@@ -21,7 +22,7 @@ use llm_ir::{
 
 use crate::{
     model::{ModelConfig, ROPE_FREQS},
-    tokenizer::Tokenizer,
+    tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, floats_le},
 };
 
@@ -43,7 +44,8 @@ pub enum Meta {
 }
 
 impl Meta {
-    fn as_u64(&self) -> Option<u64> {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub(crate) fn as_u64(&self) -> Option<u64> {
         match self {
             Meta::Uint(v) => Some(*v),
             Meta::Int(v) => u64::try_from(*v).ok(),
@@ -243,7 +245,8 @@ fn storage(ggml_type: u32) -> Option<Storage> {
 }
 
 impl GgufFile {
-    fn meta(&self, key: &str) -> Option<&Meta> {
+    /// The metadata value of `key`.
+    pub(crate) fn meta(&self, key: &str) -> Option<&Meta> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
@@ -341,7 +344,7 @@ pub struct GgufModel {
     /// Weights under the builder's names.
     pub weights: Weights,
     /// The vocabulary of the file, if it has one.
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: Option<Box<dyn TextCodec>>,
 }
 
 /// Reads a llama GGUF file (memory-mapped).
@@ -421,7 +424,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
             .ok_or_else(|| format!("tensor `{}` is not part of a llama model", info.name))?;
         weights.insert(name, g.tensor(bytes, info)?);
     }
-    let tokenizer = vocab(&g)?;
+    let tokenizer = crate::gguf_vocab::vocab(&g)?;
     let dim = g.int("llama.embedding_length")?;
     let heads = g.int("llama.attention.head_count")?;
     let kv_heads = g
@@ -466,72 +469,6 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         weights,
         tokenizer,
     })
-}
-
-/// The SentencePiece vocabulary (`tokenizer.ggml.tokens` and `.scores`), with `▁` read as
-/// a space as llama2.c's `tokenizer.bin` stores it.
-fn vocab(g: &GgufFile) -> Result<Option<Tokenizer>, String> {
-    // A BPE vocabulary (`gpt2`, Llama 3's) read as SentencePiece pieces would give wrong
-    // tokens without a word of warning.
-    match g.meta("tokenizer.ggml.model") {
-        None => {}
-        Some(Meta::Str(model)) if model == "llama" => {}
-        Some(other) => {
-            return Err(format!(
-                "tokenizer.ggml.model is {other:?}; only SentencePiece (\"llama\") vocabularies are read"
-            ));
-        }
-    }
-    let Some(Meta::Array(tokens)) = g.meta("tokenizer.ggml.tokens") else {
-        return Ok(None);
-    };
-    let scores: Vec<f32> = match g.meta("tokenizer.ggml.scores") {
-        Some(Meta::Array(s)) => s
-            .iter()
-            .map(|v| {
-                if let Meta::Float(f) = v {
-                    *f as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect(),
-        _ => vec![0.0; tokens.len()],
-    };
-    if scores.len() != tokens.len() {
-        return Err(format!(
-            "tokenizer.ggml.scores has {} entries for {} tokens",
-            scores.len(),
-            tokens.len()
-        ));
-    }
-    let pieces = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| match t {
-            Meta::Str(s) => Ok(s.replace('\u{2581}', " ").into_bytes()),
-            _ => Err(format!("tokenizer.ggml.tokens entry {i} is not a string")),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    // The file's BOS and EOS (llama2.c's 1 and 2 where it names none): prompts begin with
-    // BOS, and generation ends at either (run.c ends it at BOS).
-    let id = |key: &str| match g.meta(key).and_then(Meta::as_u64) {
-        Some(id) => u32::try_from(id)
-            .ok()
-            .filter(|&id| (id as usize) < pieces.len())
-            .map(Some)
-            .ok_or_else(|| format!("{key} = {id} is not a token of the vocabulary")),
-        None => Ok(None),
-    };
-    let bos = id("tokenizer.ggml.bos_token_id")?.unwrap_or(crate::tokenizer::BOS);
-    let eos = id("tokenizer.ggml.eos_token_id")?;
-    let mut stops = vec![bos];
-    stops.extend(eos.filter(|&eos| eos != bos));
-    Ok(Some(
-        Tokenizer::from_vocab(pieces, scores)
-            .with_bos_eos(bos, eos.unwrap_or(crate::tokenizer::EOS))
-            .with_stop_tokens(stops),
-    ))
 }
 
 #[cfg(test)]
@@ -588,20 +525,6 @@ mod tests {
         assert_eq!(
             weight_name("rope_freqs.weight").as_deref(),
             Some(ROPE_FREQS)
-        );
-    }
-
-    /// A BPE vocabulary is refused, not read as SentencePiece pieces.
-    #[test]
-    fn only_sentencepiece_vocabularies_are_read() {
-        let model = |name: &str| file(&[("tokenizer.ggml.model", Meta::Str(name.into()))]);
-        assert!(matches!(vocab(&model("llama")), Ok(None)));
-        let Err(err) = vocab(&model("gpt2")) else {
-            panic!("a BPE vocabulary was read");
-        };
-        assert!(
-            err.contains("tokenizer.ggml.model is Str(\"gpt2\")"),
-            "{err}"
         );
     }
 }

@@ -9,6 +9,7 @@ pub mod block_manager;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
+mod gguf_vocab;
 pub mod heap;
 pub mod hf;
 pub mod llama2c;

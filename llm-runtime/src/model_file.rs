@@ -40,7 +40,7 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMod
         return Ok(LoadedModel {
             config: m.config,
             weights: m.weights,
-            tokenizer: m.tokenizer.map(|t| Box::new(t) as Box<dyn TextCodec>),
+            tokenizer: m.tokenizer,
         });
     }
     let (config, weights) = llama2c::load_with(path, progress)?;

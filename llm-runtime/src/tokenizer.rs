@@ -281,6 +281,67 @@ impl HfTokenizer {
             .find_map(|t| inner.token_to_id(t));
         Ok(HfTokenizer { inner, bos, eos })
     }
+
+    /// A byte-level BPE vocabulary (GPT-2's scheme, which Llama 3 uses): `tokens` in
+    /// GPT-2's byte-to-character encoding (id = position), `merges` in priority order,
+    /// the regex `pattern` that splits text into words before the merges, the `special`
+    /// tokens matched whole in text, and BOS and EOS.
+    ///
+    /// # Errors
+    ///
+    /// A merge of tokens outside the vocabulary, a pattern that is not a regex, or a
+    /// special id outside the vocabulary.
+    pub fn byte_level_bpe(
+        tokens: &[String],
+        merges: Vec<(String, String)>,
+        pattern: &str,
+        special: &[u32],
+        (bos, eos): (Option<u32>, Option<u32>),
+    ) -> Result<HfTokenizer, String> {
+        use tokenizers::{
+            AddedToken, SplitDelimiterBehavior,
+            models::bpe::{BPE, Vocab},
+            pre_tokenizers::{
+                byte_level::ByteLevel,
+                sequence::Sequence,
+                split::{Split, SplitPattern},
+            },
+        };
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let model = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| format!("the BPE merges: {e}"))?;
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| format!("the pre-tokenizer pattern: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let special = special
+            .iter()
+            .map(|&id| {
+                tokens
+                    .get(id as usize)
+                    .map(|t| AddedToken::from(t.clone(), true))
+                    .ok_or_else(|| format!("special token {id} is outside the vocabulary"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| format!("the special tokens: {e}"))?;
+        Ok(HfTokenizer { inner, bos, eos })
+    }
 }
 
 impl TextCodec for HfTokenizer {

@@ -64,7 +64,6 @@ fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
     let tok = g.tokenizer.expect("embedded vocabulary");
     assert_eq!(tok.vocab(), 32000);
     assert_eq!(tok.encode("Hello world", true, false), vec![1, 15043, 3186]);
-    use llm_runtime::tokenizer::TextCodec;
     assert_eq!(
         tok.stop_tokens(),
         vec![1, 2],
@@ -77,7 +76,6 @@ fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
 /// outside the vocabulary is an error naming the key.
 #[test]
 fn bos_and_eos_come_from_the_file() {
-    use llm_runtime::tokenizer::TextCodec;
     let bytes = std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file");
     let with = |ids: [(&str, u32); 2]| {
         let mut data = bytes.clone();
