@@ -77,10 +77,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
 /// The imported microkernels a contraction may call (see [`super::ukernel`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tiles {
-    /// `panel_2x4`, for pairs of rows against an f32 panel.
-    pub pair: Option<FuncRef>,
-    /// `panel_1x4`, for a single row against an f32 panel.
-    pub single: Option<FuncRef>,
+    /// `panel_rows`, for every row of x against an f32 panel.
+    pub panel_rows: Option<FuncRef>,
     /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
     /// weight row.
     pub quant_row: Option<FuncRef>,
@@ -202,22 +200,16 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     for (start, end, count) in ranges {
         for_range(b, start, end, count as i64, |b, j| {
             let wblock = address(b, w, j, row_bytes);
-            let single_from = match tiles.pair {
+            let single_from = match tiles.panel_rows {
                 Some(tile) if count == PANEL_ROWS && c.weight == WeightFormat::F32Panels => {
-                    let pairs_end = b.ins().band_imm_s(m, !1);
                     let k = b.ins().iconst(types::I64, c.k as i64);
-                    for_range(b, zero, pairs_end, 2, |b, i| {
-                        let i1 = b.ins().iadd_imm_s(i, 1);
-                        let x0 = address(b, x, i, 4 * c.k as i64);
-                        let x1 = address(b, x, i1, 4 * c.k as i64);
-                        let y0 = address(b, y, i, 4 * c.n as i64);
-                        let y0 = address(b, y0, j, 4);
-                        let y1 = b.ins().iadd_imm_s(y0, 4 * c.n as i64);
-                        b.ins().call(tile, &[k, x0, x1, wblock, y0, y1]);
-                        add_residual(b, i, j, PANEL_ROWS);
-                        add_residual(b, i1, j, PANEL_ROWS);
-                    });
-                    pairs_end
+                    let n = b.ins().iconst(types::I64, c.n as i64);
+                    let yj = address(b, y, j, 4);
+                    b.ins().call(tile, &[k, x, m, wblock, yj, n]);
+                    if c.residual {
+                        for_range(b, zero, m, 1, |b, i| add_residual(b, i, j, PANEL_ROWS));
+                    }
+                    m
                 }
                 _ => zero,
             };
@@ -246,12 +238,6 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         return;
                     }
                     (WeightFormat::F32Panels, _) if count == PANEL_ROWS => {
-                        if let Some(tile) = tiles.single {
-                            let k = b.ins().iconst(types::I64, c.k as i64);
-                            b.ins().call(tile, &[k, xrow, wblock, yat]);
-                            add_residual(b, i, j, PANEL_ROWS);
-                            return;
-                        }
                         dot_panel(b, xrow, wblock, c.k)
                     }
                     // (`F32KN` never reaches code generation: `Kernel::code` has none.)

@@ -212,8 +212,7 @@ pub fn compile(
     };
     #[cfg(target_arch = "x86_64")]
     builder.symbols([
-        (ukernel::PANEL_2X4, ukernel::panel_2x4 as *const u8),
-        (ukernel::PANEL_1X4, ukernel::panel_1x4 as *const u8),
+        (ukernel::PANEL_ROWS_FN, ukernel::panel_rows as *const u8),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (q8dot::Q8_0_BY_Q8_0_ROWS, q8dot_rows[0]),
@@ -247,8 +246,7 @@ pub fn compile(
             .map(Some)
             .map_err(|e| fail(name, e))
     };
-    let pair = import(ukernel::PANEL_2X4, 6)?;
-    let single = import(ukernel::PANEL_1X4, 4)?;
+    let panel_rows = import(ukernel::PANEL_ROWS_FN, 6)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 8)?;
@@ -293,8 +291,7 @@ pub fn compile(
                 WeightFormat::Q4K if c.q8_0_input => tiles.q8_0_rows = bring(q4_k_by_q8_0_rows),
                 WeightFormat::Q6K if c.q8_0_input => tiles.q8_0_rows = bring(q6_k_by_q8_0_rows),
                 WeightFormat::F32Panels => {
-                    tiles.pair = bring(pair);
-                    tiles.single = bring(single);
+                    tiles.panel_rows = bring(panel_rows);
                 }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),

@@ -1,15 +1,16 @@
 //! Hand-written Rust microkernels that generated loop nests call for compute-bound tiles.
 //!
 //! Cranelift's widest vector is 128 bits (cranelift.md section 4), which caps generated code
-//! at half of an AVX2 core's multiply-add rate. When several rows of x meet the same weight
-//! panel (prefill, batched decode), the contraction kernel calls [`panel_2x4`] for each pair
-//! of rows: 8 256-bit accumulators, 4 weight and 2 x loads per 8 fused multiply-adds.
+//! at half of an AVX2 core's multiply-add rate. The contraction kernel calls [`panel_rows`]
+//! for each weight panel of 4 rows with every row of x: three rows of x at a time (12
+//! 256-bit accumulators, 4 weight and 3 x loads per 12 fused multiply-adds), then a pair
+//! or a row alone (decode).
 //!
-//! The tile adds in exactly the order the generated single-row code does (lanes 0..4 and
+//! Every tile adds in exactly the order the generated single-row code does (lanes 0..4 and
 //! 4..8 of each 8-column chunk in two partial sums, the 4-wide tail step into the first, the
 //! halves added, then `(l0 + l1) + (l2 + l3)`, then the scalar tail), so a row's result
-//! does not depend on whether it was computed alone or in a pair: batching and prefill
-//! change no bit of any output.
+//! does not depend on the rows computed with it: batching and prefill change no bit of
+//! any output.
 
 #![allow(
     unsafe_code,
@@ -18,10 +19,7 @@
 
 use crate::kernel::{PANEL_COLS, PANEL_ROWS};
 
-/// The symbol generated code imports [`panel_2x4`] under.
-pub const PANEL_2X4: &str = "llmc_panel_2x4";
-
-/// Whether this machine runs [`panel_2x4`] and the other microkernels (x86-64 with AVX2,
+/// Whether this machine runs [`panel_rows`] and the other microkernels (x86-64 with AVX2,
 /// FMA and F16C, which every AVX2 CPU has).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -36,47 +34,65 @@ pub fn available() -> bool {
     }
 }
 
-/// `y0[r] = dot(x0, w_r)` and `y1[r] = dot(x1, w_r)` for the [`PANEL_ROWS`] rows `w_r` of
-/// the weight panel at `w` (row length `k`, layout of
-/// [`pack_panels`](crate::kernel::pack_panels)).
+/// The symbol generated code imports [`panel_rows`] under.
+pub const PANEL_ROWS_FN: &str = "llmc_panel_rows";
+
+/// `y[i * n + r] = dot(x_i, w_r)` for the `m` rows `x_i` of x (`k` floats each, one
+/// after another) and the [`PANEL_ROWS`] rows `w_r` of the weight panel at `w` (row length
+/// `k`, layout of [`pack_panels`](crate::kernel::pack_panels)): three rows of x at a time
+/// (12 accumulators and the loads of 3 x and 4 weight vectors fill AVX2's 16 registers;
+/// four rows spill and ran at half the speed), then two, then one (prefill and batched
+/// decode take the first, decode the last), every row with the same additions in the
+/// same order.
 ///
 /// # Safety
 ///
-/// `x0` and `x1` point to `k` floats, `w` to a panel of `4 * k` floats, `y0` and `y1` to 4
-/// writable floats each, and the CPU has AVX2 and FMA ([`available`]).
+/// `x` points to `m * k` floats, `w` to a panel of `4 * k` floats, `y` to `(m - 1) * n +
+/// 4` writable floats, and the CPU has AVX2 and FMA ([`available`]).
 #[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn panel_2x4(
+pub unsafe extern "C" fn panel_rows(
     k: i64,
-    x0: *const f32,
-    x1: *const f32,
+    x: *const f32,
+    m: i64,
     w: *const f32,
-    y0: *mut f32,
-    y1: *mut f32,
+    y: *mut f32,
+    n: i64,
 ) {
+    let (k, m, n) = (k as usize, m as usize, n as usize);
+    // SAFETY: rows below `m` lie inside x and y (the contract).
+    let rows = |i: usize| unsafe { (x.add(i * k), y.add(i * n)) };
+    let mut i = 0;
     // SAFETY: forwarded from this function's contract.
-    unsafe { panel_avx2::<2>(k as usize, [x0, x1], w, [y0, y1]) }
+    unsafe {
+        while i + 3 <= m {
+            let [r0, r1, r2] = [rows(i), rows(i + 1), rows(i + 2)];
+            panel_avx2::<3>(k, [r0.0, r1.0, r2.0], w, [r0.1, r1.1, r2.1]);
+            i += 3;
+        }
+        match m - i {
+            2 => {
+                let [r0, r1] = [rows(i), rows(i + 1)];
+                panel_avx2::<2>(k, [r0.0, r1.0], w, [r0.1, r1.1]);
+            }
+            1 => {
+                let r0 = rows(i);
+                panel_avx2::<1>(k, [r0.0], w, [r0.1]);
+            }
+            _ => {}
+        }
+    }
 }
-
-/// `y[r] = dot(x, w_r)` for the [`PANEL_ROWS`] rows of the panel at `w`: [`panel_2x4`]
-/// for one row of x (decode), with the same additions in the same order.
-///
-/// # Safety
-///
-/// As [`panel_2x4`], for one row: `x` points to `k` floats, `y` to 4 writable floats.
-#[cfg(target_arch = "x86_64")]
-pub unsafe extern "C" fn panel_1x4(k: i64, x: *const f32, w: *const f32, y: *mut f32) {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { panel_avx2::<1>(k as usize, [x], w, [y]) }
-}
-
-/// The symbol generated code imports [`panel_1x4`] under.
-pub const PANEL_1X4: &str = "llmc_panel_1x4";
 
 /// `ROWS` rows of x against a panel: `acc[r][i]` collects weight row `r` against x row `i`
 /// over the 8-column chunks, then the tail and the reduction follow the generated code's
 /// order: per row the two 4-lane halves with the 4-wide tail step in the first, their sum,
 /// `(l0 + l1) + (l2 + l3)` (two horizontal adds, which make those very sums for the 4 rows
 /// at once), then the scalar tail.
+///
+/// # Safety
+///
+/// Each `xs[i]` points to `k` floats, `w` to a panel of `4 * k` floats, each `ys[i]` to 4
+/// writable floats, and the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn panel_avx2<const ROWS: usize>(
