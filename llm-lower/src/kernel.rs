@@ -446,22 +446,26 @@ impl KvRounding {
 }
 
 /// The angles of rope kernel `kernel` with `factors` (the values of its `freq_factors`
-/// operand; empty without one), `None` for another kernel: what the backends build the
-/// kernel's sine and cosine tables from.
-pub fn rope_angles(kernel: &Kernel, factors: Vec<f32>) -> Option<RopeAngles> {
+/// operand; empty without one): what the backends build the kernel's sine and cosine
+/// tables from.
+///
+/// # Errors
+///
+/// For another kernel, or factors that are not one per pair ([`RopeAngles::new`]).
+pub fn rope_angles(kernel: &Kernel, factors: &[f32]) -> Result<RopeAngles, String> {
     match kernel {
         Kernel::Rope {
             rotary,
             theta_bits,
             scaling_bits,
             ..
-        } => Some(RopeAngles {
-            theta: f32::from_bits(*theta_bits),
-            scaling: f32::from_bits(*scaling_bits),
-            rotary: *rotary,
+        } => RopeAngles::new(
+            f32::from_bits(*theta_bits),
+            f32::from_bits(*scaling_bits),
+            *rotary,
             factors,
-        }),
-        _ => None,
+        ),
+        _ => Err("not a rope kernel".into()),
     }
 }
 

@@ -187,8 +187,7 @@ enum Compiled {
 
 /// What the runtime (and a GPU with `limits`) tells the pass pipeline: `plan-kv-memory`
 /// plans blocks of the runtime's [`BLOCK_SIZE`] positions, in buffers no larger than the
-/// device's largest storage binding, of `f32` values on the device (whose pool widens
-/// 16-bit storage).
+/// device's largest storage binding.
 pub fn pass_options(limits: Option<gpu::Limits>) -> Vec<TargetOption> {
     let mut options = vec![TargetOption {
         pass: "plan-kv-memory",

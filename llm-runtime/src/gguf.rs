@@ -363,32 +363,35 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
     read_with(&map, progress).map_err(err)
 }
 
-/// RoPE's linear position scaling (`llama.rope.scaling.type = linear` with
-/// `llama.rope.scaling.factor`, or the older `llama.rope.scale_linear`; 1 for none), after
-/// refusing settings the builder would ignore, computing another model than the file
-/// describes: other scaling types (YaRN, LongRoPE) and rotation of part of a head
-/// (`llama.rope.dimension_count` below the head size). Llama 3's frequency scaling comes
-/// as the tensor `rope_freqs.weight`.
+/// RoPE's linear position scaling, as llama.cpp reads it: the factor
+/// `llama.rope.scaling.factor` (or the older `llama.rope.scale_linear`; 1 without either)
+/// divides positions when `llama.rope.scaling.type` is `linear` or absent. A factor with
+/// the type `none`, other types (YaRN, LongRoPE) and rotation of part of a head
+/// (`llama.rope.dimension_count` below the head size) are refused: the builder would
+/// compute another model than the file describes. Llama 3's frequency scaling comes as
+/// the tensor `rope_freqs.weight`.
 fn rope_scaling(g: &GgufFile, head_dim: usize) -> Result<f64, String> {
-    let linear = match g.meta("llama.rope.scaling.type") {
-        None => None,
-        Some(Meta::Str(kind)) if kind == "none" => Some(1.0),
-        Some(Meta::Str(kind)) if kind == "linear" => Some(
-            g.float("llama.rope.scaling.factor")
-                .ok_or("llama.rope.scaling.type is linear, but llama.rope.scaling.factor is missing or not a float")?,
-        ),
+    let factor = g
+        .float("llama.rope.scaling.factor")
+        .or_else(|| g.float("llama.rope.scale_linear"))
+        .unwrap_or(1.0);
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(format!("the RoPE scaling factor {factor} is not positive"));
+    }
+    match g.meta("llama.rope.scaling.type") {
+        None => {}
+        Some(Meta::Str(kind)) if kind == "linear" => {}
+        Some(Meta::Str(kind)) if kind == "none" && factor == 1.0 => {}
+        Some(Meta::Str(kind)) if kind == "none" => {
+            return Err(format!(
+                "llama.rope.scaling.type is none, but the scaling factor is {factor}"
+            ));
+        }
         Some(other) => {
             return Err(format!(
                 "llama.rope.scaling.type is {other:?}; only unscaled and linear RoPE are supported"
             ));
         }
-    };
-    let factor = match (linear, g.float("llama.rope.scale_linear")) {
-        (Some(f), _) | (None, Some(f)) => f,
-        (None, None) => 1.0,
-    };
-    if !(factor.is_finite() && factor > 0.0) {
-        return Err(format!("the RoPE scaling factor {factor} is not positive"));
     }
     if g.meta("llama.rope.dimension_count").is_some() {
         let rotated = g.int("llama.rope.dimension_count")?;
@@ -489,7 +492,8 @@ mod tests {
     }
 
     /// Linear scaling comes from `llama.rope.scaling.factor` (or the older
-    /// `llama.rope.scale_linear`); other scaling types and partial rotation are refused.
+    /// `llama.rope.scale_linear`); a factor typed `none`, other scaling types and partial
+    /// rotation are refused.
     #[test]
     fn rope_settings_are_read_or_refused() {
         let linear = |kind: &str| Meta::Str(kind.to_string());
@@ -503,14 +507,20 @@ mod tests {
         assert_eq!(rope_scaling(&legacy, 8), Ok(2.0));
         let none = file(&[("llama.rope.scaling.type", linear("none"))]);
         assert_eq!(rope_scaling(&none, 8), Ok(1.0));
+        // Without a type, a factor scales linearly (llama.cpp's default type).
+        let untyped = file(&[("llama.rope.scaling.factor", Meta::Float(8.0))]);
+        assert_eq!(rope_scaling(&untyped, 8), Ok(8.0));
         let refused = [
             (
                 file(&[("llama.rope.scaling.type", linear("yarn"))]),
                 "llama.rope.scaling.type is Str(\"yarn\"); only unscaled and linear RoPE are supported",
             ),
             (
-                file(&[("llama.rope.scaling.type", linear("linear"))]),
-                "llama.rope.scaling.factor is missing",
+                file(&[
+                    ("llama.rope.scaling.type", linear("none")),
+                    ("llama.rope.scaling.factor", Meta::Float(2.0)),
+                ]),
+                "llama.rope.scaling.type is none, but the scaling factor is 2",
             ),
             (
                 file(&[("llama.rope.scale_linear", Meta::Float(0.0))]),

@@ -124,10 +124,11 @@ fn byte_level_bpe(
             _ => Err(format!("tokenizer.ggml.merges entry {i} is not a string")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let pattern = match g.meta("tokenizer.ggml.pre") {
-        None => GPT2_SPLIT,
-        Some(Meta::Str(pre)) if pre == "gpt2" || pre == "default" => GPT2_SPLIT,
-        Some(Meta::Str(pre)) if pre == "llama-bpe" || pre == "llama3" => LLAMA3_SPLIT,
+    // Llama 3's tokenizer takes a word that is a token whole (`ignore_merges`).
+    let split = match g.meta("tokenizer.ggml.pre") {
+        None => (GPT2_SPLIT, false),
+        Some(Meta::Str(pre)) if pre == "gpt2" || pre == "default" => (GPT2_SPLIT, false),
+        Some(Meta::Str(pre)) if pre == "llama-bpe" || pre == "llama3" => (LLAMA3_SPLIT, true),
         Some(other) => {
             return Err(format!(
                 "tokenizer.ggml.pre is {other:?}; the llama-bpe and gpt2 pre-tokenizers are read"
@@ -144,7 +145,7 @@ fn byte_level_bpe(
             .collect(),
         _ => Vec::new(),
     };
-    let tokenizer = HfTokenizer::byte_level_bpe(tokens, merges, pattern, &special, ends)?;
+    let tokenizer = HfTokenizer::byte_level_bpe(tokens, merges, split, &special, ends)?;
     Ok(Some(Box::new(tokenizer)))
 }
 
@@ -199,6 +200,9 @@ mod tests {
             "3",
             "12",
             "123",
+            "lo",
+            "Ã",
+            "©",
         ];
         let merges = [
             "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "12 3",
@@ -223,6 +227,14 @@ mod tests {
             vec![13, 1]
         );
         assert_eq!(tok.decode(13, 18), b" world".to_vec());
+        // A word that is a token is taken whole, though no merge builds it.
+        assert_eq!(tok.encode("lo", false, false), vec![24]);
+        // "é" is the bytes C3 A9, shown as "Ã" and "©": each token decodes to its byte.
+        assert_eq!(tok.encode("é", false, false), vec![25, 26]);
+        assert_eq!(
+            [tok.decode(0, 25), tok.decode(25, 26)].concat(),
+            "é".as_bytes()
+        );
         assert_eq!(tok.stop_tokens(), vec![0, 1]);
         // A merge of unknown tokens and an unknown pre-tokenizer are refused.
         let bad = |key: &str, value: Meta| {

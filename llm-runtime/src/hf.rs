@@ -46,12 +46,17 @@ fn weight_name(hf: &str) -> Option<String> {
     )
 }
 
-/// RoPE's scaling as `config.json`'s `rope_scaling` gives it (absent, null or
+/// RoPE's scaling, for a base of `theta` and heads of `head_dim`, as `config.json`'s
+/// `rope_scaling` gives it (absent, null or
 /// `rope_type = default`: none): the linear position scaling (`linear`: positions divided
 /// by `factor`; else 1) and Llama 3's per-pair frequency factors (`llama3`:
-/// [`llama3_factors`]). Other types (dynamic NTK, YaRN, LongRoPE) are refused: the builder
+/// [`Llama3Scaling::factors`]). Other types (dynamic NTK, YaRN, LongRoPE) are refused: the builder
 /// would compute another model.
-fn rope_scaling(cfg: &Json, head_dim: usize) -> Result<(f64, Option<Vec<f32>>), String> {
+fn rope_scaling(
+    cfg: &Json,
+    theta: f64,
+    head_dim: usize,
+) -> Result<(f64, Option<Vec<f32>>), String> {
     let Some(scaling) = cfg.get("rope_scaling").filter(|s| !s.is_null()) else {
         return Ok((1.0, None));
     };
@@ -77,10 +82,6 @@ fn rope_scaling(cfg: &Json, head_dim: usize) -> Result<(f64, Option<Vec<f32>>), 
                     "`rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
                 ));
             }
-            let theta = cfg
-                .get("rope_theta")
-                .and_then(Json::as_f64)
-                .unwrap_or(10000.0);
             let scaling = Llama3Scaling {
                 factor: number("factor")?,
                 low_freq_factor: low,
@@ -226,8 +227,8 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_freq_factors: false,
     };
     config.validate().map_err(|m| err(&config_path, m))?;
-    let (rope_scaling, freq_factors) =
-        rope_scaling(&cfg, config.head_dim()).map_err(|m| err(&config_path, m))?;
+    let (rope_scaling, freq_factors) = rope_scaling(&cfg, config.rope_theta, config.head_dim())
+        .map_err(|m| err(&config_path, m))?;
     let config = ModelConfig {
         rope_scaling,
         rope_freq_factors: freq_factors.is_some(),

@@ -264,6 +264,10 @@ pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Each token's bytes, for a byte-level vocabulary ([`byte_pieces`]): such a token
+    /// decodes alone, so a character whose bytes two tokens share prints whole once both
+    /// have printed.
+    byte_pieces: Option<Vec<Vec<u8>>>,
 }
 
 impl HfTokenizer {
@@ -279,13 +283,24 @@ impl HfTokenizer {
         let eos = ["</s>", "<|end_of_text|>", "<eos>"]
             .iter()
             .find_map(|t| inner.token_to_id(t));
-        Ok(HfTokenizer { inner, bos, eos })
+        let byte_level = matches!(
+            inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let byte_pieces = byte_level.then(|| byte_pieces(&inner));
+        Ok(HfTokenizer {
+            inner,
+            bos,
+            eos,
+            byte_pieces,
+        })
     }
 
     /// A byte-level BPE vocabulary (GPT-2's scheme, which Llama 3 uses): `tokens` in
     /// GPT-2's byte-to-character encoding (id = position), `merges` in priority order,
-    /// the regex `pattern` that splits text into words before the merges, the `special`
-    /// tokens matched whole in text, and BOS and EOS.
+    /// the regex `pattern` that splits text into words before the merges (a word that is
+    /// a token is taken whole, without merging, when `whole_words`, as Llama 3's
+    /// `ignore_merges` says), the `special` tokens matched whole in text, and BOS and EOS.
     ///
     /// # Errors
     ///
@@ -294,7 +309,7 @@ impl HfTokenizer {
     pub fn byte_level_bpe(
         tokens: &[String],
         merges: Vec<(String, String)>,
-        pattern: &str,
+        (pattern, whole_words): (&str, bool),
         special: &[u32],
         (bos, eos): (Option<u32>, Option<u32>),
     ) -> Result<HfTokenizer, String> {
@@ -314,6 +329,7 @@ impl HfTokenizer {
             .collect();
         let model = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(whole_words)
             .build()
             .map_err(|e| format!("the BPE merges: {e}"))?;
         let split = Split::new(
@@ -340,7 +356,13 @@ impl HfTokenizer {
         inner
             .add_special_tokens(special)
             .map_err(|e| format!("the special tokens: {e}"))?;
-        Ok(HfTokenizer { inner, bos, eos })
+        let byte_pieces = Some(byte_pieces(&inner));
+        Ok(HfTokenizer {
+            inner,
+            bos,
+            eos,
+            byte_pieces,
+        })
     }
 }
 
@@ -364,9 +386,13 @@ impl TextCodec for HfTokenizer {
         ids
     }
 
-    /// The text `token` adds after `prev` (decoding both and removing `prev`'s text, so
-    /// decoders that depend on the neighbour, like SentencePiece's leading space, are right).
+    /// The text `token` adds after `prev`: a byte-level token's own bytes, else decoding
+    /// both and removing `prev`'s text (so decoders that depend on the neighbour, like
+    /// SentencePiece's leading space, are right).
     fn decode(&self, prev: u32, token: u32) -> Vec<u8> {
+        if let Some(pieces) = &self.byte_pieces {
+            return pieces.get(token as usize).cloned().unwrap_or_default();
+        }
         let alone = self.inner.decode(&[prev], true).unwrap_or_default();
         let both = self.inner.decode(&[prev, token], true).unwrap_or_default();
         both.strip_prefix(alone.as_str())
@@ -379,4 +405,34 @@ impl TextCodec for HfTokenizer {
     fn stop_tokens(&self) -> Vec<u32> {
         self.bos.into_iter().chain(self.eos).collect()
     }
+}
+
+/// The bytes of every token of a byte-level vocabulary, by id: a vocabulary token's
+/// characters mapped back through GPT-2's byte-to-character table (printable Latin-1 bytes
+/// show as themselves, the other 68 bytes as U+0100 onwards in byte order), an added
+/// token's text as it is, and nothing for a special token (as decoding skips them).
+fn byte_pieces(inner: &tokenizers::Tokenizer) -> Vec<Vec<u8>> {
+    let shown = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    let hidden: Vec<u8> = (0..=255u8).filter(|&b| !shown(b)).collect();
+    let byte_of = |c: char| match c as u32 {
+        c @ 0..=255 if shown(c as u8) => Some(c as u8),
+        c => hidden.get((c as usize).checked_sub(256)?).copied(),
+    };
+    let mut pieces = vec![Vec::new(); inner.get_vocab_size(true)];
+    let added = inner.get_added_tokens_decoder();
+    for (token, id) in inner.get_vocab(true) {
+        let Some(piece) = pieces.get_mut(id as usize) else {
+            continue;
+        };
+        *piece = match added.get(&id) {
+            Some(t) if t.special => Vec::new(),
+            Some(t) => t.content.clone().into_bytes(),
+            None => token
+                .chars()
+                .map(byte_of)
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| token.clone().into_bytes()),
+        };
+    }
+    pieces
 }

@@ -50,6 +50,15 @@ impl KvElement {
         }
     }
 
+    /// The element type's name (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvElement::F32 => "f32",
+            KvElement::F16 => "f16",
+            KvElement::BF16 => "bf16",
+        }
+    }
+
     /// Bytes per element.
     pub fn bytes(self) -> usize {
         match self {

@@ -822,10 +822,10 @@ fn rope(
         return Err("rope takes two or three operands".into());
     }
     let factors = match inputs.get(2) {
-        Some(factors) => factors.tensor()?.floats()?.to_vec(),
-        None => Vec::new(),
+        Some(factors) => factors.tensor()?.floats()?,
+        None => &[],
     };
-    let angles = kernel::rope_angles(kernel, factors).ok_or("not a rope kernel")?;
+    let angles = kernel::rope_angles(kernel, factors)?;
     // Moved out of the operands, so that x is rotated in place when nothing else holds it.
     let x = inputs.remove(0);
     let positions = inputs[0].tensor()?.ints()?;

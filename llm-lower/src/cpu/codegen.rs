@@ -159,8 +159,9 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
 
 /// `y[i, j] = dot(x[i, :], w[j, :])` for `i < m`, `j0 <= j < j1`: blocks of rows of `w`
 /// outside, rows of `x` inside (the weight block stays in L1 across the rows of `x`). With
-/// a pair tile, pairs of rows of x against a panel call the microkernel, and only an odd
-/// last row runs the generated dot product; with a quantized row tile, every row does.
+/// the panel tile, one call takes every row of x against a panel (`panel_rows`); with a
+/// quantized row tile, every row calls it; without tiles, every row runs the generated
+/// dot product.
 fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles: Tiles) {
     let (x, w, y, m, j0, j1, residual) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let add_residual = |b: &mut FunctionBuilder, i: Value, j: Value, count: usize| {
@@ -200,20 +201,20 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     for (start, end, count) in ranges {
         for_range(b, start, end, count as i64, |b, j| {
             let wblock = address(b, w, j, row_bytes);
-            let single_from = match tiles.panel_rows {
-                Some(tile) if count == PANEL_ROWS && c.weight == WeightFormat::F32Panels => {
-                    let k = b.ins().iconst(types::I64, c.k as i64);
-                    let n = b.ins().iconst(types::I64, c.n as i64);
-                    let yj = address(b, y, j, 4);
-                    b.ins().call(tile, &[k, x, m, wblock, yj, n]);
-                    if c.residual {
-                        for_range(b, zero, m, 1, |b, i| add_residual(b, i, j, PANEL_ROWS));
-                    }
-                    m
+            if let Some(tile) = tiles.panel_rows
+                && count == PANEL_ROWS
+                && c.weight == WeightFormat::F32Panels
+            {
+                let k = b.ins().iconst(types::I64, c.k as i64);
+                let n = b.ins().iconst(types::I64, c.n as i64);
+                let yj = address(b, y, j, 4);
+                b.ins().call(tile, &[k, x, m, wblock, yj, n]);
+                if c.residual {
+                    for_range(b, zero, m, 1, |b, i| add_residual(b, i, j, PANEL_ROWS));
                 }
-                _ => zero,
-            };
-            for_range(b, single_from, m, 1, |b, i| {
+                return;
+            }
+            for_range(b, zero, m, 1, |b, i| {
                 let xrow = address(b, x, i, x_row_bytes);
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);

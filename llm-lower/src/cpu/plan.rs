@@ -944,11 +944,10 @@ impl Op {
                 out,
             } => {
                 let factors = match factors {
-                    Some(src) => frame.floats(*src)?.to_vec(),
-                    None => Vec::new(),
+                    Some(src) => frame.floats(*src)?,
+                    None => &[],
                 };
-                let angles =
-                    crate::kernel::rope_angles(kernel, factors).ok_or("not a rope kernel")?;
+                let angles = crate::kernel::rope_angles(kernel, factors)?;
                 let y = frame.output(*out);
                 y.copy_from_slice(frame.floats(*x)?);
                 rotate_in_place(k, (*f, &angles, *row), frame.ints(*positions)?, y)?;

@@ -47,8 +47,9 @@ pub const PANEL_ROWS_FN: &str = "llmc_panel_rows";
 ///
 /// # Safety
 ///
-/// `x` points to `m * k` floats, `w` to a panel of `4 * k` floats, `y` to `(m - 1) * n +
-/// 4` writable floats, and the CPU has AVX2 and FMA ([`available`]).
+/// `x` points to `m * k` floats, `w` to a panel of `4 * k` floats, `y` (for `m` above 0)
+/// to `(m - 1) * n + 4` writable floats, and the CPU has AVX2 and FMA ([`available`]);
+/// nothing is read or written when `m` is 0.
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn panel_rows(
     k: i64,

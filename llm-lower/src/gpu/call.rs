@@ -44,8 +44,8 @@ use crate::{
 
 mod mesh;
 
-/// What identifies a rope table within a call: theta's and scaling's bits, the rotated
-/// values per head, and the slot of the positions.
+/// What identifies a rope table within a call: the angles (theta, scaling, rotated values
+/// per head and frequency factors) and the slot of the positions.
 type RopeKey = (RopeAngles, usize);
 
 /// How a device holds a tensor of `dtype` (every element in 32 bits).
@@ -649,11 +649,12 @@ impl Call<'_> {
                     ));
                 }
                 let tokens = positions.len();
-                let factors = match step.inputs.get(2) {
-                    Some(&s) => self.host(s)?.tensor()?.floats()?.to_vec(),
-                    None => Vec::new(),
+                let factors = step.inputs.get(2).map(|&s| self.host(s)).transpose()?;
+                let factors = match &factors {
+                    Some(f) => f.tensor()?.floats()?,
+                    None => &[],
                 };
-                let angles = rope_angles(kernel, factors).ok_or("not a rope kernel")?;
+                let angles = rope_angles(kernel, factors)?;
                 // Every layer's q and k rotate by the same positions: the tables are made
                 // and uploaded once per call.
                 let key = (angles, step.inputs[1]);

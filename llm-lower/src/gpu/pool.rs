@@ -41,7 +41,11 @@ impl Pool {
             }
             return Ok(pool);
         }
-        let per_layer = c.slot_offset(1, 0) * KvElement::of(&c.params.storage).bytes();
+        let element = KvElement::of(&c.params.storage);
+        if c.k.element() != element || c.v.element() != element {
+            return Err("the cache's storage does not match its type".into());
+        }
+        let per_layer = c.slot_offset(1, 0) * element.bytes();
         // Buffers are whole words (a 16-bit pool of an odd count ends in half of one).
         let bytes = per_layer.next_multiple_of(4) as u64;
         let limit = gpu.limits().max_binding_bytes;
@@ -116,7 +120,7 @@ pub fn copy_block(cache: &KvCache, from: usize, to: usize) -> Result<(), String>
     if !block.is_multiple_of(4) {
         // Buffer copies move whole words; such a block starts or ends inside one.
         return Err(format!(
-            "a block of {block} bytes is not whole 4-byte words: the GPU cannot copy it (use an even block size)"
+            "a block of {block} bytes is not whole 4-byte words: the GPU cannot copy it (a 16-bit pool needs an even block size or an even kv_heads * head_dim)"
         ));
     }
     // WebGPU copies never have the same buffer at both ends: go through a scratch block.

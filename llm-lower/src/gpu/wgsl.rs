@@ -461,7 +461,7 @@ impl Shader {
                 match paged {
                     None => String::new(),
                     Some(KvElement::F32) => "paged_".into(),
-                    Some(element) => format!("paged_{}_", element_name(*element)),
+                    Some(element) => format!("paged_{}_", element.name()),
                 },
                 if *masked { "_masked" } else { "" },
                 if *split { "_split" } else { "" }
@@ -490,7 +490,7 @@ impl Shader {
                 format!("kv_append_{row}_{storage}")
             }
             Shader::KvGather { row, element } => {
-                format!("kv_gather_{row}_{}", element_name(*element))
+                format!("kv_gather_{row}_{}", element.name())
             }
             Shader::Gather { dim, table, .. } => match table {
                 WeightFormat::F32 => format!("gather_{dim}"),
@@ -1022,15 +1022,6 @@ fn key(e: u32) -> f32 {{ return widen(half_of(kc[e >> 1u], e)); }}
 fn value(e: u32) -> f32 {{ return widen(half_of(vc[e >> 1u], e)); }}
 "
     )
-}
-
-/// The name of a pool element in shader names.
-fn element_name(element: KvElement) -> &'static str {
-    match element {
-        KvElement::F32 => "f32",
-        KvElement::F16 => "f16",
-        KvElement::BF16 => "bf16",
-    }
 }
 
 /// A scale of `dtype` stored at byte `o`, as a WGSL function `scale_at`.
@@ -1786,14 +1777,22 @@ fn kv_append(row: usize, how: KvRounding) -> String {
 /// invocation rounds one value of the new keys and one of the new values and puts their
 /// bits in their half of a word, clearing the half and then setting it with atomic
 /// operations (a word's other half may belong to another slot, written by another
-/// invocation at the same time, when rows are odd).
+/// invocation at the same time, when rows are odd). Slots are distinct (the block
+/// manager hands each position its own); two tokens on one slot would or their bits.
+/// A bf16 NaN keeps its sign and top mantissa bits with the quiet bit set, as the host's
+/// `half` stores it.
 fn kv_append_halves(row: usize, element: KvElement) -> String {
     let (helpers, bits) = match element {
-        KvElement::BF16 => (ROUND_BF16.to_string(), "bitcast<u32>(round_bf16(x)) >> 16u"),
-        _ => (format!("{ROUND_F16}{F16_BITS}"), "f16_bits(x)"),
+        KvElement::BF16 => (
+            ROUND_BF16.to_string(),
+            "let b = bitcast<u32>(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return (b >> 16u) | 0x40u; }
+    return bitcast<u32>(round_bf16(x)) >> 16u;",
+        ),
+        _ => (format!("{ROUND_F16}{F16_BITS}"), "return f16_bits(x);"),
     };
     let mut s = format!(
-        "{helpers}fn bits(x: f32) -> u32 {{ return {bits}; }}\nconst ROW: u32 = {row}u;\n{ENTRY}"
+        "{helpers}fn bits(x: f32) -> u32 {{\n    {bits}\n}}\nconst ROW: u32 = {row}u;\n{ENTRY}"
     );
     s.push_str(
         "    let e = gi * WG + t;

@@ -296,6 +296,34 @@ pub struct RopeAngles {
 }
 
 impl RopeAngles {
+    /// The angles of a rope with base `theta`, position scaling `scaling` and `rotary`
+    /// rotated values per head, whose pair frequencies are divided by `factors` (none when
+    /// empty).
+    ///
+    /// # Errors
+    ///
+    /// If `factors` is neither empty nor one per pair.
+    pub fn new(
+        theta: f32,
+        scaling: f32,
+        rotary: usize,
+        factors: &[f32],
+    ) -> Result<RopeAngles, String> {
+        if !factors.is_empty() && factors.len() != rotary / 2 {
+            return Err(format!(
+                "{} frequency factors for {} pairs",
+                factors.len(),
+                rotary / 2
+            ));
+        }
+        Ok(RopeAngles {
+            theta,
+            scaling,
+            rotary,
+            factors: factors.to_vec(),
+        })
+    }
+
     /// The sine and cosine of pair `i`'s rotation at position `p`: the angle is
     /// `(p / scaling) * (theta^(-2i / rotary) / factor_i)` in `f32`.
     pub fn sin_cos(&self, p: i64, i: usize) -> (f32, f32) {
@@ -332,25 +360,15 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (h, d) = (x.shape[r - 2], x.shape[r - 1]);
     let rotary = e.op.int("rotary_dim").map_or(d, |v| v as usize);
     let factors = match inputs.get(2) {
-        Some(f) => {
-            let f = f.tensor()?;
-            if f.shape != [rotary / 2] {
-                return Err(format!(
-                    "freq_factors {:?} are not [{}]",
-                    f.shape,
-                    rotary / 2
-                ));
-            }
-            f.floats()?.to_vec()
-        }
-        None => Vec::new(),
+        Some(f) => f.tensor()?.floats()?,
+        None => &[],
     };
-    let angles = RopeAngles {
-        theta: e.float("theta").unwrap_or(10000.0) as f32,
-        scaling: e.float("scaling").unwrap_or(1.0) as f32,
+    let angles = RopeAngles::new(
+        e.float("theta").unwrap_or(10000.0) as f32,
+        e.float("scaling").unwrap_or(1.0) as f32,
         rotary,
         factors,
-    };
+    )?;
     let half_layout =
         matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
     if pos.shape[..] != x.shape[..r - 2] || rotary > d {
