@@ -48,10 +48,15 @@ pub(crate) fn vocab(g: &GgufFile) -> Result<Option<Box<dyn TextCodec>>, String> 
         id("tokenizer.ggml.bos_token_id")?,
         id("tokenizer.ggml.eos_token_id")?,
     );
+    // An instruction-tuned model's end of turn and end of message end a generation too.
+    let mut more_stops = Vec::new();
+    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        more_stops.extend(id(key)?);
+    }
     match g.meta("tokenizer.ggml.model") {
-        None => sentencepiece(g, tokens, ends),
-        Some(Meta::Str(model)) if model == "llama" => sentencepiece(g, tokens, ends),
-        Some(Meta::Str(model)) if model == "gpt2" => byte_level_bpe(g, &tokens, ends),
+        None => sentencepiece(g, tokens, ends, &more_stops),
+        Some(Meta::Str(model)) if model == "llama" => sentencepiece(g, tokens, ends, &more_stops),
+        Some(Meta::Str(model)) if model == "gpt2" => byte_level_bpe(g, &tokens, ends, &more_stops),
         Some(other) => Err(format!(
             "tokenizer.ggml.model is {other:?}; SentencePiece (\"llama\") and byte-level BPE (\"gpt2\") vocabularies are read"
         )),
@@ -61,11 +66,12 @@ pub(crate) fn vocab(g: &GgufFile) -> Result<Option<Box<dyn TextCodec>>, String> 
 /// The SentencePiece vocabulary (`tokenizer.ggml.tokens` and `.scores`), with `▁` read as
 /// a space as llama2.c's `tokenizer.bin` stores it, and the file's BOS and EOS (llama2.c's
 /// 1 and 2 where it names none): prompts begin with BOS, and generation ends at either
-/// (run.c ends it at BOS).
+/// (run.c ends it at BOS) or at one of `more_stops`.
 fn sentencepiece(
     g: &GgufFile,
     tokens: Vec<String>,
     (bos, eos): (Option<u32>, Option<u32>),
+    more_stops: &[u32],
 ) -> Result<Option<Box<dyn TextCodec>>, String> {
     let scores: Vec<f32> = match g.meta("tokenizer.ggml.scores") {
         Some(Meta::Array(s)) => s
@@ -93,7 +99,11 @@ fn sentencepiece(
         .collect();
     let bos = bos.unwrap_or(BOS);
     let mut stops = vec![bos];
-    stops.extend(eos.filter(|&eos| eos != bos));
+    for &t in eos.iter().chain(more_stops) {
+        if !stops.contains(&t) {
+            stops.push(t);
+        }
+    }
     Ok(Some(Box::new(
         Tokenizer::from_vocab(pieces, scores)
             .with_bos_eos(bos, eos.unwrap_or(EOS))
@@ -104,11 +114,13 @@ fn sentencepiece(
 /// The byte-level BPE vocabulary: the tokens, `tokenizer.ggml.merges` (`"a b"` each, in
 /// priority order), the pre-tokenizer `tokenizer.ggml.pre` names (`llama-bpe` for Llama
 /// 3's; `gpt2`, `default` or none for GPT-2's; others refused), the control and
-/// user-defined tokens of `tokenizer.ggml.token_type` matched whole, and BOS and EOS.
+/// user-defined tokens of `tokenizer.ggml.token_type` matched whole, BOS and EOS, and
+/// `more_stops` also ending a generation.
 fn byte_level_bpe(
     g: &GgufFile,
     tokens: &[String],
     ends: (Option<u32>, Option<u32>),
+    more_stops: &[u32],
 ) -> Result<Option<Box<dyn TextCodec>>, String> {
     let Some(Meta::Array(entries)) = g.meta("tokenizer.ggml.merges") else {
         return Err("a BPE vocabulary without tokenizer.ggml.merges".into());
@@ -145,7 +157,8 @@ fn byte_level_bpe(
             .collect(),
         _ => Vec::new(),
     };
-    let tokenizer = HfTokenizer::byte_level_bpe(tokens, merges, split, &special, ends)?;
+    let tokenizer = HfTokenizer::byte_level_bpe(tokens, merges, split, &special, ends)?
+        .with_stop_tokens(more_stops);
     Ok(Some(Box::new(tokenizer)))
 }
 
@@ -217,6 +230,7 @@ mod tests {
             ("tokenizer.ggml.token_type", Meta::Array(types)),
             ("tokenizer.ggml.bos_token_id", Meta::Uint(0)),
             ("tokenizer.ggml.eos_token_id", Meta::Uint(1)),
+            ("tokenizer.ggml.eot_token_id", Meta::Uint(26)),
         ]);
         let tok = vocab(&g).expect("builds").expect("a vocabulary");
         assert_eq!(tok.encode("hello world", true, false), vec![0, 13, 18]);
@@ -235,7 +249,11 @@ mod tests {
             [tok.decode(0, 25), tok.decode(25, 26)].concat(),
             "é".as_bytes()
         );
-        assert_eq!(tok.stop_tokens(), vec![0, 1]);
+        assert_eq!(
+            tok.stop_tokens(),
+            vec![0, 1, 26],
+            "BOS, EOS and end of turn"
+        );
         // A merge of unknown tokens and an unknown pre-tokenizer are refused.
         let bad = |key: &str, value: Meta| {
             let mut g = g.clone();

@@ -136,6 +136,41 @@ impl Llama3Scaling {
     }
 }
 
+/// An error in `file`.
+fn err(file: &Path, message: String) -> LoadError {
+    LoadError {
+        file: file.display().to_string(),
+        message,
+    }
+}
+
+/// The tokens that end a generation as the model says: `eos_token_id` (one id or a list,
+/// such as an instruction-tuned Llama 3's end of text, end of message and end of turn) of
+/// `generation_config.json` where the directory has one, else of `config.json` (`cfg`,
+/// read from `config_path`); none when neither names any.
+fn eos_ids(dir: &Path, cfg: &Json, config_path: &Path) -> Result<Vec<u32>, LoadError> {
+    let generation_path = dir.join("generation_config.json");
+    let (source, path) = if generation_path.exists() {
+        let text = std::fs::read_to_string(&generation_path)
+            .map_err(|e| err(&generation_path, format!("cannot read: {e}")))?;
+        let json: Json = serde_json::from_str(&text)
+            .map_err(|e| err(&generation_path, format!("invalid JSON: {e}")))?;
+        (json, generation_path)
+    } else {
+        (cfg.clone(), config_path.to_path_buf())
+    };
+    let id = |v: &Json| {
+        v.as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| err(&path, format!("`eos_token_id` holds {v}, not a token id")))
+    };
+    match source.get("eos_token_id") {
+        None | Some(Json::Null) => Ok(Vec::new()),
+        Some(Json::Array(ids)) => ids.iter().map(id).collect(),
+        Some(one) => Ok(vec![id(one)?]),
+    }
+}
+
 /// Refuses settings the builder would ignore, computing another model than the one
 /// described: feed-forward activations other than SiLU (RoPE's: [`rope_scaling`]).
 fn check_supported(cfg: &Json) -> Result<(), String> {
@@ -188,10 +223,6 @@ pub fn load(dir: &Path) -> Result<LoadedModel, LoadError> {
 
 /// [`load`], reporting the fraction of safetensors files read to `progress`.
 pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedModel, LoadError> {
-    let err = |file: &Path, message: String| LoadError {
-        file: file.display().to_string(),
-        message,
-    };
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| err(&config_path, format!("cannot read: {e}")))?;
@@ -263,7 +294,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     check_weights(&config, &weights).map_err(|m| err(dir, m))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        Some(Box::new(HfTokenizer::load(&tokenizer_path)?) as Box<dyn crate::tokenizer::TextCodec>)
+        let stops = eos_ids(dir, &cfg, &config_path)?;
+        let tokenizer = HfTokenizer::load(&tokenizer_path)?.with_stop_tokens(&stops);
+        Some(Box::new(tokenizer) as Box<dyn crate::tokenizer::TextCodec>)
     } else {
         None
     };

@@ -268,6 +268,9 @@ pub struct HfTokenizer {
     /// decodes alone, so a character whose bytes two tokens share prints whole once both
     /// have printed.
     byte_pieces: Option<Vec<Vec<u8>>>,
+    /// Tokens that end a generation besides BOS and EOS (an instruction-tuned model's
+    /// end of turn).
+    more_stops: Vec<u32>,
 }
 
 impl HfTokenizer {
@@ -293,7 +296,20 @@ impl HfTokenizer {
             bos,
             eos,
             byte_pieces,
+            more_stops: Vec::new(),
         })
+    }
+
+    /// The same vocabulary, also ending generations at `stops` (ids outside the
+    /// vocabulary are dropped).
+    pub fn with_stop_tokens(mut self, stops: &[u32]) -> HfTokenizer {
+        let vocab = self.inner.get_vocab_size(true);
+        self.more_stops = stops
+            .iter()
+            .copied()
+            .filter(|&t| (t as usize) < vocab)
+            .collect();
+        self
     }
 
     /// A byte-level BPE vocabulary (GPT-2's scheme, which Llama 3 uses): `tokens` in
@@ -362,6 +378,7 @@ impl HfTokenizer {
             bos,
             eos,
             byte_pieces,
+            more_stops: Vec::new(),
         })
     }
 }
@@ -401,9 +418,16 @@ impl TextCodec for HfTokenizer {
             .to_vec()
     }
 
-    /// BOS (which ends a llama2.c-style generation) and EOS, where the vocabulary has them.
+    /// BOS (which ends a llama2.c-style generation) and EOS, where the vocabulary has them,
+    /// and the model's other stop tokens ([`HfTokenizer::with_stop_tokens`]).
     fn stop_tokens(&self) -> Vec<u32> {
-        self.bos.into_iter().chain(self.eos).collect()
+        let mut stops: Vec<u32> = self.bos.into_iter().chain(self.eos).collect();
+        for &t in &self.more_stops {
+            if !stops.contains(&t) {
+                stops.push(t);
+            }
+        }
+        stops
     }
 }
 

@@ -187,11 +187,9 @@ fn a_hugging_face_directory_reproduces_the_golden_output() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn tokenizer_json_round_trips_through_the_tokenizers_crate() {
+/// Writes a `tokenizer.json` of the words `<unk> <s> </s> once upon a time` (ids 0 to 6).
+fn write_word_level_tokenizer(path: &Path) {
     use tokenizers::{models::wordlevel::WordLevel, pre_tokenizers::whitespace::Whitespace};
-    let dir = std::env::temp_dir().join(format!("llmc-hf-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
     let vocab: HashMap<String, u32> = ["<unk>", "<s>", "</s>", "once", "upon", "a", "time"]
         .iter()
         .enumerate()
@@ -204,8 +202,46 @@ fn tokenizer_json_round_trips_through_the_tokenizers_crate() {
         .expect("model");
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
+    tok.save(path, false).expect("save");
+}
+
+/// Generation stops where the model says: `eos_token_id` (one id or a list) of
+/// `generation_config.json`, else of `config.json`, besides the vocabulary's BOS and EOS;
+/// an id that is not a number is an error naming the file.
+#[test]
+fn eos_token_ids_end_generations() {
+    let dir = write_hf_dir_with("stops", r#", "eos_token_id": [2, 5]"#);
+    write_word_level_tokenizer(&dir.join("tokenizer.json"));
+    let stops = |dir: &Path| {
+        model_file::load(dir)
+            .expect("loads")
+            .tokenizer
+            .expect("tokenizer.json")
+            .stop_tokens()
+    };
+    assert_eq!(stops(&dir), vec![1, 2, 5]);
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": 6}"#).expect("write");
+    assert_eq!(stops(&dir), vec![1, 2, 6]);
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": "x"}"#,
+    )
+    .expect("write");
+    let err = model_file::load(&dir).err().expect("a bad id");
+    assert!(
+        err.to_string()
+            .contains("generation_config.json: `eos_token_id` holds \"x\""),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn tokenizer_json_round_trips_through_the_tokenizers_crate() {
+    let dir = std::env::temp_dir().join(format!("llmc-hf-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("tokenizer.json");
-    tok.save(&path, false).expect("save");
+    write_word_level_tokenizer(&path);
     let hf = HfTokenizer::load(&path).expect("loads");
     assert_eq!(
         hf.encode("once upon a time", true, false),
