@@ -10,7 +10,7 @@
 //! `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
 //! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
-//! ([`crate::gguf_vocab`]).
+//! (`gguf_vocab.rs`).
 
 use std::path::Path;
 

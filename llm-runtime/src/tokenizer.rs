@@ -286,18 +286,24 @@ impl HfTokenizer {
         let eos = ["</s>", "<|end_of_text|>", "<eos>"]
             .iter()
             .find_map(|t| inner.token_to_id(t));
+        Ok(HfTokenizer::from_parts(inner, bos, eos))
+    }
+
+    /// `inner` with its BOS and EOS; a byte-level decoder's tokens decode to their own
+    /// bytes ([`byte_pieces`]).
+    fn from_parts(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>) -> Self {
         let byte_level = matches!(
             inner.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
         );
         let byte_pieces = byte_level.then(|| byte_pieces(&inner));
-        Ok(HfTokenizer {
+        HfTokenizer {
             inner,
             bos,
             eos,
             byte_pieces,
             more_stops: Vec::new(),
-        })
+        }
     }
 
     /// The same vocabulary, also ending generations at `stops` (ids outside the
@@ -372,14 +378,7 @@ impl HfTokenizer {
         inner
             .add_special_tokens(special)
             .map_err(|e| format!("the special tokens: {e}"))?;
-        let byte_pieces = Some(byte_pieces(&inner));
-        Ok(HfTokenizer {
-            inner,
-            bos,
-            eos,
-            byte_pieces,
-            more_stops: Vec::new(),
-        })
+        Ok(HfTokenizer::from_parts(inner, bos, eos))
     }
 }
 
