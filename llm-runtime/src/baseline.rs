@@ -109,6 +109,9 @@ impl Baseline {
                 "the baseline computes llama2.c's RoPE only (interleaved, unscaled)".into(),
             );
         }
+        if c.sliding_window.is_some() {
+            return Err("the baseline attends to every position (no sliding window)".into());
+        }
         let layers = (0..c.layers)
             .map(|l| {
                 let g = |n: &str| f32_weight(w, &format!("layers.{l}.{n}"));

@@ -511,7 +511,7 @@ impl Model {
             block_size: BLOCK_SIZE as u64,
             blocks: None,
             storage: KvStorage::Float(self.kv_dtype),
-            window: None,
+            window: c.sliding_window.map(|w| w as u64),
         }
     }
 

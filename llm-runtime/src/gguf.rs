@@ -460,6 +460,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         rope_half: false,
         rope_scaling: 1.0,
         rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
+        sliding_window: None,
     };
     config.validate()?;
     let config = ModelConfig {

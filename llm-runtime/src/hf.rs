@@ -171,9 +171,47 @@ fn eos_ids(dir: &Path, cfg: &Json, config_path: &Path) -> Result<Vec<u32>, LoadE
     }
 }
 
+/// Mistral's sliding window (`sliding_window`, unless null or switched off by
+/// `use_sliding_window = false`): each position attends to at most that many.
+fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
+    if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(false) {
+        return Ok(None);
+    }
+    match cfg.get("sliding_window") {
+        None | Some(Json::Null) => Ok(None),
+        Some(_) => config_int(cfg, "sliding_window").map(Some),
+    }
+}
+
+/// The Llama-family architectures the builder computes (Mistral's is Llama's with a
+/// sliding window).
+const ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+
 /// Refuses settings the builder would ignore, computing another model than the one
-/// described: feed-forward activations other than SiLU (RoPE's: [`rope_scaling`]).
+/// described: an architecture other than [`ARCHITECTURES`], a `head_dim` other than
+/// `hidden_size / num_attention_heads`, and feed-forward activations other than SiLU
+/// (RoPE's: [`rope_scaling`]).
 fn check_supported(cfg: &Json) -> Result<(), String> {
+    if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
+        && let Some(other) = names
+            .iter()
+            .find(|n| !n.as_str().is_some_and(|n| ARCHITECTURES.contains(&n)))
+    {
+        return Err(format!(
+            "`architectures` names {other}; the Llama-family models built are {}",
+            ARCHITECTURES.join(", ")
+        ));
+    }
+    if let Some(head_dim) = cfg.get("head_dim").filter(|h| !h.is_null()) {
+        let heads = config_int(cfg, "num_attention_heads")?;
+        let width = config_int(cfg, "hidden_size")?;
+        if head_dim.as_u64() != Some((width / heads) as u64) {
+            return Err(format!(
+                "`head_dim` = {head_dim} is not hidden_size / num_attention_heads = {}",
+                width / heads
+            ));
+        }
+    }
     match cfg.get("hidden_act").and_then(Json::as_str) {
         None | Some("silu") => Ok(()),
         Some(other) => Err(format!(
@@ -256,6 +294,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_half: true,
         rope_scaling: 1.0,
         rope_freq_factors: false,
+        sliding_window: sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
     };
     config.validate().map_err(|m| err(&config_path, m))?;
     let (rope_scaling, freq_factors) = rope_scaling(&cfg, config.rope_theta, config.head_dim())

@@ -103,6 +103,7 @@ pub fn parse_with(
         rope_half: false,
         rope_scaling: 1.0,
         rope_freq_factors: false,
+        sliding_window: None,
     };
     config.validate()?;
     let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);

@@ -63,6 +63,9 @@ pub struct ModelConfig {
     /// RoPE divides each pair's frequency by a factor: the weight
     /// [`ROPE_FREQS`] (`[head_dim / 2]`, `llm.rope`'s `freq_factors`; Llama 3's scaling).
     pub rope_freq_factors: bool,
+    /// Each position attends to at most this many positions, itself included (Mistral's
+    /// sliding window: the KV cache type's `window`); `None` for all before it.
+    pub sliding_window: Option<usize>,
 }
 
 /// The weight holding RoPE's per-pair frequency factors (GGUF's name for it).
@@ -122,8 +125,11 @@ pub fn check_kv_dtype(kv: DType) -> Result<(), String> {
 /// The textual type of the model's KV cache of `kv` elements (block count left to the
 /// runtime).
 pub fn cache_type(c: &ModelConfig, kv: DType) -> String {
+    let window = c
+        .sliding_window
+        .map_or(String::new(), |w| format!(", window = {w}"));
     format!(
-        "llm.paged_kv_cache <layers = {}, kv_heads = {}, head_dim = {}, block_size = {BLOCK_SIZE}, blocks = ?, dtype = {kv}>",
+        "llm.paged_kv_cache <layers = {}, kv_heads = {}, head_dim = {}, block_size = {BLOCK_SIZE}, blocks = ?, dtype = {kv}{window}>",
         c.layers,
         c.kv_heads,
         c.head_dim()
@@ -249,6 +255,9 @@ fn forward_func(
     let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
     let cache = cache_type(c, kv_dtype);
+    let window = c
+        .sliding_window
+        .map_or(String::new(), |w| format!(", window = {w}"));
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let eps = float(c.norm_eps);
     let layout = if c.rope_half { "half" } else { "interleaved" };
@@ -312,7 +321,7 @@ fn forward_func(
         let queries = t(&format!("{batch}x{h}x{dh}xf32"));
         e.op(format!("qb_{l} = llm.reshape qr_{l} : {queries}"));
         e.op(format!(
-            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}}} : {queries}"
+            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{window}}} : {queries}"
         ));
         e.op(format!("attf_{l} = llm.reshape att_{l} : {act}"));
         let wo = e.weight_f32(&format!("wo_{l}"), &format!("{p}attention.wo.weight"));

@@ -21,6 +21,7 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         rope_half: false,
         rope_scaling: 1.0,
         rope_freq_factors: false,
+        sliding_window: None,
     };
     match name {
         "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),

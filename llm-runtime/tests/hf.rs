@@ -316,6 +316,50 @@ fn llama3_rope_scaling_divides_the_frequencies() {
     std::fs::remove_dir_all(&unscaled_dir).ok();
 }
 
+/// Mistral's sliding window becomes the KV cache type's `window`: each position sees at
+/// most that many, on every backend alike, which changes the text once sequences pass it.
+#[test]
+fn a_sliding_window_limits_attention() {
+    let dir = write_hf_dir_with("window", r#", "sliding_window": 8"#);
+    let loaded = model_file::load(&dir).expect("HF directory loads");
+    assert_eq!(loaded.config.sliding_window, Some(8));
+    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    assert!(
+        ir.contains("window = 8>"),
+        "the window reaches the cache type"
+    );
+    let tok =
+        Tokenizer::load(&shared("models/tok512.bin"), loaded.config.vocab).expect("tokenizer");
+    let greedy = SamplerConfig {
+        temperature: 0.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed: 1,
+    };
+    let run = |backend: &Backend, loaded: &model_file::LoadedModel| {
+        Model::compile_on(
+            backend,
+            loaded.config.clone(),
+            loaded.weights.clone(),
+            "default",
+        )
+        .expect("compiles")
+        .generate(&tok, "Once upon a time", 100, greedy.clone())
+        .expect("runs")
+        .ids
+    };
+    let windowed = run(&Backend::Interp, &loaded);
+    assert_eq!(run(&Backend::Cpu { threads: 1 }, &loaded), windowed);
+    let full = write_hf_dir("full");
+    assert_ne!(
+        run(&Backend::Interp, &model_file::load(&full).expect("loads")),
+        windowed,
+        "a window of 8 changes the text"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&full).ok();
+}
+
 /// Linear RoPE scaling divides the positions (`llm.rope`'s `scaling`).
 #[test]
 fn linear_rope_scaling_scales_the_positions() {
@@ -357,6 +401,14 @@ fn bad_directories_name_the_file() {
         (
             r#", "rope_scaling": null, "hidden_act": "gelu""#,
             "`hidden_act` = \"gelu\" is not supported",
+        ),
+        (
+            r#", "architectures": ["Qwen2ForCausalLM"]"#,
+            "`architectures` names \"Qwen2ForCausalLM\"",
+        ),
+        (
+            r#", "head_dim": 16"#,
+            "`head_dim` = 16 is not hidden_size / num_attention_heads = 8",
         ),
     ] {
         let dir = write_hf_dir_with("refused", extra);
