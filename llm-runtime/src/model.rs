@@ -125,15 +125,20 @@ pub fn check_kv_dtype(kv: DType) -> Result<(), String> {
 /// The textual type of the model's KV cache of `kv` elements (block count left to the
 /// runtime).
 pub fn cache_type(c: &ModelConfig, kv: DType) -> String {
-    let window = c
-        .sliding_window
-        .map_or(String::new(), |w| format!(", window = {w}"));
+    let window = window_param(c);
     format!(
         "llm.paged_kv_cache <layers = {}, kv_heads = {}, head_dim = {}, block_size = {BLOCK_SIZE}, blocks = ?, dtype = {kv}{window}>",
         c.layers,
         c.kv_heads,
         c.head_dim()
     )
+}
+
+/// `, window = W` for a model with a sliding window of `W` (the cache type's and paged
+/// attention's parameter), nothing otherwise.
+fn window_param(c: &ModelConfig) -> String {
+    c.sliding_window
+        .map_or(String::new(), |w| format!(", window = {w}"))
 }
 
 fn float(v: f64) -> String {
@@ -255,9 +260,7 @@ fn forward_func(
     let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
     let cache = cache_type(c, kv_dtype);
-    let window = c
-        .sliding_window
-        .map_or(String::new(), |w| format!(", window = {w}"));
+    let window = window_param(c);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let eps = float(c.norm_eps);
     let layout = if c.rope_half { "half" } else { "interleaved" };
