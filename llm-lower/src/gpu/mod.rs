@@ -9,6 +9,7 @@
 
 mod call;
 mod device;
+mod ieee;
 mod pool;
 mod probe;
 mod program;

@@ -21,6 +21,7 @@ use llm_ir::{
     types::Reduction,
 };
 
+use super::ieee::{CORRECTLY_ROUNDED, EXACT};
 use crate::kernel::{
     AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
 };
@@ -1825,7 +1826,7 @@ fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
     };
     let words = block_bytes.div_ceil(4);
     let mut s = format!(
-        "{ROUND_F16}{F16_BITS}const ROW: u32 = {row}u;\nconst VALUES: u32 = {values}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
+        "{ROUND_F16}{F16_BITS}{EXACT}{CORRECTLY_ROUNDED}const ROW: u32 = {row}u;\nconst VALUES: u32 = {values}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
     );
     s.push_str(PUT);
     s.push_str(helpers);
@@ -1881,7 +1882,7 @@ fn block_codec(format: WeightFormat) -> Option<(usize, usize, &'static str, Stri
 /// reference does ([`group_range`], `code_of`) and writes it back decoded (`decoded`).
 fn kv_append_groups(row: usize, format: WeightFormat) -> String {
     let mut s = format!(
-        "{ROUND_F16}{ROUND_BF16}{F16_BITS}const ROW: u32 = {row}u;\nconst GROUP: u32 = {}u;\n",
+        "{ROUND_F16}{ROUND_BF16}{F16_BITS}{CORRECTLY_ROUNDED}const ROW: u32 = {row}u;\nconst GROUP: u32 = {}u;\n",
         values_per_group(format)
     );
     s.push_str(&group_coder(format));
@@ -1985,16 +1986,16 @@ const PUT: &str =
 
 /// The bytes of one block of 32 values in `format` and the WGSL statements that encode the
 /// values `x[at]..x[at + 32]` into it at byte `o` (through `put`, byte for byte as the
-/// reference quantizes, with `round_away`, `f16_bits`); `None` for the formats without
-/// one (only q8_0, q4_0 and q4_1 have one).
+/// reference quantizes, with `round_away`, `f16_bits`, `exact` and `div_rn`); `None` for
+/// the formats without one (only q8_0, q4_0 and q4_1 have one).
 fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     Some(match format {
         WeightFormat::Q8_0 => (
             34,
             "    var amax = 0.0;
     for (var i = 0u; i < 32u; i = i + 1u) { amax = max(amax, abs(x[at + i])); }
-    let d = amax / 127.0;
-    let id = select(0.0, 1.0 / d, d != 0.0);
+    let d = div_rn(amax, 127.0);
+    let id = select(0.0, div_rn(1.0, d), d != 0.0);
     put(o, f16_bits(d));
     put(o + 1u, f16_bits(d) >> 8u);
     for (var i = 0u; i < 32u; i = i + 1u) {
@@ -2010,13 +2011,13 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         let v = x[at + i];
         if (amax < abs(v)) { amax = abs(v); top = v; }
     }
-    let d = top / -8.0;
-    let id = select(0.0, 1.0 / d, d != 0.0);
+    let d = div_rn(top, -8.0);
+    let id = select(0.0, div_rn(1.0, d), d != 0.0);
     put(o, f16_bits(d));
     put(o + 1u, f16_bits(d) >> 8u);
     for (var i = 0u; i < 16u; i = i + 1u) {
-        let lo = u32(clamp(i32(x[at + i] * id + 8.5), 0, 15));
-        let hi = u32(clamp(i32(x[at + i + 16u] * id + 8.5), 0, 15));
+        let lo = u32(clamp(i32(exact(x[at + i] * id) + 8.5), 0, 15));
+        let hi = u32(clamp(i32(exact(x[at + i + 16u] * id) + 8.5), 0, 15));
         put(o + 2u + i, lo | (hi << 4u));
     }
 ",
@@ -2031,15 +2032,15 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         if (v < lo) { lo = v; }
         if (v > hi) { hi = v; }
     }
-    let d = (hi - lo) / 15.0;
-    let id = select(0.0, 1.0 / d, d != 0.0);
+    let d = div_rn(hi - lo, 15.0);
+    let id = select(0.0, div_rn(1.0, d), d != 0.0);
     put(o, f16_bits(d));
     put(o + 1u, f16_bits(d) >> 8u);
     put(o + 2u, f16_bits(lo));
     put(o + 3u, f16_bits(lo) >> 8u);
     for (var i = 0u; i < 16u; i = i + 1u) {
-        let a = u32(clamp(i32((x[at + i] - lo) * id + 0.5), 0, 15));
-        let b = u32(clamp(i32((x[at + i + 16u] - lo) * id + 0.5), 0, 15));
+        let a = u32(clamp(i32(exact((x[at + i] - lo) * id) + 0.5), 0, 15));
+        let b = u32(clamp(i32(exact((x[at + i + 16u] - lo) * id) + 0.5), 0, 15));
         put(o + 4u + i, a | (b << 4u));
     }
 ",
@@ -2059,15 +2060,13 @@ macro_rules! staged {
     };
 }
 
-/// Helpers of the K-quant encoders, ggml's scale searches as the reference writes them.
-/// `exact` passes a product through an opaque bit operation (`p.zero` is 0 at run time),
-/// so that no compiler fuses it into the addition that follows: every product is rounded
-/// on its own, as the reference rounds it. `codes` holds a super-block's codes and `aux` a
-/// candidate's for one sub-block.
+/// Helpers of the K-quant encoders, ggml's scale searches as the reference writes them,
+/// rounded as the reference rounds them: products through `exact`, quotients and roots
+/// through `div_rn` and `sqrt_rn` ([`super::ieee`]). `codes` holds a super-block's codes
+/// and `aux` a candidate's for one sub-block.
 const KQUANT_HELPERS: &str = "var<private> xin: array<f32, 256>;
 var<private> codes: array<u32, 256>;
 var<private> aux: array<u32, 32>;
-fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) | p.zero); }
 // ggml's nearest_int: to nearest, ties to even (|v| below 2^22).
 fn nearest_int(v: f32) -> i32 {
     return (bitcast<i32>(exact(v) + 12582912.0) & 0x007fffff) - 0x00400000;
@@ -2093,8 +2092,8 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
         for (var i = 0u; i < n; i = i + 1u) { codes[base + i] = 0u; }
         return vec2<f32>(0.0, -mn);
     }
-    var iscale = f32(nmax) / (mx - mn);
-    var scale = 1.0 / iscale;
+    var iscale = div_rn(f32(nmax), mx - mn);
+    var scale = div_rn(1.0, iscale);
     var best = 0.0;
     for (var i = 0u; i < n; i = i + 1u) {
         let v = xin[at + i];
@@ -2103,7 +2102,7 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
         best = best + exact((av + abs(v)) * weighted_error(exact(scale * f32(l)) + mn - v, mad));
     }
     for (var is = 0; is <= nstep; is = is + 1) {
-        iscale = (rmin + exact(rdelta * f32(is)) + f32(nmax)) / (mx - mn);
+        iscale = div_rn(rmin + exact(rdelta * f32(is)) + f32(nmax), mx - mn);
         var sl = 0.0;
         var sl2 = 0.0;
         var sxl = 0.0;
@@ -2119,11 +2118,11 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
         }
         let det = exact(sum_w * sl2) - exact(sl * sl);
         if (det > 0.0) {
-            var this_scale = (exact(sum_w * sxl) - exact(sum_x * sl)) / det;
-            var this_min = (exact(sl2 * sum_x) - exact(sl * sxl)) / det;
+            var this_scale = div_rn(exact(sum_w * sxl) - exact(sum_x * sl), det);
+            var this_min = div_rn(exact(sl2 * sum_x) - exact(sl * sxl), det);
             if (this_min > 0.0) {
                 this_min = 0.0;
-                this_scale = sxl / sl2;
+                this_scale = div_rn(sxl, sl2);
             }
             var cur = 0.0;
             for (var i = 0u; i < n; i = i + 1u) {
@@ -2153,7 +2152,7 @@ fn qkx2_sub_blocks(n: u32, nmax: i32, rmin: f32, nstep: i32, mad: bool, rms_weig
         if (rms_weights) {
             var sx2 = 0.0;
             for (var i = 0u; i < n; i = i + 1u) { let v = xin[n * j + i]; sx2 = sx2 + exact(v * v); }
-            av = sqrt(sx2 / f32(n));
+            av = sqrt_rn(div_rn(sx2, f32(n)));
         }
         let r = make_qkx2(n * j, n * j, n, av, nmax, rmin, 0.1, nstep, mad);
         sub_scales[j] = r.x;
@@ -2188,18 +2187,18 @@ fn make_qx(at: u32, base: u32) -> f32 {
         for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = 0u; }
         return 0.0;
     }
-    var iscale = -32.0 / mx;
+    var iscale = div_rn(-32.0, mx);
     var sums = qx_sums(at, iscale);
     for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, xin[at + i]) + 32); }
-    var scale = select(0.0, sums.x / sums.y, sums.y != 0.0);
+    var scale = select(0.0, div_rn(sums.x, sums.y), sums.y != 0.0);
     var best = scale * sums.x;
     for (var is = -9; is <= 9; is = is + 1) {
         if (is == 0) { continue; }
-        iscale = -(32.0 + exact(0.1 * f32(is))) / mx;
+        iscale = div_rn(-(32.0 + exact(0.1 * f32(is))), mx);
         sums = qx_sums(at, iscale);
         if (sums.y > 0.0 && exact(sums.x * sums.x) > exact(best * sums.y)) {
             for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, xin[at + i]) + 32); }
-            scale = sums.x / sums.y;
+            scale = div_rn(sums.x, sums.y);
             best = scale * sums.x;
         }
     }
@@ -2223,8 +2222,8 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
                 "    let top = qkx2_sub_blocks(32u, 15, -1.0, 20, false, true);
     let max_scale = top.x;
     let max_min = top.y;
-    let inv_scale = select(0.0, 63.0 / max_scale, max_scale > 0.0);
-    let inv_min = select(0.0, 63.0 / max_min, max_min > 0.0);
+    let inv_scale = select(0.0, div_rn(63.0, max_scale), max_scale > 0.0);
+    let inv_min = select(0.0, div_rn(63.0, max_min), max_min > 0.0);
     var packed: array<u32, 12>;
     for (var j = 0u; j < 8u; j = j + 1u) {
         let ls = u32(min(nearest_int(inv_scale * sub_scales[j]), 63)) & 0xffu;
@@ -2238,8 +2237,8 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
             packed[j] = (packed[j] | ((lm >> 4u) << 6u)) & 0xffu;
         }
     }
-    let d = round_f16(max_scale / 63.0);
-    let dmin = round_f16(max_min / 63.0);
+    let d = round_f16(div_rn(max_scale, 63.0));
+    let dmin = round_f16(div_rn(max_min, 63.0));
     for (var j = 0u; j < 8u; j = j + 1u) {
         var sc = packed[j] & 63u;
         var m = packed[j + 4u] & 63u;
@@ -2251,11 +2250,11 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
         if (dl == 0.0) { continue; }
         let ml = exact(dmin * f32(m));
         for (var i = 0u; i < 32u; i = i + 1u) {
-            codes[32u * j + i] = u32(clamp(nearest_int((xin[32u * j + i] + ml) / dl), 0, 15));
+            codes[32u * j + i] = u32(clamp(nearest_int(div_rn(xin[32u * j + i] + ml, dl)), 0, 15));
         }
     }
-    put_f16(o, max_scale / 63.0);
-    put_f16(o + 2u, max_min / 63.0);
+    put_f16(o, div_rn(max_scale, 63.0));
+    put_f16(o + 2u, div_rn(max_min, 63.0));
     for (var i = 0u; i < 12u; i = i + 1u) { put(o + 4u + i, packed[i]); }
     for (var j = 0u; j < 4u; j = j + 1u) {
         for (var l = 0u; l < 32u; l = l + 1u) {
@@ -2277,8 +2276,8 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     }
     // An all-zero block stays all zero bytes.
     if (max_abs >= 1e-15) {
-        let iscale = -128.0 / max_scale;
-        let d = round_f16(1.0 / iscale);
+        let iscale = div_rn(-128.0, max_scale);
+        let d = round_f16(div_rn(1.0, iscale));
         for (var j = 0u; j < 16u; j = j + 1u) {
             // As an i8: the low byte, sign-extended.
             let s = (min(nearest_int(iscale * scales[j]), 127) << 24u) >> 24u;
@@ -2286,7 +2285,7 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
             let dl = d * f32(s);
             if (dl == 0.0) { continue; }
             for (var i = 0u; i < 16u; i = i + 1u) {
-                codes[16u * j + i] = u32(clamp(nearest_int(xin[16u * j + i] / dl), -32, 31) + 32);
+                codes[16u * j + i] = u32(clamp(nearest_int(div_rn(xin[16u * j + i], dl)), -32, 31) + 32);
             }
         }
         for (var n = 0u; n < 2u; n = n + 1u) {
@@ -2300,7 +2299,7 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
                 put(o + 128u + 32u * n + l, (q1 >> 4u) | ((q2 >> 4u) << 2u) | ((q3 >> 4u) << 4u) | ((q4 >> 4u) << 6u));
             }
         }
-        put_f16(o + 208u, 1.0 / iscale);
+        put_f16(o + 208u, div_rn(1.0, iscale));
     }
 "
             ),
@@ -2314,24 +2313,24 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     var packed: array<u32, 16>;
     var d = 0.0;
     if (max_scale > 0.0) {
-        let iscale = 15.0 / max_scale;
+        let iscale = div_rn(15.0, max_scale);
         for (var j = 0u; j < 16u; j = j + 1u) { packed[j] = u32(nearest_int(iscale * sub_scales[j])) & 0xffu; }
-        d = max_scale / 15.0;
+        d = div_rn(max_scale, 15.0);
     }
     var dmin = 0.0;
     if (max_min > 0.0) {
-        let iscale = 15.0 / max_min;
+        let iscale = div_rn(15.0, max_min);
         for (var j = 0u; j < 16u; j = j + 1u) {
             packed[j] = (packed[j] | (u32(nearest_int(iscale * sub_mins[j])) << 4u)) & 0xffu;
         }
-        dmin = max_min / 15.0;
+        dmin = div_rn(max_min, 15.0);
     }
     for (var j = 0u; j < 16u; j = j + 1u) {
         let dl = round_f16(d) * f32(packed[j] & 0xfu);
         if (dl == 0.0) { continue; }
         let ml = exact(round_f16(dmin) * f32(packed[j] >> 4u));
         for (var i = 0u; i < 16u; i = i + 1u) {
-            codes[16u * j + i] = u32(clamp(nearest_int((xin[16u * j + i] + ml) / dl), 0, 3));
+            codes[16u * j + i] = u32(clamp(nearest_int(div_rn(xin[16u * j + i] + ml, dl)), 0, 3));
         }
     }
     for (var i = 0u; i < 16u; i = i + 1u) { put(o + i, packed[i]); }
@@ -2438,7 +2437,7 @@ fn quantize(format: WeightFormat) -> String {
     let per = blocks_per_invocation(format);
     let words = (per * bytes).div_ceil(4);
     let mut s = format!(
-        "{ROUND_F16}{F16_BITS}const WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
+        "{ROUND_F16}{F16_BITS}{EXACT}{CORRECTLY_ROUNDED}const WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
     );
     s.push_str(PUT);
     s.push_str(helpers);
@@ -2540,7 +2539,7 @@ impl GroupQuantize {
         let (k, group) = (self.k, self.group());
         let along_rows = matches!(self.format, WeightFormat::Affine { axis: 0, .. });
         let mut s = format!(
-            "{ROUND_F16}{ROUND_BF16}{F16_BITS}const N: u32 = {}u;\nconst K: u32 = {k}u;\nconst GROUP: u32 = {group}u;\n",
+            "{ROUND_F16}{ROUND_BF16}{F16_BITS}{CORRECTLY_ROUNDED}const N: u32 = {}u;\nconst K: u32 = {k}u;\nconst GROUP: u32 = {group}u;\n",
             self.len(),
         );
         if along_rows {
@@ -2685,7 +2684,7 @@ fn group_range(format: WeightFormat, member: &str) -> String {
             "{range}    let scale = {};
     let point = 0.0;
 ",
-            round(&format!("max(abs(lo), abs(hi)) / {}", float(qmax)))
+            round(&format!("div_rn(max(abs(lo), abs(hi)), {})", float(qmax)))
         )
     } else {
         format!(
@@ -2693,10 +2692,10 @@ fn group_range(format: WeightFormat, member: &str) -> String {
     let low = select(0.0, lo, lo < 0.0);
     let high = select(0.0, hi, hi > 0.0);
     let scale = {};
-    let zero = clamp(round_away(-low / scale), 0.0, {top});
+    let zero = clamp(round_away(div_rn(-low, scale)), 0.0, {top});
     let point = select(f32(i32(zero)), 0.0, scale == 0.0);
 ",
-            round(&format!("(high - low) / {}", float(levels - 1.0))),
+            round(&format!("div_rn(high - low, {})", float(levels - 1.0))),
             top = float(levels - 1.0)
         )
     }
@@ -2720,7 +2719,7 @@ fn group_coder(format: WeightFormat) -> String {
             "// The first of the NormalFloat levels nearest to v / scale (level 7, zero, for a zero scale).
 fn code_of(v: f32, scale: f32, point: f32) -> u32 {{
     var levels = {levels};
-    let q = v / scale;
+    let q = div_rn(v, scale);
     var best = 0u;
     var distance = abs(q - levels[0]);
     for (var i = 1u; i < 16u; i = i + 1u) {{
@@ -2753,7 +2752,7 @@ fn decoded(code: u32, scale: f32, point: f32) -> f32 {{
     format!(
         "// round(v / scale) (0 for a zero scale), offset by the zero point and clamped.
 fn code_of(v: f32, scale: f32, point: f32) -> u32 {{
-    let q = select(round_away(v / scale), 0.0, scale == 0.0);
+    let q = select(round_away(div_rn(v, scale)), 0.0, scale == 0.0);
     return u32(i32({clamped})) & {mask}u;
 }}
 fn decoded(code: u32, scale: f32, point: f32) -> f32 {{
