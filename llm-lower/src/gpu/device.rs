@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -39,6 +39,12 @@ pub const ATTENTION_CHUNK: usize = 256;
 /// How long a readback waits for the GPU before it reports a wedged device.
 const WAIT: Duration = Duration::from_secs(120);
 
+/// Held while a device is opened: NVIDIA's Vulkan driver races on instances and devices
+/// created on several threads at once (wgpu issue 5930; on an H100, test suites that open
+/// a device per test crashed with SIGSEGV when their tests ran in parallel, and passed one
+/// at a time), so this process opens one at a time.
+static OPENING: Mutex<()> = Mutex::new(());
+
 /// One wgpu device and queue, with the compiled pipelines of every program on it.
 pub struct Gpu {
     device: wgpu::Device,
@@ -61,6 +67,7 @@ impl Gpu {
     /// Opens the best adapter wgpu finds (a GPU before a CPU adapter), honouring
     /// `WGPU_BACKEND`; an error, not a panic, when there is none.
     pub fn new(options: &GpuOptions) -> Result<Gpu, GpuError> {
+        let _one_at_a_time = OPENING.lock().unwrap_or_else(PoisonError::into_inner);
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
