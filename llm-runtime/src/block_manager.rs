@@ -14,9 +14,14 @@
 //! a block, the caller preempts a sequence (its blocks are released and it is recomputed
 //! later).
 //!
+//! A model with a sliding window never reads a position again once it has slid out of
+//! every later query's window: [`BlockManager::release_before`] releases the blocks that
+//! hold only such positions, so that a long sequence holds about a window of blocks.
+//!
 //! Invariants (checked by [`BlockManager::check`] and property tests): every block is
 //! exactly one of free, referenced, or cached-and-evictable; each block's reference count
-//! equals the number of table entries pointing at it; no block is handed out twice.
+//! equals the number of (unreleased) table entries pointing at it; no block is handed out
+//! twice.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -53,6 +58,9 @@ struct Block {
 #[derive(Debug, Clone)]
 struct Sequence {
     table: Vec<BlockId>,
+    /// Leading table entries released ([`BlockManager::release_before`]): their ids are
+    /// stale and count no reference.
+    released: usize,
     tokens: Vec<u32>,
     /// The prefix key of each full block, in order (whether or not that block is the one
     /// registered in the cache under the key).
@@ -122,12 +130,18 @@ impl BlockManager {
         self.blocks.len() - self.available()
     }
 
-    /// Positions held by all sequences (shared blocks count once per sequence).
+    /// Positions held by all sequences (shared blocks count once per sequence; released
+    /// blocks not at all).
     pub fn tokens_held(&self) -> usize {
-        self.seqs.values().map(|s| s.tokens.len()).sum()
+        self.seqs
+            .values()
+            .map(|s| s.tokens.len() - s.released * self.block_size)
+            .sum()
     }
 
-    /// The block table of `seq`.
+    /// The block table of `seq`. Entries that [`release_before`](Self::release_before)
+    /// released keep their old ids, which another sequence may hold by now: attention
+    /// under the window never reads them, and they stay valid indices into the pool.
     pub fn table(&self, seq: SeqId) -> Option<&[BlockId]> {
         self.seqs.get(&seq).map(|s| s.table.as_slice())
     }
@@ -245,6 +259,7 @@ impl BlockManager {
             seq,
             Sequence {
                 table,
+                released: 0,
                 tokens: prompt.to_vec(),
                 keys,
             },
@@ -289,10 +304,10 @@ impl BlockManager {
         })
     }
 
-    /// Starts `child` as a copy of `parent`, sharing all its blocks.
+    /// Starts `child` as a copy of `parent`, sharing all its (unreleased) blocks.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
         let s = self.seqs[&parent].clone();
-        for &id in &s.table {
+        for &id in &s.table[s.released..] {
             self.retain(id);
         }
         self.seqs.insert(child, s);
@@ -301,10 +316,33 @@ impl BlockManager {
     /// Ends `seq`, releasing its blocks (full cached ones stay evictable for reuse).
     pub fn finish(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
-            for id in s.table.into_iter().rev() {
+            for &id in s.table[s.released..].iter().rev() {
                 self.release(id);
             }
         }
+    }
+
+    /// Releases the blocks of `seq` that hold only positions before `position` (those a
+    /// sliding window no longer reads: for a window `W` and `len` positions held, every
+    /// later query sees positions from `len + 1 - W` on). Full cached blocks stay
+    /// evictable for prefix reuse; returns how many blocks were released.
+    pub fn release_before(&mut self, seq: SeqId, position: usize) -> usize {
+        let Some(s) = self.seqs.get(&seq) else {
+            return 0;
+        };
+        // Never the block the next position goes into.
+        let end = (position / self.block_size).min(s.tokens.len() / self.block_size);
+        if end <= s.released {
+            return 0;
+        }
+        let ids = s.table[s.released..end].to_vec();
+        for &id in &ids {
+            self.release(id);
+        }
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.released = end;
+        }
+        ids.len()
     }
 
     /// Checks every invariant; returns the first violation.
@@ -318,7 +356,7 @@ impl BlockManager {
                     s.tokens.len()
                 ));
             }
-            for &id in &s.table {
+            for &id in &s.table[s.released..] {
                 refs[id as usize] += 1;
             }
         }

@@ -205,12 +205,25 @@ impl<'m> Engine<'m> {
         let mut events = Vec::new();
         self.admit_and_prefill(&mut events)?;
         self.decode(&mut events)?;
+        self.slide_windows();
         let used = self.blocks.used();
         if used > self.stats.peak_blocks {
             self.stats.peak_blocks = used;
             self.stats.tokens_at_peak = self.blocks.tokens_held();
         }
         Ok(events)
+    }
+
+    /// Under a sliding window of `W`, releases each running sequence's blocks before
+    /// position `len + 1 - W`, which no later query sees.
+    fn slide_windows(&mut self) {
+        let Some(window) = self.model.config().sliding_window else {
+            return;
+        };
+        for req in &self.running {
+            let visible_from = (req.computed + 1).saturating_sub(window);
+            self.blocks.release_before(req.id, visible_from);
+        }
     }
 
     fn admit_and_prefill(&mut self, events: &mut Vec<Event>) -> Result<(), RunError> {

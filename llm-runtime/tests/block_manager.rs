@@ -1,5 +1,6 @@
 //! Property tests of the KV block manager: 100,000 random admit / append / fork / finish /
-//! preempt operations, with every invariant checked after each one, and the memory targets.
+//! preempt / window-release operations, with every invariant checked after each one, and
+//! the memory targets.
 
 use llm_runtime::{
     block_manager::{BlockManager, OutOfBlocks, SeqId},
@@ -16,10 +17,10 @@ fn invariants_hold_over_100000_random_operations() {
     let prefixes: Vec<Vec<u32>> = (0..4)
         .map(|p| (0..12).map(|i| p * 100 + i).collect())
         .collect();
-    let (mut hits, mut copies, mut evictions_needed) = (0usize, 0usize, 0usize);
+    let (mut hits, mut copies, mut evictions_needed, mut released) = (0, 0, 0, 0);
     for step in 0..100_000 {
         let r = rng.next_u64();
-        match r % 10 {
+        match r % 11 {
             0..=2 => {
                 let prefix = &prefixes[(r >> 8) as usize % prefixes.len()];
                 let keep = (r >> 16) as usize % (prefix.len() + 1);
@@ -62,6 +63,12 @@ fn invariants_hold_over_100000_random_operations() {
                 let seq = live.swap_remove((r >> 8) as usize % live.len());
                 m.finish(seq);
             }
+            10 if !live.is_empty() => {
+                // A sliding window moves past some of the sequence's positions.
+                let seq = live[(r >> 8) as usize % live.len()];
+                let len = m.len(seq).expect("live");
+                released += m.release_before(seq, (r >> 20) as usize % (len + 1));
+            }
             _ => {}
         }
         if let Err(e) = m.check() {
@@ -69,8 +76,8 @@ fn invariants_hold_over_100000_random_operations() {
         }
     }
     assert!(
-        hits > 100 && copies > 100 && evictions_needed > 0,
-        "hits {hits}, copies {copies}, full {evictions_needed}"
+        hits > 100 && copies > 100 && evictions_needed > 0 && released > 100,
+        "hits {hits}, copies {copies}, full {evictions_needed}, released {released}"
     );
     for seq in live {
         m.finish(seq);

@@ -135,6 +135,39 @@ fn batched_equals_single_with(model: &Model, tok: &Tokenizer, n: usize) {
     assert_eq!(stats.preemptions, 0);
 }
 
+/// Under a sliding window the engine releases the blocks that slid out of every later
+/// query's window: each sequence's tokens are still those it generates alone (which keeps
+/// every block), and three sequences of up to 200 positions never hold more than a
+/// window's blocks each (three of 16 positions for a window of 40, and the block being
+/// filled) instead of the 10 to 13 each that they fill.
+#[test]
+fn sliding_windows_release_the_blocks_they_no_longer_read() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let (mut config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
+    config.sliding_window = Some(40);
+    let model = Model::compile_with_kv(
+        &Backend::Cpu { threads: 2 },
+        config,
+        weights,
+        "default",
+        DType::F32,
+    )
+    .expect("compiles");
+    let prompts = prompts(3);
+    let (served, stats) = run_engine(&model, &tok, &prompts, 200, EngineConfig::default());
+    for (p, ids) in prompts.iter().zip(&served) {
+        let alone = model.generate(&tok, p, 200, GREEDY).expect("single");
+        assert_eq!(ids, &alone.ids, "prompt {p:?}");
+        assert!(ids.len() > 100, "prompt {p:?} outruns the window");
+    }
+    assert!(
+        stats.peak_blocks <= 3 * 4,
+        "{} blocks at the peak",
+        stats.peak_blocks
+    );
+}
+
 /// f16 and bf16 KV caches: the pool takes half an f32 pool's bytes (and `plan-kv-memory`
 /// fits twice the blocks in a budget, rounded down), batched sequences still equal their single runs on
 /// the CPU backend, and the CPU's greedy tokens over an f16 cache are the interpreter's.
