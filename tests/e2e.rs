@@ -225,6 +225,7 @@ fn llm_run_generate_on_the_interpreter_prints_what_run_c_prints() {
         "prefill_ms",
         "decode_ms",
         "decode_tok_per_s",
+        "\"kv_blocks\": 16",
         "\"backend\": \"interp\"",
     ] {
         assert!(stats.contains(key), "stats lack {key}: {stats}");

@@ -51,6 +51,8 @@ pub struct Stats {
     pub decode_ms: f64,
     /// Decode calls.
     pub decode_steps: usize,
+    /// Blocks of the sequence's KV pool ([`Model::sequence_blocks`]).
+    pub kv_blocks: usize,
 }
 
 impl Stats {
@@ -66,7 +68,7 @@ impl Stats {
     /// The stats as one JSON object.
     pub fn to_json(&self, backend: &str) -> String {
         format!(
-            "{{\"backend\": \"{backend}\", \"prompt_tokens\": {}, \"generated_tokens\": {}, \"forward_calls\": {}, \"compile_ms\": {:.3}, \"jit_ms\": {:.3}, \"prefill_ms\": {:.3}, \"decode_ms\": {:.3}, \"decode_tok_per_s\": {:.3}}}",
+            "{{\"backend\": \"{backend}\", \"prompt_tokens\": {}, \"generated_tokens\": {}, \"forward_calls\": {}, \"compile_ms\": {:.3}, \"jit_ms\": {:.3}, \"prefill_ms\": {:.3}, \"decode_ms\": {:.3}, \"decode_tok_per_s\": {:.3}, \"kv_blocks\": {}}}",
             self.prompt_tokens,
             self.generated_tokens,
             self.forward_calls,
@@ -74,7 +76,8 @@ impl Stats {
             self.jit_ms,
             self.prefill_ms,
             self.decode_ms,
-            self.decode_tok_per_s()
+            self.decode_tok_per_s(),
+            self.kv_blocks
         )
     }
 }
@@ -580,8 +583,27 @@ impl Model {
         ))
     }
 
-    /// Runs tokens at positions `start..` of the single sequence whose blocks are
-    /// `0..blocks` in order, returning one logits row per token and the updated cache.
+    /// Blocks of the KV pool of one sequence of `steps` positions whose calls run at most
+    /// `chunk` positions each (the prompt's prefill): one block per [`BLOCK_SIZE`]
+    /// positions, or, under a sliding window `W`, a ring of the blocks that the last
+    /// `chunk + W - 1` positions fill, when that is fewer ([`Model::forward`]); what
+    /// `plan-kv-memory` planned replaces either.
+    pub fn sequence_blocks(&self, steps: usize, chunk: usize) -> usize {
+        let all = steps.div_ceil(BLOCK_SIZE).max(1);
+        let wanted = match self.config.sliding_window {
+            Some(w) => all.min((chunk.max(1) + w - 1).div_ceil(BLOCK_SIZE)),
+            None => all,
+        };
+        self.cache_blocks(wanted)
+    }
+
+    /// Runs tokens at positions `start..` of the single sequence whose blocks are the
+    /// cache's, in order, returning one logits row per token and the updated cache.
+    ///
+    /// Under a sliding window the blocks are a ring: position `p` goes to slot
+    /// `p % (blocks * BLOCK_SIZE)`, overwriting a position no later query sees, as long as
+    /// the call's positions and the `W - 1` before them fit in the pool (an error
+    /// otherwise; [`Model::sequence_blocks`] sizes it).
     pub fn forward(
         &self,
         step: Step,
@@ -590,14 +612,32 @@ impl Model {
         cache: KvCache,
     ) -> Result<(Vec<Vec<f32>>, KvCache), RunError> {
         let n = tokens.len();
-        let positions: Vec<i64> = (start..start + n).map(|p| p as i64).collect();
-        let table: Vec<i64> = (0..cache.blocks as i64).collect();
+        let end = start + n;
+        let positions: Vec<i64> = (start..end).map(|p| p as i64).collect();
+        let (slots, table) = match self.config.sliding_window {
+            Some(w) => {
+                let ring = cache.blocks * BLOCK_SIZE;
+                if end > ring && n + w - 1 > ring {
+                    return Err(format!(
+                        "a call of {n} positions under a sliding window of {w} needs {} KV slots, more than the pool's {ring}",
+                        n + w - 1
+                    ));
+                }
+                let blocks = cache.blocks.max(1) as i64;
+                let slots = positions.iter().map(|&p| p % ring as i64).collect();
+                let table = (0..end.div_ceil(BLOCK_SIZE) as i64)
+                    .map(|i| i % blocks)
+                    .collect();
+                (slots, table)
+            }
+            None => (positions.clone(), (0..cache.blocks as i64).collect()),
+        };
         let batch = Batch {
             tokens: tokens.to_vec(),
-            slots: positions.clone(),
+            slots,
             positions,
             tables: vec![table],
-            context_lens: vec![(start + n) as i64],
+            context_lens: vec![end as i64],
         };
         self.run(step, &batch, cache)
     }
@@ -673,12 +713,13 @@ impl Model {
         g.stats.compile_ms = self.compile_ms;
         g.stats.jit_ms = self.jit_ms();
         let prefilled = prompt_ids.len().min(steps);
+        g.stats.kv_blocks = self.sequence_blocks(steps, prefilled);
         let start = Instant::now();
         let (mut rows, mut cache) = self.forward(
             Step::Prefill,
             &prompt_ids[..prefilled],
             0,
-            self.new_cache(self.cache_blocks(steps.div_ceil(BLOCK_SIZE))),
+            self.new_cache(g.stats.kv_blocks),
         )?;
         g.stats.prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let mut token = prompt_ids[0];

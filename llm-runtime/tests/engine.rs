@@ -136,10 +136,12 @@ fn batched_equals_single_with(model: &Model, tok: &Tokenizer, n: usize) {
 }
 
 /// Under a sliding window the engine releases the blocks that slid out of every later
-/// query's window: each sequence's tokens are still those it generates alone (which keeps
-/// every block), and three sequences of up to 200 positions never hold more than a
-/// window's blocks each (three of 16 positions for a window of 40, and the block being
-/// filled) instead of the 10 to 13 each that they fill.
+/// query's window, and `Model::generate` writes its positions into a ring of blocks: the
+/// two mechanisms give each sequence the same tokens, three sequences of up to 200
+/// positions never hold more than a window's blocks each in the engine (three of 16
+/// positions for a window of 40, and the block being filled) instead of the 10 to 13 each
+/// that they fill, and a sequence alone runs in a ring of 3 or 4 blocks (its prompt and
+/// the 39 positions before each query, rounded up to blocks) instead of 13.
 #[test]
 fn sliding_windows_release_the_blocks_they_no_longer_read() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
@@ -160,6 +162,11 @@ fn sliding_windows_release_the_blocks_they_no_longer_read() {
         let alone = model.generate(&tok, p, 200, GREEDY).expect("single");
         assert_eq!(ids, &alone.ids, "prompt {p:?}");
         assert!(ids.len() > 100, "prompt {p:?} outruns the window");
+        assert!(
+            alone.stats.kv_blocks <= 4,
+            "prompt {p:?}: {}",
+            alone.stats.kv_blocks
+        );
     }
     assert!(
         stats.peak_blocks <= 3 * 4,
