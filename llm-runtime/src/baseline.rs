@@ -7,7 +7,10 @@
 
 use llm_ir::interp::{Value, WeightStore};
 
-use crate::{model::ModelConfig, weights::Weights};
+use crate::{
+    model::{AttentionBias, ModelConfig},
+    weights::Weights,
+};
 
 /// A dot product in `f32`, accumulated in order (as `run.c` does).
 fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
@@ -111,6 +114,9 @@ impl Baseline {
         }
         if c.sliding_window.is_some() {
             return Err("the baseline attends to every position (no sliding window)".into());
+        }
+        if c.attention_bias != AttentionBias::default() {
+            return Err("the baseline's projections have no biases".into());
         }
         let layers = (0..c.layers)
             .map(|l| {

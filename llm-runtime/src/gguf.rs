@@ -21,7 +21,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{ModelConfig, ROPE_FREQS},
+    model::{AttentionBias, ModelConfig, ROPE_FREQS},
     tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, floats_le},
 };
@@ -461,6 +461,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         rope_scaling: 1.0,
         rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
         sliding_window: None,
+        attention_bias: AttentionBias::default(),
     };
     config.validate()?;
     let config = ModelConfig {

@@ -1,6 +1,6 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
-//! Llama-architecture checkpoints are read into the builder's weight names
+//! Llama-family checkpoints (Llama, Mistral, Qwen2) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half`. Safetensors files are memory-mapped; F32, F16 and BF16
@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
-    model::{ModelConfig, ROPE_FREQS, check_weights},
+    model::{AttentionBias, ModelConfig, ROPE_FREQS, check_weights},
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
     weights::{LoadError, Weights, builder_name, floats_le},
@@ -38,6 +38,10 @@ fn weight_name(hf: &str) -> Option<String> {
             ("self_attn.k_proj.weight", "attention.wk.weight"),
             ("self_attn.v_proj.weight", "attention.wv.weight"),
             ("self_attn.o_proj.weight", "attention.wo.weight"),
+            ("self_attn.q_proj.bias", "attention.wq.bias"),
+            ("self_attn.k_proj.bias", "attention.wk.bias"),
+            ("self_attn.v_proj.bias", "attention.wv.bias"),
+            ("self_attn.o_proj.bias", "attention.wo.bias"),
             ("post_attention_layernorm.weight", "ffn_norm.weight"),
             ("mlp.gate_proj.weight", "feed_forward.w1.weight"),
             ("mlp.down_proj.weight", "feed_forward.w2.weight"),
@@ -184,8 +188,30 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 }
 
 /// The Llama-family architectures the builder computes (Mistral's is Llama's with a
-/// sliding window).
-const ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+/// sliding window, Qwen2's Llama's with biases on the q, k and v projections).
+const ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on
+/// q, k, v and the output projection (as Hugging Face's `LlamaAttention` adds them).
+fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
+    let flag = |key: &str| match cfg.get(key) {
+        None | Some(Json::Null) => Ok(false),
+        Some(Json::Bool(b)) => Ok(*b),
+        Some(other) => Err(format!("`{key}` = {other} is not a boolean")),
+    };
+    if flag("mlp_bias")? {
+        return Err("`mlp_bias` is true: the feed-forward projections have no biases".into());
+    }
+    let llama_bias = flag("attention_bias")?;
+    let qwen2 = cfg
+        .get("architectures")
+        .and_then(Json::as_array)
+        .is_some_and(|names| names.iter().any(|n| n == "Qwen2ForCausalLM"));
+    Ok(AttentionBias {
+        qkv: qwen2 || llama_bias,
+        output: llama_bias,
+    })
+}
 
 /// Refuses settings the builder would ignore, computing another model than the one
 /// described: an architecture other than [`ARCHITECTURES`], a `head_dim` other than
@@ -228,8 +254,9 @@ fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
     }
 }
 
-/// Reads the tensors of one safetensors file into `weights`.
-fn read_safetensors(path: &Path, weights: &mut Weights) -> Result<(), String> {
+/// Reads the tensors of one safetensors file into `weights`; a bias the model does not
+/// have (`bias`) is an error, not a tensor silently left out.
+fn read_safetensors(path: &Path, weights: &mut Weights, bias: AttentionBias) -> Result<(), String> {
     let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
     let st =
         SafeTensors::deserialize(&map).map_err(|e| format!("invalid safetensors file: {e}"))?;
@@ -240,6 +267,16 @@ fn read_safetensors(path: &Path, weights: &mut Weights) -> Result<(), String> {
             }
             return Err(format!("tensor `{name}` is not part of a Llama model"));
         };
+        let declared = if ours.ends_with("wo.bias") {
+            bias.output
+        } else {
+            bias.qkv
+        };
+        if ours.ends_with(".bias") && !declared {
+            return Err(format!(
+                "tensor `{name}` is a bias that config.json does not declare (`attention_bias`, or a Qwen2 architecture)"
+            ));
+        }
         let shape = view.shape().to_vec();
         let data = view.data();
         let dtype = match view.dtype() {
@@ -295,6 +332,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_scaling: 1.0,
         rope_freq_factors: false,
         sliding_window: sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
+        attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
     };
     config.validate().map_err(|m| err(&config_path, m))?;
     let (rope_scaling, freq_factors) = rope_scaling(&cfg, config.rope_theta, config.head_dim())
@@ -317,7 +355,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let mut weights = Weights::default();
     for (i, file) in files.iter().enumerate() {
         progress(i as f64 / files.len() as f64);
-        read_safetensors(file, &mut weights).map_err(|m| err(file, m))?;
+        read_safetensors(file, &mut weights, config.attention_bias).map_err(|m| err(file, m))?;
     }
     if let Some(factors) = freq_factors {
         let shape = vec![factors.len()];

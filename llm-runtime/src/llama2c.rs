@@ -17,7 +17,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::ModelConfig,
+    model::{AttentionBias, ModelConfig},
     weights::{LoadError, Weights},
 };
 
@@ -104,6 +104,7 @@ pub fn parse_with(
         rope_scaling: 1.0,
         rope_freq_factors: false,
         sliding_window: None,
+        attention_bias: AttentionBias::default(),
     };
     config.validate()?;
     let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);

@@ -14,7 +14,8 @@
 //! interleaved RoPE over the paged cache (`llm.append_kv` then `llm.paged_attention`), a
 //! residual add, RMSNorm, a SwiGLU feed-forward block and a second residual add; a final
 //! RMSNorm and the classifier (tied to the embedding unless the model has its own) give the
-//! logits. Weights are referenced by name with `llm.weight`.
+//! logits; Qwen2-style models add biases after the attention's projections
+//! ([`AttentionBias`]). Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: f16/bf16 matrices are cast to f32 and quantized ones are
 //! dequantized where a matmul reads them (the `fuse` pass turns `matmul(x, dequantize(w))`
@@ -66,6 +67,19 @@ pub struct ModelConfig {
     /// Each position attends to at most this many positions, itself included (Mistral's
     /// sliding window: the KV cache type's `window`); `None` for all before it.
     pub sliding_window: Option<usize>,
+    /// The attention's projections add biases: the q, k and v projections'
+    /// (`layers.N.attention.w{q,k,v}.bias`, Qwen2's) and, with it, the output
+    /// projection's (`attention.wo.bias`, a Llama config's `attention_bias`).
+    pub attention_bias: AttentionBias,
+}
+
+/// Which of the attention's projections add a bias.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttentionBias {
+    /// The q, k and v projections.
+    pub qkv: bool,
+    /// The output projection.
+    pub output: bool,
 }
 
 /// The weight holding RoPE's per-pair frequency factors (GGUF's name for it).
@@ -163,6 +177,19 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
     }
+    for l in 0..c.layers {
+        let p = format!("layers.{l}.attention.");
+        if c.attention_bias.qkv {
+            out.extend([
+                (format!("{p}wq.bias"), vec![d]),
+                (format!("{p}wk.bias"), vec![kvd]),
+                (format!("{p}wv.bias"), vec![kvd]),
+            ]);
+        }
+        if c.attention_bias.output {
+            out.push((format!("{p}wo.bias"), vec![d]));
+        }
+    }
     out.push(("norm.weight".to_string(), vec![d]));
     if c.rope_freq_factors {
         out.push((ROPE_FREQS.to_string(), vec![c.head_dim() / 2]));
@@ -249,6 +276,21 @@ impl Emitter<'_> {
     }
 }
 
+impl Emitter<'_> {
+    /// The value of `product` plus the bias weight `bias` (broadcast over the rows), or
+    /// `product` itself without one.
+    fn add_bias(&mut self, product: &str, bias: Option<&str>, ty: &str) -> String {
+        let Some(name) = bias else {
+            return product.to_string();
+        };
+        let bias = self.weight_f32(&format!("{product}_bias"), name);
+        self.op(format!(
+            "{product}_biased = llm.add {product}, {bias} : {ty}"
+        ));
+        format!("{product}_biased")
+    }
+}
+
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
 fn forward_func(
     c: &ModelConfig,
@@ -296,22 +338,21 @@ fn forward_func(
         let wq = e.weight_f32(&format!("wq_{l}"), &format!("{p}attention.wq.weight"));
         let wk = e.weight_f32(&format!("wk_{l}"), &format!("{p}attention.wk.weight"));
         let wv = e.weight_f32(&format!("wv_{l}"), &format!("{p}attention.wv.weight"));
-        e.op(format!(
-            "q_{l} = llm.matmul h_{l}, {wq} {{transpose_rhs = true}} : {act}"
-        ));
-        e.op(format!(
-            "k_{l} = llm.matmul h_{l}, {wk} {{transpose_rhs = true}} : {kv}"
-        ));
-        e.op(format!(
-            "v_{l} = llm.matmul h_{l}, {wv} {{transpose_rhs = true}} : {kv}"
-        ));
+        let [q, k, v] = [("q", &wq, &act), ("k", &wk, &kv), ("v", &wv, &kv)].map(|(out, w, ty)| {
+            let product = format!("{out}_{l}");
+            e.op(format!(
+                "{product} = llm.matmul h_{l}, {w} {{transpose_rhs = true}} : {ty}"
+            ));
+            let bias = format!("{p}attention.w{out}.bias");
+            e.add_bias(&product, c.attention_bias.qkv.then_some(bias.as_str()), ty)
+        });
         let (qheads, kvheads) = (
             t(&format!("?x{h}x{dh}xf32")),
             t(&format!("?x{kvh}x{dh}xf32")),
         );
-        e.op(format!("qh_{l} = llm.reshape q_{l} : {qheads}"));
-        e.op(format!("kh_{l} = llm.reshape k_{l} : {kvheads}"));
-        e.op(format!("vh_{l} = llm.reshape v_{l} : {kvheads}"));
+        e.op(format!("qh_{l} = llm.reshape {q} : {qheads}"));
+        e.op(format!("kh_{l} = llm.reshape {k} : {kvheads}"));
+        e.op(format!("vh_{l} = llm.reshape {v} : {kvheads}"));
         e.op(format!(
             "qr_{l} = llm.rope qh_{l}, positions{factors} {{{rope}}} : {qheads}"
         ));
@@ -331,7 +372,13 @@ fn forward_func(
         e.op(format!(
             "o_{l} = llm.matmul attf_{l}, {wo} {{transpose_rhs = true}} : {act}"
         ));
-        e.op(format!("xa_{l} = llm.add {x}, o_{l} : {act}"));
+        let bias = format!("{p}attention.wo.bias");
+        let o = e.add_bias(
+            &format!("o_{l}"),
+            c.attention_bias.output.then_some(bias.as_str()),
+            &act,
+        );
+        e.op(format!("xa_{l} = llm.add {x}, {o} : {act}"));
         let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
         e.op(format!(
             "hf_{l} = llm.rms_norm xa_{l}, {ffn_norm} {{eps = {eps}}} : {act}"

@@ -3,7 +3,10 @@
 
 use std::{io::Write, path::Path};
 
-use crate::{model::ModelConfig, sampler::XorShift};
+use crate::{
+    model::{AttentionBias, ModelConfig},
+    sampler::XorShift,
+};
 
 /// A named model shape.
 pub fn shape(name: &str) -> Option<ModelConfig> {
@@ -22,6 +25,7 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         rope_scaling: 1.0,
         rope_freq_factors: false,
         sliding_window: None,
+        attention_bias: AttentionBias::default(),
     };
     match name {
         "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),

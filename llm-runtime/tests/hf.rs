@@ -12,11 +12,11 @@ use llm_ir::{
     interp::{Value, WeightStore},
 };
 use llm_runtime::{
-    generate::{Backend, Model},
+    generate::{Backend, Generation, Model},
     llama2c,
-    model::build_ir,
+    model::{AttentionBias, build_ir},
     model_file,
-    sampler::SamplerConfig,
+    sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
 };
 use safetensors::{Dtype, tensor::TensorView};
@@ -51,11 +51,22 @@ fn write_hf_dir(name: &str) -> PathBuf {
 /// [`write_hf_dir`] with `extra` (`"key": value` pairs, each after a comma) added to
 /// `config.json`.
 fn write_hf_dir_with(name: &str, extra: &str) -> PathBuf {
+    write_hf_dir_of(name, "LlamaForCausalLM", extra, Vec::new())
+}
+
+/// [`write_hf_dir_with`] for the architecture `arch`, with the f32 tensors `more`
+/// (Hugging Face names, shapes, values) beside stories260K's.
+fn write_hf_dir_of(
+    name: &str,
+    arch: &str,
+    extra: &str,
+    more: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llmc-hf-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (c, weights) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
     let config = format!(
-        r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "max_position_embeddings": {}, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true{extra}}}"#,
+        r#"{{"architectures": ["{arch}"], "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "max_position_embeddings": {}, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true{extra}}}"#,
         c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
     );
     std::fs::write(dir.join("config.json"), config).expect("config");
@@ -129,6 +140,13 @@ fn write_hf_dir_with(name: &str, extra: &str) -> PathBuf {
             None,
         );
     }
+    for (hf, shape, values) in more {
+        tensors.push((
+            hf,
+            shape,
+            values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(n, s, d)| {
@@ -151,14 +169,8 @@ fn a_hugging_face_directory_reproduces_the_golden_output() {
     let tok =
         Tokenizer::load(&shared("models/tok512.bin"), loaded.config.vocab).expect("tokenizer");
     let model = Model::compile(loaded.config, loaded.weights, "default").expect("compiles");
-    let greedy = SamplerConfig {
-        temperature: 0.0,
-        top_p: 0.9,
-        top_k: 0,
-        seed: 1,
-    };
     let g = model
-        .generate(&tok, "Once upon a time", 256, greedy)
+        .generate(&tok, "Once upon a time", 256, GREEDY)
         .expect("runs");
     let golden = std::fs::read(shared("golden/once_upon_a_time.txt")).expect("golden");
     assert_eq!(
@@ -261,14 +273,21 @@ fn tokenizer_json_round_trips_through_the_tokenizers_crate() {
 /// The greedy ids of "Once upon a time" over `steps` positions from `loaded` (a
 /// stories260K directory) on `backend`, with llama2.c's vocabulary.
 fn greedy_ids(backend: &Backend, loaded: &model_file::LoadedModel, steps: usize) -> Vec<u32> {
+    greedy(backend, loaded, steps).ids
+}
+
+/// Greedy sampling.
+const GREEDY: SamplerConfig = SamplerConfig {
+    temperature: 0.0,
+    top_p: 0.9,
+    top_k: 0,
+    seed: 1,
+};
+
+/// The greedy generation of [`greedy_ids`], logits included.
+fn greedy(backend: &Backend, loaded: &model_file::LoadedModel, steps: usize) -> Generation {
     let tok =
         Tokenizer::load(&shared("models/tok512.bin"), loaded.config.vocab).expect("tokenizer");
-    let greedy = SamplerConfig {
-        temperature: 0.0,
-        top_p: 0.9,
-        top_k: 0,
-        seed: 1,
-    };
     Model::compile_on(
         backend,
         loaded.config.clone(),
@@ -276,9 +295,8 @@ fn greedy_ids(backend: &Backend, loaded: &model_file::LoadedModel, steps: usize)
         "default",
     )
     .expect("compiles")
-    .generate(&tok, "Once upon a time", steps, greedy)
+    .generate(&tok, "Once upon a time", steps, GREEDY)
     .expect("runs")
-    .ids
 }
 
 /// Llama 3's RoPE scaling (`rope_type = llama3`) divides each frequency by a factor: 1
@@ -352,6 +370,152 @@ fn a_sliding_window_limits_attention() {
     std::fs::remove_dir_all(&full).ok();
 }
 
+/// Seeded values in `-scale..scale`.
+fn noise(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = XorShift::new(seed);
+    (0..len)
+        .map(|_| scale * (2.0 * rng.next_f32() - 1.0))
+        .collect()
+}
+
+/// A bias of `values` for projection `proj` (`q`, `k`, `v`, `o`) of every layer of
+/// stories260K.
+fn biases(proj: &str, values: impl Fn(usize) -> Vec<f32>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    (0..5)
+        .map(|l| {
+            let v = values(l);
+            (
+                format!("model.layers.{l}.self_attn.{proj}_proj.bias"),
+                vec![v.len()],
+                v,
+            )
+        })
+        .collect()
+}
+
+/// Qwen2's q, k and v biases: zero biases change nothing, random ones change the text,
+/// and the CPU and GPU backends compute what the reference semantics compute.
+#[test]
+fn qwen2_adds_biases_to_the_q_k_and_v_projections() {
+    let (dim, kv_dim) = (64, 32);
+    let zero = [("q", dim), ("k", kv_dim), ("v", kv_dim)]
+        .into_iter()
+        .flat_map(|(p, n)| biases(p, |_| vec![0.0; n]))
+        .collect();
+    let zeroed = write_hf_dir_of("qwen2-zero", "Qwen2ForCausalLM", "", zero);
+    let loaded = model_file::load(&zeroed).expect("Qwen2 directory loads");
+    assert!(loaded.config.attention_bias.qkv && !loaded.config.attention_bias.output);
+    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    assert!(
+        ir.contains("layers.4.attention.wv.bias"),
+        "the biases reach the IR"
+    );
+    let llama = write_hf_dir("qwen2-llama");
+    let plain = greedy_ids(
+        &Backend::Interp,
+        &model_file::load(&llama).expect("loads"),
+        60,
+    );
+    assert_eq!(greedy_ids(&Backend::Interp, &loaded, 60), plain);
+    let random = [("q", dim, 1), ("k", kv_dim, 2), ("v", kv_dim, 3)]
+        .into_iter()
+        .flat_map(|(p, n, seed)| biases(p, move |l| noise(n, seed * 10 + l as u64, 0.5)))
+        .collect();
+    let biased = write_hf_dir_of("qwen2", "Qwen2ForCausalLM", "", random);
+    let loaded = model_file::load(&biased).expect("Qwen2 directory loads");
+    let reference = greedy_ids(&Backend::Interp, &loaded, 60);
+    assert_ne!(reference, plain, "biases change the text");
+    assert_eq!(
+        greedy_ids(&Backend::Cpu { threads: 1 }, &loaded, 60),
+        reference
+    );
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        let gpu = Backend::Gpu(Default::default());
+        assert_eq!(greedy_ids(&gpu, &loaded, 60), reference);
+    }
+    for dir in [zeroed, llama, biased] {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// A Llama config's `attention_bias` biases the output projection too: a value bias `b`
+/// passes through attention unchanged (the weights of each query sum to 1), so it equals
+/// an output bias of `Wo b`, and the two models' logits agree.
+#[test]
+fn a_value_bias_equals_its_projection_as_an_output_bias() {
+    let (c, weights) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let b: Vec<Vec<f32>> = (0..c.layers)
+        .map(|l| noise(c.kv_dim(), 40 + l as u64, 0.5))
+        .collect();
+    let zeros = |n: usize| move |_| vec![0.0; n];
+    let projected: Vec<Vec<f32>> = (0..c.layers)
+        .map(|l| {
+            let wo = match weights
+                .weight(&format!("layers.{l}.attention.wo.weight"))
+                .as_deref()
+            {
+                Some(Value::Tensor(t)) => t.floats().expect("f32").to_vec(),
+                _ => panic!("no wo"),
+            };
+            // Each query head reads the value head of its group.
+            let group = c.heads / c.kv_heads;
+            let hd = c.head_dim();
+            let expanded: Vec<f32> = (0..c.dim)
+                .map(|i| b[l][(i / hd / group) * hd + i % hd])
+                .collect();
+            wo.chunks(c.dim)
+                .map(|row| row.iter().zip(&expanded).map(|(w, x)| w * x).sum())
+                .collect()
+        })
+        .collect();
+    let with = |v: &dyn Fn(usize) -> Vec<f32>, o: &dyn Fn(usize) -> Vec<f32>| {
+        let mut all = biases("q", zeros(c.dim));
+        all.extend(biases("k", zeros(c.kv_dim())));
+        all.extend(biases("v", v));
+        all.extend(biases("o", o));
+        all
+    };
+    let value_biased = write_hf_dir_of(
+        "value-bias",
+        "LlamaForCausalLM",
+        r#", "attention_bias": true"#,
+        with(&|l| b[l].clone(), &zeros(c.dim)),
+    );
+    let output_biased = write_hf_dir_of(
+        "output-bias",
+        "LlamaForCausalLM",
+        r#", "attention_bias": true"#,
+        with(&zeros(c.kv_dim()), &|l| projected[l].clone()),
+    );
+    let logits = |dir: &Path| {
+        let loaded = model_file::load(dir).expect("loads");
+        greedy(&Backend::Interp, &loaded, 24).logits
+    };
+    let difference = |a: Vec<Vec<f32>>, b: Vec<Vec<f32>>| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let loaded = model_file::load(&value_biased).expect("loads");
+    assert_eq!(
+        loaded.config.attention_bias,
+        AttentionBias {
+            qkv: true,
+            output: true
+        }
+    );
+    let worst = difference(logits(&value_biased), logits(&output_biased));
+    assert!(worst < 1e-3, "largest logit difference {worst}");
+    let plain = write_hf_dir("no-bias");
+    let shift = difference(logits(&value_biased), logits(&plain));
+    assert!(shift > 0.1, "the value bias moves the logits by {shift}");
+    for dir in [value_biased, output_biased, plain] {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 /// Linear RoPE scaling divides the positions (`llm.rope`'s `scaling`).
 #[test]
 fn linear_rope_scaling_scales_the_positions() {
@@ -395,8 +559,12 @@ fn bad_directories_name_the_file() {
             "`hidden_act` = \"gelu\" is not supported",
         ),
         (
-            r#", "architectures": ["Qwen2ForCausalLM"]"#,
-            "`architectures` names \"Qwen2ForCausalLM\"",
+            r#", "architectures": ["GemmaForCausalLM"]"#,
+            "`architectures` names \"GemmaForCausalLM\"",
+        ),
+        (
+            r#", "mlp_bias": true"#,
+            "`mlp_bias` is true: the feed-forward projections have no biases",
         ),
         (
             r#", "head_dim": 16"#,
@@ -409,4 +577,32 @@ fn bad_directories_name_the_file() {
         assert!(err.to_string().contains("config.json"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
+    // A bias the config does not declare would be left out: refused, with the tensor named.
+    let dir = write_hf_dir_of(
+        "stray-bias",
+        "LlamaForCausalLM",
+        "",
+        biases("q", |_| vec![0.0; 64]),
+    );
+    let err = model_file::load(&dir)
+        .err()
+        .expect("undeclared bias")
+        .to_string();
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("self_attn.q_proj.bias` is a bias that config.json does not declare"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // Qwen2 without its biases: the missing weight is named.
+    let dir = write_hf_dir_of("no-bias", "Qwen2ForCausalLM", "", Vec::new());
+    let err = model_file::load(&dir)
+        .err()
+        .expect("missing biases")
+        .to_string();
+    assert!(
+        err.contains("the model has no weight `layers.0.attention.wq.bias`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
