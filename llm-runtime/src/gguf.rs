@@ -6,8 +6,8 @@
 //! bounds-checked and every count is checked against the bytes that remain, so a malformed
 //! file gives an error naming the key or tensor, never a panic or a huge allocation.
 //!
-//! Llama models are read into the builder's weight names (`blk.N.attn_q.weight` becomes
-//! `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
+//! Llama and Qwen2 models are read into the builder's weight names (`blk.N.attn_q.weight`
+//! becomes `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
 //! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
@@ -329,6 +329,9 @@ fn weight_name(gguf: &str) -> Option<String> {
             ("attn_k.weight", "attention.wk.weight"),
             ("attn_v.weight", "attention.wv.weight"),
             ("attn_output.weight", "attention.wo.weight"),
+            ("attn_q.bias", "attention.wq.bias"),
+            ("attn_k.bias", "attention.wk.bias"),
+            ("attn_v.bias", "attention.wv.bias"),
             ("ffn_norm.weight", "ffn_norm.weight"),
             ("ffn_gate.weight", "feed_forward.w1.weight"),
             ("ffn_down.weight", "feed_forward.w2.weight"),
@@ -363,41 +366,48 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
     read_with(&map, progress).map_err(err)
 }
 
+/// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral) and
+/// `qwen2`, which is llama's with biases on the q, k and v projections and RoPE over
+/// half-split pairs (llama.cpp's converter keeps Qwen2's q/k rows in Hugging Face's order,
+/// while it reorders llama's for interleaved pairs). Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
 /// RoPE's linear position scaling, as llama.cpp reads it: the factor
-/// `llama.rope.scaling.factor` (or the older `llama.rope.scale_linear`; 1 without either)
-/// divides positions when `llama.rope.scaling.type` is `linear` or absent. A factor with
+/// `ARCH.rope.scaling.factor` (or the older `ARCH.rope.scale_linear`; 1 without either)
+/// divides positions when `ARCH.rope.scaling.type` is `linear` or absent. A factor with
 /// the type `none`, other types (YaRN, LongRoPE) and rotation of part of a head
-/// (`llama.rope.dimension_count` below the head size) are refused: the builder would
+/// (`ARCH.rope.dimension_count` below the head size) are refused: the builder would
 /// compute another model than the file describes. Llama 3's frequency scaling comes as
 /// the tensor `rope_freqs.weight`.
-fn rope_scaling(g: &GgufFile, head_dim: usize) -> Result<f64, String> {
+fn rope_scaling(g: &GgufFile, arch: &str, head_dim: usize) -> Result<f64, String> {
+    let key = |k: &str| format!("{arch}.{k}");
     let factor = g
-        .float("llama.rope.scaling.factor")
-        .or_else(|| g.float("llama.rope.scale_linear"))
+        .float(&key("rope.scaling.factor"))
+        .or_else(|| g.float(&key("rope.scale_linear")))
         .unwrap_or(1.0);
     if !(factor.is_finite() && factor > 0.0) {
         return Err(format!("the RoPE scaling factor {factor} is not positive"));
     }
-    match g.meta("llama.rope.scaling.type") {
+    match g.meta(&key("rope.scaling.type")) {
         None => {}
         Some(Meta::Str(kind)) if kind == "linear" => {}
         Some(Meta::Str(kind)) if kind == "none" && factor == 1.0 => {}
         Some(Meta::Str(kind)) if kind == "none" => {
             return Err(format!(
-                "llama.rope.scaling.type is none, but the scaling factor is {factor}"
+                "{arch}.rope.scaling.type is none, but the scaling factor is {factor}"
             ));
         }
         Some(other) => {
             return Err(format!(
-                "llama.rope.scaling.type is {other:?}; only unscaled and linear RoPE are supported"
+                "{arch}.rope.scaling.type is {other:?}; only unscaled and linear RoPE are supported"
             ));
         }
     }
-    if g.meta("llama.rope.dimension_count").is_some() {
-        let rotated = g.int("llama.rope.dimension_count")?;
+    if g.meta(&key("rope.dimension_count")).is_some() {
+        let rotated = g.int(&key("rope.dimension_count"))?;
         if rotated != head_dim {
             return Err(format!(
-                "llama.rope.dimension_count is {rotated}, but RoPE rotates whole heads of {head_dim}"
+                "{arch}.rope.dimension_count is {rotated}, but RoPE rotates whole heads of {head_dim}"
             ));
         }
     }
@@ -412,27 +422,31 @@ pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
 /// [`read`], reporting the fraction of tensors read to `progress`.
 pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufModel, String> {
     let g = parse(bytes)?;
-    match g.meta("general.architecture") {
-        Some(Meta::Str(a)) if a == "llama" => {}
+    let arch = match g.meta("general.architecture") {
+        Some(Meta::Str(a)) if ARCHITECTURES.contains(&a.as_str()) => a.as_str(),
         other => {
             return Err(format!(
-                "general.architecture is {other:?}, but only llama models are supported"
+                "general.architecture is {other:?}, but only {} models are supported",
+                ARCHITECTURES.join(" and ")
             ));
         }
-    }
+    };
+    let qwen2 = arch == "qwen2";
     let mut weights = Weights::default();
     for (i, info) in g.tensors.iter().enumerate() {
         progress(i as f64 / g.tensors.len() as f64);
         let name = weight_name(&info.name)
-            .ok_or_else(|| format!("tensor `{}` is not part of a llama model", info.name))?;
+            .filter(|n| qwen2 || !n.ends_with(".bias"))
+            .ok_or_else(|| format!("tensor `{}` is not part of a {arch} model", info.name))?;
         weights.insert(name, g.tensor(bytes, info)?);
     }
     let tokenizer = crate::gguf_vocab::vocab(&g)?;
-    let dim = g.int("llama.embedding_length")?;
-    let heads = g.int("llama.attention.head_count")?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let dim = g.int(&key("embedding_length"))?;
+    let heads = g.int(&key("attention.head_count"))?;
     let kv_heads = g
-        .meta("llama.attention.head_count_kv")
-        .map_or(Ok(heads), |_| g.int("llama.attention.head_count_kv"))?;
+        .meta(&key("attention.head_count_kv"))
+        .map_or(Ok(heads), |_| g.int(&key("attention.head_count_kv")))?;
     if heads == 0 || kv_heads == 0 {
         return Err("head counts must be positive".into());
     }
@@ -446,26 +460,29 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
     };
     let config = ModelConfig {
         dim,
-        hidden_dim: g.int("llama.feed_forward_length")?,
-        layers: g.int("llama.block_count")?,
+        hidden_dim: g.int(&key("feed_forward_length"))?,
+        layers: g.int(&key("block_count"))?,
         heads,
         kv_heads,
         vocab,
-        seq_len: g.int("llama.context_length")?,
-        rope_theta: g.float("llama.rope.freq_base").unwrap_or(10000.0),
+        seq_len: g.int(&key("context_length"))?,
+        rope_theta: g.float(&key("rope.freq_base")).unwrap_or(10000.0),
         norm_eps: g
-            .float("llama.attention.layer_norm_rms_epsilon")
+            .float(&key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
-        rope_half: false,
+        rope_half: qwen2,
         rope_scaling: 1.0,
         rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
         sliding_window: None,
-        attention_bias: AttentionBias::default(),
+        attention_bias: AttentionBias {
+            qkv: qwen2,
+            output: false,
+        },
     };
     config.validate()?;
     let config = ModelConfig {
-        rope_scaling: rope_scaling(&g, config.head_dim())?,
+        rope_scaling: rope_scaling(&g, arch, config.head_dim())?,
         ..config
     };
     crate::model::check_weights(&config, &weights)?;
@@ -499,19 +516,19 @@ mod tests {
     #[test]
     fn rope_settings_are_read_or_refused() {
         let linear = |kind: &str| Meta::Str(kind.to_string());
-        assert_eq!(rope_scaling(&file(&[]), 8), Ok(1.0));
+        assert_eq!(rope_scaling(&file(&[]), "llama", 8), Ok(1.0));
         let scaled = file(&[
             ("llama.rope.scaling.type", linear("linear")),
             ("llama.rope.scaling.factor", Meta::Float(4.0)),
         ]);
-        assert_eq!(rope_scaling(&scaled, 8), Ok(4.0));
+        assert_eq!(rope_scaling(&scaled, "llama", 8), Ok(4.0));
         let legacy = file(&[("llama.rope.scale_linear", Meta::Float(2.0))]);
-        assert_eq!(rope_scaling(&legacy, 8), Ok(2.0));
+        assert_eq!(rope_scaling(&legacy, "llama", 8), Ok(2.0));
         let none = file(&[("llama.rope.scaling.type", linear("none"))]);
-        assert_eq!(rope_scaling(&none, 8), Ok(1.0));
+        assert_eq!(rope_scaling(&none, "llama", 8), Ok(1.0));
         // Without a type, a factor scales linearly (llama.cpp's default type).
         let untyped = file(&[("llama.rope.scaling.factor", Meta::Float(8.0))]);
-        assert_eq!(rope_scaling(&untyped, 8), Ok(8.0));
+        assert_eq!(rope_scaling(&untyped, "llama", 8), Ok(8.0));
         let refused = [
             (
                 file(&[("llama.rope.scaling.type", linear("yarn"))]),
@@ -530,7 +547,7 @@ mod tests {
             ),
         ];
         for (f, message) in refused {
-            let err = rope_scaling(&f, 8).expect_err(message);
+            let err = rope_scaling(&f, "llama", 8).expect_err(message);
             assert!(err.contains(message), "{err}");
         }
         // Llama 3's factors are a tensor of the model.

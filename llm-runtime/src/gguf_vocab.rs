@@ -19,6 +19,10 @@ const GPT2_SPLIT: &str =
 /// time.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's pre-tokenizer (`tokenizer.ggml.pre = qwen2`): Llama 3's, with digits one at a
+/// time.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// GGUF's token type of control tokens (`<|begin_of_text|>`) and of user-defined ones:
 /// both are matched whole in text.
 const SPECIAL_TYPES: [u64; 2] = [3, 4];
@@ -113,8 +117,9 @@ fn sentencepiece(
 
 /// The byte-level BPE vocabulary: the tokens, `tokenizer.ggml.merges` (`"a b"` each, in
 /// priority order), the pre-tokenizer `tokenizer.ggml.pre` names (`llama-bpe` for Llama
-/// 3's; `gpt2`, `default` or none for GPT-2's; others refused), the control and
-/// user-defined tokens of `tokenizer.ggml.token_type` matched whole, BOS and EOS, and
+/// 3's, `qwen2` for Qwen2's; `gpt2`, `default` or none for GPT-2's; others refused), the
+/// control and user-defined tokens of `tokenizer.ggml.token_type` matched whole, BOS
+/// (prepended to prompts unless `tokenizer.ggml.add_bos_token` is false) and EOS, and
 /// `more_stops` also ending a generation.
 fn byte_level_bpe(
     g: &GgufFile,
@@ -141,11 +146,22 @@ fn byte_level_bpe(
         None => (GPT2_SPLIT, false),
         Some(Meta::Str(pre)) if pre == "gpt2" || pre == "default" => (GPT2_SPLIT, false),
         Some(Meta::Str(pre)) if pre == "llama-bpe" || pre == "llama3" => (LLAMA3_SPLIT, true),
+        Some(Meta::Str(pre)) if pre == "qwen2" => (QWEN2_SPLIT, false),
         Some(other) => {
             return Err(format!(
-                "tokenizer.ggml.pre is {other:?}; the llama-bpe and gpt2 pre-tokenizers are read"
+                "tokenizer.ggml.pre is {other:?}; the llama-bpe, qwen2 and gpt2 pre-tokenizers are read"
             ));
         }
+    };
+    // A vocabulary whose prompts take no BOS (Qwen2's) still ends generations at it.
+    let (bos, eos) = ends;
+    let mut stops = more_stops.to_vec();
+    let ends = match g.meta("tokenizer.ggml.add_bos_token") {
+        Some(Meta::Bool(false)) => {
+            stops.extend(bos);
+            (None, eos)
+        }
+        _ => ends,
     };
     let special: Vec<u32> = match g.meta("tokenizer.ggml.token_type") {
         Some(Meta::Array(types)) => types
@@ -158,7 +174,7 @@ fn byte_level_bpe(
         _ => Vec::new(),
     };
     let tokenizer = HfTokenizer::byte_level_bpe(tokens, merges, split, &special, ends)?
-        .with_stop_tokens(more_stops);
+        .with_stop_tokens(&stops);
     Ok(Some(Box::new(tokenizer)))
 }
 
@@ -266,10 +282,29 @@ mod tests {
         };
         let err = bad("tokenizer.ggml.merges", strings(&["x y"]));
         assert!(err.contains("the BPE merges"), "{err}");
-        let err = bad("tokenizer.ggml.pre", Meta::Str("qwen2".into()));
+        let err = bad("tokenizer.ggml.pre", Meta::Str("deepseek-llm".into()));
         assert!(
-            err.contains("tokenizer.ggml.pre is Str(\"qwen2\")"),
+            err.contains("tokenizer.ggml.pre is Str(\"deepseek-llm\")"),
             "{err}"
+        );
+        // Qwen2's pre-tokenizer splits digits one at a time (merges still join "he"),
+        // and its prompts take no BOS, which still ends a generation.
+        let mut qwen2 = g.clone();
+        qwen2.metadata.retain(|(k, _)| k != "tokenizer.ggml.pre");
+        qwen2.metadata.extend([
+            ("tokenizer.ggml.pre".to_string(), Meta::Str("qwen2".into())),
+            (
+                "tokenizer.ggml.add_bos_token".to_string(),
+                Meta::Bool(false),
+            ),
+        ]);
+        let tok = vocab(&qwen2).expect("builds").expect("a vocabulary");
+        assert_eq!(tok.encode("12312", true, false), vec![19, 20, 21, 19, 20]);
+        assert_eq!(tok.encode("hello world", true, false), vec![13, 18]);
+        assert_eq!(
+            tok.stop_tokens(),
+            vec![1, 26, 0],
+            "EOS, end of turn and BOS"
         );
     }
 

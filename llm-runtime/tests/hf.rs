@@ -13,6 +13,7 @@ use llm_ir::{
 };
 use llm_runtime::{
     generate::{Backend, Generation, Model},
+    gguf::Meta,
     llama2c,
     model::{AttentionBias, build_ir},
     model_file,
@@ -64,92 +65,22 @@ fn write_hf_dir_of(
 ) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llmc-hf-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (c, weights) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
     let config = format!(
         r#"{{"architectures": ["{arch}"], "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "max_position_embeddings": {}, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": true{extra}}}"#,
         c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
     );
     std::fs::write(dir.join("config.json"), config).expect("config");
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let get = |n: &str| match weights.weight(n).as_deref() {
-        Some(Value::Tensor(t)) => (t.shape.clone(), t.floats().expect("f32").to_vec()),
-        _ => panic!("missing {n}"),
-    };
-    let mut put = |hf: String, ours: &str, permute: Option<usize>| {
-        let (shape, mut data) = get(ours);
-        if let Some(heads) = permute {
-            data = permute_for_half_rope(&data, heads, c.head_dim(), shape[1]);
-        }
-        tensors.push((
-            hf,
-            shape,
-            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-    };
-    put(
-        "model.embed_tokens.weight".into(),
-        "tok_embeddings.weight",
-        None,
-    );
-    put("model.norm.weight".into(), "norm.weight", None);
-    for l in 0..c.layers {
-        let (hf, ours) = (format!("model.layers.{l}."), format!("layers.{l}."));
-        put(
-            format!("{hf}input_layernorm.weight"),
-            &format!("{ours}attention_norm.weight"),
-            None,
-        );
-        put(
-            format!("{hf}self_attn.q_proj.weight"),
-            &format!("{ours}attention.wq.weight"),
-            Some(c.heads),
-        );
-        put(
-            format!("{hf}self_attn.k_proj.weight"),
-            &format!("{ours}attention.wk.weight"),
-            Some(c.kv_heads),
-        );
-        put(
-            format!("{hf}self_attn.v_proj.weight"),
-            &format!("{ours}attention.wv.weight"),
-            None,
-        );
-        put(
-            format!("{hf}self_attn.o_proj.weight"),
-            &format!("{ours}attention.wo.weight"),
-            None,
-        );
-        put(
-            format!("{hf}post_attention_layernorm.weight"),
-            &format!("{ours}ffn_norm.weight"),
-            None,
-        );
-        put(
-            format!("{hf}mlp.gate_proj.weight"),
-            &format!("{ours}feed_forward.w1.weight"),
-            None,
-        );
-        put(
-            format!("{hf}mlp.down_proj.weight"),
-            &format!("{ours}feed_forward.w2.weight"),
-            None,
-        );
-        put(
-            format!("{hf}mlp.up_proj.weight"),
-            &format!("{ours}feed_forward.w3.weight"),
-            None,
-        );
-    }
-    for (hf, shape, values) in more {
-        tensors.push((
-            hf,
-            shape,
-            values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-    }
+    let mut tensors = hf_tensors();
+    tensors.extend(more);
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(n, s, d)| {
+        .zip(&bytes)
+        .map(|((n, s, _), d)| {
             (
                 n.clone(),
                 TensorView::new(Dtype::F32, s.clone(), d).expect("view"),
@@ -159,6 +90,50 @@ fn write_hf_dir_of(
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))
         .expect("safetensors");
     dir
+}
+
+/// stories260K's weights under Hugging Face's names, q and k rows in its half-split
+/// order: (name, shape, values).
+fn hf_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let (c, weights) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let mut tensors = Vec::new();
+    let mut put = |hf: String, ours: &str, permute: Option<usize>| {
+        let (shape, mut data) = match weights.weight(ours).as_deref() {
+            Some(Value::Tensor(t)) => (t.shape.clone(), t.floats().expect("f32").to_vec()),
+            _ => panic!("missing {ours}"),
+        };
+        if let Some(heads) = permute {
+            data = permute_for_half_rope(&data, heads, c.head_dim(), shape[1]);
+        }
+        tensors.push((hf, shape, data));
+    };
+    put(
+        "model.embed_tokens.weight".into(),
+        "tok_embeddings.weight",
+        None,
+    );
+    put("model.norm.weight".into(), "norm.weight", None);
+    for l in 0..c.layers {
+        let (hf, ours) = (format!("model.layers.{l}."), format!("layers.{l}."));
+        for (theirs, mine, permute) in [
+            ("input_layernorm", "attention_norm", None),
+            ("self_attn.q_proj", "attention.wq", Some(c.heads)),
+            ("self_attn.k_proj", "attention.wk", Some(c.kv_heads)),
+            ("self_attn.v_proj", "attention.wv", None),
+            ("self_attn.o_proj", "attention.wo", None),
+            ("post_attention_layernorm", "ffn_norm", None),
+            ("mlp.gate_proj", "feed_forward.w1", None),
+            ("mlp.down_proj", "feed_forward.w2", None),
+            ("mlp.up_proj", "feed_forward.w3", None),
+        ] {
+            put(
+                format!("{hf}{theirs}.weight"),
+                &format!("{ours}{mine}.weight"),
+                permute,
+            );
+        }
+    }
+    tensors
 }
 
 #[test]
@@ -393,6 +368,156 @@ fn biases(proj: &str, values: impl Fn(usize) -> Vec<f32>) -> Vec<(String, Vec<us
         .collect()
 }
 
+/// Seeded q, k and v biases of every layer of stories260K (Hugging Face names).
+fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    [("q", 64, 1), ("k", 32, 2), ("v", 32, 3)]
+        .into_iter()
+        .flat_map(|(p, n, seed)| biases(p, move |l| noise(n, seed * 10 + l as u64, 0.5)))
+        .collect()
+}
+
+/// A GGUF v3 file of `metadata` and f32 `tensors` (Hugging Face names mapped to GGUF's,
+/// shapes slowest dim first, values), at `path`: what llama.cpp's converter writes for a
+/// Qwen2 checkpoint, whose q and k rows stay in Hugging Face's order.
+fn write_gguf(
+    path: &Path,
+    metadata: &[(impl AsRef<str>, Meta)],
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn type_of(m: &Meta) -> u32 {
+        match m {
+            Meta::Uint(_) => 4,
+            Meta::Int(_) => 5,
+            Meta::Float(_) => 6,
+            Meta::Bool(_) => 7,
+            Meta::Str(_) => 8,
+            Meta::Array(_) => 9,
+        }
+    }
+    fn value(out: &mut Vec<u8>, m: &Meta) {
+        match m {
+            Meta::Uint(v) => out.extend((*v as u32).to_le_bytes()),
+            Meta::Int(v) => out.extend((*v as i32).to_le_bytes()),
+            Meta::Float(v) => out.extend((*v as f32).to_le_bytes()),
+            Meta::Bool(v) => out.push(u8::from(*v)),
+            Meta::Str(s) => string(out, s),
+            Meta::Array(items) => {
+                out.extend(items.first().map_or(4, type_of).to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|item| value(out, item));
+            }
+        }
+    }
+    let gguf_name = |hf: &str| -> String {
+        let globals = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+        ];
+        if let Some((_, g)) = globals.iter().find(|(h, _)| *h == hf) {
+            return g.to_string();
+        }
+        let rest = hf.strip_prefix("model.layers.").expect("a layer tensor");
+        let (layer, part) = rest.split_once('.').expect("layer.part");
+        let parts = [
+            ("input_layernorm", "attn_norm"),
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.down_proj", "ffn_down"),
+            ("mlp.up_proj", "ffn_up"),
+        ];
+        let (stem, kind) = part.rsplit_once('.').expect("stem.kind");
+        let (_, g) = parts
+            .iter()
+            .find(|(h, _)| *h == stem)
+            .expect("a known tensor");
+        format!("blk.{layer}.{g}.{kind}")
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, v) in metadata {
+        string(&mut out, key.as_ref());
+        out.extend(type_of(v).to_le_bytes());
+        value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for (name, shape, values) in tensors {
+        string(&mut out, &gguf_name(name));
+        out.extend((shape.len() as u32).to_le_bytes());
+        for &d in shape.iter().rev() {
+            out.extend((d as u64).to_le_bytes());
+        }
+        out.extend(0u32.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (values.len() as u64 * 4).next_multiple_of(32);
+    }
+    out.resize(out.len().next_multiple_of(32), 0);
+    for (_, _, values) in tensors {
+        out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        out.resize(out.len().next_multiple_of(32), 0);
+    }
+    std::fs::write(path, out).expect("gguf");
+}
+
+/// A Qwen2 GGUF file (`general.architecture = qwen2`, its keys, `attn_{q,k,v}.bias`)
+/// computes exactly what the Hugging Face directory of the same weights computes: the
+/// same layout of RoPE pairs, the same biases.
+#[test]
+fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
+    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let int = |v: usize| Meta::Uint(v as u64);
+    let metadata = [
+        ("general.architecture", Meta::Str("qwen2".into())),
+        ("qwen2.embedding_length", int(c.dim)),
+        ("qwen2.feed_forward_length", int(c.hidden_dim)),
+        ("qwen2.block_count", int(c.layers)),
+        ("qwen2.attention.head_count", int(c.heads)),
+        ("qwen2.attention.head_count_kv", int(c.kv_heads)),
+        ("qwen2.context_length", int(c.seq_len)),
+        ("qwen2.rope.freq_base", Meta::Float(10000.0)),
+        ("qwen2.attention.layer_norm_rms_epsilon", Meta::Float(1e-5)),
+    ];
+    let mut tensors = hf_tensors();
+    tensors.extend(qwen2_biases());
+    let path = std::env::temp_dir().join(format!("llmc-qwen2-{}.gguf", std::process::id()));
+    write_gguf(&path, &metadata, &tensors);
+    let gguf = model_file::load(&path).expect("the Qwen2 GGUF file loads");
+    assert!(gguf.config.rope_half && gguf.config.attention_bias.qkv);
+    let dir = write_hf_dir_of("qwen2-gguf", "Qwen2ForCausalLM", "", qwen2_biases());
+    let hf = model_file::load(&dir).expect("loads");
+    let (from_gguf, from_hf) = (
+        greedy(&Backend::Interp, &gguf, 40),
+        greedy(&Backend::Interp, &hf, 40),
+    );
+    assert_eq!(from_gguf.ids, from_hf.ids);
+    assert_eq!(from_gguf.logits, from_hf.logits);
+    // As a llama file, the biases are tensors of no llama model.
+    let renamed: Vec<(String, Meta)> = metadata
+        .iter()
+        .map(|(k, v)| match *k {
+            "general.architecture" => (k.to_string(), Meta::Str("llama".into())),
+            _ => (k.replace("qwen2.", "llama."), v.clone()),
+        })
+        .collect();
+    write_gguf(&path, &renamed, &tensors);
+    let err = model_file::load(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains("attn_q.bias` is not part of a llama model"),
+        "{err}"
+    );
+    std::fs::remove_file(&path).ok();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Qwen2's q, k and v biases: zero biases change nothing, random ones change the text,
 /// and the CPU and GPU backends compute what the reference semantics compute.
 #[test]
@@ -417,11 +542,7 @@ fn qwen2_adds_biases_to_the_q_k_and_v_projections() {
         60,
     );
     assert_eq!(greedy_ids(&Backend::Interp, &loaded, 60), plain);
-    let random = [("q", dim, 1), ("k", kv_dim, 2), ("v", kv_dim, 3)]
-        .into_iter()
-        .flat_map(|(p, n, seed)| biases(p, move |l| noise(n, seed * 10 + l as u64, 0.5)))
-        .collect();
-    let biased = write_hf_dir_of("qwen2", "Qwen2ForCausalLM", "", random);
+    let biased = write_hf_dir_of("qwen2", "Qwen2ForCausalLM", "", qwen2_biases());
     let loaded = model_file::load(&biased).expect("Qwen2 directory loads");
     let reference = greedy_ids(&Backend::Interp, &loaded, 60);
     assert_ne!(reference, plain, "biases change the text");
@@ -595,7 +716,7 @@ fn bad_directories_name_the_file() {
     );
     std::fs::remove_dir_all(&dir).ok();
     // Qwen2 without its biases: the missing weight is named.
-    let dir = write_hf_dir_of("no-bias", "Qwen2ForCausalLM", "", Vec::new());
+    let dir = write_hf_dir_of("qwen2-unbiased", "Qwen2ForCausalLM", "", Vec::new());
     let err = model_file::load(&dir)
         .err()
         .expect("missing biases")
