@@ -6,7 +6,7 @@
 //! bounds-checked and every count is checked against the bytes that remain, so a malformed
 //! file gives an error naming the key or tensor, never a panic or a huge allocation.
 //!
-//! Llama and Qwen2 models are read into the builder's weight names (`blk.N.attn_q.weight`
+//! Llama, Qwen2 and Phi-3 models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
 //! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
@@ -21,7 +21,9 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{AttentionBias, ModelConfig, ROPE_FREQS},
+    model::{
+        AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS, split_fused_weights,
+    },
     tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, floats_le},
 };
@@ -312,9 +314,11 @@ impl GgufFile {
     }
 }
 
-/// The builder's name for a llama GGUF tensor name.
-fn weight_name(gguf: &str) -> Option<String> {
-    builder_name(
+/// The builder's name for a GGUF tensor name of architecture `arch`: Phi-3's
+/// `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`], [`FUSED_GATE_UP`]: its
+/// `ffn_up` holds the gate's rows, then the up projection's).
+fn weight_name(gguf: &str, arch: &str) -> Option<String> {
+    let name = builder_name(
         gguf,
         &[
             ("token_embd.weight", "tok_embeddings.weight"),
@@ -336,8 +340,13 @@ fn weight_name(gguf: &str) -> Option<String> {
             ("ffn_gate.weight", "feed_forward.w1.weight"),
             ("ffn_down.weight", "feed_forward.w2.weight"),
             ("ffn_up.weight", "feed_forward.w3.weight"),
+            ("attn_qkv.weight", FUSED_QKV),
         ],
-    )
+    )?;
+    Some(match arch {
+        "phi3" => name.replace("feed_forward.w3.weight", FUSED_GATE_UP),
+        _ => name,
+    })
 }
 
 /// A model read from GGUF: configuration, weights and the embedded tokenizer.
@@ -366,11 +375,12 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
     read_with(&map, progress).map_err(err)
 }
 
-/// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral) and
-/// `qwen2`, which is llama's with biases on the q, k and v projections and RoPE over
-/// half-split pairs (llama.cpp's converter keeps Qwen2's q/k rows in Hugging Face's order,
-/// while it reorders llama's for interleaved pairs). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+/// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral),
+/// `qwen2`, which is llama's with biases on the q, k and v projections, and `phi3`, whose
+/// projections are fused ([`weight_name`]). Qwen2's and Phi-3's RoPE pairs are half-split:
+/// llama.cpp's converter keeps their q/k rows in Hugging Face's order, while it reorders
+/// llama's for interleaved pairs. Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "phi3"];
 
 /// RoPE's linear position scaling, as llama.cpp reads it: the factor
 /// `ARCH.rope.scaling.factor` (or the older `ARCH.rope.scale_linear`; 1 without either)
@@ -435,7 +445,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
     let mut weights = Weights::default();
     for (i, info) in g.tensors.iter().enumerate() {
         progress(i as f64 / g.tensors.len() as f64);
-        let name = weight_name(&info.name)
+        let name = weight_name(&info.name, arch)
             .filter(|n| qwen2 || !n.ends_with(".bias"))
             .ok_or_else(|| format!("tensor `{}` is not part of a {arch} model", info.name))?;
         weights.insert(name, g.tensor(bytes, info)?);
@@ -471,10 +481,13 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
             .float(&key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
-        rope_half: qwen2,
+        rope_half: arch != "llama",
         rope_scaling: 1.0,
         rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
-        sliding_window: None,
+        sliding_window: match g.meta(&key("attention.sliding_window")) {
+            Some(_) => Some(g.int(&key("attention.sliding_window"))?),
+            None => None,
+        },
         attention_bias: AttentionBias {
             qkv: qwen2,
             output: false,
@@ -485,6 +498,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         rope_scaling: rope_scaling(&g, arch, config.head_dim())?,
         ..config
     };
+    split_fused_weights(&config, &mut weights)?;
     crate::model::check_weights(&config, &weights)?;
     Ok(GgufModel {
         config,

@@ -1,6 +1,6 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
-//! Llama-family checkpoints (Llama, Mistral, Qwen2) are read into the builder's weight names
+//! Llama-family checkpoints (Llama, Mistral, Qwen2, Phi-3) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half`. Safetensors files are memory-mapped; F32, F16 and BF16
@@ -16,7 +16,10 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
-    model::{AttentionBias, ModelConfig, ROPE_FREQS, check_weights},
+    model::{
+        AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS, check_weights,
+        split_fused_weights,
+    },
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
     weights::{LoadError, Weights, builder_name, floats_le},
@@ -42,6 +45,8 @@ fn weight_name(hf: &str) -> Option<String> {
             ("self_attn.k_proj.bias", "attention.wk.bias"),
             ("self_attn.v_proj.bias", "attention.wv.bias"),
             ("self_attn.o_proj.bias", "attention.wo.bias"),
+            ("self_attn.qkv_proj.weight", FUSED_QKV),
+            ("mlp.gate_up_proj.weight", FUSED_GATE_UP),
             ("post_attention_layernorm.weight", "ffn_norm.weight"),
             ("mlp.gate_proj.weight", "feed_forward.w1.weight"),
             ("mlp.down_proj.weight", "feed_forward.w2.weight"),
@@ -188,8 +193,15 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 }
 
 /// The Llama-family architectures the builder computes (Mistral's is Llama's with a
-/// sliding window, Qwen2's Llama's with biases on the q, k and v projections).
-const ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+/// sliding window, Qwen2's Llama's with biases on the q, k and v projections, Phi-3's
+/// Llama's with the q, k and v projections fused in one matrix and the gate and up
+/// projections in another, which the loader splits).
+const ARCHITECTURES: [&str; 4] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Phi3ForCausalLM",
+];
 
 /// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on
 /// q, k, v and the output projection (as Hugging Face's `LlamaAttention` adds them).
@@ -237,6 +249,13 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
                 width / heads
             ));
         }
+    }
+    if let Some(factor) = cfg.get("partial_rotary_factor").filter(|f| !f.is_null())
+        && factor.as_f64() != Some(1.0)
+    {
+        return Err(format!(
+            "`partial_rotary_factor` = {factor}: RoPE rotating part of each head is not supported"
+        ));
     }
     match cfg.get("hidden_act").and_then(Json::as_str) {
         None | Some("silu") => Ok(()),
@@ -364,6 +383,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             Value::Tensor(Tensor::from_f32(shape, DType::F32, factors)),
         );
     }
+    split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
     let mut config = config;
     if weights.weight_shape("output.weight").is_none() {
         config.tied_classifier = true;

@@ -200,6 +200,40 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The fused matrices some checkpoints store (Phi-3's), under the builder's names: per
+/// layer `attention.wqkv.weight` (the q, k and v rows, in that order) and
+/// `feed_forward.w13.weight` (the gate's rows, then the up projection's).
+pub const FUSED_QKV: &str = "attention.wqkv.weight";
+
+/// See [`FUSED_QKV`].
+pub const FUSED_GATE_UP: &str = "feed_forward.w13.weight";
+
+/// Splits every layer's fused matrices ([`FUSED_QKV`], [`FUSED_GATE_UP`]) of `weights`
+/// into the separate weights the builder reads; a model without them is left as it is.
+pub fn split_fused_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+    let (d, kvd, hd) = (c.dim, c.kv_dim(), c.hidden_dim);
+    for l in 0..c.layers {
+        let p = format!("layers.{l}.");
+        let part = |name: &str, rows: usize| (format!("{p}{name}"), rows);
+        weights.split_rows(
+            &format!("{p}{FUSED_QKV}"),
+            &[
+                part("attention.wq.weight", d),
+                part("attention.wk.weight", kvd),
+                part("attention.wv.weight", kvd),
+            ],
+        )?;
+        weights.split_rows(
+            &format!("{p}{FUSED_GATE_UP}"),
+            &[
+                part("feed_forward.w1.weight", hd),
+                part("feed_forward.w3.weight", hd),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 /// Checks that `weights` holds every weight of `c` with the right shape.
 pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
     for (name, shape) in weight_shapes(c) {

@@ -4,7 +4,7 @@ use std::{collections::HashMap, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
-    interp::{QTensor, Value, WeightStore, quant},
+    interp::{QTensor, Tensor, Value, WeightStore, quant},
     types::QuantFormat,
 };
 
@@ -127,6 +127,65 @@ impl Weights {
             .sum()
     }
 
+    /// Replaces the fused matrix `fused` (a checkpoint's `qkv_proj` or `gate_up_proj`)
+    /// by its parts, consecutive runs of its rows: `(name, rows)` each, in order. Float
+    /// matrices are cut between rows, and so are quantized ones in the block formats,
+    /// whose rows are stored apart; nothing happens when there is no `fused`. Parts that
+    /// do not add up to the rows, or a format stored as a whole, are errors naming the
+    /// weight.
+    pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<(), String> {
+        let Some(value) = self.tensors.get(fused).cloned() else {
+            return Ok(());
+        };
+        let (shape, row_bytes) = match &*value {
+            Value::Tensor(t) => (t.shape.clone(), 0),
+            Value::Quantized(q)
+                if !matches!(
+                    q.format,
+                    QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. }
+                ) =>
+            {
+                (
+                    q.shape.clone(),
+                    quant::storage_bytes(&q.format, &[1, q.shape[1]]),
+                )
+            }
+            _ => {
+                return Err(format!(
+                    "weight `{fused}` is not a matrix of separable rows"
+                ));
+            }
+        };
+        let total: usize = parts.iter().map(|(_, rows)| rows).sum();
+        if shape.len() != 2 || shape[0] != total {
+            return Err(format!(
+                "weight `{fused}` has shape {shape:?}, expected {total} rows in parts of {:?}",
+                parts.iter().map(|(_, rows)| rows).collect::<Vec<_>>()
+            ));
+        }
+        let k = shape[1];
+        let mut first = 0;
+        for (name, rows) in parts {
+            let range = first..first + rows;
+            let part = match &*value {
+                Value::Tensor(t) => {
+                    let values = t.floats()?[range.start * k..range.end * k].to_vec();
+                    Value::Tensor(Tensor::from_f32(vec![*rows, k], t.dtype, values))
+                }
+                Value::Quantized(q) => Value::Quantized(QTensor {
+                    shape: vec![*rows, k],
+                    format: q.format.clone(),
+                    bytes: q.bytes[range.start * row_bytes..range.end * row_bytes].to_vec(),
+                }),
+                _ => unreachable!("checked above"),
+            };
+            self.insert(name.clone(), part);
+            first += rows;
+        }
+        self.tensors.remove(fused);
+        Ok(())
+    }
+
     /// The names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
@@ -203,7 +262,8 @@ impl Weights {
 mod tests {
     use llm_ir::{dtype::DType, interp::quant, types::QuantFormat};
 
-    use super::quantize_rows;
+    use super::{Weights, quantize_rows};
+    use llm_ir::interp::{QTensor, Tensor, Value, WeightStore};
 
     /// Rows split over threads (counts that do not divide the rows included) give the
     /// bytes of the whole matrix quantized at once, in every kind of format.
@@ -224,5 +284,61 @@ mod tests {
                 assert!(parts == whole, "{format:?} on {threads} threads");
             }
         }
+    }
+
+    /// A fused matrix splits into runs of its rows: float ones into the rows' values,
+    /// quantized ones into the bytes the parts quantized alone have; wrong row counts and
+    /// whole-matrix formats are refused.
+    #[test]
+    fn fused_matrices_split_into_their_rows() {
+        let (rows, k) = (6, 256);
+        let values: Vec<f32> = (0..rows * k).map(|i| (i % 17) as f32 - 8.0).collect();
+        let parts = |names: &[(&str, usize)]| -> Vec<(String, usize)> {
+            names.iter().map(|&(n, r)| (n.to_string(), r)).collect()
+        };
+        let split = parts(&[("a", 1), ("b", 2), ("c", 3)]);
+        let mut w = Weights::default();
+        w.insert(
+            "f",
+            Value::Tensor(Tensor::from_f32(vec![rows, k], DType::BF16, values.clone())),
+        );
+        w.split_rows("f", &split).expect("splits");
+        assert!(w.weight("f").is_none());
+        match w.weight("c").as_deref() {
+            Some(Value::Tensor(t)) => {
+                assert_eq!((t.shape.clone(), t.dtype), (vec![3, k], DType::BF16));
+                assert_eq!(t.floats().expect("floats"), &values[3 * k..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let q4k = QuantFormat::Q4K;
+        let quantized = |from: usize, to: usize| {
+            quant::quantize(&q4k, &[to - from, k], &values[from * k..to * k])
+        };
+        w.insert(
+            "q",
+            Value::Quantized(QTensor {
+                shape: vec![rows, k],
+                format: q4k.clone(),
+                bytes: quantized(0, rows),
+            }),
+        );
+        w.split_rows("q", &split).expect("splits");
+        match w.weight("b").as_deref() {
+            Some(Value::Quantized(q)) => assert!(q.shape == [2, k] && q.bytes == quantized(1, 3)),
+            other => panic!("{other:?}"),
+        }
+        w.insert(
+            "g",
+            Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, values)),
+        );
+        let err = w
+            .split_rows("g", &parts(&[("x", 2), ("y", 2)]))
+            .expect_err("4 of 6 rows");
+        assert!(
+            err.contains("weight `g` has shape [6, 256], expected 4 rows"),
+            "{err}"
+        );
+        assert_eq!(w.split_rows("absent", &split), Ok(()));
     }
 }

@@ -63,6 +63,18 @@ fn write_hf_dir_of(
     extra: &str,
     more: Vec<(String, Vec<usize>, Vec<f32>)>,
 ) -> PathBuf {
+    let mut tensors = hf_tensors();
+    tensors.extend(more);
+    write_hf_dir_tensors(name, arch, extra, tensors)
+}
+
+/// [`write_hf_dir_of`] with exactly `tensors` (Hugging Face names, shapes, values).
+fn write_hf_dir_tensors(
+    name: &str,
+    arch: &str,
+    extra: &str,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llmc-hf-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
@@ -71,8 +83,6 @@ fn write_hf_dir_of(
         c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
     );
     std::fs::write(dir.join("config.json"), config).expect("config");
-    let mut tensors = hf_tensors();
-    tensors.extend(more);
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, values)| values.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -368,6 +378,86 @@ fn biases(proj: &str, values: impl Fn(usize) -> Vec<f32>) -> Vec<(String, Vec<us
         .collect()
 }
 
+/// stories260K's tensors as Phi-3 stores them: each layer's q, k and v rows in one
+/// `qkv_proj`, its gate and up rows in one `gate_up_proj`.
+fn phi3_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let tensors = hf_tensors();
+    let fuse = |name: String, parts: &[String]| {
+        let parts: Vec<&(String, Vec<usize>, Vec<f32>)> = parts
+            .iter()
+            .map(|p| tensors.iter().find(|(n, ..)| n == p).expect("a part"))
+            .collect();
+        let rows = parts.iter().map(|(_, shape, _)| shape[0]).sum();
+        let values = parts.iter().flat_map(|(.., v)| v.iter().copied()).collect();
+        (name, vec![rows, parts[0].1[1]], values)
+    };
+    let fused_away = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
+    let mut out: Vec<_> = tensors
+        .iter()
+        .filter(|(n, ..)| !fused_away.iter().any(|f| n.contains(f)))
+        .cloned()
+        .collect();
+    for l in 0..5 {
+        let w = |n: &str| format!("model.layers.{l}.{n}.weight");
+        let qkv = [
+            w("self_attn.q_proj"),
+            w("self_attn.k_proj"),
+            w("self_attn.v_proj"),
+        ];
+        out.push(fuse(w("self_attn.qkv_proj"), &qkv));
+        out.push(fuse(
+            w("mlp.gate_up_proj"),
+            &[w("mlp.gate_proj"), w("mlp.up_proj")],
+        ));
+    }
+    out
+}
+
+/// Phi-3's fused projections (Hugging Face's `qkv_proj` and `gate_up_proj`, GGUF's
+/// `attn_qkv` and fused `ffn_up`) split into the weights a Llama model has: stories260K
+/// stored Phi-3's way computes exactly what it computes stored Llama's way, from either
+/// format, and GGUF's `phi3.attention.sliding_window` is the window.
+#[test]
+fn phi3_fused_projections_compute_what_separate_ones_do() {
+    let window = r#", "sliding_window": 8"#;
+    let llama = write_hf_dir_with("phi3-llama", window);
+    let reference = greedy(
+        &Backend::Interp,
+        &model_file::load(&llama).expect("loads"),
+        40,
+    );
+    let phi3 = write_hf_dir_tensors("phi3", "Phi3ForCausalLM", window, phi3_tensors());
+    let from_hf = greedy(
+        &Backend::Interp,
+        &model_file::load(&phi3).expect("Phi-3 directory loads"),
+        40,
+    );
+    assert_eq!(from_hf.ids, reference.ids);
+    assert_eq!(from_hf.logits, reference.logits);
+    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let int = |v: usize| Meta::Uint(v as u64);
+    let metadata = [
+        ("general.architecture", Meta::Str("phi3".into())),
+        ("phi3.embedding_length", int(c.dim)),
+        ("phi3.feed_forward_length", int(c.hidden_dim)),
+        ("phi3.block_count", int(c.layers)),
+        ("phi3.attention.head_count", int(c.heads)),
+        ("phi3.attention.head_count_kv", int(c.kv_heads)),
+        ("phi3.context_length", int(c.seq_len)),
+        ("phi3.attention.sliding_window", int(8)),
+    ];
+    let path = std::env::temp_dir().join(format!("llmc-phi3-{}.gguf", std::process::id()));
+    write_gguf(&path, &metadata, &phi3_tensors());
+    let gguf = model_file::load(&path).expect("the Phi-3 GGUF file loads");
+    assert_eq!(gguf.config.sliding_window, Some(8));
+    let from_gguf = greedy(&Backend::Interp, &gguf, 40);
+    assert_eq!(from_gguf.logits, reference.logits);
+    std::fs::remove_file(&path).ok();
+    for dir in [llama, phi3] {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 /// Seeded q, k and v biases of every layer of stories260K (Hugging Face names).
 fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     [("q", 64, 1), ("k", 32, 2), ("v", 32, 3)]
@@ -428,6 +518,8 @@ fn write_gguf(
             ("self_attn.k_proj", "attn_k"),
             ("self_attn.v_proj", "attn_v"),
             ("self_attn.o_proj", "attn_output"),
+            ("self_attn.qkv_proj", "attn_qkv"),
+            ("mlp.gate_up_proj", "ffn_up"),
             ("post_attention_layernorm", "ffn_norm"),
             ("mlp.gate_proj", "ffn_gate"),
             ("mlp.down_proj", "ffn_down"),
@@ -682,6 +774,10 @@ fn bad_directories_name_the_file() {
         (
             r#", "architectures": ["GemmaForCausalLM"]"#,
             "`architectures` names \"GemmaForCausalLM\"",
+        ),
+        (
+            r#", "partial_rotary_factor": 0.75"#,
+            "`partial_rotary_factor` = 0.75: RoPE rotating part of each head is not supported",
         ),
         (
             r#", "mlp_bias": true"#,
