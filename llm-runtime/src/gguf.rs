@@ -566,7 +566,7 @@ mod tests {
         }
         // Llama 3's factors are a tensor of the model.
         assert_eq!(
-            weight_name("rope_freqs.weight").as_deref(),
+            weight_name("rope_freqs.weight", "llama").as_deref(),
             Some(ROPE_FREQS)
         );
     }
