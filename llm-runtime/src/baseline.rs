@@ -118,6 +118,9 @@ impl Baseline {
         if c.attention_bias != AttentionBias::default() {
             return Err("the baseline's projections have no biases".into());
         }
+        if c.explicit_head_dim.is_some() || c.qk_norm {
+            return Err("the baseline's heads are dim / heads wide, without norms".into());
+        }
         let layers = (0..c.layers)
             .map(|l| {
                 let g = |n: &str| f32_weight(w, &format!("layers.{l}.{n}"));

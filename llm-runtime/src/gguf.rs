@@ -6,7 +6,7 @@
 //! bounds-checked and every count is checked against the bytes that remain, so a malformed
 //! file gives an error naming the key or tensor, never a panic or a huge allocation.
 //!
-//! Llama, Qwen2 and Phi-3 models are read into the builder's weight names (`blk.N.attn_q.weight`
+//! Llama, Qwen2, Qwen3 and Phi-3 models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
 //! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
@@ -341,6 +341,8 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("ffn_down.weight", "feed_forward.w2.weight"),
             ("ffn_up.weight", "feed_forward.w3.weight"),
             ("attn_qkv.weight", FUSED_QKV),
+            ("attn_q_norm.weight", "attention.q_norm.weight"),
+            ("attn_k_norm.weight", "attention.k_norm.weight"),
         ],
     )?;
     Some(match arch {
@@ -376,11 +378,12 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
 }
 
 /// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral),
-/// `qwen2`, which is llama's with biases on the q, k and v projections, and `phi3`, whose
-/// projections are fused ([`weight_name`]). Qwen2's and Phi-3's RoPE pairs are half-split:
+/// `qwen2`, which is llama's with biases on the q, k and v projections, `qwen3`, with an
+/// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
+/// whose projections are fused ([`weight_name`]). The others' RoPE pairs are half-split:
 /// llama.cpp's converter keeps their q/k rows in Hugging Face's order, while it reorders
 /// llama's for interleaved pairs. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "phi3"];
+const ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "phi3"];
 
 /// RoPE's linear position scaling, as llama.cpp reads it: the factor
 /// `ARCH.rope.scaling.factor` (or the older `ARCH.rope.scale_linear`; 1 without either)
@@ -422,6 +425,28 @@ fn rope_scaling(g: &GgufFile, arch: &str, head_dim: usize) -> Result<f64, String
         }
     }
     Ok(factor)
+}
+
+/// The head size `ARCH.attention.key_length` gives where it is not the width over the
+/// heads (Qwen3's); a `value_length` other than it is refused.
+fn explicit_head_dim(
+    g: &GgufFile,
+    arch: &str,
+    dim: usize,
+    heads: usize,
+) -> Result<Option<usize>, String> {
+    let key = format!("{arch}.attention.key_length");
+    if g.meta(&key).is_none() {
+        return Ok(None);
+    }
+    let head_dim = g.int(&key)?;
+    let value = format!("{arch}.attention.value_length");
+    if g.meta(&value).is_some() && g.int(&value)? != head_dim {
+        return Err(format!(
+            "{value} differs from {key} ({head_dim}): keys and values of other sizes are not supported"
+        ));
+    }
+    Ok((head_dim * heads != dim).then_some(head_dim))
 }
 
 /// Reads a llama GGUF model from its bytes.
@@ -492,6 +517,8 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
             qkv: qwen2,
             output: false,
         },
+        explicit_head_dim: explicit_head_dim(&g, arch, dim, heads)?,
+        qk_norm: arch == "qwen3",
     };
     config.validate()?;
     let config = ModelConfig {

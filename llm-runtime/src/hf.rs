@@ -1,6 +1,6 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
-//! Llama-family checkpoints (Llama, Mistral, Qwen2, Phi-3) are read into the builder's weight names
+//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half`. Safetensors files are memory-mapped; F32, F16 and BF16
@@ -46,6 +46,8 @@ fn weight_name(hf: &str) -> Option<String> {
             ("self_attn.v_proj.bias", "attention.wv.bias"),
             ("self_attn.o_proj.bias", "attention.wo.bias"),
             ("self_attn.qkv_proj.weight", FUSED_QKV),
+            ("self_attn.q_norm.weight", "attention.q_norm.weight"),
+            ("self_attn.k_norm.weight", "attention.k_norm.weight"),
             ("mlp.gate_up_proj.weight", FUSED_GATE_UP),
             ("post_attention_layernorm.weight", "ffn_norm.weight"),
             ("mlp.gate_proj.weight", "feed_forward.w1.weight"),
@@ -193,15 +195,34 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 }
 
 /// The Llama-family architectures the builder computes (Mistral's is Llama's with a
-/// sliding window, Qwen2's Llama's with biases on the q, k and v projections, Phi-3's
-/// Llama's with the q, k and v projections fused in one matrix and the gate and up
-/// projections in another, which the loader splits).
-const ARCHITECTURES: [&str; 4] = [
+/// sliding window, Qwen2's Llama's with biases on the q, k and v projections, Qwen3's
+/// Llama's with an RMSNorm of each head's queries and keys, Phi-3's Llama's with the q,
+/// k and v projections fused in one matrix and the gate and up projections in another,
+/// which the loader splits).
+const ARCHITECTURES: [&str; 5] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
 ];
+
+/// Whether `config.json`'s `architectures` names `arch`.
+fn names_architecture(cfg: &Json, arch: &str) -> bool {
+    cfg.get("architectures")
+        .and_then(Json::as_array)
+        .is_some_and(|names| names.iter().any(|n| n == arch))
+}
+
+/// The head size `head_dim` gives where it is not `hidden_size / num_attention_heads`
+/// (Qwen3's, Mistral Nemo's): the q projection is then `heads * head_dim` wide.
+fn explicit_head_dim(cfg: &Json, width: usize, heads: usize) -> Result<Option<usize>, String> {
+    if cfg.get("head_dim").is_none_or(Json::is_null) {
+        return Ok(None);
+    }
+    let head_dim = config_int(cfg, "head_dim")?;
+    Ok((head_dim * heads != width || !width.is_multiple_of(heads)).then_some(head_dim))
+}
 
 /// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on
 /// q, k, v and the output projection (as Hugging Face's `LlamaAttention` adds them).
@@ -215,20 +236,15 @@ fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
         return Err("`mlp_bias` is true: the feed-forward projections have no biases".into());
     }
     let llama_bias = flag("attention_bias")?;
-    let qwen2 = cfg
-        .get("architectures")
-        .and_then(Json::as_array)
-        .is_some_and(|names| names.iter().any(|n| n == "Qwen2ForCausalLM"));
     Ok(AttentionBias {
-        qkv: qwen2 || llama_bias,
+        qkv: names_architecture(cfg, "Qwen2ForCausalLM") || llama_bias,
         output: llama_bias,
     })
 }
 
 /// Refuses settings the builder would ignore, computing another model than the one
-/// described: an architecture other than [`ARCHITECTURES`], a `head_dim` other than
-/// `hidden_size / num_attention_heads`, and feed-forward activations other than SiLU
-/// (RoPE's: [`rope_scaling`]).
+/// described: an architecture other than [`ARCHITECTURES`], RoPE over part of each head,
+/// and feed-forward activations other than SiLU (RoPE's: [`rope_scaling`]).
 fn check_supported(cfg: &Json) -> Result<(), String> {
     if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
         && let Some(other) = names
@@ -239,16 +255,6 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
             "`architectures` names {other}; the Llama-family models built are {}",
             ARCHITECTURES.join(", ")
         ));
-    }
-    if let Some(head_dim) = cfg.get("head_dim").filter(|h| !h.is_null()) {
-        let heads = config_int(cfg, "num_attention_heads")?;
-        let width = config_int(cfg, "hidden_size")?;
-        if head_dim.as_u64() != Some((width / heads) as u64) {
-            return Err(format!(
-                "`head_dim` = {head_dim} is not hidden_size / num_attention_heads = {}",
-                width / heads
-            ));
-        }
     }
     if let Some(factor) = cfg.get("partial_rotary_factor").filter(|f| !f.is_null())
         && factor.as_f64() != Some(1.0)
@@ -352,6 +358,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_freq_factors: false,
         sliding_window: sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
+        explicit_head_dim: explicit_head_dim(&cfg, int("hidden_size")?, heads)
+            .map_err(|m| err(&config_path, m))?,
+        qk_norm: names_architecture(&cfg, "Qwen3ForCausalLM"),
     };
     config.validate().map_err(|m| err(&config_path, m))?;
     let (rope_scaling, freq_factors) = rope_scaling(&cfg, config.rope_theta, config.head_dim())

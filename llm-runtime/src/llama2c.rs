@@ -105,6 +105,8 @@ pub fn parse_with(
         rope_freq_factors: false,
         sliding_window: None,
         attention_bias: AttentionBias::default(),
+        explicit_head_dim: None,
+        qk_norm: false,
     };
     config.validate()?;
     let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);

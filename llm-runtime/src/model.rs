@@ -15,7 +15,9 @@
 //! residual add, RMSNorm, a SwiGLU feed-forward block and a second residual add; a final
 //! RMSNorm and the classifier (tied to the embedding unless the model has its own) give the
 //! logits; Qwen2-style models add biases after the attention's projections
-//! ([`AttentionBias`]). Weights are referenced by name with `llm.weight`.
+//! ([`AttentionBias`]), Qwen3-style ones normalize each head's queries and keys
+//! ([`ModelConfig::qk_norm`]) and may have heads of their own width
+//! ([`ModelConfig::explicit_head_dim`]). Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: f16/bf16 matrices are cast to f32 and quantized ones are
 //! dequantized where a matmul reads them (the `fuse` pass turns `matmul(x, dequantize(w))`
@@ -71,6 +73,12 @@ pub struct ModelConfig {
     /// (`layers.N.attention.w{q,k,v}.bias`, Qwen2's) and, with it, the output
     /// projection's (`attention.wo.bias`, a Llama config's `attention_bias`).
     pub attention_bias: AttentionBias,
+    /// Elements per head where that is not `dim / heads` (Qwen3's: the q projection is
+    /// then `heads * head_dim` wide, and the output projection reads that many).
+    pub explicit_head_dim: Option<usize>,
+    /// Each head's queries and keys go through an RMSNorm of their own before RoPE
+    /// (`layers.N.attention.q_norm.weight`, `k_norm.weight`, `[head_dim]`; Qwen3's).
+    pub qk_norm: bool,
 }
 
 /// Which of the attention's projections add a bias.
@@ -88,7 +96,13 @@ pub const ROPE_FREQS: &str = "rope_freqs.weight";
 impl ModelConfig {
     /// Elements per head.
     pub fn head_dim(&self) -> usize {
-        self.dim / self.heads
+        self.explicit_head_dim
+            .unwrap_or(self.dim / self.heads.max(1))
+    }
+
+    /// Width of the query projection (and of the attention's output).
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim()
     }
 
     /// Width of the key/value projections.
@@ -98,7 +112,12 @@ impl ModelConfig {
 
     /// Checks that the head counts divide the width into even-sized heads.
     pub fn validate(&self) -> Result<(), String> {
-        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
+        if self.explicit_head_dim == Some(0) {
+            return Err("the head size is 0".into());
+        }
+        if self.heads == 0
+            || (self.explicit_head_dim.is_none() && !self.dim.is_multiple_of(self.heads))
+        {
             return Err(format!(
                 "the width {} is not a multiple of the {} heads",
                 self.dim, self.heads
@@ -161,16 +180,16 @@ fn float(v: f64) -> String {
 
 /// The weights a model of `c` needs, with their shapes.
 pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
+    let (d, hd, kvd, v, qd) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab, c.q_dim());
     let mut out = vec![("tok_embeddings.weight".to_string(), vec![v, d])];
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
         out.extend([
             (format!("{p}attention_norm.weight"), vec![d]),
-            (format!("{p}attention.wq.weight"), vec![d, d]),
+            (format!("{p}attention.wq.weight"), vec![qd, d]),
             (format!("{p}attention.wk.weight"), vec![kvd, d]),
             (format!("{p}attention.wv.weight"), vec![kvd, d]),
-            (format!("{p}attention.wo.weight"), vec![d, d]),
+            (format!("{p}attention.wo.weight"), vec![d, qd]),
             (format!("{p}ffn_norm.weight"), vec![d]),
             (format!("{p}feed_forward.w1.weight"), vec![hd, d]),
             (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
@@ -179,9 +198,15 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     }
     for l in 0..c.layers {
         let p = format!("layers.{l}.attention.");
+        if c.qk_norm {
+            out.extend([
+                (format!("{p}q_norm.weight"), vec![c.head_dim()]),
+                (format!("{p}k_norm.weight"), vec![c.head_dim()]),
+            ]);
+        }
         if c.attention_bias.qkv {
             out.extend([
-                (format!("{p}wq.bias"), vec![d]),
+                (format!("{p}wq.bias"), vec![qd]),
                 (format!("{p}wk.bias"), vec![kvd]),
                 (format!("{p}wv.bias"), vec![kvd]),
             ]);
@@ -345,6 +370,7 @@ fn forward_func(
         let _ = write!(rope, ", scaling = {}", float(c.rope_scaling));
     }
     let act = t(&format!("?x{d}xf32"));
+    let qact = t(&format!("?x{}xf32", c.q_dim()));
     let hid = t(&format!("?x{hd}xf32"));
     let kv = t(&format!("?x{kvd}xf32"));
     let mut e = Emitter {
@@ -372,26 +398,46 @@ fn forward_func(
         let wq = e.weight_f32(&format!("wq_{l}"), &format!("{p}attention.wq.weight"));
         let wk = e.weight_f32(&format!("wk_{l}"), &format!("{p}attention.wk.weight"));
         let wv = e.weight_f32(&format!("wv_{l}"), &format!("{p}attention.wv.weight"));
-        let [q, k, v] = [("q", &wq, &act), ("k", &wk, &kv), ("v", &wv, &kv)].map(|(out, w, ty)| {
-            let product = format!("{out}_{l}");
-            e.op(format!(
-                "{product} = llm.matmul h_{l}, {w} {{transpose_rhs = true}} : {ty}"
-            ));
-            let bias = format!("{p}attention.w{out}.bias");
-            e.add_bias(&product, c.attention_bias.qkv.then_some(bias.as_str()), ty)
-        });
+        let [q, k, v] =
+            [("q", &wq, &qact), ("k", &wk, &kv), ("v", &wv, &kv)].map(|(out, w, ty)| {
+                let product = format!("{out}_{l}");
+                e.op(format!(
+                    "{product} = llm.matmul h_{l}, {w} {{transpose_rhs = true}} : {ty}"
+                ));
+                let bias = format!("{p}attention.w{out}.bias");
+                e.add_bias(&product, c.attention_bias.qkv.then_some(bias.as_str()), ty)
+            });
         let (qheads, kvheads) = (
             t(&format!("?x{h}x{dh}xf32")),
             t(&format!("?x{kvh}x{dh}xf32")),
         );
         e.op(format!("qh_{l} = llm.reshape {q} : {qheads}"));
         e.op(format!("kh_{l} = llm.reshape {k} : {kvheads}"));
+        let (qh, kh) = if c.qk_norm {
+            let qn = e.weight_f32(
+                &format!("q_norm_{l}"),
+                &format!("{p}attention.q_norm.weight"),
+            );
+            let kn = e.weight_f32(
+                &format!("k_norm_{l}"),
+                &format!("{p}attention.k_norm.weight"),
+            );
+            e.op(format!(
+                "qhn_{l} = llm.rms_norm qh_{l}, {qn} {{eps = {eps}}} : {qheads}"
+            ));
+            e.op(format!(
+                "khn_{l} = llm.rms_norm kh_{l}, {kn} {{eps = {eps}}} : {kvheads}"
+            ));
+            (format!("qhn_{l}"), format!("khn_{l}"))
+        } else {
+            (format!("qh_{l}"), format!("kh_{l}"))
+        };
         e.op(format!("vh_{l} = llm.reshape {v} : {kvheads}"));
         e.op(format!(
-            "qr_{l} = llm.rope qh_{l}, positions{factors} {{{rope}}} : {qheads}"
+            "qr_{l} = llm.rope {qh}, positions{factors} {{{rope}}} : {qheads}"
         ));
         e.op(format!(
-            "kr_{l} = llm.rope kh_{l}, positions{factors} {{{rope}}} : {kvheads}"
+            "kr_{l} = llm.rope {kh}, positions{factors} {{{rope}}} : {kvheads}"
         ));
         let next_cache = format!("cache_{}", l + 1);
         e.op(format!("{next_cache} = llm.append_kv {cache_name}, kr_{l}, vh_{l}, slots {{layer = {l}}} : {cache}"));
@@ -401,7 +447,7 @@ fn forward_func(
         e.op(format!(
             "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{window}}} : {queries}"
         ));
-        e.op(format!("attf_{l} = llm.reshape att_{l} : {act}"));
+        e.op(format!("attf_{l} = llm.reshape att_{l} : {qact}"));
         let wo = e.weight_f32(&format!("wo_{l}"), &format!("{p}attention.wo.weight"));
         e.op(format!(
             "o_{l} = llm.matmul attf_{l}, {wo} {{transpose_rhs = true}} : {act}"

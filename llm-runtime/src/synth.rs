@@ -26,6 +26,8 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         rope_freq_factors: false,
         sliding_window: None,
         attention_bias: AttentionBias::default(),
+        explicit_head_dim: None,
+        qk_norm: false,
     };
     match name {
         "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),

@@ -458,6 +458,127 @@ fn phi3_fused_projections_compute_what_separate_ones_do() {
     }
 }
 
+/// stories260K with Qwen3's attention: heads of 16 (not 64 / 8), so seeded q, k, v and
+/// output projections of that size (q and k scaled by `qk_scale`), and each head's
+/// queries and keys normalized with seeded weights (`q_norm`, `k_norm`; left out unless
+/// `norms`).
+fn qwen3_tensors(qk_scale: f32, norms: bool) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let (dim, head, heads, kv_heads) = (64, 16, 8, 4);
+    let mut out: Vec<_> = hf_tensors()
+        .into_iter()
+        .filter(|(n, ..)| !n.contains("self_attn."))
+        .collect();
+    for l in 0..5u64 {
+        let p = format!("model.layers.{l}.self_attn.");
+        let mut put = |name: &str, shape: Vec<usize>, values: Vec<f32>| {
+            out.push((format!("{p}{name}"), shape, values));
+        };
+        let scaled = |v: Vec<f32>| v.into_iter().map(|x| x * qk_scale).collect();
+        let (q, kv) = (heads * head, kv_heads * head);
+        put(
+            "q_proj.weight",
+            vec![q, dim],
+            scaled(noise(q * dim, 100 + l, 0.2)),
+        );
+        put(
+            "k_proj.weight",
+            vec![kv, dim],
+            scaled(noise(kv * dim, 200 + l, 0.2)),
+        );
+        put(
+            "v_proj.weight",
+            vec![kv, dim],
+            noise(kv * dim, 300 + l, 0.2),
+        );
+        put("o_proj.weight", vec![dim, q], noise(dim * q, 400 + l, 0.2));
+        if norms {
+            let around_one = |seed| noise(head, seed, 0.3).iter().map(|x| 1.0 + x).collect();
+            put("q_norm.weight", vec![head], around_one(500 + l));
+            put("k_norm.weight", vec![head], around_one(600 + l));
+        }
+    }
+    out
+}
+
+/// Qwen3's heads: 16 wide where the width over the heads is 8 (`head_dim`, GGUF's
+/// `key_length`), and an RMSNorm of each head's queries and keys before RoPE. The norms
+/// undo any scale of the q and k projections, which without them changes the text; the
+/// CPU and GPU backends compute what the reference semantics compute, and a GGUF file of
+/// the same weights what the Hugging Face directory computes.
+#[test]
+fn qwen3_heads_are_their_own_width_and_normalized() {
+    let head_dim = r#", "head_dim": 16"#;
+    let dir = write_hf_dir_tensors(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        head_dim,
+        qwen3_tensors(1.0, true),
+    );
+    let loaded = model_file::load(&dir).expect("Qwen3 directory loads");
+    assert_eq!(loaded.config.explicit_head_dim, Some(16));
+    assert!(loaded.config.qk_norm);
+    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    assert!(
+        ir.contains("qhn_0 = llm.rms_norm qh_0, q_norm_0 {eps = 1e-5} : llm.tensor <?x8x16xf32>"),
+        "each head's queries are normalized"
+    );
+    let reference = greedy(&Backend::Interp, &loaded, 40);
+    assert_eq!(
+        greedy_ids(&Backend::Cpu { threads: 1 }, &loaded, 40),
+        reference.ids
+    );
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        let gpu = Backend::Gpu(Default::default());
+        assert_eq!(greedy_ids(&gpu, &loaded, 40), reference.ids);
+    }
+    let difference = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let logits = |arch: &str, scale: f32, norms: bool| {
+        let name = format!("qwen3-{arch}-{scale}");
+        let dir = write_hf_dir_tensors(&name, arch, head_dim, qwen3_tensors(scale, norms));
+        let g = greedy(
+            &Backend::Interp,
+            &model_file::load(&dir).expect("loads"),
+            40,
+        );
+        std::fs::remove_dir_all(&dir).ok();
+        g.logits
+    };
+    let scaled = logits("Qwen3ForCausalLM", 3.0, true);
+    let worst = difference(&scaled, &reference.logits);
+    assert!(worst < 1e-3, "the norms undo the scale: {worst}");
+    let (plain, plain_scaled) = (
+        logits("LlamaForCausalLM", 1.0, false),
+        logits("LlamaForCausalLM", 3.0, false),
+    );
+    let shift = difference(&plain, &plain_scaled);
+    assert!(shift > 0.1, "without norms the scale matters: {shift}");
+    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let int = |v: usize| Meta::Uint(v as u64);
+    let metadata = [
+        ("general.architecture", Meta::Str("qwen3".into())),
+        ("qwen3.embedding_length", int(c.dim)),
+        ("qwen3.feed_forward_length", int(c.hidden_dim)),
+        ("qwen3.block_count", int(c.layers)),
+        ("qwen3.attention.head_count", int(c.heads)),
+        ("qwen3.attention.head_count_kv", int(c.kv_heads)),
+        ("qwen3.attention.key_length", int(16)),
+        ("qwen3.attention.value_length", int(16)),
+        ("qwen3.context_length", int(c.seq_len)),
+    ];
+    let path = std::env::temp_dir().join(format!("llmc-qwen3-{}.gguf", std::process::id()));
+    write_gguf(&path, &metadata, &qwen3_tensors(1.0, true));
+    let gguf = model_file::load(&path).expect("the Qwen3 GGUF file loads");
+    assert_eq!(greedy(&Backend::Interp, &gguf, 40).logits, reference.logits);
+    std::fs::remove_file(&path).ok();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Seeded q, k and v biases of every layer of stories260K (Hugging Face names).
 fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     [("q", 64, 1), ("k", 32, 2), ("v", 32, 3)]
@@ -519,6 +640,8 @@ fn write_gguf(
             ("self_attn.v_proj", "attn_v"),
             ("self_attn.o_proj", "attn_output"),
             ("self_attn.qkv_proj", "attn_qkv"),
+            ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"),
             ("mlp.gate_up_proj", "ffn_up"),
             ("post_attention_layernorm", "ffn_norm"),
             ("mlp.gate_proj", "ffn_gate"),
@@ -783,10 +906,6 @@ fn bad_directories_name_the_file() {
             r#", "mlp_bias": true"#,
             "`mlp_bias` is true: the feed-forward projections have no biases",
         ),
-        (
-            r#", "head_dim": 16"#,
-            "`head_dim` = 16 is not hidden_size / num_attention_heads = 8",
-        ),
     ] {
         let dir = write_hf_dir_with("refused", extra);
         let err = model_file::load(&dir).err().expect("unsupported config");
@@ -808,6 +927,19 @@ fn bad_directories_name_the_file() {
     assert!(
         err.contains("model.safetensors")
             && err.contains("self_attn.q_proj.bias` is a bias that config.json does not declare"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // A `head_dim` the weights do not have: the first weight of another shape is named.
+    let dir = write_hf_dir_with("head-dim", r#", "head_dim": 16"#);
+    let err = model_file::load(&dir)
+        .err()
+        .expect("wrong shapes")
+        .to_string();
+    assert!(
+        err.contains("has shape [64, 64], expected [128, 64]")
+            || err.contains("has shape [32, 64], expected [64, 64]")
+            || err.contains("has shape [64, 64], expected [64, 128]"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
