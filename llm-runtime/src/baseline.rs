@@ -8,7 +8,7 @@
 use llm_ir::interp::{Value, WeightStore};
 
 use crate::{
-    model::{AttentionBias, ModelConfig},
+    model::{Activation, AttentionBias, ModelConfig},
     weights::Weights,
 };
 
@@ -118,8 +118,15 @@ impl Baseline {
         if c.attention_bias != AttentionBias::default() {
             return Err("the baseline's projections have no biases".into());
         }
-        if c.explicit_head_dim.is_some() || c.qk_norm {
-            return Err("the baseline's heads are dim / heads wide, without norms".into());
+        if c.explicit_head_dim.is_some()
+            || c.qk_norm
+            || c.activation != Activation::Silu
+            || c.scale_embeddings
+        {
+            return Err(
+                "the baseline computes Llama's heads (dim / heads wide, no norms) and SwiGLU"
+                    .into(),
+            );
         }
         let layers = (0..c.layers)
             .map(|l| {

@@ -6,7 +6,7 @@
 //! bounds-checked and every count is checked against the bytes that remain, so a malformed
 //! file gives an error naming the key or tensor, never a panic or a huge allocation.
 //!
-//! Llama, Qwen2, Qwen3 and Phi-3 models are read into the builder's weight names (`blk.N.attn_q.weight`
+//! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
 //! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
@@ -22,7 +22,8 @@ use llm_ir::{
 
 use crate::{
     model::{
-        AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS, split_fused_weights,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS,
+        split_fused_weights,
     },
     tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, floats_le},
@@ -382,8 +383,10 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
 /// whose projections are fused ([`weight_name`]). The others' RoPE pairs are half-split:
 /// llama.cpp's converter keeps their q/k rows in Hugging Face's order, while it reorders
-/// llama's for interleaved pairs. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "phi3"];
+/// llama's for interleaved pairs. `gemma` is llama's with GeGLU and embeddings scaled by
+/// `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
+/// (llama.cpp's converter adds it). Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "gemma"];
 
 /// RoPE's linear position scaling, as llama.cpp reads it: the factor
 /// `ARCH.rope.scaling.factor` (or the older `ARCH.rope.scale_linear`; 1 without either)
@@ -519,6 +522,11 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         },
         explicit_head_dim: explicit_head_dim(&g, arch, dim, heads)?,
         qk_norm: arch == "qwen3",
+        activation: match arch {
+            "gemma" => Activation::GeluTanh,
+            _ => Activation::Silu,
+        },
+        scale_embeddings: arch == "gemma",
     };
     config.validate()?;
     let config = ModelConfig {

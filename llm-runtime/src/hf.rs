@@ -1,6 +1,6 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
-//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3) are read into the builder's weight names
+//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half`. Safetensors files are memory-mapped; F32, F16 and BF16
@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 
 use llm_ir::{
     dtype::DType,
-    interp::{Tensor, Value},
+    interp::{Tensor, Value, WeightStore},
 };
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
     model::{
-        AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS, check_weights,
-        split_fused_weights,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS,
+        check_weights, split_fused_weights,
     },
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
@@ -198,8 +198,10 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// sliding window, Qwen2's Llama's with biases on the q, k and v projections, Qwen3's
 /// Llama's with an RMSNorm of each head's queries and keys, Phi-3's Llama's with the q,
 /// k and v projections fused in one matrix and the gate and up projections in another,
-/// which the loader splits).
-const ARCHITECTURES: [&str; 5] = [
+/// which the loader splits, Gemma's Llama's with GeGLU, embeddings scaled by
+/// `sqrt(hidden_size)` and norms scaling by `1 + weight`).
+const ARCHITECTURES: [&str; 6] = [
+    "GemmaForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -263,12 +265,49 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
             "`partial_rotary_factor` = {factor}: RoPE rotating part of each head is not supported"
         ));
     }
+    activation(cfg).map(|_| ())
+}
+
+/// The feed-forward block's activation: SiLU (`hidden_act`), or for Gemma the tanh
+/// approximation of GELU, which Hugging Face's Gemma uses whatever `hidden_act` says
+/// unless `hidden_activation` names another (refused, as any other activation).
+fn activation(cfg: &Json) -> Result<Activation, String> {
+    if names_architecture(cfg, "GemmaForCausalLM") {
+        return match cfg.get("hidden_activation").and_then(Json::as_str) {
+            None | Some("gelu_pytorch_tanh" | "gelu_new") => Ok(Activation::GeluTanh),
+            Some(other) => Err(format!(
+                "`hidden_activation` = \"{other}\" is not supported (GeGLU uses GELU's tanh approximation)"
+            )),
+        };
+    }
     match cfg.get("hidden_act").and_then(Json::as_str) {
-        None | Some("silu") => Ok(()),
+        None | Some("silu") => Ok(Activation::Silu),
         Some(other) => Err(format!(
             "`hidden_act` = \"{other}\" is not supported (the feed-forward block is SwiGLU)"
         )),
     }
+}
+
+/// Gemma's RMSNorms scale by `1 + weight`: its norm weights become that sum, in `f32`
+/// as Hugging Face computes it, so that the builder's `llm.rms_norm` scales by them.
+fn offset_norm_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+    let names = (0..c.layers)
+        .flat_map(|l| ["attention_norm", "ffn_norm"].map(|n| format!("layers.{l}.{n}.weight")))
+        .chain(["norm.weight".to_string()]);
+    for name in names {
+        let Some(value) = weights.weight(&name) else {
+            continue;
+        };
+        let Value::Tensor(t) = &*value else {
+            return Err(format!("norm weight `{name}` is not a float tensor"));
+        };
+        let shifted = t.floats()?.iter().map(|w| 1.0 + w).collect();
+        weights.insert(
+            name,
+            Value::Tensor(Tensor::from_f32(t.shape.clone(), DType::F32, shifted)),
+        );
+    }
+    Ok(())
 }
 
 fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
@@ -361,6 +400,8 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         explicit_head_dim: explicit_head_dim(&cfg, int("hidden_size")?, heads)
             .map_err(|m| err(&config_path, m))?,
         qk_norm: names_architecture(&cfg, "Qwen3ForCausalLM"),
+        activation: activation(&cfg).map_err(|m| err(&config_path, m))?,
+        scale_embeddings: names_architecture(&cfg, "GemmaForCausalLM"),
     };
     config.validate().map_err(|m| err(&config_path, m))?;
     let (rope_scaling, freq_factors) = rope_scaling(&cfg, config.rope_theta, config.head_dim())
@@ -393,6 +434,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         );
     }
     split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
+    if config.scale_embeddings {
+        offset_norm_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
+    }
     let mut config = config;
     if weights.weight_shape("output.weight").is_none() {
         config.tied_classifier = true;

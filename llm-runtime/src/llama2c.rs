@@ -17,7 +17,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{AttentionBias, ModelConfig},
+    model::{Activation, AttentionBias, ModelConfig},
     weights::{LoadError, Weights},
 };
 
@@ -107,6 +107,8 @@ pub fn parse_with(
         attention_bias: AttentionBias::default(),
         explicit_head_dim: None,
         qk_norm: false,
+        activation: Activation::Silu,
+        scale_embeddings: false,
     };
     config.validate()?;
     let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);

@@ -79,6 +79,21 @@ pub struct ModelConfig {
     /// Each head's queries and keys go through an RMSNorm of their own before RoPE
     /// (`layers.N.attention.q_norm.weight`, `k_norm.weight`, `[head_dim]`; Qwen3's).
     pub qk_norm: bool,
+    /// The activation of the feed-forward block's gate.
+    pub activation: Activation,
+    /// Token embeddings are multiplied by `sqrt(dim)` (in `f32`) before the first layer
+    /// (Gemma's).
+    pub scale_embeddings: bool,
+}
+
+/// The activation of the gated feed-forward block: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU: SwiGLU (Llama's).
+    #[default]
+    Silu,
+    /// GELU, tanh approximation (`llm.gelu`): GeGLU (Gemma's).
+    GeluTanh,
 }
 
 /// Which of the attention's projections add a bias.
@@ -385,6 +400,15 @@ fn forward_func(
     };
     e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
     let mut x = "x0".to_string();
+    if c.scale_embeddings {
+        let scale = float(f64::from((c.dim as f32).sqrt()));
+        e.op(format!(
+            "embed_scale = llm.constant {{value = {scale}}} : {}",
+            t("1xf32")
+        ));
+        e.op(format!("x0s = llm.mul x0, embed_scale : {act}"));
+        x = "x0s".to_string();
+    }
     let mut cache_name = "cache".to_string();
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
@@ -472,7 +496,11 @@ fn forward_func(
         e.op(format!(
             "up_{l} = llm.matmul hf_{l}, {w3} {{transpose_rhs = true}} : {hid}"
         ));
-        e.op(format!("act_{l} = llm.silu gate_{l} : {hid}"));
+        let activation = match c.activation {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu",
+        };
+        e.op(format!("act_{l} = llm.{activation} gate_{l} : {hid}"));
         e.op(format!("glu_{l} = llm.mul act_{l}, up_{l} : {hid}"));
         e.op(format!(
             "down_{l} = llm.matmul glu_{l}, {w2} {{transpose_rhs = true}} : {act}"

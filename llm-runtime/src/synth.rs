@@ -4,7 +4,7 @@
 use std::{io::Write, path::Path};
 
 use crate::{
-    model::{AttentionBias, ModelConfig},
+    model::{Activation, AttentionBias, ModelConfig},
     sampler::XorShift,
 };
 
@@ -28,6 +28,8 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         attention_bias: AttentionBias::default(),
         explicit_head_dim: None,
         qk_norm: false,
+        activation: Activation::Silu,
+        scale_embeddings: false,
     };
     match name {
         "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),

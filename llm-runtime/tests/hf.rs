@@ -579,6 +579,82 @@ fn qwen3_heads_are_their_own_width_and_normalized() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Gemma: GeGLU (GELU's tanh approximation), embeddings scaled by `sqrt(hidden_size)`,
+/// and norms that scale by `1 + weight`, stored without the 1 in Hugging Face's files
+/// and with it in GGUF's: the same weights from either format compute the same logits,
+/// the backends agree with the reference semantics, and the text is not the Llama
+/// model's of the same weights.
+#[test]
+fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
+    let is_norm = |name: &str| name.ends_with("layernorm.weight") || name == "model.norm.weight";
+    let hf: Vec<_> = hf_tensors()
+        .into_iter()
+        .map(|(n, shape, v)| {
+            let v = if is_norm(&n) {
+                v.iter().map(|w| w - 1.0).collect()
+            } else {
+                v
+            };
+            (n, shape, v)
+        })
+        .collect();
+    let config = r#", "hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh""#;
+    let dir = write_hf_dir_tensors("gemma", "GemmaForCausalLM", config, hf.clone());
+    let loaded = model_file::load(&dir).expect("Gemma directory loads");
+    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    assert!(ir.contains("embed_scale = llm.constant {value = 8.0}") && ir.contains("llm.gelu"));
+    let reference = greedy(&Backend::Interp, &loaded, 40);
+    assert_eq!(
+        greedy_ids(&Backend::Cpu { threads: 1 }, &loaded, 40),
+        reference.ids
+    );
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        let gpu = Backend::Gpu(Default::default());
+        assert_eq!(greedy_ids(&gpu, &loaded, 40), reference.ids);
+    }
+    let llama = write_hf_dir("gemma-llama");
+    let plain = greedy_ids(
+        &Backend::Interp,
+        &model_file::load(&llama).expect("loads"),
+        40,
+    );
+    assert_ne!(plain, reference.ids, "Gemma's model is another one");
+    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let int = |v: usize| Meta::Uint(v as u64);
+    let metadata = [
+        ("general.architecture", Meta::Str("gemma".into())),
+        ("gemma.embedding_length", int(c.dim)),
+        ("gemma.feed_forward_length", int(c.hidden_dim)),
+        ("gemma.block_count", int(c.layers)),
+        ("gemma.attention.head_count", int(c.heads)),
+        ("gemma.attention.head_count_kv", int(c.kv_heads)),
+        ("gemma.context_length", int(c.seq_len)),
+    ];
+    let gguf: Vec<_> = hf
+        .into_iter()
+        .map(|(n, shape, v)| {
+            let v = if is_norm(&n) {
+                v.iter().map(|w| 1.0 + w).collect()
+            } else {
+                v
+            };
+            (n, shape, v)
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("llmc-gemma-{}.gguf", std::process::id()));
+    write_gguf(&path, &metadata, &gguf);
+    let from_gguf = greedy(
+        &Backend::Interp,
+        &model_file::load(&path).expect("loads"),
+        40,
+    );
+    assert_eq!(from_gguf.logits, reference.logits);
+    std::fs::remove_file(&path).ok();
+    for dir in [dir, llama] {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 /// Seeded q, k and v biases of every layer of stories260K (Hugging Face names).
 fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     [("q", 64, 1), ("k", 32, 2), ("v", 32, 3)]
@@ -895,12 +971,16 @@ fn bad_directories_name_the_file() {
             "`hidden_act` = \"gelu\" is not supported",
         ),
         (
-            r#", "architectures": ["GemmaForCausalLM"]"#,
-            "`architectures` names \"GemmaForCausalLM\"",
+            r#", "architectures": ["Gemma2ForCausalLM"]"#,
+            "`architectures` names \"Gemma2ForCausalLM\"",
         ),
         (
             r#", "partial_rotary_factor": 0.75"#,
             "`partial_rotary_factor` = 0.75: RoPE rotating part of each head is not supported",
+        ),
+        (
+            r#", "architectures": ["GemmaForCausalLM"], "hidden_activation": "gelu""#,
+            "`hidden_activation` = \"gelu\" is not supported",
         ),
         (
             r#", "mlp_bias": true"#,
