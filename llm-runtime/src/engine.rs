@@ -205,12 +205,13 @@ impl<'m> Engine<'m> {
         let mut events = Vec::new();
         self.admit_and_prefill(&mut events)?;
         self.decode(&mut events)?;
-        self.slide_windows();
+        // The peak is reached after the appends, before windows release blocks.
         let used = self.blocks.used();
         if used > self.stats.peak_blocks {
             self.stats.peak_blocks = used;
             self.stats.tokens_at_peak = self.blocks.tokens_held();
         }
+        self.slide_windows();
         Ok(events)
     }
 

@@ -23,7 +23,7 @@ use llm_ir::{
 use crate::{
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS,
-        split_fused_weights,
+        split_fused_weights, uneven_head_dim,
     },
     tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, floats_le},
@@ -449,7 +449,7 @@ fn explicit_head_dim(
             "{value} differs from {key} ({head_dim}): keys and values of other sizes are not supported"
         ));
     }
-    Ok((head_dim * heads != dim).then_some(head_dim))
+    Ok(uneven_head_dim(head_dim, dim, heads))
 }
 
 /// Reads a llama GGUF model from its bytes.
@@ -465,7 +465,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         other => {
             return Err(format!(
                 "general.architecture is {other:?}, but only {} models are supported",
-                ARCHITECTURES.join(" and ")
+                ARCHITECTURES.join(", ")
             ));
         }
     };

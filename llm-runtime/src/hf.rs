@@ -18,7 +18,7 @@ use serde_json::Value as Json;
 use crate::{
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS,
-        check_weights, split_fused_weights,
+        check_weights, split_fused_weights, uneven_head_dim,
     },
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
@@ -183,14 +183,35 @@ fn eos_ids(dir: &Path, cfg: &Json, config_path: &Path) -> Result<Vec<u32>, LoadE
 }
 
 /// Mistral's sliding window (`sliding_window`, unless null or switched off by
-/// `use_sliding_window = false`): each position attends to at most that many.
+/// `use_sliding_window = false`): each position attends to at most that many. Qwen2's and
+/// Qwen3's configs window only the layers from `max_window_layers` on: none when that is
+/// every layer, all when it is 0, and refused in between (the builder windows every
+/// layer alike).
 fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
     if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(false) {
         return Ok(None);
     }
-    match cfg.get("sliding_window") {
-        None | Some(Json::Null) => Ok(None),
-        Some(_) => config_int(cfg, "sliding_window").map(Some),
+    let window = match cfg.get("sliding_window") {
+        None | Some(Json::Null) => return Ok(None),
+        Some(_) => config_int(cfg, "sliding_window")?,
+    };
+    // Qwen2's and Qwen3's window covers only the layers from `max_window_layers` on.
+    match cfg.get("max_window_layers").filter(|m| !m.is_null()) {
+        None => Ok(Some(window)),
+        Some(_) => {
+            let from = cfg
+                .get("max_window_layers")
+                .and_then(Json::as_u64)
+                .ok_or("`max_window_layers` is not a non-negative integer")?;
+            let layers = config_int(cfg, "num_hidden_layers")? as u64;
+            match from {
+                0 => Ok(Some(window)),
+                _ if from >= layers => Ok(None),
+                _ => Err(format!(
+                    "`max_window_layers` = {from}: a sliding window over some layers only is not supported"
+                )),
+            }
+        }
     }
 }
 
@@ -222,8 +243,7 @@ fn explicit_head_dim(cfg: &Json, width: usize, heads: usize) -> Result<Option<us
     if cfg.get("head_dim").is_none_or(Json::is_null) {
         return Ok(None);
     }
-    let head_dim = config_int(cfg, "head_dim")?;
-    Ok((head_dim * heads != width || !width.is_multiple_of(heads)).then_some(head_dim))
+    Ok(uneven_head_dim(config_int(cfg, "head_dim")?, width, heads))
 }
 
 /// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on

@@ -17,7 +17,8 @@
 //! logits; Qwen2-style models add biases after the attention's projections
 //! ([`AttentionBias`]), Qwen3-style ones normalize each head's queries and keys
 //! ([`ModelConfig::qk_norm`]) and may have heads of their own width
-//! ([`ModelConfig::explicit_head_dim`]). Weights are referenced by name with `llm.weight`.
+//! ([`ModelConfig::explicit_head_dim`]), and Gemma-style ones gate with GELU
+//! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]). Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: f16/bf16 matrices are cast to f32 and quantized ones are
 //! dequantized where a matmul reads them (the `fuse` pass turns `matmul(x, dequantize(w))`
@@ -94,6 +95,12 @@ pub enum Activation {
     Silu,
     /// GELU, tanh approximation (`llm.gelu`): GeGLU (Gemma's).
     GeluTanh,
+}
+
+/// A model file's head size `head_dim` as [`ModelConfig::explicit_head_dim`]: `None`
+/// where it is the width `dim` over the `heads`.
+pub fn uneven_head_dim(head_dim: usize, dim: usize, heads: usize) -> Option<usize> {
+    (head_dim * heads != dim).then_some(head_dim)
 }
 
 /// Which of the attention's projections add a bias.
@@ -251,14 +258,14 @@ pub const FUSED_GATE_UP: &str = "feed_forward.w13.weight";
 /// Splits every layer's fused matrices ([`FUSED_QKV`], [`FUSED_GATE_UP`]) of `weights`
 /// into the separate weights the builder reads; a model without them is left as it is.
 pub fn split_fused_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
-    let (d, kvd, hd) = (c.dim, c.kv_dim(), c.hidden_dim);
+    let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.hidden_dim);
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
         let part = |name: &str, rows: usize| (format!("{p}{name}"), rows);
         weights.split_rows(
             &format!("{p}{FUSED_QKV}"),
             &[
-                part("attention.wq.weight", d),
+                part("attention.wq.weight", qd),
                 part("attention.wk.weight", kvd),
                 part("attention.wv.weight", kvd),
             ],

@@ -137,18 +137,15 @@ impl Weights {
         let Some(value) = self.tensors.get(fused).cloned() else {
             return Ok(());
         };
-        let (shape, row_bytes) = match &*value {
-            Value::Tensor(t) => (t.shape.clone(), 0),
+        let shape = match &*value {
+            Value::Tensor(t) => t.shape.clone(),
             Value::Quantized(q)
                 if !matches!(
                     q.format,
                     QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. }
                 ) =>
             {
-                (
-                    q.shape.clone(),
-                    quant::storage_bytes(&q.format, &[1, q.shape[1]]),
-                )
+                q.shape.clone()
             }
             _ => {
                 return Err(format!(
@@ -164,6 +161,10 @@ impl Weights {
             ));
         }
         let k = shape[1];
+        let row_bytes = match &*value {
+            Value::Quantized(q) => quant::storage_bytes(&q.format, &[1, k]),
+            _ => 0,
+        };
         let mut first = 0;
         for (name, rows) in parts {
             let range = first..first + rows;

@@ -293,3 +293,35 @@ fn a_block_is_never_reused_at_another_position() {
     assert_eq!(m.admit(4, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).expect("fits"), 8);
     m.check().expect("invariants");
 }
+
+/// `release_before` releases exactly the blocks whose positions all come before the
+/// position, never the block the next position goes into, and each block once.
+#[test]
+fn window_releases_stop_at_the_block_of_the_position() {
+    let mut m = BlockManager::new(8, 4);
+    let tokens: Vec<u32> = (0..10).collect();
+    m.admit(1, &tokens).expect("room");
+    // Blocks hold positions 0..4, 4..8 and 8..10.
+    assert_eq!(m.release_before(1, 3), 0, "position 3 is in block 0");
+    assert_eq!(m.release_before(1, 7), 1, "block 0 only");
+    assert_eq!(m.release_before(1, 7), 0, "released once");
+    assert_eq!(m.release_before(1, 8), 1, "block 1 ends at position 8");
+    assert_eq!(
+        m.release_before(1, 100),
+        0,
+        "block 2 holds the next position"
+    );
+    assert_eq!(m.tokens_held(), 2);
+    m.check().expect("invariants");
+    // With full blocks, every block goes: the next position opens a new one.
+    m.admit(2, &(0..8).collect::<Vec<u32>>()).expect("room");
+    assert_eq!(m.release_before(2, 100), 2);
+    let slot = m.append(2, 9).expect("a block");
+    assert_eq!(m.table(2).map(<[u32]>::len), Some(3));
+    assert_eq!(slot.copy, None);
+    m.check().expect("invariants");
+    m.finish(1);
+    m.finish(2);
+    m.check().expect("invariants");
+    assert_eq!(m.used(), 0);
+}

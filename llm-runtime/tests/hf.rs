@@ -434,18 +434,10 @@ fn phi3_fused_projections_compute_what_separate_ones_do() {
     );
     assert_eq!(from_hf.ids, reference.ids);
     assert_eq!(from_hf.logits, reference.logits);
-    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
-    let int = |v: usize| Meta::Uint(v as u64);
-    let metadata = [
-        ("general.architecture", Meta::Str("phi3".into())),
-        ("phi3.embedding_length", int(c.dim)),
-        ("phi3.feed_forward_length", int(c.hidden_dim)),
-        ("phi3.block_count", int(c.layers)),
-        ("phi3.attention.head_count", int(c.heads)),
-        ("phi3.attention.head_count_kv", int(c.kv_heads)),
-        ("phi3.context_length", int(c.seq_len)),
-        ("phi3.attention.sliding_window", int(8)),
-    ];
+    let metadata = gguf_metadata(
+        "phi3",
+        vec![("phi3.attention.sliding_window", Meta::Uint(8))],
+    );
     let path = std::env::temp_dir().join(format!("llmc-phi3-{}.gguf", std::process::id()));
     write_gguf(&path, &metadata, &phi3_tensors());
     let gguf = model_file::load(&path).expect("the Phi-3 GGUF file loads");
@@ -531,13 +523,6 @@ fn qwen3_heads_are_their_own_width_and_normalized() {
         let gpu = Backend::Gpu(Default::default());
         assert_eq!(greedy_ids(&gpu, &loaded, 40), reference.ids);
     }
-    let difference = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        a.iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
     let logits = |arch: &str, scale: f32, norms: bool| {
         let name = format!("qwen3-{arch}-{scale}");
         let dir = write_hf_dir_tensors(&name, arch, head_dim, qwen3_tensors(scale, norms));
@@ -550,27 +535,21 @@ fn qwen3_heads_are_their_own_width_and_normalized() {
         g.logits
     };
     let scaled = logits("Qwen3ForCausalLM", 3.0, true);
-    let worst = difference(&scaled, &reference.logits);
+    let worst = largest_difference(&scaled, &reference.logits);
     assert!(worst < 1e-3, "the norms undo the scale: {worst}");
     let (plain, plain_scaled) = (
         logits("LlamaForCausalLM", 1.0, false),
         logits("LlamaForCausalLM", 3.0, false),
     );
-    let shift = difference(&plain, &plain_scaled);
+    let shift = largest_difference(&plain, &plain_scaled);
     assert!(shift > 0.1, "without norms the scale matters: {shift}");
-    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
-    let int = |v: usize| Meta::Uint(v as u64);
-    let metadata = [
-        ("general.architecture", Meta::Str("qwen3".into())),
-        ("qwen3.embedding_length", int(c.dim)),
-        ("qwen3.feed_forward_length", int(c.hidden_dim)),
-        ("qwen3.block_count", int(c.layers)),
-        ("qwen3.attention.head_count", int(c.heads)),
-        ("qwen3.attention.head_count_kv", int(c.kv_heads)),
-        ("qwen3.attention.key_length", int(16)),
-        ("qwen3.attention.value_length", int(16)),
-        ("qwen3.context_length", int(c.seq_len)),
-    ];
+    let metadata = gguf_metadata(
+        "qwen3",
+        vec![
+            ("qwen3.attention.key_length", Meta::Uint(16)),
+            ("qwen3.attention.value_length", Meta::Uint(16)),
+        ],
+    );
     let path = std::env::temp_dir().join(format!("llmc-qwen3-{}.gguf", std::process::id()));
     write_gguf(&path, &metadata, &qwen3_tensors(1.0, true));
     let gguf = model_file::load(&path).expect("the Qwen3 GGUF file loads");
@@ -619,17 +598,7 @@ fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
         40,
     );
     assert_ne!(plain, reference.ids, "Gemma's model is another one");
-    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
-    let int = |v: usize| Meta::Uint(v as u64);
-    let metadata = [
-        ("general.architecture", Meta::Str("gemma".into())),
-        ("gemma.embedding_length", int(c.dim)),
-        ("gemma.feed_forward_length", int(c.hidden_dim)),
-        ("gemma.block_count", int(c.layers)),
-        ("gemma.attention.head_count", int(c.heads)),
-        ("gemma.attention.head_count_kv", int(c.kv_heads)),
-        ("gemma.context_length", int(c.seq_len)),
-    ];
+    let metadata = gguf_metadata("gemma", Vec::new());
     let gguf: Vec<_> = hf
         .into_iter()
         .map(|(n, shape, v)| {
@@ -661,6 +630,35 @@ fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .into_iter()
         .flat_map(|(p, n, seed)| biases(p, move |l| noise(n, seed * 10 + l as u64, 0.5)))
         .collect()
+}
+
+/// The metadata of stories260K's shape as a GGUF file of architecture `arch` (its keys
+/// prefixed with it), then `more`.
+fn gguf_metadata(arch: &str, more: Vec<(&str, Meta)>) -> Vec<(String, Meta)> {
+    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
+    let int = |v: usize| Meta::Uint(v as u64);
+    let mut metadata = vec![("general.architecture".to_string(), Meta::Str(arch.into()))];
+    for (key, value) in [
+        ("embedding_length", int(c.dim)),
+        ("feed_forward_length", int(c.hidden_dim)),
+        ("block_count", int(c.layers)),
+        ("attention.head_count", int(c.heads)),
+        ("attention.head_count_kv", int(c.kv_heads)),
+        ("context_length", int(c.seq_len)),
+    ] {
+        metadata.push((format!("{arch}.{key}"), value));
+    }
+    metadata.extend(more.into_iter().map(|(k, v)| (k.to_string(), v)));
+    metadata
+}
+
+/// The largest difference between two runs' logits.
+fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
 }
 
 /// A GGUF v3 file of `metadata` and f32 `tensors` (Hugging Face names mapped to GGUF's,
@@ -764,19 +762,13 @@ fn write_gguf(
 /// same layout of RoPE pairs, the same biases.
 #[test]
 fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
-    let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
-    let int = |v: usize| Meta::Uint(v as u64);
-    let metadata = [
-        ("general.architecture", Meta::Str("qwen2".into())),
-        ("qwen2.embedding_length", int(c.dim)),
-        ("qwen2.feed_forward_length", int(c.hidden_dim)),
-        ("qwen2.block_count", int(c.layers)),
-        ("qwen2.attention.head_count", int(c.heads)),
-        ("qwen2.attention.head_count_kv", int(c.kv_heads)),
-        ("qwen2.context_length", int(c.seq_len)),
-        ("qwen2.rope.freq_base", Meta::Float(10000.0)),
-        ("qwen2.attention.layer_norm_rms_epsilon", Meta::Float(1e-5)),
-    ];
+    let metadata = gguf_metadata(
+        "qwen2",
+        vec![
+            ("qwen2.rope.freq_base", Meta::Float(10000.0)),
+            ("qwen2.attention.layer_norm_rms_epsilon", Meta::Float(1e-5)),
+        ],
+    );
     let mut tensors = hf_tensors();
     tensors.extend(qwen2_biases());
     let path = std::env::temp_dir().join(format!("llmc-qwen2-{}.gguf", std::process::id()));
@@ -794,7 +786,7 @@ fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
     // As a llama file, the biases are tensors of no llama model.
     let renamed: Vec<(String, Meta)> = metadata
         .iter()
-        .map(|(k, v)| match *k {
+        .map(|(k, v)| match k.as_str() {
             "general.architecture" => (k.to_string(), Meta::Str("llama".into())),
             _ => (k.replace("qwen2.", "llama."), v.clone()),
         })
@@ -833,8 +825,11 @@ fn qwen2_adds_biases_to_the_q_k_and_v_projections() {
         60,
     );
     assert_eq!(greedy_ids(&Backend::Interp, &loaded, 60), plain);
-    let biased = write_hf_dir_of("qwen2", "Qwen2ForCausalLM", "", qwen2_biases());
+    // Qwen2's window starts at layer `max_window_layers`: at the last layer, none.
+    let windowless = r#", "use_sliding_window": true, "sliding_window": 8, "max_window_layers": 5"#;
+    let biased = write_hf_dir_of("qwen2", "Qwen2ForCausalLM", windowless, qwen2_biases());
     let loaded = model_file::load(&biased).expect("Qwen2 directory loads");
+    assert_eq!(loaded.config.sliding_window, None);
     let reference = greedy_ids(&Backend::Interp, &loaded, 60);
     assert_ne!(reference, plain, "biases change the text");
     assert_eq!(
@@ -903,13 +898,6 @@ fn a_value_bias_equals_its_projection_as_an_output_bias() {
         let loaded = model_file::load(dir).expect("loads");
         greedy(&Backend::Interp, &loaded, 24).logits
     };
-    let difference = |a: Vec<Vec<f32>>, b: Vec<Vec<f32>>| {
-        a.iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
     let loaded = model_file::load(&value_biased).expect("loads");
     assert_eq!(
         loaded.config.attention_bias,
@@ -918,10 +906,10 @@ fn a_value_bias_equals_its_projection_as_an_output_bias() {
             output: true
         }
     );
-    let worst = difference(logits(&value_biased), logits(&output_biased));
+    let worst = largest_difference(&logits(&value_biased), &logits(&output_biased));
     assert!(worst < 1e-3, "largest logit difference {worst}");
     let plain = write_hf_dir("no-bias");
-    let shift = difference(logits(&value_biased), logits(&plain));
+    let shift = largest_difference(&logits(&value_biased), &logits(&plain));
     assert!(shift > 0.1, "the value bias moves the logits by {shift}");
     for dir in [value_biased, output_biased, plain] {
         std::fs::remove_dir_all(&dir).ok();
@@ -981,6 +969,10 @@ fn bad_directories_name_the_file() {
         (
             r#", "architectures": ["GemmaForCausalLM"], "hidden_activation": "gelu""#,
             "`hidden_activation` = \"gelu\" is not supported",
+        ),
+        (
+            r#", "sliding_window": 8, "max_window_layers": 2"#,
+            "`max_window_layers` = 2: a sliding window over some layers only is not supported",
         ),
         (
             r#", "mlp_bias": true"#,

@@ -42,7 +42,9 @@ const WAIT: Duration = Duration::from_secs(120);
 /// Held while a device is opened: NVIDIA's Vulkan driver races on instances and devices
 /// created on several threads at once (wgpu issue 5930; on an H100, test suites that open
 /// a device per test crashed with SIGSEGV when their tests ran in parallel, and passed one
-/// at a time), so this process opens one at a time.
+/// at a time), so this process opens one at a time. Devices are still dropped on any
+/// thread: wgpu frees a device when its last buffer or pipeline goes, which a lock here
+/// could not cover.
 static OPENING: Mutex<()> = Mutex::new(());
 
 /// One wgpu device and queue, with the compiled pipelines of every program on it.

@@ -1999,7 +1999,7 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     put(o, f16_bits(d));
     put(o + 1u, f16_bits(d) >> 8u);
     for (var i = 0u; i < 32u; i = i + 1u) {
-        put(o + 2u + i, u32(i32(round_away(x[at + i] * id))) & 0xffu);
+        put(o + 2u + i, u32(i32(round_away(exact(x[at + i] * id)))) & 0xffu);
     }
 ",
         ),
