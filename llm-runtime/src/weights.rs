@@ -289,7 +289,7 @@ mod tests {
 
     /// A fused matrix splits into runs of its rows: float ones into the rows' values,
     /// quantized ones into the bytes the parts quantized alone have; wrong row counts and
-    /// whole-matrix formats are refused.
+    /// vectors are refused.
     #[test]
     fn fused_matrices_split_into_their_rows() {
         let (rows, k) = (6, 256);
@@ -341,5 +341,17 @@ mod tests {
             "{err}"
         );
         assert_eq!(w.split_rows("absent", &split), Ok(()));
+        // A vector is no matrix: an error, not an index out of bounds.
+        let row = quant::quantize(&QuantFormat::Q8_0, &[k], &vec![1.0; k]);
+        w.insert(
+            "v",
+            Value::Quantized(QTensor {
+                shape: vec![k],
+                format: QuantFormat::Q8_0,
+                bytes: row,
+            }),
+        );
+        let err = w.split_rows("v", &split).expect_err("rank 1");
+        assert!(err.contains("weight `v` has shape [256]"), "{err}");
     }
 }
