@@ -261,6 +261,19 @@ fn greedy_ids(backend: &Backend, loaded: &model_file::LoadedModel, steps: usize)
     greedy(backend, loaded, steps).ids
 }
 
+/// The reference semantics' greedy generation of `steps` positions, after checking that
+/// the CPU backend, and the GPU backend where there is a device, choose the same tokens.
+fn backends_agree(loaded: &model_file::LoadedModel, steps: usize) -> Generation {
+    let reference = greedy(&Backend::Interp, loaded, steps);
+    let cpu = Backend::Cpu { threads: 1 };
+    assert_eq!(greedy_ids(&cpu, loaded, steps), reference.ids, "cpu");
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        let gpu = Backend::Gpu(Default::default());
+        assert_eq!(greedy_ids(&gpu, loaded, steps), reference.ids, "gpu");
+    }
+    reference
+}
+
 /// Greedy sampling.
 const GREEDY: SamplerConfig = SamplerConfig {
     temperature: 0.0,
@@ -514,15 +527,7 @@ fn qwen3_heads_are_their_own_width_and_normalized() {
         ir.contains("qhn_0 = llm.rms_norm qh_0, q_norm_0 {eps = 1e-5} : llm.tensor <?x8x16xf32>"),
         "each head's queries are normalized"
     );
-    let reference = greedy(&Backend::Interp, &loaded, 40);
-    assert_eq!(
-        greedy_ids(&Backend::Cpu { threads: 1 }, &loaded, 40),
-        reference.ids
-    );
-    if llm_lower::gpu::test_device(&Default::default()).is_some() {
-        let gpu = Backend::Gpu(Default::default());
-        assert_eq!(greedy_ids(&gpu, &loaded, 40), reference.ids);
-    }
+    let reference = backends_agree(&loaded, 40);
     let logits = |arch: &str, scale: f32, norms: bool| {
         let name = format!("qwen3-{arch}-{scale}");
         let dir = write_hf_dir_tensors(&name, arch, head_dim, qwen3_tensors(scale, norms));
@@ -582,15 +587,7 @@ fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
     let loaded = model_file::load(&dir).expect("Gemma directory loads");
     let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
     assert!(ir.contains("embed_scale = llm.constant {value = 8.0}") && ir.contains("llm.gelu"));
-    let reference = greedy(&Backend::Interp, &loaded, 40);
-    assert_eq!(
-        greedy_ids(&Backend::Cpu { threads: 1 }, &loaded, 40),
-        reference.ids
-    );
-    if llm_lower::gpu::test_device(&Default::default()).is_some() {
-        let gpu = Backend::Gpu(Default::default());
-        assert_eq!(greedy_ids(&gpu, &loaded, 40), reference.ids);
-    }
+    let reference = backends_agree(&loaded, 40);
     let llama = write_hf_dir("gemma-llama");
     let plain = greedy_ids(
         &Backend::Interp,
@@ -830,16 +827,8 @@ fn qwen2_adds_biases_to_the_q_k_and_v_projections() {
     let biased = write_hf_dir_of("qwen2", "Qwen2ForCausalLM", windowless, qwen2_biases());
     let loaded = model_file::load(&biased).expect("Qwen2 directory loads");
     assert_eq!(loaded.config.sliding_window, None);
-    let reference = greedy_ids(&Backend::Interp, &loaded, 60);
+    let reference = backends_agree(&loaded, 60).ids;
     assert_ne!(reference, plain, "biases change the text");
-    assert_eq!(
-        greedy_ids(&Backend::Cpu { threads: 1 }, &loaded, 60),
-        reference
-    );
-    if llm_lower::gpu::test_device(&Default::default()).is_some() {
-        let gpu = Backend::Gpu(Default::default());
-        assert_eq!(greedy_ids(&gpu, &loaded, 60), reference);
-    }
     for dir in [zeroed, llama, biased] {
         std::fs::remove_dir_all(&dir).ok();
     }
