@@ -67,10 +67,18 @@ pub(crate) fn vocab(g: &GgufFile) -> Result<Option<Box<dyn TextCodec>>, String> 
     }
 }
 
+/// Whether prompts begin with BOS: unless `tokenizer.ggml.add_bos_token` is false.
+fn adds_bos(g: &GgufFile) -> bool {
+    !matches!(
+        g.meta("tokenizer.ggml.add_bos_token"),
+        Some(Meta::Bool(false))
+    )
+}
+
 /// The SentencePiece vocabulary (`tokenizer.ggml.tokens` and `.scores`), with `▁` read as
 /// a space as llama2.c's `tokenizer.bin` stores it, and the file's BOS and EOS (llama2.c's
-/// 1 and 2 where it names none): prompts begin with BOS, and generation ends at either
-/// (run.c ends it at BOS) or at one of `more_stops`.
+/// 1 and 2 where it names none): prompts begin with BOS (unless [`adds_bos`] says no),
+/// and generation ends at either (run.c ends it at BOS) or at one of `more_stops`.
 fn sentencepiece(
     g: &GgufFile,
     tokens: Vec<String>,
@@ -108,11 +116,14 @@ fn sentencepiece(
             stops.push(t);
         }
     }
-    Ok(Some(Box::new(
-        Tokenizer::from_vocab(pieces, scores)
-            .with_bos_eos(bos, eos.unwrap_or(EOS))
-            .with_stop_tokens(stops),
-    )))
+    let tokenizer = Tokenizer::from_vocab(pieces, scores)
+        .with_bos_eos(bos, eos.unwrap_or(EOS))
+        .with_stop_tokens(stops);
+    Ok(Some(Box::new(if adds_bos(g) {
+        tokenizer
+    } else {
+        tokenizer.without_leading_bos()
+    })))
 }
 
 /// The byte-level BPE vocabulary: the tokens, `tokenizer.ggml.merges` (`"a b"` each, in
@@ -156,12 +167,11 @@ fn byte_level_bpe(
     // A vocabulary whose prompts take no BOS (Qwen2's) still ends generations at it.
     let (bos, eos) = ends;
     let mut stops = more_stops.to_vec();
-    let ends = match g.meta("tokenizer.ggml.add_bos_token") {
-        Some(Meta::Bool(false)) => {
-            stops.extend(bos);
-            (None, eos)
-        }
-        _ => ends,
+    let ends = if adds_bos(g) {
+        ends
+    } else {
+        stops.extend(bos);
+        (None, eos)
     };
     let special: Vec<u32> = match g.meta("tokenizer.ggml.token_type") {
         Some(Meta::Array(types)) => types
@@ -318,6 +328,25 @@ mod tests {
             ])
         };
         assert!(vocab(&model("llama")).expect("reads").is_some());
+        // A SentencePiece vocabulary may take prompts without BOS, which still stops.
+        let mut no_bos = model("llama");
+        no_bos.metadata.extend([
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                strings(&["<unk>", "<s>", "</s>", "a"]),
+            ),
+            (
+                "tokenizer.ggml.add_bos_token".to_string(),
+                Meta::Bool(false),
+            ),
+        ]);
+        no_bos.metadata.remove(1);
+        let tok = vocab(&no_bos).expect("reads").expect("a vocabulary");
+        assert_eq!(tok.encode("a", true, false), vec![3]);
+        assert!(tok.stop_tokens().contains(&1));
+        no_bos.metadata.pop();
+        let tok = vocab(&no_bos).expect("reads").expect("a vocabulary");
+        assert_eq!(tok.encode("a", true, false), vec![1, 3]);
         let err = vocab(&model("bert")).err().expect("refused");
         assert!(
             err.contains("tokenizer.ggml.model is Str(\"bert\")"),

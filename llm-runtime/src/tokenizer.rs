@@ -26,6 +26,9 @@ pub struct Tokenizer {
     /// The beginning- and end-of-sequence tokens.
     bos: u32,
     eos: u32,
+    /// Whether an encoding asked for BOS begins with it (a GGUF vocabulary's
+    /// `tokenizer.ggml.add_bos_token` may say no).
+    leading_bos: bool,
 }
 
 impl Tokenizer {
@@ -82,6 +85,7 @@ impl Tokenizer {
             stops: vec![BOS],
             bos: BOS,
             eos: EOS,
+            leading_bos: true,
         }
     }
 
@@ -97,6 +101,15 @@ impl Tokenizer {
         Tokenizer { bos, eos, ..self }
     }
 
+    /// The tokenizer whose encodings never begin with BOS (which still ends generations
+    /// where it is a stop token), for a vocabulary whose model takes prompts without it.
+    pub fn without_leading_bos(self) -> Tokenizer {
+        Tokenizer {
+            leading_bos: false,
+            ..self
+        }
+    }
+
     /// Number of tokens.
     pub fn vocab(&self) -> usize {
         self.pieces.len()
@@ -106,10 +119,11 @@ impl Tokenizer {
         self.lookup.get(bytes).copied()
     }
 
-    /// Encodes `text` as run.c does, with a leading BOS when `bos` and a trailing EOS when `eos`.
+    /// Encodes `text` as run.c does, with a leading BOS when `bos` (and the tokenizer has
+    /// one: [`Tokenizer::without_leading_bos`]) and a trailing EOS when `eos`.
     pub fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
         let mut tokens = Vec::new();
-        if bos {
+        if bos && self.leading_bos {
             tokens.push(self.bos);
         }
         if !text.is_empty()
