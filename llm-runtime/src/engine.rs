@@ -2,10 +2,12 @@
 //!
 //! An application creates an [`Engine`] over a compiled [`Model`], adds requests (prompt
 //! token ids and sampling parameters), and calls [`Engine::step`] until it has no work; each
-//! step reports the tokens it produced. A step first admits waiting requests while the KV
-//! pool has blocks and the step's token budget allows, prefilling each one (reusing the KV
-//! of cached prompt prefixes), then runs one decode call for every running sequence, one
-//! token each. When the pool runs out during decode, the most recently admitted sequence
+//! step reports the tokens it produced. A step first spends its prompt-token budget:
+//! on the prompt an earlier step left half prefilled, then on admitting waiting requests
+//! while the KV pool has their blocks, prefilling each (reusing the KV of cached prompt
+//! prefixes) in chunks of what the budget has left, so that no step runs more than the
+//! budget of prompt tokens however long a prompt is; then it runs one decode call for
+//! every running sequence, one token each. When the pool runs out during decode, the most recently admitted sequence
 //! is preempted: its blocks are freed and it is recomputed later from its tokens.
 //!
 //! Every sequence follows llama2.c's `run.c` loop: `steps` counts positions including the
@@ -29,7 +31,8 @@ use crate::{
 pub struct EngineConfig {
     /// Blocks in the KV pool (of [`BLOCK_SIZE`] positions).
     pub num_blocks: usize,
-    /// Most prompt tokens prefilled in one step (one request is always admitted if none runs).
+    /// Most prompt tokens prefilled in one step (at least one): a longer prompt is
+    /// prefilled in chunks over several steps, while the running sequences decode.
     pub max_step_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
@@ -91,6 +94,13 @@ struct Request {
     token_times: Vec<Instant>,
 }
 
+impl Request {
+    /// The prompt positions the request prefills (a prompt longer than `steps` is cut).
+    fn prompt_positions(&self) -> usize {
+        self.tokens.len().min(self.params.steps.max(1))
+    }
+}
+
 /// Counters of an engine's life.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStats {
@@ -102,6 +112,8 @@ pub struct EngineStats {
     pub cached_prompt_tokens: usize,
     /// Prompt positions prefilled.
     pub prefilled_tokens: usize,
+    /// `@prefill` calls (a prompt longer than a step's budget takes several).
+    pub prefill_calls: usize,
     /// Most blocks in use at once.
     pub peak_blocks: usize,
     /// Positions held when the most blocks were in use.
@@ -115,6 +127,8 @@ pub struct Engine<'m> {
     blocks: BlockManager,
     cache: Option<KvCache>,
     waiting: VecDeque<Request>,
+    /// The admitted request whose prompt is partly prefilled (at most one).
+    prefilling: Option<Request>,
     running: Vec<Request>,
     next_id: SeqId,
     admissions: u64,
@@ -135,6 +149,7 @@ impl<'m> Engine<'m> {
             config,
             cache: Some(cache),
             waiting: VecDeque::new(),
+            prefilling: None,
             running: Vec::new(),
             next_id: 0,
             admissions: 0,
@@ -161,18 +176,20 @@ impl<'m> Engine<'m> {
         id
     }
 
-    /// Cancels request `id` (waiting or running); returns whether it existed.
+    /// Cancels request `id` (waiting, prefilling or running); returns whether it
+    /// existed.
     pub fn cancel(&mut self, id: SeqId) -> bool {
         let before = self.waiting.len() + self.running.len();
         self.waiting.retain(|r| r.id != id);
         self.running.retain(|r| r.id != id);
+        let prefilling = self.prefilling.take_if(|r| r.id == id).is_some();
         self.blocks.finish(id);
-        before != self.waiting.len() + self.running.len()
+        prefilling || before != self.waiting.len() + self.running.len()
     }
 
-    /// Whether any request is waiting or running.
+    /// Whether any request is waiting, prefilling or running.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || self.prefilling.is_some() || !self.running.is_empty()
     }
 
     /// The engine's counters.
@@ -227,17 +244,22 @@ impl<'m> Engine<'m> {
         }
     }
 
+    /// Spends the step's prompt-token budget: first on the request whose prefill an
+    /// earlier step left unfinished, then on admitting waiting requests, each prefilled
+    /// in chunks of what the budget has left ([`Engine::prefill_chunk`]).
     fn admit_and_prefill(&mut self, events: &mut Vec<Event>) -> Result<(), RunError> {
-        let mut budget = self.config.max_step_tokens;
-        while self.running.len() < self.config.max_running {
+        let mut budget = self.config.max_step_tokens.max(1);
+        if let Some(req) = self.prefilling.take() {
+            budget = self.prefill_chunk(req, budget, events)?;
+        }
+        while self.prefilling.is_none()
+            && budget > 0
+            && self.running.len() < self.config.max_running
+        {
             let Some(req) = self.waiting.front() else {
                 break;
             };
-            // The prompt positions this request runs (a prompt longer than `steps` is cut).
-            let take = req.tokens.len().min(req.params.steps.max(1));
-            if take > budget && !self.running.is_empty() {
-                break;
-            }
+            let take = req.prompt_positions();
             let mut req = self.waiting.pop_front().expect("non-empty queue");
             let cached = match self.blocks.admit(req.id, &req.tokens[..take]) {
                 Ok(c) => c,
@@ -254,36 +276,56 @@ impl<'m> Engine<'m> {
                     break;
                 }
             };
-            budget = budget.saturating_sub(take - cached);
             self.stats.cached_prompt_tokens += cached;
-            self.stats.prefilled_tokens += take - cached;
             self.admissions += 1;
             req.admitted = self.admissions;
-            let table = self.table(req.id);
-            let positions: Vec<i64> = (cached..take).map(|p| p as i64).collect();
-            let slots = positions
-                .iter()
-                .map(|&p| {
-                    table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as i64 + p % BLOCK_SIZE as i64
-                })
-                .collect();
-            let batch = Batch {
-                tokens: req.tokens[cached..take].to_vec(),
-                positions,
-                slots,
-                tables: vec![table],
-                context_lens: vec![take as i64],
-            };
-            let cache = self.cache.take().ok_or("the KV cache is missing")?;
-            let (rows, cache) = self.model.run(Step::Prefill, &batch, cache)?;
-            self.cache = Some(cache);
-            req.computed = take;
-            let last = rows.last().ok_or("prefill returned no logits")?;
-            if self.produce(&mut req, last, events) {
-                self.running.push(req);
-            }
+            req.computed = cached;
+            budget = self.prefill_chunk(req, budget, events)?;
         }
         Ok(())
+    }
+
+    /// Prefills the next prompt positions of admitted request `req`, as many as `budget`
+    /// allows (at least one), in one `@prefill` call over the positions before them in
+    /// the cache; returns the budget left. A request whose prompt is done produces its
+    /// first token and runs; another waits in `prefilling` for the next step.
+    fn prefill_chunk(
+        &mut self,
+        mut req: Request,
+        budget: usize,
+        events: &mut Vec<Event>,
+    ) -> Result<usize, RunError> {
+        let take = req.prompt_positions();
+        let end = take.min(req.computed + budget.max(1));
+        let table = self.table(req.id);
+        let positions: Vec<i64> = (req.computed..end).map(|p| p as i64).collect();
+        let slots = positions
+            .iter()
+            .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as i64 + p % BLOCK_SIZE as i64)
+            .collect();
+        let batch = Batch {
+            tokens: req.tokens[req.computed..end].to_vec(),
+            positions,
+            slots,
+            tables: vec![table],
+            context_lens: vec![end as i64],
+        };
+        let cache = self.cache.take().ok_or("the KV cache is missing")?;
+        let (rows, cache) = self.model.run(Step::Prefill, &batch, cache)?;
+        self.cache = Some(cache);
+        self.stats.prefill_calls += 1;
+        self.stats.prefilled_tokens += end - req.computed;
+        let left = budget.saturating_sub(end - req.computed);
+        req.computed = end;
+        if end < take {
+            self.prefilling = Some(req);
+            return Ok(left);
+        }
+        let last = rows.last().ok_or("prefill returned no logits")?;
+        if self.produce(&mut req, last, events) {
+            self.running.push(req);
+        }
+        Ok(left)
     }
 
     /// Samples `req`'s next token from `logits`; returns whether the request goes on.

@@ -135,6 +135,40 @@ fn batched_equals_single_with(model: &Model, tok: &Tokenizer, n: usize) {
     assert_eq!(stats.preemptions, 0);
 }
 
+/// A step prefills at most `max_step_tokens` prompt positions: with a budget of 3, the
+/// prompts go through `@prefill` in chunks over several steps while the others decode,
+/// and every sequence still gives its single-sequence output.
+#[test]
+fn long_prompts_are_prefilled_in_chunks() {
+    let cpu = Backend::Cpu { threads: 2 };
+    for backend in [Backend::Interp, cpu] {
+        let (model, tok) = model_on(&backend);
+        let prompts = prompts(6);
+        let prompt_tokens: usize = prompts
+            .iter()
+            .map(|p| tok.encode(p, true, false).len())
+            .sum();
+        let config = EngineConfig {
+            max_step_tokens: 3,
+            ..EngineConfig::default()
+        };
+        let (served, stats) = run_engine(&model, &tok, &prompts, 40, config);
+        for (p, ids) in prompts.iter().zip(&served) {
+            assert_eq!(
+                ids,
+                &model.generate(&tok, p, 40, GREEDY).expect("single").ids,
+                "{p:?}"
+            );
+        }
+        assert_eq!(stats.prefilled_tokens, prompt_tokens);
+        assert!(
+            stats.prefill_calls >= prompt_tokens.div_ceil(3),
+            "{} calls for {prompt_tokens} prompt tokens",
+            stats.prefill_calls
+        );
+    }
+}
+
 /// Under a sliding window the engine releases the blocks that slid out of every later
 /// query's window, and `Model::generate` writes its positions into a ring of blocks: the
 /// two mechanisms give each sequence the same tokens. Three sequences of up to 200
