@@ -322,6 +322,25 @@ impl BlockManager {
         }
     }
 
+    /// Ends `seq`, whose keys and values are written for its first `computed` positions
+    /// only (a prompt cancelled half prefilled): its blocks past them leave the prefix
+    /// cache before they are released, since their content is not what their keys say.
+    pub fn abort(&mut self, seq: SeqId, computed: usize) {
+        let Some(s) = self.seqs.get(&seq) else {
+            return;
+        };
+        for &id in &s.table[(computed / self.block_size).max(s.released)..] {
+            let block = &mut self.blocks[id as usize];
+            // Blocks shared with another sequence were computed by it.
+            if block.refs == 1
+                && let Some(key) = block.key.take()
+            {
+                self.cache.remove(&key);
+            }
+        }
+        self.finish(seq);
+    }
+
     /// Releases the blocks of `seq` that hold only positions before `position` (those a
     /// sliding window no longer reads: for a window `W` and `len` positions held, every
     /// later query sees positions from `len + 1 - W` on). Full cached blocks stay

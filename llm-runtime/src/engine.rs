@@ -182,8 +182,13 @@ impl<'m> Engine<'m> {
         let before = self.waiting.len() + self.running.len();
         self.waiting.retain(|r| r.id != id);
         self.running.retain(|r| r.id != id);
-        let prefilling = self.prefilling.take_if(|r| r.id == id).is_some();
-        self.blocks.finish(id);
+        let prefilling = self.prefilling.take_if(|r| r.id == id);
+        match &prefilling {
+            // Its later prompt blocks are registered but not written.
+            Some(req) => self.blocks.abort(id, req.computed),
+            None => self.blocks.finish(id),
+        }
+        let prefilling = prefilling.is_some();
         prefilling || before != self.waiting.len() + self.running.len()
     }
 

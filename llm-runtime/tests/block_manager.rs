@@ -325,3 +325,19 @@ fn window_releases_stop_at_the_block_of_the_position() {
     m.check().expect("invariants");
     assert_eq!(m.used(), 0);
 }
+
+/// A sequence aborted after writing only part of its prompt leaves only the blocks it
+/// wrote in the prefix cache: a later sequence with the same prompt reuses those alone.
+#[test]
+fn aborted_prompts_cache_only_their_written_blocks() {
+    let mut m = BlockManager::new(8, 4);
+    let prompt: Vec<u32> = (0..13).collect();
+    m.admit(1, &prompt).expect("room");
+    m.abort(1, 6);
+    m.check().expect("invariants");
+    assert_eq!(m.admit(2, &prompt), Ok(4), "block 0 alone was written");
+    m.finish(2);
+    // Finished normally, every full block it wrote is reused.
+    assert_eq!(m.admit(3, &prompt), Ok(12));
+    m.check().expect("invariants");
+}

@@ -169,6 +169,46 @@ fn long_prompts_are_prefilled_in_chunks() {
     }
 }
 
+/// A prompt cancelled half prefilled leaves only the blocks it wrote in the prefix
+/// cache: the same prompt again reuses its first, fully written block (16 positions),
+/// not the second, of which 4 positions were written, and gives its single-sequence
+/// tokens.
+#[test]
+fn a_cancelled_prefill_caches_only_what_it_wrote() {
+    let (model, tok) = model_on(&Backend::Cpu { threads: 2 });
+    let prompt = "Once upon a time, there was a little girl named Lily. She loved to play \
+        outside in the sun with her friends and her dog.";
+    let ids = tok.encode(prompt, true, false);
+    assert!(ids.len() > 32, "{} tokens", ids.len());
+    let config = EngineConfig {
+        max_step_tokens: 20,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(&model, config);
+    let first = engine.add_request(ids.clone(), params(64));
+    engine.step().expect("step");
+    assert!(engine.cancel(first));
+    assert!(!engine.has_work());
+    let second = engine.add_request(ids.clone(), params(64));
+    let mut out = ids;
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { id, token, .. } = event {
+                assert_eq!(id, second);
+                out.push(token);
+            }
+        }
+    }
+    assert_eq!(engine.stats().cached_prompt_tokens, 16);
+    assert_eq!(
+        out,
+        model
+            .generate(&tok, prompt, 64, GREEDY)
+            .expect("single")
+            .ids
+    );
+}
+
 /// Under a sliding window the engine releases the blocks that slid out of every later
 /// query's window, and `Model::generate` writes its positions into a ring of blocks: the
 /// two mechanisms give each sequence the same tokens. Three sequences of up to 200
