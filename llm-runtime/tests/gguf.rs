@@ -1,14 +1,12 @@
 //! GGUF import: the real files load, malformed copies are rejected with errors that name
 //! the key or tensor, and mutated files never make the loader panic.
 
-use std::{
-    panic::{AssertUnwindSafe, catch_unwind},
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::path::{Path, PathBuf};
 
 use llm_ir::{dtype::DType, interp::Value};
-use llm_runtime::{gguf, llama2c, sampler::XorShift};
+use llm_runtime::{gguf, llama2c};
 
 fn shared(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -166,42 +164,12 @@ fn malformed_files_name_what_is_wrong() {
 
 #[test]
 fn mutated_files_never_panic() {
-    let seconds: u64 = std::env::var("LLMC_FUZZ_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
     let originals = [
         std::fs::read(shared("stories260K.gguf")).expect("file"),
         std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file"),
     ];
-    let mut rng = XorShift::new(0x6767);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut runs = 0;
-    while Instant::now() < deadline {
-        let base = &originals[runs % 2];
-        let mut data = base.clone();
-        // Mutations concentrate on the header, where the structure lives.
-        let header = data.len().min(1 << 16);
-        for _ in 0..1 + rng.next_u64() % 8 {
-            let at = (rng.next_u64() as usize) % header;
-            match rng.next_u64() % 4 {
-                0 => data[at] = rng.next_u64() as u8,
-                1 => data[at] ^= 0x80,
-                2 => data.truncate(at.max(1)),
-                _ => data[at] = 0xFF,
-            }
-            if data.len() <= at {
-                break;
-            }
-        }
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let _ = gguf::read(&data);
-        }));
-        assert!(
-            result.is_ok(),
-            "gguf::read panicked on a mutated file (run {runs})"
-        );
-        runs += 1;
-    }
+    let runs = common::mutated_copies_never_panic(&originals, 0x6767, |data| {
+        let _ = gguf::read(data);
+    });
     assert!(runs > 0);
 }

@@ -2,6 +2,8 @@
 //! `tokenizer.json` itself (stories260K's weights, with q/k permuted to Hugging Face's
 //! half-split RoPE layout) and checks the model generates llama2.c's golden output.
 
+mod common;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -666,6 +668,14 @@ fn write_gguf(
     metadata: &[(impl AsRef<str>, Meta)],
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) {
+    std::fs::write(path, gguf_bytes(metadata, tensors)).expect("gguf");
+}
+
+/// The bytes of [`write_gguf`]'s file.
+fn gguf_bytes(
+    metadata: &[(impl AsRef<str>, Meta)],
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Vec<u8> {
     fn string(out: &mut Vec<u8>, s: &str) {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
@@ -751,7 +761,7 @@ fn write_gguf(
         out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
         out.resize(out.len().next_multiple_of(32), 0);
     }
-    std::fs::write(path, out).expect("gguf");
+    out
 }
 
 /// A Qwen2 GGUF file (`general.architecture = qwen2`, its keys, `attn_{q,k,v}.bias`)
@@ -796,6 +806,40 @@ fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
     );
     std::fs::remove_file(&path).ok();
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// GGUF files of every family the loader reads (Qwen2's biases, Qwen3's head width and
+/// norms, Phi-3's fused projections and window, Gemma's norms), mutated, never make the
+/// loader panic: an error names what is wrong, or the mutation was harmless.
+#[test]
+fn mutated_family_gguf_files_never_panic() {
+    let mut qwen2 = hf_tensors();
+    qwen2.extend(qwen2_biases());
+    let originals = [
+        gguf_bytes(&gguf_metadata("qwen2", Vec::new()), &qwen2),
+        gguf_bytes(
+            &gguf_metadata(
+                "qwen3",
+                vec![("qwen3.attention.key_length", Meta::Uint(16))],
+            ),
+            &qwen3_tensors(1.0, true),
+        ),
+        gguf_bytes(
+            &gguf_metadata(
+                "phi3",
+                vec![("phi3.attention.sliding_window", Meta::Uint(8))],
+            ),
+            &phi3_tensors(),
+        ),
+        gguf_bytes(&gguf_metadata("gemma", Vec::new()), &hf_tensors()),
+    ];
+    for original in &originals {
+        llm_runtime::gguf::read(original).expect("the unmutated file loads");
+    }
+    let runs = common::mutated_copies_never_panic(&originals, 0x9999, |data| {
+        let _ = llm_runtime::gguf::read(data);
+    });
+    assert!(runs > 0);
 }
 
 /// Qwen2's q, k and v biases: zero biases change nothing, random ones change the text,

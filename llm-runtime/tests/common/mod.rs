@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests of model files: the fuzz loop that mutates a
+//! file's bytes and checks that reading them never panics.
+
+use std::{
+    panic::{AssertUnwindSafe, catch_unwind},
+    time::{Duration, Instant},
+};
+
+use llm_runtime::sampler::XorShift;
+
+/// Seconds a fuzz test runs: `LLMC_FUZZ_SECONDS`, or 5.
+fn fuzz_seconds() -> u64 {
+    std::env::var("LLMC_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+
+/// Mutates copies of `originals` in turn for the fuzz time (one to eight changes each,
+/// concentrated on the first 64 KiB, where a file's structure lives: a random byte, a
+/// flipped top bit, a truncation, an `0xFF`), and checks that `read` returns, an error or
+/// not, without panicking; returns the number of runs.
+pub fn mutated_copies_never_panic(originals: &[Vec<u8>], seed: u64, read: impl Fn(&[u8])) -> usize {
+    let mut rng = XorShift::new(seed);
+    let deadline = Instant::now() + Duration::from_secs(fuzz_seconds());
+    let mut runs = 0;
+    while Instant::now() < deadline {
+        let mut data = originals[runs % originals.len()].clone();
+        let header = data.len().min(1 << 16);
+        for _ in 0..1 + rng.next_u64() % 8 {
+            let at = (rng.next_u64() as usize) % header;
+            match rng.next_u64() % 4 {
+                0 => data[at] = rng.next_u64() as u8,
+                1 => data[at] ^= 0x80,
+                2 => data.truncate(at.max(1)),
+                _ => data[at] = 0xFF,
+            }
+            if data.len() <= at {
+                break;
+            }
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| read(&data)));
+        assert!(
+            result.is_ok(),
+            "reading a mutated file panicked (run {runs})"
+        );
+        runs += 1;
+    }
+    runs
+}
