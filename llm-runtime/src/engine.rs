@@ -7,8 +7,9 @@
 //! while the KV pool has their blocks, prefilling each (reusing the KV of cached prompt
 //! prefixes) in chunks of what the budget has left, so that no step runs more than the
 //! budget of prompt tokens however long a prompt is; then it runs one decode call for
-//! every running sequence, one token each. When the pool runs out during decode, the most recently admitted sequence
-//! is preempted: its blocks are freed and it is recomputed later from its tokens.
+//! every running sequence, one token each. When the pool runs out during decode, the most
+//! recently admitted sequence is preempted: its blocks are freed and it is recomputed
+//! later from its tokens.
 //!
 //! Every sequence follows llama2.c's `run.c` loop: `steps` counts positions including the
 //! prompt, and producing BOS ends the sequence. Rows of a batch never interact, so each
@@ -188,8 +189,7 @@ impl<'m> Engine<'m> {
             Some(req) => self.blocks.abort(id, req.computed),
             None => self.blocks.finish(id),
         }
-        let prefilling = prefilling.is_some();
-        prefilling || before != self.waiting.len() + self.running.len()
+        prefilling.is_some() || before != self.waiting.len() + self.running.len()
     }
 
     /// Whether any request is waiting, prefilling or running.

@@ -623,7 +623,7 @@ impl Model {
                         n + w - 1
                     ));
                 }
-                let blocks = cache.blocks.max(1) as i64;
+                let blocks = cache.blocks as i64;
                 let slots = positions.iter().map(|&p| p % ring as i64).collect();
                 let table = (0..end.div_ceil(BLOCK_SIZE) as i64)
                     .map(|i| i % blocks)

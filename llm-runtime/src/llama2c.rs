@@ -17,7 +17,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{Activation, AttentionBias, ModelConfig},
+    model::ModelConfig,
     weights::{LoadError, Weights},
 };
 
@@ -90,25 +90,16 @@ pub fn parse_with(
     let tied = vocab > 0;
     let vocab = vocab.abs();
     let config = ModelConfig {
-        dim: dim as usize,
-        hidden_dim: hidden as usize,
-        layers: layers as usize,
-        heads: heads as usize,
-        kv_heads: kv_heads as usize,
-        vocab: vocab as usize,
-        seq_len: seq_len as usize,
-        rope_theta: 10000.0,
-        norm_eps: 1e-5,
         tied_classifier: tied,
-        rope_half: false,
-        rope_scaling: 1.0,
-        rope_freq_factors: false,
-        sliding_window: None,
-        attention_bias: AttentionBias::default(),
-        explicit_head_dim: None,
-        qk_norm: false,
-        activation: Activation::Silu,
-        scale_embeddings: false,
+        ..ModelConfig::llama2c(
+            dim as usize,
+            hidden as usize,
+            layers as usize,
+            heads as usize,
+            kv_heads as usize,
+            vocab as usize,
+            seq_len as usize,
+        )
     };
     config.validate()?;
     let (head_dim, kv_dim) = (config.head_dim() as i64, config.kv_dim() as i64);

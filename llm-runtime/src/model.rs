@@ -18,7 +18,8 @@
 //! ([`AttentionBias`]), Qwen3-style ones normalize each head's queries and keys
 //! ([`ModelConfig::qk_norm`]) and may have heads of their own width
 //! ([`ModelConfig::explicit_head_dim`]), and Gemma-style ones gate with GELU
-//! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]). Weights are referenced by name with `llm.weight`.
+//! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]).
+//! Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: f16/bf16 matrices are cast to f32 and quantized ones are
 //! dequantized where a matmul reads them (the `fuse` pass turns `matmul(x, dequantize(w))`
@@ -116,6 +117,41 @@ pub struct AttentionBias {
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 impl ModelConfig {
+    /// llama2.c's model of these sizes: interleaved RoPE with base 10000, unscaled, RMSNorm
+    /// epsilon `1e-5`, SwiGLU, the classifier tied to the embedding, and none of the other
+    /// families' settings (window, biases, head width, norms, embedding scale).
+    pub fn llama2c(
+        dim: usize,
+        hidden_dim: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        vocab: usize,
+        seq_len: usize,
+    ) -> ModelConfig {
+        ModelConfig {
+            dim,
+            hidden_dim,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+            seq_len,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            tied_classifier: true,
+            rope_half: false,
+            rope_scaling: 1.0,
+            rope_freq_factors: false,
+            sliding_window: None,
+            attention_bias: AttentionBias::default(),
+            explicit_head_dim: None,
+            qk_norm: false,
+            activation: Activation::Silu,
+            scale_embeddings: false,
+        }
+    }
+
     /// Elements per head.
     pub fn head_dim(&self) -> usize {
         self.explicit_head_dim
@@ -217,24 +253,21 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
             (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
-    }
-    for l in 0..c.layers {
-        let p = format!("layers.{l}.attention.");
         if c.qk_norm {
             out.extend([
-                (format!("{p}q_norm.weight"), vec![c.head_dim()]),
-                (format!("{p}k_norm.weight"), vec![c.head_dim()]),
+                (format!("{p}attention.q_norm.weight"), vec![c.head_dim()]),
+                (format!("{p}attention.k_norm.weight"), vec![c.head_dim()]),
             ]);
         }
         if c.attention_bias.qkv {
             out.extend([
-                (format!("{p}wq.bias"), vec![qd]),
-                (format!("{p}wk.bias"), vec![kvd]),
-                (format!("{p}wv.bias"), vec![kvd]),
+                (format!("{p}attention.wq.bias"), vec![qd]),
+                (format!("{p}attention.wk.bias"), vec![kvd]),
+                (format!("{p}attention.wv.bias"), vec![kvd]),
             ]);
         }
         if c.attention_bias.output {
-            out.push((format!("{p}wo.bias"), vec![d]));
+            out.push((format!("{p}attention.wo.bias"), vec![d]));
         }
     }
     out.push(("norm.weight".to_string(), vec![d]));

@@ -3,34 +3,11 @@
 
 use std::{io::Write, path::Path};
 
-use crate::{
-    model::{Activation, AttentionBias, ModelConfig},
-    sampler::XorShift,
-};
+use crate::{model::ModelConfig, sampler::XorShift};
 
 /// A named model shape.
 pub fn shape(name: &str) -> Option<ModelConfig> {
-    let c = |dim, hidden_dim, layers, heads, kv_heads, vocab, seq_len| ModelConfig {
-        dim,
-        hidden_dim,
-        layers,
-        heads,
-        kv_heads,
-        vocab,
-        seq_len,
-        rope_theta: 10000.0,
-        norm_eps: 1e-5,
-        tied_classifier: true,
-        rope_half: false,
-        rope_scaling: 1.0,
-        rope_freq_factors: false,
-        sliding_window: None,
-        attention_bias: AttentionBias::default(),
-        explicit_head_dim: None,
-        qk_norm: false,
-        activation: Activation::Silu,
-        scale_embeddings: false,
-    };
+    let c = ModelConfig::llama2c;
     match name {
         "260K" => Some(c(64, 172, 5, 8, 4, 512, 512)),
         "15M" => Some(c(288, 768, 6, 6, 6, 32000, 256)),
