@@ -2,19 +2,29 @@
 //! must be the reference's: the quantizers (a quantized KV cache stores what the host
 //! would, and a K-quant's scale search compares errors that differ in their last bits).
 //!
-//! Two freedoms of a GPU's shader compiler break that, and neither shows on lavapipe (an
-//! LLVM CPU backend, whose arithmetic is IEEE 754's): it may contract `a * b + c` into
-//! one fused multiply-add, which rounds once instead of twice, and its division and square
-//! root need not be correctly rounded (Vulkan allows 2.5 and 3 ulps; an NVIDIA H100's
-//! gave a q4_k cache other codes than the host's). [`EXACT`] keeps a product apart;
+//! Three freedoms of a GPU's shader compiler break that, and none shows on lavapipe (an
+//! LLVM CPU backend, whose arithmetic is IEEE 754's), all on an NVIDIA H100: it may
+//! contract `a * b + c` into one fused multiply-add, which rounds once instead of twice;
+//! it may reorder operations and turn a strict comparison into `min` or `max` (a scale
+//! search's candidates one ulp apart came out the other way, and the minimum of `+0` and
+//! `-0` became `-0`); and its division and square root need not be correctly rounded
+//! (Vulkan allows 2.5 and 3 ulps: a q4_k cache got other codes than the host's).
+//! [`EXACT`] keeps every intermediate apart and the comparisons strict;
 //! [`CORRECTLY_ROUNDED`] divides and takes roots in integer arithmetic. (A correction of
 //! the device's quotient by its remainder would need a fused `fma`, and lavapipe's is not.)
 
 /// `exact(v)`: `v` through an opaque bit operation (`p.zero` is 0 at run time, a parameter
 /// the shader must have), so that no compiler fuses the product `v` into the addition that
-/// follows: every product is rounded on its own, as the reference rounds it.
+/// follows or reassociates the operations around it: every product and sum that feeds
+/// another is rounded on its own, in the reference's order (`a * b * c` is written
+/// `exact(exact(a * b) * c)`). And `lower(m, v)` and `higher(m, v)`, the reference's strict
+/// comparisons (`if (v < m) m = v;`): the first of equal values (`+0`, `-0`) stays, where a
+/// compiler that turned the comparison into `min` or `max` would pick either zero.
 pub(super) const EXACT: &str =
-    "fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) | p.zero); }\n";
+    "fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) | p.zero); }
+fn lower(m: f32, v: f32) -> f32 { return select(m, exact(v), v < m); }
+fn higher(m: f32, v: f32) -> f32 { return select(m, exact(v), v > m); }
+";
 
 /// `div_rn(a, b)` and `sqrt_rn(x)`: `a / b` and `sqrt(x)` rounded to nearest, ties to even,
 /// as IEEE 754 (and so the host) computes them: the significands' quotient by long

@@ -716,8 +716,9 @@ impl Shader {
             Shader::Cast { .. } => &["len", "step"],
             // `zero` is 0: the K-quant searches keep their products apart through it.
             Shader::Quantize { .. } => &["blocks", "zero"],
-            Shader::GroupScales(_) => &["groups"],
-            Shader::GroupCodes(_) => &["words"],
+            // `zero` as for a quantization (the other pass has no use for it).
+            Shader::GroupScales(_) => &["groups", "zero"],
+            Shader::GroupCodes(_) => &["words", "zero"],
             // `zero` as for a quantization.
             Shader::KvAppend { .. } => &["tokens", "zero"],
             Shader::KvGather { .. } => &["len", "block"],
@@ -1882,7 +1883,7 @@ fn block_codec(format: WeightFormat) -> Option<(usize, usize, &'static str, Stri
 /// reference does ([`group_range`], `code_of`) and writes it back decoded (`decoded`).
 fn kv_append_groups(row: usize, format: WeightFormat) -> String {
     let mut s = format!(
-        "{ROUND_F16}{ROUND_BF16}{F16_BITS}{CORRECTLY_ROUNDED}const ROW: u32 = {row}u;\nconst GROUP: u32 = {}u;\n",
+        "{ROUND_F16}{ROUND_BF16}{F16_BITS}{EXACT}{CORRECTLY_ROUNDED}const ROW: u32 = {row}u;\nconst GROUP: u32 = {}u;\n",
         values_per_group(format)
     );
     s.push_str(&group_coder(format));
@@ -2029,8 +2030,8 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     // The reference's strict comparisons: the first of equal values (+0, -0) stays.
     for (var i = 0u; i < 32u; i = i + 1u) {
         let v = x[at + i];
-        if (v < lo) { lo = v; }
-        if (v > hi) { hi = v; }
+        lo = lower(lo, v);
+        hi = higher(hi, v);
     }
     let d = div_rn(hi - lo, 15.0);
     let id = select(0.0, div_rn(1.0, d), d != 0.0);
@@ -2039,8 +2040,8 @@ fn block_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     put(o + 2u, f16_bits(lo));
     put(o + 3u, f16_bits(lo) >> 8u);
     for (var i = 0u; i < 16u; i = i + 1u) {
-        let a = u32(clamp(i32(exact((x[at + i] - lo) * id) + 0.5), 0, 15));
-        let b = u32(clamp(i32(exact((x[at + i + 16u] - lo) * id) + 0.5), 0, 15));
+        let a = u32(clamp(i32(exact(exact(x[at + i] - lo) * id) + 0.5), 0, 15));
+        let b = u32(clamp(i32(exact(exact(x[at + i + 16u] - lo) * id) + 0.5), 0, 15));
         put(o + 4u + i, a | (b << 4u));
     }
 ",
@@ -2071,23 +2072,26 @@ var<private> aux: array<u32, 32>;
 fn nearest_int(v: f32) -> i32 {
     return (bitcast<i32>(exact(v) + 12582912.0) & 0x007fffff) - 0x00400000;
 }
-fn weighted_error(d: f32, mad: bool) -> f32 { return select(d * d, abs(d), mad); }
+// The error d of value v weighted by av + |v|: squared, or absolute when mad.
+fn weighted_error(av: f32, v: f32, d: f32, mad: bool) -> f32 {
+    return exact(exact(av + abs(v)) * exact(select(d * d, abs(d), mad)));
+}
 // make_qkx2_quants over the n values at xin[at] (weights av + |x|): codes[base..], and
 // (scale, -min).
 fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: f32, nstep: i32, mad: bool) -> vec2<f32> {
     var mn = xin[at];
     var mx = xin[at];
-    var sum_w = av + abs(xin[at]);
+    var sum_w = exact(av + abs(xin[at]));
     var sum_x = exact(sum_w * xin[at]);
     for (var i = 1u; i < n; i = i + 1u) {
         let v = xin[at + i];
-        if (v < mn) { mn = v; }
-        if (v > mx) { mx = v; }
-        let w = av + abs(v);
+        mn = lower(mn, v);
+        mx = higher(mx, v);
+        let w = exact(av + abs(v));
         sum_w = sum_w + w;
         sum_x = sum_x + exact(w * v);
     }
-    if (mn > 0.0) { mn = 0.0; }
+    if (mn > 0.0) { mn = exact(0.0); }
     if (mx == mn) {
         for (var i = 0u; i < n; i = i + 1u) { codes[base + i] = 0u; }
         return vec2<f32>(0.0, -mn);
@@ -2097,38 +2101,38 @@ fn make_qkx2(at: u32, base: u32, n: u32, av: f32, nmax: i32, rmin: f32, rdelta: 
     var best = 0.0;
     for (var i = 0u; i < n; i = i + 1u) {
         let v = xin[at + i];
-        let l = clamp(nearest_int(iscale * (v - mn)), 0, nmax);
+        let l = clamp(nearest_int(iscale * exact(v - mn)), 0, nmax);
         codes[base + i] = u32(l);
-        best = best + exact((av + abs(v)) * weighted_error(exact(scale * f32(l)) + mn - v, mad));
+        best = best + weighted_error(av, v, exact(exact(scale * f32(l)) + mn) - v, mad);
     }
     for (var is = 0; is <= nstep; is = is + 1) {
-        iscale = div_rn(rmin + exact(rdelta * f32(is)) + f32(nmax), mx - mn);
+        iscale = div_rn(exact(rmin + exact(rdelta * f32(is))) + f32(nmax), mx - mn);
         var sl = 0.0;
         var sl2 = 0.0;
         var sxl = 0.0;
         for (var i = 0u; i < n; i = i + 1u) {
             let v = xin[at + i];
-            let l = clamp(nearest_int(iscale * (v - mn)), 0, nmax);
+            let l = clamp(nearest_int(iscale * exact(v - mn)), 0, nmax);
             aux[i] = u32(l);
-            let w = av + abs(v);
-            let lf = f32(l);
-            sl = sl + exact(w * lf);
-            sl2 = sl2 + exact(w * lf * lf);
-            sxl = sxl + exact(w * lf * v);
+            let w = exact(av + abs(v));
+            let wl = exact(w * f32(l));
+            sl = sl + wl;
+            sl2 = sl2 + exact(wl * f32(l));
+            sxl = sxl + exact(wl * v);
         }
         let det = exact(sum_w * sl2) - exact(sl * sl);
         if (det > 0.0) {
             var this_scale = div_rn(exact(sum_w * sxl) - exact(sum_x * sl), det);
             var this_min = div_rn(exact(sl2 * sum_x) - exact(sl * sxl), det);
             if (this_min > 0.0) {
-                this_min = 0.0;
+                this_min = exact(0.0);
                 this_scale = div_rn(sxl, sl2);
             }
             var cur = 0.0;
             for (var i = 0u; i < n; i = i + 1u) {
                 let v = xin[at + i];
-                let d = exact(this_scale * f32(aux[i])) + this_min - v;
-                cur = cur + exact((av + abs(v)) * weighted_error(d, mad));
+                let d = exact(exact(this_scale * f32(aux[i])) + this_min) - v;
+                cur = cur + weighted_error(av, v, d, mad);
             }
             if (cur < best) {
                 for (var i = 0u; i < n; i = i + 1u) { codes[base + i] = aux[i]; }
@@ -2157,8 +2161,8 @@ fn qkx2_sub_blocks(n: u32, nmax: i32, rmin: f32, nstep: i32, mad: bool, rms_weig
         let r = make_qkx2(n * j, n * j, n, av, nmax, rmin, 0.1, nstep, mad);
         sub_scales[j] = r.x;
         sub_mins[j] = r.y;
-        if (r.x > top.x) { top.x = r.x; }
-        if (r.y > top.y) { top.y = r.y; }
+        top.x = higher(top.x, r.x);
+        top.y = higher(top.y, r.y);
     }
     return top;
 }
@@ -2170,9 +2174,9 @@ fn qx_sums(at: u32, iscale: f32) -> vec2<f32> {
     for (var i = 0u; i < 16u; i = i + 1u) {
         let v = xin[at + i];
         let l = f32(qx_code(iscale, v));
-        let w = v * v;
-        lx = lx + exact(w * v * l);
-        l2 = l2 + exact(w * l * l);
+        let w = exact(v * v);
+        lx = lx + exact(exact(w * v) * l);
+        l2 = l2 + exact(exact(w * l) * l);
     }
     return vec2<f32>(lx, l2);
 }
@@ -2539,7 +2543,7 @@ impl GroupQuantize {
         let (k, group) = (self.k, self.group());
         let along_rows = matches!(self.format, WeightFormat::Affine { axis: 0, .. });
         let mut s = format!(
-            "{ROUND_F16}{ROUND_BF16}{F16_BITS}{CORRECTLY_ROUNDED}const N: u32 = {}u;\nconst K: u32 = {k}u;\nconst GROUP: u32 = {group}u;\n",
+            "{ROUND_F16}{ROUND_BF16}{F16_BITS}{EXACT}{CORRECTLY_ROUNDED}const N: u32 = {}u;\nconst K: u32 = {k}u;\nconst GROUP: u32 = {group}u;\n",
             self.len(),
         );
         if along_rows {
@@ -2674,8 +2678,8 @@ fn group_range(format: WeightFormat, member: &str) -> String {
     var hi = -lo;
     for (var i = 0u; i < GROUP; i = i + 1u) {{
         let v = {member};
-        if (v < lo) {{ lo = v; }}
-        if (v > hi) {{ hi = v; }}
+        lo = lower(lo, v);
+        hi = higher(hi, v);
     }}
 "
     );
