@@ -139,9 +139,10 @@ fn the_110m_shape_runs_under_webgpu_limits() {
     }
 }
 
-/// An f16 model (llama-2-tiny-random.gguf) runs entirely on the GPU; its weights, cast to
-/// `f32` at load, are exactly `f16`, so a device with `shader-f16` stores them as `f16`:
-/// the logits equal those of the `f32` fallback and agree with the CPU backend's.
+/// An f16 model (llama-2-tiny-random.gguf) runs entirely on the GPU; its matrices, kept in
+/// the `f16` storage format, are read as WGSL `f16` where the device has `shader-f16` (and
+/// decoded from the same bytes with integer operations elsewhere): the logits equal those
+/// of the fallback and agree with the CPU backend's.
 #[test]
 fn exactly_f16_weights_are_stored_as_f16() {
     if gpu::test_device(&GpuOptions::default()).is_none() {

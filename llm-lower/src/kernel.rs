@@ -39,6 +39,12 @@ pub enum WeightFormat {
     /// `f16`, row major: the GPU backend stores an `f32` weight this way when every value
     /// is exactly an `f16` (a converted f16 model) and the device has `shader-f16`.
     F16,
+    /// The bits of `f16` values, row major, two to a 32-bit word: an `llm.quantized_tensor`
+    /// of format `f16` (a GGUF F16 or Hugging Face float16 matrix kept at 16 bits), widened
+    /// as it is read.
+    PackedF16,
+    /// The bits of `bf16` values, as [`WeightFormat::PackedF16`] (format `bf16`).
+    PackedBF16,
     /// `f32` stored `[k, n]` (a matmul without `transpose_rhs`): no kernel reads it as is;
     /// a constant one is transposed into panels at compile time.
     F32KN,
@@ -92,6 +98,8 @@ impl WeightFormat {
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
+            QuantFormat::F16 => WeightFormat::PackedF16,
+            QuantFormat::BF16 => WeightFormat::PackedBF16,
             QuantFormat::Nf4 { block_size, scale } => WeightFormat::Nf4 {
                 block: u32::try_from(*block_size).ok()?,
                 scale: *scale,
@@ -117,7 +125,7 @@ impl WeightFormat {
     pub fn block(self) -> Option<usize> {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Some(1),
-            WeightFormat::F16 => Some(1),
+            WeightFormat::F16 | WeightFormat::PackedF16 | WeightFormat::PackedBF16 => Some(1),
             WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => Some(32),
             WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
@@ -128,7 +136,7 @@ impl WeightFormat {
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => 4 * k,
-            WeightFormat::F16 => 2 * k,
+            WeightFormat::F16 | WeightFormat::PackedF16 | WeightFormat::PackedBF16 => 2 * k,
             WeightFormat::Q8_0 => k / 32 * 34,
             WeightFormat::Q4_0 => k / 32 * 18,
             WeightFormat::Q4_1 => k / 32 * 20,
@@ -153,6 +161,8 @@ impl WeightFormat {
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
+            WeightFormat::PackedF16 => QuantFormat::F16,
+            WeightFormat::PackedBF16 => QuantFormat::BF16,
             WeightFormat::Nf4 { block, scale } => QuantFormat::Nf4 {
                 block_size: u64::from(block),
                 scale,
@@ -180,6 +190,8 @@ impl WeightFormat {
             WeightFormat::F32Panels => "f32panels",
             WeightFormat::F32KN => "f32kn",
             WeightFormat::F16 => "f16",
+            WeightFormat::PackedF16 => "packed_f16",
+            WeightFormat::PackedBF16 => "packed_bf16",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4_1 => "q4_1",

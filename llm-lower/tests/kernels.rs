@@ -470,6 +470,9 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
             },
             "int8 {group_size = 1, symmetric = false, axis = 0, scale = f16}".into(),
         ),
+        // Rows of lengths that leave every tail of the 16-bit kernels (32, 8, 4 and 1).
+        12 => (37 * blocks, QuantFormat::F16, "f16".into()),
+        13 => (45 * blocks, QuantFormat::BF16, "bf16".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -484,8 +487,57 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
     }
 }
 
+/// 16-bit weights widen exactly on every backend, infinities, subnormals and signed zeros
+/// included: f16 and bf16 bits dequantized, and (the finite ones) multiplied by one-hot x.
+#[test]
+fn sixteen_bit_weights_widen_exactly() {
+    let f16_bits: [u16; 8] = [
+        0x7c00, 0xfc00, 0x0001, 0x8001, 0x03ff, 0x7bff, 0x8000, 0x3555,
+    ];
+    let bf16_bits: [u16; 8] = [
+        0x7f80, 0xff80, 0x0001, 0x8001, 0x007f, 0x7f7f, 0x8000, 0x3eab,
+    ];
+    for (format, text, bits) in [
+        (QuantFormat::F16, "f16", f16_bits),
+        (QuantFormat::BF16, "bf16", bf16_bits),
+    ] {
+        // Rows of the values, then the same reversed.
+        let matrix = |values: &[u16]| {
+            let mut bytes: Vec<u8> = values.iter().flat_map(|b| b.to_le_bytes()).collect();
+            bytes.extend(values.iter().rev().flat_map(|b| b.to_le_bytes()));
+            let shape = vec![2, values.len()];
+            Value::Quantized(QTensor {
+                shape,
+                format: format.clone(),
+                bytes,
+            })
+        };
+        let ir = func(
+            &[("w".into(), format!("llm.quantized_tensor <2x8, {text}>"))],
+            &ty(&[2, 8]),
+            &format!("y = llm.dequantize w : {};", ty(&[2, 8])),
+        );
+        agree(&ir, vec![matrix(&bits)], 0.0).unwrap();
+        let finite = matrix(&bits[2..]);
+        let ir = func(
+            &[
+                ("x".into(), ty(&[1, 6])),
+                ("w".into(), format!("llm.quantized_tensor <2x6, {text}>")),
+            ],
+            &ty(&[1, 2]),
+            &format!("y = llm.quantized_matmul x, w : {};", ty(&[1, 2])),
+        );
+        for hot in 0..6 {
+            let mut x = vec![0f32; 6];
+            x[hot] = 1.0;
+            let x = Value::Tensor(Tensor::from_f32(vec![1, 6], DType::F32, x));
+            agree(&ir, vec![x, finite.clone()], 0.0).unwrap();
+        }
+    }
+}
+
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 13;
+const FORMAT_CASES: usize = 15;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]

@@ -5,7 +5,10 @@
 //! backends are measured against; it produces the same tokens as the reference run, with
 //! logits that differ only by the summation order.
 
-use llm_ir::interp::{Value, WeightStore};
+use llm_ir::{
+    interp::{Value, WeightStore, quant},
+    types::QuantFormat,
+};
 
 use crate::{
     model::{Activation, AttentionBias, ModelConfig},
@@ -100,6 +103,10 @@ pub struct Baseline {
 fn f32_weight(w: &Weights, name: &str) -> Result<Vec<f32>, String> {
     match w.weight(name).as_deref() {
         Some(Value::Tensor(t)) => Ok(t.floats()?.to_vec()),
+        // A 16-bit matrix, kept at 16 bits by its loader: widened here.
+        Some(Value::Quantized(q)) if matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) => {
+            Ok(quant::dequantize(&q.format, &q.shape, &q.bytes))
+        }
         _ => Err(format!("the baseline needs f32 weight `{name}`")),
     }
 }

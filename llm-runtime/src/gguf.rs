@@ -7,8 +7,10 @@
 //! file gives an error naming the key or tensor, never a panic or a huge allocation.
 //!
 //! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
-//! becomes `layers.N.attention.wq.weight`, ...). F32, F16 and BF16 tensors keep their element type;
-//! Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay quantized with their exact bytes. The
+//! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
+//! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
+//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay
+//! quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -16,7 +18,7 @@ use std::path::Path;
 
 use llm_ir::{
     dtype::DType,
-    interp::{QTensor, Tensor, Value, quant},
+    interp::{QTensor, Value, quant},
     types::QuantFormat,
 };
 
@@ -26,7 +28,7 @@ use crate::{
         split_fused_weights, uneven_head_dim,
     },
     tokenizer::TextCodec,
-    weights::{LoadError, Weights, builder_name, floats_le},
+    weights::{LoadError, Weights, builder_name, stored_floats},
 };
 
 /// A metadata value.
@@ -305,7 +307,7 @@ impl GgufFile {
         })?;
         let data = &bytes[start as usize..end as usize];
         Ok(match kind {
-            Storage::Float(d) => Value::Tensor(Tensor::from_f32(shape, d, floats_le(d, data))),
+            Storage::Float(d) => stored_floats(shape, d, data),
             Storage::Quant(format) => Value::Quantized(QTensor {
                 shape,
                 format,

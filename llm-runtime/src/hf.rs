@@ -3,8 +3,9 @@
 //! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
-//! from here use `layout = half`. Safetensors files are memory-mapped; F32, F16 and BF16
-//! tensors keep their element type.
+//! from here use `layout = half`. Safetensors files are memory-mapped; F32 tensors are read
+//! as floats, F16 and BF16 matrices keep their 16 bits ([`stored_floats`]: half the memory
+//! of `f32`, widened as the kernels read them).
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +23,7 @@ use crate::{
     },
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
-    weights::{LoadError, Weights, builder_name, floats_le},
+    weights::{LoadError, Weights, builder_name, stored_floats},
 };
 
 /// The builder's name for a Hugging Face Llama tensor name.
@@ -369,8 +370,7 @@ fn read_safetensors(path: &Path, weights: &mut Weights, bias: AttentionBias) -> 
             Dtype::BF16 => DType::BF16,
             other => return Err(format!("tensor `{name}` has unsupported dtype {other:?}")),
         };
-        let value = Tensor::from_f32(shape, dtype, floats_le(dtype, data));
-        weights.insert(ours, Value::Tensor(value));
+        weights.insert(ours, stored_floats(shape, dtype, data));
     }
     Ok(())
 }

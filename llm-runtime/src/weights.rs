@@ -1,6 +1,6 @@
 //! Named weights of a model, and the error type of every model-file loader.
 
-use std::{collections::HashMap, rc::Rc};
+use std::{borrow::Cow, collections::HashMap, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
@@ -63,6 +63,26 @@ pub fn floats_le(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
+/// The value of a tensor of `shape` whose elements are the little-endian `dtype`s in
+/// `data`: a matrix of 16-bit floats (f16 or bf16) stays 16-bit, an
+/// `llm.quantized_tensor` of that format that the model multiplies as it multiplies the
+/// quantized ones (half the memory of `f32`); vectors and `f32` tensors are float tensors.
+pub fn stored_floats(shape: Vec<usize>, dtype: DType, data: &[u8]) -> Value {
+    let format = match dtype {
+        DType::F16 => Some(QuantFormat::F16),
+        DType::BF16 => Some(QuantFormat::BF16),
+        _ => None,
+    };
+    match format {
+        Some(format) if shape.len() == 2 => Value::Quantized(QTensor {
+            shape,
+            format,
+            bytes: data.to_vec(),
+        }),
+        _ => Value::Tensor(Tensor::from_f32(shape, dtype, floats_le(dtype, data))),
+    }
+}
+
 /// Named weights held in memory.
 #[derive(Debug, Default, Clone)]
 pub struct Weights {
@@ -84,7 +104,7 @@ impl Weights {
         }
     }
 
-    /// Quantizes every `f32` matrix whose rows split into `format`'s blocks (the
+    /// Quantizes every `f32` or 16-bit matrix whose rows split into `format`'s blocks (the
     /// projections, the feed-forward matrices and the embedding/classifier table) to
     /// `format`, as a model file stored in that format would hold them; returns how many
     /// were converted. Norm weights (vectors) stay `f32`.
@@ -92,20 +112,24 @@ impl Weights {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
         for value in self.tensors.values_mut() {
-            let Value::Tensor(t) = &**value else {
-                continue;
+            let (shape, values) = match &**value {
+                Value::Tensor(t) if t.dtype == DType::F32 => match t.floats() {
+                    Ok(values) => (t.shape.clone(), Cow::Borrowed(values)),
+                    Err(_) => continue,
+                },
+                Value::Quantized(q) if matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) => {
+                    let values = quant::dequantize(&q.format, &q.shape, &q.bytes);
+                    (q.shape.clone(), Cow::Owned(values))
+                }
+                _ => continue,
             };
-            let dims: Vec<Option<u64>> = t.shape.iter().map(|&d| Some(d as u64)).collect();
-            if t.shape.len() != 2 || t.dtype != DType::F32 || format.validate_shape(&dims).is_err()
-            {
+            let dims: Vec<Option<u64>> = shape.iter().map(|&d| Some(d as u64)).collect();
+            if shape.len() != 2 || format.validate_shape(&dims).is_err() {
                 continue;
             }
-            let Ok(values) = t.floats() else {
-                continue;
-            };
-            let bytes = quantize_rows(format, [t.shape[0], t.shape[1]], values, threads);
+            let bytes = quantize_rows(format, [shape[0], shape[1]], &values, threads);
             *value = Rc::new(Value::Quantized(QTensor {
-                shape: t.shape.clone(),
+                shape,
                 format: format.clone(),
                 bytes,
             }));

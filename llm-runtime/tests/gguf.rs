@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use llm_ir::{dtype::DType, interp::Value};
+use llm_ir::{dtype::DType, interp::Value, types::QuantFormat};
 use llm_runtime::{gguf, llama2c};
 
 fn shared(file: &str) -> PathBuf {
@@ -55,8 +55,22 @@ fn the_tiny_random_model_loads_with_f16_weights_and_its_vocabulary() {
         (8, 1, 2, 32000)
     );
     use llm_ir::interp::WeightStore;
+    // Matrices keep their 16 bits (2 bytes a weight); the file stores its norms as F32.
     match g.weights.weight("layers.0.attention.wq.weight").as_deref() {
-        Some(Value::Tensor(t)) => assert_eq!(t.dtype, DType::F16),
+        Some(Value::Quantized(q)) => {
+            assert_eq!(
+                (q.format.clone(), q.bytes.len()),
+                (QuantFormat::F16, 2 * 8 * 8)
+            )
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match g
+        .weights
+        .weight("layers.0.attention_norm.weight")
+        .as_deref()
+    {
+        Some(Value::Tensor(t)) => assert_eq!((t.dtype, t.shape.as_slice()), (DType::F32, &[8][..])),
         other => panic!("unexpected {other:?}"),
     }
     let tok = g.tokenizer.expect("embedded vocabulary");

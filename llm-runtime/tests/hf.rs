@@ -12,6 +12,7 @@ use std::{
 use llm_ir::{
     dtype::DType,
     interp::{Value, WeightStore},
+    types::QuantFormat,
 };
 use llm_runtime::{
     generate::{Backend, Generation, Model},
@@ -77,6 +78,17 @@ fn write_hf_dir_tensors(
     extra: &str,
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
 ) -> PathBuf {
+    write_hf_dir_stored(name, (arch, extra), tensors, Dtype::F32)
+}
+
+/// [`write_hf_dir_tensors`] with every tensor stored as `dtype` (F32, F16 or BF16, the
+/// values rounded to it).
+fn write_hf_dir_stored(
+    name: &str,
+    (arch, extra): (&str, &str),
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    dtype: Dtype,
+) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llmc-hf-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (c, _) = llama2c::load(&shared("models/stories260K.bin")).expect("model");
@@ -85,9 +97,14 @@ fn write_hf_dir_tensors(
         c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
     );
     std::fs::write(dir.join("config.json"), config).expect("config");
+    let encode = |x: &f32| match dtype {
+        Dtype::F16 => half::f16::from_f32(*x).to_le_bytes().to_vec(),
+        Dtype::BF16 => half::bf16::from_f32(*x).to_le_bytes().to_vec(),
+        _ => x.to_le_bytes().to_vec(),
+    };
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(_, _, values)| values.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(_, _, values)| values.iter().flat_map(encode).collect())
         .collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
@@ -95,7 +112,7 @@ fn write_hf_dir_tensors(
         .map(|((n, s, _), d)| {
             (
                 n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), d).expect("view"),
+                TensorView::new(dtype, s.clone(), d).expect("view"),
             )
         })
         .collect();
@@ -146,6 +163,63 @@ fn hf_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
         }
     }
     tensors
+}
+
+/// A checkpoint stored in f16 or bf16 keeps its matrices at 16 bits (half the bytes of
+/// the same values in f32) and computes what those values, widened to f32, compute: the
+/// same greedy tokens on every backend, logits within rounding of the f32 model's.
+#[test]
+fn sixteen_bit_checkpoints_stay_sixteen_bit() {
+    for (dtype, format) in [
+        (Dtype::F16, QuantFormat::F16),
+        (Dtype::BF16, QuantFormat::BF16),
+    ] {
+        let name = format!("{dtype:?}").to_lowercase();
+        let tensors = hf_tensors();
+        let narrow = write_hf_dir_stored(&name, ("LlamaForCausalLM", ""), tensors.clone(), dtype);
+        let loaded = model_file::load(&narrow).expect("loads");
+        std::fs::remove_dir_all(&narrow).ok();
+        // The same values rounded to the narrow type, stored as f32.
+        let rounded = tensors
+            .into_iter()
+            .map(|(n, shape, values)| {
+                let values = values
+                    .iter()
+                    .map(|&x| match dtype {
+                        Dtype::F16 => half::f16::from_f32(x).to_f32(),
+                        _ => half::bf16::from_f32(x).to_f32(),
+                    })
+                    .collect();
+                (n, shape, values)
+            })
+            .collect();
+        let wide = write_hf_dir_stored(
+            &format!("{name}-wide"),
+            ("LlamaForCausalLM", ""),
+            rounded,
+            Dtype::F32,
+        );
+        let widened = model_file::load(&wide).expect("loads");
+        std::fs::remove_dir_all(&wide).ok();
+        let (mut matrices, mut elems) = (0, 0);
+        for (name, shape) in llm_runtime::model::weight_shapes(&loaded.config) {
+            match loaded.weights.weight(&name).as_deref() {
+                Some(Value::Quantized(q)) if shape.len() == 2 => {
+                    assert_eq!(q.format, format, "{name}");
+                    matrices += 2 * q.shape.iter().product::<usize>();
+                }
+                Some(Value::Tensor(t)) if shape.len() == 1 => elems += 4 * t.len(),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(loaded.weights.bytes(), matrices + elems, "{dtype:?}");
+        assert_eq!(widened.weights.bytes(), 2 * matrices + elems, "{dtype:?}");
+        let narrow_run = backends_agree(&loaded, 24);
+        let wide_run = greedy(&Backend::Interp, &widened, 24);
+        assert_eq!(narrow_run.ids, wide_run.ids, "{dtype:?}");
+        let gap = largest_difference(&narrow_run.logits, &wide_run.logits);
+        assert!(gap < 1e-4, "{dtype:?}: logits {gap} apart");
+    }
 }
 
 #[test]

@@ -106,6 +106,14 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
             .chunks(256)
             .flat_map(|b| quantize_k(format, b))
             .collect(),
+        QuantFormat::F16 => values
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        QuantFormat::BF16 => values
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
         QuantFormat::Nf4 { block_size, scale } => {
             quantize_nf4(*block_size as usize, *scale, values)
         }
@@ -190,6 +198,8 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
             out.extend(qs.iter().map(|&q| d * f32::from((q & 0xF) as i8 - 8)));
             out.extend(qs.iter().map(|&q| d * f32::from((q >> 4) as i8 - 8)));
         }
+        QuantFormat::F16 => out.push(f16_at(b, 0)),
+        QuantFormat::BF16 => out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         QuantFormat::Q4_1 => {
             let (d, m) = (f16_at(b, 0), f16_at(b, 2));
             let qs = &b[4..20];

@@ -174,6 +174,9 @@ impl PagedKvCacheType {
                 "dtype must be f32, f16, bf16 or a quantization format, found {d}"
             )),
             KvStorage::Float(_) => Ok(()),
+            KvStorage::Quantized(QuantFormat::F16 | QuantFormat::BF16) => Err(
+                "a cache of 16-bit floats has the float dtype (`dtype = f16` or `bf16`), not the storage format".into(),
+            ),
             KvStorage::Quantized(q) => {
                 q.validate()?;
                 if let QuantFormat::Affine { axis, .. } = q

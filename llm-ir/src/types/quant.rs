@@ -11,6 +11,13 @@
 //! | `q4_k` | 256 | 144 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit values |
 //! | `q6_k` | 256 | 210 | 128 bytes low 4 bits, 64 bytes high 2 bits, 16 x i8 scales, f16 d |
 //! | `q2_k` | 256 | 84 | 16 bytes of 4-bit scales/mins, 64 bytes of 2-bit values, f16 d, f16 dmin |
+//! | `f16` | 1 | 2 | an IEEE half |
+//! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
+//!
+//! `f16` and `bf16` are GGUF's F16 and BF16 tensors seen as a storage format: a model's
+//! 16-bit matrices stay 16-bit in memory and meet `llm.quantized_matmul` as the block
+//! formats do, widened as they are read (`dequantize` is exact; `quantize` rounds to
+//! nearest even, as `llm.cast` does).
 //!
 //! `nf4` is the 4-bit NormalFloat format (QLoRA): blocks of `block_size` values along the last
 //! dim, each with one absmax scale of dtype `scale`. The affine formats `int2`, `int4` and `int8`
@@ -50,6 +57,10 @@ pub enum QuantFormat {
     Q6K,
     /// GGUF Q2_K.
     Q2K,
+    /// IEEE half-precision floats (GGUF F16).
+    F16,
+    /// bfloat16 floats (GGUF BF16).
+    BF16,
     /// 4-bit NormalFloat with one absmax scale per block.
     Nf4 {
         /// Values per block (even).
@@ -82,6 +93,8 @@ impl QuantFormat {
             QuantFormat::Q4K => "q4_k",
             QuantFormat::Q6K => "q6_k",
             QuantFormat::Q2K => "q2_k",
+            QuantFormat::F16 => "f16",
+            QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
             QuantFormat::Affine { bits: 2, .. } => "int2",
             QuantFormat::Affine { bits: 4, .. } => "int4",
@@ -94,6 +107,7 @@ impl QuantFormat {
         match self {
             QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => 32,
             QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => 256,
+            QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
         }
@@ -108,6 +122,7 @@ impl QuantFormat {
             QuantFormat::Q4K => Some(144),
             QuantFormat::Q6K => Some(210),
             QuantFormat::Q2K => Some(84),
+            QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
     }
@@ -200,6 +215,8 @@ impl QuantFormat {
             "q4_k" => QuantFormat::Q4K,
             "q6_k" => QuantFormat::Q6K,
             "q2_k" => QuantFormat::Q2K,
+            "f16" => QuantFormat::F16,
+            "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
                 let params = params::parse_param_block(s)?;
                 let fields = FormatFields {
@@ -228,7 +245,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -230,7 +230,9 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         WeightFormat::Q8_0
                         | WeightFormat::Q4_0
                         | WeightFormat::Q4K
-                        | WeightFormat::Q6K,
+                        | WeightFormat::Q6K
+                        | WeightFormat::PackedF16
+                        | WeightFormat::PackedBF16,
                         Some(tile),
                     ) => {
                         let k = b.ins().iconst(types::I64, c.k as i64);
@@ -243,7 +245,10 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                     }
                     // (`F32KN` never reaches code generation: `Kernel::code` has none.)
                     (WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN, _) => {
-                        vec![dot_f32(b, xrow, wblock, c.k)]
+                        vec![dot_elems(b, None, xrow, wblock, c.k)]
+                    }
+                    (WeightFormat::PackedF16 | WeightFormat::PackedBF16, _) => {
+                        vec![dot_elems(b, Some(c.weight), xrow, wblock, c.k)]
                     }
                     _ => vec![dequant::dot_row(b, c, xrow, w, j, wblock)],
                 };
@@ -507,9 +512,25 @@ fn sum_pair(b: &mut FunctionBuilder, a: Variable, c: Variable) -> Value {
     horizontal_sum(b, both)
 }
 
-/// Dot product of one row of x with one row-major f32 row of w (length `k`): four `f32x4`
-/// accumulators over chunks of 16, then 4-wide steps and a scalar tail.
-fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
+/// Dot product of one row of x with one row-major row of w (length `k`): `f32` weights, or
+/// with `half` the 16-bit floats of that format (`PackedF16`, `PackedBF16`), widened as
+/// they load ([`dequant::half_lanes`]): four `f32x4` accumulators over chunks of 16, then
+/// 4-wide steps and a scalar tail.
+fn dot_elems(
+    b: &mut FunctionBuilder,
+    half: Option<WeightFormat>,
+    x: Value,
+    w: Value,
+    k: usize,
+) -> Value {
+    let bytes = if half.is_some() { 2 } else { 4 };
+    let load4 = |b: &mut FunctionBuilder, at: Value, offset: i32| match half {
+        Some(format) => {
+            let h = b.ins().uload16x4(mem(), at, offset * bytes);
+            dequant::half_lanes(b, format, h)
+        }
+        None => b.ins().load(types::F32X4, mem(), at, offset * bytes),
+    };
     let acc = zeroed_accumulators(b, 4);
     let k16 = k - k % 16;
     if k16 > 0 {
@@ -517,10 +538,10 @@ fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
         let end = b.ins().iconst(types::I64, k16 as i64);
         for_range(b, zero, end, 16, |b, p| {
             let xp = address(b, x, p, 4);
-            let wp = address(b, w, p, 4);
+            let wp = address(b, w, p, i64::from(bytes));
             for (a, &v) in acc.iter().enumerate() {
                 let xv = b.ins().load(types::F32X4, mem(), xp, 16 * a as i32);
-                let wv = b.ins().load(types::F32X4, mem(), wp, 16 * a as i32);
+                let wv = load4(b, wp, 4 * a as i32);
                 accumulate(b, v, wv, xv);
             }
         });
@@ -528,7 +549,7 @@ fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
     let mut q = k16;
     while k - q >= 4 {
         let xv = b.ins().load(types::F32X4, mem(), x, 4 * q as i32);
-        let wv = b.ins().load(types::F32X4, mem(), w, 4 * q as i32);
+        let wv = load4(b, w, q as i32);
         accumulate(b, acc[(q - k16) / 4], wv, xv);
         q += 4;
     }
@@ -537,7 +558,10 @@ fn dot_f32(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
     let mut s = b.ins().fadd(lo, hi);
     for q in q..k {
         let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
-        let ws = b.ins().load(types::F32, mem(), w, 4 * q as i32);
+        let ws = match half {
+            Some(format) => dequant::half_scalar(b, format, w, 2 * q as i32),
+            None => b.ins().load(types::F32, mem(), w, 4 * q as i32),
+        };
         s = b.ins().fma(ws, xs, s);
     }
     s

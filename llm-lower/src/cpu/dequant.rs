@@ -11,6 +11,8 @@
 //! super-blocks of q4_k/q6_k/q2_k); the whole-matrix formats (nf4, affine integers) have a
 //! run per scale group, decoded 32 values at a time with a scalar tail, or (affine groups
 //! along the output rows) a scale and zero point per column, decoded lane by lane.
+//! The 16-bit float formats (`PackedF16`, `PackedBF16`) have no runs: their values widen
+//! four at a time ([`half_lanes`]) and meet x as `f32` weights do (`codegen::dot_elems`).
 
 use cranelift_codegen::ir::{
     ConstantData, Endianness, InstBuilder, MemFlagsData, Value, condcodes::IntCC, types,
@@ -38,6 +40,7 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Q4K
         | WeightFormat::Q6K
         | WeightFormat::Q2K => true,
+        WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
     }
@@ -153,6 +156,9 @@ pub fn emit_dequantize(
         match weight {
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => {
                 decode_whole(b, weight, [rows, k], Purpose::Store, [w, j, row], out_row);
+            }
+            WeightFormat::PackedF16 | WeightFormat::PackedBF16 => {
+                store_half_row(b, weight, row, out_row, k)
             }
             format => {
                 let stride = 4 * format.block().expect("a block format") as i64;
@@ -978,6 +984,68 @@ fn f16_lanes(b: &mut FunctionBuilder, h: Value) -> Value {
     let bits = b.ins().bitcast(types::I32X4, MemFlagsData::new(), value);
     let bits = b.ins().bor(bits, sign);
     b.ins().bitcast(types::F32X4, MemFlagsData::new(), bits)
+}
+
+/// Stores the `k` 16-bit floats of the `format` row at `row` as `f32` at `out`.
+fn store_half_row(b: &mut FunctionBuilder, format: WeightFormat, row: Value, out: Value, k: usize) {
+    let fours = (k / 4) as i64;
+    if fours > 0 {
+        let zero = b.ins().iconst(types::I64, 0);
+        let end = b.ins().iconst(types::I64, fours);
+        for_range(b, zero, end, 1, |b, q| {
+            let from = address(b, row, q, 8);
+            let h = b.ins().uload16x4(mem(), from, 0);
+            let v = half_lanes(b, format, h);
+            let to = address(b, out, q, 16);
+            b.ins().store(mem(), v, to, 0);
+        });
+    }
+    for e in k - k % 4..k {
+        let v = half_scalar(b, format, row, 2 * e as i32);
+        b.ins().store(mem(), v, out, 4 * e as i32);
+    }
+}
+
+/// The `f32` values of four 16-bit floats of `format` (`PackedF16`: every f16, infinities
+/// and NaNs included; `PackedBF16`: the top halves of f32s) held in the lanes of an `i32x4`.
+pub fn half_lanes(b: &mut FunctionBuilder, format: WeightFormat, h: Value) -> Value {
+    let flags = MemFlagsData::new();
+    let splat_i32 = |b: &mut FunctionBuilder, c: i64| {
+        let c = b.ins().iconst(types::I32, c);
+        b.ins().splat(types::I32X4, c)
+    };
+    let sixteen = b.ins().iconst(types::I32, 16);
+    if format == WeightFormat::PackedBF16 {
+        let bits = b.ins().ishl(h, sixteen);
+        return b.ins().bitcast(types::F32X4, flags, bits);
+    }
+    let finite = f16_lanes(b, h);
+    // Exponent 31: infinity or NaN, whose f32 keeps the sign and the mantissa.
+    let exponent_mask = splat_i32(b, 0x7c00);
+    let exponent = b.ins().band(h, exponent_mask);
+    let special = b.ins().icmp(IntCC::Equal, exponent, exponent_mask);
+    let mantissa_mask = splat_i32(b, 0x3ff);
+    let mantissa = b.ins().band(h, mantissa_mask);
+    let thirteen = b.ins().iconst(types::I32, 13);
+    let mantissa = b.ins().ishl(mantissa, thirteen);
+    let sign_mask = splat_i32(b, 0x8000);
+    let sign = b.ins().band(h, sign_mask);
+    let sign = b.ins().ishl(sign, sixteen);
+    let top = splat_i32(b, 0x7f80_0000);
+    let inf_nan = b.ins().bor(mantissa, top);
+    let inf_nan = b.ins().bor(inf_nan, sign);
+    let finite = b.ins().bitcast(types::I32X4, flags, finite);
+    let bits = b.ins().bitselect(special, inf_nan, finite);
+    b.ins().bitcast(types::F32X4, flags, bits)
+}
+
+/// The `f32` value of the 16-bit float of `format` at `at + offset` ([`half_lanes`] on
+/// one value).
+pub fn half_scalar(b: &mut FunctionBuilder, format: WeightFormat, at: Value, offset: i32) -> Value {
+    let h = b.ins().uload16(types::I32, mem(), at, offset);
+    let lanes = b.ins().splat(types::I32X4, h);
+    let v = half_lanes(b, format, lanes);
+    b.ins().extractlane(v, 0)
 }
 
 /// Eight 16-bit integers widened to two `f32x4`.

@@ -215,6 +215,8 @@ pub fn compile(
         (ukernel::PANEL_ROWS_FN, ukernel::panel_rows as *const u8),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
+        (ukernel::F16_ROW, ukernel::f16_row as *const u8),
+        (ukernel::BF16_ROW, ukernel::bf16_row as *const u8),
         (q8dot::Q8_0_BY_Q8_0_ROWS, q8dot_rows[0]),
         (q8dot::Q4_0_BY_Q8_0_ROWS, q8dot_rows[1]),
         (q8dot::Q8_0_BY_Q8_0_PANELS, q8dot_panels[0]),
@@ -249,6 +251,8 @@ pub fn compile(
     let panel_rows = import(ukernel::PANEL_ROWS_FN, 6)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
+    let f16_row = import(ukernel::F16_ROW, 4)?;
+    let bf16_row = import(ukernel::BF16_ROW, 4)?;
     let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 8)?;
     let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 8)?;
     let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 8)?;
@@ -295,6 +299,8 @@ pub fn compile(
                 }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
+                WeightFormat::PackedF16 => tiles.quant_row = bring(f16_row),
+                WeightFormat::PackedBF16 => tiles.quant_row = bring(bf16_row),
                 WeightFormat::Q4K => tiles.quant_row = bring(q4_k_row),
                 WeightFormat::Q6K => tiles.quant_row = bring(q6_k_row),
                 _ => {}

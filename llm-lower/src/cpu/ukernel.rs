@@ -240,6 +240,81 @@ pub(super) fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
     (l[0] + l[1]) + (l[2] + l[3])
 }
 
+/// The symbol generated code imports [`f16_row`] under.
+pub const F16_ROW: &str = "llmc_f16_row";
+
+/// The symbol generated code imports [`bf16_row`] under.
+pub const BF16_ROW: &str = "llmc_bf16_row";
+
+/// `*y = dot(x, w)` for one row `w` of `k` f16 weights (`PackedF16`), widened 8 at a time
+/// by F16C's `vcvtph2ps` (exact for every f16).
+///
+/// # Safety
+///
+/// `x` points to `k` floats, `w` to `2 * k` bytes, `y` to a writable float, and the CPU
+/// has AVX2, FMA and F16C ([`available`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { half_row_avx2::<false>(k as usize, x, w, y) }
+}
+
+/// `*y = dot(x, w)` for one row `w` of `k` bf16 weights (`PackedBF16`), each the top half
+/// of its f32.
+///
+/// # Safety
+///
+/// As [`f16_row`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn bf16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { half_row_avx2::<true>(k as usize, x, w, y) }
+}
+
+/// The dot product of x with a row of 16-bit floats (bf16 when `BRAIN`, else f16): four
+/// accumulators over chunks of 32 values, then chunks of 8, then one value at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_row_avx2<const BRAIN: bool>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the contract: x holds k floats, w 2k bytes, y one float.
+    unsafe {
+        let load8 = |at: usize| {
+            let h = _mm_loadu_si128(w.add(2 * at).cast());
+            if BRAIN {
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            } else {
+                _mm256_cvtph_ps(h)
+            }
+        };
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let k32 = k - k % 32;
+        for at in (0..k32).step_by(32) {
+            for (a, sum) in acc.iter_mut().enumerate() {
+                let i = at + 8 * a;
+                *sum = _mm256_fmadd_ps(load8(i), _mm256_loadu_ps(x.add(i)), *sum);
+            }
+        }
+        let mut at = k32;
+        while k - at >= 8 {
+            acc[0] = _mm256_fmadd_ps(load8(at), _mm256_loadu_ps(x.add(at)), acc[0]);
+            at += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = lane_sum(sum);
+        for i in at..k {
+            let h = u16::from_le_bytes([*w.add(2 * i), *w.add(2 * i + 1)]);
+            let v = if BRAIN {
+                f32::from_bits(u32::from(h) << 16)
+            } else {
+                half::f16::from_bits(h).to_f32()
+            };
+            total = v.mul_add(*x.add(i), total);
+        }
+        *y = total;
+    }
+}
+
 /// The value of IEEE half-precision bits (normal, subnormal, zero; block scales are never
 /// infinite or NaN).
 pub(super) fn f16_to_f32(h: u16) -> f32 {

@@ -1428,6 +1428,11 @@ impl Call<'_> {
                         Elem::Narrow(DType::BF16),
                         Elem::Packed(WeightFormat::F16),
                     ],
+                    // An f16 table is read as `f16` where the device has `shader-f16`.
+                    WeightFormat::PackedF16 => vec![
+                        Elem::Packed(WeightFormat::PackedF16),
+                        Elem::Packed(WeightFormat::F16),
+                    ],
                     packed => vec![Elem::Packed(packed)],
                 };
                 if table.shape != [vocab, dim] || !stored.contains(&table.elem) {

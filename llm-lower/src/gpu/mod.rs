@@ -206,6 +206,8 @@ mod tests {
             WeightFormat::Q4K,
             WeightFormat::Q6K,
             WeightFormat::Q2K,
+            WeightFormat::PackedF16,
+            WeightFormat::PackedBF16,
         ];
         for scale in [DType::F32, DType::F16, DType::BF16] {
             formats.push(WeightFormat::Nf4 { block: 64, scale });

@@ -224,7 +224,7 @@ fn plan(selection: &mut Selection, limits: &Limits, rows: Rows) -> Vec<Vec<Shade
 }
 
 /// The constants stored as `f16`: on a device with `shader-f16`, those whose values are
-/// all exactly `f16` (f16 tables, and f32 weights converted from f16) and that are read
+/// all exactly `f16` (f16 matrices and tables, and f32 weights whose values are) and that are read
 /// only as contraction weights or gathered table rows. Their contractions switch to
 /// [`WeightFormat::F16`] (their gathers follow in `Program::compile`).
 fn f16_weights(
@@ -247,13 +247,17 @@ fn f16_weights(
                     j == weight_operand(c)
                         && matches!(
                             c.weight,
-                            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN
+                            WeightFormat::F32
+                                | WeightFormat::F32Panels
+                                | WeightFormat::F32KN
+                                | WeightFormat::PackedF16
                         ),
                     false,
                 ),
-                Some(Kernel::Move(Movement::Rows { table, .. })) => {
-                    (false, j == 0 && *table == WeightFormat::F32)
-                }
+                Some(Kernel::Move(Movement::Rows { table, .. })) => (
+                    false,
+                    j == 0 && matches!(*table, WeightFormat::F32 | WeightFormat::PackedF16),
+                ),
                 _ => (false, false),
             };
             *uses.entry(v).or_insert(true) &= weight || table;

@@ -6,6 +6,7 @@ use half::f16;
 use llm_ir::{
     dtype::DType,
     interp::{Tensor, Value},
+    types::QuantFormat,
 };
 
 use super::device::Gpu;
@@ -92,6 +93,12 @@ pub(super) fn device_bytes(
 ) -> Result<(Vec<usize>, Elem, Vec<u8>), String> {
     match value {
         Value::Tensor(t) => tensor_bytes(t, transpose, half),
+        // An f16 matrix is already the bits `WeightFormat::F16` reads.
+        Value::Quantized(q) if half && q.format == QuantFormat::F16 => Ok((
+            q.shape.clone(),
+            Elem::Packed(WeightFormat::F16),
+            q.bytes.clone(),
+        )),
         Value::Quantized(q) => {
             let format = WeightFormat::of(&q.format)
                 .ok_or_else(|| format!("{} weights have no GPU kernel", q.format.name()))?;
@@ -154,6 +161,7 @@ pub(super) fn exactly_f16(value: &Value) -> bool {
                     .all(|&x| f16::from_f32(x).to_f32().to_bits() == x.to_bits())
             })
         }
+        Value::Quantized(q) => q.format == QuantFormat::F16,
         _ => false,
     }
 }

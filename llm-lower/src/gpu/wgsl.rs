@@ -980,13 +980,15 @@ fn contraction(c: &Contraction) -> String {
     s
 }
 
-/// Byte and half-float access to a packed weight in binding `w` (an `array<u32>`). The
-/// f16 is decoded with integer operations (WGSL's `unpack2x16float` needs a capability
-/// not every device grants).
+/// Byte and half-float access to a packed weight in binding `w` (an `array<u32>`):
+/// `half_bits(o)` reads the 16 bits at an even byte `o` in one load. The f16 is decoded
+/// with integer operations (WGSL's `unpack2x16float` needs a capability not every device
+/// grants).
 fn bytes(w: &str) -> String {
     format!(
         "{HALF_VALUE}fn byte_at(o: u32) -> u32 {{ return ({w}[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }}
 fn half_at(o: u32) -> f32 {{ return half_value(byte_at(o) | (byte_at(o + 1u) << 8u)); }}
+fn half_bits(o: u32) -> u32 {{ return ({w}[o >> 2u] >> ((o & 2u) * 8u)) & 0xffffu; }}
 "
     )
 }
@@ -1053,6 +1055,17 @@ fn weight_value(c: &Contraction) -> String {
             format!(
                 "    let o = row * ROW_BYTES + (i / 32u) * {bytes}u;\n    let e = i % 32u;\n{}",
                 block_decoder(c.weight).unwrap_or_default()
+            )
+        }
+        // One 16-bit float (rows start at even bytes).
+        WeightFormat::PackedF16 | WeightFormat::PackedBF16 => {
+            let value = if c.weight == WeightFormat::PackedF16 {
+                "half_value(h)"
+            } else {
+                "bitcast<f32>(h << 16u)"
+            };
+            format!(
+                "    let o = row * ROW_BYTES + 2u * i;\n    let h = half_bits(o);\n    return {value};\n"
             )
         }
         WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => format!(
