@@ -202,3 +202,77 @@ fn affine_groups_run_along_their_axis() {
     let y = dequantize(&format, &[2, 2], &quantize(&format, &[2, 2], &x));
     assert_eq!(y, x);
 }
+
+/// `f16` and `bf16` store each value in its two bytes, rounded to nearest even, and widen
+/// exactly (infinities, subnormals and signed zeros included), in a tensor of any shape.
+#[test]
+fn sixteen_bit_formats_store_the_rounded_values() {
+    let values = [
+        1.0f32 / 3.0,
+        -0.0,
+        65504.0,
+        1e-7,
+        f32::INFINITY,
+        -2.5e38,
+        3.0,
+    ];
+    let shape = [1, values.len()];
+    for format in [QuantFormat::F16, QuantFormat::BF16] {
+        let bytes = quantize(&format, &shape, &values);
+        assert_eq!(bytes.len(), storage_bytes(&format, &shape));
+        let (expected_bytes, widened): (Vec<u8>, Vec<f32>) = match format {
+            QuantFormat::F16 => (
+                values
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                values
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_f32())
+                    .collect(),
+            ),
+            _ => (
+                values
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+                values
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect(),
+            ),
+        };
+        assert_eq!(bytes, expected_bytes, "{format}");
+        let back: Vec<u32> = dequantize(&format, &shape, &bytes)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(
+            back,
+            widened.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{format}"
+        );
+    }
+}
+
+/// A KV cache of 16-bit floats is written with the float dtype; the storage format is
+/// refused there, so that a cache type prints as it parses.
+#[test]
+fn a_cache_refuses_the_sixteen_bit_formats() {
+    use llm_ir::types::{KvCacheParams, KvStorage, PagedKvCacheType};
+    let ctx = pliron::context::Context::new();
+    for format in [QuantFormat::F16, QuantFormat::BF16] {
+        let params = KvCacheParams {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 8,
+            block_size: 16,
+            blocks: None,
+            storage: KvStorage::Quantized(format),
+            window: None,
+        };
+        let cache = PagedKvCacheType::get(&ctx, params);
+        let error = cache.deref(&ctx).validate().expect_err("refused");
+        assert!(error.contains("`dtype = f16` or `bf16`"), "{error}");
+    }
+}

@@ -742,6 +742,20 @@ proptest! {
         gpu_agrees_with(&ir, vec![ids], &store, 1e-5, usize::from(exact))?;
     }
 
+    /// 16-bit weights against up to 7 rows of x: the CPU's panel tiles of 3, 2 and 1 rows
+    /// of x by 4 weight rows, the rows left over, and every tail of k.
+    #[test]
+    fn sixteen_bit_matmuls(m in 1usize..8, n in 1usize..12, k in 1usize..80, brain in any::<bool>(), seed: u64) {
+        let (format, text) = if brain { (QuantFormat::BF16, "bf16") } else { (QuantFormat::F16, "f16") };
+        let ir = func(
+            &[("x".into(), ty(&[m, k])), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {text}>"))],
+            &ty(&[m, n]),
+            &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
+        );
+        let q = quantized(&format, [n, k], seed + 1);
+        agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], 2e-5)?;
+    }
+
     /// Every other weight format ([`format_case`]), dequantized in the contraction kernel
     /// of both backends.
     #[test]

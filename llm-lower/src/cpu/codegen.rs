@@ -79,8 +79,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
 pub struct Tiles {
     /// `panel_rows`, for every row of x against an f32 panel.
     pub panel_rows: Option<FuncRef>,
-    /// `q8_0_row`, `q4_0_row`, `q4_k_row` or `q6_k_row`, for one row against a quantized
-    /// weight row.
+    /// `q8_0_row`, `q4_0_row`, `q4_k_row`, `q6_k_row`, `f16_row` or `bf16_row`, for one row
+    /// against a quantized weight row.
     pub quant_row: Option<FuncRef>,
     /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights), `kq8dot::q4_k_by_q8_0_rows` or
     /// `kq8dot::q6_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.

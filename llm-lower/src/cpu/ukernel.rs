@@ -247,7 +247,9 @@ pub const F16_ROW: &str = "llmc_f16_row";
 pub const BF16_ROW: &str = "llmc_bf16_row";
 
 /// `*y = dot(x, w)` for one row `w` of `k` f16 weights (`PackedF16`), widened 8 at a time
-/// by F16C's `vcvtph2ps` (exact for every f16).
+/// by F16C's `vcvtph2ps` (exact for every f16): four accumulators over chunks of 32, then
+/// chunks of 8 into the first, then one value at a time. Generated code calls it for
+/// every row of x and every weight row, so batching changes no bit of a row's result.
 ///
 /// # Safety
 ///
@@ -256,11 +258,10 @@ pub const BF16_ROW: &str = "llmc_bf16_row";
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { half_row_avx2::<false>(k as usize, x, w, y) }
+    unsafe { half_row::<false>(k as usize, x, w, y) }
 }
 
-/// `*y = dot(x, w)` for one row `w` of `k` bf16 weights (`PackedBF16`), each the top half
-/// of its f32.
+/// [`f16_row`] for a row of bf16 weights (`PackedBF16`), each the top half of its f32.
 ///
 /// # Safety
 ///
@@ -268,18 +269,21 @@ pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f3
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn bf16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { half_row_avx2::<true>(k as usize, x, w, y) }
+    unsafe { half_row::<true>(k as usize, x, w, y) }
 }
 
-/// The dot product of x with a row of 16-bit floats (bf16 when `BRAIN`, else f16): four
-/// accumulators over chunks of 32 values, then chunks of 8, then one value at a time.
+/// [`f16_row`] over a row of bf16 (`BRAIN`) or f16 weights.
+///
+/// # Safety
+///
+/// As [`f16_row`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_row_avx2<const BRAIN: bool>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
+unsafe fn half_row<const BRAIN: bool>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
     use std::arch::x86_64::*;
     // SAFETY: the contract: x holds k floats, w 2k bytes, y one float.
     unsafe {
-        let load8 = |at: usize| {
+        let widen8 = |at: usize| {
             let h = _mm_loadu_si128(w.add(2 * at).cast());
             if BRAIN {
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
@@ -292,12 +296,12 @@ unsafe fn half_row_avx2<const BRAIN: bool>(k: usize, x: *const f32, w: *const u8
         for at in (0..k32).step_by(32) {
             for (a, sum) in acc.iter_mut().enumerate() {
                 let i = at + 8 * a;
-                *sum = _mm256_fmadd_ps(load8(i), _mm256_loadu_ps(x.add(i)), *sum);
+                *sum = _mm256_fmadd_ps(widen8(i), _mm256_loadu_ps(x.add(i)), *sum);
             }
         }
         let mut at = k32;
         while k - at >= 8 {
-            acc[0] = _mm256_fmadd_ps(load8(at), _mm256_loadu_ps(x.add(at)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(widen8(at), _mm256_loadu_ps(x.add(at)), acc[0]);
             at += 8;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
