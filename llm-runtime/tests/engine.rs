@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use llm_ir::dtype::DType;
+use llm_ir::{dtype::DType, types::QuantFormat};
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Model},
@@ -118,6 +118,20 @@ fn batched_sequences_equal_their_single_sequence_outputs_on_the_gpu_backend() {
     if llm_lower::gpu::test_device(&Default::default()).is_some() {
         batched_equals_single(&Backend::Gpu(Default::default()));
     }
+}
+
+/// A model whose matrices are 16-bit (the `f16` storage format) batches as an `f32` one
+/// does: the CPU backend's 16-bit row kernel computes each row of a batch alone.
+#[test]
+fn batched_sequences_with_sixteen_bit_weights_equal_their_single_sequence_outputs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let (config, mut weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
+    assert_eq!(weights.quantize_matrices(&QuantFormat::F16), 36);
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
+    let cpu = Backend::Cpu { threads: 2 };
+    let model =
+        Model::compile_with_kv(&cpu, config, weights, "default", DType::F32).expect("compiles");
+    batched_equals_single_with(&model, &tok, 32);
 }
 
 fn batched_equals_single(backend: &Backend) {
