@@ -112,14 +112,10 @@ impl Weights {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
         for value in self.tensors.values_mut() {
-            let (shape, values) = match &**value {
-                Value::Tensor(t) if t.dtype == DType::F32 => match t.floats() {
-                    Ok(values) => (t.shape.clone(), Cow::Borrowed(values)),
-                    Err(_) => continue,
-                },
+            let shape = match &**value {
+                Value::Tensor(t) if t.dtype == DType::F32 => t.shape.clone(),
                 Value::Quantized(q) if matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) => {
-                    let values = quant::dequantize(&q.format, &q.shape, &q.bytes);
-                    (q.shape.clone(), Cow::Owned(values))
+                    q.shape.clone()
                 }
                 _ => continue,
             };
@@ -127,6 +123,14 @@ impl Weights {
             if shape.len() != 2 || format.validate_shape(&dims).is_err() {
                 continue;
             }
+            let values = match &**value {
+                Value::Tensor(t) => match t.floats() {
+                    Ok(values) => Cow::Borrowed(values),
+                    Err(_) => continue,
+                },
+                Value::Quantized(q) => Cow::Owned(quant::dequantize(&q.format, &q.shape, &q.bytes)),
+                _ => continue,
+            };
             let bytes = quantize_rows(format, [shape[0], shape[1]], &values, threads);
             *value = Rc::new(Value::Quantized(QTensor {
                 shape,

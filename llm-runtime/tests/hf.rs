@@ -214,6 +214,19 @@ fn sixteen_bit_checkpoints_stay_sixteen_bit() {
         }
         assert_eq!(loaded.weights.bytes(), matrices + elems, "{dtype:?}");
         assert_eq!(widened.weights.bytes(), 2 * matrices + elems, "{dtype:?}");
+        // `--quantize` converts 16-bit matrices as it converts f32 ones: the same bytes.
+        let (mut narrow_q8, mut wide_q8) = (loaded.weights.clone(), widened.weights.clone());
+        let converted = narrow_q8.quantize_matrices(&QuantFormat::Q8_0);
+        assert_eq!(converted, wide_q8.quantize_matrices(&QuantFormat::Q8_0));
+        assert!(converted > 0);
+        for (name, _) in llm_runtime::model::weight_shapes(&loaded.config) {
+            let narrow = narrow_q8.weight(&name);
+            if let Some(Value::Quantized(q)) = narrow.as_deref()
+                && q.format == QuantFormat::Q8_0
+            {
+                assert_eq!(narrow, wide_q8.weight(&name), "{name}");
+            }
+        }
         let narrow_run = backends_agree(&loaded, 24);
         let wide_run = greedy(&Backend::Interp, &widened, 24);
         assert_eq!(narrow_run.ids, wide_run.ids, "{dtype:?}");

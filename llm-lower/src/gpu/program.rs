@@ -224,9 +224,9 @@ fn plan(selection: &mut Selection, limits: &Limits, rows: Rows) -> Vec<Vec<Shade
 }
 
 /// The constants stored as `f16`: on a device with `shader-f16`, those whose values are
-/// all exactly `f16` (f16 matrices and tables, and f32 weights whose values are) and that are read
-/// only as contraction weights or gathered table rows. Their contractions switch to
-/// [`WeightFormat::F16`] (their gathers follow in `Program::compile`).
+/// all exactly `f16` (f16 matrices and tables, and f32 weights whose values are) and that
+/// are read only as contraction weights or gathered table rows. Their contractions switch
+/// to [`WeightFormat::F16`] (their gathers follow in `Program::compile`).
 fn f16_weights(
     ctx: &Context,
     ops: &[Ptr<Operation>],
