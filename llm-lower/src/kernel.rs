@@ -36,8 +36,9 @@ pub enum WeightFormat {
     /// `F32KN`) weight into this layout when it compiles ([`pack_panels`]), so that a
     /// kernel computing [`PANEL_ROWS`] outputs at once reads one sequential stream.
     F32Panels,
-    /// `f16`, row major: the GPU backend stores an `f32` weight this way when every value
-    /// is exactly an `f16` (a converted f16 model) and the device has `shader-f16`.
+    /// `f16`, row major, read as WGSL `f16`: the GPU backend stores a weight this way when
+    /// the device has `shader-f16` and the weight is an `f16` matrix (`PackedF16`, the same
+    /// bytes) or an `f32` one whose every value is exactly an `f16`.
     F16,
     /// The bits of `f16` values, row major, two to a 32-bit word: an `llm.quantized_tensor`
     /// of format `f16` (a GGUF F16 or Hugging Face float16 matrix kept at 16 bits), widened

@@ -540,6 +540,29 @@ fn sixteen_bit_weights_widen_exactly() {
     }
 }
 
+/// `quantized_matmul(x, w)` for x of `[m, k]` and a seeded weight of `[n, k]` in `format`,
+/// on every backend against the reference.
+fn matmul_agrees(
+    format: &QuantFormat,
+    [m, n, k]: [usize; 3],
+    seed: u64,
+    tol: f32,
+) -> Result<(), TestCaseError> {
+    let ir = func(
+        &[
+            ("x".into(), ty(&[m, k])),
+            (
+                "w".into(),
+                format!("llm.quantized_tensor <{n}x{k}, {format}>"),
+            ),
+        ],
+        &ty(&[m, n]),
+        &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
+    );
+    let q = quantized(format, [n, k], seed + 1);
+    agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], tol)
+}
+
 /// How many [`format_case`]s there are.
 const FORMAT_CASES: usize = 15;
 
@@ -647,15 +670,8 @@ proptest! {
 
     #[test]
     fn quantized_matmul(m in 1usize..4, n in 1usize..20, blocks in 1usize..4, q4 in any::<bool>(), seed: u64) {
-        let k = 32 * blocks;
-        let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
-        let ir = func(
-            &[("x".into(), ty(&[m, k])), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {name}>"))],
-            &ty(&[m, n]),
-            &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
-        );
-        let q = quantized(&format, [n, k], seed + 1);
-        agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], 1e-5)?;
+        let format = if q4 { QuantFormat::Q4_0 } else { QuantFormat::Q8_0 };
+        matmul_agrees(&format, [m, n, 32 * blocks], seed, 1e-5)?;
     }
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet q8_0, q4_0, q4_k and
@@ -746,18 +762,12 @@ proptest! {
         gpu_agrees_with(&ir, vec![ids], &store, 1e-5, usize::from(exact))?;
     }
 
-    /// 16-bit weights against up to 7 rows of x: the CPU's panel tiles of 3, 2 and 1 rows
-    /// of x by 4 weight rows, the rows left over, and every tail of k.
+    /// 16-bit weights of any shape against up to 7 rows of x: every tail of the row
+    /// kernels (chunks of 32 and 8, single values).
     #[test]
     fn sixteen_bit_matmuls(m in 1usize..8, n in 1usize..12, k in 1usize..80, brain in any::<bool>(), seed: u64) {
-        let (format, text) = if brain { (QuantFormat::BF16, "bf16") } else { (QuantFormat::F16, "f16") };
-        let ir = func(
-            &[("x".into(), ty(&[m, k])), ("w".into(), format!("llm.quantized_tensor <{n}x{k}, {text}>"))],
-            &ty(&[m, n]),
-            &format!("y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
-        );
-        let q = quantized(&format, [n, k], seed + 1);
-        agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], 2e-5)?;
+        let format = if brain { QuantFormat::BF16 } else { QuantFormat::F16 };
+        matmul_agrees(&format, [m, n, k], seed, 2e-5)?;
     }
 
     /// Every other weight format ([`format_case`]), dequantized in the contraction kernel

@@ -21,9 +21,10 @@
 //! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]).
 //! Weights are referenced by name with `llm.weight`.
 //!
-//! Weights keep their stored type: f16/bf16 matrices are cast to f32 and quantized ones are
-//! dequantized where a matmul reads them (the `fuse` pass turns `matmul(x, dequantize(w))`
-//! into `quantized_matmul`); embedding tables are gathered from directly.
+//! Weights keep their stored type: quantized and 16-bit matrices (the `f16`/`bf16` storage
+//! formats) are dequantized where a matmul reads them (the `fuse` pass turns
+//! `matmul(x, dequantize(w))` into `quantized_matmul`), f16/bf16 vectors are cast to f32;
+//! embedding tables are gathered from directly.
 //!
 //! The builder writes the IR as text and parses it, so what `llm-run import` prints is
 //! exactly what runs, and every build goes through the parser and verifier.

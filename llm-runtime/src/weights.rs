@@ -340,22 +340,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let q4k = QuantFormat::Q4K;
-        let quantized = |from: usize, to: usize| {
-            quant::quantize(&q4k, &[to - from, k], &values[from * k..to * k])
-        };
-        w.insert(
-            "q",
-            Value::Quantized(QTensor {
-                shape: vec![rows, k],
-                format: q4k.clone(),
-                bytes: quantized(0, rows),
-            }),
-        );
-        w.split_rows("q", &split).expect("splits");
-        match w.weight("b").as_deref() {
-            Some(Value::Quantized(q)) => assert!(q.shape == [2, k] && q.bytes == quantized(1, 3)),
-            other => panic!("{other:?}"),
+        // Block-quantized rows, and 16-bit ones (a bf16 checkpoint's fused matrix).
+        for format in [QuantFormat::Q4K, QuantFormat::BF16] {
+            let quantized = |from: usize, to: usize| {
+                quant::quantize(&format, &[to - from, k], &values[from * k..to * k])
+            };
+            w.insert(
+                "q",
+                Value::Quantized(QTensor {
+                    shape: vec![rows, k],
+                    format: format.clone(),
+                    bytes: quantized(0, rows),
+                }),
+            );
+            w.split_rows("q", &split).expect("splits");
+            match w.weight("b").as_deref() {
+                Some(Value::Quantized(q)) => {
+                    assert!(q.shape == [2, k] && q.bytes == quantized(1, 3), "{format}")
+                }
+                other => panic!("{other:?}"),
+            }
         }
         w.insert(
             "g",

@@ -1007,7 +1007,8 @@ fn store_half_row(b: &mut FunctionBuilder, format: WeightFormat, row: Value, out
 }
 
 /// The `f32` values of four 16-bit floats of `format` (`PackedF16`: every f16, infinities
-/// and NaNs included; `PackedBF16`: the top halves of f32s) held in the lanes of an `i32x4`.
+/// included, a NaN as a NaN; `PackedBF16`: the top halves of f32s) held in the lanes of an
+/// `i32x4`.
 pub fn half_lanes(b: &mut FunctionBuilder, format: WeightFormat, h: Value) -> Value {
     let flags = MemFlagsData::new();
     let splat_i32 = |b: &mut FunctionBuilder, c: i64| {

@@ -2208,7 +2208,7 @@ fn make_qx(at: u32, base: u32) -> f32 {
     var sums = qx_sums(at, iscale);
     for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, xin[at + i]) + 32); }
     var scale = select(0.0, div_rn(sums.x, sums.y), sums.y != 0.0);
-    var best = scale * sums.x;
+    var best = exact(scale * sums.x);
     for (var is = -9; is <= 9; is = is + 1) {
         if (is == 0) { continue; }
         iscale = div_rn(-(32.0 + exact(0.1 * f32(is))), mx);
@@ -2216,7 +2216,7 @@ fn make_qx(at: u32, base: u32) -> f32 {
         if (sums.y > 0.0 && exact(sums.x * sums.x) > exact(best * sums.y)) {
             for (var i = 0u; i < 16u; i = i + 1u) { codes[base + i] = u32(qx_code(iscale, xin[at + i]) + 32); }
             scale = div_rn(sums.x, sums.y);
-            best = scale * sums.x;
+            best = exact(scale * sums.x);
         }
     }
     return scale;
