@@ -966,10 +966,6 @@ pub fn load_f16(b: &mut FunctionBuilder, at: Value, offset: i32) -> Value {
 
 /// [`load_f16`] on four f16 bit patterns held in the lanes of an `i32x4`.
 fn f16_lanes(b: &mut FunctionBuilder, h: Value) -> Value {
-    let splat_i32 = |b: &mut FunctionBuilder, c: i64| {
-        let c = b.ins().iconst(types::I32, c);
-        b.ins().splat(types::I32X4, c)
-    };
     let low = splat_i32(b, 0x7fff);
     let magnitude = b.ins().band(h, low);
     let thirteen = b.ins().iconst(types::I32, 13);
@@ -1011,10 +1007,6 @@ fn store_half_row(b: &mut FunctionBuilder, format: WeightFormat, row: Value, out
 /// `i32x4`.
 pub fn half_lanes(b: &mut FunctionBuilder, format: WeightFormat, h: Value) -> Value {
     let flags = MemFlagsData::new();
-    let splat_i32 = |b: &mut FunctionBuilder, c: i64| {
-        let c = b.ins().iconst(types::I32, c);
-        b.ins().splat(types::I32X4, c)
-    };
     let sixteen = b.ins().iconst(types::I32, 16);
     if format == WeightFormat::PackedBF16 {
         let bits = b.ins().ishl(h, sixteen);
@@ -1047,6 +1039,12 @@ pub fn half_scalar(b: &mut FunctionBuilder, format: WeightFormat, at: Value, off
     let lanes = b.ins().splat(types::I32X4, h);
     let v = half_lanes(b, format, lanes);
     b.ins().extractlane(v, 0)
+}
+
+/// `c` in every lane of an `i32x4`.
+fn splat_i32(b: &mut FunctionBuilder, c: i64) -> Value {
+    let c = b.ins().iconst(types::I32, c);
+    b.ins().splat(types::I32X4, c)
 }
 
 /// Eight 16-bit integers widened to two `f32x4`.
