@@ -4,10 +4,12 @@
 //! weights read per token).
 //!
 //! Models: the real stories260K and synthetic 15M- and 110M-shaped llama2.c models written
-//! by `llm_runtime::synth` (seeded). Each decode iteration runs 32 positions greedily
-//! (`decode-256` runs whole 256-position stories260K sequences, where attention over long
-//! contexts counts); the prefill iteration runs one 128-token prompt through `@prefill` and
-//! is reported in multiply-adds x 2 per second (criterion's "elements" are FLOPs there).
+//! by `llm_runtime::synth` (seeded), with f32 matrices and converted to q8_0, q4_0 and
+//! f16 (16-bit weights as a GGUF F16 or Hugging Face float16 model keeps them). Each
+//! decode iteration runs 32 positions greedily (`decode-256` runs whole 256-position
+//! stories260K sequences, where attention over long contexts counts); the prefill
+//! iteration runs one 128-token prompt through `@prefill` and is reported in multiply-adds
+//! x 2 per second (criterion's "elements" are FLOPs there).
 //! `batched-decode` times one decode call of 1 and of 32 stories260K sequences over 256
 //! positions of context each, with f32 and f16 KV caches (elements: tokens).
 //!
@@ -87,7 +89,11 @@ fn backends() -> Vec<(String, Backend, Option<QuantFormat>)> {
         out.push(("gpu-q8_0".into(), gpu.clone(), Some(QuantFormat::Q8_0)));
         out.push(("gpu-q4_0".into(), gpu, Some(QuantFormat::Q4_0)));
     }
-    for (name, format) in [("q8_0", QuantFormat::Q8_0), ("q4_0", QuantFormat::Q4_0)] {
+    for (name, format) in [
+        ("q8_0", QuantFormat::Q8_0),
+        ("q4_0", QuantFormat::Q4_0),
+        ("f16", QuantFormat::F16),
+    ] {
         for threads in [1, 2] {
             out.push((
                 format!("cpu-{threads}t-{name}"),
@@ -267,7 +273,7 @@ fn bench_batched_decode(c: &mut Criterion) {
 }
 
 /// Prefill of one 128-token prompt on the 110M shape, in FLOP/s (2 per multiply-add of the
-/// matrices; attention not counted).
+/// matrices; attention not counted), with f32 and with f16 matrices.
 fn bench_prefill(c: &mut Criterion) {
     let Some((_, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
         return;
@@ -280,11 +286,23 @@ fn bench_prefill(c: &mut Criterion) {
     let mut group = c.benchmark_group("prefill-128");
     group.sample_size(10);
     group.throughput(Throughput::Elements((2 * per_token * PREFILL) as u64));
-    for threads in [1, 2] {
-        let model = compile(&config, &weights, &Backend::Cpu { threads }, None);
+    let formats = [
+        (String::new(), None),
+        ("-f16".to_string(), Some(QuantFormat::F16)),
+    ];
+    for (threads, (suffix, format)) in [1, 2]
+        .into_iter()
+        .flat_map(|t| formats.iter().map(move |f| (t, f)))
+    {
+        let model = compile(
+            &config,
+            &weights,
+            &Backend::Cpu { threads },
+            format.as_ref(),
+        );
         let tokens: Vec<u32> = (0..PREFILL as u32).map(|i| 1 + i * 7 % 31_000).collect();
         group.bench_function(
-            BenchmarkId::new(format!("cpu-{threads}t"), "stories110M"),
+            BenchmarkId::new(format!("cpu-{threads}t{suffix}"), "stories110M"),
             |b| {
                 b.iter(|| {
                     let cache = model.new_cache(PREFILL.div_ceil(llm_runtime::model::BLOCK_SIZE));

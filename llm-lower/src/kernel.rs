@@ -133,6 +133,11 @@ impl WeightFormat {
         }
     }
 
+    /// Whether the format holds 16-bit floats, one a value (`PackedF16`, `PackedBF16`).
+    pub fn is_sixteen_bit(self) -> bool {
+        matches!(self, WeightFormat::PackedF16 | WeightFormat::PackedBF16)
+    }
+
     /// Bytes of one weight row of `k` values (for the whole-matrix layouts: of its codes).
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
@@ -214,21 +219,34 @@ pub const PANEL_ROWS: usize = 4;
 /// of its rows in turn.
 pub const PANEL_COLS: usize = 8;
 
+/// What a panel holds: `f32` values, or the bytes of one 16-bit value (`[u8; 2]`).
+pub trait Element: Copy + Default + Send + Sync {}
+
+impl Element for f32 {}
+
+impl Element for [u8; 2] {}
+
 /// Repacks a row-major `n x k` matrix into [`WeightFormat::F32Panels`]: rows are grouped
 /// in panels of [`PANEL_ROWS`]; within a panel, for each full chunk of [`PANEL_COLS`]
 /// columns, the chunk of row 0, then of row 1, ...; then the remaining `k % PANEL_COLS`
 /// columns of each row in turn. The last `n % PANEL_ROWS` rows stay row major. Every row
 /// block starts at the same offset as in the row-major matrix. The panels are split over
-/// `threads` threads (the copy is bound by memory bandwidth and page faults).
-pub fn pack_panels(w: &[f32], n: usize, k: usize, threads: usize) -> Vec<f32> {
+/// `threads` threads (the copy is bound by memory bandwidth and page faults). Elements of
+/// any type pack alike (16-bit weights pack as `[u8; 2]`, [`pack_weight_panels`]).
+pub fn pack_panels<T: Element>(w: &[T], n: usize, k: usize, threads: usize) -> Vec<T> {
     pack_stacked_panels(&[w], n, k, threads)
 }
 
 /// [`pack_panels`] of the matrix whose rows are those of `parts` (row-major matrices of
 /// `k` columns, `n` rows in all) stacked in order, without stacking them first.
-pub fn pack_stacked_panels(parts: &[&[f32]], n: usize, k: usize, threads: usize) -> Vec<f32> {
+pub fn pack_stacked_panels<T: Element>(
+    parts: &[&[T]],
+    n: usize,
+    k: usize,
+    threads: usize,
+) -> Vec<T> {
     let rows = StackedRows { parts, k };
-    let mut out = vec![0f32; n * k];
+    let mut out = vec![T::default(); n * k];
     if k == 0 {
         return out;
     }
@@ -251,14 +269,14 @@ pub fn pack_stacked_panels(parts: &[&[f32]], n: usize, k: usize, threads: usize)
 }
 
 /// The rows of row-major matrices of `k` columns, stacked.
-struct StackedRows<'a> {
-    parts: &'a [&'a [f32]],
+struct StackedRows<'a, T> {
+    parts: &'a [&'a [T]],
     k: usize,
 }
 
-impl<'a> StackedRows<'a> {
+impl<'a, T: Element> StackedRows<'a, T> {
     /// Rows `first..first + count`, when one part holds them all.
-    fn slice(&self, mut first: usize, count: usize) -> Option<&'a [f32]> {
+    fn slice(&self, mut first: usize, count: usize) -> Option<&'a [T]> {
         for part in self.parts {
             let rows = part.len() / self.k.max(1);
             if first < rows {
@@ -270,8 +288,8 @@ impl<'a> StackedRows<'a> {
         None
     }
 
-    /// Copies rows `first..first + count` into `out` (`count * k` floats).
-    fn copy(&self, first: usize, count: usize, out: &mut [f32]) {
+    /// Copies rows `first..first + count` into `out` (`count * k` elements).
+    fn copy(&self, first: usize, count: usize, out: &mut [T]) {
         for (r, row) in out.chunks_exact_mut(self.k.max(1)).take(count).enumerate() {
             if let Some(src) = self.slice(first + r, 1) {
                 row.copy_from_slice(src);
@@ -281,7 +299,7 @@ impl<'a> StackedRows<'a> {
 }
 
 /// Packs the whole panels of rows `first..` of `rows` into `out` (whole panels).
-fn pack_rows(rows: &StackedRows, first: usize, out: &mut [f32]) {
+fn pack_rows<T: Element>(rows: &StackedRows<T>, first: usize, out: &mut [T]) {
     let k = rows.k;
     let tail = k % PANEL_COLS;
     let block = PANEL_ROWS * k;
@@ -289,10 +307,10 @@ fn pack_rows(rows: &StackedRows, first: usize, out: &mut [f32]) {
     let mut gathered = Vec::new();
     for (p, dest) in out.chunks_exact_mut(block).enumerate() {
         let start = first + p * PANEL_ROWS;
-        let rows: &[f32] = match rows.slice(start, PANEL_ROWS) {
+        let rows: &[T] = match rows.slice(start, PANEL_ROWS) {
             Some(rows) => rows,
             None => {
-                gathered.resize(block, 0.0);
+                gathered.resize(block, T::default());
                 rows.copy(start, PANEL_ROWS, &mut gathered);
                 &gathered
             }
@@ -334,6 +352,42 @@ pub fn pack_block_panels(bytes: &[u8], n: usize, row_bytes: usize, block_bytes: 
     out
 }
 
+/// The panel layout of a constant quantized weight of `n x k` values in `format` that
+/// [`Contraction::block_panels`] reads: the 16-bit formats in the layout of
+/// [`pack_panels`] (their values are its elements; packed on `threads` threads), the
+/// block formats in [`pack_block_panels`]'s.
+pub fn pack_weight_panels(
+    format: WeightFormat,
+    bytes: &[u8],
+    [n, k]: [usize; 2],
+    threads: usize,
+) -> Vec<u8> {
+    if format.is_sixteen_bit() {
+        let (values, _) = bytes.as_chunks::<2>();
+        return pack_panels(values, n, k, threads).into_flattened();
+    }
+    pack_block_panels(bytes, n, format.row_bytes(k), format.row_bytes(32))
+}
+
+/// Copies the bytes of row `r` of an `n x k` weight in `format` stored by
+/// [`pack_weight_panels`] into `out` (`format.row_bytes(k)`), as the row-major matrix held
+/// them.
+pub fn weight_panel_row(
+    format: WeightFormat,
+    packed: &[u8],
+    [n, k]: [usize; 2],
+    r: usize,
+    out: &mut [u8],
+) {
+    if format.is_sixteen_bit() {
+        let (values, _) = packed.as_chunks::<2>();
+        let (row, _) = out.as_chunks_mut::<2>();
+        return panel_row(values, n, k, r, row);
+    }
+    let sizes = (format.row_bytes(k), format.row_bytes(32));
+    block_panel_row(packed, n, sizes, r, out);
+}
+
 /// Copies the bytes of row `r` of `n` rows stored by [`pack_block_panels`] (`row_bytes`
 /// each, in blocks of `block_bytes`) into `out` (`row_bytes`), as the row-major matrix
 /// held them.
@@ -356,8 +410,9 @@ pub fn block_panel_row(
     }
 }
 
-/// Copies row `r` of an `n x k` matrix stored by [`pack_panels`] into `out` (`k` floats).
-pub fn panel_row(packed: &[f32], n: usize, k: usize, r: usize, out: &mut [f32]) {
+/// Copies row `r` of an `n x k` matrix stored by [`pack_panels`] into `out` (`k`
+/// elements).
+pub fn panel_row<T: Element>(packed: &[T], n: usize, k: usize, r: usize, out: &mut [T]) {
     let full = n - n % PANEL_ROWS;
     if r >= full {
         out.copy_from_slice(&packed[r * k..(r + 1) * k]);
@@ -397,10 +452,11 @@ pub struct Contraction {
     /// q4_k or q6_k): each run of weight codes that shares a scale meets the codes of `x`
     /// in its block of 32 in an integer dot product, scaled by both scales.
     pub q8_0_input: bool,
-    /// The constant weight (q8_0 or q4_0, meeting q8_0 activations) is repacked so that
-    /// each block of four rows lies together ([`pack_block_panels`]): one stream of weight
-    /// bytes feeds four rows, and each block of x is loaded once for them (it changes the
-    /// packing and the generated code).
+    /// The constant quantized weight (q8_0 or q4_0 meeting q8_0 activations, or a 16-bit
+    /// one) is repacked so that each panel of four rows lies together
+    /// ([`pack_weight_panels`]: blocks of the four rows in turn, or 16-bit values in the
+    /// f32 panels' layout): one stream of weight bytes feeds four rows, and x is loaded
+    /// once for them (it changes the packing and the generated code).
     pub block_panels: bool,
 }
 
@@ -1727,6 +1783,32 @@ mod tests {
                 assert_eq!(out, bytes[row * row_bytes..(row + 1) * row_bytes]);
             }
         }
+    }
+
+    /// A 16-bit weight's panels are the f32 panels' layout of its 2-byte values, and each
+    /// row reads back as it was; a block format's are its block panels.
+    #[test]
+    fn weight_panels_of_sixteen_bit_and_block_formats() {
+        for (n, k) in [(1, 5), (4, 8), (6, 13), (9, 20), (13, 100)] {
+            let values: Vec<[u8; 2]> = (0..n * k)
+                .map(|i| [i as u8, (i >> 8) as u8 ^ 0x5a])
+                .collect();
+            let bytes = values.as_flattened();
+            let packed = pack_weight_panels(WeightFormat::PackedBF16, bytes, [n, k], 2);
+            assert_eq!(packed, pack_panels(&values, n, k, 1).as_flattened());
+            let mut row = vec![0; 2 * k];
+            for r in 0..n {
+                weight_panel_row(WeightFormat::PackedF16, &packed, [n, k], r, &mut row);
+                assert_eq!(row, bytes[2 * k * r..2 * k * (r + 1)], "row {r} of {n}x{k}");
+            }
+        }
+        let (n, k) = (5, 64);
+        let bytes: Vec<u8> = (0..n * 68).map(|i| (i * 13 % 251) as u8).collect();
+        let packed = pack_weight_panels(WeightFormat::Q8_0, &bytes, [n, k], 1);
+        assert_eq!(packed, pack_block_panels(&bytes, n, 68, 34));
+        let mut row = vec![0; 68];
+        weight_panel_row(WeightFormat::Q8_0, &packed, [n, k], 2, &mut row);
+        assert_eq!(row, bytes[136..204]);
     }
 
     /// Packing the parts of a stacked matrix is packing the stacked matrix, whether a

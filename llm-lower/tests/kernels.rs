@@ -770,6 +770,34 @@ proptest! {
         matmul_agrees(&format, [m, n, k], seed, 2e-5)?;
     }
 
+    /// A constant 16-bit weight (`llm.weight`) is repacked into panels: whole panels
+    /// through the panel microkernels (or the generated code reading them), the last
+    /// `n % 4` rows row major, across tiles of three, two and one rows of x and thread
+    /// splits (from 65,536 multiply-adds); with `tied`, an embedding gathers its rows out
+    /// of the panels too.
+    #[test]
+    fn sixteen_bit_constant_weights_in_panels(m in 1usize..8, n in 1usize..40, k in prop::sample::select(vec![1usize, 3, 4, 7, 8, 12, 13, 16, 21, 64, 100, 1027]), brain in any::<bool>(), tied in any::<bool>(), seed: u64) {
+        let format = if brain { QuantFormat::BF16 } else { QuantFormat::F16 };
+        let w_ty = format!("llm.quantized_tensor <{n}x{k}, {}>", format.name());
+        let (args, x) = if tied {
+            let ids: Vec<i64> = values(seed + 2, m, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * n as f32) as i64 % n as i64).collect();
+            (vec![("ids".to_string(), ity(&[m]))], vec![ints(&[m], ids)])
+        } else {
+            (vec![("x".to_string(), ty(&[m, k]))], vec![tensor(&[m, k], seed, 1.0)])
+        };
+        let embed = if tied { format!("x = llm.embedding w, ids : {};\n        ", ty(&[m, k])) } else { String::new() };
+        let ir = func(
+            &args,
+            &ty(&[m, n]),
+            &format!("w = llm.weight {{name = \"w\"}} : {w_ty};\n        {embed}y = llm.quantized_matmul x, w : {};", ty(&[m, n])),
+        );
+        let store = Store(vec![("w".into(), Rc::new(quantized(&format, [n, k], seed + 1)))]);
+        let (ctx, f, _, hoisted) = reference(&ir, &x, &store)?;
+        let program = Program::build(&ctx, f, &hoisted, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(program.stats().panel_gathers, usize::from(tied), "the embedding gathers from the panels");
+        agree_with(&ir, x, &store, 1e-4)?;
+    }
+
     /// Every other weight format ([`format_case`]), dequantized in the contraction kernel
     /// of both backends.
     #[test]
@@ -2179,9 +2207,10 @@ fn a_folded_reshape_reports_its_own_location() {
 }
 
 /// A row's result does not depend on the rows computed with it, nor on whether the
-/// microkernels run: `panel_rows` takes rows three, two or one at a time, and without
-/// microkernels every row takes the generated dot product, all with the same additions in
-/// the same order (batching must not change a sequence's tokens).
+/// microkernels run: `panel_rows` (and its 16-bit siblings) takes rows three, two or one
+/// at a time, the 16-bit row kernels take the rows after the last panel, and without
+/// microkernels every row takes the generated code, all with the same additions in the
+/// same order (batching must not change a sequence's tokens).
 #[test]
 fn rows_are_bit_identical_alone_and_in_pairs() {
     for (n, k) in [
@@ -2192,47 +2221,66 @@ fn rows_are_bit_identical_alone_and_in_pairs() {
         (12, 24),
         (21, 9),
         (20, 6),
+        (7, 47),
     ] {
-        // Four rows take a tile of three and a row alone, five a tile of three and a pair.
-        let m = 4 + n % 2;
-        let body = |m: usize| {
-            format!(
-                "w = llm.weight {{name = \"w\"}} : {};\n        y = llm.matmul x, w {{transpose_rhs = true}} : {};",
-                ty(&[n, k]),
-                ty(&[m, n])
-            )
-        };
-        let store = Store(vec![("w".into(), Rc::new(tensor(&[n, k], 7, 1.0)))]);
-        let x = values(3, m * k, 1.0);
-        let run = |rows: usize, data: &[f32], microkernels: bool| -> Vec<u32> {
-            let ir = func(
-                &[("x".into(), ty(&[rows, k]))],
-                &ty(&[rows, n]),
-                &body(rows),
-            );
-            let mut ctx = Context::new();
-            let module = text::parse_module(&mut ctx, &ir).unwrap();
-            let f = interp::find_func(&ctx, module, "f").unwrap();
-            let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
-            let options = Options {
-                microkernels,
-                ..Options::default()
+        for format in [None, Some(QuantFormat::F16), Some(QuantFormat::BF16)] {
+            // Four rows take a tile of three and a row alone, five a tile of three and a pair.
+            let m = 4 + n % 2;
+            let (w_ty, w, op) = match &format {
+                None => (ty(&[n, k]), tensor(&[n, k], 7, 1.0), "matmul"),
+                Some(f) => (
+                    format!("llm.quantized_tensor <{n}x{k}, {}>", f.name()),
+                    quantized(f, [n, k], 7),
+                    "quantized_matmul",
+                ),
             };
-            let program = Program::build(&ctx, f, &hoisted, &options).unwrap();
-            let arg = Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, data.to_vec()));
-            let out = program.run(&ctx, &store, vec![arg]).unwrap();
-            let floats = out[0].tensor().unwrap().floats().unwrap().to_vec();
-            floats.iter().map(|f| f.to_bits()).collect()
-        };
-        let together = run(m, &x, true);
-        assert_eq!(
-            together,
-            run(m, &x, false),
-            "{n}x{k}: microkernels changed bits"
-        );
-        for r in 0..m {
-            let alone = run(1, &x[r * k..(r + 1) * k], true);
-            assert_eq!(alone, together[r * n..(r + 1) * n], "{n}x{k} row {r}");
+            let attrs = if format.is_none() {
+                " {transpose_rhs = true}"
+            } else {
+                ""
+            };
+            let body = |m: usize| {
+                format!(
+                    "w = llm.weight {{name = \"w\"}} : {w_ty};\n        y = llm.{op} x, w{attrs} : {};",
+                    ty(&[m, n])
+                )
+            };
+            let store = Store(vec![("w".into(), Rc::new(w))]);
+            let x = values(3, m * k, 1.0);
+            let run = |rows: usize, data: &[f32], microkernels: bool| -> Vec<u32> {
+                let ir = func(
+                    &[("x".into(), ty(&[rows, k]))],
+                    &ty(&[rows, n]),
+                    &body(rows),
+                );
+                let mut ctx = Context::new();
+                let module = text::parse_module(&mut ctx, &ir).unwrap();
+                let f = interp::find_func(&ctx, module, "f").unwrap();
+                let hoisted = Interpreter::new(&ctx, &store).hoist(f).unwrap();
+                let options = Options {
+                    microkernels,
+                    ..Options::default()
+                };
+                let program = Program::build(&ctx, f, &hoisted, &options).unwrap();
+                let arg = Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, data.to_vec()));
+                let out = program.run(&ctx, &store, vec![arg]).unwrap();
+                let floats = out[0].tensor().unwrap().floats().unwrap().to_vec();
+                floats.iter().map(|f| f.to_bits()).collect()
+            };
+            let together = run(m, &x, true);
+            assert_eq!(
+                together,
+                run(m, &x, false),
+                "{n}x{k} {format:?}: microkernels changed bits"
+            );
+            for r in 0..m {
+                let alone = run(1, &x[r * k..(r + 1) * k], true);
+                assert_eq!(
+                    alone,
+                    together[r * n..(r + 1) * n],
+                    "{n}x{k} {format:?} row {r}"
+                );
+            }
         }
     }
 }

@@ -39,8 +39,8 @@ use super::{
 use crate::{
     kernel::{
         self, AttentionSource, Contraction, Kernel, MeshMove, Movement, PANEL_ROWS, WeightFormat,
-        batched_matmul_dims, block_panel_row, broadcast_layout, contiguous_attention_shape,
-        panel_row, whole_rows,
+        batched_matmul_dims, broadcast_layout, contiguous_attention_shape, panel_row,
+        weight_panel_row, whole_rows,
     },
     selection::Chosen,
 };
@@ -1369,11 +1369,11 @@ pub(super) enum Table<'a> {
         /// `[vocab, dim]`.
         shape: [usize; 2],
     },
-    /// Quantized rows, decoded as they are gathered (in block panels when `panels`).
+    /// Quantized rows, decoded as they are gathered (in weight panels when `panels`).
     Quantized {
         /// The table.
         q: &'a QTensor,
-        /// In block panels ([`pack_block_panels`](crate::kernel::pack_block_panels)).
+        /// In weight panels ([`pack_weight_panels`](crate::kernel::pack_weight_panels)).
         panels: bool,
     },
 }
@@ -1417,7 +1417,7 @@ impl<'a> Table<'a> {
             Table::Floats { shape, .. } => *shape,
             Table::Quantized { q, .. } => [q.shape[0], q.shape[1]],
         };
-        // A row's bytes gathered out of block panels.
+        // A row's bytes gathered out of weight panels.
         let mut row_bytes = Vec::new();
         if out.len() != ids.len() * dim {
             return Err(format!(
@@ -1445,10 +1445,9 @@ impl<'a> Table<'a> {
                     dequantize_row(&q.format, [vocab, dim], &q.bytes, id as usize, row)
                 }
                 Table::Quantized { q, panels: true } => {
-                    let format = WeightFormat::of(&q.format).ok_or("no block panels")?;
-                    let sizes = (format.row_bytes(dim), format.row_bytes(32));
-                    row_bytes.resize(sizes.0, 0);
-                    block_panel_row(&q.bytes, vocab, sizes, id as usize, &mut row_bytes);
+                    let format = WeightFormat::of(&q.format).ok_or("no weight panels")?;
+                    row_bytes.resize(format.row_bytes(dim), 0);
+                    weight_panel_row(format, &q.bytes, [vocab, dim], id as usize, &mut row_bytes);
                     dequantize_row(&q.format, [1, dim], &row_bytes, 0, row);
                 }
             }

@@ -77,7 +77,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
 /// The imported microkernels a contraction may call (see [`super::ukernel`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tiles {
-    /// `panel_rows`, for every row of x against an f32 panel.
+    /// `panel_rows` (`f16_panel_rows`, `bf16_panel_rows`), for every row of x against a
+    /// panel of f32 (16-bit) weights.
     pub panel_rows: Option<FuncRef>,
     /// `q8_0_row`, `q4_0_row`, `q4_k_row`, `q6_k_row`, `f16_row` or `bf16_row`, for one row
     /// against a quantized weight row.
@@ -182,11 +183,11 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     }
     // Row-major weights are read one row at a time: a single sequential stream, which the
     // hardware prefetcher follows (4 interleaved short rows ran at less than half the
-    // bandwidth). Panels give 4 rows in one stream, sharing the loads of x.
-    let rows = match c.weight {
-        WeightFormat::F32Panels => PANEL_ROWS,
-        _ => 1,
-    };
+    // bandwidth). Panels (f32, or 16-bit in block panels) give 4 rows in one stream,
+    // sharing the loads of x.
+    let panels =
+        c.weight == WeightFormat::F32Panels || (c.block_panels && c.weight.is_sixteen_bit());
+    let rows = if panels { PANEL_ROWS } else { 1 };
     let zero = b.ins().iconst(types::I64, 0);
     // j0 + floor((j1 - j0) / rows) * rows: where the single-row tail starts.
     let span = b.ins().isub(j1, j0);
@@ -203,7 +204,6 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
             let wblock = address(b, w, j, row_bytes);
             if let Some(tile) = tiles.panel_rows
                 && count == PANEL_ROWS
-                && c.weight == WeightFormat::F32Panels
             {
                 let k = b.ins().iconst(types::I64, c.k as i64);
                 let n = b.ins().iconst(types::I64, c.n as i64);
@@ -218,7 +218,9 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let xrow = address(b, x, i, x_row_bytes);
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
+                let half = c.weight.is_sixteen_bit().then_some(c.weight);
                 let sums = match (c.weight, tiles.quant_row) {
+                    _ if count == PANEL_ROWS => dot_panel(b, half, xrow, wblock, c.k),
                     (WeightFormat::Q8_0 | WeightFormat::Q4_0, _) if c.q8_0_input => {
                         let (row, stride) = block_row(b, c, w, j);
                         vec![super::q8dot::dot_row(b, c.weight, xrow, row, stride, c.k)]
@@ -240,16 +242,15 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         add_residual(b, i, j, 1);
                         return;
                     }
-                    (WeightFormat::F32Panels, _) if count == PANEL_ROWS => {
-                        dot_panel(b, xrow, wblock, c.k)
-                    }
                     // (`F32KN` never reaches code generation: `Kernel::code` has none.)
-                    (WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN, _) => {
-                        vec![dot_elems(b, None, xrow, wblock, c.k)]
-                    }
-                    (WeightFormat::PackedF16 | WeightFormat::PackedBF16, _) => {
-                        vec![dot_elems(b, Some(c.weight), xrow, wblock, c.k)]
-                    }
+                    (
+                        WeightFormat::F32
+                        | WeightFormat::F32Panels
+                        | WeightFormat::F32KN
+                        | WeightFormat::PackedF16
+                        | WeightFormat::PackedBF16,
+                        _,
+                    ) => vec![dot_elems(b, half, xrow, wblock, c.k)],
                     _ => vec![dequant::dot_row(b, c, xrow, w, j, wblock)],
                 };
                 let count = sums.len();
@@ -456,38 +457,45 @@ fn emit_batched_matmul(b: &mut FunctionBuilder, transposed: bool, p: &[Value]) {
 }
 
 /// Dot products of one row of x with the [`PANEL_ROWS`] rows of a weight panel (layout in
-/// [`pack_panels`](crate::kernel::pack_panels)): two `f32x4` accumulators per row over the
-/// chunks of 8, then a 4-wide step and scalar tail over the remaining columns.
-fn dot_panel(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Vec<Value> {
+/// [`pack_panels`](crate::kernel::pack_panels)) of `f32` weights, or with `half` of the
+/// 16-bit floats of that format, widened as they load: two `f32x4` accumulators per row
+/// over the chunks of 8, then a 4-wide step and scalar tail over the remaining columns.
+fn dot_panel(
+    b: &mut FunctionBuilder,
+    half: Option<WeightFormat>,
+    x: Value,
+    w: Value,
+    k: usize,
+) -> Vec<Value> {
     let rows = PANEL_ROWS;
     let acc = zeroed_accumulators(b, 2 * rows);
     let k8 = k - k % PANEL_COLS;
-    let chunk = (4 * PANEL_COLS) as i32;
+    let bytes = if half.is_some() { 2 } else { 4 };
     if k8 > 0 {
         let zero = b.ins().iconst(types::I64, 0);
         let end = b.ins().iconst(types::I64, k8 as i64);
         for_range(b, zero, end, PANEL_COLS as i64, |b, p| {
             let xp = address(b, x, p, 4);
-            let wp = address(b, w, p, 4 * rows as i64);
+            let wp = address(b, w, p, i64::from(bytes) * rows as i64);
             let x0 = b.ins().load(types::F32X4, mem(), xp, 0);
             let x1 = b.ins().load(types::F32X4, mem(), xp, 16);
             for r in 0..rows {
-                let at = chunk * r as i32;
-                let w0 = b.ins().load(types::F32X4, mem(), wp, at);
+                let at = (PANEL_COLS * r) as i32;
+                let w0 = load_weights4(b, half, wp, at);
                 accumulate(b, acc[2 * r], w0, x0);
-                let w1 = b.ins().load(types::F32X4, mem(), wp, at + 16);
+                let w1 = load_weights4(b, half, wp, at + 4);
                 accumulate(b, acc[2 * r + 1], w1, x1);
             }
         });
     }
-    // Row r's remaining columns start here.
+    // Row r's remaining columns start here (in elements).
     let tail = k - k8;
-    let tail_at = |r: usize, q: usize| (4 * (rows * k8 + r * tail + q)) as i32;
+    let tail_at = |r: usize, q: usize| (rows * k8 + r * tail + q) as i32;
     let has_quad = tail >= 4;
     if has_quad {
         let xv = b.ins().load(types::F32X4, mem(), x, 4 * k8 as i32);
         for r in 0..rows {
-            let wv = b.ins().load(types::F32X4, mem(), w, tail_at(r, 0));
+            let wv = load_weights4(b, half, w, tail_at(r, 0));
             accumulate(b, acc[2 * r], wv, xv);
         }
     }
@@ -496,12 +504,42 @@ fn dot_panel(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Vec<Value
             let mut s = sum_pair(b, acc[2 * r], acc[2 * r + 1]);
             for q in if has_quad { 4 } else { 0 }..tail {
                 let xs = b.ins().load(types::F32, mem(), x, 4 * (k8 + q) as i32);
-                let ws = b.ins().load(types::F32, mem(), w, tail_at(r, q));
+                let ws = load_weight(b, half, w, tail_at(r, q));
                 s = b.ins().fma(ws, xs, s);
             }
             s
         })
         .collect()
+}
+
+/// Four weights from element `offset` of `at` as an `f32x4`: `f32`s, or with `half` the
+/// 16-bit floats of that format, widened ([`dequant::half_lanes`]).
+fn load_weights4(
+    b: &mut FunctionBuilder,
+    half: Option<WeightFormat>,
+    at: Value,
+    offset: i32,
+) -> Value {
+    match half {
+        Some(format) => {
+            let h = b.ins().uload16x4(mem(), at, 2 * offset);
+            dequant::half_lanes(b, format, h)
+        }
+        None => b.ins().load(types::F32X4, mem(), at, 4 * offset),
+    }
+}
+
+/// One weight of [`load_weights4`].
+fn load_weight(
+    b: &mut FunctionBuilder,
+    half: Option<WeightFormat>,
+    at: Value,
+    offset: i32,
+) -> Value {
+    match half {
+        Some(format) => dequant::half_scalar(b, format, at, 2 * offset),
+        None => b.ins().load(types::F32, mem(), at, 4 * offset),
+    }
 }
 
 /// The horizontal sum of two `f32x4` accumulators.
@@ -524,13 +562,6 @@ fn dot_elems(
     k: usize,
 ) -> Value {
     let bytes = if half.is_some() { 2 } else { 4 };
-    let load4 = |b: &mut FunctionBuilder, at: Value, offset: i32| match half {
-        Some(format) => {
-            let h = b.ins().uload16x4(mem(), at, offset * bytes);
-            dequant::half_lanes(b, format, h)
-        }
-        None => b.ins().load(types::F32X4, mem(), at, offset * bytes),
-    };
     let acc = zeroed_accumulators(b, 4);
     let k16 = k - k % 16;
     if k16 > 0 {
@@ -541,7 +572,7 @@ fn dot_elems(
             let wp = address(b, w, p, i64::from(bytes));
             for (a, &v) in acc.iter().enumerate() {
                 let xv = b.ins().load(types::F32X4, mem(), xp, 16 * a as i32);
-                let wv = load4(b, wp, 4 * a as i32);
+                let wv = load_weights4(b, half, wp, 4 * a as i32);
                 accumulate(b, v, wv, xv);
             }
         });
@@ -549,7 +580,7 @@ fn dot_elems(
     let mut q = k16;
     while k - q >= 4 {
         let xv = b.ins().load(types::F32X4, mem(), x, 4 * q as i32);
-        let wv = load4(b, w, q as i32);
+        let wv = load_weights4(b, half, w, q as i32);
         accumulate(b, acc[(q - k16) / 4], wv, xv);
         q += 4;
     }
@@ -558,10 +589,7 @@ fn dot_elems(
     let mut s = b.ins().fadd(lo, hi);
     for q in q..k {
         let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
-        let ws = match half {
-            Some(format) => dequant::half_scalar(b, format, w, 2 * q as i32),
-            None => b.ins().load(types::F32, mem(), w, 4 * q as i32),
-        };
+        let ws = load_weight(b, half, w, q as i32);
         s = b.ins().fma(ws, xs, s);
     }
     s

@@ -213,6 +213,14 @@ pub fn compile(
     #[cfg(target_arch = "x86_64")]
     builder.symbols([
         (ukernel::PANEL_ROWS_FN, ukernel::panel_rows as *const u8),
+        (
+            ukernel::F16_PANEL_ROWS,
+            ukernel::f16_panel_rows as *const u8,
+        ),
+        (
+            ukernel::BF16_PANEL_ROWS,
+            ukernel::bf16_panel_rows as *const u8,
+        ),
         (ukernel::Q8_0_ROW, ukernel::q8_0_row as *const u8),
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (ukernel::F16_ROW, ukernel::f16_row as *const u8),
@@ -249,6 +257,8 @@ pub fn compile(
             .map_err(|e| fail(name, e))
     };
     let panel_rows = import(ukernel::PANEL_ROWS_FN, 6)?;
+    let f16_panel_rows = import(ukernel::F16_PANEL_ROWS, 6)?;
+    let bf16_panel_rows = import(ukernel::BF16_PANEL_ROWS, 6)?;
     let q8_0_row = import(ukernel::Q8_0_ROW, 4)?;
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let f16_row = import(ukernel::F16_ROW, 4)?;
@@ -299,8 +309,18 @@ pub fn compile(
                 }
                 WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
                 WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
-                WeightFormat::PackedF16 => tiles.quant_row = bring(f16_row),
-                WeightFormat::PackedBF16 => tiles.quant_row = bring(bf16_row),
+                WeightFormat::PackedF16 => {
+                    tiles.quant_row = bring(f16_row);
+                    if c.block_panels {
+                        tiles.panel_rows = bring(f16_panel_rows);
+                    }
+                }
+                WeightFormat::PackedBF16 => {
+                    tiles.quant_row = bring(bf16_row);
+                    if c.block_panels {
+                        tiles.panel_rows = bring(bf16_panel_rows);
+                    }
+                }
                 WeightFormat::Q4K => tiles.quant_row = bring(q4_k_row),
                 WeightFormat::Q6K => tiles.quant_row = bring(q6_k_row),
                 _ => {}

@@ -322,13 +322,13 @@ impl PackCache {
         Ok(packed)
     }
 
-    /// The block-panel layout ([`kernel::pack_block_panels`]) of the quantized weight of
-    /// `c`, `whole`, packed once.
+    /// The panel layout ([`kernel::pack_weight_panels`]) of the quantized weight of `c`,
+    /// `whole`, packed once (on `threads` threads where that splits).
     fn packed_blocks(
         &self,
         whole: &Rc<Value>,
         c: &Contraction,
-        op: &str,
+        (op, threads): (&str, usize),
     ) -> Result<Rc<Value>, JitError> {
         let key = (vec![Rc::as_ptr(whole)], false);
         if let Some((_, packed)) = self.0.borrow().get(&key) {
@@ -344,11 +344,10 @@ impl PackCache {
                 c.weight.name()
             )));
         }
-        let block_bytes = c.weight.row_bytes(32);
         let packed = Rc::new(Value::Quantized(QTensor {
             shape: q.shape.clone(),
             format: q.format.clone(),
-            bytes: kernel::pack_block_panels(&q.bytes, c.n, row_bytes, block_bytes),
+            bytes: kernel::pack_weight_panels(c.weight, &q.bytes, [c.n, c.k], threads),
         }));
         self.0
             .borrow_mut()
@@ -435,7 +434,7 @@ fn pack_weights(
                 let v = value_of(original).ok_or_else(not_constant)?;
                 let panels = if c.block_panels {
                     let whole = hoisted.value(v).ok_or_else(not_constant)?;
-                    cache.packed_blocks(whole, c, &step.name)?
+                    cache.packed_blocks(whole, c, (&step.name, threads))?
                 } else {
                     let whole;
                     let parts = match hoisted.stacked_rows(v) {

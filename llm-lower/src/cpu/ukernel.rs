@@ -2,9 +2,10 @@
 //!
 //! Cranelift's widest vector is 128 bits (cranelift.md section 4), which caps generated code
 //! at half of an AVX2 core's multiply-add rate. The contraction kernel calls [`panel_rows`]
-//! for each weight panel of 4 rows with every row of x: three rows of x at a time (12
-//! 256-bit accumulators, 4 weight and 3 x loads per 12 fused multiply-adds), then a pair
-//! or a row alone (decode).
+//! (or, for 16-bit weights, [`f16_panel_rows`] and [`bf16_panel_rows`], which widen each
+//! weight once for up to three rows of x) for each weight panel of 4 rows with every row
+//! of x: three rows of x at a time (12 256-bit accumulators, 4 weight and 3 x loads per
+//! 12 fused multiply-adds), then a pair or a row alone (decode).
 //!
 //! Every tile adds in exactly the order the generated single-row code does (lanes 0..4 and
 //! 4..8 of each 8-column chunk in two partial sums, the 4-wide tail step into the first, the
@@ -37,6 +38,25 @@ pub fn available() -> bool {
 /// The symbol generated code imports [`panel_rows`] under.
 pub const PANEL_ROWS_FN: &str = "llmc_panel_rows";
 
+/// The symbol generated code imports [`f16_panel_rows`] under.
+pub const F16_PANEL_ROWS: &str = "llmc_f16_panel_rows";
+
+/// The symbol generated code imports [`bf16_panel_rows`] under.
+pub const BF16_PANEL_ROWS: &str = "llmc_bf16_panel_rows";
+
+/// How a microkernel's weights are stored ([`F32`], [`F16`], [`BF16`]): a const parameter
+/// that picks how [`load8`], [`load4`] and [`load1`] widen them.
+type Elem = u8;
+
+/// `f32` weights.
+const F32: Elem = 0;
+
+/// IEEE half-precision weights, widened by F16C's `vcvtph2ps` (exact for every f16).
+const F16: Elem = 1;
+
+/// bf16 weights, each the top half of its f32.
+const BF16: Elem = 2;
+
 /// `y[i * n + r] = dot(x_i, w_r)` for the `m` rows `x_i` of x (`k` floats each, one
 /// after another) and the [`PANEL_ROWS`] rows `w_r` of the weight panel at `w` (row length
 /// `k`, layout of [`pack_panels`](crate::kernel::pack_panels)): three rows of x at a time
@@ -59,6 +79,87 @@ pub unsafe extern "C" fn panel_rows(
     y: *mut f32,
     n: i64,
 ) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { panels_of::<F32>(k, x, m, w.cast(), y, n) }
+}
+
+/// [`panel_rows`] for a panel of f16 weights (`PackedF16` in the layout of
+/// [`pack_weight_panels`](crate::kernel::pack_weight_panels)), widened as they load: each
+/// weight is widened once for up to three rows of x.
+///
+/// # Safety
+///
+/// As [`panel_rows`], with `w` pointing to a panel of `4 * k` f16s and the CPU having
+/// F16C too.
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn f16_panel_rows(
+    k: i64,
+    x: *const f32,
+    m: i64,
+    w: *const u8,
+    y: *mut f32,
+    n: i64,
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { panels_of::<F16>(k, x, m, w, y, n) }
+}
+
+/// [`f16_panel_rows`] for a panel of bf16 weights (`PackedBF16`).
+///
+/// # Safety
+///
+/// As [`f16_panel_rows`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe extern "C" fn bf16_panel_rows(
+    k: i64,
+    x: *const f32,
+    m: i64,
+    w: *const u8,
+    y: *mut f32,
+    n: i64,
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { panels_of::<BF16>(k, x, m, w, y, n) }
+}
+
+/// Rows of x from which a 16-bit panel is widened into f32s once, before the tiles run
+/// (fewer widen it chunk by chunk in the tiles, which is cheaper for one tile).
+const WIDEN_FIRST_ROWS: i64 = 4;
+
+thread_local! {
+    /// The f32s of the 16-bit panel a thread's [`panels_of`] widened last.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The panel microkernels over weights stored as `ELEM`: tiles of three rows of x, then
+/// two or one. A 16-bit panel that [`WIDEN_FIRST_ROWS`] or more rows of x meet is widened
+/// into f32s first (exactly, as the tiles widen it), so each weight is widened once
+/// whatever the rows: the same additions on the same values, the same bits.
+///
+/// # Safety
+///
+/// As [`panel_rows`], with `w` pointing to a panel of `4 * k` weights stored as `ELEM`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn panels_of<const ELEM: Elem>(
+    k: i64,
+    x: *const f32,
+    m: i64,
+    w: *const u8,
+    y: *mut f32,
+    n: i64,
+) {
+    if ELEM != F32 && m >= WIDEN_FIRST_ROWS {
+        WIDENED.with_borrow_mut(|panel| {
+            let len = PANEL_ROWS * k as usize;
+            panel.resize(len, 0.0);
+            // SAFETY: the panel holds `len` weights (the contract), `panel` as many floats.
+            unsafe {
+                widen::<ELEM>(w, panel);
+                panels_of::<F32>(k, x, m, panel.as_ptr().cast(), y, n);
+            }
+        });
+        return;
+    }
     let (k, m, n) = (k as usize, m as usize, n as usize);
     // SAFETY: rows below `m` lie inside x and y (the contract).
     let rows = |i: usize| unsafe { (x.add(i * k), y.add(i * n)) };
@@ -67,39 +168,122 @@ pub unsafe extern "C" fn panel_rows(
     unsafe {
         while i + 3 <= m {
             let [r0, r1, r2] = [rows(i), rows(i + 1), rows(i + 2)];
-            panel_avx2::<3>(k, [r0.0, r1.0, r2.0], w, [r0.1, r1.1, r2.1]);
+            panel_avx2::<3, ELEM>(k, [r0.0, r1.0, r2.0], w, [r0.1, r1.1, r2.1]);
             i += 3;
         }
         match m - i {
             2 => {
                 let [r0, r1] = [rows(i), rows(i + 1)];
-                panel_avx2::<2>(k, [r0.0, r1.0], w, [r0.1, r1.1]);
+                panel_avx2::<2, ELEM>(k, [r0.0, r1.0], w, [r0.1, r1.1]);
             }
             1 => {
                 let r0 = rows(i);
-                panel_avx2::<1>(k, [r0.0], w, [r0.1]);
+                panel_avx2::<1, ELEM>(k, [r0.0], w, [r0.1]);
             }
             _ => {}
         }
     }
 }
 
-/// `ROWS` rows of x against a panel: `acc[r][i]` collects weight row `r` against x row `i`
-/// over the 8-column chunks, then the tail and the reduction follow the generated code's
-/// order: per row the two 4-lane halves with the 4-wide tail step in the first, their sum,
-/// `(l0 + l1) + (l2 + l3)` (two horizontal adds, which make those very sums for the 4 rows
-/// at once), then the scalar tail.
+/// The f32s of the `out.len()` weights stored as `ELEM` at `w`.
 ///
 /// # Safety
 ///
-/// Each `xs[i]` points to `k` floats, `w` to a panel of `4 * k` floats, each `ys[i]` to 4
-/// writable floats, and the CPU has AVX2 and FMA.
+/// `w` holds `out.len()` weights, and the CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panel_avx2<const ROWS: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen<const ELEM: Elem>(w: *const u8, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (chunks, rest) = out.as_chunks_mut::<8>();
+    // SAFETY: every element read is below `out.len()` (the contract).
+    unsafe {
+        for (c, chunk) in chunks.iter_mut().enumerate() {
+            _mm256_storeu_ps(chunk.as_mut_ptr(), load8::<ELEM>(w, 8 * c));
+        }
+        let done = 8 * chunks.len();
+        for (i, v) in rest.iter_mut().enumerate() {
+            *v = load1::<ELEM>(w, done + i);
+        }
+    }
+}
+
+/// Eight weights stored as `ELEM` from element `i` of `w`, as f32s.
+///
+/// # Safety
+///
+/// `w` holds elements `i..i + 8`, and the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const ELEM: Elem>(w: *const u8, i: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the contract.
+    unsafe {
+        match ELEM {
+            F32 => _mm256_loadu_ps(w.cast::<f32>().add(i)),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * i).cast())),
+            _ => {
+                let h = _mm_loadu_si128(w.add(2 * i).cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+        }
+    }
+}
+
+/// [`load8`] of four weights.
+///
+/// # Safety
+///
+/// `w` holds elements `i..i + 4`, and the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load4<const ELEM: Elem>(w: *const u8, i: usize) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    // SAFETY: the contract.
+    unsafe {
+        match ELEM {
+            F32 => _mm_loadu_ps(w.cast::<f32>().add(i)),
+            F16 => _mm_cvtph_ps(_mm_loadl_epi64(w.add(2 * i).cast())),
+            _ => {
+                let h = _mm_loadl_epi64(w.add(2 * i).cast());
+                _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16))
+            }
+        }
+    }
+}
+
+/// [`load8`] of one weight.
+///
+/// # Safety
+///
+/// `w` holds element `i`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn load1<const ELEM: Elem>(w: *const u8, i: usize) -> f32 {
+    // SAFETY: the contract.
+    unsafe {
+        match ELEM {
+            F32 => w.cast::<f32>().add(i).read_unaligned(),
+            F16 => half::f16::from_bits(w.add(2 * i).cast::<u16>().read_unaligned()).to_f32(),
+            _ => f32::from_bits(u32::from(w.add(2 * i).cast::<u16>().read_unaligned()) << 16),
+        }
+    }
+}
+
+/// `ROWS` rows of x against a panel of weights stored as `ELEM`: `acc[r][i]` collects
+/// weight row `r` against x row `i` over the 8-column chunks, then the tail and the
+/// reduction follow the generated code's order: per row the two 4-lane halves with the
+/// 4-wide tail step in the first, their sum, `(l0 + l1) + (l2 + l3)` (two horizontal
+/// adds, which make those very sums for the 4 rows at once), then the scalar tail.
+///
+/// # Safety
+///
+/// Each `xs[i]` points to `k` floats, `w` to a panel of `4 * k` weights stored as `ELEM`,
+/// each `ys[i]` to 4 writable floats, and the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_avx2<const ROWS: usize, const ELEM: Elem>(
     k: usize,
     xs: [*const f32; ROWS],
-    w: *const f32,
+    w: *const u8,
     ys: [*mut f32; ROWS],
 ) {
     use std::arch::x86_64::*;
@@ -109,9 +293,9 @@ unsafe fn panel_avx2<const ROWS: usize>(
     unsafe {
         for c in (0..k8).step_by(PANEL_COLS) {
             let a: [__m256; ROWS] = std::array::from_fn(|i| _mm256_loadu_ps(xs[i].add(c)));
-            let chunk = w.add(c * PANEL_ROWS);
+            let chunk = c * PANEL_ROWS;
             for (r, row) in acc.iter_mut().enumerate() {
-                let wr = _mm256_loadu_ps(chunk.add(PANEL_COLS * r));
+                let wr = load8::<ELEM>(w, chunk + PANEL_COLS * r);
                 for (sum, &xa) in row.iter_mut().zip(&a) {
                     *sum = _mm256_fmadd_ps(wr, xa, *sum);
                 }
@@ -120,12 +304,12 @@ unsafe fn panel_avx2<const ROWS: usize>(
         let tail = k - k8;
         // Tail values past the 4-wide step, added one by one.
         let first = if tail >= 4 { 4 } else { 0 };
-        let tail_at = |r: usize| w.add(PANEL_ROWS * k8 + r * tail);
+        let tail_at = |r: usize| PANEL_ROWS * k8 + r * tail;
         for (i, (x, y)) in xs.into_iter().zip(ys).enumerate() {
             let halves: [__m128; PANEL_ROWS] = std::array::from_fn(|r| {
                 let mut lo = _mm256_castps256_ps128(acc[r][i]);
                 if tail >= 4 {
-                    lo = _mm_fmadd_ps(_mm_loadu_ps(tail_at(r)), _mm_loadu_ps(x.add(k8)), lo);
+                    lo = _mm_fmadd_ps(load4::<ELEM>(w, tail_at(r)), _mm_loadu_ps(x.add(k8)), lo);
                 }
                 _mm_add_ps(lo, _mm256_extractf128_ps(acc[r][i], 1))
             });
@@ -140,7 +324,7 @@ unsafe fn panel_avx2<const ROWS: usize>(
             _mm_storeu_ps(lanes.as_mut_ptr(), sums);
             for (r, mut s) in lanes.into_iter().enumerate() {
                 for q in first..tail {
-                    s = (*tail_at(r).add(q)).mul_add(*x.add(k8 + q), s);
+                    s = load1::<ELEM>(w, tail_at(r) + q).mul_add(*x.add(k8 + q), s);
                 }
                 *y.add(r) = s;
             }
@@ -233,11 +417,10 @@ unsafe fn quant_row_avx2<const FOUR_BIT: bool>(k: usize, x: *const f32, w: *cons
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
-    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let mut l = [0f32; 4];
-    // SAFETY: `l` holds 4 floats.
-    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
-    (l[0] + l[1]) + (l[2] + l[3])
+    lanes_sum(_mm_add_ps(
+        _mm256_castps256_ps128(v),
+        _mm256_extractf128_ps(v, 1),
+    ))
 }
 
 /// The symbol generated code imports [`f16_row`] under.
@@ -246,10 +429,13 @@ pub const F16_ROW: &str = "llmc_f16_row";
 /// The symbol generated code imports [`bf16_row`] under.
 pub const BF16_ROW: &str = "llmc_bf16_row";
 
-/// `*y = dot(x, w)` for one row `w` of `k` f16 weights (`PackedF16`), widened 8 at a time
-/// by F16C's `vcvtph2ps` (exact for every f16): four accumulators over chunks of 32, then
-/// chunks of 8 into the first, then one value at a time. Generated code calls it for
-/// every row of x and every weight row, so batching changes no bit of a row's result.
+/// `*y = dot(x, w)` for one row `w` of `k` f16 weights (`PackedF16`), widened as they
+/// load, with the additions of the generated row code: 8 lanes in two accumulators over
+/// chunks of 16 (the generated code's four 4-lane ones), the remaining 4-wide steps into
+/// those quarters in turn, then `sum(q0 + q1) + sum(q2 + q3)` and the scalar tail.
+/// Generated code calls it for the rows a panel does not hold (the last `n % 4`, or a
+/// weight computed at run time), for every row of x on its own, so batching changes no
+/// bit of a row's result, nor does whether the microkernels run.
 ///
 /// # Safety
 ///
@@ -258,10 +444,10 @@ pub const BF16_ROW: &str = "llmc_bf16_row";
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { half_row::<false>(k as usize, x, w, y) }
+    unsafe { half_row::<F16>(k as usize, x, w, y) }
 }
 
-/// [`f16_row`] for a row of bf16 weights (`PackedBF16`), each the top half of its f32.
+/// [`f16_row`] for a row of bf16 weights (`PackedBF16`).
 ///
 /// # Safety
 ///
@@ -269,54 +455,61 @@ pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f3
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn bf16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { half_row::<true>(k as usize, x, w, y) }
+    unsafe { half_row::<BF16>(k as usize, x, w, y) }
 }
 
-/// [`f16_row`] over a row of bf16 (`BRAIN`) or f16 weights.
+/// [`f16_row`] over a row of weights stored as `ELEM`.
 ///
 /// # Safety
 ///
 /// As [`f16_row`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_row<const BRAIN: bool>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
+unsafe fn half_row<const ELEM: Elem>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
     use std::arch::x86_64::*;
-    // SAFETY: the contract: x holds k floats, w 2k bytes, y one float.
+    // SAFETY: the contract: x holds k floats, w k weights, y one float.
     unsafe {
-        let widen8 = |at: usize| {
-            let h = _mm_loadu_si128(w.add(2 * at).cast());
-            if BRAIN {
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-            } else {
-                _mm256_cvtph_ps(h)
-            }
-        };
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let k32 = k - k % 32;
-        for at in (0..k32).step_by(32) {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let k16 = k - k % 16;
+        for at in (0..k16).step_by(16) {
             for (a, sum) in acc.iter_mut().enumerate() {
                 let i = at + 8 * a;
-                *sum = _mm256_fmadd_ps(widen8(i), _mm256_loadu_ps(x.add(i)), *sum);
+                *sum = _mm256_fmadd_ps(load8::<ELEM>(w, i), _mm256_loadu_ps(x.add(i)), *sum);
             }
         }
-        let mut at = k32;
-        while k - at >= 8 {
-            acc[0] = _mm256_fmadd_ps(widen8(at), _mm256_loadu_ps(x.add(at)), acc[0]);
-            at += 8;
+        // The generated code's four quarters.
+        let mut quarters = [
+            _mm256_castps256_ps128(acc[0]),
+            _mm256_extractf128_ps(acc[0], 1),
+            _mm256_castps256_ps128(acc[1]),
+            _mm256_extractf128_ps(acc[1], 1),
+        ];
+        let mut at = k16;
+        for quarter in &mut quarters {
+            if k - at < 4 {
+                break;
+            }
+            *quarter = _mm_fmadd_ps(load4::<ELEM>(w, at), _mm_loadu_ps(x.add(at)), *quarter);
+            at += 4;
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut total = lane_sum(sum);
+        let [q0, q1, q2, q3] = quarters;
+        let mut total = lanes_sum(_mm_add_ps(q0, q1)) + lanes_sum(_mm_add_ps(q2, q3));
         for i in at..k {
-            let h = u16::from_le_bytes([*w.add(2 * i), *w.add(2 * i + 1)]);
-            let v = if BRAIN {
-                f32::from_bits(u32::from(h) << 16)
-            } else {
-                half::f16::from_bits(h).to_f32()
-            };
-            total = v.mul_add(*x.add(i), total);
+            total = load1::<ELEM>(w, i).mul_add(*x.add(i), total);
         }
         *y = total;
     }
+}
+
+/// `(l0 + l1) + (l2 + l3)` of the 4 lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lanes_sum(v: std::arch::x86_64::__m128) -> f32 {
+    use std::arch::x86_64::*;
+    let mut l = [0f32; 4];
+    // SAFETY: `l` holds 4 floats.
+    unsafe { _mm_storeu_ps(l.as_mut_ptr(), v) };
+    (l[0] + l[1]) + (l[2] + l[3])
 }
 
 /// The value of IEEE half-precision bits (normal, subnormal, zero; block scales are never
