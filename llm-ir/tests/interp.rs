@@ -817,3 +817,54 @@ fn stacked_weight_rows_are_kept_as_their_parts() {
         "stacked once"
     );
 }
+
+/// 16-bit values stored as `f16` tensors, `a` above `b`.
+struct SixteenBitWeights;
+
+impl interp::WeightStore for SixteenBitWeights {
+    fn weight(&self, name: &str) -> Option<std::rc::Rc<Value>> {
+        let rows = if name == "a" { 1 } else { 2 };
+        let values: Vec<f32> = (0..rows * 32)
+            .map(|i| (i as f32 + 0.5) * if name == "a" { 1.0 } else { -1.0 })
+            .collect();
+        Some(std::rc::Rc::new(Value::Quantized(interp::QTensor {
+            shape: vec![rows, 32],
+            format: llm_ir::types::QuantFormat::F16,
+            bytes: interp::quant::quantize(&llm_ir::types::QuantFormat::F16, &[rows, 32], &values),
+        })))
+    }
+}
+
+/// Quantized matrices of one GGUF format concatenate along dim 0 as their bytes in turn
+/// (what `fuse` makes of 16-bit siblings): evaluated, the rows dequantize to the parts'
+/// rows; hoisted, they stay their parts until the whole is read.
+#[test]
+fn quantized_rows_stack_as_their_bytes() {
+    use pliron::linked_list::ContainsLinkedList;
+    let ir = "builtin.module @m {\n  ^entry():\n    builtin.func @f: builtin.function <(llm.tensor <1x32xf32>) -> (llm.tensor <3x32xf32>, llm.tensor <1x3xf32>)> {\n      ^body(x: llm.tensor <1x32xf32>):\n        a = llm.weight {name = \"a\"} : llm.quantized_tensor <1x32, f16>;\n        b = llm.weight {name = \"b\"} : llm.quantized_tensor <2x32, f16>;\n        c = llm.concat a, b {axis = 0} : llm.quantized_tensor <3x32, f16>;\n        d = llm.dequantize c : llm.tensor <3x32xf32>;\n        y = llm.quantized_matmul x, c : llm.tensor <1x3xf32>;\n        llm.return d, y\n    }\n}\n";
+    let mut ctx = Context::new();
+    let module = text::parse_module(&mut ctx, ir).expect("parses");
+    let f = interp::find_func(&ctx, module, "f").expect("@f");
+    let x = f32s(&[1, 32], &[1.0; 32]);
+    let out = Interpreter::new(&ctx, &SixteenBitWeights)
+        .run(f, vec![x])
+        .expect("runs");
+    let want: Vec<f32> = (0..32)
+        .map(|i| i as f32 + 0.5)
+        .chain((0..64).map(|i| -(i as f32 + 0.5)))
+        .collect();
+    assert_eq!(floats(&out[0]), want);
+    // Each row's sum: 32 * 16, then -(32 * 16), -(32 * 48).
+    assert_eq!(floats(&out[1]), [512.0, -512.0, -1536.0]);
+    let hoisted = Interpreter::new(&ctx, &SixteenBitWeights)
+        .hoist(f)
+        .expect("hoists");
+    let ops: Vec<_> = f.get_entry_block(&ctx).deref(&ctx).iter(&ctx).collect();
+    let stacked = ops[2].deref(&ctx).get_result(0);
+    let parts = hoisted.stacked_rows(stacked).expect("kept as parts");
+    assert_eq!(parts.len(), 2);
+    let whole = hoisted.value(stacked).expect("stacked on demand");
+    let bytes = |v: &Value| v.quantized().expect("quantized").bytes.clone();
+    assert_eq!(bytes(whole), [bytes(&parts[0]), bytes(&parts[1])].concat());
+    assert_eq!(whole.quantized().unwrap().shape, [3, 32]);
+}

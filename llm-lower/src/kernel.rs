@@ -353,20 +353,26 @@ pub fn pack_block_panels(bytes: &[u8], n: usize, row_bytes: usize, block_bytes: 
 }
 
 /// The panel layout of a constant quantized weight of `n x k` values in `format` that
-/// [`Contraction::block_panels`] reads: the 16-bit formats in the layout of
-/// [`pack_panels`] (their values are its elements; packed on `threads` threads), the
-/// block formats in [`pack_block_panels`]'s.
+/// [`Contraction::block_panels`] reads, whose rows those of `parts` (row-major bytes of
+/// whole rows) are, stacked: the 16-bit formats in the layout of [`pack_panels`] (their
+/// values are its elements; packed from the parts on `threads` threads), the block
+/// formats in [`pack_block_panels`]'s.
 pub fn pack_weight_panels(
     format: WeightFormat,
-    bytes: &[u8],
+    parts: &[&[u8]],
     [n, k]: [usize; 2],
     threads: usize,
 ) -> Vec<u8> {
     if format.is_sixteen_bit() {
-        let (values, _) = bytes.as_chunks::<2>();
-        return pack_panels(values, n, k, threads).into_flattened();
+        let values: Vec<&[[u8; 2]]> = parts.iter().map(|p| p.as_chunks::<2>().0).collect();
+        return pack_stacked_panels(&values, n, k, threads).into_flattened();
     }
-    pack_block_panels(bytes, n, format.row_bytes(k), format.row_bytes(32))
+    pack_block_panels(
+        &parts.concat(),
+        n,
+        format.row_bytes(k),
+        format.row_bytes(32),
+    )
 }
 
 /// Copies the bytes of row `r` of an `n x k` weight in `format` stored by
@@ -1785,8 +1791,9 @@ mod tests {
         }
     }
 
-    /// A 16-bit weight's panels are the f32 panels' layout of its 2-byte values, and each
-    /// row reads back as it was; a block format's are its block panels.
+    /// A 16-bit weight's panels are the f32 panels' layout of its 2-byte values (packed
+    /// from parts as from their stacking), and each row reads back as it was; a block
+    /// format's are its block panels.
     #[test]
     fn weight_panels_of_sixteen_bit_and_block_formats() {
         for (n, k) in [(1, 5), (4, 8), (6, 13), (9, 20), (13, 100)] {
@@ -1794,8 +1801,15 @@ mod tests {
                 .map(|i| [i as u8, (i >> 8) as u8 ^ 0x5a])
                 .collect();
             let bytes = values.as_flattened();
-            let packed = pack_weight_panels(WeightFormat::PackedBF16, bytes, [n, k], 2);
+            let packed = pack_weight_panels(WeightFormat::PackedBF16, &[bytes], [n, k], 2);
             assert_eq!(packed, pack_panels(&values, n, k, 1).as_flattened());
+            // From parts (merged siblings) as from their stacking.
+            let cut = 2 * k * (n / 3);
+            let parts = [&bytes[..cut], &bytes[cut..]];
+            assert_eq!(
+                pack_weight_panels(WeightFormat::PackedF16, &parts, [n, k], 3),
+                packed
+            );
             let mut row = vec![0; 2 * k];
             for r in 0..n {
                 weight_panel_row(WeightFormat::PackedF16, &packed, [n, k], r, &mut row);
@@ -1804,7 +1818,7 @@ mod tests {
         }
         let (n, k) = (5, 64);
         let bytes: Vec<u8> = (0..n * 68).map(|i| (i * 13 % 251) as u8).collect();
-        let packed = pack_weight_panels(WeightFormat::Q8_0, &bytes, [n, k], 1);
+        let packed = pack_weight_panels(WeightFormat::Q8_0, &[&bytes], [n, k], 1);
         assert_eq!(packed, pack_block_panels(&bytes, n, 68, 34));
         let mut row = vec![0; 68];
         weight_panel_row(WeightFormat::Q8_0, &packed, [n, k], 2, &mut row);

@@ -798,6 +798,29 @@ proptest! {
         agree_with(&ir, x, &store, 1e-4)?;
     }
 
+    /// 16-bit sibling weights that `fuse` merged (an `llm.concat` of constant weights, read
+    /// by one quantized matmul) are packed into panels from their parts on the CPU (panels
+    /// that straddle two parts included), and stacked for the GPU.
+    #[test]
+    fn merged_sixteen_bit_siblings(m in 1usize..6, n1 in 1usize..14, n2 in 1usize..14, k in 1usize..40, brain in any::<bool>(), seed: u64) {
+        let format = if brain { QuantFormat::BF16 } else { QuantFormat::F16 };
+        let q = |n: usize| format!("llm.quantized_tensor <{n}x{k}, {}>", format.name());
+        let n = n1 + n2;
+        let ir = func(
+            &[("x".into(), ty(&[m, k]))],
+            &ty(&[m, n]),
+            &format!(
+                "a = llm.weight {{name = \"a\"}} : {};\n        b = llm.weight {{name = \"b\"}} : {};\n        w = llm.concat a, b {{axis = 0}} : {};\n        y = llm.quantized_matmul x, w : {};",
+                q(n1), q(n2), q(n), ty(&[m, n])
+            ),
+        );
+        let store = Store(vec![
+            ("a".into(), Rc::new(quantized(&format, [n1, k], seed + 1))),
+            ("b".into(), Rc::new(quantized(&format, [n2, k], seed + 2))),
+        ]);
+        agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 2e-5)?;
+    }
+
     /// Every other weight format ([`format_case`]), dequantized in the contraction kernel
     /// of both backends.
     #[test]

@@ -3,10 +3,10 @@
 //! share.
 //!
 //! The rows of weight matrices that an `llm.concat` stacks (the fused q/k/v or gate/up
-//! projections a `fuse` pass makes: a third of a Llama model's weights) are kept as their
-//! parts until something reads the whole ([`Hoisted::value`]): a backend that repacks the
-//! matrix anyway reads the parts ([`Hoisted::stacked_rows`]), and the stacked copy is never
-//! made.
+//! projections a `fuse` pass makes, f32 or 16-bit: a third of a Llama model's weights) are
+//! kept as their parts until something reads the whole ([`Hoisted::value`]): a backend
+//! that repacks the matrix anyway reads the parts ([`Hoisted::stacked_rows`]), and the
+//! stacked copy is never made.
 //!
 //! [`Interpreter::hoist`]: super::Interpreter::hoist
 
@@ -20,8 +20,8 @@ use pliron::{
     value::Value as IrValue,
 };
 
-use super::{Data, Tensor, Value};
-use crate::{dtype::DType, ops::OpCheck};
+use super::{Data, QTensor, Tensor, Value, quant::storage_bytes};
+use crate::{dtype::DType, ops::OpCheck, types::QuantFormat};
 
 /// A hoisted result: its value, or the matrices whose rows it stacks.
 #[derive(Clone)]
@@ -43,36 +43,33 @@ impl Entry {
     pub(super) fn value(&self) -> &Rc<Value> {
         match self {
             Entry::Ready(v) => v,
-            Entry::Stacked(s) => s
-                .whole
-                .get_or_init(|| Rc::new(Value::Tensor(stack_rows(&s.parts)))),
+            Entry::Stacked(s) => s.whole.get_or_init(|| Rc::new(stack_rows(&s.parts))),
         }
     }
 
-    /// The result of `op` on `inputs` kept lazy, if it stacks rows of f32 matrices: an
-    /// `llm.concat` along dim 0 of rank-2 f32 tensors of one width (what
-    /// [`stack_rows`] then copies without a check that could fail).
+    /// The result of `op` on `inputs` kept lazy, if it stacks rows of matrices: an
+    /// `llm.concat` along dim 0 of rank-2 f32 tensors, or of quantized tensors of one
+    /// GGUF format (whose rows are whole blocks), of one width (what [`stack_rows`] then
+    /// copies without a check that could fail).
     pub(super) fn lazy(ctx: &Context, op: Ptr<Operation>, inputs: &[Rc<Value>]) -> Option<Entry> {
-        let width = |v: &Value| match v {
-            Value::Tensor(Tensor {
-                shape,
-                dtype: DType::F32,
-                data: Data::Float(d),
-            }) if shape.len() == 2 && d.len() == shape[0] * shape[1] => Some(shape[1]),
-            _ => None,
-        };
-        let first = width(inputs.first()?)?;
+        let first = stackable_rows(inputs.first()?)?;
         if Operation::get_opid(op, ctx).to_string() != "llm.concat" {
             return None;
         }
         let check = OpCheck::for_eval(ctx, op);
-        // Dim 0 of a rank-2 tensor (the default), into an f32 result.
-        let stacks = matches!(check.int("axis"), None | Some(0) | Some(-2))
-            && check
+        // Dim 0 of a rank-2 tensor (the default), into an f32 or quantized result.
+        let result = match first.0 {
+            None => check
                 .result_tensor(0)
-                .is_ok_and(|t| t.dtype() == DType::F32)
+                .is_ok_and(|t| t.dtype() == DType::F32),
+            Some(format) => check
+                .result_quantized(0)
+                .is_ok_and(|t| t.format() == format),
+        };
+        let stacks = matches!(check.int("axis"), None | Some(0) | Some(-2))
+            && result
             && inputs.len() > 1
-            && inputs.iter().all(|v| width(v) == Some(first));
+            && inputs.iter().all(|v| stackable_rows(v) == Some(first));
         stacks.then(|| {
             Entry::Stacked(Rc::new(Stacked {
                 parts: inputs.to_vec(),
@@ -82,22 +79,61 @@ impl Entry {
     }
 }
 
-/// The rows of `parts` (f32 matrices of one width, checked by [`Entry::lazy`]) stacked.
-fn stack_rows(parts: &[Rc<Value>]) -> Tensor {
-    let (mut rows, mut width, mut data) = (0, 0, Vec::new());
-    for part in parts {
-        if let Value::Tensor(t) = &**part
-            && let Data::Float(values) = &t.data
+/// The kind of `v`'s rows (`None`: f32; else the quantized format) and their width, when
+/// `v` is a matrix whose rows [`stack_rows`] stacks: f32, or of a GGUF format (rows of
+/// whole blocks) holding its bytes.
+fn stackable_rows(v: &Value) -> Option<(Option<&QuantFormat>, usize)> {
+    match v {
+        Value::Tensor(Tensor {
+            shape,
+            dtype: DType::F32,
+            data: Data::Float(d),
+        }) if shape.len() == 2 && d.len() == shape[0] * shape[1] => Some((None, shape[1])),
+        Value::Quantized(q)
+            if q.shape.len() == 2
+                && q.format.gguf_block_bytes().is_some()
+                && q.bytes.len() == storage_bytes(&q.format, &q.shape) =>
         {
-            rows += t.shape[0];
-            width = t.shape[1];
-            data.extend_from_slice(values);
+            Some((Some(&q.format), q.shape[1]))
+        }
+        _ => None,
+    }
+}
+
+/// The rows of `parts` (f32 matrices, or quantized ones of one format, of one width,
+/// checked by [`Entry::lazy`]) stacked.
+fn stack_rows(parts: &[Rc<Value>]) -> Value {
+    let (mut rows, mut width) = (0, 0);
+    let (mut floats, mut bytes, mut format) = (Vec::new(), Vec::new(), None);
+    for part in parts {
+        match &**part {
+            Value::Tensor(Tensor {
+                shape,
+                data: Data::Float(values),
+                ..
+            }) => {
+                (rows, width) = (rows + shape[0], shape[1]);
+                floats.extend_from_slice(values);
+            }
+            Value::Quantized(q) => {
+                (rows, width) = (rows + q.shape[0], q.shape[1]);
+                bytes.extend_from_slice(&q.bytes);
+                format = Some(q.format.clone());
+            }
+            _ => {}
         }
     }
-    Tensor {
-        shape: vec![rows, width],
-        dtype: DType::F32,
-        data: Data::Float(data),
+    match format {
+        Some(format) => Value::Quantized(QTensor {
+            shape: vec![rows, width],
+            format,
+            bytes,
+        }),
+        None => Value::Tensor(Tensor {
+            shape: vec![rows, width],
+            dtype: DType::F32,
+            data: Data::Float(floats),
+        }),
     }
 }
 
@@ -162,9 +198,9 @@ impl Hoisted {
         self.0.get(&value)?.as_ref().map(Entry::value)
     }
 
-    /// The f32 matrices (of one width) whose rows hoisted result `value` stacks, when it
-    /// is kept as its parts: what a backend repacking the matrix reads instead of the
-    /// whole.
+    /// The matrices (f32, or quantized of one GGUF format; of one width) whose rows
+    /// hoisted result `value` stacks, when it is kept as its parts: what a backend
+    /// repacking the matrix reads instead of the whole.
     pub fn stacked_rows(&self, value: IrValue) -> Option<&[Rc<Value>]> {
         match self.0.get(&value)?.as_ref()? {
             Entry::Stacked(s) => Some(&s.parts),

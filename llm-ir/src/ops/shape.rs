@@ -6,6 +6,7 @@ use crate::{
     llm_op,
     ops::{OpCheck, Operands, show_shape},
     params::{ParamKind, ParamSpec},
+    syntax::Dim,
     types::num_elements,
 };
 
@@ -157,13 +158,15 @@ fn check_slice(c: &OpCheck) -> Result<()> {
 }
 
 llm_op! {
-    /// Concatenates tensors along `axis`; other dims must match.
+    /// Concatenates tensors along `axis`; other dims must match. Quantized tensors of one
+    /// GGUF format (the block formats, `f16`, `bf16`: each row whole blocks) stack along
+    /// dim 0, their bytes one after another.
     ///
     /// | | |
     /// |---|---|
-    /// | operands | `inputs`: one or more `llm.tensor` of one element type and rank |
-    /// | results | `result`: `llm.tensor` whose `axis` dim is the sum |
-    /// | `axis` (int, required) | the joined dim; negative counts from the end |
+    /// | operands | `inputs`: one or more `llm.tensor` of one element type and rank, or `llm.quantized_tensor` of one GGUF format and rank |
+    /// | results | `result`: `llm.tensor` (`llm.quantized_tensor` of that format) whose `axis` dim is the sum |
+    /// | `axis` (int, required) | the joined dim (0 for quantized tensors); negative counts from the end |
     ///
     /// Example:
     /// ```text
@@ -179,27 +182,79 @@ llm_op! {
 }
 
 fn check_concat(c: &OpCheck) -> Result<()> {
+    if c.is_quantized(0) {
+        return check_quantized_concat(c);
+    }
     let first = c.tensor(0)?;
     let axis = c.axis("axis", 0, first.rank())?;
     let mut want = first.shape().to_vec();
     for i in 1..c.num_operands() {
         let t = c.tensor(i)?;
         c.same_dtype(&c.operand_desc(i), t.dtype(), first.dtype())?;
-        c.rank(&c.operand_desc(i), t.shape(), first.rank())?;
-        for (d, (total, &dim)) in want.iter_mut().zip(t.shape()).enumerate() {
-            if d == axis {
-                *total = total.zip(dim).map(|(a, b)| a + b);
-            } else {
-                c.dim(
-                    &format!("dim {d} of {}", c.operand_desc(i)),
-                    dim,
-                    first.shape()[d],
-                )?;
-            }
-        }
+        joined_shape(c, i, (&mut want, t.shape()), (first.shape(), axis))?;
     }
     let out = c.result_tensor(0)?;
     c.same_dtype(&c.result_desc(0), out.dtype(), first.dtype())?;
+    c.shape(&c.result_desc(0), out.shape(), &want)
+}
+
+/// Adds operand `i`'s `shape` (of the first operand's rank, every dim but `axis` equal to
+/// the first's) into the concatenation's shape `want`.
+fn joined_shape(
+    c: &OpCheck,
+    i: usize,
+    (want, shape): (&mut [Dim], &[Dim]),
+    (first, axis): (&[Dim], usize),
+) -> Result<()> {
+    c.rank(&c.operand_desc(i), shape, first.len())?;
+    for (d, (total, &dim)) in want.iter_mut().zip(shape).enumerate() {
+        if d == axis {
+            *total = total.zip(dim).map(|(a, b)| a + b);
+        } else {
+            c.dim(&format!("dim {d} of {}", c.operand_desc(i)), dim, first[d])?;
+        }
+    }
+    Ok(())
+}
+
+/// `llm.concat` of quantized tensors: one GGUF format (whose rows are whole blocks, so
+/// the bytes of tensors stacked along dim 0 are the parts' bytes in turn), dim 0.
+fn check_quantized_concat(c: &OpCheck) -> Result<()> {
+    let first = c.quantized(0)?;
+    let format = first.format();
+    if format.gguf_block_bytes().is_none() {
+        return c.err(format!(
+            "{} is {}, whose bytes do not stack: quantized tensors concatenate in a GGUF format (q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, f16, bf16)",
+            c.operand_desc(0),
+            format.name()
+        ));
+    }
+    if c.axis("axis", 0, first.shape().len())? != 0 {
+        return c.err("quantized tensors concatenate along dim 0 only");
+    }
+    let mut want = first.shape().to_vec();
+    for i in 1..c.num_operands() {
+        let q = c.quantized(i)?;
+        if q.format() != format {
+            return c.err(format!(
+                "{} is {}, not {} as {} is",
+                c.operand_desc(i),
+                q.format().name(),
+                format.name(),
+                c.operand_desc(0)
+            ));
+        }
+        joined_shape(c, i, (&mut want, q.shape()), (first.shape(), 0))?;
+    }
+    let out = c.result_quantized(0)?;
+    if out.format() != format {
+        return c.err(format!(
+            "{} is {}, not {} as its operands are",
+            c.result_desc(0),
+            out.format().name(),
+            format.name()
+        ));
+    }
     c.shape(&c.result_desc(0), out.shape(), &want)
 }
 

@@ -322,21 +322,39 @@ impl PackCache {
         Ok(packed)
     }
 
-    /// The panel layout ([`kernel::pack_weight_panels`]) of the quantized weight of `c`,
-    /// `whole`, packed once (on `threads` threads where that splits).
+    /// The panel layout ([`kernel::pack_weight_panels`]) of the quantized weight of `c`
+    /// whose rows those of `parts` are, stacked (one part, or the 16-bit matrices that
+    /// `fuse` merged), packed once (on `threads` threads where that splits) from the parts
+    /// themselves.
     fn packed_blocks(
         &self,
-        whole: &Rc<Value>,
+        parts: &[Rc<Value>],
         c: &Contraction,
         (op, threads): (&str, usize),
     ) -> Result<Rc<Value>, JitError> {
-        let key = (vec![Rc::as_ptr(whole)], false);
+        let key = (parts.iter().map(Rc::as_ptr).collect(), false);
         if let Some((_, packed)) = self.0.borrow().get(&key) {
             return Ok(Rc::clone(packed));
         }
-        let q = whole.quantized().map_err(JitError)?;
         let row_bytes = c.weight.row_bytes(c.k);
-        if q.shape != [c.n, c.k] || q.bytes.len() != c.n * row_bytes {
+        let mut rows = 0;
+        let mut bytes = Vec::with_capacity(parts.len());
+        for part in parts {
+            let q = part.quantized().map_err(JitError)?;
+            let held = q.shape.len() == 2 && q.bytes.len() == q.shape[0] * row_bytes;
+            if !held || q.shape[1] != c.k || WeightFormat::of(&q.format) != Some(c.weight) {
+                return Err(JitError(format!(
+                    "{op}: the weight {:?} in {} is not rows of {} in {}",
+                    q.shape,
+                    q.format.name(),
+                    c.k,
+                    c.weight.name()
+                )));
+            }
+            rows += q.shape[0];
+            bytes.push(&q.bytes[..]);
+        }
+        if rows != c.n {
             return Err(JitError(format!(
                 "{op}: the weight is not {}x{} in {}",
                 c.n,
@@ -344,14 +362,18 @@ impl PackCache {
                 c.weight.name()
             )));
         }
+        let format = c
+            .weight
+            .quant_format()
+            .ok_or_else(|| JitError(format!("{op}: {} is not a stored format", c.weight.name())))?;
         let packed = Rc::new(Value::Quantized(QTensor {
-            shape: q.shape.clone(),
-            format: q.format.clone(),
-            bytes: kernel::pack_weight_panels(c.weight, &q.bytes, [c.n, c.k], threads),
+            shape: vec![c.n, c.k],
+            format,
+            bytes: kernel::pack_weight_panels(c.weight, &bytes, [c.n, c.k], threads),
         }));
         self.0
             .borrow_mut()
-            .insert(key, (vec![Rc::clone(whole)], Rc::clone(&packed)));
+            .insert(key, (parts.to_vec(), Rc::clone(&packed)));
         Ok(packed)
     }
 }
@@ -432,18 +454,18 @@ fn pack_weights(
             Some(&slot) => slot,
             None => {
                 let v = value_of(original).ok_or_else(not_constant)?;
+                // A stacked matrix is packed from its parts, without the stacked copy.
+                let whole;
+                let parts = match hoisted.stacked_rows(v) {
+                    Some(parts) if !c.transpose_at_pack => parts,
+                    _ => {
+                        whole = [Rc::clone(hoisted.value(v).ok_or_else(not_constant)?)];
+                        &whole[..]
+                    }
+                };
                 let panels = if c.block_panels {
-                    let whole = hoisted.value(v).ok_or_else(not_constant)?;
-                    cache.packed_blocks(whole, c, (&step.name, threads))?
+                    cache.packed_blocks(parts, c, (&step.name, threads))?
                 } else {
-                    let whole;
-                    let parts = match hoisted.stacked_rows(v) {
-                        Some(parts) if !c.transpose_at_pack => parts,
-                        _ => {
-                            whole = [Rc::clone(hoisted.value(v).ok_or_else(not_constant)?)];
-                            &whole[..]
-                        }
-                    };
                     cache.packed(parts, c, &step.name, threads)?
                 };
                 let slot = next_slot;

@@ -4,7 +4,7 @@ use llm_ir::{
     dtype::DType,
     ops::{self, ConcatOp, MatmulOp, QuantizedMatmulOp, RmsNormMatmulOp, SliceOp},
     params::ParamValue,
-    types::TensorType,
+    types::{QuantFormat, QuantizedTensorType, TensorType},
 };
 use pliron::{context::Ptr, op::Op, operation::Operation, r#type::Typed};
 
@@ -52,26 +52,53 @@ impl Pattern for DequantizeMatmul {
     }
 }
 
-/// A matmul that can join a merged group: `x @ w^T` with a plain rank-2, static `[N, K]`
-/// weight (not a dequantized one, which `dequantize-matmul` keeps quantized).
-fn mergeable(rw: &Rewriter, op: Ptr<Operation>) -> Option<(u64, u64, DType)> {
+/// What the weights of a merged group hold: floats of one type (`llm.matmul`), or 16-bit
+/// floats stored as a quantized tensor (`llm.quantized_matmul` of an `f16` or `bf16`
+/// weight).
+#[derive(Debug, Clone, PartialEq)]
+enum Rows {
+    /// An `llm.tensor` weight of this element type.
+    Floats(DType),
+    /// An `llm.quantized_tensor` weight of this format.
+    Stored(QuantFormat),
+}
+
+/// A matmul that can join a merged group, with its weight's static `[N, K]` and rows:
+/// `x @ w^T` with a plain rank-2 weight (not a dequantized one, which `dequantize-matmul`
+/// keeps quantized), or a quantized matmul of a 16-bit weight. (Quantized siblings of
+/// the block formats stay apart: a backend that reads their rows as they are stored would
+/// need the stacked copy besides the parts.)
+fn mergeable(rw: &Rewriter, op: Ptr<Operation>) -> Option<(u64, u64, Rows)> {
     let ctx = &*rw.ctx;
-    if ir::name(ctx, op) != "llm.matmul" || !ir::flag(ctx, op, "transpose_rhs", false) {
-        return None;
-    }
-    if ir::producer_named(ctx, op, 1, "llm.dequantize").is_some() {
-        return None;
-    }
-    let w = ir::tensor_type(ctx, ir::operand(ctx, op, 1))?;
-    match w.shape() {
-        [Some(n), Some(k)] => Some((*n, *k, w.dtype())),
+    let (shape, rows) = match ir::name(ctx, op).as_str() {
+        "llm.matmul" => {
+            if !ir::flag(ctx, op, "transpose_rhs", false)
+                || ir::producer_named(ctx, op, 1, "llm.dequantize").is_some()
+            {
+                return None;
+            }
+            let t = ir::tensor_type(ctx, ir::operand(ctx, op, 1))?;
+            (t.shape().to_vec(), Rows::Floats(t.dtype()))
+        }
+        "llm.quantized_matmul" => {
+            let q = ir::quantized_type(ctx, ir::operand(ctx, op, 1))?;
+            if !matches!(q.format(), QuantFormat::F16 | QuantFormat::BF16) {
+                return None;
+            }
+            (q.shape().to_vec(), Rows::Stored(q.format().clone()))
+        }
+        _ => return None,
+    };
+    match shape[..] {
+        [Some(n), Some(k)] => Some((n, k, rows)),
         _ => None,
     }
 }
 
-/// `matmul(x, w1^T), ..., matmul(x, wn^T) => slices of matmul(x, concat(w1, ..., wn)^T)`:
-/// row `j` of the concatenated weight is row `j - off_i` of `w_i`, so each slice of the
-/// merged product equals one original product (the same dot products, in the same order).
+/// `matmul(x, w1^T), ..., matmul(x, wn^T) => slices of matmul(x, concat(w1, ..., wn)^T)`
+/// (and likewise quantized matmuls of 16-bit weights): row `j` of the concatenated weight
+/// is row `j - off_i` of `w_i`, so each slice of the merged product equals one original
+/// product (the same dot products, in the same order).
 pub struct MergeSiblingMatmuls;
 
 impl Pattern for MergeSiblingMatmuls {
@@ -80,7 +107,7 @@ impl Pattern for MergeSiblingMatmuls {
     }
 
     fn root(&self) -> Option<&'static str> {
-        Some("llm.matmul")
+        None
     }
 
     fn benefit(&self) -> u32 {
@@ -88,7 +115,7 @@ impl Pattern for MergeSiblingMatmuls {
     }
 
     fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError> {
-        let Some((_, k, dtype)) = mergeable(rw, op) else {
+        let Some((_, k, rows)) = mergeable(rw, op) else {
             return Ok(false);
         };
         let x = ir::operand(rw.ctx, op, 0);
@@ -99,9 +126,9 @@ impl Pattern for MergeSiblingMatmuls {
             if ir::operand(rw.ctx, u, 0) != x || group.iter().any(|(g, _)| *g == u) {
                 continue;
             }
-            if let Some((n, uk, ud)) = mergeable(rw, u)
+            if let Some((n, uk, urows)) = mergeable(rw, u)
                 && uk == k
-                && ud == dtype
+                && urows == rows
             {
                 group.push((u, n));
             }
@@ -127,11 +154,16 @@ impl Pattern for MergeSiblingMatmuls {
             .iter()
             .map(|(u, _)| ir::operand(rw.ctx, *u, 1))
             .collect();
-        let wty = TensorType::get_static(rw.ctx, &[total, k], dtype);
+        let wty = match &rows {
+            Rows::Floats(dtype) => TensorType::get_static(rw.ctx, &[total, k], *dtype).into(),
+            Rows::Stored(format) => {
+                QuantizedTensorType::get(rw.ctx, vec![Some(total), Some(k)], format.clone()).into()
+            }
+        };
         let concat: ConcatOp = ops::build(
             rw.ctx,
             weights,
-            vec![wty.into()],
+            vec![wty],
             vec![("axis", ParamValue::Int(0))],
         );
         let concat = concat.get_operation();
@@ -142,13 +174,23 @@ impl Pattern for MergeSiblingMatmuls {
         let last = shape.len() - 1;
         shape[last] = Some(total);
         let mty = TensorType::get(rw.ctx, shape, first.dtype());
-        let merged: MatmulOp = ops::build(
-            rw.ctx,
-            vec![x, ir::result(rw.ctx, concat, 0)],
-            vec![mty.into()],
-            vec![("transpose_rhs", ParamValue::Bool(true))],
-        );
-        let merged = merged.get_operation();
+        let operands = vec![x, ir::result(rw.ctx, concat, 0)];
+        let merged = match rows {
+            Rows::Floats(_) => {
+                let merged: MatmulOp = ops::build(
+                    rw.ctx,
+                    operands,
+                    vec![mty.into()],
+                    vec![("transpose_rhs", ParamValue::Bool(true))],
+                );
+                merged.get_operation()
+            }
+            Rows::Stored(_) => {
+                let merged: QuantizedMatmulOp =
+                    ops::build(rw.ctx, operands, vec![mty.into()], vec![]);
+                merged.get_operation()
+            }
+        };
         rw.insert_before(anchor, merged);
         let mut offset = 0;
         let mut replaced = Vec::new();

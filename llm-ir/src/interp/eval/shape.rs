@@ -5,7 +5,8 @@ use std::rc::Rc;
 use super::{Eval, Outputs, one, resolve_shape, strides};
 use crate::{
     dtype::DType,
-    interp::value::{Data, Tensor, Value},
+    interp::value::{Data, QTensor, Tensor, Value},
+    types::QuantFormat,
 };
 
 /// `llm.reshape`.
@@ -198,14 +199,52 @@ pub fn concat_tensors(parts: &[&Tensor], axis: usize, dtype: DType) -> Result<Te
     }
 }
 
-/// `llm.concat`.
+/// `llm.concat` (of quantized tensors: their bytes in turn, as the verifier allows only
+/// along dim 0 of a format whose rows are whole blocks).
 pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    if let Value::Quantized(first) = &*inputs[0] {
+        let parts: Vec<&QTensor> = inputs
+            .iter()
+            .map(|v| v.quantized())
+            .collect::<Result<_, _>>()?;
+        return Ok(vec![Rc::new(Value::Quantized(stack_quantized(
+            &parts,
+            &first.format,
+        )?))]);
+    }
     let parts: Vec<&Tensor> = inputs
         .iter()
         .map(|v| v.tensor())
         .collect::<Result<_, _>>()?;
     let axis = e.axis("axis", 0, parts[0].shape.len())?;
     one(concat_tensors(&parts, axis, e.result_dtype(0)?)?)
+}
+
+/// The rows of quantized tensors of `format` stacked (their bytes in turn), checked to
+/// share the format and the dims after the first.
+pub fn stack_quantized(parts: &[&QTensor], format: &QuantFormat) -> Result<QTensor, String> {
+    let first = parts.first().ok_or("nothing to stack")?;
+    let mut shape = first.shape.clone();
+    shape[0] = 0;
+    let mut bytes = Vec::with_capacity(parts.iter().map(|q| q.bytes.len()).sum());
+    for q in parts {
+        if &q.format != format || q.shape.get(1..) != first.shape.get(1..) {
+            return Err(format!(
+                "cannot stack a {} {:?} on a {} {:?}",
+                q.format.name(),
+                q.shape,
+                format.name(),
+                first.shape
+            ));
+        }
+        shape[0] += q.shape[0];
+        bytes.extend_from_slice(&q.bytes);
+    }
+    Ok(QTensor {
+        shape,
+        format: format.clone(),
+        bytes,
+    })
 }
 
 /// `llm.cast`: float rounding to nearest, float to int truncating and saturating, int wrapping.
