@@ -617,9 +617,10 @@ pub enum Movement {
         /// The table's storage: `F32` for a float table (f32, or f16/bf16 values held as
         /// f32), or a quantized format.
         table: WeightFormat,
-        /// The table is stored in panels ([`pack_panels`]; for a q8_0 or q4_0 table, block
-        /// panels, [`pack_block_panels`]), because a contraction shares it (a classifier
-        /// tied to the embedding).
+        /// The table is stored in panels ([`pack_panels`]; for a quantized table, weight
+        /// panels, [`pack_weight_panels`]: q8_0 or q4_0 block panels, or the f32 panels'
+        /// layout of 16-bit values), because a contraction shares it (a classifier tied to
+        /// the embedding).
         panels: bool,
     },
 }

@@ -794,6 +794,7 @@ proptest! {
         let store = Store(vec![("w".into(), Rc::new(quantized(&format, [n, k], seed + 1)))]);
         let (ctx, f, _, hoisted) = reference(&ir, &x, &store)?;
         let program = Program::build(&ctx, f, &hoisted, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(program.stats().panel_contractions, 1, "the weight is read in panels");
         prop_assert_eq!(program.stats().panel_gathers, usize::from(tied), "the embedding gathers from the panels");
         agree_with(&ir, x, &store, 1e-4)?;
     }
@@ -818,7 +819,11 @@ proptest! {
             ("a".into(), Rc::new(quantized(&format, [n1, k], seed + 1))),
             ("b".into(), Rc::new(quantized(&format, [n2, k], seed + 2))),
         ]);
-        agree_with(&ir, vec![tensor(&[m, k], seed, 1.0)], &store, 2e-5)?;
+        let x = vec![tensor(&[m, k], seed, 1.0)];
+        let (ctx, f, _, hoisted) = reference(&ir, &x, &store)?;
+        let program = Program::build(&ctx, f, &hoisted, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(program.stats().panel_contractions, 1, "the merged weight is read in panels");
+        agree_with(&ir, x, &store, 2e-5)?;
     }
 
     /// Every other weight format ([`format_case`]), dequantized in the contraction kernel
@@ -2247,8 +2252,10 @@ fn rows_are_bit_identical_alone_and_in_pairs() {
         (7, 47),
     ] {
         for format in [None, Some(QuantFormat::F16), Some(QuantFormat::BF16)] {
-            // Four rows take a tile of three and a row alone, five a tile of three and a pair.
-            let m = 4 + n % 2;
+            // Two rows take a pair, three a tile of three, four a tile of three and a row
+            // alone, five a tile of three and a pair (16-bit panels are widened whole from
+            // four rows).
+            let m = 5;
             let (w_ty, w, op) = match &format {
                 None => (ty(&[n, k]), tensor(&[n, k], 7, 1.0), "matmul"),
                 Some(f) => (
@@ -2290,19 +2297,23 @@ fn rows_are_bit_identical_alone_and_in_pairs() {
                 let floats = out[0].tensor().unwrap().floats().unwrap().to_vec();
                 floats.iter().map(|f| f.to_bits()).collect()
             };
-            let together = run(m, &x, true);
-            assert_eq!(
-                together,
-                run(m, &x, false),
-                "{n}x{k} {format:?}: microkernels changed bits"
-            );
-            for r in 0..m {
-                let alone = run(1, &x[r * k..(r + 1) * k], true);
+            let alone: Vec<Vec<u32>> = (0..m)
+                .map(|r| run(1, &x[r * k..(r + 1) * k], true))
+                .collect();
+            for rows in 2..=m {
+                let together = run(rows, &x[..rows * k], true);
                 assert_eq!(
-                    alone,
-                    together[r * n..(r + 1) * n],
-                    "{n}x{k} {format:?} row {r}"
+                    together,
+                    run(rows, &x[..rows * k], false),
+                    "{n}x{k} {format:?}: microkernels changed bits"
                 );
+                for (r, alone) in alone.iter().take(rows).enumerate() {
+                    assert_eq!(
+                        *alone,
+                        together[r * n..(r + 1) * n],
+                        "{n}x{k} {format:?} row {r} of {rows}"
+                    );
+                }
             }
         }
     }

@@ -3,10 +3,10 @@
 //! share.
 //!
 //! The rows of weight matrices that an `llm.concat` stacks (the fused q/k/v or gate/up
-//! projections a `fuse` pass makes, f32 or 16-bit: a third of a Llama model's weights) are
-//! kept as their parts until something reads the whole ([`Hoisted::value`]): a backend
-//! that repacks the matrix anyway reads the parts ([`Hoisted::stacked_rows`]), and the
-//! stacked copy is never made.
+//! projections a `fuse` pass makes, f32 or 16-bit: a third of a Llama model's weights; any
+//! f32 or GGUF-format matrices) are kept as their parts until something reads the whole
+//! ([`Hoisted::value`]): a backend that repacks the matrix anyway reads the parts
+//! ([`Hoisted::stacked_rows`]), and then the stacked copy is never made.
 //!
 //! [`Interpreter::hoist`]: super::Interpreter::hoist
 
@@ -20,7 +20,7 @@ use pliron::{
     value::Value as IrValue,
 };
 
-use super::{Data, QTensor, Tensor, Value, quant::storage_bytes};
+use super::{Data, QTensor, Tensor, Value, eval::shape::stack_quantized, quant::storage_bytes};
 use crate::{dtype::DType, ops::OpCheck, types::QuantFormat};
 
 /// A hoisted result: its value, or the matrices whose rows it stacks.
@@ -103,38 +103,24 @@ fn stackable_rows(v: &Value) -> Option<(Option<&QuantFormat>, usize)> {
 /// The rows of `parts` (f32 matrices, or quantized ones of one format, of one width,
 /// checked by [`Entry::lazy`]) stacked.
 fn stack_rows(parts: &[Rc<Value>]) -> Value {
-    let (mut rows, mut width) = (0, 0);
-    let (mut floats, mut bytes, mut format) = (Vec::new(), Vec::new(), None);
+    let quantized: Vec<&QTensor> = parts.iter().filter_map(|v| v.quantized().ok()).collect();
+    if let Some(first) = quantized.first() {
+        return Value::Quantized(stack_quantized(&first.format, &quantized));
+    }
+    let (mut rows, mut width, mut floats) = (0, 0, Vec::new());
     for part in parts {
-        match &**part {
-            Value::Tensor(Tensor {
-                shape,
-                data: Data::Float(values),
-                ..
-            }) => {
-                (rows, width) = (rows + shape[0], shape[1]);
-                floats.extend_from_slice(values);
-            }
-            Value::Quantized(q) => {
-                (rows, width) = (rows + q.shape[0], q.shape[1]);
-                bytes.extend_from_slice(&q.bytes);
-                format = Some(q.format.clone());
-            }
-            _ => {}
+        if let Value::Tensor(t) = &**part
+            && let Data::Float(values) = &t.data
+        {
+            (rows, width) = (rows + t.shape[0], t.shape[1]);
+            floats.extend_from_slice(values);
         }
     }
-    match format {
-        Some(format) => Value::Quantized(QTensor {
-            shape: vec![rows, width],
-            format,
-            bytes,
-        }),
-        None => Value::Tensor(Tensor {
-            shape: vec![rows, width],
-            dtype: DType::F32,
-            data: Data::Float(floats),
-        }),
-    }
+    Value::Tensor(Tensor {
+        shape: vec![rows, width],
+        dtype: DType::F32,
+        data: Data::Float(floats),
+    })
 }
 
 /// Weight-derived values evaluated by [`Interpreter::hoist_shared`], keyed by the op's

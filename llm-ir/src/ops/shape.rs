@@ -224,7 +224,7 @@ fn check_quantized_concat(c: &OpCheck) -> Result<()> {
     let format = first.format();
     if format.gguf_block_bytes().is_none() {
         return c.err(format!(
-            "{} is {}, whose bytes do not stack: quantized tensors concatenate in a GGUF format (q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, f16, bf16)",
+            "{} is {}, whose bytes do not stack: quantized tensors concatenate in a GGUF format (a block format, f16 or bf16)",
             c.operand_desc(0),
             format.name()
         ));

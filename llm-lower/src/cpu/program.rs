@@ -135,6 +135,9 @@ pub struct LoweringStats {
     /// Embeddings that gather from a contraction's repacked weight (f32 or block panels: a
     /// classifier tied to the embedding table, kept once).
     pub panel_gathers: usize,
+    /// Contractions that read their weight repacked into panels (f32 panels, or block
+    /// panels of a q8_0, q4_0 or 16-bit weight).
+    pub panel_contractions: usize,
 }
 
 /// A function compiled for the CPU.
@@ -669,6 +672,18 @@ impl Program {
             (&compiler.packs, threads),
         )?;
         stats.pack_ms = pack_start.elapsed().as_secs_f64() * 1e3;
+        stats.panel_contractions = steps
+            .iter()
+            .filter(|s| {
+                matches!(
+                    &s.action,
+                    Action::Kernel(Chosen {
+                        kernel: Kernel::Contraction(c),
+                        ..
+                    }) if c.weight == WeightFormat::F32Panels || c.block_panels
+                )
+            })
+            .count();
         stats.panel_gathers = steps
             .iter()
             .filter(|s| {

@@ -3,8 +3,8 @@
 //! Cranelift's widest vector is 128 bits (cranelift.md section 4), which caps generated code
 //! at half of an AVX2 core's multiply-add rate. The contraction kernel calls [`panel_rows`]
 //! (or, for 16-bit weights, [`f16_panel_rows`] and [`bf16_panel_rows`], which widen each
-//! weight once for up to three rows of x) for each weight panel of 4 rows with every row
-//! of x: three rows of x at a time (12 256-bit accumulators, 4 weight and 3 x loads per
+//! weight once for a tile of up to three rows of x, or the whole panel once for four rows
+//! or more) for each weight panel of 4 rows with every row of x: three rows of x at a time (12 256-bit accumulators, 4 weight and 3 x loads per
 //! 12 fused multiply-adds), then a pair or a row alone (decode).
 //!
 //! Every tile adds in exactly the order the generated single-row code does (lanes 0..4 and
@@ -68,8 +68,8 @@ const BF16: Elem = 2;
 /// # Safety
 ///
 /// `x` points to `m * k` floats, `w` to a panel of `4 * k` floats, `y` (for `m` above 0)
-/// to `(m - 1) * n + 4` writable floats, and the CPU has AVX2 and FMA ([`available`]);
-/// nothing is read or written when `m` is 0.
+/// to `(m - 1) * n + 4` writable floats, and the CPU has AVX2, FMA and F16C
+/// ([`available`]); nothing is read or written when `m` is 0.
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn panel_rows(
     k: i64,
@@ -85,12 +85,12 @@ pub unsafe extern "C" fn panel_rows(
 
 /// [`panel_rows`] for a panel of f16 weights (`PackedF16` in the layout of
 /// [`pack_weight_panels`](crate::kernel::pack_weight_panels)), widened as they load: each
-/// weight is widened once for up to three rows of x.
+/// weight once for a tile of up to three rows of x, or the whole panel once, into f32s,
+/// when [`WIDEN_FIRST_ROWS`] or more rows of x meet it.
 ///
 /// # Safety
 ///
-/// As [`panel_rows`], with `w` pointing to a panel of `4 * k` f16s and the CPU having
-/// F16C too.
+/// As [`panel_rows`], with `w` pointing to a panel of `4 * k` f16s.
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn f16_panel_rows(
     k: i64,

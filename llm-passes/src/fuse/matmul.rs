@@ -63,12 +63,17 @@ enum Rows {
     Stored(QuantFormat),
 }
 
-/// A matmul that can join a merged group, with its weight's static `[N, K]` and rows:
+/// What makes matmuls siblings that merge: the contraction length `K`, the weights' rows
+/// and the result's element type.
+type Kin = (u64, Rows, DType);
+
+/// A matmul that can join a merged group, with its weight's static `N` and its [`Kin`]:
 /// `x @ w^T` with a plain rank-2 weight (not a dequantized one, which `dequantize-matmul`
-/// keeps quantized), or a quantized matmul of a 16-bit weight. (Quantized siblings of
-/// the block formats stay apart: a backend that reads their rows as they are stored would
-/// need the stacked copy besides the parts.)
-fn mergeable(rw: &Rewriter, op: Ptr<Operation>) -> Option<(u64, u64, Rows)> {
+/// keeps quantized), or a quantized matmul of a 16-bit `llm.weight` (whose concatenation
+/// a runtime makes once, at load; no backend has a kernel that stacks quantized bytes on
+/// every call). Quantized siblings of the block formats stay apart: a backend that reads
+/// their rows as they are stored would need the stacked copy besides the parts.
+fn mergeable(rw: &Rewriter, op: Ptr<Operation>) -> Option<(u64, Kin)> {
     let ctx = &*rw.ctx;
     let (shape, rows) = match ir::name(ctx, op).as_str() {
         "llm.matmul" => {
@@ -82,15 +87,19 @@ fn mergeable(rw: &Rewriter, op: Ptr<Operation>) -> Option<(u64, u64, Rows)> {
         }
         "llm.quantized_matmul" => {
             let q = ir::quantized_type(ctx, ir::operand(ctx, op, 1))?;
-            if !matches!(q.format(), QuantFormat::F16 | QuantFormat::BF16) {
+            if !matches!(q.format(), QuantFormat::F16 | QuantFormat::BF16)
+                || ir::producer_named(ctx, op, 1, "llm.weight").is_none()
+            {
                 return None;
             }
             (q.shape().to_vec(), Rows::Stored(q.format().clone()))
         }
         _ => return None,
     };
+    // (A matmul or quantized matmul has one result.)
+    let result = ir::tensor_type(ctx, ir::result(ctx, op, 0))?.dtype();
     match shape[..] {
-        [Some(n), Some(k)] => Some((n, k, rows)),
+        [Some(n), Some(k)] => Some((n, (k, rows, result))),
         _ => None,
     }
 }
@@ -115,7 +124,7 @@ impl Pattern for MergeSiblingMatmuls {
     }
 
     fn apply(&self, rw: &mut Rewriter, op: Ptr<Operation>) -> Result<bool, PassError> {
-        let Some((_, k, rows)) = mergeable(rw, op) else {
+        let Some((_, kin)) = mergeable(rw, op) else {
             return Ok(false);
         };
         let x = ir::operand(rw.ctx, op, 0);
@@ -126,9 +135,8 @@ impl Pattern for MergeSiblingMatmuls {
             if ir::operand(rw.ctx, u, 0) != x || group.iter().any(|(g, _)| *g == u) {
                 continue;
             }
-            if let Some((n, uk, urows)) = mergeable(rw, u)
-                && uk == k
-                && urows == rows
+            if let Some((n, ukin)) = mergeable(rw, u)
+                && ukin == kin
             {
                 group.push((u, n));
             }
@@ -154,6 +162,7 @@ impl Pattern for MergeSiblingMatmuls {
             .iter()
             .map(|(u, _)| ir::operand(rw.ctx, *u, 1))
             .collect();
+        let (k, rows, _) = kin;
         let wty = match &rows {
             Rows::Floats(dtype) => TensorType::get_static(rw.ctx, &[total, k], *dtype).into(),
             Rows::Stored(format) => {

@@ -207,10 +207,19 @@ pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
             .iter()
             .map(|v| v.quantized())
             .collect::<Result<_, _>>()?;
-        return Ok(vec![Rc::new(Value::Quantized(stack_quantized(
-            &parts,
-            &first.format,
-        )?))]);
+        if let Some(q) = parts.iter().find(|q| {
+            q.format != first.format || q.shape.is_empty() || q.shape[1..] != first.shape[1..]
+        }) {
+            return Err(format!(
+                "cannot stack a {} {:?} on a {} {:?}",
+                q.format.name(),
+                q.shape,
+                first.format.name(),
+                first.shape
+            ));
+        }
+        let stacked = stack_quantized(&first.format, &parts);
+        return Ok(vec![Rc::new(Value::Quantized(stacked))]);
     }
     let parts: Vec<&Tensor> = inputs
         .iter()
@@ -220,31 +229,20 @@ pub fn concat(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     one(concat_tensors(&parts, axis, e.result_dtype(0)?)?)
 }
 
-/// The rows of quantized tensors of `format` stacked (their bytes in turn), checked to
-/// share the format and the dims after the first.
-pub fn stack_quantized(parts: &[&QTensor], format: &QuantFormat) -> Result<QTensor, String> {
-    let first = parts.first().ok_or("nothing to stack")?;
-    let mut shape = first.shape.clone();
-    shape[0] = 0;
-    let mut bytes = Vec::with_capacity(parts.iter().map(|q| q.bytes.len()).sum());
-    for q in parts {
-        if &q.format != format || q.shape.get(1..) != first.shape.get(1..) {
-            return Err(format!(
-                "cannot stack a {} {:?} on a {} {:?}",
-                q.format.name(),
-                q.shape,
-                format.name(),
-                first.shape
-            ));
-        }
-        shape[0] += q.shape[0];
-        bytes.extend_from_slice(&q.bytes);
+/// Quantized tensors of `format` stacked along dim 0: the first one's dims after the
+/// first, the rows of every part in turn, their bytes one after another (the caller
+/// checked that the parts share the format and those dims).
+pub fn stack_quantized(format: &QuantFormat, parts: &[&QTensor]) -> QTensor {
+    let mut shape = parts.first().map_or_else(Vec::new, |q| q.shape.clone());
+    if let Some(rows) = shape.first_mut() {
+        *rows = parts.iter().filter_map(|q| q.shape.first()).sum();
     }
-    Ok(QTensor {
+    let bytes: Vec<&[u8]> = parts.iter().map(|q| &q.bytes[..]).collect();
+    QTensor {
         shape,
         format: format.clone(),
-        bytes,
-    })
+        bytes: bytes.concat(),
+    }
 }
 
 /// `llm.cast`: float rounding to nearest, float to int truncating and saturating, int wrapping.
