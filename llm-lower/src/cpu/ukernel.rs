@@ -86,7 +86,7 @@ pub unsafe extern "C" fn panel_rows(
 /// [`panel_rows`] for a panel of f16 weights (`PackedF16` in the layout of
 /// [`pack_weight_panels`](crate::kernel::pack_weight_panels)), widened as they load: each
 /// weight once for a tile of up to three rows of x, or the whole panel once, into f32s,
-/// when [`WIDEN_FIRST_ROWS`] or more rows of x meet it.
+/// when four or more rows of x meet it.
 ///
 /// # Safety
 ///
