@@ -563,6 +563,12 @@ fn matmul_agrees(
     agree(&ir, vec![tensor(&[m, k], seed, 1.0), q], tol)
 }
 
+/// The bits of a float tensor's values.
+fn bits(v: &Value) -> Vec<u32> {
+    let floats = v.tensor().and_then(|t| t.floats()).expect("a float tensor");
+    floats.iter().map(|f| f.to_bits()).collect()
+}
+
 /// How many [`format_case`]s there are.
 const FORMAT_CASES: usize = 15;
 
@@ -801,7 +807,8 @@ proptest! {
 
     /// 16-bit sibling weights that `fuse` merged (an `llm.concat` of constant weights, read
     /// by one quantized matmul) are packed into panels from their parts on the CPU (panels
-    /// that straddle two parts included), and stacked for the GPU.
+    /// that straddle two parts included), and stacked for the GPU; on the CPU every row
+    /// gives the bits it gives unmerged (rows add in the panels' order wherever they lie).
     #[test]
     fn merged_sixteen_bit_siblings(m in 1usize..6, n1 in 1usize..14, n2 in 1usize..14, k in 1usize..40, brain in any::<bool>(), seed: u64) {
         let format = if brain { QuantFormat::BF16 } else { QuantFormat::F16 };
@@ -823,6 +830,20 @@ proptest! {
         let (ctx, f, _, hoisted) = reference(&ir, &x, &store)?;
         let program = Program::build(&ctx, f, &hoisted, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(program.stats().panel_contractions, 1, "the merged weight is read in panels");
+        // Each part's rows give the bits they give unmerged, wherever the panels cut them.
+        let merged = bits(&program.run(&ctx, &store, x.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?[0]);
+        let apart = func(
+            &[("x".into(), ty(&[m, k]))],
+            &ty(&[m, n]),
+            &format!(
+                "a = llm.weight {{name = \"a\"}} : {};\n        b = llm.weight {{name = \"b\"}} : {};\n        ya = llm.quantized_matmul x, a : {};\n        yb = llm.quantized_matmul x, b : {};\n        y = llm.concat ya, yb {{axis = 1}} : {};",
+                q(n1), q(n2), ty(&[m, n1]), ty(&[m, n2]), ty(&[m, n])
+            ),
+        );
+        let (actx, af, _, ahoisted) = reference(&apart, &x, &store)?;
+        let separate = Program::build(&actx, af, &ahoisted, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let outs = separate.run(&actx, &store, x.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(merged, bits(&outs[0]), "merged rows differ from their parts' products");
         agree_with(&ir, x, &store, 2e-5)?;
     }
 

@@ -220,7 +220,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let yat = address(b, yrow, j, 4);
                 let half = c.weight.is_sixteen_bit().then_some(c.weight);
                 let sums = match (c.weight, tiles.quant_row) {
-                    _ if count == PANEL_ROWS => dot_panel(b, half, xrow, wblock, c.k),
+                    _ if count == PANEL_ROWS => dot_panel(b, half, xrow, wblock, (c.k, PANEL_ROWS)),
                     (WeightFormat::Q8_0 | WeightFormat::Q4_0, _) if c.q8_0_input => {
                         let (row, stride) = block_row(b, c, w, j);
                         vec![super::q8dot::dot_row(b, c.weight, xrow, row, stride, c.k)]
@@ -242,15 +242,19 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         add_residual(b, i, j, 1);
                         return;
                     }
-                    // (`F32KN` never reaches code generation: `Kernel::code` has none.)
+                    // A row of a panel-layout or 16-bit weight (after the last whole panel,
+                    // or of a weight computed at run time) in the panels' order, so that a
+                    // row's result does not depend on where it lies in the matrix.
                     (
-                        WeightFormat::F32
-                        | WeightFormat::F32Panels
-                        | WeightFormat::F32KN
+                        WeightFormat::F32Panels
                         | WeightFormat::PackedF16
                         | WeightFormat::PackedBF16,
                         _,
-                    ) => vec![dot_elems(b, half, xrow, wblock, c.k)],
+                    ) => dot_panel(b, half, xrow, wblock, (c.k, 1)),
+                    // (`F32KN` never reaches code generation: `Kernel::code` has none.)
+                    (WeightFormat::F32 | WeightFormat::F32KN, _) => {
+                        vec![dot_elems(b, xrow, wblock, c.k)]
+                    }
                     _ => vec![dequant::dot_row(b, c, xrow, w, j, wblock)],
                 };
                 let count = sums.len();
@@ -456,18 +460,18 @@ fn emit_batched_matmul(b: &mut FunctionBuilder, transposed: bool, p: &[Value]) {
     });
 }
 
-/// Dot products of one row of x with the [`PANEL_ROWS`] rows of a weight panel (layout in
-/// [`pack_panels`](crate::kernel::pack_panels)) of `f32` weights, or with `half` of the
-/// 16-bit floats of that format, widened as they load: two `f32x4` accumulators per row
-/// over the chunks of 8, then a 4-wide step and scalar tail over the remaining columns.
+/// Dot products of one row of x with the `rows` rows of a weight panel (layout in
+/// [`pack_panels`](crate::kernel::pack_panels): [`PANEL_ROWS`] rows, or one row-major row,
+/// which is a panel of one) of `f32` weights, or with `half` of the 16-bit floats of that
+/// format, widened as they load: two `f32x4` accumulators per row over the chunks of 8,
+/// then a 4-wide step and scalar tail over the remaining columns.
 fn dot_panel(
     b: &mut FunctionBuilder,
     half: Option<WeightFormat>,
     x: Value,
     w: Value,
-    k: usize,
+    (k, rows): (usize, usize),
 ) -> Vec<Value> {
-    let rows = PANEL_ROWS;
     let acc = zeroed_accumulators(b, 2 * rows);
     let k8 = k - k % PANEL_COLS;
     let bytes = if half.is_some() { 2 } else { 4 };
@@ -550,18 +554,9 @@ fn sum_pair(b: &mut FunctionBuilder, a: Variable, c: Variable) -> Value {
     horizontal_sum(b, both)
 }
 
-/// Dot product of one row of x with one row-major row of w (length `k`): `f32` weights, or
-/// with `half` the 16-bit floats of that format (`PackedF16`, `PackedBF16`), widened as
-/// they load ([`dequant::half_lanes`]): four `f32x4` accumulators over chunks of 16, then
-/// 4-wide steps and a scalar tail.
-fn dot_elems(
-    b: &mut FunctionBuilder,
-    half: Option<WeightFormat>,
-    x: Value,
-    w: Value,
-    k: usize,
-) -> Value {
-    let bytes = if half.is_some() { 2 } else { 4 };
+/// Dot product of one row of x with one row-major row of `f32` weights (length `k`): four
+/// `f32x4` accumulators over chunks of 16, then 4-wide steps and a scalar tail.
+fn dot_elems(b: &mut FunctionBuilder, x: Value, w: Value, k: usize) -> Value {
     let acc = zeroed_accumulators(b, 4);
     let k16 = k - k % 16;
     if k16 > 0 {
@@ -569,10 +564,10 @@ fn dot_elems(
         let end = b.ins().iconst(types::I64, k16 as i64);
         for_range(b, zero, end, 16, |b, p| {
             let xp = address(b, x, p, 4);
-            let wp = address(b, w, p, i64::from(bytes));
+            let wp = address(b, w, p, 4);
             for (a, &v) in acc.iter().enumerate() {
                 let xv = b.ins().load(types::F32X4, mem(), xp, 16 * a as i32);
-                let wv = load_weights4(b, half, wp, 4 * a as i32);
+                let wv = b.ins().load(types::F32X4, mem(), wp, 16 * a as i32);
                 accumulate(b, v, wv, xv);
             }
         });
@@ -580,7 +575,7 @@ fn dot_elems(
     let mut q = k16;
     while k - q >= 4 {
         let xv = b.ins().load(types::F32X4, mem(), x, 4 * q as i32);
-        let wv = load_weights4(b, half, w, q as i32);
+        let wv = b.ins().load(types::F32X4, mem(), w, 4 * q as i32);
         accumulate(b, acc[(q - k16) / 4], wv, xv);
         q += 4;
     }
@@ -589,7 +584,7 @@ fn dot_elems(
     let mut s = b.ins().fadd(lo, hi);
     for q in q..k {
         let xs = b.ins().load(types::F32, mem(), x, 4 * q as i32);
-        let ws = load_weight(b, half, w, q as i32);
+        let ws = b.ins().load(types::F32, mem(), w, 4 * q as i32);
         s = b.ins().fma(ws, xs, s);
     }
     s

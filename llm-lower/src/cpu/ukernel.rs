@@ -11,7 +11,8 @@
 //! 4..8 of each 8-column chunk in two partial sums, the 4-wide tail step into the first, the
 //! halves added, then `(l0 + l1) + (l2 + l3)`, then the scalar tail), so a row's result
 //! does not depend on the rows computed with it: batching and prefill change no bit of
-//! any output.
+//! any output. The 16-bit row kernels ([`f16_row`], [`bf16_row`]) add a row-major row in
+//! that order too, so neither does it depend on whether the row lies in a panel.
 
 #![allow(
     unsafe_code,
@@ -429,13 +430,14 @@ pub const F16_ROW: &str = "llmc_f16_row";
 /// The symbol generated code imports [`bf16_row`] under.
 pub const BF16_ROW: &str = "llmc_bf16_row";
 
-/// `*y = dot(x, w)` for one row `w` of `k` f16 weights (`PackedF16`), widened as they
-/// load, with the additions of the generated row code: 8 lanes in two accumulators over
-/// chunks of 16 (the generated code's four 4-lane ones), the remaining 4-wide steps into
-/// those quarters in turn, then `sum(q0 + q1) + sum(q2 + q3)` and the scalar tail.
-/// Generated code calls it for the rows a panel does not hold (the last `n % 4`, or a
-/// weight computed at run time), for every row of x on its own, so batching changes no
-/// bit of a row's result, nor does whether the microkernels run.
+/// `*y = dot(x, w)` for one row-major row `w` of `k` f16 weights (`PackedF16`), widened
+/// as they load, with the additions of a panel's row (a row-major row is a panel of one):
+/// 8 lanes over the chunks of 8, the 4-wide tail step into the low half, the halves
+/// added, `(l0 + l1) + (l2 + l3)`, then the scalar tail. Generated code calls it for the
+/// rows after a matrix's last whole panel and for the rows of a weight computed at run
+/// time, for every row of x on its own: a row's result depends neither on the rows of x
+/// computed with it nor on where it lies in the matrix (merged siblings keep their bits),
+/// nor on whether the microkernels run.
 ///
 /// # Safety
 ///
@@ -444,7 +446,7 @@ pub const BF16_ROW: &str = "llmc_bf16_row";
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { half_row::<F16>(k as usize, x, w, y) }
+    unsafe { row_avx2::<F16>(k as usize, x, w, y) }
 }
 
 /// [`f16_row`] for a row of bf16 weights (`PackedBF16`).
@@ -455,47 +457,35 @@ pub unsafe extern "C" fn f16_row(k: i64, x: *const f32, w: *const u8, y: *mut f3
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn bf16_row(k: i64, x: *const f32, w: *const u8, y: *mut f32) {
     // SAFETY: forwarded from this function's contract.
-    unsafe { half_row::<BF16>(k as usize, x, w, y) }
+    unsafe { row_avx2::<BF16>(k as usize, x, w, y) }
 }
 
-/// [`f16_row`] over a row of weights stored as `ELEM`.
+/// [`f16_row`] over a row of weights stored as `ELEM`: [`panel_avx2`]'s additions for one
+/// row.
 ///
 /// # Safety
 ///
 /// As [`f16_row`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_row<const ELEM: Elem>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
+unsafe fn row_avx2<const ELEM: Elem>(k: usize, x: *const f32, w: *const u8, y: *mut f32) {
     use std::arch::x86_64::*;
+    let k8 = k - k % PANEL_COLS;
     // SAFETY: the contract: x holds k floats, w k weights, y one float.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let k16 = k - k % 16;
-        for at in (0..k16).step_by(16) {
-            for (a, sum) in acc.iter_mut().enumerate() {
-                let i = at + 8 * a;
-                *sum = _mm256_fmadd_ps(load8::<ELEM>(w, i), _mm256_loadu_ps(x.add(i)), *sum);
-            }
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..k8).step_by(PANEL_COLS) {
+            acc = _mm256_fmadd_ps(load8::<ELEM>(w, c), _mm256_loadu_ps(x.add(c)), acc);
         }
-        // The generated code's four quarters.
-        let mut quarters = [
-            _mm256_castps256_ps128(acc[0]),
-            _mm256_extractf128_ps(acc[0], 1),
-            _mm256_castps256_ps128(acc[1]),
-            _mm256_extractf128_ps(acc[1], 1),
-        ];
-        let mut at = k16;
-        for quarter in &mut quarters {
-            if k - at < 4 {
-                break;
-            }
-            *quarter = _mm_fmadd_ps(load4::<ELEM>(w, at), _mm_loadu_ps(x.add(at)), *quarter);
-            at += 4;
+        let mut lo = _mm256_castps256_ps128(acc);
+        let tail = k - k8;
+        let first = if tail >= 4 { 4 } else { 0 };
+        if tail >= 4 {
+            lo = _mm_fmadd_ps(load4::<ELEM>(w, k8), _mm_loadu_ps(x.add(k8)), lo);
         }
-        let [q0, q1, q2, q3] = quarters;
-        let mut total = lanes_sum(_mm_add_ps(q0, q1)) + lanes_sum(_mm_add_ps(q2, q3));
-        for i in at..k {
-            total = load1::<ELEM>(w, i).mul_add(*x.add(i), total);
+        let mut total = lanes_sum(_mm_add_ps(lo, _mm256_extractf128_ps(acc, 1)));
+        for q in first..tail {
+            total = load1::<ELEM>(w, k8 + q).mul_add(*x.add(k8 + q), total);
         }
         *y = total;
     }
