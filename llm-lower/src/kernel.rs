@@ -467,6 +467,12 @@ pub struct Contraction {
 }
 
 impl Contraction {
+    /// Whether the constant weight is repacked at compile time: into f32 panels, or into
+    /// block panels ([`pack_weight_panels`]).
+    pub fn reads_panels(&self) -> bool {
+        self.weight == WeightFormat::F32Panels || self.block_panels
+    }
+
     /// The bytes of a row of `x`: `k` floats, or `k / 32` q8_0 blocks.
     pub fn x_row_bytes(&self) -> usize {
         if self.q8_0_input {

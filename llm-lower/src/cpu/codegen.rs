@@ -188,6 +188,8 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
     let panels =
         c.weight == WeightFormat::F32Panels || (c.block_panels && c.weight.is_sixteen_bit());
     let rows = if panels { PANEL_ROWS } else { 1 };
+    // The 16-bit format the generated code widens, if any.
+    let half = c.weight.is_sixteen_bit().then_some(c.weight);
     let zero = b.ins().iconst(types::I64, 0);
     // j0 + floor((j1 - j0) / rows) * rows: where the single-row tail starts.
     let span = b.ins().isub(j1, j0);
@@ -218,7 +220,6 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                 let xrow = address(b, x, i, x_row_bytes);
                 let yrow = address(b, y, i, 4 * c.n as i64);
                 let yat = address(b, yrow, j, 4);
-                let half = c.weight.is_sixteen_bit().then_some(c.weight);
                 let sums = match (c.weight, tiles.quant_row) {
                     _ if count == PANEL_ROWS => dot_panel(b, half, xrow, wblock, (c.k, PANEL_ROWS)),
                     (WeightFormat::Q8_0 | WeightFormat::Q4_0, _) if c.q8_0_input => {

@@ -446,7 +446,7 @@ fn pack_weights(
         else {
             continue;
         };
-        if c.weight != WeightFormat::F32Panels && !c.block_panels {
+        if !c.reads_panels() {
             continue;
         }
         let operand = weight_operand(c);
@@ -680,7 +680,7 @@ impl Program {
                     Action::Kernel(Chosen {
                         kernel: Kernel::Contraction(c),
                         ..
-                    }) if c.weight == WeightFormat::F32Panels || c.block_panels
+                    }) if c.reads_panels()
                 )
             })
             .count();
