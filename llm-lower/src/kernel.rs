@@ -12,7 +12,7 @@
 use llm_ir::{
     dtype::DType,
     interp::{
-        KvElement,
+        KvBlocks, KvElement,
         eval::{
             attention::{RopeAngles, Scale},
             fused::{ScalarBody, ScalarStep},
@@ -517,11 +517,16 @@ impl KvRounding {
     }
 
     /// How a pool of this storage holds each value, on every backend (as the
-    /// interpreter's [`KvValues`](llm_ir::interp::KvValues)).
+    /// interpreter's [`KvValues`](llm_ir::interp::KvValues)): a GGUF block format as its
+    /// blocks.
     pub fn element(self) -> KvElement {
         match self {
             KvRounding::Float(dtype) => KvElement::of(&KvStorage::Float(dtype)),
-            KvRounding::Exact | KvRounding::Quantized(_) => KvElement::F32,
+            KvRounding::Quantized(Some(format)) => format
+                .quant_format()
+                .and_then(|q| KvBlocks::of(&q))
+                .map_or(KvElement::F32, KvElement::Blocks),
+            KvRounding::Exact | KvRounding::Quantized(None) => KvElement::F32,
         }
     }
 }

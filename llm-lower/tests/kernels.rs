@@ -1521,13 +1521,13 @@ fn moves_floats_and_ints(
 /// optional window: the function and its arguments (seeded from `seed`).
 fn paged_attention_case(
     [seqs, kv, group, d, width]: [usize; 5],
-    storage: DType,
+    storage: KvStorage,
     lens: Vec<i64>,
     window: Option<usize>,
     seed: u64,
 ) -> (String, Vec<Value>) {
     let h = kv * group;
-    let (c, cty) = float_cache(storage, kv, d, seqs * width, seed + 3);
+    let (c, cty) = stored_cache(storage, kv, d, seqs * width, seed + 3);
     let win = window.map_or(String::new(), |w| format!(", window = {w}"));
     let ir = func(
         &[
@@ -1553,18 +1553,19 @@ fn paged_attention_case(
 
 /// A cache of `blocks` blocks filled with seeded values, and its type.
 fn cache(kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
-    float_cache(DType::F32, kv, d, blocks, seed)
+    stored_cache(KvStorage::Float(DType::F32), kv, d, blocks, seed)
 }
 
-/// [`cache`] stored as `dtype` (its random values rounded to it, as the pool holds them).
-fn float_cache(dtype: DType, kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
+/// [`cache`] stored as `storage` (its random values rounded to it, or quantized into its
+/// blocks, as the pool holds them).
+fn stored_cache(storage: KvStorage, kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
     let params = KvCacheParams {
         layers: 2,
         kv_heads: kv as u64,
         head_dim: d as u64,
         block_size: 4,
         blocks: None,
-        storage: KvStorage::Float(dtype),
+        storage,
         window: None,
     };
     let mut c = KvCache::new(params, blocks);
@@ -1573,13 +1574,30 @@ fn float_cache(dtype: DType, kv: usize, d: usize, blocks: usize, seed: u64) -> (
     (c.k, c.v) = (rounded(seed), rounded(seed + 1));
     let ty = format!(
         "llm.paged_kv_cache <layers = 2, kv_heads = {kv}, head_dim = {d}, block_size = 4, blocks = ?, dtype = {}>",
-        dtype.name()
+        c.params.storage
     );
     (Value::Cache(c), ty)
 }
 
 /// The float types a KV cache stores, for the cases that cover them all.
-const CACHE_TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+fn float_storages() -> impl Strategy<Value = KvStorage> {
+    prop::sample::select(vec![DType::F32, DType::F16, DType::BF16]).prop_map(KvStorage::Float)
+}
+
+/// The block formats a KV pool holds as their blocks, each with a head size its blocks
+/// fill (one or two blocks of 32; one of the K-quants' 256).
+fn block_storages() -> impl Strategy<Value = (KvStorage, usize)> {
+    prop::sample::select(vec![
+        (QuantFormat::Q8_0, 32),
+        (QuantFormat::Q8_0, 64),
+        (QuantFormat::Q4_0, 32),
+        (QuantFormat::Q4_1, 64),
+        (QuantFormat::Q4K, 256),
+        (QuantFormat::Q6K, 256),
+        (QuantFormat::Q2K, 256),
+    ])
+    .prop_map(|(format, d)| (KvStorage::Quantized(format), d))
+}
 
 /// Block tables for `lens.len()` sequences: a seeded permutation of the pool's blocks,
 /// `width` blocks each.
@@ -1634,7 +1652,17 @@ proptest! {
     }
 
     #[test]
-    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), storage in prop::sample::select(CACHE_TYPES.to_vec()), seed: u64) {
+    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), storage in float_storages(), seed: u64) {
+        let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, window, seed);
+        agree(&ir, args, 2e-6)?;
+    }
+
+    /// Paged attention over pools held as a block format's blocks: each backend decodes
+    /// the blocks as the reference does (the CPU into f32 rows first, the GPU as it
+    /// reads them).
+    #[test]
+    fn paged_attention_over_block_caches(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in block_storages(), width in 1usize..8, window in prop::option::of(1usize..30), seed: u64) {
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
         let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, window, seed);
         agree(&ir, args, 2e-6)?;
@@ -1643,10 +1671,10 @@ proptest! {
     /// `append_attention` on caches of every float storage (the appended rows rounded to
     /// it).
     #[test]
-    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, start in 0usize..6, storage in prop::sample::select(CACHE_TYPES.to_vec()), seed: u64) {
+    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, start in 0usize..6, storage in float_storages(), seed: u64) {
         let h = kv * group;
         let width = (start + t).div_ceil(4);
-        let (c, cty) = float_cache(storage, kv, d, width + 1, seed + 3);
+        let (c, cty) = stored_cache(storage, kv, d, width + 1, seed + 3);
         let table = tables(1, width + 1, seed + 5)[..width].to_vec();
         let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
         let ir = format!(
@@ -1661,11 +1689,12 @@ proptest! {
     }
 
     /// A standalone `append_kv` and a `lookup_kv` of the sequence, on caches of every
-    /// float storage: the rounding is exact, as the reference's.
+    /// float storage and every block format: the rounding (or the blocks' encoding) is
+    /// exact, as the reference's, and so are the values looked up.
     #[test]
-    fn append_and_lookup_kv(t in 1usize..4, kv in 1usize..3, d in 1usize..12, start in 0usize..6, storage in prop::sample::select(CACHE_TYPES.to_vec()), seed: u64) {
+    fn append_and_lookup_kv(t in 1usize..4, kv in 1usize..3, (storage, d) in prop_oneof![(float_storages(), 1usize..12), block_storages()], start in 0usize..6, seed: u64) {
         let width = (start + t).div_ceil(4);
-        let (c, cty) = float_cache(storage, kv, d, width + 1, seed + 3);
+        let (c, cty) = stored_cache(storage, kv, d, width + 1, seed + 3);
         let table = tables(1, width + 1, seed + 5)[..width].to_vec();
         let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
         let rows = format!("llm.tensor <?x{kv}x{d}xf32>");
@@ -1953,7 +1982,7 @@ fn float_casts_to_i64_fit_32_bits_on_the_gpu() {
 #[test]
 fn wide_attention_heads() {
     for (d, seed) in [(520, 1u64), (1000, 2)] {
-        let (ir, args) = paged_attention_case([2, 1, 2, d, 3], DType::F32, vec![7, 12], None, seed);
+        let (ir, args) = paged_attention_case([2, 1, 2, d, 3], KvStorage::Float(DType::F32), vec![7, 12], None, seed);
         agree(&ir, args, 2e-6).expect("agrees");
     }
 }
@@ -2011,7 +2040,7 @@ fn attention_rows_in_parallel() {
     let (kv, group, d, seqs, width) = (2, 2, 16, 8, 30);
     let h = kv * group;
     let lens: Vec<i64> = (0..seqs as i64).map(|s| 40 + 9 * s).collect();
-    let (ir, args) = paged_attention_case([seqs, kv, group, d, width], DType::F32, lens, None, 19);
+    let (ir, args) = paged_attention_case([seqs, kv, group, d, width], KvStorage::Float(DType::F32), lens, None, 19);
     agree(&ir, args, 2e-6).unwrap();
     let t = 64;
     let ir = func(

@@ -94,12 +94,13 @@ pub struct PlanKvMemory {
 
 /// Bytes of one block of `block_size` positions of a cache with parameters `cache`, as
 /// every backend's pool holds its values (`docs/lowering.md`, "KV storage"): in
-/// [`KvElement`]s, 2 bytes for f16 and bf16, 4 for f32 and for quantized storage's
-/// round-tripped values. Counting a quantized storage's own size would plan more blocks
-/// than fit.
+/// [`KvElement`]s, 2 bytes a value for f16 and bf16, a block format's blocks padded to
+/// whole words (36 bytes for 32 q8_0 values), 4 bytes for f32 and for nf4 and affine
+/// storage's round-tripped values. Counting those formats' own size would plan more
+/// blocks than fit.
 pub fn bytes_per_block(cache: &KvCacheParams, block_size: u64) -> u64 {
-    let value_bytes = KvElement::of(&cache.storage).bytes() as u64;
-    cache.layers * 2 * block_size * cache.kv_heads * cache.head_dim * value_bytes
+    let values = block_size * cache.kv_heads * cache.head_dim;
+    cache.layers * 2 * KvElement::of(&cache.storage).bytes(values as usize) as u64
 }
 
 /// Every type handle of a value or function signature in the module that is a KV cache.

@@ -36,7 +36,7 @@ use pliron::{
 };
 
 pub use eval::{Eval, EvalFn, WeightStore};
-pub use kv_values::{KvElement, KvValues};
+pub use kv_values::{KvBlocks, KvElement, KvValues};
 pub use value::{Data, KvCache, QTensor, Resident, Sharded, Tensor, Value};
 
 use hoist::Entry;

@@ -66,10 +66,11 @@ pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> 
 }
 
 /// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
-/// KV heads of rows of `element` (bits 48 and up: 0 for f32, 1 for f16, 2 for bf16).
+/// KV heads of rows of `element` (bits 48 and up: 0 for f32, 1 for f16, 2 for bf16; the
+/// microkernel reads no block format, whose rows the caller decodes into f32 first).
 pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
     let code = match element {
-        KvElement::F32 => 0,
+        KvElement::F32 | KvElement::Blocks(_) => 0,
         KvElement::F16 => 1,
         KvElement::BF16 => 2,
     };
@@ -126,7 +127,7 @@ pub unsafe extern "C" fn attention_row(
         match element_of_shape(shape) {
             KvElement::F16 => attend_row::<F16>(args),
             KvElement::BF16 => attend_row::<BF16>(args),
-            KvElement::F32 => attend_row::<F32>(args),
+            KvElement::F32 | KvElement::Blocks(_) => attend_row::<F32>(args),
         }
     }
 }

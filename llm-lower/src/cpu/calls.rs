@@ -1078,24 +1078,25 @@ impl PagedSource<'_> {
         let out_at = out.as_mut_ptr() as usize;
         let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
         // The row microkernel reads 16-bit rows itself; the generated kernel reads f32.
+        // A block format's rows are decoded first.
         let heads = rows.row / rows.d.max(1);
-        let reads_stored = match (keys, self.element) {
-            (KvValues::F32(_), KvElement::F32) => true,
-            (KvValues::F16(_), KvElement::F16) | (KvValues::BF16(_), KvElement::BF16) => {
+        if keys.element() != self.element || values.element() != self.element {
+            return Err("the cache's storage does not match its type".into());
+        }
+        let reads_stored = match self.element {
+            KvElement::F32 => true,
+            KvElement::F16 | KvElement::BF16 => {
                 attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d)
             }
-            _ => return Err("the cache's storage does not match its type".into()),
+            KvElement::Blocks(_) => false,
         };
         k.paged
             .with(self.cache, (sequences, tables, lens, self.window), |all| {
                 let positions = all.iter().map(Vec::len).sum::<usize>();
                 let macs = 2 * positions * rows.row;
                 if reads_stored {
-                    let width = keys.element().bytes();
-                    let pool = (
-                        &keys.bytes()[width * layer_start..],
-                        &values.bytes()[width * layer_start..],
-                    );
+                    let start = keys.element().bytes(layer_start);
+                    let pool = (&keys.bytes()[start..], &values.bytes()[start..]);
                     for_rows(k, all.len(), macs, &|r| {
                         rows.attend(r, pool, &all[r], None, out_at);
                     });
@@ -1120,7 +1121,7 @@ impl PagedSource<'_> {
 }
 
 thread_local! {
-    /// The keys and values of one query row of a 16-bit cache, widened to `f32`.
+    /// The keys and values of one query row of a 16-bit or block-format cache, as `f32`.
     static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
 }
 

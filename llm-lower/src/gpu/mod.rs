@@ -178,7 +178,7 @@ mod tests {
     use llm_ir::{
         dtype::DType,
         interp::{
-            KvElement,
+            KvBlocks, KvElement,
             eval::{
                 attention::Scale,
                 fused::{ScalarBody, ScalarStep},
@@ -383,6 +383,14 @@ mod tests {
                 row: 48,
                 element: KvElement::BF16,
             },
+            Shader::KvGather {
+                row: 64,
+                element: KvElement::Blocks(KvBlocks::Q8_0),
+            },
+            Shader::KvGather {
+                row: 256,
+                element: KvElement::Blocks(KvBlocks::Q4K),
+            },
             Shader::KvAppend {
                 row: 64,
                 rounding: KvRounding::Quantized(Some(WeightFormat::Q4_0)),
@@ -454,7 +462,14 @@ mod tests {
                 half,
             });
         }
-        let pools = [KvElement::F32, KvElement::F16, KvElement::BF16].map(Some);
+        let pools = [
+            KvElement::F32,
+            KvElement::F16,
+            KvElement::BF16,
+            KvElement::Blocks(KvBlocks::Q4_1),
+            KvElement::Blocks(KvBlocks::Q6K),
+        ]
+        .map(Some);
         for (paged, masked) in [(None, false), (None, true)]
             .into_iter()
             .chain(pools.map(|p| (p, false)))

@@ -2,8 +2,8 @@
 //! the [`KvCache`] values a program returns ([`KvCache::resident`]), copied block by block
 //! on the device and read back on request. The buffers hold the bytes the host's
 //! [`KvValues`] hold ([`KvElement`]s: an f16 or bf16 cache's 16 bits, two to a shader's
-//! `u32`, half an f32 pool's memory; `f32` otherwise), so crossing between host and
-//! device copies them as they are.
+//! `u32`, half an f32 pool's memory; a block format's blocks, each padded to whole words;
+//! `f32` otherwise), so crossing between host and device copies them as they are.
 
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ impl Pool {
         if c.k.element() != element || c.v.element() != element {
             return Err("the cache's storage does not match its type".into());
         }
-        let per_layer = c.slot_offset(1, 0) * element.bytes();
+        let per_layer = element.bytes(c.slot_offset(1, 0));
         // Buffers are whole words (a 16-bit pool of an odd count ends in half of one).
         let bytes = per_layer.next_multiple_of(4) as u64;
         let limit = gpu.limits().max_binding_bytes;
@@ -116,7 +116,8 @@ pub fn copy_block(cache: &KvCache, from: usize, to: usize) -> Result<(), String>
     }
     let gpu = &pool.gpu;
     let p = &cache.params;
-    let block = p.block_size * p.kv_heads * p.head_dim * KvElement::of(&p.storage).bytes() as u64;
+    let values = p.block_size * p.kv_heads * p.head_dim;
+    let block = KvElement::of(&p.storage).bytes(values as usize) as u64;
     if !block.is_multiple_of(4) {
         // Buffer copies move whole words; such a block starts or ends inside one.
         return Err(format!(
@@ -153,7 +154,7 @@ pub fn read_cache(cache: &KvCache) -> Result<KvCache, String> {
 pub(super) fn read_pool(pool: &Pool) -> Result<KvCache, String> {
     let mut cache = KvCache::new(pool.params.clone(), pool.blocks);
     let storage = &pool.params.storage;
-    let per_layer = (cache.slot_offset(1, 0) * KvElement::of(storage).bytes()) as u64;
+    let per_layer = KvElement::of(storage).bytes(cache.slot_offset(1, 0)) as u64;
     let reads: Vec<(&wgpu::Buffer, u64)> = pool
         .k
         .iter()

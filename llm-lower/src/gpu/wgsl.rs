@@ -25,7 +25,7 @@ use super::ieee::{CORRECTLY_ROUNDED, EXACT};
 use crate::kernel::{
     AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
 };
-use llm_ir::interp::KvElement;
+use llm_ir::interp::{KvBlocks, KvElement};
 
 /// Invocations per workgroup, in every shader.
 pub const WORKGROUP: u32 = 64;
@@ -659,7 +659,7 @@ impl Shader {
                 }
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
                 (Shader::KvAppend { .. }, "kc" | "vc")
-                    if self.pool_element() != Some(KvElement::F32) =>
+                    if matches!(self.pool_element(), Some(KvElement::F16 | KvElement::BF16)) =>
                 {
                     "atomic<u32>"
                 }
@@ -705,8 +705,10 @@ impl Shader {
             Shader::Fold(_) => &["len"],
             Shader::Agree => &["len", "step"],
             Shader::Rope { .. } => &["tokens"],
+            // `zero` as for a quantization: a K-quant pool's decoder keeps its products
+            // apart through it.
             Shader::Attention { paged: Some(_), .. } => &[
-                "rows", "tokens", "width", "window", "block", "splits", "chunk",
+                "rows", "tokens", "width", "window", "block", "splits", "chunk", "zero",
             ],
             Shader::Attention { paged: None, .. } => &[
                 "rows", "tokens", "keys", "window", "causal", "splits", "chunk",
@@ -721,7 +723,8 @@ impl Shader {
             Shader::GroupCodes(_) => &["words", "zero"],
             // `zero` as for a quantization.
             Shader::KvAppend { .. } => &["tokens", "zero"],
-            Shader::KvGather { .. } => &["len", "block"],
+            // `zero` as for a paged attention.
+            Shader::KvGather { .. } => &["len", "block", "zero"],
             Shader::Gather { .. } => &["count", "first", "part_rows"],
             Shader::Columns { .. } => &["rows"],
         };
@@ -1008,13 +1011,15 @@ const HALF_VALUE: &str = "fn half_value(h: u32) -> f32 {
 ";
 
 /// `key(e)` and `value(e)`: element `e` of the bound keys `kc` and values `vc` as `f32`,
-/// for a pool holding `element`s (16-bit ones two to a `u32`, the lower half first).
+/// for a pool holding `element`s (16-bit ones two to a `u32`, the lower half first; a
+/// block format's blocks decoded as the reference decodes them, [`kv_block_readers`]).
 fn kv_readers(element: KvElement) -> String {
     let widen = match element {
         KvElement::F32 => {
             return "fn key(e: u32) -> f32 { return kc[e]; }\nfn value(e: u32) -> f32 { return vc[e]; }\n"
                 .into();
         }
+        KvElement::Blocks(blocks) => return kv_block_readers(blocks),
         KvElement::F16 => {
             format!("{HALF_VALUE}fn widen(h: u32) -> f32 {{ return half_value(h); }}\n")
         }
@@ -1592,6 +1597,35 @@ fn rope(heads: usize, d: usize, rotary: usize, half: bool) -> String {
     s
 }
 
+/// `key(e)` and `value(e)` of a pool of `blocks`: element `e` is element `e % values` of
+/// block `e / values`, which starts at byte `(e / values) * bytes` ([`KvBlocks::bytes`],
+/// the format's block padded to whole words), decoded by the format's block decoder
+/// ([`block_codec`]; the K-quants' products kept apart through [`EXACT`], so every value
+/// is the host's bit for bit).
+fn kv_block_readers(blocks: KvBlocks) -> String {
+    let Some((values, _, _, decode, _)) = WeightFormat::of(&blocks.format()).and_then(block_codec)
+    else {
+        unreachable!("every KV block format has a block codec")
+    };
+    let mut s = format!("{HALF_VALUE}{EXACT}");
+    for (name, pool) in [("key", "kc"), ("value", "vc")] {
+        let _ = write!(
+            s,
+            "fn {name}_byte(o: u32) -> u32 {{ return ({pool}[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu; }}
+fn {name}_half(o: u32) -> f32 {{ return half_value({name}_byte(o) | ({name}_byte(o + 1u) << 8u)); }}
+fn {name}_in(o: u32, e: u32) -> f32 {{
+{}}}
+fn {name}(e: u32) -> f32 {{ return {name}_in((e / {values}u) * {}u, e % {values}u); }}
+",
+            decode
+                .replace("byte_at(", &format!("{name}_byte("))
+                .replace("half_at(", &format!("{name}_half(")),
+            blocks.bytes()
+        );
+    }
+    s
+}
+
 fn attention(
     [heads, kv_heads, d]: [usize; 3],
     scale: Scale,
@@ -1760,8 +1794,10 @@ fn attention_combine(heads: usize, d: usize) -> String {
 }
 
 fn kv_append(row: usize, how: KvRounding) -> String {
-    if how.element() != KvElement::F32 {
-        return kv_append_halves(row, how.element());
+    match how.element() {
+        KvElement::F32 => {}
+        KvElement::Blocks(blocks) => return kv_append_blocks(row, blocks),
+        half => return kv_append_halves(row, half),
     }
     let storage = match how {
         KvRounding::Exact => DType::F32,
@@ -1769,7 +1805,9 @@ fn kv_append(row: usize, how: KvRounding) -> String {
         KvRounding::Quantized(Some(
             format @ (WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. }),
         )) => return kv_append_groups(row, format),
-        KvRounding::Quantized(format) => return kv_append_blocks(row, format),
+        KvRounding::Quantized(format) => {
+            unreachable!("`gpu::supports` keeps {format:?} caches on the host")
+        }
     };
     let mut s = format!("{}const ROW: u32 = {row}u;\n{ENTRY}", rounding(storage));
     let _ = write!(
@@ -1825,34 +1863,31 @@ fn kv_append_halves(row: usize, element: KvElement) -> String {
     s
 }
 
-/// The append of a cache quantized in blocks along the head (of 32, or the K-quants' 256):
-/// each invocation encodes one block of the new keys and of the new values exactly as the
-/// quantize shader does and writes it back decoded ([`block_codec`]), which is what the
-/// reference stores.
-///
-/// # Panics
-///
-/// For a format without a block codec ([`kv_appends_on_device`]: `gpu::supports` keeps the
-/// others on the host).
-fn kv_append_blocks(row: usize, format: Option<WeightFormat>) -> String {
-    let Some((values, block_bytes, encode, decode, helpers)) = format.and_then(block_codec) else {
-        unreachable!("`gpu::supports` keeps {format:?} caches on the host")
+/// The append of a cache held in a block format's blocks along the head (of 32, or the
+/// K-quants' 256): each invocation encodes one block of the new keys and of the new
+/// values exactly as the quantize shader does ([`block_codec`]) and writes its words, the
+/// block padded to [`KvBlocks::bytes`], to the block's place in the pool: the host's
+/// bytes. A block is whole words, so no two invocations write one word.
+fn kv_append_blocks(row: usize, blocks: KvBlocks) -> String {
+    let Some((values, _, encode, _, helpers)) = WeightFormat::of(&blocks.format()).and_then(block_codec)
+    else {
+        unreachable!("every KV block format has a block codec")
     };
-    let words = block_bytes.div_ceil(4);
+    let words = blocks.bytes() / 4;
     let mut s = format!(
         "{ROUND_F16}{F16_BITS}{EXACT}{CORRECTLY_ROUNDED}const ROW: u32 = {row}u;\nconst VALUES: u32 = {values}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
     );
     s.push_str(PUT);
     s.push_str(helpers);
-    s.push_str(&bytes("acc"));
-    let _ = writeln!(s, "fn decoded(o: u32, e: u32) -> f32 {{\n{decode}}}");
     s.push_str(ENTRY);
     let block = |src: &str, dst: &str| {
         format!(
             "    {{
         let o = 0u;
-{}        for (var i = 0u; i < VALUES; i = i + 1u) {{ {dst}[to + i] = decoded(0u, i); }}
-        for (var w = 0u; w < WORDS; w = w + 1u) {{ acc[w] = 0u; }}
+{}        for (var w = 0u; w < WORDS; w = w + 1u) {{
+            {dst}[(to / VALUES) * WORDS + w] = acc[w];
+            acc[w] = 0u;
+        }}
     }}
 ",
             format!("    {encode}")

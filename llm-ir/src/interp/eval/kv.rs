@@ -12,18 +12,19 @@ use crate::{
     types::KvStorage,
 };
 
-/// Writes `row` at element `at` of `dest` as the cache's storage holds it: rounded to its
-/// float type (the array's element type), or quantized and dequantized.
+/// Writes `row` (one head row) at element `at` of `dest` as the cache's storage holds it:
+/// rounded to its float type, quantized into its blocks (the array holds them), or, for
+/// nf4 and the affine formats, quantized and dequantized.
 fn store(storage: &KvStorage, row: &[f32], dest: &mut KvValues, at: usize) {
     match storage {
-        KvStorage::Float(_) => dest.write(at, row),
-        KvStorage::Quantized(format) => {
+        KvStorage::Quantized(format) if !matches!(dest, KvValues::Blocks(..)) => {
             // One head row in the pool layout [blocks, block_size, kv_heads, head_dim]: groups
             // run along head_dim (axis 3, the last).
             let shape = [1, 1, 1, row.len()];
             let bytes = quant::quantize(format, &shape, row);
             dest.write(at, &quant::dequantize(format, &shape, &bytes));
         }
+        _ => dest.write(at, row),
     }
 }
 
