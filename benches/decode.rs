@@ -23,7 +23,10 @@
 )]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use llm_ir::{dtype::DType, types::QuantFormat};
+use llm_ir::{
+    dtype::DType,
+    types::{KvStorage, QuantFormat},
+};
 use llm_runtime::{
     baseline::Baseline,
     generate::{Backend, Model, Step},
@@ -218,9 +221,14 @@ fn bench_batched_decode(c: &mut Criterion) {
         .flat_map(|t| [(t, DType::F32), (t, DType::F16)])
     {
         let backend = Backend::Cpu { threads };
-        let model =
-            Model::compile_with_kv(&backend, config.clone(), weights.clone(), "default", kv)
-                .expect("compiles");
+        let model = Model::compile_with_kv(
+            &backend,
+            config.clone(),
+            weights.clone(),
+            "default",
+            KvStorage::Float(kv),
+        )
+        .expect("compiles");
         for batch in [1, 32] {
             let tables: Vec<Vec<i64>> = (0..batch)
                 .map(|s| (0..per_sequence).map(|j| (j * batch + s) as i64).collect())

@@ -16,7 +16,12 @@ fn stories260k_ir() -> String {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K.bin");
     let (config, weights) = llama2c::load(&path).expect("stories260K loads");
-    model::build_ir(&config, &weights, llm_ir::dtype::DType::F32).expect("builds")
+    model::build_ir(
+        &config,
+        &weights,
+        &llm_ir::types::KvStorage::Float(llm_ir::dtype::DType::F32),
+    )
+    .expect("builds")
 }
 
 fn bench_front_end(c: &mut Criterion) {

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llm_ir::{dtype::DType, types::QuantFormat};
+use llm_ir::types::{KvStorage, QuantFormat};
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Model, Step},
@@ -25,8 +25,9 @@ pub struct CompileOptions {
     pub backend: Backend,
     /// Quantize the model's f32 matrices to this format when loading.
     pub quantize: Option<QuantFormat>,
-    /// The KV cache's element type (f32, f16 or bf16).
-    pub kv_dtype: DType,
+    /// How the KV cache stores keys and values (f32, f16, bf16 or a block format:
+    /// [`model::check_kv_storage`](llm_runtime::model::check_kv_storage)).
+    pub kv_storage: KvStorage,
 }
 
 /// Loads a model file and its tokenizer (`tokenizer`, else the file's own vocabulary, if
@@ -52,7 +53,7 @@ pub fn load(
             loaded.config,
             loaded.weights,
             &options.passes,
-            options.kv_dtype,
+            options.kv_storage.clone(),
         )?,
         tokenizer,
     ))
@@ -272,8 +273,8 @@ pub struct BenchReport {
     pub token_latency: Vec<Duration>,
     /// Blocks in the pool and most in use.
     pub blocks: (usize, usize),
-    /// The element type the KV cache stores.
-    pub kv_dtype: DType,
+    /// How the KV cache stores keys and values.
+    pub kv_storage: KvStorage,
     /// Share of allocated KV slots holding no token when the most blocks were in use
     /// (negative when sequences share blocks).
     pub empty_at_peak: f64,
@@ -403,7 +404,7 @@ impl std::fmt::Display for BenchReport {
         writeln!(
             f,
             "kv cache:          {}, peak {} of {} blocks, {empty}, {} preemptions",
-            self.kv_dtype, self.blocks.1, self.blocks.0, self.preemptions
+            self.kv_storage, self.blocks.1, self.blocks.0, self.preemptions
         )?;
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let (weights, kv) = (self.model_bytes.0 as u64, self.model_bytes.1 as u64);
@@ -513,7 +514,7 @@ pub fn bench(model: &Model, options: BenchOptions) -> Result<BenchReport, String
         ttft,
         token_latency,
         blocks: (num_blocks, stats.peak_blocks),
-        kv_dtype: model.kv_dtype(),
+        kv_storage: model.kv_storage().clone(),
         empty_at_peak,
         preemptions: stats.preemptions,
         prompt_positions: (stats.prefilled_tokens, stats.cached_prompt_tokens),

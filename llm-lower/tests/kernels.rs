@@ -1558,7 +1558,13 @@ fn cache(kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
 
 /// [`cache`] stored as `storage` (its random values rounded to it, or quantized into its
 /// blocks, as the pool holds them).
-fn stored_cache(storage: KvStorage, kv: usize, d: usize, blocks: usize, seed: u64) -> (Value, String) {
+fn stored_cache(
+    storage: KvStorage,
+    kv: usize,
+    d: usize,
+    blocks: usize,
+    seed: u64,
+) -> (Value, String) {
     let params = KvCacheParams {
         layers: 2,
         kv_heads: kv as u64,
@@ -1982,7 +1988,13 @@ fn float_casts_to_i64_fit_32_bits_on_the_gpu() {
 #[test]
 fn wide_attention_heads() {
     for (d, seed) in [(520, 1u64), (1000, 2)] {
-        let (ir, args) = paged_attention_case([2, 1, 2, d, 3], KvStorage::Float(DType::F32), vec![7, 12], None, seed);
+        let (ir, args) = paged_attention_case(
+            [2, 1, 2, d, 3],
+            KvStorage::Float(DType::F32),
+            vec![7, 12],
+            None,
+            seed,
+        );
         agree(&ir, args, 2e-6).expect("agrees");
     }
 }
@@ -2040,7 +2052,13 @@ fn attention_rows_in_parallel() {
     let (kv, group, d, seqs, width) = (2, 2, 16, 8, 30);
     let h = kv * group;
     let lens: Vec<i64> = (0..seqs as i64).map(|s| 40 + 9 * s).collect();
-    let (ir, args) = paged_attention_case([seqs, kv, group, d, width], KvStorage::Float(DType::F32), lens, None, 19);
+    let (ir, args) = paged_attention_case(
+        [seqs, kv, group, d, width],
+        KvStorage::Float(DType::F32),
+        lens,
+        None,
+        19,
+    );
     agree(&ir, args, 2e-6).unwrap();
     let t = 64;
     let ir = func(

@@ -260,8 +260,8 @@ pub struct Model {
     gpu: Option<Arc<gpu::Gpu>>,
     /// The KV pool's block count, when `plan-kv-memory` planned it.
     planned_blocks: Option<usize>,
-    /// The KV cache's element type.
-    kv_dtype: DType,
+    /// How the KV cache stores keys and values.
+    kv_storage: KvStorage,
 }
 
 /// An error while running a model.
@@ -280,11 +280,17 @@ impl Model {
         weights: Weights,
         passes: &str,
     ) -> Result<Model, RunError> {
-        Model::compile_with_kv(backend, config, weights, passes, DType::F32)
+        Model::compile_with_kv(
+            backend,
+            config,
+            weights,
+            passes,
+            KvStorage::Float(DType::F32),
+        )
     }
 
     /// Builds, parses and verifies the IR of `config` over `weights` with a KV cache of
-    /// `kv_dtype` elements (f32, f16 or bf16: [`model::check_kv_dtype`]), runs the pass
+    /// `kv_storage` (f32, f16, bf16 or a block format: [`model::check_kv_storage`]), runs the pass
     /// pipeline `passes` (for example `default`; empty runs none), evaluates the
     /// weight-derived ops once and compiles the step functions for `backend`.
     pub fn compile_with_kv(
@@ -292,11 +298,11 @@ impl Model {
         config: ModelConfig,
         weights: Weights,
         passes: &str,
-        kv_dtype: DType,
+        kv_storage: KvStorage,
     ) -> Result<Model, RunError> {
         let start = Instant::now();
         let source =
-            model::build_ir(&config, &weights, kv_dtype).map_err(|e| format!("model: {e}"))?;
+            model::build_ir(&config, &weights, &kv_storage).map_err(|e| format!("model: {e}"))?;
         let mut ctx = Context::new();
         let module = text::parse_module(&mut ctx, &source)
             .map_err(|d| format!("model IR: {}", d.render("<model>")))?;
@@ -387,7 +393,7 @@ impl Model {
         Ok(Model {
             gpu,
             planned_blocks,
-            kv_dtype,
+            kv_storage,
             ctx,
             config,
             weights,
@@ -487,9 +493,9 @@ impl Model {
         &self.config
     }
 
-    /// The element type of the model's KV cache.
-    pub fn kv_dtype(&self) -> DType {
-        self.kv_dtype
+    /// How the model's KV cache stores keys and values.
+    pub fn kv_storage(&self) -> &KvStorage {
+        &self.kv_storage
     }
 
     /// Blocks of a KV pool for `wanted` blocks: the count `plan-kv-memory` planned (the
@@ -513,13 +519,13 @@ impl Model {
             head_dim: c.head_dim() as u64,
             block_size: BLOCK_SIZE as u64,
             blocks: None,
-            storage: KvStorage::Float(self.kv_dtype),
+            storage: self.kv_storage.clone(),
             window: c.sliding_window.map(|w| w as u64),
         }
     }
 
     /// A zeroed KV cache of `blocks` blocks of [`BLOCK_SIZE`] positions, of the model's
-    /// [`Model::kv_dtype`].
+    /// [`Model::kv_storage`].
     pub fn new_cache(&self, blocks: usize) -> KvCache {
         KvCache::new(self.cache_params(), blocks)
     }

@@ -33,7 +33,8 @@ use std::fmt::Write as _;
 
 use llm_ir::{
     dtype::DType,
-    interp::{Value, WeightStore},
+    interp::{KvBlocks, Value, WeightStore},
+    types::KvStorage,
 };
 
 use crate::weights::Weights;
@@ -201,22 +202,34 @@ impl ModelConfig {
 /// Token positions per KV-cache block used by the builder.
 pub const BLOCK_SIZE: usize = 16;
 
-/// Checks that the runtime's KV caches can be stored as `kv`: f32, or f16 and bf16 (half
-/// the memory). Quantized storage is left out: the host would hold its values as f32
-/// (`docs/lowering.md`, "KV storage"), so it saves nothing, and it needs heads that fill
-/// its blocks.
-pub fn check_kv_dtype(kv: DType) -> Result<(), String> {
+/// Checks that the KV caches of the model `c` can be stored as `kv`: f32; f16 or bf16
+/// (half the memory); or a GGUF block format (q8_0, q4_0, q4_1, q4_k, q6_k, q2_k) whose
+/// blocks the model's heads fill, held as its blocks' bytes (q8_0 about 0.56 of f16's
+/// memory, q4_0 0.31). nf4 and the affine formats are refused: a pool holds their values
+/// as f32 (`docs/lowering.md`, "KV storage"), so they would save nothing.
+pub fn check_kv_storage(c: &ModelConfig, kv: &KvStorage) -> Result<(), String> {
     match kv {
-        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        KvStorage::Float(DType::F32 | DType::F16 | DType::BF16) => Ok(()),
+        KvStorage::Quantized(format) if KvBlocks::of(format).is_some() => {
+            let block = format.block_elems() as usize;
+            if c.head_dim().is_multiple_of(block) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "a {format} KV cache quantizes blocks of {block} values along each head, but the model's heads have {} values; use f32, f16 or bf16",
+                    c.head_dim()
+                ))
+            }
+        }
         other => Err(format!(
-            "a KV cache of {other} is not supported; use f32, f16 or bf16"
+            "a KV cache of {other} is not supported; use f32, f16, bf16 or a block format (q8_0, q4_0, q4_1, q4_k, q6_k, q2_k)"
         )),
     }
 }
 
-/// The textual type of the model's KV cache of `kv` elements (block count left to the
+/// The textual type of the model's KV cache stored as `kv` (block count left to the
 /// runtime).
-pub fn cache_type(c: &ModelConfig, kv: DType) -> String {
+pub fn cache_type(c: &ModelConfig, kv: &KvStorage) -> String {
     let window = window_param(c);
     format!(
         "llm.paged_kv_cache <layers = {}, kv_heads = {}, head_dim = {}, block_size = {BLOCK_SIZE}, blocks = ?, dtype = {kv}{window}>",
@@ -333,10 +346,10 @@ pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
 
 /// Writes the module `@model` with the functions `@prefill` and `@decode` for `c` over the
 /// weights in `weights` (whose stored types the IR declares), with a KV cache of `kv`
-/// elements ([`check_kv_dtype`]).
-pub fn build_ir(c: &ModelConfig, weights: &Weights, kv: DType) -> Result<String, String> {
+/// storage ([`check_kv_storage`]).
+pub fn build_ir(c: &ModelConfig, weights: &Weights, kv: &KvStorage) -> Result<String, String> {
     check_weights(c, weights)?;
-    check_kv_dtype(kv)?;
+    check_kv_storage(c, kv)?;
     let mut out = String::new();
     let _ = writeln!(out, "builtin.module @model {{");
     let _ = writeln!(out, "  ^entry():");
@@ -410,13 +423,13 @@ impl Emitter<'_> {
 fn forward_func(
     c: &ModelConfig,
     weights: &Weights,
-    kv_dtype: DType,
+    kv: &KvStorage,
     name: &str,
     batch: &str,
 ) -> String {
     let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
-    let cache = cache_type(c, kv_dtype);
+    let cache = cache_type(c, kv);
     let window = window_param(c);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let eps = float(c.norm_eps);

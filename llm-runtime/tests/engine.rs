@@ -4,10 +4,14 @@
 
 use std::{collections::HashMap, path::Path};
 
-use llm_ir::{dtype::DType, types::QuantFormat};
+use llm_ir::{
+    dtype::DType,
+    interp::KvValues,
+    types::{KvStorage, QuantFormat},
+};
 use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
-    generate::{Backend, Model},
+    generate::{Backend, Model, Step},
     llama2c,
     sampler::SamplerConfig,
     tokenizer::{BOS, TextCodec, Tokenizer},
@@ -27,7 +31,8 @@ fn model_with_kv(backend: &Backend, kv: DType, passes: &str) -> (Model, Tokenize
     let (config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
     let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
     (
-        Model::compile_with_kv(backend, config, weights, passes, kv).expect("compiles"),
+        Model::compile_with_kv(backend, config, weights, passes, KvStorage::Float(kv))
+            .expect("compiles"),
         tok,
     )
 }
@@ -129,8 +134,14 @@ fn batched_sequences_with_sixteen_bit_weights_equal_their_single_sequence_output
     assert_eq!(weights.quantize_matrices(&QuantFormat::F16), 36);
     let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
     let cpu = Backend::Cpu { threads: 2 };
-    let model =
-        Model::compile_with_kv(&cpu, config, weights, "default", DType::F32).expect("compiles");
+    let model = Model::compile_with_kv(
+        &cpu,
+        config,
+        weights,
+        "default",
+        KvStorage::Float(DType::F32),
+    )
+    .expect("compiles");
     batched_equals_single_with(&model, &tok, 32);
 }
 
@@ -243,7 +254,7 @@ fn sliding_windows_release_the_blocks_they_no_longer_read() {
         config,
         weights,
         "default",
-        DType::F32,
+        KvStorage::Float(DType::F32),
     )
     .expect("compiles");
     let prompts = prompts(3);
@@ -328,6 +339,55 @@ fn sixteen_bit_kv_caches_on_the_gpu_backend() {
     shared_prefixes(model_with_kv(&gpu, DType::F16, "default"));
 }
 
+/// A q8_0 KV cache (its blocks' bytes in the pool) under the engine, on a synthetic model
+/// of stories260K's vocabulary with heads of 64 (stories260K's heads of 8 fill no block):
+/// batched sequences equal their single runs, shared prefixes keep every output, and a
+/// block copy (copy-on-write, on the device where there is a GPU) moves a block's bytes,
+/// on the CPU and GPU backends.
+#[test]
+fn q8_0_kv_caches_batch_share_prefixes_and_copy_blocks() {
+    let mut shape = llm_runtime::synth::shape("260K").expect("known shape");
+    (shape.dim, shape.hidden_dim, shape.heads, shape.kv_heads) = (128, 256, 2, 1);
+    let path = std::env::temp_dir().join(format!("llmc-q8-kv-{}.bin", std::process::id()));
+    llm_runtime::synth::write(&path, &shape, 11).expect("synthetic model");
+    let (config, weights) = llama2c::load(&path).expect("model");
+    std::fs::remove_file(&path).ok();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
+    let kv = KvStorage::Quantized(QuantFormat::Q8_0);
+    let mut backends = vec![Backend::Cpu { threads: 2 }];
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
+    for backend in backends {
+        let model = Model::compile_with_kv(
+            &backend,
+            config.clone(),
+            weights.clone(),
+            "default",
+            kv.clone(),
+        )
+        .expect("compiles");
+        assert_eq!(model.kv_storage(), &kv);
+        let tokens: Vec<u32> = (0..20).map(|i| 1 + i * 23 % 500).collect();
+        let (_, mut cache) = model
+            .forward(Step::Prefill, &tokens, 0, model.new_cache(4))
+            .expect("prefill");
+        model.copy_block(&mut cache, 0, 3).expect("copy");
+        let cache = llm_lower::gpu::read_cache(&cache).expect("read back");
+        assert!(matches!(cache.k, KvValues::Blocks(..)));
+        // Per layer, 4 blocks of 16 positions of 64 values: 32 q8_0 blocks of 36 bytes each.
+        let block = 16 * 64 / 32 * 36;
+        for data in [&cache.k, &cache.v] {
+            let layer = &data.bytes()[..4 * block];
+            assert_eq!(layer[..block], layer[3 * block..], "{backend:?}");
+            assert!(layer[..block].iter().any(|&b| b != 0));
+        }
+        batched_equals_single_with(&model, &tok, 8);
+        shared_prefixes((model, tok.clone()));
+    }
+}
+
 #[test]
 fn preemption_under_a_small_pool_keeps_outputs() {
     let (model, tok) = model();
@@ -351,7 +411,7 @@ fn shared_prompt_prefixes_are_prefilled_once() {
     shared_prefixes(model());
 }
 
-/// The same with the pool in device memory: copy-on-write block copies run on the GPU.
+/// The same with the pool in device memory.
 #[test]
 fn shared_prompt_prefixes_are_prefilled_once_on_the_gpu_backend() {
     if llm_lower::gpu::test_device(&Default::default()).is_some() {
@@ -380,6 +440,11 @@ fn shared_prefixes((model, tok): (Model, Tokenizer)) {
             ids,
             &model.generate(&tok, p, 48, GREEDY).expect("single").ids
         );
+    }
+    // Request `i` repeats request `i % 4`'s prompt, whose full blocks it takes from the
+    // prefix cache.
+    for (i, ids) in outputs.iter().enumerate().skip(4) {
+        assert_eq!(ids, &outputs[i % 4], "request {i}");
     }
 }
 

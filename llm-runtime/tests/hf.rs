@@ -12,7 +12,7 @@ use std::{
 use llm_ir::{
     dtype::DType,
     interp::{Value, WeightStore},
-    types::QuantFormat,
+    types::{KvStorage, QuantFormat},
 };
 use llm_runtime::{
     generate::{Backend, Generation, Model},
@@ -421,7 +421,12 @@ fn llama3_rope_scaling_divides_the_frequencies() {
     for (got, want) in factors.iter().zip(expected) {
         assert!((f64::from(*got) - want).abs() < 1e-6, "{factors:?}");
     }
-    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
     assert!(
         ir.contains("positions, rope_freqs"),
         "the factors reach llm.rope"
@@ -442,7 +447,12 @@ fn a_sliding_window_limits_attention() {
     let dir = write_hf_dir_with("window", r#", "sliding_window": 8"#);
     let loaded = model_file::load(&dir).expect("HF directory loads");
     assert_eq!(loaded.config.sliding_window, Some(8));
-    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
     assert!(
         ir.contains("window = 8>"),
         "the window reaches the cache type"
@@ -616,7 +626,12 @@ fn qwen3_heads_are_their_own_width_and_normalized() {
     let loaded = model_file::load(&dir).expect("Qwen3 directory loads");
     assert_eq!(loaded.config.explicit_head_dim, Some(16));
     assert!(loaded.config.qk_norm);
-    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
     assert!(
         ir.contains("qhn_0 = llm.rms_norm qh_0, q_norm_0 {eps = 1e-5} : llm.tensor <?x8x16xf32>"),
         "each head's queries are normalized"
@@ -679,7 +694,12 @@ fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
     let config = r#", "hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh""#;
     let dir = write_hf_dir_tensors("gemma", "GemmaForCausalLM", config, hf.clone());
     let loaded = model_file::load(&dir).expect("Gemma directory loads");
-    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
     assert!(ir.contains("embed_scale = llm.constant {value = 8.0}") && ir.contains("llm.gelu"));
     let reference = backends_agree(&loaded, 40);
     let llama = write_hf_dir("gemma-llama");
@@ -946,7 +966,12 @@ fn qwen2_adds_biases_to_the_q_k_and_v_projections() {
     let zeroed = write_hf_dir_of("qwen2-zero", "Qwen2ForCausalLM", "", zero);
     let loaded = model_file::load(&zeroed).expect("Qwen2 directory loads");
     assert!(loaded.config.attention_bias.qkv && !loaded.config.attention_bias.output);
-    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
     assert!(
         ir.contains("layers.4.attention.wv.bias"),
         "the biases reach the IR"
@@ -1051,7 +1076,12 @@ fn linear_rope_scaling_scales_the_positions() {
     let loaded = model_file::load(&dir).expect("HF directory loads");
     assert_eq!(loaded.config.rope_scaling, 2.0);
     assert!(!loaded.config.rope_freq_factors);
-    let ir = build_ir(&loaded.config, &loaded.weights, DType::F32).expect("builds");
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
     assert!(ir.contains("scaling = 2.0"), "the scaling reaches llm.rope");
     Model::compile(loaded.config, loaded.weights, "default").expect("compiles");
     std::fs::remove_dir_all(&dir).ok();

@@ -1869,7 +1869,8 @@ fn kv_append_halves(row: usize, element: KvElement) -> String {
 /// block padded to [`KvBlocks::bytes`], to the block's place in the pool: the host's
 /// bytes. A block is whole words, so no two invocations write one word.
 fn kv_append_blocks(row: usize, blocks: KvBlocks) -> String {
-    let Some((values, _, encode, _, helpers)) = WeightFormat::of(&blocks.format()).and_then(block_codec)
+    let Some((values, _, encode, _, helpers)) =
+        WeightFormat::of(&blocks.format()).and_then(block_codec)
     else {
         unreachable!("every KV block format has a block codec")
     };
