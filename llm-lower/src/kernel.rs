@@ -1137,16 +1137,18 @@ impl Kernel {
                 d: *d,
                 scale: *scale,
                 source: match source {
-                    // The rows a kernel reads stay in its key: a 16-bit cache's.
-                    AttentionSource::Paged {
-                        rounding: rounding @ KvRounding::Float(_),
-                        ..
-                    } => AttentionSource::Paged {
-                        layer: 0,
-                        window: None,
-                        append: false,
-                        rounding: *rounding,
-                    },
+                    // The rows a kernel reads stay in its key: a 16-bit or block-format
+                    // cache's.
+                    AttentionSource::Paged { rounding, .. }
+                        if rounding.element() != KvElement::F32 =>
+                    {
+                        AttentionSource::Paged {
+                            layer: 0,
+                            window: None,
+                            append: false,
+                            rounding: *rounding,
+                        }
+                    }
                     _ => AttentionSource::Contiguous {
                         causal: false,
                         window: None,

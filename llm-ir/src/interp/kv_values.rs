@@ -116,7 +116,9 @@ impl KvElement {
         match storage {
             KvStorage::Float(DType::F16) => KvElement::F16,
             KvStorage::Float(DType::BF16) => KvElement::BF16,
-            KvStorage::Quantized(format) => KvBlocks::of(format).map_or(KvElement::F32, KvElement::Blocks),
+            KvStorage::Quantized(format) => {
+                KvBlocks::of(format).map_or(KvElement::F32, KvElement::Blocks)
+            }
             KvStorage::Float(_) => KvElement::F32,
         }
     }
@@ -349,7 +351,9 @@ mod tests {
     /// and survives its bytes and its floats.
     #[test]
     fn block_formats_hold_their_padded_blocks() {
-        let row: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let row: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         for (format, padded) in [
             (QuantFormat::Q8_0, 36),
             (QuantFormat::Q4_0, 20),
@@ -378,7 +382,10 @@ mod tests {
             let packed = quant::quantize(&format, &[512], &row);
             let first = 256 / values * padded;
             let stored = &pool.bytes()[first..first + padded];
-            assert_eq!(stored[..blocks.packed_bytes()], packed[..blocks.packed_bytes()]);
+            assert_eq!(
+                stored[..blocks.packed_bytes()],
+                packed[..blocks.packed_bytes()]
+            );
             assert!(stored[blocks.packed_bytes()..].iter().all(|&b| b == 0));
             pool.copy_within(256..512, 768);
             pool.read(768, &mut out[..256]);

@@ -1077,19 +1077,15 @@ impl PagedSource<'_> {
         // Rows run in parallel, each writing its own outputs through this address.
         let out_at = out.as_mut_ptr() as usize;
         let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
-        // The row microkernel reads 16-bit rows itself; the generated kernel reads f32.
-        // A block format's rows are decoded first.
+        // The row microkernel reads 16-bit and q8_0 rows itself; the generated kernel
+        // reads f32. The other block formats' rows are decoded first.
         let heads = rows.row / rows.d.max(1);
         if keys.element() != self.element || values.element() != self.element {
             return Err("the cache's storage does not match its type".into());
         }
-        let reads_stored = match self.element {
-            KvElement::F32 => true,
-            KvElement::F16 | KvElement::BF16 => {
-                attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d)
-            }
-            KvElement::Blocks(_) => false,
-        };
+        let reads_stored = self.element == KvElement::F32
+            || (attention::reads_in_place(self.element)
+                && attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d));
         k.paged
             .with(self.cache, (sequences, tables, lens, self.window), |all| {
                 let positions = all.iter().map(Vec::len).sum::<usize>();
