@@ -491,8 +491,9 @@ pub enum KvRounding {
     Exact,
     /// `f16` or `bf16` storage: each value rounded to that type (ties to even).
     Float(DType),
-    /// Quantized storage: each head's row quantized and dequantized, as the reference
-    /// does it; the format as a kernel names it for a `[rows, head_dim]` matrix (affine
+    /// Quantized storage: each head's row quantized as the reference does it (a block
+    /// format's pool holds the blocks, an nf4 or affine pool the values they decode to);
+    /// the format as a kernel names it for a `[rows, head_dim]` matrix (affine
     /// groups along the pool's fourth dim, head_dim, are groups along axis 1), none where
     /// no kernel format names it.
     Quantized(Option<WeightFormat>),

@@ -1675,9 +1675,9 @@ proptest! {
     }
 
     /// `append_attention` on caches of every float storage (the appended rows rounded to
-    /// it).
+    /// it) and every block format (the rows quantized into its blocks).
     #[test]
-    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, d in 1usize..12, start in 0usize..6, storage in float_storages(), seed: u64) {
+    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in prop_oneof![(float_storages(), 1usize..12), block_storages()], start in 0usize..6, seed: u64) {
         let h = kv * group;
         let width = (start + t).div_ceil(4);
         let (c, cty) = stored_cache(storage, kv, d, width + 1, seed + 3);

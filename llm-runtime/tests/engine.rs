@@ -379,9 +379,12 @@ fn q8_0_kv_caches_batch_share_prefixes_and_copy_blocks() {
         // Per layer, 4 blocks of 16 positions of 64 values: 32 q8_0 blocks of 36 bytes each.
         let block = 16 * 64 / 32 * 36;
         for data in [&cache.k, &cache.v] {
-            let layer = &data.bytes()[..4 * block];
-            assert_eq!(layer[..block], layer[3 * block..], "{backend:?}");
-            assert!(layer[..block].iter().any(|&b| b != 0));
+            let layers = data.bytes().chunks_exact(4 * block);
+            assert_eq!(layers.len(), config.layers);
+            for (l, layer) in layers.enumerate() {
+                assert_eq!(layer[..block], layer[3 * block..], "{backend:?} layer {l}");
+                assert!(layer[..block].iter().any(|&b| b != 0));
+            }
         }
         batched_equals_single_with(&model, &tok, 8);
         shared_prefixes((model, tok.clone()));

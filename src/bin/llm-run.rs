@@ -91,7 +91,8 @@ enum KvDtype {
     /// GGUF q4_0 blocks of 32: 0.31 of f16's memory (heads of a multiple of 32).
     #[value(name = "q4_0")]
     Q4_0,
-    /// GGUF q4_1 blocks of 32, with a minimum: 0.31 of f16's memory.
+    /// GGUF q4_1 blocks of 32, with a minimum: 0.31 of f16's memory (heads of a multiple
+    /// of 32).
     #[value(name = "q4_1")]
     Q4_1,
     /// GGUF q4_k super-blocks of 256 (heads of a multiple of 256).

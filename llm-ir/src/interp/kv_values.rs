@@ -134,12 +134,16 @@ impl KvElement {
     }
 
     /// Bytes `elements` elements take (for a block format, a multiple of its
-    /// [values](KvBlocks::values) per block).
+    /// [values](KvBlocks::values) per block, which the cache type's verifier guarantees
+    /// for a pool and its rows).
     pub fn bytes(self, elements: usize) -> usize {
         match self {
             KvElement::F32 => 4 * elements,
             KvElement::F16 | KvElement::BF16 => 2 * elements,
-            KvElement::Blocks(b) => elements / b.values() * b.bytes(),
+            KvElement::Blocks(b) => {
+                debug_assert!(elements.is_multiple_of(b.values()), "{elements} values");
+                elements / b.values() * b.bytes()
+            }
         }
     }
 }
@@ -159,6 +163,10 @@ impl KvValues {
     /// `values` held as `storage` needs (each rounded as [`KvValues::write`] rounds; a
     /// value a float storage represents, such as one a backend read back from this array,
     /// is kept exactly; a block format quantizes the values, whole blocks of them).
+    ///
+    /// # Panics
+    ///
+    /// For a block format, if `values` is not whole blocks.
     pub fn from_f32(storage: &KvStorage, values: &[f32]) -> KvValues {
         let mut out = KvValues::zeros(storage, values.len());
         out.write(0, values);

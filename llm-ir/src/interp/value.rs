@@ -121,8 +121,9 @@ pub struct QTensor {
 /// The paged KV block pool.
 ///
 /// K and V are each `[layers][blocks][block_size][kv_heads][head_dim]`, held as
-/// [`KvValues`]: the 16 bits of f16/bf16 storage, or `f32` values (f32 storage, or a
-/// quantize and dequantize round trip along `head_dim` for quantized storage).
+/// [`KvValues`]: the 16 bits of f16/bf16 storage, a GGUF block format's blocks (padded to
+/// whole words), or `f32` values (f32 storage, or a quantize and dequantize round trip
+/// along `head_dim` for nf4 and affine storage).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvCache {
     /// The cache type's parameters.

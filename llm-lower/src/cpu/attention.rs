@@ -62,7 +62,8 @@ pub fn fits(heads: usize, kv_heads: usize, d: usize) -> bool {
 }
 
 /// Whether a compiled attention kernel over `heads` query heads of `d` on `kv_heads` KV
-/// heads calls [`attention_row`] (which reads a 16-bit cache's rows itself): where the
+/// heads calls [`attention_row`] (which reads the rows of the caches it [reads in
+/// place](reads_in_place) itself, and f32 rows of the others): where the
 /// kernels call the Rust microkernels (`tiles`) and the heads [`fit`](fits).
 pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> bool {
     tiles && fits(heads, kv_heads, d)
@@ -72,21 +73,26 @@ pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> 
 /// q8_0 and q4_0 (the caller decodes the other block formats' rows into f32 first, and the
 /// kernel reads those).
 pub fn reads_in_place(element: KvElement) -> bool {
-    !matches!(element, KvElement::Blocks(b) if !matches!(b, KvBlocks::Q8_0 | KvBlocks::Q4_0))
+    element == KvElement::F32 || element_code(element) != 0
 }
 
-/// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
-/// KV heads of rows of `element` (bits 48 and up: 0 for f32, 1 for f16, 2 for bf16, 3 for
-/// q8_0, 4 for q4_0; 0 for the block formats it does not [read in place](reads_in_place)).
-pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
-    let code = match element {
+/// The code of `element` in [`shape_word`]: 1 for f16, 2 for bf16, 3 for q8_0, 4 for
+/// q4_0, 0 for f32 and the block formats the microkernel reads as decoded f32 rows.
+fn element_code(element: KvElement) -> usize {
+    match element {
         KvElement::F16 => 1,
         KvElement::BF16 => 2,
         KvElement::Blocks(KvBlocks::Q8_0) => 3,
         KvElement::Blocks(KvBlocks::Q4_0) => 4,
         KvElement::F32 | KvElement::Blocks(_) => 0,
-    };
-    (heads | kv_heads << 16 | d << 32 | code << 48) as i64
+    }
+}
+
+/// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
+/// KV heads of rows of `element` (bits 48 and up: its code, 1 for f16, 2 for bf16, 3 for
+/// q8_0, 4 for q4_0, 0 for f32 rows).
+pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
+    (heads | kv_heads << 16 | d << 32 | element_code(element) << 48) as i64
 }
 
 /// The element a `shape` word names.
@@ -110,7 +116,8 @@ fn element_of_shape(shape: i64) -> KvElement {
 ///
 /// `q` points to `heads * d` floats and `out` to as many writable ones; every offset is
 /// one whose row lies inside `k` and `v`; `offsets` holds `count` (at least 1) entries;
-/// `heads`, `kv_heads` and `d` [`fit`](fits) and the element is a [`KvElement`]; the CPU
+/// `heads`, `kv_heads` and `d` [`fit`](fits) and the element is a [`KvElement`] (for a
+/// block format, `d` and every `offsets[j] / 4` a multiple of its 32 values); the CPU
 /// has AVX2, FMA and F16C ([`super::ukernel::available`]).
 #[cfg(target_arch = "x86_64")]
 pub unsafe extern "C" fn attention_row(
@@ -203,10 +210,11 @@ unsafe fn attend_row<E: Element>(a: RowArgs) {
 }
 
 /// The element type of key and value rows: the bytes a run of them takes and how 8 of
-/// them load as `f32`. Runs start at a head's first element (for q8_0, at a block).
+/// them load as `f32`. Runs start at a head's first element (for q8_0 and q4_0, at a
+/// block).
 #[cfg(target_arch = "x86_64")]
 trait Element {
-    /// Bytes of `elements` elements (for q8_0, a multiple of 32).
+    /// Bytes of `elements` elements (for q8_0 and q4_0, a multiple of 32).
     fn bytes(elements: usize) -> usize;
 
     /// Elements `e..e + 8` of the run at `run` (`e` a multiple of 8), as `f32`.

@@ -1077,7 +1077,7 @@ impl PagedSource<'_> {
         // Rows run in parallel, each writing its own outputs through this address.
         let out_at = out.as_mut_ptr() as usize;
         let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
-        // The row microkernel reads 16-bit and q8_0 rows itself; the generated kernel
+        // The row microkernel reads 16-bit, q8_0 and q4_0 rows itself; the generated kernel
         // reads f32. The other block formats' rows are decoded first.
         let heads = rows.row / rows.d.max(1);
         if keys.element() != self.element || values.element() != self.element {

@@ -383,14 +383,6 @@ mod tests {
                 row: 48,
                 element: KvElement::BF16,
             },
-            Shader::KvGather {
-                row: 64,
-                element: KvElement::Blocks(KvBlocks::Q8_0),
-            },
-            Shader::KvGather {
-                row: 256,
-                element: KvElement::Blocks(KvBlocks::Q4K),
-            },
             Shader::KvAppend {
                 row: 64,
                 rounding: KvRounding::Quantized(Some(WeightFormat::Q4_0)),
@@ -462,14 +454,22 @@ mod tests {
                 half,
             });
         }
-        let pools = [
-            KvElement::F32,
-            KvElement::F16,
-            KvElement::BF16,
-            KvElement::Blocks(KvBlocks::Q4_1),
-            KvElement::Blocks(KvBlocks::Q6K),
+        let blocks = [
+            KvBlocks::Q8_0,
+            KvBlocks::Q4_0,
+            KvBlocks::Q4_1,
+            KvBlocks::Q4K,
+            KvBlocks::Q6K,
+            KvBlocks::Q2K,
         ]
-        .map(Some);
+        .map(KvElement::Blocks);
+        for element in blocks {
+            shaders.push(Shader::KvGather { row: 512, element });
+        }
+        let pools = [KvElement::F32, KvElement::F16, KvElement::BF16]
+            .into_iter()
+            .chain(blocks)
+            .map(Some);
         for (paged, masked) in [(None, false), (None, true)]
             .into_iter()
             .chain(pools.map(|p| (p, false)))

@@ -189,8 +189,9 @@ pub enum Shader {
     },
     /// Writes the new key and value rows of each token into its cache slot, each value
     /// rounded to the cache's storage and held as [`KvRounding::element`] says: the
-    /// bits of an f16 or bf16 in its half of a word, or an `f32` (through a quantized
-    /// block and back, one block or group per invocation).
+    /// bits of an f16 or bf16 in its half of a word, a block format's padded block (one
+    /// per invocation), or an `f32` (through an nf4 or affine group and back, one group
+    /// per invocation).
     KvAppend {
         /// Floats per slot (`kv_heads * head_dim`).
         row: usize,
@@ -1603,10 +1604,7 @@ fn rope(heads: usize, d: usize, rotary: usize, half: bool) -> String {
 /// ([`block_codec`]; the K-quants' products kept apart through [`EXACT`], so every value
 /// is the host's bit for bit).
 fn kv_block_readers(blocks: KvBlocks) -> String {
-    let Some((values, _, _, decode, _)) = WeightFormat::of(&blocks.format()).and_then(block_codec)
-    else {
-        unreachable!("every KV block format has a block codec")
-    };
+    let (values, _, _, decode, _) = kv_block_codec(blocks);
     let mut s = format!("{HALF_VALUE}{EXACT}");
     for (name, pool) in [("key", "kc"), ("value", "vc")] {
         let _ = write!(
@@ -1869,11 +1867,7 @@ fn kv_append_halves(row: usize, element: KvElement) -> String {
 /// block padded to [`KvBlocks::bytes`], to the block's place in the pool: the host's
 /// bytes. A block is whole words, so no two invocations write one word.
 fn kv_append_blocks(row: usize, blocks: KvBlocks) -> String {
-    let Some((values, _, encode, _, helpers)) =
-        WeightFormat::of(&blocks.format()).and_then(block_codec)
-    else {
-        unreachable!("every KV block format has a block codec")
-    };
+    let (values, _, encode, _, helpers) = kv_block_codec(blocks);
     let words = blocks.bytes() / 4;
     let mut s = format!(
         "{ROUND_F16}{F16_BITS}{EXACT}{CORRECTLY_ROUNDED}const ROW: u32 = {row}u;\nconst VALUES: u32 = {values}u;\nconst WORDS: u32 = {words}u;\nvar<private> acc: array<u32, {words}>;\n"
@@ -1907,6 +1901,14 @@ fn kv_append_blocks(row: usize, blocks: KvBlocks) -> String {
         block("vn", "vc")
     );
     s
+}
+
+/// The [`block_codec`] of a KV pool's block format (every one has a codec).
+fn kv_block_codec(blocks: KvBlocks) -> (usize, usize, &'static str, String, &'static str) {
+    match WeightFormat::of(&blocks.format()).and_then(block_codec) {
+        Some(codec) => codec,
+        None => unreachable!("every KV block format has a block codec"),
+    }
 }
 
 /// A block format's values per block, bytes per block, encoder (reading `x[at + i]` into
