@@ -9,7 +9,9 @@
 //! budget of prompt tokens however long a prompt is; then it runs one decode call for
 //! every running sequence, one token each. When the pool runs out during decode, the most
 //! recently admitted sequence is preempted: its blocks are freed and it is recomputed
-//! later from its tokens.
+//! later from its tokens. A running request can [fork](Engine::fork) (parallel sampling):
+//! the new request shares every block of the old one, and whichever first writes to their
+//! shared last block writes to a copy of it (copy-on-write).
 //!
 //! Every sequence follows llama2.c's `run.c` loop: `steps` counts positions including the
 //! prompt, and producing BOS ends the sequence. Rows of a batch never interact, so each
@@ -119,6 +121,8 @@ pub struct EngineStats {
     pub peak_blocks: usize,
     /// Positions held when the most blocks were in use.
     pub tokens_at_peak: usize,
+    /// Blocks copied before a write because another sequence shared them (after a fork).
+    pub block_copies: usize,
 }
 
 /// The serving engine.
@@ -175,6 +179,51 @@ impl<'m> Engine<'m> {
             token_times: Vec::new(),
         });
         id
+    }
+
+    /// Starts a new request as a copy of running request `parent` (its prompt prefilled,
+    /// decoding): the same tokens so far and positions in the cache, sharing every block
+    /// of `parent` until one of them writes to the shared last block, which then gets its
+    /// own copy. The new request samples with `sampler` from its next token on (a new
+    /// sampler: its random draws start from the seed) and otherwise has `parent`'s
+    /// parameters; its tokens are reported under the returned id. Parallel sampling: `n`
+    /// completions of one prompt prefill it once.
+    ///
+    /// # Errors
+    ///
+    /// When `parent` is not running (waiting, prefilling, finished or unknown), or the
+    /// engine already runs [`EngineConfig::max_running`] requests.
+    pub fn fork(&mut self, parent: SeqId, sampler: SamplerConfig) -> Result<SeqId, RunError> {
+        if self.running.len() >= self.config.max_running {
+            return Err(format!(
+                "request {parent} cannot fork: {} requests run, the most the engine runs",
+                self.running.len()
+            ));
+        }
+        let Some(from) = self.running.iter().find(|r| r.id == parent) else {
+            return Err(format!(
+                "request {parent} cannot fork: only a running request (its prompt prefilled) forks"
+            ));
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.admissions += 1;
+        let child = Request {
+            id,
+            tokens: from.tokens.clone(),
+            params: RequestParams {
+                sampler: sampler.clone(),
+                ..from.params.clone()
+            },
+            sampler: Sampler::new(sampler),
+            computed: from.computed,
+            pending: from.pending,
+            admitted: self.admissions,
+            token_times: Vec::new(),
+        };
+        self.blocks.fork(parent, id);
+        self.running.push(child);
+        Ok(id)
     }
 
     /// Cancels request `id` (waiting, prefilling or running); returns whether it
@@ -387,6 +436,7 @@ impl<'m> Engine<'m> {
                 Ok(slot) => {
                     if let Some((from, to)) = slot.copy {
                         self.copy_block(from, to)?;
+                        self.stats.block_copies += 1;
                     }
                     let pos = self.running[i].computed as i64;
                     batch.tokens.push(token);

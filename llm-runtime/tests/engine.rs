@@ -13,6 +13,7 @@ use llm_runtime::{
     engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Model, Step},
     llama2c,
+    model::BLOCK_SIZE,
     sampler::SamplerConfig,
     tokenizer::{BOS, TextCodec, Tokenizer},
 };
@@ -81,6 +82,53 @@ fn run_engine(
             .collect(),
         stats,
     )
+}
+
+/// Forks a greedy request after it has produced a few tokens, while its last block is
+/// partly filled: parent and child share that block, the first to write to it copies it
+/// (one block copy), and both give the prompt's single-sequence tokens. Forking what does
+/// not run is an error.
+fn forked_requests_copy_their_shared_block(model: &Model, tok: &Tokenizer) {
+    let prompt = "Once upon a time, there was a little girl";
+    let alone = model.generate(tok, prompt, 64, GREEDY).expect("single").ids;
+    let ids = tok.encode(prompt, true, false);
+    let mut engine = Engine::new(model, EngineConfig::default());
+    let parent = engine.add_request(ids.clone(), params(64));
+    assert!(
+        engine.fork(parent, GREEDY).is_err(),
+        "a waiting request forks"
+    );
+    let mut out: HashMap<u64, Vec<u32>> = HashMap::from([(parent, ids)]);
+    let mut child = None;
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { id, token, .. } = event {
+                out.get_mut(&id).expect("known").push(token);
+            }
+        }
+        let held = out[&parent].len() - 1;
+        if child.is_none() && held > 20 && !held.is_multiple_of(BLOCK_SIZE) {
+            let id = engine.fork(parent, GREEDY).expect("forks");
+            out.insert(id, out[&parent].clone());
+            child = Some(id);
+        }
+    }
+    let child = child.expect("the request ran long enough to fork");
+    assert_eq!(engine.stats().block_copies, 1);
+    assert_eq!(out[&parent], alone);
+    assert_eq!(out[&child], alone);
+    assert!(
+        engine.fork(child, GREEDY).is_err(),
+        "a finished request forks"
+    );
+}
+
+#[test]
+fn forked_requests_share_blocks_until_written() {
+    let (model, tok) = model();
+    forked_requests_copy_their_shared_block(&model, &tok);
+    let (on_cpu, _) = model_on(&Backend::Cpu { threads: 2 });
+    forked_requests_copy_their_shared_block(&on_cpu, &tok);
 }
 
 fn prompts(n: usize) -> Vec<String> {
@@ -341,9 +389,9 @@ fn sixteen_bit_kv_caches_on_the_gpu_backend() {
 
 /// A q8_0 KV cache (its blocks' bytes in the pool) under the engine, on a synthetic model
 /// of stories260K's vocabulary with heads of 64 (stories260K's heads of 8 fill no block):
-/// batched sequences equal their single runs, shared prefixes keep every output, and a
-/// block copy (copy-on-write, on the device where there is a GPU) moves a block's bytes,
-/// on the CPU and GPU backends.
+/// batched sequences equal their single runs, shared prefixes keep every output, a block
+/// copy (copy-on-write, on the device where there is a GPU) moves a block's bytes, and a
+/// forked request's copy-on-write keeps its tokens, on the CPU and GPU backends.
 #[test]
 fn q8_0_kv_caches_batch_share_prefixes_and_copy_blocks() {
     let mut shape = llm_runtime::synth::shape("260K").expect("known shape");
@@ -387,6 +435,7 @@ fn q8_0_kv_caches_batch_share_prefixes_and_copy_blocks() {
             }
         }
         batched_equals_single_with(&model, &tok, 8);
+        forked_requests_copy_their_shared_block(&model, &tok);
         shared_prefixes((model, tok.clone()));
     }
 }
