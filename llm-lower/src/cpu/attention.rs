@@ -148,8 +148,8 @@ pub unsafe extern "C" fn attention_row(
         match element_of_shape(shape) {
             KvElement::F16 => attend_row::<F16>(args),
             KvElement::BF16 => attend_row::<BF16>(args),
-            KvElement::Blocks(KvBlocks::Q8_0) => attend_row::<Q8_0>(args),
-            KvElement::Blocks(KvBlocks::Q4_0) => attend_row::<Q4_0>(args),
+            KvElement::Blocks(KvBlocks::Q8_0) => attend_row::<Blocks<Q8_0>>(args),
+            KvElement::Blocks(KvBlocks::Q4_0) => attend_row::<Blocks<Q4_0>>(args),
             KvElement::F32 | KvElement::Blocks(_) => attend_row::<F32>(args),
         }
     }
@@ -248,13 +248,31 @@ struct F16;
 #[cfg(target_arch = "x86_64")]
 struct BF16;
 
-/// q8_0 rows: blocks of 32 values, each an f16 scale, 32 signed codes and 2 bytes of
-/// padding ([`KvBlocks::bytes`]).
+/// Rows of a block format of 32 values a block: each block an f16 scale, its codes
+/// ([`Codes`]) and padding to [`KvBlocks::bytes`]. A value is its code times the scale.
+#[cfg(target_arch = "x86_64")]
+struct Blocks<C>(std::marker::PhantomData<C>);
+
+/// How a block format's codes load: 8 at a time as `f32`, the value before the scale.
+#[cfg(target_arch = "x86_64")]
+trait Codes {
+    /// The format.
+    const FORMAT: KvBlocks;
+
+    /// Codes `j..j + 8` of the block at `block` (`j` a multiple of 8 below 32).
+    ///
+    /// # Safety
+    ///
+    /// `block` points to a whole block; the CPU has AVX2.
+    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256;
+}
+
+/// q8_0: 32 signed codes after the scale.
 #[cfg(target_arch = "x86_64")]
 struct Q8_0;
 
-/// q4_0 rows: blocks of 32 values, each an f16 scale and 16 bytes of codes (value `j` in
-/// the low half of byte `j`, value `j + 16` in its high half), then 2 bytes of padding.
+/// q4_0: 16 bytes of codes after the scale (value `j` in the low half of byte `j`, value
+/// `j + 16` in its high half), each less 8.
 #[cfg(target_arch = "x86_64")]
 struct Q4_0;
 
@@ -323,50 +341,56 @@ impl Element for BF16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Element for Q8_0 {
+impl<C: Codes> Element for Blocks<C> {
     fn bytes(elements: usize) -> usize {
-        elements / 32 * KvBlocks::Q8_0.bytes()
+        elements / 32 * C::FORMAT.bytes()
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(run: *const u8, e: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
         // SAFETY: the caller's contract; the block of element `e` holds it and the 7 after
         // it (8 never straddle a block of 32).
         unsafe {
-            let block = run.add(e / 32 * KvBlocks::Q8_0.bytes());
-            let codes = _mm_loadl_epi64(block.add(2 + e % 32).cast());
+            let block = run.add(e / 32 * C::FORMAT.bytes());
             // The code times the scale: `llm.dequantize`'s one rounded product.
-            _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)),
-                block_scale(block),
-            )
+            std::arch::x86_64::_mm256_mul_ps(C::codes8(block, e % 32), block_scale(block))
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Element for Q4_0 {
-    fn bytes(elements: usize) -> usize {
-        elements / 32 * KvBlocks::Q4_0.bytes()
-    }
+impl Codes for Q8_0 {
+    const FORMAT: KvBlocks = KvBlocks::Q8_0;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(run: *const u8, e: usize) -> std::arch::x86_64::__m256 {
+    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        // SAFETY: the caller's contract; elements `e..e + 8` are the low (or high) halves
-        // of 8 bytes of their block's codes.
+        // SAFETY: the caller's contract.
         unsafe {
-            let block = run.add(e / 32 * KvBlocks::Q4_0.bytes());
-            let j = e % 32;
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                block.add(2 + j).cast(),
+            )))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Codes for Q4_0 {
+    const FORMAT: KvBlocks = KvBlocks::Q4_0;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; codes `j..j + 8` are the low (or high) halves of
+        // 8 bytes.
+        unsafe {
             let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(2 + j % 16).cast()));
             let shift = _mm_cvtsi32_si128(if j < 16 { 0 } else { 4 });
             let codes = _mm256_and_si256(_mm256_srl_epi32(bytes, shift), _mm256_set1_epi32(15));
-            let centred = _mm256_sub_epi32(codes, _mm256_set1_epi32(8));
-            // The code less 8 times the scale: `llm.dequantize`'s one rounded product.
-            _mm256_mul_ps(_mm256_cvtepi32_ps(centred), block_scale(block))
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, _mm256_set1_epi32(8)))
         }
     }
 }
