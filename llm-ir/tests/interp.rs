@@ -316,10 +316,21 @@ fn attention_by_hand() {
         &args,
         &["llm.tensor <1x1x1xf32>"],
         &body("kv_heads = 1, scale = 1.0, causal = true, window = 1"),
-        vec![q, k, v],
+        vec![q.clone(), k.clone(), v.clone()],
     )
     .expect("runs");
     assert_close(&floats(&windowed[0]), &[20.], 0.0);
+    // Soft-capped at 0.5, the scores [0, 3] (scale 3) become [0, 0.5 tanh(6)].
+    let capped = run(
+        &args,
+        &["llm.tensor <1x1x1xf32>"],
+        &body("kv_heads = 1, scale = 3.0, softcap = 0.5"),
+        vec![q, k, v],
+    )
+    .expect("runs");
+    let s1 = 0.5 * 6f32.tanh();
+    let p1 = s1.exp() / (1.0 + s1.exp());
+    assert_close(&floats(&capped[0]), &[10. * (1. - p1) + 20. * p1], 1e-5);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use llm_ir::{
     interp::{
         KvBlocks, KvElement,
         eval::{
-            attention::{RopeAngles, Scale},
+            attention::{RopeAngles, Scoring},
             fused::{ScalarBody, ScalarStep},
         },
     },
@@ -883,8 +883,8 @@ pub enum Kernel {
         kv_heads: usize,
         /// Head size.
         d: usize,
-        /// Score scaling.
-        scale: Scale,
+        /// How dot products become scores (scaling, soft-cap).
+        scoring: Scoring,
         /// Where keys and values are.
         source: AttentionSource,
     },
@@ -1130,13 +1130,13 @@ impl Kernel {
                 heads,
                 kv_heads,
                 d,
-                scale,
+                scoring,
                 source,
             } => Some(Kernel::Attention {
                 heads: *heads,
                 kv_heads: *kv_heads,
                 d: *d,
-                scale: *scale,
+                scoring: *scoring,
                 source: match source {
                     // The rows a kernel reads stay in its key: a 16-bit or block-format
                     // cache's.
@@ -1614,7 +1614,7 @@ fn attention(check: &OpCheck, heads: usize, d: usize, source: AttentionSource) -
             heads,
             kv_heads,
             d,
-            scale: Scale::from_param(check.float("scale"), d),
+            scoring: Scoring::from_params(check.float("scale"), check.float("softcap"), d),
             source,
         })
 }

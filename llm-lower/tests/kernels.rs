@@ -1517,18 +1517,22 @@ fn moves_floats_and_ints(
 }
 
 /// A paged decode attention of `seqs` rows (`kv * group` query heads of `d`) over a
-/// cache of `width` blocks per sequence stored as `storage`, with contexts `lens` and an
-/// optional window: the function and its arguments (seeded from `seed`).
+/// cache of `width` blocks per sequence stored as `storage`, with contexts `lens`, an
+/// optional window and an optional soft-cap: the function and its arguments (seeded from
+/// `seed`).
 fn paged_attention_case(
     [seqs, kv, group, d, width]: [usize; 5],
     storage: KvStorage,
     lens: Vec<i64>,
-    window: Option<usize>,
+    (window, softcap): (Option<usize>, Option<f32>),
     seed: u64,
 ) -> (String, Vec<Value>) {
     let h = kv * group;
     let (c, cty) = stored_cache(storage, kv, d, seqs * width, seed + 3);
-    let win = window.map_or(String::new(), |w| format!(", window = {w}"));
+    let mut win = window.map_or(String::new(), |w| format!(", window = {w}"));
+    if let Some(cap) = softcap {
+        win.push_str(&format!(", softcap = {cap:?}"));
+    }
     let ir = func(
         &[
             ("q".into(), ty(&[seqs, 1, h, d])),
@@ -1658,9 +1662,9 @@ proptest! {
     }
 
     #[test]
-    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), storage in float_storages(), seed: u64) {
+    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), softcap in prop::option::of(prop::sample::select(vec![0.5f32, 2.0, 50.0])), storage in float_storages(), seed: u64) {
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
-        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, window, seed);
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, (window, softcap), seed);
         agree(&ir, args, 2e-6)?;
     }
 
@@ -1670,7 +1674,7 @@ proptest! {
     #[test]
     fn paged_attention_over_block_caches(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in block_storages(), width in 1usize..8, window in prop::option::of(1usize..30), seed: u64) {
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
-        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, window, seed);
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, (window, None), seed);
         agree(&ir, args, 2e-6)?;
     }
 
@@ -1984,15 +1988,16 @@ fn float_casts_to_i64_fit_32_bits_on_the_gpu() {
 }
 
 /// Heads wider than the workgroup's 64 invocations take ten or sixteen values each
-/// (520 and 1,000: the last invocations hold fewer), on both backends.
+/// (520 and 1,000: the last invocations hold fewer; soft-capped scores at 1,000), on both
+/// backends.
 #[test]
 fn wide_attention_heads() {
-    for (d, seed) in [(520, 1u64), (1000, 2)] {
+    for (d, seed, softcap) in [(520, 1u64, None), (1000, 2, Some(30.0))] {
         let (ir, args) = paged_attention_case(
             [2, 1, 2, d, 3],
             KvStorage::Float(DType::F32),
             vec![7, 12],
-            None,
+            (None, softcap),
             seed,
         );
         agree(&ir, args, 2e-6).expect("agrees");
@@ -2019,7 +2024,7 @@ fn long_context_attention_rows() {
     ] {
         for tk in [1, 7, 8, 9, 33, 63, 64, 65, 100, 129] {
             let h = kv * group;
-            for scale in ["", ", scale = 0.3"] {
+            for scale in ["", ", scale = 0.3", ", scale = 0.3, softcap = 1.5"] {
                 let ir = func(
                     &[
                         ("q".into(), ty(&[1, 1, h, d])),
@@ -2056,7 +2061,7 @@ fn attention_rows_in_parallel() {
         [seqs, kv, group, d, width],
         KvStorage::Float(DType::F32),
         lens,
-        None,
+        (None, None),
         19,
     );
     agree(&ir, args, 2e-6).unwrap();

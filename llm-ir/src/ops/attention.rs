@@ -15,7 +15,7 @@ use crate::{
     types::dims_compatible,
 };
 
-/// Checks `kv_heads`, `scale` and `window` against `heads` query heads.
+/// Checks `kv_heads`, `scale`, `softcap` and `window` against `heads` query heads.
 pub(crate) fn check_heads(c: &OpCheck, heads: Dim, kv_heads_dim: Dim) -> Result<()> {
     let kv_heads = c.int_at_least("kv_heads", 1)?.unwrap_or(1) as u64;
     if !dims_compatible(kv_heads_dim, Some(kv_heads)) {
@@ -31,10 +31,12 @@ pub(crate) fn check_heads(c: &OpCheck, heads: Dim, kv_heads_dim: Dim) -> Result<
             "query heads ({h}) must be a multiple of `kv_heads` ({kv_heads}) for grouped-query attention"
         ));
     }
-    if let Some(scale) = c.float("scale")
-        && scale <= 0.0
-    {
-        return c.err(format!("parameter `scale` must be positive, found {scale}"));
+    for key in ["scale", "softcap"] {
+        if let Some(v) = c.float(key)
+            && !(v.is_finite() && v > 0.0)
+        {
+            return c.err(format!("parameter `{key}` must be positive, found {v}"));
+        }
     }
     c.int_at_least("window", 1)?;
     Ok(())
@@ -45,10 +47,11 @@ llm_op! {
     ///
     /// `q` is `[..., Tq, H, D]`, `k` is `[..., Tk, KVH, D]`, `v` is `[..., Tk, KVH, Dv]` with
     /// `H` a multiple of `KVH = kv_heads`. For query `i` and key `j`:
-    /// `s[i, j] = scale * dot(q[i], k[j]) + mask[i, j]`, `p = softmax_j(s)` and
+    /// `s[i, j] = cap(scale * dot(q[i], k[j])) + mask[i, j]`, `p = softmax_j(s)` and
     /// `out[i] = sum_j p[i, j] * v[j]`. Queries are the last `Tq` of the `Tk` positions, so
     /// query `i` sits at position `Tk - Tq + i`. With `causal`, key `j` is visible only when
-    /// `j <= Tk - Tq + i`; with `window = W`, only when `j > Tk - Tq + i - W`.
+    /// `j <= Tk - Tq + i`; with `window = W`, only when `j > Tk - Tq + i - W`. `cap(x)` is
+    /// `x`, or with `softcap = C` the soft-capped `C * tanh(x / C)` (Gemma 2's).
     ///
     /// | | |
     /// |---|---|
@@ -56,6 +59,7 @@ llm_op! {
     /// | results | `result`: `[..., Tq, H, Dv]` |
     /// | `kv_heads` (int, required) | number of KV heads |
     /// | `scale` (float, default `1/sqrt(D)`) | score scale |
+    /// | `softcap` (float, optional) | soft-cap of the scaled scores |
     /// | `causal` (bool, default false) | hide future keys |
     /// | `window` (int, optional) | sliding-window length |
     ///
@@ -69,6 +73,7 @@ llm_op! {
     params: [
         ParamSpec::required("kv_heads", ParamKind::Int),
         ParamSpec::optional("scale", ParamKind::Float),
+        ParamSpec::optional("softcap", ParamKind::Float),
         ParamSpec::optional("causal", ParamKind::Bool),
         ParamSpec::optional("window", ParamKind::Int),
     ],
@@ -148,6 +153,7 @@ llm_op! {
     /// | `layer` (int, required) | which layer of the cache |
     /// | `kv_heads` (int, required) | must equal the cache's `kv_heads` |
     /// | `scale` (float, default `1/sqrt(D)`) | score scale |
+    /// | `softcap` (float, optional) | soft-cap of the scaled scores, as `llm.attention`'s |
     /// | `window` (int, optional) | sliding window; required, and at most the cache's, when the cache has one |
     ///
     /// Example:
@@ -161,6 +167,7 @@ llm_op! {
         ParamSpec::required("layer", ParamKind::Int),
         ParamSpec::required("kv_heads", ParamKind::Int),
         ParamSpec::optional("scale", ParamKind::Float),
+        ParamSpec::optional("softcap", ParamKind::Float),
         ParamSpec::optional("window", ParamKind::Int),
     ],
     interfaces: [],

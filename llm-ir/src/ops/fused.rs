@@ -249,7 +249,7 @@ llm_op! {
     /// |---|---|
     /// | operands | `q` `[B, T, H, D]`; `cache`; `k`, `v` `[N, kv_heads, head_dim]`; `slots` `[N]`; `block_tables` `[B, M]`; `context_lens` `[B]` |
     /// | results | `result` `[B, T, H, D]`; `updated`: the cache type |
-    /// | `layer`, `kv_heads` (int, required); `scale` (float), `window` (int) | as for `llm.paged_attention` |
+    /// | `layer`, `kv_heads` (int, required); `scale`, `softcap` (float), `window` (int) | as for `llm.paged_attention` |
     ///
     /// Example:
     /// ```text
@@ -262,6 +262,7 @@ llm_op! {
         ParamSpec::required("layer", ParamKind::Int),
         ParamSpec::required("kv_heads", ParamKind::Int),
         ParamSpec::optional("scale", ParamKind::Float),
+        ParamSpec::optional("softcap", ParamKind::Float),
         ParamSpec::optional("window", ParamKind::Int),
     ],
     interfaces: [],

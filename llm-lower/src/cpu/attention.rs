@@ -32,9 +32,12 @@
     reason = "AVX2 intrinsics on pointers checked by the caller"
 )]
 
-use llm_ir::interp::{KvBlocks, KvElement};
+use llm_ir::interp::{
+    KvBlocks, KvElement,
+    eval::attention::{Scale, Scoring},
+};
 
-use super::emit::{EXP_LN2, EXP_POLY, EXP_RANGE};
+use super::emit::{EXP_LN2, EXP_POLY, EXP_RANGE, TANH_POLY, TANH_SMALL};
 
 /// The symbol generated code imports [`attention_row`] under.
 pub const ATTENTION_ROW: &str = "llmc_attention_row";
@@ -109,8 +112,9 @@ fn element_of_shape(shape: i64) -> KvElement {
 /// Attention of the query row at `q` (`heads` heads of `d`) over `count` key/value rows
 /// of `kv_heads * d` elements: row `j` is element `offsets[j] / 4` of `k` and `v` (the
 /// offsets are those of f32 rows, in bytes), KV head `h` `h * d` elements after it;
-/// scores are scaled by the f32 whose bits are `factor`; the `heads * d` outputs go to
-/// `out`. `shape` is [`shape_word`].
+/// scores are scaled by the f32 whose bits are `factor`, then soft-capped by the one whose
+/// bits are `cap` (none where `cap` is 0); the `heads * d` outputs go to `out`. `shape` is
+/// [`shape_word`].
 ///
 /// # Safety
 ///
@@ -129,6 +133,7 @@ pub unsafe extern "C" fn attention_row(
     out: *mut f32,
     shape: i64,
     factor: i64,
+    cap: i64,
 ) {
     let heads = (shape & 0xffff) as usize;
     let kv_heads = ((shape >> 16) & 0xffff) as usize;
@@ -141,7 +146,10 @@ pub unsafe extern "C" fn attention_row(
         count,
         out,
         shape: [heads, kv_heads, d],
-        factor: f32::from_bits(factor as u32),
+        scoring: Scoring {
+            scale: Scale::Times(f32::from_bits(factor as u32)),
+            softcap: (cap != 0).then(|| f32::from_bits(cap as u32)),
+        },
     };
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -165,7 +173,7 @@ struct RowArgs {
     count: i64,
     out: *mut f32,
     shape: [usize; 3],
-    factor: f32,
+    scoring: Scoring,
 }
 
 /// [`attention_row`] over rows of `E`.
@@ -183,7 +191,7 @@ unsafe fn attend_row<E: Element>(a: RowArgs) {
         count,
         out,
         shape: [heads, kv_heads, d],
-        factor,
+        scoring,
     } = a;
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -199,7 +207,7 @@ unsafe fn attend_row<E: Element>(a: RowArgs) {
             let n = pass.min(heads - first);
             let kv = first / group;
             attend_heads::<E>(
-                (d, factor, group),
+                (d, scoring, group),
                 q.add(first * d),
                 (k.add(E::bytes(kv * d)), v.add(E::bytes(kv * d))),
                 offsets,
@@ -407,7 +415,7 @@ type Scores = [f32; BLOCK];
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_heads<E: Element>(
-    (d, factor, group): (usize, f32, usize),
+    (d, scoring, group): (usize, Scoring, usize),
     q: *const f32,
     (k, v): (*const u8, *const u8),
     offsets: &[i64],
@@ -432,7 +440,7 @@ unsafe fn attend_heads<E: Element>(
             prefetch_rows::<E>(v, block, row_bytes);
             let next = offsets.get((i + 1) * BLOCK..).unwrap_or(&[]);
             prefetch_rows::<E>(k, &next[..next.len().min(BLOCK)], row_bytes);
-            block_scores::<E>((d, factor, group), q, k, block, scores);
+            block_scores::<E>((d, scoring, group), q, k, block, scores);
             let shrinks = softmax.update(block.len(), scores);
             for (h, &shrink) in shrinks.iter().enumerate().take(heads) {
                 // exp(0) is exactly 1: nothing to rescale where the maximum stayed.
@@ -492,14 +500,14 @@ unsafe fn prefetch_rows<E: Element>(base: *const u8, offsets: &[i64], bytes: usi
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_scores<E: Element>(
-    (d, factor, group): (usize, f32, usize),
+    (d, scoring, group): (usize, Scoring, usize),
     q: *const f32,
     k: *const u8,
     block: &[i64],
     scores: &mut [Scores],
 ) {
     use std::arch::x86_64::*;
-    let factors = _mm256_set1_ps(factor);
+    let factors = _mm256_set1_ps(scoring.scale.factor());
     let last = block.len() - 1;
     // Each head's first float in a key row (divisions kept out of the position loop).
     let kv_at: [usize; MAX_GROUP] = std::array::from_fn(|h| (h / group) * d);
@@ -520,6 +528,9 @@ unsafe fn block_scores<E: Element>(
                 acc
             });
             let mut s = _mm256_mul_ps(lane_sums(products), factors);
+            if let Some(cap) = scoring.softcap {
+                s = soft_cap8(s, cap);
+            }
             if valid < 8 {
                 let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), lanes);
@@ -714,6 +725,27 @@ fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// `cap * tanh(s / cap)` of 8 scores, as the generated kernels compute it: the division a
+/// multiplication by the reciprocal, `tanh` as [`emit::tanh`](super::emit::tanh).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn soft_cap8(s: std::arch::x86_64::__m256, cap: f32) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let x = _mm256_mul_ps(s, _mm256_set1_ps(1.0 / cap));
+    let z = _mm256_mul_ps(x, x);
+    let mut p = _mm256_set1_ps(TANH_POLY[0]);
+    for &c in &TANH_POLY[1..] {
+        p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(c));
+    }
+    let near = _mm256_fmadd_ps(_mm256_mul_ps(x, z), p, x);
+    let (one, two) = (_mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
+    let e = exp8(_mm256_mul_ps(x, two));
+    let far = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+    let magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+    let small = _mm256_cmp_ps::<_CMP_LT_OQ>(magnitude, _mm256_set1_ps(TANH_SMALL));
+    _mm256_mul_ps(_mm256_blendv_ps(far, near, small), _mm256_set1_ps(cap))
+}
+
 /// `exp` of 8 lanes: the generated kernels' range reduction and polynomial
 /// ([`emit::exp`](super::emit::exp)), 8 lanes wide.
 #[cfg(target_arch = "x86_64")]
@@ -795,6 +827,7 @@ mod tests {
                     out.as_mut_ptr(),
                     shape_word(k.element(), heads, kv, d),
                     0.25f32.to_bits() as i64,
+                    0,
                 );
             }
             out

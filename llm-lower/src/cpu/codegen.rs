@@ -14,7 +14,7 @@ use cranelift_codegen::ir::{
 use cranelift_frontend::{FunctionBuilder, Variable};
 use llm_ir::{
     interp::eval::{
-        attention::Scale,
+        attention::Scoring,
         fused::{ScalarBody, ScalarStep},
     },
     types::Reduction,
@@ -23,7 +23,7 @@ use llm_ir::{
 use super::{
     attention, dequant,
     emit::{
-        accumulate, address, exp, for_range, horizontal_max, horizontal_sum, mem, splat,
+        accumulate, address, exp, for_range, horizontal_max, horizontal_sum, mem, splat, tanh,
         zeroed_accumulators,
     },
 };
@@ -117,21 +117,23 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             heads,
             kv_heads,
             d,
-            scale,
+            scoring,
             source,
         } => {
             let mask = source.masked().then(|| p[6]);
             match tiles.attention {
                 Some(tile) if mask.is_none() => {
                     let shape = attention::shape_word(source.element(), *heads, *kv_heads, *d);
-                    let factor = i64::from(scale.factor().to_bits());
-                    let shape = b.ins().iconst(types::I64, shape);
-                    let factor = b.ins().iconst(types::I64, factor);
+                    let factor = i64::from(scoring.scale.factor().to_bits());
+                    // No soft-cap is 0: a cap is positive.
+                    let cap = i64::from(scoring.softcap.map_or(0, f32::to_bits));
                     let mut args = p[..6].to_vec();
-                    args.extend([shape, factor]);
+                    for word in [shape, factor, cap] {
+                        args.push(b.ins().iconst(types::I64, word));
+                    }
                     b.ins().call(tile, &args);
                 }
-                _ => emit_attention(b, [*heads, *kv_heads, *d], *scale, &p[..6], mask),
+                _ => emit_attention(b, [*heads, *kv_heads, *d], *scoring, &p[..6], mask),
             }
         }
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
@@ -623,15 +625,14 @@ fn sigmoid(b: &mut FunctionBuilder, x: Value) -> Value {
     b.ins().fdiv(one, d)
 }
 
-/// `tanh(x) = 1 - 2 / (exp(2x) + 1)`.
-fn tanh(b: &mut FunctionBuilder, x: Value) -> Value {
-    let two = splat(b, 2.0);
-    let one = splat(b, 1.0);
-    let x2 = b.ins().fmul(x, two);
-    let e = exp(b, x2);
-    let d = b.ins().fadd(e, one);
-    let q = b.ins().fdiv(two, d);
-    b.ins().fsub(one, q)
+/// `cap * tanh(s / cap)` of the scores `s` (`f32x4` lanes): the reference's soft-cap, its
+/// division a multiplication by the reciprocal.
+fn soft_cap(b: &mut FunctionBuilder, s: Value, cap: f32) -> Value {
+    let inverse = splat(b, 1.0 / cap);
+    let x = b.ins().fmul(s, inverse);
+    let t = tanh(b, x);
+    let cap = splat(b, cap);
+    b.ins().fmul(t, cap)
 }
 
 /// A unary elementwise op on `f32x4` lanes.
@@ -1190,7 +1191,7 @@ const QUERY_REGISTER_FLOATS: usize = 64;
 fn emit_attention(
     b: &mut FunctionBuilder,
     [heads, kv_heads, d]: [usize; 3],
-    scale: Scale,
+    scoring: Scoring,
     p: &[Value],
     mask: Option<Value>,
 ) {
@@ -1201,7 +1202,7 @@ fn emit_attention(
         (4 * ATTENTION_BLOCK * group) as u32,
         4,
     ));
-    let factor = scale.factor();
+    let factor = scoring.scale.factor();
     let zero = b.ins().iconst(types::I64, 0);
     let kv_end = b.ins().iconst(types::I64, kv_heads as i64);
     for_range(b, zero, kv_end, 1, |b, kv| {
@@ -1280,6 +1281,9 @@ fn emit_attention(
                     let sums =
                         transposed_sums(b, [partials[0], partials[1], partials[2], partials[3]]);
                     let mut s = b.ins().fmul(sums, factors);
+                    if let Some(cap) = scoring.softcap {
+                        s = soft_cap(b, s, cap);
+                    }
                     if let Some(mask) = mask {
                         let at = address(b, mask, j, 4);
                         let bias = b.ins().load(types::F32X4, mem(), at, 0);
@@ -1301,6 +1305,11 @@ fn emit_attention(
                         (None, _) => RowChunks::load(b, rows[g].0, d).dot(b, krow),
                     };
                     let mut s = b.ins().fmul(dot, factor);
+                    if let Some(cap) = scoring.softcap {
+                        let lanes = b.ins().splat(types::F32X4, s);
+                        let capped = soft_cap(b, lanes, cap);
+                        s = b.ins().extractlane(capped, 0);
+                    }
                     if let Some(mask) = mask {
                         let at = address(b, mask, j, 4);
                         let bias = b.ins().load(types::F32, mem(), at, 0);

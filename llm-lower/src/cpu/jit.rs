@@ -271,7 +271,7 @@ pub fn compile(
     let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 8)?;
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
-    let attention_row = import(attention::ATTENTION_ROW, 8)?;
+    let attention_row = import(attention::ATTENTION_ROW, 9)?;
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::with_capacity(kernels.len());

@@ -180,7 +180,7 @@ mod tests {
         interp::{
             KvBlocks, KvElement,
             eval::{
-                attention::Scale,
+                attention::{Scale, Scoring},
                 fused::{ScalarBody, ScalarStep},
             },
         },
@@ -474,13 +474,18 @@ mod tests {
             .into_iter()
             .chain(pools.map(|p| (p, false)))
         {
-            for (d, scale) in [(8, Scale::DivSqrt(8f32.sqrt())), (130, Scale::Times(0.1))] {
+            let scorings = [
+                (8, Scale::DivSqrt(8f32.sqrt()), None),
+                (130, Scale::Times(0.1), Some(50.0)),
+            ];
+            for (d, scale, softcap) in scorings {
+                let scoring = Scoring { scale, softcap };
                 for split in [false, true] {
                     shaders.push(Shader::Attention {
                         heads: 4,
                         kv_heads: 2,
                         d,
-                        scale,
+                        scoring,
                         paged,
                         masked,
                         split,

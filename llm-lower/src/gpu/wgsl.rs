@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use llm_ir::{
     dtype::DType,
     interp::eval::{
-        attention::Scale,
+        attention::{Scale, Scoring},
         fused::{ScalarBody, ScalarStep},
     },
     types::Reduction,
@@ -166,8 +166,8 @@ pub enum Shader {
         kv_heads: usize,
         /// Head size.
         d: usize,
-        /// Score scaling.
-        scale: Scale,
+        /// How dot products become scores (scaling, soft-cap).
+        scoring: Scoring,
         /// Keys and values come from a paged cache layer holding these elements, through
         /// block tables (else from contiguous `f32` `[batch, tokens, kv_heads, d]`
         /// tensors).
@@ -336,14 +336,14 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             heads,
             kv_heads,
             d,
-            scale,
+            scoring,
             source,
         } => {
             let attend = |split| Shader::Attention {
                 heads: *heads,
                 kv_heads: *kv_heads,
                 d: *d,
-                scale: *scale,
+                scoring: *scoring,
                 paged: matches!(source, AttentionSource::Paged { .. }).then(|| source.element()),
                 masked: matches!(source, AttentionSource::Contiguous { masked: true, .. }),
                 split,
@@ -770,11 +770,11 @@ impl Shader {
                 heads,
                 kv_heads,
                 d,
-                scale,
+                scoring,
                 paged,
                 masked,
                 split,
-            } => attention([*heads, *kv_heads, *d], *scale, (*paged, *masked), *split),
+            } => attention([*heads, *kv_heads, *d], *scoring, (*paged, *masked), *split),
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::Cast { from, to } => cast(*from, *to),
@@ -1626,14 +1626,23 @@ fn {name}(e: u32) -> f32 {{ return {name}_in((e / {values}u) * {}u, e % {values}
 
 fn attention(
     [heads, kv_heads, d]: [usize; 3],
-    scale: Scale,
+    scoring: Scoring,
     (paged, masked): (Option<KvElement>, bool),
     split: bool,
 ) -> String {
-    let mut scaled = match scale {
+    let mut scaled = match scoring.scale {
         Scale::Times(f) => format!("qk * {}", float(f)),
         Scale::DivSqrt(r) => format!("qk / {}", float(r)),
     };
+    if let Some(cap) = scoring.softcap {
+        // tanh is 1 in f32 beyond 10; the clamp keeps implementations that compute it
+        // from exponentials away from inf / inf.
+        scaled = format!(
+            "{} * tanh(clamp(({scaled}) / {}, -10.0, 10.0))",
+            float(cap),
+            float(cap)
+        );
+    }
     if masked {
         // The bias of query `row % tokens` for key `j`.
         scaled.push_str(" + mask[(row % p.tokens) * p.keys + j]");

@@ -43,7 +43,7 @@ impl Pattern for AppendAttention {
         let [q, _, t, l] = [0, 1, 2, 3].map(|i| ir::operand(ctx, op, i));
         let types = vec![ir::result(ctx, op, 0).get_type(ctx), updated.get_type(ctx)];
         let params: Vec<(&str, llm_ir::params::ParamValue)> =
-            ["layer", "kv_heads", "scale", "window"]
+            ["layer", "kv_heads", "scale", "softcap", "window"]
                 .into_iter()
                 .filter_map(|key| ir::param(ctx, op, key).map(|p| (key, p)))
                 .collect();

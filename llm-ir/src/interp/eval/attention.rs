@@ -24,10 +24,6 @@ impl Scale {
         }
     }
 
-    fn of(e: &Eval, head_dim: usize) -> Scale {
-        Scale::from_param(e.float("scale"), head_dim)
-    }
-
     /// The factor a kernel multiplies scores by: the reciprocal in place of a division.
     pub fn factor(self) -> f32 {
         match self {
@@ -45,15 +41,49 @@ impl Scale {
     }
 }
 
+/// How a query-key dot product becomes a score: scaled ([`Scale`]), then soft-capped to
+/// `cap * tanh(s / cap)` where the op has `softcap = cap` (Gemma 2's attention).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// The scaling.
+    pub scale: Scale,
+    /// The soft-cap, if any.
+    pub softcap: Option<f32>,
+}
+
+impl Scoring {
+    /// The scoring of an op whose `scale` and `softcap` parameters are `scale` and
+    /// `softcap`, for heads of `head_dim`.
+    pub fn from_params(scale: Option<f64>, softcap: Option<f64>, head_dim: usize) -> Scoring {
+        Scoring {
+            scale: Scale::from_param(scale, head_dim),
+            softcap: softcap.map(|c| c as f32),
+        }
+    }
+
+    fn of(e: &Eval, head_dim: usize) -> Scoring {
+        Scoring::from_params(e.float("scale"), e.float("softcap"), head_dim)
+    }
+
+    /// The score of a dot product.
+    pub fn apply(self, dot: f32) -> f32 {
+        let s = self.scale.apply(dot);
+        match self.softcap {
+            Some(cap) => cap * (s / cap).tanh(),
+            None => s,
+        }
+    }
+}
+
 /// Attention of one query row over keys/values `j` in `visible`; `bias(j)` is added to the
-/// scaled score. Accumulates in `f32` in order of `j` (llama2.c's order).
+/// score. Accumulates in `f32` in order of `j` (llama2.c's order).
 fn attend<'a>(
     q: &[f32],
     visible: std::ops::Range<usize>,
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
     bias: impl Fn(usize) -> f32,
-    scale: Scale,
+    scoring: Scoring,
     value_dim: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; value_dim];
@@ -68,7 +98,7 @@ fn attend<'a>(
             for (a, b) in q.iter().zip(k) {
                 dot += a * b;
             }
-            scale.apply(dot) + bias(j)
+            scoring.apply(dot) + bias(j)
         })
         .collect();
     softmax_in_place(&mut scores);
@@ -127,7 +157,7 @@ pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let batch: usize = q.shape[..r - 3].iter().product();
     let (qd, kd, vd) = (q.floats()?, k.floats()?, v.floats()?);
     let md = mask.map(|m| m.floats()).transpose()?;
-    let (causal, win, scale) = (e.flag("causal", false), window(e), Scale::of(e, d));
+    let (causal, win, scoring) = (e.flag("causal", false), window(e), Scoring::of(e, d));
     let group = h / kvh;
     let mut out = Vec::with_capacity(batch * tq * h * dv);
     for b in 0..batch {
@@ -148,7 +178,7 @@ pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                     |j| &kd[((b * tk + j) * kvh + kv) * d..][..d],
                     |j| &vd[((b * tk + j) * kvh + kv) * dv..][..dv],
                     |j| md.map_or(0.0, |m| m[i * tk + j]),
-                    scale,
+                    scoring,
                     dv,
                 );
                 out.extend(row);
@@ -254,7 +284,7 @@ pub fn paged_attend(
         ));
     }
     let qd = q.floats()?;
-    let (scale, group) = (Scale::of(e, d), h / kvh);
+    let (scoring, group) = (Scoring::of(e, d), h / kvh);
     let mut out = Vec::with_capacity(q.len());
     let row_len = kvh * d;
     for_each_paged_row(cache, [b, t], tables, lens, window(e), |row, slots| {
@@ -271,7 +301,7 @@ pub fn paged_attend(
                 |j| &keys[at(j)..][..d],
                 |j| &values[at(j)..][..d],
                 |_| 0.0,
-                scale,
+                scoring,
                 d,
             ));
         }
