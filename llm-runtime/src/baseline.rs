@@ -129,9 +129,14 @@ impl Baseline {
             || c.qk_norm
             || c.activation != Activation::Silu
             || c.scale_embeddings
+            || c.post_norms
+            || c.attention_scale.is_some()
+            || c.attention_softcap.is_some()
+            || c.logit_softcap.is_some()
+            || c.local_attention.is_some()
         {
             return Err(
-                "the baseline computes Llama's heads (dim / heads wide, no norms) and SwiGLU"
+                "the baseline computes Llama's layers (heads dim / heads wide and scaled by their size, no extra norms, no soft-caps, no local layers) and SwiGLU"
                     .into(),
             );
         }

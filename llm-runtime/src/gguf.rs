@@ -24,8 +24,8 @@ use llm_ir::{
 
 use crate::{
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS,
-        split_fused_weights, uneven_head_dim,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
+        POST_ATTENTION_NORM, POST_FFW_NORM, ROPE_FREQS, split_fused_weights, uneven_head_dim,
     },
     tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, stored_floats},
@@ -346,6 +346,8 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("attn_qkv.weight", FUSED_QKV),
             ("attn_q_norm.weight", "attention.q_norm.weight"),
             ("attn_k_norm.weight", "attention.k_norm.weight"),
+            (POST_ATTENTION_NORM, POST_ATTENTION_NORM),
+            (POST_FFW_NORM, POST_FFW_NORM),
         ],
     )?;
     Some(match arch {
@@ -387,8 +389,57 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
 /// llama.cpp's converter keeps their q/k rows in Hugging Face's order, while it reorders
 /// llama's for interleaved pairs. `gemma` is llama's with GeGLU and embeddings scaled by
 /// `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
-/// (llama.cpp's converter adds it). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "gemma"];
+/// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
+/// ([`apply_gemma`]). Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 7] = [
+    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
+];
+
+/// Gemma 2's and 3's settings, as llama.cpp reads them: sandwich norms
+/// (`blk.N.post_attention_norm`, `post_ffw_norm`); the query scale `ARCH.attention.scale`
+/// where a file has it, else llama.cpp's rule (`1 / sqrt(key_length)`, but
+/// `1 / sqrt(embedding_length / head_count)` for the 27B models, which are the ones of 46
+/// (Gemma 2) or 62 (Gemma 3) layers: their `query_pre_attn_scalar`); the soft-caps
+/// `ARCH.attn_logit_softcapping` and `ARCH.final_logit_softcapping` (Gemma 2's default
+/// 50 and 30); and local attention over `ARCH.attention.sliding_window` positions in
+/// every other layer (Gemma 2, the even ones) or five of every six (Gemma 3, whose local
+/// layers' RoPE has base 10000, unscaled).
+fn apply_gemma(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), String> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let gemma2 = arch == "gemma2";
+    let positive = |k: &str, default: Option<f64>| -> Result<Option<f64>, String> {
+        match g.meta(&key(k)) {
+            None => Ok(default),
+            Some(_) => g
+                .float(&key(k))
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map(Some)
+                .ok_or_else(|| format!("{} is not a positive number", key(k))),
+        }
+    };
+    let large = c.layers == if gemma2 { 46 } else { 62 };
+    let scalar = if large {
+        (c.dim / c.heads) as f64
+    } else {
+        c.head_dim() as f64
+    };
+    c.post_norms = true;
+    c.attention_scale = positive("attention.scale", Some(scalar.powf(-0.5)))?;
+    c.attention_softcap = positive("attn_logit_softcapping", gemma2.then_some(50.0))?;
+    c.logit_softcap = positive("final_logit_softcapping", gemma2.then_some(30.0))?;
+    let (period, rope_theta) = if gemma2 {
+        (2, None)
+    } else {
+        (6, Some(10000.0))
+    };
+    c.local_attention = Some(LocalAttention::periodic(
+        g.int(&key("attention.sliding_window"))?,
+        c.layers,
+        period,
+        rope_theta,
+    ));
+    Ok(())
+}
 
 /// RoPE's linear position scaling, as llama.cpp reads it: the factor
 /// `ARCH.rope.scaling.factor` (or the older `ARCH.rope.scale_linear`; 1 without either)
@@ -472,11 +523,15 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         }
     };
     let qwen2 = arch == "qwen2";
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
     let mut weights = Weights::default();
     for (i, info) in g.tensors.iter().enumerate() {
         progress(i as f64 / g.tensors.len() as f64);
         let name = weight_name(&info.name, arch)
             .filter(|n| qwen2 || !n.ends_with(".bias"))
+            .filter(|n| {
+                sandwich || !n.ends_with(POST_ATTENTION_NORM) && !n.ends_with(POST_FFW_NORM)
+            })
             .ok_or_else(|| format!("tensor `{}` is not part of a {arch} model", info.name))?;
         weights.insert(name, g.tensor(bytes, info)?);
     }
@@ -498,7 +553,8 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
             ));
         }
     };
-    let config = ModelConfig {
+    let gemma = arch.starts_with("gemma");
+    let mut config = ModelConfig {
         dim,
         hidden_dim: g.int(&key("feed_forward_length"))?,
         layers: g.int(&key("block_count"))?,
@@ -514,22 +570,31 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         rope_half: arch != "llama",
         rope_scaling: 1.0,
         rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
+        // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
         sliding_window: match g.meta(&key("attention.sliding_window")) {
-            Some(_) => Some(g.int(&key("attention.sliding_window"))?),
-            None => None,
+            Some(_) if !sandwich => Some(g.int(&key("attention.sliding_window"))?),
+            _ => None,
         },
         attention_bias: AttentionBias {
             qkv: qwen2,
             output: false,
         },
         explicit_head_dim: explicit_head_dim(&g, arch, dim, heads)?,
-        qk_norm: arch == "qwen3",
-        activation: match arch {
-            "gemma" => Activation::GeluTanh,
-            _ => Activation::Silu,
+        qk_norm: matches!(arch, "qwen3" | "gemma3"),
+        activation: match gemma {
+            true => Activation::GeluTanh,
+            false => Activation::Silu,
         },
-        scale_embeddings: arch == "gemma",
+        scale_embeddings: gemma,
+        post_norms: false,
+        attention_scale: None,
+        attention_softcap: None,
+        logit_softcap: None,
+        local_attention: None,
     };
+    if sandwich {
+        apply_gemma(&g, arch, &mut config)?;
+    }
     config.validate()?;
     let config = ModelConfig {
         rope_scaling: rope_scaling(&g, arch, config.head_dim())?,

@@ -1,6 +1,6 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
-//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) are read into the builder's weight names
+//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 to 3) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half`. Safetensors files are memory-mapped; F32 tensors are read
@@ -18,16 +18,35 @@ use serde_json::Value as Json;
 
 use crate::{
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, ROPE_FREQS,
-        check_weights, split_fused_weights, uneven_head_dim,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
+        POST_ATTENTION_NORM, POST_FFW_NORM, ROPE_FREQS, check_weights, split_fused_weights,
+        uneven_head_dim, weight_shapes,
     },
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
     weights::{LoadError, Weights, builder_name, stored_floats},
 };
 
-/// The builder's name for a Hugging Face Llama tensor name.
-fn weight_name(hf: &str) -> Option<String> {
+/// The builder's name for a Hugging Face Llama tensor name; with `post_norms` (Gemma 2's
+/// and 3's sandwich norms) a layer's `post_attention_layernorm` is the norm of the
+/// attention's output, and `pre_feedforward_layernorm` the feed-forward block's input
+/// norm.
+fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
+    if post_norms {
+        let sandwich = builder_name(
+            hf,
+            &[],
+            "model.layers.",
+            &[
+                ("post_attention_layernorm.weight", POST_ATTENTION_NORM),
+                ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+                ("post_feedforward_layernorm.weight", POST_FFW_NORM),
+            ],
+        );
+        if sandwich.is_some() {
+            return sandwich;
+        }
+    }
     builder_name(
         hf,
         &[
@@ -58,18 +77,55 @@ fn weight_name(hf: &str) -> Option<String> {
     )
 }
 
-/// RoPE's scaling, for a base of `theta` and heads of `head_dim`, as `config.json`'s
-/// `rope_scaling` gives it (absent, null or
-/// `rope_type = default`: none): the linear position scaling (`linear`: positions divided
-/// by `factor`; else 1) and Llama 3's per-pair frequency factors (`llama3`:
-/// [`Llama3Scaling::factors`]). Other types (dynamic NTK, YaRN, LongRoPE) are refused: the builder
-/// would compute another model.
+/// The RoPE settings of the layers of type `kind` (`full_attention` or
+/// `sliding_attention`): the base, and the object that gives the scaling with the key it
+/// is under. Transformers 5 writes `rope_parameters`, one object for every layer or one
+/// per layer type (Gemma 3's); older configs `rope_theta` (default 10000) and
+/// `rope_scaling`.
+fn rope_settings<'a>(cfg: &'a Json, kind: &str) -> Result<(f64, Option<Scaling<'a>>), String> {
+    let Some(parameters) = cfg.get("rope_parameters").filter(|p| !p.is_null()) else {
+        let theta = cfg
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .unwrap_or(10000.0);
+        let scaling = cfg.get("rope_scaling").filter(|s| !s.is_null());
+        let key = "rope_scaling".to_string();
+        return Ok((theta, scaling.map(|json| Scaling { json, key })));
+    };
+    let (object, key) = match parameters.get(kind) {
+        Some(per_type) => (per_type, format!("rope_parameters.{kind}")),
+        None => (parameters, "rope_parameters".to_string()),
+    };
+    let theta = object
+        .get("rope_theta")
+        .and_then(Json::as_f64)
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .ok_or_else(|| format!("`{key}.rope_theta` is missing or not a positive number"))?;
+    Ok((theta, Some(Scaling { json: object, key })))
+}
+
+/// An object of `config.json` giving RoPE's scaling, and the key it is under.
+struct Scaling<'a> {
+    json: &'a Json,
+    key: String,
+}
+
+/// RoPE's scaling, for a base of `theta` and heads of `head_dim`, as the object `scaling`
+/// of `config.json` (under `key`) gives it (absent, null or `rope_type = default`: none):
+/// the linear position scaling (`linear`: positions divided by `factor`; else 1) and
+/// Llama 3's per-pair frequency factors (`llama3`: [`Llama3Scaling::factors`]). Other
+/// types (dynamic NTK, YaRN, LongRoPE) are refused: the builder would compute another
+/// model.
 fn rope_scaling(
-    cfg: &Json,
+    scaling: Option<Scaling>,
     theta: f64,
     head_dim: usize,
 ) -> Result<(f64, Option<Vec<f32>>), String> {
-    let Some(scaling) = cfg.get("rope_scaling").filter(|s| !s.is_null()) else {
+    let Some(Scaling {
+        json: scaling,
+        key: under,
+    }) = scaling
+    else {
         return Ok((1.0, None));
     };
     // Older configs name the type `type`.
@@ -82,7 +138,7 @@ fn rope_scaling(
             .get(key)
             .and_then(Json::as_f64)
             .filter(|v| v.is_finite() && *v > 0.0)
-            .ok_or_else(|| format!("`rope_scaling.{key}` is missing or not a positive number"))
+            .ok_or_else(|| format!("`{under}.{key}` is missing or not a positive number"))
     };
     match kind {
         Some("default") => Ok((1.0, None)),
@@ -91,7 +147,7 @@ fn rope_scaling(
             let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
             if high <= low {
                 return Err(format!(
-                    "`rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
+                    "`{under}.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
                 ));
             }
             let scaling = Llama3Scaling {
@@ -103,7 +159,7 @@ fn rope_scaling(
             Ok((1.0, Some(scaling.factors(theta, head_dim))))
         }
         _ => Err(format!(
-            "`rope_scaling` = {scaling} is not supported (unscaled, linear and llama3 RoPE are)"
+            "`{under}` = {scaling} is not supported (unscaled, linear and llama3 RoPE are)"
         )),
     }
 }
@@ -221,9 +277,14 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// Llama's with an RMSNorm of each head's queries and keys, Phi-3's Llama's with the q,
 /// k and v projections fused in one matrix and the gate and up projections in another,
 /// which the loader splits, Gemma's Llama's with GeGLU, embeddings scaled by
-/// `sqrt(hidden_size)` and norms scaling by `1 + weight`).
-const ARCHITECTURES: [&str; 6] = [
+/// `sqrt(hidden_size)` and norms scaling by `1 + weight`, Gemma 2's Gemma's with sandwich
+/// norms, soft-capped attention scores and logits and local attention in every other
+/// layer, Gemma 3's with q/k norms instead of the soft-caps and five local layers to a
+/// global one; [`apply_gemma`]).
+const ARCHITECTURES: [&str; 8] = [
     "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -236,6 +297,119 @@ fn names_architecture(cfg: &Json, arch: &str) -> bool {
     cfg.get("architectures")
         .and_then(Json::as_array)
         .is_some_and(|names| names.iter().any(|n| n == arch))
+}
+
+/// The generation of Gemma (1, 2 or 3) that `architectures` names, if any.
+fn gemma_generation(cfg: &Json) -> Option<u8> {
+    [
+        ("GemmaForCausalLM", 1),
+        ("Gemma2ForCausalLM", 2),
+        ("Gemma3ForCausalLM", 3),
+    ]
+    .into_iter()
+    .find(|(arch, _)| names_architecture(cfg, arch))
+    .map(|(_, generation)| generation)
+}
+
+/// A soft-cap of Gemma's config, `key`: its number, none where null, `default` (Hugging
+/// Face's class default) where absent.
+fn softcap(cfg: &Json, key: &str, default: Option<f64>) -> Result<Option<f64>, String> {
+    match cfg.get(key) {
+        None => Ok(default),
+        Some(Json::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` = {v} is not a positive number")),
+    }
+}
+
+/// Which of Gemma 2's or 3's `layers` layers attend locally: as `layer_types` says
+/// (`sliding_attention` or `full_attention` each), else Gemma 2's alternation (the even
+/// layers local) or Gemma 3's `sliding_window_pattern` (default 6: every sixth layer
+/// global), as Hugging Face derives them.
+fn local_layers(cfg: &Json, generation: u8, layers: usize) -> Result<Vec<bool>, String> {
+    if let Some(types) = cfg.get("layer_types").filter(|t| !t.is_null()) {
+        let types = types.as_array().ok_or("`layer_types` is not a list")?;
+        if types.len() != layers {
+            return Err(format!(
+                "`layer_types` lists {} layers, but `num_hidden_layers` is {layers}",
+                types.len()
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(format!(
+                    "`layer_types` holds {t}: only sliding_attention and full_attention layers are supported"
+                )),
+            })
+            .collect();
+    }
+    let period = match generation {
+        2 => 2,
+        _ => match cfg.get("sliding_window_pattern") {
+            None | Some(Json::Null) => 6,
+            Some(_) => config_int(cfg, "sliding_window_pattern")?,
+        },
+    };
+    Ok(LocalAttention::periodic(1, layers, period, None).layers)
+}
+
+/// Gemma 2's and 3's settings over a Llama configuration of generation `generation`:
+/// sandwich norms; the query scale `query_pre_attn_scalar ** -0.5` (default 256); the
+/// soft-caps `attn_logit_softcapping` and `final_logit_softcapping` (Gemma 2's default
+/// 50 and 30, Gemma 3's none); local attention over `sliding_window` positions (default
+/// 4096) in the layers [`local_layers`] names, with Gemma 3's local RoPE base
+/// (`rope_local_base_freq`, default 10000, or transformers 5's
+/// `rope_parameters.sliding_attention`, which must be unscaled).
+fn apply_gemma(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(), String> {
+    let scalar = match cfg.get("query_pre_attn_scalar") {
+        None | Some(Json::Null) => 256.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .ok_or_else(|| format!("`query_pre_attn_scalar` = {v} is not a positive number"))?,
+    };
+    let gemma2 = generation == 2;
+    c.post_norms = true;
+    c.attention_scale = Some(scalar.powf(-0.5));
+    c.attention_softcap = softcap(cfg, "attn_logit_softcapping", gemma2.then_some(50.0))?;
+    c.logit_softcap = softcap(cfg, "final_logit_softcapping", gemma2.then_some(30.0))?;
+    let window = match cfg.get("sliding_window") {
+        None | Some(Json::Null) => 4096,
+        Some(_) => config_int(cfg, "sliding_window")?,
+    };
+    let rope_theta = match generation {
+        2 => None,
+        _ if cfg
+            .get("rope_parameters")
+            .is_some_and(|p| p.get("sliding_attention").is_some()) =>
+        {
+            let (theta, scaling) = rope_settings(cfg, "sliding_attention")?;
+            if rope_scaling(scaling, theta, c.head_dim())? != (1.0, None) {
+                return Err(
+                    "`rope_parameters.sliding_attention` scales RoPE: the local layers' RoPE must be unscaled"
+                        .into(),
+                );
+            }
+            Some(theta)
+        }
+        _ => Some(
+            cfg.get("rope_local_base_freq")
+                .and_then(Json::as_f64)
+                .unwrap_or(10000.0),
+        ),
+    };
+    c.local_attention = Some(LocalAttention {
+        window,
+        layers: local_layers(cfg, generation, c.layers)?,
+        rope_theta,
+    });
+    Ok(())
 }
 
 /// The head size `head_dim` gives where it is not `hidden_size / num_attention_heads`
@@ -293,7 +467,7 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
 /// approximation of GELU, which Hugging Face's Gemma uses whatever `hidden_act` says
 /// unless `hidden_activation` names another (refused, as any other activation).
 fn activation(cfg: &Json) -> Result<Activation, String> {
-    if names_architecture(cfg, "GemmaForCausalLM") {
+    if gemma_generation(cfg).is_some() {
         return match cfg.get("hidden_activation").and_then(Json::as_str) {
             None | Some("gelu_pytorch_tanh" | "gelu_new") => Ok(Activation::GeluTanh),
             Some(other) => Err(format!(
@@ -309,12 +483,14 @@ fn activation(cfg: &Json) -> Result<Activation, String> {
     }
 }
 
-/// Gemma's RMSNorms scale by `1 + weight`: its norm weights become that sum, in `f32`
-/// as Hugging Face computes it, so that the builder's `llm.rms_norm` scales by them.
+/// Gemma's RMSNorms scale by `1 + weight`: its norm weights (every one the model has,
+/// the sandwich and q/k norms of Gemma 2 and 3 too) become that sum, in `f32` as Hugging
+/// Face computes it, so that the builder's `llm.rms_norm` scales by them.
 fn offset_norm_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
-    let names = (0..c.layers)
-        .flat_map(|l| ["attention_norm", "ffn_norm"].map(|n| format!("layers.{l}.{n}.weight")))
-        .chain(["norm.weight".to_string()]);
+    let names = weight_shapes(c)
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name.ends_with("norm.weight"));
     for name in names {
         let Some(value) = weights.weight(&name) else {
             continue;
@@ -339,14 +515,19 @@ fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
     }
 }
 
-/// Reads the tensors of one safetensors file into `weights`; a bias the model does not
-/// have (`bias`) is an error, not a tensor silently left out.
-fn read_safetensors(path: &Path, weights: &mut Weights, bias: AttentionBias) -> Result<(), String> {
+/// Reads the tensors of one safetensors file into `weights` (named as [`weight_name`]
+/// with `post_norms`); a bias the model does not have (`bias`) is an error, not a tensor
+/// silently left out.
+fn read_safetensors(
+    path: &Path,
+    weights: &mut Weights,
+    (bias, post_norms): (AttentionBias, bool),
+) -> Result<(), String> {
     let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
     let st =
         SafeTensors::deserialize(&map).map_err(|e| format!("invalid safetensors file: {e}"))?;
     for (name, view) in st.tensors() {
-        let Some(ours) = weight_name(&name) else {
+        let Some(ours) = weight_name(&name, post_norms) else {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
@@ -389,8 +570,11 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         serde_json::from_str(&text).map_err(|e| err(&config_path, format!("invalid JSON: {e}")))?;
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
+    let gemma = gemma_generation(&cfg);
+    let (rope_theta, global_scaling) =
+        rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
-    let config = ModelConfig {
+    let mut config = ModelConfig {
         dim: int("hidden_size")?,
         hidden_dim: int("intermediate_size")?,
         layers: int("num_hidden_layers")?,
@@ -400,10 +584,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             .map_or(Ok(heads), |_| int("num_key_value_heads"))?,
         vocab: int("vocab_size")?,
         seq_len: int("max_position_embeddings")?,
-        rope_theta: cfg
-            .get("rope_theta")
-            .and_then(Json::as_f64)
-            .unwrap_or(10000.0),
+        rope_theta,
         norm_eps: cfg
             .get("rms_norm_eps")
             .and_then(Json::as_f64)
@@ -415,17 +596,30 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_half: true,
         rope_scaling: 1.0,
         rope_freq_factors: false,
-        sliding_window: sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
+        // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
+        sliding_window: match gemma {
+            Some(2..) => None,
+            _ => sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
+        },
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
         explicit_head_dim: explicit_head_dim(&cfg, int("hidden_size")?, heads)
             .map_err(|m| err(&config_path, m))?,
-        qk_norm: names_architecture(&cfg, "Qwen3ForCausalLM"),
+        qk_norm: names_architecture(&cfg, "Qwen3ForCausalLM") || gemma == Some(3),
         activation: activation(&cfg).map_err(|m| err(&config_path, m))?,
-        scale_embeddings: names_architecture(&cfg, "GemmaForCausalLM"),
+        scale_embeddings: gemma.is_some(),
+        post_norms: false,
+        attention_scale: None,
+        attention_softcap: None,
+        logit_softcap: None,
+        local_attention: None,
     };
+    if let Some(generation @ 2..) = gemma {
+        apply_gemma(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
+    }
     config.validate().map_err(|m| err(&config_path, m))?;
-    let (rope_scaling, freq_factors) = rope_scaling(&cfg, config.rope_theta, config.head_dim())
-        .map_err(|m| err(&config_path, m))?;
+    let (rope_scaling, freq_factors) =
+        rope_scaling(global_scaling, config.rope_theta, config.head_dim())
+            .map_err(|m| err(&config_path, m))?;
     let config = ModelConfig {
         rope_scaling,
         rope_freq_factors: freq_factors.is_some(),
@@ -444,7 +638,12 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let mut weights = Weights::default();
     for (i, file) in files.iter().enumerate() {
         progress(i as f64 / files.len() as f64);
-        read_safetensors(file, &mut weights, config.attention_bias).map_err(|m| err(file, m))?;
+        read_safetensors(
+            file,
+            &mut weights,
+            (config.attention_bias, config.post_norms),
+        )
+        .map_err(|m| err(file, m))?;
     }
     if let Some(factors) = freq_factors {
         let shape = vec![factors.len()];

@@ -18,8 +18,12 @@
 //! ([`AttentionBias`]), Qwen3-style ones normalize each head's queries and keys
 //! ([`ModelConfig::qk_norm`]) and may have heads of their own width
 //! ([`ModelConfig::explicit_head_dim`]), and Gemma-style ones gate with GELU
-//! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]).
-//! Weights are referenced by name with `llm.weight`.
+//! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]); Gemma 2
+//! and 3 add sandwich norms ([`ModelConfig::post_norms`]), their own query scale,
+//! soft-capped attention scores and logits (`llm.paged_attention`'s `softcap`, and
+//! `llm.tanh` between two multiplications) and local layers among global ones
+//! ([`LocalAttention`]: a `window` on those layers' paged attention, and their own RoPE
+//! base). Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: quantized and 16-bit matrices (the `f16`/`bf16` storage
 //! formats) are dequantized where a matmul reads them (the `fuse` pass turns
@@ -88,6 +92,55 @@ pub struct ModelConfig {
     /// Token embeddings are multiplied by `sqrt(dim)` (in `f32`) before the first layer
     /// (Gemma's).
     pub scale_embeddings: bool,
+    /// Sandwich norms (Gemma 2's and 3's): the attention's output and the feed-forward
+    /// block's each go through an RMSNorm of their own before their residual add
+    /// (`layers.N.post_attention_norm.weight`, `layers.N.post_ffw_norm.weight`).
+    pub post_norms: bool,
+    /// The attention scores' scale where it is not `1 / sqrt(head_dim)` (Gemma 2's and
+    /// 3's `query_pre_attn_scalar ** -0.5`): `llm.paged_attention`'s `scale`.
+    pub attention_scale: Option<f64>,
+    /// Attention scores are soft-capped, `cap * tanh(score / cap)`, before the softmax
+    /// (Gemma 2's `attn_logit_softcapping`): `llm.paged_attention`'s `softcap`.
+    pub attention_softcap: Option<f64>,
+    /// The logits are soft-capped the same way (Gemma 2's `final_logit_softcapping`).
+    pub logit_softcap: Option<f64>,
+    /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
+    /// every layer attends alike.
+    pub local_attention: Option<LocalAttention>,
+}
+
+/// Layers that attend locally among layers that attend to every position (Gemma 2
+/// alternates them, Gemma 3 has five local layers to a global one). Unlike
+/// [`ModelConfig::sliding_window`], the cache keeps every position, as the global layers
+/// read them all; a local layer's `llm.paged_attention` has the `window`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalAttention {
+    /// Positions a local layer's query sees, itself included.
+    pub window: usize,
+    /// Whether each layer is local.
+    pub layers: Vec<bool>,
+    /// The local layers' RoPE base, unscaled, where it is not the model's (Gemma 3's
+    /// `rope_local_base_freq`; the global layers keep the model's base and scaling).
+    pub rope_theta: Option<f64>,
+}
+
+impl LocalAttention {
+    /// Gemma's pattern over `layers` layers: every `period`-th layer (the last of each
+    /// period) global, the others local: Gemma 2's period is 2 (even layers local),
+    /// Gemma 3's 6 (as llama.cpp's `swa_pattern` and Hugging Face's
+    /// `sliding_window_pattern`).
+    pub fn periodic(window: usize, layers: usize, period: usize, rope_theta: Option<f64>) -> Self {
+        LocalAttention {
+            window,
+            layers: (0..layers).map(|l| (l + 1) % period.max(1) != 0).collect(),
+            rope_theta,
+        }
+    }
+
+    /// Whether layer `l` is local.
+    pub fn is_local(&self, l: usize) -> bool {
+        self.layers.get(l).copied().unwrap_or(false)
+    }
 }
 
 /// The activation of the gated feed-forward block: `down(act(gate(x)) * up(x))`.
@@ -117,6 +170,14 @@ pub struct AttentionBias {
 
 /// The weight holding RoPE's per-pair frequency factors (GGUF's name for it).
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// A layer's norm of the attention's output ([`ModelConfig::post_norms`]), after
+/// `layers.N.` (GGUF's name).
+pub const POST_ATTENTION_NORM: &str = "post_attention_norm.weight";
+
+/// A layer's norm of the feed-forward block's output ([`ModelConfig::post_norms`]),
+/// after `layers.N.` (GGUF's name).
+pub const POST_FFW_NORM: &str = "post_ffw_norm.weight";
 
 impl ModelConfig {
     /// llama2.c's model of these sizes: interleaved RoPE with base 10000, unscaled, RMSNorm
@@ -151,6 +212,11 @@ impl ModelConfig {
             qk_norm: false,
             activation: Activation::Silu,
             scale_embeddings: false,
+            post_norms: false,
+            attention_scale: None,
+            attention_softcap: None,
+            logit_softcap: None,
+            local_attention: None,
         }
     }
 
@@ -194,6 +260,35 @@ impl ModelConfig {
                 "the head size {} is odd; RoPE needs pairs",
                 self.head_dim()
             ));
+        }
+        let positive = [
+            ("attention scale", self.attention_scale),
+            ("attention soft-cap", self.attention_softcap),
+            ("logit soft-cap", self.logit_softcap),
+        ];
+        if let Some((what, v)) = positive.into_iter().find_map(|(what, v)| {
+            v.filter(|v| !(v.is_finite() && *v > 0.0))
+                .map(|v| (what, v))
+        }) {
+            return Err(format!("the {what} {v} is not a positive number"));
+        }
+        if let Some(local) = &self.local_attention {
+            if self.sliding_window.is_some() {
+                return Err(
+                    "a model attends through a sliding window in every layer or in some, not both"
+                        .into(),
+                );
+            }
+            if local.window == 0 {
+                return Err("the local attention's window is 0".into());
+            }
+            if local.layers.len() != self.layers {
+                return Err(format!(
+                    "the local attention names {} layers, but the model has {}",
+                    local.layers.len(),
+                    self.layers
+                ));
+            }
         }
         Ok(())
     }
@@ -267,6 +362,12 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
             (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
+        if c.post_norms {
+            out.extend([
+                (format!("{p}{POST_ATTENTION_NORM}"), vec![d]),
+                (format!("{p}{POST_FFW_NORM}"), vec![d]),
+            ]);
+        }
         if c.qk_norm {
             out.extend([
                 (format!("{p}attention.q_norm.weight"), vec![c.head_dim()]),
@@ -419,6 +520,83 @@ impl Emitter<'_> {
     }
 }
 
+/// How one layer attends: its RoPE's parameters and extra paged-attention parameters.
+struct LayerAttention {
+    /// `llm.rope`'s parameters.
+    rope: String,
+    /// The layer's RoPE has its own base ([`LocalAttention::rope_theta`]): no frequency
+    /// factors.
+    own_rope: bool,
+    /// `, window = W, scale = S, softcap = C` as the model has them.
+    params: String,
+}
+
+impl LayerAttention {
+    fn of(c: &ModelConfig, l: usize) -> LayerAttention {
+        let local = c.local_attention.as_ref().filter(|local| local.is_local(l));
+        let own_theta = local.and_then(|local| local.rope_theta);
+        let layout = if c.rope_half { "half" } else { "interleaved" };
+        let theta = own_theta.unwrap_or(c.rope_theta);
+        let mut rope = format!("theta = {}, layout = {layout}", float(theta));
+        if c.rope_scaling != 1.0 && own_theta.is_none() {
+            let _ = write!(rope, ", scaling = {}", float(c.rope_scaling));
+        }
+        let mut params = match local {
+            Some(local) => format!(", window = {}", local.window),
+            None => window_param(c),
+        };
+        if let Some(scale) = c.attention_scale {
+            let _ = write!(params, ", scale = {}", float(scale));
+        }
+        if let Some(cap) = c.attention_softcap {
+            let _ = write!(params, ", softcap = {}", float(cap));
+        }
+        LayerAttention {
+            rope,
+            own_rope: own_theta.is_some(),
+            params,
+        }
+    }
+}
+
+impl Emitter<'_> {
+    /// `value` through the RMSNorm of weight `norm` where the model has sandwich norms
+    /// ([`ModelConfig::post_norms`]), else `value` itself.
+    fn post_norm(&mut self, c: &ModelConfig, value: &str, norm: &str, ty: &str) -> String {
+        if !c.post_norms {
+            return value.to_string();
+        }
+        let w = self.weight_f32(&format!("{value}_norm_w"), norm);
+        self.op(format!(
+            "{value}_normed = llm.rms_norm {value}, {w} {{eps = {}}} : {ty}",
+            float(c.norm_eps)
+        ));
+        format!("{value}_normed")
+    }
+
+    /// `cap * tanh(value / cap)` (Hugging Face's soft-capping, dividing by `cap` as a
+    /// multiplication by its `f32` reciprocal).
+    fn soft_cap(&mut self, value: &str, cap: f64, ty: &str) -> String {
+        let scalar = "llm.tensor <1xf32>";
+        self.op(format!(
+            "{value}_inv_cap = llm.constant {{value = {}}} : {scalar}",
+            float(f64::from(1.0 / cap as f32))
+        ));
+        self.op(format!(
+            "{value}_cap = llm.constant {{value = {}}} : {scalar}",
+            float(cap)
+        ));
+        self.op(format!(
+            "{value}_scaled = llm.mul {value}, {value}_inv_cap : {ty}"
+        ));
+        self.op(format!("{value}_tanh = llm.tanh {value}_scaled : {ty}"));
+        self.op(format!(
+            "{value}_capped = llm.mul {value}_tanh, {value}_cap : {ty}"
+        ));
+        format!("{value}_capped")
+    }
+}
+
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
 fn forward_func(
     c: &ModelConfig,
@@ -430,14 +608,8 @@ fn forward_func(
     let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
     let cache = cache_type(c, kv);
-    let window = window_param(c);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let eps = float(c.norm_eps);
-    let layout = if c.rope_half { "half" } else { "interleaved" };
-    let mut rope = format!("theta = {}, layout = {layout}", float(c.rope_theta));
-    if c.rope_scaling != 1.0 {
-        let _ = write!(rope, ", scaling = {}", float(c.rope_scaling));
-    }
     let act = t(&format!("?x{d}xf32"));
     let qact = t(&format!("?x{}xf32", c.q_dim()));
     let hid = t(&format!("?x{hd}xf32"));
@@ -447,7 +619,7 @@ fn forward_func(
         weights,
     };
     e.weight("embed", "tok_embeddings.weight");
-    let factors = if c.rope_freq_factors {
+    let global_factors = if c.rope_freq_factors {
         format!(", {}", e.weight_f32("rope_freqs", ROPE_FREQS))
     } else {
         String::new()
@@ -466,6 +638,13 @@ fn forward_func(
     let mut cache_name = "cache".to_string();
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
+        let layer = LayerAttention::of(c, l);
+        let (rope, attention) = (&layer.rope, &layer.params);
+        let factors = if layer.own_rope {
+            ""
+        } else {
+            global_factors.as_str()
+        };
         let attn_norm = e.weight_f32(
             &format!("attn_norm_{l}"),
             &format!("{p}attention_norm.weight"),
@@ -523,7 +702,7 @@ fn forward_func(
         let queries = t(&format!("{batch}x{h}x{dh}xf32"));
         e.op(format!("qb_{l} = llm.reshape qr_{l} : {queries}"));
         e.op(format!(
-            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{window}}} : {queries}"
+            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{attention}}} : {queries}"
         ));
         e.op(format!("attf_{l} = llm.reshape att_{l} : {qact}"));
         let wo = e.weight_f32(&format!("wo_{l}"), &format!("{p}attention.wo.weight"));
@@ -536,6 +715,7 @@ fn forward_func(
             c.attention_bias.output.then_some(bias.as_str()),
             &act,
         );
+        let o = e.post_norm(c, &o, &format!("{p}{POST_ATTENTION_NORM}"), &act);
         e.op(format!("xa_{l} = llm.add {x}, {o} : {act}"));
         let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
         e.op(format!(
@@ -559,8 +739,14 @@ fn forward_func(
         e.op(format!(
             "down_{l} = llm.matmul glu_{l}, {w2} {{transpose_rhs = true}} : {act}"
         ));
+        let down = e.post_norm(
+            c,
+            &format!("down_{l}"),
+            &format!("{p}{POST_FFW_NORM}"),
+            &act,
+        );
         let next = format!("x{}", l + 1);
-        e.op(format!("{next} = llm.add xa_{l}, down_{l} : {act}"));
+        e.op(format!("{next} = llm.add xa_{l}, {down} : {act}"));
         x = next;
     }
     let final_norm = e.weight_f32("final_norm", "norm.weight");
@@ -585,10 +771,18 @@ fn forward_func(
     } else {
         e.weight_f32("classifier", "output.weight")
     };
+    let logits_ty = t(&format!("?x{v}xf32"));
+    let product = match c.logit_softcap {
+        Some(_) => "uncapped",
+        None => "logits",
+    };
     e.op(format!(
-        "logits = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {}",
-        t(&format!("?x{v}xf32"))
+        "{product} = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {logits_ty}"
     ));
+    let logits = match c.logit_softcap {
+        Some(cap) => e.soft_cap(product, cap, &logits_ty),
+        None => product.to_string(),
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -610,7 +804,7 @@ fn forward_func(
         t("?xi32")
     );
     out.push_str(&e.text);
-    let _ = writeln!(out, "        llm.return logits, {cache_name}");
+    let _ = writeln!(out, "        llm.return {logits}, {cache_name}");
     let _ = writeln!(out, "    }}");
     out
 }

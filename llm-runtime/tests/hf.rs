@@ -15,10 +15,10 @@ use llm_ir::{
     types::{KvStorage, QuantFormat},
 };
 use llm_runtime::{
-    generate::{Backend, Generation, Model},
+    generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
-    model::{AttentionBias, build_ir},
+    model::{AttentionBias, ModelConfig, build_ir},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
@@ -735,6 +735,329 @@ fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
     }
 }
 
+/// A checkpoint that Hugging Face `transformers` wrote (`tests/data/NAME`, made by
+/// `make_gemma_references.py`) and the logits it computed for the checkpoint's token ids:
+/// an independent implementation of the architecture.
+struct TransformersReference {
+    /// The checkpoint's directory.
+    dir: PathBuf,
+    /// The token ids: a prompt of `prompt_len`, then tokens fed one at a time.
+    ids: Vec<u32>,
+    /// Tokens of the prompt.
+    prompt_len: usize,
+    /// `transformers`' logits at every position of one forward pass over `ids`.
+    logits: Vec<Vec<f32>>,
+}
+
+fn transformers_reference(name: &str) -> TransformersReference {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let numbers = |v: &serde_json::Value| -> Vec<f64> {
+        let items = v.as_array().expect("a list");
+        items
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect()
+    };
+    TransformersReference {
+        ids: numbers(&json["ids"])
+            .into_iter()
+            .map(|x| x as u32)
+            .collect(),
+        prompt_len: json["prompt_len"].as_u64().expect("prompt_len") as usize,
+        logits: json["logits"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|row| numbers(row).into_iter().map(|x| x as f32).collect())
+            .collect(),
+        dir,
+    }
+}
+
+/// The logits `model` computes for `ids`: in one prefill call, and with the first
+/// `prompt_len` prefilled and the rest decoded one at a time.
+fn prefill_and_decode_logits(model: &Model, ids: &[u32], prompt_len: usize) -> [Vec<Vec<f32>>; 2] {
+    let n = ids.len();
+    let cache = || model.new_cache(model.sequence_blocks(n, n));
+    let (all, _) = model
+        .forward(Step::Prefill, ids, 0, cache())
+        .expect("prefill");
+    let (mut stepwise, mut kv) = model
+        .forward(Step::Prefill, &ids[..prompt_len], 0, cache())
+        .expect("prompt");
+    for (p, &id) in ids.iter().enumerate().skip(prompt_len) {
+        let (rows, next) = model.forward(Step::Decode, &[id], p, kv).expect("decode");
+        stepwise.extend(rows);
+        kv = next;
+    }
+    [all, stepwise]
+}
+
+/// The position of each row's largest logit.
+fn top_tokens(logits: &[Vec<f32>]) -> Vec<usize> {
+    logits
+        .iter()
+        .map(|row| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }))
+        .collect()
+}
+
+/// The reference semantics' logits of the model `config` over `weights` for
+/// `reference`'s ids, in one prefill call.
+fn interp_logits(
+    config: &ModelConfig,
+    weights: &llm_runtime::weights::Weights,
+    reference: &TransformersReference,
+) -> Vec<Vec<f32>> {
+    let model = Model::compile_on(&Backend::Interp, config.clone(), weights.clone(), "default")
+        .expect("compiles");
+    let [all, _] = prefill_and_decode_logits(&model, &reference.ids, reference.prompt_len);
+    all
+}
+
+/// A change to a model's configuration that leaves out one of its settings.
+type Ablation<'a> = &'a dyn Fn(&mut ModelConfig);
+
+/// Checks that the reference semantics, the CPU backend and the GPU backend (where there
+/// is a device) compute `reference`'s logits for `loaded` within `tolerance`, prefilling
+/// every token or decoding them one at a time, and pick its top token at every position;
+/// and that each of `ablations` (a name and a change to the configuration) moves the
+/// logits by more than ten times `tolerance`: the checkpoint exercises that setting.
+fn computes_what_transformers_computes(
+    loaded: &model_file::LoadedModel,
+    reference: &TransformersReference,
+    tolerance: f32,
+    ablations: &[(&str, Ablation)],
+) {
+    let mut backends = vec![Backend::Interp, Backend::Cpu { threads: 1 }];
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
+    let want = top_tokens(&reference.logits);
+    for backend in &backends {
+        let model = Model::compile_on(
+            backend,
+            loaded.config.clone(),
+            loaded.weights.clone(),
+            "default",
+        )
+        .expect("compiles");
+        let runs = prefill_and_decode_logits(&model, &reference.ids, reference.prompt_len);
+        for (how, logits) in ["prefill", "decode"].into_iter().zip(runs) {
+            let worst = largest_difference(&logits, &reference.logits);
+            let name = backend.name();
+            assert!(
+                worst < tolerance,
+                "{name}, {how}: {worst} from transformers' logits"
+            );
+            assert_eq!(top_tokens(&logits), want, "{name}, {how}");
+        }
+    }
+    for (setting, ablate) in ablations {
+        let mut config = loaded.config.clone();
+        ablate(&mut config);
+        let logits = interp_logits(&config, &loaded.weights, reference);
+        let shift = largest_difference(&logits, &reference.logits);
+        assert!(shift > 10.0 * tolerance, "without {setting}: {shift}");
+    }
+}
+
+/// The checkpoint of `tests/data/{arch}-tiny` as llama.cpp's converter writes it for
+/// `arch` (`gemma2` or `gemma3`): GGUF names, f32 values, Gemma's norm weights with their
+/// 1 added, the sizes and the settings of the checkpoint's `config.json`.
+fn gemma_gguf(arch: &str) -> Vec<u8> {
+    let reference = transformers_reference(&format!("{arch}-tiny"));
+    let metadata = match arch {
+        "gemma2" => vec![
+            ("gemma2.attention.sliding_window", Meta::Uint(8)),
+            ("gemma2.attn_logit_softcapping", Meta::Float(3.0)),
+            ("gemma2.final_logit_softcapping", Meta::Float(10.0)),
+            ("gemma2.attention.scale", Meta::Float(20f64.powf(-0.5))),
+        ],
+        _ => vec![
+            ("gemma3.attention.sliding_window", Meta::Uint(6)),
+            ("gemma3.rope.scaling.type", Meta::Str("linear".into())),
+            ("gemma3.rope.scaling.factor", Meta::Float(2.0)),
+        ],
+    };
+    let loaded = model_file::load(&reference.dir).expect("loads");
+    let c = &loaded.config;
+    let map = std::fs::read(reference.dir.join("model.safetensors")).expect("safetensors file");
+    let st = safetensors::SafeTensors::deserialize(&map).expect("safetensors");
+    let tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            let gguf = [
+                ("post_attention_layernorm", "post_attention_norm"),
+                ("pre_feedforward_layernorm", "ffn_norm"),
+                ("post_feedforward_layernorm", "post_ffw_norm"),
+            ]
+            .iter()
+            .find(|(hf, _)| name.contains(hf))
+            .map_or(name.clone(), |(hf, ours)| {
+                name.replace("model.layers.", "blk.").replace(hf, ours)
+            });
+            let values = if name.ends_with("norm.weight") {
+                values.iter().map(|w| 1.0 + w).collect()
+            } else {
+                values
+            };
+            (gguf, view.shape().to_vec(), values)
+        })
+        .collect();
+    let int = |v: usize| Meta::Uint(v as u64);
+    let mut meta = vec![("general.architecture".to_string(), Meta::Str(arch.into()))];
+    for (key, value) in [
+        ("embedding_length", int(c.dim)),
+        ("feed_forward_length", int(c.hidden_dim)),
+        ("block_count", int(c.layers)),
+        ("attention.head_count", int(c.heads)),
+        ("attention.head_count_kv", int(c.kv_heads)),
+        ("attention.key_length", int(c.head_dim())),
+        ("attention.value_length", int(c.head_dim())),
+        ("context_length", int(c.seq_len)),
+        ("attention.layer_norm_rms_epsilon", Meta::Float(c.norm_eps)),
+        ("rope.freq_base", Meta::Float(c.rope_theta)),
+    ] {
+        meta.push((format!("{arch}.{key}"), value));
+    }
+    meta.extend(metadata.into_iter().map(|(k, v)| (k.to_string(), v)));
+    gguf_bytes(&meta, &tensors)
+}
+
+/// The logits of the reference semantics for `reference`'s ids from [`gemma_gguf`]'s
+/// file for `arch`.
+fn gemma_gguf_logits(arch: &str, reference: &TransformersReference) -> Vec<Vec<f32>> {
+    let path = std::env::temp_dir().join(format!("llmc-{arch}-{}.gguf", std::process::id()));
+    std::fs::write(&path, gemma_gguf(arch)).expect("write");
+    let gguf = model_file::load(&path).expect("the GGUF file loads");
+    std::fs::remove_file(&path).ok();
+    interp_logits(&gguf.config, &gguf.weights, reference)
+}
+
+/// Gemma 2, against the logits `transformers` computes for a checkpoint it wrote
+/// (`tests/data/gemma2-tiny`): sandwich norms, heads of 24 and a query scale of
+/// `20^-0.5`, attention scores soft-capped at 3 and logits at 10, and a window of 8
+/// positions in the even layers (28 positions, so it matters). Every backend computes
+/// `transformers`' logits, prefilling or decoding, each setting matters, and a GGUF file
+/// of the same weights (llama.cpp's `gemma2` keys) computes what the directory computes.
+#[test]
+fn gemma2_computes_what_transformers_computes() {
+    let reference = transformers_reference("gemma2-tiny");
+    let loaded = model_file::load(&reference.dir).expect("the Gemma 2 checkpoint loads");
+    let c = &loaded.config;
+    assert!(c.post_norms && c.scale_embeddings);
+    assert_eq!(
+        (c.head_dim(), c.attention_softcap, c.logit_softcap),
+        (24, Some(3.0), Some(10.0))
+    );
+    let local = c.local_attention.as_ref().expect("local layers");
+    assert_eq!(
+        (local.window, local.layers.as_slice()),
+        (8, [true, false, true, false].as_slice())
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[
+            ("the attention's soft-cap", &|c| c.attention_softcap = None),
+            ("the logits' soft-cap", &|c| c.logit_softcap = None),
+            ("the query scale", &|c| c.attention_scale = None),
+            ("the local layers", &|c| c.local_attention = None),
+        ],
+    );
+    let from_gguf = gemma_gguf_logits("gemma2", &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
+/// Gemma 3, as [`gemma2_computes_what_transformers_computes`]
+/// (`tests/data/gemma3-tiny`): q and k norms, one KV head of 32, no soft-caps, five local
+/// layers (a window of 6) to a global one, the local layers' RoPE of base 10000 and the
+/// global layer's of base 1e6 scaled by 2; the same settings written the older way
+/// (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`: the
+/// released checkpoints' `config.json`) read the same, and so does a `gemma3` GGUF file.
+#[test]
+fn gemma3_computes_what_transformers_computes() {
+    let reference = transformers_reference("gemma3-tiny");
+    let loaded = model_file::load(&reference.dir).expect("the Gemma 3 checkpoint loads");
+    let c = &loaded.config;
+    assert!(
+        c.post_norms && c.qk_norm && c.attention_softcap.is_none() && c.logit_softcap.is_none()
+    );
+    assert_eq!((c.rope_theta, c.rope_scaling), (1e6, 2.0));
+    let local = c.local_attention.as_ref().expect("local layers");
+    assert_eq!(
+        (local.window, local.rope_theta, local.layers.as_slice()),
+        (
+            6,
+            Some(10000.0),
+            [true, true, true, true, true, false].as_slice()
+        )
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[
+            ("the local layers", &|c| c.local_attention = None),
+            ("the local RoPE base", &|c| {
+                if let Some(local) = &mut c.local_attention {
+                    local.rope_theta = None;
+                }
+            }),
+            ("the global RoPE's scaling", &|c| c.rope_scaling = 1.0),
+        ],
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reference.dir.join("config.json")).expect("config"),
+    )
+    .expect("JSON");
+    let mut older = config.as_object().expect("an object").clone();
+    for key in ["rope_parameters", "layer_types", "_sliding_window_pattern"] {
+        older.remove(key);
+    }
+    for (key, value) in [
+        ("rope_theta", serde_json::json!(1e6)),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+        ),
+        ("rope_local_base_freq", serde_json::json!(10000.0)),
+        ("sliding_window_pattern", serde_json::json!(6)),
+    ] {
+        older.insert(key.into(), value);
+    }
+    let dir = std::env::temp_dir().join(format!("llmc-gemma3-older-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::copy(
+        reference.dir.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .expect("copy");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::Value::Object(older).to_string(),
+    )
+    .expect("config");
+    let from_older = model_file::load(&dir).expect("the older config loads");
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(from_older.config, loaded.config);
+    let from_gguf = gemma_gguf_logits("gemma3", &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
 /// Seeded q, k and v biases of every layer of stories260K (Hugging Face names).
 fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     [("q", 64, 1), ("k", 32, 2), ("v", 32, 3)]
@@ -817,6 +1140,10 @@ fn gguf_bytes(
         }
     }
     let gguf_name = |hf: &str| -> String {
+        if !hf.starts_with("model.") {
+            // Already GGUF's name.
+            return hf.to_string();
+        }
         let globals = [
             ("model.embed_tokens.weight", "token_embd.weight"),
             ("model.norm.weight", "output_norm.weight"),
@@ -921,7 +1248,7 @@ fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
 }
 
 /// GGUF files of every family the loader reads (Qwen2's biases, Qwen3's head width and
-/// norms, Phi-3's fused projections and window, Gemma's norms), mutated, never make the
+/// norms, Phi-3's fused projections and window, Gemma's norms, Gemma 2's and 3's), mutated, never make the
 /// loader panic: an error names what is wrong, or the mutation was harmless.
 #[test]
 fn mutated_family_gguf_files_never_panic() {
@@ -944,6 +1271,8 @@ fn mutated_family_gguf_files_never_panic() {
             &phi3_tensors(),
         ),
         gguf_bytes(&gguf_metadata("gemma", Vec::new()), &hf_tensors()),
+        gemma_gguf("gemma2"),
+        gemma_gguf("gemma3"),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -1114,8 +1443,24 @@ fn bad_directories_name_the_file() {
             "`hidden_act` = \"gelu\" is not supported",
         ),
         (
-            r#", "architectures": ["Gemma2ForCausalLM"]"#,
-            "`architectures` names \"Gemma2ForCausalLM\"",
+            r#", "architectures": ["Gemma3ForConditionalGeneration"]"#,
+            "`architectures` names \"Gemma3ForConditionalGeneration\"",
+        ),
+        (
+            r#", "architectures": ["Gemma2ForCausalLM"], "layer_types": ["full_attention", "chunked_attention", "full_attention", "full_attention", "full_attention"]"#,
+            "`layer_types` holds \"chunked_attention\"",
+        ),
+        (
+            r#", "architectures": ["Gemma2ForCausalLM"], "layer_types": ["full_attention"]"#,
+            "`layer_types` lists 1 layers, but `num_hidden_layers` is 5",
+        ),
+        (
+            r#", "architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": -50.0"#,
+            "`attn_logit_softcapping` = -50.0 is not a positive number",
+        ),
+        (
+            r#", "architectures": ["Gemma3ForCausalLM"], "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}"#,
+            "the local layers' RoPE must be unscaled",
         ),
         (
             r#", "partial_rotary_factor": 0.75"#,
