@@ -17,10 +17,11 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
+    hf_gemma,
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
-        POST_ATTENTION_NORM, POST_FFW_NORM, ROPE_FREQS, check_weights, split_fused_weights,
-        uneven_head_dim, weight_shapes,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, POST_ATTENTION_NORM,
+        POST_FFW_NORM, ROPE_FREQS, check_weights, split_fused_weights, uneven_head_dim,
+        weight_shapes,
     },
     model_file::LoadedModel,
     tokenizer::HfTokenizer,
@@ -82,7 +83,10 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
 /// is under. Transformers 5 writes `rope_parameters`, one object for every layer or one
 /// per layer type (Gemma 3's); older configs `rope_theta` (default 10000) and
 /// `rope_scaling`.
-fn rope_settings<'a>(cfg: &'a Json, kind: &str) -> Result<(f64, Option<Scaling<'a>>), String> {
+pub(crate) fn rope_settings<'a>(
+    cfg: &'a Json,
+    kind: &str,
+) -> Result<(f64, Option<Scaling<'a>>), String> {
     let Some(parameters) = cfg.get("rope_parameters").filter(|p| !p.is_null()) else {
         let theta = cfg
             .get("rope_theta")
@@ -105,7 +109,7 @@ fn rope_settings<'a>(cfg: &'a Json, kind: &str) -> Result<(f64, Option<Scaling<'
 }
 
 /// An object of `config.json` giving RoPE's scaling, and the key it is under.
-struct Scaling<'a> {
+pub(crate) struct Scaling<'a> {
     json: &'a Json,
     key: String,
 }
@@ -116,7 +120,7 @@ struct Scaling<'a> {
 /// Llama 3's per-pair frequency factors (`llama3`: [`Llama3Scaling::factors`]). Other
 /// types (dynamic NTK, YaRN, LongRoPE) are refused: the builder would compute another
 /// model.
-fn rope_scaling(
+pub(crate) fn rope_scaling(
     scaling: Option<Scaling>,
     theta: f64,
     head_dim: usize,
@@ -280,11 +284,13 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// `sqrt(hidden_size)` and norms scaling by `1 + weight`, Gemma 2's Gemma's with sandwich
 /// norms, soft-capped attention scores and logits and local attention in every other
 /// layer, Gemma 3's with q/k norms instead of the soft-caps and five local layers to a
-/// global one; [`apply_gemma`]).
-const ARCHITECTURES: [&str; 8] = [
+/// global one; `hf_gemma`; and of Gemma 3's multimodal checkpoints, the language
+/// model).
+const ARCHITECTURES: [&str; 9] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    hf_gemma::MULTIMODAL,
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -293,123 +299,10 @@ const ARCHITECTURES: [&str; 8] = [
 ];
 
 /// Whether `config.json`'s `architectures` names `arch`.
-fn names_architecture(cfg: &Json, arch: &str) -> bool {
+pub(crate) fn names_architecture(cfg: &Json, arch: &str) -> bool {
     cfg.get("architectures")
         .and_then(Json::as_array)
         .is_some_and(|names| names.iter().any(|n| n == arch))
-}
-
-/// The generation of Gemma (1, 2 or 3) that `architectures` names, if any.
-fn gemma_generation(cfg: &Json) -> Option<u8> {
-    [
-        ("GemmaForCausalLM", 1),
-        ("Gemma2ForCausalLM", 2),
-        ("Gemma3ForCausalLM", 3),
-    ]
-    .into_iter()
-    .find(|(arch, _)| names_architecture(cfg, arch))
-    .map(|(_, generation)| generation)
-}
-
-/// A soft-cap of Gemma's config, `key`: its number, none where null, `default` (Hugging
-/// Face's class default) where absent.
-fn softcap(cfg: &Json, key: &str, default: Option<f64>) -> Result<Option<f64>, String> {
-    match cfg.get(key) {
-        None => Ok(default),
-        Some(Json::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .filter(|c| c.is_finite() && *c > 0.0)
-            .map(Some)
-            .ok_or_else(|| format!("`{key}` = {v} is not a positive number")),
-    }
-}
-
-/// Which of Gemma 2's or 3's `layers` layers attend locally: as `layer_types` says
-/// (`sliding_attention` or `full_attention` each), else Gemma 2's alternation (the even
-/// layers local) or Gemma 3's `sliding_window_pattern` (default 6: every sixth layer
-/// global), as Hugging Face derives them.
-fn local_layers(cfg: &Json, generation: u8, layers: usize) -> Result<Vec<bool>, String> {
-    if let Some(types) = cfg.get("layer_types").filter(|t| !t.is_null()) {
-        let types = types.as_array().ok_or("`layer_types` is not a list")?;
-        if types.len() != layers {
-            return Err(format!(
-                "`layer_types` lists {} layers, but `num_hidden_layers` is {layers}",
-                types.len()
-            ));
-        }
-        return types
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("sliding_attention") => Ok(true),
-                Some("full_attention") => Ok(false),
-                _ => Err(format!(
-                    "`layer_types` holds {t}: only sliding_attention and full_attention layers are supported"
-                )),
-            })
-            .collect();
-    }
-    let period = match generation {
-        2 => 2,
-        _ => match cfg.get("sliding_window_pattern") {
-            None | Some(Json::Null) => 6,
-            Some(_) => config_int(cfg, "sliding_window_pattern")?,
-        },
-    };
-    Ok(LocalAttention::periodic(1, layers, period, None).layers)
-}
-
-/// Gemma 2's and 3's settings over a Llama configuration of generation `generation`:
-/// sandwich norms; the query scale `query_pre_attn_scalar ** -0.5` (default 256); the
-/// soft-caps `attn_logit_softcapping` and `final_logit_softcapping` (Gemma 2's default
-/// 50 and 30, Gemma 3's none); local attention over `sliding_window` positions (default
-/// 4096) in the layers [`local_layers`] names, with Gemma 3's local RoPE base
-/// (`rope_local_base_freq`, default 10000, or transformers 5's
-/// `rope_parameters.sliding_attention`, which must be unscaled).
-fn apply_gemma(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(), String> {
-    let scalar = match cfg.get("query_pre_attn_scalar") {
-        None | Some(Json::Null) => 256.0,
-        Some(v) => v
-            .as_f64()
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .ok_or_else(|| format!("`query_pre_attn_scalar` = {v} is not a positive number"))?,
-    };
-    let gemma2 = generation == 2;
-    c.post_norms = true;
-    c.attention_scale = Some(scalar.powf(-0.5));
-    c.attention_softcap = softcap(cfg, "attn_logit_softcapping", gemma2.then_some(50.0))?;
-    c.logit_softcap = softcap(cfg, "final_logit_softcapping", gemma2.then_some(30.0))?;
-    let window = match cfg.get("sliding_window") {
-        None | Some(Json::Null) => 4096,
-        Some(_) => config_int(cfg, "sliding_window")?,
-    };
-    let rope_theta = match generation {
-        2 => None,
-        _ if cfg
-            .get("rope_parameters")
-            .is_some_and(|p| p.get("sliding_attention").is_some()) =>
-        {
-            let (theta, scaling) = rope_settings(cfg, "sliding_attention")?;
-            if rope_scaling(scaling, theta, c.head_dim())? != (1.0, None) {
-                return Err(
-                    "`rope_parameters.sliding_attention` scales RoPE: the local layers' RoPE must be unscaled"
-                        .into(),
-                );
-            }
-            Some(theta)
-        }
-        _ => Some(
-            cfg.get("rope_local_base_freq")
-                .and_then(Json::as_f64)
-                .unwrap_or(10000.0),
-        ),
-    };
-    c.local_attention = Some(LocalAttention {
-        window,
-        layers: local_layers(cfg, generation, c.layers)?,
-        rope_theta,
-    });
-    Ok(())
 }
 
 /// The head size `head_dim` gives where it is not `hidden_size / num_attention_heads`
@@ -467,7 +360,7 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
 /// approximation of GELU, which Hugging Face's Gemma uses whatever `hidden_act` says
 /// unless `hidden_activation` names another (refused, as any other activation).
 fn activation(cfg: &Json) -> Result<Activation, String> {
-    if gemma_generation(cfg).is_some() {
+    if hf_gemma::generation(cfg).is_some() {
         return match cfg.get("hidden_activation").and_then(Json::as_str) {
             None | Some("gelu_pytorch_tanh" | "gelu_new") => Ok(Activation::GeluTanh),
             Some(other) => Err(format!(
@@ -507,7 +400,7 @@ fn offset_norm_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(), Str
     Ok(())
 }
 
-fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
+pub(crate) fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
     match cfg.get(key).and_then(Json::as_u64) {
         Some(v) if v > 0 && v <= 1 << 24 => Ok(v as usize),
         Some(v) => Err(format!("`{key}` = {v} is out of range")),
@@ -515,28 +408,42 @@ fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
     }
 }
 
-/// Reads the tensors of one safetensors file into `weights` (named as [`weight_name`]
-/// with `post_norms`); a bias the model does not have (`bias`) is an error, not a tensor
-/// silently left out.
-fn read_safetensors(
-    path: &Path,
-    weights: &mut Weights,
-    (bias, post_norms): (AttentionBias, bool),
-) -> Result<(), String> {
+/// How a checkpoint's tensors are read.
+#[derive(Debug, Clone, Copy)]
+struct TensorRules {
+    /// The biases the model declares: another bias is an error, not a tensor silently
+    /// left out.
+    bias: AttentionBias,
+    /// Gemma 2's and 3's sandwich norms ([`weight_name`]).
+    post_norms: bool,
+    /// A multimodal Gemma 3's checkpoint: the language model's tensors are read, the
+    /// vision tower's skipped ([`hf_gemma::language_model_tensor`]).
+    multimodal: bool,
+}
+
+/// Reads the tensors of one safetensors file into `weights`, by `rules`.
+fn read_safetensors(path: &Path, weights: &mut Weights, rules: TensorRules) -> Result<(), String> {
     let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
     let st =
         SafeTensors::deserialize(&map).map_err(|e| format!("invalid safetensors file: {e}"))?;
-    for (name, view) in st.tensors() {
-        let Some(ours) = weight_name(&name, post_norms) else {
+    for (stored, view) in st.tensors() {
+        let name = match rules.multimodal {
+            true => match hf_gemma::language_model_tensor(&stored) {
+                Some(name) => name,
+                None => continue,
+            },
+            false => stored,
+        };
+        let Some(ours) = weight_name(&name, rules.post_norms) else {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
             return Err(format!("tensor `{name}` is not part of a Llama model"));
         };
         let declared = if ours.ends_with("wo.bias") {
-            bias.output
+            rules.bias.output
         } else {
-            bias.qkv
+            rules.bias.qkv
         };
         if ours.ends_with(".bias") && !declared {
             return Err(format!(
@@ -566,11 +473,13 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| err(&config_path, format!("cannot read: {e}")))?;
-    let cfg: Json =
+    let stored: Json =
         serde_json::from_str(&text).map_err(|e| err(&config_path, format!("invalid JSON: {e}")))?;
+    let multimodal = names_architecture(&stored, hf_gemma::MULTIMODAL);
+    let cfg = hf_gemma::language_model_config(&stored).map_err(|m| err(&config_path, m))?;
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
-    let gemma = gemma_generation(&cfg);
+    let gemma = hf_gemma::generation(&cfg);
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
@@ -596,7 +505,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_half: true,
         rope_scaling: 1.0,
         rope_freq_factors: false,
-        // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
+        // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
         sliding_window: match gemma {
             Some(2..) => None,
             _ => sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
@@ -614,7 +523,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         local_attention: None,
     };
     if let Some(generation @ 2..) = gemma {
-        apply_gemma(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
+        hf_gemma::apply(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
     }
     config.validate().map_err(|m| err(&config_path, m))?;
     let (rope_scaling, freq_factors) =
@@ -638,12 +547,12 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let mut weights = Weights::default();
     for (i, file) in files.iter().enumerate() {
         progress(i as f64 / files.len() as f64);
-        read_safetensors(
-            file,
-            &mut weights,
-            (config.attention_bias, config.post_norms),
-        )
-        .map_err(|m| err(file, m))?;
+        let rules = TensorRules {
+            bias: config.attention_bias,
+            post_norms: config.post_norms,
+            multimodal,
+        };
+        read_safetensors(file, &mut weights, rules).map_err(|m| err(file, m))?;
     }
     if let Some(factors) = freq_factors {
         let shape = vec![factors.len()];
@@ -663,7 +572,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     check_weights(&config, &weights).map_err(|m| err(dir, m))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        let stops = eos_ids(dir, &cfg, &config_path)?;
+        let stops = eos_ids(dir, &stored, &config_path)?;
         let tokenizer = HfTokenizer::load(&tokenizer_path)?.with_stop_tokens(&stops);
         Some(Box::new(tokenizer) as Box<dyn crate::tokenizer::TextCodec>)
     } else {

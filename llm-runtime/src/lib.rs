@@ -12,6 +12,7 @@ pub mod gguf;
 mod gguf_vocab;
 pub mod heap;
 pub mod hf;
+mod hf_gemma;
 pub mod llama2c;
 mod mmap;
 pub mod model;

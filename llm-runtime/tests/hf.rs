@@ -1058,6 +1058,65 @@ fn gemma3_computes_what_transformers_computes() {
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
 }
 
+/// Gemma 3's multimodal checkpoints (4B and up) keep the language model's settings in a
+/// sparse `text_config` (Hugging Face fills in `Gemma3TextConfig`'s defaults) and its
+/// tensors under `language_model.`, beside a vision tower: `gemma3-tiny` written that way
+/// (keys at their defaults left out, a stand-in vision tower and projector) loads as the
+/// same configuration and computes the same logits (text-only, transformers'
+/// `Gemma3ForConditionalGeneration` computes what `Gemma3ForCausalLM` does: 9e-6 apart on
+/// this checkpoint).
+#[test]
+fn a_multimodal_gemma3_checkpoint_runs_its_language_model() {
+    let reference = transformers_reference("gemma3-tiny");
+    let text = std::fs::read_to_string(reference.dir.join("config.json")).expect("config");
+    let mut text_config: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let fields = text_config.as_object_mut().expect("an object");
+    for at_default in [
+        "rms_norm_eps",
+        "hidden_activation",
+        "architectures",
+        "tie_word_embeddings",
+    ] {
+        fields
+            .remove(at_default)
+            .expect("the tiny config has the key");
+    }
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "eos_token_id": [1, 106],
+        "text_config": text_config,
+        "vision_config": {"hidden_size": 32, "num_hidden_layers": 1},
+    });
+    let stored = std::fs::read(reference.dir.join("model.safetensors")).expect("weights");
+    let st = safetensors::SafeTensors::deserialize(&stored).expect("safetensors");
+    let vision = vec![0u8; 4 * 32];
+    let mut views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (format!("language_model.{name}"), view))
+        .collect();
+    for name in [
+        "vision_tower.vision_model.post_layernorm.weight",
+        "multi_modal_projector.mm_soft_emb_norm.weight",
+    ] {
+        let view = TensorView::new(Dtype::F32, vec![32], &vision).expect("view");
+        views.push((name.to_string(), view));
+    }
+    let dir = std::env::temp_dir().join(format!("llmc-gemma3-mm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write");
+    let multimodal = model_file::load(&dir).expect("the multimodal checkpoint loads");
+    std::fs::remove_dir_all(&dir).ok();
+    let text_only = model_file::load(&reference.dir).expect("loads");
+    assert_eq!(multimodal.config, text_only.config);
+    assert_eq!(
+        interp_logits(&multimodal.config, &multimodal.weights, &reference),
+        interp_logits(&text_only.config, &text_only.weights, &reference)
+    );
+}
+
 /// Seeded q, k and v biases of every layer of stories260K (Hugging Face names).
 fn qwen2_biases() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     [("q", 64, 1), ("k", 32, 2), ("v", 32, 3)]
@@ -1443,8 +1502,12 @@ fn bad_directories_name_the_file() {
             "`hidden_act` = \"gelu\" is not supported",
         ),
         (
+            r#", "architectures": ["PaliGemmaForConditionalGeneration"]"#,
+            "`architectures` names \"PaliGemmaForConditionalGeneration\"",
+        ),
+        (
             r#", "architectures": ["Gemma3ForConditionalGeneration"]"#,
-            "`architectures` names \"Gemma3ForConditionalGeneration\"",
+            "`text_config` is missing",
         ),
         (
             r#", "architectures": ["Gemma2ForCausalLM"], "layer_types": ["full_attention", "chunked_attention", "full_attention", "full_attention", "full_attention"]"#,
