@@ -11,7 +11,10 @@
 //! iteration runs one 128-token prompt through `@prefill` and is reported in multiply-adds
 //! x 2 per second (criterion's "elements" are FLOPs there).
 //! `batched-decode` times one decode call of 1 and of 32 stories260K sequences over 256
-//! positions of context each, with f32 and f16 KV caches (elements: tokens).
+//! positions of context each, with f32 and f16 KV caches (elements: tokens);
+//! `kv-storage` and `softcap` one decode call of 8 110M-shaped sequences over 512
+//! positions each, the first with the cache in f32, f16, q8_0 and q4_0, the second with
+//! and without Gemma 2's soft-capped attention scores.
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
 //! `LLMC_BENCH_GPU=1` on a machine with a GPU to add the GPU backend's rows and the
@@ -271,6 +274,31 @@ fn bench_kv_storage(c: &mut Criterion) {
     group.finish();
 }
 
+/// One `@decode` call as [`bench_kv_storage`]'s (an f32 cache), with and without Gemma 2's
+/// soft-capping of the attention scores (`softcap = 50`): what the `tanh` of every score
+/// costs the attention microkernel.
+fn bench_softcap(c: &mut Criterion) {
+    let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
+        return;
+    };
+    let (config, weights) = llama2c::load(&path).expect("model");
+    let mut group = c.benchmark_group("softcap");
+    group.sample_size(10);
+    for softcap in [None, Some(50.0)] {
+        let config = ModelConfig {
+            attention_softcap: softcap,
+            ..config.clone()
+        };
+        let backend = Backend::Cpu { threads: 2 };
+        let model =
+            Model::compile_on(&backend, config, weights.clone(), "default").expect("compiles");
+        let label = softcap.map_or("none".to_string(), |c| format!("{c}"));
+        let id = BenchmarkId::new(format!("cpu-2t-softcap-{label}"), format!("{name}-x8"));
+        bench_decode_call(&mut group, id, &model, 8, 512);
+    }
+    group.finish();
+}
+
 /// Benchmarks one `@decode` call of `model` over `batch` sequences, each prefilled with
 /// `context` positions first, throughput in tokens (one a sequence). The sequences'
 /// blocks interleave in the pool as the engine's do when sequences grow together.
@@ -410,6 +438,7 @@ criterion_group!(
     bench_decode_long,
     bench_batched_decode,
     bench_kv_storage,
+    bench_softcap,
     bench_prefill
 );
 criterion_main!(benches);
