@@ -18,7 +18,7 @@ use llm_runtime::{
     generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
-    model::{AttentionBias, ModelConfig, build_ir},
+    model::{Activation, AttentionBias, ModelConfig, build_ir},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
@@ -942,6 +942,104 @@ fn gemma_gguf_logits(arch: &str, reference: &TransformersReference) -> Vec<Vec<f
     let gguf = model_file::load(&path).expect("the GGUF file loads");
     std::fs::remove_file(&path).ok();
     interp_logits(&gguf.config, &gguf.weights, reference)
+}
+
+/// Llama 3, against the logits `transformers` computes for a checkpoint it wrote
+/// (`tests/data/llama3-tiny`, as [`gemma2_computes_what_transformers_computes`]): Llama
+/// 3's RoPE scaling (`rope_type = llama3`, in transformers 5's `rope_parameters`) and an
+/// untied classifier.
+#[test]
+fn llama3_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("llama3-tiny");
+    assert!(loaded.config.rope_freq_factors && !loaded.config.tied_classifier);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[("Llama 3's RoPE scaling", &|c| c.rope_freq_factors = false)],
+    );
+}
+
+/// Mistral (`tests/data/mistral-tiny`): a sliding window of 8 in every layer.
+#[test]
+fn mistral_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("mistral-tiny");
+    assert_eq!(loaded.config.sliding_window, Some(8));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[("the sliding window", &|c| c.sliding_window = None)],
+    );
+}
+
+/// Qwen2 (`tests/data/qwen2-tiny`): biases on the q, k and v projections.
+#[test]
+fn qwen2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen2-tiny");
+    assert!(loaded.config.attention_bias.qkv && !loaded.config.attention_bias.output);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[("the biases", &|c| {
+            c.attention_bias = AttentionBias::default()
+        })],
+    );
+}
+
+/// Qwen3 (`tests/data/qwen3-tiny`): heads of 32 where the width over the heads is 16,
+/// each head's queries and keys normalized.
+#[test]
+fn qwen3_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen3-tiny");
+    assert_eq!(
+        (loaded.config.head_dim(), loaded.config.qk_norm),
+        (32, true)
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[("the q/k norms", &|c| c.qk_norm = false)],
+    );
+}
+
+/// Phi-3 (`tests/data/phi3-tiny`): fused q/k/v and gate/up projections (split when
+/// loading) and a sliding window of 10.
+#[test]
+fn phi3_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("phi3-tiny");
+    assert_eq!(loaded.config.sliding_window, Some(10));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[("the sliding window", &|c| c.sliding_window = None)],
+    );
+}
+
+/// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
+/// norms scaling by `1 + weight`.
+#[test]
+fn gemma_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("gemma-tiny");
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        1e-4,
+        &[
+            ("the embedding scale", &|c| c.scale_embeddings = false),
+            ("GeGLU", &|c| c.activation = Activation::Silu),
+        ],
+    );
+}
+
+/// [`transformers_reference`] `name` and its checkpoint, loaded.
+fn reference_checkpoint(name: &str) -> (TransformersReference, model_file::LoadedModel) {
+    let reference = transformers_reference(name);
+    let loaded = model_file::load(&reference.dir).expect("the checkpoint loads");
+    (reference, loaded)
 }
 
 /// Gemma 2, against the logits `transformers` computes for a checkpoint it wrote

@@ -1,13 +1,14 @@
-"""Writes the Gemma 2 and Gemma 3 reference checkpoints that `tests/gemma.rs` loads.
+"""Writes the reference checkpoints that `tests/hf.rs` checks the builder against.
 
-Each is a small random model saved by Hugging Face `transformers` (bfloat16 weights, as
-Gemma's checkpoints are) with the logits `transformers` computes for it: an independent
-implementation of the architecture to check the builder against. Run with `torch` and
-`transformers` (5.x) installed, from this directory:
+Each is a small random model of one architecture the loader reads, saved by Hugging Face
+`transformers` (bfloat16 weights, as released checkpoints mostly are), with the logits
+`transformers` computes for it: an independent implementation of the architecture. Run
+with `torch` and `transformers` (5.x) installed, from this directory:
 
-    python make_gemma_references.py
+    python make_references.py
 
-It writes `gemma2-tiny/` and `gemma3-tiny/`, each holding `config.json`,
+It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
+`phi3`, `gemma`, `gemma2`, `gemma3`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -18,22 +19,44 @@ import json
 import os
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 SEQUENCE = 28
 PROMPT_LEN = 6
 
 
-def randomize(model, seed):
+def randomize(model, seed, offset_norms):
     """Weights of a scale that makes every part of the architecture matter: norm weights
-    (Gemma's offsets from 1) in [-0.5, 0.5], embeddings of standard deviation 0.5,
+    in [0.5, 1.5] (Gemma's, `offset_norms`, stored as offsets from 1), biases of standard
+    deviation 0.5, embeddings of standard deviation 0.5,
     projections of variance 1 / fan-in (q and k 2.25 times that, for pronounced
     attention)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") and offset_norms:
                 p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+            elif name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             else:
@@ -46,7 +69,7 @@ def randomize(model, seed):
 def write(name, model_class, config, seed):
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    randomize(model, seed)
+    randomize(model, seed, offset_norms=name.startswith("gemma"))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     model.to(torch.bfloat16).save_pretrained(out)
     model = model_class.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
@@ -108,6 +131,46 @@ def main():
         },
     )
     write("gemma3-tiny", Gemma3ForCausalLM, gemma3, 3)
+    # The others: two layers each, heads of 16 unless said.
+    small = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    # Llama 3: its RoPE scaling (the long wavelengths slowed), an untied classifier.
+    llama3 = LlamaConfig(
+        **small,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    )
+    write("llama3-tiny", LlamaForCausalLM, llama3, 4)
+    # Mistral: a sliding window of 8 in every layer.
+    mistral = MistralConfig(**small, sliding_window=8, tie_word_embeddings=False)
+    write("mistral-tiny", MistralForCausalLM, mistral, 5)
+    # Qwen2: biases on the q, k and v projections, a tied classifier.
+    qwen2 = Qwen2Config(**small, tie_word_embeddings=True, use_sliding_window=False)
+    write("qwen2-tiny", Qwen2ForCausalLM, qwen2, 6)
+    # Qwen3: heads of 32 (not 64 / 4), their queries and keys normalized.
+    qwen3 = Qwen3Config(**small, head_dim=32, tie_word_embeddings=True, use_sliding_window=False)
+    write("qwen3-tiny", Qwen3ForCausalLM, qwen3, 7)
+    # Phi-3: fused q/k/v and gate/up projections, a sliding window of 10.
+    phi3 = Phi3Config(**small, sliding_window=10, tie_word_embeddings=False, pad_token_id=0)
+    write("phi3-tiny", Phi3ForCausalLM, phi3, 8)
+    # Gemma: GeGLU, scaled embeddings, norms scaling by 1 + weight; heads of 16.
+    gemma = GemmaConfig(**small, head_dim=16, hidden_activation="gelu_pytorch_tanh")
+    write("gemma-tiny", GemmaForCausalLM, gemma, 9)
 
 
 if __name__ == "__main__":
