@@ -736,7 +736,7 @@ fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
 }
 
 /// A checkpoint that Hugging Face `transformers` wrote (`tests/data/NAME`, made by
-/// `make_gemma_references.py`) and the logits it computed for the checkpoint's token ids:
+/// `make_references.py`) and the logits it computed for the checkpoint's token ids:
 /// an independent implementation of the architecture.
 struct TransformersReference {
     /// The checkpoint's directory.
