@@ -14,7 +14,7 @@ use llm_runtime::{
     generate::{Backend, Model, Step},
     llama2c,
     model::BLOCK_SIZE,
-    sampler::SamplerConfig,
+    sampler::{Sampler, SamplerConfig},
     tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
@@ -437,6 +437,98 @@ fn q8_0_kv_caches_batch_share_prefixes_and_copy_blocks() {
         batched_equals_single_with(&model, &tok, 8);
         forked_requests_copy_their_shared_block(&model, &tok);
         shared_prefixes((model, tok.clone()));
+    }
+}
+
+/// The continuation of `prompt` by `model` alone, sampled by `sampler` as the engine
+/// samples a request of `steps` positions (a token from each, the last position's
+/// included): one sequence, prefilled in one call, then decoded a token at a time.
+fn sampled_alone(model: &Model, prompt: &[u32], steps: usize, sampler: SamplerConfig) -> Vec<u32> {
+    let mut sampler = Sampler::new(sampler);
+    let cache = model.new_cache(model.sequence_blocks(steps, prompt.len()));
+    let (mut rows, mut cache) = model
+        .forward(Step::Prefill, prompt, 0, cache)
+        .expect("prefill");
+    let mut tokens = prompt.to_vec();
+    loop {
+        let next = sampler.sample(rows.last().expect("a row")) as u32;
+        tokens.push(next);
+        if tokens.len() > steps {
+            return tokens;
+        }
+        (rows, cache) = model
+            .forward(Step::Decode, &[next], tokens.len() - 1, cache)
+            .expect("decode");
+    }
+}
+
+/// Gemma 3's local layers in the engine (`tests/data/gemma3-tiny`: five of its six layers
+/// see the last 6 positions, the sixth all): eight prompts of 3 to 35 tokens, two sharing
+/// a 16-token block, prefilled at most 8 tokens a step (so chunks cross the window),
+/// sampled (temperature 4, seeded: this random model's likeliest token is the last one,
+/// by far) to
+/// 48 positions: each request gives what the model gives its prompt alone, on the
+/// reference semantics, the CPU and the GPU (where there is a device), and the shared
+/// block is prefilled once.
+#[test]
+fn gemma3_local_layers_batch_as_single_sequences() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/gemma3-tiny");
+    let loaded = llm_runtime::model_file::load(&dir).expect("the Gemma 3 checkpoint loads");
+    let shared: Vec<u32> = (0..16).map(|j| 3 + (j * 11 + 5) % 250).collect();
+    let mut prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| {
+            (0..3 + 6 * i)
+                .map(|j| 3 + (7 + 13 * j + 31 * i) % 250)
+                .collect()
+        })
+        .collect();
+    prompts.push([shared.as_slice(), &[40, 41, 42]].concat());
+    prompts.push([shared.as_slice(), &[50, 51]].concat());
+    let mut backends = vec![Backend::Interp, Backend::Cpu { threads: 2 }];
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
+    for backend in backends {
+        let model = Model::compile_on(
+            &backend,
+            loaded.config.clone(),
+            loaded.weights.clone(),
+            "default",
+        )
+        .expect("compiles");
+        let config = EngineConfig {
+            num_blocks: 64,
+            max_step_tokens: 8,
+            max_running: 8,
+        };
+        let mut engine = Engine::new(&model, config);
+        let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+        let sampler = |i: usize| SamplerConfig {
+            temperature: 4.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 100 + i as u64,
+        };
+        for (i, prompt) in prompts.iter().enumerate() {
+            let params = RequestParams {
+                steps: 48,
+                sampler: sampler(i),
+                stop_tokens: Vec::new(),
+            };
+            out.insert(engine.add_request(prompt.clone(), params), prompt.clone());
+        }
+        while engine.has_work() {
+            for event in engine.step().expect("step") {
+                if let Event::Token { id, token, .. } = event {
+                    out.get_mut(&id).expect("known").push(token);
+                }
+            }
+        }
+        for (i, prompt) in prompts.iter().enumerate() {
+            let alone = sampled_alone(&model, prompt, 48, sampler(i));
+            assert_eq!(out[&(i as u64)], alone, "{backend:?}, prompt {i}");
+        }
+        assert_eq!(engine.stats().cached_prompt_tokens, 16, "{backend:?}");
     }
 }
 
