@@ -284,6 +284,36 @@ fn llm_run_generate_batches_several_prompts_in_order() {
     assert!(stats.contains("\"requests\": 2"), "{stats}");
 }
 
+/// `--n 3` samples three completions of the prompt, prefilling it once: completion `k`
+/// is what the prompt alone gives with seed `11 + k`, printed one after another.
+#[test]
+fn llm_run_generate_n_samples_completions_of_a_prompt() {
+    let sampled = |seed: u64, n: usize| {
+        let out = llm_run(
+            Command::new(env!("CARGO_BIN_EXE_llm-run"))
+                .args(["generate", "--model"])
+                .arg(model_path())
+                .arg("--tokenizer")
+                .arg(tokenizer_path())
+                .args(["--prompt", "Once upon a time", "--temperature", "1"])
+                .args(["--max-tokens", "48", "--seed", &seed.to_string()])
+                .args(["--n", &n.to_string(), "--stats"]),
+        );
+        (
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (together, stats) = sampled(11, 3);
+    assert!(stats.contains("\"requests\": 3"), "{stats}");
+    let alone: Vec<Vec<u8>> = (0..3).map(|k| sampled(11 + k, 1).0).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&together),
+        String::from_utf8_lossy(&alone.concat())
+    );
+    assert_ne!(alone[0], alone[1]);
+}
+
 /// Text streams as it is generated: one sequence piece by piece, and of several the first
 /// unfinished output piece by piece; the pieces make up exactly the whole outputs, and a
 /// streamed generation keeps no logits.
@@ -314,7 +344,7 @@ fn generated_text_streams_piece_by_piece() {
         "Tom had a red ball".to_string(),
     ];
     let mut pieces: Vec<Vec<u8>> = Vec::new();
-    llmc::serve::generate_batch(&model, &tokenizer, &prompts, 64, GREEDY, &mut |p| {
+    llmc::serve::generate_batch(&model, &tokenizer, (&prompts, 1), 64, GREEDY, &mut |p| {
         pieces.push(p.to_vec());
         Ok(())
     })

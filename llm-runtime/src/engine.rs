@@ -95,12 +95,54 @@ struct Request {
     admitted: u64,
     /// Time of each produced token (for latency statistics).
     token_times: Vec<Instant>,
+    /// Completions of the same prompt ([`Engine::add_request_n`]) that start as copies of
+    /// this request once its prompt is prefilled: their ids and samplers.
+    siblings: Vec<(SeqId, SamplerConfig)>,
 }
 
 impl Request {
+    /// A request of `prompt`, not yet admitted.
+    fn new(id: SeqId, prompt: Vec<u32>, params: RequestParams) -> Request {
+        Request {
+            id,
+            tokens: prompt,
+            sampler: Sampler::new(params.sampler.clone()),
+            params,
+            computed: 0,
+            pending: None,
+            admitted: 0,
+            token_times: Vec::new(),
+            siblings: Vec::new(),
+        }
+    }
+
+    /// Request `id` going on from where this one is (its tokens, its positions in the
+    /// cache, its pending token), sampling with `sampler`, admitted `admitted`-th; the
+    /// caller shares the blocks ([`BlockManager::fork`]).
+    fn child(&self, id: SeqId, sampler: SamplerConfig, admitted: u64) -> Request {
+        Request {
+            computed: self.computed,
+            pending: self.pending,
+            admitted,
+            ..Request::new(
+                id,
+                self.tokens.clone(),
+                RequestParams {
+                    sampler,
+                    ..self.params.clone()
+                },
+            )
+        }
+    }
+
     /// The prompt positions the request prefills (a prompt longer than `steps` is cut).
     fn prompt_positions(&self) -> usize {
         self.tokens.len().min(self.params.steps.max(1))
+    }
+
+    /// Requests that run once this one's prompt is prefilled: it and its siblings.
+    fn group(&self) -> usize {
+        1 + self.siblings.len()
     }
 }
 
@@ -165,20 +207,37 @@ impl<'m> Engine<'m> {
 
     /// Queues a request; returns its id.
     pub fn add_request(&mut self, prompt: Vec<u32>, params: RequestParams) -> SeqId {
-        let id = self.next_id;
-        self.next_id += 1;
-        let sampler = Sampler::new(params.sampler.clone());
-        self.waiting.push_back(Request {
-            id,
-            tokens: prompt,
-            params,
-            sampler,
-            computed: 0,
-            pending: None,
-            admitted: 0,
-            token_times: Vec::new(),
-        });
-        id
+        self.add_request_n(prompt, params, 1)[0]
+    }
+
+    /// Queues `n` (at least one) completions of one prompt: parallel sampling. The prompt
+    /// is prefilled once; then each completion samples its first token from the prompt's
+    /// last logits, completion `k` with `params.sampler` seeded `seed + k`, and they go on
+    /// as separate requests sharing the prompt's blocks (the last one, partly filled,
+    /// copied for each completion that writes it). They run together, so `n` must not
+    /// exceed [`EngineConfig::max_running`] (an error from [`Engine::step`] otherwise).
+    /// Returns their ids, consecutive.
+    pub fn add_request_n(
+        &mut self,
+        prompt: Vec<u32>,
+        params: RequestParams,
+        n: usize,
+    ) -> Vec<SeqId> {
+        let ids: Vec<SeqId> = (self.next_id..self.next_id + n.max(1) as u64).collect();
+        self.next_id += ids.len() as u64;
+        let mut request = Request::new(ids[0], prompt, params);
+        request.siblings = (1..ids.len())
+            .map(|k| {
+                let seed = request.params.sampler.seed.wrapping_add(k as u64);
+                let sampler = SamplerConfig {
+                    seed,
+                    ..request.params.sampler.clone()
+                };
+                (ids[k], sampler)
+            })
+            .collect();
+        self.waiting.push_back(request);
+        ids
     }
 
     /// Starts a new request as a copy of running request `parent` (its prompt prefilled,
@@ -208,27 +267,26 @@ impl<'m> Engine<'m> {
         let id = self.next_id;
         self.next_id += 1;
         self.admissions += 1;
-        let child = Request {
-            id,
-            tokens: from.tokens.clone(),
-            params: RequestParams {
-                sampler: sampler.clone(),
-                ..from.params.clone()
-            },
-            sampler: Sampler::new(sampler),
-            computed: from.computed,
-            pending: from.pending,
-            admitted: self.admissions,
-            token_times: Vec::new(),
-        };
+        let child = from.child(id, sampler, self.admissions);
         self.blocks.fork(parent, id);
         self.running.push(child);
         Ok(id)
     }
 
-    /// Cancels request `id` (waiting, prefilling or running); returns whether it
-    /// existed.
+    /// Cancels request `id` (waiting, prefilling or running, or a completion of
+    /// [`Engine::add_request_n`] not yet started); returns whether it existed.
     pub fn cancel(&mut self, id: SeqId) -> bool {
+        let unstarted = self.waiting.iter_mut().chain(self.prefilling.as_mut());
+        let siblings: usize = unstarted
+            .map(|r| {
+                let before = r.siblings.len();
+                r.siblings.retain(|(s, _)| *s != id);
+                before - r.siblings.len()
+            })
+            .sum();
+        if siblings > 0 {
+            return true;
+        }
         let before = self.waiting.len() + self.running.len();
         self.waiting.retain(|r| r.id != id);
         self.running.retain(|r| r.id != id);
@@ -313,6 +371,17 @@ impl<'m> Engine<'m> {
             let Some(req) = self.waiting.front() else {
                 break;
             };
+            if req.group() > self.config.max_running {
+                return Err(format!(
+                    "request {} asks for {} completions, more than the {} requests the engine runs at once",
+                    req.id,
+                    req.group(),
+                    self.config.max_running
+                ));
+            }
+            if self.running.len() + req.group() > self.config.max_running {
+                break;
+            }
             let take = req.prompt_positions();
             let mut req = self.waiting.pop_front().expect("non-empty queue");
             let cached = match self.blocks.admit(req.id, &req.tokens[..take]) {
@@ -376,6 +445,14 @@ impl<'m> Engine<'m> {
             return Ok(left);
         }
         let last = rows.last().ok_or("prefill returned no logits")?;
+        for (id, sampler) in std::mem::take(&mut req.siblings) {
+            self.admissions += 1;
+            let mut sibling = req.child(id, sampler, self.admissions);
+            self.blocks.fork(req.id, id);
+            if self.produce(&mut sibling, last, events) {
+                self.running.push(sibling);
+            }
+        }
         if self.produce(&mut req, last, events) {
             self.running.push(req);
         }

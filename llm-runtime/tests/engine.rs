@@ -131,6 +131,69 @@ fn forked_requests_share_blocks_until_written() {
     forked_requests_copy_their_shared_block(&on_cpu, &tok);
 }
 
+/// Parallel sampling: four completions of one prompt (`Engine::add_request_n`) prefill it
+/// once and each is what the prompt gives alone with its sampler (seed `7 + k`, sampling
+/// at temperature 1); the partly filled last prompt block is copied for three of them
+/// (the fourth writes the original). A completion cancelled before it starts never runs,
+/// and more completions than the engine runs at once is an error.
+fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
+    let prompt = "Once upon a time, there was a little girl";
+    let ids = tok.encode(prompt, true, false);
+    assert!(!ids.len().is_multiple_of(BLOCK_SIZE));
+    let sampler = |seed| SamplerConfig {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed,
+    };
+    let request = RequestParams {
+        steps: 64,
+        sampler: sampler(7),
+        stop_tokens: vec![BOS],
+    };
+    let mut engine = Engine::new(model, EngineConfig::default());
+    let completions = engine.add_request_n(ids.clone(), request.clone(), 5);
+    assert!(
+        engine.cancel(completions[4]),
+        "an unstarted completion cancels"
+    );
+    let mut out: HashMap<u64, Vec<u32>> = completions.iter().map(|&id| (id, ids.clone())).collect();
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { id, token, .. } = event {
+                out.get_mut(&id).expect("known").push(token);
+            }
+        }
+    }
+    assert_eq!(engine.stats().prefilled_tokens, ids.len(), "one prefill");
+    assert_eq!(engine.stats().block_copies, 3);
+    assert_eq!(out[&completions[4]], ids, "the cancelled completion ran");
+    for (k, id) in completions[..4].iter().enumerate() {
+        let alone = model
+            .generate(tok, prompt, 64, sampler(7 + k as u64))
+            .expect("single")
+            .ids;
+        assert_eq!(out[id], alone, "completion {k}");
+    }
+    assert_ne!(out[&completions[0]], out[&completions[1]]);
+    let small = EngineConfig {
+        max_running: 2,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, small);
+    engine.add_request_n(ids, request, 3);
+    let err = engine.step().expect_err("too many completions");
+    assert!(err.contains("asks for 3 completions"), "{err}");
+}
+
+#[test]
+fn parallel_completions_prefill_their_prompt_once() {
+    let (model, tok) = model();
+    parallel_completions_of(&model, &tok);
+    let (on_cpu, _) = model_on(&Backend::Cpu { threads: 2 });
+    parallel_completions_of(&on_cpu, &tok);
+}
+
 fn prompts(n: usize) -> Vec<String> {
     let starts = [
         "Once upon a time",

@@ -229,6 +229,11 @@ enum Command {
         /// A file with one prompt per line (generated together).
         #[arg(long)]
         prompts: Option<PathBuf>,
+        /// Completions of each prompt (parallel sampling: the prompt is prefilled once;
+        /// completion k of prompt i samples with seed + i * n + k), printed one after
+        /// another.
+        #[arg(long, default_value_t = 1)]
+        n: usize,
         /// Positions to run, prompt included (run.c's -n); 0 means the model's sequence length.
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
@@ -343,6 +348,7 @@ fn run(cli: Cli) -> Result<(), String> {
             tokenizer,
             prompt,
             prompts,
+            n,
             max_tokens,
             temperature,
             top_p,
@@ -382,10 +388,16 @@ fn run(cli: Cli) -> Result<(), String> {
                     .and_then(|()| stdout.flush())
                     .map_err(|e| format!("cannot write: {e}"))
             };
-            if all.len() <= 1 {
+            if n == 0 {
+                return Err("--n must be at least 1".into());
+            }
+            if all.is_empty() {
+                all.push(String::new());
+            }
+            if all.len() == 1 && n == 1 {
                 let out = compiled.generate_streaming(
                     tokenizer.as_ref(),
-                    all.first().map_or("", String::as_str),
+                    &all[0],
                     max_tokens,
                     sampler,
                     &mut print,
@@ -397,7 +409,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 let batch_stats = serve::generate_batch(
                     &compiled,
                     tokenizer.as_ref(),
-                    &all,
+                    (&all, n),
                     max_tokens,
                     sampler,
                     &mut print,
