@@ -13,7 +13,7 @@
 //! `batched-decode` times one decode call of 1 and of 32 stories260K sequences over 256
 //! positions of context each, with f32 and f16 KV caches (elements: tokens);
 //! `kv-storage` and `softcap` one decode call of 8 110M-shaped sequences over 512
-//! positions each, the first with the cache in f32, f16, q8_0 and q4_0, the second with
+//! positions each, the first with the cache in f32, f16, q8_0, q4_0 and q4_1, the second with
 //! and without Gemma 2's soft-capped attention scores.
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
@@ -241,10 +241,10 @@ fn bench_batched_decode(c: &mut Criterion) {
 }
 
 /// One `@decode` call of 8 sequences of the 110M shape (heads of 64), each over 512
-/// positions of context, on two threads, with the KV cache in f32, f16, q8_0 and q4_0:
-/// what each storage costs or saves where attention streams every sequence's keys and
-/// values (12 layers of 512 positions of 768 keys and 768 values a sequence: 37.7 MiB
-/// in f32, 18.9 in f16, 10.6 in q8_0, 5.9 in q4_0).
+/// positions of context, on two threads, with the KV cache in f32, f16, q8_0, q4_0 and
+/// q4_1: what each storage costs or saves where attention streams every sequence's keys
+/// and values (12 layers of 512 positions of 768 keys and 768 values a sequence: 37.7 MiB
+/// in f32, 18.9 in f16, 10.6 in q8_0, 5.9 in q4_0 and q4_1).
 fn bench_kv_storage(c: &mut Criterion) {
     let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
         return;
@@ -257,6 +257,7 @@ fn bench_kv_storage(c: &mut Criterion) {
         KvStorage::Float(DType::F16),
         KvStorage::Quantized(QuantFormat::Q8_0),
         KvStorage::Quantized(QuantFormat::Q4_0),
+        KvStorage::Quantized(QuantFormat::Q4_1),
     ];
     for kv in storages {
         let backend = Backend::Cpu { threads: 2 };

@@ -73,27 +73,28 @@ pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> 
 }
 
 /// Whether [`attention_row`] reads a pool of `element`s as it is held: f32, f16, bf16,
-/// q8_0 and q4_0 (the caller decodes the other block formats' rows into f32 first, and the
+/// q8_0, q4_0 and q4_1 (the caller decodes the K-quants' rows into f32 first, and the
 /// kernel reads those).
 pub fn reads_in_place(element: KvElement) -> bool {
     element == KvElement::F32 || element_code(element) != 0
 }
 
 /// The code of `element` in [`shape_word`]: 1 for f16, 2 for bf16, 3 for q8_0, 4 for
-/// q4_0, 0 for f32 and the block formats the microkernel reads as decoded f32 rows.
+/// q4_0, 5 for q4_1, 0 for f32 and the block formats the microkernel reads as decoded f32
+/// rows.
 fn element_code(element: KvElement) -> usize {
     match element {
         KvElement::F16 => 1,
         KvElement::BF16 => 2,
         KvElement::Blocks(KvBlocks::Q8_0) => 3,
         KvElement::Blocks(KvBlocks::Q4_0) => 4,
+        KvElement::Blocks(KvBlocks::Q4_1) => 5,
         KvElement::F32 | KvElement::Blocks(_) => 0,
     }
 }
 
 /// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
-/// KV heads of rows of `element` (bits 48 and up: its code, 1 for f16, 2 for bf16, 3 for
-/// q8_0, 4 for q4_0, 0 for f32 rows).
+/// KV heads of rows of `element` (bits 48 and up: its code, [`element_code`]).
 pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
     (heads | kv_heads << 16 | d << 32 | element_code(element) << 48) as i64
 }
@@ -105,6 +106,7 @@ fn element_of_shape(shape: i64) -> KvElement {
         2 => KvElement::BF16,
         3 => KvElement::Blocks(KvBlocks::Q8_0),
         4 => KvElement::Blocks(KvBlocks::Q4_0),
+        5 => KvElement::Blocks(KvBlocks::Q4_1),
         _ => KvElement::F32,
     }
 }
@@ -158,6 +160,7 @@ pub unsafe extern "C" fn attention_row(
             KvElement::BF16 => attend_row::<BF16>(args),
             KvElement::Blocks(KvBlocks::Q8_0) => attend_row::<Blocks<Q8_0>>(args),
             KvElement::Blocks(KvBlocks::Q4_0) => attend_row::<Blocks<Q4_0>>(args),
+            KvElement::Blocks(KvBlocks::Q4_1) => attend_row::<Blocks<Q4_1>>(args),
             KvElement::F32 | KvElement::Blocks(_) => attend_row::<F32>(args),
         }
     }
@@ -256,23 +259,38 @@ struct F16;
 #[cfg(target_arch = "x86_64")]
 struct BF16;
 
-/// Rows of a block format of 32 values a block: each block an f16 scale, its codes
-/// ([`Codes`]) and padding to [`KvBlocks::bytes`]. A value is its code times the scale.
+/// Rows of a block format of 32 values a block: each block an f16 scale, for q4_1 an f16
+/// minimum, its codes ([`Codes`]) and padding to [`KvBlocks::bytes`]. A value is its code
+/// times the scale (plus the minimum).
 #[cfg(target_arch = "x86_64")]
 struct Blocks<C>(std::marker::PhantomData<C>);
 
-/// How a block format's codes load: 8 at a time as `f32`, the value before the scale.
+/// How a block format's values load, 8 at a time as `f32`.
 #[cfg(target_arch = "x86_64")]
 trait Codes {
     /// The format.
     const FORMAT: KvBlocks;
 
-    /// Codes `j..j + 8` of the block at `block` (`j` a multiple of 8 below 32).
+    /// Codes `j..j + 8` of the block at `block` (`j` a multiple of 8 below 32), as
+    /// `f32`: the values before the scale.
     ///
     /// # Safety
     ///
     /// `block` points to a whole block; the CPU has AVX2.
     unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256;
+
+    /// Values `j..j + 8` of the block at `block`: each code times the block's scale,
+    /// `llm.dequantize`'s one rounded product (q4_1 adds its minimum).
+    ///
+    /// # Safety
+    ///
+    /// As [`Codes::codes8`]; the CPU has F16C too.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn values8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_mul_ps(Self::codes8(block, j), block_half(block, 0)) }
+    }
 }
 
 /// q8_0: 32 signed codes after the scale.
@@ -284,20 +302,44 @@ struct Q8_0;
 #[cfg(target_arch = "x86_64")]
 struct Q4_0;
 
-/// The f16 scale at `block`, as `f32` in every lane.
+/// q4_1: the scale, the minimum, then 16 bytes of codes as q4_0's (unsigned).
+#[cfg(target_arch = "x86_64")]
+struct Q4_1;
+
+/// The f16 at byte `at` of `block` (a scale or a minimum), as `f32` in every lane.
 ///
 /// # Safety
 ///
-/// `block` points to 2 readable bytes; the CPU has AVX2 and F16C.
+/// `block + at` points to 2 readable bytes; the CPU has AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_scale(block: *const u8) -> std::arch::x86_64::__m256 {
+unsafe fn block_half(block: *const u8, at: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract.
     unsafe {
-        let bits = i32::from(block.cast::<u16>().read_unaligned());
+        let bits = i32::from(block.add(at).cast::<u16>().read_unaligned());
         _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+}
+
+/// The 4-bit codes `j..j + 8` of the 16 bytes at `codes` (code `j` in the low half of byte
+/// `j`, code `j + 16` in its high half), as 32-bit integers.
+///
+/// # Safety
+///
+/// `codes` points to 16 readable bytes; `j` is a multiple of 8 below 32; the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles8(codes: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract; codes `j..j + 8` are the low (or high) halves of 8
+    // bytes.
+    unsafe {
+        let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.add(j % 16).cast()));
+        let shift = _mm_cvtsi32_si128(if j < 16 { 0 } else { 4 });
+        _mm256_and_si256(_mm256_srl_epi32(bytes, shift), _mm256_set1_epi32(15))
     }
 }
 
@@ -359,11 +401,7 @@ impl<C: Codes> Element for Blocks<C> {
     unsafe fn load8(run: *const u8, e: usize) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract; the block of element `e` holds it and the 7 after
         // it (8 never straddle a block of 32).
-        unsafe {
-            let block = run.add(e / 32 * C::FORMAT.bytes());
-            // The code times the scale: `llm.dequantize`'s one rounded product.
-            std::arch::x86_64::_mm256_mul_ps(C::codes8(block, e % 32), block_scale(block))
-        }
+        unsafe { C::values8(run.add(e / 32 * C::FORMAT.bytes()), e % 32) }
     }
 }
 
@@ -392,13 +430,34 @@ impl Codes for Q4_0 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        // SAFETY: the caller's contract; codes `j..j + 8` are the low (or high) halves of
-        // 8 bytes.
+        // SAFETY: the caller's contract: the codes follow the scale.
         unsafe {
-            let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(2 + j % 16).cast()));
-            let shift = _mm_cvtsi32_si128(if j < 16 { 0 } else { 4 });
-            let codes = _mm256_and_si256(_mm256_srl_epi32(bytes, shift), _mm256_set1_epi32(15));
+            let codes = nibbles8(block.add(2), j);
             _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, _mm256_set1_epi32(8)))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Codes for Q4_1 {
+    const FORMAT: KvBlocks = KvBlocks::Q4_1;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract: the codes follow the scale and the minimum.
+        unsafe { std::arch::x86_64::_mm256_cvtepi32_ps(nibbles8(block.add(4), j)) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn values8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. The code times the scale, then plus the minimum:
+        // `llm.dequantize`'s two rounded steps (no fused multiply-add).
+        unsafe {
+            let scaled = _mm256_mul_ps(Self::codes8(block, j), block_half(block, 0));
+            _mm256_add_ps(scaled, block_half(block, 2))
         }
     }
 }
@@ -792,8 +851,8 @@ mod tests {
         assert!(!fits(8, 0, 8));
     }
 
-    /// f16, bf16, q8_0 and q4_0 rows give the bits the same values give as f32 rows: widening
-    /// (or decoding) on load is exact, and the arithmetic is the same.
+    /// f16, bf16, q8_0, q4_0 and q4_1 rows give the bits the same values give as f32 rows:
+    /// widening (or decoding) on load is exact, and the arithmetic is the same.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn narrow_rows_attend_as_their_f32_values() {
@@ -838,13 +897,14 @@ mod tests {
             KvStorage::Float(DType::BF16),
             KvStorage::Quantized(QuantFormat::Q8_0),
             KvStorage::Quantized(QuantFormat::Q4_0),
+            KvStorage::Quantized(QuantFormat::Q4_1),
         ] {
             let stored = |f: f32| KvValues::from_f32(&storage, &wave(n * kv * d, f));
             let (k, v) = (stored(0.71), stored(0.29));
             let wide = |x: &KvValues| KvValues::from_f32(&f32_storage, &x.floats());
             assert_eq!(run(&k, &v), run(&wide(&k), &wide(&v)), "{storage}");
         }
-        let q4_1 = KvStorage::Quantized(QuantFormat::Q4_1);
-        assert!(!reads_in_place(KvValues::zeros(&q4_1, 32).element()));
+        let q4_k = KvStorage::Quantized(QuantFormat::Q4K);
+        assert!(!reads_in_place(KvValues::zeros(&q4_k, 256).element()));
     }
 }
