@@ -164,7 +164,7 @@ pub fn generate_batch(
             },
             stop_tokens: tokenizer.stop_tokens(),
         };
-        for id in engine.add_request_n(ids, params, n) {
+        for id in engine.add_request_n(ids, params, n)? {
             texts.insert(id, text.clone());
         }
     }

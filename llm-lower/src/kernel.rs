@@ -576,7 +576,8 @@ pub enum AttentionSource {
         causal: bool,
         /// Sliding window.
         window: Option<usize>,
-        /// A `[tq, tk]` bias is added to the scaled scores (`llm.attention`'s mask).
+        /// A `[tq, tk]` bias is added to the (scaled, soft-capped) scores (`llm.attention`'s
+        /// mask).
         masked: bool,
     },
 }

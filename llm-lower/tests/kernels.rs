@@ -1900,12 +1900,15 @@ proptest! {
         agree(&ir, vec![tensor(&[b, m, k], seed, 1.0), tensor(&rhs, seed + 1, 1.0)], 1e-5)?;
     }
 
-    /// Attention with a `[tq, tk]` mask added to the scores (shared by the batch), windows
-    /// and contexts long enough to split on the GPU.
+    /// Attention with a `[tq, tk]` mask added to the scores (shared by the batch), windows,
+    /// soft-caps and contexts long enough to split on the GPU.
     #[test]
-    fn masked_attention(b in 1usize..3, tq in 1usize..5, extra in 0usize..40, kv in 1usize..3, group in 1usize..3, d in 1usize..12, causal in any::<bool>(), window in prop::option::of(1usize..30), seed: u64) {
+    fn masked_attention(b in 1usize..3, tq in 1usize..5, extra in 0usize..40, kv in 1usize..3, group in 1usize..3, d in 1usize..12, causal in any::<bool>(), window in prop::option::of(1usize..30), softcap in prop::option::of(prop::sample::select(vec![0.5f32, 4.0])), seed: u64) {
         let (h, tk) = (kv * group, tq + extra);
-        let win = window.map_or(String::new(), |w| format!(", window = {w}"));
+        let mut win = window.map_or(String::new(), |w| format!(", window = {w}"));
+        if let Some(cap) = softcap {
+            win.push_str(&format!(", softcap = {cap:?}"));
+        }
         let ir = func(
             &[("q".into(), ty(&[b, tq, h, d])), ("k".into(), ty(&[b, tk, kv, d])), ("v".into(), ty(&[b, tk, kv, d])), ("m".into(), ty(&[tq, tk]))],
             &ty(&[b, tq, h, d]),

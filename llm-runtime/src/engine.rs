@@ -98,6 +98,9 @@ struct Request {
     /// Completions of the same prompt ([`Engine::add_request_n`]) that start as copies of
     /// this request once its prompt is prefilled: their ids and samplers.
     siblings: Vec<(SeqId, SamplerConfig)>,
+    /// Cancelled while prefilling for its siblings: it finishes its prefill for them and
+    /// then ends without producing a token.
+    cancelled: bool,
 }
 
 impl Request {
@@ -113,6 +116,7 @@ impl Request {
             admitted: 0,
             token_times: Vec::new(),
             siblings: Vec::new(),
+            cancelled: false,
         }
     }
 
@@ -207,22 +211,35 @@ impl<'m> Engine<'m> {
 
     /// Queues a request; returns its id.
     pub fn add_request(&mut self, prompt: Vec<u32>, params: RequestParams) -> SeqId {
-        self.add_request_n(prompt, params, 1)[0]
+        self.queue(prompt, params, 1)[0]
     }
 
     /// Queues `n` (at least one) completions of one prompt: parallel sampling. The prompt
     /// is prefilled once; then each completion samples its first token from the prompt's
     /// last logits, completion `k` with `params.sampler` seeded `seed + k`, and they go on
     /// as separate requests sharing the prompt's blocks (the last one, partly filled,
-    /// copied for each completion that writes it). They run together, so `n` must not
-    /// exceed [`EngineConfig::max_running`] (an error from [`Engine::step`] otherwise).
-    /// Returns their ids, consecutive.
+    /// copied for each completion that writes it). Returns their ids, consecutive.
+    ///
+    /// # Errors
+    ///
+    /// When `n` exceeds [`EngineConfig::max_running`]: the completions run together.
     pub fn add_request_n(
         &mut self,
         prompt: Vec<u32>,
         params: RequestParams,
         n: usize,
-    ) -> Vec<SeqId> {
+    ) -> Result<Vec<SeqId>, RunError> {
+        if n > self.config.max_running {
+            return Err(format!(
+                "{n} completions of a prompt run together, but the engine runs at most {} requests at once",
+                self.config.max_running
+            ));
+        }
+        Ok(self.queue(prompt, params, n))
+    }
+
+    /// Queues `n` completions of `prompt` ([`Engine::add_request_n`]).
+    fn queue(&mut self, prompt: Vec<u32>, params: RequestParams, n: usize) -> Vec<SeqId> {
         let ids: Vec<SeqId> = (self.next_id..self.next_id + n.max(1) as u64).collect();
         self.next_id += ids.len() as u64;
         let mut request = Request::new(ids[0], prompt, params);
@@ -251,9 +268,11 @@ impl<'m> Engine<'m> {
     /// # Errors
     ///
     /// When `parent` is not running (waiting, prefilling, finished or unknown), or the
-    /// engine already runs [`EngineConfig::max_running`] requests.
+    /// engine already runs [`EngineConfig::max_running`] requests (counting those the
+    /// prompt being prefilled will start).
     pub fn fork(&mut self, parent: SeqId, sampler: SamplerConfig) -> Result<SeqId, RunError> {
-        if self.running.len() >= self.config.max_running {
+        let reserved = self.prefilling.as_ref().map_or(0, Request::group);
+        if self.running.len() + reserved >= self.config.max_running {
             return Err(format!(
                 "request {parent} cannot fork: {} requests run, the most the engine runs",
                 self.running.len()
@@ -274,7 +293,10 @@ impl<'m> Engine<'m> {
     }
 
     /// Cancels request `id` (waiting, prefilling or running, or a completion of
-    /// [`Engine::add_request_n`] not yet started); returns whether it existed.
+    /// [`Engine::add_request_n`] not yet started); returns whether it existed. Cancelling
+    /// one completion of a group leaves the others to run: a waiting group's next
+    /// completion takes the first one's place, and a prefilling one finishes the prompt
+    /// for the others without producing a token.
     pub fn cancel(&mut self, id: SeqId) -> bool {
         let unstarted = self.waiting.iter_mut().chain(self.prefilling.as_mut());
         let siblings: usize = unstarted
@@ -285,6 +307,25 @@ impl<'m> Engine<'m> {
             })
             .sum();
         if siblings > 0 {
+            // A cancelled prefill left with no one to prefill for ends now.
+            if let Some(req) = self
+                .prefilling
+                .take_if(|r| r.cancelled && r.siblings.is_empty())
+            {
+                self.blocks.abort(req.id, req.computed);
+            }
+            return true;
+        }
+        let leader = |r: &&mut Request| r.id == id && !r.siblings.is_empty();
+        if let Some(req) = self.waiting.iter_mut().find(leader) {
+            let (next, sampler) = req.siblings.remove(0);
+            req.id = next;
+            req.sampler = Sampler::new(sampler.clone());
+            req.params.sampler = sampler;
+            return true;
+        }
+        if let Some(req) = self.prefilling.as_mut().filter(leader) {
+            req.cancelled = true;
             return true;
         }
         let before = self.waiting.len() + self.running.len();
@@ -371,14 +412,6 @@ impl<'m> Engine<'m> {
             let Some(req) = self.waiting.front() else {
                 break;
             };
-            if req.group() > self.config.max_running {
-                return Err(format!(
-                    "request {} asks for {} completions, more than the {} requests the engine runs at once",
-                    req.id,
-                    req.group(),
-                    self.config.max_running
-                ));
-            }
             if self.running.len() + req.group() > self.config.max_running {
                 break;
             }
@@ -453,7 +486,9 @@ impl<'m> Engine<'m> {
                 self.running.push(sibling);
             }
         }
-        if self.produce(&mut req, last, events) {
+        if req.cancelled {
+            self.blocks.finish(req.id);
+        } else if self.produce(&mut req, last, events) {
             self.running.push(req);
         }
         Ok(left)

@@ -396,14 +396,16 @@ const ARCHITECTURES: [&str; 7] = [
 ];
 
 /// Gemma 2's and 3's settings, as llama.cpp reads them: sandwich norms
-/// (`blk.N.post_attention_norm`, `post_ffw_norm`); the query scale `ARCH.attention.scale`
-/// where a file has it, else llama.cpp's rule (`1 / sqrt(key_length)`, but
-/// `1 / sqrt(embedding_length / head_count)` for the 27B models, which are the ones of 46
-/// (Gemma 2) or 62 (Gemma 3) layers: their `query_pre_attn_scalar`); the soft-caps
-/// `ARCH.attn_logit_softcapping` and `ARCH.final_logit_softcapping` (Gemma 2's default
-/// 50 and 30); and local attention over `ARCH.attention.sliding_window` positions in
-/// every other layer (Gemma 2, the even ones) or five of every six (Gemma 3, whose local
-/// layers' RoPE has base 10000, unscaled).
+/// (`blk.N.post_attention_norm`, `post_ffw_norm`); the query scale by llama.cpp's rule
+/// (`1 / sqrt(key_length)`, but `1 / sqrt(embedding_length / head_count)` for the 27B
+/// models, which are the ones of 46 (Gemma 2) or 62 (Gemma 3) layers: their
+/// `query_pre_attn_scalar`), unless the file has `ARCH.attention.scale` (a key llama.cpp
+/// reads for other architectures; this loader's extension for Gemma, for a scalar the rule
+/// does not give); the soft-caps `ARCH.attn_logit_softcapping` and
+/// `ARCH.final_logit_softcapping` (Gemma 2's default 50 and 30); and local attention over
+/// `ARCH.attention.sliding_window` positions (Gemma 2's default 4096, as llama.cpp's, for
+/// early files without the key) in every other layer (Gemma 2, the even ones) or five of
+/// every six (Gemma 3, whose local layers' RoPE has base 10000, unscaled).
 fn apply_gemma(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), String> {
     let key = |k: &str| format!("{arch}.{k}");
     let gemma2 = arch == "gemma2";
@@ -432,11 +434,12 @@ fn apply_gemma(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), Stri
     } else {
         (6, Some(10000.0))
     };
+    let window = match g.meta(&key("attention.sliding_window")) {
+        None if gemma2 => 4096,
+        _ => g.int(&key("attention.sliding_window"))?,
+    };
     c.local_attention = Some(LocalAttention::periodic(
-        g.int(&key("attention.sliding_window"))?,
-        c.layers,
-        period,
-        rope_theta,
+        window, c.layers, period, rope_theta,
     ));
     Ok(())
 }
@@ -671,5 +674,39 @@ mod tests {
             weight_name("rope_freqs.weight", "llama").as_deref(),
             Some(ROPE_FREQS)
         );
+    }
+
+    /// Gemma 2's and 3's settings where a file states only the window (or, for Gemma 2,
+    /// not even that): llama.cpp's defaults and its rule for the query scale, whose 27B
+    /// models (46 and 62 layers) scale by the width over the heads.
+    #[test]
+    fn gemma_settings_default_as_llama_cpp_reads_them() {
+        let config = |layers| ModelConfig {
+            explicit_head_dim: Some(256),
+            ..ModelConfig::llama2c(2304, 9216, layers, 8, 4, 256000, 8192)
+        };
+        let mut c = config(26);
+        apply_gemma(&file(&[]), "gemma2", &mut c).expect("defaults");
+        assert_eq!(
+            (c.attention_softcap, c.logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(c.attention_scale, Some(1.0 / 16.0));
+        let local = c.local_attention.as_ref().expect("local layers");
+        assert_eq!((local.window, local.rope_theta), (4096, None));
+        assert_eq!(local.layers[..4], [true, false, true, false]);
+        let mut c = config(46);
+        apply_gemma(&file(&[]), "gemma2", &mut c).expect("defaults");
+        assert_eq!(c.attention_scale, Some((2304f64 / 8.0).powf(-0.5)));
+        let window = [("gemma3.attention.sliding_window", Meta::Uint(1024))];
+        let mut c = config(62);
+        apply_gemma(&file(&window), "gemma3", &mut c).expect("settings");
+        assert_eq!((c.attention_softcap, c.logit_softcap), (None, None));
+        assert_eq!(c.attention_scale, Some((2304f64 / 8.0).powf(-0.5)));
+        let local = c.local_attention.as_ref().expect("local layers");
+        assert_eq!((local.window, local.rope_theta), (1024, Some(10000.0)));
+        assert_eq!(local.layers[..6], [true, true, true, true, true, false]);
+        let err = apply_gemma(&file(&[]), "gemma3", &mut config(26)).expect_err("no window");
+        assert!(err.contains("gemma3.attention.sliding_window"), "{err}");
     }
 }

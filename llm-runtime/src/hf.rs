@@ -110,7 +110,9 @@ pub(crate) fn rope_settings<'a>(
 
 /// An object of `config.json` giving RoPE's scaling, and the key it is under.
 pub(crate) struct Scaling<'a> {
+    /// The object (`rope_scaling`, or one of `rope_parameters`).
     json: &'a Json,
+    /// Its key, for errors.
     key: String,
 }
 
@@ -284,8 +286,9 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// `sqrt(hidden_size)` and norms scaling by `1 + weight`, Gemma 2's Gemma's with sandwich
 /// norms, soft-capped attention scores and logits and local attention in every other
 /// layer, Gemma 3's with q/k norms instead of the soft-caps and five local layers to a
-/// global one; `hf_gemma`; and of Gemma 3's multimodal checkpoints, the language
-/// model).
+/// global one: `hf_gemma`), and Gemma 3's multimodal checkpoints, whose language model
+/// the loader reads (named here for the error message: `hf_gemma` turns their config into
+/// a `Gemma3ForCausalLM`'s before it is checked).
 const ARCHITECTURES: [&str; 9] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",

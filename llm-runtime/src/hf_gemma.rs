@@ -171,7 +171,7 @@ fn local_layers(cfg: &Json, generation: u8, layers: usize) -> Result<Vec<bool>, 
         2 => 2,
         _ => config_int(cfg, "sliding_window_pattern")?,
     };
-    Ok(LocalAttention::periodic(1, layers, period, None).layers)
+    Ok(LocalAttention::periodic_layers(layers, period))
 }
 
 /// Gemma 2's and 3's settings (`cfg` with its defaults, [`language_model_config`]) over

@@ -125,16 +125,22 @@ pub struct LocalAttention {
 }
 
 impl LocalAttention {
-    /// Gemma's pattern over `layers` layers: every `period`-th layer (the last of each
-    /// period) global, the others local: Gemma 2's period is 2 (even layers local),
-    /// Gemma 3's 6 (as llama.cpp's `swa_pattern` and Hugging Face's
-    /// `sliding_window_pattern`).
+    /// Gemma's pattern over `layers` layers ([`LocalAttention::periodic_layers`]), with
+    /// a window of `window` and the local layers' RoPE base `rope_theta`.
     pub fn periodic(window: usize, layers: usize, period: usize, rope_theta: Option<f64>) -> Self {
         LocalAttention {
             window,
-            layers: (0..layers).map(|l| (l + 1) % period.max(1) != 0).collect(),
+            layers: LocalAttention::periodic_layers(layers, period),
             rope_theta,
         }
+    }
+
+    /// Which of `layers` layers are local in Gemma's pattern: every `period`-th layer
+    /// (the last of each period) global, the others local. Gemma 2's period is 2 (even
+    /// layers local), Gemma 3's 6 (as llama.cpp's `swa_pattern` and Hugging Face's
+    /// `sliding_window_pattern`).
+    pub fn periodic_layers(layers: usize, period: usize) -> Vec<bool> {
+        (0..layers).map(|l| (l + 1) % period.max(1) != 0).collect()
     }
 
     /// Whether layer `l` is local.
@@ -266,11 +272,14 @@ impl ModelConfig {
             ("attention soft-cap", self.attention_softcap),
             ("logit soft-cap", self.logit_softcap),
         ];
+        // The kernels compute in f32: each must stay a positive, normal f32.
         if let Some((what, v)) = positive.into_iter().find_map(|(what, v)| {
-            v.filter(|v| !(v.is_finite() && *v > 0.0))
+            v.filter(|v| !(*v > 0.0 && (*v as f32).is_normal()))
                 .map(|v| (what, v))
         }) {
-            return Err(format!("the {what} {v} is not a positive number"));
+            return Err(format!(
+                "the {what} {v} is not a positive (normal f32) number"
+            ));
         }
         if let Some(local) = &self.local_attention {
             if self.sliding_window.is_some() {
@@ -532,6 +541,7 @@ struct LayerAttention {
 }
 
 impl LayerAttention {
+    /// How layer `l` of `c` attends.
     fn of(c: &ModelConfig, l: usize) -> LayerAttention {
         let local = c.local_attention.as_ref().filter(|local| local.is_local(l));
         let own_theta = local.and_then(|local| local.rope_theta);

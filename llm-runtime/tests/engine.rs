@@ -152,7 +152,9 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
         stop_tokens: vec![BOS],
     };
     let mut engine = Engine::new(model, EngineConfig::default());
-    let completions = engine.add_request_n(ids.clone(), request.clone(), 5);
+    let completions = engine
+        .add_request_n(ids.clone(), request.clone(), 5)
+        .expect("queues");
     assert!(
         engine.cancel(completions[4]),
         "an unstarted completion cancels"
@@ -180,10 +182,81 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
         max_running: 2,
         ..EngineConfig::default()
     };
-    let mut engine = Engine::new(model, small);
-    engine.add_request_n(ids, request, 3);
-    let err = engine.step().expect_err("too many completions");
-    assert!(err.contains("asks for 3 completions"), "{err}");
+    let err = Engine::new(model, small)
+        .add_request_n(ids, request, 3)
+        .expect_err("too many completions");
+    assert!(
+        err.contains("3 completions of a prompt run together"),
+        "{err}"
+    );
+}
+
+/// Cancelling the first completion of a group (the request that prefills the prompt for
+/// all of them) leaves the others to run as they would have: while the group waits, and
+/// while its prompt is half prefilled; cancelling every completion of a half-prefilled
+/// group ends it.
+#[test]
+fn cancelling_one_completion_leaves_the_others() {
+    let (model, tok) = model();
+    let prompt = "Once upon a time, there was a little girl";
+    let ids = tok.encode(prompt, true, false);
+    let sampler = |seed| SamplerConfig {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed,
+    };
+    let request = RequestParams {
+        steps: 48,
+        sampler: sampler(3),
+        stop_tokens: vec![BOS],
+    };
+    let alone = |k: u64| {
+        model
+            .generate(&tok, prompt, 48, sampler(3 + k))
+            .expect("single")
+            .ids
+    };
+    // Cancelled before the first step, or after the first of the prompt's chunks of 4.
+    for steps_before in [0, 1] {
+        let config = EngineConfig {
+            max_step_tokens: 4,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(&model, config);
+        let group = engine
+            .add_request_n(ids.clone(), request.clone(), 3)
+            .expect("queues");
+        let mut out: HashMap<u64, Vec<u32>> = group.iter().map(|&id| (id, ids.clone())).collect();
+        for _ in 0..steps_before {
+            assert!(engine.step().expect("step").is_empty(), "still prefilling");
+        }
+        assert!(engine.cancel(group[0]));
+        while engine.has_work() {
+            for event in engine.step().expect("step") {
+                if let Event::Token { id, token, .. } = event {
+                    out.get_mut(&id).expect("known").push(token);
+                }
+            }
+        }
+        assert_eq!(out[&group[0]], ids, "the cancelled completion ran");
+        assert_eq!(out[&group[1]], alone(1), "after {steps_before} steps");
+        assert_eq!(out[&group[2]], alone(2), "after {steps_before} steps");
+        assert_eq!(engine.stats().prefilled_tokens, ids.len());
+    }
+    let mut engine = Engine::new(
+        &model,
+        EngineConfig {
+            max_step_tokens: 4,
+            ..EngineConfig::default()
+        },
+    );
+    let group = engine.add_request_n(ids, request, 3).expect("queues");
+    engine.step().expect("step");
+    for id in group {
+        assert!(engine.cancel(id));
+    }
+    assert!(!engine.has_work(), "a group with no completion left ends");
 }
 
 #[test]
@@ -526,7 +599,7 @@ fn sampled_alone(model: &Model, prompt: &[u32], steps: usize, sampler: SamplerCo
 }
 
 /// Gemma 3's local layers in the engine (`tests/data/gemma3-tiny`: five of its six layers
-/// see the last 6 positions, the sixth all): eight prompts of 3 to 35 tokens, two sharing
+/// see the last 6 positions, the sixth all): eight prompts of 3 to 33 tokens, two sharing
 /// a 16-token block, prefilled at most 8 tokens a step (so chunks cross the window),
 /// sampled (temperature 4, seeded: this random model's likeliest token is the last one,
 /// by far) to

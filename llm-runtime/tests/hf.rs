@@ -749,6 +749,7 @@ struct TransformersReference {
     logits: Vec<Vec<f32>>,
 }
 
+/// `tests/data/NAME`'s checkpoint directory and `reference.json`.
 fn transformers_reference(name: &str) -> TransformersReference {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
@@ -1072,6 +1073,7 @@ fn gemma2_computes_what_transformers_computes() {
             ("the logits' soft-cap", &|c| c.logit_softcap = None),
             ("the query scale", &|c| c.attention_scale = None),
             ("the local layers", &|c| c.local_attention = None),
+            ("the sandwich norms", &|c| c.post_norms = false),
         ],
     );
     let from_gguf = gemma_gguf_logits("gemma2", &reference);
@@ -1115,6 +1117,8 @@ fn gemma3_computes_what_transformers_computes() {
                 }
             }),
             ("the global RoPE's scaling", &|c| c.rope_scaling = 1.0),
+            ("the sandwich norms", &|c| c.post_norms = false),
+            ("the q/k norms", &|c| c.qk_norm = false),
         ],
     );
     let config: serde_json::Value = serde_json::from_str(

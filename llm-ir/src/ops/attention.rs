@@ -32,10 +32,13 @@ pub(crate) fn check_heads(c: &OpCheck, heads: Dim, kv_heads_dim: Dim) -> Result<
         ));
     }
     for key in ["scale", "softcap"] {
+        // Kernels compute in f32: the value must stay a positive, normal f32.
         if let Some(v) = c.float(key)
-            && !(v.is_finite() && v > 0.0)
+            && !(v > 0.0 && (v as f32).is_normal())
         {
-            return c.err(format!("parameter `{key}` must be positive, found {v}"));
+            return c.err(format!(
+                "parameter `{key}` must be positive (a normal f32), found {v}"
+            ));
         }
     }
     c.int_at_least("window", 1)?;

@@ -14,12 +14,13 @@
 //! in the generated code's order, so results agree with it (and with the reference) to
 //! rounding, not bit for bit.
 //!
-//! Keys and values are f32, the 16 bits of an f16 or bf16 cache, or a q8_0 or q4_0 cache's
-//! blocks, widened 8 lanes at a time as they are loaded (F16C's `vcvtph2ps`; a shift for
-//! bf16; for the blocks, 8 codes extended and converted, times the block's f16 scale, the
-//! product `llm.dequantize` computes): a 16-bit cache is read in half the bytes, a q8_0
-//! cache in 9/32, a q4_0 cache in 5/32, and the arithmetic is the same as over f32 rows of
-//! those values.
+//! Keys and values are f32, the 16 bits of an f16 or bf16 cache, or a q8_0, q4_0 or q4_1
+//! cache's blocks, widened 8 lanes at a time as they are loaded (F16C's `vcvtph2ps`; a
+//! shift for bf16; for the blocks, 8 codes extended and converted, times the block's f16
+//! scale, the product `llm.dequantize` computes, plus q4_1's minimum): a 16-bit cache is
+//! read in half the bytes, a q8_0 cache in 9/32, a q4_0 or q4_1 cache in 5/32, and the
+//! arithmetic is the same as over f32 rows of those values. A soft-cap (Gemma 2's) turns
+//! each block of 8 scaled scores into `cap * tanh(s / cap)` as the generated kernels do.
 //!
 //! Measured on this repository's 2-core Zen 4 machine (one head group's rows in cache):
 //! blocks of 64 positions instead of 32 take 15% off stories260K's heads of 8, and sharing
@@ -547,7 +548,8 @@ unsafe fn prefetch_rows<E: Element>(base: *const u8, offsets: &[i64], bytes: usi
     }
 }
 
-/// The scaled scores of every head of `q` (one row of `d` per entry of `scores`, each
+/// The scores (scaled, soft-capped where the scoring has a cap) of every head of `q` (one
+/// row of `d` per entry of `scores`, each
 /// `group` over one KV head) against the key rows of `block`, eight positions at a time:
 /// the eight rows' addresses are read once for all heads (past the block's end they repeat its last row, and those scores
 /// become the lowest float), and each head's eight dot products are summed across lanes
@@ -812,7 +814,9 @@ fn soft_cap8(s: std::arch::x86_64::__m256, cap: f32) -> std::arch::x86_64::__m25
 fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let [lo, hi] = EXP_RANGE;
-    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+    // The clamp's operands in this order keep a NaN (`maxps`/`minps` return the second
+    // operand when either is NaN), as the generated kernels' `exp` does.
+    let x = _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));
     let n = _mm256_round_ps(
         _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,

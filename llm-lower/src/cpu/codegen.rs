@@ -1187,7 +1187,7 @@ const QUERY_REGISTER_FLOATS: usize = 64;
 /// maximum `m` and sum `l` absorb the block (its output row is rescaled by
 /// `exp(m_old - m_new)` once per block), and the exponentials and the block maximum are
 /// computed four lanes at a time. With a `mask`, `mask[j]` is added to position `j`'s
-/// scaled score. `count` must be at least 1.
+/// score (scaled, then soft-capped where `scoring` has a cap). `count` must be at least 1.
 fn emit_attention(
     b: &mut FunctionBuilder,
     [heads, kv_heads, d]: [usize; 3],

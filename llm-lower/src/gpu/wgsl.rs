@@ -172,7 +172,8 @@ pub enum Shader {
         /// block tables (else from contiguous `f32` `[batch, tokens, kv_heads, d]`
         /// tensors).
         paged: Option<KvElement>,
-        /// A `[tq, tk]` bias (`mask`) is added to the scaled scores (contiguous only).
+        /// A `[tq, tk]` bias (`mask`) is added to the (scaled, soft-capped) scores
+        /// (contiguous only).
         masked: bool,
         /// Split along the context: each workgroup covers one chunk of a row's visible
         /// positions and writes its partial softmax state (maximum, sum, unnormalised
@@ -1267,12 +1268,15 @@ fn step_expr(step: &ScalarStep) -> String {
                 "llm.neg" => format!("-{x}"),
                 "llm.sqrt" => format!("sqrt({x})"),
                 "llm.rsqrt" => format!("1.0 / sqrt({x})"),
-                "llm.tanh" => format!("tanh({x})"),
+                "llm.tanh" => tanh(&x),
                 "llm.sigmoid" => format!("1.0 / (1.0 + exp(-{x}))"),
                 "llm.silu" => format!("{x} * (1.0 / (1.0 + exp(-{x})))"),
                 "llm.gelu" => format!(
-                    "0.5 * {x} * (1.0 + tanh({} * ({x} + 0.044715 * {x} * {x} * {x})))",
-                    float((2.0f32 / std::f32::consts::PI).sqrt())
+                    "0.5 * {x} * (1.0 + {})",
+                    tanh(&format!(
+                        "{} * ({x} + 0.044715 * {x} * {x} * {x})",
+                        float((2.0f32 / std::f32::consts::PI).sqrt())
+                    ))
                 ),
                 other => unreachable!("no unary op {other} reaches a scalar body"),
             }
@@ -1624,6 +1628,13 @@ fn {name}(e: u32) -> f32 {{ return {name}_in((e / {values}u) * {}u, e % {values}
     s
 }
 
+/// WGSL's `tanh` of the expression `x`, its argument clamped to `[-10, 10]`: `tanh` is
+/// 1 in f32 beyond 10, and the clamp keeps implementations that compute it from
+/// exponentials away from inf / inf.
+fn tanh(x: &str) -> String {
+    format!("tanh(clamp({x}, -10.0, 10.0))")
+}
+
 fn attention(
     [heads, kv_heads, d]: [usize; 3],
     scoring: Scoring,
@@ -1635,13 +1646,8 @@ fn attention(
         Scale::DivSqrt(r) => format!("qk / {}", float(r)),
     };
     if let Some(cap) = scoring.softcap {
-        // tanh is 1 in f32 beyond 10; the clamp keeps implementations that compute it
-        // from exponentials away from inf / inf.
-        scaled = format!(
-            "{} * tanh(clamp(({scaled}) / {}, -10.0, 10.0))",
-            float(cap),
-            float(cap)
-        );
+        let capped = tanh(&format!("({scaled}) / {}", float(cap)));
+        scaled = format!("{} * {capped}", float(cap));
     }
     if masked {
         // The bias of query `row % tokens` for key `j`.
