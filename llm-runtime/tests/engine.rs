@@ -45,6 +45,20 @@ const GREEDY: SamplerConfig = SamplerConfig {
     seed: 1,
 };
 
+/// A request of `steps` positions sampled at temperature 1 (top-p 0.9) with `seed`.
+fn sampled(steps: usize, seed: u64) -> RequestParams {
+    RequestParams {
+        steps,
+        sampler: SamplerConfig {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 0,
+            seed,
+        },
+        stop_tokens: vec![BOS],
+    }
+}
+
 fn params(steps: usize) -> RequestParams {
     RequestParams {
         steps,
@@ -140,17 +154,7 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
     let prompt = "Once upon a time, there was a little girl";
     let ids = tok.encode(prompt, true, false);
     assert!(!ids.len().is_multiple_of(BLOCK_SIZE));
-    let sampler = |seed| SamplerConfig {
-        temperature: 1.0,
-        top_p: 0.9,
-        top_k: 0,
-        seed,
-    };
-    let request = RequestParams {
-        steps: 64,
-        sampler: sampler(7),
-        stop_tokens: vec![BOS],
-    };
+    let request = sampled(64, 7);
     let mut engine = Engine::new(model, EngineConfig::default());
     let completions = engine
         .add_request_n(ids.clone(), request.clone(), 5)
@@ -172,7 +176,7 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
     assert_eq!(out[&completions[4]], ids, "the cancelled completion ran");
     for (k, id) in completions[..4].iter().enumerate() {
         let alone = model
-            .generate(tok, prompt, 64, sampler(7 + k as u64))
+            .generate(tok, prompt, 64, sampled(64, 7 + k as u64).sampler)
             .expect("single")
             .ids;
         assert_eq!(out[id], alone, "completion {k}");
@@ -200,20 +204,10 @@ fn cancelling_one_completion_leaves_the_others() {
     let (model, tok) = model();
     let prompt = "Once upon a time, there was a little girl";
     let ids = tok.encode(prompt, true, false);
-    let sampler = |seed| SamplerConfig {
-        temperature: 1.0,
-        top_p: 0.9,
-        top_k: 0,
-        seed,
-    };
-    let request = RequestParams {
-        steps: 48,
-        sampler: sampler(3),
-        stop_tokens: vec![BOS],
-    };
+    let request = sampled(48, 3);
     let alone = |k: u64| {
         model
-            .generate(&tok, prompt, 48, sampler(3 + k))
+            .generate(&tok, prompt, 48, sampled(48, 3 + k).sampler)
             .expect("single")
             .ids
     };
