@@ -95,7 +95,8 @@ fn element_code(element: KvElement) -> usize {
 }
 
 /// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
-/// KV heads of rows of `element` (bits 48 and up: its code, [`element_code`]).
+/// KV heads of rows of `element` (bits 48 and up: its code, 1 for f16, 2 for bf16, 3 for
+/// q8_0, 4 for q4_0, 5 for q4_1, 0 for f32 rows).
 pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
     (heads | kv_heads << 16 | d << 32 | element_code(element) << 48) as i64
 }
