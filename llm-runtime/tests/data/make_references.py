@@ -17,6 +17,7 @@ significant digits).
 
 import json
 import os
+import sys
 
 import torch
 from transformers import (
@@ -173,5 +174,35 @@ def main():
     write("gemma-tiny", GemmaForCausalLM, gemma, 9)
 
 
+def gemma3_1b_shape(out):
+    """A random model of Gemma 3 1B's shape (bf16, 2.0 GB; transformers' own random
+    initialization) at `out`, for `llm-run bench` at a real model's size: the benchmark
+    in docs/runtime.md's Numbers."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=32768,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    Gemma3ForCausalLM(config).save_pretrained(out)
+
+
 if __name__ == "__main__":
-    main()
+    # `python make_references.py --gemma3-1b DIR` writes the 1B-shaped model instead.
+    if len(sys.argv) == 3 and sys.argv[1] == "--gemma3-1b":
+        gemma3_1b_shape(sys.argv[2])
+    else:
+        main()
