@@ -148,7 +148,8 @@ fn forked_requests_share_blocks_until_written() {
 /// Parallel sampling: four completions of one prompt (`Engine::add_request_n`) prefill it
 /// once and each is what the prompt gives alone with its sampler (seed `7 + k`, sampling
 /// at temperature 1); the partly filled last prompt block is copied for three of them
-/// (the fourth writes the original). A completion cancelled before it starts never runs,
+/// (the fourth writes the original). Under a pool too small for all four, preempted
+/// completions give the same tokens. A completion cancelled before it starts never runs,
 /// and more completions than the engine runs at once is an error.
 fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
     let prompt = "Once upon a time, there was a little girl";
@@ -182,6 +183,31 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
         assert_eq!(out[id], alone, "completion {k}");
     }
     assert_ne!(out[&completions[0]], out[&completions[1]]);
+    // Under a pool of 10 blocks the four completions (4 blocks each at the end) preempt
+    // one another; each recomputed one goes on as it would have.
+    let tight = EngineConfig {
+        num_blocks: 10,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, tight);
+    let group = engine
+        .add_request_n(ids.clone(), request.clone(), 4)
+        .expect("queues");
+    let mut preempted: HashMap<u64, Vec<u32>> = group.iter().map(|&id| (id, ids.clone())).collect();
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { id, token, .. } = event {
+                preempted.get_mut(&id).expect("known").push(token);
+            }
+        }
+    }
+    assert!(engine.stats().preemptions > 0);
+    for (k, id) in group.iter().enumerate() {
+        assert_eq!(
+            preempted[id], out[&completions[k]],
+            "completion {k}, preempted"
+        );
+    }
     let small = EngineConfig {
         max_running: 2,
         ..EngineConfig::default()
