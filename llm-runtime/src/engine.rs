@@ -298,6 +298,14 @@ impl<'m> Engine<'m> {
     /// completion takes the first one's place, and a prefilling one finishes the prompt
     /// for the others without producing a token.
     pub fn cancel(&mut self, id: SeqId) -> bool {
+        if self
+            .prefilling
+            .as_ref()
+            .is_some_and(|r| r.id == id && r.cancelled)
+        {
+            // Already cancelled; it prefills for its group.
+            return false;
+        }
         let unstarted = self.waiting.iter_mut().chain(self.prefilling.as_mut());
         let siblings: usize = unstarted
             .map(|r| {

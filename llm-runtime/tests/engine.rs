@@ -252,6 +252,7 @@ fn cancelling_one_completion_leaves_the_others() {
             assert!(engine.step().expect("step").is_empty(), "still prefilling");
         }
         assert!(engine.cancel(group[0]));
+        assert!(!engine.cancel(group[0]), "cancelled twice");
         while engine.has_work() {
             for event in engine.step().expect("step") {
                 if let Event::Token { id, token, .. } = event {
