@@ -13,7 +13,8 @@
 //! `batched-decode` times one decode call of 1 and of 32 stories260K sequences over 256
 //! positions of context each, with f32 and f16 KV caches (elements: tokens);
 //! `kv-storage` and `softcap` one decode call of 8 110M-shaped sequences over 512
-//! positions each, the first with the cache in f32, f16, q8_0, q4_0 and q4_1, the second with
+//! positions each, the first with the cache in f32, f16, q8_0, q4_0 and q4_1 (and, as
+//! heads of 256, the K-quants), the second with
 //! and without Gemma 2's soft-capped attention scores.
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
@@ -244,7 +245,9 @@ fn bench_batched_decode(c: &mut Criterion) {
 /// positions of context, on two threads, with the KV cache in f32, f16, q8_0, q4_0 and
 /// q4_1: what each storage costs or saves where attention streams every sequence's keys
 /// and values (12 layers of 512 positions of 768 keys and 768 values a sequence: 37.7 MiB
-/// in f32, 18.9 in f16, 10.6 in q8_0, 5.9 in q4_0 and q4_1).
+/// in f32, 18.9 in f16, 10.6 in q8_0, 5.9 in q4_0 and q4_1); then the same weights as
+/// three heads of 256 with the cache in f32, f16 and the K-quants q4_k, q6_k and q2_k
+/// (5.1, 7.5 and 3.0 MiB a sequence).
 fn bench_kv_storage(c: &mut Criterion) {
     let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
         return;
@@ -252,25 +255,31 @@ fn bench_kv_storage(c: &mut Criterion) {
     let (config, weights) = llama2c::load(&path).expect("model");
     let mut group = c.benchmark_group("kv-storage");
     group.sample_size(10);
-    let storages = [
-        KvStorage::Float(DType::F32),
-        KvStorage::Float(DType::F16),
-        KvStorage::Quantized(QuantFormat::Q8_0),
-        KvStorage::Quantized(QuantFormat::Q4_0),
-        KvStorage::Quantized(QuantFormat::Q4_1),
-    ];
-    for kv in storages {
-        let backend = Backend::Cpu { threads: 2 };
-        let model = Model::compile_with_kv(
-            &backend,
-            config.clone(),
-            weights.clone(),
-            "default",
-            kv.clone(),
-        )
-        .expect("compiles");
-        let id = BenchmarkId::new(format!("cpu-2t-kv-{kv}"), format!("{name}-x8"));
-        bench_decode_call(&mut group, id, &model, 8, 512);
+    let quantized = KvStorage::Quantized;
+    let f32_f16 = [KvStorage::Float(DType::F32), KvStorage::Float(DType::F16)];
+    let heads_64 = [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1].map(quantized);
+    // The same weights as three heads of 256 (Gemma's width), which the K-quants' blocks fill.
+    let heads_256 = ModelConfig {
+        heads: 3,
+        kv_heads: 3,
+        ..config.clone()
+    };
+    let k_quants = [QuantFormat::Q4K, QuantFormat::Q6K, QuantFormat::Q2K].map(quantized);
+    let runs = [(&config, "", heads_64), (&heads_256, "-heads256", k_quants)];
+    for (config, heads, storages) in runs {
+        for kv in f32_f16.iter().chain(&storages) {
+            let backend = Backend::Cpu { threads: 2 };
+            let model = Model::compile_with_kv(
+                &backend,
+                config.clone(),
+                weights.clone(),
+                "default",
+                kv.clone(),
+            )
+            .expect("compiles");
+            let id = BenchmarkId::new(format!("cpu-2t-kv-{kv}"), format!("{name}{heads}-x8"));
+            bench_decode_call(&mut group, id, &model, 8, 512);
+        }
     }
     group.finish();
 }

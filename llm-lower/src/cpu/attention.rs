@@ -39,6 +39,8 @@ use llm_ir::interp::{
 };
 
 use super::emit::{EXP_LN2, EXP_POLY, EXP_RANGE, TANH_POLY, TANH_SMALL};
+#[cfg(target_arch = "x86_64")]
+use super::kv_blocks::{BlockValues, Q2K, Q4_0, Q4_1, Q4K, Q6K, Q8_0};
 
 /// The symbol generated code imports [`attention_row`] under.
 pub const ATTENTION_ROW: &str = "llmc_attention_row";
@@ -66,37 +68,32 @@ pub fn fits(heads: usize, kv_heads: usize, d: usize) -> bool {
 }
 
 /// Whether a compiled attention kernel over `heads` query heads of `d` on `kv_heads` KV
-/// heads calls [`attention_row`] (which reads the rows of the caches it [reads in
-/// place](reads_in_place) itself, and f32 rows of the others): where the
-/// kernels call the Rust microkernels (`tiles`) and the heads [`fit`](fits).
+/// heads calls [`attention_row`] (which reads every storage's rows as the pool holds
+/// them): where the kernels call the Rust microkernels (`tiles`) and the heads
+/// [`fit`](fits).
 pub fn row_kernel_runs(tiles: bool, heads: usize, kv_heads: usize, d: usize) -> bool {
     tiles && fits(heads, kv_heads, d)
 }
 
-/// Whether [`attention_row`] reads a pool of `element`s as it is held: f32, f16, bf16,
-/// q8_0, q4_0 and q4_1 (the caller decodes the K-quants' rows into f32 first, and the
-/// kernel reads those).
-pub fn reads_in_place(element: KvElement) -> bool {
-    element == KvElement::F32 || element_code(element) != 0
-}
-
 /// The code of `element` in [`shape_word`]: 1 for f16, 2 for bf16, 3 for q8_0, 4 for
-/// q4_0, 5 for q4_1, 0 for f32 and the block formats the microkernel reads as decoded f32
-/// rows.
+/// q4_0, 5 for q4_1, 6 for q4_k, 7 for q6_k, 8 for q2_k, 0 for f32.
 fn element_code(element: KvElement) -> usize {
     match element {
+        KvElement::F32 => 0,
         KvElement::F16 => 1,
         KvElement::BF16 => 2,
         KvElement::Blocks(KvBlocks::Q8_0) => 3,
         KvElement::Blocks(KvBlocks::Q4_0) => 4,
         KvElement::Blocks(KvBlocks::Q4_1) => 5,
-        KvElement::F32 | KvElement::Blocks(_) => 0,
+        KvElement::Blocks(KvBlocks::Q4K) => 6,
+        KvElement::Blocks(KvBlocks::Q6K) => 7,
+        KvElement::Blocks(KvBlocks::Q2K) => 8,
     }
 }
 
 /// The `shape` word of [`attention_row`] for `heads` query heads of `d` over `kv_heads`
-/// KV heads of rows of `element` (bits 48 and up: its code, 1 for f16, 2 for bf16, 3 for
-/// q8_0, 4 for q4_0, 5 for q4_1, 0 for f32 rows).
+/// KV heads of rows of `element` (bits 48 and up: its code, 1 for f16, 2 for bf16, 3 to 8
+/// for q8_0, q4_0, q4_1, q4_k, q6_k and q2_k, 0 for f32 rows).
 pub fn shape_word(element: KvElement, heads: usize, kv_heads: usize, d: usize) -> i64 {
     (heads | kv_heads << 16 | d << 32 | element_code(element) << 48) as i64
 }
@@ -109,6 +106,9 @@ fn element_of_shape(shape: i64) -> KvElement {
         3 => KvElement::Blocks(KvBlocks::Q8_0),
         4 => KvElement::Blocks(KvBlocks::Q4_0),
         5 => KvElement::Blocks(KvBlocks::Q4_1),
+        6 => KvElement::Blocks(KvBlocks::Q4K),
+        7 => KvElement::Blocks(KvBlocks::Q6K),
+        8 => KvElement::Blocks(KvBlocks::Q2K),
         _ => KvElement::F32,
     }
 }
@@ -163,7 +163,10 @@ pub unsafe extern "C" fn attention_row(
             KvElement::Blocks(KvBlocks::Q8_0) => attend_row::<Blocks<Q8_0>>(args),
             KvElement::Blocks(KvBlocks::Q4_0) => attend_row::<Blocks<Q4_0>>(args),
             KvElement::Blocks(KvBlocks::Q4_1) => attend_row::<Blocks<Q4_1>>(args),
-            KvElement::F32 | KvElement::Blocks(_) => attend_row::<F32>(args),
+            KvElement::Blocks(KvBlocks::Q4K) => attend_row::<Blocks<Q4K>>(args),
+            KvElement::Blocks(KvBlocks::Q6K) => attend_row::<Blocks<Q6K>>(args),
+            KvElement::Blocks(KvBlocks::Q2K) => attend_row::<Blocks<Q2K>>(args),
+            KvElement::F32 => attend_row::<F32>(args),
         }
     }
 }
@@ -261,89 +264,10 @@ struct F16;
 #[cfg(target_arch = "x86_64")]
 struct BF16;
 
-/// Rows of a block format of 32 values a block: each block an f16 scale, for q4_1 an f16
-/// minimum, its codes ([`Codes`]) and padding to [`KvBlocks::bytes`]. A value is its code
-/// times the scale (plus the minimum).
+/// Rows of a block format: its blocks as a pool holds them, each block's values loaded as
+/// [`BlockValues`] decodes them.
 #[cfg(target_arch = "x86_64")]
 struct Blocks<C>(std::marker::PhantomData<C>);
-
-/// How a block format's values load, 8 at a time as `f32`.
-#[cfg(target_arch = "x86_64")]
-trait Codes {
-    /// The format.
-    const FORMAT: KvBlocks;
-
-    /// Codes `j..j + 8` of the block at `block` (`j` a multiple of 8 below 32), as
-    /// `f32`: the values before the scale.
-    ///
-    /// # Safety
-    ///
-    /// `block` points to a whole block; the CPU has AVX2.
-    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256;
-
-    /// Values `j..j + 8` of the block at `block`: each code times the block's scale,
-    /// `llm.dequantize`'s one rounded product (q4_1 adds its minimum).
-    ///
-    /// # Safety
-    ///
-    /// As [`Codes::codes8`]; the CPU has F16C too.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn values8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
-        // SAFETY: the caller's contract.
-        unsafe { std::arch::x86_64::_mm256_mul_ps(Self::codes8(block, j), block_half(block, 0)) }
-    }
-}
-
-/// q8_0: 32 signed codes after the scale.
-#[cfg(target_arch = "x86_64")]
-struct Q8_0;
-
-/// q4_0: 16 bytes of codes after the scale (value `j` in the low half of byte `j`, value
-/// `j + 16` in its high half), each less 8.
-#[cfg(target_arch = "x86_64")]
-struct Q4_0;
-
-/// q4_1: the scale, the minimum, then 16 bytes of codes as q4_0's (unsigned).
-#[cfg(target_arch = "x86_64")]
-struct Q4_1;
-
-/// The f16 at byte `at` of `block` (a scale or a minimum), as `f32` in every lane.
-///
-/// # Safety
-///
-/// `block + at` points to 2 readable bytes; the CPU has AVX2 and F16C.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_half(block: *const u8, at: usize) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract.
-    unsafe {
-        let bits = i32::from(block.add(at).cast::<u16>().read_unaligned());
-        _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
-    }
-}
-
-/// The 4-bit codes `j..j + 8` of the 16 bytes at `codes` (code `j` in the low half of byte
-/// `j`, code `j + 16` in its high half), as 32-bit integers.
-///
-/// # Safety
-///
-/// `codes` points to 16 readable bytes; `j` is a multiple of 8 below 32; the CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles8(codes: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract; codes `j..j + 8` are the low (or high) halves of 8
-    // bytes.
-    unsafe {
-        let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.add(j % 16).cast()));
-        let shift = _mm_cvtsi32_si128(if j < 16 { 0 } else { 4 });
-        _mm256_and_si256(_mm256_srl_epi32(bytes, shift), _mm256_set1_epi32(15))
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 impl Element for F32 {
@@ -393,74 +317,18 @@ impl Element for BF16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl<C: Codes> Element for Blocks<C> {
+impl<C: BlockValues> Element for Blocks<C> {
     fn bytes(elements: usize) -> usize {
-        elements / 32 * C::FORMAT.bytes()
+        elements / C::FORMAT.values() * C::FORMAT.bytes()
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(run: *const u8, e: usize) -> std::arch::x86_64::__m256 {
+        let values = C::FORMAT.values();
         // SAFETY: the caller's contract; the block of element `e` holds it and the 7 after
-        // it (8 never straddle a block of 32).
-        unsafe { C::values8(run.add(e / 32 * C::FORMAT.bytes()), e % 32) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Codes for Q8_0 {
-    const FORMAT: KvBlocks = KvBlocks::Q8_0;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract.
-        unsafe {
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                block.add(2 + j).cast(),
-            )))
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Codes for Q4_0 {
-    const FORMAT: KvBlocks = KvBlocks::Q4_0;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract: the codes follow the scale.
-        unsafe {
-            let codes = nibbles8(block.add(2), j);
-            _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, _mm256_set1_epi32(8)))
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Codes for Q4_1 {
-    const FORMAT: KvBlocks = KvBlocks::Q4_1;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn codes8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
-        // SAFETY: the caller's contract: the codes follow the scale and the minimum.
-        unsafe { std::arch::x86_64::_mm256_cvtepi32_ps(nibbles8(block.add(4), j)) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn values8(block: *const u8, j: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract. The code times the scale, then plus the minimum:
-        // `llm.dequantize`'s two rounded steps (no fused multiply-add).
-        unsafe {
-            let scaled = _mm256_mul_ps(Self::codes8(block, j), block_half(block, 0));
-            _mm256_add_ps(scaled, block_half(block, 2))
-        }
+        // it (8 from a multiple of 8 never straddle a block).
+        unsafe { C::values8(run.add(e / values * C::FORMAT.bytes()), e % values) }
     }
 }
 
@@ -856,8 +724,9 @@ mod tests {
         assert!(!fits(8, 0, 8));
     }
 
-    /// f16, bf16, q8_0, q4_0 and q4_1 rows give the bits the same values give as f32 rows:
-    /// widening (or decoding) on load is exact, and the arithmetic is the same.
+    /// f16, bf16 and every block format's rows (heads of 64; of 256 for the K-quants, whose
+    /// blocks are 256 values) give the bits the same values give as f32 rows: widening (or
+    /// decoding) on load is exact, and the arithmetic is the same.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn narrow_rows_attend_as_their_f32_values() {
@@ -869,17 +738,16 @@ mod tests {
         if !super::super::ukernel::available() {
             return;
         }
-        let (heads, kv, d, n) = (4usize, 2usize, 64usize, 70usize);
+        let (heads, kv, n) = (4usize, 2usize, 70usize);
         let wave =
             |len: usize, f: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * f).sin()).collect() };
-        let q = wave(heads * d, 0.37);
-        // Rows in a shuffled order, as block tables give them.
-        let offsets: Vec<i64> = (0..n)
-            .map(|j| (4 * ((j * 7) % n) * kv * d) as i64)
-            .collect();
-        let run = |k: &KvValues, v: &KvValues| {
+        let run = |d: usize, k: &KvValues, v: &KvValues| {
+            let q = wave(heads * d, 0.37);
+            // Rows in a shuffled order, as block tables give them.
+            let offsets: Vec<i64> = (0..n)
+                .map(|j| (4 * ((j * 7) % n) * kv * d) as i64)
+                .collect();
             let mut out = vec![0f32; heads * d];
-            assert!(reads_in_place(k.element()));
             // SAFETY: every offset's row lies inside k and v; the shape fits.
             unsafe {
                 attention_row(
@@ -897,19 +765,21 @@ mod tests {
             out
         };
         let f32_storage = KvStorage::Float(DType::F32);
-        for storage in [
-            KvStorage::Float(DType::F16),
-            KvStorage::Float(DType::BF16),
-            KvStorage::Quantized(QuantFormat::Q8_0),
-            KvStorage::Quantized(QuantFormat::Q4_0),
-            KvStorage::Quantized(QuantFormat::Q4_1),
+        let quantized = KvStorage::Quantized;
+        for (storage, d) in [
+            (KvStorage::Float(DType::F16), 64),
+            (KvStorage::Float(DType::BF16), 64),
+            (quantized(QuantFormat::Q8_0), 64),
+            (quantized(QuantFormat::Q4_0), 64),
+            (quantized(QuantFormat::Q4_1), 64),
+            (quantized(QuantFormat::Q4K), 256),
+            (quantized(QuantFormat::Q6K), 256),
+            (quantized(QuantFormat::Q2K), 256),
         ] {
             let stored = |f: f32| KvValues::from_f32(&storage, &wave(n * kv * d, f));
             let (k, v) = (stored(0.71), stored(0.29));
             let wide = |x: &KvValues| KvValues::from_f32(&f32_storage, &x.floats());
-            assert_eq!(run(&k, &v), run(&wide(&k), &wide(&v)), "{storage}");
+            assert_eq!(run(d, &k, &v), run(d, &wide(&k), &wide(&v)), "{storage}");
         }
-        let q4_k = KvStorage::Quantized(QuantFormat::Q4K);
-        assert!(!reads_in_place(KvValues::zeros(&q4_k, 256).element()));
     }
 }

@@ -1077,15 +1077,14 @@ impl PagedSource<'_> {
         // Rows run in parallel, each writing its own outputs through this address.
         let out_at = out.as_mut_ptr() as usize;
         let (slot_len, keys, values) = (self.cache.slot_len(), &self.cache.k, &self.cache.v);
-        // The row microkernel reads 16-bit, q8_0 and q4_0 rows itself; the generated kernel
-        // reads f32. The other block formats' rows are decoded first.
+        // The row microkernel reads every storage's rows itself; the generated kernel reads
+        // f32. Where the microkernel does not run, other rows are widened or decoded first.
         let heads = rows.row / rows.d.max(1);
         if keys.element() != self.element || values.element() != self.element {
             return Err("the cache's storage does not match its type".into());
         }
         let reads_stored = self.element == KvElement::F32
-            || (attention::reads_in_place(self.element)
-                && attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d));
+            || attention::row_kernel_runs(k.code.tiles(), heads, self.kv_heads, rows.d);
         k.paged
             .with(self.cache, (sequences, tables, lens, self.window), |all| {
                 let positions = all.iter().map(Vec::len).sum::<usize>();

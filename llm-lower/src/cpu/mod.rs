@@ -14,6 +14,8 @@ pub mod jit;
 pub mod kq8dot;
 pub mod kquant;
 pub mod kquantize;
+#[cfg(target_arch = "x86_64")]
+mod kv_blocks;
 pub mod plan;
 pub mod pool;
 pub mod program;
