@@ -262,8 +262,10 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
     }
 }
 
-/// The 6-bit scale and min of sub-block `j` of a q4_k block (ggml's `get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+/// The 6-bit scale and min of sub-block `j` of a q4_k block from its 12 scale bytes `q`
+/// (ggml's `get_scale_min_k4`).
+#[inline]
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

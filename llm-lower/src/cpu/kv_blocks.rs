@@ -14,9 +14,9 @@
     reason = "AVX2 intrinsics on pointers checked by the caller"
 )]
 
-use llm_ir::interp::KvBlocks;
+use llm_ir::interp::{KvBlocks, quant::scale_min_k4};
 
-use super::{kquant::scales_mins, ukernel::f16_to_f32};
+use super::ukernel::f16_to_f32;
 
 /// How a block format's values load, 8 at a time as `f32`.
 pub(super) trait BlockValues {
@@ -169,10 +169,9 @@ impl BlockValues for Q4K {
         let sub = j / 32;
         // SAFETY: the caller's contract: 12 scale bytes at 4, the codes at 16.
         unsafe {
-            let (scales, mins) = scales_mins(&block.add(4).cast::<[u8; 12]>().read_unaligned());
-            let byte = |packed: u64| f32::from((packed >> (8 * sub)) as u8);
-            let scale = half_at(block, 0) * byte(scales);
-            let minimum = half_at(block, 2) * byte(mins);
+            let (sc, m) = scale_min_k4(sub, std::slice::from_raw_parts(block.add(4), 12));
+            let scale = half_at(block, 0) * f32::from(sc);
+            let minimum = half_at(block, 2) * f32::from(m);
             let codes = bits8(
                 block.add(16 + 32 * (sub / 2) + j % 32),
                 4 * (sub % 2) as i32,
