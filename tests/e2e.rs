@@ -520,6 +520,8 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Q4K,
         QuantFormat::Q6K,
         QuantFormat::Q2K,
+        QuantFormat::Q3K,
+        QuantFormat::Q5K,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,

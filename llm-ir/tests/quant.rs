@@ -1,6 +1,6 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
-//! (`../shared/quant-vectors`, made with the `gguf` Python package), plus round-trip and
-//! known-value tests for every format.
+//! (`../shared/quant-vectors`, and for q3_k and q5_k `tests/data/quant-vectors`, both made
+//! with the `gguf` Python package), plus round-trip and known-value tests for every format.
 
 use std::path::{Path, PathBuf};
 
@@ -10,10 +10,15 @@ use llm_ir::{
     types::QuantFormat,
 };
 
+/// The vector file `file`: ours (`tests/data/make_quant_vectors.py`) for the formats the
+/// shared set lacks.
 fn vectors(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/quant-vectors")
-        .join(file)
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if file.starts_with("q3_k") || file.starts_with("q5_k") {
+        dir.join("tests/data/quant-vectors").join(file)
+    } else {
+        dir.join("../../shared/quant-vectors").join(file)
+    }
 }
 
 fn read_f32(file: &str) -> Vec<f32> {
@@ -33,6 +38,8 @@ fn gguf(name: &str) -> QuantFormat {
         "q4_1" => QuantFormat::Q4_1,
         "q4_k" => QuantFormat::Q4K,
         "q6_k" => QuantFormat::Q6K,
+        "q3_k" => QuantFormat::Q3K,
+        "q5_k" => QuantFormat::Q5K,
         _ => QuantFormat::Q2K,
     }
 }
@@ -58,7 +65,9 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 
 #[test]
 fn dequantizing_matches_llama_cpp_exactly() {
-    for name in ["q8_0", "q4_0", "q4_1", "q2_k", "q4_k", "q6_k"] {
+    for name in [
+        "q8_0", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
         assert_eq!(
@@ -112,6 +121,10 @@ fn every_format_round_trips_within_its_step() {
         (QuantFormat::Q4K, 4.0 / 15.0 * 0.6),
         (QuantFormat::Q6K, 2.0 / 31.0 * 0.6),
         (QuantFormat::Q2K, 4.0 / 3.0 * 0.6),
+        // q3_k's codes -4..=3 reach three steps on the side opposite a sub-block's
+        // largest magnitude, four on its side: up to a step there.
+        (QuantFormat::Q3K, 2.0 / 4.0 * 0.9),
+        (QuantFormat::Q5K, 4.0 / 31.0 * 0.6),
         (
             QuantFormat::Nf4 {
                 block_size: 64,

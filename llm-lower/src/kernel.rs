@@ -65,6 +65,12 @@ pub enum WeightFormat {
     /// GGUF q2_k: super-blocks of 256 (84 bytes): sub-block scales and minimums, 2-bit codes,
     /// f16 scale and minimum.
     Q2K,
+    /// GGUF q3_k: super-blocks of 256 (110 bytes): high bits, 2-bit codes, 6-bit signed
+    /// sub-block scales, an f16 scale.
+    Q3K,
+    /// GGUF q5_k: super-blocks of 256 (176 bytes): q4_k's scales and nibbles with a fifth
+    /// bit per value.
+    Q5K,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -99,6 +105,8 @@ impl WeightFormat {
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
+            QuantFormat::Q3K => WeightFormat::Q3K,
+            QuantFormat::Q5K => WeightFormat::Q5K,
             QuantFormat::F16 => WeightFormat::PackedF16,
             QuantFormat::BF16 => WeightFormat::PackedBF16,
             QuantFormat::Nf4 { block_size, scale } => WeightFormat::Nf4 {
@@ -128,7 +136,11 @@ impl WeightFormat {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Some(1),
             WeightFormat::F16 | WeightFormat::PackedF16 | WeightFormat::PackedBF16 => Some(1),
             WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => Some(32),
-            WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => Some(256),
+            WeightFormat::Q4K
+            | WeightFormat::Q6K
+            | WeightFormat::Q2K
+            | WeightFormat::Q3K
+            | WeightFormat::Q5K => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
     }
@@ -149,6 +161,8 @@ impl WeightFormat {
             WeightFormat::Q4K => k / 256 * 144,
             WeightFormat::Q6K => k / 256 * 210,
             WeightFormat::Q2K => k / 256 * 84,
+            WeightFormat::Q3K => k / 256 * 110,
+            WeightFormat::Q5K => k / 256 * 176,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -167,6 +181,8 @@ impl WeightFormat {
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
+            WeightFormat::Q3K => QuantFormat::Q3K,
+            WeightFormat::Q5K => QuantFormat::Q5K,
             WeightFormat::PackedF16 => QuantFormat::F16,
             WeightFormat::PackedBF16 => QuantFormat::BF16,
             WeightFormat::Nf4 { block, scale } => QuantFormat::Nf4 {
@@ -204,6 +220,8 @@ impl WeightFormat {
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",
+            WeightFormat::Q3K => "q3_k",
+            WeightFormat::Q5K => "q5_k",
             WeightFormat::Nf4 { .. } => "nf4",
             WeightFormat::Affine { bits: 2, .. } => "int2",
             WeightFormat::Affine { bits: 4, .. } => "int4",

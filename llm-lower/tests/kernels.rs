@@ -473,6 +473,8 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         // Rows of lengths that leave every tail of the 16-bit kernels (32, 8, 4 and 1).
         12 => (37 * blocks, QuantFormat::F16, "f16".into()),
         13 => (45 * blocks, QuantFormat::BF16, "bf16".into()),
+        14 => (256 * blocks, QuantFormat::Q3K, "q3_k".into()),
+        15 => (256 * blocks, QuantFormat::Q5K, "q5_k".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -570,7 +572,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 15;
+const FORMAT_CASES: usize = 17;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -972,7 +974,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..6 {
+        for which in 0..8 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -984,7 +986,9 @@ proptest! {
                     1 => (32, QuantFormat::Q4_0, "q4_0".into()),
                     2 => (256, QuantFormat::Q6K, "q6_k".into()),
                     3 => (64, QuantFormat::Nf4 { block_size: 32, scale: DType::F16 }, "nf4 {block_size = 32, scale = f16}".into()),
-                    _ => (12, QuantFormat::Affine { bits: 8, group_size: 1, symmetric: false, axis: 0, scale: DType::BF16 }, "int8 {group_size = 1, symmetric = false, axis = 0, scale = bf16}".into()),
+                    4 => (12, QuantFormat::Affine { bits: 8, group_size: 1, symmetric: false, axis: 0, scale: DType::BF16 }, "int8 {group_size = 1, symmetric = false, axis = 0, scale = bf16}".into()),
+                    6 => (256, QuantFormat::Q5K, "q5_k".into()),
+                    _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))
             };

@@ -9,8 +9,9 @@
 //! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
-//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and Q2_K tensors stay
-//! quantized with their exact bytes. The
+//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1 and the K-quants (Q2_K, Q3_K, Q4_K,
+//! Q5_K, Q6_K: every type llama.cpp's K-quant files mix) stay quantized with their exact
+//! bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -243,8 +244,38 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         3 => Storage::Quant(QuantFormat::Q4_1),
         8 => Storage::Quant(QuantFormat::Q8_0),
         10 => Storage::Quant(QuantFormat::Q2K),
+        11 => Storage::Quant(QuantFormat::Q3K),
         12 => Storage::Quant(QuantFormat::Q4K),
+        13 => Storage::Quant(QuantFormat::Q5K),
         14 => Storage::Quant(QuantFormat::Q6K),
+        _ => return None,
+    })
+}
+
+/// ggml's name of the types this loader does not read (for its error messages).
+fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
+    Some(match ggml_type {
+        6 => "Q5_0",
+        7 => "Q5_1",
+        9 => "Q8_1",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
         _ => return None,
     })
 }
@@ -288,8 +319,9 @@ impl GgufFile {
             .ok_or_else(|| format!("tensor `{name}` is too large"))? as usize;
         let kind = storage(info.ggml_type).ok_or_else(|| {
             format!(
-                "tensor `{name}` has unsupported ggml type {}",
-                info.ggml_type
+                "tensor `{name}` has unsupported ggml type {}{}",
+                info.ggml_type,
+                ggml_type_name(info.ggml_type).map_or(String::new(), |t| format!(" ({t})"))
             )
         })?;
         let size = match &kind {

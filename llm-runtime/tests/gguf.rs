@@ -143,7 +143,22 @@ fn partial_rope_is_refused() {
 #[test]
 fn malformed_files_name_what_is_wrong() {
     let bytes = std::fs::read(shared("stories260K.gguf")).expect("file");
+    // A tensor of a type the loader does not read (its info: name, dim count, dims, type).
+    let name = b"token_embd.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("tensor info")
+        + name.len();
+    let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let type_at = at + 4 + 8 * dims;
+    let mut q5_0 = bytes.clone();
+    q5_0[type_at..type_at + 4].copy_from_slice(&6u32.to_le_bytes());
     let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            q5_0,
+            "tensor `token_embd.weight` has unsupported ggml type 6 (Q5_0)",
+        ),
         (b"GGML....".to_vec(), "bad magic"),
         (
             [&bytes[..4], &1u32.to_le_bytes()[..], &bytes[8..]].concat(),
@@ -176,14 +191,97 @@ fn malformed_files_name_what_is_wrong() {
     );
 }
 
+/// `tests/data/kquant-mix.gguf` (see [`k_quant_mixes_load_in_their_stored_types_and_run_in_generated_code`]).
+fn kquant_mix() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kquant-mix.gguf")
+}
+
 #[test]
 fn mutated_files_never_panic() {
     let originals = [
         std::fs::read(shared("stories260K.gguf")).expect("file"),
         std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file"),
+        std::fs::read(kquant_mix()).expect("file"),
     ];
     let runs = common::mutated_copies_never_panic(&originals, 0x6767, |data| {
         let _ = gguf::read(data);
     });
     assert!(runs > 0);
+}
+
+/// A GGUF file whose matrices mix the K-quants as llama.cpp's Q2_K, Q4_K_S and Q5_K_M
+/// files do (`tests/data/kquant-mix.gguf`: random valid blocks written by the `gguf`
+/// Python package's writer, `make_kquant_gguf.py`) loads with every matrix in its stored
+/// type, and the CPU backend (and the GPU where there is one) computes the interpreter's
+/// logits in generated code, no op left to the reference semantics.
+#[test]
+fn k_quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
+    use llm_ir::interp::WeightStore;
+    use llm_runtime::generate::{Backend, Model, Step};
+
+    let g = gguf::load(&kquant_mix()).expect("loads");
+    let format = |name: &str| match g.weights.weight(name).as_deref() {
+        Some(Value::Quantized(q)) => q.format.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    for (name, stored) in [
+        ("tok_embeddings.weight", QuantFormat::Q4K),
+        ("layers.0.attention.wv.weight", QuantFormat::Q5K),
+        ("layers.0.feed_forward.w2.weight", QuantFormat::Q5K),
+        ("layers.1.attention.wq.weight", QuantFormat::Q2K),
+        ("layers.1.attention.wv.weight", QuantFormat::Q3K),
+        ("layers.1.feed_forward.w2.weight", QuantFormat::Q3K),
+        ("output.weight", QuantFormat::Q6K),
+    ] {
+        assert_eq!(format(name), stored, "{name}");
+    }
+    let prompt = [1, 40, 7, 200, 93, 5];
+    let logits = |backend: &Backend| {
+        let model = Model::compile_on(backend, g.config.clone(), g.weights.clone(), "default")
+            .expect("compiles");
+        let (prefill, cache) = model
+            .forward(Step::Prefill, &prompt, 0, model.new_cache(1))
+            .expect("prefill");
+        let (decode, _) = model
+            .forward(Step::Decode, &[17], prompt.len(), cache)
+            .expect("decode");
+        for step in [Step::Prefill, Step::Decode] {
+            let reference_ops = match backend {
+                Backend::Gpu(_) => model
+                    .gpu_lowering(step)
+                    .expect("stats")
+                    .reference_ops
+                    .clone(),
+                Backend::Cpu { .. } => model.lowering(step).expect("stats").reference_ops.clone(),
+                Backend::Interp => Vec::new(),
+            };
+            assert!(
+                reference_ops.is_empty(),
+                "{backend:?} {step:?} left ops to the reference semantics"
+            );
+        }
+        prefill
+            .into_iter()
+            .chain(decode)
+            .flatten()
+            .collect::<Vec<f32>>()
+    };
+    let reference = logits(&Backend::Interp);
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale.is_finite() && scale > 0.1, "logits of scale {scale}");
+    let mut backends = vec![Backend::Cpu { threads: 2 }];
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
+    for backend in backends {
+        let got = logits(&backend);
+        let err = got
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-4 * scale,
+            "{backend:?}: logits differ by {err} (scale {scale})"
+        );
+    }
 }

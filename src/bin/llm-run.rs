@@ -64,6 +64,12 @@ enum Quantize {
     /// 2-bit K-quant, super-blocks of 256.
     #[value(name = "q2_k")]
     Q2K,
+    /// 3-bit K-quant, super-blocks of 256.
+    #[value(name = "q3_k")]
+    Q3K,
+    /// 5-bit K-quant, super-blocks of 256.
+    #[value(name = "q5_k")]
+    Q5K,
     /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
     #[value(name = "nf4")]
     Nf4,
@@ -131,6 +137,8 @@ impl Quantize {
             Quantize::Q4K => QuantFormat::Q4K,
             Quantize::Q6K => QuantFormat::Q6K,
             Quantize::Q2K => QuantFormat::Q2K,
+            Quantize::Q3K => QuantFormat::Q3K,
+            Quantize::Q5K => QuantFormat::Q5K,
             Quantize::Nf4 => QuantFormat::Nf4 {
                 block_size: 64,
                 scale: DType::F16,

@@ -2,7 +2,8 @@
 //!
 //! # Layouts
 //!
-//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q4_k`, `q6_k`, `q2_k`) store each row (the last
+//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, and the K-quants `q2_k`, `q3_k`, `q4_k`, `q5_k`,
+//! `q6_k`) store each row (the last
 //! dim) as consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
 //! quantizers follow ggml's reference quantizers operation for operation in `f32`; for `q8_0`,
 //! `q4_0` and `q4_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`]
@@ -102,7 +103,11 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Q8_0 => values.chunks(32).flat_map(quantize_q8_0).collect(),
         QuantFormat::Q4_0 => values.chunks(32).flat_map(quantize_q4_0).collect(),
         QuantFormat::Q4_1 => values.chunks(32).flat_map(quantize_q4_1).collect(),
-        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => values
+        QuantFormat::Q4K
+        | QuantFormat::Q6K
+        | QuantFormat::Q2K
+        | QuantFormat::Q3K
+        | QuantFormat::Q5K => values
             .chunks(256)
             .flat_map(|b| quantize_k(format, b))
             .collect(),
@@ -206,18 +211,38 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
             out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
             out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
         }
-        QuantFormat::Q4K => {
+        QuantFormat::Q4K | QuantFormat::Q5K => {
+            // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
+            // value `l` of sub-block `2j` (`2j + 1`).
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let scales = &b[4..16];
-            let qs = &b[16..144];
+            let (qh, qs) = match format {
+                QuantFormat::Q5K => (Some(&b[16..48]), &b[48..176]),
+                _ => (None, &b[16..144]),
+            };
             for j in 0..4 {
-                let (sc1, m1) = scale_min_k4(2 * j, scales);
-                let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-                let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
-                let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
-                let q = &qs[32 * j..32 * j + 32];
-                out.extend(q.iter().map(|&x| d1 * f32::from(x & 0xF) - min1));
-                out.extend(q.iter().map(|&x| d2 * f32::from(x >> 4) - min2));
+                for h in 0..2 {
+                    let (sc, m) = scale_min_k4(2 * j + h, scales);
+                    let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+                    let q = &qs[32 * j..32 * j + 32];
+                    out.extend(q.iter().enumerate().map(|(l, &x)| {
+                        let high = qh.map_or(0, |qh| ((qh[l] >> (2 * j + h)) & 1) << 4);
+                        dl * f32::from(((x >> (4 * h)) & 0xF) | high) - ml
+                    }));
+                }
+            }
+        }
+        QuantFormat::Q3K => {
+            let (hmask, qs, scales) = (&b[0..32], &b[32..96], &b[96..108]);
+            let d = f16_at(b, 108);
+            for sub in 0..16 {
+                let dl = d * f32::from(q3_k_scale(sub, scales) - 32);
+                let (n, shift, half) = (sub / 8, 2 * ((sub % 8) / 2), sub % 2);
+                for l in 16 * half..16 * half + 16 {
+                    let low = (qs[32 * n + l] >> shift) & 3;
+                    let high = (hmask[l] >> (4 * n + shift / 2)) & 1;
+                    out.push(dl * f32::from(low as i8 - if high == 1 { 0 } else { 4 }));
+                }
             }
         }
         QuantFormat::Q6K => {
@@ -276,6 +301,15 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The 6-bit scale (stored offset by 32) of q3_k sub-block `j` from its 12 scale bytes
+/// `q`: the low nibble in byte `j` (`j - 8`'s high nibble from 8 on), the top two bits in
+/// byte `8 + j % 4` at bit `2 * (j / 4)`.
+#[inline]
+pub fn q3_k_scale(j: usize, q: &[u8]) -> i8 {
+    let low = if j < 8 { q[j] & 0xF } else { q[j - 8] >> 4 };
+    (low | (((q[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i8
+}
+
 /// C's `roundf`: to nearest, ties away from zero.
 fn roundf(x: f32) -> f32 {
     x.round()
@@ -324,16 +358,19 @@ fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
 
 /// Quantizes one 256-value super-block into a K-quant format.
 ///
-/// These follow ggml's reference quantizers (`quantize_row_q{2,4,6}_K_ref`): sub-block
+/// These follow ggml's reference quantizers (`quantize_row_q{2,3,4,5,6}_K_ref`): sub-block
 /// scales and mins come from the same weighted least-squares searches (`make_qkx2_quants`
-/// for q2_k and q4_k, `make_qx_quants` for q6_k), are quantized against the super-block
+/// for q2_k, q4_k and q5_k, `make_q3_quants` for q3_k, `make_qx_quants` for q6_k), are
+/// quantized against the super-block
 /// scale, and the codes are recomputed with the stored scales. The shared reference vectors
 /// only cover K-quant dequantization, so byte equality of these quantizers with llama.cpp is
 /// not independently tested.
 pub fn quantize_k(format: &QuantFormat, x: &[f32]) -> Vec<u8> {
     match format {
-        QuantFormat::Q4K => quantize_q4_k(x),
+        QuantFormat::Q4K => quantize_q4_k_q5_k(x, false),
+        QuantFormat::Q5K => quantize_q4_k_q5_k(x, true),
         QuantFormat::Q6K => quantize_q6_k(x),
+        QuantFormat::Q3K => quantize_q3_k(x),
         _ => quantize_q2_k(x),
     }
 }
@@ -483,7 +520,15 @@ fn largest(values: &[f32]) -> f32 {
         .fold(0.0, |most, &v| if v > most { v } else { most })
 }
 
-fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
+/// q4_k, or with `five_bits` q5_k: the same search and scale packing with codes of 4 or 5
+/// bits (ggml's `-1.0, 0.1, 20` and `-0.5, 0.1, 15` search parameters), q5_k's fifth bits
+/// stored apart.
+fn quantize_q4_k_q5_k(x: &[f32], five_bits: bool) -> Vec<u8> {
+    let (nmax, rmin, nstep) = if five_bits {
+        (31, -0.5, 15)
+    } else {
+        (15, -1.0, 20)
+    };
     let mut codes = [0u8; 256];
     let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
     for j in 0..8 {
@@ -492,13 +537,13 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
         let av_x = (sum_x2 / 32.0).sqrt();
         let weights: [f32; 32] = std::array::from_fn(|i| av_x + sub[i].abs());
         (scales[j], mins[j]) = make_qkx2_quants(
-            15,
+            nmax,
             sub,
             &weights,
             &mut codes[32 * j..32 * j + 32],
-            -1.0,
+            rmin,
             0.1,
-            20,
+            nstep,
             false,
         );
     }
@@ -532,18 +577,129 @@ fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
         }
         let ml = dmin.to_f32() * f32::from(m);
         for i in 0..32 {
-            codes[32 * j + i] = nearest_int((x[32 * j + i] + ml) / dl).clamp(0, 15) as u8;
+            codes[32 * j + i] = nearest_int((x[32 * j + i] + ml) / dl).clamp(0, nmax) as u8;
         }
     }
-    let mut out = Vec::with_capacity(144);
+    let mut out = Vec::with_capacity(176);
     out.extend_from_slice(&d.to_le_bytes());
     out.extend_from_slice(&dmin.to_le_bytes());
     out.extend_from_slice(&packed);
+    if five_bits {
+        out.extend(
+            (0..32).map(|l| (0..8).fold(0u8, |qh, sub| qh | ((codes[32 * sub + l] >> 4) << sub))),
+        );
+    }
     for j in 0..4 {
         for l in 0..32 {
-            out.push(codes[64 * j + l] | (codes[64 * j + 32 + l] << 4));
+            out.push((codes[64 * j + l] & 0xF) | ((codes[64 * j + 32 + l] & 0xF) << 4));
         }
     }
+    out
+}
+
+/// ggml's `make_q3_quants` with `do_rmse`: a signed scale for codes in `-nmax..nmax`
+/// (stored offset by `nmax`), refined code by code for up to five rounds while the
+/// weighted (`x²`) fit improves.
+fn make_q3_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        codes.iter_mut().for_each(|c| *c = 0);
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let mut l = [0i32; 16];
+    let l = &mut l[..x.len()];
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for (li, &v) in l.iter_mut().zip(x) {
+        *li = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        let w = v * v;
+        sumlx += w * v * *li as f32;
+        suml2 += w * *li as f32 * *li as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (li, &v) in l.iter_mut().zip(x) {
+            let w = v * v;
+            let mut slx = sumlx - w * v * *li as f32;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * *li as f32 * *li as f32;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != *li {
+                    slx += w * v * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        *li = new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (c, &li) in codes.iter_mut().zip(l.iter()) {
+        *c = (li + nmax) as u8;
+    }
+    sumlx / suml2
+}
+
+fn quantize_q3_k(x: &[f32]) -> Vec<u8> {
+    let mut codes = [0u8; 256];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut amax) = (0f32, 0f32);
+    for j in 0..16 {
+        scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16]);
+        if scales[j].abs() > amax {
+            amax = scales[j].abs();
+            max_scale = scales[j];
+        }
+    }
+    let mut packed = [0u8; 12];
+    let d = if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for j in 0..16 {
+            let l = (nearest_int(iscale * scales[j]).clamp(-32, 31) + 32) as u8;
+            if j < 8 {
+                packed[j] = l & 0xF;
+            } else {
+                packed[j - 8] |= (l & 0xF) << 4;
+            }
+            packed[8 + j % 4] |= (l >> 4) << (2 * (j / 4));
+        }
+        f16::from_f32(1.0 / iscale)
+    } else {
+        f16::from_f32(0.0)
+    };
+    for j in 0..16 {
+        let dl = d.to_f32() * f32::from(q3_k_scale(j, &packed) - 32);
+        if dl == 0.0 {
+            continue;
+        }
+        for i in 0..16 {
+            codes[16 * j + i] = (nearest_int(x[16 * j + i] / dl).clamp(-4, 3) + 4) as u8;
+        }
+    }
+    // Codes 4..8 set their value's high bit (value `v` at bit `v / 32` of byte `v % 32`);
+    // the low two bits go four values to a byte as q2_k's do.
+    let mut out = vec![0u8; 110];
+    for (v, &c) in codes.iter().enumerate() {
+        if c > 3 {
+            out[v % 32] |= 1 << (v / 32);
+        }
+        let (n, l, shift) = (v / 128, v % 32, 2 * ((v % 128) / 32));
+        out[32 + 32 * n + l] |= (c & 3) << shift;
+    }
+    out[96..108].copy_from_slice(&packed);
+    out[108..110].copy_from_slice(&d.to_le_bytes());
     out
 }
 

@@ -11,6 +11,8 @@
 //! | `q4_k` | 256 | 144 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit values |
 //! | `q6_k` | 256 | 210 | 128 bytes low 4 bits, 64 bytes high 2 bits, 16 x i8 scales, f16 d |
 //! | `q2_k` | 256 | 84 | 16 bytes of 4-bit scales/mins, 64 bytes of 2-bit values, f16 d, f16 dmin |
+//! | `q3_k` | 256 | 110 | 32 bytes of high bits, 64 bytes of 2-bit values, 12 bytes of 6-bit scales, f16 d |
+//! | `q5_k` | 256 | 176 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 32 bytes of high bits, 128 bytes of 4-bit values |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -57,6 +59,10 @@ pub enum QuantFormat {
     Q6K,
     /// GGUF Q2_K.
     Q2K,
+    /// GGUF Q3_K.
+    Q3K,
+    /// GGUF Q5_K.
+    Q5K,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -93,6 +99,8 @@ impl QuantFormat {
             QuantFormat::Q4K => "q4_k",
             QuantFormat::Q6K => "q6_k",
             QuantFormat::Q2K => "q2_k",
+            QuantFormat::Q3K => "q3_k",
+            QuantFormat::Q5K => "q5_k",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -106,7 +114,11 @@ impl QuantFormat {
     pub fn block_elems(&self) -> u64 {
         match self {
             QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => 32,
-            QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q2K => 256,
+            QuantFormat::Q4K
+            | QuantFormat::Q6K
+            | QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Q5K => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
@@ -122,6 +134,8 @@ impl QuantFormat {
             QuantFormat::Q4K => Some(144),
             QuantFormat::Q6K => Some(210),
             QuantFormat::Q2K => Some(84),
+            QuantFormat::Q3K => Some(110),
+            QuantFormat::Q5K => Some(176),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -215,6 +229,8 @@ impl QuantFormat {
             "q4_k" => QuantFormat::Q4K,
             "q6_k" => QuantFormat::Q6K,
             "q2_k" => QuantFormat::Q2K,
+            "q3_k" => QuantFormat::Q3K,
+            "q5_k" => QuantFormat::Q5K,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -245,7 +261,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, q3_k, q5_k, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -39,7 +39,9 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Q4_1
         | WeightFormat::Q4K
         | WeightFormat::Q6K
-        | WeightFormat::Q2K => true,
+        | WeightFormat::Q2K
+        | WeightFormat::Q3K
+        | WeightFormat::Q5K => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -238,9 +240,11 @@ fn decode_blocks(
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
             WeightFormat::Q4_0 | WeightFormat::Q4_1 => q4_runs(b, wb, format, &mut sink),
-            WeightFormat::Q4K => q4_k_runs(b, wb, &mut sink),
+            WeightFormat::Q4K => q4_k_runs(b, wb, false, &mut sink),
+            WeightFormat::Q5K => q4_k_runs(b, wb, true, &mut sink),
             WeightFormat::Q6K => q6_k_runs(b, wb, &mut sink),
             WeightFormat::Q2K => q2_k_runs(b, wb, &mut sink),
+            WeightFormat::Q3K => q3_k_runs(b, wb, &mut sink),
             other => unreachable!("{other:?} is not a block format"),
         }
     });
@@ -313,21 +317,34 @@ fn q4_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut 
 
 /// q4_k: an f16 scale and minimum, 6-bit sub-block scales and minimums (12 bytes), and 128
 /// bytes of nibbles: sub-block `2p` is the low nibbles of bytes `32p..32p + 32`, `2p + 1`
-/// their high nibbles; `w = d * sc * q - dmin * m`.
-fn q4_k_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+/// their high nibbles; `w = d * sc * q - dmin * m`. With `five_bits`, q5_k: 32 bytes of
+/// fifth bits come before the nibbles, value `l` of sub-block `s` at bit `s` of byte `l`.
+fn q4_k_runs(b: &mut FunctionBuilder, wb: Value, five_bits: bool, sink: &mut Sink) {
     let d = load_f16(b, wb, 0);
     let dmin = load_f16(b, wb, 2);
+    let (codes_at, one) = if five_bits { (48, 1) } else { (16, 0) };
+    let fifth = five_bits.then(|| [0, 16].map(|at| b.ins().load(types::I8X16, mem(), wb, 16 + at)));
     for pair in 0..4 {
-        let at = 16 + 32 * pair as i32;
+        let at = codes_at + 32 * pair as i32;
         let lo = b.ins().load(types::I8X16, mem(), wb, at);
         let hi = b.ins().load(types::I8X16, mem(), wb, at + 16);
         let [lo_low, lo_high] = split_nibbles(b, lo);
         let [hi_low, hi_high] = split_nibbles(b, hi);
-        for (h, halves) in [[lo_low, hi_low], [lo_high, hi_high]]
+        for (h, mut halves) in [[lo_low, hi_low], [lo_high, hi_high]]
             .into_iter()
             .enumerate()
         {
             let sub = 2 * pair + h;
+            if let Some(fifth) = fifth {
+                let bit = splat_i8(b, one);
+                for (half, high) in halves.iter_mut().zip(fifth) {
+                    let t = shift_right(b, high, sub as i32);
+                    let t = b.ins().band(t, bit);
+                    let four = b.ins().iconst(types::I32, 4);
+                    let t = b.ins().ishl(t, four);
+                    *half = b.ins().bor(*half, t);
+                }
+            }
             let (sc, m) = q4_k_scale_min(b, wb, sub);
             let sc = b.ins().fcvt_from_sint(types::F32, sc);
             let m = b.ins().fcvt_from_sint(types::F32, m);
@@ -417,6 +434,67 @@ fn q6_k_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
             }
         }
     }
+}
+
+/// q3_k: 32 bytes of high bits, 64 of 2-bit codes, 12 of 6-bit scales, an f16 scale at
+/// 108. Run `s` (16 values) of half `n = s / 8` reads code bytes `32n + 16 (s % 2)..` at
+/// shift `2 ((s % 8) / 2)` and their high bits from bytes `16 (s % 2)..` at bit
+/// `4n + (s % 8) / 2`; a set high bit keeps the code, a clear one subtracts 4, and the
+/// run's scale is `d * (sc - 32)` ([`q3_k_scale`]).
+fn q3_k_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let d = load_f16(b, wb, 108);
+    let pair = splat_i8(b, 3);
+    let bit = splat_i8(b, 1);
+    let four = splat_i8(b, 4);
+    for s in 0..16i32 {
+        let (n, quarter, half) = (s / 8, (s % 8) / 2, s % 2);
+        let q = b
+            .ins()
+            .load(types::I8X16, mem(), wb, 32 + 32 * n + 16 * half);
+        let q = shift_right(b, q, 2 * quarter);
+        let low = b.ins().band(q, pair);
+        let h = b.ins().load(types::I8X16, mem(), wb, 16 * half);
+        let h = shift_right(b, h, 4 * n + quarter);
+        let h = b.ins().band(h, bit);
+        let two = b.ins().iconst(types::I32, 2);
+        let h = b.ins().ishl(h, two);
+        let q = b.ins().bor(low, h);
+        let q = b.ins().isub(q, four);
+        let codes = bytes_to_f32(b, q, true).to_vec();
+        let sc = q3_k_scale(b, wb, s as usize);
+        let sc = b.ins().iadd_imm_s(sc, -32);
+        let sc = b.ins().fcvt_from_sint(types::F32, sc);
+        let scale = b.ins().fmul(d, sc);
+        sink(
+            b,
+            Run {
+                codes,
+                x_at: 4 * 16 * s,
+                scale,
+                offset: None,
+            },
+        );
+    }
+}
+
+/// The 6-bit scale (`i32`, stored offset by 32) of q3_k sub-block `sub`, from the 12 bytes
+/// at `wb + 96`: its low nibble in byte `sub` (the high nibble of `sub - 8` from 8 on), its
+/// top two bits in byte `8 + sub % 4` at bit `2 (sub / 4)`.
+fn q3_k_scale(b: &mut FunctionBuilder, wb: Value, sub: usize) -> Value {
+    let byte =
+        |b: &mut FunctionBuilder, i: usize| b.ins().uload8(types::I32, mem(), wb, 96 + i as i32);
+    let low = if sub < 8 {
+        let v = byte(b, sub);
+        b.ins().band_imm_s(v, 0xf)
+    } else {
+        let v = byte(b, sub - 8);
+        b.ins().ushr_imm_s(v, 4)
+    };
+    let top = byte(b, 8 + sub % 4);
+    let top = b.ins().ushr_imm_s(top, 2 * (sub / 4) as i64);
+    let top = b.ins().band_imm_s(top, 3);
+    let top = b.ins().ishl_imm_s(top, 4);
+    b.ins().bor(low, top)
 }
 
 /// q2_k: 16 sub-block bytes (scale in the low nibble, minimum in the high), 64 bytes of

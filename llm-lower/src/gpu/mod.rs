@@ -206,6 +206,8 @@ mod tests {
             WeightFormat::Q4K,
             WeightFormat::Q6K,
             WeightFormat::Q2K,
+            WeightFormat::Q3K,
+            WeightFormat::Q5K,
             WeightFormat::PackedF16,
             WeightFormat::PackedBF16,
         ];

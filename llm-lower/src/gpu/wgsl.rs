@@ -1075,7 +1075,11 @@ fn weight_value(c: &Contraction) -> String {
                 "    let o = row * ROW_BYTES + 2u * i;\n    let h = half_bits(o);\n    return {value};\n"
             )
         }
-        WeightFormat::Q4K | WeightFormat::Q6K | WeightFormat::Q2K => format!(
+        WeightFormat::Q4K
+        | WeightFormat::Q6K
+        | WeightFormat::Q2K
+        | WeightFormat::Q3K
+        | WeightFormat::Q5K => format!(
             "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
             c.weight.row_bytes(256),
             kquant_decoder(c.weight, false).unwrap_or_default()
@@ -2455,7 +2459,9 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
         }
     };
     Some(match format {
-        WeightFormat::Q4K => format!(
+        // q5_k: q4_k's scales, its nibbles 32 bytes later, and value `l` of sub-block `s`'s
+        // fifth bit at bit `s` of byte `16 + l`.
+        WeightFormat::Q4K | WeightFormat::Q5K => format!(
             "    let pair = e / 64u;
     let high = (e % 64u) / 32u;
     let sub = 2u * pair + high;
@@ -2468,12 +2474,31 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
         sc = (byte_at(o + 8u + sub) & 15u) | ((byte_at(o + sub) >> 6u) << 4u);
         mn = (byte_at(o + 8u + sub) >> 4u) | ((byte_at(o + 4u + sub) >> 6u) << 4u);
     }}
-    let q = (byte_at(o + 16u + 32u * pair + e % 32u) >> (4u * high)) & 15u;
+    let q = {};
     return {} - {};
 ",
+            if format == WeightFormat::Q5K {
+                "((byte_at(o + 48u + 32u * pair + e % 32u) >> (4u * high)) & 15u) | (((byte_at(o + 16u + e % 32u) >> sub) & 1u) << 4u)"
+            } else {
+                "(byte_at(o + 16u + 32u * pair + e % 32u) >> (4u * high)) & 15u"
+            },
             kept("half_at(o) * f32(sc) * f32(q)"),
             kept("half_at(o + 2u) * f32(mn)")
         ),
+        // q3_k: a clear high bit subtracts 4 from the 2-bit code; 6-bit scales offset by 32.
+        WeightFormat::Q3K => "    let sub = e / 16u;
+    let n = e / 128u;
+    let quarter = (e % 128u) / 32u;
+    let l = e % 32u;
+    let low = (byte_at(o + 32u + 32u * n + l) >> (2u * quarter)) & 3u;
+    let high = (byte_at(o + l) >> (4u * n + quarter)) & 1u;
+    var sc = byte_at(o + 96u + sub) & 15u;
+    if (sub >= 8u) { sc = byte_at(o + 88u + sub) >> 4u; }
+    sc = sc | (((byte_at(o + 104u + sub % 4u) >> (2u * (sub / 4u))) & 3u) << 4u);
+    let q = i32(low) - select(4, 0, high == 1u);
+    return half_at(o + 108u) * f32(i32(sc) - 32) * f32(q);
+"
+        .to_string(),
         WeightFormat::Q6K => "    let n = e / 128u;
     let quarter = (e % 128u) / 32u;
     let l = e % 32u;

@@ -1,0 +1,45 @@
+"""GGUF block-format vectors beyond ../shared/quant-vectors: q3_k and q5_k.
+
+Random valid super-blocks (their f16 scales set to small finite values) of an 8 x 512
+matrix, dequantized by the `gguf` Python package (llama.cpp's numpy reference of the ggml
+formats), as the shared vectors are made:
+
+    python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
+    /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file
+"""
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+ROWS, COLS = 8, 512
+OUT = Path(__file__).parent / "quant-vectors"
+
+# Block bytes and the byte offsets of each block's f16 scales.
+FORMATS = {
+    "q3_k": (T.Q3_K, 110, [108]),
+    "q5_k": (T.Q5_K, 176, [0, 2]),
+}
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    rng = np.random.default_rng(7)
+    for name, (qtype, block_bytes, scales) in FORMATS.items():
+        blocks = ROWS * COLS // 256
+        data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
+        for at in scales:
+            d = rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16)
+            data[:, at : at + 2] = d.view(np.uint8).reshape(blocks, 2)
+        matrix = data.reshape(ROWS, -1)
+        values = dequantize(matrix, qtype).astype(np.float32)
+        assert values.shape == (ROWS, COLS)
+        (OUT / f"{name}.blocks.bin").write_bytes(matrix.tobytes())
+        (OUT / f"{name}.dequant.f32").write_bytes(values.astype("<f4").tobytes())
+        print(name, matrix.nbytes, "bytes")
+
+
+if __name__ == "__main__":
+    main()

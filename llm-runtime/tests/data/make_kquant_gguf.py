@@ -1,0 +1,85 @@
+"""A small Llama GGUF file whose matrices mix the K-quants as llama.cpp's quantized files
+do (its Q2_K files hold Q3_K tensors, Q4_K_S files Q5_K ones, Q5_K_M files Q5_K and Q6_K),
+written by the `gguf` Python package's own writer (no llmc code involved).
+
+The blocks are random and valid: random bytes with each block's f16 scales set so that
+weights stay below about 0.1. Norms are F32 near one.
+
+    python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
+    /tmp/gguf/bin/python make_kquant_gguf.py   # writes kquant-mix.gguf beside this file
+"""
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
+
+DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 256, 2, 4, 2, 256
+
+# Block bytes, the offsets of the f16 scales to set, and the largest |weight| per unit of
+# scale (so that scales of 0.1 / that keep weights near 0.1).
+BLOCKS = {
+    T.Q2_K: (84, [80, 82], 45),
+    T.Q3_K: (110, [108], 128),
+    T.Q4_K: (144, [0, 2], 945),
+    T.Q5_K: (176, [0, 2], 1953),
+    T.Q6_K: (210, [208], 4096),
+}
+
+# Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it, layer 1 as a Q2_K file.
+LAYER_TYPES = [
+    {"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q5_K, "attn_output": T.Q4_K,
+     "ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q5_K},
+    {"attn_q": T.Q2_K, "attn_k": T.Q2_K, "attn_v": T.Q3_K, "attn_output": T.Q3_K,
+     "ffn_gate": T.Q2_K, "ffn_up": T.Q2_K, "ffn_down": T.Q3_K},
+]
+
+
+def blocks(rng, qtype, rows, cols):
+    block_bytes, scales, reach = BLOCKS[qtype]
+    n = rows * cols // 256
+    data = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
+    for at in scales:
+        d = (rng.uniform(0.25, 1.0, size=n) * 0.1 / reach).astype(np.float16)
+        data[:, at : at + 2] = d.view(np.uint8).reshape(n, 2)
+    return data.reshape(rows, -1)
+
+
+def main():
+    rng = np.random.default_rng(11)
+    path = Path(__file__).parent / "kquant-mix.gguf"
+    w = GGUFWriter(path, "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(DIM)
+    w.add_feed_forward_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_dimension_count(DIM // HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tensor("token_embd.weight", blocks(rng, T.Q4_K, VOCAB, DIM), raw_dtype=T.Q4_K)
+    norm = lambda: (1 + 0.1 * rng.standard_normal(DIM)).astype(np.float32)
+    head_dim = DIM // HEADS
+    shapes = {
+        "attn_q": (DIM, DIM), "attn_k": (KV_HEADS * head_dim, DIM),
+        "attn_v": (KV_HEADS * head_dim, DIM), "attn_output": (DIM, DIM),
+        "ffn_gate": (HIDDEN, DIM), "ffn_up": (HIDDEN, DIM), "ffn_down": (DIM, HIDDEN),
+    }
+    for layer, types in enumerate(LAYER_TYPES):
+        w.add_tensor(f"blk.{layer}.attn_norm.weight", norm())
+        w.add_tensor(f"blk.{layer}.ffn_norm.weight", norm())
+        for name, qtype in types.items():
+            rows, cols = shapes[name]
+            w.add_tensor(f"blk.{layer}.{name}.weight", blocks(rng, qtype, rows, cols), raw_dtype=qtype)
+    w.add_tensor("output_norm.weight", norm())
+    w.add_tensor("output.weight", blocks(rng, T.Q6_K, VOCAB, DIM), raw_dtype=T.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(path, path.stat().st_size, "bytes")
+
+
+if __name__ == "__main__":
+    main()
