@@ -517,6 +517,8 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Q8_0,
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
         QuantFormat::Q4K,
         QuantFormat::Q6K,
         QuantFormat::Q2K,

@@ -1,5 +1,5 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
-//! (`../shared/quant-vectors`, and for q3_k and q5_k `tests/data/quant-vectors`, both made
+//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k and q5_k `tests/data/quant-vectors`, both made
 //! with the `gguf` Python package), plus round-trip and known-value tests for every format.
 
 use std::path::{Path, PathBuf};
@@ -14,7 +14,10 @@ use llm_ir::{
 /// shared set lacks.
 fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if file.starts_with("q3_k") || file.starts_with("q5_k") {
+    if ["q5_0", "q5_1", "q3_k", "q5_k"]
+        .iter()
+        .any(|ours| file.starts_with(ours))
+    {
         dir.join("tests/data/quant-vectors").join(file)
     } else {
         dir.join("../../shared/quant-vectors").join(file)
@@ -36,6 +39,8 @@ fn gguf(name: &str) -> QuantFormat {
         "q8_0" => QuantFormat::Q8_0,
         "q4_0" => QuantFormat::Q4_0,
         "q4_1" => QuantFormat::Q4_1,
+        "q5_0" => QuantFormat::Q5_0,
+        "q5_1" => QuantFormat::Q5_1,
         "q4_k" => QuantFormat::Q4K,
         "q6_k" => QuantFormat::Q6K,
         "q3_k" => QuantFormat::Q3K,
@@ -53,7 +58,7 @@ fn assert_bits_equal(found: &[f32], expected: &[f32], what: &str) {
 
 #[test]
 fn quantizing_matches_llama_cpp_byte_for_byte() {
-    for name in ["q8_0", "q4_0", "q4_1"] {
+    for name in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] {
         let input = read_f32(&format!("{name}.input.f32"));
         let expected = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let found = quantize(&gguf(name), &SHAPE, &input);
@@ -66,7 +71,7 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 #[test]
 fn dequantizing_matches_llama_cpp_exactly() {
     for name in [
-        "q8_0", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -118,6 +123,8 @@ fn every_format_round_trips_within_its_step() {
         (QuantFormat::Q8_0, 2.0 / 127.0),
         (QuantFormat::Q4_0, 2.0 / 8.0 * 1.01),
         (QuantFormat::Q4_1, 4.0 / 15.0 * 0.51),
+        (QuantFormat::Q5_0, 2.0 / 16.0 * 1.01),
+        (QuantFormat::Q5_1, 4.0 / 31.0 * 0.51),
         (QuantFormat::Q4K, 4.0 / 15.0 * 0.6),
         (QuantFormat::Q6K, 2.0 / 31.0 * 0.6),
         (QuantFormat::Q2K, 4.0 / 3.0 * 0.6),

@@ -56,6 +56,12 @@ pub enum WeightFormat {
     Q4_0,
     /// GGUF q4_1: blocks of 32, an f16 scale and minimum and 16 bytes of nibbles (20 bytes).
     Q4_1,
+    /// GGUF q5_0: blocks of 32, an f16 scale, 32 fifth bits and 16 bytes of nibbles (22
+    /// bytes); value = code - 16.
+    Q5_0,
+    /// GGUF q5_1: blocks of 32, an f16 scale and minimum, 32 fifth bits and 16 bytes of
+    /// nibbles (24 bytes).
+    Q5_1,
     /// GGUF q4_k: super-blocks of 256 (144 bytes): f16 scale and minimum, twelve bytes of
     /// 6-bit sub-block scales and minimums, 128 bytes of nibbles.
     Q4K,
@@ -102,6 +108,8 @@ impl WeightFormat {
             QuantFormat::Q8_0 => WeightFormat::Q8_0,
             QuantFormat::Q4_0 => WeightFormat::Q4_0,
             QuantFormat::Q4_1 => WeightFormat::Q4_1,
+            QuantFormat::Q5_0 => WeightFormat::Q5_0,
+            QuantFormat::Q5_1 => WeightFormat::Q5_1,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -135,7 +143,11 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Some(1),
             WeightFormat::F16 | WeightFormat::PackedF16 | WeightFormat::PackedBF16 => Some(1),
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => Some(32),
+            WeightFormat::Q8_0
+            | WeightFormat::Q4_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_0
+            | WeightFormat::Q5_1 => Some(32),
             WeightFormat::Q4K
             | WeightFormat::Q6K
             | WeightFormat::Q2K
@@ -158,6 +170,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => k / 32 * 34,
             WeightFormat::Q4_0 => k / 32 * 18,
             WeightFormat::Q4_1 => k / 32 * 20,
+            WeightFormat::Q5_0 => k / 32 * 22,
+            WeightFormat::Q5_1 => k / 32 * 24,
             WeightFormat::Q4K => k / 256 * 144,
             WeightFormat::Q6K => k / 256 * 210,
             WeightFormat::Q2K => k / 256 * 84,
@@ -178,6 +192,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => QuantFormat::Q8_0,
             WeightFormat::Q4_0 => QuantFormat::Q4_0,
             WeightFormat::Q4_1 => QuantFormat::Q4_1,
+            WeightFormat::Q5_0 => QuantFormat::Q5_0,
+            WeightFormat::Q5_1 => QuantFormat::Q5_1,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -217,6 +233,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4_1 => "q4_1",
+            WeightFormat::Q5_0 => "q5_0",
+            WeightFormat::Q5_1 => "q5_1",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

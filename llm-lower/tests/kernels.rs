@@ -475,6 +475,8 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         13 => (45 * blocks, QuantFormat::BF16, "bf16".into()),
         14 => (256 * blocks, QuantFormat::Q3K, "q3_k".into()),
         15 => (256 * blocks, QuantFormat::Q5K, "q5_k".into()),
+        16 => (32 * blocks, QuantFormat::Q5_0, "q5_0".into()),
+        17 => (32 * blocks, QuantFormat::Q5_1, "q5_1".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -572,7 +574,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 17;
+const FORMAT_CASES: usize = 19;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -974,7 +976,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..8 {
+        for which in 0..10 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -988,6 +990,8 @@ proptest! {
                     3 => (64, QuantFormat::Nf4 { block_size: 32, scale: DType::F16 }, "nf4 {block_size = 32, scale = f16}".into()),
                     4 => (12, QuantFormat::Affine { bits: 8, group_size: 1, symmetric: false, axis: 0, scale: DType::BF16 }, "int8 {group_size = 1, symmetric = false, axis = 0, scale = bf16}".into()),
                     6 => (256, QuantFormat::Q5K, "q5_k".into()),
+                    7 => (64, QuantFormat::Q5_0, "q5_0".into()),
+                    8 => (32, QuantFormat::Q5_1, "q5_1".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

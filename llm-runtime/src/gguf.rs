@@ -9,9 +9,10 @@
 //! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
-//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1 and the K-quants (Q2_K, Q3_K, Q4_K,
-//! Q5_K, Q6_K: every type llama.cpp's K-quant files mix) stay quantized with their exact
-//! bytes. The
+//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
+//! (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: every type llama.cpp's K-quant files mix, with the
+//! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks) stay quantized with
+//! their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -242,6 +243,8 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         30 => Storage::Float(DType::BF16),
         2 => Storage::Quant(QuantFormat::Q4_0),
         3 => Storage::Quant(QuantFormat::Q4_1),
+        6 => Storage::Quant(QuantFormat::Q5_0),
+        7 => Storage::Quant(QuantFormat::Q5_1),
         8 => Storage::Quant(QuantFormat::Q8_0),
         10 => Storage::Quant(QuantFormat::Q2K),
         11 => Storage::Quant(QuantFormat::Q3K),
@@ -255,8 +258,6 @@ fn storage(ggml_type: u32) -> Option<Storage> {
 /// ggml's name of the types this loader does not read (for its error messages).
 fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
     Some(match ggml_type {
-        6 => "Q5_0",
-        7 => "Q5_1",
         9 => "Q8_1",
         15 => "Q8_K",
         16 => "IQ2_XXS",

@@ -152,12 +152,12 @@ fn malformed_files_name_what_is_wrong() {
         + name.len();
     let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
     let type_at = at + 4 + 8 * dims;
-    let mut q5_0 = bytes.clone();
-    q5_0[type_at..type_at + 4].copy_from_slice(&6u32.to_le_bytes());
+    let mut iq4_nl = bytes.clone();
+    iq4_nl[type_at..type_at + 4].copy_from_slice(&20u32.to_le_bytes());
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (
-            q5_0,
-            "tensor `token_embd.weight` has unsupported ggml type 6 (Q5_0)",
+            iq4_nl,
+            "tensor `token_embd.weight` has unsupported ggml type 20 (IQ4_NL)",
         ),
         (b"GGML....".to_vec(), "bad magic"),
         (
@@ -191,9 +191,9 @@ fn malformed_files_name_what_is_wrong() {
     );
 }
 
-/// `tests/data/kquant-mix.gguf` (see [`k_quant_mixes_load_in_their_stored_types_and_run_in_generated_code`]).
-fn kquant_mix() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kquant-mix.gguf")
+/// `tests/data/quant-mix.gguf` (see [`quant_mixes_load_in_their_stored_types_and_run_in_generated_code`]).
+fn quant_mix() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/quant-mix.gguf")
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn mutated_files_never_panic() {
     let originals = [
         std::fs::read(shared("stories260K.gguf")).expect("file"),
         std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file"),
-        std::fs::read(kquant_mix()).expect("file"),
+        std::fs::read(quant_mix()).expect("file"),
     ];
     let runs = common::mutated_copies_never_panic(&originals, 0x6767, |data| {
         let _ = gguf::read(data);
@@ -209,28 +209,31 @@ fn mutated_files_never_panic() {
     assert!(runs > 0);
 }
 
-/// A GGUF file whose matrices mix the K-quants as llama.cpp's Q2_K, Q4_K_S and Q5_K_M
-/// files do (`tests/data/kquant-mix.gguf`: random valid blocks written by the `gguf`
-/// Python package's writer, `make_kquant_gguf.py`) loads with every matrix in its stored
-/// type, and the CPU backend (and the GPU where there is one) computes the interpreter's
-/// logits in generated code, no op left to the reference semantics.
+/// A GGUF file whose matrices mix the ggml types as llama.cpp's Q2_K, Q4_K_S and Q5_K_M
+/// files do, with the Q5_0 and Q5_1 it falls back to (`tests/data/quant-mix.gguf`, written
+/// by the `gguf` Python package's writer and quantizer, `make_quant_mix_gguf.py`) loads
+/// with every matrix in its stored type, and the CPU backend (and the GPU where there is
+/// one) computes the interpreter's logits in generated code, no op left to the reference
+/// semantics.
 #[test]
-fn k_quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
+fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
     use llm_ir::interp::WeightStore;
     use llm_runtime::generate::{Backend, Model, Step};
 
-    let g = gguf::load(&kquant_mix()).expect("loads");
+    let g = gguf::load(&quant_mix()).expect("loads");
     let format = |name: &str| match g.weights.weight(name).as_deref() {
         Some(Value::Quantized(q)) => q.format.clone(),
         other => panic!("{name}: {other:?}"),
     };
     for (name, stored) in [
         ("tok_embeddings.weight", QuantFormat::Q4K),
+        ("layers.0.attention.wk.weight", QuantFormat::Q5_0),
         ("layers.0.attention.wv.weight", QuantFormat::Q5K),
         ("layers.0.feed_forward.w2.weight", QuantFormat::Q5K),
         ("layers.1.attention.wq.weight", QuantFormat::Q2K),
         ("layers.1.attention.wv.weight", QuantFormat::Q3K),
         ("layers.1.feed_forward.w2.weight", QuantFormat::Q3K),
+        ("layers.1.feed_forward.w3.weight", QuantFormat::Q5_1),
         ("output.weight", QuantFormat::Q6K),
     ] {
         assert_eq!(format(name), stored, "{name}");

@@ -55,6 +55,12 @@ enum Quantize {
     /// 4-bit with minimum, blocks of 32.
     #[value(name = "q4_1")]
     Q4_1,
+    /// 5-bit, blocks of 32.
+    #[value(name = "q5_0")]
+    Q5_0,
+    /// 5-bit with minimum, blocks of 32.
+    #[value(name = "q5_1")]
+    Q5_1,
     /// 4-bit K-quant, super-blocks of 256.
     #[value(name = "q4_k")]
     Q4K,
@@ -134,6 +140,8 @@ impl Quantize {
             Quantize::Q8_0 => QuantFormat::Q8_0,
             Quantize::Q4_0 => QuantFormat::Q4_0,
             Quantize::Q4_1 => QuantFormat::Q4_1,
+            Quantize::Q5_0 => QuantFormat::Q5_0,
+            Quantize::Q5_1 => QuantFormat::Q5_1,
             Quantize::Q4K => QuantFormat::Q4K,
             Quantize::Q6K => QuantFormat::Q6K,
             Quantize::Q2K => QuantFormat::Q2K,

@@ -2,11 +2,11 @@
 //!
 //! # Layouts
 //!
-//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, and the K-quants `q2_k`, `q3_k`, `q4_k`, `q5_k`,
+//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, and the K-quants `q2_k`, `q3_k`, `q4_k`, `q5_k`,
 //! `q6_k`) store each row (the last
 //! dim) as consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
 //! quantizers follow ggml's reference quantizers operation for operation in `f32`; for `q8_0`,
-//! `q4_0` and `q4_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`]
+//! `q4_0`, `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`]
 //! for the K-quants).
 //!
 //! `nf4` stores, for each block of `block_size` values along the last dim, 4-bit indices
@@ -103,6 +103,10 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Q8_0 => values.chunks(32).flat_map(quantize_q8_0).collect(),
         QuantFormat::Q4_0 => values.chunks(32).flat_map(quantize_q4_0).collect(),
         QuantFormat::Q4_1 => values.chunks(32).flat_map(quantize_q4_1).collect(),
+        QuantFormat::Q5_0 | QuantFormat::Q5_1 => values
+            .chunks(32)
+            .flat_map(|b| quantize_q5(b, *format == QuantFormat::Q5_1))
+            .collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -210,6 +214,23 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
             let qs = &b[4..20];
             out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
             out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+        }
+        QuantFormat::Q5_0 | QuantFormat::Q5_1 => {
+            // Value `j` is nibble `j / 16` of byte `j % 16` with bit `j` of the 32 fifth
+            // bits on top: q5_0 recentred by 16, q5_1 scaled and offset by its minimum.
+            let q5_1 = *format == QuantFormat::Q5_1;
+            let at = if q5_1 { 4 } else { 2 };
+            let high = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            let qs = &b[at + 4..at + 20];
+            let d = f16_at(b, 0);
+            out.extend((0..32).map(|j| {
+                let q = ((qs[j % 16] >> (4 * (j / 16))) & 0xF) | (((high >> j) & 1) << 4) as u8;
+                if q5_1 {
+                    d * f32::from(q) + f16_at(b, 2)
+                } else {
+                    d * f32::from(q as i8 - 16)
+                }
+            }));
         }
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
@@ -353,6 +374,45 @@ fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
     push_f16(&mut out, d);
     push_f16(&mut out, min);
     out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+    out
+}
+
+/// q5_0 (`d = max / -16` of the largest magnitude, codes recentred by 16) or, with
+/// `minimum`, q5_1 (`d = (max - min) / 31` above the minimum), as ggml's
+/// `quantize_row_q5_{0,1}_ref`.
+fn quantize_q5(x: &[f32], minimum: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    let codes: Vec<u8> = if minimum {
+        let min = x.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
+        let max = x.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        push_f16(&mut out, d);
+        push_f16(&mut out, min);
+        x.iter()
+            .map(|&v| (((v - min) * id + 0.5) as u8).min(31))
+            .collect()
+    } else {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        push_f16(&mut out, d);
+        x.iter()
+            .map(|&v| ((v * id + 16.5) as i8).clamp(0, 31) as u8)
+            .collect()
+    };
+    let high = codes
+        .iter()
+        .enumerate()
+        .fold(0u32, |h, (j, &c)| h | (u32::from(c >> 4) << j));
+    out.extend_from_slice(&high.to_le_bytes());
+    out.extend((0..16).map(|j| (codes[j] & 0xF) | ((codes[j + 16] & 0xF) << 4)));
     out
 }
 

@@ -8,6 +8,8 @@
 //! | `q8_0` | 32 | 34 | f16 scale, 32 x i8 |
 //! | `q4_0` | 32 | 18 | f16 scale, 16 bytes of 4-bit values (offset 8) |
 //! | `q4_1` | 32 | 20 | f16 scale, f16 min, 16 bytes of 4-bit values |
+//! | `q5_0` | 32 | 22 | f16 scale, 4 bytes of fifth bits, 16 bytes of 4-bit values (offset 16) |
+//! | `q5_1` | 32 | 24 | f16 scale, f16 min, 4 bytes of fifth bits, 16 bytes of 4-bit values |
 //! | `q4_k` | 256 | 144 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit values |
 //! | `q6_k` | 256 | 210 | 128 bytes low 4 bits, 64 bytes high 2 bits, 16 x i8 scales, f16 d |
 //! | `q2_k` | 256 | 84 | 16 bytes of 4-bit scales/mins, 64 bytes of 2-bit values, f16 d, f16 dmin |
@@ -53,6 +55,10 @@ pub enum QuantFormat {
     Q4_0,
     /// GGUF Q4_1.
     Q4_1,
+    /// GGUF Q5_0.
+    Q5_0,
+    /// GGUF Q5_1.
+    Q5_1,
     /// GGUF Q4_K.
     Q4K,
     /// GGUF Q6_K.
@@ -96,6 +102,8 @@ impl QuantFormat {
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_0 => "q4_0",
             QuantFormat::Q4_1 => "q4_1",
+            QuantFormat::Q5_0 => "q5_0",
+            QuantFormat::Q5_1 => "q5_1",
             QuantFormat::Q4K => "q4_k",
             QuantFormat::Q6K => "q6_k",
             QuantFormat::Q2K => "q2_k",
@@ -113,7 +121,11 @@ impl QuantFormat {
     /// Number of consecutive values that share one block or group.
     pub fn block_elems(&self) -> u64 {
         match self {
-            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => 32,
+            QuantFormat::Q8_0
+            | QuantFormat::Q4_0
+            | QuantFormat::Q4_1
+            | QuantFormat::Q5_0
+            | QuantFormat::Q5_1 => 32,
             QuantFormat::Q4K
             | QuantFormat::Q6K
             | QuantFormat::Q2K
@@ -131,6 +143,8 @@ impl QuantFormat {
             QuantFormat::Q8_0 => Some(34),
             QuantFormat::Q4_0 => Some(18),
             QuantFormat::Q4_1 => Some(20),
+            QuantFormat::Q5_0 => Some(22),
+            QuantFormat::Q5_1 => Some(24),
             QuantFormat::Q4K => Some(144),
             QuantFormat::Q6K => Some(210),
             QuantFormat::Q2K => Some(84),
@@ -226,6 +240,8 @@ impl QuantFormat {
             "q8_0" => QuantFormat::Q8_0,
             "q4_0" => QuantFormat::Q4_0,
             "q4_1" => QuantFormat::Q4_1,
+            "q5_0" => QuantFormat::Q5_0,
+            "q5_1" => QuantFormat::Q5_1,
             "q4_k" => QuantFormat::Q4K,
             "q6_k" => QuantFormat::Q6K,
             "q2_k" => QuantFormat::Q2K,
@@ -261,7 +277,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q4_k, q6_k, q2_k, q3_k, q5_k, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

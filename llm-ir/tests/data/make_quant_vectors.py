@@ -1,8 +1,10 @@
-"""GGUF block-format vectors beyond ../shared/quant-vectors: q3_k and q5_k.
+"""GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k and q5_k.
 
-Random valid super-blocks (their f16 scales set to small finite values) of an 8 x 512
-matrix, dequantized by the `gguf` Python package (llama.cpp's numpy reference of the ggml
-formats), as the shared vectors are made:
+Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
+the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
+0's first 32 zero: an all-zero block) into `blocks` and dequantize them into `dequant`;
+q3_k and q5_k, which the package only dequantizes, have random valid super-blocks (their
+f16 scales set to small finite values):
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 ROWS, COLS = 8, 512
 OUT = Path(__file__).parent / "quant-vectors"
@@ -24,9 +26,21 @@ FORMATS = {
 }
 
 
+# Formats the package quantizes.
+QUANTIZED = {"q5_0": T.Q5_0, "q5_1": T.Q5_1}
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     rng = np.random.default_rng(7)
+    for name, qtype in QUANTIZED.items():
+        values = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+        values[0, :32] = 0
+        blocks = quantize(values, qtype)
+        (OUT / f"{name}.input.f32").write_bytes(values.astype("<f4").tobytes())
+        (OUT / f"{name}.blocks.bin").write_bytes(blocks.tobytes())
+        (OUT / f"{name}.dequant.f32").write_bytes(dequantize(blocks, qtype).astype("<f4").tobytes())
+        print(name, blocks.nbytes, "bytes")
     for name, (qtype, block_bytes, scales) in FORMATS.items():
         blocks = ROWS * COLS // 256
         data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)

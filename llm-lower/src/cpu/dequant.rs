@@ -37,6 +37,8 @@ pub fn decodes(format: WeightFormat) -> bool {
         WeightFormat::Q8_0
         | WeightFormat::Q4_0
         | WeightFormat::Q4_1
+        | WeightFormat::Q5_0
+        | WeightFormat::Q5_1
         | WeightFormat::Q4K
         | WeightFormat::Q6K
         | WeightFormat::Q2K
@@ -240,6 +242,7 @@ fn decode_blocks(
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
             WeightFormat::Q4_0 | WeightFormat::Q4_1 => q4_runs(b, wb, format, &mut sink),
+            WeightFormat::Q5_0 | WeightFormat::Q5_1 => q5_runs(b, wb, format, &mut sink),
             WeightFormat::Q4K => q4_k_runs(b, wb, false, &mut sink),
             WeightFormat::Q5K => q4_k_runs(b, wb, true, &mut sink),
             WeightFormat::Q6K => q6_k_runs(b, wb, &mut sink),
@@ -313,6 +316,58 @@ fn q4_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut 
             offset,
         },
     );
+}
+
+/// q5_0 (an f16 scale, codes recentred by 16) and q5_1 (an f16 scale and minimum): q4's
+/// nibbles, each with a fifth bit from the 32-bit word after the scales ([`fifth_bits`]).
+fn q5_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut Sink) {
+    let q5_0 = format == WeightFormat::Q5_0;
+    let scale = load_f16(b, wb, 0);
+    let offset = (!q5_0).then(|| load_f16(b, wb, 2));
+    let bits_at = if q5_0 { 2 } else { 4 };
+    let packed = b.ins().load(types::I8X16, mem(), wb, bits_at + 4);
+    let fifth = fifth_bits(b, wb, bits_at);
+    let mut codes = Vec::with_capacity(8);
+    for (nibbles, high) in split_nibbles(b, packed).into_iter().zip(fifth) {
+        let q = b.ins().bor(nibbles, high);
+        codes.extend(if q5_0 {
+            let sixteen = splat_i8(b, 16);
+            let centred = b.ins().isub(q, sixteen);
+            bytes_to_f32(b, centred, true)
+        } else {
+            bytes_to_f32(b, q, false)
+        });
+    }
+    sink(
+        b,
+        Run {
+            codes,
+            x_at: 0,
+            scale,
+            offset,
+        },
+    );
+}
+
+/// The fifth bits of a q5 block's 32 values, from the little-endian word at `wb + at`, as
+/// two `i8x16` holding 16 where the bit is set and 0 elsewhere: lane `l` of the first
+/// takes bit `l`, of the second bit `16 + l`.
+fn fifth_bits(b: &mut FunctionBuilder, wb: Value, at: i32) -> [Value; 2] {
+    let word = b.ins().load(types::I32, mem(), wb, at);
+    let words = b.ins().splat(types::I32X4, word);
+    let bytes = b.ins().bitcast(types::I8X16, little(), words);
+    let bit_of_lane: Vec<u8> = (0..16).map(|l| 1 << (l % 8)).collect();
+    let bit_of_lane = b.func.dfg.constants.insert(ConstantData::from(bit_of_lane));
+    let bit_of_lane = b.ins().vconst(types::I8X16, bit_of_lane);
+    let sixteen = splat_i8(b, 16);
+    [0u8, 2].map(|first| {
+        let spread: [u8; 16] = std::array::from_fn(|l| first + (l / 8) as u8);
+        let spread = shuffle(b, bytes, bytes, &spread);
+        let bit = b.ins().band(spread, bit_of_lane);
+        let zero = splat_i8(b, 0);
+        let set = b.ins().icmp(IntCC::NotEqual, bit, zero);
+        b.ins().band(set, sixteen)
+    })
 }
 
 /// q4_k: an f16 scale and minimum, 6-bit sub-block scales and minimums (12 bytes), and 128

@@ -203,6 +203,8 @@ mod tests {
             WeightFormat::Q8_0,
             WeightFormat::Q4_0,
             WeightFormat::Q4_1,
+            WeightFormat::Q5_0,
+            WeightFormat::Q5_1,
             WeightFormat::Q4K,
             WeightFormat::Q6K,
             WeightFormat::Q2K,

@@ -1057,13 +1057,15 @@ fn scale_reader(dtype: DType) -> &'static str {
 /// affine) are never split, so `p.first + row` is the matrix row.
 fn weight_value(c: &Contraction) -> String {
     let body = match c.weight {
-        WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
-            let (bytes, _) = block_encoder(c.weight).unwrap_or_default();
-            format!(
-                "    let o = row * ROW_BYTES + (i / 32u) * {bytes}u;\n    let e = i % 32u;\n{}",
-                block_decoder(c.weight).unwrap_or_default()
-            )
-        }
+        WeightFormat::Q8_0
+        | WeightFormat::Q4_0
+        | WeightFormat::Q4_1
+        | WeightFormat::Q5_0
+        | WeightFormat::Q5_1 => format!(
+            "    let o = row * ROW_BYTES + (i / 32u) * {}u;\n    let e = i % 32u;\n{}",
+            c.weight.row_bytes(32),
+            block_decoder(c.weight).unwrap_or_default()
+        ),
         // One 16-bit float (rows start at even bytes).
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => {
             let value = if c.weight == WeightFormat::PackedF16 {
@@ -2438,6 +2440,17 @@ fn block_decoder(format: WeightFormat) -> Option<&'static str> {
         }
         WeightFormat::Q4_1 => {
             "    let q = (byte_at(o + 4u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+    return half_at(o) * f32(q) + half_at(o + 2u);
+"
+        }
+        // The fifth bit of value `e` is bit `e` of the 32-bit word after the scales.
+        WeightFormat::Q5_0 => {
+            "    let q = ((byte_at(o + 6u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u) | (((byte_at(o + 2u + e / 8u) >> (e % 8u)) & 1u) << 4u);
+    return half_at(o) * f32(i32(q) - 16);
+"
+        }
+        WeightFormat::Q5_1 => {
+            "    let q = ((byte_at(o + 8u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u) | (((byte_at(o + 4u + e / 8u) >> (e % 8u)) & 1u) << 4u);
     return half_at(o) * f32(q) + half_at(o + 2u);
 "
         }

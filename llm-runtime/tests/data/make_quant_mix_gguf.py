@@ -1,12 +1,14 @@
-"""A small Llama GGUF file whose matrices mix the K-quants as llama.cpp's quantized files
-do (its Q2_K files hold Q3_K tensors, Q4_K_S files Q5_K ones, Q5_K_M files Q5_K and Q6_K),
-written by the `gguf` Python package's own writer (no llmc code involved).
+"""A small Llama GGUF file whose matrices mix the ggml types as llama.cpp's quantized files
+do (its Q2_K files hold Q3_K tensors, Q4_K_S files Q5_K ones, Q5_K_M files Q5_K and Q6_K,
+and rows that are not whole super-blocks fall back to Q5_0, Q5_1 or Q8_0), written by the
+`gguf` Python package's own writer (no llmc code involved).
 
-The blocks are random and valid: random bytes with each block's f16 scales set so that
-weights stay below about 0.1. Norms are F32 near one.
+The K-quant blocks are random and valid (random bytes with each block's f16 scales set so
+that weights stay below about 0.1); the Q5_0 and Q5_1 matrices are seeded weights that
+the package quantizes. Norms are F32 near one.
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
-    /tmp/gguf/bin/python make_kquant_gguf.py   # writes kquant-mix.gguf beside this file
+    /tmp/gguf/bin/python make_quant_mix_gguf.py   # writes quant-mix.gguf beside this file
 """
 
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
+from gguf.quants import quantize
 
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 256, 2, 4, 2, 256
 
@@ -27,16 +30,20 @@ BLOCKS = {
     T.Q6_K: (210, [208], 4096),
 }
 
-# Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it, layer 1 as a Q2_K file.
+# Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it, layer 1 as a Q2_K file,
+# with two of llama.cpp's fallback types.
 LAYER_TYPES = [
-    {"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q5_K, "attn_output": T.Q4_K,
+    {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.Q4_K,
      "ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q5_K},
     {"attn_q": T.Q2_K, "attn_k": T.Q2_K, "attn_v": T.Q3_K, "attn_output": T.Q3_K,
-     "ffn_gate": T.Q2_K, "ffn_up": T.Q2_K, "ffn_down": T.Q3_K},
+     "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.Q3_K},
 ]
 
 
 def blocks(rng, qtype, rows, cols):
+    if qtype not in BLOCKS:
+        weights = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+        return quantize(weights, qtype)
     block_bytes, scales, reach = BLOCKS[qtype]
     n = rows * cols // 256
     data = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
@@ -48,7 +55,7 @@ def blocks(rng, qtype, rows, cols):
 
 def main():
     rng = np.random.default_rng(11)
-    path = Path(__file__).parent / "kquant-mix.gguf"
+    path = Path(__file__).parent / "quant-mix.gguf"
     w = GGUFWriter(path, "llama")
     w.add_context_length(64)
     w.add_embedding_length(DIM)
