@@ -15,7 +15,8 @@
 //! `kv-storage` and `softcap` one decode call of 8 110M-shaped sequences over 512
 //! positions each, the first with the cache in f32, f16, q8_0, q4_0 and q4_1 (and, as
 //! heads of 256, the K-quants), the second with
-//! and without Gemma 2's soft-capped attention scores.
+//! and without Gemma 2's soft-capped attention scores. `gguf-types` decodes the 110M shape
+//! with its matrices in each GGUF block format, compiled as `llm-run` compiles them.
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
 //! `LLMC_BENCH_GPU=1` on a machine with a GPU to add the GPU backend's rows and the
@@ -241,6 +242,47 @@ fn bench_batched_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Greedy decoding of 32 positions of the 110M shape on two threads with its matrices in
+/// each GGUF block format, compiled as `llm-run` compiles for the CPU (`default,
+/// quantize-activations`: q8_0, q4_0, q4_k and q6_k meet q8_0 activations as integers; the
+/// others decode their runs into f32 lanes): what a file of each type costs per token.
+fn bench_gguf_types(c: &mut Criterion) {
+    let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
+        return;
+    };
+    let (config, weights) = llama2c::load(&path).expect("model");
+    let tokenizer = tokenizer(config.vocab);
+    let mut group = c.benchmark_group("gguf-types");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(POSITIONS as u64));
+    let backend = Backend::Cpu { threads: 2 };
+    for format in [
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
+        QuantFormat::Q2K,
+        QuantFormat::Q3K,
+        QuantFormat::Q4K,
+        QuantFormat::Q5K,
+        QuantFormat::Q6K,
+    ] {
+        let mut weights = weights.clone();
+        weights.quantize_matrices(&format);
+        let model = Model::compile_on(
+            &backend,
+            config.clone(),
+            weights,
+            "default,quantize-activations",
+        )
+        .expect("compiles");
+        let id = BenchmarkId::new(format!("cpu-2t-{format}"), &name);
+        bench_generate(&mut group, id, &model, &tokenizer, POSITIONS);
+    }
+    group.finish();
+}
+
 /// One `@decode` call of 8 sequences of the 110M shape (heads of 64), each over 512
 /// positions of context, on two threads, with the KV cache in f32, f16, q8_0, q4_0 and
 /// q4_1: what each storage costs or saves where attention streams every sequence's keys
@@ -448,6 +490,7 @@ criterion_group!(
     bench_decode_long,
     bench_batched_decode,
     bench_kv_storage,
+    bench_gguf_types,
     bench_softcap,
     bench_prefill
 );

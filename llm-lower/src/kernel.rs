@@ -1361,14 +1361,19 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
-            // Activations in q8_0 meet q8_0, q4_0, q4_k or q6_k weights run by run (each
-            // run of the weight's lies inside a block of x).
+            // Activations in q8_0 meet q8_0, q4_0, q3_k, q4_k, q5_k or q6_k weights run by run
+            // (each run of the weight's lies inside a block of x).
             let q8_0_input = check.is_quantized(0);
             let x_shape = if q8_0_input {
                 let x = check.quantized(0).ok()?;
                 let blocks_meet = matches!(
                     weight,
-                    WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4K | WeightFormat::Q6K
+                    WeightFormat::Q8_0
+                        | WeightFormat::Q4_0
+                        | WeightFormat::Q3K
+                        | WeightFormat::Q4K
+                        | WeightFormat::Q5K
+                        | WeightFormat::Q6K
                 );
                 (*x.format() == QuantFormat::Q8_0 && blocks_meet).then(|| x.shape().to_vec())?
             } else {

@@ -83,8 +83,8 @@ pub struct Tiles {
     /// `q8_0_row`, `q4_0_row`, `q4_k_row`, `q6_k_row`, `f16_row` or `bf16_row`, for one row
     /// against a quantized weight row.
     pub quant_row: Option<FuncRef>,
-    /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights), `kq8dot::q4_k_by_q8_0_rows` or
-    /// `kq8dot::q6_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.
+    /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights) or a K-quant's
+    /// `kq8dot::q{3,4,5,6}_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
     /// `q8dot::by_q8_0_panels` (q8_0 or q4_0 weights), for a run of block panels
     /// ([`Contraction::block_panels`]) against every q8_0 row of x (in tiles of rows).

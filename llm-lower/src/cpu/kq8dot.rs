@@ -1,5 +1,5 @@
-//! Integer dot products of q8_0 activations with the GGUF k-quants q4_k and q6_k, the
-//! formats most GGUF models ship their matrices in.
+//! Integer dot products of q8_0 activations with the GGUF k-quants q3_k, q4_k, q5_k and
+//! q6_k, the formats most GGUF models ship their matrices in.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -8,12 +8,17 @@
 //! - q4_k: eight runs of 32, value `d * sc * q - dmin * m` (`q` a nibble, `sc` and `m`
 //!   6-bit): the nibbles meet `qx` in `vpmaddubsw` (unsigned by signed bytes), and the
 //!   minimums take `Σ qx`, which is the same for every weight row, so it is formed once
-//!   per call (`Activations`);
+//!   per call (`Activations`); q5_k is q4_k with a fifth bit per code (codes up to 31,
+//!   still unsigned bytes for `vpmaddubsw`) from a 32-byte plane before the nibbles;
 //! - q6_k: sixteen runs of 16, value `d * sc * (q - 32)` (`q` 6-bit, `sc` a signed byte):
 //!   `q` meets `qx` in `vpmaddubsw` and the recentring is taken off as `32 * Σ qx` by a
 //!   second one (exact for every byte, as in [`super::q8dot`]).
 //!
-//! [`q4_k_by_q8_0_rows`] and [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
+//! - q3_k: sixteen runs of 16, value `d * (sc - 32) * (q - 4)` (`q` a 2-bit code with a
+//!   high bit above it, `sc` 6-bit): as q6_k, the recentring taken off as `4 * Σ qx`.
+//!
+//! [`q3_k_by_q8_0_rows`], [`q4_k_by_q8_0_rows`], [`q5_k_by_q8_0_rows`] and
+//! [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
 //! F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd` where it has that
 //! too ([`super::q8dot::vnni`]), taking the rows of x in tiles (each weight super-block
 //! decoded once per tile); elsewhere the generated kernel decodes the same
@@ -27,8 +32,15 @@
 
 /// The symbol generated code imports [`q4_k_by_q8_0_rows`] under.
 pub const Q4_K_BY_Q8_0_ROWS: &str = "llmc_q4_k_by_q8_0_rows";
+/// The symbol generated code imports [`q3_k_by_q8_0_rows`] under.
+pub const Q3_K_BY_Q8_0_ROWS: &str = "llmc_q3_k_by_q8_0_rows";
+/// The symbol generated code imports [`q5_k_by_q8_0_rows`] under.
+pub const Q5_K_BY_Q8_0_ROWS: &str = "llmc_q5_k_by_q8_0_rows";
 /// The symbol generated code imports [`q6_k_by_q8_0_rows`] under.
 pub const Q6_K_BY_Q8_0_ROWS: &str = "llmc_q6_k_by_q8_0_rows";
+
+#[cfg(target_arch = "x86_64")]
+use llm_ir::interp::quant::q3_k_scale;
 
 #[cfg(target_arch = "x86_64")]
 use super::{
@@ -66,6 +78,66 @@ pub unsafe extern "C" fn q4_k_by_q8_0_rows<const VNNI: bool>(
     };
     // SAFETY: forwarded from this function's contract.
     unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 144, rows.max(0) as usize)) }
+}
+
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+/// `rows` consecutive q3_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+///
+/// # Safety
+///
+/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 110` bytes.
+#[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
+pub unsafe extern "C" fn q3_k_by_q8_0_rows<const VNNI: bool>(
+    k: i64,
+    x: *const u8,
+    w: *const u8,
+    y: *mut u8,
+    rows: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
+) {
+    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
+    let kernels = Kernels {
+        vnni: (q3_k_vnni::<4>, q3_k_vnni::<1>),
+        avx2: (q3_k_avx2::<2>, q3_k_avx2::<1>),
+    };
+    // SAFETY: forwarded from this function's contract.
+    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 110, rows.max(0) as usize)) }
+}
+
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+/// `rows` consecutive q5_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+///
+/// # Safety
+///
+/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 176` bytes.
+#[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
+pub unsafe extern "C" fn q5_k_by_q8_0_rows<const VNNI: bool>(
+    k: i64,
+    x: *const u8,
+    w: *const u8,
+    y: *mut u8,
+    rows: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
+) {
+    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
+    let kernels = Kernels {
+        vnni: (q5_k_vnni::<4>, q5_k_vnni::<1>),
+        avx2: (q5_k_avx2::<2>, q5_k_avx2::<1>),
+    };
+    // SAFETY: forwarded from this function's contract.
+    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 176, rows.max(0) as usize)) }
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
@@ -224,7 +296,18 @@ impl QuadSums for Vnni {
 /// (tiles of four, in thirty-two vector registers): one body each, inlined into a
 /// function of each feature set.
 macro_rules! instances {
-    ($features:literal, $sums:ty, $q4_k:ident, $q6_k:ident) => {
+    ($features:literal, $sums:ty, $q3_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $q3_k<const TILE: usize>(
+            x: [*const u8; TILE],
+            a: [&Activations; TILE],
+            w: *const u8,
+        ) -> [f32; TILE] {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { q3_k_rows::<$sums, TILE>(x, a, w) }
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $q4_k<const TILE: usize>(
@@ -233,7 +316,18 @@ macro_rules! instances {
             w: *const u8,
         ) -> [f32; TILE] {
             // SAFETY: forwarded from the entry point's contract.
-            unsafe { q4_k_rows::<$sums, TILE>(x, a, w) }
+            unsafe { q4_k_rows::<$sums, TILE, false>(x, a, w) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $q5_k<const TILE: usize>(
+            x: [*const u8; TILE],
+            a: [&Activations; TILE],
+            w: *const u8,
+        ) -> [f32; TILE] {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { q4_k_rows::<$sums, TILE, true>(x, a, w) }
         }
 
         #[cfg(target_arch = "x86_64")]
@@ -249,11 +343,20 @@ macro_rules! instances {
     };
 }
 
-instances!("avx2,fma,f16c", Avx2, q4_k_avx2, q6_k_avx2);
+instances!(
+    "avx2,fma,f16c",
+    Avx2,
+    q3_k_avx2,
+    q4_k_avx2,
+    q5_k_avx2,
+    q6_k_avx2
+);
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     Vnni,
+    q3_k_vnni,
     q4_k_vnni,
+    q5_k_vnni,
     q6_k_vnni
 );
 
@@ -310,10 +413,12 @@ impl Activations {
 /// sub-block `2p` and high nibbles sub-block `2p + 1` for bytes `32p..32p + 32`. The
 /// weight's codes and scales are decoded once for the tile; per row of x, the eight
 /// sub-blocks' factors `d * sc * dx` and minimum terms `dmin * m * dx * Σ qx` are formed 8
-/// lanes at a time. Each row's result is the same whatever the tile.
+/// lanes at a time. Each row's result is the same whatever the tile. With `FIFTH`, q5_k
+/// (176 bytes): 32 bytes of fifth bits come before the nibbles, value `l` of sub-block `j`
+/// at bit `j` of byte `l`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize>(
+unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize, const FIFTH: bool>(
     x: [*const u8; TILE],
     a: [&Activations; TILE],
     w: *const u8,
@@ -323,11 +428,18 @@ unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize>(
     unsafe {
         use std::arch::x86_64::*;
         let mask = _mm256_set1_epi8(0x0f);
+        let sixteen = _mm256_set1_epi8(0x10);
+        let (block_bytes, codes_at) = if FIFTH { (176, 48) } else { (144, 16) };
         let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
         let mut mins = [_mm256_setzero_ps(); TILE];
         let mut factors = [[0f32; 8]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
-            let block = w.add(sb * 144);
+            let block = w.add(sb * block_bytes);
+            let fifth = if FIFTH {
+                _mm256_loadu_si256(block.add(16).cast())
+            } else {
+                _mm256_setzero_si256()
+            };
             // `d` and `dmin` from one 32-bit word.
             let both = _mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()));
             let d = _mm256_broadcastss_ps(both);
@@ -344,13 +456,23 @@ unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize>(
                 mins[t] = _mm256_fmadd_ps(dmin_m, dx_sum, mins[t]);
             }
             for pair in 0..4 {
-                let packed = _mm256_loadu_si256(block.add(16 + 32 * pair).cast());
+                let packed = _mm256_loadu_si256(block.add(codes_at + 32 * pair).cast());
                 let halves = [
                     _mm256_and_si256(packed, mask),
                     _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
                 ];
-                for (h, codes) in halves.into_iter().enumerate() {
+                for (h, mut codes) in halves.into_iter().enumerate() {
                     let j = 2 * pair + h;
+                    if FIFTH {
+                        // Bit j of every byte, moved to bit 4 (16-bit shifts move no bit
+                        // into the kept one across the byte boundary).
+                        let bit = if j > 4 {
+                            _mm256_srl_epi16(fifth, _mm_cvtsi32_si128(j as i32 - 4))
+                        } else {
+                            _mm256_sll_epi16(fifth, _mm_cvtsi32_si128(4 - j as i32))
+                        };
+                        codes = _mm256_or_si256(codes, _mm256_and_si256(bit, sixteen));
+                    }
                     for t in 0..TILE {
                         let xq = _mm256_loadu_si256(x[t].add((8 * sb + j) * X_BLOCK + 2).cast());
                         let sums = _mm256_cvtepi32_ps(Q::quads(codes, xq));
@@ -412,6 +534,79 @@ unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
                         let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
                         // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
                         let sums = _mm256_sub_epi32(Q::quads(codes, xq), a[t].centre[b]);
+                        let centred = _mm256_cvtepi32_ps(sums);
+                        let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
+                        acc[t][g % 2] = _mm256_fmadd_ps(centred, scale, acc[t][g % 2]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
+    }
+}
+
+/// q3_k against `TILE` rows of x: per super-block (110 bytes) 32 bytes of high bits, 64
+/// of 2-bit codes, 12 of 6-bit run scales and an f16 `d`; each half `n` of 128 values has
+/// four quarters `s` of 32 (one block of x each): value `l` of quarter `s` takes bit pair
+/// `s` of code byte `32n + l` and bit `4n + s` of high byte `l`, an unsigned code `q` of 3
+/// bits whose value is `q - 4`. As in [`q6_k_rows`], a half's eight run factors
+/// `d * (sc - 32) * dx` are formed 8 lanes at a time and each quarter takes its two. Each
+/// row's result is the same whatever the tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q3_k_rows<Q: QuadSums, const TILE: usize>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
+    unsafe {
+        use std::arch::x86_64::*;
+        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        let runs: [__m256i; 4] = std::array::from_fn(|g| {
+            let g = 2 * g as i32;
+            _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
+        });
+        let (pair, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+        for sb in 0..a[0].dx.len() / 8 {
+            let block = w.add(sb * 110);
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                block.add(108).cast::<u16>().read_unaligned(),
+            ))));
+            let packed: &[u8; 12] = &*block.add(96).cast();
+            let scales: [i8; 16] = std::array::from_fn(|j| q3_k_scale(j, packed) - 32);
+            let high = _mm256_loadu_si256(block.cast());
+            for n in 0..2 {
+                let sc = _mm_loadl_epi64(scales.as_ptr().add(8 * n).cast());
+                let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                let factors: [__m256; TILE] = std::array::from_fn(|t| {
+                    let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(8 * sb + 4 * n));
+                    let dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice);
+                    _mm256_mul_ps(d_sc, dx)
+                });
+                let codes = _mm256_loadu_si256(block.add(32 + 32 * n).cast());
+                for g in 0..4 {
+                    let low = _mm256_and_si256(
+                        _mm256_srl_epi16(codes, _mm_cvtsi32_si128(2 * g as i32)),
+                        pair,
+                    );
+                    // High bit 4n + g of every byte, moved to bit 2 (16-bit shifts move
+                    // no bit into the kept one across the byte boundary).
+                    let bit = 4 * n as i32 + g as i32;
+                    let moved = if bit >= 2 {
+                        _mm256_srl_epi16(high, _mm_cvtsi32_si128(bit - 2))
+                    } else {
+                        _mm256_sll_epi16(high, _mm_cvtsi32_si128(2 - bit))
+                    };
+                    let q = _mm256_or_si256(low, _mm256_and_si256(moved, four));
+                    let b = 8 * sb + 4 * n + g;
+                    for t in 0..TILE {
+                        let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
+                        // `4 * Σ qx` per lane: the q6_k recentring (32 times) over 8.
+                        let centre = _mm256_srai_epi32(a[t].centre[b], 3);
+                        let sums = _mm256_sub_epi32(Q::quads(q, xq), centre);
                         let centred = _mm256_cvtepi32_ps(sums);
                         let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
                         acc[t][g % 2] = _mm256_fmadd_ps(centred, scale, acc[t][g % 2]);
@@ -510,10 +705,10 @@ mod tests {
             .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
     }
 
-    /// An instance of [`q4_k_by_q8_0_rows`] or [`q6_k_by_q8_0_rows`].
+    /// An instance of one of the formats' `*_by_q8_0_rows`.
     type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
 
-    /// Both formats, both instruction sets (VNNI where the CPU has it), one to nine rows of
+    /// Every format, both instruction sets (VNNI where the CPU has it), one to nine rows of
     /// x (whole tiles of either and their remainders) with scales of their own, into rows
     /// of y wider than the outputs (to check the stride).
     #[test]
@@ -521,17 +716,29 @@ mod tests {
         if !super::super::ukernel::available() {
             return;
         }
-        for (format, block) in [(QuantFormat::Q4K, 144), (QuantFormat::Q6K, 210)] {
-            let kernels: [(bool, Kernel); 2] = if format == QuantFormat::Q4K {
-                [
+        for (format, block) in [
+            (QuantFormat::Q3K, 110),
+            (QuantFormat::Q4K, 144),
+            (QuantFormat::Q5K, 176),
+            (QuantFormat::Q6K, 210),
+        ] {
+            let kernels: [(bool, Kernel); 2] = match format {
+                QuantFormat::Q3K => [
+                    (false, q3_k_by_q8_0_rows::<false>),
+                    (true, q3_k_by_q8_0_rows::<true>),
+                ],
+                QuantFormat::Q4K => [
                     (false, q4_k_by_q8_0_rows::<false>),
                     (true, q4_k_by_q8_0_rows::<true>),
-                ]
-            } else {
-                [
+                ],
+                QuantFormat::Q5K => [
+                    (false, q5_k_by_q8_0_rows::<false>),
+                    (true, q5_k_by_q8_0_rows::<true>),
+                ],
+                _ => [
                     (false, q6_k_by_q8_0_rows::<false>),
                     (true, q6_k_by_q8_0_rows::<true>),
-                ]
+                ],
             };
             for (with_vnni, kernel) in kernels {
                 if with_vnni && !super::super::q8dot::vnni() {
