@@ -624,7 +624,7 @@ fn block_format_kv_caches_hold_their_blocks() {
     }
 }
 
-/// With `quantize-activations`, the q8_0, q4_0, q3_k, q4_k, q5_k and q6_k models' matmuls read q8_0
+/// With `quantize-activations`, the q8_0, q4_0 and K-quant models' matmuls read q8_0
 /// activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
@@ -634,7 +634,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 /// last-bit difference upstream (another addition order in an RMS norm or attention) can
 /// move a code by one step, 1/127 of its block's largest value, and the random weights of
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
-/// 2.5% for q4_0, 3.0% for q3_k, 1e-6 for q4_k and q5_k, 2.3-2.6% for q6_k, about the size
+/// 2.5% for q4_0, 1.5% for q2_k, 3.0% for q3_k, 1e-6 for q4_k and q5_k, 2.3-2.6% for q6_k, about the size
 /// of the rounding's own effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]
@@ -648,6 +648,7 @@ fn q8_0_activations_run_in_generated_code() {
     for format in [
         QuantFormat::Q8_0,
         QuantFormat::Q4_0,
+        QuantFormat::Q2K,
         QuantFormat::Q3K,
         QuantFormat::Q4K,
         QuantFormat::Q5K,

@@ -1361,7 +1361,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
-            // Activations in q8_0 meet q8_0, q4_0, q3_k, q4_k, q5_k or q6_k weights run by run
+            // Activations in q8_0 meet q8_0, q4_0 or K-quant weights run by run
             // (each run of the weight's lies inside a block of x).
             let q8_0_input = check.is_quantized(0);
             let x_shape = if q8_0_input {
@@ -1370,6 +1370,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                     weight,
                     WeightFormat::Q8_0
                         | WeightFormat::Q4_0
+                        | WeightFormat::Q2K
                         | WeightFormat::Q3K
                         | WeightFormat::Q4K
                         | WeightFormat::Q5K

@@ -685,11 +685,11 @@ proptest! {
     }
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet q8_0, q4_0 and the
-    /// K-quants q3_k to q6_k in integer dot products on the CPU (dequantized first on the GPU), with
+    /// K-quants q2_k to q6_k in integer dot products on the CPU (dequantized first on the GPU), with
     /// static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..6, dynamic in any::<bool>(), seed: u64) {
-        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k")][which].clone();
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..7, dynamic in any::<bool>(), seed: u64) {
+        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")][which].clone();
         // Whole super-blocks of 256 for the k-quants.
         let k = if which < 2 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };

@@ -1,7 +1,7 @@
 //! `quantize-activations`: quantized matmuls read q8_0 activations.
 //!
-//! `quantized_matmul(x, w)` with `f32` activations `x` and a q8_0, q4_0, q3_k, q4_k, q5_k
-//! or q6_k weight becomes `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 and q4_0 hold blocks of
+//! `quantized_matmul(x, w)` with `f32` activations `x` and a q8_0, q4_0 or K-quant (q2_k
+//! to q6_k) weight becomes `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 and q4_0 hold blocks of
 //! 32 values along K with one scale each, so a block of `x` meets a block of `w` as two
 //! scales and 32 pairs of small integers: a backend multiplies the codes as integers and
 //! scales the block's sum once (the usual int8 dot product of quantized inference
@@ -38,7 +38,7 @@ use crate::{
 /// The registry entry.
 pub const INFO: PassInfo = PassInfo {
     name: "quantize-activations",
-    summary: "quantize the f32 inputs of q8_0/q4_0/q3_k/q4_k/q5_k/q6_k matmuls to q8_0 (integer dot products)",
+    summary: "quantize the f32 inputs of q8_0/q4_0/K-quant matmuls to q8_0 (integer dot products)",
     options: &[],
     scope: Scope::Any,
     create: |_: &PassOptions| Box::new(QuantizeActivations),
@@ -73,7 +73,7 @@ impl Pass for QuantizeActivations {
 }
 
 /// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
-/// whose K is a static multiple of 32, with a q8_0, q4_0 or K-quant (q3_k to q6_k) weight (the
+/// whose K is a static multiple of 32, with a q8_0, q4_0 or K-quant (q2_k to q6_k) weight (the
 /// k-quants' K is a multiple of their 256-value super-blocks, as their type requires).
 fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     if ir::name(ctx, op) != "llm.quantized_matmul" {
@@ -86,6 +86,7 @@ fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
             w.format(),
             QuantFormat::Q8_0
                 | QuantFormat::Q4_0
+                | QuantFormat::Q2K
                 | QuantFormat::Q3K
                 | QuantFormat::Q4K
                 | QuantFormat::Q5K

@@ -199,8 +199,9 @@ pub fn compile(
         )
     };
     #[cfg(target_arch = "x86_64")]
-    let kq8dot_rows: [*const u8; 4] = if q8dot::vnni() {
+    let kq8dot_rows: [*const u8; 5] = if q8dot::vnni() {
         [
+            kq8dot::q2_k_by_q8_0_rows::<true> as *const u8,
             kq8dot::q3_k_by_q8_0_rows::<true> as *const u8,
             kq8dot::q4_k_by_q8_0_rows::<true> as *const u8,
             kq8dot::q5_k_by_q8_0_rows::<true> as *const u8,
@@ -208,6 +209,7 @@ pub fn compile(
         ]
     } else {
         [
+            kq8dot::q2_k_by_q8_0_rows::<false> as *const u8,
             kq8dot::q3_k_by_q8_0_rows::<false> as *const u8,
             kq8dot::q4_k_by_q8_0_rows::<false> as *const u8,
             kq8dot::q5_k_by_q8_0_rows::<false> as *const u8,
@@ -233,10 +235,11 @@ pub fn compile(
         (q8dot::Q4_0_BY_Q8_0_ROWS, q8dot_rows[1]),
         (q8dot::Q8_0_BY_Q8_0_PANELS, q8dot_panels[0]),
         (q8dot::Q4_0_BY_Q8_0_PANELS, q8dot_panels[1]),
-        (kq8dot::Q3_K_BY_Q8_0_ROWS, kq8dot_rows[0]),
-        (kq8dot::Q4_K_BY_Q8_0_ROWS, kq8dot_rows[1]),
-        (kq8dot::Q5_K_BY_Q8_0_ROWS, kq8dot_rows[2]),
-        (kq8dot::Q6_K_BY_Q8_0_ROWS, kq8dot_rows[3]),
+        (kq8dot::Q2_K_BY_Q8_0_ROWS, kq8dot_rows[0]),
+        (kq8dot::Q3_K_BY_Q8_0_ROWS, kq8dot_rows[1]),
+        (kq8dot::Q4_K_BY_Q8_0_ROWS, kq8dot_rows[2]),
+        (kq8dot::Q5_K_BY_Q8_0_ROWS, kq8dot_rows[3]),
+        (kq8dot::Q6_K_BY_Q8_0_ROWS, kq8dot_rows[4]),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
         (
@@ -274,6 +277,7 @@ pub fn compile(
     let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 8)?;
     let q4_0_by_q8_0_panels = import(q8dot::Q4_0_BY_Q8_0_PANELS, 8)?;
     let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 8)?;
+    let q2_k_by_q8_0_rows = import(kq8dot::Q2_K_BY_Q8_0_ROWS, 8)?;
     let q3_k_by_q8_0_rows = import(kq8dot::Q3_K_BY_Q8_0_ROWS, 8)?;
     let q5_k_by_q8_0_rows = import(kq8dot::Q5_K_BY_Q8_0_ROWS, 8)?;
     let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 8)?;
@@ -311,6 +315,7 @@ pub fn compile(
                     }
                 }
                 WeightFormat::Q4K if c.q8_0_input => tiles.q8_0_rows = bring(q4_k_by_q8_0_rows),
+                WeightFormat::Q2K if c.q8_0_input => tiles.q8_0_rows = bring(q2_k_by_q8_0_rows),
                 WeightFormat::Q3K if c.q8_0_input => tiles.q8_0_rows = bring(q3_k_by_q8_0_rows),
                 WeightFormat::Q5K if c.q8_0_input => tiles.q8_0_rows = bring(q5_k_by_q8_0_rows),
                 WeightFormat::Q6K if c.q8_0_input => tiles.q8_0_rows = bring(q6_k_by_q8_0_rows),

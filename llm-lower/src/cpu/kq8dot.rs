@@ -1,5 +1,5 @@
-//! Integer dot products of q8_0 activations with the GGUF k-quants q3_k, q4_k, q5_k and
-//! q6_k, the formats most GGUF models ship their matrices in.
+//! Integer dot products of q8_0 activations with the GGUF k-quants (q2_k to q6_k), the
+//! formats most GGUF models ship their matrices in.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -14,11 +14,13 @@
 //!   `q` meets `qx` in `vpmaddubsw` and the recentring is taken off as `32 * Σ qx` by a
 //!   second one (exact for every byte, as in [`super::q8dot`]).
 //!
+//! - q2_k: sixteen runs of 16, value `d * sc * q - dmin * m` (`q` 2-bit, `sc` and `m`
+//!   4-bit): the minimums take `dx * Σ qx` over each half block of x (`Activations`);
 //! - q3_k: sixteen runs of 16, value `d * (sc - 32) * (q - 4)` (`q` a 2-bit code with a
 //!   high bit above it, `sc` 6-bit): as q6_k, the recentring taken off as `4 * Σ qx`.
 //!
-//! [`q3_k_by_q8_0_rows`], [`q4_k_by_q8_0_rows`], [`q5_k_by_q8_0_rows`] and
-//! [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
+//! [`q2_k_by_q8_0_rows`], [`q3_k_by_q8_0_rows`], [`q4_k_by_q8_0_rows`],
+//! [`q5_k_by_q8_0_rows`] and [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
 //! F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd` where it has that
 //! too ([`super::q8dot::vnni`]), taking the rows of x in tiles (each weight super-block
 //! decoded once per tile); elsewhere the generated kernel decodes the same
@@ -32,6 +34,8 @@
 
 /// The symbol generated code imports [`q4_k_by_q8_0_rows`] under.
 pub const Q4_K_BY_Q8_0_ROWS: &str = "llmc_q4_k_by_q8_0_rows";
+/// The symbol generated code imports [`q2_k_by_q8_0_rows`] under.
+pub const Q2_K_BY_Q8_0_ROWS: &str = "llmc_q2_k_by_q8_0_rows";
 /// The symbol generated code imports [`q3_k_by_q8_0_rows`] under.
 pub const Q3_K_BY_Q8_0_ROWS: &str = "llmc_q3_k_by_q8_0_rows";
 /// The symbol generated code imports [`q5_k_by_q8_0_rows`] under.
@@ -78,6 +82,36 @@ pub unsafe extern "C" fn q4_k_by_q8_0_rows<const VNNI: bool>(
     };
     // SAFETY: forwarded from this function's contract.
     unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 144, rows.max(0) as usize)) }
+}
+
+/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+/// `rows` consecutive q2_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+///
+/// # Safety
+///
+/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 84` bytes.
+#[cfg(target_arch = "x86_64")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a C entry point for generated code: the operands and their strides"
+)]
+pub unsafe extern "C" fn q2_k_by_q8_0_rows<const VNNI: bool>(
+    k: i64,
+    x: *const u8,
+    w: *const u8,
+    y: *mut u8,
+    rows: i64,
+    m: i64,
+    x_stride: i64,
+    y_stride: i64,
+) {
+    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
+    let kernels = Kernels {
+        vnni: (q2_k_vnni::<4>, q2_k_vnni::<1>),
+        avx2: (q2_k_avx2::<2>, q2_k_avx2::<1>),
+    };
+    // SAFETY: forwarded from this function's contract.
+    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 84, rows.max(0) as usize)) }
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
@@ -296,7 +330,18 @@ impl QuadSums for Vnni {
 /// (tiles of four, in thirty-two vector registers): one body each, inlined into a
 /// function of each feature set.
 macro_rules! instances {
-    ($features:literal, $sums:ty, $q3_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
+    ($features:literal, $sums:ty, $q2_k:ident, $q3_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $q2_k<const TILE: usize>(
+            x: [*const u8; TILE],
+            a: [&Activations; TILE],
+            w: *const u8,
+        ) -> [f32; TILE] {
+            // SAFETY: forwarded from the entry point's contract.
+            unsafe { q2_k_rows::<$sums, TILE>(x, a, w) }
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $q3_k<const TILE: usize>(
@@ -346,6 +391,7 @@ macro_rules! instances {
 instances!(
     "avx2,fma,f16c",
     Avx2,
+    q2_k_avx2,
     q3_k_avx2,
     q4_k_avx2,
     q5_k_avx2,
@@ -354,6 +400,7 @@ instances!(
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     Vnni,
+    q2_k_vnni,
     q3_k_vnni,
     q4_k_vnni,
     q5_k_vnni,
@@ -361,12 +408,13 @@ instances!(
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
-/// `dx * Σ qx` (for q4_k's minimums), and `32 * Σ qx` over each lane's four codes (q6_k's
+/// `dx * Σ qx` (for q4_k's minimums), per half block `dx * Σ qx` (q2_k's), and `32 * Σ qx` over each lane's four codes (q6_k's
 /// recentring, the same for every weight row).
 #[cfg(target_arch = "x86_64")]
 struct Activations {
     dx: Vec<f32>,
     dx_sum: Vec<f32>,
+    dx_half_sum: Vec<f32>,
     centre: Vec<std::arch::x86_64::__m256i>,
 }
 
@@ -383,6 +431,7 @@ impl Activations {
         let blocks = k / 32;
         let (mut dx, mut dx_sum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
         let mut centre = Vec::with_capacity(blocks);
+        let mut dx_half_sum = Vec::with_capacity(2 * blocks);
         let ones = _mm256_set1_epi8(1);
         for b in 0..blocks {
             // SAFETY: block b is inside the row (the contract).
@@ -402,9 +451,17 @@ impl Activations {
             unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sum) };
             dx.push(scale);
             dx_sum.push(scale * lanes.iter().sum::<i32>() as f32);
+            for half in lanes.chunks(4) {
+                dx_half_sum.push(scale * half.iter().sum::<i32>() as f32);
+            }
             centre.push(_mm256_slli_epi32(sum, 5));
         }
-        Activations { dx, dx_sum, centre }
+        Activations {
+            dx,
+            dx_sum,
+            dx_half_sum,
+            centre,
+        }
     }
 }
 
@@ -542,6 +599,74 @@ unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
             }
         }
         std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
+    }
+}
+
+/// q2_k against `TILE` rows of x: per super-block (84 bytes) 16 run bytes (scale in the
+/// low nibble, minimum in the high), 64 bytes of 2-bit codes, an f16 `d` and `dmin`; each
+/// half `n` of 128 values has four quarters `s` of 32 (one block of x each), value `l` of
+/// quarter `s` bit pair `s` of code byte `32n + l`. As in [`q6_k_rows`], a half's eight
+/// run factors `d * sc * dx` are formed 8 lanes at a time and each quarter takes its two;
+/// the minimum terms `dmin * m * dx * Σ qx` over each run's half block, 8 lanes at a time.
+/// Each row's result is the same whatever the tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q2_k_rows<Q: QuadSums, const TILE: usize>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
+    unsafe {
+        use std::arch::x86_64::*;
+        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        let runs: [__m256i; 4] = std::array::from_fn(|g| {
+            let g = 2 * g as i32;
+            _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
+        });
+        let (pair, nibble) = (_mm256_set1_epi8(3), _mm256_set1_epi32(0xf));
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+        let mut mins = [_mm256_setzero_ps(); TILE];
+        for sb in 0..a[0].dx.len() / 8 {
+            let block = w.add(sb * 84);
+            let both = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                block.add(80).cast::<i32>().read_unaligned(),
+            ));
+            let d = _mm256_broadcastss_ps(both);
+            let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(both));
+            for n in 0..2 {
+                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(8 * n).cast()));
+                let sc = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, nibble));
+                let m = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+                let (d_sc, dmin_m) = (_mm256_mul_ps(d, sc), _mm256_mul_ps(dmin, m));
+                let factors: [__m256; TILE] = std::array::from_fn(|t| {
+                    let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(8 * sb + 4 * n));
+                    let dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice);
+                    let half = _mm256_loadu_ps(a[t].dx_half_sum.as_ptr().add(16 * sb + 8 * n));
+                    mins[t] = _mm256_fmadd_ps(dmin_m, half, mins[t]);
+                    _mm256_mul_ps(d_sc, dx)
+                });
+                let codes = _mm256_loadu_si256(block.add(16 + 32 * n).cast());
+                for g in 0..4 {
+                    let q = _mm256_and_si256(
+                        _mm256_srl_epi16(codes, _mm_cvtsi32_si128(2 * g as i32)),
+                        pair,
+                    );
+                    let b = 8 * sb + 4 * n + g;
+                    for t in 0..TILE {
+                        let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
+                        let sums = _mm256_cvtepi32_ps(Q::quads(q, xq));
+                        let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
+                        acc[t][g % 2] = _mm256_fmadd_ps(sums, scale, acc[t][g % 2]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|t| {
+            let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]);
+            super::ukernel::lane_sum(total)
+        })
     }
 }
 
@@ -717,12 +842,17 @@ mod tests {
             return;
         }
         for (format, block) in [
+            (QuantFormat::Q2K, 84),
             (QuantFormat::Q3K, 110),
             (QuantFormat::Q4K, 144),
             (QuantFormat::Q5K, 176),
             (QuantFormat::Q6K, 210),
         ] {
             let kernels: [(bool, Kernel); 2] = match format {
+                QuantFormat::Q2K => [
+                    (false, q2_k_by_q8_0_rows::<false>),
+                    (true, q2_k_by_q8_0_rows::<true>),
+                ],
                 QuantFormat::Q3K => [
                     (false, q3_k_by_q8_0_rows::<false>),
                     (true, q3_k_by_q8_0_rows::<true>),
