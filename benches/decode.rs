@@ -244,8 +244,8 @@ fn bench_batched_decode(c: &mut Criterion) {
 
 /// Greedy decoding of 32 positions of the 110M shape on two threads with its matrices in
 /// each GGUF block format, compiled as `llm-run` compiles for the CPU (`default,
-/// quantize-activations`: q8_0, q4_0, q4_k and q6_k meet q8_0 activations as integers; the
-/// others decode their runs into f32 lanes): what a file of each type costs per token.
+/// quantize-activations`: q8_0, q4_0 and the K-quants meet q8_0 activations as integers;
+/// q4_1, q5_0 and q5_1 decode their runs into f32 lanes): what a file of each type costs per token.
 fn bench_gguf_types(c: &mut Criterion) {
     let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
         return;

@@ -490,8 +490,8 @@ pub struct Contraction {
     /// The constant weight is stored `[k, n]` and transposed when it is repacked into
     /// panels (it changes the packing, not the generated code).
     pub transpose_at_pack: bool,
-    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then q8_0, q4_0,
-    /// q4_k or q6_k): each run of weight codes that shares a scale meets the codes of `x`
+    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then q8_0, q4_0 or a
+    /// K-quant): each run of weight codes that shares a scale meets the codes of `x`
     /// in its block of 32 in an integer dot product, scaled by both scales.
     pub q8_0_input: bool,
     /// The constant quantized weight (q8_0 or q4_0 meeting q8_0 activations, or a 16-bit

@@ -84,7 +84,7 @@ pub struct Tiles {
     /// against a quantized weight row.
     pub quant_row: Option<FuncRef>,
     /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights) or a K-quant's
-    /// `kq8dot::q{3,4,5,6}_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.
+    /// `kq8dot::q{2,3,4,5,6}_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
     /// `q8dot::by_q8_0_panels` (q8_0 or q4_0 weights), for a run of block panels
     /// ([`Contraction::block_panels`]) against every q8_0 row of x (in tiles of rows).

@@ -7,8 +7,8 @@
 //! A row is a sequence of *runs*, consecutive weights that share a scale and an offset
 //! (`w = scale * q + offset`): a run's codes meet x unscaled, and the run adds
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
-//! fixed blocks (32 values for q8_0/q4_0/q4_1, sub-blocks of 32 or 16 inside the 256-value
-//! super-blocks of q4_k/q6_k/q2_k); the whole-matrix formats (nf4, affine integers) have a
+//! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1, sub-blocks of 32 or 16 inside the
+//! 256-value super-blocks of the K-quants); the whole-matrix formats (nf4, affine integers) have a
 //! run per scale group, decoded 32 values at a time with a scalar tail, or (affine groups
 //! along the output rows) a scale and zero point per column, decoded lane by lane.
 //! The 16-bit float formats (`PackedF16`, `PackedBF16`) have no runs: their values widen
@@ -377,7 +377,7 @@ fn fifth_bits(b: &mut FunctionBuilder, wb: Value, at: i32) -> [Value; 2] {
 fn q4_k_runs(b: &mut FunctionBuilder, wb: Value, five_bits: bool, sink: &mut Sink) {
     let d = load_f16(b, wb, 0);
     let dmin = load_f16(b, wb, 2);
-    let (codes_at, one) = if five_bits { (48, 1) } else { (16, 0) };
+    let codes_at = if five_bits { 48 } else { 16 };
     let fifth = five_bits.then(|| [0, 16].map(|at| b.ins().load(types::I8X16, mem(), wb, 16 + at)));
     for pair in 0..4 {
         let at = codes_at + 32 * pair as i32;
@@ -391,7 +391,7 @@ fn q4_k_runs(b: &mut FunctionBuilder, wb: Value, five_bits: bool, sink: &mut Sin
         {
             let sub = 2 * pair + h;
             if let Some(fifth) = fifth {
-                let bit = splat_i8(b, one);
+                let bit = splat_i8(b, 1);
                 for (half, high) in halves.iter_mut().zip(fifth) {
                     let t = shift_right(b, high, sub as i32);
                     let t = b.ins().band(t, bit);

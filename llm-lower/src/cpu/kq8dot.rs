@@ -12,8 +12,7 @@
 //!   still unsigned bytes for `vpmaddubsw`) from a 32-byte plane before the nibbles;
 //! - q6_k: sixteen runs of 16, value `d * sc * (q - 32)` (`q` 6-bit, `sc` a signed byte):
 //!   `q` meets `qx` in `vpmaddubsw` and the recentring is taken off as `32 * Σ qx` by a
-//!   second one (exact for every byte, as in [`super::q8dot`]).
-//!
+//!   second one (exact for every byte, as in [`super::q8dot`]);
 //! - q2_k: sixteen runs of 16, value `d * sc * q - dmin * m` (`q` 2-bit, `sc` and `m`
 //!   4-bit): the minimums take `dx * Σ qx` over each half block of x (`Activations`);
 //! - q3_k: sixteen runs of 16, value `d * (sc - 32) * (q - 4)` (`q` a 2-bit code with a
@@ -408,8 +407,9 @@ instances!(
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
-/// `dx * Σ qx` (for q4_k's minimums), per half block `dx * Σ qx` (q2_k's), and `32 * Σ qx` over each lane's four codes (q6_k's
-/// recentring, the same for every weight row).
+/// `dx * Σ qx` (for q4_k's and q5_k's minimums), per half block `dx * Σ qx` (q2_k's),
+/// and `32 * Σ qx` over each lane's four codes (q6_k's recentring, and q3_k's over 8; the
+/// same for every weight row).
 #[cfg(target_arch = "x86_64")]
 struct Activations {
     dx: Vec<f32>,

@@ -2505,8 +2505,9 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let l = e % 32u;
     let low = (byte_at(o + 32u + 32u * n + l) >> (2u * quarter)) & 3u;
     let high = (byte_at(o + l) >> (4u * n + quarter)) & 1u;
-    var sc = byte_at(o + 96u + sub) & 15u;
-    if (sub >= 8u) { sc = byte_at(o + 88u + sub) >> 4u; }
+    // The low nibble of byte `sub` below 8, the high one of byte `sub - 8` above.
+    let low_byte = byte_at(o + 96u + sub % 8u);
+    var sc = select(low_byte & 15u, low_byte >> 4u, sub >= 8u);
     sc = sc | (((byte_at(o + 104u + sub % 4u) >> (2u * (sub / 4u))) & 3u) << 4u);
     let q = i32(low) - select(4, 0, high == 1u);
     return half_at(o + 108u) * f32(i32(sc) - 32) * f32(q);
