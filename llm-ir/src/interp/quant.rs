@@ -331,6 +331,18 @@ pub fn q3_k_scale(j: usize, q: &[u8]) -> i8 {
     (low | (((q[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i8
 }
 
+/// The value of `x` of largest magnitude (the first of equal magnitudes, 0 for none) and
+/// that magnitude, by ggml's strict comparison.
+fn largest_magnitude(x: &[f32]) -> (f32, f32) {
+    x.iter().fold((0f32, 0f32), |(max, amax), &v| {
+        if v.abs() > amax {
+            (v, v.abs())
+        } else {
+            (max, amax)
+        }
+    })
+}
+
 /// C's `roundf`: to nearest, ties away from zero.
 fn roundf(x: f32) -> f32 {
     x.round()
@@ -347,13 +359,7 @@ fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
 }
 
 fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, _) = largest_magnitude(x);
     let d = max / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
@@ -393,13 +399,7 @@ fn quantize_q5(x: &[f32], minimum: bool) -> Vec<u8> {
             .map(|&v| (((v - min) * id + 0.5) as u8).min(31))
             .collect()
     } else {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (max, _) = largest_magnitude(x);
         let d = max / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         push_f16(&mut out, d);
@@ -531,13 +531,7 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 /// ggml's `make_qx_quants` with `rmse_type = 1`: a signed scale for codes in
 /// `-nmax..nmax`, stored in `codes` offset by `nmax`.
 fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = largest_magnitude(x);
     if amax < GROUP_MAX_EPS {
         codes.iter_mut().for_each(|c| *c = 0);
         return 0.0;
@@ -661,13 +655,7 @@ fn quantize_q4_k_q5_k(x: &[f32], five_bits: bool) -> Vec<u8> {
 /// (stored offset by `nmax`), refined code by code for up to five rounds while the
 /// weighted (`x²`) fit improves.
 fn make_q3_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = largest_magnitude(x);
     if amax < GROUP_MAX_EPS {
         codes.iter_mut().for_each(|c| *c = 0);
         return 0.0;

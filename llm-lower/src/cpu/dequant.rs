@@ -241,8 +241,9 @@ fn decode_blocks(
         let mut sink = |b: &mut FunctionBuilder, run: Run| take_run(b, vb, run);
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
-            WeightFormat::Q4_0 | WeightFormat::Q4_1 => q4_runs(b, wb, format, &mut sink),
-            WeightFormat::Q5_0 | WeightFormat::Q5_1 => q5_runs(b, wb, format, &mut sink),
+            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
+                nibble_runs(b, wb, format, &mut sink)
+            }
             WeightFormat::Q4K => q4_k_runs(b, wb, false, &mut sink),
             WeightFormat::Q5K => q4_k_runs(b, wb, true, &mut sink),
             WeightFormat::Q6K => q6_k_runs(b, wb, &mut sink),
@@ -288,54 +289,35 @@ fn q8_0_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
     );
 }
 
-/// q4_0 (an f16 scale, nibbles recentred by 8) and q4_1 (an f16 scale and minimum,
-/// unsigned nibbles): low nibbles are values 0..16, high nibbles 16..32.
-fn q4_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut Sink) {
-    let q4_0 = format == WeightFormat::Q4_0;
+/// The blocks of 32 with nibbles: q4_0 (an f16 scale, nibbles recentred by 8), q4_1 (an
+/// f16 scale and minimum, unsigned nibbles), and q5_0 and q5_1, the same with a fifth bit
+/// per value from the 32-bit word after the scales ([`fifth_bits`]; codes recentred by
+/// 16 in q5_0). Low nibbles are values 0..16, high nibbles 16..32.
+fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut Sink) {
+    let minimum = matches!(format, WeightFormat::Q4_1 | WeightFormat::Q5_1);
+    let five_bits = matches!(format, WeightFormat::Q5_0 | WeightFormat::Q5_1);
     let scale = load_f16(b, wb, 0);
-    let offset = (!q4_0).then(|| load_f16(b, wb, 2));
-    let packed = b
-        .ins()
-        .load(types::I8X16, mem(), wb, if q4_0 { 2 } else { 4 });
+    let offset = minimum.then(|| load_f16(b, wb, 2));
+    let scales_end = if minimum { 4 } else { 2 };
+    let fifth = five_bits.then(|| fifth_bits(b, wb, scales_end));
+    let packed_at = if five_bits {
+        scales_end + 4
+    } else {
+        scales_end
+    };
+    let packed = b.ins().load(types::I8X16, mem(), wb, packed_at);
     let mut codes = Vec::with_capacity(8);
-    for nibbles in split_nibbles(b, packed) {
-        codes.extend(if q4_0 {
-            let eight = splat_i8(b, 8);
-            let centred = b.ins().isub(nibbles, eight);
-            bytes_to_f32(b, centred, true)
-        } else {
-            bytes_to_f32(b, nibbles, false)
-        });
-    }
-    sink(
-        b,
-        Run {
-            codes,
-            x_at: 0,
-            scale,
-            offset,
-        },
-    );
-}
-
-/// q5_0 (an f16 scale, codes recentred by 16) and q5_1 (an f16 scale and minimum): q4's
-/// nibbles, each with a fifth bit from the 32-bit word after the scales ([`fifth_bits`]).
-fn q5_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut Sink) {
-    let q5_0 = format == WeightFormat::Q5_0;
-    let scale = load_f16(b, wb, 0);
-    let offset = (!q5_0).then(|| load_f16(b, wb, 2));
-    let bits_at = if q5_0 { 2 } else { 4 };
-    let packed = b.ins().load(types::I8X16, mem(), wb, bits_at + 4);
-    let fifth = fifth_bits(b, wb, bits_at);
-    let mut codes = Vec::with_capacity(8);
-    for (nibbles, high) in split_nibbles(b, packed).into_iter().zip(fifth) {
-        let q = b.ins().bor(nibbles, high);
-        codes.extend(if q5_0 {
-            let sixteen = splat_i8(b, 16);
-            let centred = b.ins().isub(q, sixteen);
-            bytes_to_f32(b, centred, true)
-        } else {
+    for (h, nibbles) in split_nibbles(b, packed).into_iter().enumerate() {
+        let q = match fifth {
+            Some(high) => b.ins().bor(nibbles, high[h]),
+            None => nibbles,
+        };
+        codes.extend(if minimum {
             bytes_to_f32(b, q, false)
+        } else {
+            let centre = splat_i8(b, if five_bits { 16 } else { 8 });
+            let centred = b.ins().isub(q, centre);
+            bytes_to_f32(b, centred, true)
         });
     }
     sink(

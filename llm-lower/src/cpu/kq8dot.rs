@@ -51,158 +51,92 @@ use super::{
     q8dot::{Q8_0_BLOCK_BYTES as X_BLOCK, XRows},
 };
 
-/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
-/// `rows` consecutive q4_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
-/// operands out, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's.
-///
-/// # Safety
-///
-/// As [`super::q8dot::by_q8_0_rows`], with `k` a multiple of 256 and `w` pointing to
-/// `rows * k / 256 * 144` bytes.
-#[cfg(target_arch = "x86_64")]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a C entry point for generated code: the operands and their strides"
-)]
-pub unsafe extern "C" fn q4_k_by_q8_0_rows<const VNNI: bool>(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut u8,
-    rows: i64,
-    m: i64,
-    x_stride: i64,
-    y_stride: i64,
-) {
-    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let kernels = Kernels {
-        vnni: (q4_k_vnni::<4>, q4_k_vnni::<1>),
-        avx2: (q4_k_avx2::<2>, q4_k_avx2::<1>),
+/// A format's C entry point: `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k`
+/// values at `x` and the `rows` consecutive weight rows `w_r` of `block` bytes per
+/// super-block at `w`, through the format's [`Kernels`] (`vnni`, `avx2`), preceded by its
+/// documentation.
+macro_rules! entry_point {
+    ($(#[$doc:meta])* $name:ident, $block:literal, $vnni:ident, $avx2:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[allow(
+            clippy::too_many_arguments,
+            reason = "a C entry point for generated code: the operands and their strides"
+        )]
+        pub unsafe extern "C" fn $name<const VNNI: bool>(
+            k: i64,
+            x: *const u8,
+            w: *const u8,
+            y: *mut u8,
+            rows: i64,
+            m: i64,
+            x_stride: i64,
+            y_stride: i64,
+        ) {
+            let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
+            let kernels = Kernels {
+                vnni: ($vnni::<4>, $vnni::<1>),
+                avx2: ($avx2::<2>, $avx2::<1>),
+            };
+            // SAFETY: forwarded from this function's contract.
+            unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, $block, rows.max(0) as usize)) }
+        }
     };
-    // SAFETY: forwarded from this function's contract.
-    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 144, rows.max(0) as usize)) }
 }
 
-/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
-/// `rows` consecutive q2_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
-///
-/// # Safety
-///
-/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 84` bytes.
-#[cfg(target_arch = "x86_64")]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a C entry point for generated code: the operands and their strides"
-)]
-pub unsafe extern "C" fn q2_k_by_q8_0_rows<const VNNI: bool>(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut u8,
-    rows: i64,
-    m: i64,
-    x_stride: i64,
-    y_stride: i64,
-) {
-    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let kernels = Kernels {
-        vnni: (q2_k_vnni::<4>, q2_k_vnni::<1>),
-        avx2: (q2_k_avx2::<2>, q2_k_avx2::<1>),
-    };
-    // SAFETY: forwarded from this function's contract.
-    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 84, rows.max(0) as usize)) }
-}
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive q4_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
+    /// operands out, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's.
+    ///
+    /// # Safety
+    ///
+    /// As [`super::q8dot::by_q8_0_rows`], with `k` a multiple of 256 and `w` pointing to
+    /// `rows * k / 256 * 144` bytes.
+    q4_k_by_q8_0_rows, 144, q4_k_vnni, q4_k_avx2
+);
 
-/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
-/// `rows` consecutive q3_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
-///
-/// # Safety
-///
-/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 110` bytes.
-#[cfg(target_arch = "x86_64")]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a C entry point for generated code: the operands and their strides"
-)]
-pub unsafe extern "C" fn q3_k_by_q8_0_rows<const VNNI: bool>(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut u8,
-    rows: i64,
-    m: i64,
-    x_stride: i64,
-    y_stride: i64,
-) {
-    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let kernels = Kernels {
-        vnni: (q3_k_vnni::<4>, q3_k_vnni::<1>),
-        avx2: (q3_k_avx2::<2>, q3_k_avx2::<1>),
-    };
-    // SAFETY: forwarded from this function's contract.
-    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 110, rows.max(0) as usize)) }
-}
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive q2_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 84` bytes.
+    q2_k_by_q8_0_rows, 84, q2_k_vnni, q2_k_avx2
+);
 
-/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
-/// `rows` consecutive q5_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
-///
-/// # Safety
-///
-/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 176` bytes.
-#[cfg(target_arch = "x86_64")]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a C entry point for generated code: the operands and their strides"
-)]
-pub unsafe extern "C" fn q5_k_by_q8_0_rows<const VNNI: bool>(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut u8,
-    rows: i64,
-    m: i64,
-    x_stride: i64,
-    y_stride: i64,
-) {
-    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let kernels = Kernels {
-        vnni: (q5_k_vnni::<4>, q5_k_vnni::<1>),
-        avx2: (q5_k_avx2::<2>, q5_k_avx2::<1>),
-    };
-    // SAFETY: forwarded from this function's contract.
-    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 176, rows.max(0) as usize)) }
-}
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive q3_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 110` bytes.
+    q3_k_by_q8_0_rows, 110, q3_k_vnni, q3_k_avx2
+);
 
-/// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
-/// `rows` consecutive q6_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
-/// operands out, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's.
-///
-/// # Safety
-///
-/// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 210` bytes.
-#[cfg(target_arch = "x86_64")]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a C entry point for generated code: the operands and their strides"
-)]
-pub unsafe extern "C" fn q6_k_by_q8_0_rows<const VNNI: bool>(
-    k: i64,
-    x: *const u8,
-    w: *const u8,
-    y: *mut u8,
-    rows: i64,
-    m: i64,
-    x_stride: i64,
-    y_stride: i64,
-) {
-    let x_rows = XRows::new((x, x_stride), (y, y_stride), m);
-    let kernels = Kernels {
-        vnni: (q6_k_vnni::<4>, q6_k_vnni::<1>),
-        avx2: (q6_k_avx2::<2>, q6_k_avx2::<1>),
-    };
-    // SAFETY: forwarded from this function's contract.
-    unsafe { kernels.run::<VNNI>((k as usize, x_rows), (w, 210, rows.max(0) as usize)) }
-}
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive q5_k rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 176` bytes.
+    q5_k_by_q8_0_rows, 176, q5_k_vnni, q5_k_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive q6_k rows `w_r` at `w`, as [`super::q8dot::by_q8_0_rows`] lays its
+    /// operands out, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 210` bytes.
+    q6_k_by_q8_0_rows, 210, q6_k_vnni, q6_k_avx2
+);
+
 /// The kernel of one k-quant format for a tile of `TILE` rows of x: the dot products of
 /// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
@@ -329,81 +263,39 @@ impl QuadSums for Vnni {
 /// (tiles of four, in thirty-two vector registers): one body each, inlined into a
 /// function of each feature set.
 macro_rules! instances {
-    ($features:literal, $sums:ty, $q2_k:ident, $q3_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $q2_k<const TILE: usize>(
-            x: [*const u8; TILE],
-            a: [&Activations; TILE],
-            w: *const u8,
-        ) -> [f32; TILE] {
-            // SAFETY: forwarded from the entry point's contract.
-            unsafe { q2_k_rows::<$sums, TILE>(x, a, w) }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $q3_k<const TILE: usize>(
-            x: [*const u8; TILE],
-            a: [&Activations; TILE],
-            w: *const u8,
-        ) -> [f32; TILE] {
-            // SAFETY: forwarded from the entry point's contract.
-            unsafe { q3_k_rows::<$sums, TILE>(x, a, w) }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $q4_k<const TILE: usize>(
-            x: [*const u8; TILE],
-            a: [&Activations; TILE],
-            w: *const u8,
-        ) -> [f32; TILE] {
-            // SAFETY: forwarded from the entry point's contract.
-            unsafe { q4_k_rows::<$sums, TILE, false>(x, a, w) }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $q5_k<const TILE: usize>(
-            x: [*const u8; TILE],
-            a: [&Activations; TILE],
-            w: *const u8,
-        ) -> [f32; TILE] {
-            // SAFETY: forwarded from the entry point's contract.
-            unsafe { q4_k_rows::<$sums, TILE, true>(x, a, w) }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $q6_k<const TILE: usize>(
-            x: [*const u8; TILE],
-            a: [&Activations; TILE],
-            w: *const u8,
-        ) -> [f32; TILE] {
-            // SAFETY: forwarded from the entry point's contract.
-            unsafe { q6_k_rows::<$sums, TILE>(x, a, w) }
-        }
+    ($features:literal, $sums:ty, $($kernel:ident: $rows:ident $(, $flag:literal)?);* $(;)?) => {
+        $(
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            unsafe fn $kernel<const TILE: usize>(
+                x: [*const u8; TILE],
+                a: [&Activations; TILE],
+                w: *const u8,
+            ) -> [f32; TILE] {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { $rows::<$sums, TILE $(, $flag)?>(x, a, w) }
+            }
+        )*
     };
 }
 
 instances!(
     "avx2,fma,f16c",
     Avx2,
-    q2_k_avx2,
-    q3_k_avx2,
-    q4_k_avx2,
-    q5_k_avx2,
-    q6_k_avx2
+    q2_k_avx2: q2_k_rows;
+    q3_k_avx2: q3_k_rows;
+    q4_k_avx2: q4_k_rows, false;
+    q5_k_avx2: q4_k_rows, true;
+    q6_k_avx2: q6_k_rows;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     Vnni,
-    q2_k_vnni,
-    q3_k_vnni,
-    q4_k_vnni,
-    q5_k_vnni,
-    q6_k_vnni
+    q2_k_vnni: q2_k_rows;
+    q3_k_vnni: q3_k_rows;
+    q4_k_vnni: q4_k_rows, false;
+    q5_k_vnni: q4_k_rows, true;
+    q6_k_vnni: q6_k_rows;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -546,6 +438,50 @@ unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize, const FIFTH: bool>(
     }
 }
 
+/// The permutations that give quarter `g` of a half super-block (one block of x) its two
+/// runs of 16: the first run's factor in lanes 0..4, the second's in lanes 4..8.
+///
+/// # Safety
+///
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn quarter_runs() -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    std::array::from_fn(|g| {
+        let g = 2 * g as i32;
+        // SAFETY: AVX is the caller's.
+        unsafe { _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1) }
+    })
+}
+
+/// The eight run factors `d_sc * dx` of a half super-block of runs of 16 for each row of
+/// x, whose four blocks start at block `first`: run `r` takes block `first + r / 2`'s `dx`.
+///
+/// # Safety
+///
+/// The rows' activations hold blocks `first..first + 4`, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn half_factors<const TILE: usize>(
+    d_sc: std::arch::x86_64::__m256,
+    a: [&Activations; TILE],
+    first: usize,
+) -> [std::arch::x86_64::__m256; TILE] {
+    use std::arch::x86_64::*;
+    // SAFETY: the blocks are inside each row's activations (the contract).
+    unsafe {
+        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        std::array::from_fn(|t| {
+            let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(first));
+            _mm256_mul_ps(
+                d_sc,
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice),
+            )
+        })
+    }
+}
+
 /// q6_k against `TILE` rows of x: per super-block (210 bytes) 128 bytes of low nibbles,
 /// 64 of high bit pairs, 16 signed run scales and an f16 `d`; each half of 128 values has
 /// four quarters `g` of 32 (one block of x each): value `l` of quarter `g` takes nibble
@@ -564,13 +500,7 @@ unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
     // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
         use std::arch::x86_64::*;
-        // Run r of a half belongs to its quarter r / 2: x's scale of block r / 2, twice.
-        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-        // Quarter g's two runs over lanes 0..4 and 4..8 of its sums.
-        let runs: [__m256i; 4] = std::array::from_fn(|g| {
-            let g = 2 * g as i32;
-            _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
-        });
+        let runs = quarter_runs();
         let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
             let block = w.add(sb * 210);
@@ -580,11 +510,7 @@ unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
             for n in 0..2 {
                 let sc = _mm_loadl_epi64(block.add(192 + 8 * n).cast());
                 let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                let factors: [__m256; TILE] = std::array::from_fn(|t| {
-                    let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(8 * sb + 4 * n));
-                    let dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice);
-                    _mm256_mul_ps(d_sc, dx)
-                });
+                let factors = half_factors(d_sc, a, 8 * sb + 4 * n);
                 for (g, codes) in super::kquant::q6_k_codes(block, n).into_iter().enumerate() {
                     let b = 8 * sb + 4 * n + g;
                     for t in 0..TILE {
@@ -620,11 +546,7 @@ unsafe fn q2_k_rows<Q: QuadSums, const TILE: usize>(
     // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
         use std::arch::x86_64::*;
-        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-        let runs: [__m256i; 4] = std::array::from_fn(|g| {
-            let g = 2 * g as i32;
-            _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
-        });
+        let runs = quarter_runs();
         let (pair, nibble) = (_mm256_set1_epi8(3), _mm256_set1_epi32(0xf));
         let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
         let mut mins = [_mm256_setzero_ps(); TILE];
@@ -640,13 +562,11 @@ unsafe fn q2_k_rows<Q: QuadSums, const TILE: usize>(
                 let sc = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, nibble));
                 let m = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
                 let (d_sc, dmin_m) = (_mm256_mul_ps(d, sc), _mm256_mul_ps(dmin, m));
-                let factors: [__m256; TILE] = std::array::from_fn(|t| {
-                    let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(8 * sb + 4 * n));
-                    let dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice);
+                let factors = half_factors(d_sc, a, 8 * sb + 4 * n);
+                for t in 0..TILE {
                     let half = _mm256_loadu_ps(a[t].dx_half_sum.as_ptr().add(16 * sb + 8 * n));
                     mins[t] = _mm256_fmadd_ps(dmin_m, half, mins[t]);
-                    _mm256_mul_ps(d_sc, dx)
-                });
+                }
                 let codes = _mm256_loadu_si256(block.add(16 + 32 * n).cast());
                 for g in 0..4 {
                     let q = _mm256_and_si256(
@@ -688,11 +608,7 @@ unsafe fn q3_k_rows<Q: QuadSums, const TILE: usize>(
     // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
         use std::arch::x86_64::*;
-        let twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-        let runs: [__m256i; 4] = std::array::from_fn(|g| {
-            let g = 2 * g as i32;
-            _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1)
-        });
+        let runs = quarter_runs();
         let (pair, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
         let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
@@ -706,11 +622,7 @@ unsafe fn q3_k_rows<Q: QuadSums, const TILE: usize>(
             for n in 0..2 {
                 let sc = _mm_loadl_epi64(scales.as_ptr().add(8 * n).cast());
                 let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                let factors: [__m256; TILE] = std::array::from_fn(|t| {
-                    let dx = _mm_loadu_ps(a[t].dx.as_ptr().add(8 * sb + 4 * n));
-                    let dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dx), twice);
-                    _mm256_mul_ps(d_sc, dx)
-                });
+                let factors = half_factors(d_sc, a, 8 * sb + 4 * n);
                 let codes = _mm256_loadu_si256(block.add(32 + 32 * n).cast());
                 for g in 0..4 {
                     let low = _mm256_and_si256(
