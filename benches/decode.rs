@@ -113,17 +113,36 @@ fn backends() -> Vec<(String, Backend, Option<QuantFormat>)> {
     out
 }
 
+/// `config` over `weights` (their matrices quantized to `q`, if any) compiled with the
+/// `default` pipeline for `backend`.
 fn compile(
     config: &ModelConfig,
     weights: &Weights,
     backend: &Backend,
     q: Option<&QuantFormat>,
 ) -> Model {
+    compile_with(
+        config,
+        weights,
+        backend,
+        q,
+        ("default", &KvStorage::Float(DType::F32)),
+    )
+}
+
+/// [`compile`] with the pass pipeline and the KV cache's storage given.
+fn compile_with(
+    config: &ModelConfig,
+    weights: &Weights,
+    backend: &Backend,
+    q: Option<&QuantFormat>,
+    (passes, kv): (&str, &KvStorage),
+) -> Model {
     let mut weights = weights.clone();
     if let Some(format) = q {
         weights.quantize_matrices(format);
     }
-    Model::compile_on(backend, config.clone(), weights, "default").expect("compiles")
+    Model::compile_with_kv(backend, config.clone(), weights, passes, kv.clone()).expect("compiles")
 }
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
@@ -223,14 +242,7 @@ fn bench_batched_decode(c: &mut Criterion) {
     {
         let backend = Backend::Cpu { threads };
         let kv = KvStorage::Float(kv);
-        let model = Model::compile_with_kv(
-            &backend,
-            config.clone(),
-            weights.clone(),
-            "default",
-            kv.clone(),
-        )
-        .expect("compiles");
+        let model = compile_with(&config, &weights, &backend, None, ("default", &kv));
         for batch in [1, 32] {
             let id = BenchmarkId::new(
                 format!("cpu-{threads}t-kv-{kv}"),
@@ -268,15 +280,11 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Q5K,
         QuantFormat::Q6K,
     ] {
-        let mut weights = weights.clone();
-        weights.quantize_matrices(&format);
-        let model = Model::compile_on(
-            &backend,
-            config.clone(),
-            weights,
+        let pipeline = (
             "default,quantize-activations",
-        )
-        .expect("compiles");
+            &KvStorage::Float(DType::F32),
+        );
+        let model = compile_with(&config, &weights, &backend, Some(&format), pipeline);
         let id = BenchmarkId::new(format!("cpu-2t-{format}"), &name);
         bench_generate(&mut group, id, &model, &tokenizer, POSITIONS);
     }
@@ -311,14 +319,7 @@ fn bench_kv_storage(c: &mut Criterion) {
     for (config, heads, storages) in runs {
         for kv in f32_f16.iter().chain(&storages) {
             let backend = Backend::Cpu { threads: 2 };
-            let model = Model::compile_with_kv(
-                &backend,
-                config.clone(),
-                weights.clone(),
-                "default",
-                kv.clone(),
-            )
-            .expect("compiles");
+            let model = compile_with(config, &weights, &backend, None, ("default", kv));
             let id = BenchmarkId::new(format!("cpu-2t-kv-{kv}"), format!("{name}{heads}-x8"));
             bench_decode_call(&mut group, id, &model, 8, 512);
         }
@@ -341,9 +342,7 @@ fn bench_softcap(c: &mut Criterion) {
             attention_softcap: softcap,
             ..config.clone()
         };
-        let backend = Backend::Cpu { threads: 2 };
-        let model =
-            Model::compile_on(&backend, config, weights.clone(), "default").expect("compiles");
+        let model = compile(&config, &weights, &Backend::Cpu { threads: 2 }, None);
         let label = softcap.map_or("none".to_string(), |c| format!("{c}"));
         let id = BenchmarkId::new(format!("cpu-2t-softcap-{label}"), format!("{name}-x8"));
         bench_decode_call(&mut group, id, &model, 8, 512);

@@ -67,6 +67,18 @@ fn params(steps: usize) -> RequestParams {
     }
 }
 
+/// Steps `engine` until it has no work, appending each request's tokens to its entry of
+/// `out`.
+fn drain(engine: &mut Engine, out: &mut HashMap<u64, Vec<u32>>) {
+    while engine.has_work() {
+        for event in engine.step().expect("step") {
+            if let Event::Token { id, token, .. } = event {
+                out.get_mut(&id).expect("known").push(token);
+            }
+        }
+    }
+}
+
 /// Runs all `prompts` through one engine; returns each request's tokens (prompt + output).
 fn run_engine(
     model: &Model,
@@ -82,13 +94,7 @@ fn run_engine(
         let id = engine.add_request(ids.clone(), params(steps));
         out.insert(id, ids);
     }
-    while engine.has_work() {
-        for event in engine.step().expect("step") {
-            if let Event::Token { id, token, .. } = event {
-                out.get_mut(&id).expect("known").push(token);
-            }
-        }
-    }
+    drain(&mut engine, &mut out);
     let stats = engine.stats().clone();
     (
         (0..prompts.len() as u64)
@@ -165,13 +171,7 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
         "an unstarted completion cancels"
     );
     let mut out: HashMap<u64, Vec<u32>> = completions.iter().map(|&id| (id, ids.clone())).collect();
-    while engine.has_work() {
-        for event in engine.step().expect("step") {
-            if let Event::Token { id, token, .. } = event {
-                out.get_mut(&id).expect("known").push(token);
-            }
-        }
-    }
+    drain(&mut engine, &mut out);
     assert_eq!(engine.stats().prefilled_tokens, ids.len(), "one prefill");
     assert_eq!(engine.stats().block_copies, 3);
     assert_eq!(out[&completions[4]], ids, "the cancelled completion ran");
@@ -194,13 +194,7 @@ fn parallel_completions_of(model: &Model, tok: &Tokenizer) {
         .add_request_n(ids.clone(), request.clone(), 4)
         .expect("queues");
     let mut preempted: HashMap<u64, Vec<u32>> = group.iter().map(|&id| (id, ids.clone())).collect();
-    while engine.has_work() {
-        for event in engine.step().expect("step") {
-            if let Event::Token { id, token, .. } = event {
-                preempted.get_mut(&id).expect("known").push(token);
-            }
-        }
-    }
+    drain(&mut engine, &mut preempted);
     assert!(engine.stats().preemptions > 0);
     for (k, id) in group.iter().enumerate() {
         assert_eq!(
@@ -253,13 +247,7 @@ fn cancelling_one_completion_leaves_the_others() {
         }
         assert!(engine.cancel(group[0]));
         assert!(!engine.cancel(group[0]), "cancelled twice");
-        while engine.has_work() {
-            for event in engine.step().expect("step") {
-                if let Event::Token { id, token, .. } = event {
-                    out.get_mut(&id).expect("known").push(token);
-                }
-            }
-        }
+        drain(&mut engine, &mut out);
         assert_eq!(out[&group[0]], ids, "the cancelled completion ran");
         assert_eq!(out[&group[1]], alone(1), "after {steps_before} steps");
         assert_eq!(out[&group[2]], alone(2), "after {steps_before} steps");
@@ -674,13 +662,7 @@ fn gemma3_local_layers_batch_as_single_sequences() {
             };
             out.insert(engine.add_request(prompt.clone(), params), prompt.clone());
         }
-        while engine.has_work() {
-            for event in engine.step().expect("step") {
-                if let Event::Token { id, token, .. } = event {
-                    out.get_mut(&id).expect("known").push(token);
-                }
-            }
-        }
+        drain(&mut engine, &mut out);
         for (i, prompt) in prompts.iter().enumerate() {
             let alone = sampled_alone(&model, prompt, 48, sampler(i));
             assert_eq!(out[&(i as u64)], alone, "{backend:?}, prompt {i}");

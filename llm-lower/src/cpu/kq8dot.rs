@@ -263,7 +263,7 @@ impl QuadSums for Vnni {
 /// (tiles of four, in thirty-two vector registers): one body each, inlined into a
 /// function of each feature set.
 macro_rules! instances {
-    ($features:literal, $sums:ty, $($kernel:ident: $rows:ident $(, $flag:literal)?);* $(;)?) => {
+    ($features:literal, $sums:ty, $($kernel:ident: $rows:ident $(, $param:tt)?);* $(;)?) => {
         $(
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = $features)]
@@ -273,7 +273,7 @@ macro_rules! instances {
                 w: *const u8,
             ) -> [f32; TILE] {
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { $rows::<$sums, TILE $(, $flag)?>(x, a, w) }
+                unsafe { $rows::<$sums, TILE $(, $param)?>(x, a, w) }
             }
         )*
     };
@@ -282,20 +282,20 @@ macro_rules! instances {
 instances!(
     "avx2,fma,f16c",
     Avx2,
-    q2_k_avx2: q2_k_rows;
-    q3_k_avx2: q3_k_rows;
+    q2_k_avx2: sixteens_rows, Q2kRuns;
+    q3_k_avx2: sixteens_rows, Q3kRuns;
     q4_k_avx2: q4_k_rows, false;
     q5_k_avx2: q4_k_rows, true;
-    q6_k_avx2: q6_k_rows;
+    q6_k_avx2: sixteens_rows, Q6kRuns;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     Vnni,
-    q2_k_vnni: q2_k_rows;
-    q3_k_vnni: q3_k_rows;
+    q2_k_vnni: sixteens_rows, Q2kRuns;
+    q3_k_vnni: sixteens_rows, Q3kRuns;
     q4_k_vnni: q4_k_rows, false;
     q5_k_vnni: q4_k_rows, true;
-    q6_k_vnni: q6_k_rows;
+    q6_k_vnni: sixteens_rows, Q6kRuns;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -482,103 +482,211 @@ unsafe fn half_factors<const TILE: usize>(
     }
 }
 
-/// q6_k against `TILE` rows of x: per super-block (210 bytes) 128 bytes of low nibbles,
-/// 64 of high bit pairs, 16 signed run scales and an f16 `d`; each half of 128 values has
-/// four quarters `g` of 32 (one block of x each): value `l` of quarter `g` takes nibble
-/// `g / 2` of low byte `l + 32 * (g % 2)` and bit pair `g` of high byte `l`, minus 32. The
-/// codes are decoded once for the tile; per row of x, a half's eight run factors
-/// `d * sc * dx` are formed 8 lanes at a time, and each quarter takes its two. Each row's
-/// result is the same whatever the tile.
+/// What [`sixteens_rows`] needs of one half (128 values, four blocks of x) of a
+/// super-block of a K-quant with sixteen runs of 16 values (q2_k, q3_k, q6_k).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn q6_k_rows<Q: QuadSums, const TILE: usize>(
-    x: [*const u8; TILE],
-    a: [&Activations; TILE],
-    w: *const u8,
-) -> [f32; TILE] {
-    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
-    // the caller has the features `Q` needs (this body is inlined into its instances).
-    unsafe {
-        use std::arch::x86_64::*;
-        let runs = quarter_runs();
-        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
-        for sb in 0..a[0].dx.len() / 8 {
-            let block = w.add(sb * 210);
-            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-                block.add(208).cast::<u16>().read_unaligned(),
-            ))));
-            for n in 0..2 {
-                let sc = _mm_loadl_epi64(block.add(192 + 8 * n).cast());
-                let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                let factors = half_factors(d_sc, a, 8 * sb + 4 * n);
-                for (g, codes) in super::kquant::q6_k_codes(block, n).into_iter().enumerate() {
-                    let b = 8 * sb + 4 * n + g;
-                    for t in 0..TILE {
-                        let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
-                        // Lanes 0..4 hold the first run of 16, lanes 4..8 the second.
-                        let sums = _mm256_sub_epi32(Q::quads(codes, xq), a[t].centre[b]);
-                        let centred = _mm256_cvtepi32_ps(sums);
-                        let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
-                        acc[t][g % 2] = _mm256_fmadd_ps(centred, scale, acc[t][g % 2]);
-                    }
-                }
-            }
-        }
-        std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
-    }
+struct Half {
+    /// The half's eight run scales (`d * sc`), lane `r` for run `r`.
+    d_sc: std::arch::x86_64::__m256,
+    /// The half's eight run minimums (`dmin * m`), where the format has them.
+    dmin_m: Option<std::arch::x86_64::__m256>,
+    /// Each quarter's 32 codes as unsigned bytes.
+    codes: [std::arch::x86_64::__m256i; 4],
 }
 
-/// q2_k against `TILE` rows of x: per super-block (84 bytes) 16 run bytes (scale in the
-/// low nibble, minimum in the high), 64 bytes of 2-bit codes, an f16 `d` and `dmin`; each
-/// half `n` of 128 values has four quarters `s` of 32 (one block of x each), value `l` of
-/// quarter `s` bit pair `s` of code byte `32n + l`. As in [`q6_k_rows`], a half's eight
-/// run factors `d * sc * dx` are formed 8 lanes at a time and each quarter takes its two;
-/// the minimum terms `dmin * m * dx * Σ qx` over each run's half block, 8 lanes at a time.
-/// Each row's result is the same whatever the tile.
+/// A K-quant of sixteen runs of 16 values a super-block: its size, how its codes are
+/// recentred and how a half decodes.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn q2_k_rows<Q: QuadSums, const TILE: usize>(
-    x: [*const u8; TILE],
-    a: [&Activations; TILE],
-    w: *const u8,
-) -> [f32; TILE] {
-    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
-    // the caller has the features `Q` needs (this body is inlined into its instances).
-    unsafe {
+trait Sixteens {
+    /// Bytes of a super-block.
+    const BYTES: usize;
+    /// The right shift that turns [`Activations`]' `32 * Σ qx` into what the codes are
+    /// recentred by (`None`: the codes are the values' own).
+    const CENTRE_SHIFT: Option<i32>;
+    /// Half `n` of the super-block at `block`.
+    ///
+    /// # Safety
+    ///
+    /// `block` points to a whole super-block, `n < 2`, and the CPU has AVX2 and F16C.
+    unsafe fn half(block: *const u8, n: usize) -> Half;
+}
+
+/// q2_k (84 bytes): 16 run bytes (scale in the low nibble, minimum in the high), 64 bytes
+/// of 2-bit codes, an f16 `d` and `dmin`; value `l` of quarter `s` of half `n` is bit pair
+/// `s` of code byte `32n + l`, and a run's value `d * sc * q - dmin * m`.
+#[cfg(target_arch = "x86_64")]
+struct Q2kRuns;
+
+#[cfg(target_arch = "x86_64")]
+impl Sixteens for Q2kRuns {
+    const BYTES: usize = 84;
+    const CENTRE_SHIFT: Option<i32> = None;
+
+    #[inline(always)]
+    unsafe fn half(block: *const u8, n: usize) -> Half {
         use std::arch::x86_64::*;
-        let runs = quarter_runs();
-        let (pair, nibble) = (_mm256_set1_epi8(3), _mm256_set1_epi32(0xf));
-        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
-        let mut mins = [_mm256_setzero_ps(); TILE];
-        for sb in 0..a[0].dx.len() / 8 {
-            let block = w.add(sb * 84);
+        // SAFETY: the offsets are inside the super-block (the contract).
+        unsafe {
             let both = _mm_cvtph_ps(_mm_cvtsi32_si128(
                 block.add(80).cast::<i32>().read_unaligned(),
             ));
             let d = _mm256_broadcastss_ps(both);
             let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(both));
+            let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(8 * n).cast()));
+            let sc = _mm256_and_si256(bytes, _mm256_set1_epi32(0xf));
+            let m = _mm256_srli_epi32(bytes, 4);
+            let codes = _mm256_loadu_si256(block.add(16 + 32 * n).cast());
+            Half {
+                d_sc: _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)),
+                dmin_m: Some(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m))),
+                codes: std::array::from_fn(|s| bit_pairs(codes, s)),
+            }
+        }
+    }
+}
+
+/// q3_k (110 bytes): 32 bytes of high bits, 64 of 2-bit codes, 12 of 6-bit run scales and
+/// an f16 `d`; value `l` of quarter `s` of half `n` takes bit pair `s` of code byte
+/// `32n + l` and bit `4n + s` of high byte `l`, an unsigned code `q` of 3 bits whose
+/// value is `d * (sc - 32) * (q - 4)`.
+#[cfg(target_arch = "x86_64")]
+struct Q3kRuns;
+
+#[cfg(target_arch = "x86_64")]
+impl Sixteens for Q3kRuns {
+    const BYTES: usize = 110;
+    // `4 * Σ qx`: the 32 times of `Activations::centre` over 8.
+    const CENTRE_SHIFT: Option<i32> = Some(3);
+
+    #[inline(always)]
+    unsafe fn half(block: *const u8, n: usize) -> Half {
+        use std::arch::x86_64::*;
+        // SAFETY: the offsets are inside the super-block (the contract).
+        unsafe {
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                block.add(108).cast::<u16>().read_unaligned(),
+            ))));
+            let packed: &[u8; 12] = &*block.add(96).cast();
+            let scales: [i8; 8] = std::array::from_fn(|r| q3_k_scale(8 * n + r, packed) - 32);
+            let sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(scales.as_ptr().cast()));
+            let high = _mm256_loadu_si256(block.cast());
+            let codes = _mm256_loadu_si256(block.add(32 + 32 * n).cast());
+            Half {
+                d_sc: _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)),
+                dmin_m: None,
+                codes: std::array::from_fn(|s| {
+                    // High bit 4n + s of every byte, moved to bit 2 (16-bit shifts move no
+                    // bit into the kept one across the byte boundary).
+                    let bit = 4 * n as i32 + s as i32;
+                    let moved = if bit >= 2 {
+                        _mm256_srl_epi16(high, _mm_cvtsi32_si128(bit - 2))
+                    } else {
+                        _mm256_sll_epi16(high, _mm_cvtsi32_si128(2 - bit))
+                    };
+                    let high = _mm256_and_si256(moved, _mm256_set1_epi8(4));
+                    _mm256_or_si256(bit_pairs(codes, s), high)
+                }),
+            }
+        }
+    }
+}
+
+/// q6_k (210 bytes): 128 bytes of low nibbles, 64 of high bit pairs, 16 signed run scales
+/// and an f16 `d`; value `l` of quarter `g` of a half takes nibble `g / 2` of low byte
+/// `l + 32 * (g % 2)` and bit pair `g` of high byte `l` ([`super::kquant::q6_k_codes`]),
+/// and a run's value is `d * sc * (q - 32)`.
+#[cfg(target_arch = "x86_64")]
+struct Q6kRuns;
+
+#[cfg(target_arch = "x86_64")]
+impl Sixteens for Q6kRuns {
+    const BYTES: usize = 210;
+    const CENTRE_SHIFT: Option<i32> = Some(0);
+
+    #[inline(always)]
+    unsafe fn half(block: *const u8, n: usize) -> Half {
+        use std::arch::x86_64::*;
+        // SAFETY: the offsets are inside the super-block (the contract).
+        unsafe {
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                block.add(208).cast::<u16>().read_unaligned(),
+            ))));
+            let sc = _mm_loadl_epi64(block.add(192 + 8 * n).cast());
+            Half {
+                d_sc: _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
+                dmin_m: None,
+                codes: super::kquant::q6_k_codes(block, n),
+            }
+        }
+    }
+}
+
+/// Bit pair `s` of each of the 32 bytes `codes` (16-bit shifts, then a mask per byte).
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bit_pairs(codes: std::arch::x86_64::__m256i, s: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe {
+        _mm256_and_si256(
+            _mm256_srl_epi16(codes, _mm_cvtsi32_si128(2 * s as i32)),
+            _mm256_set1_epi8(3),
+        )
+    }
+}
+
+/// A K-quant of sixteen runs of 16 ([`Sixteens`]) against `TILE` rows of x: each half of
+/// 128 values has four quarters of 32, one block of x each, whose codes are decoded once
+/// for the tile; per row of x, a half's eight run factors `d * sc * dx` are formed 8 lanes
+/// at a time and each quarter takes its two (lanes 0..4 of its sums hold the first run,
+/// 4..8 the second), the codes' recentring comes off as a multiple of `Σ qx`, and q2_k's
+/// minimum terms `dmin * m * dx * Σ qx` over each run's half block, 8 lanes at a time.
+/// Each row's result is the same whatever the tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sixteens_rows<Q: QuadSums, const TILE: usize, F: Sixteens>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
+    unsafe {
+        use std::arch::x86_64::*;
+        let runs = quarter_runs();
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+        let mut mins = [_mm256_setzero_ps(); TILE];
+        for sb in 0..a[0].dx.len() / 8 {
+            let block = w.add(sb * F::BYTES);
             for n in 0..2 {
-                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(8 * n).cast()));
-                let sc = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, nibble));
-                let m = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
-                let (d_sc, dmin_m) = (_mm256_mul_ps(d, sc), _mm256_mul_ps(dmin, m));
-                let factors = half_factors(d_sc, a, 8 * sb + 4 * n);
-                for t in 0..TILE {
-                    let half = _mm256_loadu_ps(a[t].dx_half_sum.as_ptr().add(16 * sb + 8 * n));
-                    mins[t] = _mm256_fmadd_ps(dmin_m, half, mins[t]);
+                let half = F::half(block, n);
+                let factors = half_factors(half.d_sc, a, 8 * sb + 4 * n);
+                if let Some(dmin_m) = half.dmin_m {
+                    for t in 0..TILE {
+                        let sums = _mm256_loadu_ps(a[t].dx_half_sum.as_ptr().add(16 * sb + 8 * n));
+                        mins[t] = _mm256_fmadd_ps(dmin_m, sums, mins[t]);
+                    }
                 }
-                let codes = _mm256_loadu_si256(block.add(16 + 32 * n).cast());
-                for g in 0..4 {
-                    let q = _mm256_and_si256(
-                        _mm256_srl_epi16(codes, _mm_cvtsi32_si128(2 * g as i32)),
-                        pair,
-                    );
+                for (g, codes) in half.codes.into_iter().enumerate() {
                     let b = 8 * sb + 4 * n + g;
                     for t in 0..TILE {
                         let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
-                        let sums = _mm256_cvtepi32_ps(Q::quads(q, xq));
+                        let mut sums = Q::quads(codes, xq);
+                        if let Some(shift) = F::CENTRE_SHIFT {
+                            let centre = if shift == 0 {
+                                a[t].centre[b]
+                            } else {
+                                _mm256_sra_epi32(a[t].centre[b], _mm_cvtsi32_si128(shift))
+                            };
+                            sums = _mm256_sub_epi32(sums, centre);
+                        }
                         let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
-                        acc[t][g % 2] = _mm256_fmadd_ps(sums, scale, acc[t][g % 2]);
+                        acc[t][g % 2] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t][g % 2]);
                     }
                 }
             }
@@ -587,71 +695,6 @@ unsafe fn q2_k_rows<Q: QuadSums, const TILE: usize>(
             let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]);
             super::ukernel::lane_sum(total)
         })
-    }
-}
-
-/// q3_k against `TILE` rows of x: per super-block (110 bytes) 32 bytes of high bits, 64
-/// of 2-bit codes, 12 of 6-bit run scales and an f16 `d`; each half `n` of 128 values has
-/// four quarters `s` of 32 (one block of x each): value `l` of quarter `s` takes bit pair
-/// `s` of code byte `32n + l` and bit `4n + s` of high byte `l`, an unsigned code `q` of 3
-/// bits whose value is `q - 4`. As in [`q6_k_rows`], a half's eight run factors
-/// `d * (sc - 32) * dx` are formed 8 lanes at a time and each quarter takes its two. Each
-/// row's result is the same whatever the tile.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn q3_k_rows<Q: QuadSums, const TILE: usize>(
-    x: [*const u8; TILE],
-    a: [&Activations; TILE],
-    w: *const u8,
-) -> [f32; TILE] {
-    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
-    // the caller has the features `Q` needs (this body is inlined into its instances).
-    unsafe {
-        use std::arch::x86_64::*;
-        let runs = quarter_runs();
-        let (pair, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
-        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
-        for sb in 0..a[0].dx.len() / 8 {
-            let block = w.add(sb * 110);
-            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-                block.add(108).cast::<u16>().read_unaligned(),
-            ))));
-            let packed: &[u8; 12] = &*block.add(96).cast();
-            let scales: [i8; 16] = std::array::from_fn(|j| q3_k_scale(j, packed) - 32);
-            let high = _mm256_loadu_si256(block.cast());
-            for n in 0..2 {
-                let sc = _mm_loadl_epi64(scales.as_ptr().add(8 * n).cast());
-                let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                let factors = half_factors(d_sc, a, 8 * sb + 4 * n);
-                let codes = _mm256_loadu_si256(block.add(32 + 32 * n).cast());
-                for g in 0..4 {
-                    let low = _mm256_and_si256(
-                        _mm256_srl_epi16(codes, _mm_cvtsi32_si128(2 * g as i32)),
-                        pair,
-                    );
-                    // High bit 4n + g of every byte, moved to bit 2 (16-bit shifts move
-                    // no bit into the kept one across the byte boundary).
-                    let bit = 4 * n as i32 + g as i32;
-                    let moved = if bit >= 2 {
-                        _mm256_srl_epi16(high, _mm_cvtsi32_si128(bit - 2))
-                    } else {
-                        _mm256_sll_epi16(high, _mm_cvtsi32_si128(2 - bit))
-                    };
-                    let q = _mm256_or_si256(low, _mm256_and_si256(moved, four));
-                    let b = 8 * sb + 4 * n + g;
-                    for t in 0..TILE {
-                        let xq = _mm256_loadu_si256(x[t].add(b * X_BLOCK + 2).cast());
-                        // `4 * Σ qx` per lane: the q6_k recentring (32 times) over 8.
-                        let centre = _mm256_srai_epi32(a[t].centre[b], 3);
-                        let sums = _mm256_sub_epi32(Q::quads(q, xq), centre);
-                        let centred = _mm256_cvtepi32_ps(sums);
-                        let scale = _mm256_permutevar8x32_ps(factors[t], runs[g]);
-                        acc[t][g % 2] = _mm256_fmadd_ps(centred, scale, acc[t][g % 2]);
-                    }
-                }
-            }
-        }
-        std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
     }
 }
 
