@@ -22,6 +22,7 @@ use llm_ir::{
 };
 
 use super::ieee::{CORRECTLY_ROUNDED, EXACT};
+use crate::cpu::emit::{TANH_POLY, TANH_SMALL};
 use crate::kernel::{
     AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
 };
@@ -684,7 +685,11 @@ impl Shader {
             );
         }
         let _ = writeln!(s, "const WG: u32 = {WORKGROUP}u;");
-        s.push_str(&self.body());
+        let body = self.body();
+        if body.contains("llmc_tanh(") {
+            s.push_str(&tanh_helper());
+        }
+        s.push_str(&body);
         s
     }
 
@@ -1634,11 +1639,32 @@ fn {name}(e: u32) -> f32 {{ return {name}_in((e / {values}u) * {}u, e % {values}
     s
 }
 
-/// WGSL's `tanh` of the expression `x`, its argument clamped to `[-10, 10]`: `tanh` is
-/// 1 in f32 beyond 10, and the clamp keeps implementations that compute it from
-/// exponentials away from inf / inf.
+/// `tanh` of the expression `x`, through [`tanh_helper`]'s `llmc_tanh`.
 fn tanh(x: &str) -> String {
-    format!("tanh(clamp({x}, -10.0, 10.0))")
+    format!("llmc_tanh({x})")
+}
+
+/// The WGSL function `llmc_tanh`, the CPU's `tanh` (`cpu::emit::tanh`): an odd polynomial
+/// ([`TANH_POLY`]) below |x| = [`TANH_SMALL`], where `1 - 2 / (exp(2x) + 1)` (and WGSL's
+/// builtin `tanh`, which some implementations compute so) loses the low bits, that form
+/// beyond, its argument clamped to `[-10, 10]` (`tanh` is 1 in f32 beyond; the clamp keeps
+/// `exp` finite).
+fn tanh_helper() -> String {
+    let mut p = float(TANH_POLY[0]);
+    for &c in &TANH_POLY[1..] {
+        p = format!("({p}) * z + {}", float(c));
+    }
+    format!(
+        "fn llmc_tanh(v: f32) -> f32 {{
+    let x = clamp(v, -10.0, 10.0);
+    let z = x * x;
+    let near = x + x * z * ({p});
+    let far = 1.0 - 2.0 / (exp(2.0 * x) + 1.0);
+    return select(far, near, abs(x) < {});
+}}
+",
+        float(TANH_SMALL)
+    )
 }
 
 fn attention(
