@@ -16,7 +16,8 @@
 //! positions each, the first with the cache in f32, f16, q8_0, q4_0 and q4_1 (and, as
 //! heads of 256, the K-quants), the second with
 //! and without Gemma 2's soft-capped attention scores. `gguf-types` decodes the 110M shape
-//! with its matrices in each GGUF block format, compiled as `llm-run` compiles them.
+//! with its matrices in each GGUF block format, compiled as `llm-run` compiles them and
+//! with f32 activations (`-f32-x`: `--passes default`, no integer dot products).
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
 //! `LLMC_BENCH_GPU=1` on a machine with a GPU to add the GPU backend's rows and the
@@ -256,8 +257,9 @@ fn bench_batched_decode(c: &mut Criterion) {
 
 /// Greedy decoding of 32 positions of the 110M shape on two threads with its matrices in
 /// each GGUF block format, compiled as `llm-run` compiles for the CPU (`default,
-/// quantize-activations`: q8_0, q4_0 and the K-quants meet q8_0 activations as integers;
-/// q4_1, q5_0 and q5_1 decode their runs into f32 lanes): what a file of each type costs per token.
+/// quantize-activations`: every format meets q8_0 activations as integers) and with f32
+/// activations (`default`: the weights' runs decoded into f32 lanes): what a file of each
+/// type costs per token, and what the integer kernels gain.
 fn bench_gguf_types(c: &mut Criterion) {
     let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
         return;
@@ -280,13 +282,14 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Q5K,
         QuantFormat::Q6K,
     ] {
-        let pipeline = (
-            "default,quantize-activations",
-            &KvStorage::Float(DType::F32),
-        );
-        let model = compile_with(&config, &weights, &backend, Some(&format), pipeline);
-        let id = BenchmarkId::new(format!("cpu-2t-{format}"), &name);
-        bench_generate(&mut group, id, &model, &tokenizer, POSITIONS);
+        // As `llm-run` compiles it, and with f32 activations (`--passes default`): what
+        // the integer kernels gain, measured in the same run.
+        for (passes, suffix) in [("default,quantize-activations", ""), ("default", "-f32-x")] {
+            let pipeline = (passes, &KvStorage::Float(DType::F32));
+            let model = compile_with(&config, &weights, &backend, Some(&format), pipeline);
+            let id = BenchmarkId::new(format!("cpu-2t-{format}{suffix}"), &name);
+            bench_generate(&mut group, id, &model, &tokenizer, POSITIONS);
+        }
     }
     group.finish();
 }

@@ -95,7 +95,7 @@ pub fn weight_operand(kernel: &Contraction) -> usize {
 
 /// Selects kernels for every op of `ops` among those the backend `supports`. Contractions
 /// whose f32 weight `is_constant` read it in the CPU's panel layout; those of q8_0
-/// activations whose q8_0/q4_0 weight, and those whose 16-bit weight, is constant and read
+/// activations whose weight of 32-value blocks, and those whose 16-bit weight, is constant and read
 /// by quantized matmuls (and embeddings) only read it in block panels (the weight is
 /// repacked once, at compile time; the GPU reads its row-major upload whatever the flag
 /// says); and an add whose operand is a contraction's only use becomes that contraction's
@@ -110,13 +110,12 @@ pub fn select_all(
         .iter()
         .map(|&op| {
             let mut k = kernel::select(ctx, op).filter(&supports)?;
-            // A constant q8_0/q4_0 weight that only quantized matmuls and embeddings read
-            // is repacked into block panels for those of q8_0 activations, and a 16-bit
+            // A constant weight of 32-value blocks (q8_0, q4_0, q4_1, q5_0, q5_1) that only
+            // quantized matmuls and embeddings read is repacked into block panels for those of q8_0 activations, and a 16-bit
             // one into panels for any (the embeddings gather from the panels, so no
             // row-major copy stays alive).
             if let Kernel::Contraction(c) = &mut k
-                && ((c.q8_0_input && matches!(c.weight, WeightFormat::Q8_0 | WeightFormat::Q4_0))
-                    || c.weight.is_sixteen_bit())
+                && ((c.q8_0_input && c.weight.block() == Some(32)) || c.weight.is_sixteen_bit())
             {
                 let w = op.deref(ctx).get_operand(weight_operand(c));
                 c.block_panels = is_constant(w) && read_as_weight_or_table(ctx, ops, w);

@@ -49,6 +49,16 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
 
 /// `y = quantized_matmul(quantize(x) to q8_0, w) + r` for `x` of `[m, k]` and a weight
 /// `w` of `[n, k]` in `format` (seeded, in the returned store).
+/// The GGUF formats of 32-value blocks (one scale each), whose constant weights the CPU
+/// repacks into block panels for q8_0 activations, with their names in the IR.
+const BLOCKS_OF_32: [(QuantFormat, &str); 5] = [
+    (QuantFormat::Q8_0, "q8_0"),
+    (QuantFormat::Q4_0, "q4_0"),
+    (QuantFormat::Q4_1, "q4_1"),
+    (QuantFormat::Q5_0, "q5_0"),
+    (QuantFormat::Q5_1, "q5_1"),
+];
+
 fn quantized_activations(
     [m, n, k]: [usize; 3],
     format: &QuantFormat,
@@ -684,14 +694,15 @@ proptest! {
         matmul_agrees(&format, [m, n, 32 * blocks], seed, 1e-5)?;
     }
 
-    /// Activations quantized to q8_0 (`quantize-activations`) meet q8_0, q4_0 and the
-    /// K-quants q2_k to q6_k in integer dot products on the CPU (dequantized first on the GPU), with
-    /// static or run-time rows.
+    /// Activations quantized to q8_0 (`quantize-activations`) meet the formats of 32-value
+    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1) and the K-quants q2_k to q6_k in integer dot
+    /// products on the CPU (dequantized first on the GPU), with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..7, dynamic in any::<bool>(), seed: u64) {
-        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")][which].clone();
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..10, dynamic in any::<bool>(), seed: u64) {
+        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4_1, "q4_1"), (QuantFormat::Q5_0, "q5_0"), (QuantFormat::Q5_1, "q5_1"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")][which].clone();
         // Whole super-blocks of 256 for the k-quants.
-        let k = if which < 2 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
+        let blocks_of_32 = which < 5;
+        let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
         let y = format!("llm.tensor <{rows}x{n}xf32>");
         // The residual epilogue: added after each chunk of 64 weight rows.
@@ -707,19 +718,20 @@ proptest! {
         // The interpreter adds 256 or more f32 products in order; the kernels' integer run
         // sums are exact, so over a k-quant's longer rows they differ by the interpreter's
         // rounding (measured up to 3e-5).
-        let tol = if which < 2 { 1e-5 } else { 1e-4 };
+        let tol = if blocks_of_32 { 1e-5 } else { 1e-4 };
         agree_fused(&ir, args, &Store(Vec::new()), tol, 1)?;
     }
 
-    /// A constant q8_0 or q4_0 weight (`llm.weight`) that only quantized matmuls read is
-    /// repacked into block panels: whole panels through the panel microkernel (or the
-    /// generated code, reading rows in their panels), the last `n % 4` rows row major,
-    /// across chunks and thread splits (from 65,536 multiply-adds), with the residual.
+    /// A constant weight of 32-value blocks (`llm.weight`: q8_0, q4_0, q4_1, q5_0, q5_1)
+    /// that only quantized matmuls read is repacked into block panels: whole panels
+    /// through the panel microkernel (or the generated code, reading rows in their
+    /// panels), the last `n % 4` rows row major, across chunks and thread splits (from
+    /// 65,536 multiply-adds), with the residual.
     /// (`lower/cpu/q8_0_block_panels.plir` shows that such a weight takes block panels.)
     #[test]
-    fn q8_0_activations_with_block_panels(m in 1usize..4, n in 1usize..150, blocks in 1usize..9, q4 in any::<bool>(), seed: u64) {
+    fn q8_0_activations_with_block_panels(m in 1usize..4, n in 1usize..150, blocks in 1usize..9, which in 0usize..5, seed: u64) {
         let k = 32 * blocks;
-        let format = if q4 { QuantFormat::Q4_0 } else { QuantFormat::Q8_0 };
+        let format = BLOCKS_OF_32[which].0.clone();
         let (ir, store) = quantized_activations([m, n, k], &format, seed + 1);
         let args = vec![tensor(&[m, k], seed, 3.0), tensor(&[m, n], seed + 2, 1.0)];
         // Up to 256 products: the interpreter's f32 sum in order rounds where the
@@ -727,13 +739,13 @@ proptest! {
         agree_fused(&ir, args, &store, 4e-5, 1)?;
     }
 
-    /// A q8_0 or q4_0 table that an embedding gathers from and a contraction of q8_0
+    /// A table of 32-value blocks that an embedding gathers from and a contraction of q8_0
     /// activations reads (a tied classifier) is repacked into block panels once, and the
     /// embedding gathers its rows from them.
     #[test]
-    fn tied_quantized_table_in_block_panels(m in 1usize..4, n in 1usize..40, blocks in 1usize..4, q4 in any::<bool>(), seed: u64) {
+    fn tied_quantized_table_in_block_panels(m in 1usize..4, n in 1usize..40, blocks in 1usize..4, which in 0usize..5, seed: u64) {
         let k = 32 * blocks;
-        let (format, name) = if q4 { (QuantFormat::Q4_0, "q4_0") } else { (QuantFormat::Q8_0, "q8_0") };
+        let (format, name) = BLOCKS_OF_32[which].clone();
         let ir = func(
             &[("ids".into(), ity(&[m]))],
             &ty(&[m, n]),

@@ -1,11 +1,12 @@
 //! `quantize-activations`: quantized matmuls read q8_0 activations.
 //!
-//! `quantized_matmul(x, w)` with `f32` activations `x` and a q8_0, q4_0 or K-quant (q2_k
-//! to q6_k) weight becomes `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 and q4_0 hold blocks of
-//! 32 values along K with one scale each, so a block of `x` meets a block of `w` as two
-//! scales and 32 pairs of small integers: a backend multiplies the codes as integers and
-//! scales the block's sum once (the usual int8 dot product of quantized inference
-//! engines). The k-quants' runs of 16 or 32 values that share a scale (and q4_k's
+//! `quantized_matmul(x, w)` with `f32` activations `x` and a weight of GGUF's block
+//! formats (q8_0, q4_0, q4_1, q5_0, q5_1, and the K-quants q2_k to q6_k) becomes
+//! `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 to q5_1 hold blocks of 32 values along
+//! K with one scale each (and a minimum in q4_1 and q5_1, which takes the block's `Σ x`),
+//! so a block of `x` meets a block of `w` as two scales and 32 pairs of small integers: a
+//! backend multiplies the codes as integers and scales the block's sum once (the usual
+//! int8 dot product of quantized inference engines). The k-quants' runs of 16 or 32 values that share a scale (and q4_k's
 //! minimum) each lie inside one block of `x`, so they meet it the same way, run by run.
 //!
 //! This changes the numbers: each activation is rounded to its block's q8_0 grid (a
@@ -38,7 +39,7 @@ use crate::{
 /// The registry entry.
 pub const INFO: PassInfo = PassInfo {
     name: "quantize-activations",
-    summary: "quantize the f32 inputs of q8_0/q4_0/K-quant matmuls to q8_0 (integer dot products)",
+    summary: "quantize the f32 inputs of GGUF block-format matmuls to q8_0 (integer dot products)",
     options: &[],
     scope: Scope::Any,
     create: |_: &PassOptions| Box::new(QuantizeActivations),
@@ -73,8 +74,9 @@ impl Pass for QuantizeActivations {
 }
 
 /// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
-/// whose K is a static multiple of 32, with a q8_0, q4_0 or K-quant (q2_k to q6_k) weight (the
-/// k-quants' K is a multiple of their 256-value super-blocks, as their type requires).
+/// whose K is a static multiple of 32, with a weight of GGUF's block formats (q8_0 to q5_1,
+/// or a K-quant, q2_k to q6_k: their K is a multiple of their 256-value super-blocks, as
+/// their type requires).
 fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     if ir::name(ctx, op) != "llm.quantized_matmul" {
         return None;
@@ -86,6 +88,9 @@ fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
             w.format(),
             QuantFormat::Q8_0
                 | QuantFormat::Q4_0
+                | QuantFormat::Q4_1
+                | QuantFormat::Q5_0
+                | QuantFormat::Q5_1
                 | QuantFormat::Q2K
                 | QuantFormat::Q3K
                 | QuantFormat::Q4K

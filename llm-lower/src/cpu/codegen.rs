@@ -83,10 +83,10 @@ pub struct Tiles {
     /// `q8_0_row`, `q4_0_row`, `q4_k_row`, `q6_k_row`, `f16_row` or `bf16_row`, for one row
     /// against a quantized weight row.
     pub quant_row: Option<FuncRef>,
-    /// `q8dot::by_q8_0_rows` (q8_0 or q4_0 weights) or a K-quant's
+    /// `q8dot::by_q8_0_rows` (q8_0, q4_0, q4_1, q5_0 or q5_1 weights) or a K-quant's
     /// `kq8dot::q{2,3,4,5,6}_k_by_q8_0_rows`, for a run of weight rows against every q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
-    /// `q8dot::by_q8_0_panels` (q8_0 or q4_0 weights), for a run of block panels
+    /// `q8dot::by_q8_0_panels` (the same formats of 32-value blocks), for a run of block panels
     /// ([`Contraction::block_panels`]) against every q8_0 row of x (in tiles of rows).
     pub q8_0_panels: Option<FuncRef>,
     /// `attention_row`, for a whole unmasked attention row whose heads fit it
@@ -229,7 +229,13 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         vec![super::q8dot::dot_row(b, c.weight, xrow, row, stride, c.k)]
                     }
                     _ if c.q8_0_input => {
-                        vec![dequant::dot_row_q8_0_x(b, c.weight, xrow, wblock, c.k)]
+                        let row = if c.block_panels {
+                            let (row, stride) = block_row(b, c, w, j);
+                            (row, Some(stride))
+                        } else {
+                            (wblock, None)
+                        };
+                        vec![dequant::dot_row_q8_0_x(b, c.weight, xrow, row, c.k)]
                     }
                     (
                         WeightFormat::Q8_0

@@ -75,7 +75,7 @@ pub fn dot_row(
         format => {
             let acc = zeroed_accumulators(b, 1)[0];
             let stride = 4 * format.block().expect("a block format") as i64;
-            decode_blocks(b, format, row, c.k, (x, stride), |b, xb, run| {
+            decode_blocks(b, format, (row, None), c.k, (x, stride), |b, xb, run| {
                 accumulate_run(b, acc, xb, run)
             });
             let a = b.use_var(acc);
@@ -85,24 +85,31 @@ pub fn dot_row(
 }
 
 /// The dot product of the q8_0 row at `x` (`k` values) with the row at `row` of a
-/// block-format weight whose runs lie inside blocks of 32 (the k-quants), in generated
-/// code: the weight decoded into its runs as for `f32` activations, each run meeting the
-/// codes of its block of x as floats. A run's products of small integers and their sums
-/// are exact in `f32`, so each run costs one scaling by its scale times x's block scale,
-/// as in the AVX2 kernels of [`super::kq8dot`], which run instead where the CPU has them.
+/// block-format weight whose runs lie inside blocks of 32 (the k-quants, q4_1, q5_0 and
+/// q5_1), whose blocks follow one another or lie `block_stride` bytes apart (a row of a
+/// block panel), in generated code: the weight decoded into its runs as for `f32`
+/// activations, each run meeting the codes of its block of x as floats. A run's products
+/// of small integers and their sums are exact in `f32`, so each run costs one scaling by
+/// its scale times x's block scale, as in the AVX2 kernels of [`super::kq8dot`] and
+/// [`super::q8dot`], which run instead where the CPU has them.
 pub fn dot_row_q8_0_x(
     b: &mut FunctionBuilder,
     format: WeightFormat,
     x: Value,
-    row: Value,
+    (row, block_stride): (Value, Option<Value>),
     k: usize,
 ) -> Value {
     let acc = zeroed_accumulators(b, 1)[0];
     let block = format.block().expect("a block format");
     let stride = (block / 32 * Q8_0_BLOCK_BYTES) as i64;
-    decode_blocks(b, format, row, k, (x, stride), |b, xb, run| {
-        accumulate_q8_0_run(b, acc, xb, run)
-    });
+    decode_blocks(
+        b,
+        format,
+        (row, block_stride),
+        k,
+        (x, stride),
+        |b, xb, run| accumulate_q8_0_run(b, acc, xb, run),
+    );
     let a = b.use_var(acc);
     horizontal_sum(b, a)
 }
@@ -166,7 +173,7 @@ pub fn emit_dequantize(
             }
             format => {
                 let stride = 4 * format.block().expect("a block format") as i64;
-                decode_blocks(b, format, row, k, (out_row, stride), store_run)
+                decode_blocks(b, format, (row, None), k, (out_row, stride), store_run)
             }
         }
     });
@@ -219,14 +226,15 @@ fn accumulate_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
     }
 }
 
-/// Decodes a row of a GGUF block format: a loop over the row's blocks, each decoded into
-/// its runs, which go to `take_run` with the address of the block's first value in `values`
-/// (x for a dot product, the output for a dequantization), whose blocks lie `stride` bytes
-/// apart.
+/// Decodes a row of a GGUF block format at `row`, whose blocks follow one another or lie
+/// `block_stride` bytes apart (a row of a block panel): a loop over the row's blocks,
+/// each decoded into its runs, which go to `take_run` with the address of the block's
+/// first value in `values` (x for a dot product, the output for a dequantization), whose
+/// blocks lie `stride` bytes apart.
 fn decode_blocks(
     b: &mut FunctionBuilder,
     format: WeightFormat,
-    row: Value,
+    (row, block_stride): (Value, Option<Value>),
     k: usize,
     (values, stride): (Value, i64),
     mut take_run: impl FnMut(&mut FunctionBuilder, Value, Run),
@@ -236,7 +244,13 @@ fn decode_blocks(
     let zero = b.ins().iconst(types::I64, 0);
     let blocks = b.ins().iconst(types::I64, (k / block) as i64);
     for_range(b, zero, blocks, 1, |b, blk| {
-        let wb = address(b, row, blk, block_bytes);
+        let wb = match block_stride {
+            Some(apart) => {
+                let offset = b.ins().imul(blk, apart);
+                b.ins().iadd(row, offset)
+            }
+            None => address(b, row, blk, block_bytes),
+        };
         let vb = address(b, values, blk, stride);
         let mut sink = |b: &mut FunctionBuilder, run: Run| take_run(b, vb, run);
         match format {

@@ -175,30 +175,6 @@ pub fn compile(
     // is registered on every x86-64 host, so that an import always resolves.
     // The q8_0-activation kernels with VNNI's byte dot products where the CPU has them.
     #[cfg(target_arch = "x86_64")]
-    let (q8dot_rows, q8dot_panels): ([*const u8; 2], [*const u8; 2]) = if q8dot::vnni() {
-        (
-            [
-                q8dot::by_q8_0_rows::<false, true> as *const u8,
-                q8dot::by_q8_0_rows::<true, true> as *const u8,
-            ],
-            [
-                q8dot::by_q8_0_panels::<false, true> as *const u8,
-                q8dot::by_q8_0_panels::<true, true> as *const u8,
-            ],
-        )
-    } else {
-        (
-            [
-                q8dot::by_q8_0_rows::<false, false> as *const u8,
-                q8dot::by_q8_0_rows::<true, false> as *const u8,
-            ],
-            [
-                q8dot::by_q8_0_panels::<false, false> as *const u8,
-                q8dot::by_q8_0_panels::<true, false> as *const u8,
-            ],
-        )
-    };
-    #[cfg(target_arch = "x86_64")]
     let kq8dot_rows: [*const u8; 5] = if q8dot::vnni() {
         [
             kq8dot::q2_k_by_q8_0_rows::<true> as *const u8,
@@ -231,10 +207,6 @@ pub fn compile(
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (ukernel::F16_ROW, ukernel::f16_row as *const u8),
         (ukernel::BF16_ROW, ukernel::bf16_row as *const u8),
-        (q8dot::Q8_0_BY_Q8_0_ROWS, q8dot_rows[0]),
-        (q8dot::Q4_0_BY_Q8_0_ROWS, q8dot_rows[1]),
-        (q8dot::Q8_0_BY_Q8_0_PANELS, q8dot_panels[0]),
-        (q8dot::Q4_0_BY_Q8_0_PANELS, q8dot_panels[1]),
         (kq8dot::Q2_K_BY_Q8_0_ROWS, kq8dot_rows[0]),
         (kq8dot::Q3_K_BY_Q8_0_ROWS, kq8dot_rows[1]),
         (kq8dot::Q4_K_BY_Q8_0_ROWS, kq8dot_rows[2]),
@@ -247,6 +219,13 @@ pub fn compile(
             attention::attention_row as *const u8,
         ),
     ]);
+    #[cfg(target_arch = "x86_64")]
+    for ((_, rows, panels), (rows_fn, panels_fn)) in
+        q8dot::SYMBOLS.into_iter().zip(q8dot::entry_points())
+    {
+        builder.symbol(rows, rows_fn);
+        builder.symbol(panels, panels_fn);
+    }
     let use_tiles = microkernels
         && match target {
             Target::Host => ukernel::available(),
@@ -272,10 +251,11 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let f16_row = import(ukernel::F16_ROW, 4)?;
     let bf16_row = import(ukernel::BF16_ROW, 4)?;
-    let q8_0_by_q8_0_rows = import(q8dot::Q8_0_BY_Q8_0_ROWS, 8)?;
-    let q4_0_by_q8_0_rows = import(q8dot::Q4_0_BY_Q8_0_ROWS, 8)?;
-    let q8_0_by_q8_0_panels = import(q8dot::Q8_0_BY_Q8_0_PANELS, 8)?;
-    let q4_0_by_q8_0_panels = import(q8dot::Q4_0_BY_Q8_0_PANELS, 8)?;
+    // Per format of 32-value blocks: its q8_0-activation rows and panels kernels.
+    let mut by_q8_0 = Vec::with_capacity(q8dot::SYMBOLS.len());
+    for (format, rows, panels) in q8dot::SYMBOLS {
+        by_q8_0.push((format, import(rows, 8)?, import(panels, 8)?));
+    }
     let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 8)?;
     let q2_k_by_q8_0_rows = import(kq8dot::Q2_K_BY_Q8_0_ROWS, 8)?;
     let q3_k_by_q8_0_rows = import(kq8dot::Q3_K_BY_Q8_0_ROWS, 8)?;
@@ -301,43 +281,48 @@ pub fn compile(
         if let Kernel::Contraction(c) = kernel {
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
-            match c.weight {
-                WeightFormat::Q8_0 if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q8_0_by_q8_0_rows);
+            let blocks_of_32 = by_q8_0.iter().find(|(format, ..)| *format == c.weight);
+            match (c.weight, blocks_of_32) {
+                (_, Some(&(_, rows, panels))) if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(rows);
                     if c.block_panels {
-                        tiles.q8_0_panels = bring(q8_0_by_q8_0_panels);
+                        tiles.q8_0_panels = bring(panels);
                     }
                 }
-                WeightFormat::Q4_0 if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q4_0_by_q8_0_rows);
-                    if c.block_panels {
-                        tiles.q8_0_panels = bring(q4_0_by_q8_0_panels);
-                    }
+                (WeightFormat::Q4K, _) if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q4_k_by_q8_0_rows)
                 }
-                WeightFormat::Q4K if c.q8_0_input => tiles.q8_0_rows = bring(q4_k_by_q8_0_rows),
-                WeightFormat::Q2K if c.q8_0_input => tiles.q8_0_rows = bring(q2_k_by_q8_0_rows),
-                WeightFormat::Q3K if c.q8_0_input => tiles.q8_0_rows = bring(q3_k_by_q8_0_rows),
-                WeightFormat::Q5K if c.q8_0_input => tiles.q8_0_rows = bring(q5_k_by_q8_0_rows),
-                WeightFormat::Q6K if c.q8_0_input => tiles.q8_0_rows = bring(q6_k_by_q8_0_rows),
-                WeightFormat::F32Panels => {
+                (WeightFormat::Q2K, _) if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q2_k_by_q8_0_rows)
+                }
+                (WeightFormat::Q3K, _) if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q3_k_by_q8_0_rows)
+                }
+                (WeightFormat::Q5K, _) if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q5_k_by_q8_0_rows)
+                }
+                (WeightFormat::Q6K, _) if c.q8_0_input => {
+                    tiles.q8_0_rows = bring(q6_k_by_q8_0_rows)
+                }
+                (WeightFormat::F32Panels, _) => {
                     tiles.panel_rows = bring(panel_rows);
                 }
-                WeightFormat::Q8_0 => tiles.quant_row = bring(q8_0_row),
-                WeightFormat::Q4_0 => tiles.quant_row = bring(q4_0_row),
-                WeightFormat::PackedF16 => {
+                (WeightFormat::Q8_0, _) => tiles.quant_row = bring(q8_0_row),
+                (WeightFormat::Q4_0, _) => tiles.quant_row = bring(q4_0_row),
+                (WeightFormat::PackedF16, _) => {
                     tiles.quant_row = bring(f16_row);
                     if c.block_panels {
                         tiles.panel_rows = bring(f16_panel_rows);
                     }
                 }
-                WeightFormat::PackedBF16 => {
+                (WeightFormat::PackedBF16, _) => {
                     tiles.quant_row = bring(bf16_row);
                     if c.block_panels {
                         tiles.panel_rows = bring(bf16_panel_rows);
                     }
                 }
-                WeightFormat::Q4K => tiles.quant_row = bring(q4_k_row),
-                WeightFormat::Q6K => tiles.quant_row = bring(q6_k_row),
+                (WeightFormat::Q4K, _) => tiles.quant_row = bring(q4_k_row),
+                (WeightFormat::Q6K, _) => tiles.quant_row = bring(q6_k_row),
                 _ => {}
             }
         }

@@ -1,25 +1,32 @@
-//! Integer dot products of q8_0 activations with q8_0 or q4_0 weights.
+//! Integer dot products of q8_0 activations with the GGUF formats of 32-value blocks:
+//! q8_0, q4_0, q4_1, q5_0 and q5_1.
 //!
 //! After `quantize-activations`, a block of 32 values of x is an f16 scale `dx` and 32
-//! signed bytes, and so is a q8_0 weight block (`dw`, 32 signed bytes) or a q4_0 one
-//! (`dw`, 32 nibbles `n`, value `n - 8`). The block's dot product is
-//! `dx * dw * Σ qx·qw`, where the sum is an exact integer: no product needs a float until
-//! the block is done, and each block costs one conversion and one multiply-add.
+//! signed bytes `qx`. A weight block of these formats starts with its f16 scale `dw`;
+//! its 32 codes `c` are signed bytes (q8_0), nibbles (q4_0, q4_1) or nibbles with a fifth
+//! bit each from a 32-bit word (q5_0, q5_1), worth `dw * (c - centre)` (q4_0's centre is
+//! 8, q5_0's 16) or `dw * c + mw` (q4_1 and q5_1 keep an f16 minimum `mw` after the
+//! scale). The block's dot product is `dx * dw * (Σ qx·c - centre * Σ qx) + mw * dx * Σ qx`,
+//! where the sums are exact integers: no product needs a float until the block is done,
+//! and each block costs one conversion and one multiply-add (two with a minimum, whose
+//! `dx * Σ qx` is the same for every weight row and formed once per row of x).
 //!
 //! Two implementations, one per target:
 //! - [`by_q8_0_rows`] and [`by_q8_0_panels`], AVX2 microkernels that generated
 //!   contractions call for a run of weight rows (row major, or four at a time in block
-//!   panels) against a row of x when the CPU has AVX2 ([`super::ukernel::available`]).
-//!   q4_0 nibbles meet x in `vpmaddubsw` (unsigned by signed bytes into 16-bit pair sums)
-//!   and the recentring is taken off as `8 * Σ qx` (one more `vpmaddubsw`): exact for every
-//!   byte x may hold, -128 included (the sign trick, `|w|` by `sign(w) * x`, is not).
+//!   panels) against the rows of x when the CPU has AVX2 ([`super::ukernel::available`]),
+//!   one instance per format ([`Blocks`], [`entry_points`]).
+//!   Codes meet x in `vpmaddubsw` (unsigned by signed bytes into 16-bit pair sums: at
+//!   most `2 * 31 * 128` for five-bit codes) and the recentring is taken off as
+//!   `centre * Σ qx` (one more `vpmaddubsw`): exact for every byte x may hold, -128
+//!   included (the sign trick, `|w|` by `sign(w) * x`, is not).
 //!   q8_0 weights are widened to 16 bits and meet x in `vpmaddwd`. Where the CPU has
 //!   AVX-512 VNNI ([`vnni`]), the same loops run with `vpdpbusd`, four byte products per
-//!   32-bit lane in one instruction: q4_0's nibbles as they are, q8_0's codes with their
-//!   sign bit flipped (`q + 128`, unsigned), each recentring taken off per lane
-//!   (`8 * Σ qx`, `128 * Σ qx`).
-//! - [`dot_row`], the same sums in generated code (`pmaddwd` on 128-bit vectors), for CPUs
-//!   without AVX2 and for the tests that compare both with the interpreter.
+//!   32-bit lane in one instruction: the unsigned codes as they are, q8_0's codes with
+//!   their sign bit flipped (`q + 128`, centre 128), each recentring taken off per lane.
+//! - [`dot_row`] (q8_0 and q4_0) and [`super::dequant::dot_row_q8_0_x`] (every format),
+//!   the same sums in generated code, for CPUs without AVX2 and for the tests that compare
+//!   both with the interpreter.
 //!
 //! Integer block sums are exact in either, so the two differ only in how the scaled block
 //! sums are added up.
@@ -40,29 +47,184 @@ use super::{
 use crate::kernel::PANEL_ROWS;
 use crate::kernel::WeightFormat;
 
-/// The symbol generated code imports `by_q8_0_rows::<false>` (q8_0 weights) under.
-pub const Q8_0_BY_Q8_0_ROWS: &str = "llmc_q8_0_by_q8_0_rows";
-/// The symbol generated code imports `by_q8_0_rows::<true>` (q4_0 weights) under.
-pub const Q4_0_BY_Q8_0_ROWS: &str = "llmc_q4_0_by_q8_0_rows";
-/// The symbol generated code imports `by_q8_0_panels::<false>` (q8_0 weights) under.
-pub const Q8_0_BY_Q8_0_PANELS: &str = "llmc_q8_0_by_q8_0_panels";
-/// The symbol generated code imports `by_q8_0_panels::<true>` (q4_0 weights) under.
-pub const Q4_0_BY_Q8_0_PANELS: &str = "llmc_q4_0_by_q8_0_panels";
+/// The weight formats these kernels read, each with the symbols generated code imports
+/// its [`by_q8_0_rows`] and [`by_q8_0_panels`] instances under (in [`entry_points`]'
+/// order).
+pub const SYMBOLS: [(WeightFormat, &str, &str); 5] = [
+    (
+        WeightFormat::Q8_0,
+        "llmc_q8_0_by_q8_0_rows",
+        "llmc_q8_0_by_q8_0_panels",
+    ),
+    (
+        WeightFormat::Q4_0,
+        "llmc_q4_0_by_q8_0_rows",
+        "llmc_q4_0_by_q8_0_panels",
+    ),
+    (
+        WeightFormat::Q4_1,
+        "llmc_q4_1_by_q8_0_rows",
+        "llmc_q4_1_by_q8_0_panels",
+    ),
+    (
+        WeightFormat::Q5_0,
+        "llmc_q5_0_by_q8_0_rows",
+        "llmc_q5_0_by_q8_0_panels",
+    ),
+    (
+        WeightFormat::Q5_1,
+        "llmc_q5_1_by_q8_0_rows",
+        "llmc_q5_1_by_q8_0_panels",
+    ),
+];
+
+/// The [`by_q8_0_rows`] and [`by_q8_0_panels`] instances of each format of [`SYMBOLS`],
+/// in its order: with VNNI's byte dot products where the CPU has them ([`vnni`]), else
+/// AVX2's.
+#[cfg(target_arch = "x86_64")]
+pub fn entry_points() -> [(*const u8, *const u8); 5] {
+    fn of<W: Blocks>() -> (*const u8, *const u8) {
+        if vnni() {
+            (
+                by_q8_0_rows::<W, true> as *const u8,
+                by_q8_0_panels::<W, true> as *const u8,
+            )
+        } else {
+            (
+                by_q8_0_rows::<W, false> as *const u8,
+                by_q8_0_panels::<W, false> as *const u8,
+            )
+        }
+    }
+    [
+        of::<Q8_0>(),
+        of::<Q4_0>(),
+        of::<Q4_1>(),
+        of::<Q5_0>(),
+        of::<Q5_1>(),
+    ]
+}
 
 /// Bytes of a q8_0 block: an f16 scale and 32 codes.
 pub(super) const Q8_0_BLOCK_BYTES: usize = 34;
 
-/// Bytes of a q4_0 block: an f16 scale and 32 nibbles.
+/// A weight format of 32-value blocks that start with their f16 scale `dw`, as these
+/// kernels read it: 32 codes as unsigned bytes `c`, worth `dw * (c - CENTRE)`, plus the
+/// block's f16 minimum after the scale where it has one.
 #[cfg(target_arch = "x86_64")]
-const Q4_0_BLOCK_BYTES: usize = 18;
+pub trait Blocks {
+    /// Bytes of a block.
+    const BYTES: usize;
+    /// What the codes are recentred by: 8 (q4_0), 16 (q5_0), 128 (q8_0's codes with their
+    /// sign bit flipped), 0 (the formats with a minimum).
+    const CENTRE: u8;
+    /// Whether an f16 minimum `mw` follows the scale (q4_1, q5_1: values `dw * c + mw`).
+    const MINIMUM: bool;
+    /// Whether the codes are signed bytes after the scale (q8_0), which AVX2 widens to 16
+    /// bits for `vpmaddwd` (`vpmaddubsw`'s 16-bit pair sums would saturate on codes up to
+    /// 255).
+    const SIGNED: bool = false;
 
-/// Bytes of a weight block: q4_0 (`four_bit`) or q8_0.
+    /// The 32 codes of the block at `wb` as unsigned bytes in value order.
+    ///
+    /// # Safety
+    ///
+    /// `wb` points to a whole block of the format, and the caller has AVX2.
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i;
+}
+
+/// GGUF q8_0: an f16 scale and 32 signed codes (34 bytes).
 #[cfg(target_arch = "x86_64")]
-const fn weight_block_bytes(four_bit: bool) -> usize {
-    if four_bit {
-        Q4_0_BLOCK_BYTES
-    } else {
-        Q8_0_BLOCK_BYTES
+struct Q8_0;
+
+/// GGUF q4_0: an f16 scale and 16 bytes of nibbles (18 bytes), values `dw * (c - 8)`.
+#[cfg(target_arch = "x86_64")]
+struct Q4_0;
+
+/// GGUF q4_1: an f16 scale and minimum and 16 bytes of nibbles (20 bytes).
+#[cfg(target_arch = "x86_64")]
+struct Q4_1;
+
+/// GGUF q5_0: an f16 scale, a word of fifth bits and 16 bytes of nibbles (22 bytes),
+/// values `dw * (c - 16)`.
+#[cfg(target_arch = "x86_64")]
+struct Q5_0;
+
+/// GGUF q5_1: an f16 scale and minimum, a word of fifth bits and 16 bytes of nibbles (24
+/// bytes).
+#[cfg(target_arch = "x86_64")]
+struct Q5_1;
+
+#[cfg(target_arch = "x86_64")]
+impl Blocks for Q8_0 {
+    const BYTES: usize = Q8_0_BLOCK_BYTES;
+    const CENTRE: u8 = 128;
+    const MINIMUM: bool = false;
+    const SIGNED: bool = true;
+
+    #[inline(always)]
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the 32 codes follow the 2-byte scale (the contract); AVX2 is the caller's.
+        unsafe {
+            let signed = _mm256_loadu_si256(wb.add(2).cast());
+            _mm256_xor_si256(signed, _mm256_set1_epi8(i8::MIN))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Blocks for Q4_0 {
+    const BYTES: usize = 18;
+    const CENTRE: u8 = 8;
+    const MINIMUM: bool = false;
+
+    #[inline(always)]
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
+        // SAFETY: the 16 nibble bytes follow the scale (the contract).
+        unsafe { nibbles(wb.add(2)) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Blocks for Q4_1 {
+    const BYTES: usize = 20;
+    const CENTRE: u8 = 0;
+    const MINIMUM: bool = true;
+
+    #[inline(always)]
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
+        // SAFETY: the 16 nibble bytes follow the scale and minimum (the contract).
+        unsafe { nibbles(wb.add(4)) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Blocks for Q5_0 {
+    const BYTES: usize = 22;
+    const CENTRE: u8 = 16;
+    const MINIMUM: bool = false;
+
+    #[inline(always)]
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the fifth bits follow the scale, the 16 nibble bytes them (the contract).
+        unsafe { _mm256_or_si256(nibbles(wb.add(6)), fifth_bits(wb.add(2))) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Blocks for Q5_1 {
+    const BYTES: usize = 24;
+    const CENTRE: u8 = 0;
+    const MINIMUM: bool = true;
+
+    #[inline(always)]
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the fifth bits follow the scale and minimum, the 16 nibble bytes them
+        // (the contract).
+        unsafe { _mm256_or_si256(nibbles(wb.add(8)), fifth_bits(wb.add(4))) }
     }
 }
 
@@ -78,23 +240,22 @@ pub fn vnni() -> bool {
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` (`x_stride`
-/// bytes apart) and the `rows` consecutive weight rows `w_r` at `w`, q4_0 (`FOUR_BIT`) or
-/// q8_0, with AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's; row `i` of `y` starts
-/// `y_stride` bytes after row `i - 1`. Each instance is one symbol
-/// ([`Q8_0_BY_Q8_0_ROWS`], [`Q4_0_BY_Q8_0_ROWS`]).
+/// bytes apart) and the `rows` consecutive weight rows `w_r` of format `W` at `w`, with
+/// AVX-512 VNNI's byte dot products (`VNNI`) or AVX2's; row `i` of `y` starts `y_stride`
+/// bytes after row `i - 1`. Each format's instance is one symbol ([`SYMBOLS`]).
 ///
 /// # Safety
 ///
 /// `x` points to `m` rows of `k / 32 * 34` bytes (`k` a multiple of 32) `x_stride` apart,
-/// `w` to `rows * k / 32` weight blocks (34 or 18 bytes), `y` to `m` rows of `rows`
-/// writable floats `y_stride` apart, and the CPU has AVX2, FMA and F16C
-/// ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI` ([`vnni`]).
+/// `w` to `rows * k / 32` weight blocks of `W`, `y` to `m` rows of `rows` writable floats
+/// `y_stride` apart, and the CPU has AVX2, FMA and F16C ([`super::ukernel::available`]),
+/// and AVX-512 VNNI and VL for `VNNI` ([`vnni`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(
     clippy::too_many_arguments,
     reason = "a C entry point for generated code: the operands and their strides"
 )]
-pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool, const VNNI: bool>(
+pub unsafe extern "C" fn by_q8_0_rows<W: Blocks, const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
@@ -110,33 +271,32 @@ pub unsafe extern "C" fn by_q8_0_rows<const FOUR_BIT: bool, const VNNI: bool>(
         // SAFETY: forwarded from this function's contract.
         unsafe {
             if VNNI {
-                rows_vnni::<FOUR_BIT>(k, x_rows.x(i), w, x_rows.y(i), rows);
+                rows_vnni::<W>(k, x_rows.x(i), w, x_rows.y(i), rows);
             } else {
-                rows_avx2::<FOUR_BIT>(k, x_rows.x(i), w, x_rows.y(i), rows);
+                rows_avx2::<W>(k, x_rows.x(i), w, x_rows.y(i), rows);
             }
         }
     }
 }
 
 /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` (`x_stride`
-/// bytes apart) and the `4 * panels` weight rows of the block panels at `w`
-/// ([`crate::kernel::pack_block_panels`]), q4_0 (`FOUR_BIT`) or q8_0, with VNNI's byte dot
-/// products (`VNNI`) or AVX2's; row `i` of `y` starts `y_stride` bytes after row `i - 1`.
-/// Each instance is one symbol ([`Q8_0_BY_Q8_0_PANELS`], [`Q4_0_BY_Q8_0_PANELS`]).
+/// bytes apart) and the `4 * panels` weight rows of format `W` in the block panels at `w`
+/// ([`crate::kernel::pack_block_panels`]), with VNNI's byte dot products (`VNNI`) or
+/// AVX2's; row `i` of `y` starts `y_stride` bytes after row `i - 1`. Each format's
+/// instance is one symbol ([`SYMBOLS`]).
 ///
 /// # Safety
 ///
 /// `x` points to `m` rows of `k / 32 * 34` bytes (`k` a multiple of 32) `x_stride` apart,
-/// `w` to `panels` panels of four rows of `k / 32` weight blocks (34 or 18 bytes), `y` to
-/// `m` rows of `4 * panels` writable floats `y_stride` apart, and the CPU has AVX2, FMA
-/// and F16C ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI`
-/// ([`vnni`]).
+/// `w` to `panels` panels of four rows of `k / 32` blocks of `W`, `y` to `m` rows of
+/// `4 * panels` writable floats `y_stride` apart, and the CPU has AVX2, FMA and F16C
+/// ([`super::ukernel::available`]), and AVX-512 VNNI and VL for `VNNI` ([`vnni`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(
     clippy::too_many_arguments,
     reason = "a C entry point for generated code: the operands and their strides"
 )]
-pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool, const VNNI: bool>(
+pub unsafe extern "C" fn by_q8_0_panels<W: Blocks, const VNNI: bool>(
     k: i64,
     x: *const u8,
     w: *const u8,
@@ -151,9 +311,9 @@ pub unsafe extern "C" fn by_q8_0_panels<const FOUR_BIT: bool, const VNNI: bool>(
     // SAFETY: forwarded from this function's contract.
     unsafe {
         if VNNI {
-            panels_vnni::<FOUR_BIT>(k, tiles, w, panels);
+            panels_vnni::<W>(k, tiles, w, panels);
         } else {
-            panels_avx2::<FOUR_BIT>(k, tiles, w, panels);
+            panels_avx2::<W>(k, tiles, w, panels);
         }
     }
 }
@@ -202,27 +362,16 @@ macro_rules! instances {
     ($features:literal, $block:ty, $tile:literal, $panels:ident, $rows:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $panels<const FOUR_BIT: bool>(
-            k: usize,
-            tiles: XRows,
-            w: *const u8,
-            panels: usize,
-        ) {
+        unsafe fn $panels<W: Blocks>(k: usize, tiles: XRows, w: *const u8, panels: usize) {
             // SAFETY: forwarded from the entry point's contract.
-            unsafe { panel_tiles::<$block, FOUR_BIT, $tile>(k, tiles, w, panels) }
+            unsafe { panel_tiles::<$block, W, $tile>(k, tiles, w, panels) }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $rows<const FOUR_BIT: bool>(
-            k: usize,
-            x: *const u8,
-            w: *const u8,
-            y: *mut f32,
-            rows: usize,
-        ) {
+        unsafe fn $rows<W: Blocks>(k: usize, x: *const u8, w: *const u8, y: *mut f32, rows: usize) {
             // SAFETY: forwarded from the entry point's contract.
-            unsafe { self::rows::<$block, FOUR_BIT>(k, x, w, y, rows) }
+            unsafe { self::rows::<$block, W>(k, x, w, y, rows) }
         }
     };
 }
@@ -243,7 +392,7 @@ instances!(
 /// As [`by_q8_0_panels`], inlined into a function with the features `B` needs.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn panel_tiles<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
+unsafe fn panel_tiles<B: BlockDot, W: Blocks, const TILE: usize>(
     k: usize,
     tiles: XRows,
     w: *const u8,
@@ -255,11 +404,11 @@ unsafe fn panel_tiles<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
         while i + TILE <= tiles.m {
             let xs = std::array::from_fn(|t| tiles.x(i + t));
             let ys = std::array::from_fn(|t| tiles.y(i + t));
-            self::panels::<B, FOUR_BIT, TILE>(k, xs, w, ys, panels);
+            self::panels::<B, W, TILE>(k, xs, w, ys, panels);
             i += TILE;
         }
         while i < tiles.m {
-            self::panels::<B, FOUR_BIT, 1>(k, [tiles.x(i)], w, [tiles.y(i)], panels);
+            self::panels::<B, W, 1>(k, [tiles.x(i)], w, [tiles.y(i)], panels);
             i += 1;
         }
     }
@@ -267,11 +416,11 @@ unsafe fn panel_tiles<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
 
 /// Four rows at a time from one stream of weight bytes, against `TILE` rows of x: per
 /// block, each x row's codes are loaded once for the four weight rows, the four weight
-/// scales converted by one `vcvtph2ps`, each weight row's codes decoded once for the
-/// `TILE` x rows, and every pair of rows has its own accumulator. (Streaming at 16.0-16.5
-/// GB/s from DRAM in a scratch harness where rows one after another reached 12.3-13.0:
-/// the panel is one sequential stream, and four independent chains keep more of it in
-/// flight.)
+/// scales (and minimums) converted by one `vcvtph2ps`, each weight row's codes decoded
+/// once for the `TILE` x rows, and every pair of rows has its own accumulator. (Streaming
+/// at 16.0-16.5 GB/s from DRAM in a scratch harness where rows one after another reached
+/// 12.3-13.0: the panel is one sequential stream, and four independent chains keep more
+/// of it in flight.)
 ///
 /// # Safety
 ///
@@ -279,7 +428,7 @@ unsafe fn panel_tiles<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
 /// features `B` needs.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn panels<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
+unsafe fn panels<B: BlockDot, W: Blocks, const TILE: usize>(
     k: usize,
     x: [*const u8; TILE],
     w: *const u8,
@@ -288,26 +437,40 @@ unsafe fn panels<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
 ) {
     use std::arch::x86_64::*;
     let blocks = k / 32;
-    let w_block = weight_block_bytes(FOUR_BIT);
-    // Per block, the scale of each row of x.
+    // Per block, the scale (and `dx * Σ qx`) of each row of x.
     // SAFETY: each row of x holds k / 32 blocks (the contract).
-    let rows: [Vec<f32>; TILE] = std::array::from_fn(|t| unsafe { x_scales(x[t], blocks) });
+    let rows: [XScales; TILE] =
+        std::array::from_fn(|t| unsafe { XScales::of(x[t], blocks, W::MINIMUM) });
     let dx: Vec<[f32; TILE]> = (0..blocks)
-        .map(|b| std::array::from_fn(|t| rows[t][b]))
+        .map(|b| std::array::from_fn(|t| rows[t].dx[b]))
         .collect();
+    let sums: Vec<[f32; TILE]> = if W::MINIMUM {
+        (0..blocks)
+            .map(|b| std::array::from_fn(|t| rows[t].sums[b]))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for p in 0..panels {
         // SAFETY: block b of each x row, and block b of panel p's four rows, are inside
         // the buffers of the contract; the CPU has the features (the contract).
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); PANEL_ROWS]; TILE];
+            // Per x row, the minimums' terms of the four weight rows.
+            let mut minimums = [_mm_setzero_ps(); TILE];
             for (b, dxb) in dx.iter().enumerate() {
                 let xb: [B; TILE] =
-                    std::array::from_fn(|t| B::load::<FOUR_BIT>(x[t].add(b * Q8_0_BLOCK_BYTES)));
-                let group = w.add((p * blocks + b) * PANEL_ROWS * w_block);
-                let scale =
-                    |r: usize| u64::from(group.add(r * w_block).cast::<u16>().read_unaligned());
-                let bits = scale(0) | scale(1) << 16 | scale(2) << 32 | scale(3) << 48;
-                let dw = _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64));
+                    std::array::from_fn(|t| B::load::<W>(x[t].add(b * Q8_0_BLOCK_BYTES)));
+                let group = w.add((p * blocks + b) * PANEL_ROWS * W::BYTES);
+                let dw = if W::MINIMUM {
+                    let (dw, mw) = scales_and_minimums::<W>(group);
+                    for t in 0..TILE {
+                        minimums[t] = _mm_fmadd_ps(mw, _mm_set1_ps(sums[b][t]), minimums[t]);
+                    }
+                    dw
+                } else {
+                    four_scales::<W>(group)
+                };
                 // Per x row, `dx * dw` of the four weight rows, each in every lane.
                 let scales: [[__m256; PANEL_ROWS]; TILE] = std::array::from_fn(|t| {
                     let products = _mm_mul_ps(dw, _mm_set1_ps(dxb[t]));
@@ -319,20 +482,66 @@ unsafe fn panels<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
                     ]
                 });
                 for r in 0..PANEL_ROWS {
-                    let codes = B::weight::<FOUR_BIT>(group.add(r * w_block));
+                    let codes = B::weight::<W>(group.add(r * W::BYTES));
                     for t in 0..TILE {
-                        let sums = xb[t].dot::<FOUR_BIT>(codes);
+                        let sums = xb[t].dot::<W>(codes);
                         acc[t][r] = _mm256_fmadd_ps(sums, scales[t][r], acc[t][r]);
                     }
                 }
             }
             for (t, rows) in acc.into_iter().enumerate() {
+                let mut minimum = [0f32; PANEL_ROWS];
+                _mm_storeu_ps(minimum.as_mut_ptr(), minimums[t]);
                 for (r, a) in rows.into_iter().enumerate() {
                     // Each row of y holds 4 * panels floats (the contract).
-                    *y[t].add(PANEL_ROWS * p + r) = super::ukernel::lane_sum(a);
+                    *y[t].add(PANEL_ROWS * p + r) = super::ukernel::lane_sum(a) + minimum[r];
                 }
             }
         }
+    }
+}
+
+/// The f16 scales of the four blocks of a panel's group at `group` (one per row), as
+/// floats converted by one `vcvtph2ps`.
+///
+/// # Safety
+///
+/// `group` points to four whole blocks of `W`, and the caller has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn four_scales<W: Blocks>(group: *const u8) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    // SAFETY: each of the four blocks starts with its f16 scale (the contract).
+    unsafe {
+        let half = |r: usize| u64::from(group.add(r * W::BYTES).cast::<u16>().read_unaligned());
+        let bits = half(0) | half(1) << 16 | half(2) << 32 | half(3) << 48;
+        _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
+    }
+}
+
+/// The f16 scales and minimums of the four blocks of a panel's group at `group` (one per
+/// row; each block's minimum follows its scale), as two vectors of floats: the four
+/// 32-bit pairs converted by one `vcvtph2ps` and taken apart by two shuffles.
+///
+/// # Safety
+///
+/// `group` points to four whole blocks of `W`, which has a minimum, and the caller has
+/// AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scales_and_minimums<W: Blocks>(
+    group: *const u8,
+) -> (std::arch::x86_64::__m128, std::arch::x86_64::__m128) {
+    use std::arch::x86_64::*;
+    // SAFETY: each of the four blocks starts with its f16 scale and minimum (the contract).
+    unsafe {
+        let pair = |r: usize| group.add(r * W::BYTES).cast::<i32>().read_unaligned();
+        let both = _mm256_cvtph_ps(_mm_setr_epi32(pair(0), pair(1), pair(2), pair(3)));
+        let (low, high) = (_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
+        (
+            _mm_shuffle_ps(low, high, 0b10_00_10_00),
+            _mm_shuffle_ps(low, high, 0b11_01_11_01),
+        )
     }
 }
 
@@ -344,77 +553,105 @@ unsafe fn panels<B: BlockDot, const FOUR_BIT: bool, const TILE: usize>(
 /// As [`by_q8_0_rows`], inlined into a function with the features `B` needs.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows<B: BlockDot, const FOUR_BIT: bool>(
+unsafe fn rows<B: BlockDot, W: Blocks>(
     k: usize,
     x: *const u8,
     w: *const u8,
     y: *mut f32,
     rows: usize,
 ) {
-    let row_bytes = k / 32 * weight_block_bytes(FOUR_BIT);
+    let row_bytes = k / 32 * W::BYTES;
     // SAFETY: x holds k / 32 blocks (the contract).
-    let dx = unsafe { x_scales(x, k / 32) };
+    let scales = unsafe { XScales::of(x, k / 32, W::MINIMUM) };
     for r in 0..rows {
         // SAFETY: row r is inside the `rows` rows of the contract, y[r] too.
-        unsafe { *y.add(r) = row::<B, FOUR_BIT>(x, &dx, w.add(r * row_bytes)) };
+        unsafe { *y.add(r) = row::<B, W>(x, &scales, w.add(r * row_bytes)) };
     }
 }
 
-/// The scales of the `blocks` q8_0 blocks of x as f32, once for every row (F16C:
-/// activation scales are often subnormal in f16, and widening one by a float multiply
-/// stalls on it). On the heap: a 2 KiB stack buffer instead ran 5% slower on the 110M
-/// shape.
-///
-/// # Safety
-///
-/// `x` points to `blocks` q8_0 blocks, and the CPU has F16C.
+/// What every weight row needs of a row of x, per block: its scale `dx` as f32, and for
+/// formats with a minimum `dx * Σ qx` (what the minimum multiplies), once for every row.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn x_scales(x: *const u8, blocks: usize) -> Vec<f32> {
-    use std::arch::x86_64::*;
-    (0..blocks)
-        .map(|b| {
-            // SAFETY: block b of x is inside the row (the contract).
-            let bits = unsafe { x.add(b * Q8_0_BLOCK_BYTES).cast::<u32>().read_unaligned() };
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-        })
-        .collect()
+struct XScales {
+    /// The blocks' scales.
+    dx: Vec<f32>,
+    /// The blocks' `dx * Σ qx`, or nothing where the weight has no minimum.
+    sums: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl XScales {
+    /// The scales of the `blocks` q8_0 blocks at `x`, and their `dx * Σ qx` with
+    /// `minimum`. (F16C: activation scales are often subnormal in f16, and widening one
+    /// by a float multiply stalls on it. On the heap: a 2 KiB stack buffer instead ran 5%
+    /// slower on the 110M shape.)
+    ///
+    /// # Safety
+    ///
+    /// `x` points to `blocks` q8_0 blocks, and the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn of(x: *const u8, blocks: usize, minimum: bool) -> XScales {
+        use std::arch::x86_64::*;
+        // SAFETY: block b of x is inside the row (the contract).
+        let block = |b: usize| unsafe { x.add(b * Q8_0_BLOCK_BYTES) };
+        let dx: Vec<f32> = (0..blocks)
+            .map(|b| {
+                // SAFETY: as in `block`.
+                let bits = unsafe { block(b).cast::<u32>().read_unaligned() };
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            })
+            .collect();
+        let sums = if minimum {
+            dx.iter()
+                .enumerate()
+                .map(|(b, &d)| {
+                    // SAFETY: as in `block`: 32 codes after the scale.
+                    let codes = unsafe { _mm256_loadu_si256(block(b).add(2).cast()) };
+                    // Σ qx in pairs, then in eight 32-bit lanes, summed as floats (exact:
+                    // at most 32 * 128 in magnitude).
+                    let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), codes);
+                    let lanes = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                    d * super::ukernel::lane_sum(_mm256_cvtepi32_ps(lanes))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        XScales { dx, sums }
+    }
 }
 
 /// The codes of one block of x, loaded once for every weight row it meets, a weight
-/// block's codes, decoded once for every x row they meet, and their exact integer sums,
-/// in eight 32-bit lanes.
+/// block's codes, decoded once for every x row they meet, and their exact integer sums
+/// (recentred), in eight 32-bit lanes.
 #[cfg(target_arch = "x86_64")]
 trait BlockDot: Copy {
-    /// The codes of the q8_0 block at `xb`.
+    /// The codes of the q8_0 block at `xb`, as they meet blocks of `W`.
     ///
     /// # Safety
     ///
     /// `xb` points to a whole q8_0 block, and the CPU has the implementation's features.
-    unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> Self;
+    unsafe fn load<W: Blocks>(xb: *const u8) -> Self;
 
-    /// The codes of the weight block at `wb` (q4_0 nibbles, or q8_0 codes), as
-    /// [`BlockDot::dot`] takes them.
+    /// The codes of the weight block at `wb`, as [`BlockDot::dot`] takes them.
     ///
     /// # Safety
     ///
-    /// `wb` points to a whole weight block of the format, and the CPU has the
-    /// implementation's features.
-    unsafe fn weight<const FOUR_BIT: bool>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2];
+    /// `wb` points to a whole weight block of `W`, and the CPU has the implementation's
+    /// features.
+    unsafe fn weight<W: Blocks>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2];
 
     /// The block's exact integer sums against the weight codes `w`, as floats.
     ///
     /// # Safety
     ///
     /// The CPU has the implementation's features.
-    unsafe fn dot<const FOUR_BIT: bool>(
-        self,
-        w: [std::arch::x86_64::__m256i; 2],
-    ) -> std::arch::x86_64::__m256;
+    unsafe fn dot<W: Blocks>(self, w: [std::arch::x86_64::__m256i; 2])
+    -> std::arch::x86_64::__m256;
 }
 
-/// AVX2: x's codes as signed bytes with q4_0's recentring term `8 * Σ qx` in pair sums
-/// (`FOUR_BIT`), or widened to 16 bits for q8_0's `vpmaddwd`.
+/// AVX2: x's codes as signed bytes with the recentring term `centre * Σ qx` in pair sums,
+/// or widened to 16 bits for q8_0's `vpmaddwd`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct XBlock([std::arch::x86_64::__m256i; 2]);
@@ -422,42 +659,47 @@ struct XBlock([std::arch::x86_64::__m256i; 2]);
 #[cfg(target_arch = "x86_64")]
 impl BlockDot for XBlock {
     #[inline(always)]
-    unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> XBlock {
+    unsafe fn load<W: Blocks>(xb: *const u8) -> XBlock {
         use std::arch::x86_64::*;
         // SAFETY: the block's 32 codes follow its 2-byte scale (the contract); AVX2 is
         // the caller's.
         unsafe {
-            if FOUR_BIT {
-                let xq = _mm256_loadu_si256(xb.add(2).cast());
-                XBlock([xq, _mm256_maddubs_epi16(_mm256_set1_epi8(8), xq)])
-            } else {
+            if W::SIGNED {
                 XBlock([
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(2).cast())),
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(18).cast())),
                 ])
+            } else {
+                let xq = _mm256_loadu_si256(xb.add(2).cast());
+                let centre = if W::CENTRE != 0 {
+                    _mm256_maddubs_epi16(_mm256_set1_epi8(W::CENTRE as i8), xq)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                XBlock([xq, centre])
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn weight<const FOUR_BIT: bool>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
+    unsafe fn weight<W: Blocks>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
         use std::arch::x86_64::*;
         // SAFETY: the block's codes follow its 2-byte scale (the contract); AVX2 is the
         // caller's.
         unsafe {
-            if FOUR_BIT {
-                [nibbles(wb), _mm256_setzero_si256()]
-            } else {
+            if W::SIGNED {
                 [
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2).cast())),
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18).cast())),
                 ]
+            } else {
+                [W::codes(wb), _mm256_setzero_si256()]
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn dot<const FOUR_BIT: bool>(
+    unsafe fn dot<W: Blocks>(
         self,
         w: [std::arch::x86_64::__m256i; 2],
     ) -> std::arch::x86_64::__m256 {
@@ -465,14 +707,17 @@ impl BlockDot for XBlock {
         // SAFETY: AVX2 is the caller's.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let sums = if FOUR_BIT {
-                let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(w[0], self.0[0]), self.0[1]);
-                _mm256_madd_epi16(pairs, ones)
-            } else {
+            let sums = if W::SIGNED {
                 _mm256_add_epi32(
                     _mm256_madd_epi16(self.0[0], w[0]),
                     _mm256_madd_epi16(self.0[1], w[1]),
                 )
+            } else {
+                let mut pairs = _mm256_maddubs_epi16(w[0], self.0[0]);
+                if W::CENTRE != 0 {
+                    pairs = _mm256_sub_epi16(pairs, self.0[1]);
+                }
+                _mm256_madd_epi16(pairs, ones)
             };
             _mm256_cvtepi32_ps(sums)
         }
@@ -480,9 +725,9 @@ impl BlockDot for XBlock {
 }
 
 /// AVX-512 VNNI: x's codes as signed bytes, with the recentring term of the unsigned
-/// weight bytes in 32-bit lanes: `8 * Σ qx` for q4_0's nibbles, `128 * Σ qx` for q8_0's
-/// codes, which meet x with their sign bit flipped (`q + 128`, unsigned). Each lane sums
-/// four products in `vpdpbusd`, exactly (and the same lanes as AVX2's q4_0 sums).
+/// weight codes in 32-bit lanes (`centre * Σ qx`: q8_0's codes meet x with their sign bit
+/// flipped, `q + 128`). Each lane sums four products in `vpdpbusd`, exactly (and the same
+/// lanes as AVX2's sums of unsigned codes).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct XBlockVnni([std::arch::x86_64::__m256i; 2]);
@@ -490,116 +735,164 @@ struct XBlockVnni([std::arch::x86_64::__m256i; 2]);
 #[cfg(target_arch = "x86_64")]
 impl BlockDot for XBlockVnni {
     #[inline(always)]
-    unsafe fn load<const FOUR_BIT: bool>(xb: *const u8) -> XBlockVnni {
+    unsafe fn load<W: Blocks>(xb: *const u8) -> XBlockVnni {
         use std::arch::x86_64::*;
         // SAFETY: the block's 32 codes follow its 2-byte scale (the contract); VNNI is
         // the caller's.
         unsafe {
             let xq = _mm256_loadu_si256(xb.add(2).cast());
-            let offset = _mm256_set1_epi8(if FOUR_BIT { 8 } else { i8::MIN });
-            XBlockVnni([xq, _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, xq)])
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn weight<const FOUR_BIT: bool>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
-        use std::arch::x86_64::*;
-        // SAFETY: the block's codes follow its 2-byte scale (the contract); AVX2 is the
-        // caller's.
-        unsafe {
-            let codes = if FOUR_BIT {
-                nibbles(wb)
+            let centre = if W::CENTRE != 0 {
+                let codes = _mm256_set1_epi8(W::CENTRE as i8);
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xq)
             } else {
-                let signed = _mm256_loadu_si256(wb.add(2).cast());
-                _mm256_xor_si256(signed, _mm256_set1_epi8(i8::MIN))
+                _mm256_setzero_si256()
             };
-            [codes, _mm256_setzero_si256()]
+            XBlockVnni([xq, centre])
         }
     }
 
     #[inline(always)]
-    unsafe fn dot<const FOUR_BIT: bool>(
+    unsafe fn weight<W: Blocks>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: a whole block (the contract); AVX2 is the caller's.
+        unsafe { [W::codes(wb), _mm256_setzero_si256()] }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<W: Blocks>(
         self,
         w: [std::arch::x86_64::__m256i; 2],
     ) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // SAFETY: VNNI is the caller's.
         unsafe {
-            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], self.0[0]);
-            _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, self.0[1]))
+            let mut sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], self.0[0]);
+            if W::CENTRE != 0 {
+                sums = _mm256_sub_epi32(sums, self.0[1]);
+            }
+            _mm256_cvtepi32_ps(sums)
         }
     }
 }
 
-/// The 32 nibbles of the q4_0 block at `wb` as bytes in value order: low nibbles (values
-/// 0..16) in the low half, high nibbles in the high.
+/// The 32 nibbles of the 16 bytes at `packed` as bytes in value order: low nibbles
+/// (values 0..16) in the low half, high nibbles in the high.
 ///
 /// # Safety
 ///
-/// `wb` points to a whole q4_0 block, and the caller has AVX2.
+/// `packed` points to 16 readable bytes, and the caller has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn nibbles(wb: *const u8) -> std::arch::x86_64::__m256i {
+unsafe fn nibbles(packed: *const u8) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    // SAFETY: the 16 code bytes follow the 2-byte scale (the contract).
+    // SAFETY: 16 bytes (the contract).
     unsafe {
-        let packed = _mm_loadu_si128(wb.add(2).cast());
+        let packed = _mm_loadu_si128(packed.cast());
         let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 }
 
-/// The dot product of x with a q8_0 (`FOUR_BIT = false`) or q4_0 (`FOUR_BIT = true`) row:
-/// per block, the integer sums in eight 32-bit lanes, converted and scaled by `dx * dw`
-/// into one of two eight-lane accumulators (even and odd blocks: two multiply-add chains).
+/// The fifth bits of a q5 block's 32 values, from the little-endian word at `qh`, as
+/// bytes in value order holding 16 where the bit is set and 0 elsewhere: byte `l` takes
+/// bit `l % 8` of the word's byte `l / 8` (the word is broadcast, each byte picks its
+/// word byte by a shuffle, and a compare with its bit's mask makes the byte all ones).
 ///
 /// # Safety
 ///
-/// As [`rows`], for one row.
+/// `qh` points to 4 readable bytes, and the caller has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row<B: BlockDot, const FOUR_BIT: bool>(x: *const u8, dx: &[f32], w: *const u8) -> f32 {
+unsafe fn fifth_bits(qh: *const u8) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    let w_block = weight_block_bytes(FOUR_BIT);
+    // SAFETY: 4 bytes (the contract).
+    unsafe {
+        let word = _mm256_set1_epi32(qh.cast::<i32>().read_unaligned());
+        // Each 128-bit lane holds the word four times; bytes 0..8 of the low lane pick its
+        // byte 0, 8..16 byte 1, and the high lane's bytes bytes 2 and 3.
+        let spread = _mm256_shuffle_epi8(
+            word,
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
+}
+
+/// The dot product of x with a row of `W`: per block, the integer sums in eight 32-bit
+/// lanes, converted and scaled by `dx * dw` into one of two eight-lane accumulators (even
+/// and odd blocks: two multiply-add chains), and with a minimum `mw * dx * Σ qx` into a
+/// third.
+///
+/// # Safety
+///
+/// As [`rows`], for one row, with the `scales` of its row of x.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row<B: BlockDot, W: Blocks>(x: *const u8, scales: &XScales, w: *const u8) -> f32 {
+    use std::arch::x86_64::*;
     // Block `b`'s sums as floats.
     let block = |b: usize| {
-        // SAFETY: block `b` of x is at `34 * b`, of w at `w_block * b`, both inside the
+        // SAFETY: block `b` of x is at `34 * b`, of w at `W::BYTES * b`, both inside the
         // rows the callers' contracts describe.
         unsafe {
-            let codes = B::weight::<FOUR_BIT>(w.add(b * w_block));
-            B::load::<FOUR_BIT>(x.add(b * Q8_0_BLOCK_BYTES)).dot::<FOUR_BIT>(codes)
+            let codes = B::weight::<W>(w.add(b * W::BYTES));
+            B::load::<W>(x.add(b * Q8_0_BLOCK_BYTES)).dot::<W>(codes)
         }
     };
-    // The f16 scale of w at block `b`.
-    let w_scale = |b: usize| {
+    // The f16 at byte `at` of w's block `b` (its scale at 0, its minimum at 2).
+    let half = |b: usize, at: usize| {
         // SAFETY: as in `block`.
-        unsafe { u32::from(w.add(b * w_block).cast::<u16>().read_unaligned()) }
+        unsafe { u32::from(w.add(b * W::BYTES + at).cast::<u16>().read_unaligned()) }
     };
+    let (dx, sums) = (&scales.dx, &scales.sums);
     let blocks = dx.len();
     // SAFETY: the caller has AVX2, FMA and F16C.
     unsafe {
+        // Two blocks' f16 values at `at`, converted at once by F16C from one 32-bit move (a
+        // 16-bit lane insert would depend on the register's old value, and could chain the
+        // blocks), and the two values of x they multiply (an unaligned 64-bit load: the
+        // vectors are only 4-byte aligned).
+        let pair = |b: usize, at: usize, of: &[f32]| {
+            let bits = half(b, at) | half(b + 1, at) << 16;
+            let w = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+            (
+                w,
+                _mm_castsi128_ps(_mm_loadl_epi64(of.as_ptr().add(b).cast())),
+            )
+        };
         let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for pair in 0..blocks / 2 {
-            // `dx * dw` of both blocks: both weight scales converted at once by F16C, from
-            // one 32-bit move (a 16-bit lane insert would depend on the register's old
-            // value, and could chain the blocks), times the two scales of x.
-            let bits = w_scale(2 * pair) | w_scale(2 * pair + 1) << 16;
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
-            // `dx` holds a value for every block, these two included (an unaligned 64-bit
-            // load: `dx` is only 4-byte aligned).
-            let dxs = _mm_castsi128_ps(_mm_loadl_epi64(dx.as_ptr().add(2 * pair).cast()));
+        let mut minimums = _mm_setzero_ps();
+        for pair_at in (0..blocks / 2).map(|p| 2 * p) {
+            // `dx * dw` of both blocks.
+            let (dw, dxs) = pair(pair_at, 0, dx);
             let products = _mm_mul_ps(dw, dxs);
-            let s0 = block(2 * pair);
-            let s1 = block(2 * pair + 1);
+            let s0 = block(pair_at);
+            let s1 = block(pair_at + 1);
             even = _mm256_fmadd_ps(s0, _mm256_broadcastss_ps(products), even);
             odd = _mm256_fmadd_ps(s1, _mm256_broadcastss_ps(_mm_movehdup_ps(products)), odd);
+            if W::MINIMUM {
+                let (mw, sxs) = pair(pair_at, 2, sums);
+                minimums = _mm_fmadd_ps(mw, sxs, minimums);
+            }
         }
         if blocks % 2 == 1 {
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(w_scale(blocks - 1) as i32));
-            let product = _mm_mul_ss(dw, _mm_set_ss(dx[blocks - 1]));
-            even = _mm256_fmadd_ps(block(blocks - 1), _mm256_broadcastss_ps(product), even);
+            let last = blocks - 1;
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(half(last, 0) as i32));
+            let product = _mm_mul_ss(dw, _mm_set_ss(dx[last]));
+            even = _mm256_fmadd_ps(block(last), _mm256_broadcastss_ps(product), even);
+            if W::MINIMUM {
+                let mw = _mm_cvtph_ps(_mm_cvtsi32_si128(half(last, 2) as i32));
+                minimums = _mm_fmadd_ps(mw, _mm_set_ss(sums[last]), minimums);
+            }
         }
-        super::ukernel::lane_sum(_mm256_add_ps(even, odd))
+        // Lanes 2 and 3 of `minimums` stay zero.
+        let minimum = _mm_cvtss_f32(_mm_hadd_ps(minimums, minimums));
+        super::ukernel::lane_sum(_mm256_add_ps(even, odd)) + minimum
     }
 }
 
@@ -678,9 +971,10 @@ fn pairwise_dot(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
 mod tests {
     use super::*;
 
-    /// `blocks` blocks: every code byte drawn from the whole byte range (-128
-    /// included, which no quantizer writes but a q8_0 value may hold), and f16 scales.
-    fn row(blocks: usize, block_bytes: usize, seed: u64) -> Vec<u8> {
+    /// `blocks` blocks of `format`: every code byte (and every fifth bit) drawn from the
+    /// whole byte range (-128 included, which no quantizer writes but a q8_0 value may
+    /// hold), f16 scales, and f16 minimums where the format has them.
+    fn row(blocks: usize, format: WeightFormat, seed: u64) -> Vec<u8> {
         let mut state = seed;
         let mut next = || {
             state = state
@@ -688,36 +982,63 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (state >> 33) as u8
         };
+        let block_bytes = format.row_bytes(32);
+        let minimum = matches!(format, WeightFormat::Q4_1 | WeightFormat::Q5_1);
         let mut bytes = Vec::new();
         for b in 0..blocks {
             let scale = half::f16::from_f32(0.01 * (b as f32 + 1.0)).to_bits();
             bytes.extend(scale.to_le_bytes());
-            bytes.extend((0..block_bytes - 2).map(|_| next()));
+            let mut rest: Vec<u8> = (0..block_bytes - 2).map(|_| next()).collect();
+            if minimum {
+                let m = half::f16::from_f32(-0.07 * (b as f32 + 1.5)).to_bits();
+                rest[..2].copy_from_slice(&m.to_le_bytes());
+            }
+            bytes.extend(rest);
         }
         bytes
     }
 
-    /// The sum over blocks of `dx * dw * Σ qx·qw` (exact integer sums), and of the
-    /// blocks' magnitudes (the scale of the rounding error).
-    fn expected(x: &[u8], w: &[u8], four_bit: bool) -> (f32, f32) {
-        let w_block = if four_bit { 18 } else { 34 };
+    /// A weight block's scale, minimum (0 without one) and codes (recentred), value
+    /// `scale * code + minimum`, as ggml defines the formats.
+    fn decode(format: WeightFormat, wb: &[u8]) -> (f32, f32, Vec<i32>) {
+        let half = |at: usize| half::f16::from_le_bytes([wb[at], wb[at + 1]]).to_f32();
+        let nibbles = |packed: &[u8]| -> Vec<i32> {
+            let low = packed.iter().map(|&q| i32::from(q & 15));
+            low.chain(packed.iter().map(|&q| i32::from(q >> 4)))
+                .collect()
+        };
+        let fifth = |at: usize, codes: Vec<i32>| -> Vec<i32> {
+            let word = u32::from_le_bytes(wb[at..at + 4].try_into().unwrap());
+            let bits = (0..32).map(move |l| ((word >> l) & 1) as i32 * 16);
+            codes.into_iter().zip(bits).map(|(c, h)| c + h).collect()
+        };
+        let centred = |codes: Vec<i32>, by: i32| codes.into_iter().map(|c| c - by).collect();
+        match format {
+            WeightFormat::Q8_0 => (
+                half(0),
+                0.0,
+                wb[2..].iter().map(|&q| i32::from(q as i8)).collect(),
+            ),
+            WeightFormat::Q4_0 => (half(0), 0.0, centred(nibbles(&wb[2..]), 8)),
+            WeightFormat::Q4_1 => (half(0), half(2), nibbles(&wb[4..])),
+            WeightFormat::Q5_0 => (half(0), 0.0, centred(fifth(2, nibbles(&wb[6..])), 16)),
+            WeightFormat::Q5_1 => (half(0), half(2), fifth(4, nibbles(&wb[8..]))),
+            other => unreachable!("{other:?}"),
+        }
+    }
+
+    /// The sum over blocks of `dx * (dw * Σ qx·c + mw * Σ qx)` (exact integer sums), and
+    /// of the terms' magnitudes (the scale of the rounding error).
+    fn expected(x: &[u8], w: &[u8], format: WeightFormat) -> (f32, f32) {
         let scale = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         x.chunks(34)
-            .zip(w.chunks(w_block))
-            .map(|(xb, wb)| {
-                let codes: Vec<i32> = if four_bit {
-                    let low = wb[2..].iter().map(|&q| i32::from(q & 15) - 8);
-                    let high = wb[2..].iter().map(|&q| i32::from(q >> 4) - 8);
-                    low.chain(high).collect()
-                } else {
-                    wb[2..].iter().map(|&q| i32::from(q as i8)).collect()
-                };
-                let sum: i32 = xb[2..]
-                    .iter()
-                    .zip(codes)
-                    .map(|(&q, c)| i32::from(q as i8) * c)
-                    .sum();
-                scale(xb) * scale(wb) * sum as f32
+            .zip(w.chunks(format.row_bytes(32)))
+            .flat_map(|(xb, wb)| {
+                let (dw, mw, codes) = decode(format, wb);
+                let qx = xb[2..].iter().map(|&q| i32::from(q as i8));
+                let dot: i32 = qx.clone().zip(codes).map(|(q, c)| q * c).sum();
+                let sum: i32 = qx.sum();
+                [scale(xb) * dw * dot as f32, scale(xb) * mw * sum as f32]
             })
             .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
     }
@@ -725,9 +1046,52 @@ mod tests {
     /// An instance of [`by_q8_0_rows`] or [`by_q8_0_panels`].
     type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
 
+    /// Every format's (format, VNNI, rows kernel, panels kernel), both instruction sets:
+    /// the VNNI ones only where the CPU has VNNI.
+    fn kernels() -> Vec<(WeightFormat, bool, Kernel, Kernel)> {
+        fn of<W: Blocks>(format: WeightFormat) -> [(WeightFormat, bool, Kernel, Kernel); 2] {
+            [
+                (
+                    format,
+                    false,
+                    by_q8_0_rows::<W, false>,
+                    by_q8_0_panels::<W, false>,
+                ),
+                (
+                    format,
+                    true,
+                    by_q8_0_rows::<W, true>,
+                    by_q8_0_panels::<W, true>,
+                ),
+            ]
+        }
+        [
+            of::<Q8_0>(WeightFormat::Q8_0),
+            of::<Q4_0>(WeightFormat::Q4_0),
+            of::<Q4_1>(WeightFormat::Q4_1),
+            of::<Q5_0>(WeightFormat::Q5_0),
+            of::<Q5_1>(WeightFormat::Q5_1),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|&(_, with_vnni, ..)| !with_vnni || vnni())
+        .collect()
+    }
+
+    #[test]
+    fn symbols_name_the_formats_of_their_kernels() {
+        let formats: Vec<WeightFormat> = kernels().iter().map(|k| k.0).collect();
+        for (format, rows, panels) in SYMBOLS {
+            assert!(formats.contains(&format));
+            let name = format!("{format:?}").to_lowercase();
+            assert_eq!(rows, format!("llmc_{name}_by_q8_0_rows"));
+            assert_eq!(panels, format!("llmc_{name}_by_q8_0_panels"));
+        }
+    }
+
     /// Block panels against 1 to 9 rows of x (whole tiles of both instruction sets and
-    /// their remainders), the AVX2 form and, where the CPU has it, the VNNI form: every
-    /// output is the exact block sums' (as the row kernel's test checks).
+    /// their remainders), every format, the AVX2 form and, where the CPU has it, the VNNI
+    /// form: every output is the exact block sums' (as the row kernel's test checks).
     #[test]
     fn panels_take_x_in_tiles_of_rows() {
         if !super::super::ukernel::available() {
@@ -736,23 +1100,16 @@ mod tests {
         let (blocks, n) = (5, 8);
         for m in 1..10 {
             // Rows of x with scales of their own.
-            let mut x: Vec<u8> = (0..m).flat_map(|i| row(blocks, 34, 7 + i as u64)).collect();
+            let mut x: Vec<u8> = (0..m)
+                .flat_map(|i| row(blocks, WeightFormat::Q8_0, 7 + i as u64))
+                .collect();
             for (j, block) in x.chunks_mut(34).enumerate() {
                 let scale = half::f16::from_f32(0.003 * (j + 1) as f32).to_bits();
                 block[..2].copy_from_slice(&scale.to_le_bytes());
             }
-            let kernels: [(bool, bool, Kernel); 4] = [
-                (false, false, by_q8_0_panels::<false, false>),
-                (true, false, by_q8_0_panels::<true, false>),
-                (false, true, by_q8_0_panels::<false, true>),
-                (true, true, by_q8_0_panels::<true, true>),
-            ];
-            for (four_bit, with_vnni, kernel) in kernels {
-                if with_vnni && !vnni() {
-                    continue;
-                }
-                let block_bytes = if four_bit { 18 } else { 34 };
-                let w = row(n * blocks, block_bytes, 300 + m as u64);
+            for (format, with_vnni, _, kernel) in kernels() {
+                let block_bytes = format.row_bytes(32);
+                let w = row(n * blocks, format, 300 + m as u64);
                 let row_bytes = blocks * block_bytes;
                 let panels = crate::kernel::pack_block_panels(&w, n, row_bytes, block_bytes);
                 // y rows wider than the panels' outputs, to check the stride.
@@ -777,11 +1134,11 @@ mod tests {
                     let xi = &x[i * blocks * 34..(i + 1) * blocks * 34];
                     for r in 0..n {
                         let (want, magnitude) =
-                            expected(xi, &w[r * row_bytes..(r + 1) * row_bytes], four_bit);
+                            expected(xi, &w[r * row_bytes..(r + 1) * row_bytes], format);
                         let got = y[i * width + r];
                         assert!(
                             (got - want).abs() <= 1e-6 * magnitude.max(1.0),
-                            "{m} rows of x, row {i}, weight row {r}, four_bit {four_bit}, vnni {with_vnni}: {got} != {want}"
+                            "{m} rows of x, row {i}, weight row {r}, {format:?}, vnni {with_vnni}: {got} != {want}"
                         );
                     }
                     assert!(y[i * width + n..(i + 1) * width].iter().all(|v| v.is_nan()));
@@ -796,19 +1153,9 @@ mod tests {
             return;
         }
         for (seed, blocks, rows) in [(1u64, 1usize, 1usize), (2, 3, 4), (3, 8, 7), (4, 24, 9)] {
-            let x = row(blocks, 34, seed);
-            // Both instruction sets where the CPU has VNNI.
-            let kernels: [(bool, bool, Kernel); 4] = [
-                (false, false, by_q8_0_rows::<false, false>),
-                (true, false, by_q8_0_rows::<true, false>),
-                (false, true, by_q8_0_rows::<false, true>),
-                (true, true, by_q8_0_rows::<true, true>),
-            ];
-            for (four_bit, with_vnni, kernel) in kernels {
-                if with_vnni && !vnni() {
-                    continue;
-                }
-                let w = row(rows * blocks, if four_bit { 18 } else { 34 }, seed + 100);
+            let x = row(blocks, WeightFormat::Q8_0, seed);
+            for (format, with_vnni, kernel, _) in kernels() {
+                let w = row(rows * blocks, format, seed + 100);
                 let mut y = vec![0f32; rows];
                 let k = (32 * blocks) as i64;
                 // SAFETY: x holds `blocks` blocks, w `rows` rows of as many blocks of its
@@ -821,10 +1168,10 @@ mod tests {
                 let row_bytes = w.len() / rows;
                 for (r, got) in y.iter().enumerate() {
                     let row = &w[r * row_bytes..(r + 1) * row_bytes];
-                    let (want, magnitude) = expected(&x, row, four_bit);
+                    let (want, magnitude) = expected(&x, row, format);
                     assert!(
                         (got - want).abs() <= 1e-6 * magnitude.max(1.0),
-                        "{blocks} blocks, row {r} of {rows}, four_bit {four_bit}, vnni {with_vnni}: {got} != {want}"
+                        "{blocks} blocks, row {r} of {rows}, {format:?}, vnni {with_vnni}: {got} != {want}"
                     );
                 }
             }
