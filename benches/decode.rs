@@ -276,6 +276,7 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Q4_1,
         QuantFormat::Q5_0,
         QuantFormat::Q5_1,
+        QuantFormat::Iq4Nl,
         QuantFormat::Q2K,
         QuantFormat::Q3K,
         QuantFormat::Q4K,

@@ -1,5 +1,5 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
-//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k and q5_k `tests/data/quant-vectors`, both made
+//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k and iq4_nl `tests/data/quant-vectors`, both made
 //! with the `gguf` Python package), plus round-trip and known-value tests for every format.
 
 use std::path::{Path, PathBuf};
@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use llm_ir::{
     dtype::DType,
     interp::quant::{NF4_LEVELS, dequantize, quantize, storage_bytes},
-    types::QuantFormat,
+    types::{IQ4_NL_LEVELS, QuantFormat},
 };
 
 /// The vector file `file`: ours (`tests/data/make_quant_vectors.py`) for the formats the
 /// shared set lacks.
 fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if ["q5_0", "q5_1", "q3_k", "q5_k"]
+    if ["q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl"]
         .iter()
         .any(|ours| file.starts_with(ours))
     {
@@ -45,6 +45,7 @@ fn gguf(name: &str) -> QuantFormat {
         "q6_k" => QuantFormat::Q6K,
         "q3_k" => QuantFormat::Q3K,
         "q5_k" => QuantFormat::Q5K,
+        "iq4_nl" => QuantFormat::Iq4Nl,
         _ => QuantFormat::Q2K,
     }
 }
@@ -71,7 +72,7 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 #[test]
 fn dequantizing_matches_llama_cpp_exactly() {
     for name in [
-        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -132,6 +133,9 @@ fn every_format_round_trips_within_its_step() {
         // largest magnitude, four on its side: up to a step there.
         (QuantFormat::Q3K, 2.0 / 4.0 * 0.9),
         (QuantFormat::Q5K, 4.0 / 31.0 * 0.6),
+        // iq4_nl's levels lie up to 24 apart (of 127 for the largest magnitude): half of
+        // that, with room for a fitted scale above 2 / 127.
+        (QuantFormat::Iq4Nl, 2.0 / 127.0 * 12.0 * 1.25),
         (
             QuantFormat::Nf4 {
                 block_size: 64,
@@ -159,6 +163,19 @@ fn exactly_representable_values_survive() {
     x[0] = 63.5;
     let q = QuantFormat::Q8_0;
     assert_bits_equal(&dequantize(&q, &[32], &quantize(&q, &[32], &x)), &x, "q8_0");
+    // IQ4_NL levels times a power of two are exact: the least-squares scale of the levels
+    // the first guess gives is that power of two.
+    let levels: Vec<f32> = IQ4_NL_LEVELS
+        .iter()
+        .chain(IQ4_NL_LEVELS.iter().rev())
+        .map(|&l| f32::from(l) * 0.25)
+        .collect();
+    let iq4_nl = QuantFormat::Iq4Nl;
+    assert_bits_equal(
+        &dequantize(&iq4_nl, &[32], &quantize(&iq4_nl, &[32], &levels)),
+        &levels,
+        "iq4_nl",
+    );
     // NF4 levels times a power-of-two absmax are exact.
     let levels: Vec<f32> = NF4_LEVELS
         .iter()

@@ -77,6 +77,10 @@ pub enum WeightFormat {
     /// GGUF q5_k: super-blocks of 256 (176 bytes): q4_k's scales and nibbles with a fifth
     /// bit per value.
     Q5K,
+    /// GGUF iq4_nl: blocks of 32, an f16 scale and 16 bytes of nibbles (18 bytes), each
+    /// nibble an index into the 16 signed levels of `llm_ir::types::IQ4_NL_LEVELS`; low
+    /// nibbles are weights 0..16, high nibbles 16..32.
+    Iq4Nl,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -110,6 +114,7 @@ impl WeightFormat {
             QuantFormat::Q4_1 => WeightFormat::Q4_1,
             QuantFormat::Q5_0 => WeightFormat::Q5_0,
             QuantFormat::Q5_1 => WeightFormat::Q5_1,
+            QuantFormat::Iq4Nl => WeightFormat::Iq4Nl,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -147,7 +152,8 @@ impl WeightFormat {
             | WeightFormat::Q4_0
             | WeightFormat::Q4_1
             | WeightFormat::Q5_0
-            | WeightFormat::Q5_1 => Some(32),
+            | WeightFormat::Q5_1
+            | WeightFormat::Iq4Nl => Some(32),
             WeightFormat::Q4K
             | WeightFormat::Q6K
             | WeightFormat::Q2K
@@ -168,7 +174,7 @@ impl WeightFormat {
             WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => 4 * k,
             WeightFormat::F16 | WeightFormat::PackedF16 | WeightFormat::PackedBF16 => 2 * k,
             WeightFormat::Q8_0 => k / 32 * 34,
-            WeightFormat::Q4_0 => k / 32 * 18,
+            WeightFormat::Q4_0 | WeightFormat::Iq4Nl => k / 32 * 18,
             WeightFormat::Q4_1 => k / 32 * 20,
             WeightFormat::Q5_0 => k / 32 * 22,
             WeightFormat::Q5_1 => k / 32 * 24,
@@ -194,6 +200,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 => QuantFormat::Q4_1,
             WeightFormat::Q5_0 => QuantFormat::Q5_0,
             WeightFormat::Q5_1 => QuantFormat::Q5_1,
+            WeightFormat::Iq4Nl => QuantFormat::Iq4Nl,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -235,6 +242,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 => "q4_1",
             WeightFormat::Q5_0 => "q5_0",
             WeightFormat::Q5_1 => "q5_1",
+            WeightFormat::Iq4Nl => "iq4_nl",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

@@ -47,18 +47,19 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     })
 }
 
-/// `y = quantized_matmul(quantize(x) to q8_0, w) + r` for `x` of `[m, k]` and a weight
-/// `w` of `[n, k]` in `format` (seeded, in the returned store).
 /// The GGUF formats of 32-value blocks (one scale each), whose constant weights the CPU
 /// repacks into block panels for q8_0 activations, with their names in the IR.
-const BLOCKS_OF_32: [(QuantFormat, &str); 5] = [
+const BLOCKS_OF_32: [(QuantFormat, &str); 6] = [
     (QuantFormat::Q8_0, "q8_0"),
     (QuantFormat::Q4_0, "q4_0"),
     (QuantFormat::Q4_1, "q4_1"),
     (QuantFormat::Q5_0, "q5_0"),
     (QuantFormat::Q5_1, "q5_1"),
+    (QuantFormat::Iq4Nl, "iq4_nl"),
 ];
 
+/// `y = quantized_matmul(quantize(x) to q8_0, w) + r` for `x` of `[m, k]` and a weight
+/// `w` of `[n, k]` in `format` (seeded, in the returned store).
 fn quantized_activations(
     [m, n, k]: [usize; 3],
     format: &QuantFormat,
@@ -487,6 +488,7 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         15 => (256 * blocks, QuantFormat::Q5K, "q5_k".into()),
         16 => (32 * blocks, QuantFormat::Q5_0, "q5_0".into()),
         17 => (32 * blocks, QuantFormat::Q5_1, "q5_1".into()),
+        18 => (32 * blocks, QuantFormat::Iq4Nl, "iq4_nl".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -584,7 +586,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 19;
+const FORMAT_CASES: usize = 20;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -698,10 +700,10 @@ proptest! {
     /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1) and the K-quants q2_k to q6_k in integer dot
     /// products on the CPU (dequantized first on the GPU), with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..10, dynamic in any::<bool>(), seed: u64) {
-        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4_1, "q4_1"), (QuantFormat::Q5_0, "q5_0"), (QuantFormat::Q5_1, "q5_1"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")][which].clone();
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..11, dynamic in any::<bool>(), seed: u64) {
+        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4_1, "q4_1"), (QuantFormat::Q5_0, "q5_0"), (QuantFormat::Q5_1, "q5_1"), (QuantFormat::Iq4Nl, "iq4_nl"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")][which].clone();
         // Whole super-blocks of 256 for the k-quants.
-        let blocks_of_32 = which < 5;
+        let blocks_of_32 = which < 6;
         let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
         let y = format!("llm.tensor <{rows}x{n}xf32>");
@@ -729,7 +731,7 @@ proptest! {
     /// 65,536 multiply-adds), with the residual.
     /// (`lower/cpu/q8_0_block_panels.plir` shows that such a weight takes block panels.)
     #[test]
-    fn q8_0_activations_with_block_panels(m in 1usize..4, n in 1usize..150, blocks in 1usize..9, which in 0usize..5, seed: u64) {
+    fn q8_0_activations_with_block_panels(m in 1usize..4, n in 1usize..150, blocks in 1usize..9, which in 0usize..6, seed: u64) {
         let k = 32 * blocks;
         let format = BLOCKS_OF_32[which].0.clone();
         let (ir, store) = quantized_activations([m, n, k], &format, seed + 1);
@@ -743,7 +745,7 @@ proptest! {
     /// activations reads (a tied classifier) is repacked into block panels once, and the
     /// embedding gathers its rows from them.
     #[test]
-    fn tied_quantized_table_in_block_panels(m in 1usize..4, n in 1usize..40, blocks in 1usize..4, which in 0usize..5, seed: u64) {
+    fn tied_quantized_table_in_block_panels(m in 1usize..4, n in 1usize..40, blocks in 1usize..4, which in 0usize..6, seed: u64) {
         let k = 32 * blocks;
         let (format, name) = BLOCKS_OF_32[which].clone();
         let ir = func(
@@ -988,7 +990,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..10 {
+        for which in 0..11 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1004,6 +1006,7 @@ proptest! {
                     6 => (256, QuantFormat::Q5K, "q5_k".into()),
                     7 => (64, QuantFormat::Q5_0, "q5_0".into()),
                     8 => (32, QuantFormat::Q5_1, "q5_1".into()),
+                    9 => (96, QuantFormat::Iq4Nl, "iq4_nl".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

@@ -1,8 +1,8 @@
 //! `quantize-activations`: quantized matmuls read q8_0 activations.
 //!
 //! `quantized_matmul(x, w)` with `f32` activations `x` and a weight of GGUF's block
-//! formats (q8_0, q4_0, q4_1, q5_0, q5_1, and the K-quants q2_k to q6_k) becomes
-//! `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 to q5_1 hold blocks of 32 values along
+//! formats (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, and the K-quants q2_k to q6_k) becomes
+//! `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 to q5_1 and iq4_nl hold blocks of 32 values along
 //! K with one scale each (and a minimum in q4_1 and q5_1, which takes the block's `Σ x`),
 //! so a block of `x` meets a block of `w` as two scales and 32 pairs of small integers: a
 //! backend multiplies the codes as integers and scales the block's sum once (the usual
@@ -74,7 +74,7 @@ impl Pass for QuantizeActivations {
 }
 
 /// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
-/// whose K is a static multiple of 32, with a weight of GGUF's block formats (q8_0 to q5_1,
+/// whose K is a static multiple of 32, with a weight of GGUF's block formats (q8_0 to q5_1, iq4_nl,
 /// or a K-quant, q2_k to q6_k: their K is a multiple of their 256-value super-blocks, as
 /// their type requires).
 fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
@@ -91,6 +91,7 @@ fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
                 | QuantFormat::Q4_1
                 | QuantFormat::Q5_0
                 | QuantFormat::Q5_1
+                | QuantFormat::Iq4Nl
                 | QuantFormat::Q2K
                 | QuantFormat::Q3K
                 | QuantFormat::Q4K

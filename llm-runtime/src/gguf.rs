@@ -251,6 +251,7 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         12 => Storage::Quant(QuantFormat::Q4K),
         13 => Storage::Quant(QuantFormat::Q5K),
         14 => Storage::Quant(QuantFormat::Q6K),
+        20 => Storage::Quant(QuantFormat::Iq4Nl),
         _ => return None,
     })
 }
@@ -264,7 +265,6 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
         17 => "IQ2_XS",
         18 => "IQ3_XXS",
         19 => "IQ1_S",
-        20 => "IQ4_NL",
         21 => "IQ3_S",
         22 => "IQ2_S",
         23 => "IQ4_XS",

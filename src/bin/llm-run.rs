@@ -61,6 +61,9 @@ enum Quantize {
     /// 5-bit with minimum, blocks of 32.
     #[value(name = "q5_1")]
     Q5_1,
+    /// 4-bit indices into 16 non-linear levels, blocks of 32.
+    #[value(name = "iq4_nl")]
+    Iq4Nl,
     /// 4-bit K-quant, super-blocks of 256.
     #[value(name = "q4_k")]
     Q4K,
@@ -142,6 +145,7 @@ impl Quantize {
             Quantize::Q4_1 => QuantFormat::Q4_1,
             Quantize::Q5_0 => QuantFormat::Q5_0,
             Quantize::Q5_1 => QuantFormat::Q5_1,
+            Quantize::Iq4Nl => QuantFormat::Iq4Nl,
             Quantize::Q4K => QuantFormat::Q4K,
             Quantize::Q6K => QuantFormat::Q6K,
             Quantize::Q2K => QuantFormat::Q2K,

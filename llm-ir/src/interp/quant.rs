@@ -2,12 +2,12 @@
 //!
 //! # Layouts
 //!
-//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, and the K-quants `q2_k`, `q3_k`, `q4_k`, `q5_k`,
-//! `q6_k`) store each row (the last
-//! dim) as consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
-//! quantizers follow ggml's reference quantizers operation for operation in `f32`; for `q8_0`,
-//! `q4_0`, `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`]
-//! for the K-quants).
+//! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
+//! `q5_k`, `q6_k`, and `iq4_nl`) store each row (the last dim) as consecutive blocks exactly
+//! as ggml does; see [`crate::types::QuantFormat`]. The quantizers follow ggml's reference
+//! quantizers operation for operation in `f32`; for `q8_0`, `q4_0`, `q4_1`, `q5_0` and
+//! `q5_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`] for the
+//! K-quants and [`quantize_iq4_nl`] for `iq4_nl`, whose dequantization alone has vectors).
 //!
 //! `nf4` stores, for each block of `block_size` values along the last dim, 4-bit indices
 //! into the NormalFloat table (two per byte, low nibble first, in row-major element order),
@@ -24,7 +24,10 @@
 
 use half::{bf16, f16};
 
-use crate::{dtype::DType, types::QuantFormat};
+use crate::{
+    dtype::DType,
+    types::{IQ4_NL_LEVELS, QuantFormat},
+};
 
 /// The 16 levels of 4-bit NormalFloat (QLoRA), ascending.
 pub const NF4_LEVELS: [f32; 16] = [
@@ -107,6 +110,7 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
             .chunks(32)
             .flat_map(|b| quantize_q5(b, *format == QuantFormat::Q5_1))
             .collect(),
+        QuantFormat::Iq4Nl => values.chunks(32).flat_map(quantize_iq4_nl).collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -194,6 +198,87 @@ pub fn dequantize_row(
     }
 }
 
+/// Quantizes a block of 32 values to IQ4_NL as ggml's `quantize_row_iq4_nl_ref` does
+/// (`quantize_row_iq4_nl_impl` without importance weights, 7 tries each way): a first
+/// scale maps the value of largest magnitude onto the first level, every value takes its
+/// nearest level ([`nearest_iq4_nl_level`]), and the scale is refitted by least squares
+/// weighted by `x²`; then the scales that map the largest value onto the first level
+/// moved by -7 to 7 steps compete by the same fit, the best scale is stored as f16, and
+/// every value takes its nearest level under it (in `f32`, before the rounding to f16).
+/// A block whose largest magnitude is below 1e-15 stores a zero scale. No reference
+/// implementation of the quantizer is at hand as bytes (the `gguf` package only
+/// dequantizes IQ4_NL), so it is checked by round trips.
+pub fn quantize_iq4_nl(x: &[f32]) -> Vec<u8> {
+    let levels = IQ4_NL_LEVELS.map(f32::from);
+    let weight: Vec<f32> = x.iter().map(|v| v * v).collect();
+    let (amax, max) = x.iter().fold((0f32, 0f32), |(amax, max), &v| {
+        if v.abs() > amax {
+            (v.abs(), v)
+        } else {
+            (amax, max)
+        }
+    });
+    // The weighted least-squares fit of the levels values take under `inverse`.
+    let fit = |inverse: f32| {
+        x.iter()
+            .zip(&weight)
+            .fold((0f32, 0f32), |(sumqx, sumq2), (&v, &w)| {
+                let q = levels[nearest_iq4_nl_level(inverse * v)];
+                (sumqx + w * q * v, sumq2 + w * q * q)
+            })
+    };
+    let scale = if amax < 1e-15 {
+        0.0
+    } else {
+        let (sumqx, sumq2) = fit(1.0 / (-max / levels[0]));
+        let mut d = sumqx / sumq2;
+        let mut best = d * sumqx;
+        for step in -7..=7 {
+            let (sumqx, sumq2) = fit((step as f32 + levels[0]) / max);
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+        d
+    };
+    let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    let codes: Vec<u8> = x
+        .iter()
+        .map(|&v| nearest_iq4_nl_level(inverse * v) as u8)
+        .collect();
+    let mut out = Vec::with_capacity(18);
+    push_f16(&mut out, scale);
+    out.extend((0..16).map(|j| codes[j] | codes[j + 16] << 4));
+    out
+}
+
+/// The index of the IQ4_NL level nearest `x` (ggml's `best_index_int8`: the first or last
+/// level beyond the ends, a bisection between, and the upper of two equally near levels).
+pub fn nearest_iq4_nl_level(x: f32) -> usize {
+    let level = |i: usize| f32::from(IQ4_NL_LEVELS[i]);
+    if x <= level(0) {
+        return 0;
+    }
+    if x >= level(15) {
+        return 15;
+    }
+    let (mut low, mut high) = (0, 15);
+    while high - low > 1 {
+        let middle = (low + high) / 2;
+        if x < level(middle) {
+            high = middle;
+        } else {
+            low = middle;
+        }
+    }
+    if x - level(high - 1) < level(high) - x {
+        high - 1
+    } else {
+        high
+    }
+}
+
 /// Dequantizes one GGUF block, appending its values to `out`.
 pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>) {
     match format {
@@ -231,6 +316,13 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
                     d * f32::from(q as i8 - 16)
                 }
             }));
+        }
+        QuantFormat::Iq4Nl => {
+            let d = f16_at(b, 0);
+            let level = |nibble: u8| d * f32::from(IQ4_NL_LEVELS[usize::from(nibble)]);
+            let qs = &b[2..18];
+            out.extend(qs.iter().map(|&q| level(q & 0xF)));
+            out.extend(qs.iter().map(|&q| level(q >> 4)));
         }
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for

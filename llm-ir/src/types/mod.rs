@@ -16,7 +16,7 @@ mod sharded;
 mod tensor;
 
 pub use kv_cache::{KvCacheParams, KvStorage, PagedKvCacheType};
-pub use quant::{QuantFormat, QuantizedTensorType};
+pub use quant::{IQ4_NL_LEVELS, QuantFormat, QuantizedTensorType};
 pub use sharded::{MAX_DEVICES, Reduction, ShardedTensorType};
 pub use tensor::TensorType;
 

@@ -46,6 +46,12 @@ use crate::{
     syntax::{self, Dim, PResult},
 };
 
+/// The 16 signed levels of GGUF's IQ4_NL, ascending: a value is its block's scale times
+/// the level its nibble indexes (ggml's `kvalues_iq4nl`).
+pub const IQ4_NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 /// An exact storage format of quantized values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum QuantFormat {
@@ -69,6 +75,9 @@ pub enum QuantFormat {
     Q3K,
     /// GGUF Q5_K.
     Q5K,
+    /// GGUF IQ4_NL: blocks of 32, an f16 scale and 16 bytes of nibbles that index a fixed
+    /// non-linear table of 16 signed levels ([`IQ4_NL_LEVELS`]).
+    Iq4Nl,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -109,6 +118,7 @@ impl QuantFormat {
             QuantFormat::Q2K => "q2_k",
             QuantFormat::Q3K => "q3_k",
             QuantFormat::Q5K => "q5_k",
+            QuantFormat::Iq4Nl => "iq4_nl",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -125,7 +135,8 @@ impl QuantFormat {
             | QuantFormat::Q4_0
             | QuantFormat::Q4_1
             | QuantFormat::Q5_0
-            | QuantFormat::Q5_1 => 32,
+            | QuantFormat::Q5_1
+            | QuantFormat::Iq4Nl => 32,
             QuantFormat::Q4K
             | QuantFormat::Q6K
             | QuantFormat::Q2K
@@ -150,6 +161,7 @@ impl QuantFormat {
             QuantFormat::Q2K => Some(84),
             QuantFormat::Q3K => Some(110),
             QuantFormat::Q5K => Some(176),
+            QuantFormat::Iq4Nl => Some(18),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -247,6 +259,7 @@ impl QuantFormat {
             "q2_k" => QuantFormat::Q2K,
             "q3_k" => QuantFormat::Q3K,
             "q5_k" => QuantFormat::Q5K,
+            "iq4_nl" => QuantFormat::Iq4Nl,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {

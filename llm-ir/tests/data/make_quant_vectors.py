@@ -1,10 +1,10 @@
-"""GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k and q5_k.
+"""GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k, q5_k, iq4_nl.
 
 Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
 the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
 0's first 32 zero: an all-zero block) into `blocks` and dequantize them into `dequant`;
-q3_k and q5_k, which the package only dequantizes, have random valid super-blocks (their
-f16 scales set to small finite values):
+q3_k, q5_k and iq4_nl, which the package only dequantizes, have random valid (super-)blocks
+(their f16 scales set to small finite values):
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file
@@ -19,15 +19,23 @@ from gguf.quants import dequantize, quantize
 ROWS, COLS = 8, 512
 OUT = Path(__file__).parent / "quant-vectors"
 
-# Block bytes and the byte offsets of each block's f16 scales.
+# Format, block bytes and the byte offsets of each block's f16 scales.
 FORMATS = {
     "q3_k": (T.Q3_K, 110, [108]),
     "q5_k": (T.Q5_K, 176, [0, 2]),
+    "iq4_nl": (T.IQ4_NL, 18, [0]),
 }
 
 
 # Formats the package quantizes.
 QUANTIZED = {"q5_0": T.Q5_0, "q5_1": T.Q5_1}
+
+
+def qtype_block_size(qtype):
+    """Values per block of `qtype`."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[qtype][0]
 
 
 def main():
@@ -42,7 +50,7 @@ def main():
         (OUT / f"{name}.dequant.f32").write_bytes(dequantize(blocks, qtype).astype("<f4").tobytes())
         print(name, blocks.nbytes, "bytes")
     for name, (qtype, block_bytes, scales) in FORMATS.items():
-        blocks = ROWS * COLS // 256
+        blocks = ROWS * COLS // qtype_block_size(qtype)
         data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
         for at in scales:
             d = rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16)

@@ -18,7 +18,7 @@ use cranelift_codegen::ir::{
     ConstantData, Endianness, InstBuilder, MemFlagsData, Value, condcodes::IntCC, types,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
-use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS};
+use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS, types::IQ4_NL_LEVELS};
 
 use super::emit::{
     accumulate, address, for_range, horizontal_sum, mem, splat, zeroed_accumulators,
@@ -39,6 +39,7 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Q4_1
         | WeightFormat::Q5_0
         | WeightFormat::Q5_1
+        | WeightFormat::Iq4Nl
         | WeightFormat::Q4K
         | WeightFormat::Q6K
         | WeightFormat::Q2K
@@ -255,9 +256,11 @@ fn decode_blocks(
         let mut sink = |b: &mut FunctionBuilder, run: Run| take_run(b, vb, run);
         match format {
             WeightFormat::Q8_0 => q8_0_runs(b, wb, &mut sink),
-            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
-                nibble_runs(b, wb, format, &mut sink)
-            }
+            WeightFormat::Q4_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_0
+            | WeightFormat::Q5_1
+            | WeightFormat::Iq4Nl => nibble_runs(b, wb, format, &mut sink),
             WeightFormat::Q4K => q4_k_runs(b, wb, false, &mut sink),
             WeightFormat::Q5K => q4_k_runs(b, wb, true, &mut sink),
             WeightFormat::Q6K => q6_k_runs(b, wb, &mut sink),
@@ -304,9 +307,10 @@ fn q8_0_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
 }
 
 /// The blocks of 32 with nibbles: q4_0 (an f16 scale, nibbles recentred by 8), q4_1 (an
-/// f16 scale and minimum, unsigned nibbles), and q5_0 and q5_1, the same with a fifth bit
+/// f16 scale and minimum, unsigned nibbles), q5_0 and q5_1, the same with a fifth bit
 /// per value from the 32-bit word after the scales ([`fifth_bits`]; codes recentred by
-/// 16 in q5_0). Low nibbles are values 0..16, high nibbles 16..32.
+/// 16 in q5_0), and iq4_nl (an f16 scale, nibbles that index its 16 signed levels, looked
+/// up with a byte swizzle). Low nibbles are values 0..16, high nibbles 16..32.
 fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &mut Sink) {
     let minimum = matches!(format, WeightFormat::Q4_1 | WeightFormat::Q5_1);
     let five_bits = matches!(format, WeightFormat::Q5_0 | WeightFormat::Q5_1);
@@ -326,7 +330,13 @@ fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &
             Some(high) => b.ins().bor(nibbles, high[h]),
             None => nibbles,
         };
-        codes.extend(if minimum {
+        codes.extend(if format == WeightFormat::Iq4Nl {
+            let levels = IQ4_NL_LEVELS.map(|l| l as u8).to_vec();
+            let levels = b.func.dfg.constants.insert(ConstantData::from(levels));
+            let levels = b.ins().vconst(types::I8X16, levels);
+            let signed = b.ins().swizzle(levels, q);
+            bytes_to_f32(b, signed, true)
+        } else if minimum {
             bytes_to_f32(b, q, false)
         } else {
             let centre = splat_i8(b, if five_bits { 16 } else { 8 });

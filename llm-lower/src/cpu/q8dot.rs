@@ -1,12 +1,12 @@
 //! Integer dot products of q8_0 activations with the GGUF formats of 32-value blocks:
-//! q8_0, q4_0, q4_1, q5_0 and q5_1.
+//! q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl.
 //!
 //! After `quantize-activations`, a block of 32 values of x is an f16 scale `dx` and 32
 //! signed bytes `qx`. A weight block of these formats starts with its f16 scale `dw`;
-//! its 32 codes `c` are signed bytes (q8_0), nibbles (q4_0, q4_1) or nibbles with a fifth
-//! bit each from a 32-bit word (q5_0, q5_1), worth `dw * (c - centre)` (q4_0's centre is
-//! 8, q5_0's 16) or `dw * c + mw` (q4_1 and q5_1 keep an f16 minimum `mw` after the
-//! scale). The block's dot product is `dx * dw * (Σ qx·c - centre * Σ qx) + mw * dx * Σ qx`,
+//! its 32 codes `c` are signed bytes (q8_0, and iq4_nl's nibbles looked up in its 16
+//! signed levels by `vpshufb`), nibbles (q4_0, q4_1) or nibbles with a fifth bit each from
+//! a 32-bit word (q5_0, q5_1), worth `dw * c`, `dw * (c - centre)` (q4_0's centre is 8,
+//! q5_0's 16) or `dw * c + mw` (q4_1 and q5_1 keep an f16 minimum `mw` after the scale). The block's dot product is `dx * dw * (Σ qx·c - centre * Σ qx) + mw * dx * Σ qx`,
 //! where the sums are exact integers: no product needs a float until the block is done,
 //! and each block costs one conversion and one multiply-add (two with a minimum, whose
 //! `dx * Σ qx` is the same for every weight row and formed once per row of x).
@@ -20,10 +20,10 @@
 //!   most `2 * 31 * 128` for five-bit codes) and the recentring is taken off as
 //!   `centre * Σ qx` (one more `vpmaddubsw`): exact for every byte x may hold, -128
 //!   included (the sign trick, `|w|` by `sign(w) * x`, is not).
-//!   q8_0 weights are widened to 16 bits and meet x in `vpmaddwd`. Where the CPU has
+//!   Signed codes are widened to 16 bits and meet x in `vpmaddwd`. Where the CPU has
 //!   AVX-512 VNNI ([`vnni`]), the same loops run with `vpdpbusd`, four byte products per
-//!   32-bit lane in one instruction: the unsigned codes as they are, q8_0's codes with
-//!   their sign bit flipped (`q + 128`, centre 128), each recentring taken off per lane.
+//!   32-bit lane in one instruction: the unsigned codes as they are, signed codes with
+//!   their sign bit flipped (`c + 128`, centre 128), each recentring taken off per lane.
 //! - [`dot_row`] (q8_0 and q4_0) and [`super::dequant::dot_row_q8_0_x`] (every format),
 //!   the same sums in generated code, for CPUs without AVX2 and for the tests that compare
 //!   both with the interpreter.
@@ -46,11 +46,13 @@ use super::{
 #[cfg(target_arch = "x86_64")]
 use crate::kernel::PANEL_ROWS;
 use crate::kernel::WeightFormat;
+#[cfg(target_arch = "x86_64")]
+use llm_ir::types::IQ4_NL_LEVELS;
 
 /// The weight formats these kernels read, each with the symbols generated code imports
 /// its [`by_q8_0_rows`] and [`by_q8_0_panels`] instances under (in [`entry_points`]'
 /// order).
-pub const SYMBOLS: [(WeightFormat, &str, &str); 5] = [
+pub const SYMBOLS: [(WeightFormat, &str, &str); 6] = [
     (
         WeightFormat::Q8_0,
         "llmc_q8_0_by_q8_0_rows",
@@ -76,13 +78,18 @@ pub const SYMBOLS: [(WeightFormat, &str, &str); 5] = [
         "llmc_q5_1_by_q8_0_rows",
         "llmc_q5_1_by_q8_0_panels",
     ),
+    (
+        WeightFormat::Iq4Nl,
+        "llmc_iq4_nl_by_q8_0_rows",
+        "llmc_iq4_nl_by_q8_0_panels",
+    ),
 ];
 
 /// The [`by_q8_0_rows`] and [`by_q8_0_panels`] instances of each format of [`SYMBOLS`],
 /// in its order: with VNNI's byte dot products where the CPU has them ([`vnni`]), else
 /// AVX2's.
 #[cfg(target_arch = "x86_64")]
-pub fn entry_points() -> [(*const u8, *const u8); 5] {
+pub fn entry_points() -> [(*const u8, *const u8); 6] {
     fn of<W: Blocks>() -> (*const u8, *const u8) {
         if vnni() {
             (
@@ -102,6 +109,7 @@ pub fn entry_points() -> [(*const u8, *const u8); 5] {
         of::<Q4_1>(),
         of::<Q5_0>(),
         of::<Q5_1>(),
+        of::<Iq4Nl>(),
     ]
 }
 
@@ -110,22 +118,24 @@ pub(super) const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// A weight format of 32-value blocks that start with their f16 scale `dw`, as these
 /// kernels read it: 32 codes as unsigned bytes `c`, worth `dw * (c - CENTRE)`, plus the
-/// block's f16 minimum after the scale where it has one.
+/// block's f16 minimum after the scale where it has one; or 32 signed codes `c` worth
+/// `dw * c` (q8_0, iq4_nl).
 #[cfg(target_arch = "x86_64")]
 pub trait Blocks {
     /// Bytes of a block.
     const BYTES: usize;
-    /// What the codes are recentred by: 8 (q4_0), 16 (q5_0), 128 (q8_0's codes with their
-    /// sign bit flipped), 0 (the formats with a minimum).
+    /// What the codes are recentred by: 8 (q4_0), 16 (q5_0), 128 (signed codes, which
+    /// VNNI meets with their sign bit flipped), 0 (the formats with a minimum).
     const CENTRE: u8;
     /// Whether an f16 minimum `mw` follows the scale (q4_1, q5_1: values `dw * c + mw`).
     const MINIMUM: bool;
-    /// Whether the codes are signed bytes after the scale (q8_0), which AVX2 widens to 16
-    /// bits for `vpmaddwd` (`vpmaddubsw`'s 16-bit pair sums would saturate on codes up to
+    /// Whether the codes are signed bytes (q8_0, iq4_nl), which AVX2 widens to 16 bits for
+    /// `vpmaddwd` (`vpmaddubsw`'s 16-bit pair sums would saturate on flipped codes up to
     /// 255).
     const SIGNED: bool = false;
 
-    /// The 32 codes of the block at `wb` as unsigned bytes in value order.
+    /// The 32 codes of the block at `wb` in value order: unsigned bytes, or signed ones
+    /// where the format is [`Blocks::SIGNED`].
     ///
     /// # Safety
     ///
@@ -155,6 +165,11 @@ struct Q5_0;
 #[cfg(target_arch = "x86_64")]
 struct Q5_1;
 
+/// GGUF iq4_nl: an f16 scale and 16 bytes of nibbles (18 bytes), each nibble an index into
+/// 16 signed levels (`IQ4_NL_LEVELS`), values `dw * level`.
+#[cfg(target_arch = "x86_64")]
+struct Iq4Nl;
+
 #[cfg(target_arch = "x86_64")]
 impl Blocks for Q8_0 {
     const BYTES: usize = Q8_0_BLOCK_BYTES;
@@ -166,10 +181,7 @@ impl Blocks for Q8_0 {
     unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // SAFETY: the 32 codes follow the 2-byte scale (the contract); AVX2 is the caller's.
-        unsafe {
-            let signed = _mm256_loadu_si256(wb.add(2).cast());
-            _mm256_xor_si256(signed, _mm256_set1_epi8(i8::MIN))
-        }
+        unsafe { _mm256_loadu_si256(wb.add(2).cast()) }
     }
 }
 
@@ -225,6 +237,34 @@ impl Blocks for Q5_1 {
         // SAFETY: the fifth bits follow the scale and minimum, the 16 nibble bytes them
         // (the contract).
         unsafe { _mm256_or_si256(nibbles(wb.add(8)), fifth_bits(wb.add(4))) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Blocks for Iq4Nl {
+    const BYTES: usize = 18;
+    const CENTRE: u8 = 128;
+    const MINIMUM: bool = false;
+    const SIGNED: bool = true;
+
+    #[inline(always)]
+    unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // The 16 levels in both 128-bit lanes, for `vpshufb`'s lookup within each lane.
+        const LEVELS: [i8; 32] = {
+            let mut both = [0; 32];
+            let mut i = 0;
+            while i < 32 {
+                both[i] = IQ4_NL_LEVELS[i % 16];
+                i += 1;
+            }
+            both
+        };
+        // SAFETY: the 16 nibble bytes follow the scale (the contract).
+        unsafe {
+            let levels = _mm256_loadu_si256(LEVELS.as_ptr().cast());
+            _mm256_shuffle_epi8(levels, nibbles(wb.add(2)))
+        }
     }
 }
 
@@ -651,7 +691,7 @@ trait BlockDot: Copy {
 }
 
 /// AVX2: x's codes as signed bytes with the recentring term `centre * Σ qx` in pair sums,
-/// or widened to 16 bits for q8_0's `vpmaddwd`.
+/// or widened to 16 bits for signed codes' `vpmaddwd`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct XBlock([std::arch::x86_64::__m256i; 2]);
@@ -687,13 +727,14 @@ impl BlockDot for XBlock {
         // SAFETY: the block's codes follow its 2-byte scale (the contract); AVX2 is the
         // caller's.
         unsafe {
+            let codes = W::codes(wb);
             if W::SIGNED {
                 [
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(2).cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(18).cast())),
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1)),
                 ]
             } else {
-                [W::codes(wb), _mm256_setzero_si256()]
+                [codes, _mm256_setzero_si256()]
             }
         }
     }
@@ -725,8 +766,8 @@ impl BlockDot for XBlock {
 }
 
 /// AVX-512 VNNI: x's codes as signed bytes, with the recentring term of the unsigned
-/// weight codes in 32-bit lanes (`centre * Σ qx`: q8_0's codes meet x with their sign bit
-/// flipped, `q + 128`). Each lane sums four products in `vpdpbusd`, exactly (and the same
+/// weight codes in 32-bit lanes (`centre * Σ qx`: signed codes meet x with their sign bit
+/// flipped, `c + 128`). Each lane sums four products in `vpdpbusd`, exactly (and the same
 /// lanes as AVX2's sums of unsigned codes).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -755,7 +796,18 @@ impl BlockDot for XBlockVnni {
     unsafe fn weight<W: Blocks>(wb: *const u8) -> [std::arch::x86_64::__m256i; 2] {
         use std::arch::x86_64::*;
         // SAFETY: a whole block (the contract); AVX2 is the caller's.
-        unsafe { [W::codes(wb), _mm256_setzero_si256()] }
+        unsafe {
+            let codes = W::codes(wb);
+            if W::SIGNED {
+                // Unsigned for `vpdpbusd`: the sign bit flipped, `c + 128` (`CENTRE`).
+                [
+                    _mm256_xor_si256(codes, _mm256_set1_epi8(i8::MIN)),
+                    _mm256_setzero_si256(),
+                ]
+            } else {
+                [codes, _mm256_setzero_si256()]
+            }
+        }
     }
 
     #[inline(always)]
@@ -1023,6 +1075,16 @@ mod tests {
             WeightFormat::Q4_1 => (half(0), half(2), nibbles(&wb[4..])),
             WeightFormat::Q5_0 => (half(0), 0.0, centred(fifth(2, nibbles(&wb[6..])), 16)),
             WeightFormat::Q5_1 => (half(0), half(2), fifth(4, nibbles(&wb[8..]))),
+            WeightFormat::Iq4Nl => {
+                let levels = nibbles(&wb[2..]).into_iter();
+                (
+                    half(0),
+                    0.0,
+                    levels
+                        .map(|n| i32::from(IQ4_NL_LEVELS[n as usize]))
+                        .collect(),
+                )
+            }
             other => unreachable!("{other:?}"),
         }
     }
@@ -1071,6 +1133,7 @@ mod tests {
             of::<Q4_1>(WeightFormat::Q4_1),
             of::<Q5_0>(WeightFormat::Q5_0),
             of::<Q5_1>(WeightFormat::Q5_1),
+            of::<Iq4Nl>(WeightFormat::Iq4Nl),
         ]
         .into_iter()
         .flatten()
@@ -1083,9 +1146,8 @@ mod tests {
         let formats: Vec<WeightFormat> = kernels().iter().map(|k| k.0).collect();
         for (format, rows, panels) in SYMBOLS {
             assert!(formats.contains(&format));
-            let name = format!("{format:?}").to_lowercase();
-            assert_eq!(rows, format!("llmc_{name}_by_q8_0_rows"));
-            assert_eq!(panels, format!("llmc_{name}_by_q8_0_panels"));
+            assert_eq!(rows, format!("llmc_{}_by_q8_0_rows", format.name()));
+            assert_eq!(panels, format!("llmc_{}_by_q8_0_panels", format.name()));
         }
     }
 

@@ -205,6 +205,7 @@ mod tests {
             WeightFormat::Q4_1,
             WeightFormat::Q5_0,
             WeightFormat::Q5_1,
+            WeightFormat::Iq4Nl,
             WeightFormat::Q4K,
             WeightFormat::Q6K,
             WeightFormat::Q2K,

@@ -18,7 +18,7 @@ use llm_ir::{
         attention::{Scale, Scoring},
         fused::{ScalarBody, ScalarStep},
     },
-    types::Reduction,
+    types::{IQ4_NL_LEVELS, Reduction},
 };
 
 use super::ieee::{CORRECTLY_ROUNDED, EXACT};
@@ -1066,7 +1066,8 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Q4_0
         | WeightFormat::Q4_1
         | WeightFormat::Q5_0
-        | WeightFormat::Q5_1 => format!(
+        | WeightFormat::Q5_1
+        | WeightFormat::Iq4Nl => format!(
             "    let o = row * ROW_BYTES + (i / 32u) * {}u;\n    let e = i % 32u;\n{}",
             c.weight.row_bytes(32),
             block_decoder(c.weight).unwrap_or_default()
@@ -1964,7 +1965,7 @@ fn kv_block_codec(blocks: KvBlocks) -> (usize, usize, &'static str, String, &'st
 /// ([`kquant_encoder`], [`kquant_decoder`] with exact products); `None` for the others.
 fn block_codec(format: WeightFormat) -> Option<(usize, usize, &'static str, String, &'static str)> {
     if let Some(((bytes, encode), decode)) = block_encoder(format).zip(block_decoder(format)) {
-        return Some((32, bytes, encode, decode.to_string(), ""));
+        return Some((32, bytes, encode, decode, ""));
     }
     let (bytes, encode) = kquant_encoder(format)?;
     Some((
@@ -2454,8 +2455,26 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
 /// WGSL statements returning element `e` (below 32) of the block in `format` at byte `o`
 /// (read with `byte_at` and `half_at`), as the reference decodes it; `None` for the
 /// formats without blocks of 32.
-fn block_decoder(format: WeightFormat) -> Option<&'static str> {
+fn block_decoder(format: WeightFormat) -> Option<String> {
     Some(match format {
+        // The 16 levels as bytes of four words, looked up by a vector's dynamic index
+        // and sign-extended.
+        WeightFormat::Iq4Nl => {
+            let words: Vec<String> = IQ4_NL_LEVELS
+                .as_chunks::<4>()
+                .0
+                .iter()
+                .map(|l| format!("{:#010x}u", u32::from_le_bytes(l.map(|v| v as u8))))
+                .collect();
+            return Some(format!(
+                "    let q = (byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+    let levels = vec4<u32>({});
+    let level = (levels[q >> 2u] >> ((q & 3u) * 8u)) << 24u;
+    return half_at(o) * f32(bitcast<i32>(level) >> 24u);
+",
+                words.join(", ")
+            ));
+        }
         WeightFormat::Q8_0 => {
             "    return half_at(o) * f32(bitcast<i32>(byte_at(o + 2u + e) << 24u) >> 24u);\n"
         }
@@ -2481,7 +2500,7 @@ fn block_decoder(format: WeightFormat) -> Option<&'static str> {
 "
         }
         _ => return None,
-    })
+    }.to_string())
 }
 
 /// WGSL statements returning element `e` (below 256) of the K-quant super-block at byte

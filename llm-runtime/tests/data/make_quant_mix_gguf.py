@@ -1,11 +1,12 @@
 """A small Llama GGUF file whose matrices mix the ggml types as llama.cpp's quantized files
 do (its Q2_K files hold Q3_K tensors, Q4_K_S files Q5_K ones, Q5_K_M files Q5_K and Q6_K,
-and rows that are not whole super-blocks fall back to Q5_0, Q5_1 or Q8_0), written by the
-`gguf` Python package's own writer (no llmc code involved).
+and rows that are not whole super-blocks fall back to Q5_0, Q5_1 or Q8_0, or in IQ4_XS
+files to IQ4_NL), written by the `gguf` Python package's own writer (no llmc code
+involved).
 
-The K-quant blocks are random and valid (random bytes with each block's f16 scales set so
-that weights stay below about 0.1); the Q5_0 and Q5_1 matrices are seeded weights that
-the package quantizes. Norms are F32 near one.
+The K-quant and IQ4_NL blocks are random and valid (random bytes with each block's f16
+scales set so that weights stay below about 0.1); the Q5_0 and Q5_1 matrices are seeded
+weights that the package quantizes. Norms are F32 near one.
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_mix_gguf.py   # writes quant-mix.gguf beside this file
@@ -28,14 +29,15 @@ BLOCKS = {
     T.Q4_K: (144, [0, 2], 945),
     T.Q5_K: (176, [0, 2], 1953),
     T.Q6_K: (210, [208], 4096),
+    T.IQ4_NL: (18, [0], 127),
 }
 
 # Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it, layer 1 as a Q2_K file,
-# with two of llama.cpp's fallback types.
+# with three of llama.cpp's fallback types.
 LAYER_TYPES = [
     {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.Q4_K,
      "ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q5_K},
-    {"attn_q": T.Q2_K, "attn_k": T.Q2_K, "attn_v": T.Q3_K, "attn_output": T.Q3_K,
+    {"attn_q": T.Q2_K, "attn_k": T.IQ4_NL, "attn_v": T.Q3_K, "attn_output": T.Q3_K,
      "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.Q3_K},
 ]
 
@@ -45,7 +47,7 @@ def blocks(rng, qtype, rows, cols):
         weights = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
         return quantize(weights, qtype)
     block_bytes, scales, reach = BLOCKS[qtype]
-    n = rows * cols // 256
+    n = rows * cols // (32 if qtype == T.IQ4_NL else 256)
     data = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
     for at in scales:
         d = (rng.uniform(0.25, 1.0, size=n) * 0.1 / reach).astype(np.float16)
