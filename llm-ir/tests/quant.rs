@@ -163,8 +163,8 @@ fn exactly_representable_values_survive() {
     x[0] = 63.5;
     let q = QuantFormat::Q8_0;
     assert_bits_equal(&dequantize(&q, &[32], &quantize(&q, &[32], &x)), &x, "q8_0");
-    // IQ4_NL levels times a power of two are exact: the least-squares scale of the levels
-    // the first guess gives is that power of two.
+    // IQ4_NL levels times a power of two are exact: the search's try at step 0 maps the
+    // largest magnitude onto the first level, and its least-squares scale is that power.
     let levels: Vec<f32> = IQ4_NL_LEVELS
         .iter()
         .chain(IQ4_NL_LEVELS.iter().rev())

@@ -498,11 +498,11 @@ pub struct Contraction {
     /// The constant weight is stored `[k, n]` and transposed when it is repacked into
     /// panels (it changes the packing, not the generated code).
     pub transpose_at_pack: bool,
-    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then q8_0, q4_0 or a
-    /// K-quant): each run of weight codes that shares a scale meets the codes of `x`
+    /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then in a GGUF block
+    /// format: blocks of 32, or a K-quant): each run of weight codes that shares a scale meets the codes of `x`
     /// in its block of 32 in an integer dot product, scaled by both scales.
     pub q8_0_input: bool,
-    /// The constant quantized weight (q8_0 or q4_0 meeting q8_0 activations, or a 16-bit
+    /// The constant quantized weight (of 32-value blocks meeting q8_0 activations, or a 16-bit
     /// one) is repacked so that each panel of four rows lies together
     /// ([`pack_weight_panels`]: blocks of the four rows in turn, or 16-bit values in the
     /// f32 panels' layout): one stream of weight bytes feeds four rows, and x is loaded
@@ -675,7 +675,7 @@ pub enum Movement {
         /// f32), or a quantized format.
         table: WeightFormat,
         /// The table is stored in panels ([`pack_panels`]; for a quantized table, weight
-        /// panels, [`pack_weight_panels`]: q8_0 or q4_0 block panels, or the f32 panels'
+        /// panels, [`pack_weight_panels`]: block panels of a format of 32-value blocks, or the f32 panels'
         /// layout of 16-bit values), because a contraction shares it (a classifier tied to
         /// the embedding).
         panels: bool,

@@ -110,7 +110,7 @@ pub fn select_all(
         .iter()
         .map(|&op| {
             let mut k = kernel::select(ctx, op).filter(&supports)?;
-            // A constant weight of 32-value blocks (q8_0, q4_0, q4_1, q5_0, q5_1) that only
+            // A constant weight of 32-value blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl) that only
             // quantized matmuls and embeddings read is repacked into block panels for those of q8_0 activations, and a 16-bit
             // one into panels for any (the embeddings gather from the panels, so no
             // row-major copy stays alive).

@@ -697,7 +697,7 @@ proptest! {
     }
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet the formats of 32-value
-    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1) and the K-quants q2_k to q6_k in integer dot
+    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl) and the K-quants q2_k to q6_k in integer dot
     /// products on the CPU (dequantized first on the GPU), with static or run-time rows.
     #[test]
     fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..11, dynamic in any::<bool>(), seed: u64) {
@@ -724,7 +724,7 @@ proptest! {
         agree_fused(&ir, args, &Store(Vec::new()), tol, 1)?;
     }
 
-    /// A constant weight of 32-value blocks (`llm.weight`: q8_0, q4_0, q4_1, q5_0, q5_1)
+    /// A constant weight of 32-value blocks (`llm.weight`: q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)
     /// that only quantized matmuls read is repacked into block panels: whole panels
     /// through the panel microkernel (or the generated code, reading rows in their
     /// panels), the last `n % 4` rows row major, across chunks and thread splits (from

@@ -9,10 +9,10 @@
 //! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
-//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
+//! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants
 //! (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: every type llama.cpp's K-quant files mix, with the
-//! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks) stay quantized with
-//! their exact bytes. The
+//! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks) and IQ4_NL stay
+//! quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 

@@ -171,8 +171,8 @@ impl Quantize {
 #[derive(clap::Args)]
 struct CompileArgs {
     /// The pass pipeline applied to the model before it runs (`""` for none). By default
-    /// `default,quantize-activations` (`default` on the GPU backend): q8_0, q4_0 and
-    /// K-quant (q2_k to q6_k) matmuls read q8_0 activations, which the CPU multiplies as integers (as
+    /// `default,quantize-activations` (`default` on the GPU backend): the matmuls of every
+    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k) read q8_0 activations, which the CPU multiplies as integers (as
     /// quantized inference engines do; f32 weights are unaffected); the GPU has no integer
     /// dot products, so there it would only add work. `--passes default` keeps f32
     /// activations.

@@ -200,10 +200,10 @@ pub fn dequantize_row(
 
 /// Quantizes a block of 32 values to IQ4_NL as ggml's `quantize_row_iq4_nl_ref` does
 /// (`quantize_row_iq4_nl_impl` without importance weights, 7 tries each way): a first
-/// scale maps the value of largest magnitude onto the first level, every value takes its
-/// nearest level ([`nearest_iq4_nl_level`]), and the scale is refitted by least squares
-/// weighted by `x²`; then the scales that map the largest value onto the first level
-/// moved by -7 to 7 steps compete by the same fit, the best scale is stored as f16, and
+/// scale `-max / -127` (the value of largest magnitude maps onto +127, beyond the last
+/// level), every value takes its nearest level ([`nearest_iq4_nl_level`]), and the scale
+/// is refitted by least squares weighted by `x²`; then the 15 scales that map the largest
+/// value onto `-127 + t` for `t` in -7..=7 (the opposite sign) compete by the same fit, the best scale is stored as f16, and
 /// every value takes its nearest level under it (in `f32`, before the rounding to f16).
 /// A block whose largest magnitude is below 1e-15 stores a zero scale. No reference
 /// implementation of the quantizer is at hand as bytes (the `gguf` package only

@@ -7,7 +7,7 @@
 //! A row is a sequence of *runs*, consecutive weights that share a scale and an offset
 //! (`w = scale * q + offset`): a run's codes meet x unscaled, and the run adds
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
-//! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1, sub-blocks of 32 or 16 inside the
+//! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16 inside the
 //! 256-value super-blocks of the K-quants); the whole-matrix formats (nf4, affine integers) have a
 //! run per scale group, decoded 32 values at a time with a scalar tail, or (affine groups
 //! along the output rows) a scale and zero point per column, decoded lane by lane.
@@ -86,8 +86,7 @@ pub fn dot_row(
 }
 
 /// The dot product of the q8_0 row at `x` (`k` values) with the row at `row` of a
-/// block-format weight whose runs lie inside blocks of 32 (the k-quants, q4_1, q5_0 and
-/// q5_1), whose blocks follow one another or lie `block_stride` bytes apart (a row of a
+/// block-format weight whose runs lie inside blocks of 32 (every GGUF block format), whose blocks follow one another or lie `block_stride` bytes apart (a row of a
 /// block panel), in generated code: the weight decoded into its runs as for `f32`
 /// activations, each run meeting the codes of its block of x as floats. A run's products
 /// of small integers and their sums are exact in `f32`, so each run costs one scaling by

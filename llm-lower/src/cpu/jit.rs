@@ -220,11 +220,11 @@ pub fn compile(
         ),
     ]);
     #[cfg(target_arch = "x86_64")]
-    for ((_, rows, panels), (rows_fn, panels_fn)) in
-        q8dot::SYMBOLS.into_iter().zip(q8dot::entry_points())
-    {
-        builder.symbol(rows, rows_fn);
-        builder.symbol(panels, panels_fn);
+    for (format, rows, panels) in q8dot::SYMBOLS {
+        if let Some((rows_fn, panels_fn)) = q8dot::entry_points(format) {
+            builder.symbol(rows, rows_fn);
+            builder.symbol(panels, panels_fn);
+        }
     }
     let use_tiles = microkernels
         && match target {
@@ -281,8 +281,8 @@ pub fn compile(
         if let Kernel::Contraction(c) = kernel {
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
-            let blocks_of_32 = by_q8_0.iter().find(|(format, ..)| *format == c.weight);
-            match (c.weight, blocks_of_32) {
+            let by_q8_0_entry = by_q8_0.iter().find(|(format, ..)| *format == c.weight);
+            match (c.weight, by_q8_0_entry) {
                 (_, Some(&(_, rows, panels))) if c.q8_0_input => {
                     tiles.q8_0_rows = bring(rows);
                     if c.block_panels {

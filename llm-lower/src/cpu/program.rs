@@ -136,7 +136,7 @@ pub struct LoweringStats {
     /// classifier tied to the embedding table, kept once).
     pub panel_gathers: usize,
     /// Contractions that read their weight repacked into panels (f32 panels, or block
-    /// panels of a q8_0, q4_0 or 16-bit weight).
+    /// panels of a weight of 32-value blocks or of 16-bit floats).
     pub panel_contractions: usize,
 }
 

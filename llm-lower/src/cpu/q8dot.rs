@@ -50,8 +50,7 @@ use crate::kernel::WeightFormat;
 use llm_ir::types::IQ4_NL_LEVELS;
 
 /// The weight formats these kernels read, each with the symbols generated code imports
-/// its [`by_q8_0_rows`] and [`by_q8_0_panels`] instances under (in [`entry_points`]'
-/// order).
+/// its [`by_q8_0_rows`] and [`by_q8_0_panels`] instances ([`entry_points`]) under.
 pub const SYMBOLS: [(WeightFormat, &str, &str); 6] = [
     (
         WeightFormat::Q8_0,
@@ -85,11 +84,11 @@ pub const SYMBOLS: [(WeightFormat, &str, &str); 6] = [
     ),
 ];
 
-/// The [`by_q8_0_rows`] and [`by_q8_0_panels`] instances of each format of [`SYMBOLS`],
-/// in its order: with VNNI's byte dot products where the CPU has them ([`vnni`]), else
-/// AVX2's.
+/// The [`by_q8_0_rows`] and [`by_q8_0_panels`] instances for `format` (each format of
+/// [`SYMBOLS`]), with VNNI's byte dot products where the CPU has them ([`vnni`]), else
+/// AVX2's; `None` for the formats these kernels do not read.
 #[cfg(target_arch = "x86_64")]
-pub fn entry_points() -> [(*const u8, *const u8); 6] {
+pub fn entry_points(format: WeightFormat) -> Option<(*const u8, *const u8)> {
     fn of<W: Blocks>() -> (*const u8, *const u8) {
         if vnni() {
             (
@@ -103,14 +102,15 @@ pub fn entry_points() -> [(*const u8, *const u8); 6] {
             )
         }
     }
-    [
-        of::<Q8_0>(),
-        of::<Q4_0>(),
-        of::<Q4_1>(),
-        of::<Q5_0>(),
-        of::<Q5_1>(),
-        of::<Iq4Nl>(),
-    ]
+    Some(match format {
+        WeightFormat::Q8_0 => of::<Q8_0>(),
+        WeightFormat::Q4_0 => of::<Q4_0>(),
+        WeightFormat::Q4_1 => of::<Q4_1>(),
+        WeightFormat::Q5_0 => of::<Q5_0>(),
+        WeightFormat::Q5_1 => of::<Q5_1>(),
+        WeightFormat::Iq4Nl => of::<Iq4Nl>(),
+        _ => return None,
+    })
 }
 
 /// Bytes of a q8_0 block: an f16 scale and 32 codes.
@@ -120,8 +120,14 @@ pub(super) const Q8_0_BLOCK_BYTES: usize = 34;
 /// kernels read it: 32 codes as unsigned bytes `c`, worth `dw * (c - CENTRE)`, plus the
 /// block's f16 minimum after the scale where it has one; or 32 signed codes `c` worth
 /// `dw * c` (q8_0, iq4_nl).
+///
+/// # Safety
+///
+/// The kernels read `BYTES` bytes a block and take the constants as the layout's truth:
+/// an implementation's constants and [`Blocks::codes`] must describe its format's blocks
+/// exactly (`codes` reading only inside the block).
 #[cfg(target_arch = "x86_64")]
-pub trait Blocks {
+pub unsafe trait Blocks {
     /// Bytes of a block.
     const BYTES: usize;
     /// What the codes are recentred by: 8 (q4_0), 16 (q5_0), 128 (signed codes, which
@@ -171,7 +177,8 @@ struct Q5_1;
 struct Iq4Nl;
 
 #[cfg(target_arch = "x86_64")]
-impl Blocks for Q8_0 {
+// SAFETY: the constants and `codes` are ggml's q8_0 layout.
+unsafe impl Blocks for Q8_0 {
     const BYTES: usize = Q8_0_BLOCK_BYTES;
     const CENTRE: u8 = 128;
     const MINIMUM: bool = false;
@@ -186,7 +193,8 @@ impl Blocks for Q8_0 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Blocks for Q4_0 {
+// SAFETY: the constants and `codes` are ggml's q4_0 layout.
+unsafe impl Blocks for Q4_0 {
     const BYTES: usize = 18;
     const CENTRE: u8 = 8;
     const MINIMUM: bool = false;
@@ -199,7 +207,8 @@ impl Blocks for Q4_0 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Blocks for Q4_1 {
+// SAFETY: the constants and `codes` are ggml's q4_1 layout.
+unsafe impl Blocks for Q4_1 {
     const BYTES: usize = 20;
     const CENTRE: u8 = 0;
     const MINIMUM: bool = true;
@@ -212,7 +221,8 @@ impl Blocks for Q4_1 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Blocks for Q5_0 {
+// SAFETY: the constants and `codes` are ggml's q5_0 layout.
+unsafe impl Blocks for Q5_0 {
     const BYTES: usize = 22;
     const CENTRE: u8 = 16;
     const MINIMUM: bool = false;
@@ -226,7 +236,8 @@ impl Blocks for Q5_0 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Blocks for Q5_1 {
+// SAFETY: the constants and `codes` are ggml's q5_1 layout.
+unsafe impl Blocks for Q5_1 {
     const BYTES: usize = 24;
     const CENTRE: u8 = 0;
     const MINIMUM: bool = true;
@@ -241,7 +252,8 @@ impl Blocks for Q5_1 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Blocks for Iq4Nl {
+// SAFETY: the constants and `codes` are ggml's iq4nl layout.
+unsafe impl Blocks for Iq4Nl {
     const BYTES: usize = 18;
     const CENTRE: u8 = 128;
     const MINIMUM: bool = false;
@@ -1146,6 +1158,7 @@ mod tests {
         let formats: Vec<WeightFormat> = kernels().iter().map(|k| k.0).collect();
         for (format, rows, panels) in SYMBOLS {
             assert!(formats.contains(&format));
+            assert!(entry_points(format).is_some(), "{format:?}");
             assert_eq!(rows, format!("llmc_{}_by_q8_0_rows", format.name()));
             assert_eq!(panels, format!("llmc_{}_by_q8_0_panels", format.name()));
         }
