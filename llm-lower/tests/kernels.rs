@@ -701,9 +701,10 @@ proptest! {
     /// products on the CPU (dequantized first on the GPU), with static or run-time rows.
     #[test]
     fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..11, dynamic in any::<bool>(), seed: u64) {
-        let (format, name) = [(QuantFormat::Q8_0, "q8_0"), (QuantFormat::Q4_0, "q4_0"), (QuantFormat::Q4_1, "q4_1"), (QuantFormat::Q5_0, "q5_0"), (QuantFormat::Q5_1, "q5_1"), (QuantFormat::Iq4Nl, "iq4_nl"), (QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")][which].clone();
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")];
+        let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
         // Whole super-blocks of 256 for the k-quants.
-        let blocks_of_32 = which < 6;
+        let blocks_of_32 = which < BLOCKS_OF_32.len();
         let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
         let y = format!("llm.tensor <{rows}x{n}xf32>");

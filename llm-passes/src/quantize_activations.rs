@@ -83,21 +83,9 @@ fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     }
     let x = ir::tensor_type(ctx, ir::operand(ctx, op, 0))?;
     let k_blocked = matches!(x.shape().last(), Some(Some(k)) if k % BLOCK == 0);
+    // GGUF's block formats: blocks of 32 or super-blocks of 256 (not its 16-bit floats).
     let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1)).is_some_and(|w| {
-        matches!(
-            w.format(),
-            QuantFormat::Q8_0
-                | QuantFormat::Q4_0
-                | QuantFormat::Q4_1
-                | QuantFormat::Q5_0
-                | QuantFormat::Q5_1
-                | QuantFormat::Iq4Nl
-                | QuantFormat::Q2K
-                | QuantFormat::Q3K
-                | QuantFormat::Q4K
-                | QuantFormat::Q5K
-                | QuantFormat::Q6K
-        )
+        w.format().gguf_block_bytes().is_some() && matches!(w.format().block_elems(), 32 | 256)
     });
     (x.dtype() == DType::F32 && k_blocked && weight_blocked).then(|| x.shape().to_vec())
 }
