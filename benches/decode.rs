@@ -282,6 +282,7 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Q4K,
         QuantFormat::Q5K,
         QuantFormat::Q6K,
+        QuantFormat::Iq4Xs,
     ] {
         // As `llm-run` compiles it, and with f32 activations (`--passes default`): what
         // the integer kernels gain, measured in the same run.

@@ -525,6 +525,7 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Q2K,
         QuantFormat::Q3K,
         QuantFormat::Q5K,
+        QuantFormat::Iq4Xs,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,
@@ -659,6 +660,7 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Q4K,
         QuantFormat::Q5K,
         QuantFormat::Q6K,
+        QuantFormat::Iq4Xs,
     ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);

@@ -1,6 +1,7 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
-//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k and iq4_nl `tests/data/quant-vectors`, both made
-//! with the `gguf` Python package), plus round-trip and known-value tests for every format.
+//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl and iq4_xs
+//! `tests/data/quant-vectors`, both made with the `gguf` Python package), plus round-trip
+//! and known-value tests for every format.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ use llm_ir::{
 /// shared set lacks.
 fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if ["q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl"]
+    if ["q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl", "iq4_xs"]
         .iter()
         .any(|ours| file.starts_with(ours))
     {
@@ -46,6 +47,7 @@ fn gguf(name: &str) -> QuantFormat {
         "q3_k" => QuantFormat::Q3K,
         "q5_k" => QuantFormat::Q5K,
         "iq4_nl" => QuantFormat::Iq4Nl,
+        "iq4_xs" => QuantFormat::Iq4Xs,
         _ => QuantFormat::Q2K,
     }
 }
@@ -73,6 +75,7 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 fn dequantizing_matches_llama_cpp_exactly() {
     for name in [
         "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
+        "iq4_xs",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -136,6 +139,8 @@ fn every_format_round_trips_within_its_step() {
         // iq4_nl's levels lie up to 24 apart (of 127 for the largest magnitude): half of
         // that, with room for a fitted scale above 2 / 127.
         (QuantFormat::Iq4Nl, 2.0 / 127.0 * 12.0 * 1.25),
+        // iq4_xs: the same levels under sub-block scales rounded to a 32nd of the largest.
+        (QuantFormat::Iq4Xs, 2.0 / 127.0 * 12.0 * 1.25),
         (
             QuantFormat::Nf4 {
                 block_size: 64,
@@ -176,6 +181,25 @@ fn exactly_representable_values_survive() {
         &levels,
         "iq4_nl",
     );
+    // IQ4_XS: IQ4_NL's exact blocks under sub-block scales `d * l` (`d` a power of two,
+    // `l` of either sign, -32 the largest in magnitude): the sub-block searches find the
+    // scales and `l = scale / d` comes back; with `d` of either sign.
+    for d in [1.0f32 / 64.0, -1.0 / 64.0] {
+        let ls = [-32, 31, -7, 1, 13, -1, 20, -31];
+        let values: Vec<f32> = ls
+            .iter()
+            .flat_map(|&l| {
+                let levels = IQ4_NL_LEVELS.iter().chain(IQ4_NL_LEVELS.iter().rev());
+                levels.map(move |&level| d * (l * i32::from(level)) as f32)
+            })
+            .collect();
+        let iq4_xs = QuantFormat::Iq4Xs;
+        assert_bits_equal(
+            &dequantize(&iq4_xs, &[256], &quantize(&iq4_xs, &[256], &values)),
+            &values,
+            "iq4_xs",
+        );
+    }
     // NF4 levels times a power-of-two absmax are exact.
     let levels: Vec<f32> = NF4_LEVELS
         .iter()

@@ -81,6 +81,10 @@ pub enum WeightFormat {
     /// nibble an index into the 16 signed levels of `llm_ir::types::IQ4_NL_LEVELS`; low
     /// nibbles are weights 0..16, high nibbles 16..32.
     Iq4Nl,
+    /// GGUF iq4_xs: super-blocks of 256 (136 bytes): an f16 scale, the eight 6-bit
+    /// sub-block scales (high bit pairs in a 16-bit word, low nibbles in four bytes), and
+    /// iq4_nl's nibbles for each sub-block of 32.
+    Iq4Xs,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -115,6 +119,7 @@ impl WeightFormat {
             QuantFormat::Q5_0 => WeightFormat::Q5_0,
             QuantFormat::Q5_1 => WeightFormat::Q5_1,
             QuantFormat::Iq4Nl => WeightFormat::Iq4Nl,
+            QuantFormat::Iq4Xs => WeightFormat::Iq4Xs,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -158,7 +163,8 @@ impl WeightFormat {
             | WeightFormat::Q6K
             | WeightFormat::Q2K
             | WeightFormat::Q3K
-            | WeightFormat::Q5K => Some(256),
+            | WeightFormat::Q5K
+            | WeightFormat::Iq4Xs => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
     }
@@ -183,6 +189,7 @@ impl WeightFormat {
             WeightFormat::Q2K => k / 256 * 84,
             WeightFormat::Q3K => k / 256 * 110,
             WeightFormat::Q5K => k / 256 * 176,
+            WeightFormat::Iq4Xs => k / 256 * 136,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -201,6 +208,7 @@ impl WeightFormat {
             WeightFormat::Q5_0 => QuantFormat::Q5_0,
             WeightFormat::Q5_1 => QuantFormat::Q5_1,
             WeightFormat::Iq4Nl => QuantFormat::Iq4Nl,
+            WeightFormat::Iq4Xs => QuantFormat::Iq4Xs,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -243,6 +251,7 @@ impl WeightFormat {
             WeightFormat::Q5_0 => "q5_0",
             WeightFormat::Q5_1 => "q5_1",
             WeightFormat::Iq4Nl => "iq4_nl",
+            WeightFormat::Iq4Xs => "iq4_xs",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

@@ -489,6 +489,7 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         16 => (32 * blocks, QuantFormat::Q5_0, "q5_0".into()),
         17 => (32 * blocks, QuantFormat::Q5_1, "q5_1".into()),
         18 => (32 * blocks, QuantFormat::Iq4Nl, "iq4_nl".into()),
+        19 => (256 * blocks, QuantFormat::Iq4Xs, "iq4_xs".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -586,7 +587,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 20;
+const FORMAT_CASES: usize = 21;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -697,13 +698,14 @@ proptest! {
     }
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet the formats of 32-value
-    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl) and the K-quants q2_k to q6_k in integer dot
-    /// products on the CPU (dequantized first on the GPU), with static or run-time rows.
+    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), the K-quants q2_k to q6_k and iq4_xs
+    /// in integer dot products on the CPU (dequantized first on the GPU), with static or
+    /// run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..11, dynamic in any::<bool>(), seed: u64) {
-        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k")];
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..12, dynamic in any::<bool>(), seed: u64) {
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs")];
         let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
-        // Whole super-blocks of 256 for the k-quants.
+        // Whole super-blocks of 256 for the k-quants and iq4_xs.
         let blocks_of_32 = which < BLOCKS_OF_32.len();
         let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
@@ -719,7 +721,7 @@ proptest! {
         let q = quantized(&format, [n, k], seed + 1);
         let args = vec![tensor(&[m, k], seed, 3.0), q, tensor(&[m, n], seed + 2, 1.0)];
         // The interpreter adds 256 or more f32 products in order; the kernels' integer run
-        // sums are exact, so over a k-quant's longer rows they differ by the interpreter's
+        // sums are exact, so over a super-block format's longer rows they differ by the interpreter's
         // rounding (measured up to 3e-5).
         let tol = if blocks_of_32 { 1e-5 } else { 1e-4 };
         agree_fused(&ir, args, &Store(Vec::new()), tol, 1)?;
@@ -991,7 +993,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..11 {
+        for which in 0..12 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1008,6 +1010,7 @@ proptest! {
                     7 => (64, QuantFormat::Q5_0, "q5_0".into()),
                     8 => (32, QuantFormat::Q5_1, "q5_1".into()),
                     9 => (96, QuantFormat::Iq4Nl, "iq4_nl".into()),
+                    10 => (256, QuantFormat::Iq4Xs, "iq4_xs".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

@@ -252,6 +252,7 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         13 => Storage::Quant(QuantFormat::Q5K),
         14 => Storage::Quant(QuantFormat::Q6K),
         20 => Storage::Quant(QuantFormat::Iq4Nl),
+        23 => Storage::Quant(QuantFormat::Iq4Xs),
         _ => return None,
     })
 }
@@ -267,7 +268,6 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
         19 => "IQ1_S",
         21 => "IQ3_S",
         22 => "IQ2_S",
-        23 => "IQ4_XS",
         24 => "I8",
         25 => "I16",
         26 => "I32",

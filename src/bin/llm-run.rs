@@ -79,6 +79,9 @@ enum Quantize {
     /// 5-bit K-quant, super-blocks of 256.
     #[value(name = "q5_k")]
     Q5K,
+    /// 4-bit indices into 16 non-linear levels, 6-bit scales per 32 in super-blocks of 256.
+    #[value(name = "iq4_xs")]
+    Iq4Xs,
     /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
     #[value(name = "nf4")]
     Nf4,
@@ -151,6 +154,7 @@ impl Quantize {
             Quantize::Q2K => QuantFormat::Q2K,
             Quantize::Q3K => QuantFormat::Q3K,
             Quantize::Q5K => QuantFormat::Q5K,
+            Quantize::Iq4Xs => QuantFormat::Iq4Xs,
             Quantize::Nf4 => QuantFormat::Nf4 {
                 block_size: 64,
                 scale: DType::F16,
@@ -172,7 +176,7 @@ impl Quantize {
 struct CompileArgs {
     /// The pass pipeline applied to the model before it runs (`""` for none). By default
     /// `default,quantize-activations` (`default` on the GPU backend): the matmuls of every
-    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k) read q8_0 activations, which the CPU multiplies as integers (as
+    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k, iq4_xs) read q8_0 activations, which the CPU multiplies as integers (as
     /// quantized inference engines do; f32 weights are unaffected); the GPU has no integer
     /// dot products, so there it would only add work. `--passes default` keeps f32
     /// activations.

@@ -3,11 +3,12 @@
 //! # Layouts
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
-//! `q5_k`, `q6_k`, and `iq4_nl`) store each row (the last dim) as consecutive blocks exactly
-//! as ggml does; see [`crate::types::QuantFormat`]. The quantizers follow ggml's reference
-//! quantizers operation for operation in `f32`; for `q8_0`, `q4_0`, `q4_1`, `q5_0` and
-//! `q5_1` the bytes are checked against llama.cpp's vectors (see [`quantize_k`] for the
-//! K-quants and [`quantize_iq4_nl`] for `iq4_nl`, whose dequantization alone has vectors).
+//! `q5_k`, `q6_k`, and `iq4_nl`, `iq4_xs`) store each row (the last dim) as consecutive
+//! blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The quantizers follow
+//! ggml's reference quantizers operation for operation in `f32`; for `q8_0`, `q4_0`,
+//! `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see
+//! [`quantize_k`] for the K-quants and [`quantize_iq4_nl`] for `iq4_nl` and `iq4_xs`, whose
+//! dequantization alone has vectors).
 //!
 //! `nf4` stores, for each block of `block_size` values along the last dim, 4-bit indices
 //! into the NormalFloat table (two per byte, low nibble first, in row-major element order),
@@ -111,6 +112,7 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
             .flat_map(|b| quantize_q5(b, *format == QuantFormat::Q5_1))
             .collect(),
         QuantFormat::Iq4Nl => values.chunks(32).flat_map(quantize_iq4_nl).collect(),
+        QuantFormat::Iq4Xs => values.chunks(256).flat_map(quantize_iq4_xs).collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -199,16 +201,57 @@ pub fn dequantize_row(
 }
 
 /// Quantizes a block of 32 values to IQ4_NL as ggml's `quantize_row_iq4_nl_ref` does
-/// (`quantize_row_iq4_nl_impl` without importance weights, 7 tries each way): a first
-/// scale `-max / -127` (the value of largest magnitude maps onto +127, beyond the last
-/// level), every value takes its nearest level ([`nearest_iq4_nl_level`]), and the scale
-/// is refitted by least squares weighted by `x²`; then the 15 scales that map the largest
-/// value onto `-127 + t` for `t` in -7..=7 (the opposite sign) compete by the same fit, the best scale is stored as f16, and
-/// every value takes its nearest level under it (in `f32`, before the rounding to f16).
-/// A block whose largest magnitude is below 1e-15 stores a zero scale. No reference
-/// implementation of the quantizer is at hand as bytes (the `gguf` package only
-/// dequantizes IQ4_NL), so it is checked by round trips.
+/// (`quantize_row_iq4_nl_impl` for one block of 32): the block's scale is searched for
+/// ([`iq4_nl_block_scale`]) and stored as f16, and every value takes its nearest level
+/// under the scale in `f32`, before the rounding to f16. No reference implementation of
+/// the quantizer is at hand as bytes (the `gguf` package only dequantizes IQ4_NL), so it
+/// is checked by round trips.
 pub fn quantize_iq4_nl(x: &[f32]) -> Vec<u8> {
+    let scale = iq4_nl_block_scale(x);
+    let mut out = Vec::with_capacity(18);
+    push_f16(&mut out, scale);
+    out.extend(iq4_nibbles(x, scale));
+    out
+}
+
+/// Quantizes a super-block of 256 values to IQ4_XS as ggml's `quantize_row_iq4_xs_ref`
+/// does (`quantize_row_iq4_nl_impl` for eight blocks of 32): each sub-block's scale is
+/// searched for as IQ4_NL's ([`iq4_nl_block_scale`]); the super-block scale `d` is the
+/// largest in magnitude (the first of equals) over `-32`, stored as f16; each sub-block
+/// stores `l = round(scale / d)` (ties to even, clamped to -32..=31) offset by 32 in six
+/// bits, and its values take their nearest levels under `d * l`, with `d` in `f32`
+/// before its rounding to f16. Checked by round trips, as [`quantize_iq4_nl`].
+pub fn quantize_iq4_xs(x: &[f32]) -> Vec<u8> {
+    let scales: Vec<f32> = x.chunks(32).map(iq4_nl_block_scale).collect();
+    let largest = scales
+        .iter()
+        .fold(0f32, |max, &s| if s.abs() > max.abs() { s } else { max });
+    let d = -largest / 32.0;
+    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let (mut high, mut low, mut nibbles) = (0u16, [0u8; 4], Vec::with_capacity(128));
+    for (ib, (xb, &scale)) in x.chunks(32).zip(&scales).enumerate() {
+        let l = nearest_int(inverse * scale).clamp(-32, 31);
+        nibbles.extend(iq4_nibbles(xb, d * l as f32));
+        let stored = (l + 32) as u8;
+        low[ib / 2] |= (stored & 0xF) << (4 * (ib % 2));
+        high |= u16::from(stored >> 4) << (2 * ib);
+    }
+    let mut out = Vec::with_capacity(136);
+    push_f16(&mut out, d);
+    out.extend(high.to_le_bytes());
+    out.extend(low);
+    out.extend(nibbles);
+    out
+}
+
+/// The scale ggml's `quantize_row_iq4_nl_impl` finds for a block of 32 values without
+/// importance weights (7 tries each way): a first scale `-max / -127` (the value of
+/// largest magnitude maps onto +127, beyond the last level), every value takes its
+/// nearest level ([`nearest_iq4_nl_level`]), and the scale is refitted by least squares
+/// weighted by `x²`; then the 15 scales that map the largest value onto `-127 + t` for `t`
+/// in -7..=7 (the opposite sign) compete by the same fit. A block whose largest magnitude
+/// is below 1e-15 has a zero scale.
+pub fn iq4_nl_block_scale(x: &[f32]) -> f32 {
     let levels = IQ4_NL_LEVELS.map(f32::from);
     let weight: Vec<f32> = x.iter().map(|v| v * v).collect();
     let (amax, max) = x.iter().fold((0f32, 0f32), |(amax, max), &v| {
@@ -227,30 +270,32 @@ pub fn quantize_iq4_nl(x: &[f32]) -> Vec<u8> {
                 (sumqx + w * q * v, sumq2 + w * q * q)
             })
     };
-    let scale = if amax < 1e-15 {
-        0.0
-    } else {
-        let (sumqx, sumq2) = fit(1.0 / (-max / levels[0]));
-        let mut d = sumqx / sumq2;
-        let mut best = d * sumqx;
-        for step in -7..=7 {
-            let (sumqx, sumq2) = fit((step as f32 + levels[0]) / max);
-            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
+    if amax < 1e-15 {
+        return 0.0;
+    }
+    let (sumqx, sumq2) = fit(1.0 / (-max / levels[0]));
+    let mut d = sumqx / sumq2;
+    let mut best = d * sumqx;
+    for step in -7..=7 {
+        let (sumqx, sumq2) = fit((step as f32 + levels[0]) / max);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            d = sumqx / sumq2;
+            best = d * sumqx;
         }
-        d
-    };
+    }
+    d
+}
+
+/// The 16 nibble bytes of a block of 32 values under `scale` (each value's nearest level
+/// of `value / scale`, index 8 (level 1) for a zero scale): value `j` in the low nibble of
+/// byte `j`, value `16 + j` in its high nibble.
+fn iq4_nibbles(x: &[f32], scale: f32) -> impl Iterator<Item = u8> {
     let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
     let codes: Vec<u8> = x
         .iter()
         .map(|&v| nearest_iq4_nl_level(inverse * v) as u8)
         .collect();
-    let mut out = Vec::with_capacity(18);
-    push_f16(&mut out, scale);
-    out.extend((0..16).map(|j| codes[j] | codes[j + 16] << 4));
-    out
+    (0..16).map(move |j| codes[j] | codes[j + 16] << 4)
 }
 
 /// The index of the IQ4_NL level nearest `x` (ggml's `best_index_int8`: the first or last
@@ -277,6 +322,14 @@ pub fn nearest_iq4_nl_level(x: f32) -> usize {
     } else {
         high
     }
+}
+
+/// Appends the 32 values of IQ4_NL's 16 nibble bytes `qs` under `scale`: low nibbles are
+/// values 0..16, high nibbles 16..32, each indexing [`IQ4_NL_LEVELS`].
+fn iq4_levels(scale: f32, qs: &[u8], out: &mut Vec<f32>) {
+    let level = |nibble: u8| scale * f32::from(IQ4_NL_LEVELS[usize::from(nibble)]);
+    out.extend(qs.iter().map(|&q| level(q & 0xF)));
+    out.extend(qs.iter().map(|&q| level(q >> 4)));
 }
 
 /// Dequantizes one GGUF block, appending its values to `out`.
@@ -317,12 +370,17 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
                 }
             }));
         }
-        QuantFormat::Iq4Nl => {
+        QuantFormat::Iq4Nl => iq4_levels(f16_at(b, 0), &b[2..18], out),
+        QuantFormat::Iq4Xs => {
+            // Sub-block `ib`'s 6-bit scale: nibble `ib % 2` of byte `4 + ib / 2`, with
+            // bit pair `ib` of the 16-bit word at 2 on top.
             let d = f16_at(b, 0);
-            let level = |nibble: u8| d * f32::from(IQ4_NL_LEVELS[usize::from(nibble)]);
-            let qs = &b[2..18];
-            out.extend(qs.iter().map(|&q| level(q & 0xF)));
-            out.extend(qs.iter().map(|&q| level(q >> 4)));
+            let high = u16::from_le_bytes([b[2], b[3]]);
+            for (ib, qs) in b[8..136].chunks(16).enumerate() {
+                let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+                let ls = i32::from(low) | i32::from((high >> (2 * ib)) & 3) << 4;
+                iq4_levels(d * (ls - 32) as f32, qs, out);
+            }
         }
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for

@@ -15,6 +15,8 @@
 //! | `q2_k` | 256 | 84 | 16 bytes of 4-bit scales/mins, 64 bytes of 2-bit values, f16 d, f16 dmin |
 //! | `q3_k` | 256 | 110 | 32 bytes of high bits, 64 bytes of 2-bit values, 12 bytes of 6-bit scales, f16 d |
 //! | `q5_k` | 256 | 176 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 32 bytes of high bits, 128 bytes of 4-bit values |
+//! | `iq4_nl` | 32 | 18 | f16 scale, 16 bytes of 4-bit indices into [`IQ4_NL_LEVELS`] |
+//! | `iq4_xs` | 256 | 136 | f16 d, 16 bits of sub-block scales' high bit pairs, 4 bytes of their low nibbles, 128 bytes of 4-bit indices into [`IQ4_NL_LEVELS`] |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -78,6 +80,10 @@ pub enum QuantFormat {
     /// GGUF IQ4_NL: blocks of 32, an f16 scale and 16 bytes of nibbles that index a fixed
     /// non-linear table of 16 signed levels ([`IQ4_NL_LEVELS`]).
     Iq4Nl,
+    /// GGUF IQ4_XS: super-blocks of 256, an f16 scale `d` and eight 6-bit sub-block scales
+    /// `ls` (value `d * (ls - 32) * level`), with IQ4_NL's nibbles and levels in each
+    /// sub-block of 32.
+    Iq4Xs,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -119,6 +125,7 @@ impl QuantFormat {
             QuantFormat::Q3K => "q3_k",
             QuantFormat::Q5K => "q5_k",
             QuantFormat::Iq4Nl => "iq4_nl",
+            QuantFormat::Iq4Xs => "iq4_xs",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -141,7 +148,8 @@ impl QuantFormat {
             | QuantFormat::Q6K
             | QuantFormat::Q2K
             | QuantFormat::Q3K
-            | QuantFormat::Q5K => 256,
+            | QuantFormat::Q5K
+            | QuantFormat::Iq4Xs => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
@@ -162,6 +170,7 @@ impl QuantFormat {
             QuantFormat::Q3K => Some(110),
             QuantFormat::Q5K => Some(176),
             QuantFormat::Iq4Nl => Some(18),
+            QuantFormat::Iq4Xs => Some(136),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -260,6 +269,7 @@ impl QuantFormat {
             "q3_k" => QuantFormat::Q3K,
             "q5_k" => QuantFormat::Q5K,
             "iq4_nl" => QuantFormat::Iq4Nl,
+            "iq4_xs" => QuantFormat::Iq4Xs,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -290,7 +300,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -8,7 +8,7 @@
 //! (`w = scale * q + offset`): a run's codes meet x unscaled, and the run adds
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
 //! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16 inside the
-//! 256-value super-blocks of the K-quants); the whole-matrix formats (nf4, affine integers) have a
+//! 256-value super-blocks of the K-quants and iq4_xs); the whole-matrix formats (nf4, affine integers) have a
 //! run per scale group, decoded 32 values at a time with a scalar tail, or (affine groups
 //! along the output rows) a scale and zero point per column, decoded lane by lane.
 //! The 16-bit float formats (`PackedF16`, `PackedBF16`) have no runs: their values widen
@@ -44,7 +44,8 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Q6K
         | WeightFormat::Q2K
         | WeightFormat::Q3K
-        | WeightFormat::Q5K => true,
+        | WeightFormat::Q5K
+        | WeightFormat::Iq4Xs => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -265,6 +266,7 @@ fn decode_blocks(
             WeightFormat::Q6K => q6_k_runs(b, wb, &mut sink),
             WeightFormat::Q2K => q2_k_runs(b, wb, &mut sink),
             WeightFormat::Q3K => q3_k_runs(b, wb, &mut sink),
+            WeightFormat::Iq4Xs => iq4_xs_runs(b, wb, &mut sink),
             other => unreachable!("{other:?} is not a block format"),
         }
     });
@@ -330,11 +332,7 @@ fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &
             None => nibbles,
         };
         codes.extend(if format == WeightFormat::Iq4Nl {
-            let levels = IQ4_NL_LEVELS.map(|l| l as u8).to_vec();
-            let levels = b.func.dfg.constants.insert(ConstantData::from(levels));
-            let levels = b.ins().vconst(types::I8X16, levels);
-            let signed = b.ins().swizzle(levels, q);
-            bytes_to_f32(b, signed, true)
+            iq4_levels(b, q)
         } else if minimum {
             bytes_to_f32(b, q, false)
         } else {
@@ -352,6 +350,51 @@ fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &
             offset,
         },
     );
+}
+
+/// The IQ4_NL levels 16 nibbles (`i8x16`) index, as `f32x4` lanes: the levels looked up
+/// by a byte swizzle and widened.
+fn iq4_levels(b: &mut FunctionBuilder, nibbles: Value) -> [Value; 4] {
+    let levels = IQ4_NL_LEVELS.map(|l| l as u8).to_vec();
+    let levels = b.func.dfg.constants.insert(ConstantData::from(levels));
+    let levels = b.ins().vconst(types::I8X16, levels);
+    let signed = b.ins().swizzle(levels, nibbles);
+    bytes_to_f32(b, signed, true)
+}
+
+/// iq4_xs: an f16 scale `d`, the 16-bit word of the sub-blocks' scale high bit pairs at 2,
+/// four bytes of their low nibbles at 4, and iq4_nl's 16 nibble bytes for each sub-block
+/// `s` of 32 at `8 + 16 s`. A sub-block is a run whose scale is `d * (ls - 32)`, its
+/// 6-bit `ls` being nibble `s % 2` of byte `4 + s / 2` under bit pair `s` of the word.
+fn iq4_xs_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let d = load_f16(b, wb, 0);
+    let high = b.ins().uload16(types::I32, mem(), wb, 2);
+    for s in 0..8i32 {
+        let low = b.ins().uload8(types::I32, mem(), wb, 4 + s / 2);
+        let low = b.ins().ushr_imm_s(low, i64::from(4 * (s % 2)));
+        let low = b.ins().band_imm_s(low, 0xf);
+        let top = b.ins().ushr_imm_s(high, i64::from(2 * s));
+        let top = b.ins().band_imm_s(top, 3);
+        let top = b.ins().ishl_imm_s(top, 4);
+        let ls = b.ins().bor(low, top);
+        let ls = b.ins().iadd_imm_s(ls, -32);
+        let ls = b.ins().fcvt_from_sint(types::F32, ls);
+        let scale = b.ins().fmul(d, ls);
+        let packed = b.ins().load(types::I8X16, mem(), wb, 8 + 16 * s);
+        let mut codes = Vec::with_capacity(8);
+        for nibbles in split_nibbles(b, packed) {
+            codes.extend(iq4_levels(b, nibbles));
+        }
+        sink(
+            b,
+            Run {
+                codes,
+                x_at: 4 * 32 * s,
+                scale,
+                offset: None,
+            },
+        );
+    }
 }
 
 /// The fifth bits of a q5 block's 32 values, from the little-endian word at `wb + at`, as

@@ -173,25 +173,6 @@ pub fn compile(
     // Pinned code is never run, so it may name the microkernel whatever this CPU has (the
     // snapshots then show the call); host code only when this CPU can run it. The symbol
     // is registered on every x86-64 host, so that an import always resolves.
-    // The q8_0-activation kernels with VNNI's byte dot products where the CPU has them.
-    #[cfg(target_arch = "x86_64")]
-    let kq8dot_rows: [*const u8; 5] = if q8dot::vnni() {
-        [
-            kq8dot::q2_k_by_q8_0_rows::<true> as *const u8,
-            kq8dot::q3_k_by_q8_0_rows::<true> as *const u8,
-            kq8dot::q4_k_by_q8_0_rows::<true> as *const u8,
-            kq8dot::q5_k_by_q8_0_rows::<true> as *const u8,
-            kq8dot::q6_k_by_q8_0_rows::<true> as *const u8,
-        ]
-    } else {
-        [
-            kq8dot::q2_k_by_q8_0_rows::<false> as *const u8,
-            kq8dot::q3_k_by_q8_0_rows::<false> as *const u8,
-            kq8dot::q4_k_by_q8_0_rows::<false> as *const u8,
-            kq8dot::q5_k_by_q8_0_rows::<false> as *const u8,
-            kq8dot::q6_k_by_q8_0_rows::<false> as *const u8,
-        ]
-    };
     #[cfg(target_arch = "x86_64")]
     builder.symbols([
         (ukernel::PANEL_ROWS_FN, ukernel::panel_rows as *const u8),
@@ -207,11 +188,6 @@ pub fn compile(
         (ukernel::Q4_0_ROW, ukernel::q4_0_row as *const u8),
         (ukernel::F16_ROW, ukernel::f16_row as *const u8),
         (ukernel::BF16_ROW, ukernel::bf16_row as *const u8),
-        (kq8dot::Q2_K_BY_Q8_0_ROWS, kq8dot_rows[0]),
-        (kq8dot::Q3_K_BY_Q8_0_ROWS, kq8dot_rows[1]),
-        (kq8dot::Q4_K_BY_Q8_0_ROWS, kq8dot_rows[2]),
-        (kq8dot::Q5_K_BY_Q8_0_ROWS, kq8dot_rows[3]),
-        (kq8dot::Q6_K_BY_Q8_0_ROWS, kq8dot_rows[4]),
         (kquant::Q4_K_ROW, kquant::q4_k_row as *const u8),
         (kquant::Q6_K_ROW, kquant::q6_k_row as *const u8),
         (
@@ -219,11 +195,18 @@ pub fn compile(
             attention::attention_row as *const u8,
         ),
     ]);
+    // The q8_0-activation kernels, with VNNI's byte dot products where the CPU has them.
     #[cfg(target_arch = "x86_64")]
     for (format, rows, panels) in q8dot::SYMBOLS {
         if let Some((rows_fn, panels_fn)) = q8dot::entry_points(format) {
             builder.symbol(rows, rows_fn);
             builder.symbol(panels, panels_fn);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    for (format, rows) in kq8dot::SYMBOLS {
+        if let Some(rows_fn) = kq8dot::entry_point(format) {
+            builder.symbol(rows, rows_fn);
         }
     }
     let use_tiles = microkernels
@@ -251,16 +234,15 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let f16_row = import(ukernel::F16_ROW, 4)?;
     let bf16_row = import(ukernel::BF16_ROW, 4)?;
-    // Per format of 32-value blocks: its q8_0-activation rows and panels kernels.
-    let mut by_q8_0 = Vec::with_capacity(q8dot::SYMBOLS.len());
+    // Per block format: its q8_0-activation rows kernel, and block-panels kernel where
+    // it has one (the formats of 32-value blocks).
+    let mut by_q8_0 = Vec::with_capacity(q8dot::SYMBOLS.len() + kq8dot::SYMBOLS.len());
     for (format, rows, panels) in q8dot::SYMBOLS {
         by_q8_0.push((format, import(rows, 8)?, import(panels, 8)?));
     }
-    let q4_k_by_q8_0_rows = import(kq8dot::Q4_K_BY_Q8_0_ROWS, 8)?;
-    let q2_k_by_q8_0_rows = import(kq8dot::Q2_K_BY_Q8_0_ROWS, 8)?;
-    let q3_k_by_q8_0_rows = import(kq8dot::Q3_K_BY_Q8_0_ROWS, 8)?;
-    let q5_k_by_q8_0_rows = import(kq8dot::Q5_K_BY_Q8_0_ROWS, 8)?;
-    let q6_k_by_q8_0_rows = import(kq8dot::Q6_K_BY_Q8_0_ROWS, 8)?;
+    for (format, rows) in kq8dot::SYMBOLS {
+        by_q8_0.push((format, import(rows, 8)?, None));
+    }
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let attention_row = import(attention::ATTENTION_ROW, 9)?;
@@ -288,21 +270,6 @@ pub fn compile(
                     if c.block_panels {
                         tiles.q8_0_panels = bring(panels);
                     }
-                }
-                (WeightFormat::Q4K, _) if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q4_k_by_q8_0_rows)
-                }
-                (WeightFormat::Q2K, _) if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q2_k_by_q8_0_rows)
-                }
-                (WeightFormat::Q3K, _) if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q3_k_by_q8_0_rows)
-                }
-                (WeightFormat::Q5K, _) if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q5_k_by_q8_0_rows)
-                }
-                (WeightFormat::Q6K, _) if c.q8_0_input => {
-                    tiles.q8_0_rows = bring(q6_k_by_q8_0_rows)
                 }
                 (WeightFormat::F32Panels, _) => {
                     tiles.panel_rows = bring(panel_rows);

@@ -1,5 +1,6 @@
-//! Integer dot products of q8_0 activations with the GGUF k-quants (q2_k to q6_k), the
-//! formats most GGUF models ship their matrices in.
+//! Integer dot products of q8_0 activations with the GGUF formats of 256-value
+//! super-blocks: the k-quants (q2_k to q6_k), the formats most GGUF models ship their
+//! matrices in, and iq4_xs.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -16,31 +17,64 @@
 //! - q2_k: sixteen runs of 16, value `d * sc * q - dmin * m` (`q` 2-bit, `sc` and `m`
 //!   4-bit): the minimums take `dx * Σ qx` over each half block of x (`Activations`);
 //! - q3_k: sixteen runs of 16, value `d * (sc - 32) * (q - 4)` (`q` a 2-bit code with a
-//!   high bit above it, `sc` 6-bit): as q6_k, the recentring taken off as `4 * Σ qx`.
+//!   high bit above it, `sc` 6-bit): as q6_k, the recentring taken off as `4 * Σ qx`;
+//! - iq4_xs: eight runs of 32, value `d * (ls - 32) * level` (`level` one of IQ4_NL's 16
+//!   signed levels, looked up by `vpshufb`, `ls` 6-bit): with VNNI the levels plus 128
+//!   meet `qx` as unsigned bytes and the recentring is taken off as `128 * Σ qx`; AVX2,
+//!   whose pair sums would saturate on such bytes, takes `|qx|` (unsigned, 128 included)
+//!   times the level carrying `qx`'s sign, exact since no level is -128.
 //!
-//! [`q2_k_by_q8_0_rows`], [`q3_k_by_q8_0_rows`], [`q4_k_by_q8_0_rows`],
-//! [`q5_k_by_q8_0_rows`] and [`q6_k_by_q8_0_rows`] run where the CPU has AVX2, FMA and
-//! F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd` where it has that
-//! too ([`super::q8dot::vnni`]), taking the rows of x in tiles (each weight super-block
-//! decoded once per tile); elsewhere the generated kernel decodes the same
-//! runs ([`super::dequant::dot_row_q8_0_x`]). The sums are grouped differently, so the two
-//! agree within rounding.
+//! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
+//! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
+//! where it has that too ([`super::q8dot::vnni`]), taking the rows of x in tiles (each
+//! weight super-block decoded once per tile); elsewhere the generated kernel decodes the
+//! same runs ([`super::dequant::dot_row_q8_0_x`]). The sums are grouped differently, so
+//! the two agree within rounding.
 
 #![allow(
     unsafe_code,
     reason = "AVX2 intrinsics on pointers checked by the caller"
 )]
 
-/// The symbol generated code imports [`q4_k_by_q8_0_rows`] under.
-pub const Q4_K_BY_Q8_0_ROWS: &str = "llmc_q4_k_by_q8_0_rows";
-/// The symbol generated code imports [`q2_k_by_q8_0_rows`] under.
-pub const Q2_K_BY_Q8_0_ROWS: &str = "llmc_q2_k_by_q8_0_rows";
-/// The symbol generated code imports [`q3_k_by_q8_0_rows`] under.
-pub const Q3_K_BY_Q8_0_ROWS: &str = "llmc_q3_k_by_q8_0_rows";
-/// The symbol generated code imports [`q5_k_by_q8_0_rows`] under.
-pub const Q5_K_BY_Q8_0_ROWS: &str = "llmc_q5_k_by_q8_0_rows";
-/// The symbol generated code imports [`q6_k_by_q8_0_rows`] under.
-pub const Q6_K_BY_Q8_0_ROWS: &str = "llmc_q6_k_by_q8_0_rows";
+use crate::kernel::WeightFormat;
+
+/// Per format of these kernels, the symbol generated code imports its entry point under
+/// ([`entry_point`]).
+pub const SYMBOLS: [(WeightFormat, &str); 6] = [
+    (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
+    (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
+    (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
+    (WeightFormat::Q5K, "llmc_q5_k_by_q8_0_rows"),
+    (WeightFormat::Q6K, "llmc_q6_k_by_q8_0_rows"),
+    (WeightFormat::Iq4Xs, "llmc_iq4_xs_by_q8_0_rows"),
+];
+
+/// The entry point of `format` (each format of [`SYMBOLS`]), with VNNI's byte dot
+/// products where the CPU has them ([`super::q8dot::vnni`]), else AVX2's; `None` for the
+/// formats these kernels do not read.
+#[cfg(target_arch = "x86_64")]
+pub fn entry_point(format: WeightFormat) -> Option<*const u8> {
+    let [avx2, vnni] = instances(format)?;
+    Some(if super::q8dot::vnni() { vnni } else { avx2 } as *const u8)
+}
+
+/// The C signature of the entry points (their operands as [`q4_k_by_q8_0_rows`] takes them).
+#[cfg(target_arch = "x86_64")]
+type EntryPoint = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
+
+/// The AVX2 and the VNNI instance of `format`'s entry point.
+#[cfg(target_arch = "x86_64")]
+fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
+    Some(match format {
+        WeightFormat::Q2K => [q2_k_by_q8_0_rows::<false>, q2_k_by_q8_0_rows::<true>],
+        WeightFormat::Q3K => [q3_k_by_q8_0_rows::<false>, q3_k_by_q8_0_rows::<true>],
+        WeightFormat::Q4K => [q4_k_by_q8_0_rows::<false>, q4_k_by_q8_0_rows::<true>],
+        WeightFormat::Q5K => [q5_k_by_q8_0_rows::<false>, q5_k_by_q8_0_rows::<true>],
+        WeightFormat::Q6K => [q6_k_by_q8_0_rows::<false>, q6_k_by_q8_0_rows::<true>],
+        WeightFormat::Iq4Xs => [iq4_xs_by_q8_0_rows::<false>, iq4_xs_by_q8_0_rows::<true>],
+        _ => return None,
+    })
+}
 
 #[cfg(target_arch = "x86_64")]
 use llm_ir::interp::quant::q3_k_scale;
@@ -137,6 +171,16 @@ entry_point!(
     q6_k_by_q8_0_rows, 210, q6_k_vnni, q6_k_avx2
 );
 
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq4_xs rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 136` bytes.
+    iq4_xs_by_q8_0_rows, 136, iq4_xs_vnni, iq4_xs_avx2
+);
+
 /// The kernel of one k-quant format for a tile of `TILE` rows of x: the dot products of
 /// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
@@ -214,6 +258,9 @@ unsafe fn each_tile<const TILE: usize>(
 /// VNNI (`vpdpbusd`); both group the same four bytes, so the sums are the same integers.
 #[cfg(target_arch = "x86_64")]
 trait QuadSums {
+    /// Whether `u` may be any byte: no 16-bit pair sums that could saturate (VNNI).
+    const ANY_UNSIGNED: bool;
+
     /// `Σ u·s` over each lane's four bytes.
     ///
     /// # Safety
@@ -223,6 +270,24 @@ trait QuadSums {
         u: std::arch::x86_64::__m256i,
         s: std::arch::x86_64::__m256i,
     ) -> std::arch::x86_64::__m256i;
+
+    /// `Σ w·s` over each lane's four bytes of signed bytes `w` (none -128) and `s`, as
+    /// `|s|` (an unsigned byte, 128 for -128) times `w` with `s`'s sign (`vpsignb`, which
+    /// also zeroes `w` where `s` is 0): exact, the pair sums of AVX2's at most
+    /// `2 * 128 * 127`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the implementation's features.
+    #[inline(always)]
+    unsafe fn signed_quads(
+        w: std::arch::x86_64::__m256i,
+        s: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the features are the caller's (AVX2 is in both implementations').
+        unsafe { Self::quads(_mm256_abs_epi8(s), _mm256_sign_epi8(w, s)) }
+    }
 }
 
 /// AVX2's [`QuadSums`].
@@ -231,6 +296,9 @@ struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl QuadSums for Avx2 {
+    // `vpmaddubsw`'s pair sums saturate beyond 16 bits.
+    const ANY_UNSIGNED: bool = false;
+
     #[inline(always)]
     unsafe fn quads(
         u: std::arch::x86_64::__m256i,
@@ -248,6 +316,8 @@ struct Vnni;
 
 #[cfg(target_arch = "x86_64")]
 impl QuadSums for Vnni {
+    const ANY_UNSIGNED: bool = true;
+
     #[inline(always)]
     unsafe fn quads(
         u: std::arch::x86_64::__m256i,
@@ -287,6 +357,7 @@ instances!(
     q4_k_avx2: q4_k_rows, false;
     q5_k_avx2: q4_k_rows, true;
     q6_k_avx2: sixteens_rows, Q6kRuns;
+    iq4_xs_avx2: iq4_xs_rows;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -296,6 +367,7 @@ instances!(
     q4_k_vnni: q4_k_rows, false;
     q5_k_vnni: q4_k_rows, true;
     q6_k_vnni: sixteens_rows, Q6kRuns;
+    iq4_xs_vnni: iq4_xs_rows;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -435,6 +507,132 @@ unsafe fn q4_k_rows<Q: QuadSums, const TILE: usize, const FIFTH: bool>(
             let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]);
             super::ukernel::lane_sum(total)
         })
+    }
+}
+
+/// iq4_xs against `TILE` rows of x: per super-block (136 bytes) an f16 `d`, the eight
+/// sub-blocks' 6-bit scales `ls` ([`iq4_xs_scales`]) and each sub-block `j`'s 16 nibble
+/// bytes at `8 + 16 j`, which index IQ4_NL's signed levels ([`iq4_xs_pair`]). The levels
+/// are looked up once for the tile; per row of x, the sub-blocks' factors
+/// `d * (ls - 32) * dx` are formed 8 lanes at a time, and each sub-block's sum of levels
+/// times x's codes is exact: with VNNI the levels plus 128 meet the codes as unsigned
+/// bytes and the recentring comes off as `128 * d * (ls - 32) * dx * Σ qx`, 8 sub-blocks
+/// at a time; with AVX2 (whose pair sums would saturate) as [`QuadSums::signed_quads`].
+/// Each row's result is the same whatever the tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq4_xs_rows<Q: QuadSums, const TILE: usize>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
+    unsafe {
+        use std::arch::x86_64::*;
+        // With VNNI, the levels plus 128 (the sign bit flipped) as unsigned bytes.
+        let table = if Q::ANY_UNSIGNED {
+            _mm256_xor_si256(super::q8dot::iq4_nl_table(), _mm256_set1_epi8(i8::MIN))
+        } else {
+            super::q8dot::iq4_nl_table()
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+        let mut bias = [_mm256_setzero_ps(); TILE];
+        let mut factors = [[0f32; 8]; TILE];
+        for sb in 0..a[0].dx.len() / 8 {
+            let block = w.add(sb * 136);
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                block.cast::<u16>().read_unaligned(),
+            ))));
+            let d_ls = _mm256_mul_ps(d, _mm256_cvtepi32_ps(iq4_xs_scales(block)));
+            for t in 0..TILE {
+                let dx = _mm256_loadu_ps(a[t].dx.as_ptr().add(8 * sb));
+                _mm256_storeu_ps(factors[t].as_mut_ptr(), _mm256_mul_ps(d_ls, dx));
+                if Q::ANY_UNSIGNED {
+                    let dx_sum = _mm256_loadu_ps(a[t].dx_sum.as_ptr().add(8 * sb));
+                    let centre = _mm256_mul_ps(d_ls, _mm256_set1_ps(128.0));
+                    bias[t] = _mm256_fmadd_ps(centre, dx_sum, bias[t]);
+                }
+            }
+            for pair in 0..4 {
+                let codes = iq4_xs_pair(block.add(8 + 32 * pair), table);
+                for (h, codes) in codes.into_iter().enumerate() {
+                    let j = 2 * pair + h;
+                    for t in 0..TILE {
+                        let xq = _mm256_loadu_si256(x[t].add((8 * sb + j) * X_BLOCK + 2).cast());
+                        let sums = if Q::ANY_UNSIGNED {
+                            Q::quads(codes, xq)
+                        } else {
+                            Q::signed_quads(codes, xq)
+                        };
+                        let factor = _mm256_broadcast_ss(&factors[t][j]);
+                        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t][h]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|t| {
+            let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), bias[t]);
+            super::ukernel::lane_sum(total)
+        })
+    }
+}
+
+/// The codes of two consecutive iq4_xs sub-blocks from their 32 nibble bytes at `packed`
+/// (16 a sub-block: low nibbles are values 0..16, high nibbles 16..32) looked up in
+/// `table` (a [`super::q8dot::iq4_nl_table`], its bytes in both 128-bit lanes), each
+/// sub-block's 32 in value order: both halves' nibbles looked up in place, then their
+/// 128-bit lanes regrouped by sub-block.
+///
+/// # Safety
+///
+/// `packed` points to 32 readable bytes, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq4_xs_pair(
+    packed: *const u8,
+    table: std::arch::x86_64::__m256i,
+) -> [std::arch::x86_64::__m256i; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: 32 bytes (the contract); AVX2 is the caller's.
+    unsafe {
+        let packed = _mm256_loadu_si256(packed.cast());
+        let mask = _mm256_set1_epi8(0x0f);
+        let low = _mm256_shuffle_epi8(table, _mm256_and_si256(packed, mask));
+        let high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask));
+        [
+            _mm256_permute2x128_si256(low, high, 0x20),
+            _mm256_permute2x128_si256(low, high, 0x31),
+        ]
+    }
+}
+
+/// The eight sub-block scales `ls - 32` of the iq4_xs super-block at `block`, lane `j` for
+/// sub-block `j`: nibble `j % 2` of byte `4 + j / 2` under bit pair `j` of the 16-bit word
+/// at 2.
+///
+/// # Safety
+///
+/// `block` points to an iq4_xs super-block, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq4_xs_scales(block: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the word and the four bytes are inside the super-block (the contract).
+    unsafe {
+        let low = _mm_cvtsi32_si128(block.add(4).cast::<i32>().read_unaligned());
+        let low = _mm256_permutevar8x32_epi32(
+            _mm256_cvtepu8_epi32(low),
+            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+        );
+        let low = _mm256_srlv_epi32(low, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+        let high = _mm256_set1_epi32(i32::from(block.add(2).cast::<u16>().read_unaligned()));
+        let high = _mm256_srlv_epi32(high, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+        let ls = _mm256_or_si256(
+            _mm256_and_si256(low, _mm256_set1_epi32(0xf)),
+            _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(3)), 4),
+        );
+        _mm256_sub_epi32(ls, _mm256_set1_epi32(32))
     }
 }
 
@@ -785,9 +983,6 @@ mod tests {
             .fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()))
     }
 
-    /// An instance of one of the formats' `*_by_q8_0_rows`.
-    type Kernel = unsafe extern "C" fn(i64, *const u8, *const u8, *mut u8, i64, i64, i64, i64);
-
     /// Every format, both instruction sets (VNNI where the CPU has it), one to nine rows of
     /// x (whole tiles of either and their remainders) with scales of their own, into rows
     /// of y wider than the outputs (to check the stride).
@@ -796,35 +991,11 @@ mod tests {
         if !super::super::ukernel::available() {
             return;
         }
-        for (format, block) in [
-            (QuantFormat::Q2K, 84),
-            (QuantFormat::Q3K, 110),
-            (QuantFormat::Q4K, 144),
-            (QuantFormat::Q5K, 176),
-            (QuantFormat::Q6K, 210),
-        ] {
-            let kernels: [(bool, Kernel); 2] = match format {
-                QuantFormat::Q2K => [
-                    (false, q2_k_by_q8_0_rows::<false>),
-                    (true, q2_k_by_q8_0_rows::<true>),
-                ],
-                QuantFormat::Q3K => [
-                    (false, q3_k_by_q8_0_rows::<false>),
-                    (true, q3_k_by_q8_0_rows::<true>),
-                ],
-                QuantFormat::Q4K => [
-                    (false, q4_k_by_q8_0_rows::<false>),
-                    (true, q4_k_by_q8_0_rows::<true>),
-                ],
-                QuantFormat::Q5K => [
-                    (false, q5_k_by_q8_0_rows::<false>),
-                    (true, q5_k_by_q8_0_rows::<true>),
-                ],
-                _ => [
-                    (false, q6_k_by_q8_0_rows::<false>),
-                    (true, q6_k_by_q8_0_rows::<true>),
-                ],
-            };
+        for (weight, _) in SYMBOLS {
+            let block = weight.row_bytes(256);
+            let format = weight.quant_format().expect("a quantized format");
+            let [avx2, vnni] = instances(weight).expect("every symbol's format has kernels");
+            let kernels = [(false, avx2), (true, vnni)];
             for (with_vnni, kernel) in kernels {
                 if with_vnni && !super::super::q8dot::vnni() {
                     continue;
@@ -849,7 +1020,7 @@ mod tests {
     /// Runs `kernel` on `m` rows of x against the `rows` weight rows `w` and checks every
     /// output against the dequantized product.
     fn check_rows(
-        kernel: Kernel,
+        kernel: EntryPoint,
         (format, block): (&QuantFormat, usize),
         (k, w, rows): (usize, &[u8], usize),
         (m, seed): (usize, u64),

@@ -261,23 +261,46 @@ unsafe impl Blocks for Iq4Nl {
 
     #[inline(always)]
     unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        // The 16 levels in both 128-bit lanes, for `vpshufb`'s lookup within each lane.
-        const LEVELS: [i8; 32] = {
-            let mut both = [0; 32];
-            let mut i = 0;
-            while i < 32 {
-                both[i] = IQ4_NL_LEVELS[i % 16];
-                i += 1;
-            }
-            both
-        };
         // SAFETY: the 16 nibble bytes follow the scale (the contract).
-        unsafe {
-            let levels = _mm256_loadu_si256(LEVELS.as_ptr().cast());
-            _mm256_shuffle_epi8(levels, nibbles(wb.add(2)))
-        }
+        unsafe { iq4_nl_levels(wb.add(2)) }
     }
+}
+
+/// The 32 signed IQ4_NL levels the 16 nibble bytes at `packed` index, in value order (low
+/// nibbles are values 0..16, high nibbles 16..32), looked up by `vpshufb`.
+///
+/// # Safety
+///
+/// `packed` points to 16 readable bytes, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq4_nl_levels(packed: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { _mm256_shuffle_epi8(iq4_nl_table(), nibbles(packed)) }
+}
+
+/// The 16 IQ4_NL levels as signed bytes in both 128-bit lanes, for `vpshufb`'s lookup
+/// within each lane.
+///
+/// # Safety
+///
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn iq4_nl_table() -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    const LEVELS: [i8; 32] = {
+        let mut both = [0; 32];
+        let mut i = 0;
+        while i < 32 {
+            both[i] = IQ4_NL_LEVELS[i % 16];
+            i += 1;
+        }
+        both
+    };
+    // SAFETY: 32 bytes; AVX is the caller's.
+    unsafe { _mm256_loadu_si256(LEVELS.as_ptr().cast()) }
 }
 
 /// Whether the CPU has AVX-512 VNNI (with F and VL, which the VNNI forms' target

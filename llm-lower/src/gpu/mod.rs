@@ -211,6 +211,7 @@ mod tests {
             WeightFormat::Q2K,
             WeightFormat::Q3K,
             WeightFormat::Q5K,
+            WeightFormat::Iq4Xs,
             WeightFormat::PackedF16,
             WeightFormat::PackedBF16,
         ];

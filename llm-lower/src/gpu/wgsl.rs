@@ -1087,7 +1087,8 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Q6K
         | WeightFormat::Q2K
         | WeightFormat::Q3K
-        | WeightFormat::Q5K => format!(
+        | WeightFormat::Q5K
+        | WeightFormat::Iq4Xs => format!(
             "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
             c.weight.row_bytes(256),
             kquant_decoder(c.weight, false).unwrap_or_default()
@@ -2452,27 +2453,34 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     })
 }
 
+/// WGSL statements defining `level` (`f32`), the IQ4_NL level the nibble `q` indexes: the 16
+/// levels as bytes of four words, looked up by a vector's dynamic index and sign-extended.
+fn iq4_level() -> String {
+    let words: Vec<String> = IQ4_NL_LEVELS
+        .as_chunks::<4>()
+        .0
+        .iter()
+        .map(|l| format!("{:#010x}u", u32::from_le_bytes(l.map(|v| v as u8))))
+        .collect();
+    format!(
+        "    let levels = vec4<u32>({});
+    let level = f32(bitcast<i32>((levels[q >> 2u] >> ((q & 3u) * 8u)) << 24u) >> 24u);
+",
+        words.join(", ")
+    )
+}
+
 /// WGSL statements returning element `e` (below 32) of the block in `format` at byte `o`
 /// (read with `byte_at` and `half_at`), as the reference decodes it; `None` for the
 /// formats without blocks of 32.
 fn block_decoder(format: WeightFormat) -> Option<String> {
     Some(match format {
-        // The 16 levels as bytes of four words, looked up by a vector's dynamic index
-        // and sign-extended.
         WeightFormat::Iq4Nl => {
-            let words: Vec<String> = IQ4_NL_LEVELS
-                .as_chunks::<4>()
-                .0
-                .iter()
-                .map(|l| format!("{:#010x}u", u32::from_le_bytes(l.map(|v| v as u8))))
-                .collect();
             return Some(format!(
                 "    let q = (byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
-    let levels = vec4<u32>({});
-    let level = (levels[q >> 2u] >> ((q & 3u) * 8u)) << 24u;
-    return half_at(o) * f32(bitcast<i32>(level) >> 24u);
+{}    return half_at(o) * level;
 ",
-                words.join(", ")
+                iq4_level()
             ));
         }
         WeightFormat::Q8_0 => {
@@ -2568,6 +2576,18 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     return half_at(o + 208u) * f32(sc) * f32(q);
 "
         .to_string(),
+        // iq4_xs: sub-block `sub`'s 6-bit scale is nibble `sub % 2` of byte `4 + sub / 2`
+        // under bit pair `sub % 4` of byte `2 + sub / 4`; its nibbles are iq4_nl's.
+        WeightFormat::Iq4Xs => format!(
+            "    let sub = e / 32u;
+    let l = e % 32u;
+    let q = (byte_at(o + 8u + 16u * sub + (l & 15u)) >> ((l >> 4u) * 4u)) & 15u;
+    let low = (byte_at(o + 4u + sub / 2u) >> (4u * (sub % 2u))) & 15u;
+    let ls = low | (((byte_at(o + 2u + sub / 4u) >> (2u * (sub % 4u))) & 3u) << 4u);
+{}    return half_at(o) * f32(i32(ls) - 32) * level;
+",
+            iq4_level()
+        ),
         WeightFormat::Q2K => format!(
             "    let n = e / 128u;
     let shift = ((e % 128u) / 32u) * 2u;
