@@ -627,7 +627,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 }
 
 /// With `quantize-activations`, the matmuls of models in every GGUF block format (q8_0 to
-/// q5_1, iq4_nl, the K-quants) read q8_0 activations:
+/// q5_1, iq4_nl, the K-quants, iq4_xs) read q8_0 activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
 /// logits stay close to those of f32 activations.
@@ -637,7 +637,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 /// move a code by one step, 1/127 of its block's largest value, and the random weights of
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
 /// 2.5% for q4_0, 2.7% for q5_0, 1e-6 for q4_1, q5_1 and iq4_nl, 1.5% for q2_k, 3.0% for q3_k,
-/// 1e-6 for q4_k and q5_k, 2.3-2.6% for q6_k, about the size of the rounding's own
+/// 1e-6 for q4_k, q5_k and iq4_xs, 2.3-2.6% for q6_k, about the size of the rounding's own
 /// effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]

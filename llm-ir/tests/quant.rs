@@ -161,6 +161,35 @@ fn every_format_round_trips_within_its_step() {
     }
 }
 
+/// iq4_xs's sub-blocks of different magnitudes (1 to 1/32 of the largest, either sign)
+/// each keep their own scale: a sub-block's error stays within half its levels' widest
+/// gap (12 of 127 steps of its largest magnitude, with room for the fitted scale) plus
+/// what rounding its scale to a 32nd of the super-block's largest costs (half a step of
+/// `d`, over the 127 steps a level spans).
+#[test]
+fn iq4_xs_sub_blocks_keep_scales_of_their_own() {
+    let values: Vec<f32> = sample(1024, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let sub = i / 32;
+            let sign = if sub % 3 == 1 { -1.0 } else { 1.0 };
+            sign * v / (1 << (sub % 6)) as f32
+        })
+        .collect();
+    let format = QuantFormat::Iq4Xs;
+    let back = dequantize(&format, &[4, 256], &quantize(&format, &[4, 256], &values));
+    for (xs, ys) in values.chunks(256).zip(back.chunks(256)) {
+        let amax = |b: &[f32]| b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax(xs) / 127.0 / 32.0 * 1.25;
+        for (sub, (x, y)) in xs.chunks(32).zip(ys.chunks(32)).enumerate() {
+            let bound = amax(x) / 127.0 * 12.0 * 1.25 + 127.0 * d / 2.0;
+            let err = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= bound, "sub-block {sub}: error {err} above {bound}");
+        }
+    }
+}
+
 #[test]
 fn exactly_representable_values_survive() {
     // Multiples of the q8_0 step with 127 * step as the block maximum come back exactly.

@@ -11,8 +11,8 @@
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
 //! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants
 //! (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: every type llama.cpp's K-quant files mix, with the
-//! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks) and IQ4_NL stay
-//! quantized with their exact bytes. The
+//! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks), IQ4_XS and IQ4_NL
+//! (its fallback) stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 

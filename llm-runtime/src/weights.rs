@@ -104,10 +104,13 @@ impl Weights {
         }
     }
 
-    /// Quantizes every `f32` or 16-bit matrix whose rows split into `format`'s blocks (the
-    /// projections, the feed-forward matrices and the embedding/classifier table) to
-    /// `format`, as a model file stored in that format would hold them; returns how many
-    /// were converted. Norm weights (vectors) stay `f32`.
+    /// Quantizes every `f32` or 16-bit matrix (the projections, the feed-forward matrices
+    /// and the embedding/classifier table) to `format`, as a model file stored in that
+    /// format would hold them: a matrix whose rows do not split into `format`'s blocks
+    /// takes the format llama.cpp falls back to ([`QuantFormat::row_fallback`], for the
+    /// formats of 256-value super-blocks) where its rows split into that one's, and stays
+    /// as it is otherwise; returns how many were converted. Norm weights (vectors) stay
+    /// `f32`.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
@@ -120,9 +123,15 @@ impl Weights {
                 _ => continue,
             };
             let dims: Vec<Option<u64>> = shape.iter().map(|&d| Some(d as u64)).collect();
-            if shape.len() != 2 || format.validate_shape(&dims).is_err() {
-                continue;
-            }
+            let fits = |f: &QuantFormat| f.validate_shape(&dims).is_ok();
+            let format = match [Some(format.clone()), format.row_fallback()]
+                .into_iter()
+                .flatten()
+                .find(fits)
+            {
+                Some(format) if shape.len() == 2 => format,
+                _ => continue,
+            };
             let values = match &**value {
                 Value::Tensor(t) => match t.floats() {
                     Ok(values) => Cow::Borrowed(values),
@@ -131,10 +140,10 @@ impl Weights {
                 Value::Quantized(q) => Cow::Owned(quant::dequantize(&q.format, &q.shape, &q.bytes)),
                 _ => continue,
             };
-            let bytes = quantize_rows(format, [shape[0], shape[1]], &values, threads);
+            let bytes = quantize_rows(&format, [shape[0], shape[1]], &values, threads);
             *value = Rc::new(Value::Quantized(QTensor {
                 shape,
-                format: format.clone(),
+                format,
                 bytes,
             }));
             converted += 1;
@@ -312,6 +321,41 @@ mod tests {
                 let parts = quantize_rows(&format, [rows, k], &values, threads);
                 assert!(parts == whole, "{format:?} on {threads} threads");
             }
+        }
+    }
+
+    /// Matrices whose rows are not whole super-blocks take llama.cpp's fallback format
+    /// (q4_k's q5_0, q6_k's q8_0, iq4_xs's iq4_nl), those whose rows are not whole blocks
+    /// of that either stay `f32`, and vectors are never quantized.
+    #[test]
+    fn rows_that_are_not_whole_super_blocks_take_the_fallback_format() {
+        let matrix = |rows: usize, k: usize| {
+            let values: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 - 6.0).collect();
+            Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, values))
+        };
+        for (format, fallback) in [
+            (QuantFormat::Q4K, QuantFormat::Q5_0),
+            (QuantFormat::Q6K, QuantFormat::Q8_0),
+            (QuantFormat::Iq4Xs, QuantFormat::Iq4Nl),
+            (QuantFormat::Q4_0, QuantFormat::Q4_0),
+        ] {
+            let mut w = Weights::default();
+            w.insert("whole", matrix(3, 512));
+            w.insert("blocks_of_32", matrix(3, 288));
+            w.insert("neither", matrix(3, 100));
+            w.insert(
+                "vector",
+                Value::Tensor(Tensor::from_f32(vec![288], DType::F32, vec![1.0; 288])),
+            );
+            assert_eq!(w.quantize_matrices(&format), 2, "{format}");
+            let stored = |name: &str| match w.weight(name).as_deref() {
+                Some(Value::Quantized(q)) => Some(q.format.clone()),
+                _ => None,
+            };
+            assert_eq!(stored("whole"), Some(format.clone()));
+            assert_eq!(stored("blocks_of_32"), Some(fallback), "{format}");
+            assert_eq!(stored("neither"), None, "{format}");
+            assert_eq!(stored("vector"), None, "{format}");
         }
     }
 

@@ -176,6 +176,20 @@ impl QuantFormat {
         }
     }
 
+    /// The format llama.cpp's quantizer stores a matrix in instead of this one when the
+    /// matrix's rows are not whole super-blocks of 256 (`llama_tensor_get_type`'s
+    /// fallback): q2_k, q3_k and iq4_xs fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
+    /// and q6_k to q8_0, all of blocks of 32; `None` for the other formats.
+    pub fn row_fallback(&self) -> Option<QuantFormat> {
+        Some(match self {
+            QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::Iq4Xs => QuantFormat::Iq4Nl,
+            QuantFormat::Q4K => QuantFormat::Q5_0,
+            QuantFormat::Q5K => QuantFormat::Q5_1,
+            QuantFormat::Q6K => QuantFormat::Q8_0,
+            _ => return None,
+        })
+    }
+
     /// The dim of a rank-`rank` tensor along which blocks or groups run.
     pub fn block_axis(&self, rank: usize) -> u64 {
         match self {

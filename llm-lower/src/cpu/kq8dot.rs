@@ -82,7 +82,7 @@ use llm_ir::interp::quant::q3_k_scale;
 #[cfg(target_arch = "x86_64")]
 use super::{
     kquant::{byte_lanes, scales_mins},
-    q8dot::{Q8_0_BLOCK_BYTES as X_BLOCK, XRows},
+    q8dot::{Q8_0_BLOCK_BYTES as X_BLOCK, XRows, x_quad_sums, x_scale},
 };
 
 /// A format's C entry point: `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k`
@@ -181,13 +181,13 @@ entry_point!(
     iq4_xs_by_q8_0_rows, 136, iq4_xs_vnni, iq4_xs_avx2
 );
 
-/// The kernel of one k-quant format for a tile of `TILE` rows of x: the dot products of
+/// The kernel of one format for a tile of `TILE` rows of x: the dot products of
 /// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
 type TileKernel<const TILE: usize> =
     unsafe fn([*const u8; TILE], [&Activations; TILE], *const u8) -> [f32; TILE];
 
-/// A k-quant format's tile kernels: with VNNI (tiles of four rows of x, then one) and
+/// A format's tile kernels: with VNNI (tiles of four rows of x, then one) and
 /// with AVX2 (two, then one).
 #[cfg(target_arch = "x86_64")]
 struct Kernels {
@@ -329,7 +329,7 @@ impl QuadSums for Vnni {
     }
 }
 
-/// The k-quant kernels compiled for AVX2 (tiles of two rows of x) and for AVX-512 VNNI
+/// The kernels compiled for AVX2 (tiles of two rows of x) and for AVX-512 VNNI
 /// (tiles of four, in thirty-two vector registers): one body each, inlined into a
 /// function of each feature set.
 macro_rules! instances {
@@ -371,7 +371,7 @@ instances!(
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
-/// `dx * Σ qx` (for q4_k's and q5_k's minimums), per half block `dx * Σ qx` (q2_k's),
+/// `dx * Σ qx` (for q4_k's and q5_k's minimums, and iq4_xs's recentring with VNNI), per half block `dx * Σ qx` (q2_k's),
 /// and `32 * Σ qx` over each lane's four codes (q6_k's recentring, and q3_k's over 8; the
 /// same for every weight row).
 #[cfg(target_arch = "x86_64")]
@@ -396,20 +396,12 @@ impl Activations {
         let (mut dx, mut dx_sum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
         let mut centre = Vec::with_capacity(blocks);
         let mut dx_half_sum = Vec::with_capacity(2 * blocks);
-        let ones = _mm256_set1_epi8(1);
         for b in 0..blocks {
             // SAFETY: block b is inside the row (the contract).
-            let (bits, codes) = unsafe {
+            let (scale, sum) = unsafe {
                 let xb = x.add(b * X_BLOCK);
-                (
-                    xb.cast::<u32>().read_unaligned(),
-                    _mm256_loadu_si256(xb.add(2).cast()),
-                )
+                (x_scale(xb), x_quad_sums(xb))
             };
-            // F16C: activation scales are often subnormal in f16 (see `q8dot`).
-            let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-            let pairs = _mm256_maddubs_epi16(ones, codes);
-            let sum = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
             let mut lanes = [0i32; 8];
             // SAFETY: `lanes` holds 8 integers.
             unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sum) };

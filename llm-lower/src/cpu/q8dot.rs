@@ -666,33 +666,60 @@ impl XScales {
     /// `x` points to `blocks` q8_0 blocks, and the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn of(x: *const u8, blocks: usize, minimum: bool) -> XScales {
-        use std::arch::x86_64::*;
         // SAFETY: block b of x is inside the row (the contract).
         let block = |b: usize| unsafe { x.add(b * Q8_0_BLOCK_BYTES) };
-        let dx: Vec<f32> = (0..blocks)
-            .map(|b| {
-                // SAFETY: as in `block`.
-                let bits = unsafe { block(b).cast::<u32>().read_unaligned() };
-                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-            })
-            .collect();
+        // SAFETY: as in `block`, for every block.
+        let dx: Vec<f32> = (0..blocks).map(|b| unsafe { x_scale(block(b)) }).collect();
         let sums = if minimum {
             dx.iter()
                 .enumerate()
                 .map(|(b, &d)| {
-                    // SAFETY: as in `block`: 32 codes after the scale.
-                    let codes = unsafe { _mm256_loadu_si256(block(b).add(2).cast()) };
-                    // Σ qx in pairs, then in eight 32-bit lanes, summed as floats (exact:
-                    // at most 32 * 128 in magnitude).
-                    let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), codes);
-                    let lanes = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-                    d * super::ukernel::lane_sum(_mm256_cvtepi32_ps(lanes))
+                    // SAFETY: as in `block`. The lanes' sums are exact as floats (at most
+                    // 32 * 128 in magnitude).
+                    let lanes = unsafe { x_quad_sums(block(b)) };
+                    d * super::ukernel::lane_sum(std::arch::x86_64::_mm256_cvtepi32_ps(lanes))
                 })
                 .collect()
         } else {
             Vec::new()
         };
         XScales { dx, sums }
+    }
+}
+
+/// The scale of the q8_0 block at `xb` as an f32, widened by F16C (activation scales are
+/// often subnormal in f16, and widening one by a float multiply stalls on it).
+///
+/// # Safety
+///
+/// `xb` points to a q8_0 block, and the CPU has F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn x_scale(xb: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: the scale's two bytes and the two codes after them are the block's (the
+    // contract); F16C is the caller's.
+    unsafe {
+        let bits = xb.cast::<u32>().read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+}
+
+/// The sums of the q8_0 block at `xb`'s codes over each 32-bit lane's four bytes, exact
+/// (`vpmaddubsw` pairs of ones and codes, then `vpmaddwd` with ones).
+///
+/// # Safety
+///
+/// `xb` points to a q8_0 block, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn x_quad_sums(xb: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the 32 codes follow the scale (the contract); AVX2 is the caller's.
+    unsafe {
+        let codes = _mm256_loadu_si256(xb.add(2).cast());
+        let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), codes);
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 }
 
