@@ -261,23 +261,28 @@ pub fn iq4_nl_block_scale(x: &[f32]) -> f32 {
             (amax, max)
         }
     });
-    // The weighted least-squares fit of the levels values take under `inverse`.
-    let fit = |inverse: f32| {
-        x.iter()
-            .zip(&weight)
-            .fold((0f32, 0f32), |(sumqx, sumq2), (&v, &w)| {
-                let q = levels[nearest_iq4_nl_level(inverse * v)];
-                (sumqx + w * q * v, sumq2 + w * q * q)
-            })
-    };
     if amax < 1e-15 {
         return 0.0;
     }
-    let (sumqx, sumq2) = fit(1.0 / (-max / levels[0]));
+    // The 16 candidates' inverse scales, and the weighted least-squares fit of the levels
+    // the values take under each, `(Σ w·q·x, Σ w·q²)`: each candidate's sums in the
+    // values' order, the candidates side by side (independent chains of additions).
+    let inverses: [f32; 16] = std::array::from_fn(|c| match c {
+        0 => 1.0 / (-max / levels[0]),
+        c => ((c as i32 - 8) as f32 + levels[0]) / max,
+    });
+    let mut fits = [(0f32, 0f32); 16];
+    for (&v, &w) in x.iter().zip(&weight) {
+        for ((sumqx, sumq2), &inverse) in fits.iter_mut().zip(&inverses) {
+            let q = levels[nearest_iq4_nl_level(inverse * v)];
+            *sumqx += w * q * v;
+            *sumq2 += w * q * q;
+        }
+    }
+    let (sumqx, sumq2) = fits[0];
     let mut d = sumqx / sumq2;
     let mut best = d * sumqx;
-    for step in -7..=7 {
-        let (sumqx, sumq2) = fit((step as f32 + levels[0]) / max);
+    for &(sumqx, sumq2) in &fits[1..] {
         if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
             d = sumqx / sumq2;
             best = d * sumqx;
