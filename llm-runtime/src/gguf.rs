@@ -4,7 +4,9 @@
 //! key/value pairs, tensor descriptions (name, dims fastest first, ggml type, data offset),
 //! then the tensor data, aligned to `general.alignment` (32 by default). Every read is
 //! bounds-checked and every count is checked against the bytes that remain, so a malformed
-//! file gives an error naming the key or tensor, never a panic or a huge allocation.
+//! file gives an error naming the key or tensor, never a panic or a huge allocation. A
+//! model split across files (`split.count` parts, llama.cpp's `PREFIX-0000K-of-0000N.gguf`)
+//! loads from its first part, which holds the metadata ([`split_paths`], [`read_parts`]).
 //!
 //! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
@@ -16,7 +18,7 @@
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use llm_ir::{
     dtype::DType,
@@ -399,20 +401,79 @@ pub struct GgufModel {
     pub tokenizer: Option<Box<dyn TextCodec>>,
 }
 
-/// Reads a llama GGUF file (memory-mapped).
+/// Reads a llama GGUF file (memory-mapped), or a model split across files from its first
+/// part ([`split_paths`]).
 pub fn load(path: &Path) -> Result<GgufModel, LoadError> {
     load_with(path, &mut |_| {})
 }
 
 /// [`load`], reporting the fraction of tensors read to `progress`.
 pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel, LoadError> {
-    let file = path.display().to_string();
-    let err = |message: String| LoadError {
-        file: file.clone(),
-        message,
+    let err = |path: &Path| {
+        let file = path.display().to_string();
+        move |message: String| LoadError { file, message }
     };
-    let map = crate::mmap::map(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    read_with(&map, progress).map_err(err)
+    let map =
+        |path: &Path| crate::mmap::map(path).map_err(|e| err(path)(format!("cannot read: {e}")));
+    let first = map(path)?;
+    let paths = split_paths(path, &parse(&first).map_err(err(path))?).map_err(err(path))?;
+    let mut maps = vec![first];
+    for part in &paths[1..] {
+        maps.push(map(part)?);
+    }
+    let bytes: Vec<&[u8]> = maps.iter().map(|m| &m[..]).collect();
+    read_parts(&bytes, progress).map_err(|(part, message)| err(&paths[part])(message))
+}
+
+/// The files of the model whose first file is at `path` with header `first`: `path`
+/// alone, or for a model split across files (`split.count` above 1: llama.cpp's
+/// `gguf-split`, and its converters' `--split-max-tensors`/`--split-max-size`) the parts
+/// beside it, named as llama.cpp names them: `PREFIX-00001-of-0000N.gguf` to
+/// `PREFIX-0000N-of-0000N.gguf`. A file that is not a first part, or a first part not
+/// named so, is an error that says which file to give.
+pub fn split_paths(path: &Path, first: &GgufFile) -> Result<Vec<PathBuf>, String> {
+    let (part, count) = split_part(first)?;
+    if count == 1 {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let suffix = |n: usize| format!("-{n:05}-of-{count:05}.gguf");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let prefix = name.strip_suffix(&suffix(part + 1));
+    match prefix {
+        Some(prefix) if part == 0 => Ok((1..=count)
+            .map(|n| path.with_file_name(format!("{prefix}{}", suffix(n))))
+            .collect()),
+        Some(prefix) => Err(format!(
+            "part {} of a model split in {count} files: load its first part, {prefix}{}",
+            part + 1,
+            suffix(1)
+        )),
+        None => Err(format!(
+            "part {} of a model split in {count} files, but not named `PREFIX{}` as llama.cpp names the parts",
+            part + 1,
+            suffix(part + 1)
+        )),
+    }
+}
+
+/// A file's place in a split model: its part (from 0, `split.no`) and the number of parts
+/// (`split.count`); `(0, 1)` for a file that is not split.
+fn split_part(g: &GgufFile) -> Result<(usize, usize), String> {
+    let key = |k: &str, absent: u64| match g.meta(k).map(Meta::as_u64) {
+        None => Ok(absent),
+        Some(Some(v)) => Ok(v),
+        Some(None) => Err(format!("metadata `{k}` is not a non-negative integer")),
+    };
+    let (part, count) = (key("split.no", 0)?, key("split.count", 1)?);
+    if part >= count || count > 1 << 16 {
+        return Err(format!(
+            "split.no = {part} is not a part of split.count = {count}"
+        ));
+    }
+    Ok((part as usize, count as usize))
 }
 
 /// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral),
@@ -543,35 +604,102 @@ fn explicit_head_dim(
 
 /// Reads a llama GGUF model from its bytes.
 pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
-    read_with(bytes, &mut |_| {})
+    read_parts(&[bytes], &mut |_| {}).map_err(|(_, message)| message)
 }
 
-/// [`read`], reporting the fraction of tensors read to `progress`.
-pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufModel, String> {
-    let g = parse(bytes)?;
-    let arch = match g.meta("general.architecture") {
-        Some(Meta::Str(a)) if ARCHITECTURES.contains(&a.as_str()) => a.as_str(),
-        other => {
-            return Err(format!(
-                "general.architecture is {other:?}, but only {} models are supported",
-                ARCHITECTURES.join(", ")
+/// Reads a llama GGUF model from the bytes of its files: one file, or every part of a
+/// split model in order (the metadata in the first, each part's tensors in it), reporting
+/// the fraction of tensors read to `progress`. Parts that do not number themselves
+/// `0..parts.len()` of as many (`split.no`, `split.count`), that hold other than
+/// `split.tensors.count` tensors in all, or that repeat a tensor are errors; an error
+/// comes with the index of the part it concerns.
+pub fn read_parts(
+    parts: &[&[u8]],
+    progress: &mut dyn FnMut(f64),
+) -> Result<GgufModel, (usize, String)> {
+    let mut files = Vec::with_capacity(parts.len());
+    for (i, bytes) in parts.iter().enumerate() {
+        let file = parse(bytes).map_err(|e| (i, e))?;
+        match split_part(&file).map_err(|e| (i, e))? {
+            (part, count) if part == i && count == parts.len() => files.push(file),
+            (part, count) if parts.len() == 1 => {
+                let message = format!(
+                    "part {} of a model split in {count} files: load its first part by its file name, beside the others",
+                    part + 1
+                );
+                return Err((i, message));
+            }
+            (part, count) => {
+                let message = format!(
+                    "part {} of a model split in {count} files, read as part {} of {}",
+                    part + 1,
+                    i + 1,
+                    parts.len()
+                );
+                return Err((i, message));
+            }
+        }
+    }
+    let total: usize = files.iter().map(|f| f.tensors.len()).sum();
+    if parts.len() > 1 {
+        let stated = files[0].int("split.tensors.count").map_err(|e| (0, e))?;
+        if stated != total {
+            return Err((
+                0,
+                format!(
+                    "split.tensors.count = {stated}, but the {} parts hold {total} tensors",
+                    parts.len()
+                ),
             ));
         }
-    };
+    }
+    let g = &files[0];
+    let arch = architecture(g).map_err(|e| (0, e))?;
     let qwen2 = arch == "qwen2";
     let sandwich = matches!(arch, "gemma2" | "gemma3");
     let mut weights = Weights::default();
-    for (i, info) in g.tensors.iter().enumerate() {
-        progress(i as f64 / g.tensors.len() as f64);
-        let name = weight_name(&info.name, arch)
-            .filter(|n| qwen2 || !n.ends_with(".bias"))
-            .filter(|n| {
-                sandwich || !n.ends_with(POST_ATTENTION_NORM) && !n.ends_with(POST_FFW_NORM)
-            })
-            .ok_or_else(|| format!("tensor `{}` is not part of a {arch} model", info.name))?;
-        weights.insert(name, g.tensor(bytes, info)?);
+    let mut read = 0;
+    for (part, (file, bytes)) in files.iter().zip(parts).enumerate() {
+        for info in &file.tensors {
+            progress(read as f64 / total as f64);
+            read += 1;
+            let name = weight_name(&info.name, arch)
+                .filter(|n| qwen2 || !n.ends_with(".bias"))
+                .filter(|n| {
+                    sandwich || !n.ends_with(POST_ATTENTION_NORM) && !n.ends_with(POST_FFW_NORM)
+                })
+                .ok_or_else(|| {
+                    (
+                        part,
+                        format!("tensor `{}` is not part of a {arch} model", info.name),
+                    )
+                })?;
+            if weights.weight_shape(&name).is_some() {
+                return Err((part, format!("tensor `{}` appears twice", info.name)));
+            }
+            weights.insert(name, file.tensor(bytes, info).map_err(|e| (part, e))?);
+        }
     }
-    let tokenizer = crate::gguf_vocab::vocab(&g)?;
+    model(g, arch, weights).map_err(|e| (0, e))
+}
+
+/// The model's architecture (`general.architecture`), one of [`ARCHITECTURES`].
+fn architecture(g: &GgufFile) -> Result<&str, String> {
+    match g.meta("general.architecture") {
+        Some(Meta::Str(a)) if ARCHITECTURES.contains(&a.as_str()) => Ok(a.as_str()),
+        other => Err(format!(
+            "general.architecture is {other:?}, but only {} models are supported",
+            ARCHITECTURES.join(", ")
+        )),
+    }
+}
+
+/// The model of architecture `arch` whose metadata is `g`'s and whose tensors are
+/// `weights` (under the builder's names).
+fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, String> {
+    let qwen2 = arch == "qwen2";
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
+    let tokenizer = crate::gguf_vocab::vocab(g)?;
     let key = |k: &str| format!("{arch}.{k}");
     let dim = g.int(&key("embedding_length"))?;
     let heads = g.int(&key("attention.head_count"))?;
@@ -615,7 +743,7 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
             qkv: qwen2,
             output: false,
         },
-        explicit_head_dim: explicit_head_dim(&g, arch, dim, heads)?,
+        explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
         qk_norm: matches!(arch, "qwen3" | "gemma3"),
         activation: match gemma {
             true => Activation::GeluTanh,
@@ -629,11 +757,11 @@ pub fn read_with(bytes: &[u8], progress: &mut dyn FnMut(f64)) -> Result<GgufMode
         local_attention: None,
     };
     if sandwich {
-        apply_gemma(&g, arch, &mut config)?;
+        apply_gemma(g, arch, &mut config)?;
     }
     config.validate()?;
     let config = ModelConfig {
-        rope_scaling: rope_scaling(&g, arch, config.head_dim())?,
+        rope_scaling: rope_scaling(g, arch, config.head_dim())?,
         ..config
     };
     split_fused_weights(&config, &mut weights)?;

@@ -196,6 +196,114 @@ fn quant_mix() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/quant-mix.gguf")
 }
 
+/// The parts of `quant-mix.gguf` split in three files by the `gguf` package's writer
+/// (`make_split_gguf.py`).
+fn split_parts() -> Vec<PathBuf> {
+    (1..=3)
+        .map(|n| quant_mix().with_file_name(format!("quant-mix-split-{n:05}-of-00003.gguf")))
+        .collect()
+}
+
+/// A model split across files (as llama.cpp's converters and `gguf-split` write them) loads
+/// from its first part exactly as the single file: the same configuration and weights.
+#[test]
+fn split_models_load_as_their_single_file() {
+    use llm_ir::interp::WeightStore;
+
+    let whole = gguf::load(&quant_mix()).expect("loads");
+    let split = gguf::load(&split_parts()[0]).expect("loads");
+    assert_eq!(split.config, whole.config);
+    let mut names = split.weights.names();
+    names.sort();
+    let mut expected = whole.weights.names();
+    expected.sort();
+    assert_eq!(names, expected);
+    for name in names {
+        assert!(
+            split.weights.weight(name) == whole.weights.weight(name),
+            "{name}"
+        );
+    }
+}
+
+/// A part other than the first, a first part without its siblings, renamed parts, parts
+/// out of order, a part missing from the count and a tensor in two parts are errors that
+/// name the file (or part) and what to do.
+#[test]
+fn split_models_refuse_wrong_parts() {
+    let parts = split_parts();
+    let err = gguf::load(&parts[1])
+        .err()
+        .expect("second part")
+        .to_string();
+    assert!(
+        err.contains("quant-mix-split-00002-of-00003.gguf: part 2 of a model split in 3 files: load its first part, quant-mix-split-00001-of-00003.gguf"),
+        "{err}"
+    );
+    let dir = std::env::temp_dir().join(format!("llmc-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let alone = dir.join("quant-mix-split-00001-of-00003.gguf");
+    std::fs::copy(&parts[0], &alone).expect("copy");
+    let err = gguf::load(&alone).err().expect("alone").to_string();
+    assert!(
+        err.contains("quant-mix-split-00002-of-00003.gguf: cannot read"),
+        "{err}"
+    );
+    let renamed = dir.join("first.gguf");
+    std::fs::copy(&parts[0], &renamed).expect("copy");
+    let err = gguf::load(&renamed).err().expect("renamed").to_string();
+    assert!(
+        err.contains("first.gguf: part 1 of a model split in 3 files, but not named `PREFIX-00001-of-00003.gguf`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    let bytes: Vec<Vec<u8>> = parts
+        .iter()
+        .map(|p| std::fs::read(p).expect("part"))
+        .collect();
+    let err = gguf::read(&bytes[0]).err().expect("read alone");
+    assert!(
+        err.contains("part 1 of a model split in 3 files: load its first part by its file name"),
+        "{err}"
+    );
+    let read = |order: [usize; 3]| {
+        let parts: Vec<&[u8]> = order.iter().map(|&i| &bytes[i][..]).collect();
+        gguf::read_parts(&parts, &mut |_| {}).err()
+    };
+    assert_eq!(
+        read([0, 2, 1]),
+        Some((
+            1,
+            "part 3 of a model split in 3 files, read as part 2 of 3".into()
+        ))
+    );
+    let err = read([0, 1, 1]).expect("repeated part");
+    assert_eq!(err.0, 2, "{err:?}");
+    // Part 2's first layer-1 norm renamed as layer 0's, which part 1 holds.
+    let mut twice = bytes[1].clone();
+    let at = twice
+        .windows(15)
+        .position(|w| w == b"blk.1.attn_norm")
+        .expect("a layer-1 norm in part 2");
+    twice[at + 4] = b'0';
+    let parts: Vec<&[u8]> = vec![&bytes[0], &twice, &bytes[2]];
+    assert_eq!(
+        gguf::read_parts(&parts, &mut |_| {}).err(),
+        Some((1, "tensor `blk.0.attn_norm.weight` appears twice".into()))
+    );
+    let two: Vec<&[u8]> = vec![&bytes[0], &bytes[1]];
+    let err = gguf::read_parts(&two, &mut |_| {})
+        .err()
+        .expect("two parts");
+    assert_eq!(
+        err,
+        (
+            0,
+            "part 1 of a model split in 3 files, read as part 1 of 2".into()
+        )
+    );
+}
+
 #[test]
 fn mutated_files_never_panic() {
     let originals = [
@@ -203,8 +311,23 @@ fn mutated_files_never_panic() {
         std::fs::read(shared("llama-2-tiny-random.gguf")).expect("file"),
         std::fs::read(quant_mix()).expect("file"),
     ];
-    let runs = common::mutated_copies_never_panic(&originals, 0x6767, |data| {
+    let runs = common::mutated_copies_never_panic(&originals, 0x6767, |_, data| {
         let _ = gguf::read(data);
+    });
+    assert!(runs > 0);
+}
+
+/// Each part of a split model, mutated in turn, read with the others never panics.
+#[test]
+fn mutated_split_parts_never_panic() {
+    let parts: Vec<Vec<u8>> = split_parts()
+        .iter()
+        .map(|p| std::fs::read(p).expect("part"))
+        .collect();
+    let runs = common::mutated_copies_never_panic(&parts, 0x5917, |which, data| {
+        let mut all: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        all[which] = data;
+        let _ = gguf::read_parts(&all, &mut |_| {});
     });
     assert!(runs > 0);
 }

@@ -1434,7 +1434,7 @@ fn mutated_family_gguf_files_never_panic() {
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
     }
-    let runs = common::mutated_copies_never_panic(&originals, 0x9999, |data| {
+    let runs = common::mutated_copies_never_panic(&originals, 0x9999, |_, data| {
         let _ = llm_runtime::gguf::read(data);
     });
     assert!(runs > 0);

@@ -18,17 +18,22 @@ fn fuzz_seconds() -> u64 {
 
 /// Mutates copies of `originals` in turn for the fuzz time (one to eight changes each,
 /// concentrated on the first 64 KiB, where a file's structure lives: a random byte, a
-/// flipped top bit, a truncation, an `0xFF`), and checks that `read` returns, an error or
-/// not, without panicking; returns the number of runs.
-pub fn mutated_copies_never_panic(originals: &[Vec<u8>], seed: u64, read: impl Fn(&[u8])) -> usize {
+/// flipped top bit, a truncation, an `0xFF`), and checks that `read` (given the index of
+/// the original and the mutated copy) returns, an error or not, without panicking;
+/// returns the number of runs.
+pub fn mutated_copies_never_panic(
+    originals: &[Vec<u8>],
+    seed: u64,
+    read: impl Fn(usize, &[u8]),
+) -> usize {
     let mut rng = XorShift::new(seed);
     let deadline = Instant::now() + Duration::from_secs(fuzz_seconds());
     let mut runs = 0;
     while Instant::now() < deadline {
-        let mut data = originals[runs % originals.len()].clone();
-        let header = data.len().min(1 << 16);
+        let which = runs % originals.len();
+        let mut data = originals[which].clone();
         for _ in 0..1 + rng.next_u64() % 8 {
-            let at = (rng.next_u64() as usize) % header;
+            let at = (rng.next_u64() as usize) % data.len().min(1 << 16);
             match rng.next_u64() % 4 {
                 0 => data[at] = rng.next_u64() as u8,
                 1 => data[at] ^= 0x80,
@@ -39,7 +44,7 @@ pub fn mutated_copies_never_panic(originals: &[Vec<u8>], seed: u64, read: impl F
                 break;
             }
         }
-        let result = catch_unwind(AssertUnwindSafe(|| read(&data)));
+        let result = catch_unwind(AssertUnwindSafe(|| read(which, &data)));
         assert!(
             result.is_ok(),
             "reading a mutated file panicked (run {runs})"
