@@ -721,8 +721,8 @@ proptest! {
         let q = quantized(&format, [n, k], seed + 1);
         let args = vec![tensor(&[m, k], seed, 3.0), q, tensor(&[m, n], seed + 2, 1.0)];
         // The interpreter adds 256 or more f32 products in order; the kernels' integer run
-        // sums are exact, so over a super-block format's longer rows they differ by the interpreter's
-        // rounding (measured up to 3e-5).
+        // sums are exact, so over a super-block format's longer rows they differ by the
+        // interpreter's rounding (measured up to 3e-5).
         let tol = if blocks_of_32 { 1e-5 } else { 1e-4 };
         agree_fused(&ir, args, &Store(Vec::new()), tol, 1)?;
     }

@@ -416,33 +416,38 @@ pub fn load_with(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<GgufModel
     let map =
         |path: &Path| crate::mmap::map(path).map_err(|e| err(path)(format!("cannot read: {e}")));
     let first = map(path)?;
-    let paths = split_paths(path, &parse(&first).map_err(err(path))?).map_err(err(path))?;
+    let head = parse(&first).map_err(err(path))?;
+    let paths = split_paths(path, &head).map_err(err(path))?;
     let mut maps = vec![first];
+    let mut files = vec![head];
     for part in &paths[1..] {
-        maps.push(map(part)?);
+        let bytes = map(part)?;
+        files.push(parse(&bytes).map_err(err(part))?);
+        maps.push(bytes);
     }
     let bytes: Vec<&[u8]> = maps.iter().map(|m| &m[..]).collect();
-    read_parts(&bytes, progress).map_err(|(part, message)| err(&paths[part])(message))
+    read_files(files, &bytes, progress).map_err(|(part, message)| err(&paths[part])(message))
 }
 
 /// The files of the model whose first file is at `path` with header `first`: `path`
 /// alone, or for a model split across files (`split.count` above 1: llama.cpp's
 /// `gguf-split`, and its converters' `--split-max-tensors`/`--split-max-size`) the parts
 /// beside it, named as llama.cpp names them: `PREFIX-00001-of-0000N.gguf` to
-/// `PREFIX-0000N-of-0000N.gguf`. A file that is not a first part, or a first part not
-/// named so, is an error that says which file to give.
+/// `PREFIX-0000N-of-0000N.gguf`. A later part is an error that names the first, and a
+/// first part named otherwise an error that gives the pattern.
 pub fn split_paths(path: &Path, first: &GgufFile) -> Result<Vec<PathBuf>, String> {
-    let (part, count) = split_part(first)?;
+    let (part, count) = split_part(first, false)?;
     if count == 1 {
         return Ok(vec![path.to_path_buf()]);
     }
     let suffix = |n: usize| format!("-{n:05}-of-{count:05}.gguf");
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let prefix = name.strip_suffix(&suffix(part + 1));
-    match prefix {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Err(format!(
+            "part {} of a model split in {count} files, whose siblings are found by a UTF-8 file name",
+            part + 1
+        ));
+    };
+    match name.strip_suffix(&suffix(part + 1)) {
         Some(prefix) if part == 0 => Ok((1..=count)
             .map(|n| path.with_file_name(format!("{prefix}{}", suffix(n))))
             .collect()),
@@ -460,20 +465,27 @@ pub fn split_paths(path: &Path, first: &GgufFile) -> Result<Vec<PathBuf>, String
 }
 
 /// A file's place in a split model: its part (from 0, `split.no`) and the number of parts
-/// (`split.count`); `(0, 1)` for a file that is not split.
-fn split_part(g: &GgufFile) -> Result<(usize, usize), String> {
-    let key = |k: &str, absent: u64| match g.meta(k).map(Meta::as_u64) {
-        None => Ok(absent),
-        Some(Some(v)) => Ok(v),
-        Some(None) => Err(format!("metadata `{k}` is not a non-negative integer")),
+/// (`split.count`), at most 65,535 (a `u16`, as llama.cpp reads it). A file without
+/// `split.count`, or with one of 0 or 1, is a whole model, `(0, 1)` (as llama.cpp reads
+/// it); a later part (`later`) must state both keys.
+fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
+    let key = |k: &str| match g.meta(k).map(Meta::as_u64) {
+        None if later => Err(format!("missing metadata `{k}` in a part of a split model")),
+        None => Ok(None),
+        Some(Some(v)) if v <= u64::from(u16::MAX) => Ok(Some(v as usize)),
+        Some(_) => Err(format!("metadata `{k}` is not an integer in 0..=65535")),
     };
-    let (part, count) = (key("split.no", 0)?, key("split.count", 1)?);
-    if part >= count || count > 1 << 16 {
+    let count = key("split.count")?.unwrap_or(1);
+    if count <= 1 && !later {
+        return Ok((0, 1));
+    }
+    let part = key("split.no")?.unwrap_or(0);
+    if part >= count {
         return Err(format!(
             "split.no = {part} is not a part of split.count = {count}"
         ));
     }
-    Ok((part as usize, count as usize))
+    Ok((part, count))
 }
 
 /// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral),
@@ -609,46 +621,61 @@ pub fn read(bytes: &[u8]) -> Result<GgufModel, String> {
 
 /// Reads a llama GGUF model from the bytes of its files: one file, or every part of a
 /// split model in order (the metadata in the first, each part's tensors in it), reporting
-/// the fraction of tensors read to `progress`. Parts that do not number themselves
-/// `0..parts.len()` of as many (`split.no`, `split.count`), that hold other than
-/// `split.tensors.count` tensors in all, or that repeat a tensor are errors; an error
+/// the fraction of tensors read to `progress`. No parts, parts that do not number
+/// themselves `0..parts.len()` of as many (`split.no`, `split.count`), that hold other
+/// than `split.tensors.count` tensors in all, or that repeat a tensor are errors; an error
 /// comes with the index of the part it concerns.
 pub fn read_parts(
     parts: &[&[u8]],
     progress: &mut dyn FnMut(f64),
 ) -> Result<GgufModel, (usize, String)> {
-    let mut files = Vec::with_capacity(parts.len());
-    for (i, bytes) in parts.iter().enumerate() {
-        let file = parse(bytes).map_err(|e| (i, e))?;
-        match split_part(&file).map_err(|e| (i, e))? {
-            (part, count) if part == i && count == parts.len() => files.push(file),
-            (part, count) if parts.len() == 1 => {
-                let message = format!(
-                    "part {} of a model split in {count} files: load its first part by its file name, beside the others",
-                    part + 1
-                );
-                return Err((i, message));
-            }
-            (part, count) => {
-                let message = format!(
-                    "part {} of a model split in {count} files, read as part {} of {}",
-                    part + 1,
-                    i + 1,
-                    parts.len()
-                );
-                return Err((i, message));
-            }
+    let files = parts
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| parse(bytes).map_err(|e| (i, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    read_files(files, parts, progress)
+}
+
+/// [`read_parts`] of the parsed `files` whose bytes are `parts`.
+fn read_files(
+    files: Vec<GgufFile>,
+    parts: &[&[u8]],
+    progress: &mut dyn FnMut(f64),
+) -> Result<GgufModel, (usize, String)> {
+    if files.is_empty() {
+        return Err((0, "no GGUF file to read".into()));
+    }
+    for (i, file) in files.iter().enumerate() {
+        let (part, count) = split_part(file, i > 0).map_err(|e| (i, e))?;
+        if (part, count) == (i, files.len()) {
+            continue;
         }
+        let message = if files.len() == 1 {
+            format!(
+                "part {} of a model split in {count} files: load its first part by its file name, beside the other {}",
+                part + 1,
+                count - 1
+            )
+        } else {
+            format!(
+                "part {} of a model split in {count} files, read as part {} of {}",
+                part + 1,
+                i + 1,
+                files.len()
+            )
+        };
+        return Err((i, message));
     }
     let total: usize = files.iter().map(|f| f.tensors.len()).sum();
-    if parts.len() > 1 {
+    if files.len() > 1 {
         let stated = files[0].int("split.tensors.count").map_err(|e| (0, e))?;
         if stated != total {
             return Err((
                 0,
                 format!(
                     "split.tensors.count = {stated}, but the {} parts hold {total} tensors",
-                    parts.len()
+                    files.len()
                 ),
             ));
         }

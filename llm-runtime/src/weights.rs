@@ -122,15 +122,14 @@ impl Weights {
                 }
                 _ => continue,
             };
+            if shape.len() != 2 {
+                continue;
+            }
             let dims: Vec<Option<u64>> = shape.iter().map(|&d| Some(d as u64)).collect();
             let fits = |f: &QuantFormat| f.validate_shape(&dims).is_ok();
-            let format = match [Some(format.clone()), format.row_fallback()]
-                .into_iter()
-                .flatten()
-                .find(fits)
-            {
-                Some(format) if shape.len() == 2 => format,
-                _ => continue,
+            let candidates = [Some(format.clone()), format.row_fallback()];
+            let Some(stored) = candidates.into_iter().flatten().find(fits) else {
+                continue;
             };
             let values = match &**value {
                 Value::Tensor(t) => match t.floats() {
@@ -140,10 +139,10 @@ impl Weights {
                 Value::Quantized(q) => Cow::Owned(quant::dequantize(&q.format, &q.shape, &q.bytes)),
                 _ => continue,
             };
-            let bytes = quantize_rows(&format, [shape[0], shape[1]], &values, threads);
+            let bytes = quantize_rows(&stored, [shape[0], shape[1]], &values, threads);
             *value = Rc::new(Value::Quantized(QTensor {
                 shape,
-                format,
+                format: stored,
                 bytes,
             }));
             converted += 1;
@@ -325,8 +324,8 @@ mod tests {
     }
 
     /// Matrices whose rows are not whole super-blocks take llama.cpp's fallback format
-    /// (q4_k's q5_0, q6_k's q8_0, iq4_xs's iq4_nl), those whose rows are not whole blocks
-    /// of that either stay `f32`, and vectors are never quantized.
+    /// (every one of a super-block format; a block format has none), those whose rows are
+    /// not whole blocks of that either stay `f32`, and vectors are never quantized.
     #[test]
     fn rows_that_are_not_whole_super_blocks_take_the_fallback_format() {
         let matrix = |rows: usize, k: usize| {
@@ -334,7 +333,10 @@ mod tests {
             Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, values))
         };
         for (format, fallback) in [
+            (QuantFormat::Q2K, QuantFormat::Iq4Nl),
+            (QuantFormat::Q3K, QuantFormat::Iq4Nl),
             (QuantFormat::Q4K, QuantFormat::Q5_0),
+            (QuantFormat::Q5K, QuantFormat::Q5_1),
             (QuantFormat::Q6K, QuantFormat::Q8_0),
             (QuantFormat::Iq4Xs, QuantFormat::Iq4Nl),
             (QuantFormat::Q4_0, QuantFormat::Q4_0),

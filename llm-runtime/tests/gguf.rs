@@ -226,9 +226,9 @@ fn split_models_load_as_their_single_file() {
     }
 }
 
-/// A part other than the first, a first part without its siblings, renamed parts, parts
-/// out of order, a part missing from the count and a tensor in two parts are errors that
-/// name the file (or part) and what to do.
+/// A part other than the first, a first part without its siblings or renamed, parts out
+/// of order or missing from the count, a wrong `split.tensors.count` and a tensor in two
+/// parts are errors that name the file (or part) and what to do.
 #[test]
 fn split_models_refuse_wrong_parts() {
     let parts = split_parts();
@@ -240,45 +240,74 @@ fn split_models_refuse_wrong_parts() {
         err.contains("quant-mix-split-00002-of-00003.gguf: part 2 of a model split in 3 files: load its first part, quant-mix-split-00001-of-00003.gguf"),
         "{err}"
     );
+    // The first part alone in a folder, and renamed.
     let dir = std::env::temp_dir().join(format!("llmc-split-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let alone = dir.join("quant-mix-split-00001-of-00003.gguf");
-    std::fs::copy(&parts[0], &alone).expect("copy");
-    let err = gguf::load(&alone).err().expect("alone").to_string();
-    assert!(
-        err.contains("quant-mix-split-00002-of-00003.gguf: cannot read"),
-        "{err}"
-    );
-    let renamed = dir.join("first.gguf");
-    std::fs::copy(&parts[0], &renamed).expect("copy");
-    let err = gguf::load(&renamed).err().expect("renamed").to_string();
-    assert!(
-        err.contains("first.gguf: part 1 of a model split in 3 files, but not named `PREFIX-00001-of-00003.gguf`"),
-        "{err}"
-    );
+    let load_copy = |name: &str| {
+        let copy = dir.join(name);
+        std::fs::copy(&parts[0], &copy).expect("copy");
+        gguf::load(&copy).err().expect("refused").to_string()
+    };
+    let alone = load_copy("quant-mix-split-00001-of-00003.gguf");
+    let renamed = load_copy("first.gguf");
     std::fs::remove_dir_all(&dir).expect("clean up");
+    assert!(
+        alone.contains("quant-mix-split-00002-of-00003.gguf: cannot read"),
+        "{alone}"
+    );
+    assert!(
+        renamed.contains("first.gguf: part 1 of a model split in 3 files, but not named `PREFIX-00001-of-00003.gguf`"),
+        "{renamed}"
+    );
     let bytes: Vec<Vec<u8>> = parts
         .iter()
         .map(|p| std::fs::read(p).expect("part"))
         .collect();
     let err = gguf::read(&bytes[0]).err().expect("read alone");
     assert!(
-        err.contains("part 1 of a model split in 3 files: load its first part by its file name"),
+        err.contains("part 1 of a model split in 3 files: load its first part by its file name, beside the other 2"),
         "{err}"
     );
-    let read = |order: [usize; 3]| {
-        let parts: Vec<&[u8]> = order.iter().map(|&i| &bytes[i][..]).collect();
-        gguf::read_parts(&parts, &mut |_| {}).err()
-    };
+    let read = |parts: [&[u8]; 3]| gguf::read_parts(&parts, &mut |_| {}).err();
     assert_eq!(
-        read([0, 2, 1]),
+        read([&bytes[0], &bytes[2], &bytes[1]]),
         Some((
             1,
             "part 3 of a model split in 3 files, read as part 2 of 3".into()
         ))
     );
-    let err = read([0, 1, 1]).expect("repeated part");
-    assert_eq!(err.0, 2, "{err:?}");
+    assert_eq!(
+        read([&bytes[0], &bytes[1], &bytes[1]]).map(|e| e.0),
+        Some(2)
+    );
+    assert_eq!(
+        gguf::read_parts(&[&bytes[0], &bytes[1]], &mut |_| {}).err(),
+        Some((
+            0,
+            "part 1 of a model split in 3 files, read as part 1 of 2".into()
+        ))
+    );
+    assert_eq!(
+        gguf::read_parts(&[], &mut |_| {}).err(),
+        Some((0, "no GGUF file to read".into()))
+    );
+    // `split.tensors.count` (an i32 after its key and type) one short.
+    let mut short = bytes[0].clone();
+    let key = b"split.tensors.count";
+    let at = short
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the key")
+        + key.len()
+        + 4;
+    short[at..at + 4].copy_from_slice(&20i32.to_le_bytes());
+    assert_eq!(
+        read([&short, &bytes[1], &bytes[2]]),
+        Some((
+            0,
+            "split.tensors.count = 20, but the 3 parts hold 21 tensors".into()
+        ))
+    );
     // Part 2's first layer-1 norm renamed as layer 0's, which part 1 holds.
     let mut twice = bytes[1].clone();
     let at = twice
@@ -286,21 +315,9 @@ fn split_models_refuse_wrong_parts() {
         .position(|w| w == b"blk.1.attn_norm")
         .expect("a layer-1 norm in part 2");
     twice[at + 4] = b'0';
-    let parts: Vec<&[u8]> = vec![&bytes[0], &twice, &bytes[2]];
     assert_eq!(
-        gguf::read_parts(&parts, &mut |_| {}).err(),
+        read([&bytes[0], &twice, &bytes[2]]),
         Some((1, "tensor `blk.0.attn_norm.weight` appears twice".into()))
-    );
-    let two: Vec<&[u8]> = vec![&bytes[0], &bytes[1]];
-    let err = gguf::read_parts(&two, &mut |_| {})
-        .err()
-        .expect("two parts");
-    assert_eq!(
-        err,
-        (
-            0,
-            "part 1 of a model split in 3 files, read as part 1 of 2".into()
-        )
     );
 }
 

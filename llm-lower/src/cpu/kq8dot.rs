@@ -371,9 +371,9 @@ instances!(
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
-/// `dx * Σ qx` (for q4_k's and q5_k's minimums, and iq4_xs's recentring with VNNI), per half block `dx * Σ qx` (q2_k's),
-/// and `32 * Σ qx` over each lane's four codes (q6_k's recentring, and q3_k's over 8; the
-/// same for every weight row).
+/// `dx * Σ qx` (for q4_k's and q5_k's minimums, and iq4_xs's recentring with VNNI), per
+/// half block `dx * Σ qx` (q2_k's), and `32 * Σ qx` over each lane's four codes (q6_k's
+/// recentring, and q3_k's over 8; the same for every weight row).
 #[cfg(target_arch = "x86_64")]
 struct Activations {
     dx: Vec<f32>,
