@@ -106,11 +106,12 @@ impl Weights {
 
     /// Quantizes every `f32` or 16-bit matrix (the projections, the feed-forward matrices
     /// and the embedding/classifier table) to `format`, as a model file stored in that
-    /// format would hold them: a matrix whose rows do not split into `format`'s blocks
-    /// takes the format llama.cpp falls back to ([`QuantFormat::row_fallback`], for the
-    /// formats of 256-value super-blocks) where its rows split into that one's, and stays
-    /// as it is otherwise; returns how many were converted. Norm weights (vectors) stay
-    /// `f32`.
+    /// format would hold them: as llama.cpp quantizes, a matrix whose rows do not split
+    /// into the super-blocks of a 256-value format takes the format it falls back to
+    /// ([`QuantFormat::row_fallback`]) where its rows split into that one's blocks, and
+    /// `f16` otherwise; a matrix whose rows do not split into the blocks of another format
+    /// stays as it is (llama.cpp refuses it). Returns how many were converted. Norm weights
+    /// (vectors) stay `f32`.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
@@ -127,7 +128,11 @@ impl Weights {
             }
             let dims: Vec<Option<u64>> = shape.iter().map(|&d| Some(d as u64)).collect();
             let fits = |f: &QuantFormat| f.validate_shape(&dims).is_ok();
-            let candidates = [Some(format.clone()), format.row_fallback()];
+            // llama.cpp's choice: the format, its fallback, and f16 where a fallback's
+            // blocks do not fit either.
+            let fallback = format.row_fallback();
+            let f16 = fallback.as_ref().map(|_| QuantFormat::F16);
+            let candidates = [Some(format.clone()), fallback, f16];
             let Some(stored) = candidates.into_iter().flatten().find(fits) else {
                 continue;
             };
@@ -325,21 +330,23 @@ mod tests {
 
     /// Matrices whose rows are not whole super-blocks take llama.cpp's fallback format
     /// (every one of a super-block format; a block format has none), those whose rows are
-    /// not whole blocks of that either stay `f32`, and vectors are never quantized.
+    /// not whole blocks of that either f16 (and stay `f32` under a block format), and
+    /// vectors are never quantized.
     #[test]
     fn rows_that_are_not_whole_super_blocks_take_the_fallback_format() {
         let matrix = |rows: usize, k: usize| {
             let values: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 - 6.0).collect();
             Value::Tensor(Tensor::from_f32(vec![rows, k], DType::F32, values))
         };
-        for (format, fallback) in [
-            (QuantFormat::Q2K, QuantFormat::Iq4Nl),
-            (QuantFormat::Q3K, QuantFormat::Iq4Nl),
-            (QuantFormat::Q4K, QuantFormat::Q5_0),
-            (QuantFormat::Q5K, QuantFormat::Q5_1),
-            (QuantFormat::Q6K, QuantFormat::Q8_0),
-            (QuantFormat::Iq4Xs, QuantFormat::Iq4Nl),
-            (QuantFormat::Q4_0, QuantFormat::Q4_0),
+        let f16 = Some(QuantFormat::F16);
+        for (format, fallback, neither) in [
+            (QuantFormat::Q2K, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Q3K, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Q4K, QuantFormat::Q5_0, f16.clone()),
+            (QuantFormat::Q5K, QuantFormat::Q5_1, f16.clone()),
+            (QuantFormat::Q6K, QuantFormat::Q8_0, f16.clone()),
+            (QuantFormat::Iq4Xs, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Q4_0, QuantFormat::Q4_0, None),
         ] {
             let mut w = Weights::default();
             w.insert("whole", matrix(3, 512));
@@ -349,14 +356,15 @@ mod tests {
                 "vector",
                 Value::Tensor(Tensor::from_f32(vec![288], DType::F32, vec![1.0; 288])),
             );
-            assert_eq!(w.quantize_matrices(&format), 2, "{format}");
+            let converted = if neither.is_some() { 3 } else { 2 };
+            assert_eq!(w.quantize_matrices(&format), converted, "{format}");
             let stored = |name: &str| match w.weight(name).as_deref() {
                 Some(Value::Quantized(q)) => Some(q.format.clone()),
                 _ => None,
             };
             assert_eq!(stored("whole"), Some(format.clone()));
             assert_eq!(stored("blocks_of_32"), Some(fallback), "{format}");
-            assert_eq!(stored("neither"), None, "{format}");
+            assert_eq!(stored("neither"), neither, "{format}");
             assert_eq!(stored("vector"), None, "{format}");
         }
     }

@@ -186,7 +186,8 @@ struct CompileArgs {
     backend: BackendArgs,
     /// Quantize the model's f32 and 16-bit matrices to this format when loading (a matrix
     /// whose rows are not whole super-blocks of 256 takes the format llama.cpp falls back
-    /// to: q5_0 for q4_k, q5_1 for q5_k, q8_0 for q6_k, iq4_nl for q2_k, q3_k and iq4_xs).
+    /// to: q5_0 for q4_k, q5_1 for q5_k, q8_0 for q6_k, iq4_nl for q2_k, q3_k and iq4_xs,
+    /// and f16 where those do not fit either).
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
     /// Element type of the KV cache: f16 and bf16 take half f32's memory (on the CPU and

@@ -179,7 +179,8 @@ impl QuantFormat {
     /// The format llama.cpp's quantizer stores a matrix in instead of this one when the
     /// matrix's rows are not whole super-blocks of 256 (`llama_tensor_get_type`'s
     /// fallback): q2_k, q3_k and iq4_xs fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
-    /// and q6_k to q8_0, all of blocks of 32; `None` for the other formats.
+    /// and q6_k to q8_0, all of blocks of 32 (and where a matrix's rows are not whole
+    /// blocks of those either, llama.cpp stores it as f16); `None` for the other formats.
     pub fn row_fallback(&self) -> Option<QuantFormat> {
         Some(match self {
             QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::Iq4Xs => QuantFormat::Iq4Nl,
