@@ -20,7 +20,9 @@
 //!   most `2 * 31 * 128` for five-bit codes) and the recentring is taken off as
 //!   `centre * Σ qx` (one more `vpmaddubsw`): exact for every byte x may hold, -128
 //!   included (the sign trick, `|w|` by `sign(w) * x`, is not).
-//!   Signed codes are widened to 16 bits and meet x in `vpmaddwd`. Where the CPU has
+//!   Signed codes are widened to 16 bits and meet x in `vpmaddwd`, or, where they lie
+//!   within ±127 (iq4_nl's levels), meet `|qx|` carrying `qx`'s sign in `vpmaddubsw`
+//!   (exact: the sign goes to the weight code, never -128). Where the CPU has
 //!   AVX-512 VNNI ([`vnni`]), the same loops run with `vpdpbusd`, four byte products per
 //!   32-bit lane in one instruction: the unsigned codes as they are, signed codes with
 //!   their sign bit flipped (`c + 128`, centre 128), each recentring taken off per lane.
@@ -137,8 +139,12 @@ pub unsafe trait Blocks {
     const MINIMUM: bool;
     /// Whether the codes are signed bytes (q8_0, iq4_nl), which AVX2 widens to 16 bits for
     /// `vpmaddwd` (`vpmaddubsw`'s 16-bit pair sums would saturate on flipped codes up to
-    /// 255).
+    /// 255), unless they lie within ±127 ([`Blocks::WITHIN_127`]).
     const SIGNED: bool = false;
+    /// Whether the signed codes lie within ±127 (iq4_nl's levels; a q8_0 weight may hold
+    /// -128): AVX2 then multiplies them by x's codes in `vpmaddubsw`, as `|qx|` times the
+    /// code carrying `qx`'s sign (exact: pair sums within `2 * 128 * 127`), not widened.
+    const WITHIN_127: bool = false;
 
     /// The 32 codes of the block at `wb` in value order: unsigned bytes, or signed ones
     /// where the format is [`Blocks::SIGNED`].
@@ -258,6 +264,7 @@ unsafe impl Blocks for Iq4Nl {
     const CENTRE: u8 = 128;
     const MINIMUM: bool = false;
     const SIGNED: bool = true;
+    const WITHIN_127: bool = true;
 
     #[inline(always)]
     unsafe fn codes(wb: *const u8) -> std::arch::x86_64::__m256i {
@@ -753,7 +760,8 @@ trait BlockDot: Copy {
 }
 
 /// AVX2: x's codes as signed bytes with the recentring term `centre * Σ qx` in pair sums,
-/// or widened to 16 bits for signed codes' `vpmaddwd`.
+/// or widened to 16 bits for signed codes' `vpmaddwd`, or beside their magnitudes for
+/// signed codes within ±127 ([`Blocks::WITHIN_127`]).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct XBlock([std::arch::x86_64::__m256i; 2]);
@@ -766,7 +774,10 @@ impl BlockDot for XBlock {
         // SAFETY: the block's 32 codes follow its 2-byte scale (the contract); AVX2 is
         // the caller's.
         unsafe {
-            if W::SIGNED {
+            if W::WITHIN_127 {
+                let xq = _mm256_loadu_si256(xb.add(2).cast());
+                XBlock([_mm256_abs_epi8(xq), xq])
+            } else if W::SIGNED {
                 XBlock([
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(2).cast())),
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(18).cast())),
@@ -790,7 +801,7 @@ impl BlockDot for XBlock {
         // caller's.
         unsafe {
             let codes = W::codes(wb);
-            if W::SIGNED {
+            if W::SIGNED && !W::WITHIN_127 {
                 [
                     _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes)),
                     _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1)),
@@ -810,7 +821,11 @@ impl BlockDot for XBlock {
         // SAFETY: AVX2 is the caller's.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let sums = if W::SIGNED {
+            let sums = if W::WITHIN_127 {
+                // |qx| (128 for -128, as an unsigned byte) by the code with qx's sign.
+                let signed = _mm256_sign_epi8(w[0], self.0[1]);
+                _mm256_madd_epi16(_mm256_maddubs_epi16(self.0[0], signed), ones)
+            } else if W::SIGNED {
                 _mm256_add_epi32(
                     _mm256_madd_epi16(self.0[0], w[0]),
                     _mm256_madd_epi16(self.0[1], w[1]),
