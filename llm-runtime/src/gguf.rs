@@ -352,9 +352,11 @@ impl GgufFile {
     }
 }
 
-/// The builder's name for a GGUF tensor name of architecture `arch`: Phi-3's
-/// `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`], [`FUSED_GATE_UP`]: its
-/// `ffn_up` holds the gate's rows, then the up projection's).
+/// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
+/// tensor that is not part of such a model (biases outside `qwen2`, sandwich norms outside
+/// `gemma2` and `gemma3`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices
+/// ([`FUSED_QKV`], [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up
+/// projection's).
 fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     let name = builder_name(
         gguf,
@@ -385,6 +387,13 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             (POST_FFW_NORM, POST_FFW_NORM),
         ],
     )?;
+    // Biases only in qwen2's projections, sandwich norms only in Gemma 2's and 3's.
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
+    if name.ends_with(".bias") && arch != "qwen2"
+        || !sandwich && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
+    {
+        return None;
+    }
     Some(match arch {
         "phi3" => name.replace("feed_forward.w3.weight", FUSED_GATE_UP),
         _ => name,
@@ -682,25 +691,18 @@ fn read_files(
     }
     let g = &files[0];
     let arch = architecture(g).map_err(|e| (0, e))?;
-    let qwen2 = arch == "qwen2";
-    let sandwich = matches!(arch, "gemma2" | "gemma3");
     let mut weights = Weights::default();
     let mut read = 0;
     for (part, (file, bytes)) in files.iter().zip(parts).enumerate() {
         for info in &file.tensors {
             progress(read as f64 / total as f64);
             read += 1;
-            let name = weight_name(&info.name, arch)
-                .filter(|n| qwen2 || !n.ends_with(".bias"))
-                .filter(|n| {
-                    sandwich || !n.ends_with(POST_ATTENTION_NORM) && !n.ends_with(POST_FFW_NORM)
-                })
-                .ok_or_else(|| {
-                    (
-                        part,
-                        format!("tensor `{}` is not part of a {arch} model", info.name),
-                    )
-                })?;
+            let name = weight_name(&info.name, arch).ok_or_else(|| {
+                (
+                    part,
+                    format!("tensor `{}` is not part of a {arch} model", info.name),
+                )
+            })?;
             if weights.weight_shape(&name).is_some() {
                 return Err((part, format!("tensor `{}` appears twice", info.name)));
             }

@@ -253,7 +253,6 @@ pub fn quantize_iq4_xs(x: &[f32]) -> Vec<u8> {
 /// is below 1e-15 has a zero scale.
 pub fn iq4_nl_block_scale(x: &[f32]) -> f32 {
     let levels = IQ4_NL_LEVELS.map(f32::from);
-    let weight: Vec<f32> = x.iter().map(|v| v * v).collect();
     let (amax, max) = x.iter().fold((0f32, 0f32), |(amax, max), &v| {
         if v.abs() > amax {
             (v.abs(), v)
@@ -272,7 +271,9 @@ pub fn iq4_nl_block_scale(x: &[f32]) -> f32 {
         c => ((c as i32 - 8) as f32 + levels[0]) / max,
     });
     let mut fits = [(0f32, 0f32); 16];
-    for (&v, &w) in x.iter().zip(&weight) {
+    for &v in x {
+        // The value's weight, `x²`.
+        let w = v * v;
         for ((sumqx, sumq2), &inverse) in fits.iter_mut().zip(&inverses) {
             let q = levels[nearest_iq4_nl_level(inverse * v)];
             *sumqx += w * q * v;
@@ -296,10 +297,8 @@ pub fn iq4_nl_block_scale(x: &[f32]) -> f32 {
 /// byte `j`, value `16 + j` in its high nibble.
 fn iq4_nibbles(x: &[f32], scale: f32) -> impl Iterator<Item = u8> {
     let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-    let codes: Vec<u8> = x
-        .iter()
-        .map(|&v| nearest_iq4_nl_level(inverse * v) as u8)
-        .collect();
+    let code = |v: f32| nearest_iq4_nl_level(inverse * v) as u8;
+    let codes: [u8; 32] = std::array::from_fn(|j| code(x[j]));
     (0..16).map(move |j| codes[j] | codes[j + 16] << 4)
 }
 
