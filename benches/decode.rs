@@ -283,6 +283,8 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Q5K,
         QuantFormat::Q6K,
         QuantFormat::Iq4Xs,
+        QuantFormat::Iq3Xxs,
+        QuantFormat::Iq3S,
     ] {
         // As `llm-run` compiles it, and with f32 activations (`--passes default`): what
         // the integer kernels gain, measured in the same run.

@@ -526,6 +526,8 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Q3K,
         QuantFormat::Q5K,
         QuantFormat::Iq4Xs,
+        QuantFormat::Iq3Xxs,
+        QuantFormat::Iq3S,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,
@@ -627,7 +629,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 }
 
 /// With `quantize-activations`, the matmuls of models in every GGUF block format (q8_0 to
-/// q5_1, iq4_nl, the K-quants, iq4_xs) read q8_0 activations:
+/// q5_1, iq4_nl, the K-quants, iq4_xs, iq3_xxs, iq3_s) read q8_0 activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
 /// logits stay close to those of f32 activations.
@@ -661,6 +663,8 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Q5K,
         QuantFormat::Q6K,
         QuantFormat::Iq4Xs,
+        QuantFormat::Iq3Xxs,
+        QuantFormat::Iq3S,
     ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);

@@ -1,5 +1,6 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
-//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl and iq4_xs
+//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl, iq4_xs, iq3_xxs
+//! and iq3_s
 //! `tests/data/quant-vectors`, both made with the `gguf` Python package), plus round-trip
 //! and known-value tests for every format.
 
@@ -7,17 +8,22 @@ use std::path::{Path, PathBuf};
 
 use llm_ir::{
     dtype::DType,
-    interp::quant::{NF4_LEVELS, dequantize, quantize, storage_bytes},
-    types::{IQ4_NL_LEVELS, QuantFormat},
+    interp::{
+        iq3::iq3_xxs_signs,
+        quant::{NF4_LEVELS, dequantize, quantize, storage_bytes},
+    },
+    types::{IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, QuantFormat},
 };
 
 /// The vector file `file`: ours (`tests/data/make_quant_vectors.py`) for the formats the
 /// shared set lacks.
 fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if ["q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl", "iq4_xs"]
-        .iter()
-        .any(|ours| file.starts_with(ours))
+    if [
+        "q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_s",
+    ]
+    .iter()
+    .any(|ours| file.starts_with(ours))
     {
         dir.join("tests/data/quant-vectors").join(file)
     } else {
@@ -48,6 +54,8 @@ fn gguf(name: &str) -> QuantFormat {
         "q5_k" => QuantFormat::Q5K,
         "iq4_nl" => QuantFormat::Iq4Nl,
         "iq4_xs" => QuantFormat::Iq4Xs,
+        "iq3_xxs" => QuantFormat::Iq3Xxs,
+        "iq3_s" => QuantFormat::Iq3S,
         _ => QuantFormat::Q2K,
     }
 }
@@ -75,7 +83,7 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 fn dequantizing_matches_llama_cpp_exactly() {
     for name in [
         "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
-        "iq4_xs",
+        "iq4_xs", "iq3_xxs", "iq3_s",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -365,4 +373,97 @@ fn a_cache_refuses_the_sixteen_bit_formats() {
         let error = cache.deref(&ctx).validate().expect_err("refused");
         assert!(error.contains("`dtype = f16` or `bf16`"), "{error}");
     }
+}
+
+/// A super-block of `format` (iq3_xxs or iq3_s) with `d` a power of two, sub-block scales
+/// `ls` (15, the largest multiplier, among them), group 0 of every sub-block the grid
+/// entry `top` (which holds the grid's largest magnitude) and the other groups and signs
+/// spread over the grid: its values, as the format's definition gives them.
+fn iq3_super_block(format: &QuantFormat, d: f32, top: usize) -> Vec<f32> {
+    let ls = [15u8, 0, 7, 3, 15, 9, 1, 12];
+    let mut values = Vec::with_capacity(256);
+    for (sub, &l) in ls.iter().enumerate() {
+        let (grid, scale): (&[u32], f32) = match format {
+            QuantFormat::Iq3Xxs => (&IQ3XXS_GRID, d * (0.5 + f32::from(l)) * 0.5),
+            _ => (&IQ3S_GRID, d * f32::from(1 + 2 * l)),
+        };
+        for run in 0..4 {
+            // iq3_xxs's runs of eight have an even count of minus signs.
+            let code = ((sub * 37 + run * 11) % 128) as u8;
+            let signs = match format {
+                QuantFormat::Iq3Xxs => iq3_xxs_signs(code),
+                _ => code.wrapping_mul(3),
+            };
+            for half in 0..2 {
+                let group = 2 * run + half;
+                let index = if group == 0 {
+                    top
+                } else {
+                    (sub * 101 + group * 53) % grid.len()
+                };
+                for (j, m) in grid[index].to_le_bytes().into_iter().enumerate() {
+                    let negative = signs >> (4 * half + j) & 1 == 1;
+                    let sign = if negative { -1.0 } else { 1.0 };
+                    values.push(scale * f32::from(m) * sign);
+                }
+            }
+        }
+    }
+    values
+}
+
+/// The IQ3 quantizer recovers super-blocks the formats represent exactly (whose sub-blocks
+/// each hold the grid's largest magnitude, so that the first scale candidate is exact).
+#[test]
+fn iq3_super_blocks_on_the_grid_survive() {
+    for (format, grid, d, largest) in [
+        (QuantFormat::Iq3Xxs, &IQ3XXS_GRID[..], 1.0f32 / 16.0, 62),
+        (QuantFormat::Iq3S, &IQ3S_GRID[..], 1.0 / 32.0, 15),
+    ] {
+        let top = grid
+            .iter()
+            .position(|e| e.to_le_bytes().contains(&largest))
+            .expect("an entry with the largest magnitude");
+        let values = iq3_super_block(&format, d, top);
+        let back = dequantize(&format, &[256], &quantize(&format, &[256], &values));
+        assert_bits_equal(&back, &values, format.name());
+    }
+}
+
+/// The IQ3 formats' error on Gaussian-like weights: the root mean square of the round
+/// trip's error, relative to the values', against q3_k's (3.44 bits a value, as iq3_s)
+/// and q2_k's (2.63 bits) on the same values: iq3_s within 5% of q3_k, iq3_xxs (3.06
+/// bits) between the two.
+#[test]
+fn iq3_round_trips_within_q3_k_s_error() {
+    // A sum of four uniforms: near-Gaussian, with tails.
+    let uniform = sample(4096 * 4, 1.0);
+    let values: Vec<f32> = (0..4096)
+        .map(|i| {
+            (0..4)
+                .map(|k| uniform[(i * 4 + k * 4099) % uniform.len()])
+                .sum()
+        })
+        .collect();
+    let shape = [16, 256];
+    let relative_rms = |format: &QuantFormat| {
+        let back = dequantize(format, &shape, &quantize(format, &shape, &values));
+        let err: f32 = values
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum();
+        let norm: f32 = values.iter().map(|a| a * a).sum();
+        (err / norm).sqrt()
+    };
+    let q3_k = relative_rms(&QuantFormat::Q3K);
+    let iq3_s = relative_rms(&QuantFormat::Iq3S);
+    let iq3_xxs = relative_rms(&QuantFormat::Iq3Xxs);
+    let q2_k = relative_rms(&QuantFormat::Q2K);
+    eprintln!("relative rms error: q3_k {q3_k}, iq3_s {iq3_s}, iq3_xxs {iq3_xxs}, q2_k {q2_k}");
+    assert!(iq3_s <= q3_k * 1.05, "iq3_s {iq3_s} against q3_k {q3_k}");
+    assert!(
+        q3_k < iq3_xxs && iq3_xxs < q2_k,
+        "iq3_xxs {iq3_xxs} against q3_k {q3_k}, q2_k {q2_k}"
+    );
 }

@@ -85,6 +85,14 @@ pub enum WeightFormat {
     /// sub-block scales (high bit pairs in a 16-bit word, low nibbles in four bytes), and
     /// iq4_nl's nibbles for each sub-block of 32.
     Iq4Xs,
+    /// GGUF iq3_xxs: super-blocks of 256 (98 bytes): an f16 scale, 64 indices into
+    /// `llm_ir::types::IQ3XXS_GRID` (a group of four magnitudes each), and per sub-block of
+    /// 32 a word of four 7-bit sign codes and a 4-bit scale.
+    Iq3Xxs,
+    /// GGUF iq3_s: super-blocks of 256 (110 bytes): an f16 scale, 64 nine-bit indices into
+    /// `llm_ir::types::IQ3S_GRID` (low bytes, then the ninth bits), a sign bit per value
+    /// and 4-bit sub-block scales.
+    Iq3S,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -120,6 +128,8 @@ impl WeightFormat {
             QuantFormat::Q5_1 => WeightFormat::Q5_1,
             QuantFormat::Iq4Nl => WeightFormat::Iq4Nl,
             QuantFormat::Iq4Xs => WeightFormat::Iq4Xs,
+            QuantFormat::Iq3Xxs => WeightFormat::Iq3Xxs,
+            QuantFormat::Iq3S => WeightFormat::Iq3S,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -164,7 +174,9 @@ impl WeightFormat {
             | WeightFormat::Q2K
             | WeightFormat::Q3K
             | WeightFormat::Q5K
-            | WeightFormat::Iq4Xs => Some(256),
+            | WeightFormat::Iq4Xs
+            | WeightFormat::Iq3Xxs
+            | WeightFormat::Iq3S => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
     }
@@ -190,6 +202,8 @@ impl WeightFormat {
             WeightFormat::Q3K => k / 256 * 110,
             WeightFormat::Q5K => k / 256 * 176,
             WeightFormat::Iq4Xs => k / 256 * 136,
+            WeightFormat::Iq3Xxs => k / 256 * 98,
+            WeightFormat::Iq3S => k / 256 * 110,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -209,6 +223,8 @@ impl WeightFormat {
             WeightFormat::Q5_1 => QuantFormat::Q5_1,
             WeightFormat::Iq4Nl => QuantFormat::Iq4Nl,
             WeightFormat::Iq4Xs => QuantFormat::Iq4Xs,
+            WeightFormat::Iq3Xxs => QuantFormat::Iq3Xxs,
+            WeightFormat::Iq3S => QuantFormat::Iq3S,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -252,6 +268,8 @@ impl WeightFormat {
             WeightFormat::Q5_1 => "q5_1",
             WeightFormat::Iq4Nl => "iq4_nl",
             WeightFormat::Iq4Xs => "iq4_xs",
+            WeightFormat::Iq3Xxs => "iq3_xxs",
+            WeightFormat::Iq3S => "iq3_s",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

@@ -490,6 +490,8 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         17 => (32 * blocks, QuantFormat::Q5_1, "q5_1".into()),
         18 => (32 * blocks, QuantFormat::Iq4Nl, "iq4_nl".into()),
         19 => (256 * blocks, QuantFormat::Iq4Xs, "iq4_xs".into()),
+        20 => (256 * blocks, QuantFormat::Iq3Xxs, "iq3_xxs".into()),
+        21 => (256 * blocks, QuantFormat::Iq3S, "iq3_s".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -587,7 +589,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 21;
+const FORMAT_CASES: usize = 23;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -698,14 +700,14 @@ proptest! {
     }
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet the formats of 32-value
-    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), the K-quants q2_k to q6_k and iq4_xs
-    /// in integer dot products on the CPU (dequantized first on the GPU), with static or
-    /// run-time rows.
+    /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), the K-quants q2_k to q6_k, iq4_xs,
+    /// iq3_xxs and iq3_s in integer dot products on the CPU (dequantized first on the GPU),
+    /// with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..12, dynamic in any::<bool>(), seed: u64) {
-        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs")];
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..14, dynamic in any::<bool>(), seed: u64) {
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s")];
         let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
-        // Whole super-blocks of 256 for the k-quants and iq4_xs.
+        // Whole super-blocks of 256 for the k-quants, iq4_xs and the iq3 formats.
         let blocks_of_32 = which < BLOCKS_OF_32.len();
         let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
@@ -993,7 +995,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..12 {
+        for which in 0..14 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1011,6 +1013,8 @@ proptest! {
                     8 => (32, QuantFormat::Q5_1, "q5_1".into()),
                     9 => (96, QuantFormat::Iq4Nl, "iq4_nl".into()),
                     10 => (256, QuantFormat::Iq4Xs, "iq4_xs".into()),
+                    11 => (256, QuantFormat::Iq3Xxs, "iq3_xxs".into()),
+                    12 => (512, QuantFormat::Iq3S, "iq3_s".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

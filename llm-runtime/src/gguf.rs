@@ -14,7 +14,8 @@
 //! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants
 //! (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: every type llama.cpp's K-quant files mix, with the
 //! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks), IQ4_XS and IQ4_NL
-//! (its fallback) stay quantized with their exact bytes. The
+//! (its fallback), and the 3-bit lattice types IQ3_XXS and IQ3_S (llama.cpp's IQ3_XXS,
+//! IQ3_XS, IQ3_S and IQ3_M files) stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -255,6 +256,8 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         14 => Storage::Quant(QuantFormat::Q6K),
         20 => Storage::Quant(QuantFormat::Iq4Nl),
         23 => Storage::Quant(QuantFormat::Iq4Xs),
+        18 => Storage::Quant(QuantFormat::Iq3Xxs),
+        21 => Storage::Quant(QuantFormat::Iq3S),
         _ => return None,
     })
 }
@@ -266,9 +269,7 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
         15 => "Q8_K",
         16 => "IQ2_XXS",
         17 => "IQ2_XS",
-        18 => "IQ3_XXS",
         19 => "IQ1_S",
-        21 => "IQ3_S",
         22 => "IQ2_S",
         24 => "I8",
         25 => "I16",

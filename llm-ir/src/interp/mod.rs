@@ -15,6 +15,7 @@
 
 pub mod eval;
 mod hoist;
+pub mod iq3;
 pub mod kv_values;
 pub mod quant;
 pub mod value;

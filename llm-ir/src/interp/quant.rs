@@ -3,7 +3,8 @@
 //! # Layouts
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
-//! `q5_k`, `q6_k`, and `iq4_nl`, `iq4_xs`) store each row (the last dim) as consecutive
+//! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
+//! [`iq3`]) store each row (the last dim) as consecutive
 //! blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The quantizers follow
 //! ggml's reference quantizers operation for operation in `f32`; for `q8_0`, `q4_0`,
 //! `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see
@@ -25,6 +26,7 @@
 
 use half::{bf16, f16};
 
+use super::iq3;
 use crate::{
     dtype::DType,
     types::{IQ4_NL_LEVELS, QuantFormat},
@@ -113,6 +115,8 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
             .collect(),
         QuantFormat::Iq4Nl => values.chunks(32).flat_map(quantize_iq4_nl).collect(),
         QuantFormat::Iq4Xs => values.chunks(256).flat_map(quantize_iq4_xs).collect(),
+        QuantFormat::Iq3Xxs => values.chunks(256).flat_map(iq3::quantize_iq3_xxs).collect(),
+        QuantFormat::Iq3S => values.chunks(256).flat_map(iq3::quantize_iq3_s).collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -386,6 +390,8 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
                 iq4_levels(d * (ls - 32) as f32, qs, out);
             }
         }
+        QuantFormat::Iq3Xxs => iq3::dequantize_iq3_xxs(b, out),
+        QuantFormat::Iq3S => iq3::dequantize_iq3_s(b, out),
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
             // value `l` of sub-block `2j` (`2j + 1`).

@@ -10,11 +10,13 @@
 //! Each type validates its parameters in one `validate` function that both the parser (with the
 //! location of the type in the text) and pliron's type verifier call.
 
+mod iq_grids;
 mod kv_cache;
 mod quant;
 mod sharded;
 mod tensor;
 
+pub use iq_grids::{IQ3S_GRID, IQ3XXS_GRID};
 pub use kv_cache::{KvCacheParams, KvStorage, PagedKvCacheType};
 pub use quant::{IQ4_NL_LEVELS, QuantFormat, QuantizedTensorType};
 pub use sharded::{MAX_DEVICES, Reduction, ShardedTensorType};

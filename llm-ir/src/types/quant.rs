@@ -17,6 +17,8 @@
 //! | `q5_k` | 256 | 176 | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 32 bytes of high bits, 128 bytes of 4-bit values |
 //! | `iq4_nl` | 32 | 18 | f16 scale, 16 bytes of 4-bit indices into [`IQ4_NL_LEVELS`] |
 //! | `iq4_xs` | 256 | 136 | f16 d, 16 bits of sub-block scales' high bit pairs, 4 bytes of their low nibbles, 128 bytes of 4-bit indices into [`IQ4_NL_LEVELS`] |
+//! | `iq3_xxs` | 256 | 98 | f16 d, 64 indices into [`IQ3XXS_GRID`](super::IQ3XXS_GRID) (groups of 4), per sub-block of 32 a 32-bit word of four 7-bit sign codes and a 4-bit scale |
+//! | `iq3_s` | 256 | 110 | f16 d, 64 low bytes of indices into [`IQ3S_GRID`](super::IQ3S_GRID), 8 bytes of their ninth bits, 32 bytes of signs, 4 bytes of 4-bit sub-block scales |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -84,6 +86,13 @@ pub enum QuantFormat {
     /// `ls` (value `d * (ls - 32) * level`), with IQ4_NL's nibbles and levels in each
     /// sub-block of 32.
     Iq4Xs,
+    /// GGUF IQ3_XXS: super-blocks of 256, an f16 scale `d` and eight sub-blocks of 32, each
+    /// with a 4-bit scale and eight groups of four values whose magnitudes are one entry
+    /// of a 256-entry grid ([`IQ3XXS_GRID`](super::IQ3XXS_GRID)), with signs (3.06 bits a value).
+    Iq3Xxs,
+    /// GGUF IQ3_S: IQ3_XXS's layout with a 512-entry grid ([`IQ3S_GRID`](super::IQ3S_GRID)) and a sign bit
+    /// for every value (3.44 bits a value).
+    Iq3S,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -126,6 +135,8 @@ impl QuantFormat {
             QuantFormat::Q5K => "q5_k",
             QuantFormat::Iq4Nl => "iq4_nl",
             QuantFormat::Iq4Xs => "iq4_xs",
+            QuantFormat::Iq3Xxs => "iq3_xxs",
+            QuantFormat::Iq3S => "iq3_s",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -149,7 +160,9 @@ impl QuantFormat {
             | QuantFormat::Q2K
             | QuantFormat::Q3K
             | QuantFormat::Q5K
-            | QuantFormat::Iq4Xs => 256,
+            | QuantFormat::Iq4Xs
+            | QuantFormat::Iq3Xxs
+            | QuantFormat::Iq3S => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
@@ -171,6 +184,8 @@ impl QuantFormat {
             QuantFormat::Q5K => Some(176),
             QuantFormat::Iq4Nl => Some(18),
             QuantFormat::Iq4Xs => Some(136),
+            QuantFormat::Iq3Xxs => Some(98),
+            QuantFormat::Iq3S => Some(110),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -178,12 +193,16 @@ impl QuantFormat {
 
     /// The format llama.cpp's quantizer stores a matrix in instead of this one when the
     /// matrix's rows are not whole super-blocks of 256 (`llama_tensor_get_type`'s
-    /// fallback): q2_k, q3_k and iq4_xs fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
+    /// fallback): q2_k, q3_k, iq4_xs, iq3_xxs and iq3_s fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
     /// and q6_k to q8_0, all of blocks of 32 (and where a matrix's rows are not whole
     /// blocks of those either, llama.cpp stores it as f16); `None` for the other formats.
     pub fn row_fallback(&self) -> Option<QuantFormat> {
         Some(match self {
-            QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::Iq4Xs => QuantFormat::Iq4Nl,
+            QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Iq4Xs
+            | QuantFormat::Iq3Xxs
+            | QuantFormat::Iq3S => QuantFormat::Iq4Nl,
             QuantFormat::Q4K => QuantFormat::Q5_0,
             QuantFormat::Q5K => QuantFormat::Q5_1,
             QuantFormat::Q6K => QuantFormat::Q8_0,
@@ -285,6 +304,8 @@ impl QuantFormat {
             "q5_k" => QuantFormat::Q5K,
             "iq4_nl" => QuantFormat::Iq4Nl,
             "iq4_xs" => QuantFormat::Iq4Xs,
+            "iq3_xxs" => QuantFormat::Iq3Xxs,
+            "iq3_s" => QuantFormat::Iq3S,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -315,7 +336,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -1,10 +1,10 @@
 """GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k, q5_k, iq4_nl,
-iq4_xs.
+iq4_xs, iq3_xxs, iq3_s.
 
 Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
 the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
 0's first 32 zero: an all-zero block) into `blocks` and dequantize them into `dequant`;
-q3_k, q5_k, iq4_nl and iq4_xs, which the package only dequantizes, have random valid
+q3_k, q5_k, iq4_nl, iq4_xs, iq3_xxs and iq3_s, which the package only dequantizes, have random valid
 (super-)blocks (their f16 scales set to small finite values):
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
@@ -26,6 +26,8 @@ FORMATS = {
     "q5_k": (T.Q5_K, 176, [0, 2]),
     "iq4_nl": (T.IQ4_NL, 18, [0]),
     "iq4_xs": (T.IQ4_XS, 136, [0]),
+    "iq3_xxs": (T.IQ3_XXS, 98, [0]),
+    "iq3_s": (T.IQ3_S, 110, [0]),
 }
 
 

@@ -6,8 +6,8 @@
 //! lengths that are not multiples of the vector width finish with static scalar tails.
 
 use cranelift_codegen::ir::{
-    ConstantData, Endianness, FuncRef, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind,
-    Value,
+    ConstantData, Endianness, FuncRef, GlobalValue, InstBuilder, MemFlagsData, StackSlotData,
+    StackSlotKind, Value,
     condcodes::{FloatCC, IntCC},
     types,
 };
@@ -74,7 +74,8 @@ pub fn param_count(kernel: &Kernel) -> usize {
     }
 }
 
-/// The imported microkernels a contraction may call (see [`super::ukernel`]).
+/// The imported microkernels a kernel may call (see [`super::ukernel`]) and the data it
+/// reads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tiles {
     /// `panel_rows` (`f16_panel_rows`, `bf16_panel_rows`), for every row of x against a
@@ -93,6 +94,9 @@ pub struct Tiles {
     /// `attention_row`, for a whole unmasked attention row whose heads fit it
     /// ([`super::attention::fits`]).
     pub attention: Option<FuncRef>,
+    /// The grid a lattice-format weight's decoder reads ([`super::lattice::GRIDS`]),
+    /// imported as data (on every target: the generated decoder needs it).
+    pub grid: Option<GlobalValue>,
 }
 
 /// Emits the body of `kernel` into `b`, whose entry block holds the parameters `p`;
@@ -141,7 +145,7 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         Kernel::Cast { from, to } => super::convert::emit_cast(b, *from, *to, p),
         Kernel::Broadcast(body) => emit_broadcast(b, body, p),
         Kernel::Dequantize { weight, rows, k } => {
-            dequant::emit_dequantize(b, *weight, [*rows, *k], p)
+            dequant::emit_dequantize(b, (*weight, tiles.grid), [*rows, *k], p)
         }
         Kernel::Quantize { format, rows, k } => {
             super::quantize::emit_quantize(b, *format, (*rows, *k), p)
@@ -236,7 +240,13 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                         } else {
                             (wblock, None)
                         };
-                        vec![dequant::dot_row_q8_0_x(b, c.weight, xrow, row, c.k)]
+                        vec![dequant::dot_row_q8_0_x(
+                            b,
+                            (c.weight, tiles.grid),
+                            xrow,
+                            row,
+                            c.k,
+                        )]
                     }
                     (
                         WeightFormat::Q8_0
@@ -265,7 +275,7 @@ fn emit_contraction(b: &mut FunctionBuilder, c: &Contraction, p: &[Value], tiles
                     (WeightFormat::F32 | WeightFormat::F32KN, _) => {
                         vec![dot_elems(b, xrow, wblock, c.k)]
                     }
-                    _ => vec![dequant::dot_row(b, c, xrow, w, j, wblock)],
+                    _ => vec![dequant::dot_row(b, c, xrow, (w, j, wblock), tiles.grid)],
                 };
                 let count = sums.len();
                 for (r, s) in sums.into_iter().enumerate() {

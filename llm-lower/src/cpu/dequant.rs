@@ -16,7 +16,8 @@
 //! four at a time ([`half_lanes`]) and meet x as `f32` weights do (`codegen::dot_elems`).
 
 use cranelift_codegen::ir::{
-    ConstantData, Endianness, InstBuilder, MemFlagsData, Value, condcodes::IntCC, types,
+    ConstantData, Endianness, GlobalValue, InstBuilder, MemFlagsData, Value, condcodes::IntCC,
+    types,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
 use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS, types::IQ4_NL_LEVELS};
@@ -24,6 +25,7 @@ use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS, types::IQ4_NL_LEVELS};
 use super::emit::{
     accumulate, address, for_range, horizontal_sum, mem, splat, zeroed_accumulators,
 };
+use super::lattice;
 use super::q8dot::Q8_0_BLOCK_BYTES;
 use crate::kernel::{Contraction, WeightFormat};
 
@@ -46,7 +48,9 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Q2K
         | WeightFormat::Q3K
         | WeightFormat::Q5K
-        | WeightFormat::Iq4Xs => true,
+        | WeightFormat::Iq4Xs
+        | WeightFormat::Iq3Xxs
+        | WeightFormat::Iq3S => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -54,14 +58,14 @@ pub fn decodes(format: WeightFormat) -> bool {
 }
 
 /// The dot product of the `k` floats at `x` with row `j` of the contraction's quantized
-/// weight, whose storage starts at `w` and whose row `j` starts at `row`.
+/// weight, whose storage starts at `w` and whose row `j` starts at `row`; `grid` is a
+/// lattice format's imported grid ([`super::lattice`]).
 pub fn dot_row(
     b: &mut FunctionBuilder,
     c: &Contraction,
     x: Value,
-    w: Value,
-    j: Value,
-    row: Value,
+    (w, j, row): (Value, Value, Value),
+    grid: Option<GlobalValue>,
 ) -> Value {
     match c.weight {
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => {
@@ -78,7 +82,13 @@ pub fn dot_row(
         format => {
             let acc = zeroed_accumulators(b, 1)[0];
             let stride = 4 * format.block().expect("a block format") as i64;
-            decode_blocks(b, format, (row, None), c.k, (x, stride), |b, xb, run| {
+            let blocks = Blocks {
+                format,
+                grid,
+                row: (row, None),
+                k: c.k,
+            };
+            decode_blocks(b, &blocks, (x, stride), |b, xb, run| {
                 accumulate_run(b, acc, xb, run)
             });
             let a = b.use_var(acc);
@@ -93,10 +103,11 @@ pub fn dot_row(
 /// activations, each run meeting the codes of its block of x as floats. A run's products
 /// of small integers and their sums are exact in `f32`, so each run costs one scaling by
 /// its scale times x's block scale, as in the AVX2 kernels of [`super::kq8dot`] and
-/// [`super::q8dot`], which run instead where the CPU has them.
+/// [`super::q8dot`], which run instead where the CPU has them; `grid` is a lattice
+/// format's imported grid.
 pub fn dot_row_q8_0_x(
     b: &mut FunctionBuilder,
-    format: WeightFormat,
+    (format, grid): (WeightFormat, Option<GlobalValue>),
     x: Value,
     (row, block_stride): (Value, Option<Value>),
     k: usize,
@@ -104,14 +115,15 @@ pub fn dot_row_q8_0_x(
     let acc = zeroed_accumulators(b, 1)[0];
     let block = format.block().expect("a block format");
     let stride = (block / 32 * Q8_0_BLOCK_BYTES) as i64;
-    decode_blocks(
-        b,
+    let blocks = Blocks {
         format,
-        (row, block_stride),
+        grid,
+        row: (row, block_stride),
         k,
-        (x, stride),
-        |b, xb, run| accumulate_q8_0_run(b, acc, xb, run),
-    );
+    };
+    decode_blocks(b, &blocks, (x, stride), |b, xb, run| {
+        accumulate_q8_0_run(b, acc, xb, run)
+    });
     let a = b.use_var(acc);
     horizontal_sum(b, a)
 }
@@ -152,10 +164,10 @@ fn accumulate_q8_0_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: R
 
 /// Emits the dequantization of the `rows x k` quantized tensor at `p[0]` into the `f32`
 /// buffer at `p[1]` (`llm.dequantize`): every row decoded as the contractions decode it,
-/// each run stored as `scale * q + offset`.
+/// each run stored as `scale * q + offset`; `grid` is a lattice format's imported grid.
 pub fn emit_dequantize(
     b: &mut FunctionBuilder,
-    weight: WeightFormat,
+    (weight, grid): (WeightFormat, Option<GlobalValue>),
     [rows, k]: [usize; 2],
     p: &[Value],
 ) {
@@ -175,7 +187,13 @@ pub fn emit_dequantize(
             }
             format => {
                 let stride = 4 * format.block().expect("a block format") as i64;
-                decode_blocks(b, format, (row, None), k, (out_row, stride), store_run)
+                let blocks = Blocks {
+                    format,
+                    grid,
+                    row: (row, None),
+                    k,
+                };
+                decode_blocks(b, &blocks, (out_row, stride), store_run)
             }
         }
     });
@@ -191,15 +209,27 @@ enum Purpose<'a> {
 }
 
 /// Consecutive weights `scale * q + offset` of a row.
-struct Run {
+pub(super) struct Run {
     /// The codes `q` as `f32x4`, in element order.
-    codes: Vec<Value>,
+    pub codes: Vec<Value>,
     /// Byte offset of the run's first value from the block's first (in x, or the output).
-    x_at: i32,
+    pub x_at: i32,
     /// The run's scale (`f32`).
-    scale: Value,
+    pub scale: Value,
     /// The run's offset (`f32`), if the format has one.
-    offset: Option<Value>,
+    pub offset: Option<Value>,
+}
+
+/// A row of a GGUF block format to decode.
+struct Blocks {
+    format: WeightFormat,
+    /// The format's imported grid, for the lattice formats.
+    grid: Option<GlobalValue>,
+    /// The row's address, and how far apart its blocks lie where they do not follow one
+    /// another (a row of a block panel).
+    row: (Value, Option<Value>),
+    /// Values in the row.
+    k: usize,
 }
 
 /// `acc += scale * Σ q·x + offset * Σ x` over `run`, with x of the block at `xb`; the
@@ -228,19 +258,22 @@ fn accumulate_run(b: &mut FunctionBuilder, acc: Variable, xb: Value, run: Run) {
     }
 }
 
-/// Decodes a row of a GGUF block format at `row`, whose blocks follow one another or lie
-/// `block_stride` bytes apart (a row of a block panel): a loop over the row's blocks,
-/// each decoded into its runs, which go to `take_run` with the address of the block's
-/// first value in `values` (x for a dot product, the output for a dequantization), whose
-/// blocks lie `stride` bytes apart.
+/// Decodes the row `blocks`: a loop over the row's blocks, each decoded into its runs,
+/// which go to `take_run` with the address of the block's first value in `values` (x for
+/// a dot product, the output for a dequantization), whose blocks lie `stride` bytes
+/// apart.
 fn decode_blocks(
     b: &mut FunctionBuilder,
-    format: WeightFormat,
-    (row, block_stride): (Value, Option<Value>),
-    k: usize,
+    blocks: &Blocks,
     (values, stride): (Value, i64),
     mut take_run: impl FnMut(&mut FunctionBuilder, Value, Run),
 ) {
+    let Blocks {
+        format,
+        grid,
+        row: (row, block_stride),
+        k,
+    } = *blocks;
     let block = format.block().expect("a block format");
     let block_bytes = format.row_bytes(block) as i64;
     let zero = b.ins().iconst(types::I64, 0);
@@ -268,6 +301,10 @@ fn decode_blocks(
             WeightFormat::Q2K => q2_k_runs(b, wb, &mut sink),
             WeightFormat::Q3K => q3_k_runs(b, wb, &mut sink),
             WeightFormat::Iq4Xs => iq4_xs_runs(b, wb, &mut sink),
+            WeightFormat::Iq3Xxs | WeightFormat::Iq3S => {
+                let grid = grid.expect("a lattice format's kernel imports its grid");
+                lattice::runs(b, format, wb, grid, &mut sink)
+            }
             other => unreachable!("{other:?} is not a block format"),
         }
     });
@@ -287,7 +324,7 @@ fn store_run(b: &mut FunctionBuilder, out: Value, run: Run) {
 }
 
 /// Where a format's decoder sends its runs.
-type Sink<'a> = dyn FnMut(&mut FunctionBuilder, Run) + 'a;
+pub(super) type Sink<'a> = dyn FnMut(&mut FunctionBuilder, Run) + 'a;
 
 /// q8_0: an f16 scale and 32 signed bytes.
 fn q8_0_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
@@ -1080,7 +1117,7 @@ fn interleave_pairs(from: u8) -> [u8; 16] {
 }
 
 /// `shuffle(a, c, mask)`: lane `i` is byte `mask[i]` of `a` (0..16) or `c` (16..32).
-fn shuffle(b: &mut FunctionBuilder, a: Value, c: Value, mask: &[u8; 16]) -> Value {
+pub(super) fn shuffle(b: &mut FunctionBuilder, a: Value, c: Value, mask: &[u8; 16]) -> Value {
     let mask = b
         .func
         .dfg
@@ -1090,7 +1127,7 @@ fn shuffle(b: &mut FunctionBuilder, a: Value, c: Value, mask: &[u8; 16]) -> Valu
 }
 
 /// A little-endian flag for bitcasts between vector shapes.
-fn little() -> MemFlagsData {
+pub(super) fn little() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
 }
 
@@ -1240,7 +1277,7 @@ pub fn widen_i16x8(b: &mut FunctionBuilder, v16: Value) -> [Value; 2] {
 }
 
 /// Sixteen bytes (signed or unsigned) widened to four `f32x4`.
-fn bytes_to_f32(b: &mut FunctionBuilder, v: Value, signed: bool) -> [Value; 4] {
+pub(super) fn bytes_to_f32(b: &mut FunctionBuilder, v: Value, signed: bool) -> [Value; 4] {
     let (lo, hi) = if signed {
         (b.ins().swiden_low(v), b.ins().swiden_high(v))
     } else {

@@ -15,7 +15,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 
-use super::{attention, codegen, kq8dot, kquant, q8dot, ukernel};
+use super::{attention, codegen, kq8dot, kquant, lattice, q8dot, ukernel};
 use crate::kernel::{Kernel, WeightFormat};
 
 /// Which instruction set the code is generated for.
@@ -209,6 +209,10 @@ pub fn compile(
             builder.symbol(rows, rows_fn);
         }
     }
+    // The lattice formats' grids, which their generated decoders read on every target.
+    for (format, symbol) in lattice::GRIDS {
+        builder.symbol(symbol, lattice::grid_address(format));
+    }
     let use_tiles = microkernels
         && match target {
             Target::Host => ukernel::available(),
@@ -246,6 +250,13 @@ pub fn compile(
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
     let attention_row = import(attention::ATTENTION_ROW, 9)?;
+    let mut grids = Vec::with_capacity(lattice::GRIDS.len());
+    for (format, symbol) in lattice::GRIDS {
+        let id = module
+            .declare_data(symbol, Linkage::Import, false, false)
+            .map_err(|e| fail(symbol, e))?;
+        grids.push((format, id));
+    }
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = Vec::with_capacity(kernels.len());
@@ -260,6 +271,14 @@ pub fn compile(
         ctx.func.signature = sig;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
         let mut tiles = codegen::Tiles::default();
+        let weight = match kernel {
+            Kernel::Contraction(c) => Some(c.weight),
+            Kernel::Dequantize { weight, .. } => Some(*weight),
+            _ => None,
+        };
+        if let Some(&(_, grid)) = grids.iter().find(|(f, _)| Some(*f) == weight) {
+            tiles.grid = Some(module.declare_data_in_func(grid, &mut ctx.func));
+        }
         if let Kernel::Contraction(c) = kernel {
             let mut bring =
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));

@@ -22,7 +22,11 @@
 //!   signed levels, looked up by `vpshufb`, `ls` 6-bit): with VNNI the levels plus 128
 //!   meet `qx` as unsigned bytes and the recentring is taken off as `128 * Σ qx`; AVX2,
 //!   whose pair sums would saturate on such bytes, takes `|qx|` (unsigned, 128 included)
-//!   times the level carrying `qx`'s sign, exact since no level is -128.
+//!   times the level carrying `qx`'s sign, exact since no level is -128;
+//! - iq3_xxs and iq3_s: eight runs of 32, value `scale * magnitude * sign` (four
+//!   magnitudes a grid entry, gathered from the format's grid by `vpgatherdd`; the 32 sign
+//!   bits, iq3_xxs's from four 7-bit codes and their parities, made a byte mask that
+//!   negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's AVX2 levels do.
 //!
 //! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
 //! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
@@ -40,13 +44,15 @@ use crate::kernel::WeightFormat;
 
 /// Per format of these kernels, the symbol generated code imports its entry point under
 /// ([`entry_point`]).
-pub const SYMBOLS: [(WeightFormat, &str); 6] = [
+pub const SYMBOLS: [(WeightFormat, &str); 8] = [
     (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
     (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
     (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
     (WeightFormat::Q5K, "llmc_q5_k_by_q8_0_rows"),
     (WeightFormat::Q6K, "llmc_q6_k_by_q8_0_rows"),
     (WeightFormat::Iq4Xs, "llmc_iq4_xs_by_q8_0_rows"),
+    (WeightFormat::Iq3Xxs, "llmc_iq3_xxs_by_q8_0_rows"),
+    (WeightFormat::Iq3S, "llmc_iq3_s_by_q8_0_rows"),
 ];
 
 /// The entry point of `format` (each format of [`SYMBOLS`]), with VNNI's byte dot
@@ -72,6 +78,8 @@ fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
         WeightFormat::Q5K => [q5_k_by_q8_0_rows::<false>, q5_k_by_q8_0_rows::<true>],
         WeightFormat::Q6K => [q6_k_by_q8_0_rows::<false>, q6_k_by_q8_0_rows::<true>],
         WeightFormat::Iq4Xs => [iq4_xs_by_q8_0_rows::<false>, iq4_xs_by_q8_0_rows::<true>],
+        WeightFormat::Iq3Xxs => [iq3_xxs_by_q8_0_rows::<false>, iq3_xxs_by_q8_0_rows::<true>],
+        WeightFormat::Iq3S => [iq3_s_by_q8_0_rows::<false>, iq3_s_by_q8_0_rows::<true>],
         _ => return None,
     })
 }
@@ -179,6 +187,26 @@ entry_point!(
     ///
     /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 136` bytes.
     iq4_xs_by_q8_0_rows, 136, iq4_xs_vnni, iq4_xs_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq3_xxs rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 98` bytes.
+    iq3_xxs_by_q8_0_rows, 98, iq3_xxs_vnni, iq3_xxs_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq3_s rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 110` bytes.
+    iq3_s_by_q8_0_rows, 110, iq3_s_vnni, iq3_s_avx2
 );
 
 /// The kernel of one format for a tile of `TILE` rows of x: the dot products of
@@ -358,6 +386,8 @@ instances!(
     q5_k_avx2: q4_k_rows, true;
     q6_k_avx2: sixteens_rows, Q6kRuns;
     iq4_xs_avx2: iq4_xs_rows;
+    iq3_xxs_avx2: iq3_rows, false;
+    iq3_s_avx2: iq3_rows, true;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -368,6 +398,8 @@ instances!(
     q5_k_vnni: q4_k_rows, true;
     q6_k_vnni: sixteens_rows, Q6kRuns;
     iq4_xs_vnni: iq4_xs_rows;
+    iq3_xxs_vnni: iq3_rows, false;
+    iq3_s_vnni: iq3_rows, true;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -567,6 +599,132 @@ unsafe fn iq4_xs_rows<Q: QuadSums, const TILE: usize>(
             let total = _mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), bias[t]);
             super::ukernel::lane_sum(total)
         })
+    }
+}
+
+/// iq3_xxs (`S` false, 98 bytes a super-block) or iq3_s (`S`, 110 bytes) against `TILE`
+/// rows of x: per super-block an f16 `d` and eight sub-blocks of 32 values, each a run
+/// of scale `d * (ls + 0.5) * 0.5` (iq3_xxs) or `d * (1 + 2 ls)` (iq3_s) with
+/// [`iq3_codes`] as its codes. The codes are decoded once for the tile; per row of x, the
+/// sub-blocks' factors (scale times `dx`) are formed 8 lanes at a time, and each
+/// sub-block's sum of codes times x's is exact ([`QuadSums::signed_quads`]: no code is
+/// -128). Each row's result is the same whatever the tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
+    x: [*const u8; TILE],
+    a: [&Activations; TILE],
+    w: *const u8,
+) -> [f32; TILE] {
+    // SAFETY: every offset below is inside the buffers the callers' contracts describe;
+    // the caller has the features `Q` needs (this body is inlined into its instances).
+    unsafe {
+        use std::arch::x86_64::*;
+        let block_bytes = if S { 110 } else { 98 };
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+        let mut factors = [[0f32; 8]; TILE];
+        for sb in 0..a[0].dx.len() / 8 {
+            let block = w.add(sb * block_bytes);
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                block.cast::<u16>().read_unaligned(),
+            ))));
+            let scales = if S {
+                // Nibble `j % 2` of byte `106 + j / 2`: `d * (1 + 2 ls)`.
+                let ls = _mm_cvtsi32_si128(block.add(106).cast::<i32>().read_unaligned());
+                let ls = _mm256_permutevar8x32_epi32(
+                    _mm256_cvtepu8_epi32(ls),
+                    _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                );
+                let ls = _mm256_srlv_epi32(ls, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+                let ls = _mm256_and_si256(ls, _mm256_set1_epi32(0xf));
+                let odd = _mm256_add_epi32(_mm256_slli_epi32(ls, 1), _mm256_set1_epi32(1));
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(odd))
+            } else {
+                // The top nibble of each sub-block's word at `66 + 4 j`:
+                // `d * (ls + 0.5) * 0.5`.
+                let words = _mm256_loadu_si256(block.add(66).cast());
+                let ls = _mm256_cvtepi32_ps(_mm256_srli_epi32(words, 28));
+                let half = _mm256_set1_ps(0.5);
+                _mm256_mul_ps(_mm256_mul_ps(d, _mm256_add_ps(ls, half)), half)
+            };
+            for t in 0..TILE {
+                let dx = _mm256_loadu_ps(a[t].dx.as_ptr().add(8 * sb));
+                _mm256_storeu_ps(factors[t].as_mut_ptr(), _mm256_mul_ps(scales, dx));
+            }
+            for pair in 0..4 {
+                // (No closure: one would not inherit the instance's target features.)
+                let codes = [
+                    iq3_codes::<S>(block, 2 * pair),
+                    iq3_codes::<S>(block, 2 * pair + 1),
+                ];
+                for (h, codes) in codes.into_iter().enumerate() {
+                    let j = 2 * pair + h;
+                    for t in 0..TILE {
+                        let xq = _mm256_loadu_si256(x[t].add((8 * sb + j) * X_BLOCK + 2).cast());
+                        let sums = Q::signed_quads(codes, xq);
+                        let factor = _mm256_broadcast_ss(&factors[t][j]);
+                        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t][h]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|t| super::ukernel::lane_sum(_mm256_add_ps(acc[t][0], acc[t][1])))
+    }
+}
+
+/// The 32 signed codes (magnitude times sign, in value order) of sub-block `j` of the
+/// iq3_xxs (`S` false) or iq3_s super-block at `block`: the eight grid entries its
+/// indices name, gathered (iq3_xxs: byte `2 + 8 j + g`; iq3_s: that byte under bit `g` of
+/// byte `66 + j`), negated where the sub-block's sign bit is set (iq3_xxs: its word's four
+/// 7-bit codes, each with the parity bit that makes its count of ones even; iq3_s: the
+/// 32-bit word at `74 + 4 j`).
+///
+/// # Safety
+///
+/// `block` points to a whole super-block, `j < 8`, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq3_codes<const S: bool>(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+    use llm_ir::{
+        interp::iq3::iq3_xxs_signs,
+        types::{IQ3S_GRID, IQ3XXS_GRID},
+    };
+    use std::arch::x86_64::*;
+    // SAFETY: the bytes are inside the super-block (the contract); the indices are below
+    // the grids' lengths (a byte, or nine bits for iq3_s's grid of 512).
+    unsafe {
+        let low = _mm_loadl_epi64(block.add(2 + 8 * j).cast());
+        let mut index = _mm256_cvtepu8_epi32(low);
+        let signs = if S {
+            let high = _mm256_set1_epi32(i32::from(*block.add(66 + j)));
+            let high = _mm256_srlv_epi32(high, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let high = _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), 8);
+            index = _mm256_or_si256(index, high);
+            block.add(74 + 4 * j).cast::<u32>().read_unaligned()
+        } else {
+            let word = block.add(66 + 4 * j).cast::<u32>().read_unaligned();
+            (0..4).fold(0u32, |signs, run| {
+                let code = (word >> (7 * run)) as u8;
+                signs | u32::from(iq3_xxs_signs(code)) << (8 * run)
+            })
+        };
+        let grid: *const i32 = if S {
+            IQ3S_GRID.as_ptr().cast()
+        } else {
+            IQ3XXS_GRID.as_ptr().cast()
+        };
+        let magnitudes = _mm256_i32gather_epi32::<4>(grid, index);
+        // Byte `l` takes sign byte `l / 8`, keeps bit `l % 8`: all ones where it is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(signs as i32),
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let mask = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+        _mm256_sub_epi8(_mm256_xor_si256(magnitudes, mask), mask)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod kquant;
 pub mod kquantize;
 #[cfg(target_arch = "x86_64")]
 mod kv_blocks;
+pub mod lattice;
 pub mod plan;
 pub mod pool;
 pub mod program;

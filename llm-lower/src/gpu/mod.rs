@@ -212,6 +212,8 @@ mod tests {
             WeightFormat::Q3K,
             WeightFormat::Q5K,
             WeightFormat::Iq4Xs,
+            WeightFormat::Iq3Xxs,
+            WeightFormat::Iq3S,
             WeightFormat::PackedF16,
             WeightFormat::PackedBF16,
         ];

@@ -18,7 +18,7 @@ use llm_ir::{
         attention::{Scale, Scoring},
         fused::{ScalarBody, ScalarStep},
     },
-    types::{IQ4_NL_LEVELS, Reduction},
+    types::{IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, Reduction},
 };
 
 use super::ieee::{CORRECTLY_ROUNDED, EXACT};
@@ -1088,7 +1088,9 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Q2K
         | WeightFormat::Q3K
         | WeightFormat::Q5K
-        | WeightFormat::Iq4Xs => format!(
+        | WeightFormat::Iq4Xs
+        | WeightFormat::Iq3Xxs
+        | WeightFormat::Iq3S => format!(
             "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
             c.weight.row_bytes(256),
             kquant_decoder(c.weight, false).unwrap_or_default()
@@ -1161,6 +1163,7 @@ fn weight_value(c: &Contraction) -> String {
             );
             s.push_str(scale_reader(scale));
         }
+        WeightFormat::Iq3Xxs | WeightFormat::Iq3S => s.push_str(&lattice_grid(c.weight)),
         _ => {}
     }
     let _ = write!(s, "fn weight_at(row: u32, i: u32) -> f32 {{\n{body}}}\n");
@@ -2470,6 +2473,23 @@ fn iq4_level() -> String {
     )
 }
 
+/// The module-scope `GRID` a lattice format's decoder reads (`llm_ir::types::IQ3XXS_GRID`
+/// or `IQ3S_GRID`): a private array, which each invocation initializes once.
+fn lattice_grid(format: WeightFormat) -> String {
+    let grid: &[u32] = if format == WeightFormat::Iq3Xxs {
+        &IQ3XXS_GRID
+    } else {
+        &IQ3S_GRID
+    };
+    let entries: Vec<String> = grid.iter().map(|e| format!("{e:#010x}u")).collect();
+    format!(
+        "var<private> GRID: array<u32, {}> = array<u32, {}>({});\n",
+        grid.len(),
+        grid.len(),
+        entries.join(", ")
+    )
+}
+
 /// WGSL statements returning element `e` (below 32) of the block in `format` at byte `o`
 /// (read with `byte_at` and `half_at`), as the reference decodes it; `None` for the
 /// formats without blocks of 32.
@@ -2588,6 +2608,31 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
 ",
             iq4_level()
         ),
+        // iq3_xxs: group `l / 4` of sub-block `sub` indexes the grid; run `l / 8`'s 7-bit
+        // sign code in the sub-block's word gains a parity bit; the scale is the word's
+        // top nibble.
+        WeightFormat::Iq3Xxs => "    let sub = e / 32u;
+    let l = e % 32u;
+    let w = o + 66u + 4u * sub;
+    let word = byte_at(w) | (byte_at(w + 1u) << 8u) | (byte_at(w + 2u) << 16u) | (byte_at(w + 3u) << 24u);
+    let code = (word >> (7u * (l / 8u))) & 127u;
+    let signs = code | ((countOneBits(code) & 1u) << 7u);
+    let m = (GRID[byte_at(o + 2u + 8u * sub + l / 4u)] >> (8u * (l % 4u))) & 255u;
+    let sign = select(1.0, -1.0, ((signs >> (l % 8u)) & 1u) == 1u);
+    return half_at(o) * (0.5 + f32(word >> 28u)) * 0.5 * f32(m) * sign;
+"
+        .to_string(),
+        // iq3_s: group `g`'s index takes bit `g % 8` of byte `66 + sub` as its ninth bit;
+        // value `e`'s sign is bit `e % 8` of byte `74 + e / 8`; the scale a nibble.
+        WeightFormat::Iq3S => "    let sub = e / 32u;
+    let g = e / 4u;
+    let index = byte_at(o + 2u + g) | (((byte_at(o + 66u + sub) >> (g % 8u)) & 1u) << 8u);
+    let m = (GRID[index] >> (8u * (e % 4u))) & 255u;
+    let negative = (byte_at(o + 74u + e / 8u) >> (e % 8u)) & 1u;
+    let ls = (byte_at(o + 106u + sub / 2u) >> (4u * (sub % 2u))) & 15u;
+    return half_at(o) * f32(1u + 2u * ls) * f32(m) * select(1.0, -1.0, negative == 1u);
+"
+        .to_string(),
         WeightFormat::Q2K => format!(
             "    let n = e / 128u;
     let shift = ((e % 128u) / 32u) * 2u;
