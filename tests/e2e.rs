@@ -639,7 +639,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 /// move a code by one step, 1/127 of its block's largest value, and the random weights of
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
 /// 2.5% for q4_0, 2.7% for q5_0, 1e-6 for q4_1, q5_1 and iq4_nl, 1.5% for q2_k, 3.0% for q3_k,
-/// 1e-6 for q4_k, q5_k and iq4_xs, 2.3-2.6% for q6_k, about the size of the rounding's own
+/// 1e-6 for q4_k, q5_k, iq4_xs, iq3_xxs and iq3_s, 2.3-2.6% for q6_k, about the size of the rounding's own
 /// effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]

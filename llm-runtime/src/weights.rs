@@ -346,6 +346,8 @@ mod tests {
             (QuantFormat::Q5K, QuantFormat::Q5_1, f16.clone()),
             (QuantFormat::Q6K, QuantFormat::Q8_0, f16.clone()),
             (QuantFormat::Iq4Xs, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Iq3Xxs, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Iq3S, QuantFormat::Iq4Nl, f16.clone()),
             (QuantFormat::Q4_0, QuantFormat::Q4_0, None),
         ] {
             let mut w = Weights::default();

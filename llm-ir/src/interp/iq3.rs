@@ -32,7 +32,9 @@
 //! entry is the nearest to its values along their stored signs). Then `d` is the largest
 //! sub-block scale over the largest 4-bit multiplier, rounded to f16; each sub-block takes
 //! the multiplier nearest its scale or a neighbour of it, whichever encodes it with the
-//! least error, and each group the nearest entry of its neighbourhood under that scale. On near-Gaussian values
+//! least error, and each group the nearest entry of its neighbourhood under that scale.
+//! Values that are not finite take no part in the scale search or the errors (they are
+//! stored as whatever entry their group's rounding gives them); nothing panics on them. On near-Gaussian values
 //! (`tests/quant.rs`) iq3_s's error is q3_k's and iq3_xxs's between q3_k's and q2_k's.
 
 use std::sync::OnceLock;
@@ -46,12 +48,32 @@ pub const IQ3_XXS_BYTES: usize = 98;
 /// Bytes of an IQ3_S super-block.
 pub const IQ3_S_BYTES: usize = 110;
 
-/// The sign byte of IQ3_XXS's (and IQ2's) 7-bit sign code `code`: the code, with bit 7
-/// set where the code has an odd count of ones (ggml's `ksigns_iq2xs`); bit `j` set means
+/// Where an IQ3_XXS super-block's per-sub-block words (four 7-bit sign codes under a
+/// 4-bit scale) start, after `d` and the 64 grid indices.
+pub const IQ3_XXS_WORDS_AT: usize = 66;
+/// Where an IQ3_S super-block's ninth index bits start, after `d` and the 64 low bytes.
+pub const IQ3_S_HIGH_AT: usize = 66;
+/// Where an IQ3_S super-block's sign bits start.
+pub const IQ3_S_SIGNS_AT: usize = 74;
+/// Where an IQ3_S super-block's 4-bit sub-block scales start.
+pub const IQ3_S_SCALES_AT: usize = 106;
+
+/// The sign byte of each 7-bit sign code of IQ3_XXS (and IQ2): the code, with bit 7 set
+/// where the code has an odd count of ones (ggml's `ksigns_iq2xs`); bit `j` set means
 /// value `j` of the run of eight is negative.
-pub const fn iq3_xxs_signs(code: u8) -> u8 {
-    let code = code & 0x7F;
-    code | (((code.count_ones() & 1) as u8) << 7)
+pub static IQ3_XXS_SIGNS: [u8; 128] = {
+    let mut table = [0u8; 128];
+    let mut code = 0;
+    while code < 128 {
+        table[code] = code as u8 | (((code.count_ones() & 1) as u8) << 7);
+        code += 1;
+    }
+    table
+};
+
+/// The sign byte of the 7-bit sign code in the low bits of `word` ([`IQ3_XXS_SIGNS`]).
+fn signs_of(word: u32) -> u8 {
+    IQ3_XXS_SIGNS[(word & 0x7F) as usize]
 }
 
 /// The four magnitudes of grid entry `entry` (byte `j` is magnitude `j`).
@@ -77,11 +99,11 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 pub fn dequantize_iq3_xxs(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 0);
     for sub in 0..8 {
-        let at = 66 + 4 * sub;
+        let at = IQ3_XXS_WORDS_AT + 4 * sub;
         let word = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         let scale = d * (0.5 + (word >> 28) as f32) * 0.5;
         for group in 0..8 {
-            let signs = iq3_xxs_signs((word >> (7 * (group / 2))) as u8);
+            let signs = signs_of(word >> (7 * (group / 2)));
             let signs = signs >> (4 * (group % 2));
             let index = usize::from(b[2 + 8 * sub + group]);
             out.extend(group_values(IQ3XXS_GRID[index], scale, signs));
@@ -93,13 +115,13 @@ pub fn dequantize_iq3_xxs(b: &[u8], out: &mut Vec<f32>) {
 pub fn dequantize_iq3_s(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 0);
     for sub in 0..8 {
-        let ls = (b[106 + sub / 2] >> (4 * (sub % 2))) & 0xF;
+        let ls = (b[IQ3_S_SCALES_AT + sub / 2] >> (4 * (sub % 2))) & 0xF;
         let scale = d * f32::from(1 + 2 * ls);
         for group in 0..8 {
             let g = 8 * sub + group;
-            let high = usize::from(b[66 + g / 8] >> (g % 8) & 1);
+            let high = usize::from(b[IQ3_S_HIGH_AT + g / 8] >> (g % 8) & 1);
             let index = usize::from(b[2 + g]) | high << 8;
-            let signs = b[74 + g / 2] >> (4 * (g % 2));
+            let signs = b[IQ3_S_SIGNS_AT + g / 2] >> (4 * (g % 2));
             out.extend(group_values(IQ3S_GRID[index], scale, signs));
         }
     }
@@ -237,7 +259,7 @@ struct Encoded {
 
 /// Encodes the 32 values `x` under `scale`: each group's entry is the one
 /// [`Lattice::refine`] picks where `exact`, else the one [`Lattice::encode`] picks.
-fn encode(format: Iq3, x: &[f32], scale: f32, exact: bool) -> Encoded {
+fn encode_sub_block(format: Iq3, x: &[f32], scale: f32, exact: bool) -> Encoded {
     let lattice = format.lattice();
     let grid = format.grid();
     let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
@@ -262,10 +284,12 @@ fn encode(format: Iq3, x: &[f32], scale: f32, exact: bool) -> Encoded {
     for (group, values) in x.chunks(4).enumerate() {
         let group_signs = signs[group / 2] >> (4 * (group % 2));
         // Each value's magnitude in units of the scale, along its stored sign: a value
-        // whose sign flipped wants the smallest magnitude, as a negative target.
+        // whose sign flipped wants the smallest magnitude, as a negative target (as does
+        // one that is not finite, so that it leaves its group's other values their entry).
         let m: [f32; 4] = std::array::from_fn(|j| {
             let sign = if group_signs >> j & 1 == 1 { -1.0 } else { 1.0 };
-            values[j] * sign * inverse
+            let target = values[j] * sign * inverse;
+            if target.is_finite() { target } else { 0.0 }
         });
         let index = if exact {
             lattice.refine(grid, m)
@@ -273,10 +297,12 @@ fn encode(format: Iq3, x: &[f32], scale: f32, exact: bool) -> Encoded {
             lattice.encode(m)
         };
         indices[group] = index;
+        // Values that are not finite take no part in the error.
         let decoded = group_values(grid[index], scale, group_signs);
         error += values
             .iter()
             .zip(&decoded)
+            .filter(|(a, _)| a.is_finite())
             .map(|(a, b)| (a - b) * (a - b))
             .sum::<f32>();
     }
@@ -307,29 +333,32 @@ fn nearest_entry(grid: &[u32], m: [f32; 4], candidates: impl Iterator<Item = usi
     best.1
 }
 
-/// The scale of the 32 values `x`: the best of 16 candidates (the largest magnitude onto
-/// the grid's largest level, then onto levels 2.5% apart below it) by the squared error
-/// of their lattice encodings, then refitted by least squares to the grid entries
-/// nearest the values under it, where that lowers the error.
 /// Scale candidates per sub-block.
 const CANDIDATES: usize = 16;
 /// The relative step between candidates' levels for the largest magnitude.
 const STEP: f32 = 0.025;
 
+/// The scale of the 32 values `x`: the best of [`CANDIDATES`] (the largest finite
+/// magnitude onto the grid's largest level, then onto levels [`STEP`] apart below it) by
+/// the squared error of their lattice encodings, then refitted by least squares to the
+/// grid entries nearest the values under it, where that lowers the error.
 fn sub_block_scale(format: Iq3, x: &[f32]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = x
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         return 0.0;
     }
     let top = format.levels()[7];
     let (_, scale) = (0..CANDIDATES)
         .map(|c| amax / (top * (1.0 - STEP * c as f32)))
-        .map(|scale| (encode(format, x, scale, false).error, scale))
+        .map(|scale| (encode_sub_block(format, x, scale, false).error, scale))
         .fold(
             (f32::INFINITY, 0.0),
             |best, c| if c.0 < best.0 { c } else { best },
         );
-    let encoded = encode(format, x, scale, true);
+    let encoded = encode_sub_block(format, x, scale, true);
     let grid = format.grid();
     let (mut sum_xq, mut sum_q2) = (0f32, 0f32);
     for (group, values) in x.chunks(4).enumerate() {
@@ -341,7 +370,7 @@ fn sub_block_scale(format: Iq3, x: &[f32]) -> f32 {
         }
     }
     let refitted = sum_xq / sum_q2;
-    if refitted > 0.0 && encode(format, x, refitted, true).error < encoded.error {
+    if refitted > 0.0 && encode_sub_block(format, x, refitted, true).error < encoded.error {
         refitted
     } else {
         scale
@@ -366,7 +395,7 @@ fn quantize_super_block(format: Iq3, x: &[f32]) -> (f16, Vec<(u8, Encoded)>) {
             let nearest = format.multiplier(d.to_f32(), scale);
             let mut best: Option<(u8, Encoded)> = None;
             for ls in nearest.saturating_sub(1)..=(nearest + 1).min(15) {
-                let e = encode(format, values, format.scale(d.to_f32(), ls), true);
+                let e = encode_sub_block(format, values, format.scale(d.to_f32(), ls), true);
                 if best.as_ref().is_none_or(|(_, b)| e.error < b.error) {
                     best = Some((ls, e));
                 }
@@ -421,7 +450,7 @@ mod tests {
     #[test]
     fn sign_bytes_have_even_counts_of_minus_signs() {
         for code in 0..128u8 {
-            let signs = iq3_xxs_signs(code);
+            let signs = IQ3_XXS_SIGNS[usize::from(code)];
             assert_eq!(signs & 0x7F, code);
             assert_eq!(signs.count_ones() % 2, 0, "{code}");
         }

@@ -6,7 +6,8 @@
 //! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
 //! [`iq3`]) store each row (the last dim) as consecutive
 //! blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The quantizers follow
-//! ggml's reference quantizers operation for operation in `f32`; for `q8_0`, `q4_0`,
+//! ggml's reference quantizers operation for operation in `f32` (except the lattice
+//! formats', this project's own, [`super::iq3`]); for `q8_0`, `q4_0`,
 //! `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see
 //! [`quantize_k`] for the K-quants and [`quantize_iq4_nl`] for `iq4_nl` and `iq4_xs`, whose
 //! dequantization alone has vectors).

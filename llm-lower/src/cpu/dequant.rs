@@ -8,7 +8,8 @@
 //! (`w = scale * q + offset`): a run's codes meet x unscaled, and the run adds
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
 //! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16
-//! inside the 256-value super-blocks of the K-quants and iq4_xs); the whole-matrix formats
+//! inside the 256-value super-blocks of the K-quants, iq4_xs and the iq3 formats,
+//! [`super::lattice`]); the whole-matrix formats
 //! (nf4, affine integers) have a run per scale group, decoded 32 values at a time with a
 //! scalar tail, or (affine groups along the output rows) a scale and zero point per
 //! column, decoded lane by lane.

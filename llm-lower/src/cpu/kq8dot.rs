@@ -1,6 +1,6 @@
 //! Integer dot products of q8_0 activations with the GGUF formats of 256-value
 //! super-blocks: the k-quants (q2_k to q6_k), the formats most GGUF models ship their
-//! matrices in, and iq4_xs.
+//! matrices in, iq4_xs, and the lattice formats iq3_xxs and iq3_s.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -630,7 +630,8 @@ unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
             ))));
             let scales = if S {
                 // Nibble `j % 2` of byte `106 + j / 2`: `d * (1 + 2 ls)`.
-                let ls = _mm_cvtsi32_si128(block.add(106).cast::<i32>().read_unaligned());
+                let at = llm_ir::interp::iq3::IQ3_S_SCALES_AT;
+                let ls = _mm_cvtsi32_si128(block.add(at).cast::<i32>().read_unaligned());
                 let ls = _mm256_permutevar8x32_epi32(
                     _mm256_cvtepu8_epi32(ls),
                     _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
@@ -642,7 +643,8 @@ unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
             } else {
                 // The top nibble of each sub-block's word at `66 + 4 j`:
                 // `d * (ls + 0.5) * 0.5`.
-                let words = _mm256_loadu_si256(block.add(66).cast());
+                let words =
+                    _mm256_loadu_si256(block.add(llm_ir::interp::iq3::IQ3_XXS_WORDS_AT).cast());
                 let ls = _mm256_cvtepi32_ps(_mm256_srli_epi32(words, 28));
                 let half = _mm256_set1_ps(0.5);
                 _mm256_mul_ps(_mm256_mul_ps(d, _mm256_add_ps(ls, half)), half)
@@ -686,7 +688,7 @@ unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
 #[inline(always)]
 unsafe fn iq3_codes<const S: bool>(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
     use llm_ir::{
-        interp::iq3::iq3_xxs_signs,
+        interp::iq3::{IQ3_S_HIGH_AT, IQ3_S_SIGNS_AT, IQ3_XXS_SIGNS, IQ3_XXS_WORDS_AT},
         types::{IQ3S_GRID, IQ3XXS_GRID},
     };
     use std::arch::x86_64::*;
@@ -696,16 +698,23 @@ unsafe fn iq3_codes<const S: bool>(block: *const u8, j: usize) -> std::arch::x86
         let low = _mm_loadl_epi64(block.add(2 + 8 * j).cast());
         let mut index = _mm256_cvtepu8_epi32(low);
         let signs = if S {
-            let high = _mm256_set1_epi32(i32::from(*block.add(66 + j)));
+            let high = _mm256_set1_epi32(i32::from(*block.add(IQ3_S_HIGH_AT + j)));
             let high = _mm256_srlv_epi32(high, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             let high = _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), 8);
             index = _mm256_or_si256(index, high);
-            block.add(74 + 4 * j).cast::<u32>().read_unaligned()
+            block
+                .add(IQ3_S_SIGNS_AT + 4 * j)
+                .cast::<u32>()
+                .read_unaligned()
         } else {
-            let word = block.add(66 + 4 * j).cast::<u32>().read_unaligned();
+            // Each 7-bit code's sign byte, looked up (its parity bit included).
+            let word = block
+                .add(IQ3_XXS_WORDS_AT + 4 * j)
+                .cast::<u32>()
+                .read_unaligned();
             (0..4).fold(0u32, |signs, run| {
-                let code = (word >> (7 * run)) as u8;
-                signs | u32::from(iq3_xxs_signs(code)) << (8 * run)
+                let code = (word >> (7 * run)) & 0x7F;
+                signs | u32::from(IQ3_XXS_SIGNS[code as usize]) << (8 * run)
             })
         };
         let grid: *const i32 = if S {
@@ -1086,6 +1095,9 @@ mod tests {
     /// of 16 differ in magnitude (1/32 to 1) and offset, so that the sub-block scales and
     /// minimums take small and large values, all bits of their 6-bit fields included.
     fn weights(format: &QuantFormat, rows: usize, k: usize, seed: u64) -> Vec<u8> {
+        if matches!(format, QuantFormat::Iq3Xxs | QuantFormat::Iq3S) {
+            return lattice_weights(format, rows * k / 256, seed);
+        }
         let values: Vec<f32> = bytes(rows * k, seed)
             .iter()
             .enumerate()
@@ -1096,6 +1108,18 @@ mod tests {
             })
             .collect();
         quant::quantize(format, &[rows, k], &values)
+    }
+
+    /// `blocks` random super-blocks of a lattice format (any bytes decode), so that every
+    /// grid entry, ninth bit, sign and scale occurs, each with a small f16 `d`.
+    fn lattice_weights(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
+        let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
+        let mut w = bytes(blocks * size, seed);
+        for (b, block) in w.chunks_mut(size).enumerate() {
+            let d = half::f16::from_f32(1e-3 * (b % 7 + 1) as f32);
+            block[..2].copy_from_slice(&d.to_le_bytes());
+        }
+        w
     }
 
     /// The unpacked 6-bit scales and minimums against the reference's decoding: a block

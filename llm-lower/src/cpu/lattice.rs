@@ -12,7 +12,10 @@ use cranelift_codegen::ir::{
     ConstantData, GlobalValue, InstBuilder, Value, condcodes::IntCC, types,
 };
 use cranelift_frontend::FunctionBuilder;
-use llm_ir::types::{IQ3S_GRID, IQ3XXS_GRID};
+use llm_ir::{
+    interp::iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
+    types::{IQ3S_GRID, IQ3XXS_GRID},
+};
 
 use super::dequant::{Run, Sink, bytes_to_f32, little, load_f16, shuffle, splat_i8};
 use super::emit::mem;
@@ -24,17 +27,14 @@ pub const GRIDS: [(WeightFormat, &str); 2] = [
     (WeightFormat::Iq3S, "llmc_iq3s_grid"),
 ];
 
-/// The address of `format`'s grid (what [`GRIDS`]' symbol resolves to).
+/// The address of `format`'s grid (what [`GRIDS`]' symbol resolves to), for each format
+/// of [`GRIDS`].
 pub fn grid_address(format: WeightFormat) -> *const u8 {
     match format {
         WeightFormat::Iq3Xxs => IQ3XXS_GRID.as_ptr().cast(),
-        _ => IQ3S_GRID.as_ptr().cast(),
+        WeightFormat::Iq3S => IQ3S_GRID.as_ptr().cast(),
+        other => unreachable!("{other:?} has no grid"),
     }
-}
-
-/// Whether `format` is a lattice format, whose decoder reads a grid.
-pub fn has_grid(format: WeightFormat) -> bool {
-    GRIDS.iter().any(|&(f, _)| f == format)
 }
 
 /// Decodes the lattice-format super-block at `wb` into its eight runs; `grid` is the
@@ -53,11 +53,16 @@ pub(super) fn runs(
             WeightFormat::Iq3Xxs => iq3_xxs_scale_signs(b, wb, d, sub),
             _ => iq3_s_scale_signs(b, wb, d, sub),
         };
+        // iq3_s's ninth index bits, one byte for the sub-block's eight groups.
+        let high = (format == WeightFormat::Iq3S).then(|| {
+            let at = (IQ3_S_HIGH_AT as i32) + sub;
+            b.ins().uload8(types::I64, mem(), wb, at)
+        });
         let mut codes = Vec::with_capacity(8);
         for (half, signs) in signs.into_iter().enumerate() {
             let first = 4 * half as i32;
             let entries: Vec<Value> = (first..first + 4)
-                .map(|group| entry(b, format, wb, base, sub, group))
+                .map(|group| entry(b, (wb, high), base, sub, group))
                 .collect();
             let mut v = b.ins().scalar_to_vector(types::I32X4, entries[0]);
             for (lane, &e) in entries.iter().enumerate().skip(1) {
@@ -81,26 +86,25 @@ pub(super) fn runs(
     }
 }
 
-/// The grid entry (an `i32` of four magnitude bytes) of group `group` of sub-block `sub`:
-/// iq3_xxs's index is byte `2 + 8 sub + group`; iq3_s's takes bit `group` of byte
-/// `66 + sub` as its ninth bit.
+/// The grid entry (an `i32` of four magnitude bytes) of group `group` of sub-block `sub`
+/// of the super-block at `wb`: the index is byte `2 + 8 sub + group`, with (iq3_s) bit
+/// `group` of the sub-block's byte of ninth bits, `high`, above it.
 fn entry(
     b: &mut FunctionBuilder,
-    format: WeightFormat,
-    wb: Value,
+    (wb, high): (Value, Option<Value>),
     base: Value,
     sub: i32,
     group: i32,
 ) -> Value {
     let index = b.ins().uload8(types::I64, mem(), wb, 2 + 8 * sub + group);
-    let index = if format == WeightFormat::Iq3S {
-        let high = b.ins().uload8(types::I64, mem(), wb, 66 + sub);
-        let high = b.ins().ushr_imm_s(high, i64::from(group));
-        let high = b.ins().band_imm_s(high, 1);
-        let high = b.ins().ishl_imm_s(high, 8);
-        b.ins().bor(index, high)
-    } else {
-        index
+    let index = match high {
+        Some(high) => {
+            let bit = b.ins().ushr_imm_s(high, i64::from(group));
+            let bit = b.ins().band_imm_s(bit, 1);
+            let bit = b.ins().ishl_imm_s(bit, 8);
+            b.ins().bor(index, bit)
+        }
+        None => index,
     };
     let offset = b.ins().ishl_imm_s(index, 2);
     let at = b.ins().iadd(base, offset);
@@ -116,7 +120,9 @@ fn iq3_xxs_scale_signs(
     d: Value,
     sub: i32,
 ) -> (Value, [Value; 2]) {
-    let word = b.ins().load(types::I32, mem(), wb, 66 + 4 * sub);
+    let word = b
+        .ins()
+        .load(types::I32, mem(), wb, IQ3_XXS_WORDS_AT as i32 + 4 * sub);
     let ls = b.ins().ushr_imm_s(word, 28);
     let ls = b.ins().fcvt_from_uint(types::F32, ls);
     let half = b.ins().f32const(0.5);
@@ -149,14 +155,17 @@ fn iq3_s_scale_signs(
     d: Value,
     sub: i32,
 ) -> (Value, [Value; 2]) {
-    let ls = b.ins().uload8(types::I32, mem(), wb, 106 + sub / 2);
+    let ls = b
+        .ins()
+        .uload8(types::I32, mem(), wb, IQ3_S_SCALES_AT as i32 + sub / 2);
     let ls = b.ins().ushr_imm_s(ls, i64::from(4 * (sub % 2)));
     let ls = b.ins().band_imm_s(ls, 0xF);
     let factor = b.ins().ishl_imm_s(ls, 1);
     let factor = b.ins().iadd_imm_s(factor, 1);
     let factor = b.ins().fcvt_from_uint(types::F32, factor);
     let scale = b.ins().fmul(d, factor);
-    let halves = [0, 2].map(|h| b.ins().uload16(types::I32, mem(), wb, 74 + 4 * sub + h));
+    let signs_at = IQ3_S_SIGNS_AT as i32 + 4 * sub;
+    let halves = [0, 2].map(|h| b.ins().uload16(types::I32, mem(), wb, signs_at + h));
     (scale, halves)
 }
 

@@ -14,9 +14,12 @@ use std::fmt::Write as _;
 
 use llm_ir::{
     dtype::DType,
-    interp::eval::{
-        attention::{Scale, Scoring},
-        fused::{ScalarBody, ScalarStep},
+    interp::{
+        eval::{
+            attention::{Scale, Scoring},
+            fused::{ScalarBody, ScalarStep},
+        },
+        iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     },
     types::{IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, Reduction},
 };
@@ -2611,9 +2614,10 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
         // iq3_xxs: group `l / 4` of sub-block `sub` indexes the grid; run `l / 8`'s 7-bit
         // sign code in the sub-block's word gains a parity bit; the scale is the word's
         // top nibble.
-        WeightFormat::Iq3Xxs => "    let sub = e / 32u;
+        WeightFormat::Iq3Xxs => format!(
+            "    let sub = e / 32u;
     let l = e % 32u;
-    let w = o + 66u + 4u * sub;
+    let w = o + {IQ3_XXS_WORDS_AT}u + 4u * sub;
     let word = byte_at(w) | (byte_at(w + 1u) << 8u) | (byte_at(w + 2u) << 16u) | (byte_at(w + 3u) << 24u);
     let code = (word >> (7u * (l / 8u))) & 127u;
     let signs = code | ((countOneBits(code) & 1u) << 7u);
@@ -2621,18 +2625,19 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let sign = select(1.0, -1.0, ((signs >> (l % 8u)) & 1u) == 1u);
     return half_at(o) * (0.5 + f32(word >> 28u)) * 0.5 * f32(m) * sign;
 "
-        .to_string(),
-        // iq3_s: group `g`'s index takes bit `g % 8` of byte `66 + sub` as its ninth bit;
-        // value `e`'s sign is bit `e % 8` of byte `74 + e / 8`; the scale a nibble.
-        WeightFormat::Iq3S => "    let sub = e / 32u;
+        ),
+        // iq3_s: group `g`'s index takes bit `g % 8` of its sub-block's byte of ninth bits;
+        // value `e`'s sign is bit `e % 8` of sign byte `e / 8`; the scale a nibble.
+        WeightFormat::Iq3S => format!(
+            "    let sub = e / 32u;
     let g = e / 4u;
-    let index = byte_at(o + 2u + g) | (((byte_at(o + 66u + sub) >> (g % 8u)) & 1u) << 8u);
+    let index = byte_at(o + 2u + g) | (((byte_at(o + {IQ3_S_HIGH_AT}u + sub) >> (g % 8u)) & 1u) << 8u);
     let m = (GRID[index] >> (8u * (e % 4u))) & 255u;
-    let negative = (byte_at(o + 74u + e / 8u) >> (e % 8u)) & 1u;
-    let ls = (byte_at(o + 106u + sub / 2u) >> (4u * (sub % 2u))) & 15u;
+    let negative = (byte_at(o + {IQ3_S_SIGNS_AT}u + e / 8u) >> (e % 8u)) & 1u;
+    let ls = (byte_at(o + {IQ3_S_SCALES_AT}u + sub / 2u) >> (4u * (sub % 2u))) & 15u;
     return half_at(o) * f32(1u + 2u * ls) * f32(m) * select(1.0, -1.0, negative == 1u);
 "
-        .to_string(),
+        ),
         WeightFormat::Q2K => format!(
             "    let n = e / 128u;
     let shift = ((e % 128u) / 32u) * 2u;
