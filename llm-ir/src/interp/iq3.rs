@@ -24,7 +24,7 @@
 //! of 16 candidates (the largest magnitude onto the grid's largest level and below) by
 //! the squared error of the values encoded under it, a group encoded for this search by
 //! rounding each magnitude to the nearest level and taking the grid entry nearest that
-//! lattice point ([`Lattice`], computed once per format); the winner is refitted by least
+//! lattice point (`Lattice`, computed once per format); the winner is refitted by least
 //! squares to the grid entries nearest the values among the entries within one level of
 //! their lattice point in every coordinate (a neighbourhood, as ggml searches one).
 //! IQ3_XXS's even count of minus signs flips the sign of the smallest value of a run of
