@@ -41,6 +41,7 @@ use std::sync::OnceLock;
 
 use half::f16;
 
+use super::quant::f16_at;
 use crate::types::{IQ3S_GRID, IQ3XXS_GRID};
 
 /// Bytes of an IQ3_XXS super-block.
@@ -91,17 +92,13 @@ fn group_values(entry: u32, scale: f32, signs: u8) -> [f32; 4] {
     })
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
 /// Appends the 256 values of the IQ3_XXS super-block `b`.
 pub fn dequantize_iq3_xxs(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 0);
     for sub in 0..8 {
         let at = IQ3_XXS_WORDS_AT + 4 * sub;
         let word = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let scale = d * (0.5 + (word >> 28) as f32) * 0.5;
+        let scale = Iq3::Xxs.scale(d, (word >> 28) as u8);
         for group in 0..8 {
             let signs = signs_of(word >> (7 * (group / 2)));
             let signs = signs >> (4 * (group % 2));
@@ -116,7 +113,7 @@ pub fn dequantize_iq3_s(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 0);
     for sub in 0..8 {
         let ls = (b[IQ3_S_SCALES_AT + sub / 2] >> (4 * (sub % 2))) & 0xF;
-        let scale = d * f32::from(1 + 2 * ls);
+        let scale = Iq3::S.scale(d, ls);
         for group in 0..8 {
             let g = 8 * sub + group;
             let high = usize::from(b[IQ3_S_HIGH_AT + g / 8] >> (g % 8) & 1);
@@ -150,7 +147,7 @@ impl Iq3 {
         }
     }
 
-    /// A sub-block's scale under 4-bit multiplier `ls` of `d`.
+    /// A sub-block's scale under 4-bit multiplier `ls` of `d`, as ggml computes it in `f32`.
     fn scale(self, d: f32, ls: u8) -> f32 {
         match self {
             Iq3::Xxs => d * (0.5 + f32::from(ls)) * 0.5,

@@ -53,7 +53,8 @@ pub const NF4_LEVELS: [f32; 16] = [
     1.0,
 ];
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
+/// The f16 at byte `at` of `bytes`, as `f32`.
+pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 

@@ -441,20 +441,27 @@ fn iq4_xs_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
 /// takes bit `l`, of the second bit `16 + l`.
 fn fifth_bits(b: &mut FunctionBuilder, wb: Value, at: i32) -> [Value; 2] {
     let word = b.ins().load(types::I32, mem(), wb, at);
+    let sixteen = splat_i8(b, 16);
+    [0u8, 2].map(|first| {
+        let set = bit_lanes(b, word, first);
+        b.ins().band(set, sixteen)
+    })
+}
+
+/// An `i8x16` mask of 16 bits of the `i32` `word`: lane `l` all ones where bit `l % 8` of
+/// byte `first + l / 8` is set, zero elsewhere (the word broadcast, its bytes spread by a
+/// shuffle, each lane's bit kept and compared).
+pub(super) fn bit_lanes(b: &mut FunctionBuilder, word: Value, first: u8) -> Value {
     let words = b.ins().splat(types::I32X4, word);
     let bytes = b.ins().bitcast(types::I8X16, little(), words);
+    let spread: [u8; 16] = std::array::from_fn(|l| first + (l / 8) as u8);
+    let spread = shuffle(b, bytes, bytes, &spread);
     let bit_of_lane: Vec<u8> = (0..16).map(|l| 1 << (l % 8)).collect();
     let bit_of_lane = b.func.dfg.constants.insert(ConstantData::from(bit_of_lane));
     let bit_of_lane = b.ins().vconst(types::I8X16, bit_of_lane);
-    let sixteen = splat_i8(b, 16);
-    [0u8, 2].map(|first| {
-        let spread: [u8; 16] = std::array::from_fn(|l| first + (l / 8) as u8);
-        let spread = shuffle(b, bytes, bytes, &spread);
-        let bit = b.ins().band(spread, bit_of_lane);
-        let zero = splat_i8(b, 0);
-        let set = b.ins().icmp(IntCC::NotEqual, bit, zero);
-        b.ins().band(set, sixteen)
-    })
+    let bit = b.ins().band(spread, bit_of_lane);
+    let zero = splat_i8(b, 0);
+    b.ins().icmp(IntCC::NotEqual, bit, zero)
 }
 
 /// q4_k: an f16 scale and minimum, 6-bit sub-block scales and minimums (12 bytes), and 128

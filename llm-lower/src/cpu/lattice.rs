@@ -8,16 +8,14 @@
 //! bits become a lane mask (`(q ^ mask) - mask` negates where set) before the bytes widen
 //! to `f32x4` lanes.
 
-use cranelift_codegen::ir::{
-    ConstantData, GlobalValue, InstBuilder, Value, condcodes::IntCC, types,
-};
+use cranelift_codegen::ir::{GlobalValue, InstBuilder, Value, types};
 use cranelift_frontend::FunctionBuilder;
 use llm_ir::{
     interp::iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     types::{IQ3S_GRID, IQ3XXS_GRID},
 };
 
-use super::dequant::{Run, Sink, bytes_to_f32, little, load_f16, shuffle, splat_i8};
+use super::dequant::{Run, Sink, bit_lanes, bytes_to_f32, little, load_f16};
 use super::emit::mem;
 use crate::kernel::WeightFormat;
 
@@ -69,7 +67,7 @@ pub(super) fn runs(
                 v = b.ins().insertlane(v, e, lane as u8);
             }
             let magnitudes = b.ins().bitcast(types::I8X16, little(), v);
-            let mask = sign_mask(b, signs);
+            let mask = bit_lanes(b, signs, 0);
             let flipped = b.ins().bxor(magnitudes, mask);
             let signed = b.ins().isub(flipped, mask);
             codes.extend(bytes_to_f32(b, signed, true));
@@ -167,19 +165,4 @@ fn iq3_s_scale_signs(
     let signs_at = IQ3_S_SIGNS_AT as i32 + 4 * sub;
     let halves = [0, 2].map(|h| b.ins().uload16(types::I32, mem(), wb, signs_at + h));
     (scale, halves)
-}
-
-/// The `i8x16` mask of 16 sign bits (`signs`, an `i32` whose bit `l` is lane `l`'s): all
-/// ones in the lanes whose bit is set.
-fn sign_mask(b: &mut FunctionBuilder, signs: Value) -> Value {
-    let words = b.ins().splat(types::I32X4, signs);
-    let bytes = b.ins().bitcast(types::I8X16, little(), words);
-    let spread: [u8; 16] = std::array::from_fn(|l| (l / 8) as u8);
-    let spread = shuffle(b, bytes, bytes, &spread);
-    let bit_of_lane: Vec<u8> = (0..16).map(|l| 1 << (l % 8)).collect();
-    let bit_of_lane = b.func.dfg.constants.insert(ConstantData::from(bit_of_lane));
-    let bit_of_lane = b.ins().vconst(types::I8X16, bit_of_lane);
-    let bit = b.ins().band(spread, bit_of_lane);
-    let zero = splat_i8(b, 0);
-    b.ins().icmp(IntCC::NotEqual, bit, zero)
 }
