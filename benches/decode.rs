@@ -285,6 +285,9 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Iq4Xs,
         QuantFormat::Iq3Xxs,
         QuantFormat::Iq3S,
+        QuantFormat::Iq2Xxs,
+        QuantFormat::Iq2Xs,
+        QuantFormat::Iq2S,
     ] {
         // As `llm-run` compiles it, and with f32 activations (`--passes default`): what
         // the integer kernels gain, measured in the same run.

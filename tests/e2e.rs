@@ -528,6 +528,9 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Iq4Xs,
         QuantFormat::Iq3Xxs,
         QuantFormat::Iq3S,
+        QuantFormat::Iq2Xxs,
+        QuantFormat::Iq2Xs,
+        QuantFormat::Iq2S,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,
@@ -629,7 +632,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 }
 
 /// With `quantize-activations`, the matmuls of models in every GGUF block format (q8_0 to
-/// q5_1, iq4_nl, the K-quants, iq4_xs, iq3_xxs, iq3_s) read q8_0 activations:
+/// q5_1, iq4_nl, the K-quants, iq4_xs, the IQ3 and IQ2 formats) read q8_0 activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
 /// logits stay close to those of f32 activations.
@@ -639,7 +642,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 /// move a code by one step, 1/127 of its block's largest value, and the random weights of
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
 /// 2.5% for q4_0, 2.7% for q5_0, 1e-6 for q4_1, q5_1 and iq4_nl, 1.5% for q2_k, 3.0% for q3_k,
-/// 1e-6 for q4_k, q5_k, iq4_xs, iq3_xxs and iq3_s, 2.3-2.6% for q6_k, about the size of the rounding's own
+/// 1e-6 for q4_k, q5_k, iq4_xs and the lattice formats, 2.3-2.6% for q6_k, about the size of the rounding's own
 /// effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]
@@ -665,6 +668,9 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Iq4Xs,
         QuantFormat::Iq3Xxs,
         QuantFormat::Iq3S,
+        QuantFormat::Iq2Xxs,
+        QuantFormat::Iq2Xs,
+        QuantFormat::Iq2S,
     ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);

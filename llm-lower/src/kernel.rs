@@ -93,6 +93,18 @@ pub enum WeightFormat {
     /// `llm_ir::types::IQ3S_GRID` (low bytes, then the ninth bits), a sign bit per value
     /// and 4-bit sub-block scales.
     Iq3S,
+    /// GGUF iq2_xxs: super-blocks of 256 (66 bytes): an f16 scale and per sub-block of 32
+    /// four indices into `llm_ir::types::IQ2XXS_GRID` (a group of eight magnitudes each)
+    /// and a word of four 7-bit sign codes and a 4-bit scale.
+    Iq2Xxs,
+    /// GGUF iq2_xs: super-blocks of 256 (74 bytes): an f16 scale, 32 words of a 9-bit
+    /// index into `llm_ir::types::IQ2XS_GRID` and a 7-bit sign code, and a 4-bit scale per
+    /// 16 values.
+    Iq2Xs,
+    /// GGUF iq2_s: super-blocks of 256 (82 bytes): an f16 scale, 32 ten-bit indices into
+    /// `llm_ir::types::IQ2S_GRID` (low bytes, then high bit pairs), a sign bit per value
+    /// and a 4-bit scale per 16 values.
+    Iq2S,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -130,6 +142,9 @@ impl WeightFormat {
             QuantFormat::Iq4Xs => WeightFormat::Iq4Xs,
             QuantFormat::Iq3Xxs => WeightFormat::Iq3Xxs,
             QuantFormat::Iq3S => WeightFormat::Iq3S,
+            QuantFormat::Iq2Xxs => WeightFormat::Iq2Xxs,
+            QuantFormat::Iq2Xs => WeightFormat::Iq2Xs,
+            QuantFormat::Iq2S => WeightFormat::Iq2S,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -176,7 +191,10 @@ impl WeightFormat {
             | WeightFormat::Q5K
             | WeightFormat::Iq4Xs
             | WeightFormat::Iq3Xxs
-            | WeightFormat::Iq3S => Some(256),
+            | WeightFormat::Iq3S
+            | WeightFormat::Iq2Xxs
+            | WeightFormat::Iq2Xs
+            | WeightFormat::Iq2S => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
     }
@@ -204,6 +222,9 @@ impl WeightFormat {
             WeightFormat::Iq4Xs => k / 256 * 136,
             WeightFormat::Iq3Xxs => k / 256 * 98,
             WeightFormat::Iq3S => k / 256 * 110,
+            WeightFormat::Iq2Xxs => k / 256 * 66,
+            WeightFormat::Iq2Xs => k / 256 * 74,
+            WeightFormat::Iq2S => k / 256 * 82,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -225,6 +246,9 @@ impl WeightFormat {
             WeightFormat::Iq4Xs => QuantFormat::Iq4Xs,
             WeightFormat::Iq3Xxs => QuantFormat::Iq3Xxs,
             WeightFormat::Iq3S => QuantFormat::Iq3S,
+            WeightFormat::Iq2Xxs => QuantFormat::Iq2Xxs,
+            WeightFormat::Iq2Xs => QuantFormat::Iq2Xs,
+            WeightFormat::Iq2S => QuantFormat::Iq2S,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -270,6 +294,9 @@ impl WeightFormat {
             WeightFormat::Iq4Xs => "iq4_xs",
             WeightFormat::Iq3Xxs => "iq3_xxs",
             WeightFormat::Iq3S => "iq3_s",
+            WeightFormat::Iq2Xxs => "iq2_xxs",
+            WeightFormat::Iq2Xs => "iq2_xs",
+            WeightFormat::Iq2S => "iq2_s",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

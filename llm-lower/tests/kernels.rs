@@ -492,6 +492,9 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         19 => (256 * blocks, QuantFormat::Iq4Xs, "iq4_xs".into()),
         20 => (256 * blocks, QuantFormat::Iq3Xxs, "iq3_xxs".into()),
         21 => (256 * blocks, QuantFormat::Iq3S, "iq3_s".into()),
+        22 => (256 * blocks, QuantFormat::Iq2Xxs, "iq2_xxs".into()),
+        23 => (256 * blocks, QuantFormat::Iq2Xs, "iq2_xs".into()),
+        24 => (256 * blocks, QuantFormat::Iq2S, "iq2_s".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -589,7 +592,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 23;
+const FORMAT_CASES: usize = 26;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -701,13 +704,14 @@ proptest! {
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet the formats of 32-value
     /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), the K-quants q2_k to q6_k, iq4_xs,
-    /// iq3_xxs and iq3_s in integer dot products on the CPU (dequantized first on the GPU),
+    /// and the IQ3 and IQ2 formats in integer dot products on the CPU (dequantized first on
+    /// the GPU),
     /// with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..14, dynamic in any::<bool>(), seed: u64) {
-        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s")];
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..17, dynamic in any::<bool>(), seed: u64) {
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s")];
         let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
-        // Whole super-blocks of 256 for the k-quants, iq4_xs and the iq3 formats.
+        // Whole super-blocks of 256 for the k-quants, iq4_xs and the lattice formats.
         let blocks_of_32 = which < BLOCKS_OF_32.len();
         let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
@@ -995,7 +999,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..14 {
+        for which in 0..17 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1015,6 +1019,9 @@ proptest! {
                     10 => (256, QuantFormat::Iq4Xs, "iq4_xs".into()),
                     11 => (256, QuantFormat::Iq3Xxs, "iq3_xxs".into()),
                     12 => (512, QuantFormat::Iq3S, "iq3_s".into()),
+                    13 => (256, QuantFormat::Iq2Xxs, "iq2_xxs".into()),
+                    14 => (512, QuantFormat::Iq2Xs, "iq2_xs".into()),
+                    15 => (256, QuantFormat::Iq2S, "iq2_s".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

@@ -1,14 +1,14 @@
 //! `quantize-activations`: quantized matmuls read q8_0 activations.
 //!
 //! `quantized_matmul(x, w)` with `f32` activations `x` and a weight of GGUF's block
-//! formats (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, the K-quants q2_k to q6_k, iq4_xs, iq3_xxs
-//! and iq3_s) becomes
+//! formats (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, the K-quants q2_k to q6_k, iq4_xs, and the
+//! lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs and iq2_s) becomes
 //! `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 to q5_1 and iq4_nl hold blocks of 32 values along
 //! K with one scale each (and a minimum in q4_1 and q5_1, which takes the block's `Σ x`),
 //! so a block of `x` meets a block of `w` as two scales and 32 pairs of small integers: a
 //! backend multiplies the codes as integers and scales the block's sum once (the usual
 //! int8 dot product of quantized inference engines). The k-quants' runs of 16 or 32 values that share a scale (and q4_k's
-//! minimum), and the runs of 32 of iq4_xs and the iq3 formats, each lie inside one block of
+//! minimum), and the runs of 32 or 16 of iq4_xs and the lattice formats, each lie inside one block of
 //! `x`, so they meet it the same way, run by run.
 //!
 //! This changes the numbers: each activation is rounded to its block's q8_0 grid (a
@@ -77,7 +77,7 @@ impl Pass for QuantizeActivations {
 
 /// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
 /// whose K is a static multiple of 32, with a weight of GGUF's block formats (q8_0 to q5_1, iq4_nl,
-/// a K-quant, q2_k to q6_k, iq4_xs, iq3_xxs or iq3_s: the K of these is a multiple of their
+/// a K-quant, q2_k to q6_k, iq4_xs, or a lattice format: the K of these is a multiple of their
 /// 256-value super-blocks, as their type requires).
 fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     if ir::name(ctx, op) != "llm.quantized_matmul" {

@@ -14,8 +14,9 @@
 //! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants
 //! (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: every type llama.cpp's K-quant files mix, with the
 //! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks), IQ4_XS and IQ4_NL
-//! (its fallback), and the 3-bit lattice types IQ3_XXS and IQ3_S (llama.cpp's IQ3_XXS,
-//! IQ3_XS, IQ3_S and IQ3_M files) stay quantized with their exact bytes. The
+//! (its fallback), and the lattice types IQ3_XXS and IQ3_S (llama.cpp's IQ3_XXS, IQ3_XS,
+//! IQ3_S and IQ3_M files), IQ2_XXS, IQ2_XS and IQ2_S (its IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M
+//! files) stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -258,6 +259,9 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         23 => Storage::Quant(QuantFormat::Iq4Xs),
         18 => Storage::Quant(QuantFormat::Iq3Xxs),
         21 => Storage::Quant(QuantFormat::Iq3S),
+        16 => Storage::Quant(QuantFormat::Iq2Xxs),
+        17 => Storage::Quant(QuantFormat::Iq2Xs),
+        22 => Storage::Quant(QuantFormat::Iq2S),
         _ => return None,
     })
 }
@@ -267,10 +271,7 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
     Some(match ggml_type {
         9 => "Q8_1",
         15 => "Q8_K",
-        16 => "IQ2_XXS",
-        17 => "IQ2_XS",
         19 => "IQ1_S",
-        22 => "IQ2_S",
         24 => "I8",
         25 => "I16",
         26 => "I32",

@@ -348,6 +348,9 @@ mod tests {
             (QuantFormat::Iq4Xs, QuantFormat::Iq4Nl, f16.clone()),
             (QuantFormat::Iq3Xxs, QuantFormat::Iq4Nl, f16.clone()),
             (QuantFormat::Iq3S, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Iq2Xxs, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Iq2Xs, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Iq2S, QuantFormat::Iq4Nl, f16.clone()),
             (QuantFormat::Q4_0, QuantFormat::Q4_0, None),
         ] {
             let mut w = Weights::default();

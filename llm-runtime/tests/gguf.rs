@@ -152,12 +152,12 @@ fn malformed_files_name_what_is_wrong() {
         + name.len();
     let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
     let type_at = at + 4 + 8 * dims;
-    let mut iq2_xxs = bytes.clone();
-    iq2_xxs[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let mut iq1_s = bytes.clone();
+    iq1_s[type_at..type_at + 4].copy_from_slice(&19u32.to_le_bytes());
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (
-            iq2_xxs,
-            "tensor `token_embd.weight` has unsupported ggml type 16 (IQ2_XXS)",
+            iq1_s,
+            "tensor `token_embd.weight` has unsupported ggml type 19 (IQ1_S)",
         ),
         (b"GGML....".to_vec(), "bad magic"),
         (
@@ -371,12 +371,14 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
         ("layers.0.attention.wv.weight", QuantFormat::Q5K),
         ("layers.0.feed_forward.w2.weight", QuantFormat::Q5K),
         ("layers.0.feed_forward.w3.weight", QuantFormat::Iq3S),
+        ("layers.0.feed_forward.w1.weight", QuantFormat::Iq2S),
+        ("layers.0.attention.wo.weight", QuantFormat::Iq2Xxs),
         ("layers.1.attention.wq.weight", QuantFormat::Iq4Xs),
         ("layers.1.attention.wo.weight", QuantFormat::Iq3Xxs),
         ("layers.1.feed_forward.w1.weight", QuantFormat::Q2K),
         ("layers.1.attention.wk.weight", QuantFormat::Iq4Nl),
         ("layers.1.attention.wv.weight", QuantFormat::Q3K),
-        ("layers.1.feed_forward.w2.weight", QuantFormat::Q3K),
+        ("layers.1.feed_forward.w2.weight", QuantFormat::Iq2Xs),
         ("layers.1.feed_forward.w3.weight", QuantFormat::Q5_1),
         ("output.weight", QuantFormat::Q6K),
     ] {
@@ -417,9 +419,16 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
     if llm_lower::gpu::test_device(&Default::default()).is_some() {
         backends.push(Backend::Gpu(Default::default()));
     }
-    // Also with q8_0 activations, `llm-run`'s CPU pipeline (the K-quants' integer kernels):
-    // measured 8.0e-7 and 7.4e-7 of the scale.
-    for passes in ["default", "default,quantize-activations"] {
+    // Also with q8_0 activations, `llm-run`'s CPU pipeline (the integer kernels). With
+    // f32 activations the backends agree within 1e-4 of the scale (measured 6.3e-7 on the
+    // CPU, 4.4e-7 on lavapipe). With q8_0 ones within 1e-2: rounding an activation to its
+    // q8_0 block is a step function, so a last-bit difference upstream (the integer
+    // kernels add in another order than the interpreter) can move a code by a step, 1/127
+    // of its block's largest value, which later layers carry on (measured 3.4e-3 on the
+    // CPU, where the IQ2 kernels move one; 6.9e-7 with the generated decoders instead,
+    // which move none: the kernels agree with the dequantized product to 1e-6 in
+    // `kq8dot`'s unit test and with the interpreter in `llm-lower/tests/kernels.rs`).
+    for (passes, tolerance) in [("default", 1e-4), ("default,quantize-activations", 1e-2)] {
         let reference = logits(&Backend::Interp, passes);
         let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(scale.is_finite() && scale > 0.1, "logits of scale {scale}");
@@ -430,7 +439,7 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
                 .zip(&reference)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
-                err <= 1e-4 * scale,
+                err <= tolerance * scale,
                 "{backend:?} {passes}: logits differ by {err} (scale {scale})"
             );
             println!(

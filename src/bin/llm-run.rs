@@ -90,6 +90,18 @@ enum Quantize {
     /// 4-bit scales per 32, super-blocks of 256 (3.44 bits a value).
     #[value(name = "iq3_s")]
     Iq3S,
+    /// Groups of eight magnitudes (8, 25 or 43) from a 256-entry grid, with signs and
+    /// 4-bit scales per 32, super-blocks of 256 (2.06 bits a value).
+    #[value(name = "iq2_xxs")]
+    Iq2Xxs,
+    /// Groups of eight magnitudes from a 512-entry grid, with signs and 4-bit scales per
+    /// 16, super-blocks of 256 (2.31 bits a value).
+    #[value(name = "iq2_xs")]
+    Iq2Xs,
+    /// Groups of eight magnitudes from a 1024-entry grid, a sign bit a value and 4-bit
+    /// scales per 16, super-blocks of 256 (2.56 bits a value).
+    #[value(name = "iq2_s")]
+    Iq2S,
     /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
     #[value(name = "nf4")]
     Nf4,
@@ -165,6 +177,9 @@ impl Quantize {
             Quantize::Iq4Xs => QuantFormat::Iq4Xs,
             Quantize::Iq3Xxs => QuantFormat::Iq3Xxs,
             Quantize::Iq3S => QuantFormat::Iq3S,
+            Quantize::Iq2Xxs => QuantFormat::Iq2Xxs,
+            Quantize::Iq2Xs => QuantFormat::Iq2Xs,
+            Quantize::Iq2S => QuantFormat::Iq2S,
             Quantize::Nf4 => QuantFormat::Nf4 {
                 block_size: 64,
                 scale: DType::F16,
@@ -186,7 +201,8 @@ impl Quantize {
 struct CompileArgs {
     /// The pass pipeline applied to the model before it runs (`""` for none). By default
     /// `default,quantize-activations` (`default` on the GPU backend): the matmuls of every
-    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k, iq4_xs, iq3_xxs, iq3_s) read q8_0 activations, which the CPU multiplies as integers (as
+    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k, iq4_xs, the IQ3 and IQ2
+    /// formats) read q8_0 activations, which the CPU multiplies as integers (as
     /// quantized inference engines do; f32 weights are unaffected); the GPU has no integer
     /// dot products, so there it would only add work. `--passes default` keeps f32
     /// activations.
@@ -197,8 +213,7 @@ struct CompileArgs {
     /// Quantize the model's f32 and 16-bit matrices to this format when loading (a matrix
     /// whose rows are not whole super-blocks of 256 takes the format llama.cpp falls back
     /// to: q5_0 for q4_k, q5_1 for q5_k, q8_0 for q6_k, iq4_nl for q2_k, q3_k, iq4_xs and
-    /// the iq3 formats,
-    /// and f16 where those do not fit either).
+    /// the IQ3 and IQ2 formats, and f16 where those do not fit either).
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
     /// Element type of the KV cache: f16 and bf16 take half f32's memory (on the CPU and

@@ -15,8 +15,10 @@
 
 pub mod eval;
 mod hoist;
+pub mod iq2;
 pub mod iq3;
 pub mod kv_values;
+pub mod lattice;
 pub mod quant;
 pub mod value;
 

@@ -4,10 +4,10 @@
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
 //! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
-//! [`iq3`]) store each row (the last dim) as consecutive
-//! blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The quantizers follow
-//! ggml's reference quantizers operation for operation in `f32` (except the lattice
-//! formats', this project's own, [`super::iq3`]); for `q8_0`, `q4_0`,
+//! [`iq3`] and `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`]) store each row (the last dim) as
+//! consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
+//! quantizers follow ggml's reference quantizers operation for operation in `f32` (except
+//! the lattice formats', this project's own, [`super::lattice`]); for `q8_0`, `q4_0`,
 //! `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see
 //! [`quantize_k`] for the K-quants and [`quantize_iq4_nl`] for `iq4_nl` and `iq4_xs`, whose
 //! dequantization alone has vectors).
@@ -27,7 +27,7 @@
 
 use half::{bf16, f16};
 
-use super::iq3;
+use super::{iq2, iq3};
 use crate::{
     dtype::DType,
     types::{IQ4_NL_LEVELS, QuantFormat},
@@ -119,6 +119,9 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Iq4Xs => values.chunks(256).flat_map(quantize_iq4_xs).collect(),
         QuantFormat::Iq3Xxs => values.chunks(256).flat_map(iq3::quantize_iq3_xxs).collect(),
         QuantFormat::Iq3S => values.chunks(256).flat_map(iq3::quantize_iq3_s).collect(),
+        QuantFormat::Iq2Xxs => values.chunks(256).flat_map(iq2::quantize_iq2_xxs).collect(),
+        QuantFormat::Iq2Xs => values.chunks(256).flat_map(iq2::quantize_iq2_xs).collect(),
+        QuantFormat::Iq2S => values.chunks(256).flat_map(iq2::quantize_iq2_s).collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -394,6 +397,9 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
         }
         QuantFormat::Iq3Xxs => iq3::dequantize_iq3_xxs(b, out),
         QuantFormat::Iq3S => iq3::dequantize_iq3_s(b, out),
+        QuantFormat::Iq2Xxs => iq2::dequantize_iq2_xxs(b, out),
+        QuantFormat::Iq2Xs => iq2::dequantize_iq2_xs(b, out),
+        QuantFormat::Iq2S => iq2::dequantize_iq2_s(b, out),
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
             // value `l` of sub-block `2j` (`2j + 1`).

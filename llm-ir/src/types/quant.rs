@@ -19,6 +19,9 @@
 //! | `iq4_xs` | 256 | 136 | f16 d, 16 bits of sub-block scales' high bit pairs, 4 bytes of their low nibbles, 128 bytes of 4-bit indices into [`IQ4_NL_LEVELS`] |
 //! | `iq3_xxs` | 256 | 98 | f16 d, 64 indices into [`IQ3XXS_GRID`](super::IQ3XXS_GRID) (groups of 4), per sub-block of 32 a 32-bit word of four 7-bit sign codes and a 4-bit scale |
 //! | `iq3_s` | 256 | 110 | f16 d, 64 low bytes of indices into [`IQ3S_GRID`](super::IQ3S_GRID), 8 bytes of their ninth bits, 32 bytes of signs, 4 bytes of 4-bit sub-block scales |
+//! | `iq2_xxs` | 256 | 66 | f16 d, per sub-block of 32 four indices into [`IQ2XXS_GRID`](super::IQ2XXS_GRID) (groups of 8) and a 32-bit word of four 7-bit sign codes and a 4-bit scale |
+//! | `iq2_xs` | 256 | 74 | f16 d, 32 16-bit words of a 9-bit index into [`IQ2XS_GRID`](super::IQ2XS_GRID) and a 7-bit sign code, 8 bytes of 4-bit scales (one per 16 values) |
+//! | `iq2_s` | 256 | 82 | f16 d, 32 low bytes of indices into [`IQ2S_GRID`](super::IQ2S_GRID), 32 bytes of signs, 8 bytes of their high bit pairs, 8 bytes of 4-bit scales (one per 16 values) |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -93,6 +96,18 @@ pub enum QuantFormat {
     /// GGUF IQ3_S: IQ3_XXS's layout with a 512-entry grid ([`IQ3S_GRID`](super::IQ3S_GRID)) and a sign bit
     /// for every value (3.44 bits a value).
     Iq3S,
+    /// GGUF IQ2_XXS: super-blocks of 256, an f16 scale `d` and eight sub-blocks of 32, each
+    /// with a 4-bit scale and four groups of eight values whose magnitudes are one entry
+    /// of a 256-entry grid ([`IQ2XXS_GRID`](super::IQ2XXS_GRID)), with signs (2.06 bits a
+    /// value).
+    Iq2Xxs,
+    /// GGUF IQ2_XS: groups of eight from a 512-entry grid
+    /// ([`IQ2XS_GRID`](super::IQ2XS_GRID)) and a 4-bit scale for every 16 values (2.31 bits
+    /// a value).
+    Iq2Xs,
+    /// GGUF IQ2_S: groups of eight from a 1024-entry grid ([`IQ2S_GRID`](super::IQ2S_GRID)),
+    /// a sign bit for every value and a 4-bit scale for every 16 (2.56 bits a value).
+    Iq2S,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -137,6 +152,9 @@ impl QuantFormat {
             QuantFormat::Iq4Xs => "iq4_xs",
             QuantFormat::Iq3Xxs => "iq3_xxs",
             QuantFormat::Iq3S => "iq3_s",
+            QuantFormat::Iq2Xxs => "iq2_xxs",
+            QuantFormat::Iq2Xs => "iq2_xs",
+            QuantFormat::Iq2S => "iq2_s",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -162,7 +180,10 @@ impl QuantFormat {
             | QuantFormat::Q5K
             | QuantFormat::Iq4Xs
             | QuantFormat::Iq3Xxs
-            | QuantFormat::Iq3S => 256,
+            | QuantFormat::Iq3S
+            | QuantFormat::Iq2Xxs
+            | QuantFormat::Iq2Xs
+            | QuantFormat::Iq2S => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
@@ -186,6 +207,9 @@ impl QuantFormat {
             QuantFormat::Iq4Xs => Some(136),
             QuantFormat::Iq3Xxs => Some(98),
             QuantFormat::Iq3S => Some(110),
+            QuantFormat::Iq2Xxs => Some(66),
+            QuantFormat::Iq2Xs => Some(74),
+            QuantFormat::Iq2S => Some(82),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -193,7 +217,8 @@ impl QuantFormat {
 
     /// The format llama.cpp's quantizer stores a matrix in instead of this one when the
     /// matrix's rows are not whole super-blocks of 256 (`llama_tensor_get_type`'s
-    /// fallback): q2_k, q3_k, iq4_xs, iq3_xxs and iq3_s fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
+    /// fallback): q2_k, q3_k, iq4_xs and the lattice formats (iq3_xxs, iq3_s, iq2_xxs,
+    /// iq2_xs, iq2_s) fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
     /// and q6_k to q8_0, all of blocks of 32 (and where a matrix's rows are not whole
     /// blocks of those either, llama.cpp stores it as f16); `None` for the other formats.
     pub fn row_fallback(&self) -> Option<QuantFormat> {
@@ -202,7 +227,10 @@ impl QuantFormat {
             | QuantFormat::Q3K
             | QuantFormat::Iq4Xs
             | QuantFormat::Iq3Xxs
-            | QuantFormat::Iq3S => QuantFormat::Iq4Nl,
+            | QuantFormat::Iq3S
+            | QuantFormat::Iq2Xxs
+            | QuantFormat::Iq2Xs
+            | QuantFormat::Iq2S => QuantFormat::Iq4Nl,
             QuantFormat::Q4K => QuantFormat::Q5_0,
             QuantFormat::Q5K => QuantFormat::Q5_1,
             QuantFormat::Q6K => QuantFormat::Q8_0,
@@ -306,6 +334,9 @@ impl QuantFormat {
             "iq4_xs" => QuantFormat::Iq4Xs,
             "iq3_xxs" => QuantFormat::Iq3Xxs,
             "iq3_s" => QuantFormat::Iq3S,
+            "iq2_xxs" => QuantFormat::Iq2Xxs,
+            "iq2_xs" => QuantFormat::Iq2Xs,
+            "iq2_s" => QuantFormat::Iq2S,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -336,7 +367,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -1,10 +1,10 @@
 """GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k, q5_k, iq4_nl,
-iq4_xs, iq3_xxs, iq3_s.
+iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s.
 
 Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
 the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
 0's first 32 zero: an all-zero block) into `blocks` and dequantize them into `dequant`;
-q3_k, q5_k, iq4_nl, iq4_xs, iq3_xxs and iq3_s, which the package only dequantizes, have random valid
+q3_k, q5_k, iq4_nl, iq4_xs and the IQ3 and IQ2 formats, which the package only dequantizes, have random valid
 (super-)blocks (their f16 scales set to small finite values):
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
@@ -28,6 +28,9 @@ FORMATS = {
     "iq4_xs": (T.IQ4_XS, 136, [0]),
     "iq3_xxs": (T.IQ3_XXS, 98, [0]),
     "iq3_s": (T.IQ3_S, 110, [0]),
+    "iq2_xxs": (T.IQ2_XXS, 66, [0]),
+    "iq2_xs": (T.IQ2_XS, 74, [0]),
+    "iq2_s": (T.IQ2_S, 82, [0]),
 }
 
 

@@ -8,7 +8,7 @@
 //! (`w = scale * q + offset`): a run's codes meet x unscaled, and the run adds
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
 //! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16
-//! inside the 256-value super-blocks of the K-quants, iq4_xs and the iq3 formats,
+//! inside the 256-value super-blocks of the K-quants, iq4_xs and the lattice formats,
 //! [`super::lattice`]); the whole-matrix formats
 //! (nf4, affine integers) have a run per scale group, decoded 32 values at a time with a
 //! scalar tail, or (affine groups along the output rows) a scale and zero point per
@@ -51,7 +51,10 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Q5K
         | WeightFormat::Iq4Xs
         | WeightFormat::Iq3Xxs
-        | WeightFormat::Iq3S => true,
+        | WeightFormat::Iq3S
+        | WeightFormat::Iq2Xxs
+        | WeightFormat::Iq2Xs
+        | WeightFormat::Iq2S => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -302,7 +305,11 @@ fn decode_blocks(
             WeightFormat::Q2K => q2_k_runs(b, wb, &mut sink),
             WeightFormat::Q3K => q3_k_runs(b, wb, &mut sink),
             WeightFormat::Iq4Xs => iq4_xs_runs(b, wb, &mut sink),
-            WeightFormat::Iq3Xxs | WeightFormat::Iq3S => {
+            WeightFormat::Iq3Xxs
+            | WeightFormat::Iq3S
+            | WeightFormat::Iq2Xxs
+            | WeightFormat::Iq2Xs
+            | WeightFormat::Iq2S => {
                 let grid = grid.expect("a lattice format's kernel imports its grid");
                 lattice::runs(b, format, wb, grid, &mut sink)
             }

@@ -1,6 +1,6 @@
 //! Integer dot products of q8_0 activations with the GGUF formats of 256-value
 //! super-blocks: the k-quants (q2_k to q6_k), the formats most GGUF models ship their
-//! matrices in, iq4_xs, and the lattice formats iq3_xxs and iq3_s.
+//! matrices in, iq4_xs, and the lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs and iq2_s.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -23,10 +23,13 @@
 //!   meet `qx` as unsigned bytes and the recentring is taken off as `128 * Σ qx`; AVX2,
 //!   whose pair sums would saturate on such bytes, takes `|qx|` (unsigned, 128 included)
 //!   times the level carrying `qx`'s sign, exact since no level is -128;
-//! - iq3_xxs and iq3_s: eight runs of 32, value `scale * magnitude * sign` (four
-//!   magnitudes a grid entry, gathered from the format's grid by `vpgatherdd`; the 32 sign
-//!   bits, iq3_xxs's from four 7-bit codes and their parities, made a byte mask that
-//!   negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's AVX2 levels do.
+//! - the lattice formats: eight sub-blocks of 32, value `scale * magnitude * sign` (a
+//!   sub-block's 32 magnitudes gathered from the format's grid, eight 32-bit entries of
+//!   four by `vpgatherdd` for IQ3, four 64-bit entries of eight by `vpgatherqq` for IQ2;
+//!   the 32 sign bits, where stored as 7-bit codes with their parities looked up, made a
+//!   byte mask that negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's
+//!   AVX2 levels do, and each 16 values' sums take their run's scale (iq2_xs and iq2_s
+//!   scale every 16, the others every 32).
 //!
 //! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
 //! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
@@ -44,7 +47,7 @@ use crate::kernel::WeightFormat;
 
 /// Per format of these kernels, the symbol generated code imports its entry point under
 /// ([`entry_point`]).
-pub const SYMBOLS: [(WeightFormat, &str); 8] = [
+pub const SYMBOLS: [(WeightFormat, &str); 11] = [
     (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
     (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
     (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
@@ -53,6 +56,9 @@ pub const SYMBOLS: [(WeightFormat, &str); 8] = [
     (WeightFormat::Iq4Xs, "llmc_iq4_xs_by_q8_0_rows"),
     (WeightFormat::Iq3Xxs, "llmc_iq3_xxs_by_q8_0_rows"),
     (WeightFormat::Iq3S, "llmc_iq3_s_by_q8_0_rows"),
+    (WeightFormat::Iq2Xxs, "llmc_iq2_xxs_by_q8_0_rows"),
+    (WeightFormat::Iq2Xs, "llmc_iq2_xs_by_q8_0_rows"),
+    (WeightFormat::Iq2S, "llmc_iq2_s_by_q8_0_rows"),
 ];
 
 /// The entry point of `format` (each format of [`SYMBOLS`]), with VNNI's byte dot
@@ -80,6 +86,9 @@ fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
         WeightFormat::Iq4Xs => [iq4_xs_by_q8_0_rows::<false>, iq4_xs_by_q8_0_rows::<true>],
         WeightFormat::Iq3Xxs => [iq3_xxs_by_q8_0_rows::<false>, iq3_xxs_by_q8_0_rows::<true>],
         WeightFormat::Iq3S => [iq3_s_by_q8_0_rows::<false>, iq3_s_by_q8_0_rows::<true>],
+        WeightFormat::Iq2Xxs => [iq2_xxs_by_q8_0_rows::<false>, iq2_xxs_by_q8_0_rows::<true>],
+        WeightFormat::Iq2Xs => [iq2_xs_by_q8_0_rows::<false>, iq2_xs_by_q8_0_rows::<true>],
+        WeightFormat::Iq2S => [iq2_s_by_q8_0_rows::<false>, iq2_s_by_q8_0_rows::<true>],
         _ => return None,
     })
 }
@@ -207,6 +216,36 @@ entry_point!(
     ///
     /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 110` bytes.
     iq3_s_by_q8_0_rows, 110, iq3_s_vnni, iq3_s_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq2_xxs rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 66` bytes.
+    iq2_xxs_by_q8_0_rows, 66, iq2_xxs_vnni, iq2_xxs_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq2_xs rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 74` bytes.
+    iq2_xs_by_q8_0_rows, 74, iq2_xs_vnni, iq2_xs_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq2_s rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 82` bytes.
+    iq2_s_by_q8_0_rows, 82, iq2_s_vnni, iq2_s_avx2
 );
 
 /// The kernel of one format for a tile of `TILE` rows of x: the dot products of
@@ -386,8 +425,11 @@ instances!(
     q5_k_avx2: q4_k_rows, true;
     q6_k_avx2: sixteens_rows, Q6kRuns;
     iq4_xs_avx2: iq4_xs_rows;
-    iq3_xxs_avx2: iq3_rows, false;
-    iq3_s_avx2: iq3_rows, true;
+    iq3_xxs_avx2: lattice_rows, Iq3XxsBlocks;
+    iq3_s_avx2: lattice_rows, Iq3SBlocks;
+    iq2_xxs_avx2: lattice_rows, Iq2XxsBlocks;
+    iq2_xs_avx2: lattice_rows, Iq2XsBlocks;
+    iq2_s_avx2: lattice_rows, Iq2SBlocks;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -398,8 +440,11 @@ instances!(
     q5_k_vnni: q4_k_rows, true;
     q6_k_vnni: sixteens_rows, Q6kRuns;
     iq4_xs_vnni: iq4_xs_rows;
-    iq3_xxs_vnni: iq3_rows, false;
-    iq3_s_vnni: iq3_rows, true;
+    iq3_xxs_vnni: lattice_rows, Iq3XxsBlocks;
+    iq3_s_vnni: lattice_rows, Iq3SBlocks;
+    iq2_xxs_vnni: lattice_rows, Iq2XxsBlocks;
+    iq2_xs_vnni: lattice_rows, Iq2XsBlocks;
+    iq2_s_vnni: lattice_rows, Iq2SBlocks;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -602,16 +647,44 @@ unsafe fn iq4_xs_rows<Q: QuadSums, const TILE: usize>(
     }
 }
 
-/// iq3_xxs (`S` false, 98 bytes a super-block) or iq3_s (`S`, 110 bytes) against `TILE`
-/// rows of x: per super-block an f16 `d` and eight sub-blocks of 32 values, each a run
-/// of scale `d * (ls + 0.5) * 0.5` (iq3_xxs) or `d * (1 + 2 ls)` (iq3_s) with
-/// [`iq3_codes`] as its codes. The codes are decoded once for the tile; per row of x, the
-/// sub-blocks' factors (scale times `dx`) are formed 8 lanes at a time, and each
+/// A lattice format as [`lattice_rows`] reads its super-blocks.
+#[cfg(target_arch = "x86_64")]
+trait LatticeBlocks {
+    /// Bytes of a super-block.
+    const BYTES: usize;
+    /// Whether each sub-block's two halves of 16 values take scales of their own.
+    const HALVES: bool;
+
+    /// The scales of each sub-block's first and second 16 values (lane `j` for sub-block
+    /// `j`; the same twice unless [`LatticeBlocks::HALVES`]), `d` the super-block's scale
+    /// in every lane.
+    ///
+    /// # Safety
+    ///
+    /// `block` points to a whole super-block, and the CPU has AVX2.
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2];
+
+    /// The 32 signed codes (magnitude times sign, in value order) of sub-block `j`.
+    ///
+    /// # Safety
+    ///
+    /// `block` points to a whole super-block, `j < 8`, and the CPU has AVX2.
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i;
+}
+
+/// A lattice format against `TILE` rows of x: per super-block an f16 `d` and eight
+/// sub-blocks of 32 values, [`LatticeBlocks::codes`] their codes and
+/// [`LatticeBlocks::scales`] their scales. The codes are decoded once for the tile; per row
+/// of x, the sub-blocks' factors (scale times `dx`) are formed 8 lanes at a time, and each
 /// sub-block's sum of codes times x's is exact ([`QuadSums::signed_quads`]: no code is
-/// -128). Each row's result is the same whatever the tile.
+/// -128), its first four lanes (the first 16 values) under the first half's factor and the
+/// last four under the second's. Each row's result is the same whatever the tile.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
+unsafe fn lattice_rows<Q: QuadSums, const TILE: usize, L: LatticeBlocks>(
     x: [*const u8; TILE],
     a: [&Activations; TILE],
     w: *const u8,
@@ -620,51 +693,36 @@ unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
     // the caller has the features `Q` needs (this body is inlined into its instances).
     unsafe {
         use std::arch::x86_64::*;
-        let block_bytes = if S { 110 } else { 98 };
         let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
-        let mut factors = [[0f32; 8]; TILE];
+        let mut factors = [[[0f32; 8]; 2]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
-            let block = w.add(sb * block_bytes);
+            let block = w.add(sb * L::BYTES);
             let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
                 block.cast::<u16>().read_unaligned(),
             ))));
-            let scales = if S {
-                // Nibble `j % 2` of byte `106 + j / 2`: `d * (1 + 2 ls)`.
-                let at = llm_ir::interp::iq3::IQ3_S_SCALES_AT;
-                let ls = _mm_cvtsi32_si128(block.add(at).cast::<i32>().read_unaligned());
-                let ls = _mm256_permutevar8x32_epi32(
-                    _mm256_cvtepu8_epi32(ls),
-                    _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
-                );
-                let ls = _mm256_srlv_epi32(ls, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-                let ls = _mm256_and_si256(ls, _mm256_set1_epi32(0xf));
-                let odd = _mm256_add_epi32(_mm256_slli_epi32(ls, 1), _mm256_set1_epi32(1));
-                _mm256_mul_ps(d, _mm256_cvtepi32_ps(odd))
-            } else {
-                // The top nibble of each sub-block's word at `66 + 4 j`:
-                // `d * (ls + 0.5) * 0.5`.
-                let words =
-                    _mm256_loadu_si256(block.add(llm_ir::interp::iq3::IQ3_XXS_WORDS_AT).cast());
-                let ls = _mm256_cvtepi32_ps(_mm256_srli_epi32(words, 28));
-                let half = _mm256_set1_ps(0.5);
-                _mm256_mul_ps(_mm256_mul_ps(d, _mm256_add_ps(ls, half)), half)
-            };
+            let scales = L::scales(block, d);
             for t in 0..TILE {
                 let dx = _mm256_loadu_ps(a[t].dx.as_ptr().add(8 * sb));
-                _mm256_storeu_ps(factors[t].as_mut_ptr(), _mm256_mul_ps(scales, dx));
+                for (half, &scale) in scales.iter().enumerate() {
+                    _mm256_storeu_ps(factors[t][half].as_mut_ptr(), _mm256_mul_ps(scale, dx));
+                }
             }
             for pair in 0..4 {
                 // (No closure: one would not inherit the instance's target features.)
-                let codes = [
-                    iq3_codes::<S>(block, 2 * pair),
-                    iq3_codes::<S>(block, 2 * pair + 1),
-                ];
+                let codes = [L::codes(block, 2 * pair), L::codes(block, 2 * pair + 1)];
                 for (h, codes) in codes.into_iter().enumerate() {
                     let j = 2 * pair + h;
                     for t in 0..TILE {
                         let xq = _mm256_loadu_si256(x[t].add((8 * sb + j) * X_BLOCK + 2).cast());
                         let sums = Q::signed_quads(codes, xq);
-                        let factor = _mm256_broadcast_ss(&factors[t][j]);
+                        let factor = if L::HALVES {
+                            _mm256_set_m128(
+                                _mm_broadcast_ss(&factors[t][1][j]),
+                                _mm_broadcast_ss(&factors[t][0][j]),
+                            )
+                        } else {
+                            _mm256_broadcast_ss(&factors[t][0][j])
+                        };
                         acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t][h]);
                     }
                 }
@@ -674,56 +732,22 @@ unsafe fn iq3_rows<Q: QuadSums, const TILE: usize, const S: bool>(
     }
 }
 
-/// The 32 signed codes (magnitude times sign, in value order) of sub-block `j` of the
-/// iq3_xxs (`S` false) or iq3_s super-block at `block`: the eight grid entries its
-/// indices name, gathered (iq3_xxs: byte `2 + 8 j + g`; iq3_s: that byte under bit `g` of
-/// byte `66 + j`), negated where the sub-block's sign bit is set (iq3_xxs: its word's four
-/// 7-bit codes, each with the parity bit that makes its count of ones even; iq3_s: the
-/// 32-bit word at `74 + 4 j`).
+/// The 32 magnitude bytes `magnitudes` negated where their bit of `signs` is set (byte
+/// `l` under bit `l % 8` of sign byte `l / 8`): the sign bits spread into a byte mask,
+/// `(m ^ mask) - mask`.
 ///
 /// # Safety
 ///
-/// `block` points to a whole super-block, `j < 8`, and the CPU has AVX2.
+/// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn iq3_codes<const S: bool>(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-    use llm_ir::{
-        interp::iq3::{IQ3_S_HIGH_AT, IQ3_S_SIGNS_AT, IQ3_XXS_SIGNS, IQ3_XXS_WORDS_AT},
-        types::{IQ3S_GRID, IQ3XXS_GRID},
-    };
+unsafe fn signed_magnitudes(
+    magnitudes: std::arch::x86_64::__m256i,
+    signs: u32,
+) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    // SAFETY: the bytes are inside the super-block (the contract); the indices are below
-    // the grids' lengths (a byte, or nine bits for iq3_s's grid of 512).
+    // SAFETY: AVX2 is the caller's.
     unsafe {
-        let low = _mm_loadl_epi64(block.add(2 + 8 * j).cast());
-        let mut index = _mm256_cvtepu8_epi32(low);
-        let signs = if S {
-            let high = _mm256_set1_epi32(i32::from(*block.add(IQ3_S_HIGH_AT + j)));
-            let high = _mm256_srlv_epi32(high, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let high = _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), 8);
-            index = _mm256_or_si256(index, high);
-            block
-                .add(IQ3_S_SIGNS_AT + 4 * j)
-                .cast::<u32>()
-                .read_unaligned()
-        } else {
-            // Each 7-bit code's sign byte, looked up (its parity bit included).
-            let word = block
-                .add(IQ3_XXS_WORDS_AT + 4 * j)
-                .cast::<u32>()
-                .read_unaligned();
-            (0..4).fold(0u32, |signs, run| {
-                let code = (word >> (7 * run)) & 0x7F;
-                signs | u32::from(IQ3_XXS_SIGNS[code as usize]) << (8 * run)
-            })
-        };
-        let grid: *const i32 = if S {
-            IQ3S_GRID.as_ptr().cast()
-        } else {
-            IQ3XXS_GRID.as_ptr().cast()
-        };
-        let magnitudes = _mm256_i32gather_epi32::<4>(grid, index);
-        // Byte `l` takes sign byte `l / 8`, keeps bit `l % 8`: all ones where it is set.
         let spread = _mm256_shuffle_epi8(
             _mm256_set1_epi32(signs as i32),
             _mm256_setr_epi8(
@@ -734,6 +758,309 @@ unsafe fn iq3_codes<const S: bool>(block: *const u8, j: usize) -> std::arch::x86
         let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let mask = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
         _mm256_sub_epi8(_mm256_xor_si256(magnitudes, mask), mask)
+    }
+}
+
+/// The sign bytes of four 7-bit codes (the low seven bits of each of `codes`), each with
+/// the parity bit that makes its count of ones even, looked up in
+/// [`llm_ir::interp::lattice::EVEN_SIGNS`]: sign byte `r` at bits `8 r`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn even_sign_bytes(codes: [u32; 4]) -> u32 {
+    use llm_ir::interp::lattice::EVEN_SIGNS;
+    let mut signs = 0;
+    for (r, code) in codes.into_iter().enumerate() {
+        signs |= u32::from(EVEN_SIGNS[(code & 0x7F) as usize]) << (8 * r);
+    }
+    signs
+}
+
+/// `d * (ls + 0.5) * factor` of the multipliers `ls`, lane by lane.
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn half_odd_scales(
+    d: std::arch::x86_64::__m256,
+    ls: std::arch::x86_64::__m256i,
+    factor: f32,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe {
+        let ls = _mm256_add_ps(_mm256_cvtepi32_ps(ls), _mm256_set1_ps(0.5));
+        _mm256_mul_ps(_mm256_mul_ps(d, ls), _mm256_set1_ps(factor))
+    }
+}
+
+/// The scales `d * (ls + 0.5) * 0.25` of each sub-block's two halves (iq2_xs, iq2_s), their
+/// 4-bit multipliers `ls` the nibbles of the eight bytes at `at` (low nibble first).
+///
+/// # Safety
+///
+/// Eight bytes at `at` are readable, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nibble_scales(
+    at: *const u8,
+    d: std::arch::x86_64::__m256,
+) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: eight bytes (the contract); AVX2 is the caller's.
+    unsafe {
+        let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(at.cast()));
+        let low = _mm256_and_si256(bytes, _mm256_set1_epi32(0xf));
+        let high = _mm256_srli_epi32(bytes, 4);
+        [
+            half_odd_scales(d, low, 0.25),
+            half_odd_scales(d, high, 0.25),
+        ]
+    }
+}
+
+/// iq3_xxs (98 bytes): per sub-block eight index bytes at `2 + 8 j` into
+/// [`llm_ir::types::IQ3XXS_GRID`], and a word at `66 + 4 j` of four 7-bit sign codes under
+/// the 4-bit `ls` of scale `d * (ls + 0.5) * 0.5`.
+#[cfg(target_arch = "x86_64")]
+struct Iq3XxsBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq3XxsBlocks {
+    const BYTES: usize = 98;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq3::IQ3_XXS_WORDS_AT;
+        use std::arch::x86_64::*;
+        // SAFETY: the words are inside the super-block (the contract).
+        unsafe {
+            let words = _mm256_loadu_si256(block.add(IQ3_XXS_WORDS_AT).cast());
+            let scales = half_odd_scales(d, _mm256_srli_epi32(words, 28), 0.5);
+            [scales; 2]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::{interp::iq3::IQ3_XXS_WORDS_AT, types::IQ3XXS_GRID};
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract); the indices are
+        // bytes, below the grid's 256 entries.
+        unsafe {
+            let index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(2 + 8 * j).cast()));
+            let word = block
+                .add(IQ3_XXS_WORDS_AT + 4 * j)
+                .cast::<u32>()
+                .read_unaligned();
+            let signs = even_sign_bytes([word, word >> 7, word >> 14, word >> 21]);
+            let grid: *const i32 = IQ3XXS_GRID.as_ptr().cast();
+            signed_magnitudes(_mm256_i32gather_epi32::<4>(grid, index), signs)
+        }
+    }
+}
+
+/// iq3_s (110 bytes): the low bytes of the 64 indices into [`llm_ir::types::IQ3S_GRID`] at
+/// 2, their ninth bits (group `g` of sub-block `j` at bit `g` of byte `66 + j`), a sign bit
+/// a value (sub-block `j`'s at `74 + 4 j`) and the 4-bit `ls` of scale `d * (1 + 2 ls)`
+/// (nibble `j % 2` of byte `106 + j / 2`).
+#[cfg(target_arch = "x86_64")]
+struct Iq3SBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq3SBlocks {
+    const BYTES: usize = 110;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq3::IQ3_S_SCALES_AT;
+        use std::arch::x86_64::*;
+        // SAFETY: the scale bytes are inside the super-block (the contract).
+        unsafe {
+            let ls = _mm_cvtsi32_si128(block.add(IQ3_S_SCALES_AT).cast::<i32>().read_unaligned());
+            let ls = _mm256_permutevar8x32_epi32(
+                _mm256_cvtepu8_epi32(ls),
+                _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+            );
+            let ls = _mm256_srlv_epi32(ls, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+            let ls = _mm256_and_si256(ls, _mm256_set1_epi32(0xf));
+            let odd = _mm256_add_epi32(_mm256_slli_epi32(ls, 1), _mm256_set1_epi32(1));
+            [_mm256_mul_ps(d, _mm256_cvtepi32_ps(odd)); 2]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::{
+            interp::iq3::{IQ3_S_HIGH_AT, IQ3_S_SIGNS_AT},
+            types::IQ3S_GRID,
+        };
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract); the indices are
+        // nine bits, below the grid's 512 entries.
+        unsafe {
+            let low = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(2 + 8 * j).cast()));
+            let high = _mm256_set1_epi32(i32::from(*block.add(IQ3_S_HIGH_AT + j)));
+            let high = _mm256_srlv_epi32(high, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let high = _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), 8);
+            let index = _mm256_or_si256(low, high);
+            let signs = block
+                .add(IQ3_S_SIGNS_AT + 4 * j)
+                .cast::<u32>()
+                .read_unaligned();
+            let grid: *const i32 = IQ3S_GRID.as_ptr().cast();
+            signed_magnitudes(_mm256_i32gather_epi32::<4>(grid, index), signs)
+        }
+    }
+}
+
+/// The four 64-bit entries of `grid` at the 32-bit `indices`, gathered: a sub-block's 32
+/// magnitude bytes of an IQ2 format.
+///
+/// # Safety
+///
+/// Every index is below the grid's length, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gather_entries(
+    grid: &[u64],
+    indices: std::arch::x86_64::__m128i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the indices are in bounds (the contract); AVX2 is the caller's.
+    unsafe { _mm256_i32gather_epi64::<8>(grid.as_ptr().cast(), indices) }
+}
+
+/// iq2_xxs (66 bytes): per sub-block four index bytes at `2 + 8 j` into
+/// [`llm_ir::types::IQ2XXS_GRID`] and a word at `6 + 8 j` of four 7-bit sign codes under
+/// the 4-bit `ls` of scale `d * (ls + 0.5) * 0.25`.
+#[cfg(target_arch = "x86_64")]
+struct Iq2XxsBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq2XxsBlocks {
+    const BYTES: usize = 66;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the words are inside the super-block (the contract).
+        unsafe {
+            let at = _mm256_setr_epi32(6, 14, 22, 30, 38, 46, 54, 62);
+            let words = _mm256_i32gather_epi32::<1>(block.cast(), at);
+            [half_odd_scales(d, _mm256_srli_epi32(words, 28), 0.25); 2]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::types::IQ2XXS_GRID;
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract); the indices are
+        // bytes, below the grid's 256 entries.
+        unsafe {
+            let at = block.add(2 + 8 * j);
+            let index = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(at.cast::<i32>().read_unaligned()));
+            let word = at.add(4).cast::<u32>().read_unaligned();
+            let signs = even_sign_bytes([word, word >> 7, word >> 14, word >> 21]);
+            signed_magnitudes(gather_entries(&IQ2XXS_GRID, index), signs)
+        }
+    }
+}
+
+/// iq2_xs (74 bytes): 16-bit words at `2 + 2 g` (a 9-bit index into
+/// [`llm_ir::types::IQ2XS_GRID`] under a 7-bit sign code) and the 4-bit `ls` of each 16
+/// values' scale `d * (ls + 0.5) * 0.25` (the nibbles of byte `66 + j`).
+#[cfg(target_arch = "x86_64")]
+struct Iq2XsBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq2XsBlocks {
+    const BYTES: usize = 74;
+    const HALVES: bool = true;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq2::IQ2_XS_SCALES_AT;
+        // SAFETY: the scale bytes are inside the super-block (the contract).
+        unsafe { nibble_scales(block.add(IQ2_XS_SCALES_AT), d) }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::types::IQ2XS_GRID;
+        use std::arch::x86_64::*;
+        // SAFETY: the words are inside the super-block (the contract); the indices are
+        // nine bits, below the grid's 512 entries.
+        unsafe {
+            let words = _mm_cvtepu16_epi32(_mm_loadl_epi64(block.add(2 + 8 * j).cast()));
+            let index = _mm_and_si128(words, _mm_set1_epi32(511));
+            let mut codes = [0u32; 4];
+            _mm_storeu_si128(codes.as_mut_ptr().cast(), _mm_srli_epi32(words, 9));
+            signed_magnitudes(gather_entries(&IQ2XS_GRID, index), even_sign_bytes(codes))
+        }
+    }
+}
+
+/// iq2_s (82 bytes): the low bytes of the 32 indices into [`llm_ir::types::IQ2S_GRID`] at 2,
+/// a sign byte a group at `34 + g`, the high bit pairs (group `l` of sub-block `j` at bits
+/// `2 l` of byte `66 + j`) and the 4-bit `ls` of each 16 values' scale `d * (ls + 0.5) *
+/// 0.25` (the nibbles of byte `74 + j`).
+#[cfg(target_arch = "x86_64")]
+struct Iq2SBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq2SBlocks {
+    const BYTES: usize = 82;
+    const HALVES: bool = true;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq2::IQ2_S_SCALES_AT;
+        // SAFETY: the scale bytes are inside the super-block (the contract).
+        unsafe { nibble_scales(block.add(IQ2_S_SCALES_AT), d) }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::{
+            interp::iq2::{IQ2_S_HIGH_AT, IQ2_S_SIGNS_AT},
+            types::IQ2S_GRID,
+        };
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract); the indices are ten
+        // bits, below the grid's 1024 entries.
+        unsafe {
+            let low = block.add(2 + 4 * j).cast::<i32>().read_unaligned();
+            let low = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(low));
+            let high = _mm_set1_epi32(i32::from(*block.add(IQ2_S_HIGH_AT + j)));
+            let high = _mm_srlv_epi32(high, _mm_setr_epi32(0, 2, 4, 6));
+            let high = _mm_slli_epi32(_mm_and_si128(high, _mm_set1_epi32(3)), 8);
+            let signs = block
+                .add(IQ2_S_SIGNS_AT + 4 * j)
+                .cast::<u32>()
+                .read_unaligned();
+            signed_magnitudes(gather_entries(&IQ2S_GRID, _mm_or_si128(low, high)), signs)
+        }
     }
 }
 
@@ -1095,7 +1422,14 @@ mod tests {
     /// of 16 differ in magnitude (1/32 to 1) and offset, so that the sub-block scales and
     /// minimums take small and large values, all bits of their 6-bit fields included.
     fn weights(format: &QuantFormat, rows: usize, k: usize, seed: u64) -> Vec<u8> {
-        if matches!(format, QuantFormat::Iq3Xxs | QuantFormat::Iq3S) {
+        if matches!(
+            format,
+            QuantFormat::Iq3Xxs
+                | QuantFormat::Iq3S
+                | QuantFormat::Iq2Xxs
+                | QuantFormat::Iq2Xs
+                | QuantFormat::Iq2S
+        ) {
             return lattice_weights(format, rows * k / 256, seed);
         }
         let values: Vec<f32> = bytes(rows * k, seed)
@@ -1111,7 +1445,7 @@ mod tests {
     }
 
     /// `blocks` random super-blocks of a lattice format (any bytes decode), so that every
-    /// grid entry, ninth bit, sign and scale occurs, each with a small f16 `d`.
+    /// grid entry, high index bit, sign and scale occurs, each with a small f16 `d`.
     fn lattice_weights(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
         let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
         let mut w = bytes(blocks * size, seed);
@@ -1174,7 +1508,9 @@ mod tests {
                 if with_vnni && !super::super::q8dot::vnni() {
                     continue;
                 }
-                for (seed, supers, rows) in [(1u64, 1usize, 1usize), (2, 2, 5), (3, 3, 9)] {
+                for (seed, supers, rows) in
+                    [(1u64, 1usize, 1usize), (2, 2, 5), (3, 3, 9), (4, 1, 7)]
+                {
                     let k = 256 * supers;
                     let w = weights(&format, rows, k, seed + 10);
                     for m in 1..10 {

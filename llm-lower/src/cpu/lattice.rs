@@ -1,18 +1,23 @@
-//! In-register decoding of GGUF's lattice formats, iq3_xxs and iq3_s, for the generated
-//! contraction and dequantization kernels (the layouts: `llm_ir::interp::iq3`).
+//! In-register decoding of GGUF's lattice formats, iq3_xxs, iq3_s, iq2_xxs, iq2_xs and
+//! iq2_s, for the generated contraction and dequantization kernels (the layouts:
+//! `llm_ir::interp::iq3` and `llm_ir::interp::iq2`).
 //!
-//! A sub-block of 32 values is one run (`d` times its 4-bit scale's factor) whose codes
-//! are grid magnitudes with signs: each group of four is a 32-bit grid entry loaded from
-//! the grid the kernel imports as data ([`GRIDS`]; the JIT resolves the symbol to the
-//! table in `llm_ir::types`), four entries make an `i8x16`, and the sixteen values' sign
+//! A run of 32 values (16 for iq2_xs and iq2_s, whose scales cover 16) takes `d` times its
+//! 4-bit scale's factor, and its codes are grid magnitudes with signs: each group is a grid
+//! entry loaded from the grid the kernel imports as data ([`GRIDS`]; the JIT resolves the
+//! symbol to the table in `llm_ir::types`), four 32-bit entries (IQ3's groups of four) or
+//! two 64-bit ones (IQ2's groups of eight) make an `i8x16`, and the sixteen values' sign
 //! bits become a lane mask (`(q ^ mask) - mask` negates where set) before the bytes widen
 //! to `f32x4` lanes.
 
 use cranelift_codegen::ir::{GlobalValue, InstBuilder, Value, types};
 use cranelift_frontend::FunctionBuilder;
 use llm_ir::{
-    interp::iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
-    types::{IQ3S_GRID, IQ3XXS_GRID},
+    interp::{
+        iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT},
+        iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
+    },
+    types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID},
 };
 
 use super::dequant::{Run, Sink, bit_lanes, bytes_to_f32, little, load_f16};
@@ -20,9 +25,12 @@ use super::emit::mem;
 use crate::kernel::WeightFormat;
 
 /// Each lattice format's grid, as the data symbol generated code imports it under.
-pub const GRIDS: [(WeightFormat, &str); 2] = [
+pub const GRIDS: [(WeightFormat, &str); 5] = [
     (WeightFormat::Iq3Xxs, "llmc_iq3xxs_grid"),
     (WeightFormat::Iq3S, "llmc_iq3s_grid"),
+    (WeightFormat::Iq2Xxs, "llmc_iq2xxs_grid"),
+    (WeightFormat::Iq2Xs, "llmc_iq2xs_grid"),
+    (WeightFormat::Iq2S, "llmc_iq2s_grid"),
 ];
 
 /// The address of `format`'s grid (what [`GRIDS`]' symbol resolves to), for each format
@@ -31,6 +39,9 @@ pub fn grid_address(format: WeightFormat) -> *const u8 {
     match format {
         WeightFormat::Iq3Xxs => IQ3XXS_GRID.as_ptr().cast(),
         WeightFormat::Iq3S => IQ3S_GRID.as_ptr().cast(),
+        WeightFormat::Iq2Xxs => IQ2XXS_GRID.as_ptr().cast(),
+        WeightFormat::Iq2Xs => IQ2XS_GRID.as_ptr().cast(),
+        WeightFormat::Iq2S => IQ2S_GRID.as_ptr().cast(),
         other => unreachable!("{other:?} has no grid"),
     }
 }
@@ -47,41 +58,203 @@ pub(super) fn runs(
     let base = b.ins().symbol_value(types::I64, grid);
     let d = load_f16(b, wb, 0);
     for sub in 0..8i32 {
-        let (scale, signs) = match format {
-            WeightFormat::Iq3Xxs => iq3_xxs_scale_signs(b, wb, d, sub),
-            _ => iq3_s_scale_signs(b, wb, d, sub),
-        };
-        // iq3_s's ninth index bits, one byte for the sub-block's eight groups.
-        let high = (format == WeightFormat::Iq3S).then(|| {
-            let at = (IQ3_S_HIGH_AT as i32) + sub;
-            b.ins().uload8(types::I64, mem(), wb, at)
-        });
-        let mut codes = Vec::with_capacity(8);
-        for (half, signs) in signs.into_iter().enumerate() {
-            let first = 4 * half as i32;
-            let entries: Vec<Value> = (first..first + 4)
-                .map(|group| entry(b, (wb, high), base, sub, group))
-                .collect();
-            let mut v = b.ins().scalar_to_vector(types::I32X4, entries[0]);
-            for (lane, &e) in entries.iter().enumerate().skip(1) {
-                v = b.ins().insertlane(v, e, lane as u8);
+        match format {
+            WeightFormat::Iq3Xxs | WeightFormat::Iq3S => {
+                iq3_runs(b, format, (wb, base, d), sub, sink)
             }
-            let magnitudes = b.ins().bitcast(types::I8X16, little(), v);
-            let mask = bit_lanes(b, signs, 0);
-            let flipped = b.ins().bxor(magnitudes, mask);
-            let signed = b.ins().isub(flipped, mask);
-            codes.extend(bytes_to_f32(b, signed, true));
+            _ => iq2_runs(b, format, (wb, base, d), sub, sink),
         }
+    }
+}
+
+/// Decodes sub-block `sub` of the iq3 super-block at `wb` (scale `d`, grid at `base`) into
+/// one run.
+fn iq3_runs(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    (wb, base, d): (Value, Value, Value),
+    sub: i32,
+    sink: &mut Sink,
+) {
+    let (scale, signs) = match format {
+        WeightFormat::Iq3Xxs => iq3_xxs_scale_signs(b, wb, d, sub),
+        _ => iq3_s_scale_signs(b, wb, d, sub),
+    };
+    // iq3_s's ninth index bits, one byte for the sub-block's eight groups.
+    let high = (format == WeightFormat::Iq3S).then(|| {
+        let at = (IQ3_S_HIGH_AT as i32) + sub;
+        b.ins().uload8(types::I64, mem(), wb, at)
+    });
+    let mut codes = Vec::with_capacity(8);
+    for (half, signs) in signs.into_iter().enumerate() {
+        let first = 4 * half as i32;
+        let entries: Vec<Value> = (first..first + 4)
+            .map(|group| entry(b, (wb, high), base, sub, group))
+            .collect();
+        let mut v = b.ins().scalar_to_vector(types::I32X4, entries[0]);
+        for (lane, &e) in entries.iter().enumerate().skip(1) {
+            v = b.ins().insertlane(v, e, lane as u8);
+        }
+        let magnitudes = b.ins().bitcast(types::I8X16, little(), v);
+        codes.extend(signed_codes(b, magnitudes, signs));
+    }
+    sink(
+        b,
+        Run {
+            codes,
+            x_at: 4 * 32 * sub,
+            scale,
+            offset: None,
+        },
+    );
+}
+
+/// The sixteen magnitude bytes `magnitudes` negated where the matching bit of the `i32`
+/// `signs` is set, widened to four `f32x4`.
+fn signed_codes(b: &mut FunctionBuilder, magnitudes: Value, signs: Value) -> [Value; 4] {
+    let mask = bit_lanes(b, signs, 0);
+    let flipped = b.ins().bxor(magnitudes, mask);
+    let signed = b.ins().isub(flipped, mask);
+    bytes_to_f32(b, signed, true)
+}
+
+/// Decodes sub-block `sub` of the iq2 super-block at `wb` (scale `d`, grid at `base`):
+/// one run of 32 (iq2_xxs) or two of 16 (iq2_xs, iq2_s), whose groups of eight are 64-bit
+/// grid entries, two to an `i8x16`.
+fn iq2_runs(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    (wb, base, d): (Value, Value, Value),
+    sub: i32,
+    sink: &mut Sink,
+) {
+    let (scales, groups) = match format {
+        WeightFormat::Iq2Xxs => iq2_xxs_groups(b, wb, d, sub),
+        _ => iq2_groups(b, format, wb, d, sub),
+    };
+    let mut codes = Vec::with_capacity(8);
+    for pair in groups.chunks(2) {
+        let mut entries = [pair[0].0, pair[1].0];
+        for index in &mut entries {
+            let offset = b.ins().ishl_imm_s(*index, 3);
+            let at = b.ins().iadd(base, offset);
+            *index = b.ins().load(types::I64, mem(), at, 0);
+        }
+        let v = b.ins().scalar_to_vector(types::I64X2, entries[0]);
+        let v = b.ins().insertlane(v, entries[1], 1);
+        let magnitudes = b.ins().bitcast(types::I8X16, little(), v);
+        let high = b.ins().ishl_imm_s(pair[1].1, 8);
+        let signs = b.ins().bor(pair[0].1, high);
+        codes.extend(signed_codes(b, magnitudes, signs));
+    }
+    let per_run = 8 / scales.len();
+    for (run, &scale) in scales.iter().enumerate() {
         sink(
             b,
             Run {
-                codes,
-                x_at: 4 * 32 * sub,
+                codes: codes[per_run * run..per_run * (run + 1)].to_vec(),
+                x_at: 4 * (32 * sub + (4 * per_run * run) as i32),
                 scale,
                 offset: None,
             },
         );
     }
+}
+
+/// A group's grid index (`i64`) and sign byte (`i32`, bit `j` for value `j`).
+type Group = (Value, Value);
+
+/// iq2_xxs sub-block `sub`'s scale `d * (ls + 0.5) / 4` (`ls` the top four bits of the
+/// word at `6 + 8 sub`) and its four groups: index bytes `2 + 8 sub + g`, the word's
+/// 7-bit sign codes with their parities.
+fn iq2_xxs_groups(
+    b: &mut FunctionBuilder,
+    wb: Value,
+    d: Value,
+    sub: i32,
+) -> (Vec<Value>, [Group; 4]) {
+    let word = b.ins().load(types::I32, mem(), wb, 6 + 8 * sub);
+    let ls = b.ins().ushr_imm_s(word, 28);
+    let scale = half_odd_scale(b, d, ls, 0.25);
+    let groups = [0, 1, 2, 3].map(|g| {
+        let index = b.ins().uload8(types::I64, mem(), wb, 2 + 8 * sub + g);
+        let code = b.ins().ushr_imm_s(word, i64::from(7 * g));
+        (index, even_signs(b, code))
+    });
+    (vec![scale], groups)
+}
+
+/// iq2_xs or iq2_s sub-block `sub`'s two scales `d * (ls + 0.5) / 4` (the nibbles of
+/// byte `sub` of the scales) and its four groups: iq2_xs's 16-bit words `2 + 2 (4 sub +
+/// g)` (a 9-bit index under a 7-bit sign code, with its parity); iq2_s's index bytes
+/// `2 + 4 sub + g` under the bit pair `2g` of the sub-block's high byte, and its sign
+/// bytes.
+fn iq2_groups(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    wb: Value,
+    d: Value,
+    sub: i32,
+) -> (Vec<Value>, [Group; 4]) {
+    let scales_at = match format {
+        WeightFormat::Iq2Xs => IQ2_XS_SCALES_AT,
+        _ => IQ2_S_SCALES_AT,
+    } as i32;
+    let byte = b.ins().uload8(types::I32, mem(), wb, scales_at + sub);
+    let scales = [0, 4]
+        .map(|shift| {
+            let ls = b.ins().ushr_imm_s(byte, shift);
+            let ls = b.ins().band_imm_s(ls, 0xF);
+            half_odd_scale(b, d, ls, 0.25)
+        })
+        .to_vec();
+    let high = (format == WeightFormat::Iq2S).then(|| {
+        b.ins()
+            .uload8(types::I64, mem(), wb, IQ2_S_HIGH_AT as i32 + sub)
+    });
+    let groups = [0, 1, 2, 3].map(|g| match high {
+        None => {
+            let word = b
+                .ins()
+                .uload16(types::I32, mem(), wb, 2 + 2 * (4 * sub + g));
+            let index = b.ins().band_imm_s(word, 511);
+            let index = b.ins().uextend(types::I64, index);
+            let code = b.ins().ushr_imm_s(word, 9);
+            (index, even_signs(b, code))
+        }
+        Some(high) => {
+            let low = b.ins().uload8(types::I64, mem(), wb, 2 + 4 * sub + g);
+            let bits = b.ins().ushr_imm_s(high, i64::from(2 * g));
+            let bits = b.ins().band_imm_s(bits, 3);
+            let bits = b.ins().ishl_imm_s(bits, 8);
+            let index = b.ins().bor(low, bits);
+            let signs_at = IQ2_S_SIGNS_AT as i32 + 4 * sub + g;
+            (index, b.ins().uload8(types::I32, mem(), wb, signs_at))
+        }
+    });
+    (scales, groups)
+}
+
+/// `d * (ls + 0.5) * factor` of the `i32` multiplier `ls`, as ggml computes the scales of
+/// iq3_xxs (`factor` 0.5) and the IQ2 formats (0.25).
+fn half_odd_scale(b: &mut FunctionBuilder, d: Value, ls: Value, factor: f32) -> Value {
+    let ls = b.ins().fcvt_from_uint(types::F32, ls);
+    let half = b.ins().f32const(0.5);
+    let odd = b.ins().fadd(ls, half);
+    let scale = b.ins().fmul(d, odd);
+    let factor = b.ins().f32const(factor);
+    b.ins().fmul(scale, factor)
+}
+
+/// The sign byte of the 7-bit code in the low bits of the `i32` `code` (above them is
+/// ignored): the code, with bit 7 set where its count of ones is odd
+/// (`llm_ir::interp::lattice::EVEN_SIGNS`).
+fn even_signs(b: &mut FunctionBuilder, code: Value) -> Value {
+    let code = b.ins().band_imm_s(code, 0x7F);
+    let parity = b.ins().popcnt(code);
+    let parity = b.ins().band_imm_s(parity, 1);
+    let parity = b.ins().ishl_imm_s(parity, 7);
+    b.ins().bor(code, parity)
 }
 
 /// The grid entry (an `i32` of four magnitude bytes) of group `group` of sub-block `sub`
@@ -122,19 +295,11 @@ fn iq3_xxs_scale_signs(
         .ins()
         .load(types::I32, mem(), wb, IQ3_XXS_WORDS_AT as i32 + 4 * sub);
     let ls = b.ins().ushr_imm_s(word, 28);
-    let ls = b.ins().fcvt_from_uint(types::F32, ls);
-    let half = b.ins().f32const(0.5);
-    let factor = b.ins().fadd(ls, half);
-    let scale = b.ins().fmul(d, factor);
-    let scale = b.ins().fmul(scale, half);
+    let scale = half_odd_scale(b, d, ls, 0.5);
     let runs: Vec<Value> = (0..4)
         .map(|run| {
             let code = b.ins().ushr_imm_s(word, 7 * run);
-            let code = b.ins().band_imm_s(code, 0x7F);
-            let parity = b.ins().popcnt(code);
-            let parity = b.ins().band_imm_s(parity, 1);
-            let parity = b.ins().ishl_imm_s(parity, 7);
-            b.ins().bor(code, parity)
+            even_signs(b, code)
         })
         .collect();
     let halves = [0, 2].map(|r| {

@@ -214,6 +214,9 @@ mod tests {
             WeightFormat::Iq4Xs,
             WeightFormat::Iq3Xxs,
             WeightFormat::Iq3S,
+            WeightFormat::Iq2Xxs,
+            WeightFormat::Iq2Xs,
+            WeightFormat::Iq2S,
             WeightFormat::PackedF16,
             WeightFormat::PackedBF16,
         ];

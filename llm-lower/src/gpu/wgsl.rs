@@ -19,9 +19,10 @@ use llm_ir::{
             attention::{Scale, Scoring},
             fused::{ScalarBody, ScalarStep},
         },
+        iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     },
-    types::{IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, Reduction},
+    types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, Reduction},
 };
 
 use super::ieee::{CORRECTLY_ROUNDED, EXACT};
@@ -1093,7 +1094,10 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Q5K
         | WeightFormat::Iq4Xs
         | WeightFormat::Iq3Xxs
-        | WeightFormat::Iq3S => format!(
+        | WeightFormat::Iq3S
+        | WeightFormat::Iq2Xxs
+        | WeightFormat::Iq2Xs
+        | WeightFormat::Iq2S => format!(
             "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
             c.weight.row_bytes(256),
             kquant_decoder(c.weight, false).unwrap_or_default()
@@ -1166,7 +1170,11 @@ fn weight_value(c: &Contraction) -> String {
             );
             s.push_str(scale_reader(scale));
         }
-        WeightFormat::Iq3Xxs | WeightFormat::Iq3S => s.push_str(&lattice_grid(c.weight)),
+        WeightFormat::Iq3Xxs
+        | WeightFormat::Iq3S
+        | WeightFormat::Iq2Xxs
+        | WeightFormat::Iq2Xs
+        | WeightFormat::Iq2S => s.push_str(&lattice_grid(c.weight)),
         _ => {}
     }
     let _ = write!(s, "fn weight_at(row: u32, i: u32) -> f32 {{\n{body}}}\n");
@@ -2476,21 +2484,55 @@ fn iq4_level() -> String {
     )
 }
 
-/// The module-scope `GRID` a lattice format's decoder reads (`llm_ir::types::IQ3XXS_GRID`
-/// or `IQ3S_GRID`): a private array, which each invocation initializes once.
+/// The module-scope `GRID` a lattice format's decoder reads: IQ3's grids as they are
+/// (`llm_ir::types::IQ3XXS_GRID`, `IQ3S_GRID`), and IQ2's three magnitudes (8, 25, 43) as
+/// 2-bit levels, entry `i`'s eight in the 16 bits at `16 (i % 2)` of word `i / 2`, read by
+/// the emitted `grid_magnitude(i, j)` (a quarter of the 64-bit entries' size: a private
+/// array, which each invocation initializes once, so the smaller the better).
 fn lattice_grid(format: WeightFormat) -> String {
-    let grid: &[u32] = if format == WeightFormat::Iq3Xxs {
-        &IQ3XXS_GRID
-    } else {
-        &IQ3S_GRID
+    let packed = |grid: &[u64]| -> Vec<u32> {
+        let levels = |e: u64| -> u32 {
+            (0..8).fold(0, |bits, j| {
+                let level = match (e >> (8 * j)) as u8 {
+                    8 => 0,
+                    25 => 1,
+                    _ => 2,
+                };
+                bits | level << (2 * j)
+            })
+        };
+        grid.chunks(2)
+            .map(|pair| levels(pair[0]) | levels(pair[1]) << 16)
+            .collect()
+    };
+    let grid: Vec<u32> = match format {
+        WeightFormat::Iq3Xxs => IQ3XXS_GRID.to_vec(),
+        WeightFormat::Iq3S => IQ3S_GRID.to_vec(),
+        WeightFormat::Iq2Xxs => packed(&IQ2XXS_GRID),
+        WeightFormat::Iq2Xs => packed(&IQ2XS_GRID),
+        WeightFormat::Iq2S => packed(&IQ2S_GRID),
+        other => unreachable!("{other:?} has no grid"),
     };
     let entries: Vec<String> = grid.iter().map(|e| format!("{e:#010x}u")).collect();
-    format!(
+    let mut s = format!(
         "var<private> GRID: array<u32, {}> = array<u32, {}>({});\n",
         grid.len(),
         grid.len(),
         entries.join(", ")
-    )
+    );
+    if matches!(
+        format,
+        WeightFormat::Iq2Xxs | WeightFormat::Iq2Xs | WeightFormat::Iq2S
+    ) {
+        s.push_str(
+            "fn grid_magnitude(i: u32, j: u32) -> u32 {
+    let level = (GRID[i / 2u] >> (16u * (i % 2u) + 2u * j)) & 3u;
+    return 8u + 17u * level + level / 2u;
+}
+",
+        );
+    }
+    s
 }
 
 /// WGSL statements returning element `e` (below 32) of the block in `format` at byte `o`
@@ -2636,6 +2678,45 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let negative = (byte_at(o + {IQ3_S_SIGNS_AT}u + e / 8u) >> (e % 8u)) & 1u;
     let ls = (byte_at(o + {IQ3_S_SCALES_AT}u + sub / 2u) >> (4u * (sub % 2u))) & 15u;
     return half_at(o) * f32(1u + 2u * ls) * f32(m) * select(1.0, -1.0, negative == 1u);
+"
+        ),
+        // iq2_xxs: group `l / 8` of sub-block `sub` indexes the grid;
+        // its 7-bit sign code in the sub-block's word gains a parity bit; the scale is the
+        // word's top nibble.
+        WeightFormat::Iq2Xxs => "    let sub = e / 32u;
+    let l = e % 32u;
+    let w = o + 6u + 8u * sub;
+    let word = byte_at(w) | (byte_at(w + 1u) << 8u) | (byte_at(w + 2u) << 16u) | (byte_at(w + 3u) << 24u);
+    let code = (word >> (7u * (l / 8u))) & 127u;
+    let signs = code | ((countOneBits(code) & 1u) << 7u);
+    let m = grid_magnitude(byte_at(o + 2u + 8u * sub + l / 8u), l % 8u);
+    let sign = select(1.0, -1.0, ((signs >> (l % 8u)) & 1u) == 1u);
+    return half_at(o) * (0.5 + f32(word >> 28u)) * 0.25 * f32(m) * sign;
+"
+        .to_string(),
+        // iq2_xs: group `g`'s 16-bit word holds its 9-bit index under its 7-bit sign code
+        // (with a parity bit); the scale of each 16 values a nibble.
+        WeightFormat::Iq2Xs => format!(
+            "    let g = e / 8u;
+    let word = byte_at(o + 2u + 2u * g) | (byte_at(o + 3u + 2u * g) << 8u);
+    let code = word >> 9u;
+    let signs = code | ((countOneBits(code) & 1u) << 7u);
+    let m = grid_magnitude(word & 511u, e % 8u);
+    let sign = select(1.0, -1.0, ((signs >> (e % 8u)) & 1u) == 1u);
+    let ls = (byte_at(o + {IQ2_XS_SCALES_AT}u + e / 32u) >> (4u * ((e / 16u) % 2u))) & 15u;
+    return half_at(o) * (0.5 + f32(ls)) * 0.25 * f32(m) * sign;
+"
+        ),
+        // iq2_s: group `g`'s index takes bit pair `g % 4` of its sub-block's high byte;
+        // value `e`'s sign is bit `e % 8` of sign byte `g`; the scale of each 16 a nibble.
+        WeightFormat::Iq2S => format!(
+            "    let g = e / 8u;
+    let sub = e / 32u;
+    let index = byte_at(o + 2u + g) | (((byte_at(o + {IQ2_S_HIGH_AT}u + sub) >> (2u * (g % 4u))) & 3u) << 8u);
+    let m = grid_magnitude(index, e % 8u);
+    let negative = (byte_at(o + {IQ2_S_SIGNS_AT}u + g) >> (e % 8u)) & 1u;
+    let ls = (byte_at(o + {IQ2_S_SCALES_AT}u + sub) >> (4u * ((e / 16u) % 2u))) & 15u;
+    return half_at(o) * (0.5 + f32(ls)) * 0.25 * f32(m) * select(1.0, -1.0, negative == 1u);
 "
         ),
         WeightFormat::Q2K => format!(

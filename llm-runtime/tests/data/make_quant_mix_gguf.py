@@ -4,7 +4,7 @@ and rows that are not whole super-blocks fall back to Q5_0, Q5_1 or Q8_0, or in 
 files to IQ4_NL), written by the `gguf` Python package's own writer (no llmc code
 involved).
 
-The K-quant, IQ4_NL, IQ4_XS, IQ3_XXS and IQ3_S blocks are random and valid (random bytes
+The K-quant, IQ4_NL, IQ4_XS, IQ3 and IQ2 blocks are random and valid (random bytes
 with each block's f16 scales set so that weights stay below about 0.1); the Q5_0 and Q5_1
 matrices are seeded
 weights that the package quantizes. Norms are F32 near one.
@@ -34,16 +34,21 @@ BLOCKS = {
     T.IQ4_XS: (136, [0], 32 * 127),
     T.IQ3_XXS: (98, [0], 481),
     T.IQ3_S: (110, [0], 465),
+    T.IQ2_XXS: (66, [0], 167),
+    T.IQ2_XS: (74, [0], 167),
+    T.IQ2_S: (82, [0], 167),
 }
 
 # Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it (its feed-forward up
-# projection as an IQ3_M file), layer 1 as a Q2_K file (its query as an IQ4_XS file, its
-# attention output as an IQ3_XXS file), with three of llama.cpp's fallback types.
+# projection as an IQ3_M file, its gate as an IQ2_M file, its attention output as an
+# IQ2_XXS file), layer 1 as a Q2_K file (its query as an IQ4_XS file, its attention output
+# as an IQ3_XXS file, its down projection as an IQ2_XS file), with three of llama.cpp's
+# fallback types.
 LAYER_TYPES = [
-    {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.Q4_K,
-     "ffn_gate": T.Q4_K, "ffn_up": T.IQ3_S, "ffn_down": T.Q5_K},
+    {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.IQ2_XXS,
+     "ffn_gate": T.IQ2_S, "ffn_up": T.IQ3_S, "ffn_down": T.Q5_K},
     {"attn_q": T.IQ4_XS, "attn_k": T.IQ4_NL, "attn_v": T.Q3_K, "attn_output": T.IQ3_XXS,
-     "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.Q3_K},
+     "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.IQ2_XS},
 ]
 
 
