@@ -101,9 +101,9 @@ pub enum WeightFormat {
     /// index into `llm_ir::types::IQ2XS_GRID` and a 7-bit sign code, and a 4-bit scale per
     /// 16 values.
     Iq2Xs,
-    /// GGUF iq2_s: super-blocks of 256 (82 bytes): an f16 scale, 32 ten-bit indices into
-    /// `llm_ir::types::IQ2S_GRID` (low bytes, then high bit pairs), a sign bit per value
-    /// and a 4-bit scale per 16 values.
+    /// GGUF iq2_s: super-blocks of 256 (82 bytes): an f16 scale, the low bytes of 32
+    /// ten-bit indices into `llm_ir::types::IQ2S_GRID`, a sign bit per value, the indices'
+    /// high bit pairs, and a 4-bit scale per 16 values.
     Iq2S,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.

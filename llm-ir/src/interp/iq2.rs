@@ -24,7 +24,7 @@
 //! near-Gaussian values (`tests/quant.rs`) their errors lie beyond q2_k's, the smaller the
 //! format the further.
 
-use super::lattice::{EVEN_SIGNS, Format, group_values, quantize_super_block};
+use super::lattice::{EVEN_SIGNS, Format, group_values, nibble_pairs, quantize_super_block};
 use super::quant::f16_at;
 use crate::types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID};
 
@@ -35,6 +35,10 @@ pub const IQ2_XS_BYTES: usize = 74;
 /// Bytes of an IQ2_S super-block.
 pub const IQ2_S_BYTES: usize = 82;
 
+/// Where an IQ2_XXS super-block's first sub-block word (four 7-bit sign codes under a 4-bit
+/// scale) starts, after `d` and the sub-block's four index bytes; sub-block `s`'s is at
+/// `IQ2_XXS_WORDS_AT + 8 s`.
+pub const IQ2_XXS_WORDS_AT: usize = 6;
 /// Where an IQ2_XS super-block's 4-bit scales start, after `d` and the 32 index words.
 pub const IQ2_XS_SCALES_AT: usize = 66;
 /// Where an IQ2_S super-block's sign bytes start, after `d` and the 32 low index bytes.
@@ -54,12 +58,12 @@ fn half_multipliers(b: &[u8], at: usize, sub: usize) -> [u8; 2] {
 pub fn dequantize_iq2_xxs(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 0);
     for sub in 0..8 {
-        let at = 2 + 8 * sub;
-        let word = u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]);
+        let at = IQ2_XXS_WORDS_AT + 8 * sub;
+        let word = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         let scale = Format::Iq2Xxs.scale(d, (word >> 28) as u8);
         for group in 0..4 {
             let signs = EVEN_SIGNS[(word >> (7 * group) & 0x7F) as usize];
-            let entry = IQ2XXS_GRID[usize::from(b[at + group])];
+            let entry = IQ2XXS_GRID[usize::from(b[2 + 8 * sub + group])];
             out.extend(group_values::<8>(entry, scale, signs));
         }
     }
@@ -123,7 +127,7 @@ pub fn quantize_iq2_xs(x: &[f32]) -> Vec<u8> {
             out.extend(word.to_le_bytes());
         }
     }
-    out.extend(runs.chunks(2).map(|pair| pair[0].0 | pair[1].0 << 4));
+    out.extend(nibble_pairs(&runs));
     out
 }
 
@@ -143,6 +147,6 @@ pub fn quantize_iq2_s(x: &[f32]) -> Vec<u8> {
         high[g / 4] |= ((i >> 8) as u8) << (2 * (g % 4));
     }
     out.extend(high);
-    out.extend(runs.chunks(2).map(|pair| pair[0].0 | pair[1].0 << 4));
+    out.extend(nibble_pairs(&runs));
     out
 }

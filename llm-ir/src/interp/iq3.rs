@@ -22,7 +22,7 @@
 //! values (`tests/quant.rs`) iq3_s's error is q3_k's and iq3_xxs's between q3_k's and
 //! q2_k's.
 
-use super::lattice::{EVEN_SIGNS, Format, group_values, quantize_super_block};
+use super::lattice::{EVEN_SIGNS, Format, group_values, nibble_pairs, quantize_super_block};
 use super::quant::f16_at;
 use crate::types::{IQ3S_GRID, IQ3XXS_GRID};
 
@@ -104,8 +104,6 @@ pub fn quantize_iq3_s(x: &[f32]) -> Vec<u8> {
     }
     out.extend(high);
     out.extend(subs.iter().flat_map(|(_, e)| e.signs));
-    for pair in subs.chunks(2) {
-        out.push(pair[0].0 | pair[1].0 << 4);
-    }
+    out.extend(nibble_pairs(&subs));
     out
 }

@@ -76,7 +76,7 @@ impl Format {
     }
 
     /// Values under one 4-bit multiplier.
-    pub(super) fn run_len(self) -> usize {
+    fn run_len(self) -> usize {
         match self {
             Format::Iq3Xxs | Format::Iq3S | Format::Iq2Xxs => 32,
             Format::Iq2Xs | Format::Iq2S => 16,
@@ -283,8 +283,8 @@ fn encode_run(format: Format, x: &[f32], scale: f32, exact: bool) -> Encoded {
         signs: [0; 4],
         error: 0.0,
     };
-    for (run, values) in x.chunks(8).enumerate() {
-        let signs = &mut encoded.signs[run];
+    for (eight, values) in x.chunks(8).enumerate() {
+        let signs = &mut encoded.signs[eight];
         for (j, &v) in values.iter().enumerate() {
             if v < 0.0 {
                 *signs |= 1 << j;
@@ -379,6 +379,14 @@ fn run_scale(format: Format, x: &[f32]) -> f32 {
     } else {
         scale
     }
+}
+
+/// The runs' 4-bit multipliers two to a byte, the first in the low nibble (IQ3_S's,
+/// IQ2_XS's and IQ2_S's scale bytes).
+pub(super) fn nibble_pairs(runs: &[(u8, Encoded)]) -> Vec<u8> {
+    runs.chunks(2)
+        .map(|pair| pair[0].0 | pair[1].0 << 4)
+        .collect()
 }
 
 /// The super-block scale `d` (rounded to f16) of the 256 values `x`, and each run's 4-bit

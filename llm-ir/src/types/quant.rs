@@ -21,7 +21,7 @@
 //! | `iq3_s` | 256 | 110 | f16 d, 64 low bytes of indices into [`IQ3S_GRID`](super::IQ3S_GRID), 8 bytes of their ninth bits, 32 bytes of signs, 4 bytes of 4-bit sub-block scales |
 //! | `iq2_xxs` | 256 | 66 | f16 d, per sub-block of 32 four indices into [`IQ2XXS_GRID`](super::IQ2XXS_GRID) (groups of 8) and a 32-bit word of four 7-bit sign codes and a 4-bit scale |
 //! | `iq2_xs` | 256 | 74 | f16 d, 32 16-bit words of a 9-bit index into [`IQ2XS_GRID`](super::IQ2XS_GRID) and a 7-bit sign code, 8 bytes of 4-bit scales (one per 16 values) |
-//! | `iq2_s` | 256 | 82 | f16 d, 32 low bytes of indices into [`IQ2S_GRID`](super::IQ2S_GRID), 32 bytes of signs, 8 bytes of their high bit pairs, 8 bytes of 4-bit scales (one per 16 values) |
+//! | `iq2_s` | 256 | 82 | f16 d, 32 low bytes of indices into [`IQ2S_GRID`](super::IQ2S_GRID), 32 bytes of signs, 8 bytes of the indices' high bit pairs, 8 bytes of 4-bit scales (one per 16 values) |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!

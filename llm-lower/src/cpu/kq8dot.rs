@@ -25,7 +25,7 @@
 //!   times the level carrying `qx`'s sign, exact since no level is -128;
 //! - the lattice formats: eight sub-blocks of 32, value `scale * magnitude * sign` (a
 //!   sub-block's 32 magnitudes gathered from the format's grid, eight 32-bit entries of
-//!   four by `vpgatherdd` for IQ3, four 64-bit entries of eight by `vpgatherqq` for IQ2;
+//!   four by `vpgatherdd` for IQ3, four 64-bit entries of eight by `vpgatherdq` for IQ2;
 //!   the 32 sign bits, where stored as 7-bit codes with their parities looked up, made a
 //!   byte mask that negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's
 //!   AVX2 levels do, and each 16 values' sums take their run's scale (iq2_xs and iq2_s
@@ -703,8 +703,9 @@ unsafe fn lattice_rows<Q: QuadSums, const TILE: usize, L: LatticeBlocks>(
             let scales = L::scales(block, d);
             for t in 0..TILE {
                 let dx = _mm256_loadu_ps(a[t].dx.as_ptr().add(8 * sb));
-                for (half, &scale) in scales.iter().enumerate() {
-                    _mm256_storeu_ps(factors[t][half].as_mut_ptr(), _mm256_mul_ps(scale, dx));
+                _mm256_storeu_ps(factors[t][0].as_mut_ptr(), _mm256_mul_ps(scales[0], dx));
+                if L::HALVES {
+                    _mm256_storeu_ps(factors[t][1].as_mut_ptr(), _mm256_mul_ps(scales[1], dx));
                 }
             }
             for pair in 0..4 {
@@ -828,7 +829,7 @@ struct Iq3XxsBlocks;
 
 #[cfg(target_arch = "x86_64")]
 impl LatticeBlocks for Iq3XxsBlocks {
-    const BYTES: usize = 98;
+    const BYTES: usize = llm_ir::interp::iq3::IQ3_XXS_BYTES;
     const HALVES: bool = false;
 
     #[inline(always)]
@@ -874,7 +875,7 @@ struct Iq3SBlocks;
 
 #[cfg(target_arch = "x86_64")]
 impl LatticeBlocks for Iq3SBlocks {
-    const BYTES: usize = 110;
+    const BYTES: usize = llm_ir::interp::iq3::IQ3_S_BYTES;
     const HALVES: bool = false;
 
     #[inline(always)]
@@ -941,14 +942,15 @@ unsafe fn gather_entries(
 }
 
 /// iq2_xxs (66 bytes): per sub-block four index bytes at `2 + 8 j` into
-/// [`llm_ir::types::IQ2XXS_GRID`] and a word at `6 + 8 j` of four 7-bit sign codes under
+/// [`llm_ir::types::IQ2XXS_GRID`] and a word at `6 + 8 j` (`IQ2_XXS_WORDS_AT`) of four
+/// 7-bit sign codes under
 /// the 4-bit `ls` of scale `d * (ls + 0.5) * 0.25`.
 #[cfg(target_arch = "x86_64")]
 struct Iq2XxsBlocks;
 
 #[cfg(target_arch = "x86_64")]
 impl LatticeBlocks for Iq2XxsBlocks {
-    const BYTES: usize = 66;
+    const BYTES: usize = llm_ir::interp::iq2::IQ2_XXS_BYTES;
     const HALVES: bool = false;
 
     #[inline(always)]
@@ -956,10 +958,15 @@ impl LatticeBlocks for Iq2XxsBlocks {
         block: *const u8,
         d: std::arch::x86_64::__m256,
     ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq2::IQ2_XXS_WORDS_AT;
         use std::arch::x86_64::*;
         // SAFETY: the words are inside the super-block (the contract).
         unsafe {
-            let at = _mm256_setr_epi32(6, 14, 22, 30, 38, 46, 54, 62);
+            let first = IQ2_XXS_WORDS_AT as i32;
+            let at = _mm256_add_epi32(
+                _mm256_set1_epi32(first),
+                _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56),
+            );
             let words = _mm256_i32gather_epi32::<1>(block.cast(), at);
             [half_odd_scales(d, _mm256_srli_epi32(words, 28), 0.25); 2]
         }
@@ -967,14 +974,17 @@ impl LatticeBlocks for Iq2XxsBlocks {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-        use llm_ir::types::IQ2XXS_GRID;
+        use llm_ir::{interp::iq2::IQ2_XXS_WORDS_AT, types::IQ2XXS_GRID};
         use std::arch::x86_64::*;
         // SAFETY: the bytes are inside the super-block (the contract); the indices are
         // bytes, below the grid's 256 entries.
         unsafe {
             let at = block.add(2 + 8 * j);
             let index = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(at.cast::<i32>().read_unaligned()));
-            let word = at.add(4).cast::<u32>().read_unaligned();
+            let word = block
+                .add(IQ2_XXS_WORDS_AT + 8 * j)
+                .cast::<u32>()
+                .read_unaligned();
             let signs = even_sign_bytes([word, word >> 7, word >> 14, word >> 21]);
             signed_magnitudes(gather_entries(&IQ2XXS_GRID, index), signs)
         }
@@ -989,7 +999,7 @@ struct Iq2XsBlocks;
 
 #[cfg(target_arch = "x86_64")]
 impl LatticeBlocks for Iq2XsBlocks {
-    const BYTES: usize = 74;
+    const BYTES: usize = llm_ir::interp::iq2::IQ2_XS_BYTES;
     const HALVES: bool = true;
 
     #[inline(always)]
@@ -1027,7 +1037,7 @@ struct Iq2SBlocks;
 
 #[cfg(target_arch = "x86_64")]
 impl LatticeBlocks for Iq2SBlocks {
-    const BYTES: usize = 82;
+    const BYTES: usize = llm_ir::interp::iq2::IQ2_S_BYTES;
     const HALVES: bool = true;
 
     #[inline(always)]
@@ -1238,7 +1248,7 @@ struct Q3kRuns;
 
 #[cfg(target_arch = "x86_64")]
 impl Sixteens for Q3kRuns {
-    const BYTES: usize = 110;
+    const BYTES: usize = llm_ir::interp::iq3::IQ3_S_BYTES;
     // `4 * Σ qx`: the 32 times of `Activations::centre` over 8.
     const CENTRE_SHIFT: Option<i32> = Some(3);
 

@@ -14,7 +14,7 @@ use cranelift_codegen::ir::{GlobalValue, InstBuilder, Value, types};
 use cranelift_frontend::FunctionBuilder;
 use llm_ir::{
     interp::{
-        iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT},
+        iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT, IQ2_XXS_WORDS_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     },
     types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID},
@@ -46,8 +46,8 @@ pub fn grid_address(format: WeightFormat) -> *const u8 {
     }
 }
 
-/// Decodes the lattice-format super-block at `wb` into its eight runs; `grid` is the
-/// format's imported grid.
+/// Decodes the lattice-format super-block at `wb` into its runs (eight of 32, or sixteen
+/// of 16 for iq2_xs and iq2_s); `grid` is the format's imported grid.
 pub(super) fn runs(
     b: &mut FunctionBuilder,
     format: WeightFormat,
@@ -60,7 +60,7 @@ pub(super) fn runs(
     for sub in 0..8i32 {
         match format {
             WeightFormat::Iq3Xxs | WeightFormat::Iq3S => {
-                iq3_runs(b, format, (wb, base, d), sub, sink)
+                iq3_run(b, format, (wb, base, d), sub, sink)
             }
             _ => iq2_runs(b, format, (wb, base, d), sub, sink),
         }
@@ -69,7 +69,7 @@ pub(super) fn runs(
 
 /// Decodes sub-block `sub` of the iq3 super-block at `wb` (scale `d`, grid at `base`) into
 /// one run.
-fn iq3_runs(
+fn iq3_run(
     b: &mut FunctionBuilder,
     format: WeightFormat,
     (wb, base, d): (Value, Value, Value),
@@ -173,7 +173,8 @@ fn iq2_xxs_groups(
     d: Value,
     sub: i32,
 ) -> (Vec<Value>, [Group; 4]) {
-    let word = b.ins().load(types::I32, mem(), wb, 6 + 8 * sub);
+    let at = IQ2_XXS_WORDS_AT as i32 + 8 * sub;
+    let word = b.ins().load(types::I32, mem(), wb, at);
     let ls = b.ins().ushr_imm_s(word, 28);
     let scale = half_odd_scale(b, d, ls, 0.25);
     let groups = [0, 1, 2, 3].map(|g| {

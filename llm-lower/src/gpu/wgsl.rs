@@ -19,7 +19,7 @@ use llm_ir::{
             attention::{Scale, Scoring},
             fused::{ScalarBody, ScalarStep},
         },
-        iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT},
+        iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT, IQ2_XXS_WORDS_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     },
     types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, Reduction},
@@ -2496,7 +2496,8 @@ fn lattice_grid(format: WeightFormat) -> String {
                 let level = match (e >> (8 * j)) as u8 {
                     8 => 0,
                     25 => 1,
-                    _ => 2,
+                    43 => 2,
+                    other => unreachable!("{other} is not an IQ2 magnitude"),
                 };
                 bits | level << (2 * j)
             })
@@ -2683,9 +2684,10 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
         // iq2_xxs: group `l / 8` of sub-block `sub` indexes the grid;
         // its 7-bit sign code in the sub-block's word gains a parity bit; the scale is the
         // word's top nibble.
-        WeightFormat::Iq2Xxs => "    let sub = e / 32u;
+        WeightFormat::Iq2Xxs => format!(
+            "    let sub = e / 32u;
     let l = e % 32u;
-    let w = o + 6u + 8u * sub;
+    let w = o + {IQ2_XXS_WORDS_AT}u + 8u * sub;
     let word = byte_at(w) | (byte_at(w + 1u) << 8u) | (byte_at(w + 2u) << 16u) | (byte_at(w + 3u) << 24u);
     let code = (word >> (7u * (l / 8u))) & 127u;
     let signs = code | ((countOneBits(code) & 1u) << 7u);
@@ -2693,7 +2695,7 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let sign = select(1.0, -1.0, ((signs >> (l % 8u)) & 1u) == 1u);
     return half_at(o) * (0.5 + f32(word >> 28u)) * 0.25 * f32(m) * sign;
 "
-        .to_string(),
+        ),
         // iq2_xs: group `g`'s 16-bit word holds its 9-bit index under its 7-bit sign code
         // (with a parity bit); the scale of each 16 values a nibble.
         WeightFormat::Iq2Xs => format!(
