@@ -26,8 +26,8 @@
 //! - the lattice formats: eight sub-blocks of 32, value `scale * magnitude * sign` (a
 //!   sub-block's 32 magnitudes gathered from the format's grid, eight 32-bit entries of
 //!   four by `vpgatherdd` for IQ3, four 64-bit entries of eight by `vpgatherdq` for IQ2;
-//!   the 32 sign bits, where stored as 7-bit codes with their parities looked up, made a
-//!   byte mask that negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's
+//!   the 32 sign bits, where stored as 7-bit codes given their parity bits in registers,
+//!   made a byte mask that negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's
 //!   AVX2 levels do, and each 16 values' sums take their run's scale (iq2_xs and iq2_s
 //!   scale every 16, the others every 32).
 //!
@@ -762,18 +762,45 @@ unsafe fn signed_magnitudes(
     }
 }
 
-/// The sign bytes of four 7-bit codes (the low seven bits of each of `codes`), each with
-/// the parity bit that makes its count of ones even, looked up in
-/// [`llm_ir::interp::lattice::EVEN_SIGNS`]: sign byte `r` at bits `8 r`.
+/// The sign bytes of four 7-bit codes (the low seven bits of each 32-bit lane of `codes`),
+/// each with the parity bit that makes its count of ones even (as
+/// [`llm_ir::interp::lattice::EVEN_SIGNS`] holds them), in registers: the parity of each
+/// nibble looked up by a byte shuffle, the two nibbles' combined; sign byte `r` at bits
+/// `8 r`.
+///
+/// # Safety
+///
+/// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn even_sign_bytes(codes: [u32; 4]) -> u32 {
-    use llm_ir::interp::lattice::EVEN_SIGNS;
-    let mut signs = 0;
-    for (r, code) in codes.into_iter().enumerate() {
-        signs |= u32::from(EVEN_SIGNS[(code & 0x7F) as usize]) << (8 * r);
+unsafe fn even_sign_bytes(codes: std::arch::x86_64::__m128i) -> u32 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 (and so SSSE3) is the caller's.
+    unsafe {
+        let codes = _mm_and_si128(codes, _mm_set1_epi32(0x7F));
+        // Bit 7 set for the nibbles with an odd count of ones.
+        let odd = _mm_setr_epi8(
+            0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+        );
+        let low = _mm_shuffle_epi8(odd, codes);
+        let high = _mm_shuffle_epi8(odd, _mm_srli_epi32(codes, 4));
+        let signs = _mm_or_si128(codes, _mm_xor_si128(low, high));
+        let bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        _mm_cvtsi128_si32(_mm_shuffle_epi8(signs, bytes)) as u32
     }
-    signs
+}
+
+/// The four 7-bit sign codes of a 32-bit word (code `r` at bit `7 r`), one a 32-bit lane.
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn word_codes(word: u32) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe { _mm_srlv_epi32(_mm_set1_epi32(word as i32), _mm_setr_epi32(0, 7, 14, 21)) }
 }
 
 /// `d * (ls + 0.5) * factor` of the multipliers `ls`, lane by lane.
@@ -859,7 +886,7 @@ impl LatticeBlocks for Iq3XxsBlocks {
                 .add(IQ3_XXS_WORDS_AT + 4 * j)
                 .cast::<u32>()
                 .read_unaligned();
-            let signs = even_sign_bytes([word, word >> 7, word >> 14, word >> 21]);
+            let signs = even_sign_bytes(word_codes(word));
             let grid: *const i32 = IQ3XXS_GRID.as_ptr().cast();
             signed_magnitudes(_mm256_i32gather_epi32::<4>(grid, index), signs)
         }
@@ -985,7 +1012,7 @@ impl LatticeBlocks for Iq2XxsBlocks {
                 .add(IQ2_XXS_WORDS_AT + 8 * j)
                 .cast::<u32>()
                 .read_unaligned();
-            let signs = even_sign_bytes([word, word >> 7, word >> 14, word >> 21]);
+            let signs = even_sign_bytes(word_codes(word));
             signed_magnitudes(gather_entries(&IQ2XXS_GRID, index), signs)
         }
     }
@@ -1021,9 +1048,8 @@ impl LatticeBlocks for Iq2XsBlocks {
         unsafe {
             let words = _mm_cvtepu16_epi32(_mm_loadl_epi64(block.add(2 + 8 * j).cast()));
             let index = _mm_and_si128(words, _mm_set1_epi32(511));
-            let mut codes = [0u32; 4];
-            _mm_storeu_si128(codes.as_mut_ptr().cast(), _mm_srli_epi32(words, 9));
-            signed_magnitudes(gather_entries(&IQ2XS_GRID, index), even_sign_bytes(codes))
+            let signs = even_sign_bytes(_mm_srli_epi32(words, 9));
+            signed_magnitudes(gather_entries(&IQ2XS_GRID, index), signs)
         }
     }
 }
