@@ -2488,7 +2488,8 @@ fn iq4_level() -> String {
 /// (`llm_ir::types::IQ3XXS_GRID`, `IQ3S_GRID`), and IQ2's three magnitudes (8, 25, 43) as
 /// 2-bit levels, entry `i`'s eight in the 16 bits at `16 (i % 2)` of word `i / 2`, read by
 /// the emitted `grid_magnitude(i, j)` (a quarter of the 64-bit entries' size: a private
-/// array, which each invocation initializes once, so the smaller the better).
+/// array, which each invocation initializes once, so the smaller the better); and for the
+/// formats of 7-bit sign codes the emitted `even_signs(code)`, a code with its parity bit.
 fn lattice_grid(format: WeightFormat) -> String {
     let packed = |grid: &[u64]| -> Vec<u32> {
         let levels = |e: u64| -> u32 {
@@ -2529,6 +2530,20 @@ fn lattice_grid(format: WeightFormat) -> String {
             "fn grid_magnitude(i: u32, j: u32) -> u32 {
     let level = (GRID[i / 2u] >> (16u * (i % 2u) + 2u * j)) & 3u;
     return 8u + 17u * level + level / 2u;
+}
+",
+        );
+    }
+    if matches!(
+        format,
+        WeightFormat::Iq3Xxs | WeightFormat::Iq2Xxs | WeightFormat::Iq2Xs
+    ) {
+        // A 7-bit sign code (the low bits of `code`) with the parity bit that makes its
+        // count of ones even (`llm_ir::interp::lattice::EVEN_SIGNS`).
+        s.push_str(
+            "fn even_signs(code: u32) -> u32 {
+    let low = code & 127u;
+    return low | ((countOneBits(low) & 1u) << 7u);
 }
 ",
         );
@@ -2662,8 +2677,7 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let l = e % 32u;
     let w = o + {IQ3_XXS_WORDS_AT}u + 4u * sub;
     let word = byte_at(w) | (byte_at(w + 1u) << 8u) | (byte_at(w + 2u) << 16u) | (byte_at(w + 3u) << 24u);
-    let code = (word >> (7u * (l / 8u))) & 127u;
-    let signs = code | ((countOneBits(code) & 1u) << 7u);
+    let signs = even_signs(word >> (7u * (l / 8u)));
     let m = (GRID[byte_at(o + 2u + 8u * sub + l / 4u)] >> (8u * (l % 4u))) & 255u;
     let sign = select(1.0, -1.0, ((signs >> (l % 8u)) & 1u) == 1u);
     return half_at(o) * (0.5 + f32(word >> 28u)) * 0.5 * f32(m) * sign;
@@ -2689,8 +2703,7 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let l = e % 32u;
     let w = o + {IQ2_XXS_WORDS_AT}u + 8u * sub;
     let word = byte_at(w) | (byte_at(w + 1u) << 8u) | (byte_at(w + 2u) << 16u) | (byte_at(w + 3u) << 24u);
-    let code = (word >> (7u * (l / 8u))) & 127u;
-    let signs = code | ((countOneBits(code) & 1u) << 7u);
+    let signs = even_signs(word >> (7u * (l / 8u)));
     let m = grid_magnitude(byte_at(o + 2u + 8u * sub + l / 8u), l % 8u);
     let sign = select(1.0, -1.0, ((signs >> (l % 8u)) & 1u) == 1u);
     return half_at(o) * (0.5 + f32(word >> 28u)) * 0.25 * f32(m) * sign;
@@ -2701,8 +2714,7 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
         WeightFormat::Iq2Xs => format!(
             "    let g = e / 8u;
     let word = byte_at(o + 2u + 2u * g) | (byte_at(o + 3u + 2u * g) << 8u);
-    let code = word >> 9u;
-    let signs = code | ((countOneBits(code) & 1u) << 7u);
+    let signs = even_signs(word >> 9u);
     let m = grid_magnitude(word & 511u, e % 8u);
     let sign = select(1.0, -1.0, ((signs >> (e % 8u)) & 1u) == 1u);
     let ls = (byte_at(o + {IQ2_XS_SCALES_AT}u + e / 32u) >> (4u * ((e / 16u) % 2u))) & 15u;
