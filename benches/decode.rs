@@ -288,6 +288,8 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Iq2Xxs,
         QuantFormat::Iq2Xs,
         QuantFormat::Iq2S,
+        QuantFormat::Iq1S,
+        QuantFormat::Iq1M,
     ] {
         // As `llm-run` compiles it, and with f32 activations (`--passes default`): what
         // the integer kernels gain, measured in the same run.

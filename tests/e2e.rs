@@ -531,6 +531,8 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Iq2Xxs,
         QuantFormat::Iq2Xs,
         QuantFormat::Iq2S,
+        QuantFormat::Iq1S,
+        QuantFormat::Iq1M,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,
@@ -632,7 +634,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 }
 
 /// With `quantize-activations`, the matmuls of models in every GGUF block format (q8_0 to
-/// q5_1, iq4_nl, the K-quants, iq4_xs, the IQ3 and IQ2 formats) read q8_0 activations:
+/// q5_1, iq4_nl, the K-quants, iq4_xs, the IQ3, IQ2 and IQ1 formats) read q8_0 activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
 /// logits stay close to those of f32 activations.
@@ -671,6 +673,8 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Iq2Xxs,
         QuantFormat::Iq2Xs,
         QuantFormat::Iq2S,
+        QuantFormat::Iq1S,
+        QuantFormat::Iq1M,
     ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);

@@ -1,6 +1,6 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
 //! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl, iq4_xs and the
-//! IQ3 and IQ2 formats `tests/data/quant-vectors`, both made with the `gguf` Python
+//! IQ3, IQ2 and IQ1 formats `tests/data/quant-vectors`, both made with the `gguf` Python
 //! package), plus round-trip
 //! and known-value tests for every format.
 
@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use llm_ir::{
     dtype::DType,
     interp::{
-        lattice::EVEN_SIGNS,
+        lattice::{EVEN_SIGNS, IQ1_DELTA},
         quant::{NF4_LEVELS, dequantize, quantize, storage_bytes},
     },
     types::{
-        IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, QuantFormat,
+        IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS,
+        QuantFormat,
     },
 };
 
@@ -23,7 +24,7 @@ fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     if [
         "q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_s", "iq2_xxs",
-        "iq2_xs", "iq2_s",
+        "iq2_xs", "iq2_s", "iq1_s", "iq1_m",
     ]
     .iter()
     .any(|ours| file.starts_with(ours))
@@ -62,6 +63,8 @@ fn gguf(name: &str) -> QuantFormat {
         "iq2_xxs" => QuantFormat::Iq2Xxs,
         "iq2_xs" => QuantFormat::Iq2Xs,
         "iq2_s" => QuantFormat::Iq2S,
+        "iq1_s" => QuantFormat::Iq1S,
+        "iq1_m" => QuantFormat::Iq1M,
         _ => QuantFormat::Q2K,
     }
 }
@@ -89,7 +92,7 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 fn dequantizing_matches_llama_cpp_exactly() {
     for name in [
         "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
-        "iq4_xs", "iq3_xxs", "iq3_s", "iq2_xxs", "iq2_xs", "iq2_s",
+        "iq4_xs", "iq3_xxs", "iq3_s", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -167,6 +170,10 @@ fn every_format_round_trips_within_its_step() {
         (QuantFormat::Iq2S, 0.75),
         (QuantFormat::Iq2Xs, 1.3),
         (QuantFormat::Iq2Xxs, 1.2),
+        // IQ1's three levels (-1, 0 and 1, shifted by an eighth) and the 2048 of their
+        // 6561 groups of eight on its grid: measured 1.04 for both.
+        (QuantFormat::Iq1S, 1.1),
+        (QuantFormat::Iq1M, 1.1),
         (
             QuantFormat::Nf4 {
                 block_size: 64,
@@ -406,6 +413,11 @@ struct Lattice {
     scale: fn(f32, u8) -> f32,
     /// The grid's largest magnitude.
     largest: u8,
+    /// Where a group's shift (IQ1's signed grid entries, no sign bits) applies: `Some(true)`
+    /// per group, `Some(false)` per run.
+    shift_per_group: Option<bool>,
+    /// The largest multiplier.
+    largest_ls: u8,
 }
 
 fn lattice(format: &QuantFormat) -> Lattice {
@@ -431,8 +443,21 @@ fn lattice(format: &QuantFormat) -> Lattice {
             ),
             QuantFormat::Iq2Xxs => (IQ2XXS_GRID.to_vec(), 8, 32, true, iq2_scale, 43),
             QuantFormat::Iq2Xs => (IQ2XS_GRID.to_vec(), 8, 16, true, iq2_scale, 43),
+            QuantFormat::Iq1S | QuantFormat::Iq1M => (
+                IQ1S_GRID.to_vec(),
+                8,
+                if *format == QuantFormat::Iq1S { 32 } else { 16 },
+                false,
+                |d, l| d * f32::from(1 + 2 * l),
+                1,
+            ),
             _ => (IQ2S_GRID.to_vec(), 8, 16, false, iq2_scale, 43),
         };
+    let shift_per_group = match format {
+        QuantFormat::Iq1S => Some(false),
+        QuantFormat::Iq1M => Some(true),
+        _ => None,
+    };
     Lattice {
         grid,
         width,
@@ -440,24 +465,47 @@ fn lattice(format: &QuantFormat) -> Lattice {
         even_signs,
         scale,
         largest,
+        shift_per_group,
+        largest_ls: if shift_per_group.is_some() { 7 } else { 15 },
     }
 }
 
 /// A super-block of the lattice format `format` with `d` a power of two, run multipliers
-/// `ls` (15, the largest, among them), the first group of every run an entry that holds
-/// the grid's largest magnitude and the other groups and signs spread over the grid: its
-/// values, as the format's definition gives them.
+/// `ls` (the largest among them), the first group of every run an entry that holds the
+/// grid's largest magnitude (IQ1's: 1 and -1, so that whichever the shift, a value
+/// reaches the largest shifted level) and the other groups, signs and shifts spread over
+/// the grid: its values, as the format's definition gives them.
 fn lattice_super_block(format: &QuantFormat, d: f32) -> Vec<f32> {
     let l = lattice(format);
     let top = l
         .grid
         .iter()
-        .position(|e| e.to_le_bytes()[..l.width].contains(&l.largest))
+        .map(|e| e.to_le_bytes())
+        .position(|m| {
+            let m = &m[..l.width];
+            m.contains(&l.largest) && (l.shift_per_group.is_none() || m.contains(&0xFF))
+        })
         .expect("an entry with the largest magnitude");
-    let ls = [15u8, 0, 7, 3, 15, 9, 1, 12, 4, 15, 2, 8, 11, 5, 14, 6];
+    let ls =
+        [15u8, 0, 7, 3, 15, 9, 1, 12, 4, 15, 2, 8, 11, 5, 14, 6].map(|ls| ls % (l.largest_ls + 1));
     let mut values = Vec::with_capacity(256);
     for (run, &multiplier) in ls.iter().enumerate().take(256 / l.run_len) {
         let scale = (l.scale)(d, multiplier);
+        if let Some(per_group) = l.shift_per_group {
+            for group in 0..l.run_len / 8 {
+                let index = if group == 0 {
+                    top
+                } else {
+                    (run * 101 + group * 53) % l.grid.len()
+                };
+                let negative = if per_group { run + group } else { run } * 5 % 3 == 1;
+                let delta = if negative { -IQ1_DELTA } else { IQ1_DELTA };
+                for q in &l.grid[index].to_le_bytes() {
+                    values.push(scale * (f32::from(*q as i8) + delta));
+                }
+            }
+            continue;
+        }
         for eight in 0..l.run_len / 8 {
             let code = ((run * 37 + eight * 11) % 128) as u8;
             let signs = if l.even_signs {
@@ -492,6 +540,8 @@ fn lattice_super_blocks_on_the_grid_survive() {
         (QuantFormat::Iq2Xxs, 1.0 / 8.0),
         (QuantFormat::Iq2Xs, 1.0 / 64.0),
         (QuantFormat::Iq2S, 1.0 / 4.0),
+        (QuantFormat::Iq1S, 1.0 / 8.0),
+        (QuantFormat::Iq1M, 1.0 / 2.0),
     ] {
         let values = lattice_super_block(&format, d);
         let back = dequantize(&format, &[256], &quantize(&format, &[256], &values));
@@ -502,10 +552,10 @@ fn lattice_super_blocks_on_the_grid_survive() {
 /// The lattice formats' error on Gaussian-like weights: the root mean square of the round
 /// trip's error, relative to the values', against q3_k's (3.44 bits a value, as iq3_s)
 /// and q2_k's (2.63 bits) on the same values: iq3_s within 5% of q3_k, iq3_xxs (3.06
-/// bits) between the two. The IQ2 formats, quantized without the importance matrix
-/// llama.cpp requires for them, lie beyond q2_k, in the order of their sizes (iq2_s 2.56
-/// bits, iq2_xs 2.31, iq2_xxs 2.06), each within a bound over q2_k's measured with a
-/// margin (1.25x, 1.52x and 1.72x measured).
+/// bits) between the two. The IQ2 and IQ1 formats, quantized without the importance
+/// matrix llama.cpp requires for them, lie beyond q2_k, in the order of their sizes (iq2_s
+/// 2.56 bits, iq2_xs 2.31, iq2_xxs 2.06, iq1_m 1.75, iq1_s 1.56), each within a bound over
+/// q2_k's measured with a margin (1.25x, 1.52x, 1.72x, 1.96x and 2.17x measured).
 #[test]
 fn lattice_round_trips_against_the_k_quants() {
     // A sum of four uniforms: near-Gaussian, with tails.
@@ -535,21 +585,26 @@ fn lattice_round_trips_against_the_k_quants() {
     let iq2_s = relative_rms(&QuantFormat::Iq2S);
     let iq2_xs = relative_rms(&QuantFormat::Iq2Xs);
     let iq2_xxs = relative_rms(&QuantFormat::Iq2Xxs);
+    let iq1_m = relative_rms(&QuantFormat::Iq1M);
+    let iq1_s = relative_rms(&QuantFormat::Iq1S);
     eprintln!("relative rms error: q3_k {q3_k}, iq3_s {iq3_s}, iq3_xxs {iq3_xxs}, q2_k {q2_k}");
     eprintln!("relative rms error: iq2_s {iq2_s}, iq2_xs {iq2_xs}, iq2_xxs {iq2_xxs}");
+    eprintln!("relative rms error: iq1_m {iq1_m}, iq1_s {iq1_s}");
     assert!(iq3_s <= q3_k * 1.05, "iq3_s {iq3_s} against q3_k {q3_k}");
     assert!(
         q3_k < iq3_xxs && iq3_xxs < q2_k,
         "iq3_xxs {iq3_xxs} against q3_k {q3_k}, q2_k {q2_k}"
     );
     assert!(
-        q2_k < iq2_s && iq2_s < iq2_xs && iq2_xs < iq2_xxs,
-        "iq2_s {iq2_s}, iq2_xs {iq2_xs}, iq2_xxs {iq2_xxs} against q2_k {q2_k}"
+        q2_k < iq2_s && iq2_s < iq2_xs && iq2_xs < iq2_xxs && iq2_xxs < iq1_m && iq1_m < iq1_s,
+        "iq2_s {iq2_s}, iq2_xs {iq2_xs}, iq2_xxs {iq2_xxs}, iq1_m {iq1_m}, iq1_s {iq1_s} against q2_k {q2_k}"
     );
     for (name, rms, bound) in [
         ("iq2_s", iq2_s, 1.3),
         ("iq2_xs", iq2_xs, 1.6),
         ("iq2_xxs", iq2_xxs, 1.8),
+        ("iq1_m", iq1_m, 2.1),
+        ("iq1_s", iq1_s, 2.3),
     ] {
         assert!(rms <= q2_k * bound, "{name} {rms} against q2_k {q2_k}");
     }
@@ -570,14 +625,17 @@ fn lattice_quantizers_take_values_that_are_not_finite() {
         QuantFormat::Iq2Xxs,
         QuantFormat::Iq2Xs,
         QuantFormat::Iq2S,
+        QuantFormat::Iq1S,
+        QuantFormat::Iq1M,
     ] {
         let back = dequantize(&format, &[512], &quantize(&format, &[512], &values));
         assert!(back.iter().all(|v| v.is_finite()), "{format}");
         // Every sub-block, those holding such values too, keeps a scale of its finite
         // values, and every group its entry: their errors stay within the IQ3 formats'
         // bound above for values half as large, 0.45 (measured 0.41 for iq3_xxs and 0.18
-        // for iq3_s), and for the IQ2 formats within 0.6, below their round trip's bounds
-        // (measured 0.56 for iq2_xxs, 0.53 for iq2_xs, 0.33 for iq2_s).
+        // for iq3_s), and for the IQ2 and IQ1 formats within 0.6, below their round trip's
+        // bounds (measured 0.56 for iq2_xxs, 0.53 for iq2_xs, 0.33 for iq2_s, 0.50 for
+        // iq1_s and 0.51 for iq1_m).
         let err = values
             .iter()
             .zip(&back)

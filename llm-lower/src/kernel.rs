@@ -105,6 +105,16 @@ pub enum WeightFormat {
     /// ten-bit indices into `llm_ir::types::IQ2S_GRID`, a sign bit per value, the indices'
     /// high bit pairs, and a 4-bit scale per 16 values.
     Iq2S,
+    /// GGUF iq1_s: super-blocks of 256 (50 bytes): an f16 scale, the low bytes of 32
+    /// eleven-bit indices into `llm_ir::types::IQ1S_GRID` (a group of eight values -1, 0
+    /// or 1 each), and per sub-block of 32 a word of the indices' high bits, a 3-bit scale
+    /// and the sign of the sub-block's shift (±1/8).
+    Iq1S,
+    /// GGUF iq1_m: super-blocks of 256 (56 bytes): the low bytes of 32 indices into
+    /// `llm_ir::types::IQ1S_GRID`, a nibble a group of the index's high bits and its
+    /// shift's sign, and a 3-bit scale per 16 values in four words whose top nibbles hold
+    /// the f16 scale.
+    Iq1M,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -145,6 +155,8 @@ impl WeightFormat {
             QuantFormat::Iq2Xxs => WeightFormat::Iq2Xxs,
             QuantFormat::Iq2Xs => WeightFormat::Iq2Xs,
             QuantFormat::Iq2S => WeightFormat::Iq2S,
+            QuantFormat::Iq1S => WeightFormat::Iq1S,
+            QuantFormat::Iq1M => WeightFormat::Iq1M,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -194,7 +206,9 @@ impl WeightFormat {
             | WeightFormat::Iq3S
             | WeightFormat::Iq2Xxs
             | WeightFormat::Iq2Xs
-            | WeightFormat::Iq2S => Some(256),
+            | WeightFormat::Iq2S
+            | WeightFormat::Iq1S
+            | WeightFormat::Iq1M => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
     }
@@ -225,6 +239,8 @@ impl WeightFormat {
             WeightFormat::Iq2Xxs => k / 256 * 66,
             WeightFormat::Iq2Xs => k / 256 * 74,
             WeightFormat::Iq2S => k / 256 * 82,
+            WeightFormat::Iq1S => k / 256 * 50,
+            WeightFormat::Iq1M => k / 256 * 56,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -249,6 +265,8 @@ impl WeightFormat {
             WeightFormat::Iq2Xxs => QuantFormat::Iq2Xxs,
             WeightFormat::Iq2Xs => QuantFormat::Iq2Xs,
             WeightFormat::Iq2S => QuantFormat::Iq2S,
+            WeightFormat::Iq1S => QuantFormat::Iq1S,
+            WeightFormat::Iq1M => QuantFormat::Iq1M,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -297,6 +315,8 @@ impl WeightFormat {
             WeightFormat::Iq2Xxs => "iq2_xxs",
             WeightFormat::Iq2Xs => "iq2_xs",
             WeightFormat::Iq2S => "iq2_s",
+            WeightFormat::Iq1S => "iq1_s",
+            WeightFormat::Iq1M => "iq1_m",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

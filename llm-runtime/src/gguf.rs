@@ -16,7 +16,8 @@
 //! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks), IQ4_XS and IQ4_NL
 //! (its fallback), and the lattice types IQ3_XXS and IQ3_S (llama.cpp's IQ3_XXS, IQ3_XS,
 //! IQ3_S and IQ3_M files), IQ2_XXS, IQ2_XS and IQ2_S (its IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M
-//! files) stay quantized with their exact bytes. The
+//! files), IQ1_S and IQ1_M (its IQ1_S and IQ1_M files) stay quantized with their exact
+//! bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -262,6 +263,8 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         16 => Storage::Quant(QuantFormat::Iq2Xxs),
         17 => Storage::Quant(QuantFormat::Iq2Xs),
         22 => Storage::Quant(QuantFormat::Iq2S),
+        19 => Storage::Quant(QuantFormat::Iq1S),
+        29 => Storage::Quant(QuantFormat::Iq1M),
         _ => return None,
     })
 }
@@ -271,13 +274,11 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
     Some(match ggml_type {
         9 => "Q8_1",
         15 => "Q8_K",
-        19 => "IQ1_S",
         24 => "I8",
         25 => "I16",
         26 => "I32",
         27 => "I64",
         28 => "F64",
-        29 => "IQ1_M",
         34 => "TQ1_0",
         35 => "TQ2_0",
         39 => "MXFP4",

@@ -152,12 +152,12 @@ fn malformed_files_name_what_is_wrong() {
         + name.len();
     let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
     let type_at = at + 4 + 8 * dims;
-    let mut iq1_s = bytes.clone();
-    iq1_s[type_at..type_at + 4].copy_from_slice(&19u32.to_le_bytes());
+    let mut tq1_0 = bytes.clone();
+    tq1_0[type_at..type_at + 4].copy_from_slice(&34u32.to_le_bytes());
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (
-            iq1_s,
-            "tensor `token_embd.weight` has unsupported ggml type 19 (IQ1_S)",
+            tq1_0,
+            "tensor `token_embd.weight` has unsupported ggml type 34 (TQ1_0)",
         ),
         (b"GGML....".to_vec(), "bad magic"),
         (
@@ -369,7 +369,8 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
         ("tok_embeddings.weight", QuantFormat::Q4K),
         ("layers.0.attention.wk.weight", QuantFormat::Q5_0),
         ("layers.0.attention.wv.weight", QuantFormat::Q5K),
-        ("layers.0.feed_forward.w2.weight", QuantFormat::Q5K),
+        ("layers.0.attention.wq.weight", QuantFormat::Iq1M),
+        ("layers.0.feed_forward.w2.weight", QuantFormat::Iq1S),
         ("layers.0.feed_forward.w3.weight", QuantFormat::Iq3S),
         ("layers.0.feed_forward.w1.weight", QuantFormat::Iq2S),
         ("layers.0.attention.wo.weight", QuantFormat::Iq2Xxs),

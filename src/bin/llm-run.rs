@@ -102,6 +102,14 @@ enum Quantize {
     /// scales per 16, super-blocks of 256 (2.56 bits a value).
     #[value(name = "iq2_s")]
     Iq2S,
+    /// Groups of eight values -1, 0 or 1 from a 2048-entry grid, shifted by ±1/8 per 32,
+    /// 3-bit scales per 32, super-blocks of 256 (1.56 bits a value).
+    #[value(name = "iq1_s")]
+    Iq1S,
+    /// Groups of eight values -1, 0 or 1 from a 2048-entry grid, each shifted by ±1/8,
+    /// 3-bit scales per 16, super-blocks of 256 (1.75 bits a value).
+    #[value(name = "iq1_m")]
+    Iq1M,
     /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
     #[value(name = "nf4")]
     Nf4,
@@ -180,6 +188,8 @@ impl Quantize {
             Quantize::Iq2Xxs => QuantFormat::Iq2Xxs,
             Quantize::Iq2Xs => QuantFormat::Iq2Xs,
             Quantize::Iq2S => QuantFormat::Iq2S,
+            Quantize::Iq1S => QuantFormat::Iq1S,
+            Quantize::Iq1M => QuantFormat::Iq1M,
             Quantize::Nf4 => QuantFormat::Nf4 {
                 block_size: 64,
                 scale: DType::F16,

@@ -15,6 +15,7 @@
 
 pub mod eval;
 mod hoist;
+pub mod iq1;
 pub mod iq2;
 pub mod iq3;
 pub mod kv_values;

@@ -4,7 +4,8 @@
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
 //! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
-//! [`iq3`] and `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`]) store each row (the last dim) as
+//! [`iq3`], `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`] and `iq1_s`, `iq1_m` of [`iq1`]) store
+//! each row (the last dim) as
 //! consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
 //! quantizers follow ggml's reference quantizers operation for operation in `f32` (except
 //! the lattice formats', this project's own, [`super::lattice`]); for `q8_0`, `q4_0`,
@@ -27,7 +28,7 @@
 
 use half::{bf16, f16};
 
-use super::{iq2, iq3};
+use super::{iq1, iq2, iq3};
 use crate::{
     dtype::DType,
     types::{IQ4_NL_LEVELS, QuantFormat},
@@ -122,6 +123,8 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Iq2Xxs => values.chunks(256).flat_map(iq2::quantize_iq2_xxs).collect(),
         QuantFormat::Iq2Xs => values.chunks(256).flat_map(iq2::quantize_iq2_xs).collect(),
         QuantFormat::Iq2S => values.chunks(256).flat_map(iq2::quantize_iq2_s).collect(),
+        QuantFormat::Iq1S => values.chunks(256).flat_map(iq1::quantize_iq1_s).collect(),
+        QuantFormat::Iq1M => values.chunks(256).flat_map(iq1::quantize_iq1_m).collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -400,6 +403,8 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
         QuantFormat::Iq2Xxs => iq2::dequantize_iq2_xxs(b, out),
         QuantFormat::Iq2Xs => iq2::dequantize_iq2_xs(b, out),
         QuantFormat::Iq2S => iq2::dequantize_iq2_s(b, out),
+        QuantFormat::Iq1S => iq1::dequantize_iq1_s(b, out),
+        QuantFormat::Iq1M => iq1::dequantize_iq1_m(b, out),
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
             // value `l` of sub-block `2j` (`2j + 1`).

@@ -16,7 +16,7 @@ mod quant;
 mod sharded;
 mod tensor;
 
-pub use iq_grids::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
+pub use iq_grids::{IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
 pub use kv_cache::{KvCacheParams, KvStorage, PagedKvCacheType};
 pub use quant::{IQ4_NL_LEVELS, QuantFormat, QuantizedTensorType};
 pub use sharded::{MAX_DEVICES, Reduction, ShardedTensorType};

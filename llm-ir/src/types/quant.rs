@@ -22,6 +22,8 @@
 //! | `iq2_xxs` | 256 | 66 | f16 d, per sub-block of 32 four indices into [`IQ2XXS_GRID`](super::IQ2XXS_GRID) (groups of 8) and a 32-bit word of four 7-bit sign codes and a 4-bit scale |
 //! | `iq2_xs` | 256 | 74 | f16 d, 32 16-bit words of a 9-bit index into [`IQ2XS_GRID`](super::IQ2XS_GRID) and a 7-bit sign code, 8 bytes of 4-bit scales (one per 16 values) |
 //! | `iq2_s` | 256 | 82 | f16 d, 32 low bytes of indices into [`IQ2S_GRID`](super::IQ2S_GRID), 32 bytes of signs, 8 bytes of the indices' high bit pairs, 8 bytes of 4-bit scales (one per 16 values) |
+//! | `iq1_s` | 256 | 50 | f16 d, 32 low bytes of 11-bit indices into [`IQ1S_GRID`](super::IQ1S_GRID) (groups of 8 signed values), per sub-block of 32 a 16-bit word of the indices' high bits, a 3-bit scale and a delta sign |
+//! | `iq1_m` | 256 | 56 | 32 low bytes of indices into [`IQ1S_GRID`](super::IQ1S_GRID), 16 bytes of their high bits and delta signs (a nibble a group), 8 bytes of 3-bit scales (one per 16 values) with the f16 d in their words' top nibbles |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -108,6 +110,14 @@ pub enum QuantFormat {
     /// GGUF IQ2_S: groups of eight from a 1024-entry grid ([`IQ2S_GRID`](super::IQ2S_GRID)),
     /// a sign bit for every value and a 4-bit scale for every 16 (2.56 bits a value).
     Iq2S,
+    /// GGUF IQ1_S: super-blocks of 256, an f16 scale `d` and eight sub-blocks of 32, each
+    /// with a 3-bit scale, a shared shift (`delta`, ±1/8) and four groups of eight values
+    /// that are one entry of a 2048-entry grid of -1, 0 and 1
+    /// ([`IQ1S_GRID`](super::IQ1S_GRID)) (1.56 bits a value).
+    Iq1S,
+    /// GGUF IQ1_M: IQ1_S's grid, with a 3-bit scale for every 16 values and a shift for
+    /// every group of eight; `d` is split across the scales' words (1.75 bits a value).
+    Iq1M,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -155,6 +165,8 @@ impl QuantFormat {
             QuantFormat::Iq2Xxs => "iq2_xxs",
             QuantFormat::Iq2Xs => "iq2_xs",
             QuantFormat::Iq2S => "iq2_s",
+            QuantFormat::Iq1S => "iq1_s",
+            QuantFormat::Iq1M => "iq1_m",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -183,7 +195,9 @@ impl QuantFormat {
             | QuantFormat::Iq3S
             | QuantFormat::Iq2Xxs
             | QuantFormat::Iq2Xs
-            | QuantFormat::Iq2S => 256,
+            | QuantFormat::Iq2S
+            | QuantFormat::Iq1S
+            | QuantFormat::Iq1M => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
@@ -210,6 +224,8 @@ impl QuantFormat {
             QuantFormat::Iq2Xxs => Some(66),
             QuantFormat::Iq2Xs => Some(74),
             QuantFormat::Iq2S => Some(82),
+            QuantFormat::Iq1S => Some(50),
+            QuantFormat::Iq1M => Some(56),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -218,7 +234,7 @@ impl QuantFormat {
     /// The format llama.cpp's quantizer stores a matrix in instead of this one when the
     /// matrix's rows are not whole super-blocks of 256 (`llama_tensor_get_type`'s
     /// fallback): q2_k, q3_k, iq4_xs and the lattice formats (iq3_xxs, iq3_s, iq2_xxs,
-    /// iq2_xs, iq2_s) fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
+    /// iq2_xs, iq2_s, iq1_s, iq1_m) fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
     /// and q6_k to q8_0, all of blocks of 32 (and where a matrix's rows are not whole
     /// blocks of those either, llama.cpp stores it as f16); `None` for the other formats.
     pub fn row_fallback(&self) -> Option<QuantFormat> {
@@ -230,7 +246,9 @@ impl QuantFormat {
             | QuantFormat::Iq3S
             | QuantFormat::Iq2Xxs
             | QuantFormat::Iq2Xs
-            | QuantFormat::Iq2S => QuantFormat::Iq4Nl,
+            | QuantFormat::Iq2S
+            | QuantFormat::Iq1S
+            | QuantFormat::Iq1M => QuantFormat::Iq4Nl,
             QuantFormat::Q4K => QuantFormat::Q5_0,
             QuantFormat::Q5K => QuantFormat::Q5_1,
             QuantFormat::Q6K => QuantFormat::Q8_0,
@@ -337,6 +355,8 @@ impl QuantFormat {
             "iq2_xxs" => QuantFormat::Iq2Xxs,
             "iq2_xs" => QuantFormat::Iq2Xs,
             "iq2_s" => QuantFormat::Iq2S,
+            "iq1_s" => QuantFormat::Iq1S,
+            "iq1_m" => QuantFormat::Iq1M,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -367,7 +387,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -1,11 +1,12 @@
 """GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k, q5_k, iq4_nl,
-iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s.
+iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m.
 
 Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
 the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
 0's first 32 zero: an all-zero block) into `blocks` and dequantize them into `dequant`;
-q3_k, q5_k, iq4_nl, iq4_xs and the IQ3 and IQ2 formats, which the package only dequantizes, have random valid
-(super-)blocks (their f16 scales set to small finite values):
+q3_k, q5_k, iq4_nl, iq4_xs and the IQ3, IQ2 and IQ1 formats, which the package only
+dequantizes, have random valid (super-)blocks (their f16 scales set to small finite values;
+IQ1_M's `d` is split across the top nibbles of its four scale words):
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file
@@ -20,7 +21,11 @@ from gguf.quants import dequantize, quantize
 ROWS, COLS = 8, 512
 OUT = Path(__file__).parent / "quant-vectors"
 
-# Format, block bytes and the byte offsets of each block's f16 scales.
+# Where IQ1_M's four 16-bit scale words start: its `d` is their top nibbles.
+IQ1_M_SCALES = 48
+
+# Format, block bytes and the byte offsets of each block's f16 scales (IQ1_M: its split
+# `d`).
 FORMATS = {
     "q3_k": (T.Q3_K, 110, [108]),
     "q5_k": (T.Q5_K, 176, [0, 2]),
@@ -31,6 +36,8 @@ FORMATS = {
     "iq2_xxs": (T.IQ2_XXS, 66, [0]),
     "iq2_xs": (T.IQ2_XS, 74, [0]),
     "iq2_s": (T.IQ2_S, 82, [0]),
+    "iq1_s": (T.IQ1_S, 50, [0]),
+    "iq1_m": (T.IQ1_M, 56, IQ1_M_SCALES),
 }
 
 
@@ -43,6 +50,16 @@ def qtype_block_size(qtype):
     from gguf.constants import GGML_QUANT_SIZES
 
     return GGML_QUANT_SIZES[qtype][0]
+
+
+def set_iq1_m_d(data, d):
+    """Writes each IQ1_M super-block's f16 `d` (a row of `data`) into the top nibbles of
+    its four scale words, nibble `k` of `d` into word `k`."""
+    words = data[:, IQ1_M_SCALES : IQ1_M_SCALES + 8].copy().view("<u2")
+    bits = d.view(np.uint16)
+    for k in range(4):
+        words[:, k] = (words[:, k] & 0x0FFF) | (((bits >> (4 * k)) & 0xF) << 12)
+    data[:, IQ1_M_SCALES : IQ1_M_SCALES + 8] = words.view(np.uint8)
 
 
 def main():
@@ -59,6 +76,9 @@ def main():
     for name, (qtype, block_bytes, scales) in FORMATS.items():
         blocks = ROWS * COLS // qtype_block_size(qtype)
         data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
+        if scales == IQ1_M_SCALES:
+            set_iq1_m_d(data, rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16))
+            scales = []
         for at in scales:
             d = rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16)
             data[:, at : at + 2] = d.view(np.uint8).reshape(blocks, 2)

@@ -54,7 +54,9 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Iq3S
         | WeightFormat::Iq2Xxs
         | WeightFormat::Iq2Xs
-        | WeightFormat::Iq2S => true,
+        | WeightFormat::Iq2S
+        | WeightFormat::Iq1S
+        | WeightFormat::Iq1M => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -309,7 +311,9 @@ fn decode_blocks(
             | WeightFormat::Iq3S
             | WeightFormat::Iq2Xxs
             | WeightFormat::Iq2Xs
-            | WeightFormat::Iq2S => {
+            | WeightFormat::Iq2S
+            | WeightFormat::Iq1S
+            | WeightFormat::Iq1M => {
                 let grid = grid.expect("a lattice format's kernel imports its grid");
                 lattice::runs(b, format, wb, grid, &mut sink)
             }
@@ -1185,6 +1189,12 @@ fn load_scales(b: &mut FunctionBuilder, dtype: DType, at: Value, offset: i32) ->
 /// scales are never infinite or NaN).
 pub fn load_f16(b: &mut FunctionBuilder, at: Value, offset: i32) -> Value {
     let h = b.ins().uload16(types::I32, mem(), at, offset);
+    f16_to_f32(b, h)
+}
+
+/// The f16 whose bits are the low 16 of the `i32` `h` (the rest zero), as an `f32`
+/// (normal and subnormal values).
+pub(super) fn f16_to_f32(b: &mut FunctionBuilder, h: Value) -> Value {
     let magnitude = b.ins().band_imm_s(h, 0x7fff);
     let shifted = b.ins().ishl_imm_s(magnitude, 13);
     let f = b.ins().bitcast(types::F32, MemFlagsData::new(), shifted);

@@ -47,7 +47,7 @@ use crate::kernel::WeightFormat;
 
 /// Per format of these kernels, the symbol generated code imports its entry point under
 /// ([`entry_point`]).
-pub const SYMBOLS: [(WeightFormat, &str); 11] = [
+pub const SYMBOLS: [(WeightFormat, &str); 13] = [
     (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
     (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
     (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
@@ -59,6 +59,8 @@ pub const SYMBOLS: [(WeightFormat, &str); 11] = [
     (WeightFormat::Iq2Xxs, "llmc_iq2_xxs_by_q8_0_rows"),
     (WeightFormat::Iq2Xs, "llmc_iq2_xs_by_q8_0_rows"),
     (WeightFormat::Iq2S, "llmc_iq2_s_by_q8_0_rows"),
+    (WeightFormat::Iq1S, "llmc_iq1_s_by_q8_0_rows"),
+    (WeightFormat::Iq1M, "llmc_iq1_m_by_q8_0_rows"),
 ];
 
 /// The entry point of `format` (each format of [`SYMBOLS`]), with VNNI's byte dot
@@ -89,6 +91,8 @@ fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
         WeightFormat::Iq2Xxs => [iq2_xxs_by_q8_0_rows::<false>, iq2_xxs_by_q8_0_rows::<true>],
         WeightFormat::Iq2Xs => [iq2_xs_by_q8_0_rows::<false>, iq2_xs_by_q8_0_rows::<true>],
         WeightFormat::Iq2S => [iq2_s_by_q8_0_rows::<false>, iq2_s_by_q8_0_rows::<true>],
+        WeightFormat::Iq1S => [iq1_s_by_q8_0_rows::<false>, iq1_s_by_q8_0_rows::<true>],
+        WeightFormat::Iq1M => [iq1_m_by_q8_0_rows::<false>, iq1_m_by_q8_0_rows::<true>],
         _ => return None,
     })
 }
@@ -246,6 +250,26 @@ entry_point!(
     ///
     /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 82` bytes.
     iq2_s_by_q8_0_rows, 82, iq2_s_vnni, iq2_s_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq1_s rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 50` bytes.
+    iq1_s_by_q8_0_rows, 50, iq1_s_vnni, iq1_s_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive iq1_m rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 56` bytes.
+    iq1_m_by_q8_0_rows, 56, iq1_m_vnni, iq1_m_avx2
 );
 
 /// The kernel of one format for a tile of `TILE` rows of x: the dot products of
@@ -430,6 +454,8 @@ instances!(
     iq2_xxs_avx2: lattice_rows, Iq2XxsBlocks;
     iq2_xs_avx2: lattice_rows, Iq2XsBlocks;
     iq2_s_avx2: lattice_rows, Iq2SBlocks;
+    iq1_s_avx2: lattice_rows, Iq1SBlocks;
+    iq1_m_avx2: lattice_rows, Iq1MBlocks;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -445,6 +471,8 @@ instances!(
     iq2_xxs_vnni: lattice_rows, Iq2XxsBlocks;
     iq2_xs_vnni: lattice_rows, Iq2XsBlocks;
     iq2_s_vnni: lattice_rows, Iq2SBlocks;
+    iq1_s_vnni: lattice_rows, Iq1SBlocks;
+    iq1_m_vnni: lattice_rows, Iq1MBlocks;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -655,6 +683,21 @@ trait LatticeBlocks {
     /// Whether each sub-block's two halves of 16 values take scales of their own.
     const HALVES: bool;
 
+    /// The super-block's scale `d` in every lane: the f16 at its start (iq1_m's is split).
+    ///
+    /// # Safety
+    ///
+    /// `block` points to a whole super-block, and the CPU has AVX2 and F16C.
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
+        unsafe {
+            let bits = block.cast::<u16>().read_unaligned();
+            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        }
+    }
+
     /// The scales of each sub-block's first and second 16 values (lane `j` for sub-block
     /// `j`; the same twice unless [`LatticeBlocks::HALVES`]), `d` the super-block's scale
     /// in every lane.
@@ -697,10 +740,7 @@ unsafe fn lattice_rows<Q: QuadSums, const TILE: usize, L: LatticeBlocks>(
         let mut factors = [[[0f32; 8]; 2]; TILE];
         for sb in 0..a[0].dx.len() / 8 {
             let block = w.add(sb * L::BYTES);
-            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-                block.cast::<u16>().read_unaligned(),
-            ))));
-            let scales = L::scales(block, d);
+            let scales = L::scales(block, L::d(block));
             for t in 0..TILE {
                 let dx = _mm256_loadu_ps(a[t].dx.as_ptr().add(8 * sb));
                 _mm256_storeu_ps(factors[t][0].as_mut_ptr(), _mm256_mul_ps(scales[0], dx));
@@ -1100,6 +1140,181 @@ impl LatticeBlocks for Iq2SBlocks {
     }
 }
 
+/// The codes `8 q ± 1` of an IQ1 sub-block: its grid values `q` (-1, 0 or 1; the bytes of
+/// the four gathered 64-bit `entries`) in eighths, each group shifted by its `shifts` byte
+/// (1 or -1, the same in all eight of its bytes).
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn shifted_eighths(
+    entries: std::arch::x86_64::__m256i,
+    shifts: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe { _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), entries), shifts) }
+}
+
+/// An eighth of the IQ1 scales `d * (2 ls + 1)` of the multipliers `ls`, lane by lane (the
+/// scales of [`shifted_eighths`]' codes).
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq1_eighth_scales(
+    d: std::arch::x86_64::__m256,
+    ls: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe {
+        let odd = _mm256_add_epi32(_mm256_slli_epi32(ls, 1), _mm256_set1_epi32(1));
+        let scales = _mm256_mul_ps(d, _mm256_cvtepi32_ps(odd));
+        _mm256_mul_ps(scales, _mm256_set1_ps(0.125))
+    }
+}
+
+/// iq1_s (50 bytes): the low bytes of the 32 eleven-bit indices into
+/// [`llm_ir::types::IQ1S_GRID`] at 2, and per sub-block a 16-bit word at `34 + 2 j`
+/// (`IQ1_S_WORDS_AT`): group `l`'s three high index bits at bit `3 l`, the 3-bit `ls` of
+/// scale `d * (2 ls + 1)` at bit 12 and the sign of the sub-block's shift at bit 15.
+#[cfg(target_arch = "x86_64")]
+struct Iq1SBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq1SBlocks {
+    const BYTES: usize = llm_ir::interp::iq1::IQ1_S_BYTES;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq1::IQ1_S_WORDS_AT;
+        use std::arch::x86_64::*;
+        // SAFETY: the eight words are the super-block's last 16 bytes (the contract).
+        unsafe {
+            let words = _mm256_cvtepu16_epi32(_mm_loadu_si128(block.add(IQ1_S_WORDS_AT).cast()));
+            let ls = _mm256_and_si256(_mm256_srli_epi32(words, 12), _mm256_set1_epi32(7));
+            [iq1_eighth_scales(d, ls); 2]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::{interp::iq1::IQ1_S_WORDS_AT, types::IQ1S_GRID};
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract); the indices are
+        // eleven bits, below the grid's 2048 entries.
+        unsafe {
+            let word = block
+                .add(IQ1_S_WORDS_AT + 2 * j)
+                .cast::<u16>()
+                .read_unaligned();
+            let low = block.add(2 + 4 * j).cast::<i32>().read_unaligned();
+            let low = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(low));
+            let high = _mm_srlv_epi32(_mm_set1_epi32(i32::from(word)), _mm_setr_epi32(0, 3, 6, 9));
+            let high = _mm_slli_epi32(_mm_and_si128(high, _mm_set1_epi32(7)), 8);
+            let entries = gather_entries(&IQ1S_GRID, _mm_or_si128(low, high));
+            let shift = if word >> 15 == 1 { -1 } else { 1 };
+            shifted_eighths(entries, _mm256_set1_epi8(shift))
+        }
+    }
+}
+
+/// iq1_m (56 bytes): the low bytes of the 32 indices into [`llm_ir::types::IQ1S_GRID`] at
+/// 0, a nibble a group at `32 + g / 2` (`IQ1_M_HIGH_AT`: three high index bits and the
+/// group's shift sign), and four 16-bit words at 48 (`IQ1_M_SCALES_AT`) of the 3-bit `ls`
+/// of each 16 values' scale `d * (2 ls + 1)` (run `r`'s at bit `3 (r % 4)` of word
+/// `r / 4`), whose top nibbles are the f16 `d`'s.
+#[cfg(target_arch = "x86_64")]
+struct Iq1MBlocks;
+
+#[cfg(target_arch = "x86_64")]
+impl LatticeBlocks for Iq1MBlocks {
+    const BYTES: usize = llm_ir::interp::iq1::IQ1_M_BYTES;
+    const HALVES: bool = true;
+
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
+        use llm_ir::interp::iq1::IQ1_M_SCALES_AT;
+        use std::arch::x86_64::*;
+        // SAFETY: the scale words are the super-block's last 8 bytes (the contract); F16C
+        // is the caller's.
+        unsafe {
+            let words = block.add(IQ1_M_SCALES_AT).cast::<u64>().read_unaligned();
+            let bits = (words >> 12 & 0xF)
+                | (words >> 24 & 0xF0)
+                | (words >> 36 & 0xF00)
+                | (words >> 48 & 0xF000);
+            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::iq1::IQ1_M_SCALES_AT;
+        use std::arch::x86_64::*;
+        // SAFETY: the scale words are inside the super-block (the contract).
+        unsafe {
+            let words = _mm256_cvtepu16_epi32(_mm_loadl_epi64(block.add(IQ1_M_SCALES_AT).cast()));
+            let words =
+                _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+            let seven = _mm256_set1_epi32(7);
+            let first = _mm256_srlv_epi32(words, _mm256_setr_epi32(0, 6, 0, 6, 0, 6, 0, 6));
+            let second = _mm256_srlv_epi32(words, _mm256_setr_epi32(3, 9, 3, 9, 3, 9, 3, 9));
+            [
+                iq1_eighth_scales(d, _mm256_and_si256(first, seven)),
+                iq1_eighth_scales(d, _mm256_and_si256(second, seven)),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::{interp::iq1::IQ1_M_HIGH_AT, types::IQ1S_GRID};
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract); the indices are
+        // eleven bits, below the grid's 2048 entries.
+        unsafe {
+            let nibbles = block
+                .add(IQ1_M_HIGH_AT + 2 * j)
+                .cast::<u16>()
+                .read_unaligned();
+            let low = block.add(4 * j).cast::<i32>().read_unaligned();
+            let low = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(low));
+            let high = _mm_srlv_epi32(
+                _mm_set1_epi32(i32::from(nibbles)),
+                _mm_setr_epi32(0, 4, 8, 12),
+            );
+            let high = _mm_slli_epi32(_mm_and_si128(high, _mm_set1_epi32(7)), 8);
+            let entries = gather_entries(&IQ1S_GRID, _mm_or_si128(low, high));
+            // Each group's shift sign (its nibble's fourth bit) in its 64-bit lane, made
+            // the byte 1 or -1 (0xFF = 0x01 | 0xFE) in all eight bytes.
+            let signs = _mm256_srlv_epi64(
+                _mm256_set1_epi64x(i64::from(nibbles)),
+                _mm256_setr_epi64x(3, 7, 11, 15),
+            );
+            let negative = _mm256_and_si256(signs, _mm256_set1_epi64x(1));
+            let mask = _mm256_sub_epi64(_mm256_setzero_si256(), negative);
+            let shifts = _mm256_or_si256(
+                _mm256_set1_epi8(1),
+                _mm256_and_si256(mask, _mm256_set1_epi8(-2)),
+            );
+            shifted_eighths(entries, shifts)
+        }
+    }
+}
+
 /// The codes of two consecutive iq4_xs sub-blocks from their 32 nibble bytes at `packed`
 /// (16 a sub-block: low nibbles are values 0..16, high nibbles 16..32) looked up in
 /// `table` (a [`super::q8dot::iq4_nl_table`], its bytes in both 128-bit lanes), each
@@ -1465,6 +1680,8 @@ mod tests {
                 | QuantFormat::Iq2Xxs
                 | QuantFormat::Iq2Xs
                 | QuantFormat::Iq2S
+                | QuantFormat::Iq1S
+                | QuantFormat::Iq1M
         ) {
             return lattice_weights(format, rows * k / 256, seed);
         }
@@ -1487,7 +1704,11 @@ mod tests {
         let mut w = bytes(blocks * size, seed);
         for (b, block) in w.chunks_mut(size).enumerate() {
             let d = half::f16::from_f32(1e-3 * (b % 7 + 1) as f32);
-            block[..2].copy_from_slice(&d.to_le_bytes());
+            if *format == QuantFormat::Iq1M {
+                llm_ir::interp::iq1::set_iq1_m_d(block, d);
+            } else {
+                block[..2].copy_from_slice(&d.to_le_bytes());
+            }
         }
         w
     }

@@ -1,36 +1,42 @@
-//! In-register decoding of GGUF's lattice formats, iq3_xxs, iq3_s, iq2_xxs, iq2_xs and
-//! iq2_s, for the generated contraction and dequantization kernels (the layouts:
-//! `llm_ir::interp::iq3` and `llm_ir::interp::iq2`).
+//! In-register decoding of GGUF's lattice formats, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s,
+//! iq1_s and iq1_m, for the generated contraction and dequantization kernels (the layouts:
+//! `llm_ir::interp::iq3`, `llm_ir::interp::iq2` and `llm_ir::interp::iq1`).
 //!
-//! A run of 32 values (16 for iq2_xs and iq2_s, whose scales cover 16) takes `d` times its
-//! 4-bit scale's factor, and its codes are grid magnitudes with signs: each group is a grid
-//! entry loaded from the grid the kernel imports as data ([`GRIDS`]; the JIT resolves the
-//! symbol to the table in `llm_ir::types`), four 32-bit entries (IQ3's groups of four) or
-//! two 64-bit ones (IQ2's groups of eight) make an `i8x16`, and the sixteen values' sign
-//! bits become a lane mask (`(q ^ mask) - mask` negates where set) before the bytes widen
-//! to `f32x4` lanes.
+//! A run of 32 values (16 for iq2_xs, iq2_s and iq1_m, whose scales cover 16) takes `d`
+//! times its scale's factor, and its codes are grid magnitudes with signs: each group is a
+//! grid entry loaded from the grid the kernel imports as data ([`GRIDS`]; the JIT resolves
+//! the symbol to the table in `llm_ir::types`), four 32-bit entries (IQ3's groups of four)
+//! or two 64-bit ones (IQ2's and IQ1's groups of eight) make an `i8x16`, and the sixteen
+//! values' sign bits become a lane mask (`(q ^ mask) - mask` negates where set) before the
+//! bytes widen to `f32x4` lanes. IQ1's entries are signed (-1, 0, 1) and shifted by ±1/8
+//! a group: its codes are the integers `8 q ± 1` under an eighth of the run's scale, the
+//! same products (scaling by a power of two is exact).
 
 use cranelift_codegen::ir::{GlobalValue, InstBuilder, Value, types};
 use cranelift_frontend::FunctionBuilder;
 use llm_ir::{
     interp::{
+        iq1::{IQ1_M_HIGH_AT, IQ1_M_SCALES_AT, IQ1_S_WORDS_AT},
         iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT, IQ2_XXS_WORDS_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     },
-    types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID},
+    types::{IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID},
 };
 
-use super::dequant::{Run, Sink, bit_lanes, bytes_to_f32, little, load_f16};
+use super::dequant::{Run, Sink, bit_lanes, bytes_to_f32, f16_to_f32, little, load_f16};
 use super::emit::mem;
 use crate::kernel::WeightFormat;
 
-/// Each lattice format's grid, as the data symbol generated code imports it under.
-pub const GRIDS: [(WeightFormat, &str); 5] = [
+/// Each lattice format's grid, as the data symbol generated code imports it under (iq1_s
+/// and iq1_m share one).
+pub const GRIDS: [(WeightFormat, &str); 7] = [
     (WeightFormat::Iq3Xxs, "llmc_iq3xxs_grid"),
     (WeightFormat::Iq3S, "llmc_iq3s_grid"),
     (WeightFormat::Iq2Xxs, "llmc_iq2xxs_grid"),
     (WeightFormat::Iq2Xs, "llmc_iq2xs_grid"),
     (WeightFormat::Iq2S, "llmc_iq2s_grid"),
+    (WeightFormat::Iq1S, "llmc_iq1s_grid"),
+    (WeightFormat::Iq1M, "llmc_iq1s_grid"),
 ];
 
 /// The address of `format`'s grid (what [`GRIDS`]' symbol resolves to), for each format
@@ -42,12 +48,13 @@ pub fn grid_address(format: WeightFormat) -> *const u8 {
         WeightFormat::Iq2Xxs => IQ2XXS_GRID.as_ptr().cast(),
         WeightFormat::Iq2Xs => IQ2XS_GRID.as_ptr().cast(),
         WeightFormat::Iq2S => IQ2S_GRID.as_ptr().cast(),
+        WeightFormat::Iq1S | WeightFormat::Iq1M => IQ1S_GRID.as_ptr().cast(),
         other => unreachable!("{other:?} has no grid"),
     }
 }
 
 /// Decodes the lattice-format super-block at `wb` into its runs (eight of 32, or sixteen
-/// of 16 for iq2_xs and iq2_s); `grid` is the format's imported grid.
+/// of 16 for iq2_xs, iq2_s and iq1_m); `grid` is the format's imported grid.
 pub(super) fn runs(
     b: &mut FunctionBuilder,
     format: WeightFormat,
@@ -56,11 +63,17 @@ pub(super) fn runs(
     sink: &mut Sink,
 ) {
     let base = b.ins().symbol_value(types::I64, grid);
-    let d = load_f16(b, wb, 0);
+    let d = match format {
+        WeightFormat::Iq1M => iq1_m_d(b, wb),
+        _ => load_f16(b, wb, 0),
+    };
     for sub in 0..8i32 {
         match format {
             WeightFormat::Iq3Xxs | WeightFormat::Iq3S => {
                 iq3_run(b, format, (wb, base, d), sub, sink)
+            }
+            WeightFormat::Iq1S | WeightFormat::Iq1M => {
+                iq1_runs(b, format, (wb, base, d), sub, sink)
             }
             _ => iq2_runs(b, format, (wb, base, d), sub, sink),
         }
@@ -134,19 +147,35 @@ fn iq2_runs(
     };
     let mut codes = Vec::with_capacity(8);
     for pair in groups.chunks(2) {
-        let mut entries = [pair[0].0, pair[1].0];
-        for index in &mut entries {
-            let offset = b.ins().ishl_imm_s(*index, 3);
-            let at = b.ins().iadd(base, offset);
-            *index = b.ins().load(types::I64, mem(), at, 0);
-        }
-        let v = b.ins().scalar_to_vector(types::I64X2, entries[0]);
-        let v = b.ins().insertlane(v, entries[1], 1);
-        let magnitudes = b.ins().bitcast(types::I8X16, little(), v);
+        let magnitudes = entry_pair(b, base, [pair[0].0, pair[1].0]);
         let high = b.ins().ishl_imm_s(pair[1].1, 8);
         let signs = b.ins().bor(pair[0].1, high);
         codes.extend(signed_codes(b, magnitudes, signs));
     }
+    sink_runs(b, sub, (&scales, &codes), sink);
+}
+
+/// The 64-bit entries of the grid at `base` at the `i64` indices `indices`, as one
+/// `i8x16` (the first entry's bytes in lanes 0..8).
+fn entry_pair(b: &mut FunctionBuilder, base: Value, indices: [Value; 2]) -> Value {
+    let entries = indices.map(|index| {
+        let offset = b.ins().ishl_imm_s(index, 3);
+        let at = b.ins().iadd(base, offset);
+        b.ins().load(types::I64, mem(), at, 0)
+    });
+    let v = b.ins().scalar_to_vector(types::I64X2, entries[0]);
+    let v = b.ins().insertlane(v, entries[1], 1);
+    b.ins().bitcast(types::I8X16, little(), v)
+}
+
+/// Sends sub-block `sub`'s eight `f32x4` of codes to `sink` as one run of 32 under the
+/// one of `scales`, or two of 16 under its two.
+fn sink_runs(
+    b: &mut FunctionBuilder,
+    sub: i32,
+    (scales, codes): (&[Value], &[Value]),
+    sink: &mut Sink,
+) {
     let per_run = 8 / scales.len();
     for (run, &scale) in scales.iter().enumerate() {
         sink(
@@ -331,4 +360,134 @@ fn iq3_s_scale_signs(
     let signs_at = IQ3_S_SIGNS_AT as i32 + 4 * sub;
     let halves = [0, 2].map(|h| b.ins().uload16(types::I32, mem(), wb, signs_at + h));
     (scale, halves)
+}
+
+/// Decodes sub-block `sub` of the iq1 super-block at `wb` (scale `d`, grid at `base`):
+/// one run of 32 (iq1_s) or two of 16 (iq1_m), whose groups of eight are 64-bit grid
+/// entries of -1, 0 and 1, two to an `i8x16`, taken as the codes `8 q ± 1` (the group's
+/// shift in eighths) under an eighth of the run's scale.
+fn iq1_runs(
+    b: &mut FunctionBuilder,
+    format: WeightFormat,
+    (wb, base, d): (Value, Value, Value),
+    sub: i32,
+    sink: &mut Sink,
+) {
+    let (scales, groups) = match format {
+        WeightFormat::Iq1S => iq1_s_groups(b, wb, d, sub),
+        _ => iq1_m_groups(b, wb, d, sub),
+    };
+    let mut codes = Vec::with_capacity(8);
+    for pair in groups.chunks(2) {
+        let values = entry_pair(b, base, [pair[0].0, pair[1].0]);
+        let eighths = b.ins().ishl_imm_s(values, 3);
+        // Each group's shift, +1 or -1 in every byte of its 64 bits.
+        let shifts = [pair[0].1, pair[1].1].map(|negative| {
+            let mask = b.ins().ineg(negative);
+            let minus_two = b.ins().band_imm_s(mask, 0xFEFE_FEFE_FEFE_FEFEu64 as i64);
+            b.ins().iadd_imm_s(minus_two, 0x0101_0101_0101_0101)
+        });
+        let v = b.ins().scalar_to_vector(types::I64X2, shifts[0]);
+        let v = b.ins().insertlane(v, shifts[1], 1);
+        let shifts = b.ins().bitcast(types::I8X16, little(), v);
+        let shifted = b.ins().iadd(eighths, shifts);
+        codes.extend(bytes_to_f32(b, shifted, true));
+    }
+    sink_runs(b, sub, (&scales, &codes), sink);
+}
+
+/// An iq1 group's grid index (`i64`) and whether its shift is negative (`i64`, 0 or 1).
+type ShiftedGroup = (Value, Value);
+
+/// An eighth of the iq1 run scale `d * (2 ls + 1)` of the `i32` multiplier `ls`.
+fn iq1_eighth_scale(b: &mut FunctionBuilder, d: Value, ls: Value) -> Value {
+    let factor = b.ins().ishl_imm_s(ls, 1);
+    let factor = b.ins().iadd_imm_s(factor, 1);
+    let factor = b.ins().fcvt_from_uint(types::F32, factor);
+    let scale = b.ins().fmul(d, factor);
+    let eighth = b.ins().f32const(0.125);
+    b.ins().fmul(scale, eighth)
+}
+
+/// iq1_s sub-block `sub`'s scale (over eight; `ls` bits 12..15 of the word at
+/// `34 + 2 sub`) and its four groups: index bytes `2 + 4 sub + l` under the word's bits
+/// `3 l`, all shifted as the word's bit 15 says.
+fn iq1_s_groups(
+    b: &mut FunctionBuilder,
+    wb: Value,
+    d: Value,
+    sub: i32,
+) -> (Vec<Value>, [ShiftedGroup; 4]) {
+    let word = b
+        .ins()
+        .uload16(types::I64, mem(), wb, IQ1_S_WORDS_AT as i32 + 2 * sub);
+    let ls = b.ins().ushr_imm_s(word, 12);
+    let ls = b.ins().band_imm_s(ls, 7);
+    let ls = b.ins().ireduce(types::I32, ls);
+    let scale = iq1_eighth_scale(b, d, ls);
+    let negative = b.ins().ushr_imm_s(word, 15);
+    let groups = [0, 1, 2, 3].map(|l| {
+        let low = b.ins().uload8(types::I64, mem(), wb, 2 + 4 * sub + l);
+        let high = b.ins().ushr_imm_s(word, i64::from(3 * l));
+        let high = b.ins().band_imm_s(high, 7);
+        let high = b.ins().ishl_imm_s(high, 8);
+        (b.ins().bor(low, high), negative)
+    });
+    (vec![scale], groups)
+}
+
+/// iq1_m sub-block `sub`'s two scales (over eight; run `r = 2 sub + h`'s `ls` at bit
+/// `3 (r % 4)` of the word at `48 + 2 (r / 4)`) and its four groups: index bytes
+/// `4 sub + l` under the low three bits of nibble `l % 2` of byte `32 + 2 sub + l / 2`,
+/// whose fourth bit is the group's shift sign.
+fn iq1_m_groups(
+    b: &mut FunctionBuilder,
+    wb: Value,
+    d: Value,
+    sub: i32,
+) -> (Vec<Value>, [ShiftedGroup; 4]) {
+    let word = b.ins().uload16(
+        types::I32,
+        mem(),
+        wb,
+        IQ1_M_SCALES_AT as i32 + 2 * (sub / 2),
+    );
+    let scales = [0, 1]
+        .map(|h| {
+            let run = 2 * sub + h;
+            let ls = b.ins().ushr_imm_s(word, i64::from(3 * (run % 4)));
+            let ls = b.ins().band_imm_s(ls, 7);
+            iq1_eighth_scale(b, d, ls)
+        })
+        .to_vec();
+    let groups = [0, 1, 2, 3].map(|l| {
+        let low = b.ins().uload8(types::I64, mem(), wb, 4 * sub + l);
+        let at = IQ1_M_HIGH_AT as i32 + 2 * sub + l / 2;
+        let byte = b.ins().uload8(types::I64, mem(), wb, at);
+        let nibble = b.ins().ushr_imm_s(byte, i64::from(4 * (l % 2)));
+        let high = b.ins().band_imm_s(nibble, 7);
+        let high = b.ins().ishl_imm_s(high, 8);
+        let negative = b.ins().ushr_imm_s(nibble, 3);
+        let negative = b.ins().band_imm_s(negative, 1);
+        (b.ins().bor(low, high), negative)
+    });
+    (scales, groups)
+}
+
+/// The iq1_m super-block scale at `wb`: the f16 whose nibble `k` is the top nibble of the
+/// scale word `k` (at `48 + 2 k`).
+fn iq1_m_d(b: &mut FunctionBuilder, wb: Value) -> Value {
+    let mut bits = None;
+    for k in 0..4 {
+        let word = b
+            .ins()
+            .uload16(types::I32, mem(), wb, IQ1_M_SCALES_AT as i32 + 2 * k);
+        let nibble = b.ins().ushr_imm_s(word, 12);
+        let nibble = b.ins().ishl_imm_s(nibble, i64::from(4 * k));
+        bits = Some(match bits {
+            Some(bits) => b.ins().bor(bits, nibble),
+            None => nibble,
+        });
+    }
+    f16_to_f32(b, bits.expect("four nibbles"))
 }

@@ -217,6 +217,8 @@ mod tests {
             WeightFormat::Iq2Xxs,
             WeightFormat::Iq2Xs,
             WeightFormat::Iq2S,
+            WeightFormat::Iq1S,
+            WeightFormat::Iq1M,
             WeightFormat::PackedF16,
             WeightFormat::PackedBF16,
         ];

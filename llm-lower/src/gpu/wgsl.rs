@@ -19,10 +19,14 @@ use llm_ir::{
             attention::{Scale, Scoring},
             fused::{ScalarBody, ScalarStep},
         },
+        iq1::{IQ1_M_HIGH_AT, IQ1_M_SCALES_AT, IQ1_S_WORDS_AT},
         iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT, IQ2_XXS_WORDS_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
     },
-    types::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS, Reduction},
+    types::{
+        IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS,
+        Reduction,
+    },
 };
 
 use super::ieee::{CORRECTLY_ROUNDED, EXACT};
@@ -1097,7 +1101,9 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Iq3S
         | WeightFormat::Iq2Xxs
         | WeightFormat::Iq2Xs
-        | WeightFormat::Iq2S => format!(
+        | WeightFormat::Iq2S
+        | WeightFormat::Iq1S
+        | WeightFormat::Iq1M => format!(
             "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
             c.weight.row_bytes(256),
             kquant_decoder(c.weight, false).unwrap_or_default()
@@ -1174,7 +1180,9 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Iq3S
         | WeightFormat::Iq2Xxs
         | WeightFormat::Iq2Xs
-        | WeightFormat::Iq2S => s.push_str(&lattice_grid(c.weight)),
+        | WeightFormat::Iq2S
+        | WeightFormat::Iq1S
+        | WeightFormat::Iq1M => s.push_str(&lattice_grid(c.weight)),
         _ => {}
     }
     let _ = write!(s, "fn weight_at(row: u32, i: u32) -> f32 {{\n{body}}}\n");
@@ -2485,34 +2493,38 @@ fn iq4_level() -> String {
 }
 
 /// The module-scope `GRID` a lattice format's decoder reads: IQ3's grids as they are
-/// (`llm_ir::types::IQ3XXS_GRID`, `IQ3S_GRID`), and IQ2's three magnitudes (8, 25, 43) as
-/// 2-bit levels, entry `i`'s eight in the 16 bits at `16 (i % 2)` of word `i / 2`, read by
-/// the emitted `grid_magnitude(i, j)` (a quarter of the 64-bit entries' size: a private
-/// array, which each invocation initializes once, so the smaller the better); and for the
-/// formats of 7-bit sign codes the emitted `even_signs(code)`, a code with its parity bit.
+/// (`llm_ir::types::IQ3XXS_GRID`, `IQ3S_GRID`), and the three values of IQ2's (8, 25, 43)
+/// and IQ1's (-1, 0, 1) grids as 2-bit levels, entry `i`'s eight in the 16 bits at
+/// `16 (i % 2)` of word `i / 2`, read by the emitted `grid_magnitude(i, j)` (IQ2) or
+/// `grid_value(i, j)` (IQ1) (a quarter of the 64-bit entries' size: a private array, which
+/// each invocation initializes once, so the smaller the better); for the formats of 7-bit
+/// sign codes the emitted `even_signs(code)`, a code with its parity bit; for iq1_m the
+/// emitted `iq1_m_d(o)`, its super-block scale from the scale words' top nibbles.
 fn lattice_grid(format: WeightFormat) -> String {
-    let packed = |grid: &[u64]| -> Vec<u32> {
+    // The three values of a grid's bytes, in level order.
+    let packed = |grid: &[u64], values: [u8; 3]| -> Vec<u32> {
         let levels = |e: u64| -> u32 {
             (0..8).fold(0, |bits, j| {
-                let level = match (e >> (8 * j)) as u8 {
-                    8 => 0,
-                    25 => 1,
-                    43 => 2,
-                    other => unreachable!("{other} is not an IQ2 magnitude"),
-                };
-                bits | level << (2 * j)
+                let byte = (e >> (8 * j)) as u8;
+                let level = values
+                    .iter()
+                    .position(|&v| v == byte)
+                    .unwrap_or_else(|| unreachable!("{byte} is not a value of {format:?}"));
+                bits | (level as u32) << (2 * j)
             })
         };
         grid.chunks(2)
             .map(|pair| levels(pair[0]) | levels(pair[1]) << 16)
             .collect()
     };
+    const IQ2_MAGNITUDES: [u8; 3] = [8, 25, 43];
     let grid: Vec<u32> = match format {
         WeightFormat::Iq3Xxs => IQ3XXS_GRID.to_vec(),
         WeightFormat::Iq3S => IQ3S_GRID.to_vec(),
-        WeightFormat::Iq2Xxs => packed(&IQ2XXS_GRID),
-        WeightFormat::Iq2Xs => packed(&IQ2XS_GRID),
-        WeightFormat::Iq2S => packed(&IQ2S_GRID),
+        WeightFormat::Iq2Xxs => packed(&IQ2XXS_GRID, IQ2_MAGNITUDES),
+        WeightFormat::Iq2Xs => packed(&IQ2XS_GRID, IQ2_MAGNITUDES),
+        WeightFormat::Iq2S => packed(&IQ2S_GRID, IQ2_MAGNITUDES),
+        WeightFormat::Iq1S | WeightFormat::Iq1M => packed(&IQ1S_GRID, [0xFF, 0, 1]),
         other => unreachable!("{other:?} has no grid"),
     };
     let entries: Vec<String> = grid.iter().map(|e| format!("{e:#010x}u")).collect();
@@ -2522,17 +2534,22 @@ fn lattice_grid(format: WeightFormat) -> String {
         grid.len(),
         entries.join(", ")
     );
-    if matches!(
-        format,
-        WeightFormat::Iq2Xxs | WeightFormat::Iq2Xs | WeightFormat::Iq2S
-    ) {
-        s.push_str(
+    match format {
+        WeightFormat::Iq2Xxs | WeightFormat::Iq2Xs | WeightFormat::Iq2S => s.push_str(
             "fn grid_magnitude(i: u32, j: u32) -> u32 {
     let level = (GRID[i / 2u] >> (16u * (i % 2u) + 2u * j)) & 3u;
     return 8u + 17u * level + level / 2u;
 }
 ",
-        );
+        ),
+        WeightFormat::Iq1S | WeightFormat::Iq1M => s.push_str(
+            "fn grid_value(i: u32, j: u32) -> f32 {
+    let level = (GRID[i / 2u] >> (16u * (i % 2u) + 2u * j)) & 3u;
+    return f32(i32(level) - 1);
+}
+",
+        ),
+        _ => {}
     }
     if matches!(
         format,
@@ -2546,6 +2563,21 @@ fn lattice_grid(format: WeightFormat) -> String {
     return low | ((countOneBits(low) & 1u) << 7u);
 }
 ",
+        );
+    }
+    if format == WeightFormat::Iq1M {
+        // Nibble `k` of the f16 `d` is the top nibble of scale word `k`.
+        let _ = write!(
+            s,
+            "fn iq1_m_d(o: u32) -> f32 {{
+    var bits = 0u;
+    for (var k = 0u; k < 4u; k++) {{
+        bits = bits | ((byte_at(o + {}u + 2u * k) >> 4u) << (4u * k));
+    }}
+    return half_value(bits);
+}}
+",
+            IQ1_M_SCALES_AT + 1
         );
     }
     s
@@ -2731,6 +2763,30 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let negative = (byte_at(o + {IQ2_S_SIGNS_AT}u + g) >> (e % 8u)) & 1u;
     let ls = (byte_at(o + {IQ2_S_SCALES_AT}u + sub) >> (4u * ((e / 16u) % 2u))) & 15u;
     return half_at(o) * (0.5 + f32(ls)) * 0.25 * f32(m) * select(1.0, -1.0, negative == 1u);
+"
+        ),
+        // iq1_s: group `g`'s index takes three high bits from its sub-block's word, which
+        // also holds the scale and the sign of the shift.
+        WeightFormat::Iq1S => format!(
+            "    let sub = e / 32u;
+    let g = e / 8u;
+    let word = byte_at(o + {IQ1_S_WORDS_AT}u + 2u * sub) | (byte_at(o + {IQ1_S_WORDS_AT}u + 1u + 2u * sub) << 8u);
+    let index = byte_at(o + 2u + g) | (((word >> (3u * (g % 4u))) & 7u) << 8u);
+    let delta = select(0.125, -0.125, (word >> 15u) == 1u);
+    return half_at(o) * f32(2u * ((word >> 12u) & 7u) + 1u) * (grid_value(index, e % 8u) + delta);
+"
+        ),
+        // iq1_m: group `g`'s nibble holds its index's high bits and its shift's sign; run
+        // `r`'s 3-bit scale is at bit `3 (r % 4)` of scale word `r / 4`.
+        WeightFormat::Iq1M => format!(
+            "    let g = e / 8u;
+    let run = e / 16u;
+    let nibble = (byte_at(o + {IQ1_M_HIGH_AT}u + g / 2u) >> (4u * (g % 2u))) & 15u;
+    let index = byte_at(o + g) | ((nibble & 7u) << 8u);
+    let w = o + {IQ1_M_SCALES_AT}u + 2u * (run / 4u);
+    let ls = ((byte_at(w) | (byte_at(w + 1u) << 8u)) >> (3u * (run % 4u))) & 7u;
+    let delta = select(0.125, -0.125, (nibble >> 3u) == 1u);
+    return iq1_m_d(o) * f32(2u * ls + 1u) * (grid_value(index, e % 8u) + delta);
 "
         ),
         WeightFormat::Q2K => format!(
