@@ -405,13 +405,13 @@ struct Lattice {
     grid: Vec<u64>,
     /// Values a grid entry holds.
     width: usize,
-    /// Values under one 4-bit multiplier.
+    /// Values under one multiplier.
     run_len: usize,
     /// Whether each eight values have an even count of minus signs.
     even_signs: bool,
     /// A run's scale under multiplier `ls` of `d`, as the format defines it.
     scale: fn(f32, u8) -> f32,
-    /// The grid's largest magnitude.
+    /// The grid's largest magnitude (IQ1's largest value, 1).
     largest: u8,
     /// Where a group's shift (IQ1's signed grid entries, no sign bits) applies: `Some(true)`
     /// per group, `Some(false)` per run.
@@ -498,7 +498,8 @@ fn lattice_super_block(format: &QuantFormat, d: f32) -> Vec<f32> {
                 } else {
                     (run * 101 + group * 53) % l.grid.len()
                 };
-                let negative = if per_group { run + group } else { run } * 5 % 3 == 1;
+                let spread = if per_group { run + group } else { run };
+                let negative = spread * 5 % 3 == 1;
                 let delta = if negative { -IQ1_DELTA } else { IQ1_DELTA };
                 for q in &l.grid[index].to_le_bytes() {
                     values.push(scale * (f32::from(*q as i8) + delta));

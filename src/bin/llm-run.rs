@@ -211,7 +211,7 @@ impl Quantize {
 struct CompileArgs {
     /// The pass pipeline applied to the model before it runs (`""` for none). By default
     /// `default,quantize-activations` (`default` on the GPU backend): the matmuls of every
-    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k, iq4_xs, the IQ3 and IQ2
+    /// GGUF block format (q8_0 to q5_1, iq4_nl, q2_k to q6_k, iq4_xs, the IQ3, IQ2 and IQ1
     /// formats) read q8_0 activations, which the CPU multiplies as integers (as
     /// quantized inference engines do; f32 weights are unaffected); the GPU has no integer
     /// dot products, so there it would only add work. `--passes default` keeps f32
@@ -223,7 +223,7 @@ struct CompileArgs {
     /// Quantize the model's f32 and 16-bit matrices to this format when loading (a matrix
     /// whose rows are not whole super-blocks of 256 takes the format llama.cpp falls back
     /// to: q5_0 for q4_k, q5_1 for q5_k, q8_0 for q6_k, iq4_nl for q2_k, q3_k, iq4_xs and
-    /// the IQ3 and IQ2 formats, and f16 where those do not fit either).
+    /// the IQ3, IQ2 and IQ1 formats, and f16 where those do not fit either).
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
     /// Element type of the KV cache: f16 and bf16 take half f32's memory (on the CPU and

@@ -3,8 +3,8 @@
 //!
 //! Both store super-blocks of 256 values as 32 groups of eight, each group one entry of a
 //! 2048-entry grid of signed values -1, 0 and 1 ([`IQ1S_GRID`], indexed by 11 bits),
-//! shifted by `delta` ([`IQ1_DELTA`] or its negation) and scaled by `d * (2 ls + 1)` of an
-//! f16 `d` and a 3-bit multiplier `ls`:
+//! shifted by `delta` ([`IQ1_DELTA`](super::lattice::IQ1_DELTA) or its negation) and
+//! scaled by `d * (2 ls + 1)` of an f16 `d` and a 3-bit multiplier `ls`:
 //!
 //! - `iq1_s` (50 bytes, 1.56 bits a value): `d`, the low bytes of the 32 indices, then per
 //!   sub-block of 32 a 16-bit word: group `l`'s three high index bits at bit `3 l`, `ls`
@@ -20,7 +20,7 @@
 //! llama.cpp refuses to make these formats without an importance matrix; this quantizer,
 //! without one, is what `--quantize iq1_*` uses.
 
-use super::lattice::{Format, IQ1_DELTA, quantize_super_block, shifted_group_values};
+use super::lattice::{Format, quantize_super_block, shifted_group_values};
 use super::quant::f16_at;
 use crate::types::IQ1S_GRID;
 
@@ -37,11 +37,6 @@ pub const IQ1_S_WORDS_AT: usize = 34;
 pub const IQ1_M_HIGH_AT: usize = 32;
 /// Where an IQ1_M super-block's four 16-bit words of multipliers (and `d`) start.
 pub const IQ1_M_SCALES_AT: usize = 48;
-
-/// The shift `delta` of a group whose sign bit is `negative`.
-fn delta(negative: bool) -> f32 {
-    if negative { -IQ1_DELTA } else { IQ1_DELTA }
-}
 
 /// The 16-bit word at byte `at` of `b`.
 fn word_at(b: &[u8], at: usize) -> u16 {
@@ -72,7 +67,7 @@ pub fn dequantize_iq1_s(b: &[u8], out: &mut Vec<f32>) {
     for sub in 0..8 {
         let word = word_at(b, IQ1_S_WORDS_AT + 2 * sub);
         let scale = Format::Iq1S.scale(d, (word >> 12 & 7) as u8);
-        let delta = delta(word >> 15 == 1);
+        let delta = Format::Iq1S.delta(word >> 15 == 1);
         for group in 0..4 {
             let high = usize::from(word >> (3 * group) & 7);
             let index = usize::from(b[2 + 4 * sub + group]) | high << 8;
@@ -93,7 +88,7 @@ pub fn dequantize_iq1_m(b: &[u8], out: &mut Vec<f32>) {
         out.extend(shifted_group_values(
             IQ1S_GRID[index],
             scale,
-            delta(nibble >> 3 == 1),
+            Format::Iq1M.delta(nibble >> 3 == 1),
         ));
     }
 }

@@ -15,12 +15,14 @@
 //! run's scale is the best of 16 candidates (the largest magnitude onto the grid's largest
 //! level and below; for IQ1 onto its shifted largest level and above) by the squared error
 //! of the values encoded under it, a group encoded for this search by rounding each
-//! magnitude to the nearest level and taking the grid entry nearest that lattice point (`Lattice`, computed once per format); the winner is
-//! refitted by least squares to the grid entries nearest the values among those of the
-//! lattice point's neighbourhood (the entries within one level of it in every coordinate,
-//! and for the groups of eight in at most three coordinates: a neighbourhood, as ggml
-//! searches one). Where the count of minus signs must be even, the smallest value of a run
-//! of eight with an odd count flips its sign (that value then wants the smallest magnitude:
+//! magnitude to the nearest level and taking the grid entry nearest that lattice point
+//! (`Lattice`, computed once per format); the winner is refitted by least squares to the
+//! grid entries nearest the values among those of the lattice point's neighbourhood (the
+//! entries within one level of it in every coordinate, and for the groups of eight in at
+//! most three coordinates for IQ2, two for IQ1 (three changed its errors barely, at 1.7
+//! times the time): a neighbourhood, as ggml searches one). Where the count of minus
+//! signs must be even, the smallest value of a run of eight with an odd count flips its
+//! sign (that value then wants the smallest magnitude:
 //! a group's entry is the nearest to its values along their stored signs). Then `d` is the
 //! largest run scale over the largest multiplier's factor, rounded to f16; each run takes
 //! the multiplier nearest its scale or a neighbour of it, whichever encodes it with the
@@ -112,7 +114,7 @@ impl Format {
         }
     }
 
-    /// Values under one 4-bit multiplier.
+    /// Values under one multiplier.
     fn run_len(self) -> usize {
         match self {
             Format::Iq3Xxs | Format::Iq3S | Format::Iq2Xxs | Format::Iq1S => 32,
@@ -134,12 +136,13 @@ impl Format {
         match self {
             Format::Iq1S => Some(Shift::PerRun),
             Format::Iq1M => Some(Shift::PerGroup),
-            _ => None,
+            Format::Iq3Xxs | Format::Iq3S | Format::Iq2Xxs | Format::Iq2Xs | Format::Iq2S => None,
         }
     }
 
-    /// The shift a group's stored shift bit (`negative`) stands for.
-    fn delta(self, negative: bool) -> f32 {
+    /// The shift a group's stored shift bit (`negative`) stands for (0 for the formats
+    /// without one).
+    pub(super) fn delta(self, negative: bool) -> f32 {
         match (self.shift(), negative) {
             (None, _) => 0.0,
             (Some(_), false) => IQ1_DELTA,
@@ -174,7 +177,8 @@ impl Format {
     fn reach(self) -> usize {
         match self {
             Format::Iq3Xxs | Format::Iq3S => 4,
-            _ => 3,
+            Format::Iq2Xxs | Format::Iq2Xs | Format::Iq2S => 3,
+            Format::Iq1S | Format::Iq1M => 2,
         }
     }
 
@@ -182,7 +186,7 @@ impl Format {
     fn largest_multiplier(self) -> u8 {
         match self {
             Format::Iq1S | Format::Iq1M => 7,
-            _ => 15,
+            Format::Iq3Xxs | Format::Iq3S | Format::Iq2Xxs | Format::Iq2Xs | Format::Iq2S => 15,
         }
     }
 
@@ -195,7 +199,9 @@ impl Format {
         let top = levels[levels.len() - 1];
         match self {
             Format::Iq1S | Format::Iq1M => (top + IQ1_DELTA) * (1.0 + 0.08 * c as f32),
-            _ => top * (1.0 - 0.025 * c as f32),
+            Format::Iq3Xxs | Format::Iq3S | Format::Iq2Xxs | Format::Iq2Xs | Format::Iq2S => {
+                top * (1.0 - 0.025 * c as f32)
+            }
         }
     }
 
@@ -473,8 +479,9 @@ fn encode_group(
 const CANDIDATES: usize = 16;
 
 /// The scale of the run `x`: the best of [`CANDIDATES`] (the largest finite magnitude onto
-/// each [`Format::candidate_level`]) by the squared error of their lattice encodings, then refitted by least squares to the grid entries
-/// nearest the values under it, where that lowers the error.
+/// each [`Format::candidate_level`]) by the squared error of their lattice encodings, then
+/// refitted by least squares to the grid entries nearest the values under it, where that
+/// lowers the error.
 fn run_scale(format: Format, x: &[f32]) -> f32 {
     let amax = x
         .iter()
@@ -524,8 +531,8 @@ pub(super) fn nibble_pairs(runs: &[(u8, Encoded)]) -> Vec<u8> {
         .collect()
 }
 
-/// The super-block scale `d` (rounded to f16) of the 256 values `x`, and each run's 4-bit
-/// multiplier and encoding under it.
+/// The super-block scale `d` (rounded to f16) of the 256 values `x`, and each run's
+/// multiplier (4-bit; IQ1's 3-bit) and encoding under it.
 pub(super) fn quantize_super_block(format: Format, x: &[f32]) -> (f16, Vec<(u8, Encoded)>) {
     let runs = || x.chunks(format.run_len());
     let scales: Vec<f32> = runs().map(|run| run_scale(format, run)).collect();

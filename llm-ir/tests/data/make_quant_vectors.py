@@ -24,8 +24,8 @@ OUT = Path(__file__).parent / "quant-vectors"
 # Where IQ1_M's four 16-bit scale words start: its `d` is their top nibbles.
 IQ1_M_SCALES = 48
 
-# Format, block bytes and the byte offsets of each block's f16 scales (IQ1_M: its split
-# `d`).
+# Format, block bytes and the byte offsets of each block's f16 scales (IQ1_M has none
+# whole: `set_iq1_m_d` writes its `d`).
 FORMATS = {
     "q3_k": (T.Q3_K, 110, [108]),
     "q5_k": (T.Q5_K, 176, [0, 2]),
@@ -37,7 +37,7 @@ FORMATS = {
     "iq2_xs": (T.IQ2_XS, 74, [0]),
     "iq2_s": (T.IQ2_S, 82, [0]),
     "iq1_s": (T.IQ1_S, 50, [0]),
-    "iq1_m": (T.IQ1_M, 56, IQ1_M_SCALES),
+    "iq1_m": (T.IQ1_M, 56, []),
 }
 
 
@@ -76,9 +76,8 @@ def main():
     for name, (qtype, block_bytes, scales) in FORMATS.items():
         blocks = ROWS * COLS // qtype_block_size(qtype)
         data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
-        if scales == IQ1_M_SCALES:
+        if qtype == T.IQ1_M:
             set_iq1_m_d(data, rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16))
-            scales = []
         for at in scales:
             d = rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16)
             data[:, at : at + 2] = d.view(np.uint8).reshape(blocks, 2)

@@ -1,6 +1,7 @@
 //! Integer dot products of q8_0 activations with the GGUF formats of 256-value
 //! super-blocks: the k-quants (q2_k to q6_k), the formats most GGUF models ship their
-//! matrices in, iq4_xs, and the lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs and iq2_s.
+//! matrices in, iq4_xs, and the lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s,
+//! iq1_s and iq1_m.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -25,11 +26,12 @@
 //!   times the level carrying `qx`'s sign, exact since no level is -128;
 //! - the lattice formats: eight sub-blocks of 32, value `scale * magnitude * sign` (a
 //!   sub-block's 32 magnitudes gathered from the format's grid, eight 32-bit entries of
-//!   four by `vpgatherdd` for IQ3, four 64-bit entries of eight by `vpgatherdq` for IQ2;
-//!   the 32 sign bits, where stored as 7-bit codes given their parity bits in registers,
-//!   made a byte mask that negates): the signed magnitudes (at most 62) meet `qx` as iq4_xs's
-//!   AVX2 levels do, and each 16 values' sums take their run's scale (iq2_xs and iq2_s
-//!   scale every 16, the others every 32).
+//!   four by `vpgatherdd` for IQ3, four 64-bit entries of eight by `vpgatherdq` for IQ2 and
+//!   IQ1; the 32 sign bits, where stored as 7-bit codes given their parity bits in
+//!   registers, made a byte mask that negates; IQ1's signed values -1, 0, 1 shifted by
+//!   ±1/8 a group taken as the codes `8 q ± 1` under an eighth of the scale): the signed
+//!   codes (at most 62) meet `qx` as iq4_xs's AVX2 levels do, and each 16 values' sums take
+//!   their run's scale (iq2_xs, iq2_s and iq1_m scale every 16, the others every 32).
 //!
 //! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
 //! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
@@ -690,12 +692,8 @@ trait LatticeBlocks {
     /// `block` points to a whole super-block, and the CPU has AVX2 and F16C.
     #[inline(always)]
     unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
         // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
-        unsafe {
-            let bits = block.cast::<u16>().read_unaligned();
-            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-        }
+        unsafe { broadcast_f16(block.cast::<u16>().read_unaligned()) }
     }
 
     /// The scales of each sub-block's first and second 16 values (lane `j` for sub-block
@@ -710,7 +708,8 @@ trait LatticeBlocks {
         d: std::arch::x86_64::__m256,
     ) -> [std::arch::x86_64::__m256; 2];
 
-    /// The 32 signed codes (magnitude times sign, in value order) of sub-block `j`.
+    /// The 32 signed codes (magnitude times sign, or IQ1's `8 q ± 1`, in value order) of
+    /// sub-block `j`.
     ///
     /// # Safety
     ///
@@ -718,8 +717,22 @@ trait LatticeBlocks {
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i;
 }
 
-/// A lattice format against `TILE` rows of x: per super-block an f16 `d` and eight
-/// sub-blocks of 32 values, [`LatticeBlocks::codes`] their codes and
+/// The f16 of bits `bits` as `f32` in every lane.
+///
+/// # Safety
+///
+/// The CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn broadcast_f16(bits: u16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 and F16C are the caller's.
+    unsafe { _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
+}
+
+/// A lattice format against `TILE` rows of x: per super-block an f16 `d`
+/// ([`LatticeBlocks::d`]) and eight sub-blocks of 32 values, [`LatticeBlocks::codes`]
+/// their codes and
 /// [`LatticeBlocks::scales`] their scales. The codes are decoded once for the tile; per row
 /// of x, the sub-blocks' factors (scale times `dx`) are formed 8 lanes at a time, and each
 /// sub-block's sum of codes times x's is exact ([`QuadSums::signed_quads`]: no code is
@@ -1158,6 +1171,31 @@ unsafe fn shifted_eighths(
     unsafe { _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), entries), shifts) }
 }
 
+/// The four 64-bit entries of [`llm_ir::types::IQ1S_GRID`] of an IQ1 sub-block, gathered:
+/// group `l`'s eleven-bit index is byte `l` at `low` under the three bits of `high.0` at
+/// bit `high.1[l]`.
+///
+/// # Safety
+///
+/// Four bytes at `low` are readable, and the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn iq1_entries(
+    low: *const u8,
+    high: (i32, std::arch::x86_64::__m128i),
+) -> std::arch::x86_64::__m256i {
+    use llm_ir::types::IQ1S_GRID;
+    use std::arch::x86_64::*;
+    // SAFETY: four bytes (the contract); AVX2 is the caller's. The indices are eleven bits,
+    // below the grid's 2048 entries.
+    unsafe {
+        let low = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(low.cast::<i32>().read_unaligned()));
+        let bits = _mm_srlv_epi32(_mm_set1_epi32(high.0), high.1);
+        let bits = _mm_slli_epi32(_mm_and_si128(bits, _mm_set1_epi32(7)), 8);
+        gather_entries(&IQ1S_GRID, _mm_or_si128(low, bits))
+    }
+}
+
 /// An eighth of the IQ1 scales `d * (2 ls + 1)` of the multipliers `ls`, lane by lane (the
 /// scales of [`shifted_eighths`]' codes).
 ///
@@ -1208,21 +1246,18 @@ impl LatticeBlocks for Iq1SBlocks {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-        use llm_ir::{interp::iq1::IQ1_S_WORDS_AT, types::IQ1S_GRID};
+        use llm_ir::interp::iq1::IQ1_S_WORDS_AT;
         use std::arch::x86_64::*;
-        // SAFETY: the bytes are inside the super-block (the contract); the indices are
-        // eleven bits, below the grid's 2048 entries.
+        // SAFETY: the bytes are inside the super-block (the contract).
         unsafe {
             let word = block
                 .add(IQ1_S_WORDS_AT + 2 * j)
                 .cast::<u16>()
                 .read_unaligned();
-            let low = block.add(2 + 4 * j).cast::<i32>().read_unaligned();
-            let low = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(low));
-            let high = _mm_srlv_epi32(_mm_set1_epi32(i32::from(word)), _mm_setr_epi32(0, 3, 6, 9));
-            let high = _mm_slli_epi32(_mm_and_si128(high, _mm_set1_epi32(7)), 8);
-            let entries = gather_entries(&IQ1S_GRID, _mm_or_si128(low, high));
-            let shift = if word >> 15 == 1 { -1 } else { 1 };
+            let high = (i32::from(word), _mm_setr_epi32(0, 3, 6, 9));
+            let entries = iq1_entries(block.add(2 + 4 * j), high);
+            // 1 or -1 by bit 15, without a branch (the bit is as likely either way).
+            let shift = 1 - 2 * (word >> 15) as i8;
             shifted_eighths(entries, _mm256_set1_epi8(shift))
         }
     }
@@ -1244,7 +1279,6 @@ impl LatticeBlocks for Iq1MBlocks {
     #[inline(always)]
     unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
         use llm_ir::interp::iq1::IQ1_M_SCALES_AT;
-        use std::arch::x86_64::*;
         // SAFETY: the scale words are the super-block's last 8 bytes (the contract); F16C
         // is the caller's.
         unsafe {
@@ -1253,7 +1287,7 @@ impl LatticeBlocks for Iq1MBlocks {
                 | (words >> 24 & 0xF0)
                 | (words >> 36 & 0xF00)
                 | (words >> 48 & 0xF000);
-            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)))
+            broadcast_f16(bits as u16)
         }
     }
 
@@ -1281,23 +1315,16 @@ impl LatticeBlocks for Iq1MBlocks {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-        use llm_ir::{interp::iq1::IQ1_M_HIGH_AT, types::IQ1S_GRID};
+        use llm_ir::interp::iq1::IQ1_M_HIGH_AT;
         use std::arch::x86_64::*;
-        // SAFETY: the bytes are inside the super-block (the contract); the indices are
-        // eleven bits, below the grid's 2048 entries.
+        // SAFETY: the bytes are inside the super-block (the contract).
         unsafe {
             let nibbles = block
                 .add(IQ1_M_HIGH_AT + 2 * j)
                 .cast::<u16>()
                 .read_unaligned();
-            let low = block.add(4 * j).cast::<i32>().read_unaligned();
-            let low = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(low));
-            let high = _mm_srlv_epi32(
-                _mm_set1_epi32(i32::from(nibbles)),
-                _mm_setr_epi32(0, 4, 8, 12),
-            );
-            let high = _mm_slli_epi32(_mm_and_si128(high, _mm_set1_epi32(7)), 8);
-            let entries = gather_entries(&IQ1S_GRID, _mm_or_si128(low, high));
+            let high = (i32::from(nibbles), _mm_setr_epi32(0, 4, 8, 12));
+            let entries = iq1_entries(block.add(4 * j), high);
             // Each group's shift sign (its nibble's fourth bit) in its 64-bit lane, made
             // the byte 1 or -1 (0xFF = 0x01 | 0xFE) in all eight bytes.
             let signs = _mm256_srlv_epi64(

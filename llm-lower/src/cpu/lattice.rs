@@ -163,8 +163,13 @@ fn entry_pair(b: &mut FunctionBuilder, base: Value, indices: [Value; 2]) -> Valu
         let at = b.ins().iadd(base, offset);
         b.ins().load(types::I64, mem(), at, 0)
     });
-    let v = b.ins().scalar_to_vector(types::I64X2, entries[0]);
-    let v = b.ins().insertlane(v, entries[1], 1);
+    bytes_of_pair(b, entries)
+}
+
+/// The two `i64` values `pair` as one `i8x16` (the first's bytes in lanes 0..8).
+fn bytes_of_pair(b: &mut FunctionBuilder, pair: [Value; 2]) -> Value {
+    let v = b.ins().scalar_to_vector(types::I64X2, pair[0]);
+    let v = b.ins().insertlane(v, pair[1], 1);
     b.ins().bitcast(types::I8X16, little(), v)
 }
 
@@ -387,9 +392,7 @@ fn iq1_runs(
             let minus_two = b.ins().band_imm_s(mask, 0xFEFE_FEFE_FEFE_FEFEu64 as i64);
             b.ins().iadd_imm_s(minus_two, 0x0101_0101_0101_0101)
         });
-        let v = b.ins().scalar_to_vector(types::I64X2, shifts[0]);
-        let v = b.ins().insertlane(v, shifts[1], 1);
-        let shifts = b.ins().bitcast(types::I8X16, little(), v);
+        let shifts = bytes_of_pair(b, shifts);
         let shifted = b.ins().iadd(eighths, shifts);
         codes.extend(bytes_to_f32(b, shifted, true));
     }

@@ -26,8 +26,9 @@ DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 256, 2, 4, 2, 256
 # Where IQ1_M's four 16-bit scale words start: its `d` is their top nibbles.
 IQ1_M_SCALES = 48
 
-# Block bytes, the offsets of the f16 scales to set (IQ1_M: its split `d`), and the largest
-# |weight| per unit of scale (so that scales of 0.1 / that keep weights near 0.1).
+# Block bytes, the offsets of the f16 scales to set (IQ1_M has none whole: its `d` is
+# split), and the largest |weight| per unit of scale (so that scales of 0.1 / that keep
+# weights near 0.1).
 BLOCKS = {
     T.Q2_K: (84, [80, 82], 45),
     T.Q3_K: (110, [108], 128),
@@ -42,16 +43,16 @@ BLOCKS = {
     T.IQ2_XS: (74, [0], 167),
     T.IQ2_S: (82, [0], 167),
     T.IQ1_S: (50, [0], 17),
-    T.IQ1_M: (56, IQ1_M_SCALES, 17),
+    T.IQ1_M: (56, [], 17),
 }
 
 # Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it (its feed-forward up
 # projection as an IQ3_M file, its gate as an IQ2_M file, its attention output as an
-# IQ2_XXS file, its query as an IQ1_M file, its down projection as an IQ1_S file), layer 1 as a Q2_K file (its query as an IQ4_XS file, its attention output
+# IQ2_XXS file, its down projection as an IQ1_S file), layer 1 as a Q2_K file (its query as an IQ4_XS file, its attention output
 # as an IQ3_XXS file, its down projection as an IQ2_XS file), with three of llama.cpp's
 # fallback types.
 LAYER_TYPES = [
-    {"attn_q": T.IQ1_M, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.IQ2_XXS,
+    {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.IQ2_XXS,
      "ffn_gate": T.IQ2_S, "ffn_up": T.IQ3_S, "ffn_down": T.IQ1_S},
     {"attn_q": T.IQ4_XS, "attn_k": T.IQ4_NL, "attn_v": T.Q3_K, "attn_output": T.IQ3_XXS,
      "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.IQ2_XS},
@@ -65,14 +66,13 @@ def blocks(rng, qtype, rows, cols):
     block_bytes, scales, reach = BLOCKS[qtype]
     n = rows * cols // (32 if qtype == T.IQ4_NL else 256)
     data = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
-    if scales == IQ1_M_SCALES:
+    if qtype == T.IQ1_M:
         d = (rng.uniform(0.25, 1.0, size=n) * 0.1 / reach).astype(np.float16)
         words = data[:, IQ1_M_SCALES : IQ1_M_SCALES + 8].copy().view("<u2")
         for k in range(4):
             nibble = (d.view(np.uint16) >> (4 * k)) & 0xF
             words[:, k] = (words[:, k] & 0x0FFF) | (nibble << 12)
         data[:, IQ1_M_SCALES : IQ1_M_SCALES + 8] = words.view(np.uint8)
-        scales = []
     for at in scales:
         d = (rng.uniform(0.25, 1.0, size=n) * 0.1 / reach).astype(np.float16)
         data[:, at : at + 2] = d.view(np.uint8).reshape(n, 2)
@@ -91,7 +91,8 @@ def main():
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_dimension_count(DIM // HEADS)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_tensor("token_embd.weight", blocks(rng, T.Q4_K, VOCAB, DIM), raw_dtype=T.Q4_K)
+    # The token embedding as an IQ1_M file's (a gather of IQ1_M rows).
+    w.add_tensor("token_embd.weight", blocks(rng, T.IQ1_M, VOCAB, DIM), raw_dtype=T.IQ1_M)
     norm = lambda: (1 + 0.1 * rng.standard_normal(DIM)).astype(np.float32)
     head_dim = DIM // HEADS
     shapes = {
