@@ -533,6 +533,8 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Iq2S,
         QuantFormat::Iq1S,
         QuantFormat::Iq1M,
+        QuantFormat::Tq1_0,
+        QuantFormat::Tq2_0,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,
@@ -675,6 +677,8 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Iq2S,
         QuantFormat::Iq1S,
         QuantFormat::Iq1M,
+        QuantFormat::Tq1_0,
+        QuantFormat::Tq2_0,
     ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);

@@ -1,7 +1,7 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
-//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl, iq4_xs and the
-//! IQ3, IQ2 and IQ1 formats `tests/data/quant-vectors`, both made with the `gguf` Python
-//! package), plus round-trip
+//! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl, iq4_xs, the
+//! IQ3, IQ2 and IQ1 formats and the ternary tq1_0 and tq2_0 `tests/data/quant-vectors`,
+//! both made with the `gguf` Python package), plus round-trip
 //! and known-value tests for every format.
 
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     if [
         "q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_s", "iq2_xxs",
-        "iq2_xs", "iq2_s", "iq1_s", "iq1_m",
+        "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "tq1_0", "tq2_0",
     ]
     .iter()
     .any(|ours| file.starts_with(ours))
@@ -65,6 +65,8 @@ fn gguf(name: &str) -> QuantFormat {
         "iq2_s" => QuantFormat::Iq2S,
         "iq1_s" => QuantFormat::Iq1S,
         "iq1_m" => QuantFormat::Iq1M,
+        "tq1_0" | "tq1_0_any" => QuantFormat::Tq1_0,
+        "tq2_0" | "tq2_0_any" => QuantFormat::Tq2_0,
         _ => QuantFormat::Q2K,
     }
 }
@@ -78,7 +80,7 @@ fn assert_bits_equal(found: &[f32], expected: &[f32], what: &str) {
 
 #[test]
 fn quantizing_matches_llama_cpp_byte_for_byte() {
-    for name in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] {
+    for name in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "tq1_0", "tq2_0"] {
         let input = read_f32(&format!("{name}.input.f32"));
         let expected = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let found = quantize(&gguf(name), &SHAPE, &input);
@@ -91,8 +93,29 @@ fn quantizing_matches_llama_cpp_byte_for_byte() {
 #[test]
 fn dequantizing_matches_llama_cpp_exactly() {
     for name in [
-        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
-        "iq4_xs", "iq3_xxs", "iq3_s", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m",
+        "q8_0",
+        "q4_0",
+        "q4_1",
+        "q5_0",
+        "q5_1",
+        "q2_k",
+        "q3_k",
+        "q4_k",
+        "q5_k",
+        "q6_k",
+        "iq4_nl",
+        "iq4_xs",
+        "iq3_xxs",
+        "iq3_s",
+        "iq2_xxs",
+        "iq2_xs",
+        "iq2_s",
+        "iq1_s",
+        "iq1_m",
+        "tq1_0",
+        "tq2_0",
+        "tq1_0_any",
+        "tq2_0_any",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -174,6 +197,10 @@ fn every_format_round_trips_within_its_step() {
         // 6561 groups of eight on its grid: measured 1.04 for both.
         (QuantFormat::Iq1S, 1.1),
         (QuantFormat::Iq1M, 1.1),
+        // The ternary formats' levels are -d, 0 and d for `d` the largest magnitude (2
+        // here): half a step is 1, plus `d`'s rounding to f16.
+        (QuantFormat::Tq1_0, 1.0 * 1.01),
+        (QuantFormat::Tq2_0, 1.0 * 1.01),
         (
             QuantFormat::Nf4 {
                 block_size: 64,
@@ -295,6 +322,23 @@ fn exactly_representable_values_survive() {
         &ints,
         "int8",
     );
+}
+
+/// Ternary values under a scale that f16 holds exactly come back bit for bit, in both
+/// formats; so do all-zero super-blocks, and the largest magnitude sets the scale
+/// whatever its sign.
+#[test]
+fn ternary_values_survive() {
+    let trits = |seed: usize| (0..256).map(move |i| (((i * 7 + seed) * 2654435761usize) >> 7) % 3);
+    let small = half::f16::from_f32(1.5e-3).to_f32();
+    let mut values: Vec<f32> = trits(1).map(|t| 0.375 * (t as f32 - 1.0)).collect();
+    values.extend(trits(2).map(|t| small * (1.0 - t as f32)));
+    values.extend([0.0; 256]);
+    values.extend(trits(3).map(|t| 6.0 * (t as f32 - 1.0).min(0.0)));
+    for format in [QuantFormat::Tq1_0, QuantFormat::Tq2_0] {
+        let back = dequantize(&format, &[4, 256], &quantize(&format, &[4, 256], &values));
+        assert_bits_equal(&back, &values, format.name());
+    }
 }
 
 #[test]

@@ -115,6 +115,12 @@ pub enum WeightFormat {
     /// shift's sign, and a 3-bit scale per 16 values in four words whose top nibbles hold
     /// the f16 scale.
     Iq1M,
+    /// GGUF tq1_0: super-blocks of 256 ternary values (54 bytes): 48 bytes of five trits
+    /// each and four bytes of four (`llm_ir::interp::ternary::TQ1_0_SECTIONS`), an f16 scale.
+    Tq1_0,
+    /// GGUF tq2_0: super-blocks of 256 ternary values (66 bytes): 64 bytes of 2-bit codes
+    /// (the trit plus one), an f16 scale.
+    Tq2_0,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -157,6 +163,8 @@ impl WeightFormat {
             QuantFormat::Iq2S => WeightFormat::Iq2S,
             QuantFormat::Iq1S => WeightFormat::Iq1S,
             QuantFormat::Iq1M => WeightFormat::Iq1M,
+            QuantFormat::Tq1_0 => WeightFormat::Tq1_0,
+            QuantFormat::Tq2_0 => WeightFormat::Tq2_0,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -208,7 +216,9 @@ impl WeightFormat {
             | WeightFormat::Iq2Xs
             | WeightFormat::Iq2S
             | WeightFormat::Iq1S
-            | WeightFormat::Iq1M => Some(256),
+            | WeightFormat::Iq1M
+            | WeightFormat::Tq1_0
+            | WeightFormat::Tq2_0 => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
     }
@@ -241,6 +251,8 @@ impl WeightFormat {
             WeightFormat::Iq2S => k / 256 * 82,
             WeightFormat::Iq1S => k / 256 * 50,
             WeightFormat::Iq1M => k / 256 * 56,
+            WeightFormat::Tq1_0 => k / 256 * 54,
+            WeightFormat::Tq2_0 => k / 256 * 66,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -267,6 +279,8 @@ impl WeightFormat {
             WeightFormat::Iq2S => QuantFormat::Iq2S,
             WeightFormat::Iq1S => QuantFormat::Iq1S,
             WeightFormat::Iq1M => QuantFormat::Iq1M,
+            WeightFormat::Tq1_0 => QuantFormat::Tq1_0,
+            WeightFormat::Tq2_0 => QuantFormat::Tq2_0,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -317,6 +331,8 @@ impl WeightFormat {
             WeightFormat::Iq2S => "iq2_s",
             WeightFormat::Iq1S => "iq1_s",
             WeightFormat::Iq1M => "iq1_m",
+            WeightFormat::Tq1_0 => "tq1_0",
+            WeightFormat::Tq2_0 => "tq2_0",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",

@@ -38,9 +38,9 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// An `n x k` matrix of seeded values in [-1, 1) quantized to `format` by the reference
-/// (for the lattice formats on odd seeds, [`random_super_blocks`] instead).
+/// (for the lattice and ternary formats on odd seeds, [`random_super_blocks`] instead).
 fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
-    let lattice = matches!(
+    let any_bytes_decode = matches!(
         format,
         QuantFormat::Iq3Xxs
             | QuantFormat::Iq3S
@@ -49,8 +49,10 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
             | QuantFormat::Iq2S
             | QuantFormat::Iq1S
             | QuantFormat::Iq1M
+            | QuantFormat::Tq1_0
+            | QuantFormat::Tq2_0
     );
-    let bytes = if lattice && seed % 2 == 1 {
+    let bytes = if any_bytes_decode && seed % 2 == 1 {
         random_super_blocks(format, n * k / 256, seed)
     } else {
         quant::quantize(format, &[n, k], &values(seed, n * k, 1.0))
@@ -62,9 +64,10 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     })
 }
 
-/// `count` random super-blocks of the lattice format `format` (any bytes decode), so that
-/// every grid entry, high index bit, sign and multiplier occurs, not only those the
-/// quantizer picks, each with a small f16 scale at its start (iq1_m's in its scale words).
+/// `count` random super-blocks of the lattice or ternary format `format` (any bytes
+/// decode), so that every grid entry, high index bit, sign, multiplier and code byte
+/// occurs, not only those the quantizer picks, each with a small f16 scale (at its start;
+/// iq1_m's in its scale words, the ternary formats' at their end).
 fn random_super_blocks(format: &QuantFormat, count: usize, seed: u64) -> Vec<u8> {
     let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
     let mut state = seed;
@@ -78,11 +81,16 @@ fn random_super_blocks(format: &QuantFormat, count: usize, seed: u64) -> Vec<u8>
         .collect();
     for (b, block) in bytes.chunks_mut(size).enumerate() {
         let d = half::f16::from_f32(1e-3 * (b % 4 + 1) as f32);
-        if *format == QuantFormat::Iq1M {
-            interp::iq1::set_iq1_m_d(block, d);
-        } else {
-            block[..2].copy_from_slice(&d.to_le_bytes());
-        }
+        let d_at = match format {
+            QuantFormat::Iq1M => {
+                interp::iq1::set_iq1_m_d(block, d);
+                continue;
+            }
+            QuantFormat::Tq1_0 => interp::ternary::TQ1_0_D_AT,
+            QuantFormat::Tq2_0 => interp::ternary::TQ2_0_D_AT,
+            _ => 0,
+        };
+        block[d_at..d_at + 2].copy_from_slice(&d.to_le_bytes());
     }
     bytes
 }
@@ -537,6 +545,8 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         24 => (256 * blocks, QuantFormat::Iq2S, "iq2_s".into()),
         25 => (256 * blocks, QuantFormat::Iq1S, "iq1_s".into()),
         26 => (256 * blocks, QuantFormat::Iq1M, "iq1_m".into()),
+        27 => (256 * blocks, QuantFormat::Tq1_0, "tq1_0".into()),
+        28 => (256 * blocks, QuantFormat::Tq2_0, "tq2_0".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -634,7 +644,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 28;
+const FORMAT_CASES: usize = 30;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -746,12 +756,13 @@ proptest! {
 
     /// Activations quantized to q8_0 (`quantize-activations`) meet the formats of 32-value
     /// blocks (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), the K-quants q2_k to q6_k, iq4_xs,
-    /// and the IQ3, IQ2 and IQ1 formats in integer dot products on the CPU (dequantized first on
+    /// the IQ3, IQ2 and IQ1 formats and the ternary formats in dot products on the CPU (integer
+    /// ones where the CPU has them; dequantized first on
     /// the GPU),
     /// with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..19, dynamic in any::<bool>(), seed: u64) {
-        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s"), (QuantFormat::Iq1S, "iq1_s"), (QuantFormat::Iq1M, "iq1_m")];
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..21, dynamic in any::<bool>(), seed: u64) {
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s"), (QuantFormat::Iq1S, "iq1_s"), (QuantFormat::Iq1M, "iq1_m"), (QuantFormat::Tq1_0, "tq1_0"), (QuantFormat::Tq2_0, "tq2_0")];
         let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
         // Whole super-blocks of 256 for the k-quants, iq4_xs and the lattice formats.
         let blocks_of_32 = which < BLOCKS_OF_32.len();
@@ -1042,7 +1053,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..19 {
+        for which in 0..21 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1067,6 +1078,8 @@ proptest! {
                     15 => (256, QuantFormat::Iq2S, "iq2_s".into()),
                     16 => (256, QuantFormat::Iq1S, "iq1_s".into()),
                     17 => (512, QuantFormat::Iq1M, "iq1_m".into()),
+                    18 => (256, QuantFormat::Tq1_0, "tq1_0".into()),
+                    19 => (512, QuantFormat::Tq2_0, "tq2_0".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

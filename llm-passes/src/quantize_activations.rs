@@ -2,7 +2,8 @@
 //!
 //! `quantized_matmul(x, w)` with `f32` activations `x` and a weight of GGUF's block
 //! formats (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, the K-quants q2_k to q6_k, iq4_xs, and the
-//! lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s and iq1_m) becomes
+//! lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s and iq1_m, and the ternary
+//! tq1_0 and tq2_0) becomes
 //! `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 to q5_1 and iq4_nl hold blocks of 32 values along
 //! K with one scale each (and a minimum in q4_1 and q5_1, which takes the block's `Σ x`),
 //! so a block of `x` meets a block of `w` as two scales and 32 pairs of small integers: a

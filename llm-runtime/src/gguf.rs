@@ -265,6 +265,8 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         22 => Storage::Quant(QuantFormat::Iq2S),
         19 => Storage::Quant(QuantFormat::Iq1S),
         29 => Storage::Quant(QuantFormat::Iq1M),
+        34 => Storage::Quant(QuantFormat::Tq1_0),
+        35 => Storage::Quant(QuantFormat::Tq2_0),
         _ => return None,
     })
 }
@@ -279,8 +281,6 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
         26 => "I32",
         27 => "I64",
         28 => "F64",
-        34 => "TQ1_0",
-        35 => "TQ2_0",
         39 => "MXFP4",
         _ => return None,
     })

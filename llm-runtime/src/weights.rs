@@ -353,6 +353,8 @@ mod tests {
             (QuantFormat::Iq2S, QuantFormat::Iq4Nl, f16.clone()),
             (QuantFormat::Iq1S, QuantFormat::Iq4Nl, f16.clone()),
             (QuantFormat::Iq1M, QuantFormat::Iq4Nl, f16.clone()),
+            (QuantFormat::Tq1_0, QuantFormat::Q4_0, f16.clone()),
+            (QuantFormat::Tq2_0, QuantFormat::Q4_0, f16.clone()),
             (QuantFormat::Q4_0, QuantFormat::Q4_0, None),
         ] {
             let mut w = Weights::default();

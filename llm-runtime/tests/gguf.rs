@@ -152,12 +152,12 @@ fn malformed_files_name_what_is_wrong() {
         + name.len();
     let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
     let type_at = at + 4 + 8 * dims;
-    let mut tq1_0 = bytes.clone();
-    tq1_0[type_at..type_at + 4].copy_from_slice(&34u32.to_le_bytes());
+    let mut q8_1 = bytes.clone();
+    q8_1[type_at..type_at + 4].copy_from_slice(&9u32.to_le_bytes());
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (
-            tq1_0,
-            "tensor `token_embd.weight` has unsupported ggml type 34 (TQ1_0)",
+            q8_1,
+            "tensor `token_embd.weight` has unsupported ggml type 9 (Q8_1)",
         ),
         (b"GGML....".to_vec(), "bad magic"),
         (
@@ -300,12 +300,12 @@ fn split_models_refuse_wrong_parts() {
         .expect("the key")
         + key.len()
         + 4;
-    short[at..at + 4].copy_from_slice(&20i32.to_le_bytes());
+    short[at..at + 4].copy_from_slice(&29i32.to_le_bytes());
     assert_eq!(
         read([&short, &bytes[1], &bytes[2]]),
         Some((
             0,
-            "split.tensors.count = 20, but the 3 parts hold 21 tensors".into()
+            "split.tensors.count = 29, but the 3 parts hold 30 tensors".into()
         ))
     );
     // Part 2's first layer-1 norm renamed as layer 0's, which part 1 holds.
@@ -381,6 +381,10 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
         ("layers.1.attention.wv.weight", QuantFormat::Q3K),
         ("layers.1.feed_forward.w2.weight", QuantFormat::Iq2Xs),
         ("layers.1.feed_forward.w3.weight", QuantFormat::Q5_1),
+        ("layers.2.attention.wq.weight", QuantFormat::Tq1_0),
+        ("layers.2.attention.wv.weight", QuantFormat::Tq1_0),
+        ("layers.2.feed_forward.w1.weight", QuantFormat::Tq2_0),
+        ("layers.2.feed_forward.w2.weight", QuantFormat::Tq2_0),
         ("output.weight", QuantFormat::Q6K),
     ] {
         assert_eq!(format(name), stored, "{name}");

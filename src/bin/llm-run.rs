@@ -110,6 +110,13 @@ enum Quantize {
     /// 3-bit scales per 16, super-blocks of 256 (1.75 bits a value).
     #[value(name = "iq1_m")]
     Iq1M,
+    /// Ternary values -1, 0 or 1 times the largest magnitude of each 256, five a byte
+    /// (1.69 bits a value): for ternary models (TriLM, BitNet b1.58).
+    #[value(name = "tq1_0")]
+    Tq1_0,
+    /// Ternary values as 2-bit codes, an f16 scale per 256 (2.06 bits a value).
+    #[value(name = "tq2_0")]
+    Tq2_0,
     /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
     #[value(name = "nf4")]
     Nf4,
@@ -190,6 +197,8 @@ impl Quantize {
             Quantize::Iq2S => QuantFormat::Iq2S,
             Quantize::Iq1S => QuantFormat::Iq1S,
             Quantize::Iq1M => QuantFormat::Iq1M,
+            Quantize::Tq1_0 => QuantFormat::Tq1_0,
+            Quantize::Tq2_0 => QuantFormat::Tq2_0,
             Quantize::Nf4 => QuantFormat::Nf4 {
                 block_size: 64,
                 scale: DType::F16,

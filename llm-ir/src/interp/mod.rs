@@ -21,6 +21,7 @@ pub mod iq3;
 pub mod kv_values;
 pub mod lattice;
 pub mod quant;
+pub mod ternary;
 pub mod value;
 
 use std::{collections::HashMap, rc::Rc};

@@ -4,12 +4,13 @@
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
 //! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
-//! [`iq3`], `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`] and `iq1_s`, `iq1_m` of [`iq1`]) store
+//! [`iq3`], `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`] and `iq1_s`, `iq1_m` of [`iq1`], and the
+//! ternary `tq1_0`, `tq2_0` of [`ternary`]) store
 //! each row (the last dim) as
 //! consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
 //! quantizers follow ggml's reference quantizers operation for operation in `f32` (except
 //! the lattice formats', this project's own, [`super::lattice`]); for `q8_0`, `q4_0`,
-//! `q4_1`, `q5_0` and `q5_1` the bytes are checked against llama.cpp's vectors (see
+//! `q4_1`, `q5_0`, `q5_1`, `tq1_0` and `tq2_0` the bytes are checked against llama.cpp's vectors (see
 //! [`quantize_k`] for the K-quants and [`quantize_iq4_nl`] for `iq4_nl` and `iq4_xs`, whose
 //! dequantization alone has vectors).
 //!
@@ -28,7 +29,7 @@
 
 use half::{bf16, f16};
 
-use super::{iq1, iq2, iq3};
+use super::{iq1, iq2, iq3, ternary};
 use crate::{
     dtype::DType,
     types::{IQ4_NL_LEVELS, QuantFormat},
@@ -125,6 +126,14 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Iq2S => values.chunks(256).flat_map(iq2::quantize_iq2_s).collect(),
         QuantFormat::Iq1S => values.chunks(256).flat_map(iq1::quantize_iq1_s).collect(),
         QuantFormat::Iq1M => values.chunks(256).flat_map(iq1::quantize_iq1_m).collect(),
+        QuantFormat::Tq1_0 => values
+            .chunks(256)
+            .flat_map(ternary::quantize_tq1_0)
+            .collect(),
+        QuantFormat::Tq2_0 => values
+            .chunks(256)
+            .flat_map(ternary::quantize_tq2_0)
+            .collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -405,6 +414,8 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
         QuantFormat::Iq2S => iq2::dequantize_iq2_s(b, out),
         QuantFormat::Iq1S => iq1::dequantize_iq1_s(b, out),
         QuantFormat::Iq1M => iq1::dequantize_iq1_m(b, out),
+        QuantFormat::Tq1_0 => ternary::dequantize_tq1_0(b, out),
+        QuantFormat::Tq2_0 => ternary::dequantize_tq2_0(b, out),
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
             // value `l` of sub-block `2j` (`2j + 1`).

@@ -24,6 +24,8 @@
 //! | `iq2_s` | 256 | 82 | f16 d, 32 low bytes of indices into [`IQ2S_GRID`](super::IQ2S_GRID), 32 bytes of signs, 8 bytes of the indices' high bit pairs, 8 bytes of 4-bit scales (one per 16 values) |
 //! | `iq1_s` | 256 | 50 | f16 d, 32 low bytes of 11-bit indices into [`IQ1S_GRID`](super::IQ1S_GRID) (groups of 8 signed values), per sub-block of 32 a 16-bit word of the indices' high bits, a 3-bit scale and a delta sign |
 //! | `iq1_m` | 256 | 56 | 32 low bytes of indices into [`IQ1S_GRID`](super::IQ1S_GRID), 16 bytes of their high bits and delta signs (a nibble a group), 8 bytes of 3-bit scales (one per 16 values) with the f16 d in their words' top nibbles |
+//! | `tq1_0` | 256 | 54 | 48 bytes of five trits each and 4 of four (base 3, scaled to a byte), f16 d |
+//! | `tq2_0` | 256 | 66 | 64 bytes of 2-bit trits plus one, f16 d |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -118,6 +120,11 @@ pub enum QuantFormat {
     /// GGUF IQ1_M: IQ1_S's grid, with a 3-bit scale for every 16 values and a shift for
     /// every group of eight; `d` is split across the scales' words (1.75 bits a value).
     Iq1M,
+    /// GGUF TQ1_0: super-blocks of 256 ternary values `d * t` (`t` in {-1, 0, 1}), five
+    /// trits a byte (1.69 bits a value), an f16 scale `d`.
+    Tq1_0,
+    /// GGUF TQ2_0: TQ1_0's values as 2-bit codes (2.06 bits a value).
+    Tq2_0,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -167,6 +174,8 @@ impl QuantFormat {
             QuantFormat::Iq2S => "iq2_s",
             QuantFormat::Iq1S => "iq1_s",
             QuantFormat::Iq1M => "iq1_m",
+            QuantFormat::Tq1_0 => "tq1_0",
+            QuantFormat::Tq2_0 => "tq2_0",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -197,7 +206,9 @@ impl QuantFormat {
             | QuantFormat::Iq2Xs
             | QuantFormat::Iq2S
             | QuantFormat::Iq1S
-            | QuantFormat::Iq1M => 256,
+            | QuantFormat::Iq1M
+            | QuantFormat::Tq1_0
+            | QuantFormat::Tq2_0 => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
             QuantFormat::Nf4 { block_size, .. } => *block_size,
             QuantFormat::Affine { group_size, .. } => *group_size,
@@ -226,6 +237,8 @@ impl QuantFormat {
             QuantFormat::Iq2S => Some(82),
             QuantFormat::Iq1S => Some(50),
             QuantFormat::Iq1M => Some(56),
+            QuantFormat::Tq1_0 => Some(54),
+            QuantFormat::Tq2_0 => Some(66),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -234,8 +247,8 @@ impl QuantFormat {
     /// The format llama.cpp's quantizer stores a matrix in instead of this one when the
     /// matrix's rows are not whole super-blocks of 256 (`llama_tensor_get_type`'s
     /// fallback): q2_k, q3_k, iq4_xs and the lattice formats (iq3_xxs, iq3_s, iq2_xxs,
-    /// iq2_xs, iq2_s, iq1_s, iq1_m) fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1
-    /// and q6_k to q8_0, all of blocks of 32 (and where a matrix's rows are not whole
+    /// iq2_xs, iq2_s, iq1_s, iq1_m) fall back to iq4_nl, q4_k to q5_0, q5_k to q5_1,
+    /// q6_k to q8_0 and the ternary tq1_0 and tq2_0 to q4_0, all of blocks of 32 (and where a matrix's rows are not whole
     /// blocks of those either, llama.cpp stores it as f16); `None` for the other formats.
     pub fn row_fallback(&self) -> Option<QuantFormat> {
         Some(match self {
@@ -252,6 +265,7 @@ impl QuantFormat {
             QuantFormat::Q4K => QuantFormat::Q5_0,
             QuantFormat::Q5K => QuantFormat::Q5_1,
             QuantFormat::Q6K => QuantFormat::Q8_0,
+            QuantFormat::Tq1_0 | QuantFormat::Tq2_0 => QuantFormat::Q4_0,
             _ => return None,
         })
     }
@@ -357,6 +371,8 @@ impl QuantFormat {
             "iq2_s" => QuantFormat::Iq2S,
             "iq1_s" => QuantFormat::Iq1S,
             "iq1_m" => QuantFormat::Iq1M,
+            "tq1_0" => QuantFormat::Tq1_0,
+            "tq2_0" => QuantFormat::Tq2_0,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -387,7 +403,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -1,12 +1,15 @@
 """GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k, q5_k, iq4_nl,
-iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m.
+iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0.
 
 Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
 the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
 0's first 32 zero: an all-zero block) into `blocks` and dequantize them into `dequant`;
 q3_k, q5_k, iq4_nl, iq4_xs and the IQ3, IQ2 and IQ1 formats, which the package only
 dequantizes, have random valid (super-)blocks (their f16 scales set to small finite values;
-IQ1_M's `d` is split across the top nibbles of its four scale words):
+IQ1_M's `d` is split across the top nibbles of its four scale words); the ternary tq1_0 and
+tq2_0 have both: seeded inputs quantized (`{name}.*`) and random super-blocks, every byte
+value included, dequantized (`{name}_any.*`), made last so that the earlier files keep
+their bytes:
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file
@@ -44,6 +47,9 @@ FORMATS = {
 # Formats the package quantizes.
 QUANTIZED = {"q5_0": T.Q5_0, "q5_1": T.Q5_1}
 
+# The ternary formats: quantized, and as random super-blocks (block bytes, where `d` is).
+TERNARY = {"tq1_0": (T.TQ1_0, 54, 52), "tq2_0": (T.TQ2_0, 66, 64)}
+
 
 def qtype_block_size(qtype):
     """Values per block of `qtype`."""
@@ -66,27 +72,42 @@ def main():
     OUT.mkdir(exist_ok=True)
     rng = np.random.default_rng(7)
     for name, qtype in QUANTIZED.items():
-        values = rng.standard_normal((ROWS, COLS)).astype(np.float32)
-        values[0, :32] = 0
-        blocks = quantize(values, qtype)
-        (OUT / f"{name}.input.f32").write_bytes(values.astype("<f4").tobytes())
-        (OUT / f"{name}.blocks.bin").write_bytes(blocks.tobytes())
-        (OUT / f"{name}.dequant.f32").write_bytes(dequantize(blocks, qtype).astype("<f4").tobytes())
-        print(name, blocks.nbytes, "bytes")
+        write_quantized(rng, name, qtype, zero_block=32)
     for name, (qtype, block_bytes, scales) in FORMATS.items():
-        blocks = ROWS * COLS // qtype_block_size(qtype)
-        data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
-        if qtype == T.IQ1_M:
-            set_iq1_m_d(data, rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16))
-        for at in scales:
-            d = rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16)
-            data[:, at : at + 2] = d.view(np.uint8).reshape(blocks, 2)
-        matrix = data.reshape(ROWS, -1)
-        values = dequantize(matrix, qtype).astype(np.float32)
-        assert values.shape == (ROWS, COLS)
-        (OUT / f"{name}.blocks.bin").write_bytes(matrix.tobytes())
-        (OUT / f"{name}.dequant.f32").write_bytes(values.astype("<f4").tobytes())
-        print(name, matrix.nbytes, "bytes")
+        write_random_blocks(rng, name, qtype, block_bytes, scales)
+    for name, (qtype, block_bytes, d_at) in TERNARY.items():
+        write_quantized(rng, name, qtype, zero_block=256)
+        write_random_blocks(rng, f"{name}_any", qtype, block_bytes, [d_at])
+
+
+def write_quantized(rng, name, qtype, zero_block):
+    """Seeded inputs (row 0's first `zero_block` values zero: an all-zero block), their
+    blocks and the blocks dequantized."""
+    values = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    values[0, :zero_block] = 0
+    blocks = quantize(values, qtype)
+    (OUT / f"{name}.input.f32").write_bytes(values.astype("<f4").tobytes())
+    (OUT / f"{name}.blocks.bin").write_bytes(blocks.tobytes())
+    (OUT / f"{name}.dequant.f32").write_bytes(dequantize(blocks, qtype).astype("<f4").tobytes())
+    print(name, blocks.nbytes, "bytes")
+
+
+def write_random_blocks(rng, name, qtype, block_bytes, scales):
+    """Random blocks (the f16 scales at the offsets `scales` small finite values) and
+    their dequantization."""
+    blocks = ROWS * COLS // qtype_block_size(qtype)
+    data = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
+    if qtype == T.IQ1_M:
+        set_iq1_m_d(data, rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16))
+    for at in scales:
+        d = rng.uniform(1e-3, 1e-1, size=blocks).astype(np.float16)
+        data[:, at : at + 2] = d.view(np.uint8).reshape(blocks, 2)
+    matrix = data.reshape(ROWS, -1)
+    values = dequantize(matrix, qtype).astype(np.float32)
+    assert values.shape == (ROWS, COLS)
+    (OUT / f"{name}.blocks.bin").write_bytes(matrix.tobytes())
+    (OUT / f"{name}.dequant.f32").write_bytes(values.astype("<f4").tobytes())
+    print(name, matrix.nbytes, "bytes")
 
 
 if __name__ == "__main__":

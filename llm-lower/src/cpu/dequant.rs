@@ -9,7 +9,8 @@
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
 //! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16
 //! inside the 256-value super-blocks of the K-quants, iq4_xs and the lattice formats,
-//! [`super::lattice`]); the whole-matrix formats
+//! [`super::lattice`], and the ternary formats' runs of 32 under one scale,
+//! [`super::ternary`]); the whole-matrix formats
 //! (nf4, affine integers) have a run per scale group, decoded 32 values at a time with a
 //! scalar tail, or (affine groups along the output rows) a scale and zero point per
 //! column, decoded lane by lane.
@@ -28,6 +29,7 @@ use super::emit::{
 };
 use super::lattice;
 use super::q8dot::Q8_0_BLOCK_BYTES;
+use super::ternary;
 use crate::kernel::{Contraction, WeightFormat};
 
 /// Values a whole-matrix format decodes per vector step (16 code bytes of 4 bits).
@@ -56,7 +58,9 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Iq2Xs
         | WeightFormat::Iq2S
         | WeightFormat::Iq1S
-        | WeightFormat::Iq1M => true,
+        | WeightFormat::Iq1M
+        | WeightFormat::Tq1_0
+        | WeightFormat::Tq2_0 => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -317,6 +321,7 @@ fn decode_blocks(
                 let grid = grid.expect("a lattice format's kernel imports its grid");
                 lattice::runs(b, format, wb, grid, &mut sink)
             }
+            WeightFormat::Tq1_0 | WeightFormat::Tq2_0 => ternary::runs(b, format, wb, &mut sink),
             other => unreachable!("{other:?} is not a block format"),
         }
     });

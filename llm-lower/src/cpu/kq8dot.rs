@@ -1,7 +1,7 @@
 //! Integer dot products of q8_0 activations with the GGUF formats of 256-value
 //! super-blocks: the k-quants (q2_k to q6_k), the formats most GGUF models ship their
-//! matrices in, iq4_xs, and the lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s,
-//! iq1_s and iq1_m.
+//! matrices in, iq4_xs, the lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s,
+//! iq1_s and iq1_m, and the ternary tq1_0 and tq2_0.
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -31,7 +31,11 @@
 //!   registers, made a byte mask that negates; IQ1's signed values -1, 0, 1 shifted by
 //!   ±1/8 a group taken as the codes `8 q ± 1` under an eighth of the scale): the signed
 //!   codes (at most 62) meet `qx` as iq4_xs's AVX2 levels do, and each 16 values' sums take
-//!   their run's scale (iq2_xs, iq2_s and iq1_m scale every 16, the others every 32).
+//!   their run's scale (iq2_xs, iq2_s and iq1_m scale every 16, the others every 32);
+//! - the ternary formats: eight sub-blocks of 32 under the super-block's one scale, the
+//!   codes the trits -1, 0 and 1 as bytes (tq2_0's bit pairs shifted and masked; tq1_0's
+//!   trit `n` of a byte the high half of `((byte * 3^n) mod 256) << 8` times 3, in 16-bit
+//!   lanes, [`trits`]), meeting `qx` as the lattice formats' codes do ([`signed_rows`]).
 //!
 //! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
 //! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
@@ -49,7 +53,7 @@ use crate::kernel::WeightFormat;
 
 /// Per format of these kernels, the symbol generated code imports its entry point under
 /// ([`entry_point`]).
-pub const SYMBOLS: [(WeightFormat, &str); 13] = [
+pub const SYMBOLS: [(WeightFormat, &str); 15] = [
     (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
     (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
     (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
@@ -63,6 +67,8 @@ pub const SYMBOLS: [(WeightFormat, &str); 13] = [
     (WeightFormat::Iq2S, "llmc_iq2_s_by_q8_0_rows"),
     (WeightFormat::Iq1S, "llmc_iq1_s_by_q8_0_rows"),
     (WeightFormat::Iq1M, "llmc_iq1_m_by_q8_0_rows"),
+    (WeightFormat::Tq1_0, "llmc_tq1_0_by_q8_0_rows"),
+    (WeightFormat::Tq2_0, "llmc_tq2_0_by_q8_0_rows"),
 ];
 
 /// The entry point of `format` (each format of [`SYMBOLS`]), with VNNI's byte dot
@@ -95,6 +101,8 @@ fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
         WeightFormat::Iq2S => [iq2_s_by_q8_0_rows::<false>, iq2_s_by_q8_0_rows::<true>],
         WeightFormat::Iq1S => [iq1_s_by_q8_0_rows::<false>, iq1_s_by_q8_0_rows::<true>],
         WeightFormat::Iq1M => [iq1_m_by_q8_0_rows::<false>, iq1_m_by_q8_0_rows::<true>],
+        WeightFormat::Tq1_0 => [tq1_0_by_q8_0_rows::<false>, tq1_0_by_q8_0_rows::<true>],
+        WeightFormat::Tq2_0 => [tq2_0_by_q8_0_rows::<false>, tq2_0_by_q8_0_rows::<true>],
         _ => return None,
     })
 }
@@ -274,6 +282,26 @@ entry_point!(
     iq1_m_by_q8_0_rows, 56, iq1_m_vnni, iq1_m_avx2
 );
 
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive tq1_0 rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 54` bytes.
+    tq1_0_by_q8_0_rows, 54, tq1_0_vnni, tq1_0_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive tq2_0 rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 66` bytes.
+    tq2_0_by_q8_0_rows, 66, tq2_0_vnni, tq2_0_avx2
+);
+
 /// The kernel of one format for a tile of `TILE` rows of x: the dot products of
 /// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
@@ -451,13 +479,15 @@ instances!(
     q5_k_avx2: q4_k_rows, true;
     q6_k_avx2: sixteens_rows, Q6kRuns;
     iq4_xs_avx2: iq4_xs_rows;
-    iq3_xxs_avx2: lattice_rows, Iq3XxsBlocks;
-    iq3_s_avx2: lattice_rows, Iq3SBlocks;
-    iq2_xxs_avx2: lattice_rows, Iq2XxsBlocks;
-    iq2_xs_avx2: lattice_rows, Iq2XsBlocks;
-    iq2_s_avx2: lattice_rows, Iq2SBlocks;
-    iq1_s_avx2: lattice_rows, Iq1SBlocks;
-    iq1_m_avx2: lattice_rows, Iq1MBlocks;
+    iq3_xxs_avx2: signed_rows, Iq3XxsBlocks;
+    iq3_s_avx2: signed_rows, Iq3SBlocks;
+    iq2_xxs_avx2: signed_rows, Iq2XxsBlocks;
+    iq2_xs_avx2: signed_rows, Iq2XsBlocks;
+    iq2_s_avx2: signed_rows, Iq2SBlocks;
+    iq1_s_avx2: signed_rows, Iq1SBlocks;
+    iq1_m_avx2: signed_rows, Iq1MBlocks;
+    tq1_0_avx2: signed_rows, Tq1_0Blocks;
+    tq2_0_avx2: signed_rows, Tq2_0Blocks;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -468,13 +498,15 @@ instances!(
     q5_k_vnni: q4_k_rows, true;
     q6_k_vnni: sixteens_rows, Q6kRuns;
     iq4_xs_vnni: iq4_xs_rows;
-    iq3_xxs_vnni: lattice_rows, Iq3XxsBlocks;
-    iq3_s_vnni: lattice_rows, Iq3SBlocks;
-    iq2_xxs_vnni: lattice_rows, Iq2XxsBlocks;
-    iq2_xs_vnni: lattice_rows, Iq2XsBlocks;
-    iq2_s_vnni: lattice_rows, Iq2SBlocks;
-    iq1_s_vnni: lattice_rows, Iq1SBlocks;
-    iq1_m_vnni: lattice_rows, Iq1MBlocks;
+    iq3_xxs_vnni: signed_rows, Iq3XxsBlocks;
+    iq3_s_vnni: signed_rows, Iq3SBlocks;
+    iq2_xxs_vnni: signed_rows, Iq2XxsBlocks;
+    iq2_xs_vnni: signed_rows, Iq2XsBlocks;
+    iq2_s_vnni: signed_rows, Iq2SBlocks;
+    iq1_s_vnni: signed_rows, Iq1SBlocks;
+    iq1_m_vnni: signed_rows, Iq1MBlocks;
+    tq1_0_vnni: signed_rows, Tq1_0Blocks;
+    tq2_0_vnni: signed_rows, Tq2_0Blocks;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -677,9 +709,9 @@ unsafe fn iq4_xs_rows<Q: QuadSums, const TILE: usize>(
     }
 }
 
-/// A lattice format as [`lattice_rows`] reads its super-blocks.
+/// A lattice format as [`signed_rows`] reads its super-blocks.
 #[cfg(target_arch = "x86_64")]
-trait LatticeBlocks {
+trait SignedBlocks {
     /// Bytes of a super-block.
     const BYTES: usize;
     /// Whether each sub-block's two halves of 16 values take scales of their own.
@@ -697,7 +729,7 @@ trait LatticeBlocks {
     }
 
     /// The scales of each sub-block's first and second 16 values (lane `j` for sub-block
-    /// `j`; the same twice unless [`LatticeBlocks::HALVES`]), `d` the super-block's scale
+    /// `j`; the same twice unless [`SignedBlocks::HALVES`]), `d` the super-block's scale
     /// in every lane.
     ///
     /// # Safety
@@ -731,16 +763,16 @@ unsafe fn broadcast_f16(bits: u16) -> std::arch::x86_64::__m256 {
 }
 
 /// A lattice format against `TILE` rows of x: per super-block an f16 `d`
-/// ([`LatticeBlocks::d`]) and eight sub-blocks of 32 values, [`LatticeBlocks::codes`]
+/// ([`SignedBlocks::d`]) and eight sub-blocks of 32 values, [`SignedBlocks::codes`]
 /// their codes and
-/// [`LatticeBlocks::scales`] their scales. The codes are decoded once for the tile; per row
+/// [`SignedBlocks::scales`] their scales. The codes are decoded once for the tile; per row
 /// of x, the sub-blocks' factors (scale times `dx`) are formed 8 lanes at a time, and each
 /// sub-block's sum of codes times x's is exact ([`QuadSums::signed_quads`]: no code is
 /// -128), its first four lanes (the first 16 values) under the first half's factor and the
 /// last four under the second's. Each row's result is the same whatever the tile.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn lattice_rows<Q: QuadSums, const TILE: usize, L: LatticeBlocks>(
+unsafe fn signed_rows<Q: QuadSums, const TILE: usize, L: SignedBlocks>(
     x: [*const u8; TILE],
     a: [&Activations; TILE],
     w: *const u8,
@@ -908,7 +940,7 @@ unsafe fn nibble_scales(
 struct Iq3XxsBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq3XxsBlocks {
+impl SignedBlocks for Iq3XxsBlocks {
     const BYTES: usize = llm_ir::interp::iq3::IQ3_XXS_BYTES;
     const HALVES: bool = false;
 
@@ -954,7 +986,7 @@ impl LatticeBlocks for Iq3XxsBlocks {
 struct Iq3SBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq3SBlocks {
+impl SignedBlocks for Iq3SBlocks {
     const BYTES: usize = llm_ir::interp::iq3::IQ3_S_BYTES;
     const HALVES: bool = false;
 
@@ -1029,7 +1061,7 @@ unsafe fn gather_entries(
 struct Iq2XxsBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq2XxsBlocks {
+impl SignedBlocks for Iq2XxsBlocks {
     const BYTES: usize = llm_ir::interp::iq2::IQ2_XXS_BYTES;
     const HALVES: bool = false;
 
@@ -1078,7 +1110,7 @@ impl LatticeBlocks for Iq2XxsBlocks {
 struct Iq2XsBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq2XsBlocks {
+impl SignedBlocks for Iq2XsBlocks {
     const BYTES: usize = llm_ir::interp::iq2::IQ2_XS_BYTES;
     const HALVES: bool = true;
 
@@ -1115,7 +1147,7 @@ impl LatticeBlocks for Iq2XsBlocks {
 struct Iq2SBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq2SBlocks {
+impl SignedBlocks for Iq2SBlocks {
     const BYTES: usize = llm_ir::interp::iq2::IQ2_S_BYTES;
     const HALVES: bool = true;
 
@@ -1225,7 +1257,7 @@ unsafe fn iq1_eighth_scales(
 struct Iq1SBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq1SBlocks {
+impl SignedBlocks for Iq1SBlocks {
     const BYTES: usize = llm_ir::interp::iq1::IQ1_S_BYTES;
     const HALVES: bool = false;
 
@@ -1272,7 +1304,7 @@ impl LatticeBlocks for Iq1SBlocks {
 struct Iq1MBlocks;
 
 #[cfg(target_arch = "x86_64")]
-impl LatticeBlocks for Iq1MBlocks {
+impl SignedBlocks for Iq1MBlocks {
     const BYTES: usize = llm_ir::interp::iq1::IQ1_M_BYTES;
     const HALVES: bool = true;
 
@@ -1339,6 +1371,144 @@ impl LatticeBlocks for Iq1MBlocks {
             );
             shifted_eighths(entries, shifts)
         }
+    }
+}
+
+/// tq2_0 (66 bytes): sub-block `j`'s 32 values are bit pair `j % 4` of the 32 bytes at
+/// `32 (j / 4)`, each the trit plus one; the f16 `d` (`TQ2_0_D_AT`) is every sub-block's
+/// scale.
+#[cfg(target_arch = "x86_64")]
+struct Tq2_0Blocks;
+
+#[cfg(target_arch = "x86_64")]
+impl SignedBlocks for Tq2_0Blocks {
+    const BYTES: usize = llm_ir::interp::ternary::TQ2_0_BYTES;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
+        use llm_ir::interp::ternary::TQ2_0_D_AT;
+        // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
+        unsafe { broadcast_f16(block.add(TQ2_0_D_AT).cast::<u16>().read_unaligned()) }
+    }
+
+    #[inline(always)]
+    unsafe fn scales(
+        _block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        [d; 2]
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the 32 bytes are inside the super-block (the contract).
+        unsafe {
+            let bytes = _mm256_loadu_si256(block.add(32 * (j / 4)).cast());
+            let shifted = _mm256_srl_epi16(bytes, _mm_cvtsi32_si128(2 * (j % 4) as i32));
+            let codes = _mm256_and_si256(shifted, _mm256_set1_epi8(3));
+            _mm256_sub_epi8(codes, _mm256_set1_epi8(1))
+        }
+    }
+}
+
+/// tq1_0 (54 bytes): trits read back from the bytes of [`TQ1_0_SECTIONS`] (trit `n` of a
+/// byte `((byte * 3^n) mod 256 * 3) >> 8`); sub-blocks 0 to 4 are the five trits of bytes
+/// 0..32, 5 and 6 trits `2 (j - 5)` and `2 (j - 5) + 1` of bytes 32..48 (one per 128-bit
+/// lane), and 7 trit 4 of those beside the four trits of bytes 48..52 (the four bytes
+/// repeated across the upper lane, each under its power of three); the f16 `d`
+/// (`TQ1_0_D_AT`) is every sub-block's scale.
+///
+/// [`TQ1_0_SECTIONS`]: llm_ir::interp::ternary::TQ1_0_SECTIONS
+#[cfg(target_arch = "x86_64")]
+struct Tq1_0Blocks;
+
+#[cfg(target_arch = "x86_64")]
+impl SignedBlocks for Tq1_0Blocks {
+    const BYTES: usize = llm_ir::interp::ternary::TQ1_0_BYTES;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
+        use llm_ir::interp::ternary::TQ1_0_D_AT;
+        // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
+        unsafe { broadcast_f16(block.add(TQ1_0_D_AT).cast::<u16>().read_unaligned()) }
+    }
+
+    #[inline(always)]
+    unsafe fn scales(
+        _block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        [d; 2]
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::interp::ternary::POW3;
+        use std::arch::x86_64::*;
+        // SAFETY: the bytes are inside the super-block (the contract).
+        unsafe {
+            let pow = |n: usize| i16::from(POW3[n]);
+            let (bytes, powers) = match j {
+                0..5 => (_mm256_loadu_si256(block.cast()), _mm256_set1_epi16(pow(j))),
+                5 | 6 => (
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(block.add(32).cast())),
+                    _mm256_set_m128i(
+                        _mm_set1_epi16(pow(2 * (j - 5) + 1)),
+                        _mm_set1_epi16(pow(2 * (j - 5))),
+                    ),
+                ),
+                _ => (
+                    _mm256_set_m128i(
+                        _mm_set1_epi32(block.add(48).cast::<i32>().read_unaligned()),
+                        _mm_loadu_si128(block.add(32).cast()),
+                    ),
+                    _mm256_set_m128i(
+                        _mm_setr_epi16(
+                            pow(0),
+                            pow(0),
+                            pow(1),
+                            pow(1),
+                            pow(2),
+                            pow(2),
+                            pow(3),
+                            pow(3),
+                        ),
+                        _mm_set1_epi16(pow(4)),
+                    ),
+                ),
+            };
+            _mm256_sub_epi8(trits(bytes, powers), _mm256_set1_epi8(1))
+        }
+    }
+}
+
+/// The trits plus one (0, 1 or 2) of the 32 tq1_0 bytes `bytes`, the trit of each 16-bit
+/// lane's two bytes the one its lane of `powers` (`3^n`) selects: each byte moved to the
+/// top of its own 16-bit lane, multiplied there by `3^n` (the product modulo 256 is what
+/// stays in the top byte), and its top base-3 digit `(q * 3) >> 8` taken as the high half
+/// of the product with 3.
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn trits(
+    bytes: std::arch::x86_64::__m256i,
+    powers: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe {
+        let three = _mm256_set1_epi16(3);
+        let low = _mm256_mullo_epi16(_mm256_slli_epi16(bytes, 8), powers);
+        let high = _mm256_mullo_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(-256)), powers);
+        let low = _mm256_mulhi_epu16(low, three);
+        let high = _mm256_mulhi_epu16(high, three);
+        _mm256_or_si256(low, _mm256_slli_epi16(high, 8))
     }
 }
 
@@ -1709,8 +1879,10 @@ mod tests {
                 | QuantFormat::Iq2S
                 | QuantFormat::Iq1S
                 | QuantFormat::Iq1M
+                | QuantFormat::Tq1_0
+                | QuantFormat::Tq2_0
         ) {
-            return lattice_weights(format, rows * k / 256, seed);
+            return random_super_blocks(format, rows * k / 256, seed);
         }
         let values: Vec<f32> = bytes(rows * k, seed)
             .iter()
@@ -1724,18 +1896,25 @@ mod tests {
         quant::quantize(format, &[rows, k], &values)
     }
 
-    /// `blocks` random super-blocks of a lattice format (any bytes decode), so that every
-    /// grid entry, high index bit, sign and scale occurs, each with a small f16 `d`.
-    fn lattice_weights(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
+    /// `blocks` random super-blocks of a lattice or ternary format (any bytes decode), so
+    /// that every grid entry, high index bit, sign, scale and code byte occurs, each with a
+    /// small f16 `d`.
+    fn random_super_blocks(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
+        use llm_ir::interp::ternary::{TQ1_0_D_AT, TQ2_0_D_AT};
         let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
         let mut w = bytes(blocks * size, seed);
         for (b, block) in w.chunks_mut(size).enumerate() {
             let d = half::f16::from_f32(1e-3 * (b % 7 + 1) as f32);
-            if *format == QuantFormat::Iq1M {
-                llm_ir::interp::iq1::set_iq1_m_d(block, d);
-            } else {
-                block[..2].copy_from_slice(&d.to_le_bytes());
-            }
+            let d_at = match format {
+                QuantFormat::Iq1M => {
+                    llm_ir::interp::iq1::set_iq1_m_d(block, d);
+                    continue;
+                }
+                QuantFormat::Tq1_0 => TQ1_0_D_AT,
+                QuantFormat::Tq2_0 => TQ2_0_D_AT,
+                _ => 0,
+            };
+            block[d_at..d_at + 2].copy_from_slice(&d.to_le_bytes());
         }
         w
     }

@@ -23,6 +23,7 @@ pub mod program;
 pub mod q8dot;
 pub mod quantize;
 pub mod tables;
+mod ternary;
 pub mod ukernel;
 pub mod workers;
 

@@ -219,6 +219,8 @@ mod tests {
             WeightFormat::Iq2S,
             WeightFormat::Iq1S,
             WeightFormat::Iq1M,
+            WeightFormat::Tq1_0,
+            WeightFormat::Tq2_0,
             WeightFormat::PackedF16,
             WeightFormat::PackedBF16,
         ];

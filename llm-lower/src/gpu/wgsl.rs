@@ -22,6 +22,7 @@ use llm_ir::{
         iq1::{IQ1_M_HIGH_AT, IQ1_M_SCALES_AT, IQ1_S_WORDS_AT},
         iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT, IQ2_XXS_WORDS_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
+        ternary::{POW3, TQ1_0_D_AT, TQ1_0_SECTIONS, TQ2_0_D_AT},
     },
     types::{
         IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, IQ4_NL_LEVELS,
@@ -1103,7 +1104,9 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Iq2Xs
         | WeightFormat::Iq2S
         | WeightFormat::Iq1S
-        | WeightFormat::Iq1M => format!(
+        | WeightFormat::Iq1M
+        | WeightFormat::Tq1_0
+        | WeightFormat::Tq2_0 => format!(
             "    let o = row * ROW_BYTES + (i / 256u) * {}u;\n    let e = i % 256u;\n{}",
             c.weight.row_bytes(256),
             kquant_decoder(c.weight, false).unwrap_or_default()
@@ -2789,6 +2792,43 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     return iq1_m_d(o) * f32(2u * ls + 1u) * (grid_value(index, e % 8u) + delta);
 "
         ),
+        // tq2_0: bit pair `(e % 128) / 32` of byte `32 (e / 128) + e % 32`, the trit plus one.
+        WeightFormat::Tq2_0 => format!(
+            "    let q = (byte_at(o + 32u * (e / 128u) + e % 32u) >> (2u * ((e % 128u) / 32u))) & 3u;
+    return half_at(o + {TQ2_0_D_AT}u) * f32(i32(q) - 1);
+"
+        ),
+        // tq1_0: trit `n` of the byte of `e`'s section is the top base-3 digit of the byte
+        // times `3^n`, taken modulo 256.
+        WeightFormat::Tq1_0 => {
+            let mut s = "    var at = 0u;\n    var n = 0u;\n".to_string();
+            for (i, t) in TQ1_0_SECTIONS.iter().enumerate() {
+                let end = t.first + t.width * t.trits;
+                let condition = if i + 1 < TQ1_0_SECTIONS.len() {
+                    format!("if (e < {end}u) ")
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    s,
+                    "    {}{condition}{{ let v = e - {}u; at = {}u + v % {w}u; n = v / {w}u; }}",
+                    if i == 0 { "" } else { "else " },
+                    t.first,
+                    t.at,
+                    w = t.width,
+                );
+            }
+            let powers = POW3.map(|p| format!("{p}u")).join(", ");
+            let _ = write!(
+                s,
+                "    var pow3 = array<u32, {}>({powers});
+    let t = (((byte_at(o + at) * pow3[n]) & 255u) * 3u) >> 8u;
+    return half_at(o + {TQ1_0_D_AT}u) * f32(i32(t) - 1);
+",
+                POW3.len()
+            );
+            s
+        }
         WeightFormat::Q2K => format!(
             "    let n = e / 128u;
     let shift = ((e % 128u) / 32u) * 2u;

@@ -4,9 +4,9 @@ and rows that are not whole super-blocks fall back to Q5_0, Q5_1 or Q8_0, or in 
 files to IQ4_NL), written by the `gguf` Python package's own writer (no llmc code
 involved).
 
-The K-quant, IQ4_NL, IQ4_XS, IQ3, IQ2 and IQ1 blocks are random and valid (random bytes
-with each block's f16 scales set so that weights stay below about 0.1; IQ1_M's `d` split
-across the top nibbles of its four scale words); the Q5_0 and Q5_1
+The K-quant, IQ4_NL, IQ4_XS, IQ3, IQ2, IQ1 and ternary (TQ1_0, TQ2_0) blocks are random
+and valid (random bytes with each block's f16 scales set so that weights stay below about
+0.1; IQ1_M's `d` split across the top nibbles of its four scale words); the Q5_0 and Q5_1
 matrices are seeded
 weights that the package quantizes. Norms are F32 near one.
 
@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
-DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 256, 2, 4, 2, 256
+DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 256, 3, 4, 2, 256
 
 # Where IQ1_M's four 16-bit scale words start: its `d` is their top nibbles.
 IQ1_M_SCALES = 48
@@ -44,18 +44,23 @@ BLOCKS = {
     T.IQ2_S: (82, [0], 167),
     T.IQ1_S: (50, [0], 17),
     T.IQ1_M: (56, [], 17),
+    T.TQ1_0: (54, [52], 1),
+    T.TQ2_0: (66, [64], 2),
 }
 
 # Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it (its feed-forward up
 # projection as an IQ3_M file, its gate as an IQ2_M file, its attention output as an
 # IQ2_XXS file, its down projection as an IQ1_S file), layer 1 as a Q2_K file (its query as an IQ4_XS file, its attention output
 # as an IQ3_XXS file, its down projection as an IQ2_XS file), with three of llama.cpp's
-# fallback types.
+# fallback types, and layer 2 as the ternary files of a ternary model (TriLM) write it: its
+# attention as a TQ1_0 file, its feed-forward as a TQ2_0 file.
 LAYER_TYPES = [
     {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.IQ2_XXS,
      "ffn_gate": T.IQ2_S, "ffn_up": T.IQ3_S, "ffn_down": T.IQ1_S},
     {"attn_q": T.IQ4_XS, "attn_k": T.IQ4_NL, "attn_v": T.Q3_K, "attn_output": T.IQ3_XXS,
      "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.IQ2_XS},
+    {"attn_q": T.TQ1_0, "attn_k": T.TQ1_0, "attn_v": T.TQ1_0, "attn_output": T.TQ1_0,
+     "ffn_gate": T.TQ2_0, "ffn_up": T.TQ2_0, "ffn_down": T.TQ2_0},
 ]
 
 

@@ -1,5 +1,5 @@
 """`quant-mix.gguf` split into three files as llama.cpp's converters split a large model
-(`--split-max-tensors 8`): the `gguf` Python package's own writer, given
+(`--split-max-tensors 10`): the `gguf` Python package's own writer, given
 `split_max_tensors`, writes `quant-mix-split-0000N-of-00003.gguf`, the metadata in the first
 with `split.no`, `split.count` and `split.tensors.count` in each (no llmc code involved).
 
@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 def main():
     reader = gguf.GGUFReader(HERE / "quant-mix.gguf")
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(HERE / "quant-mix-split.gguf", arch, split_max_tensors=8)
+    writer = gguf.GGUFWriter(HERE / "quant-mix-split.gguf", arch, split_max_tensors=10)
     for field in reader.fields.values():
         # The writer writes the architecture itself; `GGUF.*` are the reader's own fields.
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
