@@ -292,6 +292,8 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Iq1M,
         QuantFormat::Tq1_0,
         QuantFormat::Tq2_0,
+        QuantFormat::Mxfp4,
+        QuantFormat::Nvfp4,
     ] {
         // As `llm-run` compiles it, and with f32 activations (`--passes default`): what
         // the integer kernels gain, measured in the same run.

@@ -535,6 +535,8 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Iq1M,
         QuantFormat::Tq1_0,
         QuantFormat::Tq2_0,
+        QuantFormat::Mxfp4,
+        QuantFormat::Nvfp4,
         QuantFormat::Nf4 {
             block_size: 64,
             scale: DType::F16,
@@ -679,6 +681,8 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Iq1M,
         QuantFormat::Tq1_0,
         QuantFormat::Tq2_0,
+        QuantFormat::Mxfp4,
+        QuantFormat::Nvfp4,
     ] {
         let text = format.to_string();
         let (_, reference) = quantized_logits(&path, &format, &Backend::Interp, passes);

@@ -1,6 +1,7 @@
 //! Quantization formats: byte-exact against llama.cpp's reference vectors
 //! (`../shared/quant-vectors`, and for q5_0, q5_1, q3_k, q5_k, iq4_nl, iq4_xs, the
-//! IQ3, IQ2 and IQ1 formats and the ternary tq1_0 and tq2_0 `tests/data/quant-vectors`,
+//! IQ3, IQ2 and IQ1 formats, the ternary tq1_0 and tq2_0 and the 4-bit float mxfp4 and
+//! nvfp4 `tests/data/quant-vectors`,
 //! both made with the `gguf` Python package), plus round-trip
 //! and known-value tests for every format.
 
@@ -24,7 +25,7 @@ fn vectors(file: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     if [
         "q5_0", "q5_1", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_s", "iq2_xxs",
-        "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "tq1_0", "tq2_0",
+        "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "tq1_0", "tq2_0", "mxfp4", "nvfp4",
     ]
     .iter()
     .any(|ours| file.starts_with(ours))
@@ -67,6 +68,8 @@ fn gguf(name: &str) -> QuantFormat {
         "iq1_m" => QuantFormat::Iq1M,
         "tq1_0" | "tq1_0_any" => QuantFormat::Tq1_0,
         "tq2_0" | "tq2_0_any" => QuantFormat::Tq2_0,
+        "mxfp4" | "mxfp4_any" => QuantFormat::Mxfp4,
+        "nvfp4" => QuantFormat::Nvfp4,
         _ => QuantFormat::Q2K,
     }
 }
@@ -80,7 +83,9 @@ fn assert_bits_equal(found: &[f32], expected: &[f32], what: &str) {
 
 #[test]
 fn quantizing_matches_llama_cpp_byte_for_byte() {
-    for name in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "tq1_0", "tq2_0"] {
+    for name in [
+        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "tq1_0", "tq2_0", "mxfp4",
+    ] {
         let input = read_f32(&format!("{name}.input.f32"));
         let expected = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let found = quantize(&gguf(name), &SHAPE, &input);
@@ -116,6 +121,9 @@ fn dequantizing_matches_llama_cpp_exactly() {
         "tq2_0",
         "tq1_0_any",
         "tq2_0_any",
+        "mxfp4",
+        "mxfp4_any",
+        "nvfp4",
     ] {
         let blocks = std::fs::read(vectors(&format!("{name}.blocks.bin"))).expect("blocks");
         let expected = read_f32(&format!("{name}.dequant.f32"));
@@ -201,6 +209,13 @@ fn every_format_round_trips_within_its_step() {
         // here): half a step is 1, plus `d`'s rounding to f16.
         (QuantFormat::Tq1_0, 1.0 * 1.01),
         (QuantFormat::Tq2_0, 1.0 * 1.01),
+        // mxfp4's power-of-two scale can leave its largest level (6 steps of 2^(E - 2)
+        // for the largest magnitude's binary exponent E) a quarter of the largest
+        // magnitude short: 0.5 here; its gaps are narrower. nvfp4's scale is the largest
+        // magnitude over 6, rounded to three mantissa bits (within 1/16): its widest gap
+        // (4 to 6 steps of it) is a third of that, half of which is 1/3 of 1, 1.0625 times.
+        (QuantFormat::Mxfp4, 0.5 * 1.01),
+        (QuantFormat::Nvfp4, 2.0 / 6.0 * 1.0625),
         (
             QuantFormat::Nf4 {
                 block_size: 64,
@@ -339,6 +354,42 @@ fn ternary_values_survive() {
         let back = dequantize(&format, &[4, 256], &quantize(&format, &[4, 256], &values));
         assert_bits_equal(&back, &values, format.name());
     }
+}
+
+/// 4-bit floats (E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 either way) times the scale their
+/// block's largest magnitude 6 s implies come back bit for bit: in mxfp4 for `s` a power
+/// of two (subnormal scales included), in nvfp4 for `s` any UE4M3 value the encoder
+/// writes (each sub-block of 16 its own).
+#[test]
+fn four_bit_floats_survive() {
+    const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    // (Zero stays +0: the formats' zero levels read back as +0.)
+    let e2m1 = |i: usize| {
+        let v = E2M1[(i * 5 + i / 8) % 8];
+        if i % 3 == 1 { 0.0 - v } else { v }
+    };
+    let with_largest = |n: usize, s: f32| -> Vec<f32> {
+        let mut v: Vec<f32> = (0..n).map(|i| e2m1(i) * s).collect();
+        v[n / 2] = -6.0 * s;
+        v
+    };
+    let mxfp4: Vec<f32> = [1.0, 2f32.powi(-20), 2f32.powi(-126), 2f32.powi(100)]
+        .iter()
+        .flat_map(|&s| with_largest(32, s))
+        .collect();
+    let format = QuantFormat::Mxfp4;
+    let back = dequantize(&format, &[4, 32], &quantize(&format, &[4, 32], &mxfp4));
+    assert_bits_equal(&back, &mxfp4, "mxfp4");
+    // UE4M3 values: subnormal, normal, the largest of exponent 14 and the largest the
+    // encoder writes (0x7E, of exponent 15); and an all-zero sub-block.
+    let mut nvfp4: Vec<f32> = [1.0, 0.001_953_125 * 3.0, 1.375, 240.0, 448.0, 2.5, 12.0]
+        .iter()
+        .flat_map(|&s| with_largest(16, s))
+        .collect();
+    nvfp4.extend([0.0; 16]);
+    let format = QuantFormat::Nvfp4;
+    let back = dequantize(&format, &[2, 64], &quantize(&format, &[2, 64], &nvfp4));
+    assert_bits_equal(&back, &nvfp4, "nvfp4");
 }
 
 #[test]

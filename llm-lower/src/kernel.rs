@@ -121,6 +121,13 @@ pub enum WeightFormat {
     /// GGUF tq2_0: super-blocks of 256 ternary values (66 bytes): 64 bytes of 2-bit codes
     /// (the trit plus one), an f16 scale.
     Tq2_0,
+    /// GGUF mxfp4: blocks of 32 (17 bytes): an E8M0 scale byte and 16 bytes of nibbles
+    /// indexing the doubled E2M1 levels of `llm_ir::interp::fp4::FP4_LEVELS` (low nibbles
+    /// weights 0..16, high nibbles 16..32).
+    Mxfp4,
+    /// GGUF nvfp4: blocks of 64 (36 bytes): four UE4M3 scale bytes, one per 16 weights,
+    /// and 8 bytes of such nibbles for each 16 (low nibbles its first 8 weights).
+    Nvfp4,
     /// 4-bit NormalFloat over the whole matrix: every code (two per byte, row-major), then
     /// one absmax scale per `block` consecutive values.
     Nf4 {
@@ -165,6 +172,8 @@ impl WeightFormat {
             QuantFormat::Iq1M => WeightFormat::Iq1M,
             QuantFormat::Tq1_0 => WeightFormat::Tq1_0,
             QuantFormat::Tq2_0 => WeightFormat::Tq2_0,
+            QuantFormat::Mxfp4 => WeightFormat::Mxfp4,
+            QuantFormat::Nvfp4 => WeightFormat::Nvfp4,
             QuantFormat::Q4K => WeightFormat::Q4K,
             QuantFormat::Q6K => WeightFormat::Q6K,
             QuantFormat::Q2K => WeightFormat::Q2K,
@@ -203,7 +212,9 @@ impl WeightFormat {
             | WeightFormat::Q4_1
             | WeightFormat::Q5_0
             | WeightFormat::Q5_1
-            | WeightFormat::Iq4Nl => Some(32),
+            | WeightFormat::Iq4Nl
+            | WeightFormat::Mxfp4 => Some(32),
+            WeightFormat::Nvfp4 => Some(64),
             WeightFormat::Q4K
             | WeightFormat::Q6K
             | WeightFormat::Q2K
@@ -221,6 +232,22 @@ impl WeightFormat {
             | WeightFormat::Tq2_0 => Some(256),
             WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => None,
         }
+    }
+
+    /// Whether a constant weight of the format is repacked into block panels for q8_0
+    /// activations ([`Contraction::block_panels`]): the formats of 32-value blocks that
+    /// start with an f16 scale (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), which the CPU's
+    /// panel microkernel reads (mxfp4, whose scale is a byte, goes row by row).
+    pub fn has_block_panels(self) -> bool {
+        matches!(
+            self,
+            WeightFormat::Q8_0
+                | WeightFormat::Q4_0
+                | WeightFormat::Q4_1
+                | WeightFormat::Q5_0
+                | WeightFormat::Q5_1
+                | WeightFormat::Iq4Nl
+        )
     }
 
     /// Whether the format holds 16-bit floats, one a value (`PackedF16`, `PackedBF16`).
@@ -253,6 +280,8 @@ impl WeightFormat {
             WeightFormat::Iq1M => k / 256 * 56,
             WeightFormat::Tq1_0 => k / 256 * 54,
             WeightFormat::Tq2_0 => k / 256 * 66,
+            WeightFormat::Mxfp4 => k / 32 * 17,
+            WeightFormat::Nvfp4 => k / 64 * 36,
             WeightFormat::Nf4 { .. } => k / 2,
             WeightFormat::Affine { bits, .. } => k * usize::from(bits) / 8,
         }
@@ -281,6 +310,8 @@ impl WeightFormat {
             WeightFormat::Iq1M => QuantFormat::Iq1M,
             WeightFormat::Tq1_0 => QuantFormat::Tq1_0,
             WeightFormat::Tq2_0 => QuantFormat::Tq2_0,
+            WeightFormat::Mxfp4 => QuantFormat::Mxfp4,
+            WeightFormat::Nvfp4 => QuantFormat::Nvfp4,
             WeightFormat::Q4K => QuantFormat::Q4K,
             WeightFormat::Q6K => QuantFormat::Q6K,
             WeightFormat::Q2K => QuantFormat::Q2K,
@@ -333,6 +364,8 @@ impl WeightFormat {
             WeightFormat::Iq1M => "iq1_m",
             WeightFormat::Tq1_0 => "tq1_0",
             WeightFormat::Tq2_0 => "tq2_0",
+            WeightFormat::Mxfp4 => "mxfp4",
+            WeightFormat::Nvfp4 => "nvfp4",
             WeightFormat::Q4K => "q4_k",
             WeightFormat::Q6K => "q6_k",
             WeightFormat::Q2K => "q2_k",
@@ -1459,13 +1492,13 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
-            // Activations in q8_0 meet the GGUF block formats' weights (blocks of 32, or
-            // K-quants' super-blocks of 256) run by run (each run of the weight's lies
+            // Activations in q8_0 meet the GGUF block formats' weights (blocks of 32 or
+            // 64, or super-blocks of 256) run by run (each run of the weight's lies
             // inside a block of x).
             let q8_0_input = check.is_quantized(0);
             let x_shape = if q8_0_input {
                 let x = check.quantized(0).ok()?;
-                let blocks_meet = matches!(weight.block(), Some(32 | 256));
+                let blocks_meet = matches!(weight.block(), Some(32 | 64 | 256));
                 (*x.format() == QuantFormat::Q8_0 && blocks_meet).then(|| x.shape().to_vec())?
             } else {
                 f32_operand(&check, 0)?.shape().to_vec()

@@ -115,7 +115,7 @@ pub fn select_all(
             // one into panels for any (the embeddings gather from the panels, so no
             // row-major copy stays alive).
             if let Kernel::Contraction(c) = &mut k
-                && ((c.q8_0_input && c.weight.block() == Some(32)) || c.weight.is_sixteen_bit())
+                && ((c.q8_0_input && c.weight.has_block_panels()) || c.weight.is_sixteen_bit())
             {
                 let w = op.deref(ctx).get_operand(weight_operand(c));
                 c.block_panels = is_constant(w) && read_as_weight_or_table(ctx, ops, w);

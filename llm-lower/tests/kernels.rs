@@ -38,7 +38,8 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// An `n x k` matrix of seeded values in [-1, 1) quantized to `format` by the reference
-/// (for the lattice and ternary formats on odd seeds, [`random_super_blocks`] instead).
+/// (for the lattice, ternary and 4-bit float formats on odd seeds, [`random_blocks`]
+/// instead).
 fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     let any_bytes_decode = matches!(
         format,
@@ -51,9 +52,11 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
             | QuantFormat::Iq1M
             | QuantFormat::Tq1_0
             | QuantFormat::Tq2_0
+            | QuantFormat::Mxfp4
+            | QuantFormat::Nvfp4
     );
     let bytes = if any_bytes_decode && seed % 2 == 1 {
-        random_super_blocks(format, n * k / 256, seed)
+        random_blocks(format, n * k / format.block_elems() as usize, seed)
     } else {
         quant::quantize(format, &[n, k], &values(seed, n * k, 1.0))
     };
@@ -64,11 +67,14 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     })
 }
 
-/// `count` random super-blocks of the lattice or ternary format `format` (any bytes
+/// `count` random blocks of the lattice, ternary or 4-bit float format `format` (any bytes
 /// decode), so that every grid entry, high index bit, sign, multiplier and code byte
-/// occurs, not only those the quantizer picks, each with a small f16 scale (at its start;
-/// iq1_m's in its scale words, the ternary formats' at their end).
-fn random_super_blocks(format: &QuantFormat, count: usize, seed: u64) -> Vec<u8> {
+/// occurs, not only those the quantizer picks, each with a small scale: an f16 at the
+/// block's start (iq1_m's in its scale words, the ternary formats' at their end), or
+/// mxfp4's E8M0 byte of 2^-10 to 2^-3 (2^-128, subnormal, in one block of five) and
+/// nvfp4's UE4M3 bytes of 2^-6 to 2^-3 (0x7F, which reads as 0, for one sub-block of
+/// three, and one of five with the ignored top bit set).
+fn random_blocks(format: &QuantFormat, count: usize, seed: u64) -> Vec<u8> {
     let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
     let mut state = seed;
     let mut bytes: Vec<u8> = (0..count * size)
@@ -84,6 +90,20 @@ fn random_super_blocks(format: &QuantFormat, count: usize, seed: u64) -> Vec<u8>
         let d_at = match format {
             QuantFormat::Iq1M => {
                 interp::iq1::set_iq1_m_d(block, d);
+                continue;
+            }
+            QuantFormat::Mxfp4 => {
+                block[0] = if b % 5 == 4 { 0 } else { 117 + block[0] % 8 };
+                continue;
+            }
+            QuantFormat::Nvfp4 => {
+                for (s, scale) in block[..4].iter_mut().enumerate() {
+                    *scale = match (b + s) % 15 {
+                        0 | 3 | 6 | 9 | 12 => 0x7F,
+                        5 => 0x80 | (0x08 + *scale % 0x20),
+                        _ => 0x08 + *scale % 0x20,
+                    };
+                }
                 continue;
             }
             QuantFormat::Tq1_0 => interp::ternary::TQ1_0_D_AT,
@@ -547,6 +567,8 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         26 => (256 * blocks, QuantFormat::Iq1M, "iq1_m".into()),
         27 => (256 * blocks, QuantFormat::Tq1_0, "tq1_0".into()),
         28 => (256 * blocks, QuantFormat::Tq2_0, "tq2_0".into()),
+        29 => (32 * blocks, QuantFormat::Mxfp4, "mxfp4".into()),
+        30 => (64 * blocks, QuantFormat::Nvfp4, "nvfp4".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -558,6 +580,53 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
             },
             "int4 {group_size = 70, symmetric = false, axis = 1, scale = bf16}".into(),
         ),
+    }
+}
+
+/// The 4-bit float formats' scales decode exactly on every backend: mxfp4 blocks of every
+/// E8M0 byte (infinite values from 254 up; on the CPU the subnormal scales of 0 and 1 too,
+/// which a device's arithmetic may flush to zero) and nvfp4 sub-blocks of every UE4M3
+/// byte (the top bit ignored, 0x7F reading as 0), each with all 16 codes in its nibbles,
+/// dequantized to the reference's values.
+#[test]
+fn four_bit_float_scales_decode_exactly() {
+    let codes: Vec<u8> = (0..16).map(|j| j | (15 - j) << 4).collect();
+    let mxfp4 = |first: u8| -> Vec<u8> {
+        (0..=255u8)
+            .flat_map(|e| std::iter::once(e.max(first)).chain(codes.iter().copied()))
+            .collect()
+    };
+    let nvfp4: Vec<u8> = (0..64u8)
+        .flat_map(|b| {
+            (0..4)
+                .map(move |s| 4 * b + s)
+                .chain(codes.iter().copied().cycle().take(32))
+        })
+        .collect();
+    for (format, text, bytes, k, cpu_only) in [
+        (QuantFormat::Mxfp4, "mxfp4", mxfp4(0), 1024, true),
+        (QuantFormat::Mxfp4, "mxfp4", mxfp4(2), 1024, false),
+        (QuantFormat::Nvfp4, "nvfp4", nvfp4.clone(), 512, false),
+    ] {
+        let n = 8;
+        let ir = func(
+            &[(
+                "w".into(),
+                format!("llm.quantized_tensor <{n}x{k}, {text}>"),
+            )],
+            &ty(&[n, k]),
+            &format!("y = llm.dequantize w : {};", ty(&[n, k])),
+        );
+        let w = Value::Quantized(QTensor {
+            shape: vec![n, k],
+            format,
+            bytes,
+        });
+        if cpu_only {
+            cpu_agrees(&ir, vec![w], 0.0).unwrap();
+        } else {
+            agree(&ir, vec![w], 0.0).unwrap();
+        }
     }
 }
 
@@ -644,7 +713,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 30;
+const FORMAT_CASES: usize = 32;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -761,10 +830,12 @@ proptest! {
     /// the GPU),
     /// with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..21, dynamic in any::<bool>(), seed: u64) {
-        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s"), (QuantFormat::Iq1S, "iq1_s"), (QuantFormat::Iq1M, "iq1_m"), (QuantFormat::Tq1_0, "tq1_0"), (QuantFormat::Tq2_0, "tq2_0")];
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..23, dynamic in any::<bool>(), seed: u64) {
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s"), (QuantFormat::Iq1S, "iq1_s"), (QuantFormat::Iq1M, "iq1_m"), (QuantFormat::Tq1_0, "tq1_0"), (QuantFormat::Tq2_0, "tq2_0"), (QuantFormat::Mxfp4, "mxfp4"), (QuantFormat::Nvfp4, "nvfp4")];
         let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
-        // Whole super-blocks of 256 for the k-quants, iq4_xs and the lattice formats.
+        // Whole super-blocks of 256 for the k-quants, iq4_xs, the lattice and ternary
+        // formats, and whole groups of 256 for the 4-bit floats (their integer kernels'
+        // unit; other K take the generated decoders, as without the microkernels).
         let blocks_of_32 = which < BLOCKS_OF_32.len();
         let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
@@ -1053,7 +1124,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..21 {
+        for which in 0..23 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1080,6 +1151,8 @@ proptest! {
                     17 => (512, QuantFormat::Iq1M, "iq1_m".into()),
                     18 => (256, QuantFormat::Tq1_0, "tq1_0".into()),
                     19 => (512, QuantFormat::Tq2_0, "tq2_0".into()),
+                    20 => (64, QuantFormat::Mxfp4, "mxfp4".into()),
+                    21 => (128, QuantFormat::Nvfp4, "nvfp4".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

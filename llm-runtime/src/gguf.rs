@@ -267,6 +267,8 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         29 => Storage::Quant(QuantFormat::Iq1M),
         34 => Storage::Quant(QuantFormat::Tq1_0),
         35 => Storage::Quant(QuantFormat::Tq2_0),
+        39 => Storage::Quant(QuantFormat::Mxfp4),
+        40 => Storage::Quant(QuantFormat::Nvfp4),
         _ => return None,
     })
 }
@@ -281,7 +283,7 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
         26 => "I32",
         27 => "I64",
         28 => "F64",
-        39 => "MXFP4",
+        41 => "Q1_0",
         _ => return None,
     })
 }

@@ -356,6 +356,7 @@ mod tests {
             (QuantFormat::Tq1_0, QuantFormat::Q4_0, f16.clone()),
             (QuantFormat::Tq2_0, QuantFormat::Q4_0, f16.clone()),
             (QuantFormat::Q4_0, QuantFormat::Q4_0, None),
+            (QuantFormat::Mxfp4, QuantFormat::Mxfp4, None),
         ] {
             let mut w = Weights::default();
             w.insert("whole", matrix(3, 512));

@@ -117,6 +117,13 @@ enum Quantize {
     /// Ternary values as 2-bit codes, an f16 scale per 256 (2.06 bits a value).
     #[value(name = "tq2_0")]
     Tq2_0,
+    /// 4-bit floats (E2M1) under a power-of-two scale per 32 (OCP MX; 4.25 bits a value).
+    #[value(name = "mxfp4")]
+    Mxfp4,
+    /// 4-bit floats (E2M1) under an 8-bit float scale (UE4M3) per 16, blocks of 64 (4.5
+    /// bits a value).
+    #[value(name = "nvfp4")]
+    Nvfp4,
     /// 4-bit NormalFloat, an f16 absmax scale per 64 values.
     #[value(name = "nf4")]
     Nf4,
@@ -199,6 +206,8 @@ impl Quantize {
             Quantize::Iq1M => QuantFormat::Iq1M,
             Quantize::Tq1_0 => QuantFormat::Tq1_0,
             Quantize::Tq2_0 => QuantFormat::Tq2_0,
+            Quantize::Mxfp4 => QuantFormat::Mxfp4,
+            Quantize::Nvfp4 => QuantFormat::Nvfp4,
             Quantize::Nf4 => QuantFormat::Nf4 {
                 block_size: 64,
                 scale: DType::F16,

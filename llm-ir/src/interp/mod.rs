@@ -14,6 +14,7 @@
 //! calls ([`Interpreter::run_hoisted`]) do not recompute them.
 
 pub mod eval;
+pub mod fp4;
 mod hoist;
 pub mod iq1;
 pub mod iq2;

@@ -4,13 +4,14 @@
 //!
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
 //! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
-//! [`iq3`], `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`] and `iq1_s`, `iq1_m` of [`iq1`], and the
-//! ternary `tq1_0`, `tq2_0` of [`ternary`]) store
+//! [`iq3`], `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`] and `iq1_s`, `iq1_m` of [`iq1`], the
+//! ternary `tq1_0`, `tq2_0` of [`ternary`], and the 4-bit floats `mxfp4`, `nvfp4` of
+//! [`fp4`]) store
 //! each row (the last dim) as
 //! consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
 //! quantizers follow ggml's reference quantizers operation for operation in `f32` (except
 //! the lattice formats', this project's own, [`super::lattice`]); for `q8_0`, `q4_0`,
-//! `q4_1`, `q5_0`, `q5_1`, `tq1_0` and `tq2_0` the bytes are checked against llama.cpp's vectors (see
+//! `q4_1`, `q5_0`, `q5_1`, `tq1_0`, `tq2_0` and `mxfp4` the bytes are checked against llama.cpp's vectors (see
 //! [`quantize_k`] for the K-quants and [`quantize_iq4_nl`] for `iq4_nl` and `iq4_xs`, whose
 //! dequantization alone has vectors).
 //!
@@ -29,7 +30,7 @@
 
 use half::{bf16, f16};
 
-use super::{iq1, iq2, iq3, ternary};
+use super::{fp4, iq1, iq2, iq3, ternary};
 use crate::{
     dtype::DType,
     types::{IQ4_NL_LEVELS, QuantFormat},
@@ -134,6 +135,8 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
             .chunks(256)
             .flat_map(ternary::quantize_tq2_0)
             .collect(),
+        QuantFormat::Mxfp4 => values.chunks(32).flat_map(fp4::quantize_mxfp4).collect(),
+        QuantFormat::Nvfp4 => values.chunks(64).flat_map(fp4::quantize_nvfp4).collect(),
         QuantFormat::Q4K
         | QuantFormat::Q6K
         | QuantFormat::Q2K
@@ -416,6 +419,8 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
         QuantFormat::Iq1M => iq1::dequantize_iq1_m(b, out),
         QuantFormat::Tq1_0 => ternary::dequantize_tq1_0(b, out),
         QuantFormat::Tq2_0 => ternary::dequantize_tq2_0(b, out),
+        QuantFormat::Mxfp4 => fp4::dequantize_mxfp4(b, out),
+        QuantFormat::Nvfp4 => fp4::dequantize_nvfp4(b, out),
         QuantFormat::Q4K | QuantFormat::Q5K => {
             // q5_k adds a fifth bit per value: bit `2j` (`2j + 1`) of high byte `l` for
             // value `l` of sub-block `2j` (`2j + 1`).

@@ -26,6 +26,8 @@
 //! | `iq1_m` | 256 | 56 | 32 low bytes of indices into [`IQ1S_GRID`](super::IQ1S_GRID), 16 bytes of their high bits and delta signs (a nibble a group), 8 bytes of 3-bit scales (one per 16 values) with the f16 d in their words' top nibbles |
 //! | `tq1_0` | 256 | 54 | 48 bytes of five trits each and 4 of four (base 3, scaled to a byte), f16 d |
 //! | `tq2_0` | 256 | 66 | 64 bytes of 2-bit trits plus one, f16 d |
+//! | `mxfp4` | 32 | 17 | an E8M0 scale byte, 16 bytes of 4-bit indices into [`FP4_LEVELS`](crate::interp::fp4::FP4_LEVELS) |
+//! | `nvfp4` | 64 | 36 | four UE4M3 scale bytes (one per 16 values), 32 bytes of 4-bit indices into [`FP4_LEVELS`](crate::interp::fp4::FP4_LEVELS) |
 //! | `f16` | 1 | 2 | an IEEE half |
 //! | `bf16` | 1 | 2 | a bfloat16 (the top half of an f32) |
 //!
@@ -125,6 +127,12 @@ pub enum QuantFormat {
     Tq1_0,
     /// GGUF TQ2_0: TQ1_0's values as 2-bit codes (2.06 bits a value).
     Tq2_0,
+    /// GGUF MXFP4 (OCP microscaling): blocks of 32 four-bit floats (E2M1) under a
+    /// power-of-two scale (an E8M0 byte), 4.25 bits a value.
+    Mxfp4,
+    /// GGUF NVFP4: blocks of 64 four-bit floats (E2M1), each 16 under an 8-bit float
+    /// scale (UE4M3), 4.5 bits a value.
+    Nvfp4,
     /// IEEE half-precision floats (GGUF F16).
     F16,
     /// bfloat16 floats (GGUF BF16).
@@ -176,6 +184,8 @@ impl QuantFormat {
             QuantFormat::Iq1M => "iq1_m",
             QuantFormat::Tq1_0 => "tq1_0",
             QuantFormat::Tq2_0 => "tq2_0",
+            QuantFormat::Mxfp4 => "mxfp4",
+            QuantFormat::Nvfp4 => "nvfp4",
             QuantFormat::F16 => "f16",
             QuantFormat::BF16 => "bf16",
             QuantFormat::Nf4 { .. } => "nf4",
@@ -193,7 +203,9 @@ impl QuantFormat {
             | QuantFormat::Q4_1
             | QuantFormat::Q5_0
             | QuantFormat::Q5_1
-            | QuantFormat::Iq4Nl => 32,
+            | QuantFormat::Iq4Nl
+            | QuantFormat::Mxfp4 => 32,
+            QuantFormat::Nvfp4 => 64,
             QuantFormat::Q4K
             | QuantFormat::Q6K
             | QuantFormat::Q2K
@@ -239,6 +251,8 @@ impl QuantFormat {
             QuantFormat::Iq1M => Some(56),
             QuantFormat::Tq1_0 => Some(54),
             QuantFormat::Tq2_0 => Some(66),
+            QuantFormat::Mxfp4 => Some(17),
+            QuantFormat::Nvfp4 => Some(36),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
         }
@@ -373,6 +387,8 @@ impl QuantFormat {
             "iq1_m" => QuantFormat::Iq1M,
             "tq1_0" => QuantFormat::Tq1_0,
             "tq2_0" => QuantFormat::Tq2_0,
+            "mxfp4" => QuantFormat::Mxfp4,
+            "nvfp4" => QuantFormat::Nvfp4,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
             "nf4" | "int2" | "int4" | "int8" => {
@@ -403,7 +419,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0, mxfp4, nvfp4, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

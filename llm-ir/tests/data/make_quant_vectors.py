@@ -1,5 +1,5 @@
 """GGUF block-format vectors beyond ../shared/quant-vectors: q5_0, q5_1, q3_k, q5_k, iq4_nl,
-iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0.
+iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0, mxfp4, nvfp4.
 
 Made by the `gguf` Python package (llama.cpp's numpy reference of the ggml formats), as
 the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inputs (row
@@ -8,8 +8,10 @@ q3_k, q5_k, iq4_nl, iq4_xs and the IQ3, IQ2 and IQ1 formats, which the package o
 dequantizes, have random valid (super-)blocks (their f16 scales set to small finite values;
 IQ1_M's `d` is split across the top nibbles of its four scale words); the ternary tq1_0 and
 tq2_0 have both: seeded inputs quantized (`{name}.*`) and random super-blocks, every byte
-value included, dequantized (`{name}_any.*`), made last so that the earlier files keep
-their bytes:
+value included, dequantized (`{name}_any.*`); so has mxfp4, its random blocks' scale bytes
+random too (subnormal, infinite values and all); nvfp4, which the package only
+dequantizes, has random blocks, every scale byte included. The ternary and 4-bit float
+vectors are made last so that the earlier files keep their bytes:
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file
@@ -78,6 +80,9 @@ def main():
     for name, (qtype, block_bytes, d_at) in TERNARY.items():
         write_quantized(rng, name, qtype, zero_block=256)
         write_random_blocks(rng, f"{name}_any", qtype, block_bytes, [d_at])
+    write_quantized(rng, "mxfp4", T.MXFP4, zero_block=32)
+    write_random_blocks(rng, "mxfp4_any", T.MXFP4, 17, [])
+    write_random_blocks(rng, "nvfp4", T.NVFP4, 36, [])
 
 
 def write_quantized(rng, name, qtype, zero_block):

@@ -9,8 +9,9 @@
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
 //! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16
 //! inside the 256-value super-blocks of the K-quants, iq4_xs and the lattice formats,
-//! [`super::lattice`], and the ternary formats' runs of 32 under one scale,
-//! [`super::ternary`]); the whole-matrix formats
+//! [`super::lattice`], the ternary formats' runs of 32 under one scale,
+//! [`super::ternary`], and the 4-bit floats' blocks of 32 and runs of 16, [`super::fp4`]);
+//! the whole-matrix formats
 //! (nf4, affine integers) have a run per scale group, decoded 32 values at a time with a
 //! scalar tail, or (affine groups along the output rows) a scale and zero point per
 //! column, decoded lane by lane.
@@ -27,6 +28,7 @@ use llm_ir::{dtype::DType, interp::quant::NF4_LEVELS, types::IQ4_NL_LEVELS};
 use super::emit::{
     accumulate, address, for_range, horizontal_sum, mem, splat, zeroed_accumulators,
 };
+use super::fp4;
 use super::lattice;
 use super::q8dot::Q8_0_BLOCK_BYTES;
 use super::ternary;
@@ -60,7 +62,9 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Iq1S
         | WeightFormat::Iq1M
         | WeightFormat::Tq1_0
-        | WeightFormat::Tq2_0 => true,
+        | WeightFormat::Tq2_0
+        | WeightFormat::Mxfp4
+        | WeightFormat::Nvfp4 => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
         WeightFormat::F16 => false,
         WeightFormat::Nf4 { .. } | WeightFormat::Affine { .. } => true,
@@ -322,6 +326,7 @@ fn decode_blocks(
                 lattice::runs(b, format, wb, grid, &mut sink)
             }
             WeightFormat::Tq1_0 | WeightFormat::Tq2_0 => ternary::runs(b, format, wb, &mut sink),
+            WeightFormat::Mxfp4 | WeightFormat::Nvfp4 => fp4::runs(b, format, wb, &mut sink),
             other => unreachable!("{other:?} is not a block format"),
         }
     });
@@ -407,10 +412,19 @@ fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &
     );
 }
 
-/// The IQ4_NL levels 16 nibbles (`i8x16`) index, as `f32x4` lanes: the levels looked up
-/// by a byte swizzle and widened.
+/// The IQ4_NL levels 16 nibbles (`i8x16`) index, as `f32x4` lanes.
 fn iq4_levels(b: &mut FunctionBuilder, nibbles: Value) -> [Value; 4] {
-    let levels = IQ4_NL_LEVELS.map(|l| l as u8).to_vec();
+    signed_levels(b, IQ4_NL_LEVELS, nibbles)
+}
+
+/// The signed levels of `table` that 16 nibbles (`i8x16`) index, as `f32x4` lanes: the
+/// levels looked up by a byte swizzle and widened.
+pub(super) fn signed_levels(
+    b: &mut FunctionBuilder,
+    table: [i8; 16],
+    nibbles: Value,
+) -> [Value; 4] {
+    let levels = table.map(|l| l as u8).to_vec();
     let levels = b.func.dfg.constants.insert(ConstantData::from(levels));
     let levels = b.ins().vconst(types::I8X16, levels);
     let signed = b.ins().swizzle(levels, nibbles);

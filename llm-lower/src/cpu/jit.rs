@@ -238,14 +238,16 @@ pub fn compile(
     let q4_0_row = import(ukernel::Q4_0_ROW, 4)?;
     let f16_row = import(ukernel::F16_ROW, 4)?;
     let bf16_row = import(ukernel::BF16_ROW, 4)?;
-    // Per block format: its q8_0-activation rows kernel, and block-panels kernel where
-    // it has one (the formats of 32-value blocks).
+    // Per block format: its q8_0-activation rows kernel, the block-panels kernel where it
+    // has one (the formats of 32-value blocks), and the values the kernels take a block
+    // (or super-block) at a time, of which K must be a multiple (mxfp4 and nvfp4, whose
+    // blocks are smaller, go to `kq8dot` in groups of 256).
     let mut by_q8_0 = Vec::with_capacity(q8dot::SYMBOLS.len() + kq8dot::SYMBOLS.len());
     for (format, rows, panels) in q8dot::SYMBOLS {
-        by_q8_0.push((format, import(rows, 8)?, import(panels, 8)?));
+        by_q8_0.push((format, import(rows, 8)?, import(panels, 8)?, 32));
     }
     for (format, rows) in kq8dot::SYMBOLS {
-        by_q8_0.push((format, import(rows, 8)?, None));
+        by_q8_0.push((format, import(rows, 8)?, None, 256));
     }
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
@@ -284,7 +286,7 @@ pub fn compile(
                 |id: Option<FuncId>| id.map(|id| module.declare_func_in_func(id, &mut ctx.func));
             let by_q8_0_entry = by_q8_0.iter().find(|(format, ..)| *format == c.weight);
             match (c.weight, by_q8_0_entry) {
-                (_, Some(&(_, rows, panels))) if c.q8_0_input => {
+                (_, Some(&(_, rows, panels, unit))) if c.q8_0_input && c.k.is_multiple_of(unit) => {
                     tiles.q8_0_rows = bring(rows);
                     if c.block_panels {
                         tiles.q8_0_panels = bring(panels);

@@ -35,7 +35,7 @@
 //! - the ternary formats: eight sub-blocks of 32 under the super-block's one scale, the
 //!   codes the trits -1, 0 and 1 as bytes (tq2_0's bit pairs shifted and masked; tq1_0's
 //!   trit `n` of a byte the high half of `((byte * 3^n) mod 256) << 8` times 3, in 16-bit
-//!   lanes, [`trits`]), meeting `qx` as the lattice formats' codes do ([`signed_rows`]).
+//!   lanes, `trits`), meeting `qx` as the lattice formats' codes do (`signed_rows`).
 //!
 //! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
 //! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
@@ -53,7 +53,7 @@ use crate::kernel::WeightFormat;
 
 /// Per format of these kernels, the symbol generated code imports its entry point under
 /// ([`entry_point`]).
-pub const SYMBOLS: [(WeightFormat, &str); 15] = [
+pub const SYMBOLS: [(WeightFormat, &str); 17] = [
     (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
     (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
     (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
@@ -69,6 +69,8 @@ pub const SYMBOLS: [(WeightFormat, &str); 15] = [
     (WeightFormat::Iq1M, "llmc_iq1_m_by_q8_0_rows"),
     (WeightFormat::Tq1_0, "llmc_tq1_0_by_q8_0_rows"),
     (WeightFormat::Tq2_0, "llmc_tq2_0_by_q8_0_rows"),
+    (WeightFormat::Mxfp4, "llmc_mxfp4_by_q8_0_rows"),
+    (WeightFormat::Nvfp4, "llmc_nvfp4_by_q8_0_rows"),
 ];
 
 /// The entry point of `format` (each format of [`SYMBOLS`]), with VNNI's byte dot
@@ -103,6 +105,8 @@ fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
         WeightFormat::Iq1M => [iq1_m_by_q8_0_rows::<false>, iq1_m_by_q8_0_rows::<true>],
         WeightFormat::Tq1_0 => [tq1_0_by_q8_0_rows::<false>, tq1_0_by_q8_0_rows::<true>],
         WeightFormat::Tq2_0 => [tq2_0_by_q8_0_rows::<false>, tq2_0_by_q8_0_rows::<true>],
+        WeightFormat::Mxfp4 => [mxfp4_by_q8_0_rows::<false>, mxfp4_by_q8_0_rows::<true>],
+        WeightFormat::Nvfp4 => [nvfp4_by_q8_0_rows::<false>, nvfp4_by_q8_0_rows::<true>],
         _ => return None,
     })
 }
@@ -302,6 +306,28 @@ entry_point!(
     tq2_0_by_q8_0_rows, 66, tq2_0_vnni, tq2_0_avx2
 );
 
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive mxfp4 rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k,
+    /// eight blocks of 32 (136 bytes) taken as a super-block of 256.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 136` bytes.
+    mxfp4_by_q8_0_rows, 136, mxfp4_vnni, mxfp4_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive nvfp4 rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k,
+    /// four blocks of 64 (144 bytes) taken as a super-block of 256.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 144` bytes.
+    nvfp4_by_q8_0_rows, 144, nvfp4_vnni, nvfp4_avx2
+);
+
 /// The kernel of one format for a tile of `TILE` rows of x: the dot products of
 /// the q8_0 rows (with their [`Activations`]) and the weight row at `w`.
 #[cfg(target_arch = "x86_64")]
@@ -488,6 +514,8 @@ instances!(
     iq1_m_avx2: signed_rows, Iq1MBlocks;
     tq1_0_avx2: signed_rows, Tq1_0Blocks;
     tq2_0_avx2: signed_rows, Tq2_0Blocks;
+    mxfp4_avx2: signed_rows, Mxfp4Blocks;
+    nvfp4_avx2: signed_rows, Nvfp4Blocks;
 );
 instances!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -507,6 +535,8 @@ instances!(
     iq1_m_vnni: signed_rows, Iq1MBlocks;
     tq1_0_vnni: signed_rows, Tq1_0Blocks;
     tq2_0_vnni: signed_rows, Tq2_0Blocks;
+    mxfp4_vnni: signed_rows, Mxfp4Blocks;
+    nvfp4_vnni: signed_rows, Nvfp4Blocks;
 );
 
 /// What every weight row needs of x, formed once per call: per block its scale `dx`,
@@ -1512,6 +1542,177 @@ unsafe fn trits(
     }
 }
 
+/// mxfp4, eight blocks at a time (136 bytes for 256 values): block `j` (17 bytes) is
+/// sub-block `j`, its E8M0 byte's half scale `2^(e - 128)` its scale, and its 16 nibble
+/// bytes' levels of [`FP4_LEVELS`] (low nibbles values 0..16) its codes.
+///
+/// [`FP4_LEVELS`]: llm_ir::interp::fp4::FP4_LEVELS
+#[cfg(target_arch = "x86_64")]
+struct Mxfp4Blocks;
+
+#[cfg(target_arch = "x86_64")]
+impl SignedBlocks for Mxfp4Blocks {
+    const BYTES: usize = 8 * llm_ir::interp::fp4::MXFP4_BYTES;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn d(_block: *const u8) -> std::arch::x86_64::__m256 {
+        // SAFETY: AVX is the caller's.
+        unsafe { std::arch::x86_64::_mm256_set1_ps(1.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        _d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::fp4::MXFP4_BYTES;
+        use std::arch::x86_64::*;
+        // SAFETY: the eight scale bytes are inside the eight blocks (the contract).
+        unsafe {
+            let e = |j: usize| i32::from(*block.add(j * MXFP4_BYTES));
+            let e = _mm256_setr_epi32(e(0), e(1), e(2), e(3), e(4), e(5), e(6), e(7));
+            let one = _mm256_set1_epi32(1);
+            // `(e - 1) << 23`, or the subnormal `0x0020_0000 << e` where `e < 2`.
+            let normal = _mm256_slli_epi32(_mm256_sub_epi32(e, one), 23);
+            let subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x0020_0000), e);
+            let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+            [_mm256_castsi256_ps(_mm256_blendv_epi8(normal, subnormal, small)); 2]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::interp::fp4::MXFP4_BYTES;
+        use std::arch::x86_64::*;
+        // SAFETY: the 16 nibble bytes follow block j's scale byte (the contract).
+        unsafe {
+            let packed = _mm_loadu_si128(block.add(j * MXFP4_BYTES + 1).cast());
+            let mask = _mm_set1_epi8(0xF);
+            let low = _mm_and_si128(packed, mask);
+            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+            _mm256_shuffle_epi8(fp4_table(), _mm256_set_m128i(high, low))
+        }
+    }
+}
+
+/// nvfp4, four blocks at a time (144 bytes for 256 values): sub-block `j` is the half
+/// `j % 2` of block `j / 2` (36 bytes), whose 16 values of either half take the UE4M3
+/// scale byte `2 (j % 2)` or `2 (j % 2) + 1` of the block's four ([`ue4m3_halves`]), and
+/// whose codes are the levels of [`FP4_LEVELS`] its 16 nibble bytes at
+/// `4 + 16 (j % 2)` index (the low nibbles of each 8 bytes are the first 8 values of a
+/// scale's 16, the high nibbles the last 8).
+///
+/// [`FP4_LEVELS`]: llm_ir::interp::fp4::FP4_LEVELS
+#[cfg(target_arch = "x86_64")]
+struct Nvfp4Blocks;
+
+#[cfg(target_arch = "x86_64")]
+impl SignedBlocks for Nvfp4Blocks {
+    const BYTES: usize = 4 * llm_ir::interp::fp4::NVFP4_BYTES;
+    const HALVES: bool = true;
+
+    #[inline(always)]
+    unsafe fn d(_block: *const u8) -> std::arch::x86_64::__m256 {
+        // SAFETY: AVX is the caller's.
+        unsafe { std::arch::x86_64::_mm256_set1_ps(1.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        _d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::fp4::NVFP4_BYTES;
+        use std::arch::x86_64::*;
+        // SAFETY: the scale bytes are the first four of each of the four blocks (the
+        // contract).
+        unsafe {
+            let x =
+                |j: usize, h: usize| i32::from(*block.add(j / 2 * NVFP4_BYTES + 2 * (j % 2) + h));
+            let half = |h: usize| {
+                _mm256_setr_epi32(
+                    x(0, h),
+                    x(1, h),
+                    x(2, h),
+                    x(3, h),
+                    x(4, h),
+                    x(5, h),
+                    x(6, h),
+                    x(7, h),
+                )
+            };
+            [ue4m3_halves(half(0)), ue4m3_halves(half(1))]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::interp::fp4::{NVFP4_BYTES, NVFP4_CODES_AT};
+        use std::arch::x86_64::*;
+        // SAFETY: the 16 nibble bytes are inside block j / 2 (the contract).
+        unsafe {
+            let at = j / 2 * NVFP4_BYTES + NVFP4_CODES_AT + 16 * (j % 2);
+            let packed = _mm_loadu_si128(block.add(at).cast());
+            let mask = _mm_set1_epi8(0xF);
+            let low = _mm_and_si128(packed, mask);
+            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+            let first = _mm_unpacklo_epi64(low, high);
+            let second = _mm_unpackhi_epi64(low, high);
+            _mm256_shuffle_epi8(fp4_table(), _mm256_set_m128i(second, first))
+        }
+    }
+}
+
+/// The doubled E2M1 levels of [`llm_ir::interp::fp4::FP4_LEVELS`] as signed bytes in both
+/// 128-bit lanes, for `vpshufb`'s lookup within each lane.
+///
+/// # Safety
+///
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fp4_table() -> std::arch::x86_64::__m256i {
+    use llm_ir::interp::fp4::FP4_LEVELS;
+    use std::arch::x86_64::*;
+    const BOTH: [i8; 32] = {
+        let mut both = [0; 32];
+        let mut i = 0;
+        while i < 32 {
+            both[i] = FP4_LEVELS[i % 16];
+            i += 1;
+        }
+        both
+    };
+    // SAFETY: 32 bytes; AVX is the caller's.
+    unsafe { _mm256_loadu_si256(BOTH.as_ptr().cast()) }
+}
+
+/// Half the values of eight UE4M3 bytes `x` (one a 32-bit lane), as
+/// `llm_ir::interp::fp4::ue4m3_half` gives them: `(8 [e > 0] + m) * 2^(max(e, 1) - 11)`
+/// of exponent `e` (bits 3..7) and mantissa `m` (bits 0..3), and 0 for `0x7F`.
+///
+/// # Safety
+///
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn ue4m3_halves(x: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's.
+    unsafe {
+        let exp = _mm256_and_si256(_mm256_srli_epi32(x, 3), _mm256_set1_epi32(0xF));
+        let man = _mm256_and_si256(x, _mm256_set1_epi32(7));
+        let normal = _mm256_cmpgt_epi32(exp, _mm256_setzero_si256());
+        let significand = _mm256_add_epi32(man, _mm256_and_si256(normal, _mm256_set1_epi32(8)));
+        let exp = _mm256_max_epi32(exp, _mm256_set1_epi32(1));
+        let power = _mm256_slli_epi32(_mm256_add_epi32(exp, _mm256_set1_epi32(116)), 23);
+        let half = _mm256_mul_ps(_mm256_cvtepi32_ps(significand), _mm256_castsi256_ps(power));
+        let nan_code = _mm256_cmpeq_epi32(x, _mm256_set1_epi32(0x7F));
+        _mm256_andnot_ps(_mm256_castsi256_ps(nan_code), half)
+    }
+}
+
 /// The codes of two consecutive iq4_xs sub-blocks from their 32 nibble bytes at `packed`
 /// (16 a sub-block: low nibbles are values 0..16, high nibbles 16..32) looked up in
 /// `table` (a [`super::q8dot::iq4_nl_table`], its bytes in both 128-bit lanes), each
@@ -1881,8 +2082,10 @@ mod tests {
                 | QuantFormat::Iq1M
                 | QuantFormat::Tq1_0
                 | QuantFormat::Tq2_0
+                | QuantFormat::Mxfp4
+                | QuantFormat::Nvfp4
         ) {
-            return random_super_blocks(format, rows * k / 256, seed);
+            return random_super_blocks(format, rows * k / format.block_elems() as usize, seed);
         }
         let values: Vec<f32> = bytes(rows * k, seed)
             .iter()
@@ -1896,9 +2099,11 @@ mod tests {
         quant::quantize(format, &[rows, k], &values)
     }
 
-    /// `blocks` random super-blocks of a lattice or ternary format (any bytes decode), so
-    /// that every grid entry, high index bit, sign, scale and code byte occurs, each with a
-    /// small f16 `d`.
+    /// `blocks` random (super-)blocks of a lattice, ternary or 4-bit float format (any
+    /// bytes decode), so that every grid entry, high index bit, sign, scale and code byte
+    /// occurs, each with a small scale: an f16 `d`, mxfp4's E8M0 byte of 2^-10 to 2^-3
+    /// (2^-128 in one block of five), nvfp4's UE4M3 bytes of 2^-6 to 2^-3 (and 0x7F,
+    /// which reads as 0, or the ignored top bit set, in some).
     fn random_super_blocks(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
         use llm_ir::interp::ternary::{TQ1_0_D_AT, TQ2_0_D_AT};
         let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
@@ -1908,6 +2113,20 @@ mod tests {
             let d_at = match format {
                 QuantFormat::Iq1M => {
                     llm_ir::interp::iq1::set_iq1_m_d(block, d);
+                    continue;
+                }
+                QuantFormat::Mxfp4 => {
+                    block[0] = if b % 5 == 4 { 0 } else { 117 + block[0] % 8 };
+                    continue;
+                }
+                QuantFormat::Nvfp4 => {
+                    for (s, scale) in block[..4].iter_mut().enumerate() {
+                        *scale = match (b + s) % 15 {
+                            0 | 3 | 6 | 9 | 12 => 0x7F,
+                            5 => 0x80 | (0x08 + *scale % 0x20),
+                            _ => 0x08 + *scale % 0x20,
+                        };
+                    }
                     continue;
                 }
                 QuantFormat::Tq1_0 => TQ1_0_D_AT,
@@ -1987,6 +2206,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// mxfp4's subnormal scales (E8M0 bytes 0 and 1: 2^-128 and 2^-127) reach the products
+    /// as they are (the other tests' tolerance, absolute below 1, cannot see them): within
+    /// 1% of the dequantized product, whose factors are subnormal in f32 too.
+    #[test]
+    fn mxfp4_subnormal_scales_count() {
+        if !super::super::ukernel::available() {
+            return;
+        }
+        let mut w = bytes(8 * 17, 5);
+        for (b, block) in w.chunks_mut(17).enumerate() {
+            block[0] = (b % 2) as u8;
+        }
+        let x = activations(8, 6);
+        let (want, magnitude) = expected(&x, &w, &QuantFormat::Mxfp4, 256);
+        assert!(magnitude > 0.0);
+        for (with_vnni, kernel) in [false, true]
+            .into_iter()
+            .zip(instances(WeightFormat::Mxfp4).expect("kernels"))
+        {
+            if with_vnni && !super::super::q8dot::vnni() {
+                continue;
+            }
+            let mut y = [f32::NAN];
+            // SAFETY: one row of x and of w, of 256 values; AVX2, FMA and F16C are checked,
+            // and VNNI where it is used.
+            unsafe {
+                kernel(
+                    256,
+                    x.as_ptr(),
+                    w.as_ptr(),
+                    y.as_mut_ptr().cast(),
+                    1,
+                    1,
+                    x.len() as i64,
+                    4,
+                )
+            };
+            assert!(
+                (f64::from(y[0]) - want).abs() <= 1e-2 * magnitude,
+                "vnni {with_vnni}: {} != {want}",
+                y[0]
+            );
         }
     }
 

@@ -10,6 +10,7 @@ pub mod codegen;
 pub mod convert;
 pub mod dequant;
 pub mod emit;
+pub mod fp4;
 pub mod jit;
 pub mod kq8dot;
 pub mod kquant;
@@ -23,7 +24,7 @@ pub mod program;
 pub mod q8dot;
 pub mod quantize;
 pub mod tables;
-mod ternary;
+pub mod ternary;
 pub mod ukernel;
 pub mod workers;
 

@@ -19,6 +19,7 @@ use llm_ir::{
             attention::{Scale, Scoring},
             fused::{ScalarBody, ScalarStep},
         },
+        fp4::{FP4_LEVELS, NVFP4_CODES_AT},
         iq1::{IQ1_M_HIGH_AT, IQ1_M_SCALES_AT, IQ1_S_WORDS_AT},
         iq2::{IQ2_S_HIGH_AT, IQ2_S_SCALES_AT, IQ2_S_SIGNS_AT, IQ2_XS_SCALES_AT, IQ2_XXS_WORDS_AT},
         iq3::{IQ3_S_HIGH_AT, IQ3_S_SCALES_AT, IQ3_S_SIGNS_AT, IQ3_XXS_WORDS_AT},
@@ -1076,10 +1077,28 @@ fn weight_value(c: &Contraction) -> String {
         | WeightFormat::Q4_1
         | WeightFormat::Q5_0
         | WeightFormat::Q5_1
-        | WeightFormat::Iq4Nl => format!(
+        | WeightFormat::Iq4Nl
+        | WeightFormat::Mxfp4 => format!(
             "    let o = row * ROW_BYTES + (i / 32u) * {}u;\n    let e = i % 32u;\n{}",
             c.weight.row_bytes(32),
             block_decoder(c.weight).unwrap_or_default()
+        ),
+        // nvfp4: value `e` of a block of 64 is nibble `(e % 16) / 8` of byte `e % 8` of its
+        // sub-block's 8, under half the sub-block's UE4M3 scale `x`:
+        // `(8 [exp > 0] + man) * 2^(max(exp, 1) - 11)`, or 0 for `0x7F`.
+        WeightFormat::Nvfp4 => format!(
+            "    let o = row * ROW_BYTES + (i / 64u) * {}u;
+    let e = i % 64u;
+    let s = e / 16u;
+    let q = (byte_at(o + {NVFP4_CODES_AT}u + 8u * s + (e & 7u)) >> (((e >> 3u) & 1u) * 4u)) & 15u;
+{}    let x = byte_at(o + s);
+    let exp = (x >> 3u) & 15u;
+    let significand = f32((x & 7u) + select(0u, 8u, exp > 0u));
+    let half = significand * bitcast<f32>((max(exp, 1u) + 116u) << 23u);
+    return select(half, 0.0, x == 0x7fu) * level;
+",
+            c.weight.row_bytes(64),
+            nibble_level(FP4_LEVELS)
         ),
         // One 16-bit float (rows start at even bytes).
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => {
@@ -2478,10 +2497,16 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     })
 }
 
-/// WGSL statements defining `level` (`f32`), the IQ4_NL level the nibble `q` indexes: the 16
-/// levels as bytes of four words, looked up by a vector's dynamic index and sign-extended.
+/// WGSL statements defining `level` (`f32`), the IQ4_NL level the nibble `q` indexes.
 fn iq4_level() -> String {
-    let words: Vec<String> = IQ4_NL_LEVELS
+    nibble_level(IQ4_NL_LEVELS)
+}
+
+/// WGSL statements defining `level` (`f32`), the level of `table` the nibble `q` indexes:
+/// the 16 signed levels as bytes of four words, looked up by a vector's dynamic index and
+/// sign-extended.
+fn nibble_level(table: [i8; 16]) -> String {
+    let words: Vec<String> = table
         .as_chunks::<4>()
         .0
         .iter()
@@ -2597,6 +2622,17 @@ fn block_decoder(format: WeightFormat) -> Option<String> {
 {}    return half_at(o) * level;
 ",
                 iq4_level()
+            ));
+        }
+        // mxfp4: an E8M0 byte `x` whose half scale is `2^(x - 128)`, the bits
+        // `(x - 1) << 23` (`0x200000 << x`, subnormal, below 2).
+        WeightFormat::Mxfp4 => {
+            return Some(format!(
+                "    let q = (byte_at(o + 1u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
+{}    let x = byte_at(o);
+    return bitcast<f32>(select((x - 1u) << 23u, 0x200000u << x, x < 2u)) * level;
+",
+                nibble_level(FP4_LEVELS)
             ));
         }
         WeightFormat::Q8_0 => {
