@@ -292,6 +292,7 @@ fn bench_gguf_types(c: &mut Criterion) {
         QuantFormat::Iq1M,
         QuantFormat::Tq1_0,
         QuantFormat::Tq2_0,
+        QuantFormat::Q1_0,
         QuantFormat::Mxfp4,
         QuantFormat::Nvfp4,
     ] {

@@ -535,6 +535,7 @@ fn quantized_models_run_in_generated_code() {
         QuantFormat::Iq1M,
         QuantFormat::Tq1_0,
         QuantFormat::Tq2_0,
+        QuantFormat::Q1_0,
         QuantFormat::Mxfp4,
         QuantFormat::Nvfp4,
         QuantFormat::Nf4 {
@@ -638,7 +639,8 @@ fn block_format_kv_caches_hold_their_blocks() {
 }
 
 /// With `quantize-activations`, the matmuls of models in every GGUF block format (q8_0 to
-/// q5_1, iq4_nl, the K-quants, iq4_xs, the IQ3, IQ2 and IQ1 formats) read q8_0 activations:
+/// q5_1, iq4_nl, the K-quants, iq4_xs, the IQ3, IQ2 and IQ1 formats, the ternary tq1_0 and
+/// tq2_0, the binary q1_0 and the 4-bit float mxfp4 and nvfp4) read q8_0 activations:
 /// the CPU backend runs them in generated code (integer block sums), the GPU dequantizes
 /// them on the device first, both agree with the interpreter on the same IR, and the
 /// logits stay close to those of f32 activations.
@@ -648,8 +650,9 @@ fn block_format_kv_caches_hold_their_blocks() {
 /// move a code by one step, 1/127 of its block's largest value, and the random weights of
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
 /// 2.5% for q4_0, 2.7% for q5_0, 1e-6 for q4_1, q5_1 and iq4_nl, 1.5% for q2_k, 3.0% for q3_k,
-/// 1e-6 for q4_k, q5_k, iq4_xs and the lattice formats, 2.3-2.6% for q6_k, about the size of the rounding's own
-/// effect). The kernels' exactness is
+/// 1e-6 for q4_k, q5_k, iq4_xs and the lattice formats, 2.3-2.6% for q6_k, 1e-6 for the
+/// ternary formats and nvfp4, 1.7% for mxfp4 (on the CPU and on lavapipe alike), about the
+/// size of the rounding's own effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]
 fn q8_0_activations_run_in_generated_code() {
@@ -681,6 +684,7 @@ fn q8_0_activations_run_in_generated_code() {
         QuantFormat::Iq1M,
         QuantFormat::Tq1_0,
         QuantFormat::Tq2_0,
+        QuantFormat::Q1_0,
         QuantFormat::Mxfp4,
         QuantFormat::Nvfp4,
     ] {

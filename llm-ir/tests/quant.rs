@@ -214,6 +214,9 @@ fn every_format_round_trips_within_its_step() {
         // magnitude short: 0.5 here; its gaps are narrower. nvfp4's scale is the largest
         // magnitude over 6, rounded to three mantissa bits (within 1/16): its widest gap
         // (4 to 6 steps of it) is a third of that, half of which is 1/3 of 1, 1.0625 times.
+        // q1_0's values are the mean magnitude either way: a value is at most the largest
+        // magnitude (2) from it.
+        (QuantFormat::Q1_0, 2.0),
         (QuantFormat::Mxfp4, 0.5 * 1.01),
         (QuantFormat::Nvfp4, 2.0 / 6.0 * 1.0625),
         (
@@ -390,6 +393,64 @@ fn four_bit_floats_survive() {
     let format = QuantFormat::Nvfp4;
     let back = dequantize(&format, &[2, 64], &quantize(&format, &[2, 64], &nvfp4));
     assert_bits_equal(&back, &nvfp4, "nvfp4");
+}
+
+/// q1_0 keeps each value's sign under the mean magnitude: values of one magnitude (that f16
+/// holds) come back bit for bit; `-0` counts as non-negative, as ggml's `x >= 0` has it.
+#[test]
+fn binary_values_survive() {
+    let format = QuantFormat::Q1_0;
+    let values: Vec<f32> = (0..256)
+        .map(|i| {
+            if (i * 7 + i / 5) % 3 == 0 {
+                -0.375
+            } else {
+                0.375
+            }
+        })
+        .collect();
+    let back = dequantize(&format, &[2, 128], &quantize(&format, &[2, 128], &values));
+    assert_bits_equal(&back, &values, "q1_0");
+    let mut signs = vec![-1.0f32; 128];
+    signs[5] = -0.0;
+    let bytes = quantize(&format, &[128], &signs);
+    assert_eq!(bytes.len(), 18);
+    assert_eq!(bytes[2], 1 << 5, "only -0 sets its bit");
+    let back = dequantize(&format, &[128], &bytes);
+    // The mean magnitude is 127 / 128, rounded to f16.
+    let d = half::f16::from_f32(127.0 / 128.0).to_f32();
+    assert_eq!((back[5], back[0]), (d, -d));
+}
+
+/// The ternary, binary and 4-bit float quantizers take values that are not finite, and
+/// subnormal blocks (whose reciprocal scale is infinite), without panicking, in blocks of
+/// their size; a subnormal block dequantizes to finite values.
+#[test]
+fn reference_quantizers_take_any_values() {
+    let blocks: [&[f32]; 4] = [
+        &[1e-40, -2e-40, 0.0, 3e-45],
+        &[f32::INFINITY, 1.0, -1.0, 0.5],
+        &[f32::NAN, 1.0, -1.0, 0.25],
+        &[1.0, f32::NEG_INFINITY, f32::NAN, -0.0],
+    ];
+    for format in [
+        QuantFormat::Tq1_0,
+        QuantFormat::Tq2_0,
+        QuantFormat::Q1_0,
+        QuantFormat::Mxfp4,
+        QuantFormat::Nvfp4,
+    ] {
+        let n = format.block_elems() as usize;
+        for block in blocks {
+            let values: Vec<f32> = block.iter().cycle().take(n).copied().collect();
+            let bytes = quantize(&format, &[n], &values);
+            assert_eq!(bytes.len(), storage_bytes(&format, &[n]), "{format}");
+            let back = dequantize(&format, &[n], &bytes);
+            if block[0] == 1e-40 {
+                assert!(back.iter().all(|v| v.is_finite()), "{format}: {back:?}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -121,6 +121,9 @@ pub enum WeightFormat {
     /// GGUF tq2_0: super-blocks of 256 ternary values (66 bytes): 64 bytes of 2-bit codes
     /// (the trit plus one), an f16 scale.
     Tq2_0,
+    /// GGUF q1_0: blocks of 128 (18 bytes): an f16 scale `d` and 16 bytes of sign bits
+    /// (set: `d`, clear: `-d`; weight `j` at bit `j % 8` of byte `2 + j / 8`).
+    Q1_0,
     /// GGUF mxfp4: blocks of 32 (17 bytes): an E8M0 scale byte and 16 bytes of nibbles
     /// indexing the doubled E2M1 levels of `llm_ir::interp::fp4::FP4_LEVELS` (low nibbles
     /// weights 0..16, high nibbles 16..32).
@@ -172,6 +175,7 @@ impl WeightFormat {
             QuantFormat::Iq1M => WeightFormat::Iq1M,
             QuantFormat::Tq1_0 => WeightFormat::Tq1_0,
             QuantFormat::Tq2_0 => WeightFormat::Tq2_0,
+            QuantFormat::Q1_0 => WeightFormat::Q1_0,
             QuantFormat::Mxfp4 => WeightFormat::Mxfp4,
             QuantFormat::Nvfp4 => WeightFormat::Nvfp4,
             QuantFormat::Q4K => WeightFormat::Q4K,
@@ -215,6 +219,7 @@ impl WeightFormat {
             | WeightFormat::Iq4Nl
             | WeightFormat::Mxfp4 => Some(32),
             WeightFormat::Nvfp4 => Some(64),
+            WeightFormat::Q1_0 => Some(128),
             WeightFormat::Q4K
             | WeightFormat::Q6K
             | WeightFormat::Q2K
@@ -280,6 +285,7 @@ impl WeightFormat {
             WeightFormat::Iq1M => k / 256 * 56,
             WeightFormat::Tq1_0 => k / 256 * 54,
             WeightFormat::Tq2_0 => k / 256 * 66,
+            WeightFormat::Q1_0 => k / 128 * 18,
             WeightFormat::Mxfp4 => k / 32 * 17,
             WeightFormat::Nvfp4 => k / 64 * 36,
             WeightFormat::Nf4 { .. } => k / 2,
@@ -310,6 +316,7 @@ impl WeightFormat {
             WeightFormat::Iq1M => QuantFormat::Iq1M,
             WeightFormat::Tq1_0 => QuantFormat::Tq1_0,
             WeightFormat::Tq2_0 => QuantFormat::Tq2_0,
+            WeightFormat::Q1_0 => QuantFormat::Q1_0,
             WeightFormat::Mxfp4 => QuantFormat::Mxfp4,
             WeightFormat::Nvfp4 => QuantFormat::Nvfp4,
             WeightFormat::Q4K => QuantFormat::Q4K,
@@ -364,6 +371,7 @@ impl WeightFormat {
             WeightFormat::Iq1M => "iq1_m",
             WeightFormat::Tq1_0 => "tq1_0",
             WeightFormat::Tq2_0 => "tq2_0",
+            WeightFormat::Q1_0 => "q1_0",
             WeightFormat::Mxfp4 => "mxfp4",
             WeightFormat::Nvfp4 => "nvfp4",
             WeightFormat::Q4K => "q4_k",
@@ -622,8 +630,9 @@ pub struct Contraction {
     /// panels (it changes the packing, not the generated code).
     pub transpose_at_pack: bool,
     /// `x` is quantized to q8_0 (`quantize-activations`; the weight is then in a GGUF block
-    /// format: blocks of 32, or a K-quant): each run of weight codes that shares a scale meets the codes of `x`
-    /// in its block of 32 in an integer dot product, scaled by both scales.
+    /// format: blocks of 32, 64 or 128, or super-blocks of 256): each run of weight codes
+    /// that shares a scale meets the codes of `x` in its block of 32 in an integer dot
+    /// product, scaled by both scales.
     pub q8_0_input: bool,
     /// The constant quantized weight (of 32-value blocks meeting q8_0 activations, or a 16-bit
     /// one) is repacked so that each panel of four rows lies together
@@ -1492,13 +1501,13 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
-            // Activations in q8_0 meet the GGUF block formats' weights (blocks of 32 or
-            // 64, or super-blocks of 256) run by run (each run of the weight's lies
+            // Activations in q8_0 meet the GGUF block formats' weights (blocks of 32, 64
+            // or 128, or super-blocks of 256) run by run (each run of the weight's lies
             // inside a block of x).
             let q8_0_input = check.is_quantized(0);
             let x_shape = if q8_0_input {
                 let x = check.quantized(0).ok()?;
-                let blocks_meet = matches!(weight.block(), Some(32 | 64 | 256));
+                let blocks_meet = matches!(weight.block(), Some(32 | 64 | 128 | 256));
                 (*x.format() == QuantFormat::Q8_0 && blocks_meet).then(|| x.shape().to_vec())?
             } else {
                 f32_operand(&check, 0)?.shape().to_vec()

@@ -38,7 +38,7 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// An `n x k` matrix of seeded values in [-1, 1) quantized to `format` by the reference
-/// (for the lattice, ternary and 4-bit float formats on odd seeds, [`random_blocks`]
+/// (for the lattice, ternary, binary and 4-bit float formats on odd seeds, [`random_blocks`]
 /// instead).
 fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     let any_bytes_decode = matches!(
@@ -52,6 +52,7 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
             | QuantFormat::Iq1M
             | QuantFormat::Tq1_0
             | QuantFormat::Tq2_0
+            | QuantFormat::Q1_0
             | QuantFormat::Mxfp4
             | QuantFormat::Nvfp4
     );
@@ -67,13 +68,13 @@ fn quantized(format: &QuantFormat, [n, k]: [usize; 2], seed: u64) -> Value {
     })
 }
 
-/// `count` random blocks of the lattice, ternary or 4-bit float format `format` (any bytes
+/// `count` random blocks of the lattice, ternary, binary or 4-bit float format `format` (any bytes
 /// decode), so that every grid entry, high index bit, sign, multiplier and code byte
 /// occurs, not only those the quantizer picks, each with a small scale: an f16 at the
 /// block's start (iq1_m's in its scale words, the ternary formats' at their end), or
 /// mxfp4's E8M0 byte of 2^-10 to 2^-3 (2^-128, subnormal, in one block of five) and
 /// nvfp4's UE4M3 bytes of 2^-6 to 2^-3 (0x7F, which reads as 0, for one sub-block of
-/// three, and one of five with the ignored top bit set).
+/// three, and one of fifteen with the ignored top bit set).
 fn random_blocks(format: &QuantFormat, count: usize, seed: u64) -> Vec<u8> {
     let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
     let mut state = seed;
@@ -569,6 +570,7 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
         28 => (256 * blocks, QuantFormat::Tq2_0, "tq2_0".into()),
         29 => (32 * blocks, QuantFormat::Mxfp4, "mxfp4".into()),
         30 => (64 * blocks, QuantFormat::Nvfp4, "nvfp4".into()),
+        31 => (128 * blocks, QuantFormat::Q1_0, "q1_0".into()),
         _ => (
             70 * blocks,
             QuantFormat::Affine {
@@ -713,7 +715,7 @@ fn bits(v: &Value) -> Vec<u32> {
 }
 
 /// How many [`format_case`]s there are.
-const FORMAT_CASES: usize = 32;
+const FORMAT_CASES: usize = 33;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -830,14 +832,21 @@ proptest! {
     /// the GPU),
     /// with static or run-time rows.
     #[test]
-    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..23, dynamic in any::<bool>(), seed: u64) {
-        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s"), (QuantFormat::Iq1S, "iq1_s"), (QuantFormat::Iq1M, "iq1_m"), (QuantFormat::Tq1_0, "tq1_0"), (QuantFormat::Tq2_0, "tq2_0"), (QuantFormat::Mxfp4, "mxfp4"), (QuantFormat::Nvfp4, "nvfp4")];
+    fn q8_0_activations(m in 1usize..5, n in 1usize..150, blocks in 1usize..5, which in 0usize..24, dynamic in any::<bool>(), seed: u64) {
+        let k_quants = [(QuantFormat::Q4K, "q4_k"), (QuantFormat::Q6K, "q6_k"), (QuantFormat::Q5K, "q5_k"), (QuantFormat::Q3K, "q3_k"), (QuantFormat::Q2K, "q2_k"), (QuantFormat::Iq4Xs, "iq4_xs"), (QuantFormat::Iq3Xxs, "iq3_xxs"), (QuantFormat::Iq3S, "iq3_s"), (QuantFormat::Iq2Xxs, "iq2_xxs"), (QuantFormat::Iq2Xs, "iq2_xs"), (QuantFormat::Iq2S, "iq2_s"), (QuantFormat::Iq1S, "iq1_s"), (QuantFormat::Iq1M, "iq1_m"), (QuantFormat::Tq1_0, "tq1_0"), (QuantFormat::Tq2_0, "tq2_0"), (QuantFormat::Mxfp4, "mxfp4"), (QuantFormat::Nvfp4, "nvfp4"), (QuantFormat::Q1_0, "q1_0")];
         let (format, name) = BLOCKS_OF_32.into_iter().chain(k_quants).nth(which).expect("a case");
         // Whole super-blocks of 256 for the k-quants, iq4_xs, the lattice and ternary
-        // formats, and whole groups of 256 for the 4-bit floats (their integer kernels'
-        // unit; other K take the generated decoders, as without the microkernels).
+        // formats; for q1_0 and the 4-bit floats, whose integer kernels take groups of 256,
+        // one block more on even `blocks`, so that the CPU's generated decoders take those K.
         let blocks_of_32 = which < BLOCKS_OF_32.len();
-        let k = if blocks_of_32 { 32 * blocks } else { 256 * blocks.div_ceil(2) };
+        let block = format.block_elems() as usize;
+        let k = if blocks_of_32 {
+            32 * blocks
+        } else if block < 256 && blocks % 2 == 0 {
+            256 * blocks.div_ceil(2) + block
+        } else {
+            256 * blocks.div_ceil(2)
+        };
         let rows = if dynamic { "?".to_string() } else { m.to_string() };
         let y = format!("llm.tensor <{rows}x{n}xf32>");
         // The residual epilogue: added after each chunk of 64 weight rows.
@@ -1124,7 +1133,7 @@ proptest! {
     /// Embeddings gathered from quantized and f16 tables, exactly the reference's rows.
     #[test]
     fn embedding_of_packed_tables(rows in 1usize..5, vocab in 2usize..7, seed: u64) {
-        for which in 0..23 {
+        for which in 0..24 {
             let ids: Vec<i64> = values(seed + 2, rows, 1.0).iter().map(|v| ((v + 1.0) / 2.0 * vocab as f32) as i64 % vocab as i64).collect();
             let (dim, table_ty, table) = if which == 5 {
                 let dim = 6;
@@ -1153,6 +1162,7 @@ proptest! {
                     19 => (512, QuantFormat::Tq2_0, "tq2_0".into()),
                     20 => (64, QuantFormat::Mxfp4, "mxfp4".into()),
                     21 => (128, QuantFormat::Nvfp4, "nvfp4".into()),
+                    22 => (256, QuantFormat::Q1_0, "q1_0".into()),
                     _ => (512, QuantFormat::Q3K, "q3_k".into()),
                 };
                 (dim, format!("llm.quantized_tensor <{vocab}x{dim}, {text}>"), quantized(&format, [vocab, dim], seed))

@@ -3,8 +3,8 @@
 //! `quantized_matmul(x, w)` with `f32` activations `x` and a weight of GGUF's block
 //! formats (q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, the K-quants q2_k to q6_k, iq4_xs, and the
 //! lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s and iq1_m, the ternary
-//! tq1_0 and tq2_0, and the 4-bit floats mxfp4 and nvfp4, whose runs of 32 or 16 under
-//! one scale each also lie inside a block of `x`) becomes
+//! tq1_0 and tq2_0, the binary q1_0, and the 4-bit floats mxfp4 and nvfp4, whose runs of
+//! 32 or 16 under one scale each also lie inside a block of `x`) becomes
 //! `quantized_matmul(quantize(x) : q8_0, w)`. q8_0 to q5_1 and iq4_nl hold blocks of 32 values along
 //! K with one scale each (and a minimum in q4_1 and q5_1, which takes the block's `Σ x`),
 //! so a block of `x` meets a block of `w` as two scales and 32 pairs of small integers: a
@@ -79,18 +79,20 @@ impl Pass for QuantizeActivations {
 
 /// The shape of `op`'s activations when it is a `quantized_matmul` of `f32` activations,
 /// whose K is a static multiple of 32, with a weight of GGUF's block formats (q8_0 to q5_1,
-/// iq4_nl, mxfp4, nvfp4's blocks of 64, a K-quant, q2_k to q6_k, iq4_xs, a lattice or a
-/// ternary format: the K of these is a multiple of their blocks or 256-value super-blocks,
-/// as their type requires).
+/// iq4_nl, mxfp4, nvfp4's blocks of 64, q1_0's of 128, a K-quant, q2_k to q6_k, iq4_xs, a
+/// lattice or a ternary format: the K of these is a multiple of their blocks or 256-value
+/// super-blocks, as their type requires).
 fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     if ir::name(ctx, op) != "llm.quantized_matmul" {
         return None;
     }
     let x = ir::tensor_type(ctx, ir::operand(ctx, op, 0))?;
     let k_blocked = matches!(x.shape().last(), Some(Some(k)) if k % BLOCK == 0);
-    // GGUF's block formats: blocks of 32 or super-blocks of 256 (not its 16-bit floats).
+    // GGUF's block formats: blocks of 32, 64 or 128, or super-blocks of 256 (not its 16-bit
+    // floats).
     let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1)).is_some_and(|w| {
-        w.format().gguf_block_bytes().is_some() && matches!(w.format().block_elems(), 32 | 64 | 256)
+        w.format().gguf_block_bytes().is_some()
+            && matches!(w.format().block_elems(), 32 | 64 | 128 | 256)
     });
     (x.dtype() == DType::F32 && k_blocked && weight_blocked).then(|| x.shape().to_vec())
 }

@@ -16,8 +16,9 @@
 //! Q5_0/Q5_1/Q8_0 it writes for rows that are not whole super-blocks), IQ4_XS and IQ4_NL
 //! (its fallback), and the lattice types IQ3_XXS and IQ3_S (llama.cpp's IQ3_XXS, IQ3_XS,
 //! IQ3_S and IQ3_M files), IQ2_XXS, IQ2_XS and IQ2_S (its IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M
-//! files), IQ1_S and IQ1_M (its IQ1_S and IQ1_M files) stay quantized with their exact
-//! bytes. The
+//! files), IQ1_S and IQ1_M (its IQ1_S and IQ1_M files), the ternary TQ1_0 and TQ2_0 and
+//! binary Q1_0 (ternary and 1-bit models' files), and the 4-bit floats MXFP4 and NVFP4
+//! stay quantized with their exact bytes. The
 //! vocabulary in the metadata (SentencePiece or byte-level BPE) becomes the tokenizer
 //! (`gguf_vocab.rs`).
 
@@ -269,6 +270,7 @@ fn storage(ggml_type: u32) -> Option<Storage> {
         35 => Storage::Quant(QuantFormat::Tq2_0),
         39 => Storage::Quant(QuantFormat::Mxfp4),
         40 => Storage::Quant(QuantFormat::Nvfp4),
+        41 => Storage::Quant(QuantFormat::Q1_0),
         _ => return None,
     })
 }
@@ -283,7 +285,6 @@ fn ggml_type_name(ggml_type: u32) -> Option<&'static str> {
         26 => "I32",
         27 => "I64",
         28 => "F64",
-        41 => "Q1_0",
         _ => return None,
     })
 }

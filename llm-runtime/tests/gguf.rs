@@ -385,7 +385,8 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
         ("layers.2.attention.wk.weight", QuantFormat::Tq1_0),
         ("layers.2.attention.wv.weight", QuantFormat::Nvfp4),
         ("layers.2.attention.wo.weight", QuantFormat::Mxfp4),
-        ("layers.2.feed_forward.w1.weight", QuantFormat::Tq2_0),
+        ("layers.2.feed_forward.w1.weight", QuantFormat::Q1_0),
+        ("layers.2.feed_forward.w3.weight", QuantFormat::Tq2_0),
         ("layers.2.feed_forward.w2.weight", QuantFormat::Tq2_0),
         ("output.weight", QuantFormat::Q6K),
     ] {

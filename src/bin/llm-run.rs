@@ -117,6 +117,10 @@ enum Quantize {
     /// Ternary values as 2-bit codes, an f16 scale per 256 (2.06 bits a value).
     #[value(name = "tq2_0")]
     Tq2_0,
+    /// Sign bits under the mean magnitude of each 128 (1.125 bits a value): for 1-bit
+    /// models.
+    #[value(name = "q1_0")]
+    Q1_0,
     /// 4-bit floats (E2M1) under a power-of-two scale per 32 (OCP MX; 4.25 bits a value).
     #[value(name = "mxfp4")]
     Mxfp4,
@@ -206,6 +210,7 @@ impl Quantize {
             Quantize::Iq1M => QuantFormat::Iq1M,
             Quantize::Tq1_0 => QuantFormat::Tq1_0,
             Quantize::Tq2_0 => QuantFormat::Tq2_0,
+            Quantize::Q1_0 => QuantFormat::Q1_0,
             Quantize::Mxfp4 => QuantFormat::Mxfp4,
             Quantize::Nvfp4 => QuantFormat::Nvfp4,
             Quantize::Nf4 => QuantFormat::Nf4 {

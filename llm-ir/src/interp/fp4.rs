@@ -9,8 +9,11 @@
 //! - `mxfp4` (OCP microscaling; 17 bytes for 32 values, 4.25 bits a value): an E8M0 byte
 //!   `e`, a scale of `2^(e - 127)` ([`e8m0_half`] gives half of it), then 16 bytes of
 //!   nibbles, value `j` in the low nibble of byte `j % 16` for `j < 16` and the high one
-//!   for the rest. The quantizer takes `e = floor(log2(max |x|)) + 125`, so that the largest
-//!   level (6 = 12 / 2) reaches above the largest magnitude.
+//!   for the rest. The quantizer takes `e = floor(log2(max |x|)) + 125`, a scale of
+//!   `2^(E - 2)` for the largest magnitude's binary exponent `E`, whose largest level
+//!   (6 = 12 / 2, so `1.5 * 2^E`) can stop short of the largest magnitude by up to a
+//!   quarter of it (`log2` is the platform's `log2f`, as ggml's: near a power of two a
+//!   libm that rounds otherwise could pick the neighbouring exponent).
 //! - `nvfp4` (36 bytes for 64 values, 4.5 bits a value): four UE4M3 bytes (an unsigned
 //!   8-bit float, four exponent bits of bias 7 and three mantissa bits; [`ue4m3_half`]
 //!   gives half of it, `0x7F` reading as 0), the scales of the block's four sub-blocks of
@@ -182,6 +185,28 @@ mod tests {
         assert_eq!(ue4m3_of(1e9), 0x7E);
         assert_eq!(ue4m3_of(-1.0), 0);
         assert_eq!(ue4m3_of(f32::NAN), 0);
+    }
+
+    /// The encoder rounds half up on the fourth mantissa bit (as ggml's does, not to even),
+    /// carries into the exponent, saturates at `0x7E` from exponent 15 on, and rounds
+    /// subnormals (below 2^-6) by `x * 512 + 0.5` truncated, at most 7.
+    #[test]
+    fn ue4m3_rounds_as_ggml() {
+        for (x, byte) in [
+            (1.0625, 0x39),      // halfway between 1 and 1.125: up
+            (1.0624, 0x38),      // below halfway
+            (1.1875, 0x3A),      // halfway between 1.125 and 1.25: up, not to even
+            (1.9375, 0x40),      // the mantissa carries into the exponent
+            (240.0, 0x77),       // the largest of exponent 14
+            (247.9, 0x77),       // below halfway to 256
+            (248.0, 0x7E),       // halfway: up into exponent 15, saturated
+            (0.99 / 64.0, 0x07), // just below 2^-6: 8.42 truncated, at most 7
+            (0.001, 0x01),       // 1.012 truncated
+            (0.0009, 0x00),      // 0.96 truncated: zero
+            (1.0 / 64.0, 0x08),  // 2^-6, the smallest normal
+        ] {
+            assert_eq!(ue4m3_of(x), byte, "{x}");
+        }
     }
 
     /// E8M0 scales are the powers of two `2^(e - 128)`, subnormal ones included.

@@ -5,7 +5,7 @@
 //! GGUF formats (`q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, the K-quants `q2_k`, `q3_k`, `q4_k`,
 //! `q5_k`, `q6_k`, `iq4_nl`, `iq4_xs`, and the lattice formats `iq3_xxs`, `iq3_s` of
 //! [`iq3`], `iq2_xxs`, `iq2_xs`, `iq2_s` of [`iq2`] and `iq1_s`, `iq1_m` of [`iq1`], the
-//! ternary `tq1_0`, `tq2_0` of [`ternary`], and the 4-bit floats `mxfp4`, `nvfp4` of
+//! ternary `tq1_0`, `tq2_0` and binary `q1_0` of [`ternary`], and the 4-bit floats `mxfp4`, `nvfp4` of
 //! [`fp4`]) store
 //! each row (the last dim) as
 //! consecutive blocks exactly as ggml does; see [`crate::types::QuantFormat`]. The
@@ -134,6 +134,10 @@ pub fn quantize(format: &QuantFormat, shape: &[usize], values: &[f32]) -> Vec<u8
         QuantFormat::Tq2_0 => values
             .chunks(256)
             .flat_map(ternary::quantize_tq2_0)
+            .collect(),
+        QuantFormat::Q1_0 => values
+            .chunks(128)
+            .flat_map(ternary::quantize_q1_0)
             .collect(),
         QuantFormat::Mxfp4 => values.chunks(32).flat_map(fp4::quantize_mxfp4).collect(),
         QuantFormat::Nvfp4 => values.chunks(64).flat_map(fp4::quantize_nvfp4).collect(),
@@ -419,6 +423,7 @@ pub fn dequantize_gguf_block(format: &QuantFormat, b: &[u8], out: &mut Vec<f32>)
         QuantFormat::Iq1M => iq1::dequantize_iq1_m(b, out),
         QuantFormat::Tq1_0 => ternary::dequantize_tq1_0(b, out),
         QuantFormat::Tq2_0 => ternary::dequantize_tq2_0(b, out),
+        QuantFormat::Q1_0 => ternary::dequantize_q1_0(b, out),
         QuantFormat::Mxfp4 => fp4::dequantize_mxfp4(b, out),
         QuantFormat::Nvfp4 => fp4::dequantize_nvfp4(b, out),
         QuantFormat::Q4K | QuantFormat::Q5K => {

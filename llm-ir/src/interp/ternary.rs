@@ -15,8 +15,17 @@
 //!   the first 160 from bytes 0..32 (value `32 n + m` is trit `n` of byte `m`), the next
 //!   80 from bytes 32..48 (`160 + 16 n + m`, trit `n` of byte `32 + m`), the last 16 from
 //!   bytes 48..52 (`240 + 4 n + m`, trit `n` of byte `48 + m`, a fifth trit 0 below them).
+//!
+//! Beside them, the binary Q1_0 (the weights of 1-bit models): blocks of 128 values `±d`,
+//! an f16 `d` then 16 bytes of sign bits (value `j` is `d` where bit `j % 8` of byte
+//! `2 + j / 8` is set, `-d` where it is clear), dequantized as ggml's `dequantize_row_q1_0`
+//! and quantized as its reference (`d` the mean magnitude, summed in order; the bit set for
+//! `x >= 0`, so for `-0` too and for no NaN).
 
 use super::quant::f16_at;
+
+/// Bytes of a Q1_0 block.
+pub const Q1_0_BYTES: usize = 18;
 
 /// Bytes of a TQ1_0 super-block.
 pub const TQ1_0_BYTES: usize = 54;
@@ -100,14 +109,18 @@ pub fn dequantize_tq2_0(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// The largest magnitude of `x` as the scale, and each value's trit plus one.
+/// The largest magnitude of `x` as the scale (taken as ggml's `MAX(amax, |v|)` takes it: a
+/// NaN replaces it, and the next value replaces the NaN), and each value's trit plus one.
 fn codes(x: &[f32]) -> (f32, Vec<u8>) {
-    let d = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = x
+        .iter()
+        .fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-    // `x / d` lies in [-1, 1] (NaN, from a non-finite `d`, saturates to 0).
+    // `x / d` lies in [-1, 1], but where `d` is subnormal `1 / d` is infinite, and where it
+    // is NaN so are the products: clamped (NaN to 0), as ggml's `lroundf` leaves undefined.
     let codes = x
         .iter()
-        .map(|&v| ((v * id).round() as i8 + 1) as u8)
+        .map(|&v| ((v * id).round().clamp(-1.0, 1.0) as i8 + 1) as u8)
         .collect();
     (d, codes)
 }
@@ -143,6 +156,28 @@ pub fn quantize_tq2_0(x: &[f32]) -> Vec<u8> {
         out[32 * (v / 128) + v % 32] |= c << (2 * ((v % 128) / 32));
     }
     out[TQ2_0_D_AT..].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+    out
+}
+
+/// Appends the 128 values of the Q1_0 block `b` to `out`.
+pub fn dequantize_q1_0(b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    out.extend((0..128).map(|j| {
+        if b[2 + j / 8] >> (j % 8) & 1 == 1 {
+            d
+        } else {
+            -d
+        }
+    }));
+}
+
+/// Quantizes 128 values into a Q1_0 block.
+pub fn quantize_q1_0(x: &[f32]) -> Vec<u8> {
+    let d = x.iter().fold(0.0f32, |sum, v| sum + v.abs()) / x.len() as f32;
+    let mut out = half::f16::from_f32(d).to_le_bytes().to_vec();
+    out.extend(x.chunks(8).map(|eight| {
+        (eight.iter().enumerate()).fold(0u8, |byte, (j, &v)| byte | u8::from(v >= 0.0) << j)
+    }));
     out
 }
 

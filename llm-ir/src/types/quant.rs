@@ -26,6 +26,7 @@
 //! | `iq1_m` | 256 | 56 | 32 low bytes of indices into [`IQ1S_GRID`](super::IQ1S_GRID), 16 bytes of their high bits and delta signs (a nibble a group), 8 bytes of 3-bit scales (one per 16 values) with the f16 d in their words' top nibbles |
 //! | `tq1_0` | 256 | 54 | 48 bytes of five trits each and 4 of four (base 3, scaled to a byte), f16 d |
 //! | `tq2_0` | 256 | 66 | 64 bytes of 2-bit trits plus one, f16 d |
+//! | `q1_0` | 128 | 18 | f16 d, 16 bytes of sign bits (set: `d`, clear: `-d`) |
 //! | `mxfp4` | 32 | 17 | an E8M0 scale byte, 16 bytes of 4-bit indices into [`FP4_LEVELS`](crate::interp::fp4::FP4_LEVELS) |
 //! | `nvfp4` | 64 | 36 | four UE4M3 scale bytes (one per 16 values), 32 bytes of 4-bit indices into [`FP4_LEVELS`](crate::interp::fp4::FP4_LEVELS) |
 //! | `f16` | 1 | 2 | an IEEE half |
@@ -127,6 +128,9 @@ pub enum QuantFormat {
     Tq1_0,
     /// GGUF TQ2_0: TQ1_0's values as 2-bit codes (2.06 bits a value).
     Tq2_0,
+    /// GGUF Q1_0: blocks of 128 values `±d`, an f16 scale `d` and a sign bit a value
+    /// (1.125 bits a value).
+    Q1_0,
     /// GGUF MXFP4 (OCP microscaling): blocks of 32 four-bit floats (E2M1) under a
     /// power-of-two scale (an E8M0 byte), 4.25 bits a value.
     Mxfp4,
@@ -184,6 +188,7 @@ impl QuantFormat {
             QuantFormat::Iq1M => "iq1_m",
             QuantFormat::Tq1_0 => "tq1_0",
             QuantFormat::Tq2_0 => "tq2_0",
+            QuantFormat::Q1_0 => "q1_0",
             QuantFormat::Mxfp4 => "mxfp4",
             QuantFormat::Nvfp4 => "nvfp4",
             QuantFormat::F16 => "f16",
@@ -206,6 +211,7 @@ impl QuantFormat {
             | QuantFormat::Iq4Nl
             | QuantFormat::Mxfp4 => 32,
             QuantFormat::Nvfp4 => 64,
+            QuantFormat::Q1_0 => 128,
             QuantFormat::Q4K
             | QuantFormat::Q6K
             | QuantFormat::Q2K
@@ -252,6 +258,7 @@ impl QuantFormat {
             QuantFormat::Tq1_0 => Some(54),
             QuantFormat::Tq2_0 => Some(66),
             QuantFormat::Mxfp4 => Some(17),
+            QuantFormat::Q1_0 => Some(18),
             QuantFormat::Nvfp4 => Some(36),
             QuantFormat::F16 | QuantFormat::BF16 => Some(2),
             _ => None,
@@ -388,6 +395,7 @@ impl QuantFormat {
             "tq1_0" => QuantFormat::Tq1_0,
             "tq2_0" => QuantFormat::Tq2_0,
             "mxfp4" => QuantFormat::Mxfp4,
+            "q1_0" => QuantFormat::Q1_0,
             "nvfp4" => QuantFormat::Nvfp4,
             "f16" => QuantFormat::F16,
             "bf16" => QuantFormat::BF16,
@@ -419,7 +427,7 @@ impl QuantFormat {
                 return syntax::error_at(
                     loc,
                     format!(
-                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0, mxfp4, nvfp4, f16, bf16, nf4, int2, int4 or int8)"
+                        "unknown quantization format `{name}` (expected q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m, tq1_0, tq2_0, q1_0, mxfp4, nvfp4, f16, bf16, nf4, int2, int4 or int8)"
                     ),
                 );
             }

@@ -7,11 +7,11 @@ the shared vectors are, for an 8 x 512 matrix: q5_0 and q5_1 quantize seeded inp
 q3_k, q5_k, iq4_nl, iq4_xs and the IQ3, IQ2 and IQ1 formats, which the package only
 dequantizes, have random valid (super-)blocks (their f16 scales set to small finite values;
 IQ1_M's `d` is split across the top nibbles of its four scale words); the ternary tq1_0 and
-tq2_0 have both: seeded inputs quantized (`{name}.*`) and random super-blocks, every byte
-value included, dequantized (`{name}_any.*`); so has mxfp4, its random blocks' scale bytes
-random too (subnormal, infinite values and all); nvfp4, which the package only
-dequantizes, has random blocks, every scale byte included. The ternary and 4-bit float
-vectors are made last so that the earlier files keep their bytes:
+tq2_0 have both: seeded inputs quantized (`{name}.*`) and random super-blocks of random
+code bytes, dequantized (`{name}_any.*`); so has mxfp4, its random blocks' scale bytes
+random too (subnormal ones among them); nvfp4, which the package only dequantizes, has
+random blocks, their scale bytes random. The ternary and 4-bit float vectors are made last
+so that the earlier files keep their bytes:
 
     python3 -m venv /tmp/gguf && /tmp/gguf/bin/pip install gguf==0.19.0 numpy
     /tmp/gguf/bin/python make_quant_vectors.py   # writes quant-vectors/ beside this file

@@ -9,7 +9,7 @@
 //! `scale * Σ q·x + offset * Σ x` to the row's accumulator. GGUF formats have runs inside
 //! fixed blocks (32 values for q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl, sub-blocks of 32 or 16
 //! inside the 256-value super-blocks of the K-quants, iq4_xs and the lattice formats,
-//! [`super::lattice`], the ternary formats' runs of 32 under one scale,
+//! [`super::lattice`], the ternary and binary formats' runs of 32 under one scale,
 //! [`super::ternary`], and the 4-bit floats' blocks of 32 and runs of 16, [`super::fp4`]);
 //! the whole-matrix formats
 //! (nf4, affine integers) have a run per scale group, decoded 32 values at a time with a
@@ -63,6 +63,7 @@ pub fn decodes(format: WeightFormat) -> bool {
         | WeightFormat::Iq1M
         | WeightFormat::Tq1_0
         | WeightFormat::Tq2_0
+        | WeightFormat::Q1_0
         | WeightFormat::Mxfp4
         | WeightFormat::Nvfp4 => true,
         WeightFormat::PackedF16 | WeightFormat::PackedBF16 => true,
@@ -325,7 +326,9 @@ fn decode_blocks(
                 let grid = grid.expect("a lattice format's kernel imports its grid");
                 lattice::runs(b, format, wb, grid, &mut sink)
             }
-            WeightFormat::Tq1_0 | WeightFormat::Tq2_0 => ternary::runs(b, format, wb, &mut sink),
+            WeightFormat::Tq1_0 | WeightFormat::Tq2_0 | WeightFormat::Q1_0 => {
+                ternary::runs(b, format, wb, &mut sink)
+            }
             WeightFormat::Mxfp4 | WeightFormat::Nvfp4 => fp4::runs(b, format, wb, &mut sink),
             other => unreachable!("{other:?} is not a block format"),
         }

@@ -1,7 +1,9 @@
 //! Integer dot products of q8_0 activations with the GGUF formats of 256-value
 //! super-blocks: the k-quants (q2_k to q6_k), the formats most GGUF models ship their
 //! matrices in, iq4_xs, the lattice formats iq3_xxs, iq3_s, iq2_xxs, iq2_xs, iq2_s,
-//! iq1_s and iq1_m, and the ternary tq1_0 and tq2_0.
+//! iq1_s and iq1_m, and the ternary tq1_0 and tq2_0; and, their blocks grouped into
+//! 256-value units where K is a multiple of 256, the binary q1_0 (two blocks of 128) and
+//! the 4-bit floats mxfp4 (eight blocks of 32) and nvfp4 (four blocks of 64).
 //!
 //! After `quantize-activations`, x is q8_0: per block of 32 values an f16 scale `dx` and
 //! 32 signed bytes `qx`. A k-quant super-block of 256 values splits into runs that share
@@ -35,7 +37,11 @@
 //! - the ternary formats: eight sub-blocks of 32 under the super-block's one scale, the
 //!   codes the trits -1, 0 and 1 as bytes (tq2_0's bit pairs shifted and masked; tq1_0's
 //!   trit `n` of a byte the high half of `((byte * 3^n) mod 256) << 8` times 3, in 16-bit
-//!   lanes, `trits`), meeting `qx` as the lattice formats' codes do (`signed_rows`).
+//!   lanes, `trits`), meeting `qx` as the lattice formats' codes do (`signed_rows`);
+//! - q1_0: sub-blocks of 32 codes 1 or -1 by their sign bits, under their block's scale;
+//! - the 4-bit floats: sub-blocks of 32 (mxfp4) or halves of 16 (nvfp4) under scales
+//!   widened from their bytes (`ue4m3_halves`), the codes the doubled E2M1 levels their
+//!   nibbles index (`vpshufb`), at most 12 in magnitude.
 //!
 //! The `*_by_q8_0_rows` entry points ([`SYMBOLS`], [`entry_point`]) run where the CPU has
 //! AVX2, FMA and F16C ([`super::ukernel::available`]), with AVX-512 VNNI's `vpdpbusd`
@@ -53,7 +59,7 @@ use crate::kernel::WeightFormat;
 
 /// Per format of these kernels, the symbol generated code imports its entry point under
 /// ([`entry_point`]).
-pub const SYMBOLS: [(WeightFormat, &str); 17] = [
+pub const SYMBOLS: [(WeightFormat, &str); 18] = [
     (WeightFormat::Q2K, "llmc_q2_k_by_q8_0_rows"),
     (WeightFormat::Q3K, "llmc_q3_k_by_q8_0_rows"),
     (WeightFormat::Q4K, "llmc_q4_k_by_q8_0_rows"),
@@ -69,6 +75,7 @@ pub const SYMBOLS: [(WeightFormat, &str); 17] = [
     (WeightFormat::Iq1M, "llmc_iq1_m_by_q8_0_rows"),
     (WeightFormat::Tq1_0, "llmc_tq1_0_by_q8_0_rows"),
     (WeightFormat::Tq2_0, "llmc_tq2_0_by_q8_0_rows"),
+    (WeightFormat::Q1_0, "llmc_q1_0_by_q8_0_rows"),
     (WeightFormat::Mxfp4, "llmc_mxfp4_by_q8_0_rows"),
     (WeightFormat::Nvfp4, "llmc_nvfp4_by_q8_0_rows"),
 ];
@@ -105,6 +112,7 @@ fn instances(format: WeightFormat) -> Option<[EntryPoint; 2]> {
         WeightFormat::Iq1M => [iq1_m_by_q8_0_rows::<false>, iq1_m_by_q8_0_rows::<true>],
         WeightFormat::Tq1_0 => [tq1_0_by_q8_0_rows::<false>, tq1_0_by_q8_0_rows::<true>],
         WeightFormat::Tq2_0 => [tq2_0_by_q8_0_rows::<false>, tq2_0_by_q8_0_rows::<true>],
+        WeightFormat::Q1_0 => [q1_0_by_q8_0_rows::<false>, q1_0_by_q8_0_rows::<true>],
         WeightFormat::Mxfp4 => [mxfp4_by_q8_0_rows::<false>, mxfp4_by_q8_0_rows::<true>],
         WeightFormat::Nvfp4 => [nvfp4_by_q8_0_rows::<false>, nvfp4_by_q8_0_rows::<true>],
         _ => return None,
@@ -117,7 +125,7 @@ use llm_ir::interp::quant::q3_k_scale;
 #[cfg(target_arch = "x86_64")]
 use super::{
     kquant::{byte_lanes, scales_mins},
-    q8dot::{Q8_0_BLOCK_BYTES as X_BLOCK, XRows, x_quad_sums, x_scale},
+    q8dot::{Q8_0_BLOCK_BYTES as X_BLOCK, XRows, level_table, nibbles, x_quad_sums, x_scale},
 };
 
 /// A format's C entry point: `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k`
@@ -304,6 +312,17 @@ entry_point!(
     ///
     /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 66` bytes.
     tq2_0_by_q8_0_rows, 66, tq2_0_vnni, tq2_0_avx2
+);
+
+entry_point!(
+    /// `y[i][r] = dot(x_i, w_r)` for the `m` q8_0 rows `x_i` of `k` values at `x` and the
+    /// `rows` consecutive q1_0 rows `w_r` at `w`, as [`q4_k_by_q8_0_rows`] does for q4_k,
+    /// two blocks of 128 (36 bytes) taken as a super-block of 256.
+    ///
+    /// # Safety
+    ///
+    /// As [`q4_k_by_q8_0_rows`], with `w` pointing to `rows * k / 256 * 36` bytes.
+    q1_0_by_q8_0_rows, 36, q1_0_vnni, q1_0_avx2
 );
 
 entry_point!(
@@ -514,6 +533,7 @@ instances!(
     iq1_m_avx2: signed_rows, Iq1MBlocks;
     tq1_0_avx2: signed_rows, Tq1_0Blocks;
     tq2_0_avx2: signed_rows, Tq2_0Blocks;
+    q1_0_avx2: signed_rows, Q1_0Blocks;
     mxfp4_avx2: signed_rows, Mxfp4Blocks;
     nvfp4_avx2: signed_rows, Nvfp4Blocks;
 );
@@ -535,6 +555,7 @@ instances!(
     iq1_m_vnni: signed_rows, Iq1MBlocks;
     tq1_0_vnni: signed_rows, Tq1_0Blocks;
     tq2_0_vnni: signed_rows, Tq2_0Blocks;
+    q1_0_vnni: signed_rows, Q1_0Blocks;
     mxfp4_vnni: signed_rows, Mxfp4Blocks;
     nvfp4_vnni: signed_rows, Nvfp4Blocks;
 );
@@ -692,10 +713,11 @@ unsafe fn iq4_xs_rows<Q: QuadSums, const TILE: usize>(
     unsafe {
         use std::arch::x86_64::*;
         // With VNNI, the levels plus 128 (the sign bit flipped) as unsigned bytes.
+        let levels = level_table(&llm_ir::types::IQ4_NL_LEVELS);
         let table = if Q::ANY_UNSIGNED {
-            _mm256_xor_si256(super::q8dot::iq4_nl_table(), _mm256_set1_epi8(i8::MIN))
+            _mm256_xor_si256(levels, _mm256_set1_epi8(i8::MIN))
         } else {
-            super::q8dot::iq4_nl_table()
+            levels
         };
         let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
         let mut bias = [_mm256_setzero_ps(); TILE];
@@ -739,15 +761,20 @@ unsafe fn iq4_xs_rows<Q: QuadSums, const TILE: usize>(
     }
 }
 
-/// A lattice format as [`signed_rows`] reads its super-blocks.
+/// A format of signed codes under a scale per 32 or 16 values (a lattice, ternary, binary
+/// or 4-bit float format) as [`signed_rows`] reads its super-blocks of 256 values (the
+/// smaller formats' blocks grouped into one).
 #[cfg(target_arch = "x86_64")]
 trait SignedBlocks {
     /// Bytes of a super-block.
     const BYTES: usize;
     /// Whether each sub-block's two halves of 16 values take scales of their own.
     const HALVES: bool;
+    /// Where the super-block's f16 scale `d` is (for the default [`SignedBlocks::d`]).
+    const D_AT: usize = 0;
 
-    /// The super-block's scale `d` in every lane: the f16 at its start (iq1_m's is split).
+    /// The super-block's scale `d` in every lane: the f16 at [`SignedBlocks::D_AT`]
+    /// (iq1_m's is split; the 4-bit floats have none, their scales being bytes).
     ///
     /// # Safety
     ///
@@ -755,7 +782,7 @@ trait SignedBlocks {
     #[inline(always)]
     unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
         // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
-        unsafe { broadcast_f16(block.cast::<u16>().read_unaligned()) }
+        unsafe { broadcast_f16(block.add(Self::D_AT).cast::<u16>().read_unaligned()) }
     }
 
     /// The scales of each sub-block's first and second 16 values (lane `j` for sub-block
@@ -792,7 +819,7 @@ unsafe fn broadcast_f16(bits: u16) -> std::arch::x86_64::__m256 {
     unsafe { _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
 }
 
-/// A lattice format against `TILE` rows of x: per super-block an f16 `d`
+/// A format of [`SignedBlocks`] against `TILE` rows of x: per super-block a scale `d`
 /// ([`SignedBlocks::d`]) and eight sub-blocks of 32 values, [`SignedBlocks::codes`]
 /// their codes and
 /// [`SignedBlocks::scales`] their scales. The codes are decoded once for the tile; per row
@@ -1414,13 +1441,7 @@ struct Tq2_0Blocks;
 impl SignedBlocks for Tq2_0Blocks {
     const BYTES: usize = llm_ir::interp::ternary::TQ2_0_BYTES;
     const HALVES: bool = false;
-
-    #[inline(always)]
-    unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
-        use llm_ir::interp::ternary::TQ2_0_D_AT;
-        // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
-        unsafe { broadcast_f16(block.add(TQ2_0_D_AT).cast::<u16>().read_unaligned()) }
-    }
+    const D_AT: usize = llm_ir::interp::ternary::TQ2_0_D_AT;
 
     #[inline(always)]
     unsafe fn scales(
@@ -1458,13 +1479,7 @@ struct Tq1_0Blocks;
 impl SignedBlocks for Tq1_0Blocks {
     const BYTES: usize = llm_ir::interp::ternary::TQ1_0_BYTES;
     const HALVES: bool = false;
-
-    #[inline(always)]
-    unsafe fn d(block: *const u8) -> std::arch::x86_64::__m256 {
-        use llm_ir::interp::ternary::TQ1_0_D_AT;
-        // SAFETY: the f16 is inside the super-block (the contract); F16C is the caller's.
-        unsafe { broadcast_f16(block.add(TQ1_0_D_AT).cast::<u16>().read_unaligned()) }
-    }
+    const D_AT: usize = llm_ir::interp::ternary::TQ1_0_D_AT;
 
     #[inline(always)]
     unsafe fn scales(
@@ -1542,6 +1557,45 @@ unsafe fn trits(
     }
 }
 
+/// q1_0, two blocks at a time (36 bytes for 256 values): sub-block `j` is the 32 sign bits
+/// at byte `2 + 4 (j % 4)` of block `j / 4` (18 bytes, its f16 scale first: the default
+/// `d` for the first block's), the codes 1 where a bit is set and -1 where it is clear,
+/// under its block's scale.
+#[cfg(target_arch = "x86_64")]
+struct Q1_0Blocks;
+
+#[cfg(target_arch = "x86_64")]
+impl SignedBlocks for Q1_0Blocks {
+    const BYTES: usize = 2 * llm_ir::interp::ternary::Q1_0_BYTES;
+    const HALVES: bool = false;
+
+    #[inline(always)]
+    unsafe fn scales(
+        block: *const u8,
+        d: std::arch::x86_64::__m256,
+    ) -> [std::arch::x86_64::__m256; 2] {
+        use llm_ir::interp::ternary::Q1_0_BYTES;
+        use std::arch::x86_64::*;
+        // SAFETY: the second block's f16 scale is inside the super-block (the contract).
+        unsafe {
+            let second = broadcast_f16(block.add(Q1_0_BYTES).cast::<u16>().read_unaligned());
+            [_mm256_blend_ps(d, second, 0xF0); 2]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
+        use llm_ir::interp::ternary::Q1_0_BYTES;
+        use std::arch::x86_64::*;
+        // SAFETY: the 32 sign bits are inside block j / 4 (the contract).
+        unsafe {
+            let at = Q1_0_BYTES * (j / 4) + 2 + 4 * (j % 4);
+            let bits = block.add(at).cast::<u32>().read_unaligned();
+            signed_magnitudes(_mm256_set1_epi8(1), !bits)
+        }
+    }
+}
+
 /// mxfp4, eight blocks at a time (136 bytes for 256 values): block `j` (17 bytes) is
 /// sub-block `j`, its E8M0 byte's half scale `2^(e - 128)` its scale, and its 16 nibble
 /// bytes' levels of [`FP4_LEVELS`] (low nibbles values 0..16) its codes.
@@ -1583,15 +1637,12 @@ impl SignedBlocks for Mxfp4Blocks {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-        use llm_ir::interp::fp4::MXFP4_BYTES;
+        use llm_ir::interp::fp4::{FP4_LEVELS, MXFP4_BYTES};
         use std::arch::x86_64::*;
         // SAFETY: the 16 nibble bytes follow block j's scale byte (the contract).
         unsafe {
-            let packed = _mm_loadu_si128(block.add(j * MXFP4_BYTES + 1).cast());
-            let mask = _mm_set1_epi8(0xF);
-            let low = _mm_and_si128(packed, mask);
-            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-            _mm256_shuffle_epi8(fp4_table(), _mm256_set_m128i(high, low))
+            let nibbles = nibbles(block.add(j * MXFP4_BYTES + 1));
+            _mm256_shuffle_epi8(level_table(&FP4_LEVELS), nibbles)
         }
     }
 }
@@ -1648,44 +1699,18 @@ impl SignedBlocks for Nvfp4Blocks {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
-        use llm_ir::interp::fp4::{NVFP4_BYTES, NVFP4_CODES_AT};
+        use llm_ir::interp::fp4::{FP4_LEVELS, NVFP4_BYTES, NVFP4_CODES_AT};
         use std::arch::x86_64::*;
         // SAFETY: the 16 nibble bytes are inside block j / 2 (the contract).
         unsafe {
             let at = j / 2 * NVFP4_BYTES + NVFP4_CODES_AT + 16 * (j % 2);
-            let packed = _mm_loadu_si128(block.add(at).cast());
-            let mask = _mm_set1_epi8(0xF);
-            let low = _mm_and_si128(packed, mask);
-            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-            let first = _mm_unpacklo_epi64(low, high);
-            let second = _mm_unpackhi_epi64(low, high);
-            _mm256_shuffle_epi8(fp4_table(), _mm256_set_m128i(second, first))
+            // The low nibbles of both halves' 8 bytes, then their high nibbles: the 64-bit
+            // lanes regrouped by half.
+            let nibbles = nibbles(block.add(at));
+            let nibbles = _mm256_permute4x64_epi64(nibbles, 0b11_01_10_00);
+            _mm256_shuffle_epi8(level_table(&FP4_LEVELS), nibbles)
         }
     }
-}
-
-/// The doubled E2M1 levels of [`llm_ir::interp::fp4::FP4_LEVELS`] as signed bytes in both
-/// 128-bit lanes, for `vpshufb`'s lookup within each lane.
-///
-/// # Safety
-///
-/// The CPU has AVX.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn fp4_table() -> std::arch::x86_64::__m256i {
-    use llm_ir::interp::fp4::FP4_LEVELS;
-    use std::arch::x86_64::*;
-    const BOTH: [i8; 32] = {
-        let mut both = [0; 32];
-        let mut i = 0;
-        while i < 32 {
-            both[i] = FP4_LEVELS[i % 16];
-            i += 1;
-        }
-        both
-    };
-    // SAFETY: 32 bytes; AVX is the caller's.
-    unsafe { _mm256_loadu_si256(BOTH.as_ptr().cast()) }
 }
 
 /// Half the values of eight UE4M3 bytes `x` (one a 32-bit lane), as
@@ -1715,7 +1740,7 @@ unsafe fn ue4m3_halves(x: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m2
 
 /// The codes of two consecutive iq4_xs sub-blocks from their 32 nibble bytes at `packed`
 /// (16 a sub-block: low nibbles are values 0..16, high nibbles 16..32) looked up in
-/// `table` (a [`super::q8dot::iq4_nl_table`], its bytes in both 128-bit lanes), each
+/// `table` (IQ4_NL's levels from [`super::q8dot::level_table`], in both 128-bit lanes), each
 /// sub-block's 32 in value order: both halves' nibbles looked up in place, then their
 /// 128-bit lanes regrouped by sub-block.
 ///
@@ -2082,10 +2107,11 @@ mod tests {
                 | QuantFormat::Iq1M
                 | QuantFormat::Tq1_0
                 | QuantFormat::Tq2_0
+                | QuantFormat::Q1_0
                 | QuantFormat::Mxfp4
                 | QuantFormat::Nvfp4
         ) {
-            return random_super_blocks(format, rows * k / format.block_elems() as usize, seed);
+            return random_blocks(format, rows * k / format.block_elems() as usize, seed);
         }
         let values: Vec<f32> = bytes(rows * k, seed)
             .iter()
@@ -2099,12 +2125,12 @@ mod tests {
         quant::quantize(format, &[rows, k], &values)
     }
 
-    /// `blocks` random (super-)blocks of a lattice, ternary or 4-bit float format (any
+    /// `blocks` random (super-)blocks of a lattice, ternary, binary or 4-bit float format (any
     /// bytes decode), so that every grid entry, high index bit, sign, scale and code byte
     /// occurs, each with a small scale: an f16 `d`, mxfp4's E8M0 byte of 2^-10 to 2^-3
     /// (2^-128 in one block of five), nvfp4's UE4M3 bytes of 2^-6 to 2^-3 (and 0x7F,
     /// which reads as 0, or the ignored top bit set, in some).
-    fn random_super_blocks(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
+    fn random_blocks(format: &QuantFormat, blocks: usize, seed: u64) -> Vec<u8> {
         use llm_ir::interp::ternary::{TQ1_0_D_AT, TQ2_0_D_AT};
         let size = format.gguf_block_bytes().expect("a GGUF format") as usize;
         let mut w = bytes(blocks * size, seed);

@@ -284,30 +284,21 @@ unsafe impl Blocks for Iq4Nl {
 unsafe fn iq4_nl_levels(packed: *const u8) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     // SAFETY: forwarded from this function's contract.
-    unsafe { _mm256_shuffle_epi8(iq4_nl_table(), nibbles(packed)) }
+    unsafe { _mm256_shuffle_epi8(level_table(&IQ4_NL_LEVELS), nibbles(packed)) }
 }
 
-/// The 16 IQ4_NL levels as signed bytes in both 128-bit lanes, for `vpshufb`'s lookup
-/// within each lane.
+/// 16 signed levels (IQ4_NL's, or the 4-bit floats') as bytes in both 128-bit lanes, for
+/// `vpshufb`'s lookup within each lane.
 ///
 /// # Safety
 ///
-/// The CPU has AVX.
+/// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn iq4_nl_table() -> std::arch::x86_64::__m256i {
+pub(super) unsafe fn level_table(levels: &[i8; 16]) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    const LEVELS: [i8; 32] = {
-        let mut both = [0; 32];
-        let mut i = 0;
-        while i < 32 {
-            both[i] = IQ4_NL_LEVELS[i % 16];
-            i += 1;
-        }
-        both
-    };
-    // SAFETY: 32 bytes; AVX is the caller's.
-    unsafe { _mm256_loadu_si256(LEVELS.as_ptr().cast()) }
+    // SAFETY: 16 bytes; AVX2 is the caller's.
+    unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(levels.as_ptr().cast())) }
 }
 
 /// Whether the CPU has AVX-512 VNNI (with F and VL, which the VNNI forms' target
@@ -912,7 +903,7 @@ impl BlockDot for XBlockVnni {
 /// `packed` points to 16 readable bytes, and the caller has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn nibbles(packed: *const u8) -> std::arch::x86_64::__m256i {
+pub(super) unsafe fn nibbles(packed: *const u8) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     // SAFETY: 16 bytes (the contract).
     unsafe {
@@ -1226,6 +1217,23 @@ mod tests {
             assert!(entry_points(format).is_some(), "{format:?}");
             assert_eq!(rows, format!("llmc_{}_by_q8_0_rows", format.name()));
             assert_eq!(panels, format!("llmc_{}_by_q8_0_panels", format.name()));
+        }
+    }
+
+    /// The formats whose constant weights take block panels are exactly those these
+    /// kernels read in panels (mxfp4, of 32-value blocks too, is not one).
+    #[test]
+    fn block_panels_are_for_these_formats() {
+        let ours: Vec<WeightFormat> = SYMBOLS.iter().map(|s| s.0).collect();
+        for format in ours
+            .iter()
+            .chain(&[WeightFormat::Mxfp4, WeightFormat::Nvfp4])
+        {
+            assert_eq!(
+                format.has_block_panels(),
+                ours.contains(format),
+                "{format:?}"
+            );
         }
     }
 

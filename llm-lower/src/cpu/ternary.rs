@@ -11,21 +11,25 @@
 //!   next two pair trits `2i` and `2i + 1` of bytes 32..48; the last is trit 4 of those with
 //!   the 16 values of bytes 48..52, four trits of four bytes, which one vector holds as the
 //!   four bytes repeated with lane `l`'s power of three `3^(l / 4)`.
+//!
+//! The binary q1_0 is four runs of 32 under its block's scale, each value's sign bit made
+//! a byte mask (`dequant::bit_lanes`) and the code 1 or -1 (`(mask & 2) - 1`).
 
 use cranelift_codegen::ir::{ConstantData, InstBuilder, Value, types};
 use cranelift_frontend::FunctionBuilder;
 use llm_ir::interp::ternary::{POW3, TQ1_0_D_AT, TQ1_0_SECTIONS, TQ2_0_D_AT};
 
-use super::dequant::{Run, Sink, bytes_to_f32, little, load_f16, splat_i8, widen_i16x8};
+use super::dequant::{Run, Sink, bit_lanes, bytes_to_f32, little, load_f16, splat_i8, widen_i16x8};
 use super::emit::mem;
 use crate::kernel::WeightFormat;
 
-/// Decodes the ternary super-block at `wb` into its runs.
+/// Decodes the ternary super-block or binary block at `wb` into its runs.
 pub(super) fn runs(b: &mut FunctionBuilder, format: WeightFormat, wb: Value, sink: &mut Sink) {
     match format {
         WeightFormat::Tq1_0 => tq1_0_runs(b, wb, sink),
         WeightFormat::Tq2_0 => tq2_0_runs(b, wb, sink),
-        other => unreachable!("{other:?} is not a ternary format"),
+        WeightFormat::Q1_0 => q1_0_runs(b, wb, sink),
+        other => unreachable!("{other:?} is not a ternary or binary format"),
     }
 }
 
@@ -54,6 +58,31 @@ fn tq2_0_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
                 },
             );
         }
+    }
+}
+
+/// q1_0: run `r` is the 32 sign bits of the word at `2 + 4 r`, each 1 or -1.
+fn q1_0_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
+    let scale = load_f16(b, wb, 0);
+    let (two, one) = (splat_i8(b, 2), splat_i8(b, 1));
+    for r in 0..4i32 {
+        let word = b.ins().load(types::I32, mem(), wb, 2 + 4 * r);
+        let mut codes = Vec::with_capacity(8);
+        for first in [0, 2] {
+            let set = bit_lanes(b, word, first);
+            let q = b.ins().band(set, two);
+            let q = b.ins().isub(q, one);
+            codes.extend(bytes_to_f32(b, q, true));
+        }
+        sink(
+            b,
+            Run {
+                codes,
+                x_at: 4 * 32 * r,
+                scale,
+                offset: None,
+            },
+        );
     }
 }
 

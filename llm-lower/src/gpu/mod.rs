@@ -221,6 +221,7 @@ mod tests {
             WeightFormat::Iq1M,
             WeightFormat::Tq1_0,
             WeightFormat::Tq2_0,
+            WeightFormat::Q1_0,
             WeightFormat::Mxfp4,
             WeightFormat::Nvfp4,
             WeightFormat::PackedF16,

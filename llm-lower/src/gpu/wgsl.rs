@@ -1083,6 +1083,16 @@ fn weight_value(c: &Contraction) -> String {
             c.weight.row_bytes(32),
             block_decoder(c.weight).unwrap_or_default()
         ),
+        // q1_0: value `e` of a block of 128 is `d` or `-d` by bit `e % 8` of byte
+        // `2 + e / 8`.
+        WeightFormat::Q1_0 => format!(
+            "    let o = row * ROW_BYTES + (i / 128u) * {}u;
+    let e = i % 128u;
+    let d = half_at(o);
+    return select(-d, d, ((byte_at(o + 2u + e / 8u) >> (e % 8u)) & 1u) == 1u);
+",
+            c.weight.row_bytes(128)
+        ),
         // nvfp4: value `e` of a block of 64 is nibble `(e % 16) / 8` of byte `e % 8` of its
         // sub-block's 8, under half the sub-block's UE4M3 scale `x`:
         // `(8 [exp > 0] + man) * 2^(max(exp, 1) - 11)`, or 0 for `0x7F`.

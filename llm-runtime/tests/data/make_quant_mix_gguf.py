@@ -4,7 +4,7 @@ and rows that are not whole super-blocks fall back to Q5_0, Q5_1 or Q8_0, or in 
 files to IQ4_NL), written by the `gguf` Python package's own writer (no llmc code
 involved).
 
-The K-quant, IQ4_NL, IQ4_XS, IQ3, IQ2, IQ1 and ternary (TQ1_0, TQ2_0) blocks are random
+The K-quant, IQ4_NL, IQ4_XS, IQ3, IQ2, IQ1, ternary (TQ1_0, TQ2_0), Q1_0 and NVFP4 blocks are random
 and valid (random bytes with each block's f16 scales set so that weights stay below about
 0.1; IQ1_M's `d` split across the top nibbles of its four scale words; NVFP4's four UE4M3
 scale bytes small, up to 2^-6 * 1.875); the Q5_0, Q5_1 and MXFP4 matrices are seeded
@@ -47,6 +47,7 @@ BLOCKS = {
     T.TQ1_0: (54, [52], 1),
     T.TQ2_0: (66, [64], 2),
     T.NVFP4: (36, [], 12),
+    T.Q1_0: (18, [0], 1),
 }
 
 # Each matrix's type: layer 0 as a Q4_K_S/Q5_K_M file writes it (its feed-forward up
@@ -54,16 +55,16 @@ BLOCKS = {
 # IQ2_XXS file, its down projection as an IQ1_S file), layer 1 as a Q2_K file (its query as an IQ4_XS file, its attention output
 # as an IQ3_XXS file, its down projection as an IQ2_XS file), with three of llama.cpp's
 # fallback types, and layer 2 as the ternary files of a ternary model (TriLM) write it (its
-# query and key as a TQ1_0 file, its feed-forward as a TQ2_0 file), with its value
-# projection as an NVFP4 file and its attention output in MXFP4 (the type of gpt-oss's
-# experts).
+# query and key as a TQ1_0 file, its feed-forward up and down projections as a TQ2_0
+# file), with its value projection as an NVFP4 file, its attention output in MXFP4 (the
+# type of gpt-oss's experts) and its feed-forward gate as a Q1_0 file (a 1-bit model's).
 LAYER_TYPES = [
     {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q5_K, "attn_output": T.IQ2_XXS,
      "ffn_gate": T.IQ2_S, "ffn_up": T.IQ3_S, "ffn_down": T.IQ1_S},
     {"attn_q": T.IQ4_XS, "attn_k": T.IQ4_NL, "attn_v": T.Q3_K, "attn_output": T.IQ3_XXS,
      "ffn_gate": T.Q2_K, "ffn_up": T.Q5_1, "ffn_down": T.IQ2_XS},
     {"attn_q": T.TQ1_0, "attn_k": T.TQ1_0, "attn_v": T.NVFP4, "attn_output": T.MXFP4,
-     "ffn_gate": T.TQ2_0, "ffn_up": T.TQ2_0, "ffn_down": T.TQ2_0},
+     "ffn_gate": T.Q1_0, "ffn_up": T.TQ2_0, "ffn_down": T.TQ2_0},
 ]
 
 
@@ -72,7 +73,7 @@ def blocks(rng, qtype, rows, cols):
         weights = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
         return quantize(weights, qtype)
     block_bytes, scales, reach = BLOCKS[qtype]
-    n = rows * cols // {T.IQ4_NL: 32, T.NVFP4: 64}.get(qtype, 256)
+    n = rows * cols // {T.IQ4_NL: 32, T.NVFP4: 64, T.Q1_0: 128}.get(qtype, 256)
     data = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
     if qtype == T.NVFP4:
         data[:, :4] = rng.integers(0x04, 0x10, size=(n, 4), dtype=np.uint8)
