@@ -651,7 +651,7 @@ fn block_format_kv_caches_hold_their_blocks() {
 /// this model carry such steps on through every layer (measured: 0.7% for q8_0 weights,
 /// 2.5% for q4_0, 2.7% for q5_0, 1e-6 for q4_1, q5_1 and iq4_nl, 1.5% for q2_k, 3.0% for q3_k,
 /// 1e-6 for q4_k, q5_k, iq4_xs and the lattice formats, 2.3-2.6% for q6_k, 1e-6 for the
-/// ternary formats and nvfp4, 1.7% for mxfp4 (on the CPU and on lavapipe alike), about the
+/// ternary formats, q1_0 and nvfp4, 1.7% for mxfp4 (on the CPU and on lavapipe alike), about the
 /// size of the rounding's own effect). The kernels' exactness is
 /// checked on identical inputs in `llm-lower/tests/kernels.rs` (`q8_0_activations`).
 #[test]

@@ -632,6 +632,19 @@ fn four_bit_float_scales_decode_exactly() {
     }
 }
 
+/// q8_0 activations against constant q1_0 and 4-bit float weights whose K is one block
+/// beyond a multiple of 256: the CPU takes its generated decoders there, not the integer
+/// kernels, which take groups of 256 values.
+#[test]
+fn q8_0_activations_beyond_the_kernels_groups() {
+    for format in [QuantFormat::Q1_0, QuantFormat::Mxfp4, QuantFormat::Nvfp4] {
+        let (m, n, k) = (3, 37, 256 + format.block_elems() as usize);
+        let (ir, store) = quantized_activations([m, n, k], &format, 5);
+        let args = vec![tensor(&[m, k], 6, 3.0), tensor(&[m, n], 7, 1.0)];
+        agree_fused(&ir, args, &store, 1e-4, 1).unwrap();
+    }
+}
+
 /// 16-bit weights widen exactly on every backend, infinities, subnormals and signed zeros
 /// included: f16 and bf16 bits dequantized, and finite ones multiplied by one-hot x. (A
 /// bf16 subnormal is an f32 subnormal, which a device's arithmetic may flush to zero, as

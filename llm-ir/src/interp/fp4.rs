@@ -193,9 +193,9 @@ mod tests {
     #[test]
     fn ue4m3_rounds_as_ggml() {
         for (x, byte) in [
-            (1.0625, 0x39),      // halfway between 1 and 1.125: up
+            (1.0625, 0x39),      // halfway between 1 and 1.125: up, not to even
             (1.0624, 0x38),      // below halfway
-            (1.1875, 0x3A),      // halfway between 1.125 and 1.25: up, not to even
+            (1.1875, 0x3A),      // halfway between 1.125 and 1.25: up
             (1.9375, 0x40),      // the mantissa carries into the exponent
             (240.0, 0x77),       // the largest of exponent 14
             (247.9, 0x77),       // below halfway to 256

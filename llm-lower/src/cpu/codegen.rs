@@ -86,7 +86,8 @@ pub struct Tiles {
     pub quant_row: Option<FuncRef>,
     /// `q8dot::by_q8_0_rows` (q8_0, q4_0, q4_1, q5_0, q5_1 or iq4_nl weights) or a
     /// K-quant's, iq4_xs's, a lattice, ternary, binary or 4-bit float format's
-    /// `kq8dot::*_by_q8_0_rows` (`kq8dot::SYMBOLS`; the last two where K is a multiple of 256),
+    /// `kq8dot::*_by_q8_0_rows` (`kq8dot::SYMBOLS`; q1_0's and the 4-bit floats' only where
+    /// K is a multiple of 256),
     /// for a run of weight rows against every q8_0 row of x.
     pub q8_0_rows: Option<FuncRef>,
     /// `q8dot::by_q8_0_panels` (the same formats of 32-value blocks), for a run of block panels

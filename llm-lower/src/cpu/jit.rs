@@ -240,8 +240,8 @@ pub fn compile(
     let bf16_row = import(ukernel::BF16_ROW, 4)?;
     // Per block format: its q8_0-activation rows kernel, the block-panels kernel where it
     // has one (the formats of 32-value blocks), and the values the kernels take a block
-    // (or super-block) at a time, of which K must be a multiple (mxfp4 and nvfp4, whose
-    // blocks are smaller, go to `kq8dot` in groups of 256).
+    // (or super-block) at a time, of which K must be a multiple (q1_0, mxfp4 and nvfp4,
+    // whose blocks are smaller, go to `kq8dot` in groups of 256).
     let mut by_q8_0 = Vec::with_capacity(q8dot::SYMBOLS.len() + kq8dot::SYMBOLS.len());
     for (format, rows, panels) in q8dot::SYMBOLS {
         by_q8_0.push((format, import(rows, 8)?, import(panels, 8)?, 32));

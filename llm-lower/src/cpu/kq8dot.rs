@@ -774,7 +774,8 @@ trait SignedBlocks {
     const D_AT: usize = 0;
 
     /// The super-block's scale `d` in every lane: the f16 at [`SignedBlocks::D_AT`]
-    /// (iq1_m's is split; the 4-bit floats have none, their scales being bytes).
+    /// (iq1_m's is split; the 4-bit floats have none, their scales being bytes, and their
+    /// [`SignedBlocks::scales`] ignore it).
     ///
     /// # Safety
     ///
@@ -1610,12 +1611,6 @@ impl SignedBlocks for Mxfp4Blocks {
     const HALVES: bool = false;
 
     #[inline(always)]
-    unsafe fn d(_block: *const u8) -> std::arch::x86_64::__m256 {
-        // SAFETY: AVX is the caller's.
-        unsafe { std::arch::x86_64::_mm256_set1_ps(1.0) }
-    }
-
-    #[inline(always)]
     unsafe fn scales(
         block: *const u8,
         _d: std::arch::x86_64::__m256,
@@ -1662,12 +1657,6 @@ struct Nvfp4Blocks;
 impl SignedBlocks for Nvfp4Blocks {
     const BYTES: usize = 4 * llm_ir::interp::fp4::NVFP4_BYTES;
     const HALVES: bool = true;
-
-    #[inline(always)]
-    unsafe fn d(_block: *const u8) -> std::arch::x86_64::__m256 {
-        // SAFETY: AVX is the caller's.
-        unsafe { std::arch::x86_64::_mm256_set1_ps(1.0) }
-    }
 
     #[inline(always)]
     unsafe fn scales(

@@ -1221,14 +1221,18 @@ mod tests {
     }
 
     /// The formats whose constant weights take block panels are exactly those these
-    /// kernels read in panels (mxfp4, of 32-value blocks too, is not one).
+    /// kernels read in panels: of every block format with q8_0-activation kernels (mxfp4,
+    /// of 32-value blocks too, is not one), and the float ones.
     #[test]
     fn block_panels_are_for_these_formats() {
         let ours: Vec<WeightFormat> = SYMBOLS.iter().map(|s| s.0).collect();
-        for format in ours
-            .iter()
-            .chain(&[WeightFormat::Mxfp4, WeightFormat::Nvfp4])
-        {
+        let others = super::super::kq8dot::SYMBOLS.map(|s| s.0);
+        let floats = [
+            WeightFormat::F32,
+            WeightFormat::PackedF16,
+            WeightFormat::PackedBF16,
+        ];
+        for format in ours.iter().chain(&others).chain(&floats) {
             assert_eq!(
                 format.has_block_panels(),
                 ours.contains(format),
