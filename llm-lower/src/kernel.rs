@@ -1501,13 +1501,12 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let w = check.quantized(1).ok()?;
             let (n, k) = static_matrix(w.shape())?;
             let weight = WeightFormat::of(w.format())?;
-            // Activations in q8_0 meet the GGUF block formats' weights (blocks of 32, 64
-            // or 128, or super-blocks of 256) run by run (each run of the weight's lies
-            // inside a block of x).
+            // Activations in q8_0 meet the GGUF block formats' weights run by run (each run
+            // of the weight's lies inside a block of x).
             let q8_0_input = check.is_quantized(0);
             let x_shape = if q8_0_input {
                 let x = check.quantized(0).ok()?;
-                let blocks_meet = matches!(weight.block(), Some(32 | 64 | 128 | 256));
+                let blocks_meet = w.format().meets_q8_0_blocks();
                 (*x.format() == QuantFormat::Q8_0 && blocks_meet).then(|| x.shape().to_vec())?
             } else {
                 f32_operand(&check, 0)?.shape().to_vec()

@@ -88,12 +88,8 @@ fn activation_shape(ctx: &Context, op: Ptr<Operation>) -> Option<Vec<Dim>> {
     }
     let x = ir::tensor_type(ctx, ir::operand(ctx, op, 0))?;
     let k_blocked = matches!(x.shape().last(), Some(Some(k)) if k % BLOCK == 0);
-    // GGUF's block formats: blocks of 32, 64 or 128, or super-blocks of 256 (not its 16-bit
-    // floats).
-    let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1)).is_some_and(|w| {
-        w.format().gguf_block_bytes().is_some()
-            && matches!(w.format().block_elems(), 32 | 64 | 128 | 256)
-    });
+    let weight_blocked = ir::quantized_type(ctx, ir::operand(ctx, op, 1))
+        .is_some_and(|w| w.format().meets_q8_0_blocks());
     (x.dtype() == DType::F32 && k_blocked && weight_blocked).then(|| x.shape().to_vec())
 }
 

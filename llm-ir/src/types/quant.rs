@@ -233,6 +233,13 @@ impl QuantFormat {
         }
     }
 
+    /// Whether a matmul weight of this format can meet q8_0 activations block by block:
+    /// the GGUF block formats, whose blocks (32, 64, 128 or 256 values) are whole q8_0
+    /// blocks, each run of values under one scale inside one (not GGUF's 16-bit floats).
+    pub fn meets_q8_0_blocks(&self) -> bool {
+        self.gguf_block_bytes().is_some() && self.block_elems().is_multiple_of(32)
+    }
+
     /// Bytes of one GGUF block, for the GGUF formats.
     pub fn gguf_block_bytes(&self) -> Option<u64> {
         match self {

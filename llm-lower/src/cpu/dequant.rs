@@ -395,7 +395,7 @@ fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &
             None => nibbles,
         };
         codes.extend(if format == WeightFormat::Iq4Nl {
-            iq4_levels(b, q)
+            signed_levels(b, IQ4_NL_LEVELS, q)
         } else if minimum {
             bytes_to_f32(b, q, false)
         } else {
@@ -413,11 +413,6 @@ fn nibble_runs(b: &mut FunctionBuilder, wb: Value, format: WeightFormat, sink: &
             offset,
         },
     );
-}
-
-/// The IQ4_NL levels 16 nibbles (`i8x16`) index, as `f32x4` lanes.
-fn iq4_levels(b: &mut FunctionBuilder, nibbles: Value) -> [Value; 4] {
-    signed_levels(b, IQ4_NL_LEVELS, nibbles)
 }
 
 /// The signed levels of `table` that 16 nibbles (`i8x16`) index, as `f32x4` lanes: the
@@ -455,7 +450,7 @@ fn iq4_xs_runs(b: &mut FunctionBuilder, wb: Value, sink: &mut Sink) {
         let packed = b.ins().load(types::I8X16, mem(), wb, 8 + 16 * s);
         let mut codes = Vec::with_capacity(8);
         for nibbles in split_nibbles(b, packed) {
-            codes.extend(iq4_levels(b, nibbles));
+            codes.extend(signed_levels(b, IQ4_NL_LEVELS, nibbles));
         }
         sink(
             b,

@@ -788,15 +788,18 @@ trait SignedBlocks {
 
     /// The scales of each sub-block's first and second 16 values (lane `j` for sub-block
     /// `j`; the same twice unless [`SignedBlocks::HALVES`]), `d` the super-block's scale
-    /// in every lane.
+    /// in every lane: by default `d` itself for every sub-block (the ternary formats).
     ///
     /// # Safety
     ///
     /// `block` points to a whole super-block, and the CPU has AVX2.
+    #[inline(always)]
     unsafe fn scales(
-        block: *const u8,
+        _block: *const u8,
         d: std::arch::x86_64::__m256,
-    ) -> [std::arch::x86_64::__m256; 2];
+    ) -> [std::arch::x86_64::__m256; 2] {
+        [d; 2]
+    }
 
     /// The 32 signed codes (magnitude times sign, or IQ1's `8 q ± 1`, in value order) of
     /// sub-block `j`.
@@ -1445,14 +1448,6 @@ impl SignedBlocks for Tq2_0Blocks {
     const D_AT: usize = llm_ir::interp::ternary::TQ2_0_D_AT;
 
     #[inline(always)]
-    unsafe fn scales(
-        _block: *const u8,
-        d: std::arch::x86_64::__m256,
-    ) -> [std::arch::x86_64::__m256; 2] {
-        [d; 2]
-    }
-
-    #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // SAFETY: the 32 bytes are inside the super-block (the contract).
@@ -1481,14 +1476,6 @@ impl SignedBlocks for Tq1_0Blocks {
     const BYTES: usize = llm_ir::interp::ternary::TQ1_0_BYTES;
     const HALVES: bool = false;
     const D_AT: usize = llm_ir::interp::ternary::TQ1_0_D_AT;
-
-    #[inline(always)]
-    unsafe fn scales(
-        _block: *const u8,
-        d: std::arch::x86_64::__m256,
-    ) -> [std::arch::x86_64::__m256; 2] {
-        [d; 2]
-    }
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, j: usize) -> std::arch::x86_64::__m256i {

@@ -2507,11 +2507,6 @@ fn kquant_encoder(format: WeightFormat) -> Option<(usize, &'static str)> {
     })
 }
 
-/// WGSL statements defining `level` (`f32`), the IQ4_NL level the nibble `q` indexes.
-fn iq4_level() -> String {
-    nibble_level(IQ4_NL_LEVELS)
-}
-
 /// WGSL statements defining `level` (`f32`), the level of `table` the nibble `q` indexes:
 /// the 16 signed levels as bytes of four words, looked up by a vector's dynamic index and
 /// sign-extended.
@@ -2631,7 +2626,7 @@ fn block_decoder(format: WeightFormat) -> Option<String> {
                 "    let q = (byte_at(o + 2u + (e & 15u)) >> ((e >> 4u) * 4u)) & 15u;
 {}    return half_at(o) * level;
 ",
-                iq4_level()
+                nibble_level(IQ4_NL_LEVELS)
             ));
         }
         // mxfp4: an E8M0 byte `x` whose half scale is `2^(x - 128)`, the bits
@@ -2748,7 +2743,7 @@ fn kquant_decoder(format: WeightFormat, exact: bool) -> Option<String> {
     let ls = low | (((byte_at(o + 2u + sub / 4u) >> (2u * (sub % 4u))) & 3u) << 4u);
 {}    return half_at(o) * f32(i32(ls) - 32) * level;
 ",
-            iq4_level()
+            nibble_level(IQ4_NL_LEVELS)
         ),
         // iq3_xxs: group `l / 4` of sub-block `sub` indexes the grid; run `l / 8`'s 7-bit
         // sign code in the sub-block's word gains a parity bit; the scale is the word's
