@@ -286,6 +286,31 @@ fn rope_frequency_factors_divide_the_frequencies() {
     assert_eq!(floats(&out[1]), floats(&out[2]));
 }
 
+/// `mscale` scales each rotated pair's sine and cosine, so the rotated features grow by
+/// it while the features past `rotary_dim` pass through as they are.
+#[test]
+fn rope_mscale_scales_the_rotated_features_only() {
+    let out = run(
+        &[("x", "llm.tensor <1x1x6xf32>"), ("p", "llm.tensor <1xi32>")],
+        &["llm.tensor <1x1x6xf32>"],
+        "        a = llm.rope x, p {theta = 100.0, rotary_dim = 4, mscale = 1.5} : llm.tensor <1x1x6xf32>;\n        llm.return a",
+        vec![f32s(&[1, 1, 6], &[1., 2., 3., 4., 5., 6.]), i32s(&[1], &[2])],
+    )
+    .expect("runs");
+    // Pair 0 turns by 2 radians, pair 1 by 2 / 100^(2/4) = 0.2.
+    let (c0, s0) = (2f32.cos() * 1.5, 2f32.sin() * 1.5);
+    let (c1, s1) = (0.2f32.cos() * 1.5, 0.2f32.sin() * 1.5);
+    let expected = [
+        c0 - 2. * s0,
+        s0 + 2. * c0,
+        3. * c1 - 4. * s1,
+        3. * s1 + 4. * c1,
+        5.,
+        6.,
+    ];
+    assert_close(&floats(&out[0]), &expected, 1e-6);
+}
+
 #[test]
 fn attention_by_hand() {
     // One query against two keys with head dim 1 and scale 1: p = softmax([0, 1]).

@@ -721,12 +721,14 @@ pub fn rope_angles(kernel: &Kernel, factors: &[f32]) -> Result<RopeAngles, Strin
             rotary,
             theta_bits,
             scaling_bits,
+            mscale_bits,
             ..
         } => RopeAngles::new(
             f32::from_bits(*theta_bits),
             f32::from_bits(*scaling_bits),
             *rotary,
             factors,
+            f32::from_bits(*mscale_bits),
         ),
         _ => Err("not a rope kernel".into()),
     }
@@ -1050,6 +1052,8 @@ pub enum Kernel {
         theta_bits: u32,
         /// Position scaling's bits.
         scaling_bits: u32,
+        /// The bits of the magnitude the sines and cosines are scaled by.
+        mscale_bits: u32,
     },
     /// Attention of one query row (all heads) over a list of key/value rows, with an online
     /// softmax (one pass over keys and values).
@@ -1701,6 +1705,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 half,
                 theta_bits: (check.float("theta").unwrap_or(10000.0) as f32).to_bits(),
                 scaling_bits: (check.float("scaling").unwrap_or(1.0) as f32).to_bits(),
+                mscale_bits: (check.float("mscale").unwrap_or(1.0) as f32).to_bits(),
             })
         }
         "llm.paged_attention" | "llm.append_attention" => {

@@ -1817,10 +1817,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
     #[test]
-    fn rope(t in 1usize..5, h in 1usize..4, pairs in 1usize..9, partial in any::<bool>(), half in any::<bool>(), factors in 0usize..3, seed: u64) {
+    fn rope(t in 1usize..5, h in 1usize..4, pairs in 1usize..9, partial in any::<bool>(), half in any::<bool>(), factors in 0usize..3, mscale in prop::option::of(0.5f32..2.0), seed: u64) {
         let d = 2 * pairs + if partial { 2 } else { 0 };
         let layout = if half { "half" } else { "interleaved" };
-        let rotary = if partial { format!(", rotary_dim = {}", 2 * pairs) } else { String::new() };
+        let mut extra = if partial { format!(", rotary_dim = {}", 2 * pairs) } else { String::new() };
+        if let Some(m) = mscale {
+            extra.push_str(&format!(", mscale = {m:?}"));
+        }
         let mut params = vec![("x".into(), ty(&[t, h, d])), ("p".into(), ity(&[t]))];
         // Frequency factors in [1, 8): none (0), an argument (1) or a weight (2).
         let factor_values = Value::Tensor(Tensor::from_f32(
@@ -1840,7 +1843,7 @@ proptest! {
                 "x, p, f"
             }
         };
-        body.push_str(&format!("y = llm.rope {operands} {{theta = 10000.0, layout = {layout}{rotary}}} : {};", ty(&[t, h, d])));
+        body.push_str(&format!("y = llm.rope {operands} {{theta = 10000.0, layout = {layout}{extra}}} : {};", ty(&[t, h, d])));
         let ir = func(&params, &ty(&[t, h, d]), &body);
         let positions = values(seed + 1, t, 1.0).iter().map(|v| ((v + 1.0) * 500.0) as i64).collect();
         let mut args = vec![tensor(&[t, h, d], seed, 2.0), ints(&[t], positions)];

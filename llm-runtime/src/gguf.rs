@@ -35,6 +35,9 @@ use crate::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
         POST_ATTENTION_NORM, POST_FFW_NORM, ROPE_FREQS, split_fused_weights, uneven_head_dim,
     },
+    rope_scaling::{
+        LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
+    },
     tokenizer::TextCodec,
     weights::{LoadError, Weights, builder_name, stored_floats},
 };
@@ -371,6 +374,8 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("output_norm.weight", "norm.weight"),
             ("output.weight", "output.weight"),
             (ROPE_FREQS, ROPE_FREQS),
+            (LONGROPE_FACTORS[0], LONGROPE_FACTORS[0]),
+            (LONGROPE_FACTORS[1], LONGROPE_FACTORS[1]),
         ],
         "blk.",
         &[
@@ -565,15 +570,39 @@ fn apply_gemma(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), Stri
     Ok(())
 }
 
-/// RoPE's linear position scaling, as llama.cpp reads it: the factor
-/// `ARCH.rope.scaling.factor` (or the older `ARCH.rope.scale_linear`; 1 without either)
-/// divides positions when `ARCH.rope.scaling.type` is `linear` or absent. A factor with
-/// the type `none`, other types (YaRN, LongRoPE) and rotation of part of a head
-/// (`ARCH.rope.dimension_count` below the head size) are refused: the builder would
-/// compute another model than the file describes. Llama 3's frequency scaling comes as
-/// the tensor `rope_freqs.weight`.
-fn rope_scaling(g: &GgufFile, arch: &str, head_dim: usize) -> Result<f64, String> {
+/// RoPE's scaling as llama.cpp reads it for a model configured as `c` (`ARCH.rope.*`; the
+/// linear factor `rope.scaling.factor`, or the older `rope.scale_linear`): a factor
+/// divides positions when `rope.scaling.type` is `linear` or absent; `yarn` makes it
+/// YaRN's ([`Yarn`], over `rope.scaling.original_context_length`, by default the
+/// context length, with the ramp's ends `rope.scaling.yarn_beta_fast` and
+/// `yarn_beta_slow`, by default 32 and 1, and an attention factor of `1 + 0.1 ln(factor)`,
+/// or [`Yarn::mscale`] over `rope.scaling.yarn_log_multiplier` where the file gives one
+/// other than 0); `longrope` divides positions by the factor too, as llama.cpp does.
+/// LongRoPE's factor sets come as the tensors `rope_factors_long.weight` and
+/// `rope_factors_short.weight` (taken out of `weights`): unless the file has
+/// `rope_freqs.weight`, which llama.cpp takes instead, the one [`longrope_uses_long`]
+/// picks becomes it. Any type scales the rotation by `rope.scaling.attn_factor`
+/// (LongRoPE's attention factor in Phi-3's files); Llama 3's frequency factors are the
+/// tensor `rope_freqs.weight`, which YaRN's multiply. A factor with the type `none`,
+/// other types, a `rope.scaling.yarn_ext_factor` other than 1 and rotation of part of a
+/// head (`rope.dimension_count` below the head size) are refused: the builder would
+/// compute another model than the file describes.
+fn rope_scaling(
+    g: &GgufFile,
+    arch: &str,
+    c: &ModelConfig,
+    weights: &mut Weights,
+) -> Result<RopeScaling, String> {
     let key = |k: &str| format!("{arch}.{k}");
+    let head_dim = c.head_dim();
+    let positive = |k: &str| match g.meta(&key(k)) {
+        None => Ok(None),
+        Some(_) => g
+            .float(&key(k))
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .map(Some)
+            .ok_or_else(|| format!("metadata `{}` is not a positive number", key(k))),
+    };
     let factor = g
         .float(&key("rope.scaling.factor"))
         .or_else(|| g.float(&key("rope.scale_linear")))
@@ -581,20 +610,90 @@ fn rope_scaling(g: &GgufFile, arch: &str, head_dim: usize) -> Result<f64, String
     if !(factor.is_finite() && factor > 0.0) {
         return Err(format!("the RoPE scaling factor {factor} is not positive"));
     }
-    match g.meta(&key("rope.scaling.type")) {
-        None => {}
-        Some(Meta::Str(kind)) if kind == "linear" => {}
-        Some(Meta::Str(kind)) if kind == "none" && factor == 1.0 => {}
-        Some(Meta::Str(kind)) if kind == "none" => {
+    let mscale = positive("rope.scaling.attn_factor")?.unwrap_or(1.0);
+    let original = match g.meta(&key("rope.scaling.original_context_length")) {
+        None => c.seq_len as f64,
+        Some(_) => g.int(&key("rope.scaling.original_context_length"))? as f64,
+    };
+    if original < 2.0 {
+        return Err(format!(
+            "the original context of {original} positions is too short to scale"
+        ));
+    }
+    let kind = match g.meta(&key("rope.scaling.type")) {
+        None => "linear",
+        Some(Meta::Str(kind)) => kind.as_str(),
+        Some(other) => {
+            return Err(format!(
+                "{} is {other:?}, not a string",
+                key("rope.scaling.type")
+            ));
+        }
+    };
+    let rope = match kind {
+        "linear" | "longrope" => RopeScaling {
+            linear: factor,
+            factors: None,
+            mscale,
+        },
+        "none" if factor == 1.0 => RopeScaling {
+            mscale,
+            ..RopeScaling::NONE
+        },
+        "none" => {
             return Err(format!(
                 "{arch}.rope.scaling.type is none, but the scaling factor is {factor}"
             ));
         }
-        Some(other) => {
+        "yarn" => {
+            let betas = (
+                positive("rope.scaling.yarn_beta_fast")?,
+                positive("rope.scaling.yarn_beta_slow")?,
+            );
+            let yarn = Yarn::new(factor, original, betas, true)?;
+            if let Some(ext) = g.meta(&key("rope.scaling.yarn_ext_factor"))
+                && g.float(&key("rope.scaling.yarn_ext_factor")) != Some(1.0)
+            {
+                return Err(format!(
+                    "{arch}.rope.scaling.yarn_ext_factor is {ext:?}; only YaRN's full blend (1) is supported"
+                ));
+            }
+            // 0, llama.cpp's converter's value for none, is none.
+            let log_multiplier = match g.float(&key("rope.scaling.yarn_log_multiplier")) {
+                Some(v) if v.is_finite() && v >= 0.0 => v,
+                None if g.meta(&key("rope.scaling.yarn_log_multiplier")).is_none() => 0.0,
+                _ => {
+                    return Err(format!(
+                        "metadata `{}` is not a number of at least 0",
+                        key("rope.scaling.yarn_log_multiplier")
+                    ));
+                }
+            };
+            RopeScaling {
+                linear: 1.0,
+                factors: Some(yarn.factors(c.rope_theta, head_dim)),
+                mscale: mscale * yarn.mscale(1.0, log_multiplier),
+            }
+        }
+        other => {
             return Err(format!(
-                "{arch}.rope.scaling.type is {other:?}; only unscaled and linear RoPE are supported"
+                "{arch}.rope.scaling.type is {other:?}; unscaled, linear, yarn and longrope RoPE are supported"
             ));
         }
+    };
+    let [long, short] = LONGROPE_FACTORS.map(|name| weights.remove(name));
+    if (long.is_some() || short.is_some()) && weights.weight_shape(ROPE_FREQS).is_none() {
+        let (chosen, name) = match longrope_uses_long(c.seq_len, original) {
+            true => (long, LONGROPE_FACTORS[0]),
+            false => (short, LONGROPE_FACTORS[1]),
+        };
+        let chosen = chosen.ok_or_else(|| {
+            format!(
+                "tensor `{name}` is missing: a context of {} positions over {original} uses it",
+                c.seq_len
+            )
+        })?;
+        set_factors(weights, pair_factors(&chosen, name, head_dim / 2)?);
     }
     if g.meta(&key("rope.dimension_count")).is_some() {
         let rotated = g.int(&key("rope.dimension_count"))?;
@@ -604,7 +703,7 @@ fn rope_scaling(g: &GgufFile, arch: &str, head_dim: usize) -> Result<f64, String
             ));
         }
     }
-    Ok(factor)
+    Ok(rope)
 }
 
 /// The head size `ARCH.attention.key_length` gives where it is not the width over the
@@ -768,7 +867,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         tied_classifier: weights.weight_shape("output.weight").is_none(),
         rope_half: arch != "llama",
         rope_scaling: 1.0,
-        rope_freq_factors: weights.weight_shape(ROPE_FREQS).is_some(),
+        rope_freq_factors: false,
+        rope_mscale: 1.0,
         // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
         sliding_window: match g.meta(&key("attention.sliding_window")) {
             Some(_) if !sandwich => Some(g.int(&key("attention.sliding_window"))?),
@@ -794,11 +894,27 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
     }
-    config.validate()?;
+    let rope = rope_scaling(g, arch, &config, &mut weights)?;
+    if rope.mscale != 1.0
+        && config
+            .local_attention
+            .as_ref()
+            .is_some_and(|l| l.rope_theta.is_some())
+    {
+        // llama.cpp scales every layer's rotation; the builder leaves a local layer's
+        // RoPE of its own base unscaled (Hugging Face's rule).
+        return Err(format!(
+            "a RoPE attention factor ({}) with local layers of their own RoPE base is not supported",
+            rope.mscale
+        ));
+    }
     let config = ModelConfig {
-        rope_scaling: rope_scaling(g, arch, config.head_dim())?,
+        rope_scaling: rope.linear,
+        rope_freq_factors: rope.add_factors(&mut weights)?,
+        rope_mscale: rope.mscale,
         ..config
     };
+    config.validate()?;
     split_fused_weights(&config, &mut weights)?;
     crate::model::check_weights(&config, &weights)?;
     Ok(GgufModel {
@@ -825,33 +941,43 @@ mod tests {
         }
     }
 
+    /// The scaling of a model of heads of 8 (base 10000, 64 positions) read from `f`.
+    fn scaling(f: &GgufFile, weights: &mut Weights) -> Result<RopeScaling, String> {
+        let config = ModelConfig::llama2c(8, 16, 1, 1, 1, 32, 64);
+        rope_scaling(f, "llama", &config, weights)
+    }
+
     /// Linear scaling comes from `llama.rope.scaling.factor` (or the older
-    /// `llama.rope.scale_linear`); a factor typed `none`, other scaling types and partial
+    /// `llama.rope.scale_linear`); a factor typed `none`, unknown scaling types and partial
     /// rotation are refused.
     #[test]
     fn rope_settings_are_read_or_refused() {
-        let linear = |kind: &str| Meta::Str(kind.to_string());
-        assert_eq!(rope_scaling(&file(&[]), "llama", 8), Ok(1.0));
+        let kind = |kind: &str| Meta::Str(kind.to_string());
+        let linear = |f: &GgufFile| scaling(f, &mut Weights::default()).map(|r| r.linear);
+        assert_eq!(
+            scaling(&file(&[]), &mut Weights::default()),
+            Ok(RopeScaling::NONE)
+        );
         let scaled = file(&[
-            ("llama.rope.scaling.type", linear("linear")),
+            ("llama.rope.scaling.type", kind("linear")),
             ("llama.rope.scaling.factor", Meta::Float(4.0)),
         ]);
-        assert_eq!(rope_scaling(&scaled, "llama", 8), Ok(4.0));
+        assert_eq!(linear(&scaled), Ok(4.0));
         let legacy = file(&[("llama.rope.scale_linear", Meta::Float(2.0))]);
-        assert_eq!(rope_scaling(&legacy, "llama", 8), Ok(2.0));
-        let none = file(&[("llama.rope.scaling.type", linear("none"))]);
-        assert_eq!(rope_scaling(&none, "llama", 8), Ok(1.0));
+        assert_eq!(linear(&legacy), Ok(2.0));
+        let none = file(&[("llama.rope.scaling.type", kind("none"))]);
+        assert_eq!(linear(&none), Ok(1.0));
         // Without a type, a factor scales linearly (llama.cpp's default type).
         let untyped = file(&[("llama.rope.scaling.factor", Meta::Float(8.0))]);
-        assert_eq!(rope_scaling(&untyped, "llama", 8), Ok(8.0));
+        assert_eq!(linear(&untyped), Ok(8.0));
         let refused = [
             (
-                file(&[("llama.rope.scaling.type", linear("yarn"))]),
-                "llama.rope.scaling.type is Str(\"yarn\"); only unscaled and linear RoPE are supported",
+                file(&[("llama.rope.scaling.type", kind("ntk"))]),
+                "llama.rope.scaling.type is \"ntk\"; unscaled, linear, yarn and longrope RoPE are supported",
             ),
             (
                 file(&[
-                    ("llama.rope.scaling.type", linear("none")),
+                    ("llama.rope.scaling.type", kind("none")),
                     ("llama.rope.scaling.factor", Meta::Float(2.0)),
                 ]),
                 "llama.rope.scaling.type is none, but the scaling factor is 2",
@@ -860,9 +986,17 @@ mod tests {
                 file(&[("llama.rope.scale_linear", Meta::Float(0.0))]),
                 "the RoPE scaling factor 0 is not positive",
             ),
+            (
+                file(&[("llama.rope.scaling.attn_factor", Meta::Float(-1.0))]),
+                "metadata `llama.rope.scaling.attn_factor` is not a positive number",
+            ),
+            (
+                file(&[("llama.rope.dimension_count", Meta::Uint(4))]),
+                "llama.rope.dimension_count is 4, but RoPE rotates whole heads of 8",
+            ),
         ];
         for (f, message) in refused {
-            let err = rope_scaling(&f, "llama", 8).expect_err(message);
+            let err = linear(&f).expect_err(message);
             assert!(err.contains(message), "{err}");
         }
         // Llama 3's factors are a tensor of the model.
@@ -870,6 +1004,132 @@ mod tests {
             weight_name("rope_freqs.weight", "llama").as_deref(),
             Some(ROPE_FREQS)
         );
+    }
+
+    /// YaRN's factors and attention factor, from the file's original context and the
+    /// defaults llama.cpp takes for the rest, times the file's `attn_factor`.
+    #[test]
+    fn yarn_scaling_is_read_as_llama_cpp_reads_it() {
+        let yarn = |extra: &[(&str, Meta)]| {
+            let mut metadata = vec![
+                ("llama.rope.scaling.type", Meta::Str("yarn".into())),
+                ("llama.rope.scaling.factor", Meta::Float(4.0)),
+                ("llama.rope.scaling.original_context_length", Meta::Uint(16)),
+            ];
+            metadata.extend_from_slice(extra);
+            scaling(&file(&metadata), &mut Weights::default()).expect("yarn")
+        };
+        let expected = Yarn::new(4.0, 16.0, (None, None), true).expect("yarn");
+        let m = 1.0 + 0.1 * 4f64.ln();
+        let plain = yarn(&[]);
+        assert_eq!(plain.linear, 1.0);
+        assert_eq!(plain.factors, Some(expected.factors(10000.0, 8)));
+        assert!((plain.mscale - m).abs() < 1e-12);
+        let doubled = yarn(&[("llama.rope.scaling.attn_factor", Meta::Float(2.0))]);
+        assert!((doubled.mscale - 2.0 * m).abs() < 1e-12);
+        let logged = yarn(&[("llama.rope.scaling.yarn_log_multiplier", Meta::Float(0.1))]);
+        assert!((logged.mscale - m / (1.0 + 0.01 * 4f64.ln())).abs() < 1e-12);
+        // The ends move the ramp: from pairs 0-1 to 0-3.
+        let betas = yarn(&[
+            ("llama.rope.scaling.yarn_beta_fast", Meta::Float(4.0)),
+            ("llama.rope.scaling.yarn_beta_slow", Meta::Float(0.01)),
+        ]);
+        let wide = Yarn::new(4.0, 16.0, (Some(4.0), Some(0.01)), true).expect("yarn");
+        assert_eq!(betas.factors, Some(wide.factors(10000.0, 8)));
+        assert_ne!(betas.factors, plain.factors);
+        // A log multiplier of 0 is none (llama.cpp's converter writes it so).
+        let zero = yarn(&[("llama.rope.scaling.yarn_log_multiplier", Meta::Float(0.0))]);
+        assert_eq!(zero, plain);
+        // Llama 3's factors in the file are multiplied by YaRN's.
+        let mut weights = Weights::default();
+        let stored = vec![2.0f32; 4];
+        set_factors(&mut weights, stored.clone());
+        let metadata = [
+            ("llama.rope.scaling.type", Meta::Str("yarn".into())),
+            ("llama.rope.scaling.factor", Meta::Float(4.0)),
+            ("llama.rope.scaling.original_context_length", Meta::Uint(16)),
+        ];
+        let rope = scaling(&file(&metadata), &mut weights).expect("yarn");
+        assert_eq!(rope.add_factors(&mut weights), Ok(true));
+        let combined = weights.remove(ROPE_FREQS).expect("factors");
+        let want: Vec<f32> = expected
+            .factors(10000.0, 8)
+            .iter()
+            .map(|f| f * 2.0)
+            .collect();
+        assert_eq!(pair_factors(&combined, ROPE_FREQS, 4), Ok(want));
+        let refused = [
+            (
+                "llama.rope.scaling.yarn_ext_factor",
+                Meta::Float(0.5),
+                "yarn_ext_factor",
+            ),
+            (
+                "llama.rope.scaling.yarn_beta_slow",
+                Meta::Float(64.0),
+                "beta_fast",
+            ),
+            (
+                "llama.rope.scaling.yarn_log_multiplier",
+                Meta::Float(-1.0),
+                "at least 0",
+            ),
+            (
+                "llama.rope.scaling.original_context_length",
+                Meta::Uint(1),
+                "too short",
+            ),
+        ];
+        for (key, value, message) in refused {
+            let mut metadata = metadata.to_vec();
+            metadata.retain(|(k, _)| *k != key);
+            metadata.push((key, value));
+            let err = scaling(&file(&metadata), &mut Weights::default()).unwrap_err();
+            assert!(err.contains(message), "{key}: {err}");
+        }
+    }
+
+    /// LongRoPE's factor sets: the long ones for a context past the original, the short
+    /// ones within it; a file's own `rope_freqs.weight` wins (as in llama.cpp); the set a
+    /// context needs must be there.
+    #[test]
+    fn longrope_factors_are_picked_by_the_context() {
+        // The model's factors read from a file of `sets` (a name and a value for each of
+        // 4 pairs) and an original context of `original`, with its attention factor.
+        let read = |original: u64, sets: &[(&str, f32)]| {
+            let mut weights = Weights::default();
+            for &(name, v) in sets {
+                set_factors(&mut weights, vec![v; 4]);
+                let value = weights.remove(ROPE_FREQS).expect("set");
+                weights.insert(name, (*value).clone());
+            }
+            let f = file(&[
+                (
+                    "llama.rope.scaling.original_context_length",
+                    Meta::Uint(original),
+                ),
+                ("llama.rope.scaling.attn_factor", Meta::Float(1.19)),
+            ]);
+            let rope = scaling(&f, &mut weights)?;
+            assert!(
+                LONGROPE_FACTORS
+                    .iter()
+                    .all(|n| weights.weight_shape(n).is_none())
+            );
+            assert_eq!(rope.factors, None);
+            let factors = weights.remove(ROPE_FREQS).expect("factors");
+            Ok::<_, String>((pair_factors(&factors, ROPE_FREQS, 4)?, rope.mscale))
+        };
+        let both = [(LONGROPE_FACTORS[0], 2.0), (LONGROPE_FACTORS[1], 1.5)];
+        assert_eq!(read(16, &both), Ok((vec![2.0; 4], 1.19)));
+        assert_eq!(read(64, &both), Ok((vec![1.5; 4], 1.19)));
+        let err = read(16, &both[1..]).expect_err("no long factors");
+        assert!(err.contains("rope_factors_long.weight"), "{err}");
+        let err = read(16, &[(LONGROPE_FACTORS[0], f32::NAN)]).expect_err("NaN factors");
+        assert!(err.contains("positive numbers"), "{err}");
+        // A file's own factors win, and the sets are not read (as in llama.cpp).
+        let stored = read(16, &[(LONGROPE_FACTORS[1], 1.5), (ROPE_FREQS, 3.0)]);
+        assert_eq!(stored, Ok((vec![3.0; 4], 1.19)));
     }
 
     /// Gemma 2's and 3's settings where a file states only the window (or, for Gemma 2,

@@ -20,10 +20,12 @@ use crate::{
     hf_gemma,
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, POST_ATTENTION_NORM,
-        POST_FFW_NORM, ROPE_FREQS, check_weights, split_fused_weights, uneven_head_dim,
-        weight_shapes,
+        POST_FFW_NORM, check_weights, split_fused_weights, uneven_head_dim, weight_shapes,
     },
     model_file::LoadedModel,
+    rope_scaling::{
+        Llama3Scaling, RopeScaling, Yarn, checked_factors, longrope_mscale, longrope_uses_long,
+    },
     tokenizer::HfTokenizer,
     weights::{LoadError, Weights, builder_name, stored_floats},
 };
@@ -117,38 +119,81 @@ pub(crate) struct Scaling<'a> {
 }
 
 /// RoPE's scaling, for a base of `theta` and heads of `head_dim`, as the object `scaling`
-/// of `config.json` (under `key`) gives it (absent, null or `rope_type = default`: none):
-/// the linear position scaling (`linear`: positions divided by `factor`; else 1) and
-/// Llama 3's per-pair frequency factors (`llama3`: [`Llama3Scaling::factors`]). Other
-/// types (dynamic NTK, YaRN, LongRoPE) are refused: the builder would compute another
-/// model.
+/// of `config.json` `cfg` (under `key`) gives it (absent, null or `rope_type = default`:
+/// none): `linear` divides positions by `factor`; `llama3` gives each pair a frequency
+/// factor ([`Llama3Scaling::factors`]); `yarn` gives factors ([`Yarn::factors`]) and an
+/// attention factor (`attention_factor`, else [`Yarn::mscale`] of `mscale` and
+/// `mscale_all_dim` where both are given, else `1 + 0.1 ln(factor)`), its `factor`
+/// defaulting to the ratio of `max_position_embeddings` to
+/// `original_max_position_embeddings` and that to `max_position_embeddings`; `longrope`
+/// (or the older `su`: Phi-3's) gives its `long_factor`s or `short_factor`s
+/// ([`longrope_uses_long`] over `max_position_embeddings`) and an attention factor
+/// (`attention_factor`, else [`longrope_mscale`]), reading
+/// `original_max_position_embeddings` from the object or, as Phi-3's configs have it,
+/// from `cfg`. Dynamic NTK scaling is refused: the builder would compute another model.
 pub(crate) fn rope_scaling(
     scaling: Option<Scaling>,
+    cfg: &Json,
     theta: f64,
     head_dim: usize,
-) -> Result<(f64, Option<Vec<f32>>), String> {
+) -> Result<RopeScaling, String> {
     let Some(Scaling {
         json: scaling,
         key: under,
     }) = scaling
     else {
-        return Ok((1.0, None));
+        return Ok(RopeScaling::NONE);
     };
     // Older configs name the type `type`.
     let kind = scaling
         .get("rope_type")
         .or_else(|| scaling.get("type"))
         .and_then(Json::as_str);
-    let number = |key: &str| {
-        scaling
-            .get(key)
-            .and_then(Json::as_f64)
+    let optional = |key: &str| match scaling.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
             .filter(|v| v.is_finite() && *v > 0.0)
-            .ok_or_else(|| format!("`{under}.{key}` is missing or not a positive number"))
+            .map(Some)
+            .ok_or_else(|| format!("`{under}.{key}` = {v} is not a positive number")),
+    };
+    let number = |key: &str| optional(key)?.ok_or_else(|| format!("`{under}.{key}` is missing"));
+    // Hugging Face takes 0 for these as not given.
+    let unless_zero = |key: &str| match scaling.get(key).and_then(Json::as_f64) {
+        Some(0.0) => Ok(None),
+        _ => optional(key),
+    };
+    let context = config_int(cfg, "max_position_embeddings")? as f64;
+    // The original context: in the object or, as Phi-3's configs give it, at the top
+    // level (transformers 5 writes both).
+    let original = || {
+        let inner = match scaling.get("original_max_position_embeddings") {
+            None | Some(Json::Null) => None,
+            Some(_) => Some(
+                config_int(scaling, "original_max_position_embeddings")
+                    .map_err(|e| format!("`{under}`: {e}"))?,
+            ),
+        };
+        let outer = match cfg.get("original_max_position_embeddings") {
+            None | Some(Json::Null) => None,
+            Some(_) => Some(config_int(cfg, "original_max_position_embeddings")?),
+        };
+        match (inner, outer) {
+            (Some(a), Some(b)) if a != b => Err(format!(
+                "`{under}.original_max_position_embeddings` ({a}) differs from the top level's ({b})"
+            )),
+            (Some(o), _) | (None, Some(o)) if o < 2 => Err(format!(
+                "the original context of {o} positions is too short to scale"
+            )),
+            (inner, outer) => Ok(inner.or(outer).map(|o| o as f64)),
+        }
     };
     match kind {
-        Some("default") => Ok((1.0, None)),
-        Some("linear") => Ok((number("factor")?, None)),
+        Some("default") => Ok(RopeScaling::NONE),
+        Some("linear") => Ok(RopeScaling {
+            linear: number("factor")?,
+            ..RopeScaling::NONE
+        }),
         Some("llama3") => {
             let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
             if high <= low {
@@ -162,51 +207,63 @@ pub(crate) fn rope_scaling(
                 high_freq_factor: high,
                 original_context: number("original_max_position_embeddings")?,
             };
-            Ok((1.0, Some(scaling.factors(theta, head_dim))))
+            Ok(RopeScaling {
+                factors: Some(scaling.factors(theta, head_dim)),
+                ..RopeScaling::NONE
+            })
+        }
+        Some("yarn") => {
+            let original = original()?.unwrap_or(context);
+            let yarn = Yarn::new(
+                optional("factor")?.unwrap_or(context / original),
+                original,
+                (unless_zero("beta_fast")?, unless_zero("beta_slow")?),
+                scaling.get("truncate").and_then(Json::as_bool) != Some(false),
+            )
+            .map_err(|e| format!("`{under}`: {e}"))?;
+            let mscale = match (
+                optional("attention_factor")?,
+                unless_zero("mscale")?,
+                unless_zero("mscale_all_dim")?,
+            ) {
+                (Some(given), ..) => given,
+                (None, Some(mscale), Some(all_dim)) => yarn.mscale(mscale, all_dim),
+                _ => yarn.mscale(1.0, 0.0),
+            };
+            Ok(RopeScaling {
+                factors: Some(yarn.factors(theta, head_dim)),
+                mscale,
+                ..RopeScaling::NONE
+            })
+        }
+        Some("longrope" | "su") => {
+            let original = original()?
+                .ok_or_else(|| format!("`{under}.original_max_position_embeddings` is missing"))?;
+            let factor = optional("factor")?.unwrap_or(context / original);
+            let set = if longrope_uses_long(context as usize, original) {
+                "long_factor"
+            } else {
+                "short_factor"
+            };
+            let values = scaling
+                .get(set)
+                .and_then(Json::as_array)
+                .map_or(Vec::new(), |v| {
+                    v.iter()
+                        .map(|v| v.as_f64().map_or(f32::NAN, |v| v as f32))
+                        .collect()
+                });
+            let factors = checked_factors(values, &format!("`{under}.{set}`"), head_dim / 2)?;
+            Ok(RopeScaling {
+                factors: Some(factors),
+                mscale: optional("attention_factor")?
+                    .unwrap_or_else(|| longrope_mscale(factor, original)),
+                ..RopeScaling::NONE
+            })
         }
         _ => Err(format!(
-            "`{under}` = {scaling} is not supported (unscaled, linear and llama3 RoPE are)"
+            "`{under}` = {scaling} is not supported (unscaled, linear, llama3, yarn and longrope RoPE are)"
         )),
-    }
-}
-
-/// Llama 3's RoPE scaling (`rope_type = llama3`).
-struct Llama3Scaling {
-    /// How much the low frequencies are slowed.
-    factor: f64,
-    /// Wavelengths above `original_context / low_freq_factor` are slowed by `factor`.
-    low_freq_factor: f64,
-    /// Wavelengths below `original_context / high_freq_factor` are kept.
-    high_freq_factor: f64,
-    /// The context length the model was first trained for.
-    original_context: f64,
-}
-
-impl Llama3Scaling {
-    /// The factor each of the `head_dim / 2` frequencies of a RoPE with base `theta` is
-    /// divided by: 1 for short wavelengths, `factor` for long ones, and between them the
-    /// reciprocal of a blend of `1 / factor` and 1, linear in `original_context /
-    /// wavelength` (Hugging Face's `_compute_llama3_parameters`, which GGUF converters
-    /// store as `rope_freqs.weight`). Computed in `f64`.
-    fn factors(&self, theta: f64, head_dim: usize) -> Vec<f32> {
-        let long = self.original_context / self.low_freq_factor;
-        let short = self.original_context / self.high_freq_factor;
-        (0..head_dim / 2)
-            .map(|i| {
-                let frequency = theta.powf(-((2 * i) as f64) / head_dim as f64);
-                let wavelength = 2.0 * std::f64::consts::PI / frequency;
-                let divisor = if wavelength < short {
-                    1.0
-                } else if wavelength > long {
-                    self.factor
-                } else {
-                    let smooth = (self.original_context / wavelength - self.low_freq_factor)
-                        / (self.high_freq_factor - self.low_freq_factor);
-                    1.0 / ((1.0 - smooth) / self.factor + smooth)
-                };
-                divisor as f32
-            })
-            .collect()
     }
 }
 
@@ -508,6 +565,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_half: true,
         rope_scaling: 1.0,
         rope_freq_factors: false,
+        rope_mscale: 1.0,
         // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
         sliding_window: match gemma {
             Some(2..) => None,
@@ -528,15 +586,15 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     if let Some(generation @ 2..) = gemma {
         hf_gemma::apply(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
     }
-    config.validate().map_err(|m| err(&config_path, m))?;
-    let (rope_scaling, freq_factors) =
-        rope_scaling(global_scaling, config.rope_theta, config.head_dim())
-            .map_err(|m| err(&config_path, m))?;
+    let rope = rope_scaling(global_scaling, &cfg, config.rope_theta, config.head_dim())
+        .map_err(|m| err(&config_path, m))?;
     let config = ModelConfig {
-        rope_scaling,
-        rope_freq_factors: freq_factors.is_some(),
+        rope_scaling: rope.linear,
+        rope_freq_factors: rope.factors.is_some(),
+        rope_mscale: rope.mscale,
         ..config
     };
+    config.validate().map_err(|m| err(&config_path, m))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| err(dir, format!("cannot read the directory: {e}")))?
         .flatten()
@@ -557,13 +615,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         };
         read_safetensors(file, &mut weights, rules).map_err(|m| err(file, m))?;
     }
-    if let Some(factors) = freq_factors {
-        let shape = vec![factors.len()];
-        weights.insert(
-            ROPE_FREQS,
-            Value::Tensor(Tensor::from_f32(shape, DType::F32, factors)),
-        );
-    }
+    rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
     split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
     if config.scale_embeddings {
         offset_norm_weights(&config, &mut weights).map_err(|m| err(dir, m))?;

@@ -13,6 +13,7 @@ use serde_json::{Value as Json, json};
 use crate::{
     hf::{config_int, names_architecture, rope_scaling, rope_settings},
     model::{LocalAttention, ModelConfig},
+    rope_scaling::RopeScaling,
 };
 
 /// The multimodal Gemma 3 architecture, whose language model the loader reads.
@@ -192,7 +193,7 @@ pub(crate) fn apply(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(
             .is_some_and(|p| p.get("sliding_attention").is_some()) =>
         {
             let (theta, scaling) = rope_settings(cfg, "sliding_attention")?;
-            if rope_scaling(scaling, theta, c.head_dim())? != (1.0, None) {
+            if rope_scaling(scaling, cfg, theta, c.head_dim())? != RopeScaling::NONE {
                 return Err(
                     "`rope_parameters.sliding_attention` scales RoPE: the local layers' RoPE must be unscaled"
                         .into(),

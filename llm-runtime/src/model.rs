@@ -72,8 +72,12 @@ pub struct ModelConfig {
     /// RoPE's linear position scaling: positions are divided by it (1 for none).
     pub rope_scaling: f64,
     /// RoPE divides each pair's frequency by a factor: the weight
-    /// [`ROPE_FREQS`] (`[head_dim / 2]`, `llm.rope`'s `freq_factors`; Llama 3's scaling).
+    /// [`ROPE_FREQS`] (`[head_dim / 2]`, `llm.rope`'s `freq_factors`; Llama 3's, YaRN's and
+    /// LongRoPE's scalings).
     pub rope_freq_factors: bool,
+    /// RoPE's sines and cosines are scaled by it (YaRN's and LongRoPE's attention factor,
+    /// `llm.rope`'s `mscale`; 1 for none).
+    pub rope_mscale: f64,
     /// Each position attends to at most this many positions, itself included (Mistral's
     /// sliding window: the KV cache type's `window`); `None` for all before it.
     pub sliding_window: Option<usize>,
@@ -212,6 +216,7 @@ impl ModelConfig {
             rope_half: false,
             rope_scaling: 1.0,
             rope_freq_factors: false,
+            rope_mscale: 1.0,
             sliding_window: None,
             attention_bias: AttentionBias::default(),
             explicit_head_dim: None,
@@ -271,6 +276,8 @@ impl ModelConfig {
             ("attention scale", self.attention_scale),
             ("attention soft-cap", self.attention_softcap),
             ("logit soft-cap", self.logit_softcap),
+            ("RoPE attention factor", Some(self.rope_mscale)),
+            ("RoPE position scaling", Some(self.rope_scaling)),
         ];
         // The kernels compute in f32: each must stay a positive, normal f32.
         if let Some((what, v)) = positive.into_iter().find_map(|(what, v)| {
@@ -534,7 +541,7 @@ struct LayerAttention {
     /// `llm.rope`'s parameters.
     rope: String,
     /// The layer's RoPE has its own base ([`LocalAttention::rope_theta`]): no frequency
-    /// factors.
+    /// factors, position scaling or attention factor.
     own_rope: bool,
     /// `, window = W, scale = S, softcap = C` as the model has them.
     params: String,
@@ -550,6 +557,9 @@ impl LayerAttention {
         let mut rope = format!("theta = {}, layout = {layout}", float(theta));
         if c.rope_scaling != 1.0 && own_theta.is_none() {
             let _ = write!(rope, ", scaling = {}", float(c.rope_scaling));
+        }
+        if c.rope_mscale != 1.0 && own_theta.is_none() {
+            let _ = write!(rope, ", mscale = {}", float(c.rope_mscale));
         }
         let mut params = match local {
             Some(local) => format!(", window = {}", local.window),

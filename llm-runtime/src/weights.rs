@@ -95,6 +95,11 @@ impl Weights {
         self.tensors.insert(name.into(), Rc::new(value));
     }
 
+    /// Takes weight `name` out.
+    pub(crate) fn remove(&mut self, name: &str) -> Option<Rc<Value>> {
+        self.tensors.remove(name)
+    }
+
     /// The shape of weight `name`.
     pub fn weight_shape(&self, name: &str) -> Option<Vec<usize>> {
         match &**self.tensors.get(name)? {

@@ -412,10 +412,7 @@ fn llama3_rope_scaling_divides_the_frequencies() {
     );
     let loaded = model_file::load(&dir).expect("HF directory loads");
     assert!(loaded.config.rope_freq_factors);
-    let factors = match loaded.weights.weight("rope_freqs.weight").as_deref() {
-        Some(Value::Tensor(t)) => t.floats().expect("f32").to_vec(),
-        other => panic!("no factors: {other:?}"),
-    };
+    let factors = rope_factors(&loaded);
     // Hugging Face's formula, evaluated independently (in Python, f64).
     let expected = [1.0, 1.0, 6.182_945_211_805_751, 8.0];
     for (got, want) in factors.iter().zip(expected) {
@@ -871,28 +868,41 @@ fn computes_what_transformers_computes(
 }
 
 /// The checkpoint of `tests/data/{arch}-tiny` as llama.cpp's converter writes it for
-/// `arch` (`gemma2` or `gemma3`): GGUF names, f32 values, Gemma's norm weights with their
-/// 1 added, the sizes and the settings of the checkpoint's `config.json`.
+/// `arch` (`gemma2` or `gemma3`; [`reference_gguf`]) with Gemma 2's or 3's settings.
 fn gemma_gguf(arch: &str) -> Vec<u8> {
-    let reference = transformers_reference(&format!("{arch}-tiny"));
     let metadata = match arch {
         "gemma2" => vec![
-            ("gemma2.attention.sliding_window", Meta::Uint(8)),
-            ("gemma2.attn_logit_softcapping", Meta::Float(3.0)),
-            ("gemma2.final_logit_softcapping", Meta::Float(10.0)),
-            ("gemma2.attention.scale", Meta::Float(20f64.powf(-0.5))),
+            ("attention.sliding_window", Meta::Uint(8)),
+            ("attn_logit_softcapping", Meta::Float(3.0)),
+            ("final_logit_softcapping", Meta::Float(10.0)),
+            ("attention.scale", Meta::Float(20f64.powf(-0.5))),
         ],
         _ => vec![
-            ("gemma3.attention.sliding_window", Meta::Uint(6)),
-            ("gemma3.rope.scaling.type", Meta::Str("linear".into())),
-            ("gemma3.rope.scaling.factor", Meta::Float(2.0)),
+            ("attention.sliding_window", Meta::Uint(6)),
+            ("rope.scaling.type", Meta::Str("linear".into())),
+            ("rope.scaling.factor", Meta::Float(2.0)),
         ],
     };
+    reference_gguf(&format!("{arch}-tiny"), arch, metadata, Vec::new())
+}
+
+/// The checkpoint `tests/data/{name}` as llama.cpp's converter writes it for `arch`:
+/// GGUF names, f32 values (Gemma's norm weights with their 1 added), the sizes of the
+/// checkpoint's `config.json`, `metadata` (keys after `{arch}.`) and the f32 tensors
+/// `extra` (GGUF names).
+fn reference_gguf(
+    name: &str,
+    arch: &str,
+    metadata: Vec<(&str, Meta)>,
+    extra: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> Vec<u8> {
+    let reference = transformers_reference(name);
+    let gemma = arch.starts_with("gemma");
     let loaded = model_file::load(&reference.dir).expect("loads");
     let c = &loaded.config;
     let map = std::fs::read(reference.dir.join("model.safetensors")).expect("safetensors file");
     let st = safetensors::SafeTensors::deserialize(&map).expect("safetensors");
-    let tensors: Vec<_> = st
+    let mut tensors: Vec<_> = st
         .tensors()
         .into_iter()
         .map(|(name, view)| {
@@ -901,17 +911,18 @@ fn gemma_gguf(arch: &str) -> Vec<u8> {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect();
-            let gguf = [
+            let sandwich = [
                 ("post_attention_layernorm", "post_attention_norm"),
                 ("pre_feedforward_layernorm", "ffn_norm"),
                 ("post_feedforward_layernorm", "post_ffw_norm"),
-            ]
-            .iter()
-            .find(|(hf, _)| name.contains(hf))
-            .map_or(name.clone(), |(hf, ours)| {
-                name.replace("model.layers.", "blk.").replace(hf, ours)
-            });
-            let values = if name.ends_with("norm.weight") {
+            ];
+            let gguf = sandwich
+                .iter()
+                .find(|(hf, _)| gemma && name.contains(hf))
+                .map_or(name.clone(), |(hf, ours)| {
+                    name.replace("model.layers.", "blk.").replace(hf, ours)
+                });
+            let values = if gemma && name.ends_with("norm.weight") {
                 values.iter().map(|w| 1.0 + w).collect()
             } else {
                 values
@@ -919,9 +930,10 @@ fn gemma_gguf(arch: &str) -> Vec<u8> {
             (gguf, view.shape().to_vec(), values)
         })
         .collect();
+    tensors.extend(extra);
     let int = |v: usize| Meta::Uint(v as u64);
     let mut meta = vec![("general.architecture".to_string(), Meta::Str(arch.into()))];
-    for (key, value) in [
+    let sizes = [
         ("embedding_length", int(c.dim)),
         ("feed_forward_length", int(c.hidden_dim)),
         ("block_count", int(c.layers)),
@@ -932,20 +944,17 @@ fn gemma_gguf(arch: &str) -> Vec<u8> {
         ("context_length", int(c.seq_len)),
         ("attention.layer_norm_rms_epsilon", Meta::Float(c.norm_eps)),
         ("rope.freq_base", Meta::Float(c.rope_theta)),
-    ] {
+    ];
+    for (key, value) in sizes.into_iter().chain(metadata) {
         meta.push((format!("{arch}.{key}"), value));
     }
-    meta.extend(metadata.into_iter().map(|(k, v)| (k.to_string(), v)));
     gguf_bytes(&meta, &tensors)
 }
 
-/// The logits of the reference semantics for `reference`'s ids from [`gemma_gguf`]'s
-/// file for `arch`.
-fn gemma_gguf_logits(arch: &str, reference: &TransformersReference) -> Vec<Vec<f32>> {
-    let path = std::env::temp_dir().join(format!("llmc-{arch}-{}.gguf", std::process::id()));
-    std::fs::write(&path, gemma_gguf(arch)).expect("write");
-    let gguf = model_file::load(&path).expect("the GGUF file loads");
-    std::fs::remove_file(&path).ok();
+/// The logits of the reference semantics for `reference`'s ids from the GGUF file
+/// `bytes`.
+fn gguf_logits(bytes: &[u8], reference: &TransformersReference) -> Vec<Vec<f32>> {
+    let gguf = llm_runtime::gguf::read(bytes).expect("the GGUF file loads");
     interp_logits(&gguf.config, &gguf.weights, reference)
 }
 
@@ -1019,6 +1028,100 @@ fn phi3_computes_what_transformers_computes() {
     );
 }
 
+/// `tests/data/qwen3-yarn-tiny` as llama.cpp's converter writes it: YaRN as
+/// `rope.scaling.type`, the factor and the original context length.
+fn qwen3_yarn_gguf() -> Vec<u8> {
+    reference_gguf(
+        "qwen3-yarn-tiny",
+        "qwen3",
+        vec![
+            ("rope.scaling.type", Meta::Str("yarn".into())),
+            ("rope.scaling.factor", Meta::Float(4.0)),
+            ("rope.scaling.original_context_length", Meta::Uint(64)),
+        ],
+        Vec::new(),
+    )
+}
+
+/// The long factors of `tests/data/phi3-longrope-tiny` (`make_references.py`'s).
+const PHI3_LONG_FACTORS: [f32; 8] = [1.0, 1.25, 1.6, 2.2, 3.0, 4.5, 6.0, 8.0];
+
+/// LongRoPE's attention factor for `tests/data/phi3-longrope-tiny`: 128 positions over 16.
+fn phi3_attention_factor() -> f64 {
+    (1.0 + 8f64.ln() / 16f64.ln()).sqrt()
+}
+
+/// `tests/data/phi3-longrope-tiny` as llama.cpp's converter writes it: both factor sets as
+/// tensors, the attention factor and the original context length as metadata.
+fn phi3_longrope_gguf() -> Vec<u8> {
+    let short = vec![1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0];
+    reference_gguf(
+        "phi3-longrope-tiny",
+        "phi3",
+        vec![
+            (
+                "rope.scaling.attn_factor",
+                Meta::Float(phi3_attention_factor()),
+            ),
+            ("rope.scaling.original_context_length", Meta::Uint(16)),
+        ],
+        vec![
+            (
+                "rope_factors_long.weight".into(),
+                vec![8],
+                PHI3_LONG_FACTORS.to_vec(),
+            ),
+            ("rope_factors_short.weight".into(), vec![8], short),
+        ],
+    )
+}
+
+/// Qwen3 with YaRN (`tests/data/qwen3-yarn-tiny`: factor 4 over an original 64
+/// positions, heads of 32): its frequency factors and attention factor, and the GGUF file
+/// llama.cpp's converter writes for it (`rope.scaling.type = yarn`, the factor and the
+/// original context length) computes what the directory computes.
+#[test]
+fn qwen3_yarn_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen3-yarn-tiny");
+    assert!(loaded.config.rope_freq_factors);
+    assert!((loaded.config.rope_mscale - (1.0 + 0.1 * 4f64.ln())).abs() < 1e-12);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("YaRN's frequency factors", &|c| c.rope_freq_factors = false),
+            ("YaRN's attention factor", &|c| c.rope_mscale = 1.0),
+        ],
+    );
+    let from_gguf = gguf_logits(&qwen3_yarn_gguf(), &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
+/// Phi-3 with LongRoPE (`tests/data/phi3-longrope-tiny`: 128 positions over an original
+/// 16, so the long factors): its factors and attention factor, and the GGUF file
+/// llama.cpp's converter writes for it (both factor sets as tensors, the attention factor
+/// and the original context length as metadata) computes what the directory computes.
+#[test]
+fn phi3_longrope_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("phi3-longrope-tiny");
+    assert_eq!(rope_factors(&loaded), PHI3_LONG_FACTORS);
+    assert!((loaded.config.rope_mscale - phi3_attention_factor()).abs() < 1e-12);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("LongRoPE's frequency factors", &|c| {
+                c.rope_freq_factors = false
+            }),
+            ("LongRoPE's attention factor", &|c| c.rope_mscale = 1.0),
+        ],
+    );
+    let from_gguf = gguf_logits(&phi3_longrope_gguf(), &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
 /// norms scaling by `1 + weight`.
 #[test]
@@ -1073,7 +1176,7 @@ fn gemma2_computes_what_transformers_computes() {
             ("the sandwich norms", &|c| c.post_norms = false),
         ],
     );
-    let from_gguf = gemma_gguf_logits("gemma2", &reference);
+    let from_gguf = gguf_logits(&gemma_gguf("gemma2"), &reference);
     let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
 }
@@ -1151,7 +1254,20 @@ fn gemma3_computes_what_transformers_computes() {
     let from_older = model_file::load(&dir).expect("the older config loads");
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(from_older.config, loaded.config);
-    let from_gguf = gemma_gguf_logits("gemma3", &reference);
+    let from_gguf = gguf_logits(&gemma_gguf("gemma3"), &reference);
+    // llama.cpp would scale the local layers' rotation by an attention factor, which the
+    // builder leaves unscaled: refused.
+    let scaled = reference_gguf(
+        "gemma3-tiny",
+        "gemma3",
+        vec![
+            ("attention.sliding_window", Meta::Uint(6)),
+            ("rope.scaling.attn_factor", Meta::Float(1.5)),
+        ],
+        Vec::new(),
+    );
+    let err = llm_runtime::gguf::read(&scaled).err().expect("refused");
+    assert!(err.contains("local layers of their own RoPE base"), "{err}");
     let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
 }
@@ -1297,6 +1413,9 @@ fn gguf_bytes(
         }
     }
     let gguf_name = |hf: &str| -> String {
+        if hf == "lm_head.weight" {
+            return "output.weight".to_string();
+        }
         if !hf.starts_with("model.") {
             // Already GGUF's name.
             return hf.to_string();
@@ -1430,6 +1549,8 @@ fn mutated_family_gguf_files_never_panic() {
         gguf_bytes(&gguf_metadata("gemma", Vec::new()), &hf_tensors()),
         gemma_gguf("gemma2"),
         gemma_gguf("gemma3"),
+        qwen3_yarn_gguf(),
+        phi3_longrope_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -1552,6 +1673,91 @@ fn a_value_bias_equals_its_projection_as_an_output_bias() {
     }
 }
 
+/// The frequency factors `loaded` divides its RoPE's frequencies by.
+fn rope_factors(loaded: &model_file::LoadedModel) -> Vec<f32> {
+    match loaded.weights.weight("rope_freqs.weight").as_deref() {
+        Some(Value::Tensor(t)) => t.floats().expect("f32").to_vec(),
+        other => panic!("no factors: {other:?}"),
+    }
+}
+
+/// The frequency factors and magnitude a RoPE scaling of stories260K (heads of 8, 512
+/// positions) loads with, and the IR, generation on every backend (which must agree
+/// with the reference semantics) and the unscaled model's text, which it must change.
+fn scaled_rope(name: &str, extra: &str) -> (Vec<f32>, f64) {
+    let dir = write_hf_dir_with(name, extra);
+    let loaded = model_file::load(&dir).expect("HF directory loads");
+    std::fs::remove_dir_all(&dir).ok();
+    let factors = rope_factors(&loaded);
+    let ir = build_ir(
+        &loaded.config,
+        &loaded.weights,
+        &KvStorage::Float(DType::F32),
+    )
+    .expect("builds");
+    let mscale = loaded.config.rope_mscale;
+    assert!(
+        ir.contains(&format!(
+            "positions, rope_freqs {{theta = 10000.0, layout = half, mscale = {mscale:?}}}"
+        )),
+        "the factors and the magnitude reach llm.rope"
+    );
+    let scaled = backends_agree(&loaded, 200).ids;
+    let unscaled_dir = write_hf_dir(&format!("{name}-unscaled"));
+    let unscaled = model_file::load(&unscaled_dir).expect("loads");
+    std::fs::remove_dir_all(&unscaled_dir).ok();
+    assert_ne!(
+        greedy_ids(&Backend::Interp, &unscaled, 200),
+        scaled,
+        "the scaling changes the model"
+    );
+    (factors, mscale)
+}
+
+/// YaRN (`rope_type = yarn`, factor 4 over 128 original positions): the ramp runs from
+/// pair 0 to pair 2 (where pairs of heads of 8 turn 32 and 1 times over 128 positions,
+/// rounded out), so the factors are 1, 1 / (1/2 + 1/8), 4 and 4, and the attention
+/// factor `1 + 0.1 ln 4` (worked out by hand from Hugging Face's formulas).
+#[test]
+fn yarn_rope_scaling_blends_the_frequencies() {
+    let (factors, mscale) = scaled_rope(
+        "yarn",
+        r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}"#,
+    );
+    assert_eq!(factors, [1.0, 1.6, 4.0, 4.0]);
+    assert!((mscale - (1.0 + 0.1 * 4f64.ln())).abs() < 1e-12, "{mscale}");
+    // Hugging Face takes a 0 for the ramp's ends and the mscales as not given.
+    let dir = write_hf_dir_with(
+        "yarn-zeros",
+        r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 0, "beta_slow": 0, "mscale": 0, "mscale_all_dim": 0}"#,
+    );
+    let loaded = model_file::load(&dir).expect("loads");
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        (rope_factors(&loaded), loaded.config.rope_mscale),
+        (factors, mscale)
+    );
+}
+
+/// LongRoPE (`type = longrope`, Phi-3's, the original context at the config's top level
+/// as Phi-3's configs give it): 512 positions over 128 take the long factors, and the
+/// attention factor is `sqrt(1 + ln 4 / ln 128)`; where the model's context is the
+/// original one, the short factors.
+#[test]
+fn longrope_scaling_takes_the_factors_of_the_context() {
+    let scaling = r#", "original_max_position_embeddings": 128, "rope_scaling": {"type": "longrope", "long_factor": [1.0, 1.5, 3.0, 6.0], "short_factor": [1.0, 1.25, 2.0, 2.5]}"#;
+    let (factors, mscale) = scaled_rope("longrope", scaling);
+    assert_eq!(factors, [1.0, 1.5, 3.0, 6.0]);
+    let expected = (1.0 + 4f64.ln() / 128f64.ln()).sqrt();
+    assert!((mscale - expected).abs() < 1e-12, "{mscale}");
+    let dir = write_hf_dir_with("longrope-short", &scaling.replace("128", "512"));
+    let loaded = model_file::load(&dir).expect("loads");
+    std::fs::remove_dir_all(&dir).ok();
+    let short = rope_factors(&loaded);
+    assert_eq!(short, [1.0, 1.25, 2.0, 2.5]);
+    assert_eq!(loaded.config.rope_mscale, 1.0);
+}
+
 /// Linear RoPE scaling divides the positions (`llm.rope`'s `scaling`).
 #[test]
 fn linear_rope_scaling_scales_the_positions() {
@@ -1588,12 +1794,32 @@ fn bad_directories_name_the_file() {
     // Settings the builder would ignore are refused rather than computed wrongly.
     for (extra, expected) in [
         (
-            r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
-            "`rope_scaling` = {\"factor\":4.0,\"rope_type\":\"yarn\"} is not supported",
+            r#", "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}"#,
+            "`rope_scaling` = {\"factor\":4.0,\"rope_type\":\"dynamic\"} is not supported",
         ),
         (
             r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
-            "`rope_scaling.low_freq_factor` is missing or not a positive number",
+            "`rope_scaling.low_freq_factor` is missing",
+        ),
+        (
+            r#", "rope_scaling": {"rope_type": "yarn", "factor": -4.0}"#,
+            "`rope_scaling.factor` = -4.0 is not a positive number",
+        ),
+        (
+            r#", "rope_scaling": {"type": "longrope", "long_factor": [1, 1, 1, 1], "short_factor": [1, 1, 1, 1]}"#,
+            "`rope_scaling.original_max_position_embeddings` is missing",
+        ),
+        (
+            r#", "original_max_position_embeddings": 128, "rope_scaling": {"type": "longrope", "long_factor": [1, 1, 1], "short_factor": [1, 1, 1, 1]}"#,
+            "`rope_scaling.long_factor` is not 4 positive numbers, one a rotated pair",
+        ),
+        (
+            r#", "original_max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}"#,
+            "`rope_scaling.original_max_position_embeddings` (128) differs from the top level's (64)",
+        ),
+        (
+            r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 1.0}"#,
+            "YaRN's beta_fast (1) must exceed its beta_slow (1)",
         ),
         (
             r#", "rope_scaling": null, "hidden_act": "gelu""#,

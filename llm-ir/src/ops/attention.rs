@@ -239,7 +239,8 @@ llm_op! {
     /// features `(a, b)` with pair index `i < rotary_dim / 2`, at position `p`, with angle
     /// `p * scaling^-1 * theta^(-2i / rotary_dim) / factor_i`: `a' = a cos - b sin`,
     /// `b' = a sin + b cos`, where `factor_i` is `freq_factors[i]` (1 without them: Llama 3's
-    /// frequency-dependent scaling gives them, GGUF's `rope_freqs.weight`).
+    /// frequency-dependent scaling gives them, GGUF's `rope_freqs.weight`), and `cos` and
+    /// `sin` are each multiplied by `mscale` (YaRN's and LongRoPE's attention factor).
     /// `layout = interleaved` pairs features `(2i, 2i+1)` (Meta's Llama, llama2.c);
     /// `layout = half` pairs `(i, i + rotary_dim/2)` (Hugging Face's rotate_half). Features past
     /// `rotary_dim` pass through unchanged.
@@ -252,6 +253,7 @@ llm_op! {
     /// | `layout` (`interleaved` or `half`, default `interleaved`) | pairing of features |
     /// | `scaling` (float, default 1.0) | linear position scaling |
     /// | `rotary_dim` (int, default `D`) | number of rotated features (even) |
+    /// | `mscale` (float, default 1.0) | magnitude of the rotation: `cos` and `sin` are scaled by it |
     ///
     /// Example:
     /// ```text
@@ -265,6 +267,7 @@ llm_op! {
         ParamSpec::optional("layout", ParamKind::Word(&["interleaved", "half"])),
         ParamSpec::optional("scaling", ParamKind::Float),
         ParamSpec::optional("rotary_dim", ParamKind::Int),
+        ParamSpec::optional("mscale", ParamKind::Float),
     ],
     interfaces: [],
     check: check_rope,
@@ -284,6 +287,14 @@ fn check_rope(c: &OpCheck) -> Result<()> {
         {
             return c.err(format!("parameter `{name}` must be positive, found {v}"));
         }
+    }
+    // Sines and cosines are scaled in f32: the magnitude must stay a positive, normal f32.
+    if let Some(v) = c.float("mscale")
+        && !(v > 0.0 && (v as f32).is_normal())
+    {
+        return c.err(format!(
+            "parameter `mscale` must be positive (a normal f32), found {v}"
+        ));
     }
     let d = x.shape()[r - 1];
     let rotary = c.int("rotary_dim");

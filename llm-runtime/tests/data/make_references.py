@@ -8,7 +8,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
     python make_references.py
 
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
-`phi3`, `gemma`, `gemma2`, `gemma3`), each holding `config.json`,
+`phi3`, `gemma`, `gemma2`, `gemma3`) and RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
+or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -68,6 +69,9 @@ def randomize(model, seed, offset_norms):
 
 
 def write(name, model_class, config, seed):
+    WRITABLE.add(name)
+    if ONLY and name not in ONLY:
+        return
     torch.manual_seed(seed)
     model = model_class(config).eval()
     randomize(model, seed, offset_norms=name.startswith("gemma"))
@@ -172,6 +176,37 @@ def main():
     # Gemma: GeGLU, scaled embeddings, norms scaling by 1 + weight; heads of 16.
     gemma = GemmaConfig(**small, head_dim=16, hidden_activation="gelu_pytorch_tanh")
     write("gemma-tiny", GemmaForCausalLM, gemma, 9)
+    # Qwen3 with YaRN: 4 times its original 64 positions, so the ramp runs over pairs 0
+    # to 5 of its heads of 32; the attention factor 1 + 0.1 ln 4.
+    qwen3_yarn = Qwen3Config(
+        **{**small, "max_position_embeddings": 256},
+        head_dim=32,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    write("qwen3-yarn-tiny", Qwen3ForCausalLM, qwen3_yarn, 10)
+    # Phi-3 with LongRoPE (Phi-3.5's scaling): 128 positions over an original 16, so the
+    # long factors (the sequence of 28 passes 16) and the attention factor
+    # sqrt(1 + ln 8 / ln 16).
+    phi3_longrope = Phi3Config(
+        **small,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        original_max_position_embeddings=16,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "long_factor": [1.0, 1.25, 1.6, 2.2, 3.0, 4.5, 6.0, 8.0],
+            "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0],
+        },
+    )
+    write("phi3-longrope-tiny", Phi3ForCausalLM, phi3_longrope, 11)
 
 
 def gemma3_1b_shape(out):
@@ -200,9 +235,16 @@ def gemma3_1b_shape(out):
     Gemma3ForCausalLM(config).save_pretrained(out)
 
 
+# The references to write (`NAME-tiny`), all when empty, and those `main` knows.
+ONLY = set()
+WRITABLE = set()
+
 if __name__ == "__main__":
     # `python make_references.py --gemma3-1b DIR` writes the 1B-shaped model instead.
     if len(sys.argv) == 3 and sys.argv[1] == "--gemma3-1b":
         gemma3_1b_shape(sys.argv[2])
     else:
+        ONLY.update(sys.argv[1:])
         main()
+        if ONLY - WRITABLE:
+            sys.exit(f"no reference named {sorted(ONLY - WRITABLE)}")

@@ -311,8 +311,8 @@ pub fn paged_attend(
 }
 
 /// How `llm.rope` computes its angles: the frequencies' base, the position scaling, the
-/// rotated values per head and each pair's frequency factor (`freq_factors`; empty for
-/// none, every factor 1).
+/// rotated values per head, each pair's frequency factor (`freq_factors`; empty for
+/// none, every factor 1) and the magnitude its sines and cosines are scaled by (`mscale`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeAngles {
     /// The base of the frequencies.
@@ -323,12 +323,15 @@ pub struct RopeAngles {
     pub rotary: usize,
     /// Pair `i`'s frequency is divided by `factors[i]` (none when empty).
     pub factors: Vec<f32>,
+    /// Sines and cosines are multiplied by it (YaRN's and LongRoPE's attention factor; 1
+    /// for none).
+    pub mscale: f32,
 }
 
 impl RopeAngles {
     /// The angles of a rope with base `theta`, position scaling `scaling` and `rotary`
     /// rotated values per head, whose pair frequencies are divided by `factors` (none when
-    /// empty).
+    /// empty) and whose sines and cosines are scaled by `mscale`.
     ///
     /// # Errors
     ///
@@ -338,6 +341,7 @@ impl RopeAngles {
         scaling: f32,
         rotary: usize,
         factors: &[f32],
+        mscale: f32,
     ) -> Result<RopeAngles, String> {
         if !factors.is_empty() && factors.len() != rotary / 2 {
             return Err(format!(
@@ -351,18 +355,19 @@ impl RopeAngles {
             scaling,
             rotary,
             factors: factors.to_vec(),
+            mscale,
         })
     }
 
-    /// The sine and cosine of pair `i`'s rotation at position `p`: the angle is
-    /// `(p / scaling) * (theta^(-2i / rotary) / factor_i)` in `f32`.
+    /// The sine and cosine of pair `i`'s rotation at position `p`, each times `mscale`:
+    /// the angle is `(p / scaling) * (theta^(-2i / rotary) / factor_i)` in `f32`.
     pub fn sin_cos(&self, p: i64, i: usize) -> (f32, f32) {
         let mut freq = 1.0 / self.theta.powf((2 * i) as f32 / self.rotary as f32);
         if let Some(f) = self.factors.get(i) {
             freq /= f;
         }
         let angle = (p as f32 / self.scaling) * freq;
-        (angle.sin(), angle.cos())
+        (angle.sin() * self.mscale, angle.cos() * self.mscale)
     }
 
     /// The cosines and sines of every pair's rotation at each of `positions`, token-major
@@ -398,6 +403,7 @@ pub fn rope(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
         e.float("scaling").unwrap_or(1.0) as f32,
         rotary,
         factors,
+        e.float("mscale").unwrap_or(1.0) as f32,
     )?;
     let half_layout =
         matches!(e.param("layout"), Some(crate::params::ParamValue::Word(ref w)) if w == "half");
