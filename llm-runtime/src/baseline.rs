@@ -114,7 +114,12 @@ fn f32_weight(w: &Weights, name: &str) -> Result<Vec<f32>, String> {
 impl Baseline {
     /// Builds the baseline over f32 weights of a model with llama2.c's RoPE.
     pub fn new(c: &ModelConfig, w: &Weights) -> Result<Baseline, String> {
-        if c.rope_half || c.rope_scaling != 1.0 || c.rope_freq_factors || c.rope_mscale != 1.0 {
+        if c.rope_half
+            || c.rope_scaling != 1.0
+            || c.rope_freq_factors
+            || c.rope_mscale != 1.0
+            || c.rotary_dim.is_some()
+        {
             return Err(
                 "the baseline computes llama2.c's RoPE only (interleaved, unscaled)".into(),
             );

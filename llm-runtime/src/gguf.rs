@@ -583,10 +583,10 @@ fn apply_gemma(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), Stri
 /// `rope_freqs.weight`, which llama.cpp takes instead, the one [`longrope_uses_long`]
 /// picks becomes it. Any type scales the rotation by `rope.scaling.attn_factor`
 /// (LongRoPE's attention factor in Phi-3's files); Llama 3's frequency factors are the
-/// tensor `rope_freqs.weight`, which YaRN's multiply. A factor with the type `none`,
-/// other types, a `rope.scaling.yarn_ext_factor` other than 1 and rotation of part of a
-/// head (`rope.dimension_count` below the head size) are refused: the builder would
-/// compute another model than the file describes.
+/// tensor `rope_freqs.weight`, which YaRN's multiply. Factors are one a rotated pair
+/// ([`ModelConfig::rotary`]). A factor with the type `none`, other types and a
+/// `rope.scaling.yarn_ext_factor` other than 1 are refused: the builder would compute
+/// another model than the file describes.
 fn rope_scaling(
     g: &GgufFile,
     arch: &str,
@@ -594,7 +594,7 @@ fn rope_scaling(
     weights: &mut Weights,
 ) -> Result<RopeScaling, String> {
     let key = |k: &str| format!("{arch}.{k}");
-    let head_dim = c.head_dim();
+    let rotary = c.rotary();
     let positive = |k: &str| match g.meta(&key(k)) {
         None => Ok(None),
         Some(_) => g
@@ -671,7 +671,7 @@ fn rope_scaling(
             };
             RopeScaling {
                 linear: 1.0,
-                factors: Some(yarn.factors(c.rope_theta, head_dim)),
+                factors: Some(yarn.factors(c.rope_theta, rotary)),
                 mscale: mscale * yarn.mscale(1.0, log_multiplier),
             }
         }
@@ -693,17 +693,30 @@ fn rope_scaling(
                 c.seq_len
             )
         })?;
-        set_factors(weights, pair_factors(&chosen, name, head_dim / 2)?);
-    }
-    if g.meta(&key("rope.dimension_count")).is_some() {
-        let rotated = g.int(&key("rope.dimension_count"))?;
-        if rotated != head_dim {
-            return Err(format!(
-                "{arch}.rope.dimension_count is {rotated}, but RoPE rotates whole heads of {head_dim}"
-            ));
-        }
+        set_factors(weights, pair_factors(&chosen, name, rotary / 2)?);
     }
     Ok(rope)
+}
+
+/// The features of each head of `head_dim` that RoPE rotates where that is not all:
+/// `ARCH.rope.dimension_count` (Phi-4-mini's 96 of 128). llama.cpp refuses partial
+/// rotation in `llama` files (its converter reorders their q and k rows for whole heads),
+/// and so does this loader.
+fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>, String> {
+    let key = format!("{arch}.rope.dimension_count");
+    if g.meta(&key).is_none() {
+        return Ok(None);
+    }
+    let rotary = g.int(&key)?;
+    if rotary == head_dim {
+        return Ok(None);
+    }
+    if arch == "llama" || rotary > head_dim || !rotary.is_multiple_of(2) {
+        return Err(format!(
+            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in llama files"
+        ));
+    }
+    Ok(Some(rotary))
 }
 
 /// The head size `ARCH.attention.key_length` gives where it is not the width over the
@@ -868,6 +881,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         rope_half: arch != "llama",
         rope_scaling: 1.0,
         rope_freq_factors: false,
+        rotary_dim: None,
         rope_mscale: 1.0,
         // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
         sliding_window: match g.meta(&key("attention.sliding_window")) {
@@ -894,6 +908,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
     }
+    config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
     let rope = rope_scaling(g, arch, &config, &mut weights)?;
     if rope.mscale != 1.0
         && config
@@ -948,8 +963,8 @@ mod tests {
     }
 
     /// Linear scaling comes from `llama.rope.scaling.factor` (or the older
-    /// `llama.rope.scale_linear`); a factor typed `none`, unknown scaling types and partial
-    /// rotation are refused.
+    /// `llama.rope.scale_linear`); a factor typed `none` and unknown scaling types are
+    /// refused.
     #[test]
     fn rope_settings_are_read_or_refused() {
         let kind = |kind: &str| Meta::Str(kind.to_string());
@@ -990,10 +1005,6 @@ mod tests {
                 file(&[("llama.rope.scaling.attn_factor", Meta::Float(-1.0))]),
                 "metadata `llama.rope.scaling.attn_factor` is not a positive number",
             ),
-            (
-                file(&[("llama.rope.dimension_count", Meta::Uint(4))]),
-                "llama.rope.dimension_count is 4, but RoPE rotates whole heads of 8",
-            ),
         ];
         for (f, message) in refused {
             let err = linear(&f).expect_err(message);
@@ -1004,6 +1015,25 @@ mod tests {
             weight_name("rope_freqs.weight", "llama").as_deref(),
             Some(ROPE_FREQS)
         );
+    }
+
+    /// Partial rotation: `rope.dimension_count` below the head size, in whole pairs, not in
+    /// `llama` files (as llama.cpp reads them).
+    #[test]
+    fn rotary_dims_are_read_or_refused() {
+        let count = |arch: &str, n: u64| {
+            let key = format!("{arch}.rope.dimension_count");
+            let f = file(&[(key.as_str(), Meta::Uint(n))]);
+            rotary_dim(&f, arch, 8)
+        };
+        assert_eq!(rotary_dim(&file(&[]), "phi3", 8), Ok(None));
+        assert_eq!(count("phi3", 8), Ok(None));
+        assert_eq!(count("phi3", 6), Ok(Some(6)));
+        assert_eq!(count("llama", 8), Ok(None));
+        for (arch, n) in [("llama", 4), ("phi3", 5), ("phi3", 10)] {
+            let err = count(arch, n).unwrap_err();
+            assert!(err.contains("part of a head of 8"), "{arch} {n}: {err}");
+        }
     }
 
     /// YaRN's factors and attention factor, from the file's original context and the

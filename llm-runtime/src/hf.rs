@@ -118,9 +118,9 @@ pub(crate) struct Scaling<'a> {
     key: String,
 }
 
-/// RoPE's scaling, for a base of `theta` and heads of `head_dim`, as the object `scaling`
-/// of `config.json` `cfg` (under `key`) gives it (absent, null or `rope_type = default`:
-/// none): `linear` divides positions by `factor`; `llama3` gives each pair a frequency
+/// RoPE's scaling, for a base of `theta` and `rotary` rotated features a head, as the
+/// object `scaling` of `config.json` `cfg` (under `key`) gives it (absent, null or
+/// `rope_type = default`: none): `linear` divides positions by `factor`; `llama3` gives each pair a frequency
 /// factor ([`Llama3Scaling::factors`]); `yarn` gives factors ([`Yarn::factors`]) and an
 /// attention factor (`attention_factor`, else [`Yarn::mscale`] of `mscale` and
 /// `mscale_all_dim` where both are given, else `1 + 0.1 ln(factor)`), its `factor`
@@ -135,7 +135,7 @@ pub(crate) fn rope_scaling(
     scaling: Option<Scaling>,
     cfg: &Json,
     theta: f64,
-    head_dim: usize,
+    rotary: usize,
 ) -> Result<RopeScaling, String> {
     let Some(Scaling {
         json: scaling,
@@ -208,7 +208,7 @@ pub(crate) fn rope_scaling(
                 original_context: number("original_max_position_embeddings")?,
             };
             Ok(RopeScaling {
-                factors: Some(scaling.factors(theta, head_dim)),
+                factors: Some(scaling.factors(theta, rotary)),
                 ..RopeScaling::NONE
             })
         }
@@ -231,7 +231,7 @@ pub(crate) fn rope_scaling(
                 _ => yarn.mscale(1.0, 0.0),
             };
             Ok(RopeScaling {
-                factors: Some(yarn.factors(theta, head_dim)),
+                factors: Some(yarn.factors(theta, rotary)),
                 mscale,
                 ..RopeScaling::NONE
             })
@@ -253,7 +253,7 @@ pub(crate) fn rope_scaling(
                         .map(|v| v.as_f64().map_or(f32::NAN, |v| v as f32))
                         .collect()
                 });
-            let factors = checked_factors(values, &format!("`{under}.{set}`"), head_dim / 2)?;
+            let factors = checked_factors(values, &format!("`{under}.{set}`"), rotary / 2)?;
             Ok(RopeScaling {
                 factors: Some(factors),
                 mscale: optional("attention_factor")?
@@ -393,8 +393,8 @@ fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
 }
 
 /// Refuses settings the builder would ignore, computing another model than the one
-/// described: an architecture other than [`ARCHITECTURES`], RoPE over part of each head,
-/// and feed-forward activations other than SiLU (RoPE's: [`rope_scaling`]).
+/// described: an architecture other than [`ARCHITECTURES`] and feed-forward activations
+/// other than SiLU (RoPE's: [`rope_scaling`], [`rotary_dim`]).
 fn check_supported(cfg: &Json) -> Result<(), String> {
     if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
         && let Some(other) = names
@@ -406,14 +406,46 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
             ARCHITECTURES.join(", ")
         ));
     }
-    if let Some(factor) = cfg.get("partial_rotary_factor").filter(|f| !f.is_null())
-        && factor.as_f64() != Some(1.0)
-    {
+    activation(cfg).map(|_| ())
+}
+
+/// The features of each head of `head_dim` that RoPE rotates where that is not all:
+/// `head_dim * partial_rotary_factor`, rounded down as Hugging Face does (Phi-4-mini's
+/// 0.75), the factor given in the RoPE settings `scaling` (transformers 5's
+/// `rope_parameters`) or at the top level of `cfg` (which must then agree).
+fn rotary_dim(
+    cfg: &Json,
+    scaling: Option<&Scaling>,
+    head_dim: usize,
+) -> Result<Option<usize>, String> {
+    let factor = |json: &Json, key: &str| match json.get("partial_rotary_factor") {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|f| *f > 0.0 && *f <= 1.0)
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` = {v} is not a fraction in (0, 1]")),
+    };
+    let inner = match scaling {
+        Some(s) => factor(s.json, &format!("{}.partial_rotary_factor", s.key))?,
+        None => None,
+    };
+    let outer = factor(cfg, "partial_rotary_factor")?;
+    let factor = match (inner, outer) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "`partial_rotary_factor` is {b} at the top level but {a} in the RoPE settings"
+            ));
+        }
+        (inner, outer) => inner.or(outer).unwrap_or(1.0),
+    };
+    let rotary = (head_dim as f64 * factor) as usize;
+    if rotary == 0 || !rotary.is_multiple_of(2) {
         return Err(format!(
-            "`partial_rotary_factor` = {factor}: RoPE rotating part of each head is not supported"
+            "`partial_rotary_factor` = {factor} rotates {rotary} features of heads of {head_dim}, not whole pairs"
         ));
     }
-    activation(cfg).map(|_| ())
+    Ok((rotary != head_dim).then_some(rotary))
 }
 
 /// The feed-forward block's activation: SiLU (`hidden_act`), or for Gemma the tanh
@@ -565,6 +597,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         rope_half: true,
         rope_scaling: 1.0,
         rope_freq_factors: false,
+        rotary_dim: None,
         rope_mscale: 1.0,
         // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
         sliding_window: match gemma {
@@ -583,10 +616,12 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         logit_softcap: None,
         local_attention: None,
     };
+    config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
+        .map_err(|m| err(&config_path, m))?;
     if let Some(generation @ 2..) = gemma {
         hf_gemma::apply(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
     }
-    let rope = rope_scaling(global_scaling, &cfg, config.rope_theta, config.head_dim())
+    let rope = rope_scaling(global_scaling, &cfg, config.rope_theta, config.rotary())
         .map_err(|m| err(&config_path, m))?;
     let config = ModelConfig {
         rope_scaling: rope.linear,

@@ -193,7 +193,7 @@ pub(crate) fn apply(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(
             .is_some_and(|p| p.get("sliding_attention").is_some()) =>
         {
             let (theta, scaling) = rope_settings(cfg, "sliding_attention")?;
-            if rope_scaling(scaling, cfg, theta, c.head_dim())? != RopeScaling::NONE {
+            if rope_scaling(scaling, cfg, theta, c.rotary())? != RopeScaling::NONE {
                 return Err(
                     "`rope_parameters.sliding_attention` scales RoPE: the local layers' RoPE must be unscaled"
                         .into(),

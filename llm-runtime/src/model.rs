@@ -75,6 +75,10 @@ pub struct ModelConfig {
     /// [`ROPE_FREQS`] (`[head_dim / 2]`, `llm.rope`'s `freq_factors`; Llama 3's, YaRN's and
     /// LongRoPE's scalings).
     pub rope_freq_factors: bool,
+    /// RoPE rotates only the first this many features of each head, the rest passing
+    /// through (Phi-4-mini's `partial_rotary_factor`, GGUF's `rope.dimension_count`;
+    /// `llm.rope`'s `rotary_dim`); `None` for whole heads.
+    pub rotary_dim: Option<usize>,
     /// RoPE's sines and cosines are scaled by it (YaRN's and LongRoPE's attention factor,
     /// `llm.rope`'s `mscale`; 1 for none).
     pub rope_mscale: f64,
@@ -216,6 +220,7 @@ impl ModelConfig {
             rope_half: false,
             rope_scaling: 1.0,
             rope_freq_factors: false,
+            rotary_dim: None,
             rope_mscale: 1.0,
             sliding_window: None,
             attention_bias: AttentionBias::default(),
@@ -235,6 +240,11 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.explicit_head_dim
             .unwrap_or(self.dim / self.heads.max(1))
+    }
+
+    /// The features of each head RoPE rotates ([`ModelConfig::rotary_dim`], else all).
+    pub fn rotary(&self) -> usize {
+        self.rotary_dim.unwrap_or_else(|| self.head_dim())
     }
 
     /// Width of the query projection (and of the attention's output).
@@ -269,6 +279,14 @@ impl ModelConfig {
         if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "the head size {} is odd; RoPE needs pairs",
+                self.head_dim()
+            ));
+        }
+        if let Some(rotary) = self.rotary_dim
+            && (rotary == 0 || !rotary.is_multiple_of(2) || rotary > self.head_dim())
+        {
+            return Err(format!(
+                "RoPE over {rotary} features of heads of {}: it rotates pairs, at most the whole head",
                 self.head_dim()
             ));
         }
@@ -403,7 +421,7 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     }
     out.push(("norm.weight".to_string(), vec![d]));
     if c.rope_freq_factors {
-        out.push((ROPE_FREQS.to_string(), vec![c.head_dim() / 2]));
+        out.push((ROPE_FREQS.to_string(), vec![c.rotary() / 2]));
     }
     if !c.tied_classifier {
         out.push(("output.weight".to_string(), vec![v, d]));
@@ -557,6 +575,9 @@ impl LayerAttention {
         let mut rope = format!("theta = {}, layout = {layout}", float(theta));
         if c.rope_scaling != 1.0 && own_theta.is_none() {
             let _ = write!(rope, ", scaling = {}", float(c.rope_scaling));
+        }
+        if let Some(rotary) = c.rotary_dim.filter(|&r| r != c.head_dim()) {
+            let _ = write!(rope, ", rotary_dim = {rotary}");
         }
         if c.rope_mscale != 1.0 && own_theta.is_none() {
             let _ = write!(rope, ", mscale = {}", float(c.rope_mscale));

@@ -128,14 +128,16 @@ fn set_u32(data: &mut [u8], key: &str, value: u32) {
     data[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
 }
 
-/// A file that rotates part of each head is refused, not computed with whole-head RoPE.
+/// A `llama` file that rotates part of each head is refused, as llama.cpp refuses it (its
+/// converter reorders llama's q and k rows for whole heads), not computed with whole-head
+/// RoPE.
 #[test]
-fn partial_rope_is_refused() {
+fn partial_rope_is_refused_in_llama_files() {
     let mut data = std::fs::read(shared("stories260K.gguf")).expect("file");
     set_u32(&mut data, "llama.rope.dimension_count", 4);
     let err = gguf::read(&data).err().expect("partial RoPE");
     assert!(
-        err.contains("llama.rope.dimension_count is 4, but RoPE rotates whole heads of 8"),
+        err.contains("llama.rope.dimension_count is 4: RoPE over part of a head of 8"),
         "{err}"
     );
 }

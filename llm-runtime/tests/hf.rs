@@ -1122,6 +1122,67 @@ fn phi3_longrope_computes_what_transformers_computes() {
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
 }
 
+/// `tests/data/phi4-mini-tiny` as llama.cpp's converter writes it: the rotated features
+/// as `rope.dimension_count`, LongRoPE as for [`phi3_longrope_gguf`].
+fn phi4_mini_gguf() -> Vec<u8> {
+    reference_gguf(
+        "phi4-mini-tiny",
+        "phi3",
+        vec![
+            ("rope.dimension_count", Meta::Uint(12)),
+            (
+                "rope.scaling.attn_factor",
+                Meta::Float(phi3_attention_factor()),
+            ),
+            ("rope.scaling.original_context_length", Meta::Uint(16)),
+        ],
+        vec![
+            (
+                "rope_factors_long.weight".into(),
+                vec![6],
+                PHI4_LONG_FACTORS.to_vec(),
+            ),
+            (
+                "rope_factors_short.weight".into(),
+                vec![6],
+                vec![1.0, 1.1, 1.2, 1.4, 1.6, 2.0],
+            ),
+        ],
+    )
+}
+
+/// The long factors of `tests/data/phi4-mini-tiny` (`make_references.py`'s).
+const PHI4_LONG_FACTORS: [f32; 6] = [1.0, 1.5, 2.0, 3.0, 5.0, 8.0];
+
+/// Phi-4-mini's settings (`tests/data/phi4-mini-tiny`): RoPE over 12 of each head's 16
+/// features (`partial_rotary_factor` 0.75), with LongRoPE's factors over those 6 pairs,
+/// and a tied classifier; its GGUF file (`rope.dimension_count`) computes what the
+/// directory computes.
+#[test]
+fn phi4_mini_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("phi4-mini-tiny");
+    assert_eq!(loaded.config.rotary_dim, Some(12));
+    assert!(loaded.config.tied_classifier);
+    assert_eq!(rope_factors(&loaded), PHI4_LONG_FACTORS);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the partial rotation", &|c| {
+                c.rotary_dim = None;
+                c.rope_freq_factors = false;
+            }),
+            ("LongRoPE's frequency factors", &|c| {
+                c.rope_freq_factors = false
+            }),
+            ("LongRoPE's attention factor", &|c| c.rope_mscale = 1.0),
+        ],
+    );
+    let from_gguf = gguf_logits(&phi4_mini_gguf(), &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
 /// norms scaling by `1 + weight`.
 #[test]
@@ -1551,6 +1612,7 @@ fn mutated_family_gguf_files_never_panic() {
         gemma_gguf("gemma3"),
         qwen3_yarn_gguf(),
         phi3_longrope_gguf(),
+        phi4_mini_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -1850,8 +1912,16 @@ fn bad_directories_name_the_file() {
             "the local layers' RoPE must be unscaled",
         ),
         (
-            r#", "partial_rotary_factor": 0.75"#,
-            "`partial_rotary_factor` = 0.75: RoPE rotating part of each head is not supported",
+            r#", "partial_rotary_factor": 0.7"#,
+            "`partial_rotary_factor` = 0.7 rotates 5 features of heads of 8, not whole pairs",
+        ),
+        (
+            r#", "partial_rotary_factor": 1.5"#,
+            "`partial_rotary_factor` = 1.5 is not a fraction in (0, 1]",
+        ),
+        (
+            r#", "partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}"#,
+            "`partial_rotary_factor` is 0.5 at the top level but 0.75 in the RoPE settings",
         ),
         (
             r#", "architectures": ["GemmaForCausalLM"], "hidden_activation": "gelu""#,

@@ -8,7 +8,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
     python make_references.py
 
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
-`phi3`, `gemma`, `gemma2`, `gemma3`) and RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
+`phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`) and
+partial rotation (`phi4-mini`),
 or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -207,6 +208,23 @@ def main():
         },
     )
     write("phi3-longrope-tiny", Phi3ForCausalLM, phi3_longrope, 11)
+    # Phi-4-mini's settings (Phi3ForCausalLM): RoPE over three quarters of each head (12
+    # of 16 features), LongRoPE over them, a tied classifier.
+    phi4_mini = Phi3Config(
+        **small,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        original_max_position_embeddings=16,
+        partial_rotary_factor=0.75,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+            "short_factor": [1.0, 1.1, 1.2, 1.4, 1.6, 2.0],
+        },
+    )
+    write("phi4-mini-tiny", Phi3ForCausalLM, phi4_mini, 12)
 
 
 def gemma3_1b_shape(out):
