@@ -6,22 +6,9 @@
 
 use crate::{
     gguf::{GgufFile, Meta},
+    pre_tokenizer::PreTokenizer,
     tokenizer::{BOS, EOS, HfTokenizer, TextCodec, Tokenizer},
 };
-
-/// GPT-2's pre-tokenizer: contractions, letters, digits and other runs, each with one
-/// leading space, and whitespace.
-const GPT2_SPLIT: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-
-/// Llama 3's pre-tokenizer (`tokenizer.ggml.pre = llama-bpe`): as GPT-2's, but
-/// contractions in any case, a letter run led by one non-letter, and digits three at a
-/// time.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// Qwen2's pre-tokenizer (`tokenizer.ggml.pre = qwen2`): Llama 3's, with digits one at a
-/// time.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF's token type of control tokens (`<|begin_of_text|>`) and of user-defined ones:
 /// both are matched whole in text.
@@ -127,8 +114,8 @@ fn sentencepiece(
 }
 
 /// The byte-level BPE vocabulary: the tokens, `tokenizer.ggml.merges` (`"a b"` each, in
-/// priority order), the pre-tokenizer `tokenizer.ggml.pre` names (`llama-bpe` for Llama
-/// 3's, `qwen2` for Qwen2's; `gpt2`, `default` or none for GPT-2's; others refused), the
+/// priority order), the pre-tokenizer `tokenizer.ggml.pre` names ([`PreTokenizer::named`];
+/// none for GPT-2's; one not known there refused), the
 /// control and user-defined tokens of `tokenizer.ggml.token_type` matched whole, BOS
 /// (prepended to prompts unless `tokenizer.ggml.add_bos_token` is false) and EOS, and
 /// `more_stops` also ending a generation.
@@ -152,18 +139,16 @@ fn byte_level_bpe(
             _ => Err(format!("tokenizer.ggml.merges entry {i} is not a string")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // Llama 3's tokenizer takes a word that is a token whole (`ignore_merges`).
-    let split = match g.meta("tokenizer.ggml.pre") {
-        None => (GPT2_SPLIT, false),
-        Some(Meta::Str(pre)) if pre == "gpt2" || pre == "default" => (GPT2_SPLIT, false),
-        Some(Meta::Str(pre)) if pre == "llama-bpe" || pre == "llama3" => (LLAMA3_SPLIT, true),
-        Some(Meta::Str(pre)) if pre == "qwen2" => (QWEN2_SPLIT, false),
-        Some(other) => {
-            return Err(format!(
-                "tokenizer.ggml.pre is {other:?}; the llama-bpe, qwen2 and gpt2 pre-tokenizers are read"
-            ));
-        }
+    let name = match g.meta("tokenizer.ggml.pre") {
+        None => "default",
+        Some(Meta::Str(name)) => name.as_str(),
+        Some(other) => return Err(format!("tokenizer.ggml.pre is {other:?}, not a name")),
     };
+    let pre = PreTokenizer::named(name).ok_or_else(|| {
+        format!(
+            "tokenizer.ggml.pre is {name:?}, a pre-tokenizer not read here (llama.cpp's for Llama 3, Qwen2, GPT-2, GPT-4o, Tekken, StarCoder and DeepSeek-V3 are, by their names and aliases)"
+        )
+    })?;
     // A vocabulary whose prompts take no BOS (Qwen2's) still ends generations at it.
     let (bos, eos) = ends;
     let mut stops = more_stops.to_vec();
@@ -183,8 +168,14 @@ fn byte_level_bpe(
             .collect(),
         _ => Vec::new(),
     };
-    let tokenizer = HfTokenizer::byte_level_bpe(tokens, merges, split, &special, ends)?
-        .with_stop_tokens(&stops);
+    let tokenizer = HfTokenizer::byte_level_bpe(
+        tokens,
+        merges,
+        (pre.splits, pre.whole_words),
+        &special,
+        ends,
+    )?
+    .with_stop_tokens(&stops);
     Ok(Some(Box::new(tokenizer)))
 }
 
@@ -294,7 +285,7 @@ mod tests {
         assert!(err.contains("the BPE merges"), "{err}");
         let err = bad("tokenizer.ggml.pre", Meta::Str("deepseek-llm".into()));
         assert!(
-            err.contains("tokenizer.ggml.pre is Str(\"deepseek-llm\")"),
+            err.contains("tokenizer.ggml.pre is \"deepseek-llm\", a pre-tokenizer not read here"),
             "{err}"
         );
         // Qwen2's pre-tokenizer splits digits one at a time (merges still join "he"),

@@ -18,6 +18,7 @@ mod mmap;
 pub mod model;
 pub mod model_file;
 pub mod npy;
+mod pre_tokenizer;
 mod rope_scaling;
 pub mod sampler;
 pub mod synth;

@@ -334,29 +334,26 @@ impl HfTokenizer {
 
     /// A byte-level BPE vocabulary (GPT-2's scheme, which Llama 3 uses): `tokens` in
     /// GPT-2's byte-to-character encoding (id = position), `merges` in priority order,
-    /// the regex `pattern` that splits text into words before the merges (a word that is
-    /// a token is taken whole, without merging, when `whole_words`, as Llama 3's
-    /// `ignore_merges` says), the `special` tokens matched whole in text, and BOS and EOS.
+    /// the regexes `splits` that split text into words before the merges, in turn (each
+    /// splitting the pieces of the one before; a word that is a token is taken whole,
+    /// without merging, when `whole_words`, as Llama 3's `ignore_merges` says), the
+    /// `special` tokens matched whole in text, and BOS and EOS.
     ///
     /// # Errors
     ///
-    /// A merge of tokens outside the vocabulary, a pattern that is not a regex, or a
+    /// A merge of tokens outside the vocabulary, a split that is not a regex, or a
     /// special id outside the vocabulary.
     pub fn byte_level_bpe(
         tokens: &[String],
         merges: Vec<(String, String)>,
-        (pattern, whole_words): (&str, bool),
+        (splits, whole_words): (&[&str], bool),
         special: &[u32],
         (bos, eos): (Option<u32>, Option<u32>),
     ) -> Result<HfTokenizer, String> {
         use tokenizers::{
-            AddedToken, SplitDelimiterBehavior,
+            AddedToken,
             models::bpe::{BPE, Vocab},
-            pre_tokenizers::{
-                byte_level::ByteLevel,
-                sequence::Sequence,
-                split::{Split, SplitPattern},
-            },
+            pre_tokenizers::{byte_level::ByteLevel, sequence::Sequence},
         };
         let vocab: Vocab = tokens
             .iter()
@@ -368,17 +365,10 @@ impl HfTokenizer {
             .ignore_merges(whole_words)
             .build()
             .map_err(|e| format!("the BPE merges: {e}"))?;
-        let split = Split::new(
-            SplitPattern::Regex(pattern.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| format!("the pre-tokenizer pattern: {e}"))?;
+        let mut steps = regex_splits(splits)?;
+        steps.push(ByteLevel::new(false, true, false).into());
         let mut inner = tokenizers::Tokenizer::new(model);
-        inner.with_pre_tokenizer(Some(Sequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])));
+        inner.with_pre_tokenizer(Some(Sequence::new(steps)));
         inner.with_decoder(Some(ByteLevel::default()));
         let special = special
             .iter()
@@ -394,6 +384,33 @@ impl HfTokenizer {
             .map_err(|e| format!("the special tokens: {e}"))?;
         Ok(HfTokenizer::from_parts(inner, bos, eos))
     }
+}
+
+/// Pre-tokenizer steps that split text by each of `patterns` in turn, each match and each
+/// run between matches a piece.
+///
+/// # Errors
+///
+/// A pattern that is not a regex.
+pub(crate) fn regex_splits(
+    patterns: &[&str],
+) -> Result<Vec<tokenizers::pre_tokenizers::PreTokenizerWrapper>, String> {
+    use tokenizers::{
+        SplitDelimiterBehavior,
+        pre_tokenizers::split::{Split, SplitPattern},
+    };
+    patterns
+        .iter()
+        .map(|pattern| {
+            Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(Into::into)
+            .map_err(|e| format!("the pre-tokenizer pattern {pattern:?}: {e}"))
+        })
+        .collect()
 }
 
 impl TextCodec for HfTokenizer {
