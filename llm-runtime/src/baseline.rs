@@ -138,6 +138,9 @@ impl Baseline {
             || c.attention_scale.is_some()
             || c.attention_softcap.is_some()
             || c.logit_softcap.is_some()
+            || c.embedding_scale.is_some()
+            || c.residual_scale.is_some()
+            || c.logit_scale.is_some()
             || c.local_attention.is_some()
         {
             return Err(

@@ -511,15 +511,45 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// The architectures read (`general.architecture`): `llama` (Llama 2 and 3, Mistral),
 /// `qwen2`, which is llama's with biases on the q, k and v projections, `qwen3`, with an
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
-/// whose projections are fused ([`weight_name`]). The others' RoPE pairs are half-split:
-/// llama.cpp's converter keeps their q/k rows in Hugging Face's order, while it reorders
-/// llama's for interleaved pairs. `gemma` is llama's with GeGLU and embeddings scaled by
-/// `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
+/// whose projections are fused ([`weight_name`]). `granite` is llama's with Granite's
+/// scales ([`apply_granite`]). The RoPE pairs of all but llama and granite are
+/// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
+/// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 7] = [
-    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
+const ARCHITECTURES: [&str; 8] = [
+    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite",
 ];
+
+/// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
+/// converter reorders the q and k rows of `llama` and `granite` models for them, and
+/// keeps the others' in Hugging Face's half-split order.
+fn interleaved_rope(arch: &str) -> bool {
+    matches!(arch, "llama" | "granite")
+}
+
+/// Granite's scales, as llama.cpp reads them, each where the file gives it:
+/// `granite.embedding_scale` multiplies the embeddings, `granite.residual_scale` each
+/// block's output before its residual add, `granite.attention.scale` scales the attention
+/// scores, and `granite.logit_scale` divides the logits.
+fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
+    let scale = |k: &str| {
+        let key = format!("granite.{k}");
+        match g.meta(&key) {
+            None => Ok(None),
+            Some(_) => g
+                .float(&key)
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map(Some)
+                .ok_or_else(|| format!("metadata `{key}` is not a positive number")),
+        }
+    };
+    c.embedding_scale = scale("embedding_scale")?;
+    c.residual_scale = scale("residual_scale")?;
+    c.attention_scale = scale("attention.scale")?;
+    c.logit_scale = scale("logit_scale")?;
+    Ok(())
+}
 
 /// Gemma 2's and 3's settings, as llama.cpp reads them: sandwich norms
 /// (`blk.N.post_attention_norm`, `post_ffw_norm`); the query scale by llama.cpp's rule
@@ -711,7 +741,7 @@ fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>
     if rotary == head_dim {
         return Ok(None);
     }
-    if arch == "llama" || rotary > head_dim || !rotary.is_multiple_of(2) {
+    if interleaved_rope(arch) || rotary > head_dim || !rotary.is_multiple_of(2) {
         return Err(format!(
             "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in llama files"
         ));
@@ -878,7 +908,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             .float(&key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
-        rope_half: arch != "llama",
+        rope_half: !interleaved_rope(arch),
         rope_scaling: 1.0,
         rope_freq_factors: false,
         rotary_dim: None,
@@ -903,10 +933,16 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         attention_scale: None,
         attention_softcap: None,
         logit_softcap: None,
+        embedding_scale: None,
+        residual_scale: None,
+        logit_scale: None,
         local_attention: None,
     };
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
+    }
+    if arch == "granite" {
+        apply_granite(g, &mut config)?;
     }
     config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
     let rope = rope_scaling(g, arch, &config, &mut weights)?;

@@ -343,10 +343,11 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// `sqrt(hidden_size)` and norms scaling by `1 + weight`, Gemma 2's Gemma's with sandwich
 /// norms, soft-capped attention scores and logits and local attention in every other
 /// layer, Gemma 3's with q/k norms instead of the soft-caps and five local layers to a
-/// global one: `hf_gemma`), and Gemma 3's multimodal checkpoints, whose language model
+/// global one: `hf_gemma`, Granite's Llama's with its four scales: [`granite_scales`]),
+/// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
-const ARCHITECTURES: [&str; 9] = [
+const ARCHITECTURES: [&str; 10] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
@@ -356,7 +357,29 @@ const ARCHITECTURES: [&str; 9] = [
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
+    "GraniteForCausalLM",
 ];
+
+/// Granite's scales (`GraniteForCausalLM`), each 1 where the config leaves it out, as
+/// Hugging Face's `GraniteConfig` defaults them: the embeddings times
+/// `embedding_multiplier`, each block's output times `residual_multiplier` before its
+/// residual add, the attention scores scaled by `attention_multiplier` (instead of one
+/// over the square root of the head size) and the logits divided by `logits_scaling`.
+fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+    let scale = |key: &str| match cfg.get(key) {
+        None | Some(Json::Null) => Ok(1.0),
+        Some(v) => v
+            .as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| format!("`{key}` = {v} is not a positive number")),
+    };
+    let unless_one = |v: f64| (v != 1.0).then_some(v);
+    c.embedding_scale = unless_one(scale("embedding_multiplier")?);
+    c.residual_scale = unless_one(scale("residual_multiplier")?);
+    c.attention_scale = Some(scale("attention_multiplier")?);
+    c.logit_scale = unless_one(scale("logits_scaling")?);
+    Ok(())
+}
 
 /// Whether `config.json`'s `architectures` names `arch`.
 pub(crate) fn names_architecture(cfg: &Json, arch: &str) -> bool {
@@ -614,12 +637,18 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         attention_scale: None,
         attention_softcap: None,
         logit_softcap: None,
+        embedding_scale: None,
+        residual_scale: None,
+        logit_scale: None,
         local_attention: None,
     };
     config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
         .map_err(|m| err(&config_path, m))?;
     if let Some(generation @ 2..) = gemma {
         hf_gemma::apply(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
+    }
+    if names_architecture(&cfg, "GraniteForCausalLM") {
+        granite_scales(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     let rope = rope_scaling(global_scaling, &cfg, config.rope_theta, config.rotary())
         .map_err(|m| err(&config_path, m))?;

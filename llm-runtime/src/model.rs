@@ -112,6 +112,15 @@ pub struct ModelConfig {
     pub attention_softcap: Option<f64>,
     /// The logits are soft-capped the same way (Gemma 2's `final_logit_softcapping`).
     pub logit_softcap: Option<f64>,
+    /// Token embeddings are multiplied by it before the first layer (Granite's
+    /// `embedding_multiplier`).
+    pub embedding_scale: Option<f64>,
+    /// The attention's and the feed-forward block's outputs are multiplied by it before
+    /// their residual adds (Granite's `residual_multiplier`).
+    pub residual_scale: Option<f64>,
+    /// The logits are divided by it (Granite's `logits_scaling`; as a multiplication by
+    /// its `f32` reciprocal).
+    pub logit_scale: Option<f64>,
     /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
     /// every layer attends alike.
     pub local_attention: Option<LocalAttention>,
@@ -232,6 +241,9 @@ impl ModelConfig {
             attention_scale: None,
             attention_softcap: None,
             logit_softcap: None,
+            embedding_scale: None,
+            residual_scale: None,
+            logit_scale: None,
             local_attention: None,
         }
     }
@@ -294,6 +306,9 @@ impl ModelConfig {
             ("attention scale", self.attention_scale),
             ("attention soft-cap", self.attention_softcap),
             ("logit soft-cap", self.logit_softcap),
+            ("embedding scale", self.embedding_scale),
+            ("residual scale", self.residual_scale),
+            ("logit scale", self.logit_scale),
             ("RoPE attention factor", Some(self.rope_mscale)),
             ("RoPE position scaling", Some(self.rope_scaling)),
         ];
@@ -615,6 +630,21 @@ impl Emitter<'_> {
         format!("{value}_normed")
     }
 
+    /// `value` times `scale` (an `f32` constant) where there is one, else `value` itself.
+    fn scaled(&mut self, value: &str, scale: Option<f64>, ty: &str) -> String {
+        let Some(scale) = scale else {
+            return value.to_string();
+        };
+        self.op(format!(
+            "{value}_scale = llm.constant {{value = {}}} : llm.tensor <1xf32>",
+            float(scale)
+        ));
+        self.op(format!(
+            "{value}_scaled = llm.mul {value}, {value}_scale : {ty}"
+        ));
+        format!("{value}_scaled")
+    }
+
     /// `cap * tanh(value / cap)` (Hugging Face's soft-capping, dividing by `cap` as a
     /// multiplication by its `f32` reciprocal).
     fn soft_cap(&mut self, value: &str, cap: f64, ty: &str) -> String {
@@ -676,6 +706,7 @@ fn forward_func(
         e.op(format!("x0s = llm.mul x0, embed_scale : {act}"));
         x = "x0s".to_string();
     }
+    x = e.scaled(&x, c.embedding_scale, &act);
     let mut cache_name = "cache".to_string();
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
@@ -757,6 +788,7 @@ fn forward_func(
             &act,
         );
         let o = e.post_norm(c, &o, &format!("{p}{POST_ATTENTION_NORM}"), &act);
+        let o = e.scaled(&o, c.residual_scale, &act);
         e.op(format!("xa_{l} = llm.add {x}, {o} : {act}"));
         let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
         e.op(format!(
@@ -786,6 +818,7 @@ fn forward_func(
             &format!("{p}{POST_FFW_NORM}"),
             &act,
         );
+        let down = e.scaled(&down, c.residual_scale, &act);
         let next = format!("x{}", l + 1);
         e.op(format!("{next} = llm.add xa_{l}, {down} : {act}"));
         x = next;
@@ -820,9 +853,14 @@ fn forward_func(
     e.op(format!(
         "{product} = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {logits_ty}"
     ));
+    let divided = e.scaled(
+        product,
+        c.logit_scale.map(|s| f64::from(1.0 / s as f32)),
+        &logits_ty,
+    );
     let logits = match c.logit_softcap {
-        Some(cap) => e.soft_cap(product, cap, &logits_ty),
-        None => product.to_string(),
+        Some(cap) => e.soft_cap(&divided, cap, &logits_ty),
+        None => divided,
     };
     let mut out = String::new();
     let _ = writeln!(

@@ -32,14 +32,26 @@ fn shared(file: &str) -> PathBuf {
 }
 
 /// Rows of a `[heads * head_dim, K]` projection reordered from interleaved RoPE pairs
-/// `(2i, 2i + 1)` to half-split pairs `(i, i + head_dim / 2)`.
-fn permute_for_half_rope(w: &[f32], heads: usize, head_dim: usize, k: usize) -> Vec<f32> {
+/// `(2i, 2i + 1)` to half-split pairs `(i, i + head_dim / 2)` (`to_half`), or back (as
+/// llama.cpp's converter reorders a `llama` or `granite` checkpoint).
+fn permute_rope_rows(
+    w: &[f32],
+    heads: usize,
+    head_dim: usize,
+    k: usize,
+    to_half: bool,
+) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
     for h in 0..heads {
         for i in 0..head_dim / 2 {
             for j in 0..2 {
-                let from = (h * head_dim + 2 * i + j) * k;
-                let to = (h * head_dim + j * head_dim / 2 + i) * k;
+                let interleaved = (h * head_dim + 2 * i + j) * k;
+                let half = (h * head_dim + j * head_dim / 2 + i) * k;
+                let (from, to) = if to_half {
+                    (interleaved, half)
+                } else {
+                    (half, interleaved)
+                };
                 out[to..to + k].copy_from_slice(&w[from..from + k]);
             }
         }
@@ -132,7 +144,7 @@ fn hf_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
             _ => panic!("missing {ours}"),
         };
         if let Some(heads) = permute {
-            data = permute_for_half_rope(&data, heads, c.head_dim(), shape[1]);
+            data = permute_rope_rows(&data, heads, c.head_dim(), shape[1], true);
         }
         tensors.push((hf, shape, data));
     };
@@ -927,6 +939,18 @@ fn reference_gguf(
             } else {
                 values
             };
+            // llama.cpp's converter reorders llama's and Granite's q and k rows for
+            // interleaved RoPE pairs.
+            let heads = match name.rsplit('.').nth(1) {
+                Some("q_proj") => c.heads,
+                Some("k_proj") => c.kv_heads,
+                _ => 0,
+            };
+            let values = if arch == "granite" && heads > 0 {
+                permute_rope_rows(&values, heads, c.head_dim(), view.shape()[1], false)
+            } else {
+                values
+            };
             (gguf, view.shape().to_vec(), values)
         })
         .collect();
@@ -1181,6 +1205,53 @@ fn phi4_mini_computes_what_transformers_computes() {
     let from_gguf = gguf_logits(&phi4_mini_gguf(), &reference);
     let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
+/// Granite (`tests/data/granite-tiny`): embeddings times 12, each block's output times
+/// 0.22 before its residual add, attention scores scaled by 1/32 and logits divided by 8;
+/// its GGUF file (llama.cpp's `granite` keys, q and k rows reordered for interleaved
+/// pairs as its converter reorders them) computes what the directory computes.
+#[test]
+fn granite_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("granite-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (
+            c.embedding_scale,
+            c.residual_scale,
+            c.attention_scale,
+            c.logit_scale
+        ),
+        (Some(12.0), Some(0.22), Some(0.03125), Some(8.0))
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the embedding scale", &|c| c.embedding_scale = None),
+            ("the residual scale", &|c| c.residual_scale = None),
+            ("the attention scale", &|c| c.attention_scale = None),
+            ("the logit scale", &|c| c.logit_scale = None),
+        ],
+    );
+    let from_gguf = gguf_logits(&granite_gguf(), &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
+/// `tests/data/granite-tiny` as llama.cpp's converter writes it.
+fn granite_gguf() -> Vec<u8> {
+    reference_gguf(
+        "granite-tiny",
+        "granite",
+        vec![
+            ("embedding_scale", Meta::Float(12.0)),
+            ("residual_scale", Meta::Float(0.22)),
+            ("attention.scale", Meta::Float(0.03125)),
+            ("logit_scale", Meta::Float(8.0)),
+        ],
+        Vec::new(),
+    )
 }
 
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
@@ -1613,6 +1684,7 @@ fn mutated_family_gguf_files_never_panic() {
         qwen3_yarn_gguf(),
         phi3_longrope_gguf(),
         phi4_mini_gguf(),
+        granite_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -1910,6 +1982,10 @@ fn bad_directories_name_the_file() {
         (
             r#", "architectures": ["Gemma3ForCausalLM"], "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}"#,
             "the local layers' RoPE must be unscaled",
+        ),
+        (
+            r#", "architectures": ["GraniteForCausalLM"], "logits_scaling": 0"#,
+            "`logits_scaling` = 0 is not a positive number",
         ),
         (
             r#", "partial_rotary_factor": 0.7"#,

@@ -8,8 +8,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
     python make_references.py
 
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
-`phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`) and
-partial rotation (`phi4-mini`),
+`phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
+partial rotation (`phi4-mini`) and Granite's scales (`granite`),
 or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -29,6 +29,8 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -225,6 +227,18 @@ def main():
         },
     )
     write("phi4-mini-tiny", Phi3ForCausalLM, phi4_mini, 12)
+    # Granite: embeddings times 12, each block's output times 0.22 before its residual
+    # add, attention scores scaled by 1/32 (not 1/4), logits divided by 8 (Granite 3's
+    # settings, with the attention multiplier of heads of 16 over 2).
+    granite = GraniteConfig(
+        **small,
+        tie_word_embeddings=True,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.03125,
+        logits_scaling=8.0,
+    )
+    write("granite-tiny", GraniteForCausalLM, granite, 13)
 
 
 def gemma3_1b_shape(out):
