@@ -313,6 +313,18 @@ impl GgufFile {
         }
     }
 
+    /// The metadata value of `key` where the file has it, a positive, finite float.
+    fn positive(&self, key: &str) -> Result<Option<f64>, String> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(_) => self
+                .float(key)
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map(Some)
+                .ok_or_else(|| format!("metadata `{key}` is not a positive number")),
+        }
+    }
+
     /// The tensor `name` as an interpreter value (shape slowest dim first).
     pub fn tensor(&self, bytes: &[u8], info: &TensorInfo) -> Result<Value, String> {
         let name = &info.name;
@@ -528,26 +540,20 @@ fn interleaved_rope(arch: &str) -> bool {
     matches!(arch, "llama" | "granite")
 }
 
-/// Granite's scales, as llama.cpp reads them, each where the file gives it:
-/// `granite.embedding_scale` multiplies the embeddings, `granite.residual_scale` each
-/// block's output before its residual add, `granite.attention.scale` scales the attention
-/// scores, and `granite.logit_scale` divides the logits.
+/// Granite's scales, which llama.cpp requires of a file: `granite.embedding_scale`
+/// multiplies the embeddings, `granite.residual_scale` each block's output before its
+/// residual add, `granite.attention.scale` scales the attention scores, and
+/// `granite.logit_scale` divides the logits.
 fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     let scale = |k: &str| {
         let key = format!("granite.{k}");
-        match g.meta(&key) {
-            None => Ok(None),
-            Some(_) => g
-                .float(&key)
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .map(Some)
-                .ok_or_else(|| format!("metadata `{key}` is not a positive number")),
-        }
+        g.positive(&key)?
+            .ok_or_else(|| format!("missing metadata `{key}` (Granite's scales are required)"))
     };
-    c.embedding_scale = scale("embedding_scale")?;
-    c.residual_scale = scale("residual_scale")?;
-    c.attention_scale = scale("attention.scale")?;
-    c.logit_scale = scale("logit_scale")?;
+    c.embedding_scale = Some(scale("embedding_scale")?);
+    c.residual_scale = Some(scale("residual_scale")?);
+    c.attention_scale = Some(scale("attention.scale")?);
+    c.logit_scale = Some(scale("logit_scale")?);
     Ok(())
 }
 
@@ -565,16 +571,7 @@ fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 fn apply_gemma(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), String> {
     let key = |k: &str| format!("{arch}.{k}");
     let gemma2 = arch == "gemma2";
-    let positive = |k: &str, default: Option<f64>| -> Result<Option<f64>, String> {
-        match g.meta(&key(k)) {
-            None => Ok(default),
-            Some(_) => g
-                .float(&key(k))
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .map(Some)
-                .ok_or_else(|| format!("{} is not a positive number", key(k))),
-        }
-    };
+    let positive = |k: &str, default: Option<f64>| g.positive(&key(k)).map(|v| v.or(default));
     let large = c.layers == if gemma2 { 46 } else { 62 };
     let scalar = if large {
         (c.dim / c.heads) as f64
@@ -625,14 +622,7 @@ fn rope_scaling(
 ) -> Result<RopeScaling, String> {
     let key = |k: &str| format!("{arch}.{k}");
     let rotary = c.rotary();
-    let positive = |k: &str| match g.meta(&key(k)) {
-        None => Ok(None),
-        Some(_) => g
-            .float(&key(k))
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .map(Some)
-            .ok_or_else(|| format!("metadata `{}` is not a positive number", key(k))),
-    };
+    let positive = |k: &str| g.positive(&key(k));
     let factor = g
         .float(&key("rope.scaling.factor"))
         .or_else(|| g.float(&key("rope.scale_linear")))
@@ -729,9 +719,10 @@ fn rope_scaling(
 }
 
 /// The features of each head of `head_dim` that RoPE rotates where that is not all:
-/// `ARCH.rope.dimension_count` (Phi-4-mini's 96 of 128). llama.cpp refuses partial
-/// rotation in `llama` files (its converter reorders their q and k rows for whole heads),
-/// and so does this loader.
+/// `ARCH.rope.dimension_count` (Phi-4-mini's 96 of 128), a positive number of whole
+/// pairs. Files with interleaved pairs ([`interleaved_rope`]: llama.cpp's converter
+/// reorders their q and k rows for whole heads) are refused it, as llama.cpp refuses it
+/// in `llama` files.
 fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>, String> {
     let key = format!("{arch}.rope.dimension_count");
     if g.meta(&key).is_none() {
@@ -743,7 +734,7 @@ fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>
     }
     if interleaved_rope(arch) || rotary > head_dim || !rotary.is_multiple_of(2) {
         return Err(format!(
-            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in llama files"
+            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in files with interleaved pairs (llama, granite)"
         ));
     }
     Ok(Some(rotary))
@@ -1066,7 +1057,7 @@ mod tests {
         assert_eq!(count("phi3", 8), Ok(None));
         assert_eq!(count("phi3", 6), Ok(Some(6)));
         assert_eq!(count("llama", 8), Ok(None));
-        for (arch, n) in [("llama", 4), ("phi3", 5), ("phi3", 10)] {
+        for (arch, n) in [("llama", 4), ("granite", 4), ("phi3", 5), ("phi3", 10)] {
             let err = count(arch, n).unwrap_err();
             assert!(err.contains("part of a head of 8"), "{arch} {n}: {err}");
         }

@@ -54,12 +54,14 @@ pub(crate) fn vocab(g: &GgufFile) -> Result<Option<Box<dyn TextCodec>>, String> 
     }
 }
 
-/// Whether prompts begin with BOS: unless `tokenizer.ggml.add_bos_token` is false.
-fn adds_bos(g: &GgufFile) -> bool {
-    !matches!(
-        g.meta("tokenizer.ggml.add_bos_token"),
-        Some(Meta::Bool(false))
-    )
+/// Whether prompts begin with BOS: as `tokenizer.ggml.add_bos_token` says, else
+/// `default` (llama.cpp's: SentencePiece vocabularies and some byte-level BPE families
+/// do, [`PreTokenizer::adds_bos`]).
+fn adds_bos(g: &GgufFile, default: bool) -> bool {
+    match g.meta("tokenizer.ggml.add_bos_token") {
+        Some(Meta::Bool(adds)) => *adds,
+        _ => default,
+    }
 }
 
 /// The SentencePiece vocabulary (`tokenizer.ggml.tokens` and `.scores`), with `▁` read as
@@ -106,7 +108,7 @@ fn sentencepiece(
     let tokenizer = Tokenizer::from_vocab(pieces, scores)
         .with_bos_eos(bos, eos.unwrap_or(EOS))
         .with_stop_tokens(stops);
-    Ok(Some(Box::new(if adds_bos(g) {
+    Ok(Some(Box::new(if adds_bos(g, true) {
         tokenizer
     } else {
         tokenizer.without_leading_bos()
@@ -115,9 +117,10 @@ fn sentencepiece(
 
 /// The byte-level BPE vocabulary: the tokens, `tokenizer.ggml.merges` (`"a b"` each, in
 /// priority order), the pre-tokenizer `tokenizer.ggml.pre` names ([`PreTokenizer::named`];
-/// none for GPT-2's; one not known there refused), the
+/// none for llama.cpp's default; one not known there refused), the
 /// control and user-defined tokens of `tokenizer.ggml.token_type` matched whole, BOS
-/// (prepended to prompts unless `tokenizer.ggml.add_bos_token` is false) and EOS, and
+/// (prepended to prompts as `tokenizer.ggml.add_bos_token` says, else as the
+/// pre-tokenizer's family has it) and EOS, and
 /// `more_stops` also ending a generation.
 fn byte_level_bpe(
     g: &GgufFile,
@@ -152,7 +155,7 @@ fn byte_level_bpe(
     // A vocabulary whose prompts take no BOS (Qwen2's) still ends generations at it.
     let (bos, eos) = ends;
     let mut stops = more_stops.to_vec();
-    let ends = if adds_bos(g) {
+    let ends = if adds_bos(g, pre.adds_bos) {
         ends
     } else {
         stops.extend(bos);

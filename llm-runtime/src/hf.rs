@@ -435,7 +435,9 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
 /// The features of each head of `head_dim` that RoPE rotates where that is not all:
 /// `head_dim * partial_rotary_factor`, rounded down as Hugging Face does (Phi-4-mini's
 /// 0.75), the factor given in the RoPE settings `scaling` (transformers 5's
-/// `rope_parameters`) or at the top level of `cfg` (which must then agree).
+/// `rope_parameters`) or at the top level of `cfg` (which must then agree). Only Phi-3's
+/// attention rotates part of each head in transformers; another architecture's factor
+/// below 1 is refused.
 fn rotary_dim(
     cfg: &Json,
     scaling: Option<&Scaling>,
@@ -462,6 +464,11 @@ fn rotary_dim(
         }
         (inner, outer) => inner.or(outer).unwrap_or(1.0),
     };
+    if factor != 1.0 && !names_architecture(cfg, "Phi3ForCausalLM") {
+        return Err(format!(
+            "`partial_rotary_factor` = {factor}: only Phi-3's attention rotates part of each head"
+        ));
+    }
     let rotary = (head_dim as f64 * factor) as usize;
     if rotary == 0 || !rotary.is_multiple_of(2) {
         return Err(format!(

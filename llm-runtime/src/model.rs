@@ -72,7 +72,7 @@ pub struct ModelConfig {
     /// RoPE's linear position scaling: positions are divided by it (1 for none).
     pub rope_scaling: f64,
     /// RoPE divides each pair's frequency by a factor: the weight
-    /// [`ROPE_FREQS`] (`[head_dim / 2]`, `llm.rope`'s `freq_factors`; Llama 3's, YaRN's and
+    /// [`ROPE_FREQS`] (`[rotary / 2]`, `llm.rope`'s `freq_factors`; Llama 3's, YaRN's and
     /// LongRoPE's scalings).
     pub rope_freq_factors: bool,
     /// RoPE rotates only the first this many features of each head, the rest passing
@@ -105,7 +105,8 @@ pub struct ModelConfig {
     /// (`layers.N.post_attention_norm.weight`, `layers.N.post_ffw_norm.weight`).
     pub post_norms: bool,
     /// The attention scores' scale where it is not `1 / sqrt(head_dim)` (Gemma 2's and
-    /// 3's `query_pre_attn_scalar ** -0.5`): `llm.paged_attention`'s `scale`.
+    /// 3's `query_pre_attn_scalar ** -0.5`, Granite's `attention_multiplier`):
+    /// `llm.paged_attention`'s `scale`.
     pub attention_scale: Option<f64>,
     /// Attention scores are soft-capped, `cap * tanh(score / cap)`, before the softmax
     /// (Gemma 2's `attn_logit_softcapping`): `llm.paged_attention`'s `softcap`.
@@ -698,13 +699,7 @@ fn forward_func(
     e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
     let mut x = "x0".to_string();
     if c.scale_embeddings {
-        let scale = float(f64::from((c.dim as f32).sqrt()));
-        e.op(format!(
-            "embed_scale = llm.constant {{value = {scale}}} : {}",
-            t("1xf32")
-        ));
-        e.op(format!("x0s = llm.mul x0, embed_scale : {act}"));
-        x = "x0s".to_string();
+        x = e.scaled(&x, Some(f64::from((c.dim as f32).sqrt())), &act);
     }
     x = e.scaled(&x, c.embedding_scale, &act);
     let mut cache_name = "cache".to_string();

@@ -12,6 +12,9 @@ pub(crate) struct PreTokenizer {
     pub splits: &'static [&'static str],
     /// A word that is a token is taken whole.
     pub whole_words: bool,
+    /// Prompts begin with BOS where the file does not say (`tokenizer.ggml.add_bos_token`):
+    /// llama.cpp's default for the family.
+    pub adds_bos: bool,
 }
 
 /// GPT-2's: contractions, letters, digits and other runs, each with one leading space,
@@ -33,6 +36,16 @@ const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\
 /// one at a time.
 const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// llama.cpp's default (for a file that names no pre-tokenizer, or `default`): runs of
+/// punctuation, GPT-2's words without its last whitespace rule, digit runs, and three
+/// ASCII digits, in turn.
+const LLAMA_CPP_DEFAULT: [&str; 4] = [
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
+
 /// Each digit alone (StarCoder's and SmolLM's first split, before GPT-2's).
 const DIGITS: &str = r"\p{N}";
 
@@ -46,20 +59,26 @@ const DEEPSEEK_V3: [&str; 3] = [
 
 impl PreTokenizer {
     /// The pre-tokenizer GGUF's `tokenizer.ggml.pre` names `name` (llama.cpp's names,
-    /// the aliases it reads as the same included), or `None` for one not known here. A
-    /// file without the key, or `default`, takes GPT-2's.
+    /// the aliases it reads as the same included, and `gpt2` for GPT-2's), or `None` for
+    /// one not known here (llama.cpp takes its default for those, with a warning; this
+    /// loader refuses them). A file without the key takes `default`.
     pub fn named(name: &str) -> Option<PreTokenizer> {
+        // Llama 3's and Tekken's families take whole words and begin prompts with BOS.
         let whole = |splits: &'static [&'static str]| PreTokenizer {
             splits,
             whole_words: true,
+            adds_bos: true,
         };
         let merged = |splits: &'static [&'static str]| PreTokenizer {
             splits,
             whole_words: false,
+            adds_bos: false,
         };
         Some(match name {
-            "default" | "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion"
-            | "granite-docling" | "exaone4" => merged(&[GPT2]),
+            "default" => merged(&LLAMA_CPP_DEFAULT),
+            "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion"
+            | "granite-docling" | "exaone4" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
+            | "jina-v2-de" | "a.x-4.0" | "mellum" => merged(&[GPT2]),
             "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
             | "midm-2.0" | "lfm2" => whole(&[LLAMA3]),
             "dbrx" | "smaug-bpe" => merged(&[LLAMA3]),
@@ -128,6 +147,33 @@ mod tests {
             words("deepseek-v3", "12345中文ab.Hello"),
             ["123", "45", "中文", "ab", ".Hello"]
         );
+        // llama.cpp's default: punctuation runs first, then GPT-2's words, digit runs
+        // and three digits at a time.
+        assert_eq!(
+            words("default", "can't 12345"),
+            ["can", "'", "t", " ", "123", "45"]
+        );
+        // Newlines after punctuation join it in Llama 3's and GPT-4o's, not GPT-2's.
+        assert_eq!(words("llama3", "x.\n\ny"), ["x", ".\n\n", "y"]);
+        assert_eq!(words("gpt-4o", "x.\n\ny"), ["x", ".\n\n", "y"]);
+        assert_eq!(words("gpt2", "x.\n\ny"), ["x", ".", "\n", "\n", "y"]);
+        // Llama 3's and Tekken's families take whole words and begin prompts with BOS;
+        // the others neither, as llama.cpp has them.
+        for name in ["llama-bpe", "llama3", "pixtral", "tekken"] {
+            let pre = PreTokenizer::named(name).expect("known");
+            assert!(pre.whole_words && pre.adds_bos, "{name}");
+        }
+        for name in [
+            "gpt2",
+            "qwen2",
+            "gpt-4o",
+            "smollm",
+            "deepseek-v3",
+            "default",
+        ] {
+            let pre = PreTokenizer::named(name).expect("known");
+            assert!(!pre.whole_words && !pre.adds_bos, "{name}");
+        }
         // Aliases read as llama.cpp reads them.
         assert_eq!(
             PreTokenizer::named("deepseek-r1-qwen"),
@@ -139,7 +185,7 @@ mod tests {
             dbrx.splits,
             PreTokenizer::named("llama3").expect("known").splits
         );
-        assert!(!dbrx.whole_words);
+        assert!(!dbrx.whole_words && !dbrx.adds_bos);
         assert_eq!(PreTokenizer::named("deepseek-llm"), None);
     }
 }

@@ -709,7 +709,7 @@ fn gemma_gates_with_gelu_and_scales_embeddings_and_norms() {
         &KvStorage::Float(DType::F32),
     )
     .expect("builds");
-    assert!(ir.contains("embed_scale = llm.constant {value = 8.0}") && ir.contains("llm.gelu"));
+    assert!(ir.contains("x0_scale = llm.constant {value = 8.0}") && ir.contains("llm.gelu"));
     let reference = backends_agree(&loaded, 40);
     let llama = write_hf_dir("gemma-llama");
     let plain = greedy_ids(
@@ -1210,7 +1210,8 @@ fn phi4_mini_computes_what_transformers_computes() {
 /// Granite (`tests/data/granite-tiny`): embeddings times 12, each block's output times
 /// 0.22 before its residual add, attention scores scaled by 1/32 and logits divided by 8;
 /// its GGUF file (llama.cpp's `granite` keys, q and k rows reordered for interleaved
-/// pairs as its converter reorders them) computes what the directory computes.
+/// pairs as its converter reorders them) computes what the directory computes, and one
+/// without a scale is refused.
 #[test]
 fn granite_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("granite-tiny");
@@ -1237,6 +1238,21 @@ fn granite_computes_what_transformers_computes() {
     let from_gguf = gguf_logits(&granite_gguf(), &reference);
     let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    // llama.cpp requires each scale of a file; a missing one is an error naming it.
+    let without_attention_scale = reference_gguf(
+        "granite-tiny",
+        "granite",
+        vec![
+            ("embedding_scale", Meta::Float(12.0)),
+            ("residual_scale", Meta::Float(0.22)),
+            ("logit_scale", Meta::Float(8.0)),
+        ],
+        Vec::new(),
+    );
+    let err = llm_runtime::gguf::read(&without_attention_scale)
+        .err()
+        .expect("refused");
+    assert!(err.contains("granite.attention.scale"), "{err}");
 }
 
 /// `tests/data/granite-tiny` as llama.cpp's converter writes it.
@@ -1988,7 +2004,11 @@ fn bad_directories_name_the_file() {
             "`logits_scaling` = 0 is not a positive number",
         ),
         (
-            r#", "partial_rotary_factor": 0.7"#,
+            r#", "partial_rotary_factor": 0.75"#,
+            "`partial_rotary_factor` = 0.75: only Phi-3's attention rotates part of each head",
+        ),
+        (
+            r#", "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.7"#,
             "`partial_rotary_factor` = 0.7 rotates 5 features of heads of 8, not whole pairs",
         ),
         (
