@@ -11,7 +11,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{Activation, AttentionBias, ModelConfig},
+    model::{Activation, AttentionBias, ModelConfig, QkNorm},
     weights::Weights,
 };
 
@@ -131,7 +131,8 @@ impl Baseline {
             return Err("the baseline's projections have no biases".into());
         }
         if c.explicit_head_dim.is_some()
-            || c.qk_norm
+            || c.qk_norm != QkNorm::None
+            || !c.pre_norms
             || c.activation != Activation::Silu
             || c.scale_embeddings
             || c.post_norms

@@ -33,7 +33,8 @@ use llm_ir::{
 use crate::{
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
-        POST_ATTENTION_NORM, POST_FFW_NORM, ROPE_FREQS, split_fused_weights, uneven_head_dim,
+        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, split_fused_weights,
+        uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -410,8 +411,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             (POST_FFW_NORM, POST_FFW_NORM),
         ],
     )?;
-    // Biases only in qwen2's projections, sandwich norms only in Gemma 2's and 3's.
-    let sandwich = matches!(arch, "gemma2" | "gemma3");
+    // Biases only in qwen2's projections, output norms only in Gemma 2's and 3's
+    // sandwiches and OLMo 2's.
+    let sandwich = matches!(arch, "gemma2" | "gemma3" | "olmo2");
     if name.ends_with(".bias") && arch != "qwen2"
         || !sandwich && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
     {
@@ -524,13 +526,15 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// `qwen2`, which is llama's with biases on the q, k and v projections, `qwen3`, with an
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
 /// whose projections are fused ([`weight_name`]). `granite` is llama's with Granite's
-/// scales ([`apply_granite`]). The RoPE pairs of all but llama and granite are
+/// scales ([`apply_granite`]); `olmo2` is llama's with its blocks' outputs normalized
+/// (`post_attention_norm`, `post_ffw_norm`) instead of their inputs, and RMSNorms over
+/// the whole q and k projections (`attn_q_norm`, `attn_k_norm`). The RoPE pairs of all but llama and granite are
 /// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 8] = [
-    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite",
+const ARCHITECTURES: [&str; 9] = [
+    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2",
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
@@ -914,13 +918,18 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             output: false,
         },
         explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
-        qk_norm: matches!(arch, "qwen3" | "gemma3"),
+        qk_norm: match arch {
+            "qwen3" | "gemma3" => QkNorm::Heads,
+            "olmo2" => QkNorm::Projections,
+            _ => QkNorm::None,
+        },
+        pre_norms: arch != "olmo2",
         activation: match gemma {
             true => Activation::GeluTanh,
             false => Activation::Silu,
         },
         scale_embeddings: gemma,
-        post_norms: false,
+        post_norms: arch == "olmo2",
         attention_scale: None,
         attention_softcap: None,
         logit_softcap: None,

@@ -20,7 +20,7 @@ use crate::{
     hf_gemma,
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, POST_ATTENTION_NORM,
-        POST_FFW_NORM, check_weights, split_fused_weights, uneven_head_dim, weight_shapes,
+        POST_FFW_NORM, QkNorm, check_weights, split_fused_weights, uneven_head_dim, weight_shapes,
     },
     model_file::LoadedModel,
     rope_scaling::{
@@ -343,11 +343,13 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// `sqrt(hidden_size)` and norms scaling by `1 + weight`, Gemma 2's Gemma's with sandwich
 /// norms, soft-capped attention scores and logits and local attention in every other
 /// layer, Gemma 3's with q/k norms instead of the soft-caps and five local layers to a
-/// global one: `hf_gemma`, Granite's Llama's with its four scales: [`granite_scales`]),
+/// global one: `hf_gemma`, Granite's Llama's with its four scales: [`granite_scales`],
+/// OLMo 2's Llama's with its blocks' outputs normalized instead of their inputs and
+/// RMSNorms over the whole q and k projections),
 /// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
-const ARCHITECTURES: [&str; 10] = [
+const ARCHITECTURES: [&str; 11] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
@@ -358,6 +360,7 @@ const ARCHITECTURES: [&str; 10] = [
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
     "GraniteForCausalLM",
+    "Olmo2ForCausalLM",
 ];
 
 /// Granite's scales (`GraniteForCausalLM`), each 1 where the config leaves it out, as
@@ -602,6 +605,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
+    let olmo2 = names_architecture(&cfg, "Olmo2ForCausalLM");
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
@@ -637,10 +641,17 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
         explicit_head_dim: explicit_head_dim(&cfg, int("hidden_size")?, heads)
             .map_err(|m| err(&config_path, m))?,
-        qk_norm: names_architecture(&cfg, "Qwen3ForCausalLM") || gemma == Some(3),
+        qk_norm: if names_architecture(&cfg, "Qwen3ForCausalLM") || gemma == Some(3) {
+            QkNorm::Heads
+        } else if olmo2 {
+            QkNorm::Projections
+        } else {
+            QkNorm::None
+        },
+        pre_norms: !olmo2,
         activation: activation(&cfg).map_err(|m| err(&config_path, m))?,
         scale_embeddings: gemma.is_some(),
-        post_norms: false,
+        post_norms: olmo2,
         attention_scale: None,
         attention_softcap: None,
         logit_softcap: None,

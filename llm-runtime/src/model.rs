@@ -16,7 +16,8 @@
 //! RMSNorm and the classifier (tied to the embedding unless the model has its own) give the
 //! logits; Qwen2-style models add biases after the attention's projections
 //! ([`AttentionBias`]), Qwen3-style ones normalize each head's queries and keys
-//! ([`ModelConfig::qk_norm`]) and may have heads of their own width
+//! ([`ModelConfig::qk_norm`]; OLMo 2 the whole projections, and its blocks' outputs
+//! instead of their inputs: [`ModelConfig::pre_norms`]) and may have heads of their own width
 //! ([`ModelConfig::explicit_head_dim`]), and Gemma-style ones gate with GELU
 //! ([`Activation`]) and scale the embeddings ([`ModelConfig::scale_embeddings`]); Gemma 2
 //! and 3 add sandwich norms ([`ModelConfig::post_norms`]), their own query scale,
@@ -92,9 +93,12 @@ pub struct ModelConfig {
     /// Elements per head where that is not `dim / heads` (Qwen3's: the q projection is
     /// then `heads * head_dim` wide, and the output projection reads that many).
     pub explicit_head_dim: Option<usize>,
-    /// Each head's queries and keys go through an RMSNorm of their own before RoPE
-    /// (`layers.N.attention.q_norm.weight`, `k_norm.weight`, `[head_dim]`; Qwen3's).
-    pub qk_norm: bool,
+    /// Where queries and keys go through an RMSNorm of their own before RoPE.
+    pub qk_norm: QkNorm,
+    /// Each block's input goes through an RMSNorm (`layers.N.attention_norm.weight`,
+    /// `ffn_norm.weight`): every family's but OLMo 2's, which normalizes the blocks'
+    /// outputs instead ([`ModelConfig::post_norms`]).
+    pub pre_norms: bool,
     /// The activation of the feed-forward block's gate.
     pub activation: Activation,
     /// Token embeddings are multiplied by `sqrt(dim)` (in `f32`) before the first layer
@@ -167,6 +171,20 @@ impl LocalAttention {
     }
 }
 
+/// Where queries and keys are RMS-normalized before RoPE (`layers.N.attention.q_norm.weight`
+/// and `k_norm.weight`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QkNorm {
+    /// They are not.
+    #[default]
+    None,
+    /// Each head's on its own, the weights `[head_dim]` (Qwen3's and Gemma 3's).
+    Heads,
+    /// The whole q and k projections, the weights `[heads * head_dim]` and
+    /// `[kv_heads * head_dim]` (OLMo 2's).
+    Projections,
+}
+
 /// The activation of the gated feed-forward block: `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Activation {
@@ -235,7 +253,8 @@ impl ModelConfig {
             sliding_window: None,
             attention_bias: AttentionBias::default(),
             explicit_head_dim: None,
-            qk_norm: false,
+            qk_norm: QkNorm::None,
+            pre_norms: true,
             activation: Activation::Silu,
             scale_embeddings: false,
             post_norms: false,
@@ -402,28 +421,33 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
         out.extend([
-            (format!("{p}attention_norm.weight"), vec![d]),
             (format!("{p}attention.wq.weight"), vec![qd, d]),
             (format!("{p}attention.wk.weight"), vec![kvd, d]),
             (format!("{p}attention.wv.weight"), vec![kvd, d]),
             (format!("{p}attention.wo.weight"), vec![d, qd]),
-            (format!("{p}ffn_norm.weight"), vec![d]),
             (format!("{p}feed_forward.w1.weight"), vec![hd, d]),
             (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
             (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
+        if c.pre_norms {
+            out.extend([
+                (format!("{p}attention_norm.weight"), vec![d]),
+                (format!("{p}ffn_norm.weight"), vec![d]),
+            ]);
+        }
         if c.post_norms {
             out.extend([
                 (format!("{p}{POST_ATTENTION_NORM}"), vec![d]),
                 (format!("{p}{POST_FFW_NORM}"), vec![d]),
             ]);
         }
-        if c.qk_norm {
-            out.extend([
-                (format!("{p}attention.q_norm.weight"), vec![c.head_dim()]),
-                (format!("{p}attention.k_norm.weight"), vec![c.head_dim()]),
-            ]);
-        }
+        let (q_norm, k_norm) = match c.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::Heads => (Some(c.head_dim()), Some(c.head_dim())),
+            QkNorm::Projections => (Some(qd), Some(kvd)),
+        };
+        out.extend(q_norm.map(|n| (format!("{p}attention.q_norm.weight"), vec![n])));
+        out.extend(k_norm.map(|n| (format!("{p}attention.k_norm.weight"), vec![n])));
         if c.attention_bias.qkv {
             out.extend([
                 (format!("{p}attention.wq.bias"), vec![qd]),
@@ -712,13 +736,18 @@ fn forward_func(
         } else {
             global_factors.as_str()
         };
-        let attn_norm = e.weight_f32(
-            &format!("attn_norm_{l}"),
-            &format!("{p}attention_norm.weight"),
-        );
-        e.op(format!(
-            "h_{l} = llm.rms_norm {x}, {attn_norm} {{eps = {eps}}} : {act}"
-        ));
+        let attn_in = if c.pre_norms {
+            let attn_norm = e.weight_f32(
+                &format!("attn_norm_{l}"),
+                &format!("{p}attention_norm.weight"),
+            );
+            e.op(format!(
+                "h_{l} = llm.rms_norm {x}, {attn_norm} {{eps = {eps}}} : {act}"
+            ));
+            format!("h_{l}")
+        } else {
+            x.clone()
+        };
         let wq = e.weight_f32(&format!("wq_{l}"), &format!("{p}attention.wq.weight"));
         let wk = e.weight_f32(&format!("wk_{l}"), &format!("{p}attention.wk.weight"));
         let wv = e.weight_f32(&format!("wv_{l}"), &format!("{p}attention.wv.weight"));
@@ -726,7 +755,7 @@ fn forward_func(
             [("q", &wq, &qact), ("k", &wk, &kv), ("v", &wv, &kv)].map(|(out, w, ty)| {
                 let product = format!("{out}_{l}");
                 e.op(format!(
-                    "{product} = llm.matmul h_{l}, {w} {{transpose_rhs = true}} : {ty}"
+                    "{product} = llm.matmul {attn_in}, {w} {{transpose_rhs = true}} : {ty}"
                 ));
                 let bias = format!("{p}attention.w{out}.bias");
                 e.add_bias(&product, c.attention_bias.qkv.then_some(bias.as_str()), ty)
@@ -735,26 +764,44 @@ fn forward_func(
             t(&format!("?x{h}x{dh}xf32")),
             t(&format!("?x{kvh}x{dh}xf32")),
         );
+        let qk_norms = (c.qk_norm != QkNorm::None).then(|| {
+            (
+                e.weight_f32(
+                    &format!("q_norm_{l}"),
+                    &format!("{p}attention.q_norm.weight"),
+                ),
+                e.weight_f32(
+                    &format!("k_norm_{l}"),
+                    &format!("{p}attention.k_norm.weight"),
+                ),
+            )
+        });
+        // The q and k norms over whole projections (OLMo 2's) or over each head.
+        let (q, k) = match (&qk_norms, c.qk_norm) {
+            (Some((qn, kn)), QkNorm::Projections) => {
+                e.op(format!(
+                    "qn_{l} = llm.rms_norm {q}, {qn} {{eps = {eps}}} : {qact}"
+                ));
+                e.op(format!(
+                    "kn_{l} = llm.rms_norm {k}, {kn} {{eps = {eps}}} : {kv}"
+                ));
+                (format!("qn_{l}"), format!("kn_{l}"))
+            }
+            _ => (q, k),
+        };
         e.op(format!("qh_{l} = llm.reshape {q} : {qheads}"));
         e.op(format!("kh_{l} = llm.reshape {k} : {kvheads}"));
-        let (qh, kh) = if c.qk_norm {
-            let qn = e.weight_f32(
-                &format!("q_norm_{l}"),
-                &format!("{p}attention.q_norm.weight"),
-            );
-            let kn = e.weight_f32(
-                &format!("k_norm_{l}"),
-                &format!("{p}attention.k_norm.weight"),
-            );
-            e.op(format!(
-                "qhn_{l} = llm.rms_norm qh_{l}, {qn} {{eps = {eps}}} : {qheads}"
-            ));
-            e.op(format!(
-                "khn_{l} = llm.rms_norm kh_{l}, {kn} {{eps = {eps}}} : {kvheads}"
-            ));
-            (format!("qhn_{l}"), format!("khn_{l}"))
-        } else {
-            (format!("qh_{l}"), format!("kh_{l}"))
+        let (qh, kh) = match (&qk_norms, c.qk_norm) {
+            (Some((qn, kn)), QkNorm::Heads) => {
+                e.op(format!(
+                    "qhn_{l} = llm.rms_norm qh_{l}, {qn} {{eps = {eps}}} : {qheads}"
+                ));
+                e.op(format!(
+                    "khn_{l} = llm.rms_norm kh_{l}, {kn} {{eps = {eps}}} : {kvheads}"
+                ));
+                (format!("qhn_{l}"), format!("khn_{l}"))
+            }
+            _ => (format!("qh_{l}"), format!("kh_{l}")),
         };
         e.op(format!("vh_{l} = llm.reshape {v} : {kvheads}"));
         e.op(format!(
@@ -785,18 +832,23 @@ fn forward_func(
         let o = e.post_norm(c, &o, &format!("{p}{POST_ATTENTION_NORM}"), &act);
         let o = e.scaled(&o, c.residual_scale, &act);
         e.op(format!("xa_{l} = llm.add {x}, {o} : {act}"));
-        let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
-        e.op(format!(
-            "hf_{l} = llm.rms_norm xa_{l}, {ffn_norm} {{eps = {eps}}} : {act}"
-        ));
+        let ffn_in = if c.pre_norms {
+            let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
+            e.op(format!(
+                "hf_{l} = llm.rms_norm xa_{l}, {ffn_norm} {{eps = {eps}}} : {act}"
+            ));
+            format!("hf_{l}")
+        } else {
+            format!("xa_{l}")
+        };
         let w1 = e.weight_f32(&format!("w1_{l}"), &format!("{p}feed_forward.w1.weight"));
         let w3 = e.weight_f32(&format!("w3_{l}"), &format!("{p}feed_forward.w3.weight"));
         let w2 = e.weight_f32(&format!("w2_{l}"), &format!("{p}feed_forward.w2.weight"));
         e.op(format!(
-            "gate_{l} = llm.matmul hf_{l}, {w1} {{transpose_rhs = true}} : {hid}"
+            "gate_{l} = llm.matmul {ffn_in}, {w1} {{transpose_rhs = true}} : {hid}"
         ));
         e.op(format!(
-            "up_{l} = llm.matmul hf_{l}, {w3} {{transpose_rhs = true}} : {hid}"
+            "up_{l} = llm.matmul {ffn_in}, {w3} {{transpose_rhs = true}} : {hid}"
         ));
         let activation = match c.activation {
             Activation::Silu => "silu",

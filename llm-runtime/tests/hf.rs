@@ -18,7 +18,7 @@ use llm_runtime::{
     generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
-    model::{Activation, AttentionBias, ModelConfig, build_ir},
+    model::{Activation, AttentionBias, ModelConfig, QkNorm, build_ir},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
@@ -634,7 +634,7 @@ fn qwen3_heads_are_their_own_width_and_normalized() {
     );
     let loaded = model_file::load(&dir).expect("Qwen3 directory loads");
     assert_eq!(loaded.config.explicit_head_dim, Some(16));
-    assert!(loaded.config.qk_norm);
+    assert_eq!(loaded.config.qk_norm, QkNorm::Heads);
     let ir = build_ir(
         &loaded.config,
         &loaded.weights,
@@ -910,6 +910,7 @@ fn reference_gguf(
 ) -> Vec<u8> {
     let reference = transformers_reference(name);
     let gemma = arch.starts_with("gemma");
+    let post_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
     let loaded = model_file::load(&reference.dir).expect("loads");
     let c = &loaded.config;
     let map = std::fs::read(reference.dir.join("model.safetensors")).expect("safetensors file");
@@ -930,7 +931,7 @@ fn reference_gguf(
             ];
             let gguf = sandwich
                 .iter()
-                .find(|(hf, _)| gemma && name.contains(hf))
+                .find(|(hf, _)| post_norms && name.contains(hf))
                 .map_or(name.clone(), |(hf, ours)| {
                     name.replace("model.layers.", "blk.").replace(hf, ours)
                 });
@@ -1030,12 +1031,12 @@ fn qwen3_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("qwen3-tiny");
     assert_eq!(
         (loaded.config.head_dim(), loaded.config.qk_norm),
-        (32, true)
+        (32, QkNorm::Heads)
     );
     computes_what_transformers_computes(
         &loaded,
         &reference,
-        &[("the q/k norms", &|c| c.qk_norm = false)],
+        &[("the q/k norms", &|c| c.qk_norm = QkNorm::None)],
     );
 }
 
@@ -1270,6 +1271,33 @@ fn granite_gguf() -> Vec<u8> {
     )
 }
 
+/// OLMo 2 (`tests/data/olmo2-tiny`): each block's output normalized before its residual
+/// add and no input norms, RMSNorms over the whole q and k projections; its GGUF file
+/// (llama.cpp's `olmo2` names) computes what the directory computes.
+#[test]
+fn olmo2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("olmo2-tiny");
+    let c = &loaded.config;
+    assert!(c.post_norms && !c.pre_norms);
+    assert_eq!(c.qk_norm, QkNorm::Projections);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the output norms", &|c| c.post_norms = false),
+            ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
+        ],
+    );
+    let from_gguf = gguf_logits(&olmo2_gguf(), &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
+/// `tests/data/olmo2-tiny` as llama.cpp's converter writes it.
+fn olmo2_gguf() -> Vec<u8> {
+    reference_gguf("olmo2-tiny", "olmo2", Vec::new(), Vec::new())
+}
+
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
 /// norms scaling by `1 + weight`.
 #[test]
@@ -1341,7 +1369,10 @@ fn gemma3_computes_what_transformers_computes() {
     let loaded = model_file::load(&reference.dir).expect("the Gemma 3 checkpoint loads");
     let c = &loaded.config;
     assert!(
-        c.post_norms && c.qk_norm && c.attention_softcap.is_none() && c.logit_softcap.is_none()
+        c.post_norms
+            && c.qk_norm == QkNorm::Heads
+            && c.attention_softcap.is_none()
+            && c.logit_softcap.is_none()
     );
     assert_eq!((c.rope_theta, c.rope_scaling), (1e6, 2.0));
     let local = c.local_attention.as_ref().expect("local layers");
@@ -1365,7 +1396,7 @@ fn gemma3_computes_what_transformers_computes() {
             }),
             ("the global RoPE's scaling", &|c| c.rope_scaling = 1.0),
             ("the sandwich norms", &|c| c.post_norms = false),
-            ("the q/k norms", &|c| c.qk_norm = false),
+            ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
         ],
     );
     let config: serde_json::Value = serde_json::from_str(
@@ -1701,6 +1732,7 @@ fn mutated_family_gguf_files_never_panic() {
         phi3_longrope_gguf(),
         phi4_mini_gguf(),
         granite_gguf(),
+        olmo2_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");

@@ -9,7 +9,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
-partial rotation (`phi4-mini`) and Granite's scales (`granite`),
+partial rotation (`phi4-mini`), Granite's scales (`granite`) and OLMo 2's norms
+(`olmo2`),
 or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -35,6 +36,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -239,6 +242,10 @@ def main():
         logits_scaling=8.0,
     )
     write("granite-tiny", GraniteForCausalLM, granite, 13)
+    # OLMo 2: each block's output normalized before its residual add (no input norms),
+    # RMSNorms over the whole q and k projections, an untied classifier.
+    olmo2 = Olmo2Config(**small, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    write("olmo2-tiny", Olmo2ForCausalLM, olmo2, 14)
 
 
 def gemma3_1b_shape(out):
