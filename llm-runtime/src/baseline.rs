@@ -142,6 +142,7 @@ impl Baseline {
             || c.embedding_scale.is_some()
             || c.residual_scale.is_some()
             || c.logit_scale.is_some()
+            || c.nope_layers.is_some()
             || c.local_attention.is_some()
         {
             return Err(

@@ -526,22 +526,29 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// `qwen2`, which is llama's with biases on the q, k and v projections, `qwen3`, with an
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
 /// whose projections are fused ([`weight_name`]). `granite` is llama's with Granite's
-/// scales ([`apply_granite`]); `olmo2` is llama's with its blocks' outputs normalized
+/// scales ([`apply_granite`]); `smollm3` is llama's with every fourth layer's RoPE left
+/// out ([`smollm3_nope_layers`]); `olmo2` is llama's with its blocks' outputs normalized
 /// (`post_attention_norm`, `post_ffw_norm`) instead of their inputs, and RMSNorms over
 /// the whole q and k projections (`attn_q_norm`, `attn_k_norm`). The RoPE pairs of all but llama and granite are
 /// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 9] = [
-    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2",
+const ARCHITECTURES: [&str; 10] = [
+    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "smollm3",
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
-/// converter reorders the q and k rows of `llama` and `granite` models for them, and
-/// keeps the others' in Hugging Face's half-split order.
+/// converter reorders the q and k rows of `llama`, `granite` and `smollm3` models for
+/// them, and keeps the others' in Hugging Face's half-split order.
 fn interleaved_rope(arch: &str) -> bool {
-    matches!(arch, "llama" | "granite")
+    matches!(arch, "llama" | "granite" | "smollm3")
+}
+
+/// SmolLM3's NoPE layers, as llama.cpp has them (a fixed step, no metadata): every fourth
+/// layer, the fourth, the eighth and so on, takes no RoPE.
+fn smollm3_nope_layers(layers: usize) -> Vec<bool> {
+    (0..layers).map(|l| (l + 1) % 4 == 0).collect()
 }
 
 /// Granite's scales, which llama.cpp requires of a file: `granite.embedding_scale`
@@ -936,6 +943,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         embedding_scale: None,
         residual_scale: None,
         logit_scale: None,
+        nope_layers: None,
         local_attention: None,
     };
     if sandwich {
@@ -943,6 +951,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     }
     if arch == "granite" {
         apply_granite(g, &mut config)?;
+    }
+    if arch == "smollm3" {
+        config.nope_layers = Some(smollm3_nope_layers(config.layers));
     }
     config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
     let rope = rope_scaling(g, arch, &config, &mut weights)?;

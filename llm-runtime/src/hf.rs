@@ -345,11 +345,12 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// layer, Gemma 3's with q/k norms instead of the soft-caps and five local layers to a
 /// global one: `hf_gemma`, Granite's Llama's with its four scales: [`granite_scales`],
 /// OLMo 2's Llama's with its blocks' outputs normalized instead of their inputs and
-/// RMSNorms over the whole q and k projections),
+/// RMSNorms over the whole q and k projections, SmolLM3's Llama's with some layers'
+/// RoPE left out: [`smollm3_nope_layers`]),
 /// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
-const ARCHITECTURES: [&str; 11] = [
+const ARCHITECTURES: [&str; 12] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
@@ -361,7 +362,32 @@ const ARCHITECTURES: [&str; 11] = [
     "Phi3ForCausalLM",
     "GraniteForCausalLM",
     "Olmo2ForCausalLM",
+    "SmolLM3ForCausalLM",
 ];
+
+/// SmolLM3's NoPE layers: `no_rope_layers` (1 for a layer with RoPE, 0 for one without),
+/// or, where the config leaves it out, every `no_rope_layer_interval`-th layer (4 by
+/// default) without, as `SmolLM3Config` fills it in.
+fn smollm3_nope_layers(cfg: &Json, layers: usize) -> Result<Vec<bool>, String> {
+    match cfg.get("no_rope_layers") {
+        None | Some(Json::Null) => {
+            let interval = match cfg.get("no_rope_layer_interval") {
+                None | Some(Json::Null) => 4,
+                Some(_) => config_int(cfg, "no_rope_layer_interval")?,
+            };
+            Ok((0..layers).map(|l| (l + 1) % interval == 0).collect())
+        }
+        Some(Json::Array(flags)) => flags
+            .iter()
+            .map(|f| match f.as_u64() {
+                Some(0) => Ok(true),
+                Some(1) => Ok(false),
+                _ => Err(format!("`no_rope_layers` holds {f}, not 0 or 1")),
+            })
+            .collect(),
+        Some(other) => Err(format!("`no_rope_layers` = {other} is not a list")),
+    }
+}
 
 /// Granite's scales (`GraniteForCausalLM`), each 1 where the config leaves it out, as
 /// Hugging Face's `GraniteConfig` defaults them: the embeddings times
@@ -658,6 +684,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         embedding_scale: None,
         residual_scale: None,
         logit_scale: None,
+        nope_layers: None,
         local_attention: None,
     };
     config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
@@ -667,6 +694,10 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     }
     if names_architecture(&cfg, "GraniteForCausalLM") {
         granite_scales(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
+    if names_architecture(&cfg, "SmolLM3ForCausalLM") {
+        config.nope_layers =
+            Some(smollm3_nope_layers(&cfg, config.layers).map_err(|m| err(&config_path, m))?);
     }
     let rope = rope_scaling(global_scaling, &cfg, config.rope_theta, config.rotary())
         .map_err(|m| err(&config_path, m))?;

@@ -117,6 +117,9 @@ pub struct ModelConfig {
     pub attention_softcap: Option<f64>,
     /// The logits are soft-capped the same way (Gemma 2's `final_logit_softcapping`).
     pub logit_softcap: Option<f64>,
+    /// The layers whose attention takes no RoPE (SmolLM3's NoPE layers, every fourth);
+    /// `None` where every layer rotates.
+    pub nope_layers: Option<Vec<bool>>,
     /// Token embeddings are multiplied by it before the first layer (Granite's
     /// `embedding_multiplier`).
     pub embedding_scale: Option<f64>,
@@ -264,6 +267,7 @@ impl ModelConfig {
             embedding_scale: None,
             residual_scale: None,
             logit_scale: None,
+            nope_layers: None,
             local_attention: None,
         }
     }
@@ -339,6 +343,15 @@ impl ModelConfig {
         }) {
             return Err(format!(
                 "the {what} {v} is not a positive (normal f32) number"
+            ));
+        }
+        if let Some(nope) = &self.nope_layers
+            && nope.len() != self.layers
+        {
+            return Err(format!(
+                "{} layers are marked with or without RoPE, but the model has {}",
+                nope.len(),
+                self.layers
             ));
         }
         if let Some(local) = &self.local_attention {
@@ -603,6 +616,8 @@ struct LayerAttention {
     own_rope: bool,
     /// `, window = W, scale = S, softcap = C` as the model has them.
     params: String,
+    /// The layer takes no RoPE ([`ModelConfig::nope_layers`]).
+    nope: bool,
 }
 
 impl LayerAttention {
@@ -636,6 +651,10 @@ impl LayerAttention {
             rope,
             own_rope: own_theta.is_some(),
             params,
+            nope: c
+                .nope_layers
+                .as_ref()
+                .is_some_and(|nope| nope.get(l).copied().unwrap_or(false)),
         }
     }
 }
@@ -804,17 +823,22 @@ fn forward_func(
             _ => (format!("qh_{l}"), format!("kh_{l}")),
         };
         e.op(format!("vh_{l} = llm.reshape {v} : {kvheads}"));
-        e.op(format!(
-            "qr_{l} = llm.rope {qh}, positions{factors} {{{rope}}} : {qheads}"
-        ));
-        e.op(format!(
-            "kr_{l} = llm.rope {kh}, positions{factors} {{{rope}}} : {kvheads}"
-        ));
+        let (qr, kr) = if layer.nope {
+            (qh, kh)
+        } else {
+            e.op(format!(
+                "qr_{l} = llm.rope {qh}, positions{factors} {{{rope}}} : {qheads}"
+            ));
+            e.op(format!(
+                "kr_{l} = llm.rope {kh}, positions{factors} {{{rope}}} : {kvheads}"
+            ));
+            (format!("qr_{l}"), format!("kr_{l}"))
+        };
         let next_cache = format!("cache_{}", l + 1);
-        e.op(format!("{next_cache} = llm.append_kv {cache_name}, kr_{l}, vh_{l}, slots {{layer = {l}}} : {cache}"));
+        e.op(format!("{next_cache} = llm.append_kv {cache_name}, {kr}, vh_{l}, slots {{layer = {l}}} : {cache}"));
         cache_name = next_cache;
         let queries = t(&format!("{batch}x{h}x{dh}xf32"));
-        e.op(format!("qb_{l} = llm.reshape qr_{l} : {queries}"));
+        e.op(format!("qb_{l} = llm.reshape {qr} : {queries}"));
         e.op(format!(
             "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{attention}}} : {queries}"
         ));

@@ -940,14 +940,14 @@ fn reference_gguf(
             } else {
                 values
             };
-            // llama.cpp's converter reorders llama's and Granite's q and k rows for
-            // interleaved RoPE pairs.
+            // llama.cpp's converter reorders the q and k rows of Granite and SmolLM3
+            // (as llama's) for interleaved RoPE pairs.
             let heads = match name.rsplit('.').nth(1) {
                 Some("q_proj") => c.heads,
                 Some("k_proj") => c.kv_heads,
                 _ => 0,
             };
-            let values = if arch == "granite" && heads > 0 {
+            let values = if matches!(arch, "granite" | "smollm3") && heads > 0 {
                 permute_rope_rows(&values, heads, c.head_dim(), view.shape()[1], false)
             } else {
                 values
@@ -1236,9 +1236,10 @@ fn granite_computes_what_transformers_computes() {
             ("the logit scale", &|c| c.logit_scale = None),
         ],
     );
+    // Its q and k rows are in another order (see the SmolLM3 test): against
+    // transformers' logits, as the directory is.
     let from_gguf = gguf_logits(&granite_gguf(), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
     // llama.cpp requires each scale of a file; a missing one is an error naming it.
     let without_attention_scale = reference_gguf(
         "granite-tiny",
@@ -1296,6 +1297,33 @@ fn olmo2_computes_what_transformers_computes() {
 /// `tests/data/olmo2-tiny` as llama.cpp's converter writes it.
 fn olmo2_gguf() -> Vec<u8> {
     reference_gguf("olmo2-tiny", "olmo2", Vec::new(), Vec::new())
+}
+
+/// SmolLM3 (`tests/data/smollm3-tiny`): four layers, the fourth without RoPE; its GGUF
+/// file (llama.cpp's `smollm3`, whose NoPE step is fixed at 4, q and k rows reordered for
+/// interleaved pairs) computes what the directory computes.
+#[test]
+fn smollm3_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("smollm3-tiny");
+    assert_eq!(
+        loaded.config.nope_layers.as_deref(),
+        Some([false, false, false, true].as_slice())
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the NoPE layer", &|c| c.nope_layers = None)],
+    );
+    // The file's q and k rows are in another order, which sums the attention scores in
+    // another order: against transformers' logits, as the directory is (2.8e-5 from the
+    // directory's logits, measured).
+    let from_gguf = gguf_logits(&smollm3_gguf(), &reference);
+    assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
+}
+
+/// `tests/data/smollm3-tiny` as llama.cpp's converter writes it.
+fn smollm3_gguf() -> Vec<u8> {
+    reference_gguf("smollm3-tiny", "smollm3", Vec::new(), Vec::new())
 }
 
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
@@ -1733,6 +1761,7 @@ fn mutated_family_gguf_files_never_panic() {
         phi4_mini_gguf(),
         granite_gguf(),
         olmo2_gguf(),
+        smollm3_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -2042,6 +2071,10 @@ fn bad_directories_name_the_file() {
         (
             r#", "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.7"#,
             "`partial_rotary_factor` = 0.7 rotates 5 features of heads of 8, not whole pairs",
+        ),
+        (
+            r#", "architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1, 2, 1, 1, 1]"#,
+            "`no_rope_layers` holds 2, not 0 or 1",
         ),
         (
             r#", "partial_rotary_factor": 1.5"#,

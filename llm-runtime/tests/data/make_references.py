@@ -9,8 +9,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
-partial rotation (`phi4-mini`), Granite's scales (`granite`) and OLMo 2's norms
-(`olmo2`),
+partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
+(`olmo2`) and SmolLM3's NoPE layers (`smollm3`),
 or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -44,6 +44,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 SEQUENCE = 28
@@ -246,6 +248,14 @@ def main():
     # RMSNorms over the whole q and k projections, an untied classifier.
     olmo2 = Olmo2Config(**small, rms_norm_eps=1e-6, tie_word_embeddings=False)
     write("olmo2-tiny", Olmo2ForCausalLM, olmo2, 14)
+    # SmolLM3: four layers, the fourth without RoPE (its NoPE layers, every fourth).
+    smollm3 = SmolLM3Config(
+        **{**small, "num_hidden_layers": 4},
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        pad_token_id=0,
+    )
+    write("smollm3-tiny", SmolLM3ForCausalLM, smollm3, 15)
 
 
 def gemma3_1b_shape(out):
