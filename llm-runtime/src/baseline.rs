@@ -143,6 +143,8 @@ impl Baseline {
             || c.residual_scale.is_some()
             || c.logit_scale.is_some()
             || c.nope_layers.is_some()
+            || c.layer_norms
+            || c.parallel_blocks
             || c.local_attention.is_some()
         {
             return Err(

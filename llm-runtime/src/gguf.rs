@@ -527,22 +527,48 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
 /// whose projections are fused ([`weight_name`]). `granite` is llama's with Granite's
 /// scales ([`apply_granite`]); `smollm3` is llama's with every fourth layer's RoPE left
-/// out ([`smollm3_nope_layers`]); `olmo2` is llama's with its blocks' outputs normalized
+/// out ([`smollm3_nope_layers`]); `command-r` is Cohere's ([`apply_cohere`]); `olmo2` is
+/// llama's with its blocks' outputs normalized
 /// (`post_attention_norm`, `post_ffw_norm`) instead of their inputs, and RMSNorms over
 /// the whole q and k projections (`attn_q_norm`, `attn_k_norm`). The RoPE pairs of all but llama and granite are
 /// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 10] = [
-    "llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "smollm3",
+const ARCHITECTURES: [&str; 11] = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "granite",
+    "olmo2",
+    "smollm3",
+    "command-r",
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
 /// converter reorders the q and k rows of `llama`, `granite` and `smollm3` models for
-/// them, and keeps the others' in Hugging Face's half-split order.
+/// them, Cohere's (`command-r`) pair them so already, and the others keep Hugging Face's
+/// half-split order.
 fn interleaved_rope(arch: &str) -> bool {
-    matches!(arch, "llama" | "granite" | "smollm3")
+    matches!(arch, "llama" | "granite" | "smollm3" | "command-r")
+}
+
+/// Cohere's settings (`command-r`), as llama.cpp reads them: LayerNorms without bias,
+/// parallel attention and feed-forward blocks, and the logits multiplied by the required
+/// `command-r.logit_scale`.
+fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
+    let key = "command-r.logit_scale";
+    c.logit_scale = Some(
+        g.positive(key)?
+            .ok_or_else(|| format!("missing metadata `{key}`"))?,
+    );
+    c.layer_norms = true;
+    c.parallel_blocks = true;
+    Ok(())
 }
 
 /// SmolLM3's NoPE layers, as llama.cpp has them (a fixed step, no metadata): every fourth
@@ -554,7 +580,8 @@ fn smollm3_nope_layers(layers: usize) -> Vec<bool> {
 /// Granite's scales, which llama.cpp requires of a file: `granite.embedding_scale`
 /// multiplies the embeddings, `granite.residual_scale` each block's output before its
 /// residual add, `granite.attention.scale` scales the attention scores, and
-/// `granite.logit_scale` divides the logits.
+/// `granite.logit_scale` divides the logits (as a multiplication by its `f32`
+/// reciprocal).
 fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     let scale = |k: &str| {
         let key = format!("granite.{k}");
@@ -564,7 +591,7 @@ fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     c.embedding_scale = Some(scale("embedding_scale")?);
     c.residual_scale = Some(scale("residual_scale")?);
     c.attention_scale = Some(scale("attention.scale")?);
-    c.logit_scale = Some(scale("logit_scale")?);
+    c.logit_scale = Some(f64::from(1.0 / scale("logit_scale")? as f32));
     Ok(())
 }
 
@@ -745,7 +772,7 @@ fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>
     }
     if interleaved_rope(arch) || rotary > head_dim || !rotary.is_multiple_of(2) {
         return Err(format!(
-            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in files with interleaved pairs (llama, granite)"
+            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in files whose pairs are interleaved"
         ));
     }
     Ok(Some(rotary))
@@ -906,8 +933,13 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         vocab,
         seq_len: g.int(&key("context_length"))?,
         rope_theta: g.float(&key("rope.freq_base")).unwrap_or(10000.0),
+        // Cohere's norms are LayerNorms, with their own key.
         norm_eps: g
-            .float(&key("attention.layer_norm_rms_epsilon"))
+            .float(&key(if arch == "command-r" {
+                "attention.layer_norm_epsilon"
+            } else {
+                "attention.layer_norm_rms_epsilon"
+            }))
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
         rope_half: !interleaved_rope(arch),
@@ -943,6 +975,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         embedding_scale: None,
         residual_scale: None,
         logit_scale: None,
+        layer_norms: false,
+        parallel_blocks: false,
         nope_layers: None,
         local_attention: None,
     };
@@ -951,6 +985,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     }
     if arch == "granite" {
         apply_granite(g, &mut config)?;
+    }
+    if arch == "command-r" {
+        apply_cohere(g, &mut config)?;
     }
     if arch == "smollm3" {
         config.nope_layers = Some(smollm3_nope_layers(config.layers));

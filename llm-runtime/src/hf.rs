@@ -346,11 +346,12 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// global one: `hf_gemma`, Granite's Llama's with its four scales: [`granite_scales`],
 /// OLMo 2's Llama's with its blocks' outputs normalized instead of their inputs and
 /// RMSNorms over the whole q and k projections, SmolLM3's Llama's with some layers'
-/// RoPE left out: [`smollm3_nope_layers`]),
+/// RoPE left out: [`smollm3_nope_layers`], Cohere's with LayerNorms, parallel blocks,
+/// scaled logits and interleaved RoPE pairs: [`cohere_settings`]),
 /// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
-const ARCHITECTURES: [&str; 12] = [
+const ARCHITECTURES: [&str; 13] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
@@ -363,7 +364,31 @@ const ARCHITECTURES: [&str; 12] = [
     "GraniteForCausalLM",
     "Olmo2ForCausalLM",
     "SmolLM3ForCausalLM",
+    "CohereForCausalLM",
 ];
+
+/// Cohere's settings (`CohereForCausalLM`: Command R, Aya): LayerNorms without bias,
+/// attention and feed-forward blocks in parallel, and the logits multiplied by
+/// `logit_scale` (0.0625 where left out, as `CohereConfig` defaults it). Its per-head q/k
+/// LayerNorms (`use_qk_norm`, Command R+'s) are refused: the builder has none.
+fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+    if cfg.get("use_qk_norm").and_then(Json::as_bool) == Some(true) {
+        return Err(
+            "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported".into(),
+        );
+    }
+    let scale = match cfg.get("logit_scale") {
+        None | Some(Json::Null) => 0.0625,
+        Some(v) => v
+            .as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| format!("`logit_scale` = {v} is not a positive number"))?,
+    };
+    c.layer_norms = true;
+    c.parallel_blocks = true;
+    c.logit_scale = Some(scale);
+    Ok(())
+}
 
 /// SmolLM3's NoPE layers: `no_rope_layers` (1 for a layer with RoPE, 0 for one without),
 /// or, where the config leaves it out, every `no_rope_layer_interval`-th layer (4 by
@@ -406,7 +431,7 @@ fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.embedding_scale = unless_one(scale("embedding_multiplier")?);
     c.residual_scale = unless_one(scale("residual_multiplier")?);
     c.attention_scale = Some(scale("attention_multiplier")?);
-    c.logit_scale = unless_one(scale("logits_scaling")?);
+    c.logit_scale = unless_one(scale("logits_scaling")?).map(|s| f64::from(1.0 / s as f32));
     Ok(())
 }
 
@@ -632,6 +657,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
     let olmo2 = names_architecture(&cfg, "Olmo2ForCausalLM");
+    let cohere = names_architecture(&cfg, "CohereForCausalLM");
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
@@ -646,15 +672,21 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         vocab: int("vocab_size")?,
         seq_len: int("max_position_embeddings")?,
         rope_theta,
+        // Cohere's norms are LayerNorms, with their own key.
         norm_eps: cfg
-            .get("rms_norm_eps")
+            .get(if cohere {
+                "layer_norm_eps"
+            } else {
+                "rms_norm_eps"
+            })
             .and_then(Json::as_f64)
             .unwrap_or(1e-5),
         tied_classifier: cfg
             .get("tie_word_embeddings")
             .and_then(Json::as_bool)
             .unwrap_or(false),
-        rope_half: true,
+        // Cohere's rotation pairs neighbours, as Meta's Llama does.
+        rope_half: !cohere,
         rope_scaling: 1.0,
         rope_freq_factors: false,
         rotary_dim: None,
@@ -684,6 +716,8 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         embedding_scale: None,
         residual_scale: None,
         logit_scale: None,
+        layer_norms: false,
+        parallel_blocks: false,
         nope_layers: None,
         local_attention: None,
     };
@@ -694,6 +728,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     }
     if names_architecture(&cfg, "GraniteForCausalLM") {
         granite_scales(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
+    if cohere {
+        cohere_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     if names_architecture(&cfg, "SmolLM3ForCausalLM") {
         config.nope_layers =

@@ -126,9 +126,16 @@ pub struct ModelConfig {
     /// The attention's and the feed-forward block's outputs are multiplied by it before
     /// their residual adds (Granite's `residual_multiplier`).
     pub residual_scale: Option<f64>,
-    /// The logits are divided by it (Granite's `logits_scaling`; as a multiplication by
-    /// its `f32` reciprocal).
+    /// The logits are multiplied by it (Cohere's `logit_scale`; Granite's is the `f32`
+    /// reciprocal of its `logits_scaling`, which divides them).
     pub logit_scale: Option<f64>,
+    /// The blocks' input norms and the final norm are LayerNorms without bias (centred on
+    /// the mean; Cohere's) instead of RMSNorms.
+    pub layer_norms: bool,
+    /// The feed-forward block reads the attention block's normalized input, and both add
+    /// into the residual at once (`x + attention + feed_forward`; Cohere's): no
+    /// `ffn_norm` weights.
+    pub parallel_blocks: bool,
     /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
     /// every layer attends alike.
     pub local_attention: Option<LocalAttention>,
@@ -267,6 +274,8 @@ impl ModelConfig {
             embedding_scale: None,
             residual_scale: None,
             logit_scale: None,
+            layer_norms: false,
+            parallel_blocks: false,
             nope_layers: None,
             local_attention: None,
         }
@@ -443,10 +452,10 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
         if c.pre_norms {
-            out.extend([
-                (format!("{p}attention_norm.weight"), vec![d]),
-                (format!("{p}ffn_norm.weight"), vec![d]),
-            ]);
+            out.push((format!("{p}attention_norm.weight"), vec![d]));
+            if !c.parallel_blocks {
+                out.push((format!("{p}ffn_norm.weight"), vec![d]));
+            }
         }
         if c.post_norms {
             out.extend([
@@ -674,6 +683,28 @@ impl Emitter<'_> {
         format!("{value}_normed")
     }
 
+    /// `value` (`[?, dim]`) through the norm of weight `weight` as `result`: an RMSNorm, or a
+    /// LayerNorm without bias where the model has them ([`ModelConfig::layer_norms`]).
+    fn input_norm(&mut self, c: &ModelConfig, value: &str, result: &str, weight: &str) -> String {
+        let w = self.weight_f32(&format!("{result}_w"), weight);
+        let ty = format!("llm.tensor <?x{}xf32>", c.dim);
+        let eps = float(c.norm_eps);
+        if c.layer_norms {
+            self.op(format!(
+                "{result}_bias = llm.constant {{value = 0.0}} : llm.tensor <{}xf32>",
+                c.dim
+            ));
+            self.op(format!(
+                "{result} = llm.layer_norm {value}, {w}, {result}_bias {{eps = {eps}}} : {ty}"
+            ));
+        } else {
+            self.op(format!(
+                "{result} = llm.rms_norm {value}, {w} {{eps = {eps}}} : {ty}"
+            ));
+        }
+        result.to_string()
+    }
+
     /// `value` times `scale` (an `f32` constant) where there is one, else `value` itself.
     fn scaled(&mut self, value: &str, scale: Option<f64>, ty: &str) -> String {
         let Some(scale) = scale else {
@@ -756,14 +787,12 @@ fn forward_func(
             global_factors.as_str()
         };
         let attn_in = if c.pre_norms {
-            let attn_norm = e.weight_f32(
-                &format!("attn_norm_{l}"),
+            e.input_norm(
+                c,
+                &x,
+                &format!("h_{l}"),
                 &format!("{p}attention_norm.weight"),
-            );
-            e.op(format!(
-                "h_{l} = llm.rms_norm {x}, {attn_norm} {{eps = {eps}}} : {act}"
-            ));
-            format!("h_{l}")
+            )
         } else {
             x.clone()
         };
@@ -856,12 +885,15 @@ fn forward_func(
         let o = e.post_norm(c, &o, &format!("{p}{POST_ATTENTION_NORM}"), &act);
         let o = e.scaled(&o, c.residual_scale, &act);
         e.op(format!("xa_{l} = llm.add {x}, {o} : {act}"));
-        let ffn_in = if c.pre_norms {
-            let ffn_norm = e.weight_f32(&format!("ffn_norm_{l}"), &format!("{p}ffn_norm.weight"));
-            e.op(format!(
-                "hf_{l} = llm.rms_norm xa_{l}, {ffn_norm} {{eps = {eps}}} : {act}"
-            ));
-            format!("hf_{l}")
+        let ffn_in = if c.parallel_blocks {
+            attn_in
+        } else if c.pre_norms {
+            e.input_norm(
+                c,
+                &format!("xa_{l}"),
+                &format!("hf_{l}"),
+                &format!("{p}ffn_norm.weight"),
+            )
         } else {
             format!("xa_{l}")
         };
@@ -894,10 +926,7 @@ fn forward_func(
         e.op(format!("{next} = llm.add xa_{l}, {down} : {act}"));
         x = next;
     }
-    let final_norm = e.weight_f32("final_norm", "norm.weight");
-    e.op(format!(
-        "xn = llm.rms_norm {x}, {final_norm} {{eps = {eps}}} : {act}"
-    ));
+    e.input_norm(c, &x, "xn", "norm.weight");
     let classifier = if c.tied_classifier {
         let embed = e.weights.weight("tok_embeddings.weight");
         match embed.as_deref() {
@@ -924,11 +953,7 @@ fn forward_func(
     e.op(format!(
         "{product} = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {logits_ty}"
     ));
-    let divided = e.scaled(
-        product,
-        c.logit_scale.map(|s| f64::from(1.0 / s as f32)),
-        &logits_ty,
-    );
+    let divided = e.scaled(product, c.logit_scale, &logits_ty);
     let logits = match c.logit_softcap {
         Some(cap) => e.soft_cap(&divided, cap, &logits_ty),
         None => divided,

@@ -1224,7 +1224,7 @@ fn granite_computes_what_transformers_computes() {
             c.attention_scale,
             c.logit_scale
         ),
-        (Some(12.0), Some(0.22), Some(0.03125), Some(8.0))
+        (Some(12.0), Some(0.22), Some(0.03125), Some(0.125))
     );
     computes_what_transformers_computes(
         &loaded,
@@ -1324,6 +1324,43 @@ fn smollm3_computes_what_transformers_computes() {
 /// `tests/data/smollm3-tiny` as llama.cpp's converter writes it.
 fn smollm3_gguf() -> Vec<u8> {
     reference_gguf("smollm3-tiny", "smollm3", Vec::new(), Vec::new())
+}
+
+/// Cohere (`tests/data/cohere-tiny`, Command R's architecture): LayerNorms without bias,
+/// attention and feed-forward blocks in parallel over one norm, interleaved RoPE pairs
+/// and logits times 0.25; its GGUF file (llama.cpp's `command-r` keys) computes what the
+/// directory computes.
+#[test]
+fn cohere_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("cohere-tiny");
+    let c = &loaded.config;
+    assert!(c.layer_norms && c.parallel_blocks && !c.rope_half);
+    assert_eq!(c.logit_scale, Some(0.25));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the LayerNorms", &|c| c.layer_norms = false),
+            ("the logit scale", &|c| c.logit_scale = None),
+            ("the interleaved pairs", &|c| c.rope_half = true),
+        ],
+    );
+    let from_gguf = gguf_logits(&cohere_gguf(), &reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
+    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+}
+
+/// `tests/data/cohere-tiny` as llama.cpp's converter writes it.
+fn cohere_gguf() -> Vec<u8> {
+    reference_gguf(
+        "cohere-tiny",
+        "command-r",
+        vec![
+            ("logit_scale", Meta::Float(0.25)),
+            ("attention.layer_norm_epsilon", Meta::Float(1e-5)),
+        ],
+        Vec::new(),
+    )
 }
 
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
@@ -1762,6 +1799,7 @@ fn mutated_family_gguf_files_never_panic() {
         granite_gguf(),
         olmo2_gguf(),
         smollm3_gguf(),
+        cohere_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");

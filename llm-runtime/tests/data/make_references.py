@@ -10,7 +10,7 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
-(`olmo2`) and SmolLM3's NoPE layers (`smollm3`),
+(`olmo2`), SmolLM3's NoPE layers (`smollm3`) and Cohere's blocks (`cohere`),
 or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -24,6 +24,8 @@ import sys
 
 import torch
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -256,6 +258,10 @@ def main():
         pad_token_id=0,
     )
     write("smollm3-tiny", SmolLM3ForCausalLM, smollm3, 15)
+    # Cohere (Command R): LayerNorms without bias, attention and feed-forward blocks in
+    # parallel, interleaved RoPE pairs, logits times 0.25.
+    cohere = CohereConfig(**small, tie_word_embeddings=True, logit_scale=0.25, pad_token_id=0)
+    write("cohere-tiny", CohereForCausalLM, cohere, 16)
 
 
 def gemma3_1b_shape(out):
