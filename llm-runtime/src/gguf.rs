@@ -8,7 +8,8 @@
 //! model split across files (`split.count` parts, llama.cpp's `PREFIX-0000K-of-0000N.gguf`)
 //! loads from its first part, which holds the metadata ([`split_paths`], [`read_parts`]).
 //!
-//! Llama, Qwen2, Qwen3, Phi-3 and Gemma models are read into the builder's weight names (`blk.N.attn_q.weight`
+//! Llama, Qwen2, Qwen3, Phi-3, Gemma, Granite, OLMo 2, SmolLM3 and Cohere models are read
+//! into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
 //! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants
@@ -33,8 +34,8 @@ use llm_ir::{
 use crate::{
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
-        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, split_fused_weights,
-        uneven_head_dim,
+        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, every_nth_layer, reciprocal,
+        split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -375,8 +376,8 @@ impl GgufFile {
 }
 
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
-/// tensor that is not part of such a model (biases outside `qwen2`, sandwich norms outside
-/// `gemma2` and `gemma3`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices
+/// tensor that is not part of such a model (biases outside `qwen2`, output norms outside
+/// `gemma2`, `gemma3` and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices
 /// ([`FUSED_QKV`], [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up
 /// projection's).
 fn weight_name(gguf: &str, arch: &str) -> Option<String> {
@@ -413,9 +414,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     )?;
     // Biases only in qwen2's projections, output norms only in Gemma 2's and 3's
     // sandwiches and OLMo 2's.
-    let sandwich = matches!(arch, "gemma2" | "gemma3" | "olmo2");
+    let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
     if name.ends_with(".bias") && arch != "qwen2"
-        || !sandwich && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
+        || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
     {
         return None;
     }
@@ -527,7 +528,7 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
 /// whose projections are fused ([`weight_name`]). `granite` is llama's with Granite's
 /// scales ([`apply_granite`]); `smollm3` is llama's with every fourth layer's RoPE left
-/// out ([`smollm3_nope_layers`]); `command-r` is Cohere's ([`apply_cohere`]); `olmo2` is
+/// out (every fourth, as llama.cpp fixes it); `command-r` is Cohere's ([`apply_cohere`]); `olmo2` is
 /// llama's with its blocks' outputs normalized
 /// (`post_attention_norm`, `post_ffw_norm`) instead of their inputs, and RMSNorms over
 /// the whole q and k projections (`attn_q_norm`, `attn_k_norm`). The RoPE pairs of all but llama and granite are
@@ -557,41 +558,34 @@ fn interleaved_rope(arch: &str) -> bool {
     matches!(arch, "llama" | "granite" | "smollm3" | "command-r")
 }
 
-/// Cohere's settings (`command-r`), as llama.cpp reads them: LayerNorms without bias,
-/// parallel attention and feed-forward blocks, and the logits multiplied by the required
-/// `command-r.logit_scale`.
+/// Cohere's settings (`command-r`), as llama.cpp reads them: LayerNorms without bias, of
+/// epsilon `command-r.attention.layer_norm_epsilon`, parallel attention and feed-forward
+/// blocks, and the logits multiplied by `command-r.logit_scale` (both keys required).
 fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
-    let key = "command-r.logit_scale";
-    c.logit_scale = Some(
+    let required = |key: &str| {
         g.positive(key)?
-            .ok_or_else(|| format!("missing metadata `{key}`"))?,
-    );
+            .ok_or_else(|| format!("missing metadata `{key}`"))
+    };
+    c.logit_scale = Some(required("command-r.logit_scale")?);
+    c.norm_eps = required("command-r.attention.layer_norm_epsilon")?;
     c.layer_norms = true;
     c.parallel_blocks = true;
     Ok(())
 }
 
-/// SmolLM3's NoPE layers, as llama.cpp has them (a fixed step, no metadata): every fourth
-/// layer, the fourth, the eighth and so on, takes no RoPE.
-fn smollm3_nope_layers(layers: usize) -> Vec<bool> {
-    (0..layers).map(|l| (l + 1) % 4 == 0).collect()
-}
-
-/// Granite's scales, which llama.cpp requires of a file: `granite.embedding_scale`
-/// multiplies the embeddings, `granite.residual_scale` each block's output before its
-/// residual add, `granite.attention.scale` scales the attention scores, and
-/// `granite.logit_scale` divides the logits (as a multiplication by its `f32`
-/// reciprocal).
+/// Granite's scales, as llama.cpp reads them: `granite.embedding_scale` multiplies the
+/// embeddings, `granite.residual_scale` each block's output before its residual add and
+/// `granite.attention.scale` scales the attention scores, each where the file gives it
+/// (llama.cpp's converter writes each the config has), and the required
+/// `granite.logit_scale` divides the logits ([`reciprocal`]).
 fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
-    let scale = |k: &str| {
-        let key = format!("granite.{k}");
-        g.positive(&key)?
-            .ok_or_else(|| format!("missing metadata `{key}` (Granite's scales are required)"))
-    };
-    c.embedding_scale = Some(scale("embedding_scale")?);
-    c.residual_scale = Some(scale("residual_scale")?);
-    c.attention_scale = Some(scale("attention.scale")?);
-    c.logit_scale = Some(f64::from(1.0 / scale("logit_scale")? as f32));
+    c.embedding_scale = g.positive("granite.embedding_scale")?;
+    c.residual_scale = g.positive("granite.residual_scale")?;
+    c.attention_scale = g.positive("granite.attention.scale")?;
+    let logit = g
+        .positive("granite.logit_scale")?
+        .ok_or("missing metadata `granite.logit_scale`")?;
+    c.logit_scale = Some(reciprocal(logit));
     Ok(())
 }
 
@@ -933,20 +927,12 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         vocab,
         seq_len: g.int(&key("context_length"))?,
         rope_theta: g.float(&key("rope.freq_base")).unwrap_or(10000.0),
-        // Cohere's norms are LayerNorms, with their own key.
+        // Cohere's LayerNorms take theirs in `apply_cohere`.
         norm_eps: g
-            .float(&key(if arch == "command-r" {
-                "attention.layer_norm_epsilon"
-            } else {
-                "attention.layer_norm_rms_epsilon"
-            }))
+            .float(&key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
         rope_half: !interleaved_rope(arch),
-        rope_scaling: 1.0,
-        rope_freq_factors: false,
-        rotary_dim: None,
-        rope_mscale: 1.0,
         // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
         sliding_window: match g.meta(&key("attention.sliding_window")) {
             Some(_) if !sandwich => Some(g.int(&key("attention.sliding_window"))?),
@@ -969,16 +955,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         },
         scale_embeddings: gemma,
         post_norms: arch == "olmo2",
-        attention_scale: None,
-        attention_softcap: None,
-        logit_softcap: None,
-        embedding_scale: None,
-        residual_scale: None,
-        logit_scale: None,
-        layer_norms: false,
-        parallel_blocks: false,
-        nope_layers: None,
-        local_attention: None,
+        ..ModelConfig::default()
     };
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
@@ -990,7 +967,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         apply_cohere(g, &mut config)?;
     }
     if arch == "smollm3" {
-        config.nope_layers = Some(smollm3_nope_layers(config.layers));
+        // llama.cpp's fixed step, with no metadata for it.
+        config.nope_layers = Some(every_nth_layer(config.layers, 4));
     }
     config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
     let rope = rope_scaling(g, arch, &config, &mut weights)?;
@@ -1015,7 +993,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     };
     config.validate()?;
     split_fused_weights(&config, &mut weights)?;
-    crate::model::check_weights(&config, &weights)?;
+    crate::model::check_every_weight_read(&config, &weights)?;
     Ok(GgufModel {
         config,
         weights,

@@ -1,9 +1,10 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
-//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 to 3) are read into the builder's weight names
+//! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3,
+//! Cohere, Gemma 1 to 3) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
-//! from here use `layout = half`. Safetensors files are memory-mapped; F32 tensors are read
+//! from here use `layout = half` (Cohere's pair neighbours: `interleaved`). Safetensors files are memory-mapped; F32 tensors are read
 //! as floats, F16 and BF16 matrices keep their 16 bits ([`stored_floats`]: half the memory
 //! of `f32`, widened as the kernels read them).
 
@@ -20,7 +21,8 @@ use crate::{
     hf_gemma,
     model::{
         Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, POST_ATTENTION_NORM,
-        POST_FFW_NORM, QkNorm, check_weights, split_fused_weights, uneven_head_dim, weight_shapes,
+        POST_FFW_NORM, QkNorm, check_every_weight_read, every_nth_layer, reciprocal,
+        split_fused_weights, uneven_head_dim, weight_shapes,
     },
     model_file::LoadedModel,
     rope_scaling::{
@@ -31,9 +33,9 @@ use crate::{
 };
 
 /// The builder's name for a Hugging Face Llama tensor name; with `post_norms` (Gemma 2's
-/// and 3's sandwich norms) a layer's `post_attention_layernorm` is the norm of the
-/// attention's output, and `pre_feedforward_layernorm` the feed-forward block's input
-/// norm.
+/// and 3's sandwich norms, OLMo 2's output norms) a layer's `post_attention_layernorm` is
+/// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
+/// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
     if post_norms {
         let sandwich = builder_name(
@@ -372,10 +374,14 @@ const ARCHITECTURES: [&str; 13] = [
 /// `logit_scale` (0.0625 where left out, as `CohereConfig` defaults it). Its per-head q/k
 /// LayerNorms (`use_qk_norm`, Command R+'s) are refused: the builder has none.
 fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
-    if cfg.get("use_qk_norm").and_then(Json::as_bool) == Some(true) {
-        return Err(
-            "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported".into(),
-        );
+    match cfg.get("use_qk_norm") {
+        None | Some(Json::Null) | Some(Json::Bool(false)) => {}
+        Some(Json::Bool(true)) => {
+            return Err(
+                "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported".into(),
+            );
+        }
+        Some(other) => return Err(format!("`use_qk_norm` = {other} is not a boolean")),
     }
     let scale = match cfg.get("logit_scale") {
         None | Some(Json::Null) => 0.0625,
@@ -400,7 +406,7 @@ fn smollm3_nope_layers(cfg: &Json, layers: usize) -> Result<Vec<bool>, String> {
                 None | Some(Json::Null) => 4,
                 Some(_) => config_int(cfg, "no_rope_layer_interval")?,
             };
-            Ok((0..layers).map(|l| (l + 1) % interval == 0).collect())
+            Ok(every_nth_layer(layers, interval))
         }
         Some(Json::Array(flags)) => flags
             .iter()
@@ -431,7 +437,7 @@ fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.embedding_scale = unless_one(scale("embedding_multiplier")?);
     c.residual_scale = unless_one(scale("residual_multiplier")?);
     c.attention_scale = Some(scale("attention_multiplier")?);
-    c.logit_scale = unless_one(scale("logits_scaling")?).map(|s| f64::from(1.0 / s as f32));
+    c.logit_scale = unless_one(scale("logits_scaling")?).map(reciprocal);
     Ok(())
 }
 
@@ -590,7 +596,7 @@ struct TensorRules {
     /// The biases the model declares: another bias is an error, not a tensor silently
     /// left out.
     bias: AttentionBias,
-    /// Gemma 2's and 3's sandwich norms ([`weight_name`]).
+    /// Output norms, Gemma 2's and 3's and OLMo 2's ([`weight_name`]).
     post_norms: bool,
     /// A multimodal Gemma 3's checkpoint: the language model's tensors are read, the
     /// vision tower's skipped ([`hf_gemma::language_model_tensor`]).
@@ -687,10 +693,6 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             .unwrap_or(false),
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
-        rope_scaling: 1.0,
-        rope_freq_factors: false,
-        rotary_dim: None,
-        rope_mscale: 1.0,
         // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
         sliding_window: match gemma {
             Some(2..) => None,
@@ -710,16 +712,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         activation: activation(&cfg).map_err(|m| err(&config_path, m))?,
         scale_embeddings: gemma.is_some(),
         post_norms: olmo2,
-        attention_scale: None,
-        attention_softcap: None,
-        logit_softcap: None,
-        embedding_scale: None,
-        residual_scale: None,
-        logit_scale: None,
-        layer_norms: false,
-        parallel_blocks: false,
-        nope_layers: None,
-        local_attention: None,
+        ..ModelConfig::default()
     };
     config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
         .map_err(|m| err(&config_path, m))?;
@@ -733,6 +726,15 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         cohere_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     if names_architecture(&cfg, "SmolLM3ForCausalLM") {
+        // Its window is its sliding layers' only, off unless `use_sliding_window` says.
+        if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(true) {
+            return Err(err(
+                &config_path,
+                "`use_sliding_window` is true: SmolLM3's window over some layers is not supported"
+                    .into(),
+            ));
+        }
+        config.sliding_window = None;
         config.nope_layers =
             Some(smollm3_nope_layers(&cfg, config.layers).map_err(|m| err(&config_path, m))?);
     }
@@ -774,7 +776,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     if weights.weight_shape("output.weight").is_none() {
         config.tied_classifier = true;
     }
-    check_weights(&config, &weights).map_err(|m| err(dir, m))?;
+    check_every_weight_read(&config, &weights).map_err(|m| err(dir, m))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
         let stops = eos_ids(dir, &stored, &config_path)?;

@@ -24,7 +24,11 @@
 //! soft-capped attention scores and logits (`llm.paged_attention`'s `softcap`, and
 //! `llm.tanh` between two multiplications) and local layers among global ones
 //! ([`LocalAttention`]: a `window` on those layers' paged attention, and their own RoPE
-//! base). Weights are referenced by name with `llm.weight`.
+//! base); Granite scales the embeddings, the residual branches, the scores and the logits,
+//! SmolLM3 leaves RoPE out of some layers ([`ModelConfig::nope_layers`]), and Cohere's
+//! norms are LayerNorms ([`ModelConfig::layer_norms`]) with the attention and feed-forward
+//! blocks side by side ([`ModelConfig::parallel_blocks`]). Weights are referenced by name
+//! with `llm.weight`.
 //!
 //! Weights keep their stored type: quantized and 16-bit matrices (the `f16`/`bf16` storage
 //! formats) are dequantized where a matmul reads them (the `fuse` pass turns
@@ -63,7 +67,7 @@ pub struct ModelConfig {
     pub seq_len: usize,
     /// RoPE base.
     pub rope_theta: f64,
-    /// RMSNorm epsilon.
+    /// The norms' epsilon (RMSNorm's, or LayerNorm's where [`ModelConfig::layer_norms`]).
     pub norm_eps: f64,
     /// Whether the classifier reuses the token embedding.
     pub tied_classifier: bool,
@@ -104,9 +108,10 @@ pub struct ModelConfig {
     /// Token embeddings are multiplied by `sqrt(dim)` (in `f32`) before the first layer
     /// (Gemma's).
     pub scale_embeddings: bool,
-    /// Sandwich norms (Gemma 2's and 3's): the attention's output and the feed-forward
-    /// block's each go through an RMSNorm of their own before their residual add
-    /// (`layers.N.post_attention_norm.weight`, `layers.N.post_ffw_norm.weight`).
+    /// Output norms: the attention's output and the feed-forward block's each go through
+    /// an RMSNorm of their own before their residual add
+    /// (`layers.N.post_attention_norm.weight`, `layers.N.post_ffw_norm.weight`; Gemma 2's
+    /// and 3's sandwich norms, and OLMo 2's, which has no input norms).
     pub post_norms: bool,
     /// The attention scores' scale where it is not `1 / sqrt(head_dim)` (Gemma 2's and
     /// 3's `query_pre_attn_scalar ** -0.5`, Granite's `attention_multiplier`):
@@ -231,30 +236,22 @@ pub const POST_ATTENTION_NORM: &str = "post_attention_norm.weight";
 /// after `layers.N.` (GGUF's name).
 pub const POST_FFW_NORM: &str = "post_ffw_norm.weight";
 
-impl ModelConfig {
-    /// llama2.c's model of these sizes: interleaved RoPE with base 10000, unscaled, RMSNorm
-    /// epsilon `1e-5`, SwiGLU, the classifier tied to the embedding, and none of the other
-    /// families' settings (window, biases, head width, norms, embedding scale).
-    pub fn llama2c(
-        dim: usize,
-        hidden_dim: usize,
-        layers: usize,
-        heads: usize,
-        kv_heads: usize,
-        vocab: usize,
-        seq_len: usize,
-    ) -> ModelConfig {
+/// No model yet (every size 0), with llama2.c's settings (interleaved RoPE with base 10000,
+/// unscaled, RMSNorm epsilon `1e-5`, SwiGLU, an untied classifier) and none of the other
+/// families': what the loaders fill in.
+impl Default for ModelConfig {
+    fn default() -> ModelConfig {
         ModelConfig {
-            dim,
-            hidden_dim,
-            layers,
-            heads,
-            kv_heads,
-            vocab,
-            seq_len,
+            dim: 0,
+            hidden_dim: 0,
+            layers: 0,
+            heads: 0,
+            kv_heads: 0,
+            vocab: 0,
+            seq_len: 0,
             rope_theta: 10000.0,
             norm_eps: 1e-5,
-            tied_classifier: true,
+            tied_classifier: false,
             rope_half: false,
             rope_scaling: 1.0,
             rope_freq_factors: false,
@@ -278,6 +275,33 @@ impl ModelConfig {
             parallel_blocks: false,
             nope_layers: None,
             local_attention: None,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// llama2.c's model of these sizes: interleaved RoPE with base 10000, unscaled, RMSNorm
+    /// epsilon `1e-5`, SwiGLU, the classifier tied to the embedding, and none of the other
+    /// families' settings (window, biases, head width, norms, embedding scale).
+    pub fn llama2c(
+        dim: usize,
+        hidden_dim: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        vocab: usize,
+        seq_len: usize,
+    ) -> ModelConfig {
+        ModelConfig {
+            dim,
+            hidden_dim,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+            seq_len,
+            tied_classifier: true,
+            ..ModelConfig::default()
         }
     }
 
@@ -541,6 +565,44 @@ pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that a loaded model of `c` reads every weight of `weights`, besides
+/// [`check_weights`]: a file's tensor the configuration has no use for (Command R+'s
+/// per-head q/k norms in a model without them, say) would otherwise be dropped and another
+/// model computed than the file describes.
+///
+/// # Errors
+///
+/// The first weight not read, by name.
+pub fn check_every_weight_read(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
+    check_weights(c, weights)?;
+    let read: std::collections::HashSet<String> =
+        weight_shapes(c).into_iter().map(|(name, _)| name).collect();
+    match weights
+        .names()
+        .into_iter()
+        .find(|name| !read.contains(*name))
+    {
+        Some(name) => Err(format!(
+            "weight `{name}` is not part of this model's configuration"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The `f32` reciprocal of `s` (as `f64`): how a division by `s` in `f32` becomes the
+/// multiplication the builder writes.
+pub fn reciprocal(s: f64) -> f64 {
+    f64::from(1.0 / s as f32)
+}
+
+/// The layers of `layers` that take no RoPE where every `interval`-th does not (the
+/// `interval`-th, twice that and so on: SmolLM3's NoPE layers).
+pub fn every_nth_layer(layers: usize, interval: usize) -> Vec<bool> {
+    (0..layers)
+        .map(|l| (l + 1) % interval.max(1) == 0)
+        .collect()
+}
+
 /// Writes the module `@model` with the functions `@prefill` and `@decode` for `c` over the
 /// weights in `weights` (whose stored types the IR declares), with a KV cache of `kv`
 /// storage ([`check_kv_storage`]).
@@ -684,18 +746,15 @@ impl Emitter<'_> {
     }
 
     /// `value` (`[?, dim]`) through the norm of weight `weight` as `result`: an RMSNorm, or a
-    /// LayerNorm without bias where the model has them ([`ModelConfig::layer_norms`]).
+    /// LayerNorm without bias where the model has them ([`ModelConfig::layer_norms`]; its
+    /// zero bias is the function's `zero_bias`).
     fn input_norm(&mut self, c: &ModelConfig, value: &str, result: &str, weight: &str) -> String {
         let w = self.weight_f32(&format!("{result}_w"), weight);
         let ty = format!("llm.tensor <?x{}xf32>", c.dim);
         let eps = float(c.norm_eps);
         if c.layer_norms {
             self.op(format!(
-                "{result}_bias = llm.constant {{value = 0.0}} : llm.tensor <{}xf32>",
-                c.dim
-            ));
-            self.op(format!(
-                "{result} = llm.layer_norm {value}, {w}, {result}_bias {{eps = {eps}}} : {ty}"
+                "{result} = llm.layer_norm {value}, {w}, zero_bias {{eps = {eps}}} : {ty}"
             ));
         } else {
             self.op(format!(
@@ -726,7 +785,7 @@ impl Emitter<'_> {
         let scalar = "llm.tensor <1xf32>";
         self.op(format!(
             "{value}_inv_cap = llm.constant {{value = {}}} : {scalar}",
-            float(f64::from(1.0 / cap as f32))
+            float(reciprocal(cap))
         ));
         self.op(format!(
             "{value}_cap = llm.constant {{value = {}}} : {scalar}",
@@ -771,6 +830,12 @@ fn forward_func(
         String::new()
     };
     e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
+    if c.layer_norms {
+        e.op(format!(
+            "zero_bias = llm.constant {{value = 0.0}} : {}",
+            t(&format!("{d}xf32"))
+        ));
+    }
     let mut x = "x0".to_string();
     if c.scale_embeddings {
         x = e.scaled(&x, Some(f64::from((c.dim as f32).sqrt())), &act);
@@ -953,10 +1018,10 @@ fn forward_func(
     e.op(format!(
         "{product} = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {logits_ty}"
     ));
-    let divided = e.scaled(product, c.logit_scale, &logits_ty);
+    let scaled_logits = e.scaled(product, c.logit_scale, &logits_ty);
     let logits = match c.logit_softcap {
-        Some(cap) => e.soft_cap(&divided, cap, &logits_ty),
-        None => divided,
+        Some(cap) => e.soft_cap(&scaled_logits, cap, &logits_ty),
+        None => scaled_logits,
     };
     let mut out = String::new();
     let _ = writeln!(

@@ -60,8 +60,8 @@ const DEEPSEEK_V3: [&str; 3] = [
 impl PreTokenizer {
     /// The pre-tokenizer GGUF's `tokenizer.ggml.pre` names `name` (llama.cpp's names,
     /// the aliases it reads as the same included, and `gpt2` for GPT-2's), or `None` for
-    /// one not known here (llama.cpp takes its default for those, with a warning; this
-    /// loader refuses them). A file without the key takes `default`.
+    /// one not known here (which current llama.cpp refuses too). A file without the key
+    /// takes `default`.
     pub fn named(name: &str) -> Option<PreTokenizer> {
         // Llama 3's and Tekken's families take whole words and begin prompts with BOS.
         let whole = |splits: &'static [&'static str]| PreTokenizer {

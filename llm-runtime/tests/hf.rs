@@ -967,7 +967,15 @@ fn reference_gguf(
         ("attention.key_length", int(c.head_dim())),
         ("attention.value_length", int(c.head_dim())),
         ("context_length", int(c.seq_len)),
-        ("attention.layer_norm_rms_epsilon", Meta::Float(c.norm_eps)),
+        // Cohere's LayerNorms have their own key.
+        (
+            if arch == "command-r" {
+                "attention.layer_norm_epsilon"
+            } else {
+                "attention.layer_norm_rms_epsilon"
+            },
+            Meta::Float(c.norm_eps),
+        ),
         ("rope.freq_base", Meta::Float(c.rope_theta)),
     ];
     for (key, value) in sizes.into_iter().chain(metadata) {
@@ -1212,7 +1220,7 @@ fn phi4_mini_computes_what_transformers_computes() {
 /// 0.22 before its residual add, attention scores scaled by 1/32 and logits divided by 8;
 /// its GGUF file (llama.cpp's `granite` keys, q and k rows reordered for interleaved
 /// pairs as its converter reorders them) computes what the directory computes, and one
-/// without a scale is refused.
+/// without the logit scale is refused.
 #[test]
 fn granite_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("granite-tiny");
@@ -1240,21 +1248,21 @@ fn granite_computes_what_transformers_computes() {
     // transformers' logits, as the directory is.
     let from_gguf = gguf_logits(&granite_gguf(), &reference);
     assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
-    // llama.cpp requires each scale of a file; a missing one is an error naming it.
-    let without_attention_scale = reference_gguf(
+    // llama.cpp requires the logit scale of a file; a missing one is an error naming it.
+    let without_logit_scale = reference_gguf(
         "granite-tiny",
         "granite",
         vec![
             ("embedding_scale", Meta::Float(12.0)),
             ("residual_scale", Meta::Float(0.22)),
-            ("logit_scale", Meta::Float(8.0)),
+            ("attention.scale", Meta::Float(0.03125)),
         ],
         Vec::new(),
     );
-    let err = llm_runtime::gguf::read(&without_attention_scale)
+    let err = llm_runtime::gguf::read(&without_logit_scale)
         .err()
         .expect("refused");
-    assert!(err.contains("granite.attention.scale"), "{err}");
+    assert!(err.contains("granite.logit_scale"), "{err}");
 }
 
 /// `tests/data/granite-tiny` as llama.cpp's converter writes it.
@@ -1345,21 +1353,39 @@ fn cohere_computes_what_transformers_computes() {
             ("the interleaved pairs", &|c| c.rope_half = true),
         ],
     );
-    let from_gguf = gguf_logits(&cohere_gguf(), &reference);
+    assert_eq!(c.norm_eps, 1e-3);
+    let from_gguf = gguf_logits(&cohere_gguf(Vec::new()), &reference);
     let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
     assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    // Command R+'s per-head q/k norms are refused, not dropped.
+    let q_norm = (
+        "blk.0.attn_q_norm.weight".into(),
+        vec![4, 16],
+        vec![1.0; 64],
+    );
+    let err = llm_runtime::gguf::read(&cohere_gguf(vec![q_norm]))
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("attention.q_norm.weight` is not part of this model"),
+        "{err}"
+    );
+    // llama.cpp requires the logit scale.
+    let unscaled = reference_gguf("cohere-tiny", "command-r", Vec::new(), Vec::new());
+    let err = llm_runtime::gguf::read(&unscaled).err().expect("refused");
+    assert!(
+        err.contains("missing metadata `command-r.logit_scale`"),
+        "{err}"
+    );
 }
 
-/// `tests/data/cohere-tiny` as llama.cpp's converter writes it.
-fn cohere_gguf() -> Vec<u8> {
+/// `tests/data/cohere-tiny` as llama.cpp's converter writes it, with the tensors `extra`.
+fn cohere_gguf(extra: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<u8> {
     reference_gguf(
         "cohere-tiny",
         "command-r",
-        vec![
-            ("logit_scale", Meta::Float(0.25)),
-            ("attention.layer_norm_epsilon", Meta::Float(1e-5)),
-        ],
-        Vec::new(),
+        vec![("logit_scale", Meta::Float(0.25))],
+        extra,
     )
 }
 
@@ -1799,7 +1825,7 @@ fn mutated_family_gguf_files_never_panic() {
         granite_gguf(),
         olmo2_gguf(),
         smollm3_gguf(),
-        cohere_gguf(),
+        cohere_gguf(Vec::new()),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -2007,6 +2033,25 @@ fn longrope_scaling_takes_the_factors_of_the_context() {
     assert_eq!(loaded.config.rope_mscale, 1.0);
 }
 
+/// SmolLM3's NoPE layers where its config lists none: every `no_rope_layer_interval`-th
+/// layer, every fourth by default, as `SmolLM3Config` fills them in (stories260K's five
+/// layers).
+#[test]
+fn smollm3_nope_layers_default_to_every_fourth() {
+    for (extra, nope) in [
+        ("", [false, false, false, true, false]),
+        (
+            r#", "no_rope_layer_interval": 2"#,
+            [false, true, false, true, false],
+        ),
+    ] {
+        let dir = write_hf_dir_of("smollm3-nope", "SmolLM3ForCausalLM", extra, Vec::new());
+        let loaded = model_file::load(&dir).expect("loads");
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(loaded.config.nope_layers.as_deref(), Some(nope.as_slice()));
+    }
+}
+
 /// Linear RoPE scaling divides the positions (`llm.rope`'s `scaling`).
 #[test]
 fn linear_rope_scaling_scales_the_positions() {
@@ -2113,6 +2158,22 @@ fn bad_directories_name_the_file() {
         (
             r#", "architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1, 2, 1, 1, 1]"#,
             "`no_rope_layers` holds 2, not 0 or 1",
+        ),
+        (
+            r#", "architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1, 1, 0]"#,
+            "3 layers are marked with or without RoPE, but the model has 5",
+        ),
+        (
+            r#", "architectures": ["SmolLM3ForCausalLM"], "use_sliding_window": true, "sliding_window": 8"#,
+            "`use_sliding_window` is true: SmolLM3's window over some layers is not supported",
+        ),
+        (
+            r#", "architectures": ["CohereForCausalLM"], "use_qk_norm": true"#,
+            "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported",
+        ),
+        (
+            r#", "architectures": ["CohereForCausalLM"], "use_qk_norm": 1"#,
+            "`use_qk_norm` = 1 is not a boolean",
         ),
         (
             r#", "partial_rotary_factor": 1.5"#,

@@ -259,8 +259,11 @@ def main():
     )
     write("smollm3-tiny", SmolLM3ForCausalLM, smollm3, 15)
     # Cohere (Command R): LayerNorms without bias, attention and feed-forward blocks in
-    # parallel, interleaved RoPE pairs, logits times 0.25.
-    cohere = CohereConfig(**small, tie_word_embeddings=True, logit_scale=0.25, pad_token_id=0)
+    # parallel, interleaved RoPE pairs, logits times 0.25; an epsilon of 1e-3, so that
+    # reading it matters.
+    cohere = CohereConfig(
+        **small, tie_word_embeddings=True, logit_scale=0.25, layer_norm_eps=1e-3, pad_token_id=0
+    )
     write("cohere-tiny", CohereForCausalLM, cohere, 16)
 
 
