@@ -984,6 +984,19 @@ fn reference_gguf(
     gguf_bytes(&meta, &tensors)
 }
 
+/// Checks that the GGUF file `bytes` computes `loaded`'s logits for `reference`'s ids
+/// within `1e-5` (the reference semantics on both).
+fn gguf_computes_what_the_directory_computes(
+    bytes: &[u8],
+    loaded: &model_file::LoadedModel,
+    reference: &TransformersReference,
+) {
+    let from_gguf = gguf_logits(bytes, reference);
+    let from_hf = interp_logits(&loaded.config, &loaded.weights, reference);
+    let worst = largest_difference(&from_gguf, &from_hf);
+    assert!(worst < 1e-5, "{worst} from the directory's logits");
+}
+
 /// The logits of the reference semantics for `reference`'s ids from the GGUF file
 /// `bytes`.
 fn gguf_logits(bytes: &[u8], reference: &TransformersReference) -> Vec<Vec<f32>> {
@@ -1126,9 +1139,7 @@ fn qwen3_yarn_computes_what_transformers_computes() {
             ("YaRN's attention factor", &|c| c.rope_mscale = 1.0),
         ],
     );
-    let from_gguf = gguf_logits(&qwen3_yarn_gguf(), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    gguf_computes_what_the_directory_computes(&qwen3_yarn_gguf(), &loaded, &reference);
 }
 
 /// Phi-3 with LongRoPE (`tests/data/phi3-longrope-tiny`: 128 positions over an original
@@ -1150,9 +1161,7 @@ fn phi3_longrope_computes_what_transformers_computes() {
             ("LongRoPE's attention factor", &|c| c.rope_mscale = 1.0),
         ],
     );
-    let from_gguf = gguf_logits(&phi3_longrope_gguf(), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    gguf_computes_what_the_directory_computes(&phi3_longrope_gguf(), &loaded, &reference);
 }
 
 /// `tests/data/phi4-mini-tiny` as llama.cpp's converter writes it: the rotated features
@@ -1211,9 +1220,7 @@ fn phi4_mini_computes_what_transformers_computes() {
             ("LongRoPE's attention factor", &|c| c.rope_mscale = 1.0),
         ],
     );
-    let from_gguf = gguf_logits(&phi4_mini_gguf(), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    gguf_computes_what_the_directory_computes(&phi4_mini_gguf(), &loaded, &reference);
 }
 
 /// Granite (`tests/data/granite-tiny`): embeddings times 12, each block's output times
@@ -1297,9 +1304,7 @@ fn olmo2_computes_what_transformers_computes() {
             ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
         ],
     );
-    let from_gguf = gguf_logits(&olmo2_gguf(), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    gguf_computes_what_the_directory_computes(&olmo2_gguf(), &loaded, &reference);
 }
 
 /// `tests/data/olmo2-tiny` as llama.cpp's converter writes it.
@@ -1354,9 +1359,7 @@ fn cohere_computes_what_transformers_computes() {
         ],
     );
     assert_eq!(c.norm_eps, 1e-3);
-    let from_gguf = gguf_logits(&cohere_gguf(Vec::new()), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    gguf_computes_what_the_directory_computes(&cohere_gguf(Vec::new()), &loaded, &reference);
     // Command R+'s per-head q/k norms are refused, not dropped.
     let q_norm = (
         "blk.0.attn_q_norm.weight".into(),
@@ -1443,9 +1446,7 @@ fn gemma2_computes_what_transformers_computes() {
             ("the sandwich norms", &|c| c.post_norms = false),
         ],
     );
-    let from_gguf = gguf_logits(&gemma_gguf("gemma2"), &reference);
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
+    gguf_computes_what_the_directory_computes(&gemma_gguf("gemma2"), &loaded, &reference);
 }
 
 /// Gemma 3, as [`gemma2_computes_what_transformers_computes`]
@@ -1524,7 +1525,7 @@ fn gemma3_computes_what_transformers_computes() {
     let from_older = model_file::load(&dir).expect("the older config loads");
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(from_older.config, loaded.config);
-    let from_gguf = gguf_logits(&gemma_gguf("gemma3"), &reference);
+    gguf_computes_what_the_directory_computes(&gemma_gguf("gemma3"), &loaded, &reference);
     // llama.cpp would scale the local layers' rotation by an attention factor, which the
     // builder leaves unscaled: refused.
     let scaled = reference_gguf(
@@ -1538,8 +1539,6 @@ fn gemma3_computes_what_transformers_computes() {
     );
     let err = llm_runtime::gguf::read(&scaled).err().expect("refused");
     assert!(err.contains("local layers of their own RoPE base"), "{err}");
-    let from_hf = interp_logits(&loaded.config, &loaded.weights, &reference);
-    assert!(largest_difference(&from_gguf, &from_hf) < 1e-5);
 }
 
 /// Gemma 3's multimodal checkpoints (4B and up) keep the language model's settings in a
