@@ -383,13 +383,7 @@ fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         }
         Some(other) => return Err(format!("`use_qk_norm` = {other} is not a boolean")),
     }
-    let scale = match cfg.get("logit_scale") {
-        None | Some(Json::Null) => 0.0625,
-        Some(v) => v
-            .as_f64()
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .ok_or_else(|| format!("`logit_scale` = {v} is not a positive number"))?,
-    };
+    let scale = optional_positive(cfg, "logit_scale")?.unwrap_or(0.0625);
     c.layer_norms = true;
     c.parallel_blocks = true;
     c.logit_scale = Some(scale);
@@ -426,19 +420,25 @@ fn smollm3_nope_layers(cfg: &Json, layers: usize) -> Result<Vec<bool>, String> {
 /// residual add, the attention scores scaled by `attention_multiplier` (instead of one
 /// over the square root of the head size) and the logits divided by `logits_scaling`.
 fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
-    let scale = |key: &str| match cfg.get(key) {
-        None | Some(Json::Null) => Ok(1.0),
-        Some(v) => v
-            .as_f64()
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .ok_or_else(|| format!("`{key}` = {v} is not a positive number")),
-    };
+    let scale = |key: &str| optional_positive(cfg, key).map(|v| v.unwrap_or(1.0));
     let unless_one = |v: f64| (v != 1.0).then_some(v);
     c.embedding_scale = unless_one(scale("embedding_multiplier")?);
     c.residual_scale = unless_one(scale("residual_multiplier")?);
     c.attention_scale = Some(scale("attention_multiplier")?);
     c.logit_scale = unless_one(scale("logits_scaling")?).map(reciprocal);
     Ok(())
+}
+
+/// `key` of `cfg` as a positive, finite number; `None` where it is absent or null.
+pub(crate) fn optional_positive(cfg: &Json, key: &str) -> Result<Option<f64>, String> {
+    match cfg.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` = {v} is not a positive number")),
+    }
 }
 
 /// Whether `config.json`'s `architectures` names `arch`.

@@ -11,7 +11,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::{
-    hf::{config_int, names_architecture, rope_scaling, rope_settings},
+    hf::{config_int, names_architecture, optional_positive, rope_scaling, rope_settings},
     model::{LocalAttention, ModelConfig},
     rope_scaling::RopeScaling,
 };
@@ -129,19 +129,7 @@ pub(crate) fn language_model_tensor(name: &str) -> Option<String> {
 
 /// `key` of a Gemma config as a positive number.
 fn positive(cfg: &Json, key: &str) -> Result<f64, String> {
-    let value = cfg.get(key).ok_or_else(|| format!("`{key}` is missing"))?;
-    value
-        .as_f64()
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .ok_or_else(|| format!("`{key}` = {value} is not a positive number"))
-}
-
-/// A soft-cap of a Gemma config: none where `key` is null, else its positive number.
-fn softcap(cfg: &Json, key: &str) -> Result<Option<f64>, String> {
-    match cfg.get(key) {
-        None | Some(Json::Null) => Ok(None),
-        Some(_) => positive(cfg, key).map(Some),
-    }
+    optional_positive(cfg, key)?.ok_or_else(|| format!("`{key}` is missing"))
 }
 
 /// Which of Gemma 2's or 3's `layers` layers attend locally: as `layer_types` says
@@ -184,8 +172,9 @@ fn local_layers(cfg: &Json, generation: u8, layers: usize) -> Result<Vec<bool>, 
 pub(crate) fn apply(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(), String> {
     c.post_norms = true;
     c.attention_scale = Some(positive(cfg, "query_pre_attn_scalar")?.powf(-0.5));
-    c.attention_softcap = softcap(cfg, "attn_logit_softcapping")?;
-    c.logit_softcap = softcap(cfg, "final_logit_softcapping")?;
+    // A soft-cap is none where it is null.
+    c.attention_softcap = optional_positive(cfg, "attn_logit_softcapping")?;
+    c.logit_softcap = optional_positive(cfg, "final_logit_softcapping")?;
     let rope_theta = match generation {
         2 => None,
         _ if cfg

@@ -551,9 +551,14 @@ pub fn split_fused_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(),
 
 /// Checks that `weights` holds every weight of `c` with the right shape.
 pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
-    for (name, shape) in weight_shapes(c) {
-        match weights.weight_shape(&name) {
-            Some(s) if s == shape => {}
+    check_shapes(&weight_shapes(c), weights)
+}
+
+/// Checks that `weights` holds each of `shapes` (a name and its shape).
+fn check_shapes(shapes: &[(String, Vec<usize>)], weights: &Weights) -> Result<(), String> {
+    for (name, shape) in shapes {
+        match weights.weight_shape(name) {
+            Some(s) if s == *shape => {}
             Some(s) => {
                 return Err(format!(
                     "weight `{name}` has shape {s:?}, expected {shape:?}"
@@ -574,9 +579,10 @@ pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
 ///
 /// The first weight not read, by name.
 pub fn check_every_weight_read(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
-    check_weights(c, weights)?;
+    let shapes = weight_shapes(c);
+    check_shapes(&shapes, weights)?;
     let read: std::collections::HashSet<String> =
-        weight_shapes(c).into_iter().map(|(name, _)| name).collect();
+        shapes.into_iter().map(|(name, _)| name).collect();
     match weights
         .names()
         .into_iter()
