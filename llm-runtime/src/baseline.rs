@@ -10,10 +10,7 @@ use llm_ir::{
     types::QuantFormat,
 };
 
-use crate::{
-    model::{Activation, AttentionBias, ModelConfig, QkNorm},
-    weights::Weights,
-};
+use crate::{model::ModelConfig, weights::Weights};
 
 /// A dot product in `f32`, accumulated in order (as `run.c` does).
 fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
@@ -114,41 +111,24 @@ fn f32_weight(w: &Weights, name: &str) -> Result<Vec<f32>, String> {
 impl Baseline {
     /// Builds the baseline over f32 weights of a model with llama2.c's RoPE.
     pub fn new(c: &ModelConfig, w: &Weights) -> Result<Baseline, String> {
-        if c.rope_half
-            || c.rope_scaling != 1.0
-            || c.rope_freq_factors
-            || c.rope_mscale != 1.0
-            || c.rotary_dim.is_some()
-        {
+        // Every setting but the sizes, RoPE's base, the epsilon and the classifier's tie
+        // as llama2.c has it.
+        let llama2c = ModelConfig {
+            dim: c.dim,
+            hidden_dim: c.hidden_dim,
+            layers: c.layers,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            vocab: c.vocab,
+            seq_len: c.seq_len,
+            rope_theta: c.rope_theta,
+            norm_eps: c.norm_eps,
+            tied_classifier: c.tied_classifier,
+            ..ModelConfig::default()
+        };
+        if *c != llama2c {
             return Err(
-                "the baseline computes llama2.c's RoPE only (interleaved, unscaled)".into(),
-            );
-        }
-        if c.sliding_window.is_some() {
-            return Err("the baseline attends to every position (no sliding window)".into());
-        }
-        if c.attention_bias != AttentionBias::default() {
-            return Err("the baseline's projections have no biases".into());
-        }
-        if c.explicit_head_dim.is_some()
-            || c.qk_norm != QkNorm::None
-            || !c.pre_norms
-            || c.activation != Activation::Silu
-            || c.scale_embeddings
-            || c.post_norms
-            || c.attention_scale.is_some()
-            || c.attention_softcap.is_some()
-            || c.logit_softcap.is_some()
-            || c.embedding_scale.is_some()
-            || c.residual_scale.is_some()
-            || c.logit_scale.is_some()
-            || c.nope_layers.is_some()
-            || c.layer_norms
-            || c.parallel_blocks
-            || c.local_attention.is_some()
-        {
-            return Err(
-                "the baseline computes Llama's layers (heads dim / heads wide and scaled by their size, no extra norms, no soft-caps, no local layers) and SwiGLU"
+                "the baseline computes llama2.c's model only: interleaved, unscaled RoPE over whole heads, RMSNorms before each block, SwiGLU, no biases, windows, extra norms, scales or soft-caps"
                     .into(),
             );
         }

@@ -33,9 +33,9 @@ use llm_ir::{
 
 use crate::{
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
-        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, every_nth_layer, reciprocal,
-        split_fused_weights, uneven_head_dim,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
+        LocalAttention, ModelConfig, Norm, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS,
+        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -376,17 +376,20 @@ impl GgufFile {
 }
 
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
-/// tensor that is not part of such a model (biases outside `qwen2`, output norms outside
-/// `gemma2`, `gemma3` and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices
-/// ([`FUSED_QKV`], [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up
-/// projection's).
+/// tensor that is not part of such a model (biases outside `qwen2` and the LayerNorm
+/// architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms outside `gemma2`, `gemma3`
+/// and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`],
+/// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
+/// so are Phi-2's `attn_qkv` and its bias where the file has them ([`FUSED_QKV_BIAS`]).
 fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     let name = builder_name(
         gguf,
         &[
             ("token_embd.weight", "tok_embeddings.weight"),
             ("output_norm.weight", "norm.weight"),
+            ("output_norm.bias", "norm.bias"),
             ("output.weight", "output.weight"),
+            ("output.bias", "output.bias"),
             (ROPE_FREQS, ROPE_FREQS),
             (LONGROPE_FACTORS[0], LONGROPE_FACTORS[0]),
             (LONGROPE_FACTORS[1], LONGROPE_FACTORS[1]),
@@ -394,6 +397,7 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
         "blk.",
         &[
             ("attn_norm.weight", "attention_norm.weight"),
+            ("attn_norm.bias", "attention_norm.bias"),
             ("attn_q.weight", "attention.wq.weight"),
             ("attn_k.weight", "attention.wk.weight"),
             ("attn_v.weight", "attention.wv.weight"),
@@ -401,7 +405,13 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("attn_q.bias", "attention.wq.bias"),
             ("attn_k.bias", "attention.wk.bias"),
             ("attn_v.bias", "attention.wv.bias"),
+            ("attn_output.bias", "attention.wo.bias"),
+            ("attn_qkv.bias", FUSED_QKV_BIAS),
             ("ffn_norm.weight", "ffn_norm.weight"),
+            ("ffn_norm.bias", "ffn_norm.bias"),
+            ("ffn_gate.bias", "feed_forward.w1.bias"),
+            ("ffn_down.bias", "feed_forward.w2.bias"),
+            ("ffn_up.bias", "feed_forward.w3.bias"),
             ("ffn_gate.weight", "feed_forward.w1.weight"),
             ("ffn_down.weight", "feed_forward.w2.weight"),
             ("ffn_up.weight", "feed_forward.w3.weight"),
@@ -412,10 +422,11 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             (POST_FFW_NORM, POST_FFW_NORM),
         ],
     )?;
-    // Biases only in qwen2's projections, output norms only in Gemma 2's and 3's
-    // sandwiches and OLMo 2's.
+    // Biases only in qwen2's projections and the LayerNorm architectures', output norms
+    // only in Gemma 2's and 3's sandwiches and OLMo 2's.
     let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
-    if name.ends_with(".bias") && arch != "qwen2"
+    let biases = arch == "qwen2" || LAYER_NORM_ARCHITECTURES.contains(&arch);
+    if name.ends_with(".bias") && !biases
         || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
     {
         return None;
@@ -535,8 +546,9 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
-/// ([`apply_gemma`]). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 11] = [
+/// ([`apply_gemma`]). `phi2`, `stablelm` and `starcoder2` are the LayerNorm architectures
+/// ([`apply_layer_norms`]). Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 14] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -548,7 +560,14 @@ const ARCHITECTURES: [&str; 11] = [
     "olmo2",
     "smollm3",
     "command-r",
+    "phi2",
+    "stablelm",
+    "starcoder2",
 ];
+
+/// The architectures of the original transformer's shape, with LayerNorms that add a
+/// bias ([`apply_layer_norms`]).
+const LAYER_NORM_ARCHITECTURES: [&str; 3] = ["phi2", "stablelm", "starcoder2"];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
 /// converter reorders the q and k rows of `llama`, `granite` and `smollm3` models for
@@ -568,8 +587,46 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     };
     c.logit_scale = Some(required("command-r.logit_scale")?);
     c.norm_eps = required("command-r.attention.layer_norm_epsilon")?;
-    c.layer_norms = true;
+    c.norm = Norm::Layer;
     c.parallel_blocks = true;
+    Ok(())
+}
+
+/// The settings of `phi2`, `stablelm` and `starcoder2` files, as llama.cpp reads them:
+/// LayerNorms with biases, of epsilon `ARCH.attention.layer_norm_epsilon` (required);
+/// Phi-2's attention and ungated GELU feed-forward block side by side over one norm,
+/// StableLM's SwiGLU, side by side where the file has no `ffn_norm` (StableLM 2 12B's
+/// parallel residual), StarCoder2's ungated GELU feed-forward block. Which projections
+/// add biases is read from the tensors of the first layer (`attn_q`'s or `attn_qkv`'s,
+/// `attn_output`'s, `ffn_up`'s) and the classifier's (`output.bias`); every layer must
+/// then have them.
+fn apply_layer_norms(
+    g: &GgufFile,
+    arch: &str,
+    weights: &Weights,
+    c: &mut ModelConfig,
+) -> Result<(), String> {
+    let key = format!("{arch}.attention.layer_norm_epsilon");
+    c.norm_eps = g
+        .positive(&key)?
+        .ok_or_else(|| format!("missing metadata `{key}`"))?;
+    c.norm = Norm::BiasedLayer;
+    let has = |name: &str| weights.weight_shape(name).is_some();
+    c.attention_bias = AttentionBias {
+        qkv: has("layers.0.attention.wq.bias") || has(&format!("layers.0.{FUSED_QKV_BIAS}")),
+        output: has("layers.0.attention.wo.bias"),
+    };
+    c.ffn_bias = has("layers.0.feed_forward.w3.bias");
+    c.classifier_bias = has("output.bias");
+    c.parallel_blocks = match arch {
+        "phi2" => true,
+        "stablelm" => !has("layers.0.ffn_norm.weight"),
+        _ => false,
+    };
+    if arch != "stablelm" {
+        c.feed_forward = FeedForward::Ungated;
+        c.activation = Activation::GeluTanh;
+    }
     Ok(())
 }
 
@@ -965,6 +1022,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     }
     if arch == "command-r" {
         apply_cohere(g, &mut config)?;
+    }
+    if LAYER_NORM_ARCHITECTURES.contains(&arch) {
+        apply_layer_norms(g, arch, &weights, &mut config)?;
     }
     if arch == "smollm3" {
         // llama.cpp's fixed step, with no metadata for it.

@@ -1,14 +1,18 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` and `tokenizer.json`.
 //!
 //! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3,
-//! Cohere, Gemma 1 to 3) are read into the builder's weight names
+//! Cohere, Gemma 1 to 3; and Phi-2, StableLM and StarCoder2, with LayerNorms:
+//! `hf_layer_norm`) are read into the builder's weight names
 //! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half` (Cohere's pair neighbours: `interleaved`). Safetensors files are memory-mapped; F32 tensors are read
 //! as floats, F16 and BF16 matrices keep their 16 bits ([`stored_floats`]: half the memory
 //! of `f32`, widened as the kernels read them).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 use llm_ir::{
     dtype::DType,
@@ -19,10 +23,11 @@ use serde_json::Value as Json;
 
 use crate::{
     hf_gemma,
+    hf_layer_norm::{self, Family},
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, POST_ATTENTION_NORM,
-        POST_FFW_NORM, QkNorm, check_every_weight_read, every_nth_layer, reciprocal,
-        split_fused_weights, uneven_head_dim, weight_shapes,
+        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, Norm,
+        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read, every_nth_layer,
+        reciprocal, split_fused_weights, uneven_head_dim, weight_shapes,
     },
     model_file::LoadedModel,
     rope_scaling::{
@@ -57,11 +62,16 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
         &[
             ("model.embed_tokens.weight", "tok_embeddings.weight"),
             ("model.norm.weight", "norm.weight"),
+            ("model.norm.bias", "norm.bias"),
+            ("model.final_layernorm.weight", "norm.weight"),
+            ("model.final_layernorm.bias", "norm.bias"),
             ("lm_head.weight", "output.weight"),
+            ("lm_head.bias", "output.bias"),
         ],
         "model.layers.",
         &[
             ("input_layernorm.weight", "attention_norm.weight"),
+            ("input_layernorm.bias", "attention_norm.bias"),
             ("self_attn.q_proj.weight", "attention.wq.weight"),
             ("self_attn.k_proj.weight", "attention.wk.weight"),
             ("self_attn.v_proj.weight", "attention.wv.weight"),
@@ -70,14 +80,29 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
             ("self_attn.k_proj.bias", "attention.wk.bias"),
             ("self_attn.v_proj.bias", "attention.wv.bias"),
             ("self_attn.o_proj.bias", "attention.wo.bias"),
+            ("self_attn.dense.weight", "attention.wo.weight"),
+            ("self_attn.dense.bias", "attention.wo.bias"),
             ("self_attn.qkv_proj.weight", FUSED_QKV),
             ("self_attn.q_norm.weight", "attention.q_norm.weight"),
             ("self_attn.k_norm.weight", "attention.k_norm.weight"),
             ("mlp.gate_up_proj.weight", FUSED_GATE_UP),
             ("post_attention_layernorm.weight", "ffn_norm.weight"),
+            ("post_attention_layernorm.bias", "ffn_norm.bias"),
             ("mlp.gate_proj.weight", "feed_forward.w1.weight"),
             ("mlp.down_proj.weight", "feed_forward.w2.weight"),
             ("mlp.up_proj.weight", "feed_forward.w3.weight"),
+            ("mlp.gate_proj.bias", "feed_forward.w1.bias"),
+            ("mlp.down_proj.bias", "feed_forward.w2.bias"),
+            ("mlp.up_proj.bias", "feed_forward.w3.bias"),
+            // The ungated blocks' up and down projections: Phi-2's, StarCoder2's.
+            ("mlp.fc1.weight", "feed_forward.w3.weight"),
+            ("mlp.fc1.bias", "feed_forward.w3.bias"),
+            ("mlp.fc2.weight", "feed_forward.w2.weight"),
+            ("mlp.fc2.bias", "feed_forward.w2.bias"),
+            ("mlp.c_fc.weight", "feed_forward.w3.weight"),
+            ("mlp.c_fc.bias", "feed_forward.w3.bias"),
+            ("mlp.c_proj.weight", "feed_forward.w2.weight"),
+            ("mlp.c_proj.bias", "feed_forward.w2.bias"),
         ],
     )
 }
@@ -349,7 +374,8 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// OLMo 2's Llama's with its blocks' outputs normalized instead of their inputs and
 /// RMSNorms over the whole q and k projections, SmolLM3's Llama's with some layers'
 /// RoPE left out: [`smollm3_nope_layers`], Cohere's with LayerNorms, parallel blocks,
-/// scaled logits and interleaved RoPE pairs: [`cohere_settings`]),
+/// scaled logits and interleaved RoPE pairs: [`cohere_settings`]; Phi-2's, StableLM's and
+/// StarCoder2's with LayerNorms: `hf_layer_norm`, whose names are listed there),
 /// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
@@ -384,7 +410,7 @@ fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         Some(other) => return Err(format!("`use_qk_norm` = {other} is not a boolean")),
     }
     let scale = optional_positive(cfg, "logit_scale")?.unwrap_or(0.0625);
-    c.layer_norms = true;
+    c.norm = Norm::Layer;
     c.parallel_blocks = true;
     c.logit_scale = Some(scale);
     Ok(())
@@ -457,22 +483,37 @@ fn explicit_head_dim(cfg: &Json, width: usize, heads: usize) -> Result<Option<us
     Ok(uneven_head_dim(config_int(cfg, "head_dim")?, width, heads))
 }
 
-/// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on
-/// q, k, v and the output projection (as Hugging Face's `LlamaAttention` adds them).
-fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
-    let flag = |key: &str| match cfg.get(key) {
+/// `key` of `cfg` as a boolean, `false` where it is absent or null.
+fn flag(cfg: &Json, key: &str) -> Result<bool, String> {
+    match cfg.get(key) {
         None | Some(Json::Null) => Ok(false),
         Some(Json::Bool(b)) => Ok(*b),
         Some(other) => Err(format!("`{key}` = {other} is not a boolean")),
-    };
-    if flag("mlp_bias")? {
-        return Err("`mlp_bias` is true: the feed-forward projections have no biases".into());
     }
-    let llama_bias = flag("attention_bias")?;
+}
+
+/// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on
+/// q, k, v and the output projection (as Hugging Face's `LlamaAttention` adds them).
+fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
+    let llama_bias = flag(cfg, "attention_bias")?;
     Ok(AttentionBias {
         qkv: names_architecture(cfg, "Qwen2ForCausalLM") || llama_bias,
         output: llama_bias,
     })
+}
+
+/// Whether the feed-forward projections add biases: `mlp_bias`, in the architectures
+/// whose blocks read it (Llama's, Granite's, SmolLM3's); the others' ignore it, as
+/// Hugging Face's do.
+fn mlp_bias(cfg: &Json) -> Result<bool, String> {
+    let reads_it = [
+        "LlamaForCausalLM",
+        "GraniteForCausalLM",
+        "SmolLM3ForCausalLM",
+    ]
+    .iter()
+    .any(|arch| names_architecture(cfg, arch));
+    Ok(reads_it && flag(cfg, "mlp_bias")?)
 }
 
 /// Refuses settings the builder would ignore, computing another model than the one
@@ -480,13 +521,16 @@ fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
 /// other than SiLU (RoPE's: [`rope_scaling`], [`rotary_dim`]).
 fn check_supported(cfg: &Json) -> Result<(), String> {
     if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
-        && let Some(other) = names
-            .iter()
-            .find(|n| !n.as_str().is_some_and(|n| ARCHITECTURES.contains(&n)))
+        && let Some(other) = names.iter().find(|n| {
+            !n.as_str().is_some_and(|n| {
+                ARCHITECTURES.contains(&n) || hf_layer_norm::ARCHITECTURES.contains(&n)
+            })
+        })
     {
         return Err(format!(
-            "`architectures` names {other}; the Llama-family models built are {}",
-            ARCHITECTURES.join(", ")
+            "`architectures` names {other}; the Llama-family models built are {}, {}",
+            ARCHITECTURES.join(", "),
+            hf_layer_norm::ARCHITECTURES.join(", ")
         ));
     }
     activation(cfg).map(|_| ())
@@ -495,9 +539,10 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
 /// The features of each head of `head_dim` that RoPE rotates where that is not all:
 /// `head_dim * partial_rotary_factor`, rounded down as Hugging Face does (Phi-4-mini's
 /// 0.75), the factor given in the RoPE settings `scaling` (transformers 5's
-/// `rope_parameters`) or at the top level of `cfg` (which must then agree). Only Phi-3's
-/// attention rotates part of each head in transformers; another architecture's factor
-/// below 1 is refused.
+/// `rope_parameters`) or at the top level of `cfg` (which must then agree), else the
+/// configuration class's default ([`Family::default_rotary_factor`]). Only Phi-3's,
+/// Phi's and StableLM's attention rotate part of each head in transformers; another
+/// architecture's factor below 1 is refused.
 fn rotary_dim(
     cfg: &Json,
     scaling: Option<&Scaling>,
@@ -522,11 +567,15 @@ fn rotary_dim(
                 "`partial_rotary_factor` is {b} at the top level but {a} in the RoPE settings"
             ));
         }
-        (inner, outer) => inner.or(outer).unwrap_or(1.0),
+        (inner, outer) => inner
+            .or(outer)
+            .unwrap_or_else(|| Family::of(cfg).map_or(1.0, Family::default_rotary_factor)),
     };
-    if factor != 1.0 && !names_architecture(cfg, "Phi3ForCausalLM") {
+    let partial = names_architecture(cfg, "Phi3ForCausalLM")
+        || matches!(Family::of(cfg), Some(Family::Phi | Family::StableLm));
+    if factor != 1.0 && !partial {
         return Err(format!(
-            "`partial_rotary_factor` = {factor}: only Phi-3's attention rotates part of each head"
+            "`partial_rotary_factor` = {factor}: only Phi-3's, Phi's and StableLM's attention rotate part of each head"
         ));
     }
     let rotary = (head_dim as f64 * factor) as usize;
@@ -538,9 +587,11 @@ fn rotary_dim(
     Ok((rotary != head_dim).then_some(rotary))
 }
 
-/// The feed-forward block's activation: SiLU (`hidden_act`), or for Gemma the tanh
-/// approximation of GELU, which Hugging Face's Gemma uses whatever `hidden_act` says
-/// unless `hidden_activation` names another (refused, as any other activation).
+/// The feed-forward block's activation: `hidden_act`, SiLU or GELU's tanh approximation
+/// (`gelu_new`, `gelu_pytorch_tanh`), the architecture's default where it is left out
+/// (SiLU, or [`Family::default_activation`]); or for Gemma the tanh approximation of
+/// GELU, which Hugging Face's Gemma uses whatever `hidden_act` says unless
+/// `hidden_activation` names another (refused, as any other activation).
 fn activation(cfg: &Json) -> Result<Activation, String> {
     if hf_gemma::generation(cfg).is_some() {
         return match cfg.get("hidden_activation").and_then(Json::as_str) {
@@ -550,10 +601,16 @@ fn activation(cfg: &Json) -> Result<Activation, String> {
             )),
         };
     }
-    match cfg.get("hidden_act").and_then(Json::as_str) {
-        None | Some("silu") => Ok(Activation::Silu),
-        Some(other) => Err(format!(
-            "`hidden_act` = \"{other}\" is not supported (the feed-forward block is SwiGLU)"
+    let default = Family::of(cfg).map_or("silu", Family::default_activation);
+    match cfg
+        .get("hidden_act")
+        .and_then(Json::as_str)
+        .unwrap_or(default)
+    {
+        "silu" => Ok(Activation::Silu),
+        "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+        other => Err(format!(
+            "`hidden_act` = \"{other}\" is not supported (SiLU or GELU's tanh approximation)"
         )),
     }
 }
@@ -591,11 +648,10 @@ pub(crate) fn config_int(cfg: &Json, key: &str) -> Result<usize, String> {
 }
 
 /// How a checkpoint's tensors are read.
-#[derive(Debug, Clone, Copy)]
 struct TensorRules {
-    /// The biases the model declares: another bias is an error, not a tensor silently
-    /// left out.
-    bias: AttentionBias,
+    /// The biases the model declares (the builder's names): another bias is an error
+    /// naming the checkpoint's tensor.
+    biases: HashSet<String>,
     /// Output norms, Gemma 2's and 3's and OLMo 2's ([`weight_name`]).
     post_norms: bool,
     /// A multimodal Gemma 3's checkpoint: the language model's tensors are read, the
@@ -604,7 +660,7 @@ struct TensorRules {
 }
 
 /// Reads the tensors of one safetensors file into `weights`, by `rules`.
-fn read_safetensors(path: &Path, weights: &mut Weights, rules: TensorRules) -> Result<(), String> {
+fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> Result<(), String> {
     let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
     let st =
         SafeTensors::deserialize(&map).map_err(|e| format!("invalid safetensors file: {e}"))?;
@@ -622,14 +678,9 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: TensorRules) -> R
             }
             return Err(format!("tensor `{name}` is not part of a Llama model"));
         };
-        let declared = if ours.ends_with("wo.bias") {
-            rules.bias.output
-        } else {
-            rules.bias.qkv
-        };
-        if ours.ends_with(".bias") && !declared {
+        if ours.ends_with(".bias") && !rules.biases.contains(&ours) {
             return Err(format!(
-                "tensor `{name}` is a bias that config.json does not declare (`attention_bias`, or a Qwen2 architecture)"
+                "tensor `{name}` is a bias that config.json does not declare (`attention_bias`, `mlp_bias`, `use_bias`, ...)"
             ));
         }
         let shape = view.shape().to_vec();
@@ -699,6 +750,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             _ => sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
         },
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
+        ffn_bias: mlp_bias(&cfg).map_err(|m| err(&config_path, m))?,
         explicit_head_dim: explicit_head_dim(&cfg, int("hidden_size")?, heads)
             .map_err(|m| err(&config_path, m))?,
         qk_norm: if names_architecture(&cfg, "Qwen3ForCausalLM") || gemma == Some(3) {
@@ -714,6 +766,11 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         post_norms: olmo2,
         ..ModelConfig::default()
     };
+    if let Some(family) = Family::of(&cfg) {
+        family
+            .apply(&cfg, &mut config)
+            .map_err(|m| err(&config_path, m))?;
+    }
     config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
         .map_err(|m| err(&config_path, m))?;
     if let Some(generation @ 2..) = gemma {
@@ -758,14 +815,18 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         return Err(err(dir, "no *.safetensors file".into()));
     }
     let mut weights = Weights::default();
+    let rules = TensorRules {
+        biases: weight_shapes(&config)
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| name.ends_with(".bias"))
+            .collect(),
+        post_norms: config.post_norms,
+        multimodal,
+    };
     for (i, file) in files.iter().enumerate() {
         progress(i as f64 / files.len() as f64);
-        let rules = TensorRules {
-            bias: config.attention_bias,
-            post_norms: config.post_norms,
-            multimodal,
-        };
-        read_safetensors(file, &mut weights, rules).map_err(|m| err(file, m))?;
+        read_safetensors(file, &mut weights, &rules).map_err(|m| err(file, m))?;
     }
     rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
     split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;

@@ -13,6 +13,7 @@ mod gguf_vocab;
 pub mod heap;
 pub mod hf;
 mod hf_gemma;
+mod hf_layer_norm;
 pub mod llama2c;
 mod mmap;
 pub mod model;

@@ -25,10 +25,12 @@
 //! `llm.tanh` between two multiplications) and local layers among global ones
 //! ([`LocalAttention`]: a `window` on those layers' paged attention, and their own RoPE
 //! base); Granite scales the embeddings, the residual branches, the scores and the logits,
-//! SmolLM3 leaves RoPE out of some layers ([`ModelConfig::nope_layers`]), and Cohere's
-//! norms are LayerNorms ([`ModelConfig::layer_norms`]) with the attention and feed-forward
-//! blocks side by side ([`ModelConfig::parallel_blocks`]). Weights are referenced by name
-//! with `llm.weight`.
+//! SmolLM3 leaves RoPE out of some layers ([`ModelConfig::nope_layers`]), Cohere's
+//! norms are LayerNorms ([`Norm`]) with the attention and feed-forward blocks side by
+//! side ([`ModelConfig::parallel_blocks`]), and the older transformer shapes of Phi-2,
+//! StableLM and StarCoder2 add LayerNorms with biases, biases on the feed-forward
+//! projections and the classifier, and an ungated feed-forward block ([`FeedForward`]).
+//! Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: quantized and 16-bit matrices (the `f16`/`bf16` storage
 //! formats) are dequantized where a matmul reads them (the `fuse` pass turns
@@ -67,7 +69,7 @@ pub struct ModelConfig {
     pub seq_len: usize,
     /// RoPE base.
     pub rope_theta: f64,
-    /// The norms' epsilon (RMSNorm's, or LayerNorm's where [`ModelConfig::layer_norms`]).
+    /// The norms' epsilon (RMSNorm's, or LayerNorm's where [`ModelConfig::norm`] says).
     pub norm_eps: f64,
     /// Whether the classifier reuses the token embedding.
     pub tied_classifier: bool,
@@ -103,8 +105,15 @@ pub struct ModelConfig {
     /// `ffn_norm.weight`): every family's but OLMo 2's, which normalizes the blocks'
     /// outputs instead ([`ModelConfig::post_norms`]).
     pub pre_norms: bool,
-    /// The activation of the feed-forward block's gate.
+    /// The activation of the feed-forward block (of its gate where it is gated).
     pub activation: Activation,
+    /// The feed-forward block's shape: gated (SwiGLU's, GeGLU's) or not.
+    pub feed_forward: FeedForward,
+    /// The feed-forward block's projections add biases
+    /// (`layers.N.feed_forward.w{1,3,2}.bias`; the gate's, `w1`, where it is gated).
+    pub ffn_bias: bool,
+    /// The classifier adds a bias (`output.bias`, `[vocab]`; Phi-2's).
+    pub classifier_bias: bool,
     /// Token embeddings are multiplied by `sqrt(dim)` (in `f32`) before the first layer
     /// (Gemma's).
     pub scale_embeddings: bool,
@@ -134,12 +143,11 @@ pub struct ModelConfig {
     /// The logits are multiplied by it (Cohere's `logit_scale`; Granite's is the `f32`
     /// reciprocal of its `logits_scaling`, which divides them).
     pub logit_scale: Option<f64>,
-    /// The blocks' input norms and the final norm are LayerNorms without bias (centred on
-    /// the mean; Cohere's) instead of RMSNorms.
-    pub layer_norms: bool,
+    /// The kind of the blocks' input norms and of the final norm.
+    pub norm: Norm,
     /// The feed-forward block reads the attention block's normalized input, and both add
-    /// into the residual at once (`x + attention + feed_forward`; Cohere's): no
-    /// `ffn_norm` weights.
+    /// into the residual at once (`x + attention + feed_forward`; Cohere's, Phi-2's,
+    /// StableLM's `use_parallel_residual`): no `ffn_norm` weights.
     pub parallel_blocks: bool,
     /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
     /// every layer attends alike.
@@ -200,14 +208,41 @@ pub enum QkNorm {
     Projections,
 }
 
-/// The activation of the gated feed-forward block: `down(act(gate(x)) * up(x))`.
+/// The activation of the feed-forward block: of its gate, `down(act(gate(x)) * up(x))`,
+/// or of its up projection where it has no gate, `down(act(up(x)))`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Activation {
     /// SiLU: SwiGLU (Llama's).
     #[default]
     Silu,
-    /// GELU, tanh approximation (`llm.gelu`): GeGLU (Gemma's).
+    /// GELU, tanh approximation (`llm.gelu`): GeGLU (Gemma's), or ungated (Phi-2's,
+    /// StarCoder2's).
     GeluTanh,
+}
+
+/// The feed-forward block's shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FeedForward {
+    /// `down(act(gate(x)) * up(x))` (`feed_forward.w1`, `w3`, `w2`): Llama's SwiGLU.
+    #[default]
+    Gated,
+    /// `down(act(up(x)))` (`feed_forward.w3`, `w2`): the original transformer's MLP
+    /// (Phi-2's `fc1`/`fc2`, StarCoder2's `c_fc`/`c_proj`).
+    Ungated,
+}
+
+/// The kind of the blocks' input norms and of the final norm (`attention_norm`,
+/// `ffn_norm`, `norm`); sandwich and q/k norms are RMSNorms in every family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Norm {
+    /// RMSNorm (Llama's).
+    #[default]
+    Rms,
+    /// LayerNorm without bias: centred on the mean (Cohere's).
+    Layer,
+    /// LayerNorm with a bias, `NAME.bias` beside each `NAME.weight` (Phi-2's,
+    /// StableLM's, StarCoder2's).
+    BiasedLayer,
 }
 
 /// A model file's head size `head_dim` as [`ModelConfig::explicit_head_dim`]: `None`
@@ -263,6 +298,9 @@ impl Default for ModelConfig {
             qk_norm: QkNorm::None,
             pre_norms: true,
             activation: Activation::Silu,
+            feed_forward: FeedForward::Gated,
+            ffn_bias: false,
+            classifier_bias: false,
             scale_embeddings: false,
             post_norms: false,
             attention_scale: None,
@@ -271,7 +309,7 @@ impl Default for ModelConfig {
             embedding_scale: None,
             residual_scale: None,
             logit_scale: None,
-            layer_norms: false,
+            norm: Norm::Rms,
             parallel_blocks: false,
             nope_layers: None,
             local_attention: None,
@@ -471,14 +509,26 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}attention.wk.weight"), vec![kvd, d]),
             (format!("{p}attention.wv.weight"), vec![kvd, d]),
             (format!("{p}attention.wo.weight"), vec![d, qd]),
-            (format!("{p}feed_forward.w1.weight"), vec![hd, d]),
             (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
             (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
+        let gated = c.feed_forward == FeedForward::Gated;
+        if gated {
+            out.push((format!("{p}feed_forward.w1.weight"), vec![hd, d]));
+        }
+        if c.ffn_bias {
+            out.extend([
+                (format!("{p}feed_forward.w2.bias"), vec![d]),
+                (format!("{p}feed_forward.w3.bias"), vec![hd]),
+            ]);
+            if gated {
+                out.push((format!("{p}feed_forward.w1.bias"), vec![hd]));
+            }
+        }
         if c.pre_norms {
-            out.push((format!("{p}attention_norm.weight"), vec![d]));
+            out.extend(norm_weights(c, &format!("{p}attention_norm")));
             if !c.parallel_blocks {
-                out.push((format!("{p}ffn_norm.weight"), vec![d]));
+                out.extend(norm_weights(c, &format!("{p}ffn_norm")));
             }
         }
         if c.post_norms {
@@ -505,12 +555,25 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}attention.wo.bias"), vec![d]));
         }
     }
-    out.push(("norm.weight".to_string(), vec![d]));
+    out.extend(norm_weights(c, "norm"));
     if c.rope_freq_factors {
         out.push((ROPE_FREQS.to_string(), vec![c.rotary() / 2]));
     }
     if !c.tied_classifier {
         out.push(("output.weight".to_string(), vec![v, d]));
+    }
+    if c.classifier_bias {
+        out.push(("output.bias".to_string(), vec![v]));
+    }
+    out
+}
+
+/// The weights of the input or final norm `stem` (`layers.N.attention_norm`, ...):
+/// `stem.weight`, and `stem.bias` where the norms have biases ([`Norm::BiasedLayer`]).
+fn norm_weights(c: &ModelConfig, stem: &str) -> Vec<(String, Vec<usize>)> {
+    let mut out = vec![(format!("{stem}.weight"), vec![c.dim])];
+    if c.norm == Norm::BiasedLayer {
+        out.push((format!("{stem}.bias"), vec![c.dim]));
     }
     out
 }
@@ -523,21 +586,28 @@ pub const FUSED_QKV: &str = "attention.wqkv.weight";
 /// See [`FUSED_QKV`].
 pub const FUSED_GATE_UP: &str = "feed_forward.w13.weight";
 
-/// Splits every layer's fused matrices ([`FUSED_QKV`], [`FUSED_GATE_UP`]) of `weights`
-/// into the separate weights the builder reads; a model without them is left as it is.
+/// The fused q, k and v biases beside a [`FUSED_QKV`] matrix (Phi-2's GGUF files of its
+/// original checkpoint's `Wqkv`).
+pub const FUSED_QKV_BIAS: &str = "attention.wqkv.bias";
+
+/// Splits every layer's fused matrices ([`FUSED_QKV`], [`FUSED_GATE_UP`]) and biases
+/// ([`FUSED_QKV_BIAS`]) of `weights` into the separate weights the builder reads; a model
+/// without them is left as it is.
 pub fn split_fused_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
     let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.hidden_dim);
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
         let part = |name: &str, rows: usize| (format!("{p}{name}"), rows);
-        weights.split_rows(
-            &format!("{p}{FUSED_QKV}"),
-            &[
-                part("attention.wq.weight", qd),
-                part("attention.wk.weight", kvd),
-                part("attention.wv.weight", kvd),
-            ],
-        )?;
+        for (fused, kind) in [(FUSED_QKV, "weight"), (FUSED_QKV_BIAS, "bias")] {
+            weights.split_rows(
+                &format!("{p}{fused}"),
+                &[
+                    part(&format!("attention.wq.{kind}"), qd),
+                    part(&format!("attention.wk.{kind}"), kvd),
+                    part(&format!("attention.wv.{kind}"), kvd),
+                ],
+            )?;
+        }
         weights.split_rows(
             &format!("{p}{FUSED_GATE_UP}"),
             &[
@@ -751,23 +821,47 @@ impl Emitter<'_> {
         format!("{value}_normed")
     }
 
-    /// `value` (`[?, dim]`) through the norm of weight `weight` as `result`: an RMSNorm, or a
-    /// LayerNorm without bias where the model has them ([`ModelConfig::layer_norms`]; its
-    /// zero bias is the function's `zero_bias`).
-    fn input_norm(&mut self, c: &ModelConfig, value: &str, result: &str, weight: &str) -> String {
-        let w = self.weight_f32(&format!("{result}_w"), weight);
+    /// `value` (`[?, dim]`) through the norm `stem` (its weights `stem.weight` and, where
+    /// it has one, `stem.bias`) as `result`, of the model's kind ([`ModelConfig::norm`]; a
+    /// LayerNorm without bias adds the function's `zero_bias`).
+    fn input_norm(&mut self, c: &ModelConfig, value: &str, result: &str, stem: &str) -> String {
+        let w = self.weight_f32(&format!("{result}_w"), &format!("{stem}.weight"));
         let ty = format!("llm.tensor <?x{}xf32>", c.dim);
         let eps = float(c.norm_eps);
-        if c.layer_norms {
-            self.op(format!(
-                "{result} = llm.layer_norm {value}, {w}, zero_bias {{eps = {eps}}} : {ty}"
-            ));
-        } else {
-            self.op(format!(
+        let bias = match c.norm {
+            Norm::Rms => None,
+            Norm::Layer => Some("zero_bias".to_string()),
+            Norm::BiasedLayer => {
+                Some(self.weight_f32(&format!("{result}_b"), &format!("{stem}.bias")))
+            }
+        };
+        match bias {
+            Some(b) => self.op(format!(
+                "{result} = llm.layer_norm {value}, {w}, {b} {{eps = {eps}}} : {ty}"
+            )),
+            None => self.op(format!(
                 "{result} = llm.rms_norm {value}, {w} {{eps = {eps}}} : {ty}"
-            ));
+            )),
         }
         result.to_string()
+    }
+
+    /// `input` through the projection `weight` (`[n, k]`, transposed) as `result` of type
+    /// `ty`, plus the bias beside it (`.bias` for `.weight`) where `bias`.
+    fn projection(
+        &mut self,
+        input: &str,
+        result: &str,
+        weight: &str,
+        bias: bool,
+        ty: &str,
+    ) -> String {
+        let w = self.weight_f32(&format!("{result}_w"), weight);
+        self.op(format!(
+            "{result} = llm.matmul {input}, {w} {{transpose_rhs = true}} : {ty}"
+        ));
+        let bias_name = weight.replace(".weight", ".bias");
+        self.add_bias(result, bias.then_some(bias_name.as_str()), ty)
     }
 
     /// `value` times `scale` (an `f32` constant) where there is one, else `value` itself.
@@ -836,7 +930,7 @@ fn forward_func(
         String::new()
     };
     e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
-    if c.layer_norms {
+    if c.norm == Norm::Layer {
         e.op(format!(
             "zero_bias = llm.constant {{value = 0.0}} : {}",
             t(&format!("{d}xf32"))
@@ -858,27 +952,15 @@ fn forward_func(
             global_factors.as_str()
         };
         let attn_in = if c.pre_norms {
-            e.input_norm(
-                c,
-                &x,
-                &format!("h_{l}"),
-                &format!("{p}attention_norm.weight"),
-            )
+            e.input_norm(c, &x, &format!("h_{l}"), &format!("{p}attention_norm"))
         } else {
             x.clone()
         };
-        let wq = e.weight_f32(&format!("wq_{l}"), &format!("{p}attention.wq.weight"));
-        let wk = e.weight_f32(&format!("wk_{l}"), &format!("{p}attention.wk.weight"));
-        let wv = e.weight_f32(&format!("wv_{l}"), &format!("{p}attention.wv.weight"));
-        let [q, k, v] =
-            [("q", &wq, &qact), ("k", &wk, &kv), ("v", &wv, &kv)].map(|(out, w, ty)| {
-                let product = format!("{out}_{l}");
-                e.op(format!(
-                    "{product} = llm.matmul {attn_in}, {w} {{transpose_rhs = true}} : {ty}"
-                ));
-                let bias = format!("{p}attention.w{out}.bias");
-                e.add_bias(&product, c.attention_bias.qkv.then_some(bias.as_str()), ty)
-            });
+        let [q, k, v] = [("q", &qact), ("k", &kv), ("v", &kv)].map(|(out, ty)| {
+            let weight = format!("{p}attention.w{out}.weight");
+            let bias = c.attention_bias.qkv;
+            e.projection(&attn_in, &format!("{out}_{l}"), &weight, bias, ty)
+        });
         let (qheads, kvheads) = (
             t(&format!("?x{h}x{dh}xf32")),
             t(&format!("?x{kvh}x{dh}xf32")),
@@ -943,14 +1025,11 @@ fn forward_func(
             "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{attention}}} : {queries}"
         ));
         e.op(format!("attf_{l} = llm.reshape att_{l} : {qact}"));
-        let wo = e.weight_f32(&format!("wo_{l}"), &format!("{p}attention.wo.weight"));
-        e.op(format!(
-            "o_{l} = llm.matmul attf_{l}, {wo} {{transpose_rhs = true}} : {act}"
-        ));
-        let bias = format!("{p}attention.wo.bias");
-        let o = e.add_bias(
+        let o = e.projection(
+            &format!("attf_{l}"),
             &format!("o_{l}"),
-            c.attention_bias.output.then_some(bias.as_str()),
+            &format!("{p}attention.wo.weight"),
+            c.attention_bias.output,
             &act,
         );
         let o = e.post_norm(c, &o, &format!("{p}{POST_ATTENTION_NORM}"), &act);
@@ -963,41 +1042,38 @@ fn forward_func(
                 c,
                 &format!("xa_{l}"),
                 &format!("hf_{l}"),
-                &format!("{p}ffn_norm.weight"),
+                &format!("{p}ffn_norm"),
             )
         } else {
             format!("xa_{l}")
         };
-        let w1 = e.weight_f32(&format!("w1_{l}"), &format!("{p}feed_forward.w1.weight"));
-        let w3 = e.weight_f32(&format!("w3_{l}"), &format!("{p}feed_forward.w3.weight"));
-        let w2 = e.weight_f32(&format!("w2_{l}"), &format!("{p}feed_forward.w2.weight"));
-        e.op(format!(
-            "gate_{l} = llm.matmul {ffn_in}, {w1} {{transpose_rhs = true}} : {hid}"
-        ));
-        e.op(format!(
-            "up_{l} = llm.matmul {ffn_in}, {w3} {{transpose_rhs = true}} : {hid}"
-        ));
+        let ffn = |w: &str| format!("{p}feed_forward.{w}.weight");
+        let up = e.projection(&ffn_in, &format!("up_{l}"), &ffn("w3"), c.ffn_bias, &hid);
         let activation = match c.activation {
             Activation::Silu => "silu",
             Activation::GeluTanh => "gelu",
         };
-        e.op(format!("act_{l} = llm.{activation} gate_{l} : {hid}"));
-        e.op(format!("glu_{l} = llm.mul act_{l}, up_{l} : {hid}"));
-        e.op(format!(
-            "down_{l} = llm.matmul glu_{l}, {w2} {{transpose_rhs = true}} : {act}"
-        ));
-        let down = e.post_norm(
-            c,
-            &format!("down_{l}"),
-            &format!("{p}{POST_FFW_NORM}"),
-            &act,
-        );
+        let hidden = match c.feed_forward {
+            FeedForward::Gated => {
+                let gate =
+                    e.projection(&ffn_in, &format!("gate_{l}"), &ffn("w1"), c.ffn_bias, &hid);
+                e.op(format!("act_{l} = llm.{activation} {gate} : {hid}"));
+                e.op(format!("glu_{l} = llm.mul act_{l}, {up} : {hid}"));
+                format!("glu_{l}")
+            }
+            FeedForward::Ungated => {
+                e.op(format!("act_{l} = llm.{activation} {up} : {hid}"));
+                format!("act_{l}")
+            }
+        };
+        let down = e.projection(&hidden, &format!("down_{l}"), &ffn("w2"), c.ffn_bias, &act);
+        let down = e.post_norm(c, &down, &format!("{p}{POST_FFW_NORM}"), &act);
         let down = e.scaled(&down, c.residual_scale, &act);
         let next = format!("x{}", l + 1);
         e.op(format!("{next} = llm.add xa_{l}, {down} : {act}"));
         x = next;
     }
-    e.input_norm(c, &x, "xn", "norm.weight");
+    e.input_norm(c, &x, "xn", "norm");
     let classifier = if c.tied_classifier {
         let embed = e.weights.weight("tok_embeddings.weight");
         match embed.as_deref() {
@@ -1017,14 +1093,15 @@ fn forward_func(
         e.weight_f32("classifier", "output.weight")
     };
     let logits_ty = t(&format!("?x{v}xf32"));
-    let product = match c.logit_softcap {
-        Some(_) => "uncapped",
-        None => "logits",
-    };
     e.op(format!(
-        "{product} = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {logits_ty}"
+        "logits = llm.matmul xn, {classifier} {{transpose_rhs = true}} : {logits_ty}"
     ));
-    let scaled_logits = e.scaled(product, c.logit_scale, &logits_ty);
+    let logits = e.add_bias(
+        "logits",
+        c.classifier_bias.then_some("output.bias"),
+        &logits_ty,
+    );
+    let scaled_logits = e.scaled(&logits, c.logit_scale, &logits_ty);
     let logits = match c.logit_softcap {
         Some(cap) => e.soft_cap(&scaled_logits, cap, &logits_ty),
         None => scaled_logits,

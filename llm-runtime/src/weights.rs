@@ -176,9 +176,9 @@ impl Weights {
     /// Replaces the fused matrix `fused` (a checkpoint's `qkv_proj` or `gate_up_proj`)
     /// by its parts, consecutive runs of its rows: `(name, rows)` each, in order. Float
     /// matrices are cut between rows, and so are quantized ones in the block formats,
-    /// whose rows are stored apart; nothing happens when there is no `fused`. Parts that
-    /// do not add up to the rows, or a format stored as a whole, are errors naming the
-    /// weight.
+    /// whose rows are stored apart; a float vector (a fused bias) is cut into runs of its
+    /// values. Nothing happens when there is no `fused`. Parts that do not add up to the
+    /// rows, or a format stored as a whole, are errors naming the weight.
     pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<(), String> {
         let Some(value) = self.tensors.get(fused).cloned() else {
             return Ok(());
@@ -200,13 +200,14 @@ impl Weights {
             }
         };
         let total: usize = parts.iter().map(|(_, rows)| rows).sum();
-        if shape.len() != 2 || shape[0] != total {
+        let vector = shape.len() == 1 && matches!(&*value, Value::Tensor(_));
+        if !(shape.len() == 2 || vector) || shape[0] != total {
             return Err(format!(
                 "weight `{fused}` has shape {shape:?}, expected {total} rows in parts of {:?}",
                 parts.iter().map(|(_, rows)| rows).collect::<Vec<_>>()
             ));
         }
-        let k = shape[1];
+        let k = if vector { 1 } else { shape[1] };
         let row_bytes = match &*value {
             Value::Quantized(q) => quant::storage_bytes(&q.format, &[1, k]),
             _ => 0,
@@ -217,7 +218,8 @@ impl Weights {
             let part = match &*value {
                 Value::Tensor(t) => {
                     let values = t.floats()?[range.start * k..range.end * k].to_vec();
-                    Value::Tensor(Tensor::from_f32(vec![*rows, k], t.dtype, values))
+                    let shape = if vector { vec![*rows] } else { vec![*rows, k] };
+                    Value::Tensor(Tensor::from_f32(shape, t.dtype, values))
                 }
                 Value::Quantized(q) => Value::Quantized(QTensor {
                     shape: vec![*rows, k],

@@ -18,7 +18,7 @@ use llm_runtime::{
     generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
-    model::{Activation, AttentionBias, ModelConfig, QkNorm, build_ir},
+    model::{Activation, AttentionBias, FeedForward, ModelConfig, Norm, QkNorm, build_ir},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
@@ -908,6 +908,20 @@ fn reference_gguf(
     metadata: Vec<(&str, Meta)>,
     extra: Vec<(String, Vec<usize>, Vec<f32>)>,
 ) -> Vec<u8> {
+    reference_gguf_edited(name, arch, metadata, |tensors| tensors.extend(extra))
+}
+
+/// A named tensor's shape and f32 values.
+type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// [`reference_gguf`] with the tensors (Hugging Face's names where the checkpoint has
+/// them, GGUF's for others) changed by `edit` before they are written.
+fn reference_gguf_edited(
+    name: &str,
+    arch: &str,
+    metadata: Vec<(&str, Meta)>,
+    edit: impl FnOnce(&mut Vec<NamedTensor>),
+) -> Vec<u8> {
     let reference = transformers_reference(name);
     let gemma = arch.starts_with("gemma");
     let post_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
@@ -955,7 +969,7 @@ fn reference_gguf(
             (gguf, view.shape().to_vec(), values)
         })
         .collect();
-    tensors.extend(extra);
+    edit(&mut tensors);
     let int = |v: usize| Meta::Uint(v as u64);
     let mut meta = vec![("general.architecture".to_string(), Meta::Str(arch.into()))];
     let sizes = [
@@ -967,9 +981,9 @@ fn reference_gguf(
         ("attention.key_length", int(c.head_dim())),
         ("attention.value_length", int(c.head_dim())),
         ("context_length", int(c.seq_len)),
-        // Cohere's LayerNorms have their own key.
+        // LayerNorms have their own key.
         (
-            if arch == "command-r" {
+            if matches!(arch, "command-r" | "phi2" | "stablelm" | "starcoder2") {
                 "attention.layer_norm_epsilon"
             } else {
                 "attention.layer_norm_rms_epsilon"
@@ -1347,13 +1361,13 @@ fn smollm3_gguf() -> Vec<u8> {
 fn cohere_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("cohere-tiny");
     let c = &loaded.config;
-    assert!(c.layer_norms && c.parallel_blocks && !c.rope_half);
+    assert!(c.norm == Norm::Layer && c.parallel_blocks && !c.rope_half);
     assert_eq!(c.logit_scale, Some(0.25));
     computes_what_transformers_computes(
         &loaded,
         &reference,
         &[
-            ("the LayerNorms", &|c| c.layer_norms = false),
+            ("the LayerNorms", &|c| c.norm = Norm::Rms),
             ("the logit scale", &|c| c.logit_scale = None),
             ("the interleaved pairs", &|c| c.rope_half = true),
         ],
@@ -1390,6 +1404,189 @@ fn cohere_gguf(extra: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<u8> {
         vec![("logit_scale", Meta::Float(0.25))],
         extra,
     )
+}
+
+/// Phi-2 (`tests/data/phi2-tiny`): LayerNorms with biases, attention and an ungated
+/// GELU feed-forward block side by side over one norm, biases on every projection and
+/// the classifier, RoPE over 6 of each head's 16 features; its GGUF file (llama.cpp's
+/// `phi2` keys) computes what the directory computes, with separate q, k and v
+/// projections or with them fused (`attn_qkv`, as the files of Phi-2's original
+/// checkpoint have them).
+#[test]
+fn phi2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("phi2-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (c.norm, c.feed_forward, c.activation),
+        (
+            Norm::BiasedLayer,
+            FeedForward::Ungated,
+            Activation::GeluTanh
+        )
+    );
+    assert!(c.parallel_blocks && c.ffn_bias && c.classifier_bias && c.rope_half);
+    assert_eq!(
+        c.attention_bias,
+        AttentionBias {
+            qkv: true,
+            output: true
+        }
+    );
+    assert_eq!(c.rotary_dim, Some(6));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the norms' biases", &|c| c.norm = Norm::Layer),
+            ("the feed-forward biases", &|c| c.ffn_bias = false),
+            ("the classifier's bias", &|c| c.classifier_bias = false),
+            ("the partial rotation", &|c| c.rotary_dim = None),
+        ],
+    );
+    gguf_computes_what_the_directory_computes(&phi2_gguf(false), &loaded, &reference);
+    gguf_computes_what_the_directory_computes(&phi2_gguf(true), &loaded, &reference);
+}
+
+/// `tests/data/phi2-tiny` as llama.cpp's converter writes it, each layer's q, k and v
+/// projections and biases fused in `attn_qkv` where `fused`.
+fn phi2_gguf(fused: bool) -> Vec<u8> {
+    let metadata = vec![("rope.dimension_count", Meta::Uint(6))];
+    reference_gguf_edited("phi2-tiny", "phi2", metadata, |tensors| {
+        if fused {
+            fuse_qkv(tensors);
+        }
+    })
+}
+
+/// Replaces each layer's q, k and v projections and biases in `tensors` (Hugging Face's
+/// names) by the fused `blk.N.attn_qkv` weight and bias: their rows, in that order.
+fn fuse_qkv(tensors: &mut Vec<NamedTensor>) {
+    let layers = tensors
+        .iter()
+        .filter(|(name, ..)| name.ends_with("q_proj.weight"))
+        .count();
+    for layer in 0..layers {
+        for kind in ["weight", "bias"] {
+            let (mut rows, mut values, mut width) = (0, Vec::new(), None);
+            for part in ["q", "k", "v"] {
+                let name = format!("model.layers.{layer}.self_attn.{part}_proj.{kind}");
+                let i = tensors
+                    .iter()
+                    .position(|(n, ..)| *n == name)
+                    .expect("a q, k or v tensor");
+                let (_, shape, part_values) = tensors.remove(i);
+                rows += shape[0];
+                width = shape.get(1).copied();
+                values.extend(part_values);
+            }
+            let shape = width.map_or(vec![rows], |k| vec![rows, k]);
+            tensors.push((format!("blk.{layer}.attn_qkv.{kind}"), shape, values));
+        }
+    }
+}
+
+/// StableLM 2 (`tests/data/stablelm-tiny`): LayerNorms with biases, SwiGLU, biases on
+/// the q, k and v projections, RoPE over 4 of each head's 16 features; its GGUF file
+/// (llama.cpp's `stablelm` keys) computes what the directory computes, and one without
+/// `ffn_norm` is read as StableLM 2 12B's parallel blocks, as llama.cpp reads it.
+#[test]
+fn stablelm_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("stablelm-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (c.norm, c.feed_forward, c.activation),
+        (Norm::BiasedLayer, FeedForward::Gated, Activation::Silu)
+    );
+    assert!(!c.parallel_blocks && !c.ffn_bias && !c.classifier_bias);
+    assert_eq!(
+        c.attention_bias,
+        AttentionBias {
+            qkv: true,
+            output: false
+        }
+    );
+    assert_eq!(c.rotary_dim, Some(4));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the norms' biases", &|c| c.norm = Norm::Layer),
+            ("the q, k and v biases", &|c| c.attention_bias.qkv = false),
+            ("the partial rotation", &|c| c.rotary_dim = None),
+        ],
+    );
+    gguf_computes_what_the_directory_computes(&stablelm_gguf(), &loaded, &reference);
+    let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
+    let parallel = reference_gguf_edited("stablelm-tiny", "stablelm", metadata, |tensors| {
+        tensors.retain(|(name, ..)| !name.contains("post_attention_layernorm"))
+    });
+    let gguf = llm_runtime::gguf::read(&parallel).expect("loads");
+    assert!(gguf.config.parallel_blocks);
+}
+
+/// `tests/data/stablelm-tiny` as llama.cpp's converter writes it.
+fn stablelm_gguf() -> Vec<u8> {
+    let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
+    reference_gguf("stablelm-tiny", "stablelm", metadata, Vec::new())
+}
+
+/// StarCoder2 (`tests/data/starcoder2-tiny`): LayerNorms with biases, an ungated GELU
+/// feed-forward block, biases on every projection, a window of 10 positions and a tied
+/// classifier; its GGUF file (llama.cpp's `starcoder2` keys) computes what the directory
+/// computes.
+#[test]
+fn starcoder2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("starcoder2-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (c.norm, c.feed_forward, c.activation),
+        (
+            Norm::BiasedLayer,
+            FeedForward::Ungated,
+            Activation::GeluTanh
+        )
+    );
+    assert!(!c.parallel_blocks && c.ffn_bias && !c.classifier_bias && c.tied_classifier);
+    assert_eq!(
+        c.attention_bias,
+        AttentionBias {
+            qkv: true,
+            output: true
+        }
+    );
+    assert_eq!(c.sliding_window, Some(10));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the norms' biases", &|c| c.norm = Norm::Layer),
+            ("the feed-forward biases", &|c| c.ffn_bias = false),
+            ("the attention's biases", &|c| {
+                c.attention_bias = AttentionBias::default()
+            }),
+            ("the window", &|c| c.sliding_window = None),
+        ],
+    );
+    gguf_computes_what_the_directory_computes(&starcoder2_gguf(), &loaded, &reference);
+}
+
+/// `tests/data/starcoder2-tiny` as llama.cpp's converter writes it, with its window.
+fn starcoder2_gguf() -> Vec<u8> {
+    let metadata = vec![("attention.sliding_window", Meta::Uint(10))];
+    reference_gguf("starcoder2-tiny", "starcoder2", metadata, Vec::new())
+}
+
+/// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,
+/// up and down projections.
+#[test]
+fn llama_mlp_bias_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("llama-mlp-bias-tiny");
+    assert!(loaded.config.ffn_bias);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the feed-forward biases", &|c| c.ffn_bias = false)],
+    );
 }
 
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
@@ -1682,19 +1879,19 @@ fn gguf_bytes(
         }
     }
     let gguf_name = |hf: &str| -> String {
-        if hf == "lm_head.weight" {
-            return "output.weight".to_string();
+        let globals = [
+            ("model.embed_tokens", "token_embd"),
+            ("model.norm", "output_norm"),
+            ("model.final_layernorm", "output_norm"),
+            ("lm_head", "output"),
+        ];
+        let (stem, kind) = hf.rsplit_once('.').expect("stem.kind");
+        if let Some((_, g)) = globals.iter().find(|(h, _)| *h == stem) {
+            return format!("{g}.{kind}");
         }
         if !hf.starts_with("model.") {
             // Already GGUF's name.
             return hf.to_string();
-        }
-        let globals = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-        ];
-        if let Some((_, g)) = globals.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
         }
         let rest = hf.strip_prefix("model.layers.").expect("a layer tensor");
         let (layer, part) = rest.split_once('.').expect("layer.part");
@@ -1712,6 +1909,11 @@ fn gguf_bytes(
             ("mlp.gate_proj", "ffn_gate"),
             ("mlp.down_proj", "ffn_down"),
             ("mlp.up_proj", "ffn_up"),
+            ("self_attn.dense", "attn_output"),
+            ("mlp.fc1", "ffn_up"),
+            ("mlp.fc2", "ffn_down"),
+            ("mlp.c_fc", "ffn_up"),
+            ("mlp.c_proj", "ffn_down"),
         ];
         let (stem, kind) = part.rsplit_once('.').expect("stem.kind");
         let (_, g) = parts
@@ -1825,6 +2027,9 @@ fn mutated_family_gguf_files_never_panic() {
         olmo2_gguf(),
         smollm3_gguf(),
         cohere_gguf(Vec::new()),
+        phi2_gguf(true),
+        stablelm_gguf(),
+        starcoder2_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -2148,7 +2353,7 @@ fn bad_directories_name_the_file() {
         ),
         (
             r#", "partial_rotary_factor": 0.75"#,
-            "`partial_rotary_factor` = 0.75: only Phi-3's attention rotates part of each head",
+            "`partial_rotary_factor` = 0.75: only Phi-3's, Phi's and StableLM's attention rotate part of each head",
         ),
         (
             r#", "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.7"#,
@@ -2191,8 +2396,12 @@ fn bad_directories_name_the_file() {
             "`max_window_layers` = 2: a sliding window over some layers only is not supported",
         ),
         (
-            r#", "mlp_bias": true"#,
-            "`mlp_bias` is true: the feed-forward projections have no biases",
+            r#", "architectures": ["PhiForCausalLM"], "qk_layernorm": true"#,
+            "`qk_layernorm` is true: per-head q/k LayerNorms are not supported",
+        ),
+        (
+            r#", "architectures": ["Starcoder2ForCausalLM"], "norm_epsilon": -1"#,
+            "`norm_epsilon` = -1 is not a positive number",
         ),
     ] {
         let dir = write_hf_dir_with("refused", extra);

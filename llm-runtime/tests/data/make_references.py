@@ -10,7 +10,9 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
-(`olmo2`), SmolLM3's NoPE layers (`smollm3`) and Cohere's blocks (`cohere`),
+(`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
+LayerNorm architectures (`phi2`, `stablelm`, `starcoder2`) and Llama's feed-forward
+biases (`llama-mlp-bias`),
 or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -42,12 +44,18 @@ from transformers import (
     Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
 )
 
 SEQUENCE = 28
@@ -265,6 +273,43 @@ def main():
         **small, tie_word_embeddings=True, logit_scale=0.25, layer_norm_eps=1e-3, pad_token_id=0
     )
     write("cohere-tiny", CohereForCausalLM, cohere, 16)
+    # Phi-2: LayerNorms with biases, attention and an ungated GELU feed-forward block side
+    # by side over one norm, biases on every projection and the classifier, RoPE over
+    # 0.4 of each head (6 of 16 features), an untied classifier.
+    phi2 = PhiConfig(
+        **small,
+        tie_word_embeddings=False,
+        hidden_act="gelu_new",
+        layer_norm_eps=1e-5,
+        partial_rotary_factor=0.4,
+        pad_token_id=0,
+    )
+    write("phi2-tiny", PhiForCausalLM, phi2, 17)
+    # StableLM 2: LayerNorms with biases, SwiGLU, biases on q, k and v, RoPE over a
+    # quarter of each head (4 of 16 features).
+    stablelm = StableLmConfig(
+        **small,
+        tie_word_embeddings=False,
+        use_qkv_bias=True,
+        partial_rotary_factor=0.25,
+        layer_norm_eps=1e-5,
+    )
+    write("stablelm-tiny", StableLmForCausalLM, stablelm, 18)
+    # StarCoder2: LayerNorms with biases, an ungated GELU feed-forward block, biases on
+    # every projection, a sliding window of 10, a tied classifier.
+    starcoder2 = Starcoder2Config(
+        **small,
+        tie_word_embeddings=True,
+        use_bias=True,
+        norm_epsilon=1e-5,
+        sliding_window=10,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    write("starcoder2-tiny", Starcoder2ForCausalLM, starcoder2, 19)
+    # Llama with `mlp_bias`: biases on the gate, up and down projections.
+    llama_mlp_bias = LlamaConfig(**small, tie_word_embeddings=True, mlp_bias=True)
+    write("llama-mlp-bias-tiny", LlamaForCausalLM, llama_mlp_bias, 20)
 
 
 def gemma3_1b_shape(out):
