@@ -126,6 +126,7 @@ unary_op!(RsqrtOp, "llm.rsqrt", "`1 / sqrt(x)`", rsqrt);
 unary_op!(TanhOp, "llm.tanh", "`tanh(x)`", tanh);
 unary_op!(SigmoidOp, "llm.sigmoid", "`1 / (1 + exp(-x))`", sigmoid);
 unary_op!(SiluOp, "llm.silu", "SiLU, `x * sigmoid(x)`", silu);
+unary_op!(ErfOp, "llm.erf", "the error function, `erf(x)`", erf);
 unary_op!(
     GeluOp,
     "llm.gelu",

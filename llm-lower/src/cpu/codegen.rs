@@ -23,7 +23,7 @@ use llm_ir::{
 use super::{
     attention, dequant,
     emit::{
-        accumulate, address, exp, for_range, horizontal_max, horizontal_sum, mem, splat, tanh,
+        accumulate, address, erf, exp, for_range, horizontal_max, horizontal_sum, mem, splat, tanh,
         zeroed_accumulators,
     },
 };
@@ -671,6 +671,7 @@ fn unary(b: &mut FunctionBuilder, op: &str, x: Value) -> Value {
             let s = sigmoid(b, x);
             b.ins().fmul(x, s)
         }
+        "llm.erf" => erf(b, x),
         // gelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         _ => {
             let x3 = b.ins().fmul(x, x);

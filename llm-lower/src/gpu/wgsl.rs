@@ -32,7 +32,7 @@ use llm_ir::{
 };
 
 use super::ieee::{CORRECTLY_ROUNDED, EXACT};
-use crate::cpu::emit::{TANH_POLY, TANH_SMALL};
+use crate::cpu::emit::{ERF_POLY, ERF_SMALL, ERF_TAIL, TANH_POLY, TANH_SMALL};
 use crate::kernel::{
     AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
 };
@@ -699,6 +699,9 @@ impl Shader {
         if body.contains("llmc_tanh(") {
             s.push_str(&tanh_helper());
         }
+        if body.contains("llmc_erf(") {
+            s.push_str(&erf_helper());
+        }
         s.push_str(&body);
         s
     }
@@ -1336,6 +1339,7 @@ fn step_expr(step: &ScalarStep) -> String {
                 "llm.sqrt" => format!("sqrt({x})"),
                 "llm.rsqrt" => format!("1.0 / sqrt({x})"),
                 "llm.tanh" => tanh(&x),
+                "llm.erf" => format!("llmc_erf({x})"),
                 "llm.sigmoid" => format!("1.0 / (1.0 + exp(-{x}))"),
                 "llm.silu" => format!("{x} * (1.0 / (1.0 + exp(-{x})))"),
                 "llm.gelu" => format!(
@@ -1720,6 +1724,33 @@ fn tanh_helper() -> String {
 }}
 ",
         float(TANH_SMALL)
+    )
+}
+
+/// The WGSL function `llmc_erf`, the CPU's `erf` (`cpu::emit::erf`): the odd Taylor
+/// polynomial ([`ERF_POLY`]) below |x| = [`ERF_SMALL`], Abramowitz and Stegun's form
+/// ([`ERF_TAIL`]) beyond, with the sign put back.
+fn erf_helper() -> String {
+    let mut p = float(ERF_POLY[0]);
+    for &c in &ERF_POLY[1..] {
+        p = format!("({p}) * z + {}", float(c));
+    }
+    let mut q = float(ERF_TAIL[1]);
+    for &c in &ERF_TAIL[2..] {
+        q = format!("({q}) * t + {}", float(c));
+    }
+    format!(
+        "fn llmc_erf(x: f32) -> f32 {{
+    let z = x * x;
+    let near = x * ({p});
+    let a = abs(x);
+    let t = 1.0 / (1.0 + {} * a);
+    let far = 1.0 - t * ({q}) * exp(-z);
+    return select(select(far, -far, x < 0.0), near, a < {});
+}}
+",
+        float(ERF_TAIL[0]),
+        float(ERF_SMALL)
     )
 }
 

@@ -198,6 +198,7 @@ fn build_elementwise(
         "llm.sigmoid" => build!(ops::SigmoidOp),
         "llm.silu" => build!(ops::SiluOp),
         "llm.gelu" => build!(ops::GeluOp),
+        "llm.erf" => build!(ops::ErfOp),
         // Only names `ops::is_elementwise` accepts reach here.
         other => unreachable!("{other} is not an elementwise op"),
     }

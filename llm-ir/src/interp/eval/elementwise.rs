@@ -121,6 +121,13 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
 }
 
+/// The error function, `2 / sqrt(pi)` times the integral of `exp(-t^2)` from 0 to `x`
+/// (`libm`'s `erff`, correctly rounded to within an ulp): with it exact GELU is
+/// `0.5 * x * (1 + erf(x / sqrt(2)))`.
+fn erf_f32(x: f32) -> f32 {
+    libm::erff(x)
+}
+
 /// A scalar unary function.
 pub type UnaryFn = fn(f32) -> f32;
 
@@ -138,6 +145,7 @@ pub const UNARY: &[(&str, UnaryFn)] = &[
     ("llm.sigmoid", sigmoid_f32),
     ("llm.silu", silu_f32),
     ("llm.gelu", gelu_f32),
+    ("llm.erf", erf_f32),
 ];
 
 /// The scalar float function of each binary elementwise op.
@@ -228,4 +236,9 @@ pub fn silu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
 /// `llm.gelu` (tanh approximation).
 pub fn gelu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
     unary(e, i, gelu_f32)
+}
+
+/// `llm.erf`.
+pub fn erf(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, erf_f32)
 }
