@@ -136,7 +136,7 @@ pub const ERF_POLY: [f32; 11] = [
     -2.686_617_2e-2,
     0.112_837_92,
     -0.376_126_38,
-    1.128_379_2,
+    std::f32::consts::FRAC_2_SQRT_PI,
 ];
 
 /// `erf(x) = 1 - t Q(t) exp(-x^2)` with `t = 1 / (1 + p x)` for `x` from [`ERF_SMALL`] on
