@@ -114,17 +114,18 @@ impl Baseline {
         // Every setting but the sizes, RoPE's base, the epsilon and the classifier's tie
         // as llama2.c has it.
         let llama2c = ModelConfig {
-            dim: c.dim,
-            hidden_dim: c.hidden_dim,
-            layers: c.layers,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            vocab: c.vocab,
-            seq_len: c.seq_len,
             rope_theta: c.rope_theta,
             norm_eps: c.norm_eps,
             tied_classifier: c.tied_classifier,
-            ..ModelConfig::default()
+            ..ModelConfig::llama2c(
+                c.dim,
+                c.hidden_dim,
+                c.layers,
+                c.heads,
+                c.kv_heads,
+                c.vocab,
+                c.seq_len,
+            )
         };
         if *c != llama2c {
             return Err(

@@ -33,7 +33,7 @@ use llm_ir::{
 
 use crate::{
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
+        Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
         LocalAttention, ModelConfig, Norm, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS,
         every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
@@ -327,6 +327,15 @@ impl GgufFile {
         }
     }
 
+    /// The metadata value of `key`, a boolean; an error naming it where the file has none.
+    fn boolean(&self, key: &str) -> Result<bool, String> {
+        match self.meta(key) {
+            Some(Meta::Bool(b)) => Ok(*b),
+            Some(_) => Err(format!("metadata `{key}` is not a boolean")),
+            None => Err(format!("missing metadata `{key}`")),
+        }
+    }
+
     /// The tensor `name` as an interpreter value (shape slowest dim first).
     pub fn tensor(&self, bytes: &[u8], info: &TensorInfo) -> Result<Value, String> {
         let name = &info.name;
@@ -376,8 +385,8 @@ impl GgufFile {
 }
 
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
-/// tensor that is not part of such a model (biases outside `qwen2` and the LayerNorm
-/// architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms outside `gemma2`, `gemma3`
+/// tensor that is not part of such a model (biases outside `qwen2`, `llama` and the
+/// LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms outside `gemma2`, `gemma3`
 /// and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`],
 /// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
 /// so are Phi-2's `attn_qkv` and its bias where the file has them ([`FUSED_QKV_BIAS`]).
@@ -422,10 +431,10 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             (POST_FFW_NORM, POST_FFW_NORM),
         ],
     )?;
-    // Biases only in qwen2's projections and the LayerNorm architectures', output norms
-    // only in Gemma 2's and 3's sandwiches and OLMo 2's.
+    // Biases only in qwen2's and llama's projections and the LayerNorm architectures',
+    // output norms only in Gemma 2's and 3's sandwiches and OLMo 2's.
     let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
-    let biases = arch == "qwen2" || LAYER_NORM_ARCHITECTURES.contains(&arch);
+    let biases = matches!(arch, "qwen2" | "llama") || LAYER_NORM_ARCHITECTURES.contains(&arch);
     if name.ends_with(".bias") && !biases
         || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
     {
@@ -547,8 +556,8 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). `phi2`, `stablelm` and `starcoder2` are the LayerNorm architectures
-/// ([`apply_layer_norms`]). Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 14] = [
+/// ([`apply_layer_norms`]), and so is `gptneox`. Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 15] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -563,11 +572,12 @@ const ARCHITECTURES: [&str; 14] = [
     "phi2",
     "stablelm",
     "starcoder2",
+    "gptneox",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
 /// bias ([`apply_layer_norms`]).
-const LAYER_NORM_ARCHITECTURES: [&str; 3] = ["phi2", "stablelm", "starcoder2"];
+const LAYER_NORM_ARCHITECTURES: [&str; 4] = ["phi2", "stablelm", "starcoder2", "gptneox"];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
 /// converter reorders the q and k rows of `llama`, `granite` and `smollm3` models for
@@ -588,7 +598,7 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     c.logit_scale = Some(required("command-r.logit_scale")?);
     c.norm_eps = required("command-r.attention.layer_norm_epsilon")?;
     c.norm = Norm::Layer;
-    c.parallel_blocks = true;
+    c.blocks = Blocks::ParallelSharedNorm;
     Ok(())
 }
 
@@ -596,10 +606,12 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 /// LayerNorms with biases, of epsilon `ARCH.attention.layer_norm_epsilon` (required);
 /// Phi-2's attention and ungated GELU feed-forward block side by side over one norm,
 /// StableLM's SwiGLU, side by side where the file has no `ffn_norm` (StableLM 2 12B's
-/// parallel residual), StarCoder2's ungated GELU feed-forward block. Which projections
-/// add biases is read from the tensors of the first layer (`attn_q`'s or `attn_qkv`'s,
-/// `attn_output`'s, `ffn_up`'s) and the classifier's (`output.bias`); every layer must
-/// then have them.
+/// parallel residual), StarCoder2's ungated GELU feed-forward block, GPT-NeoX's ungated
+/// exact-GELU block, side by side with the attention, each over its own norm, where the
+/// required `gptneox.use_parallel_residual` says (llama.cpp computes GELU's tanh
+/// approximation for it; the model's, transformers', is exact); their biases as
+/// [`read_biases`] finds them. StableLM 2 12B's per-head q/k LayerNorms (`attn_q_norm`
+/// of `[head_dim, heads]`) are refused.
 fn apply_layer_norms(
     g: &GgufFile,
     arch: &str,
@@ -611,6 +623,36 @@ fn apply_layer_norms(
         .positive(&key)?
         .ok_or_else(|| format!("missing metadata `{key}`"))?;
     c.norm = Norm::BiasedLayer;
+    read_biases(weights, c);
+    let has = |name: &str| weights.weight_shape(name).is_some();
+    if has("layers.0.attention.q_norm.weight") {
+        return Err(
+            "blk.0.attn_q_norm.weight: per-head q/k LayerNorms (StableLM 2 12B's) are not supported"
+                .into(),
+        );
+    }
+    c.blocks = match arch {
+        "phi2" => Blocks::ParallelSharedNorm,
+        "stablelm" if !has("layers.0.ffn_norm.weight") => Blocks::ParallelSharedNorm,
+        "gptneox" if g.boolean("gptneox.use_parallel_residual")? => Blocks::Parallel,
+        _ => Blocks::Sequential,
+    };
+    if arch != "stablelm" {
+        c.feed_forward = FeedForward::Ungated;
+        c.activation = match arch {
+            "gptneox" => Activation::Gelu,
+            _ => Activation::GeluTanh,
+        };
+    }
+    Ok(())
+}
+
+/// The biases of a file whose projections may add them (the LayerNorm architectures', and
+/// llama's, which llama.cpp reads where a file has them): which projections do is read
+/// from the first layer's tensors (`attn_q`'s or `attn_qkv`'s, `attn_output`'s, `ffn_up`'s)
+/// and the classifier's (`output.bias`); every layer must then have them (a missing one
+/// is an error naming it, [`crate::model::check_weights`]).
+fn read_biases(weights: &Weights, c: &mut ModelConfig) {
     let has = |name: &str| weights.weight_shape(name).is_some();
     c.attention_bias = AttentionBias {
         qkv: has("layers.0.attention.wq.bias") || has(&format!("layers.0.{FUSED_QKV_BIAS}")),
@@ -618,16 +660,6 @@ fn apply_layer_norms(
     };
     c.ffn_bias = has("layers.0.feed_forward.w3.bias");
     c.classifier_bias = has("output.bias");
-    c.parallel_blocks = match arch {
-        "phi2" => true,
-        "stablelm" => !has("layers.0.ffn_norm.weight"),
-        _ => false,
-    };
-    if arch != "stablelm" {
-        c.feed_forward = FeedForward::Ungated;
-        c.activation = Activation::GeluTanh;
-    }
-    Ok(())
 }
 
 /// Granite's scales, as llama.cpp reads them: `granite.embedding_scale` multiplies the
@@ -1025,6 +1057,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     }
     if LAYER_NORM_ARCHITECTURES.contains(&arch) {
         apply_layer_norms(g, arch, &weights, &mut config)?;
+    }
+    if arch == "llama" {
+        read_biases(&weights, &mut config);
     }
     if arch == "smollm3" {
         // llama.cpp's fixed step, with no metadata for it.

@@ -25,7 +25,7 @@ use crate::{
     hf_gemma,
     hf_layer_norm::{self, Family},
     model::{
-        Activation, AttentionBias, FUSED_GATE_UP, FUSED_QKV, ModelConfig, Norm,
+        Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, ModelConfig, Norm,
         POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read, every_nth_layer,
         reciprocal, split_fused_weights, uneven_head_dim, weight_shapes,
     },
@@ -42,6 +42,9 @@ use crate::{
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
+    if let Some(name) = hf_layer_norm::gpt_neox_name(hf) {
+        return Some(name);
+    }
     if post_norms {
         let sandwich = builder_name(
             hf,
@@ -400,18 +403,14 @@ const ARCHITECTURES: [&str; 13] = [
 /// `logit_scale` (0.0625 where left out, as `CohereConfig` defaults it). Its per-head q/k
 /// LayerNorms (`use_qk_norm`, Command R+'s) are refused: the builder has none.
 fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
-    match cfg.get("use_qk_norm") {
-        None | Some(Json::Null) | Some(Json::Bool(false)) => {}
-        Some(Json::Bool(true)) => {
-            return Err(
-                "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported".into(),
-            );
-        }
-        Some(other) => return Err(format!("`use_qk_norm` = {other} is not a boolean")),
+    if flag_or(cfg, "use_qk_norm", false)? {
+        return Err(
+            "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported".into(),
+        );
     }
     let scale = optional_positive(cfg, "logit_scale")?.unwrap_or(0.0625);
     c.norm = Norm::Layer;
-    c.parallel_blocks = true;
+    c.blocks = Blocks::ParallelSharedNorm;
     c.logit_scale = Some(scale);
     Ok(())
 }
@@ -483,10 +482,10 @@ fn explicit_head_dim(cfg: &Json, width: usize, heads: usize) -> Result<Option<us
     Ok(uneven_head_dim(config_int(cfg, "head_dim")?, width, heads))
 }
 
-/// `key` of `cfg` as a boolean, `false` where it is absent or null.
-fn flag(cfg: &Json, key: &str) -> Result<bool, String> {
+/// `key` of `cfg` as a boolean, `default` where it is absent or null.
+pub(crate) fn flag_or(cfg: &Json, key: &str, default: bool) -> Result<bool, String> {
     match cfg.get(key) {
-        None | Some(Json::Null) => Ok(false),
+        None | Some(Json::Null) => Ok(default),
         Some(Json::Bool(b)) => Ok(*b),
         Some(other) => Err(format!("`{key}` = {other} is not a boolean")),
     }
@@ -495,7 +494,7 @@ fn flag(cfg: &Json, key: &str) -> Result<bool, String> {
 /// The attention's biases: Qwen2's on q, k and v; a Llama config's `attention_bias` on
 /// q, k, v and the output projection (as Hugging Face's `LlamaAttention` adds them).
 fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
-    let llama_bias = flag(cfg, "attention_bias")?;
+    let llama_bias = flag_or(cfg, "attention_bias", false)?;
     Ok(AttentionBias {
         qkv: names_architecture(cfg, "Qwen2ForCausalLM") || llama_bias,
         output: llama_bias,
@@ -503,22 +502,24 @@ fn attention_bias(cfg: &Json) -> Result<AttentionBias, String> {
 }
 
 /// Whether the feed-forward projections add biases: `mlp_bias`, in the architectures
-/// whose blocks read it (Llama's, Granite's, SmolLM3's); the others' ignore it, as
-/// Hugging Face's do.
+/// whose blocks read it (Llama's, as a config without `architectures` is read, Granite's,
+/// SmolLM3's); the others' ignore it, as Hugging Face's do.
 fn mlp_bias(cfg: &Json) -> Result<bool, String> {
-    let reads_it = [
-        "LlamaForCausalLM",
-        "GraniteForCausalLM",
-        "SmolLM3ForCausalLM",
-    ]
-    .iter()
-    .any(|arch| names_architecture(cfg, arch));
-    Ok(reads_it && flag(cfg, "mlp_bias")?)
+    let reads_it = cfg.get("architectures").is_none()
+        || [
+            "LlamaForCausalLM",
+            "GraniteForCausalLM",
+            "SmolLM3ForCausalLM",
+        ]
+        .iter()
+        .any(|arch| names_architecture(cfg, arch));
+    Ok(reads_it && flag_or(cfg, "mlp_bias", false)?)
 }
 
 /// Refuses settings the builder would ignore, computing another model than the one
-/// described: an architecture other than [`ARCHITECTURES`] and feed-forward activations
-/// other than SiLU (RoPE's: [`rope_scaling`], [`rotary_dim`]).
+/// described: an architecture other than [`ARCHITECTURES`] and `hf_layer_norm`'s, and
+/// feed-forward activations other than [`activation`]'s (RoPE's: [`rope_scaling`],
+/// [`rotary_dim`]).
 fn check_supported(cfg: &Json) -> Result<(), String> {
     if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
         && let Some(other) = names.iter().find(|n| {
@@ -541,7 +542,7 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
 /// 0.75), the factor given in the RoPE settings `scaling` (transformers 5's
 /// `rope_parameters`) or at the top level of `cfg` (which must then agree), else the
 /// configuration class's default ([`Family::default_rotary_factor`]). Only Phi-3's,
-/// Phi's and StableLM's attention rotate part of each head in transformers; another
+/// Phi's, StableLM's and GPT-NeoX's attention rotate part of each head in transformers; another
 /// architecture's factor below 1 is refused.
 fn rotary_dim(
     cfg: &Json,
@@ -567,15 +568,17 @@ fn rotary_dim(
                 "`partial_rotary_factor` is {b} at the top level but {a} in the RoPE settings"
             ));
         }
-        (inner, outer) => inner
-            .or(outer)
-            .unwrap_or_else(|| Family::of(cfg).map_or(1.0, Family::default_rotary_factor)),
+        (inner, outer) => match (inner.or(outer), Family::of(cfg)) {
+            (Some(factor), _) => factor,
+            (None, Some(family)) => family.default_rotary_factor(cfg)?,
+            (None, None) => 1.0,
+        },
     };
     let partial = names_architecture(cfg, "Phi3ForCausalLM")
-        || matches!(Family::of(cfg), Some(Family::Phi | Family::StableLm));
+        || Family::of(cfg).is_some_and(Family::rotates_part);
     if factor != 1.0 && !partial {
         return Err(format!(
-            "`partial_rotary_factor` = {factor}: only Phi-3's, Phi's and StableLM's attention rotate part of each head"
+            "`partial_rotary_factor` = {factor}: only Phi-3's, Phi's, StableLM's and GPT-NeoX's attention rotate part of each head"
         ));
     }
     let rotary = (head_dim as f64 * factor) as usize;
@@ -587,30 +590,25 @@ fn rotary_dim(
     Ok((rotary != head_dim).then_some(rotary))
 }
 
-/// The feed-forward block's activation: `hidden_act`, SiLU or GELU's tanh approximation
-/// (`gelu_new`, `gelu_pytorch_tanh`), the architecture's default where it is left out
-/// (SiLU, or [`Family::default_activation`]); or for Gemma the tanh approximation of
-/// GELU, which Hugging Face's Gemma uses whatever `hidden_act` says unless
-/// `hidden_activation` names another (refused, as any other activation).
+/// The feed-forward block's activation: `hidden_act`, SiLU, GELU's tanh approximation
+/// (`gelu_new`, `gelu_pytorch_tanh`) or exact GELU (`gelu`), the architecture's default
+/// where it is left out (SiLU, or [`Family::default_activation`]); for Gemma
+/// `hidden_activation`, GELU's tanh approximation where it is left out (Hugging Face's
+/// Gemma uses it whatever `hidden_act` says). Any other activation is refused.
 fn activation(cfg: &Json) -> Result<Activation, String> {
-    if hf_gemma::generation(cfg).is_some() {
-        return match cfg.get("hidden_activation").and_then(Json::as_str) {
-            None | Some("gelu_pytorch_tanh" | "gelu_new") => Ok(Activation::GeluTanh),
-            Some(other) => Err(format!(
-                "`hidden_activation` = \"{other}\" is not supported (GeGLU uses GELU's tanh approximation)"
-            )),
-        };
-    }
-    let default = Family::of(cfg).map_or("silu", Family::default_activation);
-    match cfg
-        .get("hidden_act")
-        .and_then(Json::as_str)
-        .unwrap_or(default)
-    {
+    let (key, default) = match (hf_gemma::generation(cfg), Family::of(cfg)) {
+        (Some(_), _) => ("hidden_activation", "gelu_pytorch_tanh"),
+        (None, family) => (
+            "hidden_act",
+            family.map_or("silu", Family::default_activation),
+        ),
+    };
+    match cfg.get(key).and_then(Json::as_str).unwrap_or(default) {
         "silu" => Ok(Activation::Silu),
         "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+        "gelu" => Ok(Activation::Gelu),
         other => Err(format!(
-            "`hidden_act` = \"{other}\" is not supported (SiLU or GELU's tanh approximation)"
+            "`{key}` = \"{other}\" is not supported (SiLU, GELU or GELU's tanh approximation)"
         )),
     }
 }
@@ -673,12 +671,25 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> 
             false => stored,
         };
         let Some(ours) = weight_name(&name, rules.post_norms) else {
-            if name.ends_with("rotary_emb.inv_freq") {
+            // RoPE's frequencies, and GPT-NeoX's causal masks of older checkpoints: buffers.
+            let buffers = [
+                "rotary_emb.inv_freq",
+                ".attention.bias",
+                ".attention.masked_bias",
+            ];
+            if buffers.iter().any(|b| name.ends_with(b)) {
                 continue;
             }
-            return Err(format!("tensor `{name}` is not part of a Llama model"));
+            return Err(format!("tensor `{name}` is not part of a supported model"));
         };
-        if ours.ends_with(".bias") && !rules.biases.contains(&ours) {
+        if weights.weight_shape(&ours).is_some() {
+            return Err(format!(
+                "tensor `{name}` is the model's `{ours}`, which another tensor already gave"
+            ));
+        }
+        // A fused q, k and v bias stands for the layer's q, k and v biases.
+        let declared_as = ours.replace(hf_layer_norm::QKV_BY_HEAD, "attention.wq");
+        if ours.ends_with(".bias") && !rules.biases.contains(&declared_as) {
             return Err(format!(
                 "tensor `{name}` is a bias that config.json does not declare (`attention_bias`, `mlp_bias`, `use_bias`, ...)"
             ));
@@ -741,7 +752,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         tied_classifier: cfg
             .get("tie_word_embeddings")
             .and_then(Json::as_bool)
-            .unwrap_or(false),
+            .unwrap_or_else(|| Family::of(&cfg).is_some_and(Family::ties_by_default)),
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
         // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
@@ -829,6 +840,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         read_safetensors(file, &mut weights, &rules).map_err(|m| err(file, m))?;
     }
     rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
+    hf_layer_norm::split_gpt_neox_qkv(&config, &mut weights).map_err(|m| err(dir, m))?;
     split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
     if config.scale_embeddings {
         offset_norm_weights(&config, &mut weights).map_err(|m| err(dir, m))?;

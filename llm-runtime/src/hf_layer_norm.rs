@@ -1,11 +1,16 @@
 //! Hugging Face's models of the original transformer's shape, with LayerNorms that add a
-//! bias: Phi-2 (`PhiForCausalLM`), StableLM (`StableLmForCausalLM`, StableLM 2 and 3B-4E1T)
-//! and StarCoder2 (`Starcoder2ForCausalLM`). What sets each apart from a Llama is read
-//! here into [`ModelConfig`]; their tensors' names are in `hf::weight_name`.
+//! bias: Phi-2 (`PhiForCausalLM`), StableLM (`StableLmForCausalLM`, StableLM 2 and 3B-4E1T),
+//! StarCoder2 (`Starcoder2ForCausalLM`) and GPT-NeoX (`GPTNeoXForCausalLM`: Pythia,
+//! GPT-NeoX-20B). What sets each apart from a Llama is read here into [`ModelConfig`];
+//! their tensors' names are in `hf::weight_name` (GPT-NeoX's here, [`gpt_neox_name`]).
 
 use serde_json::Value as Json;
 
-use crate::model::{AttentionBias, FeedForward, ModelConfig, Norm};
+use crate::{
+    hf::{config_int, flag_or, names_architecture, optional_positive},
+    model::{AttentionBias, Blocks, FeedForward, ModelConfig, Norm},
+    weights::{Weights, builder_name},
+};
 
 /// One of the architectures of this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,34 +26,56 @@ pub(crate) enum Family {
     /// StarCoder2: LayerNorms, an ungated GELU feed-forward block, biases on every
     /// projection where `use_bias` (the default).
     Starcoder2,
+    /// GPT-NeoX: LayerNorms, attention and an ungated exact-GELU feed-forward block side
+    /// by side, each over its own norm, where `use_parallel_residual` (the default), q, k
+    /// and v fused per head, biases on every projection where `attention_bias` (the
+    /// default), RoPE over a quarter of each head.
+    GptNeox,
 }
 
-/// The `architectures` names of the [`Family`] members.
-pub(crate) const ARCHITECTURES: [&str; 3] = [
-    "PhiForCausalLM",
-    "StableLmForCausalLM",
-    "Starcoder2ForCausalLM",
+/// The [`Family`] members by their `architectures` names.
+const MEMBERS: [(&str, Family); 4] = [
+    ("PhiForCausalLM", Family::Phi),
+    ("StableLmForCausalLM", Family::StableLm),
+    ("Starcoder2ForCausalLM", Family::Starcoder2),
+    ("GPTNeoXForCausalLM", Family::GptNeox),
 ];
+
+/// The `architectures` names of the [`Family`] members.
+pub(crate) const ARCHITECTURES: [&str; 4] =
+    [MEMBERS[0].0, MEMBERS[1].0, MEMBERS[2].0, MEMBERS[3].0];
 
 impl Family {
     /// The member `cfg`'s `architectures` names, if any.
     pub(crate) fn of(cfg: &Json) -> Option<Family> {
-        let family = [Family::Phi, Family::StableLm, Family::Starcoder2];
-        ARCHITECTURES
+        MEMBERS
             .iter()
-            .zip(family)
-            .find(|(name, _)| crate::hf::names_architecture(cfg, name))
-            .map(|(_, family)| family)
+            .find(|(name, _)| names_architecture(cfg, name))
+            .map(|&(_, family)| family)
     }
 
-    /// The share of each head RoPE rotates where the config does not say (the
-    /// configuration classes' defaults: Phi's 0.5, StableLM's 0.25).
-    pub(crate) fn default_rotary_factor(self) -> f64 {
-        match self {
+    /// Whether the classifier is tied to the embedding where the config does not say
+    /// (`tie_word_embeddings`: `Starcoder2Config`'s default is true, the others' false).
+    pub(crate) fn ties_by_default(self) -> bool {
+        self == Family::Starcoder2
+    }
+
+    /// The share of each head RoPE rotates where `cfg` gives no `partial_rotary_factor`
+    /// (the configuration classes' defaults: Phi's 0.5, StableLM's 0.25, GPT-NeoX's
+    /// `rotary_pct`, 0.25 by default).
+    pub(crate) fn default_rotary_factor(self, cfg: &Json) -> Result<f64, String> {
+        Ok(match self {
             Family::Phi => 0.5,
             Family::StableLm => 0.25,
             Family::Starcoder2 => 1.0,
-        }
+            Family::GptNeox => match optional_positive(cfg, "rotary_pct")? {
+                Some(pct) if pct <= 1.0 => pct,
+                Some(pct) => {
+                    return Err(format!("`rotary_pct` = {pct} is not a fraction in (0, 1]"));
+                }
+                None => 0.25,
+            },
+        })
     }
 
     /// The feed-forward activation (`hidden_act`) where the config does not say.
@@ -57,7 +84,14 @@ impl Family {
             Family::Phi => "gelu_new",
             Family::StableLm => "silu",
             Family::Starcoder2 => "gelu_pytorch_tanh",
+            Family::GptNeox => "gelu",
         }
+    }
+
+    /// Whether the member rotates part of each head (Phi's, StableLM's and GPT-NeoX's
+    /// attention do; StarCoder2's rotates whole heads).
+    pub(crate) fn rotates_part(self) -> bool {
+        self != Family::Starcoder2
     }
 
     /// Sets the member's norms, blocks and biases in `c` from `cfg`: LayerNorms with biases
@@ -65,29 +99,19 @@ impl Family {
     /// the classes default it). Phi's and StableLM's per-head q/k LayerNorms
     /// (`qk_layernorm`, StableLM 2 12B's) are refused: the builder has none.
     pub(crate) fn apply(self, cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
-        let flag = |key: &str, default: bool| match cfg.get(key) {
-            None | Some(Json::Null) => Ok(default),
-            Some(Json::Bool(b)) => Ok(*b),
-            Some(other) => Err(format!("`{key}` = {other} is not a boolean")),
-        };
-        if self != Family::Starcoder2 && flag("qk_layernorm", false)? {
+        let flag = |key: &str, default: bool| flag_or(cfg, key, default);
+        if matches!(self, Family::Phi | Family::StableLm) && flag("qk_layernorm", false)? {
             return Err("`qk_layernorm` is true: per-head q/k LayerNorms are not supported".into());
         }
         let eps_key = match self {
             Family::Starcoder2 => "norm_epsilon",
             _ => "layer_norm_eps",
         };
-        c.norm_eps = match cfg.get(eps_key) {
-            None | Some(Json::Null) => 1e-5,
-            Some(v) => v
-                .as_f64()
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| format!("`{eps_key}` = {v} is not a positive number"))?,
-        };
+        c.norm_eps = optional_positive(cfg, eps_key)?.unwrap_or(1e-5);
         c.norm = Norm::BiasedLayer;
         match self {
             Family::Phi => {
-                c.parallel_blocks = true;
+                c.blocks = Blocks::ParallelSharedNorm;
                 c.feed_forward = FeedForward::Ungated;
                 c.attention_bias = AttentionBias {
                     qkv: true,
@@ -97,7 +121,9 @@ impl Family {
                 c.classifier_bias = true;
             }
             Family::StableLm => {
-                c.parallel_blocks = flag("use_parallel_residual", false)?;
+                if flag("use_parallel_residual", false)? {
+                    c.blocks = Blocks::ParallelSharedNorm;
+                }
                 c.attention_bias = AttentionBias {
                     qkv: flag("use_qkv_bias", false)?,
                     output: false,
@@ -112,7 +138,96 @@ impl Family {
                 };
                 c.ffn_bias = bias;
             }
+            Family::GptNeox => {
+                if flag("use_parallel_residual", true)? {
+                    c.blocks = Blocks::Parallel;
+                }
+                let bias = flag("attention_bias", true)?;
+                c.feed_forward = FeedForward::Ungated;
+                c.attention_bias = AttentionBias {
+                    qkv: bias,
+                    output: bias,
+                };
+                c.ffn_bias = true;
+                // Older configs name RoPE's base `rotary_emb_base`.
+                let stated = cfg.get("rope_theta").is_some()
+                    || cfg
+                        .get("rope_parameters")
+                        .is_some_and(|p| p.get("rope_theta").is_some());
+                if let (false, Some(base)) = (stated, optional_positive(cfg, "rotary_emb_base")?) {
+                    c.rope_theta = base;
+                }
+                if c.kv_heads != c.heads {
+                    return Err(format!(
+                        "`num_key_value_heads` = {}: GPT-NeoX's q, k and v are fused per head, one KV head a query head",
+                        config_int(cfg, "num_key_value_heads")?
+                    ));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// The builder's name for a GPT-NeoX tensor (`gpt_neox.layers.N.attention.dense.weight`
+/// -> `layers.N.attention.wo.weight`, ...): its fused q, k and v projection (per head, its
+/// q, k and v rows) becomes `attention.wqkv_by_head`, which [`split_gpt_neox_qkv`] splits.
+/// `embed_out` is the classifier of checkpoints before transformers 5, `lm_head` since.
+pub(crate) fn gpt_neox_name(hf: &str) -> Option<String> {
+    let stems = [
+        ("input_layernorm", "attention_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("attention.query_key_value", QKV_BY_HEAD),
+        ("attention.dense", "attention.wo"),
+        ("mlp.dense_h_to_4h", "feed_forward.w3"),
+        ("mlp.dense_4h_to_h", "feed_forward.w2"),
+    ];
+    let parts: Vec<(String, String)> = stems
+        .iter()
+        .flat_map(|(theirs, ours)| {
+            ["weight", "bias"].map(|kind| (format!("{theirs}.{kind}"), format!("{ours}.{kind}")))
+        })
+        .collect();
+    let parts: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|(h, o)| (h.as_str(), o.as_str()))
+        .collect();
+    builder_name(
+        hf,
+        &[
+            ("gpt_neox.embed_in.weight", "tok_embeddings.weight"),
+            ("gpt_neox.final_layer_norm.weight", "norm.weight"),
+            ("gpt_neox.final_layer_norm.bias", "norm.bias"),
+            ("embed_out.weight", "output.weight"),
+        ],
+        "gpt_neox.layers.",
+        &parts,
+    )
+}
+
+/// The builder's stem of GPT-NeoX's fused q, k and v projection ([`gpt_neox_name`]).
+pub(crate) const QKV_BY_HEAD: &str = "attention.wqkv_by_head";
+
+/// Splits every layer's GPT-NeoX q, k and v projection and bias (per head, `head_dim` q
+/// rows, then k rows, then v rows) into the builder's `attention.w{q,k,v}`.
+pub(crate) fn split_gpt_neox_qkv(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+    let head_dim = c.head_dim();
+    for l in 0..c.layers {
+        for kind in ["weight", "bias"] {
+            let fused = format!("layers.{l}.{QKV_BY_HEAD}.{kind}");
+            if weights.weight_shape(&fused).is_none() {
+                continue;
+            }
+            let piece = |h: usize, p: &str| format!("{fused}.{h}.{p}");
+            let pieces: Vec<(String, usize)> = (0..c.heads)
+                .flat_map(|h| ["q", "k", "v"].map(|p| (piece(h, p), head_dim)))
+                .collect();
+            weights.split_rows(&fused, &pieces)?;
+            for p in ["q", "k", "v"] {
+                let heads: Vec<String> = (0..c.heads).map(|h| piece(h, p)).collect();
+                weights.concat_rows(&heads, &format!("layers.{l}.attention.w{p}.{kind}"))?;
+            }
+        }
+    }
+    Ok(())
 }

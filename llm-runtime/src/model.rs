@@ -27,9 +27,9 @@
 //! base); Granite scales the embeddings, the residual branches, the scores and the logits,
 //! SmolLM3 leaves RoPE out of some layers ([`ModelConfig::nope_layers`]), Cohere's
 //! norms are LayerNorms ([`Norm`]) with the attention and feed-forward blocks side by
-//! side ([`ModelConfig::parallel_blocks`]), and the older transformer shapes of Phi-2,
-//! StableLM and StarCoder2 add LayerNorms with biases, biases on the feed-forward
-//! projections and the classifier, and an ungated feed-forward block ([`FeedForward`]).
+//! side ([`Blocks`]), and the older transformer shapes of Phi-2, StableLM, StarCoder2 and
+//! GPT-NeoX add LayerNorms with biases, biases on the feed-forward projections and the
+//! classifier, an ungated feed-forward block ([`FeedForward`]) and exact GELU.
 //! Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: quantized and 16-bit matrices (the `f16`/`bf16` storage
@@ -145,10 +145,8 @@ pub struct ModelConfig {
     pub logit_scale: Option<f64>,
     /// The kind of the blocks' input norms and of the final norm.
     pub norm: Norm,
-    /// The feed-forward block reads the attention block's normalized input, and both add
-    /// into the residual at once (`x + attention + feed_forward`; Cohere's, Phi-2's,
-    /// StableLM's `use_parallel_residual`): no `ffn_norm` weights.
-    pub parallel_blocks: bool,
+    /// How each layer's attention and feed-forward blocks meet the residual stream.
+    pub blocks: Blocks,
     /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
     /// every layer attends alike.
     pub local_attention: Option<LocalAttention>,
@@ -218,6 +216,24 @@ pub enum Activation {
     /// GELU, tanh approximation (`llm.gelu`): GeGLU (Gemma's), or ungated (Phi-2's,
     /// StarCoder2's).
     GeluTanh,
+    /// GELU, exact: `0.5 * x * (1 + erf(x / sqrt(2)))` (`llm.erf`; GPT-NeoX's).
+    Gelu,
+}
+
+/// How a layer's attention and feed-forward blocks meet the residual stream `x`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Blocks {
+    /// One after the other: `x += attention(norm(x))`, then `x += feed_forward(ffn_norm(x))`
+    /// (Llama's).
+    #[default]
+    Sequential,
+    /// Side by side over one norm, adding into the residual at once:
+    /// `x += attention(norm(x)) + feed_forward(norm(x))` (Cohere's, Phi-2's, StableLM 2
+    /// 12B's): no `ffn_norm` weights.
+    ParallelSharedNorm,
+    /// Side by side, each over its own norm of `x`:
+    /// `x += attention(norm(x)) + feed_forward(ffn_norm(x))` (GPT-NeoX's).
+    Parallel,
 }
 
 /// The feed-forward block's shape.
@@ -310,7 +326,7 @@ impl Default for ModelConfig {
             residual_scale: None,
             logit_scale: None,
             norm: Norm::Rms,
-            parallel_blocks: false,
+            blocks: Blocks::Sequential,
             nope_layers: None,
             local_attention: None,
         }
@@ -527,7 +543,7 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         if c.pre_norms {
             out.extend(norm_weights(c, &format!("{p}attention_norm")));
-            if !c.parallel_blocks {
+            if c.blocks != Blocks::ParallelSharedNorm {
                 out.extend(norm_weights(c, &format!("{p}ffn_norm")));
             }
         }
@@ -864,6 +880,52 @@ impl Emitter<'_> {
         self.add_bias(result, bias.then_some(bias_name.as_str()), ty)
     }
 
+    /// `value` through `activation` as `result`: one op, or exact GELU's
+    /// `0.5 * x * (1 + erf(x / sqrt(2)))` of `llm.erf` and arithmetic (the division a
+    /// multiplication by the `f32` reciprocal), which the `fuse` pass makes one kernel.
+    fn activation(
+        &mut self,
+        activation: Activation,
+        value: &str,
+        result: &str,
+        ty: &str,
+    ) -> String {
+        let op = match activation {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu",
+            Activation::Gelu => {
+                let scalar = "llm.tensor <1xf32>";
+                let constants = [
+                    ("inv_sqrt2", std::f64::consts::FRAC_1_SQRT_2),
+                    ("one", 1.0),
+                    ("half", 0.5),
+                ];
+                for (name, v) in constants {
+                    self.op(format!(
+                        "{result}_{name} = llm.constant {{value = {}}} : {scalar}",
+                        float(f64::from(v as f32))
+                    ));
+                }
+                self.op(format!(
+                    "{result}_x = llm.mul {value}, {result}_inv_sqrt2 : {ty}"
+                ));
+                self.op(format!("{result}_erf = llm.erf {result}_x : {ty}"));
+                self.op(format!(
+                    "{result}_1p = llm.add {result}_erf, {result}_one : {ty}"
+                ));
+                self.op(format!(
+                    "{result}_hx = llm.mul {value}, {result}_half : {ty}"
+                ));
+                self.op(format!(
+                    "{result} = llm.mul {result}_hx, {result}_1p : {ty}"
+                ));
+                return result.to_string();
+            }
+        };
+        self.op(format!("{result} = llm.{op} {value} : {ty}"));
+        result.to_string()
+    }
+
     /// `value` times `scale` (an `f32` constant) where there is one, else `value` itself.
     fn scaled(&mut self, value: &str, scale: Option<f64>, ty: &str) -> String {
         let Some(scale) = scale else {
@@ -1035,36 +1097,26 @@ fn forward_func(
         let o = e.post_norm(c, &o, &format!("{p}{POST_ATTENTION_NORM}"), &act);
         let o = e.scaled(&o, c.residual_scale, &act);
         e.op(format!("xa_{l} = llm.add {x}, {o} : {act}"));
-        let ffn_in = if c.parallel_blocks {
-            attn_in
-        } else if c.pre_norms {
-            e.input_norm(
-                c,
-                &format!("xa_{l}"),
-                &format!("hf_{l}"),
-                &format!("{p}ffn_norm"),
-            )
-        } else {
-            format!("xa_{l}")
+        let ffn_norm = format!("{p}ffn_norm");
+        let ffn_in = match c.blocks {
+            Blocks::ParallelSharedNorm => attn_in,
+            _ if !c.pre_norms => format!("xa_{l}"),
+            Blocks::Parallel => e.input_norm(c, &x, &format!("hf_{l}"), &ffn_norm),
+            Blocks::Sequential => {
+                e.input_norm(c, &format!("xa_{l}"), &format!("hf_{l}"), &ffn_norm)
+            }
         };
         let ffn = |w: &str| format!("{p}feed_forward.{w}.weight");
         let up = e.projection(&ffn_in, &format!("up_{l}"), &ffn("w3"), c.ffn_bias, &hid);
-        let activation = match c.activation {
-            Activation::Silu => "silu",
-            Activation::GeluTanh => "gelu",
-        };
         let hidden = match c.feed_forward {
             FeedForward::Gated => {
                 let gate =
                     e.projection(&ffn_in, &format!("gate_{l}"), &ffn("w1"), c.ffn_bias, &hid);
-                e.op(format!("act_{l} = llm.{activation} {gate} : {hid}"));
-                e.op(format!("glu_{l} = llm.mul act_{l}, {up} : {hid}"));
+                let act = e.activation(c.activation, &gate, &format!("act_{l}"), &hid);
+                e.op(format!("glu_{l} = llm.mul {act}, {up} : {hid}"));
                 format!("glu_{l}")
             }
-            FeedForward::Ungated => {
-                e.op(format!("act_{l} = llm.{activation} {up} : {hid}"));
-                format!("act_{l}")
-            }
+            FeedForward::Ungated => e.activation(c.activation, &up, &format!("act_{l}"), &hid),
         };
         let down = e.projection(&hidden, &format!("down_{l}"), &ffn("w2"), c.ffn_bias, &act);
         let down = e.post_norm(c, &down, &format!("{p}{POST_FFW_NORM}"), &act);

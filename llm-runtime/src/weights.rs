@@ -235,6 +235,74 @@ impl Weights {
         Ok(())
     }
 
+    /// Replaces the weights `parts` (float matrices or vectors of one element type, or
+    /// matrices of one block format, all of one row length) by `into`, their rows in
+    /// order: [`Weights::split_rows`]'s inverse. A missing part or parts that differ are
+    /// errors naming them.
+    pub fn concat_rows(&mut self, parts: &[String], into: &str) -> Result<(), String> {
+        let values = parts
+            .iter()
+            .map(|name| {
+                self.tensors
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("no weight `{name}` to join into `{into}`"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = values.first() else {
+            return Err(format!("no weights to join into `{into}`"));
+        };
+        let mismatch = || format!("the weights joined into `{into}` differ in type or row length");
+        let joined = match &**first {
+            Value::Tensor(t) => {
+                let mut floats = Vec::new();
+                for v in &values {
+                    match &**v {
+                        Value::Tensor(p) if p.dtype == t.dtype && p.shape[1..] == t.shape[1..] => {
+                            floats.extend_from_slice(p.floats()?);
+                        }
+                        _ => return Err(mismatch()),
+                    }
+                }
+                let mut shape = t.shape.clone();
+                shape[0] = floats.len() / shape[1..].iter().product::<usize>().max(1);
+                Value::Tensor(Tensor::from_f32(shape, t.dtype, floats))
+            }
+            Value::Quantized(q)
+                if !matches!(
+                    q.format,
+                    QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. }
+                ) =>
+            {
+                let (mut bytes, mut rows) = (Vec::new(), 0);
+                for v in &values {
+                    match &**v {
+                        Value::Quantized(p)
+                            if p.format == q.format && p.shape[1..] == q.shape[1..] =>
+                        {
+                            bytes.extend_from_slice(&p.bytes);
+                            rows += p.shape[0];
+                        }
+                        _ => return Err(mismatch()),
+                    }
+                }
+                let mut shape = q.shape.clone();
+                shape[0] = rows;
+                Value::Quantized(QTensor {
+                    shape,
+                    format: q.format.clone(),
+                    bytes,
+                })
+            }
+            _ => return Err(mismatch()),
+        };
+        for name in parts {
+            self.tensors.remove(name);
+        }
+        self.insert(into, joined);
+        Ok(())
+    }
+
     /// The names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
@@ -313,6 +381,31 @@ mod tests {
 
     use super::{Weights, quantize_rows};
     use llm_ir::interp::{QTensor, Tensor, Value, WeightStore};
+
+    /// A fused vector (Phi-2's q, k and v biases) splits into runs of its values, and a
+    /// split whose parts do not add up is an error naming it.
+    #[test]
+    fn fused_vectors_split_into_runs() {
+        let mut weights = Weights::default();
+        let fused = Tensor::from_f32(vec![5], DType::F32, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        weights.insert("qkv", Value::Tensor(fused.clone()));
+        let parts = [
+            ("q".to_string(), 3),
+            ("k".to_string(), 1),
+            ("v".to_string(), 1),
+        ];
+        weights.split_rows("qkv", &parts).expect("splits");
+        let floats = |name: &str| match weights.weight(name).as_deref() {
+            Some(Value::Tensor(t)) => (t.shape.clone(), t.floats().expect("floats").to_vec()),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(floats("q"), (vec![3], vec![1.0, 2.0, 3.0]));
+        assert_eq!(floats("v"), (vec![1], vec![5.0]));
+        assert!(weights.weight("qkv").is_none());
+        weights.insert("qkv", Value::Tensor(fused));
+        let err = weights.split_rows("qkv", &parts[..2]).expect_err("4 of 5");
+        assert!(err.contains("weight `qkv` has shape [5]"), "{err}");
+    }
 
     /// Rows split over threads (counts that do not divide the rows included) give the
     /// bytes of the whole matrix quantized at once, in every kind of format.

@@ -18,7 +18,7 @@ use llm_runtime::{
     generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
-    model::{Activation, AttentionBias, FeedForward, ModelConfig, Norm, QkNorm, build_ir},
+    model::{Activation, AttentionBias, Blocks, FeedForward, ModelConfig, Norm, QkNorm, build_ir},
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
@@ -954,15 +954,16 @@ fn reference_gguf_edited(
             } else {
                 values
             };
-            // llama.cpp's converter reorders the q and k rows of Granite and SmolLM3
-            // (as llama's) for interleaved RoPE pairs.
+            // llama.cpp's converter reorders the q and k rows (and biases) of Llama,
+            // Granite and SmolLM3 for interleaved RoPE pairs.
             let heads = match name.rsplit('.').nth(1) {
                 Some("q_proj") => c.heads,
                 Some("k_proj") => c.kv_heads,
                 _ => 0,
             };
-            let values = if matches!(arch, "granite" | "smollm3") && heads > 0 {
-                permute_rope_rows(&values, heads, c.head_dim(), view.shape()[1], false)
+            let values = if matches!(arch, "llama" | "granite" | "smollm3") && heads > 0 {
+                let width = view.shape().get(1).copied().unwrap_or(1);
+                permute_rope_rows(&values, heads, c.head_dim(), width, false)
             } else {
                 values
             };
@@ -983,7 +984,10 @@ fn reference_gguf_edited(
         ("context_length", int(c.seq_len)),
         // LayerNorms have their own key.
         (
-            if matches!(arch, "command-r" | "phi2" | "stablelm" | "starcoder2") {
+            if matches!(
+                arch,
+                "command-r" | "phi2" | "stablelm" | "starcoder2" | "gptneox"
+            ) {
                 "attention.layer_norm_epsilon"
             } else {
                 "attention.layer_norm_rms_epsilon"
@@ -1361,7 +1365,7 @@ fn smollm3_gguf() -> Vec<u8> {
 fn cohere_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("cohere-tiny");
     let c = &loaded.config;
-    assert!(c.norm == Norm::Layer && c.parallel_blocks && !c.rope_half);
+    assert!(c.norm == Norm::Layer && c.blocks == Blocks::ParallelSharedNorm && !c.rope_half);
     assert_eq!(c.logit_scale, Some(0.25));
     computes_what_transformers_computes(
         &loaded,
@@ -1424,7 +1428,9 @@ fn phi2_computes_what_transformers_computes() {
             Activation::GeluTanh
         )
     );
-    assert!(c.parallel_blocks && c.ffn_bias && c.classifier_bias && c.rope_half);
+    assert!(
+        c.blocks == Blocks::ParallelSharedNorm && c.ffn_bias && c.classifier_bias && c.rope_half
+    );
     assert_eq!(
         c.attention_bias,
         AttentionBias {
@@ -1497,7 +1503,7 @@ fn stablelm_computes_what_transformers_computes() {
         (c.norm, c.feed_forward, c.activation),
         (Norm::BiasedLayer, FeedForward::Gated, Activation::Silu)
     );
-    assert!(!c.parallel_blocks && !c.ffn_bias && !c.classifier_bias);
+    assert!(c.blocks == Blocks::Sequential && !c.ffn_bias && !c.classifier_bias);
     assert_eq!(
         c.attention_bias,
         AttentionBias {
@@ -1516,12 +1522,29 @@ fn stablelm_computes_what_transformers_computes() {
         ],
     );
     gguf_computes_what_the_directory_computes(&stablelm_gguf(), &loaded, &reference);
+    // StableLM 2 12B's per-head q/k LayerNorms are refused, with the tensor named.
     let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
-    let parallel = reference_gguf_edited("stablelm-tiny", "stablelm", metadata, |tensors| {
-        tensors.retain(|(name, ..)| !name.contains("post_attention_layernorm"))
-    });
-    let gguf = llm_runtime::gguf::read(&parallel).expect("loads");
-    assert!(gguf.config.parallel_blocks);
+    let q_norm = (
+        "blk.0.attn_q_norm.weight".into(),
+        vec![4, 16],
+        vec![1.0; 64],
+    );
+    let bytes = reference_gguf("stablelm-tiny", "stablelm", metadata, vec![q_norm]);
+    let err = llm_runtime::gguf::read(&bytes).err().expect("refused");
+    assert!(err.contains("blk.0.attn_q_norm.weight: per-head"), "{err}");
+}
+
+/// StableLM 2 with parallel blocks (`tests/data/stablelm-parallel-tiny`,
+/// `use_parallel_residual`, StableLM 2 12B's): attention and feed-forward blocks over one
+/// norm; its GGUF file, which has no `ffn_norm`, is read so too, as llama.cpp reads it.
+#[test]
+fn stablelm_parallel_blocks_compute_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("stablelm-parallel-tiny");
+    assert_eq!(loaded.config.blocks, Blocks::ParallelSharedNorm);
+    computes_what_transformers_computes(&loaded, &reference, &[]);
+    let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
+    let bytes = reference_gguf("stablelm-parallel-tiny", "stablelm", metadata, Vec::new());
+    gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
 }
 
 /// `tests/data/stablelm-tiny` as llama.cpp's converter writes it.
@@ -1546,7 +1569,9 @@ fn starcoder2_computes_what_transformers_computes() {
             Activation::GeluTanh
         )
     );
-    assert!(!c.parallel_blocks && c.ffn_bias && !c.classifier_bias && c.tied_classifier);
+    assert!(
+        c.blocks == Blocks::Sequential && c.ffn_bias && !c.classifier_bias && c.tied_classifier
+    );
     assert_eq!(
         c.attention_bias,
         AttentionBias {
@@ -1570,14 +1595,108 @@ fn starcoder2_computes_what_transformers_computes() {
     gguf_computes_what_the_directory_computes(&starcoder2_gguf(), &loaded, &reference);
 }
 
-/// `tests/data/starcoder2-tiny` as llama.cpp's converter writes it, with its window.
+/// `tests/data/starcoder2-tiny` as llama.cpp's converter writes it, with its window as
+/// `starcoder2.attention.sliding_window`: a key the converter does not write (llama.cpp
+/// attends to every position of a StarCoder2 model), which the loader reads where a file
+/// has it, so that the file computes what transformers computes.
 fn starcoder2_gguf() -> Vec<u8> {
     let metadata = vec![("attention.sliding_window", Meta::Uint(10))];
     reference_gguf("starcoder2-tiny", "starcoder2", metadata, Vec::new())
 }
 
+/// GPT-NeoX (`tests/data/gpt-neox-tiny`, Pythia's shape): LayerNorms with biases,
+/// attention and an ungated exact-GELU feed-forward block side by side, each over its own
+/// norm, q, k and v fused per head, biases on every projection, RoPE over 4 of each
+/// head's 16 features; its GGUF file (llama.cpp's `gptneox`, q, k and v rows regrouped as
+/// its converter regroups them) computes what the directory computes.
+#[test]
+fn gpt_neox_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("gpt-neox-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (c.norm, c.feed_forward, c.activation, c.blocks),
+        (
+            Norm::BiasedLayer,
+            FeedForward::Ungated,
+            Activation::Gelu,
+            Blocks::Parallel
+        )
+    );
+    assert!(c.ffn_bias && !c.classifier_bias && !c.tied_classifier);
+    assert_eq!(c.rotary_dim, Some(4));
+    // Exact GELU and its tanh approximation differ by 4.7e-4 at most (at x = -2.7): the
+    // approximation moves the logits by less than ten times the bound, but by more than
+    // ten times the exact model's own distance from transformers'.
+    let exact = interp_logits(c, &loaded.weights, &reference);
+    let mut tanh = c.clone();
+    tanh.activation = Activation::GeluTanh;
+    let approximated = interp_logits(&tanh, &loaded.weights, &reference);
+    let (error, shift) = (
+        largest_difference(&exact, &reference.logits),
+        largest_difference(&approximated, &reference.logits),
+    );
+    assert!(
+        shift > 10.0 * error,
+        "exact GELU: {error}, its approximation: {shift}"
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the parallel blocks", &|c| c.blocks = Blocks::Sequential),
+            ("the norms' biases", &|c| c.norm = Norm::Layer),
+            ("the partial rotation", &|c| c.rotary_dim = None),
+        ],
+    );
+    gguf_computes_what_the_directory_computes(&gpt_neox_gguf(), &loaded, &reference);
+}
+
+/// `tests/data/gpt-neox-tiny` as llama.cpp's converter writes it: GGUF names, each
+/// layer's q, k and v rows stacked (per head before).
+fn gpt_neox_gguf() -> Vec<u8> {
+    let metadata = vec![
+        ("rope.dimension_count", Meta::Uint(4)),
+        ("use_parallel_residual", Meta::Bool(true)),
+    ];
+    reference_gguf_edited("gpt-neox-tiny", "gptneox", metadata, |tensors| {
+        for (name, shape, values) in tensors.iter_mut() {
+            *name = gpt_neox_gguf_name(name);
+            if name.contains("attn_qkv") {
+                // Per head its q, k and v rows, as [q; k; v] (llama.cpp's converter).
+                let (heads, rows) = (4, shape[0] / 12);
+                let width = shape.get(1).copied().unwrap_or(1);
+                let run = rows * width;
+                *values = (0..3)
+                    .flat_map(|part| (0..heads).map(move |h| (h * 3 + part) * run))
+                    .flat_map(|start| values[start..start + run].to_vec())
+                    .collect();
+            }
+        }
+    })
+}
+
+/// llama.cpp's `gptneox` name for a GPT-NeoX checkpoint's tensor.
+fn gpt_neox_gguf_name(hf: &str) -> String {
+    let renames = [
+        ("gpt_neox.embed_in", "token_embd"),
+        ("gpt_neox.final_layer_norm", "output_norm"),
+        ("embed_out", "output"),
+        ("gpt_neox.layers.", "blk."),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("attention.query_key_value", "attn_qkv"),
+        ("attention.dense", "attn_output"),
+        ("mlp.dense_h_to_4h", "ffn_up"),
+        ("mlp.dense_4h_to_h", "ffn_down"),
+    ];
+    renames.iter().fold(hf.to_string(), |name, (theirs, ours)| {
+        name.replace(theirs, ours)
+    })
+}
+
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,
-/// up and down projections.
+/// up and down projections; its GGUF file (`llama`, whose `ffn_*.bias` llama.cpp reads
+/// where a file has them) computes what transformers computes.
 #[test]
 fn llama_mlp_bias_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("llama-mlp-bias-tiny");
@@ -1587,6 +1706,13 @@ fn llama_mlp_bias_computes_what_transformers_computes() {
         &reference,
         &[("the feed-forward biases", &|c| c.ffn_bias = false)],
     );
+    // The file's q and k rows are reordered for interleaved pairs, which sums the scores
+    // in another order: against transformers' logits, as the directory is.
+    let bytes = reference_gguf("llama-mlp-bias-tiny", "llama", Vec::new(), Vec::new());
+    let gguf = llm_runtime::gguf::read(&bytes).expect("the GGUF file loads");
+    assert!(gguf.config.ffn_bias && !gguf.config.rope_half);
+    let from_gguf = gguf_logits(&bytes, &reference);
+    assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
 }
 
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
@@ -1976,7 +2102,7 @@ fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
     );
     assert_eq!(from_gguf.ids, from_hf.ids);
     assert_eq!(from_gguf.logits, from_hf.logits);
-    // As a llama file, the biases are tensors of no llama model.
+    // As a llama file, the biases are read, as llama.cpp reads them where a file has them.
     let renamed: Vec<(String, Meta)> = metadata
         .iter()
         .map(|(k, v)| match k.as_str() {
@@ -1985,9 +2111,24 @@ fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
         })
         .collect();
     write_gguf(&path, &renamed, &tensors);
+    let llama = model_file::load(&path).expect("a llama file with biases loads");
+    assert_eq!(
+        llama.config.attention_bias,
+        AttentionBias {
+            qkv: true,
+            output: false
+        }
+    );
+    // A layer without them is an error naming the missing weight.
+    let missing = tensors
+        .iter()
+        .filter(|(name, ..)| !name.starts_with("model.layers.1.self_attn.q_proj.bias"))
+        .cloned()
+        .collect::<Vec<_>>();
+    write_gguf(&path, &renamed, &missing);
     let err = model_file::load(&path).err().expect("refused").to_string();
     assert!(
-        err.contains("attn_q.bias` is not part of a llama model"),
+        err.contains("no weight `layers.1.attention.wq.bias`"),
         "{err}"
     );
     std::fs::remove_file(&path).ok();
@@ -2030,6 +2171,7 @@ fn mutated_family_gguf_files_never_panic() {
         phi2_gguf(true),
         stablelm_gguf(),
         starcoder2_gguf(),
+        gpt_neox_gguf(),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -2320,8 +2462,8 @@ fn bad_directories_name_the_file() {
             "YaRN's beta_fast (1) must exceed its beta_slow (1)",
         ),
         (
-            r#", "rope_scaling": null, "hidden_act": "gelu""#,
-            "`hidden_act` = \"gelu\" is not supported",
+            r#", "rope_scaling": null, "hidden_act": "quick_gelu""#,
+            "`hidden_act` = \"quick_gelu\" is not supported",
         ),
         (
             r#", "architectures": ["PaliGemmaForConditionalGeneration"]"#,
@@ -2353,7 +2495,7 @@ fn bad_directories_name_the_file() {
         ),
         (
             r#", "partial_rotary_factor": 0.75"#,
-            "`partial_rotary_factor` = 0.75: only Phi-3's, Phi's and StableLM's attention rotate part of each head",
+            "`partial_rotary_factor` = 0.75: only Phi-3's, Phi's, StableLM's and GPT-NeoX's attention rotate part of each head",
         ),
         (
             r#", "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.7"#,
@@ -2388,8 +2530,8 @@ fn bad_directories_name_the_file() {
             "`partial_rotary_factor` is 0.5 at the top level but 0.75 in the RoPE settings",
         ),
         (
-            r#", "architectures": ["GemmaForCausalLM"], "hidden_activation": "gelu""#,
-            "`hidden_activation` = \"gelu\" is not supported",
+            r#", "architectures": ["GemmaForCausalLM"], "hidden_activation": "quick_gelu""#,
+            "`hidden_activation` = \"quick_gelu\" is not supported",
         ),
         (
             r#", "sliding_window": 8, "max_window_layers": 2"#,
@@ -2424,6 +2566,20 @@ fn bad_directories_name_the_file() {
     assert!(
         err.contains("model.safetensors")
             && err.contains("self_attn.q_proj.bias` is a bias that config.json does not declare"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // Two tensors of one weight (Phi's name for the final norm beside Llama's): refused,
+    // not one of them dropped.
+    let twice = vec![(
+        "model.final_layernorm.weight".to_string(),
+        vec![64],
+        vec![1.0; 64],
+    )];
+    let dir = write_hf_dir_of("twice", "LlamaForCausalLM", "", twice);
+    let err = model_file::load(&dir).err().expect("refused").to_string();
+    assert!(
+        err.contains("is the model's `norm.weight`, which another tensor already gave"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();

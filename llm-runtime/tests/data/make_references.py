@@ -11,9 +11,9 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwe
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
-LayerNorm architectures (`phi2`, `stablelm`, `starcoder2`) and Llama's feed-forward
-biases (`llama-mlp-bias`),
-or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
+`gpt-neox`) and
+Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -32,6 +32,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     GraniteConfig,
@@ -295,6 +297,33 @@ def main():
         layer_norm_eps=1e-5,
     )
     write("stablelm-tiny", StableLmForCausalLM, stablelm, 18)
+    # StableLM 2 12B's parallel blocks (`use_parallel_residual`): attention and SwiGLU
+    # over one norm.
+    stablelm_parallel = StableLmConfig(
+        **small,
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+        partial_rotary_factor=0.25,
+        layer_norm_eps=1e-5,
+    )
+    write("stablelm-parallel-tiny", StableLmForCausalLM, stablelm_parallel, 21)
+    # GPT-NeoX (Pythia's shape): LayerNorms with biases, attention and an ungated
+    # exact-GELU feed-forward block side by side, each over its own norm, q, k and v
+    # fused per head, biases on every projection, RoPE over a quarter of each head.
+    gpt_neox = GPTNeoXConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        hidden_act="gelu",
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        layer_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    write("gpt-neox-tiny", GPTNeoXForCausalLM, gpt_neox, 22)
     # StarCoder2: LayerNorms with biases, an ungated GELU feed-forward block, biases on
     # every projection, a sliding window of 10, a tied classifier.
     starcoder2 = Starcoder2Config(
