@@ -34,8 +34,8 @@ use llm_ir::{
 use crate::{
     model::{
         Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
-        LocalAttention, ModelConfig, Norm, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS,
-        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        LocalAttention, ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM,
+        QkNorm, ROPE_FREQS, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -395,6 +395,7 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
         gguf,
         &[
             ("token_embd.weight", "tok_embeddings.weight"),
+            ("position_embd.weight", POSITION_EMBEDDINGS),
             ("output_norm.weight", "norm.weight"),
             ("output_norm.bias", "norm.bias"),
             ("output.weight", "output.weight"),
@@ -556,8 +557,9 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). `phi2`, `stablelm` and `starcoder2` are the LayerNorm architectures
-/// ([`apply_layer_norms`]), and so is `gptneox`. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 15] = [
+/// ([`apply_layer_norms`]), and so are `gptneox`, `gpt2` and `starcoder` (GPT-BigCode's).
+/// Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 17] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -573,11 +575,20 @@ const ARCHITECTURES: [&str; 15] = [
     "stablelm",
     "starcoder2",
     "gptneox",
+    "gpt2",
+    "starcoder",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
 /// bias ([`apply_layer_norms`]).
-const LAYER_NORM_ARCHITECTURES: [&str; 4] = ["phi2", "stablelm", "starcoder2", "gptneox"];
+const LAYER_NORM_ARCHITECTURES: [&str; 6] = [
+    "phi2",
+    "stablelm",
+    "starcoder2",
+    "gptneox",
+    "gpt2",
+    "starcoder",
+];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
 /// converter reorders the q and k rows of `llama`, `granite` and `smollm3` models for
@@ -609,7 +620,9 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 /// parallel residual), StarCoder2's ungated GELU feed-forward block, GPT-NeoX's ungated
 /// exact-GELU block, side by side with the attention, each over its own norm, where the
 /// required `gptneox.use_parallel_residual` says (llama.cpp computes GELU's tanh
-/// approximation for it; the model's, transformers', is exact); their biases as
+/// approximation for it; the model's, transformers', is exact), GPT-2's and GPT-BigCode's
+/// (`starcoder`) learned positions (`position_embd`) and ungated GELU blocks; their
+/// biases as
 /// [`read_biases`] finds them. StableLM 2 12B's per-head q/k LayerNorms (`attn_q_norm`
 /// of `[head_dim, heads]`) are refused.
 fn apply_layer_norms(
@@ -637,6 +650,7 @@ fn apply_layer_norms(
         "gptneox" if g.boolean("gptneox.use_parallel_residual")? => Blocks::Parallel,
         _ => Blocks::Sequential,
     };
+    c.learned_positions = matches!(arch, "gpt2" | "starcoder");
     if arch != "stablelm" {
         c.feed_forward = FeedForward::Ungated;
         c.activation = match arch {

@@ -42,7 +42,7 @@ use crate::{
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
-    if let Some(name) = hf_layer_norm::gpt_neox_name(hf) {
+    if let Some(name) = hf_layer_norm::gpt_neox_name(hf).or_else(|| hf_layer_norm::gpt2_name(hf)) {
         return Some(name);
     }
     if post_norms {
@@ -671,11 +671,14 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> 
             false => stored,
         };
         let Some(ours) = weight_name(&name, rules.post_norms) else {
-            // RoPE's frequencies, and GPT-NeoX's causal masks of older checkpoints: buffers.
+            // RoPE's frequencies, and GPT-NeoX's and GPT-2's causal masks of older
+            // checkpoints: buffers.
             let buffers = [
                 "rotary_emb.inv_freq",
                 ".attention.bias",
                 ".attention.masked_bias",
+                ".attn.bias",
+                ".attn.masked_bias",
             ];
             if buffers.iter().any(|b| name.ends_with(b)) {
                 continue;
@@ -688,7 +691,9 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> 
             ));
         }
         // A fused q, k and v bias stands for the layer's q, k and v biases.
-        let declared_as = ours.replace(hf_layer_norm::QKV_BY_HEAD, "attention.wq");
+        let declared_as = ours
+            .replace(hf_layer_norm::QKV_BY_HEAD, "attention.wq")
+            .replace("attention.wqkv", "attention.wq");
         if ours.ends_with(".bias") && !rules.biases.contains(&declared_as) {
             return Err(format!(
                 "tensor `{name}` is a bias that config.json does not declare (`attention_bias`, `mlp_bias`, `use_bias`, ...)"
@@ -721,6 +726,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         serde_json::from_str(&text).map_err(|e| err(&config_path, format!("invalid JSON: {e}")))?;
     let multimodal = names_architecture(&stored, hf_gemma::MULTIMODAL);
     let cfg = hf_gemma::language_model_config(&stored).map_err(|m| err(&config_path, m))?;
+    let cfg = hf_layer_norm::standard_config(cfg);
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
@@ -840,7 +846,12 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         read_safetensors(file, &mut weights, &rules).map_err(|m| err(file, m))?;
     }
     rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
-    hf_layer_norm::split_gpt_neox_qkv(&config, &mut weights).map_err(|m| err(dir, m))?;
+    if let Some(family) = Family::of(&cfg) {
+        family
+            .prepare_weights(&config, &mut weights)
+            .map_err(|m| err(dir, m))?;
+    }
+    hf_layer_norm::split_qkv_by_head(&config, &mut weights).map_err(|m| err(dir, m))?;
     split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
     if config.scale_embeddings {
         offset_norm_weights(&config, &mut weights).map_err(|m| err(dir, m))?;

@@ -1,14 +1,20 @@
 //! Hugging Face's models of the original transformer's shape, with LayerNorms that add a
 //! bias: Phi-2 (`PhiForCausalLM`), StableLM (`StableLmForCausalLM`, StableLM 2 and 3B-4E1T),
-//! StarCoder2 (`Starcoder2ForCausalLM`) and GPT-NeoX (`GPTNeoXForCausalLM`: Pythia,
-//! GPT-NeoX-20B). What sets each apart from a Llama is read here into [`ModelConfig`];
-//! their tensors' names are in `hf::weight_name` (GPT-NeoX's here, [`gpt_neox_name`]).
+//! StarCoder2 (`Starcoder2ForCausalLM`), GPT-NeoX (`GPTNeoXForCausalLM`: Pythia,
+//! GPT-NeoX-20B), and GPT-2 (`GPT2LMHeadModel`) and GPT-BigCode (`GPTBigCodeForCausalLM`:
+//! StarCoder, SantaCoder), whose positions are learned embeddings. What sets each apart
+//! from a Llama is read here into [`ModelConfig`] (GPT-2's config keys into the usual
+//! ones first, [`standard_config`]); their tensors' names are in `hf::weight_name`
+//! (GPT-NeoX's, GPT-2's and GPT-BigCode's here, [`gpt_neox_name`], [`gpt2_name`]).
 
 use serde_json::Value as Json;
 
 use crate::{
     hf::{config_int, flag_or, names_architecture, optional_positive},
-    model::{AttentionBias, Blocks, FeedForward, ModelConfig, Norm},
+    model::{
+        AttentionBias, Blocks, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, ModelConfig, Norm,
+        POSITION_EMBEDDINGS,
+    },
     weights::{Weights, builder_name},
 };
 
@@ -31,19 +37,74 @@ pub(crate) enum Family {
     /// and v fused per head, biases on every projection where `attention_bias` (the
     /// default), RoPE over a quarter of each head.
     GptNeox,
+    /// GPT-2: learned position embeddings and no RoPE, LayerNorms, an ungated GELU
+    /// feed-forward block, biases on every projection, `Conv1D` matrices stored
+    /// `[in, out]`, q, k and v fused (stacked).
+    Gpt2,
+    /// GPT-BigCode: GPT-2's shape with `nn.Linear` matrices and one KV head where
+    /// `multi_query` (the default; q, k and v stacked), else q, k and v fused per head.
+    GptBigCode,
 }
 
 /// The [`Family`] members by their `architectures` names.
-const MEMBERS: [(&str, Family); 4] = [
+const MEMBERS: [(&str, Family); 6] = [
     ("PhiForCausalLM", Family::Phi),
     ("StableLmForCausalLM", Family::StableLm),
     ("Starcoder2ForCausalLM", Family::Starcoder2),
     ("GPTNeoXForCausalLM", Family::GptNeox),
+    ("GPT2LMHeadModel", Family::Gpt2),
+    ("GPTBigCodeForCausalLM", Family::GptBigCode),
 ];
 
 /// The `architectures` names of the [`Family`] members.
-pub(crate) const ARCHITECTURES: [&str; 4] =
-    [MEMBERS[0].0, MEMBERS[1].0, MEMBERS[2].0, MEMBERS[3].0];
+pub(crate) const ARCHITECTURES: [&str; 6] = [
+    MEMBERS[0].0,
+    MEMBERS[1].0,
+    MEMBERS[2].0,
+    MEMBERS[3].0,
+    MEMBERS[4].0,
+    MEMBERS[5].0,
+];
+
+/// `cfg` with GPT-2's and GPT-BigCode's keys (`n_embd`, `n_layer`, `n_head`,
+/// `n_positions`, `n_inner`, `layer_norm_epsilon`, `multi_query`) also under the names
+/// the loader reads (`hidden_size`, ...; `intermediate_size` 4 `n_embd` where `n_inner`
+/// is null, `num_key_value_heads` 1 for a multi-query model), as their configuration
+/// classes map them; any other config as it is.
+pub(crate) fn standard_config(mut cfg: Json) -> Json {
+    let Some(family @ (Family::Gpt2 | Family::GptBigCode)) = Family::of(&cfg) else {
+        return cfg;
+    };
+    let multi_query = family == Family::GptBigCode
+        && cfg
+            .get("multi_query")
+            .and_then(Json::as_bool)
+            .unwrap_or(true);
+    let Some(fields) = cfg.as_object_mut() else {
+        return cfg;
+    };
+    let renames = [
+        ("n_embd", "hidden_size"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+        ("n_positions", "max_position_embeddings"),
+        ("layer_norm_epsilon", "layer_norm_eps"),
+    ];
+    for (theirs, ours) in renames {
+        if let Some(v) = fields.get(theirs).cloned() {
+            fields.entry(ours).or_insert(v);
+        }
+    }
+    let inner = fields.get("n_inner").filter(|v| !v.is_null()).cloned();
+    let width = fields.get("n_embd").and_then(Json::as_u64);
+    if let Some(inner) = inner.or_else(|| width.map(|w| Json::from(4 * w))) {
+        fields.entry("intermediate_size").or_insert(inner);
+    }
+    if multi_query {
+        fields.entry("num_key_value_heads").or_insert(Json::from(1));
+    }
+    cfg
+}
 
 impl Family {
     /// The member `cfg`'s `architectures` names, if any.
@@ -57,7 +118,7 @@ impl Family {
     /// Whether the classifier is tied to the embedding where the config does not say
     /// (`tie_word_embeddings`: `Starcoder2Config`'s default is true, the others' false).
     pub(crate) fn ties_by_default(self) -> bool {
-        self == Family::Starcoder2
+        matches!(self, Family::Starcoder2 | Family::Gpt2 | Family::GptBigCode)
     }
 
     /// The share of each head RoPE rotates where `cfg` gives no `partial_rotary_factor`
@@ -67,7 +128,7 @@ impl Family {
         Ok(match self {
             Family::Phi => 0.5,
             Family::StableLm => 0.25,
-            Family::Starcoder2 => 1.0,
+            Family::Starcoder2 | Family::Gpt2 | Family::GptBigCode => 1.0,
             Family::GptNeox => match optional_positive(cfg, "rotary_pct")? {
                 Some(pct) if pct <= 1.0 => pct,
                 Some(pct) => {
@@ -85,13 +146,15 @@ impl Family {
             Family::StableLm => "silu",
             Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::GptNeox => "gelu",
+            Family::Gpt2 => "gelu_new",
+            Family::GptBigCode => "gelu_pytorch_tanh",
         }
     }
 
     /// Whether the member rotates part of each head (Phi's, StableLM's and GPT-NeoX's
     /// attention do; StarCoder2's rotates whole heads).
     pub(crate) fn rotates_part(self) -> bool {
-        self != Family::Starcoder2
+        matches!(self, Family::Phi | Family::StableLm | Family::GptNeox)
     }
 
     /// Sets the member's norms, blocks and biases in `c` from `cfg`: LayerNorms with biases
@@ -164,9 +227,97 @@ impl Family {
                     ));
                 }
             }
+            Family::Gpt2 | Family::GptBigCode => {
+                if flag("scale_attn_by_inverse_layer_idx", false)? {
+                    return Err("`scale_attn_by_inverse_layer_idx` is true: scores scaled by layer are not supported".into());
+                }
+                if !flag("scale_attn_weights", true)? {
+                    c.attention_scale = Some(1.0);
+                }
+                c.learned_positions = true;
+                c.feed_forward = FeedForward::Ungated;
+                c.attention_bias = AttentionBias {
+                    qkv: true,
+                    output: true,
+                };
+                c.ffn_bias = true;
+            }
         }
         Ok(())
     }
+
+    /// Puts the member's loaded `weights` in the builder's layout: GPT-2's `Conv1D`
+    /// matrices (`c_attn`, `c_proj`, `c_fc`) transposed, and a GPT-BigCode model's q, k
+    /// and v fused per head (one KV head a query head) named for [`split_qkv_by_head`].
+    pub(crate) fn prepare_weights(
+        self,
+        c: &ModelConfig,
+        weights: &mut Weights,
+    ) -> Result<(), String> {
+        for l in 0..c.layers {
+            let p = format!("layers.{l}.");
+            match self {
+                Family::Gpt2 => {
+                    for name in [
+                        FUSED_QKV,
+                        "attention.wo.weight",
+                        "feed_forward.w3.weight",
+                        "feed_forward.w2.weight",
+                    ] {
+                        weights.transpose_matrix(&format!("{p}{name}"))?;
+                    }
+                }
+                Family::GptBigCode if c.kv_heads == c.heads && c.heads > 1 => {
+                    for (fused, kind) in [(FUSED_QKV, "weight"), (FUSED_QKV_BIAS, "bias")] {
+                        if let Some(value) = weights.remove(&format!("{p}{fused}")) {
+                            weights.insert(format!("{p}{QKV_BY_HEAD}.{kind}"), (*value).clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The builder's name for a GPT-2 or GPT-BigCode tensor, with or without the
+/// `transformer.` prefix (`h.N.attn.c_attn.weight` -> `layers.N.attention.wqkv.weight`,
+/// `wpe.weight` -> the position embeddings, ...).
+pub(crate) fn gpt2_name(hf: &str) -> Option<String> {
+    let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
+    let stems = [
+        ("ln_1", "attention_norm"),
+        ("attn.c_proj", "attention.wo"),
+        ("ln_2", "ffn_norm"),
+        ("mlp.c_fc", "feed_forward.w3"),
+        ("mlp.c_proj", "feed_forward.w2"),
+    ];
+    let mut parts: Vec<(String, String)> = stems
+        .iter()
+        .flat_map(|(theirs, ours)| {
+            ["weight", "bias"].map(|kind| (format!("{theirs}.{kind}"), format!("{ours}.{kind}")))
+        })
+        .collect();
+    parts.extend([
+        ("attn.c_attn.weight".to_string(), FUSED_QKV.to_string()),
+        ("attn.c_attn.bias".to_string(), FUSED_QKV_BIAS.to_string()),
+    ]);
+    let parts: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|(h, o)| (h.as_str(), o.as_str()))
+        .collect();
+    builder_name(
+        hf,
+        &[
+            ("wte.weight", "tok_embeddings.weight"),
+            ("wpe.weight", POSITION_EMBEDDINGS),
+            ("ln_f.weight", "norm.weight"),
+            ("ln_f.bias", "norm.bias"),
+        ],
+        "h.",
+        &parts,
+    )
 }
 
 /// The builder's name for a GPT-NeoX tensor (`gpt_neox.layers.N.attention.dense.weight`
@@ -208,9 +359,10 @@ pub(crate) fn gpt_neox_name(hf: &str) -> Option<String> {
 /// The builder's stem of GPT-NeoX's fused q, k and v projection ([`gpt_neox_name`]).
 pub(crate) const QKV_BY_HEAD: &str = "attention.wqkv_by_head";
 
-/// Splits every layer's GPT-NeoX q, k and v projection and bias (per head, `head_dim` q
-/// rows, then k rows, then v rows) into the builder's `attention.w{q,k,v}`.
-pub(crate) fn split_gpt_neox_qkv(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+/// Splits every layer's q, k and v projection and bias fused per head (GPT-NeoX's, and
+/// GPT-BigCode's with a KV head a query head: per head, `head_dim` q rows, then k rows,
+/// then v rows) into the builder's `attention.w{q,k,v}`.
+pub(crate) fn split_qkv_by_head(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
     let head_dim = c.head_dim();
     for l in 0..c.layers {
         for kind in ["weight", "bias"] {

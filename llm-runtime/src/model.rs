@@ -147,6 +147,9 @@ pub struct ModelConfig {
     pub norm: Norm,
     /// How each layer's attention and feed-forward blocks meet the residual stream.
     pub blocks: Blocks,
+    /// Positions are learned embeddings added to the token embeddings
+    /// ([`POSITION_EMBEDDINGS`], `[seq_len, dim]`; GPT-2's), and no layer takes RoPE.
+    pub learned_positions: bool,
     /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
     /// every layer attends alike.
     pub local_attention: Option<LocalAttention>,
@@ -276,6 +279,9 @@ pub struct AttentionBias {
     pub output: bool,
 }
 
+/// The table of learned position embeddings ([`ModelConfig::learned_positions`]).
+pub const POSITION_EMBEDDINGS: &str = "pos_embeddings.weight";
+
 /// The weight holding RoPE's per-pair frequency factors (GGUF's name for it).
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
@@ -327,6 +333,7 @@ impl Default for ModelConfig {
             logit_scale: None,
             norm: Norm::Rms,
             blocks: Blocks::Sequential,
+            learned_positions: false,
             nope_layers: None,
             local_attention: None,
         }
@@ -399,7 +406,7 @@ impl ModelConfig {
                 self.heads, self.kv_heads
             ));
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if !self.learned_positions && !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "the head size {} is odd; RoPE needs pairs",
                 self.head_dim()
@@ -518,6 +525,9 @@ fn float(v: f64) -> String {
 pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (d, hd, kvd, v, qd) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab, c.q_dim());
     let mut out = vec![("tok_embeddings.weight".to_string(), vec![v, d])];
+    if c.learned_positions {
+        out.push((POSITION_EMBEDDINGS.to_string(), vec![c.seq_len, d]));
+    }
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
         out.extend([
@@ -814,10 +824,10 @@ impl LayerAttention {
             rope,
             own_rope: own_theta.is_some(),
             params,
-            nope: c
-                .nope_layers
-                .as_ref()
-                .is_some_and(|nope| nope.get(l).copied().unwrap_or(false)),
+            nope: c.learned_positions
+                || c.nope_layers
+                    .as_ref()
+                    .is_some_and(|nope| nope.get(l).copied().unwrap_or(false)),
         }
     }
 }
@@ -992,13 +1002,19 @@ fn forward_func(
         String::new()
     };
     e.op(format!("x0 = llm.embedding embed, tokens : {act}"));
+    let mut x = "x0".to_string();
+    if c.learned_positions {
+        e.weight("pos_embed", POSITION_EMBEDDINGS);
+        e.op(format!("p0 = llm.embedding pos_embed, positions : {act}"));
+        e.op(format!("x0p = llm.add x0, p0 : {act}"));
+        x = "x0p".to_string();
+    }
     if c.norm == Norm::Layer {
         e.op(format!(
             "zero_bias = llm.constant {{value = 0.0}} : {}",
             t(&format!("{d}xf32"))
         ));
     }
-    let mut x = "x0".to_string();
     if c.scale_embeddings {
         x = e.scaled(&x, Some(f64::from((c.dim as f32).sqrt())), &act);
     }

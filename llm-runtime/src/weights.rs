@@ -235,6 +235,51 @@ impl Weights {
         Ok(())
     }
 
+    /// Transposes the matrix `name` (a float one, or one of 16-bit floats kept as their
+    /// bits), as GPT-2's `Conv1D` layers store theirs `[in, out]`; an error names a weight
+    /// that is none of those.
+    pub fn transpose_matrix(&mut self, name: &str) -> Result<(), String> {
+        let Some(value) = self.tensors.get(name).cloned() else {
+            return Err(format!("no weight `{name}` to transpose"));
+        };
+        let transposed = |rows: usize, cols: usize, size: usize, data: &[u8]| -> Vec<u8> {
+            let mut out = vec![0u8; data.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+                    out[to..to + size].copy_from_slice(&data[from..from + size]);
+                }
+            }
+            out
+        };
+        let value = match &*value {
+            Value::Tensor(t) if t.shape.len() == 2 => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let bytes: Vec<u8> = t.floats()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let floats = floats_le(DType::F32, &transposed(rows, cols, 4, &bytes));
+                Value::Tensor(Tensor::from_f32(vec![cols, rows], t.dtype, floats))
+            }
+            Value::Quantized(q)
+                if q.shape.len() == 2
+                    && matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) =>
+            {
+                let (rows, cols) = (q.shape[0], q.shape[1]);
+                Value::Quantized(QTensor {
+                    shape: vec![cols, rows],
+                    format: q.format.clone(),
+                    bytes: transposed(rows, cols, 2, &q.bytes),
+                })
+            }
+            _ => {
+                return Err(format!(
+                    "weight `{name}` is not a float matrix to transpose"
+                ));
+            }
+        };
+        self.insert(name, value);
+        Ok(())
+    }
+
     /// Replaces the weights `parts` (float matrices or vectors of one element type, or
     /// matrices of one block format, all of one row length) by `into`, their rows in
     /// order: [`Weights::split_rows`]'s inverse. A missing part or parts that differ are
@@ -405,6 +450,46 @@ mod tests {
         weights.insert("qkv", Value::Tensor(fused));
         let err = weights.split_rows("qkv", &parts[..2]).expect_err("4 of 5");
         assert!(err.contains("weight `qkv` has shape [5]"), "{err}");
+    }
+
+    /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a
+    /// vector is refused, by name.
+    #[test]
+    fn matrices_transpose() {
+        let values: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let bits: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let mut weights = Weights::default();
+        weights.insert(
+            "f32",
+            Value::Tensor(Tensor::from_f32(vec![2, 3], DType::F32, values)),
+        );
+        weights.insert("f16", super::stored_floats(vec![2, 3], DType::F16, &bits));
+        weights.insert(
+            "v",
+            Value::Tensor(Tensor::from_f32(vec![3], DType::F32, vec![0.0; 3])),
+        );
+        for name in ["f32", "f16"] {
+            weights.transpose_matrix(name).expect("transposes");
+            let t = weights.weight(name).expect("there");
+            let floats = match &*t {
+                Value::Tensor(t) => (t.shape.clone(), t.floats().expect("floats").to_vec()),
+                Value::Quantized(q) => (
+                    q.shape.clone(),
+                    quant::dequantize(&q.format, &q.shape, &q.bytes),
+                ),
+                other => panic!("{name}: {other:?}"),
+            };
+            assert_eq!(
+                floats,
+                (vec![3, 2], vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]),
+                "{name}"
+            );
+        }
+        let err = weights.transpose_matrix("v").expect_err("a vector");
+        assert!(err.contains("weight `v` is not a float matrix"), "{err}");
     }
 
     /// Rows split over threads (counts that do not divide the rows included) give the

@@ -986,7 +986,7 @@ fn reference_gguf_edited(
         (
             if matches!(
                 arch,
-                "command-r" | "phi2" | "stablelm" | "starcoder2" | "gptneox"
+                "command-r" | "phi2" | "stablelm" | "starcoder2" | "gptneox" | "gpt2" | "starcoder"
             ) {
                 "attention.layer_norm_epsilon"
             } else {
@@ -1694,6 +1694,100 @@ fn gpt_neox_gguf_name(hf: &str) -> String {
     })
 }
 
+/// GPT-2 (`tests/data/gpt2-tiny`): learned positions and no RoPE, LayerNorms with biases,
+/// `Conv1D` matrices (`[in, out]`, transposed when loaded), q, k and v fused, an ungated
+/// GELU block, biases on every projection, a tied classifier; its GGUF file (llama.cpp's
+/// `gpt2`, the matrices transposed as its converter transposes them) computes what the
+/// directory computes.
+#[test]
+fn gpt2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("gpt2-tiny");
+    let c = &loaded.config;
+    assert!(c.learned_positions && c.tied_classifier && c.ffn_bias);
+    assert_eq!(
+        (c.norm, c.feed_forward, c.activation),
+        (
+            Norm::BiasedLayer,
+            FeedForward::Ungated,
+            Activation::GeluTanh
+        )
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the learned positions", &|c| c.learned_positions = false),
+            ("the norms' biases", &|c| c.norm = Norm::Layer),
+            ("the feed-forward biases", &|c| c.ffn_bias = false),
+            ("the attention's biases", &|c| {
+                c.attention_bias = AttentionBias::default()
+            }),
+        ],
+    );
+    let gguf = gpt2_gguf("gpt2-tiny", "gpt2");
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+}
+
+/// GPT-BigCode (`tests/data/gpt-bigcode-tiny`, StarCoder's shape: GPT-2's with one KV
+/// head, q, k and v stacked; `gpt-bigcode-mha-tiny`: as many KV heads as query heads,
+/// q, k and v fused per head); the one-KV-head model's GGUF file (llama.cpp's
+/// `starcoder`) computes what the directory computes.
+#[test]
+fn gpt_bigcode_computes_what_transformers_computes() {
+    for (name, kv_heads) in [("gpt-bigcode-tiny", 1), ("gpt-bigcode-mha-tiny", 4)] {
+        let (reference, loaded) = reference_checkpoint(name);
+        assert_eq!((loaded.config.heads, loaded.config.kv_heads), (4, kv_heads));
+        assert!(loaded.config.learned_positions && loaded.config.tied_classifier);
+        computes_what_transformers_computes(
+            &loaded,
+            &reference,
+            &[("the learned positions", &|c| c.learned_positions = false)],
+        );
+        if kv_heads == 1 {
+            let gguf = gpt2_gguf(name, "starcoder");
+            gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+        }
+    }
+}
+
+/// The GPT-2-shaped checkpoint `tests/data/{name}` as llama.cpp's converter writes it for
+/// `arch` (`gpt2`, whose `Conv1D` matrices it transposes, or `starcoder`).
+fn gpt2_gguf(name: &str, arch: &str) -> Vec<u8> {
+    reference_gguf_edited(name, arch, Vec::new(), |tensors| {
+        for (name, shape, values) in tensors.iter_mut() {
+            let conv1d = [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"];
+            if arch == "gpt2" && conv1d.iter().any(|c| name.ends_with(c)) {
+                let (rows, cols) = (shape[0], shape[1]);
+                *values = (0..cols)
+                    .flat_map(|c| (0..rows).map(move |r| (r, c)))
+                    .map(|(r, c)| values[r * cols + c])
+                    .collect();
+                *shape = vec![cols, rows];
+            }
+            *name = gpt2_gguf_name(name);
+        }
+    })
+}
+
+/// llama.cpp's `gpt2` (and `starcoder`) name for a GPT-2-shaped checkpoint's tensor.
+fn gpt2_gguf_name(hf: &str) -> String {
+    let renames = [
+        ("transformer.wte", "token_embd"),
+        ("transformer.wpe", "position_embd"),
+        ("transformer.ln_f", "output_norm"),
+        ("transformer.h.", "blk."),
+        ("ln_1", "attn_norm"),
+        ("attn.c_attn", "attn_qkv"),
+        ("attn.c_proj", "attn_output"),
+        ("ln_2", "ffn_norm"),
+        ("mlp.c_fc", "ffn_up"),
+        ("mlp.c_proj", "ffn_down"),
+    ];
+    renames.iter().fold(hf.to_string(), |name, (theirs, ours)| {
+        name.replace(theirs, ours)
+    })
+}
+
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,
 /// up and down projections; its GGUF file (`llama`, whose `ffn_*.bias` llama.cpp reads
 /// where a file has them) computes what transformers computes.
@@ -2172,6 +2266,8 @@ fn mutated_family_gguf_files_never_panic() {
         stablelm_gguf(),
         starcoder2_gguf(),
         gpt_neox_gguf(),
+        gpt2_gguf("gpt2-tiny", "gpt2"),
+        gpt2_gguf("gpt-bigcode-tiny", "starcoder"),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");

@@ -12,7 +12,7 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwe
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
-`gpt-neox`) and
+`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`) and
 Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -32,6 +32,10 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     GemmaConfig,
@@ -66,20 +70,22 @@ PROMPT_LEN = 6
 
 def randomize(model, seed, offset_norms):
     """Weights of a scale that makes every part of the architecture matter: norm weights
-    in [0.5, 1.5] (Gemma's, `offset_norms`, stored as offsets from 1), biases of standard
-    deviation 0.5, embeddings of standard deviation 0.5,
+    (the vectors that are not biases) in [0.5, 1.5] (Gemma's, `offset_norms`, stored as
+    offsets from 1), biases of standard deviation 0.5, embeddings (tokens' and GPT-2's
+    positions') of standard deviation 0.5,
     projections of variance 1 / fan-in (q and k 2.25 times that, for pronounced
     attention)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") and offset_norms:
+            norm = p.dim() == 1 and name.endswith("weight")
+            if norm and offset_norms:
                 p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-            elif name.endswith("norm.weight"):
+            elif norm:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name or name.endswith(("wte.weight", "wpe.weight")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             else:
                 std = p.shape[1] ** -0.5
@@ -324,6 +330,24 @@ def main():
         tie_word_embeddings=False,
     )
     write("gpt-neox-tiny", GPTNeoXForCausalLM, gpt_neox, 22)
+    # GPT-2: learned positions, LayerNorms with biases, `Conv1D` matrices, q, k and v
+    # fused, GELU's tanh approximation, a tied classifier.
+    gpt = dict(
+        vocab_size=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        n_inner=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    write("gpt2-tiny", GPT2LMHeadModel, GPT2Config(**gpt), 23)
+    # GPT-BigCode (StarCoder's): GPT-2's shape with one KV head, and with as many KV heads
+    # as query heads (q, k and v fused per head).
+    write("gpt-bigcode-tiny", GPTBigCodeForCausalLM, GPTBigCodeConfig(**gpt), 24)
+    mha = GPTBigCodeConfig(**gpt, multi_query=False)
+    write("gpt-bigcode-mha-tiny", GPTBigCodeForCausalLM, mha, 25)
     # StarCoder2: LayerNorms with biases, an ungated GELU feed-forward block, biases on
     # every projection, a sliding window of 10, a tied classifier.
     starcoder2 = Starcoder2Config(
