@@ -42,7 +42,7 @@ use crate::{
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
-    if let Some(name) = hf_layer_norm::gpt_neox_name(hf).or_else(|| hf_layer_norm::gpt2_name(hf)) {
+    if let Some(name) = hf_layer_norm::gpt_neox_name(hf).or_else(|| hf_layer_norm::gpt_name(hf)) {
         return Some(name);
     }
     if post_norms {
@@ -783,13 +783,13 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         post_norms: olmo2,
         ..ModelConfig::default()
     };
+    config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
+        .map_err(|m| err(&config_path, m))?;
     if let Some(family) = Family::of(&cfg) {
         family
             .apply(&cfg, &mut config)
             .map_err(|m| err(&config_path, m))?;
     }
-    config.rotary_dim = rotary_dim(&cfg, global_scaling.as_ref(), config.head_dim())
-        .map_err(|m| err(&config_path, m))?;
     if let Some(generation @ 2..) = gemma {
         hf_gemma::apply(&cfg, generation, &mut config).map_err(|m| err(&config_path, m))?;
     }

@@ -1,11 +1,12 @@
 //! Hugging Face's models of the original transformer's shape, with LayerNorms that add a
 //! bias: Phi-2 (`PhiForCausalLM`), StableLM (`StableLmForCausalLM`, StableLM 2 and 3B-4E1T),
 //! StarCoder2 (`Starcoder2ForCausalLM`), GPT-NeoX (`GPTNeoXForCausalLM`: Pythia,
-//! GPT-NeoX-20B), and GPT-2 (`GPT2LMHeadModel`) and GPT-BigCode (`GPTBigCodeForCausalLM`:
-//! StarCoder, SantaCoder), whose positions are learned embeddings. What sets each apart
-//! from a Llama is read here into [`ModelConfig`] (GPT-2's config keys into the usual
-//! ones first, [`standard_config`]); their tensors' names are in `hf::weight_name`
-//! (GPT-NeoX's, GPT-2's and GPT-BigCode's here, [`gpt_neox_name`], [`gpt2_name`]).
+//! GPT-NeoX-20B), GPT-2 (`GPT2LMHeadModel`) and GPT-BigCode (`GPTBigCodeForCausalLM`:
+//! StarCoder, SantaCoder), whose positions are learned embeddings, and GPT-J
+//! (`GPTJForCausalLM`). What sets each apart from a Llama is read here into
+//! [`ModelConfig`] (GPT-2's config keys into the usual ones first, [`standard_config`]);
+//! their tensors' names are in `hf::weight_name` (GPT-NeoX's, GPT-2's, GPT-BigCode's
+//! and GPT-J's here, [`gpt_neox_name`], [`gpt_name`]).
 
 use serde_json::Value as Json;
 
@@ -44,35 +45,41 @@ pub(crate) enum Family {
     /// GPT-BigCode: GPT-2's shape with `nn.Linear` matrices and one KV head where
     /// `multi_query` (the default; q, k and v stacked), else q, k and v fused per head.
     GptBigCode,
+    /// GPT-J: GPT-2's names and config keys, attention (no biases) and an ungated GELU
+    /// feed-forward block side by side over one norm, RoPE with interleaved pairs over
+    /// `rotary_dim` features of each head, a classifier with a bias.
+    GptJ,
 }
 
 /// The [`Family`] members by their `architectures` names.
-const MEMBERS: [(&str, Family); 6] = [
+const MEMBERS: [(&str, Family); 7] = [
     ("PhiForCausalLM", Family::Phi),
     ("StableLmForCausalLM", Family::StableLm),
     ("Starcoder2ForCausalLM", Family::Starcoder2),
     ("GPTNeoXForCausalLM", Family::GptNeox),
     ("GPT2LMHeadModel", Family::Gpt2),
     ("GPTBigCodeForCausalLM", Family::GptBigCode),
+    ("GPTJForCausalLM", Family::GptJ),
 ];
 
 /// The `architectures` names of the [`Family`] members.
-pub(crate) const ARCHITECTURES: [&str; 6] = [
+pub(crate) const ARCHITECTURES: [&str; 7] = [
     MEMBERS[0].0,
     MEMBERS[1].0,
     MEMBERS[2].0,
     MEMBERS[3].0,
     MEMBERS[4].0,
     MEMBERS[5].0,
+    MEMBERS[6].0,
 ];
 
-/// `cfg` with GPT-2's and GPT-BigCode's keys (`n_embd`, `n_layer`, `n_head`,
+/// `cfg` with GPT-2's, GPT-BigCode's and GPT-J's keys (`n_embd`, `n_layer`, `n_head`,
 /// `n_positions`, `n_inner`, `layer_norm_epsilon`, `multi_query`) also under the names
 /// the loader reads (`hidden_size`, ...; `intermediate_size` 4 `n_embd` where `n_inner`
 /// is null, `num_key_value_heads` 1 for a multi-query model), as their configuration
 /// classes map them; any other config as it is.
 pub(crate) fn standard_config(mut cfg: Json) -> Json {
-    let Some(family @ (Family::Gpt2 | Family::GptBigCode)) = Family::of(&cfg) else {
+    let Some(family @ (Family::Gpt2 | Family::GptBigCode | Family::GptJ)) = Family::of(&cfg) else {
         return cfg;
     };
     let multi_query = family == Family::GptBigCode
@@ -128,7 +135,7 @@ impl Family {
         Ok(match self {
             Family::Phi => 0.5,
             Family::StableLm => 0.25,
-            Family::Starcoder2 | Family::Gpt2 | Family::GptBigCode => 1.0,
+            Family::Starcoder2 | Family::Gpt2 | Family::GptBigCode | Family::GptJ => 1.0,
             Family::GptNeox => match optional_positive(cfg, "rotary_pct")? {
                 Some(pct) if pct <= 1.0 => pct,
                 Some(pct) => {
@@ -146,7 +153,7 @@ impl Family {
             Family::StableLm => "silu",
             Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::GptNeox => "gelu",
-            Family::Gpt2 => "gelu_new",
+            Family::Gpt2 | Family::GptJ => "gelu_new",
             Family::GptBigCode => "gelu_pytorch_tanh",
         }
     }
@@ -157,7 +164,7 @@ impl Family {
         matches!(self, Family::Phi | Family::StableLm | Family::GptNeox)
     }
 
-    /// Sets the member's norms, blocks and biases in `c` from `cfg`: LayerNorms with biases
+    /// Sets the member's norms, blocks, biases and RoPE in `c` from `cfg`: LayerNorms with biases
     /// of epsilon `layer_norm_eps` (StarCoder2's `norm_epsilon`; 1e-5 where left out, as
     /// the classes default it). Phi's and StableLM's per-head q/k LayerNorms
     /// (`qk_layernorm`, StableLM 2 12B's) are refused: the builder has none.
@@ -242,6 +249,18 @@ impl Family {
                 };
                 c.ffn_bias = true;
             }
+            Family::GptJ => {
+                c.blocks = Blocks::ParallelSharedNorm;
+                c.feed_forward = FeedForward::Ungated;
+                c.ffn_bias = true;
+                c.classifier_bias = true;
+                c.rope_half = false;
+                // `rotary_dim` features of each head, or all where it is null.
+                if cfg.get("rotary_dim").is_some_and(|v| !v.is_null()) {
+                    let rotary = config_int(cfg, "rotary_dim")?;
+                    c.rotary_dim = (rotary != c.head_dim()).then_some(rotary);
+                }
+            }
         }
         Ok(())
     }
@@ -281,10 +300,11 @@ impl Family {
     }
 }
 
-/// The builder's name for a GPT-2 or GPT-BigCode tensor, with or without the
+/// The builder's name for a GPT-2, GPT-BigCode or GPT-J tensor, with or without the
 /// `transformer.` prefix (`h.N.attn.c_attn.weight` -> `layers.N.attention.wqkv.weight`,
-/// `wpe.weight` -> the position embeddings, ...).
-pub(crate) fn gpt2_name(hf: &str) -> Option<String> {
+/// `wpe.weight` -> the position embeddings, `h.N.mlp.fc_in.weight` ->
+/// `layers.N.feed_forward.w3.weight`, ...).
+pub(crate) fn gpt_name(hf: &str) -> Option<String> {
     let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
     let stems = [
         ("ln_1", "attention_norm"),
@@ -292,6 +312,12 @@ pub(crate) fn gpt2_name(hf: &str) -> Option<String> {
         ("ln_2", "ffn_norm"),
         ("mlp.c_fc", "feed_forward.w3"),
         ("mlp.c_proj", "feed_forward.w2"),
+        ("attn.q_proj", "attention.wq"),
+        ("attn.k_proj", "attention.wk"),
+        ("attn.v_proj", "attention.wv"),
+        ("attn.out_proj", "attention.wo"),
+        ("mlp.fc_in", "feed_forward.w3"),
+        ("mlp.fc_out", "feed_forward.w2"),
     ];
     let mut parts: Vec<(String, String)> = stems
         .iter()

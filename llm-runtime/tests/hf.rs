@@ -1750,6 +1750,29 @@ fn gpt_bigcode_computes_what_transformers_computes() {
     }
 }
 
+/// GPT-J (`tests/data/gptj-tiny`): attention (no biases) and an ungated GELU
+/// feed-forward block side by side over one norm, RoPE with interleaved pairs over 8 of
+/// each head's 16 features (`rotary_dim`), a classifier with a bias.
+#[test]
+fn gptj_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("gptj-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (c.blocks, c.rotary_dim, c.rope_half),
+        (Blocks::ParallelSharedNorm, Some(8), false)
+    );
+    assert!(c.classifier_bias && c.ffn_bias && !c.attention_bias.qkv && !c.learned_positions);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the interleaved pairs", &|c| c.rope_half = true),
+            ("the partial rotation", &|c| c.rotary_dim = None),
+            ("the classifier's bias", &|c| c.classifier_bias = false),
+        ],
+    );
+}
+
 /// The GPT-2-shaped checkpoint `tests/data/{name}` as llama.cpp's converter writes it for
 /// `arch` (`gpt2`, whose `Conv1D` matrices it transposes, or `starcoder`).
 fn gpt2_gguf(name: &str, arch: &str) -> Vec<u8> {

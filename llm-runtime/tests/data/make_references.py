@@ -12,7 +12,7 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwe
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
-`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`) and
+`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`) and
 Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -36,6 +36,8 @@ from transformers import (
     GPT2LMHeadModel,
     GPTBigCodeConfig,
     GPTBigCodeForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     GemmaConfig,
@@ -348,6 +350,10 @@ def main():
     write("gpt-bigcode-tiny", GPTBigCodeForCausalLM, GPTBigCodeConfig(**gpt), 24)
     mha = GPTBigCodeConfig(**gpt, multi_query=False)
     write("gpt-bigcode-mha-tiny", GPTBigCodeForCausalLM, mha, 25)
+    # GPT-J: attention and an ungated GELU block side by side over one norm, RoPE with
+    # interleaved pairs over 8 of each head's 16 features, a classifier with a bias.
+    gptj = GPTJConfig(**gpt, rotary_dim=8, tie_word_embeddings=False)
+    write("gptj-tiny", GPTJForCausalLM, gptj, 26)
     # StarCoder2: LayerNorms with biases, an ungated GELU feed-forward block, biases on
     # every projection, a sliding window of 10, a tied classifier.
     starcoder2 = Starcoder2Config(
