@@ -590,6 +590,33 @@ fn format_case(which: usize, blocks: usize) -> (usize, QuantFormat, String) {
 /// which a device's arithmetic may flush to zero) and nvfp4 sub-blocks of every UE4M3
 /// byte (the top bit ignored, 0x7F reading as 0), each with all 16 codes in its nibbles,
 /// dequantized to the reference's values.
+/// `llm.erf` over a sweep of [-5, 5] (both branches: the Taylor polynomial below 1 and
+/// Abramowitz and Stegun's form beyond), tiny arguments, signed zeros, large ones and the
+/// infinities: within 2.5e-7 of `libm`'s `erff` (the reference's) on every backend.
+#[test]
+fn erf_is_within_its_error_bound() {
+    let mut x: Vec<f32> = (0..=2000).map(|i| -5.0 + i as f32 * 0.005).collect();
+    x.extend([
+        1e-30,
+        -1e-20,
+        1e-6,
+        0.0,
+        -0.0,
+        9.0,
+        -12.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ]);
+    let n = x.len();
+    let ir = func(
+        &[("x".into(), ty(&[n]))],
+        &ty(&[n]),
+        &format!("y = llm.erf x : {};", ty(&[n])),
+    );
+    let x = Value::Tensor(Tensor::from_f32(vec![n], DType::F32, x));
+    agree(&ir, vec![x], 2.5e-7).unwrap();
+}
+
 #[test]
 fn four_bit_float_scales_decode_exactly() {
     let codes: Vec<u8> = (0..16).map(|j| j | (15 - j) << 4).collect();

@@ -419,6 +419,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("attn_qkv.bias", FUSED_QKV_BIAS),
             ("ffn_norm.weight", "ffn_norm.weight"),
             ("ffn_norm.bias", "ffn_norm.bias"),
+            // Falcon 40B's norm of the feed-forward block's input.
+            ("attn_norm_2.weight", "ffn_norm.weight"),
+            ("attn_norm_2.bias", "ffn_norm.bias"),
             ("ffn_gate.bias", "feed_forward.w1.bias"),
             ("ffn_down.bias", "feed_forward.w2.bias"),
             ("ffn_up.bias", "feed_forward.w3.bias"),
@@ -557,9 +560,9 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). `phi2`, `stablelm` and `starcoder2` are the LayerNorm architectures
-/// ([`apply_layer_norms`]), and so are `gptneox`, `gpt2` and `starcoder` (GPT-BigCode's).
-/// Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 17] = [
+/// ([`apply_layer_norms`]), and so are `gptneox`, `gpt2`, `starcoder` (GPT-BigCode's) and
+/// `falcon`. Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 18] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -577,17 +580,19 @@ const ARCHITECTURES: [&str; 17] = [
     "gptneox",
     "gpt2",
     "starcoder",
+    "falcon",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
 /// bias ([`apply_layer_norms`]).
-const LAYER_NORM_ARCHITECTURES: [&str; 6] = [
+const LAYER_NORM_ARCHITECTURES: [&str; 7] = [
     "phi2",
     "stablelm",
     "starcoder2",
     "gptneox",
     "gpt2",
     "starcoder",
+    "falcon",
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
@@ -613,17 +618,20 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// The settings of `phi2`, `stablelm` and `starcoder2` files, as llama.cpp reads them:
-/// LayerNorms with biases, of epsilon `ARCH.attention.layer_norm_epsilon` (required);
+/// The settings of the LayerNorm architectures' files ([`LAYER_NORM_ARCHITECTURES`]), as
+/// llama.cpp reads them: LayerNorms with biases, of epsilon
+/// `ARCH.attention.layer_norm_epsilon` (required);
 /// Phi-2's attention and ungated GELU feed-forward block side by side over one norm,
 /// StableLM's SwiGLU, side by side where the file has no `ffn_norm` (StableLM 2 12B's
 /// parallel residual), StarCoder2's ungated GELU feed-forward block, GPT-NeoX's ungated
 /// exact-GELU block, side by side with the attention, each over its own norm, where the
 /// required `gptneox.use_parallel_residual` says (llama.cpp computes GELU's tanh
-/// approximation for it; the model's, transformers', is exact), GPT-2's and GPT-BigCode's
-/// (`starcoder`) learned positions (`position_embd`) and ungated GELU blocks; their
-/// biases as
-/// [`read_biases`] finds them. StableLM 2 12B's per-head q/k LayerNorms (`attn_q_norm`
+/// approximation for it; Pythia's, transformers', is exact, GPT-NeoX-20B's `gelu_fast`
+/// its tanh form, which a file does not tell apart), GPT-2's and GPT-BigCode's
+/// (`starcoder`) learned positions (`position_embd`) and ungated GELU blocks, Falcon's
+/// ungated exact-GELU block side by side with the attention, over one norm, or each over
+/// its own where the file has `attn_norm_2` (Falcon 40B's; llama.cpp computes GELU's tanh
+/// approximation for it too); their biases as [`read_biases`] finds them. StableLM 2 12B's per-head q/k LayerNorms (`attn_q_norm`
 /// of `[head_dim, heads]`) are refused.
 fn apply_layer_norms(
     g: &GgufFile,
@@ -648,13 +656,15 @@ fn apply_layer_norms(
         "phi2" => Blocks::ParallelSharedNorm,
         "stablelm" if !has("layers.0.ffn_norm.weight") => Blocks::ParallelSharedNorm,
         "gptneox" if g.boolean("gptneox.use_parallel_residual")? => Blocks::Parallel,
+        "falcon" if has("layers.0.ffn_norm.weight") => Blocks::Parallel,
+        "falcon" => Blocks::ParallelSharedNorm,
         _ => Blocks::Sequential,
     };
     c.learned_positions = matches!(arch, "gpt2" | "starcoder");
     if arch != "stablelm" {
         c.feed_forward = FeedForward::Ungated;
         c.activation = match arch {
-            "gptneox" => Activation::Gelu,
+            "gptneox" | "falcon" => Activation::Gelu,
             _ => Activation::GeluTanh,
         };
     }
@@ -1060,6 +1070,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         post_norms: arch == "olmo2",
         ..ModelConfig::default()
     };
+    crate::model::check_layer_count(&config, &weights)?;
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
     }

@@ -26,8 +26,8 @@ use crate::{
     hf_layer_norm::{self, Family},
     model::{
         Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, ModelConfig, Norm,
-        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read, every_nth_layer,
-        reciprocal, split_fused_weights, uneven_head_dim, weight_shapes,
+        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read, check_layer_count,
+        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim, weight_shapes,
     },
     model_file::LoadedModel,
     rope_scaling::{
@@ -42,7 +42,10 @@ use crate::{
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
-    if let Some(name) = hf_layer_norm::gpt_neox_name(hf).or_else(|| hf_layer_norm::gpt_name(hf)) {
+    let named = hf_layer_norm::gpt_neox_name(hf)
+        .or_else(|| hf_layer_norm::falcon_name(hf))
+        .or_else(|| hf_layer_norm::gpt_name(hf));
+    if let Some(name) = named {
         return Some(name);
     }
     if post_norms {
@@ -524,14 +527,16 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
     if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
         && let Some(other) = names.iter().find(|n| {
             !n.as_str().is_some_and(|n| {
-                ARCHITECTURES.contains(&n) || hf_layer_norm::ARCHITECTURES.contains(&n)
+                ARCHITECTURES.contains(&n) || hf_layer_norm::architectures().any(|a| a == n)
             })
         })
     {
         return Err(format!(
             "`architectures` names {other}; the Llama-family models built are {}, {}",
             ARCHITECTURES.join(", "),
-            hf_layer_norm::ARCHITECTURES.join(", ")
+            hf_layer_norm::architectures()
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     activation(cfg).map(|_| ())
@@ -590,23 +595,29 @@ fn rotary_dim(
     Ok((rotary != head_dim).then_some(rotary))
 }
 
-/// The feed-forward block's activation: `hidden_act`, SiLU, GELU's tanh approximation
-/// (`gelu_new`, `gelu_pytorch_tanh`) or exact GELU (`gelu`), the architecture's default
-/// where it is left out (SiLU, or [`Family::default_activation`]); for Gemma
-/// `hidden_activation`, GELU's tanh approximation where it is left out (Hugging Face's
-/// Gemma uses it whatever `hidden_act` says). Any other activation is refused.
+/// The feed-forward block's activation: `hidden_act` (or the family's key,
+/// [`Family::activation_key`]), SiLU, GELU's tanh approximation
+/// (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: GPT-NeoX-20B's) or exact GELU (`gelu`,
+/// `gelu_python`), the architecture's default where it is left out (SiLU, or
+/// [`Family::default_activation`]); as transformers 5.24 reads Gemma's, the first
+/// generation's `hidden_act` (its legacy `gelu` the tanh approximation) and Gemma 2's and
+/// 3's `hidden_activation`, GELU's tanh approximation where left out. Any other
+/// activation is refused.
 fn activation(cfg: &Json) -> Result<Activation, String> {
     let (key, default) = match (hf_gemma::generation(cfg), Family::of(cfg)) {
+        // Gemma's legacy `gelu` means the tanh approximation (`GemmaConfig` rewrites it).
+        (Some(1), _) if cfg.get("hidden_act").and_then(Json::as_str) == Some("gelu") => {
+            return Ok(Activation::GeluTanh);
+        }
+        (Some(1), _) => ("hidden_act", "gelu_pytorch_tanh"),
         (Some(_), _) => ("hidden_activation", "gelu_pytorch_tanh"),
-        (None, family) => (
-            "hidden_act",
-            family.map_or("silu", Family::default_activation),
-        ),
+        (None, Some(family)) => (family.activation_key(), family.default_activation()),
+        (None, None) => ("hidden_act", "silu"),
     };
     match cfg.get(key).and_then(Json::as_str).unwrap_or(default) {
         "silu" => Ok(Activation::Silu),
-        "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
-        "gelu" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+        "gelu" | "gelu_python" => Ok(Activation::Gelu),
         other => Err(format!(
             "`{key}` = \"{other}\" is not supported (SiLU, GELU or GELU's tanh approximation)"
         )),
@@ -692,7 +703,7 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> 
         }
         // A fused q, k and v bias stands for the layer's q, k and v biases.
         let declared_as = ours
-            .replace(hf_layer_norm::QKV_BY_HEAD, "attention.wq")
+            .replace(hf_layer_norm::QKV_BY_GROUP, "attention.wq")
             .replace("attention.wqkv", "attention.wq");
         if ours.ends_with(".bias") && !rules.biases.contains(&declared_as) {
             return Err(format!(
@@ -726,7 +737,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         serde_json::from_str(&text).map_err(|e| err(&config_path, format!("invalid JSON: {e}")))?;
     let multimodal = names_architecture(&stored, hf_gemma::MULTIMODAL);
     let cfg = hf_gemma::language_model_config(&stored).map_err(|m| err(&config_path, m))?;
-    let cfg = hf_layer_norm::standard_config(cfg);
+    let cfg = hf_layer_norm::standard_config(cfg).map_err(|m| err(&config_path, m))?;
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
@@ -755,10 +766,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             })
             .and_then(Json::as_f64)
             .unwrap_or(1e-5),
-        tied_classifier: cfg
-            .get("tie_word_embeddings")
-            .and_then(Json::as_bool)
-            .unwrap_or_else(|| Family::of(&cfg).is_some_and(Family::ties_by_default)),
+
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
         // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
@@ -846,20 +854,24 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         read_safetensors(file, &mut weights, &rules).map_err(|m| err(file, m))?;
     }
     rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
+    check_layer_count(&config, &weights).map_err(|m| err(dir, m))?;
     if let Some(family) = Family::of(&cfg) {
         family
             .prepare_weights(&config, &mut weights)
             .map_err(|m| err(dir, m))?;
     }
-    hf_layer_norm::split_qkv_by_head(&config, &mut weights).map_err(|m| err(dir, m))?;
+    hf_layer_norm::split_qkv_by_group(&config, &mut weights).map_err(|m| err(dir, m))?;
     split_fused_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
     if config.scale_embeddings {
         offset_norm_weights(&config, &mut weights).map_err(|m| err(dir, m))?;
     }
-    let mut config = config;
-    if weights.weight_shape("output.weight").is_none() {
-        config.tied_classifier = true;
-    }
+    // The classifier is tied where the files have no `lm_head.weight`, whatever
+    // `tie_word_embeddings` says: transformers 5 unties a tied pair whose two tensors are
+    // both stored and differ (and using the stored copy of an equal one computes the same).
+    let config = ModelConfig {
+        tied_classifier: weights.weight_shape("output.weight").is_none(),
+        ..config
+    };
     check_every_weight_read(&config, &weights).map_err(|m| err(dir, m))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {

@@ -2,11 +2,12 @@
 //! bias: Phi-2 (`PhiForCausalLM`), StableLM (`StableLmForCausalLM`, StableLM 2 and 3B-4E1T),
 //! StarCoder2 (`Starcoder2ForCausalLM`), GPT-NeoX (`GPTNeoXForCausalLM`: Pythia,
 //! GPT-NeoX-20B), GPT-2 (`GPT2LMHeadModel`) and GPT-BigCode (`GPTBigCodeForCausalLM`:
-//! StarCoder, SantaCoder), whose positions are learned embeddings, and GPT-J
-//! (`GPTJForCausalLM`). What sets each apart from a Llama is read here into
-//! [`ModelConfig`] (GPT-2's config keys into the usual ones first, [`standard_config`]);
-//! their tensors' names are in `hf::weight_name` (GPT-NeoX's, GPT-2's, GPT-BigCode's
-//! and GPT-J's here, [`gpt_neox_name`], [`gpt_name`]).
+//! StarCoder, SantaCoder), whose positions are learned embeddings, GPT-J
+//! (`GPTJForCausalLM`) and Falcon (`FalconForCausalLM`). What sets each apart from a
+//! Llama is read here into [`ModelConfig`] (GPT-2's and Falcon's config keys into the
+//! usual ones first, [`standard_config`]); their tensors' names are in `hf::weight_name`
+//! (GPT-NeoX's, GPT-2's, GPT-BigCode's, GPT-J's and Falcon's here, [`gpt_neox_name`],
+//! [`gpt_name`], [`falcon_name`]).
 
 use serde_json::Value as Json;
 
@@ -49,10 +50,15 @@ pub(crate) enum Family {
     /// feed-forward block side by side over one norm, RoPE with interleaved pairs over
     /// `rotary_dim` features of each head, a classifier with a bias.
     GptJ,
+    /// Falcon: LayerNorms with biases, exact GELU, q, k and v fused by KV group (Falcon
+    /// 7B's one KV head, Falcon 40B's and 180B's `new_decoder_architecture` groups),
+    /// attention and feed-forward blocks side by side over one norm (`parallel_attn`) or
+    /// each over its own (`ln_attn`, `ln_mlp`), biases where `bias`.
+    Falcon,
 }
 
 /// The [`Family`] members by their `architectures` names.
-const MEMBERS: [(&str, Family); 7] = [
+const MEMBERS: [(&str, Family); 8] = [
     ("PhiForCausalLM", Family::Phi),
     ("StableLmForCausalLM", Family::StableLm),
     ("Starcoder2ForCausalLM", Family::Starcoder2),
@@ -60,35 +66,38 @@ const MEMBERS: [(&str, Family); 7] = [
     ("GPT2LMHeadModel", Family::Gpt2),
     ("GPTBigCodeForCausalLM", Family::GptBigCode),
     ("GPTJForCausalLM", Family::GptJ),
+    ("FalconForCausalLM", Family::Falcon),
 ];
 
 /// The `architectures` names of the [`Family`] members.
-pub(crate) const ARCHITECTURES: [&str; 7] = [
-    MEMBERS[0].0,
-    MEMBERS[1].0,
-    MEMBERS[2].0,
-    MEMBERS[3].0,
-    MEMBERS[4].0,
-    MEMBERS[5].0,
-    MEMBERS[6].0,
-];
+pub(crate) fn architectures() -> impl Iterator<Item = &'static str> {
+    MEMBERS.iter().map(|(name, _)| *name)
+}
 
 /// `cfg` with GPT-2's, GPT-BigCode's and GPT-J's keys (`n_embd`, `n_layer`, `n_head`,
-/// `n_positions`, `n_inner`, `layer_norm_epsilon`, `multi_query`) also under the names
-/// the loader reads (`hidden_size`, ...; `intermediate_size` 4 `n_embd` where `n_inner`
-/// is null, `num_key_value_heads` 1 for a multi-query model), as their configuration
-/// classes map them; any other config as it is.
-pub(crate) fn standard_config(mut cfg: Json) -> Json {
-    let Some(family @ (Family::Gpt2 | Family::GptBigCode | Family::GptJ)) = Family::of(&cfg) else {
-        return cfg;
+/// `n_positions`, `n_inner`, `layer_norm_epsilon`, `multi_query`)
+/// also under the names the loader reads (`hidden_size`, ...; `intermediate_size` 4
+/// `n_embd` where `n_inner` is null; GPT-BigCode's `num_key_value_heads` 1 for a
+/// multi-query model, the default, else the head count, whatever the config says, as
+/// `GPTBigCodeConfig` sets it), as their configuration classes map them; Falcon's too
+/// ([`falcon_config`]); any other config as it is.
+///
+/// # Errors
+///
+/// A `multi_query` (or Falcon's `new_decoder_architecture`) that is not a boolean, or
+/// an `n_embd` too large to widen.
+pub(crate) fn standard_config(mut cfg: Json) -> Result<Json, String> {
+    let family = Family::of(&cfg);
+    if family == Some(Family::Falcon) {
+        return falcon_config(cfg);
+    }
+    let Some(family @ (Family::Gpt2 | Family::GptBigCode | Family::GptJ)) = family else {
+        return Ok(cfg);
     };
-    let multi_query = family == Family::GptBigCode
-        && cfg
-            .get("multi_query")
-            .and_then(Json::as_bool)
-            .unwrap_or(true);
+    let multi_query = family == Family::GptBigCode && flag_or(&cfg, "multi_query", true)?;
+    let heads = cfg.get("n_head").cloned();
     let Some(fields) = cfg.as_object_mut() else {
-        return cfg;
+        return Ok(cfg);
     };
     let renames = [
         ("n_embd", "hidden_size"),
@@ -98,19 +107,43 @@ pub(crate) fn standard_config(mut cfg: Json) -> Json {
         ("layer_norm_epsilon", "layer_norm_eps"),
     ];
     for (theirs, ours) in renames {
-        if let Some(v) = fields.get(theirs).cloned() {
-            fields.entry(ours).or_insert(v);
+        copy_key(fields, theirs, ours);
+    }
+    copy_key(fields, "n_inner", "intermediate_size");
+    widen_by_default(fields, "n_embd")?;
+    if family == Family::GptBigCode {
+        let kv_heads = if multi_query {
+            Some(Json::from(1))
+        } else {
+            heads
+        };
+        if let Some(kv_heads) = kv_heads {
+            fields.insert("num_key_value_heads".into(), kv_heads);
         }
     }
-    let inner = fields.get("n_inner").filter(|v| !v.is_null()).cloned();
-    let width = fields.get("n_embd").and_then(Json::as_u64);
-    if let Some(inner) = inner.or_else(|| width.map(|w| Json::from(4 * w))) {
-        fields.entry("intermediate_size").or_insert(inner);
+    Ok(cfg)
+}
+
+/// Copies `fields[theirs]`, where it is there and not null, to `ours` unless that is set.
+fn copy_key(fields: &mut serde_json::Map<String, Json>, theirs: &str, ours: &str) {
+    if let Some(v) = fields.get(theirs).filter(|v| !v.is_null()).cloned() {
+        fields.entry(ours).or_insert(v);
     }
-    if multi_query {
-        fields.entry("num_key_value_heads").or_insert(Json::from(1));
+}
+
+/// Sets `intermediate_size`, where nothing set it, to 4 times the width `fields[width]`
+/// (GPT-2's and Falcon's default).
+fn widen_by_default(fields: &mut serde_json::Map<String, Json>, width: &str) -> Result<(), String> {
+    if fields.contains_key("intermediate_size") {
+        return Ok(());
     }
-    cfg
+    if let Some(w) = fields.get(width).and_then(Json::as_u64) {
+        let wide = w
+            .checked_mul(4)
+            .ok_or_else(|| format!("`{width}` = {w} is out of range"))?;
+        fields.insert("intermediate_size".into(), Json::from(wide));
+    }
+    Ok(())
 }
 
 impl Family {
@@ -122,12 +155,6 @@ impl Family {
             .map(|&(_, family)| family)
     }
 
-    /// Whether the classifier is tied to the embedding where the config does not say
-    /// (`tie_word_embeddings`: `Starcoder2Config`'s default is true, the others' false).
-    pub(crate) fn ties_by_default(self) -> bool {
-        matches!(self, Family::Starcoder2 | Family::Gpt2 | Family::GptBigCode)
-    }
-
     /// The share of each head RoPE rotates where `cfg` gives no `partial_rotary_factor`
     /// (the configuration classes' defaults: Phi's 0.5, StableLM's 0.25, GPT-NeoX's
     /// `rotary_pct`, 0.25 by default).
@@ -135,7 +162,11 @@ impl Family {
         Ok(match self {
             Family::Phi => 0.5,
             Family::StableLm => 0.25,
-            Family::Starcoder2 | Family::Gpt2 | Family::GptBigCode | Family::GptJ => 1.0,
+            Family::Starcoder2
+            | Family::Gpt2
+            | Family::GptBigCode
+            | Family::GptJ
+            | Family::Falcon => 1.0,
             Family::GptNeox => match optional_positive(cfg, "rotary_pct")? {
                 Some(pct) if pct <= 1.0 => pct,
                 Some(pct) => {
@@ -146,7 +177,18 @@ impl Family {
         })
     }
 
-    /// The feed-forward activation (`hidden_act`) where the config does not say.
+    /// The config key naming the feed-forward activation: `hidden_act`, GPT-2's, GPT-BigCode's
+    /// and GPT-J's `activation_function`, Falcon's `activation`.
+    pub(crate) fn activation_key(self) -> &'static str {
+        match self {
+            Family::Gpt2 | Family::GptBigCode | Family::GptJ => "activation_function",
+            Family::Falcon => "activation",
+            _ => "hidden_act",
+        }
+    }
+
+    /// The feed-forward activation ([`Family::activation_key`]) where the config does not
+    /// say.
     pub(crate) fn default_activation(self) -> &'static str {
         match self {
             Family::Phi => "gelu_new",
@@ -154,6 +196,7 @@ impl Family {
             Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::GptNeox => "gelu",
             Family::Gpt2 | Family::GptJ => "gelu_new",
+            Family::Falcon => "gelu",
             Family::GptBigCode => "gelu_pytorch_tanh",
         }
     }
@@ -261,13 +304,40 @@ impl Family {
                     c.rotary_dim = (rotary != c.head_dim()).then_some(rotary);
                 }
             }
+            Family::Falcon => {
+                if flag("alibi", false)? {
+                    return Err("`alibi` is true: ALiBi position biases are not supported".into());
+                }
+                let bias = flag("bias", false)?;
+                c.feed_forward = FeedForward::Ungated;
+                c.attention_bias = AttentionBias {
+                    qkv: bias,
+                    output: bias,
+                };
+                c.ffn_bias = bias;
+                c.blocks = if flag("new_decoder_architecture", false)? {
+                    match cfg.get("num_ln_in_parallel_attn").and_then(Json::as_u64) {
+                        None | Some(2) => Blocks::Parallel,
+                        Some(1) if flag("parallel_attn", true)? => Blocks::ParallelSharedNorm,
+                        Some(n) => {
+                            return Err(format!(
+                                "`num_ln_in_parallel_attn` = {n} is not supported (1 with `parallel_attn`, or 2)"
+                            ));
+                        }
+                    }
+                } else if flag("parallel_attn", true)? {
+                    Blocks::ParallelSharedNorm
+                } else {
+                    Blocks::Sequential
+                };
+            }
         }
         Ok(())
     }
 
     /// Puts the member's loaded `weights` in the builder's layout: GPT-2's `Conv1D`
     /// matrices (`c_attn`, `c_proj`, `c_fc`) transposed, and a GPT-BigCode model's q, k
-    /// and v fused per head (one KV head a query head) named for [`split_qkv_by_head`].
+    /// and v fused per head (one KV head a query head) named for [`split_qkv_by_group`].
     pub(crate) fn prepare_weights(
         self,
         c: &ModelConfig,
@@ -288,9 +358,7 @@ impl Family {
                 }
                 Family::GptBigCode if c.kv_heads == c.heads && c.heads > 1 => {
                     for (fused, kind) in [(FUSED_QKV, "weight"), (FUSED_QKV_BIAS, "bias")] {
-                        if let Some(value) = weights.remove(&format!("{p}{fused}")) {
-                            weights.insert(format!("{p}{QKV_BY_HEAD}.{kind}"), (*value).clone());
-                        }
+                        weights.rename(&format!("{p}{fused}"), format!("{p}{QKV_BY_GROUP}.{kind}"));
                     }
                 }
                 _ => {}
@@ -298,6 +366,89 @@ impl Family {
         }
         Ok(())
     }
+}
+
+/// `cfg` with Falcon's keys under the names the loader reads, as `FalconConfig` maps and
+/// defaults them: `intermediate_size` from `ffn_hidden_size` (4 `hidden_size` where
+/// null), `layer_norm_eps` from `layer_norm_epsilon`, `max_position_embeddings` 2048
+/// where absent, and
+/// `num_key_value_heads` from `num_kv_heads` in the new decoder architecture, else 1
+/// for a multi-query model (the default) and the head count for another.
+fn falcon_config(mut cfg: Json) -> Result<Json, String> {
+    let new_architecture = flag_or(&cfg, "new_decoder_architecture", false)?;
+    let multi_query = flag_or(&cfg, "multi_query", true)?;
+    let heads = cfg.get("num_attention_heads").cloned();
+    let Some(fields) = cfg.as_object_mut() else {
+        return Ok(cfg);
+    };
+    copy_key(fields, "ffn_hidden_size", "intermediate_size");
+    widen_by_default(fields, "hidden_size")?;
+    copy_key(fields, "layer_norm_epsilon", "layer_norm_eps");
+    fields
+        .entry("max_position_embeddings")
+        .or_insert(Json::from(2048));
+    if new_architecture {
+        copy_key(fields, "num_kv_heads", "num_key_value_heads");
+    } else if multi_query {
+        fields.entry("num_key_value_heads").or_insert(Json::from(1));
+    } else if let Some(heads) = heads {
+        fields.entry("num_key_value_heads").or_insert(heads);
+    }
+    Ok(cfg)
+}
+
+/// The builder's name for `hf` by `globals` and, under `layer_prefix`, by `stems` (each
+/// a stem of theirs and ours, for the weight and the bias: `stem.weight`, `stem.bias`) and
+/// the whole names `extra`.
+fn layer_norm_model_name(
+    hf: &str,
+    stems: &[(&str, &str)],
+    extra: &[(&str, &str)],
+    globals: &[(&str, &str)],
+    layer_prefix: &str,
+) -> Option<String> {
+    let pairs: Vec<(String, String)> = stems
+        .iter()
+        .flat_map(|(theirs, ours)| {
+            ["weight", "bias"].map(|kind| (format!("{theirs}.{kind}"), format!("{ours}.{kind}")))
+        })
+        .collect();
+    let mut parts: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(h, o)| (h.as_str(), o.as_str()))
+        .collect();
+    parts.extend_from_slice(extra);
+    builder_name(hf, globals, layer_prefix, &parts)
+}
+
+/// The builder's name for a Falcon tensor (`transformer.h.N.self_attention.dense.weight`
+/// -> `layers.N.attention.wo.weight`, ...): its q, k and v projection, fused by KV group,
+/// becomes the one [`split_qkv_by_group`] splits; `ln_attn` and `ln_mlp` (the new
+/// decoder architecture's) are the attention's and the feed-forward block's norms, as
+/// `input_layernorm` and `post_attention_layernorm` are.
+pub(crate) fn falcon_name(hf: &str) -> Option<String> {
+    let hf = hf.strip_prefix("transformer.")?;
+    let stems = [
+        ("input_layernorm", "attention_norm"),
+        ("ln_attn", "attention_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("ln_mlp", "ffn_norm"),
+        ("self_attention.query_key_value", QKV_BY_GROUP),
+        ("self_attention.dense", "attention.wo"),
+        ("mlp.dense_h_to_4h", "feed_forward.w3"),
+        ("mlp.dense_4h_to_h", "feed_forward.w2"),
+    ];
+    layer_norm_model_name(
+        hf,
+        &stems,
+        &[],
+        &[
+            ("word_embeddings.weight", "tok_embeddings.weight"),
+            ("ln_f.weight", "norm.weight"),
+            ("ln_f.bias", "norm.bias"),
+        ],
+        "h.",
+    )
 }
 
 /// The builder's name for a GPT-2, GPT-BigCode or GPT-J tensor, with or without the
@@ -319,22 +470,13 @@ pub(crate) fn gpt_name(hf: &str) -> Option<String> {
         ("mlp.fc_in", "feed_forward.w3"),
         ("mlp.fc_out", "feed_forward.w2"),
     ];
-    let mut parts: Vec<(String, String)> = stems
-        .iter()
-        .flat_map(|(theirs, ours)| {
-            ["weight", "bias"].map(|kind| (format!("{theirs}.{kind}"), format!("{ours}.{kind}")))
-        })
-        .collect();
-    parts.extend([
-        ("attn.c_attn.weight".to_string(), FUSED_QKV.to_string()),
-        ("attn.c_attn.bias".to_string(), FUSED_QKV_BIAS.to_string()),
-    ]);
-    let parts: Vec<(&str, &str)> = parts
-        .iter()
-        .map(|(h, o)| (h.as_str(), o.as_str()))
-        .collect();
-    builder_name(
+    layer_norm_model_name(
         hf,
+        &stems,
+        &[
+            ("attn.c_attn.weight", FUSED_QKV),
+            ("attn.c_attn.bias", FUSED_QKV_BIAS),
+        ],
         &[
             ("wte.weight", "tok_embeddings.weight"),
             ("wpe.weight", POSITION_EMBEDDINGS),
@@ -342,35 +484,27 @@ pub(crate) fn gpt_name(hf: &str) -> Option<String> {
             ("ln_f.bias", "norm.bias"),
         ],
         "h.",
-        &parts,
     )
 }
 
 /// The builder's name for a GPT-NeoX tensor (`gpt_neox.layers.N.attention.dense.weight`
 /// -> `layers.N.attention.wo.weight`, ...): its fused q, k and v projection (per head, its
-/// q, k and v rows) becomes `attention.wqkv_by_head`, which [`split_gpt_neox_qkv`] splits.
-/// `embed_out` is the classifier of checkpoints before transformers 5, `lm_head` since.
+/// q, k and v rows) becomes `attention.wqkv_by_group`, which [`split_qkv_by_group`] splits.
+/// `embed_out` is the classifier as transformers saves it (it loads it as `lm_head`, a
+/// name the generic mapping reads too).
 pub(crate) fn gpt_neox_name(hf: &str) -> Option<String> {
     let stems = [
         ("input_layernorm", "attention_norm"),
         ("post_attention_layernorm", "ffn_norm"),
-        ("attention.query_key_value", QKV_BY_HEAD),
+        ("attention.query_key_value", QKV_BY_GROUP),
         ("attention.dense", "attention.wo"),
         ("mlp.dense_h_to_4h", "feed_forward.w3"),
         ("mlp.dense_4h_to_h", "feed_forward.w2"),
     ];
-    let parts: Vec<(String, String)> = stems
-        .iter()
-        .flat_map(|(theirs, ours)| {
-            ["weight", "bias"].map(|kind| (format!("{theirs}.{kind}"), format!("{ours}.{kind}")))
-        })
-        .collect();
-    let parts: Vec<(&str, &str)> = parts
-        .iter()
-        .map(|(h, o)| (h.as_str(), o.as_str()))
-        .collect();
-    builder_name(
+    layer_norm_model_name(
         hf,
+        &stems,
+        &[],
         &[
             ("gpt_neox.embed_in.weight", "tok_embeddings.weight"),
             ("gpt_neox.final_layer_norm.weight", "norm.weight"),
@@ -378,34 +512,104 @@ pub(crate) fn gpt_neox_name(hf: &str) -> Option<String> {
             ("embed_out.weight", "output.weight"),
         ],
         "gpt_neox.layers.",
-        &parts,
     )
 }
 
 /// The builder's stem of GPT-NeoX's fused q, k and v projection ([`gpt_neox_name`]).
-pub(crate) const QKV_BY_HEAD: &str = "attention.wqkv_by_head";
+pub(crate) const QKV_BY_GROUP: &str = "attention.wqkv_by_group";
 
-/// Splits every layer's q, k and v projection and bias fused per head (GPT-NeoX's, and
-/// GPT-BigCode's with a KV head a query head: per head, `head_dim` q rows, then k rows,
-/// then v rows) into the builder's `attention.w{q,k,v}`.
-pub(crate) fn split_qkv_by_head(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+/// Splits every layer's q, k and v projection and bias fused by KV group into the
+/// builder's `attention.w{q,k,v}`: per group, its query heads' rows, then its key head's,
+/// then its value head's (GPT-NeoX's and a multi-head GPT-BigCode's, a group a head;
+/// Falcon's, a group a KV head, one for Falcon 7B's one KV head).
+pub(crate) fn split_qkv_by_group(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
     let head_dim = c.head_dim();
+    let group_heads = c.heads / c.kv_heads.max(1);
     for l in 0..c.layers {
         for kind in ["weight", "bias"] {
-            let fused = format!("layers.{l}.{QKV_BY_HEAD}.{kind}");
+            let fused = format!("layers.{l}.{QKV_BY_GROUP}.{kind}");
             if weights.weight_shape(&fused).is_none() {
                 continue;
             }
-            let piece = |h: usize, p: &str| format!("{fused}.{h}.{p}");
-            let pieces: Vec<(String, usize)> = (0..c.heads)
-                .flat_map(|h| ["q", "k", "v"].map(|p| (piece(h, p), head_dim)))
+            let piece = |g: usize, p: &str| format!("{fused}.{g}.{p}");
+            let pieces: Vec<(String, usize)> = (0..c.kv_heads)
+                .flat_map(|g| {
+                    [("q", group_heads), ("k", 1), ("v", 1)]
+                        .map(|(p, heads)| (piece(g, p), heads * head_dim))
+                })
                 .collect();
             weights.split_rows(&fused, &pieces)?;
             for p in ["q", "k", "v"] {
-                let heads: Vec<String> = (0..c.heads).map(|h| piece(h, p)).collect();
-                weights.concat_rows(&heads, &format!("layers.{l}.attention.w{p}.{kind}"))?;
+                let groups: Vec<String> = (0..c.kv_heads).map(|g| piece(g, p)).collect();
+                weights.concat_rows(&groups, &format!("layers.{l}.attention.w{p}.{kind}"))?;
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::standard_config;
+
+    /// GPT-2's keys are read as the usual ones, `n_inner` null as 4 `n_embd`;
+    /// GPT-BigCode's KV heads follow `multi_query` whatever the config says; Falcon's
+    /// defaults are `FalconConfig`'s; keys of the wrong type are errors.
+    #[test]
+    fn older_config_keys_are_read_as_their_classes_read_them() {
+        let gpt2 = json!({"architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
+            "n_head": 4, "n_positions": 128, "n_inner": null, "layer_norm_epsilon": 1e-5});
+        let read = standard_config(gpt2).expect("reads");
+        assert_eq!(
+            (
+                &read["hidden_size"],
+                &read["intermediate_size"],
+                &read["num_attention_heads"]
+            ),
+            (&json!(64), &json!(256), &json!(4))
+        );
+        assert_eq!(read["max_position_embeddings"], json!(128));
+        let bigcode = |multi_query: serde_json::Value| {
+            standard_config(
+                json!({"architectures": ["GPTBigCodeForCausalLM"], "n_embd": 64,
+                "n_head": 4, "num_key_value_heads": 2, "multi_query": multi_query}),
+            )
+        };
+        assert_eq!(
+            bigcode(json!(true)).expect("reads")["num_key_value_heads"],
+            json!(1)
+        );
+        assert_eq!(
+            bigcode(json!(false)).expect("reads")["num_key_value_heads"],
+            json!(4)
+        );
+        let err = bigcode(json!("yes")).expect_err("not a boolean");
+        assert!(err.contains("`multi_query`"), "{err}");
+        let falcon = |more: serde_json::Value| {
+            let mut cfg = json!({"architectures": ["FalconForCausalLM"], "hidden_size": 64,
+                "num_attention_heads": 4, "num_kv_heads": 2});
+            cfg.as_object_mut()
+                .expect("object")
+                .extend(more.as_object().expect("object").clone());
+            standard_config(cfg).expect("reads")
+        };
+        let seven_b = falcon(json!({}));
+        assert_eq!(
+            (
+                &seven_b["num_key_value_heads"],
+                &seven_b["intermediate_size"]
+            ),
+            (&json!(1), &json!(256))
+        );
+        assert_eq!(seven_b["max_position_embeddings"], json!(2048));
+        let forty_b = falcon(json!({"new_decoder_architecture": true}));
+        assert_eq!(forty_b["num_key_value_heads"], json!(2));
+        let mha = falcon(json!({"multi_query": false}));
+        assert_eq!(mha["num_key_value_heads"], json!(4));
+        let huge = standard_config(json!({"architectures": ["GPT2LMHeadModel"],
+            "n_embd": u64::MAX}));
+        assert!(huge.expect_err("too wide").contains("`n_embd`"));
+    }
 }

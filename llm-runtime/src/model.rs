@@ -645,6 +645,20 @@ pub fn split_fused_weights(c: &ModelConfig, weights: &mut Weights) -> Result<(),
     Ok(())
 }
 
+/// Checks that `weights` can hold a model of `c`'s layer count: every layer has tensors
+/// of its own, so a file that claims more layers than it holds tensors (a lying or
+/// corrupted count) is refused before anything walks its layers.
+pub fn check_layer_count(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
+    let tensors = weights.names().len();
+    if c.layers > tensors {
+        return Err(format!(
+            "the model has {} layers, but its files hold {tensors} tensors",
+            c.layers
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `weights` holds every weight of `c` with the right shape.
 pub fn check_weights(c: &ModelConfig, weights: &Weights) -> Result<(), String> {
     check_shapes(&weight_shapes(c), weights)

@@ -95,6 +95,13 @@ impl Weights {
         self.tensors.insert(name.into(), Rc::new(value));
     }
 
+    /// Moves weight `from` to the name `to`, if there is one.
+    pub(crate) fn rename(&mut self, from: &str, to: impl Into<String>) {
+        if let Some(value) = self.tensors.remove(from) {
+            self.tensors.insert(to.into(), value);
+        }
+    }
+
     /// Takes weight `name` out.
     pub(crate) fn remove(&mut self, name: &str) -> Option<Rc<Value>> {
         self.tensors.remove(name)
@@ -255,9 +262,11 @@ impl Weights {
         let value = match &*value {
             Value::Tensor(t) if t.shape.len() == 2 => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
-                let bytes: Vec<u8> = t.floats()?.iter().flat_map(|v| v.to_le_bytes()).collect();
-                let floats = floats_le(DType::F32, &transposed(rows, cols, 4, &bytes));
-                Value::Tensor(Tensor::from_f32(vec![cols, rows], t.dtype, floats))
+                let floats = t.floats()?;
+                let turned = (0..cols)
+                    .flat_map(|c| (0..rows).map(move |r| floats[r * cols + c]))
+                    .collect();
+                Value::Tensor(Tensor::from_f32(vec![cols, rows], t.dtype, turned))
             }
             Value::Quantized(q)
                 if q.shape.len() == 2
@@ -298,6 +307,14 @@ impl Weights {
             return Err(format!("no weights to join into `{into}`"));
         };
         let mismatch = || format!("the weights joined into `{into}` differ in type or row length");
+        let rank = |v: &Value| match v {
+            Value::Tensor(t) => t.shape.len(),
+            Value::Quantized(q) => q.shape.len(),
+            _ => 0,
+        };
+        if values.iter().any(|v| rank(v) == 0) {
+            return Err(format!("a weight joined into `{into}` has no rows"));
+        }
         let joined = match &**first {
             Value::Tensor(t) => {
                 let mut floats = Vec::new();

@@ -109,6 +109,13 @@ fn write_hf_dir_stored(
         c.dim, c.hidden_dim, c.layers, c.heads, c.kv_heads, c.vocab, c.seq_len
     );
     std::fs::write(dir.join("config.json"), config).expect("config");
+    write_safetensors(&dir, &tensors, dtype);
+    dir
+}
+
+/// Writes `tensors` (names, shapes, values) to `dir/model.safetensors`, each stored as
+/// `dtype` (F32, F16 or BF16, the values rounded to it).
+fn write_safetensors(dir: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: Dtype) {
     let encode = |x: &f32| match dtype {
         Dtype::F16 => half::f16::from_f32(*x).to_le_bytes().to_vec(),
         Dtype::BF16 => half::bf16::from_f32(*x).to_le_bytes().to_vec(),
@@ -130,7 +137,6 @@ fn write_hf_dir_stored(
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))
         .expect("safetensors");
-    dir
 }
 
 /// stories260K's weights under Hugging Face's names, q and k rows in its half-split
@@ -927,17 +933,9 @@ fn reference_gguf_edited(
     let post_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
     let loaded = model_file::load(&reference.dir).expect("loads");
     let c = &loaded.config;
-    let map = std::fs::read(reference.dir.join("model.safetensors")).expect("safetensors file");
-    let st = safetensors::SafeTensors::deserialize(&map).expect("safetensors");
-    let mut tensors: Vec<_> = st
-        .tensors()
+    let mut tensors: Vec<_> = reference_tensors(&reference)
         .into_iter()
-        .map(|(name, view)| {
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect();
+        .map(|(name, shape, values)| {
             let sandwich = [
                 ("post_attention_layernorm", "post_attention_norm"),
                 ("pre_feedforward_layernorm", "ffn_norm"),
@@ -962,12 +960,12 @@ fn reference_gguf_edited(
                 _ => 0,
             };
             let values = if matches!(arch, "llama" | "granite" | "smollm3") && heads > 0 {
-                let width = view.shape().get(1).copied().unwrap_or(1);
+                let width = shape.get(1).copied().unwrap_or(1);
                 permute_rope_rows(&values, heads, c.head_dim(), width, false)
             } else {
                 values
             };
-            (gguf, view.shape().to_vec(), values)
+            (gguf, shape, values)
         })
         .collect();
     edit(&mut tensors);
@@ -986,7 +984,14 @@ fn reference_gguf_edited(
         (
             if matches!(
                 arch,
-                "command-r" | "phi2" | "stablelm" | "starcoder2" | "gptneox" | "gpt2" | "starcoder"
+                "command-r"
+                    | "phi2"
+                    | "stablelm"
+                    | "starcoder2"
+                    | "gptneox"
+                    | "gpt2"
+                    | "starcoder"
+                    | "falcon"
             ) {
                 "attention.layer_norm_epsilon"
             } else {
@@ -1000,6 +1005,45 @@ fn reference_gguf_edited(
         meta.push((format!("{arch}.{key}"), value));
     }
     gguf_bytes(&meta, &tensors)
+}
+
+/// The tensors of `reference`'s checkpoint (bf16) as f32 values, by their names.
+fn reference_tensors(reference: &TransformersReference) -> Vec<NamedTensor> {
+    let map = std::fs::read(reference.dir.join("model.safetensors")).expect("safetensors file");
+    let st = safetensors::SafeTensors::deserialize(&map).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            (name, view.shape().to_vec(), values)
+        })
+        .collect()
+}
+
+/// `tests/data/{name}` written again to a temporary directory (`as_name`), its
+/// `config.json` changed by `config` and its tensors (f32) by `tensors`: how older
+/// checkpoints of the architecture store it.
+fn rewritten_checkpoint(
+    name: &str,
+    as_name: &str,
+    config: impl FnOnce(&mut serde_json::Value),
+    tensors: impl FnOnce(&mut Vec<NamedTensor>),
+) -> PathBuf {
+    let reference = transformers_reference(name);
+    let text = std::fs::read_to_string(reference.dir.join("config.json")).expect("config");
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    config(&mut json);
+    let mut stored = reference_tensors(&reference);
+    tensors(&mut stored);
+    let dir = std::env::temp_dir().join(format!("llmc-hf-{as_name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("config.json"), json.to_string()).expect("config");
+    write_safetensors(&dir, &stored, Dtype::F32);
+    dir
 }
 
 /// Checks that the GGUF file `bytes` computes `loaded`'s logits for `reference`'s ids
@@ -1663,16 +1707,106 @@ fn gpt_neox_gguf() -> Vec<u8> {
             *name = gpt_neox_gguf_name(name);
             if name.contains("attn_qkv") {
                 // Per head its q, k and v rows, as [q; k; v] (llama.cpp's converter).
-                let (heads, rows) = (4, shape[0] / 12);
-                let width = shape.get(1).copied().unwrap_or(1);
-                let run = rows * width;
-                *values = (0..3)
-                    .flat_map(|part| (0..heads).map(move |h| (h * 3 + part) * run))
-                    .flat_map(|start| values[start..start + run].to_vec())
-                    .collect();
+                *values = stack_qkv_groups(values, shape, 4, 1);
             }
         }
     })
+}
+
+/// The rows of a q, k and v projection (or bias) of `shape` fused by KV group (`groups`
+/// of `group_heads` query heads' rows, a key head's, a value head's) stacked as q, k and
+/// v, as llama.cpp's converter stacks GPT-NeoX's and Falcon's.
+fn stack_qkv_groups(
+    values: &[f32],
+    shape: &[usize],
+    groups: usize,
+    group_heads: usize,
+) -> Vec<f32> {
+    let width = shape.get(1).copied().unwrap_or(1);
+    let head = shape[0] / (groups * (group_heads + 2)) * width;
+    let group = (group_heads + 2) * head;
+    let runs = |first: usize, heads: usize| {
+        (0..groups).flat_map(move |g| {
+            let start = g * group + first * head;
+            start..start + heads * head
+        })
+    };
+    runs(0, group_heads)
+        .chain(runs(group_heads, 1))
+        .chain(runs(group_heads + 1, 1))
+        .map(|i| values[i])
+        .collect()
+}
+
+/// Falcon (`tests/data/falcon-tiny`: Falcon 7B's shape, one KV head, attention and an
+/// exact-GELU block side by side over one norm; `falcon-40b-tiny`: the new decoder
+/// architecture, two KV groups, the blocks each over its own norm): q, k and v fused by
+/// KV group; their GGUF files (llama.cpp's `falcon`, q, k and v stacked as its converter
+/// stacks them, Falcon 40B's second norm `attn_norm_2`) compute what the directories
+/// compute.
+#[test]
+fn falcon_computes_what_transformers_computes() {
+    for (name, kv_heads, blocks) in [
+        ("falcon-tiny", 1, Blocks::ParallelSharedNorm),
+        ("falcon-40b-tiny", 2, Blocks::Parallel),
+    ] {
+        let (reference, loaded) = reference_checkpoint(name);
+        let c = &loaded.config;
+        assert_eq!(
+            (c.kv_heads, c.blocks, c.activation),
+            (kv_heads, blocks, Activation::Gelu)
+        );
+        assert!(c.tied_classifier && !c.ffn_bias && c.norm == Norm::BiasedLayer);
+        computes_what_transformers_computes(
+            &loaded,
+            &reference,
+            &[("the norms' biases", &|c| c.norm = Norm::Layer)],
+        );
+        gguf_computes_what_the_directory_computes(
+            &falcon_gguf(name, kv_heads),
+            &loaded,
+            &reference,
+        );
+    }
+}
+
+/// The Falcon checkpoint `tests/data/{name}` of `kv_heads` KV heads (and 4 query heads)
+/// as llama.cpp's converter writes it: q, k and v stacked.
+fn falcon_gguf(name: &str, kv_heads: usize) -> Vec<u8> {
+    reference_gguf_edited(name, "falcon", Vec::new(), |tensors| {
+        for (tensor, shape, values) in tensors.iter_mut() {
+            *tensor = falcon_gguf_name(tensor);
+            if tensor.contains("attn_qkv") {
+                *values = stack_qkv_groups(values, shape, kv_heads, 4 / kv_heads);
+            }
+        }
+    })
+}
+
+/// llama.cpp's `falcon` name for a Falcon checkpoint's tensor.
+fn falcon_gguf_name(hf: &str) -> String {
+    let renames = [
+        ("transformer.word_embeddings", "token_embd"),
+        ("transformer.ln_f", "output_norm"),
+        ("transformer.h.", "blk."),
+        ("input_layernorm", "attn_norm"),
+        ("ln_attn", "attn_norm"),
+        ("ln_mlp", "attn_norm_2"),
+        ("self_attention.query_key_value", "attn_qkv"),
+        ("self_attention.dense", "attn_output"),
+        ("mlp.dense_h_to_4h", "ffn_up"),
+        ("mlp.dense_4h_to_h", "ffn_down"),
+    ];
+    renamed(hf, &renames)
+}
+
+/// `name` with each of `renames` (theirs, ours) replaced in turn.
+fn renamed(name: &str, renames: &[(&str, &str)]) -> String {
+    renames
+        .iter()
+        .fold(name.to_string(), |name, (theirs, ours)| {
+            name.replace(theirs, ours)
+        })
 }
 
 /// llama.cpp's `gptneox` name for a GPT-NeoX checkpoint's tensor.
@@ -1689,9 +1823,7 @@ fn gpt_neox_gguf_name(hf: &str) -> String {
         ("mlp.dense_h_to_4h", "ffn_up"),
         ("mlp.dense_4h_to_h", "ffn_down"),
     ];
-    renames.iter().fold(hf.to_string(), |name, (theirs, ours)| {
-        name.replace(theirs, ours)
-    })
+    renamed(hf, &renames)
 }
 
 /// GPT-2 (`tests/data/gpt2-tiny`): learned positions and no RoPE, LayerNorms with biases,
@@ -1806,9 +1938,105 @@ fn gpt2_gguf_name(hf: &str) -> String {
         ("mlp.c_fc", "ffn_up"),
         ("mlp.c_proj", "ffn_down"),
     ];
-    renames.iter().fold(hf.to_string(), |name, (theirs, ours)| {
-        name.replace(theirs, ours)
-    })
+    renamed(hf, &renames)
+}
+
+/// Older checkpoints of the LayerNorm architectures, as the Hub holds them, read as the
+/// models transformers 5 wrote: GPT-NeoX's `rotary_pct` and `rotary_emb_base` instead of
+/// `rope_parameters` and its causal-mask buffers; GPT-2's names without `transformer.` and
+/// its `attn.bias` buffers; GPT-BigCode without `num_key_value_heads`. Each computes the
+/// logits of the checkpoint it was made from, and the older keys are read (another
+/// `rotary_pct` and `rotary_emb_base` give another rotation); GPT-2's
+/// `activation_function` is read (`gelu` is exact GELU, `relu` refused by name).
+#[test]
+fn older_checkpoint_layouts_read_as_the_same_models() {
+    let buffer = |name: &str| (name.to_string(), vec![1, 1, 4, 4], vec![1.0; 16]);
+    let older_neox = |pct: f64, base: f64| {
+        move |c: &mut serde_json::Value| {
+            let fields = c.as_object_mut().expect("an object");
+            fields.remove("rope_parameters");
+            fields.insert("rotary_pct".into(), pct.into());
+            fields.insert("rotary_emb_base".into(), base.into());
+        }
+    };
+    let cases = [
+        (
+            "gpt-neox-tiny",
+            rewritten_checkpoint(
+                "gpt-neox-tiny",
+                "neox-old",
+                older_neox(0.25, 10000.0),
+                |t| {
+                    t.push(buffer("gpt_neox.layers.0.attention.bias"));
+                    t.push(buffer("gpt_neox.layers.1.attention.masked_bias"));
+                },
+            ),
+        ),
+        (
+            "gpt2-tiny",
+            rewritten_checkpoint(
+                "gpt2-tiny",
+                "gpt2-old",
+                |_| {},
+                |t| {
+                    for (name, ..) in t.iter_mut() {
+                        *name = name.trim_start_matches("transformer.").to_string();
+                    }
+                    t.push(buffer("h.0.attn.bias"));
+                    t.push(buffer("h.1.attn.masked_bias"));
+                },
+            ),
+        ),
+        (
+            "gpt-bigcode-tiny",
+            rewritten_checkpoint(
+                "gpt-bigcode-tiny",
+                "bigcode-old",
+                |c| {
+                    let fields = c.as_object_mut().expect("an object");
+                    fields.remove("num_key_value_heads");
+                },
+                |_| {},
+            ),
+        ),
+    ];
+    for (name, dir) in cases {
+        let (reference, original) = reference_checkpoint(name);
+        let older = model_file::load(&dir).expect("the older layout loads");
+        assert_eq!(older.config, original.config, "{name}");
+        let logits = |m: &model_file::LoadedModel| interp_logits(&m.config, &m.weights, &reference);
+        assert!(
+            largest_difference(&logits(&older), &logits(&original)) < 1e-5,
+            "{name}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    let dir = rewritten_checkpoint(
+        "gpt-neox-tiny",
+        "neox-half",
+        older_neox(0.5, 5000.0),
+        |_| {},
+    );
+    let half = model_file::load(&dir).expect("loads").config;
+    assert_eq!((half.rotary_dim, half.rope_theta), (Some(8), 5000.0));
+    std::fs::remove_dir_all(&dir).ok();
+    let with_activation = |activation: &str| {
+        let dir = rewritten_checkpoint(
+            "gpt2-tiny",
+            &format!("gpt2-{activation}"),
+            |c| c["activation_function"] = activation.into(),
+            |_| {},
+        );
+        let loaded = model_file::load(&dir).map(|m| m.config.activation);
+        std::fs::remove_dir_all(&dir).ok();
+        loaded
+    };
+    assert_eq!(with_activation("gelu").expect("loads"), Activation::Gelu);
+    let err = with_activation("relu").expect_err("refused").to_string();
+    assert!(
+        err.contains("`activation_function` = \"relu\" is not supported"),
+        "{err}"
+    );
 }
 
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,
@@ -2291,6 +2519,7 @@ fn mutated_family_gguf_files_never_panic() {
         gpt_neox_gguf(),
         gpt2_gguf("gpt2-tiny", "gpt2"),
         gpt2_gguf("gpt-bigcode-tiny", "starcoder"),
+        falcon_gguf("falcon-40b-tiny", 2),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -2649,8 +2878,8 @@ fn bad_directories_name_the_file() {
             "`partial_rotary_factor` is 0.5 at the top level but 0.75 in the RoPE settings",
         ),
         (
-            r#", "architectures": ["GemmaForCausalLM"], "hidden_activation": "quick_gelu""#,
-            "`hidden_activation` = \"quick_gelu\" is not supported",
+            r#", "architectures": ["GemmaForCausalLM"], "hidden_act": "quick_gelu""#,
+            "`hidden_act` = \"quick_gelu\" is not supported",
         ),
         (
             r#", "sliding_window": 8, "max_window_layers": 2"#,

@@ -12,7 +12,7 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwe
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
-`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`) and
+`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`) and
 Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -28,6 +28,8 @@ import torch
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -354,6 +356,22 @@ def main():
     # interleaved pairs over 8 of each head's 16 features, a classifier with a bias.
     gptj = GPTJConfig(**gpt, rotary_dim=8, tie_word_embeddings=False)
     write("gptj-tiny", GPTJForCausalLM, gptj, 26)
+    # Falcon 7B's shape: one KV head, q, k and v fused (the query heads', then the key's
+    # and the value's), attention and an exact-GELU block side by side over one norm.
+    falcon = dict(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    write("falcon-tiny", FalconForCausalLM, FalconConfig(**falcon), 27)
+    # Falcon 40B's and 180B's (`new_decoder_architecture`): two KV groups, each its two
+    # query heads', key's and value's rows, and the blocks over norms of their own.
+    falcon40b = FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)
+    write("falcon-40b-tiny", FalconForCausalLM, falcon40b, 30)
     # StarCoder2: LayerNorms with biases, an ungated GELU feed-forward block, biases on
     # every projection, a sliding window of 10, a tied classifier.
     starcoder2 = Starcoder2Config(

@@ -122,7 +122,7 @@ fn gelu_f32(x: f32) -> f32 {
 }
 
 /// The error function, `2 / sqrt(pi)` times the integral of `exp(-t^2)` from 0 to `x`
-/// (`libm`'s `erff`, correctly rounded to within an ulp): with it exact GELU is
+/// (`libm`'s `erff`, within an ulp or so of the exact value): with it exact GELU is
 /// `0.5 * x * (1 + erf(x / sqrt(2)))`.
 fn erf_f32(x: f32) -> f32 {
     libm::erff(x)
