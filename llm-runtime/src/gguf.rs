@@ -559,10 +559,9 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
-/// ([`apply_gemma`]). `phi2`, `stablelm` and `starcoder2` are the LayerNorm architectures
-/// ([`apply_layer_norms`]), and so are `gptneox`, `gpt2`, `starcoder` (GPT-BigCode's) and
-/// `falcon`. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 18] = [
+/// ([`apply_gemma`]). The other architectures read are [`LAYER_NORM_ARCHITECTURES`].
+/// Metadata keys begin with the name.
+const ARCHITECTURES: [&str; 11] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -574,17 +573,11 @@ const ARCHITECTURES: [&str; 18] = [
     "olmo2",
     "smollm3",
     "command-r",
-    "phi2",
-    "stablelm",
-    "starcoder2",
-    "gptneox",
-    "gpt2",
-    "starcoder",
-    "falcon",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
-/// bias ([`apply_layer_norms`]).
+/// bias ([`apply_layer_norms`]): Phi-2's, StableLM's, StarCoder2's, GPT-NeoX's, GPT-2's,
+/// GPT-BigCode's (`starcoder`) and Falcon's.
 const LAYER_NORM_ARCHITECTURES: [&str; 7] = [
     "phi2",
     "stablelm",
@@ -996,15 +989,24 @@ fn read_files(
     model(g, arch, weights).map_err(|e| (0, e))
 }
 
-/// The model's architecture (`general.architecture`), one of [`ARCHITECTURES`].
+/// The model's architecture (`general.architecture`), one of [`ARCHITECTURES`] or
+/// [`LAYER_NORM_ARCHITECTURES`].
 fn architecture(g: &GgufFile) -> Result<&str, String> {
     match g.meta("general.architecture") {
-        Some(Meta::Str(a)) if ARCHITECTURES.contains(&a.as_str()) => Ok(a.as_str()),
+        Some(Meta::Str(a)) if every_architecture().any(|s| s == a) => Ok(a.as_str()),
         other => Err(format!(
             "general.architecture is {other:?}, but only {} models are supported",
-            ARCHITECTURES.join(", ")
+            every_architecture().collect::<Vec<_>>().join(", ")
         )),
     }
+}
+
+/// Every architecture read: [`ARCHITECTURES`], then [`LAYER_NORM_ARCHITECTURES`].
+fn every_architecture() -> impl Iterator<Item = &'static str> {
+    ARCHITECTURES
+        .iter()
+        .chain(&LAYER_NORM_ARCHITECTURES)
+        .copied()
 }
 
 /// The model of architecture `arch` whose metadata is `g`'s and whose tensors are

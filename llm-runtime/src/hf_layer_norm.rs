@@ -124,6 +124,17 @@ pub(crate) fn standard_config(mut cfg: Json) -> Result<Json, String> {
     Ok(cfg)
 }
 
+/// Gives `c` an ungated feed-forward block, biases on every attention projection where
+/// `attention` and on the feed-forward projections where `ffn`.
+fn ungated(c: &mut ModelConfig, attention: bool, ffn: bool) {
+    c.feed_forward = FeedForward::Ungated;
+    c.attention_bias = AttentionBias {
+        qkv: attention,
+        output: attention,
+    };
+    c.ffn_bias = ffn;
+}
+
 /// Copies `fields[theirs]`, where it is there and not null, to `ours` unless that is set.
 fn copy_key(fields: &mut serde_json::Map<String, Json>, theirs: &str, ours: &str) {
     if let Some(v) = fields.get(theirs).filter(|v| !v.is_null()).cloned() {
@@ -225,12 +236,7 @@ impl Family {
         match self {
             Family::Phi => {
                 c.blocks = Blocks::ParallelSharedNorm;
-                c.feed_forward = FeedForward::Ungated;
-                c.attention_bias = AttentionBias {
-                    qkv: true,
-                    output: true,
-                };
-                c.ffn_bias = true;
+                ungated(c, true, true);
                 c.classifier_bias = true;
             }
             Family::StableLm => {
@@ -244,24 +250,13 @@ impl Family {
             }
             Family::Starcoder2 => {
                 let bias = flag("use_bias", true)?;
-                c.feed_forward = FeedForward::Ungated;
-                c.attention_bias = AttentionBias {
-                    qkv: bias,
-                    output: bias,
-                };
-                c.ffn_bias = bias;
+                ungated(c, bias, bias);
             }
             Family::GptNeox => {
                 if flag("use_parallel_residual", true)? {
                     c.blocks = Blocks::Parallel;
                 }
-                let bias = flag("attention_bias", true)?;
-                c.feed_forward = FeedForward::Ungated;
-                c.attention_bias = AttentionBias {
-                    qkv: bias,
-                    output: bias,
-                };
-                c.ffn_bias = true;
+                ungated(c, flag("attention_bias", true)?, true);
                 // Older configs name RoPE's base `rotary_emb_base`.
                 let stated = cfg.get("rope_theta").is_some()
                     || cfg
@@ -285,17 +280,11 @@ impl Family {
                     c.attention_scale = Some(1.0);
                 }
                 c.learned_positions = true;
-                c.feed_forward = FeedForward::Ungated;
-                c.attention_bias = AttentionBias {
-                    qkv: true,
-                    output: true,
-                };
-                c.ffn_bias = true;
+                ungated(c, true, true);
             }
             Family::GptJ => {
                 c.blocks = Blocks::ParallelSharedNorm;
-                c.feed_forward = FeedForward::Ungated;
-                c.ffn_bias = true;
+                ungated(c, false, true);
                 c.classifier_bias = true;
                 c.rope_half = false;
                 // `rotary_dim` features of each head, or all where it is null.
@@ -309,12 +298,7 @@ impl Family {
                     return Err("`alibi` is true: ALiBi position biases are not supported".into());
                 }
                 let bias = flag("bias", false)?;
-                c.feed_forward = FeedForward::Ungated;
-                c.attention_bias = AttentionBias {
-                    qkv: bias,
-                    output: bias,
-                };
-                c.ffn_bias = bias;
+                ungated(c, bias, bias);
                 c.blocks = if flag("new_decoder_architecture", false)? {
                     match cfg.get("num_ln_in_parallel_attn").and_then(Json::as_u64) {
                         None | Some(2) => Blocks::Parallel,
