@@ -111,14 +111,16 @@ fn integer_division_by_zero_is_an_error() {
 #[test]
 fn unary_ops() {
     let x = [-1.5f32, 0.0, 0.5, 2.0];
-    let ops = ["exp", "neg", "tanh", "sigmoid", "silu", "gelu", "erf"];
+    let ops = [
+        "exp", "neg", "tanh", "sigmoid", "silu", "gelu", "erf", "relu",
+    ];
     let body: Vec<String> = ops
         .iter()
         .map(|o| format!("        {o} = llm.{o} x : llm.tensor <4xf32>;"))
         .collect();
     let out = run(
         &[("x", "llm.tensor <4xf32>")],
-        &["llm.tensor <4xf32>"; 7],
+        &["llm.tensor <4xf32>"; 8],
         &format!("{}\n        llm.return {}", body.join("\n"), ops.join(", ")),
         vec![f32s(&[4], &x)],
     )
@@ -127,7 +129,7 @@ fn unary_ops() {
     let gelu = |v: f32| {
         0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
     };
-    let expect: [Vec<f32>; 7] = [
+    let expect: [Vec<f32>; 8] = [
         x.iter().map(|v| v.exp()).collect(),
         x.iter().map(|v| -v).collect(),
         x.iter().map(|v| v.tanh()).collect(),
@@ -136,6 +138,7 @@ fn unary_ops() {
         x.iter().map(|&v| gelu(v)).collect(),
         // erf's values (Abramowitz and Stegun's table 7.1), rounded to f32.
         vec![-0.966_105_15, 0.0, 0.520_499_9, 0.995_322_3],
+        vec![0.0, 0.0, 0.5, 2.0],
     ];
     for (i, e) in expect.iter().enumerate() {
         assert_close(&floats(&out[i]), e, 1e-6);

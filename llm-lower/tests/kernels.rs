@@ -1368,7 +1368,7 @@ proptest! {
     }
 
     #[test]
-    fn unary(n in 1usize..40, op in prop::sample::select(vec!["exp", "neg", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "gelu", "erf"]), seed: u64) {
+    fn unary(n in 1usize..40, op in prop::sample::select(vec!["exp", "neg", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "gelu", "erf", "relu"]), seed: u64) {
         let ir = func(
             &[("x".into(), ty(&[n]))],
             &ty(&[n]),

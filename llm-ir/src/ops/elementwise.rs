@@ -128,6 +128,12 @@ unary_op!(SigmoidOp, "llm.sigmoid", "`1 / (1 + exp(-x))`", sigmoid);
 unary_op!(SiluOp, "llm.silu", "SiLU, `x * sigmoid(x)`", silu);
 unary_op!(ErfOp, "llm.erf", "the error function, `erf(x)`", erf);
 unary_op!(
+    ReluOp,
+    "llm.relu",
+    "ReLU, `max(x, 0)` (NaN stays NaN)",
+    relu
+);
+unary_op!(
     GeluOp,
     "llm.gelu",
     "GELU (tanh approximation), `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`",

@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// Whether `name` is an elementwise op (one of the ops with a scalar function in the
-/// interpreter's tables: `llm.add` ... `llm.erf`).
+/// interpreter's tables: `llm.add` ... `llm.relu`).
 pub fn is_elementwise(name: &str) -> bool {
     use crate::interp::eval::elementwise::{BINARY, UNARY};
     UNARY.iter().any(|(n, _)| *n == name) || BINARY.iter().any(|(n, _)| *n == name)

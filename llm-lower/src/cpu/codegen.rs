@@ -23,8 +23,8 @@ use llm_ir::{
 use super::{
     attention, dequant,
     emit::{
-        accumulate, address, erf, exp, for_range, horizontal_max, horizontal_sum, mem, splat, tanh,
-        zeroed_accumulators,
+        accumulate, address, erf, exp, for_range, horizontal_max, horizontal_sum, mem, relu, splat,
+        tanh, zeroed_accumulators,
     },
 };
 use crate::kernel::{Contraction, Kernel, PANEL_COLS, PANEL_ROWS, WeightFormat};
@@ -672,6 +672,7 @@ fn unary(b: &mut FunctionBuilder, op: &str, x: Value) -> Value {
             b.ins().fmul(x, s)
         }
         "llm.erf" => erf(b, x),
+        "llm.relu" => relu(b, x),
         // gelu: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         _ => {
             let x3 = b.ins().fmul(x, x);

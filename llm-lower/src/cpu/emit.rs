@@ -183,6 +183,12 @@ pub fn erf(b: &mut FunctionBuilder, x: Value) -> Value {
     select_lanes(b, FloatCC::LessThan, (magnitude, small), near, far)
 }
 
+/// ReLU for each lane of an `f32x4`: 0 where `x < 0`, else `x` (a NaN stays NaN).
+pub fn relu(b: &mut FunctionBuilder, x: Value) -> Value {
+    let zero = splat(b, 0.0);
+    select_lanes(b, FloatCC::LessThan, (x, zero), zero, x)
+}
+
 /// `tanh(x)` for each lane of an `f32x4`: the odd polynomial ([`TANH_POLY`]) below
 /// [`TANH_SMALL`], `1 - 2 / (exp(2x) + 1)` beyond (which [`exp`]'s clamp keeps finite,
 /// so large magnitudes give exactly 1 or -1).

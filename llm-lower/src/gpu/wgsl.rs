@@ -1340,6 +1340,7 @@ fn step_expr(step: &ScalarStep) -> String {
                 "llm.rsqrt" => format!("1.0 / sqrt({x})"),
                 "llm.tanh" => tanh(&x),
                 "llm.erf" => format!("llmc_erf({x})"),
+                "llm.relu" => format!("select({x}, 0.0, {x} < 0.0)"),
                 "llm.sigmoid" => format!("1.0 / (1.0 + exp(-{x}))"),
                 "llm.silu" => format!("{x} * (1.0 / (1.0 + exp(-{x})))"),
                 "llm.gelu" => format!(

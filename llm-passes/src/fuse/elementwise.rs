@@ -199,6 +199,7 @@ fn build_elementwise(
         "llm.silu" => build!(ops::SiluOp),
         "llm.gelu" => build!(ops::GeluOp),
         "llm.erf" => build!(ops::ErfOp),
+        "llm.relu" => build!(ops::ReluOp),
         // Only names `ops::is_elementwise` accepts reach here.
         other => unreachable!("{other} is not an elementwise op"),
     }

@@ -128,6 +128,11 @@ fn erf_f32(x: f32) -> f32 {
     libm::erff(x)
 }
 
+/// ReLU: 0 below 0, `x` from 0 on (a NaN stays NaN, as PyTorch's `relu` keeps it).
+fn relu_f32(x: f32) -> f32 {
+    if x < 0.0 { 0.0 } else { x }
+}
+
 /// A scalar unary function.
 pub type UnaryFn = fn(f32) -> f32;
 
@@ -146,6 +151,7 @@ pub const UNARY: &[(&str, UnaryFn)] = &[
     ("llm.silu", silu_f32),
     ("llm.gelu", gelu_f32),
     ("llm.erf", erf_f32),
+    ("llm.relu", relu_f32),
 ];
 
 /// The scalar float function of each binary elementwise op.
@@ -241,4 +247,9 @@ pub fn gelu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
 /// `llm.erf`.
 pub fn erf(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
     unary(e, i, erf_f32)
+}
+
+/// `llm.relu`.
+pub fn relu(e: &Eval, i: Vec<Rc<Value>>) -> Outputs {
+    unary(e, i, relu_f32)
 }
