@@ -43,6 +43,7 @@ use crate::{
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
     let named = hf_layer_norm::gpt_neox_name(hf)
+        .or_else(|| hf_layer_norm::opt_name(hf))
         .or_else(|| hf_layer_norm::falcon_name(hf))
         .or_else(|| hf_layer_norm::gpt_name(hf));
     if let Some(name) = named {
@@ -598,7 +599,8 @@ fn rotary_dim(
 /// The feed-forward block's activation: `hidden_act` (or the family's key,
 /// [`Family::activation_key`]), SiLU, GELU's tanh approximation
 /// (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: GPT-NeoX-20B's) or exact GELU (`gelu`,
-/// `gelu_python`), the architecture's default where it is left out (SiLU, or
+/// `gelu_python`) or ReLU (`relu`, OPT's), the architecture's default where it is left
+/// out (SiLU, or
 /// [`Family::default_activation`]); as transformers 5.24 reads Gemma's, the first
 /// generation's `hidden_act` (its legacy `gelu` the tanh approximation) and Gemma 2's and
 /// 3's `hidden_activation`, GELU's tanh approximation where left out. Any other
@@ -618,6 +620,7 @@ fn activation(cfg: &Json) -> Result<Activation, String> {
         "silu" => Ok(Activation::Silu),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
         "gelu" | "gelu_python" => Ok(Activation::Gelu),
+        "relu" => Ok(Activation::Relu),
         other => Err(format!(
             "`{key}` = \"{other}\" is not supported (SiLU, GELU or GELU's tanh approximation)"
         )),

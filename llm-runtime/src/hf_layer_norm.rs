@@ -3,11 +3,12 @@
 //! StarCoder2 (`Starcoder2ForCausalLM`), GPT-NeoX (`GPTNeoXForCausalLM`: Pythia,
 //! GPT-NeoX-20B), GPT-2 (`GPT2LMHeadModel`) and GPT-BigCode (`GPTBigCodeForCausalLM`:
 //! StarCoder, SantaCoder), whose positions are learned embeddings, GPT-J
-//! (`GPTJForCausalLM`) and Falcon (`FalconForCausalLM`). What sets each apart from a
-//! Llama is read here into [`ModelConfig`] (GPT-2's and Falcon's config keys into the
-//! usual ones first, [`standard_config`]); their tensors' names are in `hf::weight_name`
-//! (GPT-NeoX's, GPT-2's, GPT-BigCode's, GPT-J's and Falcon's here, [`gpt_neox_name`],
-//! [`gpt_name`], [`falcon_name`]).
+//! (`GPTJForCausalLM`), Falcon (`FalconForCausalLM`) and OPT (`OPTForCausalLM`, learned
+//! positions too). What sets each apart from a Llama is read here into [`ModelConfig`]
+//! (GPT-2's, Falcon's and OPT's config keys into the usual ones first,
+//! [`standard_config`]); their tensors' names are in `hf::weight_name` (GPT-NeoX's,
+//! GPT-2's, GPT-BigCode's, GPT-J's, Falcon's and OPT's here, [`gpt_neox_name`],
+//! [`gpt_name`], [`falcon_name`], [`opt_name`]).
 
 use serde_json::Value as Json;
 
@@ -55,10 +56,14 @@ pub(crate) enum Family {
     /// attention and feed-forward blocks side by side over one norm (`parallel_attn`) or
     /// each over its own (`ln_attn`, `ln_mlp`), biases where `bias`.
     Falcon,
+    /// OPT: learned positions (offset by 2 rows), LayerNorms with biases before each
+    /// block, an ungated ReLU feed-forward block, biases on every projection where
+    /// `enable_bias` (the default).
+    Opt,
 }
 
 /// The [`Family`] members by their `architectures` names.
-const MEMBERS: [(&str, Family); 8] = [
+const MEMBERS: [(&str, Family); 9] = [
     ("PhiForCausalLM", Family::Phi),
     ("StableLmForCausalLM", Family::StableLm),
     ("Starcoder2ForCausalLM", Family::Starcoder2),
@@ -67,6 +72,7 @@ const MEMBERS: [(&str, Family); 8] = [
     ("GPTBigCodeForCausalLM", Family::GptBigCode),
     ("GPTJForCausalLM", Family::GptJ),
     ("FalconForCausalLM", Family::Falcon),
+    ("OPTForCausalLM", Family::Opt),
 ];
 
 /// The `architectures` names of the [`Family`] members.
@@ -80,7 +86,8 @@ pub(crate) fn architectures() -> impl Iterator<Item = &'static str> {
 /// `n_embd` where `n_inner` is null; GPT-BigCode's `num_key_value_heads` 1 for a
 /// multi-query model, the default, else the head count, whatever the config says, as
 /// `GPTBigCodeConfig` sets it), as their configuration classes map them; Falcon's too
-/// ([`falcon_config`]); any other config as it is.
+/// ([`falcon_config`]), and OPT's `ffn_dim` as `intermediate_size`; any other config as
+/// it is.
 ///
 /// # Errors
 ///
@@ -90,6 +97,12 @@ pub(crate) fn standard_config(mut cfg: Json) -> Result<Json, String> {
     let family = Family::of(&cfg);
     if family == Some(Family::Falcon) {
         return falcon_config(cfg);
+    }
+    if family == Some(Family::Opt) {
+        if let Some(fields) = cfg.as_object_mut() {
+            copy_key(fields, "ffn_dim", "intermediate_size");
+        }
+        return Ok(cfg);
     }
     let Some(family @ (Family::Gpt2 | Family::GptBigCode | Family::GptJ)) = family else {
         return Ok(cfg);
@@ -177,7 +190,8 @@ impl Family {
             | Family::Gpt2
             | Family::GptBigCode
             | Family::GptJ
-            | Family::Falcon => 1.0,
+            | Family::Falcon
+            | Family::Opt => 1.0,
             Family::GptNeox => match optional_positive(cfg, "rotary_pct")? {
                 Some(pct) if pct <= 1.0 => pct,
                 Some(pct) => {
@@ -192,7 +206,7 @@ impl Family {
     /// and GPT-J's `activation_function`, Falcon's `activation`.
     pub(crate) fn activation_key(self) -> &'static str {
         match self {
-            Family::Gpt2 | Family::GptBigCode | Family::GptJ => "activation_function",
+            Family::Gpt2 | Family::GptBigCode | Family::GptJ | Family::Opt => "activation_function",
             Family::Falcon => "activation",
             _ => "hidden_act",
         }
@@ -208,6 +222,7 @@ impl Family {
             Family::GptNeox => "gelu",
             Family::Gpt2 | Family::GptJ => "gelu_new",
             Family::Falcon => "gelu",
+            Family::Opt => "relu",
             Family::GptBigCode => "gelu_pytorch_tanh",
         }
     }
@@ -315,13 +330,44 @@ impl Family {
                     Blocks::Sequential
                 };
             }
+            Family::Opt => {
+                let refused = [
+                    (
+                        "do_layer_norm_before",
+                        true,
+                        "norms after each block (OPT-350m's)",
+                    ),
+                    (
+                        "layer_norm_elementwise_affine",
+                        true,
+                        "LayerNorms without weights",
+                    ),
+                    ("_remove_final_layer_norm", false, "no final norm"),
+                ];
+                for (key, supported, what) in refused {
+                    if flag(key, supported)? != supported {
+                        return Err(format!("`{key}` is {}: {what} not supported", !supported));
+                    }
+                }
+                if let Some(projected) = cfg.get("word_embed_proj_dim").filter(|v| !v.is_null())
+                    && projected.as_u64() != Some(c.dim as u64)
+                {
+                    return Err(format!(
+                        "`word_embed_proj_dim` = {projected}: embeddings projected to the width (OPT-350m's) are not supported"
+                    ));
+                }
+                c.learned_positions = true;
+                let bias = flag("enable_bias", true)?;
+                ungated(c, bias, bias);
+            }
         }
         Ok(())
     }
 
     /// Puts the member's loaded `weights` in the builder's layout: GPT-2's `Conv1D`
-    /// matrices (`c_attn`, `c_proj`, `c_fc`) transposed, and a GPT-BigCode model's q, k
-    /// and v fused per head (one KV head a query head) named for [`split_qkv_by_group`].
+    /// matrices (`c_attn`, `c_proj`, `c_fc`) transposed, a GPT-BigCode model's q, k and v
+    /// fused per head (one KV head a query head) named for [`split_qkv_by_group`], and
+    /// OPT's position table without its first two rows (OPT offsets positions by 2).
     pub(crate) fn prepare_weights(
         self,
         c: &ModelConfig,
@@ -339,6 +385,25 @@ impl Family {
                     ] {
                         weights.transpose_matrix(&format!("{p}{name}"))?;
                     }
+                }
+                Family::Opt if l == 0 => {
+                    // Its positions' table begins with two rows no position reads.
+                    let rows = weights
+                        .weight_shape(POSITION_EMBEDDINGS)
+                        .map_or(0, |shape| shape[0]);
+                    if rows < 2 {
+                        return Err(format!(
+                            "the position table has {rows} rows, not 2 and more"
+                        ));
+                    }
+                    let kept = format!("{POSITION_EMBEDDINGS}.kept");
+                    let parts = [
+                        ("positions.offset".to_string(), 2),
+                        (kept.clone(), rows - 2),
+                    ];
+                    weights.split_rows(POSITION_EMBEDDINGS, &parts)?;
+                    weights.remove("positions.offset");
+                    weights.rename(&kept, POSITION_EMBEDDINGS);
                 }
                 Family::GptBigCode if c.kv_heads == c.heads && c.heads > 1 => {
                     for (fused, kind) in [(FUSED_QKV, "weight"), (FUSED_QKV_BIAS, "bias")] {
@@ -403,6 +468,36 @@ fn layer_norm_model_name(
         .collect();
     parts.extend_from_slice(extra);
     builder_name(hf, globals, layer_prefix, &parts)
+}
+
+/// The builder's name for an OPT tensor (`model.decoder.layers.N.fc1.weight` ->
+/// `layers.N.feed_forward.w3.weight`, ...): `self_attn_layer_norm` and a layer's
+/// `final_layer_norm` are its attention's and feed-forward block's input norms, the
+/// decoder's `final_layer_norm` the final norm, `embed_positions` the position table.
+pub(crate) fn opt_name(hf: &str) -> Option<String> {
+    let hf = hf.strip_prefix("model.decoder.")?;
+    let stems = [
+        ("self_attn_layer_norm", "attention_norm"),
+        ("self_attn.q_proj", "attention.wq"),
+        ("self_attn.k_proj", "attention.wk"),
+        ("self_attn.v_proj", "attention.wv"),
+        ("self_attn.out_proj", "attention.wo"),
+        ("final_layer_norm", "ffn_norm"),
+        ("fc1", "feed_forward.w3"),
+        ("fc2", "feed_forward.w2"),
+    ];
+    layer_norm_model_name(
+        hf,
+        &stems,
+        &[],
+        &[
+            ("embed_tokens.weight", "tok_embeddings.weight"),
+            ("embed_positions.weight", POSITION_EMBEDDINGS),
+            ("final_layer_norm.weight", "norm.weight"),
+            ("final_layer_norm.bias", "norm.bias"),
+        ],
+        "layers.",
+    )
 }
 
 /// The builder's name for a Falcon tensor (`transformer.h.N.self_attention.dense.weight`

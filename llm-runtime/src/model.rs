@@ -221,6 +221,8 @@ pub enum Activation {
     GeluTanh,
     /// GELU, exact: `0.5 * x * (1 + erf(x / sqrt(2)))` (`llm.erf`; GPT-NeoX's).
     Gelu,
+    /// ReLU, `max(x, 0)` (`llm.relu`; OPT's).
+    Relu,
 }
 
 /// How a layer's attention and feed-forward blocks meet the residual stream `x`.
@@ -917,6 +919,7 @@ impl Emitter<'_> {
         let op = match activation {
             Activation::Silu => "silu",
             Activation::GeluTanh => "gelu",
+            Activation::Relu => "relu",
             Activation::Gelu => {
                 let scalar = "llm.tensor <1xf32>";
                 let constants = [

@@ -1947,7 +1947,8 @@ fn gpt2_gguf_name(hf: &str) -> String {
 /// its `attn.bias` buffers; GPT-BigCode without `num_key_value_heads`. Each computes the
 /// logits of the checkpoint it was made from, and the older keys are read (another
 /// `rotary_pct` and `rotary_emb_base` give another rotation); GPT-2's
-/// `activation_function` is read (`gelu` is exact GELU, `relu` refused by name).
+/// `activation_function` is read (`gelu` is exact GELU, `relu` ReLU, `quick_gelu` refused
+/// by name).
 #[test]
 fn older_checkpoint_layouts_read_as_the_same_models() {
     let buffer = |name: &str| (name.to_string(), vec![1, 1, 4, 4], vec![1.0; 16]);
@@ -2032,11 +2033,65 @@ fn older_checkpoint_layouts_read_as_the_same_models() {
         loaded
     };
     assert_eq!(with_activation("gelu").expect("loads"), Activation::Gelu);
-    let err = with_activation("relu").expect_err("refused").to_string();
+    assert_eq!(with_activation("relu").expect("loads"), Activation::Relu);
+    let err = with_activation("quick_gelu")
+        .expect_err("refused")
+        .to_string();
     assert!(
-        err.contains("`activation_function` = \"relu\" is not supported"),
+        err.contains("`activation_function` = \"quick_gelu\" is not supported"),
         "{err}"
     );
+}
+
+/// OPT (`tests/data/opt-tiny`): learned positions (its table's first two rows unread, as
+/// OPT offsets positions by 2), LayerNorms with biases before each block, an ungated ReLU
+/// block, biases on every projection, a tied classifier; OPT-350m's norms after each
+/// block and projected embeddings are refused by name.
+#[test]
+fn opt_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("opt-tiny");
+    let c = &loaded.config;
+    assert!(c.learned_positions && c.tied_classifier && c.ffn_bias);
+    assert_eq!(
+        (c.activation, c.feed_forward, c.blocks),
+        (Activation::Relu, FeedForward::Ungated, Blocks::Sequential)
+    );
+    assert_eq!(
+        loaded.weights.weight_shape("pos_embeddings.weight"),
+        Some(vec![128, 64])
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("ReLU", &|c| c.activation = Activation::GeluTanh),
+            ("the norms' biases", &|c| c.norm = Norm::Layer),
+        ],
+    );
+    let refused = [
+        (
+            "do_layer_norm_before",
+            serde_json::json!(false),
+            "`do_layer_norm_before` is false",
+        ),
+        (
+            "word_embed_proj_dim",
+            serde_json::json!(32),
+            "`word_embed_proj_dim` = 32",
+        ),
+    ];
+    for (key, value, expected) in refused {
+        let dir = rewritten_checkpoint(
+            "opt-tiny",
+            &format!("opt-{key}"),
+            |c| c[key] = value,
+            |_| {},
+        );
+        let err = model_file::load(&dir).err().map(|e| e.to_string());
+        std::fs::remove_dir_all(&dir).ok();
+        let err = err.expect("refused");
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,

@@ -12,7 +12,7 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwe
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
-`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`) and
+`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -50,6 +50,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Phi3Config,
@@ -372,6 +374,21 @@ def main():
     # query heads', key's and value's rows, and the blocks over norms of their own.
     falcon40b = FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)
     write("falcon-40b-tiny", FalconForCausalLM, falcon40b, 30)
+    # OPT: learned positions (the table two rows longer), LayerNorms with biases, an
+    # ungated ReLU block, biases on every projection, a tied classifier.
+    opt = OPTConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    write("opt-tiny", OPTForCausalLM, opt, 31)
     # StarCoder2: LayerNorms with biases, an ungated GELU feed-forward block, biases on
     # every projection, a sliding window of 10, a tied classifier.
     starcoder2 = Starcoder2Config(
