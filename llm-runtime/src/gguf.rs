@@ -438,6 +438,11 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     // Biases only in qwen2's and llama's projections and the LayerNorm architectures',
     // output norms only in Gemma 2's and 3's sandwiches and OLMo 2's.
     let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
+    // Falcon 40B's second input norm only in `falcon` files.
+    let second_norm = gguf.ends_with(".attn_norm_2.weight") || gguf.ends_with(".attn_norm_2.bias");
+    if second_norm && arch != "falcon" {
+        return None;
+    }
     let biases = matches!(arch, "qwen2" | "llama") || LAYER_NORM_ARCHITECTURES.contains(&arch);
     if name.ends_with(".bias") && !biases
         || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))

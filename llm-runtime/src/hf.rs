@@ -622,7 +622,7 @@ fn activation(cfg: &Json) -> Result<Activation, String> {
         "gelu" | "gelu_python" => Ok(Activation::Gelu),
         "relu" => Ok(Activation::Relu),
         other => Err(format!(
-            "`{key}` = \"{other}\" is not supported (SiLU, GELU or GELU's tanh approximation)"
+            "`{key}` = \"{other}\" is not supported (SiLU, GELU, GELU's tanh approximation or ReLU)"
         )),
     }
 }
@@ -671,6 +671,18 @@ struct TensorRules {
     multimodal: bool,
 }
 
+/// The builder's name `name` of a layer's weight as layer 0's (`layers.7.x` ->
+/// `layers.0.x`); another name as it is.
+fn first_layer(name: &str) -> String {
+    match name
+        .strip_prefix("layers.")
+        .and_then(|rest| rest.split_once('.'))
+    {
+        Some((_, part)) => format!("layers.0.{part}"),
+        None => name.to_string(),
+    }
+}
+
 /// Reads the tensors of one safetensors file into `weights`, by `rules`.
 fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> Result<(), String> {
     let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
@@ -705,7 +717,7 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> 
             ));
         }
         // A fused q, k and v bias stands for the layer's q, k and v biases.
-        let declared_as = ours
+        let declared_as = first_layer(&ours)
             .replace(hf_layer_norm::QKV_BY_GROUP, "attention.wq")
             .replace("attention.wqkv", "attention.wq");
         if ours.ends_with(".bias") && !rules.biases.contains(&declared_as) {
@@ -769,7 +781,6 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             })
             .and_then(Json::as_f64)
             .unwrap_or(1e-5),
-
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
         // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
@@ -843,8 +854,17 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         return Err(err(dir, "no *.safetensors file".into()));
     }
     let mut weights = Weights::default();
+    // The biases one layer declares: every layer's are its layer's (the list stays short
+    // however many layers config.json claims, which `check_layer_count` checks once the
+    // tensors are read).
+    let one_layer = ModelConfig {
+        layers: config.layers.min(1),
+        nope_layers: None,
+        local_attention: None,
+        ..config.clone()
+    };
     let rules = TensorRules {
-        biases: weight_shapes(&config)
+        biases: weight_shapes(&one_layer)
             .into_iter()
             .map(|(name, _)| name)
             .filter(|name| name.ends_with(".bias"))

@@ -43,7 +43,6 @@ fn defaults(generation: u8) -> Json {
         "num_key_value_heads": 4,
         "head_dim": 256,
         "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": true,
         "query_pre_attn_scalar": 256,
         "sliding_window": 4096,
     });
@@ -82,9 +81,6 @@ pub(crate) fn language_model_config(cfg: &Json) -> Result<Json, String> {
             .ok_or("`text_config` is missing: a Gemma 3 multimodal checkpoint keeps its language model's settings there")?
             .clone();
         text["architectures"] = json!(["Gemma3ForCausalLM"]);
-        if let Some(tie) = cfg.get("tie_word_embeddings") {
-            text["tie_word_embeddings"] = tie.clone();
-        }
         (text, 3)
     } else {
         match generation(cfg) {
@@ -236,12 +232,11 @@ mod tests {
     }
 
     /// A sparse `text_config` gets `Gemma3TextConfig`'s defaults where it has no key, and
-    /// keeps its own values; the checkpoint's tying applies to the language model.
+    /// keeps its own values.
     #[test]
     fn a_sparse_text_config_gets_the_defaults() {
         let cfg = json!({
             "architectures": [MULTIMODAL],
-            "tie_word_embeddings": false,
             "text_config": {"hidden_size": 2560, "num_hidden_layers": 34},
         });
         let text = language_model_config(&cfg).expect("a text config");
@@ -250,7 +245,6 @@ mod tests {
         assert_eq!(text["num_attention_heads"], 8);
         assert_eq!(text["rope_theta"], 1e6);
         assert_eq!(text["final_logit_softcapping"], Json::Null);
-        assert_eq!(text["tie_word_embeddings"], false);
         assert_eq!(generation(&text), Some(3));
         let llama = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64});
         assert_eq!(language_model_config(&llama).expect("as it is"), llama);

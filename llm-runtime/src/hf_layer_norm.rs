@@ -202,8 +202,8 @@ impl Family {
         })
     }
 
-    /// The config key naming the feed-forward activation: `hidden_act`, GPT-2's, GPT-BigCode's
-    /// and GPT-J's `activation_function`, Falcon's `activation`.
+    /// The config key naming the feed-forward activation: `hidden_act`, GPT-2's,
+    /// GPT-BigCode's, GPT-J's and OPT's `activation_function`, Falcon's `activation`.
     pub(crate) fn activation_key(self) -> &'static str {
         match self {
             Family::Gpt2 | Family::GptBigCode | Family::GptJ | Family::Opt => "activation_function",
@@ -302,11 +302,21 @@ impl Family {
                 ungated(c, false, true);
                 c.classifier_bias = true;
                 c.rope_half = false;
-                // `rotary_dim` features of each head, or all where it is null.
-                if cfg.get("rotary_dim").is_some_and(|v| !v.is_null()) {
-                    let rotary = config_int(cfg, "rotary_dim")?;
-                    c.rotary_dim = (rotary != c.head_dim()).then_some(rotary);
-                }
+                // `rotary_dim` features of each head (64 where absent, as `GPTJConfig`
+                // defaults it); a null one rotates over the whole width, which only a
+                // model of one head can take.
+                let rotary = match cfg.get("rotary_dim") {
+                    None => 64,
+                    Some(Json::Null) if c.heads == 1 => c.head_dim(),
+                    Some(Json::Null) => {
+                        return Err(
+                            "`rotary_dim` is null: RoPE over the whole width of several heads is not supported"
+                                .into(),
+                        );
+                    }
+                    Some(_) => config_int(cfg, "rotary_dim")?,
+                };
+                c.rotary_dim = (rotary != c.head_dim()).then_some(rotary);
             }
             Family::Falcon => {
                 if flag("alibi", false)? {
@@ -315,12 +325,16 @@ impl Family {
                 let bias = flag("bias", false)?;
                 ungated(c, bias, bias);
                 c.blocks = if flag("new_decoder_architecture", false)? {
-                    match cfg.get("num_ln_in_parallel_attn").and_then(Json::as_u64) {
-                        None | Some(2) => Blocks::Parallel,
-                        Some(1) if flag("parallel_attn", true)? => Blocks::ParallelSharedNorm,
-                        Some(n) => {
+                    let norms = match cfg.get("num_ln_in_parallel_attn") {
+                        None | Some(Json::Null) => 2,
+                        Some(_) => config_int(cfg, "num_ln_in_parallel_attn")?,
+                    };
+                    match (norms, flag("parallel_attn", true)?) {
+                        (2, true) => Blocks::Parallel,
+                        (1, true) => Blocks::ParallelSharedNorm,
+                        (n, parallel) => {
                             return Err(format!(
-                                "`num_ln_in_parallel_attn` = {n} is not supported (1 with `parallel_attn`, or 2)"
+                                "`num_ln_in_parallel_attn` = {n} with `parallel_attn` = {parallel} is not supported (the new decoder architecture runs its blocks side by side, over 1 or 2 norms)"
                             ));
                         }
                     }
@@ -373,6 +387,26 @@ impl Family {
         c: &ModelConfig,
         weights: &mut Weights,
     ) -> Result<(), String> {
+        if self == Family::Opt {
+            // Its positions' table begins with two rows no position reads.
+            let rows = match weights.weight_shape(POSITION_EMBEDDINGS).as_deref() {
+                Some([rows, _]) if *rows >= 2 => *rows,
+                Some(shape) => {
+                    return Err(format!(
+                        "`embed_positions.weight` has shape {shape:?}: not a table of 2 rows and more"
+                    ));
+                }
+                None => return Err("the model has no `embed_positions.weight`".into()),
+            };
+            let kept = format!("{POSITION_EMBEDDINGS}.kept");
+            let parts = [
+                ("positions.offset".to_string(), 2),
+                (kept.clone(), rows - 2),
+            ];
+            weights.split_rows(POSITION_EMBEDDINGS, &parts)?;
+            weights.remove("positions.offset");
+            weights.rename(&kept, POSITION_EMBEDDINGS);
+        }
         for l in 0..c.layers {
             let p = format!("layers.{l}.");
             match self {
@@ -385,25 +419,6 @@ impl Family {
                     ] {
                         weights.transpose_matrix(&format!("{p}{name}"))?;
                     }
-                }
-                Family::Opt if l == 0 => {
-                    // Its positions' table begins with two rows no position reads.
-                    let rows = weights
-                        .weight_shape(POSITION_EMBEDDINGS)
-                        .map_or(0, |shape| shape[0]);
-                    if rows < 2 {
-                        return Err(format!(
-                            "the position table has {rows} rows, not 2 and more"
-                        ));
-                    }
-                    let kept = format!("{POSITION_EMBEDDINGS}.kept");
-                    let parts = [
-                        ("positions.offset".to_string(), 2),
-                        (kept.clone(), rows - 2),
-                    ];
-                    weights.split_rows(POSITION_EMBEDDINGS, &parts)?;
-                    weights.remove("positions.offset");
-                    weights.rename(&kept, POSITION_EMBEDDINGS);
                 }
                 Family::GptBigCode if c.kv_heads == c.heads && c.heads > 1 => {
                     for (fused, kind) in [(FUSED_QKV, "weight"), (FUSED_QKV_BIAS, "bias")] {
@@ -422,7 +437,8 @@ impl Family {
 /// null), `layer_norm_eps` from `layer_norm_epsilon`, `max_position_embeddings` 2048
 /// where absent, and
 /// `num_key_value_heads` from `num_kv_heads` in the new decoder architecture, else 1
-/// for a multi-query model (the default) and the head count for another.
+/// for a multi-query model (the default) and the head count for another (whatever
+/// `num_key_value_heads` said).
 fn falcon_config(mut cfg: Json) -> Result<Json, String> {
     let new_architecture = flag_or(&cfg, "new_decoder_architecture", false)?;
     let multi_query = flag_or(&cfg, "multi_query", true)?;
@@ -436,12 +452,16 @@ fn falcon_config(mut cfg: Json) -> Result<Json, String> {
     fields
         .entry("max_position_embeddings")
         .or_insert(Json::from(2048));
-    if new_architecture {
-        copy_key(fields, "num_kv_heads", "num_key_value_heads");
+    // `FalconAttention`'s KV heads, whatever `num_key_value_heads` says.
+    let kv_heads = if new_architecture {
+        fields.get("num_kv_heads").filter(|v| !v.is_null()).cloned()
     } else if multi_query {
-        fields.entry("num_key_value_heads").or_insert(Json::from(1));
-    } else if let Some(heads) = heads {
-        fields.entry("num_key_value_heads").or_insert(heads);
+        Some(Json::from(1))
+    } else {
+        heads
+    };
+    if let Some(kv_heads) = kv_heads {
+        fields.insert("num_key_value_heads".into(), kv_heads);
     }
     Ok(cfg)
 }
@@ -470,12 +490,17 @@ fn layer_norm_model_name(
     builder_name(hf, globals, layer_prefix, &parts)
 }
 
-/// The builder's name for an OPT tensor (`model.decoder.layers.N.fc1.weight` ->
+/// The builder's name for an OPT tensor, with or without the `model.` prefix
+/// (`model.decoder.layers.N.fc1.weight` ->
 /// `layers.N.feed_forward.w3.weight`, ...): `self_attn_layer_norm` and a layer's
 /// `final_layer_norm` are its attention's and feed-forward block's input norms, the
 /// decoder's `final_layer_norm` the final norm, `embed_positions` the position table.
 pub(crate) fn opt_name(hf: &str) -> Option<String> {
-    let hf = hf.strip_prefix("model.decoder.")?;
+    // Checkpoints saved from `OPTModel` leave out `model.`.
+    let hf = hf
+        .strip_prefix("model.")
+        .unwrap_or(hf)
+        .strip_prefix("decoder.")?;
     let stems = [
         ("self_attn_layer_norm", "attention_norm"),
         ("self_attn.q_proj", "attention.wq"),
@@ -500,13 +525,13 @@ pub(crate) fn opt_name(hf: &str) -> Option<String> {
     )
 }
 
-/// The builder's name for a Falcon tensor (`transformer.h.N.self_attention.dense.weight`
-/// -> `layers.N.attention.wo.weight`, ...): its q, k and v projection, fused by KV group,
+/// The builder's name for a Falcon tensor, with or without the `transformer.` prefix
+/// (`transformer.h.N.self_attention.dense.weight` -> `layers.N.attention.wo.weight`, ...): its q, k and v projection, fused by KV group,
 /// becomes the one [`split_qkv_by_group`] splits; `ln_attn` and `ln_mlp` (the new
 /// decoder architecture's) are the attention's and the feed-forward block's norms, as
 /// `input_layernorm` and `post_attention_layernorm` are.
 pub(crate) fn falcon_name(hf: &str) -> Option<String> {
-    let hf = hf.strip_prefix("transformer.")?;
+    let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
     let stems = [
         ("input_layernorm", "attention_norm"),
         ("ln_attn", "attention_norm"),
@@ -594,7 +619,8 @@ pub(crate) fn gpt_neox_name(hf: &str) -> Option<String> {
     )
 }
 
-/// The builder's stem of GPT-NeoX's fused q, k and v projection ([`gpt_neox_name`]).
+/// The builder's stem of a q, k and v projection fused by KV group (GPT-NeoX's, Falcon's,
+/// a multi-head GPT-BigCode's), which [`split_qkv_by_group`] splits.
 pub(crate) const QKV_BY_GROUP: &str = "attention.wqkv_by_group";
 
 /// Splits every layer's q, k and v projection and bias fused by KV group into the

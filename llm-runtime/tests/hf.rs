@@ -1944,7 +1944,8 @@ fn gpt2_gguf_name(hf: &str) -> String {
 /// Older checkpoints of the LayerNorm architectures, as the Hub holds them, read as the
 /// models transformers 5 wrote: GPT-NeoX's `rotary_pct` and `rotary_emb_base` instead of
 /// `rope_parameters` and its causal-mask buffers; GPT-2's names without `transformer.` and
-/// its `attn.bias` buffers; GPT-BigCode without `num_key_value_heads`. Each computes the
+/// its `attn.bias` buffers; OPT's names without `model.` (saved from `OPTModel`);
+/// GPT-BigCode without `num_key_value_heads`. Each computes the
 /// logits of the checkpoint it was made from, and the older keys are read (another
 /// `rotary_pct` and `rotary_emb_base` give another rotation); GPT-2's
 /// `activation_function` is read (`gelu` is exact GELU, `relu` ReLU, `quick_gelu` refused
@@ -1985,6 +1986,19 @@ fn older_checkpoint_layouts_read_as_the_same_models() {
                     }
                     t.push(buffer("h.0.attn.bias"));
                     t.push(buffer("h.1.attn.masked_bias"));
+                },
+            ),
+        ),
+        (
+            "opt-tiny",
+            rewritten_checkpoint(
+                "opt-tiny",
+                "opt-old",
+                |_| {},
+                |t| {
+                    for (name, ..) in t.iter_mut() {
+                        *name = name.trim_start_matches("model.").to_string();
+                    }
                 },
             ),
         ),
@@ -2983,6 +2997,17 @@ fn bad_directories_name_the_file() {
     let err = model_file::load(&dir).err().expect("refused").to_string();
     assert!(
         err.contains("is the model's `norm.weight`, which another tensor already gave"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // More layers than the files hold tensors: refused before anything walks them.
+    let dir = write_hf_dir_with("many-layers", r#", "num_hidden_layers": 1000000"#);
+    let err = model_file::load(&dir)
+        .err()
+        .expect("too many layers")
+        .to_string();
+    assert!(
+        err.contains("the model has 1000000 layers, but its files hold"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
