@@ -238,8 +238,14 @@ impl<'m> Engine<'m> {
         Ok(self.queue(prompt, params, n))
     }
 
-    /// Queues `n` completions of `prompt` ([`Engine::add_request_n`]).
-    fn queue(&mut self, prompt: Vec<u32>, params: RequestParams, n: usize) -> Vec<SeqId> {
+    /// Queues `n` completions of `prompt` ([`Engine::add_request_n`]). A model whose
+    /// positions are learned ([`ModelConfig::learned_positions`](crate::model::ModelConfig::learned_positions))
+    /// has none past its table: its requests run at most that many positions.
+    fn queue(&mut self, prompt: Vec<u32>, mut params: RequestParams, n: usize) -> Vec<SeqId> {
+        let config = self.model.config();
+        if config.learned_positions {
+            params.steps = params.steps.min(config.seq_len);
+        }
         let ids: Vec<SeqId> = (self.next_id..self.next_id + n.max(1) as u64).collect();
         self.next_id += ids.len() as u64;
         let mut request = Request::new(ids[0], prompt, params);

@@ -15,6 +15,7 @@ use llm_ir::{
     types::{KvStorage, QuantFormat},
 };
 use llm_runtime::{
+    engine::{Engine, EngineConfig, Event, RequestParams},
     generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
@@ -2106,6 +2107,40 @@ fn opt_computes_what_transformers_computes() {
         let err = err.expect("refused");
         assert!(err.contains(expected), "{err}");
     }
+}
+
+/// A model of learned positions has none past its table: the engine runs a request of
+/// more steps than GPT-2's 128 positions as far as the table goes, not into an error.
+#[test]
+fn learned_positions_bound_a_request() {
+    let (_, loaded) = reference_checkpoint("gpt2-tiny");
+    let model = Model::compile_on(
+        &Backend::Cpu { threads: 1 },
+        loaded.config.clone(),
+        loaded.weights.clone(),
+        "default",
+    )
+    .expect("compiles");
+    let produced = |steps: usize| {
+        let mut engine = Engine::new(&model, EngineConfig::default());
+        let params = RequestParams {
+            steps,
+            sampler: GREEDY,
+            stop_tokens: Vec::new(),
+        };
+        engine.add_request(vec![5, 6, 7], params);
+        let mut tokens = 0;
+        while engine.has_work() {
+            let events = engine.step().expect("no position past the table is run");
+            tokens += events
+                .iter()
+                .filter(|e| matches!(e, Event::Token { .. }))
+                .count();
+        }
+        tokens
+    };
+    assert_eq!(produced(1000), produced(128));
+    assert!(produced(128) > 100);
 }
 
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,
