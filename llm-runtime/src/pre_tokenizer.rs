@@ -46,6 +46,16 @@ const LLAMA_CPP_DEFAULT: [&str; 4] = [
     r"[0-9][0-9][0-9]",
 ];
 
+/// Falcon's (`falcon`, as llama.cpp lists them): runs of punctuation, of `$+<=>^~|` and
+/// the backtick, GPT-2's words without its last whitespace rule, and three ASCII digits,
+/// in turn: llama.cpp's default with the backtick in the first run and no digit-run
+/// split.
+const FALCON: [&str; 3] = [
+    r"[\p{P}\$\+<=>\^~\|`]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"[0-9][0-9][0-9]",
+];
+
 /// Each digit alone (StarCoder's and SmolLM's first split, before GPT-2's).
 const DIGITS: &str = r"\p{N}";
 
@@ -76,6 +86,7 @@ impl PreTokenizer {
         };
         Some(match name {
             "default" => merged(&LLAMA_CPP_DEFAULT),
+            "falcon" => merged(&FALCON),
             "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion"
             | "granite-docling" | "exaone4" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
             | "jina-v2-de" | "a.x-4.0" | "mellum" => merged(&[GPT2]),
@@ -153,6 +164,10 @@ mod tests {
             words("default", "can't 12345"),
             ["can", "'", "t", " ", "123", "45"]
         );
+        // Falcon's: a backtick run is a word of its own, not joined by the space before
+        // it as in llama.cpp's default.
+        assert_eq!(words("falcon", "a `` b"), ["a", " ", "``", " b"]);
+        assert_eq!(words("default", "a `` b"), ["a", " ``", " b"]);
         // Newlines after punctuation join it in Llama 3's and GPT-4o's, not GPT-2's.
         assert_eq!(words("llama3", "x.\n\ny"), ["x", ".\n\n", "y"]);
         assert_eq!(words("gpt-4o", "x.\n\ny"), ["x", ".\n\n", "y"]);
