@@ -1771,6 +1771,25 @@ fn falcon_computes_what_transformers_computes() {
     }
 }
 
+/// Falcon's other settings (`tests/data/falcon-mha-tiny`): a KV head a query head (q, k
+/// and v fused per head), the blocks one after the other (`parallel_attn` false, its
+/// `post_attention_layernorm`), biases on every projection (`bias`).
+#[test]
+fn falcon_sequential_blocks_with_biases_compute_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("falcon-mha-tiny");
+    let c = &loaded.config;
+    assert_eq!((c.kv_heads, c.blocks), (4, Blocks::Sequential));
+    assert!(c.ffn_bias && c.attention_bias.qkv && c.attention_bias.output);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the projections' biases", &|c| {
+            c.ffn_bias = false;
+            c.attention_bias = AttentionBias::default();
+        })],
+    );
+}
+
 /// The Falcon checkpoint `tests/data/{name}` of `kv_heads` KV heads (and 4 query heads)
 /// as llama.cpp's converter writes it: q, k and v stacked.
 fn falcon_gguf(name: &str, kv_heads: usize) -> Vec<u8> {

@@ -12,7 +12,7 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwe
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
-`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `opt`) and
+`gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -374,6 +374,10 @@ def main():
     # query heads', key's and value's rows, and the blocks over norms of their own.
     falcon40b = FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)
     write("falcon-40b-tiny", FalconForCausalLM, falcon40b, 30)
+    # Falcon's other settings: a KV head a query head (q, k and v fused per head), the
+    # blocks one after the other, biases on every projection.
+    falcon_mha = FalconConfig(**falcon, multi_query=False, parallel_attn=False, bias=True)
+    write("falcon-mha-tiny", FalconForCausalLM, falcon_mha, 32)
     # OPT: learned positions (the table two rows longer), LayerNorms with biases, an
     # ungated ReLU block, biases on every projection, a tied classifier.
     opt = OPTConfig(
