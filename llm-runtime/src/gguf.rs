@@ -564,9 +564,10 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// half-split ([`interleaved_rope`]). `gemma` is llama's with GeGLU and embeddings scaled
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
-/// ([`apply_gemma`]). The other architectures read are [`LAYER_NORM_ARCHITECTURES`].
+/// ([`apply_gemma`]). `olmo` is llama's with LayerNorms of neither weight nor bias (no
+/// norm tensors). The other architectures read are [`LAYER_NORM_ARCHITECTURES`].
 /// Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 11] = [
+const ARCHITECTURES: [&str; 12] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -578,6 +579,7 @@ const ARCHITECTURES: [&str; 11] = [
     "olmo2",
     "smollm3",
     "command-r",
+    "olmo",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -594,11 +596,11 @@ const LAYER_NORM_ARCHITECTURES: [&str; 7] = [
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
-/// converter reorders the q and k rows of `llama`, `granite` and `smollm3` models for
-/// them, Cohere's (`command-r`) pair them so already, and the others keep Hugging Face's
-/// half-split order.
+/// converter reorders the q and k rows of `llama`, `granite`, `smollm3` and `olmo` models
+/// for them, Cohere's (`command-r`) pair them so already, and the others keep Hugging
+/// Face's half-split order.
 fn interleaved_rope(arch: &str) -> bool {
-    matches!(arch, "llama" | "granite" | "smollm3" | "command-r")
+    matches!(arch, "llama" | "granite" | "smollm3" | "olmo" | "command-r")
 }
 
 /// Cohere's settings (`command-r`), as llama.cpp reads them: LayerNorms without bias, of
@@ -1086,6 +1088,16 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     }
     if arch == "command-r" {
         apply_cohere(g, &mut config)?;
+    }
+    if arch == "olmo" {
+        // LayerNorms of neither weight nor bias; q, k and v clamped refused.
+        if g.meta("olmo.attention.clamp_kqv").is_some() {
+            return Err("olmo.attention.clamp_kqv: q, k and v clamped are not supported".into());
+        }
+        config.norm = Norm::Unit;
+        config.norm_eps = g
+            .positive("olmo.attention.layer_norm_epsilon")?
+            .unwrap_or(1e-5);
     }
     if LAYER_NORM_ARCHITECTURES.contains(&arch) {
         apply_layer_norms(g, arch, &weights, &mut config)?;

@@ -381,12 +381,13 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// OLMo 2's Llama's with its blocks' outputs normalized instead of their inputs and
 /// RMSNorms over the whole q and k projections, SmolLM3's Llama's with some layers'
 /// RoPE left out: [`smollm3_nope_layers`], Cohere's with LayerNorms, parallel blocks,
-/// scaled logits and interleaved RoPE pairs: [`cohere_settings`]; Phi-2's, StableLM's and
-/// StarCoder2's with LayerNorms: `hf_layer_norm`, whose names are listed there),
+/// scaled logits and interleaved RoPE pairs: [`cohere_settings`], OLMo's with LayerNorms
+/// of neither weight nor bias: [`olmo_settings`]; the original transformer's shapes with
+/// LayerNorms: `hf_layer_norm`, whose names are listed there),
 /// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
-const ARCHITECTURES: [&str; 13] = [
+const ARCHITECTURES: [&str; 14] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
@@ -398,9 +399,24 @@ const ARCHITECTURES: [&str; 13] = [
     "Phi3ForCausalLM",
     "GraniteForCausalLM",
     "Olmo2ForCausalLM",
+    "OlmoForCausalLM",
     "SmolLM3ForCausalLM",
     "CohereForCausalLM",
 ];
+
+/// OLMo's settings (`OlmoForCausalLM`, the first OLMo): LayerNorms of neither weight nor
+/// bias, of epsilon 1e-5 (`OlmoLayerNorm`'s, which no key sets). Its `clip_qkv` (q, k and
+/// v clamped, OLMo-7B-0424's) is refused: the builder has no clamp.
+fn olmo_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+    if let Some(clip) = cfg.get("clip_qkv").filter(|v| !v.is_null()) {
+        return Err(format!(
+            "`clip_qkv` = {clip}: q, k and v clamped are not supported"
+        ));
+    }
+    c.norm = Norm::Unit;
+    c.norm_eps = 1e-5;
+    Ok(())
+}
 
 /// Cohere's settings (`CohereForCausalLM`: Command R, Aya): LayerNorms without bias,
 /// attention and feed-forward blocks in parallel, and the logits multiplied by
@@ -820,6 +836,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     }
     if cohere {
         cohere_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
+    if names_architecture(&cfg, "OlmoForCausalLM") {
+        olmo_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     if names_architecture(&cfg, "SmolLM3ForCausalLM") {
         // Its window is its sliding layers' only, off unless `use_sliding_window` says.

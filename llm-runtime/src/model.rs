@@ -264,6 +264,8 @@ pub enum Norm {
     /// LayerNorm with a bias, `NAME.bias` beside each `NAME.weight` (Phi-2's,
     /// StableLM's, StarCoder2's).
     BiasedLayer,
+    /// LayerNorm without weight or bias (OLMo's): no norm weights at all.
+    Unit,
 }
 
 /// A model file's head size `head_dim` as [`ModelConfig::explicit_head_dim`]: `None`
@@ -599,11 +601,12 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// The weights of the input or final norm `stem` (`layers.N.attention_norm`, ...):
 /// `stem.weight`, and `stem.bias` where the norms have biases ([`Norm::BiasedLayer`]).
 fn norm_weights(c: &ModelConfig, stem: &str) -> Vec<(String, Vec<usize>)> {
-    let mut out = vec![(format!("{stem}.weight"), vec![c.dim])];
-    if c.norm == Norm::BiasedLayer {
-        out.push((format!("{stem}.bias"), vec![c.dim]));
+    let weight = (format!("{stem}.weight"), vec![c.dim]);
+    match c.norm {
+        Norm::Unit => Vec::new(),
+        Norm::BiasedLayer => vec![weight, (format!("{stem}.bias"), vec![c.dim])],
+        Norm::Rms | Norm::Layer => vec![weight],
     }
-    out
 }
 
 /// The fused matrices some checkpoints store (Phi-3's), under the builder's names: per
@@ -865,14 +868,18 @@ impl Emitter<'_> {
 
     /// `value` (`[?, dim]`) through the norm `stem` (its weights `stem.weight` and, where
     /// it has one, `stem.bias`) as `result`, of the model's kind ([`ModelConfig::norm`]; a
-    /// LayerNorm without bias adds the function's `zero_bias`).
+    /// LayerNorm without bias adds the function's `zero_bias`, one without weight scales by
+    /// its `unit_weight`).
     fn input_norm(&mut self, c: &ModelConfig, value: &str, result: &str, stem: &str) -> String {
-        let w = self.weight_f32(&format!("{result}_w"), &format!("{stem}.weight"));
+        let w = match c.norm {
+            Norm::Unit => "unit_weight".to_string(),
+            _ => self.weight_f32(&format!("{result}_w"), &format!("{stem}.weight")),
+        };
         let ty = format!("llm.tensor <?x{}xf32>", c.dim);
         let eps = float(c.norm_eps);
         let bias = match c.norm {
             Norm::Rms => None,
-            Norm::Layer => Some("zero_bias".to_string()),
+            Norm::Layer | Norm::Unit => Some("zero_bias".to_string()),
             Norm::BiasedLayer => {
                 Some(self.weight_f32(&format!("{result}_b"), &format!("{stem}.bias")))
             }
@@ -1026,9 +1033,15 @@ fn forward_func(
         e.op(format!("x0p = llm.add x0, p0 : {act}"));
         x = "x0p".to_string();
     }
-    if c.norm == Norm::Layer {
+    if matches!(c.norm, Norm::Layer | Norm::Unit) {
         e.op(format!(
             "zero_bias = llm.constant {{value = 0.0}} : {}",
+            t(&format!("{d}xf32"))
+        ));
+    }
+    if c.norm == Norm::Unit {
+        e.op(format!(
+            "unit_weight = llm.constant {{value = 1.0}} : {}",
             t(&format!("{d}xf32"))
         ));
     }

@@ -960,7 +960,7 @@ fn reference_gguf_edited(
                 Some("k_proj") => c.kv_heads,
                 _ => 0,
             };
-            let values = if matches!(arch, "llama" | "granite" | "smollm3") && heads > 0 {
+            let values = if matches!(arch, "llama" | "granite" | "smollm3" | "olmo") && heads > 0 {
                 let width = shape.get(1).copied().unwrap_or(1);
                 permute_rope_rows(&values, heads, c.head_dim(), width, false)
             } else {
@@ -993,6 +993,7 @@ fn reference_gguf_edited(
                     | "gpt2"
                     | "starcoder"
                     | "falcon"
+                    | "olmo"
             ) {
                 "attention.layer_norm_epsilon"
             } else {
@@ -2160,6 +2161,35 @@ fn learned_positions_bound_a_request() {
     };
     assert_eq!(produced(1000), produced(128));
     assert!(produced(128) > 100);
+}
+
+/// OLMo (`tests/data/olmo-tiny`, the first OLMo): LayerNorms of neither weight nor bias
+/// (no norm tensors); its GGUF file (llama.cpp's `olmo`, q and k rows reordered for
+/// interleaved pairs as its converter reorders them) computes what transformers computes,
+/// and `clip_qkv` is refused by name.
+#[test]
+fn olmo_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("olmo-tiny");
+    assert_eq!(
+        (loaded.config.norm, loaded.config.norm_eps),
+        (Norm::Unit, 1e-5)
+    );
+    computes_what_transformers_computes(&loaded, &reference, &[]);
+    let bytes = reference_gguf("olmo-tiny", "olmo", Vec::new(), Vec::new());
+    let gguf = llm_runtime::gguf::read(&bytes).expect("the GGUF file loads");
+    assert!(gguf.config.norm == Norm::Unit && !gguf.config.rope_half);
+    let from_gguf = gguf_logits(&bytes, &reference);
+    assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
+    let dir = rewritten_checkpoint(
+        "olmo-tiny",
+        "olmo-clip",
+        |c| c["clip_qkv"] = 8.0.into(),
+        |_| {},
+    );
+    let err = model_file::load(&dir).err().map(|e| e.to_string());
+    std::fs::remove_dir_all(&dir).ok();
+    let err = err.expect("refused");
+    assert!(err.contains("`clip_qkv` = 8.0"), "{err}");
 }
 
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,

@@ -10,7 +10,7 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
-(`olmo2`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
+(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
@@ -54,6 +54,8 @@ from transformers import (
     OPTForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PhiConfig,
@@ -272,6 +274,9 @@ def main():
     # RMSNorms over the whole q and k projections, an untied classifier.
     olmo2 = Olmo2Config(**small, rms_norm_eps=1e-6, tie_word_embeddings=False)
     write("olmo2-tiny", Olmo2ForCausalLM, olmo2, 14)
+    # The first OLMo: LayerNorms of neither weight nor bias.
+    olmo = OlmoConfig(**small, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)
+    write("olmo-tiny", OlmoForCausalLM, olmo, 33)
     # SmolLM3: four layers, the fourth without RoPE (its NoPE layers, every fourth).
     smollm3 = SmolLM3Config(
         **{**small, "num_hidden_layers": 4},
