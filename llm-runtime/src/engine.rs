@@ -239,7 +239,8 @@ impl<'m> Engine<'m> {
     }
 
     /// Queues `n` completions of `prompt` ([`Engine::add_request_n`]). A model whose
-    /// positions are learned ([`ModelConfig::learned_positions`](crate::model::ModelConfig::learned_positions))
+    /// positions are learned
+    /// ([`ModelConfig::learned_positions`](crate::model::ModelConfig::learned_positions))
     /// has none past its table: its requests run at most that many positions.
     fn queue(&mut self, prompt: Vec<u32>, mut params: RequestParams, n: usize) -> Vec<SeqId> {
         let config = self.model.config();

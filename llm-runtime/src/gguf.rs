@@ -631,8 +631,8 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 /// (`starcoder`) learned positions (`position_embd`) and ungated GELU blocks, Falcon's
 /// ungated exact-GELU block side by side with the attention, over one norm, or each over
 /// its own where the file has `attn_norm_2` (Falcon 40B's; llama.cpp computes GELU's tanh
-/// approximation for it too); their biases as [`read_biases`] finds them. StableLM 2 12B's per-head q/k LayerNorms (`attn_q_norm`
-/// of `[head_dim, heads]`) are refused.
+/// approximation for it too); their biases as [`read_biases`] finds them. StableLM 2
+/// 12B's per-head q/k LayerNorms (`attn_q_norm` of `[head_dim, heads]`) are refused.
 fn apply_layer_norms(
     g: &GgufFile,
     arch: &str,

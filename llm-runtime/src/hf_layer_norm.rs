@@ -526,10 +526,11 @@ pub(crate) fn opt_name(hf: &str) -> Option<String> {
 }
 
 /// The builder's name for a Falcon tensor, with or without the `transformer.` prefix
-/// (`transformer.h.N.self_attention.dense.weight` -> `layers.N.attention.wo.weight`, ...): its q, k and v projection, fused by KV group,
-/// becomes the one [`split_qkv_by_group`] splits; `ln_attn` and `ln_mlp` (the new
-/// decoder architecture's) are the attention's and the feed-forward block's norms, as
-/// `input_layernorm` and `post_attention_layernorm` are.
+/// (`transformer.h.N.self_attention.dense.weight` -> `layers.N.attention.wo.weight`,
+/// ...): its q, k and v projection, fused by KV group, becomes the one
+/// [`split_qkv_by_group`] splits; `ln_attn` and `ln_mlp` (the new decoder architecture's)
+/// are the attention's and the feed-forward block's norms, as `input_layernorm` and
+/// `post_attention_layernorm` are.
 pub(crate) fn falcon_name(hf: &str) -> Option<String> {
     let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
     let stems = [
