@@ -183,14 +183,7 @@ pub(crate) fn rope_scaling(
         .get("rope_type")
         .or_else(|| scaling.get("type"))
         .and_then(Json::as_str);
-    let optional = |key: &str| match scaling.get(key) {
-        None | Some(Json::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .map(Some)
-            .ok_or_else(|| format!("`{under}.{key}` = {v} is not a positive number")),
-    };
+    let optional = |key: &str| positive_named(scaling, key, &format!("{under}.{key}"));
     let number = |key: &str| optional(key)?.ok_or_else(|| format!("`{under}.{key}` is missing"));
     // Hugging Face takes 0 for these as not given.
     let unless_zero = |key: &str| match scaling.get(key).and_then(Json::as_f64) {
@@ -476,13 +469,19 @@ fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
 
 /// `key` of `cfg` as a positive, finite number; `None` where it is absent or null.
 pub(crate) fn optional_positive(cfg: &Json, key: &str) -> Result<Option<f64>, String> {
-    match cfg.get(key) {
+    positive_named(cfg, key, key)
+}
+
+/// [`optional_positive`] of `key` in `json`, an error naming it `shown` (its path in
+/// `config.json`).
+fn positive_named(json: &Json, key: &str, shown: &str) -> Result<Option<f64>, String> {
+    match json.get(key) {
         None | Some(Json::Null) => Ok(None),
         Some(v) => v
             .as_f64()
             .filter(|v| v.is_finite() && *v > 0.0)
             .map(Some)
-            .ok_or_else(|| format!("`{key}` = {v} is not a positive number")),
+            .ok_or_else(|| format!("`{shown}` = {v} is not a positive number")),
     }
 }
 

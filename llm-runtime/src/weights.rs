@@ -249,23 +249,16 @@ impl Weights {
         let Some(value) = self.tensors.get(name).cloned() else {
             return Err(format!("no weight `{name}` to transpose"));
         };
-        let transposed = |rows: usize, cols: usize, size: usize, data: &[u8]| -> Vec<u8> {
-            let mut out = vec![0u8; data.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
-                    out[to..to + size].copy_from_slice(&data[from..from + size]);
-                }
-            }
-            out
-        };
+        // The `[rows, cols]` elements `values` as `[cols, rows]`.
+        fn transposed<T: Copy>(rows: usize, cols: usize, values: &[T]) -> Vec<T> {
+            (0..cols)
+                .flat_map(|c| (0..rows).map(move |r| values[r * cols + c]))
+                .collect()
+        }
         let value = match &*value {
             Value::Tensor(t) if t.shape.len() == 2 => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
-                let floats = t.floats()?;
-                let turned = (0..cols)
-                    .flat_map(|c| (0..rows).map(move |r| floats[r * cols + c]))
-                    .collect();
+                let turned = transposed(rows, cols, t.floats()?);
                 Value::Tensor(Tensor::from_f32(vec![cols, rows], t.dtype, turned))
             }
             Value::Quantized(q)
@@ -273,10 +266,11 @@ impl Weights {
                     && matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) =>
             {
                 let (rows, cols) = (q.shape[0], q.shape[1]);
+                let halves: Vec<[u8; 2]> = q.bytes.chunks_exact(2).map(|b| [b[0], b[1]]).collect();
                 Value::Quantized(QTensor {
                     shape: vec![cols, rows],
                     format: q.format.clone(),
-                    bytes: transposed(rows, cols, 2, &q.bytes),
+                    bytes: transposed(rows, cols, &halves).concat(),
                 })
             }
             _ => {
