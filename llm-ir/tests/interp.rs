@@ -624,6 +624,96 @@ fn argmax_takes_the_first_maximum() {
 }
 
 #[test]
+fn topk_takes_the_largest_first_and_the_lower_index_on_ties() {
+    let x = [1., 3., f32::NAN, 3., -2., f32::NAN, 0.5, 7., 7., 1.];
+    let out = run(
+        &[("x", "llm.tensor <2x5xf32>")],
+        &["llm.tensor <2x3xf32>", "llm.tensor <2x3xi64>"],
+        "        v, i = llm.topk x {k = 3} : llm.tensor <2x3xf32>, llm.tensor <2x3xi64>;\n        llm.return v, i",
+        vec![f32s(&[2, 5], &x)],
+    )
+    .expect("runs");
+    // Row 0: the two 3s in index order, then 1 (the NaN never wins against a number
+    // before it). Row 1: the NaN comes first, and nothing is greater than it, so it leads; then the 7s.
+    let values = floats(&out[0]);
+    assert_eq!(values[..3], [3., 3., 1.]);
+    assert!(values[3].is_nan() && values[4..] == [7., 7.]);
+    assert_eq!(
+        out[1].tensor().expect("t").ints().expect("ints"),
+        [1, 3, 0, 0, 2, 3]
+    );
+    let too_many = run(
+        &[("x", "llm.tensor <?xf32>")],
+        &["llm.tensor <?xi32>"],
+        "        v, i = llm.topk x {k = 3} : llm.tensor <?xf32>, llm.tensor <?xi32>;\n        llm.return i",
+        vec![f32s(&[2], &[1., 2.])],
+    );
+    assert!(too_many.expect_err("k > n").contains("k = 3"));
+}
+
+/// `llm.expert_matmul` against each slot's own matmul with its expert's dequantized matrix,
+/// for a shared and a per-slot input, float and quantized experts; an id out of range is an
+/// error.
+#[test]
+fn expert_matmul_multiplies_each_slot_by_its_expert() {
+    let (t, s, e, n, k) = (3, 2, 4, 5, 32);
+    let x = random(t * k, 31);
+    let xs = random(t * s * k, 32);
+    let w = random(e * n * k, 33);
+    let ids = [2, 0, 3, 3, 1, 2];
+    let out = run(
+        &[
+            ("x", "llm.tensor <3x32xf32>"),
+            ("xs", "llm.tensor <3x2x32xf32>"),
+            ("w", "llm.tensor <4x5x32xf32>"),
+            ("ids", "llm.tensor <3x2xi32>"),
+        ],
+        &["llm.tensor <3x2x5xf32>"; 4],
+        "        y = llm.expert_matmul x, w, ids : llm.tensor <3x2x5xf32>;
+        z = llm.expert_matmul xs, w, ids : llm.tensor <3x2x5xf32>;
+        q = llm.quantize w : llm.quantized_tensor <4x5x32, q4_0>;
+        d = llm.dequantize q : llm.tensor <4x5x32xf32>;
+        yq = llm.expert_matmul x, q, ids : llm.tensor <3x2x5xf32>;
+        yd = llm.expert_matmul x, d, ids : llm.tensor <3x2x5xf32>;
+        llm.return y, z, yq, yd",
+        vec![
+            f32s(&[t, k], &x),
+            f32s(&[t, s, k], &xs),
+            f32s(&[e, n, k], &w),
+            i32s(&[t, s], &ids),
+        ],
+    )
+    .expect("runs");
+    let expected = |input: &[f32], per_slot: bool| -> Vec<f32> {
+        let mut out = Vec::new();
+        for (slot, &id) in ids.iter().enumerate() {
+            let row = if per_slot { slot } else { slot / s };
+            let xr = &input[row * k..(row + 1) * k];
+            for j in 0..n {
+                let wr = &w[(id as usize * n + j) * k..][..k];
+                out.push(xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>());
+            }
+        }
+        out
+    };
+    assert_close(&floats(&out[0]), &expected(&x, false), 1e-5);
+    assert_close(&floats(&out[1]), &expected(&xs, true), 1e-5);
+    // Quantized experts mean their dequantized values, bit for bit.
+    assert_eq!(floats(&out[2]), floats(&out[3]));
+    let bad = run(
+        &[
+            ("x", "llm.tensor <1x32xf32>"),
+            ("w", "llm.tensor <4x5x32xf32>"),
+            ("ids", "llm.tensor <1x1xi32>"),
+        ],
+        &["llm.tensor <1x1x5xf32>"],
+        "        y = llm.expert_matmul x, w, ids : llm.tensor <1x1x5xf32>;\n        llm.return y",
+        vec![f32s(&[1, k], &x[..k]), f32s(&[e, n, k], &w), i32s(&[1, 1], &[4])],
+    );
+    assert!(bad.expect_err("id 4 of 4").contains("expert id 4"));
+}
+
+#[test]
 fn tensor_parallel_mlp_equals_the_unsharded_computation() {
     let (x, up, down) = (random(4 * 8, 14), random(16 * 8, 15), random(8 * 16, 16));
     let mesh = "mesh = [tp = 2]";

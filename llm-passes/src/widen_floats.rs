@@ -58,6 +58,8 @@ pub struct WidenFloats;
 const F32_OPS: &[&str] = &[
     "llm.matmul",
     "llm.quantized_matmul",
+    "llm.expert_matmul",
+    "llm.topk",
     "llm.rms_norm",
     "llm.layer_norm",
     "llm.softmax",

@@ -20,6 +20,7 @@ mod elementwise;
 mod fused;
 mod kv;
 mod linalg;
+mod moe;
 mod norm;
 mod plan;
 mod quant;
@@ -37,6 +38,7 @@ pub use fused::{
 };
 pub use kv::{AppendKvOp, LookupKvOp};
 pub use linalg::{EmbeddingOp, MatmulOp};
+pub use moe::{ExpertMatmulOp, TopkOp};
 pub use norm::{LayerNormOp, RmsNormOp, SoftmaxOp};
 pub use plan::{BufferPlanOp, KvPlanOp};
 pub use quant::{DequantizeOp, QuantizeOp, QuantizedMatmulOp};

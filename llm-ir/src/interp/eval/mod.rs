@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod fused;
 pub mod kv;
 pub mod linalg;
+pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod shape;
