@@ -708,7 +708,11 @@ fn expert_matmul_multiplies_each_slot_by_its_expert() {
         ],
         &["llm.tensor <1x1x5xf32>"],
         "        y = llm.expert_matmul x, w, ids : llm.tensor <1x1x5xf32>;\n        llm.return y",
-        vec![f32s(&[1, k], &x[..k]), f32s(&[e, n, k], &w), i32s(&[1, 1], &[4])],
+        vec![
+            f32s(&[1, k], &x[..k]),
+            f32s(&[e, n, k], &w),
+            i32s(&[1, 1], &[4]),
+        ],
     );
     assert!(bad.expect_err("id 4 of 4").contains("expert id 4"));
 }

@@ -1019,6 +1019,28 @@ pub enum Kernel {
         /// The result's integer type.
         index: DType,
     },
+    /// The `k` largest of each row of `n` `f32` values, largest first, and their indices
+    /// (`llm.topk` along the last dim): run by the reference's routine
+    /// (`llm_ir::interp::eval::moe::topk_rows`), a scan of a few values per token.
+    TopK {
+        /// Row length.
+        n: usize,
+        /// Values kept per row.
+        k: usize,
+        /// The indices' integer type.
+        index: DType,
+    },
+    /// `llm.expert_matmul`: each token's slots multiplied by their experts' matrices, the
+    /// `[E, N, K]` weight read expert by expert through the code of the contraction
+    /// `expert` (one expert's `[N, K]`, in a row-major format): the rows routed to an
+    /// expert are gathered and meet its matrix together, so a prefill reads each chosen
+    /// expert once.
+    ExpertContraction {
+        /// One expert's contraction (its code is the kernel's).
+        expert: Contraction,
+        /// The input has a row per slot (`[T, S, K]`), not one per token.
+        per_slot: bool,
+    },
     /// Every value of a quantized tensor as `f32` (`llm.dequantize`): `rows` rows of `k`
     /// (the last dim) in `weight`'s layout.
     Dequantize {
@@ -1219,6 +1241,12 @@ impl Kernel {
             Kernel::RmsNorm { d, .. } => format!("rms_norm_{d}"),
             Kernel::Softmax { n, inner } => format!("softmax_{n}{}", stride_suffix(*inner)),
             Kernel::Argmax { n, inner, .. } => format!("argmax_{n}{}", stride_suffix(*inner)),
+            Kernel::TopK { n, k, .. } => format!("top{k}_of_{n}"),
+            Kernel::ExpertContraction { expert, per_slot } => format!(
+                "experts_{}{}",
+                Kernel::Contraction(*expert).name(),
+                if *per_slot { "_per_slot" } else { "" }
+            ),
             Kernel::Dequantize { weight, rows, k } => {
                 format!("dequantize_{}_{rows}x{k}", weight.name())
             }
@@ -1296,12 +1324,15 @@ impl Kernel {
             | Kernel::Transpose { .. }
             | Kernel::Mesh(_)
             | Kernel::KvAppend { .. }
-            | Kernel::KvLookup { .. } => None,
+            | Kernel::KvLookup { .. }
+            | Kernel::TopK { .. } => None,
             Kernel::AllReduce { reduction, .. } | Kernel::ReduceScatter { reduction, .. } => {
                 Some(Kernel::Fold(*reduction))
             }
             Kernel::Contraction(c) if c.weight == WeightFormat::F32KN => None,
-            Kernel::Contraction(c) | Kernel::ShardedLinear { local: c, .. } => {
+            Kernel::Contraction(c)
+            | Kernel::ShardedLinear { local: c, .. }
+            | Kernel::ExpertContraction { expert: c, .. } => {
                 Some(Kernel::Contraction(Contraction {
                     transpose_at_pack: false,
                     ..*c
@@ -1563,6 +1594,16 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let int_result = matches!(index, DType::I32 | DType::I64);
             (n > 0 && int_result).then_some(Kernel::Argmax { n, inner, index })
         }
+        "llm.topk" => {
+            let x = f32_operand(&check, 0)?;
+            let n = (*x.shape().last()?)? as usize;
+            let k = usize::try_from(check.int("k")?).ok()?;
+            let index = check.result_tensor(1).ok()?.dtype();
+            let int_result = matches!(index, DType::I32 | DType::I64);
+            let f32_values = check.result_tensor(0).ok()?.dtype() == DType::F32;
+            (k > 0 && k <= n && int_result && f32_values).then_some(Kernel::TopK { n, k, index })
+        }
+        "llm.expert_matmul" => expert_contraction(&check),
         "llm.dequantize" => {
             let q = check.quantized(0).ok()?;
             let weight = WeightFormat::of(q.format())?;
@@ -1773,6 +1814,38 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
 
 /// The row length and stride of a reduction along the op's `axis` (default: the last) of
 /// `x`: both static.
+/// The kernel of an `llm.expert_matmul` of `f32` activations and results whose experts
+/// are static `[E, N, K]` matrices in a row-major format: `f32`, or a quantized one whose
+/// rows are whole blocks (so that each expert's rows lie by themselves).
+fn expert_contraction(check: &OpCheck) -> Option<Kernel> {
+    let x = f32_operand(check, 0)?;
+    let (shape, weight) = if check.is_quantized(1) {
+        let w = check.quantized(1).ok()?;
+        (w.shape().to_vec(), WeightFormat::of(w.format())?)
+    } else {
+        (f32_operand(check, 1)?.shape().to_vec(), WeightFormat::F32)
+    };
+    let [Some(_), Some(n), Some(k)] = shape[..] else {
+        return None;
+    };
+    let (n, k) = (n as usize, k as usize);
+    let rows_whole = weight.block().is_some_and(|b| k.is_multiple_of(b));
+    let k_ok = x.shape().last() == Some(&Some(k as u64)) && n > 0 && k > 0;
+    (rows_whole && k_ok && f32_result(check)).then_some(Kernel::ExpertContraction {
+        expert: Contraction {
+            k,
+            n,
+            weight,
+            norm_eps_bits: None,
+            residual: false,
+            transpose_at_pack: false,
+            q8_0_input: false,
+            block_panels: false,
+        },
+        per_slot: x.rank() == 3,
+    })
+}
+
 fn axis_rows(check: &OpCheck, x: &TensorType) -> Option<(usize, usize)> {
     let rank = x.rank() as i64;
     let axis = check.int("axis").unwrap_or(-1);

@@ -2794,3 +2794,76 @@ fn quantized_activations_run_through_a_call_plan() {
         assert_eq!(program.planned_runs(), 2);
     }
 }
+
+/// Row-blocked [`format_case`]s (whose experts' rows lie by themselves): the GGUF block
+/// formats and the 16-bit floats.
+const ROW_BLOCKED_CASES: [usize; 24] = [
+    0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// `llm.expert_matmul` on the CPU against the reference: `f32` experts and every
+    /// row-blocked format, an input shared by a token's slots or one per slot, and tokens
+    /// that choose one expert several times (so an expert's rows are gathered).
+    #[test]
+    fn expert_matmul_agrees(
+        t in 1usize..7,
+        s in 1usize..4,
+        e in 1usize..5,
+        n in 1usize..20,
+        blocks in 1usize..3,
+        case in 0usize..ROW_BLOCKED_CASES.len() + 1,
+        per_slot in any::<bool>(),
+        seed: u64,
+    ) {
+        let (k, weight, w_type) = match ROW_BLOCKED_CASES.get(case) {
+            Some(&which) => {
+                let (k, format, text) = format_case(which, blocks);
+                let Value::Quantized(mut q) = quantized(&format, [e * n, k], seed + 1) else {
+                    unreachable!("a quantized weight")
+                };
+                q.shape = vec![e, n, k];
+                (k, Value::Quantized(q), format!("llm.quantized_tensor <{e}x{n}x{k}, {text}>"))
+            }
+            None => {
+                let k = 13 * blocks;
+                (k, tensor(&[e, n, k], seed + 1, 1.0), ty(&[e, n, k]))
+            }
+        };
+        let x_shape = if per_slot { vec![t, s, k] } else { vec![t, k] };
+        let ids: Vec<i64> = values(seed + 2, t * s, 1.0)
+            .iter()
+            .map(|v| ((v + 1.0) * 0.5 * e as f32) as i64 % e as i64)
+            .collect();
+        let ir = func(
+            &[
+                ("x".into(), ty(&x_shape)),
+                ("w".into(), w_type),
+                ("ids".into(), ity(&[t, s])),
+            ],
+            &ty(&[t, s, n]),
+            &format!("y = llm.expert_matmul x, w, ids : {};", ty(&[t, s, n])),
+        );
+        let args = vec![tensor(&x_shape, seed, 1.0), weight, ints(&[t, s], ids)];
+        cpu_agrees(&ir, args, 1e-4)?;
+    }
+
+    /// `llm.topk` on the CPU against the reference, on rows with ties: the values, then
+    /// the indices as floats.
+    #[test]
+    fn topk_agrees(rows in 1usize..5, n in 1usize..12, pick in 0usize..12, seed: u64) {
+        let k = pick % n + 1;
+        let x: Vec<f32> = values(seed, rows * n, 2.0).iter().map(|v| v.round()).collect();
+        let body = format!(
+            "v, i = llm.topk x {{k = {k}}} : {}, {};\n        c = llm.cast i : {};\n        y = llm.concat v, c {{axis = 1}} : {};",
+            ty(&[rows, k]),
+            ity(&[rows, k]),
+            ty(&[rows, k]),
+            ty(&[rows, 2 * k])
+        );
+        let ir = func(&[("x".into(), ty(&[rows, n]))], &ty(&[rows, 2 * k]), &body);
+        cpu_agrees(&ir, vec![Value::Tensor(Tensor::from_f32(vec![rows, n], DType::F32, x))], 0.0)?;
+    }
+}

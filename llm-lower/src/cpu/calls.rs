@@ -31,6 +31,7 @@ use llm_ir::{
 
 use super::{
     attention,
+    experts::{expert_contraction, top_k},
     jit::CompiledKernels,
     pool::BufferPool,
     tables::{PagedRows, RopeTables},
@@ -79,7 +80,7 @@ pub type Outputs = Result<Results, String>;
 
 impl Kernels<'_> {
     /// `values` as a call's results, in pooled boxes.
-    fn results<const N: usize>(&self, values: [Value; N]) -> Outputs {
+    pub(super) fn results<const N: usize>(&self, values: [Value; N]) -> Outputs {
         Ok(values.into_iter().map(|v| self.pool.wrap(v)).collect())
     }
 
@@ -154,6 +155,10 @@ pub fn call(
             .and_then(|q| k.results([Value::Quantized(q)])),
         (Kernel::Cast { from, to }, Some(f)) => {
             cast([*from, *to], f, inputs).and_then(|t| k.tensor(t))
+        }
+        (Kernel::TopK { n, k: kept, index }, _) => top_k(k, [*n, *kept], *index, inputs),
+        (Kernel::ExpertContraction { expert, .. }, Some(f)) => {
+            expert_contraction(k, expert, f, inputs).and_then(|t| k.tensor(t))
         }
         (Kernel::BatchedMatmul { transposed }, Some(f)) => {
             batched_matmul(k, *transposed, f, inputs).and_then(|t| k.tensor(t))
@@ -324,44 +329,52 @@ fn extra_operand<'a>(
 /// The bytes of a contraction's weight operand, checked to be an `n x k` matrix in the
 /// contraction's format.
 pub(super) fn weight_bytes<'a>(c: &Contraction, w: &'a Value) -> Result<&'a [u8], String> {
+    stacked_weight_bytes(c, w, &[])
+}
+
+/// The bytes of a weight operand of `stack` dims followed by the `n x k` matrix of the
+/// contraction `c` (each matrix's rows after the last's), checked to be in its format.
+pub(super) fn stacked_weight_bytes<'a>(
+    c: &Contraction,
+    w: &'a Value,
+    stack: &[usize],
+) -> Result<&'a [u8], String> {
+    let shape = [stack, &[c.n, c.k]].concat();
     let wbytes: &[u8] = match (c.weight, w) {
         (WeightFormat::F32 | WeightFormat::F32Panels, Value::Tensor(t)) => {
-            return f32_weight_bytes(c, t);
+            return f32_weight_bytes(&shape, t);
         }
         (
             _,
             Value::Quantized(QTensor {
-                shape,
+                shape: stored,
                 bytes,
                 format,
             }),
-        ) if *shape == [c.n, c.k] && c.weight.quant_format().as_ref() == Some(format) => bytes,
+        ) if *stored == shape && c.weight.quant_format().as_ref() == Some(format) => bytes,
         (_, other) => {
             return Err(format!(
-                "the weight ({}) is not a {}x{} matrix",
+                "the weight ({}) is not {shape:?} in {}",
                 other.kind(),
-                c.n,
-                c.k
+                c.weight.name()
             ));
         }
     };
+    let matrices: usize = stack.iter().product();
     let expected = match c.weight.quant_format() {
         Some(format) => storage_bytes(&format, &[c.n, c.k]),
         None => c.n * c.weight.row_bytes(c.k),
     };
-    if wbytes.len() != expected {
+    if Some(wbytes.len()) != expected.checked_mul(matrices) {
         return Err(format!("the weight holds {} bytes", wbytes.len()));
     }
     Ok(wbytes)
 }
 
-/// The bytes of an f32 contraction weight, checked to be `n x k`.
-fn f32_weight_bytes<'a>(c: &Contraction, t: &'a Tensor) -> Result<&'a [u8], String> {
-    if t.shape != [c.n, c.k] {
-        return Err(format!(
-            "the weight {:?} is not a {}x{} matrix",
-            t.shape, c.n, c.k
-        ));
+/// The bytes of an f32 contraction weight, checked to have `shape`.
+fn f32_weight_bytes<'a>(shape: &[usize], t: &'a Tensor) -> Result<&'a [u8], String> {
+    if t.shape != shape {
+        return Err(format!("the weight {:?} is not {shape:?}", t.shape));
     }
     Ok(as_bytes(t.floats()?))
 }
@@ -1290,7 +1303,7 @@ impl MeshOps for CpuMesh<'_> {
 
     fn linear(&mut self, x: &Tensor, w: &Tensor) -> Result<Tensor, String> {
         let c = self.local.ok_or("a fold kernel has no product")?;
-        let wbytes = f32_weight_bytes(c, w)?;
+        let wbytes = f32_weight_bytes(&[c.n, c.k], w)?;
         let rows = Rows::of_floats(x.floats()?, c.k);
         let y = run_contraction(self.k, c, self.code, rows, wbytes, None);
         Ok(Tensor::from_f32(product_shape(&x.shape, c.n), x.dtype, y))

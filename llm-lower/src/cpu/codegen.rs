@@ -61,12 +61,15 @@ pub fn param_count(kernel: &Kernel) -> usize {
         // a, b, out, len
         Kernel::Fold(_) => 4,
         // No code of their own: data movement runs on the host, a sharded linear layer
-        // runs its local contraction's code, a collective its fold's (`Kernel::code`).
+        // and an expert contraction run their contraction's code, a collective its fold's
+        // (`Kernel::code`), a top-k the reference's routine.
         Kernel::Move(_)
         | Kernel::Slice { .. }
         | Kernel::Transpose { .. }
         | Kernel::Mesh(_)
         | Kernel::ShardedLinear { .. }
+        | Kernel::ExpertContraction { .. }
+        | Kernel::TopK { .. }
         | Kernel::AllReduce { .. }
         | Kernel::ReduceScatter { .. }
         | Kernel::KvAppend { .. }
@@ -160,6 +163,8 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
         | Kernel::Transpose { .. }
         | Kernel::Mesh(_)
         | Kernel::ShardedLinear { .. }
+        | Kernel::ExpertContraction { .. }
+        | Kernel::TopK { .. }
         | Kernel::AllReduce { .. }
         | Kernel::ReduceScatter { .. }
         | Kernel::KvAppend { .. }

@@ -10,6 +10,7 @@ pub mod codegen;
 pub mod convert;
 pub mod dequant;
 pub mod emit;
+mod experts;
 pub mod fp4;
 pub mod jit;
 pub mod kq8dot;

@@ -513,8 +513,11 @@ impl Call<'_> {
             | Kernel::ReduceScatter { .. } => {
                 return self.mesh_step(index, step, kernel, pipelines);
             }
-            // Only the collectives fold (no op selects a fold of its own).
-            Kernel::Fold(_) => return Ok(false),
+            // Only the collectives fold (no op selects a fold of its own); `supports`
+            // refuses the routing kernels.
+            Kernel::Fold(_) | Kernel::TopK { .. } | Kernel::ExpertContraction { .. } => {
+                return Ok(false);
+            }
             Kernel::Contraction(c) => self.contraction(index, step, c, pipelines)?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
                 let xs = step

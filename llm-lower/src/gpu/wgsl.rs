@@ -262,6 +262,8 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         // The fold, then each device's box of the result.
         Kernel::ReduceScatter { reduction, .. } => vec![Shader::Fold(*reduction), Shader::Permute],
         Kernel::Fold(reduction) => vec![Shader::Fold(*reduction)],
+        // Refused by `supports`: routing runs the reference semantics.
+        Kernel::TopK { .. } | Kernel::ExpertContraction { .. } => vec![],
         // A strided copy, as a shard's box.
         Kernel::Slice { .. } | Kernel::Transpose { .. } | Kernel::Mesh(MeshMove::Shard { .. }) => {
             vec![Shader::Permute]

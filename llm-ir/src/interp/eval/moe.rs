@@ -108,11 +108,7 @@ impl ExpertDims {
 
     /// The input row that slot `s` of token `t` reads.
     pub fn input_row(&self, t: usize, s: usize) -> usize {
-        if self.per_slot {
-            t * self.slots + s
-        } else {
-            t
-        }
+        if self.per_slot { t * self.slots + s } else { t }
     }
 }
 
@@ -144,13 +140,15 @@ fn expert_matrix(
         Value::Quantized(q) if q.format.gguf_block_bytes().is_some() => {
             let bytes = quant::storage_bytes(&q.format, &[n, k]);
             let stored = q.bytes.get(e * bytes..(e + 1) * bytes).ok_or_else(|| {
-                format!("the weight's {} bytes do not hold expert {e}", q.bytes.len())
+                format!(
+                    "the weight's {} bytes do not hold expert {e}",
+                    q.bytes.len()
+                )
             })?;
             Ok(quant::dequantize(&q.format, &[n, k], stored))
         }
         Value::Quantized(q) => {
-            let all =
-                whole.get_or_insert_with(|| quant::dequantize(&q.format, &q.shape, &q.bytes));
+            let all = whole.get_or_insert_with(|| quant::dequantize(&q.format, &q.shape, &q.bytes));
             Ok(all[e * size..(e + 1) * size].to_vec())
         }
         other => Err(format!("the weight is {}", other.kind())),
