@@ -24,6 +24,7 @@ use serde_json::Value as Json;
 use crate::{
     hf_gemma,
     hf_layer_norm::{self, Family},
+    hf_moe,
     model::{
         Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, ModelConfig, Norm,
         POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read, check_layer_count,
@@ -42,7 +43,8 @@ use crate::{
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
-    let named = hf_layer_norm::gpt_neox_name(hf)
+    let named = hf_moe::expert_name(hf)
+        .or_else(|| hf_layer_norm::gpt_neox_name(hf))
         .or_else(|| hf_layer_norm::opt_name(hf))
         .or_else(|| hf_layer_norm::falcon_name(hf))
         .or_else(|| hf_layer_norm::gpt_name(hf));
@@ -543,13 +545,16 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
     if let Some(names) = cfg.get("architectures").and_then(Json::as_array)
         && let Some(other) = names.iter().find(|n| {
             !n.as_str().is_some_and(|n| {
-                ARCHITECTURES.contains(&n) || hf_layer_norm::architectures().any(|a| a == n)
+                ARCHITECTURES.contains(&n)
+                    || hf_moe::ARCHITECTURES.contains(&n)
+                    || hf_layer_norm::architectures().any(|a| a == n)
             })
         })
     {
         return Err(format!(
-            "`architectures` names {other}; the Llama-family models built are {}, {}",
+            "`architectures` names {other}; the Llama-family models built are {}, {}, {}",
             ARCHITECTURES.join(", "),
+            hf_moe::ARCHITECTURES.join(", "),
             hf_layer_norm::architectures()
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -839,6 +844,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     if names_architecture(&cfg, "OlmoForCausalLM") {
         olmo_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
+    hf_moe::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     if names_architecture(&cfg, "SmolLM3ForCausalLM") {
         // Its window is its sliding layers' only, off unless `use_sliding_window` says.
         if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(true) {
@@ -896,6 +902,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     }
     rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
     check_layer_count(&config, &weights).map_err(|m| err(dir, m))?;
+    hf_moe::stack_experts(&config, &mut weights).map_err(|m| err(dir, m))?;
     if let Some(family) = Family::of(&cfg) {
         family
             .prepare_weights(&config, &mut weights)

@@ -153,7 +153,51 @@ pub struct ModelConfig {
     /// Local attention in some layers only (Gemma 2's and 3's interleaving); `None` where
     /// every layer attends alike.
     pub local_attention: Option<LocalAttention>,
+    /// Mixture-of-experts feed-forward blocks (Mixtral's, Qwen3-MoE's, OLMoE's) in some or
+    /// every layer; `None` where every layer's block is dense.
+    pub experts: Option<Experts>,
 }
+
+/// Feed-forward blocks of routed experts: a router (`layers.N.feed_forward.gate_inp`,
+/// [`ROUTER`], `[count, dim]`) scores the experts for each token, the `per_token` best
+/// run (each a gated block of width `hidden`: [`EXPERT_GATES`], [`EXPERT_UPS`],
+/// [`EXPERT_DOWNS`], stacked `[count, ...]`), and their outputs are summed, weighted by
+/// the router's softmax probabilities of the chosen experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Experts {
+    /// Experts of a layer.
+    pub count: usize,
+    /// Experts each token runs.
+    pub per_token: usize,
+    /// Width of an expert's hidden layer.
+    pub hidden: usize,
+    /// The chosen experts' weights are rescaled to sum to 1 (Mixtral's, and Qwen3-MoE's
+    /// `norm_topk_prob`); otherwise they are the probabilities of a softmax over every
+    /// expert (OLMoE's).
+    pub normalize: bool,
+    /// Which layers route (the others have a dense block of `hidden_dim`: Qwen3-MoE's
+    /// `mlp_only_layers` and `decoder_sparse_step`).
+    pub layers: Vec<bool>,
+}
+
+impl Experts {
+    /// Whether layer `l` routes its tokens to experts.
+    pub fn routes(&self, l: usize) -> bool {
+        self.layers.get(l).copied().unwrap_or(false)
+    }
+}
+
+/// The router of a mixture-of-experts layer, under `layers.N.`: `[experts, dim]`.
+pub const ROUTER: &str = "feed_forward.gate_inp.weight";
+
+/// The experts' gate projections, stacked: `[experts, hidden, dim]`.
+pub const EXPERT_GATES: &str = "feed_forward.experts.w1.weight";
+
+/// The experts' up projections, stacked: `[experts, hidden, dim]`.
+pub const EXPERT_UPS: &str = "feed_forward.experts.w3.weight";
+
+/// The experts' down projections, stacked: `[experts, dim, hidden]`.
+pub const EXPERT_DOWNS: &str = "feed_forward.experts.w2.weight";
 
 /// Layers that attend locally among layers that attend to every position (Gemma 2
 /// alternates them, Gemma 3 has five local layers to a global one). Unlike
@@ -340,6 +384,7 @@ impl Default for ModelConfig {
             learned_positions: false,
             nope_layers: None,
             local_attention: None,
+            experts: None,
         }
     }
 }
@@ -452,6 +497,9 @@ impl ModelConfig {
                 self.layers
             ));
         }
+        if let Some(experts) = &self.experts {
+            self.validate_experts(experts)?;
+        }
         if let Some(local) = &self.local_attention {
             if self.sliding_window.is_some() {
                 return Err(
@@ -469,6 +517,34 @@ impl ModelConfig {
                     self.layers
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// Checks a mixture-of-experts configuration: each token runs between one and all of
+    /// the experts, each of some width, through a gated block without biases, and the
+    /// routing layers are listed for every layer.
+    fn validate_experts(&self, experts: &Experts) -> Result<(), String> {
+        if experts.per_token == 0 || experts.per_token > experts.count {
+            return Err(format!(
+                "each token runs {} of {} experts",
+                experts.per_token, experts.count
+            ));
+        }
+        if experts.hidden == 0 {
+            return Err("the experts' hidden width is 0".into());
+        }
+        if experts.layers.len() != self.layers {
+            return Err(format!(
+                "{} layers are marked with or without experts, but the model has {}",
+                experts.layers.len(),
+                self.layers
+            ));
+        }
+        if self.feed_forward != FeedForward::Gated || self.ffn_bias {
+            return Err("experts are gated feed-forward blocks without biases".into());
         }
         Ok(())
     }
@@ -539,11 +615,22 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}attention.wk.weight"), vec![kvd, d]),
             (format!("{p}attention.wv.weight"), vec![kvd, d]),
             (format!("{p}attention.wo.weight"), vec![d, qd]),
-            (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
-            (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
         ]);
+        match c.experts.as_ref().filter(|x| x.routes(l)) {
+            Some(x) => out.extend([
+                (format!("{p}{ROUTER}"), vec![x.count, d]),
+                (format!("{p}{EXPERT_GATES}"), vec![x.count, x.hidden, d]),
+                (format!("{p}{EXPERT_UPS}"), vec![x.count, x.hidden, d]),
+                (format!("{p}{EXPERT_DOWNS}"), vec![x.count, d, x.hidden]),
+            ]),
+            None => out.extend([
+                (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
+                (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
+            ]),
+        }
         let gated = c.feed_forward == FeedForward::Gated;
-        if gated {
+        let dense = !c.experts.as_ref().is_some_and(|x| x.routes(l));
+        if gated && dense {
             out.push((format!("{p}feed_forward.w1.weight"), vec![hd, d]));
         }
         if c.ffn_bias {
@@ -756,6 +843,18 @@ impl Emitter<'_> {
     fn weight(&mut self, value: &str, name: &str) {
         let ty = self.weights.ir_type(name).unwrap_or_default();
         self.op(format!("{value} = llm.weight {{name = \"{name}\"}} : {ty}"));
+    }
+
+    /// Declares weight `name` and returns a value a kernel reads it from as stored: a
+    /// quantized weight as it is, a float one as `f32` (cast from 16 bits).
+    fn stored_weight(&mut self, value: &str, name: &str) -> String {
+        match self.weights.weight(name).as_deref() {
+            Some(Value::Quantized(_)) => {
+                self.weight(value, name);
+                value.to_string()
+            }
+            _ => self.weight_f32(value, name),
+        }
     }
 
     /// Declares weight `name` and returns a value holding it as f32 (cast or dequantized).
@@ -998,6 +1097,97 @@ impl Emitter<'_> {
     }
 }
 
+impl Emitter<'_> {
+    /// Layer `l`'s dense feed-forward block over `input`: its down projection's value.
+    fn dense_feed_forward(&mut self, c: &ModelConfig, input: &str, l: usize) -> String {
+        let (act, hid) = (
+            format!("llm.tensor <?x{}xf32>", c.dim),
+            format!("llm.tensor <?x{}xf32>", c.hidden_dim),
+        );
+        let ffn = |w: &str| format!("layers.{l}.feed_forward.{w}.weight");
+        let up = self.projection(input, &format!("up_{l}"), &ffn("w3"), c.ffn_bias, &hid);
+        let hidden = match c.feed_forward {
+            FeedForward::Gated => {
+                let gate =
+                    self.projection(input, &format!("gate_{l}"), &ffn("w1"), c.ffn_bias, &hid);
+                let act = self.activation(c.activation, &gate, &format!("act_{l}"), &hid);
+                self.op(format!("glu_{l} = llm.mul {act}, {up} : {hid}"));
+                format!("glu_{l}")
+            }
+            FeedForward::Ungated => self.activation(c.activation, &up, &format!("act_{l}"), &hid),
+        };
+        self.projection(&hidden, &format!("down_{l}"), &ffn("w2"), c.ffn_bias, &act)
+    }
+
+    /// Layer `l`'s mixture of `experts` over `input`: the router's logits, the chosen
+    /// experts (`llm.topk`) and their weights (a softmax over the chosen logits where they
+    /// are normalized, the chosen probabilities of a softmax over all otherwise), each
+    /// chosen expert's gated block (`llm.expert_matmul`), and the weighted sum of their
+    /// outputs (a batched `[1, k] x [k, dim]` product per token). Returns the sum's value.
+    fn experts(&mut self, c: &ModelConfig, experts: &Experts, input: &str, l: usize) -> String {
+        let (d, k, count, eh) = (c.dim, experts.per_token, experts.count, experts.hidden);
+        let t = |shape: String| format!("llm.tensor <{shape}>");
+        let p = format!("layers.{l}.");
+        let router = self.weight_f32(&format!("router_{l}_w"), &format!("{p}{ROUTER}"));
+        let (logits_ty, top_ty, ids_ty) = (
+            t(format!("?x{count}xf32")),
+            t(format!("?x{k}xf32")),
+            t(format!("?x{k}xi32")),
+        );
+        self.op(format!(
+            "router_{l} = llm.matmul {input}, {router} {{transpose_rhs = true}} : {logits_ty}"
+        ));
+        if experts.normalize {
+            self.op(format!(
+                "top_{l}, ids_{l} = llm.topk router_{l} {{k = {k}}} : {top_ty}, {ids_ty}"
+            ));
+            self.op(format!(
+                "route_{l} = llm.softmax top_{l} {{axis = -1}} : {top_ty}"
+            ));
+        } else {
+            self.op(format!(
+                "probs_{l} = llm.softmax router_{l} {{axis = -1}} : {logits_ty}"
+            ));
+            self.op(format!(
+                "route_{l}, ids_{l} = llm.topk probs_{l} {{k = {k}}} : {top_ty}, {ids_ty}"
+            ));
+        }
+        let slots_hid = t(format!("?x{k}x{eh}xf32"));
+        let slots_act = t(format!("?x{k}x{d}xf32"));
+        let expert_product = |e: &mut Self, x: &str, result: &str, name: &str, ty: &str| {
+            let w = e.stored_weight(&format!("{result}_w"), &format!("{p}{name}"));
+            e.op(format!(
+                "{result} = llm.expert_matmul {x}, {w}, ids_{l} : {ty}"
+            ));
+            result.to_string()
+        };
+        let gate = expert_product(self, input, &format!("egate_{l}"), EXPERT_GATES, &slots_hid);
+        let up = expert_product(self, input, &format!("eup_{l}"), EXPERT_UPS, &slots_hid);
+        let act = self.activation(c.activation, &gate, &format!("eact_{l}"), &slots_hid);
+        self.op(format!("eglu_{l} = llm.mul {act}, {up} : {slots_hid}"));
+        let down = expert_product(
+            self,
+            &format!("eglu_{l}"),
+            &format!("edown_{l}"),
+            EXPERT_DOWNS,
+            &slots_act,
+        );
+        self.op(format!(
+            "route3_{l} = llm.reshape route_{l} : {}",
+            t(format!("?x1x{k}xf32"))
+        ));
+        self.op(format!(
+            "mixed3_{l} = llm.matmul route3_{l}, {down} : {}",
+            t(format!("?x1x{d}xf32"))
+        ));
+        self.op(format!(
+            "mixed_{l} = llm.reshape mixed3_{l} : {}",
+            t(format!("?x{d}xf32"))
+        ));
+        format!("mixed_{l}")
+    }
+}
+
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
 fn forward_func(
     c: &ModelConfig,
@@ -1006,14 +1196,13 @@ fn forward_func(
     name: &str,
     batch: &str,
 ) -> String {
-    let (d, hd, kvd, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab);
+    let (d, kvd, v) = (c.dim, c.kv_dim(), c.vocab);
     let (h, kvh, dh) = (c.heads, c.kv_heads, c.head_dim());
     let cache = cache_type(c, kv);
     let t = |shape: &str| format!("llm.tensor <{shape}>");
     let eps = float(c.norm_eps);
     let act = t(&format!("?x{d}xf32"));
     let qact = t(&format!("?x{}xf32", c.q_dim()));
-    let hid = t(&format!("?x{hd}xf32"));
     let kv = t(&format!("?x{kvd}xf32"));
     let mut e = Emitter {
         text: String::new(),
@@ -1152,19 +1341,10 @@ fn forward_func(
                 e.input_norm(c, &format!("xa_{l}"), &format!("hf_{l}"), &ffn_norm)
             }
         };
-        let ffn = |w: &str| format!("{p}feed_forward.{w}.weight");
-        let up = e.projection(&ffn_in, &format!("up_{l}"), &ffn("w3"), c.ffn_bias, &hid);
-        let hidden = match c.feed_forward {
-            FeedForward::Gated => {
-                let gate =
-                    e.projection(&ffn_in, &format!("gate_{l}"), &ffn("w1"), c.ffn_bias, &hid);
-                let act = e.activation(c.activation, &gate, &format!("act_{l}"), &hid);
-                e.op(format!("glu_{l} = llm.mul {act}, {up} : {hid}"));
-                format!("glu_{l}")
-            }
-            FeedForward::Ungated => e.activation(c.activation, &up, &format!("act_{l}"), &hid),
+        let down = match c.experts.as_ref().filter(|x| x.routes(l)) {
+            Some(experts) => e.experts(c, experts, &ffn_in, l),
+            None => e.dense_feed_forward(c, &ffn_in, l),
         };
-        let down = e.projection(&hidden, &format!("down_{l}"), &ffn("w2"), c.ffn_bias, &act);
         let down = e.post_norm(c, &down, &format!("{p}{POST_FFW_NORM}"), &act);
         let down = e.scaled(&down, c.residual_scale, &act);
         let next = format!("x{}", l + 1);

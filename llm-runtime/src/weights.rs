@@ -359,6 +359,40 @@ impl Weights {
         Ok(())
     }
 
+    /// Stacks weights `parts`, of one shape and type, into weight `into`, of their shape
+    /// with the number of parts before it (the stacked matrices of a mixture's experts),
+    /// replacing them.
+    pub fn stack(&mut self, parts: &[String], into: &str) -> Result<(), String> {
+        let mut shape = None;
+        for part in parts {
+            let found = self
+                .weight_shape(part)
+                .ok_or_else(|| format!("no weight `{part}` to stack into `{into}`"))?;
+            match &shape {
+                None => shape = Some(found),
+                Some(first) if *first != found => {
+                    return Err(format!(
+                        "weight `{part}` is {found:?}, the others stacked into `{into}` {first:?}"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        self.concat_rows(parts, into)?;
+        let stacked: Vec<usize> = std::iter::once(parts.len())
+            .chain(shape.unwrap_or_default())
+            .collect();
+        let joined = self.tensors.remove(into).expect("just joined");
+        let mut value = Rc::unwrap_or_clone(joined);
+        match &mut value {
+            Value::Tensor(t) => t.shape = stacked,
+            Value::Quantized(q) => q.shape = stacked,
+            _ => unreachable!("concat_rows joins tensors"),
+        }
+        self.insert(into, value);
+        Ok(())
+    }
+
     /// The names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();

@@ -3120,3 +3120,97 @@ fn bad_directories_name_the_file() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Mixtral (`tests/data/mixtral-tiny`): four experts a layer, each token running the two
+/// its router scores highest, their outputs weighted by the renormalized probabilities.
+#[test]
+fn mixtral_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("mixtral-tiny");
+    let experts = loaded.config.experts.as_ref().expect("experts");
+    assert_eq!(
+        (
+            experts.count,
+            experts.per_token,
+            experts.hidden,
+            experts.normalize
+        ),
+        (4, 2, 64, true)
+    );
+    assert_eq!(experts.layers, [true, true]);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the second expert", &|c| {
+                c.experts.as_mut().expect("experts").per_token = 1;
+            }),
+        ],
+    );
+}
+
+/// Qwen3-MoE (`tests/data/qwen3-moe-tiny`): eight experts of width 32 in its second
+/// layer, two a token, renormalized; its first layer dense (`mlp_only_layers`); per-head
+/// q and k norms.
+#[test]
+fn qwen3_moe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen3-moe-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(
+        (
+            experts.count,
+            experts.per_token,
+            experts.hidden,
+            experts.normalize
+        ),
+        (8, 2, 32, true)
+    );
+    assert_eq!(
+        (experts.layers.as_slice(), c.hidden_dim),
+        ([false, true].as_slice(), 64)
+    );
+    assert_eq!(c.qk_norm, QkNorm::Heads);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("renormalized weights", &|c| {
+            c.experts.as_mut().expect("experts").normalize = false;
+        })],
+    );
+}
+
+/// OLMoE (`tests/data/olmoe-tiny`): eight experts, three a token, weighted by their
+/// probabilities among all eight (not renormalized); RMSNorms over the whole q and k
+/// projections. A `clip_qkv` is refused.
+#[test]
+fn olmoe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("olmoe-tiny");
+    let experts = loaded.config.experts.as_ref().expect("experts");
+    assert_eq!(
+        (experts.count, experts.per_token, experts.normalize),
+        (8, 3, false)
+    );
+    assert_eq!(loaded.config.qk_norm, QkNorm::Projections);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("unnormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = true;
+            }),
+            ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
+        ],
+    );
+    let dir = rewritten_checkpoint(
+        "olmoe-tiny",
+        "olmoe-clip",
+        |c| c["clip_qkv"] = 8.0.into(),
+        |_| {},
+    );
+    let err = model_file::load(&dir).err().map(|e| e.to_string());
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(err.expect("refused").contains("clip_qkv"));
+}

@@ -13,7 +13,8 @@ partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
-Llama's feed-forward biases (`llama-mlp-bias`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+Llama's feed-forward biases (`llama-mlp-bias`), the mixtures of experts (`mixtral`,
+`qwen3-moe`, `olmoe`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -50,12 +51,16 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PhiConfig,
@@ -64,6 +69,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -81,8 +88,9 @@ def randomize(model, seed, offset_norms):
     (the vectors that are not biases) in [0.5, 1.5] (Gemma's, `offset_norms`, stored as
     offsets from 1), biases of standard deviation 0.5, embeddings (tokens' and GPT-2's
     positions') of standard deviation 0.5,
-    projections of variance 1 / fan-in (q and k 2.25 times that, for pronounced
-    attention)."""
+    projections (and each expert's, stacked) of variance 1 / fan-in (q and k 2.25 times
+    that, for pronounced attention; mixture-of-experts routers 16 times, for routing
+    that rounding cannot change)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -96,9 +104,11 @@ def randomize(model, seed, offset_norms):
             elif "embed_tokens" in name or name.endswith(("wte.weight", "wpe.weight")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             else:
-                std = p.shape[1] ** -0.5
+                std = p.shape[-1] ** -0.5
                 if "q_proj" in name or "k_proj" in name:
                     std *= 1.5
+                if name.endswith(ROUTERS):
+                    std *= 4
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -119,6 +129,7 @@ def write(name, model_class, config, seed):
         logits = model(ids).logits[0]
     top = logits.topk(2, dim=-1).values
     margin = (top[:, 0] - top[:, 1]).min().item()
+    routing = f", smallest routing margin {routing_margin(model, ids):.4f}" if is_moe(model) else ""
     reference = {
         "ids": ids[0].tolist(),
         "prompt_len": PROMPT_LEN,
@@ -126,7 +137,36 @@ def write(name, model_class, config, seed):
     }
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(reference, f)
-    print(f"{name}: ids {reference['ids']}, smallest top-2 margin {margin:.4f}")
+    print(f"{name}: ids {reference['ids']}, smallest top-2 margin {margin:.4f}{routing}")
+
+
+# The mixture-of-experts routers' weights (Mixtral's `block_sparse_moe.gate`, Qwen3-MoE's
+# and OLMoE's `mlp.gate`).
+ROUTERS = ("block_sparse_moe.gate.weight", "mlp.gate.weight")
+
+
+def is_moe(model):
+    return any(name.endswith(ROUTERS) for name, _ in model.named_parameters())
+
+
+def routing_margin(model, ids):
+    """The smallest gap, over every routing layer and token, between the router logits
+    of the last expert chosen and the first one left out: how far rounding would have to
+    move a logit to change the experts a token runs."""
+    gaps = []
+
+    def hook(module, args, output):
+        logits = output[0].float()
+        top = logits.topk(module.top_k + 1, dim=-1).values
+        gaps.append((top[:, -2] - top[:, -1]).min().item())
+
+    routers = [m for n, m in model.named_modules() if n.endswith(("block_sparse_moe.gate", "mlp.gate"))]
+    handles = [m.register_forward_hook(hook) for m in routers]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return min(gaps)
 
 
 def main():
@@ -413,6 +453,37 @@ def main():
     # Llama with `mlp_bias`: biases on the gate, up and down projections.
     llama_mlp_bias = LlamaConfig(**small, tie_word_embeddings=True, mlp_bias=True)
     write("llama-mlp-bias-tiny", LlamaForCausalLM, llama_mlp_bias, 20)
+    # Mixtral: four experts a layer, two of them run for each token, their weights
+    # renormalized to sum to 1.
+    mixtral = MixtralConfig(
+        **small, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False
+    )
+    write("mixtral-tiny", MixtralForCausalLM, mixtral, 34)
+    # Qwen3-MoE: eight experts of width 32, two a token, renormalized; its first layer a
+    # dense block of `intermediate_size` (`mlp_only_layers`); per-head q and k norms.
+    qwen3_moe = Qwen3MoeConfig(
+        **small,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        tie_word_embeddings=False,
+    )
+    write("qwen3-moe-tiny", Qwen3MoeForCausalLM, qwen3_moe, 35)
+    # OLMoE: eight experts, three a token, weighted by their probabilities among all
+    # eight (not renormalized); RMSNorms over the whole q and k projections.
+    olmoe = OlmoeConfig(
+        **small,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=False,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    write("olmoe-tiny", OlmoeForCausalLM, olmoe, 36)
 
 
 def gemma3_1b_shape(out):

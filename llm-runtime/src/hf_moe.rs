@@ -1,0 +1,226 @@
+//! Hugging Face's mixture-of-experts checkpoints: Mixtral (`MixtralForCausalLM`),
+//! Qwen3-MoE (`Qwen3MoeForCausalLM`) and OLMoE (`OlmoeForCausalLM`), Llama's blocks
+//! (with Qwen3's per-head and OLMoE's whole-projection q/k norms) whose feed-forward
+//! blocks route each token to a few experts ([`Experts`]).
+//!
+//! The Hub's checkpoints store each expert's matrices as tensors of their own
+//! (`model.layers.N.block_sparse_moe.experts.E.w1.weight`, Qwen3-MoE's and OLMoE's
+//! `model.layers.N.mlp.experts.E.gate_proj.weight`; transformers 5 fuses them when it
+//! loads and splits them again when it saves); the loader stacks them into the builder's
+//! `[experts, ...]` weights ([`stack_experts`]).
+
+use serde_json::Value as Json;
+
+use crate::{
+    hf::{config_int, flag_or, names_architecture},
+    model::{EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, QkNorm, ROUTER},
+    weights::{Weights, builder_name},
+};
+
+/// The mixture-of-experts architectures read.
+pub(crate) const ARCHITECTURES: [&str; 3] = [
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+];
+
+/// An expert's matrices in a checkpoint (Mixtral's names, then Qwen3-MoE's and OLMoE's)
+/// and the builder's, per expert, before [`stack_experts`].
+const EXPERT_PARTS: [(&str, &str); 6] = [
+    ("w1", "w1"),
+    ("w3", "w3"),
+    ("w2", "w2"),
+    ("gate_proj", "w1"),
+    ("up_proj", "w3"),
+    ("down_proj", "w2"),
+];
+
+/// The builder's name of a router or expert tensor of a checkpoint: a router is the
+/// layer's [`ROUTER`]; an expert's matrix `feed_forward.experts.E.w{1,3,2}.weight` of its
+/// layer until [`stack_experts`] stacks it. `None` for other tensors.
+pub(crate) fn expert_name(hf: &str) -> Option<String> {
+    let router = builder_name(
+        hf,
+        &[],
+        "model.layers.",
+        &[
+            ("block_sparse_moe.gate.weight", ROUTER),
+            ("mlp.gate.weight", ROUTER),
+        ],
+    );
+    if router.is_some() {
+        return router;
+    }
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let rest = rest
+        .strip_prefix("block_sparse_moe.experts.")
+        .or_else(|| rest.strip_prefix("mlp.experts."))?;
+    let (expert, part) = rest.strip_suffix(".weight")?.split_once('.')?;
+    let (layer, expert): (usize, usize) = (layer.parse().ok()?, expert.parse().ok()?);
+    let (_, ours) = EXPERT_PARTS.iter().find(|(theirs, _)| *theirs == part)?;
+    Some(expert_matrix(layer, expert, ours))
+}
+
+/// The builder's name of expert `expert`'s matrix `w` (`w1`, `w3` or `w2`) of `layer`
+/// before stacking.
+fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
+    format!("layers.{layer}.feed_forward.experts.{expert}.{w}.weight")
+}
+
+/// The experts `cfg` describes (`None` for the other architectures): Mixtral's
+/// `num_local_experts`, each of `intermediate_size`, renormalized, in every layer;
+/// Qwen3-MoE's `num_experts` (transformers 5 writes `num_local_experts`) of
+/// `moe_intermediate_size` in the layers `mlp_only_layers` leaves out and
+/// `decoder_sparse_step` picks, the others dense; OLMoE's `num_experts` of
+/// `intermediate_size` in every layer; both renormalized where `norm_topk_prob` says.
+fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
+    let mixtral = names_architecture(cfg, "MixtralForCausalLM");
+    let qwen3 = names_architecture(cfg, "Qwen3MoeForCausalLM");
+    if !(mixtral || qwen3 || names_architecture(cfg, "OlmoeForCausalLM")) {
+        return Ok(None);
+    }
+    let count = match (cfg.get("num_experts"), cfg.get("num_local_experts")) {
+        (Some(_), Some(_))
+            if config_int(cfg, "num_experts")? != config_int(cfg, "num_local_experts")? =>
+        {
+            return Err("`num_experts` and `num_local_experts` differ".into());
+        }
+        (Some(_), _) => config_int(cfg, "num_experts")?,
+        _ => config_int(cfg, "num_local_experts")?,
+    };
+    let hidden = config_int(
+        cfg,
+        if qwen3 {
+            "moe_intermediate_size"
+        } else {
+            "intermediate_size"
+        },
+    )?;
+    let routing = if qwen3 {
+        let step = match cfg.get("decoder_sparse_step") {
+            None | Some(Json::Null) => 1,
+            Some(_) => config_int(cfg, "decoder_sparse_step")?,
+        };
+        let dense: Vec<u64> = match cfg.get("mlp_only_layers") {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(list)) => list
+                .iter()
+                .map(|l| l.as_u64().ok_or(format!("`mlp_only_layers` holds {l}")))
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(format!("`mlp_only_layers` = {other} is not a list")),
+        };
+        (0..layers)
+            .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
+            .collect()
+    } else {
+        vec![true; layers]
+    };
+    Ok(Some(Experts {
+        count,
+        per_token: config_int(cfg, "num_experts_per_tok")?,
+        hidden,
+        normalize: mixtral || flag_or(cfg, "norm_topk_prob", false)?,
+        layers: routing,
+    }))
+}
+
+/// Sets the mixture-of-experts settings of `cfg` on `c`: the experts, and the q/k norms
+/// (Qwen3-MoE's per head, OLMoE's over the whole projections). OLMoE's `clip_qkv` is
+/// refused (the builder has no clamp).
+pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+    c.experts = experts(cfg, c.layers)?;
+    if names_architecture(cfg, "Qwen3MoeForCausalLM") {
+        c.qk_norm = QkNorm::Heads;
+    }
+    if names_architecture(cfg, "OlmoeForCausalLM") {
+        if cfg.get("clip_qkv").is_some_and(|v| !v.is_null()) {
+            return Err("`clip_qkv` is set: OLMoE's clamped projections are not supported".into());
+        }
+        c.qk_norm = QkNorm::Projections;
+    }
+    Ok(())
+}
+
+/// Stacks each routing layer's experts' matrices, one weight an expert as a checkpoint
+/// stores them, into the builder's [`EXPERT_GATES`], [`EXPERT_UPS`] and
+/// [`EXPERT_DOWNS`]; a model without experts is left as it is. An expert missing a matrix
+/// is an error naming it.
+pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+    let Some(experts) = &c.experts else {
+        return Ok(());
+    };
+    // Each expert's matrices are tensors of their own: a count beyond the tensors held
+    // is refused before the names are listed.
+    let held = weights.names().len();
+    if experts.count > held {
+        return Err(format!(
+            "the model has {} experts a layer, but its files hold {held} tensors",
+            experts.count
+        ));
+    }
+    for l in (0..c.layers).filter(|&l| experts.routes(l)) {
+        for (w, stacked) in [
+            ("w1", EXPERT_GATES),
+            ("w3", EXPERT_UPS),
+            ("w2", EXPERT_DOWNS),
+        ] {
+            let parts: Vec<String> = (0..experts.count).map(|e| expert_matrix(l, e, w)).collect();
+            weights.stack(&parts, &format!("layers.{l}.{stacked}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_names_of_each_family() {
+        let named = |hf: &str| expert_name(hf);
+        assert_eq!(
+            named("model.layers.3.block_sparse_moe.experts.7.w2.weight").as_deref(),
+            Some("layers.3.feed_forward.experts.7.w2.weight")
+        );
+        assert_eq!(
+            named("model.layers.0.mlp.experts.12.up_proj.weight").as_deref(),
+            Some("layers.0.feed_forward.experts.12.w3.weight")
+        );
+        assert_eq!(
+            named("model.layers.1.mlp.gate.weight").as_deref(),
+            Some("layers.1.feed_forward.gate_inp.weight")
+        );
+        for other in [
+            "model.layers.1.mlp.gate_proj.weight",
+            "model.layers.1.mlp.experts.x.up_proj.weight",
+            "model.layers.1.mlp.experts.2.other.weight",
+            "model.layers.1.mlp.experts.gate_up_proj",
+        ] {
+            assert_eq!(named(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn qwen3_moe_dense_layers() {
+        let cfg: Json = serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "mlp_only_layers": [1],
+            "decoder_sparse_step": 2,
+        });
+        let x = experts(&cfg, 6).expect("valid").expect("experts");
+        assert_eq!(x.layers, [false, false, false, true, false, true]);
+        assert_eq!(
+            (x.count, x.per_token, x.hidden, x.normalize),
+            (8, 2, 16, false)
+        );
+        let both = serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "num_experts": 8,
+            "num_local_experts": 4,
+        });
+        assert!(experts(&both, 2).is_err());
+    }
+}
