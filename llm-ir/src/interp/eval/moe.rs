@@ -1,6 +1,9 @@
 //! Semantics of the mixture-of-experts ops: `llm.topk` and `llm.expert_matmul`.
 
-use std::{collections::HashMap, rc::Rc};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    rc::Rc,
+};
 
 use super::{Eval, Outputs, linalg::matmul_2d, one};
 use crate::interp::{
@@ -87,9 +90,9 @@ impl ExpertDims {
                 "the ids {ids_shape:?} are not [T, S] or the weight {w_shape:?} is not [E, N, K]"
             ));
         };
-        let per_slot = match x_shape {
-            &[t, xk] if t == tokens && xk == k => false,
-            &[t, s, xk] if t == tokens && s == slots && xk == k => true,
+        let per_slot = match *x_shape {
+            [t, xk] if t == tokens && xk == k => false,
+            [t, s, xk] if t == tokens && s == slots && xk == k => true,
             _ => {
                 return Err(format!(
                     "the input {x_shape:?} is neither [{tokens}, {k}] nor [{tokens}, {slots}, {k}]"
@@ -173,11 +176,12 @@ pub fn expert_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     for t in 0..dims.tokens {
         for s in 0..dims.slots {
             let expert = chosen[t * dims.slots + s];
-            if !matrices.contains_key(&expert) {
-                let m = expert_matrix(&inputs[1], expert, (n, k), &mut whole)?;
-                matrices.insert(expert, m);
-            }
-            let w = &matrices[&expert];
+            let w = match matrices.entry(expert) {
+                Entry::Occupied(held) => held.into_mut(),
+                Entry::Vacant(slot) => {
+                    slot.insert(expert_matrix(&inputs[1], expert, (n, k), &mut whole)?)
+                }
+            };
             let row = dims.input_row(t, s);
             let x_row = &xs[row * k..(row + 1) * k];
             out.extend(matmul_2d(x_row, 1, k, n, |p, j| w[j * k + p]));
