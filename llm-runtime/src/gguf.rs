@@ -33,9 +33,10 @@ use llm_ir::{
 
 use crate::{
     model::{
-        Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
-        LocalAttention, ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM,
-        QkNorm, ROPE_FREQS, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts,
+        FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
+        POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
+        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -433,6 +434,10 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("attn_k_norm.weight", "attention.k_norm.weight"),
             (POST_ATTENTION_NORM, POST_ATTENTION_NORM),
             (POST_FFW_NORM, POST_FFW_NORM),
+            ("ffn_gate_inp.weight", ROUTER),
+            ("ffn_gate_exps.weight", EXPERT_GATES),
+            ("ffn_up_exps.weight", EXPERT_UPS),
+            ("ffn_down_exps.weight", EXPERT_DOWNS),
         ],
     )?;
     // Biases only in qwen2's and llama's projections and the LayerNorm architectures',
@@ -565,9 +570,11 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). `olmo` is llama's with LayerNorms of neither weight nor bias (no
-/// norm tensors). The other architectures read are [`LAYER_NORM_ARCHITECTURES`].
-/// Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 12] = [
+/// norm tensors). `qwen3moe` is qwen3's and `olmoe` olmo2's q/k norms (with input norms)
+/// with experts ([`apply_experts`], which also reads a `llama` file's: Mixtral's). The
+/// other architectures read are [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with
+/// the name.
+const ARCHITECTURES: [&str; 14] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -580,6 +587,8 @@ const ARCHITECTURES: [&str; 12] = [
     "smollm3",
     "command-r",
     "olmo",
+    "qwen3moe",
+    "olmoe",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -1016,6 +1025,58 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
         .copied()
 }
 
+/// The experts of a mixture-of-experts file (`{arch}.expert_count` of them, none where it
+/// is absent or 0; `qwen3moe` and `olmoe` files must have them): `expert_used_count` a
+/// token, each of `expert_feed_forward_length` (Qwen3-MoE's key) or else
+/// `feed_forward_length`, in the layers that have a router (`ffn_gate_inp`: llama.cpp
+/// routes every layer, the builder also a file whose some layers are dense). The chosen
+/// experts' weights are renormalized as llama.cpp does for the architecture (`llama`'s,
+/// Mixtral's, and `qwen3moe`'s, not `olmoe`'s) unless `expert_weights_norm` says.
+fn apply_experts(
+    g: &GgufFile,
+    arch: &str,
+    weights: &Weights,
+    c: &mut ModelConfig,
+) -> Result<(), String> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let count = match g.meta(&key("expert_count")) {
+        None => 0,
+        Some(m) if m.as_u64() == Some(0) => 0,
+        Some(_) => g.int(&key("expert_count"))?,
+    };
+    if count == 0 {
+        return match arch {
+            "qwen3moe" | "olmoe" => Err(format!(
+                "metadata `{}` is missing or 0",
+                key("expert_count")
+            )),
+            _ => Ok(()),
+        };
+    }
+    let hidden = match g.meta(&key("expert_feed_forward_length")) {
+        Some(_) => g.int(&key("expert_feed_forward_length"))?,
+        None => c.hidden_dim,
+    };
+    let normalize = match g.meta(&key("expert_weights_norm")) {
+        Some(_) => g.boolean(&key("expert_weights_norm"))?,
+        None => arch != "olmoe",
+    };
+    c.experts = Some(Experts {
+        count,
+        per_token: g.int(&key("expert_used_count"))?,
+        hidden,
+        normalize,
+        layers: (0..c.layers)
+            .map(|l| {
+                weights
+                    .weight_shape(&format!("layers.{l}.{ROUTER}"))
+                    .is_some()
+            })
+            .collect(),
+    });
+    Ok(())
+}
+
 /// The model of architecture `arch` whose metadata is `g`'s and whose tensors are
 /// `weights` (under the builder's names).
 fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, String> {
@@ -1066,8 +1127,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         },
         explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
         qk_norm: match arch {
-            "qwen3" | "gemma3" => QkNorm::Heads,
-            "olmo2" => QkNorm::Projections,
+            "qwen3" | "qwen3moe" | "gemma3" => QkNorm::Heads,
+            "olmo2" | "olmoe" => QkNorm::Projections,
             _ => QkNorm::None,
         },
         pre_norms: arch != "olmo2",
@@ -1105,6 +1166,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if arch == "llama" {
         read_biases(&weights, &mut config);
     }
+    apply_experts(g, arch, &weights, &mut config)?;
     if arch == "smollm3" {
         // llama.cpp's fixed step, with no metadata for it.
         config.nope_layers = Some(every_nth_layer(config.layers, 4));

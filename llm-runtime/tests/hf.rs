@@ -2634,8 +2634,9 @@ fn a_qwen2_gguf_file_computes_what_its_hugging_face_directory_computes() {
 }
 
 /// GGUF files of every family the loader reads (Qwen2's biases, Qwen3's head width and
-/// norms, Phi-3's fused projections and window, Gemma's norms, Gemma 2's and 3's), mutated, never make the
-/// loader panic: an error names what is wrong, or the mutation was harmless.
+/// norms, Phi-3's fused projections and window, Gemma's norms, Gemma 2's and 3's, the
+/// LayerNorm architectures', the mixtures of experts), mutated, never make the loader
+/// panic: an error names what is wrong, or the mutation was harmless.
 #[test]
 fn mutated_family_gguf_files_never_panic() {
     let mut qwen2 = hf_tensors();
@@ -2673,6 +2674,8 @@ fn mutated_family_gguf_files_never_panic() {
         gpt2_gguf("gpt2-tiny", "gpt2"),
         gpt2_gguf("gpt-bigcode-tiny", "starcoder"),
         falcon_gguf("falcon-40b-tiny", 2),
+        moe_gguf("mixtral-tiny", "llama", vec![]),
+        moe_gguf("olmoe-tiny", "olmoe", vec![]),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -3149,6 +3152,62 @@ fn mixtral_computes_what_transformers_computes() {
             }),
         ],
     );
+    let gguf = moe_gguf("mixtral-tiny", "llama", vec![]);
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+}
+
+/// `tests/data/{name}` as llama.cpp's converter writes it for `arch`: each layer's
+/// experts' matrices stacked (`ffn_{gate,up,down}_exps`), the router `ffn_gate_inp`, the
+/// expert count and the experts a token runs, and `metadata` besides.
+fn moe_gguf(name: &str, arch: &str, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
+    let loaded = model_file::load(&transformers_reference(name).dir).expect("loads");
+    let experts = loaded.config.experts.clone().expect("experts");
+    let mut meta = vec![
+        ("expert_count", Meta::Uint(experts.count as u64)),
+        ("expert_used_count", Meta::Uint(experts.per_token as u64)),
+    ];
+    meta.extend(metadata);
+    reference_gguf_edited(name, arch, meta, |tensors| {
+        let mut stacked: HashMap<String, (Vec<usize>, Vec<(usize, Vec<f32>)>)> = HashMap::new();
+        tensors.retain_mut(|(name, shape, values)| {
+            let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                return true;
+            };
+            let layer = layer.to_string();
+            if rest.ends_with("gate.weight") {
+                *name = format!("blk.{layer}.ffn_gate_inp.weight");
+                return true;
+            }
+            let Some(expert) = rest
+                .strip_prefix("block_sparse_moe.experts.")
+                .or_else(|| rest.strip_prefix("mlp.experts."))
+            else {
+                return true;
+            };
+            let (e, part) = expert.split_once('.').expect("E.part");
+            let gguf = match part {
+                "w1.weight" | "gate_proj.weight" => "ffn_gate_exps",
+                "w3.weight" | "up_proj.weight" => "ffn_up_exps",
+                _ => "ffn_down_exps",
+            };
+            let entry = stacked
+                .entry(format!("blk.{layer}.{gguf}.weight"))
+                .or_insert_with(|| (shape.clone(), Vec::new()));
+            entry
+                .1
+                .push((e.parse().expect("an expert"), std::mem::take(values)));
+            false
+        });
+        for (name, (shape, mut parts)) in stacked {
+            parts.sort_by_key(|(e, _)| *e);
+            let values = parts.into_iter().flat_map(|(_, v)| v).collect();
+            let shape = [vec![experts.count], shape].concat();
+            tensors.push((name, shape, values));
+        }
+    })
 }
 
 /// Qwen3-MoE (`tests/data/qwen3-moe-tiny`): eight experts of width 32 in its second
@@ -3180,6 +3239,12 @@ fn qwen3_moe_computes_what_transformers_computes() {
             c.experts.as_mut().expect("experts").normalize = false;
         })],
     );
+    let gguf = moe_gguf(
+        "qwen3-moe-tiny",
+        "qwen3moe",
+        vec![("expert_feed_forward_length", Meta::Uint(32))],
+    );
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
 }
 
 /// OLMoE (`tests/data/olmoe-tiny`): eight experts, three a token, weighted by their
@@ -3204,6 +3269,8 @@ fn olmoe_computes_what_transformers_computes() {
             ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
         ],
     );
+    let gguf = moe_gguf("olmoe-tiny", "olmoe", vec![]);
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
     let dir = rewritten_checkpoint(
         "olmoe-tiny",
         "olmoe-clip",
