@@ -2407,8 +2407,8 @@ fn quantized_caches_append_on_the_gpu() {
     }
 }
 
-/// Token ids outside the table, block-table entries outside the pool and KV slots outside
-/// it are errors on both backends, not reads or writes out of bounds (on a GPU those would
+/// Token ids outside the table, block-table entries outside the pool, KV slots outside
+/// it and expert ids outside the stacked experts are errors on both backends, not reads or writes out of bounds (on a GPU those would
 /// not even fault).
 #[test]
 fn bad_indices_are_rejected() {
@@ -2469,6 +2469,24 @@ fn bad_indices_are_rejected() {
     );
     let args = vec![c, tensor(&[1, 1, 4], 2, 1.0), ints(&[1], vec![8])];
     check(&ir, &Store(Vec::new()), args, "slot 8");
+
+    let ir = func(
+        &[
+            ("x".into(), ty(&[2, 8])),
+            ("w".into(), ty(&[3, 4, 8])),
+            ("ids".into(), ity(&[2, 2])),
+        ],
+        &ty(&[2, 2, 4]),
+        &format!("y = llm.expert_matmul x, w, ids : {};", ty(&[2, 2, 4])),
+    );
+    for bad in [3, -1] {
+        let args = vec![
+            tensor(&[2, 8], 3, 1.0),
+            tensor(&[3, 4, 8], 4, 1.0),
+            ints(&[2, 2], vec![0, 2, 1, bad]),
+        ];
+        check(&ir, &Store(Vec::new()), args, "expert id");
+    }
 }
 
 /// Slices of one value run as one step, and a reshape whose operand has no other use is
@@ -2802,9 +2820,9 @@ const ROW_BLOCKED_CASES: [usize; 24] = [
 ];
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// `llm.expert_matmul` on the CPU against the reference: `f32` experts and every
+    /// `llm.expert_matmul` on both backends against the reference: `f32` experts and every
     /// row-blocked format, an input shared by a token's slots or one per slot, and tokens
     /// that choose one expert several times (so an expert's rows are gathered).
     #[test]
@@ -2847,10 +2865,10 @@ proptest! {
             &format!("y = llm.expert_matmul x, w, ids : {};", ty(&[t, s, n])),
         );
         let args = vec![tensor(&x_shape, seed, 1.0), weight, ints(&[t, s], ids)];
-        cpu_agrees(&ir, args, 1e-4)?;
+        agree(&ir, args, 1e-4)?;
     }
 
-    /// `llm.topk` on the CPU against the reference, on rows with ties: the values, then
+    /// `llm.topk` on both backends against the reference, on rows with ties: the values, then
     /// the indices as floats.
     #[test]
     fn topk_agrees(rows in 1usize..5, n in 1usize..12, pick in 0usize..12, seed: u64) {
@@ -2864,6 +2882,6 @@ proptest! {
             ty(&[rows, 2 * k])
         );
         let ir = func(&[("x".into(), ty(&[rows, n]))], &ty(&[rows, 2 * k]), &body);
-        cpu_agrees(&ir, vec![Value::Tensor(Tensor::from_f32(vec![rows, n], DType::F32, x))], 0.0)?;
+        agree(&ir, vec![Value::Tensor(Tensor::from_f32(vec![rows, n], DType::F32, x))], 0.0)?;
     }
 }

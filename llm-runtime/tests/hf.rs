@@ -842,8 +842,9 @@ const TRANSFORMERS_BOUND: f32 = 1e-4;
 /// A change to a model's configuration that leaves out one of its settings.
 type Ablation<'a> = &'a dyn Fn(&mut ModelConfig);
 
-/// Checks that the reference semantics, the CPU backend and the GPU backend (where there
-/// is a device) compute `reference`'s logits for `loaded` within [`TRANSFORMERS_BOUND`], prefilling
+/// Checks that the CPU and GPU backends (the GPU where there is a device) lower every op
+/// of both step functions, that the reference semantics and both backends compute
+/// `reference`'s logits for `loaded` within [`TRANSFORMERS_BOUND`], prefilling
 /// every token or decoding them one at a time, and pick its top token at every position;
 /// and that each of `ablations` (a name and a change to the configuration) moves the
 /// logits by more than ten times the bound: the checkpoint exercises that setting.
@@ -867,6 +868,21 @@ fn computes_what_transformers_computes(
         )
         .expect("compiles");
         let runs = prefill_and_decode_logits(&model, &reference.ids, reference.prompt_len);
+        for step in [Step::Prefill, Step::Decode] {
+            let left = match backend {
+                Backend::Gpu(_) => model
+                    .gpu_lowering(step)
+                    .expect("stats")
+                    .reference_ops
+                    .clone(),
+                Backend::Cpu { .. } => model.lowering(step).expect("stats").reference_ops.clone(),
+                Backend::Interp => Vec::new(),
+            };
+            assert!(
+                left.is_empty(),
+                "{backend:?} {step:?} left {left:?} to the reference"
+            );
+        }
         for (how, logits) in ["prefill", "decode"].into_iter().zip(runs) {
             let worst = largest_difference(&logits, &reference.logits);
             let name = backend.name();

@@ -513,10 +513,32 @@ impl Call<'_> {
             | Kernel::ReduceScatter { .. } => {
                 return self.mesh_step(index, step, kernel, pipelines);
             }
-            // Only the collectives fold (no op selects a fold of its own); `supports`
-            // refuses the routing kernels.
-            Kernel::Fold(_) | Kernel::TopK { .. } | Kernel::ExpertContraction { .. } => {
-                return Ok(false);
+            // Only the collectives fold (no op selects a fold of its own).
+            Kernel::Fold(_) => return Ok(false),
+            Kernel::TopK { n, k, index: dtype } => {
+                let x = self.f32_rows(step.inputs[0], *n)?;
+                let rows = x.len() / n;
+                let (values, ids) = (
+                    self.output(index, 0, rows * k * 4),
+                    self.output(index, 1, rows * k * 4),
+                );
+                self.dispatch(
+                    &pipelines[0],
+                    &[rows as u32],
+                    &[x.whole()?, &values, &ids],
+                    rows.div_ceil(WG),
+                )?;
+                let mut shape = x.shape.clone();
+                *shape.last_mut().expect("rows of n") = *k;
+                let ids = DeviceTensor::unsplit(shape.clone(), Elem::I32(*dtype), ids);
+                self.env[step.outputs[1]] = Some(Slot::Device(ids));
+                DeviceTensor::f32(shape, values)
+            }
+            Kernel::ExpertContraction { expert, per_slot } => {
+                match self.expert_contraction(index, step, (expert, *per_slot), pipelines)? {
+                    Some(out) => out,
+                    None => return Ok(false),
+                }
             }
             Kernel::Contraction(c) => self.contraction(index, step, c, pipelines)?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
@@ -925,6 +947,68 @@ impl Call<'_> {
         }
         self.contract_parts(pipeline, (&x, &w, &y), &extra, c.n)?;
         Ok(DeviceTensor::f32(shape, y))
+    }
+
+    /// An expert contraction ([`Kernel::ExpertContraction`]) of `c`, one expert's; `None`
+    /// (the reference semantics instead) for a stacked weight the device holds in
+    /// several parts. An id outside the experts is the step's fault.
+    fn expert_contraction(
+        &mut self,
+        index: usize,
+        step: &Step,
+        (c, per_slot): (&Contraction, bool),
+        pipelines: &[wgpu::ComputePipeline],
+    ) -> Result<Option<DeviceTensor>, String> {
+        let x = self.f32_rows(step.inputs[0], c.k)?;
+        let (w, ids) = (self.device(step.inputs[1])?, self.device(step.inputs[2])?);
+        let want = match c.weight {
+            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Elem::F32,
+            quantized => Elem::Packed(quantized),
+        };
+        let (&[experts, n, k], &[tokens, slots]) = (w.shape.as_slice(), ids.shape.as_slice())
+        else {
+            return Err(format!(
+                "the weight {:?} is not [E, N, K] or the ids {:?} not [T, S]",
+                w.shape, ids.shape
+            ));
+        };
+        let x_rows = if per_slot { tokens * slots } else { tokens };
+        if [n, k] != [c.n, c.k] || w.elem != want || !matches!(ids.elem, Elem::I32(_)) {
+            return Err(format!(
+                "the weight {:?} is not experts of {}x{} {}, or the ids are not integers",
+                w.shape,
+                c.n,
+                c.k,
+                c.weight.name()
+            ));
+        }
+        if x.len() != x_rows * c.k {
+            return Err(format!(
+                "the input {:?} is not {x_rows} rows of {}",
+                x.shape, c.k
+            ));
+        }
+        let [part] = w.parts.as_slice() else {
+            return Ok(None);
+        };
+        let m = tokens * slots;
+        let y = self.output(index, 0, m * c.n * 4);
+        let fault = self.fault_word();
+        self.dispatch(
+            &pipelines[0],
+            &[
+                m as u32,
+                c.n as u32,
+                0,
+                c.n as u32,
+                slots as u32,
+                experts as u32,
+                index as u32,
+            ],
+            &[x.whole()?, &part.buffer, &y, ids.whole()?, &fault],
+            c.n.div_ceil(CONTRACTION_ROWS as usize) * m,
+        )?;
+        Ok(Some(DeviceTensor::f32(vec![tokens, slots, c.n], y)))
     }
 
     /// Dispatches a contraction of the rows of `x` (`n` outputs each) by every part of

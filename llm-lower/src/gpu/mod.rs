@@ -111,8 +111,6 @@ pub fn supports(kernel: &Kernel) -> bool {
         },
         // Only the collectives fold (no op selects a fold of its own).
         Kernel::Fold(_) => false,
-        // No shaders yet: mixture-of-experts routing runs the reference semantics.
-        Kernel::TopK { .. } | Kernel::ExpertContraction { .. } => false,
         _ => true,
     }
 }

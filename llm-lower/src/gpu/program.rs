@@ -620,6 +620,9 @@ fn upload_constants(
 fn fault_of(step: &Step) -> &'static str {
     match &step.action {
         Action::Kernel(Kernel::Mesh(MeshMove::Unshard), _) => DEVICES_DISAGREE,
+        Action::Kernel(Kernel::ExpertContraction { .. }, _) => {
+            "an expert id is out of range for the stacked experts"
+        }
         _ => "a value does not fit the 32 bits the device holds an integer in",
     }
 }

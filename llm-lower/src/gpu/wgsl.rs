@@ -75,6 +75,24 @@ pub enum Shader {
     /// once per 16 rows instead of once per row. For prompts; each output is still a sum
     /// over K in one fixed order, whatever the other rows are.
     TiledContraction(Contraction),
+    /// The contraction `c` of one expert for each slot of `llm.expert_matmul`: slot `m`
+    /// (a token's `s`-th choice) reads its expert's rows `ids[m] * n ..` of the stacked
+    /// weight, and x's row `m` (`per_slot`) or its token's, `m / slots`. An id outside
+    /// the experts is the step's fault.
+    ExpertContraction {
+        /// One expert's contraction.
+        c: Contraction,
+        /// x has a row per slot.
+        per_slot: bool,
+    },
+    /// The `k` largest of each row of `n` values, largest first, and their indices
+    /// (`llm.topk`): one invocation per row, the reference's scan.
+    TopK {
+        /// Row length.
+        n: usize,
+        /// Values kept.
+        k: usize,
+    },
     /// Quantizes rows into a block format (q8_0, q4_0, q4_1, and the K-quants q4_k, q6_k,
     /// q2_k with ggml's scale searches), byte for byte as the reference does: one
     /// invocation per unit of whole blocks that ends on a 4-byte boundary
@@ -262,8 +280,14 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         // The fold, then each device's box of the result.
         Kernel::ReduceScatter { reduction, .. } => vec![Shader::Fold(*reduction), Shader::Permute],
         Kernel::Fold(reduction) => vec![Shader::Fold(*reduction)],
-        // Refused by `supports`: routing runs the reference semantics.
-        Kernel::TopK { .. } | Kernel::ExpertContraction { .. } => vec![],
+        Kernel::TopK { n, k, .. } => vec![Shader::TopK { n: *n, k: *k }],
+        Kernel::ExpertContraction { expert, per_slot } => vec![Shader::ExpertContraction {
+            c: Contraction {
+                weight: row_major(expert.weight),
+                ..*expert
+            },
+            per_slot: *per_slot,
+        }],
         // A strided copy, as a shard's box.
         Kernel::Slice { .. } | Kernel::Transpose { .. } | Kernel::Mesh(MeshMove::Shard { .. }) => {
             vec![Shader::Permute]
@@ -272,15 +296,8 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
         // Device 0's shard; each other device's is checked against it.
         Kernel::Mesh(MeshMove::Unshard) => vec![Shader::Agree],
         Kernel::Contraction(c) => {
-            let weight = match c.weight {
-                // The GPU reads f32 weights row major; a [k, n] one is transposed at upload.
-                WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => {
-                    WeightFormat::F32
-                }
-                q => q,
-            };
             let contraction = Shader::Contraction(Contraction {
-                weight,
+                weight: row_major(c.weight),
                 transpose_at_pack: false,
                 q8_0_input: false,
                 block_panels: false,
@@ -435,11 +452,31 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
     }
 }
 
+/// How the GPU reads a weight of `format`: f32 weights row major (a `[k, n]` one is
+/// transposed at upload), the others as stored.
+fn row_major(format: WeightFormat) -> WeightFormat {
+    match format {
+        WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => WeightFormat::F32,
+        other => other,
+    }
+}
+
 impl Shader {
     /// A name that identifies the shader's code (shapes included).
     pub fn name(&self) -> String {
         match self {
             Shader::Contraction(c) => Kernel::Contraction(*c).name(),
+            Shader::ExpertContraction { c, per_slot } => Kernel::ExpertContraction {
+                expert: *c,
+                per_slot: *per_slot,
+            }
+            .name(),
+            Shader::TopK { n, k } => Kernel::TopK {
+                n: *n,
+                k: *k,
+                index: DType::I32,
+            }
+            .name(),
             Shader::TiledContraction(c) => format!("tiled_{}", Kernel::Contraction(*c).name()),
             Shader::Elementwise(body) => Kernel::Elementwise(body.clone()).name(),
             Shader::Strided(body) => Kernel::Broadcast(body.clone()).name(),
@@ -530,6 +567,14 @@ impl Shader {
                 }
                 b
             }
+            Shader::ExpertContraction { .. } => vec![
+                ("x", Read),
+                ("w", Read),
+                ("y", ReadWrite),
+                ("ids", Read),
+                ("fault", ReadWrite),
+            ],
+            Shader::TopK { .. } => vec![("x", Read), ("y", ReadWrite), ("ids", ReadWrite)],
             Shader::Elementwise(body) | Shader::Strided(body) => {
                 const ARGS: [&str; 8] = ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7"];
                 let mut b: Vec<_> = ARGS.iter().take(body.args).map(|a| (*a, Read)).collect();
@@ -612,7 +657,9 @@ impl Shader {
     pub fn workgroup_bytes(&self) -> usize {
         let w = WORKGROUP as usize * 4;
         match self {
-            Shader::Contraction(_) => CONTRACTION_ROWS as usize * w,
+            Shader::Contraction(_) | Shader::ExpertContraction { .. } => {
+                CONTRACTION_ROWS as usize * w
+            }
             // Tiles of x and w, the norm's squares and row scales.
             Shader::TiledContraction(_) => (2 * TILE * TILE_K) as usize * 4 + w + 4 * TILE as usize,
             Shader::RmsNorm { .. } | Shader::LayerNorm { .. } | Shader::Softmax { .. } => w,
@@ -667,11 +714,12 @@ impl Shader {
                 }
                 (Shader::Gather { table, .. }, "table") if *table == WeightFormat::F16 => "f16",
                 (Shader::Gather { table, .. }, "table") if *table != WeightFormat::F32 => "u32",
-                (Shader::Contraction(c) | Shader::TiledContraction(c), "w")
-                    if c.weight != WeightFormat::F32 =>
-                {
-                    "u32"
-                }
+                (
+                    Shader::Contraction(c)
+                    | Shader::TiledContraction(c)
+                    | Shader::ExpertContraction { c, .. },
+                    "w",
+                ) if c.weight != WeightFormat::F32 => "u32",
                 (_, "tables" | "lens" | "slots" | "ids") | (Shader::Argmax { .. }, "y") => "i32",
                 (Shader::KvAppend { .. }, "kc" | "vc")
                     if matches!(self.pool_element(), Some(KvElement::F16 | KvElement::BF16)) =>
@@ -715,6 +763,16 @@ impl Shader {
             Shader::Contraction(_) | Shader::TiledContraction(_) => {
                 &["rows", "outputs", "first", "part_rows"]
             }
+            Shader::ExpertContraction { .. } => &[
+                "rows",
+                "outputs",
+                "first",
+                "part_rows",
+                "slots",
+                "experts",
+                "step",
+            ],
+            Shader::TopK { .. } => &["rows"],
             Shader::Elementwise(_) => &["len", "n0", "n1", "n2", "n3", "n4", "n5", "n6"],
             Shader::Strided(_) => return strided_params(),
             Shader::RmsNorm { .. }
@@ -768,7 +826,9 @@ impl Shader {
     /// Constants, helpers and the entry point.
     fn body(&self) -> String {
         match self {
-            Shader::Contraction(c) => contraction(c),
+            Shader::Contraction(c) => contraction(c, None),
+            Shader::ExpertContraction { c, per_slot } => contraction(c, Some(*per_slot)),
+            Shader::TopK { n, k } => top_k(*n, *k),
             Shader::TiledContraction(c) => tiled_contraction(c),
             Shader::Elementwise(body) => elementwise(body),
             Shader::Strided(body) => strided(body),
@@ -896,7 +956,10 @@ fn reduce_max(t: u32, v: f32) -> f32 {
 /// infinities to the implementation).
 const LOWEST: &str = "-3.4028235e38";
 
-fn contraction(c: &Contraction) -> String {
+/// A contraction's shader ([`Shader::Contraction`]), or with `experts` (whether x has a
+/// row per slot) an expert contraction's ([`Shader::ExpertContraction`]): the same
+/// loops, over the weight rows and the x row the slot's expert and token give.
+fn contraction(c: &Contraction, experts: Option<bool>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "const K: u32 = {}u;", c.k);
     let _ = writeln!(s, "const R: u32 = {CONTRACTION_ROWS}u;");
@@ -913,9 +976,25 @@ fn contraction(c: &Contraction) -> String {
     if (gi >= blocks * p.rows) { return; }
     let m = gi / blocks;
     let j0 = (gi % blocks) * R;
-    let xrow = m * K;
 ",
     );
+    match experts {
+        // The slot's expert (an id out of range reads expert 0 and faults), its first
+        // weight row, and x's row.
+        Some(per_slot) => {
+            let x_row = if per_slot { "m" } else { "(m / p.slots)" };
+            let _ = write!(
+                s,
+                "    let id = ids[m];
+    let bad = id < 0 || u32(id) >= p.experts;
+    if (bad && t == 0u && j0 == 0u) {{ atomicMin(&fault[0], p.step); }}
+    let wr = select(u32(id), 0u, bad) * p.part_rows + j0;
+    let xrow = {x_row} * K;
+"
+            );
+        }
+        None => s.push_str("    let wr = j0;\n    let xrow = m * K;\n"),
+    }
     match c.norm_eps_bits {
         Some(eps) => {
             let _ = write!(
@@ -954,7 +1033,7 @@ fn contraction(c: &Contraction) -> String {
                 "    for (var b = t; b < K / 32u; b = b + WG) {{
         for (var r = 0u; r < R; r = r + 1u) {{
             if (j0 + r >= p.part_rows) {{ break; }}
-            let o = (j0 + r) * ROW_BYTES + b * {block_bytes}u;
+            let o = (wr + r) * ROW_BYTES + b * {block_bytes}u;
             var sum = 0.0;
             for (var e = 0u; e < 32u; e = e + 1u) {{
                 let i = b * 32u + e;
@@ -968,9 +1047,9 @@ fn contraction(c: &Contraction) -> String {
         }
         _ => {
             let weight = match c.weight {
-                WeightFormat::F32 => "w[(j0 + r) * K + i]",
-                WeightFormat::F16 => "f32(w[(j0 + r) * K + i])",
-                _ => "weight_at(j0 + r, i)",
+                WeightFormat::F32 => "w[(wr + r) * K + i]",
+                WeightFormat::F16 => "f32(w[(wr + r) * K + i])",
+                _ => "weight_at(wr + r, i)",
             };
             let _ = write!(
                 s,
@@ -1237,6 +1316,37 @@ fn weight_prelude(c: &Contraction, w: &str, per_element: bool) -> String {
             s.push_str(&weight_value(c));
         }
     }
+    s
+}
+
+/// `llm.topk` of rows of `n`, keeping `k`: one invocation a row, each slot the first
+/// largest value not yet taken (a bit per value marks the taken ones), as the reference
+/// scans.
+fn top_k(n: usize, k: usize) -> String {
+    let words = n.div_ceil(32);
+    let mut s = String::new();
+    let _ = writeln!(s, "const N: u32 = {n}u;\nconst KEEP: u32 = {k}u;");
+    s.push_str(ENTRY);
+    let _ = write!(
+        s,
+        "    let row = gi * WG + t;
+    if (row >= p.rows) {{ return; }}
+    let base = row * N;
+    var taken: array<u32, {words}>;
+    for (var r = 0u; r < KEEP; r = r + 1u) {{
+        var best = 0u;
+        while (((taken[best >> 5u] >> (best & 31u)) & 1u) != 0u) {{ best = best + 1u; }}
+        for (var j = best + 1u; j < N; j = j + 1u) {{
+            let free = ((taken[j >> 5u] >> (j & 31u)) & 1u) == 0u;
+            if (free && x[base + j] > x[base + best]) {{ best = j; }}
+        }}
+        taken[best >> 5u] = taken[best >> 5u] | (1u << (best & 31u));
+        y[row * KEEP + r] = x[base + best];
+        ids[row * KEEP + r] = i32(best);
+    }}
+}}
+"
+    );
     s
 }
 
