@@ -3172,6 +3172,9 @@ fn mixtral_computes_what_transformers_computes() {
     gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
 }
 
+/// Experts' values, each with its number.
+type ExpertValues = Vec<(usize, Vec<f32>)>;
+
 /// `tests/data/{name}` as llama.cpp's converter writes it for `arch`: each layer's
 /// experts' matrices stacked (`ffn_{gate,up,down}_exps`), the router `ffn_gate_inp`, the
 /// expert count and the experts a token runs, and `metadata` besides.
@@ -3184,7 +3187,8 @@ fn moe_gguf(name: &str, arch: &str, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
     ];
     meta.extend(metadata);
     reference_gguf_edited(name, arch, meta, |tensors| {
-        let mut stacked: HashMap<String, (Vec<usize>, Vec<(usize, Vec<f32>)>)> = HashMap::new();
+        // Per stacked name: an expert's shape, and each expert's values by number.
+        let mut stacked: HashMap<String, (Vec<usize>, ExpertValues)> = HashMap::new();
         tensors.retain_mut(|(name, shape, values)| {
             let Some((layer, rest)) = name
                 .strip_prefix("model.layers.")
