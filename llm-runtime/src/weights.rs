@@ -122,8 +122,10 @@ impl Weights {
     /// into the super-blocks of a 256-value format takes the format it falls back to
     /// ([`QuantFormat::row_fallback`]) where its rows split into that one's blocks, and
     /// `f16` otherwise; a matrix whose rows do not split into the blocks of another format
-    /// stays as it is (llama.cpp refuses it). Returns how many were converted. Norm weights
-    /// (vectors) stay `f32`.
+    /// stays as it is (llama.cpp refuses it). A mixture's stacked experts (`[E, N, K]`)
+    /// are quantized as the `E * N` rows they are, in a row-blocked format only (nf4 and
+    /// the affine formats leave them as they are). Returns how many were converted. Norm
+    /// weights (vectors) stay `f32`.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
@@ -135,7 +137,8 @@ impl Weights {
                 }
                 _ => continue,
             };
-            if shape.len() != 2 {
+            // Matrices, and the stacked matrices of a mixture's experts.
+            if !matches!(shape.len(), 2 | 3) {
                 continue;
             }
             let dims: Vec<Option<u64>> = shape.iter().map(|&d| Some(d as u64)).collect();
@@ -148,6 +151,12 @@ impl Weights {
             let Some(stored) = candidates.into_iter().flatten().find(fits) else {
                 continue;
             };
+            // Stacked experts in a row-blocked format only: each expert's rows by
+            // themselves, as the expert kernels read them (nf4's and the affine formats'
+            // codes and scales span the whole tensor).
+            if shape.len() == 3 && stored.gguf_block_bytes().is_none() {
+                continue;
+            }
             let values = match &**value {
                 Value::Tensor(t) => match t.floats() {
                     Ok(values) => Cow::Borrowed(values),
@@ -156,7 +165,11 @@ impl Weights {
                 Value::Quantized(q) => Cow::Owned(quant::dequantize(&q.format, &q.shape, &q.bytes)),
                 _ => continue,
             };
-            let bytes = quantize_rows(&stored, [shape[0], shape[1]], &values, threads);
+            let (k, rows) = (
+                shape[shape.len() - 1],
+                values.len() / shape[shape.len() - 1].max(1),
+            );
+            let bytes = quantize_rows(&stored, [rows, k], &values, threads);
             *value = Rc::new(Value::Quantized(QTensor {
                 shape,
                 format: stored,
