@@ -18,6 +18,10 @@
 //! and without Gemma 2's soft-capped attention scores. `gguf-types` decodes the 110M shape
 //! with its matrices in each GGUF block format, compiled as `llm-run` compiles them and
 //! with f32 activations (`-f32-x`: `--passes default`, no integer dot products).
+//! `experts` times one decode call of 1 and of 8 110M-shaped sequences over 64 positions
+//! (q8_0 weights) for the dense model and for its mixture-of-experts variant
+//! (`synth::with_experts`: 8 experts of half the width a layer, 2 a token, so each token
+//! runs the dense model's multiply-adds): what routing costs.
 //!
 //! Set `LLMC_BENCH_MODELS` to a comma-separated subset of `260K,15M,110M` to run fewer, and
 //! `LLMC_BENCH_GPU=1` on a machine with a GPU to add the GPU backend's rows and the
@@ -420,6 +424,31 @@ fn bench_decode_call(
     });
 }
 
+/// The dense 110M shape against its mixture of 8 experts of width 1024, 2 a token (q8_0
+/// weights, 2 threads): one decode call of 1 and of 8 sequences over 64 positions each.
+fn bench_experts(c: &mut Criterion) {
+    let Some((name, path, _)) = models().into_iter().find(|(n, _, _)| n == "stories110M") else {
+        return;
+    };
+    let (config, weights) = llama2c::load(&path).expect("model");
+    let (moe_config, moe_weights) = synth::with_experts(&config, &weights, (8, 2), 3);
+    let mut group = c.benchmark_group("experts");
+    group.sample_size(10);
+    let backend = Backend::Cpu { threads: 2 };
+    let runs = [
+        ("dense", &config, &weights),
+        ("moe-8x1024-top2", &moe_config, &moe_weights),
+    ];
+    for (label, config, weights) in runs {
+        let model = compile(config, weights, &backend, Some(&QuantFormat::Q8_0));
+        for batch in [1, 8] {
+            let id = BenchmarkId::new(format!("cpu-2t-q8_0-{label}"), format!("{name}-x{batch}"));
+            bench_decode_call(&mut group, id, &model, batch, 64);
+        }
+    }
+    group.finish();
+}
+
 /// Prefill of one 128-token prompt on the 110M shape, in FLOP/s (2 per multiply-add of the
 /// matrices; attention not counted), with f32 and with f16 matrices.
 fn bench_prefill(c: &mut Criterion) {
@@ -508,6 +537,7 @@ criterion_group!(
     bench_kv_storage,
     bench_gguf_types,
     bench_softcap,
+    bench_experts,
     bench_prefill
 );
 criterion_main!(benches);

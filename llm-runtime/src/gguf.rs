@@ -8,8 +8,9 @@
 //! model split across files (`split.count` parts, llama.cpp's `PREFIX-0000K-of-0000N.gguf`)
 //! loads from its first part, which holds the metadata ([`split_paths`], [`read_parts`]).
 //!
-//! Llama, Qwen2, Qwen3, Phi-3, Gemma, Granite, OLMo 2, SmolLM3 and Cohere models are read
-//! into the builder's weight names (`blk.N.attn_q.weight`
+//! Llama, Qwen2, Qwen3, Phi-3, Gemma, Granite, OLMo, OLMo 2, SmolLM3 and Cohere models, the
+//! LayerNorm architectures and the mixtures of experts (Mixtral's `llama`, `qwen3moe`,
+//! `olmoe`) are read into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
 //! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants

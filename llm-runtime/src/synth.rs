@@ -1,9 +1,19 @@
 //! Synthetic llama2.c checkpoints: a model of a given shape with seeded random weights, for
-//! benchmarking shapes whose real weights are not at hand (the TinyStories 15M and 110M).
+//! benchmarking shapes whose real weights are not at hand (the TinyStories 15M and 110M);
+//! and a mixture-of-experts variant of a model ([`with_experts`]).
 
 use std::{io::Write, path::Path};
 
-use crate::{model::ModelConfig, sampler::XorShift};
+use llm_ir::{
+    dtype::DType,
+    interp::{Tensor, Value, WeightStore},
+};
+
+use crate::{
+    model::{EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, ROUTER},
+    sampler::XorShift,
+    weights::Weights,
+};
 
 /// A named model shape.
 pub fn shape(name: &str) -> Option<ModelConfig> {
@@ -39,6 +49,65 @@ pub fn write(path: &Path, c: &ModelConfig, seed: u64) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// The model `c` over `weights` with each layer's feed-forward block replaced by `count`
+/// experts of `c.hidden_dim / per_token` (renormalized, `per_token` a token: as many
+/// multiply-adds a token as the dense block), their matrices and routers drawn from `seed`
+/// (non-zero) as [`write`] draws a model's; the other weights are `weights`'.
+pub fn with_experts(
+    c: &ModelConfig,
+    weights: &Weights,
+    (count, per_token): (usize, usize),
+    seed: u64,
+) -> (ModelConfig, Weights) {
+    let hidden = c.hidden_dim / per_token.max(1);
+    let config = ModelConfig {
+        experts: Some(Experts {
+            count,
+            per_token,
+            hidden,
+            normalize: true,
+            layers: vec![true; c.layers],
+        }),
+        ..c.clone()
+    };
+    let mut out = Weights::default();
+    for name in weights.names() {
+        if let Some(value) = weights
+            .weight(name)
+            .filter(|_| !name.contains(".feed_forward."))
+        {
+            out.insert(name, (*value).clone());
+        }
+    }
+    let mut rng = XorShift::new(seed);
+    let mut random = |shape: Vec<usize>, fan_in: usize| {
+        let scale = 1.0 / (fan_in as f32).sqrt();
+        let n = shape.iter().product();
+        let values = (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect();
+        Value::Tensor(Tensor::from_f32(shape, DType::F32, values))
+    };
+    let d = c.dim;
+    for l in 0..c.layers {
+        let p = format!("layers.{l}.");
+        out.insert(format!("{p}{ROUTER}"), random(vec![count, d], d));
+        out.insert(
+            format!("{p}{EXPERT_GATES}"),
+            random(vec![count, hidden, d], d),
+        );
+        out.insert(
+            format!("{p}{EXPERT_UPS}"),
+            random(vec![count, hidden, d], d),
+        );
+        out.insert(
+            format!("{p}{EXPERT_DOWNS}"),
+            random(vec![count, d, hidden], hidden),
+        );
+    }
+    (config, out)
 }
 
 fn write_weights(

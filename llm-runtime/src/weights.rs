@@ -124,12 +124,17 @@ impl Weights {
     /// `f16` otherwise; a matrix whose rows do not split into the blocks of another format
     /// stays as it is (llama.cpp refuses it). A mixture's stacked experts (`[E, N, K]`)
     /// are quantized as the `E * N` rows they are, in a row-blocked format only (nf4 and
-    /// the affine formats leave them as they are). Returns how many were converted. Norm
+    /// the affine formats leave them as they are); their routers are not quantized. Returns how many were converted. Norm
     /// weights (vectors) stay `f32`.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
-        for value in self.tensors.values_mut() {
+        for (name, value) in &mut self.tensors {
+            // Routers stay as they are, as llama.cpp keeps them: a rounded router logit
+            // can change the experts a token runs.
+            if name.ends_with(crate::model::ROUTER) {
+                continue;
+            }
             let shape = match &**value {
                 Value::Tensor(t) if t.dtype == DType::F32 => t.shape.clone(),
                 Value::Quantized(q) if matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) => {

@@ -3303,7 +3303,7 @@ fn olmoe_computes_what_transformers_computes() {
 }
 
 /// `--quantize` stores a mixture's stacked experts quantized too (`[4, 64, 64]` in
-/// q8_0, q4_0 and q4_k's fallback), and the CPU and GPU backends run them through the
+/// q8_0, q4_0 and q4_k's fallback; the routers as they are), and the CPU and GPU backends run them through the
 /// expert kernels (every op lowered) computing the reference semantics' logits within
 /// [`TRANSFORMERS_BOUND`]; those stay near transformers' unquantized logits (measured:
 /// 0.30 off in q8_0, 2.6 in q4_0, 1.5 in q5_0, logits reaching about 30).
@@ -3328,6 +3328,11 @@ fn quantized_experts_run_on_every_backend() {
             }
             other => panic!("{format}: the experts are {other:?}"),
         }
+        // The router stays as it was, as llama.cpp keeps it.
+        let router = weights.weight("layers.1.feed_forward.gate_inp.weight");
+        assert!(
+            matches!(router.as_deref(), Some(Value::Quantized(q)) if q.format == QuantFormat::BF16)
+        );
         let want = interp_logits(&loaded.config, &weights, &reference);
         let error = largest_difference(&want, &reference.logits);
         assert!(error < bound, "{format}: {error} from transformers' logits");
