@@ -15,6 +15,7 @@ use llm_runtime::{
     llama2c,
     model::BLOCK_SIZE,
     sampler::{Sampler, SamplerConfig},
+    synth,
     tokenizer::{BOS, TextCodec, Tokenizer},
 };
 
@@ -336,6 +337,33 @@ fn batched_sequences_with_sixteen_bit_weights_equal_their_single_sequence_output
     )
     .expect("compiles");
     batched_equals_single_with(&model, &tok, 32);
+}
+
+/// A mixture of experts (stories260K's feed-forward blocks replaced by four experts of
+/// half the width, two a token: `synth::with_experts`) batches as a dense model does, on
+/// the CPU (which gathers the rows each expert is chosen for and multiplies them
+/// together) and on the GPU: the expert kernels compute each slot's row alone.
+#[test]
+fn batched_mixtures_of_experts_equal_their_single_sequence_outputs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let (config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
+    let (config, weights) = synth::with_experts(&config, &weights, (4, 2), 5);
+    let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
+    let mut backends = vec![Backend::Cpu { threads: 2 }];
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
+    for backend in &backends {
+        let model = Model::compile_with_kv(
+            backend,
+            config.clone(),
+            weights.clone(),
+            "default",
+            KvStorage::Float(DType::F32),
+        )
+        .expect("compiles");
+        batched_equals_single_with(&model, &tok, 16);
+    }
 }
 
 fn batched_equals_single(backend: &Backend) {
