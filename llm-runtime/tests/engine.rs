@@ -567,10 +567,10 @@ fn sixteen_bit_kv_caches_on_the_gpu_backend() {
 /// forked request's copy-on-write keeps its tokens, on the CPU and GPU backends.
 #[test]
 fn q8_0_kv_caches_batch_share_prefixes_and_copy_blocks() {
-    let mut shape = llm_runtime::synth::shape("260K").expect("known shape");
+    let mut shape = synth::shape("260K").expect("known shape");
     (shape.dim, shape.hidden_dim, shape.heads, shape.kv_heads) = (128, 256, 2, 1);
     let path = std::env::temp_dir().join(format!("llmc-q8-kv-{}.bin", std::process::id()));
-    llm_runtime::synth::write(&path, &shape, 11).expect("synthetic model");
+    synth::write(&path, &shape, 11).expect("synthetic model");
     let (config, weights) = llama2c::load(&path).expect("model");
     std::fs::remove_file(&path).ok();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
