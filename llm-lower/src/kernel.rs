@@ -1812,8 +1812,6 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
     }
 }
 
-/// The row length and stride of a reduction along the op's `axis` (default: the last) of
-/// `x`: both static.
 /// The kernel of an `llm.expert_matmul` of `f32` activations and results whose experts
 /// are static `[E, N, K]` matrices in a row-major format: `f32`, or a quantized one whose
 /// rows are whole blocks (so that each expert's rows lie by themselves).
@@ -1846,6 +1844,8 @@ fn expert_contraction(check: &OpCheck) -> Option<Kernel> {
     })
 }
 
+/// The row length and stride of a reduction along the op's `axis` (default: the last) of
+/// `x`: both static.
 fn axis_rows(check: &OpCheck, x: &TensorType) -> Option<(usize, usize)> {
     let rank = x.rank() as i64;
     let axis = check.int("axis").unwrap_or(-1);

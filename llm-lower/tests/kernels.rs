@@ -2408,8 +2408,9 @@ fn quantized_caches_append_on_the_gpu() {
 }
 
 /// Token ids outside the table, block-table entries outside the pool, KV slots outside
-/// it and expert ids outside the stacked experts are errors on both backends, not reads or writes out of bounds (on a GPU those would
-/// not even fault).
+/// it and expert ids outside the stacked experts are errors on both backends, not reads
+/// or writes out of bounds (on a GPU those would not even fault), in the kernels: no op is
+/// left to the reference semantics, which reports them too.
 #[test]
 fn bad_indices_are_rejected() {
     let check = |ir: &str, store: &Store, args: Vec<Value>, want: &str| {
@@ -2418,12 +2419,14 @@ fn bad_indices_are_rejected() {
         let f = interp::find_func(&ctx, module, "f").unwrap();
         let hoisted = Interpreter::new(&ctx, store).hoist(f).unwrap();
         let program = Program::build(&ctx, f, &hoisted, &Options::default()).unwrap();
+        assert!(program.stats().reference_ops.is_empty(), "cpu: {ir}");
         let err = program.run(&ctx, store, args.clone()).unwrap_err();
         assert!(err.to_string().contains(want), "cpu: {err}");
         if let Some(gpu) = gpu() {
             let program = gpu::Compiler::new(gpu)
                 .build(&ctx, f, &hoisted, Rows::Few)
                 .unwrap();
+            assert!(program.stats().reference_ops.is_empty(), "gpu: {ir}");
             let err = program.run(&ctx, store, args).unwrap_err();
             assert!(err.to_string().contains(want), "gpu: {err}");
         }
@@ -2814,7 +2817,7 @@ fn quantized_activations_run_through_a_call_plan() {
 }
 
 /// Row-blocked [`format_case`]s (whose experts' rows lie by themselves): the GGUF block
-/// formats and the 16-bit floats.
+/// formats but q8_0 and q4_0, which `expert_matmul_agrees` adds, and the 16-bit floats.
 const ROW_BLOCKED_CASES: [usize; 24] = [
     0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
 ];
@@ -2832,13 +2835,21 @@ proptest! {
         e in 1usize..5,
         n in 1usize..20,
         blocks in 1usize..3,
-        case in 0usize..ROW_BLOCKED_CASES.len() + 1,
+        case in 0usize..ROW_BLOCKED_CASES.len() + 3,
         per_slot in any::<bool>(),
         seed: u64,
     ) {
-        let (k, weight, w_type) = match ROW_BLOCKED_CASES.get(case) {
-            Some(&which) => {
-                let (k, format, text) = format_case(which, blocks);
+        // The row-blocked cases, then q8_0 and q4_0 (the GPU's block-at-a-time loop), then f32.
+        let block_case = match ROW_BLOCKED_CASES.get(case) {
+            Some(&which) => Some(format_case(which, blocks)),
+            None => match case - ROW_BLOCKED_CASES.len() {
+                0 => Some((32 * blocks, QuantFormat::Q8_0, "q8_0".to_string())),
+                1 => Some((32 * blocks, QuantFormat::Q4_0, "q4_0".to_string())),
+                _ => None,
+            },
+        };
+        let (k, weight, w_type) = match block_case {
+            Some((k, format, text)) => {
                 let Value::Quantized(mut q) = quantized(&format, [e * n, k], seed + 1) else {
                     unreachable!("a quantized weight")
                 };

@@ -2,8 +2,9 @@
 //!
 //! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3,
 //! Cohere, Gemma 1 to 3; and Phi-2, StableLM and StarCoder2, with LayerNorms:
-//! `hf_layer_norm`; Mixtral, Qwen3-MoE and OLMoE, with experts: `hf_moe`) are read into the builder's weight names
-//! (`model.layers.N.self_attn.q_proj.weight` becomes `layers.N.attention.wq.weight`, ...).
+//! `hf_layer_norm`; Mixtral, Qwen3-MoE and OLMoE, with experts: `hf_moe`) are read into
+//! the builder's weight names (`model.layers.N.self_attn.q_proj.weight` becomes
+//! `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
 //! from here use `layout = half` (Cohere's pair neighbours: `interleaved`). Safetensors files are memory-mapped; F32 tensors are read
 //! as floats, F16 and BF16 matrices keep their 16 bits ([`stored_floats`]: half the memory

@@ -165,6 +165,15 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
             ("w2", EXPERT_DOWNS),
         ] {
             let parts: Vec<String> = (0..experts.count).map(|e| expert_matrix(l, e, w)).collect();
+            if let Some(e) = parts.iter().position(|p| weights.weight_shape(p).is_none()) {
+                let names = EXPERT_PARTS.iter().filter(|(_, ours)| *ours == w);
+                let theirs: Vec<&str> = names.map(|(theirs, _)| *theirs).collect();
+                return Err(format!(
+                    "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer)",
+                    theirs.join("` or `"),
+                    experts.count
+                ));
+            }
             weights.stack(&parts, &format!("layers.{l}.{stacked}"))?;
         }
     }

@@ -529,7 +529,7 @@ impl ModelConfig {
     fn validate_experts(&self, experts: &Experts) -> Result<(), String> {
         if experts.per_token == 0 || experts.per_token > experts.count {
             return Err(format!(
-                "each token runs {} of {} experts",
+                "each token runs {} of {} experts (the experts used a token, `num_experts_per_tok` or `expert_used_count`, must be 1 to the experts a layer)",
                 experts.per_token, experts.count
             ));
         }

@@ -64,9 +64,10 @@ pub fn floats_le(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// The value of a tensor of `shape` whose elements are the little-endian `dtype`s in
-/// `data`: a matrix of 16-bit floats (f16 or bf16) stays 16-bit, an
-/// `llm.quantized_tensor` of that format that the model multiplies as it multiplies the
-/// quantized ones (half the memory of `f32`); vectors and `f32` tensors are float tensors.
+/// `data`: a matrix of 16-bit floats (f16 or bf16), or a mixture's stacked matrices,
+/// stays 16-bit, an `llm.quantized_tensor` of that format that the model multiplies as it
+/// multiplies the quantized ones (half the memory of `f32`); vectors and `f32` tensors are
+/// float tensors.
 pub fn stored_floats(shape: Vec<usize>, dtype: DType, data: &[u8]) -> Value {
     let format = match dtype {
         DType::F16 => Some(QuantFormat::F16),
@@ -74,7 +75,7 @@ pub fn stored_floats(shape: Vec<usize>, dtype: DType, data: &[u8]) -> Value {
         _ => None,
     };
     match format {
-        Some(format) if shape.len() == 2 => Value::Quantized(QTensor {
+        Some(format) if matches!(shape.len(), 2 | 3) => Value::Quantized(QTensor {
             shape,
             format,
             bytes: data.to_vec(),
@@ -122,9 +123,10 @@ impl Weights {
     /// into the super-blocks of a 256-value format takes the format it falls back to
     /// ([`QuantFormat::row_fallback`]) where its rows split into that one's blocks, and
     /// `f16` otherwise; a matrix whose rows do not split into the blocks of another format
-    /// stays as it is (llama.cpp refuses it). A mixture's stacked experts (`[E, N, K]`)
-    /// are quantized as the `E * N` rows they are, in a row-blocked format only (nf4 and
-    /// the affine formats leave them as they are); their routers are not quantized. Returns how many were converted. Norm
+    /// stays as it is (llama.cpp refuses it). A mixture's stacked experts
+    /// (`[E, N, K]`) are quantized as the `E * N` rows they are, in a row-blocked format
+    /// only (nf4 and the affine formats leave them as they are); their routers are not
+    /// quantized. Returns how many were converted. Norm
     /// weights (vectors) stay `f32`.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -489,6 +491,44 @@ mod tests {
 
     use super::{Weights, quantize_rows};
     use llm_ir::interp::{QTensor, Tensor, Value, WeightStore};
+
+    /// Stacked weights keep their type and gain a leading dim (16-bit ones stay 16 bits,
+    /// as a GGUF file's stacked experts are read too); parts of different shapes, or a
+    /// missing part, are refused by name.
+    #[test]
+    fn stacked_parts_keep_their_type() {
+        let bytes: Vec<u8> = (0..12u8)
+            .flat_map(|i| half::f16::from_f32(f32::from(i)).to_le_bytes())
+            .collect();
+        let stored = super::stored_floats(vec![2, 3, 2], DType::F16, &bytes);
+        assert!(
+            matches!(&stored, Value::Quantized(q) if q.format == QuantFormat::F16 && q.shape == [2, 3, 2])
+        );
+        let mut weights = Weights::default();
+        weights.insert(
+            "a",
+            super::stored_floats(vec![3, 2], DType::F16, &bytes[..12]),
+        );
+        weights.insert(
+            "b",
+            super::stored_floats(vec![3, 2], DType::F16, &bytes[12..]),
+        );
+        weights
+            .stack(&["a".into(), "b".into()], "ab")
+            .expect("stacks");
+        assert_eq!(weights.weight("ab").as_deref(), Some(&stored));
+        assert!(weights.weight("a").is_none());
+        let zeros = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Value::Tensor(Tensor::from_f32(shape, DType::F32, vec![0.0; n]))
+        };
+        weights.insert("c", zeros(vec![2, 2]));
+        weights.insert("d", zeros(vec![3, 2]));
+        let uneven = weights.stack(&["c".into(), "d".into()], "cd").unwrap_err();
+        assert!(uneven.contains("`d` is [3, 2]"), "{uneven}");
+        let missing = weights.stack(&["c".into(), "e".into()], "ce").unwrap_err();
+        assert!(missing.contains("no weight `e`"), "{missing}");
+    }
 
     /// A fused vector (Phi-2's q, k and v biases) splits into runs of its values, and a
     /// split whose parts do not add up is an error naming it.

@@ -2692,6 +2692,11 @@ fn mutated_family_gguf_files_never_panic() {
         falcon_gguf("falcon-40b-tiny", 2),
         moe_gguf("mixtral-tiny", "llama", vec![]),
         moe_gguf("olmoe-tiny", "olmoe", vec![]),
+        moe_gguf(
+            "qwen3-moe-tiny",
+            "qwen3moe",
+            vec![("expert_feed_forward_length", Meta::Uint(32))],
+        ),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -3291,6 +3296,30 @@ fn olmoe_computes_what_transformers_computes() {
     );
     let gguf = moe_gguf("olmoe-tiny", "olmoe", vec![]);
     gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    // A checkpoint missing an expert's matrix, or running more experts a token than it
+    // has, is refused, naming what is wrong.
+    let refusal = |as_name: &str, edit: &dyn Fn(&mut serde_json::Value), drop: &str| {
+        let dir = rewritten_checkpoint("olmoe-tiny", as_name, edit, |tensors| {
+            tensors.retain(|(name, _, _)| name != drop);
+        });
+        let err = model_file::load(&dir).err().map(|e| e.to_string());
+        std::fs::remove_dir_all(&dir).ok();
+        err.expect("refused")
+    };
+    let missing = refusal(
+        "olmoe-missing",
+        &|_| {},
+        "model.layers.1.mlp.experts.5.up_proj.weight",
+    );
+    assert!(
+        missing.contains("layer 1's expert 5 has no `w3` or `up_proj`"),
+        "{missing}"
+    );
+    let too_many = refusal("olmoe-nine", &|c| c["num_experts_per_tok"] = 9.into(), "");
+    assert!(
+        too_many.contains("each token runs 9 of 8 experts"),
+        "{too_many}"
+    );
     let dir = rewritten_checkpoint(
         "olmoe-tiny",
         "olmoe-clip",

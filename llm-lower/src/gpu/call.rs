@@ -57,6 +57,15 @@ fn elem_of(dtype: DType) -> Elem {
     }
 }
 
+/// How a device holds a contraction's weight of `format`: f32 rows (a `[k, n]` one was
+/// transposed at upload), or the packed format's words.
+fn weight_elem(format: WeightFormat) -> Elem {
+    match format {
+        WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Elem::F32,
+        quantized => Elem::Packed(quantized),
+    }
+}
+
 // A strided body's dims and strides fill at most one parameter block.
 const _: () = assert!(STRIDED_RANK * (1 + STRIDED_ARGS) * 4 <= PARAM_STRIDE as usize);
 
@@ -910,10 +919,7 @@ impl Call<'_> {
             None => None,
         };
         let w = self.device(step.inputs[weight_operand(c)])?;
-        let want = match c.weight {
-            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Elem::F32,
-            quantized => Elem::Packed(quantized),
-        };
+        let want = weight_elem(c.weight);
         if w.shape != [c.n, c.k] || w.elem != want {
             return Err(format!(
                 "the weight {:?} is not a {}x{} {} matrix",
@@ -961,10 +967,7 @@ impl Call<'_> {
     ) -> Result<Option<DeviceTensor>, String> {
         let x = self.f32_rows(step.inputs[0], c.k)?;
         let (w, ids) = (self.device(step.inputs[1])?, self.device(step.inputs[2])?);
-        let want = match c.weight {
-            WeightFormat::F32 | WeightFormat::F32Panels | WeightFormat::F32KN => Elem::F32,
-            quantized => Elem::Packed(quantized),
-        };
+        let want = weight_elem(c.weight);
         let (&[experts, n, k], &[tokens, slots]) = (w.shape.as_slice(), ids.shape.as_slice())
         else {
             return Err(format!(
