@@ -62,6 +62,49 @@ fn weights_split_to_fit_a_small_binding_limit_reproduce_golden() {
     );
 }
 
+/// A mixture of experts whose stacked experts exceed a 48 KiB binding limit (stories260K
+/// with 4 experts of width 86 a layer, `synth::with_experts`: 88 KiB a matrix, in parts
+/// of two experts) runs part by part, every op on the GPU, and computes the CPU backend's
+/// logits (within 1e-4) for a prompt and a decoded token.
+#[test]
+fn split_experts_run_part_by_part() {
+    let options = GpuOptions {
+        max_binding_bytes: Some(48 * 1024),
+        no_f16: true,
+        ..GpuOptions::default()
+    };
+    if gpu::test_device(&options).is_none() {
+        return;
+    }
+    let (config, weights) =
+        llama2c::load(&shared().join("models/stories260K.bin")).expect("model loads");
+    let (config, weights) = synth::with_experts(&config, &weights, (4, 2), 9);
+    let logits = |backend: &Backend| {
+        let model = Model::compile_on(backend, config.clone(), weights.clone(), "default")
+            .expect("compiles");
+        let prompt = [1, 403, 407, 261, 379, 500, 297, 280];
+        let (prefill, cache) = model
+            .forward(Step::Prefill, &prompt, 0, model.new_cache(1))
+            .expect("prefill");
+        let (decode, _) = model
+            .forward(Step::Decode, &[365], prompt.len(), cache)
+            .expect("decode");
+        let all: Vec<f32> = prefill.into_iter().chain(decode).flatten().collect();
+        (model, all)
+    };
+    let (model, on_gpu) = logits(&Backend::Gpu(options));
+    let stats = model.gpu_lowering(Step::Decode).expect("gpu stats");
+    assert!(stats.split_weights > 0, "nothing was split: {stats:?}");
+    assert!(stats.reference_ops.is_empty(), "{stats:?}");
+    let on_cpu = logits(&Backend::Cpu { threads: 2 }).1;
+    let worst = on_gpu
+        .iter()
+        .zip(&on_cpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "{worst} from the CPU backend's logits");
+}
+
 /// With attention split into chunks of 16 positions (merged by a second dispatch), decode
 /// still prints the golden text.
 #[test]

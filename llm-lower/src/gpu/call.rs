@@ -544,10 +544,7 @@ impl Call<'_> {
                 DeviceTensor::f32(shape, values)
             }
             Kernel::ExpertContraction { expert, per_slot } => {
-                match self.expert_contraction(index, step, (expert, *per_slot), pipelines)? {
-                    Some(out) => out,
-                    None => return Ok(false),
-                }
+                self.expert_contraction(index, step, (expert, *per_slot), pipelines)?
             }
             Kernel::Contraction(c) => self.contraction(index, step, c, pipelines)?,
             Kernel::Elementwise(body) | Kernel::Broadcast(body) => {
@@ -955,16 +952,17 @@ impl Call<'_> {
         Ok(DeviceTensor::f32(shape, y))
     }
 
-    /// An expert contraction ([`Kernel::ExpertContraction`]) of `c`, one expert's; `None`
-    /// (the reference semantics instead) for a stacked weight the device holds in
-    /// several parts. An id outside the experts is the step's fault.
+    /// An expert contraction ([`Kernel::ExpertContraction`]) of `c`, one expert's: one
+    /// dispatch for each part of the stacked weight (whole experts each), in which the
+    /// slots whose experts the part holds compute. An id outside the experts is the
+    /// step's fault.
     fn expert_contraction(
         &mut self,
         index: usize,
         step: &Step,
         (c, per_slot): (&Contraction, bool),
         pipelines: &[wgpu::ComputePipeline],
-    ) -> Result<Option<DeviceTensor>, String> {
+    ) -> Result<DeviceTensor, String> {
         let x = self.f32_rows(step.inputs[0], c.k)?;
         let (w, ids) = (self.device(step.inputs[1])?, self.device(step.inputs[2])?);
         let want = weight_elem(c.weight);
@@ -991,27 +989,28 @@ impl Call<'_> {
                 x.shape, c.k
             ));
         }
-        let [part] = w.parts.as_slice() else {
-            return Ok(None);
-        };
         let m = tokens * slots;
         let y = self.output(index, 0, m * c.n * 4);
         let fault = self.fault_word();
-        self.dispatch(
-            &pipelines[0],
-            &[
-                m as u32,
-                c.n as u32,
-                0,
-                c.n as u32,
-                slots as u32,
-                experts as u32,
-                index as u32,
-            ],
-            &[x.whole()?, &part.buffer, &y, ids.whole()?, &fault],
-            c.n.div_ceil(CONTRACTION_ROWS as usize) * m,
-        )?;
-        Ok(Some(DeviceTensor::f32(vec![tokens, slots, c.n], y)))
+        for part in &w.parts {
+            self.dispatch(
+                &pipelines[0],
+                &[
+                    m as u32,
+                    c.n as u32,
+                    0,
+                    c.n as u32,
+                    slots as u32,
+                    experts as u32,
+                    index as u32,
+                    part.first as u32,
+                    part.rows as u32,
+                ],
+                &[x.whole()?, &part.buffer, &y, ids.whole()?, &fault],
+                c.n.div_ceil(CONTRACTION_ROWS as usize) * m,
+            )?;
+        }
+        Ok(DeviceTensor::f32(vec![tokens, slots, c.n], y))
     }
 
     /// Dispatches a contraction of the rows of `x` (`n` outputs each) by every part of

@@ -662,6 +662,8 @@ fn dispatches_of(
             parts_of(step.inputs[weight_operand(c)]) + usize::from(c.q8_0_input)
         }
         Kernel::Move(Movement::Rows { .. }) | Kernel::Dequantize { .. } => parts_of(step.inputs[0]),
+        // One per part of the stacked experts.
+        Kernel::ExpertContraction { .. } => parts_of(step.inputs[1]),
         // One of the whole and the split attention runs (the split one with its merge).
         Kernel::Attention { .. } => shaders - 1,
         // One placement per operand; one of a broadcast's two shaders.

@@ -75,10 +75,11 @@ pub enum Shader {
     /// once per 16 rows instead of once per row. For prompts; each output is still a sum
     /// over K in one fixed order, whatever the other rows are.
     TiledContraction(Contraction),
-    /// The contraction `c` of one expert for each slot of `llm.expert_matmul`: slot `m`
-    /// (a token's `s`-th choice) reads its expert's rows `ids[m] * n ..` of the stacked
-    /// weight, and x's row `m` (`per_slot`) or its token's, `m / slots`. An id outside
-    /// the experts is the step's fault.
+    /// The contraction `c` of one expert for each slot of `llm.expert_matmul`, over one
+    /// part of the stacked weight (whole experts, `first_expert..first_expert +
+    /// part_experts`): slot `m` (a token's `s`-th choice), where the part holds its
+    /// expert, reads the expert's rows of the part, and x's row `m` (`per_slot`) or its
+    /// token's, `m / slots`. An id outside the experts is the step's fault.
     ExpertContraction {
         /// One expert's contraction.
         c: Contraction,
@@ -657,9 +658,9 @@ impl Shader {
     pub fn workgroup_bytes(&self) -> usize {
         let w = WORKGROUP as usize * 4;
         match self {
-            Shader::Contraction(_) | Shader::ExpertContraction { .. } => {
-                CONTRACTION_ROWS as usize * w
-            }
+            Shader::Contraction(_) => CONTRACTION_ROWS as usize * w,
+            // And the slot's expert.
+            Shader::ExpertContraction { .. } => CONTRACTION_ROWS as usize * w + 4,
             // Tiles of x and w, the norm's squares and row scales.
             Shader::TiledContraction(_) => (2 * TILE * TILE_K) as usize * 4 + w + 4 * TILE as usize,
             Shader::RmsNorm { .. } | Shader::LayerNorm { .. } | Shader::Softmax { .. } => w,
@@ -771,6 +772,8 @@ impl Shader {
                 "slots",
                 "experts",
                 "step",
+                "first_expert",
+                "part_experts",
             ],
             Shader::TopK { .. } => &["rows"],
             Shader::Elementwise(_) => &["len", "n0", "n1", "n2", "n3", "n4", "n5", "n6"],
@@ -964,6 +967,9 @@ fn contraction(c: &Contraction, experts: Option<bool>) -> String {
     let _ = writeln!(s, "const K: u32 = {}u;", c.k);
     let _ = writeln!(s, "const R: u32 = {CONTRACTION_ROWS}u;");
     s.push_str("var<workgroup> part: array<f32, 256>;\n");
+    if experts.is_some() {
+        s.push_str("var<workgroup> slot_expert: u32;\nconst NOT_HERE: u32 = 0xffffffffu;\n");
+    }
     if c.norm_eps_bits.is_some() {
         s.push_str(REDUCE);
     }
@@ -979,16 +985,23 @@ fn contraction(c: &Contraction, experts: Option<bool>) -> String {
 ",
     );
     match experts {
-        // The slot's expert (an id out of range reads expert 0 and faults), its first
-        // weight row, and x's row.
+        // The slot's expert among this weight part's (an id out of range faults), shared
+        // through workgroup memory so that a workgroup whose expert another part holds
+        // leaves in uniform control flow; its first weight row, and x's row.
         Some(per_slot) => {
             let x_row = if per_slot { "m" } else { "(m / p.slots)" };
             let _ = write!(
                 s,
-                "    let id = ids[m];
-    let bad = id < 0 || u32(id) >= p.experts;
-    if (bad && t == 0u && j0 == 0u) {{ atomicMin(&fault[0], p.step); }}
-    let wr = select(u32(id), 0u, bad) * p.part_rows + j0;
+                "    if (t == 0u) {{
+        let id = ids[m];
+        let bad = id < 0 || u32(id) >= p.experts;
+        if (bad && j0 == 0u) {{ atomicMin(&fault[0], p.step); }}
+        let here = !bad && u32(id) >= p.first_expert && u32(id) - p.first_expert < p.part_experts;
+        slot_expert = select(NOT_HERE, u32(id) - p.first_expert, here);
+    }}
+    let expert = workgroupUniformLoad(&slot_expert);
+    if (expert == NOT_HERE) {{ return; }}
+    let wr = expert * p.part_rows + j0;
     let xrow = {x_row} * K;
 "
             );
