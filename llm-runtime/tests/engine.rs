@@ -346,8 +346,8 @@ fn batched_sequences_with_sixteen_bit_weights_equal_their_single_sequence_output
 #[test]
 fn batched_mixtures_of_experts_equal_their_single_sequence_outputs() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
-    let (config, weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
-    let (config, weights) = synth::with_experts(&config, &weights, (4, 2), 5);
+    let (dense_config, dense_weights) = llama2c::load(&dir.join("stories260K.bin")).expect("model");
+    let (config, weights) = synth::with_experts(&dense_config, &dense_weights, (4, 2), 5);
     let tok = Tokenizer::load(&dir.join("tok512.bin"), config.vocab).expect("tokenizer");
     let mut backends = vec![Backend::Cpu { threads: 2 }];
     if llm_lower::gpu::test_device(&Default::default()).is_some() {
@@ -364,6 +364,21 @@ fn batched_mixtures_of_experts_equal_their_single_sequence_outputs() {
         .expect("compiles");
         batched_equals_single_with(&model, &tok, 16);
     }
+    // The experts decide the tokens: the dense model writes another text.
+    let compile = |config, weights| {
+        Model::compile_on(&Backend::Cpu { threads: 2 }, config, weights, "default")
+    };
+    let text = |model: Model| {
+        model
+            .generate(&tok, "Once upon a time", 32, GREEDY)
+            .expect("runs")
+            .ids
+    };
+    let dense = compile(dense_config, dense_weights).expect("compiles");
+    assert_ne!(
+        text(compile(config, weights).expect("compiles")),
+        text(dense)
+    );
 }
 
 fn batched_equals_single(backend: &Backend) {
