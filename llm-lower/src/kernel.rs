@@ -1915,7 +1915,9 @@ fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -
         return None;
     }
     // Operands of the result's shape, or broadcast to it numpy-style: right-aligned, each
-    // dim equal to the result's or 1.
+    // dim 1 or declared as the result's (a dynamic one too: a mixture's `[?, 1]` gate
+    // scaling `[?, dim]` rows; the kernel lays the broadcast out from the run-time shapes,
+    // and shapes that do not broadcast there run the reference semantics).
     let mut broadcast = false;
     for i in 0..check.num_operands() {
         let operand = check.tensor(i).ok().filter(|t| t.dtype() == dtype)?;
@@ -1925,7 +1927,7 @@ fn elementwise(ctx: &Context, op: Ptr<Operation>, check: &OpCheck, name: &str) -
             let fits = shape.len() <= rank
                 && shape.iter().enumerate().all(|(d, dim)| {
                     let out = result.shape()[d + rank - shape.len()];
-                    *dim == Some(1) || (dim.is_some() && *dim == out)
+                    *dim == Some(1) || *dim == out
                 });
             if !fits {
                 return None;

@@ -1588,6 +1588,25 @@ fn runtime_broadcast_falls_back() {
     compare(&[("cpu".into(), got)], &want, 0.0, &ir).expect("agrees");
 }
 
+/// Operands whose dims are declared as the result's, dynamic ones included, broadcast in
+/// generated code: a `[?, 1]` scale of `[?, 8]` rows (a shared expert's gate) is selected
+/// as a broadcast and runs without falling back, on both backends.
+#[test]
+fn dynamic_rows_broadcast_in_generated_code() {
+    let (rows, scale) = ("llm.tensor <?x8xf32>", "llm.tensor <?x1xf32>");
+    let ir = func(
+        &[("a".into(), rows.into()), ("b".into(), scale.into())],
+        rows,
+        &format!("y = llm.mul a, b : {rows};"),
+    );
+    agree(
+        &ir,
+        vec![tensor(&[3, 8], 1, 1.0), tensor(&[3, 1], 2, 1.0)],
+        0.0,
+    )
+    .expect("agrees");
+}
+
 /// Arguments of the wrong shape are rejected before any kernel runs.
 #[test]
 fn wrong_shapes_are_rejected() {

@@ -37,7 +37,7 @@ use crate::{
         Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts,
         FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
         POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
-        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        SHARED_GATE, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -436,6 +436,10 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             (POST_ATTENTION_NORM, POST_ATTENTION_NORM),
             (POST_FFW_NORM, POST_FFW_NORM),
             ("ffn_gate_inp.weight", ROUTER),
+            ("ffn_gate_inp_shexp.weight", SHARED_GATE),
+            ("ffn_gate_shexp.weight", "feed_forward.shared.w1.weight"),
+            ("ffn_up_shexp.weight", "feed_forward.shared.w3.weight"),
+            ("ffn_down_shexp.weight", "feed_forward.shared.w2.weight"),
             ("ffn_gate_exps.weight", EXPERT_GATES),
             ("ffn_up_exps.weight", EXPERT_UPS),
             ("ffn_down_exps.weight", EXPERT_DOWNS),
@@ -449,7 +453,8 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     if second_norm && arch != "falcon" {
         return None;
     }
-    let biases = matches!(arch, "qwen2" | "llama") || LAYER_NORM_ARCHITECTURES.contains(&arch);
+    let biases =
+        matches!(arch, "qwen2" | "qwen2moe" | "llama") || LAYER_NORM_ARCHITECTURES.contains(&arch);
     if name.ends_with(".bias") && !biases
         || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
     {
@@ -571,11 +576,11 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// by `sqrt(embedding_length)`; its norm weights are stored with Gemma's `1 +` added
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). `olmo` is llama's with LayerNorms of neither weight nor bias (no
-/// norm tensors). `qwen3moe` is qwen3's and `olmoe` olmo2's q/k norms (with input norms)
-/// with experts ([`apply_experts`], which also reads a `llama` file's: Mixtral's). The
+/// norm tensors). `qwen3moe` is qwen3's, `qwen2moe` qwen2's (with a shared expert) and
+/// `olmoe` olmo2's q/k norms (with input norms) with experts ([`apply_experts`], which also reads a `llama` file's: Mixtral's). The
 /// other architectures read are [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with
 /// the name.
-const ARCHITECTURES: [&str; 14] = [
+const ARCHITECTURES: [&str; 15] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -589,6 +594,7 @@ const ARCHITECTURES: [&str; 14] = [
     "command-r",
     "olmo",
     "qwen3moe",
+    "qwen2moe",
     "olmoe",
 ];
 
@@ -1032,11 +1038,13 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
 /// `feed_forward_length`, in the layers that have a router (`ffn_gate_inp`: llama.cpp
 /// routes every layer, the builder also a file whose some layers are dense). The chosen
 /// experts' weights are renormalized as llama.cpp does for the architecture (`llama`'s,
-/// Mixtral's, and `qwen3moe`'s, not `olmoe`'s) unless `expert_weights_norm` says.
+/// Mixtral's, and `qwen3moe`'s, not `olmoe`'s or `qwen2moe`'s) unless
+/// `expert_weights_norm` says. A `qwen2moe` file's shared expert (`ffn_{gate,up,down}_shexp`,
+/// its gate `ffn_gate_inp_shexp`) is `expert_shared_feed_forward_length` wide.
 fn apply_experts(
     g: &GgufFile,
     arch: &str,
-    weights: &Weights,
+    weights: &mut Weights,
     c: &mut ModelConfig,
 ) -> Result<(), String> {
     let key = |k: &str| format!("{arch}.{k}");
@@ -1047,7 +1055,7 @@ fn apply_experts(
     };
     if count == 0 {
         return match arch {
-            "qwen3moe" | "olmoe" => Err(format!(
+            "qwen3moe" | "qwen2moe" | "olmoe" => Err(format!(
                 "metadata `{}` is missing or 0",
                 key("expert_count")
             )),
@@ -1060,8 +1068,20 @@ fn apply_experts(
     };
     let normalize = match g.meta(&key("expert_weights_norm")) {
         Some(_) => g.boolean(&key("expert_weights_norm"))?,
-        None => arch != "olmoe",
+        None => !matches!(arch, "olmoe" | "qwen2moe"),
     };
+    let shared = match g.meta(&key("expert_shared_feed_forward_length")) {
+        Some(_) => Some(g.int(&key("expert_shared_feed_forward_length"))?),
+        None => None,
+    };
+    // llama.cpp reads the shared expert's gate as a vector; the builder multiplies by it
+    // as a matrix of one row.
+    for l in 0..c.layers {
+        let gate = format!("layers.{l}.{SHARED_GATE}");
+        if weights.weight_shape(&gate) == Some(vec![c.dim]) {
+            weights.reshape(&gate, vec![1, c.dim])?;
+        }
+    }
     c.experts = Some(Experts {
         count,
         per_token: g.int(&key("expert_used_count"))?,
@@ -1074,6 +1094,7 @@ fn apply_experts(
                     .is_some()
             })
             .collect(),
+        shared,
     });
     Ok(())
 }
@@ -1081,7 +1102,7 @@ fn apply_experts(
 /// The model of architecture `arch` whose metadata is `g`'s and whose tensors are
 /// `weights` (under the builder's names).
 fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, String> {
-    let qwen2 = arch == "qwen2";
+    let qwen2 = matches!(arch, "qwen2" | "qwen2moe");
     let sandwich = matches!(arch, "gemma2" | "gemma3");
     let tokenizer = crate::gguf_vocab::vocab(g)?;
     let key = |k: &str| format!("{arch}.{k}");
@@ -1167,7 +1188,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if arch == "llama" {
         read_biases(&weights, &mut config);
     }
-    apply_experts(g, arch, &weights, &mut config)?;
+    apply_experts(g, arch, &mut weights, &mut config)?;
     if arch == "smollm3" {
         // llama.cpp's fixed step, with no metadata for it.
         config.nope_layers = Some(every_nth_layer(config.layers, 4));

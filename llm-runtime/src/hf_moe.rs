@@ -1,7 +1,8 @@
 //! Hugging Face's mixture-of-experts checkpoints: Mixtral (`MixtralForCausalLM`),
-//! Qwen3-MoE (`Qwen3MoeForCausalLM`) and OLMoE (`OlmoeForCausalLM`), Llama's blocks
-//! (with Qwen3's per-head and OLMoE's whole-projection q/k norms) whose feed-forward
-//! blocks route each token to a few experts ([`Experts`]).
+//! Qwen3-MoE (`Qwen3MoeForCausalLM`), Qwen2-MoE (`Qwen2MoeForCausalLM`, Qwen1.5-MoE) and
+//! OLMoE (`OlmoeForCausalLM`), Llama's blocks (with Qwen3's per-head and OLMoE's
+//! whole-projection q/k norms, Qwen2's q, k and v biases) whose feed-forward blocks route
+//! each token to a few experts ([`Experts`]; Qwen2-MoE's beside a gated shared expert).
 //!
 //! The Hub's checkpoints store each expert's matrices as tensors of their own
 //! (`model.layers.N.block_sparse_moe.experts.E.w1.weight`, Qwen3-MoE's and OLMoE's
@@ -13,14 +14,17 @@ use serde_json::Value as Json;
 
 use crate::{
     hf::{config_int, flag_or, names_architecture},
-    model::{EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, QkNorm, ROUTER},
+    model::{
+        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, QkNorm, ROUTER, SHARED_GATE,
+    },
     weights::{Weights, builder_name},
 };
 
 /// The mixture-of-experts architectures read.
-pub(crate) const ARCHITECTURES: [&str; 3] = [
+pub(crate) const ARCHITECTURES: [&str; 4] = [
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM",
     "OlmoeForCausalLM",
 ];
 
@@ -35,8 +39,16 @@ const EXPERT_PARTS: [(&str, &str); 6] = [
     ("down_proj", "w2"),
 ];
 
-/// The builder's name of a router or expert tensor of a checkpoint: a router is the
-/// layer's [`ROUTER`]; an expert's matrix `feed_forward.experts.E.w{1,3,2}.weight` of its
+/// The builder's names of a shared expert's matrices (under
+/// [`SHARED_EXPERT`](crate::model::SHARED_EXPERT)).
+const SHARED_W1: &str = "feed_forward.shared.w1.weight";
+const SHARED_W3: &str = "feed_forward.shared.w3.weight";
+const SHARED_W2: &str = "feed_forward.shared.w2.weight";
+
+/// The builder's name of a router, shared expert or expert tensor of a checkpoint: a
+/// router is the layer's [`ROUTER`], Qwen2-MoE's shared expert's matrices those under
+/// [`SHARED_EXPERT`](crate::model::SHARED_EXPERT) and its gate [`SHARED_GATE`]; an
+/// expert's matrix `feed_forward.experts.E.w{1,3,2}.weight` of its
 /// layer until [`stack_experts`] stacks it. `None` for other tensors.
 pub(crate) fn expert_name(hf: &str) -> Option<String> {
     let router = builder_name(
@@ -46,6 +58,10 @@ pub(crate) fn expert_name(hf: &str) -> Option<String> {
         &[
             ("block_sparse_moe.gate.weight", ROUTER),
             ("mlp.gate.weight", ROUTER),
+            ("mlp.shared_expert_gate.weight", SHARED_GATE),
+            ("mlp.shared_expert.gate_proj.weight", SHARED_W1),
+            ("mlp.shared_expert.up_proj.weight", SHARED_W3),
+            ("mlp.shared_expert.down_proj.weight", SHARED_W2),
         ],
     );
     if router.is_some() {
@@ -71,11 +87,15 @@ fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
 /// `num_local_experts`, each of `intermediate_size`, renormalized, in every layer;
 /// Qwen3-MoE's `num_experts` (transformers 5 writes `num_local_experts`) of
 /// `moe_intermediate_size` in the layers `mlp_only_layers` leaves out and
-/// `decoder_sparse_step` picks, the others dense; OLMoE's `num_experts` of
-/// `intermediate_size` in every layer; both renormalized where `norm_topk_prob` says.
+/// `decoder_sparse_step` picks, the others dense, and so Qwen2-MoE's, beside a shared
+/// expert of `shared_expert_intermediate_size`; OLMoE's `num_experts` of
+/// `intermediate_size` in every layer; all but Mixtral's renormalized where
+/// `norm_topk_prob` says.
 fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     let mixtral = names_architecture(cfg, "MixtralForCausalLM");
-    let qwen3 = names_architecture(cfg, "Qwen3MoeForCausalLM");
+    let qwen2 = names_architecture(cfg, "Qwen2MoeForCausalLM");
+    // Qwen2-MoE's experts are laid out as Qwen3-MoE's.
+    let qwen3 = qwen2 || names_architecture(cfg, "Qwen3MoeForCausalLM");
     if !(mixtral || qwen3 || names_architecture(cfg, "OlmoeForCausalLM")) {
         return Ok(None);
     }
@@ -121,6 +141,10 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         hidden,
         normalize: mixtral || flag_or(cfg, "norm_topk_prob", false)?,
         layers: routing,
+        shared: match qwen2 {
+            true => Some(config_int(cfg, "shared_expert_intermediate_size")?),
+            false => None,
+        },
     }))
 }
 
@@ -131,6 +155,9 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.experts = experts(cfg, c.layers)?;
     if names_architecture(cfg, "Qwen3MoeForCausalLM") {
         c.qk_norm = QkNorm::Heads;
+    }
+    if names_architecture(cfg, "Qwen2MoeForCausalLM") {
+        c.attention_bias.qkv = flag_or(cfg, "qkv_bias", true)?;
     }
     if names_architecture(cfg, "OlmoeForCausalLM") {
         if cfg.get("clip_qkv").is_some_and(|v| !v.is_null()) {

@@ -178,6 +178,10 @@ pub struct Experts {
     /// Which layers route (the others have a dense block of `hidden_dim`: Qwen3-MoE's
     /// `mlp_only_layers` and `decoder_sparse_step`).
     pub layers: Vec<bool>,
+    /// The width of a shared expert every token runs besides the routed ones, its output
+    /// scaled by the sigmoid of the block input's product with [`SHARED_GATE`] (Qwen2-MoE's;
+    /// its matrices under [`SHARED_EXPERT`]); `None` for none.
+    pub shared: Option<usize>,
 }
 
 impl Experts {
@@ -198,6 +202,12 @@ pub const EXPERT_UPS: &str = "feed_forward.experts.w3.weight";
 
 /// The experts' down projections, stacked: `[experts, dim, hidden]`.
 pub const EXPERT_DOWNS: &str = "feed_forward.experts.w2.weight";
+
+/// The stem of a shared expert's gated block (`w1`, `w3`, `w2` under it).
+pub const SHARED_EXPERT: &str = "feed_forward.shared";
+
+/// The shared expert's gate: `[1, dim]`.
+pub const SHARED_GATE: &str = "feed_forward.shared_gate.weight";
 
 /// Layers that attend locally among layers that attend to every position (Gemma 2
 /// alternates them, Gemma 3 has five local layers to a global one). Unlike
@@ -533,7 +543,7 @@ impl ModelConfig {
                 experts.per_token, experts.count
             ));
         }
-        if experts.hidden == 0 {
+        if experts.hidden == 0 || experts.shared == Some(0) {
             return Err("the experts' hidden width is 0".into());
         }
         if experts.layers.len() != self.layers {
@@ -617,12 +627,22 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}attention.wo.weight"), vec![d, qd]),
         ]);
         match c.experts.as_ref().filter(|x| x.routes(l)) {
-            Some(x) => out.extend([
-                (format!("{p}{ROUTER}"), vec![x.count, d]),
-                (format!("{p}{EXPERT_GATES}"), vec![x.count, x.hidden, d]),
-                (format!("{p}{EXPERT_UPS}"), vec![x.count, x.hidden, d]),
-                (format!("{p}{EXPERT_DOWNS}"), vec![x.count, d, x.hidden]),
-            ]),
+            Some(x) => {
+                out.extend([
+                    (format!("{p}{ROUTER}"), vec![x.count, d]),
+                    (format!("{p}{EXPERT_GATES}"), vec![x.count, x.hidden, d]),
+                    (format!("{p}{EXPERT_UPS}"), vec![x.count, x.hidden, d]),
+                    (format!("{p}{EXPERT_DOWNS}"), vec![x.count, d, x.hidden]),
+                ]);
+                if let Some(sh) = x.shared {
+                    out.extend([
+                        (format!("{p}{SHARED_EXPERT}.w1.weight"), vec![sh, d]),
+                        (format!("{p}{SHARED_EXPERT}.w3.weight"), vec![sh, d]),
+                        (format!("{p}{SHARED_EXPERT}.w2.weight"), vec![d, sh]),
+                        (format!("{p}{SHARED_GATE}"), vec![1, d]),
+                    ]);
+                }
+            }
             None => out.extend([
                 (format!("{p}feed_forward.w2.weight"), vec![d, hd]),
                 (format!("{p}feed_forward.w3.weight"), vec![hd, d]),
@@ -1100,23 +1120,77 @@ impl Emitter<'_> {
 impl Emitter<'_> {
     /// Layer `l`'s dense feed-forward block over `input`: its down projection's value.
     fn dense_feed_forward(&mut self, c: &ModelConfig, input: &str, l: usize) -> String {
+        let block = DenseBlock {
+            stem: format!("layers.{l}.feed_forward"),
+            hidden: c.hidden_dim,
+            tag: l.to_string(),
+        };
+        self.feed_forward_block(c, input, &block)
+    }
+
+    /// The feed-forward block `block` over `input` (gated or not as `c` says, the
+    /// activation and biases `c`'s): its down projection's value.
+    fn feed_forward_block(&mut self, c: &ModelConfig, input: &str, block: &DenseBlock) -> String {
         let (act, hid) = (
             format!("llm.tensor <?x{}xf32>", c.dim),
-            format!("llm.tensor <?x{}xf32>", c.hidden_dim),
+            format!("llm.tensor <?x{}xf32>", block.hidden),
         );
-        let ffn = |w: &str| format!("layers.{l}.feed_forward.{w}.weight");
-        let up = self.projection(input, &format!("up_{l}"), &ffn("w3"), c.ffn_bias, &hid);
+        let DenseBlock { stem, tag, .. } = block;
+        let ffn = |w: &str| format!("{stem}.{w}.weight");
+        let up = self.projection(input, &format!("up_{tag}"), &ffn("w3"), c.ffn_bias, &hid);
         let hidden = match c.feed_forward {
             FeedForward::Gated => {
                 let gate =
-                    self.projection(input, &format!("gate_{l}"), &ffn("w1"), c.ffn_bias, &hid);
-                let act = self.activation(c.activation, &gate, &format!("act_{l}"), &hid);
-                self.op(format!("glu_{l} = llm.mul {act}, {up} : {hid}"));
-                format!("glu_{l}")
+                    self.projection(input, &format!("gate_{tag}"), &ffn("w1"), c.ffn_bias, &hid);
+                let act = self.activation(c.activation, &gate, &format!("act_{tag}"), &hid);
+                self.op(format!("glu_{tag} = llm.mul {act}, {up} : {hid}"));
+                format!("glu_{tag}")
             }
-            FeedForward::Ungated => self.activation(c.activation, &up, &format!("act_{l}"), &hid),
+            FeedForward::Ungated => self.activation(c.activation, &up, &format!("act_{tag}"), &hid),
         };
-        self.projection(&hidden, &format!("down_{l}"), &ffn("w2"), c.ffn_bias, &act)
+        self.projection(
+            &hidden,
+            &format!("down_{tag}"),
+            &ffn("w2"),
+            c.ffn_bias,
+            &act,
+        )
+    }
+
+    /// Layer `l`'s shared expert of width `hidden` over `input` (a gated block under
+    /// [`SHARED_EXPERT`]), scaled by the sigmoid of `input`'s product with [`SHARED_GATE`],
+    /// added to the routed experts' sum `mixed`: the sum's value.
+    fn shared_expert(
+        &mut self,
+        c: &ModelConfig,
+        input: &str,
+        mixed: &str,
+        l: usize,
+        hidden: usize,
+    ) -> String {
+        let p = format!("layers.{l}.");
+        let block = DenseBlock {
+            stem: format!("{p}{SHARED_EXPERT}"),
+            hidden,
+            tag: format!("shared_{l}"),
+        };
+        let shared = self.feed_forward_block(c, input, &block);
+        let (act, one) = (
+            format!("llm.tensor <?x{}xf32>", c.dim),
+            "llm.tensor <?x1xf32>".to_string(),
+        );
+        let gate = self.weight_f32(&format!("shared_gate_{l}_w"), &format!("{p}{SHARED_GATE}"));
+        self.op(format!(
+            "shared_logit_{l} = llm.matmul {input}, {gate} {{transpose_rhs = true}} : {one}"
+        ));
+        self.op(format!(
+            "shared_scale_{l} = llm.sigmoid shared_logit_{l} : {one}"
+        ));
+        self.op(format!(
+            "shared_out_{l} = llm.mul {shared}, shared_scale_{l} : {act}"
+        ));
+        self.op(format!("moe_{l} = llm.add {mixed}, shared_out_{l} : {act}"));
+        format!("moe_{l}")
     }
 
     /// Layer `l`'s mixture of `experts` over `input`: the router's logits, the chosen
@@ -1184,9 +1258,22 @@ impl Emitter<'_> {
             "mixed_{l} = llm.reshape mixed3_{l} : {}",
             t(format!("?x{d}xf32"))
         ));
-        format!("mixed_{l}")
+        match experts.shared {
+            Some(hidden) => self.shared_expert(c, input, &format!("mixed_{l}"), l, hidden),
+            None => format!("mixed_{l}"),
+        }
     }
 }
+
+/// A dense feed-forward block's weights and values: its weights' stem (`w1`, `w3`, `w2`
+/// under it), hidden width, and the tag of its values' names.
+struct DenseBlock {
+    stem: String,
+    hidden: usize,
+    tag: String,
+}
+
+impl Emitter<'_> {}
 
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
 fn forward_func(

@@ -69,6 +69,7 @@ pub fn with_experts(
             hidden,
             normalize: true,
             layers: vec![true; c.layers],
+            shared: None,
         }),
         ..c.clone()
     };

@@ -103,6 +103,26 @@ impl Weights {
         }
     }
 
+    /// Gives weight `name` the shape `shape` of as many values.
+    pub(crate) fn reshape(&mut self, name: &str, shape: Vec<usize>) -> Result<(), String> {
+        let value = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| format!("no weight `{name}` to reshape"))?;
+        let mut value = Rc::unwrap_or_clone(value);
+        let (held, dims) = match &mut value {
+            Value::Tensor(t) => (t.shape.iter().product::<usize>(), &mut t.shape),
+            Value::Quantized(q) => (q.shape.iter().product::<usize>(), &mut q.shape),
+            _ => return Err(format!("weight `{name}` is not a tensor")),
+        };
+        if held != shape.iter().product::<usize>() || dims.last() != shape.last() {
+            return Err(format!("weight `{name}` {dims:?} is not {shape:?}"));
+        }
+        *dims = shape;
+        self.insert(name, value);
+        Ok(())
+    }
+
     /// Takes weight `name` out.
     pub(crate) fn remove(&mut self, name: &str) -> Option<Rc<Value>> {
         self.tensors.remove(name)

@@ -2693,6 +2693,14 @@ fn mutated_family_gguf_files_never_panic() {
         moe_gguf("mixtral-tiny", "llama", vec![]),
         moe_gguf("olmoe-tiny", "olmoe", vec![]),
         moe_gguf(
+            "qwen2-moe-tiny",
+            "qwen2moe",
+            vec![
+                ("expert_feed_forward_length", Meta::Uint(32)),
+                ("expert_shared_feed_forward_length", Meta::Uint(48)),
+            ],
+        ),
+        moe_gguf(
             "qwen3-moe-tiny",
             "qwen3moe",
             vec![("expert_feed_forward_length", Meta::Uint(32))],
@@ -3202,8 +3210,20 @@ fn moe_gguf(name: &str, arch: &str, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
                 return true;
             };
             let layer = layer.to_string();
-            if rest.ends_with("gate.weight") {
-                *name = format!("blk.{layer}.ffn_gate_inp.weight");
+            let renamed = match rest {
+                "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp",
+                "mlp.shared_expert_gate.weight" => {
+                    // llama.cpp's converter writes the gate as a vector.
+                    shape.remove(0);
+                    "ffn_gate_inp_shexp"
+                }
+                "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp",
+                "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp",
+                "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp",
+                _ => "",
+            };
+            if !renamed.is_empty() {
+                *name = format!("blk.{layer}.{renamed}.weight");
                 return true;
             }
             let Some(expert) = rest
@@ -3390,4 +3410,56 @@ fn quantized_experts_run_on_every_backend() {
             }
         }
     }
+}
+
+/// Qwen2-MoE (`tests/data/qwen2-moe-tiny`; Qwen1.5-MoE's architecture): four experts of
+/// width 32, two a token, not renormalized, beside a shared expert of width 48 whose
+/// output a sigmoid gates; Qwen2's q, k and v biases. Its GGUF form (`qwen2moe`, the
+/// shared expert's `_shexp` tensors, its gate a vector) computes the same.
+#[test]
+fn qwen2_moe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen2-moe-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(
+        (
+            experts.count,
+            experts.per_token,
+            experts.hidden,
+            experts.normalize
+        ),
+        (4, 2, 32, false)
+    );
+    assert_eq!(experts.shared, Some(48));
+    assert!(c.attention_bias.qkv && !c.attention_bias.output);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("unnormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = true;
+            }),
+            ("the q/k/v biases", &|c| c.attention_bias.qkv = false),
+        ],
+    );
+    let gguf = moe_gguf(
+        "qwen2-moe-tiny",
+        "qwen2moe",
+        vec![
+            ("expert_feed_forward_length", Meta::Uint(32)),
+            ("expert_shared_feed_forward_length", Meta::Uint(48)),
+        ],
+    );
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    // Without the shared expert (its weights left unread) the logits move too.
+    let mut config = loaded.config.clone();
+    config.experts.as_mut().expect("experts").shared = None;
+    let shift = largest_difference(
+        &interp_logits(&config, &loaded.weights, &reference),
+        &reference.logits,
+    );
+    assert!(
+        shift > 10.0 * TRANSFORMERS_BOUND,
+        "without the shared expert: {shift}"
+    );
 }

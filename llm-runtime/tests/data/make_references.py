@@ -14,7 +14,7 @@ partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), the mixtures of experts (`mixtral`,
-`qwen3-moe`, `olmoe`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+`qwen3-moe`, `olmoe`, `qwen2-moe`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -67,6 +67,8 @@ from transformers import (
     PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
@@ -484,6 +486,18 @@ def main():
         eos_token_id=2,
     )
     write("olmoe-tiny", OlmoeForCausalLM, olmoe, 36)
+    # Qwen2-MoE: four experts of width 32, two a token, not renormalized, beside a shared
+    # expert of width 48 gated by a sigmoid; q, k and v biases.
+    qwen2_moe = Qwen2MoeConfig(
+        **small,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=False,
+        tie_word_embeddings=False,
+    )
+    write("qwen2-moe-tiny", Qwen2MoeForCausalLM, qwen2_moe, 37)
 
 
 def gemma3_1b_shape(out):
