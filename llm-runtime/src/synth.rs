@@ -54,7 +54,7 @@ pub fn write(path: &Path, c: &ModelConfig, seed: u64) -> std::io::Result<()> {
 /// The model `c` over `weights` with each layer's feed-forward block replaced by `count`
 /// experts of `c.hidden_dim / per_token` (renormalized, `per_token` a token: as many
 /// multiply-adds a token as the dense block), their matrices and routers drawn from `seed`
-/// (non-zero) as [`write`] draws a model's; the other weights are `weights`'.
+/// (non-zero) as [`write()`] draws a model's; the other weights are `weights`'.
 pub fn with_experts(
     c: &ModelConfig,
     weights: &Weights,
