@@ -405,15 +405,7 @@ fn quant_mixes_load_in_their_stored_types_and_run_in_generated_code() {
             .forward(Step::Decode, &[17], prompt.len(), cache)
             .expect("decode");
         for step in [Step::Prefill, Step::Decode] {
-            let reference_ops = match backend {
-                Backend::Gpu(_) => model
-                    .gpu_lowering(step)
-                    .expect("stats")
-                    .reference_ops
-                    .clone(),
-                Backend::Cpu { .. } => model.lowering(step).expect("stats").reference_ops.clone(),
-                Backend::Interp => Vec::new(),
-            };
+            let reference_ops = common::reference_ops(&model, backend, step);
             assert!(
                 reference_ops.is_empty(),
                 "{backend:?} {step:?} left ops to the reference semantics"

@@ -869,15 +869,7 @@ fn computes_what_transformers_computes(
         .expect("compiles");
         let runs = prefill_and_decode_logits(&model, &reference.ids, reference.prompt_len);
         for step in [Step::Prefill, Step::Decode] {
-            let left = match backend {
-                Backend::Gpu(_) => model
-                    .gpu_lowering(step)
-                    .expect("stats")
-                    .reference_ops
-                    .clone(),
-                Backend::Cpu { .. } => model.lowering(step).expect("stats").reference_ops.clone(),
-                Backend::Interp => Vec::new(),
-            };
+            let left = common::reference_ops(&model, backend, step);
             assert!(
                 left.is_empty(),
                 "{backend:?} {step:?} left {left:?} to the reference"
@@ -3390,14 +3382,7 @@ fn quantized_experts_run_on_every_backend() {
                 Model::compile_on(backend, loaded.config.clone(), weights.clone(), "default")
                     .expect("compiles");
             for step in [Step::Prefill, Step::Decode] {
-                let left = match backend {
-                    Backend::Gpu(_) => model
-                        .gpu_lowering(step)
-                        .expect("stats")
-                        .reference_ops
-                        .clone(),
-                    _ => model.lowering(step).expect("stats").reference_ops.clone(),
-                };
+                let left = common::reference_ops(&model, backend, step);
                 assert!(left.is_empty(), "{format} {backend:?} {step:?}: {left:?}");
             }
             let runs = prefill_and_decode_logits(&model, &reference.ids, reference.prompt_len);

@@ -8,7 +8,7 @@ use llm_ir::{
     dtype::DType,
     interp::{
         Tensor, Value,
-        eval::moe::{ExpertDims, expert_ids, topk_rows},
+        eval::moe::{routed_slots, topk_rows},
     },
 };
 
@@ -44,23 +44,16 @@ pub(super) fn expert_contraction(
     f: *const u8,
     inputs: &[Rc<Value>],
 ) -> Result<Tensor, String> {
-    let (x, ids) = (inputs[0].tensor()?, inputs[2].tensor()?);
-    let w_shape = match &*inputs[1] {
-        Value::Tensor(t) => &t.shape,
-        Value::Quantized(q) => &q.shape,
-        other => return Err(format!("the weight is {}", other.kind())),
-    };
-    let dims = ExpertDims::of(&x.shape, w_shape, &ids.shape)?;
+    let (dims, chosen) = routed_slots(inputs)?;
     if (dims.n, dims.k) != (c.n, c.k) {
         return Err(format!(
             "the experts are {}x{}, the kernel's {}x{}",
             dims.n, dims.k, c.n, c.k
         ));
     }
-    let chosen = expert_ids(ids, dims.experts)?;
     let wbytes = stacked_weight_bytes(c, &inputs[1], &[dims.experts])?;
     let expert_bytes = wbytes.len() / dims.experts.max(1);
-    let xs = x.floats()?;
+    let xs = inputs[0].tensor()?.floats()?;
     let mut routed: Vec<Vec<usize>> = vec![Vec::new(); dims.experts];
     for (slot, &expert) in chosen.iter().enumerate() {
         routed[expert].push(slot);

@@ -1,12 +1,30 @@
 //! Helpers shared by the integration tests of model files: the fuzz loop that mutates a
-//! file's bytes and checks that reading them never panics.
+//! file's bytes and checks that reading them never panics, and the ops a compiled model
+//! leaves to the reference semantics.
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
     time::{Duration, Instant},
 };
 
-use llm_runtime::sampler::XorShift;
+use llm_runtime::{
+    generate::{Backend, Model, Step},
+    sampler::XorShift,
+};
+
+/// The ops (name and count) `model`, compiled for `backend`, leaves to the reference
+/// semantics in `step`'s function: none for the interpreter, which is that semantics.
+pub fn reference_ops(model: &Model, backend: &Backend, step: Step) -> Vec<(String, usize)> {
+    match backend {
+        Backend::Gpu(_) => model
+            .gpu_lowering(step)
+            .expect("stats")
+            .reference_ops
+            .clone(),
+        Backend::Cpu { .. } => model.lowering(step).expect("stats").reference_ops.clone(),
+        Backend::Interp => Vec::new(),
+    }
+}
 
 /// Seconds a fuzz test runs: `LLMC_FUZZ_SECONDS`, or 5.
 fn fuzz_seconds() -> u64 {

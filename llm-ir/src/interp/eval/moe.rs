@@ -115,8 +115,21 @@ impl ExpertDims {
     }
 }
 
+/// The dims of an `llm.expert_matmul`'s operands `inputs` (input, stacked weight, ids),
+/// checked to agree, and the expert each slot chose, checked to be among the weight's.
+pub fn routed_slots(inputs: &[Rc<Value>]) -> Result<(ExpertDims, Vec<usize>), String> {
+    let (x, ids) = (inputs[0].tensor()?, inputs[2].tensor()?);
+    let w_shape = match &*inputs[1] {
+        Value::Tensor(t) => &t.shape,
+        Value::Quantized(q) => &q.shape,
+        other => return Err(format!("the weight is {}", other.kind())),
+    };
+    let dims = ExpertDims::of(&x.shape, w_shape, &ids.shape)?;
+    Ok((dims, expert_ids(ids, dims.experts)?))
+}
+
 /// The expert ids of `ids`, each checked to be in `0..experts`.
-pub fn expert_ids(ids: &Tensor, experts: usize) -> Result<Vec<usize>, String> {
+fn expert_ids(ids: &Tensor, experts: usize) -> Result<Vec<usize>, String> {
     ids.ints()?
         .iter()
         .map(|&id| {
@@ -160,16 +173,9 @@ fn expert_matrix(
 
 /// `llm.expert_matmul`: each slot's input row times its expert's matrix, transposed.
 pub fn expert_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let (x, ids) = (inputs[0].tensor()?, inputs[2].tensor()?);
-    let w_shape = match &*inputs[1] {
-        Value::Tensor(t) => &t.shape,
-        Value::Quantized(q) => &q.shape,
-        other => return Err(format!("the weight is {}", other.kind())),
-    };
-    let dims = ExpertDims::of(&x.shape, w_shape, &ids.shape)?;
+    let (dims, chosen) = routed_slots(&inputs)?;
     let (n, k) = (dims.n, dims.k);
-    let chosen = expert_ids(ids, dims.experts)?;
-    let xs = x.floats()?;
+    let xs = inputs[0].tensor()?.floats()?;
     let mut matrices: HashMap<usize, Vec<f32>> = HashMap::new();
     let mut whole = None;
     let mut out = Vec::with_capacity(dims.tokens * dims.slots * n);
