@@ -387,9 +387,9 @@ impl GgufFile {
 }
 
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
-/// tensor that is not part of such a model (biases outside `qwen2`, `llama` and the
-/// LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms outside `gemma2`, `gemma3`
-/// and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`],
+/// tensor that is not part of such a model (biases outside `qwen2`, `qwen2moe`, `llama`
+/// and the LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms outside
+/// `gemma2`, `gemma3` and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`],
 /// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
 /// so are Phi-2's `attn_qkv` and its bias where the file has them ([`FUSED_QKV_BIAS`]).
 fn weight_name(gguf: &str, arch: &str) -> Option<String> {
@@ -577,9 +577,9 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// (llama.cpp's converter adds it). `gemma2` and `gemma3` add Gemma 2's and 3's settings
 /// ([`apply_gemma`]). `olmo` is llama's with LayerNorms of neither weight nor bias (no
 /// norm tensors). `qwen3moe` is qwen3's, `qwen2moe` qwen2's (with a shared expert) and
-/// `olmoe` olmo2's q/k norms (with input norms) with experts ([`apply_experts`], which also reads a `llama` file's: Mixtral's). The
-/// other architectures read are [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with
-/// the name.
+/// `olmoe` olmo2's q/k norms (with input norms) with experts ([`apply_experts`], which
+/// also reads a `llama` file's: Mixtral's). The other architectures read are
+/// [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with the name.
 const ARCHITECTURES: [&str; 15] = [
     "llama",
     "qwen2",
@@ -1034,13 +1034,15 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
 
 /// The experts of a mixture-of-experts file (`{arch}.expert_count` of them, none where it
 /// is absent or 0; `qwen3moe` and `olmoe` files must have them): `expert_used_count` a
-/// token, each of `expert_feed_forward_length` (Qwen3-MoE's key) or else
-/// `feed_forward_length`, in the layers that have a router (`ffn_gate_inp`: llama.cpp
+/// token, each of `expert_feed_forward_length` (Qwen3-MoE's key) or else, as llama.cpp
+/// reads them, `feed_forward_length` over the experts a token runs (`qwen3moe`,
+/// `qwen2moe`) or `feed_forward_length`, in the layers that have a router (`ffn_gate_inp`: llama.cpp
 /// routes every layer, the builder also a file whose some layers are dense). The chosen
 /// experts' weights are renormalized as llama.cpp does for the architecture (`llama`'s,
 /// Mixtral's, and `qwen3moe`'s, not `olmoe`'s or `qwen2moe`'s) unless
-/// `expert_weights_norm` says. A `qwen2moe` file's shared expert (`ffn_{gate,up,down}_shexp`,
-/// its gate `ffn_gate_inp_shexp`) is `expert_shared_feed_forward_length` wide.
+/// `expert_weights_norm` says. A `qwen2moe` file's shared expert
+/// (`ffn_{gate,up,down}_shexp`, its gate `ffn_gate_inp_shexp`) is
+/// `expert_shared_feed_forward_length` wide, else `feed_forward_length`.
 fn apply_experts(
     g: &GgufFile,
     arch: &str,
@@ -1062,8 +1064,12 @@ fn apply_experts(
             _ => Ok(()),
         };
     }
+    let per_token = g.int(&key("expert_used_count"))?;
+    // Where the widths are not given, llama.cpp's: the Qwen MoEs' experts share the dense
+    // width among the experts a token runs, and a shared expert takes all of it.
     let hidden = match g.meta(&key("expert_feed_forward_length")) {
         Some(_) => g.int(&key("expert_feed_forward_length"))?,
+        None if matches!(arch, "qwen3moe" | "qwen2moe") => c.hidden_dim / per_token,
         None => c.hidden_dim,
     };
     let normalize = match g.meta(&key("expert_weights_norm")) {
@@ -1072,6 +1078,7 @@ fn apply_experts(
     };
     let shared = match g.meta(&key("expert_shared_feed_forward_length")) {
         Some(_) => Some(g.int(&key("expert_shared_feed_forward_length"))?),
+        None if arch == "qwen2moe" => Some(c.hidden_dim),
         None => None,
     };
     // llama.cpp reads the shared expert's gate as a vector; the builder multiplies by it
@@ -1084,7 +1091,7 @@ fn apply_experts(
     }
     c.experts = Some(Experts {
         count,
-        per_token: g.int(&key("expert_used_count"))?,
+        per_token,
         hidden,
         normalize,
         layers: (0..c.layers)

@@ -543,8 +543,11 @@ impl ModelConfig {
                 experts.per_token, experts.count
             ));
         }
-        if experts.hidden == 0 || experts.shared == Some(0) {
+        if experts.hidden == 0 {
             return Err("the experts' hidden width is 0".into());
+        }
+        if experts.shared == Some(0) {
+            return Err("the shared expert's width is 0".into());
         }
         if experts.layers.len() != self.layers {
             return Err(format!(
@@ -1272,8 +1275,6 @@ struct DenseBlock {
     hidden: usize,
     tag: String,
 }
-
-impl Emitter<'_> {}
 
 /// Writes one forward function; `batch` gives the `[B, T]` dims of the attention queries.
 fn forward_func(

@@ -103,22 +103,26 @@ impl Weights {
         }
     }
 
-    /// Gives weight `name` the shape `shape` of as many values.
+    /// Gives weight `name` the shape `shape`: as many values, the same last dim (so a
+    /// quantized weight's rows stay whole). The weight is left as it was where it cannot.
     pub(crate) fn reshape(&mut self, name: &str, shape: Vec<usize>) -> Result<(), String> {
+        let held = self
+            .weight_shape(name)
+            .ok_or_else(|| format!("no tensor `{name}` to reshape"))?;
+        let count = |s: &[usize]| s.iter().product::<usize>();
+        if count(&held) != count(&shape) || held.last() != shape.last() {
+            return Err(format!("weight `{name}` {held:?} cannot be {shape:?}"));
+        }
         let value = self
             .tensors
             .remove(name)
-            .ok_or_else(|| format!("no weight `{name}` to reshape"))?;
+            .expect("a tensor, as its shape says");
         let mut value = Rc::unwrap_or_clone(value);
-        let (held, dims) = match &mut value {
-            Value::Tensor(t) => (t.shape.iter().product::<usize>(), &mut t.shape),
-            Value::Quantized(q) => (q.shape.iter().product::<usize>(), &mut q.shape),
-            _ => return Err(format!("weight `{name}` is not a tensor")),
-        };
-        if held != shape.iter().product::<usize>() || dims.last() != shape.last() {
-            return Err(format!("weight `{name}` {dims:?} is not {shape:?}"));
+        match &mut value {
+            Value::Tensor(t) => t.shape = shape,
+            Value::Quantized(q) => q.shape = shape,
+            _ => unreachable!("weight_shape gives tensors' shapes only"),
         }
-        *dims = shape;
         self.insert(name, value);
         Ok(())
     }
@@ -152,9 +156,9 @@ impl Weights {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
         for (name, value) in &mut self.tensors {
-            // Routers stay as they are, as llama.cpp keeps them: a rounded router logit
-            // can change the experts a token runs.
-            if name.ends_with(crate::model::ROUTER) {
+            // Routers and shared experts' gates stay as they are, as llama.cpp keeps them:
+            // a rounded router logit can change the experts a token runs.
+            if name.ends_with(crate::model::ROUTER) || name.ends_with(crate::model::SHARED_GATE) {
                 continue;
             }
             let shape = match &**value {
@@ -548,6 +552,13 @@ mod tests {
         assert!(uneven.contains("`d` is [3, 2]"), "{uneven}");
         let missing = weights.stack(&["c".into(), "e".into()], "ce").unwrap_err();
         assert!(missing.contains("no weight `e`"), "{missing}");
+        // A reshape keeps the values and the last dim; one that cannot leaves the weight.
+        weights.insert("v", zeros(vec![4]));
+        weights.reshape("v", vec![1, 4]).expect("a row");
+        assert_eq!(weights.weight_shape("v"), Some(vec![1, 4]));
+        assert!(weights.reshape("v", vec![4, 1]).is_err());
+        assert!(weights.reshape("v", vec![1, 5]).is_err());
+        assert_eq!(weights.weight_shape("v"), Some(vec![1, 4]));
     }
 
     /// A fused vector (Phi-2's q, k and v biases) splits into runs of its values, and a
