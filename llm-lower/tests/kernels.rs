@@ -328,7 +328,8 @@ fn reference(
 }
 
 /// Compiles `func` for the GPU shaped for both `Rows`, checks each program's `stats`, and
-/// runs it on `args`.
+/// runs it on `args`, checking that no kernel step fell back to the reference semantics at
+/// run time.
 fn runs_on_gpu(
     gpu: Arc<Gpu>,
     ctx: &Context,
@@ -345,6 +346,11 @@ fn runs_on_gpu(
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         check(program.stats())?;
         let got = run_on_gpu(&program, ctx, weights, args)?;
+        prop_assert_eq!(
+            program.runtime_fallbacks(),
+            0,
+            "fell back at run time on the GPU"
+        );
         runs.push((format!("gpu, {rows:?} rows"), got));
     }
     Ok(runs)

@@ -572,37 +572,38 @@ impl Call<'_> {
                     return Ok(false);
                 };
                 let len: usize = shape.iter().product();
-                if len == 0 {
-                    return Ok(false);
-                }
                 let y = self.output(index, 0, len * 4);
-                let mut bindings = xs
-                    .iter()
-                    .map(DeviceTensor::whole)
-                    .collect::<Result<Vec<_>, _>>()?;
-                bindings.push(&y);
-                // Along leading dims only: the plain shader reads operand `a` at `i % len`.
-                let leading = |x: &DeviceTensor| {
-                    let trimmed: Vec<usize> =
-                        x.shape.iter().copied().skip_while(|&d| d == 1).collect();
-                    shape.ends_with(&trimmed)
-                };
-                if xs.iter().all(leading) {
-                    let mut words = vec![len as u32];
-                    words.extend(xs.iter().map(|x| x.len() as u32));
-                    self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
-                } else if let Some(strided) = pipelines.get(1) {
-                    // The outer dims then the last four, padded in front to the rank.
-                    let pad = STRIDED_RANK - outer.len() - 4;
-                    let mut words = vec![1u32; pad];
-                    words.extend(outer.iter().chain(&dims).map(|&d| d as u32));
-                    for (o, s) in outer_strides.iter().zip(&strides) {
-                        words.extend(std::iter::repeat_n(0, pad));
-                        words.extend(o.iter().chain(s).map(|&s| s as u32));
+                // An empty result (an empty prompt's rows) has nothing to compute.
+                if len > 0 {
+                    let mut bindings = xs
+                        .iter()
+                        .map(DeviceTensor::whole)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    bindings.push(&y);
+                    // Along leading dims only: the plain shader reads operand `a` at
+                    // `i % len`.
+                    let leading = |x: &DeviceTensor| {
+                        let trimmed: Vec<usize> =
+                            x.shape.iter().copied().skip_while(|&d| d == 1).collect();
+                        shape.ends_with(&trimmed)
+                    };
+                    if xs.iter().all(leading) {
+                        let mut words = vec![len as u32];
+                        words.extend(xs.iter().map(|x| x.len() as u32));
+                        self.dispatch(&pipelines[0], &words, &bindings, len.div_ceil(WG))?;
+                    } else if let Some(strided) = pipelines.get(1) {
+                        // The outer dims then the last four, padded in front to the rank.
+                        let pad = STRIDED_RANK - outer.len() - 4;
+                        let mut words = vec![1u32; pad];
+                        words.extend(outer.iter().chain(&dims).map(|&d| d as u32));
+                        for (o, s) in outer_strides.iter().zip(&strides) {
+                            words.extend(std::iter::repeat_n(0, pad));
+                            words.extend(o.iter().chain(s).map(|&s| s as u32));
+                        }
+                        self.dispatch(strided, &words, &bindings, len.div_ceil(WG))?;
+                    } else {
+                        return Ok(false);
                     }
-                    self.dispatch(strided, &words, &bindings, len.div_ceil(WG))?;
-                } else {
-                    return Ok(false);
                 }
                 DeviceTensor::unsplit(shape, elem, y)
             }

@@ -9,7 +9,7 @@
 //! function's results, unless a reference op needs a device value on the host first.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::{HashMap, HashSet},
     rc::Rc,
     sync::Arc,
@@ -194,6 +194,8 @@ pub struct Program {
     constants: Vec<(usize, Slot)>,
     stats: LoweringStats,
     pub(super) buffers: RefCell<Buffers>,
+    /// Kernel steps that ran their op's reference semantics instead, over every call.
+    fallbacks: Cell<usize>,
 }
 
 /// The shaders each selected op runs (contractions tiled for `Rows::Many`), with the ops
@@ -423,6 +425,7 @@ impl Program {
             signature: layout.signature,
             constants,
             stats,
+            fallbacks: Cell::new(0),
             buffers: RefCell::default(),
         })
     }
@@ -430,6 +433,14 @@ impl Program {
     /// How the function's ops were lowered.
     pub fn stats(&self) -> &LoweringStats {
         &self.stats
+    }
+
+    /// How many times, over every call so far, a kernel step ran its op's reference
+    /// semantics instead, because the run-time shapes were outside its shaders (operands
+    /// that only broadcast at run time, too many dims to merge): zero when every op ran
+    /// as [`Self::stats`] says.
+    pub fn runtime_fallbacks(&self) -> usize {
+        self.fallbacks.get()
     }
 
     /// Runs the function on `args`, returning the values of its `llm.return`; a KV cache
@@ -475,6 +486,7 @@ impl Program {
                 Action::Kernel(kernel, pipelines) => {
                     let done = call.kernel(index, step, kernel, pipelines).map_err(at)?;
                     if !done {
+                        self.fallbacks.set(self.fallbacks.get() + 1);
                         call.reference(ctx, step, weights).map_err(at)?;
                     }
                 }
