@@ -1596,7 +1596,8 @@ fn runtime_broadcast_falls_back() {
 
 /// Operands whose dims are declared as the result's, dynamic ones included, broadcast in
 /// generated code: a `[?, 1]` scale of `[?, 8]` rows (a shared expert's gate) is selected
-/// as a broadcast and runs without falling back, on both backends.
+/// as a broadcast and runs without falling back, on both backends; rows that do not
+/// broadcast at run time are an error there, as in the reference.
 #[test]
 fn dynamic_rows_broadcast_in_generated_code() {
     let (rows, scale) = ("llm.tensor <?x8xf32>", "llm.tensor <?x1xf32>");
@@ -1611,6 +1612,22 @@ fn dynamic_rows_broadcast_in_generated_code() {
         0.0,
     )
     .expect("agrees");
+    // Run-time rows that do not broadcast are the reference semantics' error on both.
+    let args = vec![tensor(&[3, 8], 1, 1.0), tensor(&[2, 1], 2, 1.0)];
+    let (mut ctx, want) = (Context::new(), "do not broadcast");
+    let module = text::parse_module(&mut ctx, &ir).expect("parses");
+    let f = interp::find_func(&ctx, module, "f").expect("@f");
+    let program =
+        Program::build(&ctx, f, &Hoisted::default(), &Options::default()).expect("compiles");
+    let err = program
+        .run(&ctx, &NoWeights, args.clone())
+        .expect_err("fails")
+        .to_string();
+    assert!(err.contains(want), "cpu: {err}");
+    if let Some(gpu) = gpu() {
+        let err = gpu_error(gpu, &ir, args);
+        assert!(err.contains(want), "gpu: {err}");
+    }
 }
 
 /// Arguments of the wrong shape are rejected before any kernel runs.
