@@ -643,6 +643,21 @@ pub struct Contraction {
 }
 
 impl Contraction {
+    /// `y = x @ w^T` of `n` rows of `k` in `weight`'s format, plain: no norm prologue or
+    /// residual epilogue, no repacking, `f32` activations.
+    pub fn plain(k: usize, n: usize, weight: WeightFormat) -> Contraction {
+        Contraction {
+            k,
+            n,
+            weight,
+            norm_eps_bits: None,
+            residual: false,
+            transpose_at_pack: false,
+            q8_0_input: false,
+            block_panels: false,
+        }
+    }
+
     /// Whether the constant weight is repacked at compile time: into f32 panels, or into
     /// block panels ([`pack_weight_panels`]).
     pub fn reads_panels(&self) -> bool {
@@ -1458,14 +1473,8 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             // An empty contraction (K = 0) is left to the reference.
             (k > 0 && k_ok && norm_ok && x.rank() >= 2 && f32_result(&check)).then(|| {
                 Kernel::Contraction(Contraction {
-                    k,
-                    n,
-                    weight,
                     norm_eps_bits: (name == "llm.rms_norm_matmul").then(eps_bits),
-                    residual: false,
-                    transpose_at_pack: false,
-                    q8_0_input: false,
-                    block_panels: false,
+                    ..Contraction::plain(k, n, weight)
                 })
             })
         }
@@ -1483,16 +1492,7 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             };
             let k_ok = x.local_shape().last() == Some(&Some(k as u64));
             (f32s && k_ok && n > 0 && k > 0).then_some(Kernel::ShardedLinear {
-                local: Contraction {
-                    k,
-                    n,
-                    weight: WeightFormat::F32,
-                    norm_eps_bits: None,
-                    residual: false,
-                    transpose_at_pack: false,
-                    q8_0_input: false,
-                    block_panels: false,
-                },
+                local: Contraction::plain(k, n, WeightFormat::F32),
                 reduction: y.reduction(),
             })
         }
@@ -1562,14 +1562,8 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             };
             let k_ok = x_shape.last() == Some(&Some(k as u64)) && layout_ok;
             (k_ok && f32_result(&check)).then_some(Kernel::Contraction(Contraction {
-                k,
-                n,
-                weight,
-                norm_eps_bits: None,
-                residual: false,
-                transpose_at_pack: false,
                 q8_0_input,
-                block_panels: false,
+                ..Contraction::plain(k, n, weight)
             }))
         }
         "llm.rms_norm" => {
@@ -1830,16 +1824,7 @@ fn expert_contraction(check: &OpCheck) -> Option<Kernel> {
     let rows_whole = weight.block().is_some_and(|b| k.is_multiple_of(b));
     let k_ok = x.shape().last() == Some(&Some(k as u64)) && n > 0 && k > 0;
     (rows_whole && k_ok && f32_result(check)).then_some(Kernel::ExpertContraction {
-        expert: Contraction {
-            k,
-            n,
-            weight,
-            norm_eps_bits: None,
-            residual: false,
-            transpose_at_pack: false,
-            q8_0_input: false,
-            block_panels: false,
-        },
+        expert: Contraction::plain(k, n, weight),
         per_slot: x.rank() == 3,
     })
 }

@@ -426,15 +426,7 @@ impl Weights {
         let stacked: Vec<usize> = std::iter::once(parts.len())
             .chain(shape.unwrap_or_default())
             .collect();
-        let joined = self.tensors.remove(into).expect("just joined");
-        let mut value = Rc::unwrap_or_clone(joined);
-        match &mut value {
-            Value::Tensor(t) => t.shape = stacked,
-            Value::Quantized(q) => q.shape = stacked,
-            _ => unreachable!("concat_rows joins tensors"),
-        }
-        self.insert(into, value);
-        Ok(())
+        self.reshape(into, stacked)
     }
 
     /// The names, sorted.

@@ -19,7 +19,10 @@ use llm_runtime::{
     generate::{Backend, Generation, Model, Step},
     gguf::Meta,
     llama2c,
-    model::{Activation, AttentionBias, Blocks, FeedForward, ModelConfig, Norm, QkNorm, build_ir},
+    model::{
+        Activation, AttentionBias, Blocks, Experts, FeedForward, ModelConfig, Norm, QkNorm,
+        build_ir,
+    },
     model_file,
     sampler::{SamplerConfig, XorShift},
     tokenizer::{HfTokenizer, TextCodec, Tokenizer},
@@ -3145,21 +3148,24 @@ fn bad_directories_name_the_file() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A mixture's experts a layer, experts a token, expert width and whether the chosen
+/// experts' weights are renormalized.
+fn expert_settings(experts: &Experts) -> (usize, usize, usize, bool) {
+    (
+        experts.count,
+        experts.per_token,
+        experts.hidden,
+        experts.normalize,
+    )
+}
+
 /// Mixtral (`tests/data/mixtral-tiny`): four experts a layer, each token running the two
 /// its router scores highest, their outputs weighted by the renormalized probabilities.
 #[test]
 fn mixtral_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("mixtral-tiny");
     let experts = loaded.config.experts.as_ref().expect("experts");
-    assert_eq!(
-        (
-            experts.count,
-            experts.per_token,
-            experts.hidden,
-            experts.normalize
-        ),
-        (4, 2, 64, true)
-    );
+    assert_eq!(expert_settings(experts), (4, 2, 64, true));
     assert_eq!(experts.layers, [true, true]);
     computes_what_transformers_computes(
         &loaded,
@@ -3255,15 +3261,7 @@ fn qwen3_moe_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("qwen3-moe-tiny");
     let c = &loaded.config;
     let experts = c.experts.as_ref().expect("experts");
-    assert_eq!(
-        (
-            experts.count,
-            experts.per_token,
-            experts.hidden,
-            experts.normalize
-        ),
-        (8, 2, 32, true)
-    );
+    assert_eq!(expert_settings(experts), (8, 2, 32, true));
     assert_eq!(
         (experts.layers.as_slice(), c.hidden_dim),
         ([false, true].as_slice(), 64)
@@ -3291,10 +3289,7 @@ fn qwen3_moe_computes_what_transformers_computes() {
 fn olmoe_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("olmoe-tiny");
     let experts = loaded.config.experts.as_ref().expect("experts");
-    assert_eq!(
-        (experts.count, experts.per_token, experts.normalize),
-        (8, 3, false)
-    );
+    assert_eq!(expert_settings(experts), (8, 3, 64, false));
     assert_eq!(loaded.config.qk_norm, QkNorm::Projections);
     computes_what_transformers_computes(
         &loaded,
@@ -3406,15 +3401,7 @@ fn qwen2_moe_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("qwen2-moe-tiny");
     let c = &loaded.config;
     let experts = c.experts.as_ref().expect("experts");
-    assert_eq!(
-        (
-            experts.count,
-            experts.per_token,
-            experts.hidden,
-            experts.normalize
-        ),
-        (4, 2, 32, false)
-    );
+    assert_eq!(expert_settings(experts), (4, 2, 32, false));
     assert_eq!(experts.shared, Some(48));
     assert!(c.attention_bias.qkv && !c.attention_bias.output);
     computes_what_transformers_computes(

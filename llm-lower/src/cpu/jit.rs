@@ -405,16 +405,7 @@ mod tests {
     /// slower). The pinned target must keep it one instruction.
     #[test]
     fn vector_fma_is_an_instruction() {
-        let kernel = Kernel::Contraction(Contraction {
-            k: 64,
-            n: 8,
-            weight: WeightFormat::F32Panels,
-            norm_eps_bits: None,
-            residual: false,
-            transpose_at_pack: false,
-            q8_0_input: false,
-            block_panels: false,
-        });
+        let kernel = Kernel::Contraction(Contraction::plain(64, 8, WeightFormat::F32Panels));
         let mut listings = Vec::new();
         compile(&[kernel], Target::PinnedX86, true, Some(&mut listings)).expect("compiles");
         let vcode = &listings[0].vcode;

@@ -243,14 +243,9 @@ mod tests {
             for norm in [None, Some(1e-5f32.to_bits())] {
                 for residual in [false, true] {
                     shaders.push(Shader::Contraction(Contraction {
-                        k: 256,
-                        n: 32,
-                        weight,
                         norm_eps_bits: norm,
                         residual,
-                        transpose_at_pack: false,
-                        q8_0_input: false,
-                        block_panels: false,
+                        ..Contraction::plain(256, 32, weight)
                     }));
                 }
             }

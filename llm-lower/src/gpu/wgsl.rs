@@ -341,16 +341,9 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             n: *n,
             inner: *inner,
         }],
-        Kernel::Dequantize { weight, rows, k } => vec![Shader::Dequantize(Contraction {
-            k: *k,
-            n: *rows,
-            weight: *weight,
-            norm_eps_bits: None,
-            residual: false,
-            transpose_at_pack: false,
-            q8_0_input: false,
-            block_panels: false,
-        })],
+        Kernel::Dequantize { weight, rows, k } => {
+            vec![Shader::Dequantize(Contraction::plain(*k, *rows, *weight))]
+        }
         Kernel::Move(Movement::Concat { .. }) => vec![Shader::Place],
         Kernel::Rope {
             heads,
@@ -3474,16 +3467,7 @@ fn gather(dim: usize, vocab: usize, table: WeightFormat) -> String {
     let mut s = format!("const DIM: u32 = {dim}u;\n");
     if !matches!(table, WeightFormat::F32 | WeightFormat::F16) {
         // The quantized table is the "weight" of its format's reader.
-        let as_weight = Contraction {
-            k: dim,
-            n: vocab,
-            weight: table,
-            norm_eps_bits: None,
-            residual: false,
-            transpose_at_pack: false,
-            q8_0_input: false,
-            block_panels: false,
-        };
+        let as_weight = Contraction::plain(dim, vocab, table);
         let _ = writeln!(s, "const K: u32 = DIM;");
         s.push_str(&weight_prelude(&as_weight, "table", true));
     }
