@@ -37,7 +37,8 @@ use crate::{
         Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts,
         FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
         POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
-        SHARED_GATE, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        SHARED_GATE, SharedExpert, every_nth_layer, reciprocal, split_fused_weights,
+        uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -578,9 +579,10 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// ([`apply_gemma`]). `olmo` is llama's with LayerNorms of neither weight nor bias (no
 /// norm tensors). `qwen3moe` is qwen3's, `qwen2moe` qwen2's (with a shared expert) and
 /// `olmoe` olmo2's q/k norms (with input norms) with experts ([`apply_experts`], which
-/// also reads a `llama` file's: Mixtral's). The other architectures read are
+/// also reads a `llama` file's: Mixtral's); `granitemoe` is granite's with experts (and
+/// Granite-MoE-Shared's shared expert, added without a gate). The other architectures read are
 /// [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 15] = [
+const ARCHITECTURES: [&str; 16] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -596,6 +598,7 @@ const ARCHITECTURES: [&str; 15] = [
     "qwen3moe",
     "qwen2moe",
     "olmoe",
+    "granitemoe",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -612,11 +615,14 @@ const LAYER_NORM_ARCHITECTURES: [&str; 7] = [
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
-/// converter reorders the q and k rows of `llama`, `granite`, `smollm3` and `olmo` models
+/// converter reorders the q and k rows of `llama`, `granite`, `granitemoe`, `smollm3` and `olmo` models
 /// for them, Cohere's (`command-r`) pair them so already, and the others keep Hugging
 /// Face's half-split order.
 fn interleaved_rope(arch: &str) -> bool {
-    matches!(arch, "llama" | "granite" | "smollm3" | "olmo" | "command-r")
+    matches!(
+        arch,
+        "llama" | "granite" | "granitemoe" | "smollm3" | "olmo" | "command-r"
+    )
 }
 
 /// Cohere's settings (`command-r`), as llama.cpp reads them: LayerNorms without bias, of
@@ -702,18 +708,20 @@ fn read_biases(weights: &Weights, c: &mut ModelConfig) {
     c.classifier_bias = has("output.bias");
 }
 
-/// Granite's scales, as llama.cpp reads them: `granite.embedding_scale` multiplies the
-/// embeddings, `granite.residual_scale` each block's output before its residual add and
-/// `granite.attention.scale` scales the attention scores, each where the file gives it
-/// (llama.cpp's converter writes each the config has), and the required
-/// `granite.logit_scale` divides the logits ([`reciprocal`]).
-fn apply_granite(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
-    c.embedding_scale = g.positive("granite.embedding_scale")?;
-    c.residual_scale = g.positive("granite.residual_scale")?;
-    c.attention_scale = g.positive("granite.attention.scale")?;
+/// Granite's scales (`granite` and `granitemoe` files, `arch`), as llama.cpp reads them:
+/// `granite.embedding_scale` multiplies the embeddings, `granite.residual_scale` each
+/// block's output before its residual add and `granite.attention.scale` scales the
+/// attention scores, each where the file gives it (llama.cpp's converter writes each the
+/// config has), and the required `granite.logit_scale` divides the logits
+/// ([`reciprocal`]).
+fn apply_granite(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), String> {
+    let key = |k: &str| format!("{arch}.{k}");
+    c.embedding_scale = g.positive(&key("embedding_scale"))?;
+    c.residual_scale = g.positive(&key("residual_scale"))?;
+    c.attention_scale = g.positive(&key("attention.scale"))?;
     let logit = g
-        .positive("granite.logit_scale")?
-        .ok_or("missing metadata `granite.logit_scale`")?;
+        .positive(&key("logit_scale"))?
+        .ok_or_else(|| format!("missing metadata `{}`", key("logit_scale")))?;
     c.logit_scale = Some(reciprocal(logit));
     Ok(())
 }
@@ -1057,7 +1065,7 @@ fn apply_experts(
     };
     if count == 0 {
         return match arch {
-            "qwen3moe" | "qwen2moe" | "olmoe" => Err(format!(
+            "qwen3moe" | "qwen2moe" | "olmoe" | "granitemoe" => Err(format!(
                 "metadata `{}` is missing or 0",
                 key("expert_count")
             )),
@@ -1076,11 +1084,16 @@ fn apply_experts(
         Some(_) => g.boolean(&key("expert_weights_norm"))?,
         None => !matches!(arch, "olmoe" | "qwen2moe"),
     };
-    let shared = match g.meta(&key("expert_shared_feed_forward_length")) {
+    // Qwen2-MoE's shared expert is gated, Granite-MoE-Shared's not (nor has it a gate).
+    let shared_width = match g.meta(&key("expert_shared_feed_forward_length")) {
         Some(_) => Some(g.int(&key("expert_shared_feed_forward_length"))?),
         None if arch == "qwen2moe" => Some(c.hidden_dim),
         None => None,
     };
+    let shared = shared_width.map(|hidden| SharedExpert {
+        hidden,
+        gated: arch == "qwen2moe",
+    });
     // llama.cpp reads the shared expert's gate as a vector; the builder multiplies by it
     // as a matrix of one row.
     for l in 0..c.layers {
@@ -1173,8 +1186,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
     }
-    if arch == "granite" {
-        apply_granite(g, &mut config)?;
+    if matches!(arch, "granite" | "granitemoe") {
+        apply_granite(g, arch, &mut config)?;
     }
     if arch == "command-r" {
         apply_cohere(g, &mut config)?;

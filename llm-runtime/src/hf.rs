@@ -455,12 +455,12 @@ fn smollm3_nope_layers(cfg: &Json, layers: usize) -> Result<Vec<bool>, String> {
     }
 }
 
-/// Granite's scales (`GraniteForCausalLM`), each 1 where the config leaves it out, as
+/// Granite's scales (`GraniteForCausalLM`'s, Granite-MoE's), each 1 where the config leaves it out, as
 /// Hugging Face's `GraniteConfig` defaults them: the embeddings times
 /// `embedding_multiplier`, each block's output times `residual_multiplier` before its
 /// residual add, the attention scores scaled by `attention_multiplier` (instead of one
 /// over the square root of the head size) and the logits divided by `logits_scaling`.
-fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+pub(crate) fn granite_scales(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     let scale = |key: &str| optional_positive(cfg, key).map(|v| v.unwrap_or(1.0));
     let unless_one = |v: f64| (v != 1.0).then_some(v);
     c.embedding_scale = unless_one(scale("embedding_multiplier")?);

@@ -1,32 +1,42 @@
 //! Hugging Face's mixture-of-experts checkpoints: Mixtral (`MixtralForCausalLM`),
-//! Qwen3-MoE (`Qwen3MoeForCausalLM`), Qwen2-MoE (`Qwen2MoeForCausalLM`, Qwen1.5-MoE) and
-//! OLMoE (`OlmoeForCausalLM`), Llama's blocks (with Qwen3's per-head and OLMoE's
-//! whole-projection q/k norms, Qwen2's q, k and v biases) whose feed-forward blocks route
-//! each token to a few experts ([`Experts`]; Qwen2-MoE's beside a gated shared expert).
+//! Qwen3-MoE (`Qwen3MoeForCausalLM`), Qwen2-MoE (`Qwen2MoeForCausalLM`, Qwen1.5-MoE),
+//! OLMoE (`OlmoeForCausalLM`) and Granite-MoE (`GraniteMoeForCausalLM`,
+//! `GraniteMoeSharedForCausalLM`), Llama's blocks (with Qwen3's per-head and OLMoE's
+//! whole-projection q/k norms, Qwen2's q, k and v biases, Granite's scales) whose
+//! feed-forward blocks route each token to a few experts ([`Experts`]; Qwen2-MoE's beside
+//! a gated shared expert, Granite-MoE-Shared's beside an ungated one).
 //!
 //! The Hub's checkpoints store each expert's matrices as tensors of their own
 //! (`model.layers.N.block_sparse_moe.experts.E.w1.weight`, Qwen3-MoE's and OLMoE's
 //! `model.layers.N.mlp.experts.E.gate_proj.weight`; transformers 5 fuses them when it
 //! loads and splits them again when it saves); the loader stacks them into the builder's
-//! `[experts, ...]` weights ([`stack_experts`]).
+//! `[experts, ...]` weights ([`stack_experts`]). Granite-MoE's are stacked already, each
+//! expert's gate and up projections fused (`block_sparse_moe.input_linear.weight`,
+//! `[experts, 2 * hidden, dim]`, gate rows first), which the loader splits.
 
 use serde_json::Value as Json;
 
 use crate::{
-    hf::{config_int, flag_or, names_architecture},
+    hf::{config_int, flag_or, granite_scales, names_architecture},
     model::{
         EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, QkNorm, ROUTER, SHARED_GATE,
+        SharedExpert,
     },
     weights::{Weights, builder_name},
 };
 
 /// The mixture-of-experts architectures read.
-pub(crate) const ARCHITECTURES: [&str; 4] = [
+pub(crate) const ARCHITECTURES: [&str; 6] = [
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
     "Qwen2MoeForCausalLM",
     "OlmoeForCausalLM",
+    GRANITE_MOE[0],
+    GRANITE_MOE[1],
 ];
+
+/// Granite-MoE's architectures: without and with a shared expert.
+const GRANITE_MOE: [&str; 2] = ["GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"];
 
 /// An expert's matrices in a checkpoint (Mixtral's names, then Qwen3-MoE's and OLMoE's)
 /// and the builder's, per expert, before [`stack_experts`].
@@ -45,11 +55,22 @@ const SHARED_W1: &str = "feed_forward.shared.w1.weight";
 const SHARED_W3: &str = "feed_forward.shared.w3.weight";
 const SHARED_W2: &str = "feed_forward.shared.w2.weight";
 
+/// Granite-MoE-Shared's shared expert's gate and up projections, fused (gate rows first)
+/// until [`stack_experts`] splits them.
+const SHARED_W13: &str = "feed_forward.shared.w13.weight";
+
+/// Granite-MoE's experts' gate and up projections, stacked and fused:
+/// `[experts, 2 * hidden, dim]`, each expert's gate rows first, until [`stack_experts`]
+/// splits them.
+const FUSED_EXPERT_GATE_UPS: &str = "feed_forward.experts.w13.weight";
+
 /// The builder's name of a router, shared expert or expert tensor of a checkpoint: a
-/// router is the layer's [`ROUTER`], Qwen2-MoE's shared expert's matrices those under
-/// [`SHARED_EXPERT`](crate::model::SHARED_EXPERT) and its gate [`SHARED_GATE`]; an
-/// expert's matrix `feed_forward.experts.E.w{1,3,2}.weight` of its
-/// layer until [`stack_experts`] stacks it. `None` for other tensors.
+/// router is the layer's [`ROUTER`], a shared expert's matrices those under
+/// [`SHARED_EXPERT`](crate::model::SHARED_EXPERT) (Granite's fused gate and up
+/// [`SHARED_W13`]) and Qwen2-MoE's gate [`SHARED_GATE`]; an expert's matrix
+/// `feed_forward.experts.E.w{1,3,2}.weight` of its layer until [`stack_experts`] stacks
+/// it, Granite-MoE's stacked ones [`FUSED_EXPERT_GATE_UPS`] and [`EXPERT_DOWNS`]. `None`
+/// for other tensors.
 pub(crate) fn expert_name(hf: &str) -> Option<String> {
     let router = builder_name(
         hf,
@@ -62,6 +83,14 @@ pub(crate) fn expert_name(hf: &str) -> Option<String> {
             ("mlp.shared_expert.gate_proj.weight", SHARED_W1),
             ("mlp.shared_expert.up_proj.weight", SHARED_W3),
             ("mlp.shared_expert.down_proj.weight", SHARED_W2),
+            ("block_sparse_moe.router.layer.weight", ROUTER),
+            (
+                "block_sparse_moe.input_linear.weight",
+                FUSED_EXPERT_GATE_UPS,
+            ),
+            ("block_sparse_moe.output_linear.weight", EXPERT_DOWNS),
+            ("shared_mlp.input_linear.weight", SHARED_W13),
+            ("shared_mlp.output_linear.weight", SHARED_W2),
         ],
     );
     if router.is_some() {
@@ -90,9 +119,12 @@ fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
 /// `decoder_sparse_step` picks, the others dense, and so Qwen2-MoE's, beside a shared
 /// expert of `shared_expert_intermediate_size`; OLMoE's `num_experts` of
 /// `intermediate_size` in every layer; all but Mixtral's renormalized where
-/// `norm_topk_prob` says.
+/// `norm_topk_prob` says; Granite-MoE's as Mixtral's (a softmax over the chosen logits),
+/// Granite-MoE-Shared's beside a shared expert of `shared_intermediate_size` (none where
+/// 0 or absent, as transformers builds none).
 fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
-    let mixtral = names_architecture(cfg, "MixtralForCausalLM");
+    let granite = GRANITE_MOE.iter().any(|a| names_architecture(cfg, a));
+    let mixtral = granite || names_architecture(cfg, "MixtralForCausalLM");
     let qwen2 = names_architecture(cfg, "Qwen2MoeForCausalLM");
     // Qwen2-MoE's experts are laid out as Qwen3-MoE's.
     let qwen3 = qwen2 || names_architecture(cfg, "Qwen3MoeForCausalLM");
@@ -141,18 +173,35 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         hidden,
         normalize: mixtral || flag_or(cfg, "norm_topk_prob", false)?,
         layers: routing,
-        shared: match qwen2 {
-            true => Some(config_int(cfg, "shared_expert_intermediate_size")?),
-            false => None,
+        shared: if qwen2 {
+            Some(SharedExpert {
+                hidden: config_int(cfg, "shared_expert_intermediate_size")?,
+                gated: true,
+            })
+        } else if names_architecture(cfg, GRANITE_MOE[1]) {
+            // transformers builds no shared expert of width 0 (the config's default).
+            match cfg.get("shared_intermediate_size") {
+                None | Some(Json::Null) => None,
+                Some(w) if w.as_u64() == Some(0) => None,
+                Some(_) => Some(SharedExpert {
+                    hidden: config_int(cfg, "shared_intermediate_size")?,
+                    gated: false,
+                }),
+            }
+        } else {
+            None
         },
     }))
 }
 
-/// Sets the mixture-of-experts settings of `cfg` on `c`: the experts, and the q/k norms
-/// (Qwen3-MoE's per head, OLMoE's over the whole projections). OLMoE's `clip_qkv` is
-/// refused (the builder has no clamp).
+/// Sets the mixture-of-experts settings of `cfg` on `c`: the experts, the q/k norms
+/// (Qwen3-MoE's per head, OLMoE's over the whole projections), Qwen2-MoE's q/k/v biases
+/// and Granite-MoE's scales. OLMoE's `clip_qkv` is refused (the builder has no clamp).
 pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.experts = experts(cfg, c.layers)?;
+    if GRANITE_MOE.iter().any(|a| names_architecture(cfg, a)) {
+        granite_scales(cfg, c)?;
+    }
     if names_architecture(cfg, "Qwen3MoeForCausalLM") {
         c.qk_norm = QkNorm::Heads;
     }
@@ -170,22 +219,41 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
 
 /// Stacks each routing layer's experts' matrices, one weight an expert as a checkpoint
 /// stores them, into the builder's [`EXPERT_GATES`], [`EXPERT_UPS`] and
-/// [`EXPERT_DOWNS`]; a model without experts is left as it is. An expert missing a matrix
+/// [`EXPERT_DOWNS`], or splits Granite-MoE's stacked gate and up projections
+/// ([`FUSED_EXPERT_GATE_UPS`]) into the first two, and its shared expert's
+/// ([`SHARED_W13`]); a model without experts is left as it is. An expert missing a matrix
 /// is an error naming it.
 pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
     let Some(experts) = &c.experts else {
         return Ok(());
     };
+    let routing = (0..c.layers).filter(|&l| experts.routes(l));
+    let (stacked, apart): (Vec<usize>, Vec<usize>) = routing.partition(|l| {
+        let fused = format!("layers.{l}.{FUSED_EXPERT_GATE_UPS}");
+        weights.weight_shape(&fused).is_some()
+    });
+    for l in stacked {
+        let hidden = |name: &str| (format!("layers.{l}.{name}"), experts.hidden);
+        let fused = format!("layers.{l}.{FUSED_EXPERT_GATE_UPS}");
+        weights.split_rows(&fused, &[hidden(EXPERT_GATES), hidden(EXPERT_UPS)])?;
+    }
+    if let Some(shared) = experts.shared {
+        for l in 0..c.layers {
+            let hidden = |name: &str| (format!("layers.{l}.{name}"), shared.hidden);
+            let fused = format!("layers.{l}.{SHARED_W13}");
+            weights.split_rows(&fused, &[hidden(SHARED_W1), hidden(SHARED_W3)])?;
+        }
+    }
     // Each expert's matrices are tensors of their own: a count beyond the tensors held
     // is refused before the names are listed.
     let held = weights.names().len();
-    if experts.count > held {
+    if !apart.is_empty() && experts.count > held {
         return Err(format!(
             "the model has {} experts a layer, but its files hold {held} tensors",
             experts.count
         ));
     }
-    for l in (0..c.layers).filter(|&l| experts.routes(l)) {
+    for l in apart {
         for (w, stacked) in [
             ("w1", EXPERT_GATES),
             ("w3", EXPERT_UPS),
@@ -196,7 +264,7 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
                 let names = EXPERT_PARTS.iter().filter(|(_, ours)| *ours == w);
                 let theirs: Vec<&str> = names.map(|(theirs, _)| *theirs).collect();
                 return Err(format!(
-                    "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer)",
+                    "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer), nor has the layer its experts' stacked `input_linear`",
                     theirs.join("` or `"),
                     experts.count
                 ));
@@ -226,6 +294,20 @@ mod tests {
             named("model.layers.1.mlp.gate.weight").as_deref(),
             Some("layers.1.feed_forward.gate_inp.weight")
         );
+        // Granite-MoE's stacked experts and shared expert, their gate and up fused.
+        for (granite, ours) in [
+            ("block_sparse_moe.router.layer.weight", ROUTER),
+            (
+                "block_sparse_moe.input_linear.weight",
+                FUSED_EXPERT_GATE_UPS,
+            ),
+            ("block_sparse_moe.output_linear.weight", EXPERT_DOWNS),
+            ("shared_mlp.input_linear.weight", SHARED_W13),
+            ("shared_mlp.output_linear.weight", SHARED_W2),
+        ] {
+            let name = named(&format!("model.layers.2.{granite}"));
+            assert_eq!(name, Some(format!("layers.2.{ours}")), "{granite}");
+        }
         for other in [
             "model.layers.1.mlp.gate_proj.weight",
             "model.layers.1.mlp.experts.x.up_proj.weight",
@@ -234,6 +316,37 @@ mod tests {
         ] {
             assert_eq!(named(other), None, "{other}");
         }
+    }
+
+    /// Granite-MoE-Shared's shared expert is ungated, and none where its width is 0 (as
+    /// transformers builds none).
+    #[test]
+    fn granite_moe_shared_experts() {
+        let cfg = |width: u64| {
+            serde_json::json!({
+                "architectures": ["GraniteMoeSharedForCausalLM"],
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 32,
+                "shared_intermediate_size": width,
+            })
+        };
+        let x = experts(&cfg(48), 2).expect("valid").expect("experts");
+        assert_eq!(
+            (x.count, x.per_token, x.hidden, x.normalize, x.shared),
+            (
+                4,
+                2,
+                32,
+                true,
+                Some(SharedExpert {
+                    hidden: 48,
+                    gated: false
+                })
+            )
+        );
+        let none = experts(&cfg(0), 2).expect("valid").expect("experts");
+        assert_eq!(none.shared, None);
     }
 
     #[test]

@@ -178,10 +178,20 @@ pub struct Experts {
     /// Which layers route (the others have a dense block of `hidden_dim`: Qwen3-MoE's
     /// `mlp_only_layers` and `decoder_sparse_step`).
     pub layers: Vec<bool>,
-    /// The width of a shared expert every token runs besides the routed ones, its output
-    /// scaled by the sigmoid of the block input's product with [`SHARED_GATE`] (Qwen2-MoE's;
-    /// its matrices under [`SHARED_EXPERT`]); `None` for none.
-    pub shared: Option<usize>,
+    /// A shared expert every token runs besides the routed ones (Qwen2-MoE's,
+    /// Granite-MoE-Shared's); `None` for none.
+    pub shared: Option<SharedExpert>,
+}
+
+/// A mixture's shared expert: a gated feed-forward block (its matrices under
+/// [`SHARED_EXPERT`]) whose output is added to the routed experts' sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedExpert {
+    /// Width of its hidden layer.
+    pub hidden: usize,
+    /// Its output is scaled by the sigmoid of the block input's product with
+    /// [`SHARED_GATE`] (Qwen2-MoE's); otherwise it is added as it is (Granite-MoE-Shared's).
+    pub gated: bool,
 }
 
 impl Experts {
@@ -546,7 +556,7 @@ impl ModelConfig {
         if experts.hidden == 0 {
             return Err("the experts' hidden width is 0".into());
         }
-        if experts.shared == Some(0) {
+        if experts.shared.is_some_and(|sh| sh.hidden == 0) {
             return Err("the shared expert's width is 0".into());
         }
         if experts.layers.len() != self.layers {
@@ -639,11 +649,13 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 ]);
                 if let Some(sh) = x.shared {
                     out.extend([
-                        (format!("{p}{SHARED_EXPERT}.w1.weight"), vec![sh, d]),
-                        (format!("{p}{SHARED_EXPERT}.w3.weight"), vec![sh, d]),
-                        (format!("{p}{SHARED_EXPERT}.w2.weight"), vec![d, sh]),
-                        (format!("{p}{SHARED_GATE}"), vec![1, d]),
+                        (format!("{p}{SHARED_EXPERT}.w1.weight"), vec![sh.hidden, d]),
+                        (format!("{p}{SHARED_EXPERT}.w3.weight"), vec![sh.hidden, d]),
+                        (format!("{p}{SHARED_EXPERT}.w2.weight"), vec![d, sh.hidden]),
                     ]);
+                    if sh.gated {
+                        out.push((format!("{p}{SHARED_GATE}"), vec![1, d]));
+                    }
                 }
             }
             None => out.extend([
@@ -1160,39 +1172,42 @@ impl Emitter<'_> {
         )
     }
 
-    /// Layer `l`'s shared expert of width `hidden` over `input` (a gated block under
-    /// [`SHARED_EXPERT`]), scaled by the sigmoid of `input`'s product with [`SHARED_GATE`],
-    /// added to the routed experts' sum `mixed`: the sum's value.
+    /// Layer `l`'s shared expert `expert` over `input` (a gated block under
+    /// [`SHARED_EXPERT`]), where it is gated scaled by the sigmoid of `input`'s product
+    /// with [`SHARED_GATE`], added to the routed experts' sum `mixed`: the sum's value.
     fn shared_expert(
         &mut self,
         c: &ModelConfig,
         input: &str,
         mixed: &str,
         l: usize,
-        hidden: usize,
+        expert: SharedExpert,
     ) -> String {
         let p = format!("layers.{l}.");
         let block = DenseBlock {
             stem: format!("{p}{SHARED_EXPERT}"),
-            hidden,
+            hidden: expert.hidden,
             tag: format!("shared_{l}"),
         };
-        let shared = self.feed_forward_block(c, input, &block);
+        let mut shared = self.feed_forward_block(c, input, &block);
         let (act, one) = (
             format!("llm.tensor <?x{}xf32>", c.dim),
             "llm.tensor <?x1xf32>".to_string(),
         );
-        let gate = self.weight_f32(&format!("shared_gate_{l}_w"), &format!("{p}{SHARED_GATE}"));
-        self.op(format!(
-            "shared_logit_{l} = llm.matmul {input}, {gate} {{transpose_rhs = true}} : {one}"
-        ));
-        self.op(format!(
-            "shared_scale_{l} = llm.sigmoid shared_logit_{l} : {one}"
-        ));
-        self.op(format!(
-            "shared_out_{l} = llm.mul {shared}, shared_scale_{l} : {act}"
-        ));
-        self.op(format!("moe_{l} = llm.add {mixed}, shared_out_{l} : {act}"));
+        if expert.gated {
+            let gate = self.weight_f32(&format!("shared_gate_{l}_w"), &format!("{p}{SHARED_GATE}"));
+            self.op(format!(
+                "shared_logit_{l} = llm.matmul {input}, {gate} {{transpose_rhs = true}} : {one}"
+            ));
+            self.op(format!(
+                "shared_scale_{l} = llm.sigmoid shared_logit_{l} : {one}"
+            ));
+            self.op(format!(
+                "shared_out_{l} = llm.mul {shared}, shared_scale_{l} : {act}"
+            ));
+            shared = format!("shared_out_{l}");
+        }
+        self.op(format!("moe_{l} = llm.add {mixed}, {shared} : {act}"));
         format!("moe_{l}")
     }
 
@@ -1262,7 +1277,7 @@ impl Emitter<'_> {
             t(format!("?x{d}xf32"))
         ));
         match experts.shared {
-            Some(hidden) => self.shared_expert(c, input, &format!("mixed_{l}"), l, hidden),
+            Some(shared) => self.shared_expert(c, input, &format!("mixed_{l}"), l, shared),
             None => format!("mixed_{l}"),
         }
     }

@@ -1,6 +1,6 @@
 //! Named weights of a model, and the error type of every model-file loader.
 
-use std::{borrow::Cow, collections::HashMap, rc::Rc};
+use std::{borrow::Cow, collections::HashMap, ops::Range, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
@@ -228,7 +228,9 @@ impl Weights {
     /// by its parts, consecutive runs of its rows: `(name, rows)` each, in order. Float
     /// matrices are cut between rows, and so are quantized ones in the block formats,
     /// whose rows are stored apart; a float vector (a fused bias) is cut into runs of its
-    /// values. Nothing happens when there is no `fused`. Parts that do not add up to the
+    /// values; a stack of matrices `[n, rows, k]` (a mixture's experts, each fusing its
+    /// gate and up projections) is cut the same way in each matrix, each part a stack of
+    /// `n`. Nothing happens when there is no `fused`. Parts that do not add up to the
     /// rows, or a format stored as a whole, are errors naming the weight.
     pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<(), String> {
         let Some(value) = self.tensors.get(fused).cloned() else {
@@ -252,35 +254,52 @@ impl Weights {
         };
         let total: usize = parts.iter().map(|(_, rows)| rows).sum();
         let vector = shape.len() == 1 && matches!(&*value, Value::Tensor(_));
-        if !(shape.len() == 2 || vector) || shape[0] != total {
+        // The matrices stacked (1 but for a stack) and the rows and row length of each.
+        let (stacked, rows, k) = match shape[..] {
+            [rows] if vector => (1, rows, 1),
+            [rows, k] => (1, rows, k),
+            [n, rows, k] => (n, rows, k),
+            _ => (0, 0, 0),
+        };
+        if stacked == 0 || rows != total {
             return Err(format!(
                 "weight `{fused}` has shape {shape:?}, expected {total} rows in parts of {:?}",
                 parts.iter().map(|(_, rows)| rows).collect::<Vec<_>>()
             ));
         }
-        let k = if vector { 1 } else { shape[1] };
-        let row_bytes = match &*value {
-            Value::Quantized(q) => quant::storage_bytes(&q.format, &[1, k]),
-            _ => 0,
-        };
+        // The rows `range` of each stacked matrix of `data`, joined, where a row is `items`
+        // of `data` (floats, or a quantized row's bytes).
+        fn cut<T: Copy>(data: &[T], rows: usize, items: usize, range: &Range<usize>) -> Vec<T> {
+            data.chunks(rows * items)
+                .flat_map(|matrix| &matrix[range.start * items..range.end * items])
+                .copied()
+                .collect()
+        }
         let mut first = 0;
-        for (name, rows) in parts {
-            let range = first..first + rows;
+        for (name, part_rows) in parts {
+            let range = first..first + part_rows;
+            let part_shape = match shape.len() {
+                1 => vec![*part_rows],
+                2 => vec![*part_rows, k],
+                _ => vec![stacked, *part_rows, k],
+            };
             let part = match &*value {
                 Value::Tensor(t) => {
-                    let values = t.floats()?[range.start * k..range.end * k].to_vec();
-                    let shape = if vector { vec![*rows] } else { vec![*rows, k] };
-                    Value::Tensor(Tensor::from_f32(shape, t.dtype, values))
+                    let values = cut(t.floats()?, rows, k, &range);
+                    Value::Tensor(Tensor::from_f32(part_shape, t.dtype, values))
                 }
-                Value::Quantized(q) => Value::Quantized(QTensor {
-                    shape: vec![*rows, k],
-                    format: q.format.clone(),
-                    bytes: q.bytes[range.start * row_bytes..range.end * row_bytes].to_vec(),
-                }),
+                Value::Quantized(q) => {
+                    let row_bytes = quant::storage_bytes(&q.format, &[1, k]);
+                    Value::Quantized(QTensor {
+                        shape: part_shape,
+                        format: q.format.clone(),
+                        bytes: cut(&q.bytes, rows, row_bytes, &range),
+                    })
+                }
                 _ => unreachable!("checked above"),
             };
             self.insert(name.clone(), part);
-            first += rows;
+            first += part_rows;
         }
         self.tensors.remove(fused);
         Ok(())
@@ -576,6 +595,50 @@ mod tests {
         weights.insert("qkv", Value::Tensor(fused));
         let err = weights.split_rows("qkv", &parts[..2]).expect_err("4 of 5");
         assert!(err.contains("weight `qkv` has shape [5]"), "{err}");
+    }
+
+    /// A stack of fused matrices (Granite-MoE's experts' gate and up projections,
+    /// `[experts, 2 * hidden, dim]`) splits in each matrix: each part a stack of its rows
+    /// of every matrix, float or 16-bit.
+    #[test]
+    fn stacked_matrices_split_in_each_matrix() {
+        // Two matrices of three rows of two: values 0..12.
+        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let bits: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let parts = [("gate".to_string(), 1), ("up".to_string(), 2)];
+        for fused in [
+            Value::Tensor(Tensor::from_f32(vec![2, 3, 2], DType::F32, values.clone())),
+            super::stored_floats(vec![2, 3, 2], DType::BF16, &bits),
+        ] {
+            let mut weights = Weights::default();
+            weights.insert("w13", fused.clone());
+            weights.split_rows("w13", &parts).expect("splits");
+            let floats = |name: &str| {
+                let value = weights.weight(name).expect("a part");
+                let shape = weights.weight_shape(name).expect("a shape");
+                let floats = match &*value {
+                    Value::Tensor(t) => t.floats().expect("floats").to_vec(),
+                    Value::Quantized(q) => quant::dequantize(&q.format, &q.shape, &q.bytes),
+                    other => panic!("{other:?}"),
+                };
+                (shape, floats)
+            };
+            assert_eq!(floats("gate"), (vec![2, 1, 2], vec![0.0, 1.0, 6.0, 7.0]));
+            assert_eq!(
+                floats("up"),
+                (
+                    vec![2, 2, 2],
+                    vec![2.0, 3.0, 4.0, 5.0, 8.0, 9.0, 10.0, 11.0]
+                )
+            );
+            assert!(weights.weight("w13").is_none());
+            weights.insert("w13", fused);
+            let err = weights.split_rows("w13", &parts[..1]).expect_err("1 of 3");
+            assert!(err.contains("weight `w13` has shape [2, 3, 2]"), "{err}");
+        }
     }
 
     /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a

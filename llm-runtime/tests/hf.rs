@@ -21,7 +21,7 @@ use llm_runtime::{
     llama2c,
     model::{
         Activation, AttentionBias, Blocks, Experts, FeedForward, ModelConfig, Norm, QkNorm,
-        build_ir,
+        SharedExpert, build_ir,
     },
     model_file,
     sampler::{SamplerConfig, XorShift},
@@ -965,13 +965,17 @@ fn reference_gguf_edited(
                 values
             };
             // llama.cpp's converter reorders the q and k rows (and biases) of Llama,
-            // Granite and SmolLM3 for interleaved RoPE pairs.
+            // Granite, Granite-MoE, SmolLM3 and OLMo for interleaved RoPE pairs.
             let heads = match name.rsplit('.').nth(1) {
                 Some("q_proj") => c.heads,
                 Some("k_proj") => c.kv_heads,
                 _ => 0,
             };
-            let values = if matches!(arch, "llama" | "granite" | "smollm3" | "olmo") && heads > 0 {
+            let interleaved = matches!(
+                arch,
+                "llama" | "granite" | "granitemoe" | "smollm3" | "olmo"
+            );
+            let values = if interleaved && heads > 0 {
                 let width = shape.get(1).copied().unwrap_or(1);
                 permute_rope_rows(&values, heads, c.head_dim(), width, false)
             } else {
@@ -2687,6 +2691,7 @@ fn mutated_family_gguf_files_never_panic() {
         falcon_gguf("falcon-40b-tiny", 2),
         moe_gguf("mixtral-tiny", "llama", vec![]),
         moe_gguf("olmoe-tiny", "olmoe", vec![]),
+        granite_moe_gguf("granite-moe-shared-tiny"),
         moe_gguf(
             "qwen2-moe-tiny",
             "qwen2moe",
@@ -3402,7 +3407,13 @@ fn qwen2_moe_computes_what_transformers_computes() {
     let c = &loaded.config;
     let experts = c.experts.as_ref().expect("experts");
     assert_eq!(expert_settings(experts), (4, 2, 32, false));
-    assert_eq!(experts.shared, Some(48));
+    assert_eq!(
+        experts.shared,
+        Some(SharedExpert {
+            hidden: 48,
+            gated: true
+        })
+    );
     assert!(c.attention_bias.qkv && !c.attention_bias.output);
     computes_what_transformers_computes(
         &loaded,
@@ -3434,4 +3445,149 @@ fn qwen2_moe_computes_what_transformers_computes() {
         shift > 10.0 * TRANSFORMERS_BOUND,
         "without the shared expert: {shift}"
     );
+}
+
+/// Granite-MoE (`tests/data/granite-moe-tiny`): Granite's four scales (embeddings times
+/// 2, block outputs times 0.5, scores by 1/16, logits divided by 2) over eight experts
+/// of width 32, two a token, weighted by a softmax over the chosen logits; the checkpoint
+/// stores every expert's matrices stacked, each expert's gate and up projections fused
+/// (`input_linear`, split when loaded). Its GGUF form (`granitemoe`: the stacked experts
+/// split into `ffn_gate_exps` and `ffn_up_exps` as llama.cpp's converter splits them, q
+/// and k rows reordered for interleaved pairs) computes transformers' logits too.
+#[test]
+fn granite_moe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("granite-moe-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (8, 2, 32, true));
+    assert_eq!(
+        (experts.layers.as_slice(), experts.shared),
+        ([true, true].as_slice(), None)
+    );
+    assert_eq!(
+        (
+            c.embedding_scale,
+            c.residual_scale,
+            c.attention_scale,
+            c.logit_scale
+        ),
+        (Some(2.0), Some(0.5), Some(0.0625), Some(0.5))
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the residual scale", &|c| c.residual_scale = None),
+            ("the attention scale", &|c| c.attention_scale = None),
+        ],
+    );
+    // Its q and k rows are in another order: against transformers' logits.
+    let from_gguf = gguf_logits(&granite_moe_gguf("granite-moe-tiny"), &reference);
+    let worst = largest_difference(&from_gguf, &reference.logits);
+    assert!(worst < TRANSFORMERS_BOUND, "the GGUF form: {worst}");
+}
+
+/// Granite-MoE-Shared (`tests/data/granite-moe-shared-tiny`): four experts of width 32,
+/// two a token, beside a shared expert of width 48 whose output is added without a gate
+/// (`shared_mlp`, its gate and up projections fused); Granite's scales. Its GGUF form
+/// (`granitemoe` with the `_shexp` tensors and `expert_shared_feed_forward_length`)
+/// computes transformers' logits too.
+#[test]
+fn granite_moe_shared_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("granite-moe-shared-tiny");
+    let experts = loaded.config.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (4, 2, 32, true));
+    let ungated = SharedExpert {
+        hidden: 48,
+        gated: false,
+    };
+    assert_eq!(experts.shared, Some(ungated));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the shared expert", &|c| {
+                c.experts.as_mut().expect("experts").shared = None;
+            }),
+        ],
+    );
+    let gguf = granite_moe_gguf("granite-moe-shared-tiny");
+    let loaded_gguf = llm_runtime::gguf::read(&gguf).expect("the GGUF file loads");
+    let shared = loaded_gguf.config.experts.as_ref().and_then(|x| x.shared);
+    assert_eq!(shared, Some(ungated));
+    let worst = largest_difference(&gguf_logits(&gguf, &reference), &reference.logits);
+    assert!(worst < TRANSFORMERS_BOUND, "the GGUF form: {worst}");
+}
+
+/// `tests/data/{name}` (a Granite-MoE checkpoint) as llama.cpp's converter writes it
+/// (`granitemoe`): Granite's scales, the experts' stacked `input_linear` split into
+/// `ffn_gate_exps` and `ffn_up_exps` (each expert's first half of rows its gate) and
+/// `output_linear` as `ffn_down_exps`, the router `ffn_gate_inp`, a shared expert's fused
+/// `input_linear` split into `ffn_gate_shexp` and `ffn_up_shexp` and its width given.
+fn granite_moe_gguf(name: &str) -> Vec<u8> {
+    let loaded = model_file::load(&transformers_reference(name).dir).expect("loads");
+    let experts = loaded.config.experts.clone().expect("experts");
+    let mut meta = vec![
+        ("expert_count", Meta::Uint(experts.count as u64)),
+        ("expert_used_count", Meta::Uint(experts.per_token as u64)),
+        ("embedding_scale", Meta::Float(2.0)),
+        ("residual_scale", Meta::Float(0.5)),
+        ("attention.scale", Meta::Float(0.0625)),
+        ("logit_scale", Meta::Float(2.0)),
+    ];
+    if let Some(shared) = experts.shared {
+        let width = Meta::Uint(shared.hidden as u64);
+        meta.push(("expert_shared_feed_forward_length", width));
+    }
+    reference_gguf_edited(name, "granitemoe", meta, |tensors| {
+        let mut split = Vec::new();
+        tensors.retain_mut(|(name, shape, values)| {
+            let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                return true;
+            };
+            let gguf = |n: &str| format!("blk.{layer}.{n}.weight");
+            let fused = match rest {
+                "block_sparse_moe.router.layer.weight" => {
+                    *name = gguf("ffn_gate_inp");
+                    return true;
+                }
+                "block_sparse_moe.output_linear.weight" => {
+                    *name = gguf("ffn_down_exps");
+                    return true;
+                }
+                "shared_mlp.output_linear.weight" => {
+                    *name = gguf("ffn_down_shexp");
+                    return true;
+                }
+                "block_sparse_moe.input_linear.weight" => ["ffn_gate_exps", "ffn_up_exps"],
+                "shared_mlp.input_linear.weight" => ["ffn_gate_shexp", "ffn_up_shexp"],
+                _ => return true,
+            };
+            // `[rows, k]` or `[experts, rows, k]`: each matrix's first half of rows the
+            // gate, the rest the up projection.
+            let (k, rows) = (shape[shape.len() - 1], shape[shape.len() - 2]);
+            let half = rows / 2 * k;
+            for (part, n) in fused.into_iter().enumerate() {
+                let values = values
+                    .chunks(rows * k)
+                    .flat_map(|m| &m[part * half..(part + 1) * half])
+                    .copied()
+                    .collect();
+                let mut part_shape = shape.clone();
+                part_shape[shape.len() - 2] = rows / 2;
+                split.push((gguf(n), part_shape, values));
+            }
+            false
+        });
+        tensors.extend(split);
+    })
 }

@@ -14,7 +14,7 @@ partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), the mixtures of experts (`mixtral`,
-`qwen3-moe`, `olmoe`, `qwen2-moe`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+`qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -47,6 +47,10 @@ from transformers import (
     GemmaForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
+    GraniteMoeSharedConfig,
+    GraniteMoeSharedForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -142,9 +146,10 @@ def write(name, model_class, config, seed):
     print(f"{name}: ids {reference['ids']}, smallest top-2 margin {margin:.4f}{routing}")
 
 
-# The mixture-of-experts routers' weights (Mixtral's `block_sparse_moe.gate`, Qwen3-MoE's
-# and OLMoE's `mlp.gate`).
-ROUTERS = ("block_sparse_moe.gate.weight", "mlp.gate.weight")
+# The mixture-of-experts routers (Mixtral's `block_sparse_moe.gate`, Qwen3-MoE's and
+# OLMoE's `mlp.gate`, Granite-MoE's `block_sparse_moe.router`) and their weights.
+ROUTER_MODULES = ("block_sparse_moe.gate", "mlp.gate", "block_sparse_moe.router")
+ROUTERS = tuple(f"{m}.weight" for m in ROUTER_MODULES)
 
 
 def is_moe(model):
@@ -162,7 +167,7 @@ def routing_margin(model, ids):
         top = logits.topk(module.top_k + 1, dim=-1).values
         gaps.append((top[:, -2] - top[:, -1]).min().item())
 
-    routers = [m for n, m in model.named_modules() if n.endswith(("block_sparse_moe.gate", "mlp.gate"))]
+    routers = [m for n, m in model.named_modules() if n.endswith(ROUTER_MODULES)]
     handles = [m.register_forward_hook(hook) for m in routers]
     with torch.no_grad():
         model(ids)
@@ -498,6 +503,36 @@ def main():
         tie_word_embeddings=False,
     )
     write("qwen2-moe-tiny", Qwen2MoeForCausalLM, qwen2_moe, 37)
+    # Granite-MoE: Granite's scales over eight experts of width 32, two a token, weighted
+    # by a softmax over the two chosen logits; each expert's gate and up projections
+    # stored fused and every expert's stacked (`input_linear`). The scales are milder
+    # than `granite`'s, whose large embedding scale and small residual one would leave
+    # the experts' outputs little say in the logits.
+    granite_scales = dict(
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.0625,
+        logits_scaling=2.0,
+    )
+    granite_moe = GraniteMoeConfig(
+        **{**small, "intermediate_size": 32},
+        **granite_scales,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    write("granite-moe-tiny", GraniteMoeForCausalLM, granite_moe, 42)
+    # Granite-MoE-Shared: four experts of width 32, two a token, beside a shared expert of
+    # width 48 added without a gate (`shared_mlp`, its gate and up projections fused).
+    granite_moe_shared = GraniteMoeSharedConfig(
+        **{**small, "intermediate_size": 32},
+        **granite_scales,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        shared_intermediate_size=48,
+        tie_word_embeddings=False,
+    )
+    write("granite-moe-shared-tiny", GraniteMoeSharedForCausalLM, granite_moe_shared, 41)
 
 
 def gemma3_1b_shape(out):
