@@ -96,6 +96,36 @@ fn binary_ops_broadcast() {
     assert_close(&floats(&out[3]), &[0.1, 0.1, 0.075, 0.4, 0.25, 0.15], 1e-7);
 }
 
+/// `llm.maximum` and `llm.minimum` broadcast, propagate NaNs (as PyTorch's `maximum`
+/// does, unlike `f32::max`), order `-0` below `+0`, and take integers too.
+#[test]
+fn maximum_and_minimum() {
+    let out = run(
+        &[("a", "llm.tensor <4xf32>"), ("b", "llm.tensor <1xf32>"), ("z", "llm.tensor <4xf32>")],
+        &["llm.tensor <4xf32>", "llm.tensor <4xf32>", "llm.tensor <4xf32>", "llm.tensor <4xf32>"],
+        "        x = llm.maximum a, b : llm.tensor <4xf32>;\n        n = llm.minimum a, b : llm.tensor <4xf32>;\n        zx = llm.maximum z, a : llm.tensor <4xf32>;\n        zn = llm.minimum z, a : llm.tensor <4xf32>;\n        llm.return x, n, zx, zn",
+        vec![f32s(&[4], &[-2.0, f32::NAN, 3.0, 0.0]), f32s(&[1], &[0.5]), f32s(&[4], &[-0.0, 1.0, 3.0, -0.0])],
+    )
+    .expect("runs");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&floats(&out[0])), bits(&[0.5, f32::NAN, 3.0, 0.5]));
+    assert_eq!(bits(&floats(&out[1])), bits(&[-2.0, f32::NAN, 0.5, 0.0]));
+    // Against `a` (-2, NaN, 3, +0), z's -0 loses the maximum to +0 and wins the minimum.
+    assert_eq!(bits(&floats(&out[2])), bits(&[-0.0, f32::NAN, 3.0, 0.0]));
+    assert_eq!(bits(&floats(&out[3])), bits(&[-2.0, f32::NAN, 3.0, -0.0]));
+    let ints = run(
+        &[("a", "llm.tensor <3xi32>"), ("b", "llm.tensor <3xi32>")],
+        &["llm.tensor <3xi32>"],
+        "        x = llm.maximum a, b : llm.tensor <3xi32>;\n        llm.return x",
+        vec![i32s(&[3], &[-7, 4, 0]), i32s(&[3], &[2, -4, 0])],
+    )
+    .expect("runs");
+    assert_eq!(
+        ints[0].tensor().expect("a tensor").ints().expect("ints"),
+        [2, 4, 0]
+    );
+}
+
 #[test]
 fn integer_division_by_zero_is_an_error() {
     let err = run(

@@ -1390,13 +1390,31 @@ proptest! {
     }
 
     #[test]
-    fn binary(rows in 1usize..4, n in 1usize..40, op in prop::sample::select(vec!["add", "sub", "mul", "div"]), seed: u64) {
+    fn binary(rows in 1usize..4, n in 1usize..40, op in prop::sample::select(vec!["add", "sub", "mul", "div", "maximum", "minimum"]), seed: u64) {
         let ir = func(
             &[("a".into(), ty(&[rows, n])), ("b".into(), ty(&[rows, n]))],
             &ty(&[rows, n]),
             &format!("y = llm.{op} a, b : {};", ty(&[rows, n])),
         );
         agree(&ir, vec![tensor(&[rows, n], seed, 5.0), tensor(&[rows, n], seed + 1, 5.0)], 1e-6)?;
+    }
+
+    /// A clamp (OLMo's `clip_qkv`), `min(max(x, -c), c)`, fused into one body: every
+    /// backend keeps the reference's NaNs and infinities.
+    #[test]
+    fn fused_clamp(n in 1usize..50, seed: u64) {
+        let t = ty(&[n]);
+        let body = format!(
+            "y = llm.fused a : {t}\n        {{\n          ^bb0(p: llm.tensor <f32>):\n            lo = llm.constant {{value = -1.5}} : llm.tensor <f32>;\n            hi = llm.constant {{value = 1.5}} : llm.tensor <f32>;\n            m = llm.maximum p, lo : llm.tensor <f32>;\n            r = llm.minimum m, hi : llm.tensor <f32>;\n            llm.yield r\n        }};"
+        );
+        let ir = func(&[("a".into(), t.clone())], &t, &body);
+        let mut x = values(seed, n, 4.0);
+        for (i, special) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0].into_iter().enumerate() {
+            if let Some(v) = x.get_mut(i * 3) {
+                *v = special;
+            }
+        }
+        agree(&ir, vec![Value::Tensor(Tensor::from_f32(vec![n], DType::F32, x))], 0.0)?;
     }
 
     #[test]
@@ -1988,14 +2006,14 @@ proptest! {
     /// read at `i % len`) or anywhere (a per-row scale, a scalar; the strided shader on
     /// the GPU, a repeated operand on the CPU), alone and in a fused body.
     #[test]
-    fn broadcasting_elementwise(m in 1usize..5, n in 1usize..40, form in 0usize..4, which in 0usize..4, seed: u64) {
+    fn broadcasting_elementwise(m in 1usize..5, n in 1usize..40, form in 0usize..4, which in 0usize..6, seed: u64) {
         let small = match form {
             0 => vec![n],
             1 => vec![1, n],
             2 => vec![m, 1],
             _ => vec![1, 1],
         };
-        let op = ["add", "sub", "mul", "div"][which];
+        let op = ["add", "sub", "mul", "div", "maximum", "minimum"][which];
         let body = format!(
             "y = llm.{op} x, b : {t};\n        z = llm.fused b, x : {t} {{\n          ^scalar(p: {s}, q: {s}):\n            s = llm.silu q : {s};\n            r = llm.mul p, s : {s};\n            llm.yield r\n        }};\n        w = llm.add y, z : {t};",
             t = ty(&[m, n]),

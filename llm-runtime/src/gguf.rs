@@ -1192,11 +1192,12 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if arch == "command-r" {
         apply_cohere(g, &mut config)?;
     }
+    if matches!(arch, "olmo" | "olmoe") {
+        // q, k and v clamped, as llama.cpp's converter writes `clip_qkv`.
+        config.clip_qkv = g.positive(&key("attention.clamp_kqv"))?;
+    }
     if arch == "olmo" {
-        // LayerNorms of neither weight nor bias; q, k and v clamped refused.
-        if g.meta("olmo.attention.clamp_kqv").is_some() {
-            return Err("olmo.attention.clamp_kqv: q, k and v clamped are not supported".into());
-        }
+        // LayerNorms of neither weight nor bias.
         config.norm = Norm::Unit;
         config.norm_eps = g
             .positive("olmo.attention.layer_norm_epsilon")?

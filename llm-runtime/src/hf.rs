@@ -401,14 +401,10 @@ const ARCHITECTURES: [&str; 14] = [
 ];
 
 /// OLMo's settings (`OlmoForCausalLM`, the first OLMo): LayerNorms of neither weight nor
-/// bias, of epsilon 1e-5 (`OlmoLayerNorm`'s, which no key sets). Its `clip_qkv` (q, k and
-/// v clamped, OLMo-7B-0424's) is refused: the builder has no clamp.
+/// bias, of epsilon 1e-5 (`OlmoLayerNorm`'s, which no key sets), and its `clip_qkv` (q, k
+/// and v clamped to `[-clip_qkv, clip_qkv]`, OLMo-7B-0424's).
 fn olmo_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
-    if let Some(clip) = cfg.get("clip_qkv").filter(|v| !v.is_null()) {
-        return Err(format!(
-            "`clip_qkv` = {clip}: q, k and v clamped are not supported"
-        ));
-    }
+    c.clip_qkv = optional_positive(cfg, "clip_qkv")?;
     c.norm = Norm::Unit;
     c.norm_eps = 1e-5;
     Ok(())

@@ -17,7 +17,7 @@
 use serde_json::Value as Json;
 
 use crate::{
-    hf::{config_int, flag_or, granite_scales, names_architecture},
+    hf::{config_int, flag_or, granite_scales, names_architecture, optional_positive},
     model::{
         EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, QkNorm, ROUTER, SHARED_GATE,
         SharedExpert,
@@ -196,7 +196,8 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
 
 /// Sets the mixture-of-experts settings of `cfg` on `c`: the experts, the q/k norms
 /// (Qwen3-MoE's per head, OLMoE's over the whole projections), Qwen2-MoE's q/k/v biases
-/// and Granite-MoE's scales. OLMoE's `clip_qkv` is refused (the builder has no clamp).
+/// and Granite-MoE's scales; OLMoE's `clip_qkv`, the q, k and v projections clamped
+/// after their norms.
 pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.experts = experts(cfg, c.layers)?;
     if GRANITE_MOE.iter().any(|a| names_architecture(cfg, a)) {
@@ -209,9 +210,7 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         c.attention_bias.qkv = flag_or(cfg, "qkv_bias", true)?;
     }
     if names_architecture(cfg, "OlmoeForCausalLM") {
-        if cfg.get("clip_qkv").is_some_and(|v| !v.is_null()) {
-            return Err("`clip_qkv` is set: OLMoE's clamped projections are not supported".into());
-        }
+        c.clip_qkv = optional_positive(cfg, "clip_qkv")?;
         c.qk_norm = QkNorm::Projections;
     }
     Ok(())

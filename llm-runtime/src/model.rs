@@ -101,6 +101,9 @@ pub struct ModelConfig {
     pub explicit_head_dim: Option<usize>,
     /// Where queries and keys go through an RMSNorm of their own before RoPE.
     pub qk_norm: QkNorm,
+    /// The q, k and v projections are clamped to `[-c, c]` (after the whole-projection q/k
+    /// norms where there are some): OLMo's and OLMoE's `clip_qkv`.
+    pub clip_qkv: Option<f64>,
     /// Each block's input goes through an RMSNorm (`layers.N.attention_norm.weight`,
     /// `ffn_norm.weight`): every family's but OLMo 2's, which normalizes the blocks'
     /// outputs instead ([`ModelConfig::post_norms`]).
@@ -386,6 +389,7 @@ impl Default for ModelConfig {
             attention_bias: AttentionBias::default(),
             explicit_head_dim: None,
             qk_norm: QkNorm::None,
+            clip_qkv: None,
             pre_norms: true,
             activation: Activation::Silu,
             feed_forward: FeedForward::Gated,
@@ -496,6 +500,7 @@ impl ModelConfig {
             ("embedding scale", self.embedding_scale),
             ("residual scale", self.residual_scale),
             ("logit scale", self.logit_scale),
+            ("q/k/v clamp", self.clip_qkv),
             ("RoPE attention factor", Some(self.rope_mscale)),
             ("RoPE position scaling", Some(self.rope_scaling)),
         ];
@@ -1109,6 +1114,27 @@ impl Emitter<'_> {
         format!("{value}_scaled")
     }
 
+    /// `value` clamped to `[-bound, bound]` (PyTorch's `clamp`: a NaN stays NaN), as
+    /// `llm.minimum` of `llm.maximum`.
+    fn clamped(&mut self, value: &str, bound: f64, ty: &str) -> String {
+        let scalar = "llm.tensor <1xf32>";
+        self.op(format!(
+            "{value}_lo = llm.constant {{value = {}}} : {scalar}",
+            float(-bound)
+        ));
+        self.op(format!(
+            "{value}_hi = llm.constant {{value = {}}} : {scalar}",
+            float(bound)
+        ));
+        self.op(format!(
+            "{value}_above = llm.maximum {value}, {value}_lo : {ty}"
+        ));
+        self.op(format!(
+            "{value}_clamped = llm.minimum {value}_above, {value}_hi : {ty}"
+        ));
+        format!("{value}_clamped")
+    }
+
     /// `cap * tanh(value / cap)` (Hugging Face's soft-capping, dividing by `cap` as a
     /// multiplication by its `f32` reciprocal).
     fn soft_cap(&mut self, value: &str, cap: f64, ty: &str) -> String {
@@ -1389,6 +1415,10 @@ fn forward_func(
                 (format!("qn_{l}"), format!("kn_{l}"))
             }
             _ => (q, k),
+        };
+        let [q, k, v] = match c.clip_qkv {
+            Some(bound) => [(q, &qact), (k, &kv), (v, &kv)].map(|(x, ty)| e.clamped(&x, bound, ty)),
+            None => [q, k, v],
         };
         e.op(format!("qh_{l} = llm.reshape {q} : {qheads}"));
         e.op(format!("kh_{l} = llm.reshape {k} : {kvheads}"));

@@ -2179,32 +2179,43 @@ fn learned_positions_bound_a_request() {
 }
 
 /// OLMo (`tests/data/olmo-tiny`, the first OLMo): LayerNorms of neither weight nor bias
-/// (no norm tensors); its GGUF file (llama.cpp's `olmo`, q and k rows reordered for
-/// interleaved pairs as its converter reorders them) computes what transformers computes,
-/// and `clip_qkv` is refused by name.
+/// (no norm tensors), q, k and v clamped to `[-2, 2]` (`clip_qkv`); its GGUF file
+/// (llama.cpp's `olmo`, `olmo.attention.clamp_kqv`, q and k rows reordered for interleaved
+/// pairs as its converter reorders them) computes what transformers computes, and a
+/// clamp that is not a positive number is refused by name.
 #[test]
 fn olmo_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("olmo-tiny");
+    let c = &loaded.config;
     assert_eq!(
-        (loaded.config.norm, loaded.config.norm_eps),
-        (Norm::Unit, 1e-5)
+        (c.norm, c.norm_eps, c.clip_qkv),
+        (Norm::Unit, 1e-5, Some(2.0))
     );
-    computes_what_transformers_computes(&loaded, &reference, &[]);
-    let bytes = reference_gguf("olmo-tiny", "olmo", Vec::new(), Vec::new());
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the q/k/v clamp", &|c| c.clip_qkv = None)],
+    );
+    let clamp = vec![("attention.clamp_kqv", Meta::Float(2.0))];
+    let bytes = reference_gguf("olmo-tiny", "olmo", clamp, Vec::new());
     let gguf = llm_runtime::gguf::read(&bytes).expect("the GGUF file loads");
     assert!(gguf.config.norm == Norm::Unit && !gguf.config.rope_half);
+    assert_eq!(gguf.config.clip_qkv, Some(2.0));
     let from_gguf = gguf_logits(&bytes, &reference);
     assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
     let dir = rewritten_checkpoint(
         "olmo-tiny",
         "olmo-clip",
-        |c| c["clip_qkv"] = 8.0.into(),
+        |c| c["clip_qkv"] = (-8.0).into(),
         |_| {},
     );
     let err = model_file::load(&dir).err().map(|e| e.to_string());
     std::fs::remove_dir_all(&dir).ok();
     let err = err.expect("refused");
-    assert!(err.contains("`clip_qkv` = 8.0"), "{err}");
+    assert!(
+        err.contains("`clip_qkv` = -8.0 is not a positive number"),
+        "{err}"
+    );
 }
 
 /// A Llama config's `mlp_bias` (`tests/data/llama-mlp-bias-tiny`): biases on the gate,
@@ -3289,13 +3300,15 @@ fn qwen3_moe_computes_what_transformers_computes() {
 
 /// OLMoE (`tests/data/olmoe-tiny`): eight experts, three a token, weighted by their
 /// probabilities among all eight (not renormalized); RMSNorms over the whole q and k
-/// projections. A `clip_qkv` is refused.
+/// projections, and q, k and v clamped to `[-1.5, 1.5]` after them (`clip_qkv`; in its
+/// GGUF form `olmoe.attention.clamp_kqv`).
 #[test]
 fn olmoe_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("olmoe-tiny");
     let experts = loaded.config.experts.as_ref().expect("experts");
     assert_eq!(expert_settings(experts), (8, 3, 64, false));
     assert_eq!(loaded.config.qk_norm, QkNorm::Projections);
+    assert_eq!(loaded.config.clip_qkv, Some(1.5));
     computes_what_transformers_computes(
         &loaded,
         &reference,
@@ -3304,9 +3317,14 @@ fn olmoe_computes_what_transformers_computes() {
                 c.experts.as_mut().expect("experts").normalize = true;
             }),
             ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
+            ("the q/k/v clamp", &|c| c.clip_qkv = None),
         ],
     );
-    let gguf = moe_gguf("olmoe-tiny", "olmoe", vec![]);
+    let gguf = moe_gguf(
+        "olmoe-tiny",
+        "olmoe",
+        vec![("attention.clamp_kqv", Meta::Float(1.5))],
+    );
     gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
     // A checkpoint missing an expert's matrix, or running more experts a token than it
     // has, is refused, naming what is wrong.
@@ -3332,15 +3350,6 @@ fn olmoe_computes_what_transformers_computes() {
         too_many.contains("each token runs 9 of 8 experts"),
         "{too_many}"
     );
-    let dir = rewritten_checkpoint(
-        "olmoe-tiny",
-        "olmoe-clip",
-        |c| c["clip_qkv"] = 8.0.into(),
-        |_| {},
-    );
-    let err = model_file::load(&dir).err().map(|e| e.to_string());
-    std::fs::remove_dir_all(&dir).ok();
-    assert!(err.expect("refused").contains("clip_qkv"));
 }
 
 /// `--quantize` stores a mixture's stacked experts quantized too (`[4, 64, 64]` in

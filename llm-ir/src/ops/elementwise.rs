@@ -93,6 +93,18 @@ binary_op!(
     "`lhs / rhs` (integers truncate toward zero)",
     div
 );
+binary_op!(
+    MaximumOp,
+    "llm.maximum",
+    "`max(lhs, rhs)` (a NaN operand gives NaN; `+0` is above `-0`)",
+    maximum
+);
+binary_op!(
+    MinimumOp,
+    "llm.minimum",
+    "`min(lhs, rhs)` (a NaN operand gives NaN; `-0` is below `+0`)",
+    minimum
+);
 
 macro_rules! unary_op {
     ($name:ident, $text:literal, $math:literal, $eval:ident) => {

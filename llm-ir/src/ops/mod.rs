@@ -30,8 +30,8 @@ mod shard;
 pub use attention::{AttentionOp, PagedAttentionOp, RopeOp};
 pub use base::{ConstantOp, ReturnOp, WeightOp};
 pub use elementwise::{
-    AddOp, DivOp, ErfOp, ExpOp, GeluOp, MulOp, NegOp, ReluOp, RsqrtOp, SigmoidOp, SiluOp, SqrtOp,
-    SubOp, TanhOp,
+    AddOp, DivOp, ErfOp, ExpOp, GeluOp, MaximumOp, MinimumOp, MulOp, NegOp, ReluOp, RsqrtOp,
+    SigmoidOp, SiluOp, SqrtOp, SubOp, TanhOp,
 };
 pub use fused::{
     AppendAttentionOp, FusedOp, RmsNormMatmulOp, YieldOp, allowed_in_scalar_body, is_elementwise,

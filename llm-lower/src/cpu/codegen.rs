@@ -629,7 +629,12 @@ fn emit_body(b: &mut FunctionBuilder, body: &ScalarBody, args: &[Value]) -> Valu
                     "llm.add" => b.ins().fadd(l, r),
                     "llm.sub" => b.ins().fsub(l, r),
                     "llm.mul" => b.ins().fmul(l, r),
-                    _ => b.ins().fdiv(l, r),
+                    "llm.div" => b.ins().fdiv(l, r),
+                    // IEEE 754's maximum and minimum, as the reference's: a NaN lane
+                    // gives NaN, and `+0` is above `-0`.
+                    "llm.maximum" => b.ins().fmax(l, r),
+                    "llm.minimum" => b.ins().fmin(l, r),
+                    other => unreachable!("no binary op {other} reaches a scalar body"),
                 }
             }
             ScalarStep::Constant(c) => splat(b, c),

@@ -1445,6 +1445,20 @@ fn tiled_contraction(c: &Contraction) -> String {
     s
 }
 
+/// The reference's `llm.maximum` (`f` `max`, `bits` `&`) or `llm.minimum` (`min`, `|`) of
+/// `v{a}` and `v{b}`, which WGSL's `max` and `min` leave open for a NaN or zeros of two
+/// signs: a NaN, recognised by its bits (a compiler may assume that comparisons never
+/// meet one), gives NaN, and equal values the bits of both joined (`+0` wins a maximum:
+/// its sign bit is clear, `-0` a minimum).
+fn extremum(f: &str, bits: &str, a: usize, b: usize) -> String {
+    let nan = |v: usize| format!("(bitcast<u32>(v{v}) & 0x7fffffffu) > 0x7f800000u");
+    format!(
+        "select(select({f}(v{a}, v{b}), bitcast<f32>(bitcast<u32>(v{a}) {bits} bitcast<u32>(v{b})), v{a} == v{b}), bitcast<f32>(0x7fc00000u), {} || {})",
+        nan(a),
+        nan(b)
+    )
+}
+
 /// The WGSL expression of one scalar step over earlier values `v0, v1, ...`.
 fn step_expr(step: &ScalarStep) -> String {
     match step {
@@ -1477,6 +1491,8 @@ fn step_expr(step: &ScalarStep) -> String {
                 "llm.sub" => "-",
                 "llm.mul" => "*",
                 "llm.div" => "/",
+                "llm.maximum" => return extremum("max", "&", *a, *b),
+                "llm.minimum" => return extremum("min", "|", *a, *b),
                 other => unreachable!("no binary op {other} reaches a scalar body"),
             };
             format!("v{a} {sym} v{b}")

@@ -190,6 +190,8 @@ fn build_elementwise(
         "llm.sub" => build!(ops::SubOp),
         "llm.mul" => build!(ops::MulOp),
         "llm.div" => build!(ops::DivOp),
+        "llm.maximum" => build!(ops::MaximumOp),
+        "llm.minimum" => build!(ops::MinimumOp),
         "llm.exp" => build!(ops::ExpOp),
         "llm.neg" => build!(ops::NegOp),
         "llm.sqrt" => build!(ops::SqrtOp),

@@ -321,8 +321,11 @@ def main():
     # RMSNorms over the whole q and k projections, an untied classifier.
     olmo2 = Olmo2Config(**small, rms_norm_eps=1e-6, tie_word_embeddings=False)
     write("olmo2-tiny", Olmo2ForCausalLM, olmo2, 14)
-    # The first OLMo: LayerNorms of neither weight nor bias.
-    olmo = OlmoConfig(**small, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)
+    # The first OLMo: LayerNorms of neither weight nor bias; q, k and v clamped to
+    # [-2, 2] (`clip_qkv`, OLMo-7B-0424's setting).
+    olmo = OlmoConfig(
+        **small, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, clip_qkv=2.0
+    )
     write("olmo-tiny", OlmoForCausalLM, olmo, 33)
     # SmolLM3: four layers, the fourth without RoPE (its NoPE layers, every fourth).
     smollm3 = SmolLM3Config(
@@ -480,9 +483,11 @@ def main():
     )
     write("qwen3-moe-tiny", Qwen3MoeForCausalLM, qwen3_moe, 35)
     # OLMoE: eight experts, three a token, weighted by their probabilities among all
-    # eight (not renormalized); RMSNorms over the whole q and k projections.
+    # eight (not renormalized); RMSNorms over the whole q and k projections; q, k and v
+    # clamped to [-1.5, 1.5] after those norms (`clip_qkv`).
     olmoe = OlmoeConfig(
         **small,
+        clip_qkv=1.5,
         num_experts=8,
         num_experts_per_tok=3,
         norm_topk_prob=False,

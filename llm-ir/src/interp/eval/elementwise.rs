@@ -97,6 +97,34 @@ fn div_f32(x: f32, y: f32) -> f32 {
     x / y
 }
 
+/// The larger of `x` and `y`: NaN where either is (as PyTorch's `maximum`), and `+0`
+/// over `-0` (IEEE 754's `maximum`).
+fn maximum_f32(x: f32, y: f32) -> f32 {
+    if x.is_nan() || y.is_nan() {
+        f32::NAN
+    } else if x == y {
+        // Equal values differ only in a zero's sign: the positive one.
+        if x.is_sign_negative() { y } else { x }
+    } else if x > y {
+        x
+    } else {
+        y
+    }
+}
+
+/// The smaller of `x` and `y`: NaN where either is, and `-0` under `+0`.
+fn minimum_f32(x: f32, y: f32) -> f32 {
+    if x.is_nan() || y.is_nan() {
+        f32::NAN
+    } else if x == y {
+        if x.is_sign_negative() { x } else { y }
+    } else if x < y {
+        x
+    } else {
+        y
+    }
+}
+
 fn neg_f32(x: f32) -> f32 {
     -x
 }
@@ -160,6 +188,8 @@ pub const BINARY: &[(&str, BinaryFn)] = &[
     ("llm.sub", sub_f32),
     ("llm.mul", mul_f32),
     ("llm.div", div_f32),
+    ("llm.maximum", maximum_f32),
+    ("llm.minimum", minimum_f32),
 ];
 
 /// The scalar function of unary op `name`.
@@ -185,6 +215,16 @@ pub fn sub(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 /// `llm.mul`.
 pub fn mul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     binary(e, inputs, mul_f32, |x, y| Some(x.wrapping_mul(y)))
+}
+
+/// `llm.maximum`.
+pub fn maximum(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    binary(e, inputs, maximum_f32, |x, y| Some(x.max(y)))
+}
+
+/// `llm.minimum`.
+pub fn minimum(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    binary(e, inputs, minimum_f32, |x, y| Some(x.min(y)))
 }
 
 /// `llm.div` (integer division truncates toward zero).
