@@ -1,0 +1,494 @@
+//! The mixtures of experts against Hugging Face `transformers` (as `hf.rs` checks the
+//! dense families): Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Granite-MoE and
+//! Granite-MoE-Shared reference checkpoints (`tests/data`) and their GGUF forms, computed
+//! on every backend; quantized experts; mutated GGUF files of each.
+
+mod common;
+mod reference;
+
+use std::collections::HashMap;
+
+use llm_ir::{
+    interp::{Value, WeightStore},
+    types::QuantFormat,
+};
+use llm_runtime::{
+    generate::{Backend, Model, Step},
+    gguf::Meta,
+    model::{Experts, QkNorm, SharedExpert},
+    model_file,
+};
+use reference::{
+    TRANSFORMERS_BOUND, computes_what_transformers_computes,
+    gguf_computes_what_the_directory_computes, gguf_logits, interp_logits, largest_difference,
+    prefill_and_decode_logits, reference_checkpoint, reference_gguf_edited, rewritten_checkpoint,
+    transformers_reference,
+};
+
+/// A mixture's experts a layer, experts a token, expert width and whether the chosen
+/// experts' weights are renormalized.
+fn expert_settings(experts: &Experts) -> (usize, usize, usize, bool) {
+    (
+        experts.count,
+        experts.per_token,
+        experts.hidden,
+        experts.normalize,
+    )
+}
+
+/// Mixtral (`tests/data/mixtral-tiny`): four experts a layer, each token running the two
+/// its router scores highest, their outputs weighted by the renormalized probabilities.
+#[test]
+fn mixtral_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("mixtral-tiny");
+    let experts = loaded.config.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (4, 2, 64, true));
+    assert_eq!(experts.layers, [true, true]);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the second expert", &|c| {
+                c.experts.as_mut().expect("experts").per_token = 1;
+            }),
+        ],
+    );
+    let gguf = moe_gguf("mixtral-tiny", "llama", vec![]);
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+}
+
+/// Experts' values, each with its number.
+type ExpertValues = Vec<(usize, Vec<f32>)>;
+
+/// `tests/data/{name}` as llama.cpp's converter writes it for `arch`: each layer's
+/// experts' matrices stacked (`ffn_{gate,up,down}_exps`), the router `ffn_gate_inp`, the
+/// expert count and the experts a token runs, and `metadata` besides.
+fn moe_gguf(name: &str, arch: &str, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
+    let loaded = model_file::load(&transformers_reference(name).dir).expect("loads");
+    let experts = loaded.config.experts.clone().expect("experts");
+    let mut meta = vec![
+        ("expert_count", Meta::Uint(experts.count as u64)),
+        ("expert_used_count", Meta::Uint(experts.per_token as u64)),
+    ];
+    meta.extend(metadata);
+    reference_gguf_edited(name, arch, meta, |tensors| {
+        // Per stacked name: an expert's shape, and each expert's values by number.
+        let mut stacked: HashMap<String, (Vec<usize>, ExpertValues)> = HashMap::new();
+        tensors.retain_mut(|(name, shape, values)| {
+            let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                return true;
+            };
+            let layer = layer.to_string();
+            let renamed = match rest {
+                "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp",
+                "mlp.shared_expert_gate.weight" => {
+                    // llama.cpp's converter writes the gate as a vector.
+                    shape.remove(0);
+                    "ffn_gate_inp_shexp"
+                }
+                "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp",
+                "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp",
+                "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp",
+                _ => "",
+            };
+            if !renamed.is_empty() {
+                *name = format!("blk.{layer}.{renamed}.weight");
+                return true;
+            }
+            let Some(expert) = rest
+                .strip_prefix("block_sparse_moe.experts.")
+                .or_else(|| rest.strip_prefix("mlp.experts."))
+            else {
+                return true;
+            };
+            let (e, part) = expert.split_once('.').expect("E.part");
+            let gguf = match part {
+                "w1.weight" | "gate_proj.weight" => "ffn_gate_exps",
+                "w3.weight" | "up_proj.weight" => "ffn_up_exps",
+                _ => "ffn_down_exps",
+            };
+            let entry = stacked
+                .entry(format!("blk.{layer}.{gguf}.weight"))
+                .or_insert_with(|| (shape.clone(), Vec::new()));
+            entry
+                .1
+                .push((e.parse().expect("an expert"), std::mem::take(values)));
+            false
+        });
+        for (name, (shape, mut parts)) in stacked {
+            parts.sort_by_key(|(e, _)| *e);
+            let values = parts.into_iter().flat_map(|(_, v)| v).collect();
+            let shape = [vec![experts.count], shape].concat();
+            tensors.push((name, shape, values));
+        }
+    })
+}
+
+/// Qwen3-MoE (`tests/data/qwen3-moe-tiny`): eight experts of width 32 in its second
+/// layer, two a token, renormalized; its first layer dense (`mlp_only_layers`); per-head
+/// q and k norms.
+#[test]
+fn qwen3_moe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen3-moe-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (8, 2, 32, true));
+    assert_eq!(
+        (experts.layers.as_slice(), c.hidden_dim),
+        ([false, true].as_slice(), 64)
+    );
+    assert_eq!(c.qk_norm, QkNorm::Heads);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("renormalized weights", &|c| {
+            c.experts.as_mut().expect("experts").normalize = false;
+        })],
+    );
+    let gguf = moe_gguf(
+        "qwen3-moe-tiny",
+        "qwen3moe",
+        vec![("expert_feed_forward_length", Meta::Uint(32))],
+    );
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+}
+
+/// OLMoE (`tests/data/olmoe-tiny`): eight experts, three a token, weighted by their
+/// probabilities among all eight (not renormalized); RMSNorms over the whole q and k
+/// projections, and q, k and v clamped to `[-1.5, 1.5]` after them (`clip_qkv`; in its
+/// GGUF form `olmoe.attention.clamp_kqv`).
+#[test]
+fn olmoe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("olmoe-tiny");
+    let experts = loaded.config.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (8, 3, 64, false));
+    assert_eq!(loaded.config.qk_norm, QkNorm::Projections);
+    assert_eq!(loaded.config.clip_qkv, Some(1.5));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("unnormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = true;
+            }),
+            ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
+            ("the q/k/v clamp", &|c| c.clip_qkv = None),
+        ],
+    );
+    let gguf = moe_gguf(
+        "olmoe-tiny",
+        "olmoe",
+        vec![("attention.clamp_kqv", Meta::Float(1.5))],
+    );
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    // A checkpoint missing an expert's matrix, or running more experts a token than it
+    // has, is refused, naming what is wrong.
+    let refusal = |as_name: &str, edit: &dyn Fn(&mut serde_json::Value), drop: &str| {
+        let dir = rewritten_checkpoint("olmoe-tiny", as_name, edit, |tensors| {
+            tensors.retain(|(name, _, _)| name != drop);
+        });
+        let err = model_file::load(&dir).err().map(|e| e.to_string());
+        std::fs::remove_dir_all(&dir).ok();
+        err.expect("refused")
+    };
+    let missing = refusal(
+        "olmoe-missing",
+        &|_| {},
+        "model.layers.1.mlp.experts.5.up_proj.weight",
+    );
+    assert!(
+        missing.contains("layer 1's expert 5 has no `w3` or `up_proj`"),
+        "{missing}"
+    );
+    let too_many = refusal("olmoe-nine", &|c| c["num_experts_per_tok"] = 9.into(), "");
+    assert!(
+        too_many.contains("each token runs 9 of 8 experts"),
+        "{too_many}"
+    );
+}
+
+/// `--quantize` stores a mixture's stacked experts quantized too (`[4, 64, 64]` in
+/// q8_0, q4_0 and q4_k's fallback; the routers as they are), and the CPU and GPU backends run them through the
+/// expert kernels (every op lowered) computing the reference semantics' logits within
+/// [`TRANSFORMERS_BOUND`]; those stay near transformers' unquantized logits (measured:
+/// 0.30 off in q8_0, 2.6 in q4_0, 1.5 in q5_0, logits reaching about 30).
+#[test]
+fn quantized_experts_run_on_every_backend() {
+    let (reference, loaded) = reference_checkpoint("mixtral-tiny");
+    let mut backends = vec![Backend::Cpu { threads: 2 }];
+    if llm_lower::gpu::test_device(&Default::default()).is_some() {
+        backends.push(Backend::Gpu(Default::default()));
+    }
+    for (format, stored, bound) in [
+        (QuantFormat::Q8_0, QuantFormat::Q8_0, 1.0),
+        (QuantFormat::Q4_0, QuantFormat::Q4_0, 5.0),
+        (QuantFormat::Q4K, QuantFormat::Q5_0, 5.0),
+    ] {
+        let mut weights = loaded.weights.clone();
+        weights.quantize_matrices(&format);
+        let experts = weights.weight("layers.1.feed_forward.experts.w2.weight");
+        match experts.as_deref() {
+            Some(Value::Quantized(q)) => {
+                assert_eq!((&q.format, &q.shape[..]), (&stored, &[4, 64, 64][..]))
+            }
+            other => panic!("{format}: the experts are {other:?}"),
+        }
+        // The router stays as it was, as llama.cpp keeps it.
+        let router = weights.weight("layers.1.feed_forward.gate_inp.weight");
+        assert!(
+            matches!(router.as_deref(), Some(Value::Quantized(q)) if q.format == QuantFormat::BF16)
+        );
+        let want = interp_logits(&loaded.config, &weights, &reference);
+        let error = largest_difference(&want, &reference.logits);
+        assert!(error < bound, "{format}: {error} from transformers' logits");
+        for backend in &backends {
+            let model =
+                Model::compile_on(backend, loaded.config.clone(), weights.clone(), "default")
+                    .expect("compiles");
+            for step in [Step::Prefill, Step::Decode] {
+                let left = common::reference_ops(&model, backend, step);
+                assert!(left.is_empty(), "{format} {backend:?} {step:?}: {left:?}");
+            }
+            let runs = prefill_and_decode_logits(&model, &reference.ids, reference.prompt_len);
+            for (how, logits) in ["prefill", "decode"].into_iter().zip(runs) {
+                let worst = largest_difference(&logits, &want);
+                assert!(
+                    worst < TRANSFORMERS_BOUND,
+                    "{format} {backend:?} {how}: {worst}"
+                );
+            }
+        }
+    }
+}
+
+/// Qwen2-MoE (`tests/data/qwen2-moe-tiny`; Qwen1.5-MoE's architecture): four experts of
+/// width 32, two a token, not renormalized, beside a shared expert of width 48 whose
+/// output a sigmoid gates; Qwen2's q, k and v biases. Its GGUF form (`qwen2moe`, the
+/// shared expert's `_shexp` tensors, its gate a vector) computes the same.
+#[test]
+fn qwen2_moe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("qwen2-moe-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (4, 2, 32, false));
+    assert_eq!(
+        experts.shared,
+        Some(SharedExpert {
+            hidden: 48,
+            gated: true
+        })
+    );
+    assert!(c.attention_bias.qkv && !c.attention_bias.output);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("unnormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = true;
+            }),
+            ("the q/k/v biases", &|c| c.attention_bias.qkv = false),
+        ],
+    );
+    let gguf = moe_gguf(
+        "qwen2-moe-tiny",
+        "qwen2moe",
+        vec![
+            ("expert_feed_forward_length", Meta::Uint(32)),
+            ("expert_shared_feed_forward_length", Meta::Uint(48)),
+        ],
+    );
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    // Without the shared expert (its weights left unread) the logits move too.
+    let mut config = loaded.config.clone();
+    config.experts.as_mut().expect("experts").shared = None;
+    let shift = largest_difference(
+        &interp_logits(&config, &loaded.weights, &reference),
+        &reference.logits,
+    );
+    assert!(
+        shift > 10.0 * TRANSFORMERS_BOUND,
+        "without the shared expert: {shift}"
+    );
+}
+
+/// Granite-MoE (`tests/data/granite-moe-tiny`): Granite's four scales (embeddings times
+/// 2, block outputs times 0.5, scores by 1/16, logits divided by 2) over eight experts
+/// of width 32, two a token, weighted by a softmax over the chosen logits; the checkpoint
+/// stores every expert's matrices stacked, each expert's gate and up projections fused
+/// (`input_linear`, split when loaded). Its GGUF form (`granitemoe`: the stacked experts
+/// split into `ffn_gate_exps` and `ffn_up_exps` as llama.cpp's converter splits them, q
+/// and k rows reordered for interleaved pairs) computes transformers' logits too.
+#[test]
+fn granite_moe_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("granite-moe-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (8, 2, 32, true));
+    assert_eq!(
+        (experts.layers.as_slice(), experts.shared),
+        ([true, true].as_slice(), None)
+    );
+    assert_eq!(
+        (
+            c.embedding_scale,
+            c.residual_scale,
+            c.attention_scale,
+            c.logit_scale
+        ),
+        (Some(2.0), Some(0.5), Some(0.0625), Some(0.5))
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the residual scale", &|c| c.residual_scale = None),
+            ("the attention scale", &|c| c.attention_scale = None),
+        ],
+    );
+    // Its q and k rows are in another order: against transformers' logits.
+    let from_gguf = gguf_logits(&granite_moe_gguf("granite-moe-tiny"), &reference);
+    let worst = largest_difference(&from_gguf, &reference.logits);
+    assert!(worst < TRANSFORMERS_BOUND, "the GGUF form: {worst}");
+}
+
+/// Granite-MoE-Shared (`tests/data/granite-moe-shared-tiny`): four experts of width 32,
+/// two a token, beside a shared expert of width 48 whose output is added without a gate
+/// (`shared_mlp`, its gate and up projections fused); Granite's scales. Its GGUF form
+/// (`granitemoe` with the `_shexp` tensors and `expert_shared_feed_forward_length`)
+/// computes transformers' logits too.
+#[test]
+fn granite_moe_shared_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("granite-moe-shared-tiny");
+    let experts = loaded.config.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (4, 2, 32, true));
+    let ungated = SharedExpert {
+        hidden: 48,
+        gated: false,
+    };
+    assert_eq!(experts.shared, Some(ungated));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the shared expert", &|c| {
+                c.experts.as_mut().expect("experts").shared = None;
+            }),
+        ],
+    );
+    let gguf = granite_moe_gguf("granite-moe-shared-tiny");
+    let loaded_gguf = llm_runtime::gguf::read(&gguf).expect("the GGUF file loads");
+    let shared = loaded_gguf.config.experts.as_ref().and_then(|x| x.shared);
+    assert_eq!(shared, Some(ungated));
+    let worst = largest_difference(&gguf_logits(&gguf, &reference), &reference.logits);
+    assert!(worst < TRANSFORMERS_BOUND, "the GGUF form: {worst}");
+}
+
+/// `tests/data/{name}` (a Granite-MoE checkpoint) as llama.cpp's converter writes it
+/// (`granitemoe`): Granite's scales, the experts' stacked `input_linear` split into
+/// `ffn_gate_exps` and `ffn_up_exps` (each expert's first half of rows its gate) and
+/// `output_linear` as `ffn_down_exps`, the router `ffn_gate_inp`, a shared expert's fused
+/// `input_linear` split into `ffn_gate_shexp` and `ffn_up_shexp` and its width given.
+fn granite_moe_gguf(name: &str) -> Vec<u8> {
+    let loaded = model_file::load(&transformers_reference(name).dir).expect("loads");
+    let experts = loaded.config.experts.clone().expect("experts");
+    let mut meta = vec![
+        ("expert_count", Meta::Uint(experts.count as u64)),
+        ("expert_used_count", Meta::Uint(experts.per_token as u64)),
+        ("embedding_scale", Meta::Float(2.0)),
+        ("residual_scale", Meta::Float(0.5)),
+        ("attention.scale", Meta::Float(0.0625)),
+        ("logit_scale", Meta::Float(2.0)),
+    ];
+    if let Some(shared) = experts.shared {
+        let width = Meta::Uint(shared.hidden as u64);
+        meta.push(("expert_shared_feed_forward_length", width));
+    }
+    reference_gguf_edited(name, "granitemoe", meta, |tensors| {
+        let mut split = Vec::new();
+        tensors.retain_mut(|(name, shape, values)| {
+            let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                return true;
+            };
+            let gguf = |n: &str| format!("blk.{layer}.{n}.weight");
+            let fused = match rest {
+                "block_sparse_moe.router.layer.weight" => {
+                    *name = gguf("ffn_gate_inp");
+                    return true;
+                }
+                "block_sparse_moe.output_linear.weight" => {
+                    *name = gguf("ffn_down_exps");
+                    return true;
+                }
+                "shared_mlp.output_linear.weight" => {
+                    *name = gguf("ffn_down_shexp");
+                    return true;
+                }
+                "block_sparse_moe.input_linear.weight" => ["ffn_gate_exps", "ffn_up_exps"],
+                "shared_mlp.input_linear.weight" => ["ffn_gate_shexp", "ffn_up_shexp"],
+                _ => return true,
+            };
+            // `[rows, k]` or `[experts, rows, k]`: each matrix's first half of rows the
+            // gate, the rest the up projection.
+            let (k, rows) = (shape[shape.len() - 1], shape[shape.len() - 2]);
+            let half = rows / 2 * k;
+            for (part, n) in fused.into_iter().enumerate() {
+                let values = values
+                    .chunks(rows * k)
+                    .flat_map(|m| &m[part * half..(part + 1) * half])
+                    .copied()
+                    .collect();
+                let mut part_shape = shape.clone();
+                part_shape[shape.len() - 2] = rows / 2;
+                split.push((gguf(n), part_shape, values));
+            }
+            false
+        });
+        tensors.extend(split);
+    })
+}
+
+/// The mixtures' GGUF files (Mixtral's `llama` with experts, `olmoe`, `granitemoe` with a
+/// shared expert, `qwen2moe`, `qwen3moe`), mutated, never make the loader panic.
+#[test]
+fn mutated_moe_gguf_files_never_panic() {
+    let originals = [
+        moe_gguf("mixtral-tiny", "llama", vec![]),
+        moe_gguf("olmoe-tiny", "olmoe", vec![]),
+        granite_moe_gguf("granite-moe-shared-tiny"),
+        moe_gguf(
+            "qwen2-moe-tiny",
+            "qwen2moe",
+            vec![
+                ("expert_feed_forward_length", Meta::Uint(32)),
+                ("expert_shared_feed_forward_length", Meta::Uint(48)),
+            ],
+        ),
+        moe_gguf(
+            "qwen3-moe-tiny",
+            "qwen3moe",
+            vec![("expert_feed_forward_length", Meta::Uint(32))],
+        ),
+    ];
+    for original in &originals {
+        llm_runtime::gguf::read(original).expect("the unmutated file loads");
+    }
+    let runs = common::mutated_copies_never_panic(&originals, 0x9998, |_, data| {
+        let _ = llm_runtime::gguf::read(data);
+    });
+    assert!(runs > 0);
+}
