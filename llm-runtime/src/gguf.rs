@@ -425,6 +425,8 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             // Falcon 40B's norm of the feed-forward block's input.
             ("attn_norm_2.weight", "ffn_norm.weight"),
             ("attn_norm_2.bias", "ffn_norm.bias"),
+            // DBRX's norm of the feed-forward block's input.
+            ("attn_output_norm.weight", "ffn_norm.weight"),
             ("ffn_gate.bias", "feed_forward.w1.bias"),
             ("ffn_down.bias", "feed_forward.w2.bias"),
             ("ffn_up.bias", "feed_forward.w3.bias"),
@@ -451,7 +453,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
     // Falcon 40B's second input norm only in `falcon` files.
     let second_norm = gguf.ends_with(".attn_norm_2.weight") || gguf.ends_with(".attn_norm_2.bias");
-    if second_norm && arch != "falcon" {
+    if second_norm && arch != "falcon"
+        || gguf.ends_with(".attn_output_norm.weight") && arch != "dbrx"
+    {
         return None;
     }
     let biases =
@@ -580,9 +584,11 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// norm tensors). `qwen3moe` is qwen3's, `qwen2moe` qwen2's (with a shared expert) and
 /// `olmoe` olmo2's q/k norms (with input norms) with experts ([`apply_experts`], which
 /// also reads a `llama` file's: Mixtral's); `granitemoe` is granite's with experts (and
-/// Granite-MoE-Shared's shared expert, added without a gate). The other architectures read are
+/// Granite-MoE-Shared's shared expert, added without a gate); `dbrx` is DBRX's: LayerNorms
+/// without bias (`dbrx.attention.layer_norm_epsilon`), q, k and v fused (`attn_qkv`) and
+/// clamped, the feed-forward block's input norm `attn_output_norm`, experts. The other architectures read are
 /// [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 16] = [
+const ARCHITECTURES: [&str; 17] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -599,6 +605,7 @@ const ARCHITECTURES: [&str; 16] = [
     "qwen2moe",
     "olmoe",
     "granitemoe",
+    "dbrx",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -1065,7 +1072,7 @@ fn apply_experts(
     };
     if count == 0 {
         return match arch {
-            "qwen3moe" | "qwen2moe" | "olmoe" | "granitemoe" => Err(format!(
+            "qwen3moe" | "qwen2moe" | "olmoe" | "granitemoe" | "dbrx" => Err(format!(
                 "metadata `{}` is missing or 0",
                 key("expert_count")
             )),
@@ -1192,7 +1199,14 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if arch == "command-r" {
         apply_cohere(g, &mut config)?;
     }
-    if matches!(arch, "olmo" | "olmoe") {
+    if arch == "dbrx" {
+        // LayerNorms without bias.
+        config.norm = Norm::Layer;
+        config.norm_eps = g
+            .positive(&key("attention.layer_norm_epsilon"))?
+            .unwrap_or(1e-5);
+    }
+    if matches!(arch, "olmo" | "olmoe" | "dbrx") {
         // q, k and v clamped, as llama.cpp's converter writes `clip_qkv`.
         config.clip_qkv = g.positive(&key("attention.clamp_kqv"))?;
     }

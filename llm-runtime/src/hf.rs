@@ -48,7 +48,8 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
         .or_else(|| hf_layer_norm::gpt_neox_name(hf))
         .or_else(|| hf_layer_norm::opt_name(hf))
         .or_else(|| hf_layer_norm::falcon_name(hf))
-        .or_else(|| hf_layer_norm::gpt_name(hf));
+        .or_else(|| hf_layer_norm::gpt_name(hf))
+        .or_else(|| hf_moe::dbrx_name(hf));
     if let Some(name) = named {
         return Some(name);
     }
@@ -770,6 +771,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let multimodal = names_architecture(&stored, hf_gemma::MULTIMODAL);
     let cfg = hf_gemma::language_model_config(&stored).map_err(|m| err(&config_path, m))?;
     let cfg = hf_layer_norm::standard_config(cfg).map_err(|m| err(&config_path, m))?;
+    let cfg = hf_moe::dbrx_config(cfg);
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);

@@ -1,10 +1,11 @@
 //! Hugging Face's mixture-of-experts checkpoints: Mixtral (`MixtralForCausalLM`),
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`), Qwen2-MoE (`Qwen2MoeForCausalLM`, Qwen1.5-MoE),
-//! OLMoE (`OlmoeForCausalLM`) and Granite-MoE (`GraniteMoeForCausalLM`,
-//! `GraniteMoeSharedForCausalLM`), Llama's blocks (with Qwen3's per-head and OLMoE's
-//! whole-projection q/k norms, Qwen2's q, k and v biases, Granite's scales) whose
-//! feed-forward blocks route each token to a few experts ([`Experts`]; Qwen2-MoE's beside
-//! a gated shared expert, Granite-MoE-Shared's beside an ungated one).
+//! OLMoE (`OlmoeForCausalLM`), Granite-MoE (`GraniteMoeForCausalLM`,
+//! `GraniteMoeSharedForCausalLM`) and DBRX (`DbrxForCausalLM`), Llama's blocks (with
+//! Qwen3's per-head and OLMoE's whole-projection q/k norms, Qwen2's q, k and v biases,
+//! Granite's scales, DBRX's LayerNorms, fused and clamped q, k and v) whose feed-forward
+//! blocks route each token to a few experts ([`Experts`]; Qwen2-MoE's beside a gated
+//! shared expert, Granite-MoE-Shared's beside an ungated one).
 //!
 //! The Hub's checkpoints store each expert's matrices as tensors of their own
 //! (`model.layers.N.block_sparse_moe.experts.E.w1.weight`, Qwen3-MoE's and OLMoE's
@@ -12,28 +13,35 @@
 //! loads and splits them again when it saves); the loader stacks them into the builder's
 //! `[experts, ...]` weights ([`stack_experts`]). Granite-MoE's are stacked already, each
 //! expert's gate and up projections fused (`block_sparse_moe.input_linear.weight`,
-//! `[experts, 2 * hidden, dim]`, gate rows first), which the loader splits.
+//! `[experts, 2 * hidden, dim]`, gate rows first), which the loader splits; DBRX's are
+//! stacked in matrices of `experts * hidden` rows (`ffn.experts.mlp.w1`, `v1`, `w2`, the
+//! down projections transposed), which the loader reshapes ([`dbrx_name`],
+//! [`dbrx_config`] for its nested configuration).
 
 use serde_json::Value as Json;
 
 use crate::{
     hf::{config_int, flag_or, granite_scales, names_architecture, optional_positive},
     model::{
-        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, QkNorm, ROUTER, SHARED_GATE,
-        SharedExpert,
+        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, FUSED_QKV, ModelConfig, Norm, QkNorm,
+        ROUTER, SHARED_GATE, SharedExpert,
     },
     weights::{Weights, builder_name},
 };
 
 /// The mixture-of-experts architectures read.
-pub(crate) const ARCHITECTURES: [&str; 6] = [
+pub(crate) const ARCHITECTURES: [&str; 7] = [
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
     "Qwen2MoeForCausalLM",
     "OlmoeForCausalLM",
     GRANITE_MOE[0],
     GRANITE_MOE[1],
+    DBRX,
 ];
+
+/// DBRX's architecture.
+const DBRX: &str = "DbrxForCausalLM";
 
 /// Granite-MoE's architectures: without and with a shared expert.
 const GRANITE_MOE: [&str; 2] = ["GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"];
@@ -106,6 +114,77 @@ pub(crate) fn expert_name(hf: &str) -> Option<String> {
     Some(expert_matrix(layer, expert, ours))
 }
 
+/// DBRX's experts' down projections, stacked and each transposed (`[experts * hidden,
+/// dim]`), until [`stack_experts`] turns them into [`EXPERT_DOWNS`].
+const TRANSPOSED_EXPERT_DOWNS: &str = "feed_forward.experts.w2t.weight";
+
+/// The builder's name of a DBRX tensor (`transformer.wte.weight`,
+/// `transformer.blocks.N.norm_attn_norm.attn.Wqkv.weight`, ...; the classifier's,
+/// `lm_head.weight`, is Llama's): its experts' stacked matrices `ffn.experts.mlp.w1` and
+/// `v1` as [`EXPERT_GATES`] and [`EXPERT_UPS`] of `experts * hidden` rows and `w2` as
+/// [`TRANSPOSED_EXPERT_DOWNS`], until [`stack_experts`] shapes them.
+pub(crate) fn dbrx_name(hf: &str) -> Option<String> {
+    builder_name(
+        hf,
+        &[
+            ("transformer.wte.weight", "tok_embeddings.weight"),
+            ("transformer.norm_f.weight", "norm.weight"),
+        ],
+        "transformer.blocks.",
+        &[
+            ("norm_attn_norm.norm_1.weight", "attention_norm.weight"),
+            ("norm_attn_norm.attn.Wqkv.weight", FUSED_QKV),
+            ("norm_attn_norm.attn.out_proj.weight", "attention.wo.weight"),
+            ("norm_attn_norm.norm_2.weight", "ffn_norm.weight"),
+            ("ffn.router.layer.weight", ROUTER),
+            ("ffn.experts.mlp.w1", EXPERT_GATES),
+            ("ffn.experts.mlp.v1", EXPERT_UPS),
+            ("ffn.experts.mlp.w2", TRANSPOSED_EXPERT_DOWNS),
+        ],
+    )
+}
+
+/// DBRX's `config.json` with its keys copied to the names the loader reads, where those
+/// are not set (transformers 5 writes some of them at the top level too): `d_model`,
+/// `n_heads`, `n_layers`, `max_seq_len`; `attn_config`'s `kv_n_heads`, `rope_theta` and
+/// `clip_qkv`; `ffn_config`'s `ffn_hidden_size` (each expert's width),
+/// `moe_num_experts`, `moe_top_k`, `moe_normalize_expert_weights` and
+/// `ffn_act_fn.name`. Any other config is returned as it is.
+pub(crate) fn dbrx_config(mut cfg: Json) -> Json {
+    if !names_architecture(&cfg, DBRX) {
+        return cfg;
+    }
+    let nested = |section: &str, key: &str| cfg.get(section).and_then(|s| s.get(key)).cloned();
+    let copies = [
+        ("hidden_size", cfg.get("d_model").cloned()),
+        ("num_attention_heads", cfg.get("n_heads").cloned()),
+        ("num_hidden_layers", cfg.get("n_layers").cloned()),
+        ("max_position_embeddings", cfg.get("max_seq_len").cloned()),
+        ("num_key_value_heads", nested("attn_config", "kv_n_heads")),
+        ("rope_theta", nested("attn_config", "rope_theta")),
+        ("clip_qkv", nested("attn_config", "clip_qkv")),
+        ("intermediate_size", nested("ffn_config", "ffn_hidden_size")),
+        ("num_local_experts", nested("ffn_config", "moe_num_experts")),
+        ("num_experts_per_tok", nested("ffn_config", "moe_top_k")),
+        (
+            "moe_normalize_expert_weights",
+            nested("ffn_config", "moe_normalize_expert_weights"),
+        ),
+        (
+            "hidden_act",
+            nested("ffn_config", "ffn_act_fn").and_then(|f| f.get("name").cloned()),
+        ),
+    ];
+    if let Some(fields) = cfg.as_object_mut() {
+        for (ours, value) in copies {
+            if let Some(value) = value.filter(|v| !v.is_null()) {
+                fields.entry(ours).or_insert(value);
+            }
+        }
+    }
+    cfg
+}
+
 /// The builder's name of expert `expert`'s matrix `w` (`w1`, `w3` or `w2`) of `layer`
 /// before stacking.
 fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
@@ -121,10 +200,13 @@ fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
 /// `intermediate_size` in every layer; all but Mixtral's renormalized where
 /// `norm_topk_prob` says; Granite-MoE's as Mixtral's (a softmax over the chosen logits),
 /// Granite-MoE-Shared's beside a shared expert of `shared_intermediate_size` (none where
-/// 0 or absent, as transformers builds none).
+/// 0 or absent, as transformers builds none); DBRX's renormalized where
+/// `moe_normalize_expert_weights` is 1 (the L1 norm of the chosen probabilities), not
+/// where it is null (another norm is refused).
 fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     let granite = GRANITE_MOE.iter().any(|a| names_architecture(cfg, a));
-    let mixtral = granite || names_architecture(cfg, "MixtralForCausalLM");
+    let dbrx = names_architecture(cfg, DBRX);
+    let mixtral = granite || dbrx || names_architecture(cfg, "MixtralForCausalLM");
     let qwen2 = names_architecture(cfg, "Qwen2MoeForCausalLM");
     // Qwen2-MoE's experts are laid out as Qwen3-MoE's.
     let qwen3 = qwen2 || names_architecture(cfg, "Qwen3MoeForCausalLM");
@@ -171,7 +253,19 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         count,
         per_token: config_int(cfg, "num_experts_per_tok")?,
         hidden,
-        normalize: mixtral || flag_or(cfg, "norm_topk_prob", false)?,
+        normalize: if dbrx {
+            match cfg.get("moe_normalize_expert_weights") {
+                None | Some(Json::Null) => false,
+                Some(p) if p.as_f64() == Some(1.0) => true,
+                Some(p) => {
+                    return Err(format!(
+                        "`moe_normalize_expert_weights` = {p}: only the L1 norm (1) is supported"
+                    ));
+                }
+            }
+        } else {
+            mixtral || flag_or(cfg, "norm_topk_prob", false)?
+        },
         layers: routing,
         shared: if qwen2 {
             Some(SharedExpert {
@@ -197,11 +291,17 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
 /// Sets the mixture-of-experts settings of `cfg` on `c`: the experts, the q/k norms
 /// (Qwen3-MoE's per head, OLMoE's over the whole projections), Qwen2-MoE's q/k/v biases
 /// and Granite-MoE's scales; OLMoE's `clip_qkv`, the q, k and v projections clamped
-/// after their norms.
+/// after their norms; DBRX's LayerNorms and `clip_qkv`.
 pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.experts = experts(cfg, c.layers)?;
     if GRANITE_MOE.iter().any(|a| names_architecture(cfg, a)) {
         granite_scales(cfg, c)?;
+    }
+    if names_architecture(cfg, DBRX) {
+        // `nn.LayerNorm(bias=False)` of the default epsilon; q, k and v clamped.
+        c.norm = Norm::Layer;
+        c.norm_eps = 1e-5;
+        c.clip_qkv = optional_positive(cfg, "clip_qkv")?;
     }
     if names_architecture(cfg, "Qwen3MoeForCausalLM") {
         c.qk_norm = QkNorm::Heads;
@@ -235,6 +335,25 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
         let hidden = |name: &str| (format!("layers.{l}.{name}"), experts.hidden);
         let fused = format!("layers.{l}.{FUSED_EXPERT_GATE_UPS}");
         weights.split_rows(&fused, &[hidden(EXPERT_GATES), hidden(EXPERT_UPS)])?;
+    }
+    let (count, hidden) = (experts.count, experts.hidden);
+    let (dbrx, apart): (Vec<usize>, Vec<usize>) = apart.into_iter().partition(|l| {
+        let transposed = format!("layers.{l}.{TRANSPOSED_EXPERT_DOWNS}");
+        weights.weight_shape(&transposed).is_some()
+    });
+    for l in dbrx {
+        // `[experts * hidden, dim]` each: the gates and ups as they are, the downs
+        // transposed matrix by matrix into `[experts, dim, hidden]`.
+        let p = format!("layers.{l}.");
+        for name in [EXPERT_GATES, EXPERT_UPS] {
+            let dim = matrix_width(weights, &format!("{p}{name}"))?;
+            weights.reshape(&format!("{p}{name}"), vec![count, hidden, dim])?;
+        }
+        let transposed = format!("{p}{TRANSPOSED_EXPERT_DOWNS}");
+        let dim = matrix_width(weights, &transposed)?;
+        weights.reshape(&transposed, vec![count, hidden, dim])?;
+        weights.transpose_matrix(&transposed)?;
+        weights.rename(&transposed, format!("{p}{EXPERT_DOWNS}"));
     }
     if let Some(shared) = experts.shared {
         for l in 0..c.layers {
@@ -272,6 +391,16 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The row length of weight `name` (a DBRX expert stack, `[experts * hidden, dim]`).
+fn matrix_width(weights: &Weights, name: &str) -> Result<usize, String> {
+    match weights.weight_shape(name).as_deref() {
+        Some(&[_, dim]) => Ok(dim),
+        other => Err(format!(
+            "weight `{name}` is {other:?}, not a matrix of stacked experts"
+        )),
+    }
 }
 
 #[cfg(test)]

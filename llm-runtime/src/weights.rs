@@ -306,32 +306,38 @@ impl Weights {
     }
 
     /// Transposes the matrix `name` (a float one, or one of 16-bit floats kept as their
-    /// bits), as GPT-2's `Conv1D` layers store theirs `[in, out]`; an error names a weight
-    /// that is none of those.
+    /// bits), as GPT-2's `Conv1D` layers store theirs `[in, out]`, or each matrix of the
+    /// stack `name` (`[n, rows, cols]`: DBRX's experts' down projections); an error names a
+    /// weight that is none of those.
     pub fn transpose_matrix(&mut self, name: &str) -> Result<(), String> {
         let Some(value) = self.tensors.get(name).cloned() else {
             return Err(format!("no weight `{name}` to transpose"));
         };
-        // The `[rows, cols]` elements `values` as `[cols, rows]`.
+        // Each `[rows, cols]` matrix of the stack `values` as `[cols, rows]`.
         fn transposed<T: Copy>(rows: usize, cols: usize, values: &[T]) -> Vec<T> {
-            (0..cols)
-                .flat_map(|c| (0..rows).map(move |r| values[r * cols + c]))
+            values
+                .chunks(rows * cols)
+                .flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c])))
                 .collect()
         }
+        // A matrix, or a stack of them: its shape with the last two dims swapped.
+        let turned_shape = |shape: &[usize]| match shape {
+            [rows, cols] => Some((*rows, *cols, vec![*cols, *rows])),
+            [n, rows, cols] => Some((*rows, *cols, vec![*n, *cols, *rows])),
+            _ => None,
+        };
         let value = match &*value {
-            Value::Tensor(t) if t.shape.len() == 2 => {
-                let (rows, cols) = (t.shape[0], t.shape[1]);
+            Value::Tensor(t) if let Some((rows, cols, shape)) = turned_shape(&t.shape) => {
                 let turned = transposed(rows, cols, t.floats()?);
-                Value::Tensor(Tensor::from_f32(vec![cols, rows], t.dtype, turned))
+                Value::Tensor(Tensor::from_f32(shape, t.dtype, turned))
             }
             Value::Quantized(q)
-                if q.shape.len() == 2
-                    && matches!(q.format, QuantFormat::F16 | QuantFormat::BF16) =>
+                if matches!(q.format, QuantFormat::F16 | QuantFormat::BF16)
+                    && let Some((rows, cols, shape)) = turned_shape(&q.shape) =>
             {
-                let (rows, cols) = (q.shape[0], q.shape[1]);
                 let halves: Vec<[u8; 2]> = q.bytes.chunks_exact(2).map(|b| [b[0], b[1]]).collect();
                 Value::Quantized(QTensor {
-                    shape: vec![cols, rows],
+                    shape,
                     format: q.format.clone(),
                     bytes: transposed(rows, cols, &halves).concat(),
                 })
@@ -679,6 +685,21 @@ mod tests {
         }
         let err = weights.transpose_matrix("v").expect_err("a vector");
         assert!(err.contains("weight `v` is not a float matrix"), "{err}");
+        // A stack of two `[2, 3]` matrices: each transposed in its place.
+        let stacked: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let stack = Tensor::from_f32(vec![2, 2, 3], DType::F32, stacked);
+        weights.insert("stack", Value::Tensor(stack));
+        weights.transpose_matrix("stack").expect("transposes");
+        match weights.weight("stack").as_deref() {
+            Some(Value::Tensor(t)) => assert_eq!(
+                (t.shape.as_slice(), t.floats().expect("floats")),
+                (
+                    [2, 3, 2].as_slice(),
+                    [0.0, 3.0, 1.0, 4.0, 2.0, 5.0, 6.0, 9.0, 7.0, 10.0, 8.0, 11.0].as_slice()
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Rows split over threads (counts that do not divide the rows included) give the

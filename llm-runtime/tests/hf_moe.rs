@@ -1,6 +1,6 @@
 //! The mixtures of experts against Hugging Face `transformers` (as `hf.rs` checks the
-//! dense families): Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Granite-MoE and
-//! Granite-MoE-Shared reference checkpoints (`tests/data`) and their GGUF forms, computed
+//! dense families): Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Granite-MoE,
+//! Granite-MoE-Shared and DBRX reference checkpoints (`tests/data`) and their GGUF forms, computed
 //! on every backend; quantized experts; mutated GGUF files of each.
 
 mod common;
@@ -15,7 +15,7 @@ use llm_ir::{
 use llm_runtime::{
     generate::{Backend, Model, Step},
     gguf::Meta,
-    model::{Experts, QkNorm, SharedExpert},
+    model::{Experts, Norm, QkNorm, SharedExpert},
     model_file,
 };
 use reference::{
@@ -462,14 +462,135 @@ fn granite_moe_gguf(name: &str) -> Vec<u8> {
     })
 }
 
+/// DBRX (`tests/data/dbrx-tiny`): LayerNorms without bias, q, k and v fused in one
+/// projection and clamped to `[-1.5, 1.5]`, four experts of width 32, two a token, their
+/// probabilities divided by their sum (`moe_normalize_expert_weights` 1); its
+/// configuration nested (`attn_config`, `ffn_config`), its experts' matrices stacked in
+/// `[experts * hidden, dim]` tensors, the down projections transposed. Its GGUF form
+/// (`dbrx`, as llama.cpp's converter writes it: the experts `[experts, ...]`, the down
+/// projections turned back, `attn_output_norm` the feed-forward block's norm) computes
+/// what the directory computes.
+#[test]
+fn dbrx_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("dbrx-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (4, 2, 32, true));
+    assert_eq!(
+        (c.norm, c.norm_eps, c.clip_qkv, c.heads, c.kv_heads),
+        (Norm::Layer, 1e-5, Some(1.5), 4, 2)
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("renormalized weights", &|c| {
+                c.experts.as_mut().expect("experts").normalize = false;
+            }),
+            ("the q/k/v clamp", &|c| c.clip_qkv = None),
+            ("LayerNorms", &|c| c.norm = Norm::Rms),
+        ],
+    );
+    let gguf = dbrx_gguf();
+    gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    // The Hub's configs (written before transformers 5) hold the head and RoPE settings
+    // in `attn_config` only: the same model.
+    let dir = rewritten_checkpoint(
+        "dbrx-tiny",
+        "dbrx-nested",
+        |c| {
+            let fields = c.as_object_mut().expect("an object");
+            fields.remove("num_key_value_heads");
+            fields.remove("rope_parameters");
+        },
+        |_| {},
+    );
+    let nested = model_file::load(&dir).map(|m| m.config);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(nested.expect("loads"), loaded.config);
+    // Another norm of the chosen probabilities than L1 is refused by name.
+    let dir = rewritten_checkpoint(
+        "dbrx-tiny",
+        "dbrx-l2",
+        |c| c["ffn_config"]["moe_normalize_expert_weights"] = 2.0.into(),
+        |_| {},
+    );
+    let err = model_file::load(&dir).err().map(|e| e.to_string());
+    std::fs::remove_dir_all(&dir).ok();
+    let err = err.expect("refused");
+    assert!(
+        err.contains("`moe_normalize_expert_weights` = 2.0"),
+        "{err}"
+    );
+}
+
+/// `tests/data/dbrx-tiny` as llama.cpp's converter writes it (`dbrx`): GGUF names, the
+/// experts' `[experts * hidden, dim]` matrices as `[experts, hidden, dim]`, the down
+/// projections each transposed to `[experts, dim, hidden]`, and the clamp.
+fn dbrx_gguf() -> Vec<u8> {
+    let loaded = model_file::load(&transformers_reference("dbrx-tiny").dir).expect("loads");
+    let c = loaded.config;
+    let experts = c.experts.clone().expect("experts");
+    let meta = vec![
+        ("expert_count", Meta::Uint(experts.count as u64)),
+        ("expert_used_count", Meta::Uint(experts.per_token as u64)),
+        ("attention.clamp_kqv", Meta::Float(1.5)),
+    ];
+    let (count, hidden, dim) = (experts.count, experts.hidden, c.dim);
+    reference_gguf_edited("dbrx-tiny", "dbrx", meta, |tensors| {
+        for (name, shape, values) in tensors.iter_mut() {
+            let global = match name.as_str() {
+                "transformer.wte.weight" => Some("token_embd.weight"),
+                "transformer.norm_f.weight" => Some("output_norm.weight"),
+                "lm_head.weight" => Some("output.weight"),
+                _ => None,
+            };
+            if let Some(global) = global {
+                *name = global.to_string();
+                continue;
+            }
+            let (layer, rest) = name
+                .strip_prefix("transformer.blocks.")
+                .and_then(|r| r.split_once('.'))
+                .expect("a block's tensor");
+            let gguf = match rest {
+                "norm_attn_norm.norm_1.weight" => "attn_norm",
+                "norm_attn_norm.attn.Wqkv.weight" => "attn_qkv",
+                "norm_attn_norm.attn.out_proj.weight" => "attn_output",
+                "norm_attn_norm.norm_2.weight" => "attn_output_norm",
+                "ffn.router.layer.weight" => "ffn_gate_inp",
+                "ffn.experts.mlp.w1" => "ffn_gate_exps",
+                "ffn.experts.mlp.v1" => "ffn_up_exps",
+                "ffn.experts.mlp.w2" => "ffn_down_exps",
+                other => panic!("an unexpected tensor {other}"),
+            };
+            if rest.starts_with("ffn.experts.") {
+                *shape = vec![count, hidden, dim];
+            }
+            if gguf == "ffn_down_exps" {
+                // Each expert's `[hidden, dim]` matrix as `[dim, hidden]`.
+                *values = values
+                    .chunks(hidden * dim)
+                    .flat_map(|m| {
+                        (0..dim).flat_map(move |d| (0..hidden).map(move |h| m[h * dim + d]))
+                    })
+                    .collect();
+                *shape = vec![count, dim, hidden];
+            }
+            *name = format!("blk.{layer}.{gguf}.weight");
+        }
+    })
+}
+
 /// The mixtures' GGUF files (Mixtral's `llama` with experts, `olmoe`, `granitemoe` with a
-/// shared expert, `qwen2moe`, `qwen3moe`), mutated, never make the loader panic.
+/// shared expert, `dbrx`, `qwen2moe`, `qwen3moe`), mutated, never make the loader panic.
 #[test]
 fn mutated_moe_gguf_files_never_panic() {
     let originals = [
         moe_gguf("mixtral-tiny", "llama", vec![]),
         moe_gguf("olmoe-tiny", "olmoe", vec![]),
         granite_moe_gguf("granite-moe-shared-tiny"),
+        dbrx_gguf(),
         moe_gguf(
             "qwen2-moe-tiny",
             "qwen2moe",

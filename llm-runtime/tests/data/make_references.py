@@ -14,7 +14,7 @@ partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), the mixtures of experts (`mixtral`,
-`qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+`qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`, `dbrx`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -29,6 +29,8 @@ import torch
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    DbrxConfig,
+    DbrxForCausalLM,
     FalconConfig,
     FalconForCausalLM,
     Gemma2Config,
@@ -147,8 +149,9 @@ def write(name, model_class, config, seed):
 
 
 # The mixture-of-experts routers (Mixtral's `block_sparse_moe.gate`, Qwen3-MoE's and
-# OLMoE's `mlp.gate`, Granite-MoE's `block_sparse_moe.router`) and their weights.
-ROUTER_MODULES = ("block_sparse_moe.gate", "mlp.gate", "block_sparse_moe.router")
+# OLMoE's `mlp.gate`, Granite-MoE's `block_sparse_moe.router`, DBRX's `ffn.router.layer`)
+# and their weights.
+ROUTER_MODULES = ("block_sparse_moe.gate", "mlp.gate", "block_sparse_moe.router", "ffn.router.layer")
 ROUTERS = tuple(f"{m}.weight" for m in ROUTER_MODULES)
 
 
@@ -162,9 +165,13 @@ def routing_margin(model, ids):
     move a logit to change the experts a token runs."""
     gaps = []
 
+    # The experts a token runs (DBRX's router, a plain linear layer, does not hold it).
+    config = model.config
+    top_k = getattr(config, "num_experts_per_tok", None) or config.ffn_config.moe_top_k
+
     def hook(module, args, output):
-        logits = output[0].float()
-        top = logits.topk(module.top_k + 1, dim=-1).values
+        logits = (output[0] if isinstance(output, tuple) else output).float()
+        top = logits.topk(top_k + 1, dim=-1).values
         gaps.append((top[:, -2] - top[:, -1]).min().item())
 
     routers = [m for n, m in model.named_modules() if n.endswith(ROUTER_MODULES)]
@@ -538,6 +545,28 @@ def main():
         tie_word_embeddings=False,
     )
     write("granite-moe-shared-tiny", GraniteMoeSharedForCausalLM, granite_moe_shared, 41)
+    # DBRX: LayerNorms without bias, q, k and v fused in one projection and clamped to
+    # [-1.5, 1.5], four experts of width 32, two a token, their probabilities (a softmax
+    # over all four) divided by their sum (`moe_normalize_expert_weights` 1); the
+    # experts' matrices stacked, the down projections transposed.
+    dbrx = DbrxConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=128,
+        vocab_size=256,
+        attn_config={"clip_qkv": 1.5, "kv_n_heads": 2, "rope_theta": 500000.0},
+        # transformers 5 reads RoPE's base from here only, not from `attn_config` (where
+        # DBRX's own configs hold it): both say the same.
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        ffn_config={
+            "ffn_hidden_size": 32,
+            "moe_num_experts": 4,
+            "moe_top_k": 2,
+            "moe_normalize_expert_weights": 1.0,
+        },
+    )
+    write("dbrx-tiny", DbrxForCausalLM, dbrx, 43)
 
 
 def gemma3_1b_shape(out):

@@ -321,6 +321,7 @@ pub fn reference_gguf_edited(
                     | "starcoder"
                     | "falcon"
                     | "olmo"
+                    | "dbrx"
             ) {
                 "attention.layer_norm_epsilon"
             } else {
