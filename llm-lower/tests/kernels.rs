@@ -452,6 +452,11 @@ fn compare(
                     a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol * b.abs().max(1.0),
                     "element {i}: {a} vs {b} ({backend})\n{ir}"
                 );
+                // Zeros keep the reference's sign (`==` does not tell them apart).
+                prop_assert!(
+                    *a != 0.0 || *b != 0.0 || a.is_sign_negative() == b.is_sign_negative(),
+                    "element {i}: {a} vs {b}, zeros of two signs ({backend})\n{ir}"
+                );
             }
         }
     }
@@ -1397,6 +1402,27 @@ proptest! {
             &format!("y = llm.{op} a, b : {};", ty(&[rows, n])),
         );
         agree(&ir, vec![tensor(&[rows, n], seed, 5.0), tensor(&[rows, n], seed + 1, 5.0)], 1e-6)?;
+    }
+
+    /// `llm.maximum` and `llm.minimum` of zeros of two signs and of NaNs on either side,
+    /// alone and in a fused body: every backend gives the reference's values (a NaN where
+    /// either operand is one, `+0` the maximum and `-0` the minimum of `+0` and `-0`).
+    #[test]
+    fn extrema_of_zeros_and_nans(op in prop::sample::select(vec!["maximum", "minimum"]), seed: u64) {
+        let n = 16;
+        let t = ty(&[n]);
+        let body = format!(
+            "y = llm.{op} a, b : {t};\n        z = llm.fused a, b : {t}\n        {{\n          ^bb0(p: llm.tensor <f32>, q: llm.tensor <f32>):\n            r = llm.{op} p, q : llm.tensor <f32>;\n            s = llm.add r, r : llm.tensor <f32>;\n            llm.yield s\n        }};\n        w = llm.add y, z : {t};"
+        );
+        let ir = func(&[("a".into(), t.clone()), ("b".into(), t.clone())], &t, &body)
+            .replace("llm.return y", "llm.return w");
+        let specials = [(0.0, -0.0), (-0.0, 0.0), (-0.0, -0.0), (f32::NAN, 1.0), (1.0, f32::NAN), (f32::NAN, f32::NAN), (-0.0, 2.0), (f32::INFINITY, f32::NEG_INFINITY)];
+        let (mut a, mut b) = (values(seed, n, 4.0), values(seed + 1, n, 4.0));
+        for (i, (x, y)) in specials.into_iter().enumerate() {
+            (a[i], b[i]) = (x, y);
+        }
+        let tensor = |v: Vec<f32>| Value::Tensor(Tensor::from_f32(vec![n], DType::F32, v));
+        agree(&ir, vec![tensor(a), tensor(b)], 0.0)?;
     }
 
     /// A clamp (OLMo's `clip_qkv`), `min(max(x, -c), c)`, fused into one body: every

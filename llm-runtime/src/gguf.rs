@@ -660,8 +660,9 @@ fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 /// (`starcoder`) learned positions (`position_embd`) and ungated GELU blocks, Falcon's
 /// ungated exact-GELU block side by side with the attention, over one norm, or each over
 /// its own where the file has `attn_norm_2` (Falcon 40B's; llama.cpp computes GELU's tanh
-/// approximation for it too); their biases as [`read_biases`] finds them. StableLM 2
-/// 12B's per-head q/k LayerNorms (`attn_q_norm` of `[head_dim, heads]`) are refused.
+/// approximation for it too); their biases as [`read_biases`] finds them. (StableLM 2
+/// 12B's per-head q/k LayerNorms, `attn_q_norm` and `attn_k_norm`, are read with the
+/// other families' q/k norms, in [`model`].)
 fn apply_layer_norms(
     g: &GgufFile,
     arch: &str,
@@ -675,12 +676,6 @@ fn apply_layer_norms(
     c.norm = Norm::BiasedLayer;
     read_biases(weights, c);
     let has = |name: &str| weights.weight_shape(name).is_some();
-    if has("layers.0.attention.q_norm.weight") {
-        return Err(
-            "blk.0.attn_q_norm.weight: per-head q/k LayerNorms (StableLM 2 12B's) are not supported"
-                .into(),
-        );
-    }
     c.blocks = match arch {
         "phi2" => Blocks::ParallelSharedNorm,
         "stablelm" if !has("layers.0.ffn_norm.weight") => Blocks::ParallelSharedNorm,
@@ -1048,7 +1043,8 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
 }
 
 /// The experts of a mixture-of-experts file (`{arch}.expert_count` of them, none where it
-/// is absent or 0; `qwen3moe` and `olmoe` files must have them): `expert_used_count` a
+/// is absent or 0; `qwen3moe`, `qwen2moe`, `olmoe`, `granitemoe` and `dbrx` files must
+/// have them): `expert_used_count` a
 /// token, each of `expert_feed_forward_length` (Qwen3-MoE's key) or else, as llama.cpp
 /// reads them, `feed_forward_length` over the experts a token runs (`qwen3moe`,
 /// `qwen2moe`) or `feed_forward_length`, in the layers that have a router (`ffn_gate_inp`: llama.cpp
@@ -1057,7 +1053,9 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
 /// Mixtral's, and `qwen3moe`'s, not `olmoe`'s or `qwen2moe`'s) unless
 /// `expert_weights_norm` says. A `qwen2moe` file's shared expert
 /// (`ffn_{gate,up,down}_shexp`, its gate `ffn_gate_inp_shexp`) is
-/// `expert_shared_feed_forward_length` wide, else `feed_forward_length`.
+/// `expert_shared_feed_forward_length` wide, else `feed_forward_length`; a `granitemoe`
+/// file's (Granite-MoE-Shared's) is that wide where the key is given and not 0, and has
+/// no gate.
 fn apply_experts(
     g: &GgufFile,
     arch: &str,
@@ -1097,7 +1095,8 @@ fn apply_experts(
         None if arch == "qwen2moe" => Some(c.hidden_dim),
         None => None,
     };
-    let shared = shared_width.map(|hidden| SharedExpert {
+    // A width of 0 is no shared expert (as Granite-MoE-Shared's config means it).
+    let shared = shared_width.filter(|&w| w > 0).map(|hidden| SharedExpert {
         hidden,
         gated: arch == "qwen2moe",
     });
@@ -1178,6 +1177,15 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         qk_norm: match arch {
             "qwen3" | "qwen3moe" | "gemma3" => QkNorm::Heads,
             "olmo2" | "olmoe" => QkNorm::Projections,
+            // Command R+'s and StableLM 2 12B's LayerNorm of each head, `[heads, head_dim]`
+            // weights, where the file has them.
+            "command-r" | "stablelm"
+                if weights
+                    .weight_shape("layers.0.attention.q_norm.weight")
+                    .is_some() =>
+            {
+                QkNorm::LayerHeads
+            }
             _ => QkNorm::None,
         },
         pre_norms: arch != "olmo2",

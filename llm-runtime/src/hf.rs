@@ -49,6 +49,7 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
         .or_else(|| hf_layer_norm::opt_name(hf))
         .or_else(|| hf_layer_norm::falcon_name(hf))
         .or_else(|| hf_layer_norm::gpt_name(hf))
+        .or_else(|| hf_layer_norm::stablelm_head_norm_name(hf))
         .or_else(|| hf_moe::dbrx_name(hf));
     if let Some(name) = named {
         return Some(name);
@@ -413,13 +414,12 @@ fn olmo_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
 
 /// Cohere's settings (`CohereForCausalLM`: Command R, Aya): LayerNorms without bias,
 /// attention and feed-forward blocks in parallel, and the logits multiplied by
-/// `logit_scale` (0.0625 where left out, as `CohereConfig` defaults it). Its per-head q/k
-/// LayerNorms (`use_qk_norm`, Command R+'s) are refused: the builder has none.
+/// `logit_scale` (0.0625 where left out, as `CohereConfig` defaults it), and its per-head
+/// q/k LayerNorms where `use_qk_norm` (Command R+'s: `self_attn.q_norm.weight`,
+/// `[heads, head_dim]`).
 fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     if flag_or(cfg, "use_qk_norm", false)? {
-        return Err(
-            "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported".into(),
-        );
+        c.qk_norm = QkNorm::LayerHeads;
     }
     let scale = optional_positive(cfg, "logit_scale")?.unwrap_or(0.0625);
     c.norm = Norm::Layer;

@@ -8,7 +8,8 @@
 //! (GPT-2's, Falcon's and OPT's config keys into the usual ones first,
 //! [`standard_config`]); their tensors' names are in `hf::weight_name` (GPT-NeoX's,
 //! GPT-2's, GPT-BigCode's, GPT-J's, Falcon's and OPT's here, [`gpt_neox_name`],
-//! [`gpt_name`], [`falcon_name`], [`opt_name`]).
+//! [`gpt_name`], [`falcon_name`], [`opt_name`]; StableLM 2 12B's per-head q/k norms,
+//! [`stablelm_head_norm_name`]).
 
 use serde_json::Value as Json;
 
@@ -16,7 +17,7 @@ use crate::{
     hf::{config_int, flag_or, names_architecture, optional_positive},
     model::{
         AttentionBias, Blocks, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, ModelConfig, Norm,
-        POSITION_EMBEDDINGS,
+        POSITION_EMBEDDINGS, QkNorm,
     },
     weights::{Weights, builder_name},
 };
@@ -235,12 +236,15 @@ impl Family {
 
     /// Sets the member's norms, blocks, biases and RoPE in `c` from `cfg`: LayerNorms with biases
     /// of epsilon `layer_norm_eps` (StarCoder2's `norm_epsilon`; 1e-5 where left out, as
-    /// the classes default it). Phi's and StableLM's per-head q/k LayerNorms
-    /// (`qk_layernorm`, StableLM 2 12B's) are refused: the builder has none.
+    /// the classes default it). StableLM's per-head q/k LayerNorms (`qk_layernorm`,
+    /// StableLM 2 12B's: each head its own weights, no bias) are read; Phi's (one
+    /// LayerNorm with a bias shared by the heads) are refused.
     pub(crate) fn apply(self, cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         let flag = |key: &str, default: bool| flag_or(cfg, key, default);
-        if matches!(self, Family::Phi | Family::StableLm) && flag("qk_layernorm", false)? {
-            return Err("`qk_layernorm` is true: per-head q/k LayerNorms are not supported".into());
+        if self == Family::Phi && flag("qk_layernorm", false)? {
+            return Err(
+                "`qk_layernorm` is true: Phi's shared q/k LayerNorms are not supported".into(),
+            );
         }
         let eps_key = match self {
             Family::Starcoder2 => "norm_epsilon",
@@ -257,6 +261,9 @@ impl Family {
             Family::StableLm => {
                 if flag("use_parallel_residual", false)? {
                     c.blocks = Blocks::ParallelSharedNorm;
+                }
+                if flag("qk_layernorm", false)? {
+                    c.qk_norm = QkNorm::LayerHeads;
                 }
                 c.attention_bias = AttentionBias {
                     qkv: flag("use_qkv_bias", false)?,
@@ -410,6 +417,15 @@ impl Family {
         for l in 0..c.layers {
             let p = format!("layers.{l}.");
             match self {
+                Family::StableLm if c.qk_norm == QkNorm::LayerHeads => {
+                    // Each head's LayerNorm weights, one tensor a head, as `[heads, head_dim]`.
+                    for (x, heads) in [("q", c.heads), ("k", c.kv_heads)] {
+                        let parts: Vec<String> = (0..heads)
+                            .map(|h| format!("{p}attention.{x}_norm.{h}.weight"))
+                            .collect();
+                        weights.stack(&parts, &format!("{p}attention.{x}_norm.weight"))?;
+                    }
+                }
                 Family::Gpt2 => {
                     for name in [
                         FUSED_QKV,
@@ -430,6 +446,20 @@ impl Family {
         }
         Ok(())
     }
+}
+
+/// The builder's name of one head's q or k LayerNorm weight of StableLM 2 12B
+/// (`model.layers.N.self_attn.q_layernorm.norms.H.weight` ->
+/// `layers.N.attention.q_norm.H.weight`), which [`Family::prepare_weights`] stacks into
+/// `attention.q_norm.weight`; `None` for other tensors.
+pub(crate) fn stablelm_head_norm_name(hf: &str) -> Option<String> {
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (x, rest) = rest
+        .strip_prefix("self_attn.")?
+        .split_once("_layernorm.norms.")?;
+    let head = rest.strip_suffix(".weight")?;
+    let (layer, head): (usize, usize) = (layer.parse().ok()?, head.parse().ok()?);
+    matches!(x, "q" | "k").then(|| format!("layers.{layer}.attention.{x}_norm.{head}.weight"))
 }
 
 /// `cfg` with Falcon's keys under the names the loader reads, as `FalconConfig` maps and

@@ -46,6 +46,11 @@ const DBRX: &str = "DbrxForCausalLM";
 /// Granite-MoE's architectures: without and with a shared expert.
 const GRANITE_MOE: [&str; 2] = ["GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"];
 
+/// Whether `cfg` is Granite-MoE's, with or without a shared expert.
+fn is_granite_moe(cfg: &Json) -> bool {
+    GRANITE_MOE.iter().any(|a| names_architecture(cfg, a))
+}
+
 /// An expert's matrices in a checkpoint (Mixtral's names, then Qwen3-MoE's and OLMoE's)
 /// and the builder's, per expert, before [`stack_experts`].
 const EXPERT_PARTS: [(&str, &str); 6] = [
@@ -146,38 +151,64 @@ pub(crate) fn dbrx_name(hf: &str) -> Option<String> {
 
 /// DBRX's `config.json` with its keys copied to the names the loader reads, where those
 /// are not set (transformers 5 writes some of them at the top level too): `d_model`,
-/// `n_heads`, `n_layers`, `max_seq_len`; `attn_config`'s `kv_n_heads`, `rope_theta` and
-/// `clip_qkv`; `ffn_config`'s `ffn_hidden_size` (each expert's width),
-/// `moe_num_experts`, `moe_top_k`, `moe_normalize_expert_weights` and
-/// `ffn_act_fn.name`. Any other config is returned as it is.
+/// `n_heads`, `n_layers`, `max_seq_len`; `attn_config`'s `kv_n_heads` (1 where absent),
+/// `rope_theta` (10000) and `clip_qkv`; `ffn_config`'s `ffn_hidden_size` (each expert's
+/// width, 3584), `moe_num_experts` (4), `moe_top_k` (1), `moe_normalize_expert_weights`
+/// (1; null stays null: no renormalization) and `ffn_act_fn.name` (SiLU), each
+/// defaulted as `DbrxAttentionConfig` and `DbrxFFNConfig` default it. Any other config is
+/// returned as it is.
 pub(crate) fn dbrx_config(mut cfg: Json) -> Json {
     if !names_architecture(&cfg, DBRX) {
         return cfg;
     }
-    let nested = |section: &str, key: &str| cfg.get(section).and_then(|s| s.get(key)).cloned();
+    // `section.key` of the config: its value, `default` where absent or (but for the
+    // experts' norm, whose null means none) null.
+    let nested =
+        |section: &str, key: &str, default: Json| match cfg.get(section).and_then(|s| s.get(key)) {
+            Some(Json::Null) if key == "moe_normalize_expert_weights" => Some(Json::Null),
+            None | Some(Json::Null) => Some(default),
+            Some(v) => Some(v.clone()),
+        };
+    let act = cfg
+        .get("ffn_config")
+        .and_then(|f| f.get("ffn_act_fn"))
+        .and_then(|f| f.get("name"))
+        .cloned();
     let copies = [
         ("hidden_size", cfg.get("d_model").cloned()),
         ("num_attention_heads", cfg.get("n_heads").cloned()),
         ("num_hidden_layers", cfg.get("n_layers").cloned()),
         ("max_position_embeddings", cfg.get("max_seq_len").cloned()),
-        ("num_key_value_heads", nested("attn_config", "kv_n_heads")),
-        ("rope_theta", nested("attn_config", "rope_theta")),
-        ("clip_qkv", nested("attn_config", "clip_qkv")),
-        ("intermediate_size", nested("ffn_config", "ffn_hidden_size")),
-        ("num_local_experts", nested("ffn_config", "moe_num_experts")),
-        ("num_experts_per_tok", nested("ffn_config", "moe_top_k")),
+        (
+            "num_key_value_heads",
+            nested("attn_config", "kv_n_heads", 1.into()),
+        ),
+        (
+            "rope_theta",
+            nested("attn_config", "rope_theta", 10000.0.into()),
+        ),
+        ("clip_qkv", nested("attn_config", "clip_qkv", Json::Null)),
+        (
+            "intermediate_size",
+            nested("ffn_config", "ffn_hidden_size", 3584.into()),
+        ),
+        (
+            "num_local_experts",
+            nested("ffn_config", "moe_num_experts", 4.into()),
+        ),
+        (
+            "num_experts_per_tok",
+            nested("ffn_config", "moe_top_k", 1.into()),
+        ),
         (
             "moe_normalize_expert_weights",
-            nested("ffn_config", "moe_normalize_expert_weights"),
+            nested("ffn_config", "moe_normalize_expert_weights", 1.0.into()),
         ),
-        (
-            "hidden_act",
-            nested("ffn_config", "ffn_act_fn").and_then(|f| f.get("name").cloned()),
-        ),
+        ("hidden_act", act),
     ];
     if let Some(fields) = cfg.as_object_mut() {
         for (ours, value) in copies {
-            if let Some(value) = value.filter(|v| !v.is_null()) {
+            if let Some(value) = value {
                 fields.entry(ours).or_insert(value);
             }
         }
@@ -204,7 +235,7 @@ fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
 /// `moe_normalize_expert_weights` is 1 (the L1 norm of the chosen probabilities), not
 /// where it is null (another norm is refused).
 fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
-    let granite = GRANITE_MOE.iter().any(|a| names_architecture(cfg, a));
+    let granite = is_granite_moe(cfg);
     let dbrx = names_architecture(cfg, DBRX);
     let mixtral = granite || dbrx || names_architecture(cfg, "MixtralForCausalLM");
     let qwen2 = names_architecture(cfg, "Qwen2MoeForCausalLM");
@@ -254,8 +285,10 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         per_token: config_int(cfg, "num_experts_per_tok")?,
         hidden,
         normalize: if dbrx {
+            // `dbrx_config` sets it (null where the config says null).
             match cfg.get("moe_normalize_expert_weights") {
-                None | Some(Json::Null) => false,
+                Some(Json::Null) => false,
+                None => true,
                 Some(p) if p.as_f64() == Some(1.0) => true,
                 Some(p) => {
                     return Err(format!(
@@ -276,7 +309,7 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
             // transformers builds no shared expert of width 0 (the config's default).
             match cfg.get("shared_intermediate_size") {
                 None | Some(Json::Null) => None,
-                Some(w) if w.as_u64() == Some(0) => None,
+                Some(w) if w.as_f64() == Some(0.0) => None,
                 Some(_) => Some(SharedExpert {
                     hidden: config_int(cfg, "shared_intermediate_size")?,
                     gated: false,
@@ -294,7 +327,7 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
 /// after their norms; DBRX's LayerNorms and `clip_qkv`.
 pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.experts = experts(cfg, c.layers)?;
-    if GRANITE_MOE.iter().any(|a| names_architecture(cfg, a)) {
+    if is_granite_moe(cfg) {
         granite_scales(cfg, c)?;
     }
     if names_architecture(cfg, DBRX) {
@@ -382,7 +415,7 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
                 let names = EXPERT_PARTS.iter().filter(|(_, ours)| *ours == w);
                 let theirs: Vec<&str> = names.map(|(theirs, _)| *theirs).collect();
                 return Err(format!(
-                    "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer), nor has the layer its experts' stacked `input_linear`",
+                    "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer)",
                     theirs.join("` or `"),
                     experts.count
                 ));
@@ -397,9 +430,10 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
 fn matrix_width(weights: &Weights, name: &str) -> Result<usize, String> {
     match weights.weight_shape(name).as_deref() {
         Some(&[_, dim]) => Ok(dim),
-        other => Err(format!(
+        Some(other) => Err(format!(
             "weight `{name}` is {other:?}, not a matrix of stacked experts"
         )),
+        None => Err(format!("the model has no weight `{name}`")),
     }
 }
 
@@ -475,6 +509,44 @@ mod tests {
         );
         let none = experts(&cfg(0), 2).expect("valid").expect("experts");
         assert_eq!(none.shared, None);
+    }
+
+    /// DBRX's nested keys are read as the usual ones, defaulted as `DbrxAttentionConfig`
+    /// and `DbrxFFNConfig` default them; a null experts' norm stays null (none), and the
+    /// top level's keys win.
+    #[test]
+    fn dbrx_config_defaults_as_transformers() {
+        let read = |ffn: Json| {
+            dbrx_config(serde_json::json!({
+                "architectures": ["DbrxForCausalLM"],
+                "d_model": 64,
+                "rope_theta": 500000.0,
+                "attn_config": {"clip_qkv": 8},
+                "ffn_config": ffn,
+            }))
+        };
+        let cfg = read(serde_json::json!({}));
+        for (key, value) in [
+            ("hidden_size", serde_json::json!(64)),
+            ("num_key_value_heads", serde_json::json!(1)),
+            ("rope_theta", serde_json::json!(500000.0)),
+            ("clip_qkv", serde_json::json!(8)),
+            ("intermediate_size", serde_json::json!(3584)),
+            ("num_local_experts", serde_json::json!(4)),
+            ("num_experts_per_tok", serde_json::json!(1)),
+            ("moe_normalize_expert_weights", serde_json::json!(1.0)),
+        ] {
+            assert_eq!(cfg[key], value, "{key}");
+        }
+        let x = experts(&cfg, 2).expect("valid").expect("experts");
+        assert!(x.normalize);
+        let unnormalized = read(serde_json::json!({"moe_normalize_expert_weights": null}));
+        assert!(
+            !experts(&unnormalized, 2)
+                .expect("valid")
+                .expect("experts")
+                .normalize
+        );
     }
 
     #[test]

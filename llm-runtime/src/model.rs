@@ -102,7 +102,7 @@ pub struct ModelConfig {
     /// Where queries and keys go through an RMSNorm of their own before RoPE.
     pub qk_norm: QkNorm,
     /// The q, k and v projections are clamped to `[-c, c]` (after the whole-projection q/k
-    /// norms where there are some): OLMo's and OLMoE's `clip_qkv`.
+    /// norms where there are some): OLMo's, OLMoE's and DBRX's `clip_qkv`.
     pub clip_qkv: Option<f64>,
     /// Each block's input goes through an RMSNorm (`layers.N.attention_norm.weight`,
     /// `ffn_norm.weight`): every family's but OLMo 2's, which normalizes the blocks'
@@ -274,6 +274,10 @@ pub enum QkNorm {
     /// The whole q and k projections, the weights `[heads * head_dim]` and
     /// `[kv_heads * head_dim]` (OLMo 2's).
     Projections,
+    /// A LayerNorm without bias of each head, each head its own weights: `[heads,
+    /// head_dim]` and `[kv_heads, head_dim]` (Command R+'s, StableLM 2 12B's), of the
+    /// model's `norm_eps`.
+    LayerHeads,
 }
 
 /// The activation of the feed-forward block: of its gate, `down(act(gate(x)) * up(x))`,
@@ -696,11 +700,15 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         let (q_norm, k_norm) = match c.qk_norm {
             QkNorm::None => (None, None),
-            QkNorm::Heads => (Some(c.head_dim()), Some(c.head_dim())),
-            QkNorm::Projections => (Some(qd), Some(kvd)),
+            QkNorm::Heads => (Some(vec![c.head_dim()]), Some(vec![c.head_dim()])),
+            QkNorm::Projections => (Some(vec![qd]), Some(vec![kvd])),
+            QkNorm::LayerHeads => (
+                Some(vec![c.heads, c.head_dim()]),
+                Some(vec![c.kv_heads, c.head_dim()]),
+            ),
         };
-        out.extend(q_norm.map(|n| (format!("{p}attention.q_norm.weight"), vec![n])));
-        out.extend(k_norm.map(|n| (format!("{p}attention.k_norm.weight"), vec![n])));
+        out.extend(q_norm.map(|n| (format!("{p}attention.q_norm.weight"), n)));
+        out.extend(k_norm.map(|n| (format!("{p}attention.k_norm.weight"), n)));
         if c.attention_bias.qkv {
             out.extend([
                 (format!("{p}attention.wq.bias"), vec![qd]),
@@ -1363,6 +1371,12 @@ fn forward_func(
             t(&format!("{d}xf32"))
         ));
     }
+    if c.qk_norm == QkNorm::LayerHeads {
+        // The per-head LayerNorms scale by their heads' weights after normalizing.
+        let head = t(&format!("{}xf32", c.head_dim()));
+        e.op(format!("head_unit = llm.constant {{value = 1.0}} : {head}"));
+        e.op(format!("head_zero = llm.constant {{value = 0.0}} : {head}"));
+    }
     if c.scale_embeddings {
         x = e.scaled(&x, Some(f64::from((c.dim as f32).sqrt())), &act);
     }
@@ -1430,6 +1444,16 @@ fn forward_func(
                 e.op(format!(
                     "khn_{l} = llm.rms_norm kh_{l}, {kn} {{eps = {eps}}} : {kvheads}"
                 ));
+                (format!("qhn_{l}"), format!("khn_{l}"))
+            }
+            (Some((qn, kn)), QkNorm::LayerHeads) => {
+                // Normalized, then each head scaled by its row of `[heads, head_dim]`.
+                for (x, w, ty) in [("q", qn, &qheads), ("k", kn, &kvheads)] {
+                    e.op(format!(
+                        "{x}hl_{l} = llm.layer_norm {x}h_{l}, head_unit, head_zero {{eps = {eps}}} : {ty}"
+                    ));
+                    e.op(format!("{x}hn_{l} = llm.mul {x}hl_{l}, {w} : {ty}"));
+                }
                 (format!("qhn_{l}"), format!("khn_{l}"))
             }
             _ => (format!("qh_{l}"), format!("kh_{l}")),

@@ -103,14 +103,18 @@ impl Weights {
         }
     }
 
-    /// Gives weight `name` the shape `shape`: as many values, the same last dim (so a
-    /// quantized weight's rows stay whole). The weight is left as it was where it cannot.
+    /// Gives weight `name` the shape `shape`: as many values, and for a quantized weight
+    /// the same last dim (so that its rows stay whole). The weight is left as it was where
+    /// it cannot.
     pub(crate) fn reshape(&mut self, name: &str, shape: Vec<usize>) -> Result<(), String> {
         let held = self
             .weight_shape(name)
             .ok_or_else(|| format!("no tensor `{name}` to reshape"))?;
-        let count = |s: &[usize]| s.iter().product::<usize>();
-        if count(&held) != count(&shape) || held.last() != shape.last() {
+        // (A shape from a configuration may be too large to count.)
+        let count = |s: &[usize]| s.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let rows_kept = matches!(self.tensors.get(name).map(|v| &**v), Some(Value::Tensor(_)))
+            || held.last() == shape.last();
+        if count(&held) != count(&shape) || !rows_kept {
             return Err(format!("weight `{name}` {held:?} cannot be {shape:?}"));
         }
         let value = self
@@ -270,6 +274,9 @@ impl Weights {
         // The rows `range` of each stacked matrix of `data`, joined, where a row is `items`
         // of `data` (floats, or a quantized row's bytes).
         fn cut<T: Copy>(data: &[T], rows: usize, items: usize, range: &Range<usize>) -> Vec<T> {
+            if rows * items == 0 {
+                return Vec::new();
+            }
             data.chunks(rows * items)
                 .flat_map(|matrix| &matrix[range.start * items..range.end * items])
                 .copied()
@@ -315,6 +322,9 @@ impl Weights {
         };
         // Each `[rows, cols]` matrix of the stack `values` as `[cols, rows]`.
         fn transposed<T: Copy>(rows: usize, cols: usize, values: &[T]) -> Vec<T> {
+            if rows * cols == 0 {
+                return Vec::new();
+            }
             values
                 .chunks(rows * cols)
                 .flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c])))
@@ -569,13 +579,28 @@ mod tests {
         assert!(uneven.contains("`d` is [3, 2]"), "{uneven}");
         let missing = weights.stack(&["c".into(), "e".into()], "ce").unwrap_err();
         assert!(missing.contains("no weight `e`"), "{missing}");
-        // A reshape keeps the values and the last dim; one that cannot leaves the weight.
+        // A reshape keeps the values (and a quantized weight's last dim); one that cannot
+        // leaves the weight.
         weights.insert("v", zeros(vec![4]));
         weights.reshape("v", vec![1, 4]).expect("a row");
         assert_eq!(weights.weight_shape("v"), Some(vec![1, 4]));
-        assert!(weights.reshape("v", vec![4, 1]).is_err());
         assert!(weights.reshape("v", vec![1, 5]).is_err());
         assert_eq!(weights.weight_shape("v"), Some(vec![1, 4]));
+        weights
+            .reshape("v", vec![2, 2])
+            .expect("float values take any shape");
+        assert!(
+            weights.reshape("ab", vec![2, 6]).is_err(),
+            "16-bit rows stay whole"
+        );
+        assert_eq!(weights.weight_shape("ab"), Some(vec![2, 3, 2]));
+        // Vectors stack into a matrix (StableLM 2 12B's per-head norm weights).
+        weights.insert("h0", zeros(vec![3]));
+        weights.insert("h1", zeros(vec![3]));
+        weights
+            .stack(&["h0".into(), "h1".into()], "h")
+            .expect("stacks");
+        assert_eq!(weights.weight_shape("h"), Some(vec![2, 3]));
     }
 
     /// A fused vector (Phi-2's q, k and v biases) splits into runs of its values, and a
@@ -645,6 +670,26 @@ mod tests {
             let err = weights.split_rows("w13", &parts[..1]).expect_err("1 of 3");
             assert!(err.contains("weight `w13` has shape [2, 3, 2]"), "{err}");
         }
+    }
+
+    /// Matrices without elements (a checkpoint's tensor of a zero dim) split and transpose
+    /// into matrices without elements, without a panic.
+    #[test]
+    fn empty_matrices_split_and_transpose() {
+        let mut weights = Weights::default();
+        let empty = |shape: Vec<usize>| Value::Tensor(Tensor::from_f32(shape, DType::F32, vec![]));
+        weights.insert("rows", empty(vec![2, 0]));
+        weights.insert("stack", empty(vec![2, 4, 0]));
+        let halves = [("a".to_string(), 1), ("b".to_string(), 1)];
+        weights.split_rows("rows", &halves).expect("splits");
+        assert_eq!(weights.weight_shape("b"), Some(vec![1, 0]));
+        let quarters = [("c".to_string(), 2), ("d".to_string(), 2)];
+        weights.split_rows("stack", &quarters).expect("splits");
+        assert_eq!(weights.weight_shape("d"), Some(vec![2, 2, 0]));
+        weights.transpose_matrix("d").expect("transposes");
+        assert_eq!(weights.weight_shape("d"), Some(vec![2, 0, 2]));
+        // A shape too large to count is refused, not wrapped.
+        assert!(weights.reshape("c", vec![usize::MAX, 4, 0]).is_err());
     }
 
     /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a

@@ -1082,7 +1082,7 @@ fn cohere_computes_what_transformers_computes() {
     );
     assert_eq!(c.norm_eps, 1e-3);
     gguf_computes_what_the_directory_computes(&cohere_gguf(Vec::new()), &loaded, &reference);
-    // Command R+'s per-head q/k norms are refused, not dropped.
+    // A file with some per-head q norms but not every layer's k norms is refused.
     let q_norm = (
         "blk.0.attn_q_norm.weight".into(),
         vec![4, 16],
@@ -1092,7 +1092,7 @@ fn cohere_computes_what_transformers_computes() {
         .err()
         .expect("refused");
     assert!(
-        err.contains("attention.q_norm.weight` is not part of this model"),
+        err.contains("no weight `layers.0.attention.k_norm.weight`"),
         "{err}"
     );
     // llama.cpp requires the logit scale.
@@ -1102,6 +1102,28 @@ fn cohere_computes_what_transformers_computes() {
         err.contains("missing metadata `command-r.logit_scale`"),
         "{err}"
     );
+}
+
+/// Command R+ (`tests/data/cohere-qk-norm-tiny`): Cohere's with a LayerNorm (no bias) of
+/// each query and key head, each head its own weights (`use_qk_norm`, `[heads,
+/// head_dim]`); its GGUF file (`command-r` with `attn_q_norm` and `attn_k_norm`, as
+/// llama.cpp reads them) computes what the directory computes.
+#[test]
+fn cohere_qk_norms_compute_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("cohere-qk-norm-tiny");
+    assert_eq!(loaded.config.qk_norm, QkNorm::LayerHeads);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the q/k norms", &|c| c.qk_norm = QkNorm::None)],
+    );
+    let bytes = reference_gguf(
+        "cohere-qk-norm-tiny",
+        "command-r",
+        vec![("logit_scale", Meta::Float(0.25))],
+        Vec::new(),
+    );
+    gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
 }
 
 /// `tests/data/cohere-tiny` as llama.cpp's converter writes it, with the tensors `extra`.
@@ -1226,7 +1248,7 @@ fn stablelm_computes_what_transformers_computes() {
         ],
     );
     gguf_computes_what_the_directory_computes(&stablelm_gguf(), &loaded, &reference);
-    // StableLM 2 12B's per-head q/k LayerNorms are refused, with the tensor named.
+    // A file with per-head q norms but no k norms is refused, naming what is missing.
     let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
     let q_norm = (
         "blk.0.attn_q_norm.weight".into(),
@@ -1235,7 +1257,10 @@ fn stablelm_computes_what_transformers_computes() {
     );
     let bytes = reference_gguf("stablelm-tiny", "stablelm", metadata, vec![q_norm]);
     let err = llm_runtime::gguf::read(&bytes).err().expect("refused");
-    assert!(err.contains("blk.0.attn_q_norm.weight: per-head"), "{err}");
+    assert!(
+        err.contains("no weight `layers.0.attention.k_norm.weight`"),
+        "{err}"
+    );
 }
 
 /// StableLM 2 with parallel blocks (`tests/data/stablelm-parallel-tiny`,
@@ -1248,6 +1273,54 @@ fn stablelm_parallel_blocks_compute_what_transformers_computes() {
     computes_what_transformers_computes(&loaded, &reference, &[]);
     let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
     let bytes = reference_gguf("stablelm-parallel-tiny", "stablelm", metadata, Vec::new());
+    gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
+}
+
+/// StableLM 2 12B's shape (`tests/data/stablelm-12b-tiny`): parallel blocks and a
+/// LayerNorm (no bias) of each query and key head, one weight tensor a head
+/// (`self_attn.q_layernorm.norms.H`, stacked when loaded); its GGUF file (the heads'
+/// weights stacked into `attn_q_norm` and `attn_k_norm`, as llama.cpp's converter stacks
+/// them) computes what the directory computes.
+#[test]
+fn stablelm_qk_norms_compute_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("stablelm-12b-tiny");
+    let c = &loaded.config;
+    assert_eq!(
+        (c.qk_norm, c.blocks),
+        (QkNorm::LayerHeads, Blocks::ParallelSharedNorm)
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the q/k norms", &|c| c.qk_norm = QkNorm::None)],
+    );
+    let metadata = vec![("rope.dimension_count", Meta::Uint(4))];
+    let bytes = reference_gguf_edited("stablelm-12b-tiny", "stablelm", metadata, |tensors| {
+        // Per layer and q or k, each head's weights with its number.
+        type Heads = Vec<(usize, Vec<f32>)>;
+        let mut heads: std::collections::BTreeMap<(String, String), Heads> = Default::default();
+        tensors.retain_mut(|(name, _, values)| {
+            let Some((stem, head)) = name.split_once("_layernorm.norms.") else {
+                return true;
+            };
+            let (layer, x) = stem
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once(".self_attn."))
+                .expect("a layer's q or k norm");
+            let head = head.strip_suffix(".weight").expect("a weight");
+            heads
+                .entry((layer.to_string(), x.to_string()))
+                .or_default()
+                .push((head.parse().expect("a head"), std::mem::take(values)));
+            false
+        });
+        for ((layer, x), mut parts) in heads {
+            parts.sort_by_key(|(h, _)| *h);
+            let shape = vec![parts.len(), parts[0].1.len()];
+            let values = parts.into_iter().flat_map(|(_, v)| v).collect();
+            tensors.push((format!("blk.{layer}.attn_{x}_norm.weight"), shape, values));
+        }
+    });
     gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
 }
 
@@ -2564,10 +2637,6 @@ fn bad_directories_name_the_file() {
             "`use_sliding_window` is true: SmolLM3's window over some layers is not supported",
         ),
         (
-            r#", "architectures": ["CohereForCausalLM"], "use_qk_norm": true"#,
-            "`use_qk_norm` is true: Cohere's per-head q/k LayerNorms are not supported",
-        ),
-        (
             r#", "architectures": ["CohereForCausalLM"], "use_qk_norm": 1"#,
             "`use_qk_norm` = 1 is not a boolean",
         ),
@@ -2589,7 +2658,7 @@ fn bad_directories_name_the_file() {
         ),
         (
             r#", "architectures": ["PhiForCausalLM"], "qk_layernorm": true"#,
-            "`qk_layernorm` is true: per-head q/k LayerNorms are not supported",
+            "`qk_layernorm` is true: Phi's shared q/k LayerNorms are not supported",
         ),
         (
             r#", "architectures": ["Starcoder2ForCausalLM"], "norm_epsilon": -1"#,

@@ -10,8 +10,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
-(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`), the
-LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `starcoder2`,
+(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`), the
+LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `stablelm-12b`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), the mixtures of experts (`mixtral`,
 `qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`, `dbrx`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
@@ -93,7 +93,8 @@ PROMPT_LEN = 6
 
 def randomize(model, seed, offset_norms):
     """Weights of a scale that makes every part of the architecture matter: norm weights
-    (the vectors that are not biases) in [0.5, 1.5] (Gemma's, `offset_norms`, stored as
+    (the vectors that are not biases, and Command R+'s per-head q/k norms' `[heads,
+    head_dim]` matrices) in [0.5, 1.5] (Gemma's, `offset_norms`, stored as
     offsets from 1), biases of standard deviation 0.5, embeddings (tokens' and GPT-2's
     positions') of standard deviation 0.5,
     projections (and each expert's, stacked) of variance 1 / fan-in (q and k 2.25 times
@@ -102,7 +103,7 @@ def randomize(model, seed, offset_norms):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            norm = p.dim() == 1 and name.endswith("weight")
+            norm = p.dim() == 1 and name.endswith("weight") or name.endswith(HEAD_NORMS)
             if norm and offset_norms:
                 p.copy_(torch.rand(p.shape, generator=g) - 0.5)
             elif norm:
@@ -146,6 +147,10 @@ def write(name, model_class, config, seed):
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(reference, f)
     print(f"{name}: ids {reference['ids']}, smallest top-2 margin {margin:.4f}{routing}")
+
+
+# Per-head q/k norms' weights stored as one `[heads, head_dim]` matrix (Command R+'s).
+HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 # The mixture-of-experts routers (Mixtral's `block_sparse_moe.gate`, Qwen3-MoE's and
@@ -349,6 +354,17 @@ def main():
         **small, tie_word_embeddings=True, logit_scale=0.25, layer_norm_eps=1e-3, pad_token_id=0
     )
     write("cohere-tiny", CohereForCausalLM, cohere, 16)
+    # Command R+: Cohere's with a LayerNorm of each query and key head, each head its own
+    # weights (`use_qk_norm`, `[heads, head_dim]`).
+    cohere_qk_norm = CohereConfig(
+        **small,
+        tie_word_embeddings=True,
+        logit_scale=0.25,
+        layer_norm_eps=1e-3,
+        pad_token_id=0,
+        use_qk_norm=True,
+    )
+    write("cohere-qk-norm-tiny", CohereForCausalLM, cohere_qk_norm, 44)
     # Phi-2: LayerNorms with biases, attention and an ungated GELU feed-forward block side
     # by side over one norm, biases on every projection and the classifier, RoPE over
     # 0.4 of each head (6 of 16 features), an untied classifier.
@@ -381,6 +397,17 @@ def main():
         layer_norm_eps=1e-5,
     )
     write("stablelm-parallel-tiny", StableLmForCausalLM, stablelm_parallel, 21)
+    # StableLM 2 12B: parallel blocks and a LayerNorm (no bias) of each query and key
+    # head, one weight tensor a head (`qk_layernorm`).
+    stablelm_12b = StableLmConfig(
+        **small,
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+        qk_layernorm=True,
+        partial_rotary_factor=0.25,
+        layer_norm_eps=1e-5,
+    )
+    write("stablelm-12b-tiny", StableLmForCausalLM, stablelm_12b, 45)
     # GPT-NeoX (Pythia's shape): LayerNorms with biases, attention and an ungated
     # exact-GELU feed-forward block side by side, each over its own norm, q, k and v
     # fused per head, biases on every projection, RoPE over a quarter of each head.
