@@ -450,7 +450,7 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     )?;
     // Biases only in qwen2's and llama's projections and the LayerNorm architectures',
     // output norms only in Gemma 2's and 3's sandwiches and OLMo 2's.
-    let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2");
+    let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2" | "glm4");
     // Falcon 40B's second input norm only in `falcon` files.
     let second_norm = gguf.ends_with(".attn_norm_2.weight") || gguf.ends_with(".attn_norm_2.bias");
     if second_norm && arch != "falcon"
@@ -458,15 +458,15 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     {
         return None;
     }
-    let biases =
-        matches!(arch, "qwen2" | "qwen2moe" | "llama") || LAYER_NORM_ARCHITECTURES.contains(&arch);
+    let biases = matches!(arch, "qwen2" | "qwen2moe" | "llama" | "glm4")
+        || LAYER_NORM_ARCHITECTURES.contains(&arch);
     if name.ends_with(".bias") && !biases
         || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
     {
         return None;
     }
     Some(match arch {
-        "phi3" => name.replace("feed_forward.w3.weight", FUSED_GATE_UP),
+        "phi3" | "glm4" => name.replace("feed_forward.w3.weight", FUSED_GATE_UP),
         _ => name,
     })
 }
@@ -586,9 +586,13 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// also reads a `llama` file's: Mixtral's); `granitemoe` is granite's with experts (and
 /// Granite-MoE-Shared's shared expert, added without a gate); `dbrx` is DBRX's: LayerNorms
 /// without bias (`dbrx.attention.layer_norm_epsilon`), q, k and v fused (`attn_qkv`) and
-/// clamped, the feed-forward block's input norm `attn_output_norm`, experts. The other architectures read are
+/// clamped, the feed-forward block's input norm `attn_output_norm`, experts; `glm4` is
+/// GLM-4-0414's: llama's with q, k and v biases, the gate and up projections fused in
+/// `ffn_up` (as phi3's), RoPE over part of each head (`rope.dimension_count`) with its
+/// pairs interleaved as GLM's checkpoints have them, and output norms (`post_attention_norm`,
+/// `post_ffw_norm`) besides the input norms. The other architectures read are
 /// [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 17] = [
+const ARCHITECTURES: [&str; 18] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -606,6 +610,7 @@ const ARCHITECTURES: [&str; 17] = [
     "olmoe",
     "granitemoe",
     "dbrx",
+    "glm4",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -622,13 +627,19 @@ const LAYER_NORM_ARCHITECTURES: [&str; 7] = [
 ];
 
 /// Whether a file of architecture `arch` pairs RoPE's features `(2i, 2i + 1)`: llama.cpp's
-/// converter reorders the q and k rows of `llama`, `granite`, `granitemoe`, `smollm3` and `olmo` models
-/// for them, Cohere's (`command-r`) pair them so already, and the others keep Hugging
-/// Face's half-split order.
+/// converter reorders the q and k rows of `llama`, `granite`, `granitemoe`, `smollm3` and
+/// `olmo` models for them ([`reordered_rope`]), Cohere's (`command-r`) and GLM's (`glm4`)
+/// pair them so already, and the others keep Hugging Face's half-split order.
 fn interleaved_rope(arch: &str) -> bool {
+    reordered_rope(arch) || matches!(arch, "command-r" | "glm4")
+}
+
+/// Whether llama.cpp's converter reorders the q and k rows of a model of architecture
+/// `arch`, a whole head at a time, for interleaved RoPE pairs.
+fn reordered_rope(arch: &str) -> bool {
     matches!(
         arch,
-        "llama" | "granite" | "granitemoe" | "smollm3" | "olmo" | "command-r"
+        "llama" | "granite" | "granitemoe" | "smollm3" | "olmo"
     )
 }
 
@@ -891,9 +902,10 @@ fn rope_scaling(
 
 /// The features of each head of `head_dim` that RoPE rotates where that is not all:
 /// `ARCH.rope.dimension_count` (Phi-4-mini's 96 of 128), a positive number of whole
-/// pairs. Files with interleaved pairs ([`interleaved_rope`]: llama.cpp's converter
-/// reorders their q and k rows for whole heads) are refused it, as llama.cpp refuses it
-/// in `llama` files.
+/// pairs. Files whose q and k rows llama.cpp's converter reordered for interleaved pairs
+/// ([`reordered_rope`], for whole heads) are refused it, as llama.cpp refuses it in
+/// `llama` files; GLM's, whose pairs are interleaved in the checkpoint, rotate part of
+/// each head.
 fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>, String> {
     let key = format!("{arch}.rope.dimension_count");
     if g.meta(&key).is_none() {
@@ -903,7 +915,7 @@ fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>
     if rotary == head_dim {
         return Ok(None);
     }
-    if interleaved_rope(arch) || rotary > head_dim || !rotary.is_multiple_of(2) {
+    if reordered_rope(arch) || rotary > head_dim || !rotary.is_multiple_of(2) {
         return Err(format!(
             "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in files whose pairs are interleaved"
         ));
@@ -1170,7 +1182,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             _ => None,
         },
         attention_bias: AttentionBias {
-            qkv: qwen2,
+            // GLM's where the file has them (`attention_bias`, GLM-4-0414's default).
+            qkv: qwen2
+                || arch == "glm4" && weights.weight_shape("layers.0.attention.wq.bias").is_some(),
             output: false,
         },
         explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
@@ -1194,7 +1208,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             false => Activation::Silu,
         },
         scale_embeddings: gemma,
-        post_norms: arch == "olmo2",
+        post_norms: matches!(arch, "olmo2" | "glm4"),
         ..ModelConfig::default()
     };
     crate::model::check_layer_count(&config, &weights)?;
@@ -1358,6 +1372,8 @@ mod tests {
         assert_eq!(count("phi3", 8), Ok(None));
         assert_eq!(count("phi3", 6), Ok(Some(6)));
         assert_eq!(count("llama", 8), Ok(None));
+        // GLM's pairs are interleaved in the checkpoint: part of each head rotates.
+        assert_eq!(count("glm4", 4), Ok(Some(4)));
         for (arch, n) in [("llama", 4), ("granite", 4), ("phi3", 5), ("phi3", 10)] {
             let err = count(arch, n).unwrap_err();
             assert!(err.contains("part of a head of 8"), "{arch} {n}: {err}");

@@ -23,7 +23,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
-    hf_gemma,
+    hf_gemma, hf_glm,
     hf_layer_norm::{self, Family},
     hf_moe,
     model::{
@@ -45,6 +45,7 @@ use crate::{
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
     let named = hf_moe::expert_name(hf)
+        .or_else(|| hf_glm::output_norm_name(hf))
         .or_else(|| hf_layer_norm::gpt_neox_name(hf))
         .or_else(|| hf_layer_norm::opt_name(hf))
         .or_else(|| hf_layer_norm::falcon_name(hf))
@@ -545,13 +546,15 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
             !n.as_str().is_some_and(|n| {
                 ARCHITECTURES.contains(&n)
                     || hf_moe::ARCHITECTURES.contains(&n)
+                    || hf_glm::ARCHITECTURES.contains(&n)
                     || hf_layer_norm::architectures().any(|a| a == n)
             })
         })
     {
         return Err(format!(
-            "`architectures` names {other}; the Llama-family models built are {}, {}, {}",
+            "`architectures` names {other}; the Llama-family models built are {}, {}, {}, {}",
             ARCHITECTURES.join(", "),
+            hf_glm::ARCHITECTURES.join(", "),
             hf_moe::ARCHITECTURES.join(", "),
             hf_layer_norm::architectures()
                 .collect::<Vec<_>>()
@@ -599,10 +602,11 @@ fn rotary_dim(
         },
     };
     let partial = names_architecture(cfg, "Phi3ForCausalLM")
+        || hf_glm::is_glm(cfg)
         || Family::of(cfg).is_some_and(Family::rotates_part);
     if factor != 1.0 && !partial {
         return Err(format!(
-            "`partial_rotary_factor` = {factor}: only Phi-3's, Phi's, StableLM's and GPT-NeoX's attention rotate part of each head"
+            "`partial_rotary_factor` = {factor}: only Phi-3's, GLM's, Phi's, StableLM's and GPT-NeoX's attention rotate part of each head"
         ));
     }
     let rotary = (head_dim as f64 * factor) as usize;
@@ -772,6 +776,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let cfg = hf_gemma::language_model_config(&stored).map_err(|m| err(&config_path, m))?;
     let cfg = hf_layer_norm::standard_config(cfg).map_err(|m| err(&config_path, m))?;
     let cfg = hf_moe::dbrx_config(cfg);
+    let cfg = hf_glm::standard_config(cfg);
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
@@ -844,6 +849,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         olmo_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     hf_moe::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    if hf_glm::is_glm(&cfg) {
+        hf_glm::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
     if names_architecture(&cfg, "SmolLM3ForCausalLM") {
         // Its window is its sliding layers' only, off unless `use_sliding_window` says.
         if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(true) {
@@ -892,7 +900,8 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             .map(|(name, _)| name)
             .filter(|name| name.ends_with(".bias"))
             .collect(),
-        post_norms: config.post_norms,
+        // GLM-4-0414's output norms have names of their own (`hf_glm`).
+        post_norms: config.post_norms && !hf_glm::has_output_norms(&cfg),
         multimodal,
     };
     for (i, file) in files.iter().enumerate() {

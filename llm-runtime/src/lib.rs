@@ -13,6 +13,7 @@ mod gguf_vocab;
 pub mod heap;
 pub mod hf;
 mod hf_gemma;
+mod hf_glm;
 mod hf_layer_norm;
 mod hf_moe;
 pub mod llama2c;

@@ -1955,6 +1955,50 @@ fn llama_mlp_bias_computes_what_transformers_computes() {
     assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
 }
 
+/// GLM-4 9B (`tests/data/glm-tiny`, `GlmForCausalLM`): biases on q, k and v (not on the
+/// output projection), the gate and up projections fused, RoPE over half of each head
+/// (the config's default) with its pairs interleaved.
+#[test]
+fn glm_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("glm-tiny");
+    let c = &loaded.config;
+    let bias = c.attention_bias;
+    assert!(bias.qkv && !bias.output && !c.rope_half && !c.post_norms);
+    assert_eq!((c.rotary_dim, c.explicit_head_dim), (Some(8), None));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the interleaved pairs", &|c| c.rope_half = true),
+            ("the partial rotation", &|c| c.rotary_dim = None),
+            ("the q/k/v biases", &|c| c.attention_bias.qkv = false),
+        ],
+    );
+}
+
+/// GLM-4-0414 (`tests/data/glm4-tiny`, `Glm4ForCausalLM`): GLM's with each block's
+/// output normalized before its residual add (`post_self_attn_layernorm`,
+/// `post_mlp_layernorm`; its `post_attention_layernorm` is the feed-forward block's input
+/// norm). Its GGUF file (llama.cpp's `glm4`: `ffn_up` fused, `rope.dimension_count`,
+/// `post_attention_norm` and `post_ffw_norm`) computes what the directory computes.
+#[test]
+fn glm4_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("glm4-tiny");
+    let c = &loaded.config;
+    assert!(c.post_norms && c.pre_norms && !c.rope_half && c.attention_bias.qkv);
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the output norms", &|c| c.post_norms = false),
+            ("the interleaved pairs", &|c| c.rope_half = true),
+        ],
+    );
+    let metadata = vec![("rope.dimension_count", Meta::Uint(8))];
+    let bytes = reference_gguf("glm4-tiny", "glm4", metadata, Vec::new());
+    gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
+}
+
 /// Gemma (`tests/data/gemma-tiny`): GeGLU, embeddings scaled by `sqrt(hidden_size)`,
 /// norms scaling by `1 + weight`.
 #[test]
@@ -2295,6 +2339,12 @@ fn mutated_family_gguf_files_never_panic() {
         gpt2_gguf("gpt2-tiny", "gpt2"),
         gpt2_gguf("gpt-bigcode-tiny", "starcoder"),
         falcon_gguf("falcon-40b-tiny", 2),
+        reference_gguf(
+            "glm4-tiny",
+            "glm4",
+            vec![("rope.dimension_count", Meta::Uint(8))],
+            Vec::new(),
+        ),
     ];
     for original in &originals {
         llm_runtime::gguf::read(original).expect("the unmutated file loads");
@@ -2618,7 +2668,7 @@ fn bad_directories_name_the_file() {
         ),
         (
             r#", "partial_rotary_factor": 0.75"#,
-            "`partial_rotary_factor` = 0.75: only Phi-3's, Phi's, StableLM's and GPT-NeoX's attention rotate part of each head",
+            "`partial_rotary_factor` = 0.75: only Phi-3's, GLM's, Phi's, StableLM's and GPT-NeoX's attention rotate part of each head",
         ),
         (
             r#", "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.7"#,

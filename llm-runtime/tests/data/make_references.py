@@ -13,7 +13,7 @@ partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `stablelm-12b`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
-Llama's feed-forward biases (`llama-mlp-bias`), the mixtures of experts (`mixtral`,
+Llama's feed-forward biases (`llama-mlp-bias`), GLM's (`glm`, `glm4`), the mixtures of experts (`mixtral`,
 `qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`, `dbrx`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
@@ -47,6 +47,10 @@ from transformers import (
     GPTNeoXForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
+    Glm4Config,
+    Glm4ForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     GraniteMoeConfig,
@@ -497,6 +501,13 @@ def main():
     # Llama with `mlp_bias`: biases on the gate, up and down projections.
     llama_mlp_bias = LlamaConfig(**small, tie_word_embeddings=True, mlp_bias=True)
     write("llama-mlp-bias-tiny", LlamaForCausalLM, llama_mlp_bias, 20)
+    # GLM-4 9B: biases on q, k and v, the gate and up projections fused, RoPE over half
+    # of each head (its default) with interleaved pairs.
+    glm = GlmConfig(**small, head_dim=16, tie_word_embeddings=False, pad_token_id=0)
+    write("glm-tiny", GlmForCausalLM, glm, 46)
+    # GLM-4-0414: GLM's with each block's output normalized before its residual add.
+    glm4 = Glm4Config(**small, head_dim=16, tie_word_embeddings=False, pad_token_id=0)
+    write("glm4-tiny", Glm4ForCausalLM, glm4, 47)
     # Mixtral: four experts a layer, two of them run for each token, their weights
     # renormalized to sum to 1.
     mixtral = MixtralConfig(

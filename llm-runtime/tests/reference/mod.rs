@@ -467,6 +467,9 @@ pub fn gguf_bytes(
             ("self_attn.k_norm", "attn_k_norm"),
             ("mlp.gate_up_proj", "ffn_up"),
             ("post_attention_layernorm", "ffn_norm"),
+            // GLM-4-0414's output norms.
+            ("post_self_attn_layernorm", "post_attention_norm"),
+            ("post_mlp_layernorm", "post_ffw_norm"),
             ("mlp.gate_proj", "ffn_gate"),
             ("mlp.down_proj", "ffn_down"),
             ("mlp.up_proj", "ffn_up"),
