@@ -388,9 +388,10 @@ impl GgufFile {
 }
 
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
-/// tensor that is not part of such a model (biases outside `qwen2`, `qwen2moe`, `llama`
-/// and the LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms outside
-/// `gemma2`, `gemma3` and `olmo2`): Phi-3's `attn_qkv` and `ffn_up` are fused matrices ([`FUSED_QKV`],
+/// tensor that is not part of such a model (biases outside `qwen2`, `qwen2moe`, `llama`,
+/// `glm4` and the LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms
+/// outside `gemma2`, `gemma3`, `olmo2` and `glm4`): Phi-3's and GLM-4-0414's `ffn_up` and
+/// Phi-3's `attn_qkv` are fused matrices ([`FUSED_QKV`],
 /// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
 /// so are Phi-2's `attn_qkv` and its bias where the file has them ([`FUSED_QKV_BIAS`]).
 fn weight_name(gguf: &str, arch: &str) -> Option<String> {
@@ -448,8 +449,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("ffn_down_exps.weight", EXPERT_DOWNS),
         ],
     )?;
-    // Biases only in qwen2's and llama's projections and the LayerNorm architectures',
-    // output norms only in Gemma 2's and 3's sandwiches and OLMo 2's.
+    // Biases only in qwen2's, llama's and glm4's projections and the LayerNorm
+    // architectures', output norms only in Gemma 2's and 3's sandwiches, OLMo 2's and
+    // GLM-4-0414's.
     let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2" | "glm4");
     // Falcon 40B's second input norm only in `falcon` files.
     let second_norm = gguf.ends_with(".attn_norm_2.weight") || gguf.ends_with(".attn_norm_2.bias");
@@ -917,7 +919,7 @@ fn rotary_dim(g: &GgufFile, arch: &str, head_dim: usize) -> Result<Option<usize>
     }
     if reordered_rope(arch) || rotary > head_dim || !rotary.is_multiple_of(2) {
         return Err(format!(
-            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in files whose pairs are interleaved"
+            "{key} is {rotary}: RoPE over part of a head of {head_dim} is taken in whole pairs, and not in files whose q and k rows were reordered for interleaved pairs"
         ));
     }
     Ok(Some(rotary))
@@ -1182,9 +1184,13 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             _ => None,
         },
         attention_bias: AttentionBias {
-            // GLM's where the file has them (`attention_bias`, GLM-4-0414's default).
+            // GLM's where the file has them (`attention_bias`, GLM-4-0414's default),
+            // separate or fused.
             qkv: qwen2
-                || arch == "glm4" && weights.weight_shape("layers.0.attention.wq.bias").is_some(),
+                || arch == "glm4"
+                    && ["attention.wq.bias", FUSED_QKV_BIAS]
+                        .iter()
+                        .any(|b| weights.weight_shape(&format!("layers.0.{b}")).is_some()),
             output: false,
         },
         explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
@@ -1212,6 +1218,14 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         ..ModelConfig::default()
     };
     crate::model::check_layer_count(&config, &weights)?;
+    let sections = key("rope.dimension_sections");
+    if g.meta(&sections).is_some() {
+        // GLM-4.1V's and Qwen2-VL's rotation of each head's sections by separate
+        // positions (llama.cpp's M-RoPE) would be computed as plain RoPE.
+        return Err(format!(
+            "metadata `{sections}`: RoPE over sections of each head (M-RoPE) is not supported"
+        ));
+    }
     if sandwich {
         apply_gemma(g, arch, &mut config)?;
     }

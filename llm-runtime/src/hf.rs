@@ -42,7 +42,10 @@ use crate::{
 /// The builder's name for a Hugging Face Llama tensor name; with `post_norms` (Gemma 2's
 /// and 3's sandwich norms, OLMo 2's output norms) a layer's `post_attention_layernorm` is
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
-/// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm.
+/// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm. The
+/// mixtures', GLM-4-0414's output norms, the LayerNorm families' and DBRX's names are
+/// their modules' (`hf_moe`, `hf_glm`, `hf_layer_norm`), StableLM 2 12B's per-head norms
+/// too.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
     let named = hf_moe::expert_name(hf)
         .or_else(|| hf_glm::output_norm_name(hf))
@@ -568,9 +571,10 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
 /// `head_dim * partial_rotary_factor`, rounded down as Hugging Face does (Phi-4-mini's
 /// 0.75), the factor given in the RoPE settings `scaling` (transformers 5's
 /// `rope_parameters`) or at the top level of `cfg` (which must then agree), else the
-/// configuration class's default ([`Family::default_rotary_factor`]). Only Phi-3's,
-/// Phi's, StableLM's and GPT-NeoX's attention rotate part of each head in transformers; another
-/// architecture's factor below 1 is refused.
+/// configuration class's default ([`Family::default_rotary_factor`]; GLM's 0.5 is filled
+/// in by `hf_glm::standard_config`). Only Phi-3's, GLM's, Phi's, StableLM's and
+/// GPT-NeoX's attention rotate part of each head in transformers; another architecture's
+/// factor below 1 is refused.
 fn rotary_dim(
     cfg: &Json,
     scaling: Option<&Scaling>,

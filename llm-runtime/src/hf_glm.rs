@@ -33,19 +33,32 @@ pub(crate) fn has_output_norms(cfg: &Json) -> bool {
     names_architecture(cfg, GLM4)
 }
 
-/// `cfg` with `partial_rotary_factor` 0.5 where a GLM config leaves it out, as
-/// `GlmConfig` and `Glm4Config` default it; any other config as it is.
+/// `cfg` with what a GLM config leaves out filled in as `GlmConfig` and `Glm4Config`
+/// default it: `partial_rotary_factor` 0.5 (where the RoPE settings do not give it
+/// either), `head_dim` 128, `num_key_value_heads` 2 and `rms_norm_eps` 1.5625e-7; any
+/// other config as it is.
 pub(crate) fn standard_config(mut cfg: Json) -> Json {
-    let absent = cfg.get("partial_rotary_factor").is_none_or(Json::is_null)
-        && cfg
-            .get("rope_parameters")
-            .and_then(|r| r.get("partial_rotary_factor"))
-            .is_none_or(Json::is_null);
-    if is_glm(&cfg)
-        && absent
-        && let Some(fields) = cfg.as_object_mut()
-    {
-        fields.insert("partial_rotary_factor".into(), 0.5.into());
+    if !is_glm(&cfg) {
+        return cfg;
+    }
+    let rotation_given = cfg
+        .get("rope_parameters")
+        .and_then(|r| r.get("partial_rotary_factor"))
+        .is_some_and(|f| !f.is_null());
+    if let Some(fields) = cfg.as_object_mut() {
+        let mut defaults = vec![
+            ("head_dim", Json::from(128)),
+            ("num_key_value_heads", Json::from(2)),
+            ("rms_norm_eps", Json::from(1.5625e-7)),
+        ];
+        if !rotation_given {
+            defaults.push(("partial_rotary_factor", Json::from(0.5)));
+        }
+        for (key, value) in defaults {
+            if fields.get(key).is_none_or(Json::is_null) {
+                fields.insert(key.into(), value);
+            }
+        }
     }
     cfg
 }
@@ -81,12 +94,35 @@ pub(crate) fn output_norm_name(hf: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// RoPE over half of each head where the config leaves the share out, as
-    /// transformers' GLM configs default it; a given share is kept.
+    /// RoPE over half of each head, heads of 128, two KV heads and GLM's epsilon where
+    /// the config leaves them out, as transformers' GLM configs default them; a given
+    /// setting is kept.
+    /// GLM-4-0414's output norms are named; other tensors are not GLM's.
+    #[test]
+    fn output_norm_names() {
+        assert_eq!(
+            output_norm_name("model.layers.3.post_mlp_layernorm.weight").as_deref(),
+            Some("layers.3.post_ffw_norm.weight")
+        );
+        for other in [
+            "model.layers.3.post_attention_layernorm.weight",
+            "model.layers.x.post_self_attn_layernorm.weight",
+            "model.post_mlp_layernorm.weight",
+        ] {
+            assert_eq!(output_norm_name(other), None, "{other}");
+        }
+    }
+
     #[test]
     fn half_of_each_head_rotates_by_default() {
-        let cfg = serde_json::json!({"architectures": ["Glm4ForCausalLM"]});
-        assert_eq!(standard_config(cfg)["partial_rotary_factor"], 0.5);
+        let cfg = serde_json::json!({"architectures": ["Glm4ForCausalLM"], "head_dim": 64});
+        let cfg = standard_config(cfg);
+        assert_eq!(cfg["partial_rotary_factor"], 0.5);
+        assert_eq!(
+            (&cfg["head_dim"], &cfg["num_key_value_heads"]),
+            (&64.into(), &2.into())
+        );
+        assert_eq!(cfg["rms_norm_eps"], 1.5625e-7);
         let given = serde_json::json!({
             "architectures": ["GlmForCausalLM"],
             "rope_parameters": {"partial_rotary_factor": 0.25},

@@ -688,7 +688,25 @@ pub(crate) fn split_qkv_by_group(c: &ModelConfig, weights: &mut Weights) -> Resu
 mod tests {
     use serde_json::json;
 
-    use super::standard_config;
+    use super::{stablelm_head_norm_name, standard_config};
+
+    /// StableLM 2 12B's per-head q and k norms are named by head; other tensors are not.
+    #[test]
+    fn per_head_norm_names() {
+        assert_eq!(
+            stablelm_head_norm_name("model.layers.2.self_attn.k_layernorm.norms.7.weight")
+                .as_deref(),
+            Some("layers.2.attention.k_norm.7.weight")
+        );
+        for other in [
+            "model.layers.2.self_attn.v_layernorm.norms.7.weight",
+            "model.layers.2.self_attn.q_layernorm.norms.x.weight",
+            "model.layers.2.self_attn.q_layernorm.norms.7.bias",
+            "model.layers.2.self_attn.q_norm.weight",
+        ] {
+            assert_eq!(stablelm_head_norm_name(other), None, "{other}");
+        }
+    }
 
     /// GPT-2's keys are read as the usual ones, `n_inner` null as 4 `n_embd`;
     /// GPT-BigCode's KV heads follow `multi_query` whatever the config says; Falcon's

@@ -99,7 +99,7 @@ pub struct ModelConfig {
     /// Elements per head where that is not `dim / heads` (Qwen3's: the q projection is
     /// then `heads * head_dim` wide, and the output projection reads that many).
     pub explicit_head_dim: Option<usize>,
-    /// Where queries and keys go through an RMSNorm of their own before RoPE.
+    /// Where queries and keys go through a norm of their own before RoPE.
     pub qk_norm: QkNorm,
     /// The q, k and v projections are clamped to `[-c, c]` (after the whole-projection q/k
     /// norms where there are some): OLMo's, OLMoE's and DBRX's `clip_qkv`.
@@ -123,7 +123,7 @@ pub struct ModelConfig {
     /// Output norms: the attention's output and the feed-forward block's each go through
     /// an RMSNorm of their own before their residual add
     /// (`layers.N.post_attention_norm.weight`, `layers.N.post_ffw_norm.weight`; Gemma 2's
-    /// and 3's sandwich norms, and OLMo 2's, which has no input norms).
+    /// and 3's and GLM-4-0414's sandwich norms, and OLMo 2's, which has no input norms).
     pub post_norms: bool,
     /// The attention scores' scale where it is not `1 / sqrt(head_dim)` (Gemma 2's and
     /// 3's `query_pre_attn_scalar ** -0.5`, Granite's `attention_multiplier`):
@@ -262,8 +262,8 @@ impl LocalAttention {
     }
 }
 
-/// Where queries and keys are RMS-normalized before RoPE (`layers.N.attention.q_norm.weight`
-/// and `k_norm.weight`).
+/// Where queries and keys are normalized before RoPE (`layers.N.attention.q_norm.weight`
+/// and `k_norm.weight`): by RMSNorms, or by LayerNorms of each head.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum QkNorm {
     /// They are not.

@@ -92,7 +92,8 @@ impl PreTokenizer {
             | "jina-v2-de" | "a.x-4.0" | "mellum" => merged(&[GPT2]),
             "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
             | "midm-2.0" | "lfm2" => whole(&[LLAMA3]),
-            "dbrx" | "smaug-bpe" => merged(&[LLAMA3]),
+            // GLM-4's (`glm4`, `chatglm-bpe`) too: Llama 3's regex, its merges, no BOS.
+            "dbrx" | "smaug-bpe" | "glm4" | "chatglm-bpe" => merged(&[LLAMA3]),
             "qwen2" | "deepseek-r1-qwen" | "kormo" | "megrez" | "stablelm2" | "hunyuan"
             | "grok-2" => merged(&[QWEN2]),
             "gpt-4o" | "llama4" | "minimax-m2" => merged(&[GPT4O]),
@@ -201,6 +202,9 @@ mod tests {
             PreTokenizer::named("llama3").expect("known").splits
         );
         assert!(!dbrx.whole_words && !dbrx.adds_bos);
+        for glm in ["glm4", "chatglm-bpe"] {
+            assert_eq!(PreTokenizer::named(glm).as_ref(), Some(&dbrx), "{glm}");
+        }
         assert_eq!(PreTokenizer::named("deepseek-llm"), None);
     }
 }

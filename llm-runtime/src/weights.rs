@@ -110,8 +110,13 @@ impl Weights {
         let held = self
             .weight_shape(name)
             .ok_or_else(|| format!("no tensor `{name}` to reshape"))?;
-        // (A shape from a configuration may be too large to count.)
-        let count = |s: &[usize]| s.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        // (A shape from a configuration may be too large to count: its dims other than 0
+        // must multiply without overflow.)
+        let count = |s: &[usize]| {
+            let mut nonzero = s.iter().filter(|&&d| d != 0);
+            let n = nonzero.try_fold(1usize, |n, &d| n.checked_mul(d))?;
+            Some(if s.contains(&0) { 0 } else { n })
+        };
         let rows_kept = matches!(self.tensors.get(name).map(|v| &**v), Some(Value::Tensor(_)))
             || held.last() == shape.last();
         if count(&held) != count(&shape) || !rows_kept {
@@ -688,8 +693,9 @@ mod tests {
         assert_eq!(weights.weight_shape("d"), Some(vec![2, 2, 0]));
         weights.transpose_matrix("d").expect("transposes");
         assert_eq!(weights.weight_shape("d"), Some(vec![2, 0, 2]));
-        // A shape too large to count is refused, not wrapped.
+        // A shape too large to count is refused, not wrapped, wherever its zero is.
         assert!(weights.reshape("c", vec![usize::MAX, 4, 0]).is_err());
+        assert!(weights.reshape("c", vec![0, usize::MAX, 4]).is_err());
     }
 
     /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a

@@ -1974,6 +1974,16 @@ fn glm_computes_what_transformers_computes() {
             ("the q/k/v biases", &|c| c.attention_bias.qkv = false),
         ],
     );
+    // `attention_bias` false: no biases, and none read.
+    let dir = rewritten_checkpoint(
+        "glm-tiny",
+        "glm-unbiased",
+        |c| c["attention_bias"] = false.into(),
+        |tensors| tensors.retain(|(name, _, _)| !name.ends_with(".bias")),
+    );
+    let unbiased = model_file::load(&dir).map(|m| m.config.attention_bias);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!unbiased.expect("loads").qkv);
 }
 
 /// GLM-4-0414 (`tests/data/glm4-tiny`, `Glm4ForCausalLM`): GLM's with each block's
@@ -2343,6 +2353,12 @@ fn mutated_family_gguf_files_never_panic() {
             "glm4-tiny",
             "glm4",
             vec![("rope.dimension_count", Meta::Uint(8))],
+            Vec::new(),
+        ),
+        reference_gguf(
+            "cohere-qk-norm-tiny",
+            "command-r",
+            vec![("logit_scale", Meta::Float(0.25))],
             Vec::new(),
         ),
     ];
