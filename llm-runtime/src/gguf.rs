@@ -575,7 +575,7 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// RMSNorm of each head's queries and keys (`attn_q_norm`, `attn_k_norm`), and `phi3`,
 /// whose projections are fused ([`weight_name`]). `granite` is llama's with Granite's
 /// scales ([`apply_granite`]); `smollm3` is llama's with every fourth layer's RoPE left
-/// out (every fourth, as llama.cpp fixes it); `command-r` is Cohere's ([`apply_cohere`]); `olmo2` is
+/// out (every fourth, as llama.cpp fixes it); `command-r` is Cohere's and `cohere2` Cohere 2's ([`apply_cohere`]); `olmo2` is
 /// llama's with its blocks' outputs normalized
 /// (`post_attention_norm`, `post_ffw_norm`) instead of their inputs, and RMSNorms over
 /// the whole q and k projections (`attn_q_norm`, `attn_k_norm`). The RoPE pairs of all but llama and granite are
@@ -594,7 +594,7 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// pairs interleaved as GLM's checkpoints have them, and output norms (`post_attention_norm`,
 /// `post_ffw_norm`) besides the input norms. The other architectures read are
 /// [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 18] = [
+const ARCHITECTURES: [&str; 19] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -606,6 +606,7 @@ const ARCHITECTURES: [&str; 18] = [
     "olmo2",
     "smollm3",
     "command-r",
+    "cohere2",
     "olmo",
     "qwen3moe",
     "qwen2moe",
@@ -633,7 +634,7 @@ const LAYER_NORM_ARCHITECTURES: [&str; 7] = [
 /// `olmo` models for them ([`reordered_rope`]), Cohere's (`command-r`) and GLM's (`glm4`)
 /// pair them so already, and the others keep Hugging Face's half-split order.
 fn interleaved_rope(arch: &str) -> bool {
-    reordered_rope(arch) || matches!(arch, "command-r" | "glm4")
+    reordered_rope(arch) || matches!(arch, "command-r" | "cohere2" | "glm4")
 }
 
 /// Whether llama.cpp's converter reorders the q and k rows of a model of architecture
@@ -645,18 +646,28 @@ fn reordered_rope(arch: &str) -> bool {
     )
 }
 
-/// Cohere's settings (`command-r`), as llama.cpp reads them: LayerNorms without bias, of
-/// epsilon `command-r.attention.layer_norm_epsilon`, parallel attention and feed-forward
-/// blocks, and the logits multiplied by `command-r.logit_scale` (both keys required).
-fn apply_cohere(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
+/// Cohere's settings (`command-r`, and Cohere 2's, `cohere2`: `arch`), as llama.cpp reads
+/// them: LayerNorms without bias, of epsilon `ARCH.attention.layer_norm_epsilon`,
+/// parallel attention and feed-forward blocks, and the logits multiplied by
+/// `ARCH.logit_scale` (both keys required); Cohere 2's three local layers (of
+/// `ARCH.attention.sliding_window` positions, with RoPE) to a global one (without).
+fn apply_cohere(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), String> {
     let required = |key: &str| {
-        g.positive(key)?
+        let key = format!("{arch}.{key}");
+        g.positive(&key)?
             .ok_or_else(|| format!("missing metadata `{key}`"))
     };
-    c.logit_scale = Some(required("command-r.logit_scale")?);
-    c.norm_eps = required("command-r.attention.layer_norm_epsilon")?;
+    c.logit_scale = Some(required("logit_scale")?);
+    c.norm_eps = required("attention.layer_norm_epsilon")?;
     c.norm = Norm::Layer;
     c.blocks = Blocks::ParallelSharedNorm;
+    if arch == "cohere2" {
+        // llama.cpp's pattern: three local layers with RoPE to a global one without.
+        let window = g.int(&format!("{arch}.attention.sliding_window"))?;
+        let local = LocalAttention::periodic(window, c.layers, 4, None);
+        c.nope_layers = Some(local.layers.iter().map(|&l| !l).collect());
+        c.local_attention = Some(local);
+    }
     Ok(())
 }
 
@@ -1180,7 +1191,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         rope_half: !interleaved_rope(arch),
         // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
         sliding_window: match g.meta(&key("attention.sliding_window")) {
-            Some(_) if !sandwich => Some(g.int(&key("attention.sliding_window"))?),
+            Some(_) if !sandwich && arch != "cohere2" => {
+                Some(g.int(&key("attention.sliding_window"))?)
+            }
             _ => None,
         },
         attention_bias: AttentionBias {
@@ -1232,8 +1245,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if matches!(arch, "granite" | "granitemoe") {
         apply_granite(g, arch, &mut config)?;
     }
-    if arch == "command-r" {
-        apply_cohere(g, &mut config)?;
+    if matches!(arch, "command-r" | "cohere2") {
+        apply_cohere(g, arch, &mut config)?;
     }
     if arch == "dbrx" {
         // LayerNorms without bias.

@@ -27,9 +27,10 @@ use crate::{
     hf_layer_norm::{self, Family},
     hf_moe,
     model::{
-        Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, ModelConfig, Norm,
-        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read, check_layer_count,
-        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim, weight_shapes,
+        Activation, AttentionBias, Blocks, FUSED_GATE_UP, FUSED_QKV, LocalAttention, ModelConfig,
+        Norm, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, check_every_weight_read,
+        check_layer_count, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        weight_shapes,
     },
     model_file::LoadedModel,
     rope_scaling::{
@@ -389,7 +390,7 @@ fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
 /// and Gemma 3's multimodal checkpoints, whose language model
 /// the loader reads (named here for the error message: `hf_gemma` turns their config into
 /// a `Gemma3ForCausalLM`'s before it is checked).
-const ARCHITECTURES: [&str; 14] = [
+const ARCHITECTURES: [&str; 15] = [
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
@@ -404,6 +405,7 @@ const ARCHITECTURES: [&str; 14] = [
     "OlmoForCausalLM",
     "SmolLM3ForCausalLM",
     "CohereForCausalLM",
+    "Cohere2ForCausalLM",
 ];
 
 /// OLMo's settings (`OlmoForCausalLM`, the first OLMo): LayerNorms of neither weight nor
@@ -429,6 +431,26 @@ fn cohere_settings(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.norm = Norm::Layer;
     c.blocks = Blocks::ParallelSharedNorm;
     c.logit_scale = Some(scale);
+    Ok(())
+}
+
+/// Cohere 2's layers (`Cohere2ForCausalLM`: Command R7B, Command A): local attention
+/// over `sliding_window` positions in the layers `layer_types` marks sliding (by default
+/// three of every `sliding_window_pattern`, 4), which alone take RoPE; the global layers
+/// attend to every position without positions of their own (NoPE).
+fn cohere2_layers(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+    let local = hf_gemma::local_layers(cfg, c.layers, || {
+        match cfg.get("sliding_window_pattern").filter(|p| !p.is_null()) {
+            Some(_) => config_int(cfg, "sliding_window_pattern"),
+            None => Ok(4),
+        }
+    })?;
+    c.nope_layers = Some(local.iter().map(|&l| !l).collect());
+    c.local_attention = Some(LocalAttention {
+        window: config_int(cfg, "sliding_window")?,
+        layers: local,
+        rope_theta: None,
+    });
     Ok(())
 }
 
@@ -785,7 +807,8 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
     let olmo2 = names_architecture(&cfg, "Olmo2ForCausalLM");
-    let cohere = names_architecture(&cfg, "CohereForCausalLM");
+    let cohere2 = names_architecture(&cfg, "Cohere2ForCausalLM");
+    let cohere = cohere2 || names_architecture(&cfg, "CohereForCausalLM");
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
@@ -811,9 +834,10 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             .unwrap_or(1e-5),
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
-        // Gemma 2's and 3's window is their local layers' (`hf_gemma::apply`).
+        // Gemma 2's and 3's and Cohere 2's window is their local layers'.
         sliding_window: match gemma {
             Some(2..) => None,
+            _ if cohere2 => None,
             _ => sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
         },
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
@@ -848,6 +872,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     }
     if cohere {
         cohere_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
+    if cohere2 {
+        cohere2_layers(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     if names_architecture(&cfg, "OlmoForCausalLM") {
         olmo_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;

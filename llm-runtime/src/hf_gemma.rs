@@ -128,11 +128,15 @@ fn positive(cfg: &Json, key: &str) -> Result<f64, String> {
     optional_positive(cfg, key)?.ok_or_else(|| format!("`{key}` is missing"))
 }
 
-/// Which of Gemma 2's or 3's `layers` layers attend locally: as `layer_types` says
-/// (`sliding_attention` or `full_attention` each), else Gemma 2's alternation (the even
-/// layers local) or Gemma 3's `sliding_window_pattern` (every so many layers one global),
-/// as Hugging Face derives them.
-fn local_layers(cfg: &Json, generation: u8, layers: usize) -> Result<Vec<bool>, String> {
+/// Which of `layers` layers attend locally: as `layer_types` says (`sliding_attention` or
+/// `full_attention` each), else every `period()`-th layer global and the others local
+/// (Gemma 2's alternation, Gemma 3's and Cohere 2's `sliding_window_pattern`), as
+/// Hugging Face derives them.
+pub(crate) fn local_layers(
+    cfg: &Json,
+    layers: usize,
+    period: impl FnOnce() -> Result<usize, String>,
+) -> Result<Vec<bool>, String> {
     if let Some(types) = cfg.get("layer_types").filter(|t| !t.is_null()) {
         let types = types.as_array().ok_or("`layer_types` is not a list")?;
         if types.len() != layers {
@@ -152,18 +156,15 @@ fn local_layers(cfg: &Json, generation: u8, layers: usize) -> Result<Vec<bool>, 
             })
             .collect();
     }
-    let period = match generation {
-        2 => 2,
-        _ => config_int(cfg, "sliding_window_pattern")?,
-    };
-    Ok(LocalAttention::periodic_layers(layers, period))
+    Ok(LocalAttention::periodic_layers(layers, period()?))
 }
 
 /// Gemma 2's and 3's settings (`cfg` with its defaults, [`language_model_config`]) over
 /// the Llama configuration `c`: sandwich norms; the query scale `query_pre_attn_scalar **
 /// -0.5`; the soft-caps `attn_logit_softcapping` and `final_logit_softcapping` (null for
 /// none); local attention over `sliding_window` positions in the layers
-/// [`local_layers`] names, with Gemma 3's local RoPE base (`rope_local_base_freq`, or
+/// [`local_layers`] names (Gemma 2's even layers, Gemma 3's by `sliding_window_pattern`),
+/// with Gemma 3's local RoPE base (`rope_local_base_freq`, or
 /// transformers 5's `rope_parameters.sliding_attention`, which must be unscaled).
 pub(crate) fn apply(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(), String> {
     c.post_norms = true;
@@ -190,7 +191,10 @@ pub(crate) fn apply(cfg: &Json, generation: u8, c: &mut ModelConfig) -> Result<(
     };
     c.local_attention = Some(LocalAttention {
         window: config_int(cfg, "sliding_window")?,
-        layers: local_layers(cfg, generation, c.layers)?,
+        layers: local_layers(cfg, c.layers, || match generation {
+            2 => Ok(2),
+            _ => config_int(cfg, "sliding_window_pattern"),
+        })?,
         rope_theta,
     });
     Ok(())

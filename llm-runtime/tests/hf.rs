@@ -1126,6 +1126,41 @@ fn cohere_qk_norms_compute_what_transformers_computes() {
     gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
 }
 
+/// Cohere 2 (`tests/data/cohere2-tiny`: Command R7B's, Command A's architecture): Cohere's
+/// blocks over four layers, the first three attending locally over 8 positions with
+/// RoPE, the fourth globally without (`layer_types`); its GGUF file (llama.cpp's
+/// `cohere2`, whose pattern is fixed at three local layers to a global one) computes what
+/// the directory computes.
+#[test]
+fn cohere2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("cohere2-tiny");
+    let c = &loaded.config;
+    let local = c.local_attention.as_ref().expect("local layers");
+    assert_eq!(
+        (local.window, local.layers.as_slice()),
+        (8, [true, true, true, false].as_slice())
+    );
+    assert_eq!(
+        c.nope_layers.as_deref(),
+        Some([false, false, false, true].as_slice())
+    );
+    assert!(c.blocks == Blocks::ParallelSharedNorm && c.sliding_window.is_none());
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the local window", &|c| c.local_attention = None),
+            ("the global layer's NoPE", &|c| c.nope_layers = None),
+        ],
+    );
+    let metadata = vec![
+        ("logit_scale", Meta::Float(0.25)),
+        ("attention.sliding_window", Meta::Uint(8)),
+    ];
+    let bytes = reference_gguf("cohere2-tiny", "cohere2", metadata, Vec::new());
+    gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
+}
+
 /// `tests/data/cohere-tiny` as llama.cpp's converter writes it, with the tensors `extra`.
 fn cohere_gguf(extra: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<u8> {
     reference_gguf(
@@ -2359,6 +2394,15 @@ fn mutated_family_gguf_files_never_panic() {
             "cohere-qk-norm-tiny",
             "command-r",
             vec![("logit_scale", Meta::Float(0.25))],
+            Vec::new(),
+        ),
+        reference_gguf(
+            "cohere2-tiny",
+            "cohere2",
+            vec![
+                ("logit_scale", Meta::Float(0.25)),
+                ("attention.sliding_window", Meta::Uint(8)),
+            ],
             Vec::new(),
         ),
     ];

@@ -10,7 +10,7 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
-(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`), the
+(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`; Cohere 2's local and NoPE layers, `cohere2`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `stablelm-12b`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), GLM's (`glm`, `glm4`), the mixtures of experts (`mixtral`,
@@ -27,6 +27,8 @@ import sys
 
 import torch
 from transformers import (
+    Cohere2Config,
+    Cohere2ForCausalLM,
     CohereConfig,
     CohereForCausalLM,
     DbrxConfig,
@@ -369,6 +371,17 @@ def main():
         use_qk_norm=True,
     )
     write("cohere-qk-norm-tiny", CohereForCausalLM, cohere_qk_norm, 44)
+    # Cohere 2 (Command R7B, Command A): Cohere's blocks over four layers, the first three
+    # attending locally over 8 positions with RoPE, the fourth globally without it.
+    cohere2 = Cohere2Config(
+        **{**small, "num_hidden_layers": 4},
+        tie_word_embeddings=True,
+        logit_scale=0.25,
+        layer_norm_eps=1e-3,
+        pad_token_id=0,
+        sliding_window=8,
+    )
+    write("cohere2-tiny", Cohere2ForCausalLM, cohere2, 48)
     # Phi-2: LayerNorms with biases, attention and an ungated GELU feed-forward block side
     # by side over one norm, biases on every projection and the classifier, RoPE over
     # 0.4 of each head (6 of 16 features), an untied classifier.

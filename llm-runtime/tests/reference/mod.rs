@@ -313,6 +313,7 @@ pub fn reference_gguf_edited(
             if matches!(
                 arch,
                 "command-r"
+                    | "cohere2"
                     | "phi2"
                     | "stablelm"
                     | "starcoder2"
