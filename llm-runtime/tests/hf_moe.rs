@@ -15,7 +15,7 @@ use llm_ir::{
 use llm_runtime::{
     generate::{Backend, Model, Step},
     gguf::Meta,
-    model::{Experts, Norm, QkNorm, SharedExpert},
+    model::{Experts, ModelConfig, Norm, QkNorm, SharedExpert},
     model_file,
 };
 use reference::{
@@ -48,9 +48,7 @@ fn mixtral_computes_what_transformers_computes() {
         &loaded,
         &reference,
         &[
-            ("renormalized weights", &|c| {
-                c.experts.as_mut().expect("experts").normalize = false;
-            }),
+            ("the renormalization choice", &flip_renormalization),
             ("the second expert", &|c| {
                 c.experts.as_mut().expect("experts").per_token = 1;
             }),
@@ -58,6 +56,13 @@ fn mixtral_computes_what_transformers_computes() {
     );
     let gguf = moe_gguf("mixtral-tiny", "llama", vec![]);
     gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+}
+
+/// Flips whether the chosen experts' weights are renormalized to sum to 1: each
+/// mixture's checkpoint must tell its choice from the other.
+fn flip_renormalization(c: &mut ModelConfig) {
+    let experts = c.experts.as_mut().expect("experts");
+    experts.normalize = !experts.normalize;
 }
 
 /// Experts' values, each with its number.
@@ -147,9 +152,7 @@ fn qwen3_moe_computes_what_transformers_computes() {
     computes_what_transformers_computes(
         &loaded,
         &reference,
-        &[("renormalized weights", &|c| {
-            c.experts.as_mut().expect("experts").normalize = false;
-        })],
+        &[("the renormalization choice", &flip_renormalization)],
     );
     let gguf = moe_gguf(
         "qwen3-moe-tiny",
@@ -174,9 +177,7 @@ fn olmoe_computes_what_transformers_computes() {
         &loaded,
         &reference,
         &[
-            ("unnormalized weights", &|c| {
-                c.experts.as_mut().expect("experts").normalize = true;
-            }),
+            ("the renormalization choice", &flip_renormalization),
             ("the q/k norms", &|c| c.qk_norm = QkNorm::None),
             ("the q/k/v clamp", &|c| c.clip_qkv = None),
         ],
@@ -289,9 +290,7 @@ fn qwen2_moe_computes_what_transformers_computes() {
         &loaded,
         &reference,
         &[
-            ("unnormalized weights", &|c| {
-                c.experts.as_mut().expect("experts").normalize = true;
-            }),
+            ("the renormalization choice", &flip_renormalization),
             ("the q/k/v biases", &|c| c.attention_bias.qkv = false),
             ("the shared expert", &|c| {
                 c.experts.as_mut().expect("experts").shared = None;
@@ -339,9 +338,7 @@ fn granite_moe_computes_what_transformers_computes() {
         &loaded,
         &reference,
         &[
-            ("renormalized weights", &|c| {
-                c.experts.as_mut().expect("experts").normalize = false;
-            }),
+            ("the renormalization choice", &flip_renormalization),
             ("the residual scale", &|c| c.residual_scale = None),
             ("the attention scale", &|c| c.attention_scale = None),
         ],
@@ -371,9 +368,7 @@ fn granite_moe_shared_computes_what_transformers_computes() {
         &loaded,
         &reference,
         &[
-            ("renormalized weights", &|c| {
-                c.experts.as_mut().expect("experts").normalize = false;
-            }),
+            ("the renormalization choice", &flip_renormalization),
             ("the shared expert", &|c| {
                 c.experts.as_mut().expect("experts").shared = None;
             }),
@@ -476,9 +471,7 @@ fn dbrx_computes_what_transformers_computes() {
         &loaded,
         &reference,
         &[
-            ("renormalized weights", &|c| {
-                c.experts.as_mut().expect("experts").normalize = false;
-            }),
+            ("the renormalization choice", &flip_renormalization),
             ("the q/k/v clamp", &|c| c.clip_qkv = None),
             ("LayerNorms", &|c| c.norm = Norm::Rms),
         ],
