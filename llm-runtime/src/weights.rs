@@ -159,15 +159,18 @@ impl Weights {
     /// stays as it is (llama.cpp refuses it). A mixture's stacked experts
     /// (`[E, N, K]`) are quantized as the `E * N` rows they are, in a row-blocked format
     /// only (nf4 and the affine formats leave them as they are); their routers are not
-    /// quantized. Returns how many were converted. Norm
-    /// weights (vectors) stay `f32`.
+    /// quantized. Returns how many were converted. Norm weights (vectors, and the
+    /// `[heads, head_dim]` matrices of per-head q/k norms) stay as they are.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
         for (name, value) in &mut self.tensors {
             // Routers and shared experts' gates stay as they are, as llama.cpp keeps them:
             // a rounded router logit can change the experts a token runs.
-            if name.ends_with(crate::model::ROUTER) || name.ends_with(crate::model::SHARED_GATE) {
+            if name.ends_with(crate::model::ROUTER)
+                || name.ends_with(crate::model::SHARED_GATE)
+                || name.ends_with("norm.weight")
+            {
                 continue;
             }
             let shape = match &**value {
@@ -675,6 +678,21 @@ mod tests {
             let err = weights.split_rows("w13", &parts[..1]).expect_err("1 of 3");
             assert!(err.contains("weight `w13` has shape [2, 3, 2]"), "{err}");
         }
+    }
+
+    /// A matrix is quantized, a per-head norm's `[heads, head_dim]` weights are not.
+    #[test]
+    fn per_head_norm_weights_stay_as_they_are() {
+        let mut weights = Weights::default();
+        let ones = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Value::Tensor(Tensor::from_f32(shape, DType::F32, vec![1.0; n]))
+        };
+        weights.insert("layers.0.attention.wq.weight", ones(vec![4, 32]));
+        weights.insert("layers.0.attention.q_norm.weight", ones(vec![4, 32]));
+        assert_eq!(weights.quantize_matrices(&QuantFormat::Q8_0), 1);
+        let kept = weights.weight("layers.0.attention.q_norm.weight");
+        assert!(matches!(kept.as_deref(), Some(Value::Tensor(_))));
     }
 
     /// Matrices without elements (a checkpoint's tensor of a zero dim) split and transpose
