@@ -339,36 +339,55 @@ fn eos_ids(dir: &Path, cfg: &Json, config_path: &Path) -> Result<Vec<u32>, LoadE
     }
 }
 
-/// Mistral's sliding window (`sliding_window`, unless null or switched off by
-/// `use_sliding_window = false`): each position attends to at most that many. Qwen2's and
-/// Qwen3's configs window only the layers from `max_window_layers` on: none when that is
-/// every layer, all when it is 0, and refused in between (the builder windows every
-/// layer alike).
-fn sliding_window(cfg: &Json) -> Result<Option<usize>, String> {
-    if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(false) {
+/// The sliding window (`sliding_window`, unless null or switched off by
+/// `use_sliding_window = false`: each position attends to at most that many) and the
+/// layers it covers, of `layers`: every layer (Mistral's), or, where `use_sliding_window`
+/// is true (Qwen2's, Qwen3's), the layers `layer_types` marks `sliding_attention`, or
+/// else those from `max_window_layers` on (28 where absent, as their classes default it).
+/// `None` where there is no window.
+fn windowed_layers(cfg: &Json, layers: usize) -> Result<Option<(usize, Vec<bool>)>, String> {
+    let switch = cfg.get("use_sliding_window").and_then(Json::as_bool);
+    if switch == Some(false) {
         return Ok(None);
     }
     let window = match cfg.get("sliding_window") {
         None | Some(Json::Null) => return Ok(None),
         Some(_) => config_int(cfg, "sliding_window")?,
     };
-    // Qwen2's and Qwen3's window covers only the layers from `max_window_layers` on.
-    match cfg.get("max_window_layers").filter(|m| !m.is_null()) {
-        None => Ok(Some(window)),
-        Some(_) => {
-            let from = cfg
-                .get("max_window_layers")
-                .and_then(Json::as_u64)
-                .ok_or("`max_window_layers` is not a non-negative integer")?;
-            let layers = config_int(cfg, "num_hidden_layers")? as u64;
-            match from {
-                0 => Ok(Some(window)),
-                _ if from >= layers => Ok(None),
-                _ => Err(format!(
-                    "`max_window_layers` = {from}: a sliding window over some layers only is not supported"
-                )),
-            }
-        }
+    let typed = cfg.get("layer_types").is_some_and(|t| !t.is_null());
+    let covered = if switch == Some(true) && typed {
+        hf_gemma::local_layers(cfg, layers, || unreachable!("`layer_types` is given"))?
+    } else {
+        let from = match cfg.get("max_window_layers").filter(|m| !m.is_null()) {
+            None if switch == Some(true) => 28,
+            None => 0,
+            Some(m) => m
+                .as_u64()
+                .and_then(|m| usize::try_from(m).ok())
+                .ok_or("`max_window_layers` is not a non-negative integer")?,
+        };
+        (0..layers).map(|l| l >= from).collect()
+    };
+    Ok(Some((window, covered)))
+}
+
+/// The window of `windowed_layers` as the builder takes it: `ModelConfig::sliding_window`
+/// where it covers every layer, local attention where it covers some (the cache then
+/// keeps every position, as the other layers read them all), nothing where it covers none.
+fn window_settings(
+    windowed: Option<(usize, Vec<bool>)>,
+) -> (Option<usize>, Option<LocalAttention>) {
+    match windowed {
+        Some((window, layers)) if layers.iter().all(|&l| l) => (Some(window), None),
+        Some((window, layers)) if layers.iter().any(|&l| l) => (
+            None,
+            Some(LocalAttention {
+                window,
+                layers,
+                rope_theta: None,
+            }),
+        ),
+        _ => (None, None),
     }
 }
 
@@ -812,6 +831,13 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
+    let window = match gemma {
+        Some(2..) => (None, None),
+        _ if cohere2 => (None, None),
+        _ => window_settings(
+            windowed_layers(&cfg, int("num_hidden_layers")?).map_err(|m| err(&config_path, m))?,
+        ),
+    };
     let mut config = ModelConfig {
         dim: int("hidden_size")?,
         hidden_dim: int("intermediate_size")?,
@@ -835,11 +861,8 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
         // Gemma 2's and 3's and Cohere 2's window is their local layers'.
-        sliding_window: match gemma {
-            Some(2..) => None,
-            _ if cohere2 => None,
-            _ => sliding_window(&cfg).map_err(|m| err(&config_path, m))?,
-        },
+        sliding_window: window.0,
+        local_attention: window.1,
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,
         ffn_bias: mlp_bias(&cfg).map_err(|m| err(&config_path, m))?,
         explicit_head_dim: explicit_head_dim(&cfg, int("hidden_size")?, heads)

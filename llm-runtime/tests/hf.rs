@@ -1161,6 +1161,44 @@ fn cohere2_computes_what_transformers_computes() {
     gguf_computes_what_the_directory_computes(&bytes, &loaded, &reference);
 }
 
+/// Qwen2 with its window over some layers (`tests/data/qwen2-window-tiny`:
+/// `use_sliding_window`, `max_window_layers` 1): the first layer attends to every
+/// position, the second over 8 (local attention; the cache keeps every position); the
+/// window read from `layer_types` (transformers 5's) or, without them, from
+/// `max_window_layers` is the same.
+#[test]
+fn qwen2_windows_some_layers_as_transformers_does() {
+    let (reference, loaded) = reference_checkpoint("qwen2-window-tiny");
+    let c = &loaded.config;
+    let local = c.local_attention.as_ref().expect("local layers");
+    assert_eq!(
+        (local.window, local.layers.as_slice()),
+        (8, [false, true].as_slice())
+    );
+    assert_eq!((c.sliding_window, local.rope_theta), (None, None));
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the window", &|c| c.local_attention = None),
+            ("the first layer's full attention", &|c| {
+                (c.sliding_window, c.local_attention) = (Some(8), None);
+            }),
+        ],
+    );
+    let dir = rewritten_checkpoint(
+        "qwen2-window-tiny",
+        "qwen2-untyped",
+        |c| {
+            c.as_object_mut().expect("an object").remove("layer_types");
+        },
+        |_| {},
+    );
+    let untyped = model_file::load(&dir).map(|m| m.config);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(untyped.expect("loads"), loaded.config);
+}
+
 /// `tests/data/cohere-tiny` as llama.cpp's converter writes it, with the tensors `extra`.
 fn cohere_gguf(extra: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<u8> {
     reference_gguf(
@@ -2761,10 +2799,6 @@ fn bad_directories_name_the_file() {
         (
             r#", "architectures": ["GemmaForCausalLM"], "hidden_act": "quick_gelu""#,
             "`hidden_act` = \"quick_gelu\" is not supported",
-        ),
-        (
-            r#", "sliding_window": 8, "max_window_layers": 2"#,
-            "`max_window_layers` = 2: a sliding window over some layers only is not supported",
         ),
         (
             r#", "architectures": ["PhiForCausalLM"], "qk_layernorm": true"#,

@@ -7,7 +7,8 @@ with `torch` and `transformers` (5.x) installed, from this directory:
 
     python make_references.py
 
-It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2`, `qwen3`,
+It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2` (and its window
+over some layers, `qwen2-window`), `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 (`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`; Cohere 2's local and NoPE layers, `cohere2`), the
@@ -266,6 +267,16 @@ def main():
     # Qwen2: biases on the q, k and v projections, a tied classifier.
     qwen2 = Qwen2Config(**small, tie_word_embeddings=True, use_sliding_window=False)
     write("qwen2-tiny", Qwen2ForCausalLM, qwen2, 6)
+    # Qwen2 with its window over some layers: from `max_window_layers` (1) on, the
+    # second layer attends over 8 positions, the first to every position.
+    qwen2_window = Qwen2Config(
+        **small,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+    )
+    write("qwen2-window-tiny", Qwen2ForCausalLM, qwen2_window, 49)
     # Qwen3: heads of 32 (not 64 / 4), their queries and keys normalized.
     qwen3 = Qwen3Config(**small, head_dim=32, tie_word_embeddings=True, use_sliding_window=False)
     write("qwen3-tiny", Qwen3ForCausalLM, qwen3, 7)
