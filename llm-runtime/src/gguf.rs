@@ -37,8 +37,8 @@ use crate::{
         Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts,
         FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
         POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
-        SHARED_GATE, SharedExpert, every_nth_layer, reciprocal, split_fused_weights,
-        uneven_head_dim,
+        SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE, SharedExpert,
+        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -441,9 +441,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             (POST_FFW_NORM, POST_FFW_NORM),
             ("ffn_gate_inp.weight", ROUTER),
             ("ffn_gate_inp_shexp.weight", SHARED_GATE),
-            ("ffn_gate_shexp.weight", "feed_forward.shared.w1.weight"),
-            ("ffn_up_shexp.weight", "feed_forward.shared.w3.weight"),
-            ("ffn_down_shexp.weight", "feed_forward.shared.w2.weight"),
+            ("ffn_gate_shexp.weight", SHARED_EXPERT_GATE),
+            ("ffn_up_shexp.weight", SHARED_EXPERT_UP),
+            ("ffn_down_shexp.weight", SHARED_EXPERT_DOWN),
             ("ffn_gate_exps.weight", EXPERT_GATES),
             ("ffn_up_exps.weight", EXPERT_UPS),
             ("ffn_down_exps.weight", EXPERT_DOWNS),
@@ -665,7 +665,7 @@ fn apply_cohere(g: &GgufFile, arch: &str, c: &mut ModelConfig) -> Result<(), Str
         // llama.cpp's pattern: three local layers with RoPE to a global one without.
         let window = g.int(&format!("{arch}.attention.sliding_window"))?;
         let local = LocalAttention::periodic(window, c.layers, 4, None);
-        c.nope_layers = Some(local.layers.iter().map(|&l| !l).collect());
+        c.nope_layers = Some(local.global_layers());
         c.local_attention = Some(local);
     }
     Ok(())
@@ -1197,13 +1197,7 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             _ => None,
         },
         attention_bias: AttentionBias {
-            // GLM's where the file has them (`attention_bias`, GLM-4-0414's default),
-            // separate or fused.
-            qkv: qwen2
-                || arch == "glm4"
-                    && ["attention.wq.bias", FUSED_QKV_BIAS]
-                        .iter()
-                        .any(|b| weights.weight_shape(&format!("layers.0.{b}")).is_some()),
+            qkv: qwen2,
             output: false,
         },
         explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
@@ -1269,7 +1263,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     if LAYER_NORM_ARCHITECTURES.contains(&arch) {
         apply_layer_norms(g, arch, &weights, &mut config)?;
     }
-    if arch == "llama" {
+    // GLM-4-0414's q, k and v biases where the file has them (`attention_bias`, its
+    // default), as llama's.
+    if matches!(arch, "llama" | "glm4") {
         read_biases(&weights, &mut config);
     }
     apply_experts(g, arch, &mut weights, &mut config)?;

@@ -464,12 +464,13 @@ fn cohere2_layers(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
             None => Ok(4),
         }
     })?;
-    c.nope_layers = Some(local.iter().map(|&l| !l).collect());
-    c.local_attention = Some(LocalAttention {
+    let local = LocalAttention {
         window: config_int(cfg, "sliding_window")?,
         layers: local,
         rope_theta: None,
-    });
+    };
+    c.nope_layers = Some(local.global_layers());
+    c.local_attention = Some(local);
     Ok(())
 }
 
@@ -831,12 +832,13 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
-    let window = match gemma {
-        Some(2..) => (None, None),
-        _ if cohere2 => (None, None),
-        _ => window_settings(
+    // Gemma 2's and 3's and Cohere 2's window is their local layers' (set below).
+    let window = if matches!(gemma, Some(2..)) || cohere2 {
+        (None, None)
+    } else {
+        window_settings(
             windowed_layers(&cfg, int("num_hidden_layers")?).map_err(|m| err(&config_path, m))?,
-        ),
+        )
     };
     let mut config = ModelConfig {
         dim: int("hidden_size")?,
@@ -860,7 +862,6 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
             .unwrap_or(1e-5),
         // Cohere's rotation pairs neighbours, as Meta's Llama does.
         rope_half: !cohere,
-        // Gemma 2's and 3's and Cohere 2's window is their local layers'.
         sliding_window: window.0,
         local_attention: window.1,
         attention_bias: attention_bias(&cfg).map_err(|m| err(&config_path, m))?,

@@ -24,7 +24,8 @@ use crate::{
     hf::{config_int, flag_or, granite_scales, names_architecture, optional_positive},
     model::{
         EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, FUSED_QKV, ModelConfig, Norm, QkNorm,
-        ROUTER, SHARED_GATE, SharedExpert,
+        ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
+        SharedExpert,
     },
     weights::{Weights, builder_name},
 };
@@ -62,12 +63,6 @@ const EXPERT_PARTS: [(&str, &str); 6] = [
     ("down_proj", "w2"),
 ];
 
-/// The builder's names of a shared expert's matrices (under
-/// [`SHARED_EXPERT`](crate::model::SHARED_EXPERT)).
-const SHARED_W1: &str = "feed_forward.shared.w1.weight";
-const SHARED_W3: &str = "feed_forward.shared.w3.weight";
-const SHARED_W2: &str = "feed_forward.shared.w2.weight";
-
 /// Granite-MoE-Shared's shared expert's gate and up projections, fused (gate rows first)
 /// until [`stack_experts`] splits them.
 const SHARED_W13: &str = "feed_forward.shared.w13.weight";
@@ -93,9 +88,9 @@ pub(crate) fn expert_name(hf: &str) -> Option<String> {
             ("block_sparse_moe.gate.weight", ROUTER),
             ("mlp.gate.weight", ROUTER),
             ("mlp.shared_expert_gate.weight", SHARED_GATE),
-            ("mlp.shared_expert.gate_proj.weight", SHARED_W1),
-            ("mlp.shared_expert.up_proj.weight", SHARED_W3),
-            ("mlp.shared_expert.down_proj.weight", SHARED_W2),
+            ("mlp.shared_expert.gate_proj.weight", SHARED_EXPERT_GATE),
+            ("mlp.shared_expert.up_proj.weight", SHARED_EXPERT_UP),
+            ("mlp.shared_expert.down_proj.weight", SHARED_EXPERT_DOWN),
             ("block_sparse_moe.router.layer.weight", ROUTER),
             (
                 "block_sparse_moe.input_linear.weight",
@@ -103,7 +98,7 @@ pub(crate) fn expert_name(hf: &str) -> Option<String> {
             ),
             ("block_sparse_moe.output_linear.weight", EXPERT_DOWNS),
             ("shared_mlp.input_linear.weight", SHARED_W13),
-            ("shared_mlp.output_linear.weight", SHARED_W2),
+            ("shared_mlp.output_linear.weight", SHARED_EXPERT_DOWN),
         ],
     );
     if router.is_some() {
@@ -359,69 +354,77 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
     let Some(experts) = &c.experts else {
         return Ok(());
     };
-    let routing = (0..c.layers).filter(|&l| experts.routes(l));
-    let (stacked, apart): (Vec<usize>, Vec<usize>) = routing.partition(|l| {
-        let fused = format!("layers.{l}.{FUSED_EXPERT_GATE_UPS}");
-        weights.weight_shape(&fused).is_some()
-    });
-    for l in stacked {
-        let hidden = |name: &str| (format!("layers.{l}.{name}"), experts.hidden);
-        let fused = format!("layers.{l}.{FUSED_EXPERT_GATE_UPS}");
-        weights.split_rows(&fused, &[hidden(EXPERT_GATES), hidden(EXPERT_UPS)])?;
-    }
-    let (count, hidden) = (experts.count, experts.hidden);
-    let (dbrx, apart): (Vec<usize>, Vec<usize>) = apart.into_iter().partition(|l| {
-        let transposed = format!("layers.{l}.{TRANSPOSED_EXPERT_DOWNS}");
-        weights.weight_shape(&transposed).is_some()
-    });
-    for l in dbrx {
-        // `[experts * hidden, dim]` each: the gates and ups as they are, the downs
-        // transposed matrix by matrix into `[experts, dim, hidden]`.
-        let p = format!("layers.{l}.");
-        for name in [EXPERT_GATES, EXPERT_UPS] {
-            let dim = matrix_width(weights, &format!("{p}{name}"))?;
-            weights.reshape(&format!("{p}{name}"), vec![count, hidden, dim])?;
-        }
-        let transposed = format!("{p}{TRANSPOSED_EXPERT_DOWNS}");
-        let dim = matrix_width(weights, &transposed)?;
-        weights.reshape(&transposed, vec![count, hidden, dim])?;
-        weights.transpose_matrix(&transposed)?;
-        weights.rename(&transposed, format!("{p}{EXPERT_DOWNS}"));
-    }
     if let Some(shared) = experts.shared {
         for l in 0..c.layers {
             let hidden = |name: &str| (format!("layers.{l}.{name}"), shared.hidden);
             let fused = format!("layers.{l}.{SHARED_W13}");
-            weights.split_rows(&fused, &[hidden(SHARED_W1), hidden(SHARED_W3)])?;
+            weights.split_rows(
+                &fused,
+                &[hidden(SHARED_EXPERT_GATE), hidden(SHARED_EXPERT_UP)],
+            )?;
         }
     }
-    // Each expert's matrices are tensors of their own: a count beyond the tensors held
-    // is refused before the names are listed.
     let held = weights.names().len();
-    if !apart.is_empty() && experts.count > held {
-        return Err(format!(
-            "the model has {} experts a layer, but its files hold {held} tensors",
-            experts.count
-        ));
-    }
-    for l in apart {
-        for (w, stacked) in [
-            ("w1", EXPERT_GATES),
-            ("w3", EXPERT_UPS),
-            ("w2", EXPERT_DOWNS),
-        ] {
-            let parts: Vec<String> = (0..experts.count).map(|e| expert_matrix(l, e, w)).collect();
-            if let Some(e) = parts.iter().position(|p| weights.weight_shape(p).is_none()) {
-                let names = EXPERT_PARTS.iter().filter(|(_, ours)| *ours == w);
-                let theirs: Vec<&str> = names.map(|(theirs, _)| *theirs).collect();
+    for l in (0..c.layers).filter(|&l| experts.routes(l)) {
+        let p = format!("layers.{l}.");
+        let has = |name: &str| weights.weight_shape(&format!("{p}{name}")).is_some();
+        if has(FUSED_EXPERT_GATE_UPS) {
+            // Granite-MoE's: split each expert's fused gate and up projections.
+            let hidden = |name: &str| (format!("{p}{name}"), experts.hidden);
+            let fused = format!("{p}{FUSED_EXPERT_GATE_UPS}");
+            weights.split_rows(&fused, &[hidden(EXPERT_GATES), hidden(EXPERT_UPS)])?;
+        } else if has(TRANSPOSED_EXPERT_DOWNS) {
+            shape_dbrx_experts(experts, &p, weights)?;
+        } else {
+            // Each expert's matrices are tensors of their own: a count beyond the tensors
+            // held is refused before the names are listed.
+            if experts.count > held {
                 return Err(format!(
-                    "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer)",
-                    theirs.join("` or `"),
+                    "the model has {} experts a layer, but its files hold {held} tensors",
                     experts.count
                 ));
             }
-            weights.stack(&parts, &format!("layers.{l}.{stacked}"))?;
+            stack_expert_tensors(experts, l, weights)?;
         }
+    }
+    Ok(())
+}
+
+/// DBRX's experts of the layer whose weights' prefix is `p`, `[experts * hidden, dim]`
+/// each: the gates and ups reshaped as they are, the downs transposed matrix by matrix
+/// into `[experts, dim, hidden]`.
+fn shape_dbrx_experts(experts: &Experts, p: &str, weights: &mut Weights) -> Result<(), String> {
+    let (count, hidden) = (experts.count, experts.hidden);
+    for name in [EXPERT_GATES, EXPERT_UPS, TRANSPOSED_EXPERT_DOWNS] {
+        let name = format!("{p}{name}");
+        let dim = matrix_width(weights, &name)?;
+        weights.reshape(&name, vec![count, hidden, dim])?;
+    }
+    let transposed = format!("{p}{TRANSPOSED_EXPERT_DOWNS}");
+    weights.transpose_matrix(&transposed)?;
+    weights.rename(&transposed, format!("{p}{EXPERT_DOWNS}"));
+    Ok(())
+}
+
+/// Stacks layer `l`'s experts' matrices, one tensor an expert, into [`EXPERT_GATES`],
+/// [`EXPERT_UPS`] and [`EXPERT_DOWNS`]; an expert missing one is an error naming it.
+fn stack_expert_tensors(experts: &Experts, l: usize, weights: &mut Weights) -> Result<(), String> {
+    for (w, stacked) in [
+        ("w1", EXPERT_GATES),
+        ("w3", EXPERT_UPS),
+        ("w2", EXPERT_DOWNS),
+    ] {
+        let parts: Vec<String> = (0..experts.count).map(|e| expert_matrix(l, e, w)).collect();
+        if let Some(e) = parts.iter().position(|p| weights.weight_shape(p).is_none()) {
+            let names = EXPERT_PARTS.iter().filter(|(_, ours)| *ours == w);
+            let theirs: Vec<&str> = names.map(|(theirs, _)| *theirs).collect();
+            return Err(format!(
+                "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer)",
+                theirs.join("` or `"),
+                experts.count
+            ));
+        }
+        weights.stack(&parts, &format!("layers.{l}.{stacked}"))?;
     }
     Ok(())
 }

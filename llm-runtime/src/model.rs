@@ -219,6 +219,15 @@ pub const EXPERT_DOWNS: &str = "feed_forward.experts.w2.weight";
 /// The stem of a shared expert's gated block (`w1`, `w3`, `w2` under it).
 pub const SHARED_EXPERT: &str = "feed_forward.shared";
 
+/// The shared expert's gate projection (under [`SHARED_EXPERT`]): `[hidden, dim]`.
+pub const SHARED_EXPERT_GATE: &str = "feed_forward.shared.w1.weight";
+
+/// The shared expert's up projection (under [`SHARED_EXPERT`]): `[hidden, dim]`.
+pub const SHARED_EXPERT_UP: &str = "feed_forward.shared.w3.weight";
+
+/// The shared expert's down projection (under [`SHARED_EXPERT`]): `[dim, hidden]`.
+pub const SHARED_EXPERT_DOWN: &str = "feed_forward.shared.w2.weight";
+
 /// The shared expert's gate: `[1, dim]`.
 pub const SHARED_GATE: &str = "feed_forward.shared_gate.weight";
 
@@ -254,6 +263,11 @@ impl LocalAttention {
     /// `sliding_window_pattern`).
     pub fn periodic_layers(layers: usize, period: usize) -> Vec<bool> {
         (0..layers).map(|l| (l + 1) % period.max(1) != 0).collect()
+    }
+
+    /// Which layers are global (not local): Cohere 2's, which take no RoPE.
+    pub fn global_layers(&self) -> Vec<bool> {
+        self.layers.iter().map(|&local| !local).collect()
     }
 
     /// Whether layer `l` is local.
@@ -658,9 +672,9 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 ]);
                 if let Some(sh) = x.shared {
                     out.extend([
-                        (format!("{p}{SHARED_EXPERT}.w1.weight"), vec![sh.hidden, d]),
-                        (format!("{p}{SHARED_EXPERT}.w3.weight"), vec![sh.hidden, d]),
-                        (format!("{p}{SHARED_EXPERT}.w2.weight"), vec![d, sh.hidden]),
+                        (format!("{p}{SHARED_EXPERT_GATE}"), vec![sh.hidden, d]),
+                        (format!("{p}{SHARED_EXPERT_UP}"), vec![sh.hidden, d]),
+                        (format!("{p}{SHARED_EXPERT_DOWN}"), vec![d, sh.hidden]),
                     ]);
                     if sh.gated {
                         out.push((format!("{p}{SHARED_GATE}"), vec![1, d]));
