@@ -547,6 +547,53 @@ fn paged_attention_equals_contiguous_attention_and_reads_only_its_blocks() {
     assert_close(&floats(&paged[0]), &contiguous, 1e-6);
 }
 
+/// Attention sinks: each head's weights are `exp(s_j) / (exp(sink) + sum_i exp(s_i))`,
+/// computed here by hand for the last of three positions (4 query heads over 2 KV heads
+/// of 4; sinks that dominate, vanish and fall between).
+#[test]
+fn paged_attention_with_sinks_gives_weight_to_no_value() {
+    let (t, h, kvh, d) = (3usize, 4usize, 2usize, 4usize);
+    let (q, k, v) = (
+        random(h * d, 30),
+        random(t * kvh * d, 31),
+        random(t * kvh * d, 32),
+    );
+    let sinks = [6.0f32, -30.0, 0.0, 0.4];
+    let out = run(
+        &[("c", CACHE_T), ("k", "llm.tensor <3x2x4xf32>"), ("v", "llm.tensor <3x2x4xf32>"), ("s", "llm.tensor <3xi32>"), ("q", "llm.tensor <1x1x4x4xf32>"), ("tables", "llm.tensor <1x2xi32>"), ("lens", "llm.tensor <1xi32>"), ("z", "llm.tensor <4xf32>")],
+        &["llm.tensor <1x1x4x4xf32>"],
+        &format!("        c1 = llm.append_kv c, k, v, s {{layer = 0}} : {CACHE_T};\n        o = llm.paged_attention q, c1, tables, lens, z {{layer = 0, kv_heads = 2}} : llm.tensor <1x1x4x4xf32>;\n        llm.return o"),
+        vec![Value::Cache(cache(2, 2, None)), f32s(&[t, kvh, d], &k), f32s(&[t, kvh, d], &v), i32s(&[t], &[2, 3, 0]), f32s(&[1, 1, h, d], &q), i32s(&[1, 2], &[1, 0]), i32s(&[1], &[3]), f32s(&[h], &sinks)],
+    )
+    .expect("runs");
+    let mut want = Vec::new();
+    for (head, &sink) in sinks.iter().enumerate() {
+        let row = |x: &[f32], j: usize| x[(j * kvh + head / 2) * d..][..d].to_vec();
+        let scores: Vec<f64> = (0..t)
+            .map(|j| {
+                let dot: f64 = (0..d)
+                    .map(|i| f64::from(q[head * d + i] * row(&k, j)[i]))
+                    .sum();
+                (dot / 2.0).exp()
+            })
+            .collect();
+        let total = f64::from(sink).exp() + scores.iter().sum::<f64>();
+        want.extend((0..d).map(|i| {
+            let sum: f64 = (0..t).map(|j| scores[j] * f64::from(row(&v, j)[i])).sum();
+            (sum / total) as f32
+        }));
+    }
+    assert_close(&floats(&out[0]), &want, 1e-6);
+    // The dominant sink leaves little weight to the values, the vanishing one all of it.
+    let norm = |head: usize| {
+        out[0].tensor().expect("t").floats().expect("f")[head * d..][..d]
+            .iter()
+            .map(|x| x.abs())
+            .sum::<f32>()
+    };
+    assert!(norm(0) < 0.05 * norm(1), "{} vs {}", norm(0), norm(1));
+}
+
 /// The causal `llm.attention` of `t` query rows of `h` heads of `d` over the keys `k` and
 /// values `v` of `kvh` heads.
 fn causal_attention([t, h, kvh, d]: [usize; 4], q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {

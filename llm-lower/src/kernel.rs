@@ -776,6 +776,16 @@ pub enum AttentionSource {
 }
 
 impl AttentionSource {
+    /// The op's operands before its attention sinks: a paged attention's four, an append
+    /// attention's seven, a contiguous attention's three and its mask.
+    pub fn operands(&self) -> usize {
+        match self {
+            AttentionSource::Paged { append: false, .. } => 4,
+            AttentionSource::Paged { append: true, .. } => 7,
+            AttentionSource::Contiguous { masked, .. } => 3 + usize::from(*masked),
+        }
+    }
+
     /// Whether a mask is added to the scores (a contiguous attention's fourth operand).
     pub fn masked(&self) -> bool {
         matches!(self, AttentionSource::Contiguous { masked: true, .. })
@@ -1105,6 +1115,9 @@ pub enum Kernel {
         scoring: Scoring,
         /// Where keys and values are.
         source: AttentionSource,
+        /// Each head's softmax counts an attention sink (a score without a value; the op's
+        /// `sinks` operand, `[heads]`, is the kernel's last parameter).
+        sinks: bool,
     },
     /// `llm.quantize` of `rows` rows of `k` `f32` values into q8_0, q4_0, q4_1, a K-quant
     /// (q4_k, q6_k, q2_k), nf4 or an affine integer format (a matrix), byte for byte as the
@@ -1274,10 +1287,12 @@ impl Kernel {
                 kv_heads,
                 d,
                 source,
+                sinks,
                 ..
             } => format!(
-                "attention_{heads}x{d}_kv{kv_heads}{}",
-                if source.masked() { "_masked" } else { "" }
+                "attention_{heads}x{d}_kv{kv_heads}{}{}",
+                if source.masked() { "_masked" } else { "" },
+                if *sinks { "_sinks" } else { "" }
             ),
             Kernel::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
             Kernel::Quantize { format, rows, k } => match rows {
@@ -1359,11 +1374,13 @@ impl Kernel {
                 d,
                 scoring,
                 source,
+                sinks,
             } => Some(Kernel::Attention {
                 heads: *heads,
                 kv_heads: *kv_heads,
                 d: *d,
                 scoring: *scoring,
+                sinks: *sinks,
                 source: match source {
                     // The rows a kernel reads stay in its key: a 16-bit or block-format
                     // cache's.
@@ -1749,13 +1766,16 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
             let [_, _, Some(heads), Some(d)] = q.shape() else {
                 return None;
             };
+            let append = name == "llm.append_attention";
             let source = AttentionSource::Paged {
                 layer: check.int("layer")? as usize,
                 window: check.int("window").map(|w| w as usize),
-                append: name == "llm.append_attention",
+                append,
                 rounding: KvRounding::of(&cache.params().storage),
             };
-            attention(&check, *heads as usize, *d as usize, source)
+            let sinks = if append { 7 } else { 4 };
+            let sinks_ok = check.num_operands() == sinks || f32_operand(&check, sinks).is_some();
+            attention(&check, *heads as usize, *d as usize, source).filter(|_| sinks_ok)
         }
         "llm.attention" => {
             let q = f32_operand(&check, 0)?;
@@ -1852,6 +1872,7 @@ fn attention(check: &OpCheck, heads: usize, d: usize, source: AttentionSource) -
             kv_heads,
             d,
             scoring: Scoring::from_params(check.float("scale"), check.float("softcap"), d),
+            sinks: check.num_operands() > source.operands(),
             source,
         })
 }

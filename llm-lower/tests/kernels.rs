@@ -1828,13 +1828,14 @@ fn moves_floats_and_ints(
 
 /// A paged decode attention of `seqs` rows (`kv * group` query heads of `d`) over a
 /// cache of `width` blocks per sequence stored as `storage`, with contexts `lens`, an
-/// optional window and an optional soft-cap: the function and its arguments (seeded from
-/// `seed`).
+/// optional window, an optional soft-cap and optional attention sinks (an argument of
+/// seeded values in [-3, 3), on the scale of the scores): the function and its arguments
+/// (seeded from `seed`).
 fn paged_attention_case(
     [seqs, kv, group, d, width]: [usize; 5],
     storage: KvStorage,
     lens: Vec<i64>,
-    (window, softcap): (Option<usize>, Option<f32>),
+    (window, softcap, sinks): (Option<usize>, Option<f32>, bool),
     seed: u64,
 ) -> (String, Vec<Value>) {
     let h = kv * group;
@@ -1843,25 +1844,31 @@ fn paged_attention_case(
     if let Some(cap) = softcap {
         win.push_str(&format!(", softcap = {cap:?}"));
     }
-    let ir = func(
-        &[
-            ("q".into(), ty(&[seqs, 1, h, d])),
-            ("c".into(), cty),
-            ("t".into(), ity(&[seqs, width])),
-            ("l".into(), ity(&[seqs])),
-        ],
-        &ty(&[seqs, 1, h, d]),
-        &format!(
-            "y = llm.paged_attention q, c, t, l {{layer = 1, kv_heads = {kv}{win}}} : {};",
-            ty(&[seqs, 1, h, d])
-        ),
-    );
-    let args = vec![
+    let mut params = vec![
+        ("q".into(), ty(&[seqs, 1, h, d])),
+        ("c".into(), cty),
+        ("t".into(), ity(&[seqs, width])),
+        ("l".into(), ity(&[seqs])),
+    ];
+    let mut args = vec![
         tensor(&[seqs, 1, h, d], seed, 1.0),
         c,
         ints(&[seqs, width], tables(seqs, width, seed + 5)),
         ints(&[seqs], lens),
     ];
+    if sinks {
+        params.push(("s".into(), ty(&[h])));
+        args.push(tensor(&[h], seed + 6, 3.0));
+    }
+    let ir = func(
+        &params,
+        &ty(&[seqs, 1, h, d]),
+        &format!(
+            "y = llm.paged_attention q, c, t, l{} {{layer = 1, kv_heads = {kv}{win}}} : {};",
+            if sinks { ", s" } else { "" },
+            ty(&[seqs, 1, h, d])
+        ),
+    );
     (ir, args)
 }
 
@@ -1975,9 +1982,9 @@ proptest! {
     }
 
     #[test]
-    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), softcap in prop::option::of(prop::sample::select(vec![0.5f32, 2.0, 50.0])), storage in float_storages(), seed: u64) {
+    fn paged_attention(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, d in prop::sample::select(vec![1usize, 3, 4, 7, 8, 13, 16, 33, 40, 64]), width in 1usize..12, window in prop::option::of(1usize..30), softcap in prop::option::of(prop::sample::select(vec![0.5f32, 2.0, 50.0])), sinks in any::<bool>(), storage in float_storages(), seed: u64) {
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
-        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, (window, softcap), seed);
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, (window, softcap, sinks), seed);
         agree(&ir, args, 2e-6)?;
     }
 
@@ -1985,29 +1992,35 @@ proptest! {
     /// the blocks as the reference does (the CPU into f32 rows first, the GPU as it
     /// reads them).
     #[test]
-    fn paged_attention_over_block_caches(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in block_storages(), width in 1usize..8, window in prop::option::of(1usize..30), seed: u64) {
+    fn paged_attention_over_block_caches(seqs in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in block_storages(), width in 1usize..8, window in prop::option::of(1usize..30), sinks in any::<bool>(), seed: u64) {
         let lens: Vec<i64> = values(seed + 4, seqs, 1.0).iter().map(|v| 1 + ((v + 1.0) / 2.0 * (4 * width - 1) as f32) as i64).collect();
-        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, (window, None), seed);
+        let (ir, args) = paged_attention_case([seqs, kv, group, d, width], storage, lens, (window, None, sinks), seed);
         agree(&ir, args, 2e-6)?;
     }
 
     /// `append_attention` on caches of every float storage (the appended rows rounded to
     /// it) and every block format (the rows quantized into its blocks).
     #[test]
-    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in prop_oneof![(float_storages(), 1usize..12), block_storages()], start in 0usize..6, seed: u64) {
+    fn append_attention(t in 1usize..4, kv in 1usize..3, group in 1usize..3, (storage, d) in prop_oneof![(float_storages(), 1usize..12), block_storages()], start in 0usize..6, sinks in any::<bool>(), seed: u64) {
         let h = kv * group;
         let width = (start + t).div_ceil(4);
         let (c, cty) = stored_cache(storage, kv, d, width + 1, seed + 3);
         let table = tables(1, width + 1, seed + 5)[..width].to_vec();
         let slots: Vec<i64> = (start..start + t).map(|p| table[p / 4] * 4 + (p % 4) as i64).collect();
+        // The attention sinks, where the case has them: an argument after the others.
+        let (sink_param, sink_operand) = if sinks { (format!(", {}", ty(&[h])), ", z") } else { (String::new(), "") };
+        let sink_arg = if sinks { format!(", z: {}", ty(&[h])) } else { String::new() };
         let ir = format!(
-            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        llm.return y, c2\n    }}\n}}\n",
+            "builtin.module @m {{\n  ^entry():\n    builtin.func @f: builtin.function <({q}, {cty}, {kvt}, {kvt}, {st}, {tt}, {lt}{sink_param}) -> ({q}, {cty})> {{\n      ^body(q: {q}, c: {cty}, k: {kvt}, v: {kvt}, s: {st}, t: {tt}, l: {lt}{sink_arg}):\n        y, c2 = llm.append_attention q, c, k, v, s, t, l{sink_operand} {{layer = 0, kv_heads = {kv}}} : {q}, {cty};\n        llm.return y, c2\n    }}\n}}\n",
             q = ty(&[1, t, h, d]), kvt = ty(&[t, kv, d]), st = ity(&[t]), tt = ity(&[1, width]), lt = ity(&[1]),
         );
-        let args = vec![
+        let mut args = vec![
             tensor(&[1, t, h, d], seed, 1.0), c, tensor(&[t, kv, d], seed + 6, 1.0), tensor(&[t, kv, d], seed + 7, 1.0),
             ints(&[t], slots), ints(&[1, width], table), ints(&[1], vec![(start + t) as i64]),
         ];
+        if sinks {
+            args.push(tensor(&[h], seed + 8, 3.0));
+        }
         agree(&ir, args, 2e-6)?;
     }
 
@@ -2313,10 +2326,37 @@ fn wide_attention_heads() {
             [2, 1, 2, d, 3],
             KvStorage::Float(DType::F32),
             vec![7, 12],
-            (None, softcap),
+            (None, softcap, false),
             seed,
         );
         agree(&ir, args, 2e-6).expect("agrees");
+    }
+}
+
+/// Attention sinks over contexts of every length class: shorter than, equal to and longer
+/// than the row kernel's 8-position vectors and 64-position blocks (its softmax starts
+/// from the sinks and rescales at each block) and than the GPU's chunks (the first chunk
+/// starts from the sinks, the merge takes them in), in the row kernel's shapes (heads of
+/// 8 and 64) and the generated kernel's (heads of 12), with large sinks that dominate a
+/// short row's softmax and small ones that vanish.
+#[test]
+fn attention_sinks_over_long_contexts() {
+    let lens = vec![1, 8, 63, 64, 65, 129, 300];
+    let width = 300usize.div_ceil(4);
+    for (d, kv, group) in [(8, 2, 4), (64, 1, 2), (12, 2, 1)] {
+        let (ir, mut args) = paged_attention_case(
+            [lens.len(), kv, group, d, width],
+            KvStorage::Float(DType::F32),
+            lens.clone(),
+            (None, None, true),
+            23,
+        );
+        let h = kv * group;
+        for scale in [8.0, 0.01] {
+            args[4] = tensor(&[h], 29, scale);
+            agree(&ir, args.clone(), 2e-6)
+                .unwrap_or_else(|e| panic!("d {d}, {kv}x{group}, sinks of {scale}: {e}"));
+        }
     }
 }
 
@@ -2377,7 +2417,7 @@ fn attention_rows_in_parallel() {
         [seqs, kv, group, d, width],
         KvStorage::Float(DType::F32),
         lens,
-        (None, None),
+        (None, None, false),
         19,
     );
     agree(&ir, args, 2e-6).unwrap();

@@ -147,11 +147,13 @@ llm_op! {
     /// including its `T` new ones (already written with `llm.append_kv`), so query `t` of
     /// sequence `b` sits at position `p = context_lens[b] - T + t` and attends to positions
     /// `0..=p` (the last `window` of them with a sliding window) of layer `layer`, reading
-    /// only the blocks in its own table.
+    /// only the blocks in its own table. With `sinks` (`[H]`, gpt-oss's attention sinks),
+    /// head `h`'s softmax also counts a position of score `sinks[h]` that has no value: its
+    /// weights are `exp(s_j) / (exp(sinks[h]) + sum_i exp(s_i))`, so they sum to less than 1.
     ///
     /// | | |
     /// |---|---|
-    /// | operands | `q`: float `llm.tensor` `[B, T, H, D]`; `cache`: `llm.paged_kv_cache`; `block_tables`: `[B, M]`; `context_lens`: `[B]` |
+    /// | operands | `q`: float `llm.tensor` `[B, T, H, D]`; `cache`: `llm.paged_kv_cache`; `block_tables`: `[B, M]`; `context_lens`: `[B]`; optional `sinks`: `[H]`, `q`'s element type |
     /// | results | `result`: `[B, T, H, D]` |
     /// | `layer` (int, required) | which layer of the cache |
     /// | `kv_heads` (int, required) | must equal the cache's `kv_heads` |
@@ -164,7 +166,7 @@ llm_op! {
     /// v4 = llm.paged_attention v0, v1, v2, v3 {layer = 0, kv_heads = 2} : llm.tensor <2x1x4x16xf32>
     /// ```
     PagedAttentionOp = "llm.paged_attention",
-    operands: Operands::Fixed(&["q", "cache", "block_tables", "context_lens"]),
+    operands: Operands::Optional(&["q", "cache", "block_tables", "context_lens"], &["sinks"]),
     results: ["result"],
     params: [
         ParamSpec::required("layer", ParamKind::Int),
@@ -218,8 +220,19 @@ fn check_paged_attention(c: &OpCheck) -> Result<()> {
     )?;
     c.index_dtype(&c.operand_desc(3), lens.dtype())?;
     c.shape(&c.operand_desc(3), lens.shape(), &[qs[0]])?;
+    check_sinks(c, 4, q.dtype(), qs[2])?;
     c.same_dtype(&c.result_desc(0), out.dtype(), q.dtype())?;
     c.shape(&c.result_desc(0), out.shape(), qs)
+}
+
+/// Checks the optional attention sinks, operand `index`: `[heads]` of the queries' `dtype`.
+pub(crate) fn check_sinks(c: &OpCheck, index: usize, dtype: DType, heads: Dim) -> Result<()> {
+    if c.num_operands() <= index {
+        return Ok(());
+    }
+    let sinks = c.tensor(index)?;
+    c.same_dtype(&c.operand_desc(index), sinks.dtype(), dtype)?;
+    c.shape(&c.operand_desc(index), sinks.shape(), &[heads])
 }
 
 /// Checks the `layer` parameter against a cache of `layers` layers.

@@ -17,7 +17,7 @@ use crate::{
     llm_op,
     ops::{
         OpCheck, Operands,
-        attention::{check_heads, check_layer},
+        attention::{check_heads, check_layer, check_sinks},
         elementwise::broadcast_shapes,
         kv::{check_cache_is_dead_after, check_kv_rows},
         show_shape,
@@ -247,7 +247,7 @@ llm_op! {
     ///
     /// | | |
     /// |---|---|
-    /// | operands | `q` `[B, T, H, D]`; `cache`; `k`, `v` `[N, kv_heads, head_dim]`; `slots` `[N]`; `block_tables` `[B, M]`; `context_lens` `[B]` |
+    /// | operands | `q` `[B, T, H, D]`; `cache`; `k`, `v` `[N, kv_heads, head_dim]`; `slots` `[N]`; `block_tables` `[B, M]`; `context_lens` `[B]`; optional `sinks` `[H]` (as for `llm.paged_attention`) |
     /// | results | `result` `[B, T, H, D]`; `updated`: the cache type |
     /// | `layer`, `kv_heads` (int, required); `scale`, `softcap` (float), `window` (int) | as for `llm.paged_attention` |
     ///
@@ -256,7 +256,10 @@ llm_op! {
     /// v7, v8 = llm.append_attention v0, v1, v2, v3, v4, v5, v6 {layer = 0, kv_heads = 2} : llm.tensor <?x1x4x16xf32>, llm.paged_kv_cache <layers = 1, kv_heads = 2, head_dim = 16, block_size = 16, blocks = ?, dtype = f32>
     /// ```
     AppendAttentionOp = "llm.append_attention",
-    operands: Operands::Fixed(&["q", "cache", "k", "v", "slots", "block_tables", "context_lens"]),
+    operands: Operands::Optional(
+        &["q", "cache", "k", "v", "slots", "block_tables", "context_lens"],
+        &["sinks"]
+    ),
     results: ["result", "updated"],
     params: [
         ParamSpec::required("layer", ParamKind::Int),
@@ -304,6 +307,7 @@ fn check_append_attention(c: &OpCheck) -> Result<()> {
     )?;
     c.index_dtype(&c.operand_desc(6), lens.dtype())?;
     c.shape(&c.operand_desc(6), lens.shape(), &[qs[0]])?;
+    check_sinks(c, 7, q.dtype(), qs[2])?;
     let out = c.result_tensor(0)?;
     c.same_dtype(&c.result_desc(0), out.dtype(), q.dtype())?;
     c.shape(&c.result_desc(0), out.shape(), qs)?;

@@ -118,11 +118,13 @@ fn element_of_shape(shape: i64) -> KvElement {
 /// offsets are those of f32 rows, in bytes), KV head `h` `h * d` elements after it;
 /// scores are scaled by the f32 whose bits are `factor`, then soft-capped by the one whose
 /// bits are `cap` (none where `cap` is 0); the `heads * d` outputs go to `out`. `shape` is
-/// [`shape_word`].
+/// [`shape_word`]. Where `sinks` is not null, head `h`'s softmax also counts an attention
+/// sink of score `sinks[h]` and no value.
 ///
 /// # Safety
 ///
-/// `q` points to `heads * d` floats and `out` to as many writable ones; every offset is
+/// `q` points to `heads * d` floats and `out` to as many writable ones; `sinks` is null or
+/// points to `heads` floats; every offset is
 /// one whose row lies inside `k` and `v`; `offsets` holds `count` (at least 1) entries;
 /// `heads`, `kv_heads` and `d` [`fit`](fits) and the element is a [`KvElement`] (for a
 /// block format, `d` and every `offsets[j] / 4` a multiple of its 32 values); the CPU
@@ -138,6 +140,7 @@ pub unsafe extern "C" fn attention_row(
     shape: i64,
     factor: i64,
     cap: i64,
+    sinks: *const f32,
 ) {
     let heads = (shape & 0xffff) as usize;
     let kv_heads = ((shape >> 16) & 0xffff) as usize;
@@ -154,6 +157,7 @@ pub unsafe extern "C" fn attention_row(
             scale: Scale::Times(f32::from_bits(factor as u32)),
             softcap: (cap != 0).then(|| f32::from_bits(cap as u32)),
         },
+        sinks,
     };
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -182,6 +186,7 @@ struct RowArgs {
     out: *mut f32,
     shape: [usize; 3],
     scoring: Scoring,
+    sinks: *const f32,
 }
 
 /// [`attention_row`] over rows of `E`.
@@ -200,6 +205,7 @@ unsafe fn attend_row<E: Element>(a: RowArgs) {
         out,
         shape: [heads, kv_heads, d],
         scoring,
+        sinks,
     } = a;
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -214,8 +220,9 @@ unsafe fn attend_row<E: Element>(a: RowArgs) {
         for first in (0..heads).step_by(pass) {
             let n = pass.min(heads - first);
             let kv = first / group;
+            let sinks = (!sinks.is_null()).then(|| std::slice::from_raw_parts(sinks.add(first), n));
             attend_heads::<E>(
-                (d, scoring, group),
+                (d, scoring, group, sinks),
                 q.add(first * d),
                 (k.add(E::bytes(kv * d)), v.add(E::bytes(kv * d))),
                 offsets,
@@ -340,11 +347,12 @@ type Scores = [f32; BLOCK];
 /// The query heads `q` (one row of `d` per entry of `scores`: whole groups of `group`
 /// heads, group `g` over the KV head `g` after the one at `k`/`v`) over the rows at
 /// `offsets`, into `out`: per block of positions the scores of every head, the
-/// online-softmax update, then the values.
+/// online-softmax update, then the values; each head's softmax starts from its sink's
+/// score, where there are `sinks`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_heads<E: Element>(
-    (d, scoring, group): (usize, Scoring, usize),
+    (d, scoring, group, sinks): (usize, Scoring, usize, Option<&[f32]>),
     q: *const f32,
     (k, v): (*const u8, *const u8),
     offsets: &[i64],
@@ -352,7 +360,7 @@ unsafe fn attend_heads<E: Element>(
 ) {
     use std::arch::x86_64::*;
     let heads = scores.len();
-    let mut softmax = Softmax::new();
+    let mut softmax = Softmax::new(sinks);
     // SAFETY: every pointer below is inside the rows the caller's contract describes.
     unsafe {
         for h in 0..heads {
@@ -481,12 +489,17 @@ struct Softmax {
 
 #[cfg(target_arch = "x86_64")]
 impl Softmax {
-    /// Every head before any position.
-    fn new() -> Softmax {
-        Softmax {
+    /// Every head before any position: nothing seen, or only its attention sink (a score
+    /// whose exponential counts in the sum, 1 around itself as the maximum).
+    fn new(sinks: Option<&[f32]>) -> Softmax {
+        let mut softmax = Softmax {
             max: [f32::MIN; MAX_GROUP],
             sum: [0.0; MAX_GROUP],
+        };
+        for (h, &sink) in sinks.unwrap_or_default().iter().enumerate() {
+            (softmax.max[h], softmax.sum[h]) = (sink, 1.0);
         }
+        softmax
     }
 
     /// Takes in a block of `len` scores per head: each head's scores become their
@@ -760,6 +773,7 @@ mod tests {
                     shape_word(k.element(), heads, kv, d),
                     0.25f32.to_bits() as i64,
                     0,
+                    std::ptr::null(),
                 );
             }
             out

@@ -128,10 +128,11 @@ pub fn call(
                 kv_heads,
                 d,
                 source,
+                sinks,
                 ..
             },
             Some(f),
-        ) => attention(k, [*heads, *kv_heads, *d], *source, f, inputs),
+        ) => attention(k, [*heads, *kv_heads, *d], (*source, *sinks), f, inputs),
         (Kernel::Broadcast(body), Some(f)) => match broadcast(k, body, f, inputs) {
             Some(out) => out.and_then(|t| k.tensor(t)),
             None => return Err(Unsupported),
@@ -882,18 +883,24 @@ pub(super) fn rotate_in_place(
 }
 
 /// Calls an attention kernel once per query row, with the byte offsets of the key/value
-/// rows it sees (computed and bounds-checked here).
+/// rows it sees (computed and bounds-checked here) and, where it has `sinks`, the op's
+/// last operand.
 fn attention(
     k: &Kernels,
     [heads, kv_heads, d]: [usize; 3],
-    source: AttentionSource,
+    (source, sinks): (AttentionSource, bool),
     f: *const u8,
     inputs: &mut Operands,
 ) -> Outputs {
+    if inputs.len() != source.operands() + usize::from(sinks) {
+        return Err(format!("{} operands for the attention", inputs.len()));
+    }
+    let sinks = if sinks { inputs.pop() } else { None };
+    let sinks = extra_operand(sinks.as_ref().map(Some), &[heads], "sinks")?;
     // The cache an append updates, taken out of the operands (`[q, k, v, slots, tables,
     // lens]` remain) so that it is updated in place when nothing else holds it.
     let appended = match source {
-        AttentionSource::Paged { append: true, .. } if inputs.len() == 7 => Some(inputs.remove(1)),
+        AttentionSource::Paged { append: true, .. } => Some(inputs.remove(1)),
         _ => None,
     };
     let q = inputs[0].tensor()?;
@@ -905,7 +912,7 @@ fn attention(
         ));
     }
     let mut out = k.pool.zeroed(qd.len());
-    let rows = AttentionRows::new(f, [heads, d], qd);
+    let rows = AttentionRows::new(f, [heads, d], qd, sinks);
     match source {
         AttentionSource::Paged { layer, window, .. } => {
             let mut updated = None;
@@ -978,7 +985,7 @@ fn attention(
 }
 
 /// The signature of an attention kernel: (q, k, v, offsets, count, out); a masked one's
-/// takes the mask after them.
+/// takes the mask after them, one with sinks the sinks last.
 type AttentionFn = extern "C" fn(i64, i64, i64, i64, i64, i64);
 
 /// A compiled attention kernel and the query rows it runs over.
@@ -991,17 +998,27 @@ pub(super) struct AttentionRows<'a> {
     row: usize,
     /// The query rows.
     queries: &'a [f32],
+    /// The heads' attention sinks, for a kernel that takes them.
+    sinks: Option<&'a [f32]>,
 }
 
 impl<'a> AttentionRows<'a> {
-    /// The query rows `queries` of `heads` heads of `d` for the compiled kernel `f`.
-    pub(super) fn new(f: *const u8, [heads, d]: [usize; 2], queries: &'a [f32]) -> Self {
+    /// The query rows `queries` of `heads` heads of `d` for the compiled kernel `f`, with
+    /// the heads' attention `sinks` (one a head, checked by the caller) exactly where `f`
+    /// takes them.
+    pub(super) fn new(
+        f: *const u8,
+        [heads, d]: [usize; 2],
+        queries: &'a [f32],
+        sinks: Option<&'a [f32]>,
+    ) -> Self {
         AttentionRows {
             // SAFETY: `f` is a compiled attention kernel.
             f: unsafe { std::mem::transmute::<*const u8, AttentionFn>(f) },
             d,
             row: heads * d,
             queries,
+            sinks,
         }
     }
 
@@ -1021,31 +1038,39 @@ impl<'a> AttentionRows<'a> {
         if offsets.is_empty() {
             return;
         }
-        let args = (
+        let a = [
             self.queries[r * self.row..].as_ptr() as i64,
             kd.as_ptr() as i64,
             vd.as_ptr() as i64,
             offsets.as_ptr() as i64,
             offsets.len() as i64,
             (out_at + 4 * r * self.row) as i64,
-        );
-        match mask {
-            Some(m) => {
-                // SAFETY: a masked attention kernel's signature is (q, k, v, offsets,
-                // count, out, mask), with one mask value per offset.
-                let masked: extern "C" fn(i64, i64, i64, i64, i64, i64, i64) =
-                    unsafe { std::mem::transmute(self.f) };
-                masked(
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    args.4,
-                    args.5,
-                    m.as_ptr() as i64,
-                );
+        ];
+        type Seven = extern "C" fn(i64, i64, i64, i64, i64, i64, i64);
+        type Eight = extern "C" fn(i64, i64, i64, i64, i64, i64, i64, i64);
+        let at = |x: &[f32]| x.as_ptr() as i64;
+        // SAFETY: the kernel takes a parameter for the mask's values and then one for the
+        // sinks where its op has them (`codegen::param_count`); the callers give them to
+        // match.
+        unsafe {
+            match (mask, self.sinks) {
+                (None, None) => (self.f)(a[0], a[1], a[2], a[3], a[4], a[5]),
+                (Some(x), None) | (None, Some(x)) => std::mem::transmute::<AttentionFn, Seven>(
+                    self.f,
+                )(
+                    a[0], a[1], a[2], a[3], a[4], a[5], at(x)
+                ),
+                (Some(m), Some(s)) => std::mem::transmute::<AttentionFn, Eight>(self.f)(
+                    a[0],
+                    a[1],
+                    a[2],
+                    a[3],
+                    a[4],
+                    a[5],
+                    at(m),
+                    at(s),
+                ),
             }
-            None => (self.f)(args.0, args.1, args.2, args.3, args.4, args.5),
         }
     }
 }

@@ -46,8 +46,10 @@ pub fn param_count(kernel: &Kernel) -> usize {
         Kernel::LayerNorm { .. } => 5,
         // x (rotated in place), cos, sin, tokens
         Kernel::Rope { .. } => 4,
-        // q, k, v, offsets, count, out (, the query row's mask values)
-        Kernel::Attention { source, .. } => 6 + usize::from(source.masked()),
+        // q, k, v, offsets, count, out (, the query row's mask values) (, the sinks)
+        Kernel::Attention { source, sinks, .. } => {
+            6 + usize::from(source.masked()) + usize::from(*sinks)
+        }
         // x, w, y, batch, m, k, n, w's batch stride in floats (0: shared)
         Kernel::BatchedMatmul { .. } => 8,
         // x, y, len
@@ -129,8 +131,10 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
             d,
             scoring,
             source,
+            sinks,
         } => {
             let mask = source.masked().then(|| p[6]);
+            let sinks = sinks.then(|| p[6 + usize::from(source.masked())]);
             match tiles.attention {
                 Some(tile) if mask.is_none() => {
                     let shape = attention::shape_word(source.element(), *heads, *kv_heads, *d);
@@ -141,9 +145,11 @@ pub fn emit(b: &mut FunctionBuilder, kernel: &Kernel, p: &[Value], tiles: Tiles)
                     for word in [shape, factor, cap] {
                         args.push(b.ins().iconst(types::I64, word));
                     }
+                    // No sinks is a null pointer.
+                    args.push(sinks.unwrap_or_else(|| b.ins().iconst(types::I64, 0)));
                     b.ins().call(tile, &args);
                 }
-                _ => emit_attention(b, [*heads, *kv_heads, *d], *scoring, &p[..6], mask),
+                _ => emit_attention(b, [*heads, *kv_heads, *d], *scoring, &p[..6], [mask, sinks]),
             }
         }
         Kernel::BatchedMatmul { transposed } => emit_batched_matmul(b, *transposed, p),
@@ -1218,13 +1224,15 @@ const QUERY_REGISTER_FLOATS: usize = 64;
 /// maximum `m` and sum `l` absorb the block (its output row is rescaled by
 /// `exp(m_old - m_new)` once per block), and the exponentials and the block maximum are
 /// computed four lanes at a time. With a `mask`, `mask[j]` is added to position `j`'s
-/// score (scaled, then soft-capped where `scoring` has a cap). `count` must be at least 1.
+/// score (scaled, then soft-capped where `scoring` has a cap). With `sinks` (one per head),
+/// head `h`'s softmax starts from a sink of score `sinks[h]` and no value: its running
+/// maximum is the sink and its sum 1. `count` must be at least 1.
 fn emit_attention(
     b: &mut FunctionBuilder,
     [heads, kv_heads, d]: [usize; 3],
     scoring: Scoring,
     p: &[Value],
-    mask: Option<Value>,
+    [mask, sinks]: [Option<Value>; 2],
 ) {
     let (q, k, v, offsets, count, out) = (p[0], p[1], p[2], p[3], p[4], p[5]);
     let group = heads / kv_heads;
@@ -1255,11 +1263,20 @@ fn emit_attention(
             .collect();
         let lowest = b.ins().f32const(f32::MIN);
         let zs = b.ins().f32const(0.0);
+        let sink_sum = sinks.map(|_| b.ins().f32const(1.0));
         let state: Vec<(Variable, Variable)> = (0..group)
-            .map(|_| {
+            .map(|g| {
                 let (m, l) = (b.declare_var(types::F32), b.declare_var(types::F32));
-                b.def_var(m, lowest);
-                b.def_var(l, zs);
+                let (m0, l0) = match (sinks, sink_sum) {
+                    (Some(sinks), Some(one)) => {
+                        let head = b.ins().iadd_imm_s(first, g as i64);
+                        let at = address(b, sinks, head, 4);
+                        (b.ins().load(types::F32, mem(), at, 0), one)
+                    }
+                    _ => (lowest, zs),
+                };
+                b.def_var(m, m0);
+                b.def_var(l, l0);
                 (m, l)
             })
             .collect();

@@ -251,7 +251,7 @@ pub fn compile(
     }
     let q4_k_row = import(kquant::Q4_K_ROW, 4)?;
     let q6_k_row = import(kquant::Q6_K_ROW, 4)?;
-    let attention_row = import(attention::ATTENTION_ROW, 9)?;
+    let attention_row = import(attention::ATTENTION_ROW, 10)?;
     let mut grids = Vec::with_capacity(lattice::GRIDS.len());
     for (format, symbol) in lattice::GRIDS {
         let id = module

@@ -184,6 +184,7 @@ enum Op {
         append: Option<(Src, Src, usize)>,
         tables: usize,
         lens: usize,
+        sinks: Option<Src>,
         sequences: [usize; 2],
         out: Buf,
     },
@@ -686,6 +687,7 @@ fn plan_kernel(
                         append,
                         ..
                     },
+                sinks,
                 ..
             },
             Some(f),
@@ -715,7 +717,14 @@ fn plan_kernel(
                 (false, [_, _, rest @ ..]) if step.outputs.len() == 1 => (None, rest),
                 _ => return None,
             };
-            let [tables, lens] = rest else { return None };
+            let (tables, lens, sinks) = match (rest, sinks) {
+                ([tables, lens], false) => (tables, lens, None),
+                ([tables, lens, sinks], true) => {
+                    (b.count(*sinks)? == *heads).then_some(())?;
+                    (tables, lens, Some(b.shaping(*sinks)?))
+                }
+                _ => return None,
+            };
             let len = q_shape.iter().product::<usize>();
             (b.count(result)? == len).then_some(())?;
             Op::Attention {
@@ -728,6 +737,7 @@ fn plan_kernel(
                 append,
                 tables: b.arg(*tables)?,
                 lens: b.arg(*lens)?,
+                sinks,
                 sequences: [q_shape[0], q_shape[1]],
                 out: b.define(result, i, len),
             }
@@ -866,8 +876,17 @@ impl Op {
                 x.place(place);
                 place(out);
             }
-            Op::Attention { q, append, out, .. } => {
+            Op::Attention {
+                q,
+                append,
+                sinks,
+                out,
+                ..
+            } => {
                 q.place(place);
+                if let Some(sinks) = sinks {
+                    sinks.place(place);
+                }
                 if let Some((keys, values, _)) = append {
                     keys.place(place);
                     values.place(place);
@@ -962,9 +981,16 @@ impl Op {
                 append,
                 tables,
                 lens,
+                sinks,
                 sequences,
                 out,
             } => {
+                let sinks = sinks.map(|s| frame.floats(s)).transpose()?;
+                if sinks.is_some_and(|s| s.len() != *heads) {
+                    return Err(format!(
+                        "the attention sinks are not one for each of {heads} heads"
+                    ));
+                }
                 let cache = cache.as_mut().ok_or("no KV cache")?;
                 if let Some((keys, values, slots)) = append {
                     let kv = (frame.floats(*keys)?, frame.floats(*values)?);
@@ -972,7 +998,7 @@ impl Op {
                 }
                 let y = frame.output(*out);
                 y.fill(0.0);
-                let rows = AttentionRows::new(*f, [*heads, *d], frame.floats(*q)?);
+                let rows = AttentionRows::new(*f, [*heads, *d], frame.floats(*q)?, sinks);
                 let source = PagedSource {
                     cache,
                     layer: *layer,

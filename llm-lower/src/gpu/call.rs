@@ -716,10 +716,12 @@ impl Call<'_> {
                 kv_heads,
                 d,
                 source,
+                sinks,
                 ..
             } => {
+                let shape = [*heads, *kv_heads, *d];
                 return self
-                    .attention(index, step, [*heads, *kv_heads, *d], *source, pipelines)
+                    .attention(index, step, shape, (*source, *sinks), pipelines)
                     .map(|()| true);
             }
             Kernel::BatchedMatmul { transposed } => {
@@ -1047,7 +1049,7 @@ impl Call<'_> {
         index: usize,
         step: &Step,
         [heads, kv_heads, d]: [usize; 3],
-        source: AttentionSource,
+        (source, sinks): (AttentionSource, bool),
         pipelines: &[wgpu::ComputePipeline],
     ) -> Result<(), String> {
         let q = self.device(step.inputs[0])?;
@@ -1058,6 +1060,20 @@ impl Call<'_> {
                 q.shape
             ));
         }
+        // The attention sinks, the op's last operand where it has them.
+        let sinks = if sinks {
+            let s = self.device(*step.inputs.get(source.operands()).ok_or("no sinks")?)?;
+            if s.shape != [heads] || s.elem != Elem::F32 {
+                return Err(format!(
+                    "the attention sinks have shape {:?}, expected [{heads}]",
+                    s.shape
+                ));
+            }
+            Some(s)
+        } else {
+            None
+        };
+        let sinks = sinks.as_ref().map(|s| s.whole()).transpose()?;
         let y = self.output(index, 0, q.len() * 4);
         match source {
             AttentionSource::Paged {
@@ -1123,7 +1139,7 @@ impl Call<'_> {
                     index,
                     shaders,
                     &words,
-                    &inputs,
+                    (&inputs, sinks),
                     [b * t, heads, d],
                     longest,
                     &y,
@@ -1180,7 +1196,7 @@ impl Call<'_> {
                     index,
                     pipelines,
                     &words,
-                    &inputs,
+                    (&inputs, sinks),
                     [rows, heads, d],
                     longest,
                     &y,
@@ -1318,7 +1334,8 @@ impl Call<'_> {
         Ok(())
     }
 
-    /// Dispatches attention over `inputs` (all bindings but the output) into `y`: one
+    /// Dispatches attention over `inputs` (all bindings but the sinks and the output) and
+    /// the attention `sinks` where the shaders take them into `y`: one
     /// workgroup per query row and head (`shaders[0]`), or, when the longest visible
     /// context spans several chunks, one per row, head and chunk (`shaders[1]`) writing
     /// partial states that `shaders[2]` merges. A row's chunks start at its own first
@@ -1333,7 +1350,7 @@ impl Call<'_> {
         index: usize,
         shaders: &[wgpu::ComputePipeline],
         words: &[u32],
-        inputs: &[&wgpu::Buffer],
+        (inputs, sinks): (&[&wgpu::Buffer], Option<&wgpu::Buffer>),
         [rows, heads, d]: [usize; 3],
         longest: usize,
         y: &wgpu::Buffer,
@@ -1341,6 +1358,7 @@ impl Call<'_> {
         let chunk = self.gpu().attention_chunk();
         let splits = longest.div_ceil(chunk);
         let mut bindings = inputs.to_vec();
+        bindings.extend(sinks);
         if splits < 2 {
             bindings.push(y);
             return self.dispatch(&shaders[0], words, &bindings, rows * heads);

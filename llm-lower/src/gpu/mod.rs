@@ -493,7 +493,10 @@ mod tests {
             ];
             for (d, scale, softcap) in scorings {
                 let scoring = Scoring { scale, softcap };
-                for split in [false, true] {
+                for (split, sinks) in [false, true]
+                    .into_iter()
+                    .flat_map(|s| [(s, false), (s, true)])
+                {
                     shaders.push(Shader::Attention {
                         heads: 4,
                         kv_heads: 2,
@@ -502,6 +505,7 @@ mod tests {
                         paged,
                         masked,
                         split,
+                        sinks,
                     });
                 }
                 shaders.push(Shader::AttentionCombine { heads: 4, d });

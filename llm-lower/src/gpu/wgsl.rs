@@ -209,6 +209,10 @@ pub enum Shader {
         /// positions and writes its partial softmax state (maximum, sum, unnormalised
         /// output) for [`Shader::AttentionCombine`].
         split: bool,
+        /// Each head's softmax starts from its attention sink (`sinks`, one a head: the
+        /// running maximum the sink, the sum 1); a split attention's first chunk does, so
+        /// a row of one chunk gets what the unsplit shader computes.
+        sinks: bool,
     },
     /// Merges the partial states of a split attention, one workgroup per query row and
     /// head.
@@ -363,8 +367,9 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
             d,
             scoring,
             source,
+            sinks,
         } => {
-            let attend = |split| Shader::Attention {
+            let attend = |split: bool| Shader::Attention {
                 heads: *heads,
                 kv_heads: *kv_heads,
                 d: *d,
@@ -372,6 +377,7 @@ pub fn shaders_for(kernel: &Kernel) -> Vec<Shader> {
                 paged: matches!(source, AttentionSource::Paged { .. }).then(|| source.element()),
                 masked: matches!(source, AttentionSource::Contiguous { masked: true, .. }),
                 split,
+                sinks: *sinks,
             };
             // The whole context in one workgroup, or split in chunks and merged.
             let mut shaders = vec![
@@ -502,16 +508,18 @@ impl Shader {
                 paged,
                 masked,
                 split,
+                sinks,
                 ..
             } => format!(
-                "{}attention_{heads}x{d}_kv{kv_heads}{}{}",
+                "{}attention_{heads}x{d}_kv{kv_heads}{}{}{}",
                 match paged {
                     None => String::new(),
                     Some(KvElement::F32) => "paged_".into(),
                     Some(element) => format!("paged_{}_", element.name()),
                 },
                 if *masked { "_masked" } else { "" },
-                if *split { "_split" } else { "" }
+                if *split { "_split" } else { "" },
+                sinks_suffix(*sinks)
             ),
             Shader::AttentionCombine { heads, d } => format!("attention_combine_{heads}x{d}"),
             Shader::Quantize { format } => format!("quantize_{}", format.name()),
@@ -595,6 +603,7 @@ impl Shader {
                 paged,
                 masked,
                 split,
+                sinks,
                 ..
             } => {
                 let mut b = vec![("q", Read), ("kc", Read), ("vc", Read)];
@@ -603,6 +612,9 @@ impl Shader {
                 }
                 if *masked {
                     b.push(("mask", Read));
+                }
+                if *sinks {
+                    b.push(("sinks", Read));
                 }
                 b.push((if *split { "parts" } else { "y" }, ReadWrite));
                 b
@@ -851,7 +863,13 @@ impl Shader {
                 paged,
                 masked,
                 split,
-            } => attention([*heads, *kv_heads, *d], *scoring, (*paged, *masked), *split),
+                sinks,
+            } => attention(
+                [*heads, *kv_heads, *d],
+                *scoring,
+                (*paged, *masked),
+                (*split, *sinks),
+            ),
             Shader::AttentionCombine { heads, d } => attention_combine(*heads, *d),
             Shader::BatchedMatmul { transposed } => batched_matmul(*transposed),
             Shader::Cast { from, to } => cast(*from, *to),
@@ -1889,11 +1907,30 @@ fn erf_helper() -> String {
     )
 }
 
+/// The name suffix of an attention shader that takes attention sinks.
+fn sinks_suffix(sinks: bool) -> &'static str {
+    if sinks { "_sinks" } else { "" }
+}
+
+/// The softmax state (maximum, sum) a row's head starts from: nothing, or only its
+/// attention sink (the maximum the sink's score, the sum its exponential around itself,
+/// 1), which a split attention's first chunk alone takes in.
+fn softmax_start(sinks: bool, split: bool) -> (String, String) {
+    match (sinks, split) {
+        (false, _) => (LOWEST.into(), "0.0".into()),
+        (true, false) => ("sinks[head]".into(), "1.0".into()),
+        (true, true) => (
+            format!("select({LOWEST}, sinks[head], part == 0u)"),
+            "select(0.0, 1.0, part == 0u)".into(),
+        ),
+    }
+}
+
 fn attention(
     [heads, kv_heads, d]: [usize; 3],
     scoring: Scoring,
     (paged, masked): (Option<KvElement>, bool),
-    split: bool,
+    (split, sinks): (bool, bool),
 ) -> String {
     let mut scaled = match scoring.scale {
         Scale::Times(f) => format!("qk * {}", float(f)),
@@ -1981,6 +2018,7 @@ var<workgroup> range_end: u32;
     }}",
         )
     };
+    let (m0, l0) = softmax_start(sinks, split);
     let _ = write!(
         s,
         "{which}
@@ -1995,8 +2033,8 @@ var<workgroup> range_end: u32;
     let start = workgroupUniformLoad(&range_start);
     let end = workgroupUniformLoad(&range_end);
     var acc: array<f32, DC>;
-    var m = {LOWEST};
-    var l = 0.0;
+    var m = {m0};
+    var l = {l0};
     for (var j0 = start; j0 < end; j0 = j0 + WG) {{
         let j = j0 + t;
         var score = {LOWEST};

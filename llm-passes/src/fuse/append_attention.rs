@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// `paged_attention(q, append_kv(c, k, v, s), t, l) => append_attention(q, c, k, v, s, t, l)`
-/// (same layer): the fused op writes the new keys and values, then attends over the updated
+/// (same layer; attention sinks stay the last operand): the fused op writes the new keys and values, then attends over the updated
 /// cache, and also returns that cache for the append's other users, which must all come
 /// after the attention.
 pub struct AppendAttention;
@@ -41,13 +41,16 @@ impl Pattern for AppendAttention {
         }
         let [c, k, v, s] = [0, 1, 2, 3].map(|i| ir::operand(ctx, append, i));
         let [q, _, t, l] = [0, 1, 2, 3].map(|i| ir::operand(ctx, op, i));
+        // The attention sinks, where the attention has them, stay its last operand.
+        let sinks = ir::operands(ctx, op).get(4).copied();
         let types = vec![ir::result(ctx, op, 0).get_type(ctx), updated.get_type(ctx)];
         let params: Vec<(&str, llm_ir::params::ParamValue)> =
             ["layer", "kv_heads", "scale", "softcap", "window"]
                 .into_iter()
                 .filter_map(|key| ir::param(ctx, op, key).map(|p| (key, p)))
                 .collect();
-        let new: AppendAttentionOp = ops::build(rw.ctx, vec![q, c, k, v, s, t, l], types, params);
+        let operands = [q, c, k, v, s, t, l].into_iter().chain(sinks).collect();
+        let new: AppendAttentionOp = ops::build(rw.ctx, operands, types, params);
         let new = new.get_operation();
         rw.insert_before(op, new);
         let (out, cache) = (ir::result(rw.ctx, new, 0), ir::result(rw.ctx, new, 1));

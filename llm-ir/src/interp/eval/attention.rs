@@ -76,7 +76,12 @@ impl Scoring {
 }
 
 /// Attention of one query row over keys/values `j` in `visible`; `bias(j)` is added to the
-/// score. Accumulates in `f32` in order of `j` (llama2.c's order).
+/// score, and a `sink` score (an attention sink) joins the softmax without a value.
+/// Accumulates in `f32` in order of `j` (llama2.c's order).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one row's inputs: the query, its keys and values, and how scores are made"
+)]
 fn attend<'a>(
     q: &[f32],
     visible: std::ops::Range<usize>,
@@ -84,6 +89,7 @@ fn attend<'a>(
     value: impl Fn(usize) -> &'a [f32],
     bias: impl Fn(usize) -> f32,
     scoring: Scoring,
+    sink: Option<f32>,
     value_dim: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; value_dim];
@@ -101,7 +107,15 @@ fn attend<'a>(
             scoring.apply(dot) + bias(j)
         })
         .collect();
-    softmax_in_place(&mut scores);
+    match sink {
+        Some(sink) => {
+            // The sink is one more score whose weight is dropped after the softmax.
+            scores.push(sink);
+            softmax_in_place(&mut scores);
+            scores.pop();
+        }
+        None => softmax_in_place(&mut scores),
+    }
     for (p, j) in scores.iter().zip(visible) {
         let v = value(j);
         for (o, x) in out.iter_mut().zip(v) {
@@ -179,6 +193,7 @@ pub fn attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
                     |j| &vd[((b * tk + j) * kvh + kv) * dv..][..dv],
                     |j| md.map_or(0.0, |m| m[i * tk + j]),
                     scoring,
+                    None,
                     dv,
                 );
                 out.extend(row);
@@ -212,12 +227,13 @@ pub fn slot_of(cache: &KvCache, table: &[i64], pos: usize) -> Result<usize, Stri
 /// `llm.paged_attention`.
 pub fn paged_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
     let (q, cache) = (inputs[0].tensor()?, inputs[1].cache()?);
+    let sinks = inputs.get(4).map(|s| s.tensor()).transpose()?;
     one(paged_attend(
         e,
         q,
         cache,
-        inputs[2].tensor()?,
-        inputs[3].tensor()?,
+        [inputs[2].tensor()?, inputs[3].tensor()?],
+        sinks,
     )?)
 }
 
@@ -266,13 +282,14 @@ pub fn for_each_paged_row(
     Ok(())
 }
 
-/// Paged attention of `q` over `cache` (the parameters come from `e`).
+/// Paged attention of `q` over `cache` through `[block_tables, context_lens]`, with
+/// optional attention `sinks` (`[heads]`); the parameters come from `e`.
 pub fn paged_attend(
     e: &Eval,
     q: &Tensor,
     cache: &KvCache,
-    tables: &Tensor,
-    lens: &Tensor,
+    [tables, lens]: [&Tensor; 2],
+    sinks: Option<&Tensor>,
 ) -> Result<Tensor, String> {
     let (b, t, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let kvh = cache.params.kv_heads as usize;
@@ -282,6 +299,12 @@ pub fn paged_attend(
             "queries {:?} do not fit the cache's {kvh} heads of {}",
             q.shape, cache.params.head_dim
         ));
+    }
+    let sinks = sinks.map(|s| s.floats()).transpose()?;
+    if let Some(s) = sinks
+        && s.len() != h
+    {
+        return Err(format!("{} attention sinks for {h} heads", s.len()));
     }
     let qd = q.floats()?;
     let (scoring, group) = (Scoring::of(e, d), h / kvh);
@@ -302,6 +325,7 @@ pub fn paged_attend(
                 |j| &values[at(j)..][..d],
                 |_| 0.0,
                 scoring,
+                sinks.map(|s| s[head]),
                 d,
             ));
         }

@@ -223,11 +223,19 @@ pub fn rms_norm_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 
 /// `llm.append_attention`: append, then attend over the updated cache.
 pub fn append_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
-    let [q, cache, k, v, slots, tables, lens]: [Rc<Value>; 7] = inputs
-        .try_into()
-        .map_err(|i: Vec<_>| format!("expected 7 operands, found {}", i.len()))?;
-    let cache = append(e, cache, k.tensor()?, v.tensor()?, slots.tensor()?)?;
-    let out = paged_attend(e, q.tensor()?, &cache, tables.tensor()?, lens.tensor()?)?;
+    let mut inputs = inputs.into_iter();
+    let mut next = || inputs.next().ok_or("too few operands");
+    let [q, cache, k, v, slots, tables, lens] = [(); 7].map(|()| next());
+    let sinks = next().ok();
+    let cache = append(e, cache?, k?.tensor()?, v?.tensor()?, slots?.tensor()?)?;
+    let sinks = sinks.as_deref().map(Value::tensor).transpose()?;
+    let out = paged_attend(
+        e,
+        q?.tensor()?,
+        &cache,
+        [tables?.tensor()?, lens?.tensor()?],
+        sinks,
+    )?;
     Ok(vec![
         Rc::new(Value::Tensor(out)),
         Rc::new(Value::Cache(cache)),
