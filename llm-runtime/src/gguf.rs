@@ -34,11 +34,11 @@ use llm_ir::{
 
 use crate::{
     model::{
-        Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts,
-        FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
-        POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
-        SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE, SharedExpert,
-        every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu,
+        Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention,
+        ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm,
+        ROPE_FREQS, ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
+        SharedExpert, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -1146,6 +1146,8 @@ fn apply_experts(
             })
             .collect(),
         shared,
+        biases: false,
+        glu: ExpertGlu::Gated,
     });
     Ok(())
 }

@@ -23,7 +23,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
-    hf_gemma, hf_glm,
+    hf_gemma, hf_glm, hf_gpt_oss,
     hf_layer_norm::{self, Family},
     hf_moe,
     model::{
@@ -44,9 +44,9 @@ use crate::{
 /// and 3's sandwich norms, OLMo 2's output norms) a layer's `post_attention_layernorm` is
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm. The
-/// mixtures', GLM-4-0414's output norms, the LayerNorm families' and DBRX's names are
-/// their modules' (`hf_moe`, `hf_glm`, `hf_layer_norm`), StableLM 2 12B's per-head norms
-/// too.
+/// mixtures', GLM-4-0414's output norms, the LayerNorm families', DBRX's and gpt-oss's
+/// names are their modules' (`hf_moe`, `hf_glm`, `hf_layer_norm`, `hf_gpt_oss`),
+/// StableLM 2 12B's per-head norms too.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
     let named = hf_moe::expert_name(hf)
         .or_else(|| hf_glm::output_norm_name(hf))
@@ -55,7 +55,8 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
         .or_else(|| hf_layer_norm::falcon_name(hf))
         .or_else(|| hf_layer_norm::gpt_name(hf))
         .or_else(|| hf_layer_norm::stablelm_head_norm_name(hf))
-        .or_else(|| hf_moe::dbrx_name(hf));
+        .or_else(|| hf_moe::dbrx_name(hf))
+        .or_else(|| hf_gpt_oss::name(hf));
     if let Some(name) = named {
         return Some(name);
     }
@@ -592,15 +593,17 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
                 ARCHITECTURES.contains(&n)
                     || hf_moe::ARCHITECTURES.contains(&n)
                     || hf_glm::ARCHITECTURES.contains(&n)
+                    || n == hf_gpt_oss::ARCHITECTURE
                     || hf_layer_norm::architectures().any(|a| a == n)
             })
         })
     {
         return Err(format!(
-            "`architectures` names {other}; the Llama-family models built are {}, {}, {}, {}",
+            "`architectures` names {other}; the Llama-family models built are {}, {}, {}, {}, {}",
             ARCHITECTURES.join(", "),
             hf_glm::ARCHITECTURES.join(", "),
             hf_moe::ARCHITECTURES.join(", "),
+            hf_gpt_oss::ARCHITECTURE,
             hf_layer_norm::architectures()
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -751,8 +754,13 @@ fn first_layer(name: &str) -> String {
     }
 }
 
-/// Reads the tensors of one safetensors file into `weights`, by `rules`.
-fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> Result<(), String> {
+/// Reads the tensors of one safetensors file into `weights`, by `rules`; gpt-oss's MXFP4
+/// experts' halves go to `packed`, which puts each matrix into `weights` once both are in.
+fn read_safetensors(
+    path: &Path,
+    (weights, packed): (&mut Weights, &mut hf_gpt_oss::PackedExperts),
+    rules: &TensorRules,
+) -> Result<(), String> {
     let map = crate::mmap::map(path).map_err(|e| format!("cannot read: {e}"))?;
     let st =
         SafeTensors::deserialize(&map).map_err(|e| format!("invalid safetensors file: {e}"))?;
@@ -764,6 +772,10 @@ fn read_safetensors(path: &Path, weights: &mut Weights, rules: &TensorRules) -> 
             },
             false => stored,
         };
+        let bytes = view.dtype() == Dtype::U8;
+        if packed.take(&name, (view.shape(), view.data(), bytes), weights)? {
+            continue;
+        }
         let Some(ours) = weight_name(&name, rules.post_norms) else {
             // RoPE's frequencies, and GPT-NeoX's and GPT-2's causal masks of older
             // checkpoints: buffers.
@@ -823,17 +835,20 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let cfg = hf_layer_norm::standard_config(cfg).map_err(|m| err(&config_path, m))?;
     let cfg = hf_moe::dbrx_config(cfg);
     let cfg = hf_glm::standard_config(cfg);
+    let cfg = hf_gpt_oss::standard_config(cfg);
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
     let olmo2 = names_architecture(&cfg, "Olmo2ForCausalLM");
     let cohere2 = names_architecture(&cfg, "Cohere2ForCausalLM");
     let cohere = cohere2 || names_architecture(&cfg, "CohereForCausalLM");
+    let gpt_oss = hf_gpt_oss::is_gpt_oss(&cfg);
     let (rope_theta, global_scaling) =
         rope_settings(&cfg, "full_attention").map_err(|m| err(&config_path, m))?;
     let heads = int("num_attention_heads")?;
-    // Gemma 2's and 3's and Cohere 2's window is their local layers' (set below).
-    let window = if matches!(gemma, Some(2..)) || cohere2 {
+    // Gemma 2's and 3's, Cohere 2's and gpt-oss's window is their local layers' (set
+    // below).
+    let window = if matches!(gemma, Some(2..)) || cohere2 || gpt_oss {
         (None, None)
     } else {
         window_settings(
@@ -904,6 +919,9 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         olmo_settings(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     hf_moe::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    if gpt_oss {
+        hf_gpt_oss::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
     if hf_glm::is_glm(&cfg) {
         hf_glm::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
@@ -959,13 +977,19 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         post_norms: config.post_norms && !hf_glm::has_output_norms(&cfg),
         multimodal,
     };
+    let mut packed = hf_gpt_oss::PackedExperts::default();
     for (i, file) in files.iter().enumerate() {
         progress(i as f64 / files.len() as f64);
-        read_safetensors(file, &mut weights, &rules).map_err(|m| err(file, m))?;
+        read_safetensors(file, (&mut weights, &mut packed), &rules).map_err(|m| err(file, m))?;
     }
+    packed.finish().map_err(|m| err(dir, m))?;
     rope.add_factors(&mut weights).map_err(|m| err(dir, m))?;
     check_layer_count(&config, &weights).map_err(|m| err(dir, m))?;
-    hf_moe::stack_experts(&config, &mut weights).map_err(|m| err(dir, m))?;
+    if gpt_oss {
+        hf_gpt_oss::shape_experts(&config, &mut weights).map_err(|m| err(dir, m))?;
+    } else {
+        hf_moe::stack_experts(&config, &mut weights).map_err(|m| err(dir, m))?;
+    }
     if let Some(family) = Family::of(&cfg) {
         family
             .prepare_weights(&config, &mut weights)

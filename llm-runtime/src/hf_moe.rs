@@ -23,8 +23,8 @@ use serde_json::Value as Json;
 use crate::{
     hf::{config_int, flag_or, granite_scales, names_architecture, optional_positive},
     model::{
-        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, FUSED_QKV, ModelConfig, Norm, QkNorm,
-        ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
+        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu, Experts, FUSED_QKV, ModelConfig, Norm,
+        QkNorm, ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
         SharedExpert,
     },
     weights::{Weights, builder_name},
@@ -313,6 +313,8 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         } else {
             None
         },
+        biases: false,
+        glu: ExpertGlu::Gated,
     }))
 }
 

@@ -14,6 +14,7 @@ pub mod heap;
 pub mod hf;
 mod hf_gemma;
 mod hf_glm;
+mod hf_gpt_oss;
 mod hf_layer_norm;
 mod hf_moe;
 pub mod llama2c;

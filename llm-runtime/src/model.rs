@@ -159,6 +159,9 @@ pub struct ModelConfig {
     /// Mixture-of-experts feed-forward blocks (Mixtral's, Qwen3-MoE's, OLMoE's) in some or
     /// every layer; `None` where every layer's block is dense.
     pub experts: Option<Experts>,
+    /// Each attention head's softmax counts a learned sink, a score without a value
+    /// (gpt-oss's; [`ATTENTION_SINKS`], `[heads]`, `llm.paged_attention`'s `sinks`).
+    pub attention_sinks: bool,
 }
 
 /// Feed-forward blocks of routed experts: a router (`layers.N.feed_forward.gate_inp`,
@@ -184,6 +187,27 @@ pub struct Experts {
     /// A shared expert every token runs besides the routed ones (Qwen2-MoE's,
     /// Granite-MoE-Shared's); `None` for none.
     pub shared: Option<SharedExpert>,
+    /// The router and each expert's three projections add biases (gpt-oss's:
+    /// [`ROUTER_BIAS`], [`EXPERT_GATE_BIASES`], [`EXPERT_UP_BIASES`],
+    /// [`EXPERT_DOWN_BIASES`]).
+    pub biases: bool,
+    /// How an expert's gate and up projections meet.
+    pub glu: ExpertGlu,
+}
+
+/// How an expert's gate projection `g` and up projection `u` make its hidden values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertGlu {
+    /// `act(g) * u`, the model's activation (Mixtral's SwiGLU).
+    Gated,
+    /// gpt-oss's clamped SwiGLU: `g' = min(g, limit)`, `u' = clamp(u, -limit, limit)`,
+    /// then `(u' + 1) * g' * sigmoid(alpha * g')`.
+    ClampedSwiglu {
+        /// The sigmoid's gain (`swiglu_alpha`, 1.702).
+        alpha: f64,
+        /// The clamp (`swiglu_limit`, 7).
+        limit: f64,
+    },
 }
 
 /// A mixture's shared expert: a gated feed-forward block (its matrices under
@@ -206,6 +230,22 @@ impl Experts {
 
 /// The router of a mixture-of-experts layer, under `layers.N.`: `[experts, dim]`.
 pub const ROUTER: &str = "feed_forward.gate_inp.weight";
+
+/// The router's bias ([`Experts::biases`]): `[experts]`.
+pub const ROUTER_BIAS: &str = "feed_forward.gate_inp.bias";
+
+/// The experts' gate projections' biases ([`Experts::biases`]): `[experts, hidden]`.
+pub const EXPERT_GATE_BIASES: &str = "feed_forward.experts.w1.bias";
+
+/// The experts' up projections' biases ([`Experts::biases`]): `[experts, hidden]`.
+pub const EXPERT_UP_BIASES: &str = "feed_forward.experts.w3.bias";
+
+/// The experts' down projections' biases ([`Experts::biases`]): `[experts, dim]`.
+pub const EXPERT_DOWN_BIASES: &str = "feed_forward.experts.w2.bias";
+
+/// A layer's attention sinks ([`ModelConfig::attention_sinks`]), under `layers.N.`:
+/// `[heads]`.
+pub const ATTENTION_SINKS: &str = "attention.sinks";
 
 /// The experts' gate projections, stacked: `[experts, hidden, dim]`.
 pub const EXPERT_GATES: &str = "feed_forward.experts.w1.weight";
@@ -427,6 +467,7 @@ impl Default for ModelConfig {
             nope_layers: None,
             local_attention: None,
             experts: None,
+            attention_sinks: false,
         }
     }
 }
@@ -567,8 +608,9 @@ impl ModelConfig {
 
 impl ModelConfig {
     /// Checks a mixture-of-experts configuration: each token runs between one and all of
-    /// the experts, each of some width, through a gated block without biases, and the
-    /// routing layers are listed for every layer.
+    /// the experts, each of some width, through a gated block (whose biases are the
+    /// experts', [`Experts::biases`], not the dense blocks'), and the routing layers are
+    /// listed for every layer.
     fn validate_experts(&self, experts: &Experts) -> Result<(), String> {
         if experts.per_token == 0 || experts.per_token > experts.count {
             return Err(format!(
@@ -591,6 +633,13 @@ impl ModelConfig {
         }
         if self.feed_forward != FeedForward::Gated || self.ffn_bias {
             return Err("experts are gated feed-forward blocks without biases".into());
+        }
+        if let ExpertGlu::ClampedSwiglu { alpha, limit } = experts.glu
+            && !(alpha.is_finite() && limit > 0.0 && limit.is_finite())
+        {
+            return Err(format!(
+                "the experts' clamped SwiGLU needs a finite gain and a positive, finite limit, found {alpha} and {limit}"
+            ));
         }
         Ok(())
     }
@@ -670,6 +719,14 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                     (format!("{p}{EXPERT_UPS}"), vec![x.count, x.hidden, d]),
                     (format!("{p}{EXPERT_DOWNS}"), vec![x.count, d, x.hidden]),
                 ]);
+                if x.biases {
+                    out.extend([
+                        (format!("{p}{ROUTER_BIAS}"), vec![x.count]),
+                        (format!("{p}{EXPERT_GATE_BIASES}"), vec![x.count, x.hidden]),
+                        (format!("{p}{EXPERT_UP_BIASES}"), vec![x.count, x.hidden]),
+                        (format!("{p}{EXPERT_DOWN_BIASES}"), vec![x.count, d]),
+                    ]);
+                }
                 if let Some(sh) = x.shared {
                     out.extend([
                         (format!("{p}{SHARED_EXPERT_GATE}"), vec![sh.hidden, d]),
@@ -732,6 +789,9 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         if c.attention_bias.output {
             out.push((format!("{p}attention.wo.bias"), vec![d]));
+        }
+        if c.attention_sinks {
+            out.push((format!("{p}{ATTENTION_SINKS}"), vec![c.heads]));
         }
     }
     out.extend(norm_weights(c, "norm"));
@@ -1277,16 +1337,22 @@ impl Emitter<'_> {
         self.op(format!(
             "router_{l} = llm.matmul {input}, {router} {{transpose_rhs = true}} : {logits_ty}"
         ));
+        let bias = |name: &str| experts.biases.then(|| format!("{p}{name}"));
+        let logits = self.add_bias(
+            &format!("router_{l}"),
+            bias(ROUTER_BIAS).as_deref(),
+            &logits_ty,
+        );
         if experts.normalize {
             self.op(format!(
-                "top_{l}, ids_{l} = llm.topk router_{l} {{k = {k}}} : {top_ty}, {ids_ty}"
+                "top_{l}, ids_{l} = llm.topk {logits} {{k = {k}}} : {top_ty}, {ids_ty}"
             ));
             self.op(format!(
                 "route_{l} = llm.softmax top_{l} {{axis = -1}} : {top_ty}"
             ));
         } else {
             self.op(format!(
-                "probs_{l} = llm.softmax router_{l} {{axis = -1}} : {logits_ty}"
+                "probs_{l} = llm.softmax {logits} {{axis = -1}} : {logits_ty}"
             ));
             self.op(format!(
                 "route_{l}, ids_{l} = llm.topk probs_{l} {{k = {k}}} : {top_ty}, {ids_ty}"
@@ -1294,22 +1360,46 @@ impl Emitter<'_> {
         }
         let slots_hid = t(format!("?x{k}x{eh}xf32"));
         let slots_act = t(format!("?x{k}x{d}xf32"));
-        let expert_product = |e: &mut Self, x: &str, result: &str, name: &str, ty: &str| {
-            let w = e.stored_weight(&format!("{result}_w"), &format!("{p}{name}"));
-            e.op(format!(
-                "{result} = llm.expert_matmul {x}, {w}, ids_{l} : {ty}"
-            ));
-            result.to_string()
-        };
-        let gate = expert_product(self, input, &format!("egate_{l}"), EXPERT_GATES, &slots_hid);
-        let up = expert_product(self, input, &format!("eup_{l}"), EXPERT_UPS, &slots_hid);
-        let act = self.activation(c.activation, &gate, &format!("eact_{l}"), &slots_hid);
-        self.op(format!("eglu_{l} = llm.mul {act}, {up} : {slots_hid}"));
+        // Each chosen expert's product, plus its row of the stacked biases where the
+        // experts have them (gathered by the ids as embedding rows).
+        let expert_product =
+            |e: &mut Self, x: &str, result: &str, [name, bias]: [&str; 2], ty: &str| {
+                let w = e.stored_weight(&format!("{result}_w"), &format!("{p}{name}"));
+                e.op(format!(
+                    "{result} = llm.expert_matmul {x}, {w}, ids_{l} : {ty}"
+                ));
+                if !experts.biases {
+                    return result.to_string();
+                }
+                let table = e.weight_f32(&format!("{result}_bias_table"), &format!("{p}{bias}"));
+                e.op(format!(
+                    "{result}_bias = llm.embedding {table}, ids_{l} : {ty}"
+                ));
+                e.op(format!(
+                    "{result}_biased = llm.add {result}, {result}_bias : {ty}"
+                ));
+                format!("{result}_biased")
+            };
+        let gate = expert_product(
+            self,
+            input,
+            &format!("egate_{l}"),
+            [EXPERT_GATES, EXPERT_GATE_BIASES],
+            &slots_hid,
+        );
+        let up = expert_product(
+            self,
+            input,
+            &format!("eup_{l}"),
+            [EXPERT_UPS, EXPERT_UP_BIASES],
+            &slots_hid,
+        );
+        let glu = self.expert_glu(c, experts.glu, [&gate, &up], l, &slots_hid);
         let down = expert_product(
             self,
-            &format!("eglu_{l}"),
+            &glu,
             &format!("edown_{l}"),
-            EXPERT_DOWNS,
+            [EXPERT_DOWNS, EXPERT_DOWN_BIASES],
             &slots_act,
         );
         self.op(format!(
@@ -1328,6 +1418,49 @@ impl Emitter<'_> {
             Some(shared) => self.shared_expert(c, input, &format!("mixed_{l}"), l, shared),
             None => format!("mixed_{l}"),
         }
+    }
+}
+
+impl Emitter<'_> {
+    /// Layer `l`'s experts' hidden values from their `gate` and `up` projections (of type
+    /// `ty`), as `glu` says: the value's name.
+    fn expert_glu(
+        &mut self,
+        c: &ModelConfig,
+        glu: ExpertGlu,
+        [gate, up]: [&str; 2],
+        l: usize,
+        ty: &str,
+    ) -> String {
+        match glu {
+            ExpertGlu::Gated => {
+                let act = self.activation(c.activation, gate, &format!("eact_{l}"), ty);
+                self.op(format!("eglu_{l} = llm.mul {act}, {up} : {ty}"));
+            }
+            ExpertGlu::ClampedSwiglu { alpha, limit } => {
+                let scalar = "llm.tensor <1xf32>";
+                for (name, v) in [("limit", limit), ("alpha", alpha), ("one", 1.0)] {
+                    self.op(format!(
+                        "eglu_{name}_{l} = llm.constant {{value = {}}} : {scalar}",
+                        float(v)
+                    ));
+                }
+                self.op(format!(
+                    "egate_clamped_{l} = llm.minimum {gate}, eglu_limit_{l} : {ty}"
+                ));
+                let up = self.clamped(up, limit, ty);
+                self.op(format!(
+                    "egain_{l} = llm.mul egate_clamped_{l}, eglu_alpha_{l} : {ty}"
+                ));
+                self.op(format!("esig_{l} = llm.sigmoid egain_{l} : {ty}"));
+                self.op(format!(
+                    "eact_{l} = llm.mul egate_clamped_{l}, esig_{l} : {ty}"
+                ));
+                self.op(format!("eup1_{l} = llm.add {up}, eglu_one_{l} : {ty}"));
+                self.op(format!("eglu_{l} = llm.mul eup1_{l}, eact_{l} : {ty}"));
+            }
+        }
+        format!("eglu_{l}")
     }
 }
 
@@ -1489,8 +1622,14 @@ fn forward_func(
         cache_name = next_cache;
         let queries = t(&format!("{batch}x{h}x{dh}xf32"));
         e.op(format!("qb_{l} = llm.reshape {qr} : {queries}"));
+        let sinks = if c.attention_sinks {
+            let sinks = e.weight_f32(&format!("sinks_{l}"), &format!("{p}{ATTENTION_SINKS}"));
+            format!(", {sinks}")
+        } else {
+            String::new()
+        };
         e.op(format!(
-            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens {{layer = {l}, kv_heads = {kvh}{attention}}} : {queries}"
+            "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens{sinks} {{layer = {l}, kv_heads = {kvh}{attention}}} : {queries}"
         ));
         e.op(format!("attf_{l} = llm.reshape att_{l} : {qact}"));
         let o = e.projection(

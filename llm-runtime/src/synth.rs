@@ -10,7 +10,7 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, Experts, ModelConfig, ROUTER},
+    model::{EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu, Experts, ModelConfig, ROUTER},
     sampler::XorShift,
     weights::Weights,
 };
@@ -70,6 +70,8 @@ pub fn with_experts(
             normalize: true,
             layers: vec![true; c.layers],
             shared: None,
+            biases: false,
+            glu: ExpertGlu::Gated,
         }),
         ..c.clone()
     };

@@ -1,6 +1,6 @@
 //! Named weights of a model, and the error type of every model-file loader.
 
-use std::{borrow::Cow, collections::HashMap, ops::Range, rc::Rc};
+use std::{borrow::Cow, collections::HashMap, rc::Rc};
 
 use llm_ir::{
     dtype::DType,
@@ -103,9 +103,9 @@ impl Weights {
         }
     }
 
-    /// Gives weight `name` the shape `shape`: as many values, and for a quantized weight
-    /// the same last dim (so that its rows stay whole). The weight is left as it was where
-    /// it cannot.
+    /// Gives weight `name` the shape `shape`: as many values, and for a weight quantized in
+    /// blocks the same last dim (so that its rows stay whole). The weight is left as it
+    /// was where it cannot.
     pub(crate) fn reshape(&mut self, name: &str, shape: Vec<usize>) -> Result<(), String> {
         let held = self
             .weight_shape(name)
@@ -117,8 +117,10 @@ impl Weights {
             let n = nonzero.try_fold(1usize, |n, &d| n.checked_mul(d))?;
             Some(if s.contains(&0) { 0 } else { n })
         };
-        let rows_kept = matches!(self.tensors.get(name).map(|v| &**v), Some(Value::Tensor(_)))
-            || held.last() == shape.last();
+        let rows_kept = match self.tensors.get(name).map(|v| &**v) {
+            Some(Value::Quantized(q)) => q.format.block_elems() == 1 || held.last() == shape.last(),
+            _ => true,
+        };
         if count(&held) != count(&shape) || !rows_kept {
             return Err(format!("weight `{name}` {held:?} cannot be {shape:?}"));
         }
@@ -245,6 +247,54 @@ impl Weights {
     /// `n`. Nothing happens when there is no `fused`. Parts that do not add up to the
     /// rows, or a format stored as a whole, are errors naming the weight.
     pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<(), String> {
+        let total: usize = parts.iter().map(|(_, rows)| rows).sum();
+        let mut first = 0;
+        let runs: Vec<(String, Vec<usize>)> = parts
+            .iter()
+            .map(|(name, rows)| {
+                first += rows;
+                (name.clone(), (first - rows..first).collect())
+            })
+            .collect();
+        let sizes: Vec<usize> = parts.iter().map(|(_, rows)| *rows).collect();
+        self.select_rows(fused, total, &runs, |shape| {
+            format!(
+                "weight `{fused}` has shape {shape:?}, expected {total} rows in parts of {sizes:?}"
+            )
+        })
+    }
+
+    /// Replaces the weight `fused` by `even` and `odd`, its even and its odd rows (each
+    /// matrix's, for a stack of them): gpt-oss's experts store each gate projection's
+    /// row beside the up projection's. The weights [`Weights::split_rows`] cuts; nothing
+    /// happens when there is no `fused`, and an odd number of rows is an error naming it.
+    pub fn deinterleave_rows(&mut self, fused: &str, [even, odd]: [&str; 2]) -> Result<(), String> {
+        let rows = match self.weight_shape(fused).as_deref() {
+            Some(&[rows] | &[rows, _] | &[_, rows, _]) => rows,
+            _ => 0,
+        };
+        let parts = [(even.to_string(), 0), (odd.to_string(), 1)]
+            .map(|(name, first)| (name, (first..rows).step_by(2).collect()));
+        // An odd count (or a shape of no rows) is no count of pairs.
+        let pairs = if rows % 2 == 0 { rows } else { rows + 1 };
+        self.select_rows(fused, pairs, &parts, |shape| {
+            format!("weight `{fused}` has shape {shape:?}, not pairs of rows")
+        })
+    }
+
+    /// Replaces the weight `fused` by `parts`, each the rows of the listed indices, in
+    /// order (of each stacked matrix, for a stack; of its values, for a float vector),
+    /// when it has `rows` rows: the shared work of [`Weights::split_rows`] and
+    /// [`Weights::deinterleave_rows`]. Nothing happens when there is no `fused`; a format
+    /// stored as a whole is an error naming the weight, and a weight of other rows the
+    /// error `mismatch` makes of its shape.
+    fn select_rows(
+        &mut self,
+        fused: &str,
+        rows: usize,
+        parts: &[(String, Vec<usize>)],
+        mismatch: impl Fn(&[usize]) -> String,
+    ) -> Result<(), String> {
         let Some(value) = self.tensors.get(fused).cloned() else {
             return Ok(());
         };
@@ -264,43 +314,41 @@ impl Weights {
                 ));
             }
         };
-        let total: usize = parts.iter().map(|(_, rows)| rows).sum();
         let vector = shape.len() == 1 && matches!(&*value, Value::Tensor(_));
         // The matrices stacked (1 but for a stack) and the rows and row length of each.
-        let (stacked, rows, k) = match shape[..] {
+        let (stacked, held, k) = match shape[..] {
             [rows] if vector => (1, rows, 1),
             [rows, k] => (1, rows, k),
             [n, rows, k] => (n, rows, k),
             _ => (0, 0, 0),
         };
-        if stacked == 0 || rows != total {
-            return Err(format!(
-                "weight `{fused}` has shape {shape:?}, expected {total} rows in parts of {:?}",
-                parts.iter().map(|(_, rows)| rows).collect::<Vec<_>>()
-            ));
+        if stacked == 0 || held != rows {
+            return Err(mismatch(&shape));
         }
-        // The rows `range` of each stacked matrix of `data`, joined, where a row is `items`
-        // of `data` (floats, or a quantized row's bytes).
-        fn cut<T: Copy>(data: &[T], rows: usize, items: usize, range: &Range<usize>) -> Vec<T> {
+        // The rows `picked` of each stacked matrix of `data`, joined, where a row is
+        // `items` of `data` (floats, or a quantized row's bytes).
+        fn pick<T: Copy>(data: &[T], rows: usize, items: usize, picked: &[usize]) -> Vec<T> {
             if rows * items == 0 {
                 return Vec::new();
             }
             data.chunks(rows * items)
-                .flat_map(|matrix| &matrix[range.start * items..range.end * items])
+                .flat_map(|matrix| {
+                    picked
+                        .iter()
+                        .flat_map(move |&r| &matrix[r * items..][..items])
+                })
                 .copied()
                 .collect()
         }
-        let mut first = 0;
-        for (name, part_rows) in parts {
-            let range = first..first + part_rows;
+        for (name, picked) in parts {
             let part_shape = match shape.len() {
-                1 => vec![*part_rows],
-                2 => vec![*part_rows, k],
-                _ => vec![stacked, *part_rows, k],
+                1 => vec![picked.len()],
+                2 => vec![picked.len(), k],
+                _ => vec![stacked, picked.len(), k],
             };
             let part = match &*value {
                 Value::Tensor(t) => {
-                    let values = cut(t.floats()?, rows, k, &range);
+                    let values = pick(t.floats()?, rows, k, picked);
                     Value::Tensor(Tensor::from_f32(part_shape, t.dtype, values))
                 }
                 Value::Quantized(q) => {
@@ -308,13 +356,12 @@ impl Weights {
                     Value::Quantized(QTensor {
                         shape: part_shape,
                         format: q.format.clone(),
-                        bytes: cut(&q.bytes, rows, row_bytes, &range),
+                        bytes: pick(&q.bytes, rows, row_bytes, picked),
                     })
                 }
                 _ => unreachable!("checked above"),
             };
             self.insert(name.clone(), part);
-            first += part_rows;
         }
         self.tensors.remove(fused);
         Ok(())

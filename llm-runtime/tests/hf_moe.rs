@@ -1,7 +1,8 @@
 //! The mixtures of experts against Hugging Face `transformers` (as `hf.rs` checks the
 //! dense families): Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Granite-MoE,
-//! Granite-MoE-Shared and DBRX reference checkpoints (`tests/data`) and their GGUF forms, computed
-//! on every backend; quantized experts; mutated GGUF files of each.
+//! Granite-MoE-Shared, DBRX and gpt-oss reference checkpoints (`tests/data`; gpt-oss's
+//! also with its experts in MXFP4) and their GGUF forms, computed on every backend;
+//! quantized experts; mutated GGUF files of each.
 
 mod common;
 mod reference;
@@ -15,7 +16,7 @@ use llm_ir::{
 use llm_runtime::{
     generate::{Backend, Model, Step},
     gguf::Meta,
-    model::{Experts, ModelConfig, Norm, QkNorm, SharedExpert},
+    model::{AttentionBias, ExpertGlu, Experts, ModelConfig, Norm, QkNorm, SharedExpert},
     model_file,
 };
 use reference::{
@@ -508,6 +509,103 @@ fn dbrx_computes_what_transformers_computes() {
     let err = err.expect("refused");
     assert!(
         err.contains("`moe_normalize_expert_weights` = 2.0"),
+        "{err}"
+    );
+}
+
+/// gpt-oss (`tests/data/gpt-oss-tiny`): biases on every attention projection, an
+/// attention sink a head, a window of 6 over its first layer, YaRN's RoPE, and four
+/// experts of width 32, two a token weighted by a softmax over their logits, with
+/// router and expert biases and a clamped SwiGLU (limit 1.5), stored stacked as `x @ W`
+/// takes them with the gate and up columns interleaved.
+#[test]
+fn gpt_oss_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("gpt-oss-tiny");
+    let c = &loaded.config;
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (4, 2, 32, true));
+    let clamped = ExpertGlu::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 1.5,
+    };
+    assert_eq!((experts.biases, experts.glu), (true, clamped));
+    let all_biases = AttentionBias {
+        qkv: true,
+        output: true,
+    };
+    assert_eq!((c.attention_sinks, c.attention_bias), (true, all_biases));
+    let local = c.local_attention.as_ref().expect("local attention");
+    assert_eq!(
+        (local.window, local.layers.as_slice()),
+        (6, [true, false].as_slice())
+    );
+    assert!(c.rope_freq_factors && c.rope_mscale > 1.0, "YaRN's RoPE");
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the attention sinks", &|c| c.attention_sinks = false),
+            ("the window", &|c| c.local_attention = None),
+            ("YaRN's attention factor", &|c| c.rope_mscale = 1.0),
+            ("the experts' biases", &|c| experts_of(c).biases = false),
+            ("the SwiGLU's clamp", &|c| {
+                experts_of(c).glu = ExpertGlu::ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 1e6,
+                }
+            }),
+            ("the clamped SwiGLU", &|c| {
+                experts_of(c).glu = ExpertGlu::Gated
+            }),
+        ],
+    );
+}
+
+/// The experts of `c`, which has them.
+fn experts_of(c: &mut ModelConfig) -> &mut Experts {
+    c.experts.as_mut().expect("experts")
+}
+
+/// gpt-oss with its experts' matrices in MXFP4 as OpenAI publishes them
+/// (`tests/data/gpt-oss-mxfp4-tiny`: `gate_up_proj_blocks` and `_scales`, `down_proj`'s,
+/// which transformers itself loads to within 5e-7 of the float form's logits): the
+/// loader repacks them into GGUF's MXFP4 blocks, kept quantized, and every backend
+/// computes transformers' logits of the model whose experts they hold.
+#[test]
+fn gpt_oss_mxfp4_experts_compute_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("gpt-oss-mxfp4-tiny");
+    for name in ["w1", "w3", "w2"] {
+        let stack = loaded
+            .weights
+            .weight(&format!("layers.1.feed_forward.experts.{name}.weight"));
+        match stack.as_deref() {
+            Some(Value::Quantized(q)) => assert_eq!(q.format, QuantFormat::Mxfp4, "{name}"),
+            _ => panic!("the experts' {name} is not kept in MXFP4"),
+        }
+    }
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the attention sinks", &|c| c.attention_sinks = false)],
+    );
+    // A scales tensor without its blocks is refused by name.
+    let dropped = "model.layers.1.mlp.experts.down_proj_blocks";
+    let dir = std::env::temp_dir().join(format!("llmc-gpt-oss-halves-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::copy(reference.dir.join("config.json"), dir.join("config.json")).expect("config");
+    let stored = std::fs::read(reference.dir.join("model.safetensors")).expect("tensors");
+    let st = safetensors::SafeTensors::deserialize(&stored).expect("safetensors");
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != dropped)
+        .collect();
+    safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).expect("written");
+    let err = model_file::load(&dir).err().map(|e| e.to_string());
+    std::fs::remove_dir_all(&dir).ok();
+    let err = err.expect("refused");
+    assert!(
+        err.contains("`model.layers.1.mlp.experts.down_proj_scales` has no"),
         "{err}"
     );
 }

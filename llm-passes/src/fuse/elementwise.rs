@@ -100,7 +100,7 @@ fn program(ctx: &Context, op: Ptr<Operation>) -> Option<Program> {
 }
 
 /// Substitutes `inner` for input `k` of `outer`.
-fn compose(outer: Program, k: usize, inner: Program) -> Program {
+fn compose(outer: &Program, k: usize, inner: Program) -> Program {
     let mut inputs = inner.inputs.clone();
     let mut outer_map = Vec::new();
     for (i, v) in outer.inputs.iter().enumerate() {
@@ -121,10 +121,10 @@ fn compose(outer: Program, k: usize, inner: Program) -> Program {
         Arg::Input(i) => Arg::Input(outer_map[i].unwrap_or(0)),
         Arg::Step(s) => Arg::Step(s + offset),
     };
-    for s in outer.steps {
+    for s in &outer.steps {
         steps.push(Step {
-            op: s.op,
-            args: s.args.into_iter().map(remap).collect(),
+            op: s.op.clone(),
+            args: s.args.iter().copied().map(remap).collect(),
             constant: s.constant,
         });
     }
@@ -207,10 +207,16 @@ fn build_elementwise(
     }
 }
 
+/// The most tensor inputs a fused body takes: a kernel binds each input and its output,
+/// and WebGPU's default limits (what any conforming device offers) allow 8 storage
+/// buffers a shader.
+pub const MAX_FUSED_INPUTS: usize = 7;
+
 /// `e(.., p(xs), ..) => fused(.., xs, ..)` where `p` and `e` are elementwise (or fused) ops
 /// of one float element type and `e` is `p`'s only user: evaluating `p` per element inside
 /// `e`'s body gives the same values, since both map elements independently (a broadcast
-/// operand of `e` is `p` applied to broadcast inputs).
+/// operand of `e` is `p` applied to broadcast inputs). A body stays within
+/// [`MAX_FUSED_INPUTS`] inputs.
 pub struct FuseElementwise;
 
 impl Pattern for FuseElementwise {
@@ -251,7 +257,10 @@ impl Pattern for FuseElementwise {
             let Some(inner) = program(ctx, p) else {
                 continue;
             };
-            let composed = compose(outer, k, inner);
+            let composed = compose(&outer, k, inner);
+            if composed.inputs.len() > MAX_FUSED_INPUTS {
+                continue;
+            }
             let fused = build_fused(rw.ctx, &composed, out_ty.clone());
             rw.insert_before(op, fused);
             rw.replace_op(op, &[ir::result(rw.ctx, fused, 0)]);

@@ -15,7 +15,8 @@ partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `stablelm-12b`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), GLM's (`glm`, `glm4`), the mixtures of experts (`mixtral`,
-`qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`, `dbrx`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+`qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`, `dbrx`; gpt-oss's, `gpt-oss`,
+and its experts in MXFP4 as OpenAI publishes them, `gpt-oss-mxfp4`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -27,6 +28,7 @@ import os
 import sys
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     Cohere2Config,
     Cohere2ForCausalLM,
@@ -48,6 +50,8 @@ from transformers import (
     GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     Glm4Config,
@@ -117,6 +121,12 @@ def randomize(model, seed, offset_norms):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif name.endswith("self_attn.sinks"):
+                # gpt-oss's attention sinks, on the scale of the scores.
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5)
+            elif name.endswith(TRANSPOSED_EXPERTS):
+                # gpt-oss's experts, stored `[experts, in, out]`: the fan-in is dim -2.
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-2] ** -0.5)
             elif "embed_tokens" in name or name.endswith(("wte.weight", "wpe.weight")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             else:
@@ -138,6 +148,12 @@ def write(name, model_class, config, seed):
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     model.to(torch.bfloat16).save_pretrained(out)
     model = model_class.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    reference_logits(name, model, config, seed, out)
+
+
+def reference_logits(name, model, config, seed, out):
+    """Writes `reference.json` for the checkpoint `out` of `model` (loaded in f32): the
+    seeded token ids and the logits of one forward pass over them."""
     model.eval()
     tokens = torch.Generator().manual_seed(seed + 100)
     ids = torch.randint(3, config.vocab_size, (1, SEQUENCE), generator=tokens)
@@ -163,8 +179,79 @@ HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 # The mixture-of-experts routers (Mixtral's `block_sparse_moe.gate`, Qwen3-MoE's and
 # OLMoE's `mlp.gate`, Granite-MoE's `block_sparse_moe.router`, DBRX's `ffn.router.layer`)
 # and their weights.
-ROUTER_MODULES = ("block_sparse_moe.gate", "mlp.gate", "block_sparse_moe.router", "ffn.router.layer")
+ROUTER_MODULES = ("block_sparse_moe.gate", "mlp.gate", "block_sparse_moe.router", "ffn.router.layer", "mlp.router")
 ROUTERS = tuple(f"{m}.weight" for m in ROUTER_MODULES)
+
+
+# gpt-oss's stacked experts, `[experts, in, out]` (as `x @ W` takes them).
+TRANSPOSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+# The four-bit floats (E2M1) an MXFP4 code stands for, by code.
+FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4_pack(w):
+    """`w` (`[experts, rows, cols]`, cols a multiple of 32) as OpenAI's checkpoints store
+    MXFP4 matrices: blocks `[experts, rows, cols / 32, 16]` (value 2j of a group in the
+    low nibble of byte j, 2j + 1 in the high one) and E8M0 scales `[experts, rows,
+    cols / 32]`, each group's the smallest power of two that brings its largest magnitude
+    to 6 or below, each value the nearest level (ties to the lower code)."""
+    e, r, c = w.shape
+    groups = w.reshape(e, r, c // 32, 32)
+    amax = groups.abs().amax(dim=-1).clamp(min=2.0**-100)
+    exponent = torch.ceil(torch.log2(amax / 6.0))
+    scaled = groups / torch.exp2(exponent)[..., None]
+    codes = (scaled[..., None] - FP4_LEVELS).abs().argmin(dim=-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exponent + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def write_gpt_oss_mxfp4(name, config, seed):
+    """gpt-oss's checkpoint with its experts' matrices in MXFP4, as OpenAI publishes it:
+    the model's experts rounded to MXFP4 (transformers' own decoder,
+    `convert_moe_packed_tensors`, must give back the rounded values from the packed
+    bytes), the logits of the rounded model, and `model.safetensors` holding each
+    expert matrix as `_blocks` and `_scales` (rows the outputs) in place of the float
+    stack."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    WRITABLE.add(name)
+    if ONLY and name not in ONLY:
+        return
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).eval()
+    randomize(model, seed, offset_norms=False)
+    packed = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                w = getattr(layer.mlp.experts, proj)
+                blocks, scales = mxfp4_pack(w.transpose(1, 2))
+                decoded = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+                w.copy_(decoded)
+                packed[f"model.layers.{i}.mlp.experts.{proj}"] = (blocks, scales)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    # MXFP4's values need at most two mantissa bits: bf16 holds them exactly. The logits
+    # are those of this float form, before its experts are packed.
+    model.to(torch.bfloat16).save_pretrained(out)
+    float_form = GptOssForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    reference_logits(name, float_form, config, seed, out)
+    path = os.path.join(out, "model.safetensors")
+    tensors = load_file(path)
+    for stem, (blocks, scales) in packed.items():
+        stored = tensors.pop(stem)
+        decoded = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        assert torch.equal(stored.float(), decoded), stem
+        tensors[f"{stem}_blocks"] = blocks
+        tensors[f"{stem}_scales"] = scales
+    save_file(tensors, path, metadata={"format": "pt"})
+    # Declared as OpenAI's checkpoints declare it.
+    with open(os.path.join(out, "config.json")) as f:
+        stored = json.load(f)
+    stored["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(stored, f, indent=2, sort_keys=True)
 
 
 def is_moe(model):
@@ -629,6 +716,32 @@ def main():
         },
     )
     write("dbrx-tiny", DbrxForCausalLM, dbrx, 43)
+    # gpt-oss: biases on every attention projection, an attention sink a head, a window
+    # of 6 over the first layer (`layer_types`), YaRN's RoPE (factor 4 over 32
+    # positions, untruncated), four experts of width 32, two a token, weighted by a
+    # softmax over their logits, with router and expert biases and a clamped SwiGLU
+    # whose limit (1.5, not 7) the values reach.
+    gpt_oss = GptOssConfig(
+        **{**small, "intermediate_size": 32},
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        swiglu_limit=1.5,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 32,
+        },
+        tie_word_embeddings=False,
+    )
+    write("gpt-oss-tiny", GptOssForCausalLM, gpt_oss, 44)
+    write_gpt_oss_mxfp4("gpt-oss-mxfp4-tiny", gpt_oss, 45)
 
 
 def gemma3_1b_shape(out):
