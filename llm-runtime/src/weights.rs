@@ -644,11 +644,21 @@ mod tests {
         weights
             .reshape("v", vec![2, 2])
             .expect("float values take any shape");
+        // 16-bit floats are stored value by value: any shape (gpt-oss's interleaved
+        // biases become stacks of one-value rows); a block format's rows stay whole.
+        weights.reshape("ab", vec![2, 6]).expect("16-bit values");
+        assert_eq!(weights.weight_shape("ab"), Some(vec![2, 6]));
+        let blocks = QTensor {
+            shape: vec![1, 32],
+            format: QuantFormat::Q8_0,
+            bytes: vec![0; 34],
+        };
+        weights.insert("q", Value::Quantized(blocks));
         assert!(
-            weights.reshape("ab", vec![2, 6]).is_err(),
-            "16-bit rows stay whole"
+            weights.reshape("q", vec![2, 16]).is_err(),
+            "q8_0 rows stay whole"
         );
-        assert_eq!(weights.weight_shape("ab"), Some(vec![2, 3, 2]));
+        assert_eq!(weights.weight_shape("q"), Some(vec![1, 32]));
         // Vectors stack into a matrix (StableLM 2 12B's per-head norm weights).
         weights.insert("h0", zeros(vec![3]));
         weights.insert("h1", zeros(vec![3]));
@@ -725,6 +735,66 @@ mod tests {
             let err = weights.split_rows("w13", &parts[..1]).expect_err("1 of 3");
             assert!(err.contains("weight `w13` has shape [2, 3, 2]"), "{err}");
         }
+    }
+
+    /// gpt-oss's interleaved gate and up rows come apart in each stacked matrix, float,
+    /// 16-bit and block-quantized alike; an odd count of rows is refused.
+    #[test]
+    fn interleaved_rows_come_apart() {
+        // Two matrices of four rows of two: values 0..16.
+        let values: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let bits: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        for fused in [
+            Value::Tensor(Tensor::from_f32(vec![2, 4, 2], DType::F32, values.clone())),
+            super::stored_floats(vec![2, 4, 2], DType::BF16, &bits),
+        ] {
+            let mut weights = Weights::default();
+            weights.insert("w13", fused);
+            weights
+                .deinterleave_rows("w13", ["gate", "up"])
+                .expect("pairs");
+            let floats = |name: &str| match &*weights.weight(name).expect("a part") {
+                Value::Tensor(t) => t.floats().expect("floats").to_vec(),
+                Value::Quantized(q) => quant::dequantize(&q.format, &q.shape, &q.bytes),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(weights.weight_shape("gate"), Some(vec![2, 2, 2]));
+            assert_eq!(floats("gate"), [0.0, 1.0, 4.0, 5.0, 8.0, 9.0, 12.0, 13.0]);
+            assert_eq!(floats("up"), [2.0, 3.0, 6.0, 7.0, 10.0, 11.0, 14.0, 15.0]);
+            assert!(weights.weight("w13").is_none());
+        }
+        // Rows of q8_0 blocks (34 bytes each, told apart by their first byte).
+        let rows: Vec<u8> = (0..4u8)
+            .flat_map(|r| [vec![r], vec![0; 33]].concat())
+            .collect();
+        let mut weights = Weights::default();
+        let stack = QTensor {
+            shape: vec![1, 4, 32],
+            format: QuantFormat::Q8_0,
+            bytes: rows,
+        };
+        weights.insert("q", Value::Quantized(stack));
+        weights.deinterleave_rows("q", ["qe", "qo"]).expect("pairs");
+        let firsts = |name: &str| match &*weights.weight(name).expect("a part") {
+            Value::Quantized(q) => q.bytes.chunks(34).map(|row| row[0]).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((firsts("qe"), firsts("qo")), (vec![0, 2], vec![1, 3]));
+        weights.insert(
+            "odd",
+            Value::Tensor(Tensor::from_f32(vec![3, 2], DType::F32, vec![0.0; 6])),
+        );
+        let err = weights
+            .deinterleave_rows("odd", ["a", "b"])
+            .expect_err("3 rows");
+        assert!(
+            err.contains("`odd` has shape [3, 2], not pairs of rows"),
+            "{err}"
+        );
+        assert!(weights.deinterleave_rows("absent", ["a", "b"]).is_ok());
     }
 
     /// A matrix is quantized, a per-head norm's `[heads, head_dim]` weights are not.
