@@ -34,10 +34,11 @@ use llm_ir::{
 
 use crate::{
     model::{
-        Activation, AttentionBias, Blocks, EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu,
-        Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention,
-        ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm,
-        ROPE_FREQS, ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
+        ATTENTION_SINKS, Activation, AttentionBias, Blocks, EXPERT_DOWN_BIASES, EXPERT_DOWNS,
+        EXPERT_GATE_BIASES, EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, Experts,
+        FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
+        POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
+        ROUTER_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
         SharedExpert, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
@@ -389,8 +390,10 @@ impl GgufFile {
 
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
 /// tensor that is not part of such a model (biases outside `qwen2`, `qwen2moe`, `llama`,
-/// `glm4` and the LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]), output norms
-/// outside `gemma2`, `gemma3`, `olmo2` and `glm4`): Phi-3's and GLM-4-0414's `ffn_up` and
+/// `glm4`, `gpt-oss` and the LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]),
+/// output norms outside `gemma2`, `gemma3`, `olmo2` and `glm4`, attention sinks outside
+/// `gpt-oss`, whose `post_attention_norm` is its feed-forward block's input norm): Phi-3's
+/// and GLM-4-0414's `ffn_up` and
 /// Phi-3's `attn_qkv` are fused matrices ([`FUSED_QKV`],
 /// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
 /// so are Phi-2's `attn_qkv` and its bias where the file has them ([`FUSED_QKV_BIAS`]).
@@ -447,8 +450,22 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("ffn_gate_exps.weight", EXPERT_GATES),
             ("ffn_up_exps.weight", EXPERT_UPS),
             ("ffn_down_exps.weight", EXPERT_DOWNS),
+            // gpt-oss's attention sinks, router bias and experts' biases.
+            ("attn_sinks.weight", ATTENTION_SINKS),
+            ("ffn_gate_inp.bias", ROUTER_BIAS),
+            ("ffn_gate_exps.bias", EXPERT_GATE_BIASES),
+            ("ffn_up_exps.bias", EXPERT_UP_BIASES),
+            ("ffn_down_exps.bias", EXPERT_DOWN_BIASES),
         ],
     )?;
+    let gpt_oss = arch == "gpt-oss";
+    if !gpt_oss && name.ends_with(ATTENTION_SINKS) {
+        return None;
+    }
+    // gpt-oss's `post_attention_norm` is the feed-forward block's input norm.
+    if gpt_oss && name.ends_with(POST_ATTENTION_NORM) {
+        return Some(name.replace(POST_ATTENTION_NORM, "ffn_norm.weight"));
+    }
     // Biases only in qwen2's, llama's and glm4's projections and the LayerNorm
     // architectures', output norms only in Gemma 2's and 3's sandwiches, OLMo 2's and
     // GLM-4-0414's.
@@ -460,7 +477,7 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     {
         return None;
     }
-    let biases = matches!(arch, "qwen2" | "qwen2moe" | "llama" | "glm4")
+    let biases = matches!(arch, "qwen2" | "qwen2moe" | "llama" | "glm4" | "gpt-oss")
         || LAYER_NORM_ARCHITECTURES.contains(&arch);
     if name.ends_with(".bias") && !biases
         || !output_norms && (name.ends_with(POST_ATTENTION_NORM) || name.ends_with(POST_FFW_NORM))
@@ -592,9 +609,10 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// GLM-4-0414's: llama's with q, k and v biases, the gate and up projections fused in
 /// `ffn_up` (as phi3's), RoPE over part of each head (`rope.dimension_count`) with its
 /// pairs interleaved as GLM's checkpoints have them, and output norms (`post_attention_norm`,
-/// `post_ffw_norm`) besides the input norms. The other architectures read are
-/// [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin with the name.
-const ARCHITECTURES: [&str; 19] = [
+/// `post_ffw_norm`) besides the input norms; `gpt-oss` is gpt-oss's ([`apply_gpt_oss`]).
+/// The other architectures read are [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin
+/// with the name.
+const ARCHITECTURES: [&str; 20] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -614,6 +632,7 @@ const ARCHITECTURES: [&str; 19] = [
     "granitemoe",
     "dbrx",
     "glm4",
+    "gpt-oss",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -732,6 +751,17 @@ fn read_biases(weights: &Weights, c: &mut ModelConfig) {
     };
     c.ffn_bias = has("layers.0.feed_forward.w3.bias");
     c.classifier_bias = has("output.bias");
+}
+
+/// gpt-oss's settings, as llama.cpp reads them: an attention sink a head
+/// (`blk.N.attn_sinks`) and local attention over `gpt-oss.attention.sliding_window`
+/// positions in every other layer, from the first (its `swa_pattern` of 2); the biases
+/// and experts are read with the other files' ([`read_biases`], [`apply_experts`]).
+fn apply_gpt_oss(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
+    c.attention_sinks = true;
+    let window = g.int("gpt-oss.attention.sliding_window")?;
+    c.local_attention = Some(LocalAttention::periodic(window, c.layers, 2, None));
+    Ok(())
 }
 
 /// Granite's scales (`granite` and `granitemoe` files, `arch`), as llama.cpp reads them:
@@ -865,7 +895,9 @@ fn rope_scaling(
                 positive("rope.scaling.yarn_beta_fast")?,
                 positive("rope.scaling.yarn_beta_slow")?,
             );
-            let yarn = Yarn::new(factor, original, betas, true)?;
+            // gpt-oss's own RoPE does not round YaRN's ramp out to whole pairs (its
+            // `truncate` false; llama.cpp rounds it for every model).
+            let yarn = Yarn::new(factor, original, betas, arch != "gpt-oss")?;
             if let Some(ext) = g.meta(&key("rope.scaling.yarn_ext_factor"))
                 && g.float(&key("rope.scaling.yarn_ext_factor")) != Some(1.0)
             {
@@ -1068,8 +1100,8 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
 }
 
 /// The experts of a mixture-of-experts file (`{arch}.expert_count` of them, none where it
-/// is absent or 0; `qwen3moe`, `qwen2moe`, `olmoe`, `granitemoe` and `dbrx` files must
-/// have them): `expert_used_count` a
+/// is absent or 0; `qwen3moe`, `qwen2moe`, `olmoe`, `granitemoe`, `dbrx` and `gpt-oss`
+/// files must have them): `expert_used_count` a
 /// token, each of `expert_feed_forward_length` (Qwen3-MoE's key) or else, as llama.cpp
 /// reads them, `feed_forward_length` over the experts a token runs (`qwen3moe`,
 /// `qwen2moe`) or `feed_forward_length`, in the layers that have a router (`ffn_gate_inp`: llama.cpp
@@ -1080,7 +1112,9 @@ fn every_architecture() -> impl Iterator<Item = &'static str> {
 /// (`ffn_{gate,up,down}_shexp`, its gate `ffn_gate_inp_shexp`) is
 /// `expert_shared_feed_forward_length` wide, else `feed_forward_length`; a `granitemoe`
 /// file's (Granite-MoE-Shared's) is that wide where the key is given and not 0, and has
-/// no gate.
+/// no gate. A `gpt-oss` file's router and experts add biases, and its experts' gate and
+/// up projections meet in the clamped SwiGLU of gain 1.702 and limit 7, the constants
+/// llama.cpp fixes for it.
 fn apply_experts(
     g: &GgufFile,
     arch: &str,
@@ -1095,7 +1129,7 @@ fn apply_experts(
     };
     if count == 0 {
         return match arch {
-            "qwen3moe" | "qwen2moe" | "olmoe" | "granitemoe" | "dbrx" => Err(format!(
+            "qwen3moe" | "qwen2moe" | "olmoe" | "granitemoe" | "dbrx" | "gpt-oss" => Err(format!(
                 "metadata `{}` is missing or 0",
                 key("expert_count")
             )),
@@ -1146,8 +1180,14 @@ fn apply_experts(
             })
             .collect(),
         shared,
-        biases: false,
-        glu: ExpertGlu::Gated,
+        biases: arch == "gpt-oss",
+        glu: match arch {
+            "gpt-oss" => ExpertGlu::ClampedSwiglu {
+                alpha: 1.702,
+                limit: 7.0,
+            },
+            _ => ExpertGlu::Gated,
+        },
     });
     Ok(())
 }
@@ -1191,9 +1231,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             .unwrap_or(1e-5),
         tied_classifier: weights.weight_shape("output.weight").is_none(),
         rope_half: !interleaved_rope(arch),
-        // Gemma 2's and 3's window is their local layers' (`apply_gemma`).
+        // Gemma 2's and 3's, Cohere 2's and gpt-oss's window is their local layers'.
         sliding_window: match g.meta(&key("attention.sliding_window")) {
-            Some(_) if !sandwich && arch != "cohere2" => {
+            Some(_) if !sandwich && !matches!(arch, "cohere2" | "gpt-oss") => {
                 Some(g.int(&key("attention.sliding_window"))?)
             }
             _ => None,
@@ -1267,10 +1307,13 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     }
     // GLM-4-0414's q, k and v biases where the file has them (`attention_bias`, its
     // default), as llama's.
-    if matches!(arch, "llama" | "glm4") {
+    if matches!(arch, "llama" | "glm4" | "gpt-oss") {
         read_biases(&weights, &mut config);
     }
     apply_experts(g, arch, &mut weights, &mut config)?;
+    if arch == "gpt-oss" {
+        apply_gpt_oss(g, &mut config)?;
+    }
     if arch == "smollm3" {
         // llama.cpp's fixed step, with no metadata for it.
         config.nope_layers = Some(every_nth_layer(config.layers, 4));

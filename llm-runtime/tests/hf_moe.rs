@@ -559,6 +559,107 @@ fn gpt_oss_computes_what_transformers_computes() {
             }),
         ],
     );
+    // Its GGUF form computes the same, but with llama.cpp's fixed SwiGLU limit (7): the
+    // file's model is the directory's but for the limit.
+    let gguf = llm_runtime::gguf::read(&gpt_oss_gguf()).expect("the GGUF form loads");
+    let mut expected = loaded.config.clone();
+    experts_of(&mut expected).glu = ExpertGlu::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 7.0,
+    };
+    let read = &gguf.config;
+    assert_eq!(
+        (
+            read.experts.as_ref(),
+            read.attention_sinks,
+            &read.local_attention
+        ),
+        (expected.experts.as_ref(), true, &expected.local_attention)
+    );
+    let mut at_limit = gguf.config.clone();
+    experts_of(&mut at_limit).glu = clamped;
+    let logits = interp_logits(&at_limit, &gguf.weights, &reference);
+    let worst = largest_difference(&logits, &reference.logits);
+    assert!(worst < TRANSFORMERS_BOUND, "the GGUF form: {worst}");
+}
+
+/// `tests/data/gpt-oss-tiny` as llama.cpp's converter writes it (`gpt-oss`): the
+/// feed-forward block's input norm `post_attention_norm`, the sinks `attn_sinks`, the
+/// router `ffn_gate_inp` with its bias, each expert stack turned to `[experts, out, in]`
+/// with the gate and up projections (and their biases) taken apart from their interleaved
+/// columns, the window and YaRN's settings in the metadata.
+fn gpt_oss_gguf() -> Vec<u8> {
+    let meta = vec![
+        ("expert_count", Meta::Uint(4)),
+        ("expert_used_count", Meta::Uint(2)),
+        ("expert_feed_forward_length", Meta::Uint(32)),
+        ("attention.sliding_window", Meta::Uint(6)),
+        ("rope.scaling.type", Meta::Str("yarn".into())),
+        ("rope.scaling.factor", Meta::Float(4.0)),
+        ("rope.scaling.original_context_length", Meta::Uint(32)),
+    ];
+    reference_gguf_edited("gpt-oss-tiny", "gpt-oss", meta, |tensors| {
+        let mut parts = Vec::new();
+        tensors.retain_mut(|(name, shape, values)| {
+            let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                return true;
+            };
+            let gguf = |n: &str| format!("blk.{layer}.{n}");
+            let renamed = match rest {
+                "post_attention_layernorm.weight" => "post_attention_norm.weight",
+                "self_attn.sinks" => "attn_sinks.weight",
+                "mlp.router.weight" => "ffn_gate_inp.weight",
+                "mlp.router.bias" => "ffn_gate_inp.bias",
+                "mlp.experts.down_proj_bias" => "ffn_down_exps.bias",
+                _ => "",
+            };
+            if !renamed.is_empty() {
+                *name = gguf(renamed);
+                return true;
+            }
+            if rest == "mlp.experts.gate_up_proj_bias" {
+                // `[experts, 2 * hidden]`: even values the gate's, odd the up's.
+                for (first, n) in [(0, "ffn_gate_exps.bias"), (1, "ffn_up_exps.bias")] {
+                    let picked = values.iter().skip(first).step_by(2).copied().collect();
+                    parts.push((gguf(n), vec![shape[0], shape[1] / 2], picked));
+                }
+                return false;
+            }
+            let &[experts, rows, cols] = &shape[..] else {
+                return true;
+            };
+            // `[experts, in, out]` turned to `[experts, out, in]`, keeping the output
+            // columns `keep` picks.
+            let values: &[f32] = values;
+            let turned = |keep: &dyn Fn(usize) -> bool| -> Vec<f32> {
+                let mut out = Vec::with_capacity(values.len());
+                for e in 0..experts {
+                    for c in (0..cols).filter(|&c| keep(c)) {
+                        out.extend((0..rows).map(|r| values[(e * rows + r) * cols + c]));
+                    }
+                }
+                out
+            };
+            match rest {
+                "mlp.experts.gate_up_proj" => {
+                    let half = vec![experts, cols / 2, rows];
+                    let gates = turned(&|c| c % 2 == 0);
+                    parts.push((gguf("ffn_gate_exps.weight"), half.clone(), gates));
+                    parts.push((gguf("ffn_up_exps.weight"), half, turned(&|c| c % 2 == 1)));
+                }
+                "mlp.experts.down_proj" => {
+                    let all = turned(&|_| true);
+                    parts.push((gguf("ffn_down_exps.weight"), vec![experts, cols, rows], all));
+                }
+                _ => return true,
+            }
+            false
+        });
+        tensors.extend(parts);
+    })
 }
 
 /// The experts of `c`, which has them.
@@ -669,7 +770,8 @@ fn dbrx_gguf() -> Vec<u8> {
 }
 
 /// The mixtures' GGUF files (Mixtral's `llama` with experts, `olmoe`, `granitemoe` with a
-/// shared expert, `dbrx`, `qwen2moe`, `qwen3moe`), mutated, never make the loader panic.
+/// shared expert, `dbrx`, `gpt-oss`, `qwen2moe`, `qwen3moe`), mutated, never make the
+/// loader panic.
 #[test]
 fn mutated_moe_gguf_files_never_panic() {
     let originals = [
@@ -677,6 +779,7 @@ fn mutated_moe_gguf_files_never_panic() {
         moe_gguf("olmoe-tiny", "olmoe", vec![]),
         granite_moe_gguf("granite-moe-shared-tiny"),
         dbrx_gguf(),
+        gpt_oss_gguf(),
         moe_gguf(
             "qwen2-moe-tiny",
             "qwen2moe",
