@@ -391,8 +391,9 @@ impl GgufFile {
 /// The builder's name for a GGUF tensor name of architecture `arch`, or `None` for a
 /// tensor that is not part of such a model (biases outside `qwen2`, `qwen2moe`, `llama`,
 /// `glm4`, `gpt-oss` and the LayerNorm architectures ([`LAYER_NORM_ARCHITECTURES`]),
-/// output norms outside `gemma2`, `gemma3`, `olmo2` and `glm4`, attention sinks outside
-/// `gpt-oss`, whose `post_attention_norm` is its feed-forward block's input norm): Phi-3's
+/// output norms outside `gemma2`, `gemma3`, `olmo2` and `glm4`, attention sinks and the
+/// router's and experts' biases outside `gpt-oss`, whose `post_attention_norm` is its
+/// feed-forward block's input norm): Phi-3's
 /// and GLM-4-0414's `ffn_up` and
 /// Phi-3's `attn_qkv` are fused matrices ([`FUSED_QKV`],
 /// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
@@ -459,7 +460,14 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
         ],
     )?;
     let gpt_oss = arch == "gpt-oss";
-    if !gpt_oss && name.ends_with(ATTENTION_SINKS) {
+    let gpt_oss_only = [
+        ATTENTION_SINKS,
+        ROUTER_BIAS,
+        EXPERT_GATE_BIASES,
+        EXPERT_UP_BIASES,
+        EXPERT_DOWN_BIASES,
+    ];
+    if !gpt_oss && gpt_oss_only.iter().any(|n| name.ends_with(n)) {
         return None;
     }
     // gpt-oss's `post_attention_norm` is the feed-forward block's input norm.

@@ -17,7 +17,7 @@
 //! matrices to `[out, in]` and takes the gate and up projections apart
 //! ([`shape_experts`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use llm_ir::{interp::QTensor, types::QuantFormat};
 use serde_json::Value as Json;
@@ -79,35 +79,39 @@ pub(crate) fn name(hf: &str) -> Option<String> {
 }
 
 /// `cfg` with what a gpt-oss config may leave out filled in as `GptOssConfig` defaults
-/// it: `layer_types` (a window over every other layer, from the first), and RoPE's base
-/// (`rope_theta`, else 150000) with YaRN's scaling (factor 32 over 4096 positions, `beta_fast` 32,
-/// `beta_slow` 1, no truncation) where neither `rope_parameters` nor `rope_scaling` is
-/// given; any other config as it is.
+/// it: heads of 64 (`head_dim`), 8 KV heads, a window of 128 positions
+/// (`sliding_window`; null is none), RoPE's base 150000 (`rope_theta`, where neither it
+/// nor the RoPE settings give one), and YaRN's scaling (factor 32 over 4096 positions,
+/// `beta_fast` 32, `beta_slow` 1, no truncation) where neither `rope_parameters` nor
+/// `rope_scaling` is given; any other config as it is. (Which layers the window covers,
+/// `layer_types`, [`apply`] reads.)
 pub(crate) fn standard_config(mut cfg: Json) -> Json {
     if !is_gpt_oss(&cfg) {
         return cfg;
     }
-    let layers = cfg.get("num_hidden_layers").and_then(Json::as_u64);
     let given = |cfg: &Json, key: &str| cfg.get(key).is_some_and(|v| !v.is_null());
     let rope_given = given(&cfg, "rope_parameters") || given(&cfg, "rope_scaling");
+    let theta_given = given(&cfg, "rope_theta")
+        || cfg
+            .get("rope_parameters")
+            .is_some_and(|r| given(r, "rope_theta"));
     let theta = cfg
         .get("rope_theta")
         .and_then(Json::as_f64)
         .unwrap_or(150000.0);
-    let types_given = given(&cfg, "layer_types");
     if let Some(fields) = cfg.as_object_mut() {
-        if let (false, Some(layers)) = (types_given, layers) {
-            let types: Vec<Json> = (0..layers)
-                .map(|l| {
-                    if l % 2 == 0 {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                    .into()
-                })
-                .collect();
-            fields.insert("layer_types".into(), types.into());
+        for (key, value) in [
+            ("head_dim", Json::from(64)),
+            ("num_key_value_heads", Json::from(8)),
+        ] {
+            if fields.get(key).is_none_or(Json::is_null) {
+                fields.insert(key.into(), value);
+            }
+        }
+        // Absent is transformers' default; null switches the window off.
+        fields.entry("sliding_window").or_insert(Json::from(128));
+        if !theta_given {
+            fields.insert("rope_theta".into(), Json::from(150000.0));
         }
         if !rope_given {
             fields.insert(
@@ -129,7 +133,8 @@ pub(crate) fn standard_config(mut cfg: Json) -> Json {
 
 /// Sets gpt-oss's settings on `c`: biases on the q, k, v and output projections where
 /// `attention_bias` (the default), attention sinks, local attention over `sliding_window`
-/// positions in the layers `layer_types` marks, and its experts: `num_local_experts` of
+/// positions in the layers `layer_types` marks (every other one from the first where
+/// absent), and its experts: `num_local_experts` of
 /// `intermediate_size`, `num_experts_per_tok` a token weighted by a softmax over their
 /// logits, biases, and the clamped SwiGLU of `swiglu_alpha` (1.702) and `swiglu_limit`
 /// (7).
@@ -145,9 +150,9 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.local_attention = match cfg.get("sliding_window").filter(|w| !w.is_null()) {
         None => None,
         Some(_) => {
-            let layers = hf_gemma::local_layers(cfg, c.layers, || {
-                unreachable!("`standard_config` fills in `layer_types`")
-            })?;
+            // Where `layer_types` is absent, every other layer from the first, as
+            // `GptOssConfig` fills it in.
+            let layers = hf_gemma::local_layers(cfg, c.layers, || Ok(2))?;
             layers.contains(&true).then_some(LocalAttention {
                 window: int("sliding_window")?,
                 layers,
@@ -183,6 +188,8 @@ pub(crate) struct PackedExperts {
     /// Per matrix (the checkpoint's name without the suffix): its blocks and its scales,
     /// as read.
     halves: HashMap<String, [Option<Half>; 2]>,
+    /// The matrices whose halves both came.
+    done: HashSet<String>,
 }
 
 /// Half of a packed matrix as read: its shape and bytes.
@@ -196,7 +203,8 @@ impl PackedExperts {
     ///
     /// # Errors
     ///
-    /// A half that is not bytes, one given twice, or halves whose shapes disagree.
+    /// A half that is not bytes, one given twice, halves whose shapes disagree, or a
+    /// matrix the weights already hold.
     pub(crate) fn take(
         &mut self,
         name: &str,
@@ -217,15 +225,21 @@ impl PackedExperts {
             return Err(format!("tensor `{name}` is not U8 (MXFP4's bytes)"));
         }
         let halves = self.halves.entry(matrix.to_string()).or_default();
-        if halves[half].is_some() {
+        if halves[half].is_some() || self.done.contains(matrix) {
             return Err(format!("tensor `{name}` is given twice"));
         }
         halves[half] = Some((shape.to_vec(), data.to_vec()));
         if let [Some(blocks), Some(scales)] = halves {
             let packed = mxfp4_matrix(blocks, scales)
                 .map_err(|m| format!("tensors `{matrix}_blocks` and `{matrix}_scales`: {m}"))?;
+            if weights.weight_shape(&ours).is_some() {
+                return Err(format!(
+                    "tensors `{matrix}_blocks` and `{matrix}_scales` are the model's `{ours}`, which another tensor already gave"
+                ));
+            }
             weights.insert(ours, packed);
             self.halves.remove(matrix);
+            self.done.insert(matrix.to_string());
         }
         Ok(true)
     }
@@ -234,9 +248,9 @@ impl PackedExperts {
     ///
     /// # Errors
     ///
-    /// Names a half whose other half no file gave.
+    /// Names a half whose other half no file gave (the first by name).
     pub(crate) fn finish(self) -> Result<(), String> {
-        match self.halves.into_iter().next() {
+        match self.halves.into_iter().min_by(|a, b| a.0.cmp(&b.0)) {
             None => Ok(()),
             Some((matrix, [blocks, _])) => {
                 let (has, lacks) = match blocks {
@@ -328,6 +342,11 @@ pub(crate) fn shape_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
             (DOWNS_BY_COLUMN, EXPERT_DOWNS),
         ] {
             if weights.weight_shape(&at(by_column)).is_some() {
+                if weights.weight_shape(&at(by_row)).is_some() {
+                    return Err(format!(
+                        "layer {l}'s experts are given both as floats and in MXFP4 (`{by_row}`)"
+                    ));
+                }
                 weights.transpose_matrix(&at(by_column))?;
                 weights.rename(&at(by_column), at(by_row));
             }
@@ -395,24 +414,65 @@ mod tests {
         let other =
             PackedExperts::default().take("model.norm_scales", (&[1], &[0], true), &mut weights);
         assert_eq!(other, Ok(false));
+        // A half given again after its matrix is whole, and a half that is not bytes.
+        let mut packed = PackedExperts::default();
+        let blocks = "model.layers.0.mlp.experts.down_proj_blocks";
+        let scales = "model.layers.0.mlp.experts.down_proj_scales";
+        let half = |bytes: usize| (vec![1, 2, 1], vec![0u8; bytes]);
+        let block_half = (vec![1, 2, 1, 16], vec![0u8; 32]);
+        let mut weights = Weights::default();
+        for (name, (shape, data)) in [(blocks, &block_half), (scales, &half(2))] {
+            let taken = packed.take(name, (shape, data, true), &mut weights);
+            assert_eq!(taken, Ok(true));
+        }
+        assert_eq!(
+            weights.weight_shape("layers.0.feed_forward.experts.w2.weight"),
+            Some(vec![1, 2, 32])
+        );
+        let again = packed.take(scales, (&[1, 2, 1], &[0; 2], true), &mut weights);
+        assert!(again.is_err_and(|m| m.contains("given twice")));
+        let floats = PackedExperts::default().take(blocks, (&[1], &[0; 4], false), &mut weights);
+        assert!(floats.is_err_and(|m| m.contains("not U8")));
     }
 
-    /// Every other layer attends locally, from the first, and YaRN's RoPE applies, where
-    /// the config leaves them out.
+    /// The window (128), the head sizes (64, 8 KV heads), RoPE's base (150000) and YaRN's
+    /// scaling apply where the config leaves them out, and the window covers every other
+    /// layer from the first where `layer_types` is absent; a null window is none.
     #[test]
     fn defaults_as_transformers_fills_them() {
-        let cfg = serde_json::json!({"architectures": [ARCHITECTURE], "num_hidden_layers": 3});
+        let cfg = serde_json::json!({
+            "architectures": [ARCHITECTURE],
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        });
         let cfg = standard_config(cfg);
         assert_eq!(
-            cfg["layer_types"],
-            serde_json::json!(["sliding_attention", "full_attention", "sliding_attention"])
+            (
+                &cfg["sliding_window"],
+                &cfg["head_dim"],
+                &cfg["num_key_value_heads"]
+            ),
+            (&128.into(), &64.into(), &8.into())
         );
+        assert_eq!(cfg["rope_theta"], 150000.0);
         assert_eq!(cfg["rope_parameters"]["rope_type"], "yarn");
         assert_eq!(cfg["rope_parameters"]["truncate"], false);
+        let mut c = ModelConfig {
+            layers: 3,
+            hidden_dim: 32,
+            ..ModelConfig::default()
+        };
+        apply(&cfg, &mut c).expect("applies");
+        let local = c.local_attention.expect("a window");
+        assert_eq!((local.window, local.layers), (128, vec![true, false, true]));
         let given = serde_json::json!({
             "architectures": [ARCHITECTURE],
             "rope_scaling": {"rope_type": "yarn", "factor": 8.0},
+            "sliding_window": null,
         });
-        assert!(standard_config(given)["rope_parameters"].is_null());
+        let given = standard_config(given);
+        assert!(given["rope_parameters"].is_null());
+        assert_eq!(given["rope_theta"], 150000.0);
+        assert!(given["sliding_window"].is_null(), "null stays none");
     }
 }

@@ -118,7 +118,10 @@ impl Weights {
             Some(if s.contains(&0) { 0 } else { n })
         };
         let rows_kept = match self.tensors.get(name).map(|v| &**v) {
-            Some(Value::Quantized(q)) => q.format.block_elems() == 1 || held.last() == shape.last(),
+            Some(Value::Quantized(q)) => {
+                matches!(q.format, QuantFormat::F16 | QuantFormat::BF16)
+                    || held.last() == shape.last()
+            }
             _ => true,
         };
         if count(&held) != count(&shape) || !rows_kept {
@@ -162,7 +165,8 @@ impl Weights {
     /// (`[E, N, K]`) are quantized as the `E * N` rows they are, in a row-blocked format
     /// only (nf4 and the affine formats leave them as they are); their routers are not
     /// quantized. Returns how many were converted. Norm weights (vectors, and the
-    /// `[heads, head_dim]` matrices of per-head q/k norms) stay as they are.
+    /// `[heads, head_dim]` matrices of per-head q/k norms) and biases (gpt-oss's experts'
+    /// `[experts, width]` stacks of them) stay as they are, as llama.cpp keeps them.
     pub fn quantize_matrices(&mut self, format: &QuantFormat) -> usize {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut converted = 0;
@@ -172,6 +176,7 @@ impl Weights {
             if name.ends_with(crate::model::ROUTER)
                 || name.ends_with(crate::model::SHARED_GATE)
                 || name.ends_with("norm.weight")
+                || name.ends_with(".bias")
             {
                 continue;
             }
@@ -247,17 +252,24 @@ impl Weights {
     /// `n`. Nothing happens when there is no `fused`. Parts that do not add up to the
     /// rows, or a format stored as a whole, are errors naming the weight.
     pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<(), String> {
-        let total: usize = parts.iter().map(|(_, rows)| rows).sum();
-        let mut first = 0;
-        let runs: Vec<(String, Vec<usize>)> = parts
+        // (Sizes from a configuration may not add up without overflow: no weight has
+        // that many rows.)
+        let total = parts
             .iter()
-            .map(|(name, rows)| {
-                first += rows;
-                (name.clone(), (first - rows..first).collect())
-            })
-            .collect();
+            .try_fold(0usize, |sum, (_, rows)| sum.checked_add(*rows))
+            .unwrap_or(usize::MAX);
+        let runs = || {
+            let mut first = 0;
+            parts
+                .iter()
+                .map(|(name, rows)| {
+                    first += rows;
+                    (name.clone(), (first - rows..first).collect())
+                })
+                .collect()
+        };
         let sizes: Vec<usize> = parts.iter().map(|(_, rows)| *rows).collect();
-        self.select_rows(fused, total, &runs, |shape| {
+        self.select_rows(fused, total, runs, |shape| {
             format!(
                 "weight `{fused}` has shape {shape:?}, expected {total} rows in parts of {sizes:?}"
             )
@@ -273,18 +285,22 @@ impl Weights {
             Some(&[rows] | &[rows, _] | &[_, rows, _]) => rows,
             _ => 0,
         };
-        let parts = [(even.to_string(), 0), (odd.to_string(), 1)]
-            .map(|(name, first)| (name, (first..rows).step_by(2).collect()));
-        // An odd count (or a shape of no rows) is no count of pairs.
-        let pairs = if rows % 2 == 0 { rows } else { rows + 1 };
-        self.select_rows(fused, pairs, &parts, |shape| {
+        let parts = || {
+            [(even.to_string(), 0), (odd.to_string(), 1)]
+                .map(|(name, first)| (name, (first..rows).step_by(2).collect()))
+                .to_vec()
+        };
+        // An odd count is no count of pairs.
+        let pairs = if rows % 2 == 0 { rows } else { usize::MAX };
+        self.select_rows(fused, pairs, parts, |shape| {
             format!("weight `{fused}` has shape {shape:?}, not pairs of rows")
         })
     }
 
-    /// Replaces the weight `fused` by `parts`, each the rows of the listed indices, in
-    /// order (of each stacked matrix, for a stack; of its values, for a float vector),
-    /// when it has `rows` rows: the shared work of [`Weights::split_rows`] and
+    /// Replaces the weight `fused` by the parts `parts` gives, each the rows of the listed
+    /// indices, in order (of each stacked matrix, for a stack; of its values, for a float
+    /// vector), when it has `rows` rows (the parts are listed only then): the shared work
+    /// of [`Weights::split_rows`] and
     /// [`Weights::deinterleave_rows`]. Nothing happens when there is no `fused`; a format
     /// stored as a whole is an error naming the weight, and a weight of other rows the
     /// error `mismatch` makes of its shape.
@@ -292,7 +308,7 @@ impl Weights {
         &mut self,
         fused: &str,
         rows: usize,
-        parts: &[(String, Vec<usize>)],
+        parts: impl FnOnce() -> Vec<(String, Vec<usize>)>,
         mismatch: impl Fn(&[usize]) -> String,
     ) -> Result<(), String> {
         let Some(value) = self.tensors.get(fused).cloned() else {
@@ -340,7 +356,7 @@ impl Weights {
                 .copied()
                 .collect()
         }
-        for (name, picked) in parts {
+        for (name, picked) in parts() {
             let part_shape = match shape.len() {
                 1 => vec![picked.len()],
                 2 => vec![picked.len(), k],
@@ -348,7 +364,7 @@ impl Weights {
             };
             let part = match &*value {
                 Value::Tensor(t) => {
-                    let values = pick(t.floats()?, rows, k, picked);
+                    let values = pick(t.floats()?, rows, k, &picked);
                     Value::Tensor(Tensor::from_f32(part_shape, t.dtype, values))
                 }
                 Value::Quantized(q) => {
@@ -356,12 +372,12 @@ impl Weights {
                     Value::Quantized(QTensor {
                         shape: part_shape,
                         format: q.format.clone(),
-                        bytes: pick(&q.bytes, rows, row_bytes, picked),
+                        bytes: pick(&q.bytes, rows, row_bytes, &picked),
                     })
                 }
                 _ => unreachable!("checked above"),
             };
-            self.insert(name.clone(), part);
+            self.insert(name, part);
         }
         self.tensors.remove(fused);
         Ok(())

@@ -1062,7 +1062,14 @@ impl Call<'_> {
         }
         // The attention sinks, the op's last operand where it has them.
         let sinks = if sinks {
-            let s = self.device(*step.inputs.get(source.operands()).ok_or("no sinks")?)?;
+            let at = source.operands();
+            let s = step.inputs.get(at).ok_or_else(|| {
+                format!(
+                    "the attention has {} operands, not its sinks (operand {at})",
+                    step.inputs.len()
+                )
+            })?;
+            let s = self.device(*s)?;
             if s.shape != [heads] || s.elem != Elem::F32 {
                 return Err(format!(
                     "the attention sinks have shape {:?}, expected [{heads}]",

@@ -10,9 +10,9 @@ use crate::{
 };
 
 /// `paged_attention(q, append_kv(c, k, v, s), t, l) => append_attention(q, c, k, v, s, t, l)`
-/// (same layer; attention sinks stay the last operand): the fused op writes the new keys and values, then attends over the updated
-/// cache, and also returns that cache for the append's other users, which must all come
-/// after the attention.
+/// (same layer; attention sinks stay the last operand): the fused op writes the new keys
+/// and values, then attends over the updated cache, and also returns that cache for the
+/// append's other users, which must all come after the attention.
 pub struct AppendAttention;
 
 impl Pattern for AppendAttention {

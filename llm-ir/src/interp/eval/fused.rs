@@ -223,8 +223,13 @@ pub fn rms_norm_matmul(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
 
 /// `llm.append_attention`: append, then attend over the updated cache.
 pub fn append_attention(e: &Eval, inputs: Vec<Rc<Value>>) -> Outputs {
+    let given = inputs.len();
     let mut inputs = inputs.into_iter();
-    let mut next = || inputs.next().ok_or("too few operands");
+    let mut next = || {
+        inputs
+            .next()
+            .ok_or_else(|| format!("expected 7 or 8 operands, found {given}"))
+    };
     let [q, cache, k, v, slots, tables, lens] = [(); 7].map(|()| next());
     let sinks = next().ok();
     let cache = append(e, cache?, k?.tensor()?, v?.tensor()?, slots?.tensor()?)?;
