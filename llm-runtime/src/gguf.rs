@@ -35,11 +35,12 @@ use llm_ir::{
 use crate::{
     model::{
         ATTENTION_SINKS, Activation, AttentionBias, Blocks, EXPERT_DOWN_BIASES, EXPERT_DOWNS,
-        EXPERT_GATE_BIASES, EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, Experts,
-        FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention, ModelConfig, Norm,
-        POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER,
-        ROUTER_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
-        SharedExpert, every_nth_layer, reciprocal, split_fused_weights, uneven_head_dim,
+        EXPERT_GATE_BIASES, EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, ExpertScoring,
+        Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention,
+        ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm,
+        ROPE_FREQS, ROUTER, ROUTER_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP,
+        SHARED_GATE, SharedExpert, every_nth_layer, reciprocal, split_fused_weights,
+        uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -1188,6 +1189,9 @@ fn apply_experts(
             })
             .collect(),
         shared,
+        scoring: ExpertScoring::Softmax,
+        groups: None,
+        scale: 1.0,
         biases: arch == "gpt-oss",
         glu: match arch {
             "gpt-oss" => ExpertGlu::ClampedSwiglu {

@@ -23,7 +23,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::{
-    hf_gemma, hf_glm, hf_gpt_oss,
+    hf_deepseek, hf_gemma, hf_glm, hf_gpt_oss,
     hf_layer_norm::{self, Family},
     hf_moe,
     model::{
@@ -56,7 +56,8 @@ fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
         .or_else(|| hf_layer_norm::gpt_name(hf))
         .or_else(|| hf_layer_norm::stablelm_head_norm_name(hf))
         .or_else(|| hf_moe::dbrx_name(hf))
-        .or_else(|| hf_gpt_oss::name(hf));
+        .or_else(|| hf_gpt_oss::name(hf))
+        .or_else(|| hf_deepseek::name(hf));
     if let Some(name) = named {
         return Some(name);
     }
@@ -594,16 +595,18 @@ fn check_supported(cfg: &Json) -> Result<(), String> {
                     || hf_moe::ARCHITECTURES.contains(&n)
                     || hf_glm::ARCHITECTURES.contains(&n)
                     || n == hf_gpt_oss::ARCHITECTURE
+                    || hf_deepseek::ARCHITECTURES.contains(&n)
                     || hf_layer_norm::architectures().any(|a| a == n)
             })
         })
     {
         return Err(format!(
-            "`architectures` names {other}; the Llama-family models built are {}, {}, {}, {}, {}",
+            "`architectures` names {other}; the Llama-family models built are {}, {}, {}, {}, {}, {}",
             ARCHITECTURES.join(", "),
             hf_glm::ARCHITECTURES.join(", "),
             hf_moe::ARCHITECTURES.join(", "),
             hf_gpt_oss::ARCHITECTURE,
+            hf_deepseek::ARCHITECTURES.join(", "),
             hf_layer_norm::architectures()
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -740,6 +743,9 @@ struct TensorRules {
     /// A multimodal Gemma 3's checkpoint: the language model's tensors are read, the
     /// vision tower's skipped ([`hf_gemma::language_model_tensor`]).
     multimodal: bool,
+    /// A DeepSeek model's layers: the multi-token-prediction layers past them are skipped
+    /// ([`hf_deepseek::is_prediction_layer`]).
+    model_layers: Option<usize>,
 }
 
 /// The builder's name `name` of a layer's weight as layer 0's (`layers.7.x` ->
@@ -772,6 +778,12 @@ fn read_safetensors(
             },
             false => stored,
         };
+        if rules
+            .model_layers
+            .is_some_and(|layers| hf_deepseek::is_prediction_layer(&name, layers))
+        {
+            continue;
+        }
         let bytes = view.dtype() == Dtype::U8;
         if packed.take(&name, (view.shape(), view.data(), bytes), weights)? {
             continue;
@@ -922,6 +934,10 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     if gpt_oss {
         hf_gpt_oss::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
+    let deepseek = hf_deepseek::is_deepseek(&cfg);
+    if deepseek {
+        hf_deepseek::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
+    }
     if hf_glm::is_glm(&cfg) {
         hf_glm::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
@@ -976,6 +992,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         // GLM-4-0414's output norms have names of their own (`hf_glm`).
         post_norms: config.post_norms && !hf_glm::has_output_norms(&cfg),
         multimodal,
+        model_layers: deepseek.then_some(config.layers),
     };
     let mut packed = hf_gpt_oss::PackedExperts::default();
     for (i, file) in files.iter().enumerate() {
@@ -990,6 +1007,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     } else {
         hf_moe::stack_experts(&config, &mut weights).map_err(|m| err(dir, m))?;
     }
+    hf_deepseek::pad_values(&config, &mut weights).map_err(|m| err(dir, m))?;
     if let Some(family) = Family::of(&cfg) {
         family
             .prepare_weights(&config, &mut weights)

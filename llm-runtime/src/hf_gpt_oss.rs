@@ -27,8 +27,8 @@ use crate::{
     hf_gemma,
     model::{
         ATTENTION_SINKS, AttentionBias, EXPERT_DOWN_BIASES, EXPERT_DOWNS, EXPERT_GATE_BIASES,
-        EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, Experts, LocalAttention,
-        ModelConfig, ROUTER, ROUTER_BIAS,
+        EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, ExpertScoring, Experts,
+        LocalAttention, ModelConfig, ROUTER, ROUTER_BIAS,
     },
     weights::{Weights, builder_name},
 };
@@ -171,6 +171,9 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         normalize: true,
         layers: vec![true; c.layers],
         shared: None,
+        scoring: ExpertScoring::Softmax,
+        groups: None,
+        scale: 1.0,
         biases: true,
         glu: ExpertGlu::ClampedSwiglu {
             alpha: number("swiglu_alpha", 1.702)?,

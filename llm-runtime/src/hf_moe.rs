@@ -23,9 +23,9 @@ use serde_json::Value as Json;
 use crate::{
     hf::{config_int, flag_or, granite_scales, names_architecture, optional_positive},
     model::{
-        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu, Experts, FUSED_QKV, ModelConfig, Norm,
-        QkNorm, ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE,
-        SharedExpert,
+        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu, ExpertScoring, Experts, FUSED_QKV,
+        ModelConfig, Norm, QkNorm, ROUTER, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE,
+        SHARED_EXPERT_UP, SHARED_GATE, SharedExpert,
     },
     weights::{Weights, builder_name},
 };
@@ -313,6 +313,9 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         } else {
             None
         },
+        scoring: ExpertScoring::Softmax,
+        groups: None,
+        scale: 1.0,
         biases: false,
         glu: ExpertGlu::Gated,
     }))

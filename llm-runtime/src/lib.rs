@@ -12,6 +12,7 @@ pub mod gguf;
 mod gguf_vocab;
 pub mod heap;
 pub mod hf;
+mod hf_deepseek;
 mod hf_gemma;
 mod hf_glm;
 mod hf_gpt_oss;

@@ -162,7 +162,57 @@ pub struct ModelConfig {
     /// Each attention head's softmax counts a learned sink, a score without a value
     /// (gpt-oss's; [`ATTENTION_SINKS`], `[heads]`, `llm.paged_attention`'s `sinks`).
     pub attention_sinks: bool,
+    /// Multi-head latent attention (DeepSeek V2's and V3's) in place of the q, k and v
+    /// projections; `None` for those.
+    pub latent_attention: Option<LatentAttention>,
 }
+
+/// DeepSeek's multi-head latent attention: the keys and values of every head are
+/// projected up from one compressed latent of `kv_rank` values a token
+/// ([`LATENT_KV_DOWN`], normalized by [`LATENT_KV_NORM`], then [`LATENT_KV_UP`]), the
+/// queries from the input (`attention.wq`) or from a compressed latent of `q_rank`
+/// ([`LATENT_Q_DOWN`], [`LATENT_Q_NORM`], [`LATENT_Q_UP`]). Each head's query and key
+/// are `nope` features without RoPE and `rope` with it (the keys' shared by every
+/// head, projected with the latent), so the heads are `nope + rope` wide
+/// ([`ModelConfig::explicit_head_dim`]) and RoPE rotates `rope` of them
+/// ([`ModelConfig::rotary_dim`]); each head's value is `value` wide, stored with zeros
+/// after it to the heads' width (the cache holds keys and values of one width) and cut
+/// back before the output projection (`[dim, heads * value]`). The builder expands the
+/// latent into every head's keys and values before they are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentAttention {
+    /// The queries' latent width; `None` where the queries are projected directly.
+    pub q_rank: Option<usize>,
+    /// The keys' and values' latent width.
+    pub kv_rank: usize,
+    /// Features of a head's query and key without RoPE.
+    pub nope: usize,
+    /// Features of a head's query and key with RoPE.
+    pub rope: usize,
+    /// Features of a head's value.
+    pub value: usize,
+}
+
+/// The queries' down projection of latent attention, under `layers.N.`: `[q_rank, dim]`.
+pub const LATENT_Q_DOWN: &str = "attention.wq_a.weight";
+
+/// The norm of the queries' latent: `[q_rank]`.
+pub const LATENT_Q_NORM: &str = "attention.q_a_norm.weight";
+
+/// The queries' up projection: `[heads * (nope + rope), q_rank]`.
+pub const LATENT_Q_UP: &str = "attention.wq_b.weight";
+
+/// The keys' and values' down projection, the shared RoPE key after the latent:
+/// `[kv_rank + rope, dim]`.
+pub const LATENT_KV_DOWN: &str = "attention.wkv_a.weight";
+
+/// The norm of the keys' and values' latent: `[kv_rank]`.
+pub const LATENT_KV_NORM: &str = "attention.kv_a_norm.weight";
+
+/// The keys' and values' up projection, per head its `nope` key rows and then its
+/// `value` rows padded with zero rows to `nope + rope`: `[heads * (2 nope + rope),
+/// kv_rank]`.
+pub const LATENT_KV_UP: &str = "attention.wkv_b.weight";
 
 /// Feed-forward blocks of routed experts: a router (`layers.N.feed_forward.gate_inp`,
 /// [`ROUTER`], `[count, dim]`) scores the experts for each token, the `per_token` best
@@ -187,12 +237,49 @@ pub struct Experts {
     /// A shared expert every token runs besides the routed ones (Qwen2-MoE's,
     /// Granite-MoE-Shared's); `None` for none.
     pub shared: Option<SharedExpert>,
+    /// How the router's logits become scores.
+    pub scoring: ExpertScoring,
+    /// Each token's experts are chosen among a few groups of them (DeepSeek's
+    /// group-limited routing); `None` for all.
+    pub groups: Option<ExpertGroups>,
+    /// The chosen experts' weights are multiplied by it (DeepSeek's
+    /// `routed_scaling_factor`; 1 for none).
+    pub scale: f64,
     /// The router and each expert's three projections add biases (gpt-oss's:
     /// [`ROUTER_BIAS`], [`EXPERT_GATE_BIASES`], [`EXPERT_UP_BIASES`],
     /// [`EXPERT_DOWN_BIASES`]).
     pub biases: bool,
     /// How an expert's gate and up projections meet.
     pub glu: ExpertGlu,
+}
+
+/// How a mixture's router scores its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertScoring {
+    /// A softmax: over the chosen experts' logits where [`Experts::normalize`], else over
+    /// every expert's, the chosen ones' probabilities weighting them.
+    Softmax,
+    /// Each logit's sigmoid (DeepSeek V3's), the chosen ones weighting their experts,
+    /// divided by their sum where [`Experts::normalize`]; with `selection_bias`, the
+    /// experts are chosen by their scores plus [`ROUTER_SELECTION_BIAS`] (`[experts]`, its
+    /// `e_score_correction_bias`), which does not enter the weights.
+    Sigmoid {
+        /// Whether a bias shifts the scores the experts are chosen by.
+        selection_bias: bool,
+    },
+}
+
+/// DeepSeek's group-limited routing: the experts, in order, form `count` groups, each
+/// scored by the sum of its `scored_by` highest scores (1: its highest, DeepSeek V2's;
+/// 2: V3's), and each token's experts are chosen among the `chosen` best groups only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGroups {
+    /// Groups of experts.
+    pub count: usize,
+    /// Groups a token's experts are chosen among.
+    pub chosen: usize,
+    /// Scores summed to score a group.
+    pub scored_by: usize,
 }
 
 /// How an expert's gate projection `g` and up projection `u` make its hidden values.
@@ -233,6 +320,10 @@ pub const ROUTER: &str = "feed_forward.gate_inp.weight";
 
 /// The router's bias ([`Experts::biases`]): `[experts]`.
 pub const ROUTER_BIAS: &str = "feed_forward.gate_inp.bias";
+
+/// The bias of the scores a sigmoid router chooses by ([`ExpertScoring::Sigmoid`]):
+/// `[experts]`.
+pub const ROUTER_SELECTION_BIAS: &str = "feed_forward.gate_inp.selection_bias";
 
 /// The experts' gate projections' biases ([`Experts::biases`]): `[experts, hidden]`.
 pub const EXPERT_GATE_BIASES: &str = "feed_forward.experts.w1.bias";
@@ -468,6 +559,7 @@ impl Default for ModelConfig {
             local_attention: None,
             experts: None,
             attention_sinks: false,
+            latent_attention: None,
         }
     }
 }
@@ -523,6 +615,9 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.explicit_head_dim == Some(0) {
             return Err("the head size is 0".into());
+        }
+        if let Some(latent) = &self.latent_attention {
+            self.validate_latent(latent)?;
         }
         if self.heads == 0
             || (self.explicit_head_dim.is_none() && !self.dim.is_multiple_of(self.heads))
@@ -607,6 +702,45 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
+    /// Checks latent attention's widths: heads of `nope + rope` features with RoPE over
+    /// `rope` of them, values no wider than the heads, every width positive, as many KV
+    /// heads as query heads (each head's keys and values are its own), and no biases or
+    /// q/k norms of the plain projections.
+    fn validate_latent(&self, latent: &LatentAttention) -> Result<(), String> {
+        let LatentAttention {
+            q_rank,
+            kv_rank,
+            nope,
+            rope,
+            value,
+        } = *latent;
+        if [kv_rank, rope, value].contains(&0) || q_rank == Some(0) {
+            return Err(format!(
+                "latent attention of zero width: {latent:?} (its ranks, RoPE and value widths must be positive)"
+            ));
+        }
+        let heads = nope.checked_add(rope);
+        if heads != self.explicit_head_dim || self.rotary_dim != Some(rope) {
+            return Err(format!(
+                "latent attention's heads are {nope} + {rope} wide with RoPE over {rope}, not {:?} with RoPE over {:?}",
+                self.explicit_head_dim, self.rotary_dim
+            ));
+        }
+        if heads.is_none_or(|h| value > h) {
+            return Err(format!(
+                "latent attention's values ({value}) are wider than its heads ({nope} + {rope})"
+            ));
+        }
+        if self.kv_heads != self.heads
+            || self.qk_norm != QkNorm::None
+            || self.attention_bias != AttentionBias::default()
+            || self.clip_qkv.is_some()
+        {
+            return Err("latent attention has a KV head a query head and no q/k norms, biases or clamps of its own".into());
+        }
+        Ok(())
+    }
+
     /// Checks a mixture-of-experts configuration: each token runs between one and all of
     /// the experts, each of some width, through a gated block (whose biases are the
     /// experts', [`Experts::biases`], not the dense blocks'), and the routing layers are
@@ -633,6 +767,33 @@ impl ModelConfig {
         }
         if self.feed_forward != FeedForward::Gated || self.ffn_bias {
             return Err("experts are gated feed-forward blocks without biases".into());
+        }
+        if let Some(groups) = experts.groups {
+            let ExpertGroups {
+                count,
+                chosen,
+                scored_by,
+            } = groups;
+            let width = experts.count / count.max(1);
+            if count == 0
+                || !experts.count.is_multiple_of(count)
+                || chosen == 0
+                || chosen > count
+                || scored_by == 0
+                || scored_by > width
+                || chosen * width < experts.per_token
+            {
+                return Err(format!(
+                    "{} experts in {count} groups, {chosen} kept, each scored by its {scored_by} best, cannot give {} experts a token",
+                    experts.count, experts.per_token
+                ));
+            }
+        }
+        if !(experts.scale.is_finite() && experts.scale > 0.0) {
+            return Err(format!(
+                "the experts' weights' scale {} is not positive",
+                experts.scale
+            ));
         }
         if let ExpertGlu::ClampedSwiglu { alpha, limit } = experts.glu
             && !(alpha.is_finite() && limit > 0.0 && limit.is_finite())
@@ -696,6 +857,36 @@ fn float(v: f64) -> String {
     format!("{v:?}")
 }
 
+/// The attention weights of a layer of latent attention (under `p`), with their shapes.
+fn latent_weight_shapes(
+    c: &ModelConfig,
+    latent: &LatentAttention,
+    p: &str,
+) -> Vec<(String, Vec<usize>)> {
+    let (d, h, hd) = (c.dim, c.heads, c.head_dim());
+    let mut out = match latent.q_rank {
+        Some(rank) => vec![
+            (format!("{p}{LATENT_Q_DOWN}"), vec![rank, d]),
+            (format!("{p}{LATENT_Q_NORM}"), vec![rank]),
+            (format!("{p}{LATENT_Q_UP}"), vec![h * hd, rank]),
+        ],
+        None => vec![(format!("{p}attention.wq.weight"), vec![h * hd, d])],
+    };
+    out.extend([
+        (
+            format!("{p}{LATENT_KV_DOWN}"),
+            vec![latent.kv_rank + latent.rope, d],
+        ),
+        (format!("{p}{LATENT_KV_NORM}"), vec![latent.kv_rank]),
+        (
+            format!("{p}{LATENT_KV_UP}"),
+            vec![h * (latent.nope + hd), latent.kv_rank],
+        ),
+        (format!("{p}attention.wo.weight"), vec![d, h * latent.value]),
+    ]);
+    out
+}
+
 /// The weights a model of `c` needs, with their shapes.
 pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (d, hd, kvd, v, qd) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab, c.q_dim());
@@ -705,12 +896,15 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     }
     for l in 0..c.layers {
         let p = format!("layers.{l}.");
-        out.extend([
-            (format!("{p}attention.wq.weight"), vec![qd, d]),
-            (format!("{p}attention.wk.weight"), vec![kvd, d]),
-            (format!("{p}attention.wv.weight"), vec![kvd, d]),
-            (format!("{p}attention.wo.weight"), vec![d, qd]),
-        ]);
+        match &c.latent_attention {
+            Some(latent) => out.extend(latent_weight_shapes(c, latent, &p)),
+            None => out.extend([
+                (format!("{p}attention.wq.weight"), vec![qd, d]),
+                (format!("{p}attention.wk.weight"), vec![kvd, d]),
+                (format!("{p}attention.wv.weight"), vec![kvd, d]),
+                (format!("{p}attention.wo.weight"), vec![d, qd]),
+            ]),
+        }
         match c.experts.as_ref().filter(|x| x.routes(l)) {
             Some(x) => {
                 out.extend([
@@ -719,6 +913,13 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                     (format!("{p}{EXPERT_UPS}"), vec![x.count, x.hidden, d]),
                     (format!("{p}{EXPERT_DOWNS}"), vec![x.count, d, x.hidden]),
                 ]);
+                if x.scoring
+                    == (ExpertScoring::Sigmoid {
+                        selection_bias: true,
+                    })
+                {
+                    out.push((format!("{p}{ROUTER_SELECTION_BIAS}"), vec![x.count]));
+                }
                 if x.biases {
                     out.extend([
                         (format!("{p}{ROUTER_BIAS}"), vec![x.count]),
@@ -1320,8 +1521,7 @@ impl Emitter<'_> {
     }
 
     /// Layer `l`'s mixture of `experts` over `input`: the router's logits, the chosen
-    /// experts (`llm.topk`) and their weights (a softmax over the chosen logits where they
-    /// are normalized, the chosen probabilities of a softmax over all otherwise), each
+    /// experts (`llm.topk`) and their weights ([`Emitter::routing`]), each
     /// chosen expert's gated block (`llm.expert_matmul`), and the weighted sum of their
     /// outputs (a batched `[1, k] x [k, dim]` product per token). Returns the sum's value.
     fn experts(&mut self, c: &ModelConfig, experts: &Experts, input: &str, l: usize) -> String {
@@ -1329,11 +1529,7 @@ impl Emitter<'_> {
         let t = |shape: String| format!("llm.tensor <{shape}>");
         let p = format!("layers.{l}.");
         let router = self.weight_f32(&format!("router_{l}_w"), &format!("{p}{ROUTER}"));
-        let (logits_ty, top_ty, ids_ty) = (
-            t(format!("?x{count}xf32")),
-            t(format!("?x{k}xf32")),
-            t(format!("?x{k}xi32")),
-        );
+        let logits_ty = t(format!("?x{count}xf32"));
         self.op(format!(
             "router_{l} = llm.matmul {input}, {router} {{transpose_rhs = true}} : {logits_ty}"
         ));
@@ -1343,21 +1539,7 @@ impl Emitter<'_> {
             bias(ROUTER_BIAS).as_deref(),
             &logits_ty,
         );
-        if experts.normalize {
-            self.op(format!(
-                "top_{l}, ids_{l} = llm.topk {logits} {{k = {k}}} : {top_ty}, {ids_ty}"
-            ));
-            self.op(format!(
-                "route_{l} = llm.softmax top_{l} {{axis = -1}} : {top_ty}"
-            ));
-        } else {
-            self.op(format!(
-                "probs_{l} = llm.softmax {logits} {{axis = -1}} : {logits_ty}"
-            ));
-            self.op(format!(
-                "route_{l}, ids_{l} = llm.topk probs_{l} {{k = {k}}} : {top_ty}, {ids_ty}"
-            ));
-        }
+        let route = self.routing(experts, &logits, l);
         let slots_hid = t(format!("?x{k}x{eh}xf32"));
         let slots_act = t(format!("?x{k}x{d}xf32"));
         // Each chosen expert's product, plus its row of the stacked biases where the
@@ -1403,7 +1585,7 @@ impl Emitter<'_> {
             &slots_act,
         );
         self.op(format!(
-            "route3_{l} = llm.reshape route_{l} : {}",
+            "route3_{l} = llm.reshape {route} : {}",
             t(format!("?x1x{k}xf32"))
         ));
         self.op(format!(
@@ -1422,6 +1604,344 @@ impl Emitter<'_> {
 }
 
 impl Emitter<'_> {
+    /// Layer `l`'s routing of its tokens by the router's `logits`: the chosen experts'
+    /// ids (`ids_{l}`) and the value of their weights, as [`Experts::scoring`],
+    /// [`Experts::groups`], [`Experts::normalize`] and [`Experts::scale`] say.
+    fn routing(&mut self, experts: &Experts, logits: &str, l: usize) -> String {
+        let (k, count) = (experts.per_token, experts.count);
+        let t = |shape: String| format!("llm.tensor <{shape}>");
+        let (logits_ty, top_ty, ids_ty) = (
+            t(format!("?x{count}xf32")),
+            t(format!("?x{k}xf32")),
+            t(format!("?x{k}xi32")),
+        );
+        let choose = |e: &mut Self, scores: &str, top: &str| {
+            let scores = match &experts.groups {
+                Some(groups) => e.grouped(scores, count, groups, l),
+                None => scores.to_string(),
+            };
+            e.op(format!(
+                "{top}, ids_{l} = llm.topk {scores} {{k = {k}}} : {top_ty}, {ids_ty}"
+            ));
+        };
+        let route = match experts.scoring {
+            ExpertScoring::Softmax if experts.normalize => {
+                choose(self, logits, &format!("top_{l}"));
+                self.op(format!(
+                    "route_{l} = llm.softmax top_{l} {{axis = -1}} : {top_ty}"
+                ));
+                format!("route_{l}")
+            }
+            ExpertScoring::Softmax => {
+                self.op(format!(
+                    "probs_{l} = llm.softmax {logits} {{axis = -1}} : {logits_ty}"
+                ));
+                choose(self, &format!("probs_{l}"), &format!("route_{l}"));
+                format!("route_{l}")
+            }
+            ExpertScoring::Sigmoid { selection_bias } => {
+                self.op(format!("probs_{l} = llm.sigmoid {logits} : {logits_ty}"));
+                if !selection_bias {
+                    choose(self, &format!("probs_{l}"), &format!("route_{l}"));
+                } else {
+                    // Chosen by the biased scores, weighted by the scores themselves:
+                    // the chosen biased scores less the chosen experts' biases.
+                    let p = format!("layers.{l}.");
+                    let bias = self.weight_f32(
+                        &format!("sel_bias_{l}"),
+                        &format!("{p}{ROUTER_SELECTION_BIAS}"),
+                    );
+                    self.op(format!(
+                        "choice_{l} = llm.add probs_{l}, {bias} : {logits_ty}"
+                    ));
+                    choose(self, &format!("choice_{l}"), &format!("top_{l}"));
+                    self.op(format!(
+                        "sel_table_{l} = llm.reshape {bias} : {}",
+                        t(format!("{count}x1xf32"))
+                    ));
+                    self.op(format!(
+                        "sel_rows_{l} = llm.embedding sel_table_{l}, ids_{l} : {}",
+                        t(format!("?x{k}x1xf32"))
+                    ));
+                    self.op(format!("sel_{l} = llm.reshape sel_rows_{l} : {top_ty}"));
+                    self.op(format!("route_{l} = llm.sub top_{l}, sel_{l} : {top_ty}"));
+                }
+                if experts.normalize {
+                    // Divided by their sum (and 1e-20, as DeepSeek V3's router adds).
+                    let one = t("?x1xf32".into());
+                    self.op(format!(
+                        "route_ones_{l} = llm.constant {{value = 1.0}} : {}",
+                        t(format!("{k}x1xf32"))
+                    ));
+                    self.op(format!(
+                        "route_sum_{l} = llm.matmul route_{l}, route_ones_{l} : {one}"
+                    ));
+                    self.op(format!(
+                        "route_tiny_{l} = llm.constant {{value = 1e-20}} : {}",
+                        t("1xf32".into())
+                    ));
+                    self.op(format!(
+                        "route_den_{l} = llm.add route_sum_{l}, route_tiny_{l} : {one}"
+                    ));
+                    self.op(format!(
+                        "route_norm_{l} = llm.div route_{l}, route_den_{l} : {top_ty}"
+                    ));
+                    format!("route_norm_{l}")
+                } else {
+                    format!("route_{l}")
+                }
+            }
+        };
+        self.scaled(
+            &route,
+            (experts.scale != 1.0).then_some(experts.scale),
+            &top_ty,
+        )
+    }
+
+    /// `scores` (`[tokens, count]`) with the experts outside each token's chosen groups
+    /// pushed 1e30 down, so that no top-k of as many experts as the chosen groups hold
+    /// picks them: the experts are `groups.count` groups in order, each scored by the sum
+    /// of its `groups.scored_by` highest scores, and the `groups.chosen` highest-scored
+    /// groups are kept (a one-hot row of each from an identity table, summed into a mask).
+    fn grouped(&mut self, scores: &str, count: usize, groups: &ExpertGroups, l: usize) -> String {
+        let t = |shape: String| format!("llm.tensor <{shape}>");
+        let ExpertGroups {
+            count: g,
+            chosen,
+            scored_by: s,
+        } = *groups;
+        let width = count / g;
+        self.op(format!(
+            "grp_{l} = llm.reshape {scores} : {}",
+            t(format!("?x{g}x{width}xf32"))
+        ));
+        self.op(format!(
+            "grp_top_{l}, grp_top_ids_{l} = llm.topk grp_{l} {{k = {s}}} : {}, {}",
+            t(format!("?x{g}x{s}xf32")),
+            t(format!("?x{g}x{s}xi32"))
+        ));
+        let group_ty = t(format!("?x{g}x1xf32"));
+        self.op(format!(
+            "grp_sum0_{l} = llm.slice grp_top_{l} {{starts = [0, 0, 0]}} : {group_ty}"
+        ));
+        for i in 1..s {
+            self.op(format!(
+                "grp_part{i}_{l} = llm.slice grp_top_{l} {{starts = [0, 0, {i}]}} : {group_ty}"
+            ));
+            self.op(format!(
+                "grp_sum{i}_{l} = llm.add grp_sum{}_{l}, grp_part{i}_{l} : {group_ty}",
+                i - 1
+            ));
+        }
+        self.op(format!(
+            "grp_score_{l} = llm.reshape grp_sum{}_{l} : {}",
+            s - 1,
+            t(format!("?x{g}xf32"))
+        ));
+        self.op(format!(
+            "grp_kept_{l}, grp_ids_{l} = llm.topk grp_score_{l} {{k = {chosen}}} : {}, {}",
+            t(format!("?x{chosen}xf32")),
+            t(format!("?x{chosen}xi32"))
+        ));
+        let identity: Vec<String> = (0..g * g)
+            .map(|i| if i / g == i % g { "1.0" } else { "0.0" }.to_string())
+            .collect();
+        self.op(format!(
+            "grp_eye_{l} = llm.constant {{value = [{}]}} : {}",
+            identity.join(", "),
+            t(format!("{g}x{g}xf32"))
+        ));
+        self.op(format!(
+            "grp_hot_{l} = llm.embedding grp_eye_{l}, grp_ids_{l} : {}",
+            t(format!("?x{chosen}x{g}xf32"))
+        ));
+        let mask_ty = t(format!("?x1x{g}xf32"));
+        self.op(format!(
+            "grp_mask0_{l} = llm.slice grp_hot_{l} {{starts = [0, 0, 0]}} : {mask_ty}"
+        ));
+        for i in 1..chosen {
+            self.op(format!(
+                "grp_hot{i}_{l} = llm.slice grp_hot_{l} {{starts = [0, {i}, 0]}} : {mask_ty}"
+            ));
+            self.op(format!(
+                "grp_mask{i}_{l} = llm.add grp_mask{}_{l}, grp_hot{i}_{l} : {mask_ty}",
+                i - 1
+            ));
+        }
+        self.op(format!(
+            "grp_keep_{l} = llm.reshape grp_mask{}_{l} : {group_ty}",
+            chosen - 1
+        ));
+        self.op(format!(
+            "grp_one_{l} = llm.constant {{value = 1.0}} : {}",
+            t("1xf32".into())
+        ));
+        self.op(format!(
+            "grp_far_{l} = llm.constant {{value = 1e30}} : {}",
+            t("1xf32".into())
+        ));
+        self.op(format!(
+            "grp_out_{l} = llm.sub grp_keep_{l}, grp_one_{l} : {group_ty}"
+        ));
+        self.op(format!(
+            "grp_push_{l} = llm.mul grp_out_{l}, grp_far_{l} : {group_ty}"
+        ));
+        self.op(format!(
+            "grp_masked_{l} = llm.add grp_{l}, grp_push_{l} : {}",
+            t(format!("?x{g}x{width}xf32"))
+        ));
+        self.op(format!(
+            "grp_choice_{l} = llm.reshape grp_masked_{l} : {}",
+            t(format!("?x{count}xf32"))
+        ));
+        format!("grp_choice_{l}")
+    }
+
+    /// Layer `l`'s queries, keys and values by latent attention over `input`, RoPE (of
+    /// parameters `rope`, frequency factors `factors`) applied to their RoPE features:
+    /// the values' names, each `[tokens, heads, nope + rope]` (the values with their
+    /// zeros).
+    fn latent_qkv(
+        &mut self,
+        c: &ModelConfig,
+        latent: &LatentAttention,
+        input: &str,
+        l: usize,
+        (rope, factors): (&str, &str),
+    ) -> (String, String, String) {
+        let (h, hd, n, r) = (c.heads, c.head_dim(), latent.nope, latent.rope);
+        let t = |shape: String| format!("llm.tensor <{shape}>");
+        let p = format!("layers.{l}.");
+        let eps = float(c.norm_eps);
+        let q = match latent.q_rank {
+            Some(rank) => {
+                let ty = t(format!("?x{rank}xf32"));
+                let down = self.projection(
+                    input,
+                    &format!("qa_{l}"),
+                    &format!("{p}{LATENT_Q_DOWN}"),
+                    false,
+                    &ty,
+                );
+                let norm = self.weight_f32(&format!("qa_norm_{l}"), &format!("{p}{LATENT_Q_NORM}"));
+                self.op(format!(
+                    "qan_{l} = llm.rms_norm {down}, {norm} {{eps = {eps}}} : {ty}"
+                ));
+                let up = format!("{p}{LATENT_Q_UP}");
+                self.projection(
+                    &format!("qan_{l}"),
+                    &format!("q_{l}"),
+                    &up,
+                    false,
+                    &t(format!("?x{}xf32", h * hd)),
+                )
+            }
+            None => {
+                let weight = format!("{p}attention.wq.weight");
+                self.projection(
+                    input,
+                    &format!("q_{l}"),
+                    &weight,
+                    false,
+                    &t(format!("?x{}xf32", h * hd)),
+                )
+            }
+        };
+        let heads = |w: usize| t(format!("?x{h}x{w}xf32"));
+        self.op(format!("qh_{l} = llm.reshape {q} : {}", heads(hd)));
+        self.op(format!(
+            "qn_{l} = llm.slice qh_{l} {{starts = [0, 0, 0]}} : {}",
+            heads(n)
+        ));
+        self.op(format!(
+            "qp_{l} = llm.slice qh_{l} {{starts = [0, 0, {n}]}} : {}",
+            heads(r)
+        ));
+        let kv_rank = latent.kv_rank;
+        let down_ty = t(format!("?x{}xf32", kv_rank + r));
+        let down = self.projection(
+            input,
+            &format!("kva_{l}"),
+            &format!("{p}{LATENT_KV_DOWN}"),
+            false,
+            &down_ty,
+        );
+        let latent_ty = t(format!("?x{kv_rank}xf32"));
+        self.op(format!(
+            "kvl_{l} = llm.slice {down} {{starts = [0, 0]}} : {latent_ty}"
+        ));
+        self.op(format!(
+            "kp_{l} = llm.slice {down} {{starts = [0, {kv_rank}]}} : {}",
+            t(format!("?x{r}xf32"))
+        ));
+        let norm = self.weight_f32(&format!("kv_norm_{l}"), &format!("{p}{LATENT_KV_NORM}"));
+        self.op(format!(
+            "kvn_{l} = llm.rms_norm kvl_{l}, {norm} {{eps = {eps}}} : {latent_ty}"
+        ));
+        let up_ty = t(format!("?x{}xf32", h * (n + hd)));
+        let up = self.projection(
+            &format!("kvn_{l}"),
+            &format!("kv_{l}"),
+            &format!("{p}{LATENT_KV_UP}"),
+            false,
+            &up_ty,
+        );
+        self.op(format!("kvh_{l} = llm.reshape {up} : {}", heads(n + hd)));
+        self.op(format!(
+            "kn_{l} = llm.slice kvh_{l} {{starts = [0, 0, 0]}} : {}",
+            heads(n)
+        ));
+        self.op(format!(
+            "vh_{l} = llm.slice kvh_{l} {{starts = [0, 0, {n}]}} : {}",
+            heads(hd)
+        ));
+        // The shared RoPE key, one head, rotated, then given to every head.
+        let one = t(format!("?x1x{r}xf32"));
+        self.op(format!("kp1_{l} = llm.reshape kp_{l} : {one}"));
+        self.op(format!(
+            "qpr_{l} = llm.rope qp_{l}, positions{factors} {{{rope}}} : {}",
+            heads(r)
+        ));
+        self.op(format!(
+            "kpr_{l} = llm.rope kp1_{l}, positions{factors} {{{rope}}} : {one}"
+        ));
+        self.op(format!(
+            "kp_zero_{l} = llm.constant {{value = 0.0}} : {}",
+            t(format!("{h}x{r}xf32"))
+        ));
+        self.op(format!(
+            "kph_{l} = llm.add kpr_{l}, kp_zero_{l} : {}",
+            heads(r)
+        ));
+        self.op(format!(
+            "qr_{l} = llm.concat qn_{l}, qpr_{l} {{axis = 2}} : {}",
+            heads(hd)
+        ));
+        self.op(format!(
+            "kr_{l} = llm.concat kn_{l}, kph_{l} {{axis = 2}} : {}",
+            heads(hd)
+        ));
+        (format!("qr_{l}"), format!("kr_{l}"), format!("vh_{l}"))
+    }
+
+    /// Layer `l`'s attention output (`att_{l}`) cut back to each head's `value` features
+    /// under latent attention: the value's name, `[tokens, heads * value]`.
+    fn latent_output(&mut self, c: &ModelConfig, latent: &LatentAttention, l: usize) -> String {
+        let (h, hd, v) = (c.heads, c.head_dim(), latent.value);
+        self.op(format!(
+            "atth_{l} = llm.reshape att_{l} : llm.tensor <?x{h}x{hd}xf32>"
+        ));
+        self.op(format!(
+            "attv_{l} = llm.slice atth_{l} {{starts = [0, 0, 0]}} : llm.tensor <?x{h}x{v}xf32>"
+        ));
+        self.op(format!(
+            "attf_{l} = llm.reshape attv_{l} : llm.tensor <?x{}xf32>",
+            h * v
+        ));
+        format!("attf_{l}")
+    }
+
     /// Layer `l`'s experts' hidden values from their `gate` and `up` projections (of type
     /// `ty`), as `glu` says: the value's name.
     fn expert_glu(
@@ -1543,82 +2063,93 @@ fn forward_func(
         } else {
             x.clone()
         };
-        let [q, k, v] = [("q", &qact), ("k", &kv), ("v", &kv)].map(|(out, ty)| {
-            let weight = format!("{p}attention.w{out}.weight");
-            let bias = c.attention_bias.qkv;
-            e.projection(&attn_in, &format!("{out}_{l}"), &weight, bias, ty)
-        });
-        let (qheads, kvheads) = (
-            t(&format!("?x{h}x{dh}xf32")),
-            t(&format!("?x{kvh}x{dh}xf32")),
-        );
-        let qk_norms = (c.qk_norm != QkNorm::None).then(|| {
-            (
-                e.weight_f32(
-                    &format!("q_norm_{l}"),
-                    &format!("{p}attention.q_norm.weight"),
-                ),
-                e.weight_f32(
-                    &format!("k_norm_{l}"),
-                    &format!("{p}attention.k_norm.weight"),
-                ),
-            )
-        });
-        // The q and k norms over whole projections (OLMo 2's) or over each head.
-        let (q, k) = match (&qk_norms, c.qk_norm) {
-            (Some((qn, kn)), QkNorm::Projections) => {
-                e.op(format!(
-                    "qn_{l} = llm.rms_norm {q}, {qn} {{eps = {eps}}} : {qact}"
-                ));
-                e.op(format!(
-                    "kn_{l} = llm.rms_norm {k}, {kn} {{eps = {eps}}} : {kv}"
-                ));
-                (format!("qn_{l}"), format!("kn_{l}"))
-            }
-            _ => (q, k),
-        };
-        let [q, k, v] = match c.clip_qkv {
-            Some(bound) => [(q, &qact), (k, &kv), (v, &kv)].map(|(x, ty)| e.clamped(&x, bound, ty)),
-            None => [q, k, v],
-        };
-        e.op(format!("qh_{l} = llm.reshape {q} : {qheads}"));
-        e.op(format!("kh_{l} = llm.reshape {k} : {kvheads}"));
-        let (qh, kh) = match (&qk_norms, c.qk_norm) {
-            (Some((qn, kn)), QkNorm::Heads) => {
-                e.op(format!(
-                    "qhn_{l} = llm.rms_norm qh_{l}, {qn} {{eps = {eps}}} : {qheads}"
-                ));
-                e.op(format!(
-                    "khn_{l} = llm.rms_norm kh_{l}, {kn} {{eps = {eps}}} : {kvheads}"
-                ));
-                (format!("qhn_{l}"), format!("khn_{l}"))
-            }
-            (Some((qn, kn)), QkNorm::LayerHeads) => {
-                // Normalized, then each head scaled by its row of `[heads, head_dim]`.
-                for (x, w, ty) in [("q", qn, &qheads), ("k", kn, &kvheads)] {
+        // Queries, keys and values of the layer's heads, RoPE applied.
+        let (qr, kr, vh) = match &c.latent_attention {
+            Some(latent) => e.latent_qkv(c, latent, &attn_in, l, (rope, factors)),
+            None => {
+                let [q, k, v] = [("q", &qact), ("k", &kv), ("v", &kv)].map(|(out, ty)| {
+                    let weight = format!("{p}attention.w{out}.weight");
+                    let bias = c.attention_bias.qkv;
+                    e.projection(&attn_in, &format!("{out}_{l}"), &weight, bias, ty)
+                });
+                let (qheads, kvheads) = (
+                    t(&format!("?x{h}x{dh}xf32")),
+                    t(&format!("?x{kvh}x{dh}xf32")),
+                );
+                let qk_norms = (c.qk_norm != QkNorm::None).then(|| {
+                    (
+                        e.weight_f32(
+                            &format!("q_norm_{l}"),
+                            &format!("{p}attention.q_norm.weight"),
+                        ),
+                        e.weight_f32(
+                            &format!("k_norm_{l}"),
+                            &format!("{p}attention.k_norm.weight"),
+                        ),
+                    )
+                });
+                // The q and k norms over whole projections (OLMo 2's) or over each head.
+                let (q, k) = match (&qk_norms, c.qk_norm) {
+                    (Some((qn, kn)), QkNorm::Projections) => {
+                        e.op(format!(
+                            "qn_{l} = llm.rms_norm {q}, {qn} {{eps = {eps}}} : {qact}"
+                        ));
+                        e.op(format!(
+                            "kn_{l} = llm.rms_norm {k}, {kn} {{eps = {eps}}} : {kv}"
+                        ));
+                        (format!("qn_{l}"), format!("kn_{l}"))
+                    }
+                    _ => (q, k),
+                };
+                let [q, k, v] = match c.clip_qkv {
+                    Some(bound) => {
+                        [(q, &qact), (k, &kv), (v, &kv)].map(|(x, ty)| e.clamped(&x, bound, ty))
+                    }
+                    None => [q, k, v],
+                };
+                e.op(format!("qh_{l} = llm.reshape {q} : {qheads}"));
+                e.op(format!("kh_{l} = llm.reshape {k} : {kvheads}"));
+                let (qh, kh) = match (&qk_norms, c.qk_norm) {
+                    (Some((qn, kn)), QkNorm::Heads) => {
+                        e.op(format!(
+                            "qhn_{l} = llm.rms_norm qh_{l}, {qn} {{eps = {eps}}} : {qheads}"
+                        ));
+                        e.op(format!(
+                            "khn_{l} = llm.rms_norm kh_{l}, {kn} {{eps = {eps}}} : {kvheads}"
+                        ));
+                        (format!("qhn_{l}"), format!("khn_{l}"))
+                    }
+                    (Some((qn, kn)), QkNorm::LayerHeads) => {
+                        // Normalized, then each head scaled by its row of `[heads, head_dim]`.
+                        for (x, w, ty) in [("q", qn, &qheads), ("k", kn, &kvheads)] {
+                            e.op(format!(
+                            "{x}hl_{l} = llm.layer_norm {x}h_{l}, head_unit, head_zero {{eps = {eps}}} : {ty}"
+                        ));
+                            e.op(format!("{x}hn_{l} = llm.mul {x}hl_{l}, {w} : {ty}"));
+                        }
+                        (format!("qhn_{l}"), format!("khn_{l}"))
+                    }
+                    _ => (format!("qh_{l}"), format!("kh_{l}")),
+                };
+                e.op(format!("vh_{l} = llm.reshape {v} : {kvheads}"));
+                let (qr, kr) = if layer.nope {
+                    (qh, kh)
+                } else {
                     e.op(format!(
-                        "{x}hl_{l} = llm.layer_norm {x}h_{l}, head_unit, head_zero {{eps = {eps}}} : {ty}"
+                        "qr_{l} = llm.rope {qh}, positions{factors} {{{rope}}} : {qheads}"
                     ));
-                    e.op(format!("{x}hn_{l} = llm.mul {x}hl_{l}, {w} : {ty}"));
-                }
-                (format!("qhn_{l}"), format!("khn_{l}"))
+                    e.op(format!(
+                        "kr_{l} = llm.rope {kh}, positions{factors} {{{rope}}} : {kvheads}"
+                    ));
+                    (format!("qr_{l}"), format!("kr_{l}"))
+                };
+                (qr, kr, format!("vh_{l}"))
             }
-            _ => (format!("qh_{l}"), format!("kh_{l}")),
-        };
-        e.op(format!("vh_{l} = llm.reshape {v} : {kvheads}"));
-        let (qr, kr) = if layer.nope {
-            (qh, kh)
-        } else {
-            e.op(format!(
-                "qr_{l} = llm.rope {qh}, positions{factors} {{{rope}}} : {qheads}"
-            ));
-            e.op(format!(
-                "kr_{l} = llm.rope {kh}, positions{factors} {{{rope}}} : {kvheads}"
-            ));
-            (format!("qr_{l}"), format!("kr_{l}"))
         };
         let next_cache = format!("cache_{}", l + 1);
-        e.op(format!("{next_cache} = llm.append_kv {cache_name}, {kr}, vh_{l}, slots {{layer = {l}}} : {cache}"));
+        e.op(format!(
+            "{next_cache} = llm.append_kv {cache_name}, {kr}, {vh}, slots {{layer = {l}}} : {cache}"
+        ));
         cache_name = next_cache;
         let queries = t(&format!("{batch}x{h}x{dh}xf32"));
         e.op(format!("qb_{l} = llm.reshape {qr} : {queries}"));
@@ -1631,9 +2162,15 @@ fn forward_func(
         e.op(format!(
             "att_{l} = llm.paged_attention qb_{l}, {cache_name}, block_tables, context_lens{sinks} {{layer = {l}, kv_heads = {kvh}{attention}}} : {queries}"
         ));
-        e.op(format!("attf_{l} = llm.reshape att_{l} : {qact}"));
+        let attf = match &c.latent_attention {
+            Some(latent) => e.latent_output(c, latent, l),
+            None => {
+                e.op(format!("attf_{l} = llm.reshape att_{l} : {qact}"));
+                format!("attf_{l}")
+            }
+        };
         let o = e.projection(
-            &format!("attf_{l}"),
+            &attf,
             &format!("o_{l}"),
             &format!("{p}attention.wo.weight"),
             c.attention_bias.output,

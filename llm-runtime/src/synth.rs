@@ -10,7 +10,10 @@ use llm_ir::{
 };
 
 use crate::{
-    model::{EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu, Experts, ModelConfig, ROUTER},
+    model::{
+        EXPERT_DOWNS, EXPERT_GATES, EXPERT_UPS, ExpertGlu, ExpertScoring, Experts, ModelConfig,
+        ROUTER,
+    },
     sampler::XorShift,
     weights::Weights,
 };
@@ -70,6 +73,9 @@ pub fn with_experts(
             normalize: true,
             layers: vec![true; c.layers],
             shared: None,
+            scoring: ExpertScoring::Softmax,
+            groups: None,
+            scale: 1.0,
             biases: false,
             glu: ExpertGlu::Gated,
         }),

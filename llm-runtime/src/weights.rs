@@ -383,6 +383,65 @@ impl Weights {
         Ok(())
     }
 
+    /// Inserts `pad` zero rows after every `rows` rows of the matrix `name` (a float one,
+    /// or one whose rows are stored apart: 16-bit floats or a block format, whose zero
+    /// bytes are zeros): DeepSeek's values padded per head to its heads' width. A matrix
+    /// whose rows are not whole groups of `rows`, or another format, is an error naming it.
+    pub fn pad_rows(&mut self, name: &str, rows: usize, pad: usize) -> Result<(), String> {
+        let value = self
+            .tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no weight `{name}` to pad"))?;
+        let shape = self.weight_shape(name).unwrap_or_default();
+        let (&[held, k], true) = (&shape[..], rows > 0) else {
+            return Err(format!(
+                "weight `{name}` {shape:?} is not a matrix of groups of {rows} rows"
+            ));
+        };
+        if !held.is_multiple_of(rows) {
+            return Err(format!(
+                "weight `{name}` {shape:?} is not a matrix of groups of {rows} rows"
+            ));
+        }
+        // Each group of `rows` rows of `items` each, then `pad` rows of `zero`.
+        fn padded<T: Copy>(data: &[T], items: usize, [rows, pad]: [usize; 2], zero: T) -> Vec<T> {
+            data.chunks(rows * items)
+                .flat_map(|group| {
+                    group
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(zero, pad * items))
+                })
+                .collect()
+        }
+        let groups = held / rows;
+        let padded_shape = vec![groups * (rows + pad), k];
+        let value = match &*value {
+            Value::Tensor(t) if k > 0 => {
+                let values = padded(t.floats()?, k, [rows, pad], 0.0);
+                Value::Tensor(Tensor::from_f32(padded_shape, t.dtype, values))
+            }
+            Value::Quantized(q)
+                if k > 0
+                    && !matches!(
+                        q.format,
+                        QuantFormat::Nf4 { .. } | QuantFormat::Affine { .. }
+                    ) =>
+            {
+                let row_bytes = quant::storage_bytes(&q.format, &[1, k]);
+                Value::Quantized(QTensor {
+                    shape: padded_shape,
+                    format: q.format.clone(),
+                    bytes: padded(&q.bytes, row_bytes, [rows, pad], 0u8),
+                })
+            }
+            _ => return Err(format!("weight `{name}` is not a matrix of separable rows")),
+        };
+        self.insert(name, value);
+        Ok(())
+    }
+
     /// Transposes the matrix `name` (a float one, or one of 16-bit floats kept as their
     /// bits), as GPT-2's `Conv1D` layers store theirs `[in, out]`, or each matrix of the
     /// stack `name` (`[n, rows, cols]`: DBRX's experts' down projections); an error names a
@@ -811,6 +870,50 @@ mod tests {
             "{err}"
         );
         assert!(weights.deinterleave_rows("absent", ["a", "b"]).is_ok());
+    }
+
+    /// Zero rows go after each group of rows (DeepSeek's values padded per head), in
+    /// float and block-quantized matrices; rows that are not whole groups are refused.
+    #[test]
+    fn groups_of_rows_take_zero_rows() {
+        let mut weights = Weights::default();
+        let values: Vec<f32> = (1..=8).map(|v| v as f32).collect();
+        weights.insert(
+            "v",
+            Value::Tensor(Tensor::from_f32(vec![4, 2], DType::F32, values)),
+        );
+        weights.pad_rows("v", 2, 1).expect("pads");
+        assert_eq!(weights.weight_shape("v"), Some(vec![6, 2]));
+        match &*weights.weight("v").expect("v") {
+            Value::Tensor(t) => assert_eq!(
+                t.floats().expect("floats"),
+                [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 0.0, 0.0]
+            ),
+            other => panic!("{other:?}"),
+        }
+        let rows: Vec<u8> = (1..=2u8)
+            .flat_map(|r| [vec![r], vec![7; 33]].concat())
+            .collect();
+        let q = QTensor {
+            shape: vec![2, 32],
+            format: QuantFormat::Q8_0,
+            bytes: rows,
+        };
+        weights.insert("q", Value::Quantized(q));
+        weights.pad_rows("q", 1, 1).expect("pads");
+        match &*weights.weight("q").expect("q") {
+            Value::Quantized(q) => {
+                assert_eq!(q.shape, [4, 32]);
+                let firsts: Vec<u8> = q.bytes.chunks(34).map(|r| r[0]).collect();
+                assert_eq!(firsts, [1, 0, 2, 0]);
+                assert!(q.bytes[34..68].iter().all(|&b| b == 0), "a zero row");
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = weights
+            .pad_rows("v", 4, 1)
+            .expect_err("6 rows are not groups of 4");
+        assert!(err.contains("`v` [6, 2]"), "{err}");
     }
 
     /// A matrix is quantized, a per-head norm's `[heads, head_dim]` weights are not.

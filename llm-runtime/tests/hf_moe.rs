@@ -1,6 +1,7 @@
 //! The mixtures of experts against Hugging Face `transformers` (as `hf.rs` checks the
 //! dense families): Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Granite-MoE,
-//! Granite-MoE-Shared, DBRX and gpt-oss reference checkpoints (`tests/data`; gpt-oss's
+//! Granite-MoE-Shared, DBRX, gpt-oss, DeepSeek V2 and V3 reference checkpoints
+//! (`tests/data`; gpt-oss's
 //! also with its experts in MXFP4) and their GGUF forms, computed on every backend;
 //! quantized experts; mutated GGUF files of each.
 
@@ -16,7 +17,10 @@ use llm_ir::{
 use llm_runtime::{
     generate::{Backend, Model, Step},
     gguf::Meta,
-    model::{AttentionBias, ExpertGlu, Experts, ModelConfig, Norm, QkNorm, SharedExpert},
+    model::{
+        AttentionBias, ExpertGlu, ExpertGroups, ExpertScoring, Experts, ModelConfig, Norm, QkNorm,
+        SharedExpert,
+    },
     model_file,
 };
 use reference::{
@@ -660,6 +664,91 @@ fn gpt_oss_gguf() -> Vec<u8> {
         });
         tensors.extend(parts);
     })
+}
+
+/// DeepSeek V3 (`tests/data/deepseek-v3-tiny`): latent attention (queries and keys and
+/// values through latents of 48 and 32, heads of 16 + 8 RoPE features, values of 12),
+/// YaRN whose `mscale_all_dim` scales the scores, a dense first layer, then eight experts
+/// in four groups, two kept, two experts a token chosen by sigmoid scores plus a selection
+/// bias, weighted by the normalized scores times 2.5, beside a shared expert.
+#[test]
+fn deepseek_v3_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("deepseek-v3-tiny");
+    let c = &loaded.config;
+    let latent = c.latent_attention.expect("latent attention");
+    assert_eq!(
+        (
+            latent.q_rank,
+            latent.kv_rank,
+            latent.nope,
+            latent.rope,
+            latent.value
+        ),
+        (Some(48), 32, 16, 8, 12)
+    );
+    assert_eq!((c.head_dim(), c.rotary(), c.rope_half), (24, 8, false));
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(expert_settings(experts), (8, 2, 32, true));
+    assert_eq!(
+        (experts.layers.as_slice(), experts.scale, experts.groups),
+        (
+            [false, true].as_slice(),
+            2.5,
+            Some(ExpertGroups {
+                count: 4,
+                chosen: 2,
+                scored_by: 2
+            })
+        )
+    );
+    let yarn_scale = 24f64.powf(-0.5);
+    assert!(
+        c.attention_scale.expect("a scale") > yarn_scale,
+        "YaRN's factor"
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the selection bias", &|c| {
+                experts_of(c).scoring = ExpertScoring::Sigmoid {
+                    selection_bias: false,
+                }
+            }),
+            ("the groups", &|c| experts_of(c).groups = None),
+            ("the scale", &|c| experts_of(c).scale = 1.0),
+            ("the normalization", &|c| experts_of(c).normalize = false),
+            ("the shared expert", &|c| experts_of(c).shared = None),
+            ("YaRN's scale of the scores", &|c| {
+                c.attention_scale = Some(24f64.powf(-0.5))
+            }),
+        ],
+    );
+}
+
+/// DeepSeek V2 (`tests/data/deepseek-v2-tiny`, V2-Lite's shape: queries projected
+/// directly): latent keys and values, RoPE over neighbouring pairs, experts weighted by
+/// their softmax probabilities (not renormalized) times 1.5, both chosen within the best
+/// of four groups of two, scored by their best.
+#[test]
+fn deepseek_v2_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("deepseek-v2-tiny");
+    let c = &loaded.config;
+    assert_eq!(c.latent_attention.expect("latent attention").q_rank, None);
+    let experts = c.experts.as_ref().expect("experts");
+    assert_eq!(
+        (experts.scoring, experts.normalize, experts.scale),
+        (ExpertScoring::Softmax, false, 1.5)
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[
+            ("the groups", &|c| experts_of(c).groups = None),
+            ("the scale", &|c| experts_of(c).scale = 1.0),
+            ("RoPE's pairs", &|c| c.rope_half = true),
+        ],
+    );
 }
 
 /// The experts of `c`, which has them.

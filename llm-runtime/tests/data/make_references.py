@@ -16,7 +16,8 @@ LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `stablelm-12b`
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), GLM's (`glm`, `glm4`), the mixtures of experts (`mixtral`,
 `qwen3-moe`, `olmoe`, `qwen2-moe`, `granite-moe`, `granite-moe-shared`, `dbrx`; gpt-oss's, `gpt-oss`,
-and its experts in MXFP4 as OpenAI publishes them, `gpt-oss-mxfp4`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
+and its experts in MXFP4 as OpenAI publishes them, `gpt-oss-mxfp4`; DeepSeek's latent attention
+and routing, `deepseek-v2` and `deepseek-v3`), or only those named (`python make_references.py qwen3-yarn-tiny`), each holding `config.json`,
 `generation_config.json`, `model.safetensors` and `reference.json`: seeded random token
 ids (`ids`; the first `prompt_len` of them a prompt, the rest fed one at a time) and the
 logits of every position of one forward pass over them (`logits`, rounded to 7
@@ -36,6 +37,10 @@ from transformers import (
     CohereForCausalLM,
     DbrxConfig,
     DbrxForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     FalconConfig,
     FalconForCausalLM,
     Gemma2Config,
@@ -145,6 +150,11 @@ def write(name, model_class, config, seed):
     torch.manual_seed(seed)
     model = model_class(config).eval()
     randomize(model, seed, offset_norms=name.startswith("gemma"))
+    with torch.no_grad():
+        for module_name, buffer in model.named_buffers():
+            if module_name.endswith("e_score_correction_bias"):
+                # DeepSeek V3's selection bias, on the scale of the sigmoid scores.
+                buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     model.to(torch.bfloat16).save_pretrained(out)
     model = model_class.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
@@ -741,6 +751,58 @@ def main():
         tie_word_embeddings=False,
     )
     write("gpt-oss-tiny", GptOssForCausalLM, gpt_oss, 44)
+    # DeepSeek V3: latent attention (queries through a latent of 48, keys and values
+    # through one of 32; heads of 16 + 8 RoPE features, values of 12), YaRN with
+    # `mscale_all_dim` (the scores' scale), a dense first layer, then eight experts of
+    # width 32 in four groups, two groups kept (scored by their two best), two experts a
+    # token chosen by sigmoid scores plus a selection bias, weighted by the scores
+    # normalized and scaled by 2.5, beside a shared expert.
+    latent = dict(
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        tie_word_embeddings=False,
+    )
+    deepseek_v3 = DeepseekV3Config(
+        **{k: v for k, v in small.items() if k != "num_key_value_heads"},
+        **latent,
+        q_lora_rank=48,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    )
+    write("deepseek-v3-tiny", DeepseekV3ForCausalLM, deepseek_v3, 46)
+    # DeepSeek V2 (V2-Lite's shape: queries projected directly): its experts weighted by
+    # their softmax probabilities (not renormalized) times 1.5, chosen within the best of
+    # four groups of two, scored by their best (`group_limited_greedy`: with fewer groups
+    # kept than experts chosen, the group limit matters).
+    deepseek_v2 = DeepseekV2Config(
+        **{k: v for k, v in small.items() if k != "num_key_value_heads"},
+        **latent,
+        q_lora_rank=None,
+        n_group=4,
+        topk_group=1,
+        topk_method="group_limited_greedy",
+        routed_scaling_factor=1.5,
+    )
+    write("deepseek-v2-tiny", DeepseekV2ForCausalLM, deepseek_v2, 47)
     write_gpt_oss_mxfp4("gpt-oss-mxfp4-tiny", gpt_oss, 45)
 
 

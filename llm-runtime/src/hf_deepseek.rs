@@ -1,0 +1,263 @@
+//! Hugging Face's DeepSeek V2 and V3 checkpoints (`DeepseekV2ForCausalLM`: DeepSeek-V2,
+//! V2-Lite, Coder-V2; `DeepseekV3ForCausalLM`: DeepSeek-V3, R1, Kimi K2): Llama's blocks
+//! with multi-head latent attention ([`LatentAttention`]) and, after the first
+//! `first_k_dense_replace` dense layers, mixtures of `n_routed_experts` experts beside
+//! `n_shared_experts` shared ones, routed by a softmax (V2) or by sigmoids chosen with a
+//! bias (V3's `e_score_correction_bias`), within the best groups of experts where
+//! `n_group` and `topk_group` limit them, the weights scaled by `routed_scaling_factor`.
+//!
+//! The attention's RoPE features pair their neighbours (V2's complex rotation, V3's
+//! `rope_interleave`, its default; half-split otherwise) and span `qk_rope_head_dim`
+//! (the config's `head_dim`); the scores' scale is `1 / sqrt(qk_nope_head_dim +
+//! qk_rope_head_dim)` times YaRN's `mscale_all_dim` factor squared. The values'
+//! up-projection rows are padded per head to the heads' width when loaded
+//! ([`pad_values`]), and the multi-token-prediction layers V3's checkpoints append
+//! (`num_nextn_predict_layers`, beyond `num_hidden_layers`) are skipped.
+
+use serde_json::Value as Json;
+
+use crate::{
+    hf::{config_int, flag_or, names_architecture},
+    model::{
+        ExpertGlu, ExpertGroups, ExpertScoring, Experts, LATENT_KV_DOWN, LATENT_KV_NORM,
+        LATENT_KV_UP, LATENT_Q_DOWN, LATENT_Q_NORM, LATENT_Q_UP, LatentAttention, ModelConfig,
+        ROUTER_SELECTION_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP,
+        SharedExpert,
+    },
+    weights::{Weights, builder_name},
+};
+
+/// The DeepSeek architectures read.
+pub(crate) const ARCHITECTURES: [&str; 2] = [V2, V3];
+
+/// DeepSeek V2's architecture.
+const V2: &str = "DeepseekV2ForCausalLM";
+
+/// DeepSeek V3's architecture.
+const V3: &str = "DeepseekV3ForCausalLM";
+
+/// Whether `cfg` is a DeepSeek model's.
+pub(crate) fn is_deepseek(cfg: &Json) -> bool {
+    ARCHITECTURES.iter().any(|a| names_architecture(cfg, a))
+}
+
+/// The values' up projection as the checkpoint stores it, `[heads * (nope + value),
+/// kv_rank]`, until [`pad_values`] pads it into [`LATENT_KV_UP`].
+const KV_UP_UNPADDED: &str = "attention.wkv_b_unpadded.weight";
+
+/// The builder's name of a DeepSeek tensor that is not Llama's (nor a mixture's, which
+/// `hf_moe` names): latent attention's projections and norms, the router's selection
+/// bias and the shared experts; `None` for other tensors.
+pub(crate) fn name(hf: &str) -> Option<String> {
+    builder_name(
+        hf,
+        &[],
+        "model.layers.",
+        &[
+            ("self_attn.q_a_proj.weight", LATENT_Q_DOWN),
+            ("self_attn.q_a_layernorm.weight", LATENT_Q_NORM),
+            ("self_attn.q_b_proj.weight", LATENT_Q_UP),
+            ("self_attn.kv_a_proj_with_mqa.weight", LATENT_KV_DOWN),
+            ("self_attn.kv_a_layernorm.weight", LATENT_KV_NORM),
+            ("self_attn.kv_b_proj.weight", KV_UP_UNPADDED),
+            ("mlp.gate.e_score_correction_bias", ROUTER_SELECTION_BIAS),
+            ("mlp.shared_experts.gate_proj.weight", SHARED_EXPERT_GATE),
+            ("mlp.shared_experts.up_proj.weight", SHARED_EXPERT_UP),
+            ("mlp.shared_experts.down_proj.weight", SHARED_EXPERT_DOWN),
+        ],
+    )
+}
+
+/// Whether a checkpoint tensor of a DeepSeek model of `layers` layers belongs to a
+/// multi-token-prediction layer (V3's, numbered from `layers` on), which the loader
+/// skips as transformers does.
+pub(crate) fn is_prediction_layer(hf: &str, layers: usize) -> bool {
+    hf.strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(layer, _)| layer.parse::<usize>().ok())
+        .is_some_and(|layer| layer >= layers)
+}
+
+/// Sets DeepSeek's settings on `c`: latent attention (`q_lora_rank`, null for direct
+/// queries; `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`), its
+/// RoPE layout and scale, and the experts. `attention_bias` (not DeepSeek's released
+/// configs') is refused.
+pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
+    if flag_or(cfg, "attention_bias", false)? {
+        return Err("`attention_bias`: latent attention's biases are not supported".into());
+    }
+    let int = |key: &str| config_int(cfg, key);
+    let q_rank = match cfg.get("q_lora_rank") {
+        None | Some(Json::Null) => None,
+        Some(_) => Some(int("q_lora_rank")?),
+    };
+    let latent = LatentAttention {
+        q_rank,
+        kv_rank: int("kv_lora_rank")?,
+        nope: int("qk_nope_head_dim")?,
+        rope: int("qk_rope_head_dim")?,
+        value: int("v_head_dim")?,
+    };
+    let width = latent.nope + latent.rope;
+    c.explicit_head_dim = Some(width);
+    c.rotary_dim = Some(latent.rope);
+    c.kv_heads = c.heads;
+    c.latent_attention = Some(latent);
+    // V2 rotates neighbouring pairs (as complex numbers), V3 where `rope_interleave`.
+    c.rope_half = names_architecture(cfg, V3) && !flag_or(cfg, "rope_interleave", true)?;
+    c.attention_scale = Some((width as f64).powf(-0.5) * scale_factor(cfg)?.powi(2));
+    c.experts = experts(cfg, c.layers)?;
+    Ok(())
+}
+
+/// YaRN's `mscale_all_dim` factor of the scores' scale (`1 + 0.1 mscale_all_dim
+/// ln(factor)`, transformers' `yarn_get_mscale`), where the RoPE settings are YaRN's with
+/// a non-zero `mscale_all_dim` and a factor above 1; 1 otherwise.
+fn scale_factor(cfg: &Json) -> Result<f64, String> {
+    let settings = ["rope_parameters", "rope_scaling"]
+        .iter()
+        .find_map(|key| cfg.get(*key).filter(|s| s.is_object()));
+    let Some(settings) = settings else {
+        return Ok(1.0);
+    };
+    let kind = settings
+        .get("rope_type")
+        .or_else(|| settings.get("type"))
+        .and_then(Json::as_str)
+        .unwrap_or("default");
+    let number = |key: &str| settings.get(key).and_then(Json::as_f64).unwrap_or(0.0);
+    let (all_dim, factor) = (number("mscale_all_dim"), number("factor"));
+    if kind == "default" || all_dim == 0.0 || factor <= 1.0 {
+        return Ok(1.0);
+    }
+    let m = 1.0 + 0.1 * all_dim * factor.ln();
+    if !(m.is_finite() && m > 0.0) {
+        return Err(format!(
+            "YaRN's `mscale_all_dim` {all_dim} gives the scores a scale factor of {m}"
+        ));
+    }
+    Ok(m)
+}
+
+/// The experts of a DeepSeek config: `n_routed_experts` of `moe_intermediate_size`
+/// (none where 0 or absent), `num_experts_per_tok` a token, in the layers from
+/// `first_k_dense_replace` on, beside `n_shared_experts` shared ones (one ungated block
+/// of their summed width); V2's weighted by the softmax probabilities (unnormalized),
+/// within `topk_group` of `n_group` groups scored by their best where `topk_method` is
+/// `group_limited_greedy`; V3's by sigmoids chosen with their selection bias, divided by
+/// their sum where `norm_topk_prob`, within `topk_group` of `n_group` groups scored by
+/// their two best; both times `routed_scaling_factor`.
+fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
+    let int = |key: &str| config_int(cfg, key);
+    let optional = |key: &str| match cfg.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(_) => int(key).map(Some),
+    };
+    let count = optional("n_routed_experts")?.unwrap_or(0);
+    if count == 0 {
+        return Ok(None);
+    }
+    let v3 = names_architecture(cfg, V3);
+    let dense = optional("first_k_dense_replace")?.unwrap_or(0);
+    let hidden = int("moe_intermediate_size")?;
+    let shared = optional("n_shared_experts")?.unwrap_or(0);
+    let shared_width = hidden
+        .checked_mul(shared)
+        .ok_or("the shared experts' width overflows")?;
+    let groups = match (optional("n_group")?, optional("topk_group")?) {
+        (Some(count), Some(chosen)) if count > 1 && chosen < count => {
+            let limited =
+                v3 || cfg.get("topk_method").and_then(Json::as_str) == Some("group_limited_greedy");
+            limited.then_some(ExpertGroups {
+                count,
+                chosen,
+                scored_by: if v3 { 2 } else { 1 },
+            })
+        }
+        _ => None,
+    };
+    let scale = match cfg.get("routed_scaling_factor") {
+        None | Some(Json::Null) => 1.0,
+        Some(v) => v
+            .as_f64()
+            .ok_or(format!("`routed_scaling_factor` = {v} is not a number"))?,
+    };
+    Ok(Some(Experts {
+        count,
+        per_token: int("num_experts_per_tok")?,
+        hidden,
+        normalize: v3 && flag_or(cfg, "norm_topk_prob", true)?,
+        layers: (0..layers).map(|l| l >= dense).collect(),
+        shared: (shared_width > 0).then_some(SharedExpert {
+            hidden: shared_width,
+            gated: false,
+        }),
+        scoring: if v3 {
+            ExpertScoring::Sigmoid {
+                selection_bias: true,
+            }
+        } else {
+            ExpertScoring::Softmax
+        },
+        groups,
+        scale,
+        biases: false,
+        glu: ExpertGlu::Gated,
+    }))
+}
+
+/// Pads each layer's values' up projection (`[heads * (nope + value), kv_rank]` as the
+/// checkpoint stores it) into [`LATENT_KV_UP`]: per head its `nope` key rows, its `value`
+/// rows, then zero rows to the heads' width, so that each head's values come out as wide
+/// as its keys (the cache's one width) with zeros after them.
+///
+/// # Errors
+///
+/// A projection of another shape or format, named.
+pub(crate) fn pad_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+    let Some(latent) = &c.latent_attention else {
+        return Ok(());
+    };
+    let pad = latent.nope + latent.rope - latent.value;
+    for l in 0..c.layers {
+        let stored = format!("layers.{l}.{KV_UP_UNPADDED}");
+        if weights.weight_shape(&stored).is_none() {
+            continue;
+        }
+        weights.pad_rows(&stored, latent.nope + latent.value, pad)?;
+        weights.rename(&stored, format!("layers.{l}.{LATENT_KV_UP}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// V3's multi-token-prediction layers (from `num_hidden_layers` on) are told apart
+    /// from the model's.
+    #[test]
+    fn prediction_layers_are_those_past_the_model() {
+        assert!(is_prediction_layer("model.layers.61.eh_proj.weight", 61));
+        assert!(!is_prediction_layer("model.layers.60.mlp.gate.weight", 61));
+        assert!(!is_prediction_layer("model.norm.weight", 61));
+    }
+
+    /// The scores' scale factor is YaRN's `mscale_all_dim` one, squared by the caller;
+    /// none without YaRN, without `mscale_all_dim` or at a factor of 1.
+    #[test]
+    fn scale_factor_follows_mscale_all_dim() {
+        let yarn = serde_json::json!({"rope_parameters": {
+            "rope_type": "yarn", "factor": 40.0, "mscale_all_dim": 1.0, "rope_theta": 1e4,
+        }});
+        let want = 1.0 + 0.1 * 40f64.ln();
+        assert!((scale_factor(&yarn).expect("a factor") - want).abs() < 1e-12);
+        for other in [
+            serde_json::json!({}),
+            serde_json::json!({"rope_scaling": {"type": "yarn", "factor": 40.0}}),
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "mscale_all_dim": 1.0}}),
+        ] {
+            assert_eq!(scale_factor(&other), Ok(1.0), "{other}");
+        }
+    }
+}
