@@ -400,6 +400,9 @@ impl GgufFile {
 /// [`FUSED_GATE_UP`]: its `ffn_up` holds the gate's rows, then the up projection's), and
 /// so are Phi-2's `attn_qkv` and its bias where the file has them ([`FUSED_QKV_BIAS`]).
 fn weight_name(gguf: &str, arch: &str) -> Option<String> {
+    if let Some(expert) = expert_matrix_name(gguf) {
+        return Some(expert);
+    }
     let name = builder_name(
         gguf,
         &[
@@ -497,6 +500,26 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
         "phi3" | "glm4" => name.replace("feed_forward.w3.weight", FUSED_GATE_UP),
         _ => name,
     })
+}
+
+/// The builder's name, before stacking, of an expert's matrix as Mixtral's files of
+/// before llama.cpp stacked the experts store it (`blk.N.ffn_gate.E.weight`,
+/// `ffn_up.E`, `ffn_down.E`: one tensor an expert); `None` for other tensors.
+fn expert_matrix_name(gguf: &str) -> Option<String> {
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let (part, rest) = rest.strip_prefix("ffn_")?.split_once('.')?;
+    let expert = rest.strip_suffix(".weight")?;
+    let w = match part {
+        "gate" => "w1",
+        "up" => "w3",
+        "down" => "w2",
+        _ => return None,
+    };
+    Some(crate::hf_moe::expert_matrix(
+        layer.parse().ok()?,
+        expert.parse().ok()?,
+        w,
+    ))
 }
 
 /// A model read from GGUF: configuration, weights and the embedded tokenizer.
@@ -1323,6 +1346,8 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         read_biases(&weights, &mut config);
     }
     apply_experts(g, arch, &mut weights, &mut config)?;
+    // Early Mixtral files' experts, one tensor each, stacked as the others store them.
+    crate::hf_moe::stack_experts(&config, &mut weights)?;
     if arch == "gpt-oss" {
         apply_gpt_oss(g, &mut config)?;
     }

@@ -213,7 +213,7 @@ pub(crate) fn dbrx_config(mut cfg: Json) -> Json {
 
 /// The builder's name of expert `expert`'s matrix `w` (`w1`, `w3` or `w2`) of `layer`
 /// before stacking.
-fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
+pub(crate) fn expert_matrix(layer: usize, expert: usize, w: &str) -> String {
     format!("layers.{layer}.feed_forward.experts.{expert}.{w}.weight")
 }
 
@@ -350,7 +350,8 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
 }
 
 /// Stacks each routing layer's experts' matrices, one weight an expert as a checkpoint
-/// stores them, into the builder's [`EXPERT_GATES`], [`EXPERT_UPS`] and
+/// (or an early Mixtral GGUF file) stores them, into the builder's [`EXPERT_GATES`],
+/// [`EXPERT_UPS`] and
 /// [`EXPERT_DOWNS`], or splits Granite-MoE's stacked gate and up projections
 /// ([`FUSED_EXPERT_GATE_UPS`]) into the first two, and its shared expert's
 /// ([`SHARED_W13`]); a model without experts is left as it is. An expert missing a matrix
@@ -380,6 +381,8 @@ pub(crate) fn stack_experts(c: &ModelConfig, weights: &mut Weights) -> Result<()
             weights.split_rows(&fused, &[hidden(EXPERT_GATES), hidden(EXPERT_UPS)])?;
         } else if has(TRANSPOSED_EXPERT_DOWNS) {
             shape_dbrx_experts(experts, &p, weights)?;
+        } else if has(EXPERT_GATES) {
+            // Stacked already (a GGUF file's `ffn_gate_exps`).
         } else {
             // Each expert's matrices are tensors of their own: a count beyond the tensors
             // held is refused before the names are listed.

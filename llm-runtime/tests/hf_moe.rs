@@ -61,6 +61,9 @@ fn mixtral_computes_what_transformers_computes() {
     );
     let gguf = moe_gguf("mixtral-tiny", "llama", vec![]);
     gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    // Mixtral's early GGUF files, one tensor an expert: stacked when loaded.
+    let early = experts_gguf("mixtral-tiny", "llama", vec![], false);
+    gguf_computes_what_the_directory_computes(&early, &loaded, &reference);
 }
 
 /// Flips whether the chosen experts' weights are renormalized to sum to 1: each
@@ -77,6 +80,17 @@ type ExpertValues = Vec<(usize, Vec<f32>)>;
 /// experts' matrices stacked (`ffn_{gate,up,down}_exps`), the router `ffn_gate_inp`, the
 /// expert count and the experts a token runs, and `metadata` besides.
 fn moe_gguf(name: &str, arch: &str, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
+    experts_gguf(name, arch, metadata, true)
+}
+
+/// [`moe_gguf`], its experts' matrices stacked or, where not `stacked`, one tensor each
+/// (`blk.N.ffn_gate.E.weight`, ...), as Mixtral's early GGUF files store them.
+fn experts_gguf(
+    name: &str,
+    arch: &str,
+    metadata: Vec<(&str, Meta)>,
+    stacked_experts: bool,
+) -> Vec<u8> {
     let loaded = model_file::load(&transformers_reference(name).dir).expect("loads");
     let experts = loaded.config.experts.clone().expect("experts");
     let mut meta = vec![
@@ -123,6 +137,11 @@ fn moe_gguf(name: &str, arch: &str, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
                 "w3.weight" | "up_proj.weight" => "ffn_up_exps",
                 _ => "ffn_down_exps",
             };
+            if !stacked_experts {
+                let single = gguf.strip_suffix("_exps").expect("a stack's name");
+                *name = format!("blk.{layer}.{single}.{e}.weight");
+                return true;
+            }
             let entry = stacked
                 .entry(format!("blk.{layer}.{gguf}.weight"))
                 .or_insert_with(|| (shape.clone(), Vec::new()));
@@ -858,13 +877,15 @@ fn dbrx_gguf() -> Vec<u8> {
     })
 }
 
-/// The mixtures' GGUF files (Mixtral's `llama` with experts, `olmoe`, `granitemoe` with a
+/// The mixtures' GGUF files (Mixtral's `llama` with experts, stacked and one tensor each,
+/// `olmoe`, `granitemoe` with a
 /// shared expert, `dbrx`, `gpt-oss`, `qwen2moe`, `qwen3moe`), mutated, never make the
 /// loader panic.
 #[test]
 fn mutated_moe_gguf_files_never_panic() {
     let originals = [
         moe_gguf("mixtral-tiny", "llama", vec![]),
+        experts_gguf("mixtral-tiny", "llama", vec![], false),
         moe_gguf("olmoe-tiny", "olmoe", vec![]),
         granite_moe_gguf("granite-moe-shared-tiny"),
         dbrx_gguf(),
