@@ -476,6 +476,27 @@ fn cohere2_layers(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// SmolLM3's window: over `sliding_window` positions where `use_sliding_window` is true,
+/// in the layers `layer_types` marks sliding or, where it is absent, in its NoPE layers
+/// `nope` (as `SmolLM3Config` fills `layer_types` in); none otherwise.
+fn smollm3_window(cfg: &Json, nope: &[bool]) -> Result<Option<LocalAttention>, String> {
+    let on = cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(true);
+    if !on || cfg.get("sliding_window").is_none_or(Json::is_null) {
+        return Ok(None);
+    }
+    let window = config_int(cfg, "sliding_window")?;
+    let layers = if cfg.get("layer_types").is_some_and(|t| !t.is_null()) {
+        hf_gemma::local_layers(cfg, nope.len(), || Err("`layer_types` is given".into()))?
+    } else {
+        nope.to_vec()
+    };
+    Ok(layers.contains(&true).then_some(LocalAttention {
+        window,
+        layers,
+        rope_theta: None,
+    }))
+}
+
 /// SmolLM3's NoPE layers: `no_rope_layers` (1 for a layer with RoPE, 0 for one without),
 /// or, where the config leaves it out, every `no_rope_layer_interval`-th layer (4 by
 /// default) without, as `SmolLM3Config` fills it in.
@@ -942,17 +963,10 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         hf_glm::apply(&cfg, &mut config).map_err(|m| err(&config_path, m))?;
     }
     if names_architecture(&cfg, "SmolLM3ForCausalLM") {
-        // Its window is its sliding layers' only, off unless `use_sliding_window` says.
-        if cfg.get("use_sliding_window").and_then(Json::as_bool) == Some(true) {
-            return Err(err(
-                &config_path,
-                "`use_sliding_window` is true: SmolLM3's window over some layers is not supported"
-                    .into(),
-            ));
-        }
+        let nope = smollm3_nope_layers(&cfg, config.layers).map_err(|m| err(&config_path, m))?;
         config.sliding_window = None;
-        config.nope_layers =
-            Some(smollm3_nope_layers(&cfg, config.layers).map_err(|m| err(&config_path, m))?);
+        config.local_attention = smollm3_window(&cfg, &nope).map_err(|m| err(&config_path, m))?;
+        config.nope_layers = Some(nope);
     }
     let rope = rope_scaling(global_scaling, &cfg, config.rope_theta, config.rotary())
         .map_err(|m| err(&config_path, m))?;

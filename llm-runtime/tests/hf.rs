@@ -1056,6 +1056,35 @@ fn smollm3_computes_what_transformers_computes() {
     assert!(largest_difference(&from_gguf, &reference.logits) < TRANSFORMERS_BOUND);
 }
 
+/// SmolLM3 with its window (`tests/data/smollm3-window-tiny`, `use_sliding_window`): 6
+/// positions in the layer `layer_types` marks sliding, its NoPE layer; read without
+/// `layer_types` too (the NoPE layers then slide, as `SmolLM3Config` fills it in).
+#[test]
+fn smollm3_window_computes_what_transformers_computes() {
+    let (reference, loaded) = reference_checkpoint("smollm3-window-tiny");
+    let local = loaded.config.local_attention.as_ref().expect("a window");
+    assert_eq!(
+        (local.window, local.layers.as_slice()),
+        (6, [false, false, false, true].as_slice())
+    );
+    computes_what_transformers_computes(
+        &loaded,
+        &reference,
+        &[("the window", &|c| c.local_attention = None)],
+    );
+    let dir = rewritten_checkpoint(
+        "smollm3-window-tiny",
+        "smollm3-untyped",
+        |c| {
+            c.as_object_mut().expect("an object").remove("layer_types");
+        },
+        |_| {},
+    );
+    let untyped = model_file::load(&dir).map(|m| m.config);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(untyped.expect("loads"), loaded.config);
+}
+
 /// `tests/data/smollm3-tiny` as llama.cpp's converter writes it.
 fn smollm3_gguf() -> Vec<u8> {
     reference_gguf("smollm3-tiny", "smollm3", Vec::new(), Vec::new())
@@ -2781,8 +2810,8 @@ fn bad_directories_name_the_file() {
             "3 layers are marked with or without RoPE, but the model has 5",
         ),
         (
-            r#", "architectures": ["SmolLM3ForCausalLM"], "use_sliding_window": true, "sliding_window": 8"#,
-            "`use_sliding_window` is true: SmolLM3's window over some layers is not supported",
+            r#", "architectures": ["SmolLM3ForCausalLM"], "use_sliding_window": true, "sliding_window": 0"#,
+            "`sliding_window` = 0 is out of range",
         ),
         (
             r#", "architectures": ["CohereForCausalLM"], "use_qk_norm": 1"#,

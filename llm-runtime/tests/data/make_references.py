@@ -11,7 +11,7 @@ It writes `NAME-tiny/` for each architecture (`llama3`, `mistral`, `qwen2` (and 
 over some layers, `qwen2-window`), `qwen3`,
 `phi3`, `gemma`, `gemma2`, `gemma3`), RoPE scaling (`qwen3-yarn`, `phi3-longrope`),
 partial rotation (`phi4-mini`), Granite's scales (`granite`), OLMo 2's norms
-(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`; Cohere 2's local and NoPE layers, `cohere2`), the
+(`olmo2`), the first OLMo's unit LayerNorms (`olmo`), SmolLM3's NoPE layers (`smollm3`; and its window, `smollm3-window`), Cohere's blocks (`cohere`; Command R+'s q/k norms, `cohere-qk-norm`; Cohere 2's local and NoPE layers, `cohere2`), the
 LayerNorm architectures (`phi2`, `stablelm`, `stablelm-parallel`, `stablelm-12b`, `starcoder2`,
 `gpt-neox`, `gpt2`, `gpt-bigcode`, `gpt-bigcode-mha`, `gptj`, `falcon`, `falcon-40b`, `falcon-mha`, `opt`) and
 Llama's feed-forward biases (`llama-mlp-bias`), GLM's (`glm`, `glm4`), the mixtures of experts (`mixtral`,
@@ -461,6 +461,16 @@ def main():
         pad_token_id=0,
     )
     write("smollm3-tiny", SmolLM3ForCausalLM, smollm3, 15)
+    # SmolLM3 with its window (`use_sliding_window`): 6 positions in its NoPE layer, the
+    # one `layer_types` marks sliding.
+    smollm3_window = SmolLM3Config(
+        **{**small, "num_hidden_layers": 4},
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=6,
+        pad_token_id=0,
+    )
+    write("smollm3-window-tiny", SmolLM3ForCausalLM, smollm3_window, 49)
     # Cohere (Command R): LayerNorms without bias, attention and feed-forward blocks in
     # parallel, interleaved RoPE pairs, logits times 0.25; an epsilon of 1e-3, so that
     # reading it matters.
