@@ -33,14 +33,16 @@ use llm_ir::{
 };
 
 use crate::{
+    hf_deepseek,
     model::{
         ATTENTION_SINKS, Activation, AttentionBias, Blocks, EXPERT_DOWN_BIASES, EXPERT_DOWNS,
-        EXPERT_GATE_BIASES, EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, ExpertScoring,
-        Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LocalAttention,
-        ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm,
-        ROPE_FREQS, ROUTER, ROUTER_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP,
-        SHARED_GATE, SharedExpert, every_nth_layer, reciprocal, split_fused_weights,
-        uneven_head_dim,
+        EXPERT_GATE_BIASES, EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, ExpertGroups,
+        ExpertScoring, Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
+        LATENT_KV_DOWN, LATENT_KV_NORM, LATENT_Q_DOWN, LATENT_Q_NORM, LATENT_Q_UP, LatentAttention,
+        LocalAttention, ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM,
+        QkNorm, ROPE_FREQS, ROUTER, ROUTER_BIAS, ROUTER_SELECTION_BIAS, SHARED_EXPERT_DOWN,
+        SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE, SharedExpert, every_nth_layer,
+        reciprocal, split_fused_weights, uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -461,6 +463,16 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("ffn_gate_exps.bias", EXPERT_GATE_BIASES),
             ("ffn_up_exps.bias", EXPERT_UP_BIASES),
             ("ffn_down_exps.bias", EXPERT_DOWN_BIASES),
+            // DeepSeek's latent attention and selection bias.
+            ("attn_q_a.weight", LATENT_Q_DOWN),
+            ("attn_q_a_norm.weight", LATENT_Q_NORM),
+            ("attn_q_b.weight", LATENT_Q_UP),
+            ("attn_kv_a_mqa.weight", LATENT_KV_DOWN),
+            ("attn_kv_a_norm.weight", LATENT_KV_NORM),
+            ("attn_kv_b.weight", hf_deepseek::KV_UP_UNPADDED),
+            ("attn_k_b.weight", hf_deepseek::KEYS_UP),
+            ("attn_v_b.weight", hf_deepseek::VALUES_UP),
+            ("exp_probs_b.bias", ROUTER_SELECTION_BIAS),
         ],
     )?;
     let gpt_oss = arch == "gpt-oss";
@@ -641,10 +653,11 @@ fn split_part(g: &GgufFile, later: bool) -> Result<(usize, usize), String> {
 /// GLM-4-0414's: llama's with q, k and v biases, the gate and up projections fused in
 /// `ffn_up` (as phi3's), RoPE over part of each head (`rope.dimension_count`) with its
 /// pairs interleaved as GLM's checkpoints have them, and output norms (`post_attention_norm`,
-/// `post_ffw_norm`) besides the input norms; `gpt-oss` is gpt-oss's ([`apply_gpt_oss`]).
+/// `post_ffw_norm`) besides the input norms; `gpt-oss` is gpt-oss's ([`apply_gpt_oss`]);
+/// `deepseek2` is DeepSeek V2's and V3's ([`apply_deepseek2`]).
 /// The other architectures read are [`LAYER_NORM_ARCHITECTURES`]. Metadata keys begin
 /// with the name.
-const ARCHITECTURES: [&str; 20] = [
+const ARCHITECTURES: [&str; 21] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -665,6 +678,7 @@ const ARCHITECTURES: [&str; 20] = [
     "dbrx",
     "glm4",
     "gpt-oss",
+    "deepseek2",
 ];
 
 /// The architectures of the original transformer's shape, with LayerNorms that add a
@@ -794,6 +808,114 @@ fn apply_gpt_oss(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
     let window = g.int("gpt-oss.attention.sliding_window")?;
     c.local_attention = Some(LocalAttention::periodic(window, c.layers, 2, None));
     Ok(())
+}
+
+/// DeepSeek V2's and V3's settings (`deepseek2` files), as llama.cpp reads them: latent
+/// attention (`attention.q_lora_rank`, absent for direct queries, `attn_q`;
+/// `attention.kv_lora_rank`; RoPE over `rope.dimension_count` features; the heads'
+/// `attention.key_length_mla` and the values' `attention.value_length_mla`, or, in files
+/// written before llama.cpp's converter split `attn_kv_b` into `attn_k_b` and `attn_v_b`,
+/// `attention.key_length` and `attention.value_length`), RoPE over neighbouring pairs, the
+/// scores scaled by `1 / sqrt(key length)` times `(1 + rope.scaling.yarn_log_multiplier *
+/// ln(rope.scaling.factor))` squared; the experts' `expert_shared_count` shared ones (one
+/// ungated block), weights by a softmax (`expert_gating_func` 1 or absent, V2's) or by
+/// sigmoids chosen with `exp_probs_b` (2, V3's), divided by their sum where
+/// `expert_weights_norm`, times `expert_weights_scale`, within `expert_group_used_count`
+/// of `expert_group_count` groups scored by their two best where a file has them
+/// (llama.cpp's V3 grouping; V2's groups by their best are not in its files); the
+/// first `leading_dense_block_count` layers dense (they have no router).
+fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> Result<(), String> {
+    let key = |k: &str| format!("deepseek2.{k}");
+    let int = |k: &str| g.int(&key(k));
+    let optional = |k: &str| match g.meta(&key(k)) {
+        None => Ok(None),
+        Some(_) => g.int(&key(k)).map(Some),
+    };
+    let rope = int("rope.dimension_count")?;
+    let split = weights
+        .weight_shape(&format!("layers.0.{}", hf_deepseek::KEYS_UP))
+        .is_some();
+    let (heads_key, values_key) = match split {
+        true => ("attention.key_length_mla", "attention.value_length_mla"),
+        false => ("attention.key_length", "attention.value_length"),
+    };
+    let width = int(heads_key)?;
+    let latent = LatentAttention {
+        q_rank: optional("attention.q_lora_rank")?,
+        kv_rank: int("attention.kv_lora_rank")?,
+        nope: width.checked_sub(rope).ok_or_else(|| {
+            format!(
+                "{} ({width}) is less than RoPE's {rope} features",
+                key(heads_key)
+            )
+        })?,
+        rope,
+        value: int(values_key)?,
+        // llama.cpp normalizes the latents with the file's epsilon.
+        norm_eps: c.norm_eps,
+    };
+    c.explicit_head_dim = Some(width);
+    c.rotary_dim = Some(rope);
+    c.kv_heads = c.heads;
+    c.rope_half = false;
+    c.latent_attention = Some(latent);
+    let factor = g.float(&key("rope.scaling.factor")).unwrap_or(1.0);
+    let log_multiplier = g
+        .float(&key("rope.scaling.yarn_log_multiplier"))
+        .unwrap_or(0.0);
+    let yarn = matches!(g.meta(&key("rope.scaling.type")), Some(Meta::Str(t)) if t == "yarn");
+    let m = if yarn && factor > 1.0 {
+        1.0 + log_multiplier * factor.ln()
+    } else {
+        1.0
+    };
+    if !(m.is_finite() && m > 0.0) {
+        return Err(format!(
+            "{} gives the scores a scale factor of {m}",
+            key("rope.scaling.yarn_log_multiplier")
+        ));
+    }
+    c.attention_scale = Some((width as f64).powf(-0.5) * m * m);
+    if let Some(experts) = c.experts.as_mut() {
+        let shared = optional("expert_shared_count")?.unwrap_or(0);
+        experts.shared = (shared > 0)
+            .then(|| experts.hidden.checked_mul(shared))
+            .flatten()
+            .map(|hidden| SharedExpert {
+                hidden,
+                gated: false,
+            });
+        experts.normalize = match g.meta(&key("expert_weights_norm")) {
+            Some(_) => g.boolean(&key("expert_weights_norm"))?,
+            None => false,
+        };
+        let sigmoid = optional("expert_gating_func")? == Some(2);
+        experts.scoring = match sigmoid {
+            true => ExpertScoring::Sigmoid {
+                selection_bias: weights
+                    .weight_shape(&format!(
+                        "layers.{}.{ROUTER_SELECTION_BIAS}",
+                        c.layers.saturating_sub(1)
+                    ))
+                    .is_some(),
+            },
+            false => ExpertScoring::Softmax,
+        };
+        experts.scale = g.positive(&key("expert_weights_scale"))?.unwrap_or(1.0);
+        experts.groups = match (
+            optional("expert_group_count")?,
+            optional("expert_group_used_count")?,
+        ) {
+            (Some(count), Some(chosen)) if count > 1 && chosen < count => Some(ExpertGroups {
+                count,
+                chosen,
+                scored_by: 2,
+            }),
+            _ => None,
+        };
+    }
+    hf_deepseek::join_keys_and_values(c, weights)?;
+    hf_deepseek::pad_values(c, weights)
 }
 
 /// Granite's scales (`granite` and `granitemoe` files, `arch`), as llama.cpp reads them:
@@ -1277,7 +1399,11 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
             qkv: qwen2,
             output: false,
         },
-        explicit_head_dim: explicit_head_dim(g, arch, dim, heads)?,
+        // DeepSeek's heads are latent attention's (`apply_deepseek2`).
+        explicit_head_dim: match arch {
+            "deepseek2" => None,
+            _ => explicit_head_dim(g, arch, dim, heads)?,
+        },
         qk_norm: match arch {
             "qwen3" | "qwen3moe" | "gemma3" => QkNorm::Heads,
             "olmo2" | "olmoe" => QkNorm::Projections,
@@ -1356,6 +1482,9 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         config.nope_layers = Some(every_nth_layer(config.layers, 4));
     }
     config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
+    if arch == "deepseek2" {
+        apply_deepseek2(g, &mut weights, &mut config)?;
+    }
     let rope = rope_scaling(g, arch, &config, &mut weights)?;
     if rope.mscale != 1.0
         && config
@@ -1373,7 +1502,13 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
     let config = ModelConfig {
         rope_scaling: rope.linear,
         rope_freq_factors: rope.add_factors(&mut weights)?,
-        rope_mscale: rope.mscale,
+        // llama.cpp cancels YaRN's magnitude for DeepSeek (its `attn_factor_scaled`), as
+        // DeepSeek's `mscale` and `mscale_all_dim` cancel in Hugging Face's.
+        rope_mscale: if arch == "deepseek2" {
+            1.0
+        } else {
+            rope.mscale
+        },
         ..config
     };
     config.validate()?;

@@ -764,8 +764,8 @@ struct TensorRules {
     /// A multimodal Gemma 3's checkpoint: the language model's tensors are read, the
     /// vision tower's skipped ([`hf_gemma::language_model_tensor`]).
     multimodal: bool,
-    /// A DeepSeek model's layers: the multi-token-prediction layers past them are skipped
-    /// ([`hf_deepseek::is_prediction_layer`]).
+    /// A DeepSeek V3 model's layers: the multi-token-prediction layers past them are
+    /// skipped ([`hf_deepseek::is_prediction_layer`]).
     model_layers: Option<usize>,
 }
 
@@ -869,6 +869,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     let cfg = hf_moe::dbrx_config(cfg);
     let cfg = hf_glm::standard_config(cfg);
     let cfg = hf_gpt_oss::standard_config(cfg);
+    let cfg = hf_deepseek::standard_config(cfg);
     let int = |key: &str| config_int(&cfg, key).map_err(|m| err(&config_path, m));
     check_supported(&cfg).map_err(|m| err(&config_path, m))?;
     let gemma = hf_gemma::generation(&cfg);
@@ -1006,7 +1007,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
         // GLM-4-0414's output norms have names of their own (`hf_glm`).
         post_norms: config.post_norms && !hf_glm::has_output_norms(&cfg),
         multimodal,
-        model_layers: deepseek.then_some(config.layers),
+        model_layers: hf_deepseek::is_v3(&cfg).then_some(config.layers),
     };
     let mut packed = hf_gpt_oss::PackedExperts::default();
     for (i, file) in files.iter().enumerate() {

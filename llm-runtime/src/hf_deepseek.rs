@@ -41,9 +41,72 @@ pub(crate) fn is_deepseek(cfg: &Json) -> bool {
     ARCHITECTURES.iter().any(|a| names_architecture(cfg, a))
 }
 
-/// The values' up projection as the checkpoint stores it, `[heads * (nope + value),
-/// kv_rank]`, until [`pad_values`] pads it into [`LATENT_KV_UP`].
-const KV_UP_UNPADDED: &str = "attention.wkv_b_unpadded.weight";
+/// Whether `cfg` is DeepSeek V3's, whose checkpoints append multi-token-prediction
+/// layers ([`is_prediction_layer`]).
+pub(crate) fn is_v3(cfg: &Json) -> bool {
+    names_architecture(cfg, V3)
+}
+
+/// `cfg` with what a DeepSeek config leaves out filled in as `DeepseekV2Config` and
+/// `DeepseekV3Config` default it (a key given as null stays null): the latents' ranks
+/// (1536 for the queries, 512 for the keys and values), heads of 128 + 64 RoPE features,
+/// values of 128, and the experts: V2's 64 of 1407, two shared, no dense layer, greedy
+/// softmax routing, a scale of 1; V3's 256 of 2048, eight a token, one shared, three
+/// dense layers, a scale of 2.5, normalized, within 4 of 8 groups; any other config as it
+/// is.
+pub(crate) fn standard_config(mut cfg: Json) -> Json {
+    if !is_deepseek(&cfg) {
+        return cfg;
+    }
+    let v3 = is_v3(&cfg);
+    let common = [
+        ("q_lora_rank", Json::from(1536)),
+        ("kv_lora_rank", Json::from(512)),
+        ("qk_nope_head_dim", Json::from(128)),
+        ("qk_rope_head_dim", Json::from(64)),
+        ("v_head_dim", Json::from(128)),
+    ];
+    let versioned = if v3 {
+        vec![
+            ("n_routed_experts", Json::from(256)),
+            ("moe_intermediate_size", Json::from(2048)),
+            ("num_experts_per_tok", Json::from(8)),
+            ("n_shared_experts", Json::from(1)),
+            ("first_k_dense_replace", Json::from(3)),
+            ("routed_scaling_factor", Json::from(2.5)),
+            ("norm_topk_prob", Json::from(true)),
+            ("n_group", Json::from(8)),
+            ("topk_group", Json::from(4)),
+        ]
+    } else {
+        vec![
+            ("n_routed_experts", Json::from(64)),
+            ("moe_intermediate_size", Json::from(1407)),
+            ("n_shared_experts", Json::from(2)),
+            ("first_k_dense_replace", Json::from(0)),
+            ("routed_scaling_factor", Json::from(1.0)),
+            ("topk_method", Json::from("greedy")),
+        ]
+    };
+    if let Some(fields) = cfg.as_object_mut() {
+        for (key, value) in common.into_iter().chain(versioned) {
+            fields.entry(key).or_insert(value);
+        }
+    }
+    cfg
+}
+
+/// The keys' and values' up projection as the checkpoint stores it, `[heads * (nope +
+/// value), kv_rank]`, until [`pad_values`] pads it into [`LATENT_KV_UP`].
+pub(crate) const KV_UP_UNPADDED: &str = "attention.wkv_b_unpadded.weight";
+
+/// The keys' up projection as llama.cpp's converter now stores it apart (`attn_k_b`),
+/// each head's transposed: `[heads, kv_rank, nope]`, until [`join_keys_and_values`].
+pub(crate) const KEYS_UP: &str = "attention.wk_b.weight";
+
+/// The values' up projection as llama.cpp's converter now stores it apart (`attn_v_b`):
+/// `[heads, value, kv_rank]`, until [`join_keys_and_values`].
+pub(crate) const VALUES_UP: &str = "attention.wv_b.weight";
 
 /// The builder's name of a DeepSeek tensor that is not Llama's (nor a mixture's, which
 /// `hf_moe` names): latent attention's projections and norms, the router's selection
@@ -91,12 +154,16 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         None | Some(Json::Null) => None,
         Some(_) => Some(int("q_lora_rank")?),
     };
+    // Transformers builds the latents' norms with RMSNorm's default epsilon, whatever
+    // `rms_norm_eps` says.
+    let norm_eps = 1e-6;
     let latent = LatentAttention {
         q_rank,
         kv_rank: int("kv_lora_rank")?,
         nope: int("qk_nope_head_dim")?,
         rope: int("qk_rope_head_dim")?,
         value: int("v_head_dim")?,
+        norm_eps,
     };
     let width = latent.nope + latent.rope;
     c.explicit_head_dim = Some(width);
@@ -149,8 +216,10 @@ fn scale_factor(cfg: &Json) -> Result<f64, String> {
 /// their two best; both times `routed_scaling_factor`.
 fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     let int = |key: &str| config_int(cfg, key);
+    // A count that may be 0 (none): `config_int`'s range otherwise.
     let optional = |key: &str| match cfg.get(key) {
         None | Some(Json::Null) => Ok(None),
+        Some(v) if v.as_u64() == Some(0) => Ok(Some(0)),
         Some(_) => int(key).map(Some),
     };
     let count = optional("n_routed_experts")?.unwrap_or(0);
@@ -164,10 +233,18 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     let shared_width = hidden
         .checked_mul(shared)
         .ok_or("the shared experts' width overflows")?;
+    let limited = match cfg.get("topk_method").and_then(Json::as_str) {
+        _ if v3 => true,
+        None | Some("greedy") => false,
+        Some("group_limited_greedy") => true,
+        Some(other) => {
+            return Err(format!(
+                "`topk_method` = {other:?}: DeepSeek V2's routing is greedy or group_limited_greedy"
+            ));
+        }
+    };
     let groups = match (optional("n_group")?, optional("topk_group")?) {
         (Some(count), Some(chosen)) if count > 1 && chosen < count => {
-            let limited =
-                v3 || cfg.get("topk_method").and_then(Json::as_str) == Some("group_limited_greedy");
             limited.then_some(ExpertGroups {
                 count,
                 chosen,
@@ -206,6 +283,29 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     }))
 }
 
+/// Joins each layer's keys' and values' up projections where a GGUF file stores them
+/// apart ([`KEYS_UP`], each head's turned back, and [`VALUES_UP`]) into the checkpoint's
+/// [`KV_UP_UNPADDED`]: per head its key rows, then its value rows.
+///
+/// # Errors
+///
+/// Projections of other shapes or formats (a block format's keys cannot be turned),
+/// named.
+pub(crate) fn join_keys_and_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+    for l in 0..c.layers {
+        let [keys, values] = [KEYS_UP, VALUES_UP].map(|n| format!("layers.{l}.{n}"));
+        if weights.weight_shape(&keys).is_none() {
+            continue;
+        }
+        weights.transpose_matrix(&keys)?;
+        let joined = format!("layers.{l}.{KV_UP_UNPADDED}");
+        weights.join_stacks(&[keys, values], &joined)?;
+        let shape = weights.weight_shape(&joined).unwrap_or_default();
+        weights.reshape(&joined, vec![shape[0] * shape[1], shape[2]])?;
+    }
+    Ok(())
+}
+
 /// Pads each layer's values' up projection (`[heads * (nope + value), kv_rank]` as the
 /// checkpoint stores it) into [`LATENT_KV_UP`]: per head its `nope` key rows, its `value`
 /// rows, then zero rows to the heads' width, so that each head's values come out as wide
@@ -218,7 +318,14 @@ pub(crate) fn pad_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), S
     let Some(latent) = &c.latent_attention else {
         return Ok(());
     };
-    let pad = latent.nope + latent.rope - latent.value;
+    let pad = (latent.nope + latent.rope)
+        .checked_sub(latent.value)
+        .ok_or_else(|| {
+            format!(
+                "latent attention's values ({}) are wider than its heads ({} + {})",
+                latent.value, latent.nope, latent.rope
+            )
+        })?;
     for l in 0..c.layers {
         let stored = format!("layers.{l}.{KV_UP_UNPADDED}");
         if weights.weight_shape(&stored).is_none() {
@@ -241,6 +348,40 @@ mod tests {
         assert!(is_prediction_layer("model.layers.61.eh_proj.weight", 61));
         assert!(!is_prediction_layer("model.layers.60.mlp.gate.weight", 61));
         assert!(!is_prediction_layer("model.norm.weight", 61));
+    }
+
+    /// Counts of 0 are none (no dense layer, no shared expert), absent keys take
+    /// transformers' defaults, and an unknown V2 routing method is refused.
+    #[test]
+    fn counts_of_zero_and_defaults() {
+        let v2 = standard_config(serde_json::json!({
+            "architectures": [V2],
+            "num_experts_per_tok": 2,
+            "first_k_dense_replace": 0,
+            "n_shared_experts": 0,
+        }));
+        let dense_less = experts(&v2, 3).expect("reads").expect("experts");
+        assert_eq!(dense_less.layers, [true, true, true]);
+        assert_eq!(
+            (dense_less.count, dense_less.hidden, dense_less.shared, dense_less.scale),
+            (64, 1407, None, 1.0)
+        );
+        let v3 = standard_config(serde_json::json!({"architectures": [V3]}));
+        let routed = experts(&v3, 4).expect("reads").expect("experts");
+        let groups = routed.groups.map(|g| (g.count, g.chosen, g.scored_by));
+        assert_eq!(
+            (routed.count, routed.per_token, routed.scale, groups),
+            (256, 8, 2.5, Some((8, 4, 2)))
+        );
+        assert_eq!(routed.layers, [false, false, false, true]);
+        assert_eq!(v3["q_lora_rank"], 1536);
+        let unknown = serde_json::json!({
+            "architectures": [V2],
+            "num_experts_per_tok": 2,
+            "topk_method": "noaux_tc",
+        });
+        let err = experts(&standard_config(unknown), 2).expect_err("refused");
+        assert!(err.contains("`topk_method` = \"noaux_tc\""), "{err}");
     }
 
     /// The scores' scale factor is YaRN's `mscale_all_dim` one, squared by the caller;

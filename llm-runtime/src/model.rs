@@ -179,7 +179,7 @@ pub struct ModelConfig {
 /// after it to the heads' width (the cache holds keys and values of one width) and cut
 /// back before the output projection (`[dim, heads * value]`). The builder expands the
 /// latent into every head's keys and values before they are cached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatentAttention {
     /// The queries' latent width; `None` where the queries are projected directly.
     pub q_rank: Option<usize>,
@@ -191,6 +191,8 @@ pub struct LatentAttention {
     pub rope: usize,
     /// Features of a head's value.
     pub value: usize,
+    /// The latents' RMSNorms' epsilon.
+    pub norm_eps: f64,
 }
 
 /// The queries' down projection of latent attention, under `layers.N.`: `[q_rank, dim]`.
@@ -713,7 +715,13 @@ impl ModelConfig {
             nope,
             rope,
             value,
+            norm_eps,
         } = *latent;
+        if !(norm_eps.is_finite() && norm_eps > 0.0) {
+            return Err(format!(
+                "latent attention's norms' epsilon {norm_eps} is not positive"
+            ));
+        }
         if [kv_rank, rope, value].contains(&0) || q_rank == Some(0) {
             return Err(format!(
                 "latent attention of zero width: {latent:?} (its ranks, RoPE and value widths must be positive)"
@@ -731,12 +739,17 @@ impl ModelConfig {
                 "latent attention's values ({value}) are wider than its heads ({nope} + {rope})"
             ));
         }
-        if self.kv_heads != self.heads
-            || self.qk_norm != QkNorm::None
+        if self.kv_heads != self.heads {
+            return Err(format!(
+                "latent attention gives each of the {} heads its own keys and values, not {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.qk_norm != QkNorm::None
             || self.attention_bias != AttentionBias::default()
             || self.clip_qkv.is_some()
         {
-            return Err("latent attention has a KV head a query head and no q/k norms, biases or clamps of its own".into());
+            return Err("latent attention takes no q/k norms, biases or clamps".into());
         }
         Ok(())
     }
@@ -1138,6 +1151,7 @@ pub fn every_nth_layer(layers: usize, interval: usize) -> Vec<bool> {
 /// weights in `weights` (whose stored types the IR declares), with a KV cache of `kv`
 /// storage ([`check_kv_storage`]).
 pub fn build_ir(c: &ModelConfig, weights: &Weights, kv: &KvStorage) -> Result<String, String> {
+    c.validate()?;
     check_weights(c, weights)?;
     check_kv_storage(c, kv)?;
     let mut out = String::new();
@@ -1813,7 +1827,7 @@ impl Emitter<'_> {
         let (h, hd, n, r) = (c.heads, c.head_dim(), latent.nope, latent.rope);
         let t = |shape: String| format!("llm.tensor <{shape}>");
         let p = format!("layers.{l}.");
-        let eps = float(c.norm_eps);
+        let eps = float(latent.norm_eps);
         let q = match latent.q_rank {
             Some(rank) => {
                 let ty = t(format!("?x{rank}xf32"));

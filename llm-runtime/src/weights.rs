@@ -383,6 +383,92 @@ impl Weights {
         Ok(())
     }
 
+    /// Replaces the stacks `parts` (each `[n, rows_i, k]`, floats of one element type or
+    /// rows of one block format, of one `n` and `k`) by `into`, `[n, sum rows_i, k]`: each
+    /// matrix of `into` the parts' matrices of its number, their rows in order (DeepSeek's
+    /// keys' and values' up projections, which llama.cpp's converter stores apart). A
+    /// missing part or parts that do not fit are errors naming them.
+    pub fn join_stacks(&mut self, parts: &[String], into: &str) -> Result<(), String> {
+        let values: Vec<Rc<Value>> = parts
+            .iter()
+            .map(|name| {
+                self.tensors
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("no weight `{name}` to join into `{into}`"))
+            })
+            .collect::<Result<_, _>>()?;
+        let shapes: Vec<Vec<usize>> = parts.iter().filter_map(|p| self.weight_shape(p)).collect();
+        let (n, k) = match shapes.first().map(Vec::as_slice) {
+            Some(&[n, _, k]) => (n, k),
+            _ => return Err(format!("the parts of `{into}` are not stacks of matrices")),
+        };
+        let fits = shapes
+            .iter()
+            .all(|s| s.len() == 3 && s[0] == n && s[2] == k);
+        let rows: usize = shapes.iter().map(|s| s[1]).sum();
+        let float = values.iter().all(|v| matches!(&**v, Value::Tensor(_)));
+        let formats: Vec<Option<&QuantFormat>> = values
+            .iter()
+            .map(|v| match &**v {
+                Value::Quantized(q) => Some(&q.format),
+                _ => None,
+            })
+            .collect();
+        let one_format = formats.iter().all(|f| f.is_some() && *f == formats[0]);
+        if !fits || !(float || one_format) || n == 0 {
+            return Err(format!(
+                "the parts of `{into}` ({}) are not stacks of one count, row length and format",
+                parts.join(", ")
+            ));
+        }
+        // Matrix `m` of each part in turn, for every `m`.
+        fn joined<T: Copy>(data: &[&[T]], sizes: &[usize]) -> Vec<T> {
+            let n = data.first().map_or(0, |d| d.len() / sizes[0].max(1));
+            let mut out = Vec::with_capacity(data.iter().map(|d| d.len()).sum());
+            for m in 0..n {
+                for (d, &size) in data.iter().zip(sizes) {
+                    out.extend_from_slice(&d[m * size..(m + 1) * size]);
+                }
+            }
+            out
+        }
+        let shape = vec![n, rows, k];
+        let value = if float {
+            let dtype = match &*values[0] {
+                Value::Tensor(t) => t.dtype,
+                _ => unreachable!("checked above"),
+            };
+            let data: Vec<&[f32]> = values
+                .iter()
+                .map(|v| v.tensor().and_then(Tensor::floats))
+                .collect::<Result<_, _>>()?;
+            let sizes: Vec<usize> = shapes.iter().map(|s| s[1] * k).collect();
+            Value::Tensor(Tensor::from_f32(shape, dtype, joined(&data, &sizes)))
+        } else {
+            let format = formats[0].expect("checked above").clone();
+            let row_bytes = quant::storage_bytes(&format, &[1, k]);
+            let data: Vec<&[u8]> = values
+                .iter()
+                .map(|v| match &**v {
+                    Value::Quantized(q) => q.bytes.as_slice(),
+                    _ => &[],
+                })
+                .collect();
+            let sizes: Vec<usize> = shapes.iter().map(|s| s[1] * row_bytes).collect();
+            Value::Quantized(QTensor {
+                shape,
+                format,
+                bytes: joined(&data, &sizes),
+            })
+        };
+        for part in parts {
+            self.tensors.remove(part);
+        }
+        self.insert(into, value);
+        Ok(())
+    }
+
     /// Inserts `pad` zero rows after every `rows` rows of the matrix `name` (a float one,
     /// or one whose rows are stored apart: 16-bit floats or a block format, whose zero
     /// bytes are zeros): DeepSeek's values padded per head to its heads' width. A matrix

@@ -24,7 +24,7 @@ use llm_runtime::{
     model_file,
 };
 use reference::{
-    TRANSFORMERS_BOUND, computes_what_transformers_computes,
+    NamedTensor, TRANSFORMERS_BOUND, computes_what_transformers_computes,
     gguf_computes_what_the_directory_computes, gguf_logits, interp_logits, largest_difference,
     prefill_and_decode_logits, reference_checkpoint, reference_gguf_edited, rewritten_checkpoint,
     transformers_reference,
@@ -99,64 +99,71 @@ fn experts_gguf(
     ];
     meta.extend(metadata);
     reference_gguf_edited(name, arch, meta, |tensors| {
-        // Per stacked name: an expert's shape, and each expert's values by number.
-        let mut stacked: HashMap<String, (Vec<usize>, ExpertValues)> = HashMap::new();
-        tensors.retain_mut(|(name, shape, values)| {
-            let Some((layer, rest)) = name
-                .strip_prefix("model.layers.")
-                .and_then(|r| r.split_once('.'))
-            else {
-                return true;
-            };
-            let layer = layer.to_string();
-            let renamed = match rest {
-                "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp",
-                "mlp.shared_expert_gate.weight" => {
-                    // llama.cpp's converter writes the gate as a vector.
-                    shape.remove(0);
-                    "ffn_gate_inp_shexp"
-                }
-                "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp",
-                "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp",
-                "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp",
-                _ => "",
-            };
-            if !renamed.is_empty() {
-                *name = format!("blk.{layer}.{renamed}.weight");
-                return true;
-            }
-            let Some(expert) = rest
-                .strip_prefix("block_sparse_moe.experts.")
-                .or_else(|| rest.strip_prefix("mlp.experts."))
-            else {
-                return true;
-            };
-            let (e, part) = expert.split_once('.').expect("E.part");
-            let gguf = match part {
-                "w1.weight" | "gate_proj.weight" => "ffn_gate_exps",
-                "w3.weight" | "up_proj.weight" => "ffn_up_exps",
-                _ => "ffn_down_exps",
-            };
-            if !stacked_experts {
-                let single = gguf.strip_suffix("_exps").expect("a stack's name");
-                *name = format!("blk.{layer}.{single}.{e}.weight");
-                return true;
-            }
-            let entry = stacked
-                .entry(format!("blk.{layer}.{gguf}.weight"))
-                .or_insert_with(|| (shape.clone(), Vec::new()));
-            entry
-                .1
-                .push((e.parse().expect("an expert"), std::mem::take(values)));
-            false
-        });
-        for (name, (shape, mut parts)) in stacked {
-            parts.sort_by_key(|(e, _)| *e);
-            let values = parts.into_iter().flat_map(|(_, v)| v).collect();
-            let shape = [vec![experts.count], shape].concat();
-            tensors.push((name, shape, values));
-        }
+        gguf_expert_tensors(tensors, experts.count, stacked_experts);
     })
+}
+
+/// Renames a checkpoint's routers, shared experts and experts in `tensors` to GGUF's
+/// (`ffn_gate_inp`, `ffn_{gate,up,down}_shexp`), each layer's `count` experts' matrices
+/// stacked (`ffn_{gate,up,down}_exps`) or, where not `stacked_experts`, one tensor each.
+fn gguf_expert_tensors(tensors: &mut Vec<NamedTensor>, count: usize, stacked_experts: bool) {
+    // Per stacked name: an expert's shape, and each expert's values by number.
+    let mut stacked: HashMap<String, (Vec<usize>, ExpertValues)> = HashMap::new();
+    tensors.retain_mut(|(name, shape, values)| {
+        let Some((layer, rest)) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+        else {
+            return true;
+        };
+        let layer = layer.to_string();
+        let renamed = match rest {
+            "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp",
+            "mlp.shared_expert_gate.weight" => {
+                // llama.cpp's converter writes the gate as a vector.
+                shape.remove(0);
+                "ffn_gate_inp_shexp"
+            }
+            "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp",
+            "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp",
+            "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp",
+            _ => "",
+        };
+        if !renamed.is_empty() {
+            *name = format!("blk.{layer}.{renamed}.weight");
+            return true;
+        }
+        let Some(expert) = rest
+            .strip_prefix("block_sparse_moe.experts.")
+            .or_else(|| rest.strip_prefix("mlp.experts."))
+        else {
+            return true;
+        };
+        let (e, part) = expert.split_once('.').expect("E.part");
+        let gguf = match part {
+            "w1.weight" | "gate_proj.weight" => "ffn_gate_exps",
+            "w3.weight" | "up_proj.weight" => "ffn_up_exps",
+            _ => "ffn_down_exps",
+        };
+        if !stacked_experts {
+            let single = gguf.strip_suffix("_exps").expect("a stack's name");
+            *name = format!("blk.{layer}.{single}.{e}.weight");
+            return true;
+        }
+        let entry = stacked
+            .entry(format!("blk.{layer}.{gguf}.weight"))
+            .or_insert_with(|| (shape.clone(), Vec::new()));
+        entry
+            .1
+            .push((e.parse().expect("an expert"), std::mem::take(values)));
+        false
+    });
+    for (name, (shape, mut parts)) in stacked {
+        parts.sort_by_key(|(e, _)| *e);
+        let values = parts.into_iter().flat_map(|(_, v)| v).collect();
+        let shape = [vec![count], shape].concat();
+        tensors.push((name, shape, values));
+    }
 }
 
 /// Qwen3-MoE (`tests/data/qwen3-moe-tiny`): eight experts of width 32 in its second
@@ -743,6 +750,122 @@ fn deepseek_v3_computes_what_transformers_computes() {
             }),
         ],
     );
+    // Its GGUF forms, `attn_kv_b` whole and split as llama.cpp's converter now splits it.
+    let meta = || {
+        vec![
+            ("expert_weights_scale", Meta::Float(2.5)),
+            ("expert_weights_norm", Meta::Bool(true)),
+            ("expert_gating_func", Meta::Uint(2)),
+            ("expert_group_count", Meta::Uint(4)),
+            ("expert_group_used_count", Meta::Uint(2)),
+            ("rope.scaling.type", Meta::Str("yarn".into())),
+            ("rope.scaling.factor", Meta::Float(4.0)),
+            ("rope.scaling.original_context_length", Meta::Uint(32)),
+            ("rope.scaling.yarn_log_multiplier", Meta::Float(0.1)),
+        ]
+    };
+    for split in [false, true] {
+        let gguf = deepseek_gguf("deepseek-v3-tiny", split, meta());
+        gguf_computes_what_the_directory_computes(&gguf, &loaded, &reference);
+    }
+}
+
+/// `tests/data/{name}` (DeepSeek V2's or V3's) as llama.cpp's converter writes it
+/// (`deepseek2`): latent attention's tensors (`attn_q_a`, `attn_q_a_norm`, `attn_q_b`
+/// or `attn_q`; `attn_kv_a_mqa`, `attn_kv_a_norm`; and `attn_kv_b`, or, where `split`,
+/// as the converter now writes them, `attn_k_b` with each head's keys turned and
+/// `attn_v_b`, the widths then under `key_length_mla` and `value_length_mla`), the
+/// selection bias `exp_probs_b`, the shared experts `ffn_*_shexp`, stacked experts, and
+/// `metadata` besides the latent widths.
+fn deepseek_gguf(name: &str, split: bool, metadata: Vec<(&str, Meta)>) -> Vec<u8> {
+    let loaded = model_file::load(&transformers_reference(name).dir).expect("loads");
+    let c = &loaded.config;
+    let latent = c.latent_attention.expect("latent attention");
+    let experts = c.experts.clone().expect("experts");
+    let uint = |v: usize| Meta::Uint(v as u64);
+    let width = latent.nope + latent.rope;
+    let mut meta = vec![
+        ("expert_count", uint(experts.count)),
+        ("expert_used_count", uint(experts.per_token)),
+        ("expert_feed_forward_length", uint(experts.hidden)),
+        ("expert_shared_count", uint(1)),
+        ("leading_dense_block_count", uint(1)),
+        ("attention.kv_lora_rank", uint(latent.kv_rank)),
+        ("rope.dimension_count", uint(latent.rope)),
+    ];
+    if let Some(rank) = latent.q_rank {
+        meta.push(("attention.q_lora_rank", uint(rank)));
+    }
+    meta.extend(if split {
+        [
+            ("attention.key_length", uint(latent.kv_rank + latent.rope)),
+            ("attention.value_length", uint(latent.kv_rank)),
+            ("attention.key_length_mla", uint(width)),
+            ("attention.value_length_mla", uint(latent.value)),
+        ]
+        .to_vec()
+    } else {
+        [
+            ("attention.key_length", uint(width)),
+            ("attention.value_length", uint(latent.value)),
+        ]
+        .to_vec()
+    });
+    meta.extend(metadata);
+    let heads = c.heads;
+    reference_gguf_edited(name, "deepseek2", meta, |tensors| {
+        let mut parts = Vec::new();
+        tensors.retain_mut(|(name, shape, values)| {
+            let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+            else {
+                return true;
+            };
+            let gguf = |n: &str| format!("blk.{layer}.{n}");
+            let renamed = match rest {
+                "self_attn.q_a_proj.weight" => "attn_q_a.weight",
+                "self_attn.q_a_layernorm.weight" => "attn_q_a_norm.weight",
+                "self_attn.q_b_proj.weight" => "attn_q_b.weight",
+                "self_attn.kv_a_proj_with_mqa.weight" => "attn_kv_a_mqa.weight",
+                "self_attn.kv_a_layernorm.weight" => "attn_kv_a_norm.weight",
+                "mlp.gate.e_score_correction_bias" => "exp_probs_b.bias",
+                "mlp.shared_experts.gate_proj.weight" => "ffn_gate_shexp.weight",
+                "mlp.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",
+                "mlp.shared_experts.down_proj.weight" => "ffn_down_shexp.weight",
+                "self_attn.kv_b_proj.weight" if !split => "attn_kv_b.weight",
+                "self_attn.kv_b_proj.weight" => {
+                    // Per head: its key rows turned to `[kv_rank, nope]`, its value rows.
+                    let (rank, per_head) = (shape[1], latent.nope + latent.value);
+                    let mut keys = Vec::new();
+                    let mut vals = Vec::new();
+                    for h in 0..heads {
+                        let head = &values[h * per_head * rank..][..per_head * rank];
+                        for r in 0..rank {
+                            keys.extend((0..latent.nope).map(|i| head[i * rank + r]));
+                        }
+                        vals.extend_from_slice(&head[latent.nope * rank..]);
+                    }
+                    parts.push((
+                        gguf("attn_k_b.weight"),
+                        vec![heads, rank, latent.nope],
+                        keys,
+                    ));
+                    parts.push((
+                        gguf("attn_v_b.weight"),
+                        vec![heads, latent.value, rank],
+                        vals,
+                    ));
+                    return false;
+                }
+                _ => return true,
+            };
+            *name = gguf(renamed);
+            true
+        });
+        tensors.extend(parts);
+        gguf_expert_tensors(tensors, experts.count, true);
+    })
 }
 
 /// DeepSeek V2 (`tests/data/deepseek-v2-tiny`, V2-Lite's shape: queries projected
@@ -767,6 +890,22 @@ fn deepseek_v2_computes_what_transformers_computes() {
             ("the scale", &|c| experts_of(c).scale = 1.0),
             ("RoPE's pairs", &|c| c.rope_half = true),
         ],
+    );
+    // Its GGUF form: llama.cpp's files have no groups scored by their best, so it
+    // computes the directory's model without its groups.
+    let gguf = deepseek_gguf(
+        "deepseek-v2-tiny",
+        false,
+        vec![("expert_weights_scale", Meta::Float(1.5))],
+    );
+    let mut ungrouped = loaded.config.clone();
+    experts_of(&mut ungrouped).groups = None;
+    let from_gguf = gguf_logits(&gguf, &reference);
+    let directory = interp_logits(&ungrouped, &loaded.weights, &reference);
+    let worst = largest_difference(&from_gguf, &directory);
+    assert!(
+        worst < 1e-5,
+        "the GGUF form: {worst} from the ungrouped directory"
     );
 }
 
@@ -878,9 +1017,9 @@ fn dbrx_gguf() -> Vec<u8> {
 }
 
 /// The mixtures' GGUF files (Mixtral's `llama` with experts, stacked and one tensor each,
-/// `olmoe`, `granitemoe` with a
-/// shared expert, `dbrx`, `gpt-oss`, `qwen2moe`, `qwen3moe`), mutated, never make the
-/// loader panic.
+/// `olmoe`, `granitemoe` with a shared expert, `dbrx`, `gpt-oss`, `deepseek2` (V3's
+/// with split key and value projections, V2's whole), `qwen2moe`, `qwen3moe`), mutated,
+/// never make the loader panic.
 #[test]
 fn mutated_moe_gguf_files_never_panic() {
     let originals = [
@@ -890,6 +1029,12 @@ fn mutated_moe_gguf_files_never_panic() {
         granite_moe_gguf("granite-moe-shared-tiny"),
         dbrx_gguf(),
         gpt_oss_gguf(),
+        deepseek_gguf(
+            "deepseek-v3-tiny",
+            true,
+            vec![("expert_gating_func", Meta::Uint(2))],
+        ),
+        deepseek_gguf("deepseek-v2-tiny", false, vec![]),
         moe_gguf(
             "qwen2-moe-tiny",
             "qwen2moe",

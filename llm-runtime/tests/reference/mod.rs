@@ -230,7 +230,8 @@ pub fn reference_checkpoint(name: &str) -> (TransformersReference, model_file::L
 
 /// The checkpoint `tests/data/{name}` as llama.cpp's converter writes it for `arch`:
 /// GGUF names, f32 values (Gemma's norm weights with their 1 added), the sizes of the
-/// checkpoint's `config.json`, `metadata` (keys after `{arch}.`) and the f32 tensors
+/// checkpoint's `config.json` (unless `metadata` gives them), `metadata` (keys after
+/// `{arch}.`) and the f32 tensors
 /// `extra` (GGUF names).
 pub fn reference_gguf(
     name: &str,
@@ -332,7 +333,10 @@ pub fn reference_gguf_edited(
         ),
         ("rope.freq_base", Meta::Float(c.rope_theta)),
     ];
-    for (key, value) in sizes.into_iter().chain(metadata) {
+    // `metadata` overrides a size of the same key.
+    let given: Vec<&str> = metadata.iter().map(|(key, _)| *key).collect();
+    let sizes = sizes.into_iter().filter(|(key, _)| !given.contains(key));
+    for (key, value) in sizes.chain(metadata) {
         meta.push((format!("{arch}.{key}"), value));
     }
     gguf_bytes(&meta, &tensors)
