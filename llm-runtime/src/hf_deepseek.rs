@@ -363,7 +363,12 @@ mod tests {
         let dense_less = experts(&v2, 3).expect("reads").expect("experts");
         assert_eq!(dense_less.layers, [true, true, true]);
         assert_eq!(
-            (dense_less.count, dense_less.hidden, dense_less.shared, dense_less.scale),
+            (
+                dense_less.count,
+                dense_less.hidden,
+                dense_less.shared,
+                dense_less.scale
+            ),
             (64, 1407, None, 1.0)
         );
         let v3 = standard_config(serde_json::json!({"architectures": [V3]}));

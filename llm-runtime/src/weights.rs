@@ -854,35 +854,46 @@ mod tests {
         assert!(err.contains("weight `qkv` has shape [5]"), "{err}");
     }
 
+    /// A stack of `shape` holding 0, 1, 2, ... as f32 and as bf16 (the values exact in
+    /// both).
+    fn counting_stacks(shape: &[usize]) -> [Value; 2] {
+        let values: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|v| v as f32)
+            .collect();
+        let bits: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        [
+            Value::Tensor(Tensor::from_f32(shape.to_vec(), DType::F32, values)),
+            super::stored_floats(shape.to_vec(), DType::BF16, &bits),
+        ]
+    }
+
+    /// Weight `name`'s shape and values as f32.
+    fn shape_and_floats(weights: &Weights, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let value = weights.weight(name).expect("a part");
+        let shape = weights.weight_shape(name).expect("a shape");
+        let floats = match &*value {
+            Value::Tensor(t) => t.floats().expect("floats").to_vec(),
+            Value::Quantized(q) => quant::dequantize(&q.format, &q.shape, &q.bytes),
+            other => panic!("{other:?}"),
+        };
+        (shape, floats)
+    }
+
     /// A stack of fused matrices (Granite-MoE's experts' gate and up projections,
     /// `[experts, 2 * hidden, dim]`) splits in each matrix: each part a stack of its rows
     /// of every matrix, float or 16-bit.
     #[test]
     fn stacked_matrices_split_in_each_matrix() {
         // Two matrices of three rows of two: values 0..12.
-        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        let bits: Vec<u8> = values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect();
         let parts = [("gate".to_string(), 1), ("up".to_string(), 2)];
-        for fused in [
-            Value::Tensor(Tensor::from_f32(vec![2, 3, 2], DType::F32, values.clone())),
-            super::stored_floats(vec![2, 3, 2], DType::BF16, &bits),
-        ] {
+        for fused in counting_stacks(&[2, 3, 2]) {
             let mut weights = Weights::default();
             weights.insert("w13", fused.clone());
             weights.split_rows("w13", &parts).expect("splits");
-            let floats = |name: &str| {
-                let value = weights.weight(name).expect("a part");
-                let shape = weights.weight_shape(name).expect("a shape");
-                let floats = match &*value {
-                    Value::Tensor(t) => t.floats().expect("floats").to_vec(),
-                    Value::Quantized(q) => quant::dequantize(&q.format, &q.shape, &q.bytes),
-                    other => panic!("{other:?}"),
-                };
-                (shape, floats)
-            };
+            let floats = |name: &str| shape_and_floats(&weights, name);
             assert_eq!(floats("gate"), (vec![2, 1, 2], vec![0.0, 1.0, 6.0, 7.0]));
             assert_eq!(
                 floats("up"),
@@ -903,25 +914,13 @@ mod tests {
     #[test]
     fn interleaved_rows_come_apart() {
         // Two matrices of four rows of two: values 0..16.
-        let values: Vec<f32> = (0..16).map(|v| v as f32).collect();
-        let bits: Vec<u8> = values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect();
-        for fused in [
-            Value::Tensor(Tensor::from_f32(vec![2, 4, 2], DType::F32, values.clone())),
-            super::stored_floats(vec![2, 4, 2], DType::BF16, &bits),
-        ] {
+        for fused in counting_stacks(&[2, 4, 2]) {
             let mut weights = Weights::default();
             weights.insert("w13", fused);
             weights
                 .deinterleave_rows("w13", ["gate", "up"])
                 .expect("pairs");
-            let floats = |name: &str| match &*weights.weight(name).expect("a part") {
-                Value::Tensor(t) => t.floats().expect("floats").to_vec(),
-                Value::Quantized(q) => quant::dequantize(&q.format, &q.shape, &q.bytes),
-                other => panic!("{other:?}"),
-            };
+            let floats = |name: &str| shape_and_floats(&weights, name).1;
             assert_eq!(weights.weight_shape("gate"), Some(vec![2, 2, 2]));
             assert_eq!(floats("gate"), [0.0, 1.0, 4.0, 5.0, 8.0, 9.0, 12.0, 13.0]);
             assert_eq!(floats("up"), [2.0, 3.0, 6.0, 7.0, 10.0, 11.0, 14.0, 15.0]);
