@@ -469,9 +469,9 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("attn_q_b.weight", LATENT_Q_UP),
             ("attn_kv_a_mqa.weight", LATENT_KV_DOWN),
             ("attn_kv_a_norm.weight", LATENT_KV_NORM),
-            ("attn_kv_b.weight", hf_deepseek::KV_UP_UNPADDED),
-            ("attn_k_b.weight", hf_deepseek::KEYS_UP),
-            ("attn_v_b.weight", hf_deepseek::VALUES_UP),
+            ("attn_kv_b.weight", hf_deepseek::KV_UP_JOINED),
+            ("attn_k_b.weight", hf_deepseek::KEYS_UP_TURNED),
+            ("attn_v_b.weight", hf_deepseek::VALUES_UP_ROWS),
             ("exp_probs_b.bias", ROUTER_SELECTION_BIAS),
         ],
     )?;
@@ -833,7 +833,7 @@ fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> 
     };
     let rope = int("rope.dimension_count")?;
     let split = weights
-        .weight_shape(&format!("layers.0.{}", hf_deepseek::KEYS_UP))
+        .weight_shape(&format!("layers.0.{}", hf_deepseek::KEYS_UP_TURNED))
         .is_some();
     let (heads_key, values_key) = match split {
         true => ("attention.key_length_mla", "attention.value_length_mla"),
@@ -854,9 +854,10 @@ fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> 
         // llama.cpp normalizes the latents with the file's epsilon.
         norm_eps: c.norm_eps,
     };
-    c.explicit_head_dim = Some(width);
+    // The cache's one head: the latent and the RoPE key.
+    c.explicit_head_dim = Some(latent.kv_rank + rope);
     c.rotary_dim = Some(rope);
-    c.kv_heads = c.heads;
+    c.kv_heads = 1;
     c.rope_half = false;
     c.latent_attention = Some(latent);
     let factor = g.float(&key("rope.scaling.factor")).unwrap_or(1.0);
@@ -914,8 +915,7 @@ fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> 
             _ => None,
         };
     }
-    hf_deepseek::join_keys_and_values(c, weights)?;
-    hf_deepseek::pad_values(c, weights)
+    hf_deepseek::split_keys_and_values(c, weights)
 }
 
 /// Granite's scales (`granite` and `granitemoe` files, `arch`), as llama.cpp reads them:

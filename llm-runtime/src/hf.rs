@@ -1022,7 +1022,7 @@ pub fn load_with(dir: &Path, progress: &mut dyn FnMut(f64)) -> Result<LoadedMode
     } else {
         hf_moe::stack_experts(&config, &mut weights).map_err(|m| err(dir, m))?;
     }
-    hf_deepseek::pad_values(&config, &mut weights).map_err(|m| err(dir, m))?;
+    hf_deepseek::split_keys_and_values(&config, &mut weights).map_err(|m| err(dir, m))?;
     if let Some(family) = Family::of(&cfg) {
         family
             .prepare_weights(&config, &mut weights)

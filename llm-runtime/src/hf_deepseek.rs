@@ -9,20 +9,21 @@
 //! The attention's RoPE features pair their neighbours (V2's complex rotation, V3's
 //! `rope_interleave`, its default; half-split otherwise) and span `qk_rope_head_dim`
 //! (the config's `head_dim`); the scores' scale is `1 / sqrt(qk_nope_head_dim +
-//! qk_rope_head_dim)` times YaRN's `mscale_all_dim` factor squared. The values'
-//! up-projection rows are padded per head to the heads' width when loaded
-//! ([`pad_values`]), and the multi-token-prediction layers V3's checkpoints append
-//! (`num_nextn_predict_layers`, beyond `num_hidden_layers`) are skipped.
+//! qk_rope_head_dim)` times YaRN's `mscale_all_dim` factor squared. The cache holds each
+//! token's latent and RoPE key, the keys' and values' up projection (`kv_b_proj`) taken
+//! apart per head when loaded ([`split_keys_and_values`]); the multi-token-prediction
+//! layers V3's checkpoints append (`num_nextn_predict_layers`, beyond
+//! `num_hidden_layers`) are skipped.
 
 use serde_json::Value as Json;
 
 use crate::{
     hf::{config_int, flag_or, names_architecture},
     model::{
-        ExpertGlu, ExpertGroups, ExpertScoring, Experts, LATENT_KV_DOWN, LATENT_KV_NORM,
-        LATENT_KV_UP, LATENT_Q_DOWN, LATENT_Q_NORM, LATENT_Q_UP, LatentAttention, ModelConfig,
-        ROUTER_SELECTION_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP,
-        SharedExpert,
+        ExpertGlu, ExpertGroups, ExpertScoring, Experts, LATENT_K_UP, LATENT_KV_DOWN,
+        LATENT_KV_NORM, LATENT_Q_DOWN, LATENT_Q_NORM, LATENT_Q_UP, LATENT_V_UP, LatentAttention,
+        ModelConfig, ROUTER_SELECTION_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE,
+        SHARED_EXPERT_UP, SharedExpert,
     },
     weights::{Weights, builder_name},
 };
@@ -97,16 +98,17 @@ pub(crate) fn standard_config(mut cfg: Json) -> Json {
 }
 
 /// The keys' and values' up projection as the checkpoint stores it, `[heads * (nope +
-/// value), kv_rank]`, until [`pad_values`] pads it into [`LATENT_KV_UP`].
-pub(crate) const KV_UP_UNPADDED: &str = "attention.wkv_b_unpadded.weight";
+/// value), kv_rank]` (per head its key rows, then its value rows), until
+/// [`split_keys_and_values`] takes it apart.
+pub(crate) const KV_UP_JOINED: &str = "attention.wkv_b_joined.weight";
 
 /// The keys' up projection as llama.cpp's converter now stores it apart (`attn_k_b`),
-/// each head's transposed: `[heads, kv_rank, nope]`, until [`join_keys_and_values`].
-pub(crate) const KEYS_UP: &str = "attention.wk_b.weight";
+/// each head's turned: `[heads, kv_rank, nope]`, until [`split_keys_and_values`].
+pub(crate) const KEYS_UP_TURNED: &str = "attention.wk_b_turned.weight";
 
 /// The values' up projection as llama.cpp's converter now stores it apart (`attn_v_b`):
-/// `[heads, value, kv_rank]`, until [`join_keys_and_values`].
-pub(crate) const VALUES_UP: &str = "attention.wv_b.weight";
+/// `[heads, value, kv_rank]`, until [`split_keys_and_values`].
+pub(crate) const VALUES_UP_ROWS: &str = "attention.wv_b_rows.weight";
 
 /// The builder's name of a DeepSeek tensor that is not Llama's (nor a mixture's, which
 /// `hf_moe` names): latent attention's projections and norms, the router's selection
@@ -122,7 +124,7 @@ pub(crate) fn name(hf: &str) -> Option<String> {
             ("self_attn.q_b_proj.weight", LATENT_Q_UP),
             ("self_attn.kv_a_proj_with_mqa.weight", LATENT_KV_DOWN),
             ("self_attn.kv_a_layernorm.weight", LATENT_KV_NORM),
-            ("self_attn.kv_b_proj.weight", KV_UP_UNPADDED),
+            ("self_attn.kv_b_proj.weight", KV_UP_JOINED),
             ("mlp.gate.e_score_correction_bias", ROUTER_SELECTION_BIAS),
             ("mlp.shared_experts.gate_proj.weight", SHARED_EXPERT_GATE),
             ("mlp.shared_experts.up_proj.weight", SHARED_EXPERT_UP),
@@ -166,9 +168,10 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
         norm_eps,
     };
     let width = latent.nope + latent.rope;
-    c.explicit_head_dim = Some(width);
+    // The cache's one head: the latent and the RoPE key.
+    c.explicit_head_dim = Some(latent.kv_rank + latent.rope);
     c.rotary_dim = Some(latent.rope);
-    c.kv_heads = c.heads;
+    c.kv_heads = 1;
     c.latent_attention = Some(latent);
     // V2 rotates neighbouring pairs (as complex numbers), V3 where `rope_interleave`.
     c.rope_half = names_architecture(cfg, V3) && !flag_or(cfg, "rope_interleave", true)?;
@@ -283,56 +286,45 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     }))
 }
 
-/// Joins each layer's keys' and values' up projections where a GGUF file stores them
-/// apart ([`KEYS_UP`], each head's turned back, and [`VALUES_UP`]) into the checkpoint's
-/// [`KV_UP_UNPADDED`]: per head its key rows, then its value rows.
+/// Each layer's keys' and values' up projections as the builder takes them
+/// ([`LATENT_K_UP`], `[heads, nope, kv_rank]`, and [`LATENT_V_UP`], `[heads, kv_rank,
+/// value]`), from the checkpoint's joined matrix ([`KV_UP_JOINED`], cut per head) or a
+/// GGUF file's parts ([`KEYS_UP_TURNED`], [`VALUES_UP_ROWS`]), each turned as needed.
 ///
 /// # Errors
 ///
-/// Projections of other shapes or formats (a block format's keys cannot be turned),
+/// Projections of other shapes or formats (a block format's matrices cannot be turned),
 /// named.
-pub(crate) fn join_keys_and_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
-    for l in 0..c.layers {
-        let [keys, values] = [KEYS_UP, VALUES_UP].map(|n| format!("layers.{l}.{n}"));
-        if weights.weight_shape(&keys).is_none() {
-            continue;
-        }
-        weights.transpose_matrix(&keys)?;
-        let joined = format!("layers.{l}.{KV_UP_UNPADDED}");
-        weights.join_stacks(&[keys, values], &joined)?;
-        let shape = weights.weight_shape(&joined).unwrap_or_default();
-        weights.reshape(&joined, vec![shape[0] * shape[1], shape[2]])?;
-    }
-    Ok(())
-}
-
-/// Pads each layer's values' up projection (`[heads * (nope + value), kv_rank]` as the
-/// checkpoint stores it) into [`LATENT_KV_UP`]: per head its `nope` key rows, its `value`
-/// rows, then zero rows to the heads' width, so that each head's values come out as wide
-/// as its keys (the cache's one width) with zeros after them.
-///
-/// # Errors
-///
-/// A projection of another shape or format, named.
-pub(crate) fn pad_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
+pub(crate) fn split_keys_and_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
     let Some(latent) = &c.latent_attention else {
         return Ok(());
     };
-    let pad = (latent.nope + latent.rope)
-        .checked_sub(latent.value)
-        .ok_or_else(|| {
-            format!(
-                "latent attention's values ({}) are wider than its heads ({} + {})",
-                latent.value, latent.nope, latent.rope
-            )
-        })?;
+    let (heads, rank) = (c.heads, latent.kv_rank);
     for l in 0..c.layers {
-        let stored = format!("layers.{l}.{KV_UP_UNPADDED}");
-        if weights.weight_shape(&stored).is_none() {
-            continue;
+        let at = |name: &str| format!("layers.{l}.{name}");
+        let values = at(VALUES_UP_ROWS);
+        let joined = at(KV_UP_JOINED);
+        if weights.weight_shape(&joined).is_some() {
+            let per_head = latent
+                .nope
+                .checked_add(latent.value)
+                .ok_or("latent attention's widths overflow")?;
+            weights.reshape(&joined, vec![heads, per_head, rank])?;
+            weights.split_rows(
+                &joined,
+                &[
+                    (at(LATENT_K_UP), latent.nope),
+                    (values.clone(), latent.value),
+                ],
+            )?;
+        } else if weights.weight_shape(&at(KEYS_UP_TURNED)).is_some() {
+            weights.transpose_matrix(&at(KEYS_UP_TURNED))?;
+            weights.rename(&at(KEYS_UP_TURNED), at(LATENT_K_UP));
         }
-        weights.pad_rows(&stored, latent.nope + latent.value, pad)?;
-        weights.rename(&stored, format!("layers.{l}.{LATENT_KV_UP}"));
+        if weights.weight_shape(&values).is_some() {
+            weights.transpose_matrix(&values)?;
+            weights.rename(&values, at(LATENT_V_UP));
+        }
     }
     Ok(())
 }

@@ -167,18 +167,23 @@ pub struct ModelConfig {
     pub latent_attention: Option<LatentAttention>,
 }
 
-/// DeepSeek's multi-head latent attention: the keys and values of every head are
-/// projected up from one compressed latent of `kv_rank` values a token
-/// ([`LATENT_KV_DOWN`], normalized by [`LATENT_KV_NORM`], then [`LATENT_KV_UP`]), the
-/// queries from the input (`attention.wq`) or from a compressed latent of `q_rank`
-/// ([`LATENT_Q_DOWN`], [`LATENT_Q_NORM`], [`LATENT_Q_UP`]). Each head's query and key
-/// are `nope` features without RoPE and `rope` with it (the keys' shared by every
-/// head, projected with the latent), so the heads are `nope + rope` wide
-/// ([`ModelConfig::explicit_head_dim`]) and RoPE rotates `rope` of them
-/// ([`ModelConfig::rotary_dim`]); each head's value is `value` wide, stored with zeros
-/// after it to the heads' width (the cache holds keys and values of one width) and cut
-/// back before the output projection (`[dim, heads * value]`). The builder expands the
-/// latent into every head's keys and values before they are cached.
+/// DeepSeek's multi-head latent attention: every head's keys and values are projections
+/// of one compressed latent of `kv_rank` values a token ([`LATENT_KV_DOWN`], normalized
+/// by [`LATENT_KV_NORM`]; each head's keys by [`LATENT_K_UP`], its values by
+/// [`LATENT_V_UP`]), the queries come from the input (`attention.wq`) or from a
+/// compressed latent of `q_rank` ([`LATENT_Q_DOWN`], [`LATENT_Q_NORM`], [`LATENT_Q_UP`]).
+/// Each head's query and key are `nope` features without RoPE and `rope` with it (the
+/// keys' one RoPE key, projected with the latent, shared by every head); its value is
+/// `value` wide.
+///
+/// The cache holds the latent and the RoPE key, `kv_rank + rope` values a token (one KV
+/// head, [`ModelConfig::explicit_head_dim`]; RoPE over the last `rope`,
+/// [`ModelConfig::rotary_dim`]), not every head's keys and values: each head's no-RoPE
+/// query is taken into the latent's space by its key projection, so that its product
+/// with a latent is the product of its key with the query, and each head's weighted sum
+/// of latents is taken through its value projection after the attention (the
+/// "absorbed" form of DeepSeek's paper, as llama.cpp and vLLM decode). The scores' scale
+/// stays `nope + rope`'s ([`ModelConfig::attention_scale`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatentAttention {
     /// The queries' latent width; `None` where the queries are projected directly.
@@ -211,10 +216,13 @@ pub const LATENT_KV_DOWN: &str = "attention.wkv_a.weight";
 /// The norm of the keys' and values' latent: `[kv_rank]`.
 pub const LATENT_KV_NORM: &str = "attention.kv_a_norm.weight";
 
-/// The keys' and values' up projection, per head its `nope` key rows and then its
-/// `value` rows padded with zero rows to `nope + rope`: `[heads * (2 nope + rope),
-/// kv_rank]`.
-pub const LATENT_KV_UP: &str = "attention.wkv_b.weight";
+/// Each head's key projection of the latent, as the query's no-RoPE features are
+/// multiplied by it: `[heads, nope, kv_rank]`.
+pub const LATENT_K_UP: &str = "attention.wk_b.weight";
+
+/// Each head's value projection of the latent, as the weighted latents are multiplied by
+/// it: `[heads, kv_rank, value]`.
+pub const LATENT_V_UP: &str = "attention.wv_b.weight";
 
 /// Feed-forward blocks of routed experts: a router (`layers.N.feed_forward.gate_inp`,
 /// [`ROUTER`], `[count, dim]`) scores the experts for each token, the `per_token` best
@@ -704,10 +712,9 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
-    /// Checks latent attention's widths: heads of `nope + rope` features with RoPE over
-    /// `rope` of them, values no wider than the heads, every width positive, as many KV
-    /// heads as query heads (each head's keys and values are its own), and no biases or
-    /// q/k norms of the plain projections.
+    /// Checks latent attention's widths: a cache of one KV head of `kv_rank + rope`
+    /// features with RoPE over `rope` of them, every width positive, and no biases or q/k
+    /// norms of the plain projections.
     fn validate_latent(&self, latent: &LatentAttention) -> Result<(), String> {
         let LatentAttention {
             q_rank,
@@ -722,27 +729,22 @@ impl ModelConfig {
                 "latent attention's norms' epsilon {norm_eps} is not positive"
             ));
         }
-        if [kv_rank, rope, value].contains(&0) || q_rank == Some(0) {
+        if [kv_rank, nope, rope, value].contains(&0) || q_rank == Some(0) {
             return Err(format!(
-                "latent attention of zero width: {latent:?} (its ranks, RoPE and value widths must be positive)"
+                "latent attention of zero width: {latent:?} (its ranks and widths must be positive)"
             ));
         }
-        let heads = nope.checked_add(rope);
-        if heads != self.explicit_head_dim || self.rotary_dim != Some(rope) {
+        let cached = kv_rank.checked_add(rope);
+        if cached != self.explicit_head_dim || self.rotary_dim != Some(rope) {
             return Err(format!(
-                "latent attention's heads are {nope} + {rope} wide with RoPE over {rope}, not {:?} with RoPE over {:?}",
+                "latent attention caches {kv_rank} + {rope} values with RoPE over {rope}, not {:?} with RoPE over {:?}",
                 self.explicit_head_dim, self.rotary_dim
             ));
         }
-        if heads.is_none_or(|h| value > h) {
+        if self.kv_heads != 1 {
             return Err(format!(
-                "latent attention's values ({value}) are wider than its heads ({nope} + {rope})"
-            ));
-        }
-        if self.kv_heads != self.heads {
-            return Err(format!(
-                "latent attention gives each of the {} heads its own keys and values, not {} KV heads",
-                self.heads, self.kv_heads
+                "latent attention caches one latent a token (one KV head), not {}",
+                self.kv_heads
             ));
         }
         if self.qk_norm != QkNorm::None
@@ -876,25 +878,21 @@ fn latent_weight_shapes(
     latent: &LatentAttention,
     p: &str,
 ) -> Vec<(String, Vec<usize>)> {
-    let (d, h, hd) = (c.dim, c.heads, c.head_dim());
+    let (d, h, rank) = (c.dim, c.heads, latent.kv_rank);
+    let q_width = h * (latent.nope + latent.rope);
     let mut out = match latent.q_rank {
-        Some(rank) => vec![
-            (format!("{p}{LATENT_Q_DOWN}"), vec![rank, d]),
-            (format!("{p}{LATENT_Q_NORM}"), vec![rank]),
-            (format!("{p}{LATENT_Q_UP}"), vec![h * hd, rank]),
+        Some(q_rank) => vec![
+            (format!("{p}{LATENT_Q_DOWN}"), vec![q_rank, d]),
+            (format!("{p}{LATENT_Q_NORM}"), vec![q_rank]),
+            (format!("{p}{LATENT_Q_UP}"), vec![q_width, q_rank]),
         ],
-        None => vec![(format!("{p}attention.wq.weight"), vec![h * hd, d])],
+        None => vec![(format!("{p}attention.wq.weight"), vec![q_width, d])],
     };
     out.extend([
-        (
-            format!("{p}{LATENT_KV_DOWN}"),
-            vec![latent.kv_rank + latent.rope, d],
-        ),
-        (format!("{p}{LATENT_KV_NORM}"), vec![latent.kv_rank]),
-        (
-            format!("{p}{LATENT_KV_UP}"),
-            vec![h * (latent.nope + hd), latent.kv_rank],
-        ),
+        (format!("{p}{LATENT_KV_DOWN}"), vec![rank + latent.rope, d]),
+        (format!("{p}{LATENT_KV_NORM}"), vec![rank]),
+        (format!("{p}{LATENT_K_UP}"), vec![h, latent.nope, rank]),
+        (format!("{p}{LATENT_V_UP}"), vec![h, rank, latent.value]),
         (format!("{p}attention.wo.weight"), vec![d, h * latent.value]),
     ]);
     out
@@ -1812,10 +1810,13 @@ impl Emitter<'_> {
         format!("grp_choice_{l}")
     }
 
-    /// Layer `l`'s queries, keys and values by latent attention over `input`, RoPE (of
-    /// parameters `rope`, frequency factors `factors`) applied to their RoPE features:
-    /// the values' names, each `[tokens, heads, nope + rope]` (the values with their
-    /// zeros).
+    /// Layer `l`'s queries and its cached key (and value) by latent attention over
+    /// `input`, RoPE (of parameters `rope`, frequency factors `factors`) applied to their
+    /// RoPE features: the queries `[tokens, heads, kv_rank + rope]`, each head's `nope`
+    /// features taken into the latent's space by its key projection ([`LATENT_K_UP`]: the
+    /// product with every cached latent is the product of the head's key with the
+    /// query), and the key `[tokens, 1, kv_rank + rope]`, the normalized latent and the
+    /// rotated RoPE key, which is the value too. Returns the queries' and the key's names.
     fn latent_qkv(
         &mut self,
         c: &ModelConfig,
@@ -1823,47 +1824,31 @@ impl Emitter<'_> {
         input: &str,
         l: usize,
         (rope, factors): (&str, &str),
-    ) -> (String, String, String) {
-        let (h, hd, n, r) = (c.heads, c.head_dim(), latent.nope, latent.rope);
+    ) -> (String, String) {
+        let (h, n, r, rank) = (c.heads, latent.nope, latent.rope, latent.kv_rank);
         let t = |shape: String| format!("llm.tensor <{shape}>");
         let p = format!("layers.{l}.");
         let eps = float(latent.norm_eps);
+        let q_ty = t(format!("?x{}xf32", h * (n + r)));
         let q = match latent.q_rank {
-            Some(rank) => {
-                let ty = t(format!("?x{rank}xf32"));
-                let down = self.projection(
-                    input,
-                    &format!("qa_{l}"),
-                    &format!("{p}{LATENT_Q_DOWN}"),
-                    false,
-                    &ty,
-                );
+            Some(q_rank) => {
+                let ty = t(format!("?x{q_rank}xf32"));
+                let weight = format!("{p}{LATENT_Q_DOWN}");
+                let down = self.projection(input, &format!("qa_{l}"), &weight, false, &ty);
                 let norm = self.weight_f32(&format!("qa_norm_{l}"), &format!("{p}{LATENT_Q_NORM}"));
                 self.op(format!(
                     "qan_{l} = llm.rms_norm {down}, {norm} {{eps = {eps}}} : {ty}"
                 ));
                 let up = format!("{p}{LATENT_Q_UP}");
-                self.projection(
-                    &format!("qan_{l}"),
-                    &format!("q_{l}"),
-                    &up,
-                    false,
-                    &t(format!("?x{}xf32", h * hd)),
-                )
+                self.projection(&format!("qan_{l}"), &format!("q_{l}"), &up, false, &q_ty)
             }
             None => {
                 let weight = format!("{p}attention.wq.weight");
-                self.projection(
-                    input,
-                    &format!("q_{l}"),
-                    &weight,
-                    false,
-                    &t(format!("?x{}xf32", h * hd)),
-                )
+                self.projection(input, &format!("q_{l}"), &weight, false, &q_ty)
             }
         };
         let heads = |w: usize| t(format!("?x{h}x{w}xf32"));
-        self.op(format!("qh_{l} = llm.reshape {q} : {}", heads(hd)));
+        self.op(format!("qh_{l} = llm.reshape {q} : {}", heads(n + r)));
         self.op(format!(
             "qn_{l} = llm.slice qh_{l} {{starts = [0, 0, 0]}} : {}",
             heads(n)
@@ -1872,86 +1857,90 @@ impl Emitter<'_> {
             "qp_{l} = llm.slice qh_{l} {{starts = [0, 0, {n}]}} : {}",
             heads(r)
         ));
-        let kv_rank = latent.kv_rank;
-        let down_ty = t(format!("?x{}xf32", kv_rank + r));
-        let down = self.projection(
-            input,
-            &format!("kva_{l}"),
-            &format!("{p}{LATENT_KV_DOWN}"),
-            false,
-            &down_ty,
-        );
-        let latent_ty = t(format!("?x{kv_rank}xf32"));
+        // Each head's no-RoPE query through its key projection: `[heads, tokens, nope]`
+        // by `[heads, nope, kv_rank]`.
+        let by_head = |w: usize| t(format!("{h}x?x{w}xf32"));
+        self.op(format!(
+            "qnt_{l} = llm.transpose qn_{l} {{perm = [1, 0, 2]}} : {}",
+            by_head(n)
+        ));
+        let keys_up = self.weight_f32(&format!("k_up_{l}"), &format!("{p}{LATENT_K_UP}"));
+        self.op(format!(
+            "qat_{l} = llm.matmul qnt_{l}, {keys_up} : {}",
+            by_head(rank)
+        ));
+        self.op(format!(
+            "qa_heads_{l} = llm.transpose qat_{l} {{perm = [1, 0, 2]}} : {}",
+            heads(rank)
+        ));
+        let down_ty = t(format!("?x{}xf32", rank + r));
+        let weight = format!("{p}{LATENT_KV_DOWN}");
+        let down = self.projection(input, &format!("kva_{l}"), &weight, false, &down_ty);
+        let latent_ty = t(format!("?x{rank}xf32"));
         self.op(format!(
             "kvl_{l} = llm.slice {down} {{starts = [0, 0]}} : {latent_ty}"
         ));
         self.op(format!(
-            "kp_{l} = llm.slice {down} {{starts = [0, {kv_rank}]}} : {}",
+            "kp_{l} = llm.slice {down} {{starts = [0, {rank}]}} : {}",
             t(format!("?x{r}xf32"))
         ));
         let norm = self.weight_f32(&format!("kv_norm_{l}"), &format!("{p}{LATENT_KV_NORM}"));
         self.op(format!(
             "kvn_{l} = llm.rms_norm kvl_{l}, {norm} {{eps = {eps}}} : {latent_ty}"
         ));
-        let up_ty = t(format!("?x{}xf32", h * (n + hd)));
-        let up = self.projection(
-            &format!("kvn_{l}"),
-            &format!("kv_{l}"),
-            &format!("{p}{LATENT_KV_UP}"),
-            false,
-            &up_ty,
-        );
-        self.op(format!("kvh_{l} = llm.reshape {up} : {}", heads(n + hd)));
-        self.op(format!(
-            "kn_{l} = llm.slice kvh_{l} {{starts = [0, 0, 0]}} : {}",
-            heads(n)
-        ));
-        self.op(format!(
-            "vh_{l} = llm.slice kvh_{l} {{starts = [0, 0, {n}]}} : {}",
-            heads(hd)
-        ));
-        // The shared RoPE key, one head, rotated, then given to every head.
-        let one = t(format!("?x1x{r}xf32"));
-        self.op(format!("kp1_{l} = llm.reshape kp_{l} : {one}"));
+        let one = |w: usize| t(format!("?x1x{w}xf32"));
+        self.op(format!("kvn1_{l} = llm.reshape kvn_{l} : {}", one(rank)));
+        self.op(format!("kp1_{l} = llm.reshape kp_{l} : {}", one(r)));
         self.op(format!(
             "qpr_{l} = llm.rope qp_{l}, positions{factors} {{{rope}}} : {}",
             heads(r)
         ));
         self.op(format!(
-            "kpr_{l} = llm.rope kp1_{l}, positions{factors} {{{rope}}} : {one}"
+            "kpr_{l} = llm.rope kp1_{l}, positions{factors} {{{rope}}} : {}",
+            one(r)
         ));
         self.op(format!(
-            "kp_zero_{l} = llm.constant {{value = 0.0}} : {}",
-            t(format!("{h}x{r}xf32"))
+            "qr_{l} = llm.concat qa_heads_{l}, qpr_{l} {{axis = 2}} : {}",
+            heads(rank + r)
         ));
         self.op(format!(
-            "kph_{l} = llm.add kpr_{l}, kp_zero_{l} : {}",
-            heads(r)
+            "kr_{l} = llm.concat kvn1_{l}, kpr_{l} {{axis = 2}} : {}",
+            one(rank + r)
         ));
-        self.op(format!(
-            "qr_{l} = llm.concat qn_{l}, qpr_{l} {{axis = 2}} : {}",
-            heads(hd)
-        ));
-        self.op(format!(
-            "kr_{l} = llm.concat kn_{l}, kph_{l} {{axis = 2}} : {}",
-            heads(hd)
-        ));
-        (format!("qr_{l}"), format!("kr_{l}"), format!("vh_{l}"))
+        (format!("qr_{l}"), format!("kr_{l}"))
     }
 
-    /// Layer `l`'s attention output (`att_{l}`) cut back to each head's `value` features
-    /// under latent attention: the value's name, `[tokens, heads * value]`.
+    /// Layer `l`'s attention output (`att_{l}`, each head's weighted sum of latents) through
+    /// each head's value projection ([`LATENT_V_UP`]) under latent attention: the value's
+    /// name, `[tokens, heads * value]`.
     fn latent_output(&mut self, c: &ModelConfig, latent: &LatentAttention, l: usize) -> String {
-        let (h, hd, v) = (c.heads, c.head_dim(), latent.value);
+        let (h, hd, v, rank) = (c.heads, c.head_dim(), latent.value, latent.kv_rank);
+        let t = |shape: String| format!("llm.tensor <{shape}>");
+        let p = format!("layers.{l}.");
         self.op(format!(
-            "atth_{l} = llm.reshape att_{l} : llm.tensor <?x{h}x{hd}xf32>"
+            "atth_{l} = llm.reshape att_{l} : {}",
+            t(format!("?x{h}x{hd}xf32"))
         ));
         self.op(format!(
-            "attv_{l} = llm.slice atth_{l} {{starts = [0, 0, 0]}} : llm.tensor <?x{h}x{v}xf32>"
+            "attl_{l} = llm.slice atth_{l} {{starts = [0, 0, 0]}} : {}",
+            t(format!("?x{h}x{rank}xf32"))
         ));
         self.op(format!(
-            "attf_{l} = llm.reshape attv_{l} : llm.tensor <?x{}xf32>",
-            h * v
+            "attt_{l} = llm.transpose attl_{l} {{perm = [1, 0, 2]}} : {}",
+            t(format!("{h}x?x{rank}xf32"))
+        ));
+        let values_up = self.weight_f32(&format!("v_up_{l}"), &format!("{p}{LATENT_V_UP}"));
+        self.op(format!(
+            "attvt_{l} = llm.matmul attt_{l}, {values_up} : {}",
+            t(format!("{h}x?x{v}xf32"))
+        ));
+        self.op(format!(
+            "attv_{l} = llm.transpose attvt_{l} {{perm = [1, 0, 2]}} : {}",
+            t(format!("?x{h}x{v}xf32"))
+        ));
+        self.op(format!(
+            "attf_{l} = llm.reshape attv_{l} : {}",
+            t(format!("?x{}xf32", h * v))
         ));
         format!("attf_{l}")
     }
@@ -2079,7 +2068,11 @@ fn forward_func(
         };
         // Queries, keys and values of the layer's heads, RoPE applied.
         let (qr, kr, vh) = match &c.latent_attention {
-            Some(latent) => e.latent_qkv(c, latent, &attn_in, l, (rope, factors)),
+            Some(latent) => {
+                // The cached key is the value too.
+                let (qr, kr) = e.latent_qkv(c, latent, &attn_in, l, (rope, factors));
+                (qr, kr.clone(), kr)
+            }
             None => {
                 let [q, k, v] = [("q", &qact), ("k", &kv), ("v", &kv)].map(|(out, ty)| {
                     let weight = format!("{p}attention.w{out}.weight");

@@ -712,7 +712,11 @@ fn deepseek_v3_computes_what_transformers_computes() {
         ),
         (Some(48), 32, 16, 8, 12)
     );
-    assert_eq!((c.head_dim(), c.rotary(), c.rope_half), (24, 8, false));
+    // The cache's one head: the latent and the RoPE key.
+    assert_eq!(
+        (c.head_dim(), c.kv_heads, c.rotary(), c.rope_half),
+        (40, 1, 8, false)
+    );
     let experts = c.experts.as_ref().expect("experts");
     assert_eq!(expert_settings(experts), (8, 2, 32, true));
     assert_eq!(
