@@ -37,12 +37,13 @@ use crate::{
     model::{
         ATTENTION_SINKS, Activation, AttentionBias, Blocks, EXPERT_DOWN_BIASES, EXPERT_DOWNS,
         EXPERT_GATE_BIASES, EXPERT_GATES, EXPERT_UP_BIASES, EXPERT_UPS, ExpertGlu, ExpertGroups,
-        ExpertScoring, Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward,
-        LATENT_KV_DOWN, LATENT_KV_NORM, LATENT_Q_DOWN, LATENT_Q_NORM, LATENT_Q_UP, LatentAttention,
-        LocalAttention, ModelConfig, Norm, POSITION_EMBEDDINGS, POST_ATTENTION_NORM, POST_FFW_NORM,
-        QkNorm, ROPE_FREQS, ROUTER, ROUTER_BIAS, ROUTER_SELECTION_BIAS, SHARED_EXPERT_DOWN,
-        SHARED_EXPERT_GATE, SHARED_EXPERT_UP, SHARED_GATE, SharedExpert, every_nth_layer,
-        reciprocal, split_fused_weights, uneven_head_dim,
+        ExpertScoring, Experts, FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, FeedForward, LATENT_K_UP,
+        LATENT_KV_DOWN, LATENT_KV_NORM, LATENT_Q_DOWN, LATENT_Q_NORM, LATENT_Q_UP, LATENT_V_UP,
+        LatentAttention, LocalAttention, ModelConfig, Norm, POSITION_EMBEDDINGS,
+        POST_ATTENTION_NORM, POST_FFW_NORM, QkNorm, ROPE_FREQS, ROUTER, ROUTER_BIAS,
+        ROUTER_SELECTION_BIAS, SHARED_EXPERT_DOWN, SHARED_EXPERT_GATE, SHARED_EXPERT_UP,
+        SHARED_GATE, SharedExpert, every_nth_layer, reciprocal, split_fused_weights,
+        uneven_head_dim,
     },
     rope_scaling::{
         LONGROPE_FACTORS, RopeScaling, Yarn, longrope_uses_long, pair_factors, set_factors,
@@ -470,8 +471,8 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
             ("attn_kv_a_mqa.weight", LATENT_KV_DOWN),
             ("attn_kv_a_norm.weight", LATENT_KV_NORM),
             ("attn_kv_b.weight", hf_deepseek::KV_UP_JOINED),
-            ("attn_k_b.weight", hf_deepseek::KEYS_UP_TURNED),
-            ("attn_v_b.weight", hf_deepseek::VALUES_UP_ROWS),
+            ("attn_k_b.weight", LATENT_K_UP),
+            ("attn_v_b.weight", LATENT_V_UP),
             ("exp_probs_b.bias", ROUTER_SELECTION_BIAS),
         ],
     )?;
@@ -811,31 +812,35 @@ fn apply_gpt_oss(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 }
 
 /// DeepSeek V2's and V3's settings (`deepseek2` files), as llama.cpp reads them: latent
-/// attention (`attention.q_lora_rank`, absent for direct queries, `attn_q`;
+/// attention (`attention.q_lora_rank`, absent or 0 for direct queries, `attn_q`;
 /// `attention.kv_lora_rank`; RoPE over `rope.dimension_count` features; the heads'
-/// `attention.key_length_mla` and the values' `attention.value_length_mla`, or, in files
-/// written before llama.cpp's converter split `attn_kv_b` into `attn_k_b` and `attn_v_b`,
-/// `attention.key_length` and `attention.value_length`), RoPE over neighbouring pairs, the
-/// scores scaled by `1 / sqrt(key length)` times `(1 + rope.scaling.yarn_log_multiplier *
+/// widths under `attention.key_length_mla` and `value_length_mla` where the file has
+/// both, else `attention.key_length` and `value_length`; `attn_kv_b` cut per head, or
+/// `attn_k_b` and `attn_v_b` as they are), RoPE over neighbouring pairs, the scores
+/// scaled by `1 / sqrt(key length)` times `(1 + rope.scaling.yarn_log_multiplier *
 /// ln(rope.scaling.factor))` squared; the experts' `expert_shared_count` shared ones (one
-/// ungated block), weights by a softmax (`expert_gating_func` 1 or absent, V2's) or by
-/// sigmoids chosen with `exp_probs_b` (2, V3's), divided by their sum where
-/// `expert_weights_norm`, times `expert_weights_scale`, within `expert_group_used_count`
-/// of `expert_group_count` groups scored by their two best where a file has them
-/// (llama.cpp's V3 grouping; V2's groups by their best are not in its files); the
-/// first `leading_dense_block_count` layers dense (they have no router).
+/// ungated block), weights by a softmax (`expert_gating_func` 1, 0 or absent: V2's) or
+/// by sigmoids chosen with `exp_probs_b` (2, V3's; other values refused), divided by
+/// their sum where `expert_weights_norm`, times `expert_weights_scale`, within
+/// `expert_group_used_count` of `expert_group_count` groups scored by their two best
+/// where a file has them (as llama.cpp scores them for V2's files too, whose own groups
+/// are scored by their best); the first `leading_dense_block_count` layers dense (they
+/// have no router). Counts of 0 are none.
 fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> Result<(), String> {
     let key = |k: &str| format!("deepseek2.{k}");
     let int = |k: &str| g.int(&key(k));
+    // A count of 0 (llama.cpp's converter writes some so) is none.
     let optional = |k: &str| match g.meta(&key(k)) {
         None => Ok(None),
+        Some(m) if m.as_u64() == Some(0) => Ok(None),
         Some(_) => g.int(&key(k)).map(Some),
     };
     let rope = int("rope.dimension_count")?;
-    let split = weights
-        .weight_shape(&format!("layers.0.{}", hf_deepseek::KEYS_UP_TURNED))
-        .is_some();
-    let (heads_key, values_key) = match split {
+    // Files written since llama.cpp caches the latent give the heads' widths under
+    // `_mla` keys (`key_length` then being the latent's and the RoPE key's).
+    let mla = g.meta(&key("attention.key_length_mla")).is_some()
+        && g.meta(&key("attention.value_length_mla")).is_some();
+    let (heads_key, values_key) = match mla {
         true => ("attention.key_length_mla", "attention.value_length_mla"),
         false => ("attention.key_length", "attention.value_length"),
     };
@@ -890,7 +895,17 @@ fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> 
             Some(_) => g.boolean(&key("expert_weights_norm"))?,
             None => false,
         };
-        let sigmoid = optional("expert_gating_func")? == Some(2);
+        let sigmoid = match optional("expert_gating_func")? {
+            // Absent or 0 is V2's softmax, as llama.cpp reads older files.
+            None | Some(1) => false,
+            Some(2) => true,
+            Some(other) => {
+                return Err(format!(
+                    "{} = {other}: only the softmax (1) and sigmoid (2) gating are supported",
+                    key("expert_gating_func")
+                ));
+            }
+        };
         experts.scoring = match sigmoid {
             true => ExpertScoring::Sigmoid {
                 selection_bias: weights
@@ -1481,9 +1496,11 @@ fn model(g: &GgufFile, arch: &str, mut weights: Weights) -> Result<GgufModel, St
         // llama.cpp's fixed step, with no metadata for it.
         config.nope_layers = Some(every_nth_layer(config.layers, 4));
     }
-    config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
+    // DeepSeek's heads and RoPE features are latent attention's (`apply_deepseek2`).
     if arch == "deepseek2" {
         apply_deepseek2(g, &mut weights, &mut config)?;
+    } else {
+        config.rotary_dim = rotary_dim(g, arch, config.head_dim())?;
     }
     let rope = rope_scaling(g, arch, &config, &mut weights)?;
     if rope.mscale != 1.0

@@ -102,14 +102,6 @@ pub(crate) fn standard_config(mut cfg: Json) -> Json {
 /// [`split_keys_and_values`] takes it apart.
 pub(crate) const KV_UP_JOINED: &str = "attention.wkv_b_joined.weight";
 
-/// The keys' up projection as llama.cpp's converter now stores it apart (`attn_k_b`),
-/// each head's turned: `[heads, kv_rank, nope]`, until [`split_keys_and_values`].
-pub(crate) const KEYS_UP_TURNED: &str = "attention.wk_b_turned.weight";
-
-/// The values' up projection as llama.cpp's converter now stores it apart (`attn_v_b`):
-/// `[heads, value, kv_rank]`, until [`split_keys_and_values`].
-pub(crate) const VALUES_UP_ROWS: &str = "attention.wv_b_rows.weight";
-
 /// The builder's name of a DeepSeek tensor that is not Llama's (nor a mixture's, which
 /// `hf_moe` names): latent attention's projections and norms, the router's selection
 /// bias and the shared experts; `None` for other tensors.
@@ -287,44 +279,35 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
 }
 
 /// Each layer's keys' and values' up projections as the builder takes them
-/// ([`LATENT_K_UP`], `[heads, nope, kv_rank]`, and [`LATENT_V_UP`], `[heads, kv_rank,
-/// value]`), from the checkpoint's joined matrix ([`KV_UP_JOINED`], cut per head) or a
-/// GGUF file's parts ([`KEYS_UP_TURNED`], [`VALUES_UP_ROWS`]), each turned as needed.
+/// ([`LATENT_K_UP`], `[heads, kv_rank, nope]`, and [`LATENT_V_UP`], `[heads, value,
+/// kv_rank]`: llama.cpp's `attn_k_b` and `attn_v_b`, which a GGUF file may hold as they
+/// are), from the checkpoint's joined matrix ([`KV_UP_JOINED`]): cut per head, each
+/// head's key rows turned (a block-quantized matrix dequantized to f32 first).
 ///
 /// # Errors
 ///
-/// Projections of other shapes or formats (a block format's matrices cannot be turned),
-/// named.
+/// A joined matrix of another shape, named.
 pub(crate) fn split_keys_and_values(c: &ModelConfig, weights: &mut Weights) -> Result<(), String> {
     let Some(latent) = &c.latent_attention else {
         return Ok(());
     };
-    let (heads, rank) = (c.heads, latent.kv_rank);
     for l in 0..c.layers {
         let at = |name: &str| format!("layers.{l}.{name}");
-        let values = at(VALUES_UP_ROWS);
         let joined = at(KV_UP_JOINED);
-        if weights.weight_shape(&joined).is_some() {
-            let per_head = latent
-                .nope
-                .checked_add(latent.value)
-                .ok_or("latent attention's widths overflow")?;
-            weights.reshape(&joined, vec![heads, per_head, rank])?;
-            weights.split_rows(
-                &joined,
-                &[
-                    (at(LATENT_K_UP), latent.nope),
-                    (values.clone(), latent.value),
-                ],
-            )?;
-        } else if weights.weight_shape(&at(KEYS_UP_TURNED)).is_some() {
-            weights.transpose_matrix(&at(KEYS_UP_TURNED))?;
-            weights.rename(&at(KEYS_UP_TURNED), at(LATENT_K_UP));
+        if weights.weight_shape(&joined).is_none() {
+            continue;
         }
-        if weights.weight_shape(&values).is_some() {
-            weights.transpose_matrix(&values)?;
-            weights.rename(&values, at(LATENT_V_UP));
-        }
+        let per_head = latent
+            .nope
+            .checked_add(latent.value)
+            .ok_or("latent attention's widths overflow")?;
+        weights.reshape(&joined, vec![c.heads, per_head, latent.kv_rank])?;
+        let parts = [
+            (at(LATENT_K_UP), latent.nope),
+            (at(LATENT_V_UP), latent.value),
+        ];
+        weights.split_rows(&joined, &parts)?;
+        weights.transpose_matrix(&at(LATENT_K_UP))?;
     }
     Ok(())
 }

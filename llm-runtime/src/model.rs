@@ -216,12 +216,13 @@ pub const LATENT_KV_DOWN: &str = "attention.wkv_a.weight";
 /// The norm of the keys' and values' latent: `[kv_rank]`.
 pub const LATENT_KV_NORM: &str = "attention.kv_a_norm.weight";
 
-/// Each head's key projection of the latent, as the query's no-RoPE features are
-/// multiplied by it: `[heads, nope, kv_rank]`.
+/// Each head's key projection of the latent, turned (llama.cpp's `attn_k_b`): `[heads,
+/// kv_rank, nope]`; a head's no-RoPE query times its transpose is the query in the
+/// latent's space.
 pub const LATENT_K_UP: &str = "attention.wk_b.weight";
 
-/// Each head's value projection of the latent, as the weighted latents are multiplied by
-/// it: `[heads, kv_rank, value]`.
+/// Each head's value projection of the latent (llama.cpp's `attn_v_b`): `[heads, value,
+/// kv_rank]`; the head's weighted latents times its transpose are its output.
 pub const LATENT_V_UP: &str = "attention.wv_b.weight";
 
 /// Feed-forward blocks of routed experts: a router (`layers.N.feed_forward.gate_inp`,
@@ -891,8 +892,8 @@ fn latent_weight_shapes(
     out.extend([
         (format!("{p}{LATENT_KV_DOWN}"), vec![rank + latent.rope, d]),
         (format!("{p}{LATENT_KV_NORM}"), vec![rank]),
-        (format!("{p}{LATENT_K_UP}"), vec![h, latent.nope, rank]),
-        (format!("{p}{LATENT_V_UP}"), vec![h, rank, latent.value]),
+        (format!("{p}{LATENT_K_UP}"), vec![h, rank, latent.nope]),
+        (format!("{p}{LATENT_V_UP}"), vec![h, latent.value, rank]),
         (format!("{p}attention.wo.weight"), vec![d, h * latent.value]),
     ]);
     out
@@ -1858,7 +1859,7 @@ impl Emitter<'_> {
             heads(r)
         ));
         // Each head's no-RoPE query through its key projection: `[heads, tokens, nope]`
-        // by `[heads, nope, kv_rank]`.
+        // by the transpose of `[heads, kv_rank, nope]`.
         let by_head = |w: usize| t(format!("{h}x?x{w}xf32"));
         self.op(format!(
             "qnt_{l} = llm.transpose qn_{l} {{perm = [1, 0, 2]}} : {}",
@@ -1866,7 +1867,7 @@ impl Emitter<'_> {
         ));
         let keys_up = self.weight_f32(&format!("k_up_{l}"), &format!("{p}{LATENT_K_UP}"));
         self.op(format!(
-            "qat_{l} = llm.matmul qnt_{l}, {keys_up} : {}",
+            "qat_{l} = llm.matmul qnt_{l}, {keys_up} {{transpose_rhs = true}} : {}",
             by_head(rank)
         ));
         self.op(format!(
@@ -1931,7 +1932,7 @@ impl Emitter<'_> {
         ));
         let values_up = self.weight_f32(&format!("v_up_{l}"), &format!("{p}{LATENT_V_UP}"));
         self.op(format!(
-            "attvt_{l} = llm.matmul attt_{l}, {values_up} : {}",
+            "attvt_{l} = llm.matmul attt_{l}, {values_up} {{transpose_rhs = true}} : {}",
             t(format!("{h}x?x{v}xf32"))
         ));
         self.op(format!(

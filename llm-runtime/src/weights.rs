@@ -384,9 +384,10 @@ impl Weights {
     }
 
     /// Transposes the matrix `name` (a float one, or one of 16-bit floats kept as their
-    /// bits), as GPT-2's `Conv1D` layers store theirs `[in, out]`, or each matrix of the
-    /// stack `name` (`[n, rows, cols]`: DBRX's experts' down projections); an error names a
-    /// weight that is none of those.
+    /// bits; a block-quantized one becomes f32), as GPT-2's `Conv1D` layers store theirs
+    /// `[in, out]`, or each matrix of the stack `name` (`[n, rows, cols]`: DBRX's experts'
+    /// down projections, DeepSeek's heads' key projections); an error names a weight that
+    /// is none of those.
     pub fn transpose_matrix(&mut self, name: &str) -> Result<(), String> {
         let Some(value) = self.tensors.get(name).cloned() else {
             return Err(format!("no weight `{name}` to transpose"));
@@ -422,6 +423,15 @@ impl Weights {
                     format: q.format.clone(),
                     bytes: transposed(rows, cols, &halves).concat(),
                 })
+            }
+            // A block format's rows cannot be turned as they are stored: as f32.
+            Value::Quantized(q) if let Some((rows, cols, shape)) = turned_shape(&q.shape) => {
+                let floats = quant::dequantize(&q.format, &q.shape, &q.bytes);
+                Value::Tensor(Tensor::from_f32(
+                    shape,
+                    DType::F32,
+                    transposed(rows, cols, &floats),
+                ))
             }
             _ => {
                 return Err(format!(
@@ -850,6 +860,33 @@ mod tests {
 
     /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a
     /// vector is refused, by name.
+    /// A stack of block-quantized matrices turns as its f32 values (DeepSeek's heads' key
+    /// projections in a quantized file's `attn_kv_b`).
+    #[test]
+    fn block_quantized_stacks_transpose_as_f32() {
+        let values: Vec<f32> = (0..128).map(|v| (v as f32 - 64.0) / 8.0).collect();
+        let shape = vec![2, 2, 32];
+        let bytes = quant::quantize(&QuantFormat::Q8_0, &shape, &values);
+        let stored = quant::dequantize(&QuantFormat::Q8_0, &shape, &bytes);
+        let mut weights = Weights::default();
+        let q = QTensor {
+            shape,
+            format: QuantFormat::Q8_0,
+            bytes,
+        };
+        weights.insert("k", Value::Quantized(q));
+        weights.transpose_matrix("k").expect("turns");
+        let (shape, turned) = shape_and_floats(&weights, "k");
+        assert_eq!(shape, [2, 32, 2]);
+        for m in 0..2 {
+            for r in 0..2 {
+                for c in 0..32 {
+                    assert_eq!(turned[(m * 32 + c) * 2 + r], stored[(m * 2 + r) * 32 + c]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn matrices_transpose() {
         let values: Vec<f32> = (0..6).map(|v| v as f32).collect();

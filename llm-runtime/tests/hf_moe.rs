@@ -895,8 +895,9 @@ fn deepseek_v2_computes_what_transformers_computes() {
             ("RoPE's pairs", &|c| c.rope_half = true),
         ],
     );
-    // Its GGUF form: llama.cpp's files have no groups scored by their best, so it
-    // computes the directory's model without its groups.
+    // Its GGUF form without group keys: llama.cpp scores groups by their two best, not
+    // by their best as V2 does, so the file computes the directory's model without its
+    // groups.
     let gguf = deepseek_gguf(
         "deepseek-v2-tiny",
         false,
