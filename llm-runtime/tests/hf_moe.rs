@@ -693,7 +693,8 @@ fn gpt_oss_gguf() -> Vec<u8> {
 }
 
 /// DeepSeek V3 (`tests/data/deepseek-v3-tiny`): latent attention (queries and keys and
-/// values through latents of 48 and 32, heads of 16 + 8 RoPE features, values of 12),
+/// values through latents of 48 and 32, heads of 16 + 24 RoPE features, more than the
+/// width over the heads, as DeepSeek-V3's; values of 12),
 /// YaRN whose `mscale_all_dim` scales the scores, a dense first layer, then eight experts
 /// in four groups, two kept, two experts a token chosen by sigmoid scores plus a selection
 /// bias, weighted by the normalized scores times 2.5, beside a shared expert.
@@ -710,12 +711,12 @@ fn deepseek_v3_computes_what_transformers_computes() {
             latent.rope,
             latent.value
         ),
-        (Some(48), 32, 16, 8, 12)
+        (Some(48), 32, 16, 24, 12)
     );
     // The cache's one head: the latent and the RoPE key.
     assert_eq!(
         (c.head_dim(), c.kv_heads, c.rotary(), c.rope_half),
-        (40, 1, 8, false)
+        (56, 1, 24, false)
     );
     let experts = c.experts.as_ref().expect("experts");
     assert_eq!(expert_settings(experts), (8, 2, 32, true));
@@ -731,7 +732,7 @@ fn deepseek_v3_computes_what_transformers_computes() {
             })
         )
     );
-    let yarn_scale = 24f64.powf(-0.5);
+    let yarn_scale = 40f64.powf(-0.5);
     assert!(
         c.attention_scale.expect("a scale") > yarn_scale,
         "YaRN's factor"
@@ -750,7 +751,7 @@ fn deepseek_v3_computes_what_transformers_computes() {
             ("the normalization", &|c| experts_of(c).normalize = false),
             ("the shared expert", &|c| experts_of(c).shared = None),
             ("YaRN's scale of the scores", &|c| {
-                c.attention_scale = Some(24f64.powf(-0.5))
+                c.attention_scale = Some(40f64.powf(-0.5))
             }),
         ],
     );

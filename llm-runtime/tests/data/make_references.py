@@ -762,7 +762,9 @@ def main():
     )
     write("gpt-oss-tiny", GptOssForCausalLM, gpt_oss, 44)
     # DeepSeek V3: latent attention (queries through a latent of 48, keys and values
-    # through one of 32; heads of 16 + 8 RoPE features, values of 12), YaRN with
+    # through one of 32; heads of 16 + 24 RoPE features, more RoPE features than the
+    # width over the heads (16), as DeepSeek-V3's 64 against 7168 / 128; values of 12),
+    # YaRN with
     # `mscale_all_dim` (the scores' scale), a dense first layer, then eight experts of
     # width 32 in four groups, two groups kept (scored by their two best), two experts a
     # token chosen by sigmoid scores plus a selection bias, weighted by the scores
@@ -782,7 +784,7 @@ def main():
     )
     deepseek_v3 = DeepseekV3Config(
         **{k: v for k, v in small.items() if k != "num_key_value_heads"},
-        **latent,
+        **{**latent, "qk_rope_head_dim": 24},
         q_lora_rank=48,
         n_group=4,
         topk_group=2,
