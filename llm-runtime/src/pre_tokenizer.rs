@@ -67,6 +67,18 @@ const DEEPSEEK_V3: [&str; 3] = [
     r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
 ];
 
+/// DeepSeek Coder's (`deepseek-coder`), as its `tokenizer.json` splits: line breaks
+/// alone, letter runs and punctuation runs each with a leading whitespace, runs of CJK
+/// ideographs (U+4E00 to U+9FA5), of U+0800 to U+4E00 and of Hangul (U+AC00 to U+D7FF),
+/// and each digit alone, in turn.
+const DEEPSEEK_CODER: [&str; 5] = [
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    r"[\x{4E00}-\x{9FA5}\x{0800}-\x{4E00}\x{AC00}-\x{D7FF}]+",
+    r"\p{N}",
+];
+
 impl PreTokenizer {
     /// The pre-tokenizer GGUF's `tokenizer.ggml.pre` names `name` (llama.cpp's names,
     /// the aliases it reads as the same included, and `gpt2` for GPT-2's), or `None` for
@@ -101,6 +113,7 @@ impl PreTokenizer {
             "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
             | "minerva-7b" => merged(&[DIGITS, GPT2]),
             "deepseek-v3" | "hunyuan-dense" => merged(&DEEPSEEK_V3),
+            "deepseek-coder" => merged(&DEEPSEEK_CODER),
             _ => return None,
         })
     }
@@ -159,6 +172,14 @@ mod tests {
             words("deepseek-v3", "12345中文ab.Hello"),
             ["123", "45", "中文", "ab", ".Hello"]
         );
+        // DeepSeek Coder's: letters, punctuation (not the math symbol `=`), CJK runs,
+        // then each digit, each split of what the one before left (so a CJK run comes
+        // apart from the letters the letter split gave it).
+        assert_eq!(
+            words("deepseek-coder", "int x = 42;"),
+            ["int", " x", " = ", "4", "2", ";"]
+        );
+        assert_eq!(words("deepseek-coder", "a你好1"), ["a", "你好", "1"]);
         // llama.cpp's default: punctuation runs first, then GPT-2's words, digit runs
         // and three digits at a time.
         assert_eq!(
