@@ -1773,8 +1773,9 @@ pub fn select(ctx: &Context, op: Ptr<Operation>) -> Option<Kernel> {
                 append,
                 rounding: KvRounding::of(&cache.params().storage),
             };
-            let sinks = if append { 7 } else { 4 };
-            let sinks_ok = check.num_operands() == sinks || f32_operand(&check, sinks).is_some();
+            // The sinks, where the op has them, follow its other operands.
+            let at = source.operands();
+            let sinks_ok = check.num_operands() == at || f32_operand(&check, at).is_some();
             attention(&check, *heads as usize, *d as usize, source).filter(|_| sinks_ok)
         }
         "llm.attention" => {

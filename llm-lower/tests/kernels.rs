@@ -2337,8 +2337,8 @@ fn wide_attention_heads() {
 /// than the row kernel's 8-position vectors and 64-position blocks (its softmax starts
 /// from the sinks and rescales at each block) and than the GPU's chunks (the first chunk
 /// starts from the sinks, the merge takes them in), in the row kernel's shapes (heads of
-/// 8 and 64) and the generated kernel's (heads of 12), with large sinks that dominate a
-/// short row's softmax and small ones that vanish.
+/// 8 and 64) and the generated kernel's (heads of 12), with sinks of up to 8 either way,
+/// which dominate a short row's softmax or vanish from it, and sinks near 0.
 #[test]
 fn attention_sinks_over_long_contexts() {
     let lens = vec![1, 8, 63, 64, 65, 129, 300];

@@ -10,7 +10,8 @@
 //!
 //! Llama, Qwen2, Qwen3, Phi-3, Gemma, Granite, OLMo, OLMo 2, SmolLM3 and Cohere models, the
 //! LayerNorm architectures and the mixtures of experts (Mixtral's `llama`, `qwen3moe`,
-//! `olmoe`) are read into the builder's weight names (`blk.N.attn_q.weight`
+//! `qwen2moe`, `olmoe`, `granitemoe`, `dbrx`, `gpt-oss`, DeepSeek's `deepseek2`) are read
+//! into the builder's weight names (`blk.N.attn_q.weight`
 //! becomes `layers.N.attention.wq.weight`, ...). F32 tensors and F16/BF16 vectors are float
 //! tensors; F16 and BF16 matrices keep their 16 bits (`llm.quantized_tensor`s of format `f16`
 //! or `bf16`, [`stored_floats`]), and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants
@@ -487,11 +488,26 @@ fn weight_name(gguf: &str, arch: &str) -> Option<String> {
     if !gpt_oss && gpt_oss_only.iter().any(|n| name.ends_with(n)) {
         return None;
     }
+    // DeepSeek's latent attention and selection bias only in `deepseek2` files.
+    let deepseek_only = [
+        LATENT_Q_DOWN,
+        LATENT_Q_NORM,
+        LATENT_Q_UP,
+        LATENT_KV_DOWN,
+        LATENT_KV_NORM,
+        hf_deepseek::KV_UP_JOINED,
+        LATENT_K_UP,
+        LATENT_V_UP,
+        ROUTER_SELECTION_BIAS,
+    ];
+    if arch != "deepseek2" && deepseek_only.iter().any(|n| name.ends_with(n)) {
+        return None;
+    }
     // gpt-oss's `post_attention_norm` is the feed-forward block's input norm.
     if gpt_oss && name.ends_with(POST_ATTENTION_NORM) {
         return Some(name.replace(POST_ATTENTION_NORM, "ffn_norm.weight"));
     }
-    // Biases only in qwen2's, llama's and glm4's projections and the LayerNorm
+    // Biases only in qwen2's, llama's, glm4's and gpt-oss's projections and the LayerNorm
     // architectures', output norms only in Gemma 2's and 3's sandwiches, OLMo 2's and
     // GLM-4-0414's.
     let output_norms = matches!(arch, "gemma2" | "gemma3" | "olmo2" | "glm4");
@@ -824,8 +840,9 @@ fn apply_gpt_oss(g: &GgufFile, c: &mut ModelConfig) -> Result<(), String> {
 /// their sum where `expert_weights_norm`, times `expert_weights_scale`, within
 /// `expert_group_used_count` of `expert_group_count` groups scored by their two best
 /// where a file has them (as llama.cpp scores them for V2's files too, whose own groups
-/// are scored by their best); the first `leading_dense_block_count` layers dense (they
-/// have no router). Counts of 0 are none.
+/// are scored by their best); the layers without a router dense (llama.cpp's
+/// `leading_dense_block_count` first ones, not read: the tensors tell). Counts of 0 are
+/// none.
 fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> Result<(), String> {
     let key = |k: &str| format!("deepseek2.{k}");
     let int = |k: &str| g.int(&key(k));
@@ -922,11 +939,7 @@ fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> 
             optional("expert_group_count")?,
             optional("expert_group_used_count")?,
         ) {
-            (Some(count), Some(chosen)) if count > 1 && chosen < count => Some(ExpertGroups {
-                count,
-                chosen,
-                scored_by: 2,
-            }),
+            (Some(count), Some(chosen)) => ExpertGroups::limiting(count, chosen, 2),
             _ => None,
         };
     }

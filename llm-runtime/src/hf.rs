@@ -2,7 +2,8 @@
 //!
 //! Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2, SmolLM3,
 //! Cohere, Gemma 1 to 3; and Phi-2, StableLM and StarCoder2, with LayerNorms:
-//! `hf_layer_norm`; Mixtral, Qwen3-MoE and OLMoE, with experts: `hf_moe`) are read into
+//! `hf_layer_norm`; the mixtures of experts: `hf_moe`, gpt-oss's `hf_gpt_oss` and
+//! DeepSeek's `hf_deepseek`; GLM's `hf_glm`) are read into
 //! the builder's weight names (`model.layers.N.self_attn.q_proj.weight` becomes
 //! `layers.N.attention.wq.weight`, ...).
 //! Hugging Face's q/k projections are laid out for the half-split RoPE, so models read
@@ -44,9 +45,9 @@ use crate::{
 /// and 3's sandwich norms, OLMo 2's output norms) a layer's `post_attention_layernorm` is
 /// the norm of the attention's output, `post_feedforward_layernorm` the feed-forward
 /// block's, and `pre_feedforward_layernorm` the feed-forward block's input norm. The
-/// mixtures', GLM-4-0414's output norms, the LayerNorm families', DBRX's and gpt-oss's
-/// names are their modules' (`hf_moe`, `hf_glm`, `hf_layer_norm`, `hf_gpt_oss`),
-/// StableLM 2 12B's per-head norms too.
+/// mixtures', GLM-4-0414's output norms, the LayerNorm families', DBRX's, gpt-oss's and
+/// DeepSeek's names are their modules' (`hf_moe`, `hf_glm`, `hf_layer_norm`,
+/// `hf_gpt_oss`, `hf_deepseek`), StableLM 2 12B's per-head norms too.
 fn weight_name(hf: &str, post_norms: bool) -> Option<String> {
     let named = hf_moe::expert_name(hf)
         .or_else(|| hf_glm::output_norm_name(hf))
@@ -805,8 +806,8 @@ fn read_safetensors(
         {
             continue;
         }
-        let bytes = view.dtype() == Dtype::U8;
-        if packed.take(&name, (view.shape(), view.data(), bytes), weights)? {
+        let is_u8 = view.dtype() == Dtype::U8;
+        if packed.take(&name, (view.shape(), view.data(), is_u8), weights)? {
             continue;
         }
         let Some(ours) = weight_name(&name, rules.post_norms) else {

@@ -166,7 +166,7 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     c.kv_heads = 1;
     c.latent_attention = Some(latent);
     // V2 rotates neighbouring pairs (as complex numbers), V3 where `rope_interleave`.
-    c.rope_half = names_architecture(cfg, V3) && !flag_or(cfg, "rope_interleave", true)?;
+    c.rope_half = is_v3(cfg) && !flag_or(cfg, "rope_interleave", true)?;
     c.attention_scale = Some((width as f64).powf(-0.5) * scale_factor(cfg)?.powi(2));
     c.experts = experts(cfg, c.layers)?;
     Ok(())
@@ -221,7 +221,7 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
     if count == 0 {
         return Ok(None);
     }
-    let v3 = names_architecture(cfg, V3);
+    let v3 = is_v3(cfg);
     let dense = optional("first_k_dense_replace")?.unwrap_or(0);
     let hidden = int("moe_intermediate_size")?;
     let shared = optional("n_shared_experts")?.unwrap_or(0);
@@ -239,12 +239,8 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
         }
     };
     let groups = match (optional("n_group")?, optional("topk_group")?) {
-        (Some(count), Some(chosen)) if count > 1 && chosen < count => {
-            limited.then_some(ExpertGroups {
-                count,
-                chosen,
-                scored_by: if v3 { 2 } else { 1 },
-            })
+        (Some(count), Some(chosen)) if limited => {
+            ExpertGroups::limiting(count, chosen, if v3 { 2 } else { 1 })
         }
         _ => None,
     };
@@ -281,8 +277,9 @@ fn experts(cfg: &Json, layers: usize) -> Result<Option<Experts>, String> {
 /// Each layer's keys' and values' up projections as the builder takes them
 /// ([`LATENT_K_UP`], `[heads, kv_rank, nope]`, and [`LATENT_V_UP`], `[heads, value,
 /// kv_rank]`: llama.cpp's `attn_k_b` and `attn_v_b`, which a GGUF file may hold as they
-/// are), from the checkpoint's joined matrix ([`KV_UP_JOINED`]): cut per head, each
-/// head's key rows turned (a block-quantized matrix dequantized to f32 first).
+/// are; where a file also holds the joined matrix, it is dropped), from the checkpoint's
+/// joined matrix ([`KV_UP_JOINED`], `[heads * (nope + value), kv_rank]`): cut per head,
+/// each head's key rows turned (a block-quantized matrix dequantized to f32 first).
 ///
 /// # Errors
 ///
@@ -291,16 +288,29 @@ pub(crate) fn split_keys_and_values(c: &ModelConfig, weights: &mut Weights) -> R
     let Some(latent) = &c.latent_attention else {
         return Ok(());
     };
+    let per_head = latent
+        .nope
+        .checked_add(latent.value)
+        .ok_or("latent attention's widths overflow")?;
     for l in 0..c.layers {
         let at = |name: &str| format!("layers.{l}.{name}");
         let joined = at(KV_UP_JOINED);
-        if weights.weight_shape(&joined).is_none() {
+        let Some(shape) = weights.weight_shape(&joined) else {
+            continue;
+        };
+        if weights.weight_shape(&at(LATENT_K_UP)).is_some() {
+            // A GGUF file with both forms (as some converters write): its split
+            // projections, as they are stored, rather than the joined one.
+            weights.remove(&joined);
             continue;
         }
-        let per_head = latent
-            .nope
-            .checked_add(latent.value)
-            .ok_or("latent attention's widths overflow")?;
+        let rows = c.heads.checked_mul(per_head);
+        if rows.is_none_or(|rows| shape != [rows, latent.kv_rank]) {
+            return Err(format!(
+                "layer {l}'s keys' and values' up projection is {shape:?}, expected [{} heads x {per_head}, {}]",
+                c.heads, latent.kv_rank
+            ));
+        }
         weights.reshape(&joined, vec![c.heads, per_head, latent.kv_rank])?;
         let parts = [
             (at(LATENT_K_UP), latent.nope),

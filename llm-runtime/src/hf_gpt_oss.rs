@@ -146,7 +146,6 @@ pub(crate) fn apply(cfg: &Json, c: &mut ModelConfig) -> Result<(), String> {
     };
     c.attention_sinks = true;
     let int = |key: &str| crate::hf::config_int(cfg, key);
-    c.sliding_window = None;
     c.local_attention = match cfg.get("sliding_window").filter(|w| !w.is_null()) {
         None => None,
         Some(_) => {
@@ -199,8 +198,8 @@ pub(crate) struct PackedExperts {
 type Half = (Vec<usize>, Vec<u8>);
 
 impl PackedExperts {
-    /// Takes the checkpoint's tensor `name` (of `shape`, stored as `data`, bytes where
-    /// `bytes` says the dtype is U8) where it is half of a packed expert matrix, inserting
+    /// Takes the checkpoint's tensor `name` (of `shape`, stored as `data`, `is_u8` where its
+    /// dtype is U8) where it is half of a packed expert matrix, inserting
     /// the matrix into `weights` once both halves are in: `Ok(true)` for a tensor taken,
     /// `Ok(false)` for another.
     ///
@@ -211,7 +210,7 @@ impl PackedExperts {
     pub(crate) fn take(
         &mut self,
         name: &str,
-        (shape, data, bytes): (&[usize], &[u8], bool),
+        (shape, data, is_u8): (&[usize], &[u8], bool),
         weights: &mut Weights,
     ) -> Result<bool, String> {
         let Some((matrix, half)) = name
@@ -224,7 +223,7 @@ impl PackedExperts {
         let Some(ours) = packed_name(matrix) else {
             return Ok(false);
         };
-        if !bytes {
+        if !is_u8 {
             return Err(format!("tensor `{name}` is not U8 (MXFP4's bytes)"));
         }
         let halves = self.halves.entry(matrix.to_string()).or_default();

@@ -29,7 +29,10 @@
 //! norms are LayerNorms ([`Norm`]) with the attention and feed-forward blocks side by
 //! side ([`Blocks`]), and the older transformer shapes of Phi-2, StableLM, StarCoder2 and
 //! GPT-NeoX add LayerNorms with biases, biases on the feed-forward projections and the
-//! classifier, an ungated feed-forward block ([`FeedForward`]) and exact GELU.
+//! classifier, an ungated feed-forward block ([`FeedForward`]) and exact GELU. Mixtures of
+//! experts route each token's feed-forward block to a few experts ([`Experts`]), gpt-oss's
+//! heads count attention sinks ([`ModelConfig::attention_sinks`]), and DeepSeek's attend
+//! through a cached latent ([`LatentAttention`]).
 //! Weights are referenced by name with `llm.weight`.
 //!
 //! Weights keep their stored type: quantized and 16-bit matrices (the `f16`/`bf16` storage
@@ -226,10 +229,12 @@ pub const LATENT_K_UP: &str = "attention.wk_b.weight";
 pub const LATENT_V_UP: &str = "attention.wv_b.weight";
 
 /// Feed-forward blocks of routed experts: a router (`layers.N.feed_forward.gate_inp`,
-/// [`ROUTER`], `[count, dim]`) scores the experts for each token, the `per_token` best
-/// run (each a gated block of width `hidden`: [`EXPERT_GATES`], [`EXPERT_UPS`],
-/// [`EXPERT_DOWNS`], stacked `[count, ...]`), and their outputs are summed, weighted by
-/// the router's softmax probabilities of the chosen experts.
+/// [`ROUTER`], `[count, dim]`) scores the experts for each token ([`Experts::scoring`],
+/// within [`Experts::groups`]), the `per_token` best run (each a gated block of width
+/// `hidden`: [`EXPERT_GATES`], [`EXPERT_UPS`], [`EXPERT_DOWNS`], stacked `[count, ...]`,
+/// with [`Experts::biases`] and its [`Experts::glu`]), and their outputs are summed,
+/// weighted by the chosen experts' scores (normalized as [`Experts::normalize`] says,
+/// times [`Experts::scale`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Experts {
     /// Experts of a layer.
@@ -239,8 +244,9 @@ pub struct Experts {
     /// Width of an expert's hidden layer.
     pub hidden: usize,
     /// The chosen experts' weights are rescaled to sum to 1 (Mixtral's, and Qwen3-MoE's
-    /// `norm_topk_prob`); otherwise they are the probabilities of a softmax over every
-    /// expert (OLMoE's).
+    /// `norm_topk_prob`: a softmax over the chosen logits; a sigmoid router's scores divided
+    /// by their sum); otherwise they are the probabilities of a softmax over every expert
+    /// (OLMoE's), or a sigmoid router's scores as they are.
     pub normalize: bool,
     /// Which layers route (the others have a dense block of `hidden_dim`: Qwen3-MoE's
     /// `mlp_only_layers` and `decoder_sparse_step`).
@@ -291,6 +297,19 @@ pub struct ExpertGroups {
     pub chosen: usize,
     /// Scores summed to score a group.
     pub scored_by: usize,
+}
+
+impl ExpertGroups {
+    /// The limit `chosen` of `count` groups, scored by their `scored_by` best, puts on a
+    /// token's experts: none where it keeps every group (one group, or `chosen` none or
+    /// all of them, as a file or config writes for no limit).
+    pub fn limiting(count: usize, chosen: usize, scored_by: usize) -> Option<ExpertGroups> {
+        (count > 1 && chosen > 0 && chosen < count).then_some(ExpertGroups {
+            count,
+            chosen,
+            scored_by,
+        })
+    }
 }
 
 /// How an expert's gate projection `g` and up projection `u` make its hidden values.

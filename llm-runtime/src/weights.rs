@@ -858,8 +858,6 @@ mod tests {
         assert!(weights.reshape("c", vec![0, usize::MAX, 4]).is_err());
     }
 
-    /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a
-    /// vector is refused, by name.
     /// A stack of block-quantized matrices turns as its f32 values (DeepSeek's heads' key
     /// projections in a quantized file's `attn_kv_b`).
     #[test]
@@ -887,6 +885,8 @@ mod tests {
         }
     }
 
+    /// A float matrix and one of 16-bit floats kept as their bits transpose alike; a
+    /// vector is refused, by name.
     #[test]
     fn matrices_transpose() {
         let values: Vec<f32> = (0..6).map(|v| v as f32).collect();

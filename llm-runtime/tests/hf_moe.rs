@@ -694,10 +694,10 @@ fn gpt_oss_gguf() -> Vec<u8> {
 
 /// DeepSeek V3 (`tests/data/deepseek-v3-tiny`): latent attention (queries and keys and
 /// values through latents of 48 and 32, heads of 16 + 24 RoPE features, more than the
-/// width over the heads, as DeepSeek-V3's; values of 12),
-/// YaRN whose `mscale_all_dim` scales the scores, a dense first layer, then eight experts
-/// in four groups, two kept, two experts a token chosen by sigmoid scores plus a selection
-/// bias, weighted by the normalized scores times 2.5, beside a shared expert.
+/// width over the heads, as DeepSeek-V3's; values of 12), YaRN whose `mscale_all_dim`
+/// scales the scores, a dense first layer, then eight experts in four groups, two kept,
+/// two experts a token chosen by sigmoid scores plus a selection bias, weighted by the
+/// normalized scores times 2.5, beside a shared expert.
 #[test]
 fn deepseek_v3_computes_what_transformers_computes() {
     let (reference, loaded) = reference_checkpoint("deepseek-v3-tiny");
@@ -732,9 +732,9 @@ fn deepseek_v3_computes_what_transformers_computes() {
             })
         )
     );
-    let yarn_scale = 40f64.powf(-0.5);
+    let unscaled = 40f64.powf(-0.5);
     assert!(
-        c.attention_scale.expect("a scale") > yarn_scale,
+        c.attention_scale.expect("a scale") > unscaled,
         "YaRN's factor"
     );
     computes_what_transformers_computes(
@@ -751,7 +751,7 @@ fn deepseek_v3_computes_what_transformers_computes() {
             ("the normalization", &|c| experts_of(c).normalize = false),
             ("the shared expert", &|c| experts_of(c).shared = None),
             ("YaRN's scale of the scores", &|c| {
-                c.attention_scale = Some(40f64.powf(-0.5))
+                c.attention_scale = Some(unscaled)
             }),
         ],
     );

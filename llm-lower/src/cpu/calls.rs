@@ -893,7 +893,11 @@ fn attention(
     inputs: &mut Operands,
 ) -> Outputs {
     if inputs.len() != source.operands() + usize::from(sinks) {
-        return Err(format!("{} operands for the attention", inputs.len()));
+        return Err(format!(
+            "{} operands for the attention, expected {}",
+            inputs.len(),
+            source.operands() + usize::from(sinks)
+        ));
     }
     let sinks = if sinks { inputs.pop() } else { None };
     let sinks = extra_operand(sinks.as_ref().map(Some), &[heads], "sinks")?;

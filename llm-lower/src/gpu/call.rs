@@ -1072,8 +1072,8 @@ impl Call<'_> {
             let s = self.device(*s)?;
             if s.shape != [heads] || s.elem != Elem::F32 {
                 return Err(format!(
-                    "the attention sinks have shape {:?}, expected [{heads}]",
-                    s.shape
+                    "the attention sinks are {:?} of {:?}, expected [{heads}] of f32",
+                    s.shape, s.elem
                 ));
             }
             Some(s)

@@ -764,8 +764,7 @@ def main():
     # DeepSeek V3: latent attention (queries through a latent of 48, keys and values
     # through one of 32; heads of 16 + 24 RoPE features, more RoPE features than the
     # width over the heads (16), as DeepSeek-V3's 64 against 7168 / 128; values of 12),
-    # YaRN with
-    # `mscale_all_dim` (the scores' scale), a dense first layer, then eight experts of
+    # YaRN with `mscale_all_dim` (the scores' scale), a dense first layer, then eight experts of
     # width 32 in four groups, two groups kept (scored by their two best), two experts a
     # token chosen by sigmoid scores plus a selection bias, weighted by the scores
     # normalized and scaled by 2.5, beside a shared expert.
