@@ -415,19 +415,20 @@ fn shape_dbrx_experts(experts: &Experts, p: &str, weights: &mut Weights) -> Resu
 }
 
 /// Stacks layer `l`'s experts' matrices, one tensor an expert, into [`EXPERT_GATES`],
-/// [`EXPERT_UPS`] and [`EXPERT_DOWNS`]; an expert missing one is an error naming it.
+/// [`EXPERT_UPS`] and [`EXPERT_DOWNS`]; an expert missing one is an error naming it (by
+/// a checkpoint's names and a GGUF file's).
 fn stack_expert_tensors(experts: &Experts, l: usize, weights: &mut Weights) -> Result<(), String> {
-    for (w, stacked) in [
-        ("w1", EXPERT_GATES),
-        ("w3", EXPERT_UPS),
-        ("w2", EXPERT_DOWNS),
+    for (w, gguf, stacked) in [
+        ("w1", "ffn_gate", EXPERT_GATES),
+        ("w3", "ffn_up", EXPERT_UPS),
+        ("w2", "ffn_down", EXPERT_DOWNS),
     ] {
         let parts: Vec<String> = (0..experts.count).map(|e| expert_matrix(l, e, w)).collect();
         if let Some(e) = parts.iter().position(|p| weights.weight_shape(p).is_none()) {
             let names = EXPERT_PARTS.iter().filter(|(_, ours)| *ours == w);
             let theirs: Vec<&str> = names.map(|(theirs, _)| *theirs).collect();
             return Err(format!(
-                "layer {l}'s expert {e} has no `{}` matrix (of {} experts a layer)",
+                "layer {l}'s expert {e} has no `{}` matrix (a GGUF file's `{gguf}_exps` stack or `{gguf}.{e}` tensor; of {} experts a layer)",
                 theirs.join("` or `"),
                 experts.count
             ));

@@ -235,7 +235,8 @@ fn olmoe_computes_what_transformers_computes() {
         "model.layers.1.mlp.experts.5.up_proj.weight",
     );
     assert!(
-        missing.contains("layer 1's expert 5 has no `w3` or `up_proj`"),
+        missing.contains("layer 1's expert 5 has no `w3` or `up_proj`")
+            && missing.contains("`ffn_up_exps` stack or `ffn_up.5` tensor"),
         "{missing}"
     );
     let too_many = refusal("olmoe-nine", &|c| c["num_experts_per_tok"] = 9.into(), "");
