@@ -1292,7 +1292,7 @@ impl Kernel {
             } => format!(
                 "attention_{heads}x{d}_kv{kv_heads}{}{}",
                 if source.masked() { "_masked" } else { "" },
-                if *sinks { "_sinks" } else { "" }
+                sinks_suffix(*sinks)
             ),
             Kernel::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
             Kernel::Quantize { format, rows, k } => match rows {
@@ -1404,6 +1404,11 @@ impl Kernel {
             other => Some(other.clone()),
         }
     }
+}
+
+/// The name suffix of an attention kernel (or shader) that takes attention sinks.
+pub(crate) fn sinks_suffix(sinks: bool) -> &'static str {
+    if sinks { "_sinks" } else { "" }
 }
 
 /// The name suffix of a row reduction whose values are `inner` apart.

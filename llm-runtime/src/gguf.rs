@@ -887,8 +887,8 @@ fn apply_deepseek2(g: &GgufFile, weights: &mut Weights, c: &mut ModelConfig) -> 
         .float(&key("rope.scaling.yarn_log_multiplier"))
         .unwrap_or(0.0);
     let yarn = matches!(g.meta(&key("rope.scaling.type")), Some(Meta::Str(t)) if t == "yarn");
-    let m = if yarn && factor > 1.0 {
-        1.0 + log_multiplier * factor.ln()
+    let m = if yarn {
+        crate::rope_scaling::yarn_magnitude(factor, log_multiplier)
     } else {
         1.0
     };

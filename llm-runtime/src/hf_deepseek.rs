@@ -189,10 +189,10 @@ fn scale_factor(cfg: &Json) -> Result<f64, String> {
         .unwrap_or("default");
     let number = |key: &str| settings.get(key).and_then(Json::as_f64).unwrap_or(0.0);
     let (all_dim, factor) = (number("mscale_all_dim"), number("factor"));
-    if kind == "default" || all_dim == 0.0 || factor <= 1.0 {
+    if kind == "default" || all_dim == 0.0 {
         return Ok(1.0);
     }
-    let m = 1.0 + 0.1 * all_dim * factor.ln();
+    let m = crate::rope_scaling::yarn_magnitude(factor, 0.1 * all_dim);
     if !(m.is_finite() && m > 0.0) {
         return Err(format!(
             "YaRN's `mscale_all_dim` {all_dim} gives the scores a scale factor of {m}"

@@ -234,14 +234,19 @@ impl Yarn {
     /// 1), which is `1 + 0.1 ln(factor)` for the usual `mscale = 1` and no
     /// `mscale_all_dim` (0).
     pub fn mscale(&self, mscale: f64, mscale_all_dim: f64) -> f64 {
-        let m = |s: f64| {
-            if self.factor <= 1.0 {
-                1.0
-            } else {
-                1.0 + 0.1 * s * self.factor.ln()
-            }
-        };
+        let m = |s: f64| yarn_magnitude(self.factor, 0.1 * s);
         m(mscale) / m(mscale_all_dim)
+    }
+}
+
+/// YaRN's magnitude at a context `factor` times the original: `1 + coefficient *
+/// ln(factor)` (transformers' `yarn_get_mscale` of `mscale = 10 * coefficient`, llama.cpp's
+/// `1 + yarn_log_multiplier * ln(factor)`), 1 for a factor of at most 1.
+pub(crate) fn yarn_magnitude(factor: f64, coefficient: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        1.0 + coefficient * factor.ln()
     }
 }
 

@@ -35,6 +35,7 @@ use super::ieee::{CORRECTLY_ROUNDED, EXACT};
 use crate::cpu::emit::{ERF_POLY, ERF_SMALL, ERF_TAIL, TANH_POLY, TANH_SMALL};
 use crate::kernel::{
     AttentionSource, Contraction, Kernel, KvRounding, MeshMove, Movement, WeightFormat,
+    sinks_suffix,
 };
 use llm_ir::interp::{KvBlocks, KvElement};
 
@@ -1905,11 +1906,6 @@ fn erf_helper() -> String {
         float(ERF_TAIL[0]),
         float(ERF_SMALL)
     )
-}
-
-/// The name suffix of an attention shader that takes attention sinks.
-fn sinks_suffix(sinks: bool) -> &'static str {
-    if sinks { "_sinks" } else { "" }
 }
 
 /// The softmax state (maximum, sum) a row's head starts from: nothing, or only its
